@@ -9,6 +9,7 @@ Set ``DEFECT_FAST_BACKEND=reference`` to force the reference (for debugging and 
 """
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from typing import Sequence
@@ -20,14 +21,16 @@ from . import reference
 _WARNED = False
 
 
-def _native():
+def _loader():
+    return importlib.import_module(f"{__name__}._native")
+
+
+def _native_module():
     """The loaded native module or None (the first failure is warned about once)."""
     global _WARNED
     if os.environ.get("DEFECT_FAST_BACKEND", "").lower() == "reference":
         return None
-    from . import _native as loader
-
-    module, reason = loader.load()
+    module, reason = _loader().load()
     if module is None and not _WARNED:
         _WARNED = True
         warnings.warn(f"defect_fast: native kernels unavailable, using the PyTorch reference ({reason})", RuntimeWarning, stacklevel=3)
@@ -39,15 +42,13 @@ def backend(device: torch.device | str | None = None) -> str:
 
     With no device given, the answer is for CUDA when a GPU is visible, else for the CPU.
     """
-    if _native() is None:
+    if _native_module() is None:
         return "reference"
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     kind = torch.device(device).type
     if kind == "cuda":
-        from . import _native as loader
-
-        return "cuda" if loader.has_cuda() else "reference"
+        return "cuda" if _loader().has_cuda() else "reference"
     return "cpu"
 
 

@@ -1,0 +1,35 @@
+"""PNG output for anomaly maps: grey maps and heat overlays (no plotting library needed)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def _unit(m: torch.Tensor, scale: float) -> np.ndarray:
+    scale = scale if scale > 0 else float(m.max()) or 1.0
+    return (m.float() / scale).clamp(0, 1).numpy()
+
+
+def heat(u: np.ndarray) -> np.ndarray:
+    """[H, W] in [0, 1] -> [H, W, 3] uint8, a blue-green-yellow-red ramp."""
+    r = np.clip(1.5 - np.abs(4 * u - 3), 0, 1)
+    g = np.clip(1.5 - np.abs(4 * u - 2), 0, 1)
+    b = np.clip(1.5 - np.abs(4 * u - 1), 0, 1)
+    return (np.stack([r, g, b], axis=-1) * 255).astype(np.uint8)
+
+
+def save_map(m: torch.Tensor, path: Path, scale: float) -> None:
+    """Save map [H, W] as 8-bit grey, value ``scale`` and above white."""
+    Image.fromarray((_unit(m, scale) * 255).astype(np.uint8), mode="L").save(path)
+
+
+def save_overlay(image: torch.Tensor, m: torch.Tensor, path: Path, scale: float, alpha: float = 0.5) -> None:
+    """Save image uint8 [3, H, W] blended with the heat colours of map [H, W]."""
+    u = _unit(m, scale)
+    base = image.permute(1, 2, 0).numpy().astype(np.float32)
+    weight = (alpha * u)[..., None]
+    blend = base * (1 - weight) + heat(u).astype(np.float32) * weight
+    Image.fromarray(blend.clip(0, 255).astype(np.uint8), mode="RGB").save(path)

@@ -1,0 +1,132 @@
+"""CMA-AE: Table I shapes, memory addressing and entropy on hand-computed inputs, MSFR on known features."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from defect_fast import ops
+from defect_fast.models import build_model
+from defect_fast.models.cmaae.model import attention_entropy
+from defect_fast.ops import reference
+
+
+def test_table1_encoder_decoder_shapes():
+    m = build_model("cmaae", memory_size=16)
+    x = torch.randn(2, 3, 64, 64)
+    shapes, bn, kernels = [], [], []
+    h = x
+    for layer in m.encoder:
+        h = layer(h)
+        shapes.append(tuple(h.shape[1:]))
+        bn.append(any(isinstance(s, nn.BatchNorm2d) for s in layer))
+        kernels.append((layer[0].kernel_size[0], layer[0].stride[0], layer[0].padding[0]))
+    assert shapes == [(32, 32, 32), (32, 32, 32), (64, 16, 16), (128, 8, 8), (256, 4, 4), (512, 1, 1)]
+    assert bn == [False, True, True, True, True, False]
+    assert kernels == [(4, 2, 1), (3, 1, 1), (4, 2, 1), (4, 2, 1), (4, 2, 1), (4, 1, 0)]
+    dshapes, dbn = [], []
+    for layer in m.decoder:
+        h = layer(h)
+        dshapes.append(tuple(h.shape[1:]))
+        dbn.append(any(isinstance(s, nn.BatchNorm2d) for s in layer))
+    assert dshapes == [(256, 4, 4), (128, 8, 8), (64, 16, 16), (32, 32, 32), (32, 32, 32), (3, 64, 64)]
+    assert dbn == [False, True, True, True, True, False]
+    assert isinstance(m.decoder[-1][-1], nn.Tanh)
+    for fc in (m.frm.forget, m.frm.input, m.frm.candidate):
+        assert (fc.in_features, fc.out_features) == (1024, 512)
+    assert m.mam.memory.shape == (16, 512)
+    assert m.mam.shrink_threshold == pytest.approx(1 / 16)
+
+
+def test_msfr_weights_are_receptive_field_areas():
+    # RF after conv4s2 = 4, after conv3s1 = 4 + 2*2 = 8, after conv4s2 = 8 + 3*2 = 14.
+    assert build_model("cmaae", memory_size=8).msfr_weights() == [16.0, 64.0, 196.0]
+
+
+def _hand_case():
+    memory = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]], dtype=torch.float64)
+    z = torch.tensor([[3.0, 0.0]], dtype=torch.float64)  # cosines 1, 0, -1
+    return z, memory
+
+
+@pytest.mark.parametrize("impl", ["reference", "front"])
+def test_memory_address_hand_computed(impl):
+    z, memory = _hand_case()
+    fn = reference.memory_address if impl == "reference" else ops.memory_address
+    # softmax(1, 0, -1) = (e, 1, 1/e) / (e + 1 + 1/e) = (0.665, 0.245, 0.090); t = 0.2 drops the third,
+    # the rest renormalise to (e/(e+1), 1/(e+1)).
+    z_hat, w = fn(z, memory, 0.2, 1.0, 1)
+    e = math.e
+    assert w[0].tolist() == pytest.approx([e / (e + 1), 1 / (e + 1), 0.0], abs=1e-9)
+    assert z_hat[0].tolist() == pytest.approx([e / (e + 1), 1 / (e + 1)], abs=1e-9)
+    # No shrinkage: the softmax itself; L2 renormalisation: unit Euclidean norm.
+    _, w0 = fn(z, memory, 0.0, 1.0, 1)
+    s = e + 1 + 1 / e
+    assert w0[0].tolist() == pytest.approx([e / s, 1 / s, 1 / e / s], abs=1e-9)
+    _, w2 = fn(z, memory, 0.2, 1.0, 2)
+    assert w2[0].tolist() == pytest.approx([e / math.hypot(e, 1), 1 / math.hypot(e, 1), 0.0], abs=1e-9)
+    # Temperature 0.5 doubles the logits.
+    _, wt = fn(z, memory, 0.0, 0.5, 1)
+    s2 = e**2 + 1 + e**-2
+    assert wt[0, 0].item() == pytest.approx(e**2 / s2, abs=1e-9)
+
+
+def test_entropy_hand_computed():
+    w = torch.tensor([[0.75, 0.25, 0.0], [1.0, 0.0, 0.0]])
+    expected = (-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)) + 0.0) / 2
+    assert attention_entropy(w).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_msfr_known_features():
+    # Scale 1: residual (2-0)^2 = 4 everywhere; scale 2: 1 everywhere; weights 1 and 3 -> 1.75.
+    fx = [torch.full((1, 4, 2, 2), 2.0), torch.ones(1, 5, 4, 4)]
+    fr = [torch.zeros(1, 4, 2, 2), torch.zeros(1, 5, 4, 4)]
+    with torch.no_grad():
+        out = ops.msfr(fx, fr, (8, 8), [1.0, 3.0])
+    assert out.shape == (1, 1, 8, 8)
+    assert torch.allclose(out, torch.full_like(out, 1.75))
+    # Bilinear, align_corners=False: a 1x2 residual (0, 4) on width 4 samples at x = -.25, .25, .75, 1.25.
+    fx = [torch.tensor([[[[0.0, 2.0]]]])]
+    fr = [torch.zeros(1, 1, 1, 2)]
+    with torch.no_grad():
+        out = ops.msfr(fx, fr, (1, 4))
+    assert out[0, 0, 0].tolist() == pytest.approx([0.0, 1.0, 3.0, 4.0])
+
+
+@pytest.mark.parametrize("fusion", ["cmam", "mam", "cat", "none"])
+def test_fusion_variants_train_step(fusion):
+    torch.manual_seed(0)
+    m = build_model("cmaae", fusion=fusion, memory_size=32)
+    x = torch.rand(4, 3, 64, 64) * 2 - 1
+    opt = torch.optim.Adam(m.trainable_parameters(0), lr=1e-3)
+    first = None
+    for _ in range(8):
+        loss, parts = m.loss(m(x), x, 0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first if first is not None else loss.item()
+    assert loss.item() < first
+    assert ("entropy" in parts) == (fusion != "none")
+
+
+def test_stage_two_freezes_memory_only():
+    m = build_model("cmaae", memory_size=8)
+    p0 = {id(p) for p in m.trainable_parameters(0)}
+    p1 = {id(p) for p in m.trainable_parameters(1)}
+    assert p0 - p1 == {id(m.mam.memory)}
+    assert {id(p) for p in m.frm.parameters()} <= p1
+
+
+def test_switches_and_config_roundtrip():
+    m = build_model("cmaae", gate_activation="sigmoid", gate_target="encoder", renorm_p=2, memory_size=8, two_stage=False)
+    assert m.stages == ("normal",)
+    clone = build_model("cmaae", **m.config())
+    clone.load_state_dict(m.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    m.eval(), clone.eval()
+    assert torch.equal(m(x)["recon"], clone(x)["recon"])
+    with pytest.raises(ValueError, match="gate_activation"):
+        build_model("cmaae", gate_activation="relu")
+    with pytest.raises(ValueError, match="fusion"):
+        build_model("cmaae", fusion="lstm")
