@@ -226,7 +226,7 @@ class Trainer:
         n = self.images.shape[0]
         per_epoch = n * self.grid[0] * self.grid[1]
         steps_per_epoch = math.ceil(per_epoch / cfg.batch_size)
-        log_file = open(self.out / "log.jsonl", "a")
+        log_file = open(self.out / "log.jsonl", "a", buffering=1)  # line-buffered: a crash keeps the log
         try:
             while self.position["stage"] < len(self.model.stages):
                 stage = self.position["stage"]
