@@ -1,0 +1,222 @@
+"""Loading a training folder and an MVTec-style test set into memory.
+
+MVTec AD layout (also used by the magnetic-tile data and :mod:`defect_fast.data.synthetic`)::
+
+    root/train/good/*.png                      defect-free training images
+    root/test/good/*.png                       defect-free test images (no masks)
+    root/test/<class>/*.png                    defective test images, one folder per defect class
+    root/ground_truth/<class>/<stem>_mask.png  their masks (``<stem>.png`` is accepted too)
+
+Images are kept as uint8 (600 images at 512x512x3 take 470 MB); convert batches to the models'
+float range with :func:`to_model_range` when they are used.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .io import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    _load_image,
+    _load_mask,
+    list_images,
+    raise_problems,
+    read_images,
+    run_collecting,
+)
+
+__all__ = ["GOOD", "TestSet", "find_mask", "load_test_set", "load_train_images", "to_model_range", "from_model_range"]
+
+#: Folder name of defect-free images in the MVTec layout.
+GOOD = "good"
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images [..., H, W] in 0..255 -> float32 in [-1, 1] (the models' input range)."""
+    return images.to(torch.float32).div_(127.5).sub_(1.0)
+
+
+def from_model_range(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [-1, 1] -> uint8 in 0..255 (values outside [-1, 1] are clipped)."""
+    return images.detach().add(1.0).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _train_folder(path: Path) -> Path:
+    """root -> root/train/good; root/train -> root/train/good; otherwise the folder itself."""
+    if (path / "train" / GOOD).is_dir():
+        return path / "train" / GOOD
+    if path.name == "train" and (path / GOOD).is_dir():
+        return path / GOOD
+    return path
+
+
+def load_train_images(
+    root_or_folder: str | os.PathLike,
+    size: int,
+    *,
+    channels: int = 3,
+    min_side: int | None = None,
+    workers: int | None = None,
+) -> tuple[torch.Tensor, list[Path]]:
+    """Read all defect-free training images.
+
+    Args:
+        root_or_folder: an MVTec-style root (``root/train/good`` is read) or a plain folder of
+            images. Non-image files are skipped with a warning (see :func:`list_images`).
+        size: side of the square images returned (bilinear, antialiased resize).
+        channels, min_side: as in :func:`defect_fast.data.read_image`.
+        workers: reader threads (default: up to 8).
+
+    Returns:
+        (uint8 tensor [N, channels, size, size], list of the N file paths in the same order).
+
+    Raises:
+        DataError: folder missing or without images, or any unreadable image (all of them are
+            listed in one message).
+    """
+    path = Path(root_or_folder)
+    folder = _train_folder(path)
+    paths = list_images(folder)
+    if not paths:
+        hint = "" if folder != path else f" (nor an MVTec-style {path / 'train' / GOOD})"
+        raise DataError(f"{folder}: no training images found (extensions {', '.join(IMAGE_EXTENSIONS)}){hint}")
+    images = read_images(paths, size, channels, min_side=min_side, workers=workers, where=folder)
+    return images, paths
+
+
+@dataclass
+class TestSet:
+    """An MVTec-style test set in memory (N images).
+
+    Attributes:
+        images: uint8 [N, C, S, S].
+        masks: bool [N, S, S] (True = defect; all False for good images, and possibly for
+            defective images whose mask is empty).
+        labels: int64 [N], 0 = good, 1 = defective.
+        classes: defect class name per image ("good" for good images).
+        paths: image file per image.
+        mask_paths: mask file per image (None for good images).
+    """
+
+    images: torch.Tensor
+    masks: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    paths: list[Path]
+    mask_paths: list[Path | None] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def class_names(self) -> list[str]:
+        """Distinct classes, "good" first, then the defect classes sorted."""
+        names = sorted(set(self.classes))
+        return ([GOOD] if GOOD in names else []) + [n for n in names if n != GOOD]
+
+
+def _mask_candidates(root: Path, cls: str, image: Path) -> list[Path]:
+    """Mask paths tried for a defective image, preferred first."""
+    gt = root / "ground_truth" / cls
+    stems = (f"{image.stem}_mask", image.stem)
+    exts = [".png"] + [e for e in IMAGE_EXTENSIONS if e != ".png"]
+    return [gt / f"{s}{e}" for s in stems for e in exts]
+
+
+def find_mask(root: str | os.PathLike, cls: str, image: str | os.PathLike) -> Path | None:
+    """The ground-truth mask file of ``image`` of defect class ``cls`` under ``root``, or None.
+
+    Tries ``ground_truth/<cls>/<stem>_mask.<ext>`` then ``ground_truth/<cls>/<stem>.<ext>``
+    (``.png`` first, then the other image extensions, also in upper case).
+    """
+    for cand in _mask_candidates(Path(root), cls, Path(image)):
+        for c in (cand, cand.with_suffix(cand.suffix.upper())):
+            if c.is_file():
+                return c
+    return None
+
+
+def load_test_set(
+    root: str | os.PathLike,
+    size: int,
+    *,
+    channels: int = 3,
+    min_side: int | None = None,
+    workers: int | None = None,
+) -> TestSet:
+    """Read an MVTec-style test set (``root/test/<class>/`` + ``root/ground_truth/<class>/``).
+
+    Classes are the sub-folders of ``root/test``; "good" comes first, then the others sorted;
+    images within a class are sorted by name. Masks are resized with nearest-neighbour sampling.
+
+    Args:
+        root: dataset root holding ``test/`` (and ``ground_truth/`` for defect classes).
+        size: side of the square images and masks returned.
+        channels, min_side, workers: as in :func:`load_train_images`.
+
+    Returns:
+        :class:`TestSet`.
+
+    Raises:
+        DataError: listing, in one message, every problem found: unreadable images or masks, a
+            defective image without a mask (naming the mask paths that were expected), a mask
+            whose size differs from its image's (naming both files and sizes). Empty masks are
+            allowed.
+    """
+    root = Path(root)
+    test = root / "test"
+    if not test.is_dir():
+        raise DataError(f"{root}: no test/ folder (expected an MVTec-style layout: test/<class>/*.png)")
+    class_dirs = sorted((d for d in test.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: (d.name != GOOD, d.name))
+    if not class_dirs:
+        raise DataError(f"{test}: no class folders (expected test/good/ and test/<defect class>/)")
+
+    items: list[tuple[str, Path, Path | None]] = []
+    problems: list[str] = []
+    for d in class_dirs:
+        for img in list_images(d):
+            mask = None
+            if d.name != GOOD:
+                mask = find_mask(root, d.name, img)
+                if mask is None:
+                    gt = root / "ground_truth" / d.name
+                    expected = f"{gt / (img.stem + '_mask.png')} or {gt / (img.stem + '.png')}"
+                    problems.append(f"{img}: no ground-truth mask (expected {expected})")
+            items.append((d.name, img, mask))
+    if not items:
+        raise DataError(f"{test}: no test images in {', '.join(d.name for d in class_dirs)}")
+
+    n = len(items)
+    images = torch.empty((n, channels, size, size), dtype=torch.uint8)
+    masks = torch.zeros((n, size, size), dtype=torch.bool)
+
+    def one(i: int) -> None:
+        cls, img_path, mask_path = items[i]
+        img, img_size = _load_image(img_path, size, channels, min_side)
+        images[i] = img
+        if mask_path is not None:
+            m, m_size = _load_mask(mask_path, size)
+            if m_size != img_size:
+                raise DataError(
+                    f"{mask_path}: mask is {m_size[0]}x{m_size[1]} (width x height) but its image "
+                    f"{img_path} is {img_size[0]}x{img_size[1]}"
+                )
+            masks[i] = m
+
+    _, read_problems = run_collecting(one, n, workers)
+    raise_problems(sorted(problems + read_problems), n, "test images", root)
+
+    classes = [c for c, _, _ in items]
+    labels = torch.tensor([0 if c == GOOD else 1 for c in classes], dtype=torch.int64)
+    return TestSet(
+        images=images,
+        masks=masks,
+        labels=labels,
+        classes=classes,
+        paths=[p for _, p, _ in items],
+        mask_paths=[m for _, _, m in items],
+    )

@@ -1,0 +1,307 @@
+"""Reading images and defect masks from disk into fixed-size uint8 / bool tensors.
+
+Images come back as ``torch.uint8`` tensors [C, S, S] (C = 3 by default) whatever their stored
+mode: 8-bit grayscale is repeated to three channels, 16-bit and 32-bit grayscale are scaled to
+8 bits (not clipped), palette images are expanded, alpha channels are dropped. Masks come back as
+``torch.bool`` [S, S] where any nonzero stored value marks a defect pixel.
+
+Every problem with a file raises :class:`DataError` with the file's path and what was wrong.
+Functions that read many files (:func:`read_images`) try every file first and then report all the
+bad ones in one error, so a broken folder is fixed in one pass instead of one file per run.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterable, Sequence, TypeVar
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "DataError",
+    "DataWarning",
+    "list_images",
+    "read_image",
+    "read_images",
+    "read_mask",
+]
+
+#: File name endings (lower case) treated as images.
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+_T = TypeVar("_T")
+
+
+class DataError(ValueError):
+    """A problem with input data; the message names the file(s) or folder and what was wrong.
+
+    ``problems`` lists one ``"<path>: <problem>"`` line per bad file when several were found.
+    """
+
+    def __init__(self, message: str, problems: Sequence[str] = ()):
+        super().__init__(message)
+        self.problems: list[str] = list(problems)
+
+
+class DataWarning(UserWarning):
+    """Something in a data folder was skipped (e.g. a file that is not an image)."""
+
+
+def _is_hidden(path: Path) -> bool:
+    return path.name.startswith(".")
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` has one of :data:`IMAGE_EXTENSIONS` (case-insensitive)."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def list_images(folder: str | os.PathLike, *, warn: bool = True) -> list[Path]:
+    """The image files directly inside ``folder``, sorted by name.
+
+    Hidden files (name starting with ".") and sub-folders are ignored silently. Other files whose
+    extension is not in :data:`IMAGE_EXTENSIONS` (e.g. ``notes.txt``, ``Thumbs.db``) are skipped
+    with one :class:`DataWarning` naming all of them. Files with an image extension are returned
+    even if they turn out to be unreadable: reading them raises :class:`DataError`.
+
+    Raises:
+        DataError: ``folder`` does not exist or is not a folder.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise DataError(f"{folder}: folder does not exist")
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a folder")
+    images, skipped = [], []
+    for entry in folder.iterdir():
+        if _is_hidden(entry) or entry.is_dir():
+            continue
+        (images if is_image_file(entry) else skipped).append(entry)
+    if skipped and warn:
+        names = ", ".join(sorted(p.name for p in skipped))
+        warnings.warn(
+            f"{folder}: skipped {len(skipped)} file(s) that are not images "
+            f"(extensions {', '.join(IMAGE_EXTENSIONS)}): {names}",
+            DataWarning,
+            stacklevel=2,
+        )
+    return sorted(images, key=lambda p: p.name)
+
+
+# --------------------------------------------------------------------------------------------
+# Single files
+# --------------------------------------------------------------------------------------------
+
+
+def _open(path: Path) -> Image.Image:
+    """Open and fully decode ``path``; any failure becomes a DataError naming the file."""
+    if not path.exists():
+        raise DataError(f"{path}: file does not exist")
+    if not path.is_file():
+        raise DataError(f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty (0 bytes)")
+    try:
+        img = Image.open(path)
+    except UnidentifiedImageError:
+        raise DataError(f"{path}: not a readable image (unknown or corrupt format)") from None
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{path}: image is implausibly large ({exc})") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise DataError(f"{path}: cannot open image ({exc})") from None
+    try:
+        img.load()  # decode now so truncated / corrupt data fails here, not later
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        img.close()
+        raise DataError(f"{path}: corrupt or truncated image ({exc})") from None
+    if img.width == 0 or img.height == 0:
+        raise DataError(f"{path}: image has zero size ({img.width}x{img.height})")
+    return img
+
+
+def _scale_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
+    """Wide grayscale (16/32-bit integer or float) -> uint8, scaled to the full range.
+
+    NB: "I;16*" uses the full 16-bit range (65535 -> 255). "I" (32-bit int) is read as 16-bit
+    data when its values lie in [0, 65535] (the usual case: 16-bit TIFF/PNG decoded to "I"),
+    otherwise rescaled from its own min..max. "F" in [0, 1] is scaled by 255, in [0, 255] taken
+    as is, otherwise rescaled from its own min..max.
+    """
+    a = a.astype(np.float64)
+    if not np.isfinite(a).all():
+        raise ValueError("image contains NaN or infinite values")
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if mode.startswith("I;16"):
+        a = a * (255.0 / 65535.0)
+    elif mode == "I":
+        a = a * (255.0 / 65535.0) if (lo >= 0 and hi <= 65535) else (a - lo) * (255.0 / max(hi - lo, 1e-12))
+    elif mode == "F":
+        if lo >= 0 and hi <= 1:
+            a = a * 255.0
+        elif not (lo >= 0 and hi <= 255):
+            a = (a - lo) * (255.0 / max(hi - lo, 1e-12))
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+
+def _to_8bit(img: Image.Image, channels: int, path: Path) -> Image.Image:
+    """Convert any PIL mode to "L" (channels=1) or "RGB" (channels=3), 8 bits per channel."""
+    mode = img.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        try:
+            gray = Image.fromarray(_scale_to_uint8(np.asarray(img), mode), mode="L")
+        except ValueError as exc:
+            raise DataError(f"{path}: {exc}") from None
+        return gray if channels == 1 else gray.convert("RGB")
+    if mode in ("1", "L", "LA", "La"):
+        gray = img.convert("L")
+        return gray if channels == 1 else gray.convert("RGB")
+    if mode == "P" or mode == "PA":
+        img = img.convert("RGBA")  # expand the palette (keeps palette transparency, then dropped)
+    rgb = img.convert("RGB")  # RGBA/RGBa/CMYK/YCbCr/LAB/HSV: alpha dropped
+    return rgb.convert("L") if channels == 1 else rgb
+
+
+def _load_image(path: str | os.PathLike, size: int | None, channels: int, min_side: int | None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """read_image plus the original (width, height)."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    path = Path(path)
+    img = _open(path)
+    orig = img.size
+    if min_side is not None and min(orig) < min_side:
+        raise DataError(f"{path}: image is {orig[0]}x{orig[1]} pixels, smaller than the minimum side of {min_side}")
+    img = _to_8bit(img, channels, path)
+    if size is not None and img.size != (size, size):
+        # NB: PIL's bilinear filter widens its support when shrinking, i.e. it is antialiased.
+        img = img.resize((size, size), Image.BILINEAR)
+    a = np.asarray(img, dtype=np.uint8)
+    t = torch.from_numpy(a.copy())
+    t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
+    return t, orig
+
+
+def read_image(path: str | os.PathLike, size: int | None, channels: int = 3, *, min_side: int | None = None) -> torch.Tensor:
+    """Read one image file as a uint8 tensor [channels, size, size].
+
+    Args:
+        path: a PNG, JPEG, BMP or TIFF file (any PIL mode: grayscale 1/8/16/32-bit or float,
+            RGB, RGBA, LA, palette, CMYK...). Grayscale is repeated to 3 channels when
+            ``channels == 3``; colour is converted to luma when ``channels == 1``; alpha is
+            dropped; 16-bit data is scaled to 8 bits (65535 -> 255), not clipped.
+        size: side of the square output; the image is resized with antialiased bilinear
+            filtering (aspect ratio is not kept). None keeps the original size.
+        channels: 3 (default) or 1.
+        min_side: if given, images whose shorter original side is below it are rejected
+            (images smaller than ``size`` are otherwise upsampled).
+
+    Returns:
+        torch.uint8 [channels, size, size] (values 0..255).
+
+    Raises:
+        DataError: missing, empty, corrupt, truncated or non-image file, or too small; the
+            message names the file.
+    """
+    return _load_image(path, size, channels, min_side)[0]
+
+
+def _load_mask(path: str | os.PathLike, size: int | None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """read_mask plus the original (width, height)."""
+    path = Path(path)
+    img = _open(path)
+    orig = img.size
+    if img.mode in ("1", "L", "I", "F") or img.mode.startswith("I;16"):
+        defect = np.asarray(img) != 0
+    else:
+        if img.mode in ("P", "PA"):
+            img = img.convert("RGBA")
+        defect = (np.asarray(img.convert("RGB")) != 0).any(axis=2)
+    if size is not None and orig != (size, size):
+        m = Image.fromarray(defect.astype(np.uint8) * 255, mode="L").resize((size, size), Image.NEAREST)
+        defect = np.asarray(m) != 0
+    return torch.from_numpy(np.ascontiguousarray(defect)), orig
+
+
+def read_mask(path: str | os.PathLike, size: int | None) -> torch.Tensor:
+    """Read a ground-truth mask file as a bool tensor [size, size] (True = defect pixel).
+
+    Any nonzero stored value (in any colour channel; alpha ignored) is a defect. Resizing uses
+    nearest-neighbour sampling, so defects thinner than the downsampling step can shrink or vanish.
+    None keeps the original size.
+
+    Raises:
+        DataError: missing, empty, corrupt or non-image file; the message names the file.
+    """
+    return _load_mask(path, size)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Many files
+# --------------------------------------------------------------------------------------------
+
+
+def default_workers() -> int:
+    """Threads used for reading (PIL releases the GIL while decoding and resizing)."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def run_collecting(fn: Callable[[int], _T], n: int, workers: int | None = None) -> tuple[list[_T | None], list[str]]:
+    """Run ``fn(i)`` for i in range(n) on a thread pool; DataErrors are collected, not raised.
+
+    Returns (results with None where fn failed, sorted list of problem lines).
+    """
+    results: list[_T | None] = [None] * n
+    problems: list[str] = []
+
+    def one(i: int) -> None:
+        try:
+            results[i] = fn(i)
+        except DataError as exc:
+            problems.extend(exc.problems or [str(exc)])
+
+    workers = default_workers() if workers is None else max(1, workers)
+    if workers == 1 or n <= 1:
+        for i in range(n):
+            one(i)
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(one, range(n)))
+    return results, sorted(problems)
+
+
+def raise_problems(problems: Sequence[str], total: int, what: str, where: str | os.PathLike) -> None:
+    """Raise one DataError listing every problem line (no-op when there are none)."""
+    if not problems:
+        return
+    lines = "\n  ".join(problems)
+    raise DataError(f"{where}: {len(problems)} problem(s) in {total} {what}:\n  {lines}", problems)
+
+
+def read_images(
+    paths: Iterable[str | os.PathLike],
+    size: int,
+    channels: int = 3,
+    *,
+    min_side: int | None = None,
+    workers: int | None = None,
+    where: str | os.PathLike = "images",
+) -> torch.Tensor:
+    """Read many image files into one uint8 tensor [N, channels, size, size].
+
+    Files are read on a thread pool into a preallocated tensor (no second copy). All files are
+    attempted; if any fail, one :class:`DataError` lists every bad file and its problem
+    (``.problems`` holds the lines), with ``where`` (e.g. the folder) at the start of the message.
+    """
+    paths = [Path(p) for p in paths]
+    out = torch.empty((len(paths), channels, size, size), dtype=torch.uint8)
+
+    def one(i: int) -> None:
+        out[i] = _load_image(paths[i], size, channels, min_side)[0]
+
+    _, problems = run_collecting(one, len(paths), workers)
+    raise_problems(problems, len(paths), "image files", where)
+    return out

@@ -1,0 +1,340 @@
+"""Reading images and masks, MVTec-style loading, and the synthetic data set."""
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from defect_fast.data import (
+    DataError,
+    DataWarning,
+    list_images,
+    load_test_set,
+    load_train_images,
+    make_synthetic_dataset,
+    read_image,
+    read_images,
+    read_mask,
+    to_model_range,
+    from_model_range,
+)
+from defect_fast.metrics import pixel_auroc
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+MAGTILE = SHARED / "data" / "magnetic-tile"
+
+
+def _save(path: Path, array: np.ndarray, mode: str | None = None, **kw) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode=mode).save(path, **kw)
+    return path
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------
+# read_image: modes, scaling, resizing
+# --------------------------------------------------------------------------------------------
+
+
+def test_rgb_png_exact_at_native_size(tmp_path):
+    a = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    t = read_image(_save(tmp_path / "a.png", a), None)
+    assert t.dtype == torch.uint8 and t.shape == (3, 5, 7)
+    assert torch.equal(t, torch.from_numpy(a).permute(2, 0, 1))
+
+
+def test_grayscale_repeated_to_three_channels_and_one_channel(tmp_path):
+    a = np.arange(48, dtype=np.uint8).reshape(6, 8) * 5
+    p = _save(tmp_path / "g.png", a)
+    t = read_image(p, None)
+    assert t.shape == (3, 6, 8)
+    for c in range(3):
+        assert torch.equal(t[c], torch.from_numpy(a))
+    one = read_image(p, 16, channels=1)
+    assert one.shape == (1, 16, 16)
+
+
+def test_16bit_png_is_scaled_not_clipped(tmp_path):
+    a = np.array([[0, 257, 32768, 65535]], dtype=np.uint16)
+    p = _save(tmp_path / "d16.png", a)
+    assert Image.open(p).mode.startswith("I;16")
+    t = read_image(p, None)
+    assert t[0, 0].tolist() == [0, 1, 128, 255]  # 32768 * 255 / 65535 = 127.5 -> 128
+
+
+def test_32bit_int_and_float_tiff(tmp_path):
+    i32 = np.array([[0, 65535, 13107]], dtype=np.int32)
+    assert read_image(_save(tmp_path / "i.tif", i32), None)[0, 0].tolist() == [0, 255, 51]
+    f01 = np.array([[0.0, 0.5, 1.0]], dtype=np.float32)
+    assert read_image(_save(tmp_path / "f.tif", f01), None)[0, 0].tolist() == [0, 128, 255]
+    fwide = np.array([[-10.0, 0.0, 10.0]], dtype=np.float32)  # rescaled from its own min..max
+    assert read_image(_save(tmp_path / "w.tif", fwide), None)[0, 0].tolist() == [0, 128, 255]
+
+
+def test_rgba_la_and_palette(tmp_path):
+    rgba = np.zeros((2, 2, 4), dtype=np.uint8)
+    rgba[..., 0], rgba[..., 1], rgba[..., 2], rgba[..., 3] = 200, 100, 50, 0  # fully transparent
+    t = read_image(_save(tmp_path / "rgba.png", rgba), None)
+    assert t[:, 0, 0].tolist() == [200, 100, 50]  # alpha dropped, colour kept
+
+    la = np.stack([np.full((2, 2), 77, np.uint8), np.full((2, 2), 3, np.uint8)], axis=-1)
+    assert read_image(_save(tmp_path / "la.png", la, mode="LA"), None)[:, 1, 1].tolist() == [77, 77, 77]
+
+    pal = Image.fromarray(np.array([[0, 1], [1, 0]], dtype=np.uint8), mode="P")
+    pal.putpalette([10, 20, 30, 240, 130, 5] + [0] * 762)
+    pal.save(tmp_path / "p.png")
+    t = read_image(tmp_path / "p.png", None)
+    assert t[:, 0, 0].tolist() == [10, 20, 30] and t[:, 0, 1].tolist() == [240, 130, 5]
+
+
+def test_jpeg_bmp_and_uppercase_extensions(tmp_path):
+    a = np.full((20, 30), 90, dtype=np.uint8)
+    for name in ("a.jpg", "b.BMP", "c.JPEG", "d.tiff"):
+        t = read_image(_save(tmp_path / name, a), 8)
+        assert t.shape == (3, 8, 8)
+        assert abs(int(t.float().mean().round()) - 90) <= 1
+
+
+def test_resize_is_antialiased_bilinear(tmp_path):
+    checker = ((np.indices((64, 64)).sum(0) % 2) * 255).astype(np.uint8)
+    t = read_image(_save(tmp_path / "c.png", checker), 8)
+    # nearest or non-antialiased sampling would return 0s and 255s
+    assert t.shape == (3, 8, 8)
+    assert int(t.min()) >= 120 and int(t.max()) <= 135
+
+
+def test_tiny_image_upsampled_unless_min_side(tmp_path):
+    p = _save(tmp_path / "tiny.png", np.full((2, 3), 200, dtype=np.uint8))
+    assert torch.all(read_image(p, 16) == 200)
+    with pytest.raises(DataError, match=r"tiny\.png.*3x2.*minimum side of 8"):
+        read_image(p, 16, min_side=8)
+
+
+@pytest.mark.parametrize(
+    "name, content, problem",
+    [
+        ("empty.png", b"", "empty"),
+        ("corrupt.png", b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 20, "corrupt|not a readable"),
+        ("text.jpg", b"this is not an image\n", "not a readable"),
+    ],
+)
+def test_bad_files_raise_data_error_naming_the_file(tmp_path, name, content, problem):
+    p = tmp_path / name
+    p.write_bytes(content)
+    with pytest.raises(DataError, match=problem) as err:
+        read_image(p, 8)
+    assert str(p) in str(err.value)
+
+
+def test_truncated_png_and_missing_file(tmp_path):
+    data = _png_bytes(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    p = tmp_path / "cut.png"
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"cut\.png.*(corrupt|truncated)"):
+        read_image(p, 8)
+    with pytest.raises(DataError, match=r"nope\.png: file does not exist"):
+        read_image(tmp_path / "nope.png", 8)
+
+
+# --------------------------------------------------------------------------------------------
+# read_mask
+# --------------------------------------------------------------------------------------------
+
+
+def test_mask_any_nonzero_and_nearest_resize(tmp_path):
+    m = np.zeros((4, 4), dtype=np.uint8)
+    m[1:3, 1:3] = 1  # value 1, not 255: still a defect
+    t = read_mask(_save(tmp_path / "m.png", m), 8)
+    assert t.dtype == torch.bool and t.shape == (8, 8)
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[2:6, 2:6] = True
+    assert torch.equal(t, expected)
+
+
+def test_mask_colour_channels(tmp_path):
+    m = np.zeros((3, 3, 3), dtype=np.uint8)
+    m[0, 0, 0] = 255  # red pixel
+    m[2, 2, 2] = 9  # faint blue pixel
+    t = read_mask(_save(tmp_path / "c.png", m), None)
+    assert t.sum() == 2 and t[0, 0] and t[2, 2]
+
+
+# --------------------------------------------------------------------------------------------
+# Folders
+# --------------------------------------------------------------------------------------------
+
+
+def test_list_images_sorted_hidden_ignored_non_images_warned(tmp_path):
+    a = np.zeros((4, 4), dtype=np.uint8)
+    for name in ("b.png", "a.JPG", "c.bmp", ".hidden.png"):
+        _save(tmp_path / name, a)
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "Thumbs.db").write_bytes(b"x")
+    (tmp_path / "sub").mkdir()
+    with pytest.warns(DataWarning, match=r"skipped 2 file.*Thumbs\.db, notes\.txt"):
+        names = [p.name for p in list_images(tmp_path)]
+    assert names == ["a.JPG", "b.png", "c.bmp"]
+    with pytest.raises(DataError, match="does not exist"):
+        list_images(tmp_path / "missing")
+
+
+def test_read_images_reports_all_bad_files_at_once(tmp_path):
+    good = np.full((6, 6), 50, dtype=np.uint8)
+    paths = [_save(tmp_path / "ok1.png", good), tmp_path / "bad1.png", _save(tmp_path / "ok2.png", good), tmp_path / "bad2.jpg"]
+    paths[1].write_bytes(b"")
+    paths[3].write_bytes(b"junk")
+    with pytest.raises(DataError) as err:
+        read_images(paths, 4, where=tmp_path, workers=2)
+    msg = str(err.value)
+    assert "2 problem(s) in 4" in msg and "bad1.png" in msg and "bad2.jpg" in msg
+    assert len(err.value.problems) == 2
+    ok = read_images([paths[0], paths[2]], 4)
+    assert ok.shape == (2, 3, 4, 4) and torch.all(ok == 50)
+
+
+def test_load_train_images_root_folder_and_errors(tmp_path):
+    root = make_synthetic_dataset(tmp_path / "ds", n_train=3, n_test_good=1, n_test_defect=1, size=32)
+    imgs, paths = load_train_images(root, 16)
+    assert imgs.shape == (3, 3, 16, 16) and imgs.dtype == torch.uint8
+    assert [p.name for p in paths] == ["000.png", "001.png", "002.png"]
+    same, _ = load_train_images(root / "train" / "good", 16)
+    also, _ = load_train_images(root / "train", 16)
+    assert torch.equal(imgs, same) and torch.equal(imgs, also)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=r"empty: no training images"):
+        load_train_images(empty, 16)
+    (empty / "readme.txt").write_text("x")
+    with pytest.warns(DataWarning), pytest.raises(DataError, match="no training images"):
+        load_train_images(empty, 16)
+
+
+def _mvtec(tmp_path: Path) -> Path:
+    return make_synthetic_dataset(tmp_path / "ds", n_train=2, n_test_good=2, n_test_defect=2, size=32, seed=3)
+
+
+def test_load_test_set_layout(tmp_path):
+    root = _mvtec(tmp_path)
+    # a mask named <stem>.png is accepted too, and an empty mask is allowed
+    (root / "ground_truth" / "spot" / "001_mask.png").rename(root / "ground_truth" / "spot" / "001.png")
+    _save(root / "ground_truth" / "scratch" / "001_mask.png", np.zeros((32, 32), dtype=np.uint8))
+    ts = load_test_set(root, 16)
+    assert len(ts) == 6
+    assert ts.classes == ["good", "good", "scratch", "scratch", "spot", "spot"]
+    assert ts.labels.tolist() == [0, 0, 1, 1, 1, 1]
+    assert ts.class_names == ["good", "scratch", "spot"]
+    assert ts.images.shape == (6, 3, 16, 16) and ts.masks.shape == (6, 16, 16) and ts.masks.dtype == torch.bool
+    assert not ts.masks[:2].any() and ts.mask_paths[:2] == [None, None]
+    assert ts.masks[2].any() and not ts.masks[3].any() and ts.masks[5].any()
+    assert ts.mask_paths[5].name == "001.png"
+    ref = read_mask(root / "ground_truth" / "scratch" / "000_mask.png", 16)
+    assert torch.equal(ts.masks[2], ref)
+
+
+def test_load_test_set_reports_every_problem_at_once(tmp_path):
+    root = _mvtec(tmp_path)
+    (root / "ground_truth" / "scratch" / "000_mask.png").unlink()
+    _save(root / "ground_truth" / "spot" / "001_mask.png", np.zeros((30, 32), dtype=np.uint8))
+    (root / "test" / "good" / "001.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(DataError) as err:
+        load_test_set(root, 16)
+    msg = str(err.value)
+    assert len(err.value.problems) == 3
+    expected_mask = root / "ground_truth" / "scratch" / "000_mask.png"
+    assert f"{root / 'test' / 'scratch' / '000.png'}: no ground-truth mask (expected {expected_mask}" in msg
+    assert "001_mask.png: mask is 32x30 (width x height) but its image" in msg and "test/spot/001.png is 32x32" in msg
+    assert "test/good/001.png" in msg
+
+
+def test_load_test_set_without_test_folder(tmp_path):
+    with pytest.raises(DataError, match="no test/ folder"):
+        load_test_set(tmp_path, 16)
+
+
+def test_model_range_round_trip():
+    x = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
+    f = to_model_range(x)
+    assert f.dtype == torch.float32 and float(f.min()) == -1.0 and float(f.max()) == 1.0
+    assert torch.equal(from_model_range(f), x)
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic data set
+# --------------------------------------------------------------------------------------------
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_synthetic_deterministic_and_seed_dependent(tmp_path):
+    kw = dict(n_train=3, n_test_good=2, n_test_defect=2, size=48)
+    a = _digest(make_synthetic_dataset(tmp_path / "a", seed=5, **kw))
+    b = _digest(make_synthetic_dataset(tmp_path / "b", seed=5, **kw))
+    c = _digest(make_synthetic_dataset(tmp_path / "c", seed=6, **kw))
+    assert a == b
+    assert len(a) == 3 + 2 + 2 * 2 * 2
+    assert "ground_truth/spot/001_mask.png" in a and "test/scratch/000.png" in a
+    assert all(a[k] != c[k] for k in a)
+
+
+def test_synthetic_refuses_non_empty_folder(tmp_path):
+    root = tmp_path / "ds"
+    root.mkdir()
+    (root / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        make_synthetic_dataset(root, n_train=1, n_test_good=1, n_test_defect=1, size=32)
+    make_synthetic_dataset(root, n_train=2, n_test_good=1, n_test_defect=1, size=32, overwrite=True)
+    make_synthetic_dataset(root, n_train=1, n_test_good=1, n_test_defect=1, size=32, overwrite=True)
+    assert (root / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in (root / "train" / "good").iterdir()) == ["000.png"]
+    with pytest.raises(ValueError, match="classes"):
+        make_synthetic_dataset(tmp_path / "x", classes=("crack",))
+
+
+def test_synthetic_defects_exact_and_visible(tmp_path):
+    root = make_synthetic_dataset(tmp_path / "ds", n_train=1, n_test_good=3, n_test_defect=4, size=64, classes=("scratch", "spot", "blob"))
+    ts = load_test_set(root, 64)
+    gray = ts.images.float().mean(1)
+    defect = ts.labels == 1
+    assert all(bool(ts.masks[i].any()) for i in range(len(ts)) if defect[i])
+    sharp = torch.tensor([c in ("scratch", "spot") for c in ts.classes])
+    inside = gray[sharp[:, None, None] & ts.masks]
+    assert bool(((inside < 20) | (inside > 225)).all())  # painted far outside the texture range
+    outside = gray[~ts.masks]
+    assert 20 < float(outside.min()) and float(outside.max()) < 225
+    # a trivial residual detector (distance from the image median) finds the defects
+    score = (gray - gray.flatten(1).median(1).values[:, None, None]).abs()
+    assert pixel_auroc(score, ts.masks) > 0.99
+
+
+# --------------------------------------------------------------------------------------------
+# Real data
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.shared
+def test_magnetic_tile_test_set_loads():
+    if not MAGTILE.is_dir():
+        pytest.skip(f"{MAGTILE} not present (the shared data folder beside the checkout)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)  # the folders hold only images
+        ts = load_test_set(MAGTILE, 256)
+    counts = {c: ts.classes.count(c) for c in ts.class_names}
+    assert counts == {"good": 100, "blowhole": 57, "break": 42, "crack": 28, "fray": 16, "uneven": 51}
+    assert int(ts.labels.sum()) == 194
+    empty = [p.name for p, m, y in zip(ts.paths, ts.masks, ts.labels) if y == 1 and not m.any()]
+    assert len(empty) == 4 and all(p.startswith("exp") for p in empty)  # empty in the annotation itself
+    assert torch.equal(ts.images[:, 0], ts.images[:, 2])  # grayscale repeated
