@@ -90,12 +90,23 @@ def evaluate_run(run, data, map_kind=None, device="auto", stride=None) -> dict:
     return metrics
 
 
+def _json_safe(obj):
+    """NaN (a metric undefined for one class) becomes null, so the file is strict JSON."""
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def cmd_evaluate(args) -> int:
     metrics = evaluate_run(args.run, args.data, args.map, args.device, args.stride)
     _print_metrics(metrics)
     print(f"\n{metrics['n_images']} images, map={metrics['map']}, {metrics['inference_ms_per_image']:.1f} ms/image")
     if args.json:
-        Path(args.json).write_text(json.dumps(metrics, indent=2))
+        Path(args.json).write_text(json.dumps(_json_safe(metrics), indent=2))
     return 0
 
 
@@ -165,7 +176,7 @@ def cmd_demo(args) -> int:
     train(cfg, out / "run", progress=not args.quiet)
     metrics = evaluate_run(out / "run", data, device=args.device)
     _print_metrics(metrics)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "metrics.json").write_text(json.dumps(_json_safe(metrics), indent=2))
     test_dir = data / "test"
     samples = [p for cls in sorted(test_dir.iterdir()) if cls.name != "good" for p in sorted(cls.iterdir())[:2]]
     ns = argparse.Namespace(run=out / "run", images=[str(p) for p in samples], out=out / "maps", overwrite=False,
@@ -251,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default="cmaae", choices=model_names())
     d.add_argument("--image-size", type=int, default=128)
     d.add_argument("--epochs", type=int, default=4)
-    d.add_argument("--batch-size", type=int, default=128)
+    d.add_argument("--batch-size", type=int, default=32)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device", default="auto")
     d.add_argument("--overwrite", action="store_true")

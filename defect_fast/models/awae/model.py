@@ -240,11 +240,11 @@ class AWAE(AnomalyModel):
         schedule.set_epoch_length(self._length_for(stage))
         schedule.reset()
 
-
-__all__ = ["AWAE", "SkipJoin", "PRESETS"]
-
     def skip_patches(self, n: int) -> None:
         """Advance the sigma schedule past ``n`` patches (a run resumed in the middle of an epoch)."""
         schedule = self.criterion.schedule
         if schedule is not None and n > 0:
             schedule.next(n)
+
+
+__all__ = ["AWAE", "SkipJoin", "PRESETS"]
