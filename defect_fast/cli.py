@@ -33,7 +33,8 @@ def _model_kwargs(pairs: list[str]) -> dict:
     return out
 
 
-def _print_metrics(metrics: dict, out=sys.stdout) -> None:
+def _print_metrics(metrics: dict, out=None) -> None:
+    out = out or sys.stdout
     keys = ("pixel_auroc", "image_auroc", "aupro", "pixel_f1_max")
     rows = [("all", *(metrics.get(k) for k in keys))]
     for cls, m in sorted(metrics.get("per_class", {}).items()):
@@ -128,6 +129,19 @@ def _collect_images(items: list[str]) -> list[Path]:
     return paths
 
 
+def _output_stems(paths: list[Path]) -> list[str]:
+    """File stems for outputs, unique: clashing names get their folder (and if need be a number) in front."""
+    stems = [p.stem for p in paths]
+    clashes = {s for s in stems if stems.count(s) > 1}
+    stems = [f"{p.parent.name}_{p.stem}" if p.stem in clashes else p.stem for p in paths]
+    seen: dict[str, int] = {}
+    out = []
+    for s in stems:
+        seen[s] = seen.get(s, 0) + 1
+        out.append(s if seen[s] == 1 else f"{s}_{seen[s]}")
+    return out
+
+
 def cmd_predict(args) -> int:
     import torch
 
@@ -148,8 +162,7 @@ def cmd_predict(args) -> int:
     (out / "maps").mkdir()
     (out / "overlays").mkdir()
     report = {"run": str(args.run), "map": det.map_kind, "threshold": threshold, "images": []}
-    for path, img, m, s in zip(paths, images, res["maps"], res["scores"]):
-        stem = path.stem
+    for path, stem, img, m, s in zip(paths, _output_stems(paths), images, res["maps"], res["scores"]):
         save_map(m, out / "maps" / f"{stem}_map.png", scale=2 * scale)
         save_overlay(img, m, out / "overlays" / f"{stem}_overlay.png", scale=2 * scale)
         entry = {"image": str(path), "score": float(s)}

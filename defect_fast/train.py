@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -298,7 +299,9 @@ def prepare_run_folder(out: Path, overwrite: bool) -> None:
         if not overwrite:
             raise RunError(f"{out}: folder exists and is not empty; pass --overwrite to replace it or --resume to continue it")
         for child in out.iterdir():
-            if child.is_file():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
                 child.unlink()
     out.mkdir(parents=True, exist_ok=True)
 

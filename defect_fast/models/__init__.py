@@ -14,11 +14,7 @@ def register(cls: type[AnomalyModel]) -> type[AnomalyModel]:
 def _load_all() -> None:
     from .cmaae import model as _cmaae  # noqa: F401
     from .baselines import model as _baselines  # noqa: F401
-
-    try:
-        from .awae import model as _awae  # noqa: F401
-    except ImportError:  # pragma: no cover - while the second method is being added
-        pass
+    from .awae import model as _awae  # noqa: F401
 
 
 def build_model(name: str, **kwargs) -> AnomalyModel:

@@ -1,0 +1,84 @@
+"""Command line: evaluate JSON, predict outputs, refusals and errors that name the file."""
+import json
+
+import pytest
+import torch
+
+from defect_fast.cli import main
+from defect_fast.detect import Detector, image_scores
+
+
+@pytest.fixture(scope="module")
+def tiny_run(synthetic_root, tmp_path_factory):
+    run = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", str(synthetic_root), "--out", str(run), "--image-size", "128", "--batch-size", "16",
+                 "--max-steps", "2", "1", "--set", "memory_size=10", "--quiet"]) == 0
+    return run
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for word in ("train", "evaluate", "predict", "demo"):
+        assert word in out
+
+
+def test_evaluate_writes_the_documented_keys(tiny_run, synthetic_root, tmp_path, capsys):
+    path = tmp_path / "m.json"
+    assert main(["evaluate", str(tiny_run), str(synthetic_root), "--json", str(path)]) == 0
+    metrics = json.loads(path.read_text())
+    for key in ("pixel_auroc", "image_auroc", "aupro", "pixel_f1_max", "per_class"):
+        assert key in metrics
+    assert set(metrics["per_class"]) == {"scratch", "spot"}
+    assert 0.0 <= metrics["pixel_auroc"] <= 1.0
+    assert "pixel_auroc" in capsys.readouterr().out
+
+
+def test_predict_outputs_and_refusals(tiny_run, synthetic_root, tmp_path, capsys):
+    out = tmp_path / "pred"
+    images = [str(synthetic_root / "test" / "scratch"), str(synthetic_root / "test" / "spot" / "000.png")]
+    assert main(["predict", str(tiny_run), *images, "--out", str(out)]) == 0
+    report = json.loads((out / "scores.json").read_text())
+    n_scratch = len(list((synthetic_root / "test" / "scratch").glob("*.png")))
+    assert len(report["images"]) == n_scratch + 1
+    # 000.png exists in both classes: both maps are kept, under distinct names.
+    maps = sorted(p.name for p in (out / "maps").iterdir())
+    assert len(maps) == n_scratch + 1 and "spot_000_map.png" in maps and "scratch_000_map.png" in maps
+    assert all("defective" in e for e in report["images"])
+    # Existing output is never overwritten silently.
+    before = (out / "scores.json").read_text()
+    assert main(["predict", str(tiny_run), *images, "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (out / "scores.json").read_text() == before
+    assert main(["predict", str(tiny_run), *images, "--out", str(out), "--overwrite"]) == 0
+
+
+def test_predict_bad_image_names_the_file(tiny_run, tmp_path, capsys):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    assert main(["predict", str(tiny_run), str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert str(bad) in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_model_file_damage_is_a_clear_error(tiny_run, tmp_path, capsys):
+    fake = tmp_path / "model.pt"
+    fake.write_bytes(b"garbage")
+    assert main(["evaluate", str(fake), str(tmp_path)]) == 2
+    assert "not a readable defect_fast checkpoint" in capsys.readouterr().err
+
+
+def test_detector_maps_shapes_and_score_rule(tiny_run):
+    det = Detector.load(tiny_run, device="cpu")
+    res = det.predict(torch.randint(0, 256, (2, 3, 128, 128), dtype=torch.uint8))
+    assert res["maps"].shape == (2, 128, 128) and res["recon"].shape == (2, 3, 128, 128)
+    assert (res["maps"] >= 0).all()
+    # Score rule: mean of the top 0.1 % (16 of 16384 pixels here).
+    m = torch.zeros(1, 128, 128)
+    m.view(-1)[:16] = 2.0
+    m.view(-1)[16] = 100.0
+    assert image_scores(m).item() == pytest.approx((15 * 2.0 + 100.0) / 16)
+    with pytest.raises(ValueError, match="expected images"):
+        det.predict(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
