@@ -87,7 +87,7 @@ def aw_ssim(
 
 def msfr(feats_x: Sequence[torch.Tensor], feats_r: Sequence[torch.Tensor], out_size, weights: Sequence[float] | None = None):
     """See :func:`defect_fast.ops.reference.msfr` (same signature and results; inference only)."""
-    if _use_native(feats_x[0]) and not torch.is_grad_enabled():
+    if _use_native(feats_x[0]):  # the native front hands grad-requiring calls to the reference
         from . import _msfr
 
         return _msfr.msfr(feats_x, feats_r, out_size, weights)
