@@ -73,13 +73,13 @@ def cmd_train(args) -> int:
     return 0
 
 
-def evaluate_run(run, data, map_kind=None, device="auto", stride=None) -> dict:
+def evaluate_run(run, data, map_kind=None, device="auto", stride=None, smooth=0.0) -> dict:
     """Evaluate a trained run on the test split of an MVTec-style folder; returns the metrics dict."""
     from .data import load_test_set
     from .detect import Detector
     from .metrics import evaluate
 
-    det = Detector.load(run, device=device, map_kind=map_kind, stride=stride)
+    det = Detector.load(run, device=device, map_kind=map_kind, stride=stride, smooth_sigma=smooth)
     test = load_test_set(data, det.image_size)
     t0 = time.perf_counter()
     res = det.predict_batched(test.images)
@@ -87,6 +87,7 @@ def evaluate_run(run, data, map_kind=None, device="auto", stride=None) -> dict:
     metrics = evaluate(res["maps"], test.masks, res["scores"], test.labels, test.classes)
     metrics["n_images"] = int(test.images.shape[0])
     metrics["map"] = det.map_kind
+    metrics["smooth_sigma"] = smooth
     metrics["inference_ms_per_image"] = 1000 * seconds / max(1, test.images.shape[0])
     return metrics
 
@@ -103,7 +104,7 @@ def _json_safe(obj):
 
 
 def cmd_evaluate(args) -> int:
-    metrics = evaluate_run(args.run, args.data, args.map, args.device, args.stride)
+    metrics = evaluate_run(args.run, args.data, args.map, args.device, args.stride, args.smooth)
     _print_metrics(metrics)
     print(f"\n{metrics['n_images']} images, map={metrics['map']}, {metrics['inference_ms_per_image']:.1f} ms/image")
     if args.json:
@@ -150,7 +151,7 @@ def cmd_predict(args) -> int:
     from .train import prepare_run_folder
     from .visualize import save_map, save_overlay
 
-    det = Detector.load(args.run, device=args.device, map_kind=args.map, stride=args.stride)
+    det = Detector.load(args.run, device=args.device, map_kind=args.map, stride=args.stride, smooth_sigma=args.smooth)
     paths = _collect_images(args.images)
     images = torch.stack([read_image(p, det.image_size) for p in paths])  # errors name the file before any output
     out = Path(args.out)
@@ -193,7 +194,7 @@ def cmd_demo(args) -> int:
     test_dir = data / "test"
     samples = [p for cls in sorted(test_dir.iterdir()) if cls.name != "good" for p in sorted(cls.iterdir())[:2]]
     ns = argparse.Namespace(run=out / "run", images=[str(p) for p in samples], out=out / "maps", overwrite=False,
-                            device=args.device, map=None, stride=None, threshold=None)
+                            device=args.device, map=None, stride=None, threshold=None, smooth=0.0)
     cmd_predict(ns)
     return 0
 
@@ -255,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     e.add_argument("--map", choices=("msfr", "residual"), default=None, help="anomaly map (default: the model's)")
     e.add_argument("--stride", type=int, default=None, help="patch stride at inference (default: patch size)")
+    e.add_argument("--smooth", type=float, default=0.0, help="Gaussian blur of the maps, in pixels (default 0: none)")
     e.add_argument("--device", default="auto")
     e.set_defaults(func=cmd_evaluate)
 
@@ -267,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stride", type=int, default=None)
     r.add_argument("--threshold", type=float, default=None,
                    help="image score above which an image is flagged (default: the largest score on the calibration images)")
+    r.add_argument("--smooth", type=float, default=0.0, help="Gaussian blur of the maps, in pixels (default 0: none)")
     r.add_argument("--device", default="auto")
     r.set_defaults(func=cmd_predict)
 

@@ -82,3 +82,14 @@ def test_detector_maps_shapes_and_score_rule(tiny_run):
     assert image_scores(m).item() == pytest.approx((15 * 2.0 + 100.0) / 16)
     with pytest.raises(ValueError, match="expected images"):
         det.predict(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+
+
+def test_smoothing_spreads_a_spike(tiny_run):
+    det = Detector.load(tiny_run, device="cpu")
+    smooth = Detector.load(tiny_run, device="cpu", smooth_sigma=2.0)
+    images = torch.randint(0, 256, (1, 3, 128, 128), dtype=torch.uint8)
+    raw, blurred = det.predict(images)["maps"], smooth.predict(images)["maps"]
+    assert blurred.max() < raw.max() and blurred.min() > raw.min()
+    assert blurred.mean().item() == pytest.approx(raw.mean().item(), rel=0.05)
+    with pytest.raises(ValueError, match="smooth_sigma"):
+        Detector.load(tiny_run, device="cpu", smooth_sigma=-1)
