@@ -1,0 +1,329 @@
+"""defect_fast::aw_ssim: native kernels against reference.aw_ssim.
+
+Score, map and the gradients of both (with respect to x and y) are compared with the pure-PyTorch
+reference in float32 and float64 over seeds, both combine modes, non-trivial weights/exponents and
+a different sigma per sample; plus float64 gradcheck on tiny odd shapes, opcheck, non-contiguous
+and empty inputs, "product" at 1, 1, 1 against pytorch_msssim, the two combinations against l, c,
+s computed here by hand, input errors, torch.compile, and CUDA against CPU where a GPU is visible.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from defect_fast import ops
+from defect_fast.ops import _native, reference
+
+_MODULE, _REASON = _native.load()
+pytestmark = pytest.mark.skipif(_MODULE is None, reason=f"native extension unavailable: {_REASON}")
+if _MODULE is not None:
+    from defect_fast.ops import _aw_ssim as native
+
+# (alpha, beta, gamma, combine): AW-SSIM weights, standard SSIM, general exponents
+SETTINGS = [(0.5, 0.3, 0.2, "sum"), (1.0, 1.0, 1.0, "product"), (0.7, 1.3, 2.0, "product")]
+
+
+def make_inputs(B, C, H, W, dtype=torch.float64, seed=0, device="cpu", requires_grad=True, data_range=1.0):
+    """x, y in [0, L] with shared structure (y = a blend of x and noise), sigma [B] in [0.8, 3]."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(B, C, H, W, generator=g, dtype=torch.float64)
+    y = (0.6 * x + 0.4 * torch.rand(B, C, H, W, generator=g, dtype=torch.float64)).clamp(0, 1)
+    sigma = 0.8 + 2.2 * torch.rand(B, generator=g, dtype=torch.float64)
+    x, y = x * data_range, y * data_range
+    x, y, sigma = (t.to(device=device, dtype=dtype) for t in (x, y, sigma))
+    if requires_grad:
+        x.requires_grad_(True)
+        y.requires_grad_(True)
+    return x, y, sigma
+
+
+def run(fn, x, y, sigma, alpha, beta, gamma, window, combine, data_range=1.0, seed=0):
+    """Score, map and the gradients of <score, a> + <map, b> for fixed random a, b."""
+    score, map_ = fn(x, y, sigma, alpha, beta, gamma, window, combine, data_range, True)
+    g = torch.Generator().manual_seed(seed + 1000)
+    a = torch.randn(score.shape, generator=g, dtype=torch.float64).to(score)
+    b = torch.randn(map_.shape, generator=g, dtype=torch.float64).to(map_) * 1e-2
+    gx, gy = torch.autograd.grad([score, map_], [x, y], [a, b])
+    return score.detach(), map_.detach(), gx, gy
+
+
+def assert_close(actual, expected, dtype, name):
+    """Within rounding of the dtype, relative to the largest expected magnitude."""
+    scale = expected.abs().max().item() if expected.numel() else 1.0
+    if dtype == torch.float64:
+        rtol, atol = 1e-9, 1e-12 * scale
+    else:
+        # NB: the float32 reference itself is this far from the float64 result
+        rtol, atol = 1e-4, 2e-5 * scale
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("setting", SETTINGS, ids=["sum", "ssim", "product"])
+@pytest.mark.parametrize("seed,shape,window", [(0, (3, 2, 19, 23), 7), (1, (2, 3, 24, 21), 11), (2, (1, 1, 11, 40), 11)])
+def test_matches_reference(dtype, setting, seed, shape, window):
+    alpha, beta, gamma, combine = setting
+    x, y, sigma = make_inputs(*shape, dtype=dtype, seed=seed)
+    got = run(native.aw_ssim, x, y, sigma, alpha, beta, gamma, window, combine, seed=seed)
+    want = run(reference.aw_ssim, x, y, sigma, alpha, beta, gamma, window, combine, seed=seed)
+    for name, a, b in zip(("score", "map", "grad_x", "grad_y"), got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert_close(a, b, dtype, name)
+    # each sample uses its own sigma: alone it scores the same, and another sigma changes it
+    for b in range(x.shape[0]):
+        alone = native.aw_ssim(x[b : b + 1], y[b : b + 1], sigma[b : b + 1], alpha, beta, gamma, window, combine)
+        torch.testing.assert_close(alone.detach()[0], got[0][b], rtol=0, atol=0)
+    other = native.aw_ssim(x, y, sigma * 1.5, alpha, beta, gamma, window, combine)
+    assert (other.detach() - got[0]).abs().max() > 1e-4
+
+
+def test_data_range_two():
+    """[-1, 1] images (the models' range) with L = 2."""
+    x, y, sigma = make_inputs(2, 3, 17, 17, seed=3, data_range=2.0)
+    x0, y0 = (x - 1).detach().requires_grad_(True), (y - 1).detach().requires_grad_(True)
+    got = run(native.aw_ssim, x0, y0, sigma, 0.2, 0.3, 0.5, 11, "sum", data_range=2.0)
+    want = run(reference.aw_ssim, x0, y0, sigma, 0.2, 0.3, 0.5, 11, "sum", data_range=2.0)
+    for name, a, b in zip(("score", "map", "grad_x", "grad_y"), got, want):
+        assert_close(a, b, torch.float64, name)
+
+
+def test_target_without_grad():
+    """The usual training call: only the reconstruction x requires a gradient."""
+    x, y, sigma = make_inputs(2, 3, 20, 18, seed=15)
+    y = y.detach()
+    for fn in (native.aw_ssim, reference.aw_ssim):
+        score = fn(x, y, sigma, 0.5, 0.3, 0.2, 9, "sum")
+        (g,) = torch.autograd.grad(score.sum(), [x])
+        if fn is native.aw_ssim:
+            got = g
+    assert_close(got, g, torch.float64, "grad_x")
+
+
+@pytest.mark.parametrize("window", [5, 11])
+@pytest.mark.parametrize("setting", [(0.5, 0.3, 0.2, "sum"), (1.0, 2.0, 1.5, "product")], ids=["sum", "product"])
+def test_gradcheck(window, setting):
+    alpha, beta, gamma, combine = setting
+    x, y, sigma = make_inputs(1, 2, 13, 17, seed=4)
+
+    w = torch.randn(1, 2, 13 - window + 1, 17 - window + 1, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+
+    def f(a, b):  # the score, and the map through a random projection (one backward each)
+        score, map_ = native.aw_ssim(a, b, sigma, alpha, beta, gamma, window, combine, 1.0, True)
+        return score, (map_ * w).sum(dim=(1, 2, 3))
+
+    assert torch.autograd.gradcheck(f, (x, y), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_backward_recomputes_partials():
+    """The backward op with or without saved partials (then recomputed), for one or both inputs."""
+    x, y, sigma = make_inputs(2, 2, 15, 16, seed=5, requires_grad=False)
+    op = torch.ops.defect_fast
+    score, _, partials = op.aw_ssim(x, y, sigma, 0.5, 0.3, 0.2, 7, 0, 1.0, False, True)
+    grad_score = torch.tensor([0.7, -1.3], dtype=torch.float64)
+    empty = x.new_empty((0,))
+    grad_map = torch.randn(2, 2, 9, 10, dtype=torch.float64)
+    for gm in (empty, grad_map):
+        saved = op.aw_ssim_backward(grad_score, gm, x, y, sigma, partials, 0.5, 0.3, 0.2, 7, 0, 1.0, [True, True])
+        recomputed = op.aw_ssim_backward(grad_score, gm, x, y, sigma, empty, 0.5, 0.3, 0.2, 7, 0, 1.0, [True, True])
+        assert saved[0].abs().max() > 0
+        for a, b in zip(saved, recomputed):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        # one gradient only: the same values, the other output empty
+        only_x = op.aw_ssim_backward(grad_score, gm, x, y, sigma, empty, 0.5, 0.3, 0.2, 7, 0, 1.0, [True, False])
+        only_y = op.aw_ssim_backward(grad_score, gm, x, y, sigma, partials, 0.5, 0.3, 0.2, 7, 0, 1.0, [False, True])
+        assert only_x[1].numel() == 0 and only_y[0].numel() == 0
+        torch.testing.assert_close(only_x[0], saved[0], rtol=0, atol=0)
+        torch.testing.assert_close(only_y[1], saved[1], rtol=0, atol=0)
+
+
+def test_opcheck():
+    op = torch.ops.defect_fast.aw_ssim.default
+    for dtype, combine, return_map, save in ((torch.float64, 0, True, True), (torch.float64, 1, False, False), (torch.float32, 1, True, True)):
+        x, y, sigma = make_inputs(2, 2, 14, 13, dtype=dtype, seed=6)
+        torch.library.opcheck(op, (x, y, sigma, 0.6, 0.9, 1.4, 5, combine, 1.0, return_map, save))
+    x, y, sigma = make_inputs(2, 2, 14, 13, seed=6, requires_grad=False)
+    _, _, partials = torch.ops.defect_fast.aw_ssim(x, y, sigma, 0.5, 0.3, 0.2, 5, 0, 1.0, False, True)
+    grad_map = torch.randn(2, 2, 10, 9, dtype=torch.float64)
+    for part, mask in ((partials, [True, True]), (partials.new_empty((0,)), [True, False])):
+        args = (torch.ones(2, dtype=torch.float64), grad_map, x, y, sigma, part, 0.5, 0.3, 0.2, 5, 0, 1.0, mask)
+        torch.library.opcheck(torch.ops.defect_fast.aw_ssim_backward.default, args)
+
+
+def test_non_contiguous():
+    x, y, sigma = make_inputs(2, 3, 18, 20, seed=7, requires_grad=False)
+    xt = x.transpose(2, 3).contiguous().transpose(2, 3).requires_grad_(True)  # same values, other strides
+    yt = torch.stack([y, y], dim=-1)[..., 0].requires_grad_(True)                # same values, last stride 2
+    ys = torch.cat([y, y], dim=3)[..., ::2]  # strided view of other values
+    assert not xt.is_contiguous() and not yt.is_contiguous() and not ys.is_contiguous()
+    got = run(native.aw_ssim, xt, yt, sigma, 0.5, 0.3, 0.2, 7, "sum")
+    xc, yc = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+    want = run(native.aw_ssim, xc, yc, sigma, 0.5, 0.3, 0.2, 7, "sum")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    ys = ys.requires_grad_(True)
+    got = run(native.aw_ssim, xc, ys, sigma[::1], 1.0, 1.0, 1.0, 7, "product")
+    want = run(reference.aw_ssim, xc, ys, sigma, 1.0, 1.0, 1.0, 7, "product")
+    for name, a, b in zip(("score", "map", "grad_x", "grad_y"), got, want):
+        assert_close(a, b, torch.float64, name)
+
+
+def test_empty_batch():
+    x, y, sigma = make_inputs(0, 3, 16, 16)
+    score, map_ = native.aw_ssim(x, y, sigma, 0.5, 0.3, 0.2, 11, "sum", 1.0, True)
+    assert score.shape == (0,) and map_.shape == (0, 3, 6, 6)
+    gx, gy = torch.autograd.grad(score.sum() + map_.sum(), [x, y])
+    assert gx.shape == x.shape and gy.shape == y.shape
+
+
+def test_product_ones_is_pytorch_msssim():
+    """"product" at 1, 1, 1 with sigma 1.5 and window 11 is the standard SSIM of pytorch_msssim."""
+    pytorch_msssim = pytest.importorskip("pytorch_msssim")
+    # NB: pytorch_msssim builds its window in float32 whatever the input dtype, hence 1e-7 in float64
+    for dtype, tol, data_range in ((torch.float64, 1e-7, 1.0), (torch.float32, 1e-5, 1.0), (torch.float32, 1e-5, 2.0)):
+        x, y, _ = make_inputs(3, 3, 32, 27, dtype=dtype, seed=8, data_range=data_range)
+        sigma = torch.full((3,), 1.5, dtype=dtype)
+        ours = native.aw_ssim(x, y, sigma, 1.0, 1.0, 1.0, 11, "product", data_range)
+        theirs = pytorch_msssim.ssim(x, y, data_range=data_range, size_average=False, win_size=11, win_sigma=1.5)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=tol)
+        if dtype == torch.float64:
+            g_ours = torch.autograd.grad(ours.sum(), [x, y])
+            g_theirs = torch.autograd.grad(theirs.sum(), [x, y])
+            for a, b in zip(g_ours, g_theirs):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+
+
+def _lcs_by_hand(x, y, sigma, window, L):
+    """l, c, s of the reference's docstring, computed here independently (float64)."""
+    B, C, H, W = x.shape
+    off = torch.arange(window, dtype=torch.float64) - window // 2
+    g = torch.exp(-off[None] ** 2 / (2 * sigma[:, None].double() ** 2))
+    g = g / g.sum(1, keepdim=True)
+    k2 = (g[:, :, None] * g[:, None, :]).repeat_interleave(C, 0)[:, None]  # [B*C, 1, K, K]
+
+    def blur(t):
+        return F.conv2d(t.reshape(1, B * C, H, W), k2, groups=B * C).reshape(B, C, H - window + 1, W - window + 1)
+
+    x, y = x.double(), y.double()
+    mx, my = blur(x), blur(y)
+    vx, vy, cv = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    c1, c2, eps = (0.01 * L) ** 2, (0.03 * L) ** 2, (1e-4 * L) ** 2
+    sx, sy = (vx.clamp_min(0) + eps).sqrt(), (vy.clamp_min(0) + eps).sqrt()
+    lum = (2 * mx * my + c1) / (mx**2 + my**2 + c1)
+    con = (2 * sx * sy + c2) / (vx + vy + c2)
+    st = (cv + c2 / 2) / (sx * sy + c2 / 2)
+    return lum, con, st
+
+
+def test_sum_and_product_as_defined():
+    x, y, sigma = make_inputs(2, 3, 20, 22, seed=9, requires_grad=False)
+    y[0, 0, :, :10] = 1 - y[0, 0, :, :10]  # some negative structure, so the signed power matters
+    lum, con, st = _lcs_by_hand(x, y, sigma, 9, 1.0)
+    assert (st < 0).any() and (st > 0).any()
+    a, b, c = 0.6, 0.25, 1.7
+    _, m_sum = native.aw_ssim(x, y, sigma, a, b, c, 9, "sum", 1.0, True)
+    _, m_prod = native.aw_ssim(x, y, sigma, a, b, c, 9, "product", 1.0, True)
+    torch.testing.assert_close(m_sum, a * lum + b * con + c * st, rtol=1e-9, atol=1e-11)
+    want_prod = lum.sign() * lum.abs() ** a * con.sign() * con.abs() ** b * st.sign() * st.abs() ** c
+    torch.testing.assert_close(m_prod, want_prod, rtol=1e-9, atol=1e-11)
+    assert (m_sum - m_prod).abs().max() > 0.1
+
+
+def test_bad_inputs():
+    x, y, sigma = make_inputs(2, 3, 16, 16, requires_grad=False)
+    with pytest.raises(ValueError, match="one shape"):
+        native.aw_ssim(x, y[:, :2], sigma)
+    with pytest.raises(ValueError, match="one shape"):
+        native.aw_ssim(x[0], y[0], sigma)
+    with pytest.raises(ValueError, match="window must be odd"):
+        native.aw_ssim(x, y, sigma, window=10)
+    with pytest.raises(ValueError, match="fit in the image"):
+        native.aw_ssim(x, y, sigma, window=17)
+    with pytest.raises(ValueError, match=r"sigma must be .*\[B\]=2"):
+        native.aw_ssim(x, y, sigma[:1])
+    with pytest.raises(ValueError, match=r"sigma must be .*\[B\]=2"):
+        native.aw_ssim(x, y, sigma[:, None])
+    with pytest.raises(ValueError, match="combine"):
+        native.aw_ssim(x, y, sigma, combine="mean")
+    with pytest.raises(ValueError, match="data_range"):
+        native.aw_ssim(x, y, sigma, data_range=0.0)
+    with pytest.raises(ValueError, match="dtype"):
+        native.aw_ssim(x, y.float(), sigma)
+    with pytest.raises(RuntimeError, match=r"sigma must be finite and > 0, got sigma\[1\]"):
+        native.aw_ssim(x, y, torch.tensor([1.0, 0.0], dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="window must be a positive odd number"):
+        torch.ops.defect_fast.aw_ssim(x, y, sigma, 1.0, 1.0, 1.0, 4, 0, 1.0, False, False)
+
+
+def test_torch_compile():
+    x, y, sigma = make_inputs(2, 2, 16, 15, dtype=torch.float32, seed=10)
+
+    def loss(a, b, s):
+        return (1 - native.aw_ssim(a, b, s, 0.5, 0.3, 0.2, 7, "sum")).mean()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got = compiled(x, y, sigma)
+    want = loss(x, y, sigma)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    g_got = torch.autograd.grad(got, [x, y])
+    g_want = torch.autograd.grad(want, [x, y])
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_deterministic_across_threads_and_isa(monkeypatch):
+    """The score does not depend on the thread count; the baseline and AVX2 builds agree."""
+    # 24 planes of 64x64: more than one parallel task (planes are grouped by ~64K pixels)
+    x, y, sigma = make_inputs(8, 3, 64, 64, dtype=torch.float32, seed=11)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run(native.aw_ssim, x, y, sigma, 0.5, 0.3, 0.2, 11, "sum")
+        torch.set_num_threads(2)
+        two = run(native.aw_ssim, x, y, sigma, 0.5, 0.3, 0.2, 11, "sum")
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    monkeypatch.setenv("DEFECT_FAST_CPU_BASELINE", "1")
+    base = run(native.aw_ssim, x, y, sigma, 0.5, 0.3, 0.2, 11, "sum")
+    for name, a, b in zip(("score", "map", "grad_x", "grad_y"), base, one):
+        assert_close(a, b, torch.float32, name)
+
+
+def test_half_precision_on_cpu_computes_in_float32():
+    x, y, sigma = make_inputs(2, 2, 14, 14, dtype=torch.float32, seed=12, requires_grad=False)
+    for dtype, tol in ((torch.float16, 1e-3), (torch.bfloat16, 8e-3)):  # the rounding of the score's dtype
+        xh, yh = x.to(dtype).requires_grad_(True), y.to(dtype).requires_grad_(True)
+        score, map_ = native.aw_ssim(xh, yh, sigma, 0.5, 0.3, 0.2, 5, "sum", 1.0, True)
+        assert score.dtype == dtype and map_.dtype == dtype
+        want = native.aw_ssim(xh.float(), yh.float(), sigma, 0.5, 0.3, 0.2, 5, "sum")
+        torch.testing.assert_close(score.float(), want, rtol=0, atol=tol)
+        gx, _ = torch.autograd.grad(score.sum(), [xh, yh])
+        assert gx.dtype == dtype and torch.isfinite(gx.float()).all()
+
+
+def test_front_uses_native():
+    assert ops.backend("cpu") == "cpu"
+    x, y, sigma = make_inputs(2, 1, 12, 12, seed=13, requires_grad=False)
+    torch.testing.assert_close(ops.aw_ssim(x, y, sigma, 0.5, 0.3, 0.2), native.aw_ssim(x, y, sigma, 0.5, 0.3, 0.2), rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("setting", SETTINGS, ids=["sum", "ssim", "product"])
+def test_cuda_matches_cpu(dtype, setting):
+    alpha, beta, gamma, combine = setting
+    # 37 x 45 with window 11: several 16x16 tiles, partial at the right and bottom edges
+    x, y, sigma = make_inputs(3, 2, 37, 45, dtype=torch.float64, seed=14, requires_grad=False)
+    want = run(native.aw_ssim, x.clone().requires_grad_(True), y.clone().requires_grad_(True), sigma, alpha, beta, gamma, 11, combine)
+    xc, yc = x.cuda().to(dtype).requires_grad_(True), y.cuda().to(dtype).requires_grad_(True)
+    got = run(native.aw_ssim, xc, yc, sigma.cuda(), alpha, beta, gamma, 11, combine)
+    tol = {torch.float64: 1e-9, torch.float32: 2e-4, torch.float16: 3e-2, torch.bfloat16: 1e-1}[dtype]
+    for name, a, b in zip(("score", "map", "grad_x", "grad_y"), got, want):
+        assert a.dtype == dtype, name
+        scale = max(b.abs().max().item(), 1.0)
+        torch.testing.assert_close(a.double().cpu(), b, rtol=tol, atol=tol * scale, msg=lambda m: f"{name}: {m}")
+    again = run(native.aw_ssim, xc, yc, sigma.cuda(), alpha, beta, gamma, 11, combine)
+    for a, b in zip(got, again):  # deterministic: no atomics anywhere
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
