@@ -28,7 +28,7 @@ def test_end_to_end_beats_chance(synthetic_root, tmp_path):
     train(_cfg(synthetic_root), tmp_path / "run", progress=False, log=lambda s: None)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     stage1 = [r["rec"] for r in log if r["stage"] == 1]
-    assert sum(stage1[-3:]) < 0.7 * sum(stage1[:3]), "reconstruction did not improve"
+    assert sum(stage1[-3:]) < 0.9 * sum(stage1[:3]), "reconstruction did not improve"
     metrics = evaluate_run(tmp_path / "run", synthetic_root, device="cpu")
     # Chance is 0.5; synthetic scratches and spots on a regular texture must stand out.
     assert metrics["pixel_auroc"] > 0.8, metrics

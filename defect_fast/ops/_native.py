@@ -1,9 +1,477 @@
-"""Loads the native extension. (Placeholder until the kernels land: reports it is not built.)"""
+"""Loads the native extension: the C++ kernels, and the CUDA kernels where torch has CUDA.
+
+Where the extension comes from, in order:
+
+1. ``defect_fast._C``, compiled ahead of time by setup.py when torch is importable at install
+   time (``pip install --no-build-isolation .``). Skipped when ``DEFECT_FAST_JIT=1``.
+2. A just-in-time build with :func:`torch.utils.cpp_extension.load` of the sources under
+   ``csrc/`` (the checkout's ``csrc/``, or the copy installed as ``defect_fast/_csrc``): every
+   ``.cpp`` outside ``cuda/`` folders, plus the ``cuda/`` folders' ``.cpp`` and ``.cu`` files when
+   torch has CUDA and a CUDA toolkit is found. The build goes to
+   ``$DEFECT_FAST_BUILD_DIR/<key>`` (default ``~/.cache/defect_fast/<key>``), where the key hashes
+   the sources, the csrc location, the torch and Python versions and the flags, so it is built
+   once per change and reused by later processes without a compiler run. A new directory
+   starts from the objects of the newest finished build with the same flags, so only changed
+   files are recompiled; the three newest builds of those flags are kept. A file lock keeps two
+   processes from building at once. ``DEFECT_FAST_VERBOSE_BUILD=1`` shows the compiler output.
+
+:func:`load` returns ``(module, "")`` or ``(None, reason)``; the result is cached in the
+process. When the CUDA build fails the CPU kernels are still built and :func:`cuda_reason`
+says why CUDA is missing.
+
+What an op needs to fit in (the memory_address files are the worked example):
+
+- ``csrc/<op>/<op>.cpp``: ``TORCH_LIBRARY_FRAGMENT(defect_fast, m)`` with
+  ``m.set_python_module("defect_fast.ops._<op>")`` before the ``m.def`` schemas;
+  ``cpu/<op>_cpu.cpp`` and ``cuda/<op>_cuda.cpp`` register with ``TORCH_LIBRARY_IMPL``.
+  Include project headers relative to ``csrc/`` (``"common/macros.h"``, ``"<op>/<op>_math.h"``).
+  Prefer light ATen headers (``#define TORCH_ASSERT_ONLY_METHOD_OPERATORS`` then
+  ``ATen/core/Tensor.h`` and ``ATen/ops/<name>.h``) over ``torch/extension.h``: the JIT build
+  compiles every file on first use, and the full headers cost most of that time.
+- C++ files are compiled with -O3 -fno-math-errno -fno-trapping-math (as torch itself) and
+  OpenMP (at::parallel_for runs serially without it); the ``.cu`` files with -O3 for
+  ``TORCH_CUDA_ARCH_LIST`` (default: the visible GPUs, else "8.0;9.0"). Every ``.cu`` file
+  must compile with plain ``nvcc -c`` (CUDA headers only), the torch glue lives in ``.cpp``.
+  ``DEFECT_FAST_WITH_CUDA`` is defined for every file of a CUDA build.
+- ``defect_fast/ops/_<op>.py``: at import, ``module, reason = _native.load()`` and raise
+  ``ImportError(reason)`` when it is None; then ``torch.library.register_fake`` for each
+  op, ``torch.library.register_autograd`` where the op is differentiable, and the Python
+  function with the reference's signature, calling ``torch.ops.defect_fast.<op>``.
+  The fake registrations must live in the module named by ``set_python_module``.
+- setup.py builds the same sources with the same flags (it imports this file by path, so
+  this file imports nothing outside the standard library at module level).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import importlib.util
+import os
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+EXTENSION_NAME = "defect_fast_native"
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]  # .../defect_fast
+_SOURCE_SUFFIXES = (".cpp", ".cc", ".cu", ".h", ".hpp", ".cuh")
+_DEFAULT_CUDA_ARCHS = "8.0;9.0"
+
+_lock = threading.Lock()
+_result: tuple[object | None, str] | None = None
+_cuda_reason = ""
+_built_with_cuda = False
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources and flags (no torch needed: setup.py uses these too)
+
+
+def csrc_dir() -> Path | None:
+    """The csrc tree: the checkout's ``csrc/`` beside the package, else the installed copy."""
+    checkout = _PACKAGE_DIR.parent / "csrc"
+    if (checkout / "extension.cpp").is_file():
+        return checkout
+    installed = _PACKAGE_DIR / "_csrc"
+    if (installed / "extension.cpp").is_file():
+        return installed
+    return None
+
+
+def _is_cuda_path(path: Path, root: Path) -> bool:
+    return "cuda" in path.relative_to(root).parts[:-1]
+
+
+def source_files(root: Path, with_cuda: bool) -> list[Path]:
+    """Translation units of the extension, in a stable order."""
+    files = []
+    for path in sorted(root.rglob("*")):
+        if path.suffix not in (".cpp", ".cc", ".cu") or not path.is_file():
+            continue
+        if _is_cuda_path(path, root) or path.suffix == ".cu":
+            if with_cuda:
+                files.append(path)
+        else:
+            files.append(path)
+    return files
+
+
+def sources_digest(root: Path) -> str:
+    """Hash of every source and header under ``root`` (paths and contents)."""
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.suffix in _SOURCE_SUFFIXES:
+            h.update(path.relative_to(root).as_posix().encode())
+            h.update(b"\0")
+            h.update(path.read_bytes())
+            h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def sanitized_arch_list(arch_list: str) -> str:
+    """TORCH_CUDA_ARCH_LIST as one preprocessor token ("8.0;9.0+PTX" -> "8.0_9.0+PTX")."""
+    parts = [p for p in arch_list.replace(";", " ").split() if p]
+    return "_".join(parts)
+
+
+def compile_flags(with_cuda: bool, digest: str | None, kind: str, arch_list: str | None, openmp: bool) -> dict[str, list[str]]:
+    """Flags for the host compiler (cxx), nvcc and the linker.
+
+    ``digest`` (ahead-of-time builds only) is compiled into build_info(); JIT builds leave it
+    out so that their command lines do not change with the sources (incremental rebuilds).
+    """
+    defines = [f"-DDEFECT_FAST_BUILD_KIND={kind}"]
+    if digest:
+        defines.append(f"-DDEFECT_FAST_SOURCE_DIGEST={digest}")
+    if with_cuda:
+        defines.append("-DDEFECT_FAST_WITH_CUDA")
+        if arch_list:
+            defines.append(f"-DDEFECT_FAST_CUDA_ARCHS={sanitized_arch_list(arch_list)}")
+    if os.name == "nt":
+        cxx = ["/O2", "/openmp"] if openmp else ["/O2"]
+        ld: list[str] = []
+    else:
+        # NB: -fno-trapping-math (as torch's own build) lets the row loops with selects vectorise.
+        cxx = ["-O3", "-fno-math-errno", "-fno-trapping-math"] + (["-fopenmp"] if openmp else [])
+        ld = ["-fopenmp"] if openmp else []
+    nvcc = ["-O3"] + defines
+    return {"cxx": cxx + defines, "nvcc": nvcc, "ld": ld}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _openmp_available() -> bool:
+    import torch
+
+    return sys.platform.startswith("linux") and torch.backends.openmp.is_available()
+
+
+def _cuda_toolkit() -> tuple[bool, str]:
+    """Whether CUDA kernels can be compiled here, and why not."""
+    import torch
+
+    if torch.version.cuda is None:
+        return False, "torch was built without CUDA"
+    if getattr(torch.version, "hip", None):
+        return False, "ROCm torch is not supported by the CUDA kernels"
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME is None:
+        return False, "no CUDA toolkit found (set CUDA_HOME)"
+    return True, ""
+
+
+def _cuda_arch_list() -> str:
+    import torch
+
+    env = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if env:
+        return env
+    if torch.cuda.is_available():
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        return ";".join(f"{major}.{minor}" for major, minor in caps)
+    return _DEFAULT_CUDA_ARCHS
+
+
+def _cache_root() -> Path:
+    env = os.environ.get("DEFECT_FAST_BUILD_DIR")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "defect_fast"
+
+
+def _family_key(root: Path, with_cuda: bool, arch_list: str | None, flags: dict[str, list[str]]) -> str:
+    """Everything a build depends on except the source contents."""
+    import platform
+
+    import torch
+
+    parts = [
+        str(root),
+        torch.__version__,
+        str(torch.version.cuda),
+        sys.version.split()[0],
+        platform.machine(),
+        str(with_cuda),
+        str(arch_list),
+        os.environ.get("CXX", ""),
+        repr(flags),
+    ]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _seed_from_previous(build_dir: Path, family: str) -> None:
+    """Copies the objects and ninja state of the newest finished build of the same family.
+
+    The command lines are the same, so ninja then recompiles only the sources (or headers)
+    that changed since that build, instead of everything.
+    """
+    if (build_dir / "build.ninja").exists():
+        return
+    candidates = []
+    for other in build_dir.parent.iterdir():
+        stamp = other / "build.ok"
+        try:
+            if other != build_dir and (other / "family").read_text().strip() == family and stamp.is_file():
+                candidates.append((stamp.stat().st_mtime, other))
+        except OSError:
+            continue
+    if not candidates:
+        return
+    previous = max(candidates)[1]
+    import shutil
+
+    for path in previous.iterdir():
+        if path.is_file() and (path.suffix == ".o" or path.name in (".ninja_log", ".ninja_deps", "build.ninja")):
+            with contextlib.suppress(OSError):
+                shutil.copy2(path, build_dir / path.name)
+
+
+def _prune_family(build_dir: Path, family: str, keep: int = 3) -> None:
+    """Removes all but the ``keep`` newest finished builds of a family (never one in use).
+
+    A directory is removed only when its lock can be taken at once, i.e. no process is building
+    or importing from it; processes that already loaded a library from it keep their mapping.
+    """
+    import shutil
+
+    finished = []
+    for other in build_dir.parent.iterdir():
+        try:
+            if other != build_dir and (other / "family").read_text().strip() == family and (other / "build.ok").is_file():
+                finished.append(((other / "build.ok").stat().st_mtime, other))
+        except OSError:
+            continue
+    for _, other in sorted(finished, reverse=True)[max(keep - 1, 0):]:
+        with _file_lock(other / "defect_fast.lock", blocking=False) as locked:
+            if locked:
+                shutil.rmtree(other, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path, blocking: bool = True):
+    """An exclusive lock held by this process (released by the OS if the process dies).
+
+    Yields True when held; with ``blocking=False`` yields False when another process holds it.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: rely on torch's own lock file
+            yield True
+            return
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _import_built(build_dir: Path):
+    """Imports the library a previous build left in ``build_dir`` (no compiler involved)."""
+    import importlib.machinery
+
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES + [".so", ".pyd"]:
+        path = build_dir / f"{EXTENSION_NAME}{suffix}"
+        if path.is_file():
+            break
+    else:
+        return None
+    spec = importlib.util.spec_from_file_location(EXTENSION_NAME, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[EXTENSION_NAME] = module
+    return module
+
+
+def _error_tail(message: str, limit: int = 900) -> str:
+    """The informative end of a build error: compiler error lines first, then the last lines."""
+    lines = [line.rstrip() for line in message.splitlines() if line.strip()]
+    markers = ("error:", "error :", "fatal", "undefined reference", "undefined symbol")
+    errors = list(dict.fromkeys(line for line in lines[1:] if any(m in line.lower() for m in markers)))
+    picked = errors[:4] if errors else lines[-6:]
+    text = " | ".join(picked)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _jit_build(root: Path, with_cuda: bool):
+    """Builds (or reuses) the extension from ``root``; returns the module or raises."""
+    import torch
+    from torch.utils import cpp_extension
+
+    digest = sources_digest(root)
+    arch_list = _cuda_arch_list() if with_cuda else None
+    flags = compile_flags(with_cuda, None, "jit", arch_list, _openmp_available())
+    family = _family_key(root, with_cuda, arch_list, flags)
+    key = hashlib.sha256(f"{family}\n{digest}".encode()).hexdigest()[:16]
+    build_dir = _cache_root() / key
+    stamp = build_dir / "build.ok"
+    with _file_lock(build_dir / "defect_fast.lock"):
+        if stamp.is_file():
+            try:
+                module = _import_built(build_dir)
+            except ImportError:  # a damaged build: make it again
+                module = None
+                stamp.unlink()
+            if module is not None:
+                return module
+        # A build killed mid-way leaves torch's own lock file; ours says nobody is building now.
+        with contextlib.suppress(FileNotFoundError):
+            (build_dir / "lock").unlink()
+        (build_dir / "family").write_text(family + "\n")
+        _seed_from_previous(build_dir, family)
+        sources = [str(p) for p in source_files(root, with_cuda)]
+        verbose = os.environ.get("DEFECT_FAST_VERBOSE_BUILD", "") not in ("", "0")
+        kind = "C++ and CUDA" if with_cuda else "C++"
+        print(
+            f"defect_fast: compiling the {kind} kernels from {root} into {build_dir} "
+            "(once per source change; a full build takes a few minutes)",
+            file=sys.stderr,
+            flush=True,
+        )
+        old_archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
+        if with_cuda:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+        try:
+            module = cpp_extension.load(
+                name=EXTENSION_NAME,
+                sources=sources,
+                extra_cflags=flags["cxx"],
+                extra_cuda_cflags=flags["nvcc"] if with_cuda else None,
+                extra_ldflags=flags["ld"],
+                extra_include_paths=[str(root)],
+                build_directory=str(build_dir),
+                with_cuda=with_cuda,
+                verbose=verbose,
+            )
+        except Exception as exc:  # noqa: BLE001 - any failure becomes the reported reason
+            log = build_dir / "build_error.log"
+            with contextlib.suppress(OSError):
+                log.write_text(str(exc))
+            raise RuntimeError(f"{_error_tail(str(exc))} (full log: {log})") from exc
+        finally:
+            if with_cuda:
+                if old_archs is None:
+                    os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+                else:
+                    os.environ["TORCH_CUDA_ARCH_LIST"] = old_archs
+        with contextlib.suppress(FileNotFoundError):
+            (build_dir / "build_error.log").unlink()
+        stamp.write_text(f"{digest}\n{torch.__version__}\n")
+    with contextlib.suppress(OSError):
+        _prune_family(build_dir, family)
+    return module
+
+
+def _load_aot():
+    """``defect_fast._C`` or None, and why it was not used."""
+    if os.environ.get("DEFECT_FAST_JIT", "") not in ("", "0"):
+        return None, "DEFECT_FAST_JIT is set"
+    if importlib.util.find_spec("defect_fast._C") is None:
+        return None, "no ahead-of-time build"
+    try:
+        module = importlib.import_module("defect_fast._C")
+    except ImportError as exc:
+        return None, f"defect_fast._C does not load ({exc})"
+    return module, ""
+
+
+def _check_aot(module) -> None:
+    """Warns when the ahead-of-time build is older than the sources or than torch."""
+    import torch
+
+    info = module.build_info()
+    built = info.get("torch_version", "")
+    if built.split(".")[:2] != torch.__version__.split("+")[0].split(".")[:2]:
+        warnings.warn(f"defect_fast._C was built against torch {built}, running torch {torch.__version__}", RuntimeWarning, stacklevel=3)
+    root = csrc_dir()
+    if root is not None and info.get("source_digest") not in (None, sources_digest(root)):
+        warnings.warn(
+            f"defect_fast._C was built from other sources than {root}; rebuild it or set DEFECT_FAST_JIT=1",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _load_uncached():
+    global _cuda_reason
+    import torch  # noqa: F401 - libtorch must be loaded before the extension
+
+    module, aot_reason = _load_aot()
+    if module is not None:
+        _check_aot(module)
+        if not module.build_info().get("cuda"):
+            _cuda_reason = "the ahead-of-time build has no CUDA kernels"
+        return module, ""
+    root = csrc_dir()
+    if root is None:
+        return None, f"{aot_reason}, and no csrc sources to compile (looked in {_PACKAGE_DIR.parent / 'csrc'} and {_PACKAGE_DIR / '_csrc'})"
+    with_cuda, why_not = _cuda_toolkit()
+    if with_cuda:
+        try:
+            return _jit_build(root, True), ""
+        except Exception as exc:  # noqa: BLE001
+            _cuda_reason = f"the CUDA build failed: {exc}"
+            warnings.warn(f"defect_fast: {_cuda_reason}; building the CPU kernels only", RuntimeWarning, stacklevel=4)
+    else:
+        _cuda_reason = why_not
+    try:
+        return _jit_build(root, False), ""
+    except Exception as exc:  # noqa: BLE001
+        return None, f"building the native extension failed: {exc}"
 
 
 def load():
-    return None, "the native extension is not part of this build yet"
+    """The native module and ``""``, or ``None`` and a short reason (cached per process)."""
+    global _result, _built_with_cuda
+    if _result is not None:
+        return _result
+    with _lock:
+        if _result is None:
+            result = _load_uncached()
+            _built_with_cuda = result[0] is not None and bool(result[0].build_info().get("cuda"))
+            _result = result
+    return _result
 
 
 def has_cuda() -> bool:
-    return False
+    """Whether the extension has CUDA kernels and a GPU is visible."""
+    module, _ = load()
+    if module is None or not _built_with_cuda:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def cuda_reason() -> str:
+    """Why the extension has no CUDA kernels ("" when it has them or was not loaded)."""
+    load()
+    return _cuda_reason
+
+
+def build_info() -> dict | None:
+    """The extension's ``build_info()`` (see csrc/extension.cpp) plus its file, or None."""
+    module, _ = load()
+    if module is None:
+        return None
+    info = dict(module.build_info())
+    path = getattr(module, "__file__", None)
+    info["path"] = path
+    if info.get("source_digest") is None and path is not None:  # JIT: the stamp beside the library
+        with contextlib.suppress(OSError, IndexError):
+            info["source_digest"] = (Path(path).parent / "build.ok").read_text().split()[0]
+    return info
+
+
+__all__ = ["load", "has_cuda", "cuda_reason", "build_info", "csrc_dir", "source_files", "sources_digest", "compile_flags"]

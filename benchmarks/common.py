@@ -1,0 +1,90 @@
+"""Shared helpers of the benchmarks: device description, interleaved timing, results files.
+
+Timings of the native op and of the reference are taken in alternating rounds of the same run,
+so that load from other processes on the machine hits both alike; the ratio is the ratio of
+the medians.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+if str(ROOT) not in sys.path:  # run as `python benchmarks/bench_x.py` from a checkout
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (platform.processor() elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_info(device: str = "cpu") -> dict:
+    """What the numbers were measured on."""
+    info = {
+        "device": device,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    try:
+        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    return info
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 10, warmup: int = 2, device: str = "cpu") -> dict[str, dict]:
+    """Times each callable once per round, alternating between them; returns ms statistics."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    _sync(device)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {
+        name: {"median_ms": round(statistics.median(s), 3), "min_ms": round(min(s), 3), "rounds": len(s)}
+        for name, s in samples.items()
+    }
+
+
+def command_line() -> str:
+    """The command that produced the results (for the JSON)."""
+    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+
+def write_results(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path}")
