@@ -43,20 +43,20 @@ PY
   rm -f "$RES/$name.tmp"
 }
 
-evaluate_residual() {  # name: the same trained model with the pixel residual map (CMA-AE Table V column E)
-  local name=$1
-  [ -f "$RES/$name-residual.json" ] || [ ! -f "$OUT/$name/model.pt" ] && return
-  "${DF[@]}" evaluate "$OUT/$name" "$DATA" --map residual --json "$RES/$name-residual.json"
+evaluate_map() {  # name map: the same trained model with the other anomaly map (CMA-AE Table V column E)
+  local name=$1 map=$2
+  [ -f "$RES/$name-$map.json" ] || [ ! -f "$OUT/$name/model.pt" ] && return
+  "${DF[@]}" evaluate "$OUT/$name" "$DATA" --map "$map" --json "$RES/$name-$map.json"
 }
 
 # The README table: the two methods and the three baselines.
 run cmaae cmaae 1 1
-evaluate_residual cmaae
+evaluate_map cmaae residual
 run ae-l2 ae-l2 2
 run memae memae 2
 run ae-ssim ae-ssim 2
 run awae awae 1 1
-evaluate_residual awae
+evaluate_map awae msfr
 # CMA-AE Table V: B = memory only, C = concatenation instead of gates, D = one stage (E: above).
 run cmaae-B-mam cmaae 1 1 -- --set fusion=mam
 run cmaae-C-cat cmaae 1 1 -- --set fusion=cat

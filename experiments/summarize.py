@@ -31,7 +31,7 @@ ROWS = {
         ("awae-lpips-ssim", "one stage, LPIPS + SSIM"),
         ("awae-awssim-one-stage", "one stage, AW-SSIM"),
         ("awae", "two stages, AW-SSIM + LPIPS"),
-        ("awae-residual", "two stages, AW-SSIM + LPIPS (residual map, same model)"),
+        ("awae-msfr", "two stages, AW-SSIM + LPIPS, MSFR map instead of residual (same model)"),
     ],
 }
 
