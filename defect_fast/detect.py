@@ -99,11 +99,11 @@ class Detector:
              "recon": [N, 3, S, S] in [-1, 1]}
         """
         from .data.patches import extract_patches, stitch_patches
-        from .train import to_unit
+        from .data.dataset import to_model_range
 
         if images.dim() != 4 or images.shape[1] != 3 or images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
             raise ValueError(f"expected images [N, 3, {self.image_size}, {self.image_size}], got {tuple(images.shape)}")
-        x = to_unit(images) if images.dtype == torch.uint8 else images.float()
+        x = to_model_range(images) if images.dtype == torch.uint8 else images.float()
         n = x.shape[0]
         patches = extract_patches(x, self.patch, self.stride)
         maps, recons = [], []

@@ -26,6 +26,8 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
+from .data.dataset import to_model_range
+from .data.patches import grid_shape
 from .models import AnomalyModel, build_model
 
 CHECKPOINT_VERSION = 1
@@ -124,24 +126,10 @@ class PatchEpoch:
         return self.order[idx // self.per_image], pos // self.grid[1], pos % self.grid[1]
 
 
-def _grid(image_size: int, patch: int, stride: int) -> tuple[int, int]:
-    if image_size < patch:
-        raise ValueError(f"image size {image_size} is smaller than the model's {patch}x{patch} patch")
-    if (image_size - patch) % stride:
-        raise ValueError(f"patch {patch} with stride {stride} does not tile {image_size}x{image_size} images")
-    n = (image_size - patch) // stride + 1
-    return n, n
-
-
 def gather_patches(images: torch.Tensor, ids, rows, cols, patch: int, stride: int) -> torch.Tensor:
     """Patches [len(ids), C, patch, patch] of ``images`` [N, C, H, W] at grid (rows, cols), no copy per patch."""
     windows = images.unfold(2, patch, stride).unfold(3, patch, stride)  # [N, C, gh, gw, p, p]
     return windows[ids, :, rows, cols]
-
-
-def to_unit(images_u8: torch.Tensor) -> torch.Tensor:
-    """uint8 [..] in 0..255 -> float in [-1, 1]."""
-    return images_u8.float().div_(127.5).sub_(1.0)
 
 
 class Trainer:
@@ -155,7 +143,7 @@ class Trainer:
         self.model = build_model(cfg.model, **cfg.model_kwargs).to(self.device)
         self.patch = self.model.patch_size
         self.stride = cfg.stride or self.patch
-        self.grid = _grid(cfg.image_size, self.patch, self.stride)
+        self.grid = grid_shape(cfg.image_size, self.patch, self.stride)
         if len(cfg.epochs) != len(self.model.stages):
             raise ValueError(f"model {cfg.model} trains in {len(self.model.stages)} stage(s) "
                              f"({', '.join(self.model.stages)}); got epochs for {len(cfg.epochs)}")
@@ -211,11 +199,11 @@ class Trainer:
     def _batch(self, stage: int, epoch_order: PatchEpoch, start: int, stop: int, gen: torch.Generator):
         ids, rows, cols = epoch_order.batch(start, stop)
         if self.model.stages[stage] == "normal":
-            x = to_unit(gather_patches(self.images, ids, rows, cols, self.patch, self.stride))
+            x = to_model_range(gather_patches(self.images, ids, rows, cols, self.patch, self.stride))
             return x, x
         # Synthetic stage: anomalies are pasted on whole images, then cut into the same patches.
         uniq, inverse = torch.unique(ids, return_inverse=True)
-        clean = to_unit(self.images[uniq])
+        clean = to_model_range(self.images[uniq])
         dirty = self._synthesize(clean, gen)
         x = gather_patches(dirty, inverse, rows, cols, self.patch, self.stride)
         y = gather_patches(clean, inverse, rows, cols, self.patch, self.stride)
