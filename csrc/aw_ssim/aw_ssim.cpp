@@ -1,6 +1,34 @@
 // Schemas of the fused AW-SSIM ops (implementations: cpu/aw_ssim_cpu.cpp, cuda/aw_ssim_cuda.cpp;
 // fake kernels and autograd: defect_fast/ops/_aw_ssim.py; definition: defect_fast/ops/reference.py).
+#include <ATen/core/Tensor.h>
 #include <torch/library.h>
+
+#include "aw_ssim/aw_ssim.h"
+#include "aw_ssim/aw_ssim_math.h"
+
+namespace defect_fast {
+namespace aw_ssim {
+
+void check_common(const char* op, const at::Tensor& x, const at::Tensor& y, const at::Tensor& sigma, int64_t window,
+                  int64_t combine) {
+  TORCH_CHECK(x.dim() == 4, op, ": x must be [B, C, H, W], got ", x.sizes());
+  TORCH_CHECK(y.sizes() == x.sizes(), op, ": x and y must have one shape, got ", x.sizes(), " and ", y.sizes());
+  TORCH_CHECK(y.scalar_type() == x.scalar_type(), op, ": x and y must have one dtype, got ", x.scalar_type(), " and ",
+              y.scalar_type());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op,
+              ": x must be float32, float64, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(window >= 1 && window % 2 == 1, op, ": window must be a positive odd number, got ", window);
+  TORCH_CHECK(x.size(2) >= window && x.size(3) >= window, op, ": window ", window, " does not fit in images of size ",
+              x.size(2), "x", x.size(3));
+  TORCH_CHECK(sigma.dim() == 1 && sigma.size(0) == x.size(0), op, ": sigma must be [B] with B=", x.size(0), ", got ",
+              sigma.sizes());
+  TORCH_CHECK(at::isFloatingType(sigma.scalar_type()), op, ": sigma must be floating point, got ", sigma.scalar_type());
+  TORCH_CHECK(combine == kSum || combine == kProduct, op, ": combine must be 0 (sum) or 1 (product), got ", combine);
+}
+
+}  // namespace aw_ssim
+}  // namespace defect_fast
 
 TORCH_LIBRARY_FRAGMENT(defect_fast, m) {
   // The fake (meta) kernels and the autograd formula are registered by this Python module.

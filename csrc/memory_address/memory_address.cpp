@@ -39,6 +39,8 @@
 
 #include <cmath>
 
+#include "memory_address/memory_address.h"
+
 namespace defect_fast {
 namespace memory_address {
 

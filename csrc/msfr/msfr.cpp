@@ -9,6 +9,8 @@
 #include <cmath>
 #include <vector>
 
+#include "msfr/msfr.h"
+
 namespace defect_fast {
 namespace msfr {
 

@@ -35,6 +35,7 @@
 #include <immintrin.h>
 #endif
 
+#include "aw_ssim/aw_ssim.h"
 #include "aw_ssim/aw_ssim_math.h"
 
 namespace defect_fast {
@@ -403,20 +404,7 @@ std::vector<T> make_windows(const Tensor& sigma, int K) {
 void check_inputs(const char* op, const Tensor& x, const Tensor& y, const Tensor& sigma, int64_t window, int64_t combine) {
   TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu() && sigma.device().is_cpu(), op,
               ": the CPU kernel got tensors on ", x.device(), ", ", y.device(), ", ", sigma.device());
-  TORCH_CHECK(x.dim() == 4, op, ": x must be [B, C, H, W], got ", x.sizes());
-  TORCH_CHECK(y.sizes() == x.sizes(), op, ": x and y must have one shape, got ", x.sizes(), " and ", y.sizes());
-  TORCH_CHECK(y.scalar_type() == x.scalar_type(), op, ": x and y must have one dtype, got ", x.scalar_type(), " and ",
-              y.scalar_type());
-  const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op,
-              ": x must be float32, float64, float16 or bfloat16, got ", dt);
-  TORCH_CHECK(window >= 1 && window % 2 == 1, op, ": window must be a positive odd number, got ", window);
-  TORCH_CHECK(x.size(2) >= window && x.size(3) >= window, op, ": window ", window, " does not fit in images of size ",
-              x.size(2), "x", x.size(3));
-  TORCH_CHECK(sigma.dim() == 1 && sigma.size(0) == x.size(0), op, ": sigma must be [B] with B=", x.size(0), ", got ",
-              sigma.sizes());
-  TORCH_CHECK(at::isFloatingType(sigma.scalar_type()), op, ": sigma must be floating point, got ", sigma.scalar_type());
-  TORCH_CHECK(combine == kSum || combine == kProduct, op, ": combine must be 0 (sum) or 1 (product), got ", combine);
+  check_common(op, x, y, sigma, window, combine);
   const Tensor s = sigma.to(at::kDouble).contiguous();
   const double* sp = s.data_ptr<double>();
   for (int64_t b = 0; b < s.numel(); ++b) {

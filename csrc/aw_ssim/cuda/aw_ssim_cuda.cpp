@@ -14,6 +14,7 @@
 #include <limits>
 #include <tuple>
 
+#include "aw_ssim/aw_ssim.h"
 #include "aw_ssim/aw_ssim_math.h"
 #include "aw_ssim/cuda/aw_ssim_kernel.h"
 
@@ -46,20 +47,9 @@ void check_inputs(const char* op, const Tensor& x, const Tensor& y, const Tensor
               y.device(), ", ", sigma.device());
   TORCH_CHECK(y.device() == x.device() && sigma.device() == x.device(), op, ": x, y and sigma must be on one device, got ",
               x.device(), ", ", y.device(), ", ", sigma.device());
-  TORCH_CHECK(x.dim() == 4, op, ": x must be [B, C, H, W], got ", x.sizes());
-  TORCH_CHECK(y.sizes() == x.sizes(), op, ": x and y must have one shape, got ", x.sizes(), " and ", y.sizes());
-  TORCH_CHECK(y.scalar_type() == x.scalar_type(), op, ": x and y must have one dtype, got ", x.scalar_type(), " and ",
-              y.scalar_type());
-  kernel_dtype(x.scalar_type());
-  TORCH_CHECK(window >= 1 && window % 2 == 1, op, ": window must be a positive odd number, got ", window);
-  TORCH_CHECK(x.size(2) >= window && x.size(3) >= window, op, ": window ", window, " does not fit in images of size ",
-              x.size(2), "x", x.size(3));
+  check_common(op, x, y, sigma, window, combine);
   TORCH_CHECK(x.size(2) <= INT32_MAX && x.size(3) <= INT32_MAX, op, ": image sides must fit in 32 bits, got ",
               x.sizes());
-  TORCH_CHECK(sigma.dim() == 1 && sigma.size(0) == x.size(0), op, ": sigma must be [B] with B=", x.size(0), ", got ",
-              sigma.sizes());
-  TORCH_CHECK(at::isFloatingType(sigma.scalar_type()), op, ": sigma must be floating point, got ", sigma.scalar_type());
-  TORCH_CHECK(combine == kSum || combine == kProduct, op, ": combine must be 0 (sum) or 1 (product), got ", combine);
   // NB: sigma > 0 is not checked here (it would synchronise with the device); a non-positive
   // sigma gives a NaN window.
 }

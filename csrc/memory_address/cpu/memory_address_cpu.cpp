@@ -26,18 +26,11 @@
 #include <limits>
 #include <tuple>
 
+#include "memory_address/memory_address.h"
 #include "memory_address/memory_address_math.h"
 
 namespace defect_fast {
 namespace memory_address {
-
-// Defined in memory_address.cpp.
-void check_forward_args(const at::Tensor& z, const at::Tensor& memory, double shrink_threshold, double temperature,
-                        int64_t p);
-void check_backward_args(const at::Tensor& grad_z_hat, const at::Tensor& grad_weights, const at::Tensor& z,
-                         const at::Tensor& memory, const at::Tensor& weights, const at::Tensor& probs,
-                         const at::Tensor& z_norm, const at::Tensor& m_norm, const at::Tensor& w_norm,
-                         double shrink_threshold, double temperature, int64_t p);
 
 namespace {
 

@@ -22,13 +22,11 @@
 #include <memory>
 #include <vector>
 
+#include "msfr/msfr.h"
 #include "msfr/msfr_math.h"
 
 namespace defect_fast {
 namespace msfr {
-
-std::vector<double> check_inputs(
-    at::TensorList feats_x, at::TensorList feats_r, at::IntArrayRef out_size, at::ArrayRef<double> weights);
 
 namespace {
 

@@ -10,13 +10,11 @@
 
 #include <vector>
 
+#include "msfr/msfr.h"
 #include "msfr/cuda/msfr_kernel.h"
 
 namespace defect_fast {
 namespace msfr {
-
-std::vector<double> check_inputs(
-    at::TensorList feats_x, at::TensorList feats_r, at::IntArrayRef out_size, at::ArrayRef<double> weights);
 
 namespace {
 
