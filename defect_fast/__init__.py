@@ -1,2 +1,34 @@
-"""defect_fast: unsupervised surface-defect detection with fused C++/CUDA kernels."""
+"""defect_fast: unsupervised surface-defect detection with fused C++/CUDA kernels.
+
+Embedding::
+
+    import defect_fast
+    det = defect_fast.load("runs/tile", device="cpu")      # a torch.nn.Module
+    res = det.predict("part.png")                          # maps, scores, regions
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .detect import Detector
+
+
+def load(run_or_file, device: str = "auto", **options: Any) -> "Detector":
+    """A :class:`Detector` for a run folder or a ``model.pt`` file (see :meth:`Detector.load` for options)."""
+    from .detect import Detector
+
+    return Detector.load(run_or_file, device=device, **options)
+
+
+def __getattr__(name: str):
+    if name == "Detector":
+        from .detect import Detector
+
+        return Detector
+    raise AttributeError(f"module 'defect_fast' has no attribute {name!r}")
+
+
+__all__ = ["Detector", "load", "__version__"]

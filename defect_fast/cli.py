@@ -1,10 +1,9 @@
-"""Command line: ``defect-fast train | evaluate | predict | demo | info``."""
+"""Command line: ``defect-fast train | evaluate | predict | export | demo | info``."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 EPILOG = """examples:
@@ -13,24 +12,8 @@ EPILOG = """examples:
   defect-fast train DATA --out runs/tile --resume             continue an interrupted run
   defect-fast evaluate runs/tile DATA --json metrics.json
   defect-fast predict runs/tile img1.png folder/ --out maps/
+  defect-fast export runs/tile --format torchscript --out tile.ts
 """
-
-
-def _parse_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def _model_kwargs(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise ValueError(f"--set expects key=value, got {pair!r}")
-        key, value = pair.split("=", 1)
-        out[key.strip().replace("-", "_")] = _parse_value(value)
-    return out
 
 
 def _print_metrics(metrics: dict, out=None) -> None:
@@ -53,9 +36,10 @@ def cmd_train(args) -> int:
     if args.resume:
         train(TrainConfig(data=args.data), args.out, resume=True, progress=not args.quiet)
         return 0
-    kwargs = _model_kwargs(args.set)
+    from .models import build_model, parse_options
+
+    kwargs = parse_options(args.model, args.set)
     epochs = args.epochs
-    from .models import build_model
 
     n_stages = len(build_model(args.model, **kwargs).stages)
     if epochs is None:
@@ -73,23 +57,7 @@ def cmd_train(args) -> int:
     return 0
 
 
-def evaluate_run(run, data, map_kind=None, device="auto", stride=None, smooth=0.0) -> dict:
-    """Evaluate a trained run on the test split of an MVTec-style folder; returns the metrics dict."""
-    from .data import load_test_set
-    from .detect import Detector
-    from .metrics import evaluate
-
-    det = Detector.load(run, device=device, map_kind=map_kind, stride=stride, smooth_sigma=smooth)
-    test = load_test_set(data, det.image_size)
-    t0 = time.perf_counter()
-    res = det.predict_batched(test.images)
-    seconds = time.perf_counter() - t0
-    metrics = evaluate(res["maps"], test.masks, res["scores"], test.labels, test.classes)
-    metrics["n_images"] = int(test.images.shape[0])
-    metrics["map"] = det.map_kind
-    metrics["smooth_sigma"] = smooth
-    metrics["inference_ms_per_image"] = 1000 * seconds / max(1, test.images.shape[0])
-    return metrics
+from .evaluate import evaluate_run  # noqa: E402,F401  (kept importable from here)
 
 
 def _json_safe(obj):
@@ -148,7 +116,7 @@ def cmd_predict(args) -> int:
 
     from .data import read_image
     from .detect import Detector
-    from .train import prepare_run_folder
+    from .runs import prepare_run_folder
     from .visualize import save_map, save_overlay
 
     det = Detector.load(args.run, device=args.device, map_kind=args.map, stride=args.stride, smooth_sigma=args.smooth)
@@ -177,16 +145,19 @@ def cmd_predict(args) -> int:
 
 def cmd_demo(args) -> int:
     from .data.synthetic import make_synthetic_dataset
-    from .train import TrainConfig, prepare_run_folder, train
+    from .models import build_model, model_class
+    from .runs import prepare_run_folder
+    from .train import TrainConfig, train
 
     out = Path(args.out)
     prepare_run_folder(out, args.overwrite)
     data = out / "data"
     make_synthetic_dataset(data, size=args.image_size, seed=args.seed)
     print(f"synthetic dataset written to {data}")
+    options = dict(model_class(args.model).demo_options)
+    n_stages = len(build_model(args.model, **options).stages)
     cfg = TrainConfig(data=str(data), model=args.model, image_size=args.image_size, batch_size=args.batch_size,
-                      epochs=[args.epochs] * 2 if args.model == "cmaae" else [args.epochs], seed=args.seed,
-                      device=args.device, model_kwargs={"memory_size": 200} if args.model == "cmaae" else {})
+                      epochs=[args.epochs] * n_stages, seed=args.seed, device=args.device, model_kwargs=options)
     train(cfg, out / "run", progress=not args.quiet)
     metrics = evaluate_run(out / "run", data, device=args.device)
     _print_metrics(metrics)
@@ -219,8 +190,19 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export
+
+    path = export(args.run, args.out, args.format, batch=args.batch, map_kind=args.map, stride=args.stride,
+                  smooth_sigma=args.smooth, blend=args.blend, overwrite=args.overwrite)
+    print(f"wrote {path} and {path.with_name(path.name + '.json')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .models import model_names
+    from .detect import BLENDS
+    from .export import FORMATS
+    from .models import map_names, model_names
 
     p = argparse.ArgumentParser(prog="defect-fast", description="Unsupervised surface-defect detection: "
                                 "train on defect-free images, map and score defects.",
@@ -254,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run", help="run folder (or model.pt)")
     e.add_argument("data", help="MVTec-style root with test/ and ground_truth/")
     e.add_argument("--json", default=None, help="also write the metrics to this JSON file")
-    e.add_argument("--map", choices=("msfr", "residual"), default=None, help="anomaly map (default: the model's)")
+    e.add_argument("--map", choices=map_names(), default=None, help="anomaly map (default: the model's)")
     e.add_argument("--stride", type=int, default=None, help="patch stride at inference (default: patch size)")
     e.add_argument("--smooth", type=float, default=0.0, help="Gaussian blur of the maps, in pixels (default 0: none)")
     e.add_argument("--device", default="auto")
@@ -265,13 +247,27 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("images", nargs="+", help="image files or folders")
     r.add_argument("--out", required=True, help="output folder (refused if it exists and is not empty, unless --overwrite)")
     r.add_argument("--overwrite", action="store_true")
-    r.add_argument("--map", choices=("msfr", "residual"), default=None)
+    r.add_argument("--map", choices=map_names(), default=None)
     r.add_argument("--stride", type=int, default=None)
     r.add_argument("--threshold", type=float, default=None,
                    help="image score above which an image is flagged (default: the largest score on the calibration images)")
     r.add_argument("--smooth", type=float, default=0.0, help="Gaussian blur of the maps, in pixels (default 0: none)")
     r.add_argument("--device", default="auto")
     r.set_defaults(func=cmd_predict)
+
+    x = sub.add_parser("export", help="write the whole inference pipeline as ONNX, TorchScript or torch.export file",
+                       description="Export resize, patches, model, map, stitching, smoothing and score for a fixed "
+                       "image size and batch (dynamic batch where the format allows), plus FILE.json with thresholds.")
+    x.add_argument("run", help="run folder (or model.pt)")
+    x.add_argument("--format", required=True, choices=FORMATS)
+    x.add_argument("--out", required=True, help="output file (FILE.json is written beside it)")
+    x.add_argument("--batch", type=int, default=1, help="images per call in the traced graph (default 1)")
+    x.add_argument("--map", choices=map_names(), default=None)
+    x.add_argument("--stride", type=int, default=None)
+    x.add_argument("--smooth", type=float, default=0.0)
+    x.add_argument("--blend", choices=BLENDS, default="none")
+    x.add_argument("--overwrite", action="store_true")
+    x.set_defaults(func=cmd_export)
 
     d = sub.add_parser("demo", help="make a small synthetic defect set, train briefly, evaluate and write maps")
     d.add_argument("out", nargs="?", default="defect-fast-demo", help="output folder (default ./defect-fast-demo)")
@@ -292,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .data import DataError
-    from .train import RunError
+    from .runs import RunError
 
     args = build_parser().parse_args(argv)
     try:

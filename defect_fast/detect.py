@@ -1,7 +1,11 @@
-"""Inference: full images -> anomaly maps and image scores.
+"""Inference: full images -> anomaly maps, image scores and defect regions, as one ``nn.Module``.
 
-A 512x512 image is cut into the model's patches (64 patches of 64x64 for CMA-AE), reconstructed
-in one batch, mapped per patch (MSFR or pixel residual) and stitched back.
+:class:`Detector` holds the model and the whole pipeline on one device: resize to the training
+size, cut into patches (stride = patch: tiles; smaller: overlapping), reconstruct, map each patch
+with the model's rule (``AnomalyModel.anomaly_maps``), stitch with blending weights, normalise by
+stored per-position statistics (identity until :meth:`Detector.fit_normalization` fills them),
+optionally smooth, and score. :meth:`Detector.forward` is a pure tensor function, so the same
+module is what ``defect-fast export`` traces.
 
 Optional smoothing (``smooth_sigma`` > 0, off by default as in both papers): a Gaussian blur of
 the stitched map, the usual post-processing of anomaly maps (sigma 4 at 256 px in anomalib).
@@ -12,120 +16,290 @@ it on its own.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from . import ops
+from .data.patches import grid_shape
+from .maps import blend_window, blur_matrix, top_mean
 from .models import AnomalyModel
+from .runs import load_model_state, model_from_state, resolve_device
 
 TOP_FRACTION = 0.001
+BLENDS = ("none", "hann")
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def image_scores(maps: torch.Tensor, top_fraction: float = TOP_FRACTION) -> torch.Tensor:
     """maps [N, H, W] -> [N]: mean of the top ``top_fraction`` of each map's values."""
-    flat = maps.reshape(maps.shape[0], -1)
-    k = max(1, int(round(flat.shape[1] * top_fraction)))
-    return flat.topk(k, dim=1).values.mean(dim=1)
+    return top_mean(maps, max(1, int(round(maps.shape[-1] * maps.shape[-2] * top_fraction))))
 
 
-class Detector:
-    """A trained model plus the rules that turn its reconstructions into defect maps.
+@contextlib.contextmanager
+def reference_ops() -> Iterator[None]:
+    """Run the fused ops as their pure-PyTorch reference inside the block (for tracing/export)."""
+    old = os.environ.get("DEFECT_FAST_BACKEND")
+    os.environ["DEFECT_FAST_BACKEND"] = "reference"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("DEFECT_FAST_BACKEND", None)
+        else:
+            os.environ["DEFECT_FAST_BACKEND"] = old
+
+
+def find_regions(m: np.ndarray, threshold: float) -> list[dict[str, Any]]:
+    """Connected components (8-connected) of ``m`` [H, W] > threshold.
+
+    Returns one dict per region, largest peak first: {"box": (x0, y0, x1, y1) (x1, y1 exclusive),
+    "area": pixels, "peak": the largest map value inside}.
+    """
+    from scipy import ndimage
+
+    labels, n = ndimage.label(m > threshold, structure=np.ones((3, 3), dtype=bool))
+    if n == 0:
+        return []
+    idx = np.arange(1, n + 1)
+    areas = ndimage.sum_labels(np.ones_like(m), labels, idx)
+    peaks = ndimage.maximum(m, labels, idx)
+    out = [{"box": (int(sl[1].start), int(sl[0].start), int(sl[1].stop), int(sl[0].stop)), "area": int(a), "peak": float(p)}
+           for sl, a, p in zip(ndimage.find_objects(labels), areas, peaks)]
+    return sorted(out, key=lambda r: -r["peak"])
+
+
+class Detector(nn.Module):
+    """A trained model plus the rules that turn its reconstructions into defect maps and scores.
 
     Args:
         model: a trained :class:`~defect_fast.models.AnomalyModel`.
-        image_size: side S of the square images the model was trained on.
-        map_kind: "msfr" or "residual"; ``None`` uses the model's default.
-        stride: patch stride at inference; ``None`` = patch size (no overlap).
-        device: where the model runs.
-        batch_size: patches per forward pass.
+        image_size: side S of the square images the model was trained on (inputs are resized to it).
+        map_kind: a key of ``model.anomaly_maps``; ``None`` uses the model's default.
+        stride: patch stride at inference; ``None`` = patch size (tiles, no overlap).
+        device: where the whole pipeline runs ("auto": cuda when visible).
+        batch_size: patches per model call inside :meth:`forward` (0: all at once).
         calibration: statistics of defect-free maps from :meth:`calibrate` (optional).
         smooth_sigma: Gaussian blur (pixels) of the full-image map; 0 = none.
+        blend: "none" (overlaps averaged) or "hann" (sin^2 window weights, seam-free overlaps).
+        top_fraction: the image score is the mean of this fraction of the largest map values.
+        precision: "float32" or "bfloat16" (the model runs under ``torch.autocast``).
+        channels_last: feed the model channels-last patches.
+        norm_mean, norm_std: map normalisation (map - mean) / std, scalars or [S, S]; default 0 and 1.
     """
 
     def __init__(self, model: AnomalyModel, image_size: int, map_kind: str | None = None, stride: int | None = None,
                  device: torch.device | str = "cpu", batch_size: int = 512, calibration: dict[str, Any] | None = None,
-                 smooth_sigma: float = 0.0):
-        self.model = model.to(device).eval()
-        self.device = torch.device(device)
-        self.image_size = image_size
+                 smooth_sigma: float = 0.0, *, blend: str = "none", top_fraction: float = TOP_FRACTION,
+                 precision: str = "float32", channels_last: bool = False,
+                 norm_mean: torch.Tensor | float | None = None, norm_std: torch.Tensor | float | None = None):
+        super().__init__()
+        self.model = model.eval()
+        self.image_size = int(image_size)
         self.patch = model.patch_size
         self.stride = stride or self.patch
-        self.map_kind = map_kind or model.default_map
-        if self.map_kind not in ("msfr", "residual"):
-            raise ValueError(f"map must be 'msfr' or 'residual', got {self.map_kind!r}")
-        self.batch_size = batch_size
-        self.calibration = calibration or {}
+        self.map_kind = model.check_map(map_kind)
+        self.grid = grid_shape(self.image_size, self.patch, self.stride)
+        if self.stride > self.patch:
+            raise ValueError(f"stride {self.stride} > patch {self.patch} leaves pixels uncovered")
+        if blend not in BLENDS:
+            raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
         if smooth_sigma < 0:
             raise ValueError(f"smooth_sigma must be >= 0, got {smooth_sigma}")
-        self.smooth_sigma = smooth_sigma
+        if not 0 < top_fraction <= 1:
+            raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}")
+        self.blend, self.precision, self.channels_last = blend, precision, bool(channels_last)
+        self.batch_size = int(batch_size)
+        self.calibration = dict(calibration or {})
+        self.smooth_sigma = float(smooth_sigma)
+        self.top_k = max(1, int(round(self.image_size**2 * top_fraction)))
+        s = self.image_size
+        window = blend_window(self.patch, blend)
+        self.register_buffer("window", window, persistent=False)
+        ones = window.reshape(1, -1, 1).expand(1, -1, self.grid[0] * self.grid[1])
+        self.register_buffer("count", F.fold(ones, (s, s), self.patch, stride=self.stride)[:, 0], persistent=False)
+        blur = blur_matrix(s, self.smooth_sigma).float() if self.smooth_sigma > 0 else torch.empty(0)
+        self.register_buffer("blur", blur, persistent=False)
+        self.register_buffer("norm_mean", torch.as_tensor(0.0 if norm_mean is None else norm_mean, dtype=torch.float32).clone())
+        self.register_buffer("norm_std", torch.as_tensor(1.0 if norm_std is None else norm_std, dtype=torch.float32).clone())
+        self.to(resolve_device(device))
+
+    @property
+    def device(self) -> torch.device:
+        return self.window.device
 
     @classmethod
-    def load(cls, run: Path | str, device: str = "auto", map_kind: str | None = None, stride: int | None = None,
-             smooth_sigma: float = 0.0) -> "Detector":
-        """Load the finished model of a run folder (``RUN/model.pt``) or a model file."""
-        from .train import RunError, load_checkpoint, model_from_state, resolve_device
+    def load(cls, run: Path | str, device: str | torch.device = "auto", map_kind: str | None = None,
+             stride: int | None = None, smooth_sigma: float = 0.0, **options) -> "Detector":
+        """The finished model of a run folder (``RUN/model.pt``) or a model file, as a Detector.
 
-        run = Path(run)
-        path = run / "model.pt" if run.is_dir() else run
-        if run.is_dir() and not path.exists():
-            hint = " (training did not finish: continue it with --resume)" if (run / "checkpoint.pt").exists() else ""
-            raise RunError(f"{run}: no model.pt{hint}")
-        state = load_checkpoint(path)
-        if "model_name" not in state:
-            raise RunError(f"{path}: not a defect_fast model file")
-        model = model_from_state(state)
-        return cls(model, image_size=state["image_size"], map_kind=map_kind, stride=stride,
-                   device=resolve_device(device), calibration=state.get("calibration"), smooth_sigma=smooth_sigma)
+        ``options`` are the keyword-only constructor options (blend, precision, ...). Stored
+        normalisation statistics (``state["normalization"]``) are restored.
+        """
+        state = load_model_state(run)
+        norm = state.get("normalization") or {}
+        return cls(model_from_state(state), image_size=state["image_size"], map_kind=map_kind, stride=stride,
+                   device=resolve_device(device), calibration=state.get("calibration"), smooth_sigma=smooth_sigma,
+                   norm_mean=norm.get("mean"), norm_std=norm.get("std"), **options)
 
-    @torch.no_grad()
-    def _patch_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        recon = self.model(x)["recon"]
-        if self.map_kind == "msfr":
-            m = ops.msfr(self.model.features(x), self.model.features(recon), (self.patch, self.patch), self.model.msfr_weights())
+    # -- the traced pipeline -------------------------------------------------------------------
+    def _to_model_input(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [N,3,H,W] (0..255) or float [N,3,H,W] ([-1, 1]) -> float [N,3,S,S] in [-1, 1]."""
+        x = images.to(torch.float32).div(127.5).sub(1.0) if images.dtype == torch.uint8 else images.to(torch.float32)
+        s = self.image_size
+        if x.shape[-2] != s or x.shape[-1] != s:
+            x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+        return x
+
+    def _patch_maps(self, p: torch.Tensor) -> torch.Tensor:
+        """Patches [B,3,P,P] -> maps [B,1,P,P] (float32)."""
+        if self.channels_last:
+            p = p.contiguous(memory_format=torch.channels_last)
+        ctx = torch.autocast(p.device.type, dtype=PRECISIONS[self.precision]) if self.precision != "float32" \
+            else contextlib.nullcontext()
+        with ctx:
+            recon = self.model(p)["recon"]
+            m = self.model.anomaly_map(p, recon, self.map_kind)
+        return m.float()
+
+    def raw_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """Stitched maps before normalisation and smoothing: images [N,3,H,W] -> [N,S,S]."""
+        x = self._to_model_input(images)
+        n, s, p = x.shape[0], self.image_size, self.patch
+        per_image = self.grid[0] * self.grid[1]
+        patches = x.unfold(2, p, self.stride).unfold(3, p, self.stride).permute(0, 2, 3, 1, 4, 5).reshape(n * per_image, 3, p, p)
+        if 0 < self.batch_size < patches.shape[0]:
+            maps = torch.cat([self._patch_maps(c) for c in patches.split(self.batch_size)])
         else:
-            m = (x - recon).pow(2).mean(dim=1, keepdim=True)
-        return m, recon
+            maps = self._patch_maps(patches)
+        if self.blend != "none":
+            maps = maps * self.window
+        cols = maps.reshape(n, per_image, p * p).transpose(1, 2)
+        out = F.fold(cols, output_size=(s, s), kernel_size=p, stride=self.stride)[:, 0]
+        if self.stride == p and self.blend == "none":
+            return out
+        return out / self.count
+
+    def finish(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw maps [N,S,S] -> (normalised, smoothed maps [N,S,S], scores [N])."""
+        maps = (raw - self.norm_mean) / self.norm_std
+        if self.smooth_sigma > 0:
+            maps = self.blur @ maps @ self.blur.T
+        return maps, top_mean(maps, self.top_k)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images uint8 [N,3,H,W] (0..255) or float [N,3,H,W] in [-1,1], on this module's device
+        -> (maps [N,S,S] float32, larger = more anomalous; scores [N])."""
+        return self.finish(self.raw_maps(images))
+
+    # -- convenience on top ----------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_batched(self, images: torch.Tensor, images_per_batch: int = 8) -> dict[str, torch.Tensor]:
+        """Maps and scores of a batch [N,3,H,W] (uint8 or float in [-1, 1]), a few images per call.
+
+        Returns {"maps": [N, S, S] on the CPU, "scores": [N]}.
+        """
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images [N, 3, H, W], got {tuple(images.shape)}")
+        maps, scores = [], []
+        for chunk in images.split(max(1, images_per_batch)):
+            m, s = self(chunk.to(self.device))
+            maps.append(m.cpu())
+            scores.append(s.cpu())
+        if not maps:
+            s = self.image_size
+            return {"maps": torch.zeros(0, s, s), "scores": torch.zeros(0)}
+        return {"maps": torch.cat(maps), "scores": torch.cat(scores)}
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Maps, scores and reconstructions for a batch of images.
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """Stitched reconstructions: images [N,3,H,W] -> [N,3,S,S] in [-1, 1] (overlaps averaged)."""
+        from .data.patches import extract_patches, stitch_patches
+
+        x = self._to_model_input(images.to(self.device))
+        patches = extract_patches(x, self.patch, self.stride)
+        recon = torch.cat([self.model(c)["recon"].float() for c in patches.split(max(1, self.batch_size or len(patches)))])
+        return stitch_patches(recon, self.image_size, self.patch, self.stride).cpu()
+
+    @staticmethod
+    def _as_images(x: Any, size: int) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+        """Any accepted input -> (list of [3,S',S'] tensors for the model, original (H, W) of each)."""
+        from PIL import Image
+
+        from .data import read_image
+
+        if isinstance(x, (str, os.PathLike)):
+            with Image.open(x) as im:
+                w, h = im.size
+            return [read_image(x, size)], [(h, w)]
+        if isinstance(x, Image.Image):
+            x = np.asarray(x.convert("RGB"))
+        if isinstance(x, np.ndarray):
+            arr = x
+            if arr.ndim == 2:
+                arr = np.repeat(arr[..., None], 3, axis=-1)
+            if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4):
+                return Detector._as_images(torch.from_numpy(np.ascontiguousarray(arr[..., :3])).permute(2, 0, 1).expand(3, -1, -1), size)
+            if arr.ndim == 4 and arr.shape[-1] in (1, 3, 4):
+                return Detector._as_images(torch.from_numpy(np.ascontiguousarray(arr[..., :3])).permute(0, 3, 1, 2).expand(-1, 3, -1, -1), size)
+            raise ValueError(f"numpy images must be [H, W], [H, W, C] or [N, H, W, C], got shape {arr.shape}")
+        if isinstance(x, torch.Tensor):
+            if x.dim() == 2:
+                x = x.expand(3, -1, -1)
+            if x.dim() == 3:
+                x = x.unsqueeze(0)
+            if x.dim() != 4 or x.shape[1] not in (1, 3):
+                raise ValueError(f"tensor images must be [H, W], [C, H, W] or [N, C, H, W] with C = 1 or 3, got {tuple(x.shape)}")
+            x = x.expand(-1, 3, -1, -1)
+            return list(x), [tuple(x.shape[-2:])] * x.shape[0]
+        if isinstance(x, (list, tuple)):
+            imgs, sizes = [], []
+            for item in x:
+                i, s = Detector._as_images(item, size)
+                imgs += i
+                sizes += s
+            return imgs, sizes
+        raise TypeError(f"cannot read an image from {type(x).__name__}; pass a path, PIL image, numpy array or tensor")
+
+    @torch.no_grad()
+    def predict(self, x: Any, *, pixel_threshold: float | None = None, images_per_batch: int = 8) -> dict[str, Any]:
+        """Maps, scores and defect regions for one image or many, of any size.
 
         Args:
-            images: uint8 [N, 3, S, S] (0..255) or float [N, 3, S, S] in [-1, 1], S = image_size.
+            x: a path, PIL image, numpy array ([H,W], [H,W,C] or [N,H,W,C], uint8 0..255),
+                tensor (uint8 0..255 or float in [-1,1]; [H,W], [C,H,W] or [N,C,H,W]), or a list of these.
+            pixel_threshold: map value above which a pixel is defective (for regions); default
+                the calibration's ``pixel_q999`` (none known: no regions).
+            images_per_batch: images per pipeline call.
         Returns:
-            {"maps": [N, S, S] float (>= 0, larger = more anomalous), "scores": [N],
-             "recon": [N, 3, S, S] in [-1, 1]}
+            {"maps": [N, H, W] float tensor when every input has the same size, else a list of [H_i, W_i]
+             (each map at its input's own size); "scores": [N]; "regions": N lists of
+             {"box": (x0, y0, x1, y1), "area", "peak"} (see :func:`find_regions`)}.
         """
-        from .data.patches import extract_patches, stitch_patches
-        from .data.dataset import to_model_range
+        imgs, sizes = self._as_images(x, self.image_size)
+        s = self.image_size
+        batch = [img if tuple(img.shape[-2:]) == (s, s) else self._to_model_input(img.unsqueeze(0))[0] for img in imgs]
+        floats = any(b.is_floating_point() for b in batch)
+        batch = [self._to_model_input(b.unsqueeze(0))[0] if (floats and not b.is_floating_point()) else b for b in batch]
+        res = self.predict_batched(torch.stack(batch), images_per_batch)
+        threshold = pixel_threshold if pixel_threshold is not None else self.calibration.get("pixel_q999")
+        maps, regions = [], []
+        for m, hw in zip(res["maps"], sizes):
+            if tuple(hw) != (s, s):
+                m = F.interpolate(m[None, None], size=tuple(hw), mode="bilinear", align_corners=False)[0, 0]
+            maps.append(m)
+            regions.append(find_regions(m.numpy(), threshold) if threshold is not None else [])
+        same = len({tuple(m.shape) for m in maps}) == 1
+        return {"maps": torch.stack(maps) if same else maps, "scores": res["scores"], "regions": regions}
 
-        if images.dim() != 4 or images.shape[1] != 3 or images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
-            raise ValueError(f"expected images [N, 3, {self.image_size}, {self.image_size}], got {tuple(images.shape)}")
-        x = to_model_range(images) if images.dtype == torch.uint8 else images.float()
-        n = x.shape[0]
-        patches = extract_patches(x, self.patch, self.stride)
-        maps, recons = [], []
-        for chunk in patches.split(self.batch_size):
-            m, r = self._patch_maps(chunk.to(self.device))
-            maps.append(m.float().cpu())
-            recons.append(r.float().cpu())
-        size = (self.image_size, self.image_size)
-        full_maps = stitch_patches(torch.cat(maps), size, self.patch, self.stride)[:, 0]
-        full_recon = stitch_patches(torch.cat(recons), size, self.patch, self.stride)
-        if self.smooth_sigma > 0:
-            from .synthesis.gaaga import gaussian_blur
-
-            full_maps = gaussian_blur(full_maps, self.smooth_sigma)
-        assert full_maps.shape[0] == n
-        return {"maps": full_maps, "scores": image_scores(full_maps), "recon": full_recon}
-
-    def predict_batched(self, images: torch.Tensor, images_per_batch: int = 8) -> dict[str, torch.Tensor]:
-        """:meth:`predict` over a large set, a few images at a time."""
-        parts = [self.predict(chunk) for chunk in images.split(images_per_batch)]
-        return {k: torch.cat([p[k] for p in parts]) for k in ("maps", "scores", "recon")}
-
+    @torch.no_grad()
     def calibrate(self, normal_images: torch.Tensor) -> dict[str, float]:
         """Statistics of maps on defect-free images, used to scale maps and pick thresholds.
 
@@ -145,3 +319,32 @@ class Detector:
             "n_images": int(normal_images.shape[0]),
         }
         return self.calibration
+
+    @torch.no_grad()
+    def fit_normalization(self, normal_images: torch.Tensor, images_per_batch: int = 8, min_std: float = 1e-6) -> dict[str, torch.Tensor]:
+        """Per-position mean and std of raw maps over defect-free images, stored in ``norm_mean``/``norm_std``.
+
+        Args:
+            normal_images: uint8 [N,3,H,W] (or float in [-1, 1]), N >= 2 defect-free images.
+            min_std: floor of the std (positions that never vary are not blown up).
+        Returns:
+            {"mean": [S, S], "std": [S, S]} (CPU), the values now in the buffers; the maps of
+            :meth:`forward` become (raw - mean) / std.
+        """
+        if normal_images.shape[0] < 2:
+            raise ValueError(f"fit_normalization needs at least 2 images, got {normal_images.shape[0]}")
+        raw = torch.cat([self.raw_maps(c.to(self.device)) for c in normal_images.split(max(1, images_per_batch))])
+        mean = raw.mean(dim=0)
+        std = raw.std(dim=0).clamp(min=min_std)
+        self.norm_mean = mean
+        self.norm_std = std
+        return {"mean": mean.cpu(), "std": std.cpu()}
+
+    def normalization(self) -> dict[str, Any]:
+        """The normalisation in force, JSON-ready ("identity", or the shape of the stored statistics)."""
+        if self.norm_mean.dim() == 0 and float(self.norm_mean) == 0.0 and float(self.norm_std) == 1.0:
+            return {"kind": "identity"}
+        return {"kind": "per-position" if self.norm_mean.dim() else "scalar", "shape": list(self.norm_mean.shape)}
+
+
+__all__ = ["Detector", "image_scores", "find_regions", "reference_ops", "TOP_FRACTION", "BLENDS"]

@@ -5,19 +5,12 @@ of each image follow in raster order (the order the AW-SSIM sigma schedule count
 randomness is drawn from generators seeded by (seed, stage, epoch, step), so an interrupted run
 resumed from its last checkpoint continues exactly where it stopped.
 
-Run folder layout:
-    config.json       what was asked for (model, data, schedule)
-    checkpoint.pt     latest state for --resume (model, optimiser, position), written atomically
-    stage1.pt ...     the model at the end of each stage
-    model.pt          the finished model (with calibration statistics), read by evaluate/predict
-    log.jsonl         one line per logged step
+The run folder layout is described in :mod:`defect_fast.runs`.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,13 +22,8 @@ from tqdm import tqdm
 from .data.dataset import to_model_range
 from .data.patches import grid_shape
 from .models import AnomalyModel, build_model
-
-CHECKPOINT_VERSION = 1
-
-
-class RunError(RuntimeError):
-    """A run folder cannot be used as asked (exists, incompatible, incomplete)."""
-
+from .runs import (CHECKPOINT_FILE, CHECKPOINT_VERSION, CONFIG_FILE, LOG_FILE, MODEL_FILE, RunError,  # noqa: F401
+                   atomic_save, load_checkpoint, model_from_state, prepare_run_folder, resolve_device, stage_file)
 
 @dataclass
 class TrainConfig:
@@ -67,38 +55,6 @@ class TrainConfig:
         d = dict(d)
         d["betas"] = tuple(d.get("betas", (0.5, 0.999)))
         return cls(**d)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint or model file (weights_only) with a clear error on damage."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise RunError(f"{path}: no such file") from None
-    except Exception as exc:  # truncated or foreign file
-        raise RunError(f"{path}: not a readable defect_fast checkpoint ({type(exc).__name__}: {exc})") from None
-
-
-def model_from_state(state: dict[str, Any]) -> AnomalyModel:
-    model = build_model(state["model_name"], **state["model_config"])
-    model.load_state_dict(state["model_state"])
-    return model
 
 
 def _generator(seed: int, *keys: int) -> torch.Generator:
@@ -181,7 +137,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer_state"])
 
     def save_checkpoint(self) -> None:
-        atomic_save(self.state(), self.out / "checkpoint.pt")
+        atomic_save(self.state(), self.out / CHECKPOINT_FILE)
 
     # -- data ----------------------------------------------------------------------------
     def _synthesize(self, clean: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -189,11 +145,7 @@ class Trainer:
 
         if self.sources is None:
             self.sources = load_sources(self.cfg.anomaly_source, size=self.cfg.image_size)
-        if self.model.synthesis == "gaaga":
-            from .synthesis.gaaga import gaaga as fn
-        else:
-            from .synthesis.adga import adga as fn
-        out, _mask = fn(clean, self.sources, gen)
+        out, _mask = self.model.synthesize(clean, self.sources, gen)
         return out
 
     def _batch(self, stage: int, epoch_order: PatchEpoch, start: int, stop: int, gen: torch.Generator):
@@ -215,7 +167,7 @@ class Trainer:
         n = self.images.shape[0]
         per_epoch = n * self.grid[0] * self.grid[1]
         steps_per_epoch = math.ceil(per_epoch / cfg.batch_size)
-        log_file = open(self.out / "log.jsonl", "a", buffering=1)  # line-buffered: a crash keeps the log
+        log_file = open(self.out / LOG_FILE, "a", buffering=1)  # line-buffered: a crash keeps the log
         try:
             while self.position["stage"] < len(self.model.stages):
                 stage = self.position["stage"]
@@ -228,11 +180,10 @@ class Trainer:
                 while self.position["epoch"] < cfg.epochs[stage] and done < total_steps:
                     epoch = self.position["epoch"]
                     order = PatchEpoch(n, self.grid, _generator(cfg.seed, stage, epoch))
-                    if hasattr(self.model, "set_epoch_length"):
-                        self.model.set_epoch_length(per_epoch)
+                    self.model.set_epoch_length(per_epoch)
                     self.model.begin_epoch(stage, epoch)
                     # Replaying the sigma schedule on resume: skip the patches already seen this epoch.
-                    if self.position["step"] and hasattr(self.model, "skip_patches"):
+                    if self.position["step"]:
                         self.model.skip_patches(min(self.position["step"] * cfg.batch_size, per_epoch))
                     while self.position["step"] < steps_per_epoch and done < total_steps:
                         step = self.position["step"]
@@ -245,7 +196,7 @@ class Trainer:
                         if not torch.isfinite(loss):
                             self.save_checkpoint()
                             raise RunError(f"loss became {float(loss)} at stage {stage + 1}, epoch {epoch + 1}, step {step + 1}; "
-                                           f"last good state saved in {self.out / 'checkpoint.pt'}")
+                                           f"last good state saved in {self.out / CHECKPOINT_FILE}")
                         self.optimizer.zero_grad(set_to_none=True)
                         loss.backward()
                         self.optimizer.step()
@@ -266,7 +217,7 @@ class Trainer:
                         self.position["step"] = 0
                 bar.close()
                 self.position.update(stage=stage + 1, epoch=0, step=0)
-                atomic_save({**self.state(), "position": dict(self.position)}, self.out / f"stage{stage + 1}.pt")
+                atomic_save({**self.state(), "position": dict(self.position)}, self.out / stage_file(stage + 1))
                 if self.position["stage"] < len(self.model.stages):
                     self.optimizer = self._optimizer(self.position["stage"])
                 self.save_checkpoint()
@@ -278,22 +229,6 @@ class Trainer:
         return self.model
 
 
-def prepare_run_folder(out: Path, overwrite: bool) -> None:
-    """Create ``out``; refuse a non-empty existing folder unless ``overwrite``."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise RunError(f"{out}: exists and is not a folder")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise RunError(f"{out}: folder exists and is not empty; pass --overwrite to replace it or --resume to continue it")
-        for child in out.iterdir():
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-
-
 def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume: bool = False,
           progress: bool = True, log: Callable[[str], None] = print) -> Path:
     """Train ``cfg.model`` on the defect-free images of ``cfg.data`` into run folder ``out``.
@@ -302,12 +237,12 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
     Returns the path of the finished model file (``out/model.pt``).
     """
     from .data import load_train_images
-    from .detect import Detector
+    from .evaluate import calibrate
 
     out = Path(out)
     state = None
     if resume:
-        ckpt = out / "checkpoint.pt"
+        ckpt = out / CHECKPOINT_FILE
         if not ckpt.exists():
             raise RunError(f"{out}: nothing to resume (no checkpoint.pt)")
         state = load_checkpoint(ckpt)
@@ -316,7 +251,7 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
             f"step {state['position']['step']}")
     else:
         prepare_run_folder(out, overwrite)
-        (out / "config.json").write_text(json.dumps(cfg.to_json(), indent=2))
+        (out / CONFIG_FILE).write_text(json.dumps(cfg.to_json(), indent=2))
     images, _paths = load_train_images(cfg.data, cfg.image_size)
     t0 = time.perf_counter()
     trainer = Trainer(cfg, out, images, progress=progress, log=log)
@@ -326,9 +261,8 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
     elapsed = time.perf_counter() - t0
     # Calibrate on a few training images: the map values of defect-free surface set the scale
     # that predict uses for thresholds and colour maps.
-    detector = Detector(model, image_size=cfg.image_size, stride=None, device=trainer.device)
-    calib = detector.calibrate(images[: cfg.calibration_images])
+    calib = calibrate(model, cfg.image_size, images[: cfg.calibration_images], device=trainer.device)
     final = {**trainer.state(), "calibration": calib, "train_seconds": elapsed}
-    atomic_save(final, out / "model.pt")
-    log(f"trained {cfg.model} in {elapsed:.1f} s; model saved to {out / 'model.pt'}")
-    return out / "model.pt"
+    atomic_save(final, out / MODEL_FILE)
+    log(f"trained {cfg.model} in {elapsed:.1f} s; model saved to {out / MODEL_FILE}")
+    return out / MODEL_FILE

@@ -75,7 +75,8 @@ class StubPerceptual(nn.Module):
 def test_registered():
     assert MODELS["awae"] is AWAE
     m = AWAE()
-    assert m.name == "awae" and m.synthesis == "adga" and m.default_map == "residual" and m.patch_size == 128
+    assert m.name == "awae" and m.default_map == "residual" and m.patch_size == 128
+    assert set(m.anomaly_maps) == {"residual", "msfr"}
 
 
 def test_layer_shapes_128():

@@ -72,16 +72,17 @@ def test_model_file_damage_is_a_clear_error(tiny_run, tmp_path, capsys):
 
 def test_detector_maps_shapes_and_score_rule(tiny_run):
     det = Detector.load(tiny_run, device="cpu")
-    res = det.predict(torch.randint(0, 256, (2, 3, 128, 128), dtype=torch.uint8))
-    assert res["maps"].shape == (2, 128, 128) and res["recon"].shape == (2, 3, 128, 128)
+    images = torch.randint(0, 256, (2, 3, 128, 128), dtype=torch.uint8)
+    res = det.predict(images)
+    assert res["maps"].shape == (2, 128, 128) and det.reconstruct(images).shape == (2, 3, 128, 128)
     assert (res["maps"] >= 0).all()
     # Score rule: mean of the top 0.1 % (16 of 16384 pixels here).
     m = torch.zeros(1, 128, 128)
     m.view(-1)[:16] = 2.0
     m.view(-1)[16] = 100.0
     assert image_scores(m).item() == pytest.approx((15 * 2.0 + 100.0) / 16)
-    with pytest.raises(ValueError, match="expected images"):
-        det.predict(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="tensor images must be"):
+        det.predict(torch.zeros(1, 2, 64, 64, dtype=torch.uint8))
 
 
 def test_smoothing_spreads_a_spike(tiny_run):
@@ -89,7 +90,28 @@ def test_smoothing_spreads_a_spike(tiny_run):
     smooth = Detector.load(tiny_run, device="cpu", smooth_sigma=2.0)
     images = torch.randint(0, 256, (1, 3, 128, 128), dtype=torch.uint8)
     raw, blurred = det.predict(images)["maps"], smooth.predict(images)["maps"]
+    # The detector's blur is the synthesis module's Gaussian blur, built once as matrices.
+    from defect_fast.synthesis.gaaga import gaussian_blur
+    torch.testing.assert_close(blurred, gaussian_blur(raw, 2.0), atol=1e-6, rtol=1e-5)
     assert blurred.max() < raw.max() and blurred.min() > raw.min()
     assert blurred.mean().item() == pytest.approx(raw.mean().item(), rel=0.05)
     with pytest.raises(ValueError, match="smooth_sigma"):
         Detector.load(tiny_run, device="cpu", smooth_sigma=-1)
+
+
+def test_set_is_checked_against_the_model_config(synthetic_root, tmp_path, capsys):
+    for bad, words in ((["--set", "bogus=1"], ("bogus", "memory_size", "fusion")),
+                       (["--set", "memory_size=lots"], ("memory_size", "int"))):
+        assert main(["train", str(synthetic_root), "--out", str(tmp_path / "r"), *bad, "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and all(w in err for w in words), err
+    assert not (tmp_path / "r").exists()
+
+
+def test_map_choices_come_from_the_registry(capsys):
+    from defect_fast.models import map_names
+
+    with pytest.raises(SystemExit):
+        main(["evaluate", "run", "data", "--map", "nonsense"])
+    err = capsys.readouterr().err
+    assert all(name in err for name in map_names()) and map_names() == ["msfr", "residual"]

@@ -1,32 +1,44 @@
 """What every reconstruction model of defect_fast provides to the trainer and the detector."""
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
 
+# An anomaly map rule: (model, x [B,3,P,P], recon [B,3,P,P]) -> [B,1,P,P] (>= 0, larger = more anomalous).
+MapFn = Callable[["AnomalyModel", torch.Tensor, torch.Tensor], torch.Tensor]
+
 
 class AnomalyModel(nn.Module):
-    """A patch autoencoder trained in one or more stages, with an anomaly map rule.
+    """A patch autoencoder trained in one or more stages, with its own anomaly-map rules.
 
-    Subclasses set the class attributes and implement the methods below. Images and patches are
-    float tensors [B, 3, P, P] in [-1, 1].
+    Subclasses set the class attributes and implement the methods below; a new method is one
+    folder under ``models/`` (model.py, anomaly_map.py, optionally loss.py) registered with
+    :func:`defect_fast.models.register`. Images and patches are float tensors [B, 3, P, P] in [-1, 1].
 
     Class attributes:
         name: the registry name (``--model``).
+        Config: a dataclass whose fields are exactly the constructor's keyword arguments, with
+            their types and defaults; ``--set key=value`` is checked against it.
+        anomaly_maps: {map name: rule} (see ``MapFn``), from the model's ``anomaly_map.py``.
+        demo_options: constructor arguments for ``defect-fast demo`` (small, quick settings).
+
+    Instance attributes:
         stages: one entry per training stage, "normal" (inputs are defect-free patches and the
-            target is the input) or "synthetic" (inputs carry synthetic anomalies from
-            ``synthesis`` and the target is the clean patch).
-        synthesis: "gaaga", "adga" or None (needed when a stage is "synthetic").
+            target is the input) or "synthetic" (inputs from :meth:`synthesize`, target the clean patch).
+        patch_size: side P of the patches.
+        default_map: the key of ``anomaly_maps`` used when none is asked for.
     """
 
     name: ClassVar[str] = ""
-    stages: ClassVar[tuple[str, ...]] = ("normal",)
-    synthesis: ClassVar[str | None] = None
+    Config: ClassVar[type] = object
+    anomaly_maps: ClassVar[dict[str, MapFn]] = {}
+    demo_options: ClassVar[dict[str, Any]] = {}
+    stages: tuple[str, ...] = ("normal",)
 
     patch_size: int
-    default_map: str  # "msfr" or "residual"
+    default_map: str
 
     def config(self) -> dict[str, Any]:
         """JSON-serialisable constructor arguments; ``type(self)(**config)`` rebuilds the model."""
@@ -44,6 +56,30 @@ class AnomalyModel(nn.Module):
         """Parameters the optimiser updates in ``stage`` (the rest stay frozen)."""
         return list(self.parameters())
 
+    def synthesize(self, clean: torch.Tensor, sources: torch.Tensor | None,
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Synthetic anomalies for a "synthetic" stage.
+
+        Args:
+            clean: defect-free images [B, 3, H, W] in [-1, 1] (not modified).
+            sources: natural photos [M, 3, h, w] in [-1, 1] (anomaly material) or None.
+            generator: the only source of randomness.
+        Returns:
+            (images [B, 3, H, W] in [-1, 1], mask [B, 1, H, W] of the altered pixels).
+        """
+        raise NotImplementedError(f"model {self.name!r} has no synthetic training stage")
+
+    def anomaly_map(self, x: torch.Tensor, recon: torch.Tensor, kind: str | None = None) -> torch.Tensor:
+        """Map of patches x [B,3,P,P] and their reconstructions -> [B,1,P,P] with rule ``kind``."""
+        return self.anomaly_maps[self.check_map(kind)](self, x, recon)
+
+    def check_map(self, kind: str | None) -> str:
+        """``kind`` (None: the default) if this model has that map, else a ValueError naming the choices."""
+        kind = kind or self.default_map
+        if kind not in self.anomaly_maps:
+            raise ValueError(f"model {self.name!r} has no map {kind!r}; choose one of {sorted(self.anomaly_maps)}")
+        return kind
+
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Encoder feature maps used by the MSFR anomaly map, finest first."""
         raise NotImplementedError
@@ -52,5 +88,12 @@ class AnomalyModel(nn.Module):
         """Weights of ``features`` scales in MSFR (receptive-field areas, Eq. 15 of CMA-AE)."""
         raise NotImplementedError
 
+    # -- epoch hooks (no-ops unless a model needs them) -------------------------------------------
     def begin_epoch(self, stage: int, epoch: int) -> None:
         """Called by the trainer before each epoch (e.g. to reset a sigma schedule)."""
+
+    def set_epoch_length(self, patches_per_epoch: int | None, stage: int | None = None) -> None:
+        """Called by the trainer before each epoch with the number of patches it will visit."""
+
+    def skip_patches(self, n: int) -> None:
+        """Called by the trainer when it resumes in the middle of an epoch, ``n`` patches in."""

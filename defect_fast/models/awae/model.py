@@ -48,7 +48,8 @@ Anomaly maps: "residual" (the paper's input-minus-reconstruction), or MSFR over 
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Sequence, Union
 
 import torch
 from torch import nn
@@ -57,6 +58,7 @@ from ...losses.ssim import PRESETS, Weights, resolve_weights
 from ...ops.reference import receptive_field_areas
 from .. import register
 from ..base import AnomalyModel
+from .anomaly_map import ANOMALY_MAPS
 from .loss import LOSS_MODES, AWAELoss
 
 DEPTH = 5  # stride-2 levels: 128 -> 4
@@ -86,6 +88,25 @@ class SkipJoin(nn.Module):
         return f"level={self.level}"
 
 
+@dataclass
+class AWAEConfig:
+    """AW-SSIM AE's options (``--set key=value``); see :class:`AWAE` for each."""
+
+    patch_size: int = 128
+    base_channels: int = 32
+    latent_channels: int = 128
+    skip_levels: list[int] = field(default_factory=lambda: [2, 3])
+    loss_mode: str = "awssim"
+    two_stage: Union[bool, None] = None
+    stage2_ssim_weight: float = 0.8
+    ssim_weights: Union[str, list[float]] = "balanced"
+    sigma0: float = 0.5
+    sigma_end: float = 3.0
+    sigma_k: Union[float, None] = None
+    sigma_step: str = "patch"
+    lpips_weights: Union[str, None] = None
+
+
 @register
 class AWAE(AnomalyModel):
     """AW-SSIM two-stage autoencoder on [B, 3, P, P] patches in [-1, 1] (P = 128 in the paper).
@@ -109,8 +130,9 @@ class AWAE(AnomalyModel):
     """
 
     name = "awae"
+    Config = AWAEConfig
+    anomaly_maps = ANOMALY_MAPS
     stages = ("normal", "synthetic")  # the paper's default; each instance sets its own in __init__
-    synthesis = "adga"
 
     def __init__(
         self,
@@ -198,6 +220,13 @@ class AWAE(AnomalyModel):
         if not 0 <= stage < len(self.stages):
             raise ValueError(f"AWAE: stage {stage} out of range for stages {self.stages}")
         return self.criterion(out["recon"], target, stage)
+
+    def synthesize(self, clean: torch.Tensor, sources: torch.Tensor | None,
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """ADGA anomalies (appearance-matched polygons) on clean [B,3,H,W] -> (images, mask)."""
+        from ...synthesis.adga import adga
+
+        return adga(clean, sources, generator)
 
     def trainable_parameters(self, stage: int) -> list[nn.Parameter]:
         """Every stage trains the whole autoencoder (stage 2 fine-tunes stage 1's weights)."""

@@ -9,14 +9,19 @@ as in their papers; they share CMA-AE's network so that only the idea under test
 """
 from __future__ import annotations
 
+from dataclasses import fields, make_dataclass
+
 from .. import register
-from ..cmaae.model import CMAAE
+from ..cmaae.model import CMAAE, CMAAEConfig
 
 
 def _baseline(name_: str, doc: str, **fixed):
     class Baseline(CMAAE):
         name = name_
-        synthesis = None
+        # CMA-AE's options with this baseline's values as defaults.
+        Config = make_dataclass(f"{name_.replace('-', '_').upper()}Config",
+                                [(f.name, f.type, fixed.get(f.name, f.default)) for f in fields(CMAAEConfig)])
+        demo_options = {}
 
         def __init__(self, **kwargs):
             super().__init__(**{**fixed, **kwargs})

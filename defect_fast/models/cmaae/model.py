@@ -30,6 +30,7 @@ no repair).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,6 +41,7 @@ from ... import ops
 from ...ops.reference import receptive_field_areas
 from .. import register
 from ..base import AnomalyModel
+from .anomaly_map import ANOMALY_MAPS
 
 LATENT = 512
 ENCODER_LAYERS = [(4, 2), (3, 1), (4, 2), (4, 2), (4, 2), (4, 1)]  # (kernel, stride), Table I
@@ -129,12 +131,30 @@ class FeatureRepair(nn.Module):
         return kept + i * c
 
 
+@dataclass
+class CMAAEConfig:
+    """CMA-AE's options (``--set key=value``); see the module docstring for each switch."""
+
+    fusion: str = "cmam"
+    two_stage: bool = True
+    memory_size: int = 2000
+    gate_activation: str = "softmax"
+    gate_target: str = "memory"
+    renorm_p: int = 1
+    rec_loss: str = "l1"
+    rec_weight: float = 50.0
+    entropy_weight: float = 0.01
+    map: str = "msfr"
+
+
 @register
 class CMAAE(AnomalyModel):
     """CMA-AE on 64x64 patches; see the module docstring for the architecture and switches."""
 
     name = "cmaae"
-    synthesis = "gaaga"
+    Config = CMAAEConfig
+    anomaly_maps = ANOMALY_MAPS
+    demo_options = {"memory_size": 200}
 
     def __init__(
         self,
@@ -154,8 +174,8 @@ class CMAAE(AnomalyModel):
             raise ValueError(f"fusion must be one of cmam, mam, cat, none; got {fusion!r}")
         if rec_loss not in ("l1", "l2", "ssim"):
             raise ValueError(f"rec_loss must be l1, l2 or ssim; got {rec_loss!r}")
-        if map not in ("msfr", "residual"):
-            raise ValueError(f"map must be 'msfr' or 'residual'; got {map!r}")
+        if map not in self.anomaly_maps:
+            raise ValueError(f"map must be one of {sorted(self.anomaly_maps)}; got {map!r}")
         self._config = dict(
             fusion=fusion, two_stage=two_stage, memory_size=memory_size, gate_activation=gate_activation,
             gate_target=gate_target, renorm_p=renorm_p, rec_loss=rec_loss, rec_weight=rec_weight,
@@ -227,6 +247,13 @@ class CMAAE(AnomalyModel):
             total = total + self.entropy_weight * ent
             parts["entropy"] = float(ent.detach())
         return total, parts
+
+    def synthesize(self, clean: torch.Tensor, sources: torch.Tensor | None,
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """GAAGA anomalies (natural-photo and blurred-normal patches) on clean [B,3,H,W] -> (images, mask)."""
+        from ...synthesis.gaaga import gaaga
+
+        return gaaga(clean, sources, generator)
 
     def trainable_parameters(self, stage: int) -> list[nn.Parameter]:
         """Stage 0 trains everything; stage 1 freezes the memory (Algorithm 1, line 13)."""

@@ -1,0 +1,120 @@
+"""Export the whole inference pipeline (``Detector.forward``) as ONNX, TorchScript or torch.export.
+
+The exported graph takes images uint8 [B, 3, S, S] (0..255, RGB) and returns
+(maps float32 [B, S, S], scores float32 [B]): patches, reconstruction, anomaly map, stitching,
+normalisation, smoothing and score, all inside. The fused ops are traced as their pure-PyTorch
+reference (:func:`defect_fast.detect.reference_ops`), so running the file needs only
+onnxruntime / LibTorch / torch, not this package. Beside ``FILE`` goes ``FILE.json``: image size,
+batch, thresholds, normalisation, model name and options, package version and a digest of the
+source model file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .detect import Detector, reference_ops
+from .runs import RunError, model_file
+
+FORMATS = ("onnx", "torchscript", "exported")
+ONNX_OPSET = 18  # Col2Im (the stitching fold) needs opset 18
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def sidecar(det: Detector, fmt: str, batch: int, dynamic_batch: bool, source: Path | None) -> dict[str, Any]:
+    """The JSON description written beside an exported file."""
+    cal = det.calibration
+    return {
+        "format": fmt,
+        "model": det.model.name,
+        "model_config": det.model.config(),
+        "package_version": __version__,
+        "torch_version": torch.__version__,
+        "source": str(source) if source else None,
+        "source_digest": _digest(source) if source else None,
+        "image_size": det.image_size,
+        "batch": batch,
+        "dynamic_batch": dynamic_batch,
+        "input": {"name": "images", "dtype": "uint8", "shape": [batch, 3, det.image_size, det.image_size],
+                  "layout": "NCHW RGB", "range": [0, 255]},
+        "outputs": {"maps": [batch, det.image_size, det.image_size], "scores": [batch]},
+        "map": det.map_kind,
+        "patch": det.patch,
+        "stride": det.stride,
+        "blend": det.blend,
+        "smooth_sigma": det.smooth_sigma,
+        "top_k": det.top_k,
+        "normalization": det.normalization(),
+        "thresholds": {"pixel": cal.get("pixel_q999"), "score": cal.get("score_max")},
+        "calibration": cal,
+    }
+
+
+def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, source: Path | None = None) -> Path:
+    """Write ``det``'s pipeline to ``out`` in format ``fmt`` (see :data:`FORMATS`) plus ``out.json``.
+
+    The detector is exported on the CPU in float32; its patch chunking is switched off (one model
+    call per batch) so the graph holds no Python loop. Returns ``out``.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {batch}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    det = det.to("cpu").eval()
+    saved = (det.batch_size, det.precision, det.channels_last)
+    det.batch_size, det.precision, det.channels_last = 0, "float32", False
+    s = det.image_size
+    example = torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    dynamic = False
+    try:
+        with reference_ops(), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if fmt == "torchscript":
+                traced = torch.jit.trace(det, (example,), check_trace=False)
+                traced.save(str(out))
+                dynamic = True  # the traced shape arithmetic follows the batch size
+            elif fmt == "onnx":
+                torch.onnx.export(det, (example,), str(out), input_names=["images"], output_names=["maps", "scores"],
+                                  dynamic_axes={"images": {0: "batch"}, "maps": {0: "batch"}, "scores": {0: "batch"}},
+                                  opset_version=ONNX_OPSET, dynamo=False)
+                dynamic = True
+            else:
+                try:
+                    ep = torch.export.export(det, (example,), dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}})
+                    dynamic = True
+                except Exception:  # a graph that specialises on the batch: export it for this batch only
+                    ep = torch.export.export(det, (example,))
+                torch.export.save(ep, str(out))
+    finally:
+        det.batch_size, det.precision, det.channels_last = saved
+    meta = sidecar(det, fmt, batch, dynamic, source)
+    out.with_name(out.name + ".json").write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def export(run: Path | str, out: Path | str, fmt: str, *, batch: int = 1, overwrite: bool = False,
+           map_kind: str | None = None, stride: int | None = None, smooth_sigma: float = 0.0, blend: str = "none") -> Path:
+    """``defect-fast export``: the run's detector (options as in :class:`Detector`) to ``out``."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise RunError(f"{out}: exists; pass --overwrite to replace it")
+    det = Detector.load(run, device="cpu", map_kind=map_kind, stride=stride, smooth_sigma=smooth_sigma, blend=blend)
+    return export_detector(det, out, fmt, batch=batch, source=model_file(run))
+
+
+__all__ = ["FORMATS", "export", "export_detector", "sidecar"]
