@@ -246,9 +246,9 @@ class Detector(nn.Module):
             if arr.ndim == 2:
                 arr = np.repeat(arr[..., None], 3, axis=-1)
             if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4):
-                return Detector._as_images(torch.from_numpy(np.ascontiguousarray(arr[..., :3])).permute(2, 0, 1).expand(3, -1, -1), size)
+                return Detector._as_images(torch.from_numpy(np.array(arr[..., :3])).permute(2, 0, 1).expand(3, -1, -1), size)
             if arr.ndim == 4 and arr.shape[-1] in (1, 3, 4):
-                return Detector._as_images(torch.from_numpy(np.ascontiguousarray(arr[..., :3])).permute(0, 3, 1, 2).expand(-1, 3, -1, -1), size)
+                return Detector._as_images(torch.from_numpy(np.array(arr[..., :3])).permute(0, 3, 1, 2).expand(-1, 3, -1, -1), size)
             raise ValueError(f"numpy images must be [H, W], [H, W, C] or [N, H, W, C], got shape {arr.shape}")
         if isinstance(x, torch.Tensor):
             if x.dim() == 2:

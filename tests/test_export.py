@@ -1,0 +1,98 @@
+"""Export: every format reproduces the Python Detector, runs without this package, carries its sidecar."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import defect_fast
+from defect_fast.cli import main
+from defect_fast.detect import Detector
+from defect_fast.models import build_model
+from defect_fast.runs import atomic_save
+
+OPTIONS = ["--stride", "32", "--blend", "hann", "--smooth", "1.5"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A run folder with an untrained CMA-AE (memory 20, 128 px), calibration and per-position normalisation."""
+    torch.manual_seed(0)
+    m = build_model("cmaae", memory_size=20)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.1, 0.1)
+            mod.running_var.uniform_(0.5, 1.5)
+    run = tmp_path_factory.mktemp("export") / "run"
+    run.mkdir()
+    g = torch.Generator().manual_seed(5)
+    norm = {"mean": torch.rand(128, 128, generator=g) * 0.01, "std": 0.001 + 0.001 * torch.rand(128, 128, generator=g)}
+    atomic_save({"model_name": "cmaae", "model_config": m.config(), "model_state": m.state_dict(), "image_size": 128,
+                 "calibration": {"pixel_q999": 0.02, "score_max": 0.03}, "normalization": norm}, run / "model.pt")
+    return run
+
+
+def _images(n, seed=1):
+    return torch.randint(0, 256, (n, 3, 128, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def _run_exported(fmt, path, x):
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return [torch.from_numpy(a) for a in sess.run(["maps", "scores"], {"images": x.numpy()})]
+    if fmt == "torchscript":
+        return torch.jit.load(str(path))(x)
+    return torch.export.load(str(path)).module()(x)
+
+
+@pytest.mark.parametrize("fmt,suffix", [("onnx", "onnx"), ("torchscript", "ts"), ("exported", "pt2")])
+def test_export_matches_the_detector(run, tmp_path, fmt, suffix):
+    out = tmp_path / f"det.{suffix}"
+    assert main(["export", str(run), "--format", fmt, "--out", str(out), "--batch", "2", *OPTIONS]) == 0
+    meta = json.loads(out.with_name(out.name + ".json").read_text())
+    assert meta["format"] == fmt and meta["image_size"] == 128 and meta["model"] == "cmaae" and meta["batch"] == 2
+    assert meta["thresholds"] == {"pixel": 0.02, "score": 0.03} and meta["normalization"]["kind"] == "per-position"
+    assert meta["package_version"] == defect_fast.__version__ and meta["source_digest"].startswith("sha256:")
+    assert meta["stride"] == 32 and meta["blend"] == "hann" and meta["smooth_sigma"] == 1.5
+
+    det = Detector.load(run, device="cpu", stride=32, blend="hann", smooth_sigma=1.5)
+    x = _images(3 if meta["dynamic_batch"] else 2)
+    with torch.no_grad():
+        want_maps, want_scores = det(x)
+        maps, scores = _run_exported(fmt, out, x)
+    assert maps.shape == want_maps.shape and scores.shape == want_scores.shape
+    torch.testing.assert_close(maps, want_maps, atol=1e-4, rtol=0)
+    torch.testing.assert_close(scores, want_scores, atol=0, rtol=1e-5)
+    assert float(want_maps.std()) > 0.1  # maps of order 1: the 1e-4 tolerance is a real test
+
+
+def test_export_refuses_to_overwrite(run, tmp_path, capsys):
+    out = tmp_path / "det.ts"
+    out.write_bytes(b"keep")
+    assert main(["export", str(run), "--format", "torchscript", "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err and out.read_bytes() == b"keep"
+
+
+def test_torchscript_runs_without_the_package(run, tmp_path):
+    out = tmp_path / "det.ts"
+    assert main(["export", str(run), "--format", "torchscript", "--out", str(out)]) == 0
+    x = _images(1)
+    torch.save(x, tmp_path / "x.pt")
+    det = Detector.load(run, device="cpu")
+    with torch.no_grad():
+        _, want = det(x)
+    code = ("import sys; sys.modules['defect_fast'] = None\n"  # any import of the package fails
+            "import torch\n"
+            f"m = torch.jit.load({str(out)!r}); x = torch.load({str(tmp_path / 'x.pt')!r})\n"
+            "print(float(m(x)[1][0]))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert float(res.stdout.strip()) == pytest.approx(float(want[0]), rel=1e-5)
+    assert "defect_fast::" not in str(torch.jit.load(str(out)).inlined_graph)  # no custom op left in the graph
