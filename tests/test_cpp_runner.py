@@ -1,0 +1,73 @@
+"""The C++ runner (examples/cpp) built against the wheel's LibTorch reproduces the Python Detector."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from defect_fast.detect import Detector
+from defect_fast.export import export_detector
+from defect_fast.models import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCE = REPO / "examples" / "cpp"
+
+
+def _missing() -> str | None:
+    for tool in ("cmake", "c++"):
+        if shutil.which(tool) is None:
+            return f"{tool} not found"
+    if not any(Path(p, "png.h").exists() for p in ("/usr/include", "/usr/local/include")):
+        return "libpng headers not found (apt-get install libpng-dev)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory) -> Path:
+    reason = _missing()
+    if reason:
+        pytest.skip(f"C++ runner not built: {reason}")
+    build = Path(os.environ.get("DEFECT_FAST_CPP_BUILD") or tmp_path_factory.mktemp("cpp-build"))
+    subprocess.run(["cmake", "-S", str(SOURCE), "-B", str(build), f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"],
+                   check=True, capture_output=True, timeout=600)
+    res = subprocess.run(["cmake", "--build", str(build)], capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return build / "defect_fast_run"
+
+
+def test_cpp_runner_matches_the_detector(runner, tmp_path):
+    torch.manual_seed(0)
+    model = build_model("cmaae", memory_size=20)
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.1, 0.1)
+            mod.running_var.uniform_(0.5, 1.5)
+    det = Detector(model, image_size=128, stride=32, blend="hann", smooth_sigma=1.0)
+    ts = export_detector(det, tmp_path / "det.ts", "torchscript")
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        rgb = rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)
+        png = tmp_path / f"img{i}.png"
+        Image.fromarray(rgb).save(png)
+        with torch.no_grad():
+            want_maps, want_scores = det(torch.from_numpy(rgb).permute(2, 0, 1)[None])
+        out = subprocess.run([str(runner), str(ts), str(png), str(tmp_path / f"map{i}.f32")],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        score = float(out.stdout.split()[1])
+        assert score == pytest.approx(float(want_scores[0]), rel=1e-5, abs=1e-9)
+        got = torch.from_numpy(np.fromfile(tmp_path / f"map{i}.f32", dtype=np.float32).reshape(128, 128))
+        torch.testing.assert_close(got, want_maps[0], atol=1e-4, rtol=0)
+    # A PNG map for viewing, and a clear error on a bad image.
+    assert subprocess.run([str(runner), str(ts), str(tmp_path / "img0.png"), str(tmp_path / "map.png")],
+                          capture_output=True, timeout=300).returncode == 0
+    assert Image.open(tmp_path / "map.png").size == (128, 128)
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    bad = subprocess.run([str(runner), str(ts), str(tmp_path / "bad.png")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "bad.png" in bad.stderr
