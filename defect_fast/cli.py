@@ -72,7 +72,7 @@ def _json_safe(obj):
 
 
 def cmd_evaluate(args) -> int:
-    metrics = evaluate_run(args.run, args.data, args.map, args.device, args.stride, args.smooth)
+    metrics = evaluate_run(args.run, args.data, args.map, args.device, args.stride, args.smooth, blend=args.blend)
     _print_metrics(metrics)
     print(f"\n{metrics['n_images']} images, map={metrics['map']}, {metrics['inference_ms_per_image']:.1f} ms/image")
     if args.json:
@@ -119,7 +119,8 @@ def cmd_predict(args) -> int:
     from .runs import prepare_run_folder
     from .visualize import save_map, save_overlay
 
-    det = Detector.load(args.run, device=args.device, map_kind=args.map, stride=args.stride, smooth_sigma=args.smooth)
+    det = Detector.load(args.run, device=args.device, map_kind=args.map, stride=args.stride, smooth_sigma=args.smooth,
+                        blend=getattr(args, "blend", "none"))
     paths = _collect_images(args.images)
     images = torch.stack([read_image(p, det.image_size) for p in paths])  # errors name the file before any output
     out = Path(args.out)
@@ -239,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--map", choices=map_names(), default=None, help="anomaly map (default: the model's)")
     e.add_argument("--stride", type=int, default=None, help="patch stride at inference (default: patch size)")
     e.add_argument("--smooth", type=float, default=0.0, help="Gaussian blur of the maps, in pixels (default 0: none)")
+    e.add_argument("--blend", choices=BLENDS, default="none", help="weights of overlapping patches (with --stride < patch)")
     e.add_argument("--device", default="auto")
     e.set_defaults(func=cmd_evaluate)
 
@@ -252,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threshold", type=float, default=None,
                    help="image score above which an image is flagged (default: the largest score on the calibration images)")
     r.add_argument("--smooth", type=float, default=0.0, help="Gaussian blur of the maps, in pixels (default 0: none)")
+    r.add_argument("--blend", choices=BLENDS, default="none", help="weights of overlapping patches (with --stride < patch)")
     r.add_argument("--device", default="auto")
     r.set_defaults(func=cmd_predict)
 

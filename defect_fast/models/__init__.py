@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from typing import Any
 
@@ -55,9 +56,12 @@ def map_names() -> list[str]:
     return sorted({k for cls in MODELS.values() for k in cls.anomaly_maps})
 
 
+_UNIONS = (typing.Union, types.UnionType)
+
+
 def _type_name(tp: Any) -> str:
     args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
+    if typing.get_origin(tp) in _UNIONS:
         return " or ".join(_type_name(a) for a in args)
     if tp is type(None):
         return "null"
@@ -73,7 +77,7 @@ def _fits(value: Any, tp: Any) -> bool:
         return True
     if tp is type(None):
         return value is None
-    if origin is typing.Union or (origin is not None and origin.__name__ == "UnionType"):
+    if origin in _UNIONS:
         return any(_fits(value, a) for a in args)
     if origin in (list, tuple) or tp in (list, tuple):
         return isinstance(value, (list, tuple)) and (not args or all(_fits(v, args[0]) for v in value))
