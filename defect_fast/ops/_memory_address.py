@@ -77,6 +77,7 @@ def _backward(ctx, grad_z_hat, grad_weights, *_unused):
 
 
 torch.library.register_autograd("defect_fast::memory_address", _backward, setup_context=_setup_context)
+_native.register_autocast_float32("defect_fast::memory_address", "defect_fast::memory_address_backward")  # see defect_fast.ops: float32 under autocast
 
 
 def _check_args(z, memory, shrink_threshold, temperature, p) -> None:
