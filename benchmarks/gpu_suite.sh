@@ -26,7 +26,8 @@
 #   pip download --dest wheels --only-binary=:all: --python-version 3.11 --platform manylinux_2_28_x86_64 \
 #       --index-url https://download.pytorch.org/whl/cu128 torch==<version in constraints.txt>
 #   pip download --dest wheels --only-binary=:all: --python-version 3.11 --platform manylinux_2_28_x86_64 \
-#       numpy pillow scipy scikit-learn pytest pytorch-msssim
+#       numpy pillow scikit-learn tqdm ninja pytest pytorch-msssim
+#   pip download --dest wheels --no-deps lpips==0.1.4      # installed with --no-deps (no torchvision)
 # (torch's CUDA wheel pulls its nvidia-* runtime wheels into the same folder; about 3 GB.)
 # Default WHEELS: $DEFECT_FAST_WHEELS, else ./wheels, else ../shared/wheels. When torch with CUDA
 # already imports, the install step only adds what is missing and never touches torch.
@@ -136,11 +137,10 @@ print(json.dumps(info, indent=2))
 EOF
 
 # ---- install (offline) ---------------------------------------------------------------------
-INSTALL_CMD=("$PY" -m pip install --no-index --find-links "${WHEELS:-<no wheels folder>}" -c constraints.txt
-             torch numpy pillow scipy scikit-learn pytest pytorch-msssim)
+INSTALL_CMD=(bash -c 'set -e; "$0" -m pip install --no-index --find-links "$1" -c constraints.txt torch numpy pillow scikit-learn tqdm ninja pytest pytorch-msssim; "$0" -m pip install --no-index --find-links "$1" --no-deps lpips==0.1.4' "$PY" "${WHEELS:-<no wheels folder>}")
 if [ "$DRY" = 1 ]; then
   step install 60 gpu "${INSTALL_CMD[@]}"
-elif "$PY" -c "import torch, numpy, pytest, pytorch_msssim, sklearn; assert torch.cuda.is_available()" 2>/dev/null; then
+elif "$PY" -c "import importlib.util as u, torch; assert torch.cuda.is_available(); assert all(u.find_spec(m) for m in ('numpy', 'pytest', 'pytorch_msssim', 'sklearn', 'lpips', 'ninja'))" 2>/dev/null; then
   printf 'install\tok\t0\t-\talready installed (torch with CUDA imports)\n' >> "$STEPS_FILE"
   echo "  [ok]           install: torch with CUDA and the test dependencies already import"
 elif [ -z "$WHEELS" ]; then
