@@ -192,7 +192,7 @@ step bench_ma 40 gpu "$PY" benchmarks/bench_memory_address.py --device cuda --ro
 step bench_ssim 50 gpu "$PY" benchmarks/bench_aw_ssim.py --device cuda --batches 64,512 --rounds 10
 step bench_msfr 40 gpu "$PY" benchmarks/bench_msfr.py --device cuda --rounds 20
 step inference 75 gpu "$PY" benchmarks/bench_inference.py --device cuda ${INFERENCE_ARGS:---batch 1 8 64 --rounds 10}
-step train 90 gpu "$PY" benchmarks/bench_train.py --device cuda --batch 2048 --steps 10
+step train 100 gpu "$PY" benchmarks/bench_train.py --device cuda --batch 2048 --steps 5
 
 # ---- summary -------------------------------------------------------------------------------
 "$PY" - "$OUT" "$DRY" "$(( $(date +%s) - START ))" <<'EOF'
