@@ -327,3 +327,13 @@ def test_cuda_matches_cpu(dtype, setting):
     again = run(native.aw_ssim, xc, yc, sigma.cuda(), alpha, beta, gamma, 11, combine)
     for a, b in zip(got, again):  # deterministic: no atomics anywhere
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+def test_cuda_too_tall_image_is_named():
+    """grid.y caps the tile rows at 65535: a taller image gets a message about its height."""
+    if not _native.has_cuda():
+        pytest.skip(f"the extension has no CUDA kernels: {_native.cuda_reason()}")
+    x = torch.zeros(1, 1, 65535 * 16 + 16, 11, device="cuda")
+    with pytest.raises(RuntimeError, match="rows"):
+        torch.ops.defect_fast.aw_ssim(x, x, torch.ones(1, device="cuda"), 1.0, 1.0, 1.0, 11, 0, 1.0, False, False)

@@ -120,7 +120,7 @@ def test_opcheck_forward_and_backward():
     torch.library.opcheck(forward, (z, memory, 0.15, 0.5, 1, True))
     torch.library.opcheck(forward, (z.detach(), memory.detach(), 0.0, 1.0, 2, False))
     outs = forward(z.detach(), memory.detach(), 0.15, 0.5, 1, True)
-    args = (gzh, gw, z.detach(), memory.detach(), outs[1], outs[2], outs[3], outs[4], outs[5], 0.15, 0.5, 1, [True, True])
+    args = (gzh, gw, z.detach(), memory.detach(), outs[1], outs[2], outs[3], outs[4], outs[5], outs[6], outs[7], 0.15, 0.5, 1, [True, True])
     torch.library.opcheck(torch.ops.defect_fast.memory_address_backward.default, args)
 
 
@@ -185,7 +185,7 @@ def test_backward_without_saved_softmax_raises():
     outs = torch.ops.defect_fast.memory_address.default(z, memory, 0.0, 1.0, 1, False)
     assert outs[2].numel() == 0
     with pytest.raises(RuntimeError, match="need_backward"):
-        torch.ops.defect_fast.memory_address_backward.default(gzh, gw, z, memory, outs[1], outs[2], outs[3], outs[4], outs[5], 0.0, 1.0, 1, [True, True])
+        torch.ops.defect_fast.memory_address_backward.default(gzh, gw, z, memory, outs[1], outs[2], outs[3], outs[4], outs[5], outs[6], outs[7], 0.0, 1.0, 1, [True, True])
 
 
 @pytest.mark.parametrize(
@@ -294,3 +294,24 @@ def test_cuda_empty_and_non_contiguous():
     got = native.memory_address(zt.cuda(), mt.cuda(), 0.05, 0.5, 2)
     for a, b in zip(got, want):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cuda_saves_normalised_rows_for_backward(dtype):
+    """The CUDA forward returns z/|z| and m/|m| when a backward will run; the backward gives the
+    same gradients with them as when it recomputes them (empty z_unit, m_unit)."""
+    if not _native.has_cuda():
+        pytest.skip(f"the extension has no CUDA kernels: {_native.cuda_reason()}")
+    z, memory, gzh, gw = make_inputs(9, 33, 20, dtype, seed=8, device="cuda", requires_grad=False)
+    forward = torch.ops.defect_fast.memory_address.default
+    outs = forward(z, memory, 0.02, 1.0, 1, True)
+    assert outs[6].shape == z.shape and outs[7].shape == memory.shape
+    torch.testing.assert_close(outs[6].float(), torch.nn.functional.normalize(z.float(), dim=1), rtol=1e-2, atol=1e-2)
+    assert forward(z, memory, 0.02, 1.0, 1, False)[6].numel() == 0
+    backward = torch.ops.defect_fast.memory_address_backward.default
+    saved = backward(gzh, gw, z, memory, *outs[1:8], 0.02, 1.0, 1, [True, True])
+    empty = z.new_empty((0,))
+    recomputed = backward(gzh, gw, z, memory, *outs[1:6], empty, empty, 0.02, 1.0, 1, [True, True])
+    for a, b in zip(saved, recomputed):
+        torch.testing.assert_close(a, b)

@@ -22,14 +22,19 @@
 //     z_norm  [B]    acc: |z_b| (before the clamp at 1e-12).
 //     m_norm  [N]    acc: |m_n| (before the clamp).
 //     w_norm  [B]    acc: ||w'_b||_p (before the clamp).
+//     z_unit  [B, C] dtype of z: z_b / max(|z_b|, 1e-12), saved for the backward pass by the CUDA
+//                    kernel when need_backward is true; [0] otherwise (and always on the CPU,
+//                    whose kernel scales raw dot products instead).
+//     m_unit  [N, C] dtype of z: the normalised memory rows, under the same rule as z_unit.
 //
 // memory_address_backward(grad_z_hat, grad_weights, z, memory, weights, probs, z_norm, m_norm,
-//                         w_norm, shrink_threshold, temperature, p, output_mask)
+//                         w_norm, z_unit, m_unit, shrink_threshold, temperature, p, output_mask)
 //   Gradients of a loss that depends on both outputs.
 //   Args:
 //     grad_z_hat [B, C], grad_weights [B, N]: gradients of the two outputs (dtype of z).
 //     z, memory, shrink_threshold, temperature, p: the forward inputs.
-//     weights, probs, z_norm, m_norm, w_norm: the forward outputs (need_backward=true).
+//     weights, probs, z_norm, m_norm, w_norm, z_unit, m_unit: the forward outputs
+//       (need_backward=true); an empty z_unit or m_unit is recomputed from z or memory.
 //     output_mask: which of (grad_z, grad_memory) to compute.
 //   Returns:
 //     grad_z [B, C] and grad_memory [N, C] (dtype of z); a masked-out gradient is an empty [0].
@@ -67,7 +72,8 @@ void check_forward_args(const at::Tensor& z, const at::Tensor& memory, double sh
 void check_backward_args(const at::Tensor& grad_z_hat, const at::Tensor& grad_weights, const at::Tensor& z,
                          const at::Tensor& memory, const at::Tensor& weights, const at::Tensor& probs,
                          const at::Tensor& z_norm, const at::Tensor& m_norm, const at::Tensor& w_norm,
-                         double shrink_threshold, double temperature, int64_t p) {
+                         const at::Tensor& z_unit, const at::Tensor& m_unit, double shrink_threshold,
+                         double temperature, int64_t p) {
   check_forward_args(z, memory, shrink_threshold, temperature, p);
   const int64_t B = z.size(0), N = memory.size(0), C = z.size(1);
   TORCH_CHECK(grad_z_hat.dim() == 2 && grad_z_hat.size(0) == B && grad_z_hat.size(1) == C,
@@ -88,11 +94,15 @@ void check_backward_args(const at::Tensor& grad_z_hat, const at::Tensor& grad_we
   TORCH_CHECK(probs.scalar_type() == acc && z_norm.scalar_type() == acc && m_norm.scalar_type() == acc &&
                   w_norm.scalar_type() == acc,
               "memory_address_backward: probs and the norms must be ", acc, " for ", z.scalar_type(), " inputs");
-  for (const at::Tensor* t : {&grad_z_hat, &grad_weights, &weights}) {
+  TORCH_CHECK(z_unit.numel() == 0 || z_unit.sizes() == z.sizes(),
+              "memory_address_backward: z_unit must be empty or [B, C] = ", z.sizes(), ", got ", z_unit.sizes());
+  TORCH_CHECK(m_unit.numel() == 0 || m_unit.sizes() == memory.sizes(),
+              "memory_address_backward: m_unit must be empty or [N, C] = ", memory.sizes(), ", got ", m_unit.sizes());
+  for (const at::Tensor* t : {&grad_z_hat, &grad_weights, &weights, &z_unit, &m_unit}) {
     TORCH_CHECK(t->scalar_type() == z.scalar_type(), "memory_address_backward: gradients and weights must be ",
                 z.scalar_type(), ", got ", t->scalar_type());
   }
-  for (const at::Tensor* t : {&grad_z_hat, &grad_weights, &weights, &probs, &z_norm, &m_norm, &w_norm}) {
+  for (const at::Tensor* t : {&grad_z_hat, &grad_weights, &weights, &probs, &z_norm, &m_norm, &w_norm, &z_unit, &m_unit}) {
     TORCH_CHECK(t->device() == z.device(), "memory_address_backward: all tensors must be on ", z.device(),
                 ", got one on ", t->device());
   }
@@ -105,9 +115,9 @@ TORCH_LIBRARY_FRAGMENT(defect_fast, m) {
   m.set_python_module("defect_fast.ops._memory_address");
   m.def(
       "memory_address(Tensor z, Tensor memory, float shrink_threshold, float temperature, int p, "
-      "bool need_backward) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "bool need_backward) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "memory_address_backward(Tensor grad_z_hat, Tensor grad_weights, Tensor z, Tensor memory, "
-      "Tensor weights, Tensor probs, Tensor z_norm, Tensor m_norm, Tensor w_norm, "
+      "Tensor weights, Tensor probs, Tensor z_norm, Tensor m_norm, Tensor w_norm, Tensor z_unit, Tensor m_unit, "
       "float shrink_threshold, float temperature, int p, bool[2] output_mask) -> (Tensor, Tensor)");
 }

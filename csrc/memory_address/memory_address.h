@@ -16,7 +16,8 @@ void check_forward_args(const at::Tensor& z, const at::Tensor& memory, double sh
 void check_backward_args(const at::Tensor& grad_z_hat, const at::Tensor& grad_weights, const at::Tensor& z,
                          const at::Tensor& memory, const at::Tensor& weights, const at::Tensor& probs,
                          const at::Tensor& z_norm, const at::Tensor& m_norm, const at::Tensor& w_norm,
-                         double shrink_threshold, double temperature, int64_t p);
+                         const at::Tensor& z_unit, const at::Tensor& m_unit, double shrink_threshold,
+                         double temperature, int64_t p);
 
 }  // namespace memory_address
 }  // namespace defect_fast

@@ -6,6 +6,15 @@ C++ for CPU tensors) when the extension is available, and the pure-PyTorch defin
 reference is announced once with a warning that says why.
 
 Set ``DEFECT_FAST_BACKEND=reference`` to force the reference (for debugging and comparisons).
+
+Under ``torch.autocast`` (CPU or CUDA, float16 or bfloat16) the three ops are on autocast's
+float32 list, like softmax and the losses: inputs in float16/bfloat16 are upcast to float32
+(float64 when any input is float64), the op runs with autocast off (native kernels and reference
+alike), and **the outputs are float32** (float64 in the float64 case), whatever mix of dtypes
+came in; gradients flow back to each input in that input's dtype. Outside autocast nothing is
+cast: the inputs must share one dtype, and the outputs have it. The native ops are also
+registered with :func:`torch.library.register_autocast` (float32), so calling
+``torch.ops.defect_fast.<op>`` under autocast upcasts the same way.
 """
 from __future__ import annotations
 
@@ -56,8 +65,31 @@ def _use_native(*tensors: torch.Tensor) -> bool:
     return backend(tensors[0].device) != "reference"
 
 
+def _autocast_dtype(*tensors) -> torch.dtype | None:
+    """The dtype the ops compute in under autocast (float32, or float64 if an input is), None when off."""
+    tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+    if not tensors:
+        return None
+    device_type = tensors[0].device.type
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _upcast(t, dtype: torch.dtype):
+    """``t`` in ``dtype`` if it is a floating tensor (anything else is left for the checks to reject)."""
+    return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+
 def memory_address(z: torch.Tensor, memory: torch.Tensor, shrink_threshold: float, temperature: float = 1.0, p: int = 1):
-    """See :func:`defect_fast.ops.reference.memory_address` (same signature and results)."""
+    """See :func:`defect_fast.ops.reference.memory_address` (same signature and results).
+
+    Under autocast: computed in float32; z_hat [B, C] and weights [B, N] are float32.
+    """
+    dtype = _autocast_dtype(z, memory)
+    if dtype is not None:
+        with torch.autocast(z.device.type, enabled=False):
+            return memory_address(_upcast(z, dtype), _upcast(memory, dtype), shrink_threshold, temperature, p)
     if _use_native(z, memory):
         from . import _memory_address
 
@@ -77,7 +109,15 @@ def aw_ssim(
     data_range: float = 1.0,
     return_map: bool = False,
 ):
-    """See :func:`defect_fast.ops.reference.aw_ssim` (same signature and results)."""
+    """See :func:`defect_fast.ops.reference.aw_ssim` (same signature and results).
+
+    Under autocast: computed in float32; the score [B] (and the map) are float32.
+    """
+    dtype = _autocast_dtype(x, y, sigma)
+    if dtype is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            x, y, sigma = (_upcast(t, dtype) for t in (x, y, sigma))
+            return aw_ssim(x, y, sigma, alpha, beta, gamma, window, combine, data_range, return_map)
     if _use_native(x, y):
         from . import _aw_ssim
 
@@ -86,7 +126,14 @@ def aw_ssim(
 
 
 def msfr(feats_x: Sequence[torch.Tensor], feats_r: Sequence[torch.Tensor], out_size, weights: Sequence[float] | None = None):
-    """See :func:`defect_fast.ops.reference.msfr` (same signature and results; inference only)."""
+    """See :func:`defect_fast.ops.reference.msfr` (same signature and results; inference only).
+
+    Under autocast: computed in float32; the map [B, 1, H, W] is float32.
+    """
+    dtype = _autocast_dtype(*feats_x, *feats_r) if len(feats_x) else None
+    if dtype is not None:
+        with torch.autocast(feats_x[0].device.type, enabled=False):
+            return msfr([_upcast(t, dtype) for t in feats_x], [_upcast(t, dtype) for t in feats_r], out_size, weights)
     if _use_native(feats_x[0]):  # the native front hands grad-requiring calls to the reference
         from . import _msfr
 

@@ -76,6 +76,7 @@ def _backward(ctx, grad_score, grad_map, _grad_partials):
 
 
 torch.library.register_autograd("defect_fast::aw_ssim", _backward, setup_context=_setup_context)
+_native.register_autocast_float32("defect_fast::aw_ssim", "defect_fast::aw_ssim_backward")  # see defect_fast.ops: float32 under autocast
 
 
 def aw_ssim(

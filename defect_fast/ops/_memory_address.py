@@ -37,6 +37,7 @@ def _memory_address_fake(z, memory, shrink_threshold, temperature, p, need_backw
     B, C = z.shape
     N = memory.shape[0]
     acc = _acc_dtype(z.dtype)
+    saves_units = need_backward and z.device.type == "cuda"  # the CUDA kernel keeps the normalised rows
     probs = z.new_empty((B, N), dtype=acc) if need_backward else z.new_empty((0,), dtype=acc)
     return (
         z.new_empty((B, C)),
@@ -45,11 +46,13 @@ def _memory_address_fake(z, memory, shrink_threshold, temperature, p, need_backw
         z.new_empty((B,), dtype=acc),
         z.new_empty((N,), dtype=acc),
         z.new_empty((B,), dtype=acc),
+        z.new_empty((B, C) if saves_units else (0,)),
+        z.new_empty((N, C) if saves_units else (0,)),
     )
 
 
 @torch.library.register_fake("defect_fast::memory_address_backward")
-def _memory_address_backward_fake(grad_z_hat, grad_weights, z, memory, weights, probs, z_norm, m_norm, w_norm, shrink_threshold, temperature, p, output_mask):
+def _memory_address_backward_fake(grad_z_hat, grad_weights, z, memory, weights, probs, z_norm, m_norm, w_norm, z_unit, m_unit, shrink_threshold, temperature, p, output_mask):
     torch._check(probs.dim() == 2, lambda: "memory_address_backward: the forward ran with need_backward=False")
     grad_z = z.new_empty(z.shape) if output_mask[0] else z.new_empty((0,))
     grad_m = memory.new_empty(memory.shape) if output_mask[1] else memory.new_empty((0,))
@@ -58,25 +61,26 @@ def _memory_address_backward_fake(grad_z_hat, grad_weights, z, memory, weights, 
 
 def _setup_context(ctx, inputs, output):
     z, memory, shrink_threshold, temperature, p, _need_backward = inputs
-    _z_hat, weights, probs, z_norm, m_norm, w_norm = output
-    ctx.mark_non_differentiable(probs, z_norm, m_norm, w_norm)
-    ctx.save_for_backward(z, memory, weights, probs, z_norm, m_norm, w_norm)
+    _z_hat, weights, probs, z_norm, m_norm, w_norm, z_unit, m_unit = output
+    ctx.mark_non_differentiable(probs, z_norm, m_norm, w_norm, z_unit, m_unit)
+    ctx.save_for_backward(z, memory, weights, probs, z_norm, m_norm, w_norm, z_unit, m_unit)
     ctx.params = (shrink_threshold, temperature, p)
 
 
 def _backward(ctx, grad_z_hat, grad_weights, *_unused):
-    z, memory, weights, probs, z_norm, m_norm, w_norm = ctx.saved_tensors
+    z, memory, weights, probs, z_norm, m_norm, w_norm, z_unit, m_unit = ctx.saved_tensors
     shrink_threshold, temperature, p = ctx.params
     mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
     if grad_z_hat is None:
         grad_z_hat = z.new_zeros((z.shape[0], z.shape[1]))
     if grad_weights is None:
         grad_weights = weights.new_zeros(weights.shape)
-    grad_z, grad_m = _BACKWARD(grad_z_hat, grad_weights, z, memory, weights, probs, z_norm, m_norm, w_norm, shrink_threshold, temperature, p, mask)
+    grad_z, grad_m = _BACKWARD(grad_z_hat, grad_weights, z, memory, weights, probs, z_norm, m_norm, w_norm, z_unit, m_unit, shrink_threshold, temperature, p, mask)
     return (grad_z if mask[0] else None, grad_m if mask[1] else None, None, None, None, None)
 
 
 torch.library.register_autograd("defect_fast::memory_address", _backward, setup_context=_setup_context)
+_native.register_autocast_float32("defect_fast::memory_address", "defect_fast::memory_address_backward")  # see defect_fast.ops: float32 under autocast
 
 
 def _check_args(z, memory, shrink_threshold, temperature, p) -> None:
@@ -119,7 +123,7 @@ def memory_address(z: torch.Tensor, memory: torch.Tensor, shrink_threshold: floa
     """
     _check_args(z, memory, shrink_threshold, temperature, p)
     need_backward = torch.is_grad_enabled() and (z.requires_grad or memory.requires_grad)
-    z_hat, weights, _probs, _z_norm, _m_norm, _w_norm = _OP(z, memory, float(shrink_threshold), float(temperature), int(p), need_backward)
+    z_hat, weights, *_saved = _OP(z, memory, float(shrink_threshold), float(temperature), int(p), need_backward)
     return z_hat, weights
 
 

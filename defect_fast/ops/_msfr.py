@@ -62,6 +62,7 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("defect_fast::msfr", _backward, setup_context=_setup_context)
+_native.register_autocast_float32("defect_fast::msfr")  # see defect_fast.ops: float32 under autocast
 
 
 def _checked_weights(num_scales: int, weights: Sequence[float] | None) -> list[float]:

@@ -444,6 +444,18 @@ def load():
     return _result
 
 
+def register_autocast_float32(*qualnames: str) -> None:
+    """Registers each ``defect_fast::<op>`` for autocast (CPU and CUDA): float16/bfloat16 inputs are
+    upcast to float32 and the kernel runs with autocast off, as for autocast's own float32 ops."""
+    import torch
+
+    for device_type in ("cpu", "cuda"):
+        if not torch.amp.is_autocast_available(device_type):
+            continue
+        for name in qualnames:
+            torch.library.register_autocast(name, device_type, torch.float32)
+
+
 def has_cuda() -> bool:
     """Whether the extension has CUDA kernels and a GPU is visible."""
     module, _ = load()

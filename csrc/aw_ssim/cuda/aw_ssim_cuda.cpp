@@ -50,6 +50,10 @@ void check_inputs(const char* op, const Tensor& x, const Tensor& y, const Tensor
   check_common(op, x, y, sigma, window, combine);
   TORCH_CHECK(x.size(2) <= INT32_MAX && x.size(3) <= INT32_MAX, op, ": image sides must fit in 32 bits, got ",
               x.sizes());
+  // The kernels tile the rows 16 at a time over grid.y, which CUDA caps at 65535.
+  TORCH_CHECK(x.size(2) <= cuda::kMaxRows, op, ": the CUDA kernel takes images up to ", cuda::kMaxRows,
+              " rows (16-row tiles x 65535 blocks in grid.y), got H=", x.size(2),
+              "; split the image along its height or run it on the CPU");
   // NB: sigma > 0 is not checked here (it would synchronise with the device); a non-positive
   // sigma gives a NaN window.
 }
@@ -70,9 +74,11 @@ cuda::Problem make_problem(const Tensor& x, int64_t window, int64_t combine, dou
   return pb;
 }
 
+// The launchers' own shared-memory check returns cudaErrorInvalidConfiguration; the grid limits
+// are checked before any launch (check_inputs), so a too-tall image never reaches this message.
 void check_launch(const char* op, cudaError_t err, int64_t window) {
   TORCH_CHECK(err != cudaErrorInvalidConfiguration, op, ": window ", window,
-              " needs more shared memory per block than this GPU offers");
+              " needs more shared memory per block than this GPU offers (", cudaGetErrorString(err), ")");
   TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
 }
 

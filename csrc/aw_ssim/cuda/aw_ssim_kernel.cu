@@ -302,7 +302,10 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+static_assert(kMaxRows == kMaxGridY * kTile, "kMaxRows (aw_ssim_kernel.h) assumes 16-row tiles");
+
 // Grid over tiles and planes (gridDim.z is capped; the kernels loop over the remaining planes).
+// The glue keeps rows <= kMaxRows, so grid.y <= 65535 (the launchers also refuse taller ones).
 dim3 tile_grid(int64_t rows, int64_t cols, int64_t planes) {
   const int64_t gz = planes < 65535 ? planes : 65535;
   return dim3(static_cast<unsigned>((cols + kTile - 1) / kTile), static_cast<unsigned>((rows + kTile - 1) / kTile),
@@ -331,6 +334,7 @@ cudaError_t forward_mode(const T* x, const T* y, const double* sigma, const Prob
   const Params<acc_t> p = make_params<acc_t>(pb.alpha, pb.beta, pb.gamma, pb.data_range);
   const int64_t bytes = forward_layout<acc_t>(K).total;
   auto kernel = aw_ssim_forward_kernel<T, acc_t, MODE, SAVE>;
+  if (HO > kMaxRows) return cudaErrorInvalidValue;  // grid.y limit; the glue says so first
   cudaError_t err = prepare_smem(kernel, bytes);
   if (err != cudaSuccess) return err;
   const dim3 grid = tile_grid(HO, WO, planes);
@@ -378,6 +382,7 @@ cudaError_t backward_typed(const void* grad_score, const void* grad_map, const v
   const int64_t HO = pb.H - K + 1, WO = pb.W - K + 1, planes = pb.B * pb.C;
   const int64_t bytes = backward_layout<acc_t>(K).total;
   auto kernel = aw_ssim_backward_kernel<T, acc_t>;
+  if (pb.H > kMaxRows) return cudaErrorInvalidValue;  // grid.y limit; the glue says so first
   cudaError_t err = prepare_smem(kernel, bytes);
   if (err != cudaSuccess) return err;
   const double inv_count = 1.0 / static_cast<double>(pb.C * HO * WO);

@@ -21,6 +21,11 @@ struct Problem {
   double alpha, beta, gamma, data_range;
 };
 
+// Tallest image the kernels take: one block per 16 rows of tiles in grid.y, which CUDA caps at
+// 65535 (grid.x, over the columns, goes to 2^31 - 1; the planes loop over a capped grid.z).
+constexpr int64_t kMaxGridY = 65535;
+constexpr int64_t kMaxRows = kMaxGridY * 16;
+
 // Number of acc elements of the forward workspace (one partial score per 16x16 tile and plane).
 int64_t forward_workspace_elems(const Problem& pb);
 

@@ -315,7 +315,8 @@ void check_cpu(const at::Tensor& z, const char* op) {
               ": the CPU kernel supports float32 and float64, got ", z.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> memory_address_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+memory_address_cpu(
     const at::Tensor& z, const at::Tensor& memory, double shrink_threshold, double temperature, int64_t p,
     bool need_backward) {
   check_forward_args(z, memory, shrink_threshold, temperature, p);
@@ -345,16 +346,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                  static_cast<scalar_t>(shrink_threshold), static_cast<scalar_t>(temperature), static_cast<int>(p));
   });
   at::Tensor z_hat = N == 0 ? at::zeros({B, C}, opts) : at::mm(weights, mc);
-  return {z_hat, weights, probs, z_norm, m_norm, w_norm};
+  // The CPU backward scales raw dot products: no normalised copies are saved.
+  return {z_hat, weights, probs, z_norm, m_norm, w_norm, at::empty({0}, opts), at::empty({0}, opts)};
 }
 
 std::tuple<at::Tensor, at::Tensor> memory_address_backward_cpu(
     const at::Tensor& grad_z_hat, const at::Tensor& grad_weights, const at::Tensor& z, const at::Tensor& memory,
     const at::Tensor& weights, const at::Tensor& probs, const at::Tensor& z_norm, const at::Tensor& m_norm,
-    const at::Tensor& w_norm, double shrink_threshold, double temperature, int64_t p,
-    std::array<bool, 2> output_mask) {
-  check_backward_args(grad_z_hat, grad_weights, z, memory, weights, probs, z_norm, m_norm, w_norm, shrink_threshold,
-                      temperature, p);
+    const at::Tensor& w_norm, const at::Tensor& z_unit, const at::Tensor& m_unit, double shrink_threshold,
+    double temperature, int64_t p, std::array<bool, 2> output_mask) {
+  check_backward_args(grad_z_hat, grad_weights, z, memory, weights, probs, z_norm, m_norm, w_norm, z_unit, m_unit,
+                      shrink_threshold, temperature, p);
   check_cpu(z, "memory_address_backward");
   const at::Tensor zc = z.contiguous();
   const at::Tensor mc = memory.contiguous();

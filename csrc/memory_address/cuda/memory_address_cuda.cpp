@@ -3,7 +3,8 @@
 // passes between them are the kernels of memory_address_kernel.cu.
 //
 // Forward:  zn, mn = normalised rows; cos = zn mn^T (GEMM); forward_rows (in place) -> w'';
-//           z_hat = w'' memory (GEMM).
+//           z_hat = w'' memory (GEMM). With need_backward, zn and mn are returned (z_unit,
+//           m_unit) for the backward pass.
 // Backward: h = grad_z_hat memory^T (GEMM); backward_rows (in place) -> dL/dcos;
 //           grad_z = project(h mn) (GEMM); grad_memory = project(h^T zn) + w''^T grad_z_hat (2 GEMMs).
 // NB: unlike the CPU kernel, which scales raw dot products, the cosines are computed from
@@ -69,7 +70,8 @@ void check_cuda(const at::Tensor& z, const char* op) {
               ": the CUDA kernel supports float32, float64, float16 and bfloat16, got ", t);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> memory_address_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+memory_address_cuda(
     const at::Tensor& z, const at::Tensor& memory, double shrink_threshold, double temperature, int64_t p,
     bool need_backward) {
   check_forward_args(z, memory, shrink_threshold, temperature, p);
@@ -86,7 +88,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor probs = need_backward ? at::empty({B, N}, acc_opts) : at::empty({0}, acc_opts);
   at::Tensor z_norm = at::empty({B}, acc_opts);
   at::Tensor m_norm = at::empty({N}, acc_opts);
-  at::Tensor w_norm = at::zeros({B}, acc_opts);
+  // NB: forward_rows writes every w_norm[b]; only the degenerate N == 0 case below fills it.
+  at::Tensor w_norm = at::empty({B}, acc_opts);
   at::Tensor zn = at::empty_like(zc);
   at::Tensor mn = at::empty_like(mc);
 
@@ -99,6 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                         stream));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (B == 0 || N == 0) {
+      w_norm.zero_();
       return;
     }
     // 2. Cosines (GEMM), then softmax, shrinkage and renormalisation in place.
@@ -110,16 +114,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   });
   // 3. Read-out (GEMM).
   at::Tensor z_hat = N == 0 ? at::zeros({B, C}, opts) : at::mm(weights, mc);
-  return {z_hat, weights, probs, z_norm, m_norm, w_norm};
+  // 4. The normalised rows are kept for the backward pass (not recomputed there).
+  if (!need_backward) {
+    zn = at::empty({0}, opts);
+    mn = at::empty({0}, opts);
+  }
+  return {z_hat, weights, probs, z_norm, m_norm, w_norm, zn, mn};
 }
 
 std::tuple<at::Tensor, at::Tensor> memory_address_backward_cuda(
     const at::Tensor& grad_z_hat, const at::Tensor& grad_weights, const at::Tensor& z, const at::Tensor& memory,
     const at::Tensor& weights, const at::Tensor& probs, const at::Tensor& z_norm, const at::Tensor& m_norm,
-    const at::Tensor& w_norm, double shrink_threshold, double temperature, int64_t p,
-    std::array<bool, 2> output_mask) {
-  check_backward_args(grad_z_hat, grad_weights, z, memory, weights, probs, z_norm, m_norm, w_norm, shrink_threshold,
-                      temperature, p);
+    const at::Tensor& w_norm, const at::Tensor& z_unit, const at::Tensor& m_unit, double shrink_threshold,
+    double temperature, int64_t p, std::array<bool, 2> output_mask) {
+  check_backward_args(grad_z_hat, grad_weights, z, memory, weights, probs, z_norm, m_norm, w_norm, z_unit, m_unit,
+                      shrink_threshold, temperature, p);
   check_cuda(z, "memory_address_backward");
   const c10::cuda::CUDAGuard guard(z.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -141,18 +150,25 @@ std::tuple<at::Tensor, at::Tensor> memory_address_backward_cuda(
   }
   at::Tensor grad_z = at::empty({0}, opts);
   at::Tensor grad_m = at::empty({0}, opts);
-  at::Tensor zn = at::empty_like(zc);
-  at::Tensor mn = at::empty_like(mc);
+  // The normalised rows saved by the forward pass; recomputed from the saved norms only when a
+  // caller of the raw op passes empty ones.
+  const bool have_zn = z_unit.numel() > 0, have_mn = m_unit.numel() > 0;
+  const at::Tensor zn = have_zn ? z_unit.contiguous() : at::empty_like(zc);
+  const at::Tensor mn = have_mn ? m_unit.contiguous() : at::empty_like(mc);
   at::Tensor h = at::mm(gzc, mc.t());  // 1. the read-out's part of dL/dw'' (GEMM)
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, zc.scalar_type(), "memory_address_backward_cuda", [&] {
-    // 2. Normalised rows from the saved norms; dL/dcos in place of h.
-    C10_CUDA_CHECK(cuda::normalize_rows(ptr<scalar_t>(zc), ptr<scalar_t>(zn), acc_ptr<scalar_t>(znc), false, B, C,
-                                        stream));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    C10_CUDA_CHECK(cuda::normalize_rows(ptr<scalar_t>(mc), ptr<scalar_t>(mn), acc_ptr<scalar_t>(mnc), false, N, C,
-                                        stream));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // 2. dL/dcos in place of h (normalised rows first, if they were not saved).
+    if (!have_zn) {
+      C10_CUDA_CHECK(cuda::normalize_rows(ptr<scalar_t>(zc), ptr<scalar_t>(zn), acc_ptr<scalar_t>(znc), false, B, C,
+                                          stream));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (!have_mn) {
+      C10_CUDA_CHECK(cuda::normalize_rows(ptr<scalar_t>(mc), ptr<scalar_t>(mn), acc_ptr<scalar_t>(mnc), false, N, C,
+                                          stream));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     C10_CUDA_CHECK(cuda::backward_rows(ptr<scalar_t>(h), ptr<scalar_t>(gwc), acc_ptr<scalar_t>(pc),
                                        acc_ptr<scalar_t>(wnc), ptr<scalar_t>(h), B, N, shrink_threshold, temperature,
                                        static_cast<int>(p), stream));

@@ -1,0 +1,191 @@
+"""Training throughput: patches/s per stage (normal, synthetic) for CMA-AE and AW-AE, eager vs tuned.
+
+One training step = batch preparation on the training device (normal stage: patches cut from
+resident images; synthetic stage: the model's own anomaly synthesis, GAAGA or ADGA, on whole
+images, then the patches) + forward + ``model.loss`` + backward + Adam step. Steps of the two
+modes alternate in one run (benchmarks/common.py), and the ratio is the ratio of the medians.
+
+- eager: float32, contiguous (NCHW) tensors.
+- tuned: channels_last model and inputs, plus bfloat16 autocast where it pays: on CUDA, and on
+  CPUs with AVX512-BF16 or AMX (oneDNN's bfloat16 kernels); elsewhere channels_last float32.
+
+Images are random (uniform noise, smoothed) and so are the synthesis sources: throughput does not
+depend on the pictures, and the benchmark needs no files or network.
+
+    python benchmarks/bench_train.py [--device cpu|cuda] [--models cmaae awae] [--batch 16]
+                                     [--steps 3] [--out benchmarks/results/train_cpu.json]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from common import RESULTS, ROOT, command_line, device_info, time_interleaved, write_results
+
+from defect_fast.data.patches import extract_patches
+from defect_fast.models import build_model
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def tuned_precision(device: str) -> torch.dtype | None:
+    """bfloat16 on CUDA and on CPUs with AVX512-BF16 or AMX; None (float32) elsewhere."""
+    if device.startswith("cuda"):
+        return torch.bfloat16
+    flags = cpu_flags()
+    return torch.bfloat16 if ({"avx512_bf16", "amx_bf16"} & flags) else None
+
+
+def smooth_noise(n: int, size: int, generator: torch.Generator, device: str) -> torch.Tensor:
+    """[n, 3, size, size] in [-1, 1]: upsampled noise, some structure at several scales."""
+    coarse = torch.rand(n, 3, max(size // 8, 2), max(size // 8, 2), generator=generator)
+    fine = torch.rand(n, 3, size, size, generator=generator)
+    img = 0.7 * F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False) + 0.3 * fine
+    return (img * 2 - 1).to(device)
+
+
+def default_lpips_weights() -> str | None:
+    """AW-AE's synthetic stage needs LPIPS's AlexNet trunk: $DEFECT_FAST_ALEXNET_WEIGHTS, else the
+    shared copy beside the checkout (../shared/weights/alexnet-features-imagenet.pth), else None."""
+    env = os.environ.get("DEFECT_FAST_ALEXNET_WEIGHTS")
+    if env:
+        return env
+    shared = ROOT.parent / "shared" / "weights" / "alexnet-features-imagenet.pth"
+    return str(shared) if shared.is_file() else None
+
+
+class Workload:
+    """A model, its optimizer and the resident images of one benchmark case (one mode)."""
+
+    def __init__(self, name: str, stage: int, batch: int, image_size: int, device: str, tuned: bool,
+                 precision: torch.dtype | None, lpips_weights: str | None = None, seed: int = 0):
+        torch.manual_seed(seed)
+        kwargs = {"lpips_weights": lpips_weights} if (name == "awae" and lpips_weights) else {}
+        self.model = build_model(name, **kwargs).to(device)
+        self.stage, self.batch, self.device = stage, batch, device
+        self.stage_name = self.model.stages[stage]
+        self.patch = self.model.patch_size
+        if image_size % self.patch:
+            raise ValueError(f"bench_train: --image-size {image_size} is not a multiple of {name}'s patch {self.patch}")
+        self.per_image = (image_size // self.patch) ** 2
+        self.images_per_step = math.ceil(batch / self.per_image)
+        gen = torch.Generator().manual_seed(seed)
+        self.images = smooth_noise(max(self.images_per_step, 4), image_size, gen, device)
+        self.sources = smooth_noise(4, image_size, gen, device)
+        self.gen = torch.Generator(device=device).manual_seed(seed) if device.startswith("cuda") else torch.Generator().manual_seed(seed)
+        self.cpu_gen = torch.Generator().manual_seed(seed + 1)
+        self.memory_format = torch.channels_last if tuned else torch.contiguous_format
+        self.precision = precision if tuned else None
+        self.model = self.model.to(memory_format=self.memory_format)
+        if hasattr(self.model, "begin_epoch"):
+            self.model.begin_epoch(stage, 0)
+        self.opt = torch.optim.Adam(self.model.trainable_parameters(stage), lr=1e-4)
+        if self.stage_name == "synthetic":
+            if self.model.synthesis == "gaaga":
+                from defect_fast.synthesis.gaaga import gaaga as synth
+            else:
+                from defect_fast.synthesis.adga import adga as synth
+            self.synth = synth
+
+    def make_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input, target) patches [batch, 3, P, P] made on the device."""
+        idx = torch.randint(0, self.images.shape[0], (self.images_per_step,), generator=self.cpu_gen).to(self.device)
+        clean = self.images[idx]
+        if self.stage_name == "synthetic":
+            dirty, _mask = self.synth(clean, self.sources, self.gen)
+            x = extract_patches(dirty, self.patch)[: self.batch]
+            y = extract_patches(clean, self.patch)[: self.batch]
+        else:
+            x = y = extract_patches(clean, self.patch)[: self.batch]
+        return x.contiguous(memory_format=self.memory_format), y.contiguous(memory_format=self.memory_format)
+
+    def step(self) -> float:
+        x, y = self.make_batch()
+        self.opt.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.split(":")[0], dtype=self.precision or torch.bfloat16, enabled=self.precision is not None):
+            out = self.model(x)
+            loss, _parts = self.model.loss(out, y, self.stage)
+        loss.backward()
+        self.opt.step()
+        return float(loss.detach())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--models", nargs="+", default=["cmaae", "awae"], choices=["cmaae", "awae"])
+    ap.add_argument("--batch", type=int, nargs="+", default=None,
+                    help="patches per step (default: 2048 on CUDA, 16 on the CPU)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per mode (default: 10 on CUDA, 3 on the CPU)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--stages", nargs="+", default=["normal", "synthetic"], choices=["normal", "synthetic"])
+    ap.add_argument("--lpips-weights", default=default_lpips_weights(),
+                    help="AlexNet trunk file for AW-AE's LPIPS loss (default: $DEFECT_FAST_ALEXNET_WEIGHTS or ../shared/weights/)")
+    ap.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/train_<device>.json)")
+    args = ap.parse_args()
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is visible")
+    batches = args.batch or ([2048] if cuda else [16])
+    steps = args.steps or (10 if cuda else 3)
+    if min(batches) < 1 or steps < 1:
+        ap.error("--batch and --steps must be >= 1")
+    precision = tuned_precision(args.device)
+    flags = cpu_flags()
+    info = device_info(args.device)
+    info["cpu_flags"] = {f: (f in flags) for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx2")}
+    results = {
+        "info": info, "command": command_line(),
+        "modes": {"eager": "float32, NCHW",
+                  "tuned": f"channels_last, {'bfloat16 autocast' if precision else 'float32 (no AVX512-BF16/AMX)'}"},
+        "image_size": args.image_size, "steps": steps, "warmup": args.warmup, "rows": [], "skipped": [],
+    }
+    for name in args.models:
+        for batch in batches:
+            for stage_name in args.stages:
+                probe = build_model(name)
+                if stage_name not in probe.stages:
+                    continue
+                stage = probe.stages.index(stage_name)
+                try:
+                    eager = Workload(name, stage, batch, args.image_size, args.device, False, precision, args.lpips_weights)
+                    tuned = Workload(name, stage, batch, args.image_size, args.device, True, precision, args.lpips_weights)
+                    eager.step()  # the first step builds lazily loaded parts (LPIPS): fail here, not mid-timing
+                except FileNotFoundError as exc:
+                    results["skipped"].append({"model": name, "stage": stage_name, "batch": batch, "reason": str(exc)})
+                    print(f"{name} {stage_name} batch {batch}: skipped ({exc})", flush=True)
+                    continue
+                t0 = time.perf_counter()
+                t = time_interleaved({"eager": eager.step, "tuned": tuned.step}, rounds=steps, warmup=args.warmup,
+                                     device=args.device)
+                row = {"model": name, "stage": stage_name, "batch": batch,
+                       "eager_patches_per_s": round(batch / (t["eager"]["median_ms"] / 1e3), 1),
+                       "tuned_patches_per_s": round(batch / (t["tuned"]["median_ms"] / 1e3), 1),
+                       "speedup": round(t["eager"]["median_ms"] / t["tuned"]["median_ms"], 3),
+                       "final_loss": {"eager": eager.step(), "tuned": tuned.step()},
+                       "timings": t, "wall_s": round(time.perf_counter() - t0, 1)}
+                results["rows"].append(row)
+                print(f"{name} {stage_name:9s} batch {batch:5d} on {args.device}: eager {row['eager_patches_per_s']:9.1f} "
+                      f"patches/s, tuned {row['tuned_patches_per_s']:9.1f} patches/s, x{row['speedup']:.2f}", flush=True)
+    results["info"]["load_average_end"] = device_info(args.device).get("load_average")
+    write_results(args.out or RESULTS / f"train_{args.device.split(':')[0]}.json", results)
+
+
+if __name__ == "__main__":
+    main()

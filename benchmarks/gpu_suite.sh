@@ -1,0 +1,242 @@
+#!/usr/bin/env bash
+# Everything a GPU must show, in one command of at most 9 minutes on one H100/H200, offline.
+#
+#   bash benchmarks/gpu_suite.sh [--dry-run] [--wheels DIR] OUTDIR
+#
+# Steps (each under its own timeout; the suite stops starting steps at its 9-minute deadline):
+#   env        python, torch, nvidia-smi, nvcc, CPU        -> OUTDIR/env.json
+#   install    pip install --no-index --find-links WHEELS (only what is missing; no network)
+#   build      the CUDA kernels (JIT, for the visible GPU) -> OUTDIR/build.json
+#   tests      pytest -m cuda                              -> OUTDIR/tests_cuda.xml
+#   memcheck   compute-sanitizer --tool memcheck  on benchmarks/gpu_op_smoke.py
+#   racecheck  compute-sanitizer --tool racecheck on benchmarks/gpu_op_smoke.py
+#   bench_ops  benchmarks/bench_{memory_address,aw_ssim,msfr}.py -> OUTDIR/results/*.json
+#   inference  benchmarks/bench_inference.py --device cuda       -> OUTDIR/results/inference_*.json
+#   train      benchmarks/bench_train.py --device cuda           -> OUTDIR/results/train_cuda.json
+# and writes OUTDIR/suite.json (every step's status, seconds, log) and a one-screen summary.
+#
+# --dry-run (any machine, no GPU needed; CI runs it): executes the CPU parts at tiny sizes (the
+# C++ kernels, the op smoke test on the CPU, the cuda tests' collection, each benchmark once on
+# the CPU with one round) and lists the GPU commands it would run. Well under 3 minutes once the
+# C++ kernels are built.
+#
+# Preparing the wheels (on a machine with network, same Python minor version and platform as
+# the GPU machine), then ship the folder with the checkout:
+#   mkdir -p wheels
+#   pip download --dest wheels --only-binary=:all: --python-version 3.11 --platform manylinux_2_28_x86_64 \
+#       --index-url https://download.pytorch.org/whl/cu128 torch==<version in constraints.txt>
+#   pip download --dest wheels --only-binary=:all: --python-version 3.11 --platform manylinux_2_28_x86_64 \
+#       numpy pillow scikit-learn tqdm ninja pytest pytorch-msssim
+#   pip download --dest wheels --no-deps lpips==0.1.4      # installed with --no-deps (no torchvision)
+# (torch's CUDA wheel pulls its nvidia-* runtime wheels into the same folder; about 3 GB.)
+# Default WHEELS: $DEFECT_FAST_WHEELS, else ./wheels, else ../shared/wheels. When torch with CUDA
+# already imports, the install step only adds what is missing and never touches torch.
+# The CUDA build needs nvcc (CUDA_HOME or /usr/local/cuda); compute-sanitizer comes with it.
+# AW-AE's LPIPS loss needs the AlexNet trunk file: $DEFECT_FAST_ALEXNET_WEIGHTS or
+# ../shared/weights/alexnet-features-imagenet.pth (its synthetic stage is skipped without it).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+DRY=0
+WHEELS="${DEFECT_FAST_WHEELS:-}"
+OUT=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) DRY=1 ;;
+    --wheels) WHEELS="$2"; shift ;;
+    -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
+    -*) echo "gpu_suite.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+    *) [ -n "$OUT" ] && { echo "gpu_suite.sh: one OUTDIR only, got $OUT and $1" >&2; exit 2; }; OUT="$1" ;;
+  esac
+  shift
+done
+[ -n "$OUT" ] || { echo "usage: bash benchmarks/gpu_suite.sh [--dry-run] [--wheels DIR] OUTDIR" >&2; exit 2; }
+mkdir -p "$OUT/logs" "$OUT/results" || { echo "gpu_suite.sh: cannot create $OUT" >&2; exit 2; }
+OUT=$(cd "$OUT" && pwd)
+if [ -z "$WHEELS" ]; then
+  for d in "$ROOT/wheels" "$ROOT/../shared/wheels"; do [ -d "$d" ] && { WHEELS=$d; break; }; done
+fi
+
+PY=${PYTHON:-python3}
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export DEFECT_FAST_RESULTS_DIR="$OUT/results"   # benchmarks write here, not into benchmarks/results/
+export DEFECT_FAST_JIT=1                         # build from this checkout's csrc/, not an installed _C
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+export PIP_NO_INDEX=1                            # the suite never reaches the network
+if [ -z "${DEFECT_FAST_ALEXNET_WEIGHTS:-}" ] && [ -f "$ROOT/../shared/weights/alexnet-features-imagenet.pth" ]; then
+  export DEFECT_FAST_ALEXNET_WEIGHTS="$ROOT/../shared/weights/alexnet-features-imagenet.pth"
+fi
+
+START=$(date +%s)
+DEADLINE=$((START + ${SUITE_SECONDS:-540}))      # 9 minutes for everything
+STEPS_FILE="$OUT/steps.tsv"
+: > "$STEPS_FILE"
+
+# step NAME BUDGET_S MODE CMD...   MODE: gpu (dry run lists it) | cpu (dry run executes it)
+step() {
+  local name=$1 budget=$2 mode=$3
+  shift 3
+  local log="$OUT/logs/$name.log"
+  if [ "$DRY" = 1 ] && [ "$mode" = gpu ]; then
+    printf '%s\tlisted\t0\t%s\t%s\n' "$name" "$log" "$*" >> "$STEPS_FILE"
+    printf '  [gpu, not run] %-10s (%3ss) %s\n' "$name" "$budget" "$*"
+    return 0
+  fi
+  local now left
+  now=$(date +%s)
+  left=$((DEADLINE - now))
+  if [ "$left" -le 5 ]; then
+    printf '%s\tskipped\t0\t%s\t%s\n' "$name" "$log" "past the suite deadline" >> "$STEPS_FILE"
+    echo "  [skipped]      $name: past the 9-minute deadline"
+    return 0
+  fi
+  [ "$budget" -gt "$left" ] && budget=$left
+  printf '  [run]          %-10s (<=%3ss) %s\n' "$name" "$budget" "$*"
+  local t0 rc status
+  t0=$(date +%s)
+  timeout --kill-after=10 "$budget" "$@" > "$log" 2>&1
+  rc=$?
+  case $rc in
+    0) status=ok ;;
+    124|137) status=timeout ;;
+    *) status="failed(rc=$rc)" ;;
+  esac
+  printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$(( $(date +%s) - t0 ))" "$log" "$*" >> "$STEPS_FILE"
+  [ "$status" = ok ] || { echo "                 -> $status; last lines of $log:"; tail -n 5 "$log" | sed 's/^/                    /'; }
+  return 0
+}
+
+echo "gpu_suite: $( [ "$DRY" = 1 ] && echo 'DRY RUN (CPU parts run, GPU parts listed)' || echo 'GPU run') -> $OUT"
+
+# ---- env ---------------------------------------------------------------------------------
+step env 30 cpu "$PY" - "$OUT/env.json" <<'EOF'
+import json, os, platform, shutil, subprocess, sys
+def run(cmd):
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout.strip()
+    except Exception as exc:  # noqa: BLE001
+        return f"unavailable: {exc}"
+info = {"python": platform.python_version(), "platform": platform.platform()}
+try:
+    import torch
+    info.update(torch=torch.__version__, torch_cuda=torch.version.cuda, cuda_available=torch.cuda.is_available())
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
+except ImportError as exc:
+    info["torch"] = f"not importable: {exc}"
+info["nvidia_smi"] = run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]) if shutil.which("nvidia-smi") else "absent"
+info["nvcc"] = run(["nvcc", "--version"]).splitlines()[-1] if shutil.which("nvcc") else "absent"
+info["compute_sanitizer"] = shutil.which("compute-sanitizer") or "absent"
+cpu = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")] if os.path.exists("/proc/cpuinfo") else []
+info["cpu"] = cpu[0] if cpu else platform.processor()
+info["load_average"] = list(os.getloadavg())
+json.dump(info, open(sys.argv[1], "w"), indent=2)
+print(json.dumps(info, indent=2))
+EOF
+
+# ---- install (offline) ---------------------------------------------------------------------
+INSTALL_CMD=(bash -c 'set -e; "$0" -m pip install --no-index --find-links "$1" -c constraints.txt torch numpy pillow scikit-learn tqdm ninja pytest pytorch-msssim; "$0" -m pip install --no-index --find-links "$1" --no-deps lpips==0.1.4' "$PY" "${WHEELS:-<no wheels folder>}")
+if [ "$DRY" = 1 ]; then
+  step install 60 gpu "${INSTALL_CMD[@]}"
+elif "$PY" -c "import importlib.util as u, torch; assert torch.cuda.is_available(); assert all(u.find_spec(m) for m in ('numpy', 'pytest', 'pytorch_msssim', 'sklearn', 'lpips', 'ninja'))" 2>/dev/null; then
+  printf 'install\tok\t0\t-\talready installed (torch with CUDA imports)\n' >> "$STEPS_FILE"
+  echo "  [ok]           install: torch with CUDA and the test dependencies already import"
+elif [ -z "$WHEELS" ]; then
+  printf 'install\tfailed(no wheels)\t0\t-\tno wheels folder\n' >> "$STEPS_FILE"
+  echo "  [failed]       install: no wheels folder (--wheels DIR, \$DEFECT_FAST_WHEELS, ./wheels or ../shared/wheels)"
+else
+  step install 90 gpu "${INSTALL_CMD[@]}"
+fi
+
+# ---- build ---------------------------------------------------------------------------------
+BUILD_PY="$OUT/logs/build_check.py"
+cat > "$BUILD_PY" <<'PY'
+import json, sys, time
+t = time.perf_counter()
+from defect_fast.ops import _native
+module, reason = _native.load()
+info = {"loaded": module is not None, "reason": reason, "cuda": _native.has_cuda(), "cuda_reason": _native.cuda_reason(),
+        "seconds": round(time.perf_counter() - t, 1)}
+json.dump(info, open(sys.argv[1], "w"), indent=2)
+print(info)
+sys.exit(0 if module is not None and (info["cuda"] or sys.argv[2] == "cpu") else 1)
+PY
+if [ "$DRY" = 1 ]; then
+  step build_cpu 170 cpu "$PY" "$BUILD_PY" "$OUT/build.json" cpu
+fi
+step build 240 gpu "$PY" "$BUILD_PY" "$OUT/build.json" cuda
+
+# ---- tests ---------------------------------------------------------------------------------
+if [ "$DRY" = 1 ]; then
+  step tests_collect 60 cpu "$PY" -m pytest -q -p no:cacheprovider -m cuda --collect-only tests/
+fi
+step tests 90 gpu "$PY" -m pytest -q -p no:cacheprovider -m cuda --junitxml="$OUT/tests_cuda.xml" tests/
+
+# ---- compute-sanitizer ---------------------------------------------------------------------
+if [ "$DRY" = 1 ]; then
+  step op_smoke_cpu 60 cpu "$PY" benchmarks/gpu_op_smoke.py --device cpu
+fi
+step memcheck 60 gpu compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" benchmarks/gpu_op_smoke.py --device cuda
+step racecheck 60 gpu compute-sanitizer --tool racecheck --error-exitcode 1 "$PY" benchmarks/gpu_op_smoke.py --device cuda
+
+# ---- benchmarks ----------------------------------------------------------------------------
+if [ "$DRY" = 1 ]; then
+  step bench_ma_cpu 30 cpu "$PY" benchmarks/bench_memory_address.py --device cpu --rounds 1
+  step bench_ssim_cpu 30 cpu "$PY" benchmarks/bench_aw_ssim.py --device cpu --batches 4 --rounds 1
+  step bench_msfr_cpu 30 cpu "$PY" benchmarks/bench_msfr.py --device cpu --rounds 1
+  step train_cpu 60 cpu "$PY" benchmarks/bench_train.py --device cpu --models cmaae --batch 4 --steps 1 --warmup 0 --image-size 128
+fi
+step bench_ma 40 gpu "$PY" benchmarks/bench_memory_address.py --device cuda --rounds 20
+step bench_ssim 50 gpu "$PY" benchmarks/bench_aw_ssim.py --device cuda --batches 64,512 --rounds 10
+step bench_msfr 40 gpu "$PY" benchmarks/bench_msfr.py --device cuda --rounds 20
+step inference 75 gpu "$PY" benchmarks/bench_inference.py --device cuda ${INFERENCE_ARGS:---batch 1 8 64 --rounds 10}
+step train 100 gpu "$PY" benchmarks/bench_train.py --device cuda --batch 2048 --steps 5
+
+# ---- summary -------------------------------------------------------------------------------
+"$PY" - "$OUT" "$DRY" "$(( $(date +%s) - START ))" <<'EOF'
+import glob, json, os, sys
+out, dry, seconds = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3])
+steps = []
+for line in open(os.path.join(out, "steps.tsv")):
+    name, status, secs, log, cmd = line.rstrip("\n").split("\t", 4)
+    steps.append({"step": name, "status": status, "seconds": int(secs), "log": log, "command": cmd})
+env = json.load(open(os.path.join(out, "env.json"))) if os.path.exists(os.path.join(out, "env.json")) else {}
+suite = {"dry_run": dry, "seconds": seconds, "env": env, "steps": steps,
+         "results": sorted(os.path.relpath(p, out) for p in glob.glob(os.path.join(out, "results", "*.json")))}
+json.dump(suite, open(os.path.join(out, "suite.json"), "w"), indent=2)
+
+print("=" * 78)
+print(f"gpu_suite {'DRY RUN' if dry else ''} in {seconds} s on {env.get('gpu') or env.get('cpu', '?')} (torch {env.get('torch', '?')})")
+for s in steps:
+    print(f"  {s['step']:14s} {s['status']:16s} {s['seconds']:4d} s")
+def load(name):
+    p = os.path.join(out, "results", name)
+    return json.load(open(p)) if os.path.exists(p) else None
+def rows(payload):
+    return (payload.get("rows") or payload.get("cases") or []) if isinstance(payload, dict) else []
+for path in suite["results"]:
+    payload = json.load(open(os.path.join(out, path)))
+    name = os.path.basename(path)
+    lines = []
+    for r in rows(payload)[:4]:
+        if not isinstance(r, dict):
+            continue
+        keys = [k for k in r if any(t in k for t in ("speedup", "per_s", "ms_per_image", "ratio"))]
+        if isinstance(r.get("native"), dict) and "median_ms" in r["native"]:
+            r = dict(r, native_ms=r["native"]["median_ms"])
+            keys.insert(0, "native_ms")
+        label = " ".join(f"{k}={r[k]}" for k in ("model", "stage", "case", "pass", "batch", "images", "B", "N", "C", "dtype") if k in r)
+        vals = " ".join(f"{k}={r[k]:.4g}" if isinstance(r[k], (int, float)) else f"{k}={r[k]}" for k in keys[:4])
+        lines.append(f"    {label} {vals}".rstrip())
+    print(f"  {name}")
+    print("\n".join(lines) if lines else "    (see file)")
+if not dry:
+    print("  targets: CMA-AE 512x512 <= 1 ms/image at batch 1 (paper: 41.673 ms on an A100), >= 5000 images/s at 64;")
+    print("           AW-SSIM fwd+bwd >= 5x reference and >= 3x pytorch-msssim; training >= 100000 patches/s (CMA-AE, 2048)")
+bad = [s["step"] for s in steps if s["status"] not in ("ok", "listed")]
+print(f"  suite.json: {os.path.join(out, 'suite.json')}; {'all steps ok' if not bad else 'NOT ok: ' + ', '.join(bad)}")
+print("=" * 78)
+sys.exit(1 if bad else 0)
+EOF
