@@ -92,22 +92,29 @@ def test_seeded_masks_are_reproducible():
 def test_dtype_and_device_follow_request(dtype):
     n = perlin_noise(2, 32, 48, _gen(9), dtype=dtype, device="cpu")
     assert n.dtype == dtype and n.device.type == "cpu"
-    m, a = perlin_mask(2, 32, 48, _gen(9), 0.2, softness=0.5, dtype=dtype, return_alpha=True)
+    m, a = perlin_mask(2, 32, 48, _gen(9), 0.2, softness=3.0, dtype=dtype, return_alpha=True)
     assert a.dtype == dtype and m.dtype == torch.bool
 
 
 @pytest.mark.cuda
 def test_cuda_output_from_cpu_generator():
-    m, a = perlin_mask(3, 64, 64, _gen(10), 0.1, softness=0.5, device="cuda", return_alpha=True)
+    m, a = perlin_mask(3, 64, 64, _gen(10), 0.1, softness=3.0, device="cuda", return_alpha=True)
     assert m.is_cuda and a.is_cuda
     cpu = perlin_mask(3, 64, 64, _gen(10), 0.1)
     assert (m.cpu() != cpu).float().mean() < 0.01  # same draws, float differences at the contour only
 
 
 def test_soft_alpha_edges():
-    m, a = perlin_mask(4, 64, 64, _gen(11), 0.2, softness=0.5, return_alpha=True)
+    m, a = perlin_mask(4, 64, 64, _gen(11), 0.2, softness=3.0, return_alpha=True)
     assert torch.equal(a >= 0.5, m)
     assert ((a > 0) & (a < 1)).float().mean() > 0.05  # a real transition band
+    # the band's width is set in pixels: about proportional to softness, whatever the noise scale
+    for scale in ((2, 2), (16, 16)):
+        band = []
+        for soft in (2.0, 6.0):
+            _, a = perlin_mask(4, 96, 96, _gen(12), 0.2, scale_range=scale, softness=soft, return_alpha=True)
+            band.append(((a > 0) & (a < 1)).float().sum())
+        assert 2.2 < band[1] / band[0] < 3.8
     assert a.min() >= 0 and a.max() <= 1
     m2, hard = perlin_mask(4, 64, 64, _gen(11), 0.2, softness=0.0, return_alpha=True)
     assert torch.equal(hard, m2.float())

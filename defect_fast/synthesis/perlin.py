@@ -226,7 +226,7 @@ def perlin_mask(batch: int, height: int, width: int, generator: torch.Generator,
         coverage: the masked fraction of each image: a number, a ``(low, high)`` range drawn
             log-uniformly per image, or a ``[B]`` tensor.
         scale_range, rotate: as :func:`perlin_noise` (more cells: smaller, more numerous blobs).
-        softness: edge width of the alpha in units of the noise's spread (0: hard edges).
+        softness: edge width of the alpha in pixels (0: hard edges).
         device, dtype: of the alpha (default: the generator's device, float32).
         return_alpha: also return the alpha.
 
@@ -267,14 +267,21 @@ def coverage_draw(coverage, batch: int, generator: torch.Generator, device: torc
 def soft_alpha(field: torch.Tensor, thr: torch.Tensor, mask: torch.Tensor, softness: float | torch.Tensor) -> torch.Tensor:
     """Smooth-edged alpha ``[B, 1, H, W]`` around the threshold contour; exactly ``mask`` where softness is 0.
 
-    ``softness``: a number or ``[B]``, the edge width in units of each image's noise spread."""
-    b = field.shape[0]
+    ``softness``: a number or ``[B]``: the width of the edge (alpha from 0 to 1) in pixels. The
+    distance to the contour is estimated as ``(field - threshold) / |grad field|`` (central
+    differences), so the width does not depend on the noise's scale. ``alpha >= 0.5`` iff ``mask``.
+    """
+    b, _, h, w = field.shape
+    if b == 0:
+        return mask.to(field.dtype)
     soft = torch.as_tensor(softness, dtype=field.dtype, device=field.device).expand(b).view(-1, 1, 1, 1)
-    spread = field.reshape(b, -1).std(dim=1).view(-1, 1, 1, 1) if field[0].numel() > 1 else torch.ones_like(soft)
-    width = (soft * spread).clamp(min=1e-12)
+    fp = torch.nn.functional.pad(field, (1, 1, 1, 1), mode="replicate")
+    gy = (fp[:, :, 2:, 1:-1] - fp[:, :, :-2, 1:-1]) * 0.5
+    gx = (fp[:, :, 1:-1, 2:] - fp[:, :, 1:-1, :-2]) * 0.5
+    grad = (gy * gy + gx * gx).sqrt().clamp(min=1e-6)
     finite_thr = torch.where(torch.isfinite(thr), thr, torch.full_like(thr, 1e30)).view(-1, 1, 1, 1)
-    t = ((field - finite_thr) / width + 0.5).clamp(0, 1)
+    t = ((field - finite_thr) / (grad * soft.clamp(min=1e-6)) + 0.5).clamp(0, 1)
     smooth = t * t * (3 - 2 * t)
-    # NB: the smoothstep is 1/2 on the contour; force the hard decision there so alpha >= 1/2 iff mask
+    # NB: the smoothstep is 1/2 on the contour; keep the hard decision there so alpha >= 1/2 iff mask
     smooth = torch.where(mask, smooth.clamp(min=0.5), smooth.clamp(max=0.4999))
     return torch.where(soft > 0, smooth, mask.to(field.dtype))

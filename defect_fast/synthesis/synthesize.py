@@ -33,11 +33,12 @@ Two variants, for both methods (``method``: ``"gaaga"`` for CMA-AE, ``"adga"`` f
        per side log-uniform in ``scale_range`` (default 2..32).
        Intensity content always uses a blob of coarse noise (``intensity_scale_range`` 1..4
        cells) with coverage in ``intensity_coverage`` (default 5 %..40 %) and a wide soft edge
-       (``intensity_softness`` 1.0): large, low-contrast, smooth-edged regions like "uneven".
+       (``intensity_softness``, 12 px): large, low-contrast, smooth-edged regions like "uneven".
     4. *blend* with a random opacity ``beta ~ U(opacity)`` (default 0.2..1.0; DRAEM: 0.2..1):
        ``out = x + beta * alpha * (content - x)`` with ``alpha`` the (soft) mask. ``gaaga`` keeps
        the paper's hard edges (``softness`` 0 unless set); ``adga`` softens them
-       (``softness`` 0.3 of the noise's spread) as ADGA blurs its polygon alpha, and keeps
+       (``softness`` 3 px from alpha 0 to 1, about a Gaussian of std 1.2 px: ADGA blurs its
+       polygon alpha with std 1..2 px), and keeps
        ADGA's rule for choosing a photo: uniformly among the ``k_nearest`` (3) photos closest
        in appearance to the target (:func:`~defect_fast.synthesis.adga.select_sources`;
        the other batch images are the ``cutpaste`` kind here). The label ``mask`` is
@@ -105,8 +106,8 @@ class SynthesisConfig:
         shape_mix: weights of the mask shapes, order ``SHAPES`` (blob, line, edge).
         scale_range: Perlin lattice cells per image side for blob/line/edge masks.
         intensity_scale_range: the same for intensity anomalies.
-        softness: mask edge width (units of the noise spread); None: 0 for "gaaga", 0.3 for "adga".
-        intensity_softness: edge width of intensity anomalies.
+        softness: mask edge width in pixels (alpha 0 to 1); None: 0 for "gaaga", 3 for "adga".
+        intensity_softness: edge width of intensity anomalies, pixels.
         k_nearest: "adga": a photo is drawn among this many closest in appearance.
         grayscale: convert content to grey; None: when the images' channels are all equal.
         paper_options: keyword arguments for :func:`gaaga` / :func:`adga` in the "paper" variant.
@@ -122,7 +123,7 @@ class SynthesisConfig:
     scale_range: tuple[float, float] = (2.0, 32.0)
     intensity_scale_range: tuple[float, float] = (1.0, 4.0)
     softness: float | None = None
-    intensity_softness: float = 1.0
+    intensity_softness: float = 12.0
     k_nearest: int = 3
     grayscale: bool | None = None
     paper_options: dict[str, Any] = field(default_factory=dict)
@@ -249,7 +250,7 @@ def _perlin(clean, sources, generator, method, cfg, return_info):
             raise ValueError(f"synthesize: sources must be a [M, {c}, h, w] tensor, got {tuple(sources.shape)}")
         sources = sources.to(dev, work_dtype)
     fraction = 0.4 if cfg.clean_fraction is None else float(cfg.clean_fraction)
-    softness = (0.0 if method == "gaaga" else 0.3) if cfg.softness is None else float(cfg.softness)
+    softness = (0.0 if method == "gaaga" else 3.0) if cfg.softness is None else float(cfg.softness)
     gray = cfg.grayscale
     if gray is None:
         gray = c > 1 and bool((x[:, 1:] == x[:, :1]).all()) if b else True
@@ -272,9 +273,15 @@ def _perlin(clean, sources, generator, method, cfg, return_info):
     # 2. masks: Perlin fields shaped per image, thresholded at the coverage quantile
     scales = torch.where(inten.view(-1, 1), torch.tensor(cfg.intensity_scale_range, dtype=torch.float64, device=dev),
                          torch.tensor(cfg.scale_range, dtype=torch.float64, device=dev))
-    noise = perlin_noise(b, h, w, generator, scale_range=scales, device=dev, dtype=work_dtype)
-    envelope = perlin_noise(b, h, w, generator, scale_range=(1.0, 3.0), device=dev, dtype=work_dtype)
+    # NB: the fields are smooth at the scale of a pixel (>= 8 px per lattice cell by default), so they are
+    # shaped at half resolution from 128 px up and resized bilinearly; the threshold is applied at full size.
+    f = 2 if min(h, w) >= 128 and min(h, w) / max(cfg.scale_range[1], cfg.intensity_scale_range[1]) >= 8 else 1
+    lh, lw = -(-h // f), -(-w // f)
+    noise = perlin_noise(b, lh, lw, generator, scale_range=scales, device=dev, dtype=work_dtype)
+    envelope = perlin_noise(b, lh, lw, generator, scale_range=(1.0, 3.0), device=dev, dtype=work_dtype)
     fieldv = shape_noise(noise, envelope, shape, side)
+    if f > 1:
+        fieldv = torch.nn.functional.interpolate(fieldv, size=(h, w), mode="bilinear", align_corners=False)
     mask, thr = threshold_at_coverage(fieldv, cov)
     soft = torch.where(inten, torch.full_like(beta, cfg.intensity_softness), torch.full_like(beta, softness))
     alpha = soft_alpha(fieldv, thr, mask, soft.to(work_dtype))
@@ -311,8 +318,8 @@ def _perlin(clean, sources, generator, method, cfg, return_info):
 
     # 4. blend
     weight = (beta.to(work_dtype).view(-1, 1, 1, 1) * alpha) * (~keep).view(-1, 1, 1, 1).to(work_dtype)
-    out = (x + weight * (content - x)).to(clean.dtype)
-    out = torch.where(keep.view(-1, 1, 1, 1), clean, out).contiguous()
+    # NB: where weight is 0 (outside the mask, clean images) x + 0 * (content - x) is x bit for bit
+    out = (x + weight * (content - x)).to(clean.dtype).contiguous()
     mask = mask & ~keep.view(-1, 1, 1, 1)
     if not return_info:
         return out, mask
