@@ -137,7 +137,7 @@ def test_cutpaste_content_comes_from_another_image():
     b = 6
     levels = torch.linspace(-0.8, 0.8, b)
     x = levels.view(b, 1, 1, 1).expand(b, 3, 40, 40).contiguous()
-    cfg = SynthesisConfig(source_mix=(0, 0, 1, 0), clean_fraction=0.0, opacity=(1, 1))
+    cfg = SynthesisConfig(source_mix=(0, 0, 1, 0), clean_fraction=0.0, opacity=(1, 1), dark_lines=0, dark_edges=0)
     out, mask, info = synthesize(x, None, _gen(13), "gaaga", cfg, return_info=True)
     d = info["donor"]
     assert (d >= 0).all() and (d != torch.arange(b)).all()
@@ -145,6 +145,22 @@ def test_cutpaste_content_comes_from_another_image():
         inside = out[i][mask[i].expand(3, -1, -1)]
         torch.testing.assert_close(inside, torch.full_like(inside, float(levels[d[i]])), atol=1e-5, rtol=0)
     assert (donors(1, _gen(0), torch.device("cpu")) == 0).all()
+
+
+def test_dark_cracks_and_chipped_edges(sources):
+    x = _images(10, 64, 64, seed=27)
+    _, mask, info = synthesize(x, sources, _gen(27), "gaaga", shape_mix=(0, 1, 0), dark_lines=1.0, clean_fraction=0.0,
+                               source_mix=(1, 1, 1, 0), return_info=True)
+    assert info["dark"].all()
+    inside = info["content"][mask.expand_as(x)]
+    drop = x[mask.expand_as(x)] - inside
+    assert drop.max() <= 0.8 + 1e-5 and ((drop >= 0.3 - 1e-5) | (inside == -1)).all()
+    _, mask, info = synthesize(x, sources, _gen(28), "gaaga", shape_mix=(0, 0, 1), dark_edges=1.0, clean_fraction=0.0,
+                               source_mix=(1, 1, 1, 0), return_info=True)
+    assert info["dark"].all() and info["content"][mask.expand_as(x)].max() <= -0.7 + 0.05
+    _, _, info = synthesize(x, sources, _gen(28), "gaaga", shape_mix=(1, 0, 0), dark_edges=1.0, dark_lines=1.0,
+                            return_info=True)
+    assert not info["dark"].any()  # blobs keep their content
 
 
 def test_donors_cover_all_other_images():
@@ -159,7 +175,8 @@ def test_photo_content_is_a_view_of_a_source():
     src = torch.stack([torch.full((3, 30, 30), v) for v in (-0.9, 0.1, 0.7)])
     x = _images(6, 40, 40, seed=15, gray=False)
     for method in ("gaaga", "adga"):
-        cfg = SynthesisConfig(source_mix=(1, 0, 0, 0), clean_fraction=0.0, opacity=(1, 1), grayscale=False)
+        cfg = SynthesisConfig(source_mix=(1, 0, 0, 0), clean_fraction=0.0, opacity=(1, 1), grayscale=False,
+                              dark_lines=0, dark_edges=0)
         out, mask, info = synthesize(x, src, _gen(15), method, cfg, return_info=True)
         for i in range(6):
             inside = info["content"][i][mask[i].expand(3, -1, -1)]

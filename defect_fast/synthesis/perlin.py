@@ -80,7 +80,7 @@ def perlin_noise(batch: int, height: int, width: int, generator: torch.Generator
         batch, height, width: output size.
         generator: the only source of randomness (small draws on its own device).
         scale_range: lattice cells per image side of the coarsest octave, drawn log-uniformly per
-            image and axis and rounded; a ``(low, high)`` pair, or a ``[B, 2]`` tensor of per-image pairs (1 = one smooth bump across the image; 32 on 256 pixels =
+            image and axis and rounded (at least 2); a ``(low, high)`` pair, or a ``[B, 2]`` tensor of per-image pairs (1 = one smooth bump across the image; 32 on 256 pixels =
             blobs about 8 pixels wide).
         octaves: octave ``o`` has ``2**o`` times the cells and ``persistence**o`` the amplitude.
         rotate: rotate each image's sampling grid by a uniform random angle.
@@ -108,13 +108,14 @@ def perlin_noise(batch: int, height: int, width: int, generator: torch.Generator
     if batch == 0:
         return torch.zeros(0, 1, height, width, device=dev, dtype=dtype)
     u = _rand(generator, batch, 5, device=dev)
-    periods = torch.exp(lo.log() + u[:, :2] * (hi.log() - lo.log())).round().clamp(min=1)
+    # NB: at least 2 cells: a wrapping lattice of one cell has one gradient, i.e. parallel bands
+    periods = torch.exp(lo.log() + u[:, :2] * (hi.log() - lo.log())).round().clamp(min=2)
     angle = u[:, 2] * (2 * math.pi) if rotate else torch.zeros_like(u[:, 2])
     work = torch.float64 if dtype == torch.float64 else torch.float32
     periods, offset = periods.to(work), u[:, 3:5].to(work)
     # NB: the noise is smooth within a lattice cell; it is evaluated with at least 4 samples per cell of
     # the finest octave (coarser than the pixel grid when cells are large) and resized bilinearly.
-    finest = max(round(hi_max), 1) * 2 ** (octaves - 1)
+    finest = max(round(hi_max), 2) * 2 ** (octaves - 1)
     f = max(1, min(height, width) // (4 * finest))
     gh, gw = -(-height // f), -(-width // f)
     # sample centres in image-side units around the image centre (as F.interpolate places them), rotated

@@ -30,8 +30,13 @@ Two variants, for both methods (``method``: ``"gaaga"`` for CMA-AE, ``"adga"`` f
        where a coarse envelope is high ("crack"); ``edge``: blobs pulled onto one image side
        ("break"/"fray": chipped tile edges). Coverage is log-uniform in ``coverage`` (blob and
        edge; default 0.5 %..15 % of the image) or ``line_coverage`` (0.2 %..2 %); lattice cells
-       per side log-uniform in ``scale_range`` (default 2..32).
-       Intensity content always uses a blob of coarse noise (``intensity_scale_range`` 1..4
+       per side log-uniform in ``scale_range`` (default 2..32; lines ``line_scale_range``, 2..8, so
+       that they run as long, smooth curves instead of zigzag fragments).
+       Line masks are filled, with probability ``dark_lines`` (0.7), with the image darkened by
+       0.3..0.8 (cracks are dark on these tiles) and edge masks, with probability ``dark_edges``
+       (0.5), with a near-black level (a chipped edge shows the dark background); otherwise with
+       the content drawn in step 2, which on a 1-2 px line is mostly invisible.
+       Intensity content always uses a blob of coarse noise (``intensity_scale_range`` 2..5
        cells) with coverage in ``intensity_coverage`` (default 5 %..40 %) and a wide soft edge
        (``intensity_softness``, 12 px): large, low-contrast, smooth-edged regions like "uneven".
     4. *blend* with a random opacity ``beta ~ U(opacity)`` (default 0.2..1.0; DRAEM: 0.2..1):
@@ -105,9 +110,12 @@ class SynthesisConfig:
         source_mix: weights of the content kinds, order ``KINDS`` (photo, texture, cutpaste, intensity).
         shape_mix: weights of the mask shapes, order ``SHAPES`` (blob, line, edge).
         scale_range: Perlin lattice cells per image side for blob/line/edge masks.
+        line_scale_range: the same for line masks (fewer cells: longer, smoother curves).
         intensity_scale_range: the same for intensity anomalies.
         softness: mask edge width in pixels (alpha 0 to 1); None: 0 for "gaaga", 3 for "adga".
         intensity_softness: edge width of intensity anomalies, pixels.
+        dark_lines: probability that a line mask is filled with a darkened copy of the image (a crack).
+        dark_edges: probability that an edge mask is filled with a dark level (a chipped edge).
         k_nearest: "adga": a photo is drawn among this many closest in appearance.
         grayscale: convert content to grey; None: when the images' channels are all equal.
         paper_options: keyword arguments for :func:`gaaga` / :func:`adga` in the "paper" variant.
@@ -121,9 +129,12 @@ class SynthesisConfig:
     source_mix: tuple[float, float, float, float] = (0.15, 0.25, 0.3, 0.3)
     shape_mix: tuple[float, float, float] = (0.5, 0.25, 0.25)
     scale_range: tuple[float, float] = (2.0, 32.0)
-    intensity_scale_range: tuple[float, float] = (1.0, 4.0)
+    line_scale_range: tuple[float, float] = (2.0, 8.0)
+    intensity_scale_range: tuple[float, float] = (2.0, 5.0)
     softness: float | None = None
     intensity_softness: float = 12.0
+    dark_lines: float = 0.7
+    dark_edges: float = 0.5
     k_nearest: int = 3
     grayscale: bool | None = None
     paper_options: dict[str, Any] = field(default_factory=dict)
@@ -137,6 +148,7 @@ class SynthesisConfig:
             _pair(name, getattr(self, name), 1e-6, 1.0)
         _pair("opacity", self.opacity, 0.0, 1.0)
         _pair("scale_range", self.scale_range, 1.0, None)
+        _pair("line_scale_range", self.line_scale_range, 1.0, None)
         _pair("intensity_scale_range", self.intensity_scale_range, 1.0, None)
         _mix("source_mix", self.source_mix, len(KINDS))
         _mix("shape_mix", self.shape_mix, len(SHAPES))
@@ -144,6 +156,9 @@ class SynthesisConfig:
             raise ValueError(f"SynthesisConfig.softness must be >= 0 or None, got {self.softness}")
         if not self.intensity_softness >= 0:
             raise ValueError(f"SynthesisConfig.intensity_softness must be >= 0, got {self.intensity_softness}")
+        for name in ("dark_lines", "dark_edges"):
+            if not 0 <= float(getattr(self, name)) <= 1:
+                raise ValueError(f"SynthesisConfig.{name} must lie in [0, 1], got {getattr(self, name)}")
         if int(self.k_nearest) < 1:
             raise ValueError(f"SynthesisConfig.k_nearest must be >= 1, got {self.k_nearest}")
         if not isinstance(self.paper_options, dict):
@@ -201,7 +216,8 @@ def synthesize(clean: torch.Tensor, sources: torch.Tensor | None, generator: tor
         ``kind`` ``[B]`` (index into ``KINDS``, -1 for clean), ``shape`` ``[B]`` (index into
         ``SHAPES``; intensity: 0), ``beta`` ``[B]`` (opacity, 0 for clean), ``coverage`` ``[B]``
         (requested), ``donor`` ``[B]`` (batch index of cut-paste content, else -1), ``source``
-        ``[B]`` (photo index, else -1), ``alpha`` ``[B, 1, H, W]`` and ``content``
+        ``[B]`` (photo index, else -1), ``dark`` ``[B]`` bool (content replaced by a dark crack /
+        chipped-edge fill, see ``dark_lines``/``dark_edges``), ``alpha`` ``[B, 1, H, W]`` and ``content``
         ``[B, C, H, W]``: ``images == clean + beta * alpha * (content - clean)``. For "paper":
         ``paper_info`` (the per-image list of :func:`gaaga`/:func:`adga`).
     """
@@ -271,14 +287,16 @@ def _perlin(clean, sources, generator, method, cfg, return_info):
                                   _log_uniform(generator, cfg.coverage, b, dev)))
 
     # 2. masks: Perlin fields shaped per image, thresholded at the coverage quantile
-    scales = torch.where(inten.view(-1, 1), torch.tensor(cfg.intensity_scale_range, dtype=torch.float64, device=dev),
-                         torch.tensor(cfg.scale_range, dtype=torch.float64, device=dev))
+    rng = lambda r: torch.tensor(r, dtype=torch.float64, device=dev)  # noqa: E731
+    scales = torch.where(inten.view(-1, 1), rng(cfg.intensity_scale_range),
+                         torch.where((shape == 1).view(-1, 1), rng(cfg.line_scale_range), rng(cfg.scale_range)))
     # NB: the fields are smooth at the scale of a pixel (>= 8 px per lattice cell by default), so they are
     # shaped at half resolution from 128 px up and resized bilinearly; the threshold is applied at full size.
-    f = 2 if min(h, w) >= 128 and min(h, w) / max(cfg.scale_range[1], cfg.intensity_scale_range[1]) >= 8 else 1
+    top = max(cfg.scale_range[1], cfg.line_scale_range[1], cfg.intensity_scale_range[1])
+    f = 2 if min(h, w) >= 128 and min(h, w) / top >= 8 else 1
     lh, lw = -(-h // f), -(-w // f)
     noise = perlin_noise(b, lh, lw, generator, scale_range=scales, device=dev, dtype=work_dtype)
-    envelope = perlin_noise(b, lh, lw, generator, scale_range=(1.0, 3.0), device=dev, dtype=work_dtype)
+    envelope = perlin_noise(b, lh, lw, generator, scale_range=(2.0, 3.0), device=dev, dtype=work_dtype)
     fieldv = shape_noise(noise, envelope, shape, side)
     if f > 1:
         fieldv = torch.nn.functional.interpolate(fieldv, size=(h, w), mode="bilinear", align_corners=False)
@@ -312,6 +330,14 @@ def _perlin(clean, sources, generator, method, cfg, return_info):
             content[sel] = warp(x, d, (h, w), generator, zoom_range=(0.7, 1.4))
         else:
             content[sel] = intensity_content(x[sel], generator)
+    # dark cracks and chipped edges: on magnetic tiles these show the shadow / the dark background
+    u_dark, u_level = _uniform(generator, b, dev), _uniform(generator, b, dev).to(work_dtype).view(-1, 1, 1, 1)
+    dark = ~keep & (((shape == 1) & (u_dark < cfg.dark_lines)) | ((shape == 2) & (u_dark < cfg.dark_edges)))
+    if bool(dark.any()):
+        crack = x - (0.3 + 0.5 * u_level)
+        chip = (-1.0 + 0.3 * u_level) + 0.05 * (x - x.mean(dim=(1, 2, 3), keepdim=True))
+        filled = torch.where((shape == 1).view(-1, 1, 1, 1), crack, chip)
+        content = torch.where(dark.view(-1, 1, 1, 1), filled, content)
     if gray and c > 1:
         content = content.mean(dim=1, keepdim=True).expand(b, c, h, w)
     content = content.clamp(-1, 1)
@@ -324,7 +350,7 @@ def _perlin(clean, sources, generator, method, cfg, return_info):
     if not return_info:
         return out, mask
     none = torch.full_like(kind, -1)
-    info = {"clean": keep, "kind": torch.where(keep, none, kind), "shape": shape,
+    info = {"clean": keep, "kind": torch.where(keep, none, kind), "shape": shape, "dark": dark,
             "beta": torch.where(keep, torch.zeros_like(beta), beta), "coverage": cov, "donor": donor,
             "source": source, "alpha": alpha * (~keep).view(-1, 1, 1, 1).to(alpha.dtype), "content": content}
     return out, mask, info
