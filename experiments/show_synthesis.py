@@ -1,7 +1,7 @@
 """Draws synthetic anomalies on defect-free training images, for both variants and both methods.
 
     PYTHONPATH=. python experiments/show_synthesis.py [--data ../shared/data/magnetic-tile/train/good]
-        [--out /tmp/synthesis_grid.png] [--n 8] [--size 256] [--seed 0] [--masks]
+        [--out /tmp/synthesis_grid.png] [--n 8] [--size 256] [--seed 0] [--masks] [--kind K] [--shape S]
 
 Rows (top to bottom): the clean images, then for each of gaaga/paper, adga/paper, gaaga/perlin,
 adga/perlin the synthetic images (with ``--masks`` each followed by its label mask). The
@@ -11,6 +11,7 @@ left; below each perlin tile the content kind and mask shape are printed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--masks", action="store_true", help="add a row with the label mask under each synthetic row")
+    ap.add_argument("--kind", choices=KINDS, help="perlin rows: only this content kind")
+    ap.add_argument("--shape", choices=SHAPES, help="perlin rows: only this mask shape")
     args = ap.parse_args(argv)
     if not args.data.is_dir():
         sys.exit(f"--data {args.data}: not a folder")
@@ -56,6 +59,10 @@ def main(argv: list[str] | None = None) -> None:
     for variant in ("paper", "perlin"):
         for method in ("gaaga", "adga"):
             cfg = SynthesisConfig(variant=variant, clean_fraction=0.0)
+            if args.kind:
+                cfg = dataclasses.replace(cfg, source_mix=tuple(float(k == args.kind) for k in KINDS))
+            if args.shape:
+                cfg = dataclasses.replace(cfg, shape_mix=tuple(float(k == args.shape) for k in SHAPES))
             out, mask, info = synthesize(clean, sources, torch.Generator().manual_seed(args.seed), method, cfg,
                                          return_info=True)
             notes = [f"{KINDS[k]}/{SHAPES[s]} b={b:.2f}" for k, s, b in

@@ -190,7 +190,8 @@ def threshold_at_coverage(field: torch.Tensor, coverage: torch.Tensor | float, *
     return field >= thr.view(-1, 1, 1, 1), thr
 
 
-def shape_noise(noise: torch.Tensor, envelope: torch.Tensor, shape: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+def shape_noise(noise: torch.Tensor, envelope: torch.Tensor, shape: torch.Tensor, side: torch.Tensor,
+                where: torch.Tensor | None = None) -> torch.Tensor:
     """Turns noise into the field that is thresholded for each mask shape.
 
     Args:
@@ -199,6 +200,9 @@ def shape_noise(noise: torch.Tensor, envelope: torch.Tensor, shape: torch.Tensor
             thin curves along the zero contour of the noise, kept where the envelope is high: cracks),
             2 edge (``noise + 3 ramp``: blobs pulled onto one image side: chipped edges).
         side: ``[B]`` int64 0..3, the image side (top, bottom, left, right) of edge shapes.
+        where: optional ``[B, 2]`` (centre, width) along that side, in side units: the ramp is
+            weighted by a Gaussian of that centre and width so the chip stays local (default:
+            the whole side).
     Returns:
         ``[B, 1, H, W]`` field; larger values are inside the mask.
     """
@@ -209,6 +213,10 @@ def shape_noise(noise: torch.Tensor, envelope: torch.Tensor, shape: torch.Tensor
     sv = side.view(-1, 1, 1, 1)
     dist = torch.where(sv == 0, yy, torch.where(sv == 1, 1 - yy, torch.where(sv == 2, xx, 1 - xx)))
     ramp = (1 - dist / 0.15).clamp(min=0)  # 1 on the side, 0 from 15 % of the image inwards
+    if where is not None:
+        t = torch.where(sv <= 1, xx, yy)  # position along the side
+        centre, width = where[:, 0].view(-1, 1, 1, 1).to(dt), where[:, 1].view(-1, 1, 1, 1).to(dt)
+        ramp = ramp * torch.exp(-(((t - centre) / width) ** 2))
     sh = shape.view(-1, 1, 1, 1)
     line = envelope - 4 * noise.abs()
     return torch.where(sh == 0, noise, torch.where(sh == 1, line, noise + 3 * ramp))

@@ -27,9 +27,9 @@ Two variants, for both methods (``method``: ``"gaaga"`` for CMA-AE, ``"adga"`` f
        a Perlin field thresholded at the ``1 - coverage`` quantile
        (:func:`~defect_fast.synthesis.perlin.threshold_at_coverage`). ``blob``: the noise itself
        (spots and patches, "blowhole"); ``line``: thin curves along the noise's zero contour kept
-       where a coarse envelope is high ("crack"); ``edge``: blobs pulled onto one image side
-       ("break"/"fray": chipped tile edges). Coverage is log-uniform in ``coverage`` (blob and
-       edge; default 0.5 %..15 % of the image) or ``line_coverage`` (0.2 %..2 %); lattice cells
+       where a coarse envelope is high ("crack"); ``edge``: blobs pulled onto a stretch (10..40 % wide)
+       of one image side ("break"/"fray": chipped tile edges). Coverage is log-uniform in ``coverage`` (blob and
+       edge; default 0.5 %..15 % of the image) or ``line_coverage`` (0.2 %..1 %); lattice cells
        per side log-uniform in ``scale_range`` (default 2..32; lines ``line_scale_range``, 2..8, so
        that they run as long, smooth curves instead of zigzag fragments).
        Line masks are filled, with probability ``dark_lines`` (0.7), with the image darkened by
@@ -123,7 +123,7 @@ class SynthesisConfig:
     variant: str = "perlin"
     clean_fraction: float | None = None
     coverage: tuple[float, float] = (0.005, 0.15)
-    line_coverage: tuple[float, float] = (0.002, 0.02)
+    line_coverage: tuple[float, float] = (0.002, 0.01)
     intensity_coverage: tuple[float, float] = (0.05, 0.4)
     opacity: tuple[float, float] = (0.2, 1.0)
     source_mix: tuple[float, float, float, float] = (0.15, 0.25, 0.3, 0.3)
@@ -297,7 +297,8 @@ def _perlin(clean, sources, generator, method, cfg, return_info):
     lh, lw = -(-h // f), -(-w // f)
     noise = perlin_noise(b, lh, lw, generator, scale_range=scales, device=dev, dtype=work_dtype)
     envelope = perlin_noise(b, lh, lw, generator, scale_range=(2.0, 3.0), device=dev, dtype=work_dtype)
-    fieldv = shape_noise(noise, envelope, shape, side)
+    along = torch.stack([_uniform(generator, b, dev), 0.1 + 0.3 * _uniform(generator, b, dev)], dim=1)
+    fieldv = shape_noise(noise, envelope, shape, side, along)
     if f > 1:
         fieldv = torch.nn.functional.interpolate(fieldv, size=(h, w), mode="bilinear", align_corners=False)
     mask, thr = threshold_at_coverage(fieldv, cov)
