@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python experiments/show_synthesis.py [--data ../shared/data/magnetic-tile/train/good]
         [--out /tmp/synthesis_grid.png] [--n 8] [--size 256] [--seed 0] [--masks] [--kind K] [--shape S]
+    PYTHONPATH=. python experiments/show_synthesis.py --bench [--size 256] [--device cpu]
 
 Rows (top to bottom): the clean images, then for each of gaaga/paper, adga/paper, gaaga/perlin,
 adga/perlin the synthetic images (with ``--masks`` each followed by its label mask). The
@@ -40,6 +41,31 @@ def _tile(x: torch.Tensor) -> np.ndarray:
     return ((x[0].clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
 
 
+def _bench(args) -> None:
+    import time
+
+    dev = torch.device(args.device)
+    g = torch.Generator().manual_seed(args.seed)
+    clean = (torch.rand(64, 1, args.size, args.size, generator=g) - 0.6).expand(64, 3, -1, -1).contiguous().to(dev)
+    sources = load_sources(size=args.size).to(dev)
+    print(f"synthesize(): batch 64 x 3 x {args.size} x {args.size}, device {dev}, torch threads {torch.get_num_threads()}")
+    for method in ("gaaga", "adga"):
+        for variant in ("paper", "perlin"):
+            cfg = SynthesisConfig(variant=variant)
+            synthesize(clean, sources, torch.Generator().manual_seed(0), method, cfg)  # warm-up
+            times = []
+            for r in range(3):
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                synthesize(clean, sources, torch.Generator().manual_seed(r + 1), method, cfg)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            best = min(times)
+            print(f"  {method:5s} {variant:6s}: {best * 1000:8.1f} ms per batch (best of 3), {64 / best:8.1f} images/s")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/magnetic-tile/train/good")
@@ -50,7 +76,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--masks", action="store_true", help="add a row with the label mask under each synthetic row")
     ap.add_argument("--kind", choices=KINDS, help="perlin rows: only this content kind")
     ap.add_argument("--shape", choices=SHAPES, help="perlin rows: only this mask shape")
+    ap.add_argument("--bench", action="store_true",
+                    help="instead of drawing: print images/s of synthesize() for a batch of 64 (--size) images, "
+                         "paper vs perlin, both methods, on --device")
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
+    if args.bench:
+        _bench(args)
+        return
     if not args.data.is_dir():
         sys.exit(f"--data {args.data}: not a folder")
     clean = _load(args.data, args.n, args.size, args.seed)

@@ -55,13 +55,18 @@ def _lattice_noise(grad: torch.Tensor, sy: torch.Tensor, sx: torch.Tensor, ly: t
     s = int(math.isqrt(grad.shape[1]))
     y0f, x0f = ly.floor(), lx.floor()
     fy, fx = ly - y0f, lx - x0f
-    y0, x0 = y0f.long(), x0f.long()
-    rows = (y0 % sy, (y0 + 1) % sy)
-    cols = (x0 % sx, (x0 + 1) % sx)
+    # NB: wrapping in floating point (exact for these small integers) is much cheaper than int64 remainder
+    py, px = sy.to(ly.dtype), sx.to(lx.dtype)
+    r0 = y0f - py * (y0f / py).floor()
+    c0 = x0f - px * (x0f / px).floor()
+    r1 = torch.where(r0 + 1 >= py, torch.zeros_like(r0), r0 + 1)
+    c1 = torch.where(c0 + 1 >= px, torch.zeros_like(c0), c0 + 1)
+    rows = ((r0 * s).long(), (r1 * s).long())
+    cols = (c0.long(), c1.long())
     gy, gx = grad[..., 0], grad[..., 1]
 
     def corner(a: int, c: int) -> torch.Tensor:
-        idx = rows[a] * s + cols[c]
+        idx = rows[a] + cols[c]
         return gy.gather(1, idx) * (fy - a) + gx.gather(1, idx) * (fx - c)
 
     ty, tx = _fade(fy), _fade(fx)
