@@ -46,9 +46,11 @@ def _bench(args) -> None:
 
     dev = torch.device(args.device)
     g = torch.Generator().manual_seed(args.seed)
-    clean = (torch.rand(64, 1, args.size, args.size, generator=g) - 0.6).expand(64, 3, -1, -1).contiguous().to(dev)
+    clean = torch.rand(64, 1, args.size, args.size, generator=g) - 0.6
+    clean = clean.expand(64, 3, -1, -1).contiguous().to(dev)
     sources = load_sources(size=args.size).to(dev)
-    print(f"synthesize(): batch 64 x 3 x {args.size} x {args.size}, device {dev}, torch threads {torch.get_num_threads()}")
+    print(f"synthesize(): batch 64 x 3 x {args.size} x {args.size}, device {dev}, "
+          f"torch threads {torch.get_num_threads()}")
     for method in ("gaaga", "adga"):
         for variant in ("paper", "perlin"):
             cfg = SynthesisConfig(variant=variant)
@@ -68,7 +70,8 @@ def _bench(args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/magnetic-tile/train/good")
+    ap.add_argument("--data", type=Path,
+                    default=Path(__file__).resolve().parents[2] / "shared/data/magnetic-tile/train/good")
     ap.add_argument("--out", type=Path, default=Path("/tmp/synthesis_grid.png"))
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--size", type=int, default=256)
@@ -98,8 +101,10 @@ def main(argv: list[str] | None = None) -> None:
                 cfg = dataclasses.replace(cfg, shape_mix=tuple(float(k == args.shape) for k in SHAPES))
             out, mask, info = synthesize(clean, sources, torch.Generator().manual_seed(args.seed), method, cfg,
                                          return_info=True)
-            notes = [f"{KINDS[k]}/{SHAPES[s]} b={b:.2f}" for k, s, b in
-                     zip(info["kind"].tolist(), info["shape"].tolist(), info["beta"].tolist())] if variant == "perlin" else []
+            notes = []
+            if variant == "perlin":
+                notes = [f"{KINDS[k]}/{SHAPES[s]} b={b:.2f}" for k, s, b in
+                         zip(info["kind"].tolist(), info["shape"].tolist(), info["beta"].tolist())]
             rows.append((f"{method}/{variant}", [_tile(o) for o in out], notes))
             if args.masks:
                 rows.append(("mask", [(m[0].numpy() * 255).astype(np.uint8) for m in mask], []))

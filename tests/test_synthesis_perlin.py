@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from defect_fast.synthesis.perlin import (coverage_draw, fractal_noise, perlin_mask, perlin_noise, soft_alpha,
+from defect_fast.synthesis.perlin import (coverage_draw, fractal_noise, perlin_mask, perlin_noise,
                                           threshold_at_coverage)
 
 

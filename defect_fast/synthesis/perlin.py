@@ -85,7 +85,8 @@ def perlin_noise(batch: int, height: int, width: int, generator: torch.Generator
         batch, height, width: output size.
         generator: the only source of randomness (small draws on its own device).
         scale_range: lattice cells per image side of the coarsest octave, drawn log-uniformly per
-            image and axis and rounded (at least 2); a ``(low, high)`` pair, or a ``[B, 2]`` tensor of per-image pairs (1 = one smooth bump across the image; 32 on 256 pixels =
+            image and axis and rounded (at least 2); a ``(low, high)`` pair, or a ``[B, 2]`` tensor
+            of per-image pairs (2 = one or two smooth bumps across the image; 32 on 256 pixels =
             blobs about 8 pixels wide).
         octaves: octave ``o`` has ``2**o`` times the cells and ``persistence**o`` the amplitude.
         rotate: rotate each image's sampling grid by a uniform random angle.
@@ -100,7 +101,9 @@ def perlin_noise(batch: int, height: int, width: int, generator: torch.Generator
         raise ValueError(f"perlin_noise: octaves must be >= 1, got {octaves}")
     dev = torch.device(device) if device is not None else generator.device
     if isinstance(scale_range, torch.Tensor) and scale_range.dim() == 2:
-        if scale_range.shape != (batch, 2) or not bool((1 <= scale_range[:, 0]).all() and (scale_range[:, 0] <= scale_range[:, 1]).all()):
+        lo_ok = (1 <= scale_range[:, 0]) & (scale_range[:, 0] <= scale_range[:, 1])
+        ok = scale_range.shape == (batch, 2) and bool(lo_ok.all())
+        if not ok:
             raise ValueError(f"perlin_noise: per-image scale_range must be [{batch}, 2] with 1 <= low <= high")
         lo = scale_range[:, 0:1].to(dev, torch.float64)
         hi = scale_range[:, 1:2].to(dev, torch.float64)
@@ -278,7 +281,8 @@ def coverage_draw(coverage, batch: int, generator: torch.Generator, device: torc
     return cov
 
 
-def soft_alpha(field: torch.Tensor, thr: torch.Tensor, mask: torch.Tensor, softness: float | torch.Tensor) -> torch.Tensor:
+def soft_alpha(field: torch.Tensor, thr: torch.Tensor, mask: torch.Tensor,
+               softness: float | torch.Tensor) -> torch.Tensor:
     """Smooth-edged alpha ``[B, 1, H, W]`` around the threshold contour; exactly ``mask`` where softness is 0.
 
     ``softness``: a number or ``[B]``: the width of the edge (alpha from 0 to 1) in pixels. The

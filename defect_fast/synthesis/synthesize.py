@@ -67,7 +67,7 @@ import torch
 from .adga import adga, appearance, select_sources
 from .anomalies import KINDS, donors, intensity_content, texture_content, warp
 from .gaaga import gaaga
-from .perlin import coverage_draw, perlin_noise, shape_noise, soft_alpha, threshold_at_coverage
+from .perlin import perlin_noise, shape_noise, soft_alpha, threshold_at_coverage
 
 __all__ = ["SynthesisConfig", "synthesize", "METHODS", "VARIANTS", "KINDS", "SHAPES"]
 
@@ -82,7 +82,8 @@ def _pair(name: str, v, lo: float, hi: float | None) -> tuple[float, float]:
     except (TypeError, IndexError, ValueError):
         raise ValueError(f"SynthesisConfig.{name} must be a (low, high) pair, got {v!r}") from None
     if not (lo <= a <= b and (hi is None or b <= hi)):
-        raise ValueError(f"SynthesisConfig.{name} must satisfy {lo} <= low <= high{'' if hi is None else f' <= {hi}'}, got {v!r}")
+        upper = "" if hi is None else f" <= {hi}"
+        raise ValueError(f"SynthesisConfig.{name} must satisfy {lo} <= low <= high{upper}, got {v!r}")
     return a, b
 
 
