@@ -270,7 +270,7 @@ def _perlin(clean, sources, generator, method, cfg, return_info):
     softness = (0.0 if method == "gaaga" else 3.0) if cfg.softness is None else float(cfg.softness)
     gray = cfg.grayscale
     if gray is None:
-        gray = c > 1 and bool((x[:, 1:] == x[:, :1]).all()) if b else True
+        gray = c > 1 and all(torch.equal(x[:, i], x[:, 0]) for i in range(1, c)) if b else True
 
     # 1. per-image choices (small draws)
     keep = _clean_draw(generator, b, fraction, dev)
@@ -304,7 +304,10 @@ def _perlin(clean, sources, generator, method, cfg, return_info):
         fieldv = torch.nn.functional.interpolate(fieldv, size=(h, w), mode="bilinear", align_corners=False)
     mask, thr = threshold_at_coverage(fieldv, cov)
     soft = torch.where(inten, torch.full_like(beta, cfg.intensity_softness), torch.full_like(beta, softness))
-    alpha = soft_alpha(fieldv, thr, mask, soft.to(work_dtype))
+    alpha = mask.to(work_dtype)
+    sel = ((soft > 0) & ~keep).nonzero().view(-1)  # NB: soft edges only where needed (per-pixel work)
+    if sel.numel():
+        alpha[sel] = soft_alpha(fieldv[sel], thr[sel], mask[sel], soft[sel].to(work_dtype))
 
     # 3. content per kind (one pass per kind, over the images of that kind only)
     content = x.clone()
@@ -335,11 +338,12 @@ def _perlin(clean, sources, generator, method, cfg, return_info):
     # dark cracks and chipped edges: on magnetic tiles these show the shadow / the dark background
     u_dark, u_level = _uniform(generator, b, dev), _uniform(generator, b, dev).to(work_dtype).view(-1, 1, 1, 1)
     dark = ~keep & (((shape == 1) & (u_dark < cfg.dark_lines)) | ((shape == 2) & (u_dark < cfg.dark_edges)))
-    if bool(dark.any()):
-        crack = x - (0.3 + 0.5 * u_level)
-        chip = (-1.0 + 0.3 * u_level) + 0.05 * (x - x.mean(dim=(1, 2, 3), keepdim=True))
-        filled = torch.where((shape == 1).view(-1, 1, 1, 1), crack, chip)
-        content = torch.where(dark.view(-1, 1, 1, 1), filled, content)
+    sel = dark.nonzero().view(-1)
+    if sel.numel():
+        xs, lv = x[sel], u_level[sel]
+        crack = xs - (0.3 + 0.5 * lv)
+        chip = (-1.0 + 0.3 * lv) + 0.05 * (xs - xs.mean(dim=(1, 2, 3), keepdim=True))
+        content[sel] = torch.where((shape[sel] == 1).view(-1, 1, 1, 1), crack, chip)
     if gray and c > 1:
         content = content.mean(dim=1, keepdim=True).expand(b, c, h, w)
     content = content.clamp(-1, 1)
