@@ -27,9 +27,10 @@ Two variants, for both methods (``method``: ``"gaaga"`` for CMA-AE, ``"adga"`` f
        a Perlin field thresholded at the ``1 - coverage`` quantile
        (:func:`~defect_fast.synthesis.perlin.threshold_at_coverage`). ``blob``: the noise itself
        (spots and patches, "blowhole"); ``line``: thin curves along the noise's zero contour kept
-       where a coarse envelope is high ("crack"); ``edge``: blobs pulled onto a stretch (10..40 % wide)
-       of one image side ("break"/"fray": chipped tile edges). Coverage is log-uniform in ``coverage`` (blob and
-       edge; default 0.5 %..15 % of the image) or ``line_coverage`` (0.2 %..1 %); lattice cells
+       where a coarse envelope is high ("crack"); ``edge``: blobs pulled onto a stretch (10..40 %
+       wide) of one image side ("break"/"fray": chipped tile edges). Coverage is log-uniform in
+       ``coverage`` (blob and edge; default 0.5 %..15 % of the image) or ``line_coverage``
+       (0.2 %..1 %); lattice cells
        per side log-uniform in ``scale_range`` (default 2..32; lines ``line_scale_range``, 2..8, so
        that they run as long, smooth curves instead of zigzag fragments).
        Line masks are filled, with probability ``dark_lines`` (0.7), with the image darkened by
@@ -43,11 +44,11 @@ Two variants, for both methods (``method``: ``"gaaga"`` for CMA-AE, ``"adga"`` f
        ``out = x + beta * alpha * (content - x)`` with ``alpha`` the (soft) mask. ``gaaga`` keeps
        the paper's hard edges (``softness`` 0 unless set); ``adga`` softens them
        (``softness`` 3 px from alpha 0 to 1, about a Gaussian of std 1.2 px: ADGA blurs its
-       polygon alpha with std 1..2 px), and keeps
-       ADGA's rule for choosing a photo: uniformly among the ``k_nearest`` (3) photos closest
+       polygon alpha with std 1..2 px), and keeps ADGA's rule for choosing a photo: uniformly among the ``k_nearest`` (3) photos closest
        in appearance to the target (:func:`~defect_fast.synthesis.adga.select_sources`;
        the other batch images are the ``cutpaste`` kind here). The label ``mask`` is
-       ``alpha >= 0.5`` on anomalous images.
+       ``alpha >= 0.5`` on anomalous images, whatever the opacity (the training target is the
+       clean image, so a faint anomaly is still something to repair).
 
 Content is converted to the images' grey level (channel mean) when the images are grey
 (``grayscale=None`` detects equal channels; True/False force it): colour photos on a grey tile
