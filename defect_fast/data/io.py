@@ -19,7 +19,9 @@ from typing import Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..safety import UserError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -37,8 +39,11 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".
 _T = TypeVar("_T")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A problem with input data; the message names the file(s) or folder and what was wrong.
+
+    A :class:`~defect_fast.safety.UserError` (one line, exit status 2 at the command line) and,
+    for older callers, a ValueError.
 
     ``problems`` lists one ``"<path>: <problem>"`` line per bad file when several were found.
     """
