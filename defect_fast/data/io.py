@@ -1,9 +1,11 @@
 """Reading images and defect masks from disk into fixed-size uint8 / bool tensors.
 
-Images come back as ``torch.uint8`` tensors [C, S, S] (C = 3 by default) whatever their stored
-mode: 8-bit grayscale is repeated to three channels, 16-bit and 32-bit grayscale are scaled to
-8 bits (not clipped), palette images are expanded, alpha channels are dropped. Masks come back as
-``torch.bool`` [S, S] where any nonzero stored value marks a defect pixel.
+Images and masks are turned upright by their EXIF orientation tag (as a viewer shows them) before
+anything else; sizes reported in errors are the upright ones. Images come back as ``torch.uint8``
+tensors [C, S, S] (C = 3 by default) whatever their stored mode: 8-bit grayscale is repeated to
+three channels, 16-bit and 32-bit grayscale are scaled to 8 bits (not clipped), palette images are
+expanded, alpha channels are dropped. Masks come back as ``torch.bool`` [S, S] where any nonzero
+stored value marks a defect pixel.
 
 Every problem with a file raises :class:`DataError` with the file's path and what was wrong.
 Functions that read many files (:func:`read_images`) try every file first and then report all the
@@ -126,7 +128,29 @@ def _open(path: Path) -> Image.Image:
         raise DataError(f"{path}: corrupt or truncated image ({exc})") from None
     if img.width == 0 or img.height == 0:
         raise DataError(f"{path}: image has zero size ({img.width}x{img.height})")
-    return img
+    return _apply_orientation(img, path)
+
+
+#: EXIF tag holding how the stored pixels must be turned to be seen upright (1 = as stored).
+_EXIF_ORIENTATION = 0x0112
+
+
+def _apply_orientation(img: Image.Image, path: Path) -> Image.Image:
+    """Turn/flip ``img`` as its EXIF orientation tag says (phones and rotated cameras store
+    pixels sideways and set the tag), so images and masks are read as they are displayed."""
+    try:
+        orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - malformed EXIF block: PIL gives no orientation either
+        return img
+    if orientation in (None, 1):
+        return img
+    try:
+        upright = ImageOps.exif_transpose(img)
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"{path}: cannot apply its EXIF orientation {orientation} ({exc})") from None
+    if upright is not img:
+        img.close()
+    return upright
 
 
 def _scale_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
