@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import warnings
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from defect_fast.data import (
     to_model_range,
     from_model_range,
 )
+from defect_fast.data.io import collect_images
 from defect_fast.metrics import pixel_auroc
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -201,6 +203,54 @@ def test_read_images_reports_all_bad_files_at_once(tmp_path):
     assert len(err.value.problems) == 2
     ok = read_images([paths[0], paths[2]], 4)
     assert ok.shape == (2, 3, 4, 4) and torch.all(ok == 50)
+
+
+def test_read_images_collects_every_kind_of_bad_file(tmp_path, monkeypatch):
+    import defect_fast.data.io as dio
+
+    good = np.full((12, 12), 50, dtype=np.uint8)
+    ok = _save(tmp_path / "ok.png", good)
+    small = _save(tmp_path / "small.png", np.full((3, 3), 9, dtype=np.uint8))
+    (tmp_path / "folder.png").mkdir()
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(_png_bytes(np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8))[:60])
+    odd = _save(tmp_path / "odd.png", good)
+    real = dio._to_8bit
+
+    def failing(img, channels, path):  # a conversion PIL cannot do, for one file only
+        if Path(path).name == "odd.png":
+            raise ValueError("conversion not supported")
+        return real(img, channels, path)
+
+    monkeypatch.setattr(dio, "_to_8bit", failing)
+    paths = [ok, tmp_path / "missing.png", small, tmp_path / "folder.png", cut, odd]
+    with pytest.raises(DataError) as err:
+        read_images(paths, 8, min_side=8, where=tmp_path, workers=2)
+    problems = err.value.problems
+    assert len(problems) == 5, problems
+    for name, what in (("missing.png", "does not exist"), ("small.png", "smaller than the minimum side"),
+                       ("folder.png", "not a file"), ("cut.png", "corrupt|truncated|not a readable"),
+                       ("odd.png", "cannot convert its L pixels .*conversion not supported")):
+        assert any(p.startswith(str(tmp_path / name)) and re.search(what, p) for p in problems), (name, problems)
+    # masks go through the same guard
+    monkeypatch.setattr(dio.np, "asarray", lambda *a, **k: (_ for _ in ()).throw(MemoryError("too big")))
+    with pytest.raises(DataError, match=r"ok\.png: cannot convert its L pixels \(MemoryError: too big\)"):
+        read_mask(ok, 8)
+
+
+def test_collect_images_reports_every_missing_input(tmp_path):
+    a = _save(tmp_path / "imgs" / "a.png", np.zeros((4, 4), dtype=np.uint8))
+    _save(tmp_path / "imgs" / "b.png", np.zeros((4, 4), dtype=np.uint8))
+    (tmp_path / "empty").mkdir()
+    assert collect_images([a, tmp_path / "imgs"]) == [a, a, tmp_path / "imgs" / "b.png"]
+    with pytest.raises(DataError) as err:
+        collect_images([tmp_path / "imgs", tmp_path / "nope.png", tmp_path / "empty", tmp_path / "gone"])
+    assert sorted(err.value.problems) == sorted([f"{tmp_path / 'nope.png'}: no such file or folder",
+                                                 f"{tmp_path / 'gone'}: no such file or folder",
+                                                 f"{tmp_path / 'empty'}: folder holds no images (extensions "
+                                                 ".png, .jpg, .jpeg, .bmp, .tif, .tiff)"])
+    with pytest.raises(DataError, match=r"^\S*nope\.png: no such file or folder$"):
+        collect_images([tmp_path / "nope.png"])
 
 
 def test_load_train_images_root_folder_and_errors(tmp_path):
