@@ -350,6 +350,12 @@ def dump_json_strict(obj: Any, *, nan: str = "null", indent: int | None = 2, **k
     return json.dumps(_strict(obj, nan, ""), allow_nan=False, indent=indent, **kwargs)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -376,6 +382,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs) -> Iterator
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the mode a plain open() would
         with os.fdopen(fd, mode, **kwargs) as fh:
             yield fh
             fh.flush()

@@ -226,6 +226,12 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     assert sorted(x.name for x in tmp_path.iterdir()) == ["f.txt"]  # no temp file left
     atomic_write_text(p, "two")
     assert p.read_text() == "two"
+    old_mask = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "g.txt", "x")
+    finally:
+        os.umask(old_mask)
+    assert (tmp_path / "g.txt").stat().st_mode & 0o777 == 0o640  # as open() would, not mkstemp's 0600
 
 
 # --------------------------------------------------------------------------------------------
