@@ -639,19 +639,28 @@ class OutputFolder:
     def record(self, path: str | os.PathLike) -> Path:
         """Add ``path`` (inside the folder; relative paths are taken from it) to the manifest.
 
-        Its parent folders inside the output folder are recorded too. Returns the absolute path.
+        Its parent folders inside the output folder are recorded too; a path that does not exist
+        yet is recorded as a file (record before writing, so a crash leaves nothing unlisted).
+        Returns the path inside the folder.
         """
-        rel = self._rel(path)
-        target = self.path / rel
-        parts = Path(rel).parts
-        for k in range(1, len(parts)):
-            self.dirs.add(Path(*parts[:k]).as_posix())
-        if target.is_dir() and not target.is_symlink():
-            self.dirs.add(rel)
-        else:
-            self.files.add(rel)
+        return self.record_many([path])[0]
+
+    def record_many(self, paths: Iterable[str | os.PathLike]) -> list[Path]:
+        """:meth:`record` for many paths with one manifest write (e.g. all maps of a predict)."""
+        targets = []
+        for path in paths:
+            rel = self._rel(path)
+            target = self.path / rel
+            parts = Path(rel).parts
+            for k in range(1, len(parts)):
+                self.dirs.add(Path(*parts[:k]).as_posix())
+            if target.is_dir() and not target.is_symlink():
+                self.dirs.add(rel)
+            else:
+                self.files.add(rel)
+            targets.append(target)
         self._write_manifest()
-        return target
+        return targets
 
     def mkdir(self, name: str | os.PathLike) -> Path:
         """Create a sub-folder (and parents) and record it."""

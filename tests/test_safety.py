@@ -163,6 +163,14 @@ def test_check_touches_nothing_and_open_needs_manifest(tmp_path):
     out.write_text("log.jsonl", "1\n")
     again = OutputFolder.open(tmp_path / "r")
     assert again.files == {"log.jsonl"}
+    again.record_many([f"maps/{i}.png" for i in range(3)])  # recorded before they are written
+    for i in range(2):
+        (tmp_path / "r" / "maps").mkdir(exist_ok=True)
+        (tmp_path / "r" / "maps" / f"{i}.png").write_bytes(b"m")
+    reread = OutputFolder.open(tmp_path / "r")
+    assert reread.files == {"log.jsonl", "maps/0.png", "maps/1.png", "maps/2.png"} and reread.dirs == {"maps"}
+    reread.clear()
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [MANIFEST_NAME]
     with pytest.raises(ValueError, match="not inside"):
         again.record(tmp_path / "elsewhere.txt")
 
