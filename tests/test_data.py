@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import warnings
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from defect_fast.data import (
     to_model_range,
     from_model_range,
 )
+from defect_fast.data.io import collect_images
 from defect_fast.metrics import pixel_auroc
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -203,6 +205,54 @@ def test_read_images_reports_all_bad_files_at_once(tmp_path):
     assert ok.shape == (2, 3, 4, 4) and torch.all(ok == 50)
 
 
+def test_read_images_collects_every_kind_of_bad_file(tmp_path, monkeypatch):
+    import defect_fast.data.io as dio
+
+    good = np.full((12, 12), 50, dtype=np.uint8)
+    ok = _save(tmp_path / "ok.png", good)
+    small = _save(tmp_path / "small.png", np.full((3, 3), 9, dtype=np.uint8))
+    (tmp_path / "folder.png").mkdir()
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(_png_bytes(np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8))[:60])
+    odd = _save(tmp_path / "odd.png", good)
+    real = dio._to_8bit
+
+    def failing(img, channels, path):  # a conversion PIL cannot do, for one file only
+        if Path(path).name == "odd.png":
+            raise ValueError("conversion not supported")
+        return real(img, channels, path)
+
+    monkeypatch.setattr(dio, "_to_8bit", failing)
+    paths = [ok, tmp_path / "missing.png", small, tmp_path / "folder.png", cut, odd]
+    with pytest.raises(DataError) as err:
+        read_images(paths, 8, min_side=8, where=tmp_path, workers=2)
+    problems = err.value.problems
+    assert len(problems) == 5, problems
+    for name, what in (("missing.png", "does not exist"), ("small.png", "smaller than the minimum side"),
+                       ("folder.png", "not a file"), ("cut.png", "corrupt|truncated|not a readable"),
+                       ("odd.png", "cannot convert its L pixels .*conversion not supported")):
+        assert any(p.startswith(str(tmp_path / name)) and re.search(what, p) for p in problems), (name, problems)
+    # masks go through the same guard
+    monkeypatch.setattr(dio.np, "asarray", lambda *a, **k: (_ for _ in ()).throw(MemoryError("too big")))
+    with pytest.raises(DataError, match=r"ok\.png: cannot convert its L pixels \(MemoryError: too big\)"):
+        read_mask(ok, 8)
+
+
+def test_collect_images_reports_every_missing_input(tmp_path):
+    a = _save(tmp_path / "imgs" / "a.png", np.zeros((4, 4), dtype=np.uint8))
+    _save(tmp_path / "imgs" / "b.png", np.zeros((4, 4), dtype=np.uint8))
+    (tmp_path / "empty").mkdir()
+    assert collect_images([a, tmp_path / "imgs"]) == [a, a, tmp_path / "imgs" / "b.png"]
+    with pytest.raises(DataError) as err:
+        collect_images([tmp_path / "imgs", tmp_path / "nope.png", tmp_path / "empty", tmp_path / "gone"])
+    assert sorted(err.value.problems) == sorted([f"{tmp_path / 'nope.png'}: no such file or folder",
+                                                 f"{tmp_path / 'gone'}: no such file or folder",
+                                                 f"{tmp_path / 'empty'}: folder holds no images (extensions "
+                                                 ".png, .jpg, .jpeg, .bmp, .tif, .tiff)"])
+    with pytest.raises(DataError, match=r"^\S*nope\.png: no such file or folder$"):
+        collect_images([tmp_path / "nope.png"])
+
+
 def test_load_train_images_root_folder_and_errors(tmp_path):
     root = make_synthetic_dataset(tmp_path / "ds", n_train=3, n_test_good=1, n_test_defect=1, size=32)
     imgs, paths = load_train_images(root, 16)
@@ -338,3 +388,73 @@ def test_magnetic_tile_test_set_loads():
     empty = [p.name for p, m, y in zip(ts.paths, ts.masks, ts.labels) if y == 1 and not m.any()]
     assert len(empty) == 4 and all(p.startswith("exp") for p in empty)  # empty in the annotation itself
     assert torch.equal(ts.images[:, 0], ts.images[:, 2])  # grayscale repeated
+
+
+# --------------------------------------------------------------------------------------------
+# EXIF orientation
+# --------------------------------------------------------------------------------------------
+
+#: What a viewer does with the stored pixels [H, W, ...] for each EXIF orientation value.
+_UPRIGHT = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: np.swapaxes(a, 0, 1),
+    6: lambda a: np.rot90(a, -1),  # turn 90 degrees clockwise
+    7: lambda a: np.swapaxes(np.rot90(a, 2), 0, 1),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def _save_oriented(path: Path, array: np.ndarray, orientation: int, **kw) -> Path:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return _save(path, array, exif=exif.tobytes(), **kw)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_applied_to_png_images(tmp_path, orientation):
+    stored = np.random.default_rng(orientation).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    p = _save_oriented(tmp_path / "o.png", stored, orientation)
+    assert Image.open(p).getexif()[0x0112] == orientation
+    t = read_image(p, None)
+    expected = np.ascontiguousarray(_UPRIGHT[orientation](stored))
+    assert t.shape == (3, *expected.shape[:2])
+    assert torch.equal(t, torch.from_numpy(expected).permute(2, 0, 1))
+
+
+def test_exif_orientation_jpeg_16bit_and_mask(tmp_path):
+    # a dark left half, stored sideways by a "phone": orientation 6 (turn clockwise to view)
+    stored = np.zeros((40, 24), dtype=np.uint8)
+    stored[:20] = 200  # top half bright as stored -> right half bright when upright
+    t = read_image(_save_oriented(tmp_path / "phone.jpg", stored, 6, quality=95), None)
+    assert t.shape == (3, 24, 40)
+    assert float(t[:, :, 25:].float().mean()) > 190 and float(t[:, :, :15].float().mean()) < 10
+
+    wide = (stored.astype(np.uint16) * 257)
+    t16 = read_image(_save_oriented(tmp_path / "d16.png", wide, 8), None)
+    assert torch.equal(t16[0], torch.from_numpy(np.ascontiguousarray(np.rot90(stored, 1))))
+
+    m = np.zeros((4, 6), dtype=np.uint8)
+    m[0, 5] = 255  # top-right as stored
+    mask = read_mask(_save_oriented(tmp_path / "m.png", m, 3), None)
+    assert mask.shape == (4, 6) and bool(mask[3, 0]) and int(mask.sum()) == 1
+
+
+def test_sideways_photo_matches_its_upright_mask(tmp_path):
+    """A photo stored 48x32 with orientation 6 is seen 32x48; its mask was drawn on the upright view."""
+    root = tmp_path / "ds"
+    good = np.full((32, 48), 128, dtype=np.uint8)
+    _save(root / "train" / "good" / "000.png", good)
+    _save(root / "test" / "good" / "000.png", good)
+    stored = np.full((32, 48), 128, dtype=np.uint8)
+    stored[0:4, 0:4] = 255  # top-left as stored -> top-right when upright
+    _save_oriented(root / "test" / "spot" / "000.png", stored, 6)
+    upright_mask = np.zeros((48, 32), dtype=np.uint8)
+    upright_mask[0:4, 28:32] = 255
+    _save(root / "ground_truth" / "spot" / "000_mask.png", upright_mask)
+    ts = load_test_set(root, 16)
+    img, mask = ts.images[1, 0].float(), ts.masks[1]
+    assert mask.any()
+    assert float(img[mask].mean()) > 200 and float(img[~mask].mean()) < 140

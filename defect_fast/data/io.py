@@ -1,9 +1,11 @@
 """Reading images and defect masks from disk into fixed-size uint8 / bool tensors.
 
-Images come back as ``torch.uint8`` tensors [C, S, S] (C = 3 by default) whatever their stored
-mode: 8-bit grayscale is repeated to three channels, 16-bit and 32-bit grayscale are scaled to
-8 bits (not clipped), palette images are expanded, alpha channels are dropped. Masks come back as
-``torch.bool`` [S, S] where any nonzero stored value marks a defect pixel.
+Images and masks are turned upright by their EXIF orientation tag (as a viewer shows them) before
+anything else; sizes reported in errors are the upright ones. Images come back as ``torch.uint8``
+tensors [C, S, S] (C = 3 by default) whatever their stored mode: 8-bit grayscale is repeated to
+three channels, 16-bit and 32-bit grayscale are scaled to 8 bits (not clipped), palette images are
+expanded, alpha channels are dropped. Masks come back as ``torch.bool`` [S, S] where any nonzero
+stored value marks a defect pixel.
 
 Every problem with a file raises :class:`DataError` with the file's path and what was wrong.
 Functions that read many files (:func:`read_images`) try every file first and then report all the
@@ -11,6 +13,7 @@ bad ones in one error, so a broken folder is fixed in one pass instead of one fi
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -19,12 +22,15 @@ from typing import Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..safety import UserError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "DataError",
     "DataWarning",
+    "collect_images",
     "list_images",
     "read_image",
     "read_images",
@@ -37,8 +43,11 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".
 _T = TypeVar("_T")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A problem with input data; the message names the file(s) or folder and what was wrong.
+
+    A :class:`~defect_fast.safety.UserError` (one line, exit status 2 at the command line) and,
+    for older callers, a ValueError.
 
     ``problems`` lists one ``"<path>: <problem>"`` line per bad file when several were found.
     """
@@ -93,6 +102,40 @@ def list_images(folder: str | os.PathLike, *, warn: bool = True) -> list[Path]:
     return sorted(images, key=lambda p: p.name)
 
 
+def collect_images(items: Iterable[str | os.PathLike]) -> list[Path]:
+    """The image files named by a list of files and folders (e.g. a command line's arguments).
+
+    Folders contribute their images (:func:`list_images`: sorted by name, non-images skipped with
+    a warning); files are taken as given, in order (reading them reports a non-image).
+
+    Returns:
+        the image paths, in the order of ``items``.
+    Raises:
+        DataError: listing, in one message, every item that does not exist, is neither a file nor
+            a folder, or is a folder without images (``.problems`` holds one line each).
+    """
+    items = list(items)
+    paths: list[Path] = []
+    problems: list[str] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = list_images(p)
+            if not found:
+                problems.append(f"{p}: folder holds no images (extensions {', '.join(IMAGE_EXTENSIONS)})")
+            paths.extend(found)
+        elif p.is_file():
+            paths.append(p)
+        elif p.exists():
+            problems.append(f"{p}: not a file or folder")
+        else:
+            problems.append(f"{p}: no such file or folder")
+    if problems and len(problems) == 1:
+        raise DataError(problems[0], problems)
+    raise_problems(problems, len(items), "inputs", "images")
+    return paths
+
+
 # --------------------------------------------------------------------------------------------
 # Single files
 # --------------------------------------------------------------------------------------------
@@ -121,7 +164,29 @@ def _open(path: Path) -> Image.Image:
         raise DataError(f"{path}: corrupt or truncated image ({exc})") from None
     if img.width == 0 or img.height == 0:
         raise DataError(f"{path}: image has zero size ({img.width}x{img.height})")
-    return img
+    return _apply_orientation(img, path)
+
+
+#: EXIF tag holding how the stored pixels must be turned to be seen upright (1 = as stored).
+_EXIF_ORIENTATION = 0x0112
+
+
+def _apply_orientation(img: Image.Image, path: Path) -> Image.Image:
+    """Turn/flip ``img`` as its EXIF orientation tag says (phones and rotated cameras store
+    pixels sideways and set the tag), so images and masks are read as they are displayed."""
+    try:
+        orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - malformed EXIF block: PIL gives no orientation either
+        return img
+    if orientation in (None, 1):
+        return img
+    try:
+        upright = ImageOps.exif_transpose(img)
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"{path}: cannot apply its EXIF orientation {orientation} ({exc})") from None
+    if upright is not img:
+        img.close()
+    return upright
 
 
 def _scale_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
@@ -146,6 +211,19 @@ def _scale_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
         elif not (lo >= 0 and hi <= 255):
             a = (a - lo) * (255.0 / max(hi - lo, 1e-12))
     return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+
+@contextlib.contextmanager
+def _converting(path: Path, img: Image.Image):
+    """Turn a failure while converting or resizing a decoded image into a DataError naming it
+    (so that :func:`run_collecting` goes on with the other files)."""
+    mode = img.mode
+    try:
+        yield
+    except DataError:
+        raise
+    except (OSError, ValueError, TypeError, MemoryError) as exc:
+        raise DataError(f"{path}: cannot convert its {mode} pixels ({type(exc).__name__}: {exc})") from None
 
 
 def _to_8bit(img: Image.Image, channels: int, path: Path) -> Image.Image:
@@ -175,11 +253,12 @@ def _load_image(path: str | os.PathLike, size: int | None, channels: int, min_si
     orig = img.size
     if min_side is not None and min(orig) < min_side:
         raise DataError(f"{path}: image is {orig[0]}x{orig[1]} pixels, smaller than the minimum side of {min_side}")
-    img = _to_8bit(img, channels, path)
-    if size is not None and img.size != (size, size):
-        # NB: PIL's bilinear filter widens its support when shrinking, i.e. it is antialiased.
-        img = img.resize((size, size), Image.BILINEAR)
-    a = np.asarray(img, dtype=np.uint8)
+    with _converting(path, img):
+        img = _to_8bit(img, channels, path)
+        if size is not None and img.size != (size, size):
+            # NB: PIL's bilinear filter widens its support when shrinking, i.e. it is antialiased.
+            img = img.resize((size, size), Image.BILINEAR)
+        a = np.asarray(img, dtype=np.uint8)
     t = torch.from_numpy(a.copy())
     t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
     return t, orig
@@ -214,15 +293,16 @@ def _load_mask(path: str | os.PathLike, size: int | None) -> tuple[torch.Tensor,
     path = Path(path)
     img = _open(path)
     orig = img.size
-    if img.mode in ("1", "L", "I", "F") or img.mode.startswith("I;16"):
-        defect = np.asarray(img) != 0
-    else:
-        if img.mode in ("P", "PA"):
-            img = img.convert("RGBA")
-        defect = (np.asarray(img.convert("RGB")) != 0).any(axis=2)
-    if size is not None and orig != (size, size):
-        m = Image.fromarray(defect.astype(np.uint8) * 255, mode="L").resize((size, size), Image.NEAREST)
-        defect = np.asarray(m) != 0
+    with _converting(path, img):
+        if img.mode in ("1", "L", "I", "F") or img.mode.startswith("I;16"):
+            defect = np.asarray(img) != 0
+        else:
+            if img.mode in ("P", "PA"):
+                img = img.convert("RGBA")
+            defect = (np.asarray(img.convert("RGB")) != 0).any(axis=2)
+        if size is not None and orig != (size, size):
+            m = Image.fromarray(defect.astype(np.uint8) * 255, mode="L").resize((size, size), Image.NEAREST)
+            defect = np.asarray(m) != 0
     return torch.from_numpy(np.ascontiguousarray(defect)), orig
 
 

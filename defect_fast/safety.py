@@ -1,0 +1,965 @@
+"""Guards at the edge of the tool: user errors, safe outputs, run locks, file digests, arguments.
+
+Nothing in this module knows about models or data; it is the small set of rules every command
+follows so that a user's mistake never costs a file and never shows a traceback:
+
+- :class:`UserError` and :func:`run_main`: a mistake by the user becomes one line on stderr
+  (``defect-fast: error: <message>``) and exit status 2; a bug keeps its traceback.
+- :class:`OutputFolder`: an output folder carries a manifest (:data:`MANIFEST_NAME`) of every file
+  and sub-folder the tool wrote; ``--overwrite`` removes only those. A non-empty folder without
+  the manifest is never written into.
+- :func:`check_out_not_overlapping`: an output that is, contains or lies inside an input is refused.
+- :func:`safe_output_file` and the ``atomic_write_*`` helpers: single output files are never
+  replaced without ``overwrite`` and never left half-written.
+- :func:`dump_json_strict`: JSON without NaN/Infinity (they become ``null``, or raise).
+- :class:`RunLock`: an OS file lock on a run folder, released when the process dies.
+- :func:`state_digest`, :func:`attach_digest`, :func:`verify_digest`, :func:`save_with_digest`,
+  :func:`load_with_digest`: a SHA-256 over a saved object's tensors, checked on load.
+- Argument types for argparse (:func:`positive_int`, :func:`nonneg_int`, :func:`positive_float`,
+  :func:`nonneg_float`, :func:`finite_float`, :func:`probability`, :func:`device_arg`),
+  :func:`check_device`, and :class:`ArgumentParser` whose errors are one-line :class:`UsageError`.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+__all__ = [
+    "DIGEST_KEY",
+    "LOCK_NAME",
+    "MANIFEST_NAME",
+    "ArgumentParser",
+    "DeviceError",
+    "DigestError",
+    "OutputFolder",
+    "OutputRefused",
+    "RunInUse",
+    "RunLock",
+    "UsageError",
+    "UserError",
+    "atomic_open",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "attach_digest",
+    "check_device",
+    "check_out_not_overlapping",
+    "device_arg",
+    "dump_json_strict",
+    "finite_float",
+    "load_with_digest",
+    "nonneg_float",
+    "nonneg_int",
+    "one_line",
+    "positive_float",
+    "positive_int",
+    "probability",
+    "run_main",
+    "safe_output_file",
+    "save_with_digest",
+    "state_digest",
+    "verify_digest",
+]
+
+PROG = "defect-fast"
+
+# ---------------------------------------------------------------------------------------------
+# Errors and the main() boundary
+# ---------------------------------------------------------------------------------------------
+
+
+class UserError(Exception):
+    """A mistake in the user's input or arguments: reported as one line, exit status 2.
+
+    The message must say what was wrong and name the file or argument (and, where it helps,
+    what to do instead). Subclasses: :class:`UsageError`, :class:`OutputRefused`,
+    :class:`RunInUse`, :class:`DigestError`, :class:`DeviceError`;
+    :class:`defect_fast.data.DataError` is one too.
+    """
+
+
+class UsageError(UserError):
+    """A bad command line (unknown option, bad value, missing argument)."""
+
+
+class OutputRefused(UserError):
+    """An output path that cannot be written without risking the user's files."""
+
+
+class RunInUse(UserError):
+    """The run folder is locked by another living process (see :class:`RunLock`)."""
+
+    def __init__(self, message: str, pid: int | None = None):
+        super().__init__(message)
+        self.pid = pid
+
+
+class DigestError(UserError):
+    """A saved file is damaged (digest mismatch), foreign, or lacks the expected content."""
+
+
+class DeviceError(UserError):
+    """A ``--device`` this torch or this machine cannot provide."""
+
+
+#: OSError numbers that are the user's situation rather than a bug (reported in one line).
+_USER_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EEXIST,
+                errno.ENOSPC, errno.EROFS, errno.ENAMETOOLONG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def one_line(text: str) -> str:
+    """Collapse a message to one line: its first line, then the other lines joined with "; "."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    if len(lines) == 1:
+        return lines[0]
+    return f"{lines[0]} {'; '.join(lines[1:])}"
+
+
+def _user_message(exc: BaseException, user_errors: tuple[type[BaseException], ...]) -> str | None:
+    """The one-line message for a user-facing error, or None if ``exc`` is treated as a bug."""
+    if isinstance(exc, (UserError, argparse.ArgumentTypeError) + tuple(user_errors)):
+        return one_line(str(exc)) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.errno in _USER_ERRNOS:
+        # FileNotFoundError, PermissionError, IsADirectoryError, ... on a path the user gave.
+        what = exc.strerror or type(exc).__name__
+        if exc.filename is not None and exc.filename2 is not None:
+            return one_line(f"{exc.filename} -> {exc.filename2}: {what}")
+        if exc.filename is not None:
+            return one_line(f"{exc.filename}: {what}")
+        return one_line(str(exc)) or what
+    return None
+
+
+def run_main(fn: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None = None, *,
+             debug: bool | None = None, user_errors: Iterable[type[BaseException]] = (),
+             prog: str = PROG, stderr=None) -> int:
+    """Call ``fn(argv)`` and turn what escapes it into an exit status.
+
+    - returns ``fn``'s result (None -> 0);
+    - :class:`UserError` (any subclass), :class:`argparse.ArgumentTypeError`, the types in
+      ``user_errors`` (e.g. the CLI passes its ``RunError``), and an :class:`OSError` such as
+      ``FileNotFoundError``/``PermissionError``/``IsADirectoryError``/``ENOSPC``: one line
+      ``<prog>: error: <message>`` on stderr, exit status 2 (with ``debug`` the traceback is
+      printed first);
+    - ``KeyboardInterrupt``: ``<prog>: interrupted`` and 130;
+    - ``SystemExit`` passes through (``--help`` exits 0);
+    - anything else is a bug: its traceback is printed, then one ``<prog>: internal error`` line
+      asking for a report; exit status 1.
+
+    Args:
+        fn: the command, called with ``argv`` (``sys.argv[1:]`` when None).
+        debug: print tracebacks of user errors too; None reads ``--debug`` in ``argv`` or the
+            environment variable ``DEFECT_FAST_DEBUG=1``.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    err = stderr if stderr is not None else sys.stderr
+    if debug is None:
+        debug = "--debug" in argv or os.environ.get("DEFECT_FAST_DEBUG", "") not in ("", "0")
+    try:
+        status = fn(argv)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc(file=err)
+        print(f"{prog}: interrupted", file=err)
+        return 130
+    except SystemExit:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - this is the boundary
+        message = _user_message(exc, tuple(user_errors))
+        if message is None:
+            traceback.print_exc(file=err)
+            print(f"{prog}: internal error ({type(exc).__name__}); this is a bug, please report it "
+                  "with the traceback above", file=err)
+            return 1
+        if debug:
+            traceback.print_exc(file=err)
+        print(f"{prog}: error: {message}", file=err)
+        return 2
+    return 0 if status is None else int(status)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse parser whose errors raise :class:`UsageError` (one line) instead of printing
+    the usage block and exiting; sub-parsers made with ``add_subparsers`` inherit it."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{one_line(message)} (see '{self.prog} --help')")
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument types (argparse ``type=``); each raises ArgumentTypeError with the reason
+# ---------------------------------------------------------------------------------------------
+
+
+def _int(text: str, what: str) -> int:
+    try:
+        return int(str(text).strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+
+def _float(text: str, what: str) -> float:
+    try:
+        return float(str(text).strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """A whole number >= 1 (``--epochs``, ``--batch-size``, ``--checkpoint-every``...)."""
+    v = _int(text, "a whole number >= 1")
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return v
+
+
+def nonneg_int(text: str) -> int:
+    """A whole number >= 0 (``--seed``...)."""
+    v = _int(text, "a whole number >= 0")
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
+    return v
+
+
+def finite_float(text: str) -> float:
+    """Any real number except NaN and +-infinity (``--threshold``...)."""
+    v = _float(text, "a number")
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (``--lr``...)."""
+    v = _float(text, "a number > 0")
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return v
+
+
+def nonneg_float(text: str) -> float:
+    """A finite number >= 0 (``--smooth``...)."""
+    v = _float(text, "a number >= 0")
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return v
+
+
+def probability(text: str) -> float:
+    """A number in [0, 1]."""
+    v = _float(text, "a number in [0, 1]")
+    if not (0.0 <= v <= 1.0):  # NaN fails both comparisons
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
+    return v
+
+
+def check_device(spec: str) -> "torch.device":  # noqa: F821 - torch imported lazily
+    """Resolve ``--device`` to a usable ``torch.device``, or say why it cannot be used.
+
+    Accepts ``auto`` (CUDA device 0 when one is visible, else CPU), ``cpu``, ``cuda`` and
+    ``cuda:N``.
+
+    Raises:
+        DeviceError: unknown name ("unknown device 'gpu'; use auto, cpu, cuda or cuda:N"), a CUDA
+            request on a torch without a CUDA build ("this torch has no CUDA build ..."), no
+            usable CUDA device, or an index beyond the visible devices ("no CUDA device 3; 1
+            visible").
+    """
+    import torch
+
+    text = str(spec).strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    index: int | None = None
+    if text == "cuda":
+        pass
+    elif text.startswith("cuda:") and text[5:].isdigit():
+        index = int(text[5:])
+    else:
+        raise DeviceError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N")
+    if torch.version.cuda is None:
+        raise DeviceError(f"--device {spec}: this torch has no CUDA build (torch {torch.__version__}); use --device cpu")
+    if not torch.cuda.is_available():
+        raise DeviceError(f"--device {spec}: torch has a CUDA build but sees no usable CUDA device "
+                          "(no GPU, no driver, or CUDA_VISIBLE_DEVICES hides them); use --device cpu")
+    count = torch.cuda.device_count()
+    if index is not None and index >= count:
+        raise DeviceError(f"--device {spec}: no CUDA device {index}; {count} visible (cuda:0..cuda:{count - 1})")
+    return torch.device("cuda", index) if index is not None else torch.device("cuda")
+
+
+def device_arg(text: str) -> str:
+    """argparse ``type=`` form of :func:`check_device`: returns the text, checked."""
+    try:
+        check_device(text)
+    except DeviceError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict JSON and atomic writes
+# ---------------------------------------------------------------------------------------------
+
+
+def _strict(obj: Any, nan: str, where: str) -> Any:
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (str, int)):
+        return obj
+    if isinstance(obj, float):
+        if math.isfinite(obj):
+            return obj
+        if nan == "raise":
+            raise ValueError(f"{where or 'value'}: {obj} cannot be written as standard JSON")
+        return None
+    if isinstance(obj, Mapping):
+        return {k: _strict(v, nan, f"{where}.{k}" if where else str(k)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v, nan, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    tolist = getattr(obj, "tolist", None)  # numpy / torch scalars and arrays
+    if callable(tolist):
+        return _strict(tolist(), nan, where)
+    raise TypeError(f"{where or 'value'}: {type(obj).__name__} is not JSON serialisable")
+
+
+def dump_json_strict(obj: Any, *, nan: str = "null", indent: int | None = 2, **kwargs) -> str:
+    """``json.dumps`` that always yields standard JSON.
+
+    NaN and +-infinity become ``null`` (``nan="null"``, the default: e.g. a metric undefined for
+    one class) or raise ValueError naming the key (``nan="raise"``). Tuples become lists, paths
+    strings, numpy/torch scalars Python numbers. The result passes ``json.loads`` in any strict
+    parser (it was produced with ``allow_nan=False``).
+    """
+    if nan not in ("null", "raise"):
+        raise ValueError(f"nan must be 'null' or 'raise', got {nan!r}")
+    return json.dumps(_strict(obj, nan, ""), allow_nan=False, indent=indent, **kwargs)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs) -> Iterator[Any]:
+    """Open a temporary file beside ``path`` for writing; on success fsync and rename it over
+    ``path``, on an exception remove it (``path`` is then untouched). Parent folders are created.
+
+    Usage: ``with atomic_open(p) as fh: torch.save(obj, fh)``.
+    """
+    if "w" not in mode:
+        raise ValueError(f"atomic_open writes; mode must contain 'w', got {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the mode a plain open() would
+        with os.fdopen(fd, mode, **kwargs) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
+    with atomic_open(path, "wb") as fh:
+        fh.write(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically."""
+    return atomic_write_bytes(path, text.encode(encoding))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, nan: str = "null", indent: int | None = 2) -> Path:
+    """Write ``obj`` as strict JSON (:func:`dump_json_strict`) to ``path`` atomically."""
+    return atomic_write_text(path, dump_json_strict(obj, nan=nan, indent=indent) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs versus inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def _resolved(p: str | os.PathLike) -> Path:
+    return Path(os.path.abspath(Path(p).expanduser())).resolve()
+
+
+def _show(p: str | os.PathLike) -> str:
+    """The path as given, plus where it really is when that differs (symlinks, '..')."""
+    given = str(p)
+    real = str(_resolved(p))
+    return given if os.path.abspath(given) == real else f"{given} (= {real})"
+
+
+def check_out_not_overlapping(out: str | os.PathLike, inputs: Iterable[str | os.PathLike], *,
+                              what: str = "--out") -> None:
+    """Refuse an output path that is, contains, or lies inside any input path.
+
+    Paths are compared after resolving symlinks and ``..`` (existing or not); inputs may be
+    files or folders. Touches nothing.
+
+    Raises:
+        OutputRefused: one line naming ``what``, the output and the input.
+    """
+    o = _resolved(out)
+    for inp in inputs:
+        if inp is None:
+            continue
+        i = _resolved(inp)
+        if o == i:
+            relation = "is the input"
+        elif i in o.parents:
+            relation = "lies inside the input"
+        elif o in i.parents:
+            relation = "contains the input"
+        else:
+            continue
+        raise OutputRefused(f"{what} {_show(out)} {relation} {_show(inp)}; choose an output outside the inputs "
+                            "(nothing was written)")
+
+
+def safe_output_file(path: str | os.PathLike, overwrite: bool, *, inputs: Iterable[str | os.PathLike] = (),
+                     what: str = "output file") -> Path:
+    """Check that a single output file (e.g. ``--json``) may be written; touches nothing.
+
+    Refused: an existing folder at ``path``; an existing file without ``overwrite``; a path that
+    is or lies inside one of ``inputs`` (even with ``overwrite``); a parent that is not a folder.
+
+    Returns:
+        ``path`` as a Path (write it with :func:`atomic_write_json` & co.).
+    Raises:
+        OutputRefused: one line naming the file and what to do.
+    """
+    p = Path(path)
+    check_out_not_overlapping(p, inputs, what=what)
+    if p.is_dir():
+        raise OutputRefused(f"{what} {p}: is a folder; give a file name")
+    if p.exists() or p.is_symlink():
+        if not overwrite:
+            raise OutputRefused(f"{what} {p}: file exists; pass --overwrite to replace it or choose another name")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputRefused(f"{what} {p}: {parent} is not a folder")
+            break
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Output folders with a manifest
+# ---------------------------------------------------------------------------------------------
+
+#: Marker file of a folder written by defect-fast: JSON listing every file and folder it wrote.
+MANIFEST_NAME = ".defect_fast-manifest.json"
+#: Lock file of a run folder (see :class:`RunLock`); never listed, never removed while held.
+LOCK_NAME = ".defect_fast.lock"
+_MANIFEST_FORMAT = "defect_fast-output-manifest"
+_OWN = {MANIFEST_NAME, LOCK_NAME}
+
+
+def _foreign_entries(folder: Path) -> list[str]:
+    return sorted(e.name for e in folder.iterdir() if e.name not in _OWN)
+
+
+class OutputFolder:
+    """A folder of outputs that knows which of its files this tool wrote.
+
+    The manifest ``MANIFEST_NAME`` in the folder lists, relative to it, every file and
+    sub-folder recorded with :meth:`record` (or written through :meth:`write_bytes`,
+    :meth:`write_text`, :meth:`write_json`, :meth:`open_atomic`, :meth:`mkdir`); it is rewritten
+    atomically on every change. :meth:`clear` (what ``--overwrite`` does) removes only those.
+
+    Make one with :meth:`create` (new output) or :meth:`open` (continue, e.g. ``--resume``);
+    :meth:`check` runs the same refusals as :meth:`create` without touching anything, so a command
+    can refuse before it reads its inputs.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, created_root: bool = False):
+        self.path = Path(path)
+        self.created_root = created_root
+        self.files: set[str] = set()
+        self.dirs: set[str] = set()
+        self.lock: RunLock | None = None
+
+    # -- construction -------------------------------------------------------------------------
+    @staticmethod
+    def check(path: str | os.PathLike, *, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = (),
+              what: str = "--out") -> None:
+        """Raise :class:`OutputRefused` if :meth:`create` would refuse ``path``; touches nothing.
+
+        Refused: an output overlapping an input (:func:`check_out_not_overlapping`); a path that
+        is a file; a non-empty folder without the manifest (even with ``overwrite``); a folder
+        holding earlier output of this tool, unless ``overwrite``.
+        """
+        p = Path(path)
+        check_out_not_overlapping(p, inputs, what=what)
+        if p.is_symlink() and not p.exists():
+            raise OutputRefused(f"{what} {p}: is a broken symbolic link; choose another folder")
+        if p.exists() and not p.is_dir():
+            raise OutputRefused(f"{what} {p}: exists and is not a folder")
+        if not p.exists():
+            return
+        others = _foreign_entries(p)
+        if not others:
+            return
+        if not (p / MANIFEST_NAME).is_file():
+            shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            raise OutputRefused(
+                f"{what} {p}: folder is not empty ({shown}) and was not written by defect-fast "
+                f"(no {MANIFEST_NAME}); choose a new or empty folder (--overwrite never deletes files defect-fast did not write)")
+        if not overwrite:
+            raise OutputRefused(f"{what} {p}: folder holds earlier defect-fast output; pass --overwrite to replace it "
+                                "(only the files defect-fast wrote there are removed) or choose another folder")
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, *, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = (),
+               lock: bool = False, what: str = "--out") -> "OutputFolder":
+        """Make (or, with ``overwrite``, clear) an output folder and write its manifest.
+
+        The checks of :meth:`check` come first. With ``lock`` the folder's :class:`RunLock` is
+        taken before anything is removed, so another process working in the folder is never
+        cleared from under it (:class:`RunInUse`). Missing parents are created.
+        """
+        p = Path(path)
+        inputs = list(inputs)
+        cls.check(p, overwrite=overwrite, inputs=inputs, what=what)
+        created = not p.exists()
+        p.mkdir(parents=True, exist_ok=True)
+        out = cls(p, created_root=created)
+        if lock:
+            try:
+                out.lock = RunLock(p).acquire()
+            except BaseException:
+                if created:
+                    with contextlib.suppress(OSError):
+                        (p / LOCK_NAME).unlink()
+                        p.rmdir()
+                raise
+        if (p / MANIFEST_NAME).is_file():
+            out._read_manifest()
+            out.clear()
+        else:
+            out._write_manifest()
+        return out
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, lock: bool = False, what: str = "--out") -> "OutputFolder":
+        """An existing output folder (e.g. a run to resume): it must carry the manifest."""
+        p = Path(path)
+        if not p.is_dir():
+            raise OutputRefused(f"{what} {p}: no such folder")
+        if not (p / MANIFEST_NAME).is_file():
+            raise OutputRefused(f"{what} {p}: not a folder written by defect-fast (no {MANIFEST_NAME})")
+        out = cls(p)
+        if lock:
+            out.lock = RunLock(p).acquire()
+        out._read_manifest()
+        return out
+
+    # -- manifest -------------------------------------------------------------------------------
+    def _read_manifest(self) -> None:
+        mpath = self.path / MANIFEST_NAME
+        try:
+            data = json.loads(mpath.read_text(encoding="utf-8"))
+            if not isinstance(data, dict) or data.get("format") != _MANIFEST_FORMAT:
+                raise ValueError("unknown format")
+            files, dirs = data.get("files", []), data.get("dirs", [])
+            if not all(isinstance(x, str) for x in [*files, *dirs]):
+                raise ValueError("entries are not strings")
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise OutputRefused(f"{mpath}: damaged manifest ({exc}); remove the folder's files by hand") from None
+        self.files, self.dirs = set(files), set(dirs)
+        self.created_root = bool(data.get("created_root", False)) or self.created_root
+
+    def _write_manifest(self) -> None:
+        data = {"format": _MANIFEST_FORMAT, "version": 1, "created_root": self.created_root,
+                "files": sorted(self.files), "dirs": sorted(self.dirs)}
+        atomic_write_text(self.path / MANIFEST_NAME, json.dumps(data, indent=1) + "\n")
+
+    def _rel(self, path: str | os.PathLike) -> str:
+        p = Path(path)
+        if not p.is_absolute():
+            p = self.path / p
+        root = Path(os.path.abspath(self.path))
+        try:
+            rel = Path(os.path.abspath(p)).relative_to(root)
+        except ValueError:
+            raise ValueError(f"{path}: not inside the output folder {self.path}") from None
+        if not rel.parts or rel.parts[0] in _OWN:
+            raise ValueError(f"{path}: not a file of the output folder {self.path}")
+        return rel.as_posix()
+
+    def _safe_target(self, rel: str) -> Path | None:
+        """root/rel if no component below the root is a symlink to elsewhere, else None."""
+        root = _resolved(self.path)
+        target = self.path / rel
+        if ".." in Path(rel).parts or Path(rel).is_absolute():
+            return None
+        if _resolved(target.parent) != root.joinpath(*Path(rel).parts[:-1]):
+            return None
+        return target
+
+    def record(self, path: str | os.PathLike) -> Path:
+        """Add ``path`` (inside the folder; relative paths are taken from it) to the manifest.
+
+        Its parent folders inside the output folder are recorded too; a path that does not exist
+        yet is recorded as a file (record before writing, so a crash leaves nothing unlisted).
+        Returns the path inside the folder.
+        """
+        return self.record_many([path])[0]
+
+    def record_many(self, paths: Iterable[str | os.PathLike]) -> list[Path]:
+        """:meth:`record` for many paths with one manifest write (e.g. all maps of a predict)."""
+        targets = []
+        for path in paths:
+            rel = self._rel(path)
+            target = self.path / rel
+            parts = Path(rel).parts
+            for k in range(1, len(parts)):
+                self.dirs.add(Path(*parts[:k]).as_posix())
+            if target.is_dir() and not target.is_symlink():
+                self.dirs.add(rel)
+            else:
+                self.files.add(rel)
+            targets.append(target)
+        self._write_manifest()
+        return targets
+
+    def mkdir(self, name: str | os.PathLike) -> Path:
+        """Create a sub-folder (and parents) and record it."""
+        rel = self._rel(name)
+        target = self.path / rel
+        target.mkdir(parents=True, exist_ok=True)
+        return self.record(target)
+
+    def _writable(self, name: str | os.PathLike) -> Path:
+        rel = self._rel(name)
+        target = self.path / rel
+        if (target.exists() or target.is_symlink()) and rel not in self.files:
+            raise OutputRefused(f"{target}: exists and was not written by defect-fast; move it away or choose another folder")
+        # record before writing: a crash mid-write then leaves nothing unlisted behind
+        self.record(target)
+        return target
+
+    @contextlib.contextmanager
+    def open_atomic(self, name: str | os.PathLike, mode: str = "wb", **kwargs) -> Iterator[Any]:
+        """:func:`atomic_open` on a file of this folder, recorded in the manifest."""
+        with atomic_open(self._writable(name), mode, **kwargs) as fh:
+            yield fh
+
+    def write_bytes(self, name: str | os.PathLike, data: bytes) -> Path:
+        """Write a file of this folder atomically and record it."""
+        return atomic_write_bytes(self._writable(name), data)
+
+    def write_text(self, name: str | os.PathLike, text: str) -> Path:
+        """Write a text file of this folder atomically and record it."""
+        return atomic_write_text(self._writable(name), text)
+
+    def write_json(self, name: str | os.PathLike, obj: Any, *, nan: str = "null") -> Path:
+        """Write strict JSON (:func:`dump_json_strict`) atomically and record it."""
+        return atomic_write_json(self._writable(name), obj, nan=nan)
+
+    # -- removal --------------------------------------------------------------------------------
+    def clear(self) -> list[Path]:
+        """Remove the files listed in the manifest, then the listed folders that are left empty.
+
+        Files not in the manifest, and anything reached through a symbolic link that replaced a
+        listed folder, are never touched. The manifest itself stays (now empty). Returns what was
+        removed.
+        """
+        removed: list[Path] = []
+        for rel in sorted(self.files):
+            target = self._safe_target(rel)
+            if target is None:
+                continue
+            if target.is_symlink() or target.is_file():
+                target.unlink()
+                removed.append(target)
+        for rel in sorted(self.dirs, key=lambda r: len(Path(r).parts), reverse=True):
+            target = self._safe_target(rel)
+            if target is None or target.is_symlink() or not target.is_dir():
+                continue
+            try:
+                target.rmdir()  # only if empty: the user's files inside keep their folder
+                removed.append(target)
+            except OSError:
+                pass
+        self.files.clear()
+        self.dirs = {d for d in self.dirs if (self.path / d).is_dir() and not (self.path / d).is_symlink()}
+        self._write_manifest()
+        return removed
+
+    def discard(self) -> None:
+        """Undo a failed start: :meth:`clear`, then remove the manifest, the lock file and the
+        folder itself when this object created it and nothing else is left in it."""
+        self.clear()
+        if self.dirs or _foreign_entries(self.path):
+            return
+        with contextlib.suppress(FileNotFoundError):
+            (self.path / MANIFEST_NAME).unlink()
+        if self.lock is not None:
+            self.lock.release(remove=True)
+            self.lock = None
+        if self.created_root:
+            with contextlib.suppress(OSError):
+                self.path.rmdir()
+
+    def release(self) -> None:
+        """Release the folder's lock (if this object holds it)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def __enter__(self) -> "OutputFolder":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.release()
+
+
+# ---------------------------------------------------------------------------------------------
+# Run-folder lock
+# ---------------------------------------------------------------------------------------------
+
+
+class RunLock:
+    """An exclusive OS lock (``fcntl.flock``) on ``folder/LOCK_NAME`` holding the owner's PID.
+
+    The kernel drops the lock when the holder's process ends, however it ends (crash, kill -9),
+    so a stale lock never blocks a later run. A second process (or a second RunLock in the same
+    process) gets :class:`RunInUse`: "RUN is in use by PID n". POSIX only.
+
+    Usage: ``with RunLock(run): ...`` or ``lock = RunLock(run).acquire(); ...; lock.release()``.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock."""
+        return self._fd is not None
+
+    def acquire(self) -> "RunLock":
+        """Take the lock without waiting; raises :class:`RunInUse` if another holder has it."""
+        import fcntl
+
+        if self._fd is not None:
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                pid_text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            finally:
+                os.close(fd)
+            pid = int(pid_text) if pid_text.isdigit() else None
+            who = f"PID {pid}" if pid is not None else "another process"
+            raise RunInUse(f"{self.folder} is in use by {who}; wait for it to finish or stop it", pid) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self, *, remove: bool = False) -> None:
+        """Drop the lock (idempotent). ``remove`` also deletes the lock file (only do that when
+        the folder itself is being removed)."""
+        import fcntl
+
+        if self._fd is None:
+            return
+        try:
+            os.ftruncate(self._fd, 0)
+            if remove:
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.release()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor digests of saved files
+# ---------------------------------------------------------------------------------------------
+
+#: Key under which :func:`attach_digest` stores the digest in a saved dict.
+DIGEST_KEY = "tensor_digest"
+
+
+def _feed(h: "hashlib._Hash", obj: Any, where: str) -> None:
+    import torch
+
+    def tag(kind: str, payload: bytes = b"") -> None:
+        h.update(kind.encode() + b"\x00" + len(payload).to_bytes(8, "little") + payload)
+
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        if t.layout != torch.strided:
+            raise TypeError(f"{where}: cannot digest a {t.layout} tensor")
+        t = t.cpu().contiguous().reshape(-1)
+        tag("tensor", f"{t.dtype}|{tuple(obj.shape)}".encode())
+        data = t.view(torch.uint8) if t.numel() else t.new_empty(0, dtype=torch.uint8)
+        tag("bytes", data.numpy().tobytes())
+    elif isinstance(obj, Mapping):
+        items = sorted(obj.items(), key=lambda kv: (type(kv[0]).__name__, repr(kv[0])))
+        tag("dict", str(len(items)).encode())
+        for k, v in items:
+            tag("key", f"{type(k).__name__}:{k!r}".encode())
+            _feed(h, v, f"{where}.{k}" if where else str(k))
+    elif isinstance(obj, (list, tuple)):
+        tag(type(obj).__name__ if type(obj) in (list, tuple) else "tuple", str(len(obj)).encode())
+        for i, v in enumerate(obj):
+            _feed(h, v, f"{where}[{i}]")
+    elif obj is None or isinstance(obj, (bool, int, float, str, bytes, torch.dtype, torch.device)):
+        tag("leaf", f"{type(obj).__name__}:{obj!r}".encode())
+    else:
+        raise TypeError(f"{where or 'object'}: cannot digest a {type(obj).__name__}")
+
+
+def state_digest(obj: Any) -> str:
+    """SHA-256 (hex) over every tensor's dtype, shape and bytes in ``obj``, with its key path.
+
+    ``obj`` may nest dicts (keys in sorted order, so insertion order does not matter), lists and
+    tuples; other leaves (numbers, strings, None, dtypes) are hashed by value too, so a changed
+    setting is caught as well as a flipped weight. A dict's own :data:`DIGEST_KEY` entry is
+    hashed like any other: call it on the object without that key (as :func:`attach_digest` does).
+
+    Raises:
+        TypeError: a value that is not a tensor, container or plain value.
+    """
+    h = hashlib.sha256()
+    _feed(h, obj, "")
+    return h.hexdigest()
+
+
+def attach_digest(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of dict ``obj`` with ``obj[DIGEST_KEY] = {"algorithm": "sha256", "hex": ...}``
+    over all its other entries (any existing digest is replaced)."""
+    body = {k: v for k, v in obj.items() if k != DIGEST_KEY}
+    return {**body, DIGEST_KEY: {"algorithm": "sha256", "hex": state_digest(body)}}
+
+
+def verify_digest(obj: Any, path: str | os.PathLike, *, required_keys: Iterable[str] = (),
+                  allow_missing: bool = False) -> bool:
+    """Check a loaded object against the digest stored in it by :func:`attach_digest`.
+
+    Policy for files without a digest: refused (:class:`DigestError` saying the file is foreign
+    or from an older version) unless ``allow_missing``, which returns False instead.
+
+    Args:
+        obj: what ``torch.load`` returned.
+        path: the file it came from (named in every error).
+        required_keys: keys a file of the expected kind must hold; a missing one is a one-line
+            "not a ... file" error, never a KeyError.
+    Returns:
+        True when the digest matched, False when absent and ``allow_missing``.
+    Raises:
+        DigestError: not a dict, missing keys, missing digest, or mismatch (the file is damaged).
+    """
+    if not isinstance(obj, Mapping):
+        raise DigestError(f"{path}: not a defect_fast file (holds a {type(obj).__name__}, expected a dict)")
+    missing = [k for k in required_keys if k not in obj]
+    if missing:
+        raise DigestError(f"{path}: not a defect_fast file of the expected kind (missing {', '.join(missing)})")
+    stored = obj.get(DIGEST_KEY)
+    if stored is None:
+        if allow_missing:
+            return False
+        raise DigestError(f"{path}: no tensor digest (written by another program or an older defect_fast); "
+                          "retrain or re-save it with this version")
+    if not (isinstance(stored, Mapping) and stored.get("algorithm") == "sha256" and isinstance(stored.get("hex"), str)):
+        raise DigestError(f"{path}: unreadable tensor digest entry")
+    body = {k: v for k, v in obj.items() if k != DIGEST_KEY}
+    try:
+        actual = state_digest(body)
+    except TypeError as exc:
+        raise DigestError(f"{path}: unexpected content ({exc})") from None
+    if actual != stored["hex"]:
+        raise DigestError(f"{path}: file is damaged (tensor digest mismatch: stored {stored['hex'][:12]}..., "
+                          f"computed {actual[:12]}...); restore it from a copy or retrain")
+    return True
+
+
+def save_with_digest(obj: Mapping[str, Any], path: str | os.PathLike, *, folder: OutputFolder | None = None) -> Path:
+    """``torch.save(attach_digest(obj))`` to ``path`` atomically (recorded in ``folder`` if given)."""
+    import torch
+
+    payload = attach_digest(obj)
+    ctx = folder.open_atomic(path) if folder is not None else atomic_open(path)
+    with ctx as fh:
+        torch.save(payload, fh)
+    return Path(path)
+
+
+def load_with_digest(path: str | os.PathLike, *, required_keys: Iterable[str] = (),
+                     allow_missing: bool = False) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` then :func:`verify_digest`.
+
+    Raises:
+        DigestError: missing, unreadable (truncated, not a torch file, unsafe pickle), foreign,
+            damaged, or without a digest (unless ``allow_missing``); the message names the file.
+    """
+    import torch
+
+    p = Path(path)
+    if not p.exists():
+        raise DigestError(f"{p}: no such file")
+    if p.is_dir():
+        raise DigestError(f"{p}: is a folder, expected a model or checkpoint file")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, pickle refused by weights_only, not a torch file
+        raise DigestError(f"{p}: not a readable defect_fast file ({type(exc).__name__}: {one_line(str(exc))[:200]})") from None
+    verify_digest(obj, p, required_keys=required_keys, allow_missing=allow_missing)
+    return obj

@@ -1,0 +1,497 @@
+"""Guards at the edge of the tool: output folders, containment, atomic files, strict JSON, run locks,
+tensor digests, argument types, devices and the main() boundary."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from defect_fast import safety
+from defect_fast.safety import (
+    DIGEST_KEY,
+    LOCK_NAME,
+    MANIFEST_NAME,
+    DeviceError,
+    DigestError,
+    OutputFolder,
+    OutputRefused,
+    RunInUse,
+    RunLock,
+    UsageError,
+    UserError,
+    atomic_open,
+    atomic_write_json,
+    atomic_write_text,
+    attach_digest,
+    check_device,
+    check_out_not_overlapping,
+    dump_json_strict,
+    load_with_digest,
+    run_main,
+    safe_output_file,
+    save_with_digest,
+    state_digest,
+    verify_digest,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tree(root: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file (and 'dir' for folders) under root."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        out[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Output folders
+# --------------------------------------------------------------------------------------------
+
+
+def test_output_folder_records_and_clears_only_its_own_files(tmp_path):
+    out = OutputFolder.create(tmp_path / "run")
+    out.write_text("config.json", "{}")
+    out.write_json("maps/a.json", {"x": 1})
+    with out.open_atomic("model.bin") as fh:
+        fh.write(b"\x00" * 10)
+    manifest = json.loads((tmp_path / "run" / MANIFEST_NAME).read_text())
+    assert manifest["files"] == ["config.json", "maps/a.json", "model.bin"] and manifest["dirs"] == ["maps"]
+
+    # the user's own files, beside and inside our folders
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    (tmp_path / "run" / "maps" / "keep.png").write_bytes(b"mine too")
+    (tmp_path / "run" / "sub").mkdir()
+    (tmp_path / "run" / "sub" / "x").write_text("x")
+
+    with pytest.raises(OutputRefused, match=r"earlier defect-fast output; pass --overwrite"):
+        OutputFolder.create(tmp_path / "run")
+    again = OutputFolder.create(tmp_path / "run", overwrite=True)
+    left = _tree(tmp_path / "run")
+    assert set(left) == {MANIFEST_NAME, "notes.txt", "maps", "maps/keep.png", "sub", "sub/x"}
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+    assert again.files == set()
+    # an unlisted file is never replaced through the folder either
+    with pytest.raises(OutputRefused, match=r"notes\.txt: exists and was not written by defect-fast"):
+        again.write_text("notes.txt", "overwritten")
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+
+
+def test_folder_without_manifest_refused_even_with_overwrite(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "img.png").write_bytes(b"precious")
+    before = _tree(data)
+    for overwrite in (False, True):
+        with pytest.raises(OutputRefused) as err:
+            OutputFolder.create(data, overwrite=overwrite)
+        msg = str(err.value)
+        assert "\n" not in msg and str(data) in msg and "img.png" in msg and MANIFEST_NAME in msg
+    assert _tree(data) == before
+    # an empty existing folder is adopted; a file is not a folder
+    (tmp_path / "empty").mkdir()
+    assert (OutputFolder.create(tmp_path / "empty").path / MANIFEST_NAME).is_file()
+    with pytest.raises(OutputRefused, match="not a folder"):
+        OutputFolder.create(data / "img.png", overwrite=True)
+
+
+def test_clear_does_not_follow_a_symlinked_folder(tmp_path):
+    out = OutputFolder.create(tmp_path / "o")
+    out.write_text("maps/a.png", "ours")
+    elsewhere = tmp_path / "photos"
+    elsewhere.mkdir()
+    (elsewhere / "a.png").write_text("theirs")
+    # the user replaced our maps/ folder with a link to their photos
+    (tmp_path / "o" / "maps" / "a.png").unlink()
+    (tmp_path / "o" / "maps").rmdir()
+    (tmp_path / "o" / "maps").symlink_to(elsewhere)
+    OutputFolder.create(tmp_path / "o", overwrite=True)
+    assert (elsewhere / "a.png").read_text() == "theirs"
+
+
+def test_tampered_manifest_cannot_reach_outside(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    out = OutputFolder.create(tmp_path / "o")
+    out.write_text("a.txt", "x")
+    m = tmp_path / "o" / MANIFEST_NAME
+    data = json.loads(m.read_text())
+    data["files"] += ["../victim.txt", str(victim)]
+    m.write_text(json.dumps(data))
+    OutputFolder.create(tmp_path / "o", overwrite=True)
+    assert victim.read_text() == "keep" and not (tmp_path / "o" / "a.txt").exists()
+    m.write_text("{not json")
+    with pytest.raises(OutputRefused, match="damaged manifest"):
+        OutputFolder.create(tmp_path / "o", overwrite=True)
+
+
+def test_discard_undoes_a_failed_start(tmp_path):
+    target = tmp_path / "new" / "run"
+    out = OutputFolder.create(target, lock=True)
+    out.write_text("config.json", "{}")
+    out.discard()
+    assert not target.exists()
+    # in a folder the user already had, only our files go
+    (tmp_path / "mine").mkdir()
+    out = OutputFolder.create(tmp_path / "mine")
+    out.write_text("config.json", "{}")
+    (tmp_path / "mine" / "late.txt").write_text("user")
+    out.discard()
+    assert _tree(tmp_path / "mine") == {"late.txt": hashlib.sha256(b"user").hexdigest(), MANIFEST_NAME: _tree(tmp_path / "mine")[MANIFEST_NAME]}
+
+
+def test_check_touches_nothing_and_open_needs_manifest(tmp_path):
+    OutputFolder.check(tmp_path / "a" / "b")
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(OutputRefused, match="no .*manifest"):
+        OutputFolder.open(tmp_path)
+    out = OutputFolder.create(tmp_path / "r")
+    out.write_text("log.jsonl", "1\n")
+    again = OutputFolder.open(tmp_path / "r")
+    assert again.files == {"log.jsonl"}
+    again.record_many([f"maps/{i}.png" for i in range(3)])  # recorded before they are written
+    for i in range(2):
+        (tmp_path / "r" / "maps").mkdir(exist_ok=True)
+        (tmp_path / "r" / "maps" / f"{i}.png").write_bytes(b"m")
+    reread = OutputFolder.open(tmp_path / "r")
+    assert reread.files == {"log.jsonl", "maps/0.png", "maps/1.png", "maps/2.png"} and reread.dirs == {"maps"}
+    reread.clear()
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [MANIFEST_NAME]
+    with pytest.raises(ValueError, match="not inside"):
+        again.record(tmp_path / "elsewhere.txt")
+
+
+# --------------------------------------------------------------------------------------------
+# Containment and single files
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("out_rel, relation", [("data", "is the input"), ("data/train/run", "lies inside the input"),
+                                               ("", "contains the input"), ("link", "is the input"),
+                                               ("link/sub", "lies inside the input"), ("data/../data", "is the input")])
+def test_out_overlapping_an_input_is_refused(tmp_path, out_rel, relation):
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    out = tmp_path / out_rel if out_rel else tmp_path
+    with pytest.raises(OutputRefused) as err:
+        check_out_not_overlapping(out, [tmp_path.parent / "unrelated-input", tmp_path / "data"])
+    msg = str(err.value)
+    assert relation in msg and str(tmp_path / "data") in msg and "--out" in msg and "\n" not in msg
+
+
+def test_out_beside_inputs_and_file_inputs(tmp_path):
+    (tmp_path / "data").mkdir()
+    img = tmp_path / "data" / "a.png"
+    img.write_bytes(b"x")
+    check_out_not_overlapping(tmp_path / "out", [tmp_path / "data", img])
+    check_out_not_overlapping(tmp_path / "data2", [tmp_path / "data"])  # a name prefix is not containment
+    with pytest.raises(OutputRefused, match="is the input"):
+        check_out_not_overlapping(img, [img])
+    with pytest.raises(OutputRefused, match="contains the input"):
+        check_out_not_overlapping(tmp_path / "data", [img])
+
+
+def test_safe_output_file(tmp_path):
+    p = tmp_path / "m.json"
+    assert safe_output_file(p, False) == p
+    p.write_text("old")
+    with pytest.raises(OutputRefused, match=r"m\.json: file exists; pass --overwrite"):
+        safe_output_file(p, False)
+    assert safe_output_file(p, True) == p
+    with pytest.raises(OutputRefused, match="is a folder"):
+        safe_output_file(tmp_path, True)
+    img = tmp_path / "input.png"
+    img.write_bytes(b"x")
+    with pytest.raises(OutputRefused, match="is the input"):
+        safe_output_file(img, True, inputs=[img])
+    with pytest.raises(OutputRefused, match="not a folder"):
+        safe_output_file(img / "x.json", True)
+    assert p.read_text() == "old" and img.read_bytes() == b"x"
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+    p = tmp_path / "f.txt"
+    atomic_write_text(p, "one")
+    with pytest.raises(RuntimeError):
+        with atomic_open(p) as fh:
+            fh.write(b"half")
+            raise RuntimeError("crash mid-write")
+    assert p.read_text() == "one"
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["f.txt"]  # no temp file left
+    atomic_write_text(p, "two")
+    assert p.read_text() == "two"
+    old_mask = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "g.txt", "x")
+    finally:
+        os.umask(old_mask)
+    assert (tmp_path / "g.txt").stat().st_mode & 0o777 == 0o640  # as open() would, not mkstemp's 0600
+
+
+# --------------------------------------------------------------------------------------------
+# Strict JSON
+# --------------------------------------------------------------------------------------------
+
+
+def test_dump_json_strict():
+    import numpy as np
+
+    obj = {"a": float("nan"), "b": [1.5, float("inf"), -float("inf")], "c": (np.float32(0.25), torch.tensor(2.0)),
+           "d": np.array([1, 2]), "p": Path("x/y"), "ok": True}
+    text = dump_json_strict(obj)
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard constant {c}"))
+    assert json.loads(text) == {"a": None, "b": [1.5, None, None], "c": [0.25, 2.0], "d": [1, 2], "p": "x/y", "ok": True}
+    with pytest.raises(ValueError, match=r"^a: nan cannot"):
+        dump_json_strict(obj, nan="raise")
+    with pytest.raises(ValueError, match=r"^b\[1\]: inf cannot"):
+        dump_json_strict({"b": obj["b"]}, nan="raise")
+    with pytest.raises(TypeError, match="object"):
+        dump_json_strict({"x": object()})
+
+
+def test_atomic_write_json_is_strict(tmp_path):
+    p = atomic_write_json(tmp_path / "t.json", {"threshold": float("nan")})
+    assert "NaN" not in p.read_text() and json.loads(p.read_text()) == {"threshold": None}
+
+
+# --------------------------------------------------------------------------------------------
+# Run lock
+# --------------------------------------------------------------------------------------------
+
+_HOLDER = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, sys.argv[2])
+    from defect_fast.safety import RunLock
+    RunLock(sys.argv[1]).acquire()
+    print("locked", flush=True)
+    time.sleep(60)
+""")
+
+
+def _start_holder(folder: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(folder), str(REPO)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_lock_refuses_second_holder_and_dies_with_its_process(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    proc = _start_holder(run)
+    try:
+        with pytest.raises(RunInUse) as err:
+            RunLock(run).acquire()
+        assert err.value.pid == proc.pid
+        assert str(err.value).startswith(f"{run} is in use by PID {proc.pid}")
+        with pytest.raises(RunInUse):  # the same refusal through an output folder, before any removal
+            OutputFolder.create(run, overwrite=True, lock=True)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    with RunLock(run) as lock:  # the kernel released the dead holder's lock
+        assert lock.held and (run / LOCK_NAME).read_text().strip() == str(os.getpid())
+        with pytest.raises(RunInUse, match=f"PID {os.getpid()}"):
+            RunLock(run).acquire()  # a second lock in the same process is refused too
+    assert not lock.held
+    RunLock(run).acquire().release()
+
+
+# --------------------------------------------------------------------------------------------
+# Digests
+# --------------------------------------------------------------------------------------------
+
+
+def _state() -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {"model_name": "x", "model_config": {"width": 4},
+            "model_state": {"w": torch.randn(8, 8, generator=g), "b": torch.zeros(8, dtype=torch.float64),
+                            "n": torch.tensor(3), "h": torch.ones(2, dtype=torch.bfloat16)},
+            "opt": [{"step": torch.tensor(5.0)}, (1, 2.5, None)]}
+
+
+def test_state_digest_covers_dtype_shape_bytes_and_keys():
+    base = state_digest(_state())
+    assert base == state_digest(_state())
+    reordered = _state()
+    reordered["model_state"] = dict(reversed(list(reordered["model_state"].items())))
+    assert state_digest(reordered) == base  # key order does not matter
+    variants = []
+    s = _state(); s["model_state"]["w"][3, 4] += 1e-6; variants.append(s)
+    s = _state(); s["model_state"]["w"] = s["model_state"]["w"].reshape(4, 16); variants.append(s)
+    s = _state(); s["model_state"]["b"] = s["model_state"]["b"].to(torch.float32); variants.append(s)
+    s = _state(); s["model_state"]["w2"] = s["model_state"].pop("w"); variants.append(s)
+    s = _state(); s["model_config"]["width"] = 5; variants.append(s)
+    s = _state(); s["opt"][1] = (1, 2.5, 0); variants.append(s)
+    digests = {state_digest(v) for v in variants}
+    assert len(digests) == len(variants) and base not in digests
+    # a non-contiguous view hashes like its contiguous copy
+    w = torch.arange(12.0).reshape(3, 4)
+    assert state_digest({"t": w.t()}) == state_digest({"t": w.t().contiguous()})
+    with pytest.raises(TypeError, match="cannot digest"):
+        state_digest({"x": object()})
+
+
+def test_saved_file_with_flipped_bytes_is_detected(tmp_path):
+    path = save_with_digest(_state(), tmp_path / "model.pt")
+    obj = load_with_digest(path, required_keys=("model_name", "model_config"))
+    assert torch.equal(obj["model_state"]["w"], _state()["model_state"]["w"])
+    # flip 64 bytes inside the stored weight tensor (found by its exact bytes in the zip)
+    raw = bytearray(path.read_bytes())
+    w = _state()["model_state"]["w"].numpy().tobytes()
+    at = raw.find(w)
+    assert at > 0
+    for i in range(at + 32, at + 96):
+        raw[i] ^= 0xFF
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(bytes(raw))
+    with pytest.raises(DigestError) as err:
+        load_with_digest(damaged)
+    assert str(damaged) in str(err.value) and "digest mismatch" in str(err.value)
+
+
+def test_foreign_older_and_broken_files_are_clear_errors(tmp_path):
+    old = tmp_path / "old.pt"
+    torch.save(_state(), old)  # no digest: an older or foreign file
+    with pytest.raises(DigestError, match=r"old\.pt: no tensor digest"):
+        load_with_digest(old)
+    assert verify_digest(torch.load(old, weights_only=True), old, allow_missing=True) is False
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.ones(2)}, foreign)
+    with pytest.raises(DigestError, match=r"foreign\.pt: not a defect_fast file .*missing model_config"):
+        load_with_digest(foreign, required_keys=("model_config",))
+    listed = tmp_path / "list.pt"
+    torch.save([torch.ones(1)], listed)
+    with pytest.raises(DigestError, match="holds a list"):
+        load_with_digest(listed)
+    for name, data in (("empty.pt", b""), ("junk.pt", b"garbage" * 9)):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(DigestError, match=f"{name}: not a readable"):
+            load_with_digest(tmp_path / name)
+    trunc = tmp_path / "trunc.pt"
+    good = save_with_digest(_state(), tmp_path / "good.pt").read_bytes()
+    trunc.write_bytes(good[: len(good) // 2])
+    with pytest.raises(DigestError, match=r"trunc\.pt"):
+        load_with_digest(trunc)
+    with pytest.raises(DigestError, match="no such file"):
+        load_with_digest(tmp_path / "missing.pt")
+    assert attach_digest(_state())[DIGEST_KEY]["hex"] == state_digest(_state())
+
+
+# --------------------------------------------------------------------------------------------
+# Argument types and devices
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fn, good, bad", [
+    (safety.positive_int, {"1": 1, " 7 ": 7}, ["0", "-1", "abc", "1.5", "nan", ""]),
+    (safety.nonneg_int, {"0": 0, "3": 3}, ["-1", "x"]),
+    (safety.positive_float, {"2e-4": 2e-4, "1": 1.0}, ["0", "-1", "nan", "inf", "x"]),
+    (safety.nonneg_float, {"0": 0.0, "2.5": 2.5}, ["-0.1", "nan", "inf"]),
+    (safety.finite_float, {"-3": -3.0, "0.5": 0.5}, ["nan", "inf", "-inf", "one"]),
+    (safety.probability, {"0": 0.0, "1": 1.0, "0.3": 0.3}, ["1.01", "-0.01", "nan"]),
+])
+def test_argument_types(fn, good, bad):
+    for text, value in good.items():
+        assert fn(text) == value
+    for text in bad:
+        with pytest.raises(argparse.ArgumentTypeError, match=f"got {re.escape(repr(text))}$"):
+            fn(text)
+
+
+def test_parser_errors_are_one_line_usage_errors():
+    p = safety.ArgumentParser(prog="defect-fast")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("--epochs", type=safety.positive_int, nargs="+")
+    assert p.parse_args(["train", "--epochs", "2", "3"]).epochs == [2, 3]
+    with pytest.raises(UsageError) as err:
+        p.parse_args(["train", "--epochs", "0"])
+    assert str(err.value) == "argument --epochs: must be a whole number >= 1, got '0' (see 'defect-fast train --help')"
+    with pytest.raises(UsageError, match="unrecognized arguments: --bogus"):
+        p.parse_args(["train", "--bogus"])
+
+
+def test_check_device(monkeypatch):
+    assert check_device("cpu") == torch.device("cpu")
+    assert check_device("auto").type in ("cpu", "cuda")
+    for spec in ("gpu", "cuda:x", "cuda:-1", "tpu"):
+        with pytest.raises(DeviceError, match=f"unknown device '{spec}'; use auto, cpu, cuda or cuda:N"):
+            check_device(spec)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(DeviceError, match="this torch has no CUDA build"):
+        check_device("cuda")
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match="sees no usable CUDA device"):
+        check_device("cuda:0")
+    assert check_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(DeviceError, match=r"no CUDA device 3; 1 visible"):
+        check_device("cuda:3")
+    assert check_device("cuda:0") == torch.device("cuda", 0) and check_device("CUDA") == torch.device("cuda")
+    with pytest.raises(argparse.ArgumentTypeError, match="no CUDA device 3"):
+        safety.device_arg("cuda:3")
+
+
+# --------------------------------------------------------------------------------------------
+# main() boundary
+# --------------------------------------------------------------------------------------------
+
+
+def _run(fn, argv=(), **kw):
+    err = io.StringIO()
+    status = run_main(fn, list(argv), stderr=err, **kw)
+    return status, err.getvalue()
+
+
+def _raise(exc):
+    def fn(argv):
+        raise exc
+    return fn
+
+
+class _RunError(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("exc, message", [
+    (UserError("bad thing\n  a.png: empty\n  b.png: corrupt"), "bad thing a.png: empty; b.png: corrupt"),
+    (FileNotFoundError(2, "No such file or directory", "data/x.png"), "data/x.png: No such file or directory"),
+    (PermissionError(13, "Permission denied", "/root/out"), "/root/out: Permission denied"),
+    (IsADirectoryError(21, "Is a directory", "maps"), "maps: Is a directory"),
+    (argparse.ArgumentTypeError("must be >= 1"), "must be >= 1"),
+    (_RunError("run: nothing to resume"), "run: nothing to resume"),
+])
+def test_run_main_user_errors_are_one_line(exc, message):
+    status, err = _run(_raise(exc), user_errors=(_RunError,))
+    assert status == 2
+    assert err == f"defect-fast: error: {message}\n"
+
+
+def test_run_main_bugs_keep_traceback_and_debug_shows_user_tracebacks():
+    status, err = _run(_raise(ZeroDivisionError("division by zero")))
+    assert status == 1 and "Traceback" in err and "ZeroDivisionError" in err and "this is a bug" in err
+    status, err = _run(_raise(UserError("nope")), ["--debug"])
+    assert status == 2 and "Traceback" in err and err.endswith("defect-fast: error: nope\n")
+    status, err = _run(_raise(KeyboardInterrupt()))
+    assert status == 130 and err == "defect-fast: interrupted\n"
+    assert _run(lambda argv: None) == (0, "") and _run(lambda argv: 3) == (3, "")
+    with pytest.raises(SystemExit):
+        _run(_raise(SystemExit(0)))
+    status, err = _run(_raise(OSError(5, "Input/output error")))
+    assert status == 1 and "Traceback" in err  # not a user's mistake
