@@ -286,9 +286,10 @@ def f1_optimal_threshold(scores, labels) -> dict[str, float]:
         scores: image scores [N]; labels: [N], 1 = defective, 0 = good.
 
     Returns:
-        ``{"threshold", "f1", "precision", "recall"}``. Among equal F1 the largest threshold (the
-        fewest false alarms) wins. A threshold flagging every image is just below the smallest
-        score. nan everywhere when no image is defective.
+        ``{"threshold", "f1", "precision", "recall"}``. Among cuts with equal F1 the one flagging
+        the fewest images wins. The threshold is the largest score left unflagged (any value up to
+        the next higher score flags the same images); flagging every image gives a threshold just
+        below the smallest score. nan everywhere when no image is defective.
     """
     s = _scores_1d(scores, "image scores")
     y = _labels_1d(labels, s.size)
