@@ -175,7 +175,7 @@ def write_report(
     threshold: float | None = None,
     title: str = "defect_fast inspection report",
     source: str = "",
-    max_gallery: int = 120,
+    max_gallery: int = 60,
     thumb: int = 160,
 ) -> dict[str, Any]:
     """Write the self-contained HTML report.
@@ -302,9 +302,10 @@ def write_report(
         imgs = "".join(f'<img alt="{k}" title="{k}" src="{u}">' for k, u in tiles)
         cards.append(f'<div class="card {css}">{imgs}{cap}</div>')
     cols = "input, reconstruction, map, overlay" if rec_u8 is not None else "input, map, overlay"
+    sampled = " All false alarms and misses are shown, the rest evenly sampled." if len(shown) < n else ""
     note = (f'<p class="note">{len(shown)} of {n} images, highest score first; each: {cols}'
             f'{", mask" if masks is not None else ""}. Red: false alarm (good, flagged); purple: miss '
-            f"(defective, passed); orange: flagged.{' All false alarms and misses are shown; the rest evenly sampled.' if len(shown) < n else ''}</p>")
+            f"(defective, passed); orange: flagged.{sampled}</p>")
     section("gallery", "Gallery", note + "\n" + "\n".join(cards))
 
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'

@@ -212,7 +212,8 @@ def test_crash_at_each_step_then_restart_gives_one_result_each(tmp_path, monkeyp
     assert json.loads((out / "status.json").read_text())["counts"]["total"] == 6
 
 
-def test_slow_writer_is_waited_for_and_stop_event(tmp_path):
+@pytest.mark.parametrize("use_watchdog", [True, False])
+def test_slow_writer_is_waited_for_and_stop_event(tmp_path, use_watchdog):
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
     data = png_bytes(5)
@@ -220,7 +221,7 @@ def test_slow_writer_is_waited_for_and_stop_event(tmp_path):
     results = {}
     t = threading.Thread(target=lambda: results.update(watch(
         stub_predict, INFO, src, out, poll_interval=0.05, settle=0.4, stop=stop, handle_signals=False,
-        log=lambda m: None)))
+        use_watchdog=use_watchdog, log=lambda m: None)))
     t.start()
     with open(src / "slow.png", "wb") as f:  # a copy that trickles in, pausing less than `settle`
         for i in range(0, len(data), 400):
