@@ -48,6 +48,7 @@ __all__ = [
     "PixelThreshold",
     "calibrate",
     "defect_regions",
+    "evaluate_thresholds",
     "f1_optimal_threshold",
     "image_threshold",
     "min_images_for",
@@ -329,6 +330,31 @@ def rates_at(scores, labels, threshold: float) -> dict[str, float | int]:
             "false_alarm_rate": fa / n_good if n_good else math.nan,
             "miss_rate": miss / n_def if n_def else math.nan,
             "false_alarms": fa, "misses": miss, "n_good": n_good, "n_defective": n_def}
+
+
+def evaluate_thresholds(scores, labels, calibration: Mapping[str, Any] | None = None,
+                        threshold: float | None = None) -> dict[str, Any]:
+    """What ``evaluate`` reports about pass/fail on a labelled test set.
+
+    Args:
+        scores: image scores [N]; labels: [N], 1 = defective, 0 = good.
+        calibration: the model file's calibration (:func:`calibrate`'s dict; older files work too).
+        threshold: overrides the stored image threshold.
+
+    Returns:
+        ``{"f1_optimal": f1_optimal_threshold(...), "at_threshold": rates_at(...) or None when there
+        is no threshold, "far_asked": the calibration's target rate or None, "far_expected",
+        "n_calibration_images", "threshold_source"}``; put ``at_threshold["false_alarm_rate"]``
+        next to ``far_asked``.
+    """
+    stored, _, source = stored_thresholds(calibration)
+    if threshold is not None:
+        stored, source = float(threshold), "given on the command line"
+    cal = dict(calibration or {})
+    return {"f1_optimal": f1_optimal_threshold(scores, labels),
+            "at_threshold": rates_at(scores, labels, stored) if stored is not None else None,
+            "far_asked": cal.get("far"), "far_expected": cal.get("far_expected"),
+            "n_calibration_images": cal.get("n_images"), "threshold_source": source}
 
 
 # --------------------------------------------------------------------------------------------

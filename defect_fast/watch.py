@@ -542,7 +542,12 @@ def watch(
     for sub in (MAPS, OVERLAYS, REJECTED):
         (out / sub).mkdir(parents=True, exist_ok=True)
     lock = _lock(out)
-    journal = Journal(out / JOURNAL)
+    try:
+        journal = Journal(out / JOURNAL)
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
     st = _State(info=info, threshold=float(thr), in_dir=in_dir, out=out, journal=journal)
     stop = stop or threading.Event()
     wake = threading.Event()

@@ -12,6 +12,7 @@ from defect_fast.calibration import (
     ModelInfo,
     calibrate,
     defect_regions,
+    evaluate_thresholds,
     f1_optimal_threshold,
     image_threshold,
     min_images_for,
@@ -188,3 +189,18 @@ def test_no_warning_when_enough():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         image_threshold(np.arange(100.0), 0.01)
+
+
+def test_evaluate_thresholds_reports_far_next_to_the_asked_rate():
+    held = np.arange(1, 100, dtype=np.float64)  # n = 99 -> threshold 99 at far 0.01
+    cal = calibrate(held, far=0.01)
+    scores = np.array([50.0, 99.5, 120.0, 98.0, 130.0, 140.0, 10.0])
+    labels = np.array([0, 1, 0, 0, 1, 1, 1])
+    ev = evaluate_thresholds(scores, labels, cal)
+    assert ev["far_asked"] == 0.01 and ev["n_calibration_images"] == 99
+    assert ev["at_threshold"]["threshold"] == 99.0
+    assert ev["at_threshold"]["false_alarms"] == 1 and ev["at_threshold"]["false_alarm_rate"] == pytest.approx(1 / 3)
+    assert ev["at_threshold"]["misses"] == 1
+    assert ev["f1_optimal"]["f1"] == pytest.approx(2 * 3 / (4 + 4))
+    assert evaluate_thresholds(scores, labels, cal, threshold=200.0)["at_threshold"]["miss_rate"] == 1.0
+    assert evaluate_thresholds(scores, labels, None)["at_threshold"] is None
