@@ -298,7 +298,7 @@ def draw_grid(
         vmax = float(shown.max()) if shown.numel() else 1.0
         vmin = min(0.0, float(shown.min()))
         vmax = vmax if vmax > vmin else vmin + 1.0
-        fig = Figure(figsize=(4 * 2.6 + 0.8, len(rows) * 2.7 + 0.6))
+        fig = Figure(figsize=(4 * 2.4 + 0.9, len(rows) * 2.45 + 0.5), layout="constrained")
         FigureCanvasAgg(fig)
         axes = fig.subplots(len(rows), 4, squeeze=False)
         im = None
@@ -317,6 +317,7 @@ def draw_grid(
             ys, xs = np.nonzero(tops[i].numpy())
             ax_ov.scatter(xs, ys, s=4, c="red", marker="s", linewidths=0)
             ax_in.set_ylabel(f"#{i}  score {sc[i]:.4g}", fontsize=8)
+            ax_map.set_ylabel(f"max {float(maps[i].max()):.3g}", fontsize=8)
             for ax in axes[r]:
                 ax.set_xticks([])
                 ax.set_yticks([])
@@ -325,7 +326,7 @@ def draw_grid(
             ax.set_title(title, fontsize=9)
         fig.suptitle(f"{cls}: {len(rows)} of {int((names == cls).sum())} images (highest and lowest scores)", fontsize=10)
         if im is not None:
-            fig.colorbar(im, ax=axes[:, 2].tolist(), fraction=0.046, pad=0.02)
+            fig.colorbar(im, ax=axes.ravel().tolist(), shrink=min(1.0, 0.9 / max(1, len(rows)) + 0.3), label="map value")
         path = out / f"{_safe_name(cls)}.png"
         fig.savefig(path, dpi=90)
         written[cls] = path
