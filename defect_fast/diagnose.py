@@ -29,6 +29,7 @@ score of :mod:`defect_fast.detect`), pooled over maps.
 Command (the package CLI wires ``defect-fast diagnose`` to :func:`main`)::
 
     python3 -m defect_fast.diagnose RUN DATA --out DIR [--per-class 4] [--border 16] [--seam 3] [--top 0.001]
+                                   [--scale figure|row] [--stride S] [--device auto]
 
 writes ``DIR/<class>.png`` and ``DIR/locations.json`` and prints the tables.
 """
@@ -249,6 +250,7 @@ def draw_grid(
     top: float = 0.001,
     patch: int | None = None,
     stride: int | None = None,
+    scale: str = "figure",
 ) -> dict[str, Path]:
     """Write one PNG figure grid per class, ``out_dir/<class>.png``.
 
@@ -257,7 +259,9 @@ def draw_grid(
     index and image score. Columns: input; reconstruction; map (colour-mapped on one scale shared
     by the figure's rows, 0 to the largest shown value, colour bar beside it); input with the
     ground-truth outline (yellow) and the map's top ``top`` pixels (red dots), with the patch grid
-    drawn faintly when ``patch`` is given.
+    drawn faintly when ``patch`` is given. ``scale="row"`` gives each row its own colour scale
+    (0 to that map's maximum, printed beside it) instead, for maps whose ranges differ by orders of
+    magnitude.
 
     Args:
         images: uint8 [N, 3, S, S].
@@ -268,6 +272,7 @@ def draw_grid(
         out_dir: created if missing.
         masks: bool [N, S, S] ground truth (optional).
         per_class: rows per figure (>= 1).
+        scale: "figure" (one colour scale and bar per figure) or "row" (one per row).
 
     Returns:
         {class: path of its PNG}.
@@ -278,6 +283,8 @@ def draw_grid(
     n = images.shape[0]
     if per_class < 1:
         raise ValueError(f"per_class must be >= 1, got {per_class}")
+    if scale not in ("figure", "row"):
+        raise ValueError(f"scale must be 'figure' or 'row', got {scale!r}")
     for name, t in (("recon", recon), ("maps", maps), ("scores", scores)):
         if t.shape[0] != n:
             raise ValueError(f"{n} images but {t.shape[0]} {name}")
@@ -307,7 +314,9 @@ def draw_grid(
             inp = _hwc(images[i])
             ax_in.imshow(inp)
             ax_rec.imshow(_hwc(recon[i]))
-            im = ax_map.imshow(maps[i].detach().float().cpu().numpy(), cmap="inferno", vmin=vmin, vmax=vmax)
+            m = maps[i].detach().float().cpu()
+            lo, hi = (vmin, vmax) if scale == "figure" else (min(0.0, float(m.min())), float(m.max()))
+            im = ax_map.imshow(m.numpy(), cmap="inferno", vmin=lo, vmax=hi if hi > lo else lo + 1.0)
             ax_ov.imshow(inp)
             for b in grid:
                 ax_ov.axhline(b - 0.5, color="cyan", lw=0.4, alpha=0.5)
@@ -321,11 +330,11 @@ def draw_grid(
             for ax in axes[r]:
                 ax.set_xticks([])
                 ax.set_yticks([])
-        for ax, title in zip(axes[0], ("input", "reconstruction", f"map (scale {vmin:.3g}..{vmax:.3g})",
+        for ax, title in zip(axes[0], ("input", "reconstruction", (f"map (scale {vmin:.3g}..{vmax:.3g})" if scale == "figure" else "map (own scale per row)"),
                                        f"mask (yellow), top {top * 100:g} % px (red)")):
             ax.set_title(title, fontsize=9)
         fig.suptitle(f"{cls}: {len(rows)} of {int((names == cls).sum())} images (highest and lowest scores)", fontsize=10)
-        if im is not None:
+        if im is not None and scale == "figure":
             fig.colorbar(im, ax=axes.ravel().tolist(), shrink=min(1.0, 0.9 / max(1, len(rows)) + 0.3), label="map value")
         path = out / f"{_safe_name(cls)}.png"
         fig.savefig(path, dpi=90)
@@ -407,6 +416,7 @@ def diagnose(
     border: int = 16,
     seam: int = 3,
     top: float = 0.001,
+    scale: str = "figure",
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
     """Predict a test set, draw the per-class grids, write ``locations.json`` and print the tables.
@@ -417,7 +427,7 @@ def diagnose(
         test_set: a :class:`defect_fast.data.TestSet` (images, masks, labels, classes).
         out_dir: folder for ``<class>.png`` and ``locations.json`` (created if missing).
         patch, stride: the predictor's tiling grid (stride default ``patch``).
-        per_class, border, seam, top: see :func:`draw_grid` and :func:`location_stats`.
+        per_class, border, seam, top, scale: see :func:`draw_grid` and :func:`location_stats`.
         log: where the tables go (None: nowhere).
 
     Returns:
@@ -438,7 +448,7 @@ def diagnose(
                            masks=masks if has_masks else None, classes=test_set.classes)
     metrics = M.evaluate(maps, masks, scores, labels, test_set.classes) if has_masks and bool((labels == 0).any()) else None
     figures = draw_grid(test_set.images, recon, maps, scores, test_set.classes, out, masks=masks if has_masks else None,
-                        per_class=per_class, top=top, patch=patch, stride=stride)
+                        per_class=per_class, top=top, patch=patch, stride=stride, scale=scale)
     table = format_table(stats, metrics)
     doc = {"locations": stats, "metrics": metrics, "figures": {c: p.name for c, p in figures.items()},
            "images": [str(p) for p in test_set.paths], "scores": scores.tolist()}
@@ -460,6 +470,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--border", type=int, default=16, help="border band width in px (default 16)")
     p.add_argument("--seam", type=int, default=3, help="half-width of the band around patch seams in px (default 3)")
     p.add_argument("--top", type=float, default=0.001, help="fraction of each map's pixels counted as top pixels (default 0.001)")
+    p.add_argument("--scale", choices=("figure", "row"), default="figure",
+                   help="map colour scale: one per figure (default) or one per row")
     p.add_argument("--stride", type=int, default=None, help="inference patch stride (default: the model's patch size)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     return p
@@ -494,7 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stride = int(getattr(det, "stride", None) or getattr(det, "patch_stride", None) or patch)
         predict = getattr(det, "predict_batched", None) or det.predict
         diagnose(predict, test_set, args.out, patch=patch, stride=stride, per_class=args.per_class,
-                 border=args.border, seam=args.seam, top=args.top)
+                 border=args.border, seam=args.seam, top=args.top, scale=args.scale)
     except (RunError, DataError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -113,6 +113,10 @@ def test_draw_grid_rows_and_files(tmp_path):
     h_good = Image.open(paths["good"]).size[1]
     h_c = Image.open(paths["c"]).size[1]
     assert h_good > 1.5 * h_c  # 4 rows vs 2 rows
+    row = draw_grid(images, recon, maps, scores, classes, tmp_path / "row", per_class=1, scale="row")
+    assert Image.open(row["c"]).size[1] < h_c
+    with pytest.raises(ValueError, match="scale"):
+        draw_grid(images, recon, maps, scores, classes, tmp_path, scale="log")
 
 
 def test_diagnose_end_to_end(tmp_path, synthetic_root, capsys):
