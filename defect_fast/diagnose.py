@@ -46,7 +46,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-__all__ = ["REGIONS", "diagnose", "draw_grid", "format_table", "location_stats", "main", "region_masks", "top_pixel_mask"]
+__all__ = ["REGIONS", "diagnose", "draw_grid", "format_table", "location_stats", "main", "rank_correlation", "region_masks",
+           "top_pixel_mask"]
 
 #: Region names in the order they are reported.
 REGIONS = ("border", "seam", "seam_only", "interior")
@@ -203,6 +204,21 @@ def location_stats(
             g = group(sel, False)
             result["per_class"][cls] = {k: g[k] for k in ("images", "share", "in_mask", "mask_area") if k in g}
     return result
+
+
+def rank_correlation(a, b) -> float:
+    """Spearman rank correlation of two [N] sequences (ties ranked by position); nan if N < 2 or constant."""
+    x = np.asarray(a, dtype=np.float64).reshape(-1)
+    y = np.asarray(b, dtype=np.float64).reshape(-1)
+    if x.size != y.size:
+        raise ValueError(f"{x.size} values against {y.size}")
+    if x.size < 2:
+        return math.nan
+    rx = np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(np.float64)
+    ry = np.argsort(np.argsort(y, kind="stable"), kind="stable").astype(np.float64)
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan
+    return float(np.corrcoef(rx, ry)[0, 1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,6 +390,9 @@ def format_table(stats: Mapping[str, Any], metrics: Mapping[str, Any] | None = N
     if d and "in_mask" in d:
         lines.append(f"defective images: {_pct(d['in_mask']).strip()} of top pixels inside the mask "
                      f"(the mask covers {_pct(d['mask_area']).strip()} of their area)")
+    rho = stats["good"].get("score_vs_brightness")
+    if rho is not None:
+        lines.append(f"defect-free images: rank correlation of image score with mean brightness {('n/a' if math.isnan(rho) else f'{rho:+.2f}')}")
     if stats.get("per_class"):
         lines.append("")
         lines.append(f"{'class':<12} {'images':>6} {'in mask':>8} {'mask area':>9} {'border':>8} {'seam':>8} {'interior':>8}")
@@ -431,7 +450,8 @@ def diagnose(
         log: where the tables go (None: nowhere).
 
     Returns:
-        {"locations": :func:`location_stats` result, "metrics": :func:`defect_fast.metrics.evaluate`
+        {"locations": :func:`location_stats` result (plus ``good.score_vs_brightness``, the rank
+        correlation of defect-free image scores with their mean brightness), "metrics": :func:`defect_fast.metrics.evaluate`
         result or None (no defective image with a mask), "figures": {class: path}, "table": str}.
     """
     from . import metrics as M
@@ -446,6 +466,9 @@ def diagnose(
     has_masks = bool(masks[labels != 0].any()) if bool((labels != 0).any()) else False
     stats = location_stats(maps, patch, stride, border, seam, top, labels=labels,
                            masks=masks if has_masks else None, classes=test_set.classes)
+    good = labels == 0
+    brightness = test_set.images.float().mean(dim=(1, 2, 3))
+    stats["good"]["score_vs_brightness"] = rank_correlation(scores[good], brightness[good]) if bool(good.any()) else math.nan
     metrics = M.evaluate(maps, masks, scores, labels, test_set.classes) if has_masks and bool((labels == 0).any()) else None
     figures = draw_grid(test_set.images, recon, maps, scores, test_set.classes, out, masks=masks if has_masks else None,
                         per_class=per_class, top=top, patch=patch, stride=stride, scale=scale)
@@ -507,6 +530,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         predict = getattr(det, "predict_batched", None) or det.predict
         diagnose(predict, test_set, args.out, patch=patch, stride=stride, per_class=args.per_class,
                  border=args.border, seam=args.seam, top=args.top, scale=args.scale)
+    except ImportError as exc:
+        print(f"error: diagnose needs matplotlib for its figures ({exc}); pip install matplotlib", file=sys.stderr)
+        return 2
     except (RunError, DataError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

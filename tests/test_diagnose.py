@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from defect_fast.diagnose import diagnose, draw_grid, location_stats, main, region_masks, top_pixel_mask
+from defect_fast.diagnose import diagnose, draw_grid, location_stats, main, rank_correlation, region_masks, top_pixel_mask
 
 
 def test_region_areas_match_counting():
@@ -94,6 +94,14 @@ def test_bad_inputs_are_named():
         top_pixel_mask(torch.rand(1, 8, 8), top=0)
 
 
+def test_rank_correlation():
+    x = np.array([3.0, 1.0, 2.0, 10.0, 5.0])
+    assert rank_correlation(x, x**3) == pytest.approx(1.0)
+    assert rank_correlation(x, -x) == pytest.approx(-1.0)
+    assert rank_correlation([1.0, 2.0, 3.0, 4.0], [1.0, 3.0, 2.0, 4.0]) == pytest.approx(0.8)
+    assert math.isnan(rank_correlation([1.0], [2.0]))
+
+
 def _fake_predictions(n, size, seed=0):
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
@@ -140,6 +148,7 @@ def test_diagnose_end_to_end(tmp_path, synthetic_root, capsys):
     for name in doc["figures"].values():
         assert (tmp_path / "d" / name).stat().st_size > 1000
     assert res["metrics"] is not None and not math.isnan(res["metrics"]["pixel_auroc"])
+    assert "mean brightness" in out and -1 <= doc["locations"]["good"]["score_vs_brightness"] <= 1
 
 
 def test_main_reports_missing_run(tmp_path, capsys):
