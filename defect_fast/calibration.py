@@ -1,0 +1,482 @@
+"""Pass/fail thresholds from held-back defect-free images, and the rates they give.
+
+A line wants a pass/fail per part at a known false-alarm rate (FAR). The images a model was
+trained on score optimistically low, so thresholds come from a slice of defect-free images held
+back from training (:func:`split_holdback`).
+
+Image threshold rule (:func:`image_threshold`). Let s_(1) >= s_(2) >= ... >= s_(n) be the scores
+of n held-back defect-free images, and flag an image as defective when its score is strictly
+greater than the threshold t = s_(k), the k-th largest held-back score. If a new defect-free image
+is exchangeable with the held-back ones (same process, not trained on), its rank among the n + 1
+scores is uniform, so
+
+    expected FAR = P(new score > s_(k)) = k / (n + 1)        (at most that when scores tie).
+
+The rule takes the largest k with k / (n + 1) <= far, i.e. k = floor(far * (n + 1)). It needs
+k >= 1, that is n >= ceil(1 / far) - 1 held-back images: 99 for far = 0.01, 19 for 0.05. With
+fewer, no order statistic reaches the asked rate; :func:`image_threshold` then either raises
+:class:`CalibrationError` or (``fallback=True``) uses the largest held-back score, whose expected
+FAR is 1 / (n + 1), and says so in ``note`` and with a :class:`CalibrationWarning`.
+
+The realised FAR of one calibration varies around k / (n + 1): it follows Beta(k, n + 1 - k), and
+``far_upper95`` is its 95 % upper bound (e.g. n = 99, k = 1: expected 0.01, upper bound 0.030).
+
+Pixel threshold (:func:`pixel_threshold`): the same order-statistic rule over all pixels of the
+held-back maps at a pixel false-alarm rate (default 0.001, i.e. the 99.9th percentile the
+detector used before); pixels of a map above it form the defect regions (:func:`defect_regions`).
+
+Evaluation helpers: :func:`f1_optimal_threshold` and :func:`rates_at` (false-alarm and miss rates
+at a threshold).
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Sequence, TypeVar
+
+import numpy as np
+import torch
+
+__all__ = [
+    "CalibrationError",
+    "CalibrationWarning",
+    "ImageThreshold",
+    "ModelInfo",
+    "PixelThreshold",
+    "calibrate",
+    "defect_regions",
+    "evaluate_thresholds",
+    "f1_optimal_threshold",
+    "image_threshold",
+    "min_images_for",
+    "pixel_threshold",
+    "rates_at",
+    "split_holdback",
+    "stored_thresholds",
+]
+
+_T = TypeVar("_T")
+
+#: Default target image false-alarm rate (``--far``).
+DEFAULT_FAR = 0.01
+#: Default pixel false-alarm rate of the defect-region threshold.
+DEFAULT_PIXEL_FAR = 0.001
+_EPS = 1e-9  # guards floor(far * (n + 1)) against far given as e.g. 0.1 + 0.2
+
+
+class CalibrationError(ValueError):
+    """Too few or unusable held-back images for the asked rate; the message gives the numbers."""
+
+
+class CalibrationWarning(UserWarning):
+    """A threshold was set by a documented fallback instead of the asked rate."""
+
+
+def _scores_1d(x, what: str) -> np.ndarray:
+    a = (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)).astype(np.float64).reshape(-1)
+    if not np.isfinite(a).all():
+        raise ValueError(f"{what} contain NaN or infinite values")
+    return a
+
+
+def _check_far(far: float, name: str = "far") -> None:
+    if not (isinstance(far, (int, float)) and 0 < far < 1):
+        raise ValueError(f"{name} must be in (0, 1), got {far!r}")
+
+
+def min_images_for(far: float) -> int:
+    """Fewest held-back images n for which the rule reaches ``far``: k = floor(far (n+1)) >= 1."""
+    _check_far(far)
+    return max(1, math.ceil(1.0 / far - _EPS) - 1)
+
+
+def _rank_for(far: float, n: int) -> int:
+    return int(math.floor(far * (n + 1) + _EPS))
+
+
+def _beta_upper(k: int, n: int, q: float = 0.95) -> float:
+    """q-quantile of Beta(k, n + 1 - k): upper bound on the realised FAR of the k-th largest of n."""
+    from scipy.stats import beta
+
+    return float(beta.ppf(q, k, n + 1 - k))
+
+
+@dataclass
+class ImageThreshold:
+    """An image-score threshold and what it rests on (flag an image when score > threshold).
+
+    Attributes:
+        threshold: the k-th largest held-back score.
+        far: the asked false-alarm rate.
+        far_expected: k / (n + 1), the expected FAR on new defect-free images.
+        far_upper95: 95 % upper bound of the realised FAR (Beta(k, n + 1 - k)).
+        n_images: n, held-back images it rests on.
+        rank: k.
+        n_needed: images the asked rate needs (``min_images_for(far)``).
+        sufficient: whether n >= n_needed (False: the fallback was used).
+        note: one line for people: the rule, or why the asked rate was not reached.
+    """
+
+    threshold: float
+    far: float
+    far_expected: float
+    far_upper95: float
+    n_images: int
+    rank: int
+    n_needed: int
+    sufficient: bool
+    note: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def image_threshold(scores, far: float = DEFAULT_FAR, *, fallback: bool = True) -> ImageThreshold:
+    """Image threshold with expected false-alarm rate <= ``far`` from held-back scores.
+
+    Args:
+        scores: image scores [n] of held-back defect-free images (tensor, array or list).
+        far: target false-alarm rate in (0, 1).
+        fallback: when n is too small for ``far``, use the largest score (expected FAR
+            1 / (n + 1)) with a :class:`CalibrationWarning`; False raises instead.
+
+    Returns:
+        :class:`ImageThreshold` (the rule is in this module's docstring).
+
+    Raises:
+        CalibrationError: no scores, or too few and ``fallback`` is False (the message gives n,
+            the images needed and the lowest rate that n allows).
+    """
+    _check_far(far)
+    s = _scores_1d(scores, "held-back scores")
+    n = s.size
+    if n == 0:
+        raise CalibrationError("no held-back defect-free images: cannot set an image threshold "
+                               "(hold back some training images, e.g. --holdback 0.1)")
+    need = min_images_for(far)
+    k = _rank_for(far, n)
+    desc = np.sort(s)[::-1]
+    if k >= 1:
+        note = (f"threshold = {k}{_ordinal(k)} largest of {n} held-back scores: expected false-alarm rate "
+                f"{k}/{n + 1} = {k / (n + 1):.4g} <= {far:g}")
+        return ImageThreshold(float(desc[k - 1]), far, k / (n + 1), _beta_upper(k, n), n, k, need, True, note)
+    short = (f"far={far:g} needs at least {need} held-back defect-free images (k/(n+1) <= far with k >= 1) "
+             f"but only {n} are held back; the lowest expected false-alarm rate {n} allow is 1/{n + 1} = {1 / (n + 1):.4g}")
+    if not fallback:
+        raise CalibrationError(short)
+    note = short + "; using the largest held-back score"
+    warnings.warn(note, CalibrationWarning, stacklevel=2)
+    return ImageThreshold(float(desc[0]), far, 1 / (n + 1), _beta_upper(1, n), n, 1, need, False, note)
+
+
+def _ordinal(k: int) -> str:
+    return "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
+
+
+@dataclass
+class PixelThreshold:
+    """A pixel-score threshold for defect regions (pixels > threshold are defect pixels).
+
+    Attributes: threshold; pixel_far (asked); pixel_far_expected (k / (m + 1)); n_pixels (m);
+    n_images (maps it came from); rank (k); sufficient (m large enough for pixel_far).
+    """
+
+    threshold: float
+    pixel_far: float
+    pixel_far_expected: float
+    n_pixels: int
+    n_images: int
+    rank: int
+    sufficient: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def pixel_threshold(maps, pixel_far: float = DEFAULT_PIXEL_FAR) -> PixelThreshold:
+    """Defect-region threshold from anomaly maps of held-back defect-free images.
+
+    Args:
+        maps: float [N, H, W] (or [H, W]) maps of defect-free images.
+        pixel_far: fraction of defect-free pixels allowed above the threshold, in (0, 1).
+
+    Returns:
+        :class:`PixelThreshold`: the k-th largest of the m pixel scores, k = floor(pixel_far (m+1))
+        (the largest pixel when m is too small, with ``sufficient`` False).
+    """
+    _check_far(pixel_far, "pixel_far")
+    t = maps.detach().cpu() if isinstance(maps, torch.Tensor) else torch.as_tensor(np.asarray(maps))
+    if t.dim() == 2:
+        t = t.unsqueeze(0)
+    if t.dim() != 3 or t.numel() == 0:
+        raise CalibrationError(f"held-back maps must be a non-empty [N, H, W], got shape {tuple(t.shape)}")
+    flat = t.reshape(-1).to(torch.float32)
+    if not torch.isfinite(flat).all():
+        raise ValueError("held-back maps contain NaN or infinite values")
+    m = flat.numel()
+    k = _rank_for(pixel_far, m)
+    ok = k >= 1
+    k = max(k, 1)
+    value = float(flat.topk(k).values[-1]) if k <= 4096 else float(torch.kthvalue(flat, m - k + 1).values)
+    return PixelThreshold(value, pixel_far, k / (m + 1), m, int(t.shape[0]), k, ok)
+
+
+def calibrate(scores, maps=None, far: float = DEFAULT_FAR, pixel_far: float = DEFAULT_PIXEL_FAR,
+              *, fallback: bool = True) -> dict[str, Any]:
+    """Everything a model file stores about its thresholds, as a JSON-safe dict.
+
+    Args:
+        scores: image scores [n] of the held-back defect-free images.
+        maps: their maps [n, H, W] (None: no pixel threshold).
+        far, pixel_far, fallback: as in :func:`image_threshold` / :func:`pixel_threshold`.
+
+    Returns:
+        ``{"image_threshold": float, "far": ..., "far_expected", "far_upper95", "n_images", "rank",
+        "n_needed", "sufficient", "note", "pixel_threshold": float | None, "pixel_far",
+        "pixel_far_expected", "n_pixels", "score_mean", "score_std", "score_max"}``.
+    """
+    it = image_threshold(scores, far, fallback=fallback)
+    s = _scores_1d(scores, "held-back scores")
+    out = {"image_threshold": it.threshold, **{k: v for k, v in it.to_dict().items() if k != "threshold"}}
+    out.update(score_mean=float(s.mean()), score_std=float(s.std(ddof=1)) if s.size > 1 else 0.0, score_max=float(s.max()))
+    if maps is None:
+        out.update(pixel_threshold=None, pixel_far=pixel_far, pixel_far_expected=None, n_pixels=0)
+    else:
+        pt = pixel_threshold(maps, pixel_far)
+        out.update(pixel_threshold=pt.threshold, pixel_far=pt.pixel_far, pixel_far_expected=pt.pixel_far_expected,
+                   n_pixels=pt.n_pixels)
+    return out
+
+
+def stored_thresholds(calibration: Mapping[str, Any] | None) -> tuple[float | None, float | None, str]:
+    """(image threshold, pixel threshold, where they came from) from a model file's calibration.
+
+    Reads :func:`calibrate`'s keys; model files from before it (keys ``score_max``,
+    ``pixel_q999``: the largest training-image score, optimistic) give those with a note saying so.
+    """
+    cal = dict(calibration or {})
+    if "image_threshold" in cal:
+        return cal["image_threshold"], cal.get("pixel_threshold"), cal.get("note", "held-back calibration")
+    if "score_max" in cal:
+        return (cal["score_max"], cal.get("pixel_q999"),
+                "largest score of the calibration images (older model file; not a calibrated false-alarm rate)")
+    return None, cal.get("pixel_q999"), "the model file holds no threshold"
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def _labels_1d(labels, n: int) -> np.ndarray:
+    y = (labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)).reshape(-1)
+    if y.size != n:
+        raise ValueError(f"{n} scores but {y.size} labels")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError("labels must be 0 (good) or 1 (defective)")
+    return y.astype(bool)
+
+
+def f1_optimal_threshold(scores, labels) -> dict[str, float]:
+    """Image threshold with the best F1 for "defective" (flag when score > threshold).
+
+    Args:
+        scores: image scores [N]; labels: [N], 1 = defective, 0 = good.
+
+    Returns:
+        ``{"threshold", "f1", "precision", "recall"}``. Among cuts with equal F1 the one flagging
+        the fewest images wins. The threshold is the largest score left unflagged (any value up to
+        the next higher score flags the same images); flagging every image gives a threshold just
+        below the smallest score. nan everywhere when no image is defective.
+    """
+    s = _scores_1d(scores, "image scores")
+    y = _labels_1d(labels, s.size)
+    n_pos = int(y.sum())
+    if n_pos == 0:
+        return {"threshold": math.nan, "f1": math.nan, "precision": math.nan, "recall": math.nan}
+    order = np.argsort(-s, kind="stable")
+    s_desc, y_desc = s[order], y[order]
+    ends = np.append(np.flatnonzero(s_desc[1:] != s_desc[:-1]), s.size - 1)  # last index of each tie run
+    tp = np.cumsum(y_desc)[ends]
+    fp = (ends + 1) - tp
+    f1 = 2.0 * tp / (tp + fp + n_pos)
+    j = int(np.argmax(f1))  # first maximum = highest cut
+    # flag every score >= s_desc[ends[j]], i.e. > the next lower distinct score
+    nxt = ends[j] + 1
+    thr = float(s_desc[nxt]) if nxt < s.size else float(np.nextafter(s_desc[-1], -np.inf))
+    return {"threshold": thr, "f1": float(f1[j]), "precision": float(tp[j] / (tp[j] + fp[j])), "recall": float(tp[j] / n_pos)}
+
+
+def rates_at(scores, labels, threshold: float) -> dict[str, float | int]:
+    """False-alarm and miss rates when images with score > ``threshold`` are flagged.
+
+    Args:
+        scores: image scores [N]; labels: [N], 1 = defective, 0 = good.
+
+    Returns:
+        ``{"threshold", "false_alarm_rate": false alarms / good images (nan without good images),
+        "miss_rate": misses / defective images (nan without defective ones), "false_alarms",
+        "misses", "n_good", "n_defective"}``.
+    """
+    s = _scores_1d(scores, "image scores")
+    y = _labels_1d(labels, s.size)
+    flagged = s > threshold
+    fa, miss = int((flagged & ~y).sum()), int((~flagged & y).sum())
+    n_good, n_def = int((~y).sum()), int(y.sum())
+    return {"threshold": float(threshold),
+            "false_alarm_rate": fa / n_good if n_good else math.nan,
+            "miss_rate": miss / n_def if n_def else math.nan,
+            "false_alarms": fa, "misses": miss, "n_good": n_good, "n_defective": n_def}
+
+
+def evaluate_thresholds(scores, labels, calibration: Mapping[str, Any] | None = None,
+                        threshold: float | None = None) -> dict[str, Any]:
+    """What ``evaluate`` reports about pass/fail on a labelled test set.
+
+    Args:
+        scores: image scores [N]; labels: [N], 1 = defective, 0 = good.
+        calibration: the model file's calibration (:func:`calibrate`'s dict; older files work too).
+        threshold: overrides the stored image threshold.
+
+    Returns:
+        ``{"f1_optimal": f1_optimal_threshold(...), "at_threshold": rates_at(...) or None when there
+        is no threshold, "far_asked": the calibration's target rate or None, "far_expected",
+        "n_calibration_images", "threshold_source"}``; put ``at_threshold["false_alarm_rate"]``
+        next to ``far_asked``.
+    """
+    stored, _, source = stored_thresholds(calibration)
+    if threshold is not None:
+        stored, source = float(threshold), "given on the command line"
+    cal = dict(calibration or {})
+    return {"f1_optimal": f1_optimal_threshold(scores, labels),
+            "at_threshold": rates_at(scores, labels, stored) if stored is not None else None,
+            "far_asked": cal.get("far"), "far_expected": cal.get("far_expected"),
+            "n_calibration_images": cal.get("n_images"), "threshold_source": source}
+
+
+# --------------------------------------------------------------------------------------------
+# Regions and the held-back split
+# --------------------------------------------------------------------------------------------
+
+
+def defect_regions(m, threshold: float, *, min_area: int = 1, max_regions: int = 50) -> list[dict[str, Any]]:
+    """Connected regions (8-connected) of map pixels above ``threshold``.
+
+    Args:
+        m: one map [H, W] (tensor or array).
+        threshold: pixel threshold (e.g. :func:`pixel_threshold`).
+        min_area: regions with fewer pixels are dropped.
+        max_regions: keep the regions with the largest peak score, at most this many.
+
+    Returns:
+        List of ``{"x0", "y0", "x1", "y1" (inclusive pixel box), "area" (pixels), "peak", "mean"}``,
+        by decreasing peak.
+    """
+    from .metrics import connected_components
+
+    t = (m.detach().cpu() if isinstance(m, torch.Tensor) else torch.as_tensor(np.asarray(m))).to(torch.float32)
+    if t.dim() != 2:
+        raise ValueError(f"map must be [H, W], got shape {tuple(t.shape)}")
+    labels, k = connected_components(t > threshold)
+    if k == 0:
+        return []
+    lab = labels.reshape(-1)
+    vals = t.reshape(-1)
+    sel = lab > 0
+    lab_s, val_s = lab[sel] - 1, vals[sel]
+    idx = sel.nonzero().squeeze(1)
+    ys, xs = idx // t.shape[1], idx % t.shape[1]
+    area = torch.bincount(lab_s, minlength=k)
+    total = torch.zeros(k, dtype=torch.float64).index_add_(0, lab_s, val_s.double())
+    peak = torch.full((k,), -math.inf).scatter_reduce(0, lab_s, val_s, "amax")
+    big = torch.iinfo(torch.int64).max
+    x0 = torch.full((k,), big).scatter_reduce(0, lab_s, xs, "amin")
+    y0 = torch.full((k,), big).scatter_reduce(0, lab_s, ys, "amin")
+    x1 = torch.full((k,), -1).scatter_reduce(0, lab_s, xs, "amax")
+    y1 = torch.full((k,), -1).scatter_reduce(0, lab_s, ys, "amax")
+    regions = [{"x0": int(x0[i]), "y0": int(y0[i]), "x1": int(x1[i]), "y1": int(y1[i]), "area": int(area[i]),
+                "peak": float(peak[i]), "mean": float(total[i] / area[i])}
+               for i in range(k) if int(area[i]) >= min_area]
+    regions.sort(key=lambda r: -r["peak"])
+    return regions[:max_regions]
+
+
+def split_holdback(items: Sequence[_T], fraction: float = 0.1, *, min_count: int = 4, seed: int = 0,
+                   min_train: int = 1) -> tuple[list[_T], list[_T]]:
+    """Split training images into (train, held back), the held-back ones never trained on.
+
+    Deterministic: the items are ordered by ``str(item)`` (so the input order does not matter),
+    shuffled with ``random.Random(seed)``, and the first max(min_count, round(fraction * n)) are
+    held back (none when ``fraction`` is 0). Both lists come back in the input order.
+
+    Args:
+        items: image paths (or anything with a stable ``str``), no duplicates.
+        fraction: share held back, in [0, 1).
+        min_count: fewest held back when ``fraction`` > 0.
+        seed: shuffle seed.
+        min_train: fewest left for training.
+
+    Raises:
+        ValueError: bad fraction, duplicates, or too few items for ``min_count`` + ``min_train``.
+    """
+    if not 0 <= fraction < 1:
+        raise ValueError(f"holdback fraction must be in [0, 1), got {fraction}")
+    items = list(items)
+    keys = [os.fspath(i) if isinstance(i, os.PathLike) else str(i) for i in items]
+    if len(set(keys)) != len(keys):
+        raise ValueError("holdback split: the image list holds duplicates")
+    n = len(items)
+    n_held = 0 if fraction == 0 else max(min_count, int(round(fraction * n)))
+    if n_held and n - n_held < min_train:
+        raise ValueError(f"holdback split: {n} images cannot hold back {n_held} (fraction {fraction:g}, at least "
+                         f"{min_count}) and still train on {min_train}")
+    order = sorted(range(n), key=lambda i: keys[i])
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_held])
+    return [items[i] for i in range(n) if i not in held], [items[i] for i in range(n) if i in held]
+
+
+# --------------------------------------------------------------------------------------------
+# What a deployed model is judged by
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelInfo:
+    """Metadata that goes with a predict function (for :mod:`.watch` and :mod:`.report`).
+
+    Attributes:
+        image_size: side S of the square uint8 images [N, 3, S, S] the predict function takes.
+        name: model name (e.g. "cmaae").
+        version: model version written into every result (e.g. a hash of the model file).
+        image_threshold: flag an image when its score > this (None: not calibrated).
+        pixel_threshold: map pixels above it form defect regions (None: no regions).
+        map_scale: map value drawn white in map PNGs (None: 2 x pixel_threshold, else each map's max).
+        extra: anything else worth recording (calibration notes, run folder).
+    """
+
+    image_size: int
+    name: str = "model"
+    version: str = "unknown"
+    image_threshold: float | None = None
+    pixel_threshold: float | None = None
+    map_scale: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_calibration(cls, image_size: int, name: str, version: str, calibration: Mapping[str, Any] | None,
+                         threshold: float | None = None, **extra: Any) -> "ModelInfo":
+        """From a model file's calibration dict; ``threshold`` overrides the stored image threshold."""
+        img_t, pix_t, source = stored_thresholds(calibration)
+        if threshold is not None:
+            img_t, source = float(threshold), "given on the command line"
+        return cls(image_size, name, version, img_t, pix_t, extra={"threshold_source": source, **extra})
+
+    def scale(self) -> float:
+        """Value drawn white in map images (0 = each map's own maximum, see visualize.save_map)."""
+        if self.map_scale:
+            return float(self.map_scale)
+        return 2.0 * float(self.pixel_threshold) if self.pixel_threshold else 0.0

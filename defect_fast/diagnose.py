@@ -1,0 +1,543 @@
+"""Look at a trained model before changing it: figure grids per class and where its maps are hot.
+
+Two questions come first when a detector fails on real photographs:
+
+1. What does the model reconstruct, and what does the map show? :func:`draw_grid` writes one PNG
+   per class (``<class>.png``): rows are that class's highest- and lowest-scoring images, columns
+   are input, reconstruction, map (one colour scale per figure, with its colour bar) and the input
+   with the ground-truth outline and the top-scoring pixels marked.
+2. Where do the top-scoring pixels of defect-free images lie? :func:`location_stats` splits the
+   image into the border band, the bands along the patch seams of the tiling grid and the interior,
+   and puts the share of top pixels in each next to the share of the area it covers. A region
+   holding far more top pixels than its area (e.g. 89 % of top pixels in a band that is 23 % of
+   the image) is an artefact that sets the image score.
+
+Regions (all in pixels of the map, side S):
+
+- ``border``: within ``border`` px of the image edge.
+- ``seam``: within ``seam`` px of a patch boundary of the tiling grid (patch edges at
+  ``k * stride`` and ``k * stride + patch``), the image edge not counted; pixel ``i`` is near a
+  boundary ``b`` (between pixels ``b - 1`` and ``b``) when ``b - seam <= i < b + seam``, in rows or
+  columns. Border and seam overlap near the edge, so their shares can add up to more than 100 %.
+- ``seam_only``: seam pixels outside the border band.
+- ``interior``: neither border nor seam. ``border``, ``seam_only`` and ``interior`` partition the
+  image.
+
+Top pixels: per map the ``max(1, round(top * S * S))`` largest values (the same count as the image
+score of :mod:`defect_fast.detect`), pooled over maps.
+
+Command (the package CLI wires ``defect-fast diagnose`` to :func:`main`)::
+
+    python3 -m defect_fast.diagnose RUN DATA --out DIR [--per-class 4] [--border 16] [--seam 3] [--top 0.001]
+                                   [--scale figure|row] [--stride S] [--device auto]
+
+writes ``DIR/<class>.png`` and ``DIR/locations.json`` and prints the tables.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["REGIONS", "diagnose", "draw_grid", "format_table", "location_stats", "main", "rank_correlation", "region_masks",
+           "top_pixel_mask"]
+
+#: Region names in the order they are reported.
+REGIONS = ("border", "seam", "seam_only", "interior")
+
+#: Patch size and stride used when a predictor does not say (CMA-AE's 64 px patches, no overlap).
+DEFAULT_PATCH = 64
+
+PredictFn = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
+
+
+def _boundaries(size: int, patch: int, stride: int) -> list[int]:
+    """Patch edges of the tiling grid strictly inside (0, size)."""
+    starts = range(0, max(1, size - patch + 1), stride)
+    edges = {e for s in starts for e in (s, s + patch)}
+    return sorted(e for e in edges if 0 < e < size)
+
+
+def region_masks(size: int, patch: int, stride: int | None = None, border: int = 16, seam: int = 3) -> dict[str, torch.Tensor]:
+    """The regions of a square map of side ``size`` (see the module docstring).
+
+    Args:
+        size: map side S.
+        patch: patch side of the tiling grid.
+        stride: step of the grid (default ``patch``).
+        border: width of the border band in px (0: empty band).
+        seam: half-width of the band around each patch boundary in px (0: empty).
+
+    Returns:
+        {"border", "seam", "seam_only", "interior"}: bool [S, S] each.
+    """
+    stride = patch if stride is None else stride
+    if size <= 0 or patch <= 0 or stride <= 0:
+        raise ValueError(f"size, patch and stride must be positive, got size={size}, patch={patch}, stride={stride}")
+    if border < 0 or seam < 0:
+        raise ValueError(f"border and seam must be >= 0, got border={border}, seam={seam}")
+    idx = torch.arange(size)
+    edge = (idx < border) | (idx >= size - border)
+    near = torch.zeros(size, dtype=torch.bool)
+    for b in _boundaries(size, patch, stride):
+        near |= (idx >= b - seam) & (idx < b + seam)
+    border_m = edge[:, None] | edge[None, :]
+    seam_m = near[:, None] | near[None, :]
+    return {
+        "border": border_m,
+        "seam": seam_m,
+        "seam_only": seam_m & ~border_m,
+        "interior": ~(border_m | seam_m),
+    }
+
+
+def top_pixel_mask(maps: torch.Tensor, top: float = 0.001) -> torch.Tensor:
+    """maps [N, H, W] -> bool [N, H, W]: each map's ``max(1, round(top * H * W))`` largest pixels."""
+    if maps.ndim != 3:
+        raise ValueError(f"maps must be [N, H, W], got shape {tuple(maps.shape)}")
+    if not 0 < top <= 1:
+        raise ValueError(f"top must be in (0, 1], got {top}")
+    n, h, w = maps.shape
+    flat = maps.reshape(n, h * w).float()
+    k = max(1, int(round(h * w * top)))
+    out = torch.zeros_like(flat, dtype=torch.bool)
+    if n:
+        out.scatter_(1, flat.topk(k, dim=1).indices, True)
+    return out.reshape(n, h, w)
+
+
+def _shares(top: torch.Tensor, regions: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    total = int(top.sum())
+    return {r: (int((top & m).sum()) / total if total else math.nan) for r, m in regions.items()}
+
+
+def location_stats(
+    maps: torch.Tensor,
+    patch: int,
+    stride: int | None = None,
+    border: int = 16,
+    seam: int = 3,
+    top: float = 0.001,
+    *,
+    labels: torch.Tensor | None = None,
+    masks: torch.Tensor | None = None,
+    classes: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Where the top-scoring pixels of anomaly maps lie: border band, patch seams, interior.
+
+    Args:
+        maps: float [N, S, S] anomaly maps (larger = more anomalous).
+        patch, stride: the tiling grid the maps were made on (stride default ``patch``).
+        border, seam: region widths in px (see :func:`region_masks`).
+        top: fraction of each map's pixels counted as top pixels (see :func:`top_pixel_mask`).
+        labels: int [N], 0 = defect-free, 1 = defective; None: all maps are defect-free.
+        masks: bool [N, S, S] ground truth for the defective maps (optional).
+        classes: class name per map (optional; per-class results for defective maps).
+
+    Returns:
+        {"settings": {size, patch, stride, border, seam, top, top_pixels_per_map},
+         "area": {region: share of the image area},
+         "good": {"images", "top_pixels", "share": {region: share of top pixels},
+                  "ratio": {region: share / area}, "mean_value": {region: mean map value}},
+         "defective": None or the same keys plus "in_mask" (share of top pixels inside the mask),
+                  "mask_area" (share of those images' pixels inside the mask) when masks are given,
+         "per_class": {class: {"images", "share", "in_mask", "mask_area"}} for defective classes}.
+        Shares over an empty set are nan.
+    """
+    if maps.ndim != 3 or maps.shape[1] != maps.shape[2]:
+        raise ValueError(f"maps must be square [N, S, S], got shape {tuple(maps.shape)}")
+    stride = patch if stride is None else stride
+    n, size = maps.shape[0], maps.shape[1]
+    maps = maps.detach().float().cpu()
+    lab = torch.zeros(n, dtype=torch.long) if labels is None else torch.as_tensor(labels).reshape(-1).long().cpu()
+    if lab.numel() != n:
+        raise ValueError(f"{n} maps but {lab.numel()} labels")
+    if masks is not None:
+        masks = torch.as_tensor(masks).to(torch.bool).cpu()
+        if tuple(masks.shape) != tuple(maps.shape):
+            raise ValueError(f"masks {tuple(masks.shape)} and maps {tuple(maps.shape)} must have the same shape")
+    if classes is not None and len(classes) != n:
+        raise ValueError(f"{n} maps but {len(classes)} class names")
+
+    regions = region_masks(size, patch, stride, border, seam)
+    area = {r: float(m.float().mean()) for r, m in regions.items()}
+    tops = top_pixel_mask(maps, top)
+
+    def group(sel: torch.Tensor, with_values: bool) -> dict[str, Any]:
+        t = tops[sel]
+        share = _shares(t, regions)
+        out: dict[str, Any] = {
+            "images": int(sel.sum()),
+            "top_pixels": int(t.sum()),
+            "share": share,
+            "ratio": {r: (share[r] / area[r] if area[r] > 0 else math.nan) for r in regions},
+        }
+        if with_values:
+            m = maps[sel]
+            out["mean_value"] = {r: (float(m[:, reg].mean()) if m.shape[0] and reg.any() else math.nan) for r, reg in regions.items()}
+        if masks is not None:
+            g = masks[sel]
+            out["in_mask"] = int((t & g).sum()) / int(t.sum()) if int(t.sum()) else math.nan
+            out["mask_area"] = float(g.float().mean()) if g.numel() else math.nan
+        return out
+
+    good = lab == 0
+    result: dict[str, Any] = {
+        "settings": {"size": size, "patch": patch, "stride": stride, "border": border, "seam": seam, "top": top,
+                     "top_pixels_per_map": max(1, int(round(size * size * top)))},
+        "area": area,
+        "good": group(good, True),
+        "defective": group(~good, True) if bool((~good).any()) else None,
+        "per_class": {},
+    }
+    if classes is not None:
+        names = np.asarray(list(classes), dtype=object)
+        for cls in sorted({c for c, y in zip(classes, lab.tolist()) if y != 0}):
+            sel = torch.from_numpy(names == cls) & ~good
+            g = group(sel, False)
+            result["per_class"][cls] = {k: g[k] for k in ("images", "share", "in_mask", "mask_area") if k in g}
+    return result
+
+
+def rank_correlation(a, b) -> float:
+    """Spearman rank correlation of two [N] sequences (ties ranked by position); nan if N < 2 or constant."""
+    x = np.asarray(a, dtype=np.float64).reshape(-1)
+    y = np.asarray(b, dtype=np.float64).reshape(-1)
+    if x.size != y.size:
+        raise ValueError(f"{x.size} values against {y.size}")
+    if x.size < 2:
+        return math.nan
+    rx = np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(np.float64)
+    ry = np.argsort(np.argsort(y, kind="stable"), kind="stable").astype(np.float64)
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+# --------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------
+
+
+def _hwc(images: torch.Tensor) -> np.ndarray:
+    """[3, S, S] uint8, or float in [-1, 1] -> [S, S, 3] uint8."""
+    if images.dtype != torch.uint8:
+        from .data.dataset import from_model_range
+
+        images = from_model_range(images.float())
+    img = images.cpu().numpy()
+    if img.shape[0] == 1:
+        img = np.repeat(img, 3, axis=0)
+    return np.transpose(img, (1, 2, 0))
+
+
+def _pick_rows(scores: np.ndarray, members: np.ndarray, per_class: int) -> list[int]:
+    """Indices of the highest- then lowest-scoring ``per_class`` members, highest score first."""
+    order = members[np.argsort(-scores[members], kind="stable")]
+    if order.size <= per_class:
+        return order.tolist()
+    hi = (per_class + 1) // 2
+    lo = per_class - hi
+    return order[:hi].tolist() + (order[order.size - lo:].tolist() if lo else [])
+
+
+def _safe_name(name: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return keep or "class"
+
+
+def draw_grid(
+    images: torch.Tensor,
+    recon: torch.Tensor,
+    maps: torch.Tensor,
+    scores: torch.Tensor,
+    classes: Sequence[str],
+    out_dir: str | os.PathLike,
+    *,
+    masks: torch.Tensor | None = None,
+    per_class: int = 4,
+    top: float = 0.001,
+    patch: int | None = None,
+    stride: int | None = None,
+    scale: str = "figure",
+) -> dict[str, Path]:
+    """Write one PNG figure grid per class, ``out_dir/<class>.png``.
+
+    Rows: the class's ``ceil(per_class / 2)`` highest- and ``floor(per_class / 2)`` lowest-scoring
+    images (all of them when the class has fewer), highest first; the row title gives the file
+    index and image score. Columns: input; reconstruction; map (colour-mapped on one scale shared
+    by the figure's rows, 0 to the largest shown value, colour bar beside it); input with the
+    ground-truth outline (yellow) and the map's top ``top`` pixels (red dots), with the patch grid
+    drawn faintly when ``patch`` is given. ``scale="row"`` gives each row its own colour scale
+    (0 to that map's maximum, printed beside it) instead, for maps whose ranges differ by orders of
+    magnitude.
+
+    Args:
+        images: uint8 [N, 3, S, S].
+        recon: [N, 3, S, S] in [-1, 1] (uint8 also accepted).
+        maps: float [N, S, S].
+        scores: float [N] image scores.
+        classes: class name per image.
+        out_dir: created if missing.
+        masks: bool [N, S, S] ground truth (optional).
+        per_class: rows per figure (>= 1).
+        scale: "figure" (one colour scale and bar per figure) or "row" (one per row).
+
+    Returns:
+        {class: path of its PNG}.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n = images.shape[0]
+    if per_class < 1:
+        raise ValueError(f"per_class must be >= 1, got {per_class}")
+    if scale not in ("figure", "row"):
+        raise ValueError(f"scale must be 'figure' or 'row', got {scale!r}")
+    for name, t in (("recon", recon), ("maps", maps), ("scores", scores)):
+        if t.shape[0] != n:
+            raise ValueError(f"{n} images but {t.shape[0]} {name}")
+    if len(classes) != n:
+        raise ValueError(f"{n} images but {len(classes)} class names")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sc = scores.detach().float().cpu().numpy().reshape(-1)
+    names = np.asarray(list(classes), dtype=object)
+    tops = top_pixel_mask(maps.detach().float().cpu(), top)
+    size = maps.shape[-1]
+    grid = _boundaries(size, patch, stride or patch) if patch else []
+    written: dict[str, Path] = {}
+    order = sorted(set(classes), key=lambda c: (c != "good", c))
+    for cls in order:
+        rows = _pick_rows(sc, np.flatnonzero(names == cls), per_class)
+        shown = maps[rows].detach().float().cpu()
+        vmax = float(shown.max()) if shown.numel() else 1.0
+        vmin = min(0.0, float(shown.min()))
+        vmax = vmax if vmax > vmin else vmin + 1.0
+        fig = Figure(figsize=(4 * 2.4 + 0.9, len(rows) * 2.45 + 0.5), layout="constrained")
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(len(rows), 4, squeeze=False)
+        im = None
+        for r, i in enumerate(rows):
+            ax_in, ax_rec, ax_map, ax_ov = axes[r]
+            inp = _hwc(images[i])
+            ax_in.imshow(inp)
+            ax_rec.imshow(_hwc(recon[i]))
+            m = maps[i].detach().float().cpu()
+            lo, hi = (vmin, vmax) if scale == "figure" else (min(0.0, float(m.min())), float(m.max()))
+            im = ax_map.imshow(m.numpy(), cmap="inferno", vmin=lo, vmax=hi if hi > lo else lo + 1.0)
+            ax_ov.imshow(inp)
+            for b in grid:
+                ax_ov.axhline(b - 0.5, color="cyan", lw=0.4, alpha=0.5)
+                ax_ov.axvline(b - 0.5, color="cyan", lw=0.4, alpha=0.5)
+            if masks is not None and bool(masks[i].any()):
+                ax_ov.contour(masks[i].cpu().numpy().astype(np.float32), levels=[0.5], colors="yellow", linewidths=1.0)
+            ys, xs = np.nonzero(tops[i].numpy())
+            ax_ov.scatter(xs, ys, s=4, c="red", marker="s", linewidths=0)
+            ax_in.set_ylabel(f"#{i}  score {sc[i]:.4g}", fontsize=8)
+            ax_map.set_ylabel(f"max {float(maps[i].max()):.3g}", fontsize=8)
+            for ax in axes[r]:
+                ax.set_xticks([])
+                ax.set_yticks([])
+        for ax, title in zip(axes[0], ("input", "reconstruction", (f"map (scale {vmin:.3g}..{vmax:.3g})" if scale == "figure" else "map (own scale per row)"),
+                                       f"mask (yellow), top {top * 100:g} % px (red)")):
+            ax.set_title(title, fontsize=9)
+        fig.suptitle(f"{cls}: {len(rows)} of {int((names == cls).sum())} images (highest and lowest scores)", fontsize=10)
+        if im is not None and scale == "figure":
+            fig.colorbar(im, ax=axes.ravel().tolist(), shrink=min(1.0, 0.9 / max(1, len(rows)) + 0.3), label="map value")
+        path = out / f"{_safe_name(cls)}.png"
+        fig.savefig(path, dpi=90)
+        written[cls] = path
+    return written
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------
+
+
+def _pct(v: float | None) -> str:
+    return "  n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:5.1f} %"
+
+
+def format_table(stats: Mapping[str, Any], metrics: Mapping[str, Any] | None = None) -> str:
+    """Plain-text tables of :func:`location_stats` (and of :func:`defect_fast.metrics.evaluate`)."""
+    s = stats["settings"]
+    labels = {"border": f"border band {s['border']} px", "seam": f"patch seams +-{s['seam']} px",
+              "seam_only": "  seams outside border", "interior": "interior"}
+    lines = [f"patch {s['patch']}, stride {s['stride']}, map {s['size']}x{s['size']}; "
+             f"top {s['top'] * 100:g} % = {s['top_pixels_per_map']} px per map"]
+    groups = [("good", stats["good"])] + ([("defective", stats["defective"])] if stats.get("defective") else [])
+    head = f"{'region':<24} {'area':>8}" + "".join(f" {g + ' top px':>16} {'ratio':>6}" for g, _ in groups)
+    lines += [head, "-" * len(head)]
+    for r in REGIONS:
+        row = f"{labels[r]:<24} {_pct(stats['area'][r]):>8}"
+        for _, g in groups:
+            ratio = g["ratio"][r]
+            row += f" {_pct(g['share'][r]):>16} {('n/a' if math.isnan(ratio) else f'{ratio:.2f}x'):>6}"
+        lines.append(row)
+    lines.append(f"({stats['good']['images']} defect-free maps" +
+                 (f", {stats['defective']['images']} defective" if stats.get("defective") else "") +
+                 "; border and seam overlap, so their shares can sum past 100 %)")
+    d = stats.get("defective")
+    if d and "in_mask" in d:
+        lines.append(f"defective images: {_pct(d['in_mask']).strip()} of top pixels inside the mask "
+                     f"(the mask covers {_pct(d['mask_area']).strip()} of their area)")
+    rho = stats["good"].get("score_vs_brightness")
+    if rho is not None:
+        lines.append(f"defect-free images: rank correlation of image score with mean brightness {('n/a' if math.isnan(rho) else f'{rho:+.2f}')}")
+    if stats.get("per_class"):
+        lines.append("")
+        lines.append(f"{'class':<12} {'images':>6} {'in mask':>8} {'mask area':>9} {'border':>8} {'seam':>8} {'interior':>8}")
+        for cls, c in stats["per_class"].items():
+            lines.append(f"{cls:<12} {c['images']:>6} {_pct(c.get('in_mask')):>8} {_pct(c.get('mask_area')):>9} "
+                         f"{_pct(c['share']['border']):>8} {_pct(c['share']['seam']):>8} {_pct(c['share']['interior']):>8}")
+    if metrics:
+        lines.append("")
+        lines.append(f"{'class':<12} {'pixel AUROC':>11} {'image AUROC':>11} {'AUPRO':>7}")
+        rows = [("all", metrics)] + list(metrics.get("per_class", {}).items())
+        for cls, m in rows:
+            f = lambda v: "n/a" if v is None or math.isnan(v) else f"{100 * v:.2f}"  # noqa: E731
+            lines.append(f"{cls:<12} {f(m['pixel_auroc']):>11} {f(m['image_auroc']):>11} {f(m['aupro']):>7}")
+    return "\n".join(lines)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, float):
+        return None if math.isnan(x) or math.isinf(x) else x
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# Whole diagnosis
+# --------------------------------------------------------------------------------------------
+
+
+def diagnose(
+    predict_fn: PredictFn,
+    test_set,
+    out_dir: str | os.PathLike,
+    *,
+    patch: int,
+    stride: int | None = None,
+    per_class: int = 4,
+    border: int = 16,
+    seam: int = 3,
+    top: float = 0.001,
+    scale: str = "figure",
+    log: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Predict a test set, draw the per-class grids, write ``locations.json`` and print the tables.
+
+    Args:
+        predict_fn: uint8 images [n, 3, S, S] -> {"maps": [n, S, S], "scores": [n],
+            "recon": [n, 3, S, S] in [-1, 1]} (e.g. ``Detector.predict_batched``).
+        test_set: a :class:`defect_fast.data.TestSet` (images, masks, labels, classes).
+        out_dir: folder for ``<class>.png`` and ``locations.json`` (created if missing).
+        patch, stride: the predictor's tiling grid (stride default ``patch``).
+        per_class, border, seam, top, scale: see :func:`draw_grid` and :func:`location_stats`.
+        log: where the tables go (None: nowhere).
+
+    Returns:
+        {"locations": :func:`location_stats` result (plus ``good.score_vs_brightness``, the rank
+        correlation of defect-free image scores with their mean brightness), "metrics": :func:`defect_fast.metrics.evaluate`
+        result or None (no defective image with a mask), "figures": {class: path}, "table": str}.
+    """
+    from . import metrics as M
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pred = predict_fn(test_set.images)
+    maps, scores, recon = pred["maps"].float().cpu(), pred["scores"].float().cpu(), pred["recon"].cpu()
+    if tuple(maps.shape) != tuple(test_set.masks.shape):
+        raise ValueError(f"predictor returned maps {tuple(maps.shape)} for images {tuple(test_set.images.shape)}")
+    labels, masks = test_set.labels, test_set.masks
+    has_masks = bool(masks[labels != 0].any()) if bool((labels != 0).any()) else False
+    stats = location_stats(maps, patch, stride, border, seam, top, labels=labels,
+                           masks=masks if has_masks else None, classes=test_set.classes)
+    good = labels == 0
+    brightness = test_set.images.float().mean(dim=(1, 2, 3))
+    stats["good"]["score_vs_brightness"] = rank_correlation(scores[good], brightness[good]) if bool(good.any()) else math.nan
+    metrics = M.evaluate(maps, masks, scores, labels, test_set.classes) if has_masks and bool((labels == 0).any()) else None
+    figures = draw_grid(test_set.images, recon, maps, scores, test_set.classes, out, masks=masks if has_masks else None,
+                        per_class=per_class, top=top, patch=patch, stride=stride, scale=scale)
+    table = format_table(stats, metrics)
+    doc = {"locations": stats, "metrics": metrics, "figures": {c: p.name for c, p in figures.items()},
+           "images": [str(p) for p in test_set.paths], "scores": scores.tolist()}
+    (out / "locations.json").write_text(json.dumps(_jsonable(doc), indent=1) + "\n")
+    if log is not None:
+        log(table)
+        log(f"figures and locations.json in {out}")
+    return {"locations": stats, "metrics": metrics, "figures": figures, "table": table}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="defect-fast diagnose",
+                                description="Figure grid per class (input, reconstruction, map, mask) and where the "
+                                            "top-scoring pixels of defect-free images lie (border band, patch seams, interior).")
+    p.add_argument("run", help="run folder holding model.pt, or a model file")
+    p.add_argument("data", help="MVTec-style dataset root (test/<class>/, ground_truth/<class>/)")
+    p.add_argument("--out", required=True, help="output folder for <class>.png and locations.json")
+    p.add_argument("--per-class", type=int, default=4, help="rows per class figure: highest and lowest scores (default 4)")
+    p.add_argument("--border", type=int, default=16, help="border band width in px (default 16)")
+    p.add_argument("--seam", type=int, default=3, help="half-width of the band around patch seams in px (default 3)")
+    p.add_argument("--top", type=float, default=0.001, help="fraction of each map's pixels counted as top pixels (default 0.001)")
+    p.add_argument("--scale", choices=("figure", "row"), default="figure",
+                   help="map colour scale: one per figure (default) or one per row")
+    p.add_argument("--stride", type=int, default=None, help="inference patch stride (default: the model's patch size)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line entry: ``RUN DATA --out DIR [options]``; returns the exit status (2 = bad input)."""
+    args = _parser().parse_args(argv)
+    for name, v, lo in (("--per-class", args.per_class, 1), ("--border", args.border, 0), ("--seam", args.seam, 0)):
+        if v < lo:
+            print(f"error: {name} must be >= {lo}, got {v}", file=sys.stderr)
+            return 2
+    if not 0 < args.top <= 1:
+        print(f"error: --top must be in (0, 1], got {args.top}", file=sys.stderr)
+        return 2
+    from .data import DataError, load_test_set
+    from .detect import Detector
+    from .train import RunError
+
+    run = Path(args.run)
+    if not run.exists():
+        print(f"error: {run}: no such run folder or model file", file=sys.stderr)
+        return 2
+    try:
+        det = Detector.load(run, device=args.device, stride=args.stride)
+        size = getattr(det, "image_size", None)
+        if size is None:
+            raise RunError(f"{run}: the model does not say its image size")
+        test_set = load_test_set(args.data, int(size))
+        # NB: a future Detector may name the grid differently; the defaults are documented above.
+        patch = int(getattr(det, "patch", None) or getattr(det, "patch_size", None) or DEFAULT_PATCH)
+        stride = int(getattr(det, "stride", None) or getattr(det, "patch_stride", None) or patch)
+        predict = getattr(det, "predict_batched", None) or det.predict
+        diagnose(predict, test_set, args.out, patch=patch, stride=stride, per_class=args.per_class,
+                 border=args.border, seam=args.seam, top=args.top, scale=args.scale)
+    except ImportError as exc:
+        print(f"error: diagnose needs matplotlib for its figures ({exc}); pip install matplotlib", file=sys.stderr)
+        return 2
+    except (RunError, DataError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,366 @@
+"""One self-contained HTML page an engineer can open: metrics, curves, score histogram, gallery.
+
+Everything is inlined (images as base64 PNG, CSS in the page, no script, no network), so the
+file can be mailed or archived on its own. Sections (element ids):
+
+    summary     model, threshold and where it came from, counts
+    metrics     (ground truth only) pixel/image AUROC, AUPRO, pixel F1-max overall and per class;
+                the F1-optimal image threshold; false-alarm and miss rates at the threshold in use
+    curves      (ground truth only) image-level ROC and precision-recall curves, the operating point
+                of the threshold marked
+    histogram   image scores, good vs defective (or all images without ground truth), threshold line
+    gallery     images sorted by score (highest first): input, reconstruction, map, overlay and the
+                mask when one exists; false alarms and misses marked
+
+Plots use matplotlib's Agg canvas directly (pyplot's global backend is left alone).
+
+:func:`write_report` takes predictions already made; :func:`report_from_data` reads a folder (an
+MVTec-style root with ``test/`` and ``ground_truth/``, or a plain folder of images), runs a
+predict function on it and writes the page.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .calibration import ModelInfo, f1_optimal_threshold, rates_at
+
+__all__ = ["SECTIONS", "report_from_data", "write_report"]
+
+#: Element ids of the page's sections, in order (metrics and curves only with ground truth).
+SECTIONS = ("summary", "metrics", "curves", "histogram", "gallery")
+
+_CSS = """
+body{font-family:sans-serif;margin:24px;color:#222;background:#fff}
+h1{font-size:22px}h2{font-size:18px;border-bottom:1px solid #ccc;padding-bottom:4px;margin-top:28px}
+table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
+th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}
+.plots img{max-width:48%;margin-right:1%}
+.card{display:inline-block;vertical-align:top;margin:6px;padding:6px;border:3px solid #ddd;border-radius:4px}
+.card.fail{border-color:#e69500}.card.fa{border-color:#d62728;background:#fde8e8}
+.card.miss{border-color:#7b3fbf;background:#efe6fb}
+.card img{width:var(--thumb);height:var(--thumb);image-rendering:pixelated;margin:1px}
+.cap{font-size:12px;max-width:calc(5 * var(--thumb) + 10px);word-break:break-all}
+.tag{font-weight:bold;padding:0 4px;color:#fff;border-radius:3px}.tag.fa{background:#d62728}
+.tag.miss{background:#7b3fbf}.tag.fail{background:#e69500}.tag.pass{background:#2ca02c}
+.note{color:#555;font-size:13px}
+"""
+
+
+def _png_uri(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _file_png_uri(save: Callable[[Any], None]) -> str:
+    """Run a visualize.save_* writer into memory (PIL picks the format from the name)."""
+    buf = io.BytesIO()
+    buf.name = "x.png"
+    save(buf)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _thumb(img: Image.Image, size: int) -> Image.Image:
+    return img if img.size == (size, size) else img.resize((size, size), Image.BILINEAR)
+
+
+def _fig_uri(fig) -> str:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return html.escape(str(v))
+
+
+def _histogram(scores: np.ndarray, labels: np.ndarray | None, threshold: float | None) -> str:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 3.6))
+    ax = fig.add_subplot(111)
+    bins = np.histogram_bin_edges(scores, bins=min(40, max(5, scores.size // 3)))
+    if labels is None:
+        ax.hist(scores, bins=bins, color="#4c72b0", alpha=0.8, label=f"images ({scores.size})")
+    else:
+        ax.hist(scores[labels == 0], bins=bins, color="#2ca02c", alpha=0.6, label=f"good ({int((labels == 0).sum())})")
+        ax.hist(scores[labels == 1], bins=bins, color="#d62728", alpha=0.6, label=f"defective ({int((labels == 1).sum())})")
+    if threshold is not None:
+        ax.axvline(threshold, color="k", linestyle="--", label=f"threshold {threshold:.4g}")
+    ax.set_xlabel("image score")
+    ax.set_ylabel("images")
+    ax.legend(fontsize=8)
+    return _fig_uri(fig)
+
+
+def _curves(scores: np.ndarray, labels: np.ndarray, threshold: float | None) -> tuple[str, str]:
+    from matplotlib.figure import Figure
+    from sklearn.metrics import auc, precision_recall_curve, roc_curve
+
+    fpr, tpr, _ = roc_curve(labels, scores)
+    prec, rec, _ = precision_recall_curve(labels, scores)
+    op = None
+    if threshold is not None:
+        flagged = scores > threshold
+        tp = int((flagged & (labels == 1)).sum())
+        op = (int((flagged & (labels == 0)).sum()) / max(1, int((labels == 0).sum())), tp / max(1, int(labels.sum())),
+              tp / max(1, int(flagged.sum())))
+    out = []
+    for kind in ("roc", "pr"):
+        fig = Figure(figsize=(4.6, 4.0))
+        ax = fig.add_subplot(111)
+        if kind == "roc":
+            ax.plot(fpr, tpr, color="#4c72b0", label=f"ROC (AUC {auc(fpr, tpr):.3f})")
+            ax.plot([0, 1], [0, 1], color="#999", linestyle=":")
+            ax.set_xlabel("false-alarm rate (good images flagged)")
+            ax.set_ylabel("detection rate (defective images flagged)")
+            if op:
+                ax.plot([op[0]], [op[1]], "ko", label="at the threshold")
+        else:
+            ax.plot(rec, prec, color="#dd8452", label="precision-recall")
+            ax.set_xlabel("recall")
+            ax.set_ylabel("precision")
+            if op:
+                ax.plot([op[1]], [op[2]], "ko", label="at the threshold")
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=8, loc="lower right" if kind == "roc" else "lower left")
+        out.append(_fig_uri(fig))
+    return out[0], out[1]
+
+
+def _gallery_selection(order: np.ndarray, errors: np.ndarray, max_gallery: int) -> np.ndarray:
+    """Indices shown: every false alarm and miss first, then evenly spaced over the score order."""
+    if order.size <= max_gallery:
+        return order
+    keep = set(order[errors[order]][:max_gallery].tolist())
+    rest = [i for i in order.tolist() if i not in keep]
+    room = max_gallery - len(keep)
+    if room > 0 and rest:
+        picks = np.linspace(0, len(rest) - 1, num=min(room, len(rest))).round().astype(int)
+        keep.update(rest[j] for j in picks)
+    return np.array([i for i in order.tolist() if i in keep])
+
+
+def write_report(
+    out: str | os.PathLike,
+    *,
+    names: Sequence[str],
+    images: torch.Tensor,
+    maps: torch.Tensor,
+    scores: torch.Tensor,
+    recon: torch.Tensor | None = None,
+    labels: torch.Tensor | Sequence[int] | None = None,
+    masks: torch.Tensor | None = None,
+    classes: Sequence[str] | None = None,
+    meta: ModelInfo | None = None,
+    threshold: float | None = None,
+    title: str = "defect_fast inspection report",
+    source: str = "",
+    max_gallery: int = 60,
+    thumb: int = 160,
+) -> dict[str, Any]:
+    """Write the self-contained HTML report.
+
+    Args:
+        out: the .html file to write (its folder is created).
+        names: N image names (paths) for captions.
+        images: uint8 [N, 3, S, S] inputs.
+        maps: float [N, S, S] anomaly maps; scores: float [N] image scores.
+        recon: [N, 3, S, S] reconstructions in [-1, 1] (None: not shown).
+        labels: [N], 1 = defective, 0 = good (None: no ground truth: no metrics, no curves).
+        masks: bool [N, S, S] ground truth (None: no pixel metrics and no mask column).
+        classes: N class names for per-class metrics and captions.
+        meta: model name, version, thresholds, map scale.
+        threshold: image threshold (default ``meta.image_threshold``; None: no verdicts).
+        title, source: page title; what was inspected (e.g. the data folder).
+        max_gallery: most images in the gallery (all false alarms and misses come first).
+        thumb: side of the gallery thumbnails in pixels.
+
+    Returns:
+        {"path", "n_images", "n_shown", "sections": ids written, "metrics": the numbers in the
+        metrics section ({} without ground truth)}.
+    """
+    from .data.dataset import from_model_range
+    from .visualize import save_map, save_overlay
+
+    n = len(names)
+    s = scores.detach().float().cpu().numpy().reshape(-1) if isinstance(scores, torch.Tensor) else np.asarray(scores, float)
+    if images.shape[0] != n or maps.shape[0] != n or s.size != n:
+        raise ValueError(f"report: {n} names but {images.shape[0]} images, {maps.shape[0]} maps, {s.size} scores")
+    y = None if labels is None else np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).reshape(-1).astype(int)
+    if y is not None and y.size != n:
+        raise ValueError(f"report: {n} images but {y.size} labels")
+    thr = threshold if threshold is not None else (meta.image_threshold if meta is not None else None)
+    maps = maps.detach().float().cpu()
+    flagged = s > thr if thr is not None else np.zeros(n, dtype=bool)
+    fa = flagged & (y == 0) if y is not None else np.zeros(n, dtype=bool)
+    miss = ~flagged & (y == 1) if y is not None and thr is not None else np.zeros(n, dtype=bool)
+
+    parts: list[str] = []
+    sections: list[str] = []
+
+    def section(sid: str, heading: str, body: str) -> None:
+        sections.append(sid)
+        parts.append(f'<section id="{sid}"><h2>{html.escape(heading)}</h2>\n{body}\n</section>')
+
+    # summary
+    rows = [("images", n), ("source", source or "-")]
+    if meta is not None:
+        rows += [("model", f"{meta.name} ({meta.version})"), ("image size", meta.image_size)]
+        if meta.extra.get("threshold_source"):
+            rows.append(("threshold from", meta.extra["threshold_source"]))
+    rows.append(("image threshold", thr))
+    if thr is not None:
+        rows += [("flagged (score > threshold)", int(flagged.sum())), ("passed", int(n - flagged.sum()))]
+    if meta is not None and meta.pixel_threshold is not None:
+        rows.append(("pixel threshold", meta.pixel_threshold))
+    rows.append(("written", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")))
+    section("summary", "Summary", "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>"
+                                                         for k, v in rows) + "</table>")
+
+    # metrics and curves
+    metrics: dict[str, Any] = {}
+    if y is not None and (y == 1).any() and (y == 0).any():
+        body = []
+        if masks is not None:
+            from .metrics import evaluate
+
+            metrics = evaluate(maps, masks, torch.as_tensor(s), torch.as_tensor(y), list(classes) if classes else None)
+            keys = ("pixel_auroc", "image_auroc", "aupro", "pixel_f1_max")
+            head = "<tr><th>class</th>" + "".join(f"<th>{k}</th>" for k in keys) + "<th>images</th></tr>"
+            trs = [("all", metrics)] + sorted(metrics.get("per_class", {}).items())
+            body.append("<table>" + head + "".join(
+                f"<tr><td>{html.escape(c)}</td>" + "".join(f"<td>{_fmt(m.get(k))}</td>" for k in keys)
+                + f"<td>{m.get('num_images')}</td></tr>" for c, m in trs) + "</table>")
+        else:
+            from .metrics import image_auroc
+
+            metrics = {"image_auroc": image_auroc(s, y)}
+            body.append(f"<table><tr><th>image AUROC</th><td>{_fmt(metrics['image_auroc'])}</td></tr></table>")
+        best = f1_optimal_threshold(s, y)
+        metrics["f1_optimal"] = best
+        rows = [("F1-optimal image threshold", best["threshold"]), ("F1 there", best["f1"]),
+                ("precision / recall there", f"{best['precision']:.4f} / {best['recall']:.4f}")]
+        if thr is not None:
+            r = rates_at(s, y, thr)
+            metrics["at_threshold"] = r
+            asked = meta.extra.get("far") if meta is not None else None
+            rows += [("threshold in use", thr),
+                     ("false-alarm rate at it", f"{_fmt(r['false_alarm_rate'])} ({r['false_alarms']} of {r['n_good']} good)"
+                      + (f"; asked {asked:g}" if isinstance(asked, (int, float)) else "")),
+                     ("miss rate at it", f"{_fmt(r['miss_rate'])} ({r['misses']} of {r['n_defective']} defective)")]
+        body.append("<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in rows) + "</table>")
+        section("metrics", "Metrics", "\n".join(body))
+        roc, pr = _curves(s, y, thr)
+        section("curves", "ROC and precision-recall (image level)",
+                f'<div class="plots"><img alt="ROC curve" src="{roc}"><img alt="precision-recall curve" src="{pr}"></div>')
+
+    section("histogram", "Score histogram", f'<img alt="score histogram" src="{_histogram(s, y, thr)}">')
+
+    # gallery
+    order = np.argsort(-s, kind="stable")
+    shown = _gallery_selection(order, fa | miss, max_gallery)
+    scale = meta.scale() if meta is not None else 0.0
+    if scale <= 0:
+        scale = float(maps.max()) or 1.0
+    rec_u8 = from_model_range(recon.detach().float().cpu()) if recon is not None else None
+    cards = []
+    for i in shown.tolist():
+        img = images[i].cpu()
+        tiles = [("input", _png_uri(_thumb(Image.fromarray(img.permute(1, 2, 0).numpy()), thumb)))]
+        if rec_u8 is not None:
+            tiles.append(("reconstruction", _png_uri(_thumb(Image.fromarray(rec_u8[i].permute(1, 2, 0).numpy()), thumb))))
+        small = maps[i]
+        tiles.append(("map", _file_png_uri(lambda f: save_map(small, f, scale))))
+        tiles.append(("overlay", _file_png_uri(lambda f: save_overlay(img, small, f, scale))))
+        if masks is not None and bool(masks[i].any()):
+            tiles.append(("mask", _png_uri(_thumb(Image.fromarray(masks[i].cpu().numpy().astype(np.uint8) * 255), thumb))))
+        css, tag = ("fa", "false alarm") if fa[i] else ("miss", "miss") if miss[i] else \
+            ("fail", "fail") if flagged[i] else ("pass", "pass") if thr is not None else ("", "")
+        cls = f" ({html.escape(classes[i])})" if classes else ""
+        tag_html = f'<span class="tag {css}">{tag}</span> ' if tag else ""
+        cap = f'<div class="cap">{tag_html}score {s[i]:.5g}{cls}<br>{html.escape(str(names[i]))}</div>'
+        imgs = "".join(f'<img alt="{k}" title="{k}" src="{u}">' for k, u in tiles)
+        cards.append(f'<div class="card {css}">{imgs}{cap}</div>')
+    cols = "input, reconstruction, map, overlay" if rec_u8 is not None else "input, map, overlay"
+    sampled = " All false alarms and misses are shown, the rest evenly sampled." if len(shown) < n else ""
+    note = (f'<p class="note">{len(shown)} of {n} images, highest score first; each: {cols}'
+            f'{", mask" if masks is not None else ""}. Red: false alarm (good, flagged); purple: miss '
+            f"(defective, passed); orange: flagged.{sampled}</p>")
+    section("gallery", "Gallery", note + "\n" + "\n".join(cards))
+
+    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>:root{{--thumb:{int(thumb)}px}}{_CSS}</style></head>\n<body><h1>{html.escape(title)}</h1>\n"
+            + "\n".join(parts) + "\n</body></html>\n")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{out.name}")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, out)
+    return {"path": str(out), "n_images": n, "n_shown": int(len(shown)), "sections": sections, "metrics": metrics}
+
+
+def report_from_data(
+    predict_fn: Callable[[torch.Tensor], Mapping[str, torch.Tensor]],
+    meta: ModelInfo,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    threshold: float | None = None,
+    batch_size: int = 8,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Read ``data``, predict, and :func:`write_report`.
+
+    Args:
+        predict_fn: uint8 [N, 3, S, S] -> {"maps": [N, S, S], "scores": [N], "recon": [N, 3, S, S]}.
+        meta: :class:`~defect_fast.calibration.ModelInfo` (S = ``meta.image_size``).
+        data: an MVTec-style root (``test/<class>/`` with ``ground_truth/``: full report) or a folder
+            of images (no ground truth: summary, histogram and gallery).
+        out: the .html file.
+        threshold: overrides ``meta.image_threshold``.
+        batch_size: images per predict call.
+        **kwargs: passed to :func:`write_report` (title, max_gallery, thumb).
+
+    Raises:
+        DataError: unreadable data (every bad file listed), as the data readers do.
+    """
+    from .data import list_images, load_test_set, read_images
+    from .data.io import DataError
+
+    data = Path(data)
+    labels = masks = classes = None
+    if (data / "test").is_dir():
+        test = load_test_set(data, meta.image_size)
+        images, names = test.images, [str(p) for p in test.paths]
+        labels, masks, classes = test.labels, test.masks, test.classes
+    else:
+        paths = list_images(data)
+        if not paths:
+            raise DataError(f"{data}: no images (and no MVTec-style test/ folder)")
+        images, names = read_images(paths, meta.image_size, where=data), [str(p) for p in paths]
+    parts = [predict_fn(chunk) for chunk in images.split(batch_size)]
+    res = {k: torch.cat([p[k].detach().float().cpu() for p in parts]) for k in ("maps", "scores")}
+    recon = torch.cat([p["recon"].detach().float().cpu() for p in parts]) if all("recon" in p for p in parts) else None
+    return write_report(out, names=names, images=images, maps=res["maps"], scores=res["scores"], recon=recon,
+                        labels=labels, masks=masks, classes=classes, meta=meta, threshold=threshold,
+                        source=str(data), **kwargs)

@@ -1,0 +1,603 @@
+"""A drop-folder service: every image a camera drops gets exactly one pass/fail result.
+
+:func:`watch` runs a predict function on the images that arrive in ``IN_DIR`` and keeps, in
+``OUT_DIR``::
+
+    results.jsonl          the journal: one JSON line per image (the record of what is done)
+    maps/<name>_map.png    grey anomaly map per image
+    overlays/<name>_overlay.png
+    rejected/              bad files, moved here (never deleted); their reason is in the journal
+    status.json            last image, counts, images/s, threshold, model (rewritten atomically)
+
+``<name>`` is the image's path relative to ``IN_DIR`` ("/" -> "__", no extension) plus the first
+12 hex digits of its content's SHA-256, so a redo writes the same files.
+
+When a file counts as complete: its name is not a temporary one (dotfiles, ``*.tmp``, ``*.part``,
+``*.partial``, ``*.crdownload``, ``*.download``, ``*.swp``, ``*~``), it has an image extension, and
+its size and modification time stayed the same for ``settle`` seconds across two scans (slow
+copies keep changing; write-then-rename writers show the final name only when it is complete). A
+writer that pauses longer than ``settle`` in the middle of a file is taken as done; the truncated
+file is then rejected and moved to ``rejected/``, where it can be recovered. A file that cannot
+be opened for reading (permissions) is skipped, with a message, until it changes. Arrival is noticed
+through the ``watchdog`` package when it is installed (inotify and friends), with a scan every
+``poll_interval`` seconds as the fallback and as a safety net for missed events.
+
+Exactly once, also across ``kill -9``: a result is done when its journal line is. Per image the
+map and overlay are written to temporary names, fsynced and renamed into place *before* its
+journal line is appended with a single ``write`` on an ``O_APPEND`` descriptor and fsynced. At
+start the journal is read back (a torn last line, which only a crash in the middle of that write
+can leave, is cut off), the set of done (path, SHA-256) pairs is rebuilt from it, and leftover
+temporary files are removed. An image whose line is missing is redone and overwrites its own map
+and overlay; one whose line exists is never redone. Bad files: the journal line (with the reason)
+comes first, then the move to ``rejected/``; a move cut short by a crash is completed at start.
+One process per ``OUT_DIR`` (an ``flock`` on ``OUT_DIR/.lock``, released by the kernel when the
+process dies).
+
+SIGTERM and SIGINT (Ctrl-C) finish the batch in hand, write the status and return.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from .calibration import ModelInfo, defect_regions
+from .data.io import IMAGE_EXTENSIONS, DataError, read_image
+
+__all__ = ["IGNORED_SUFFIXES", "Journal", "WatchError", "is_temporary_name", "output_name", "watch"]
+
+JOURNAL = "results.jsonl"
+STATUS = "status.json"
+MAPS, OVERLAYS, REJECTED = "maps", "overlays", "rejected"
+LOCK = ".lock"
+TMP_PREFIX = ".tmp-"
+#: Name endings (lower case) of files still being written; never picked up.
+IGNORED_SUFFIXES: tuple[str, ...] = (".tmp", ".part", ".partial", ".crdownload", ".download", ".swp", "~")
+
+PredictFn = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
+
+
+class WatchError(RuntimeError):
+    """The service cannot start or go on (bad folders, no threshold, OUT_DIR in use)."""
+
+
+def is_temporary_name(name: str) -> bool:
+    """Whether a file name marks a file still being written (or hidden): never processed."""
+    low = name.lower()
+    return name.startswith(".") or low.endswith(IGNORED_SUFFIXES)
+
+
+def output_name(key: str, sha256: str) -> str:
+    """Stem of an image's outputs: its relative path without extension, "/" -> "__", + 12 hex digits."""
+    stem = key.rsplit(".", 1)[0] if "." in Path(key).name else key
+    return f"{stem.replace('/', '__')}_{sha256[:12]}"
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if directory else os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a directory
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(final: Path, write: Callable[[Path], None], sync: bool = True) -> None:
+    """write(tmp) then rename over ``final``; tmp lives beside it and keeps its extension."""
+    tmp = final.with_name(f"{TMP_PREFIX}{os.getpid()}-{final.name}")
+    try:
+        write(tmp)
+        if sync:
+            _fsync_path(tmp)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+class Journal:
+    """The append-only results journal (one JSON object per line).
+
+    Opening it reads every line back, cuts off a torn last line (or completes it with its newline
+    when it is a whole JSON object), and indexes the records by (image key, sha256).
+
+    Attributes:
+        records: the parsed records, in order.
+        repaired: a one-line description of what was repaired at opening ("" when nothing).
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.records: list[dict[str, Any]] = []
+        self.repaired = ""
+        self._repair_and_load()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def _repair_and_load(self) -> None:
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        cut = data.rfind(b"\n") + 1
+        tail = data[cut:]
+        notes = []
+        if tail:
+            try:
+                rec = json.loads(tail)
+                whole = isinstance(rec, dict) and "sha256" in rec
+            except ValueError:
+                whole = False
+            with open(self.path, "r+b") as f:
+                if whole:
+                    f.seek(0, os.SEEK_END)
+                    f.write(b"\n")
+                    notes.append("completed the newline of its last line")
+                else:
+                    f.truncate(cut)
+                    notes.append(f"cut off a torn last line ({len(tail)} bytes)")
+                f.flush()
+                os.fsync(f.fileno())
+            if whole:
+                cut = len(data) + 1
+                data = data + b"\n"
+        bad = 0
+        for line in data[:cut].splitlines():
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                bad += 1
+                continue
+            if isinstance(rec, dict) and "image" in rec and "sha256" in rec:
+                self.records.append(rec)
+            else:
+                bad += 1
+        if bad:
+            notes.append(f"skipped {bad} unreadable line(s)")
+        self.repaired = "; ".join(notes)
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        """Append one record as one line: a single write on the O_APPEND descriptor, then fsync."""
+        line = (json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode()
+        written = os.write(self._fd, line)
+        if written != len(line):  # a short write on a full disk: leave a torn line for the next start to cut
+            raise OSError(errno.ENOSPC, f"{self.path}: short write ({written} of {len(line)} bytes)")
+        os.fsync(self._fd)
+        self.records.append(dict(record))
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+@dataclass
+class _Pending:
+    signature: tuple[int, int]
+    since: float
+
+
+@dataclass
+class _Counts:
+    passed: int = 0
+    failed: int = 0
+    rejected: int = 0
+
+    def add(self, result: str) -> None:
+        if result == "pass":
+            self.passed += 1
+        elif result == "fail":
+            self.failed += 1
+        else:
+            self.rejected += 1
+
+    def as_dict(self) -> dict[str, int]:
+        return {"pass": self.passed, "fail": self.failed, "rejected": self.rejected,
+                "total": self.passed + self.failed + self.rejected}
+
+
+@dataclass
+class _State:
+    info: ModelInfo
+    threshold: float
+    in_dir: Path
+    out: Path
+    journal: Journal
+    done: set[tuple[str, str]] = field(default_factory=set)
+    done_sig: dict[str, tuple[int, int]] = field(default_factory=dict)
+    pending: dict[str, _Pending] = field(default_factory=dict)
+    totals: _Counts = field(default_factory=_Counts)
+    session: _Counts = field(default_factory=_Counts)
+    busy_s: float = 0.0
+    last: dict[str, Any] | None = None
+    rate: float = 0.0
+    started: str = field(default_factory=_now_iso)
+    warned_ext: set[str] = field(default_factory=set)
+    unreadable: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+def _lock(out: Path):
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    f = open(out / LOCK, "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise WatchError(f"{out}: another watch process is writing to this folder (lock {out / LOCK})") from None
+    return f
+
+
+def _move(src: Path, dest: Path) -> None:
+    """Rename, or copy + fsync + rename + unlink across file systems (never loses the file)."""
+    try:
+        os.replace(src, dest)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    _atomic_write(dest, lambda tmp: shutil.copy2(src, tmp))
+    src.unlink()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _recover(st: _State, log: Callable[[str], None]) -> None:
+    """Rebuild the done set and counts from the journal; finish cut-short moves; drop temp files."""
+    for rec in st.journal.records:
+        key = rec["image"]
+        st.done.add((key, rec["sha256"]))
+        if "size" in rec and "mtime_ns" in rec:
+            st.done_sig[key] = (rec["size"], rec["mtime_ns"])
+        st.totals.add(rec.get("result", "rejected"))
+        if rec.get("result") == "rejected" and rec.get("rejected_to"):
+            src, dest = st.in_dir / key, st.out / rec["rejected_to"]
+            if src.is_file() and not dest.exists():
+                try:
+                    same = _sha256_file(src) == rec["sha256"]
+                except OSError:
+                    same = False
+                if same:
+                    _move(src, dest)
+                    log(f"moved {src} to {dest} (the move was cut short before)")
+    for sub in (MAPS, OVERLAYS, REJECTED, "."):
+        folder = st.out / sub
+        for p in folder.glob(f"{TMP_PREFIX}*"):
+            p.unlink(missing_ok=True)
+
+
+def _scan(st: _State, recursive: bool, log: Callable[[str], None]) -> dict[str, tuple[Path, int, int]]:
+    """Candidate files in IN_DIR: key (relative posix path) -> (path, size, mtime_ns)."""
+    found: dict[str, tuple[Path, int, int]] = {}
+    out_resolved = st.out.resolve()
+    stack = [st.in_dir]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:
+            continue
+        for e in entries:
+            if is_temporary_name(e.name):
+                continue
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    if recursive and Path(e.path).resolve() != out_resolved:
+                        stack.append(Path(e.path))
+                    continue
+                if not e.is_file():
+                    continue
+                s = e.stat()
+            except FileNotFoundError:
+                continue
+            path = Path(e.path)
+            ext = path.suffix.lower()
+            if ext not in IMAGE_EXTENSIONS:
+                if ext not in st.warned_ext:
+                    st.warned_ext.add(ext)
+                    log(f"ignoring files ending in {ext or '(no extension)'!r} such as {path} (not an image extension)")
+                continue
+            found[path.relative_to(st.in_dir).as_posix()] = (path, s.st_size, s.st_mtime_ns)
+    return found
+
+
+def _ready(st: _State, found: dict[str, tuple[Path, int, int]], settle: float, once: bool) -> list[str]:
+    """Update the pending table; keys of files stable for ``settle`` s and not known to be done."""
+    now = time.monotonic()
+    ready = []
+    for key, (_, size, mtime) in found.items():
+        sig = (size, mtime)
+        if st.done_sig.get(key) == sig or st.unreadable.get(key) == sig:
+            st.pending.pop(key, None)
+            continue
+        p = st.pending.get(key)
+        if p is None or p.signature != sig:
+            st.pending[key] = _Pending(sig, now)
+            continue
+        if now - p.since >= settle and (size > 0 or once or now - p.since >= max(30.0, 10 * settle)):
+            ready.append(key)
+    for key in list(st.pending):
+        if key not in found:
+            del st.pending[key]
+    ready.sort(key=lambda k: (found[k][2], k))
+    return ready
+
+
+def _base_record(st: _State, key: str, path: Path, sha: str, sig: tuple[int, int]) -> dict[str, Any]:
+    return {"image": key, "path": str(path), "sha256": sha, "size": sig[0], "mtime_ns": sig[1],
+            "model": st.info.name, "model_version": st.info.version, "time": _now_iso()}
+
+
+def _reject(st: _State, key: str, path: Path, sha: str, sig: tuple[int, int], reason: str, log) -> None:
+    dest = st.out / REJECTED / Path(key).name
+    if dest.exists():
+        dest = dest.with_name(f"{dest.stem}_{sha[:12]}{dest.suffix}")
+    rec = _base_record(st, key, path, sha, sig)
+    rec.update(result="rejected", reason=reason, rejected_to=dest.relative_to(st.out).as_posix())
+    st.journal.append(rec)
+    _move(path, dest)
+    st.done.add((key, sha))
+    st.totals.add("rejected")
+    st.session.add("rejected")
+    st.last = {"image": key, "result": "rejected", "reason": reason, "time": rec["time"]}
+    log(f"rejected {path}: {reason} (moved to {dest})")
+
+
+def _process(st: _State, keys: list[str], found: dict[str, tuple[Path, int, int]], predict_fn: PredictFn,
+             log: Callable[[str], None]) -> int:
+    """Read, judge and record one batch; returns how many images got a result."""
+    from .visualize import save_map, save_overlay
+
+    t0 = time.perf_counter()
+    good: list[tuple[str, Path, str, tuple[int, int], torch.Tensor]] = []
+    n_done = 0
+    for key in keys:
+        path, size, mtime = found[key]
+        sig = (size, mtime)
+        try:
+            sha = _sha256_file(path)
+        except FileNotFoundError:
+            st.pending.pop(key, None)
+            continue
+        except OSError as exc:  # not readable: try again once it changes
+            st.pending.pop(key, None)
+            st.unreadable[key] = sig
+            log(f"cannot read {path} ({exc}); skipped until it changes")
+            continue
+        if (key, sha) in st.done:  # same content already judged (e.g. touched, or journal lacked size)
+            st.done_sig[key] = sig
+            st.pending.pop(key, None)
+            continue
+        try:
+            img = read_image(path, st.info.image_size)
+            err = None
+        except DataError as exc:
+            img, err = None, str(exc)
+        try:
+            s2 = os.stat(path)
+        except FileNotFoundError:
+            st.pending.pop(key, None)
+            continue
+        if (s2.st_size, s2.st_mtime_ns) != sig:  # changed while we read it: wait for it to settle again
+            st.pending.pop(key, None)
+            continue
+        st.pending.pop(key, None)
+        if err is not None:
+            _reject(st, key, path, sha, sig, err.replace(f"{path}: ", ""), log)
+            n_done += 1
+        else:
+            good.append((key, path, sha, sig, img))
+    if good:
+        out = predict_fn(torch.stack([g[4] for g in good]))
+        maps, scores = out["maps"].detach().float().cpu(), out["scores"].detach().float().cpu()
+        if maps.shape[0] != len(good) or scores.shape[0] != len(good):
+            raise WatchError(f"predict function returned {maps.shape[0]} maps / {scores.shape[0]} scores for {len(good)} images")
+        scale = st.info.scale()
+        written = []
+        for (key, path, sha, sig, img), m in zip(good, maps):
+            name = output_name(key, sha)
+            map_path, ov_path = st.out / MAPS / f"{name}_map.png", st.out / OVERLAYS / f"{name}_overlay.png"
+            _atomic_write(map_path, lambda tmp, m=m: save_map(m, tmp, scale))
+            _atomic_write(ov_path, lambda tmp, m=m, img=img: save_overlay(img, m, tmp, scale))
+            written.append((map_path, ov_path))
+        for sub in (MAPS, OVERLAYS):  # the renames are durable before any journal line names them
+            _fsync_path(st.out / sub, directory=True)
+        for (key, path, sha, sig, _), m, s, (map_path, ov_path) in zip(good, maps, scores, written):
+            score = float(s)
+            result = "fail" if score > st.threshold else "pass"
+            regions = defect_regions(m, st.info.pixel_threshold) if st.info.pixel_threshold is not None else []
+            rec = _base_record(st, key, path, sha, sig)
+            rec.update(result=result, score=score, threshold=st.threshold, regions=regions,
+                       map=map_path.relative_to(st.out).as_posix(), overlay=ov_path.relative_to(st.out).as_posix())
+            st.journal.append(rec)
+            st.done.add((key, sha))
+            st.done_sig[key] = sig
+            st.totals.add(result)
+            st.session.add(result)
+            st.last = {"image": key, "result": result, "score": score, "time": rec["time"]}
+            n_done += 1
+    dt = time.perf_counter() - t0
+    if n_done:
+        st.busy_s += dt
+        st.rate = n_done / dt if dt > 0 else 0.0
+        c = st.totals
+        log(f"{n_done} image(s) in {dt:.2f} s ({st.rate:.1f} images/s) | pass {c.passed}  fail {c.failed}  "
+            f"rejected {c.rejected} | waiting {len(st.pending)}")
+    return n_done
+
+
+def _write_status(st: _State, state: str) -> None:
+    processed = st.session.passed + st.session.failed + st.session.rejected
+    status = {
+        "state": state, "in_dir": str(st.in_dir), "out_dir": str(st.out), "started": st.started, "updated": _now_iso(),
+        "model": st.info.name, "model_version": st.info.version, "threshold": st.threshold,
+        "pixel_threshold": st.info.pixel_threshold, "counts": st.totals.as_dict(), "session": st.session.as_dict(),
+        "images_per_s": round(processed / st.busy_s, 3) if st.busy_s > 0 else None,
+        "last_batch_images_per_s": round(st.rate, 3), "waiting": len(st.pending), "last": st.last,
+    }
+    _atomic_write(st.out / STATUS, lambda tmp: tmp.write_text(json.dumps(status, indent=2)), sync=False)
+
+
+def _start_observer(in_dir: Path, recursive: bool, wake: threading.Event, log: Callable[[str], None]):
+    try:
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+    except ImportError:
+        log("watchdog is not installed: scanning the folder every poll interval")
+        return None
+
+    class _Wake(FileSystemEventHandler):
+        def on_any_event(self, event):  # noqa: D401 - any change: scan now
+            wake.set()
+
+    try:
+        observer = Observer()
+        observer.schedule(_Wake(), str(in_dir), recursive=recursive)
+        observer.start()
+    except Exception as exc:  # e.g. inotify watch limit reached
+        log(f"file-system events unavailable ({type(exc).__name__}: {exc}): scanning the folder every poll interval")
+        return None
+    return observer
+
+
+def watch(
+    predict_fn: PredictFn,
+    meta: ModelInfo | Mapping[str, Any],
+    in_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    once: bool = False,
+    batch_size: int = 8,
+    poll_interval: float = 1.0,
+    settle: float | None = None,
+    threshold: float | None = None,
+    recursive: bool = False,
+    use_watchdog: bool = True,
+    stop: threading.Event | None = None,
+    handle_signals: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Judge every image dropped into ``in_dir``; results in ``out_dir`` (see the module docstring).
+
+    Args:
+        predict_fn: uint8 images [N, 3, S, S] -> {"maps": float [N, S, S], "scores": float [N], ...}
+            (e.g. ``Detector.predict``); runs on the model's device, N <= ``batch_size``.
+        meta: :class:`~defect_fast.calibration.ModelInfo` (or a dict of its fields): image size S,
+            model name and version, image and pixel thresholds, map scale.
+        in_dir: the drop folder (must exist).
+        out_dir: results folder (created; may hold the results of earlier runs: they are resumed).
+        once: process what is in ``in_dir`` (waiting for files still being written) and return.
+        batch_size: images per predict call.
+        poll_interval: seconds between scans when idle (events from watchdog wake it earlier).
+        settle: seconds a file's size and mtime must stay unchanged (default: ``poll_interval``).
+        threshold: image threshold; overrides ``meta.image_threshold`` (one of them is required).
+        recursive: also watch sub-folders (``out_dir`` inside ``in_dir`` is skipped).
+        use_watchdog: False scans only.
+        stop: set it to stop after the batch in hand (for embedding; signals set it too).
+        handle_signals: install SIGTERM/SIGINT handlers (main thread only) for the run.
+        log: where progress lines go (default: print, flushed).
+
+    Returns:
+        {"counts": totals over the journal {"pass", "fail", "rejected", "total"}, "session": the
+        same for this run, "images_per_s": float | None, "journal": path}.
+
+    Raises:
+        WatchError: ``in_dir`` missing, no threshold, or ``out_dir`` in use by another process.
+        Errors of ``predict_fn`` propagate (after the results so far are recorded).
+    """
+    log = log or (lambda msg: print(msg, flush=True))
+    info = meta if isinstance(meta, ModelInfo) else ModelInfo(**dict(meta))
+    thr = threshold if threshold is not None else info.image_threshold
+    if thr is None:
+        raise WatchError("no image threshold: the model holds no calibration; give one (--threshold)")
+    if batch_size < 1 or poll_interval <= 0:
+        raise WatchError(f"batch_size must be >= 1 and poll_interval > 0 (got {batch_size}, {poll_interval})")
+    settle = poll_interval if settle is None else settle
+    in_dir, out = Path(in_dir), Path(out_dir)
+    if not in_dir.is_dir():
+        raise WatchError(f"{in_dir}: the folder to watch does not exist or is not a folder")
+    for sub in (MAPS, OVERLAYS, REJECTED):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    lock = _lock(out)
+    try:
+        journal = Journal(out / JOURNAL)
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+    st = _State(info=info, threshold=float(thr), in_dir=in_dir, out=out, journal=journal)
+    stop = stop or threading.Event()
+    wake = threading.Event()
+    old_handlers: dict[int, Any] = {}
+    observer = None
+    try:
+        if journal.repaired:
+            log(f"{journal.path}: {journal.repaired}")
+        _recover(st, log)
+        if handle_signals and threading.current_thread() is threading.main_thread():
+            def on_signal(signum, frame):
+                if not stop.is_set():
+                    log(f"{signal.Signals(signum).name}: finishing the batch in hand, then stopping")
+                stop.set()
+                wake.set()
+
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                old_handlers[sig] = signal.signal(sig, on_signal)
+        if use_watchdog and not once:
+            observer = _start_observer(in_dir, recursive, wake, log)
+        c = st.totals
+        log(f"watching {in_dir} -> {out} | model {info.name} {info.version} | threshold {st.threshold:.6g} | "
+            f"{len(journal.records)} earlier result(s): pass {c.passed} fail {c.failed} rejected {c.rejected}")
+        _write_status(st, "running")
+        while not stop.is_set():
+            found = _scan(st, recursive, log)
+            ready = _ready(st, found, settle, once)
+            for i in range(0, len(ready), batch_size):
+                if _process(st, ready[i:i + batch_size], found, predict_fn, log):
+                    _write_status(st, "running")
+                if stop.is_set():
+                    break
+            if stop.is_set() or (once and not ready and not st.pending):
+                break
+            if not ready:
+                wake.wait(min(poll_interval, settle) if st.pending else poll_interval)
+                wake.clear()
+        _write_status(st, "stopped")
+        s = st.session
+        log(f"stopped: this run pass {s.passed} fail {s.failed} rejected {s.rejected}; "
+            f"journal {journal.path} holds {st.totals.as_dict()['total']} result(s)")
+    finally:
+        if observer is not None:
+            observer.stop()
+            observer.join(timeout=5)
+        for sig, h in old_handlers.items():
+            signal.signal(sig, h)
+        journal.close()
+        if lock is not None:
+            lock.close()
+    processed = st.session.as_dict()["total"]
+    return {"counts": st.totals.as_dict(), "session": st.session.as_dict(),
+            "images_per_s": processed / st.busy_s if st.busy_s > 0 else None, "journal": str(journal.path)}

@@ -1,0 +1,206 @@
+"""Thresholds from held-back images: known answers on synthetic scores."""
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from defect_fast.calibration import (
+    CalibrationError,
+    CalibrationWarning,
+    ModelInfo,
+    calibrate,
+    defect_regions,
+    evaluate_thresholds,
+    f1_optimal_threshold,
+    image_threshold,
+    min_images_for,
+    pixel_threshold,
+    rates_at,
+    split_holdback,
+    stored_thresholds,
+)
+
+
+def test_min_images_for_rates():
+    assert min_images_for(0.01) == 99
+    assert min_images_for(0.05) == 19
+    assert min_images_for(0.1) == 9
+    assert min_images_for(0.3) == 3
+    with pytest.raises(ValueError, match="far"):
+        min_images_for(0.0)
+
+
+@pytest.mark.parametrize("n,far,k", [(99, 0.01, 1), (199, 0.01, 2), (250, 0.01, 2), (100, 0.05, 5), (19, 0.05, 1)])
+def test_image_threshold_is_kth_largest(n, far, k):
+    rng = np.random.default_rng(n)
+    scores = rng.permutation(np.arange(1, n + 1, dtype=np.float64))  # 1..n, shuffled
+    t = image_threshold(scores, far)
+    assert t.rank == k
+    assert t.threshold == n - k + 1  # k-th largest of 1..n
+    assert t.far_expected == pytest.approx(k / (n + 1))
+    assert t.far_expected <= far + 1e-12
+    assert t.n_images == n and t.sufficient
+    assert (scores > t.threshold).sum() == k - 1  # held-back images flagged by it
+
+
+def test_image_threshold_expected_far_holds_on_fresh_images():
+    # exchangeable scores: averaged over many calibrations, the FAR on new images is k/(n+1)
+    rng = np.random.default_rng(0)
+    n, far, trials = 99, 0.02, 4000
+    cal = rng.normal(size=(trials, n))
+    new = rng.normal(size=trials)
+    k = 2
+    thr = -np.sort(-cal, axis=1)[:, k - 1]
+    assert image_threshold(cal[0], far).threshold == thr[0]
+    rate = float((new > thr).mean())
+    assert abs(rate - k / (n + 1)) < 0.008  # 3 sigma of a binomial(4000, 0.02)
+
+
+def test_too_few_images_says_so():
+    scores = np.linspace(0, 1, 16)
+    with pytest.raises(CalibrationError, match=r"far=0.01 needs at least 99 .* only 16 .* 1/17"):
+        image_threshold(scores, 0.01, fallback=False)
+    with pytest.warns(CalibrationWarning, match="using the largest"):
+        t = image_threshold(scores, 0.01)
+    assert not t.sufficient
+    assert t.threshold == 1.0
+    assert t.far_expected == pytest.approx(1 / 17)
+    assert t.n_needed == 99 and t.n_images == 16
+    with pytest.raises(CalibrationError, match="no held-back"):
+        image_threshold([], 0.01)
+
+
+def test_far_upper_bound():
+    t = image_threshold(np.arange(99.0), 0.01)
+    # Beta(1, 99): P(F <= x) = 1 - (1 - x)^99 = 0.95
+    assert t.far_upper95 == pytest.approx(1 - 0.05 ** (1 / 99), rel=1e-6)
+
+
+def test_pixel_threshold_quantile():
+    maps = torch.arange(10 * 10 * 10, dtype=torch.float32).reshape(10, 10, 10)  # values 0..999
+    p = pixel_threshold(maps, 0.01)
+    assert p.rank == 10 and p.threshold == 990.0
+    assert int((maps > p.threshold).sum()) == 9
+    assert p.n_pixels == 1000 and p.n_images == 10 and p.sufficient
+    big = torch.randn(3, 200, 200)  # m = 120000 -> k = 120 (kthvalue path)
+    p2 = pixel_threshold(big, 0.001)
+    assert p2.rank == 120
+    assert p2.threshold == float(big.flatten().sort(descending=True).values[119])
+    small = pixel_threshold(torch.ones(1, 2, 2) * torch.tensor([[1.0, 2.0], [3.0, 4.0]]), 0.001)
+    assert not small.sufficient and small.threshold == 4.0
+
+
+def test_calibrate_dict_and_stored_thresholds():
+    scores = np.arange(1, 200, dtype=np.float64)  # n = 199
+    maps = torch.zeros(4, 8, 8)
+    maps[0, 0, 0] = 5.0
+    cal = calibrate(scores, maps, far=0.01, pixel_far=0.01)
+    assert cal["image_threshold"] == 198.0 and cal["rank"] == 2 and cal["n_images"] == 199
+    assert cal["pixel_threshold"] == 0.0  # 2nd largest of 256 pixels
+    assert cal["score_max"] == 199.0
+    assert stored_thresholds(cal)[:2] == (198.0, 0.0)
+    old = {"score_max": 3.0, "pixel_q999": 0.5}
+    t, p, note = stored_thresholds(old)
+    assert (t, p) == (3.0, 0.5) and "older model file" in note
+    assert stored_thresholds(None)[0] is None
+    info = ModelInfo.from_calibration(64, "ae-l2", "abc", cal, threshold=7.5)
+    assert info.image_threshold == 7.5 and info.pixel_threshold == 0.0
+    assert ModelInfo(64, pixel_threshold=0.25).scale() == 0.5 and ModelInfo(64).scale() == 0.0
+
+
+def _brute_f1(scores, labels):
+    best = (-1.0, None)
+    for t in sorted(set(scores) | {min(scores) - 1}, reverse=True):
+        flag = scores > t
+        tp = int((flag & labels).sum())
+        fp = int((flag & ~labels).sum())
+        f1 = 2 * tp / (2 * tp + fp + int((~flag & labels).sum()))
+        if f1 > best[0] + 1e-15:
+            best = (f1, t)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_f1_optimal_threshold_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.random(40) < 0.4
+    scores = np.round(rng.normal(size=40) + 1.2 * labels, 1)  # rounding makes ties
+    res = f1_optimal_threshold(scores, labels.astype(int))
+    f1, _ = _brute_f1(scores, labels)
+    assert res["f1"] == pytest.approx(f1)
+    flag = scores > res["threshold"]
+    tp = int((flag & labels).sum())
+    assert res["recall"] == pytest.approx(tp / labels.sum())
+    assert res["precision"] == pytest.approx(tp / flag.sum())
+    assert 2 * tp / (flag.sum() + labels.sum()) == pytest.approx(f1)
+
+
+def test_f1_known_answer_and_flag_all():
+    res = f1_optimal_threshold([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1])
+    assert res["f1"] == 1.0 and 0.2 <= res["threshold"] < 0.8
+    all_bad = f1_optimal_threshold([0.5, 0.3], [1, 1])
+    assert all_bad["f1"] == 1.0 and all_bad["threshold"] < 0.3
+    assert math.isnan(f1_optimal_threshold([0.5, 0.3], [0, 0])["f1"])
+
+
+def test_rates_at():
+    r = rates_at([0.1, 0.5, 0.6, 0.2, 0.9, 0.4], [0, 0, 0, 1, 1, 1], 0.45)
+    assert r["false_alarms"] == 2 and r["false_alarm_rate"] == pytest.approx(2 / 3)
+    assert r["misses"] == 2 and r["miss_rate"] == pytest.approx(2 / 3)
+    # equal to the threshold passes
+    assert rates_at([0.45], [0], 0.45)["false_alarms"] == 0
+    assert math.isnan(rates_at([0.1], [0], 0.5)["miss_rate"])
+    with pytest.raises(ValueError, match="labels"):
+        rates_at([0.1, 0.2], [0, 2], 0.5)
+
+
+def test_defect_regions():
+    m = torch.zeros(10, 12)
+    m[1:3, 2:5] = 2.0  # 6 px, peak 2
+    m[7, 9] = 5.0  # 1 px
+    m[8, 10] = 4.0  # diagonal neighbour: same region
+    regs = defect_regions(m, 1.0)
+    assert len(regs) == 2
+    assert regs[0] == {"x0": 9, "y0": 7, "x1": 10, "y1": 8, "area": 2, "peak": 5.0, "mean": 4.5}
+    assert regs[1]["area"] == 6 and (regs[1]["x0"], regs[1]["x1"], regs[1]["y0"], regs[1]["y1"]) == (2, 4, 1, 2)
+    assert len(defect_regions(m, 1.0, min_area=3)) == 1
+    assert defect_regions(m, 10.0) == []
+
+
+def test_split_holdback_deterministic():
+    items = [f"img_{i:03d}.png" for i in range(50)]
+    train, held = split_holdback(items, 0.1, seed=3)
+    assert len(held) == 5 and len(train) == 45
+    assert set(train) | set(held) == set(items) and not set(train) & set(held)
+    train2, held2 = split_holdback(list(reversed(items)), 0.1, seed=3)
+    assert set(held2) == set(held)  # input order does not matter
+    assert held != split_holdback(items, 0.1, seed=4)[1]
+    assert len(split_holdback(items[:10], 0.1, min_count=4)[1]) == 4  # at least min_count
+    assert split_holdback(items, 0.0) == (items, [])
+    with pytest.raises(ValueError, match="cannot hold back"):
+        split_holdback(items[:4], 0.1, min_count=4)
+    with pytest.raises(ValueError, match="duplicates"):
+        split_holdback(["a", "a", "b"], 0.5, min_count=1)
+
+
+def test_no_warning_when_enough():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        image_threshold(np.arange(100.0), 0.01)
+
+
+def test_evaluate_thresholds_reports_far_next_to_the_asked_rate():
+    held = np.arange(1, 100, dtype=np.float64)  # n = 99 -> threshold 99 at far 0.01
+    cal = calibrate(held, far=0.01)
+    scores = np.array([50.0, 99.5, 120.0, 98.0, 130.0, 140.0, 10.0])
+    labels = np.array([0, 1, 0, 0, 1, 1, 1])
+    ev = evaluate_thresholds(scores, labels, cal)
+    assert ev["far_asked"] == 0.01 and ev["n_calibration_images"] == 99
+    assert ev["at_threshold"]["threshold"] == 99.0
+    assert ev["at_threshold"]["false_alarms"] == 1 and ev["at_threshold"]["false_alarm_rate"] == pytest.approx(1 / 3)
+    assert ev["at_threshold"]["misses"] == 1
+    assert ev["f1_optimal"]["f1"] == pytest.approx(2 * 3 / (4 + 4))
+    assert evaluate_thresholds(scores, labels, cal, threshold=200.0)["at_threshold"]["miss_rate"] == 1.0
+    assert evaluate_thresholds(scores, labels, None)["at_threshold"] is None

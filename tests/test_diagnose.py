@@ -1,0 +1,159 @@
+"""Diagnosis: region masks, top-pixel locations on synthetic maps with known answers, figure grids."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from defect_fast.diagnose import diagnose, draw_grid, location_stats, main, rank_correlation, region_masks, top_pixel_mask
+
+
+def test_region_areas_match_counting():
+    r = region_masks(64, patch=16, stride=16, border=4, seam=2)
+    # border: 4 px on each side -> inner square of 56
+    assert r["border"].float().mean().item() == pytest.approx(1 - (56 / 64) ** 2)
+    # seams at 16, 32, 48, each +-2 px -> 12 rows (and columns) near a seam
+    assert r["seam"].float().mean().item() == pytest.approx(1 - (52 / 64) ** 2)
+    assert r["seam"][15, 0] and r["seam"][16, 0] and r["seam"][17, 0] and r["seam"][14, 0]
+    assert not r["seam"][13, 20] and not r["seam"][18, 20] and not r["seam"][20, 20]
+    # border, seam_only and interior partition the image
+    total = r["border"].int() + r["seam_only"].int() + r["interior"].int()
+    assert bool((total == 1).all())
+    assert r["interior"].float().mean().item() == pytest.approx(1 - (1 - (56 / 64) ** 2) - r["seam_only"].float().mean().item())
+
+
+def test_overlapping_grid_has_seams_at_every_stride():
+    r = region_masks(64, patch=32, stride=16, border=0, seam=1)
+    near = r["seam"][:, 40]  # a column away from any seam: rows near 16, 32, 48
+    assert near.nonzero().flatten().tolist() == [15, 16, 31, 32, 47, 48]
+
+
+def test_top_pixel_mask_counts():
+    maps = torch.rand(3, 50, 40)
+    m = top_pixel_mask(maps, top=0.01)
+    assert m.sum(dim=(1, 2)).tolist() == [20, 20, 20]
+    # they are the largest values
+    for i in range(3):
+        assert maps[i][m[i]].min() >= maps[i][~m[i]].max()
+    assert top_pixel_mask(maps, top=1e-9).sum().item() == 3  # at least one per map
+
+
+def _hot(where: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, *where.shape, generator=g) * 0.1 + where.float()
+
+
+@pytest.mark.parametrize("region", ["seam_only", "border", "interior"])
+def test_hot_region_gets_all_top_pixels(region):
+    r = region_masks(128, 32, 32, border=8, seam=2)
+    maps = _hot(r[region], 5)
+    s = location_stats(maps, 32, 32, border=8, seam=2, top=0.01)
+    assert s["good"]["images"] == 5 and s["good"]["top_pixels"] == 5 * 164
+    assert s["good"]["share"][region] == pytest.approx(1.0)
+    others = {"seam_only": ["border", "interior"], "border": ["seam_only", "interior"], "interior": ["border", "seam", "seam_only"]}
+    for o in others[region]:
+        assert s["good"]["share"][o] == 0.0
+    assert s["good"]["ratio"][region] == pytest.approx(1 / s["area"][region])
+    assert s["good"]["mean_value"][region] > 1.0 > s["good"]["mean_value"]["interior" if region != "interior" else "border"]
+    assert s["defective"] is None
+
+
+def test_uniform_noise_matches_area_shares():
+    maps = torch.rand(40, 128, 128, generator=torch.Generator().manual_seed(1))
+    s = location_stats(maps, 32, border=16, seam=3, top=0.01)
+    for reg in ("border", "seam", "interior"):
+        assert abs(s["good"]["share"][reg] - s["area"][reg]) < 0.03
+    assert s["area"]["border"] == pytest.approx(1 - (96 / 128) ** 2)
+
+
+def test_defective_maps_in_mask_and_per_class():
+    n, size = 6, 64
+    masks = torch.zeros(n, size, size, dtype=torch.bool)
+    masks[3:, 20:30, 20:30] = True
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    classes = ["good"] * 3 + ["spot", "spot", "scratch"]
+    maps = torch.rand(n, size, size, generator=torch.Generator().manual_seed(2)) * 0.1
+    maps[3:5] += masks[3:5].float()  # "spot" maps hot inside their masks; "scratch" only noise
+    s = location_stats(maps, 16, border=4, seam=1, top=0.01, labels=labels, masks=masks, classes=classes)
+    assert s["good"]["images"] == 3 and s["defective"]["images"] == 3
+    assert s["defective"]["mask_area"] == pytest.approx(100 / size**2)
+    assert s["per_class"]["spot"]["in_mask"] == pytest.approx(1.0)
+    k = s["settings"]["top_pixels_per_map"]
+    assert s["defective"]["in_mask"] == pytest.approx((2 * k + s["per_class"]["scratch"]["in_mask"] * k) / (3 * k))
+    assert s["per_class"]["scratch"]["in_mask"] < 0.5
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match="labels"):
+        location_stats(torch.rand(2, 8, 8), 4, labels=torch.zeros(3))
+    with pytest.raises(ValueError, match="square"):
+        location_stats(torch.rand(2, 8, 9), 4)
+    with pytest.raises(ValueError, match="top"):
+        top_pixel_mask(torch.rand(1, 8, 8), top=0)
+
+
+def test_rank_correlation():
+    x = np.array([3.0, 1.0, 2.0, 10.0, 5.0])
+    assert rank_correlation(x, x**3) == pytest.approx(1.0)
+    assert rank_correlation(x, -x) == pytest.approx(-1.0)
+    assert rank_correlation([1.0, 2.0, 3.0, 4.0], [1.0, 3.0, 2.0, 4.0]) == pytest.approx(0.8)
+    assert math.isnan(rank_correlation([1.0], [2.0]))
+
+
+def _fake_predictions(n, size, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+    recon = torch.rand(n, 3, size, size, generator=g) * 2 - 1
+    maps = torch.rand(n, size, size, generator=g)
+    return images, recon, maps, maps.flatten(1).max(1).values
+
+
+def test_draw_grid_rows_and_files(tmp_path):
+    images, recon, maps, scores = _fake_predictions(9, 32)
+    classes = ["good"] * 5 + ["a/b"] * 2 + ["c"] * 2
+    masks = torch.zeros(9, 32, 32, dtype=torch.bool)
+    masks[5:, 8:16, 8:16] = True
+    paths = draw_grid(images, recon, maps, scores, classes, tmp_path, masks=masks, per_class=4, patch=16)
+    assert set(paths) == {"good", "a/b", "c"}
+    assert paths["a/b"].name == "a_b.png"
+    h_good = Image.open(paths["good"]).size[1]
+    h_c = Image.open(paths["c"]).size[1]
+    assert h_good > 1.5 * h_c  # 4 rows vs 2 rows
+    row = draw_grid(images, recon, maps, scores, classes, tmp_path / "row", per_class=1, scale="row")
+    assert Image.open(row["c"]).size[1] < h_c
+    with pytest.raises(ValueError, match="scale"):
+        draw_grid(images, recon, maps, scores, classes, tmp_path, scale="log")
+
+
+def test_diagnose_end_to_end(tmp_path, synthetic_root, capsys):
+    from defect_fast.data import load_test_set
+
+    ts = load_test_set(synthetic_root, 64)
+    border = region_masks(64, 16, 16, border=4, seam=1)["border"]
+
+    def predict(images):
+        n = images.shape[0]
+        maps = torch.rand(n, 64, 64, generator=torch.Generator().manual_seed(0)) * 0.1 + border.float()
+        return {"maps": maps, "scores": maps.flatten(1).max(1).values, "recon": images.float() / 127.5 - 1}
+
+    res = diagnose(predict, ts, tmp_path / "d", patch=16, per_class=2, border=4, seam=1, top=0.01)
+    out = capsys.readouterr().out
+    assert "border band 4 px" in out and "100.0 %" in out and "pixel AUROC" in out
+    doc = json.loads((tmp_path / "d" / "locations.json").read_text())
+    assert doc["locations"]["good"]["share"]["border"] == 1.0
+    assert doc["locations"]["area"]["border"] == pytest.approx(1 - (56 / 64) ** 2)
+    assert set(doc["figures"]) == set(ts.class_names)
+    for name in doc["figures"].values():
+        assert (tmp_path / "d" / name).stat().st_size > 1000
+    assert res["metrics"] is not None and not math.isnan(res["metrics"]["pixel_auroc"])
+    assert "mean brightness" in out and -1 <= doc["locations"]["good"]["score_vs_brightness"] <= 1
+
+
+def test_main_reports_missing_run(tmp_path, capsys):
+    assert main([str(tmp_path / "nope"), str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "nope" in err
+    assert main([str(tmp_path), str(tmp_path), "--out", str(tmp_path / "o"), "--top", "2"]) == 2
+    assert "--top" in capsys.readouterr().err

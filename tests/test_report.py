@@ -1,0 +1,156 @@
+"""The HTML report: self-contained, the expected sections, rendered by headless Chromium."""
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from defect_fast.calibration import ModelInfo
+from defect_fast.report import report_from_data, write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+S = 64
+
+
+def make_set(n_good=6, n_bad=6, seed=0):
+    """Textured images; defective ones carry a bright square (the mask)."""
+    g = torch.Generator().manual_seed(seed)
+    n = n_good + n_bad
+    images = (100 + 30 * torch.rand(n, 1, S, S, generator=g)).repeat(1, 3, 1, 1).to(torch.uint8)
+    masks = torch.zeros(n, S, S, dtype=torch.bool)
+    for i in range(n_good, n):
+        y, x = 8 + 5 * (i - n_good), 10 + 4 * (i - n_good)
+        masks[i, y:y + 8, x:x + 8] = True
+        images[i, :, y:y + 8, x:x + 8] = 230
+    labels = torch.tensor([0] * n_good + [1] * n_bad)
+    classes = ["good"] * n_good + ["spot"] * n_bad
+    return images, masks, labels, classes
+
+
+def stub_predict(images):
+    x = images.float() / 127.5 - 1
+    recon = torch.full_like(x, x.median().item())
+    maps = (x - recon).abs().mean(dim=1)
+    return {"maps": maps, "scores": maps.flatten(1).max(dim=1).values, "recon": recon}
+
+
+def section_ids(text):
+    return re.findall(r'<section id="([a-z]+)"', text)
+
+
+def test_report_with_ground_truth(tmp_path):
+    images, masks, labels, classes = make_set()
+    res = stub_predict(images)
+    scores = res["scores"].clone()
+    scores[0] = 10.0  # a good image above the threshold: one false alarm
+    scores[-1] = -1.0  # a defective one below it: one miss
+    thr = 0.5
+    info = ModelInfo(S, name="stub", version="v9", image_threshold=thr, pixel_threshold=0.3, extra={"far": 0.01})
+    out = write_report(tmp_path / "r" / "report.html", names=[f"img{i}.png" for i in range(12)], images=images,
+                       maps=res["maps"], scores=scores, recon=res["recon"], labels=labels, masks=masks,
+                       classes=classes, meta=info)
+    text = Path(out["path"]).read_text()
+    assert section_ids(text) == ["summary", "metrics", "curves", "histogram", "gallery"] == out["sections"]
+    at = out["metrics"]["at_threshold"]
+    assert (at["false_alarms"], at["n_good"], at["misses"], at["n_defective"]) == (1, 6, 1, 6)
+    assert at["false_alarm_rate"] == pytest.approx(1 / 6) and at["miss_rate"] == pytest.approx(1 / 6)
+    assert 0 <= out["metrics"]["pixel_auroc"] <= 1 and "spot" in out["metrics"]["per_class"]
+    assert text.count('class="card fa"') == 1 and text.count('class="card miss"') == 1
+    assert text.count('alt="mask"') == 6 and text.count('alt="reconstruction"') == 12
+    assert "asked 0.01" in text and "v9" in text
+    # gallery sorted by score, highest first
+    shown = [float(v) for v in re.findall(r"score ([-0-9.e+]+)", text)]
+    assert shown == sorted(shown, reverse=True) and shown[0] == 10.0
+    # self-contained: no external references
+    assert not re.search(r'(src|href)="(?!data:)', text) and "http" not in text
+
+
+def test_report_without_ground_truth_and_gallery_limit(tmp_path):
+    images, _, _, _ = make_set(n_good=10, n_bad=0)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, im in enumerate(images):
+        Image.fromarray(im.permute(1, 2, 0).numpy()).save(folder / f"part{i:02d}.png")
+    info = ModelInfo(S, name="stub", image_threshold=0.2)
+    out = report_from_data(stub_predict, info, folder, tmp_path / "plain.html", max_gallery=4)
+    text = Path(out["path"]).read_text()
+    assert section_ids(text) == ["summary", "histogram", "gallery"]
+    assert out["n_images"] == 10 and out["n_shown"] == 4 and text.count('class="card') == 4
+    assert out["metrics"] == {}
+
+
+def test_report_from_mvtec_layout(tmp_path):
+    images, masks, labels, classes = make_set(n_good=3, n_bad=3)
+    root = tmp_path / "data"
+    for i, (im, m, c) in enumerate(zip(images, masks, classes)):
+        d = root / "test" / c
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im.permute(1, 2, 0).numpy()).save(d / f"{i:03d}.png")
+        if c != "good":
+            g = root / "ground_truth" / c
+            g.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(m.numpy().astype(np.uint8) * 255).save(g / f"{i:03d}_mask.png")
+    out = report_from_data(stub_predict, ModelInfo(S, image_threshold=0.5), root, tmp_path / "mv.html")
+    assert out["sections"] == ["summary", "metrics", "curves", "histogram", "gallery"]
+    assert out["metrics"]["image_auroc"] == pytest.approx(1.0)  # the squares are the brightest pixels
+
+
+def test_report_rejects_mismatched_inputs(tmp_path):
+    images, masks, labels, classes = make_set(2, 2)
+    res = stub_predict(images)
+    with pytest.raises(ValueError, match="3 names but 4 images"):
+        write_report(tmp_path / "x.html", names=["a", "b", "c"], images=images, maps=res["maps"], scores=res["scores"])
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering in headless Chromium
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Path of a Chromium binary; scripts/install_chromium.sh installs Debian's when missing."""
+    try:
+        r = subprocess.run(["bash", str(ROOT / "scripts" / "install_chromium.sh")], capture_output=True, text=True,
+                           timeout=900)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"headless Chromium unavailable: {exc}")
+    if r.returncode != 0 or not r.stdout.strip():
+        reason = (r.stderr.strip().splitlines() or ["install_chromium.sh failed"])[-1]
+        pytest.skip(f"headless Chromium unavailable: {reason}")
+    return r.stdout.strip().splitlines()[-1]
+
+
+def _chromium(binary, *args, timeout=120):
+    cmd = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
+           "--no-first-run", "--host-resolver-rules=MAP * ~NOTFOUND", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_report_renders_in_chromium(tmp_path, chromium):
+    images, masks, labels, classes = make_set()
+    res = stub_predict(images)
+    out = write_report(tmp_path / "report.html", names=[f"img{i}.png" for i in range(12)], images=images,
+                       maps=res["maps"], scores=res["scores"], recon=res["recon"], labels=labels, masks=masks,
+                       classes=classes, meta=ModelInfo(S, name="stub", image_threshold=0.5))
+    url = Path(out["path"]).resolve().as_uri()
+    dom = _chromium(chromium, "--dump-dom", url)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert section_ids(dom.stdout) == ["summary", "metrics", "curves", "histogram", "gallery"]
+    shot = tmp_path / "shot.png"
+    r = _chromium(chromium, f"--screenshot={shot}", "--window-size=1100,1600", url)
+    assert r.returncode == 0 and shot.is_file(), r.stderr[-2000:]
+    px = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float64)
+    assert px.shape[:2] == (1600, 1100)
+    assert px.std() > 15, f"screenshot looks blank (pixel std {px.std():.1f})"
+    colourful = (px.max(axis=2) - px.min(axis=2)) > 60  # plot lines, bars, heat overlays
+    assert colourful.mean() > 0.002, f"no coloured plots rendered ({colourful.mean():.4f} of pixels)"
+    # the same check tells a blank page apart
+    blank = tmp_path / "blank.html"
+    blank.write_text("<!DOCTYPE html><html><body></body></html>")
+    shot2 = tmp_path / "blank.png"
+    _chromium(chromium, f"--screenshot={shot2}", "--window-size=1100,1600", blank.resolve().as_uri())
+    assert np.asarray(Image.open(shot2).convert("RGB"), dtype=np.float64).std() < 1

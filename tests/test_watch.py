@@ -1,0 +1,324 @@
+"""The drop-folder service: exactly one result per image, across kill -9, with bad files set aside."""
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from defect_fast import watch as watch_mod
+from defect_fast.calibration import ModelInfo
+from defect_fast.watch import Journal, WatchError, is_temporary_name, output_name, watch
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 32
+
+
+def stub_predict(images):
+    x = images.float() / 255.0
+    maps = x.mean(dim=1)
+    return {"maps": maps, "scores": maps.flatten(1).max(dim=1).values, "recon": images.float() / 127.5 - 1}
+
+
+INFO = ModelInfo(SIZE, name="stub", version="v1", image_threshold=0.5, pixel_threshold=0.9)
+
+
+def png_bytes(seed: int, bright: float = 0.4, size: int = SIZE) -> bytes:
+    import io
+
+    rng = np.random.default_rng(seed)
+    a = (rng.random((size, size, 3)) * 255 * bright).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def run_once(in_dir, out_dir, **kw):
+    lines = []
+    kw.setdefault("settle", 0.05)
+    kw.setdefault("poll_interval", 0.05)
+    res = watch(stub_predict, INFO, in_dir, out_dir, once=True, handle_signals=False, log=lines.append, **kw)
+    return res, lines
+
+
+def journal(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "results.jsonl").read_text().splitlines()]
+
+
+def test_names():
+    assert is_temporary_name(".hidden.png") and is_temporary_name("a.png.tmp") and is_temporary_name("a.PART")
+    assert is_temporary_name("a.png~") and not is_temporary_name("a.png")
+    assert output_name("sub/part.01.png", "ab" * 32) == "sub__part.01_" + "ab" * 6
+
+
+def test_once_judges_rejects_and_ignores(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / "dark.png").write_bytes(png_bytes(0, bright=0.3))  # max < 0.5: pass
+    (src / "bright.png").write_bytes(png_bytes(1, bright=1.0))  # max > 0.5: fail
+    (src / "broken.png").write_bytes(png_bytes(2)[:60])  # truncated
+    (src / "coming.png.part").write_bytes(b"xx")
+    (src / ".hidden.png").write_bytes(png_bytes(3))
+    (src / "notes.txt").write_text("not an image")
+    res, lines = run_once(src, out)
+    recs = {r["image"]: r for r in journal(out)}
+    assert sorted(recs) == ["bright.png", "broken.png", "dark.png"]
+    assert recs["dark.png"]["result"] == "pass" and recs["bright.png"]["result"] == "fail"
+    assert recs["bright.png"]["score"] > 0.5 > recs["dark.png"]["score"]
+    assert recs["bright.png"]["regions"] and all(r["peak"] > 0.9 for r in recs["bright.png"]["regions"])
+    assert recs["dark.png"]["regions"] == []
+    assert recs["dark.png"]["sha256"] == hashlib.sha256((src / "dark.png").read_bytes()).hexdigest()
+    assert recs["dark.png"]["model_version"] == "v1" and recs["dark.png"]["threshold"] == 0.5
+    bad = recs["broken.png"]
+    assert bad["result"] == "rejected" and ("truncated" in bad["reason"] or "corrupt" in bad["reason"])
+    assert (out / bad["rejected_to"]).is_file() and not (src / "broken.png").exists()
+    for name in ("dark.png", "bright.png"):
+        assert (out / recs[name]["map"]).is_file() and (out / recs[name]["overlay"]).is_file()
+        assert Image.open(out / recs[name]["map"]).size == (SIZE, SIZE)
+    assert len(list((out / "maps").iterdir())) == 2
+    assert (src / "coming.png.part").exists() and (src / "notes.txt").exists()
+    assert any("notes.txt" in line for line in lines)
+    status = json.loads((out / "status.json").read_text())
+    assert status["counts"] == {"pass": 1, "fail": 1, "rejected": 1, "total": 3} and status["state"] == "stopped"
+    assert res["session"]["total"] == 3
+    # a second run finds everything done
+    res2, _ = run_once(src, out)
+    assert res2["session"]["total"] == 0 and len(journal(out)) == 3 and res2["counts"]["total"] == 3
+    # new content under an old name is a new image; a renamed-in file is picked up
+    (src / "dark.png").write_bytes(png_bytes(10, bright=0.2))
+    (src / "late.png.tmp").write_bytes(png_bytes(11))
+    os.replace(src / "late.png.tmp", src / "late.png")
+    res3, _ = run_once(src, out)
+    assert res3["session"]["total"] == 2
+    recs = journal(out)
+    assert [r["image"] for r in recs].count("dark.png") == 2 and len({r["sha256"] for r in recs}) == 5
+
+
+def test_threshold_override_and_required(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.png").write_bytes(png_bytes(0, bright=0.3))
+    run_once(src, tmp_path / "out", threshold=0.1)
+    assert journal(tmp_path / "out")[0]["result"] == "fail"
+    with pytest.raises(WatchError, match="no image threshold"):
+        watch(stub_predict, ModelInfo(SIZE), src, tmp_path / "o2", once=True, handle_signals=False, log=lambda m: None)
+    with pytest.raises(WatchError, match="does not exist"):
+        run_once(tmp_path / "missing", tmp_path / "o3")
+
+
+def test_second_process_on_same_out_is_refused(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    held = watch_mod._lock(out)
+    try:
+        with pytest.raises(WatchError, match="another watch process"):
+            run_once(src, out)
+    finally:
+        held.close()
+    run_once(src, out)  # free again
+
+
+def test_torn_last_line_is_cut_and_redone(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i in range(3):
+        (src / f"p{i}.png").write_bytes(png_bytes(i))
+    run_once(src, out)
+    lines = (out / "results.jsonl").read_bytes().splitlines(keepends=True)
+    assert len(lines) == 3
+    # crash in the middle of the third line's write: half of it on disk, its map already written
+    (out / "results.jsonl").write_bytes(b"".join(lines[:2]) + lines[2][: len(lines[2]) // 2])
+    (out / "maps" / ".tmp-123-x_map.png").write_bytes(b"partial")  # a map write cut short
+    res, log = run_once(src, out)
+    assert any("torn last line" in line for line in log)
+    recs = journal(out)
+    assert len(recs) == 3 and len({(r["image"], r["sha256"]) for r in recs}) == 3
+    assert res["session"]["total"] == 1
+    assert sorted(p.name for p in (out / "maps").iterdir()) == sorted(Path(r["map"]).name for r in recs)
+
+
+def test_whole_last_line_without_newline_is_kept(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_bytes(b'{"image":"a.png","sha256":"00"}\n{"image":"b.png","sha256":"11"}')
+    j = Journal(path)
+    j.append({"image": "c.png", "sha256": "22"})
+    j.close()
+    assert [json.loads(x)["image"] for x in path.read_text().splitlines()] == ["a.png", "b.png", "c.png"]
+
+
+class Crash(BaseException):
+    """Stands in for kill -9 at one point of the work (BaseException: nothing catches it)."""
+
+
+@pytest.mark.parametrize("where,nth", [("map", 1), ("map", 3), ("overlay", 2), ("journal", 1), ("journal", 3),
+                                       ("journal", 4), ("move", 1), ("status", 2)])
+def test_crash_at_each_step_then_restart_gives_one_result_each(tmp_path, monkeypatch, where, nth):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i in range(5):
+        (src / f"p{i}.png").write_bytes(png_bytes(i, bright=0.3 + 0.15 * i))
+    (src / "zz_bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    calls = {"n": 0}
+
+    def bomb():
+        calls["n"] += 1
+        if calls["n"] == nth:
+            raise Crash(where)
+
+    real_write, real_append, real_move = watch_mod._atomic_write, Journal.append, watch_mod._move
+    if where in ("map", "overlay", "status"):
+        suffix = {"map": "_map.png", "overlay": "_overlay.png", "status": "status.json"}[where]
+
+        def atomic_write(final, write, sync=True):
+            if final.name.endswith(suffix):
+                tmp = final.with_name(".tmp-999-" + final.name)
+                write(tmp)  # the temporary file is on disk, the rename never happens
+                bomb()
+            return real_write(final, write, sync)
+
+        monkeypatch.setattr(watch_mod, "_atomic_write", atomic_write)
+    elif where == "journal":
+        def append(self, record):
+            bomb()
+            return real_append(self, record)
+
+        monkeypatch.setattr(Journal, "append", append)
+    else:
+        def move(a, b):
+            bomb()
+            return real_move(a, b)
+
+        monkeypatch.setattr(watch_mod, "_move", move)
+    with pytest.raises(Crash):
+        run_once(src, out, batch_size=2)
+    monkeypatch.undo()
+    run_once(src, out, batch_size=2)
+    recs = journal(out)
+    assert sorted(r["image"] for r in recs) == ["p0.png", "p1.png", "p2.png", "p3.png", "p4.png", "zz_bad.png"]
+    assert len({r["sha256"] for r in recs}) == 6
+    assert sorted(p.name for p in (out / "maps").iterdir()) == sorted(Path(r["map"]).name for r in recs if "map" in r)
+    assert len(list((out / "overlays").iterdir())) == 5
+    assert [p.name for p in (out / "rejected").iterdir()] == ["zz_bad.png"] and not (src / "zz_bad.png").exists()
+    assert json.loads((out / "status.json").read_text())["counts"]["total"] == 6
+
+
+@pytest.mark.parametrize("use_watchdog", [True, False])
+def test_slow_writer_is_waited_for_and_stop_event(tmp_path, use_watchdog):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    data = png_bytes(5)
+    stop = threading.Event()
+    results = {}
+    t = threading.Thread(target=lambda: results.update(watch(
+        stub_predict, INFO, src, out, poll_interval=0.05, settle=0.4, stop=stop, handle_signals=False,
+        use_watchdog=use_watchdog, log=lambda m: None)))
+    t.start()
+    with open(src / "slow.png", "wb") as f:  # a copy that trickles in, pausing less than `settle`
+        for i in range(0, len(data), 400):
+            f.write(data[i:i + 400])
+            f.flush()
+            time.sleep(0.1)
+    deadline = time.time() + 20
+    while time.time() < deadline and _count(out) < 1:
+        time.sleep(0.05)
+    stop.set()
+    t.join(timeout=20)
+    assert not t.is_alive()
+    recs = journal(out)
+    assert len(recs) == 1 and recs[0]["result"] in ("pass", "fail")
+    assert recs[0]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert results["session"]["total"] == 1
+
+
+# --------------------------------------------------------------------------------------------
+# The bar: a real service process, killed with SIGKILL twice while images arrive
+# --------------------------------------------------------------------------------------------
+
+
+def _start(src, out, log_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DEFECT_FAST_BACKEND": "reference", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, str(ROOT / "tests" / "_watch_worker.py"), str(src), str(out),
+                             "--model", "ae-l2", "--delay", "0.08", "--batch-size", "2"],
+                            env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
+
+
+def _count(out) -> int:
+    try:
+        return (Path(out) / "results.jsonl").read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def _wait(cond, timeout, what):
+    deadline = time.time() + timeout
+    while not cond():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_sigkill_twice_while_images_arrive(tmp_path):
+    src, out, log = tmp_path / "in", tmp_path / "out", tmp_path / "service.log"
+    src.mkdir()
+    n, rng = 16, random.Random(0)
+    payloads = {f"cam_{i:02d}.png": png_bytes(100 + i, size=64) for i in range(n - 1)}
+    payloads["cam_07_corrupt.png"] = b"\x89PNG\r\n\x1a\n" + bytes(rng.getrandbits(8) for _ in range(300))
+
+    def drop():
+        for i, (name, data) in enumerate(payloads.items()):
+            if i % 3 == 0:  # write then rename
+                (src / (name + ".tmp")).write_bytes(data)
+                os.replace(src / (name + ".tmp"), src / name)
+            elif i % 3 == 1:  # slow copy in three pieces
+                with open(src / name, "wb") as f:
+                    for k in range(3):
+                        f.write(data[k * len(data) // 3:(k + 1) * len(data) // 3])
+                        f.flush()
+                        time.sleep(0.05)
+            else:
+                (src / name).write_bytes(data)
+            time.sleep(0.15)
+
+    dropper = threading.Thread(target=drop)
+    proc = _start(src, out, log)
+    try:
+        dropper.start()
+        for kill_after in (3, 8):  # SIGKILL at a random moment once this many results are in
+            _wait(lambda: _count(out) >= kill_after, 120, f"{kill_after} results")
+            time.sleep(rng.uniform(0.0, 0.2))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+            assert proc.returncode == -signal.SIGKILL
+            proc = _start(src, out, log)
+        dropper.join(timeout=60)
+        _wait(lambda: _count(out) >= n, 120, f"all {n} results")
+        time.sleep(0.5)  # anything extra would show up now
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    recs = journal(out)
+    assert len(recs) == n, log.read_text()
+    assert {r["sha256"] for r in recs} == {hashlib.sha256(d).hexdigest() for d in payloads.values()}
+    assert sorted(r["image"] for r in recs) == sorted(payloads)
+    maps = sorted(p.name for p in (out / "maps").iterdir())
+    assert len(maps) == n - 1 and maps == sorted(Path(r["map"]).name for r in recs if "map" in r)
+    assert len(list((out / "overlays").iterdir())) == n - 1
+    bad = [r for r in recs if r["result"] == "rejected"]
+    assert [r["image"] for r in bad] == ["cam_07_corrupt.png"] and bad[0]["reason"]
+    assert (out / "rejected" / "cam_07_corrupt.png").read_bytes() == payloads["cam_07_corrupt.png"]
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "stopped" and status["counts"]["total"] == n
+    text = log.read_text()
+    assert "SIGTERM" in text and text.count("watching ") == 3  # three service processes, two killed
