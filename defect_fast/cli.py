@@ -1,10 +1,19 @@
-"""Command line: ``defect-fast train | evaluate | predict | export | demo | info``."""
+"""Command line: ``defect-fast train | evaluate | predict | export | demo | info``.
+
+Every command goes through one boundary (:func:`main` -> :func:`defect_fast.safety.run_main`): a
+user's mistake is one line ``defect-fast: error: ...`` and exit status 2 (``--debug`` adds the
+traceback), a bug keeps its traceback. Numbers and devices are checked while parsing; outputs are
+checked against the inputs and against folders defect-fast did not write before anything is read
+or written (see :mod:`defect_fast.safety`).
+"""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from .safety import (ArgumentParser, OutputFolder, UsageError, atomic_write_json, device_arg, dump_json_strict,
+                     finite_float, nonneg_float, nonneg_int, positive_float, positive_int, run_main, safe_output_file)
 
 EPILOG = """examples:
   defect-fast demo runs/demo                                  synthetic data, train, evaluate, maps
@@ -30,29 +39,66 @@ def _print_metrics(metrics: dict, out=None) -> None:
         print(f"{name:<14}{cells}", file=out)
 
 
+def _fmt(v, spec: str = ".4g") -> str:
+    return format(v, spec) if isinstance(v, (int, float)) and v == v else "n/a"
+
+
+def _print_thresholds(th: dict | None, out=None) -> None:
+    """Pass/fail lines of ``evaluate``: F1-optimal threshold, rates at the stored one vs the asked rate."""
+    if not th:
+        return
+    out = out or sys.stdout
+    f1 = th["f1_optimal"]
+    print(f"F1-optimal image threshold {_fmt(f1['threshold'])}: F1 {_fmt(f1['f1'])}, precision "
+          f"{_fmt(f1['precision'])}, recall {_fmt(f1['recall'])}", file=out)
+    at = th.get("at_threshold")
+    if at is None:
+        print("no stored image threshold in the model file", file=out)
+        return
+    print(f"at the stored threshold {_fmt(at['threshold'])} ({th['threshold_source']}): false-alarm rate "
+          f"{_fmt(at['false_alarm_rate'])} ({at['false_alarms']}/{at['n_good']} good images; asked "
+          f"{_fmt(th.get('far_asked'))}, expected {_fmt(th.get('far_expected'))} from "
+          f"{th.get('n_calibration_images')} calibration images), miss rate {_fmt(at['miss_rate'])} "
+          f"({at['misses']}/{at['n_defective']} defective images)", file=out)
+
+
+def _stages(model: str, options: dict) -> int:
+    from .models import build_model
+    from .train import ConfigError
+
+    try:
+        return len(build_model(model, **options).stages)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"--set: model {model} cannot be built with {options} ({exc})") from None
+
+
+def _per_stage(values: list[int] | None, n: int, option: str) -> list[int] | None:
+    if values is None or len(values) == n:
+        return values
+    if len(values) == 1:
+        return values * n
+    raise UsageError(f"{option}: the model trains in {n} stage(s); give one value or {n}, got {len(values)}")
+
+
 def cmd_train(args) -> int:
+    from .models import parse_options
     from .train import TrainConfig, train
 
     if args.resume:
         train(TrainConfig(data=args.data), args.out, resume=True, progress=not args.quiet)
         return 0
-    from .models import build_model, parse_options
-
-    kwargs = parse_options(args.model, args.set)
-    epochs = args.epochs
-
-    n_stages = len(build_model(args.model, **kwargs).stages)
-    if epochs is None:
-        epochs = [10] * n_stages
-    elif len(epochs) == 1:
-        epochs = epochs * n_stages
+    try:
+        kwargs = parse_options(args.model, args.set)
+    except ValueError as exc:
+        raise UsageError(f"--set: {exc}") from None
+    n_stages = _stages(args.model, kwargs)
+    epochs = _per_stage(args.epochs, n_stages, "--epochs") or [10] * n_stages
     cfg = TrainConfig(
         data=str(args.data), model=args.model, model_kwargs=kwargs, image_size=args.image_size, stride=args.stride,
-        batch_size=args.batch_size, epochs=epochs, max_steps=args.max_steps, lr=args.lr, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, anomaly_source=args.anomaly_source, device=args.device,
+        batch_size=args.batch_size, epochs=epochs, max_steps=_per_stage(args.max_steps, n_stages, "--max-steps"),
+        lr=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every, anomaly_source=args.anomaly_source,
+        device=args.device, holdback=args.holdback, far=args.far, normalize=args.normalize,
     )
-    if cfg.max_steps is not None and len(cfg.max_steps) == 1:
-        cfg.max_steps = cfg.max_steps * n_stages
     train(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
     return 0
 
@@ -60,42 +106,16 @@ def cmd_train(args) -> int:
 from .evaluate import evaluate_run  # noqa: E402,F401  (kept importable from here)
 
 
-def _json_safe(obj):
-    """NaN (a metric undefined for one class) becomes null, so the file is strict JSON."""
-    if isinstance(obj, float) and obj != obj:
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def cmd_evaluate(args) -> int:
+    json_path = safe_output_file(args.json, args.overwrite, inputs=[args.run, args.data], what="--json") if args.json else None
     metrics = evaluate_run(args.run, args.data, args.map, args.device, args.stride, args.smooth, blend=args.blend)
     _print_metrics(metrics)
+    _print_thresholds(metrics.get("thresholds"))
     print(f"\n{metrics['n_images']} images, map={metrics['map']}, {metrics['inference_ms_per_image']:.1f} ms/image")
-    if args.json:
-        Path(args.json).write_text(json.dumps(_json_safe(metrics), indent=2))
+    if json_path is not None:
+        safe_output_file(json_path, args.overwrite, inputs=[args.run, args.data], what="--json")  # still free?
+        atomic_write_json(json_path, metrics)
     return 0
-
-
-def _collect_images(items: list[str]) -> list[Path]:
-    from .data import DataError, list_images
-
-    paths: list[Path] = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            found = list_images(p)
-            if not found:
-                raise DataError(f"{p}: folder holds no images")
-            paths.extend(found)
-        elif p.is_file():
-            paths.append(p)
-        else:
-            raise DataError(f"{p}: no such file or folder")
-    return paths
 
 
 def _output_stems(paths: list[Path]) -> list[str]:
@@ -112,62 +132,92 @@ def _output_stems(paths: list[Path]) -> list[str]:
 
 
 def cmd_predict(args) -> int:
-    import torch
-
-    from .data import read_image
+    from .calibration import stored_thresholds
+    from .data.io import collect_images, read_images
     from .detect import Detector
-    from .runs import prepare_run_folder
     from .visualize import save_map, save_overlay
 
-    det = Detector.load(args.run, device=args.device, map_kind=args.map, stride=args.stride, smooth_sigma=args.smooth,
-                        blend=getattr(args, "blend", "none"))
-    paths = _collect_images(args.images)
-    images = torch.stack([read_image(p, det.image_size) for p in paths])  # errors name the file before any output
     out = Path(args.out)
-    prepare_run_folder(out, args.overwrite)
+    inputs = [args.run, *args.images]
+    OutputFolder.check(out, overwrite=args.overwrite, inputs=inputs)  # refuse before reading anything
+    try:
+        det = Detector.load(args.run, device=args.device, map_kind=args.map, stride=args.stride,
+                            smooth_sigma=args.smooth, blend=getattr(args, "blend", "none"))
+    except ValueError as exc:  # a setting the model cannot take (stride beyond the patch, ...)
+        raise UsageError(f"{args.run}: {exc}") from None
+    paths = collect_images(args.images)
+    images = read_images(paths, det.image_size, where="predict inputs")  # every bad file named, before any output
+    image_t, pixel_t, source = stored_thresholds(det.calibration)
+    if args.threshold is not None:
+        image_t, source = float(args.threshold), "given on the command line"
     res = det.predict_batched(images)
-    cal = det.calibration
-    scale = cal.get("pixel_q999") or float(res["maps"].max()) or 1.0
-    threshold = args.threshold if args.threshold is not None else cal.get("score_max")
-    (out / "maps").mkdir()
-    (out / "overlays").mkdir()
-    report = {"run": str(args.run), "map": det.map_kind, "threshold": threshold, "images": []}
-    for path, stem, img, m, s in zip(paths, _output_stems(paths), images, res["maps"], res["scores"]):
-        save_map(m, out / "maps" / f"{stem}_map.png", scale=2 * scale)
-        save_overlay(img, m, out / "overlays" / f"{stem}_overlay.png", scale=2 * scale)
-        entry = {"image": str(path), "score": float(s)}
-        if threshold is not None:
-            entry["defective"] = bool(float(s) > threshold)
-        report["images"].append(entry)
-    (out / "scores.json").write_text(json.dumps(report, indent=2))
-    print(f"wrote maps, overlays and scores for {len(paths)} image(s) to {out}")
+    scale = pixel_t or det.calibration.get("pixel_q999") or float(res["maps"].max()) or 1.0
+    stems = _output_stems(paths)
+    folder = OutputFolder.create(out, overwrite=args.overwrite, inputs=inputs)
+    try:
+        folder.mkdir("maps")
+        folder.mkdir("overlays")
+        report = {"run": str(args.run), "map": det.map_kind, "threshold": image_t, "threshold_source": source,
+                  "pixel_threshold": pixel_t, "images": []}
+        for path, stem, img, m, s in zip(paths, stems, images, res["maps"], res["scores"]):
+            map_png, overlay_png = folder.record_many([f"maps/{stem}_map.png", f"overlays/{stem}_overlay.png"])
+            save_map(m, map_png, scale=2 * scale)
+            save_overlay(img, m, overlay_png, scale=2 * scale)
+            entry = {"image": str(path), "score": float(s)}
+            if image_t is not None:
+                entry["defective"] = bool(float(s) > image_t)
+            report["images"].append(entry)
+        folder.write_json("scores.json", report)
+    except BaseException:
+        folder.discard()
+        raise
+    flagged = sum(1 for e in report["images"] if e.get("defective"))
+    print(f"wrote maps, overlays and scores for {len(paths)} image(s) to {out}"
+          + (f"; {flagged} flagged at threshold {image_t:.4g} ({source})" if image_t is not None else ""))
     return 0
+
+
+def _record_tree(folder: OutputFolder, sub: Path) -> None:
+    """Record every file and folder under ``sub`` (written by this command) in ``folder``'s manifest."""
+    found = [p for p in sorted(sub.rglob("*")) if not p.name.startswith(".defect_fast")]
+    folder.record_many([sub, *found])
 
 
 def cmd_demo(args) -> int:
     from .data.synthetic import make_synthetic_dataset
-    from .models import build_model, model_class
-    from .runs import prepare_run_folder
+    from .models import model_class
     from .train import TrainConfig, train
 
     out = Path(args.out)
-    prepare_run_folder(out, args.overwrite)
-    data = out / "data"
-    make_synthetic_dataset(data, size=args.image_size, seed=args.seed)
-    print(f"synthetic dataset written to {data}")
-    options = dict(model_class(args.model).demo_options)
-    n_stages = len(build_model(args.model, **options).stages)
-    cfg = TrainConfig(data=str(data), model=args.model, image_size=args.image_size, batch_size=args.batch_size,
-                      epochs=[args.epochs] * n_stages, seed=args.seed, device=args.device, model_kwargs=options)
-    train(cfg, out / "run", progress=not args.quiet)
-    metrics = evaluate_run(out / "run", data, device=args.device)
-    _print_metrics(metrics)
-    (out / "metrics.json").write_text(json.dumps(_json_safe(metrics), indent=2))
-    test_dir = data / "test"
-    samples = [p for cls in sorted(test_dir.iterdir()) if cls.name != "good" for p in sorted(cls.iterdir())[:2]]
-    ns = argparse.Namespace(run=out / "run", images=[str(p) for p in samples], out=out / "maps", overwrite=False,
-                            device=args.device, map=None, stride=None, threshold=None, smooth=0.0)
-    cmd_predict(ns)
+    folder = OutputFolder.create(out, overwrite=args.overwrite)
+    try:
+        data = out / "data"
+        make_synthetic_dataset(data, size=args.image_size, seed=args.seed)
+        _record_tree(folder, data)
+        print(f"synthetic dataset written to {data}")
+        options = dict(model_class(args.model).demo_options)
+        n_stages = _stages(args.model, options)
+        cfg = TrainConfig(data=str(data), model=args.model, image_size=args.image_size, batch_size=args.batch_size,
+                          epochs=[args.epochs] * n_stages, seed=args.seed, device=args.device, model_kwargs=options)
+        folder.record(out / "run")
+        train(cfg, out / "run", progress=not args.quiet)
+        _record_tree(folder, out / "run")
+        metrics = evaluate_run(out / "run", data, device=args.device)
+        _print_metrics(metrics)
+        _print_thresholds(metrics.get("thresholds"))
+        folder.write_json("metrics.json", metrics)
+        test_dir = data / "test"
+        samples = [p for cls in sorted(test_dir.iterdir()) if cls.name != "good" for p in sorted(cls.iterdir())[:2]]
+        ns = argparse.Namespace(run=out / "run", images=[str(p) for p in samples], out=out / "maps", overwrite=False,
+                                device=args.device, map=None, stride=None, threshold=None, smooth=0.0)
+        folder.record(out / "maps")
+        cmd_predict(ns)
+        _record_tree(folder, out / "maps")
+    except BaseException:
+        if not (out / "run" / "model.pt").exists():
+            _record_tree(folder, out) if out.is_dir() else None
+            folder.discard()
+        raise
     return 0
 
 
@@ -187,7 +237,7 @@ def cmd_info(args) -> int:
         info["native"] = module.build_info() if module is not None and hasattr(module, "build_info") else reason
     except Exception as exc:  # pragma: no cover - informational
         info["native"] = f"{type(exc).__name__}: {exc}"
-    print(json.dumps(info, indent=2, default=str))
+    print(dump_json_strict(info))
     return 0
 
 
@@ -200,62 +250,87 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _rate(text: str) -> float:
+    """argparse type: a rate strictly between 0 and 1 (``--far``)."""
+    v = positive_float(text)
+    if v >= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1), got {text!r}")
+    return v
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a share in [0, 1) (``--holdback``)."""
+    v = nonneg_float(text)
+    if v >= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .detect import BLENDS
     from .export import FORMATS
     from .models import map_names, model_names
+    from .train import NORMALIZATIONS
 
-    p = argparse.ArgumentParser(prog="defect-fast", description="Unsupervised surface-defect detection: "
-                                "train on defect-free images, map and score defects.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = ArgumentParser(prog="defect-fast", description="Unsupervised surface-defect detection: "
+                       "train on defect-free images, map and score defects.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error too (any position)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a model on defect-free images",
-                       description="Train on DATA/train/good (MVTec layout) or on a plain folder of defect-free images.")
+                       description="Train on DATA/train/good (MVTec layout) or on a plain folder of defect-free images. "
+                       "A share of the images (--holdback) is never trained on: it sets the stored pass/fail thresholds.")
     t.add_argument("data", help="MVTec-style root (uses train/good) or a folder of defect-free images")
-    t.add_argument("--out", required=True, help="run folder (refused if it exists and is not empty, unless --overwrite/--resume)")
+    t.add_argument("--out", required=True, help="run folder (new or empty; a folder of an earlier run only with --overwrite/--resume)")
     t.add_argument("--model", default="cmaae", choices=model_names(), help="model (default: cmaae)")
-    t.add_argument("--image-size", type=int, default=512, help="images are resized to SxS (default 512)")
-    t.add_argument("--stride", type=int, default=None, help="patch stride in training (default: patch size)")
-    t.add_argument("--batch-size", type=int, default=512, help="patches per step (default 512)")
-    t.add_argument("--epochs", type=int, nargs="+", default=None, help="epochs per stage (one value = every stage; default 10)")
-    t.add_argument("--max-steps", type=int, nargs="+", default=None, help="cap on steps per stage")
-    t.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (default 2e-4, beta1 0.5)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default 50)")
+    t.add_argument("--image-size", type=positive_int, default=512, help="images are resized to SxS (default 512)")
+    t.add_argument("--stride", type=positive_int, default=None, help="patch stride in training (default: patch size)")
+    t.add_argument("--batch-size", type=positive_int, default=512, help="patches per step (default 512)")
+    t.add_argument("--epochs", type=positive_int, nargs="+", default=None, help="epochs per stage (one value = every stage; default 10)")
+    t.add_argument("--max-steps", type=positive_int, nargs="+", default=None, help="cap on steps per stage")
+    t.add_argument("--lr", type=positive_float, default=2e-4, help="Adam learning rate (default 2e-4, beta1 0.5)")
+    t.add_argument("--seed", type=nonneg_int, default=0)
+    t.add_argument("--checkpoint-every", type=positive_int, default=50, help="steps between checkpoints (default 50)")
+    t.add_argument("--holdback", type=_fraction, default=0.1, help="share of the defect-free images held back for "
+                   "thresholds, never trained on (default 0.1, at least 4 images; 0: none, thresholds then optimistic)")
+    t.add_argument("--far", type=_rate, default=0.01, help="false-alarm rate of the stored image threshold (default 0.01)")
+    t.add_argument("--normalize", choices=NORMALIZATIONS, default="none",
+                   help="map normalisation fitted on the held-back images (default none)")
     t.add_argument("--anomaly-source", default=None, help="folder of natural photos for synthetic anomalies "
                    "(default: the sample photos shipped with scikit-learn)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="model option, e.g. --set fusion=mam "
                    "--set gate_activation=sigmoid (repeatable; values parsed as JSON)")
-    t.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
-    t.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-    t.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    t.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:1 or auto (default)")
+    t.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out (only the files defect-fast wrote)")
+    t.add_argument("--resume", action="store_true", help="continue the interrupted run in --out (its settings and data)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("evaluate", help="pixel/image AUROC, AUPRO and F1 on a test split")
+    e = sub.add_parser("evaluate", help="pixel/image AUROC, AUPRO, F1 and pass/fail rates on a test split")
     e.add_argument("run", help="run folder (or model.pt)")
     e.add_argument("data", help="MVTec-style root with test/ and ground_truth/")
-    e.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    e.add_argument("--json", default=None, help="also write the metrics to this JSON file (new, unless --overwrite)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     e.add_argument("--map", choices=map_names(), default=None, help="anomaly map (default: the model's)")
-    e.add_argument("--stride", type=int, default=None, help="patch stride at inference (default: patch size)")
-    e.add_argument("--smooth", type=float, default=0.0, help="Gaussian blur of the maps, in pixels (default 0: none)")
+    e.add_argument("--stride", type=positive_int, default=None, help="patch stride at inference (default: patch size)")
+    e.add_argument("--smooth", type=nonneg_float, default=0.0, help="Gaussian blur of the maps, in pixels (default 0: none)")
     e.add_argument("--blend", choices=BLENDS, default="none", help="weights of overlapping patches (with --stride < patch)")
-    e.add_argument("--device", default="auto")
+    e.add_argument("--device", type=device_arg, default="auto")
     e.set_defaults(func=cmd_evaluate)
 
     r = sub.add_parser("predict", help="anomaly maps, overlays and scores for images")
     r.add_argument("run", help="run folder (or model.pt)")
     r.add_argument("images", nargs="+", help="image files or folders")
-    r.add_argument("--out", required=True, help="output folder (refused if it exists and is not empty, unless --overwrite)")
-    r.add_argument("--overwrite", action="store_true")
+    r.add_argument("--out", required=True, help="output folder (new or empty; earlier predict output only with --overwrite)")
+    r.add_argument("--overwrite", action="store_true", help="replace earlier output in --out (only the files defect-fast wrote)")
     r.add_argument("--map", choices=map_names(), default=None)
-    r.add_argument("--stride", type=int, default=None)
-    r.add_argument("--threshold", type=float, default=None,
-                   help="image score above which an image is flagged (default: the largest score on the calibration images)")
-    r.add_argument("--smooth", type=float, default=0.0, help="Gaussian blur of the maps, in pixels (default 0: none)")
+    r.add_argument("--stride", type=positive_int, default=None)
+    r.add_argument("--threshold", type=finite_float, default=None,
+                   help="image score above which an image is flagged (default: the threshold stored in the model file)")
+    r.add_argument("--smooth", type=nonneg_float, default=0.0, help="Gaussian blur of the maps, in pixels (default 0: none)")
     r.add_argument("--blend", choices=BLENDS, default="none", help="weights of overlapping patches (with --stride < patch)")
-    r.add_argument("--device", default="auto")
+    r.add_argument("--device", type=device_arg, default="auto")
     r.set_defaults(func=cmd_predict)
 
     x = sub.add_parser("export", help="write the whole inference pipeline as ONNX, TorchScript or torch.export file",
@@ -264,10 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("run", help="run folder (or model.pt)")
     x.add_argument("--format", required=True, choices=FORMATS)
     x.add_argument("--out", required=True, help="output file (FILE.json is written beside it)")
-    x.add_argument("--batch", type=int, default=1, help="images per call in the traced graph (default 1)")
+    x.add_argument("--batch", type=positive_int, default=1, help="images per call in the traced graph (default 1)")
     x.add_argument("--map", choices=map_names(), default=None)
-    x.add_argument("--stride", type=int, default=None)
-    x.add_argument("--smooth", type=float, default=0.0)
+    x.add_argument("--stride", type=positive_int, default=None)
+    x.add_argument("--smooth", type=nonneg_float, default=0.0)
     x.add_argument("--blend", choices=BLENDS, default="none")
     x.add_argument("--overwrite", action="store_true")
     x.set_defaults(func=cmd_export)
@@ -275,12 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="make a small synthetic defect set, train briefly, evaluate and write maps")
     d.add_argument("out", nargs="?", default="defect-fast-demo", help="output folder (default ./defect-fast-demo)")
     d.add_argument("--model", default="cmaae", choices=model_names())
-    d.add_argument("--image-size", type=int, default=128)
-    d.add_argument("--epochs", type=int, default=4)
-    d.add_argument("--batch-size", type=int, default=32)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--device", default="auto")
-    d.add_argument("--overwrite", action="store_true")
+    d.add_argument("--image-size", type=positive_int, default=128)
+    d.add_argument("--epochs", type=positive_int, default=4)
+    d.add_argument("--batch-size", type=positive_int, default=32)
+    d.add_argument("--seed", type=nonneg_int, default=0)
+    d.add_argument("--device", type=device_arg, default="auto")
+    d.add_argument("--overwrite", action="store_true", help="replace an earlier demo in the folder (only its own files)")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
 
@@ -289,16 +364,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _run(argv: list[str]) -> int:
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    return args.func(args)
+
+
 def main(argv: list[str] | None = None) -> int:
-    from .data import DataError
+    """The ``defect-fast`` entry point: parse, run, and turn known errors into one line and status 2."""
     from .runs import RunError
 
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (DataError, RunError, ValueError, FileNotFoundError, FileExistsError) as exc:
-        print(f"defect-fast: error: {exc}", file=sys.stderr)
-        return 2
+    return run_main(_run, argv, user_errors=(RunError,))
 
 
 if __name__ == "__main__":

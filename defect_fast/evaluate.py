@@ -9,6 +9,7 @@ import torch
 
 from .detect import Detector
 from .models import AnomalyModel
+from .safety import UsageError
 
 
 def calibrate(model: AnomalyModel, image_size: int, normal_images: torch.Tensor,
@@ -22,12 +23,18 @@ def evaluate_run(run: Path | str, data: Path | str, map_kind: str | None = None,
     """Evaluate a trained run on the test split of an MVTec-style folder; returns the metrics dict.
 
     ``options`` go to :class:`Detector` (blend, precision, ...). Adds "n_images", "map",
-    "smooth_sigma" and "inference_ms_per_image" to :func:`defect_fast.metrics.evaluate`'s keys.
+    "smooth_sigma", "inference_ms_per_image" and "thresholds" to :func:`defect_fast.metrics.evaluate`'s
+    keys; "thresholds" is :func:`defect_fast.calibration.evaluate_thresholds` (the F1-optimal image
+    threshold, the false-alarm and miss rates at the stored one next to the asked rate).
     """
+    from .calibration import evaluate_thresholds
     from .data import load_test_set
     from .metrics import evaluate
 
-    det = Detector.load(run, device=device, map_kind=map_kind, stride=stride, smooth_sigma=smooth, **options)
+    try:
+        det = Detector.load(run, device=device, map_kind=map_kind, stride=stride, smooth_sigma=smooth, **options)
+    except ValueError as exc:  # a setting the model cannot take (stride beyond the patch, ...)
+        raise UsageError(f"{run}: {exc}") from None
     test = load_test_set(data, det.image_size)
     t0 = time.perf_counter()
     res = det.predict_batched(test.images)
@@ -37,6 +44,7 @@ def evaluate_run(run: Path | str, data: Path | str, map_kind: str | None = None,
     metrics["map"] = det.map_kind
     metrics["smooth_sigma"] = smooth
     metrics["inference_ms_per_image"] = 1000 * seconds / max(1, test.images.shape[0])
+    metrics["thresholds"] = evaluate_thresholds(res["scores"], test.labels, det.calibration)
     return metrics
 
 

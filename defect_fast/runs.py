@@ -6,34 +6,42 @@ Run folder layout (written by :func:`defect_fast.train.train`):
     stage1.pt ...     the model at the end of each stage
     model.pt          the finished model (with calibration statistics), read by evaluate/predict/export
     log.jsonl         one line per logged step
+    .defect_fast-manifest.json   the files above, as written by defect-fast (what --overwrite may remove)
+    .defect_fast.lock            held by the process training in the folder (see safety.RunLock)
+
+Every ``.pt`` file carries a SHA-256 digest of its tensors and settings
+(:func:`defect_fast.safety.attach_digest`), checked on load: a damaged, foreign or older file is a
+one-line error naming it, never a silent load or a KeyError.
 """
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .models import AnomalyModel, build_model
+from .safety import DigestError, UserError, check_device, load_with_digest, save_with_digest
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 MODEL_FILE = "model.pt"
 LOG_FILE = "log.jsonl"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: files carry a tensor digest
+#: Keys every checkpoint and model file holds (a file without them is not one of ours).
+STATE_KEYS = ("model_name", "model_config", "model_state", "image_size")
 
 
-class RunError(RuntimeError):
-    """A run folder cannot be used as asked (exists, incompatible, incomplete)."""
+class RunError(UserError, RuntimeError):
+    """A run folder cannot be used as asked (exists, incompatible, incomplete, damaged)."""
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """"auto" -> cuda when a GPU is visible, else cpu; anything else as ``torch.device``."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """"auto" -> cuda when a GPU is visible, else cpu; a name this torch cannot use is a
+    :class:`~defect_fast.safety.DeviceError` saying why (see :func:`defect_fast.safety.check_device`)."""
+    if isinstance(device, torch.device):
+        return device
+    return check_device(str(device))
 
 
 def stage_file(stage: int) -> str:
@@ -41,31 +49,33 @@ def stage_file(stage: int) -> str:
     return f"stage{stage}.pt"
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def atomic_save(obj: dict[str, Any], path: Path) -> None:
+    """torch.save ``obj`` with its tensor digest to a temporary file beside ``path``, fsync, rename."""
+    save_with_digest(obj, path)
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint or model file (weights_only) with a clear error on damage."""
+def load_checkpoint(path: Path, required_keys: tuple[str, ...] = STATE_KEYS) -> dict[str, Any]:
+    """Load a checkpoint or model file (weights_only) and verify its tensor digest.
+
+    Raises:
+        RunError: missing, unreadable, foreign (lacks ``required_keys``), without a digest (older
+            or foreign file) or damaged (digest mismatch); one line naming the file.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise RunError(f"{path}: no such file") from None
-    except Exception as exc:  # truncated or foreign file
-        raise RunError(f"{path}: not a readable defect_fast checkpoint ({type(exc).__name__}: {exc})") from None
+        return load_with_digest(path, required_keys=required_keys)
+    except DigestError as exc:
+        message = str(exc).replace("not a readable defect_fast file", "not a readable defect_fast checkpoint")
+        raise RunError(message) from None
 
 
-def model_from_state(state: dict[str, Any]) -> AnomalyModel:
-    """The model saved in a checkpoint/model dict (weights loaded, mode unchanged)."""
-    model = build_model(state["model_name"], **state["model_config"])
-    model.load_state_dict(state["model_state"])
+def model_from_state(state: dict[str, Any], path: Path | str = "model file") -> AnomalyModel:
+    """The model saved in a checkpoint/model dict (weights loaded, mode unchanged); RunError naming
+    ``path`` when the stored settings or weights do not fit the model they name."""
+    try:
+        model = build_model(state["model_name"], **state["model_config"])
+        model.load_state_dict(state["model_state"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise RunError(f"{path}: the stored model does not load ({type(exc).__name__}: {exc})") from None
     return model
 
 
@@ -76,7 +86,7 @@ def model_file(run: Path | str) -> Path:
         return run
     path = run / MODEL_FILE
     if not path.exists():
-        hint = " (training did not finish: continue it with --resume)" if (run / CHECKPOINT_FILE).exists() else ""
+        hint = " (training did not finish; resume the training first)" if (run / CHECKPOINT_FILE).exists() else ""
         raise RunError(f"{run}: no {MODEL_FILE}{hint}")
     return path
 
@@ -84,28 +94,9 @@ def model_file(run: Path | str) -> Path:
 def load_model_state(run: Path | str) -> dict[str, Any]:
     """The finished-model dict of a run folder or model file, checked to be one."""
     path = model_file(run)
-    state = load_checkpoint(path)
-    if not isinstance(state, dict) or "model_name" not in state or "image_size" not in state:
-        raise RunError(f"{path}: not a defect_fast model file")
-    return state
-
-
-def prepare_run_folder(out: Path, overwrite: bool) -> None:
-    """Create ``out``; refuse a non-empty existing folder unless ``overwrite``."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise RunError(f"{out}: exists and is not a folder")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise RunError(f"{out}: folder exists and is not empty; pass --overwrite to replace it or --resume to continue it")
-        for child in out.iterdir():
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    return load_checkpoint(path)
 
 
 __all__ = ["RunError", "resolve_device", "atomic_save", "load_checkpoint", "model_from_state", "model_file",
-           "load_model_state", "prepare_run_folder", "stage_file", "CONFIG_FILE", "CHECKPOINT_FILE", "MODEL_FILE",
-           "LOG_FILE", "CHECKPOINT_VERSION"]
+           "load_model_state", "stage_file", "CONFIG_FILE", "CHECKPOINT_FILE", "MODEL_FILE",
+           "LOG_FILE", "CHECKPOINT_VERSION", "STATE_KEYS"]

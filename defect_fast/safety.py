@@ -667,7 +667,7 @@ class OutputFolder:
         rel = self._rel(name)
         target = self.path / rel
         target.mkdir(parents=True, exist_ok=True)
-        return self.record(target)
+        return self.record(rel)
 
     def _writable(self, name: str | os.PathLike) -> Path:
         rel = self._rel(name)
@@ -675,7 +675,7 @@ class OutputFolder:
         if (target.exists() or target.is_symlink()) and rel not in self.files:
             raise OutputRefused(f"{target}: exists and was not written by defect-fast; move it away or choose another folder")
         # record before writing: a crash mid-write then leaves nothing unlisted behind
-        self.record(target)
+        self.record(rel)
         return target
 
     @contextlib.contextmanager

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,7 +25,13 @@ from .data.dataset import to_model_range
 from .data.patches import grid_shape
 from .models import AnomalyModel, build_model
 from .runs import (CHECKPOINT_FILE, CHECKPOINT_VERSION, CONFIG_FILE, LOG_FILE, MODEL_FILE, RunError,  # noqa: F401
-                   atomic_save, load_checkpoint, model_from_state, prepare_run_folder, resolve_device, stage_file)
+                   atomic_save, load_checkpoint, model_from_state, resolve_device, stage_file)
+from .safety import OutputFolder, UserError
+
+#: Map normalisations a run can ask for (``TrainConfig.normalize``).
+NORMALIZATIONS = ("none", "position")
+#: Fewest held-back images when ``holdback`` > 0 (fewer images in all: none are held back, with a warning).
+HOLDBACK_MIN = 4
 
 @dataclass
 class TrainConfig:
@@ -43,7 +51,11 @@ class TrainConfig:
     checkpoint_every: int = 50  # steps
     anomaly_source: str | None = None
     device: str = "auto"
-    calibration_images: int = 16
+    calibration_images: int = 16  # training images used for thresholds when none are held back
+    holdback: float = 0.1  # share of the defect-free images held back (never trained on) for thresholds
+    far: float = 0.01  # target image false-alarm rate of the stored threshold
+    normalize: str = "none"  # map normalisation fitted on the held-back maps: "none" | "position"
+    held_back: list[str] = field(default_factory=list)  # the held-back image files (filled by train())
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -52,9 +64,50 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "TrainConfig":
-        d = dict(d)
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in dict(d).items() if k in known}
         d["betas"] = tuple(d.get("betas", (0.5, 0.999)))
         return cls(**d)
+
+
+class ConfigError(UserError, ValueError):
+    """A training setting that cannot work (named as its command-line option)."""
+
+
+def check_config(cfg: TrainConfig, n_stages: int, patch: int) -> None:
+    """Refuse settings that would train nothing or fail later; one line naming the option.
+
+    Raises:
+        ConfigError: epochs/max_steps per stage (count and >= 1), batch size, checkpoint interval,
+            image size (>= the model's ``patch`` size), stride (1..patch), learning rate,
+            holdback (in [0, 1)), far (in (0, 1)), normalize.
+    """
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    def whole(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    need(len(cfg.epochs) == n_stages, f"--epochs: model {cfg.model} trains in {n_stages} stage(s); "
+         f"give one value or {n_stages}, got {len(cfg.epochs)}")
+    need(all(whole(e) and e >= 1 for e in cfg.epochs), f"--epochs must be whole numbers >= 1, got {cfg.epochs}")
+    if cfg.max_steps is not None:
+        need(len(cfg.max_steps) == n_stages, f"--max-steps: model {cfg.model} trains in {n_stages} stage(s); "
+             f"give one value or {n_stages}, got {len(cfg.max_steps)}")
+        need(all(whole(m) and m >= 1 for m in cfg.max_steps), f"--max-steps must be whole numbers >= 1, got {cfg.max_steps}")
+    need(whole(cfg.batch_size) and cfg.batch_size >= 1, f"--batch-size must be a whole number >= 1, got {cfg.batch_size}")
+    need(whole(cfg.checkpoint_every) and cfg.checkpoint_every >= 1,
+         f"--checkpoint-every must be a whole number >= 1, got {cfg.checkpoint_every}")
+    need(whole(cfg.image_size) and cfg.image_size >= patch,
+         f"--image-size {cfg.image_size} is smaller than the {cfg.model} patch size {patch}; use at least {patch}")
+    if cfg.stride is not None:
+        need(whole(cfg.stride) and 1 <= cfg.stride <= patch,
+             f"--stride must be a whole number from 1 to the patch size {patch}, got {cfg.stride}")
+    need(isinstance(cfg.lr, (int, float)) and math.isfinite(cfg.lr) and cfg.lr > 0, f"--lr must be a finite number > 0, got {cfg.lr}")
+    need(0 <= cfg.holdback < 1, f"--holdback must be in [0, 1), got {cfg.holdback}")
+    need(0 < cfg.far < 1, f"--far must be in (0, 1), got {cfg.far}")
+    need(cfg.normalize in NORMALIZATIONS, f"--normalize must be one of {', '.join(NORMALIZATIONS)}, got {cfg.normalize!r}")
 
 
 def _generator(seed: int, *keys: int) -> torch.Generator:
@@ -229,40 +282,178 @@ class Trainer:
         return self.model
 
 
+def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Tensor,
+               device: torch.device | str = "cpu") -> dict[str, Any]:
+    """What a finished run stores beside its weights, computed on the held-back images.
+
+    1. builds the :class:`~defect_fast.detect.Detector` of ``model`` (default map, tiles);
+    2. with ``cfg.normalize == "position"``, fits the per-position map normalisation on the
+       held-back images (:meth:`Detector.fit_normalization`);
+    3. calibrates on the (normalised) maps and scores of the same images
+       (:func:`defect_fast.calibration.calibrate` at ``cfg.far``).
+
+    Args:
+        held_back_images: uint8 [N, 3, S, S] defect-free images the model was not trained on
+            (N >= 1; with ``normalize`` N >= 2).
+
+    Returns:
+        ``{"calibration": calibrate()'s dict (+ "pixel_q999", "source"), "normalization":
+        {"mean": [S, S], "std": [S, S]} or None}``.
+    """
+    from .calibration import calibrate
+    from .detect import Detector
+
+    det = Detector(model, image_size=cfg.image_size, stride=None, device=device)
+    normalization = det.fit_normalization(held_back_images) if cfg.normalize == "position" else None
+    res = det.predict_batched(held_back_images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # too few images is said in the note, printed by train()
+        cal = calibrate(res["scores"], res["maps"], far=cfg.far)
+    flat = res["maps"].flatten()
+    if flat.numel() > 2_000_000:
+        flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:2_000_000]]
+    cal["pixel_q999"] = float(torch.quantile(flat.float(), 0.999))  # map colour scale of older readers
+    cal["source"] = "held-back images"
+    return {"calibration": cal, "normalization": normalization}
+
+
+def _warn(message: str) -> None:
+    print(f"defect-fast: warning: {message}", file=sys.stderr)
+
+
+def _split(cfg: TrainConfig, paths: list[Path]) -> tuple[list[int], list[int]]:
+    """Indices (train, held back) of ``paths``: the stored list when resuming, else a fresh split."""
+    from .calibration import split_holdback
+
+    if cfg.held_back:
+        held = set(cfg.held_back)
+        missing = held - {str(p) for p in paths}
+        if missing:
+            raise RunError(f"{cfg.data}: held-back image(s) of this run are gone: {', '.join(sorted(missing)[:3])}")
+        return [i for i, p in enumerate(paths) if str(p) not in held], [i for i, p in enumerate(paths) if str(p) in held]
+    if cfg.holdback == 0:
+        return list(range(len(paths))), []
+    try:
+        _train_p, held_p = split_holdback([str(p) for p in paths], cfg.holdback, min_count=HOLDBACK_MIN,
+                                          seed=cfg.seed, min_train=1)
+    except ValueError:
+        _warn(f"{cfg.data}: only {len(paths)} image(s), too few to hold back {HOLDBACK_MIN} for thresholds; "
+              "none held back (thresholds come from training images and are optimistic)")
+        return list(range(len(paths))), []
+    held = set(held_p)
+    return [i for i, p in enumerate(paths) if str(p) not in held], [i for i, p in enumerate(paths) if str(p) in held]
+
+
+def _abs(path: str | None) -> str | None:
+    return None if path is None else str(Path(path).expanduser().resolve())
+
+
+def _preload_sources(cfg: TrainConfig, stages: tuple[str, ...] | list[str]) -> torch.Tensor | None:
+    """The anomaly source photos, read before anything is written (every bad file named)."""
+    from .data import DataError
+    from .synthesis.sources import load_sources
+
+    if all(s == "normal" for s in stages) and cfg.anomaly_source is None:
+        return None
+    try:
+        return load_sources(cfg.anomaly_source, size=cfg.image_size)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"--anomaly-source: {exc}") from None
+
+
 def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume: bool = False,
           progress: bool = True, log: Callable[[str], None] = print) -> Path:
     """Train ``cfg.model`` on the defect-free images of ``cfg.data`` into run folder ``out``.
 
+    A slice of the images (``cfg.holdback``) is held back and never trained on; at the end
+    :func:`finish_run` sets the stored thresholds from it. The settings are checked
+    (:func:`check_config`) and every image read before the run folder is made; the folder then
+    carries a manifest and is locked while training (a second process gets "in use by PID").
     With ``resume``, continue from ``out/checkpoint.pt`` (the config saved there wins).
+
     Returns the path of the finished model file (``out/model.pt``).
+    Raises:
+        ConfigError, DataError, RunError, OutputRefused, RunInUse: one-line user errors; nothing
+        is left behind by a failed start.
     """
     from .data import load_train_images
-    from .evaluate import calibrate
 
     out = Path(out)
     state = None
     if resume:
         ckpt = out / CHECKPOINT_FILE
-        if not ckpt.exists():
-            raise RunError(f"{out}: nothing to resume (no checkpoint.pt)")
-        state = load_checkpoint(ckpt)
-        cfg = TrainConfig.from_json(state["train_config"])
-        log(f"resuming {out} at stage {state['position']['stage'] + 1}, epoch {state['position']['epoch'] + 1}, "
-            f"step {state['position']['step']}")
+        if not ckpt.is_file():
+            raise RunError(f"{out}: nothing to resume (no {CHECKPOINT_FILE})")
+        folder = OutputFolder.open(out, lock=True, what="--out")
     else:
-        prepare_run_folder(out, overwrite)
-        (out / CONFIG_FILE).write_text(json.dumps(cfg.to_json(), indent=2))
-    images, _paths = load_train_images(cfg.data, cfg.image_size)
-    t0 = time.perf_counter()
-    trainer = Trainer(cfg, out, images, progress=progress, log=log)
-    if state is not None:
-        trainer.restore(state)
-    model = trainer.run()
-    elapsed = time.perf_counter() - t0
-    # Calibrate on a few training images: the map values of defect-free surface set the scale
-    # that predict uses for thresholds and colour maps.
-    calib = calibrate(model, cfg.image_size, images[: cfg.calibration_images], device=trainer.device)
-    final = {**trainer.state(), "calibration": calib, "train_seconds": elapsed}
-    atomic_save(final, out / MODEL_FILE)
-    log(f"trained {cfg.model} in {elapsed:.1f} s; model saved to {out / MODEL_FILE}")
+        cfg = replace(cfg, data=_abs(cfg.data), anomaly_source=_abs(cfg.anomaly_source), held_back=[])
+        folder = None
+    try:
+        if resume:
+            state = load_checkpoint(ckpt)
+            cfg = TrainConfig.from_json(state["train_config"])
+            log(f"resuming {out} at stage {state['position']['stage'] + 1}, epoch {state['position']['epoch'] + 1}, "
+                f"step {state['position']['step']}")
+        try:
+            probe = build_model(cfg.model, **cfg.model_kwargs)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ConfigError(f"model {cfg.model} with options {cfg.model_kwargs}: {exc}") from None
+        check_config(cfg, len(probe.stages), probe.patch_size)
+        resolve_device(cfg.device)
+        inputs = [cfg.data, cfg.anomaly_source]
+        if not resume:
+            OutputFolder.check(out, overwrite=overwrite, inputs=inputs)
+        images, paths = load_train_images(cfg.data, cfg.image_size)
+        train_idx, held_idx = _split(cfg, paths)
+        if cfg.normalize != "none" and len(held_idx) < 2:
+            raise ConfigError(f"--normalize {cfg.normalize} needs at least 2 held-back images, got {len(held_idx)} "
+                              "(raise --holdback or add images)")
+        cfg.held_back = [str(paths[i]) for i in held_idx]
+        sources = _preload_sources(cfg, probe.stages)
+        del probe
+        if not resume:
+            folder = OutputFolder.create(out, overwrite=overwrite, inputs=inputs, lock=True)
+            folder.record_many([CHECKPOINT_FILE, LOG_FILE, MODEL_FILE, *(stage_file(i + 1) for i in range(len(cfg.epochs)))])
+            folder.write_json(CONFIG_FILE, cfg.to_json())
+    except BaseException:
+        if folder is not None:
+            folder.release()
+        raise
+    try:
+        train_images = images[train_idx]
+        held_images = images[held_idx]
+        t0 = time.perf_counter()
+        trainer = Trainer(cfg, out, train_images, progress=progress, log=log)
+        if sources is not None:
+            trainer.sources = sources
+        if state is not None:
+            trainer.restore(state)
+        model = trainer.run()
+        elapsed = time.perf_counter() - t0
+        if held_images.shape[0]:
+            finished = finish_run(model, cfg, held_images, trainer.device)
+        else:
+            # Nothing held back: thresholds from training images, optimistic, and said so.
+            finished = finish_run(model, replace(cfg, normalize="none"), train_images[: cfg.calibration_images],
+                                  trainer.device)
+            finished["calibration"]["source"] = "training images"
+            finished["calibration"].update(sufficient=False, far_expected=None, far_upper95=None)
+            finished["calibration"]["note"] = ("no held-back images (--holdback 0 or too few images): threshold from "
+                                               f"{finished['calibration']['n_images']} training images, optimistic "
+                                               "(they were trained on); not a calibrated false-alarm rate")
+        cal = finished["calibration"]
+        final = {**trainer.state(), "calibration": cal, "held_back": list(cfg.held_back), "train_seconds": elapsed}
+        if finished["normalization"] is not None:
+            final["normalization"] = finished["normalization"]
+        atomic_save(final, out / MODEL_FILE)
+        if not cal.get("sufficient", True):
+            _warn(cal["note"])
+        log(f"trained {cfg.model} in {elapsed:.1f} s; image threshold {cal['image_threshold']:.4g} "
+            f"from {cal['n_images']} {cal['source']}; model saved to {out / MODEL_FILE}")
+    except BaseException:
+        if not resume and not (out / CHECKPOINT_FILE).exists():
+            folder.discard()  # a failed start leaves nothing behind
+        raise
+    finally:
+        folder.release()
     return out / MODEL_FILE
