@@ -1,5 +1,6 @@
 """Command line: evaluate JSON, predict outputs, refusals and errors that name the file."""
 import json
+import os
 
 import pytest
 import torch
@@ -47,10 +48,14 @@ def test_predict_outputs_and_refusals(tiny_run, synthetic_root, tmp_path, capsys
     maps = sorted(p.name for p in (out / "maps").iterdir())
     assert len(maps) == n_scratch + 1 and "spot_000_map.png" in maps and "scratch_000_map.png" in maps
     assert all("defective" in e for e in report["images"])
+    # the stored (held-back) threshold decides, unless --threshold overrides it
+    stored = Detector.load(tiny_run, device="cpu").calibration["image_threshold"]
+    assert report["threshold"] == stored
+    assert [e["defective"] for e in report["images"]] == [e["score"] > stored for e in report["images"]]
     # Existing output is never overwritten silently.
     before = (out / "scores.json").read_text()
     assert main(["predict", str(tiny_run), *images, "--out", str(out)]) == 2
-    assert "not empty" in capsys.readouterr().err
+    assert "--overwrite" in capsys.readouterr().err
     assert (out / "scores.json").read_text() == before
     assert main(["predict", str(tiny_run), *images, "--out", str(out), "--overwrite"]) == 0
 
@@ -111,7 +116,74 @@ def test_set_is_checked_against_the_model_config(synthetic_root, tmp_path, capsy
 def test_map_choices_come_from_the_registry(capsys):
     from defect_fast.models import map_names
 
-    with pytest.raises(SystemExit):
-        main(["evaluate", "run", "data", "--map", "nonsense"])
+    assert main(["evaluate", "run", "data", "--map", "nonsense"]) == 2
     err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--map" in err
     assert all(name in err for name in map_names()) and map_names() == ["msfr", "residual"]
+
+
+def test_evaluate_reports_pass_fail_rates_and_never_replaces_json(tiny_run, synthetic_root, tmp_path, capsys):
+    path = tmp_path / "m.json"
+    path.write_text("mine")
+    assert main(["evaluate", str(tiny_run), str(synthetic_root), "--json", str(path)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and path.read_text() == "mine"
+    assert main(["evaluate", str(tiny_run), str(synthetic_root), "--json", str(path), "--overwrite"]) == 0
+    th = json.loads(path.read_text())["thresholds"]
+    out = capsys.readouterr().out
+    assert "F1-optimal image threshold" in out and "false-alarm rate" in out
+    stored = Detector.load(tiny_run, device="cpu").calibration
+    at = th["at_threshold"]
+    assert at["threshold"] == stored["image_threshold"] and th["far_asked"] == 0.01
+    assert at["n_good"] + at["n_defective"] == 24 and 0 <= at["false_alarm_rate"] <= 1
+    assert 0 <= th["f1_optimal"]["f1"] <= 1
+
+
+def test_predict_threshold_override_and_strict_json(tiny_run, synthetic_root, tmp_path, capsys):
+    out = tmp_path / "pred"
+    assert main(["predict", str(tiny_run), str(synthetic_root / "test" / "good"), "--out", str(out),
+                 "--threshold", "-1"]) == 0
+    report = json.loads((out / "scores.json").read_text())
+    assert report["threshold"] == -1.0 and all(e["defective"] for e in report["images"])
+    assert main(["predict", str(tiny_run), str(synthetic_root), "--out", str(tmp_path / "p2"), "--threshold", "nan"]) == 2
+    assert "--threshold" in capsys.readouterr().err and not (tmp_path / "p2").exists()
+
+
+def test_damaged_old_and_foreign_model_files(tiny_run, synthetic_root, tmp_path, capsys):
+    state = torch.load(tiny_run / "model.pt", map_location="cpu", weights_only=True)
+    key = next(k for k, v in state["model_state"].items() if v.is_floating_point() and v.numel() > 100)
+    damaged = dict(state, model_state=dict(state["model_state"]))
+    damaged["model_state"][key] = damaged["model_state"][key].clone()
+    damaged["model_state"][key].view(-1)[7] += 1.0
+    torch.save(damaged, tmp_path / "damaged.pt")
+    old = {k: v for k, v in state.items() if k != "tensor_digest"}
+    torch.save(old, tmp_path / "old.pt")
+    torch.save({"weights": torch.ones(2)}, tmp_path / "foreign.pt")
+    for name, words in (("damaged.pt", "digest mismatch"), ("old.pt", "no tensor digest"), ("foreign.pt", "missing")):
+        assert main(["evaluate", str(tmp_path / name), str(synthetic_root)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and name in err and words in err and "Traceback" not in err, err
+
+
+def test_run_lock_refuses_a_second_process(tiny_run, synthetic_root, capsys):
+    from defect_fast.safety import RunLock
+
+    with RunLock(tiny_run):
+        assert main(["train", str(synthetic_root), "--out", str(tiny_run), "--resume", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"in use by PID {os.getpid()}" in err and len(err.strip().splitlines()) == 1
+
+
+def test_numbers_and_devices_are_checked_while_parsing(synthetic_root, tmp_path, capsys):
+    for bad, word in ((["--epochs", "0"], "--epochs"), (["--batch-size", "-4"], "--batch-size"),
+                      (["--lr", "nan"], "--lr"), (["--device", "gpu"], "gpu"), (["--far", "1"], "--far"),
+                      (["--holdback", "-0.1"], "--holdback")):
+        assert main(["train", str(synthetic_root), "--out", str(tmp_path / "r"), *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and word in err, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "norun"), str(tmp_path), "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("defect-fast: error: ")

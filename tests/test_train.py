@@ -11,7 +11,11 @@ import pytest
 import torch
 
 from defect_fast.cli import evaluate_run, main
-from defect_fast.train import RunError, TrainConfig, load_checkpoint, train
+import defect_fast.train as train_module
+from defect_fast.data import load_train_images
+from defect_fast.detect import Detector
+from defect_fast.safety import OutputRefused
+from defect_fast.train import ConfigError, RunError, TrainConfig, load_checkpoint, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,8 +91,10 @@ def test_run_folder_is_never_overwritten_silently(synthetic_root, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    with pytest.raises(RunError, match="not empty"):
-        train(_cfg(synthetic_root, max_steps=[1, 1]), out, progress=False)
+    for overwrite in (False, True):  # a folder defect-fast did not write is refused even with overwrite
+        with pytest.raises(OutputRefused, match="not empty"):
+            train(_cfg(synthetic_root, max_steps=[1, 1]), out, progress=False, overwrite=overwrite)
+    assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
     assert (out / "precious.txt").read_text() == "keep me"
     with pytest.raises(RunError, match="nothing to resume"):
         train(_cfg(synthetic_root), tmp_path / "fresh", resume=True)
@@ -104,3 +110,48 @@ def test_empty_training_folder_is_a_clear_error(tmp_path, capsys):
 def test_images_smaller_than_a_patch_are_refused(synthetic_root, tmp_path, capsys):
     assert main(["train", str(synthetic_root), "--out", str(tmp_path / "r"), "--image-size", "32", "--quiet"]) == 2
     assert "smaller than" in capsys.readouterr().err
+
+
+def test_held_back_images_are_never_trained_on_and_set_the_thresholds(synthetic_root, tmp_path, monkeypatch):
+    seen = []
+
+    class Spy(train_module.Trainer):
+        def __init__(self, cfg, out, images, **kw):
+            seen.append(images.clone())
+            super().__init__(cfg, out, images, **kw)
+
+    monkeypatch.setattr(train_module, "Trainer", Spy)
+    run = tmp_path / "run"
+    train(_cfg(synthetic_root, max_steps=[1, 1], batch_size=8, normalize="position", far=0.2), run,
+          progress=False, log=lambda s: None)
+    state = load_checkpoint(run / "model.pt")
+    config = json.loads((run / "config.json").read_text())
+    images, paths = load_train_images(synthetic_root, 128)
+    held = [i for i, p in enumerate(paths) if str(p) in set(state["held_back"])]
+    # 10 % of 32 images is 3, at least 4 are held back; the same list in config.json and model.pt
+    assert len(held) == 4 and config["held_back"] == state["held_back"]
+    assert all(Path(p).is_absolute() for p in state["held_back"]) and Path(config["data"]).is_absolute()
+    trained_on = seen[0]
+    assert trained_on.shape[0] == 28
+    assert not any(torch.equal(trained_on[j], images[i]) for i in held for j in range(trained_on.shape[0]))
+    # The stored thresholds are those of the (normalised) held-back maps of the finished model.
+    det = Detector.load(run, device="cpu")
+    assert det.normalization()["kind"] == "per-position"
+    res = det.predict_batched(images[held])
+    cal = state["calibration"]
+    assert cal["n_images"] == 4 and cal["source"] == "held-back images"
+    # far=0.2 with n=4: k = floor(0.2 * 5) = 1, the largest held-back score, enough images
+    assert cal["sufficient"] and cal["rank"] == 1
+    assert cal["image_threshold"] == pytest.approx(float(res["scores"].max()), rel=1e-4)
+    assert cal["pixel_threshold"] <= float(res["maps"].max()) + 1e-6
+
+
+def test_settings_that_train_nothing_are_refused_before_the_folder_is_made(synthetic_root, tmp_path):
+    for bad, word in (({"epochs": [0, 1]}, "--epochs"), ({"max_steps": [1, -3]}, "--max-steps"),
+                      ({"batch_size": 0}, "--batch-size"), ({"checkpoint_every": 0}, "--checkpoint-every"),
+                      ({"image_size": 32}, "--image-size"), ({"holdback": 1.0}, "--holdback"),
+                      ({"far": 0.0}, "--far"), ({"normalize": "pixel"}, "--normalize"),
+                      ({"holdback": 0.0, "normalize": "position"}, "--normalize")):
+        with pytest.raises(ConfigError, match=word):
+            train(_cfg(synthetic_root, **bad), tmp_path / "r", progress=False)
+        assert not (tmp_path / "r").exists()
