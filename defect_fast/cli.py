@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from .safety import (ArgumentParser, OutputFolder, UsageError, atomic_write_json, device_arg, dump_json_strict,
-                     finite_float, nonneg_float, nonneg_int, positive_float, positive_int, run_main, safe_output_file)
+                     finite_float, nonneg_float, nonneg_int, one_line, positive_float, positive_int, run_main,
+                     safe_output_file)
 
 EPILOG = """examples:
   defect-fast demo runs/demo                                  synthetic data, train, evaluate, maps
@@ -189,7 +191,7 @@ def cmd_demo(args) -> int:
     from .train import TrainConfig, train
 
     out = Path(args.out)
-    folder = OutputFolder.create(out, overwrite=args.overwrite)
+    folder = OutputFolder.create(out, overwrite=args.overwrite, what="output folder")
     try:
         data = out / "data"
         make_synthetic_dataset(data, size=args.image_size, seed=args.seed)
@@ -364,9 +366,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line ``defect-fast: warning: ...`` (no source line)."""
+    print(f"defect-fast: warning: {one_line(str(message))}", file=sys.stderr if file is None else file)
+
+
 def _run(argv: list[str]) -> int:
-    args = build_parser().parse_args([a for a in argv if a != "--debug"])
-    return args.func(args)
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        args = build_parser().parse_args([a for a in argv if a != "--debug"])
+        return args.func(args)
 
 
 def main(argv: list[str] | None = None) -> int:
