@@ -13,7 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .safety import (ArgumentParser, OutputFolder, UsageError, atomic_write_json, device_arg, dump_json_strict,
+from .safety import (LOCK_NAME, MANIFEST_NAME, ArgumentParser, OutputFolder, UsageError, atomic_write_json, device_arg, dump_json_strict,
                      finite_float, nonneg_float, nonneg_int, one_line, positive_float, positive_int, run_main,
                      safe_output_file)
 
@@ -179,10 +179,13 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def _record_tree(folder: OutputFolder, sub: Path) -> None:
-    """Record every file and folder under ``sub`` (written by this command) in ``folder``'s manifest."""
-    found = [p for p in sorted(sub.rglob("*")) if not p.name.startswith(".defect_fast")]
-    folder.record_many([sub, *found])
+def _record_tree(folder: OutputFolder, sub: str) -> None:
+    """Record every file and folder under ``folder/sub`` (written by this command) in the manifest."""
+    root = (folder.path / sub).absolute()
+    if root.exists():
+        top = folder.path.absolute()
+        found = [p for p in sorted(root.rglob("*")) if not (p.parent == top and p.name in (MANIFEST_NAME, LOCK_NAME))]
+        folder.record_many([root, *found] if sub else found)
 
 
 def cmd_demo(args) -> int:
@@ -195,15 +198,14 @@ def cmd_demo(args) -> int:
     try:
         data = out / "data"
         make_synthetic_dataset(data, size=args.image_size, seed=args.seed)
-        _record_tree(folder, data)
+        _record_tree(folder, "data")
         print(f"synthetic dataset written to {data}")
         options = dict(model_class(args.model).demo_options)
         n_stages = _stages(args.model, options)
         cfg = TrainConfig(data=str(data), model=args.model, image_size=args.image_size, batch_size=args.batch_size,
                           epochs=[args.epochs] * n_stages, seed=args.seed, device=args.device, model_kwargs=options)
-        folder.record(out / "run")
         train(cfg, out / "run", progress=not args.quiet)
-        _record_tree(folder, out / "run")
+        _record_tree(folder, "run")
         metrics = evaluate_run(out / "run", data, device=args.device)
         _print_metrics(metrics)
         _print_thresholds(metrics.get("thresholds"))
@@ -212,12 +214,11 @@ def cmd_demo(args) -> int:
         samples = [p for cls in sorted(test_dir.iterdir()) if cls.name != "good" for p in sorted(cls.iterdir())[:2]]
         ns = argparse.Namespace(run=out / "run", images=[str(p) for p in samples], out=out / "maps", overwrite=False,
                                 device=args.device, map=None, stride=None, threshold=None, smooth=0.0)
-        folder.record(out / "maps")
         cmd_predict(ns)
-        _record_tree(folder, out / "maps")
+        _record_tree(folder, "maps")
     except BaseException:
-        if not (out / "run" / "model.pt").exists():
-            _record_tree(folder, out) if out.is_dir() else None
+        if not (out / "run" / "model.pt").exists():  # a failed start: nothing half-made is left
+            _record_tree(folder, "")
             folder.discard()
         raise
     return 0

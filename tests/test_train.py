@@ -49,7 +49,9 @@ def test_resume_after_sigkill_continues_exactly(synthetic_root, tmp_path):
     args = ["train", str(synthetic_root), "--model", "cmaae", "--image-size", "128", "--batch-size", "16",
             "--epochs", "2", "1", "--max-steps", "12", "6", "--checkpoint-every", "1", "--set", "memory_size=20", "--quiet"]
     killed = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # Same thread count as this process: float sums (and so Adam's first steps) depend on it.
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen([sys.executable, "-m", "defect_fast.cli", *args, "--out", str(killed)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
