@@ -57,7 +57,8 @@ def _print_thresholds(th: dict | None, out=None) -> None:
     if at is None:
         print("no stored image threshold in the model file", file=out)
         return
-    print(f"at the stored threshold {_fmt(at['threshold'])} ({th['threshold_source']}): false-alarm rate "
+    print(f"threshold: {th['threshold_source']}", file=out)
+    print(f"at that threshold {_fmt(at['threshold'])}: false-alarm rate "
           f"{_fmt(at['false_alarm_rate'])} ({at['false_alarms']}/{at['n_good']} good images; asked "
           f"{_fmt(th.get('far_asked'))}, expected {_fmt(th.get('far_expected'))} from "
           f"{th.get('n_calibration_images')} calibration images), miss rate {_fmt(at['miss_rate'])} "
@@ -115,7 +116,8 @@ def cmd_evaluate(args) -> int:
     _print_thresholds(metrics.get("thresholds"))
     print(f"\n{metrics['n_images']} images, map={metrics['map']}, {metrics['inference_ms_per_image']:.1f} ms/image")
     if json_path is not None:
-        safe_output_file(json_path, args.overwrite, inputs=[args.run, args.data], what="--json")  # still free?
+        # checked again: a file may have appeared there while the test set was evaluated
+        safe_output_file(json_path, args.overwrite, inputs=[args.run, args.data], what="--json")
         atomic_write_json(json_path, metrics)
     return 0
 
@@ -175,7 +177,7 @@ def cmd_predict(args) -> int:
         raise
     flagged = sum(1 for e in report["images"] if e.get("defective"))
     print(f"wrote maps, overlays and scores for {len(paths)} image(s) to {out}"
-          + (f"; {flagged} flagged at threshold {image_t:.4g} ({source})" if image_t is not None else ""))
+          + (f"; {flagged} flagged at threshold {image_t:.4g}" if image_t is not None else ""))
     return 0
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from . import __version__
+from .calibration import stored_thresholds
 from .detect import Detector, reference_ops
 from .runs import RunError, model_file
 
@@ -58,7 +59,8 @@ def sidecar(det: Detector, fmt: str, batch: int, dynamic_batch: bool, source: Pa
         "smooth_sigma": det.smooth_sigma,
         "top_k": det.top_k,
         "normalization": det.normalization(),
-        "thresholds": {"pixel": cal.get("pixel_q999"), "score": cal.get("score_max")},
+        "thresholds": dict(zip(("score", "pixel"), stored_thresholds(cal)[:2])),  # as predict uses them
+        "threshold_source": stored_thresholds(cal)[2],
         "calibration": cal,
     }
 
