@@ -18,6 +18,12 @@ def calibrate(model: AnomalyModel, image_size: int, normal_images: torch.Tensor,
     return Detector(model, image_size=image_size, stride=None, device=device).calibrate(normal_images)
 
 
+def detector_for(model: AnomalyModel, image_size: int, device: torch.device | str = "cpu") -> Detector:
+    """The default :class:`Detector` of a freshly trained ``model`` (its default map, tiles, no
+    normalisation yet): what the trainer calibrates with (train.py does not import detect.py)."""
+    return Detector(model, image_size=image_size, stride=None, device=device)
+
+
 def evaluate_run(run: Path | str, data: Path | str, map_kind: str | None = None, device: str = "auto",
                  stride: int | None = None, smooth: float = 0.0, **options) -> dict[str, Any]:
     """Evaluate a trained run on the test split of an MVTec-style folder; returns the metrics dict.
@@ -48,4 +54,4 @@ def evaluate_run(run: Path | str, data: Path | str, map_kind: str | None = None,
     return metrics
 
 
-__all__ = ["calibrate", "evaluate_run"]
+__all__ = ["calibrate", "detector_for", "evaluate_run"]

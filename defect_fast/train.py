@@ -286,7 +286,8 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
                device: torch.device | str = "cpu") -> dict[str, Any]:
     """What a finished run stores beside its weights, computed on the held-back images.
 
-    1. builds the :class:`~defect_fast.detect.Detector` of ``model`` (default map, tiles);
+    1. builds the :class:`~defect_fast.detect.Detector` of ``model`` (default map, tiles;
+       :func:`defect_fast.evaluate.detector_for`);
     2. with ``cfg.normalize == "position"``, fits the per-position map normalisation on the
        held-back images (:meth:`Detector.fit_normalization`);
     3. calibrates on the (normalised) maps and scores of the same images
@@ -301,9 +302,9 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
         {"mean": [S, S], "std": [S, S]} or None}``.
     """
     from .calibration import calibrate
-    from .detect import Detector
+    from .evaluate import detector_for
 
-    det = Detector(model, image_size=cfg.image_size, stride=None, device=device)
+    det = detector_for(model, cfg.image_size, device)
     normalization = det.fit_normalization(held_back_images) if cfg.normalize == "position" else None
     res = det.predict_batched(held_back_images)
     with warnings.catch_warnings():
