@@ -17,6 +17,7 @@ from PIL import Image
 
 from defect_fast import watch as watch_mod
 from defect_fast.calibration import ModelInfo
+from defect_fast.safety import RunInUse, UserError
 from defect_fast.watch import Journal, WatchError, is_temporary_name, output_name, watch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,6 +110,7 @@ def test_threshold_override_and_required(tmp_path):
     (src / "a.png").write_bytes(png_bytes(0, bright=0.3))
     run_once(src, tmp_path / "out", threshold=0.1)
     assert journal(tmp_path / "out")[0]["result"] == "fail"
+    assert issubclass(WatchError, UserError)  # one line at the command line, exit status 2
     with pytest.raises(WatchError, match="no image threshold"):
         watch(stub_predict, ModelInfo(SIZE), src, tmp_path / "o2", once=True, handle_signals=False, log=lambda m: None)
     with pytest.raises(WatchError, match="does not exist"):
@@ -121,10 +123,10 @@ def test_second_process_on_same_out_is_refused(tmp_path):
     out.mkdir()
     held = watch_mod._lock(out)
     try:
-        with pytest.raises(WatchError, match="another watch process"):
+        with pytest.raises(RunInUse, match=f"in use by PID {os.getpid()}"):
             run_once(src, out)
     finally:
-        held.close()
+        held.release()
     run_once(src, out)  # free again
 
 
