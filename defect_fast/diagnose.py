@@ -50,8 +50,8 @@ import torch
 
 from .safety import atomic_open, atomic_write_text
 
-__all__ = ["REGIONS", "add_parser", "command", "diagnose", "draw_grid", "format_table", "location_stats", "main", "rank_correlation", "region_masks",
-           "top_pixel_mask"]
+__all__ = ["REGIONS", "add_parser", "command", "diagnose", "draw_grid", "figure_name", "format_table", "location_stats",
+           "main", "rank_correlation", "region_masks", "top_pixel_mask"]
 
 #: Region names in the order they are reported.
 REGIONS = ("border", "seam", "seam_only", "interior")

@@ -280,7 +280,7 @@ def test_diagnose_writes_figures_and_locations(tiny, tmp_path, capsys):
     refused(*cli(argv, capsys)[::2], "--out", "--overwrite")
     assert (out / "locations.json").read_bytes() == before
     (out / "my_notes.txt").write_text("keep")
-    assert cli(argv + ["--overwrite"], capsys)[0] == 0
+    assert cli(argv + ["--overwrite", "--per-class", "1"], capsys)[0] == 0
     assert (out / "my_notes.txt").read_text() == "keep"
     mine = tmp_path / "mine"
     mine.mkdir()
