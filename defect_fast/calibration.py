@@ -475,6 +475,29 @@ class ModelInfo:
             img_t, source = float(threshold), "given on the command line"
         return cls(image_size, name, version, img_t, pix_t, extra={"threshold_source": source, **extra})
 
+    @classmethod
+    def from_detector(cls, det, run: str | os.PathLike, threshold: float | None = None) -> "ModelInfo":
+        """For a loaded :class:`~defect_fast.detect.Detector` of ``run`` (run folder or model file).
+
+        ``version`` is the first 12 hex digits of the model file's SHA-256 (a retrained or damaged
+        file gets a new one); thresholds come from the model file's calibration
+        (:func:`stored_thresholds`), ``threshold`` overriding the image threshold. ``extra`` holds
+        the run, the map, the asked false-alarm rate and where the threshold came from.
+        """
+        import hashlib
+
+        from .runs import model_file
+
+        path = model_file(run)
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        cal = dict(getattr(det, "calibration", None) or {})
+        name = getattr(det.model, "name", "") or type(det.model).__name__
+        return cls.from_calibration(det.image_size, name, h.hexdigest()[:12], cal, threshold, run=str(run),
+                                    map=det.map_kind, far=cal.get("far"))
+
     def scale(self) -> float:
         """Value drawn white in map images (0 = each map's own maximum, see visualize.save_map)."""
         if self.map_scale:

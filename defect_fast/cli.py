@@ -366,6 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="versions and which kernels run")
     i.set_defaults(func=cmd_info)
+
+    from . import watch as watch_cmd
+    watch_cmd.add_parser(sub)
+    from . import report as report_cmd
+    report_cmd.add_parser(sub)
+    from . import diagnose as diagnose_cmd
+    diagnose_cmd.add_parser(sub)
     return p
 
 

@@ -26,12 +26,14 @@ Regions (all in pixels of the map, side S):
 Top pixels: per map the ``max(1, round(top * S * S))`` largest values (the same count as the image
 score of :mod:`defect_fast.detect`), pooled over maps.
 
-Command (the package CLI wires ``defect-fast diagnose`` to :func:`main`)::
+Command line (:func:`add_parser`, :func:`command`; ``python3 -m defect_fast.diagnose`` runs the same)::
 
-    python3 -m defect_fast.diagnose RUN DATA --out DIR [--per-class 4] [--border 16] [--seam 3] [--top 0.001]
-                                   [--scale figure|row] [--stride S] [--device auto]
+    defect-fast diagnose RUN DATA --out DIR [--per-class 4] [--border 16] [--seam 3] [--top 0.001]
+                         [--scale figure|row] [--stride S] [--blend none|hann] [--device auto] [--overwrite]
 
-writes ``DIR/<class>.png`` and ``DIR/locations.json`` and prints the tables.
+writes ``DIR/<class>.png`` and ``DIR/locations.json`` and prints the tables. ``DIR`` is an output
+folder with a manifest (:class:`defect_fast.safety.OutputFolder`): new or empty, or, with
+``--overwrite``, one defect-fast wrote (only its own files are replaced).
 """
 from __future__ import annotations
 
@@ -46,14 +48,14 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-__all__ = ["REGIONS", "diagnose", "draw_grid", "format_table", "location_stats", "main", "rank_correlation", "region_masks",
-           "top_pixel_mask"]
+from .safety import atomic_open, atomic_write_text
+
+__all__ = ["REGIONS", "add_parser", "command", "diagnose", "draw_grid", "figure_name", "format_table", "location_stats",
+           "main", "rank_correlation", "region_masks", "top_pixel_mask"]
 
 #: Region names in the order they are reported.
 REGIONS = ("border", "seam", "seam_only", "interior")
 
-#: Patch size and stride used when a predictor does not say (CMA-AE's 64 px patches, no overlap).
-DEFAULT_PATCH = 64
 
 PredictFn = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
 
@@ -253,9 +255,14 @@ def _safe_name(name: str) -> str:
     return keep or "class"
 
 
+def figure_name(cls: str) -> str:
+    """File name of a class's figure grid (``<class>.png``, unsafe characters replaced)."""
+    return f"{_safe_name(cls)}.png"
+
+
 def draw_grid(
     images: torch.Tensor,
-    recon: torch.Tensor,
+    recon: torch.Tensor | Callable[[list[int]], torch.Tensor],
     maps: torch.Tensor,
     scores: torch.Tensor,
     classes: Sequence[str],
@@ -281,7 +288,8 @@ def draw_grid(
 
     Args:
         images: uint8 [N, 3, S, S].
-        recon: [N, 3, S, S] in [-1, 1] (uint8 also accepted).
+        recon: [N, 3, S, S] in [-1, 1] (uint8 also accepted), or a function of a list of k image
+            indices returning their [k, 3, S, S] (only the drawn rows are reconstructed).
         maps: float [N, S, S].
         scores: float [N] image scores.
         classes: class name per image.
@@ -302,7 +310,7 @@ def draw_grid(
     if scale not in ("figure", "row"):
         raise ValueError(f"scale must be 'figure' or 'row', got {scale!r}")
     for name, t in (("recon", recon), ("maps", maps), ("scores", scores)):
-        if t.shape[0] != n:
+        if not callable(t) and t.shape[0] != n:
             raise ValueError(f"{n} images but {t.shape[0]} {name}")
     if len(classes) != n:
         raise ValueError(f"{n} images but {len(classes)} class names")
@@ -318,6 +326,7 @@ def draw_grid(
     for cls in order:
         rows = _pick_rows(sc, np.flatnonzero(names == cls), per_class)
         shown = maps[rows].detach().float().cpu()
+        rec = recon(rows) if callable(recon) else recon[rows]
         vmax = float(shown.max()) if shown.numel() else 1.0
         vmin = min(0.0, float(shown.min()))
         vmax = vmax if vmax > vmin else vmin + 1.0
@@ -329,7 +338,7 @@ def draw_grid(
             ax_in, ax_rec, ax_map, ax_ov = axes[r]
             inp = _hwc(images[i])
             ax_in.imshow(inp)
-            ax_rec.imshow(_hwc(recon[i]))
+            ax_rec.imshow(_hwc(rec[r]))
             m = maps[i].detach().float().cpu()
             lo, hi = (vmin, vmax) if scale == "figure" else (min(0.0, float(m.min())), float(m.max()))
             im = ax_map.imshow(m.numpy(), cmap="inferno", vmin=lo, vmax=hi if hi > lo else lo + 1.0)
@@ -352,8 +361,9 @@ def draw_grid(
         fig.suptitle(f"{cls}: {len(rows)} of {int((names == cls).sum())} images (highest and lowest scores)", fontsize=10)
         if im is not None and scale == "figure":
             fig.colorbar(im, ax=axes.ravel().tolist(), shrink=min(1.0, 0.9 / max(1, len(rows)) + 0.3), label="map value")
-        path = out / f"{_safe_name(cls)}.png"
-        fig.savefig(path, dpi=90)
+        path = out / figure_name(cls)
+        with atomic_open(path, "wb") as fh:
+            fig.savefig(fh, format="png", dpi=90)
         written[cls] = path
     return written
 
@@ -437,17 +447,20 @@ def diagnose(
     top: float = 0.001,
     scale: str = "figure",
     log: Callable[[str], None] | None = print,
+    reconstruct: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Predict a test set, draw the per-class grids, write ``locations.json`` and print the tables.
 
     Args:
-        predict_fn: uint8 images [n, 3, S, S] -> {"maps": [n, S, S], "scores": [n],
-            "recon": [n, 3, S, S] in [-1, 1]} (e.g. ``Detector.predict_batched``).
+        predict_fn: uint8 images [n, 3, S, S] -> {"maps": [n, S, S], "scores": [n]} and optionally
+            "recon": [n, 3, S, S] in [-1, 1] (e.g. ``Detector.predict_batched``).
         test_set: a :class:`defect_fast.data.TestSet` (images, masks, labels, classes).
         out_dir: folder for ``<class>.png`` and ``locations.json`` (created if missing).
         patch, stride: the predictor's tiling grid (stride default ``patch``).
         per_class, border, seam, top, scale: see :func:`draw_grid` and :func:`location_stats`.
         log: where the tables go (None: nowhere).
+        reconstruct: uint8 [k, 3, S, S] -> [k, 3, S, S] in [-1, 1] (e.g. ``Detector.reconstruct``),
+            run on the drawn rows only; needed when ``predict_fn`` returns no "recon".
 
     Returns:
         {"locations": :func:`location_stats` result (plus ``good.score_vs_brightness``, the rank
@@ -459,7 +472,13 @@ def diagnose(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pred = predict_fn(test_set.images)
-    maps, scores, recon = pred["maps"].float().cpu(), pred["scores"].float().cpu(), pred["recon"].cpu()
+    maps, scores = pred["maps"].float().cpu(), pred["scores"].float().cpu()
+    if "recon" in pred:
+        recon = pred["recon"].cpu()
+    elif reconstruct is not None:
+        recon = lambda rows: reconstruct(test_set.images[rows]).cpu()  # noqa: E731
+    else:
+        raise ValueError("diagnose: the predictor returns no reconstructions and no reconstruct function was given")
     if tuple(maps.shape) != tuple(test_set.masks.shape):
         raise ValueError(f"predictor returned maps {tuple(maps.shape)} for images {tuple(test_set.images.shape)}")
     labels, masks = test_set.labels, test_set.masks
@@ -475,68 +494,94 @@ def diagnose(
     table = format_table(stats, metrics)
     doc = {"locations": stats, "metrics": metrics, "figures": {c: p.name for c, p in figures.items()},
            "images": [str(p) for p in test_set.paths], "scores": scores.tolist()}
-    (out / "locations.json").write_text(json.dumps(_jsonable(doc), indent=1) + "\n")
+    atomic_write_text(out / "locations.json", json.dumps(_jsonable(doc), indent=1) + "\n")
     if log is not None:
         log(table)
         log(f"figures and locations.json in {out}")
     return {"locations": stats, "metrics": metrics, "figures": figures, "table": table}
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="defect-fast diagnose",
-                                description="Figure grid per class (input, reconstruction, map, mask) and where the "
-                                            "top-scoring pixels of defect-free images lie (border band, patch seams, interior).")
+def add_parser(subparsers) -> None:
+    """Register ``defect-fast diagnose`` on the CLI's sub-parsers (``command`` as its function)."""
+    from .detect import BLENDS
+    from .safety import device_arg, nonneg_int, positive_int
+
+    p = subparsers.add_parser(
+        "diagnose", help="figure grid per class and where the top-scoring pixels of defect-free images lie",
+        description="Figure grid per class (input, reconstruction, map, mask) and where the top-scoring pixels of "
+                    "defect-free images lie (border band, patch seams, interior); writes DIR/<class>.png and "
+                    "DIR/locations.json and prints the tables.")
     p.add_argument("run", help="run folder holding model.pt, or a model file")
     p.add_argument("data", help="MVTec-style dataset root (test/<class>/, ground_truth/<class>/)")
-    p.add_argument("--out", required=True, help="output folder for <class>.png and locations.json")
-    p.add_argument("--per-class", type=int, default=4, help="rows per class figure: highest and lowest scores (default 4)")
-    p.add_argument("--border", type=int, default=16, help="border band width in px (default 16)")
-    p.add_argument("--seam", type=int, default=3, help="half-width of the band around patch seams in px (default 3)")
-    p.add_argument("--top", type=float, default=0.001, help="fraction of each map's pixels counted as top pixels (default 0.001)")
+    p.add_argument("--out", required=True, help="output folder for <class>.png and locations.json (new or empty)")
+    p.add_argument("--per-class", type=positive_int, default=4, help="rows per class figure: highest and lowest scores (default 4)")
+    p.add_argument("--border", type=nonneg_int, default=16, help="border band width in px (default 16)")
+    p.add_argument("--seam", type=nonneg_int, default=3, help="half-width of the band around patch seams in px (default 3)")
+    p.add_argument("--top", type=_top_fraction, default=0.001,
+                   help="fraction of each map's pixels counted as top pixels, in (0, 1] (default 0.001)")
     p.add_argument("--scale", choices=("figure", "row"), default="figure",
                    help="map colour scale: one per figure (default) or one per row")
-    p.add_argument("--stride", type=int, default=None, help="inference patch stride (default: the model's patch size)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    return p
+    p.add_argument("--stride", type=positive_int, default=None, help="inference patch stride (default: the model's patch size)")
+    p.add_argument("--blend", choices=BLENDS, default="none", help="weights of overlapping patches (with --stride < patch)")
+    p.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--overwrite", action="store_true", help="replace the files an earlier diagnose wrote in --out")
+    p.set_defaults(func=command)
+
+
+def _top_fraction(text: str) -> float:
+    """argparse type: a number in (0, 1]."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")
+    return v
+
+
+def command(args) -> int:
+    """``defect-fast diagnose``: load the run and the test split, then :func:`diagnose` into ``--out``."""
+    from .data import DataError, load_test_set
+    from .detect import Detector
+    from .safety import OutputFolder, OutputRefused
+
+    run, data = Path(args.run), Path(args.data)
+    if not run.exists():
+        raise DataError(f"{run}: no such run folder or model file")
+    OutputFolder.check(args.out, overwrite=args.overwrite, inputs=[run, data])  # refuse before any work
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise DataError(f"diagnose needs matplotlib for its figures ({exc}); pip install matplotlib") from None
+    det = Detector.load(run, device=args.device, stride=args.stride, blend=args.blend)
+    test_set = load_test_set(data, det.image_size)
+    folder = OutputFolder.create(Path(args.out).absolute(), overwrite=args.overwrite, inputs=[run, data], lock=True)
+    try:
+        names = sorted({figure_name(c) for c in test_set.classes}) + ["locations.json"]
+        for name in names:  # after create(), anything still there was not written by defect-fast
+            if (folder.path / name).exists() or (folder.path / name).is_symlink():
+                raise OutputRefused(f"--out {folder.path / name}: exists and was not written by defect-fast; "
+                                    "move it away or choose another folder")
+        folder.record_many(names)
+        diagnose(lambda x: det.predict_batched(x), test_set, folder.path, patch=det.patch, stride=det.stride,
+                 per_class=args.per_class, border=args.border, seam=args.seam, top=args.top, scale=args.scale,
+                 reconstruct=det.reconstruct)
+    finally:
+        folder.release()
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry: ``RUN DATA --out DIR [options]``; returns the exit status (2 = bad input)."""
-    args = _parser().parse_args(argv)
-    for name, v, lo in (("--per-class", args.per_class, 1), ("--border", args.border, 0), ("--seam", args.seam, 0)):
-        if v < lo:
-            print(f"error: {name} must be >= {lo}, got {v}", file=sys.stderr)
-            return 2
-    if not 0 < args.top <= 1:
-        print(f"error: --top must be in (0, 1], got {args.top}", file=sys.stderr)
-        return 2
-    from .data import DataError, load_test_set
-    from .detect import Detector
-    from .train import RunError
+    """``python3 -m defect_fast.diagnose RUN DATA --out DIR [options]``: the ``defect-fast diagnose`` command;
+    returns the exit status (2 = bad input or arguments)."""
+    from .cli import main as cli_main
+    from .safety import run_main
 
-    run = Path(args.run)
-    if not run.exists():
-        print(f"error: {run}: no such run folder or model file", file=sys.stderr)
-        return 2
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        det = Detector.load(run, device=args.device, stride=args.stride)
-        size = getattr(det, "image_size", None)
-        if size is None:
-            raise RunError(f"{run}: the model does not say its image size")
-        test_set = load_test_set(args.data, int(size))
-        # NB: a future Detector may name the grid differently; the defaults are documented above.
-        patch = int(getattr(det, "patch", None) or getattr(det, "patch_size", None) or DEFAULT_PATCH)
-        stride = int(getattr(det, "stride", None) or getattr(det, "patch_stride", None) or patch)
-        predict = getattr(det, "predict_batched", None) or det.predict
-        diagnose(predict, test_set, args.out, patch=patch, stride=stride, per_class=args.per_class,
-                 border=args.border, seam=args.seam, top=args.top, scale=args.scale)
-    except ImportError as exc:
-        print(f"error: diagnose needs matplotlib for its figures ({exc}); pip install matplotlib", file=sys.stderr)
-        return 2
-    except (RunError, DataError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        return run_main(lambda a: cli_main(["diagnose", *a]), args)
+    except SystemExit as exc:  # argparse's own exit on a bad option
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,14 @@ Plots use matplotlib's Agg canvas directly (pyplot's global backend is left alon
 :func:`write_report` takes predictions already made; :func:`report_from_data` reads a folder (an
 MVTec-style root with ``test/`` and ``ground_truth/``, or a plain folder of images), runs a
 predict function on it and writes the page.
+
+Command line (:func:`add_parser`, :func:`command`)::
+
+    defect-fast report RUN DATA --out report.html [--threshold T] [--max-gallery 60] [--overwrite]
+
+The threshold is the model file's (:func:`defect_fast.calibration.stored_thresholds`) unless
+``--threshold`` is given; an existing file is replaced only with ``--overwrite``, never when it is
+one of the inputs.
 """
 from __future__ import annotations
 
@@ -34,8 +42,9 @@ import torch
 from PIL import Image
 
 from .calibration import ModelInfo, f1_optimal_threshold, rates_at
+from .safety import atomic_write_text
 
-__all__ = ["SECTIONS", "report_from_data", "write_report"]
+__all__ = ["SECTIONS", "add_parser", "command", "report_from_data", "write_report"]
 
 #: Element ids of the page's sections, in order (metrics and curves only with ground truth).
 SECTIONS = ("summary", "metrics", "curves", "histogram", "gallery")
@@ -167,7 +176,7 @@ def write_report(
     images: torch.Tensor,
     maps: torch.Tensor,
     scores: torch.Tensor,
-    recon: torch.Tensor | None = None,
+    recon: torch.Tensor | Callable[[list[int]], torch.Tensor] | None = None,
     labels: torch.Tensor | Sequence[int] | None = None,
     masks: torch.Tensor | None = None,
     classes: Sequence[str] | None = None,
@@ -185,7 +194,9 @@ def write_report(
         names: N image names (paths) for captions.
         images: uint8 [N, 3, S, S] inputs.
         maps: float [N, S, S] anomaly maps; scores: float [N] image scores.
-        recon: [N, 3, S, S] reconstructions in [-1, 1] (None: not shown).
+        recon: [N, 3, S, S] reconstructions in [-1, 1], or a function of the shown images' indices
+            (a list of k) returning their [k, 3, S, S] (e.g. ``Detector.reconstruct``; only the
+            gallery is reconstructed); None: not shown.
         labels: [N], 1 = defective, 0 = good (None: no ground truth: no metrics, no curves).
         masks: bool [N, S, S] ground truth (None: no pixel metrics and no mask column).
         classes: N class names for per-class metrics and captions.
@@ -282,13 +293,18 @@ def write_report(
     scale = meta.scale() if meta is not None else 0.0
     if scale <= 0:
         scale = float(maps.max()) or 1.0
-    rec_u8 = from_model_range(recon.detach().float().cpu()) if recon is not None else None
+    if callable(recon):
+        rec_u8 = from_model_range(recon(shown.tolist()).detach().float().cpu()) if len(shown) else None
+        pos = {i: k for k, i in enumerate(shown.tolist())}
+    else:
+        rec_u8 = from_model_range(recon.detach().float().cpu()) if recon is not None else None
+        pos = {i: i for i in range(n)}
     cards = []
     for i in shown.tolist():
         img = images[i].cpu()
         tiles = [("input", _png_uri(_thumb(Image.fromarray(img.permute(1, 2, 0).numpy()), thumb)))]
         if rec_u8 is not None:
-            tiles.append(("reconstruction", _png_uri(_thumb(Image.fromarray(rec_u8[i].permute(1, 2, 0).numpy()), thumb))))
+            tiles.append(("reconstruction", _png_uri(_thumb(Image.fromarray(rec_u8[pos[i]].permute(1, 2, 0).numpy()), thumb))))
         small = maps[i]
         tiles.append(("map", _file_png_uri(lambda f: save_map(small, f, scale))))
         tiles.append(("overlay", _file_png_uri(lambda f: save_overlay(img, small, f, scale))))
@@ -312,10 +328,7 @@ def write_report(
             f"<style>:root{{--thumb:{int(thumb)}px}}{_CSS}</style></head>\n<body><h1>{html.escape(title)}</h1>\n"
             + "\n".join(parts) + "\n</body></html>\n")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write_text(out, page)
     return {"path": str(out), "n_images": n, "n_shown": int(len(shown)), "sections": sections, "metrics": metrics}
 
 
@@ -327,6 +340,7 @@ def report_from_data(
     *,
     threshold: float | None = None,
     batch_size: int = 8,
+    reconstruct: Callable[[torch.Tensor], torch.Tensor] | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Read ``data``, predict, and :func:`write_report`.
@@ -339,6 +353,8 @@ def report_from_data(
         out: the .html file.
         threshold: overrides ``meta.image_threshold``.
         batch_size: images per predict call.
+        reconstruct: uint8 [k, 3, S, S] -> [k, 3, S, S] in [-1, 1], run on the gallery's images
+            only (used when ``predict_fn`` returns no "recon").
         **kwargs: passed to :func:`write_report` (title, max_gallery, thumb).
 
     Raises:
@@ -361,6 +377,59 @@ def report_from_data(
     parts = [predict_fn(chunk) for chunk in images.split(batch_size)]
     res = {k: torch.cat([p[k].detach().float().cpu() for p in parts]) for k in ("maps", "scores")}
     recon = torch.cat([p["recon"].detach().float().cpu() for p in parts]) if all("recon" in p for p in parts) else None
+    if recon is None and reconstruct is not None:
+        recon = lambda rows: torch.cat([reconstruct(c) for c in images[rows].split(batch_size)])  # noqa: E731
     return write_report(out, names=names, images=images, maps=res["maps"], scores=res["scores"], recon=recon,
                         labels=labels, masks=masks, classes=classes, meta=meta, threshold=threshold,
                         source=str(data), **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def add_parser(subparsers) -> None:
+    """Register ``defect-fast report`` on the CLI's sub-parsers (``command`` as its function)."""
+    from .safety import device_arg, finite_float, positive_int
+
+    r = subparsers.add_parser(
+        "report", help="one self-contained HTML page: metrics, curves, score histogram, gallery",
+        description="Predict DATA and write one HTML file with everything inlined (no network): the metrics table, "
+                    "ROC and precision-recall curves and the score histogram with the threshold (with ground truth), "
+                    "and a gallery sorted by score with false alarms and misses marked. A plain folder of images "
+                    "gives the histogram and the gallery.")
+    r.add_argument("run", help="run folder (or model.pt)")
+    r.add_argument("data", help="MVTec-style root with test/ (and ground_truth/), or a folder of images")
+    r.add_argument("--out", required=True, help="the .html file to write")
+    r.add_argument("--threshold", type=finite_float, default=None,
+                   help="image score above which an image is flagged (default: the threshold stored in the model file)")
+    r.add_argument("--max-gallery", type=positive_int, default=60,
+                   help="most images in the gallery (default 60; every false alarm and miss comes first)")
+    r.add_argument("--title", default="defect_fast inspection report", help="page title")
+    r.add_argument("--batch-size", type=positive_int, default=8, help="images per model call (default 8)")
+    r.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing report file")
+    r.set_defaults(func=command)
+
+
+def command(args) -> int:
+    """``defect-fast report``: load the run, predict DATA, write the page (refusals come before any work)."""
+    from .data.io import DataError
+    from .detect import Detector
+    from .safety import safe_output_file
+
+    data = Path(args.data)
+    if not data.is_dir():
+        raise DataError(f"{data}: no such folder")
+    out = safe_output_file(args.out, args.overwrite, inputs=[args.run, data], what="--out")
+    det = Detector.load(args.run, device=args.device)
+    info = ModelInfo.from_detector(det, args.run, threshold=args.threshold)
+    res = report_from_data(lambda x: det.predict_batched(x, images_per_batch=args.batch_size), info, data, out,
+                           threshold=args.threshold, batch_size=args.batch_size, reconstruct=det.reconstruct,
+                           max_gallery=args.max_gallery, title=args.title)
+    thr = info.image_threshold
+    print(f"wrote {res['path']}: {res['n_images']} images, {res['n_shown']} in the gallery, sections "
+          f"{', '.join(res['sections'])}; threshold {'none' if thr is None else f'{thr:.6g}'} "
+          f"({info.extra.get('threshold_source')})")
+    return 0

@@ -30,10 +30,20 @@ can leave, is cut off), the set of done (path, SHA-256) pairs is rebuilt from it
 temporary files are removed. An image whose line is missing is redone and overwrites its own map
 and overlay; one whose line exists is never redone. Bad files: the journal line (with the reason)
 comes first, then the move to ``rejected/``; a move cut short by a crash is completed at start.
-One process per ``OUT_DIR`` (an ``flock`` on ``OUT_DIR/.lock``, released by the kernel when the
-process dies).
+One process per ``OUT_DIR`` (:class:`defect_fast.safety.RunLock`, an ``flock`` released by the
+kernel when the process dies).
 
 SIGTERM and SIGINT (Ctrl-C) finish the batch in hand, write the status and return.
+
+Command line (:func:`add_parser`, :func:`command`)::
+
+    defect-fast watch RUN IN_DIR --out OUT_DIR [--once] [--batch-size 8] [--poll 1] [--settle S]
+                      [--threshold T] [--recursive] [--device auto]
+
+``OUT_DIR`` is an output folder with a manifest (:class:`defect_fast.safety.OutputFolder`): new,
+empty, or one an earlier ``watch`` wrote (its journal is resumed); any other folder is refused, and
+``OUT_DIR`` may not overlap ``IN_DIR`` or the run. The image threshold is the model file's
+(:func:`defect_fast.calibration.stored_thresholds`) unless ``--threshold`` is given.
 """
 from __future__ import annotations
 
@@ -54,13 +64,14 @@ import torch
 
 from .calibration import ModelInfo, defect_regions
 from .data.io import IMAGE_EXTENSIONS, DataError, read_image
+from .safety import MANIFEST_NAME, OutputFolder, OutputRefused, RunLock, UserError, check_out_not_overlapping
 
-__all__ = ["IGNORED_SUFFIXES", "Journal", "WatchError", "is_temporary_name", "output_name", "watch"]
+__all__ = ["IGNORED_SUFFIXES", "Journal", "WatchError", "add_parser", "command", "is_temporary_name", "output_name",
+           "watch"]
 
 JOURNAL = "results.jsonl"
 STATUS = "status.json"
 MAPS, OVERLAYS, REJECTED = "maps", "overlays", "rejected"
-LOCK = ".lock"
 TMP_PREFIX = ".tmp-"
 #: Name endings (lower case) of files still being written; never picked up.
 IGNORED_SUFFIXES: tuple[str, ...] = (".tmp", ".part", ".partial", ".crdownload", ".download", ".swp", "~")
@@ -68,8 +79,8 @@ IGNORED_SUFFIXES: tuple[str, ...] = (".tmp", ".part", ".partial", ".crdownload",
 PredictFn = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
 
 
-class WatchError(RuntimeError):
-    """The service cannot start or go on (bad folders, no threshold, OUT_DIR in use)."""
+class WatchError(UserError, RuntimeError):
+    """The service cannot start (missing drop folder, no threshold): one line, exit status 2."""
 
 
 def is_temporary_name(name: str) -> bool:
@@ -231,18 +242,9 @@ class _State:
     unreadable: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
-def _lock(out: Path):
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        return None
-    f = open(out / LOCK, "a+")
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise WatchError(f"{out}: another watch process is writing to this folder (lock {out / LOCK})") from None
-    return f
+def _lock(out: Path) -> RunLock:
+    """The folder's :class:`RunLock`; :class:`~defect_fast.safety.RunInUse` names the PID holding it."""
+    return RunLock(out).acquire()
 
 
 def _move(src: Path, dest: Path) -> None:
@@ -414,7 +416,7 @@ def _process(st: _State, keys: list[str], found: dict[str, tuple[Path, int, int]
         out = predict_fn(torch.stack([g[4] for g in good]))
         maps, scores = out["maps"].detach().float().cpu(), out["scores"].detach().float().cpu()
         if maps.shape[0] != len(good) or scores.shape[0] != len(good):
-            raise WatchError(f"predict function returned {maps.shape[0]} maps / {scores.shape[0]} scores for {len(good)} images")
+            raise RuntimeError(f"predict function returned {maps.shape[0]} maps / {scores.shape[0]} scores for {len(good)} images")
         scale = st.info.scale()
         written = []
         for (key, path, sha, sig, img), m in zip(good, maps):
@@ -499,6 +501,7 @@ def watch(
     stop: threading.Event | None = None,
     handle_signals: bool = True,
     log: Callable[[str], None] | None = None,
+    lock: bool = True,
 ) -> dict[str, Any]:
     """Judge every image dropped into ``in_dir``; results in ``out_dir`` (see the module docstring).
 
@@ -519,13 +522,16 @@ def watch(
         stop: set it to stop after the batch in hand (for embedding; signals set it too).
         handle_signals: install SIGTERM/SIGINT handlers (main thread only) for the run.
         log: where progress lines go (default: print, flushed).
+        lock: take ``out_dir``'s :class:`~defect_fast.safety.RunLock` for the run (False: the
+            caller holds it, as the command line does).
 
     Returns:
         {"counts": totals over the journal {"pass", "fail", "rejected", "total"}, "session": the
         same for this run, "images_per_s": float | None, "journal": path}.
 
     Raises:
-        WatchError: ``in_dir`` missing, no threshold, or ``out_dir`` in use by another process.
+        WatchError: ``in_dir`` missing or no threshold.
+        RunInUse: ``out_dir`` is in use by another process (both are :class:`~defect_fast.safety.UserError`).
         Errors of ``predict_fn`` propagate (after the results so far are recorded).
     """
     log = log or (lambda msg: print(msg, flush=True))
@@ -541,12 +547,12 @@ def watch(
         raise WatchError(f"{in_dir}: the folder to watch does not exist or is not a folder")
     for sub in (MAPS, OVERLAYS, REJECTED):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    lock = _lock(out)
+    held = _lock(out) if lock else None
     try:
         journal = Journal(out / JOURNAL)
     except BaseException:
-        if lock is not None:
-            lock.close()
+        if held is not None:
+            held.release()
         raise
     st = _State(info=info, threshold=float(thr), in_dir=in_dir, out=out, journal=journal)
     stop = stop or threading.Event()
@@ -596,8 +602,78 @@ def watch(
         for sig, h in old_handlers.items():
             signal.signal(sig, h)
         journal.close()
-        if lock is not None:
-            lock.close()
+        if held is not None:
+            held.release()
     processed = st.session.as_dict()["total"]
     return {"counts": st.totals.as_dict(), "session": st.session.as_dict(),
             "images_per_s": processed / st.busy_s if st.busy_s > 0 else None, "journal": str(journal.path)}
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def add_parser(subparsers) -> None:
+    """Register ``defect-fast watch`` on the CLI's sub-parsers (``command`` as its function)."""
+    from .safety import device_arg, finite_float, nonneg_float, positive_float, positive_int
+
+    w = subparsers.add_parser(
+        "watch", help="judge every image dropped into a folder: maps, overlays and a results journal",
+        description="A long-running service for a camera drop folder: each complete image gets its map, overlay "
+                    "and one line in OUT_DIR/results.jsonl (exactly once, also across kill -9 and restarts); bad "
+                    "files are moved to OUT_DIR/rejected/ with the reason in the journal; OUT_DIR/status.json holds "
+                    "the counts. SIGTERM or Ctrl-C finishes the batch in hand and stops.")
+    w.add_argument("run", help="run folder (or model.pt)")
+    w.add_argument("in_dir", help="the drop folder to watch")
+    w.add_argument("--out", required=True, help="results folder (new, empty, or one an earlier watch wrote: it is resumed)")
+    w.add_argument("--once", action="store_true", help="process what is in the folder, then exit (for cron and tests)")
+    w.add_argument("--batch-size", type=positive_int, default=8, help="images per model call (default 8)")
+    w.add_argument("--poll", type=positive_float, default=1.0, help="seconds between folder scans (default 1)")
+    w.add_argument("--settle", type=nonneg_float, default=None,
+                   help="seconds a file's size and time must stay unchanged before it is read (default: --poll)")
+    w.add_argument("--threshold", type=finite_float, default=None,
+                   help="image score above which an image fails (default: the threshold stored in the model file)")
+    w.add_argument("--recursive", action="store_true", help="also watch sub-folders")
+    w.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    w.set_defaults(func=command)
+
+
+def _open_out(out: Path, inputs: list, shown: str | os.PathLike) -> OutputFolder:
+    """OUT_DIR as a locked output folder: created, or reopened when an earlier watch wrote it."""
+    if (out / MANIFEST_NAME).is_file() and out.is_dir():
+        folder = OutputFolder.open(out, lock=True)
+        if folder.files and JOURNAL not in folder.files:
+            folder.release()
+            raise OutputRefused(f"--out {shown}: holds the output of another defect-fast command, not of watch; "
+                                "choose another folder")
+        return folder
+    return OutputFolder.create(out, inputs=inputs, lock=True)
+
+
+def command(args) -> int:
+    """``defect-fast watch``: load the run, prepare OUT_DIR, and :func:`watch` until stopped (or ``--once``)."""
+    from .detect import Detector
+
+    in_dir, out = Path(args.in_dir), Path(args.out)
+    if not in_dir.is_dir():
+        raise WatchError(f"{in_dir}: the folder to watch does not exist or is not a folder")
+    check_out_not_overlapping(out, [in_dir, args.run], what="--out")
+    if not (out / MANIFEST_NAME).is_file():
+        OutputFolder.check(out, inputs=[in_dir, args.run])  # refuse before the model is read
+    det = Detector.load(args.run, device=args.device)
+    info = ModelInfo.from_detector(det, args.run, threshold=args.threshold)
+    if info.image_threshold is None:
+        raise WatchError(f"{args.run}: the model file holds no image threshold; give one with --threshold")
+    folder = _open_out(out.absolute(), [in_dir, args.run], out)
+    try:
+        for sub in (MAPS, OVERLAYS, REJECTED):
+            folder.mkdir(sub)
+        folder.record_many([JOURNAL, STATUS])
+        print(f"threshold {info.image_threshold:.6g}: {info.extra.get('threshold_source')}", flush=True)
+        watch(lambda x: det.predict_batched(x, images_per_batch=args.batch_size), info, in_dir, out, once=args.once,
+              batch_size=args.batch_size, poll_interval=args.poll, settle=args.settle, recursive=args.recursive,
+              lock=False)
+    finally:
+        folder.release()
+    return 0

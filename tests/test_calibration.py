@@ -204,3 +204,21 @@ def test_evaluate_thresholds_reports_far_next_to_the_asked_rate():
     assert ev["f1_optimal"]["f1"] == pytest.approx(2 * 3 / (4 + 4))
     assert evaluate_thresholds(scores, labels, cal, threshold=200.0)["at_threshold"]["miss_rate"] == 1.0
     assert evaluate_thresholds(scores, labels, None)["at_threshold"] is None
+
+
+def test_model_info_from_detector_reads_the_model_file(tmp_path):
+    import hashlib
+    from types import SimpleNamespace
+
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"weights of some model")
+    cal = calibrate(torch.arange(99, dtype=torch.float32), far=0.01)
+    det = SimpleNamespace(image_size=128, map_kind="msfr", calibration=cal, model=SimpleNamespace(name="cmaae"))
+    info = ModelInfo.from_detector(det, path)
+    assert info.version == hashlib.sha256(b"weights of some model").hexdigest()[:12]
+    assert (info.name, info.image_size, info.image_threshold) == ("cmaae", 128, 98.0)
+    assert info.extra["far"] == 0.01 and info.extra["map"] == "msfr" and "held-back" in info.extra["threshold_source"]
+    assert ModelInfo.from_detector(det, path, threshold=3.0).image_threshold == 3.0
+    old = SimpleNamespace(**{**vars(det), "calibration": {"score_max": 2.0, "pixel_q999": 0.5}})
+    info = ModelInfo.from_detector(old, path)
+    assert (info.image_threshold, info.pixel_threshold) == (2.0, 0.5) and "older model file" in info.extra["threshold_source"]

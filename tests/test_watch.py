@@ -2,24 +2,19 @@
 import hashlib
 import json
 import os
-import random
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from defect_fast import watch as watch_mod
 from defect_fast.calibration import ModelInfo
+from defect_fast.safety import RunInUse, UserError
 from defect_fast.watch import Journal, WatchError, is_temporary_name, output_name, watch
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32
 
 
@@ -109,6 +104,7 @@ def test_threshold_override_and_required(tmp_path):
     (src / "a.png").write_bytes(png_bytes(0, bright=0.3))
     run_once(src, tmp_path / "out", threshold=0.1)
     assert journal(tmp_path / "out")[0]["result"] == "fail"
+    assert issubclass(WatchError, UserError)  # one line at the command line, exit status 2
     with pytest.raises(WatchError, match="no image threshold"):
         watch(stub_predict, ModelInfo(SIZE), src, tmp_path / "o2", once=True, handle_signals=False, log=lambda m: None)
     with pytest.raises(WatchError, match="does not exist"):
@@ -121,10 +117,10 @@ def test_second_process_on_same_out_is_refused(tmp_path):
     out.mkdir()
     held = watch_mod._lock(out)
     try:
-        with pytest.raises(WatchError, match="another watch process"):
+        with pytest.raises(RunInUse, match=f"in use by PID {os.getpid()}"):
             run_once(src, out)
     finally:
-        held.close()
+        held.release()
     run_once(src, out)  # free again
 
 
@@ -240,18 +236,6 @@ def test_slow_writer_is_waited_for_and_stop_event(tmp_path, use_watchdog):
     assert results["session"]["total"] == 1
 
 
-# --------------------------------------------------------------------------------------------
-# The bar: a real service process, killed with SIGKILL twice while images arrive
-# --------------------------------------------------------------------------------------------
-
-
-def _start(src, out, log_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DEFECT_FAST_BACKEND": "reference", "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, str(ROOT / "tests" / "_watch_worker.py"), str(src), str(out),
-                             "--model", "ae-l2", "--delay", "0.08", "--batch-size", "2"],
-                            env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
-
-
 def _count(out) -> int:
     try:
         return (Path(out) / "results.jsonl").read_bytes().count(b"\n")
@@ -259,66 +243,5 @@ def _count(out) -> int:
         return 0
 
 
-def _wait(cond, timeout, what):
-    deadline = time.time() + timeout
-    while not cond():
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def test_sigkill_twice_while_images_arrive(tmp_path):
-    src, out, log = tmp_path / "in", tmp_path / "out", tmp_path / "service.log"
-    src.mkdir()
-    n, rng = 16, random.Random(0)
-    payloads = {f"cam_{i:02d}.png": png_bytes(100 + i, size=64) for i in range(n - 1)}
-    payloads["cam_07_corrupt.png"] = b"\x89PNG\r\n\x1a\n" + bytes(rng.getrandbits(8) for _ in range(300))
-
-    def drop():
-        for i, (name, data) in enumerate(payloads.items()):
-            if i % 3 == 0:  # write then rename
-                (src / (name + ".tmp")).write_bytes(data)
-                os.replace(src / (name + ".tmp"), src / name)
-            elif i % 3 == 1:  # slow copy in three pieces
-                with open(src / name, "wb") as f:
-                    for k in range(3):
-                        f.write(data[k * len(data) // 3:(k + 1) * len(data) // 3])
-                        f.flush()
-                        time.sleep(0.05)
-            else:
-                (src / name).write_bytes(data)
-            time.sleep(0.15)
-
-    dropper = threading.Thread(target=drop)
-    proc = _start(src, out, log)
-    try:
-        dropper.start()
-        for kill_after in (3, 8):  # SIGKILL at a random moment once this many results are in
-            _wait(lambda: _count(out) >= kill_after, 120, f"{kill_after} results")
-            time.sleep(rng.uniform(0.0, 0.2))
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
-            assert proc.returncode == -signal.SIGKILL
-            proc = _start(src, out, log)
-        dropper.join(timeout=60)
-        _wait(lambda: _count(out) >= n, 120, f"all {n} results")
-        time.sleep(0.5)  # anything extra would show up now
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0, log.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    recs = journal(out)
-    assert len(recs) == n, log.read_text()
-    assert {r["sha256"] for r in recs} == {hashlib.sha256(d).hexdigest() for d in payloads.values()}
-    assert sorted(r["image"] for r in recs) == sorted(payloads)
-    maps = sorted(p.name for p in (out / "maps").iterdir())
-    assert len(maps) == n - 1 and maps == sorted(Path(r["map"]).name for r in recs if "map" in r)
-    assert len(list((out / "overlays").iterdir())) == n - 1
-    bad = [r for r in recs if r["result"] == "rejected"]
-    assert [r["image"] for r in bad] == ["cam_07_corrupt.png"] and bad[0]["reason"]
-    assert (out / "rejected" / "cam_07_corrupt.png").read_bytes() == payloads["cam_07_corrupt.png"]
-    status = json.loads((out / "status.json").read_text())
-    assert status["state"] == "stopped" and status["counts"]["total"] == n
-    text = log.read_text()
-    assert "SIGTERM" in text and text.count("watching ") == 3  # three service processes, two killed
+# The bar (a real service process killed with SIGKILL twice while images arrive) runs through the
+# command line: tests/test_cli_inspection.py::test_watch_sigkill_twice_through_the_command_line.

@@ -1,0 +1,291 @@
+"""The line-side commands through the command line: watch, report, diagnose.
+
+One tiny run (CMA-AE, 64 px, one step per stage) on a 64 px synthetic MVTec-style set serves all
+tests. Refusals must exit with status 2, print one error line naming the argument, and leave the
+user's files as they were.
+"""
+import hashlib
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from defect_fast.calibration import stored_thresholds
+from defect_fast.cli import main
+from defect_fast.safety import MANIFEST_NAME, run_main
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 64
+
+
+def cli(argv, capsys) -> tuple[int, str, str]:
+    """Run ``defect-fast ARGV`` in-process behind the package's error boundary: (status, stdout, stderr)."""
+    try:
+        status = run_main(main, [str(a) for a in argv])
+    except SystemExit as exc:  # argparse's own exit on a bad option
+        status = exc.code if isinstance(exc.code, int) else 2
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def refused(status: int, err: str, *words: str) -> None:
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert status == 2, err
+    assert len(lines) == 1 and lines[0].startswith("defect-fast: error:"), err
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def png_bytes(seed: int, bright: float = 0.5, size: int = SIZE) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray((rng.random((size, size, 3)) * 255 * bright).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from defect_fast.data.synthetic import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("inspect")
+    data = root / "data"
+    make_synthetic_dataset(data, size=SIZE, seed=0)
+    run = root / "run"
+    assert main(["train", str(data), "--out", str(run), "--image-size", str(SIZE), "--batch-size", "4",
+                 "--max-steps", "1", "--set", "memory_size=10", "--quiet", "--device", "cpu"]) == 0
+    state = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
+    threshold, pixel_threshold, _ = stored_thresholds(state.get("calibration"))
+    assert threshold is not None
+    version = hashlib.sha256((run / "model.pt").read_bytes()).hexdigest()[:12]
+    return {"data": data, "run": run, "threshold": threshold, "pixel_threshold": pixel_threshold, "version": version}
+
+
+def journal(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------------------------
+# watch
+# --------------------------------------------------------------------------------------------
+
+
+def test_watch_once_judges_resumes_and_refuses(tiny, tmp_path, capsys):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i, p in enumerate(sorted((tiny["data"] / "test" / "scratch").glob("*.png"))[:3]):
+        (src / f"part{i}.png").write_bytes(p.read_bytes())
+    (src / "broken.png").write_bytes(png_bytes(9)[:70])
+    base = ["watch", tiny["run"], src, "--out", out, "--once", "--device", "cpu", "--poll", "0.05", "--settle", "0.05"]
+    status, stdout, err = cli(base, capsys)
+    assert status == 0, err
+    recs = journal(out)
+    assert sorted(r["image"] for r in recs) == ["broken.png", "part0.png", "part1.png", "part2.png"]
+    assert len({r["sha256"] for r in recs}) == 4
+    judged = [r for r in recs if r["result"] != "rejected"]
+    assert all(r["threshold"] == pytest.approx(tiny["threshold"]) for r in judged)  # the model file's threshold
+    assert all(r["result"] == ("fail" if r["score"] > tiny["threshold"] else "pass") for r in judged)
+    assert all(r["model_version"] == tiny["version"] and r["model"] == "cmaae" for r in recs)
+    assert sorted(p.name for p in (out / "maps").iterdir()) == sorted(Path(r["map"]).name for r in judged)
+    assert (out / "rejected" / "broken.png").read_bytes() == png_bytes(9)[:70] and not (src / "broken.png").exists()
+    status_doc = json.loads((out / "status.json").read_text())
+    assert status_doc["counts"]["total"] == 4 and status_doc["threshold"] == pytest.approx(tiny["threshold"])
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert {"results.jsonl", "status.json"} <= set(manifest["files"]) and {"maps", "overlays", "rejected"} <= set(manifest["dirs"])
+    assert "threshold" in stdout and "pass" in stdout
+
+    # a restart resumes the journal: nothing judged twice, a new image judged once
+    (src / "part9.png").write_bytes(png_bytes(3))
+    assert cli(base, capsys)[0] == 0
+    recs = journal(out)
+    assert len(recs) == 5 and [r["image"] for r in recs].count("part9.png") == 1
+
+    # --threshold overrides the stored one
+    low = tmp_path / "low"
+    status, _, err = cli(base[:4] + [low] + base[5:] + ["--threshold=-1e9"], capsys)
+    assert status == 0, err
+    assert {r["result"] for r in journal(low)} == {"fail"} and journal(low)[0]["threshold"] == -1e9
+
+
+def test_watch_refusals_keep_user_files(tiny, tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.png").write_bytes(png_bytes(1))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    run = ["watch", tiny["run"]]
+    refused(*cli(run + [src, "--out", mine, "--once"], capsys)[::2], "--out", "not empty")
+    assert (mine / "notes.txt").read_text() == "keep me" and sorted(os.listdir(mine)) == ["notes.txt"]
+    refused(*cli(run + [src, "--out", src / "results", "--once"], capsys)[::2], "--out", "inside the input")
+    refused(*cli(run + [tmp_path / "nope", "--out", tmp_path / "o", "--once"], capsys)[::2], "nope")
+    assert not (tmp_path / "o").exists()
+    # a folder another command wrote is not taken over
+    diag = tmp_path / "diag"
+    diag.mkdir()
+    (diag / MANIFEST_NAME).write_text(json.dumps({"format": "defect_fast-output-manifest", "version": 1,
+                                                  "files": ["locations.json"], "dirs": []}))
+    (diag / "locations.json").write_text("{}")
+    refused(*cli(run + [src, "--out", diag, "--once"], capsys)[::2], "--out", "another defect-fast command")
+    assert sorted(os.listdir(diag)) == sorted([MANIFEST_NAME, "locations.json", ".defect_fast.lock"]) or \
+        sorted(os.listdir(diag)) == sorted([MANIFEST_NAME, "locations.json"])
+    assert (src / "a.png").exists()
+    status, _, err = cli(run + [src, "--out", tmp_path / "o", "--batch-size", "0"], capsys)
+    assert status == 2 and "--batch-size" in err and not (tmp_path / "o").exists()
+
+
+def _count(out: Path) -> int:
+    try:
+        return (out / "results.jsonl").read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def _wait(cond, timeout, what):
+    deadline = time.time() + timeout
+    while not cond():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_watch_sigkill_twice_through_the_command_line(tiny, tmp_path):
+    """The bar: N images dropped while `defect-fast watch` runs, SIGKILL twice, restart: N results, N hashes."""
+    src, out, log = tmp_path / "in", tmp_path / "out", tmp_path / "service.log"
+    src.mkdir()
+    n, rng = 16, random.Random(0)
+    payloads = {f"cam_{i:02d}.png": png_bytes(100 + i) for i in range(n - 1)}
+    payloads["cam_07_corrupt.png"] = b"\x89PNG\r\n\x1a\n" + bytes(rng.getrandbits(8) for _ in range(300))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DEFECT_FAST_BACKEND": "reference", "PYTHONPATH": str(ROOT)}
+
+    def start():
+        return subprocess.Popen([sys.executable, "-m", "defect_fast", "watch", str(tiny["run"]), str(src), "--out", str(out),
+                                 "--batch-size", "2", "--poll", "0.1", "--settle", "0.3", "--device", "cpu"],
+                                env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+
+    def drop():
+        for i, (name, data) in enumerate(payloads.items()):
+            if i % 3 == 0:  # write then rename
+                (src / (name + ".tmp")).write_bytes(data)
+                os.replace(src / (name + ".tmp"), src / name)
+            elif i % 3 == 1:  # slow copy in three pieces
+                with open(src / name, "wb") as f:
+                    for k in range(3):
+                        f.write(data[k * len(data) // 3:(k + 1) * len(data) // 3])
+                        f.flush()
+                        time.sleep(0.05)
+            else:
+                (src / name).write_bytes(data)
+            time.sleep(0.1 if i % 4 else 0.0)  # some arrive together, so batches fill
+
+    dropper = threading.Thread(target=drop)
+    proc = start()
+    try:
+        dropper.start()
+        for kill_after in (3, 8):  # SIGKILL at a random moment once this many results are in
+            _wait(lambda: _count(out) >= kill_after, 120, f"{kill_after} results")
+            time.sleep(rng.uniform(0.0, 0.2))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+            assert proc.returncode == -signal.SIGKILL
+            proc = start()
+        dropper.join(timeout=60)
+        _wait(lambda: _count(out) >= n, 120, f"all {n} results")
+        time.sleep(0.5)  # anything extra would show up now
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    recs = journal(out)
+    assert len(recs) == n, log.read_text()
+    assert {r["sha256"] for r in recs} == {hashlib.sha256(d).hexdigest() for d in payloads.values()}
+    assert sorted(r["image"] for r in recs) == sorted(payloads)
+    maps = sorted(p.name for p in (out / "maps").iterdir())
+    assert len(maps) == n - 1 and maps == sorted(Path(r["map"]).name for r in recs if "map" in r)
+    assert len(list((out / "overlays").iterdir())) == n - 1
+    bad = [r for r in recs if r["result"] == "rejected"]
+    assert [r["image"] for r in bad] == ["cam_07_corrupt.png"] and bad[0]["reason"]
+    assert (out / "rejected" / "cam_07_corrupt.png").read_bytes() == payloads["cam_07_corrupt.png"]
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "stopped" and status["counts"]["total"] == n
+    text = log.read_text()
+    assert "SIGTERM" in text and text.count("watching ") == 3  # three service processes, two killed
+
+
+# --------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------
+
+
+def test_report_with_ground_truth_and_refusals(tiny, tmp_path, capsys):
+    page = tmp_path / "r.html"
+    status, stdout, err = cli(["report", tiny["run"], tiny["data"], "--out", page, "--max-gallery", "4",
+                               "--device", "cpu"], capsys)
+    assert status == 0, err
+    text = page.read_text()
+    for sid in ("summary", "metrics", "curves", "histogram", "gallery"):
+        assert f'<section id="{sid}">' in text
+    assert text.count('alt="reconstruction"') == 4 and text.count('alt="input"') == 4
+    assert f"{tiny['threshold']:.4f}" in text and "http" not in text.replace("http-equiv", "")
+    assert "sections summary, metrics, curves, histogram, gallery" in stdout
+    before = page.read_bytes()
+    refused(*cli(["report", tiny["run"], tiny["data"], "--out", page], capsys)[::2], "--out", "--overwrite")
+    assert page.read_bytes() == before
+    inside = tiny["data"] / "test" / "good" / "000.png"
+    original = inside.read_bytes()
+    refused(*cli(["report", tiny["run"], tiny["data"], "--out", inside, "--overwrite"], capsys)[::2], "--out", "input")
+    assert inside.read_bytes() == original
+    assert cli(["report", tiny["run"], tiny["data"] / "test" / "good", "--out", page, "--overwrite", "--threshold", "0",
+                "--device", "cpu"], capsys)[0] == 0
+    text = page.read_text()
+    assert '<section id="metrics">' not in text and '<section id="gallery">' in text and "given on the command line" in text
+    refused(*cli(["report", tiny["run"], tmp_path / "nothing", "--out", tmp_path / "x.html"], capsys)[::2], "nothing")
+
+
+# --------------------------------------------------------------------------------------------
+# diagnose
+# --------------------------------------------------------------------------------------------
+
+
+def test_diagnose_writes_figures_and_locations(tiny, tmp_path, capsys):
+    out = tmp_path / "diag"
+    argv = ["diagnose", tiny["run"], tiny["data"], "--out", out, "--per-class", "2", "--border", "4", "--seam", "1",
+            "--device", "cpu"]
+    status, stdout, err = cli(argv, capsys)
+    assert status == 0, err
+    assert "border band 4 px" in stdout and "interior" in stdout
+    doc = json.loads((out / "locations.json").read_text())
+    assert set(doc["figures"]) == {"good", "scratch", "spot"}
+    for name in doc["figures"].values():
+        assert Image.open(out / name).size[0] > 200
+    good = doc["locations"]["good"]["share"]
+    assert sum(good[k] for k in ("border", "seam_only", "interior")) == pytest.approx(1.0)
+    assert doc["locations"]["area"]["border"] == pytest.approx(1 - (56 / 64) ** 2)
+    assert len(doc["scores"]) == len(doc["images"]) == 24
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert set(manifest["files"]) == {"good.png", "scratch.png", "spot.png", "locations.json"}
+    before = (out / "locations.json").read_bytes()
+    refused(*cli(argv, capsys)[::2], "--out", "--overwrite")
+    assert (out / "locations.json").read_bytes() == before
+    (out / "my_notes.txt").write_text("keep")
+    assert cli(argv + ["--overwrite", "--per-class", "1"], capsys)[0] == 0
+    assert (out / "my_notes.txt").read_text() == "keep"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "a.txt").write_text("x")
+    refused(*cli(argv[:4] + [mine] + argv[5:] + ["--overwrite"], capsys)[::2], "--out", "not empty")
+    assert sorted(os.listdir(mine)) == ["a.txt"]
+    status, _, err = cli(argv[:4] + [tmp_path / "d2"] + argv[5:] + ["--per-class", "0"], capsys)
+    assert status == 2 and "--per-class" in err and not (tmp_path / "d2").exists()
