@@ -44,6 +44,11 @@ class TrainConfig:
     anomaly_source: str | None = None
     device: str = "auto"
     calibration_images: int = 16
+    # Where training patches come from: "grid" (the fixed inference tiling, the papers') or
+    # "random" (any position, so no pixel is always at a patch edge: removes seam artefacts).
+    patch_sampling: str = "grid"
+    flips: bool = False  # random horizontal and vertical flips of training patches
+    lr_schedule: str = "constant"  # "constant" (the papers') or "cosine" (to 1 % of lr at each stage's end)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -103,6 +108,10 @@ class Trainer:
         if len(cfg.epochs) != len(self.model.stages):
             raise ValueError(f"model {cfg.model} trains in {len(self.model.stages)} stage(s) "
                              f"({', '.join(self.model.stages)}); got epochs for {len(cfg.epochs)}")
+        if cfg.patch_sampling not in ("grid", "random"):
+            raise ValueError(f"patch_sampling must be 'grid' or 'random', got {cfg.patch_sampling!r}")
+        if cfg.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
         self.sources = None
         self.position = {"stage": 0, "epoch": 0, "step": 0, "global_step": 0}
         self.optimizer = self._optimizer(0)
@@ -148,18 +157,45 @@ class Trainer:
         out, _mask = self.model.synthesize(clean, self.sources, gen)
         return out
 
+    def _positions(self, rows: torch.Tensor, cols: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Top-left pixel of each patch and the stride of the index grid they refer to."""
+        if self.cfg.patch_sampling == "random":
+            hi = self.cfg.image_size - self.patch + 1
+            return torch.randint(0, hi, rows.shape, generator=gen), torch.randint(0, hi, cols.shape, generator=gen), 1
+        return rows, cols, self.stride
+
+    def _augment(self, xs: list[torch.Tensor], gen: torch.Generator) -> list[torch.Tensor]:
+        """The same random horizontal/vertical flips on every tensor of ``xs`` ([B,C,P,P] each)."""
+        if not self.cfg.flips or xs[0].shape[0] == 0:
+            return xs
+        fh = torch.rand(xs[0].shape[0], generator=gen).lt(0.5).view(-1, 1, 1, 1)
+        fv = torch.rand(xs[0].shape[0], generator=gen).lt(0.5).view(-1, 1, 1, 1)
+        out = []
+        for x in xs:
+            x = torch.where(fh, x.flip(-1), x)
+            out.append(torch.where(fv, x.flip(-2), x))
+        return out
+
     def _batch(self, stage: int, epoch_order: PatchEpoch, start: int, stop: int, gen: torch.Generator):
         ids, rows, cols = epoch_order.batch(start, stop)
+        rows, cols, stride = self._positions(rows, cols, gen)
         if self.model.stages[stage] == "normal":
-            x = to_model_range(gather_patches(self.images, ids, rows, cols, self.patch, self.stride))
+            x = to_model_range(gather_patches(self.images, ids, rows, cols, self.patch, stride))
+            x, = self._augment([x], gen)
             return x, x
         # Synthetic stage: anomalies are pasted on whole images, then cut into the same patches.
         uniq, inverse = torch.unique(ids, return_inverse=True)
         clean = to_model_range(self.images[uniq])
         dirty = self._synthesize(clean, gen)
-        x = gather_patches(dirty, inverse, rows, cols, self.patch, self.stride)
-        y = gather_patches(clean, inverse, rows, cols, self.patch, self.stride)
-        return x, y
+        x = gather_patches(dirty, inverse, rows, cols, self.patch, stride)
+        y = gather_patches(clean, inverse, rows, cols, self.patch, stride)
+        return tuple(self._augment([x, y], gen))
+
+    def _lr_factor(self, done: int, total: int) -> float:
+        """Learning-rate multiplier at step ``done`` of ``total`` in a stage."""
+        if self.cfg.lr_schedule == "cosine" and total > 1:
+            return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(done, total) / total))
+        return 1.0
 
     # -- loop ----------------------------------------------------------------------------
     def run(self) -> AnomalyModel:
@@ -199,6 +235,8 @@ class Trainer:
                                            f"last good state saved in {self.out / CHECKPOINT_FILE}")
                         self.optimizer.zero_grad(set_to_none=True)
                         loss.backward()
+                        for group in self.optimizer.param_groups:
+                            group["lr"] = cfg.lr * self._lr_factor(done, total_steps)
                         self.optimizer.step()
                         dt = time.perf_counter() - t0
                         self.position["step"] += 1
