@@ -101,6 +101,8 @@ def cmd_train(args) -> int:
         batch_size=args.batch_size, epochs=epochs, max_steps=_per_stage(args.max_steps, n_stages, "--max-steps"),
         lr=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every, anomaly_source=args.anomaly_source,
         device=args.device, holdback=args.holdback, far=args.far, normalize=args.normalize,
+        patch_sampling=args.patch_sampling, flips=args.flips, lr_schedule=args.lr_schedule,
+        map=args.map or "", infer_stride=args.infer_stride, blend=args.blend, smooth=args.smooth,
     )
     train(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
     return 0
@@ -146,7 +148,7 @@ def cmd_predict(args) -> int:
     OutputFolder.check(out, overwrite=args.overwrite, inputs=inputs)  # refuse before reading anything
     try:
         det = Detector.load(args.run, device=args.device, map_kind=args.map, stride=args.stride,
-                            smooth_sigma=args.smooth, blend=getattr(args, "blend", "none"))
+                            smooth_sigma=args.smooth, blend=getattr(args, "blend", None))
     except ValueError as exc:  # a setting the model cannot take (stride beyond the patch, ...)
         raise UsageError(f"{args.run}: {exc}") from None
     paths = collect_images(args.images)
@@ -302,6 +304,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--far", type=_rate, default=0.01, help="false-alarm rate of the stored image threshold (default 0.01)")
     t.add_argument("--normalize", choices=NORMALIZATIONS, default="none",
                    help="map normalisation fitted on the held-back images (default none)")
+    t.add_argument("--patch-sampling", choices=("grid", "random"), default="grid",
+                   help="training patches on the inference grid (the papers') or at random offsets (no seams)")
+    t.add_argument("--flips", action="store_true", help="random horizontal and vertical flips of training patches")
+    t.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                   help="learning rate per stage: constant (the papers') or cosine down to 1 %%")
+    t.add_argument("--map", choices=map_names(), default=None,
+                   help="the run's anomaly map (default: the model's); 'perceptual' is fitted on the held-back images")
+    t.add_argument("--infer-stride", type=positive_int, default=None,
+                   help="the run's inference patch stride (default: the patch size, tiles)")
+    t.add_argument("--blend", choices=BLENDS, default="none", help="the run's weights of overlapping patches")
+    t.add_argument("--smooth", type=nonneg_float, default=0.0, help="the run's Gaussian blur of maps, in pixels")
     t.add_argument("--anomaly-source", default=None, help="folder of natural photos for synthetic anomalies "
                    "(default: the sample photos shipped with scikit-learn)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="model option, e.g. --set fusion=mam "
@@ -319,8 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     e.add_argument("--map", choices=map_names(), default=None, help="anomaly map (default: the model's)")
     e.add_argument("--stride", type=positive_int, default=None, help="patch stride at inference (default: patch size)")
-    e.add_argument("--smooth", type=nonneg_float, default=0.0, help="Gaussian blur of the maps, in pixels (default 0: none)")
-    e.add_argument("--blend", choices=BLENDS, default="none", help="weights of overlapping patches (with --stride < patch)")
+    e.add_argument("--smooth", type=nonneg_float, default=None, help="Gaussian blur of the maps, in pixels (default: the run's setting)")
+    e.add_argument("--blend", choices=BLENDS, default=None, help="weights of overlapping patches (default: the run's setting)")
     e.add_argument("--device", type=device_arg, default="auto")
     e.set_defaults(func=cmd_evaluate)
 
@@ -333,8 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stride", type=positive_int, default=None)
     r.add_argument("--threshold", type=finite_float, default=None,
                    help="image score above which an image is flagged (default: the threshold stored in the model file)")
-    r.add_argument("--smooth", type=nonneg_float, default=0.0, help="Gaussian blur of the maps, in pixels (default 0: none)")
-    r.add_argument("--blend", choices=BLENDS, default="none", help="weights of overlapping patches (with --stride < patch)")
+    r.add_argument("--smooth", type=nonneg_float, default=None, help="Gaussian blur of the maps, in pixels (default: the run's setting)")
+    r.add_argument("--blend", choices=BLENDS, default=None, help="weights of overlapping patches (default: the run's setting)")
     r.add_argument("--device", type=device_arg, default="auto")
     r.set_defaults(func=cmd_predict)
 
@@ -347,8 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--batch", type=positive_int, default=1, help="images per call in the traced graph (default 1)")
     x.add_argument("--map", choices=map_names(), default=None)
     x.add_argument("--stride", type=positive_int, default=None)
-    x.add_argument("--smooth", type=nonneg_float, default=0.0)
-    x.add_argument("--blend", choices=BLENDS, default="none")
+    x.add_argument("--smooth", type=nonneg_float, default=None)
+    x.add_argument("--blend", choices=BLENDS, default=None)
     x.add_argument("--overwrite", action="store_true")
     x.set_defaults(func=cmd_export)
 

@@ -91,19 +91,27 @@ class Detector(nn.Module):
         precision: "float32" or "bfloat16" (the model runs under ``torch.autocast``).
         channels_last: feed the model channels-last patches.
         norm_mean, norm_std: map normalisation (map - mean) / std, scalars or [S, S]; default 0 and 1.
+        perceptual: a fitted :class:`~defect_fast.perceptual.PerceptualMap`, needed when
+            ``map_kind`` is "perceptual" (one of ``model.image_maps``): the map is then computed on
+            the whole image and its stitched reconstruction instead of patch by patch.
     """
 
     def __init__(self, model: AnomalyModel, image_size: int, map_kind: str | None = None, stride: int | None = None,
                  device: torch.device | str = "cpu", batch_size: int = 512, calibration: dict[str, Any] | None = None,
                  smooth_sigma: float = 0.0, *, blend: str = "none", top_fraction: float = TOP_FRACTION,
                  precision: str = "float32", channels_last: bool = False,
-                 norm_mean: torch.Tensor | float | None = None, norm_std: torch.Tensor | float | None = None):
+                 norm_mean: torch.Tensor | float | None = None, norm_std: torch.Tensor | float | None = None,
+                 perceptual: nn.Module | None = None):
         super().__init__()
         self.model = model.eval()
         self.image_size = int(image_size)
         self.patch = model.patch_size
         self.stride = stride or self.patch
         self.map_kind = model.check_map(map_kind)
+        self.image_map = perceptual if self.map_kind in model.image_maps else None
+        if self.map_kind in model.image_maps and perceptual is None:
+            raise ValueError(f"map {self.map_kind!r} needs the statistics fitted at the end of training; "
+                             f"this model file has none (train with --map {self.map_kind})")
         self.grid = grid_shape(self.image_size, self.patch, self.stride)
         if self.stride > self.patch:
             raise ValueError(f"stride {self.stride} > patch {self.patch} leaves pixels uncovered")
@@ -137,17 +145,30 @@ class Detector(nn.Module):
 
     @classmethod
     def load(cls, run: Path | str, device: str | torch.device = "auto", map_kind: str | None = None,
-             stride: int | None = None, smooth_sigma: float = 0.0, **options) -> "Detector":
+             stride: int | None = None, smooth_sigma: float | None = None, **options) -> "Detector":
         """The finished model of a run folder (``RUN/model.pt``) or a model file, as a Detector.
 
-        ``options`` are the keyword-only constructor options (blend, precision, ...). Stored
-        normalisation statistics (``state["normalization"]``) are restored.
+        ``options`` are the keyword-only constructor options (blend, precision, ...). The run's
+        stored inference settings (``state["detector"]``: map, stride, blend, smoothing) are the
+        defaults of the arguments left at None; stored normalisation statistics
+        (``state["normalization"]``) and perceptual-map statistics (``state["perceptual"]``) are restored.
         """
         state = load_model_state(run)
+        stored = dict(state.get("detector") or {})
         norm = state.get("normalization") or {}
+        perceptual = None
+        if state.get("perceptual"):
+            from .perceptual import PerceptualMap
+
+            perceptual = PerceptualMap.from_state(state["perceptual"])
+        map_kind = map_kind or stored.get("map_kind")
+        stride = stride if stride is not None else stored.get("stride")
+        smooth_sigma = smooth_sigma if smooth_sigma is not None else stored.get("smooth_sigma", 0.0)
+        if options.get("blend") is None:
+            options["blend"] = stored.get("blend", "none")
         return cls(model_from_state(state), image_size=state["image_size"], map_kind=map_kind, stride=stride,
                    device=resolve_device(device), calibration=state.get("calibration"), smooth_sigma=smooth_sigma,
-                   norm_mean=norm.get("mean"), norm_std=norm.get("std"), **options)
+                   norm_mean=norm.get("mean"), norm_std=norm.get("std"), perceptual=perceptual, **options)
 
     # -- the traced pipeline -------------------------------------------------------------------
     def _to_model_input(self, images: torch.Tensor) -> torch.Tensor:
@@ -172,6 +193,8 @@ class Detector(nn.Module):
     def raw_maps(self, images: torch.Tensor) -> torch.Tensor:
         """Stitched maps before normalisation and smoothing: images [N,3,H,W] -> [N,S,S]."""
         x = self._to_model_input(images)
+        if self.image_map is not None:
+            return self.image_map(x, self._stitched_recon(x))
         n, s, p = x.shape[0], self.image_size, self.patch
         per_image = self.grid[0] * self.grid[1]
         patches = x.unfold(2, p, self.stride).unfold(3, p, self.stride).permute(0, 2, 3, 1, 4, 5).reshape(n * per_image, 3, p, p)
@@ -186,6 +209,41 @@ class Detector(nn.Module):
         if self.stride == p and self.blend == "none":
             return out
         return out / self.count
+
+    def _stitched_recon(self, x: torch.Tensor) -> torch.Tensor:
+        """Model-range images [N,3,S,S] -> reconstructions [N,3,S,S], overlaps blended with the window."""
+        n, s, p = x.shape[0], self.image_size, self.patch
+        per_image = self.grid[0] * self.grid[1]
+        patches = x.unfold(2, p, self.stride).unfold(3, p, self.stride).permute(0, 2, 3, 1, 4, 5).reshape(n * per_image, 3, p, p)
+        chunks = patches.split(self.batch_size) if 0 < self.batch_size < patches.shape[0] else [patches]
+        recon = torch.cat([self._recon(c) for c in chunks]) * self.window
+        cols = recon.reshape(n, per_image, 3 * p * p).transpose(1, 2)
+        return F.fold(cols, output_size=(s, s), kernel_size=p, stride=self.stride) / self.count
+
+    def _recon(self, p: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            p = p.contiguous(memory_format=torch.channels_last)
+        ctx = torch.autocast(p.device.type, dtype=PRECISIONS[self.precision]) if self.precision != "float32" \
+            else contextlib.nullcontext()
+        with ctx:
+            return self.model(p)["recon"].float().contiguous()
+
+    def fit_perceptual(self, normal_images: torch.Tensor, images_per_batch: int = 8, layers: int = 2,
+                       prior: float = 0.01) -> int:
+        """Build and fit the perceptual map on defect-free images (uint8 [N,3,H,W]) and switch to it.
+
+        Returns the number of images its statistics rest on.
+        """
+        from .perceptual import PerceptualMap
+
+        pm = PerceptualMap(self.image_size, layers=layers, prior=prior).to(self.device)
+        with torch.no_grad():
+            pairs = ((x, self._stitched_recon(x)) for x in
+                     (self._to_model_input(c.to(self.device)) for c in normal_images.split(max(1, images_per_batch))))
+            n = pm.fit(pairs)
+        self.image_map = pm
+        self.map_kind = self.model.image_maps[0]
+        return n
 
     def finish(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw maps [N,S,S] -> (normalised, smoothed maps [N,S,S], scores [N])."""

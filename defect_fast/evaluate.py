@@ -18,14 +18,23 @@ def calibrate(model: AnomalyModel, image_size: int, normal_images: torch.Tensor,
     return Detector(model, image_size=image_size, stride=None, device=device).calibrate(normal_images)
 
 
-def detector_for(model: AnomalyModel, image_size: int, device: torch.device | str = "cpu") -> Detector:
-    """The default :class:`Detector` of a freshly trained ``model`` (its default map, tiles, no
-    normalisation yet): what the trainer calibrates with (train.py does not import detect.py)."""
-    return Detector(model, image_size=image_size, stride=None, device=device)
+def detector_for(model: AnomalyModel, image_size: int, device: torch.device | str = "cpu", *,
+                 map_kind: str | None = None, stride: int | None = None, blend: str = "none",
+                 smooth_sigma: float = 0.0) -> Detector:
+    """The :class:`Detector` of a freshly trained ``model`` with the run's inference settings (no
+    normalisation and no perceptual statistics yet): what the trainer calibrates with (train.py
+    does not import detect.py). An image-level map ("perceptual") starts from the model's own map
+    until :meth:`Detector.fit_perceptual` fits it."""
+    image_level = map_kind in model.image_maps
+    det = Detector(model, image_size=image_size, map_kind=None if image_level else map_kind, stride=stride,
+                   device=device, smooth_sigma=smooth_sigma, blend=blend)
+    if image_level:
+        det.map_kind = map_kind
+    return det
 
 
 def evaluate_run(run: Path | str, data: Path | str, map_kind: str | None = None, device: str = "auto",
-                 stride: int | None = None, smooth: float = 0.0, **options) -> dict[str, Any]:
+                 stride: int | None = None, smooth: float | None = None, **options) -> dict[str, Any]:
     """Evaluate a trained run on the test split of an MVTec-style folder; returns the metrics dict.
 
     ``options`` go to :class:`Detector` (blend, precision, ...). Adds "n_images", "map",
@@ -48,7 +57,9 @@ def evaluate_run(run: Path | str, data: Path | str, map_kind: str | None = None,
     metrics = evaluate(res["maps"], test.masks, res["scores"], test.labels, test.classes)
     metrics["n_images"] = int(test.images.shape[0])
     metrics["map"] = det.map_kind
-    metrics["smooth_sigma"] = smooth
+    metrics["smooth_sigma"] = det.smooth_sigma
+    metrics["stride"] = det.stride
+    metrics["blend"] = det.blend
     metrics["inference_ms_per_image"] = 1000 * seconds / max(1, test.images.shape[0])
     metrics["thresholds"] = evaluate_thresholds(res["scores"], test.labels, det.calibration)
     return metrics

@@ -110,7 +110,8 @@ def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, so
 
 
 def export(run: Path | str, out: Path | str, fmt: str, *, batch: int = 1, overwrite: bool = False,
-           map_kind: str | None = None, stride: int | None = None, smooth_sigma: float = 0.0, blend: str = "none") -> Path:
+           map_kind: str | None = None, stride: int | None = None, smooth_sigma: float | None = None,
+           blend: str | None = None) -> Path:
     """``defect-fast export``: the run's detector (options as in :class:`Detector`) to ``out``."""
     out = Path(out)
     if out.exists() and not overwrite:

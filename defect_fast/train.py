@@ -56,6 +56,16 @@ class TrainConfig:
     far: float = 0.01  # target image false-alarm rate of the stored threshold
     normalize: str = "none"  # map normalisation fitted on the held-back maps: "none" | "position"
     held_back: list[str] = field(default_factory=list)  # the held-back image files (filled by train())
+    # Where training patches come from: "grid" (the fixed inference tiling, the papers') or
+    # "random" (any position, so no pixel is always at a patch edge: removes seam artefacts).
+    patch_sampling: str = "grid"
+    flips: bool = False  # random horizontal and vertical flips of training patches
+    lr_schedule: str = "constant"  # "constant" (the papers') or "cosine" (to 1 % of lr at each stage's end)
+    # How the finished run maps images (stored in model.pt; the defaults of ``defect_fast.load``):
+    map: str = ""  # "" = the model's own default map; a model map name; or "perceptual" (fitted on the held-back images)
+    infer_stride: int | None = None  # inference patch stride; None = tiles (the patch size)
+    blend: str = "none"  # "none" or "hann" (seam-free weights where patches overlap)
+    smooth: float = 0.0  # Gaussian blur (pixels) of the full-image map
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -108,6 +118,14 @@ def check_config(cfg: TrainConfig, n_stages: int, patch: int) -> None:
     need(0 <= cfg.holdback < 1, f"--holdback must be in [0, 1), got {cfg.holdback}")
     need(0 < cfg.far < 1, f"--far must be in (0, 1), got {cfg.far}")
     need(cfg.normalize in NORMALIZATIONS, f"--normalize must be one of {', '.join(NORMALIZATIONS)}, got {cfg.normalize!r}")
+    need(cfg.patch_sampling in ("grid", "random"), f"--patch-sampling must be grid or random, got {cfg.patch_sampling!r}")
+    need(cfg.lr_schedule in ("constant", "cosine"), f"--lr-schedule must be constant or cosine, got {cfg.lr_schedule!r}")
+    need(cfg.blend in ("none", "hann"), f"--blend must be none or hann, got {cfg.blend!r}")
+    need(isinstance(cfg.smooth, (int, float)) and math.isfinite(cfg.smooth) and cfg.smooth >= 0,
+         f"--smooth must be a finite number >= 0, got {cfg.smooth}")
+    if cfg.infer_stride is not None:
+        need(whole(cfg.infer_stride) and 1 <= cfg.infer_stride <= patch,
+             f"--infer-stride must be a whole number from 1 to the patch size {patch}, got {cfg.infer_stride}")
 
 
 def _generator(seed: int, *keys: int) -> torch.Generator:
@@ -201,18 +219,45 @@ class Trainer:
         out, _mask = self.model.synthesize(clean, self.sources, gen)
         return out
 
+    def _positions(self, rows: torch.Tensor, cols: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Top-left pixel of each patch and the stride of the index grid they refer to."""
+        if self.cfg.patch_sampling == "random":
+            hi = self.cfg.image_size - self.patch + 1
+            return torch.randint(0, hi, rows.shape, generator=gen), torch.randint(0, hi, cols.shape, generator=gen), 1
+        return rows, cols, self.stride
+
+    def _augment(self, xs: list[torch.Tensor], gen: torch.Generator) -> list[torch.Tensor]:
+        """The same random horizontal/vertical flips on every tensor of ``xs`` ([B,C,P,P] each)."""
+        if not self.cfg.flips or xs[0].shape[0] == 0:
+            return xs
+        fh = torch.rand(xs[0].shape[0], generator=gen).lt(0.5).view(-1, 1, 1, 1)
+        fv = torch.rand(xs[0].shape[0], generator=gen).lt(0.5).view(-1, 1, 1, 1)
+        out = []
+        for x in xs:
+            x = torch.where(fh, x.flip(-1), x)
+            out.append(torch.where(fv, x.flip(-2), x))
+        return out
+
     def _batch(self, stage: int, epoch_order: PatchEpoch, start: int, stop: int, gen: torch.Generator):
         ids, rows, cols = epoch_order.batch(start, stop)
+        rows, cols, stride = self._positions(rows, cols, gen)
         if self.model.stages[stage] == "normal":
-            x = to_model_range(gather_patches(self.images, ids, rows, cols, self.patch, self.stride))
+            x = to_model_range(gather_patches(self.images, ids, rows, cols, self.patch, stride))
+            x, = self._augment([x], gen)
             return x, x
         # Synthetic stage: anomalies are pasted on whole images, then cut into the same patches.
         uniq, inverse = torch.unique(ids, return_inverse=True)
         clean = to_model_range(self.images[uniq])
         dirty = self._synthesize(clean, gen)
-        x = gather_patches(dirty, inverse, rows, cols, self.patch, self.stride)
-        y = gather_patches(clean, inverse, rows, cols, self.patch, self.stride)
-        return x, y
+        x = gather_patches(dirty, inverse, rows, cols, self.patch, stride)
+        y = gather_patches(clean, inverse, rows, cols, self.patch, stride)
+        return tuple(self._augment([x, y], gen))
+
+    def _lr_factor(self, done: int, total: int) -> float:
+        """Learning-rate multiplier at step ``done`` of ``total`` in a stage."""
+        if self.cfg.lr_schedule == "cosine" and total > 1:
+            return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(done, total) / total))
+        return 1.0
 
     # -- loop ----------------------------------------------------------------------------
     def run(self) -> AnomalyModel:
@@ -252,6 +297,8 @@ class Trainer:
                                            f"last good state saved in {self.out / CHECKPOINT_FILE}")
                         self.optimizer.zero_grad(set_to_none=True)
                         loss.backward()
+                        for group in self.optimizer.param_groups:
+                            group["lr"] = cfg.lr * self._lr_factor(done, total_steps)
                         self.optimizer.step()
                         dt = time.perf_counter() - t0
                         self.position["step"] += 1
@@ -304,7 +351,13 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
     from .calibration import calibrate
     from .evaluate import detector_for
 
-    det = detector_for(model, cfg.image_size, device)
+    det = detector_for(model, cfg.image_size, device, **detector_options(cfg, model))
+    perceptual = None
+    if det.map_kind in model.image_maps:
+        if held_back_images.shape[0] < 2:
+            raise RunError(f"--map {det.map_kind} needs at least 2 held-back images; use --holdback with more images")
+        det.fit_perceptual(held_back_images)
+        perceptual = det.image_map.state()
     normalization = det.fit_normalization(held_back_images) if cfg.normalize == "position" else None
     res = det.predict_batched(held_back_images)
     with warnings.catch_warnings():
@@ -315,7 +368,14 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
         flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:2_000_000]]
     cal["pixel_q999"] = float(torch.quantile(flat.float(), 0.999))  # map colour scale of older readers
     cal["source"] = "held-back images"
-    return {"calibration": cal, "normalization": normalization}
+    return {"calibration": cal, "normalization": normalization, "perceptual": perceptual,
+            "detector": detector_options(cfg, model)}
+
+
+def detector_options(cfg: TrainConfig, model: AnomalyModel) -> dict[str, Any]:
+    """The inference settings a run stores for :meth:`Detector.load` (map, stride, blend, smoothing)."""
+    return {"map_kind": cfg.map or model.default_map, "stride": cfg.infer_stride, "blend": cfg.blend,
+            "smooth_sigma": float(cfg.smooth)}
 
 
 def _warn(message: str) -> None:
@@ -446,6 +506,9 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         final = {**trainer.state(), "calibration": cal, "held_back": list(cfg.held_back), "train_seconds": elapsed}
         if finished["normalization"] is not None:
             final["normalization"] = finished["normalization"]
+        if finished["perceptual"] is not None:
+            final["perceptual"] = finished["perceptual"]
+        final["detector"] = finished["detector"]
         atomic_save(final, out / MODEL_FILE)
         if not cal.get("sufficient", True):
             _warn(cal["note"])

@@ -53,7 +53,7 @@ def model_names() -> list[str]:
 def map_names() -> list[str]:
     """Every anomaly-map name some registered model provides."""
     _load_all()
-    return sorted({k for cls in MODELS.values() for k in cls.anomaly_maps})
+    return sorted({k for cls in MODELS.values() for k in (*cls.anomaly_maps, *cls.image_maps)})
 
 
 _UNIONS = (typing.Union, types.UnionType)

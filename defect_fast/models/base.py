@@ -34,6 +34,9 @@ class AnomalyModel(nn.Module):
     name: ClassVar[str] = ""
     Config: ClassVar[type] = object
     anomaly_maps: ClassVar[dict[str, MapFn]] = {}
+    # Maps of whole images that every model shares: {name: module class}, built by the detector from
+    # the statistics stored in the model file (see :mod:`defect_fast.perceptual`).
+    image_maps: ClassVar[tuple[str, ...]] = ("perceptual",)
     demo_options: ClassVar[dict[str, Any]] = {}
     stages: tuple[str, ...] = ("normal",)
 
@@ -76,8 +79,9 @@ class AnomalyModel(nn.Module):
     def check_map(self, kind: str | None) -> str:
         """``kind`` (None: the default) if this model has that map, else a ValueError naming the choices."""
         kind = kind or self.default_map
-        if kind not in self.anomaly_maps:
-            raise ValueError(f"model {self.name!r} has no map {kind!r}; choose one of {sorted(self.anomaly_maps)}")
+        if kind not in self.anomaly_maps and kind not in self.image_maps:
+            raise ValueError(f"model {self.name!r} has no map {kind!r}; "
+                             f"choose one of {sorted(self.anomaly_maps) + list(self.image_maps)}")
         return kind
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:

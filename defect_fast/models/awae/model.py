@@ -105,6 +105,7 @@ class AWAEConfig:
     sigma_k: Union[float, None] = None
     sigma_step: str = "patch"
     lpips_weights: Union[str, None] = None
+    synthesis: str = "paper"
 
 
 @register
@@ -127,6 +128,8 @@ class AWAE(AnomalyModel):
             :class:`defect_fast.losses.ssim.SigmaSchedule`); sigma_k None derives k from
             sigma_end and the epoch length.
         lpips_weights: AlexNet trunk weights file for LPIPS (None: LPIPS's own search).
+        synthesis: "paper" (ADGA polygons) or "perlin" (irregular Perlin-shaped anomalies, see
+            :mod:`defect_fast.synthesis.synthesize`).
     """
 
     name = "awae"
@@ -149,8 +152,12 @@ class AWAE(AnomalyModel):
         sigma_k: float | None = None,
         sigma_step: str = "patch",
         lpips_weights: str | None = None,
+        synthesis: str = "paper",
     ):
         super().__init__()
+        if synthesis not in ("paper", "perlin"):
+            raise ValueError(f"AWAE: synthesis must be 'paper' or 'perlin', got {synthesis!r}")
+        self.synthesis = synthesis
         if patch_size < 32 or patch_size % 32:
             raise ValueError(f"AWAE: patch_size must be a multiple of 32 (>= 32), got {patch_size}")
         levels = tuple(sorted(int(i) for i in skip_levels))
@@ -169,7 +176,7 @@ class AWAE(AnomalyModel):
             skip_levels=list(levels), loss_mode=loss_mode, two_stage=bool(two_stage),
             stage2_ssim_weight=float(stage2_ssim_weight), ssim_weights=weights, sigma0=float(sigma0),
             sigma_end=float(sigma_end), sigma_k=None if sigma_k is None else float(sigma_k), sigma_step=sigma_step,
-            lpips_weights=lpips_weights,
+            lpips_weights=lpips_weights, synthesis=synthesis,
         )
 
         chans = [base_channels * 2**i for i in range(DEPTH)]
@@ -223,10 +230,11 @@ class AWAE(AnomalyModel):
 
     def synthesize(self, clean: torch.Tensor, sources: torch.Tensor | None,
                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """ADGA anomalies (appearance-matched polygons) on clean [B,3,H,W] -> (images, mask)."""
-        from ...synthesis.adga import adga
+        """ADGA anomalies on clean [B,3,H,W] -> (images, mask) ("paper": appearance-matched polygons;
+        "perlin": irregular Perlin-shaped anomalies with ADGA's choice of photo)."""
+        from ...synthesis import SynthesisConfig, synthesize
 
-        return adga(clean, sources, generator)
+        return synthesize(clean, sources, generator, "adga", SynthesisConfig(variant=self.synthesis))
 
     def trainable_parameters(self, stage: int) -> list[nn.Parameter]:
         """Every stage trains the whole autoencoder (stage 2 fine-tunes stage 1's weights)."""

@@ -41,6 +41,8 @@ from ... import ops
 from ...ops.reference import receptive_field_areas
 from .. import register
 from ..base import AnomalyModel
+
+SYNTHESIS_VARIANTS = ("paper", "perlin")
 from .anomaly_map import ANOMALY_MAPS
 
 LATENT = 512
@@ -145,6 +147,7 @@ class CMAAEConfig:
     rec_weight: float = 50.0
     entropy_weight: float = 0.01
     map: str = "msfr"
+    synthesis: str = "paper"
 
 
 @register
@@ -168,8 +171,11 @@ class CMAAE(AnomalyModel):
         rec_weight: float = 50.0,
         entropy_weight: float = 0.01,
         map: str = "msfr",
+        synthesis: str = "paper",
     ):
         super().__init__()
+        if synthesis not in SYNTHESIS_VARIANTS:
+            raise ValueError(f"synthesis must be one of {SYNTHESIS_VARIANTS}; got {synthesis!r}")
         if fusion not in ("cmam", "mam", "cat", "none"):
             raise ValueError(f"fusion must be one of cmam, mam, cat, none; got {fusion!r}")
         if rec_loss not in ("l1", "l2", "ssim"):
@@ -179,8 +185,9 @@ class CMAAE(AnomalyModel):
         self._config = dict(
             fusion=fusion, two_stage=two_stage, memory_size=memory_size, gate_activation=gate_activation,
             gate_target=gate_target, renorm_p=renorm_p, rec_loss=rec_loss, rec_weight=rec_weight,
-            entropy_weight=entropy_weight, map=map,
+            entropy_weight=entropy_weight, map=map, synthesis=synthesis,
         )
+        self.synthesis = synthesis
         self.patch_size = 64
         self.default_map = map
         self.fusion = fusion
@@ -250,10 +257,15 @@ class CMAAE(AnomalyModel):
 
     def synthesize(self, clean: torch.Tensor, sources: torch.Tensor | None,
                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """GAAGA anomalies (natural-photo and blurred-normal patches) on clean [B,3,H,W] -> (images, mask)."""
-        from ...synthesis.gaaga import gaaga
+        """GAAGA anomalies on clean [B,3,H,W] -> (images, mask).
 
-        return gaaga(clean, sources, generator)
+        ``synthesis="paper"``: the paper's natural-photo and blurred-normal rectangles;
+        "perlin": irregular Perlin-shaped regions with generated textures, cut-paste from other
+        images, brightness changes and random opacity (:mod:`defect_fast.synthesis.synthesize`).
+        """
+        from ...synthesis import SynthesisConfig, synthesize
+
+        return synthesize(clean, sources, generator, "gaaga", SynthesisConfig(variant=self.synthesis))
 
     def trainable_parameters(self, stage: int) -> list[nn.Parameter]:
         """Stage 0 trains everything; stage 1 freezes the memory (Algorithm 1, line 13)."""

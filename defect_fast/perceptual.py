@@ -1,0 +1,158 @@
+"""Perceptual MSFR: the multi-scale feature residual over a frozen ImageNet trunk, normalised per position.
+
+CMA-AE's MSFR (Eq. 15) compares the input and its reconstruction in the autoencoder's own encoder
+features. The paper names the alternative it set aside, a network pretrained on ImageNet; this map
+is that alternative, with the statistics of defect-free images taken into account:
+
+1. Input x and reconstruction r (full images [N, 3, S, S] in [-1, 1]) go through the first
+   convolution layers of AlexNet (the LPIPS trunk, ReLU outputs of conv1 and conv2 by default,
+   LPIPS input scaling).
+2. The residual features e_l = phi_l(x) - phi_l(r) are resampled to one grid (S / 4).
+3. Each channel at each grid position is standardised with the mean and variance of e over
+   defect-free images held back from training (``fit``), the variance shrunk towards the
+   channel's average variance (``prior``) because a few dozen images estimate it poorly:
+   z = (e - mean) / sqrt(var + prior * mean_var_of_channel).
+4. Per layer, the mean of z^2 over channels; layers are averaged with MSFR's receptive-field
+   weights; the square root is upsampled (bilinear) to S x S.
+
+Why the statistics: on real photographs the reconstruction of a patch autoencoder is smoother
+than the input, so a plain feature residual measures the surface texture everywhere, and the
+photographs share systematic responses (tile edges, background corners, lighting). The mean
+removes the systematic part of the residual at each position; the variance scales what is left
+by how much it varies on defect-free surfaces. Without ``fit`` (no held-back images) the map is
+the plain residual energy, mean over channels of e^2, per layer.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# (conv index in torchvision's alexnet.features, kernel, stride) for the trunk layers up to conv3
+_CONVS = [(0, 3, 64, 11, 4, 2), (3, 64, 192, 5, 1, 2), (6, 192, 384, 3, 1, 1)]
+_LPIPS_SHIFT = (-0.030, -0.088, -0.188)
+_LPIPS_SCALE = (0.458, 0.448, 0.450)
+# Receptive-field side of conv1..conv3 outputs (11, 51 and 99 pixels): MSFR weights are their areas.
+_RF = (11, 51, 99)
+
+
+class PerceptualMap(nn.Module):
+    """Perceptual MSFR map of full images; see the module docstring.
+
+    Args:
+        image_size: side S of the images.
+        layers: how many AlexNet conv layers to use (1..3; default 2: conv1 and conv2).
+        trunk: AlexNet ``features.*`` state dict (``None``: :func:`defect_fast.losses.lpips.load_alexnet_trunk`).
+        prior: variance shrinkage towards the channel mean variance (>= 0).
+    """
+
+    def __init__(self, image_size: int, layers: int = 2, trunk: dict[str, torch.Tensor] | None = None,
+                 prior: float = 0.01):
+        super().__init__()
+        if not 1 <= layers <= 3:
+            raise ValueError(f"layers must be 1, 2 or 3, got {layers}")
+        if image_size < 32:
+            raise ValueError(f"image_size must be >= 32 for the perceptual map, got {image_size}")
+        if prior < 0:
+            raise ValueError(f"prior must be >= 0, got {prior}")
+        if trunk is None:
+            from .losses.lpips import load_alexnet_trunk
+
+            trunk, _origin = load_alexnet_trunk(os.environ.get("DEFECT_FAST_ALEXNET_WEIGHTS"))
+        self.image_size, self.layers, self.prior = int(image_size), int(layers), float(prior)
+        self.convs = nn.ModuleList()
+        for idx, cin, cout, k, s, p in _CONVS[:layers]:
+            conv = nn.Conv2d(cin, cout, k, s, p)
+            conv.weight.data.copy_(trunk[f"features.{idx}.weight"])
+            conv.bias.data.copy_(trunk[f"features.{idx}.bias"])
+            self.convs.append(conv)
+        self.requires_grad_(False)
+        self.register_buffer("shift", torch.tensor(_LPIPS_SHIFT).view(1, 3, 1, 1))
+        self.register_buffer("scale", torch.tensor(_LPIPS_SCALE).view(1, 3, 1, 1))
+        areas = torch.tensor([float(r * r) for r in _RF[:layers]])
+        self.register_buffer("weights", areas / areas.sum())
+        self.grid = max(8, self.image_size // 4)
+        channels = sum(c[2] for c in _CONVS[:layers])
+        g = self.grid
+        # Statistics of the residual features on defect-free images (fit); fitted == 0 means none.
+        self.register_buffer("mean", torch.zeros(channels, g, g))
+        self.register_buffer("inv_std", torch.ones(channels, g, g))
+        self.register_buffer("fitted", torch.zeros(()))
+
+    # -- features --------------------------------------------------------------------------------
+    def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        h = (x - self.shift) / self.scale
+        out = []
+        for i, conv in enumerate(self.convs):
+            if i > 0:
+                h = F.max_pool2d(h, 3, 2)
+            h = F.relu(conv(h))
+            out.append(h)
+        return out
+
+    def residual(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        """x, recon [N,3,S,S] in [-1,1] -> residual features [N, C, G, G] (all layers, one grid)."""
+        g = (self.grid, self.grid)
+        fx, fr = self._features(x.float()), self._features(recon.float())
+        return torch.cat([F.interpolate(a - b, size=g, mode="bilinear", align_corners=False) for a, b in zip(fx, fr)], 1)
+
+    def forward(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        """x, recon [N,3,S,S] in [-1, 1] -> map [N, S, S] (>= 0, larger = more anomalous)."""
+        z = (self.residual(x, recon) - self.mean) * self.inv_std
+        z2 = z * z
+        per_layer, start = [], 0
+        for conv in self.convs:
+            c = conv.out_channels
+            per_layer.append(z2[:, start:start + c].mean(dim=1))
+            start += c
+        m = (torch.stack(per_layer, 1) * self.weights.view(1, -1, 1, 1)).sum(1, keepdim=True).sqrt()
+        s = x.shape[-1]
+        return F.interpolate(m, size=(s, s), mode="bilinear", align_corners=False)[:, 0]
+
+    # -- statistics ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def fit(self, pairs) -> int:
+        """Per-position, per-channel mean and variance of the residual over defect-free images.
+
+        Args:
+            pairs: iterable of (x, recon) batches [n,3,S,S] in [-1, 1].
+        Returns:
+            the number of images the statistics rest on (at least 2 are needed).
+        """
+        n, s1, s2 = 0, None, None
+        for x, recon in pairs:
+            e = self.residual(x.to(self.mean.device), recon.to(self.mean.device)).double()
+            s1 = e.sum(0) if s1 is None else s1 + e.sum(0)
+            s2 = (e * e).sum(0) if s2 is None else s2 + (e * e).sum(0)
+            n += e.shape[0]
+        if n < 2:
+            raise ValueError(f"the perceptual map needs at least 2 defect-free images to fit, got {n}")
+        mean = s1 / n
+        var = ((s2 - n * mean * mean) / (n - 1)).clamp_min(0)
+        channel_var = var.mean(dim=(1, 2), keepdim=True)
+        floor = 1e-3 * var.mean() + 1e-12
+        self.mean.copy_(mean.float())
+        self.inv_std.copy_((var + self.prior * channel_var + floor).rsqrt().float())
+        self.fitted.fill_(float(n))
+        return n
+
+    def state(self) -> dict:
+        """What a model file stores to rebuild this map (trunk included: the file is self-contained)."""
+        return {"image_size": self.image_size, "layers": self.layers, "prior": self.prior,
+                "tensors": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "PerceptualMap":
+        t = state["tensors"]
+        trunk = {}
+        for i, (idx, *_rest) in enumerate(_CONVS[:state["layers"]]):
+            trunk[f"features.{idx}.weight"] = t[f"convs.{i}.weight"]
+            trunk[f"features.{idx}.bias"] = t[f"convs.{i}.bias"]
+        m = cls(state["image_size"], state["layers"], trunk=trunk, prior=state["prior"])
+        m.load_state_dict(t)
+        return m
+
+
+__all__ = ["PerceptualMap"]

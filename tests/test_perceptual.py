@@ -1,0 +1,110 @@
+"""Perceptual MSFR map: statistics, shapes, locality, storage, and the detector's use of it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from defect_fast.detect import Detector
+from defect_fast.models import build_model
+from defect_fast.perceptual import PerceptualMap
+
+
+def _trunk(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random AlexNet conv1..conv3 weights in torchvision's layout (tests need no download)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {0: (64, 3, 11, 11), 3: (192, 64, 5, 5), 6: (384, 192, 3, 3)}
+    t = {}
+    for i, s in shapes.items():
+        fan_in = s[1] * s[2] * s[3]
+        t[f"features.{i}.weight"] = torch.randn(*s, generator=g) * (2.0 / fan_in) ** 0.5
+        t[f"features.{i}.bias"] = torch.zeros(s[0])
+    return t
+
+
+def _images(n: int, s: int = 64, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, s, s, generator=g) * 2 - 1
+
+
+def test_unfitted_map_is_the_residual_energy_and_zero_for_a_perfect_reconstruction():
+    pm = PerceptualMap(64, trunk=_trunk())
+    x = _images(2)
+    m = pm(x, x)
+    assert m.shape == (2, 64, 64)
+    assert torch.count_nonzero(m) == 0
+    assert pm(x, torch.zeros_like(x)).min() >= 0 and pm(x, torch.zeros_like(x)).max() > 0
+
+
+def test_residual_equal_to_the_stored_mean_maps_to_zero():
+    pm = PerceptualMap(64, trunk=_trunk())
+    xs = _images(3)
+    n = pm.fit([(xs, xs * 0.5)])
+    assert n == 3 and float(pm.fitted) == 3
+    x, r = xs[:1], xs[:1] * 0.3
+    assert pm(x, r).max() > 0
+    pm.mean.copy_(pm.residual(x, r)[0])
+    assert pm(x, r).abs().max() < 1e-4
+
+
+def test_fitted_map_standardises_each_position_and_channel():
+    pm = PerceptualMap(64, layers=1, trunk=_trunk(), prior=0.0)
+    xs, rs = _images(40, seed=2), _images(40, seed=3) * 0.2
+    pm.fit([(xs[:20], rs[:20]), (xs[20:], rs[20:])])  # batches are summed, not averaged per batch
+    e = pm.residual(xs, rs)
+    torch.testing.assert_close(pm.mean, e.mean(0), atol=1e-4, rtol=1e-4)
+    z = (e - pm.mean) * pm.inv_std
+    # unit variance per channel and position (up to the small floor)
+    assert 0.9 < float(z.var(0, unbiased=True).mean()) <= 1.0
+
+
+def test_a_local_change_raises_the_map_locally():
+    pm = PerceptualMap(128, trunk=_trunk())
+    normal = _images(12, s=128, seed=4) * 0.1
+    pm.fit([(normal, normal * 0.9)])
+    x = normal[:1].clone()
+    x[..., 80:100, 20:40] = 1.0  # a bright square
+    m = pm(x, normal[:1] * 0.9)[0]
+    inside = m[80:100, 20:40].mean()
+    far = m[:40, 80:].mean()
+    assert inside > 3 * far
+
+
+def test_state_round_trip_gives_the_same_map():
+    pm = PerceptualMap(64, layers=3, trunk=_trunk(), prior=0.05)
+    x, r = _images(4, seed=5), _images(4, seed=6)
+    pm.fit([(x, r)])
+    back = PerceptualMap.from_state(pm.state())
+    torch.testing.assert_close(back(x, r), pm(x, r))
+
+
+@pytest.mark.parametrize("bad", [dict(layers=0), dict(layers=4), dict(image_size=16), dict(prior=-1.0)])
+def test_bad_arguments_are_refused(bad):
+    kw = dict(image_size=64, layers=2, trunk=_trunk(), prior=0.01) | bad
+    with pytest.raises(ValueError):
+        PerceptualMap(**kw)
+
+
+def test_fit_needs_two_images():
+    pm = PerceptualMap(64, trunk=_trunk())
+    with pytest.raises(ValueError, match="at least 2"):
+        pm.fit([(_images(1), _images(1))])
+
+
+def test_detector_uses_the_perceptual_map_on_stitched_reconstructions(monkeypatch):
+    import defect_fast.perceptual as perceptual
+
+    monkeypatch.setattr(perceptual, "PerceptualMap", lambda s, layers=2, prior=0.01: PerceptualMap(s, layers, _trunk(), prior))
+    torch.manual_seed(0)
+    model = build_model("cmaae", memory_size=20)
+    det = Detector(model, image_size=128, stride=32, blend="hann")
+    normal = (torch.rand(6, 3, 128, 128) * 255).to(torch.uint8)
+    assert det.fit_perceptual(normal, images_per_batch=4) == 6
+    assert det.map_kind == "perceptual"
+    maps, scores = det(normal[:2])
+    assert maps.shape == (2, 128, 128) and scores.shape == (2,)
+    # the map is the perceptual map of the image and its stitched reconstruction
+    x = det._to_model_input(normal[:2])
+    torch.testing.assert_close(maps, det.image_map(x, det._stitched_recon(x)))
+    # the detector refuses the map when no statistics were fitted
+    with pytest.raises(ValueError, match="statistics"):
+        Detector(model, image_size=128, map_kind="perceptual")
