@@ -1,0 +1,85 @@
+"""Model-free reference maps on an MVTec-style dataset, scored like the models.
+
+    python3 experiments/model_free.py [DATA] [--image-size 256] [--out experiments/results/magnetic-tile]
+
+Rows written (one JSON each, same metrics as ``defect-fast evaluate``):
+- ``model-free-mean``: |x - mean training image| (the calibration point of issue "Detect real defects").
+- ``model-free-blur-perceptual``: the perceptual map of :mod:`defect_fast.perceptual` with a
+  Gaussian blur (sigma 8 px) of the input in place of a reconstruction, statistics from the same
+  held-back images a run uses (10 %, seed 0). It tells what the map gets from an autoencoder
+  beyond "a smooth copy of the input".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from defect_fast.calibration import split_holdback  # noqa: E402
+from defect_fast.data import load_test_set, load_train_images  # noqa: E402
+from defect_fast.maps import blur_matrix  # noqa: E402
+from defect_fast.metrics import evaluate  # noqa: E402
+from defect_fast.perceptual import PerceptualMap  # noqa: E402
+from defect_fast.safety import dump_json_strict  # noqa: E402
+
+
+def scores_of(maps: torch.Tensor, top: float = 0.001) -> torch.Tensor:
+    flat = maps.flatten(1)
+    return flat.topk(max(1, round(flat.shape[1] * top)), dim=1).values.mean(1)
+
+
+def gaussian(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    a = blur_matrix(x.shape[-1], sigma).float()
+    return a @ x @ a.T
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("data", nargs="?", default=str(ROOT.parent / "shared" / "data" / "magnetic-tile"))
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--out", default=str(ROOT / "experiments" / "results" / "magnetic-tile"))
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    s = args.image_size
+    train, paths = load_train_images(args.data, s)
+    test = load_test_set(args.data, s)
+    tr_idx, held_idx = split_holdback(list(range(len(paths))), 0.1, seed=0)
+    x_test = test.images.float() / 127.5 - 1
+
+    t0 = time.perf_counter()
+    mean = (train[tr_idx].float() / 127.5 - 1).mean(0, keepdim=True)
+    maps = (x_test - mean).abs().mean(1)
+    write(out / "model-free-mean.json", maps, test, "abs(x - mean training image)", time.perf_counter() - t0, args)
+
+    t0 = time.perf_counter()
+    pm = PerceptualMap(s)
+    held = train[held_idx].float() / 127.5 - 1
+    blur = lambda x: gaussian(x, 8.0)  # noqa: E731
+    pm.fit((c, blur(c)) for c in held.split(16))
+    maps = torch.cat([pm(c, blur(c)) for c in x_test.split(16)])
+    maps = gaussian(maps, 4.0)
+    write(out / "model-free-blur-perceptual.json", maps, test,
+          "perceptual map (AlexNet conv1-2, held-back statistics) of x against a Gaussian blur of x (sigma 8), "
+          "map smoothed with sigma 4", time.perf_counter() - t0, args)
+    return 0
+
+
+def write(path: Path, maps, test, what: str, seconds: float, args) -> None:
+    m = evaluate(maps, test.masks, scores_of(maps), test.labels, test.classes)
+    m.update(model="model-free", map=what, image_size=args.image_size, seconds=round(seconds, 1),
+             command="python3 experiments/model_free.py " + " ".join(sys.argv[1:]))
+    path.write_text(dump_json_strict(m))
+    print(f"{path.name}: pixel AUROC {m['pixel_auroc']:.4f}, image AUROC {m['image_auroc']:.4f}, AUPRO {m['aupro']:.4f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

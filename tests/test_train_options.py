@@ -1,0 +1,113 @@
+"""Trainer options of the accuracy work: random-offset patches, flips, cosine schedule, stored
+inference settings, and the perceptual map fitted at the end of training."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from defect_fast.detect import Detector
+from defect_fast.train import ConfigError, PatchEpoch, TrainConfig, Trainer, _generator, check_config, train
+
+
+def _trainer(tmp_path, images, **kw) -> Trainer:
+    base = dict(data="unused", model="cmaae", image_size=images.shape[-1], batch_size=8, epochs=[1, 1],
+                model_kwargs={"memory_size": 20}, seed=0)
+    base.update(kw)
+    return Trainer(TrainConfig(**base), tmp_path, images, progress=False, log=lambda s: None)
+
+
+def _images(n=3, s=128):
+    # each pixel encodes its own position and image: a patch tells where it was cut from
+    yy, xx = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
+    img = torch.stack([yy % 256, xx % 256, torch.zeros_like(yy)]).to(torch.uint8)
+    out = img.repeat(n, 1, 1, 1)
+    out[:, 2] = torch.arange(n).view(-1, 1, 1).to(torch.uint8)
+    return out
+
+
+def test_random_sampling_cuts_patches_anywhere_and_reproducibly(tmp_path):
+    images = _images()
+    t = _trainer(tmp_path, images, patch_sampling="random")
+    order = PatchEpoch(3, t.grid, _generator(0, 0, 0))
+    x, y = t._batch(0, order, 0, 12, _generator(0, 0, 0, 0))
+    assert torch.equal(x, y) and x.shape == (12, 3, 64, 64)
+    top = ((x[:, 0, 0, 0] + 1) * 127.5).round().long()
+    left = ((x[:, 1, 0, 0] + 1) * 127.5).round().long()
+    assert (top >= 0).all() and (top <= 64).all() and (left <= 64).all()
+    assert (top % 64 != 0).any() or (left % 64 != 0).any(), "every patch sat on the inference grid"
+    # the patch content is the image window at that offset
+    for k in range(12):
+        i = int(((x[k, 2, 0, 0] + 1) * 127.5).round())
+        win = images[i, :, top[k]:top[k] + 64, left[k]:left[k] + 64].float() / 127.5 - 1
+        torch.testing.assert_close(x[k], win)
+    x2, _ = t._batch(0, order, 0, 12, _generator(0, 0, 0, 0))
+    assert torch.equal(x, x2)
+
+
+def test_grid_sampling_is_unchanged(tmp_path):
+    t = _trainer(tmp_path, _images())
+    order = PatchEpoch(3, t.grid, _generator(0, 0, 0))
+    x, _ = t._batch(0, order, 0, 4, _generator(0, 0, 0, 0))
+    top = ((x[:, 0, 0, 0] + 1) * 127.5).round().long()
+    assert (top % 64 == 0).all()
+
+
+def test_flips_apply_the_same_flip_to_input_and_target(tmp_path):
+    images = _images()
+    t = _trainer(tmp_path, images, flips=True)
+    order = PatchEpoch(3, t.grid, _generator(0, 0, 0))
+    x, y = t._batch(1, order, 0, 12, _generator(0, 1, 0, 0))  # synthetic stage: x != y in general
+    clean, _ = _trainer(tmp_path, images)._batch(1, order, 0, 12, _generator(0, 1, 0, 0))
+    flipped = 0
+    for k in range(12):
+        candidates = [y[k], y[k].flip(-1), y[k].flip(-2), y[k].flip(-1).flip(-2)]
+        assert any(torch.equal(c, c) for c in candidates)
+        # rows of the position code decrease down the patch iff the patch was flipped vertically
+        down = y[k, 0, -1, 5] < y[k, 0, 0, 5]
+        right = y[k, 1, 5, -1] < y[k, 1, 5, 0]
+        flipped += int(down) + int(right)
+    assert 4 <= flipped <= 20, flipped  # about half of 24 flips
+
+
+def test_cosine_schedule_goes_from_lr_to_one_percent(tmp_path):
+    t = _trainer(tmp_path, _images(), lr_schedule="cosine")
+    assert t._lr_factor(0, 100) == 1.0
+    assert math.isclose(t._lr_factor(100, 100), 0.01)
+    assert math.isclose(t._lr_factor(50, 100), 0.505)
+    assert _trainer(tmp_path, _images())._lr_factor(50, 100) == 1.0
+
+
+@pytest.mark.parametrize("bad", [dict(patch_sampling="everywhere"), dict(lr_schedule="step"), dict(blend="tukey"),
+                                 dict(smooth=-1.0), dict(infer_stride=65), dict(infer_stride=0)])
+def test_bad_options_are_refused_naming_the_option(bad):
+    cfg = TrainConfig(data="d", image_size=128, epochs=[1, 1], **bad)
+    with pytest.raises(ConfigError, match="--" + next(iter(bad)).replace("_", "-")):
+        check_config(cfg, 2, 64)
+
+
+def test_run_stores_its_inference_settings_and_perceptual_map(synthetic_root, tmp_path, monkeypatch):
+    import defect_fast.perceptual as perceptual
+    from tests.test_perceptual import _trunk
+
+    class RandomTrunkMap(perceptual.PerceptualMap):  # no ImageNet weights needed in tests
+        def __init__(self, image_size, layers=2, trunk=None, prior=0.01):
+            super().__init__(image_size, layers, trunk or _trunk(), prior)
+
+    monkeypatch.setattr(perceptual, "PerceptualMap", RandomTrunkMap)
+    cfg = TrainConfig(data=str(synthetic_root), model="cmaae", image_size=128, batch_size=16, epochs=[1, 1],
+                      max_steps=[1, 1], model_kwargs={"memory_size": 20, "synthesis": "perlin"}, seed=0,
+                      patch_sampling="random", flips=True, lr_schedule="cosine", map="perceptual",
+                      infer_stride=32, blend="hann", smooth=2.0, holdback=0.3)
+    path = train(cfg, tmp_path / "run", progress=False, log=lambda s: None)
+    det = Detector.load(path, device="cpu")
+    assert (det.map_kind, det.stride, det.blend, det.smooth_sigma) == ("perceptual", 32, "hann", 2.0)
+    assert float(det.image_map.fitted) >= 2
+    # explicit arguments still win over the stored settings
+    det2 = Detector.load(path, device="cpu", map_kind="msfr", stride=64, blend="none", smooth_sigma=0.0)
+    assert (det2.map_kind, det2.stride, det2.blend, det2.smooth_sigma) == ("msfr", 64, "none", 0.0)
+    maps, scores = det(torch.zeros(1, 3, 128, 128, dtype=torch.uint8))
+    assert maps.shape == (1, 128, 128) and torch.isfinite(scores).all()
+
