@@ -1,4 +1,5 @@
-"""Markdown tables from experiments/results/magnetic-tile/*.json (pasted into the README).
+"""Markdown tables from experiments/results/magnetic-tile/*.json (pasted into the README), and
+experiments/results/magnetic-tile/summary.json (the best row and every row).
 
     python3 experiments/summarize.py
 """
@@ -10,6 +11,21 @@ from pathlib import Path
 RES = Path(__file__).resolve().parent / "results" / "magnetic-tile"
 
 ROWS = {
+    "v2": [
+        ("cmaae-v2", "CMA-AE, new options (seed 0)"),
+        ("awae-v2", "AW-SSIM AE, new options (seed 0)"),
+        ("cmaae", "CMA-AE, the papers' settings"),
+        ("awae", "AW-SSIM AE, the papers' settings"),
+        ("model-free-mean", "model-free: abs(x - mean training image)"),
+        ("model-free-blur-perceptual", "model-free: perceptual map of x against a Gaussian blur of x"),
+    ],
+    "v2_maps": [
+        ("cmaae-v2", "CMA-AE new options: perceptual map, stride 32, Hann, smooth 4"),
+        ("cmaae-v2-msfr-overlap", "same model, MSFR (own encoder), stride 32, Hann, smooth 4"),
+        ("cmaae-v2-msfr-tiles", "same model, MSFR, tiles, no smoothing (the paper's inference)"),
+        ("awae-v2", "AW-SSIM AE new options: perceptual map, stride 32, Hann, smooth 4"),
+        ("awae-v2-residual-overlap", "same model, pixel residual (the paper's map), stride 32, Hann, smooth 4"),
+    ],
     "main": [
         ("cmaae", "CMA-AE (CMAM, two stages, MSFR)"),
         ("awae", "AW-SSIM AE (two stages, AW-SSIM + LPIPS, residual)"),
@@ -49,11 +65,55 @@ def table(rows) -> str:
             lines.append(f"| {label} | not run | | | | | |")
             continue
         m = json.loads(path.read_text())
-        secs = m.get("train_seconds_wall")
+        secs = m.get("train_seconds_wall") or m.get("seconds")
         t = f"{secs / 60:.1f} min" if secs else "(same model)"
         lines.append(f"| {label} | {fmt(m['pixel_auroc'])} | {fmt(m['image_auroc'])} | {fmt(m['aupro'])} | "
                      f"{fmt(m['pixel_f1_max'])} | {t} | {m.get('inference_ms_per_image', float('nan')):.0f} |")
     return "\n".join(lines)
+
+
+def seeds(base: str, label: str) -> str:
+    """Mean and spread (min..max) over the seeds of a headline row that were run."""
+    runs = [json.loads(p.read_text()) for p in [RES / f"{base}.json", RES / f"{base}-s1.json", RES / f"{base}-s2.json"]
+            if p.exists()]
+    if not runs:
+        return f"| {label} | not run | | | |"
+    cells = []
+    for key in ("pixel_auroc", "image_auroc", "aupro", "pixel_f1_max"):
+        v = [r[key] for r in runs]
+        cells.append(f"{fmt(sum(v) / len(v))} ({fmt(min(v))}..{fmt(max(v))})" if len(v) > 1 else fmt(v[0]))
+    return f"| {label} ({len(runs)} seed{'s' if len(runs) > 1 else ''}) | " + " | ".join(cells) + " |"
+
+
+def summary() -> dict:
+    """summary.json: every row, and the best trained model by pixel AUROC with its command."""
+    rows = []
+    for path in sorted(RES.glob("*.json")):
+        if path.name == "summary.json":
+            continue
+        m = json.loads(path.read_text())
+        rows.append({"name": path.stem, "model": m.get("model"), "pixel_auroc": m.get("pixel_auroc"),
+                     "image_auroc": m.get("image_auroc"), "aupro": m.get("aupro"), "pixel_f1_max": m.get("pixel_f1_max"),
+                     "train_seconds": m.get("train_seconds") or m.get("train_seconds_wall"),
+                     "train_args": m.get("train_args"), "evaluate_args": m.get("evaluate_args"),
+                     "hardware": m.get("hardware")})
+    trained = [r for r in rows if r["model"] not in (None, "model-free") and r["name"].endswith(("-v2",))]
+    best = max(trained, key=lambda r: r["pixel_auroc"] or 0, default=None)
+    out = {"rows": rows}
+    if best is not None:
+        out["best"] = {"model": best["model"], "name": best["name"], "command": COMMANDS.get(best["name"], ""),
+                       "pixel_auroc": best["pixel_auroc"], "image_auroc": best["image_auroc"], "aupro": best["aupro"],
+                       "train_seconds": best["train_seconds"]}
+    return out
+
+
+_NEW = ("--image-size 256 --batch-size 64 --epochs 1 1 --patch-sampling random --flips --lr-schedule cosine "
+        "--set synthesis=perlin --map perceptual --infer-stride 32 --blend hann --smooth 4")
+COMMANDS = {
+    name: ("DEFECT_FAST_ALEXNET_WEIGHTS=../shared/weights/alexnet-features-imagenet.pth python3 -m defect_fast train "
+           f"../shared/data/magnetic-tile --model {model} --out runs/{name} {_NEW}")
+    for name, model in (("cmaae-v2", "cmaae"), ("awae-v2", "awae"))
+}
 
 
 def per_class(name: str) -> str:
@@ -68,5 +128,12 @@ def per_class(name: str) -> str:
 if __name__ == "__main__":
     for key, rows in ROWS.items():
         print(f"### {key}\n\n{table(rows)}\n")
+    print("### seeds\n\n| run | pixel AUROC | image AUROC | AUPRO | pixel F1-max |\n|---|---|---|---|---|")
+    print(seeds("cmaae-v2", "CMA-AE, new options"))
+    print(seeds("awae-v2", "AW-SSIM AE, new options") + "\n")
+    for name in ("cmaae-v2", "awae-v2"):
+        if (RES / f"{name}.json").exists():
+            print(f"### {name} per class\n\n{per_class(name)}\n")
+    (RES / "summary.json").write_text(json.dumps(summary(), indent=2) + "\n")
     if (RES / "cmaae.json").exists():
         print(f"### cmaae per class\n\n{per_class('cmaae')}\n")
