@@ -14,7 +14,7 @@ host. The CMA-AE paper reports 41.673 ms per 512x512 image on an A100; the ratio
 beside every tuned CMA-AE figure (a CPU number is not an A100 number: compare with care).
 
     python benchmarks/bench_inference.py [--device cpu|cuda] [--batch 1 8 64] [--rounds 10]
-        [--models cmaae awae] [--compile] [--no-cuda-graphs] [--out FILE]
+        [--models cmaae awae] [--threads N] [--compile] [--no-cuda-graphs] [--out FILE]
 """
 from __future__ import annotations
 
@@ -43,14 +43,16 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1, help="untimed calls of each path per batch (the first also "
                     "compares their maps)")
     ap.add_argument("--models", nargs="+", default=["cmaae", "awae"])
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads of both paths (default: torch's); on a "
+                    "CPU shared with busy processes 1 can beat the core count")
     ap.add_argument("--compile", action="store_true", help="tuned path with torch.compile")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="tuned path without CUDA graphs (CUDA only)")
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/inference_<device>.json)")
     args = ap.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is visible")
-    if min(args.batch) < 1 or args.rounds < 1 or args.warmup < 1:
-        ap.error("--batch, --rounds and --warmup must be >= 1")
+    if min(args.batch) < 1 or args.rounds < 1 or args.warmup < 1 or (args.threads is not None and args.threads < 1):
+        ap.error("--batch, --rounds, --warmup and --threads must be >= 1")
 
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
@@ -59,14 +61,15 @@ def main() -> None:
     info["cpu_flags"] = {"amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
                          "avx512f": "avx512f" in flags, "avx2": "avx2" in flags}
     results = {"info": info, "command": command_line(), "native_backend": ops.backend(args.device),
-               "paper_ms_per_image": PAPER_MS_PER_IMAGE, "image_size": SIZE, "eager": dict(EAGER), "rows": []}
+               "paper_ms_per_image": PAPER_MS_PER_IMAGE, "image_size": SIZE, "threads": args.threads,
+               "eager": dict(EAGER, images_per_call=EAGER_IMAGES_PER_CALL), "rows": []}
     print(f"{info.get('gpu') or info['cpu']} | torch {info['torch']} | threads {info['torch_threads']} | "
           f"load {info.get('load_average')} | ops {results['native_backend']}")
     for name in args.models:
         torch.manual_seed(0)
         model = build_model(name)
-        eager = Detector(model, image_size=SIZE, device=device, **EAGER)
-        tuned = Detector(model, image_size=SIZE, device=device, compile=args.compile,
+        eager = Detector(model, image_size=SIZE, device=device, threads=args.threads, **EAGER)
+        tuned = Detector(model, image_size=SIZE, device=device, threads=args.threads, compile=args.compile,
                          cuda_graphs=on_gpu and not args.no_cuda_graphs)
         results.setdefault("tuned", {})[name] = tuned.options()
         print(f"{name}: map {tuned.map_kind}, tuned options {tuned.options()}")

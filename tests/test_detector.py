@@ -113,6 +113,8 @@ def test_precision_and_channels_last_options():
         Detector(_model(), image_size=128, batch_size=-1)
     with pytest.raises(ValueError, match="cuda_graphs"):
         Detector(_model(), image_size=128, cuda_graphs=True)
+    with pytest.raises(ValueError, match="threads"):
+        Detector(_model(), image_size=128, threads=0)
 
 
 def test_auto_options_follow_the_cpu_flags(monkeypatch):
@@ -120,7 +122,7 @@ def test_auto_options_follow_the_cpu_flags(monkeypatch):
     assert default_precision("cpu") == "float32"
     det = Detector(_model(), image_size=128)
     assert det.options() == {"precision": "float32", "channels_last": True, "batch_size": 64, "compile": False,
-                             "cuda_graphs": False}
+                             "cuda_graphs": False, "threads": None}
     for flag in ("avx512_bf16", "amx_bf16"):
         monkeypatch.setattr(detect, "cpu_flags", lambda: {"avx2", flag})
         assert default_precision("cpu") == "bfloat16"
@@ -148,9 +150,11 @@ def test_chunking_and_workspace_keep_results_apart(batch_size):
 
 
 def test_predict_batched_then_calibrate_and_normalise_share_the_detector():
-    det = Detector(_model(), image_size=128, batch_size=2)
+    det = Detector(_model(), image_size=128, batch_size=2, threads=1)
     x = _images(5, 128, seed=4)
+    before = torch.get_num_threads()
     res = det.predict_batched(x, images_per_batch=2)  # inference mode, uneven last call
+    assert torch.get_num_threads() == before
     assert res["maps"].shape == (5, 128, 128) and res["scores"].shape == (5,)
     ref = torch.cat([det(c)[0] for c in x.split(2)])
     torch.testing.assert_close(res["maps"], ref)
