@@ -1,4 +1,4 @@
-"""Detector as one nn.Module: default maps unchanged, blending, normalisation, any input, regions, API."""
+"""Detector as one nn.Module: default maps unchanged, tuned path, blending, normalisation, any input, regions, API."""
 from __future__ import annotations
 
 import ast
@@ -13,7 +13,8 @@ from PIL import Image
 
 import defect_fast
 from defect_fast.data import extract_patches, stitch_patches
-from defect_fast.detect import Detector, find_regions, image_scores
+from defect_fast import detect
+from defect_fast.detect import Detector, default_batch_size, default_precision, find_regions, image_scores
 from defect_fast.models import build_model, model_class, model_names
 from defect_fast.runs import atomic_save
 
@@ -39,7 +40,7 @@ def _images(n, size, seed=1):
 def test_default_pipeline_equals_patch_by_patch_reference(name, map_kind, stride):
     m = _model(name)
     size = 128 if name == "cmaae" else 64
-    det = Detector(m, image_size=size, map_kind=map_kind, stride=stride)
+    det = Detector(m, image_size=size, map_kind=map_kind, stride=stride, precision="float32", channels_last=False)
     x = _images(2, size)
     maps, scores = det(x)
     # Reference: the pre-module pipeline (extract, model, map rule, stitch by averaging, top-0.1 % score).
@@ -50,6 +51,15 @@ def test_default_pipeline_equals_patch_by_patch_reference(name, map_kind, stride
     ref = stitch_patches(pm, size, m.patch_size, stride)[:, 0]
     assert torch.equal(maps, ref)
     assert torch.equal(scores, image_scores(ref))
+    # The tuned defaults (channels-last patches cut in one copy, chunks into a reused workspace,
+    # stitching by one permute) give the same float32 maps up to summation order.
+    tuned = Detector(m, image_size=size, map_kind=map_kind, stride=stride, batch_size=3)
+    if tuned.precision == "float32":
+        assert tuned.channels_last
+        for _ in range(2):
+            t_maps, t_scores = tuned(x)
+            torch.testing.assert_close(t_maps, ref, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(t_scores, image_scores(ref), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("blend", ["none", "hann"])
@@ -87,7 +97,7 @@ def test_fit_normalization_standardises_each_position():
 
 def test_precision_and_channels_last_options():
     x = _images(1, 128)
-    base = Detector(_model(), image_size=128)(x)[0]
+    base = Detector(_model(), image_size=128, channels_last=False, precision="float32")(x)[0]
     cl = Detector(_model(), image_size=128, channels_last=True)(x)[0]
     torch.testing.assert_close(cl, base, atol=1e-5, rtol=1e-4)
     bf = Detector(_model(), image_size=128, precision="bfloat16")(x)[0]
@@ -97,6 +107,60 @@ def test_precision_and_channels_last_options():
         Detector(_model(), image_size=128, precision="float8")
     with pytest.raises(ValueError, match="blend"):
         Detector(_model(), image_size=128, blend="cosine")
+    with pytest.raises(ValueError, match="channels_last"):
+        Detector(_model(), image_size=128, channels_last="yes")
+    with pytest.raises(ValueError, match="batch_size"):
+        Detector(_model(), image_size=128, batch_size=-1)
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        Detector(_model(), image_size=128, cuda_graphs=True)
+    with pytest.raises(ValueError, match="threads"):
+        Detector(_model(), image_size=128, threads=0)
+
+
+def test_auto_options_follow_the_cpu_flags(monkeypatch):
+    monkeypatch.setattr(detect, "cpu_flags", lambda: {"avx2", "fma"})
+    assert default_precision("cpu") == "float32"
+    det = Detector(_model(), image_size=128)
+    assert det.options() == {"precision": "float32", "channels_last": True, "batch_size": 64, "compile": False,
+                             "cuda_graphs": False, "threads": None}
+    for flag in ("avx512_bf16", "amx_bf16"):
+        monkeypatch.setattr(detect, "cpu_flags", lambda: {"avx2", flag})
+        assert default_precision("cpu") == "bfloat16"
+        assert Detector(_model(), image_size=128).precision == "bfloat16"
+    assert default_batch_size("cpu", 64) == 64 and default_batch_size("cpu", 128) == 16
+    assert default_batch_size("cuda", 64) == 4096
+
+
+@pytest.mark.parametrize("batch_size", [0, 1, 3, 64])
+def test_chunking_and_workspace_keep_results_apart(batch_size):
+    m = _model()
+    x = _images(3, 128)
+    ref = Detector(m, image_size=128, precision="float32", channels_last=False, batch_size=0)(x)[0]
+    det = Detector(m, image_size=128, precision="float32", batch_size=batch_size)
+    first = det(x[:2])[0]
+    second = det(x[1:])[0]  # same shape: reuses the workspace, must not change ``first``
+    torch.testing.assert_close(first, ref[:2], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(second, ref[1:], atol=1e-5, rtol=1e-4)
+    # one patch per image: the stitched map would be a plain view of the workspace
+    one = Detector(m, image_size=64, precision="float32", batch_size=1)
+    a = one(x[:2, :, :64, :64])[0]
+    a_copy = a.clone()
+    one.raw_maps(x[1:, :, :64, :64])
+    assert torch.equal(a, a_copy)
+
+
+def test_predict_batched_then_calibrate_and_normalise_share_the_detector():
+    det = Detector(_model(), image_size=128, batch_size=2, threads=1)
+    x = _images(5, 128, seed=4)
+    before = torch.get_num_threads()
+    res = det.predict_batched(x, images_per_batch=2)  # inference mode, uneven last call
+    assert torch.get_num_threads() == before
+    assert res["maps"].shape == (5, 128, 128) and res["scores"].shape == (5,)
+    ref = torch.cat([det(c)[0] for c in x.split(2)])
+    torch.testing.assert_close(res["maps"], ref)
+    det.fit_normalization(x, images_per_batch=2)  # no_grad, same shapes: a workspace it may write
+    cal = det.calibrate(x)
+    assert cal["n_images"] == 5 and cal["score_std"] > 0
 
 
 def test_predict_accepts_every_input_kind_at_any_size(tmp_path):
