@@ -335,10 +335,13 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
 
     1. builds the :class:`~defect_fast.detect.Detector` of ``model`` (default map, tiles;
        :func:`defect_fast.evaluate.detector_for`);
-    2. with ``cfg.normalize == "position"``, fits the per-position map normalisation on the
-       held-back images (:meth:`Detector.fit_normalization`);
-    3. calibrates on the (normalised) maps and scores of the same images
-       (:func:`defect_fast.calibration.calibrate` at ``cfg.far``).
+    2. fits what the run's map needs (the perceptual map's statistics, ``--map perceptual``; the
+       per-position normalisation, ``cfg.normalize == "position"``) on half of the held-back
+       images (every other one);
+    3. calibrates on the maps and scores of the other half (:func:`defect_fast.calibration.calibrate`
+       at ``cfg.far``). Maps of the very images their statistics were fitted on are optimistic
+       (a z-score is smallest in its own sample), so a threshold from them would raise far more
+       false alarms than asked; with nothing to fit, every held-back image calibrates.
 
     Args:
         held_back_images: uint8 [N, 3, S, S] defect-free images the model was not trained on
@@ -353,13 +356,18 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
 
     det = detector_for(model, cfg.image_size, device, **detector_options(cfg, model))
     perceptual = None
+    fits = det.map_kind in model.image_maps or cfg.normalize == "position"
+    fit_images, calib_images = held_back_images, held_back_images
+    if fits:
+        if held_back_images.shape[0] < 4:
+            raise RunError(f"--map {det.map_kind} / --normalize {cfg.normalize} need at least 4 held-back images "
+                           f"(half to fit, half to calibrate), got {held_back_images.shape[0]}; raise --holdback")
+        fit_images, calib_images = held_back_images[0::2], held_back_images[1::2]
     if det.map_kind in model.image_maps:
-        if held_back_images.shape[0] < 2:
-            raise RunError(f"--map {det.map_kind} needs at least 2 held-back images; use --holdback with more images")
-        det.fit_perceptual(held_back_images)
+        det.fit_perceptual(fit_images)
         perceptual = det.image_map.state()
-    normalization = det.fit_normalization(held_back_images) if cfg.normalize == "position" else None
-    res = det.predict_batched(held_back_images)
+    normalization = det.fit_normalization(fit_images) if cfg.normalize == "position" else None
+    res = det.predict_batched(calib_images)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # too few images is said in the note, printed by train()
         cal = calibrate(res["scores"], res["maps"], far=cfg.far)
@@ -367,7 +375,7 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
     if flat.numel() > 2_000_000:
         flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:2_000_000]]
     cal["pixel_q999"] = float(torch.quantile(flat.float(), 0.999))  # map colour scale of older readers
-    cal["source"] = "held-back images"
+    cal["source"] = "held-back images (the half not used to fit the map)" if fits else "held-back images"
     return {"calibration": cal, "normalization": normalization, "perceptual": perceptual,
             "detector": detector_options(cfg, model)}
 

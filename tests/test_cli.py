@@ -119,7 +119,7 @@ def test_map_choices_come_from_the_registry(capsys):
     assert main(["evaluate", "run", "data", "--map", "nonsense"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--map" in err
-    assert all(name in err for name in map_names()) and map_names() == ["msfr", "residual"]
+    assert all(name in err for name in map_names()) and map_names() == ["msfr", "perceptual", "residual"]
 
 
 def test_evaluate_reports_pass_fail_rates_and_never_replaces_json(tiny_run, synthetic_root, tmp_path, capsys):

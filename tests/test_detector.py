@@ -49,8 +49,9 @@ def test_default_pipeline_equals_patch_by_patch_reference(name, map_kind, stride
     with torch.no_grad():
         pm = m.anomaly_maps[map_kind](m, patches, m(patches)["recon"])
     ref = stitch_patches(pm, size, m.patch_size, stride)[:, 0]
-    assert torch.equal(maps, ref)
-    assert torch.equal(scores, image_scores(ref))
+    # equal up to float summation order (the native kernels and oneDNN pick per-shape algorithms)
+    torch.testing.assert_close(maps, ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(scores, image_scores(ref), atol=1e-6, rtol=1e-5)
     # The tuned defaults (channels-last patches cut in one copy, chunks into a reused workspace,
     # stitching by one permute) give the same float32 maps up to summation order.
     tuned = Detector(m, image_size=size, map_kind=map_kind, stride=stride, batch_size=3)
