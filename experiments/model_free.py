@@ -6,7 +6,7 @@ Rows written (one JSON each, same metrics as ``defect-fast evaluate``):
 - ``model-free-mean``: |x - mean training image| (the calibration point of issue "Detect real defects").
 - ``model-free-blur-perceptual``: the perceptual map of :mod:`defect_fast.perceptual` with a
   Gaussian blur (sigma 8 px) of the input in place of a reconstruction, statistics from the same
-  held-back images a run uses (10 %, seed 0). It tells what the map gets from an autoencoder
+  held-back images a run fits its map on (every other image of the 10 % a run holds back, seed 0). It tells what the map gets from an autoencoder
   beyond "a smooth copy of the input".
 """
 from __future__ import annotations
@@ -50,9 +50,12 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     s = args.image_size
+    args.data = str(Path(args.data).resolve())
     train, paths = load_train_images(args.data, s)
     test = load_test_set(args.data, s)
-    tr_idx, held_idx = split_holdback(list(range(len(paths))), 0.1, seed=0)
+    index = {str(p): i for i, p in enumerate(paths)}
+    tr_paths, held_paths = split_holdback([str(p) for p in paths], 0.1, seed=0)  # the split train() makes
+    tr_idx, held_idx = [index[p] for p in tr_paths], sorted(index[p] for p in held_paths)[0::2]
     x_test = test.images.float() / 127.5 - 1
 
     t0 = time.perf_counter()
