@@ -65,7 +65,7 @@ def table(rows) -> str:
             lines.append(f"| {label} | not run | | | | | |")
             continue
         m = json.loads(path.read_text())
-        secs = m.get("train_seconds_wall") or m.get("seconds")
+        secs = m.get("train_seconds") or m.get("train_seconds_wall") or m.get("seconds")
         t = f"{secs / 60:.1f} min" if secs else "(same model)"
         lines.append(f"| {label} | {fmt(m['pixel_auroc'])} | {fmt(m['image_auroc'])} | {fmt(m['aupro'])} | "
                      f"{fmt(m['pixel_f1_max'])} | {t} | {m.get('inference_ms_per_image', float('nan')):.0f} |")
