@@ -29,18 +29,8 @@ import torch.nn.functional as F
 from common import RESULTS, ROOT, command_line, device_info, time_interleaved, write_results
 
 from defect_fast.data.patches import extract_patches
+from defect_fast.detect import cpu_flags
 from defect_fast.models import build_model
-
-
-def cpu_flags() -> set[str]:
-    """The CPU feature flags from /proc/cpuinfo (empty where there is none)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def tuned_precision(device: str) -> torch.dtype | None:
