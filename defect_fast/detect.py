@@ -288,14 +288,17 @@ class Detector(nn.Module):
             x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
         return x
 
+    def _precision(self, device_type: str):
+        """The autocast context of the ``precision`` option (a no-op for float32)."""
+        # no weight-cast cache: each chunk casts each weight once anyway, and a CUDA graph must not keep it
+        return torch.autocast(device_type, dtype=PRECISIONS[self.precision], cache_enabled=False) \
+            if self.precision != "float32" else contextlib.nullcontext()
+
     def _patch_maps(self, p: torch.Tensor) -> torch.Tensor:
         """Patches [B,3,P,P] -> maps [B,1,P,P] (float32)."""
         if self.channels_last:
             p = p.contiguous(memory_format=torch.channels_last)
-        # no weight-cast cache: each chunk casts each weight once anyway, and a CUDA graph must not keep it
-        ctx = torch.autocast(p.device.type, dtype=PRECISIONS[self.precision], cache_enabled=False) \
-            if self.precision != "float32" else contextlib.nullcontext()
-        with ctx:
+        with self._precision(p.device.type):
             recon = self.model(p)["recon"]
             m = self.model.anomaly_map(p, recon, self.map_kind)
         return m.float()
@@ -366,9 +369,7 @@ class Detector(nn.Module):
 
     def _recon(self, p: torch.Tensor) -> torch.Tensor:
         """Patches [B,3,P,P] -> reconstructions [B,3,P,P] (float32, contiguous)."""
-        ctx = torch.autocast(p.device.type, dtype=PRECISIONS[self.precision], cache_enabled=False) \
-            if self.precision != "float32" else contextlib.nullcontext()
-        with ctx:
+        with self._precision(p.device.type):
             return self.model(p)["recon"].float().contiguous()
 
     def fit_perceptual(self, normal_images: torch.Tensor, images_per_batch: int = 8, layers: int = 2,

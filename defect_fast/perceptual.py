@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# (conv index in torchvision's alexnet.features, kernel, stride) for the trunk layers up to conv3
+# (index in torchvision's alexnet.features, in channels, out channels, kernel, stride, padding), conv1..conv3
 _CONVS = [(0, 3, 64, 11, 4, 2), (3, 64, 192, 5, 1, 2), (6, 192, 384, 3, 1, 1)]
 _LPIPS_SHIFT = (-0.030, -0.088, -0.188)
 _LPIPS_SCALE = (0.458, 0.448, 0.450)
