@@ -192,8 +192,12 @@ def test_watch_sigkill_twice_through_the_command_line(tiny, tmp_path):
     proc = start()
     try:
         dropper.start()
-        for kill_after in (3, 8):  # SIGKILL at a random moment once this many results are in
-            _wait(lambda: _count(out) >= kill_after, 120, f"{kill_after} results")
+        for started, kill_after in enumerate((3, 8), start=1):
+            # SIGKILL at a random moment once this process is watching and has added a result
+            # (the one before may already have written more than kill_after)
+            _wait(lambda: log.read_text().count("watching ") == started, 120, f"service {started} watching")
+            before = _count(out)
+            _wait(lambda: _count(out) >= max(kill_after, min(before + 1, n)), 120, f"{kill_after} results")
             time.sleep(rng.uniform(0.0, 0.2))
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
