@@ -100,7 +100,7 @@ def cmd_train(args) -> int:
         data=str(args.data), model=args.model, model_kwargs=kwargs, image_size=args.image_size, stride=args.stride,
         batch_size=args.batch_size, epochs=epochs, max_steps=_per_stage(args.max_steps, n_stages, "--max-steps"),
         lr=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every, anomaly_source=args.anomaly_source,
-        device=args.device, holdback=args.holdback, far=args.far, normalize=args.normalize,
+        device=args.device, holdback=args.holdback, far=args.far, normalize=args.normalize, fit_on=args.fit_on, map_scales=list(args.map_scales),
         patch_sampling=args.patch_sampling, flips=args.flips, lr_schedule=args.lr_schedule,
         map=args.map or "", infer_stride=args.infer_stride, blend=args.blend, smooth=args.smooth,
     )
@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .detect import BLENDS
     from .export import FORMATS
     from .models import map_names, model_names
-    from .train import NORMALIZATIONS
+    from .train import FIT_SOURCES, NORMALIZATIONS
 
     p = ArgumentParser(prog="defect-fast", description="Unsupervised surface-defect detection: "
                        "train on defect-free images, map and score defects.",
@@ -303,14 +303,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "thresholds, never trained on (default 0.1, at least 4 images; 0: none, thresholds then optimistic)")
     t.add_argument("--far", type=_rate, default=0.01, help="false-alarm rate of the stored image threshold (default 0.01)")
     t.add_argument("--normalize", choices=NORMALIZATIONS, default="none",
-                   help="map normalisation fitted on the held-back images (default none)")
+                   help="per-position map normalisation fitted on defect-free maps (default none)")
+    t.add_argument("--fit-on", choices=FIT_SOURCES, default="train",
+                   help="images the map statistics (--map perceptual, --normalize position) are fitted on: the "
+                   "training images (default; every held-back image then calibrates) or half of the held-back ones")
     t.add_argument("--patch-sampling", choices=("grid", "random"), default="grid",
                    help="training patches on the inference grid (the papers') or at random offsets (no seams)")
     t.add_argument("--flips", action="store_true", help="random horizontal and vertical flips of training patches")
     t.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
                    help="learning rate per stage: constant (the papers') or cosine down to 1 %%")
     t.add_argument("--map", choices=map_names(), default=None,
-                   help="the run's anomaly map (default: the model's); 'perceptual' is fitted on the held-back images")
+                   help="the run's anomaly map (default: the model's); 'perceptual' is fitted on defect-free images (--fit-on)")
+    t.add_argument("--map-scales", type=positive_int, nargs="+", default=[1, 2], metavar="F",
+                   help="image pyramid of the perceptual map, as downsampling factors (default 1 2: the image and "
+                   "its half-size copy, one set of statistics each; 1: the image only)")
     t.add_argument("--infer-stride", type=positive_int, default=None,
                    help="the run's inference patch stride (default: the patch size, tiles)")
     t.add_argument("--blend", choices=BLENDS, default="none", help="the run's weights of overlapping patches")

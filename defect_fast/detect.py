@@ -373,14 +373,14 @@ class Detector(nn.Module):
             return self.model(p)["recon"].float().contiguous()
 
     def fit_perceptual(self, normal_images: torch.Tensor, images_per_batch: int = 8, layers: int = 2,
-                       prior: float = 0.01) -> int:
+                       prior: float = 0.01, scales: tuple[int, ...] | list[int] = (1,)) -> int:
         """Build and fit the perceptual map on defect-free images (uint8 [N,3,H,W]) and switch to it.
 
         Returns the number of images its statistics rest on.
         """
         from .perceptual import PerceptualMap
 
-        pm = PerceptualMap(self.image_size, layers=layers, prior=prior).to(self.device)
+        pm = PerceptualMap(self.image_size, layers=layers, prior=prior, scales=tuple(scales)).to(self.device)
         with torch.no_grad():
             pairs = ((x, self._stitched_recon(x)) for x in
                      (self._to_model_input(c.to(self.device)) for c in normal_images.split(max(1, images_per_batch))))

@@ -46,22 +46,30 @@ class PerceptualMap(nn.Module):
         layers: how many AlexNet conv layers to use (1..3; default 2: conv1 and conv2).
         trunk: AlexNet ``features.*`` state dict (``None``: :func:`defect_fast.losses.lpips.load_alexnet_trunk`).
         prior: variance shrinkage towards the channel mean variance (>= 0).
+        scales: the image pyramid, as downsampling factors (1: the image itself, 2: half its side,
+            by 2x2 averaging); each level has its own statistics and the map is the mean of the
+            levels' maps (default ``(1,)``: one level).
     """
 
     def __init__(self, image_size: int, layers: int = 2, trunk: dict[str, torch.Tensor] | None = None,
-                 prior: float = 0.01):
+                 prior: float = 0.01, scales: tuple[int, ...] | list[int] = (1,)):
         super().__init__()
         if not 1 <= layers <= 3:
             raise ValueError(f"layers must be 1, 2 or 3, got {layers}")
-        if image_size < 32:
-            raise ValueError(f"image_size must be >= 32 for the perceptual map, got {image_size}")
+        scales = tuple(scales)
+        if not scales or any(isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in scales) \
+                or len(set(scales)) != len(scales):
+            raise ValueError(f"scales must be distinct whole numbers >= 1, got {list(scales)}")
+        if image_size // max(scales) < 32:
+            raise ValueError(f"image_size must be >= 32 at every pyramid level for the perceptual map, got "
+                             f"{image_size} with scales {list(scales)} ({image_size // max(scales)} at the coarsest)")
         if prior < 0:
             raise ValueError(f"prior must be >= 0, got {prior}")
         if trunk is None:
             from .losses.lpips import load_alexnet_trunk
 
             trunk, _origin = load_alexnet_trunk(os.environ.get("DEFECT_FAST_ALEXNET_WEIGHTS"))
-        self.image_size, self.layers, self.prior = int(image_size), int(layers), float(prior)
+        self.image_size, self.layers, self.prior, self.scales = int(image_size), int(layers), float(prior), scales
         self.convs = nn.ModuleList()
         for idx, cin, cout, k, s, p in _CONVS[:layers]:
             conv = nn.Conv2d(cin, cout, k, s, p)
@@ -73,13 +81,22 @@ class PerceptualMap(nn.Module):
         self.register_buffer("scale", torch.tensor(_LPIPS_SCALE).view(1, 3, 1, 1))
         areas = torch.tensor([float(r * r) for r in _RF[:layers]])
         self.register_buffer("weights", areas / areas.sum())
-        self.grid = max(8, self.image_size // 4)
+        self.grids = [max(8, (self.image_size // f) // 4) for f in scales]
         channels = sum(c[2] for c in _CONVS[:layers])
-        g = self.grid
-        # Statistics of the residual features on defect-free images (fit); fitted == 0 means none.
-        self.register_buffer("mean", torch.zeros(channels, g, g))
-        self.register_buffer("inv_std", torch.ones(channels, g, g))
+        # Statistics of the residual features on defect-free images, per level (fit); fitted == 0: none.
+        for i, g in enumerate(self.grids):
+            self.register_buffer(f"mean_{i}", torch.zeros(channels, g, g))
+            self.register_buffer(f"inv_std_{i}", torch.ones(channels, g, g))
         self.register_buffer("fitted", torch.zeros(()))
+
+    @property
+    def grid(self) -> int:
+        """Side of the finest level's feature grid."""
+        return self.grids[0]
+
+    def stats(self, level: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, inv_std) of pyramid level ``level``, each [C, G, G]."""
+        return getattr(self, f"mean_{level}"), getattr(self, f"inv_std_{level}")
 
     # -- features --------------------------------------------------------------------------------
     def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -92,65 +109,84 @@ class PerceptualMap(nn.Module):
             out.append(h)
         return out
 
-    def residual(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-        """x, recon [N,3,S,S] in [-1,1] -> residual features [N, C, G, G] (all layers, one grid)."""
-        g = (self.grid, self.grid)
-        fx, fr = self._features(x.float()), self._features(recon.float())
+    def residual(self, x: torch.Tensor, recon: torch.Tensor, level: int = 0) -> torch.Tensor:
+        """x, recon [N,3,S,S] in [-1,1] -> residual features [N, C, G, G] of pyramid level ``level``
+        (all layers, one grid)."""
+        f = self.scales[level]
+        x, recon = x.float(), recon.float()
+        if f > 1:
+            x, recon = F.avg_pool2d(x, f), F.avg_pool2d(recon, f)
+        g = (self.grids[level], self.grids[level])
+        fx, fr = self._features(x), self._features(recon)
         return torch.cat([F.interpolate(a - b, size=g, mode="bilinear", align_corners=False) for a, b in zip(fx, fr)], 1)
 
     def forward(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
         """x, recon [N,3,S,S] in [-1, 1] -> map [N, S, S] (>= 0, larger = more anomalous)."""
-        z = (self.residual(x, recon) - self.mean) * self.inv_std
-        z2 = z * z
-        per_layer, start = [], 0
-        for conv in self.convs:
-            c = conv.out_channels
-            per_layer.append(z2[:, start:start + c].mean(dim=1))
-            start += c
-        m = (torch.stack(per_layer, 1) * self.weights.view(1, -1, 1, 1)).sum(1, keepdim=True).sqrt()
         s = x.shape[-1]
-        return F.interpolate(m, size=(s, s), mode="bilinear", align_corners=False)[:, 0]
+        total = None
+        for level in range(len(self.scales)):
+            mean, inv_std = self.stats(level)
+            z = (self.residual(x, recon, level) - mean) * inv_std
+            z2 = z * z
+            per_layer, start = [], 0
+            for conv in self.convs:
+                c = conv.out_channels
+                per_layer.append(z2[:, start:start + c].mean(dim=1))
+                start += c
+            m = (torch.stack(per_layer, 1) * self.weights.view(1, -1, 1, 1)).sum(1, keepdim=True).sqrt()
+            m = F.interpolate(m, size=(s, s), mode="bilinear", align_corners=False)
+            total = m if total is None else total + m
+        return total[:, 0] / len(self.scales)
 
     # -- statistics ------------------------------------------------------------------------------
     @torch.no_grad()
     def fit(self, pairs) -> int:
-        """Per-position, per-channel mean and variance of the residual over defect-free images.
+        """Per-level, per-position, per-channel mean and variance of the residual over defect-free images.
 
         Args:
             pairs: iterable of (x, recon) batches [n,3,S,S] in [-1, 1].
         Returns:
             the number of images the statistics rest on (at least 2 are needed).
         """
-        n, s1, s2 = 0, None, None
+        levels = range(len(self.scales))
+        n, s1, s2 = 0, [None for _ in levels], [None for _ in levels]
+        dev = self.fitted.device
         for x, recon in pairs:
-            e = self.residual(x.to(self.mean.device), recon.to(self.mean.device)).double()
-            s1 = e.sum(0) if s1 is None else s1 + e.sum(0)
-            s2 = (e * e).sum(0) if s2 is None else s2 + (e * e).sum(0)
-            n += e.shape[0]
+            x, recon = x.to(dev), recon.to(dev)
+            for i in levels:
+                e = self.residual(x, recon, i).double()
+                s1[i] = e.sum(0) if s1[i] is None else s1[i] + e.sum(0)
+                s2[i] = (e * e).sum(0) if s2[i] is None else s2[i] + (e * e).sum(0)
+            n += x.shape[0]
         if n < 2:
             raise ValueError(f"the perceptual map needs at least 2 defect-free images to fit, got {n}")
-        mean = s1 / n
-        var = ((s2 - n * mean * mean) / (n - 1)).clamp_min(0)
-        channel_var = var.mean(dim=(1, 2), keepdim=True)
-        floor = 1e-3 * var.mean() + 1e-12
-        self.mean.copy_(mean.float())
-        self.inv_std.copy_((var + self.prior * channel_var + floor).rsqrt().float())
+        for i in levels:
+            mean = s1[i] / n
+            var = ((s2[i] - n * mean * mean) / (n - 1)).clamp_min(0)
+            channel_var = var.mean(dim=(1, 2), keepdim=True)
+            floor = 1e-3 * var.mean() + 1e-12
+            m, inv_std = self.stats(i)
+            m.copy_(mean.float())
+            inv_std.copy_((var + self.prior * channel_var + floor).rsqrt().float())
         self.fitted.fill_(float(n))
         return n
 
     def state(self) -> dict:
         """What a model file stores to rebuild this map (trunk included: the file is self-contained)."""
-        return {"image_size": self.image_size, "layers": self.layers, "prior": self.prior,
+        return {"image_size": self.image_size, "layers": self.layers, "prior": self.prior, "scales": list(self.scales),
                 "tensors": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
 
     @classmethod
     def from_state(cls, state: dict) -> "PerceptualMap":
-        t = state["tensors"]
+        t = dict(state["tensors"])
+        if "mean" in t:  # one-level files written before the pyramid
+            t["mean_0"], t["inv_std_0"] = t.pop("mean"), t.pop("inv_std")
         trunk = {}
         for i, (idx, *_rest) in enumerate(_CONVS[:state["layers"]]):
             trunk[f"features.{idx}.weight"] = t[f"convs.{i}.weight"]
             trunk[f"features.{idx}.bias"] = t[f"convs.{i}.bias"]
-        m = cls(state["image_size"], state["layers"], trunk=trunk, prior=state["prior"])
+        m = cls(state["image_size"], state["layers"], trunk=trunk, prior=state["prior"],
+                scales=tuple(state.get("scales", (1,))))
         m.load_state_dict(t)
         return m
 

@@ -4,9 +4,13 @@
 # batches of 64 patches, 1 + 1 epochs for two-stage models, 2 for one-stage ones), plus
 #   --patch-sampling random --flips --lr-schedule cosine   (training patches anywhere, no seams)
 #   --set synthesis=perlin                                (irregular synthetic anomalies, two-stage models)
-#   --map perceptual                                      (AlexNet-trunk MSFR, held-back statistics)
+#   --map perceptual                                      (AlexNet-trunk MSFR, defect-free statistics)
 #   --infer-stride 32 --blend hann --smooth 4             (overlapping, seam-free inference)
-# 10 % of train/good is held back (never trained on) for the map statistics and the thresholds.
+# 10 % of train/good is held back (never trained on) for the thresholds.
+# Rows -v2: the perceptual map with one level, fitted on half of the held-back images
+# (--fit-on held-back --map-scales 1). Rows -v3: the defaults since, statistics from the training
+# images and a two-level pyramid (--fit-on train --map-scales 1 2); the -v3-* ablations refit the
+# statistics of the cmaae-v3 model (weights untouched) with one setting changed.
 # Restartable: a run whose metrics JSON exists is skipped; an interrupted training is resumed.
 #
 #   bash experiments/magnetic_tile_v2.sh [DATA] [OUT] [ROWS...]
@@ -21,6 +25,7 @@ DF=(python3 -m defect_fast)
 export DEFECT_FAST_ALEXNET_WEIGHTS=${DEFECT_FAST_ALEXNET_WEIGHTS:-../shared/weights/alexnet-features-imagenet.pth}
 COMMON=(--image-size 256 --batch-size 64 --checkpoint-every 100 --quiet)
 NEW=(--patch-sampling random --flips --lr-schedule cosine --map perceptual --infer-stride 32 --blend hann --smooth 4)
+V2=(--fit-on held-back --map-scales 1)
 
 run() {  # name model seed epochs-per-stage... -- extra train args...
   local name=$1 model=$2 seed=$3; shift 3
@@ -58,15 +63,35 @@ PY
   rm -f "$RES/$name.tmp"
 }
 
+refit() {  # name source-run refit-options...: a copy of source-run with its map statistics refitted
+  local name=$1 src=$2; shift 2
+  [ -f "$RES/$name.json" ] && { echo "skip $name (done)"; return; }
+  [ -f "$OUT/$src/model.pt" ] || { echo "skip $name ($src not trained)"; return; }
+  rm -rf "$OUT/$name.tmp" && cp -r "$OUT/$src" "$OUT/$name.tmp" && rm -f "$OUT/$name.tmp/.lock" || return
+  python3 experiments/refit_run.py "$OUT/$name.tmp" "$@" || return
+  rm -rf "$OUT/$name" && mv "$OUT/$name.tmp" "$OUT/$name"
+  evaluate "$name" "$name" "$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['model'])" "$OUT/$name/config.json")" 0 "refit $*"
+}
+
 ROWS=${*:-"cmaae-v2 awae-v2 cmaae-v2-maps cmaae-v2-s1 cmaae-v2-s2 awae-v2-s1 awae-v2-s2 ae-l2-v2 memae-v2 ae-ssim-v2"}
 for row in $ROWS; do
   case $row in
-    cmaae-v2)    run cmaae-v2 cmaae 0 1 1 -- "${NEW[@]}" --set synthesis=perlin ;;
-    cmaae-v2-s1) run cmaae-v2-s1 cmaae 1 1 1 -- "${NEW[@]}" --set synthesis=perlin ;;
-    cmaae-v2-s2) run cmaae-v2-s2 cmaae 2 1 1 -- "${NEW[@]}" --set synthesis=perlin ;;
-    awae-v2)     run awae-v2 awae 0 1 1 -- "${NEW[@]}" --set synthesis=perlin ;;
-    awae-v2-s1)  run awae-v2-s1 awae 1 1 1 -- "${NEW[@]}" --set synthesis=perlin ;;
-    awae-v2-s2)  run awae-v2-s2 awae 2 1 1 -- "${NEW[@]}" --set synthesis=perlin ;;
+    cmaae-v2)    run cmaae-v2 cmaae 0 1 1 -- "${NEW[@]}" "${V2[@]}" --set synthesis=perlin ;;
+    cmaae-v2-s1) run cmaae-v2-s1 cmaae 1 1 1 -- "${NEW[@]}" "${V2[@]}" --set synthesis=perlin ;;
+    cmaae-v2-s2) run cmaae-v2-s2 cmaae 2 1 1 -- "${NEW[@]}" "${V2[@]}" --set synthesis=perlin ;;
+    awae-v2)     run awae-v2 awae 0 1 1 -- "${NEW[@]}" "${V2[@]}" --set synthesis=perlin ;;
+    awae-v2-s1)  run awae-v2-s1 awae 1 1 1 -- "${NEW[@]}" "${V2[@]}" --set synthesis=perlin ;;
+    awae-v2-s2)  run awae-v2-s2 awae 2 1 1 -- "${NEW[@]}" "${V2[@]}" --set synthesis=perlin ;;
+    cmaae-v3)    run cmaae-v3 cmaae 0 1 1 -- "${NEW[@]}" --set synthesis=perlin ;;
+    cmaae-v3-s1) run cmaae-v3-s1 cmaae 1 1 1 -- "${NEW[@]}" --set synthesis=perlin ;;
+    cmaae-v3-s2) run cmaae-v3-s2 cmaae 2 1 1 -- "${NEW[@]}" --set synthesis=perlin ;;
+    awae-v3)     run awae-v3 awae 0 1 1 -- "${NEW[@]}" --set synthesis=perlin ;;
+    awae-v3-s1)  run awae-v3-s1 awae 1 1 1 -- "${NEW[@]}" --set synthesis=perlin ;;
+    awae-v3-s2)  run awae-v3-s2 awae 2 1 1 -- "${NEW[@]}" --set synthesis=perlin ;;
+    cmaae-v3-ablations)
+      refit cmaae-v3-one-scale cmaae-v3 --map-scales 1
+      refit cmaae-v3-fit-held-back cmaae-v3 --fit-on held-back
+      refit cmaae-v3-three-scales cmaae-v3 --map-scales 1 2 4 ;;
     # the same trained models with the paper's maps (ablation of the map alone)
     cmaae-v2-maps)
       evaluate cmaae-v2-msfr-overlap cmaae-v2 cmaae 0 "" --map msfr

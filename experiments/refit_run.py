@@ -2,7 +2,7 @@
 current :func:`defect_fast.train.finish_run`, on the run's own held-back images; the weights are
 not touched. For runs trained before a change to finish_run.
 
-    python3 experiments/refit_run.py RUN
+    python3 experiments/refit_run.py RUN [--fit-on train|held-back] [--map-scales F ...]
 """
 from __future__ import annotations
 
@@ -19,16 +19,22 @@ from defect_fast.runs import MODEL_FILE, atomic_save, load_model_state, model_fr
 from defect_fast.train import TrainConfig, finish_run  # noqa: E402
 
 
-def main(run: str) -> int:
+def main(run: str, fit_on: str | None = None, map_scales: list[int] | None = None) -> int:
     path = Path(run) / MODEL_FILE
     state = load_model_state(path)
     cfg = TrainConfig.from_json(state["train_config"])
+    if fit_on is not None:
+        cfg.fit_on = fit_on
+    if map_scales is not None:
+        cfg.map_scales = list(map_scales)
+    state["train_config"] = cfg.to_json()
     images, paths = load_train_images(cfg.data, cfg.image_size)
     held = set(state["held_back"])
     idx = [i for i, p in enumerate(paths) if str(p) in held]
     if len(idx) != len(held):
         raise SystemExit(f"{run}: {len(held) - len(idx)} held-back image(s) are missing from {cfg.data}")
-    finished = finish_run(model_from_state(state), cfg, images[idx], "cpu")
+    train_idx = [i for i, p in enumerate(paths) if str(p) not in held]
+    finished = finish_run(model_from_state(state), cfg, images[idx], "cpu", train_images=images[train_idx])
     for key in ("normalization", "perceptual"):
         state.pop(key, None)
         if finished[key] is not None:
@@ -42,4 +48,13 @@ def main(run: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run")
+    ap.add_argument("--fit-on", choices=("train", "held-back"), default=None,
+                    help="images the map statistics are fitted on (default: the run's setting)")
+    ap.add_argument("--map-scales", type=int, nargs="+", default=None,
+                    help="the perceptual map's pyramid (default: the run's setting)")
+    args = ap.parse_args()
+    sys.exit(main(args.run, args.fit_on, args.map_scales))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from defect_fast.detect import Detector
 from defect_fast.models import build_model
@@ -42,7 +43,7 @@ def test_residual_equal_to_the_stored_mean_maps_to_zero():
     assert n == 3 and float(pm.fitted) == 3
     x, r = xs[:1], xs[:1] * 0.3
     assert pm(x, r).max() > 0
-    pm.mean.copy_(pm.residual(x, r)[0])
+    pm.stats(0)[0].copy_(pm.residual(x, r)[0])
     assert pm(x, r).abs().max() < 1e-4
 
 
@@ -51,8 +52,9 @@ def test_fitted_map_standardises_each_position_and_channel():
     xs, rs = _images(40, seed=2), _images(40, seed=3) * 0.2
     pm.fit([(xs[:20], rs[:20]), (xs[20:], rs[20:])])  # batches are summed, not averaged per batch
     e = pm.residual(xs, rs)
-    torch.testing.assert_close(pm.mean, e.mean(0), atol=1e-4, rtol=1e-4)
-    z = (e - pm.mean) * pm.inv_std
+    mean, inv_std = pm.stats(0)
+    torch.testing.assert_close(mean, e.mean(0), atol=1e-4, rtol=1e-4)
+    z = (e - mean) * inv_std
     # unit variance per channel and position (up to the small floor)
     assert 0.9 < float(z.var(0, unbiased=True).mean()) <= 1.0
 
@@ -69,15 +71,67 @@ def test_a_local_change_raises_the_map_locally():
     assert inside > 3 * far
 
 
-def test_state_round_trip_gives_the_same_map():
-    pm = PerceptualMap(64, layers=3, trunk=_trunk(), prior=0.05)
+@pytest.mark.parametrize("scales", [(1,), (1, 2)])
+def test_state_round_trip_gives_the_same_map(scales):
+    pm = PerceptualMap(64, layers=3, trunk=_trunk(), prior=0.05, scales=scales)
     x, r = _images(4, seed=5), _images(4, seed=6)
     pm.fit([(x, r)])
     back = PerceptualMap.from_state(pm.state())
+    assert back.scales == scales
     torch.testing.assert_close(back(x, r), pm(x, r))
 
 
-@pytest.mark.parametrize("bad", [dict(layers=0), dict(layers=4), dict(image_size=16), dict(prior=-1.0)])
+def test_one_level_files_from_before_the_pyramid_still_load():
+    pm = PerceptualMap(64, trunk=_trunk())
+    x, r = _images(4, seed=5), _images(4, seed=6)
+    pm.fit([(x, r)])
+    old = pm.state()
+    del old["scales"]
+    t = old["tensors"]
+    t["mean"], t["inv_std"] = t.pop("mean_0"), t.pop("inv_std_0")
+    torch.testing.assert_close(PerceptualMap.from_state(old)(x, r), pm(x, r))
+
+
+def test_pyramid_map_is_the_mean_of_its_levels():
+    """Each level is a one-level map of the 2x2-averaged images (same statistics); the levels'
+    maps are averaged (a level's map is upsampled once, from its grid to the image: the one-level
+    reference goes through its own image size first, hence the tolerance)."""
+    x, r = _images(6, s=128, seed=7), _images(6, s=128, seed=8) * 0.5
+    both = PerceptualMap(128, trunk=_trunk(), scales=(1, 2))
+    assert both.fit([(x, r)]) == 6
+    levels = []
+    for i, f in enumerate((1, 2)):
+        one = PerceptualMap(128 // f, trunk=_trunk())
+        one.fit([(F.avg_pool2d(x, f), F.avg_pool2d(r, f))])
+        for a, b in zip(one.stats(0), both.stats(i)):
+            torch.testing.assert_close(a, b)
+        levels.append(F.interpolate(one(F.avg_pool2d(x[:2], f), F.avg_pool2d(r[:2], f))[:, None], size=(128, 128),
+                                    mode="bilinear", align_corners=False)[:, 0])
+    torch.testing.assert_close(both(x[:2], r[:2]), (levels[0] + levels[1]) / 2, atol=1e-2, rtol=1e-2)
+
+
+def test_each_level_responds_to_a_region_of_stronger_texture():
+    """Stronger texture over a quarter of the image: the full- and the half-resolution level both
+    raise the map inside it well above the surface around it."""
+    g = torch.Generator().manual_seed(9)
+    normal = (torch.rand(16, 1, 128, 128, generator=g) * 0.4 - 0.2).expand(-1, 3, -1, -1).contiguous()
+    pm1 = PerceptualMap(128, trunk=_trunk(), scales=(1,))
+    pm2 = PerceptualMap(128, trunk=_trunk(), scales=(2,))
+    smooth = F.avg_pool2d(normal, 9, 1, 4, count_include_pad=False)
+    for pm in (pm1, pm2):
+        pm.fit([(normal, smooth)])
+    x = normal[:1].clone()
+    x[..., 32:96, 32:96] *= 1.8  # stronger texture over a quarter of the image
+    r = F.avg_pool2d(x, 9, 1, 4, count_include_pad=False)
+    ratios = []
+    for pm in (pm1, pm2):
+        m = pm(x, r)[0]
+        ratios.append(float(m[40:88, 40:88].mean() / m[:, :24].mean()))
+    assert ratios[0] > 1.5 and ratios[1] > 1.5
+
+
+@pytest.mark.parametrize("bad", [dict(layers=0), dict(layers=4), dict(image_size=16), dict(prior=-1.0),
+                                 dict(scales=()), dict(scales=(0,)), dict(scales=(1, 1)), dict(scales=(1, 4))])
 def test_bad_arguments_are_refused(bad):
     kw = dict(image_size=64, layers=2, trunk=_trunk(), prior=0.01) | bad
     with pytest.raises(ValueError):
@@ -93,7 +147,7 @@ def test_fit_needs_two_images():
 def test_detector_uses_the_perceptual_map_on_stitched_reconstructions(monkeypatch):
     import defect_fast.perceptual as perceptual
 
-    monkeypatch.setattr(perceptual, "PerceptualMap", lambda s, layers=2, prior=0.01: PerceptualMap(s, layers, _trunk(), prior))
+    monkeypatch.setattr(perceptual, "PerceptualMap", lambda s, layers=2, prior=0.01, scales=(1,): PerceptualMap(s, layers, _trunk(), prior, scales))
     torch.manual_seed(0)
     model = build_model("cmaae", memory_size=20)
     det = Detector(model, image_size=128, stride=32, blend="hann")

@@ -114,7 +114,8 @@ def test_images_smaller_than_a_patch_are_refused(synthetic_root, tmp_path, capsy
     assert "smaller than" in capsys.readouterr().err
 
 
-def test_held_back_images_are_never_trained_on_and_set_the_thresholds(synthetic_root, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fit_on", ["held-back", "train"])
+def test_held_back_images_are_never_trained_on_and_set_the_thresholds(synthetic_root, tmp_path, monkeypatch, fit_on):
     seen = []
 
     class Spy(train_module.Trainer):
@@ -124,7 +125,7 @@ def test_held_back_images_are_never_trained_on_and_set_the_thresholds(synthetic_
 
     monkeypatch.setattr(train_module, "Trainer", Spy)
     run = tmp_path / "run"
-    train(_cfg(synthetic_root, max_steps=[1, 1], batch_size=8, normalize="position", far=0.2), run,
+    train(_cfg(synthetic_root, max_steps=[1, 1], batch_size=8, normalize="position", far=0.2, fit_on=fit_on), run,
           progress=False, log=lambda s: None)
     state = load_checkpoint(run / "model.pt")
     config = json.loads((run / "config.json").read_text())
@@ -136,18 +137,25 @@ def test_held_back_images_are_never_trained_on_and_set_the_thresholds(synthetic_
     trained_on = seen[0]
     assert trained_on.shape[0] == 28
     assert not any(torch.equal(trained_on[j], images[i]) for i in held for j in range(trained_on.shape[0]))
-    # The normalisation is fitted on every other held-back image and the stored thresholds are
-    # those of the (normalised) maps of the other half, which the statistics never saw.
+    # The normalisation is fitted on the training images (or on every other held-back image) and
+    # the stored thresholds are those of the (normalised) maps of held-back images the statistics
+    # never saw (all of them, or the other half).
     det = Detector.load(run, device="cpu")
     assert det.normalization()["kind"] == "per-position"
-    fit_half, calib_half = held[0::2], held[1::2]
-    raw = det.raw_maps(images[fit_half].float() / 127.5 - 1)
+    if fit_on == "train":
+        fit_on_images, calib = trained_on, held
+    else:
+        fit_on_images, calib = images[held[0::2]], held[1::2]
+    raw = det.raw_maps(fit_on_images.float() / 127.5 - 1)
     torch.testing.assert_close(det.norm_mean, raw.mean(0))
-    res = det.predict_batched(images[calib_half])
+    res = det.predict_batched(images[calib])
     cal = state["calibration"]
-    assert cal["n_images"] == 2 and cal["source"].startswith("held-back images (the half")
-    # far=0.2 with n=2: k = floor(0.2 * 3) = 0, too few images: the largest score, said so
-    assert not cal["sufficient"] and cal["rank"] == 1
+    assert cal["n_images"] == len(calib)
+    assert cal["map_fitted_on"] == ("28 training images" if fit_on == "train" else "2 held-back images")
+    assert cal["source"].startswith("held-back images (the " + ("map was fitted on the training" if fit_on == "train" else "half"))
+    # far=0.2: n=4 gives k = floor(0.2 * 5) = 1, the largest score; n=2 gives k = 0, too few
+    # images: the largest score as well, said so
+    assert cal["sufficient"] == (fit_on == "train") and cal["rank"] == 1
     assert cal["image_threshold"] == pytest.approx(float(res["scores"].max()), rel=1e-4)
     assert cal["pixel_threshold"] <= float(res["maps"].max()) + 1e-6
 
@@ -157,7 +165,7 @@ def test_settings_that_train_nothing_are_refused_before_the_folder_is_made(synth
                       ({"batch_size": 0}, "--batch-size"), ({"checkpoint_every": 0}, "--checkpoint-every"),
                       ({"image_size": 32}, "--image-size"), ({"holdback": 1.0}, "--holdback"),
                       ({"far": 0.0}, "--far"), ({"normalize": "pixel"}, "--normalize"),
-                      ({"holdback": 0.0, "normalize": "position"}, "--normalize")):
+                      ({"holdback": 0.0, "normalize": "position"}, "--normalize"), ({"fit_on": "both"}, "--fit-on")):
         with pytest.raises(ConfigError, match=word):
             train(_cfg(synthetic_root, **bad), tmp_path / "r", progress=False)
         assert not (tmp_path / "r").exists()

@@ -81,7 +81,9 @@ def test_cosine_schedule_goes_from_lr_to_one_percent(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [dict(patch_sampling="everywhere"), dict(lr_schedule="step"), dict(blend="tukey"),
-                                 dict(smooth=-1.0), dict(infer_stride=65), dict(infer_stride=0)])
+                                 dict(smooth=-1.0), dict(infer_stride=65), dict(infer_stride=0),
+                                 dict(map_scales=[]), dict(map_scales=[1, 1]), dict(map_scales=[0]),
+                                 dict(map_scales=[1, 8], map="perceptual"), dict(fit_on="test")])
 def test_bad_options_are_refused_naming_the_option(bad):
     cfg = TrainConfig(data="d", image_size=128, epochs=[1, 1], **bad)
     with pytest.raises(ConfigError, match="--" + next(iter(bad)).replace("_", "-")):
@@ -93,8 +95,8 @@ def test_run_stores_its_inference_settings_and_perceptual_map(synthetic_root, tm
     from tests.test_perceptual import _trunk
 
     class RandomTrunkMap(perceptual.PerceptualMap):  # no ImageNet weights needed in tests
-        def __init__(self, image_size, layers=2, trunk=None, prior=0.01):
-            super().__init__(image_size, layers, trunk or _trunk(), prior)
+        def __init__(self, image_size, layers=2, trunk=None, prior=0.01, scales=(1,)):
+            super().__init__(image_size, layers, trunk or _trunk(), prior, scales)
 
     monkeypatch.setattr(perceptual, "PerceptualMap", RandomTrunkMap)
     cfg = TrainConfig(data=str(synthetic_root), model="cmaae", image_size=128, batch_size=16, epochs=[1, 1],
@@ -104,10 +106,20 @@ def test_run_stores_its_inference_settings_and_perceptual_map(synthetic_root, tm
     path = train(cfg, tmp_path / "run", progress=False, log=lambda s: None)
     det = Detector.load(path, device="cpu")
     assert (det.map_kind, det.stride, det.blend, det.smooth_sigma) == ("perceptual", 32, "hann", 2.0)
-    assert float(det.image_map.fitted) >= 2
+    # fitted on the training images (the default fit_on), both pyramid levels (the default map_scales)
+    assert float(det.image_map.fitted) == 32 - len(torch.load(path, weights_only=True)["held_back"])
+    assert det.image_map.scales == (1, 2)
     # explicit arguments still win over the stored settings
     det2 = Detector.load(path, device="cpu", map_kind="msfr", stride=64, blend="none", smooth_sigma=0.0)
     assert (det2.map_kind, det2.stride, det2.blend, det2.smooth_sigma) == ("msfr", 64, "none", 0.0)
     maps, scores = det(torch.zeros(1, 3, 128, 128, dtype=torch.uint8))
     assert maps.shape == (1, 128, 128) and torch.isfinite(scores).all()
 
+
+
+def test_configs_written_before_fit_on_and_map_scales_keep_their_behaviour():
+    old = TrainConfig(data="d").to_json()
+    del old["fit_on"], old["map_scales"]
+    cfg = TrainConfig.from_json(old)
+    assert (cfg.fit_on, cfg.map_scales) == ("held-back", [1])
+    assert (TrainConfig(data="d").fit_on, TrainConfig(data="d").map_scales) == ("train", [1, 2])
