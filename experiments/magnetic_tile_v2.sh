@@ -67,7 +67,7 @@ refit() {  # name source-run refit-options...: a copy of source-run with its map
   local name=$1 src=$2; shift 2
   [ -f "$RES/$name.json" ] && { echo "skip $name (done)"; return; }
   [ -f "$OUT/$src/model.pt" ] || { echo "skip $name ($src not trained)"; return; }
-  rm -rf "$OUT/$name.tmp" && cp -r "$OUT/$src" "$OUT/$name.tmp" && rm -f "$OUT/$name.tmp/.lock" || return
+  rm -rf "$OUT/$name.tmp" && cp -r "$OUT/$src" "$OUT/$name.tmp" && rm -f "$OUT/$name.tmp/.defect_fast.lock" || return
   python3 experiments/refit_run.py "$OUT/$name.tmp" "$@" || return
   rm -rf "$OUT/$name" && mv "$OUT/$name.tmp" "$OUT/$name"
   evaluate "$name" "$name" "$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['model'])" "$OUT/$name/config.json")" 0 "refit $*"
