@@ -299,8 +299,8 @@ class Detector(nn.Module):
         if self.channels_last:
             p = p.contiguous(memory_format=torch.channels_last)
         with self._precision(p.device.type):
-            recon = self.model(p)["recon"]
-            m = self.model.anomaly_map(p, recon, self.map_kind)
+            out = self.model(p)
+            m = self.model.anomaly_map(p, out["recon"], self.map_kind, out.get("features"))
         return m.float()
 
     def _chunk_maps(self, p: torch.Tensor) -> torch.Tensor:

@@ -249,3 +249,19 @@ def test_train_and_detect_do_not_import_each_other_and_trainer_does_not_probe():
         for name in names:  # no switch on a model, map or synthesis name outside models/
             assert f'=="{name}"' not in text and f'!="{name}"' not in text and f'("{name}",' not in text, (path, name)
         assert ".synthesis==" not in text, path
+
+
+@pytest.mark.parametrize("name", ["cmaae", "awae"])
+def test_forward_returns_the_msfr_features_of_its_input(name):
+    """The detector's MSFR map takes the encoder features of x from the forward pass instead of
+    running the encoder on x a second time: they must be exactly features(x)."""
+    m = _model(name)
+    x = torch.rand(3, 3, m.patch_size, m.patch_size) * 2 - 1
+    with torch.no_grad():
+        out = m(x)
+        again = m.features(x)
+        assert len(out["features"]) == len(again) == 3
+        for a, b in zip(out["features"], again):
+            assert torch.equal(a, b)
+        torch.testing.assert_close(m.anomaly_map(x, out["recon"], "msfr", out["features"]),
+                                   m.anomaly_map(x, out["recon"], "msfr"), atol=0, rtol=0)

@@ -6,8 +6,10 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-# An anomaly map rule: (model, x [B,3,P,P], recon [B,3,P,P]) -> [B,1,P,P] (>= 0, larger = more anomalous).
-MapFn = Callable[["AnomalyModel", torch.Tensor, torch.Tensor], torch.Tensor]
+# An anomaly map rule: (model, x [B,3,P,P], recon [B,3,P,P], x_features) -> [B,1,P,P] (>= 0, larger =
+# more anomalous); x_features: the encoder features of x the forward pass already computed
+# (``out["features"]``, the list ``features(x)`` would return) or None.
+MapFn = Callable[["AnomalyModel", torch.Tensor, torch.Tensor, "list[torch.Tensor] | None"], torch.Tensor]
 
 
 class AnomalyModel(nn.Module):
@@ -48,7 +50,9 @@ class AnomalyModel(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """x [B,3,P,P] -> {"recon": [B,3,P,P], ...extra outputs the loss needs}."""
+        """x [B,3,P,P] -> {"recon": [B,3,P,P], ...extra outputs the loss needs}; models with an MSFR
+        map also return "features": the list :meth:`features` of x (computed on the way, so the
+        map need not run the encoder on x again)."""
         raise NotImplementedError
 
     def loss(self, out: dict[str, torch.Tensor], target: torch.Tensor, stage: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -72,9 +76,11 @@ class AnomalyModel(nn.Module):
         """
         raise NotImplementedError(f"model {self.name!r} has no synthetic training stage")
 
-    def anomaly_map(self, x: torch.Tensor, recon: torch.Tensor, kind: str | None = None) -> torch.Tensor:
-        """Map of patches x [B,3,P,P] and their reconstructions -> [B,1,P,P] with rule ``kind``."""
-        return self.anomaly_maps[self.check_map(kind)](self, x, recon)
+    def anomaly_map(self, x: torch.Tensor, recon: torch.Tensor, kind: str | None = None,
+                    x_features: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Map of patches x [B,3,P,P] and their reconstructions -> [B,1,P,P] with rule ``kind``
+        (``x_features``: ``out["features"]`` of the forward pass that made ``recon``, if any)."""
+        return self.anomaly_maps[self.check_map(kind)](self, x, recon, x_features)
 
     def check_map(self, kind: str | None) -> str:
         """``kind`` (None: the default) if this model has that map, else a ValueError naming the choices."""

@@ -210,8 +210,8 @@ class AWAE(AnomalyModel):
             feats.append(x)
         return feats
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """x [B,3,P,P] in [-1,1] -> {"recon": [B,3,P,P] in (-1,1)}."""
+    def forward(self, x: torch.Tensor) -> dict[str, Any]:
+        """x [B,3,P,P] in [-1,1] -> {"recon": [B,3,P,P] in (-1,1), "features": features(x)}."""
         if x.dim() != 4 or x.shape[1] != 3 or x.shape[-2] % 32 or x.shape[-1] % 32:
             raise ValueError(f"AWAE: expected [B,3,H,W] with H, W multiples of 32, got {tuple(x.shape)}")
         feats = self.encode(x)
@@ -220,7 +220,7 @@ class AWAE(AnomalyModel):
             if i in self.skip_levels:
                 h = self.joins[str(i)](h, feats[i])
             h = self.decoder[i](h)
-        return {"recon": self.head(h)}
+        return {"recon": self.head(h), "features": feats[:MSFR_LEVELS]}
 
     def loss(self, out: dict[str, torch.Tensor], target: torch.Tensor, stage: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Stage loss of ``loss_mode`` (stage 0: normal patches; stage 1: Eq. 10 for "awssim")."""

@@ -218,9 +218,15 @@ class CMAAE(AnomalyModel):
     def msfr_weights(self) -> list[float]:
         return receptive_field_areas(ENCODER_LAYERS[:3])
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        z = self.encode(x)
-        out: dict[str, torch.Tensor] = {}
+    def forward(self, x: torch.Tensor) -> dict[str, Any]:
+        feats = []
+        h = x
+        for i, layer in enumerate(self.encoder):
+            h = layer(h)
+            if i < 3:
+                feats.append(h)  # what features(x) returns, for the MSFR map
+        z = h.flatten(1)
+        out: dict[str, Any] = {"features": feats}
         if self.mam is None:
             code = z
         else:
