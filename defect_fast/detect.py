@@ -165,6 +165,8 @@ class Detector(nn.Module):
         precision: "auto" (:func:`default_precision`), "float32", "bfloat16" or "float16" (the
             model runs under ``torch.autocast``; maps stay float32).
         channels_last: feed the model channels-last patches (True, False or "auto" = True).
+        reuse_features: the MSFR map takes the encoder features of the patches from the forward
+            pass (``out["features"]``) instead of running the encoder on them again (same map).
         compile: run the per-chunk model call through ``torch.compile`` (first call compiles).
         cuda_graphs: replay :meth:`forward` from a CUDA graph captured once per input shape
             (CUDA devices only; outputs are copies, safe to keep).
@@ -180,7 +182,7 @@ class Detector(nn.Module):
                  device: torch.device | str = "cpu", batch_size: int | str = "auto", calibration: dict[str, Any] | None = None,
                  smooth_sigma: float = 0.0, *, blend: str = "none", top_fraction: float = TOP_FRACTION,
                  precision: str = "auto", channels_last: bool | str = "auto", compile: bool = False,
-                 cuda_graphs: bool = False, threads: int | None = None,
+                 cuda_graphs: bool = False, threads: int | None = None, reuse_features: bool = True,
                  norm_mean: torch.Tensor | float | None = None, norm_std: torch.Tensor | float | None = None,
                  perceptual: nn.Module | None = None):
         super().__init__()
@@ -222,6 +224,7 @@ class Detector(nn.Module):
         self.blend, self.precision, self.channels_last = blend, precision, channels_last
         self.batch_size = int(batch_size)
         self.torch_compile, self.cuda_graphs, self.threads = bool(compile), bool(cuda_graphs), threads
+        self.reuse_features = bool(reuse_features)
         self._compiled = None
         self._workspace: dict[tuple, torch.Tensor] = {}
         self._graphs: dict[tuple, tuple] = {}
@@ -246,7 +249,8 @@ class Detector(nn.Module):
     def options(self) -> dict[str, Any]:
         """The speed options in force (after "auto" was resolved), JSON-ready."""
         return {"precision": self.precision, "channels_last": self.channels_last, "batch_size": self.batch_size,
-                "compile": self.torch_compile, "cuda_graphs": self.cuda_graphs, "threads": self.threads}
+                "compile": self.torch_compile, "cuda_graphs": self.cuda_graphs, "threads": self.threads,
+                "reuse_features": self.reuse_features}
 
     @property
     def device(self) -> torch.device:
@@ -300,7 +304,7 @@ class Detector(nn.Module):
             p = p.contiguous(memory_format=torch.channels_last)
         with self._precision(p.device.type):
             out = self.model(p)
-            m = self.model.anomaly_map(p, out["recon"], self.map_kind, out.get("features"))
+            m = self.model.anomaly_map(p, out["recon"], self.map_kind, out.get("features") if self.reuse_features else None)
         return m.float()
 
     def _chunk_maps(self, p: torch.Tensor) -> torch.Tensor:

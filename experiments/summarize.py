@@ -11,6 +11,21 @@ from pathlib import Path
 RES = Path(__file__).resolve().parent / "results" / "magnetic-tile"
 
 ROWS = {
+    "v3": [
+        ("cmaae-v3", "CMA-AE, new options (seed 0)"),
+        ("awae-v3", "AW-SSIM AE, new options (seed 0)"),
+        ("cmaae", "CMA-AE, the papers' settings"),
+        ("awae", "AW-SSIM AE, the papers' settings"),
+        ("model-free-mean", "model-free: abs(x - mean training image)"),
+        ("model-free-blur-perceptual-v3", "model-free: perceptual map of x against a Gaussian blur of x"),
+    ],
+    "v3_ablation": [
+        ("cmaae-v3", "CMA-AE v3: statistics from 540 training images, pyramid 1 2"),
+        ("cmaae-v3-one-scale", "same model, pyramid 1 (one level)"),
+        ("cmaae-v3-three-scales", "same model, pyramid 1 2 4"),
+        ("cmaae-v3-fit-held-back", "same model, statistics from 30 held-back images"),
+        ("cmaae-v2", "CMA-AE v2 (another training of the same settings): 30 held-back images, one level"),
+    ],
     "v2": [
         ("cmaae-v2", "CMA-AE, new options (seed 0)"),
         ("awae-v2", "AW-SSIM AE, new options (seed 0)"),
@@ -97,7 +112,7 @@ def summary() -> dict:
                      "train_seconds": m.get("train_seconds") or m.get("train_seconds_wall"),
                      "train_args": m.get("train_args"), "evaluate_args": m.get("evaluate_args"),
                      "hardware": m.get("hardware")})
-    trained = [r for r in rows if r["model"] not in (None, "model-free") and r["name"].endswith(("-v2",))]
+    trained = [r for r in rows if r["model"] not in (None, "model-free") and r["name"].endswith(("-v2", "-v3"))]
     best = max(trained, key=lambda r: r["pixel_auroc"] or 0, default=None)
     out = {"rows": rows}
     if best is not None:
@@ -109,10 +124,11 @@ def summary() -> dict:
 
 _NEW = ("--image-size 256 --batch-size 64 --epochs 1 1 --patch-sampling random --flips --lr-schedule cosine "
         "--set synthesis=perlin --map perceptual --infer-stride 32 --blend hann --smooth 4")
+_V2 = " --fit-on held-back --map-scales 1"  # the v2 rows' map (the defaults before v3)
 COMMANDS = {
     name: ("DEFECT_FAST_ALEXNET_WEIGHTS=../shared/weights/alexnet-features-imagenet.pth python3 -m defect_fast train "
-           f"../shared/data/magnetic-tile --model {model} --out runs/{name} {_NEW}")
-    for name, model in (("cmaae-v2", "cmaae"), ("awae-v2", "awae"))
+           f"../shared/data/magnetic-tile --model {model} --out runs/{name} {_NEW}{_V2 if name.endswith('-v2') else ''}")
+    for name, model in (("cmaae-v2", "cmaae"), ("awae-v2", "awae"), ("cmaae-v3", "cmaae"), ("awae-v3", "awae"))
 }
 
 
@@ -129,9 +145,11 @@ if __name__ == "__main__":
     for key, rows in ROWS.items():
         print(f"### {key}\n\n{table(rows)}\n")
     print("### seeds\n\n| run | pixel AUROC | image AUROC | AUPRO | pixel F1-max |\n|---|---|---|---|---|")
-    print(seeds("cmaae-v2", "CMA-AE, new options"))
-    print(seeds("awae-v2", "AW-SSIM AE, new options") + "\n")
-    for name in ("cmaae-v2", "awae-v2"):
+    for base, label in (("cmaae-v3", "CMA-AE v3"), ("awae-v3", "AW-SSIM AE v3"), ("cmaae-v2", "CMA-AE v2"),
+                        ("awae-v2", "AW-SSIM AE v2")):
+        print(seeds(base, label))
+    print()
+    for name in ("cmaae-v3", "awae-v3", "cmaae-v2", "awae-v2"):
         if (RES / f"{name}.json").exists():
             print(f"### {name} per class\n\n{per_class(name)}\n")
     (RES / "summary.json").write_text(json.dumps(summary(), indent=2) + "\n")

@@ -123,7 +123,7 @@ def test_auto_options_follow_the_cpu_flags(monkeypatch):
     assert default_precision("cpu") == "float32"
     det = Detector(_model(), image_size=128)
     assert det.options() == {"precision": "float32", "channels_last": True, "batch_size": 64, "compile": False,
-                             "cuda_graphs": False, "threads": None}
+                             "cuda_graphs": False, "threads": None, "reuse_features": True}
     for flag in ("avx512_bf16", "amx_bf16"):
         monkeypatch.setattr(detect, "cpu_flags", lambda: {"avx2", flag})
         assert default_precision("cpu") == "bfloat16"
