@@ -96,3 +96,34 @@ def test_torchscript_runs_without_the_package(run, tmp_path):
     assert res.returncode == 0, res.stderr
     assert float(res.stdout.strip()) == pytest.approx(float(want[0]), rel=1e-5)
     assert "defect_fast::" not in str(torch.jit.load(str(out)).inlined_graph)  # no custom op left in the graph
+
+
+def test_onnx_export_of_a_two_level_perceptual_map_matches_the_detector(tmp_path):
+    """The recommended runs map with the perceptual map (image pyramid 1 2): the exported graph
+    carries the AlexNet trunk, both levels' statistics and the 2x2 averaging."""
+    from defect_fast.perceptual import PerceptualMap
+    from tests.test_perceptual import _trunk
+
+    torch.manual_seed(0)
+    m = build_model("cmaae", memory_size=20)
+    pm = PerceptualMap(128, trunk=_trunk(), scales=(1, 2))
+    det = Detector(m, image_size=128, stride=32, blend="hann")
+    normal = _images(4, seed=3)
+    with torch.no_grad():
+        x = det._to_model_input(normal)
+        pm.fit([(x, det._stitched_recon(x))])
+    run = tmp_path / "run"
+    run.mkdir()
+    atomic_save({"model_name": "cmaae", "model_config": m.config(), "model_state": m.state_dict(), "image_size": 128,
+                 "perceptual": pm.state(), "detector": {"map_kind": "perceptual", "stride": 32, "blend": "hann",
+                                                         "smooth_sigma": 2.0}}, run / "model.pt")
+    out = tmp_path / "det.onnx"
+    assert main(["export", str(run), "--format", "onnx", "--out", str(out), "--batch", "2"]) == 0
+    det = Detector.load(run, device="cpu")
+    assert det.map_kind == "perceptual" and det.image_map.scales == (1, 2)
+    x = _images(2, seed=4)
+    with torch.no_grad():
+        want_maps, want_scores = det(x)
+    maps, scores = _run_exported("onnx", out, x)
+    torch.testing.assert_close(maps, want_maps, atol=1e-4 * float(want_maps.abs().max()), rtol=0)
+    torch.testing.assert_close(scores, want_scores, atol=0, rtol=1e-4)
