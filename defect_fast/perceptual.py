@@ -9,9 +9,9 @@ is that alternative, with the statistics of defect-free images taken into accoun
    LPIPS input scaling).
 2. The residual features e_l = phi_l(x) - phi_l(r) are resampled to one grid (S / 4).
 3. Each channel at each grid position is standardised with the mean and variance of e over
-   defect-free images held back from training (``fit``), the variance shrunk towards the
-   channel's average variance (``prior``) because a few dozen images estimate it poorly:
-   z = (e - mean) / sqrt(var + prior * mean_var_of_channel).
+   defect-free images (``fit``: the run's training images, or held-back ones), the variance
+   shrunk towards the channel's average variance (``prior``) because a few dozen images
+   estimate it poorly: z = (e - mean) / sqrt(var + prior * mean_var_of_channel).
 4. Per layer, the mean of z^2 over channels; layers are averaged with MSFR's receptive-field
    weights; the square root is upsampled (bilinear) to S x S.
 
@@ -19,8 +19,14 @@ Why the statistics: on real photographs the reconstruction of a patch autoencode
 than the input, so a plain feature residual measures the surface texture everywhere, and the
 photographs share systematic responses (tile edges, background corners, lighting). The mean
 removes the systematic part of the residual at each position; the variance scales what is left
-by how much it varies on defect-free surfaces. Without ``fit`` (no held-back images) the map is
-the plain residual energy, mean over channels of e^2, per layer.
+by how much it varies on defect-free surfaces. Without ``fit`` the map is the plain residual
+energy, mean over channels of e^2, per layer.
+
+Image pyramid (``scales``): steps 1-4 run on the image and on 2x2-averaged copies of it, each
+level with its own statistics, and the map is the mean of the levels' maps. A coarser level's
+features see a larger part of the surface (conv2 sees 51 px of the image, 102 px of the original
+at half size), for defects wider than the finest level's field of view (magnetic tile's
+"uneven" bands); the finest level keeps small defects sharp.
 """
 from __future__ import annotations
 
