@@ -14,6 +14,7 @@ ROWS = {
     "v3": [
         ("cmaae-v3", "CMA-AE, new options (seed 0)"),
         ("awae-v3", "AW-SSIM AE, new options (seed 0)"),
+        ("cmaae-v3-e5", "CMA-AE, new options, 5 + 5 epochs (seed 0)"),
         ("cmaae", "CMA-AE, the papers' settings"),
         ("awae", "AW-SSIM AE, the papers' settings"),
         ("model-free-mean", "model-free: abs(x - mean training image)"),
