@@ -203,11 +203,6 @@ class CMAAE(AnomalyModel):
     def config(self) -> dict[str, Any]:
         return dict(self._config)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.encoder:
-            x = layer(x)
-        return x.flatten(1)
-
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = []
         for layer in self.encoder[:3]:
@@ -219,12 +214,10 @@ class CMAAE(AnomalyModel):
         return receptive_field_areas(ENCODER_LAYERS[:3])
 
     def forward(self, x: torch.Tensor) -> dict[str, Any]:
-        feats = []
-        h = x
-        for i, layer in enumerate(self.encoder):
+        feats = self.features(x)  # encoder layers 1-3, handed to the MSFR map
+        h = feats[-1]
+        for layer in self.encoder[3:]:
             h = layer(h)
-            if i < 3:
-                feats.append(h)  # what features(x) returns, for the MSFR map
         z = h.flatten(1)
         out: dict[str, Any] = {"features": feats}
         if self.mam is None:
