@@ -367,7 +367,8 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
     hundreds of images (a few dozen leave them noisy, and the noise shows up as false alarms), and
     the patch autoencoders reproduce the images they were trained on no better than unseen ones
     at the budgets used here (magnetic tile, CMA-AE 1+1 epochs: mean |x - recon| 0.102 +- 0.001
-    on 540 training images, 0.107 +- 0.004 on 60 held-back ones). Where a model does memorise its
+    on 540 training images, 0.107 +- 0.004 on 60 held-back ones;
+    ``experiments/recon_error_split.py``). Where a model does memorise its
     training images, ``--fit-on held-back`` keeps the statistics on unseen images.
 
     Args:
