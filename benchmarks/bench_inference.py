@@ -2,7 +2,8 @@
 
 For each method (CMA-AE, AW-SSIM AE) and each batch size, times in alternating rounds of one run
 
-- eager: ``Detector(precision="float32", channels_last=False, batch_size=512, reuse_features=False)``
+- eager: ``Detector(precision="float32", channels_last=False, batch_size=512, reuse_features=False,
+  fuse=False)``
   called through ``predict_batched`` 8 images at a time (the pipeline before the tuned path: the
   MSFR map runs the encoder on the input a second time), and
 - tuned: the Detector's defaults for the device (``precision``/``channels_last``/``batch_size``
@@ -32,7 +33,7 @@ from defect_fast.models import build_model
 
 PAPER_MS_PER_IMAGE = 41.673  # CMA-AE paper, 512x512 image, NVIDIA A100
 SIZE = 512
-EAGER = {"precision": "float32", "channels_last": False, "batch_size": 512, "reuse_features": False}
+EAGER = {"precision": "float32", "channels_last": False, "batch_size": 512, "reuse_features": False, "fuse": False}
 EAGER_IMAGES_PER_CALL = 8
 
 

@@ -1,5 +1,5 @@
 """Where the time of one 512x512 CMA-AE inference goes: torch profiler, 1 thread, float32,
-NCHW and channels-last patches (3 calls each after 2 warm-up calls).
+NCHW and channels-last patches, unfused model (3 calls each after 2 warm-up calls).
 
     python benchmarks/profile_inference.py
 """
@@ -19,7 +19,8 @@ def main() -> None:
     m = build_model("cmaae").eval()
     x = torch.randint(0, 256, (1, 3, 512, 512), dtype=torch.uint8)
     for cl in (False, True):
-        det = Detector(m, image_size=512, device="cpu", precision="float32", channels_last=cl, batch_size=64)
+        det = Detector(m, image_size=512, device="cpu", precision="float32", channels_last=cl, batch_size=64,
+                       fuse=False)
         with torch.inference_mode():
             det(x)
             det(x)

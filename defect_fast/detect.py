@@ -23,6 +23,11 @@ Speed options (constructor keywords; "auto" picks per device, from measurements 
 - ``channels_last``: "auto" = on (on a 2-core AVX2 EPYC: AW-SSIM AE about x1.5 faster per image,
   CMA-AE no slower; also the layout oneDNN and cuDNN prefer for reduced-precision convolutions).
   Patches are cut straight into that layout (one copy).
+- ``fuse``: "auto" = on: the Detector runs an inference copy of the model
+  (:func:`defect_fast.fuse.fuse_for_inference`: batch norms folded into the convolutions,
+  convolutions with a single output position as matrix products; weights channels-last when
+  ``channels_last`` is on). The model handed in is left as it is. On a 2-core AVX2 EPYC,
+  CMA-AE at batch 1: 255 ms -> 223 ms per 512x512 image with the weights channels-last.
 - ``batch_size`` (patches per model call): "auto" = about 64 64x64 patches' worth of pixels on a
   CPU (the activations stay in cache: 512 patches per call made batch 8 slower per image than
   batch 1), 4096 on CUDA.
@@ -165,6 +170,8 @@ class Detector(nn.Module):
         precision: "auto" (:func:`default_precision`), "float32", "bfloat16" or "float16" (the
             model runs under ``torch.autocast``; maps stay float32).
         channels_last: feed the model channels-last patches (True, False or "auto" = True).
+        fuse: run an inference copy of the model with BN folded and single-position
+            convolutions as matrix products (True, False or "auto" = True); see above.
         reuse_features: the MSFR map takes the encoder features of the patches from the forward
             pass (``out["features"]``) instead of running the encoder on them again (same map).
         compile: run the per-chunk model call through ``torch.compile`` (first call compiles).
@@ -182,10 +189,25 @@ class Detector(nn.Module):
                  device: torch.device | str = "cpu", batch_size: int | str = "auto", calibration: dict[str, Any] | None = None,
                  smooth_sigma: float = 0.0, *, blend: str = "none", top_fraction: float = TOP_FRACTION,
                  precision: str = "auto", channels_last: bool | str = "auto", compile: bool = False,
-                 cuda_graphs: bool = False, threads: int | None = None, reuse_features: bool = True,
+                 cuda_graphs: bool = False, threads: int | None = None, reuse_features: bool = True, fuse: bool | str = "auto",
                  norm_mean: torch.Tensor | float | None = None, norm_std: torch.Tensor | float | None = None,
                  perceptual: nn.Module | None = None):
         super().__init__()
+        if fuse == "auto":
+            fuse = True
+        if not isinstance(fuse, bool):
+            raise ValueError(f"fuse must be True, False or 'auto', got {fuse!r}")
+        if channels_last == "auto":
+            channels_last = True
+        if not isinstance(channels_last, bool):
+            raise ValueError(f"channels_last must be True, False or 'auto', got {channels_last!r}")
+        if fuse:
+            from .fuse import fuse_for_inference
+
+            model = fuse_for_inference(model)
+            if channels_last:
+                model = model.to(memory_format=torch.channels_last)
+        self.fuse = fuse
         self.model = model.eval()
         self.image_size = int(image_size)
         self.patch = model.patch_size
@@ -205,10 +227,6 @@ class Detector(nn.Module):
             precision = default_precision(device)
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be 'auto' or one of {tuple(PRECISIONS)}, got {precision!r}")
-        if channels_last == "auto":
-            channels_last = True
-        if not isinstance(channels_last, bool):
-            raise ValueError(f"channels_last must be True, False or 'auto', got {channels_last!r}")
         if batch_size == "auto":
             batch_size = default_batch_size(device, self.patch)
         if isinstance(batch_size, str) or int(batch_size) < 0:
@@ -250,7 +268,7 @@ class Detector(nn.Module):
         """The speed options in force (after "auto" was resolved), JSON-ready."""
         return {"precision": self.precision, "channels_last": self.channels_last, "batch_size": self.batch_size,
                 "compile": self.torch_compile, "cuda_graphs": self.cuda_graphs, "threads": self.threads,
-                "reuse_features": self.reuse_features}
+                "reuse_features": self.reuse_features, "fuse": self.fuse}
 
     @property
     def device(self) -> torch.device:

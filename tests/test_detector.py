@@ -116,6 +116,8 @@ def test_precision_and_channels_last_options():
         Detector(_model(), image_size=128, cuda_graphs=True)
     with pytest.raises(ValueError, match="threads"):
         Detector(_model(), image_size=128, threads=0)
+    with pytest.raises(ValueError, match="fuse"):
+        Detector(_model(), image_size=128, fuse="yes")
 
 
 def test_auto_options_follow_the_cpu_flags(monkeypatch):
@@ -123,7 +125,7 @@ def test_auto_options_follow_the_cpu_flags(monkeypatch):
     assert default_precision("cpu") == "float32"
     det = Detector(_model(), image_size=128)
     assert det.options() == {"precision": "float32", "channels_last": True, "batch_size": 64, "compile": False,
-                             "cuda_graphs": False, "threads": None, "reuse_features": True}
+                             "cuda_graphs": False, "threads": None, "reuse_features": True, "fuse": True}
     for flag in ("avx512_bf16", "amx_bf16"):
         monkeypatch.setattr(detect, "cpu_flags", lambda: {"avx2", flag})
         assert default_precision("cpu") == "bfloat16"

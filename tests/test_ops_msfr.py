@@ -152,6 +152,26 @@ def test_non_contiguous(dtype):
     assert_close(native.msfr(nx, nr, (7, 8), [1.0, 2.0]), expected, dtype)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_channels_last_features_read_in_place(dtype, threads):
+    """Both tensors of a scale channels-last (what a channels-last model gives): the kernel reads
+    them as NHWC; C below, at and above the 8 partial sums, mixed with an NCHW scale."""
+    shapes = [(3, 3, 6, 5), (3, 8, 4, 4), (3, 19, 9, 7), (3, 32, 5, 5)]
+    xs, rs = make_feats(shapes, dtype, seed=7)
+    expected = reference.msfr(xs, rs, (11, 9), [1.0, 2.0, 3.0, 4.0])
+    cl = [True, True, True, False]
+    nx = [x.to(memory_format=torch.channels_last) if c else x for x, c in zip(xs, cl)]
+    nr = [r.to(memory_format=torch.channels_last) if c else r for r, c in zip(rs, cl)]
+    assert not nx[2].is_contiguous() and nx[2].is_contiguous(memory_format=torch.channels_last)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert_close(native.msfr(nx, nr, (11, 9), [1.0, 2.0, 3.0, 4.0]), expected, dtype)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_empty_batch():
     xs, rs = make_feats([(0, 3, 5, 5), (0, 2, 4, 4)], torch.float32)
     got = native.msfr(xs, rs, (6, 7))

@@ -11,6 +11,9 @@
 // (width taps first, then the two rows), and makes phase 2 contiguous and vectorisable.
 // With many batch items (B >= 2 x threads) one parallel region runs both phases item by item;
 // with few (a whole image), phase 1 runs over all units, then phase 2 over all output rows.
+// Features may be NCHW or channels-last (NHWC) per scale: channels-last features (what a
+// channels-last model produces) are read in place, the channel sum then running over a
+// contiguous run of C values per position; anything else is made NCHW-contiguous first.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -53,8 +56,9 @@ int64_t rows_per_unit(int64_t height, int64_t width) {
 
 template <typename scalar_t>
 void msfr_cpu_kernel(
-    const std::vector<at::Tensor>& xs,  // S contiguous [B, C_i, H_i, W_i]
-    const std::vector<at::Tensor>& rs,  // same shapes
+    const std::vector<at::Tensor>& xs,  // S [B, C_i, H_i, W_i], contiguous NCHW or NHWC
+    const std::vector<at::Tensor>& rs,  // same shapes and layouts
+    const std::vector<bool>& nhwc,  // per scale: channels-last layout
     const std::vector<double>& weights,  // S normalised weights
     int64_t out_h, int64_t out_w,
     at::Tensor& out) {  // contiguous [B, 1, out_h, out_w]
@@ -100,31 +104,55 @@ void msfr_cpu_kernel(
     block.assign(static_cast<size_t>(n), acc_t(0));
     acc_t* acc = block.data();
 
-    // 1a. sum over channels of (x - r)^2 for this block (a contiguous run of n elements per
-    //     channel), four channels per sweep: eight concurrent read streams keep more loads in
-    //     flight than two, and the buffer is read and written a quarter as often.
-    const scalar_t* xp = xs[i].data_ptr<scalar_t>() + (b * C) * plane + row0 * Wi;
-    const scalar_t* rp = rs[i].data_ptr<scalar_t>() + (b * C) * plane + row0 * Wi;
-    int64_t c = 0;
-    for (; c + 4 <= C; c += 4) {
-      const scalar_t* __restrict__ x0 = xp + c * plane;
-      const scalar_t* __restrict__ r0 = rp + c * plane;
-      const scalar_t* __restrict__ x1 = x0 + plane;
-      const scalar_t* __restrict__ r1 = r0 + plane;
-      const scalar_t* __restrict__ x2 = x1 + plane;
-      const scalar_t* __restrict__ r2 = r1 + plane;
-      const scalar_t* __restrict__ x3 = x2 + plane;
-      const scalar_t* __restrict__ r3 = r2 + plane;
+    if (nhwc[i]) {
+      // 1a'. channels-last: the block is n positions of C contiguous values each, summed in
+      //      kLanes independent partial sums (one vector register, no serial dependency chain).
+      constexpr int64_t kLanes = 8;
+      const scalar_t* xq = xs[i].data_ptr<scalar_t>() + ((b * Hi + row0) * Wi) * C;
+      const scalar_t* rq = rs[i].data_ptr<scalar_t>() + ((b * Hi + row0) * Wi) * C;
       for (int64_t k = 0; k < n; ++k) {
-        acc[k] += (squared_residual<acc_t>(x0[k], r0[k]) + squared_residual<acc_t>(x1[k], r1[k])) +
-                  (squared_residual<acc_t>(x2[k], r2[k]) + squared_residual<acc_t>(x3[k], r3[k]));
+        const scalar_t* __restrict__ xk = xq + k * C;
+        const scalar_t* __restrict__ rk = rq + k * C;
+        acc_t lanes[kLanes] = {};
+        int64_t c = 0;
+        for (; c + kLanes <= C; c += kLanes) {
+          for (int64_t l = 0; l < kLanes; ++l) {
+            lanes[l] += squared_residual<acc_t>(xk[c + l], rk[c + l]);
+          }
+        }
+        acc_t sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+        for (; c < C; ++c) {
+          sum += squared_residual<acc_t>(xk[c], rk[c]);
+        }
+        acc[k] = sum;
       }
-    }
-    for (; c < C; ++c) {
-      const scalar_t* __restrict__ xc = xp + c * plane;
-      const scalar_t* __restrict__ rc = rp + c * plane;
-      for (int64_t k = 0; k < n; ++k) {
-        acc[k] += squared_residual<acc_t>(xc[k], rc[k]);
+    } else {
+      // 1a. sum over channels of (x - r)^2 for this block (a contiguous run of n elements per
+      //     channel), four channels per sweep: eight concurrent read streams keep more loads in
+      //     flight than two, and the buffer is read and written a quarter as often.
+      const scalar_t* xp = xs[i].data_ptr<scalar_t>() + (b * C) * plane + row0 * Wi;
+      const scalar_t* rp = rs[i].data_ptr<scalar_t>() + (b * C) * plane + row0 * Wi;
+      int64_t c = 0;
+      for (; c + 4 <= C; c += 4) {
+        const scalar_t* __restrict__ x0 = xp + c * plane;
+        const scalar_t* __restrict__ r0 = rp + c * plane;
+        const scalar_t* __restrict__ x1 = x0 + plane;
+        const scalar_t* __restrict__ r1 = r0 + plane;
+        const scalar_t* __restrict__ x2 = x1 + plane;
+        const scalar_t* __restrict__ r2 = r1 + plane;
+        const scalar_t* __restrict__ x3 = x2 + plane;
+        const scalar_t* __restrict__ r3 = r2 + plane;
+        for (int64_t k = 0; k < n; ++k) {
+          acc[k] += (squared_residual<acc_t>(x0[k], r0[k]) + squared_residual<acc_t>(x1[k], r1[k])) +
+                    (squared_residual<acc_t>(x2[k], r2[k]) + squared_residual<acc_t>(x3[k], r3[k]));
+        }
+      }
+      for (; c < C; ++c) {
+        const scalar_t* __restrict__ xc = xp + c * plane;
+        const scalar_t* __restrict__ rc = rp + c * plane;
+        for (int64_t k = 0; k < n; ++k) {
+          acc[k] += squared_residual<acc_t>(xc[k], rc[k]);
+        }
       }
     }
     // NB: the mean as torch's: the sum divided by the count.
@@ -219,14 +247,20 @@ at::Tensor msfr_cpu(at::TensorList feats_x, at::TensorList feats_r, at::IntArray
     return out;
   }
   std::vector<at::Tensor> xs, rs;
+  std::vector<bool> nhwc;
   xs.reserve(feats_x.size());
   rs.reserve(feats_r.size());
   for (size_t i = 0; i < feats_x.size(); ++i) {
-    xs.push_back(feats_x[i].contiguous());
-    rs.push_back(feats_r[i].contiguous());
+    const at::Tensor& x = feats_x[i];
+    const at::Tensor& r = feats_r[i];
+    const bool cl = x.is_contiguous(at::MemoryFormat::ChannelsLast) && r.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+                    !(x.is_contiguous() && r.is_contiguous());
+    nhwc.push_back(cl);
+    xs.push_back(cl ? x : x.contiguous());
+    rs.push_back(cl ? r : r.contiguous());
   }
   AT_DISPATCH_FLOATING_TYPES(first.scalar_type(), "msfr_cpu", [&] {
-    msfr_cpu_kernel<scalar_t>(xs, rs, normalised, out_h, out_w, out);
+    msfr_cpu_kernel<scalar_t>(xs, rs, nhwc, normalised, out_h, out_w, out);
   });
   return out;
 }

@@ -1,0 +1,73 @@
+"""The fused inference copy: same function as the model, the model itself untouched."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from defect_fast.detect import Detector
+from defect_fast.fuse import DenseConv2d, DenseConvTranspose2d, fuse_for_inference
+from defect_fast.models import build_model
+
+
+def _model(name):
+    torch.manual_seed(0)
+    kw = {"memory_size": 20} if name == "cmaae" else {"patch_size": 32, "base_channels": 4, "latent_channels": 8}
+    m = build_model(name, **kw)
+    with torch.no_grad():
+        for mod in m.modules():  # batch norm far from the identity, so a wrong fold shows
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.3, 2.0)
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.3, 0.3)
+    return m.eval()
+
+
+@pytest.mark.parametrize("name", ["cmaae", "awae"])
+def test_fused_copy_computes_the_same_outputs(name):
+    m = _model(name)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    fused = fuse_for_inference(m)
+    assert not any(isinstance(x, nn.BatchNorm2d) for x in fused.modules())
+    assert any(isinstance(x, nn.BatchNorm2d) for x in m.modules())  # the original keeps its layers
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    x = torch.rand(5, 3, m.patch_size, m.patch_size) * 2 - 1
+    with torch.no_grad():
+        a, b = m(x), fused(x)
+    torch.testing.assert_close(b["recon"], a["recon"], atol=1e-5, rtol=1e-4)
+    for fa, fb in zip(a["features"], b["features"]):
+        torch.testing.assert_close(fb, fa, atol=1e-5, rtol=1e-4)
+    assert not any(p.requires_grad for p in fused.parameters())
+
+
+def test_cmaae_single_position_layers_become_matrix_products():
+    fused = fuse_for_inference(_model("cmaae"))
+    kinds = [type(x) for x in fused.modules()]
+    assert DenseConv2d in kinds and DenseConvTranspose2d in kinds
+
+
+@pytest.mark.parametrize("size", [4, 7])
+def test_dense_layers_fall_back_to_the_convolution_on_other_sizes(size):
+    torch.manual_seed(0)
+    conv, deconv = nn.Conv2d(6, 5, 4), nn.ConvTranspose2d(6, 5, 4)
+    x = torch.randn(3, 6, size, size)
+    z = torch.randn(3, 6, size - 3, size - 3)  # 1x1 for size 4: the matrix-product path
+    with torch.no_grad():
+        torch.testing.assert_close(DenseConv2d(conv)(x), conv(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(DenseConvTranspose2d(deconv)(z), deconv(z), atol=1e-5, rtol=1e-5)
+        xc = x.contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(DenseConv2d(conv)(xc), conv(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,channels_last", [("cmaae", True), ("cmaae", False), ("awae", True)])
+def test_detector_fuse_option_keeps_the_maps(name, channels_last):
+    m = _model(name)
+    size = 128 if name == "cmaae" else 64
+    x = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    kw = dict(image_size=size, precision="float32", channels_last=channels_last)
+    plain = Detector(m, fuse=False, **kw)
+    fused = Detector(m, **kw)
+    assert fused.options()["fuse"] and fused.model is not m and plain.model is m
+    torch.testing.assert_close(fused(x)[0], plain(x)[0], atol=1e-5, rtol=1e-4)
