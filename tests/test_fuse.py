@@ -71,3 +71,14 @@ def test_detector_fuse_option_keeps_the_maps(name, channels_last):
     fused = Detector(m, **kw)
     assert fused.options()["fuse"] and fused.model is not m and plain.model is m
     torch.testing.assert_close(fused(x)[0], plain(x)[0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kernel,padding", [(3, 1), (5, 1), (4, 2)])
+def test_stride_one_transposed_convolution_becomes_the_equal_convolution(kernel, padding):
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.ConvTranspose2d(6, 5, kernel, 1, padding))
+    fused = fuse_for_inference(seq)
+    assert isinstance(fused[0], nn.Conv2d)
+    x = torch.randn(2, 6, 9, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), seq(x), atol=1e-5, rtol=1e-5)
