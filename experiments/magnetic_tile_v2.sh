@@ -89,6 +89,9 @@ for row in $ROWS; do
     awae-v3-s1)  run awae-v3-s1 awae 1 1 1 -- "${NEW[@]}" --set synthesis=perlin ;;
     awae-v3-s2)  run awae-v3-s2 awae 2 1 1 -- "${NEW[@]}" --set synthesis=perlin ;;
     cmaae-v3-e5) run cmaae-v3-e5 cmaae 0 5 5 -- "${NEW[@]}" --set synthesis=perlin ;;  # 5x the epochs
+    # learning curve in the normal stage (stage 2 kept at one epoch)
+    cmaae-v3-e2) run cmaae-v3-e2 cmaae 0 2 1 -- "${NEW[@]}" --set synthesis=perlin ;;
+    cmaae-v3-e4) run cmaae-v3-e4 cmaae 0 4 1 -- "${NEW[@]}" --set synthesis=perlin ;;
     cmaae-v3-ablations)
       refit cmaae-v3-one-scale cmaae-v3 --map-scales 1
       refit cmaae-v3-fit-held-back cmaae-v3 --fit-on held-back

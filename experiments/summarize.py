@@ -20,6 +20,12 @@ ROWS = {
         ("model-free-mean", "model-free: abs(x - mean training image)"),
         ("model-free-blur-perceptual-v3", "model-free: perceptual map of x against a Gaussian blur of x"),
     ],
+    "v3_curve": [
+        ("cmaae-v3", "CMA-AE, new options, 1 + 1 epochs (seed 0)"),
+        ("cmaae-v3-e2", "CMA-AE, new options, 2 + 1 epochs (seed 0)"),
+        ("cmaae-v3-e4", "CMA-AE, new options, 4 + 1 epochs (seed 0)"),
+        ("cmaae-v3-e5", "CMA-AE, new options, 5 + 5 epochs (seed 0)"),
+    ],
     "v3_ablation": [
         ("cmaae-v3", "CMA-AE v3: statistics from 540 training images, pyramid 1 2"),
         ("cmaae-v3-one-scale", "same model, pyramid 1 (one level)"),

@@ -205,6 +205,9 @@ def test_watch_sigkill_twice_through_the_command_line(tiny, tmp_path):
             proc = start()
         dropper.join(timeout=60)
         _wait(lambda: _count(out) >= n, 120, f"all {n} results")
+        # SIGTERM only once the last service watches: during its start-up (import, model load) the
+        # default action applies, and it may start after the others have written every result
+        _wait(lambda: log.read_text().count("watching ") == 3, 120, "service 3 watching")
         time.sleep(0.5)  # anything extra would show up now
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, log.read_text()
