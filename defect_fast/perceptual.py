@@ -126,21 +126,29 @@ class PerceptualMap(nn.Module):
         fx, fr = self._features(x), self._features(recon)
         return torch.cat([F.interpolate(a - b, size=g, mode="bilinear", align_corners=False) for a, b in zip(fx, fr)], 1)
 
+    def standardised(self, x: torch.Tensor, recon: torch.Tensor, level: int = 0) -> torch.Tensor:
+        """x, recon [N,3,S,S] in [-1,1] -> z = (residual - mean) * inv_std [N, C, G, G] of level ``level``."""
+        mean, inv_std = self.stats(level)
+        return (self.residual(x, recon, level) - mean) * inv_std
+
+    def level_map(self, z: torch.Tensor, size: int) -> torch.Tensor:
+        """Standardised residual z [N, C, G, G] -> one level's map [N, 1, size, size]: per layer the
+        mean of z^2 over its channels, layers weighted, square root, bilinear upsampling."""
+        z2 = z * z
+        per_layer, start = [], 0
+        for conv in self.convs:
+            c = conv.out_channels
+            per_layer.append(z2[:, start:start + c].mean(dim=1))
+            start += c
+        m = (torch.stack(per_layer, 1) * self.weights.view(1, -1, 1, 1)).sum(1, keepdim=True).sqrt()
+        return F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False)
+
     def forward(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
         """x, recon [N,3,S,S] in [-1, 1] -> map [N, S, S] (>= 0, larger = more anomalous)."""
         s = x.shape[-1]
         total = None
         for level in range(len(self.scales)):
-            mean, inv_std = self.stats(level)
-            z = (self.residual(x, recon, level) - mean) * inv_std
-            z2 = z * z
-            per_layer, start = [], 0
-            for conv in self.convs:
-                c = conv.out_channels
-                per_layer.append(z2[:, start:start + c].mean(dim=1))
-                start += c
-            m = (torch.stack(per_layer, 1) * self.weights.view(1, -1, 1, 1)).sum(1, keepdim=True).sqrt()
-            m = F.interpolate(m, size=(s, s), mode="bilinear", align_corners=False)
+            m = self.level_map(self.standardised(x, recon, level), s)
             total = m if total is None else total + m
         return total[:, 0] / len(self.scales)
 

@@ -1,8 +1,8 @@
 """Variants of the perceptual map's statistics on one trained run, with its weights untouched.
 
 Each probe refits the map's defect-free statistics on the run's training images (as
-``--fit-on train``) and scores the dev test split, smoothing sigma 4 at 256 px and the image
-score of the Detector (mean of the top 0.1 % of the map), as the evaluated runs do:
+``--fit-on train``) and scores the dev test split after the run's own smoothing and image score
+(``Detector.finish``), as the evaluated runs do:
 
 - ``levels``: how the pyramid's level maps are combined (mean, the default; max; root mean
   square), for pyramids 1 2 and 1 2 4;
@@ -27,23 +27,17 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from defect_fast.data import load_test_set, load_train_images  # noqa: E402
-from defect_fast.detect import Detector, image_scores  # noqa: E402
-from defect_fast.maps import blur_matrix  # noqa: E402
+from defect_fast.detect import Detector  # noqa: E402
 from defect_fast.metrics import evaluate  # noqa: E402
 from defect_fast.perceptual import PerceptualMap  # noqa: E402
 from defect_fast.runs import MODEL_FILE, load_model_state  # noqa: E402
 
 BATCH = 16
-
-
-def to_model(x: torch.Tensor) -> torch.Tensor:
-    return x.float() / 127.5 - 1
 
 
 def reconstructions(det: Detector, images: torch.Tensor) -> torch.Tensor:
@@ -59,38 +53,37 @@ class CentredMap(PerceptualMap):
         return e - e.flatten(2).median(2).values[:, :, None, None]
 
 
-def level_maps(pm: PerceptualMap, images: torch.Tensor, recon: torch.Tensor, whiten=None) -> torch.Tensor:
-    """[L, N, S, S]: each pyramid level's map (``whiten``: per level, per layer Cholesky factors)."""
+def level_maps(det: Detector, pm: PerceptualMap, images: torch.Tensor, recon: torch.Tensor, whiten=None) -> torch.Tensor:
+    """[L, N, S, S]: each pyramid level's map (``whiten``: per level, per layer Cholesky factors
+    applied to the standardised residual before the map's reduction)."""
     s, out = images.shape[-1], []
     with torch.no_grad():
         for k in range(0, len(images), BATCH):
-            x, r, levels = to_model(images[k:k + BATCH]), recon[k:k + BATCH], []
+            x, r, levels = det._to_model_input(images[k:k + BATCH]), recon[k:k + BATCH], []
             for lv in range(len(pm.scales)):
-                mean, inv_std = pm.stats(lv)
-                z = (pm.residual(x, r, lv) - mean) * inv_std
-                per, start = [], 0
-                for li, conv in enumerate(pm.convs):
-                    zc = z[:, start:start + conv.out_channels]
-                    if whiten is not None:
-                        zc = (zc.permute(0, 2, 3, 1) @ whiten[lv][li]).permute(0, 3, 1, 2)
-                    per.append((zc * zc).mean(1))
-                    start += conv.out_channels
-                m = (torch.stack(per, 1) * pm.weights.view(1, -1, 1, 1)).sum(1, keepdim=True).sqrt()
-                levels.append(F.interpolate(m, size=(s, s), mode="bilinear", align_corners=False)[:, 0])
+                z = pm.standardised(x, r, lv)
+                if whiten is not None:
+                    blocks, start = [], 0
+                    for li, conv in enumerate(pm.convs):
+                        zc = z[:, start:start + conv.out_channels]
+                        blocks.append((zc.permute(0, 2, 3, 1) @ whiten[lv][li]).permute(0, 3, 1, 2))
+                        start += conv.out_channels
+                    z = torch.cat(blocks, 1)
+                levels.append(pm.level_map(z, s)[:, 0])
             out.append(torch.stack(levels))
     return torch.cat(out, 1)
 
 
-def whitening(pm: PerceptualMap, train: torch.Tensor, recon: torch.Tensor, eps: float) -> list[list[torch.Tensor]]:
+def whitening(det: Detector, pm: PerceptualMap, train: torch.Tensor, recon: torch.Tensor, eps: float) -> list[list[torch.Tensor]]:
     """Per level and layer, L with L L^T = (C + eps mean_var I)^-1, C the pooled covariance of z."""
     sums = [[None] * len(pm.convs) for _ in pm.scales]
     counts = [0] * len(pm.scales)
     with torch.no_grad():
         for k in range(0, len(train), BATCH):
-            x, r = to_model(train[k:k + BATCH]), recon[k:k + BATCH]
+            x, r = det._to_model_input(train[k:k + BATCH]), recon[k:k + BATCH]
             for lv in range(len(pm.scales)):
-                mean, inv_std = pm.stats(lv)
-                z = ((pm.residual(x, r, lv) - mean) * inv_std).permute(0, 2, 3, 1).reshape(-1, mean.shape[0]).double()
+                z = pm.standardised(x, r, lv)
+                z = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).double()
                 start = 0
                 for li, conv in enumerate(pm.convs):
                     zc = z[:, start:start + conv.out_channels]
@@ -108,9 +101,10 @@ def whitening(pm: PerceptualMap, train: torch.Tensor, recon: torch.Tensor, eps: 
     return out
 
 
-def score(maps: torch.Tensor, test, blur: torch.Tensor) -> dict:
-    maps = blur @ maps @ blur.T
-    m = evaluate(maps, test.masks, image_scores(maps), test.labels, test.classes)
+def score(det: Detector, maps: torch.Tensor, test) -> dict:
+    """Metrics of raw maps [N, S, S] after the run's own smoothing and image score (Detector.finish)."""
+    maps, scores = det.finish(maps)
+    m = evaluate(maps, test.masks, scores, test.labels, test.classes)
     row = {k: round(100 * m[k], 2) for k in ("pixel_auroc", "image_auroc", "aupro")}
     row["pixel_auroc_per_class"] = {c: round(100 * v["pixel_auroc"], 1) for c, v in m.get("per_class", {}).items()}
     return row
@@ -138,7 +132,6 @@ def main() -> int:
     else:
         rec = {"train": reconstructions(det, train), "test": reconstructions(det, test.images)}
         torch.save(rec, cache)
-    blur = blur_matrix(det.image_size, 4.0).float()
     if det.image_map is None:
         raise SystemExit(f"{args.run}: not a perceptual-map run (train with --map perceptual)")
     layers, prior = det.image_map.layers, det.image_map.prior
@@ -146,16 +139,16 @@ def main() -> int:
 
     def fitted(cls, scales):
         pm = cls(det.image_size, layers=layers, prior=prior, scales=scales)
-        pm.fit((to_model(train[k:k + BATCH]), rec["train"][k:k + BATCH]) for k in range(0, len(train), BATCH))
+        pm.fit((det._to_model_input(train[k:k + BATCH]), rec["train"][k:k + BATCH]) for k in range(0, len(train), BATCH))
         return pm
 
     def add(name, maps):
-        rows[name] = score(maps, test, blur)
+        rows[name] = score(det, maps, test)
         print(name, rows[name], flush=True)
 
     if "levels" in args.probes:
         for scales in ((1, 2), (1, 2, 4)):
-            lm = level_maps(fitted(PerceptualMap, scales), test.images, rec["test"])
+            lm = level_maps(det, fitted(PerceptualMap, scales), test.images, rec["test"])
             tag = "".join(map(str, scales))
             add(f"pyramid {tag}, mean of levels (default)", lm.mean(0))
             add(f"pyramid {tag}, max of levels", lm.max(0).values)
@@ -163,10 +156,10 @@ def main() -> int:
     if "whiten" in args.probes:
         pm = fitted(PerceptualMap, (1, 2))
         for eps in (0.01, 0.1):
-            w = whitening(pm, train, rec["train"], eps)
-            add(f"pyramid 12, whitened (eps {eps})", level_maps(pm, test.images, rec["test"], w).mean(0))
+            w = whitening(det, pm, train, rec["train"], eps)
+            add(f"pyramid 12, whitened (eps {eps})", level_maps(det, pm, test.images, rec["test"], w).mean(0))
     if "centre" in args.probes:
-        add("pyramid 12, each image centred on its median", level_maps(fitted(CentredMap, (1, 2)), test.images, rec["test"]).mean(0))
+        add("pyramid 12, each image centred on its median", level_maps(det, fitted(CentredMap, (1, 2)), test.images, rec["test"]).mean(0))
     out = args.out or ROOT / "experiments" / "results" / "perceptual-probes" / f"{args.run.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"run": str(args.run), "command": "python3 " + " ".join(sys.argv), "rows": rows}, indent=2) + "\n")
