@@ -27,7 +27,7 @@ Speed options (constructor keywords; "auto" picks per device, from measurements 
   (:func:`defect_fast.fuse.fuse_for_inference`: batch norms folded into the convolutions,
   convolutions with a single output position as matrix products; weights channels-last when
   ``channels_last`` is on). The model handed in is left as it is. On a 2-core AVX2 EPYC,
-  CMA-AE at batch 1: 255 ms -> 223 ms per 512x512 image with the weights channels-last.
+  CMA-AE at batch 1: 441 -> 265 ms per 512x512 image (``benchmarks/inference_variants.py``).
 - ``batch_size`` (patches per model call): "auto" = about 64 64x64 patches' worth of pixels on a
   CPU (the activations stay in cache: 512 patches per call made batch 8 slower per image than
   batch 1), 4096 on CUDA.

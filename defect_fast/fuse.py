@@ -7,9 +7,13 @@
 - every unpadded convolution whose input is exactly its kernel (one output position: CMA-AE's
   last encoder layer) and every unpadded stride-1 transposed convolution of a 1x1 input (CMA-AE's
   first decoder layer) run as one matrix product. oneDNN handles these shapes poorly on a CPU
-  (on a 2-core AVX2 EPYC, 64 patches: 33 ms -> 6 ms and 35 ms -> 11 ms);
+  (AMD EPYC, 1 thread, one 512x512 image's 64 patches: 18.1 -> 11.2 ms and 25.8 -> 14.1 ms);
 - every other stride-1 transposed convolution as the plain convolution it equals (weights
-  flipped, in and out swapped, padding k - 1 - p: CMA-AE's 3x3 decoder layer, 21 -> 17 ms).
+  flipped, in and out swapped, padding k - 1 - p: CMA-AE's 3x3 decoder layer, 16.4 -> 16.2 ms,
+  about even there).
+
+Per-layer figures: ``python benchmarks/bench_fuse_layers.py --rounds 30``
+(``benchmarks/results/fuse_layers_cpu.json``).
 
 Outputs equal the original model's up to float32 summation order. Used by
 :class:`~defect_fast.detect.Detector` (option ``fuse``).
@@ -32,10 +36,9 @@ class DenseConv2d(nn.Module):
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
         self.conv = conv
-        self.kernel_size = tuple(conv.kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[-2:]) != self.kernel_size:
+        if tuple(x.shape[-2:]) != tuple(self.conv.kernel_size):
             return self.conv(x)
         w = self.conv.weight
         return F.linear(x.flatten(1), w.flatten(1), self.conv.bias)[:, :, None, None]
@@ -82,9 +85,8 @@ def _dense(m: nn.Module) -> nn.Module:
     return m
 
 
-def _rewrite(module: nn.Module) -> int:
-    """Fold conv + BN pairs and densify convolutions below ``module`` in place; returns the folds."""
-    folded = 0
+def _rewrite(module: nn.Module) -> None:
+    """Fold conv + BN pairs and densify convolutions below ``module``, in place."""
     names = list(module._modules)
     for i, name in enumerate(names):
         child = module._modules[name]
@@ -95,11 +97,9 @@ def _rewrite(module: nn.Module) -> int:
             if isinstance(module, nn.Sequential) and isinstance(nxt, nn.BatchNorm2d) and nxt.track_running_stats:
                 child = fuse_conv_bn_eval(child, nxt, transpose=isinstance(child, nn.ConvTranspose2d))
                 module._modules[names[i + 1]] = nn.Identity()
-                folded += 1
             module._modules[name] = _dense(child)
         else:
-            folded += _rewrite(child)
-    return folded
+            _rewrite(child)
 
 
 def fuse_for_inference(model: nn.Module) -> nn.Module:
