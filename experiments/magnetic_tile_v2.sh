@@ -92,6 +92,9 @@ for row in $ROWS; do
     # learning curve in the normal stage (stage 2 kept at one epoch)
     cmaae-v3-e2) run cmaae-v3-e2 cmaae 0 2 1 -- "${NEW[@]}" --set synthesis=perlin ;;
     cmaae-v3-e4) run cmaae-v3-e4 cmaae 0 4 1 -- "${NEW[@]}" --set synthesis=perlin ;;
+    # bottleneck width (Table I: 512), same budget as cmaae-v3
+    cmaae-v3-latent128)  run cmaae-v3-latent128 cmaae 0 1 1 -- "${NEW[@]}" --set synthesis=perlin --set latent=128 ;;
+    cmaae-v3-latent2048) run cmaae-v3-latent2048 cmaae 0 1 1 -- "${NEW[@]}" --set synthesis=perlin --set latent=2048 ;;
     cmaae-v3-ablations)
       refit cmaae-v3-one-scale cmaae-v3 --map-scales 1
       refit cmaae-v3-fit-held-back cmaae-v3 --fit-on held-back

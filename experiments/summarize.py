@@ -26,6 +26,11 @@ ROWS = {
         ("cmaae-v3-e4", "CMA-AE, new options, 4 + 1 epochs (seed 0)"),
         ("cmaae-v3-e5", "CMA-AE, new options, 5 + 5 epochs (seed 0)"),
     ],
+    "v3_width": [
+        ("cmaae-v3-latent128", "CMA-AE, new options, latent 128 (seed 0)"),
+        ("cmaae-v3", "CMA-AE, new options, latent 512 = Table I (seed 0)"),
+        ("cmaae-v3-latent2048", "CMA-AE, new options, latent 2048 (seed 0)"),
+    ],
     "v3_ablation": [
         ("cmaae-v3", "CMA-AE v3: statistics from 540 training images, pyramid 1 2"),
         ("cmaae-v3-one-scale", "same model, pyramid 1 (one level)"),

@@ -130,3 +130,21 @@ def test_switches_and_config_roundtrip():
         build_model("cmaae", gate_activation="relu")
     with pytest.raises(ValueError, match="fusion"):
         build_model("cmaae", fusion="lstm")
+
+
+@pytest.mark.parametrize("fusion", ["cmam", "cat"])
+def test_latent_width_sets_code_memory_and_gates(fusion):
+    m = build_model("cmaae", latent=96, memory_size=8, fusion=fusion)
+    out = m(torch.randn(2, 3, 64, 64))
+    assert out["recon"].shape == (2, 3, 64, 64)
+    assert m.encoder[-1][0].out_channels == 96 and m.decoder[0][0].in_channels == 96
+    assert m.mam.memory.shape == (8, 96)
+    if fusion == "cmam":
+        assert (m.frm.forget.in_features, m.frm.forget.out_features) == (192, 96)
+    else:
+        assert (m.cat.in_features, m.cat.out_features) == (192, 96)
+    clone = build_model("cmaae", **m.config())
+    clone.load_state_dict(m.state_dict())
+    assert m.config()["latent"] == 96
+    with pytest.raises(ValueError, match="latent"):
+        build_model("cmaae", latent=0)

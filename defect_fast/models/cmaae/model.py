@@ -22,6 +22,7 @@ The paper leaves some choices open; each is a constructor switch, the paper's re
     gate_target: "memory" (Eq. 9 gates z_hat) | "encoder" (the text: erase foreground in z).
     renorm_p: 1 (MemAE's L1 renormalisation of the shrunk weights) | 2.
     memory_size: N is not given; 2000 by default.
+    latent: width C of the code z, the memory items and the FRM (Table I: 512).
     fusion: "cmam" (the paper) | "mam" (memory only, MemAE; Table V column B) |
             "cat" (FC over [z, z_hat] instead of the gates; column C) | "none" (plain AE).
 Stage 2 trains on GAAGA images against their clean originals (the repair the paper describes;
@@ -49,7 +50,7 @@ LATENT = 512
 ENCODER_LAYERS = [(4, 2), (3, 1), (4, 2), (4, 2), (4, 2), (4, 1)]  # (kernel, stride), Table I
 
 
-def _encoder() -> nn.ModuleList:
+def _encoder(latent: int = LATENT) -> nn.ModuleList:
     def block(cin, cout, k, s, p, bn=True, act=True):
         layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, s, p, bias=not bn)]
         if bn:
@@ -64,11 +65,11 @@ def _encoder() -> nn.ModuleList:
         block(32, 64, 4, 2, 1),
         block(64, 128, 4, 2, 1),
         block(128, 256, 4, 2, 1),
-        block(256, LATENT, 4, 1, 0, bn=False, act=False),
+        block(256, latent, 4, 1, 0, bn=False, act=False),
     ])
 
 
-def _decoder() -> nn.Sequential:
+def _decoder(latent: int = LATENT) -> nn.Sequential:
     def block(cin, cout, k, s, p, bn=True, act: nn.Module | None = None):
         layers: list[nn.Module] = [nn.ConvTranspose2d(cin, cout, k, s, p, bias=not bn)]
         if bn:
@@ -78,7 +79,7 @@ def _decoder() -> nn.Sequential:
         return nn.Sequential(*layers)
 
     return nn.Sequential(
-        block(LATENT, 256, 4, 1, 0, bn=False),
+        block(latent, 256, 4, 1, 0, bn=False),
         block(256, 128, 4, 2, 1, act=nn.ReLU(inplace=True)),
         block(128, 64, 4, 2, 1, act=nn.ReLU(inplace=True)),
         block(64, 32, 4, 2, 1, act=nn.ReLU(inplace=True)),
@@ -148,6 +149,7 @@ class CMAAEConfig:
     entropy_weight: float = 0.01
     map: str = "msfr"
     synthesis: str = "paper"
+    latent: int = LATENT
 
 
 @register
@@ -172,8 +174,11 @@ class CMAAE(AnomalyModel):
         entropy_weight: float = 0.01,
         map: str = "msfr",
         synthesis: str = "paper",
+        latent: int = LATENT,
     ):
         super().__init__()
+        if isinstance(latent, bool) or not isinstance(latent, int) or latent < 1:
+            raise ValueError(f"latent must be a whole number >= 1; got {latent!r}")
         if synthesis not in SYNTHESIS_VARIANTS:
             raise ValueError(f"synthesis must be one of {SYNTHESIS_VARIANTS}; got {synthesis!r}")
         if fusion not in ("cmam", "mam", "cat", "none"):
@@ -185,18 +190,18 @@ class CMAAE(AnomalyModel):
         self._config = dict(
             fusion=fusion, two_stage=two_stage, memory_size=memory_size, gate_activation=gate_activation,
             gate_target=gate_target, renorm_p=renorm_p, rec_loss=rec_loss, rec_weight=rec_weight,
-            entropy_weight=entropy_weight, map=map, synthesis=synthesis,
+            entropy_weight=entropy_weight, map=map, synthesis=synthesis, latent=latent,
         )
         self.synthesis = synthesis
         self.patch_size = 64
         self.default_map = map
         self.fusion = fusion
         self.stages = ("normal", "synthetic") if two_stage else ("normal",)
-        self.encoder = _encoder()
-        self.decoder = _decoder()
-        self.mam = MemoryModule(memory_size, LATENT, renorm_p) if fusion != "none" else None
-        self.frm = FeatureRepair(LATENT, gate_activation, gate_target) if fusion == "cmam" else None
-        self.cat = nn.Linear(2 * LATENT, LATENT) if fusion == "cat" else None
+        self.encoder = _encoder(latent)
+        self.decoder = _decoder(latent)
+        self.mam = MemoryModule(memory_size, latent, renorm_p) if fusion != "none" else None
+        self.frm = FeatureRepair(latent, gate_activation, gate_target) if fusion == "cmam" else None
+        self.cat = nn.Linear(2 * latent, latent) if fusion == "cat" else None
         self.rec_loss, self.rec_weight, self.entropy_weight = rec_loss, rec_weight, entropy_weight
         self._ssim = None
 
