@@ -40,8 +40,9 @@ def scores_of(maps: torch.Tensor, top: float = 0.001) -> torch.Tensor:
 
 
 def gaussian(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    a = blur_matrix(x.shape[-1], sigma).float()
-    return a @ x @ a.T
+    """Gaussian blur of [..., H, W] (edges replicated)."""
+    a_h, a_w = blur_matrix(x.shape[-2], sigma).float(), blur_matrix(x.shape[-1], sigma).float()
+    return a_h @ x @ a_w.T
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,122 @@
+"""Does squeezing every crop into a square cost accuracy? The model-free perceptual map, two ways.
+
+Magnetic-tile crops are 103-632 px wide and 222-403 px high (width / height 0.44 to 2.3 in the
+training images). Resized to a square, as every run does (``--image-size 256``), the surface
+is stretched sideways by a factor that differs from image to image by up to 5x: the vertical
+grinding streaks, and the cracks that run along them, come out narrow in one image and wide in
+the next, and the map's defect-free statistics have to accept all those widths as normal.
+
+Every row is the ``model-free-blur-perceptual-v3`` map of ``experiments/model_free.py`` (x against
+a Gaussian blur of x, sigma 8; AlexNet conv1-2; pyramid 1 2; statistics from the 90 % of
+train/good a run trains on; map smoothed with sigma 4, image score the mean of its top 0.1 %),
+computed in one run:
+
+- ``square``: images resized to 256 x 256 (the runs' input);
+- ``one-scale-H``: every image resized by the same factor, the one that takes the training
+  images' median height to H px (``--heights``, default 256), aspect ratio kept. The residual
+  features are resampled to the map's fixed grid, so the statistics stay per position of the
+  normalised image; the map is resized to 256 x 256 at the end and scored against the same
+  256 x 256 masks.
+
+    python3 experiments/native_scale_probe.py [DATA] [--heights H...] [--out FILE]
+    (default FILE: experiments/results/native-scale/model-free.json)
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+
+from defect_fast.calibration import split_holdback  # noqa: E402
+from defect_fast.data import load_test_set, load_train_images, read_image  # noqa: E402
+from defect_fast.metrics import evaluate  # noqa: E402
+from defect_fast.perceptual import PerceptualMap  # noqa: E402
+from defect_fast.safety import dump_json_strict  # noqa: E402
+from model_free import gaussian, scores_of  # noqa: E402
+
+SIZE = 256
+
+
+def one_scale(path: str, factor: float) -> torch.Tensor:
+    """[1, 3, h, w] in [-1, 1]: the image resized by ``factor`` on both sides."""
+    x = read_image(path, None).float()[None]
+    h, w = x.shape[-2:]
+    size = (max(64, round(h * factor)), max(64, round(w * factor)))
+    return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False) / 127.5 - 1
+
+
+def perceptual_maps(fit_images, test_images) -> torch.Tensor:
+    """The v3 model-free map: fit on fit_images, maps [N, SIZE, SIZE] of test_images (iterables of [1|n,3,h,w])."""
+    pm = PerceptualMap(SIZE, scales=(1, 2))
+    blur = lambda x: gaussian(x, 8.0)  # noqa: E731
+    pm.fit((x, blur(x)) for x in fit_images)
+    maps = []
+    with torch.no_grad():
+        for x in test_images:
+            r = blur(x)
+            levels = range(len(pm.scales))
+            maps.append(sum(pm.level_map(pm.standardised(x, r, lv), SIZE) for lv in levels)[:, 0] / len(levels))
+    return gaussian(torch.cat(maps), 4.0)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("data", nargs="?", default=str(ROOT.parent / "shared" / "data" / "magnetic-tile"))
+    p.add_argument("--heights", type=int, nargs="+", default=[SIZE], metavar="H",
+                   help="one-scale rows: the factor takes the training images' median height to H px (default 256)")
+    p.add_argument("--out", default=str(ROOT / "experiments" / "results" / "native-scale" / "model-free.json"))
+    args = p.parse_args(argv)
+    data = str(Path(args.data).resolve())
+    train, paths = load_train_images(data, SIZE)
+    test = load_test_set(data, SIZE)
+    index = {str(q): i for i, q in enumerate(paths)}
+    tr_paths, _held = split_holdback([str(q) for q in paths], 0.1, seed=0)  # the split train() makes
+    tr_idx = [index[q] for q in tr_paths]
+    rows = {}
+
+    t0 = time.perf_counter()
+    square = train[tr_idx].float() / 127.5 - 1
+    maps = perceptual_maps(square.split(16), (test.images.float() / 127.5 - 1).split(16))
+    rows["square"] = row(maps, test, time.perf_counter() - t0, "256 x 256, aspect ratio not kept (the runs' input)")
+
+    median_height = statistics.median(read_image(q, None).shape[-2] for q in tr_paths)
+    for height in args.heights:
+        t0 = time.perf_counter()
+        factor = height / median_height
+        maps = perceptual_maps((one_scale(q, factor) for q in tr_paths), (one_scale(str(q), factor) for q in test.paths))
+        rows[f"one-scale-{height}"] = row(maps, test, time.perf_counter() - t0, f"every image resized by {factor:.4f} "
+                                          f"(median training height {median_height:g} -> {height} px), aspect kept")
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"command": "python3 experiments/native_scale_probe.py " + " ".join(sys.argv[1:]),
+              "map": "model-free-blur-perceptual-v3 (see experiments/model_free.py)", "rows": rows}
+    out.write_text(dump_json_strict(result))
+    for name, r in rows.items():
+        per = ", ".join(f"{c} {v['pixel_auroc']:.1f}/{v['image_auroc']:.1f}" for c, v in r["per_class"].items())
+        print(f"{name:10s} pixel {r['pixel_auroc']:.2f} image {r['image_auroc']:.2f} AUPRO {r['aupro']:.2f}  "
+              f"per class pixel/image: {per}")
+    print(f"wrote {out}")
+    return 0
+
+
+def row(maps: torch.Tensor, test, seconds: float, what: str) -> dict:
+    m = evaluate(maps, test.masks, scores_of(maps), test.labels, test.classes)
+    pts = lambda v: round(100 * v, 2)  # noqa: E731
+    return {"input": what, "pixel_auroc": pts(m["pixel_auroc"]), "image_auroc": pts(m["image_auroc"]),
+            "aupro": pts(m["aupro"]), "seconds": round(seconds, 1),
+            "per_class": {c: {"pixel_auroc": pts(v["pixel_auroc"]), "image_auroc": pts(v["image_auroc"])}
+                          for c, v in m["per_class"].items()}}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
