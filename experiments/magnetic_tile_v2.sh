@@ -95,6 +95,10 @@ for row in $ROWS; do
     # bottleneck width (Table I: 512), same budget as cmaae-v3
     cmaae-v3-latent128)  run cmaae-v3-latent128 cmaae 0 1 1 -- "${NEW[@]}" --set synthesis=perlin --set latent=128 ;;
     cmaae-v3-latent2048) run cmaae-v3-latent2048 cmaae 0 1 1 -- "${NEW[@]}" --set synthesis=perlin --set latent=2048 ;;
+    # the paper's batch of 512 patches: the same patches (1 + 1 epochs, 8x fewer steps), and the same
+    # number of normal-stage steps as cmaae-v3 (8 + 1 epochs)
+    cmaae-v3-b512)    run cmaae-v3-b512 cmaae 0 1 1 -- "${NEW[@]}" --set synthesis=perlin --batch-size 512 ;;
+    cmaae-v3-b512-e8) run cmaae-v3-b512-e8 cmaae 0 8 1 -- "${NEW[@]}" --set synthesis=perlin --batch-size 512 ;;
     cmaae-v3-ablations)
       refit cmaae-v3-one-scale cmaae-v3 --map-scales 1
       refit cmaae-v3-fit-held-back cmaae-v3 --fit-on held-back

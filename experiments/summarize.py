@@ -31,6 +31,11 @@ ROWS = {
         ("cmaae-v3", "CMA-AE, new options, latent 512 = Table I (seed 0)"),
         ("cmaae-v3-latent2048", "CMA-AE, new options, latent 2048 (seed 0)"),
     ],
+    "v3_batch": [
+        ("cmaae-v3", "CMA-AE, new options, batch 64, 1 + 1 epochs (seed 0)"),
+        ("cmaae-v3-b512", "CMA-AE, new options, batch 512, 1 + 1 epochs (seed 0)"),
+        ("cmaae-v3-b512-e8", "CMA-AE, new options, batch 512, 8 + 1 epochs (seed 0)"),
+    ],
     "v3_ablation": [
         ("cmaae-v3", "CMA-AE v3: statistics from 540 training images, pyramid 1 2"),
         ("cmaae-v3-one-scale", "same model, pyramid 1 (one level)"),
