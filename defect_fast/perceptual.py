@@ -143,9 +143,10 @@ class PerceptualMap(nn.Module):
         m = (torch.stack(per_layer, 1) * self.weights.view(1, -1, 1, 1)).sum(1, keepdim=True).sqrt()
         return F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False)
 
-    def forward(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-        """x, recon [N,3,S,S] in [-1, 1] -> map [N, S, S] (>= 0, larger = more anomalous)."""
-        s = x.shape[-1]
+    def forward(self, x: torch.Tensor, recon: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        """x, recon [N,3,S,S] in [-1, 1] -> map [N, S, S] (>= 0, larger = more anomalous); ``size``:
+        the map's side when not S (the statistics are per position of the normalised image)."""
+        s = x.shape[-1] if size is None else size
         total = None
         for level in range(len(self.scales)):
             m = self.level_map(self.standardised(x, recon, level), s)

@@ -46,12 +46,11 @@ from model_free import gaussian, scores_of  # noqa: E402
 SIZE = 256
 
 
-def one_scale(path: str, factor: float) -> torch.Tensor:
-    """[1, 3, h, w] in [-1, 1]: the image resized by ``factor`` on both sides."""
-    x = read_image(path, None).float()[None]
-    h, w = x.shape[-2:]
+def one_scale(image: torch.Tensor, factor: float) -> torch.Tensor:
+    """uint8 [3, h, w] -> [1, 3, h', w'] in [-1, 1]: the image resized by ``factor`` on both sides."""
+    h, w = image.shape[-2:]
     size = (max(64, round(h * factor)), max(64, round(w * factor)))
-    return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False) / 127.5 - 1
+    return F.interpolate(image.float()[None], size=size, mode="bilinear", antialias=True, align_corners=False) / 127.5 - 1
 
 
 def perceptual_maps(fit_images, test_images) -> torch.Tensor:
@@ -59,13 +58,9 @@ def perceptual_maps(fit_images, test_images) -> torch.Tensor:
     pm = PerceptualMap(SIZE, scales=(1, 2))
     blur = lambda x: gaussian(x, 8.0)  # noqa: E731
     pm.fit((x, blur(x)) for x in fit_images)
-    maps = []
     with torch.no_grad():
-        for x in test_images:
-            r = blur(x)
-            levels = range(len(pm.scales))
-            maps.append(sum(pm.level_map(pm.standardised(x, r, lv), SIZE) for lv in levels)[:, 0] / len(levels))
-    return gaussian(torch.cat(maps), 4.0)
+        maps = torch.cat([pm(x, blur(x), size=SIZE) for x in test_images])
+    return gaussian(maps, 4.0)
 
 
 def main(argv=None) -> int:
@@ -88,11 +83,13 @@ def main(argv=None) -> int:
     maps = perceptual_maps(square.split(16), (test.images.float() / 127.5 - 1).split(16))
     rows["square"] = row(maps, test, time.perf_counter() - t0, "256 x 256, aspect ratio not kept (the runs' input)")
 
-    median_height = statistics.median(read_image(q, None).shape[-2] for q in tr_paths)
+    native_train = [read_image(q, None) for q in tr_paths]
+    native_test = [read_image(q, None) for q in test.paths]
+    median_height = statistics.median(x.shape[-2] for x in native_train)
     for height in args.heights:
         t0 = time.perf_counter()
         factor = height / median_height
-        maps = perceptual_maps((one_scale(q, factor) for q in tr_paths), (one_scale(str(q), factor) for q in test.paths))
+        maps = perceptual_maps((one_scale(x, factor) for x in native_train), (one_scale(x, factor) for x in native_test))
         rows[f"one-scale-{height}"] = row(maps, test, time.perf_counter() - t0, f"every image resized by {factor:.4f} "
                                           f"(median training height {median_height:g} -> {height} px), aspect kept")
 
