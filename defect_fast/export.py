@@ -75,6 +75,9 @@ def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, so
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if batch < 1:
         raise ValueError(f"--batch must be >= 1, got {batch}")
+    if det.fuse and det.precision != "float32":
+        raise ValueError(f"export: the detector's inference model holds {det.precision} weights; export needs "
+                         f"one built with precision='float32'")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     det = det.to("cpu").eval()
@@ -116,7 +119,8 @@ def export(run: Path | str, out: Path | str, fmt: str, *, batch: int = 1, overwr
     out = Path(out)
     if out.exists() and not overwrite:
         raise RunError(f"{out}: exists; pass --overwrite to replace it")
-    det = Detector.load(run, device="cpu", map_kind=map_kind, stride=stride, smooth_sigma=smooth_sigma, blend=blend)
+    det = Detector.load(run, device="cpu", map_kind=map_kind, stride=stride, smooth_sigma=smooth_sigma, blend=blend,
+                        precision="float32")
     return export_detector(det, out, fmt, batch=batch, source=model_file(run))
 
 

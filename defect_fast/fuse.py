@@ -15,8 +15,17 @@
 Per-layer figures: ``python benchmarks/bench_fuse_layers.py --rounds 30``
 (``benchmarks/results/fuse_layers_cpu.json``).
 
+The matrices of those products are laid out once, when the copy is made (reshaping a
+channels-last weight on every call copied 2M values per layer per call).
+
+``weight_dtype`` (bfloat16 or float16: the dtype of the autocast region the copy will run in)
+stores the weights of every convolution, transposed convolution and linear layer in that dtype
+once, instead of autocast casting them again on every call: the same rounding, so the outputs
+are those of the float32 copy run under autocast. Biases and everything else (memory items, batch
+norms left unfolded) stay float32.
+
 Outputs equal the original model's up to float32 summation order. Used by
-:class:`~defect_fast.detect.Detector` (option ``fuse``).
+:class:`~defect_fast.detect.Detector` (options ``fuse`` and ``precision``).
 """
 from __future__ import annotations
 
@@ -31,32 +40,38 @@ _CONVS = (nn.Conv2d, nn.ConvTranspose2d)
 
 
 class DenseConv2d(nn.Module):
-    """A Conv2d without padding that runs as ``F.linear`` when its input is the kernel's size."""
+    """A Conv2d without padding that runs as ``F.linear`` when its input is the kernel's size.
+
+    ``matrix`` ([Cout, Cin*kh*kw], contiguous) is the weight laid out for that product, made once;
+    the module is for inference: it does not follow later changes of ``conv.weight``."""
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
         self.conv = conv
+        self.register_buffer("matrix", conv.weight.detach().flatten(1).contiguous(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[-2:]) != tuple(self.conv.kernel_size):
             return self.conv(x)
-        w = self.conv.weight
-        return F.linear(x.flatten(1), w.flatten(1), self.conv.bias)[:, :, None, None]
+        return F.linear(x.flatten(1), self.matrix, self.conv.bias)[:, :, None, None]
 
 
 class DenseConvTranspose2d(nn.Module):
-    """A stride-1 unpadded ConvTranspose2d that runs as one matrix product on a 1x1 input."""
+    """A stride-1 unpadded ConvTranspose2d that runs as one matrix product on a 1x1 input.
+
+    ``matrix`` ([Cin, Cout*kh*kw], contiguous) is the weight laid out for that product, made once."""
 
     def __init__(self, conv: nn.ConvTranspose2d):
         super().__init__()
         self.conv = conv
+        w = conv.weight.detach()  # [Cin, Cout, kh, kw]
+        self.register_buffer("matrix", w.reshape(w.shape[0], -1).contiguous(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != (1, 1):
             return self.conv(x)
-        w = self.conv.weight  # [Cin, Cout, kh, kw]
-        cin, cout, kh, kw = w.shape
-        out = torch.matmul(x.flatten(1), w.reshape(cin, cout * kh * kw)).view(x.shape[0], cout, kh, kw)
+        _cin, cout, kh, kw = self.conv.weight.shape
+        out = torch.matmul(x.flatten(1), self.matrix).view(x.shape[0], cout, kh, kw)
         return out if self.conv.bias is None else out + self.conv.bias.view(1, -1, 1, 1)
 
 
@@ -102,11 +117,30 @@ def _rewrite(module: nn.Module) -> None:
             _rewrite(child)
 
 
-def fuse_for_inference(model: nn.Module) -> nn.Module:
-    """An eval-mode copy of ``model`` with BN folded and 1x1-output convolutions as matrix products."""
+_LOW = (torch.bfloat16, torch.float16)
+
+
+def _cast_weights(model: nn.Module, dtype: torch.dtype) -> None:
+    """Weights (not biases) of convolutions, transposed convolutions, linear layers and the
+    dense matrices below ``model`` to ``dtype``, in place."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            m.weight.data = m.weight.data.to(dtype)
+        elif isinstance(m, (DenseConv2d, DenseConvTranspose2d)):
+            m.matrix = m.matrix.to(dtype)
+
+
+def fuse_for_inference(model: nn.Module, weight_dtype: torch.dtype | None = None) -> nn.Module:
+    """An eval-mode copy of ``model`` with BN folded and 1x1-output convolutions as matrix products;
+    ``weight_dtype`` (None, torch.bfloat16 or torch.float16): the dtype of the autocast region it
+    will run in, to store the layer weights in (see the module docstring)."""
+    if weight_dtype is not None and weight_dtype not in _LOW:
+        raise ValueError(f"weight_dtype must be None, torch.bfloat16 or torch.float16, got {weight_dtype}")
     fused = copy.deepcopy(model).eval()
     with torch.no_grad():
         _rewrite(fused)
+        if weight_dtype is not None:
+            _cast_weights(fused, weight_dtype)
     for p in fused.parameters():
         p.requires_grad_(False)
     return fused

@@ -48,7 +48,7 @@ def test_cpp_runner_matches_the_detector(runner, tmp_path):
         if isinstance(mod, torch.nn.BatchNorm2d):
             mod.running_mean.uniform_(-0.1, 0.1)
             mod.running_var.uniform_(0.5, 1.5)
-    det = Detector(model, image_size=128, stride=32, blend="hann", smooth_sigma=1.0)
+    det = Detector(model, image_size=128, stride=32, blend="hann", smooth_sigma=1.0, precision="float32")
     ts = export_detector(det, tmp_path / "det.ts", "torchscript")
     rng = np.random.default_rng(0)
     for i in range(2):

@@ -99,7 +99,7 @@ def test_fit_normalization_standardises_each_position():
 def test_precision_and_channels_last_options():
     x = _images(1, 128)
     base = Detector(_model(), image_size=128, channels_last=False, precision="float32")(x)[0]
-    cl = Detector(_model(), image_size=128, channels_last=True)(x)[0]
+    cl = Detector(_model(), image_size=128, channels_last=True, precision="float32")(x)[0]
     torch.testing.assert_close(cl, base, atol=1e-5, rtol=1e-4)
     bf = Detector(_model(), image_size=128, precision="bfloat16")(x)[0]
     assert bf.dtype == torch.float32 and torch.isfinite(bf).all()

@@ -61,7 +61,7 @@ def test_export_matches_the_detector(run, tmp_path, fmt, suffix):
     assert meta["package_version"] == defect_fast.__version__ and meta["source_digest"].startswith("sha256:")
     assert meta["stride"] == 32 and meta["blend"] == "hann" and meta["smooth_sigma"] == 1.5
 
-    det = Detector.load(run, device="cpu", stride=32, blend="hann", smooth_sigma=1.5)
+    det = Detector.load(run, device="cpu", stride=32, blend="hann", smooth_sigma=1.5, precision="float32")
     x = _images(3 if meta["dynamic_batch"] else 2)
     with torch.no_grad():
         want_maps, want_scores = det(x)
@@ -84,7 +84,7 @@ def test_torchscript_runs_without_the_package(run, tmp_path):
     assert main(["export", str(run), "--format", "torchscript", "--out", str(out)]) == 0
     x = _images(1)
     torch.save(x, tmp_path / "x.pt")
-    det = Detector.load(run, device="cpu")
+    det = Detector.load(run, device="cpu", precision="float32")
     with torch.no_grad():
         _, want = det(x)
     code = ("import sys; sys.modules['defect_fast'] = None\n"  # any import of the package fails
@@ -107,7 +107,7 @@ def test_onnx_export_of_a_two_level_perceptual_map_matches_the_detector(tmp_path
     torch.manual_seed(0)
     m = build_model("cmaae", memory_size=20)
     pm = PerceptualMap(128, trunk=_trunk(), scales=(1, 2))
-    det = Detector(m, image_size=128, stride=32, blend="hann")
+    det = Detector(m, image_size=128, stride=32, blend="hann", precision="float32")
     normal = _images(4, seed=3)
     with torch.no_grad():
         x = det._to_model_input(normal)
@@ -119,7 +119,7 @@ def test_onnx_export_of_a_two_level_perceptual_map_matches_the_detector(tmp_path
                                                          "smooth_sigma": 2.0}}, run / "model.pt")
     out = tmp_path / "det.onnx"
     assert main(["export", str(run), "--format", "onnx", "--out", str(out), "--batch", "2"]) == 0
-    det = Detector.load(run, device="cpu")
+    det = Detector.load(run, device="cpu", precision="float32")
     assert det.map_kind == "perceptual" and det.image_map.scales == (1, 2)
     x = _images(2, seed=4)
     with torch.no_grad():

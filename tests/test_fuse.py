@@ -82,3 +82,38 @@ def test_stride_one_transposed_convolution_becomes_the_equal_convolution(kernel,
     x = torch.randn(2, 6, 9, 7)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), seq(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["cmaae", "awae"])
+def test_weights_stored_in_the_autocast_dtype_give_the_autocast_outputs(name):
+    """Stored bf16 weights are the rounding autocast applies on every call: outputs agree with the
+    float32 copy run under autocast, and the memory items and biases stay float32."""
+    m = _model(name)
+    fp32, bf16 = fuse_for_inference(m), fuse_for_inference(m, torch.bfloat16)
+    convs = [x for x in bf16.modules() if isinstance(x, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))]
+    assert convs and all(c.weight.dtype == torch.bfloat16 for c in convs)
+    assert all(c.bias is None or c.bias.dtype == torch.float32 for c in convs)
+    if name == "cmaae":
+        assert bf16.mam.memory.dtype == torch.float32
+        assert all(d.matrix.dtype == torch.bfloat16 for d in bf16.modules() if isinstance(d, (DenseConv2d, DenseConvTranspose2d)))
+    x = torch.rand(5, 3, m.patch_size, m.patch_size) * 2 - 1
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = fp32(x), bf16(x)
+    torch.testing.assert_close(b["recon"].float(), a["recon"].float(), atol=1e-2, rtol=0)
+    for fa, fb in zip(a["features"], b["features"]):
+        torch.testing.assert_close(fb.float(), fa.float(), atol=1e-2, rtol=0)
+
+
+def test_fuse_refuses_other_weight_dtypes():
+    with pytest.raises(ValueError, match="weight_dtype"):
+        fuse_for_inference(_model("cmaae"), torch.float64)
+
+
+def test_detector_in_bfloat16_stores_bf16_weights_and_export_refuses_them(tmp_path):
+    from defect_fast.export import export_detector
+
+    det = Detector(_model("cmaae"), image_size=128, precision="bfloat16")
+    assert det.model.encoder[0][0].weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="precision='float32'"):
+        export_detector(det, tmp_path / "m.onnx", "onnx")
+    assert not (tmp_path / "m.onnx").exists()
