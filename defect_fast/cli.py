@@ -101,7 +101,7 @@ def cmd_train(args) -> int:
         batch_size=args.batch_size, epochs=epochs, max_steps=_per_stage(args.max_steps, n_stages, "--max-steps"),
         lr=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every, anomaly_source=args.anomaly_source,
         device=args.device, holdback=args.holdback, far=args.far, normalize=args.normalize, fit_on=args.fit_on, map_scales=list(args.map_scales),
-        patch_sampling=args.patch_sampling, flips=args.flips, lr_schedule=args.lr_schedule,
+        patch_sampling=args.patch_sampling, flips=args.flips, lr_schedule=args.lr_schedule, precision=args.precision,
         map=args.map or "", infer_stride=args.infer_stride, blend=args.blend, smooth=args.smooth,
     )
     train(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
@@ -312,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--flips", action="store_true", help="random horizontal and vertical flips of training patches")
     t.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
                    help="learning rate per stage: constant (the papers') or cosine down to 1 %%")
+    t.add_argument("--precision", choices=("float32", "bfloat16", "auto"), default="float32",
+                   help="arithmetic of the training steps: float32 (default), bfloat16 (autocast, channels-last; fast on "
+                   "CPUs with AVX512-BF16/AMX and on GPUs) or auto (bfloat16 where the device has it)")
     t.add_argument("--map", choices=map_names(), default=None,
                    help="the run's anomaly map (default: the model's); 'perceptual' is fitted on defect-free images (--fit-on)")
     t.add_argument("--map-scales", type=positive_int, nargs="+", default=[1, 2], metavar="F",

@@ -66,6 +66,10 @@ class TrainConfig:
     patch_sampling: str = "grid"
     flips: bool = False  # random horizontal and vertical flips of training patches
     lr_schedule: str = "constant"  # "constant" (the papers') or "cosine" (to 1 % of lr at each stage's end)
+    # Arithmetic of the training steps: "float32", "bfloat16" (autocast, channels-last model and
+    # patches; oneDNN's bf16 kernels on CPUs with AVX512-BF16/AMX, tensor cores on CUDA) or "auto"
+    # (bfloat16 where the device computes it natively, else float32). Weights stay float32.
+    precision: str = "float32"
     # How the finished run maps images (stored in model.pt; the defaults of ``defect_fast.load``):
     map: str = ""  # "" = the model's own default map; a model map name; or "perceptual" (fitted per fit_on)
     # The perceptual map's image pyramid (downsampling factors): 1 = the image, 2 = half its side;
@@ -89,6 +93,21 @@ class TrainConfig:
         d.setdefault("fit_on", "held-back")
         d.setdefault("map_scales", [1])
         return cls(**d)
+
+
+TRAIN_PRECISIONS = ("float32", "bfloat16", "auto")
+
+
+def train_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a training ``precision`` on ``device`` (None: float32, no autocast).
+    "auto": bfloat16 on CUDA GPUs that have it and on CPUs with AVX512-BF16/AMX, else float32."""
+    if precision == "float32":
+        return None
+    if precision == "bfloat16":
+        return torch.bfloat16
+    from .detect import default_precision
+
+    return torch.bfloat16 if default_precision(device) == "bfloat16" else None
 
 
 class ConfigError(UserError, ValueError):
@@ -138,6 +157,7 @@ def check_config(cfg: TrainConfig, n_stages: int, patch: int) -> None:
              f"{cfg.image_size // max(cfg.map_scales)} pixels at --image-size {cfg.image_size}; the perceptual map needs >= 32")
     need(cfg.patch_sampling in ("grid", "random"), f"--patch-sampling must be grid or random, got {cfg.patch_sampling!r}")
     need(cfg.lr_schedule in ("constant", "cosine"), f"--lr-schedule must be constant or cosine, got {cfg.lr_schedule!r}")
+    need(cfg.precision in TRAIN_PRECISIONS, f"--precision must be one of {', '.join(TRAIN_PRECISIONS)}, got {cfg.precision!r}")
     need(cfg.blend in ("none", "hann"), f"--blend must be none or hann, got {cfg.blend!r}")
     need(isinstance(cfg.smooth, (int, float)) and math.isfinite(cfg.smooth) and cfg.smooth >= 0,
          f"--smooth must be a finite number >= 0, got {cfg.smooth}")
@@ -186,6 +206,9 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model, **cfg.model_kwargs).to(self.device)
+        self.dtype = train_dtype(cfg.precision, self.device)
+        if self.dtype is not None:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.patch = self.model.patch_size
         self.stride = cfg.stride or self.patch
         self.grid = grid_shape(cfg.image_size, self.patch, self.stride)
@@ -217,6 +240,7 @@ class Trainer:
             "patch_size": self.patch,
             "stride": self.stride,
             "image_size": self.cfg.image_size,
+            "train_precision": "float32" if self.dtype is None else str(self.dtype).removeprefix("torch."),
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -307,8 +331,11 @@ class Trainer:
                         start, stop = step * cfg.batch_size, min((step + 1) * cfg.batch_size, per_epoch)
                         x, y = self._batch(stage, order, start, stop, _generator(cfg.seed, stage, epoch, step))
                         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                        out = self.model(x)
-                        loss, parts = self.model.loss(out, y, stage)
+                        if self.dtype is not None:
+                            x, y = x.contiguous(memory_format=torch.channels_last), y.contiguous(memory_format=torch.channels_last)
+                        with torch.autocast(self.device.type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None):
+                            out = self.model(x)
+                            loss, parts = self.model.loss(out, y, stage)
                         if not torch.isfinite(loss):
                             self.save_checkpoint()
                             raise RunError(f"loss became {float(loss)} at stage {stage + 1}, epoch {epoch + 1}, step {step + 1}; "

@@ -55,9 +55,12 @@ import json, platform, sys, torch
 src, dst, model, secs, targs, eargs, run = sys.argv[1:]
 m = json.load(open(src))
 state = torch.load(f"{run}/model.pt", map_location="cpu", weights_only=True)
+from defect_fast.detect import cpu_flags, default_precision
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+bf16 = "+".join(sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"})) or "no bf16 instructions"
 m.update(model=model, train_seconds=state.get("train_seconds"), train_seconds_wall=int(secs) or None,
-         train_args=targs, evaluate_args=eargs, hardware=f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+         train_args=targs, evaluate_args=eargs, hardware=f"{cpu} ({bf16}), {torch.get_num_threads()} threads, torch {torch.__version__}",
+         train_precision=state.get("train_precision", "float32"), inference_precision=default_precision("cpu"))
 json.dump(m, open(dst, "w"), indent=2); print(f"{dst}: pixel AUROC {m['pixel_auroc']:.4f} image AUROC {m['image_auroc']:.4f}")
 PY
   rm -f "$RES/$name.tmp"
@@ -99,6 +102,12 @@ for row in $ROWS; do
     # number of normal-stage steps as cmaae-v3 (8 + 1 epochs)
     cmaae-v3-b512)    run cmaae-v3-b512 cmaae 0 1 1 -- "${NEW[@]}" --set synthesis=perlin --batch-size 512 ;;
     cmaae-v3-b512-e8) run cmaae-v3-b512-e8 cmaae 0 8 1 -- "${NEW[@]}" --set synthesis=perlin --batch-size 512 ;;
+    # training precision (a CPU with AVX512-BF16 or AMX): the cmaae-v3 / awae-v3 runs in float32 and in
+    # bfloat16 on the same machine (the -v3 rows above come from a CPU without bf16 instructions)
+    cmaae-v3-f32-same-cpu) run cmaae-v3-f32-same-cpu cmaae 0 1 1 -- "${NEW[@]}" --set synthesis=perlin --precision float32 ;;
+    cmaae-v3-bf16)         run cmaae-v3-bf16 cmaae 0 1 1 -- "${NEW[@]}" --set synthesis=perlin --precision bfloat16 ;;
+    awae-v3-f32-same-cpu)  run awae-v3-f32-same-cpu awae 0 1 1 -- "${NEW[@]}" --set synthesis=perlin --precision float32 ;;
+    awae-v3-bf16)          run awae-v3-bf16 awae 0 1 1 -- "${NEW[@]}" --set synthesis=perlin --precision bfloat16 ;;
     cmaae-v3-ablations)
       refit cmaae-v3-one-scale cmaae-v3 --map-scales 1
       refit cmaae-v3-fit-held-back cmaae-v3 --fit-on held-back

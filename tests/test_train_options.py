@@ -2,6 +2,7 @@
 inference settings, and the perceptual map fitted at the end of training."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -83,7 +84,8 @@ def test_cosine_schedule_goes_from_lr_to_one_percent(tmp_path):
 @pytest.mark.parametrize("bad", [dict(patch_sampling="everywhere"), dict(lr_schedule="step"), dict(blend="tukey"),
                                  dict(smooth=-1.0), dict(infer_stride=65), dict(infer_stride=0),
                                  dict(map_scales=[]), dict(map_scales=[1, 1]), dict(map_scales=[0]),
-                                 dict(map_scales=[1, 8], map="perceptual"), dict(fit_on="test")])
+                                 dict(map_scales=[1, 8], map="perceptual"), dict(fit_on="test"),
+                                 dict(precision="float16")])
 def test_bad_options_are_refused_naming_the_option(bad):
     cfg = TrainConfig(data="d", image_size=128, epochs=[1, 1], **bad)
     with pytest.raises(ConfigError, match="--" + next(iter(bad)).replace("_", "-")):
@@ -123,3 +125,41 @@ def test_configs_written_before_fit_on_and_map_scales_keep_their_behaviour():
     cfg = TrainConfig.from_json(old)
     assert (cfg.fit_on, cfg.map_scales) == ("held-back", [1])
     assert (TrainConfig(data="d").fit_on, TrainConfig(data="d").map_scales) == ("train", [1, 2])
+
+
+@pytest.mark.parametrize("model", ["cmaae", "awae"])
+def test_bfloat16_training_steps_follow_the_float32_ones(tmp_path, model, monkeypatch):
+    """--precision bfloat16: autocast steps on a channels-last model whose weights stay float32;
+    the losses of a few steps track float32 training from the same start."""
+    monkeypatch.setattr(Trainer, "save_checkpoint", lambda self: None)
+    kw = {}
+    if model == "awae":  # its synthetic stage needs the LPIPS trunk
+        alexnet = Path(__file__).resolve().parents[2] / "shared" / "weights" / "alexnet-features-imagenet.pth"
+        if not alexnet.is_file():
+            pytest.skip(f"AlexNet trunk weights for LPIPS not found at {alexnet}")
+        kw = {"model_kwargs": {"patch_size": 32, "base_channels": 4, "latent_channels": 8, "lpips_weights": str(alexnet)}}
+    images = torch.randint(0, 256, (4, 3, 64, 64), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    images = torch.nn.functional.avg_pool2d(images.float(), 5, 1, 2).to(torch.uint8)  # some structure
+    losses = {}
+    for precision in ("float32", "bfloat16"):
+        (tmp_path / precision).mkdir()
+        t = _trainer(tmp_path / precision, images, model=model, image_size=64, batch_size=4, precision=precision,
+                     max_steps=[6, 1], **kw)
+        t.run()
+        assert all(p.dtype == torch.float32 for p in t.model.parameters())
+        assert t.state()["train_precision"] == precision
+        log = [json.loads(line) for line in (tmp_path / precision / "log.jsonl").read_text().splitlines()]
+        losses[precision] = torch.tensor([r["loss"] for r in log if r["stage"] == 1])
+    assert torch.isfinite(losses["bfloat16"]).all()
+    torch.testing.assert_close(losses["bfloat16"], losses["float32"], rtol=0.05, atol=0.02)
+
+
+def test_auto_precision_is_bfloat16_only_where_the_cpu_has_it(monkeypatch):
+    import defect_fast.detect as detect
+    from defect_fast.train import train_dtype
+
+    monkeypatch.setattr(detect, "cpu_flags", lambda: {"avx2"})
+    assert train_dtype("auto", torch.device("cpu")) is None
+    monkeypatch.setattr(detect, "cpu_flags", lambda: {"avx512_bf16"})
+    assert train_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    assert train_dtype("float32", torch.device("cpu")) is None and train_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
