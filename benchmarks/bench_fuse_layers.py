@@ -4,9 +4,14 @@ Runs the model once on 64 random patches (CMA-AE, one 512x512 image; channels-la
 weights, as the Detector's tuned path feeds them), records the input of every convolution that
 :func:`defect_fast.fuse.fuse_for_inference` replaces (a matrix product, or the plain convolution
 a stride-1 transposed convolution equals), and times original and replacement on that input in
-alternating rounds. Batch norm folding is not part of these figures.
+alternating rounds. Every stride-2 4x4 transposed convolution is also timed against its sub-pixel
+form (:class:`defect_fast.fuse.SubPixelConvTranspose2d`: a 3x3 convolution and a pixel shuffle),
+which the inference copy uses only with at most 4 output channels, where this benchmark found it faster. Batch norm folding is
+not part of these figures. ``--precision bfloat16``: weights and inputs in bf16, as the Detector
+runs on CPUs with AVX512-BF16/AMX.
 
-    python benchmarks/bench_fuse_layers.py [--model cmaae] [--threads 1] [--rounds 20] [--out FILE]
+    python benchmarks/bench_fuse_layers.py [--model cmaae] [--threads 1] [--rounds 20]
+        [--precision float32|bfloat16] [--out FILE]
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from torch import nn
 from common import RESULTS, command_line, device_info, time_interleaved, write_results
 
 from defect_fast.detect import cpu_flags
-from defect_fast.fuse import _dense
+from defect_fast.fuse import SubPixelConvTranspose2d, _dense, subpixel_candidate
 from defect_fast.models import build_model
 
 
@@ -28,6 +33,7 @@ def main() -> None:
     ap.add_argument("--model", default="cmaae")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--precision", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/fuse_layers_cpu.json)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -52,17 +58,24 @@ def main() -> None:
     flags = cpu_flags()
     info["cpu_flags"] = {"amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
                          "avx512f": "avx512f" in flags, "avx2": "avx2" in flags}
+    dtype = torch.bfloat16 if args.precision == "bfloat16" else torch.float32
     results = {"info": info, "command": command_line(), "model": args.model, "patches": patches_per_image,
-               "threads": args.threads, "rows": []}
+               "threads": args.threads, "precision": args.precision, "rows": []}
     print(f"{info['cpu']} | torch {info['torch']} | threads {args.threads} | {args.model}, {patches_per_image} patches")
     modules = dict(model.named_modules())
     with torch.no_grad():
+        cases = []
         for name, inp in inputs.items():
             original = modules[name]
             replacement = _dense(original)
-            if replacement is original:
-                continue
-            replacement = replacement.to(memory_format=torch.channels_last)
+            if replacement is not original:
+                cases.append((name, original, replacement, inp))
+            if subpixel_candidate(original) and not isinstance(replacement, SubPixelConvTranspose2d):
+                cases.append((name, original, SubPixelConvTranspose2d(original), inp))
+        for name, original, replacement, inp in cases:
+            original = original.to(dtype)
+            replacement = replacement.to(dtype).to(memory_format=torch.channels_last)
+            inp = inp.to(dtype)
             with torch.inference_mode():
                 diff = float((replacement(inp) - original(inp)).abs().max())
                 t = time_interleaved({"original": lambda: original(inp), "fused": lambda: replacement(inp)},

@@ -57,6 +57,7 @@ from torch import nn
 from .data.patches import grid_shape
 from .maps import blend_window, blur_matrix, top_mean
 from .models import AnomalyModel
+from .precision import cpu_flags, cpu_has_bf16, default_precision  # noqa: F401  (re-exported)
 from .runs import load_model_state, model_from_state, resolve_device
 
 TOP_FRACTION = 0.001
@@ -64,30 +65,6 @@ BLENDS = ("none", "hann")
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_CHUNK_PIXELS = 64 * 64 * 64  # patch pixels per model call on a CPU ("auto" batch_size)
 CUDA_CHUNK_PIXELS = 4096 * 64 * 64
-
-
-def cpu_flags() -> set[str]:
-    """The CPU feature flags of /proc/cpuinfo (empty where it cannot be read)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def cpu_has_bf16() -> bool:
-    """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16)."""
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
-
-
-def default_precision(device: torch.device | str) -> str:
-    """``precision="auto"``: "bfloat16" on CUDA (float16 without bf16 support) and bf16-capable CPUs, else "float32"."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "bfloat16" if device.type == "cpu" and cpu_has_bf16() else "float32"
 
 
 def default_batch_size(device: torch.device | str, patch: int) -> int:

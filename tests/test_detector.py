@@ -13,7 +13,7 @@ from PIL import Image
 
 import defect_fast
 from defect_fast.data import extract_patches, stitch_patches
-from defect_fast import detect
+from defect_fast import precision
 from defect_fast.detect import Detector, default_batch_size, default_precision, find_regions, image_scores
 from defect_fast.models import build_model, model_class, model_names
 from defect_fast.runs import atomic_save
@@ -121,13 +121,13 @@ def test_precision_and_channels_last_options():
 
 
 def test_auto_options_follow_the_cpu_flags(monkeypatch):
-    monkeypatch.setattr(detect, "cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "fma"})
     assert default_precision("cpu") == "float32"
     det = Detector(_model(), image_size=128)
     assert det.options() == {"precision": "float32", "channels_last": True, "batch_size": 64, "compile": False,
                              "cuda_graphs": False, "threads": None, "reuse_features": True, "fuse": True}
     for flag in ("avx512_bf16", "amx_bf16"):
-        monkeypatch.setattr(detect, "cpu_flags", lambda: {"avx2", flag})
+        monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", flag})
         assert default_precision("cpu") == "bfloat16"
         assert Detector(_model(), image_size=128).precision == "bfloat16"
     assert default_batch_size("cpu", 64) == 64 and default_batch_size("cpu", 128) == 16

@@ -117,3 +117,19 @@ def test_detector_in_bfloat16_stores_bf16_weights_and_export_refuses_them(tmp_pa
     with pytest.raises(ValueError, match="precision='float32'"):
         export_detector(det, tmp_path / "m.onnx", "onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("cin,cout,size", [(32, 3, 8), (6, 1, 5), (8, 16, 4)])
+def test_stride_two_transposed_convolution_in_sub_pixel_form(cin, cout, size):
+    """The sub-pixel form computes the transposed convolution; the inference copy uses it only for
+    few output channels (where it measured faster)."""
+    from defect_fast.fuse import SubPixelConvTranspose2d
+
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.ConvTranspose2d(cin, cout, 4, 2, 1), nn.Tanh())
+    x = torch.randn(3, cin, size, size + 2)
+    with torch.no_grad():
+        torch.testing.assert_close(SubPixelConvTranspose2d(seq[0])(x), seq[0](x), atol=1e-5, rtol=1e-5)
+        fused = fuse_for_inference(seq)
+        assert isinstance(fused[0], SubPixelConvTranspose2d) == (cout <= 4)
+        torch.testing.assert_close(fused(x), seq(x), atol=1e-5, rtol=1e-5)

@@ -308,3 +308,34 @@ def test_cuda_non_contiguous_empty_and_opcheck():
     empty = [torch.zeros(0, 2, 3, 3, device="cuda")]
     assert native.msfr(empty, empty, (4, 4)).shape == (0, 1, 4, 4)
     torch.library.opcheck(OP, (xs, rs, [7, 8], [1.0, 2.0]), test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("case", [0, 3, 4, 5])
+def test_float_variant_reads_reduced_precision_features_in_place(case, channels_last, dtype):
+    """msfr_float on bf16/fp16 features equals msfr on their float32 copies bit for bit (each value
+    widens exactly; same arithmetic), and returns float32."""
+    shapes, out_size, weights = CASES[case]
+    xs, rs = make_feats(shapes, dtype, seed=case)
+    if channels_last:
+        xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
+        rs = [r.contiguous(memory_format=torch.channels_last) for r in rs]
+    got = native.msfr_float(xs, rs, out_size, weights)
+    want = native.msfr([x.float() for x in xs], [r.float() for r in rs], out_size, weights)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+def test_float_variant_under_autocast_and_its_limits():
+    """ops.msfr under CPU autocast takes the copy-free path for bf16 features (same map as the
+    upcast); mixed dtypes, float32 and grad-requiring features are not its business (None)."""
+    xs, rs = make_feats([(3, 8, 9, 7), (3, 4, 5, 5)], torch.bfloat16, seed=3)
+    want = native.msfr([x.float() for x in xs], [r.float() for r in rs], (12, 10), [1.0, 2.0])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ops.msfr(xs, rs, (12, 10), [1.0, 2.0])
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert native.msfr_float(xs, [rs[0].float(), rs[1]], (12, 10)) is None
+    assert native.msfr_float([x.float() for x in xs], [r.float() for r in rs], (12, 10)) is None
+    assert native.msfr_float([xs[0].requires_grad_(), xs[1]], rs, (12, 10)) is None
+    torch.library.opcheck(torch.ops.defect_fast.msfr_float.default, ([x.detach() for x in xs], rs, [12, 10], [1.0, 2.0]),
+                          test_utils=("test_schema", "test_faketensor"))

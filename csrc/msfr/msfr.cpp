@@ -77,4 +77,8 @@ TORCH_LIBRARY_FRAGMENT(defect_fast, m) {
   //   out[b, 0] = sum_i w_i / sum_j w_j * bilinear_{(H_i, W_i) -> (H, W)}(mean_c (x_i - r_i)^2)[b]
   // Bilinear as F.interpolate(mode="bilinear", align_corners=False). Inference only.
   m.def("msfr(Tensor[] feats_x, Tensor[] feats_r, int[] out_size, float[] weights) -> Tensor");
+  // msfr_float: the same map computed and returned in float32 (float64 for float64 features) from
+  // features of any floating dtype, read in place (CPU only): msfr of the upcast features without
+  // the copies, what the front runs under CPU autocast.
+  m.def("msfr_float(Tensor[] feats_x, Tensor[] feats_r, int[] out_size, float[] weights) -> Tensor");
 }

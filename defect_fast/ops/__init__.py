@@ -11,7 +11,9 @@ Under ``torch.autocast`` (CPU or CUDA, float16 or bfloat16) the three ops are on
 float32 list, like softmax and the losses: inputs in float16/bfloat16 are upcast to float32
 (float64 when any input is float64), the op runs with autocast off (native kernels and reference
 alike), and **the outputs are float32** (float64 in the float64 case), whatever mix of dtypes
-came in; gradients flow back to each input in that input's dtype. Outside autocast nothing is
+came in; gradients flow back to each input in that input's dtype. (msfr on bfloat16/float16 CPU
+features skips the copies: its kernel widens each value as it reads it, the same float32 map.)
+Outside autocast nothing is
 cast: the inputs must share one dtype, and the outputs have it. The native ops are also
 registered with :func:`torch.library.register_autocast` (float32), so calling
 ``torch.ops.defect_fast.<op>`` under autocast upcasts the same way.
@@ -132,6 +134,12 @@ def msfr(feats_x: Sequence[torch.Tensor], feats_r: Sequence[torch.Tensor], out_s
     """
     dtype = _autocast_dtype(*feats_x, *feats_r) if len(feats_x) else None
     if dtype is not None:
+        if dtype == torch.float32 and _use_native(feats_x[0]):  # bf16/fp16 CPU features, widened as read
+            from . import _msfr
+
+            out = _msfr.msfr_float(feats_x, feats_r, out_size, weights)
+            if out is not None:
+                return out
         with torch.autocast(feats_x[0].device.type, enabled=False):
             return msfr([_upcast(t, dtype) for t in feats_x], [_upcast(t, dtype) for t in feats_r], out_size, weights)
     if _use_native(feats_x[0]):  # the native front hands grad-requiring calls to the reference

@@ -14,6 +14,9 @@
 // Features may be NCHW or channels-last (NHWC) per scale: channels-last features (what a
 // channels-last model produces) are read in place, the channel sum then running over a
 // contiguous run of C values per position; anything else is made NCHW-contiguous first.
+// defect_fast::msfr_float is the same kernel reading features of any floating dtype in place and
+// computing and writing float32 (float64 for float64 features): each bfloat16/half value widens
+// exactly, so its output equals msfr on the upcast features, without the upcast copies.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -23,6 +26,7 @@
 
 #include <algorithm>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "msfr/msfr.h"
@@ -54,15 +58,15 @@ int64_t rows_per_unit(int64_t height, int64_t width) {
   return std::max<int64_t>(1, std::min(rows, height));
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename acc_t>
 void msfr_cpu_kernel(
     const std::vector<at::Tensor>& xs,  // S [B, C_i, H_i, W_i], contiguous NCHW or NHWC
     const std::vector<at::Tensor>& rs,  // same shapes and layouts
     const std::vector<bool>& nhwc,  // per scale: channels-last layout
     const std::vector<double>& weights,  // S normalised weights
     int64_t out_h, int64_t out_w,
-    at::Tensor& out) {  // contiguous [B, 1, out_h, out_w]
-  using acc_t = scalar_t;  // float and double accumulate in their own type on the CPU
+    at::Tensor& out) {  // contiguous [B, 1, out_h, out_w] of acc_t
+  // acc_t: float for float, bfloat16 and half features; double for double.
   const int64_t num_scales = static_cast<int64_t>(xs.size());
   const int64_t batch = xs[0].size(0);
 
@@ -86,7 +90,7 @@ void msfr_cpu_kernel(
   }
   const int64_t units_per_item = unit_begin[num_scales];
   const int64_t t_per_item = t_offset[num_scales];
-  scalar_t* out_ptr = out.data_ptr<scalar_t>();
+  acc_t* out_ptr = out.data_ptr<acc_t>();
 
   // Phase 1 for one unit (b, local unit index): the channel-mean squared residual of a block of
   // rows of one scale, then its horizontal interpolation into T_i[b], which lives in `t_item`
@@ -175,7 +179,7 @@ void msfr_cpu_kernel(
 
   // Phase 2 for one output row (b, Y): vertical interpolation and the weighted sum over scales.
   auto output_row = [&](int64_t b, int64_t Y, const acc_t* t_item) {
-    scalar_t* dst = out_ptr + (b * out_h + Y) * out_w;
+    acc_t* dst = out_ptr + (b * out_h + Y) * out_w;
     for (int64_t i = 0; i < num_scales; ++i) {
       const AxisTable<acc_t>& rt = rows[i];
       const acc_t* t_scale = t_item + t_offset[i];
@@ -232,17 +236,25 @@ void msfr_cpu_kernel(
   });
 }
 
-at::Tensor msfr_cpu(at::TensorList feats_x, at::TensorList feats_r, at::IntArrayRef out_size,
-                    at::ArrayRef<double> weights) {
+// Both ops: checks, layouts, the output of dtype `out_type`, then the kernel.
+at::Tensor msfr_cpu_impl(at::TensorList feats_x, at::TensorList feats_r, at::IntArrayRef out_size,
+                         at::ArrayRef<double> weights, bool float_out) {
   const std::vector<double> normalised = check_inputs(feats_x, feats_r, out_size, weights);
   const at::Tensor& first = feats_x[0];
-  TORCH_CHECK(first.device().is_cpu(), "defect_fast::msfr (CPU): features must be CPU tensors, got ", first.device());
-  TORCH_CHECK(first.scalar_type() == at::kFloat || first.scalar_type() == at::kDouble,
-              "defect_fast::msfr (CPU): float32 or float64 features expected, got ", first.scalar_type());
+  const char* op = float_out ? "defect_fast::msfr_float" : "defect_fast::msfr";
+  TORCH_CHECK(first.device().is_cpu(), op, " (CPU): features must be CPU tensors, got ", first.device());
+  const at::ScalarType type = first.scalar_type();
+  if (float_out) {
+    TORCH_CHECK(type == at::kFloat || type == at::kDouble || type == at::kBFloat16 || type == at::kHalf, op,
+                " (CPU): float32, float64, bfloat16 or float16 features expected, got ", type);
+  } else {
+    TORCH_CHECK(type == at::kFloat || type == at::kDouble, op, " (CPU): float32 or float64 features expected, got ", type);
+  }
+  const at::ScalarType out_type = type == at::kDouble ? at::kDouble : at::kFloat;
 
   const int64_t batch = first.size(0);
   const int64_t out_h = out_size[0], out_w = out_size[1];
-  at::Tensor out = at::empty({batch, 1, out_h, out_w}, first.options());
+  at::Tensor out = at::empty({batch, 1, out_h, out_w}, first.options().dtype(out_type));
   if (batch == 0) {
     return out;
   }
@@ -259,10 +271,21 @@ at::Tensor msfr_cpu(at::TensorList feats_x, at::TensorList feats_r, at::IntArray
     xs.push_back(cl ? x : x.contiguous());
     rs.push_back(cl ? r : r.contiguous());
   }
-  AT_DISPATCH_FLOATING_TYPES(first.scalar_type(), "msfr_cpu", [&] {
-    msfr_cpu_kernel<scalar_t>(xs, rs, nhwc, normalised, out_h, out_w, out);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, type, "msfr_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    msfr_cpu_kernel<scalar_t, acc_t>(xs, rs, nhwc, normalised, out_h, out_w, out);
   });
   return out;
+}
+
+at::Tensor msfr_cpu(at::TensorList feats_x, at::TensorList feats_r, at::IntArrayRef out_size,
+                    at::ArrayRef<double> weights) {
+  return msfr_cpu_impl(feats_x, feats_r, out_size, weights, false);
+}
+
+at::Tensor msfr_float_cpu(at::TensorList feats_x, at::TensorList feats_r, at::IntArrayRef out_size,
+                          at::ArrayRef<double> weights) {
+  return msfr_cpu_impl(feats_x, feats_r, out_size, weights, true);
 }
 
 }  // namespace
@@ -271,4 +294,5 @@ at::Tensor msfr_cpu(at::TensorList feats_x, at::TensorList feats_r, at::IntArray
 
 TORCH_LIBRARY_IMPL(defect_fast, CPU, m) {
   m.impl("msfr", &defect_fast::msfr::msfr_cpu);
+  m.impl("msfr_float", &defect_fast::msfr::msfr_float_cpu);
 }

@@ -1,0 +1,34 @@
+"""Which reduced precision a device computes natively: what ``precision="auto"`` picks for
+inference (:class:`defect_fast.detect.Detector`) and for training (``defect-fast train --precision auto``)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16)."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def default_precision(device: torch.device | str) -> str:
+    """``precision="auto"``: "bfloat16" on CUDA (float16 without bf16 support) and bf16-capable CPUs, else "float32"."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "bfloat16" if device.type == "cpu" and cpu_has_bf16() else "float32"
+
+
+__all__ = ["cpu_flags", "cpu_has_bf16", "default_precision"]
