@@ -312,9 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--flips", action="store_true", help="random horizontal and vertical flips of training patches")
     t.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
                    help="learning rate per stage: constant (the papers') or cosine down to 1 %%")
-    t.add_argument("--precision", choices=("float32", "bfloat16", "auto"), default="float32",
-                   help="arithmetic of the training steps: float32 (default), bfloat16 (autocast, channels-last; fast on "
-                   "CPUs with AVX512-BF16/AMX and on GPUs) or auto (bfloat16 where the device has it)")
+    t.add_argument("--precision", choices=("float32", "bfloat16", "auto"), default="auto",
+                   help="arithmetic of the training steps: auto (default: bfloat16 autocast with channels-last where the "
+                   "device computes it natively, CPUs with AVX512-BF16/AMX and GPUs; float32 elsewhere), float32 or bfloat16")
     t.add_argument("--map", choices=map_names(), default=None,
                    help="the run's anomaly map (default: the model's); 'perceptual' is fitted on defect-free images (--fit-on)")
     t.add_argument("--map-scales", type=positive_int, nargs="+", default=[1, 2], metavar="F",

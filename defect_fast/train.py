@@ -69,7 +69,9 @@ class TrainConfig:
     # Arithmetic of the training steps: "float32", "bfloat16" (autocast, channels-last model and
     # patches; oneDNN's bf16 kernels on CPUs with AVX512-BF16/AMX, tensor cores on CUDA) or "auto"
     # (bfloat16 where the device computes it natively, else float32). Weights stay float32.
-    precision: str = "float32"
+    # On an AVX512-BF16 CPU bf16 moved the magnetic-tile metrics by at most 0.23 point over three
+    # seeds and trained CMA-AE 1.6x and the AW-SSIM AE 2.4x faster (README, "Speed").
+    precision: str = "auto"
     # How the finished run maps images (stored in model.pt; the defaults of ``defect_fast.load``):
     map: str = ""  # "" = the model's own default map; a model map name; or "perceptual" (fitted per fit_on)
     # The perceptual map's image pyramid (downsampling factors): 1 = the image, 2 = half its side;
@@ -92,6 +94,7 @@ class TrainConfig:
         # runs written before these settings existed keep what they did then
         d.setdefault("fit_on", "held-back")
         d.setdefault("map_scales", [1])
+        d.setdefault("precision", "float32")
         return cls(**d)
 
 
@@ -105,7 +108,7 @@ def train_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         return None
     if precision == "bfloat16":
         return torch.bfloat16
-    from .detect import default_precision
+    from .precision import default_precision
 
     return torch.bfloat16 if default_precision(device) == "bfloat16" else None
 
@@ -233,7 +236,7 @@ class Trainer:
             "version": CHECKPOINT_VERSION,
             "model_name": self.cfg.model,
             "model_config": self.model.config(),
-            "model_state": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "model_state": {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},  # NCHW on disk
             "optimizer_state": self.optimizer.state_dict(),
             "position": dict(self.position),
             "train_config": self.cfg.to_json(),

@@ -119,12 +119,13 @@ def test_run_stores_its_inference_settings_and_perceptual_map(synthetic_root, tm
 
 
 
-def test_configs_written_before_fit_on_and_map_scales_keep_their_behaviour():
+def test_configs_written_before_fit_on_map_scales_and_precision_keep_their_behaviour():
     old = TrainConfig(data="d").to_json()
-    del old["fit_on"], old["map_scales"]
+    del old["fit_on"], old["map_scales"], old["precision"]
     cfg = TrainConfig.from_json(old)
     assert (cfg.fit_on, cfg.map_scales) == ("held-back", [1])
     assert (TrainConfig(data="d").fit_on, TrainConfig(data="d").map_scales) == ("train", [1, 2])
+    assert TrainConfig.from_json(old).precision == "float32" and TrainConfig(data="d").precision == "auto"
 
 
 @pytest.mark.parametrize("model", ["cmaae", "awae"])
@@ -155,11 +156,11 @@ def test_bfloat16_training_steps_follow_the_float32_ones(tmp_path, model, monkey
 
 
 def test_auto_precision_is_bfloat16_only_where_the_cpu_has_it(monkeypatch):
-    import defect_fast.detect as detect
+    import defect_fast.precision as precision
     from defect_fast.train import train_dtype
 
-    monkeypatch.setattr(detect, "cpu_flags", lambda: {"avx2"})
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2"})
     assert train_dtype("auto", torch.device("cpu")) is None
-    monkeypatch.setattr(detect, "cpu_flags", lambda: {"avx512_bf16"})
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512_bf16"})
     assert train_dtype("auto", torch.device("cpu")) == torch.bfloat16
     assert train_dtype("float32", torch.device("cpu")) is None and train_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
