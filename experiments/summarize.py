@@ -36,6 +36,16 @@ ROWS = {
         ("cmaae-v3-b512", "CMA-AE, new options, batch 512, 1 + 1 epochs (seed 0)"),
         ("cmaae-v3-b512-e8", "CMA-AE, new options, batch 512, 8 + 1 epochs (seed 0)"),
     ],
+    "v3_precision": [  # one CPU with AVX512-BF16 (AMD EPYC, 2 threads), --precision float32 vs bfloat16
+        ("cmaae-v3-f32-same-cpu", "CMA-AE v3, float32 (seed 0)"),
+        ("cmaae-v3-bf16", "CMA-AE v3, bfloat16 (seed 0)"),
+        ("cmaae-v3-f32-same-cpu-s1", "CMA-AE v3, float32 (seed 1)"),
+        ("cmaae-v3-bf16-s1", "CMA-AE v3, bfloat16 (seed 1)"),
+        ("cmaae-v3-f32-same-cpu-s2", "CMA-AE v3, float32 (seed 2)"),
+        ("cmaae-v3-bf16-s2", "CMA-AE v3, bfloat16 (seed 2)"),
+        ("awae-v3-f32-same-cpu", "AW-SSIM AE v3, float32 (seed 0)"),
+        ("awae-v3-bf16", "AW-SSIM AE v3, bfloat16 (seed 0)"),
+    ],
     "v3_ablation": [
         ("cmaae-v3", "CMA-AE v3: statistics from 540 training images, pyramid 1 2"),
         ("cmaae-v3-one-scale", "same model, pyramid 1 (one level)"),
