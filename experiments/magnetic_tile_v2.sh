@@ -106,6 +106,10 @@ for row in $ROWS; do
     # bfloat16 on the same machine (the -v3 rows above come from a CPU without bf16 instructions)
     cmaae-v3-f32-same-cpu) run cmaae-v3-f32-same-cpu cmaae 0 1 1 -- "${NEW[@]}" --set synthesis=perlin --precision float32 ;;
     cmaae-v3-bf16)         run cmaae-v3-bf16 cmaae 0 1 1 -- "${NEW[@]}" --set synthesis=perlin --precision bfloat16 ;;
+    cmaae-v3-f32-same-cpu-s1) run cmaae-v3-f32-same-cpu-s1 cmaae 1 1 1 -- "${NEW[@]}" --set synthesis=perlin --precision float32 ;;
+    cmaae-v3-f32-same-cpu-s2) run cmaae-v3-f32-same-cpu-s2 cmaae 2 1 1 -- "${NEW[@]}" --set synthesis=perlin --precision float32 ;;
+    cmaae-v3-bf16-s1)      run cmaae-v3-bf16-s1 cmaae 1 1 1 -- "${NEW[@]}" --set synthesis=perlin --precision bfloat16 ;;
+    cmaae-v3-bf16-s2)      run cmaae-v3-bf16-s2 cmaae 2 1 1 -- "${NEW[@]}" --set synthesis=perlin --precision bfloat16 ;;
     awae-v3-f32-same-cpu)  run awae-v3-f32-same-cpu awae 0 1 1 -- "${NEW[@]}" --set synthesis=perlin --precision float32 ;;
     awae-v3-bf16)          run awae-v3-bf16 awae 0 1 1 -- "${NEW[@]}" --set synthesis=perlin --precision bfloat16 ;;
     cmaae-v3-ablations)
