@@ -84,6 +84,20 @@ def _checked_weights(num_scales: int, weights: Sequence[float] | None) -> list[f
     return weights
 
 
+def _checked_call(feats_x, feats_r, out_size, weights) -> tuple[list[int], list[float]]:
+    """(out_size, weights) as the op takes them, after the reference's checks (ValueError)."""
+    if len(feats_x) != len(feats_r) or len(feats_x) == 0:
+        raise ValueError(f"msfr: need the same non-zero number of scales, got {len(feats_x)} and {len(feats_r)}")
+    weights = _checked_weights(len(feats_x), weights)
+    size = [int(v) for v in out_size]
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"msfr: out_size must be two positive ints (H, W), got {tuple(out_size)}")
+    for fx, fr in zip(feats_x, feats_r):
+        if fx.shape != fr.shape:
+            raise ValueError(f"msfr: scale shapes differ: {tuple(fx.shape)} vs {tuple(fr.shape)}")
+    return size, weights
+
+
 def _wants_grad(tensors: Sequence[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -111,15 +125,7 @@ def msfr(
     and whenever a gradient is asked for, :func:`defect_fast.ops.reference.msfr` computes the
     same function (differentiably).
     """
-    if len(feats_x) != len(feats_r) or len(feats_x) == 0:
-        raise ValueError(f"msfr: need the same non-zero number of scales, got {len(feats_x)} and {len(feats_r)}")
-    weights = _checked_weights(len(feats_x), weights)
-    size = [int(v) for v in out_size]
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"msfr: out_size must be two positive ints (H, W), got {tuple(out_size)}")
-    for fx, fr in zip(feats_x, feats_r):
-        if fx.shape != fr.shape:
-            raise ValueError(f"msfr: scale shapes differ: {tuple(fx.shape)} vs {tuple(fr.shape)}")
+    size, weights = _checked_call(feats_x, feats_r, out_size, weights)
     tensors = list(feats_x) + list(feats_r)
     first = tensors[0]
     native = (
@@ -153,15 +159,7 @@ def msfr_float(
     first = tensors[0]
     if first.device.type != "cpu" or first.dtype not in _WIDENED or any(t.dtype != first.dtype or t.device != first.device for t in tensors):
         return None
-    if len(feats_x) != len(feats_r):
-        raise ValueError(f"msfr: need the same non-zero number of scales, got {len(feats_x)} and {len(feats_r)}")
-    weights = _checked_weights(len(feats_x), weights)
-    size = [int(v) for v in out_size]
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"msfr: out_size must be two positive ints (H, W), got {tuple(out_size)}")
-    for fx, fr in zip(feats_x, feats_r):
-        if fx.shape != fr.shape:
-            raise ValueError(f"msfr: scale shapes differ: {tuple(fx.shape)} vs {tuple(fr.shape)}")
+    size, weights = _checked_call(feats_x, feats_r, out_size, weights)
     return _FLOAT_OP(list(feats_x), list(feats_r), size, weights)
 
 
