@@ -532,7 +532,9 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         except (TypeError, ValueError, RuntimeError) as exc:
             raise ConfigError(f"model {cfg.model} with options {cfg.model_kwargs}: {exc}") from None
         check_config(cfg, len(probe.stages), probe.patch_size)
-        resolve_device(cfg.device)
+        device = resolve_device(cfg.device)
+        if cfg.precision == "auto":  # the run records what it does: a resume elsewhere keeps it
+            cfg = replace(cfg, precision="float32" if train_dtype("auto", device) is None else "bfloat16")
         inputs = [cfg.data, cfg.anomaly_source]
         if not resume:
             OutputFolder.check(out, overwrite=overwrite, inputs=inputs)

@@ -164,3 +164,17 @@ def test_auto_precision_is_bfloat16_only_where_the_cpu_has_it(monkeypatch):
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512_bf16"})
     assert train_dtype("auto", torch.device("cpu")) == torch.bfloat16
     assert train_dtype("float32", torch.device("cpu")) is None and train_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+
+
+def test_auto_precision_is_resolved_and_recorded_in_the_run(synthetic_root, tmp_path, monkeypatch):
+    """config.json and model.pt say which precision a run trained in, so a resume on another CPU
+    keeps it."""
+    import defect_fast.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2"})
+    cfg = TrainConfig(data=str(synthetic_root), model="cmaae", image_size=128, batch_size=64, epochs=[1, 1],
+                      max_steps=[1, 1], model_kwargs={"memory_size": 20})
+    train(cfg, tmp_path / "run", progress=False, log=lambda s: None)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["precision"] == "float32"
+    state = torch.load(tmp_path / "run" / "model.pt", map_location="cpu", weights_only=True)
+    assert state["train_precision"] == "float32" and state["train_config"]["precision"] == "float32"
