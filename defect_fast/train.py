@@ -220,6 +220,8 @@ class Trainer:
                              f"({', '.join(self.model.stages)}); got epochs for {len(cfg.epochs)}")
         self.sources = None
         self.position = {"stage": 0, "epoch": 0, "step": 0, "global_step": 0}
+        # training time of earlier processes of this run (a resumed run adds its own to it)
+        self.seconds_before, self.started = 0.0, time.perf_counter()
         self.optimizer = self._optimizer(0)
 
     # -- state ---------------------------------------------------------------------------
@@ -244,11 +246,18 @@ class Trainer:
             "stride": self.stride,
             "image_size": self.cfg.image_size,
             "train_precision": "float32" if self.dtype is None else str(self.dtype).removeprefix("torch."),
+            "train_seconds": self.train_seconds(),
         }
+
+    def train_seconds(self) -> float:
+        """Seconds this run has trained, over every process of it (up to its last checkpoint for
+        the processes that were interrupted)."""
+        return self.seconds_before + (time.perf_counter() - self.started)
 
     def restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model_state"])
         self.position = dict(state["position"])
+        self.seconds_before, self.started = float(state.get("train_seconds", 0.0)), time.perf_counter()
         self.optimizer = self._optimizer(self.position["stage"])
         self.optimizer.load_state_dict(state["optimizer_state"])
 
@@ -558,14 +567,13 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
     try:
         train_images = images[train_idx]
         held_images = images[held_idx]
-        t0 = time.perf_counter()
         trainer = Trainer(cfg, out, train_images, progress=progress, log=log)
         if sources is not None:
             trainer.sources = sources
         if state is not None:
             trainer.restore(state)
         model = trainer.run()
-        elapsed = time.perf_counter() - t0
+        elapsed = trainer.train_seconds()  # every process of the run, not only this one
         if held_images.shape[0]:
             finished = finish_run(model, cfg, held_images, trainer.device, train_images=train_images)
         else:

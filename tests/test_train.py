@@ -75,7 +75,8 @@ def test_resume_after_sigkill_continues_exactly(synthetic_root, tmp_path):
     # An unfinished run is refused by evaluate with a hint, and restarting over it is refused.
     assert main(["evaluate", str(killed), str(synthetic_root)]) == 2
     assert main([*args, "--out", str(killed)]) == 2
-    at_kill = load_checkpoint(killed / "checkpoint.pt")["position"]["global_step"]
+    at_kill_state = load_checkpoint(killed / "checkpoint.pt")
+    at_kill = at_kill_state["position"]["global_step"]
     assert main(["train", str(synthetic_root), "--out", str(killed), "--resume", "--quiet"]) == 0
     steps = [json.loads(line)["step"] for line in (killed / "log.jsonl").read_text().splitlines()]
     assert steps[-1] == 18 and at_kill >= 14
@@ -84,6 +85,8 @@ def test_resume_after_sigkill_continues_exactly(synthetic_root, tmp_path):
 
     clean = tmp_path / "clean"
     assert main([*args, "--out", str(clean)]) == 0
+    # the time of the killed process counts: the finished run's training time includes it
+    assert load_checkpoint(killed / "model.pt")["train_seconds"] > at_kill_state["train_seconds"] > 0
     a = load_checkpoint(killed / "model.pt")["model_state"]
     b = load_checkpoint(clean / "model.pt")["model_state"]
     assert _state_equal(a, b), "resumed run differs from an uninterrupted one"
