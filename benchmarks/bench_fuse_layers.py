@@ -6,9 +6,9 @@ weights, as the Detector's tuned path feeds them), records the input of every co
 a stride-1 transposed convolution equals), and times original and replacement on that input in
 alternating rounds. Every stride-2 4x4 transposed convolution is also timed against its sub-pixel
 form (:class:`defect_fast.fuse.SubPixelConvTranspose2d`: a 3x3 convolution and a pixel shuffle),
-which the inference copy uses only with at most 4 output channels, where this benchmark found it faster. Batch norm folding is
-not part of these figures. ``--precision bfloat16``: weights and inputs in bf16, as the Detector
-runs on CPUs with AVX512-BF16/AMX.
+which the inference copy uses only with at most 4 output channels, where this benchmark found it
+faster. Batch norm folding is not part of these figures. ``--precision bfloat16``: weights and
+inputs in bf16, as the Detector runs on CPUs with AVX512-BF16/AMX.
 
     python benchmarks/bench_fuse_layers.py [--model cmaae] [--threads 1] [--rounds 20]
         [--precision float32|bfloat16] [--out FILE]

@@ -157,7 +157,9 @@ def msfr_float(
     if not tensors or _wants_grad(tensors):
         return None
     first = tensors[0]
-    if first.device.type != "cpu" or first.dtype not in _WIDENED or any(t.dtype != first.dtype or t.device != first.device for t in tensors):
+    if first.device.type != "cpu" or first.dtype not in _WIDENED:
+        return None
+    if any(t.dtype != first.dtype or t.device != first.device for t in tensors):
         return None
     size, weights = _checked_call(feats_x, feats_r, out_size, weights)
     return _FLOAT_OP(list(feats_x), list(feats_r), size, weights)
