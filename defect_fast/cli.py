@@ -103,6 +103,7 @@ def cmd_train(args) -> int:
         device=args.device, holdback=args.holdback, far=args.far, normalize=args.normalize, fit_on=args.fit_on, map_scales=list(args.map_scales),
         patch_sampling=args.patch_sampling, flips=args.flips, lr_schedule=args.lr_schedule, precision=args.precision,
         map=args.map or "", infer_stride=args.infer_stride, blend=args.blend, smooth=args.smooth,
+        context=args.context,
     )
     train(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
     return 0
@@ -324,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the run's inference patch stride (default: the patch size, tiles)")
     t.add_argument("--blend", choices=BLENDS, default="none", help="the run's weights of overlapping patches")
     t.add_argument("--smooth", type=nonneg_float, default=0.0, help="the run's Gaussian blur of maps, in pixels")
+    t.add_argument("--context", action="store_true",
+                   help="add the image context to the run's maps and scores: Gaussians of the whole image's AlexNet "
+                   "conv3-5 statistics, fitted on the training images (for defects spread over a region; README)")
     t.add_argument("--anomaly-source", default=None, help="folder of natural photos for synthetic anomalies "
                    "(default: the sample photos shipped with scikit-learn)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="model option, e.g. --set fusion=mam "

@@ -12,7 +12,9 @@ the stitched map, the usual post-processing of anomaly maps (sigma 4 at 256 px i
 
 Image score rule: the mean of the largest 0.1 % of the map's values (at least one pixel). It
 follows the strongest defect evidence, like the map maximum, but a single noisy pixel cannot set
-it on its own.
+it on its own. With an image context (``context``, :mod:`defect_fast.context`) the map is the
+anomaly map plus the context map and the score that map's score plus the context score, each
+term standardised by its defect-free mean and spread.
 
 Speed options (constructor keywords; "auto" picks per device, from measurements in
 ``benchmarks/bench_inference.py``):
@@ -163,6 +165,8 @@ class Detector(nn.Module):
         perceptual: a fitted :class:`~defect_fast.perceptual.PerceptualMap`, needed when
             ``map_kind`` is "perceptual" (one of ``model.image_maps``): the map is then computed on
             the whole image and its stitched reconstruction instead of patch by patch.
+        context: a fitted :class:`~defect_fast.context.ImageContext` (:meth:`fit_context`): maps
+            and scores then add the context's map and score.
     """
 
     def __init__(self, model: AnomalyModel, image_size: int, map_kind: str | None = None, stride: int | None = None,
@@ -171,7 +175,7 @@ class Detector(nn.Module):
                  precision: str = "auto", channels_last: bool | str = "auto", compile: bool = False,
                  cuda_graphs: bool = False, threads: int | None = None, reuse_features: bool = True, fuse: bool | str = "auto",
                  norm_mean: torch.Tensor | float | None = None, norm_std: torch.Tensor | float | None = None,
-                 perceptual: nn.Module | None = None):
+                 perceptual: nn.Module | None = None, context: nn.Module | None = None):
         super().__init__()
         if fuse == "auto":
             fuse = True
@@ -200,6 +204,7 @@ class Detector(nn.Module):
         self.stride = stride or self.patch
         self.map_kind = model.check_map(map_kind)
         self.image_map = perceptual if self.map_kind in model.image_maps else None
+        self.context = context
         if self.map_kind in model.image_maps and perceptual is None:
             raise ValueError(f"map {self.map_kind!r} needs the statistics fitted at the end of training; "
                              f"this model file has none (train with --map {self.map_kind})")
@@ -263,7 +268,9 @@ class Detector(nn.Module):
         ``options`` are the keyword-only constructor options (blend, precision, ...). The run's
         stored inference settings (``state["detector"]``: map, stride, blend, smoothing) are the
         defaults of the arguments left at None; stored normalisation statistics
-        (``state["normalization"]``) and perceptual-map statistics (``state["perceptual"]``) are restored.
+        (``state["normalization"]``), perceptual-map statistics (``state["perceptual"]``) and the image
+        context (``state["context"]``; not with another ``map_kind`` than the stored one, whose
+        spread it was standardised by) are restored.
         """
         state = load_model_state(run)
         stored = dict(state.get("detector") or {})
@@ -273,14 +280,23 @@ class Detector(nn.Module):
             from .perceptual import PerceptualMap
 
             perceptual = PerceptualMap.from_state(state["perceptual"])
+        model = model_from_state(state)
+        context = None
+        # the context's standardisation of the map was measured on the stored map kind only
+        stored_kind = model.check_map(stored.get("map_kind"))
+        if state.get("context") and model.check_map(map_kind or stored_kind) == stored_kind:
+            from .context import ImageContext
+
+            context = ImageContext.from_state(state["context"])
         map_kind = map_kind or stored.get("map_kind")
         stride = stride if stride is not None else stored.get("stride")
         smooth_sigma = smooth_sigma if smooth_sigma is not None else stored.get("smooth_sigma", 0.0)
         if options.get("blend") is None:
             options["blend"] = stored.get("blend", "none")
-        return cls(model_from_state(state), image_size=state["image_size"], map_kind=map_kind, stride=stride,
+        return cls(model, image_size=state["image_size"], map_kind=map_kind, stride=stride,
                    device=resolve_device(device), calibration=state.get("calibration"), smooth_sigma=smooth_sigma,
-                   norm_mean=norm.get("mean"), norm_std=norm.get("std"), perceptual=perceptual, **options)
+                   norm_mean=norm.get("mean"), norm_std=norm.get("std"), perceptual=perceptual, context=context,
+                   **options)
 
     # -- the traced pipeline -------------------------------------------------------------------
     def _to_model_input(self, images: torch.Tensor) -> torch.Tensor:
@@ -392,9 +408,41 @@ class Detector(nn.Module):
         self.map_kind = self.model.image_maps[0]
         return n
 
-    def finish(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw maps [N,S,S] -> (normalised, smoothed maps [N,S,S], scores [N])."""
+    @torch.no_grad()
+    def fit_context(self, normal_images: torch.Tensor, calibration_images: torch.Tensor, images_per_batch: int = 8) -> int:
+        """Build an image context (:mod:`defect_fast.context`) and switch maps and scores to the combination.
+
+        Args:
+            normal_images: uint8 [N,3,H,W] defect-free images the context's Gaussians are fitted on
+                (N >= 10; the model need not have been trained without them).
+            calibration_images: uint8 [M,3,H,W] defect-free images (M >= 2) none of this Detector's
+                statistics were fitted on: the defect-free mean and spread of its own map and of
+                the combined score come from them.
+        Returns:
+            the number of images the context rests on.
+        """
+        from .context import ImageContext
+
+        ctx = ImageContext(self.image_size).to(self.device)
+        n = ctx.fit(lambda: (self._to_model_input(c.to(self.device)) for c in normal_images.split(32)))
+        base, feats = [], []
+        for c in calibration_images.split(max(1, images_per_batch)):
+            c = c.to(self.device)
+            base.append((self.raw_maps(c) - self.norm_mean) / self.norm_std)
+            feats.append(ctx.features(self._to_model_input(c)))
+        ctx.set_detector_stats(base_maps=torch.cat(base))
+        scores = torch.cat([self.finish(b, ctx.map(f, self.image_size), ctx)[1] for b, f in zip(base, feats)])
+        ctx.set_detector_stats(scores=scores)
+        self.context = ctx
+        return n
+
+    def finish(self, raw: torch.Tensor, context_map: torch.Tensor | None = None,
+               context: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw maps [N,S,S] -> (normalised, smoothed maps [N,S,S], scores [N]); with a context map,
+        the maps are ``context.combine_maps`` of the normalised maps and it."""
         maps = (raw - self.norm_mean) / self.norm_std
+        if context_map is not None:
+            maps = (context or self.context).combine_maps(maps, context_map)
         if self.smooth_sigma > 0:
             maps = self.blur @ maps @ self.blur.T
         return maps, top_mean(maps, self.top_k)
@@ -404,7 +452,15 @@ class Detector(nn.Module):
         -> (maps [N,S,S] float32, larger = more anomalous; scores [N])."""
         if self.cuda_graphs and images.is_cuda and not _plain_graph() and not torch.is_grad_enabled():
             return self._graph_forward(images)
-        return self.finish(self.raw_maps(images))
+        return self._pipeline(images)
+
+    def _pipeline(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raw = self.raw_maps(images)
+        if self.context is None:
+            return self.finish(raw)
+        feats = self.context.features(self._to_model_input(images))
+        maps, scores = self.finish(raw, self.context.map(feats, self.image_size))
+        return maps, self.context.combine_scores(scores, feats)
 
     def _graph_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`forward` replayed from a CUDA graph captured for this input shape and dtype."""
@@ -416,11 +472,11 @@ class Detector(nn.Module):
             stream.wait_stream(torch.cuda.current_stream(images.device))
             with torch.cuda.stream(stream):  # warm-up outside the graph (kernel choice, workspace)
                 for _ in range(2):
-                    self.finish(self.raw_maps(static_in))
+                    self._pipeline(static_in)
             torch.cuda.current_stream(images.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                static_out = self.finish(self.raw_maps(static_in))
+                static_out = self._pipeline(static_in)
             entry = self._graphs[key] = (graph, static_in, static_out)
         graph, static_in, (maps, scores) = entry
         static_in.copy_(images)

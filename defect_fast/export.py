@@ -59,6 +59,7 @@ def sidecar(det: Detector, fmt: str, batch: int, dynamic_batch: bool, source: Pa
         "smooth_sigma": det.smooth_sigma,
         "top_k": det.top_k,
         "normalization": det.normalization(),
+        "context": det.context is not None,  # the image context is in maps and scores (defect_fast/context.py)
         "thresholds": dict(zip(("score", "pixel"), stored_thresholds(cal)[:2])),  # as predict uses them
         "threshold_source": stored_thresholds(cal)[2],
         "calibration": cal,

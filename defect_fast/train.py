@@ -80,6 +80,10 @@ class TrainConfig:
     infer_stride: int | None = None  # inference patch stride; None = tiles (the patch size)
     blend: str = "none"  # "none" or "hann" (seam-free weights where patches overlap)
     smooth: float = 0.0  # Gaussian blur (pixels) of the full-image map
+    # Add the image context to maps and scores (defect_fast/context.py): Gaussians of the whole image's
+    # AlexNet conv3-5 statistics, fitted on the training images, and each position's share of the
+    # image's deviation. Off: the run's own map and its top values (the papers').
+    context: bool = False
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -161,6 +165,11 @@ def check_config(cfg: TrainConfig, n_stages: int, patch: int) -> None:
     need(cfg.patch_sampling in ("grid", "random"), f"--patch-sampling must be grid or random, got {cfg.patch_sampling!r}")
     need(cfg.lr_schedule in ("constant", "cosine"), f"--lr-schedule must be constant or cosine, got {cfg.lr_schedule!r}")
     need(cfg.precision in TRAIN_PRECISIONS, f"--precision must be one of {', '.join(TRAIN_PRECISIONS)}, got {cfg.precision!r}")
+    need(isinstance(cfg.context, bool), f"--context is on or off, got {cfg.context!r}")
+    if cfg.context:
+        from .context import MIN_SIZE
+
+        need(cfg.image_size >= MIN_SIZE, f"--context needs --image-size >= {MIN_SIZE}, got {cfg.image_size}")
     need(cfg.blend in ("none", "hann"), f"--blend must be none or hann, got {cfg.blend!r}")
     need(isinstance(cfg.smooth, (int, float)) and math.isfinite(cfg.smooth) and cfg.smooth >= 0,
          f"--smooth must be a finite number >= 0, got {cfg.smooth}")
@@ -387,7 +396,8 @@ class Trainer:
 
 
 def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Tensor,
-               device: torch.device | str = "cpu", train_images: torch.Tensor | None = None) -> dict[str, Any]:
+               device: torch.device | str = "cpu", train_images: torch.Tensor | None = None,
+               context_images: torch.Tensor | None = None) -> dict[str, Any]:
     """What a finished run stores beside its weights, computed on the held-back images.
 
     1. builds the :class:`~defect_fast.detect.Detector` of ``model`` (default map, tiles;
@@ -396,7 +406,11 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
        per-position normalisation, ``cfg.normalize == "position"``) on the training images
        (``cfg.fit_on == "train"``, when ``train_images`` are given) or on half of the held-back
        images (every other one, ``"held-back"``);
-    3. calibrates on the maps and scores of held-back images the statistics did not see (all of
+    3. with ``cfg.context``, fits the image context (:meth:`Detector.fit_context`) on
+       ``context_images`` (default: ``train_images``, else the fitting images; it does not involve
+       the model, so images the model was trained on serve), its combination with the run's map
+       standardised on the calibration images;
+    4. calibrates on the maps and scores of held-back images the statistics did not see (all of
        them, or the other half) (:func:`defect_fast.calibration.calibrate` at ``cfg.far``). Maps of
        the very images their statistics were fitted on are optimistic (a z-score is smallest in its
        own sample), so a threshold from them would raise far more false alarms than asked; with
@@ -414,10 +428,12 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
         held_back_images: uint8 [N, 3, S, S] defect-free images the model was not trained on
             (N >= 1; N >= 4 when the statistics are fitted on them).
         train_images: uint8 [M, 3, S, S] the images the model was trained on (``fit_on == "train"``).
+        context_images: uint8 [K, 3, S, S] defect-free images for the image context (K >= 10).
 
     Returns:
         ``{"calibration": calibrate()'s dict (+ "pixel_q999", "source"), "normalization":
-        {"mean": [S, S], "std": [S, S]} or None}``.
+        {"mean": [S, S], "std": [S, S]} or None, "perceptual": its state or None, "context": its
+        state or None, "detector": the stored inference settings}``.
     """
     from .calibration import calibrate
     from .evaluate import detector_for
@@ -438,6 +454,12 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
         det.fit_perceptual(fit_images, scales=tuple(cfg.map_scales))
         perceptual = det.image_map.state()
     normalization = det.fit_normalization(fit_images) if cfg.normalize == "position" else None
+    context = None
+    if cfg.context:
+        if context_images is None:
+            context_images = train_images if train_images is not None else fit_images
+        det.fit_context(context_images, calib_images)
+        context = det.context.state()
     res = det.predict_batched(calib_images)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # too few images is said in the note, printed by train()
@@ -449,7 +471,7 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
     cal["source"] = ("held-back images (the map was fitted on the training images)" if on_train else
                      "held-back images (the half not used to fit the map)" if fits else "held-back images")
     cal["map_fitted_on"] = None if not fits else f"{fit_images.shape[0]} {'training' if on_train else 'held-back'} images"
-    return {"calibration": cal, "normalization": normalization, "perceptual": perceptual,
+    return {"calibration": cal, "normalization": normalization, "perceptual": perceptual, "context": context,
             "detector": detector_options(cfg, model)}
 
 
@@ -554,6 +576,11 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
             raise ConfigError(f"--normalize {cfg.normalize} --fit-on {cfg.fit_on} needs at least {need} held-back "
                               f"image(s), got {len(held_idx)} (raise --holdback or add images)")
         cfg.held_back = [str(paths[i]) for i in held_idx]
+        if cfg.context:
+            from .context import MIN_IMAGES
+
+            if len(train_idx) < MIN_IMAGES:
+                raise ConfigError(f"--context needs at least {MIN_IMAGES} training images to fit on, got {len(train_idx)}")
         sources = _preload_sources(cfg, probe.stages)
         del probe
         if not resume:
@@ -575,11 +602,12 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         model = trainer.run()
         elapsed = trainer.train_seconds()  # every process of the run, not only this one
         if held_images.shape[0]:
-            finished = finish_run(model, cfg, held_images, trainer.device, train_images=train_images)
+            finished = finish_run(model, cfg, held_images, trainer.device, train_images=train_images,
+                                  context_images=train_images)
         else:
             # Nothing held back: thresholds from training images, optimistic, and said so.
             finished = finish_run(model, replace(cfg, normalize="none"), train_images[: cfg.calibration_images],
-                                  trainer.device)
+                                  trainer.device, context_images=train_images)
             finished["calibration"]["source"] = "training images"
             finished["calibration"].update(sufficient=False, far_expected=None, far_upper95=None)
             finished["calibration"]["note"] = ("no held-back images (--holdback 0 or too few images): threshold from "
@@ -591,6 +619,8 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
             final["normalization"] = finished["normalization"]
         if finished["perceptual"] is not None:
             final["perceptual"] = finished["perceptual"]
+        if finished["context"] is not None:
+            final["context"] = finished["context"]
         final["detector"] = finished["detector"]
         atomic_save(final, out / MODEL_FILE)
         if not cal.get("sufficient", True):

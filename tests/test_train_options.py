@@ -178,3 +178,34 @@ def test_auto_precision_is_resolved_and_recorded_in_the_run(synthetic_root, tmp_
     assert json.loads((tmp_path / "run" / "config.json").read_text())["precision"] == "float32"
     state = torch.load(tmp_path / "run" / "model.pt", map_location="cpu", weights_only=True)
     assert state["train_precision"] == "float32" and state["train_config"]["precision"] == "float32"
+
+
+def test_context_needs_images_of_64_pixels():
+    with pytest.raises(ConfigError, match="--context"):
+        check_config(TrainConfig(data="d", image_size=48, epochs=[1, 1], context=True), 2, 32)
+
+
+def test_run_with_context_stores_it_fitted_on_the_training_images(synthetic_root, tmp_path, monkeypatch):
+    import defect_fast.context as context
+    from tests.test_context import RandomTrunkContext
+
+    monkeypatch.setattr(context, "ImageContext", RandomTrunkContext)  # no ImageNet weights needed
+    cfg = TrainConfig(data=str(synthetic_root), model="cmaae", image_size=128, batch_size=16, epochs=[1, 1],
+                      max_steps=[1, 1], model_kwargs={"memory_size": 20}, seed=0, holdback=0.3, context=True)
+    path = train(cfg, tmp_path / "run", progress=False, log=lambda s: None)
+    state = torch.load(path, weights_only=True)
+    det = Detector.load(path, device="cpu")
+    assert det.context is not None
+    assert float(det.context.fitted) == 32 - len(state["held_back"])  # the training images
+    maps, scores = det(torch.zeros(2, 3, 128, 128, dtype=torch.uint8))
+    assert maps.shape == (2, 128, 128) and torch.isfinite(scores).all()
+    # the stored threshold is on the combined score: the held-back images' largest one at far 0.01
+    assert state["calibration"]["n_images"] == len(state["held_back"])
+
+
+def test_context_with_too_few_training_images_is_refused_before_training(synthetic_root, tmp_path):
+    cfg = TrainConfig(data=str(synthetic_root), model="cmaae", image_size=128, batch_size=16, epochs=[1, 1],
+                      max_steps=[1, 1], model_kwargs={"memory_size": 20}, holdback=0.75, context=True)
+    with pytest.raises(ConfigError, match="--context needs at least 10 training images"):
+        train(cfg, tmp_path / "run", progress=False, log=lambda s: None)
+    assert not (tmp_path / "run").exists()

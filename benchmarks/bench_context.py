@@ -1,0 +1,95 @@
+"""What the image context (``--context``, :mod:`defect_fast.context`) costs: inference per image
+against the Detector without it, and the fit at the end of training.
+
+A CMA-AE Detector with the perceptual map (pyramid 1 2, stride 32, Hann blending, smoothing 4:
+the recommended run's inference) on random 256x256 images, timed in alternating rounds with and
+without a fitted context; and ``ImageContext.fit`` on ``--fit-images`` random images. Weights
+and images are random (the cost does not depend on them); the trunk is the ImageNet AlexNet when
+``$DEFECT_FAST_ALEXNET_WEIGHTS`` names it, else random weights of the same shapes.
+
+    python benchmarks/bench_context.py [--threads 2] [--batch 8] [--rounds 10] [--fit-images 540] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from common import RESULTS, command_line, device_info, time_interleaved, write_results
+
+from defect_fast.context import ImageContext
+from defect_fast.detect import Detector, cpu_flags
+from defect_fast.models import build_model
+from defect_fast.perceptual import PerceptualMap
+
+SIZE = 256
+
+
+def _trunk() -> dict[str, torch.Tensor]:
+    if os.environ.get("DEFECT_FAST_ALEXNET_WEIGHTS"):
+        from defect_fast.losses.lpips import load_alexnet_trunk
+
+        return load_alexnet_trunk()[0]
+    g = torch.Generator().manual_seed(0)
+    shapes = {0: (64, 3, 11, 11), 3: (192, 64, 5, 5), 6: (384, 192, 3, 3), 8: (256, 384, 3, 3), 10: (256, 256, 3, 3)}
+    t = {}
+    for i, s in shapes.items():
+        t[f"features.{i}.weight"] = torch.randn(*s, generator=g) * (2.0 / (s[1] * s[2] * s[3])) ** 0.5
+        t[f"features.{i}.bias"] = torch.zeros(s[0])
+    return t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8, help="images per Detector call (default 8)")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--fit-images", type=int, default=540, help="images ImageContext.fit runs on (default 540)")
+    ap.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/context_cpu.json)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    trunk = _trunk()
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (args.batch, 3, SIZE, SIZE), dtype=torch.uint8, generator=g)
+    fit_set = torch.rand(args.fit_images, 3, SIZE, SIZE, generator=g) * 2 - 1
+
+    t0 = time.perf_counter()
+    ctx = ImageContext(SIZE, trunk=trunk)
+    ctx.fit(lambda: fit_set.split(32))
+    fit_s = time.perf_counter() - t0
+
+    model = build_model("cmaae")
+    pm = PerceptualMap(SIZE, trunk=trunk, scales=(1, 2))
+    plain = Detector(model, SIZE, stride=32, blend="hann", smooth_sigma=4.0)
+    with torch.no_grad():
+        x = plain._to_model_input(images)
+        pm.fit([(x, plain._stitched_recon(x))])
+    plain = Detector(model, SIZE, stride=32, blend="hann", smooth_sigma=4.0, perceptual=pm, map_kind="perceptual")
+    with_ctx = Detector(model, SIZE, stride=32, blend="hann", smooth_sigma=4.0, perceptual=pm, map_kind="perceptual",
+                        context=ctx)
+    with torch.inference_mode():
+        t = time_interleaved({"without": lambda: plain(images), "with": lambda: with_ctx(images),
+                              "context_alone": lambda: ctx.map(ctx.features(plain._to_model_input(images)), SIZE)},
+                             rounds=args.rounds, warmup=2, device="cpu")
+    info = device_info("cpu")
+    flags = cpu_flags()
+    info["cpu_flags"] = {"amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
+                         "avx512f": "avx512f" in flags, "avx2": "avx2" in flags}
+    per = {k: round(v["median_ms"] / args.batch, 2) for k, v in t.items()}
+    res = {"info": info, "command": command_line(), "threads": args.threads, "batch": args.batch, "image_size": SIZE,
+           "detector_precision": plain.precision, "trunk": "imagenet" if os.environ.get("DEFECT_FAST_ALEXNET_WEIGHTS") else "random",
+           "ms_per_image": per, "ratio_with_over_without": round(per["with"] / per["without"], 3),
+           "fit_images": args.fit_images, "fit_seconds": round(fit_s, 2), "timings": t}
+    print(f"{info['cpu']} | torch {info['torch']} | threads {args.threads} | Detector precision {plain.precision}")
+    print(f"per 256x256 image: without context {per['without']:.1f} ms, with {per['with']:.1f} ms "
+          f"(x{res['ratio_with_over_without']:.3f}); context map alone {per['context_alone']:.1f} ms")
+    print(f"ImageContext.fit on {args.fit_images} images: {fit_s:.1f} s")
+    write_results(args.out or RESULTS / "context_cpu.json", res)
+
+
+if __name__ == "__main__":
+    main()

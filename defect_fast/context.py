@@ -1,0 +1,266 @@
+"""Image context: how far an image's overall texture lies from that of defect-free images, and where.
+
+The anomaly map judges each position by its neighbourhood: the perceptual map's conv2 features
+see 51 pixels of the 256-pixel image (102 at the pyramid's half-size level), compared with the
+same position of defect-free images. Some defects change the surface of a whole region with
+little contrast at any one place. On magnetic tile, "uneven" is a band of the tile ground
+differently from the rest (stronger or weaker vertical grinding streaks, a straight boundary):
+at each position the streaks look like those of some defect-free tile, so the map ranks these
+regions weakly, and the image score, which follows the map, ranks their images weakly too.
+
+The context describes the whole image instead, with the outputs of AlexNet conv3, conv4 and
+conv5 (fields of 99, 131 and 163 pixels; the frozen ImageNet trunk the perceptual map already
+uses). Per layer l, with f(p) the feature vector at position p and fbar its mean over positions:
+
+- **Score**: the descriptor [fbar, per-channel spread over positions] (texture statistics of the
+  surface's grain) and its Mahalanobis distance to a Gaussian of defect-free descriptors
+  (Ledoit-Wolf shrinkage: hundreds of images for 512-768 dimensions), the image-level detector of
+  Rippel, Mertens and Merhof, "Modeling the Distribution of Normal Data in Pre-Trained Deep
+  Features for Anomaly Detection" (ICPR 2020).
+- **Map**: where that deviation comes from. For a Gaussian (mu, P) of fbar alone, the squared
+  distance (fbar - mu)^T P (fbar - mu) is the mean over positions of
+  c(p) = (fbar - mu)^T P (f(p) - mu): each position's share, large where the position deviates in
+  the direction in which the image as a whole deviates. On a defect-free image fbar is near mu
+  and c is small everywhere; on an uneven tile the band's positions carry the deviation. c is
+  standardised per position with its defect-free mean and spread, averaged over the three
+  layers and upsampled to the image.
+
+Both are standardised on defect-free images they were not fitted on (five-fold cross-fitting on
+the fitting images: a Gaussian's distances of its own sample are too small). The Detector then
+adds them to its own: map = (anomaly map - m) / s + context map, and image score =
+(top values of that map - m') / s' + context score, the anomaly map's and the score's m and s
+measured on the run's calibration images (:meth:`Detector.fit_context`). Every term is in units
+of its defect-free spread; no weight is tuned.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .perceptual import _LPIPS_SCALE, _LPIPS_SHIFT
+
+# torchvision's alexnet.features, conv layers: (index, in, out, kernel, stride, padding); max-pools follow conv1 and conv2
+_ALEXNET = [(0, 3, 64, 11, 4, 2), (3, 64, 192, 5, 1, 2), (6, 192, 384, 3, 1, 1), (8, 384, 256, 3, 1, 1),
+            (10, 256, 256, 3, 1, 1)]
+#: The conv layers (1-based) the context reads.
+LAYERS = (3, 4, 5)
+#: Cross-fitting folds for the defect-free statistics of distances and map values.
+FOLDS = 5
+#: Fewest images to fit on (two per fold).
+MIN_IMAGES = 2 * FOLDS
+#: Smallest image side (conv3-5 then have a 3 x 3 grid).
+MIN_SIZE = 64
+
+
+def grid_side(image_size: int) -> int:
+    """Side of the conv3-5 grid for an image of side ``image_size`` (15 at 256)."""
+    h = (image_size + 4 - 11) // 4 + 1  # conv1
+    h = (h - 3) // 2 + 1  # pool
+    return (h - 3) // 2 + 1  # pool; conv2-5 keep the size
+
+
+def _gaussian(x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Descriptors [n, d] (float64) -> (mean [d], precision [d, d]) of the Ledoit-Wolf shrunk Gaussian, float32."""
+    from sklearn.covariance import LedoitWolf
+
+    lw = LedoitWolf().fit(x)
+    return torch.from_numpy(lw.location_).float(), torch.from_numpy(lw.precision_).float()
+
+
+def _distance(x: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    d = x - mean
+    return ((d @ precision) * d).sum(1).clamp_min(0).sqrt()
+
+
+def _contribution(f: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """Features [N,C,G,G] -> each position's share c(p) = (fbar - mu)^T P (f(p) - mu) [N,G,G]."""
+    v = (f.mean(dim=(2, 3)) - mean) @ precision
+    return torch.einsum("nc,nchw->nhw", v, f - mean.view(1, -1, 1, 1))
+
+
+def _descriptor(f: torch.Tensor) -> torch.Tensor:
+    return torch.cat([f.mean(dim=(2, 3)), f.std(dim=(2, 3))], 1)
+
+
+class ImageContext(nn.Module):
+    """The image context score and map; see the module docstring.
+
+    Args:
+        image_size: side S of the images (>= :data:`MIN_SIZE`).
+        trunk: AlexNet ``features.*`` state dict (``None``: :func:`defect_fast.losses.lpips.load_alexnet_trunk`).
+    """
+
+    def __init__(self, image_size: int, trunk: dict[str, torch.Tensor] | None = None):
+        super().__init__()
+        if image_size < MIN_SIZE:
+            raise ValueError(f"the image context needs images of at least {MIN_SIZE} pixels, got {image_size}")
+        if trunk is None:
+            from .losses.lpips import load_alexnet_trunk
+
+            trunk, _origin = load_alexnet_trunk(os.environ.get("DEFECT_FAST_ALEXNET_WEIGHTS"))
+        self.image_size = int(image_size)
+        self.convs = nn.ModuleList()
+        for idx, cin, cout, k, s, p in _ALEXNET[:max(LAYERS)]:
+            conv = nn.Conv2d(cin, cout, k, stride=s, padding=p)
+            conv.weight.data.copy_(trunk[f"features.{idx}.weight"])
+            conv.bias.data.copy_(trunk[f"features.{idx}.bias"])
+            conv.requires_grad_(False)
+            self.convs.append(conv)
+        self.register_buffer("shift", torch.tensor(_LPIPS_SHIFT).view(1, 3, 1, 1))
+        self.register_buffer("scale", torch.tensor(_LPIPS_SCALE).view(1, 3, 1, 1))
+        g = grid_side(self.image_size)
+        for i in LAYERS:
+            c = _ALEXNET[i - 1][2]
+            self.register_buffer(f"mean_{i}", torch.zeros(2 * c))  # score: Gaussian of [fbar, spread]
+            self.register_buffer(f"precision_{i}", torch.zeros(2 * c, 2 * c))
+            self.register_buffer(f"map_mean_{i}", torch.zeros(c))  # map: Gaussian of fbar
+            self.register_buffer(f"map_precision_{i}", torch.zeros(c, c))
+            self.register_buffer(f"pos_mean_{i}", torch.zeros(g, g))  # c(p): defect-free mean and spread
+            self.register_buffer(f"pos_std_{i}", torch.ones(g, g))
+        self.register_buffer("dist_mean", torch.zeros(len(LAYERS)))
+        self.register_buffer("dist_std", torch.ones(len(LAYERS)))
+        # the Detector's own map and score, defect-free mean and spread (set_detector_stats)
+        self.register_buffer("base_mean", torch.zeros(()))
+        self.register_buffer("base_std", torch.ones(()))
+        self.register_buffer("score_mean", torch.zeros(()))
+        self.register_buffer("score_std", torch.ones(()))
+        self.register_buffer("fitted", torch.zeros(()))
+
+    # -- inference -------------------------------------------------------------------------------
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Images [N,3,S,S] in [-1, 1] -> the float32 outputs of the :data:`LAYERS` [N, C, G, G]."""
+        h = (x.float() - self.shift) / self.scale
+        out = []
+        for i, conv in enumerate(self.convs, start=1):
+            h = torch.relu(conv(h))
+            if i <= 2:
+                h = F.max_pool2d(h, 3, 2)
+            if i in LAYERS:
+                out.append(h)
+        return out
+
+    def score(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """:meth:`features` -> context score [N]: the mean over layers of the standardised
+        distances (0: a typical defect-free image; units of the defect-free spread)."""
+        cols = [_distance(_descriptor(f), getattr(self, f"mean_{i}"), getattr(self, f"precision_{i}"))
+                for i, f in zip(LAYERS, feats)]
+        return ((torch.stack(cols, 1) - self.dist_mean) / self.dist_std).mean(1)
+
+    def map(self, feats: list[torch.Tensor], size: int) -> torch.Tensor:
+        """:meth:`features` -> context map [N, size, size]: per position, the standardised share of
+        the image's deviation, mean over layers, bilinear upsampling."""
+        total = None
+        for i, f in zip(LAYERS, feats):
+            c = _contribution(f, getattr(self, f"map_mean_{i}"), getattr(self, f"map_precision_{i}"))
+            z = (c - getattr(self, f"pos_mean_{i}")) / getattr(self, f"pos_std_{i}")
+            total = z if total is None else total + z
+        m = (total / len(LAYERS)).unsqueeze(1)
+        return F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+
+    def combine_maps(self, maps: torch.Tensor, context_map: torch.Tensor) -> torch.Tensor:
+        """The Detector's maps [N,S,S] and :meth:`map` -> combined maps."""
+        return (maps - self.base_mean) / self.base_std + context_map
+
+    def combine_scores(self, scores: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
+        """Scores of the combined maps [N] and :meth:`features` -> combined image scores."""
+        return (scores - self.score_mean) / self.score_std + self.score(feats)
+
+    # -- fitting ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def fit(self, batches: Callable[[], Iterable[torch.Tensor]]) -> int:
+        """Fit the Gaussians and the defect-free statistics of distances and map values.
+
+        Args:
+            batches: called twice; each call returns a fresh iterable of the same defect-free
+                image batches [n,3,S,S] in [-1, 1], in the same order.
+        Returns:
+            the number of images (at least :data:`MIN_IMAGES`).
+        """
+        dev = self.shift.device
+        descs: list[list[torch.Tensor]] = [[] for _ in LAYERS]
+        for x in batches():
+            for acc, f in zip(descs, self.features(x.to(dev))):
+                acc.append(_descriptor(f).double().cpu())
+        n = sum(d.shape[0] for d in descs[0])
+        if n < MIN_IMAGES:
+            raise ValueError(f"the image context needs at least {MIN_IMAGES} defect-free images to fit, got {n}")
+        folds = torch.arange(n) % FOLDS
+        fold_maps = []  # per layer, per fold: the map Gaussian fitted without that fold
+        for j, (i, acc) in enumerate(zip(LAYERS, descs)):
+            x = torch.cat(acc)
+            c = x.shape[1] // 2
+            held = torch.empty(n)
+            per_fold = []
+            for k in range(FOLDS):
+                out = folds == k
+                mean, precision = _gaussian(x[~out].numpy())
+                held[out] = _distance(x[out].float(), mean, precision)
+                per_fold.append(tuple(t.to(dev) for t in _gaussian(x[~out, :c].numpy())))
+            fold_maps.append(per_fold)
+            for name, (mean, precision) in (("", _gaussian(x.numpy())), ("map_", _gaussian(x[:, :c].numpy()))):
+                getattr(self, f"{name}mean_{i}").copy_(mean)
+                getattr(self, f"{name}precision_{i}").copy_(precision)
+            self.dist_mean[j] = held.mean()
+            self.dist_std[j] = held.std().clamp_min(1e-12)
+        # second pass: each image's map values from the Gaussian that did not see it
+        s1 = [0.0 for _ in LAYERS]
+        s2 = [0.0 for _ in LAYERS]
+        start = 0
+        for x in batches():
+            feats = self.features(x.to(dev))
+            fk = folds[start:start + x.shape[0]]
+            for j, f in enumerate(feats):
+                c = torch.empty(f.shape[0], *f.shape[2:], device=dev)
+                for k in fk.unique().tolist():
+                    sel = (fk == k).to(dev)
+                    c[sel] = _contribution(f[sel], *fold_maps[j][k])
+                s1[j] = s1[j] + c.double().sum(0)
+                s2[j] = s2[j] + (c.double() ** 2).sum(0)
+            start += x.shape[0]
+        if start != n:
+            raise ValueError(f"batches() gave {start} images on its second pass, {n} on its first")
+        for j, i in enumerate(LAYERS):
+            mean = s1[j] / n
+            var = ((s2[j] - n * mean * mean) / (n - 1)).clamp_min(0)
+            getattr(self, f"pos_mean_{i}").copy_(mean.float())
+            getattr(self, f"pos_std_{i}").copy_(var.sqrt().float().clamp_min(1e-6))
+        self.fitted.fill_(float(n))
+        return n
+
+    def set_detector_stats(self, base_maps: torch.Tensor | None = None, scores: torch.Tensor | None = None) -> None:
+        """Defect-free mean and spread of the Detector's own maps (all values of ``base_maps``
+        [N,S,S]) or of the combined maps' scores (``scores`` [N]), on images no statistics saw."""
+        for values, mean, std, what in ((base_maps, self.base_mean, self.base_std, "map"),
+                                        (scores, self.score_mean, self.score_std, "score")):
+            if values is None:
+                continue
+            if values.shape[0] < 2:
+                raise ValueError(f"the {what}'s defect-free spread needs at least 2 images, got {values.shape[0]}")
+            mean.fill_(float(values.double().mean()))
+            std.fill_(max(float(values.double().std()), 1e-12))
+
+    def state(self) -> dict:
+        """What a model file stores to rebuild the context (trunk included)."""
+        return {"image_size": self.image_size, "layers": list(LAYERS),
+                "tensors": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "ImageContext":
+        if list(state.get("layers", ())) != list(LAYERS):
+            raise ValueError(f"image context of layers {state.get('layers')}; this version reads {list(LAYERS)}")
+        t = state["tensors"]
+        trunk = {}
+        for i, (idx, *_rest) in enumerate(_ALEXNET[:max(LAYERS)]):
+            trunk[f"features.{idx}.weight"] = t[f"convs.{i}.weight"]
+            trunk[f"features.{idx}.bias"] = t[f"convs.{i}.bias"]
+        m = cls(state["image_size"], trunk=trunk)
+        m.load_state_dict(t)
+        return m
+
+
+__all__ = ["ImageContext", "LAYERS", "grid_side"]

@@ -1,0 +1,176 @@
+"""Image context: the decomposition of the distance into positions, what it responds to, storage,
+and the Detector's combination of it with its own map and score."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from defect_fast.context import ImageContext, _contribution, grid_side
+from defect_fast.detect import Detector
+from defect_fast.models import build_model
+
+
+def _trunk(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random AlexNet conv1..conv5 weights in torchvision's layout (tests need no download)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {0: (64, 3, 11, 11), 3: (192, 64, 5, 5), 6: (384, 192, 3, 3), 8: (256, 384, 3, 3), 10: (256, 256, 3, 3)}
+    t = {}
+    for i, s in shapes.items():
+        fan_in = s[1] * s[2] * s[3]
+        t[f"features.{i}.weight"] = torch.randn(*s, generator=g) * (2.0 / fan_in) ** 0.5
+        t[f"features.{i}.bias"] = torch.zeros(s[0])
+    return t
+
+
+class RandomTrunkContext(ImageContext):
+    """An ImageContext whose trunk defaults to :func:`_trunk` (for code that builds its own)."""
+
+    def __init__(self, image_size: int, trunk: dict[str, torch.Tensor] | None = None):
+        super().__init__(image_size, trunk=trunk or _trunk())
+
+
+def _surfaces(n: int, size: int = 128, seed: int = 0) -> torch.Tensor:
+    """Defect-free surfaces in [-1, 1]: vertical streaks of random strength over fine noise."""
+    g = torch.Generator().manual_seed(seed)
+    streaks = torch.randn(n, 1, 1, size, generator=g) * (0.15 + 0.05 * torch.rand(n, 1, 1, 1, generator=g))
+    noise = torch.randn(n, 1, size, size, generator=g) * 0.05
+    return (streaks + noise).expand(-1, 3, -1, -1).clamp(-1, 1).contiguous()
+
+
+def _fitted(size: int = 128, n: int = 20) -> ImageContext:
+    ctx = ImageContext(size, trunk=_trunk())
+    normal = _surfaces(n, size)
+    assert ctx.fit(lambda: normal.split(8)) == n
+    return ctx
+
+
+def test_each_position_share_averages_to_the_squared_distance():
+    g = torch.Generator().manual_seed(1)
+    f = torch.rand(3, 6, 5, 5, generator=g)
+    mean = torch.rand(6, generator=g)
+    a = torch.randn(6, 6, generator=g)
+    precision = a @ a.T + torch.eye(6)
+    d = f.mean(dim=(2, 3)) - mean
+    torch.testing.assert_close(_contribution(f, mean, precision).mean(dim=(1, 2)), ((d @ precision) * d).sum(1))
+
+
+def test_grid_side_matches_the_trunk():
+    ctx = ImageContext(128, trunk=_trunk())
+    for size in (64, 128, 256, 300):
+        feats = ctx.features(torch.zeros(1, 3, size, size))
+        assert all(f.shape[-2:] == (grid_side(size), grid_side(size)) for f in feats)
+
+
+def test_a_brighter_band_raises_the_score_and_the_map_over_it():
+    """A region-wide change in miniature: the top 48 rows of a surface brighter by 0.3. The image
+    scores above fresh defect-free surfaces, and the map is higher over the band (its fields
+    reach about 50 pixels past it) than over the far part of the image."""
+    ctx = _fitted()
+    with torch.no_grad():
+        normal_scores = ctx.score(ctx.features(_surfaces(10, seed=5)))
+    for seed in (6, 7, 8):
+        x = _surfaces(1, seed=seed)
+        x[..., :48, :] = (x[..., :48, :] + 0.3).clamp(-1, 1)
+        with torch.no_grad():
+            feats = ctx.features(x)
+            score = ctx.score(feats)
+            m = ctx.map(feats, 128)[0]
+        assert float(score) > float(normal_scores.max()) + 2.0
+        assert float(m[:48].mean()) > float(m[96:].mean()) + 1.5
+
+
+def test_the_defect_free_statistics_are_those_of_unseen_images():
+    """Cross-fitted: fresh defect-free surfaces score about 0 with spread about 1, not far above
+    (as the in-sample distances of a Gaussian would make them)."""
+    ctx = _fitted(n=40)
+    with torch.no_grad():
+        s = ctx.score(ctx.features(_surfaces(40, seed=7)))
+    assert abs(float(s.mean())) < 1.0 and 0.3 < float(s.std()) < 3.0
+
+
+def test_fit_needs_ten_images_and_the_same_batches_twice():
+    ctx = ImageContext(64, trunk=_trunk())
+    with pytest.raises(ValueError, match="at least 10"):
+        ctx.fit(lambda: [_surfaces(9, 64)])
+    calls = iter([[_surfaces(12, 64)], [_surfaces(6, 64)]])
+    with pytest.raises(ValueError, match="second pass"):
+        ctx.fit(lambda: next(calls))
+
+
+def test_small_images_are_refused():
+    with pytest.raises(ValueError, match="at least 64"):
+        ImageContext(32, trunk=_trunk())
+
+
+def test_state_round_trip_gives_the_same_score_and_map():
+    ctx = _fitted()
+    ctx.set_detector_stats(base_maps=torch.rand(3, 8, 8), scores=torch.tensor([1.0, 2.0, 4.0]))
+    back = ImageContext.from_state(ctx.state())
+    x = _surfaces(2, seed=8)
+    with torch.no_grad():
+        a, b = ctx.features(x), back.features(x)
+        torch.testing.assert_close(back.score(b), ctx.score(a))
+        torch.testing.assert_close(back.map(b, 128), ctx.map(a, 128))
+    assert float(back.score_std) == pytest.approx(float(torch.tensor([1.0, 2.0, 4.0]).std()))
+
+
+def test_detector_adds_the_context_to_its_map_and_score(monkeypatch):
+    import defect_fast.context as context
+
+    monkeypatch.setattr(context, "ImageContext", RandomTrunkContext)
+    torch.manual_seed(0)
+    det = Detector(build_model("cmaae", memory_size=20), image_size=128, stride=32, blend="hann", smooth_sigma=2.0,
+                   precision="float32")
+    to_u8 = lambda t: ((t + 1) * 127.5).round().to(torch.uint8)  # noqa: E731
+    normal, calib = to_u8(_surfaces(12, seed=1)), to_u8(_surfaces(6, seed=2))
+    with torch.no_grad():
+        plain_maps, _ = det(calib)
+        assert det.fit_context(normal, calib) == 12
+        maps, scores = det(calib)
+        ctx = det.context
+        feats = ctx.features(det._to_model_input(calib))
+        raw = det.raw_maps(calib)
+        want = (raw - ctx.base_mean) / ctx.base_std + ctx.map(feats, 128)
+        want = det.blur @ want @ det.blur.T
+    torch.testing.assert_close(maps, want, atol=1e-4, rtol=1e-4)
+    # the map term of the calibration images is standardised: mean 0 and spread 1 over their pixels
+    z = (raw - ctx.base_mean) / ctx.base_std
+    assert abs(float(z.mean())) < 1e-4 and float(z.std()) == pytest.approx(1.0, rel=1e-3)
+    # and so is the score term: the combined score minus the context score
+    s = scores - ctx.score(feats)
+    assert abs(float(s.mean())) < 1e-4 and float(s.std()) == pytest.approx(1.0, rel=1e-3)
+    assert not torch.allclose(maps, plain_maps)
+
+
+def test_onnx_export_of_a_detector_with_context_matches_it(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from defect_fast.cli import main
+    from defect_fast.runs import atomic_save
+    from tests.test_export import _run_exported
+
+    torch.manual_seed(0)
+    m = build_model("cmaae", memory_size=20)
+    det = Detector(m, image_size=128, stride=64, precision="float32")
+    import defect_fast.context as context
+
+    monkeypatch.setattr(context, "ImageContext", RandomTrunkContext)
+    to_u8 = lambda t: ((t + 1) * 127.5).round().to(torch.uint8)  # noqa: E731
+    det.fit_context(to_u8(_surfaces(10, seed=1)), to_u8(_surfaces(4, seed=2)))
+    run = tmp_path / "run"
+    run.mkdir()
+    atomic_save({"model_name": "cmaae", "model_config": m.config(), "model_state": m.state_dict(), "image_size": 128,
+                 "context": det.context.state()}, run / "model.pt")
+    out = tmp_path / "det.onnx"
+    assert main(["export", str(run), "--format", "onnx", "--out", str(out), "--batch", "2"]) == 0
+    assert json.loads((tmp_path / "det.onnx.json").read_text())["context"] is True
+    det = Detector.load(run, device="cpu", precision="float32")
+    assert det.context is not None
+    assert Detector.load(run, device="cpu", map_kind="residual").context is None  # standardised for its own map only
+    x = to_u8(_surfaces(2, seed=9))
+    with torch.no_grad():
+        want_maps, want_scores = det(x)
+    maps, scores = _run_exported("onnx", out, x)
+    torch.testing.assert_close(maps, want_maps, atol=1e-4 * float(want_maps.abs().max()), rtol=0)
+    torch.testing.assert_close(scores, want_scores, atol=1e-4 * float(want_scores.abs().max()), rtol=0)
