@@ -112,6 +112,19 @@ for row in $ROWS; do
     cmaae-v3-bf16-s2)      run cmaae-v3-bf16-s2 cmaae 2 1 1 -- "${NEW[@]}" --set synthesis=perlin --precision bfloat16 ;;
     awae-v3-f32-same-cpu)  run awae-v3-f32-same-cpu awae 0 1 1 -- "${NEW[@]}" --set synthesis=perlin --precision float32 ;;
     awae-v3-bf16)          run awae-v3-bf16 awae 0 1 1 -- "${NEW[@]}" --set synthesis=perlin --precision bfloat16 ;;
+    # the image context score (--context, defect_fast/context.py): rows -v4 train with it
+    # (bfloat16 where the CPU has it: --precision auto); the -context rows refit the bf16 runs above with it
+    cmaae-v4)    run cmaae-v4 cmaae 0 1 1 -- "${NEW[@]}" --set synthesis=perlin --context ;;
+    cmaae-v4-s1) run cmaae-v4-s1 cmaae 1 1 1 -- "${NEW[@]}" --set synthesis=perlin --context ;;
+    cmaae-v4-s2) run cmaae-v4-s2 cmaae 2 1 1 -- "${NEW[@]}" --set synthesis=perlin --context ;;
+    awae-v4)     run awae-v4 awae 0 1 1 -- "${NEW[@]}" --set synthesis=perlin --context ;;
+    awae-v4-s1)  run awae-v4-s1 awae 1 1 1 -- "${NEW[@]}" --set synthesis=perlin --context ;;
+    awae-v4-s2)  run awae-v4-s2 awae 2 1 1 -- "${NEW[@]}" --set synthesis=perlin --context ;;
+    v3-bf16-context)
+      refit cmaae-v3-bf16-context cmaae-v3-bf16 --context
+      refit cmaae-v3-bf16-s1-context cmaae-v3-bf16-s1 --context
+      refit cmaae-v3-bf16-s2-context cmaae-v3-bf16-s2 --context
+      refit awae-v3-bf16-context awae-v3-bf16 --context ;;
     cmaae-v3-ablations)
       refit cmaae-v3-one-scale cmaae-v3 --map-scales 1
       refit cmaae-v3-fit-held-back cmaae-v3 --fit-on held-back

@@ -11,6 +11,15 @@ Rows written (one JSON each, same metrics as ``defect-fast evaluate``):
   of the input".
 - ``model-free-blur-perceptual-v3``: the same with a run's current defaults, statistics from the
   training images (the 90 % a run trains on) and the two-level pyramid (``--map-scales 1 2``).
+- ``model-free-context``: the image context of :mod:`defect_fast.context` alone (no
+  reconstruction): its map, smoothed with sigma 4, and as image score the map's top values plus
+  the context score, fitted on the training images, standardised on all held-back images (as a
+  run's ``--context``).
+- ``model-free-blur-perceptual-v3-context``: ``model-free-blur-perceptual-v3`` with the image
+  context added the way a ``--context`` run adds it. With the row above, it tells what the
+  autoencoder adds to a ``--context`` run.
+
+    python3 experiments/model_free.py [DATA] --rows model-free-context   (only the rows named)
 """
 from __future__ import annotations
 
@@ -27,11 +36,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from defect_fast.calibration import split_holdback  # noqa: E402
+from defect_fast.context import ImageContext  # noqa: E402
 from defect_fast.data import load_test_set, load_train_images  # noqa: E402
 from defect_fast.maps import blur_matrix  # noqa: E402
 from defect_fast.metrics import evaluate  # noqa: E402
 from defect_fast.perceptual import PerceptualMap  # noqa: E402
 from defect_fast.safety import dump_json_strict  # noqa: E402
+
+
+ROWS = ["model-free-mean", "model-free-blur-perceptual", "model-free-blur-perceptual-v3", "model-free-context",
+        "model-free-blur-perceptual-v3-context"]
 
 
 def scores_of(maps: torch.Tensor, top: float = 0.001) -> torch.Tensor:
@@ -50,6 +64,7 @@ def main(argv=None) -> int:
     p.add_argument("data", nargs="?", default=str(ROOT.parent / "shared" / "data" / "magnetic-tile"))
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--out", default=str(ROOT / "experiments" / "results" / "magnetic-tile"))
+    p.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS, help="the rows to compute (default: all)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -62,14 +77,35 @@ def main(argv=None) -> int:
     tr_idx, held_idx = [index[p] for p in tr_paths], sorted(index[p] for p in held_paths)[0::2]
     x_test = test.images.float() / 127.5 - 1
 
-    t0 = time.perf_counter()
-    mean = (train[tr_idx].float() / 127.5 - 1).mean(0, keepdim=True)
-    maps = (x_test - mean).abs().mean(1)
-    write(out / "model-free-mean.json", maps, test, "abs(x - mean training image)", time.perf_counter() - t0, args)
+    blur = lambda x: gaussian(x, 8.0)  # noqa: E731
+    if "model-free-mean" in args.rows:
+        t0 = time.perf_counter()
+        mean = (train[tr_idx].float() / 127.5 - 1).mean(0, keepdim=True)
+        maps = (x_test - mean).abs().mean(1)
+        write(out / "model-free-mean.json", maps, test, "abs(x - mean training image)", time.perf_counter() - t0, args)
+    if "model-free-blur-perceptual" in args.rows:
+        blur_perceptual_held_back(train[held_idx], x_test, test, out, args)
+    if "model-free-blur-perceptual-v3" in args.rows:
+        t0 = time.perf_counter()
+        pm = PerceptualMap(s, scales=(1, 2))
+        pm.fit((c, blur(c)) for c in (train[tr_idx].float() / 127.5 - 1).split(16))
+        maps = gaussian(torch.cat([pm(c, blur(c)) for c in x_test.split(16)]), 4.0)
+        write(out / "model-free-blur-perceptual-v3.json", maps, test,
+              "perceptual map (AlexNet conv1-2, pyramid 1 2, training-image statistics) of x against a Gaussian blur "
+              "of x (sigma 8), map smoothed with sigma 4", time.perf_counter() - t0, args)
+    context_rows = [r for r in args.rows if r.endswith("-context")]
+    if context_rows:
+        all_held = sorted(index[p] for p in held_paths)
+        context(train[tr_idx].float() / 127.5 - 1, train[all_held].float() / 127.5 - 1, x_test, test, out, args,
+                context_rows)
+    return 0
 
+
+def blur_perceptual_held_back(held_u8, x_test, test, out: Path, args) -> None:
     t0 = time.perf_counter()
+    s = args.image_size
     pm = PerceptualMap(s)
-    held = train[held_idx].float() / 127.5 - 1
+    held = held_u8.float() / 127.5 - 1
     blur = lambda x: gaussian(x, 8.0)  # noqa: E731
     pm.fit((c, blur(c)) for c in held.split(16))
     maps = torch.cat([pm(c, blur(c)) for c in x_test.split(16)])
@@ -78,18 +114,54 @@ def main(argv=None) -> int:
           "perceptual map (AlexNet conv1-2, held-back statistics) of x against a Gaussian blur of x (sigma 8), "
           "map smoothed with sigma 4", time.perf_counter() - t0, args)
 
+
+@torch.no_grad()
+def context(x_train, x_held, x_test, test, out: Path, args, rows: list[str]) -> None:
+    """The image context alone, and added to the blur-perceptual v3 map, as a ``--context`` run
+    adds it (Detector.fit_context): fitted on the training images, standardised on all held-back ones."""
     t0 = time.perf_counter()
-    pm = PerceptualMap(s, scales=(1, 2))
-    pm.fit((c, blur(c)) for c in (train[tr_idx].float() / 127.5 - 1).split(16))
-    maps = gaussian(torch.cat([pm(c, blur(c)) for c in x_test.split(16)]), 4.0)
-    write(out / "model-free-blur-perceptual-v3.json", maps, test,
-          "perceptual map (AlexNet conv1-2, pyramid 1 2, training-image statistics) of x against a Gaussian blur "
-          "of x (sigma 8), map smoothed with sigma 4", time.perf_counter() - t0, args)
-    return 0
+    s = args.image_size
+    ctx = ImageContext(s)
+    ctx.fit(lambda: x_train.split(32))
+    blur = lambda x: gaussian(x, 8.0)  # noqa: E731
+    fitted = time.perf_counter() - t0
+    feats_held = [ctx.features(c) for c in x_held.split(16)]
+    feats_test = [ctx.features(c) for c in x_test.split(16)]
+    ctx_held = torch.cat([ctx.map(f, s) for f in feats_held])
+    ctx_test = torch.cat([ctx.map(f, s) for f in feats_test])
+    score_held = torch.cat([ctx.score(f) for f in feats_held])
+    score_test = torch.cat([ctx.score(f) for f in feats_test])
+
+    def combined(base_held, base_test):
+        if base_held is not None:
+            ctx.set_detector_stats(base_maps=base_held)
+            held_maps = gaussian(ctx.combine_maps(base_held, ctx_held), 4.0)
+            test_maps = gaussian(ctx.combine_maps(base_test, ctx_test), 4.0)
+        else:
+            held_maps, test_maps = gaussian(ctx_held, 4.0), gaussian(ctx_test, 4.0)
+        top_held, top_test = scores_of(held_maps), scores_of(test_maps)
+        return test_maps, (top_test - top_held.mean()) / top_held.std() + score_test
+
+    if "model-free-context" in rows:
+        maps, scores = combined(None, None)
+        write(out / "model-free-context.json", maps, test,
+              "image context map (AlexNet conv3-5, training-image Gaussians), smoothed with sigma 4; image score its "
+              "top values standardised on the held-back images plus the context score", time.perf_counter() - t0, args,
+              scores)
+    if "model-free-blur-perceptual-v3-context" in rows:
+        t0 = time.perf_counter() - fitted
+        pm = PerceptualMap(s, scales=(1, 2))
+        pm.fit((c, blur(c)) for c in x_train.split(16))
+        base_held = torch.cat([pm(c, blur(c)) for c in x_held.split(16)])
+        base_test = torch.cat([pm(c, blur(c)) for c in x_test.split(16)])
+        maps, scores = combined(base_held, base_test)
+        write(out / "model-free-blur-perceptual-v3-context.json", maps, test,
+              "model-free-blur-perceptual-v3 plus the image context, combined as a --context run combines them",
+              time.perf_counter() - t0, args, scores)
 
 
-def write(path: Path, maps, test, what: str, seconds: float, args) -> None:
-    m = evaluate(maps, test.masks, scores_of(maps), test.labels, test.classes)
+def write(path: Path, maps, test, what: str, seconds: float, args, scores=None) -> None:
+    m = evaluate(maps, test.masks, scores_of(maps) if scores is None else scores, test.labels, test.classes)
     m.update(model="model-free", map=what, image_size=args.image_size, seconds=round(seconds, 1),
              command="python3 experiments/model_free.py " + " ".join(sys.argv[1:]))
     path.write_text(dump_json_strict(m))

@@ -2,7 +2,7 @@
 current :func:`defect_fast.train.finish_run`, on the run's own held-back images; the weights are
 not touched. For runs trained before a change to finish_run.
 
-    python3 experiments/refit_run.py RUN [--fit-on train|held-back] [--map-scales F ...]
+    python3 experiments/refit_run.py RUN [--fit-on train|held-back] [--map-scales F ...] [--context | --no-context]
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from defect_fast.runs import MODEL_FILE, atomic_save, load_model_state, model_fr
 from defect_fast.train import TrainConfig, finish_run  # noqa: E402
 
 
-def main(run: str, fit_on: str | None = None, map_scales: list[int] | None = None) -> int:
+def main(run: str, fit_on: str | None = None, map_scales: list[int] | None = None, context: bool | None = None) -> int:
     path = Path(run) / MODEL_FILE
     state = load_model_state(path)
     cfg = TrainConfig.from_json(state["train_config"])
@@ -27,6 +27,8 @@ def main(run: str, fit_on: str | None = None, map_scales: list[int] | None = Non
         cfg.fit_on = fit_on
     if map_scales is not None:
         cfg.map_scales = list(map_scales)
+    if context is not None:
+        cfg.context = context
     state["train_config"] = cfg.to_json()
     images, paths = load_train_images(cfg.data, cfg.image_size)
     held = set(state["held_back"])
@@ -34,8 +36,9 @@ def main(run: str, fit_on: str | None = None, map_scales: list[int] | None = Non
     if len(idx) != len(held):
         raise SystemExit(f"{run}: {len(held) - len(idx)} held-back image(s) are missing from {cfg.data}")
     train_idx = [i for i, p in enumerate(paths) if str(p) not in held]
-    finished = finish_run(model_from_state(state), cfg, images[idx], "cpu", train_images=images[train_idx])
-    for key in ("normalization", "perceptual"):
+    finished = finish_run(model_from_state(state), cfg, images[idx], "cpu", train_images=images[train_idx],
+                          context_images=images[train_idx])
+    for key in ("normalization", "perceptual", "context"):
         state.pop(key, None)
         if finished[key] is not None:
             state[key] = finished[key]
@@ -56,5 +59,7 @@ if __name__ == "__main__":
                     help="images the map statistics are fitted on (default: the run's setting)")
     ap.add_argument("--map-scales", type=int, nargs="+", default=None,
                     help="the perceptual map's pyramid (default: the run's setting)")
+    ap.add_argument("--context", action=argparse.BooleanOptionalAction, default=None,
+                    help="the image context in maps and scores (default: the run's setting)")
     args = ap.parse_args()
-    sys.exit(main(args.run, args.fit_on, args.map_scales))
+    sys.exit(main(args.run, args.fit_on, args.map_scales, args.context))

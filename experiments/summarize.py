@@ -11,6 +11,25 @@ from pathlib import Path
 RES = Path(__file__).resolve().parent / "results" / "magnetic-tile"
 
 ROWS = {
+    "v4": [  # --context (defect_fast/context.py), --precision auto (bfloat16 on the AVX512-BF16 CPU of these rows)
+        ("cmaae-v4", "CMA-AE v4: v3 options + --context (seed 0)"),
+        ("awae-v4", "AW-SSIM AE v4: v3 options + --context (seed 0)"),
+        ("cmaae-v3-bf16", "CMA-AE v3, same CPU and precision, no context (seed 0)"),
+        ("awae-v3-bf16", "AW-SSIM AE v3, same CPU and precision, no context (seed 0)"),
+        ("model-free-context", "model-free: the image context alone"),
+        ("model-free-blur-perceptual-v3-context", "model-free: blur-perceptual v3 map + the image context"),
+        ("model-free-blur-perceptual-v3", "model-free: perceptual map of x against a Gaussian blur of x"),
+    ],
+    "v4_refit": [  # the bf16 runs' weights untouched, statistics and context refitted (experiments/refit_run.py)
+        ("cmaae-v3-bf16", "CMA-AE v3 bf16 (seed 0)"),
+        ("cmaae-v3-bf16-context", "same model + context"),
+        ("cmaae-v3-bf16-s1", "CMA-AE v3 bf16 (seed 1)"),
+        ("cmaae-v3-bf16-s1-context", "same model + context"),
+        ("cmaae-v3-bf16-s2", "CMA-AE v3 bf16 (seed 2)"),
+        ("cmaae-v3-bf16-s2-context", "same model + context"),
+        ("awae-v3-bf16", "AW-SSIM AE v3 bf16 (seed 0)"),
+        ("awae-v3-bf16-context", "same model + context"),
+    ],
     "v3": [
         ("cmaae-v3", "CMA-AE, new options (seed 0)"),
         ("awae-v3", "AW-SSIM AE, new options (seed 0)"),
@@ -139,7 +158,7 @@ def summary() -> dict:
                      "train_seconds": m.get("train_seconds") or m.get("train_seconds_wall"),
                      "train_args": m.get("train_args"), "evaluate_args": m.get("evaluate_args"),
                      "hardware": m.get("hardware")})
-    trained = [r for r in rows if r["model"] not in (None, "model-free") and r["name"].endswith(("-v2", "-v3"))]
+    trained = [r for r in rows if r["model"] not in (None, "model-free") and r["name"].endswith(("-v2", "-v3", "-v4"))]
     best = max(trained, key=lambda r: r["pixel_auroc"] or 0, default=None)
     out = {"rows": rows}
     if best is not None:
@@ -152,10 +171,11 @@ def summary() -> dict:
 _NEW = ("--image-size 256 --batch-size 64 --epochs 1 1 --patch-sampling random --flips --lr-schedule cosine "
         "--set synthesis=perlin --map perceptual --infer-stride 32 --blend hann --smooth 4")
 _V2 = " --fit-on held-back --map-scales 1"  # the v2 rows' map (the defaults before v3)
+_EXTRA = {"-v2": _V2, "-v3": "", "-v4": " --context"}
 COMMANDS = {
     name: ("DEFECT_FAST_ALEXNET_WEIGHTS=../shared/weights/alexnet-features-imagenet.pth python3 -m defect_fast train "
-           f"../shared/data/magnetic-tile --model {model} --out runs/{name} {_NEW}{_V2 if name.endswith('-v2') else ''}")
-    for name, model in (("cmaae-v2", "cmaae"), ("awae-v2", "awae"), ("cmaae-v3", "cmaae"), ("awae-v3", "awae"))
+           f"../shared/data/magnetic-tile --model {model} --out runs/{name} {_NEW}{_EXTRA[name[-3:]]}")
+    for model in ("cmaae", "awae") for name in (f"{model}-v2", f"{model}-v3", f"{model}-v4")
 }
 
 
@@ -172,11 +192,11 @@ if __name__ == "__main__":
     for key, rows in ROWS.items():
         print(f"### {key}\n\n{table(rows)}\n")
     print("### seeds\n\n| run | pixel AUROC | image AUROC | AUPRO | pixel F1-max |\n|---|---|---|---|---|")
-    for base, label in (("cmaae-v3", "CMA-AE v3"), ("awae-v3", "AW-SSIM AE v3"), ("cmaae-v2", "CMA-AE v2"),
+    for base, label in (("cmaae-v4", "CMA-AE v4"), ("awae-v4", "AW-SSIM AE v4"), ("cmaae-v3", "CMA-AE v3"), ("awae-v3", "AW-SSIM AE v3"), ("cmaae-v2", "CMA-AE v2"),
                         ("awae-v2", "AW-SSIM AE v2")):
         print(seeds(base, label))
     print()
-    for name in ("cmaae-v3", "awae-v3", "cmaae-v2", "awae-v2"):
+    for name in ("cmaae-v4", "awae-v4", "cmaae-v3", "awae-v3", "cmaae-v2", "awae-v2"):
         if (RES / f"{name}.json").exists():
             print(f"### {name} per class\n\n{per_class(name)}\n")
     (RES / "summary.json").write_text(json.dumps(summary(), indent=2) + "\n")
