@@ -10,18 +10,7 @@ import torch
 from defect_fast.context import ImageContext, _contribution, grid_side
 from defect_fast.detect import Detector
 from defect_fast.models import build_model
-
-
-def _trunk(seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random AlexNet conv1..conv5 weights in torchvision's layout (tests need no download)."""
-    g = torch.Generator().manual_seed(seed)
-    shapes = {0: (64, 3, 11, 11), 3: (192, 64, 5, 5), 6: (384, 192, 3, 3), 8: (256, 384, 3, 3), 10: (256, 256, 3, 3)}
-    t = {}
-    for i, s in shapes.items():
-        fan_in = s[1] * s[2] * s[3]
-        t[f"features.{i}.weight"] = torch.randn(*s, generator=g) * (2.0 / fan_in) ** 0.5
-        t[f"features.{i}.bias"] = torch.zeros(s[0])
-    return t
+from tests.test_perceptual import _trunk
 
 
 class RandomTrunkContext(ImageContext):

@@ -11,9 +11,9 @@ from defect_fast.perceptual import PerceptualMap
 
 
 def _trunk(seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random AlexNet conv1..conv3 weights in torchvision's layout (tests need no download)."""
+    """Random AlexNet conv1..conv5 weights in torchvision's layout (tests need no download)."""
     g = torch.Generator().manual_seed(seed)
-    shapes = {0: (64, 3, 11, 11), 3: (192, 64, 5, 5), 6: (384, 192, 3, 3)}
+    shapes = {0: (64, 3, 11, 11), 3: (192, 64, 5, 5), 6: (384, 192, 3, 3), 8: (256, 384, 3, 3), 10: (256, 256, 3, 3)}
     t = {}
     for i, s in shapes.items():
         fan_in = s[1] * s[2] * s[3]
