@@ -125,6 +125,11 @@ for row in $ROWS; do
       refit cmaae-v3-bf16-s1-context cmaae-v3-bf16-s1 --context
       refit cmaae-v3-bf16-s2-context cmaae-v3-bf16-s2 --context
       refit awae-v3-bf16-context awae-v3-bf16 --context ;;
+    v3-f32-context)  # the float32 runs of the same CPU, with the context (what a CPU without bf16 trains)
+      refit cmaae-v3-f32-same-cpu-context cmaae-v3-f32-same-cpu --context
+      refit cmaae-v3-f32-same-cpu-s1-context cmaae-v3-f32-same-cpu-s1 --context
+      refit cmaae-v3-f32-same-cpu-s2-context cmaae-v3-f32-same-cpu-s2 --context
+      refit awae-v3-f32-same-cpu-context awae-v3-f32-same-cpu --context ;;
     cmaae-v3-ablations)
       refit cmaae-v3-one-scale cmaae-v3 --map-scales 1
       refit cmaae-v3-fit-held-back cmaae-v3 --fit-on held-back

@@ -30,6 +30,12 @@ ROWS = {
         ("awae-v3-bf16", "AW-SSIM AE v3 bf16 (seed 0)"),
         ("awae-v3-bf16-context", "same model + context"),
     ],
+    "v4_float32": [  # the float32 runs of the same CPU, refitted with the context (--precision float32 + --context)
+        ("cmaae-v3-f32-same-cpu-context", "CMA-AE v3 float32 + context (seed 0)"),
+        ("cmaae-v3-f32-same-cpu-s1-context", "CMA-AE v3 float32 + context (seed 1)"),
+        ("cmaae-v3-f32-same-cpu-s2-context", "CMA-AE v3 float32 + context (seed 2)"),
+        ("awae-v3-f32-same-cpu-context", "AW-SSIM AE v3 float32 + context (seed 0)"),
+    ],
     "v3": [
         ("cmaae-v3", "CMA-AE, new options (seed 0)"),
         ("awae-v3", "AW-SSIM AE, new options (seed 0)"),
