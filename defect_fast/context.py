@@ -22,8 +22,8 @@ uses). Per layer l, with f(p) the feature vector at position p and fbar its mean
   c(p) = (fbar - mu)^T P (f(p) - mu): each position's share, large where the position deviates in
   the direction in which the image as a whole deviates. On a defect-free image fbar is near mu
   and c is small everywhere; on an uneven tile the band's positions carry the deviation. c is
-  standardised per position with its defect-free mean and spread, averaged over the three
-  layers and upsampled to the image.
+  standardised per position with its defect-free mean and spread, averaged over the layers
+  (conv3-5 by default; ``layers`` picks others) and upsampled to the image.
 
 Both are standardised on defect-free images they were not fitted on (five-fold cross-fitting on
 the fitting images: a Gaussian's distances of its own sample are too small). The Detector then
@@ -47,7 +47,7 @@ from .perceptual import _LPIPS_SCALE, _LPIPS_SHIFT
 # torchvision's alexnet.features, conv layers: (index, in, out, kernel, stride, padding); max-pools follow conv1 and conv2
 _ALEXNET = [(0, 3, 64, 11, 4, 2), (3, 64, 192, 5, 1, 2), (6, 192, 384, 3, 1, 1), (8, 384, 256, 3, 1, 1),
             (10, 256, 256, 3, 1, 1)]
-#: The conv layers (1-based) the context reads.
+#: The conv layers (1-based) the context reads by default.
 LAYERS = (3, 4, 5)
 #: Cross-fitting folds for the defect-free statistics of distances and map values.
 FOLDS = 5
@@ -57,11 +57,12 @@ MIN_IMAGES = 2 * FOLDS
 MIN_SIZE = 64
 
 
-def grid_side(image_size: int) -> int:
-    """Side of the conv3-5 grid for an image of side ``image_size`` (15 at 256)."""
+def grid_side(image_size: int, layer: int = 3) -> int:
+    """Side of a layer's grid for an image of side ``image_size`` (conv2-5: 15 at 256; conv1: 31).
+    conv1 and conv2 are read after the max-pool that follows them."""
     h = (image_size + 4 - 11) // 4 + 1  # conv1
     h = (h - 3) // 2 + 1  # pool
-    return (h - 3) // 2 + 1  # pool; conv2-5 keep the size
+    return h if layer == 1 else (h - 3) // 2 + 1  # pool; conv3-5 keep the size
 
 
 def _gaussian(x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,19 +94,26 @@ class ImageContext(nn.Module):
     Args:
         image_size: side S of the images (>= :data:`MIN_SIZE`).
         trunk: AlexNet ``features.*`` state dict (``None``: :func:`defect_fast.losses.lpips.load_alexnet_trunk`).
+        layers: the conv layers read (1-based, default :data:`LAYERS`; conv1 and conv2 after their max-pools).
     """
 
-    def __init__(self, image_size: int, trunk: dict[str, torch.Tensor] | None = None):
+    def __init__(self, image_size: int, trunk: dict[str, torch.Tensor] | None = None,
+                 layers: tuple[int, ...] | list[int] = LAYERS):
         super().__init__()
         if image_size < MIN_SIZE:
             raise ValueError(f"the image context needs images of at least {MIN_SIZE} pixels, got {image_size}")
+        layers = tuple(layers)
+        if not layers or any(isinstance(i, bool) or not isinstance(i, int) or not 1 <= i <= 5 for i in layers) \
+                or len(set(layers)) != len(layers):
+            raise ValueError(f"layers must be distinct whole numbers from 1 to 5, got {list(layers)}")
+        self.layers = tuple(sorted(layers))
         if trunk is None:
             from .losses.lpips import load_alexnet_trunk
 
             trunk, _origin = load_alexnet_trunk(os.environ.get("DEFECT_FAST_ALEXNET_WEIGHTS"))
         self.image_size = int(image_size)
         self.convs = nn.ModuleList()
-        for idx, cin, cout, k, s, p in _ALEXNET[:max(LAYERS)]:
+        for idx, cin, cout, k, s, p in _ALEXNET[:max(self.layers)]:
             conv = nn.Conv2d(cin, cout, k, stride=s, padding=p)
             conv.weight.data.copy_(trunk[f"features.{idx}.weight"])
             conv.bias.data.copy_(trunk[f"features.{idx}.bias"])
@@ -113,17 +121,16 @@ class ImageContext(nn.Module):
             self.convs.append(conv)
         self.register_buffer("shift", torch.tensor(_LPIPS_SHIFT).view(1, 3, 1, 1))
         self.register_buffer("scale", torch.tensor(_LPIPS_SCALE).view(1, 3, 1, 1))
-        g = grid_side(self.image_size)
-        for i in LAYERS:
-            c = _ALEXNET[i - 1][2]
+        for i in self.layers:
+            c, g = _ALEXNET[i - 1][2], grid_side(self.image_size, i)
             self.register_buffer(f"mean_{i}", torch.zeros(2 * c))  # score: Gaussian of [fbar, spread]
             self.register_buffer(f"precision_{i}", torch.zeros(2 * c, 2 * c))
             self.register_buffer(f"map_mean_{i}", torch.zeros(c))  # map: Gaussian of fbar
             self.register_buffer(f"map_precision_{i}", torch.zeros(c, c))
             self.register_buffer(f"pos_mean_{i}", torch.zeros(g, g))  # c(p): defect-free mean and spread
             self.register_buffer(f"pos_std_{i}", torch.ones(g, g))
-        self.register_buffer("dist_mean", torch.zeros(len(LAYERS)))
-        self.register_buffer("dist_std", torch.ones(len(LAYERS)))
+        self.register_buffer("dist_mean", torch.zeros(len(self.layers)))
+        self.register_buffer("dist_std", torch.ones(len(self.layers)))
         # the Detector's own map and score, defect-free mean and spread (set_detector_stats)
         self.register_buffer("base_mean", torch.zeros(()))
         self.register_buffer("base_std", torch.ones(()))
@@ -133,14 +140,14 @@ class ImageContext(nn.Module):
 
     # -- inference -------------------------------------------------------------------------------
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Images [N,3,S,S] in [-1, 1] -> the float32 outputs of the :data:`LAYERS` [N, C, G, G]."""
+        """Images [N,3,S,S] in [-1, 1] -> the float32 outputs of ``self.layers`` [N, C, G, G]."""
         h = (x.float() - self.shift) / self.scale
         out = []
         for i, conv in enumerate(self.convs, start=1):
             h = torch.relu(conv(h))
             if i <= 2:
                 h = F.max_pool2d(h, 3, 2)
-            if i in LAYERS:
+            if i in self.layers:
                 out.append(h)
         return out
 
@@ -148,19 +155,21 @@ class ImageContext(nn.Module):
         """:meth:`features` -> context score [N]: the mean over layers of the standardised
         distances (0: a typical defect-free image; units of the defect-free spread)."""
         cols = [_distance(_descriptor(f), getattr(self, f"mean_{i}"), getattr(self, f"precision_{i}"))
-                for i, f in zip(LAYERS, feats)]
+                for i, f in zip(self.layers, feats)]
         return ((torch.stack(cols, 1) - self.dist_mean) / self.dist_std).mean(1)
 
     def map(self, feats: list[torch.Tensor], size: int) -> torch.Tensor:
         """:meth:`features` -> context map [N, size, size]: per position, the standardised share of
-        the image's deviation, mean over layers, bilinear upsampling."""
-        total = None
-        for i, f in zip(LAYERS, feats):
+        the image's deviation, mean over layers (each upsampled bilinearly; layers of one grid together)."""
+        per_grid: dict[int, torch.Tensor] = {}
+        for i, f in zip(self.layers, feats):
             c = _contribution(f, getattr(self, f"map_mean_{i}"), getattr(self, f"map_precision_{i}"))
             z = (c - getattr(self, f"pos_mean_{i}")) / getattr(self, f"pos_std_{i}")
-            total = z if total is None else total + z
-        m = (total / len(LAYERS)).unsqueeze(1)
-        return F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+            g = z.shape[-1]
+            per_grid[g] = z if g not in per_grid else per_grid[g] + z
+        total = sum(F.interpolate(z.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)
+                    for z in per_grid.values())
+        return total[:, 0] / len(self.layers)
 
     def combine_maps(self, maps: torch.Tensor, context_map: torch.Tensor) -> torch.Tensor:
         """The Detector's maps [N,S,S] and :meth:`map` -> combined maps."""
@@ -182,7 +191,7 @@ class ImageContext(nn.Module):
             the number of images (at least :data:`MIN_IMAGES`).
         """
         dev = self.shift.device
-        descs: list[list[torch.Tensor]] = [[] for _ in LAYERS]
+        descs: list[list[torch.Tensor]] = [[] for _ in self.layers]
         for x in batches():
             for acc, f in zip(descs, self.features(x.to(dev))):
                 acc.append(_descriptor(f).double().cpu())
@@ -191,7 +200,7 @@ class ImageContext(nn.Module):
             raise ValueError(f"the image context needs at least {MIN_IMAGES} defect-free images to fit, got {n}")
         folds = torch.arange(n) % FOLDS
         fold_maps = []  # per layer, per fold: the map Gaussian fitted without that fold
-        for j, (i, acc) in enumerate(zip(LAYERS, descs)):
+        for j, (i, acc) in enumerate(zip(self.layers, descs)):
             x = torch.cat(acc)
             c = x.shape[1] // 2
             held = torch.empty(n)
@@ -208,8 +217,8 @@ class ImageContext(nn.Module):
             self.dist_mean[j] = held.mean()
             self.dist_std[j] = held.std().clamp_min(1e-12)
         # second pass: each image's map values from the Gaussian that did not see it
-        s1 = [0.0 for _ in LAYERS]
-        s2 = [0.0 for _ in LAYERS]
+        s1 = [0.0 for _ in self.layers]
+        s2 = [0.0 for _ in self.layers]
         start = 0
         for x in batches():
             feats = self.features(x.to(dev))
@@ -224,7 +233,7 @@ class ImageContext(nn.Module):
             start += x.shape[0]
         if start != n:
             raise ValueError(f"batches() gave {start} images on its second pass, {n} on its first")
-        for j, i in enumerate(LAYERS):
+        for j, i in enumerate(self.layers):
             mean = s1[j] / n
             var = ((s2[j] - n * mean * mean) / (n - 1)).clamp_min(0)
             getattr(self, f"pos_mean_{i}").copy_(mean.float())
@@ -246,19 +255,18 @@ class ImageContext(nn.Module):
 
     def state(self) -> dict:
         """What a model file stores to rebuild the context (trunk included)."""
-        return {"image_size": self.image_size, "layers": list(LAYERS),
+        return {"image_size": self.image_size, "layers": list(self.layers),
                 "tensors": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
 
     @classmethod
     def from_state(cls, state: dict) -> "ImageContext":
-        if list(state.get("layers", ())) != list(LAYERS):
-            raise ValueError(f"image context of layers {state.get('layers')}; this version reads {list(LAYERS)}")
+        layers = tuple(state.get("layers", LAYERS))
         t = state["tensors"]
         trunk = {}
-        for i, (idx, *_rest) in enumerate(_ALEXNET[:max(LAYERS)]):
+        for i, (idx, *_rest) in enumerate(_ALEXNET[:max(layers)]):
             trunk[f"features.{idx}.weight"] = t[f"convs.{i}.weight"]
             trunk[f"features.{idx}.bias"] = t[f"convs.{i}.bias"]
-        m = cls(state["image_size"], trunk=trunk)
+        m = cls(state["image_size"], trunk=trunk, layers=layers)
         m.load_state_dict(t)
         return m
 

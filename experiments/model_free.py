@@ -20,6 +20,9 @@ Rows written (one JSON each, same metrics as ``defect-fast evaluate``):
   autoencoder adds to a ``--context`` run.
 
     python3 experiments/model_free.py [DATA] --rows model-free-context   (only the rows named)
+
+``--context-layers 2 3 4 5`` (default 3 4 5, what ``--context`` reads) names the AlexNet layers of
+the context rows, which then end in ``-layers2345``: how much the result depends on that choice.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from defect_fast.calibration import split_holdback  # noqa: E402
-from defect_fast.context import ImageContext  # noqa: E402
+from defect_fast.context import LAYERS, ImageContext  # noqa: E402
 from defect_fast.data import load_test_set, load_train_images  # noqa: E402
 from defect_fast.maps import blur_matrix  # noqa: E402
 from defect_fast.metrics import evaluate  # noqa: E402
@@ -65,6 +68,8 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--out", default=str(ROOT / "experiments" / "results" / "magnetic-tile"))
     p.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS, help="the rows to compute (default: all)")
+    p.add_argument("--context-layers", type=int, nargs="+", default=list(LAYERS), metavar="L",
+                   help="AlexNet conv layers of the image context rows (default 3 4 5)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -121,7 +126,9 @@ def context(x_train, x_held, x_test, test, out: Path, args, rows: list[str]) -> 
     adds it (Detector.fit_context): fitted on the training images, standardised on all held-back ones."""
     t0 = time.perf_counter()
     s = args.image_size
-    ctx = ImageContext(s)
+    layers = tuple(sorted(args.context_layers))
+    suffix = "" if layers == LAYERS else "-layers" + "".join(map(str, layers))
+    ctx = ImageContext(s, layers=layers)
     ctx.fit(lambda: x_train.split(32))
     blur = lambda x: gaussian(x, 8.0)  # noqa: E731
     fitted = time.perf_counter() - t0
@@ -144,10 +151,10 @@ def context(x_train, x_held, x_test, test, out: Path, args, rows: list[str]) -> 
 
     if "model-free-context" in rows:
         maps, scores = combined(None, None)
-        write(out / "model-free-context.json", maps, test,
-              "image context map (AlexNet conv3-5, training-image Gaussians), smoothed with sigma 4; image score its "
-              "top values standardised on the held-back images plus the context score", time.perf_counter() - t0, args,
-              scores)
+        write(out / f"model-free-context{suffix}.json", maps, test,
+              f"image context map (AlexNet conv layers {list(layers)}, training-image Gaussians), smoothed with sigma 4; "
+              "image score its top values standardised on the held-back images plus the context score",
+              time.perf_counter() - t0, args, scores)
     if "model-free-blur-perceptual-v3-context" in rows:
         t0 = time.perf_counter() - fitted
         pm = PerceptualMap(s, scales=(1, 2))
@@ -155,9 +162,9 @@ def context(x_train, x_held, x_test, test, out: Path, args, rows: list[str]) -> 
         base_held = torch.cat([pm(c, blur(c)) for c in x_held.split(16)])
         base_test = torch.cat([pm(c, blur(c)) for c in x_test.split(16)])
         maps, scores = combined(base_held, base_test)
-        write(out / "model-free-blur-perceptual-v3-context.json", maps, test,
-              "model-free-blur-perceptual-v3 plus the image context, combined as a --context run combines them",
-              time.perf_counter() - t0, args, scores)
+        write(out / f"model-free-blur-perceptual-v3-context{suffix}.json", maps, test,
+              f"model-free-blur-perceptual-v3 plus the image context (AlexNet conv layers {list(layers)}), combined as "
+              "a --context run combines them", time.perf_counter() - t0, args, scores)
 
 
 def write(path: Path, maps, test, what: str, seconds: float, args, scores=None) -> None:

@@ -36,6 +36,17 @@ ROWS = {
         ("cmaae-v3-f32-same-cpu-s2-context", "CMA-AE v3 float32 + context (seed 2)"),
         ("awae-v3-f32-same-cpu-context", "AW-SSIM AE v3 float32 + context (seed 0)"),
     ],
+    "v4_layers": [  # python3 experiments/model_free.py --rows model-free-blur-perceptual-v3-context --context-layers L...
+        ("model-free-blur-perceptual-v3", "blur control, no context"),
+        ("model-free-blur-perceptual-v3-context", "blur control + context, conv3 4 5 (the default)"),
+        ("model-free-blur-perceptual-v3-context-layers45", "conv4 5"),
+        ("model-free-blur-perceptual-v3-context-layers34", "conv3 4"),
+        ("model-free-blur-perceptual-v3-context-layers2345", "conv2 3 4 5"),
+        ("model-free-blur-perceptual-v3-context-layers12345", "conv1 2 3 4 5"),
+        ("model-free-blur-perceptual-v3-context-layers3", "conv3"),
+        ("model-free-blur-perceptual-v3-context-layers4", "conv4"),
+        ("model-free-blur-perceptual-v3-context-layers5", "conv5"),
+    ],
     "v3": [
         ("cmaae-v3", "CMA-AE, new options (seed 0)"),
         ("awae-v3", "AW-SSIM AE, new options (seed 0)"),

@@ -16,8 +16,8 @@ from tests.test_perceptual import _trunk
 class RandomTrunkContext(ImageContext):
     """An ImageContext whose trunk defaults to :func:`_trunk` (for code that builds its own)."""
 
-    def __init__(self, image_size: int, trunk: dict[str, torch.Tensor] | None = None):
-        super().__init__(image_size, trunk=trunk or _trunk())
+    def __init__(self, image_size: int, trunk: dict[str, torch.Tensor] | None = None, **kw):
+        super().__init__(image_size, trunk=trunk or _trunk(), **kw)
 
 
 def _surfaces(n: int, size: int = 128, seed: int = 0) -> torch.Tensor:
@@ -46,10 +46,31 @@ def test_each_position_share_averages_to_the_squared_distance():
 
 
 def test_grid_side_matches_the_trunk():
-    ctx = ImageContext(128, trunk=_trunk())
+    ctx = ImageContext(128, trunk=_trunk(), layers=(1, 2, 3, 4, 5))
     for size in (64, 128, 256, 300):
         feats = ctx.features(torch.zeros(1, 3, size, size))
-        assert all(f.shape[-2:] == (grid_side(size), grid_side(size)) for f in feats)
+        assert [f.shape[-1] for f in feats] == [grid_side(size, i) for i in range(1, 6)]
+        assert all(f.shape[-2] == f.shape[-1] for f in feats)
+
+
+@pytest.mark.parametrize("layers", [(2, 3, 4, 5), (1, 4), (5,)])
+def test_other_layers_fit_map_and_round_trip(layers):
+    ctx = ImageContext(128, trunk=_trunk(), layers=layers)
+    normal = _surfaces(10)
+    ctx.fit(lambda: normal.split(5))
+    back = ImageContext.from_state(ctx.state())
+    assert back.layers == tuple(sorted(layers))
+    x = _surfaces(2, seed=3)
+    with torch.no_grad():
+        m = ctx.map(ctx.features(x), 128)
+        torch.testing.assert_close(back.map(back.features(x), 128), m)
+    assert m.shape == (2, 128, 128) and torch.isfinite(m).all()
+
+
+@pytest.mark.parametrize("layers", [(), (0,), (6,), (3, 3), (2.0,)])
+def test_bad_layers_are_refused(layers):
+    with pytest.raises(ValueError, match="layers"):
+        ImageContext(128, trunk=_trunk(), layers=layers)
 
 
 def test_a_brighter_band_raises_the_score_and_the_map_over_it():
