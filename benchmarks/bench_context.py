@@ -21,7 +21,7 @@ import torch
 from common import RESULTS, command_line, device_info, time_interleaved, write_results
 
 from defect_fast.context import ImageContext
-from defect_fast.detect import Detector, cpu_flags
+from defect_fast.detect import Detector
 from defect_fast.models import build_model
 from defect_fast.perceptual import PerceptualMap
 
@@ -76,9 +76,6 @@ def main() -> None:
                               "context_alone": lambda: ctx.map(ctx.features(plain._to_model_input(images)), SIZE)},
                              rounds=args.rounds, warmup=2, device="cpu")
     info = device_info("cpu")
-    flags = cpu_flags()
-    info["cpu_flags"] = {"amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
-                         "avx512f": "avx512f" in flags, "avx2": "avx2" in flags}
     per = {k: round(v["median_ms"] / args.batch, 2) for k, v in t.items()}
     res = {"info": info, "command": command_line(), "threads": args.threads, "batch": args.batch, "image_size": SIZE,
            "detector_precision": plain.precision, "trunk": "imagenet" if os.environ.get("DEFECT_FAST_ALEXNET_WEIGHTS") else "random",

@@ -23,7 +23,6 @@ from torch import nn
 
 from common import RESULTS, command_line, device_info, time_interleaved, write_results
 
-from defect_fast.detect import cpu_flags
 from defect_fast.fuse import SubPixelConvTranspose2d, _dense, subpixel_candidate
 from defect_fast.models import build_model
 
@@ -55,9 +54,6 @@ def main() -> None:
     for h in hooks:
         h.remove()
     info = device_info("cpu")
-    flags = cpu_flags()
-    info["cpu_flags"] = {"amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
-                         "avx512f": "avx512f" in flags, "avx2": "avx2" in flags}
     dtype = torch.bfloat16 if args.precision == "bfloat16" else torch.float32
     results = {"info": info, "command": command_line(), "model": args.model, "patches": patches_per_image,
                "threads": args.threads, "precision": args.precision, "rows": []}

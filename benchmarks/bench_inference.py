@@ -30,7 +30,7 @@ import torch
 from common import RESULTS, command_line, device_info, time_interleaved, write_results
 
 from defect_fast import ops
-from defect_fast.detect import Detector, cpu_flags
+from defect_fast.detect import Detector
 from defect_fast.models import build_model
 
 PAPER_MS_PER_IMAGE = 41.673  # CMA-AE paper, 512x512 image, NVIDIA A100
@@ -61,9 +61,6 @@ def main() -> None:
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     info = device_info(args.device)
-    flags = cpu_flags()
-    info["cpu_flags"] = {"amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
-                         "avx512f": "avx512f" in flags, "avx2": "avx2" in flags}
     results = {"info": info, "command": command_line(), "native_backend": ops.backend(args.device),
                "paper_ms_per_image": PAPER_MS_PER_IMAGE, "image_size": SIZE, "threads": args.threads,
                "eager": dict(EAGER, images_per_call=EAGER_IMAGES_PER_CALL), "rows": []}

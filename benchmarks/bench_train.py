@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from common import RESULTS, ROOT, command_line, device_info, time_interleaved, write_results
 
 from defect_fast.data.patches import extract_patches
-from defect_fast.detect import cpu_flags
+from defect_fast.precision import cpu_has_bf16
 from defect_fast.models import build_model
 
 
@@ -37,8 +37,7 @@ def tuned_precision(device: str) -> torch.dtype | None:
     """bfloat16 on CUDA and on CPUs with AVX512-BF16 or AMX; None (float32) elsewhere."""
     if device.startswith("cuda"):
         return torch.bfloat16
-    flags = cpu_flags()
-    return torch.bfloat16 if ({"avx512_bf16", "amx_bf16"} & flags) else None
+    return torch.bfloat16 if cpu_has_bf16() else None
 
 
 def smooth_noise(n: int, size: int, generator: torch.Generator, device: str) -> torch.Tensor:
@@ -137,9 +136,7 @@ def main() -> None:
     if min(batches) < 1 or steps < 1:
         ap.error("--batch and --steps must be >= 1")
     precision = tuned_precision(args.device)
-    flags = cpu_flags()
     info = device_info(args.device)
-    info["cpu_flags"] = {f: (f in flags) for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx2")}
     results = {
         "info": info, "command": command_line(),
         "modes": {"eager": "float32, NCHW",

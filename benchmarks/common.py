@@ -24,6 +24,11 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/bench_x.py` from a ch
 
 import torch  # noqa: E402
 
+from defect_fast.precision import cpu_flags  # noqa: E402
+
+#: The CPU features a result records (reduced-precision throughput depends on them).
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
 
 def cpu_model() -> str:
     """The CPU model name from /proc/cpuinfo (platform.processor() elsewhere)."""
@@ -46,6 +51,8 @@ def device_info(device: str = "cpu") -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
     }
+    flags = cpu_flags()
+    info["cpu_flags"] = {f: f in flags for f in CPU_FLAGS}
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     try:
