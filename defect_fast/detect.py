@@ -427,9 +427,9 @@ class Detector(nn.Module):
         n = ctx.fit(lambda: (self._to_model_input(c.to(self.device)) for c in normal_images.split(32)))
         base, feats = [], []
         for c in calibration_images.split(max(1, images_per_batch)):
-            c = c.to(self.device)
-            base.append((self.raw_maps(c) - self.norm_mean) / self.norm_std)
-            feats.append(ctx.features(self._to_model_input(c)))
+            x = self._to_model_input(c.to(self.device))  # resized once for both
+            base.append((self.raw_maps(x) - self.norm_mean) / self.norm_std)
+            feats.append(ctx.features(x))
         ctx.set_detector_stats(base_maps=torch.cat(base))
         scores = torch.cat([self.finish(b, ctx.map(f, self.image_size), ctx)[1] for b, f in zip(base, feats)])
         ctx.set_detector_stats(scores=scores)
@@ -455,11 +455,11 @@ class Detector(nn.Module):
         return self._pipeline(images)
 
     def _pipeline(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raw = self.raw_maps(images)
         if self.context is None:
-            return self.finish(raw)
-        feats = self.context.features(self._to_model_input(images))
-        maps, scores = self.finish(raw, self.context.map(feats, self.image_size))
+            return self.finish(self.raw_maps(images))
+        x = self._to_model_input(images)  # resized once for the map and the context
+        feats = self.context.features(x)
+        maps, scores = self.finish(self.raw_maps(x), self.context.map(feats, self.image_size))
         return maps, self.context.combine_scores(scores, feats)
 
     def _graph_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

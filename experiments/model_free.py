@@ -62,6 +62,11 @@ def gaussian(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return a_h @ x @ a_w.T
 
 
+def blur(x: torch.Tensor) -> torch.Tensor:
+    """The control's stand-in for a reconstruction: a Gaussian blur (sigma 8 px)."""
+    return gaussian(x, 8.0)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("data", nargs="?", default=str(ROOT.parent / "shared" / "data" / "magnetic-tile"))
@@ -82,7 +87,6 @@ def main(argv=None) -> int:
     tr_idx, held_idx = [index[p] for p in tr_paths], sorted(index[p] for p in held_paths)[0::2]
     x_test = test.images.float() / 127.5 - 1
 
-    blur = lambda x: gaussian(x, 8.0)  # noqa: E731
     if "model-free-mean" in args.rows:
         t0 = time.perf_counter()
         mean = (train[tr_idx].float() / 127.5 - 1).mean(0, keepdim=True)
@@ -111,7 +115,6 @@ def blur_perceptual_held_back(held_u8, x_test, test, out: Path, args) -> None:
     s = args.image_size
     pm = PerceptualMap(s)
     held = held_u8.float() / 127.5 - 1
-    blur = lambda x: gaussian(x, 8.0)  # noqa: E731
     pm.fit((c, blur(c)) for c in held.split(16))
     maps = torch.cat([pm(c, blur(c)) for c in x_test.split(16)])
     maps = gaussian(maps, 4.0)
@@ -130,7 +133,6 @@ def context(x_train, x_held, x_test, test, out: Path, args, rows: list[str]) -> 
     suffix = "" if layers == LAYERS else "-layers" + "".join(map(str, layers))
     ctx = ImageContext(s, layers=layers)
     ctx.fit(lambda: x_train.split(32))
-    blur = lambda x: gaussian(x, 8.0)  # noqa: E731
     fitted = time.perf_counter() - t0
     feats_held = [ctx.features(c) for c in x_held.split(16)]
     feats_test = [ctx.features(c) for c in x_test.split(16)]
