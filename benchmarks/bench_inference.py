@@ -17,6 +17,13 @@ Both start from uint8 images on the device and end with float32 maps and scores 
 The CMA-AE paper reports 41.673 ms per 512x512 image on an A100; the ratio to it is printed
 beside every tuned CMA-AE figure (a CPU number is not an A100 number: compare with care).
 
+The compute floor: the multiply-adds of one tuned call per image (convolutions and matrix
+products, counted by ``torch.utils.flop_counter``; the two products inside the fused memory
+addressing op are not seen by the counter) over the multiply-adds per second of a large square
+matrix product in the tuned path's dtype, timed in the same rounds (2048 on a CPU, 8192 on a
+GPU). No pipeline of this network runs faster than that on the machine; the tuned time over it
+says how much is left outside the arithmetic.
+
     python benchmarks/bench_inference.py [--device cpu|cuda] [--batch 1 8 64] [--rounds 10]
         [--models cmaae awae] [--threads N] [--compile] [--no-cuda-graphs] [--out FILE]
 """
@@ -26,17 +33,34 @@ import argparse
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from common import RESULTS, command_line, device_info, time_interleaved, write_results
 
 from defect_fast import ops
-from defect_fast.detect import Detector
+from defect_fast.detect import PRECISIONS, Detector
 from defect_fast.models import build_model
 
 PAPER_MS_PER_IMAGE = 41.673  # CMA-AE paper, 512x512 image, NVIDIA A100
 SIZE = 512
 EAGER = {"precision": "float32", "channels_last": False, "batch_size": 512, "reuse_features": False, "fuse": False}
 EAGER_IMAGES_PER_CALL = 8
+
+
+def macs_per_image(det: Detector, image: torch.Tensor) -> float:
+    """Multiply-adds of one call of ``det`` on ``image`` [1,3,S,S] that the flop counter sees."""
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        det._pipeline(image)  # not through a CUDA graph: a replay dispatches no ops to count
+    return counter.get_total_flops() / 2
+
+
+def square_product(device: torch.device, dtype: torch.dtype):
+    """(n, a callable multiplying two n x n matrices of ``dtype`` on ``device``)."""
+    n = 8192 if device.type == "cuda" else 2048
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+    return n, lambda: torch.mm(a, b)
 
 
 def main() -> None:
@@ -74,6 +98,9 @@ def main() -> None:
                          cuda_graphs=on_gpu and not args.no_cuda_graphs)
         results.setdefault("tuned", {})[name] = tuned.options()
         print(f"{name}: map {tuned.map_kind}, tuned options {tuned.options()}")
+        probe = torch.randint(0, 256, (1, 3, SIZE, SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        macs = macs_per_image(tuned, probe.to(device))
+        n, gemm = square_product(device, PRECISIONS[tuned.precision])
         for b in args.batch:
             images = torch.randint(0, 256, (b, 3, SIZE, SIZE), dtype=torch.uint8,
                                    generator=torch.Generator().manual_seed(b)).to(device)
@@ -84,6 +111,7 @@ def main() -> None:
                    "tuned": lambda: tuned.predict_batched(images, b)}
             if b > 1:  # batch 1 in the same rounds: the per-image comparison with batch 1 is free of drift
                 fns["tuned_batch1"] = lambda: tuned.predict_batched(images[:1], 1)
+            fns["gemm"] = gemm  # the arithmetic peak, in the same rounds
             t = time_interleaved(fns, rounds=args.rounds, warmup=args.warmup - 1, device=args.device)
             e_ms, t_ms = t["eager"]["median_ms"] / b, t["tuned"]["median_ms"] / b
             row = {"model": name, "map": tuned.map_kind, "images": b,
@@ -91,6 +119,11 @@ def main() -> None:
                    "eager_images_per_s": round(1e3 / e_ms, 2), "tuned_images_per_s": round(1e3 / t_ms, 2),
                    "speedup_tuned_over_eager": round(e_ms / t_ms, 3),
                    "max_abs_map_difference": diff, "max_abs_map": scale, "timings": t}
+            peak = n**3 / (t["gemm"]["median_ms"] * 1e-3)
+            floor_ms = macs / peak * 1e3
+            row.update({"macs_per_image": macs, "gemm_size": n, "gemm_dtype": tuned.precision,
+                        "gemm_macs_per_s_same_rounds": round(peak), "compute_floor_ms_per_image": round(floor_ms, 3),
+                        "tuned_over_floor": round(t_ms / floor_ms, 3)})
             if b > 1:
                 row["tuned_batch1_ms_same_rounds"] = round(t["tuned_batch1"]["median_ms"], 3)
                 row["per_image_over_batch1_same_rounds"] = round(t_ms / t["tuned_batch1"]["median_ms"], 3)
@@ -101,6 +134,8 @@ def main() -> None:
             print(f"  batch {b:3d}: eager {e_ms:9.2f} ms/image {row['eager_images_per_s']:9.2f} img/s | "
                   f"tuned {t_ms:9.2f} ms/image {row['tuned_images_per_s']:9.2f} img/s | x{row['speedup_tuned_over_eager']:.2f}"
                   f" | max |map diff| {diff:.2e} of {scale:.2e}{paper}")
+            print(f"             compute floor {floor_ms:.2f} ms/image ({macs / 1e9:.2f} G multiply-adds at "
+                  f"{peak / 1e9:.0f} G/s, {n}^3 {tuned.precision} product): tuned = {row['tuned_over_floor']:.2f} x floor")
             if b > 1:
                 print(f"             per image / batch 1 timed in the same rounds ({t['tuned_batch1']['median_ms']:.2f} ms): "
                       f"{row['per_image_over_batch1_same_rounds']:.3f}")
