@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .precision import LOW_PRECISION
+
 _CONVS = (nn.Conv2d, nn.ConvTranspose2d)
 
 
@@ -164,9 +166,6 @@ def _rewrite(module: nn.Module) -> None:
             _rewrite(child)
 
 
-_LOW = (torch.bfloat16, torch.float16)
-
-
 def _cast_weights(model: nn.Module, dtype: torch.dtype) -> None:
     """Weights (not biases) of convolutions, transposed convolutions, linear layers and the
     dense matrices below ``model`` to ``dtype``, in place."""
@@ -181,7 +180,7 @@ def fuse_for_inference(model: nn.Module, weight_dtype: torch.dtype | None = None
     """An eval-mode copy of ``model`` with BN folded and 1x1-output convolutions as matrix products;
     ``weight_dtype`` (None, torch.bfloat16 or torch.float16): the dtype of the autocast region it
     will run in, to store the layer weights in (see the module docstring)."""
-    if weight_dtype is not None and weight_dtype not in _LOW:
+    if weight_dtype is not None and weight_dtype not in LOW_PRECISION:
         raise ValueError(f"weight_dtype must be None, torch.bfloat16 or torch.float16, got {weight_dtype}")
     fused = copy.deepcopy(model).eval()
     with torch.no_grad():

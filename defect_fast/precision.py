@@ -6,6 +6,9 @@ from pathlib import Path
 
 import torch
 
+#: The reduced-precision float dtypes (what autocast runs in; what the fused ops widen to float32).
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
 
 def cpu_flags() -> set[str]:
     """The CPU feature flags of /proc/cpuinfo (empty where it cannot be read)."""
@@ -31,4 +34,4 @@ def default_precision(device: torch.device | str) -> str:
     return "bfloat16" if device.type == "cpu" and cpu_has_bf16() else "float32"
 
 
-__all__ = ["cpu_flags", "cpu_has_bf16", "default_precision"]
+__all__ = ["LOW_PRECISION", "cpu_flags", "cpu_has_bf16", "default_precision"]

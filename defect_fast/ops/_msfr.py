@@ -19,6 +19,7 @@ from typing import Sequence
 
 import torch
 
+from ..precision import LOW_PRECISION
 from . import _native, reference
 
 _module, _reason = _native.load()
@@ -139,7 +140,6 @@ def msfr(
 
 
 _FLOAT_OP = torch.ops.defect_fast.msfr_float.default
-_WIDENED = (torch.bfloat16, torch.float16)
 
 
 def msfr_float(
@@ -157,7 +157,7 @@ def msfr_float(
     if not tensors or _wants_grad(tensors):
         return None
     first = tensors[0]
-    if first.device.type != "cpu" or first.dtype not in _WIDENED:
+    if first.device.type != "cpu" or first.dtype not in LOW_PRECISION:
         return None
     if any(t.dtype != first.dtype or t.device != first.device for t in tensors):
         return None
