@@ -142,6 +142,10 @@ for row in $ROWS; do
     ae-l2-v2)    run ae-l2-v2 ae-l2 0 2 -- "${NEW[@]}" ;;
     memae-v2)    run memae-v2 memae 0 2 -- "${NEW[@]}" ;;
     ae-ssim-v2)  run ae-ssim-v2 ae-ssim 0 2 -- "${NEW[@]}" ;;
+    # the baselines with everything the v4 rows have (one stage, 2 epochs, the same map and context)
+    ae-l2-v4)    run ae-l2-v4 ae-l2 0 2 -- "${NEW[@]}" --context ;;
+    memae-v4)    run memae-v4 memae 0 2 -- "${NEW[@]}" --context ;;
+    ae-ssim-v4)  run ae-ssim-v4 ae-ssim 0 2 -- "${NEW[@]}" --context ;;
     *) echo "unknown row $row" ;;
   esac
 done
