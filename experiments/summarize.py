@@ -20,6 +20,13 @@ ROWS = {
         ("model-free-blur-perceptual-v3-context", "model-free: blur-perceptual v3 map + the image context"),
         ("model-free-blur-perceptual-v3", "model-free: perceptual map of x against a Gaussian blur of x"),
     ],
+    "v4_baselines": [  # the baselines with the same options and --context (one stage, 2 epochs, seed 0)
+        ("cmaae-v4", "CMA-AE v4 (seed 0)"),
+        ("memae-v4", "MemAE v4"),
+        ("ae-l2-v4", "AE, L2 v4"),
+        ("ae-ssim-v4", "AE, SSIM v4"),
+        ("model-free-blur-perceptual-v3-context", "model-free: blur-perceptual v3 map + the image context"),
+    ],
     "v4_refit": [  # the bf16 runs' weights untouched, statistics and context refitted (experiments/refit_run.py)
         ("cmaae-v3-bf16", "CMA-AE v3 bf16 (seed 0)"),
         ("cmaae-v3-bf16-context", "same model + context"),
