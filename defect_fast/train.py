@@ -556,8 +556,11 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         if resume:
             state = load_checkpoint(ckpt)
             cfg = TrainConfig.from_json(state["train_config"])
-            log(f"resuming {out} at stage {state['position']['stage'] + 1}, epoch {state['position']['epoch'] + 1}, "
-                f"step {state['position']['step']}")
+            pos = state["position"]
+            if pos["stage"] >= len(cfg.epochs):  # stopped after training, in the steps that follow it
+                log(f"resuming {out}: training is complete; running the steps after it (map statistics, calibration)")
+            else:
+                log(f"resuming {out} at stage {pos['stage'] + 1}, epoch {pos['epoch'] + 1}, step {pos['step']}")
         try:
             probe = build_model(cfg.model, **cfg.model_kwargs)
         except (TypeError, ValueError, RuntimeError) as exc:

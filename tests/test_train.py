@@ -92,6 +92,29 @@ def test_resume_after_sigkill_continues_exactly(synthetic_root, tmp_path):
     assert _state_equal(a, b), "resumed run differs from an uninterrupted one"
 
 
+def test_resume_after_a_failure_past_training_finishes_the_run(synthetic_root, tmp_path, monkeypatch):
+    """A run stopped after its last step (in the statistics and calibration) resumes there and
+    says so, instead of naming a stage the model does not have."""
+    real = train_module.finish_run
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("stopped after training")
+
+    monkeypatch.setattr(train_module, "finish_run", fails)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="stopped after training"):
+        train(_cfg(synthetic_root, max_steps=[2, 2]), out, progress=False, log=lambda s: None)
+    assert (out / "checkpoint.pt").exists() and not (out / "model.pt").exists()
+    monkeypatch.setattr(train_module, "finish_run", real)
+    messages = []
+    train(_cfg(synthetic_root), out, resume=True, progress=False, log=messages.append)
+    assert any("training is complete" in m for m in messages), messages
+    assert not any("at stage 3" in m for m in messages), messages
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps[-1] == 4 and len(steps) == 4  # no step trained again
+    assert (out / "model.pt").exists()
+
+
 def test_run_folder_is_never_overwritten_silently(synthetic_root, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
