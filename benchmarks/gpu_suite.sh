@@ -17,7 +17,8 @@
 #
 # --dry-run (any machine, no GPU needed; CI runs it): executes the CPU parts at tiny sizes (the
 # C++ kernels, the op smoke test on the CPU, the cuda tests' collection, each benchmark once on
-# the CPU with one round) and lists the GPU commands it would run. Well under 3 minutes once the
+# the CPU with one round, the inference benchmark at batches 1 and 2) and lists the GPU commands
+# it would run. Well under 3 minutes once the
 # C++ kernels are built.
 #
 # Preparing the wheels (on a machine with network, same Python minor version and platform as
@@ -187,6 +188,7 @@ if [ "$DRY" = 1 ]; then
   step bench_ssim_cpu 30 cpu "$PY" benchmarks/bench_aw_ssim.py --device cpu --batches 4 --rounds 1
   step bench_msfr_cpu 30 cpu "$PY" benchmarks/bench_msfr.py --device cpu --rounds 1
   step train_cpu 60 cpu "$PY" benchmarks/bench_train.py --device cpu --models cmaae --batch 4 --steps 1 --warmup 0 --image-size 128
+  step inference_cpu 90 cpu "$PY" benchmarks/bench_inference.py --device cpu --batch 1 2 --rounds 1
 fi
 step bench_ma 40 gpu "$PY" benchmarks/bench_memory_address.py --device cuda --rounds 20
 step bench_ssim 50 gpu "$PY" benchmarks/bench_aw_ssim.py --device cuda --batches 64,512 --rounds 10
