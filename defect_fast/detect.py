@@ -425,13 +425,14 @@ class Detector(nn.Module):
 
         ctx = ImageContext(self.image_size).to(self.device)
         n = ctx.fit(lambda: (self._to_model_input(c.to(self.device)) for c in normal_images.split(32)))
-        base, feats = [], []
+        raw, feats = [], []
         for c in calibration_images.split(max(1, images_per_batch)):
             x = self._to_model_input(c.to(self.device))  # resized once for both
-            base.append((self.raw_maps(x) - self.norm_mean) / self.norm_std)
+            raw.append(self.raw_maps(x))
             feats.append(ctx.features(x))
-        ctx.set_detector_stats(base_maps=torch.cat(base))
-        scores = torch.cat([self.finish(b, ctx.map(f, self.image_size), ctx)[1] for b, f in zip(base, feats)])
+        # the map term's statistics are those of the normalised maps that finish() combines
+        ctx.set_detector_stats(base_maps=torch.cat([(r - self.norm_mean) / self.norm_std for r in raw]))
+        scores = torch.cat([self.finish(r, ctx.map(f, self.image_size), ctx)[1] for r, f in zip(raw, feats)])
         ctx.set_detector_stats(scores=scores)
         self.context = ctx
         return n

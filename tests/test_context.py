@@ -126,7 +126,8 @@ def test_state_round_trip_gives_the_same_score_and_map():
     assert float(back.score_std) == pytest.approx(float(torch.tensor([1.0, 2.0, 4.0]).std()))
 
 
-def test_detector_adds_the_context_to_its_map_and_score(monkeypatch):
+@pytest.mark.parametrize("position_normalized", [False, True])
+def test_detector_adds_the_context_to_its_map_and_score(monkeypatch, position_normalized):
     import defect_fast.context as context
 
     monkeypatch.setattr(context, "ImageContext", RandomTrunkContext)
@@ -136,17 +137,20 @@ def test_detector_adds_the_context_to_its_map_and_score(monkeypatch):
     to_u8 = lambda t: ((t + 1) * 127.5).round().to(torch.uint8)  # noqa: E731
     normal, calib = to_u8(_surfaces(12, seed=1)), to_u8(_surfaces(6, seed=2))
     with torch.no_grad():
+        if position_normalized:  # --normalize position: per-position mean and spread of the raw maps
+            det.fit_normalization(normal)
+            assert float(det.norm_std.std()) > 0
         plain_maps, _ = det(calib)
         assert det.fit_context(normal, calib) == 12
         maps, scores = det(calib)
         ctx = det.context
         feats = ctx.features(det._to_model_input(calib))
-        raw = det.raw_maps(calib)
-        want = (raw - ctx.base_mean) / ctx.base_std + ctx.map(feats, 128)
+        normalized = (det.raw_maps(calib) - det.norm_mean) / det.norm_std
+        want = (normalized - ctx.base_mean) / ctx.base_std + ctx.map(feats, 128)
         want = det.blur @ want @ det.blur.T
     torch.testing.assert_close(maps, want, atol=1e-4, rtol=1e-4)
     # the map term of the calibration images is standardised: mean 0 and spread 1 over their pixels
-    z = (raw - ctx.base_mean) / ctx.base_std
+    z = (normalized - ctx.base_mean) / ctx.base_std
     assert abs(float(z.mean())) < 1e-4 and float(z.std()) == pytest.approx(1.0, rel=1e-3)
     # and so is the score term: the combined score minus the context score
     s = scores - ctx.score(feats)
