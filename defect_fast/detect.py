@@ -421,6 +421,13 @@ class Detector(nn.Module):
         Returns:
             the number of images the context rests on.
         """
+        return self._fit_context(normal_images, calibration_images, images_per_batch)[0]
+
+    @torch.no_grad()
+    def _fit_context(self, normal_images: torch.Tensor, calibration_images: torch.Tensor,
+                     images_per_batch: int = 8) -> tuple[int, dict[str, torch.Tensor]]:
+        """:meth:`fit_context`, and what :meth:`predict_batched` gives for the calibration images
+        afterwards ({"maps": [M,S,S], "scores": [M]} on the CPU), from the maps the fit computes anyway."""
         from .context import ImageContext
 
         ctx = ImageContext(self.image_size).to(self.device)
@@ -432,10 +439,11 @@ class Detector(nn.Module):
             feats.append(ctx.features(x))
         # the map term's statistics are those of the normalised maps that finish() combines
         ctx.set_detector_stats(base_maps=torch.cat([(r - self.norm_mean) / self.norm_std for r in raw]))
-        scores = torch.cat([self.finish(r, ctx.map(f, self.image_size), ctx)[1] for r, f in zip(raw, feats)])
-        ctx.set_detector_stats(scores=scores)
+        finished = [self.finish(r, ctx.map(f, self.image_size), ctx) for r, f in zip(raw, feats)]
+        ctx.set_detector_stats(scores=torch.cat([sc for _m, sc in finished]))
         self.context = ctx
-        return n
+        scores = torch.cat([ctx.combine_scores(sc, f) for (_m, sc), f in zip(finished, feats)])
+        return n, {"maps": torch.cat([m for m, _sc in finished]).cpu(), "scores": scores.cpu()}
 
     def finish(self, raw: torch.Tensor, context_map: torch.Tensor | None = None,
                context: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -458,9 +458,11 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
     if cfg.context:
         if context_images is None:
             context_images = train_images if train_images is not None else fit_images
-        det.fit_context(context_images, calib_images)
+        # the fit computes the calibration images' maps anyway: their predictions come with it
+        _n, res = det._fit_context(context_images, calib_images)
         context = det.context.state()
-    res = det.predict_batched(calib_images)
+    else:
+        res = det.predict_batched(calib_images)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # too few images is said in the note, printed by train()
         cal = calibrate(res["scores"], res["maps"], far=cfg.far)

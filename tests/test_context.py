@@ -156,6 +156,13 @@ def test_detector_adds_the_context_to_its_map_and_score(monkeypatch, position_no
     s = scores - ctx.score(feats)
     assert abs(float(s.mean())) < 1e-4 and float(s.std()) == pytest.approx(1.0, rel=1e-3)
     assert not torch.allclose(maps, plain_maps)
+    # the fit's own predictions of the calibration images (what a run's thresholds come from)
+    # are those of the fitted detector
+    with torch.no_grad():
+        _n, fitted = det._fit_context(normal, calib)
+        again = det.predict_batched(calib)
+    torch.testing.assert_close(fitted["maps"], again["maps"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fitted["scores"], again["scores"], atol=1e-4, rtol=1e-4)
 
 
 def test_onnx_export_of_a_detector_with_context_matches_it(tmp_path, monkeypatch):
