@@ -55,7 +55,7 @@ def _print_thresholds(th: dict | None, out=None) -> None:
           f"{_fmt(f1['precision'])}, recall {_fmt(f1['recall'])}", file=out)
     at = th.get("at_threshold")
     if at is None:
-        print("no stored image threshold in the model file", file=out)
+        print(th.get("threshold_source") or "no stored image threshold in the model file", file=out)
         return
     print(f"threshold: {th['threshold_source']}", file=out)
     print(f"at that threshold {_fmt(at['threshold'])}: false-alarm rate "
@@ -157,6 +157,8 @@ def cmd_predict(args) -> int:
     image_t, pixel_t, source = stored_thresholds(det.calibration)
     if args.threshold is not None:
         image_t, source = float(args.threshold), "given on the command line"
+    elif image_t is None:
+        print(f"defect-fast: warning: no image is flagged: {source}", file=sys.stderr)
     res = det.predict_batched(images)
     scale = pixel_t or det.calibration.get("pixel_q999") or float(res["maps"].max()) or 1.0
     stems = _output_stems(paths)

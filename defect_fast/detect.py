@@ -134,6 +134,24 @@ def find_regions(m: np.ndarray, threshold: float) -> list[dict[str, Any]]:
     return sorted(out, key=lambda r: -r["peak"])
 
 
+#: Calibration keys that hold thresholds (older model files: score_max, pixel_q999).
+THRESHOLD_KEYS = ("image_threshold", "pixel_threshold", "score_max", "pixel_q999")
+
+
+def _changed_settings(stored: dict, model: AnomalyModel, map_kind: str | None, stride: int | None,
+                      smooth_sigma: float | None, blend: str | None) -> list[str]:
+    """The inference settings asked for that differ from a run's stored ones, as "name was -> now"
+    (none when the model file stores no settings)."""
+    if not stored:
+        return []
+    was = {"map": model.check_map(stored.get("map_kind")), "stride": stored.get("stride") or model.patch_size,
+           "smooth": float(stored.get("smooth_sigma") or 0.0), "blend": stored.get("blend") or "none"}
+    now = {"map": None if map_kind is None else model.check_map(map_kind),
+           "stride": None if stride is None else (stride or model.patch_size),
+           "smooth": None if smooth_sigma is None else float(smooth_sigma), "blend": blend}
+    return [f"{k} {was[k]} -> {now[k]}" for k in was if now[k] is not None and now[k] != was[k]]
+
+
 class Detector(nn.Module):
     """A trained model plus the rules that turn its reconstructions into defect maps and scores.
 
@@ -267,7 +285,10 @@ class Detector(nn.Module):
 
         ``options`` are the keyword-only constructor options (blend, precision, ...). The run's
         stored inference settings (``state["detector"]``: map, stride, blend, smoothing) are the
-        defaults of the arguments left at None; stored normalisation statistics
+        defaults of the arguments left at None; when one given differs from them, the stored
+        thresholds (calibrated on the stored settings' maps and scores) are left out and
+        ``calibration["inapplicable"]`` says why (:func:`~defect_fast.calibration.stored_thresholds`
+        then gives none); stored normalisation statistics
         (``state["normalization"]``), perceptual-map statistics (``state["perceptual"]``) and the image
         context (``state["context"]``; not with another ``map_kind`` than the stored one, whose
         spread it was standardised by) are restored.
@@ -288,13 +309,19 @@ class Detector(nn.Module):
             from .context import ImageContext
 
             context = ImageContext.from_state(state["context"])
+        calibration = state.get("calibration")
+        changed = _changed_settings(stored, model, map_kind, stride, smooth_sigma, options.get("blend"))
+        if changed and calibration:
+            # thresholds hold only for the map they were calibrated on: none rather than a wrong one
+            calibration = {k: v for k, v in calibration.items() if k not in THRESHOLD_KEYS}
+            calibration["inapplicable"] = f"calibrated with other inference settings ({', '.join(changed)})"
         map_kind = map_kind or stored.get("map_kind")
         stride = stride if stride is not None else stored.get("stride")
         smooth_sigma = smooth_sigma if smooth_sigma is not None else stored.get("smooth_sigma", 0.0)
         if options.get("blend") is None:
             options["blend"] = stored.get("blend", "none")
         return cls(model, image_size=state["image_size"], map_kind=map_kind, stride=stride,
-                   device=resolve_device(device), calibration=state.get("calibration"), smooth_sigma=smooth_sigma,
+                   device=resolve_device(device), calibration=calibration, smooth_sigma=smooth_sigma,
                    norm_mean=norm.get("mean"), norm_std=norm.get("std"), perceptual=perceptual, context=context,
                    **options)
 

@@ -60,6 +60,34 @@ def test_predict_outputs_and_refusals(tiny_run, synthetic_root, tmp_path, capsys
     assert main(["predict", str(tiny_run), *images, "--out", str(out), "--overwrite"]) == 0
 
 
+def test_other_inference_settings_than_the_run_s_use_no_stored_threshold(tiny_run, synthetic_root, tmp_path, capsys):
+    """The stored thresholds were calibrated on the run's maps: with another smoothing, stride, blend
+    or map they would be wrong, so none is used and the output says why."""
+    from defect_fast.calibration import stored_thresholds
+
+    image_t, pixel_t, _ = stored_thresholds(Detector.load(tiny_run, device="cpu").calibration)
+    assert image_t is not None and pixel_t is not None
+    same = Detector.load(tiny_run, device="cpu", smooth_sigma=0.0, stride=64, blend="none")  # the run's own, spelled out
+    assert stored_thresholds(same.calibration)[0] == image_t
+    for kw, said in ((dict(smooth_sigma=3.0), "smooth 0.0 -> 3.0"), (dict(stride=32), "stride 64 -> 32"),
+                     (dict(blend="hann"), "blend none -> hann"), (dict(map_kind="residual"), "map msfr -> residual")):
+        det = Detector.load(tiny_run, device="cpu", **kw)
+        got = stored_thresholds(det.calibration)
+        assert got[:2] == (None, None) and said in got[2], (kw, got)
+        assert det.predict(torch.zeros(3, 128, 128, dtype=torch.uint8))["regions"] == [[]]  # no stale pixel threshold
+    image = str(synthetic_root / "test" / "spot" / "000.png")
+    out = tmp_path / "p"
+    assert main(["predict", str(tiny_run), image, "--out", str(out), "--smooth", "3"]) == 0
+    report = json.loads((out / "scores.json").read_text())
+    assert report["threshold"] is None and "defective" not in report["images"][0]
+    assert "smooth 0.0 -> 3.0" in report["threshold_source"]
+    assert "--threshold" in capsys.readouterr().err
+    assert main(["predict", str(tiny_run), image, "--out", str(tmp_path / "q"), "--smooth", "3", "--threshold", "0"]) == 0
+    assert "defective" in json.loads((tmp_path / "q" / "scores.json").read_text())["images"][0]
+    assert main(["evaluate", str(tiny_run), str(synthetic_root), "--smooth", "3"]) == 0
+    assert "smooth 0.0 -> 3.0" in capsys.readouterr().out
+
+
 def test_predict_bad_image_names_the_file(tiny_run, tmp_path, capsys):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
