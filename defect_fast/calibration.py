@@ -259,7 +259,7 @@ def stored_thresholds(calibration: Mapping[str, Any] | None) -> tuple[float | No
     """
     cal = dict(calibration or {})
     if cal.get("inapplicable"):  # Detector.load with other inference settings than the run's
-        return None, None, (f"no threshold: the model file's were {cal['inapplicable']}; give --threshold, "
+        return None, None, (f"no threshold: the model file's thresholds were {cal['inapplicable']}; give --threshold, "
                             "or keep the run's settings")
     if "image_threshold" in cal:
         return cal["image_threshold"], cal.get("pixel_threshold"), cal.get("note", "held-back calibration")
