@@ -18,8 +18,7 @@
 # --dry-run (any machine, no GPU needed; CI runs it): executes the CPU parts at tiny sizes (the
 # C++ kernels, the op smoke test on the CPU, the cuda tests' collection, each benchmark once on
 # the CPU with one round, the inference benchmark at batches 1 and 2) and lists the GPU commands
-# it would run. Well under 3 minutes once the
-# C++ kernels are built.
+# it would run. Well under 3 minutes once the C++ kernels are built.
 #
 # Preparing the wheels (on a machine with network, same Python minor version and platform as
 # the GPU machine), then ship the folder with the checkout:

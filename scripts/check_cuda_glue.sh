@@ -4,9 +4,9 @@
 # The CUDA kernels (csrc/*/cuda/*_kernel.cu) are compiled by CMake in CI, but their torch glue
 # (csrc/*/cuda/*_cuda.cpp: argument checks, dispatch, stream, TORCH_LIBRARY_IMPL for CUDA) and the
 # CUDA branch of csrc/extension.cpp are built only by the extension build on a machine whose
-# torch has CUDA. This checks that the glue
-# compiles against the installed torch's headers and the CUDA toolkit's, with the flags torch's
-# extension builder uses (C++20, DEFECT_FAST_WITH_CUDA): g++ -fsyntax-only, nothing is linked.
+# torch has CUDA. This checks that the glue compiles against the installed torch's headers and
+# the CUDA toolkit's, with the flags torch's extension builder uses (C++20,
+# DEFECT_FAST_WITH_CUDA): g++ -fsyntax-only, nothing is linked.
 # A CPU-only torch wheel ships the c10/cuda headers but not the one generated at torch's build
 # time (c10/cuda/impl/cuda_cmake_macros.h); a copy with the content of a shared-library build is
 # put in a temporary folder for the check.
