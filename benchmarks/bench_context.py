@@ -7,6 +7,11 @@ without a fitted context; and ``ImageContext.fit`` on ``--fit-images`` random im
 and images are random (the cost does not depend on them); the trunk is the ImageNet AlexNet when
 ``$DEFECT_FAST_ALEXNET_WEIGHTS`` names it, else random weights of the same shapes.
 
+Also timed in the same rounds, the same Detector with the frozen trunk as it ran before it
+followed the Detector's precision: float32, and the image's conv1 and conv2 computed twice (by the
+perceptual map and by the context) instead of once ("with_float32_trunk"); the ratio of the two
+is what the tuned trunk saves per image of the recommended run.
+
     python benchmarks/bench_context.py [--threads 2] [--batch 8] [--rounds 10] [--fit-images 540] [--out FILE]
 """
 from __future__ import annotations
@@ -26,6 +31,16 @@ from defect_fast.models import build_model
 from defect_fast.perceptual import PerceptualMap
 
 SIZE = 256
+
+
+class Float32Trunk(Detector):
+    """The Detector with the trunk path before it followed the precision option: float32, nothing shared."""
+
+    def _trunk_options(self):
+        return {"dtype": None, "channels_last": False}
+
+    def _shared_stem(self, ctx):
+        return 0
 
 
 def _trunk() -> dict[str, torch.Tensor]:
@@ -71,19 +86,27 @@ def main() -> None:
     plain = Detector(model, SIZE, stride=32, blend="hann", smooth_sigma=4.0, perceptual=pm, map_kind="perceptual")
     with_ctx = Detector(model, SIZE, stride=32, blend="hann", smooth_sigma=4.0, perceptual=pm, map_kind="perceptual",
                         context=ctx)
+    before = Float32Trunk(model, SIZE, stride=32, blend="hann", smooth_sigma=4.0, perceptual=pm, map_kind="perceptual",
+                          context=ctx)
+    trunk = with_ctx._trunk_options()
     with torch.inference_mode():
         t = time_interleaved({"without": lambda: plain(images), "with": lambda: with_ctx(images),
-                              "context_alone": lambda: ctx.map(ctx.features(plain._to_model_input(images)), SIZE)},
+                              "with_float32_trunk": lambda: before(images),
+                              "context_alone": lambda: ctx.map(ctx.features(plain._to_model_input(images), **trunk), SIZE)},
                              rounds=args.rounds, warmup=2, device="cpu")
     info = device_info("cpu")
     per = {k: round(v["median_ms"] / args.batch, 2) for k, v in t.items()}
     res = {"info": info, "command": command_line(), "threads": args.threads, "batch": args.batch, "image_size": SIZE,
            "detector_precision": plain.precision, "trunk": "imagenet" if os.environ.get("DEFECT_FAST_ALEXNET_WEIGHTS") else "random",
+           "shared_trunk_layers": with_ctx._shared_stem(ctx),
            "ms_per_image": per, "ratio_with_over_without": round(per["with"] / per["without"], 3),
+           "ratio_float32_trunk_over_tuned": round(per["with_float32_trunk"] / per["with"], 3),
            "fit_images": args.fit_images, "fit_seconds": round(fit_s, 2), "timings": t}
     print(f"{info['cpu']} | torch {info['torch']} | threads {args.threads} | Detector precision {plain.precision}")
     print(f"per 256x256 image: without context {per['without']:.1f} ms, with {per['with']:.1f} ms "
           f"(x{res['ratio_with_over_without']:.3f}); context map alone {per['context_alone']:.1f} ms")
+    print(f"with the float32 trunk, conv1-2 computed twice: {per['with_float32_trunk']:.1f} ms "
+          f"(x{res['ratio_float32_trunk_over_tuned']:.3f} the tuned trunk)")
     print(f"ImageContext.fit on {args.fit_images} images: {fit_s:.1f} s")
     write_results(args.out or RESULTS / "context_cpu.json", res)
 

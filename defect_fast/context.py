@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .perceptual import _LPIPS_SCALE, _LPIPS_SHIFT
+from .perceptual import _LPIPS_SCALE, _LPIPS_SHIFT, FrozenTrunk
 
 # torchvision's alexnet.features, conv layers: (index, in, out, kernel, stride, padding); max-pools follow conv1 and conv2
 _ALEXNET = [(0, 3, 64, 11, 4, 2), (3, 64, 192, 5, 1, 2), (6, 192, 384, 3, 1, 1), (8, 384, 256, 3, 1, 1),
@@ -88,7 +88,7 @@ def _descriptor(f: torch.Tensor) -> torch.Tensor:
     return torch.cat([f.mean(dim=(2, 3)), f.std(dim=(2, 3))], 1)
 
 
-class ImageContext(nn.Module):
+class ImageContext(FrozenTrunk):
     """The image context score and map; see the module docstring.
 
     Args:
@@ -139,17 +139,45 @@ class ImageContext(nn.Module):
         self.register_buffer("fitted", torch.zeros(()))
 
     # -- inference -------------------------------------------------------------------------------
-    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Images [N,3,S,S] in [-1, 1] -> the float32 outputs of ``self.layers`` [N, C, G, G]."""
-        h = (x.float() - self.shift) / self.scale
+    def features(self, x: torch.Tensor, dtype: torch.dtype | None = None, channels_last: bool = False,
+                 stem: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Images [N,3,S,S] in [-1, 1] -> the float32 outputs of ``self.layers`` [N, C, G, G].
+
+        ``dtype`` (None: float32) and ``channels_last``: how the trunk runs. ``stem``: the float32
+        ReLU outputs of the first convolutions on these images, before their max-pools (what
+        :meth:`PerceptualMap.features <defect_fast.perceptual.PerceptualMap.features>` gives with
+        the same trunk weights and options): taken instead of computing them again, with the same
+        result (casting a low-precision output to float32 and back is exact, and max-pooling
+        commutes with it)."""
+        k = 0 if stem is None else min(len(stem), len(self.convs))
+        h = self._trunk_input(x, dtype, channels_last) if k == 0 else None
         out = []
-        for i, conv in enumerate(self.convs, start=1):
-            h = torch.relu(conv(h))
+        for i in range(1, len(self.convs) + 1):
+            h = stem[i - 1] if i <= k else self._trunk_conv(i - 1, h)
             if i <= 2:
                 h = F.max_pool2d(h, 3, 2)
             if i in self.layers:
-                out.append(h)
+                out.append(h.float())
+            if i == k and k < len(self.convs):  # the rest of the trunk continues in its own dtype
+                h = h.to(dtype or torch.float32)
+                if channels_last:
+                    h = h.contiguous(memory_format=torch.channels_last)
         return out
+
+    def shares_stem(self, other: nn.Module) -> int:
+        """How many leading convolutions ``other`` (a :class:`FrozenTrunk`) runs with exactly the
+        same weights and input scaling as this context: the length of ``stem`` it can hand to
+        :meth:`features` (0: none)."""
+        if not isinstance(other, FrozenTrunk) or not (torch.equal(self.shift, other.shift)
+                                                       and torch.equal(self.scale, other.scale)):
+            return 0
+        n = 0
+        for a, b in zip(self.convs, other.convs):
+            if not (a.stride == b.stride and a.padding == b.padding and a.weight.shape == b.weight.shape
+                    and torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)):
+                break
+            n += 1
+        return n
 
     def score(self, feats: list[torch.Tensor]) -> torch.Tensor:
         """:meth:`features` -> context score [N]: the mean over layers of the standardised

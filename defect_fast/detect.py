@@ -168,7 +168,8 @@ class Detector(nn.Module):
         blend: "none" (overlaps averaged) or "hann" (sin^2 window weights, seam-free overlaps).
         top_fraction: the image score is the mean of this fraction of the largest map values.
         precision: "auto" (:func:`default_precision`), "float32", "bfloat16" or "float16" (the
-            model runs under ``torch.autocast``; maps stay float32).
+            model runs under ``torch.autocast``, the perceptual map's and the context's frozen
+            trunk in that dtype; maps, scores and statistics stay float32).
         channels_last: feed the model channels-last patches (True, False or "auto" = True).
         fuse: run an inference copy of the model with BN folded and single-position
             convolutions as matrix products (True, False or "auto" = True); see above.
@@ -184,7 +185,8 @@ class Detector(nn.Module):
             ``map_kind`` is "perceptual" (one of ``model.image_maps``): the map is then computed on
             the whole image and its stitched reconstruction instead of patch by patch.
         context: a fitted :class:`~defect_fast.context.ImageContext` (:meth:`fit_context`): maps
-            and scores then add the context's map and score.
+            and scores then add the context's map and score. With the perceptual map, the trunk
+            layers both run on the image (conv1 and conv2 of the same AlexNet) are computed once.
     """
 
     def __init__(self, model: AnomalyModel, image_size: int, map_kind: str | None = None, stride: int | None = None,
@@ -263,6 +265,7 @@ class Detector(nn.Module):
         self.register_buffer("norm_mean", torch.as_tensor(0.0 if norm_mean is None else norm_mean, dtype=torch.float32).clone())
         self.register_buffer("norm_std", torch.as_tensor(1.0 if norm_std is None else norm_std, dtype=torch.float32).clone())
         self.to(device)
+        self._shared_stem(self.context)  # decided here, outside any trace
 
     def _apply(self, fn, *args, **kwargs):
         self._workspace, self._graphs = {}, {}  # buffers of the old device/dtype
@@ -340,6 +343,25 @@ class Detector(nn.Module):
         return torch.autocast(device_type, dtype=PRECISIONS[self.precision], cache_enabled=False) \
             if self.precision != "float32" else contextlib.nullcontext()
 
+    def _trunk_options(self) -> dict[str, Any]:
+        """How the perceptual map's and the context's frozen trunk run: in the ``precision``
+        option's dtype, channels-last with the ``channels_last`` option (their outputs go on in float32)."""
+        return {"dtype": None if self.precision == "float32" else PRECISIONS[self.precision],
+                "channels_last": self.channels_last}
+
+    def _shared_stem(self, ctx: nn.Module) -> int:
+        """How many leading trunk layers the perceptual map computes on the image that the context
+        ``ctx`` can take from it (the same weights; the perceptual map's full-size level): 0 when none."""
+        pm = self.image_map
+        if pm is None or ctx is None or 1 not in pm.scales:
+            return 0
+        key = (id(pm), id(ctx))
+        if getattr(self, "_stem_key", None) != key:
+            if _plain_graph():  # comparing weights is not traceable; the unshared path gives the same maps
+                return 0
+            self._stem_key, self._stem_layers = key, ctx.shares_stem(pm)
+        return self._stem_layers
+
     def _patch_maps(self, p: torch.Tensor) -> torch.Tensor:
         """Patches [B,3,P,P] -> maps [B,1,P,P] (float32)."""
         if self.channels_last:
@@ -383,7 +405,7 @@ class Detector(nn.Module):
         """Stitched maps before normalisation and smoothing: images [N,3,H,W] -> [N,S,S]."""
         x = self._to_model_input(images)
         if self.image_map is not None:
-            return self.image_map(x, self._stitched_recon(x))
+            return self.image_map(x, self._stitched_recon(x), **self._trunk_options())
         n, s, p = x.shape[0], self.image_size, self.patch
         gh, gw = self.grid
         patches = self._patches(x)
@@ -462,8 +484,9 @@ class Detector(nn.Module):
         raw, feats = [], []
         for c in calibration_images.split(max(1, images_per_batch)):
             x = self._to_model_input(c.to(self.device))  # resized once for both
-            raw.append(self.raw_maps(x))
-            feats.append(ctx.features(x))
+            r, f = self._maps_and_context(x, ctx)  # as inference computes them (trunk precision)
+            raw.append(r)
+            feats.append(f)
         # the map term's statistics are those of the normalised maps that finish() combines
         ctx.set_detector_stats(base_maps=torch.cat([(r - self.norm_mean) / self.norm_std for r in raw]))
         finished = [self.finish(r, ctx.map(f, self.image_size), ctx) for r, f in zip(raw, feats)]
@@ -494,9 +517,20 @@ class Detector(nn.Module):
         if self.context is None:
             return self.finish(self.raw_maps(images))
         x = self._to_model_input(images)  # resized once for the map and the context
-        feats = self.context.features(x)
-        maps, scores = self.finish(self.raw_maps(x), self.context.map(feats, self.image_size))
+        raw, feats = self._maps_and_context(x, self.context)
+        maps, scores = self.finish(raw, self.context.map(feats, self.image_size))
         return maps, self.context.combine_scores(scores, feats)
+
+    def _maps_and_context(self, x: torch.Tensor, ctx: nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Model-range images [N,3,S,S] -> (:meth:`raw_maps`, ``ctx.features``), the trunk layers
+        the perceptual map and the context share computed once."""
+        opts = self._trunk_options()
+        shared = self._shared_stem(ctx)
+        if shared:
+            stem = self.image_map.features(x, **opts)
+            feats = ctx.features(x, stem=stem[:shared], **opts)
+            return self.image_map(x, self._stitched_recon(x), x_features=stem, **opts), feats
+        return self.raw_maps(x), ctx.features(x, **opts)
 
     def _graph_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`forward` replayed from a CUDA graph captured for this input shape and dtype."""

@@ -10,6 +10,7 @@ import torch
 from defect_fast.context import ImageContext, _contribution, grid_side
 from defect_fast.detect import Detector
 from defect_fast.models import build_model
+from defect_fast.perceptual import PerceptualMap
 from tests.test_perceptual import _trunk
 
 
@@ -195,3 +196,48 @@ def test_onnx_export_of_a_detector_with_context_matches_it(tmp_path, monkeypatch
     maps, scores = _run_exported("onnx", out, x)
     torch.testing.assert_close(maps, want_maps, atol=1e-4 * float(want_maps.abs().max()), rtol=0)
     torch.testing.assert_close(scores, want_scores, atol=1e-4 * float(want_scores.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("layers", [(3, 4, 5), (1, 2, 5)])
+def test_features_from_a_shared_stem_are_those_computed_afresh(dtype, layers):
+    pm = PerceptualMap(128, trunk=_trunk())  # conv1 and conv2
+    ctx = ImageContext(128, trunk=_trunk(), layers=layers)
+    assert ctx.shares_stem(pm) == 2
+    assert ctx.shares_stem(PerceptualMap(128, layers=1, trunk=_trunk())) == 1
+    assert ctx.shares_stem(PerceptualMap(128, trunk=_trunk(seed=1))) == 0  # other weights
+    x = _surfaces(3)
+    stem = pm.features(x, dtype, channels_last=True)
+    for k in (1, 2):
+        shared = ctx.features(x, dtype, True, stem=stem[:k])
+        fresh = ctx.features(x, dtype, True)
+        assert len(shared) == len(fresh) == len(layers)
+        for a, b in zip(shared, fresh):
+            assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+def test_detector_computes_the_trunk_layers_it_shares_once(monkeypatch):
+    import defect_fast.context as context
+    import defect_fast.perceptual as perceptual
+
+    monkeypatch.setattr(context, "ImageContext", RandomTrunkContext)
+    monkeypatch.setattr(perceptual, "PerceptualMap",
+                        lambda s, layers=2, prior=0.01, scales=(1,): PerceptualMap(s, layers, _trunk(), prior, scales))
+    torch.manual_seed(0)
+    det = Detector(build_model("cmaae", memory_size=20), image_size=128, stride=32, blend="hann", precision="bfloat16")
+    to_u8 = lambda t: ((t + 1) * 127.5).round().to(torch.uint8)  # noqa: E731
+    normal, calib = to_u8(_surfaces(12, seed=1)), to_u8(_surfaces(4, seed=2))
+    det.fit_perceptual(normal, images_per_batch=4)
+    det.fit_context(normal, calib)
+    assert det._shared_stem(det.context) == 2
+    calls = []
+    conv = ImageContext._trunk_conv
+    monkeypatch.setattr(ImageContext, "_trunk_conv", lambda self, i, h: calls.append(i) or conv(self, i, h))
+    with torch.no_grad():
+        maps, scores = det(calib)
+        assert calls == [2, 3, 4]  # conv1 and conv2 of the image come from the perceptual map
+        calls.clear()
+        monkeypatch.setattr(det, "_shared_stem", lambda ctx: 0)
+        unshared = det(calib)
+        assert calls == [0, 1, 2, 3, 4]
+    assert torch.equal(maps, unshared[0]) and torch.equal(scores, unshared[1])

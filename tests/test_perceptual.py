@@ -156,9 +156,33 @@ def test_detector_uses_the_perceptual_map_on_stitched_reconstructions(monkeypatc
     assert det.map_kind == "perceptual"
     maps, scores = det(normal[:2])
     assert maps.shape == (2, 128, 128) and scores.shape == (2,)
-    # the map is the perceptual map of the image and its stitched reconstruction
+    # the map is the perceptual map of the image and its stitched reconstruction, the trunk run
+    # in the detector's precision
     x = det._to_model_input(normal[:2])
-    torch.testing.assert_close(maps, det.image_map(x, det._stitched_recon(x)))
+    torch.testing.assert_close(maps, det.image_map(x, det._stitched_recon(x), **det._trunk_options()))
     # the detector refuses the map when no statistics were fitted
     with pytest.raises(ValueError, match="statistics"):
         Detector(model, image_size=128, map_kind="perceptual")
+
+
+def test_trunk_in_low_precision_hands_on_float32_features_close_to_float32_ones():
+    pm = PerceptualMap(64, trunk=_trunk())
+    x, r = _images(2), _images(2, seed=2)
+    f32 = pm.features(x)
+    low = pm.features(x, torch.bfloat16, channels_last=True)
+    for a, b in zip(f32, low):
+        assert b.dtype == torch.float32 and b.shape == a.shape
+        torch.testing.assert_close(b, a, rtol=0.05, atol=0.02 * float(a.abs().max()))
+    m32, m16 = pm(x, r), pm(x, r, dtype=torch.bfloat16, channels_last=True)
+    assert m16.dtype == torch.float32
+    torch.testing.assert_close(m16, m32, rtol=0.05, atol=0.02 * float(m32.max()))
+    # the low-precision weights are copied once per layer, and follow a change of the weights
+    cache = pm.__dict__["_cast_weights"]
+    kept = dict(cache)
+    assert len(kept) == 2
+    pm.features(x, torch.bfloat16, channels_last=True)
+    assert cache.keys() == kept.keys() and all(cache[k][0] is kept[k][0] for k in kept)
+    with torch.no_grad():
+        pm.convs[0].weight.mul_(2)  # a power of two: the new outputs are exactly twice the old
+    assert torch.equal(pm.features(x, torch.bfloat16, channels_last=True)[0], 2 * low[0])
+    assert len(cache) == 2
