@@ -171,7 +171,11 @@ def seeds(base: str, label: str) -> str:
 
 
 def summary() -> dict:
-    """summary.json: every row, and the best trained model by pixel AUROC with its command."""
+    """summary.json: every row, and the best trained model by pixel AUROC with its command.
+
+    "best" is chosen among the rows whose training command is known (:data:`COMMANDS`: the two
+    methods' v2-v4 rows), so that its command always runs as written; the baselines' rows are
+    comparisons, not candidates."""
     rows = []
     for path in sorted(RES.glob("*.json")):
         if path.name == "summary.json":
@@ -182,7 +186,7 @@ def summary() -> dict:
                      "train_seconds": m.get("train_seconds") or m.get("train_seconds_wall"),
                      "train_args": m.get("train_args"), "evaluate_args": m.get("evaluate_args"),
                      "hardware": m.get("hardware")})
-    trained = [r for r in rows if r["model"] not in (None, "model-free") and r["name"].endswith(("-v2", "-v3", "-v4"))]
+    trained = [r for r in rows if r["name"] in COMMANDS]
     best = max(trained, key=lambda r: r["pixel_auroc"] or 0, default=None)
     out = {"rows": rows}
     if best is not None:
