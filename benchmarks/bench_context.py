@@ -80,8 +80,8 @@ def main() -> None:
     model = build_model("cmaae")
     pm = PerceptualMap(SIZE, trunk=trunk, scales=(1, 2))
     plain = Detector(model, SIZE, stride=32, blend="hann", smooth_sigma=4.0)
-    with torch.no_grad():
-        x = plain._to_model_input(images)
+    with torch.no_grad():  # statistics from 8 images whatever --batch is (the fit needs 2 or more)
+        x = plain._to_model_input(torch.randint(0, 256, (8, 3, SIZE, SIZE), dtype=torch.uint8, generator=g))
         pm.fit([(x, plain._stitched_recon(x))])
     plain = Detector(model, SIZE, stride=32, blend="hann", smooth_sigma=4.0, perceptual=pm, map_kind="perceptual")
     with_ctx = Detector(model, SIZE, stride=32, blend="hann", smooth_sigma=4.0, perceptual=pm, map_kind="perceptual",
