@@ -98,29 +98,41 @@ def test_torchscript_runs_without_the_package(run, tmp_path):
     assert "defect_fast::" not in str(torch.jit.load(str(out)).inlined_graph)  # no custom op left in the graph
 
 
-def test_onnx_export_of_a_two_level_perceptual_map_matches_the_detector(tmp_path):
-    """The recommended runs map with the perceptual map (image pyramid 1 2): the exported graph
-    carries the AlexNet trunk, both levels' statistics and the 2x2 averaging."""
+@pytest.mark.parametrize("context", [False, True])
+def test_onnx_export_of_a_two_level_perceptual_map_matches_the_detector(tmp_path, monkeypatch, context):
+    """The recommended runs map with the perceptual map (image pyramid 1 2), with and without the
+    image context: the exported graph carries the AlexNet trunk, both levels' statistics and the
+    2x2 averaging (and the context, which takes the image's conv1-2 from the perceptual map)."""
+    import defect_fast.context as context_module
     from defect_fast.perceptual import PerceptualMap
+    from tests.test_context import RandomTrunkContext
     from tests.test_perceptual import _trunk
 
     torch.manual_seed(0)
     m = build_model("cmaae", memory_size=20)
     pm = PerceptualMap(128, trunk=_trunk(), scales=(1, 2))
     det = Detector(m, image_size=128, stride=32, blend="hann", precision="float32")
-    normal = _images(4, seed=3)
+    normal = _images(12 if context else 4, seed=3)
     with torch.no_grad():
         x = det._to_model_input(normal)
         pm.fit([(x, det._stitched_recon(x))])
+    state = {"model_name": "cmaae", "model_config": m.config(), "model_state": m.state_dict(), "image_size": 128,
+             "perceptual": pm.state(), "detector": {"map_kind": "perceptual", "stride": 32, "blend": "hann",
+                                                    "smooth_sigma": 2.0}}
+    if context:
+        monkeypatch.setattr(context_module, "ImageContext", RandomTrunkContext)
+        det = Detector(m, image_size=128, stride=32, blend="hann", smooth_sigma=2.0, precision="float32",
+                       map_kind="perceptual", perceptual=pm)
+        det.fit_context(normal, _images(4, seed=5))
+        state["context"] = det.context.state()
     run = tmp_path / "run"
     run.mkdir()
-    atomic_save({"model_name": "cmaae", "model_config": m.config(), "model_state": m.state_dict(), "image_size": 128,
-                 "perceptual": pm.state(), "detector": {"map_kind": "perceptual", "stride": 32, "blend": "hann",
-                                                         "smooth_sigma": 2.0}}, run / "model.pt")
+    atomic_save(state, run / "model.pt")
     out = tmp_path / "det.onnx"
     assert main(["export", str(run), "--format", "onnx", "--out", str(out), "--batch", "2"]) == 0
     det = Detector.load(run, device="cpu", precision="float32")
     assert det.map_kind == "perceptual" and det.image_map.scales == (1, 2)
+    assert det._shared_stem(det.context) == (2 if context else 0)
     x = _images(2, seed=4)
     with torch.no_grad():
         want_maps, want_scores = det(x)
