@@ -50,6 +50,11 @@ _LPIPS_SCALE = (0.458, 0.448, 0.450)
 _RF = (11, 51, 99)
 
 
+def _version(t: torch.Tensor) -> int:
+    """``t``'s in-place change counter (0 for an inference tensor, which keeps none)."""
+    return 0 if t.is_inference() else t._version
+
+
 class FrozenTrunk(nn.Module):
     """Base of the modules that run frozen AlexNet convolutions ``self.convs`` on LPIPS-scaled
     images (``shift``/``scale`` buffers), in float32 or in a lower precision.
@@ -71,7 +76,7 @@ class FrozenTrunk(nn.Module):
         w, b = conv.weight, conv.bias
         if h.dtype != w.dtype:
             cache = self.__dict__.setdefault("_cast_weights", {})
-            key = (i, h.dtype, w.device, w.data_ptr(), w._version, b.data_ptr(), b._version)
+            key = (i, h.dtype, w.device, w.data_ptr(), _version(w), b.data_ptr(), _version(b))
             if key not in cache:
                 for k in [k for k in cache if k[:2] == key[:2]]:
                     del cache[k]

@@ -186,3 +186,9 @@ def test_trunk_in_low_precision_hands_on_float32_features_close_to_float32_ones(
         pm.convs[0].weight.mul_(2)  # a power of two: the new outputs are exactly twice the old
     assert torch.equal(pm.features(x, torch.bfloat16, channels_last=True)[0], 2 * low[0])
     assert len(cache) == 2
+
+
+def test_trunk_in_low_precision_runs_on_a_map_built_in_inference_mode():
+    with torch.inference_mode():  # its weights are inference tensors, which keep no version counter
+        pm = PerceptualMap(64, trunk=_trunk())
+        assert pm.features(_images(1), torch.bfloat16)[1].dtype == torch.float32
