@@ -12,7 +12,8 @@ followed the Detector's precision: float32, and the image's conv1 and conv2 comp
 perceptual map and by the context) instead of once ("with_float32_trunk"); the ratio of the two
 is what the tuned trunk saves per image of the recommended run.
 
-    python benchmarks/bench_context.py [--threads 2] [--batch 8] [--rounds 10] [--fit-images 540] [--out FILE]
+    python benchmarks/bench_context.py [--device cpu|cuda] [--threads 2] [--batch 8] [--rounds 10]
+        [--fit-images 540] [--out FILE]
 """
 from __future__ import annotations
 
@@ -59,42 +60,45 @@ def _trunk() -> dict[str, torch.Tensor]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8, help="images per Detector call (default 8)")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--fit-images", type=int, default=540, help="images ImageContext.fit runs on (default 540)")
-    ap.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/context_cpu.json)")
+    ap.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/context_<device>.json)")
     args = ap.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: no CUDA device is visible")
+    dev = torch.device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     trunk = _trunk()
     g = torch.Generator().manual_seed(1)
-    images = torch.randint(0, 256, (args.batch, 3, SIZE, SIZE), dtype=torch.uint8, generator=g)
-    fit_set = torch.rand(args.fit_images, 3, SIZE, SIZE, generator=g) * 2 - 1
+    images = torch.randint(0, 256, (args.batch, 3, SIZE, SIZE), dtype=torch.uint8, generator=g).to(dev)
+    fit_set = (torch.rand(args.fit_images, 3, SIZE, SIZE, generator=g) * 2 - 1).to(dev)
 
     t0 = time.perf_counter()
-    ctx = ImageContext(SIZE, trunk=trunk)
+    ctx = ImageContext(SIZE, trunk=trunk).to(dev)
     ctx.fit(lambda: fit_set.split(32))
     fit_s = time.perf_counter() - t0
 
     model = build_model("cmaae")
-    pm = PerceptualMap(SIZE, trunk=trunk, scales=(1, 2))
-    plain = Detector(model, SIZE, stride=32, blend="hann", smooth_sigma=4.0)
+    pm = PerceptualMap(SIZE, trunk=trunk, scales=(1, 2)).to(dev)
+    plain = Detector(model, SIZE, stride=32, blend="hann", smooth_sigma=4.0, device=dev)
     with torch.no_grad():  # statistics from 8 images whatever --batch is (the fit needs 2 or more)
-        x = plain._to_model_input(torch.randint(0, 256, (8, 3, SIZE, SIZE), dtype=torch.uint8, generator=g))
+        x = plain._to_model_input(torch.randint(0, 256, (8, 3, SIZE, SIZE), dtype=torch.uint8, generator=g).to(dev))
         pm.fit([(x, plain._stitched_recon(x))])
-    plain = Detector(model, SIZE, stride=32, blend="hann", smooth_sigma=4.0, perceptual=pm, map_kind="perceptual")
-    with_ctx = Detector(model, SIZE, stride=32, blend="hann", smooth_sigma=4.0, perceptual=pm, map_kind="perceptual",
-                        context=ctx)
-    before = Float32Trunk(model, SIZE, stride=32, blend="hann", smooth_sigma=4.0, perceptual=pm, map_kind="perceptual",
-                          context=ctx)
+    kw = dict(stride=32, blend="hann", smooth_sigma=4.0, perceptual=pm, map_kind="perceptual", device=dev)
+    plain = Detector(model, SIZE, **kw)
+    with_ctx = Detector(model, SIZE, context=ctx, **kw)
+    before = Float32Trunk(model, SIZE, context=ctx, **kw)
     trunk = with_ctx._trunk_options()
     with torch.inference_mode():
         t = time_interleaved({"without": lambda: plain(images), "with": lambda: with_ctx(images),
                               "with_float32_trunk": lambda: before(images),
                               "context_alone": lambda: ctx.map(ctx.features(plain._to_model_input(images), **trunk), SIZE)},
-                             rounds=args.rounds, warmup=2, device="cpu")
-    info = device_info("cpu")
+                             rounds=args.rounds, warmup=2, device=args.device)
+    info = device_info(args.device)
     per = {k: round(v["median_ms"] / args.batch, 2) for k, v in t.items()}
     res = {"info": info, "command": command_line(), "threads": args.threads, "batch": args.batch, "image_size": SIZE,
            "detector_precision": plain.precision, "trunk": "imagenet" if os.environ.get("DEFECT_FAST_ALEXNET_WEIGHTS") else "random",
@@ -102,13 +106,14 @@ def main() -> None:
            "ms_per_image": per, "ratio_with_over_without": round(per["with"] / per["without"], 3),
            "ratio_float32_trunk_over_tuned": round(per["with_float32_trunk"] / per["with"], 3),
            "fit_images": args.fit_images, "fit_seconds": round(fit_s, 2), "timings": t}
-    print(f"{info['cpu']} | torch {info['torch']} | threads {args.threads} | Detector precision {plain.precision}")
+    print(f"{info.get('gpu') or info['cpu']} | torch {info['torch']} | threads {args.threads} | "
+          f"Detector precision {plain.precision}")
     print(f"per 256x256 image: without context {per['without']:.1f} ms, with {per['with']:.1f} ms "
           f"(x{res['ratio_with_over_without']:.3f}); context map alone {per['context_alone']:.1f} ms")
     print(f"with the float32 trunk, conv1-2 computed twice: {per['with_float32_trunk']:.1f} ms "
           f"(x{res['ratio_float32_trunk_over_tuned']:.3f} the tuned trunk)")
     print(f"ImageContext.fit on {args.fit_images} images: {fit_s:.1f} s")
-    write_results(args.out or RESULTS / "context_cpu.json", res)
+    write_results(args.out or RESULTS / f"context_{dev.type}.json", res)
 
 
 if __name__ == "__main__":

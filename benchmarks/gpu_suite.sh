@@ -13,6 +13,8 @@
 #   bench_ops  benchmarks/bench_{memory_address,aw_ssim,msfr}.py -> OUTDIR/results/*.json
 #   inference  benchmarks/bench_inference.py --device cuda       -> OUTDIR/results/inference_*.json
 #   train      benchmarks/bench_train.py --device cuda           -> OUTDIR/results/train_cuda.json
+#   recommended benchmarks/bench_context.py --device cuda        -> OUTDIR/results/context_cuda.json
+#              (the recommended run's inference: perceptual map + image context, 256 px, batch 64)
 # and writes OUTDIR/suite.json (every step's status, seconds, log) and a one-screen summary.
 #
 # --dry-run (any machine, no GPU needed; CI runs it): executes the CPU parts at tiny sizes (the
@@ -188,12 +190,14 @@ if [ "$DRY" = 1 ]; then
   step bench_msfr_cpu 30 cpu "$PY" benchmarks/bench_msfr.py --device cpu --rounds 1
   step train_cpu 60 cpu "$PY" benchmarks/bench_train.py --device cpu --models cmaae --batch 4 --steps 1 --warmup 0 --image-size 128
   step inference_cpu 90 cpu "$PY" benchmarks/bench_inference.py --device cpu --batch 1 2 --rounds 1
+  step recommended_cpu 60 cpu "$PY" benchmarks/bench_context.py --device cpu --batch 2 --rounds 1 --fit-images 20
 fi
 step bench_ma 40 gpu "$PY" benchmarks/bench_memory_address.py --device cuda --rounds 20
 step bench_ssim 50 gpu "$PY" benchmarks/bench_aw_ssim.py --device cuda --batches 64,512 --rounds 10
 step bench_msfr 40 gpu "$PY" benchmarks/bench_msfr.py --device cuda --rounds 20
 step inference 75 gpu "$PY" benchmarks/bench_inference.py --device cuda ${INFERENCE_ARGS:---batch 1 8 64 --rounds 10}
 step train 100 gpu "$PY" benchmarks/bench_train.py --device cuda --batch 2048 --steps 5
+step recommended 45 gpu "$PY" benchmarks/bench_context.py --device cuda --batch 64 --rounds 10 --fit-images 540
 
 # ---- summary -------------------------------------------------------------------------------
 "$PY" - "$OUT" "$DRY" "$(( $(date +%s) - START ))" <<'EOF'
@@ -231,6 +235,8 @@ for path in suite["results"]:
         label = " ".join(f"{k}={r[k]}" for k in ("model", "stage", "case", "pass", "batch", "images", "B", "N", "C", "dtype") if k in r)
         vals = " ".join(f"{k}={r[k]:.4g}" if isinstance(r[k], (int, float)) else f"{k}={r[k]}" for k in keys[:4])
         lines.append(f"    {label} {vals}".rstrip())
+    if isinstance(payload, dict) and isinstance(payload.get("ms_per_image"), dict):
+        lines.append("    ms/image " + " ".join(f"{k}={v}" for k, v in payload["ms_per_image"].items()))
     print(f"  {name}")
     print("\n".join(lines) if lines else "    (see file)")
 if not dry:
