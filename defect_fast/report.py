@@ -306,8 +306,9 @@ def write_report(
         if rec_u8 is not None:
             tiles.append(("reconstruction", _png_uri(_thumb(Image.fromarray(rec_u8[pos[i]].permute(1, 2, 0).numpy()), thumb))))
         small = maps[i]
-        tiles.append(("map", _file_png_uri(lambda f: save_map(small, f, scale))))
-        tiles.append(("overlay", _file_png_uri(lambda f: save_overlay(img, small, f, scale))))
+        # PIL's default zlib level: the page's size matters more than the time to write it
+        tiles.append(("map", _file_png_uri(lambda f: save_map(small, f, scale, compress_level=6))))
+        tiles.append(("overlay", _file_png_uri(lambda f: save_overlay(img, small, f, scale, compress_level=6))))
         if masks is not None and bool(masks[i].any()):
             tiles.append(("mask", _png_uri(_thumb(Image.fromarray(masks[i].cpu().numpy().astype(np.uint8) * 255), thumb))))
         css, tag = ("fa", "false alarm") if fa[i] else ("miss", "miss") if miss[i] else \

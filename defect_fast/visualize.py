@@ -28,15 +28,16 @@ def heat(u: np.ndarray) -> np.ndarray:
     return (np.stack([r, g, b], axis=-1) * 255).astype(np.uint8)
 
 
-def save_map(m: torch.Tensor, path: Path, scale: float) -> None:
+def save_map(m: torch.Tensor, path: Path, scale: float, compress_level: int = PNG_COMPRESS_LEVEL) -> None:
     """Save map [H, W] as 8-bit grey, value ``scale`` and above white."""
-    Image.fromarray((_unit(m, scale) * 255).astype(np.uint8), mode="L").save(path, compress_level=PNG_COMPRESS_LEVEL)
+    Image.fromarray((_unit(m, scale) * 255).astype(np.uint8), mode="L").save(path, compress_level=compress_level)
 
 
-def save_overlay(image: torch.Tensor, m: torch.Tensor, path: Path, scale: float, alpha: float = 0.5) -> None:
+def save_overlay(image: torch.Tensor, m: torch.Tensor, path: Path, scale: float, alpha: float = 0.5,
+                 compress_level: int = PNG_COMPRESS_LEVEL) -> None:
     """Save image uint8 [3, H, W] blended with the heat colours of map [H, W]."""
     u = _unit(m, scale)
     base = image.permute(1, 2, 0).numpy().astype(np.float32)
     weight = (alpha * u)[..., None]
     blend = base * (1 - weight) + heat(u).astype(np.float32) * weight
-    Image.fromarray(blend.clip(0, 255).astype(np.uint8), mode="RGB").save(path, compress_level=PNG_COMPRESS_LEVEL)
+    Image.fromarray(blend.clip(0, 255).astype(np.uint8), mode="RGB").save(path, compress_level=compress_level)
