@@ -6,8 +6,9 @@ images, then the patches) + forward + ``model.loss`` + backward + Adam step. Ste
 modes alternate in one run (benchmarks/common.py), and the ratio is the ratio of the medians.
 
 - eager: float32, contiguous (NCHW) tensors.
-- tuned: channels_last model and inputs, plus bfloat16 autocast where it pays: on CUDA, and on
-  CPUs with AVX512-BF16 or AMX (oneDNN's bfloat16 kernels); elsewhere channels_last float32.
+- tuned: channels_last model and inputs, plus the autocast dtype ``defect-fast train --precision
+  auto`` picks (:func:`defect_fast.train.train_dtype`): bfloat16 on GPUs that have it and on CPUs
+  with AVX512-BF16 or AMX (oneDNN's bfloat16 kernels); elsewhere channels_last float32.
 
 Images are random (uniform noise, smoothed) and so are the synthesis sources: throughput does not
 depend on the pictures, and the benchmark needs no files or network.
@@ -29,15 +30,13 @@ import torch.nn.functional as F
 from common import RESULTS, ROOT, command_line, device_info, time_interleaved, write_results
 
 from defect_fast.data.patches import extract_patches
-from defect_fast.precision import cpu_has_bf16
+from defect_fast.train import train_dtype
 from defect_fast.models import build_model
 
 
 def tuned_precision(device: str) -> torch.dtype | None:
-    """bfloat16 on CUDA and on CPUs with AVX512-BF16 or AMX; None (float32) elsewhere."""
-    if device.startswith("cuda"):
-        return torch.bfloat16
-    return torch.bfloat16 if cpu_has_bf16() else None
+    """What ``defect-fast train --precision auto`` trains in on ``device`` (None: float32)."""
+    return train_dtype("auto", torch.device(device))
 
 
 def smooth_noise(n: int, size: int, generator: torch.Generator, device: str) -> torch.Tensor:
@@ -140,7 +139,7 @@ def main() -> None:
     results = {
         "info": info, "command": command_line(),
         "modes": {"eager": "float32, NCHW",
-                  "tuned": f"channels_last, {'bfloat16 autocast' if precision else 'float32 (no AVX512-BF16/AMX)'}"},
+                  "tuned": f"channels_last, {'bfloat16 autocast' if precision else 'float32 (no bf16 instructions)'}"},
         "image_size": args.image_size, "steps": steps, "warmup": args.warmup, "rows": [], "skipped": [],
     }
     for name in args.models:
