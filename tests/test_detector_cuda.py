@@ -1,0 +1,91 @@
+"""The Detector's tuned path on a CUDA device: the paper's maps and the recommended run's
+(perceptual map + image context), eager and replayed from CUDA graphs, against the float32
+pipeline on the CPU. ``pytest -m cuda`` (the GPU suite's tests step) runs them; elsewhere they
+are skipped, and the same check runs on the CPU without graphs
+(``test_the_check_itself_on_the_cpu``), so that its own logic is tested everywhere."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from defect_fast.detect import Detector
+from defect_fast.perceptual import PerceptualMap
+from tests.test_context import RandomTrunkContext, _surfaces
+from tests.test_detector import _images, _model
+from tests.test_perceptual import _trunk
+
+SIZE = 128
+
+
+def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1])
+
+
+def _recommended(name: str) -> tuple[dict, torch.Tensor]:
+    """Keyword arguments of a Detector with a fitted perceptual map (pyramid 1 2) and image context
+    on random trunks (fitted by a CPU float32 Detector), and uint8 test images."""
+    to_u8 = lambda t: ((t + 1) * 127.5).round().to(torch.uint8)  # noqa: E731
+    normal, calib = to_u8(_surfaces(12, SIZE, seed=1)), to_u8(_surfaces(4, SIZE, seed=2))
+    kw = dict(stride=32, blend="hann", smooth_sigma=2.0)
+    base = Detector(_model(name), SIZE, precision="float32", **kw)
+    pm = PerceptualMap(SIZE, trunk=_trunk(), scales=(1, 2))
+    with torch.no_grad():
+        x = base._to_model_input(normal)
+        pm.fit([(x, base._stitched_recon(x))])
+    det = Detector(_model(name), SIZE, precision="float32", map_kind="perceptual", perceptual=pm, **kw)
+    det.fit_context(normal, calib)  # ImageContext is RandomTrunkContext here (the tests' monkeypatch)
+    kw.update(map_kind="perceptual", perceptual=pm, context=det.context)
+    return kw, to_u8(_surfaces(3, SIZE, seed=3))
+
+
+def check_tuned_pipeline(device: str, name: str, recommended: bool, graphs: bool) -> None:
+    """The tuned Detector on ``device`` (precision "auto", channels-last, fused model, CUDA graphs
+    with ``graphs``) against the float32 pipeline on the CPU, and float32 on ``device`` against it."""
+    if recommended:
+        kw, x = _recommended(name)
+    else:
+        kw, x = dict(stride=16 if name == "awae" else None), _images(3, SIZE)
+    with torch.no_grad():
+        want_maps, want_scores = Detector(_model(name), SIZE, precision="float32", channels_last=False, **kw)(x)
+        f32 = Detector(_model(name), SIZE, device=device, precision="float32", **copy.deepcopy(kw))
+        maps, scores = f32(x.to(device))
+        scale = float(want_maps.abs().max())
+        torch.testing.assert_close(maps.cpu(), want_maps, atol=1e-3 * scale, rtol=1e-3)
+        torch.testing.assert_close(scores.cpu(), want_scores, atol=1e-3 * float(want_scores.abs().max()), rtol=1e-3)
+
+        tuned = Detector(_model(name), SIZE, device=device, cuda_graphs=graphs, **copy.deepcopy(kw))
+        if recommended:
+            assert tuned._shared_stem(tuned.context) == 2
+        maps, scores = tuned(x.to(device))
+        assert maps.dtype == torch.float32 and torch.isfinite(maps).all() and torch.isfinite(scores).all()
+        assert _corr(maps.cpu(), want_maps) > 0.99
+        assert (scores.cpu() - want_scores).abs().max() <= 0.05 * float(want_scores.abs().max()) + 1e-3
+        # a second call (a graph replay) gives the same maps, and the first call's outputs stay theirs
+        kept = maps.clone()
+        other = tuned(torch.flip(x, dims=[-1]).to(device))[0]
+        again = tuned(x.to(device))[0]
+        assert torch.equal(maps, kept) and not torch.equal(other, kept)
+        torch.testing.assert_close(again, kept, atol=1e-5 * float(kept.abs().max()), rtol=1e-5)
+
+
+@pytest.fixture(autouse=True)
+def _random_trunk_context(monkeypatch):
+    import defect_fast.context as context
+
+    monkeypatch.setattr(context, "ImageContext", RandomTrunkContext)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.parametrize("name,recommended", [("cmaae", False), ("awae", False), ("cmaae", True)])
+def test_tuned_cuda_pipeline_matches_float32_on_the_cpu(name, recommended, graphs):
+    check_tuned_pipeline("cuda", name, recommended, graphs)
+
+
+@pytest.mark.parametrize("name,recommended", [("cmaae", False), ("cmaae", True)])
+def test_the_check_itself_on_the_cpu(name, recommended):
+    """The same check on the CPU (no graphs there), so that the CUDA test's own logic is tested
+    on every machine."""
+    check_tuned_pipeline("cpu", name, recommended, graphs=False)
