@@ -10,7 +10,8 @@ and images are random (the cost does not depend on them); the trunk is the Image
 Also timed in the same rounds, the same Detector with the frozen trunk as it ran before it
 followed the Detector's precision: float32, and the image's conv1 and conv2 computed twice (by the
 perceptual map and by the context) instead of once ("with_float32_trunk"); the ratio of the two
-is what the tuned trunk saves per image of the recommended run.
+is what the tuned trunk saves per image of the recommended run. On a GPU (``--device cuda``) every
+Detector timed replays CUDA graphs.
 
     python benchmarks/bench_context.py [--device cpu|cuda] [--threads 2] [--batch 8] [--rounds 10]
         [--fit-images 540] [--out FILE]
@@ -88,7 +89,8 @@ def main() -> None:
     with torch.no_grad():  # statistics from 8 images whatever --batch is (the fit needs 2 or more)
         x = plain._to_model_input(torch.randint(0, 256, (8, 3, SIZE, SIZE), dtype=torch.uint8, generator=g).to(dev))
         pm.fit([(x, plain._stitched_recon(x))])
-    kw = dict(stride=32, blend="hann", smooth_sigma=4.0, perceptual=pm, map_kind="perceptual", device=dev)
+    kw = dict(stride=32, blend="hann", smooth_sigma=4.0, perceptual=pm, map_kind="perceptual", device=dev,
+              cuda_graphs=dev.type == "cuda")  # on a GPU the tuned path replays CUDA graphs
     plain = Detector(model, SIZE, **kw)
     with_ctx = Detector(model, SIZE, context=ctx, **kw)
     before = Float32Trunk(model, SIZE, context=ctx, **kw)

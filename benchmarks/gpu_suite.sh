@@ -197,7 +197,7 @@ step bench_ssim 50 gpu "$PY" benchmarks/bench_aw_ssim.py --device cuda --batches
 step bench_msfr 40 gpu "$PY" benchmarks/bench_msfr.py --device cuda --rounds 20
 step inference 75 gpu "$PY" benchmarks/bench_inference.py --device cuda ${INFERENCE_ARGS:---batch 1 8 64 --rounds 10}
 step train 100 gpu "$PY" benchmarks/bench_train.py --device cuda --batch 2048 --steps 5
-step recommended 45 gpu "$PY" benchmarks/bench_context.py --device cuda --batch 64 --rounds 10 --fit-images 540
+step recommended 45 gpu "$PY" benchmarks/bench_context.py --device cuda --batch 64 --rounds 10 --fit-images 100
 
 # ---- summary -------------------------------------------------------------------------------
 "$PY" - "$OUT" "$DRY" "$(( $(date +%s) - START ))" <<'EOF'
