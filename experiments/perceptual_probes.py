@@ -48,8 +48,8 @@ def reconstructions(det: Detector, images: torch.Tensor) -> torch.Tensor:
 class CentredMap(PerceptualMap):
     """The perceptual map with each image's residual features centred on their spatial median."""
 
-    def residual(self, x, recon, level=0):
-        e = super().residual(x, recon, level)
+    def residual(self, x, recon, level=0, **trunk):
+        e = super().residual(x, recon, level, **trunk)
         return e - e.flatten(2).median(2).values[:, :, None, None]
 
 
