@@ -174,7 +174,7 @@ step build 240 gpu "$PY" "$BUILD_PY" "$OUT/build.json" cuda
 if [ "$DRY" = 1 ]; then
   step tests_collect 60 cpu "$PY" -m pytest -q -p no:cacheprovider -m cuda --collect-only tests/
 fi
-step tests 90 gpu "$PY" -m pytest -q -p no:cacheprovider -m cuda --junitxml="$OUT/tests_cuda.xml" tests/
+step tests 120 gpu "$PY" -m pytest -q -p no:cacheprovider -m cuda --junitxml="$OUT/tests_cuda.xml" tests/
 
 # ---- compute-sanitizer ---------------------------------------------------------------------
 if [ "$DRY" = 1 ]; then

@@ -6,6 +6,7 @@ are skipped, and the same check runs on the CPU without graphs
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -23,9 +24,11 @@ def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1])
 
 
+@functools.lru_cache(maxsize=None)
 def _recommended(name: str) -> tuple[dict, torch.Tensor]:
     """Keyword arguments of a Detector with a fitted perceptual map (pyramid 1 2) and image context
-    on random trunks (fitted by a CPU float32 Detector), and uint8 test images."""
+    on random trunks (fitted by a CPU float32 Detector), and uint8 test images; fitted once per
+    model name (the checks copy what they move to a device)."""
     to_u8 = lambda t: ((t + 1) * 127.5).round().to(torch.uint8)  # noqa: E731
     normal, calib = to_u8(_surfaces(12, SIZE, seed=1)), to_u8(_surfaces(4, SIZE, seed=2))
     kw = dict(stride=32, blend="hann", smooth_sigma=2.0)
