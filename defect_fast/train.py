@@ -606,6 +606,7 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
             trainer.restore(state)
         model = trainer.run()
         elapsed = trainer.train_seconds()  # every process of the run, not only this one
+        finish_started = time.perf_counter()
         if held_images.shape[0]:
             finished = finish_run(model, cfg, held_images, trainer.device, train_images=train_images,
                                   context_images=train_images)
@@ -619,7 +620,9 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
                                                f"{finished['calibration']['n_images']} training images, optimistic "
                                                "(they were trained on); not a calibrated false-alarm rate")
         cal = finished["calibration"]
-        final = {**trainer.state(), "calibration": cal, "held_back": list(cfg.held_back), "train_seconds": elapsed}
+        finish_seconds = time.perf_counter() - finish_started
+        final = {**trainer.state(), "calibration": cal, "held_back": list(cfg.held_back), "train_seconds": elapsed,
+                 "finish_seconds": finish_seconds}
         if finished["normalization"] is not None:
             final["normalization"] = finished["normalization"]
         if finished["perceptual"] is not None:
@@ -630,8 +633,9 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         atomic_save(final, out / MODEL_FILE)
         if not cal.get("sufficient", True):
             _warn(cal["note"])
-        log(f"trained {cfg.model} in {elapsed:.1f} s; image threshold {cal['image_threshold']:.4g} "
-            f"from {cal['n_images']} {cal['source']}; model saved to {out / MODEL_FILE}")
+        log(f"trained {cfg.model} in {elapsed:.1f} s, then {finish_seconds:.1f} s for the map statistics and "
+            f"calibration; image threshold {cal['image_threshold']:.4g} from {cal['n_images']} {cal['source']}; "
+            f"model saved to {out / MODEL_FILE}")
     except BaseException:
         if not resume and not (out / CHECKPOINT_FILE).exists():
             folder.discard()  # a failed start leaves nothing behind

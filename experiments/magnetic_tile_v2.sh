@@ -58,7 +58,8 @@ state = torch.load(f"{run}/model.pt", map_location="cpu", weights_only=True)
 from defect_fast.detect import cpu_flags, default_precision
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
 bf16 = "+".join(sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"})) or "no bf16 instructions"
-m.update(model=model, train_seconds=state.get("train_seconds"), train_seconds_wall=int(secs) or None,
+m.update(model=model, train_seconds=state.get("train_seconds"), finish_seconds=state.get("finish_seconds"),
+         train_seconds_wall=int(secs) or None,
          train_args=targs, evaluate_args=eargs, hardware=f"{cpu} ({bf16}), {torch.get_num_threads()} threads, torch {torch.__version__}",
          train_precision=state.get("train_precision", "float32"), inference_precision=default_precision("cpu"))
 json.dump(m, open(dst, "w"), indent=2); print(f"{dst}: pixel AUROC {m['pixel_auroc']:.4f} image AUROC {m['image_auroc']:.4f}")

@@ -151,9 +151,13 @@ def test_held_back_images_are_never_trained_on_and_set_the_thresholds(synthetic_
 
     monkeypatch.setattr(train_module, "Trainer", Spy)
     run = tmp_path / "run"
+    said = []
     train(_cfg(synthetic_root, max_steps=[1, 1], batch_size=8, normalize="position", far=0.2, fit_on=fit_on), run,
-          progress=False, log=lambda s: None)
+          progress=False, log=said.append)
     state = load_checkpoint(run / "model.pt")
+    # the time of the statistics and calibration after training is stored and said apart
+    assert state["finish_seconds"] > 0 and state["train_seconds"] > 0
+    assert f"then {state['finish_seconds']:.1f} s for the map statistics and calibration" in said[-1]
     config = json.loads((run / "config.json").read_text())
     images, paths = load_train_images(synthetic_root, 128)
     held = [i for i, p in enumerate(paths) if str(p) in set(state["held_back"])]
