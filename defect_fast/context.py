@@ -209,19 +209,22 @@ class ImageContext(FrozenTrunk):
 
     # -- fitting ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def fit(self, batches: Callable[[], Iterable[torch.Tensor]]) -> int:
+    def fit(self, batches: Callable[[], Iterable[torch.Tensor]], dtype: torch.dtype | None = None,
+            channels_last: bool = False) -> int:
         """Fit the Gaussians and the defect-free statistics of distances and map values.
 
         Args:
             batches: called twice; each call returns a fresh iterable of the same defect-free
                 image batches [n,3,S,S] in [-1, 1], in the same order.
+            dtype, channels_last: how the trunk runs (:meth:`features`; the Detector passes its
+                own, so that the statistics describe the features it computes).
         Returns:
             the number of images (at least :data:`MIN_IMAGES`).
         """
         dev = self.shift.device
         descs: list[list[torch.Tensor]] = [[] for _ in self.layers]
         for x in batches():
-            for acc, f in zip(descs, self.features(x.to(dev))):
+            for acc, f in zip(descs, self.features(x.to(dev), dtype, channels_last)):
                 acc.append(_descriptor(f).double().cpu())
         n = sum(d.shape[0] for d in descs[0])
         if n < MIN_IMAGES:
@@ -249,7 +252,7 @@ class ImageContext(FrozenTrunk):
         s2 = [0.0 for _ in self.layers]
         start = 0
         for x in batches():
-            feats = self.features(x.to(dev))
+            feats = self.features(x.to(dev), dtype, channels_last)
             fk = folds[start:start + x.shape[0]]
             for j, f in enumerate(feats):
                 c = torch.empty(f.shape[0], *f.shape[2:], device=dev)

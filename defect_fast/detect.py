@@ -452,7 +452,7 @@ class Detector(nn.Module):
         with torch.no_grad():
             pairs = ((x, self._stitched_recon(x)) for x in
                      (self._to_model_input(c.to(self.device)) for c in normal_images.split(max(1, images_per_batch))))
-            n = pm.fit(pairs)
+            n = pm.fit(pairs, **self._trunk_options())
         self.image_map = pm
         self.map_kind = self.model.image_maps[0]
         return n
@@ -480,7 +480,8 @@ class Detector(nn.Module):
         from .context import ImageContext
 
         ctx = ImageContext(self.image_size).to(self.device)
-        n = ctx.fit(lambda: (self._to_model_input(c.to(self.device)) for c in normal_images.split(32)))
+        n = ctx.fit(lambda: (self._to_model_input(c.to(self.device)) for c in normal_images.split(32)),
+                    **self._trunk_options())
         raw, feats = [], []
         for c in calibration_images.split(max(1, images_per_batch)):
             x = self._to_model_input(c.to(self.device))  # resized once for both

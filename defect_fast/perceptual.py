@@ -29,10 +29,11 @@ at half size), for defects wider than the finest level's field of view (magnetic
 "uneven" bands); the finest level keeps small defects sharp.
 
 Precision: the trunk's convolutions run in float32 by default. The Detector runs them in its own
-precision (``dtype`` bfloat16/float16, channels-last with its ``channels_last`` option), the
-features then go on in float32: residuals, statistics and maps are float32 either way, and the
-statistics are always fitted in float32. On the magnetic-tile dev split a bfloat16 trunk moved
-the recommended runs' metrics by less than 0.05 point (``experiments/tuned_vs_eager.py``).
+precision (``dtype`` bfloat16/float16, channels-last with its ``channels_last`` option), when it
+fits the statistics as when it makes maps; the features then go on in float32: residuals,
+statistics and maps are float32 either way. On the magnetic-tile dev split a bfloat16 trunk at
+inference moved the recommended runs' metrics by less than 0.05 point
+(``experiments/tuned_vs_eager.py``).
 """
 from __future__ import annotations
 
@@ -203,11 +204,13 @@ class PerceptualMap(FrozenTrunk):
 
     # -- statistics ------------------------------------------------------------------------------
     @torch.no_grad()
-    def fit(self, pairs) -> int:
+    def fit(self, pairs, dtype: torch.dtype | None = None, channels_last: bool = False) -> int:
         """Per-level, per-position, per-channel mean and variance of the residual over defect-free images.
 
         Args:
             pairs: iterable of (x, recon) batches [n,3,S,S] in [-1, 1].
+            dtype, channels_last: how the trunk runs (:meth:`features`; the Detector passes its
+                own, so that the statistics describe the features its maps are made of).
         Returns:
             the number of images the statistics rest on (at least 2 are needed).
         """
@@ -217,7 +220,7 @@ class PerceptualMap(FrozenTrunk):
         for x, recon in pairs:
             x, recon = x.to(dev), recon.to(dev)
             for i in levels:
-                e = self.residual(x, recon, i).double()
+                e = self.residual(x, recon, i, dtype=dtype, channels_last=channels_last).double()
                 s1[i] = e.sum(0) if s1[i] is None else s1[i] + e.sum(0)
                 s2[i] = (e * e).sum(0) if s2[i] is None else s2[i] + (e * e).sum(0)
             n += x.shape[0]
