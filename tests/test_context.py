@@ -228,7 +228,13 @@ def test_detector_computes_the_trunk_layers_it_shares_once(monkeypatch):
     to_u8 = lambda t: ((t + 1) * 127.5).round().to(torch.uint8)  # noqa: E731
     normal, calib = to_u8(_surfaces(12, seed=1)), to_u8(_surfaces(4, seed=2))
     det.fit_perceptual(normal, images_per_batch=4)
+    # the statistics were fitted with the trunk in the detector's precision (its bf16 weight copies)
+    assert {k[:2] for k in det.image_map.__dict__["_cast_weights"]} == {(0, torch.bfloat16), (1, torch.bfloat16)}
+    seen = {}
+    fit = ImageContext.fit
+    monkeypatch.setattr(ImageContext, "fit", lambda self, batches, **kw: seen.update(kw) or fit(self, batches, **kw))
     det.fit_context(normal, calib)
+    assert seen == {"dtype": torch.bfloat16, "channels_last": True}  # and so was the context
     assert det._shared_stem(det.context) == 2
     calls = []
     conv = ImageContext._trunk_conv
