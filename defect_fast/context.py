@@ -159,9 +159,7 @@ class ImageContext(FrozenTrunk):
             if i in self.layers:
                 out.append(h.float())
             if i == k and k < len(self.convs):  # the rest of the trunk continues in its own dtype
-                h = h.to(dtype or torch.float32)
-                if channels_last:
-                    h = h.contiguous(memory_format=torch.channels_last)
+                h = self._trunk_format(h, dtype, channels_last)
         return out
 
     def shares_stem(self, other: nn.Module) -> int:

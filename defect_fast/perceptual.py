@@ -64,12 +64,15 @@ class FrozenTrunk(nn.Module):
     weights in that dtype, made on first use and kept while the weights are unchanged (the same
     rounding as ``torch.autocast``, without casting 0.3-2.5 M weights again on every call)."""
 
+    @staticmethod
+    def _trunk_format(h: torch.Tensor, dtype: torch.dtype | None, channels_last: bool) -> torch.Tensor:
+        """``h`` in the dtype (None: float32) and memory format the trunk runs in."""
+        h = h.to(dtype or torch.float32)
+        return h.contiguous(memory_format=torch.channels_last) if channels_last else h
+
     def _trunk_input(self, x: torch.Tensor, dtype: torch.dtype | None, channels_last: bool) -> torch.Tensor:
         """Images in [-1, 1] -> the first convolution's input, in ``dtype`` (None: float32)."""
-        h = (x.float() - self.shift) / self.scale
-        if dtype is not None:
-            h = h.to(dtype)
-        return h.contiguous(memory_format=torch.channels_last) if channels_last else h
+        return self._trunk_format((x.float() - self.shift) / self.scale, dtype, channels_last)
 
     def _trunk_conv(self, i: int, h: torch.Tensor) -> torch.Tensor:
         """ReLU of convolution ``i`` of ``h``, in ``h``'s dtype."""
