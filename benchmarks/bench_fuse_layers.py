@@ -5,7 +5,7 @@ weights, as the Detector's tuned path feeds them), records the input of every co
 :func:`defect_fast.fuse.fuse_for_inference` replaces (a matrix product, or the plain convolution
 a stride-1 transposed convolution equals), and times original and replacement on that input in
 alternating rounds. Every stride-2 4x4 transposed convolution is also timed against its sub-pixel
-form (:class:`defect_fast.fuse.SubPixelConvTranspose2d`: a 3x3 convolution and a pixel shuffle),
+form (:class:`defect_fast.fuse.SubPixelConvTranspose2d`: a 2x2 convolution, a pixel shuffle and a crop),
 which the inference copy uses only with at most 4 output channels, where this benchmark found it
 faster. Batch norm folding is not part of these figures. ``--precision bfloat16``: weights and
 inputs in bf16, as the Detector runs on CPUs with AVX512-BF16/AMX.

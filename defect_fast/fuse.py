@@ -12,8 +12,8 @@
   flipped, in and out swapped, padding k - 1 - p: CMA-AE's 3x3 decoder layer, 16.4 -> 16.2 ms,
   about even there);
 - every stride-2, 4x4, padding-1 transposed convolution with at most 4 output channels (an image
-  decoder's last layer) in its sub-pixel form, a 3x3 convolution and a pixel shuffle
-  (:class:`SubPixelConvTranspose2d`; CMA-AE's last layer x1.78 in bf16, x1.39 in float32).
+  decoder's last layer) in its sub-pixel form
+  (:class:`SubPixelConvTranspose2d`: a 2x2 convolution, a pixel shuffle and a crop).
 
 Per-layer figures: ``python benchmarks/bench_fuse_layers.py --rounds 30``
 (``benchmarks/results/fuse_layers_cpu.json``).
@@ -91,39 +91,45 @@ def _transposed_as_conv(m: nn.ConvTranspose2d) -> nn.Conv2d:
     return conv
 
 
-# Sub-pixel form of a stride-2, 4x4, padding-1 transposed convolution: output pixel (2i + a, 2j + b)
-# reads input rows i - 1, i (a = 0; kernel rows 3, 1) or i, i + 1 (a = 1; kernel rows 2, 0), and
-# columns likewise; _TAPS maps (phase, offset in the 3x3 window) to that kernel row/column.
-_TAPS = {(0, 0): 3, (0, 1): 1, (1, 1): 2, (1, 2): 0}
+# Sub-pixel form of a stride-2, 4x4, padding-1 transposed convolution. Output row y reads input rows
+# (y - 1) // 2 and (y + 1) // 2 with kernel rows 3, 1 (y even) or 2, 0 (y odd), and columns likewise.
+# A 2x2 convolution of the input padded by 1 has an output row h that reads input rows h - 1 and h:
+# that is output row 2h - 1 (odd, "phase 0") or 2h (even, "phase 1"). So 4 x C_out channels, one per
+# (row phase, column phase), a pixel shuffle to rows 0 .. 2H + 1, and rows and columns 1 .. 2H
+# kept. _TAPS: phase -> the kernel rows (columns) the 2x2 window's offsets 0 and 1 take.
+_TAPS = {0: (2, 0), 1: (3, 1)}
 
 
 # oneDNN's stride-2 transposed convolution is slow with very few output channels (an image
-# decoder's last layer); there the sub-pixel form, though 2.25x the multiply-adds, is faster:
-# CMA-AE's 32 -> 3 layer, 64 patches, 2 threads, AVX512-BF16 EPYC: 3.61 -> 2.02 ms in bf16,
-# 7.64 -> 5.51 ms in float32; for 32 to 128 output channels it is about 2x slower
-# (benchmarks/bench_fuse_layers.py --threads 2 --precision ..., fuse_layers_cpu_avx512bf16_*.json).
+# decoder's last layer); there the sub-pixel form, though (1 + 1/H)^2 x the multiply-adds, is
+# faster: CMA-AE's 32 -> 3 layer, 64 patches, 2 threads, AVX512-BF16 EPYC: x2.08 in bf16, x1.97 in
+# float32; for 32 to 128 output channels it is slower, x0.62-0.83 (benchmarks/bench_fuse_layers.py
+# --threads 2 --precision ..., fuse_layers_cpu_avx512bf16_*.json).
 SUBPIXEL_MAX_OUT_CHANNELS = 4
 
 
 class SubPixelConvTranspose2d(nn.Module):
-    """A stride-2, 4x4, padding-1 transposed convolution as a 3x3 convolution to 4 x C_out
-    channels (one per output phase) and a 2x pixel shuffle: the same function."""
+    """A stride-2, 4x4, padding-1 transposed convolution as a 2x2 convolution (padding 1) to
+    4 x C_out channels, one per output phase, a 2x pixel shuffle and a one-pixel crop: the same
+    function."""
 
     def __init__(self, m: nn.ConvTranspose2d):
         super().__init__()
         w = m.weight.detach()  # [Cin, Cout, 4, 4]
         cin, cout = w.shape[:2]
-        wc = w.new_zeros(cout, 2, 2, cin, 3, 3)
-        for (a, r), kh in _TAPS.items():
-            for (b, c), kw in _TAPS.items():
-                wc[:, a, b, :, r, c] = w[:, :, kh, kw].t()
-        self.conv = nn.Conv2d(cin, 4 * cout, 3, 1, 1, bias=m.bias is not None).to(w.device, w.dtype)
-        self.conv.weight.copy_(wc.reshape(4 * cout, cin, 3, 3))
+        wc = w.new_zeros(cout, 2, 2, cin, 2, 2)
+        for a, rows in _TAPS.items():
+            for b, cols in _TAPS.items():
+                for r, kh in enumerate(rows):
+                    for c, kw in enumerate(cols):
+                        wc[:, a, b, :, r, c] = w[:, :, kh, kw].t()
+        self.conv = nn.Conv2d(cin, 4 * cout, 2, 1, 1, bias=m.bias is not None).to(w.device, w.dtype)
+        self.conv.weight.copy_(wc.reshape(4 * cout, cin, 2, 2))
         if m.bias is not None:
             self.conv.bias.copy_(m.bias.detach().repeat_interleave(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.pixel_shuffle(self.conv(x), 2)
+        return F.pixel_shuffle(self.conv(x), 2)[:, :, 1:-1, 1:-1]
 
 
 def subpixel_candidate(m: nn.Module) -> bool:
