@@ -22,20 +22,25 @@
 # the CPU with one round, the inference benchmark at batches 1 and 2) and lists the GPU commands
 # it would run. Well under 3 minutes once the C++ kernels are built.
 #
-# Preparing the wheels (on a machine with network, same Python minor version and platform as
-# the GPU machine), then ship the folder with the checkout:
+# Offline kit. On a GPU image that already holds torch with CUDA (the lent H200 machines: Python
+# 3.12, torch, numpy, scikit-learn, pytest, ninja, tqdm), the install step adds only what is
+# missing, lpips and pytorch-msssim, with --no-deps, and never touches torch. Prepare them, and a
+# copy of the AlexNet trunk file, on a machine with network and ../shared beside the checkout:
+#   bash scripts/device_kit.sh              (-> .device/, about 10 MB, ignored by git)
+# and carry .device with the checkout; the suite finds .device/wheels and the trunk file there.
+# On a bare machine with no torch, prepare every wheel (same Python version and platform as the
+# GPU machine) and pass --wheels DIR:
 #   mkdir -p wheels
-#   pip download --dest wheels --only-binary=:all: --python-version 3.11 --platform manylinux_2_28_x86_64 \
+#   pip download --dest wheels --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
 #       --index-url https://download.pytorch.org/whl/cu128 torch==<version in constraints.txt>
-#   pip download --dest wheels --only-binary=:all: --python-version 3.11 --platform manylinux_2_28_x86_64 \
+#   pip download --dest wheels --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
 #       numpy pillow scikit-learn tqdm ninja pytest pytorch-msssim
 #   pip download --dest wheels --no-deps lpips==0.1.4      # installed with --no-deps (no torchvision)
 # (torch's CUDA wheel pulls its nvidia-* runtime wheels into the same folder; about 3 GB.)
-# Default WHEELS: $DEFECT_FAST_WHEELS, else ./wheels, else ../shared/wheels. When torch with CUDA
-# already imports, the install step only adds what is missing and never touches torch.
+# Default WHEELS: $DEFECT_FAST_WHEELS, else ./.device/wheels, ./wheels, else ../shared/wheels.
 # The CUDA build needs nvcc (CUDA_HOME or /usr/local/cuda); compute-sanitizer comes with it.
-# AW-AE's LPIPS loss needs the AlexNet trunk file: $DEFECT_FAST_ALEXNET_WEIGHTS or
-# ../shared/weights/alexnet-features-imagenet.pth (its synthetic stage is skipped without it).
+# AW-AE's LPIPS loss and the recommended step need the AlexNet trunk file: $DEFECT_FAST_ALEXNET_WEIGHTS,
+# else ./.device/alexnet-features-imagenet.pth, else ../shared/weights/alexnet-features-imagenet.pth.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -57,17 +62,20 @@ done
 mkdir -p "$OUT/logs" "$OUT/results" || { echo "gpu_suite.sh: cannot create $OUT" >&2; exit 2; }
 OUT=$(cd "$OUT" && pwd)
 if [ -z "$WHEELS" ]; then
-  for d in "$ROOT/wheels" "$ROOT/../shared/wheels"; do [ -d "$d" ] && { WHEELS=$d; break; }; done
+  for d in "$ROOT/.device/wheels" "$ROOT/wheels" "$ROOT/../shared/wheels"; do [ -d "$d" ] && { WHEELS=$d; break; }; done
 fi
 
 PY=${PYTHON:-python3}
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+SITE=${DEFECT_FAST_SITE:-${TMPDIR:-/tmp}/defect_fast_site}   # where the install step puts missing packages
+export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export DEFECT_FAST_RESULTS_DIR="$OUT/results"   # benchmarks write here, not into benchmarks/results/
 export DEFECT_FAST_JIT=1                         # build from this checkout's csrc/, not an installed _C
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export PIP_NO_INDEX=1                            # the suite never reaches the network
-if [ -z "${DEFECT_FAST_ALEXNET_WEIGHTS:-}" ] && [ -f "$ROOT/../shared/weights/alexnet-features-imagenet.pth" ]; then
-  export DEFECT_FAST_ALEXNET_WEIGHTS="$ROOT/../shared/weights/alexnet-features-imagenet.pth"
+if [ -z "${DEFECT_FAST_ALEXNET_WEIGHTS:-}" ]; then
+  for f in "$ROOT/.device/alexnet-features-imagenet.pth" "$ROOT/../shared/weights/alexnet-features-imagenet.pth"; do
+    [ -f "$f" ] && { export DEFECT_FAST_ALEXNET_WEIGHTS="$f"; break; }
+  done
 fi
 
 START=$(date +%s)
@@ -139,17 +147,36 @@ print(json.dumps(info, indent=2))
 EOF
 
 # ---- install (offline) ---------------------------------------------------------------------
-INSTALL_CMD=(bash -c 'set -e; "$0" -m pip install --no-index --find-links "$1" -c constraints.txt torch numpy pillow scikit-learn tqdm ninja pytest pytorch-msssim; "$0" -m pip install --no-index --find-links "$1" --no-deps lpips==0.1.4' "$PY" "${WHEELS:-<no wheels folder>}")
-if [ "$DRY" = 1 ]; then
-  step install 60 gpu "${INSTALL_CMD[@]}"
-elif "$PY" -c "import importlib.util as u, torch; assert torch.cuda.is_available(); assert all(u.find_spec(m) for m in ('numpy', 'pytest', 'pytorch_msssim', 'sklearn', 'lpips', 'ninja'))" 2>/dev/null; then
-  printf 'install\tok\t0\t-\talready installed (torch with CUDA imports)\n' >> "$STEPS_FILE"
-  echo "  [ok]           install: torch with CUDA and the test dependencies already import"
+# With torch + CUDA already importable (a GPU image), only the missing packages go in, each with
+# --no-deps into $SITE (on PYTHONPATH above), and torch is never touched: its version there need
+# not be the one constraints.txt pins for this repository's CPU machines. Without it, everything
+# comes from the wheels folder under constraints.txt.
+MISSING_PY="$OUT/logs/missing.py"
+cat > "$MISSING_PY" <<'PY'
+import importlib.util as u
+needed = {"numpy": "numpy", "PIL": "pillow", "sklearn": "scikit-learn", "tqdm": "tqdm", "ninja": "ninja",
+          "pytest": "pytest", "pytorch_msssim": "pytorch-msssim==1.0.0", "lpips": "lpips==0.1.4"}
+print(" ".join(pip for mod, pip in needed.items() if u.find_spec(mod) is None))
+PY
+FULL_INSTALL=(bash -c 'set -e; "$0" -m pip install --no-index --find-links "$1" -c constraints.txt torch numpy pillow scikit-learn tqdm ninja pytest pytorch-msssim; "$0" -m pip install --no-index --find-links "$1" --no-deps lpips==0.1.4' "$PY" "${WHEELS:-<no wheels folder>}")
+if "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+  read -r -a MISSING <<< "$("$PY" "$MISSING_PY")"
+  if [ "${#MISSING[@]}" -eq 0 ]; then
+    printf 'install\tok\t0\t-\talready installed (torch with CUDA imports)\n' >> "$STEPS_FILE"
+    echo "  [ok]           install: torch with CUDA and the test dependencies already import"
+  elif [ -z "$WHEELS" ]; then
+    printf 'install\tfailed(no wheels)\t0\t-\tmissing: %s\n' "${MISSING[*]}" >> "$STEPS_FILE"
+    echo "  [failed]       install: missing ${MISSING[*]} and no wheels folder (bash scripts/device_kit.sh, carry .device)"
+  else
+    step install 60 cpu "$PY" -m pip install -q --no-index --no-deps --find-links "$WHEELS" --target "$SITE" "${MISSING[@]}"
+  fi
+elif [ "$DRY" = 1 ]; then
+  step install 60 gpu "${FULL_INSTALL[@]}"
 elif [ -z "$WHEELS" ]; then
   printf 'install\tfailed(no wheels)\t0\t-\tno wheels folder\n' >> "$STEPS_FILE"
-  echo "  [failed]       install: no wheels folder (--wheels DIR, \$DEFECT_FAST_WHEELS, ./wheels or ../shared/wheels)"
+  echo "  [failed]       install: no wheels folder (--wheels DIR, \$DEFECT_FAST_WHEELS, ./.device/wheels, ./wheels or ../shared/wheels)"
 else
-  step install 90 gpu "${INSTALL_CMD[@]}"
+  step install 90 gpu "${FULL_INSTALL[@]}"
 fi
 
 # ---- build ---------------------------------------------------------------------------------
