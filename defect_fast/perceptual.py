@@ -179,8 +179,29 @@ class PerceptualMap(FrozenTrunk):
     def standardised(self, x: torch.Tensor, recon: torch.Tensor, level: int = 0, **trunk) -> torch.Tensor:
         """x, recon [N,3,S,S] in [-1,1] -> z = (residual - mean) * inv_std [N, C, G, G] of level
         ``level``; ``trunk``: the keyword options of :meth:`residual`."""
+        r = self.residual(x, recon, level, **trunk)
+        mean, inv_std = self._stats_like(level, r)
+        return (r - mean) * inv_std
+
+    def _stats_like(self, level: int, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`stats` of ``level`` laid out like the residual ``r``.
+
+        A channels-last trunk gives a channels-last residual (its upsampling is also 10x faster
+        in that layout). Standardising it with [C, G, G] statistics in the default layout makes
+        every element a strided gather: 7.9 ms instead of 1.2 ms per 256-px image (2 threads,
+        AMD EPYC). For such a residual the statistics are permuted to the same layout once and
+        kept until they change (in place, by :meth:`fit` or by loading a state dict): the same
+        values, so the same z bit for bit."""
         mean, inv_std = self.stats(level)
-        return (self.residual(x, recon, level, **trunk) - mean) * inv_std
+        if r.dim() != 4 or r.is_contiguous() or not r.is_contiguous(memory_format=torch.channels_last):
+            return mean, inv_std
+        cache = self.__dict__.setdefault("_stats_channels_last", {})
+        key = (level, mean.device, mean.data_ptr(), _version(mean), inv_std.data_ptr(), _version(inv_std))
+        if key not in cache:
+            for k in [k for k in cache if k[0] == level]:
+                del cache[k]
+            cache[key] = tuple(t.permute(1, 2, 0).contiguous().permute(2, 0, 1) for t in (mean, inv_std))
+        return cache[key]
 
     def level_map(self, z: torch.Tensor, size: int) -> torch.Tensor:
         """Standardised residual z [N, C, G, G] -> one level's map [N, 1, size, size]: per layer the
@@ -238,7 +259,12 @@ class PerceptualMap(FrozenTrunk):
             m.copy_(mean.float())
             inv_std.copy_((var + self.prior * channel_var + floor).rsqrt().float())
         self.fitted.fill_(float(n))
+        self.__dict__.pop("_stats_channels_last", None)  # inference tensors keep no version to tell
         return n
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.__dict__.pop("_stats_channels_last", None)
+        super()._load_from_state_dict(*args, **kwargs)
 
     def state(self) -> dict:
         """What a model file stores to rebuild this map (trunk included: the file is self-contained)."""

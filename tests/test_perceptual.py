@@ -192,3 +192,51 @@ def test_trunk_in_low_precision_runs_on_a_map_built_in_inference_mode():
     with torch.inference_mode():  # its weights are inference tensors, which keep no version counter
         pm = PerceptualMap(64, trunk=_trunk())
         assert pm.features(_images(1), torch.bfloat16)[1].dtype == torch.float32
+
+
+def test_channels_last_residual_is_standardised_with_statistics_in_its_layout():
+    """A channels-last trunk's residual meets statistics laid out like it (kept, not permuted per
+    call); the standardised values are those of the default layout bit for bit, and follow every
+    change of the statistics."""
+    pm = PerceptualMap(64, trunk=_trunk(), scales=(1, 2))
+    xs, rs = _images(4), _images(4, seed=2) * 0.3
+    pm.fit([(xs, rs)])
+    x, r = xs[:2], rs[:2]
+
+    def by_hand(level):
+        mean, inv_std = pm.stats(level)
+        return (pm.residual(x, r, level, channels_last=True) - mean) * inv_std
+
+    for level in (0, 1):
+        z = pm.standardised(x, r, level, channels_last=True)
+        assert z.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(z, by_hand(level))
+        # a default-layout trunk: the same up to the convolutions' summation order
+        torch.testing.assert_close(pm.standardised(x, r, level), z, rtol=1e-4, atol=1e-4)
+    kept = pm.__dict__["_stats_channels_last"]
+    assert len(kept) == 2
+    first = {k: v[0] for k, v in kept.items()}
+    pm.standardised(x, r, 0, channels_last=True)
+    assert all(kept[k][0] is first[k] for k in first)  # not permuted again
+    with torch.no_grad():
+        pm.stats(0)[1].mul_(2)  # in place
+    assert torch.equal(pm.standardised(x, r, 0, channels_last=True), by_hand(0))
+    pm.fit([(xs * 0.5, rs)])
+    assert torch.equal(pm.standardised(x, r, 1, channels_last=True), by_hand(1))
+    other = PerceptualMap(64, trunk=_trunk(), scales=(1, 2))
+    other.fit([(xs, rs * 2)])
+    pm.load_state_dict(other.state_dict())
+    assert torch.equal(pm.standardised(x, r, 0, channels_last=True), by_hand(0))
+
+
+def test_channels_last_statistics_follow_a_refit_of_a_map_built_in_inference_mode():
+    with torch.inference_mode():  # its statistics are inference tensors: no version counter to compare
+        pm = PerceptualMap(64, trunk=_trunk())
+        xs, rs = _images(4), _images(4, seed=2) * 0.3
+        pm.fit([(xs, rs)])
+        before = pm.standardised(xs[:1], rs[:1], channels_last=True)
+        pm.fit([(xs, rs * 3)])
+        after = pm.standardised(xs[:1], rs[:1], channels_last=True)
+        mean, inv_std = pm.stats(0)
+        assert not torch.equal(before, after)
+        assert torch.equal(after, (pm.residual(xs[:1], rs[:1], channels_last=True) - mean) * inv_std)
