@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data.patches import grid_shape
+from .data.patches import grid_shape, overlap_add
 from .maps import blend_window, blur_matrix, top_mean
 from .models import AnomalyModel
 from .precision import cpu_flags, cpu_has_bf16, default_precision  # noqa: F401  (re-exported)
@@ -258,8 +258,8 @@ class Detector(nn.Module):
         s = self.image_size
         window = blend_window(self.patch, blend)
         self.register_buffer("window", window, persistent=False)
-        ones = window.reshape(1, -1, 1).expand(1, -1, self.grid[0] * self.grid[1])
-        self.register_buffer("count", F.fold(ones, (s, s), self.patch, stride=self.stride)[:, 0], persistent=False)
+        ones = window.reshape(1, 1, self.patch, self.patch).expand(self.grid[0] * self.grid[1], 1, -1, -1)
+        self.register_buffer("count", overlap_add(ones, self.grid, self.patch, self.stride)[:, 0], persistent=False)
         blur = blur_matrix(s, self.smooth_sigma).float() if self.smooth_sigma > 0 else torch.empty(0)
         self.register_buffer("blur", blur, persistent=False)
         self.register_buffer("norm_mean", torch.as_tensor(0.0 if norm_mean is None else norm_mean, dtype=torch.float32).clone())
@@ -422,18 +422,15 @@ class Detector(nn.Module):
         if self.stride == p and self.blend == "none":  # tiles: stitching is one permuting copy
             out = maps.reshape(n, gh, gw, p, p).permute(0, 1, 3, 2, 4).reshape(n, s, s)
             return out.clone() if out.data_ptr() == maps.data_ptr() else out  # never a view of the workspace
-        cols = maps.reshape(n, gh * gw, p * p).transpose(1, 2)
-        out = F.fold(cols, output_size=(s, s), kernel_size=p, stride=self.stride)[:, 0]
-        return out / self.count
+        return overlap_add(maps, self.grid, p, self.stride)[:, 0] / self.count
 
     def _stitched_recon(self, x: torch.Tensor) -> torch.Tensor:
         """Model-range images [N,3,S,S] -> reconstructions [N,3,S,S], overlaps blended with the window."""
-        n, s, p = x.shape[0], self.image_size, self.patch
+        p = self.patch
         patches = self._patches(x)
         chunks = patches.split(self.batch_size) if 0 < self.batch_size < patches.shape[0] else [patches]
         recon = torch.cat([self._recon(c) for c in chunks]) * self.window
-        cols = recon.reshape(n, self.grid[0] * self.grid[1], 3 * p * p).transpose(1, 2)
-        return F.fold(cols, output_size=(s, s), kernel_size=p, stride=self.stride) / self.count
+        return overlap_add(recon, self.grid, p, self.stride) / self.count
 
     def _recon(self, p: torch.Tensor) -> torch.Tensor:
         """Patches [B,3,P,P] -> reconstructions [B,3,P,P] (float32, contiguous)."""

@@ -4,7 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+import torch.nn.functional as F
+
 from defect_fast.data import extract_patches, grid_shape, stitch_patches
+from defect_fast.data.patches import overlap_add
 
 
 def _loop_extract(images: torch.Tensor, patch: int, stride: int) -> torch.Tensor:
@@ -64,6 +67,22 @@ def test_stitch_averages_overlaps(h, w, patch, stride):
     out = stitch_patches(patches, (h, w), patch, stride)
     assert out.shape == (2, 2, h, w) and out.dtype == torch.float64
     assert torch.allclose(out, _loop_stitch(patches, 2, h, w, patch, stride))
+
+
+@pytest.mark.parametrize("h, w, patch, stride", [(24, 40, 8, 8), (20, 28, 8, 4), (18, 26, 8, 2), (13, 17, 5, 2)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_overlap_add_is_col2im_bit_for_bit(h, w, patch, stride, channels_last):
+    """Shifted block sums (stride dividing patch) add what col2im adds, in its order; other
+    strides go to fold itself."""
+    gh, gw = grid_shape((h, w), patch, stride)
+    patches = torch.randn(3 * gh * gw, 3, patch, patch)
+    if channels_last:
+        patches = patches.contiguous(memory_format=torch.channels_last)
+    cols = patches.reshape(3, gh * gw, 3 * patch * patch).transpose(1, 2)
+    expected = F.fold(cols, output_size=(h, w), kernel_size=patch, stride=stride)
+    out = overlap_add(patches, (gh, gw), patch, stride)
+    assert out.shape == (3, 3, h, w)
+    assert torch.equal(out, expected)
 
 
 def test_stitch_integer_patches_become_float():
