@@ -240,3 +240,23 @@ def test_channels_last_statistics_follow_a_refit_of_a_map_built_in_inference_mod
         mean, inv_std = pm.stats(0)
         assert not torch.equal(before, after)
         assert torch.equal(after, (pm.residual(xs[:1], rs[:1], channels_last=True) - mean) * inv_std)
+
+
+def test_channels_last_trunk_keeps_its_weights_in_that_layout():
+    """A channels-last trunk convolves with channels-last weight copies, made once (float32 too),
+    and gives the features of the weights as they are."""
+    pm = PerceptualMap(64, trunk=_trunk())
+    x = _images(2)
+    for dtype in (None, torch.bfloat16):
+        first = pm.features(x, dtype, channels_last=True)
+        kept = {k: v for k, v in pm.__dict__["_cast_weights"].items() if k[1] == (dtype or torch.float32)}
+        assert len(kept) == 2
+        assert all(w.is_contiguous(memory_format=torch.channels_last) for w, _b in kept.values())
+        again = pm.features(x, dtype, channels_last=True)
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+        assert all(pm.__dict__["_cast_weights"][k][0] is v[0] for k, v in kept.items())
+    # the default layout runs on the module's own float32 weights, no copy
+    n = len(pm.__dict__["_cast_weights"])
+    f32 = pm.features(x)
+    assert len(pm.__dict__["_cast_weights"]) == n
+    torch.testing.assert_close(pm.features(x, channels_last=True)[1], f32[1], rtol=1e-4, atol=1e-5)
