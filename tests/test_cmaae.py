@@ -148,3 +148,44 @@ def test_latent_width_sets_code_memory_and_gates(fusion):
     assert m.config()["latent"] == 96
     with pytest.raises(ValueError, match="latent"):
         build_model("cmaae", latent=0)
+
+
+@pytest.mark.parametrize("layer", ["encoder", "decoder"])
+def test_matrix_product_layers_are_the_convolutions_they_replace(layer):
+    """Table I's 4x4 -> 1x1 encoder layer and 1x1 -> 4x4 decoder layer run as matrix products:
+    the same outputs and gradients as the convolution modules, the same state dict keys, and
+    the convolution itself for any other input size."""
+    from defect_fast.models.cmaae.model import KernelSizedConv2d, PointConvTranspose2d
+
+    torch.manual_seed(0)
+    if layer == "encoder":
+        fast, plain = KernelSizedConv2d(16, 24, 4, 1, 0), nn.Conv2d(16, 24, 4, 1, 0)
+        shapes = [(5, 16, 4, 4), (2, 16, 6, 5)]
+    else:
+        fast, plain = PointConvTranspose2d(24, 16, 4, 1, 0), nn.ConvTranspose2d(24, 16, 4, 1, 0)
+        shapes = [(5, 24, 1, 1), (2, 24, 3, 2)]
+    plain.load_state_dict(fast.state_dict())
+    for shape in shapes:
+        for channels_last in (False, True):
+            x = torch.randn(*shape)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+            ya, yb = fast(xa), plain(xb)
+            torch.testing.assert_close(ya, yb, atol=1e-5, rtol=1e-5)
+            g = torch.randn_like(yb)
+            ga = torch.autograd.grad(ya, [xa, fast.weight, fast.bias], g)
+            gb = torch.autograd.grad(yb, [xb, plain.weight, plain.bias], g)
+            for a, b in zip(ga, gb):
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_cmaae_uses_the_matrix_product_layers_and_loads_plain_state_dicts():
+    from defect_fast.models.cmaae.model import KernelSizedConv2d, PointConvTranspose2d
+
+    model = build_model("cmaae")
+    assert isinstance(model.encoder[-1][0], KernelSizedConv2d)
+    assert isinstance(model.decoder[0][0], PointConvTranspose2d)
+    assert sum(isinstance(m, (KernelSizedConv2d, PointConvTranspose2d)) for m in model.modules()) == 2
+    other = build_model("cmaae")
+    other.load_state_dict(model.state_dict())  # keys and shapes are those of the plain layers
