@@ -5,10 +5,11 @@ resident images; synthetic stage: the model's own anomaly synthesis, GAAGA or AD
 images, then the patches) + forward + ``model.loss`` + backward + Adam step. Steps of the two
 modes alternate in one run (benchmarks/common.py), and the ratio is the ratio of the medians.
 
-- eager: float32, contiguous (NCHW) tensors.
+- eager: float32, contiguous (NCHW) tensors, the default Adam.
 - tuned: channels_last model and inputs, plus the autocast dtype ``defect-fast train --precision
   auto`` picks (:func:`defect_fast.train.train_dtype`): bfloat16 on GPUs that have it and on CPUs
-  with AVX512-BF16 or AMX (oneDNN's bfloat16 kernels); elsewhere channels_last float32.
+  with AVX512-BF16 or AMX (oneDNN's bfloat16 kernels); elsewhere channels_last float32. Adam's
+  fused kernel, as training uses it.
 
 Images are random (uniform noise, smoothed) and so are the synthesis sources: throughput does not
 depend on the pictures, and the benchmark needs no files or network.
@@ -82,7 +83,8 @@ class Workload:
         self.model = self.model.to(memory_format=self.memory_format)
         if hasattr(self.model, "begin_epoch"):
             self.model.begin_epoch(stage, 0)
-        self.opt = torch.optim.Adam(self.model.trainable_parameters(stage), lr=1e-4)
+        # tuned: Adam's fused kernel, as defect_fast.train uses it; eager: the default implementation
+        self.opt = torch.optim.Adam(self.model.trainable_parameters(stage), lr=1e-4, fused=True if tuned else None)
         if self.stage_name == "synthetic":
             if self.model.synthesis == "gaaga":
                 from defect_fast.synthesis.gaaga import gaaga as synth
