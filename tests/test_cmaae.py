@@ -1,4 +1,5 @@
 """CMA-AE: Table I shapes, memory addressing and entropy on hand-computed inputs, MSFR on known features."""
+import itertools
 import math
 
 import pytest
@@ -155,7 +156,7 @@ def test_matrix_product_layers_are_the_convolutions_they_replace(layer):
     """Table I's 4x4 -> 1x1 encoder layer and 1x1 -> 4x4 decoder layer run as matrix products:
     the same outputs and gradients as the convolution modules, the same state dict keys, and
     the convolution itself for any other input size."""
-    from defect_fast.models.cmaae.model import KernelSizedConv2d, PointConvTranspose2d
+    from defect_fast.models.cmaae.model import KernelSizedConv2d, PointConvTranspose2d, _channels_last
 
     torch.manual_seed(0)
     if layer == "encoder":
@@ -165,19 +166,22 @@ def test_matrix_product_layers_are_the_convolutions_they_replace(layer):
         fast, plain = PointConvTranspose2d(24, 16, 4, 1, 0), nn.ConvTranspose2d(24, 16, 4, 1, 0)
         shapes = [(5, 24, 1, 1), (2, 24, 3, 2)]
     plain.load_state_dict(fast.state_dict())
-    for shape in shapes:
-        for channels_last in (False, True):
-            x = torch.randn(*shape)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-            ya, yb = fast(xa), plain(xb)
-            torch.testing.assert_close(ya, yb, atol=1e-5, rtol=1e-5)
-            g = torch.randn_like(yb)
-            ga = torch.autograd.grad(ya, [xa, fast.weight, fast.bias], g)
-            gb = torch.autograd.grad(yb, [xb, plain.weight, plain.bias], g)
-            for a, b in zip(ga, gb):
-                torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # inputs and weights in either layout: channels-last weights take the (kh, kw, C) order
+    for shape, channels_last, weights_channels_last in itertools.product(shapes, (False, True), (False, True)):
+        memory_format = torch.channels_last if weights_channels_last else torch.contiguous_format
+        fast, plain = fast.to(memory_format=memory_format), plain.to(memory_format=memory_format)
+        assert _channels_last(fast.weight) == weights_channels_last
+        x = torch.randn(*shape)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = fast(xa), plain(xb)
+        torch.testing.assert_close(ya, yb, atol=1e-5, rtol=1e-5)
+        g = torch.randn_like(yb)
+        ga = torch.autograd.grad(ya, [xa, fast.weight, fast.bias], g)
+        gb = torch.autograd.grad(yb, [xb, plain.weight, plain.bias], g)
+        for a, b in zip(ga, gb):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_cmaae_uses_the_matrix_product_layers_and_loads_plain_state_dicts():
