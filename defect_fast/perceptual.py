@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .precision import is_channels_last
+
 # (index in torchvision's alexnet.features, in channels, out channels, kernel, stride, padding), conv1..conv3
 _CONVS = [(0, 3, 64, 11, 4, 2), (3, 64, 192, 5, 1, 2), (6, 192, 384, 3, 1, 1)]
 _LPIPS_SHIFT = (-0.030, -0.088, -0.188)
@@ -83,7 +85,7 @@ class FrozenTrunk(nn.Module):
         2 threads, AMD EPYC)."""
         conv = self.convs[i]
         w, b = conv.weight, conv.bias
-        channels_last = not h.is_contiguous() and h.is_contiguous(memory_format=torch.channels_last)
+        channels_last = is_channels_last(h)
         if h.dtype != w.dtype or channels_last:
             cache = self.__dict__.setdefault("_cast_weights", {})
             key = (i, h.dtype, channels_last, w.device, w.data_ptr(), _version(w), b.data_ptr(), _version(b))
@@ -200,7 +202,7 @@ class PerceptualMap(FrozenTrunk):
         kept until they change (in place, by :meth:`fit` or by loading a state dict): the same
         values, so the same z bit for bit."""
         mean, inv_std = self.stats(level)
-        if r.dim() != 4 or r.is_contiguous() or not r.is_contiguous(memory_format=torch.channels_last):
+        if not is_channels_last(r):
             return mean, inv_std
         cache = self.__dict__.setdefault("_stats_channels_last", {})
         key = (level, mean.device, mean.data_ptr(), _version(mean), inv_std.data_ptr(), _version(inv_std))

@@ -1,5 +1,6 @@
 """Which reduced precision a device computes natively: what ``precision="auto"`` picks for
-inference (:class:`defect_fast.detect.Detector`) and for training (``defect-fast train --precision auto``)."""
+inference (:class:`defect_fast.detect.Detector`) and for training (``defect-fast train --precision auto``);
+and which memory layout a tensor has, for the tuned paths that follow it."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,4 +35,10 @@ def default_precision(device: torch.device | str) -> str:
     return "bfloat16" if device.type == "cpu" and cpu_has_bf16() else "float32"
 
 
-__all__ = ["LOW_PRECISION", "cpu_flags", "cpu_has_bf16", "default_precision"]
+def is_channels_last(t: torch.Tensor) -> bool:
+    """True when ``t`` is laid out channels-last and not also in the default layout (a 4-D tensor
+    with more than one channel and more than one position)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+__all__ = ["LOW_PRECISION", "cpu_flags", "cpu_has_bf16", "default_precision", "is_channels_last"]

@@ -156,7 +156,8 @@ def test_matrix_product_layers_are_the_convolutions_they_replace(layer):
     """Table I's 4x4 -> 1x1 encoder layer and 1x1 -> 4x4 decoder layer run as matrix products:
     the same outputs and gradients as the convolution modules, the same state dict keys, and
     the convolution itself for any other input size."""
-    from defect_fast.models.cmaae.model import KernelSizedConv2d, PointConvTranspose2d, _channels_last
+    from defect_fast.models.cmaae.model import KernelSizedConv2d, PointConvTranspose2d
+    from defect_fast.precision import is_channels_last
 
     torch.manual_seed(0)
     if layer == "encoder":
@@ -170,7 +171,7 @@ def test_matrix_product_layers_are_the_convolutions_they_replace(layer):
     for shape, channels_last, weights_channels_last in itertools.product(shapes, (False, True), (False, True)):
         memory_format = torch.channels_last if weights_channels_last else torch.contiguous_format
         fast, plain = fast.to(memory_format=memory_format), plain.to(memory_format=memory_format)
-        assert _channels_last(fast.weight) == weights_channels_last
+        assert is_channels_last(fast.weight) == weights_channels_last
         x = torch.randn(*shape)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -40,6 +40,7 @@ from torch import nn
 
 from ... import ops
 from ...ops.reference import receptive_field_areas
+from ...precision import is_channels_last
 from .. import register
 from ..base import AnomalyModel
 
@@ -48,10 +49,6 @@ from .anomaly_map import ANOMALY_MAPS
 
 LATENT = 512
 ENCODER_LAYERS = [(4, 2), (3, 1), (4, 2), (4, 2), (4, 2), (4, 1)]  # (kernel, stride), Table I
-
-
-def _channels_last(w: torch.Tensor) -> bool:
-    return not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
 
 
 class KernelSizedConv2d(nn.Conv2d):
@@ -68,7 +65,7 @@ class KernelSizedConv2d(nn.Conv2d):
         if (tuple(x.shape[-2:]) == tuple(self.kernel_size) and self.padding == (0, 0) and self.groups == 1
                 and self.dilation == (1, 1)):
             w = self.weight
-            if _channels_last(w):  # flattened in (kh, kw, C) order: views of both, no copies
+            if is_channels_last(w):  # flattened in (kh, kw, C) order: views of both, no copies
                 return F.linear(x.permute(0, 2, 3, 1).flatten(1), w.permute(0, 2, 3, 1).flatten(1), self.bias)[:, :, None, None]
             return F.linear(x.flatten(1), w.flatten(1), self.bias)[:, :, None, None]
         return super().forward(x)
@@ -84,7 +81,7 @@ class PointConvTranspose2d(nn.ConvTranspose2d):
                 and self.output_padding == (0, 0) and self.groups == 1 and self.dilation == (1, 1)):
             w = self.weight  # [Cin, Cout, kh, kw]
             cin, cout, kh, kw = w.shape
-            if _channels_last(w):  # the product in (kh, kw, Cout) order: a view of the weight, channels-last output
+            if is_channels_last(w):  # the product in (kh, kw, Cout) order: a view of the weight, channels-last output
                 out = torch.matmul(x.flatten(1), w.permute(0, 2, 3, 1).reshape(cin, -1)).view(-1, kh, kw, cout).permute(0, 3, 1, 2)
             else:
                 out = torch.matmul(x.flatten(1), w.reshape(cin, -1)).view(-1, cout, kh, kw)
