@@ -38,6 +38,7 @@ inference moved the recommended runs' metrics by less than 0.05 point
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +78,19 @@ class FrozenTrunk(nn.Module):
         """Images in [-1, 1] -> the first convolution's input, in ``dtype`` (None: float32)."""
         return self._trunk_format((x.float() - self.shift) / self.scale, dtype, channels_last)
 
+    def _kept(self, name: str, slot: tuple, tensors: tuple[torch.Tensor, ...],
+              make: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+        """Copies derived from ``tensors``, made by ``make()`` once and kept in ``self.__dict__[name]``
+        (not in the state dict) under ``slot`` while ``tensors`` are unchanged: same storage and,
+        outside inference tensors, same in-place version; a change replaces the slot's entry."""
+        cache = self.__dict__.setdefault(name, {})
+        key = slot + tuple((t.device, t.data_ptr(), _version(t)) for t in tensors)
+        if key not in cache:
+            for k in [k for k in cache if k[:len(slot)] == slot]:
+                del cache[k]
+            cache[key] = make()
+        return cache[key]
+
     def _trunk_conv(self, i: int, h: torch.Tensor) -> torch.Tensor:
         """ReLU of convolution ``i`` of ``h``, in ``h``'s dtype.
 
@@ -87,14 +101,9 @@ class FrozenTrunk(nn.Module):
         w, b = conv.weight, conv.bias
         channels_last = is_channels_last(h)
         if h.dtype != w.dtype or channels_last:
-            cache = self.__dict__.setdefault("_cast_weights", {})
-            key = (i, h.dtype, channels_last, w.device, w.data_ptr(), _version(w), b.data_ptr(), _version(b))
-            if key not in cache:
-                for k in [k for k in cache if k[:3] == key[:3]]:
-                    del cache[k]
-                cw = w.to(h.dtype)
-                cache[key] = (cw.contiguous(memory_format=torch.channels_last) if channels_last else cw, b.to(h.dtype))
-            w, b = cache[key]
+            memory_format = torch.channels_last if channels_last else torch.preserve_format
+            w, b = self._kept("_cast_weights", (i, h.dtype, channels_last), (w, b),
+                              lambda: (w.to(h.dtype, memory_format=memory_format), b.to(h.dtype)))
         return F.relu(F.conv2d(h, w, b, conv.stride, conv.padding))
 
 
@@ -204,13 +213,8 @@ class PerceptualMap(FrozenTrunk):
         mean, inv_std = self.stats(level)
         if not is_channels_last(r):
             return mean, inv_std
-        cache = self.__dict__.setdefault("_stats_channels_last", {})
-        key = (level, mean.device, mean.data_ptr(), _version(mean), inv_std.data_ptr(), _version(inv_std))
-        if key not in cache:
-            for k in [k for k in cache if k[0] == level]:
-                del cache[k]
-            cache[key] = tuple(t.permute(1, 2, 0).contiguous().permute(2, 0, 1) for t in (mean, inv_std))
-        return cache[key]
+        return self._kept("_stats_channels_last", (level,), (mean, inv_std),
+                          lambda: tuple(t.permute(1, 2, 0).contiguous().permute(2, 0, 1) for t in (mean, inv_std)))
 
     def level_map(self, z: torch.Tensor, size: int) -> torch.Tensor:
         """Standardised residual z [N, C, G, G] -> one level's map [N, 1, size, size]: per layer the
