@@ -7,7 +7,9 @@ a stride-1 transposed convolution equals), and times original and replacement on
 alternating rounds. Every stride-2 4x4 transposed convolution is also timed against its sub-pixel
 form (:class:`defect_fast.fuse.SubPixelConvTranspose2d`: a 2x2 convolution, a pixel shuffle and a crop),
 which the inference copy uses only with at most 4 output channels, where this benchmark found it
-faster. Batch norm folding is not part of these figures. ``--precision bfloat16``: weights and
+faster. The model's own matrix-product layers (:mod:`defect_fast.layers`, what the fuse turns plain
+single-position layers into) are timed against the plain convolution modules they stand for.
+Batch norm folding is not part of these figures. ``--precision bfloat16``: weights and
 inputs in bf16, as the Detector runs on CPUs with AVX512-BF16/AMX.
 
     python benchmarks/bench_fuse_layers.py [--model cmaae] [--threads 1] [--rounds 20]
@@ -24,6 +26,7 @@ from torch import nn
 from common import RESULTS, command_line, device_info, time_interleaved, write_results
 
 from defect_fast.fuse import SubPixelConvTranspose2d, _dense, subpixel_candidate
+from defect_fast.layers import KernelSizedConv2d, PointConvTranspose2d
 from defect_fast.models import build_model
 
 
@@ -63,6 +66,13 @@ def main() -> None:
         cases = []
         for name, inp in inputs.items():
             original = modules[name]
+            if isinstance(original, (KernelSizedConv2d, PointConvTranspose2d)):
+                # already the product: time it against the plain module of the same parameters
+                plain = (nn.Conv2d if isinstance(original, KernelSizedConv2d) else nn.ConvTranspose2d)(
+                    original.in_channels, original.out_channels, original.kernel_size, original.stride,
+                    original.padding, bias=original.bias is not None)
+                plain.load_state_dict(original.state_dict())
+                original = plain.to(memory_format=torch.channels_last)
             replacement = _dense(original)
             if replacement is not original:
                 cases.append((name, original, replacement, inp))

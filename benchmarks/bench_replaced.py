@@ -14,11 +14,15 @@ images are random (the cost does not depend on them; the trunk is the ImageNet A
   channels-last copies;
 - ``last_layer``: one 512x512 CMA-AE image (Table I pipeline, tuned) with the decoder's last layer
   in the 3x3 sub-pixel form against the 2x2 form;
+- ``matrix_layers``: one 512x512 CMA-AE image (tuned) with the inference copy's own matrix-product
+  modules for the 4x4 -> 1x1 and 1x1 -> 4x4 layers (a matrix laid out once, in (C, kh, kw) order)
+  against the model's ``KernelSizedConv2d`` / ``PointConvTranspose2d``, which the copy now keeps;
 - ``train``: CMA-AE training steps (batch 64, tuned: bf16 where the CPU has it, channels-last) with
   plain convolutions for the 4x4 -> 1x1 and 1x1 -> 4x4 layers and the default Adam against
   ``KernelSizedConv2d`` / ``PointConvTranspose2d`` and the fused Adam, per stage.
 
-Outputs are checked equal (maps bit for bit for the inference cases) before timing.
+Outputs are checked equal before timing: maps bit for bit for the inference cases, to 1e-3 where
+a layer sums in another order (``last_layer``, ``matrix_layers``).
 
     python benchmarks/bench_replaced.py [--cases ...] [--repeats 8] [--threads 2] [--out FILE]
 """
@@ -39,7 +43,7 @@ import defect_fast.detect as detect_module
 from defect_fast.detect import Detector
 from defect_fast.models import build_model
 
-CASES = ("stats", "stitch", "trunk_weights", "last_layer", "train")
+CASES = ("stats", "stitch", "trunk_weights", "last_layer", "matrix_layers", "train")
 
 
 def fold_overlap_add(patches, grid, patch, stride):
@@ -81,6 +85,47 @@ class SubPixel3x3(nn.Module):
 
     def forward(self, x):
         return F.pixel_shuffle(self.conv(x), 2)
+
+
+class DenseConv2d(nn.Module):
+    """The inference copy's product for a kernel-sized input before: its own matrix, laid out once."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv = conv
+        self.register_buffer("matrix", conv.weight.detach().flatten(1).contiguous(), persistent=False)
+
+    def forward(self, x):
+        if tuple(x.shape[-2:]) != tuple(self.conv.kernel_size):
+            return self.conv(x)
+        return F.linear(x.flatten(1), self.matrix, self.conv.bias)[:, :, None, None]
+
+
+class DenseConvTranspose2d(nn.Module):
+    """The inference copy's product for a 1x1 input before (output in the default layout)."""
+
+    def __init__(self, conv: nn.ConvTranspose2d):
+        super().__init__()
+        self.conv = conv
+        w = conv.weight.detach()
+        self.register_buffer("matrix", w.reshape(w.shape[0], -1).contiguous(), persistent=False)
+
+    def forward(self, x):
+        if x.shape[-2:] != (1, 1):
+            return self.conv(x)
+        _cin, cout, kh, kw = self.conv.weight.shape
+        out = torch.matmul(x.flatten(1), self.matrix).view(x.shape[0], cout, kh, kw)
+        return out if self.conv.bias is None else out + self.conv.bias.view(1, -1, 1, 1)
+
+
+def _plain(m: nn.Module) -> nn.Module:
+    """The plain convolution module of a matrix-product layer's parameters."""
+    from defect_fast.layers import KernelSizedConv2d
+
+    cls = nn.Conv2d if isinstance(m, KernelSizedConv2d) else nn.ConvTranspose2d
+    plain = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, bias=m.bias is not None)
+    plain.load_state_dict(m.state_dict())
+    return plain
 
 
 def recommended_pair(case: str) -> tuple[Detector, Detector, torch.Tensor]:
@@ -129,6 +174,22 @@ def inference_fns(case: str):
                     setattr(module, child_name, replaced)
         images = torch.randint(0, 256, (1, 3, 512, 512), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
         return (lambda: old(images)), (lambda: new(images)), "one 512x512 image"
+    if case == "matrix_layers":
+        from defect_fast.layers import KernelSizedConv2d, PointConvTranspose2d
+
+        model = build_model("cmaae")
+        new, old = Detector(model, image_size=512), Detector(model, image_size=512)
+        for seq in list(old.model.encoder) + list(old.model.decoder):
+            m = seq[0]
+            if isinstance(m, (KernelSizedConv2d, PointConvTranspose2d)):
+                # as the copy was made before: the float32 matrix laid out, then cast with the weights
+                dense = (DenseConv2d if isinstance(m, KernelSizedConv2d) else DenseConvTranspose2d)(_plain(m).float())
+                dense.matrix = dense.matrix.to(m.weight.dtype)
+                dense.conv.weight.data = dense.conv.weight.data.to(m.weight.dtype).contiguous(
+                    memory_format=torch.channels_last)
+                seq[0] = dense
+        images = torch.randint(0, 256, (1, 3, 512, 512), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+        return (lambda: old(images)), (lambda: new(images)), "one 512x512 image"
     old, new, images = recommended_pair(case)
     if case == "stitch":
         def run_old():
@@ -144,7 +205,7 @@ def inference_fns(case: str):
 
 def train_fns(stage: int):
     from bench_train import Workload
-    from defect_fast.models.cmaae.model import KernelSizedConv2d, PointConvTranspose2d
+    from defect_fast.layers import KernelSizedConv2d, PointConvTranspose2d
     from defect_fast.train import train_dtype
 
     precision = train_dtype("auto", torch.device("cpu"))  # what training uses here: bf16 on AVX512-BF16/AMX CPUs
@@ -153,10 +214,7 @@ def train_fns(stage: int):
     for seq in list(old.model.encoder) + list(old.model.decoder):
         m = seq[0]
         if isinstance(m, (KernelSizedConv2d, PointConvTranspose2d)):
-            cls = nn.Conv2d if isinstance(m, KernelSizedConv2d) else nn.ConvTranspose2d
-            plain = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, bias=m.bias is not None)
-            plain.load_state_dict(m.state_dict())
-            seq[0] = plain.to(memory_format=torch.channels_last)
+            seq[0] = _plain(m).to(memory_format=torch.channels_last)
     old.opt = torch.optim.Adam(old.model.trainable_parameters(stage), lr=1e-4)  # the default implementation
     return old.step, new.step
 
@@ -181,7 +239,7 @@ def main() -> None:
                 if case != "train":
                     a, b = old(), new()
                     a, b = (a["maps"], b["maps"]) if isinstance(a, dict) else (a[0], b[0])
-                    if not torch.equal(a, b) and not (case == "last_layer" and torch.allclose(a, b, atol=1e-3, rtol=1e-3)):
+                    if not torch.equal(a, b) and not (case in ("last_layer", "matrix_layers") and torch.allclose(a, b, atol=1e-3, rtol=1e-3)):
                         raise SystemExit(f"bench_replaced: {name}: old and new maps differ")
                 ratios, ms = [], []
                 for _ in range(args.repeats):

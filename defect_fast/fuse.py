@@ -4,10 +4,12 @@
 
 - every batch norm that follows a convolution or transposed convolution folded into its weights
   (``torch.nn.utils.fusion.fuse_conv_bn_eval``; the norm becomes ``nn.Identity``), and
-- every unpadded convolution whose input is exactly its kernel (one output position: CMA-AE's
-  last encoder layer) and every unpadded stride-1 transposed convolution of a 1x1 input (CMA-AE's
-  first decoder layer) run as one matrix product. oneDNN handles these shapes poorly on a CPU
-  (AMD EPYC, 1 thread, one 512x512 image's 64 patches: 18.1 -> 11.2 ms and 25.8 -> 14.1 ms);
+- every unpadded convolution and every unpadded stride-1 transposed convolution as
+  :class:`~defect_fast.layers.KernelSizedConv2d` / :class:`~defect_fast.layers.PointConvTranspose2d`,
+  which run as one matrix product when the input is the kernel's size (one output position) or
+  1x1. oneDNN handles these shapes poorly on a CPU (AMD EPYC, 1 thread, one 512x512 image's 64
+  patches: 18.1 -> 11.2 ms and 25.8 -> 14.1 ms). The CMA-AE network is built with those layers
+  already; they stay as they are;
 - every other stride-1 transposed convolution as the plain convolution it equals (weights
   flipped, in and out swapped, padding k - 1 - p: CMA-AE's 3x3 decoder layer, 16.4 -> 16.2 ms,
   about even there);
@@ -17,9 +19,6 @@
 
 Per-layer figures: ``python benchmarks/bench_fuse_layers.py --rounds 30``
 (``benchmarks/results/fuse_layers_cpu.json``).
-
-The matrices of those products are laid out once, when the copy is made (reshaping a
-channels-last weight on every call copied 2M values per layer per call).
 
 ``weight_dtype`` (bfloat16 or float16: the dtype of the autocast region the copy will run in)
 stores the weights of every convolution, transposed convolution and linear layer in that dtype
@@ -39,45 +38,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .layers import KernelSizedConv2d, PointConvTranspose2d
 from .precision import LOW_PRECISION
 
 _CONVS = (nn.Conv2d, nn.ConvTranspose2d)
 
 
-class DenseConv2d(nn.Module):
-    """A Conv2d without padding that runs as ``F.linear`` when its input is the kernel's size.
-
-    ``matrix`` ([Cout, Cin*kh*kw], contiguous) is the weight laid out for that product, made once;
-    the module is for inference: it does not follow later changes of ``conv.weight``."""
-
-    def __init__(self, conv: nn.Conv2d):
-        super().__init__()
-        self.conv = conv
-        self.register_buffer("matrix", conv.weight.detach().flatten(1).contiguous(), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[-2:]) != tuple(self.conv.kernel_size):
-            return self.conv(x)
-        return F.linear(x.flatten(1), self.matrix, self.conv.bias)[:, :, None, None]
-
-
-class DenseConvTranspose2d(nn.Module):
-    """A stride-1 unpadded ConvTranspose2d that runs as one matrix product on a 1x1 input.
-
-    ``matrix`` ([Cin, Cout*kh*kw], contiguous) is the weight laid out for that product, made once."""
-
-    def __init__(self, conv: nn.ConvTranspose2d):
-        super().__init__()
-        self.conv = conv
-        w = conv.weight.detach()  # [Cin, Cout, kh, kw]
-        self.register_buffer("matrix", w.reshape(w.shape[0], -1).contiguous(), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2:] != (1, 1):
-            return self.conv(x)
-        _cin, cout, kh, kw = self.conv.weight.shape
-        out = torch.matmul(x.flatten(1), self.matrix).view(x.shape[0], cout, kh, kw)
-        return out if self.conv.bias is None else out + self.conv.bias.view(1, -1, 1, 1)
+def _as(cls: type, m: nn.Module) -> nn.Module:
+    """A ``cls`` (a subclass of ``type(m)``'s convolution class) with ``m``'s shape and parameters."""
+    kw = {"output_padding": m.output_padding} if isinstance(m, nn.ConvTranspose2d) else {}
+    new = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, bias=m.bias is not None,
+              **kw).to(m.weight.device, m.weight.dtype)
+    new.load_state_dict(m.state_dict())
+    return new
 
 
 def _transposed_as_conv(m: nn.ConvTranspose2d) -> nn.Conv2d:
@@ -142,16 +115,18 @@ def subpixel_candidate(m: nn.Module) -> bool:
 def _dense(m: nn.Module) -> nn.Module:
     simple = m.groups == 1 and tuple(m.dilation) == (1, 1) and getattr(m, "padding_mode", "zeros") == "zeros"
     plain = simple and tuple(m.padding) == (0, 0)
+    if isinstance(m, (KernelSizedConv2d, PointConvTranspose2d)):
+        return m
     if isinstance(m, nn.ConvTranspose2d):
         if simple and tuple(m.stride) == (1, 1) and tuple(m.output_padding) == (0, 0):
             if plain:
-                return DenseConvTranspose2d(m)
+                return _as(PointConvTranspose2d, m)
             if all(p < k for p, k in zip(m.padding, m.kernel_size)):
                 return _transposed_as_conv(m)
         elif subpixel_candidate(m) and m.out_channels <= SUBPIXEL_MAX_OUT_CHANNELS:
             return SubPixelConvTranspose2d(m)
     elif isinstance(m, nn.Conv2d) and plain:
-        return DenseConv2d(m)
+        return _as(KernelSizedConv2d, m)
     return m
 
 
@@ -173,13 +148,11 @@ def _rewrite(module: nn.Module) -> None:
 
 
 def _cast_weights(model: nn.Module, dtype: torch.dtype) -> None:
-    """Weights (not biases) of convolutions, transposed convolutions, linear layers and the
-    dense matrices below ``model`` to ``dtype``, in place."""
+    """Weights (not biases) of convolutions, transposed convolutions and linear layers below
+    ``model`` to ``dtype``, in place."""
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
             m.weight.data = m.weight.data.to(dtype)
-        elif isinstance(m, (DenseConv2d, DenseConvTranspose2d)):
-            m.matrix = m.matrix.to(dtype)
 
 
 def fuse_for_inference(model: nn.Module, weight_dtype: torch.dtype | None = None) -> nn.Module:

@@ -156,7 +156,7 @@ def test_matrix_product_layers_are_the_convolutions_they_replace(layer):
     """Table I's 4x4 -> 1x1 encoder layer and 1x1 -> 4x4 decoder layer run as matrix products:
     the same outputs and gradients as the convolution modules, the same state dict keys, and
     the convolution itself for any other input size."""
-    from defect_fast.models.cmaae.model import KernelSizedConv2d, PointConvTranspose2d
+    from defect_fast.layers import KernelSizedConv2d, PointConvTranspose2d
     from defect_fast.precision import is_channels_last
 
     torch.manual_seed(0)
@@ -186,7 +186,7 @@ def test_matrix_product_layers_are_the_convolutions_they_replace(layer):
 
 
 def test_cmaae_uses_the_matrix_product_layers_and_loads_plain_state_dicts():
-    from defect_fast.models.cmaae.model import KernelSizedConv2d, PointConvTranspose2d
+    from defect_fast.layers import KernelSizedConv2d, PointConvTranspose2d
 
     model = build_model("cmaae")
     assert isinstance(model.encoder[-1][0], KernelSizedConv2d)

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from defect_fast.detect import Detector
-from defect_fast.fuse import DenseConv2d, DenseConvTranspose2d, fuse_for_inference
+from defect_fast.fuse import fuse_for_inference
+from defect_fast.layers import KernelSizedConv2d, PointConvTranspose2d
 from defect_fast.models import build_model
 
 
@@ -42,23 +43,29 @@ def test_fused_copy_computes_the_same_outputs(name):
     assert not any(p.requires_grad for p in fused.parameters())
 
 
-def test_cmaae_single_position_layers_become_matrix_products():
+def test_cmaae_single_position_layers_stay_matrix_products():
     fused = fuse_for_inference(_model("cmaae"))
     kinds = [type(x) for x in fused.modules()]
-    assert DenseConv2d in kinds and DenseConvTranspose2d in kinds
+    assert KernelSizedConv2d in kinds and PointConvTranspose2d in kinds
 
 
 @pytest.mark.parametrize("size", [4, 7])
-def test_dense_layers_fall_back_to_the_convolution_on_other_sizes(size):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_plain_single_position_layers_become_the_matrix_product_layers(size, channels_last):
+    """Unpadded convolutions and stride-1 transposed convolutions of other models become the
+    matrix-product layers: the same outputs, the product on the kernel-sized (1x1) input and the
+    convolution on any other."""
     torch.manual_seed(0)
-    conv, deconv = nn.Conv2d(6, 5, 4), nn.ConvTranspose2d(6, 5, 4)
+    seq = nn.Sequential(nn.Conv2d(6, 5, 4), nn.ConvTranspose2d(5, 6, 4))
+    fused = fuse_for_inference(seq)
+    assert [type(m) for m in fused] == [KernelSizedConv2d, PointConvTranspose2d]
+    if channels_last:
+        fused = fused.to(memory_format=torch.channels_last)
     x = torch.randn(3, 6, size, size)
-    z = torch.randn(3, 6, size - 3, size - 3)  # 1x1 for size 4: the matrix-product path
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        torch.testing.assert_close(DenseConv2d(conv)(x), conv(x), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(DenseConvTranspose2d(deconv)(z), deconv(z), atol=1e-5, rtol=1e-5)
-        xc = x.contiguous(memory_format=torch.channels_last)
-        torch.testing.assert_close(DenseConv2d(conv)(xc), conv(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fused(x), seq(x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name,channels_last", [("cmaae", True), ("cmaae", False), ("awae", True)])
@@ -95,7 +102,7 @@ def test_weights_stored_in_the_autocast_dtype_give_the_autocast_outputs(name):
     assert all(c.bias is None or c.bias.dtype == torch.float32 for c in convs)
     if name == "cmaae":
         assert bf16.mam.memory.dtype == torch.float32
-        assert all(d.matrix.dtype == torch.bfloat16 for d in bf16.modules() if isinstance(d, (DenseConv2d, DenseConvTranspose2d)))
+        assert any(isinstance(c, KernelSizedConv2d) for c in convs) and any(isinstance(c, PointConvTranspose2d) for c in convs)
     x = torch.rand(5, 3, m.patch_size, m.patch_size) * 2 - 1
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         a, b = fp32(x), bf16(x)
