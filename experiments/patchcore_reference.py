@@ -73,13 +73,6 @@ def greedy_coreset(bank: torch.Tensor, n: int, seed: int = 0, dims: int = 128) -
     return chosen
 
 
-@torch.no_grad()
-def nearest_distance(q: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor) -> torch.Tensor:
-    """Euclidean distance of each row of ``q`` [P, D] to its nearest row of ``bank`` [M, D]."""
-    d2 = (q * q).sum(1, keepdim=True) - 2 * q @ bank.T + bank_sq
-    return d2.min(1).values.clamp_min(0).sqrt()
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("data", nargs="?", default=str(ROOT.parent / "shared" / "data" / "magnetic-tile"))
@@ -102,13 +95,12 @@ def main(argv=None) -> int:
     t1 = time.perf_counter()
     keep = greedy_coreset(bank, n) if n < len(bank) else torch.arange(len(bank))
     core = bank[keep].contiguous()
-    core_sq = (core * core).sum(1)
     t2 = time.perf_counter()
     maps = []
     for c in test.images.split(BATCH):
         f = patch_features(trunk, c.float() / 127.5 - 1)
         g = int(round(f.shape[1] ** 0.5))
-        d = torch.stack([nearest_distance(fi, core, core_sq) for fi in f]).view(-1, 1, g, g)
+        d = torch.stack([torch.cdist(fi, core).min(1).values for fi in f]).view(-1, 1, g, g)  # nearest bank row
         maps.append(F.interpolate(d, size=(s, s), mode="bilinear", align_corners=False)[:, 0])
     maps = torch.cat(maps)
     a = blur_matrix(s, 4.0).float()
