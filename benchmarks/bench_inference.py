@@ -75,6 +75,9 @@ def main() -> None:
                     "CPU shared with busy processes 1 can beat the core count")
     ap.add_argument("--compile", action="store_true", help="tuned path with torch.compile")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="tuned path without CUDA graphs (CUDA only)")
+    ap.add_argument("--cudnn-benchmark", choices=("auto", "on", "off"), default="auto",
+                    help="tuned path's cuDNN algorithm search (Detector option cudnn_benchmark); cuDNN keeps the "
+                    "first plan it finds for a shape in a process, so compare on and off in separate runs")
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/inference_<device>.json)")
     args = ap.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -95,7 +98,8 @@ def main() -> None:
         model = build_model(name)
         eager = Detector(model, image_size=SIZE, device=device, threads=args.threads, **EAGER)
         tuned = Detector(model, image_size=SIZE, device=device, threads=args.threads, compile=args.compile,
-                         cuda_graphs=on_gpu and not args.no_cuda_graphs)
+                         cuda_graphs=on_gpu and not args.no_cuda_graphs,
+                         cudnn_benchmark={"auto": "auto", "on": True, "off": False}[args.cudnn_benchmark])
         results.setdefault("tuned", {})[name] = tuned.options()
         print(f"{name}: map {tuned.map_kind}, tuned options {tuned.options()}")
         probe = torch.randint(0, 256, (1, 3, SIZE, SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

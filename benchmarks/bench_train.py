@@ -9,7 +9,8 @@ modes alternate in one run (benchmarks/common.py), and the ratio is the ratio of
 - tuned: channels_last model and inputs, plus the autocast dtype ``defect-fast train --precision
   auto`` picks (:func:`defect_fast.train.train_dtype`): bfloat16 on GPUs that have it and on CPUs
   with AVX512-BF16 or AMX (oneDNN's bfloat16 kernels); elsewhere channels_last float32. Adam's
-  fused kernel, as training uses it.
+  fused kernel and, on CUDA, cuDNN's timed algorithm search, as training uses them (the eager
+  steps run other dtypes and layouts, so the plans cuDNN keeps per shape are not shared).
 
 Images are random (uniform noise, smoothed) and so are the synthesis sources: throughput does not
 depend on the pictures, and the benchmark needs no files or network.
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from common import RESULTS, ROOT, command_line, device_info, time_interleaved, write_results
 
 from defect_fast.data.patches import extract_patches
+from defect_fast.precision import cudnn_benchmark
 from defect_fast.train import train_dtype
 from defect_fast.models import build_model
 
@@ -79,6 +81,7 @@ class Workload:
         self.gen = torch.Generator(device=device).manual_seed(seed) if device.startswith("cuda") else torch.Generator().manual_seed(seed)
         self.cpu_gen = torch.Generator().manual_seed(seed + 1)
         self.memory_format = torch.channels_last if tuned else torch.contiguous_format
+        self.search = tuned and device.startswith("cuda")  # cudnn_benchmark, as defect_fast.train has it on CUDA
         self.precision = precision if tuned else None
         self.model = self.model.to(memory_format=self.memory_format)
         if hasattr(self.model, "begin_epoch"):
@@ -107,10 +110,12 @@ class Workload:
     def step(self) -> float:
         x, y = self.make_batch()
         self.opt.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.split(":")[0], dtype=self.precision or torch.bfloat16, enabled=self.precision is not None):
-            out = self.model(x)
-            loss, _parts = self.model.loss(out, y, self.stage)
-        loss.backward()
+        with cudnn_benchmark(self.search):
+            with torch.autocast(self.device.split(":")[0], dtype=self.precision or torch.bfloat16,
+                                enabled=self.precision is not None):
+                out = self.model(x)
+                loss, _parts = self.model.loss(out, y, self.stage)
+            loss.backward()
         self.opt.step()
         return float(loss.detach())
 

@@ -39,6 +39,10 @@ Speed options (constructor keywords; "auto" picks per device, from measurements 
 - ``compile``: wrap the per-chunk model call in ``torch.compile`` (off by default; never needed).
 - ``cuda_graphs``: capture :meth:`forward` in a CUDA graph per input shape and replay it (CUDA
   only; off by default).
+- ``cudnn_benchmark``: "auto" = on with CUDA: cuDNN times its algorithms once per input shape and
+  keeps the fastest, for the duration of each call (its heuristics can pick slow kernels for
+  transposed convolutions). Not yet measured on a GPU: ``benchmarks/bench_inference.py`` on CUDA
+  times the tuned path without it in the same rounds, so the first GPU run says whether it pays.
 - ``threads``: intra-op CPU threads while :meth:`predict_batched` runs (None: torch's setting).
   On a CPU shared with other busy processes one thread can be several times faster than two
   (threads waiting on each other at every op); see the benchmark notes.
@@ -61,7 +65,7 @@ from torch import nn
 from .data.patches import grid_shape, overlap_add
 from .maps import blend_window, blur_matrix, top_mean
 from .models import AnomalyModel
-from .precision import cpu_flags, cpu_has_bf16, default_precision  # noqa: F401  (re-exported)
+from .precision import cpu_flags, cpu_has_bf16, cudnn_benchmark, default_precision  # noqa: F401  (re-exported)
 from .runs import load_model_state, model_from_state, resolve_device
 
 TOP_FRACTION = 0.001
@@ -178,6 +182,11 @@ class Detector(nn.Module):
         compile: run the per-chunk model call through ``torch.compile`` (first call compiles).
         cuda_graphs: replay :meth:`forward` from a CUDA graph captured once per input shape
             (CUDA devices only; outputs are copies, safe to keep).
+        cudnn_benchmark: let cuDNN time its convolution algorithms for each new input shape and
+            keep the fastest, while :meth:`forward` runs on a CUDA device
+            (:func:`~defect_fast.precision.cudnn_benchmark`; the global setting is restored after
+            each call). True, False or "auto" = True on CUDA; nothing changes on a CPU. The first
+            call of a shape takes longer (a CUDA graph captures after it).
         threads: ``torch.set_num_threads`` while :meth:`predict_batched` runs (restored after);
             None leaves torch's setting.
         norm_mean, norm_std: map normalisation (map - mean) / std, scalars or [S, S]; default 0 and 1.
@@ -194,6 +203,7 @@ class Detector(nn.Module):
                  smooth_sigma: float = 0.0, *, blend: str = "none", top_fraction: float = TOP_FRACTION,
                  precision: str = "auto", channels_last: bool | str = "auto", compile: bool = False,
                  cuda_graphs: bool = False, threads: int | None = None, reuse_features: bool = True, fuse: bool | str = "auto",
+                 cudnn_benchmark: bool | str = "auto",
                  norm_mean: torch.Tensor | float | None = None, norm_std: torch.Tensor | float | None = None,
                  perceptual: nn.Module | None = None, context: nn.Module | None = None):
         super().__init__()
@@ -206,6 +216,10 @@ class Detector(nn.Module):
         if not isinstance(channels_last, bool):
             raise ValueError(f"channels_last must be True, False or 'auto', got {channels_last!r}")
         device = resolve_device(device)
+        if cudnn_benchmark == "auto":
+            cudnn_benchmark = device.type == "cuda"
+        if not isinstance(cudnn_benchmark, bool):
+            raise ValueError(f"cudnn_benchmark must be True, False or 'auto', got {cudnn_benchmark!r}")
         if precision == "auto":
             precision = default_precision(device)
         if precision not in PRECISIONS:
@@ -249,6 +263,7 @@ class Detector(nn.Module):
         self.batch_size = int(batch_size)
         self.torch_compile, self.cuda_graphs, self.threads = bool(compile), bool(cuda_graphs), threads
         self.reuse_features = bool(reuse_features)
+        self.cudnn_benchmark = cudnn_benchmark
         self._compiled = None
         self._workspace: dict[tuple, torch.Tensor] = {}
         self._graphs: dict[tuple, tuple] = {}
@@ -275,7 +290,7 @@ class Detector(nn.Module):
         """The speed options in force (after "auto" was resolved), JSON-ready."""
         return {"precision": self.precision, "channels_last": self.channels_last, "batch_size": self.batch_size,
                 "compile": self.torch_compile, "cuda_graphs": self.cuda_graphs, "threads": self.threads,
-                "reuse_features": self.reuse_features, "fuse": self.fuse}
+                "reuse_features": self.reuse_features, "fuse": self.fuse, "cudnn_benchmark": self.cudnn_benchmark}
 
     @property
     def device(self) -> torch.device:
@@ -507,9 +522,10 @@ class Detector(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images uint8 [N,3,H,W] (0..255) or float [N,3,H,W] in [-1,1], on this module's device
         -> (maps [N,S,S] float32, larger = more anomalous; scores [N])."""
-        if self.cuda_graphs and images.is_cuda and not _plain_graph() and not torch.is_grad_enabled():
-            return self._graph_forward(images)
-        return self._pipeline(images)
+        with cudnn_benchmark(self.cudnn_benchmark and images.is_cuda and not _plain_graph()):
+            if self.cuda_graphs and images.is_cuda and not _plain_graph() and not torch.is_grad_enabled():
+                return self._graph_forward(images)
+            return self._pipeline(images)
 
     def _pipeline(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.context is None:

@@ -1,8 +1,10 @@
 """Which reduced precision a device computes natively: what ``precision="auto"`` picks for
 inference (:class:`defect_fast.detect.Detector`) and for training (``defect-fast train --precision auto``);
-and which memory layout a tensor has, for the tuned paths that follow it."""
+which memory layout a tensor has, for the tuned paths that follow it; and the scoped cuDNN
+algorithm search of the tuned CUDA paths."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -41,4 +43,25 @@ def is_channels_last(t: torch.Tensor) -> bool:
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
-__all__ = ["LOW_PRECISION", "cpu_flags", "cpu_has_bf16", "default_precision", "is_channels_last"]
+@contextlib.contextmanager
+def cudnn_benchmark(on: bool = True):
+    """``torch.backends.cudnn.benchmark`` on inside the block, as it was after it; ``on=False``
+    leaves the setting alone.
+
+    With it, cuDNN times its algorithms for each new convolution shape once and keeps the fastest,
+    instead of choosing by heuristics, which can pick a slow kernel for transposed convolutions
+    (pytorch/pytorch#41382, #51933). The tuned CUDA paths run fixed shapes (inference of one image
+    size; training batches), so the search is paid once per shape. Only the one flag is touched
+    (``torch.backends.cudnn.flags`` would also reset ``deterministic`` and ``allow_tf32``)."""
+    if not on:
+        yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+__all__ = ["LOW_PRECISION", "cpu_flags", "cpu_has_bf16", "cudnn_benchmark", "default_precision", "is_channels_last"]

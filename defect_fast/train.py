@@ -24,6 +24,7 @@ from tqdm import tqdm
 from .data.dataset import to_model_range
 from .data.patches import grid_shape
 from .models import AnomalyModel, build_model
+from .precision import cudnn_benchmark
 from .runs import (CHECKPOINT_FILE, CHECKPOINT_VERSION, CONFIG_FILE, LOG_FILE, MODEL_FILE, RunError,  # noqa: F401
                    atomic_save, load_checkpoint, model_from_state, resolve_device, stage_file)
 from .safety import OutputFolder, UserError
@@ -608,7 +609,8 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
             trainer.sources = sources
         if state is not None:
             trainer.restore(state)
-        model = trainer.run()
+        with cudnn_benchmark(trainer.device.type == "cuda"):  # fixed batch shapes: cuDNN's search pays once per shape
+            model = trainer.run()
         elapsed = trainer.train_seconds()  # every process of the run, not only this one
         finish_started = time.perf_counter()
         if held_images.shape[0]:

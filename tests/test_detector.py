@@ -118,6 +118,33 @@ def test_precision_and_channels_last_options():
         Detector(_model(), image_size=128, threads=0)
     with pytest.raises(ValueError, match="fuse"):
         Detector(_model(), image_size=128, fuse="yes")
+    with pytest.raises(ValueError, match="cudnn_benchmark"):
+        Detector(_model(), image_size=128, cudnn_benchmark="yes")
+
+
+def test_cudnn_benchmark_is_scoped_and_leaves_the_setting_as_it_was():
+    before = torch.backends.cudnn.benchmark
+    try:
+        for start in (False, True):
+            torch.backends.cudnn.benchmark = start
+            with precision.cudnn_benchmark():
+                assert torch.backends.cudnn.benchmark
+            assert torch.backends.cudnn.benchmark == start
+            with pytest.raises(RuntimeError), precision.cudnn_benchmark():
+                raise RuntimeError("a failed call")
+            assert torch.backends.cudnn.benchmark == start
+            with precision.cudnn_benchmark(False):  # off: the setting as the user left it
+                assert torch.backends.cudnn.benchmark == start
+        # "auto" is off on a CPU; asked for, it still leaves the setting alone for CPU tensors
+        assert Detector(_model(), image_size=128).options()["cudnn_benchmark"] is False
+        torch.backends.cudnn.benchmark = False
+        det = Detector(_model(), image_size=128, cudnn_benchmark=True)
+        seen = []
+        det.model.register_forward_pre_hook(lambda _m, _a: seen.append(torch.backends.cudnn.benchmark))
+        det(_images(1, 128))
+        assert det.options()["cudnn_benchmark"] is True and seen == [False] and not torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def test_auto_options_follow_the_cpu_flags(monkeypatch):
@@ -125,7 +152,8 @@ def test_auto_options_follow_the_cpu_flags(monkeypatch):
     assert default_precision("cpu") == "float32"
     det = Detector(_model(), image_size=128)
     assert det.options() == {"precision": "float32", "channels_last": True, "batch_size": 64, "compile": False,
-                             "cuda_graphs": False, "threads": None, "reuse_features": True, "fuse": True}
+                             "cuda_graphs": False, "threads": None, "reuse_features": True, "fuse": True,
+                             "cudnn_benchmark": False}
     for flag in ("avx512_bf16", "amx_bf16"):
         monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", flag})
         assert default_precision("cpu") == "bfloat16"

@@ -61,7 +61,13 @@ def check_tuned_pipeline(device: str, name: str, recommended: bool, graphs: bool
         tuned = Detector(_model(name), SIZE, device=device, cuda_graphs=graphs, **copy.deepcopy(kw))
         if recommended:
             assert tuned._shared_stem(tuned.context) == 2
+        # cuDNN's timed algorithm search while the model runs on CUDA ("auto"), the setting as it was after
+        assert tuned.cudnn_benchmark == (torch.device(device).type == "cuda")
+        before, seen = torch.backends.cudnn.benchmark, []
+        hook = tuned.model.register_forward_pre_hook(lambda _m, _a: seen.append(torch.backends.cudnn.benchmark))
         maps, scores = tuned(x.to(device))
+        hook.remove()
+        assert seen and set(seen) == {tuned.cudnn_benchmark or before} and torch.backends.cudnn.benchmark == before
         assert maps.dtype == torch.float32 and torch.isfinite(maps).all() and torch.isfinite(scores).all()
         assert _corr(maps.cpu(), want_maps) > 0.99
         assert (scores.cpu() - want_scores).abs().max() <= 0.05 * float(want_scores.abs().max()) + 1e-3
