@@ -24,8 +24,8 @@
 # the CPU with one round, the inference benchmark at batches 1 and 2) and lists the GPU commands
 # it would run. Well under 3 minutes once the C++ kernels are built.
 #
-# Offline kit. On a GPU image that already holds torch with CUDA (the lent H200 machines: Python
-# 3.12, torch, numpy, scikit-learn, pytest, ninja, tqdm), the install step adds only what is
+# Offline kit. On a GPU image that already holds torch with CUDA (the H200 image this suite
+# targets: Python 3.12, torch, numpy, scikit-learn, pytest, ninja, tqdm), the install step adds only what is
 # missing, lpips and pytorch-msssim, with --no-deps, and never touches torch. Prepare them, and a
 # copy of the AlexNet trunk file, on a machine with network and ../shared beside the checkout:
 #   bash scripts/device_kit.sh              (-> .device/, about 10 MB, ignored by git)
