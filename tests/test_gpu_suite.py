@@ -1,0 +1,65 @@
+"""The GPU suite's step runner (``benchmarks/gpu_suite.sh``), run here on stand-in commands: how a
+step's outcome is recorded, and that compute-sanitizer refusing the machine's GPU runtime is told
+apart from a memory error it found. (CI also runs the whole suite's dry run.)"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh"
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                                reason="needs bash and coreutils' timeout")
+
+
+def _step_function() -> str:
+    text = SUITE.read_text()
+    m = re.search(r"^step\(\) \{\n.*?^\}\n", text, flags=re.S | re.M)
+    assert m, "step() not found in gpu_suite.sh"
+    return m.group(0)
+
+
+def _fake(bin_dir: Path, name: str, output: str, rc: int) -> None:
+    path = bin_dir / name
+    path.write_text(f"#!/usr/bin/env bash\necho '{output}'\nexit {rc}\n")
+    path.chmod(0o755)
+
+
+def _run_steps(tmp_path: Path, fakes: dict[str, tuple[str, int]], calls: list[str]) -> list[list[str]]:
+    """Run ``step`` for each call line with the fake commands on PATH; the rows of steps.tsv."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, (output, rc) in fakes.items():
+        _fake(bin_dir, name, output, rc)
+    out = tmp_path / "out"
+    (out / "logs").mkdir(parents=True)
+    script = "\n".join([f'OUT="{out}"', "DRY=0", f'STEPS_FILE="{out}/steps.tsv"', ': > "$STEPS_FILE"',
+                        "DEADLINE=$(( $(date +%s) + 600 ))", _step_function(), *calls])
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    subprocess.run(["bash", "-c", script], env=env, check=True, capture_output=True, text=True, timeout=60)
+    return [line.split("\t") for line in (out / "steps.tsv").read_text().splitlines()]
+
+
+def test_sanitizer_refused_by_the_runtime_is_not_a_failed_step(tmp_path):
+    rows = _run_steps(
+        tmp_path,
+        {"compute-sanitizer": ("========= Error: Device not supported", 1), "okcmd": ("fine", 0), "badcmd": ("boom", 3)},
+        ["step memcheck 30 gpu compute-sanitizer --tool memcheck python3 smoke.py",
+         "step other 30 gpu okcmd", "step broken 30 gpu badcmd"])
+    assert [(r[0], r[1]) for r in rows] == [("memcheck", "unsupported"), ("other", "ok"), ("broken", "failed(rc=3)")]
+
+
+def test_a_memory_error_the_sanitizer_finds_stays_a_failure(tmp_path):
+    rows = _run_steps(tmp_path, {"compute-sanitizer": ("========= Invalid __global__ write of size 4 bytes", 1)},
+                      ["step memcheck 30 gpu compute-sanitizer --tool memcheck python3 smoke.py"])
+    assert rows[0][:2] == ["memcheck", "failed(rc=1)"]
+
+
+def test_other_commands_printing_the_phrase_still_fail(tmp_path):
+    rows = _run_steps(tmp_path, {"mytool": ("Device not supported", 2)}, ["step tool 30 gpu mytool"])
+    assert rows[0][:2] == ["tool", "failed(rc=2)"]
