@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything a GPU must show, in one command of at most 9 minutes on one H100/H200, offline.
 #
-#   bash benchmarks/gpu_suite.sh [--dry-run] [--wheels DIR] OUTDIR
+#   bash benchmarks/gpu_suite.sh [--dry-run] [--wheels DIR] [--archive FILE.tar.gz] OUTDIR
 #
 # Steps (each under its own timeout; the suite stops starting steps at its 9-minute deadline):
 #   env        python, torch, nvidia-smi, nvcc, CPU        -> OUTDIR/env.json
@@ -20,6 +20,9 @@
 #   inference_heur  the tuned inference with cuDNN's heuristics (--cudnn-benchmark off), batches 1
 #              and 64 -> OUTDIR/results/inference_cuda_cudnn_heuristics.json, against `inference`
 # and writes OUTDIR/suite.json (every step's status, seconds, log) and a one-screen summary.
+# --archive FILE.tar.gz also packs the whole OUTDIR (logs, results, suite.json) into that one file
+# at the end, whatever the steps did: what to copy back from a remote GPU machine that returns
+# only a few files.
 #
 # --dry-run (any machine, no GPU needed; CI runs it): executes the CPU parts at tiny sizes (the
 # C++ kernels, the op smoke test on the CPU, the cuda tests' collection, each benchmark once on
@@ -52,11 +55,13 @@ ROOT=$PWD
 DRY=0
 WHEELS="${DEFECT_FAST_WHEELS:-}"
 OUT=""
+ARCHIVE=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --wheels) WHEELS="$2"; shift ;;
-    -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
+    --archive) ARCHIVE="$2"; shift ;;
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 0 ;;
     -*) echo "gpu_suite.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) [ -n "$OUT" ] && { echo "gpu_suite.sh: one OUTDIR only, got $OUT and $1" >&2; exit 2; }; OUT="$1" ;;
   esac
@@ -65,6 +70,13 @@ done
 [ -n "$OUT" ] || { echo "usage: bash benchmarks/gpu_suite.sh [--dry-run] [--wheels DIR] OUTDIR" >&2; exit 2; }
 mkdir -p "$OUT/logs" "$OUT/results" || { echo "gpu_suite.sh: cannot create $OUT" >&2; exit 2; }
 OUT=$(cd "$OUT" && pwd)
+if [ -n "$ARCHIVE" ]; then
+  case "$ARCHIVE" in *.tar.gz|*.tgz) ;; *) echo "gpu_suite.sh: --archive $ARCHIVE: name a .tar.gz or .tgz file" >&2; exit 2 ;; esac
+  [ -e "$ARCHIVE" ] && { echo "gpu_suite.sh: --archive $ARCHIVE exists; not replacing it" >&2; exit 2; }
+  mkdir -p "$(dirname "$ARCHIVE")" || { echo "gpu_suite.sh: cannot create the folder of $ARCHIVE" >&2; exit 2; }
+  ARCHIVE="$(cd "$(dirname "$ARCHIVE")" && pwd)/$(basename "$ARCHIVE")"
+  case "$ARCHIVE" in "$OUT"/*) echo "gpu_suite.sh: --archive $ARCHIVE must lie outside OUTDIR" >&2; exit 2 ;; esac
+fi
 if [ -z "$WHEELS" ]; then
   for d in "$ROOT/.device/wheels" "$ROOT/wheels" "$ROOT/../shared/wheels"; do [ -d "$d" ] && { WHEELS=$d; break; }; done
 fi
@@ -291,3 +303,9 @@ print(f"  suite.json: {os.path.join(out, 'suite.json')}; {'all steps ok' if not 
 print("=" * 78)
 sys.exit(1 if bad else 0)
 EOF
+RC=$?
+if [ -n "$ARCHIVE" ]; then
+  tar -czf "$ARCHIVE" -C "$(dirname "$OUT")" "$(basename "$OUT")" && echo "gpu_suite: packed $OUT into $ARCHIVE" \
+    || { echo "gpu_suite: could not pack $OUT into $ARCHIVE" >&2; RC=1; }
+fi
+exit $RC

@@ -10,7 +10,8 @@
 #   bash scripts/device_kit.sh [DIR]      (default DIR: .device, ignored by git)
 #
 # Then carry DIR with the checkout and run  bash benchmarks/gpu_suite.sh OUTDIR  (the suite looks
-# in ./.device by itself; --wheels DIR/wheels and $DEFECT_FAST_ALEXNET_WEIGHTS name other places).
+# in ./.device by itself; --wheels DIR/wheels and $DEFECT_FAST_ALEXNET_WEIGHTS name other places;
+# --archive FILE.tar.gz packs OUTDIR into one file to copy back).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:-.device}

@@ -63,3 +63,15 @@ def test_a_memory_error_the_sanitizer_finds_stays_a_failure(tmp_path):
 def test_other_commands_printing_the_phrase_still_fail(tmp_path):
     rows = _run_steps(tmp_path, {"mytool": ("Device not supported", 2)}, ["step tool 30 gpu mytool"])
     assert rows[0][:2] == ["tool", "failed(rc=2)"]
+
+
+@pytest.mark.parametrize("archive,why", [("kept.tar.gz", "exists; not replacing it"),
+                                         ("out/inside.tgz", "must lie outside OUTDIR"),
+                                         ("suite.zip", "name a .tar.gz or .tgz file")])
+def test_archive_option_refuses_before_running_anything(tmp_path, archive, why):
+    (tmp_path / "kept.tar.gz").write_bytes(b"someone's file")
+    r = subprocess.run(["bash", str(SUITE), "--dry-run", "--archive", str(tmp_path / archive), str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and why in r.stderr and "--archive" in r.stderr
+    assert (tmp_path / "kept.tar.gz").read_bytes() == b"someone's file"
+    assert not (tmp_path / "out" / "steps.tsv").exists()
