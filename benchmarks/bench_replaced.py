@@ -19,7 +19,10 @@ images are random (the cost does not depend on them; the trunk is the ImageNet A
   against the model's ``KernelSizedConv2d`` / ``PointConvTranspose2d``, which the copy now keeps;
 - ``train``: CMA-AE training steps (batch 64, tuned: bf16 where the CPU has it, channels-last) with
   plain convolutions for the 4x4 -> 1x1 and 1x1 -> 4x4 layers and the default Adam against
-  ``KernelSizedConv2d`` / ``PointConvTranspose2d`` and the fused Adam, per stage.
+  ``KernelSizedConv2d`` / ``PointConvTranspose2d`` and the fused Adam, per stage;
+- ``train_layout``: the same tuned training steps with those two layers' weights channels-last,
+  like every other layer, against them in the default layout
+  (``layers.keep_matrix_weights_contiguous``), per stage.
 
 Outputs are checked equal before timing: maps bit for bit for the inference cases, to 1e-3 where
 a layer sums in another order (``last_layer``, ``matrix_layers``).
@@ -43,7 +46,7 @@ import defect_fast.detect as detect_module
 from defect_fast.detect import Detector
 from defect_fast.models import build_model
 
-CASES = ("stats", "stitch", "trunk_weights", "last_layer", "matrix_layers", "train")
+CASES = ("stats", "stitch", "trunk_weights", "last_layer", "matrix_layers", "train", "train_layout")
 
 
 def fold_overlap_add(patches, grid, patch, stride):
@@ -219,6 +222,18 @@ def train_fns(stage: int):
     return old.step, new.step
 
 
+def train_layout_fns(stage: int):
+    from bench_train import Workload
+    from defect_fast.train import train_dtype
+
+    precision = train_dtype("auto", torch.device("cpu"))
+    new = Workload("cmaae", stage, 64, 256, "cpu", True, precision)
+    old = Workload("cmaae", stage, 64, 256, "cpu", True, precision)
+    old.model.to(memory_format=torch.channels_last)  # every 4-D weight channels-last, as before
+    old.opt = torch.optim.Adam(old.model.trainable_parameters(stage), lr=1e-4, fused=True)
+    return old.step, new.step
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
@@ -232,11 +247,14 @@ def main() -> None:
     res = {"info": info, "command": command_line(), "threads": args.threads, "repeats": args.repeats, "rows": []}
     print(f"{info['cpu']} | torch {info['torch']} | threads {args.threads}")
     for case in args.cases:
-        variants = [(f"train stage {s}", *train_fns(s), "64 patches") for s in (0, 1)] if case == "train" else \
-            [(case, *inference_fns(case))]
+        if case in ("train", "train_layout"):
+            fns = train_fns if case == "train" else train_layout_fns
+            variants = [(f"{case} stage {s}", *fns(s), "64 patches") for s in (0, 1)]
+        else:
+            variants = [(case, *inference_fns(case))]
         for name, old, new, unit in variants:
-            with torch.inference_mode(case != "train"):
-                if case != "train":
+            with torch.inference_mode(not case.startswith("train")):
+                if not case.startswith("train"):
                     a, b = old(), new()
                     a, b = (a["maps"], b["maps"]) if isinstance(a, dict) else (a[0], b[0])
                     if not torch.equal(a, b) and not (case in ("last_layer", "matrix_layers") and torch.allclose(a, b, atol=1e-3, rtol=1e-3)):

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from common import RESULTS, ROOT, command_line, device_info, time_interleaved, write_results
 
 from defect_fast.data.patches import extract_patches
+from defect_fast.layers import keep_matrix_weights_contiguous
 from defect_fast.precision import cudnn_benchmark
 from defect_fast.train import train_dtype
 from defect_fast.models import build_model
@@ -84,6 +85,8 @@ class Workload:
         self.search = tuned and device.startswith("cuda")  # cudnn_benchmark, as defect_fast.train has it on CUDA
         self.precision = precision if tuned else None
         self.model = self.model.to(memory_format=self.memory_format)
+        if tuned:  # as defect_fast.train lays them out
+            keep_matrix_weights_contiguous(self.model)
         if hasattr(self.model, "begin_epoch"):
             self.model.begin_epoch(stage, 0)
         # tuned: Adam's fused kernel, as defect_fast.train uses it; eager: the default implementation

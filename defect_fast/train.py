@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from .data.dataset import to_model_range
 from .data.patches import grid_shape
+from .layers import keep_matrix_weights_contiguous
 from .models import AnomalyModel, build_model
 from .precision import cudnn_benchmark
 from .runs import (CHECKPOINT_FILE, CHECKPOINT_VERSION, CONFIG_FILE, LOG_FILE, MODEL_FILE, RunError,  # noqa: F401
@@ -221,7 +222,7 @@ class Trainer:
         self.model = build_model(cfg.model, **cfg.model_kwargs).to(self.device)
         self.dtype = train_dtype(cfg.precision, self.device)
         if self.dtype is not None:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            self.model = keep_matrix_weights_contiguous(self.model.to(memory_format=torch.channels_last))
         self.patch = self.model.patch_size
         self.stride = cfg.stride or self.patch
         self.grid = grid_shape(cfg.image_size, self.patch, self.stride)
@@ -274,6 +275,15 @@ class Trainer:
         self.seconds_before, self.started = float(state.get("train_seconds", 0.0)), time.perf_counter()
         self.optimizer = self._optimizer(self.position["stage"])
         self.optimizer.load_state_dict(state["optimizer_state"])
+        # Adam's fused kernels walk a parameter and its moments as flat arrays: the moments must
+        # have the parameter's layout, also when the checkpoint was written with another one
+        # (memory layouts of some layers changed between versions); copied, values unchanged
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                st = self.optimizer.state.get(p, {})
+                for k, v in st.items():
+                    if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                        st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
     def save_checkpoint(self) -> None:
         atomic_save(self.state(), self.out / CHECKPOINT_FILE)

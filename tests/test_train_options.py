@@ -155,6 +155,58 @@ def test_bfloat16_training_steps_follow_the_float32_ones(tmp_path, model, monkey
     torch.testing.assert_close(losses["bfloat16"], losses["float32"], rtol=0.05, atol=0.02)
 
 
+def test_bfloat16_training_keeps_the_matrix_product_weights_in_the_default_layout(tmp_path, monkeypatch):
+    """Channels-last training, but the two matrix-product layers' weights (and so their gradients
+    and Adam's moments) in the default layout: Adam's fused CPU kernel copies any other gradient
+    layout on every step."""
+    from defect_fast.layers import KernelSizedConv2d, PointConvTranspose2d
+    from defect_fast.precision import is_channels_last
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", lambda self: None)
+    images = torch.randint(0, 256, (2, 3, 64, 64), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    t = _trainer(tmp_path, images, image_size=64, batch_size=4, precision="bfloat16", max_steps=[2, 1])
+    t.run()
+    dense = [m.weight for m in t.model.modules() if isinstance(m, (KernelSizedConv2d, PointConvTranspose2d))]
+    convs = [m.weight for m in t.model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))
+             and not isinstance(m, (KernelSizedConv2d, PointConvTranspose2d)) and m.weight.shape[1] > 1]
+    assert len(dense) == 2 and all(w.is_contiguous() for w in dense)
+    assert convs and all(is_channels_last(w) for w in convs)
+    for w in dense + convs:
+        st = t.optimizer.state[w]
+        assert w.grad is None or w.grad.stride() == w.stride()
+        assert st["exp_avg"].stride() == w.stride() and st["exp_avg_sq"].stride() == w.stride()
+
+
+def test_resume_gives_adam_moments_the_layout_of_their_parameters(tmp_path, monkeypatch):
+    """A checkpoint whose Adam moments are laid out otherwise than the parameters now are (written
+    by a version with other layouts) resumes with the same values in the parameters' layout,
+    which Adam's fused kernels need (they walk both as flat arrays)."""
+    monkeypatch.setattr(Trainer, "save_checkpoint", lambda self: None)
+    images = torch.randint(0, 256, (2, 3, 64, 64), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    t = _trainer(tmp_path, images, image_size=64, batch_size=4, precision="bfloat16", max_steps=[1, 1])
+    t.run()
+    state = t.state()
+    flipped = 0
+    for st in state["optimizer_state"]["state"].values():
+        for k in ("exp_avg", "exp_avg_sq"):
+            v = st[k]
+            if v.dim() == 4 and v.shape[1] > 1 and v.shape[2] * v.shape[3] > 1:
+                st[k] = v.contiguous() if not v.is_contiguous() else v.contiguous(memory_format=torch.channels_last)
+                flipped += 1
+    assert flipped
+    again = _trainer(tmp_path, images, image_size=64, batch_size=4, precision="bfloat16", max_steps=[1, 1])
+    again.restore(state)
+    params = dict(again.model.named_parameters())
+    before = dict(t.model.named_parameters())
+    for name, p in params.items():
+        if p not in again.optimizer.state:
+            continue
+        st, old = again.optimizer.state[p], t.optimizer.state[before[name]]
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert st[k].stride() == p.stride()
+            assert torch.equal(st[k], old[k])
+
+
 def test_auto_precision_is_bfloat16_only_where_the_cpu_has_it(monkeypatch):
     import defect_fast.precision as precision
     from defect_fast.train import train_dtype
