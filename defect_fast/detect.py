@@ -41,8 +41,9 @@ Speed options (constructor keywords; "auto" picks per device, from measurements 
   only; off by default).
 - ``cudnn_benchmark``: "auto" = on with CUDA: cuDNN times its algorithms once per input shape and
   keeps the fastest, for the duration of each call (its heuristics can pick slow kernels for
-  transposed convolutions). Not yet measured on a GPU: ``benchmarks/bench_inference.py`` on CUDA
-  times the tuned path without it in the same rounds, so the first GPU run says whether it pays.
+  transposed convolutions). Not yet measured on a GPU: the GPU suite times the tuned inference
+  with it (step ``inference``) and without it (``inference_heur``, ``bench_inference.py
+  --cudnn-benchmark off``, a process of its own: cuDNN keeps the first plan it finds for a shape).
 - ``threads``: intra-op CPU threads while :meth:`predict_batched` runs (None: torch's setting).
   On a CPU shared with other busy processes one thread can be several times faster than two
   (threads waiting on each other at every op); see the benchmark notes.

@@ -23,9 +23,12 @@ class KernelSizedConv2d(nn.Conv2d):
 
     The same parameters and function as ``nn.Conv2d`` (state dicts are interchangeable). oneDNN
     handles that shape poorly in training too: forward + backward of the 256 -> 512 layer on 64
-    patches in bf16, 2 threads, AMD EPYC, 43 -> 15 ms. A channels-last weight and input are
-    flattened in (kh, kw, C) order, which is a view of both (the (C, kh, kw) order would copy
-    the 2M-value weight on every step, forward and backward)."""
+    patches in bf16, 2 threads, AMD EPYC, 43 -> 15 ms. The product is a view of the weight in
+    either layout: a channels-last weight is flattened with the input in (kh, kw, C) order, a
+    default-layout one in (C, kh, kw) order (a channels-last input is then copied: one 4x4 map
+    per patch). Flattening a channels-last weight in (C, kh, kw) order would copy its 2M values
+    on every call. Inference copies hold channels-last weights; training keeps these in the
+    default layout (:func:`keep_matrix_weights_contiguous`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (tuple(x.shape[-2:]) == tuple(self.kernel_size) and self.padding == (0, 0) and self.groups == 1
@@ -63,9 +66,10 @@ def keep_matrix_weights_contiguous(model: nn.Module) -> nn.Module:
     For training. Both layouts make the products views of the weight, but Adam's fused CPU
     kernel copies every gradient that is not contiguous in the default layout on every step
     (``grad.contiguous()``, a transposing copy of a channels-last gradient); for CMA-AE's two
-    2M-value weights that was about 8 ms of a 245 ms bf16 step at batch 64 on 2 EPYC cores (torch
-    profiler). With default-layout weights the gradients come out in that layout, and only the
-    small activation at these layers (one 4x4 map per patch) is copied into (C, kh, kw) order."""
+    2M-value weights 4.2 ms each per bf16 step at batch 64 on 2 EPYC cores, under the torch
+    profiler. With default-layout weights the gradients come out in that layout, and only the
+    small activation at these layers (one 4x4 map per patch) is copied into (C, kh, kw) order.
+    Whole steps: 0.98-0.99 of the time (``benchmarks/bench_replaced.py --cases train_layout``)."""
     for m in model.modules():
         if isinstance(m, (KernelSizedConv2d, PointConvTranspose2d)) and is_channels_last(m.weight):
             m.weight.data = m.weight.data.contiguous()
