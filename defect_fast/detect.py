@@ -421,7 +421,7 @@ class Detector(nn.Module):
         """Stitched maps before normalisation and smoothing: images [N,3,H,W] -> [N,S,S]."""
         x = self._to_model_input(images)
         if self.image_map is not None:
-            return self.image_map(x, self._stitched_recon(x), **self._trunk_options())
+            return self._image_map(x)
         n, s, p = x.shape[0], self.image_size, self.patch
         gh, gw = self.grid
         patches = self._patches(x)
@@ -439,6 +439,11 @@ class Detector(nn.Module):
             out = maps.reshape(n, gh, gw, p, p).permute(0, 1, 3, 2, 4).reshape(n, s, s)
             return out.clone() if out.data_ptr() == maps.data_ptr() else out  # never a view of the workspace
         return overlap_add(maps, self.grid, p, self.stride)[:, 0] / self.count
+
+    def _image_map(self, x: torch.Tensor, x_features: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The perceptual map of model-range images [N,3,S,S] and their stitched reconstructions;
+        ``x_features``: the trunk's features of ``x`` when already computed."""
+        return self.image_map(x, self._stitched_recon(x), x_features=x_features, **self._trunk_options())
 
     def _stitched_recon(self, x: torch.Tensor) -> torch.Tensor:
         """Model-range images [N,3,S,S] -> reconstructions [N,3,S,S], overlaps blended with the window."""
@@ -544,7 +549,7 @@ class Detector(nn.Module):
         if shared:
             stem = self.image_map.features(x, **opts)
             feats = ctx.features(x, stem=stem[:shared], **opts)
-            return self.image_map(x, self._stitched_recon(x), x_features=stem, **opts), feats
+            return self._image_map(x, x_features=stem), feats
         return self.raw_maps(x), ctx.features(x, **opts)
 
     def _graph_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
