@@ -3,7 +3,9 @@
 An epoch visits every patch of every training image once: images are shuffled, and the patches
 of each image follow in raster order (the order the AW-SSIM sigma schedule counts). All
 randomness is drawn from generators seeded by (seed, stage, epoch, step), so an interrupted run
-resumed from its last checkpoint continues exactly where it stopped.
+resumed from its last checkpoint continues exactly where it stopped: bit for bit on the same
+device with the same CPU thread count (:func:`compute_setting`, stored in the checkpoint; a
+resume with another says so).
 
 The run folder layout is described in :mod:`defect_fast.runs`.
 """
@@ -211,6 +213,16 @@ def gather_patches(images: torch.Tensor, ids, rows, cols, patch: int, stride: in
     return windows[ids, :, rows, cols]
 
 
+def compute_setting(device: torch.device) -> dict[str, Any]:
+    """What decides the order of a step's float sums besides the run's config: the device (and the
+    GPU's name) and the intra-op CPU threads. A resume with the same setting retraces an
+    uninterrupted run bit for bit; with another it trains the same way, rounded otherwise."""
+    setting: dict[str, Any] = {"device": device.type, "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        setting["gpu"] = torch.cuda.get_device_name(device)
+    return setting
+
+
 class Trainer:
     """Runs the stages of one model over one set of defect-free images."""
 
@@ -262,6 +274,7 @@ class Trainer:
             "image_size": self.cfg.image_size,
             "train_precision": "float32" if self.dtype is None else str(self.dtype).removeprefix("torch."),
             "train_seconds": self.train_seconds(),
+            "compute": compute_setting(self.device),
         }
 
     def train_seconds(self) -> float:
@@ -584,6 +597,12 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
             raise ConfigError(f"model {cfg.model} with options {cfg.model_kwargs}: {exc}") from None
         check_config(cfg, len(probe.stages), probe.patch_size)
         device = resolve_device(cfg.device)
+        before = (state or {}).get("compute")
+        if before and before != compute_setting(device):
+            now = compute_setting(device)
+            log(f"resuming with {', '.join(f'{k} {now.get(k)}' for k in now)} where the run trained with "
+                f"{', '.join(f'{k} {before.get(k)}' for k in before)}: the steps that remain round their sums "
+                f"in another order, so the run trains the same way but will not match an uninterrupted one bit for bit")
         if cfg.precision == "auto":  # the run records what it does: a resume elsewhere keeps it
             cfg = replace(cfg, precision="float32" if train_dtype("auto", device) is None else "bfloat16")
         inputs = [cfg.data, cfg.anomaly_source]

@@ -77,6 +77,7 @@ def test_resume_after_sigkill_continues_exactly(synthetic_root, tmp_path):
     assert main([*args, "--out", str(killed)]) == 2
     at_kill_state = load_checkpoint(killed / "checkpoint.pt")
     at_kill = at_kill_state["position"]["global_step"]
+    assert at_kill_state["compute"] == {"device": "cpu", "threads": torch.get_num_threads()}  # so the resume is silent
     assert main(["train", str(synthetic_root), "--out", str(killed), "--resume", "--quiet"]) == 0
     steps = [json.loads(line)["step"] for line in (killed / "log.jsonl").read_text().splitlines()]
     assert steps[-1] == 18 and at_kill >= 14
@@ -107,7 +108,14 @@ def test_resume_after_a_failure_past_training_finishes_the_run(synthetic_root, t
     assert (out / "checkpoint.pt").exists() and not (out / "model.pt").exists()
     monkeypatch.setattr(train_module, "finish_run", real)
     messages = []
-    train(_cfg(synthetic_root), out, resume=True, progress=False, log=messages.append)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)  # a resume elsewhere: said, since the sums round otherwise
+    try:
+        train(_cfg(synthetic_root), out, resume=True, progress=False, log=messages.append)
+    finally:
+        torch.set_num_threads(threads)
+    assert any(f"threads {threads + 1} where the run trained with device cpu, threads {threads}" in m
+               and "bit for bit" in m for m in messages), messages
     assert any("training is complete" in m for m in messages), messages
     assert not any("at stage 3" in m for m in messages), messages
     steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
