@@ -10,6 +10,8 @@ of one run on the CPU:
   threads as torch has;
 - torchscript: the ``--format torchscript`` file, loaded with ``torch.jit.load`` (what the C++
   runner in ``examples/cpp`` loads);
+- torchscript_bf16: the ``--format torchscript --precision bfloat16`` file (the tuned graph with
+  the ops as plain PyTorch), where the tuned path runs bf16 (a CPU with AVX512-BF16 or AMX);
 - eager: the float32 pipeline of ``bench_inference.py`` (no fusion, no reuse, NCHW).
 
 Prints ms per image, each path's time over the tuned one and the largest map difference to it.
@@ -65,10 +67,15 @@ def main() -> None:
             x = image.numpy()
             fns = {"tuned": lambda: tuned(image), "onnxruntime": lambda: session.run(None, {"images": x}),
                    "torchscript": lambda: scripted(image), "eager": lambda: eager(image)}
+            if tuned.precision == "bfloat16":
+                scripted_bf16 = torch.jit.load(str(export_detector(
+                    Detector(model, image_size=SIZE, precision="bfloat16"), Path(tmp) / f"{name}_bf16.pt", "torchscript",
+                    precision="bfloat16")))
+                fns["torchscript_bf16"] = lambda: scripted_bf16(image)
             with torch.inference_mode():
                 want = tuned(image)[0].numpy()
-                maps = {"onnxruntime": session.run(None, {"images": x})[0], "torchscript": scripted(image)[0].numpy(),
-                        "eager": eager(image)[0].numpy()}
+                maps = {path: (fn()[0] if path == "onnxruntime" else fn()[0].numpy()) for path, fn in fns.items()
+                        if path != "tuned"}
                 t = time_interleaved(fns, rounds=args.rounds, warmup=args.warmup, device="cpu")
             base = t["tuned"]["median_ms"]
             row = {"model": name, "tuned_options": tuned.options(), "tuned_ms_per_image": base,
@@ -79,7 +86,7 @@ def main() -> None:
                 row[f"{path}_ms_per_image"] = ms
                 row[f"{path}_over_tuned"] = round(ms / base, 3)
                 row[f"{path}_max_abs_map_difference"] = float(np.abs(m - want).max())
-                print(f"  {path:12s} {ms:9.2f} ms/image  x{ms / base:.2f} the tuned time  "
+                print(f"  {path:16s} {ms:9.2f} ms/image  x{ms / base:.2f} the tuned time  "
                       f"max |map diff| {row[f'{path}_max_abs_map_difference']:.1e} of {row['max_abs_map']:.1e}")
             if name == "cmaae":
                 row["paper_ms_per_image"] = PAPER_MS_PER_IMAGE

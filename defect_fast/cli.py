@@ -255,7 +255,7 @@ def cmd_export(args) -> int:
     from .export import export
 
     path = export(args.run, args.out, args.format, batch=args.batch, map_kind=args.map, stride=args.stride,
-                  smooth_sigma=args.smooth, blend=args.blend, overwrite=args.overwrite)
+                  smooth_sigma=args.smooth, blend=args.blend, overwrite=args.overwrite, precision=args.precision)
     print(f"wrote {path} and {path.with_name(path.name + '.json')}")
     return 0
 
@@ -377,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--stride", type=positive_int, default=None)
     x.add_argument("--smooth", type=nonneg_float, default=None)
     x.add_argument("--blend", choices=BLENDS, default=None)
+    x.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                   help="float32 (default, portable) or bfloat16: the tuned CPU graph, for CPUs with AVX512-BF16 "
+                   "or AMX (emulated, and slow, elsewhere); TorchScript files only")
     x.add_argument("--overwrite", action="store_true")
     x.set_defaults(func=cmd_export)
 

@@ -7,6 +7,16 @@ reference (:func:`defect_fast.detect.reference_ops`), so running the file needs 
 onnxruntime / LibTorch / torch, not this package. Beside ``FILE`` goes ``FILE.json``: image size,
 batch, thresholds, normalisation, model name and options, package version and a digest of the
 source model file.
+
+``precision="bfloat16"`` (TorchScript files, what the C++ runner loads): the Detector's tuned CPU graph
+instead of the float32 one: layer weights stored in bf16, the layers run in bf16 with channels-last
+patches, the ops and everything after the model in float32, as the Detector runs with
+``precision="bfloat16"`` (maps within rounding of its maps). It ran 2.2 x (CMA-AE) and 2.8 x
+(AW-SSIM AE) faster than the float32 file on a 2-core AVX512-BF16 EPYC
+(``benchmarks/bench_export.py``, ``export_cpu.json``); on a CPU without AVX512-BF16 or AMX, bf16
+is emulated and many times slower, so float32 stays the default. ONNX files
+are float32 only (onnxruntime's CPU convolutions have no bf16 kernels), and so are torch.export
+files (its tracing of the autocast pipeline fails on torch 2.13).
 """
 from __future__ import annotations
 
@@ -22,8 +32,10 @@ from . import __version__
 from .calibration import stored_thresholds
 from .detect import Detector, reference_ops
 from .runs import RunError, model_file
+from .safety import UserError
 
 FORMATS = ("onnx", "torchscript", "exported")
+PRECISIONS = ("float32", "bfloat16")
 ONNX_OPSET = 18  # Col2Im (the stitching fold) needs opset 18
 
 
@@ -47,6 +59,7 @@ def sidecar(det: Detector, fmt: str, batch: int, dynamic_batch: bool, source: Pa
         "source": str(source) if source else None,
         "source_digest": _digest(source) if source else None,
         "image_size": det.image_size,
+        "precision": det.precision,
         "batch": batch,
         "dynamic_batch": dynamic_batch,
         "input": {"name": "images", "dtype": "uint8", "shape": [batch, 3, det.image_size, det.image_size],
@@ -66,24 +79,41 @@ def sidecar(det: Detector, fmt: str, batch: int, dynamic_batch: bool, source: Pa
     }
 
 
-def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, source: Path | None = None) -> Path:
+class ExportError(UserError, ValueError):
+    """Export arguments that cannot work together (named as their command-line options)."""
+
+
+def _check_arguments(fmt: str, precision: str, batch: int) -> None:
+    if fmt not in FORMATS:
+        raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if precision not in PRECISIONS:
+        raise ExportError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "float32" and fmt != "torchscript":
+        raise ExportError(f"--precision {precision} exports TorchScript files (--format torchscript); {fmt} "
+                          f"files are float32 only")
+    if batch < 1:
+        raise ExportError(f"--batch must be >= 1, got {batch}")
+
+
+def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, source: Path | None = None,
+                    precision: str = "float32") -> Path:
     """Write ``det``'s pipeline to ``out`` in format ``fmt`` (see :data:`FORMATS`) plus ``out.json``.
 
-    The detector is exported on the CPU in float32; its patch chunking is switched off (one model
-    call per batch) so the graph holds no Python loop. Returns ``out``.
+    The detector is exported on the CPU in ``precision`` (see the module docstring; ``det`` must
+    have been built with it); its patch chunking is switched off (one model call per batch) so the
+    graph holds no Python loop. Returns ``out``.
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {batch}")
-    if det.fuse and det.precision != "float32":
-        raise ValueError(f"export: the detector's inference model holds {det.precision} weights; export needs "
-                         f"one built with precision='float32'")
+    _check_arguments(fmt, precision, batch)
+    if det.precision != precision and (det.fuse or precision != "float32"):
+        raise ValueError(f"export: the detector runs in {det.precision}; a {precision} export needs one built "
+                         f"with precision={precision!r}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     det = det.to("cpu").eval()
     saved = (det.batch_size, det.precision, det.channels_last)
-    det.batch_size, det.precision, det.channels_last = 0, "float32", False
+    det.batch_size = 0
+    if precision == "float32":  # the portable graph: float32, the default layout
+        det.precision, det.channels_last = "float32", False
     s = det.image_size
     example = torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     dynamic = False
@@ -109,20 +139,22 @@ def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, so
     finally:
         det.batch_size, det.precision, det.channels_last = saved
     meta = sidecar(det, fmt, batch, dynamic, source)
+    meta["precision"] = precision  # what the file computes in (det may run otherwise outside the export)
     out.with_name(out.name + ".json").write_text(json.dumps(meta, indent=2))
     return out
 
 
 def export(run: Path | str, out: Path | str, fmt: str, *, batch: int = 1, overwrite: bool = False,
            map_kind: str | None = None, stride: int | None = None, smooth_sigma: float | None = None,
-           blend: str | None = None) -> Path:
+           blend: str | None = None, precision: str = "float32") -> Path:
     """``defect-fast export``: the run's detector (options as in :class:`Detector`) to ``out``."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise RunError(f"{out}: exists; pass --overwrite to replace it")
+    _check_arguments(fmt, precision, batch)  # before the model is read
     det = Detector.load(run, device="cpu", map_kind=map_kind, stride=stride, smooth_sigma=smooth_sigma, blend=blend,
-                        precision="float32")
-    return export_detector(det, out, fmt, batch=batch, source=model_file(run))
+                        precision=precision)
+    return export_detector(det, out, fmt, batch=batch, source=model_file(run), precision=precision)
 
 
-__all__ = ["FORMATS", "export", "export_detector", "sidecar"]
+__all__ = ["FORMATS", "PRECISIONS", "ExportError", "export", "export_detector", "sidecar"]

@@ -76,3 +76,21 @@ def test_cpp_runner_matches_the_detector(runner, tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not a png")
     bad = subprocess.run([str(runner), str(ts), str(tmp_path / "bad.png")], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "bad.png" in bad.stderr
+
+
+def test_cpp_runner_runs_the_bfloat16_export(runner, tmp_path):
+    """The bf16 TorchScript file (``--precision bfloat16``) runs in the same C++ runner, with the
+    bf16 Detector's score and map."""
+    torch.manual_seed(0)
+    det = Detector(build_model("cmaae", memory_size=20), image_size=128, precision="bfloat16")
+    ts = export_detector(det, tmp_path / "det_bf16.ts", "torchscript", precision="bfloat16")
+    rgb = np.random.default_rng(1).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "img.png")
+    with torch.no_grad():
+        want_maps, want_scores = det(torch.from_numpy(rgb).permute(2, 0, 1)[None])
+    out = subprocess.run([str(runner), str(ts), str(tmp_path / "img.png"), str(tmp_path / "map.f32")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout.split()[1]) == pytest.approx(float(want_scores[0]), rel=1e-4, abs=1e-7)
+    got = torch.from_numpy(np.fromfile(tmp_path / "map.f32", dtype=np.float32).reshape(128, 128))
+    torch.testing.assert_close(got, want_maps[0], atol=1e-4 * float(want_maps.abs().max()), rtol=0)

@@ -72,6 +72,38 @@ def test_export_matches_the_detector(run, tmp_path, fmt, suffix):
     assert float(want_maps.std()) > 0.1  # maps of order 1: the 1e-4 tolerance is a real test
 
 
+def test_bfloat16_torchscript_is_the_bfloat16_detector(run, tmp_path):
+    """--precision bfloat16: the tuned graph (bf16 weights and layers, channels-last, ops and maps in
+    float32) in a TorchScript file; its maps are the bf16 Detector's, for any batch (bf16 is emulated
+    on CPUs without AVX512-BF16/AMX: slow there, the same numbers)."""
+    out = tmp_path / "det_bf16.ts"
+    assert main(["export", str(run), "--format", "torchscript", "--precision", "bfloat16", "--out", str(out),
+                 *OPTIONS]) == 0
+    meta = json.loads(out.with_name(out.name + ".json").read_text())
+    assert meta["precision"] == "bfloat16" and meta["thresholds"] == {"pixel": 0.02, "score": 0.03}
+    bf16 = Detector.load(run, device="cpu", stride=32, blend="hann", smooth_sigma=1.5, precision="bfloat16")
+    f32 = Detector.load(run, device="cpu", stride=32, blend="hann", smooth_sigma=1.5, precision="float32")
+    x = _images(3)
+    module = torch.jit.load(str(out))
+    with torch.no_grad():
+        want_maps, want_scores = bf16(x)
+        maps, scores = module(x)
+        f32_maps = f32(x)[0]
+    scale = float(want_maps.abs().max())
+    torch.testing.assert_close(maps, want_maps, atol=1e-4 * scale, rtol=0)
+    torch.testing.assert_close(scores, want_scores, atol=1e-4 * float(want_scores.abs().max()), rtol=0)
+    assert float((maps - f32_maps).abs().max()) > 1e-3 * float(f32_maps.abs().max())  # bf16 arithmetic, not float32
+    assert torch.corrcoef(torch.stack([maps.flatten(), f32_maps.flatten()]))[0, 1] > 0.99
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "exported"])
+def test_bfloat16_export_is_torchscript_only(run, tmp_path, capsys, fmt):
+    out = tmp_path / "det.file"
+    assert main(["export", str(run), "--format", fmt, "--precision", "bfloat16", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--precision bfloat16" in err and "torchscript" in err and not out.exists()
+
+
 def test_export_refuses_to_overwrite(run, tmp_path, capsys):
     out = tmp_path / "det.ts"
     out.write_bytes(b"keep")
