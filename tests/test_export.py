@@ -171,3 +171,24 @@ def test_onnx_export_of_a_two_level_perceptual_map_matches_the_detector(tmp_path
     maps, scores = _run_exported("onnx", out, x)
     torch.testing.assert_close(maps, want_maps, atol=1e-4 * float(want_maps.abs().max()), rtol=0)
     torch.testing.assert_close(scores, want_scores, atol=0, rtol=1e-4)
+
+
+def test_bfloat16_torchscript_of_the_recommended_pipeline(tmp_path, monkeypatch):
+    """The recommended run's pipeline (perceptual map on a two-level pyramid, image context, Hann
+    blending, smoothing) exports in bf16 too: the file's maps and scores are the bf16 Detector's."""
+    import copy
+
+    import defect_fast.context as context
+    from defect_fast.export import export_detector
+    from tests.test_context import RandomTrunkContext
+    from tests.test_detector_cuda import SIZE, _model, _recommended
+
+    monkeypatch.setattr(context, "ImageContext", RandomTrunkContext)
+    kw, x = _recommended("cmaae")
+    det = Detector(_model("cmaae"), SIZE, precision="bfloat16", **copy.deepcopy(kw))
+    out = export_detector(det, tmp_path / "rec_bf16.ts", "torchscript", precision="bfloat16")
+    with torch.no_grad():
+        want_maps, want_scores = det(x)
+        maps, scores = torch.jit.load(str(out))(x)
+    torch.testing.assert_close(maps, want_maps, atol=1e-4 * float(want_maps.abs().max()), rtol=0)
+    torch.testing.assert_close(scores, want_scores, atol=1e-4 * float(want_scores.abs().max()), rtol=0)
