@@ -565,7 +565,8 @@ class Detector(nn.Module):
                     self._pipeline(static_in)
             torch.cuda.current_stream(images.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # no algorithm timing inside the capture: the warm-up's plans, or heuristic ones
+            with torch.cuda.graph(graph), cudnn_benchmark(self.cudnn_benchmark, value=False):
                 static_out = self._pipeline(static_in)
             entry = self._graphs[key] = (graph, static_in, static_out)
         graph, static_in, (maps, scores) = entry

@@ -44,20 +44,24 @@ def is_channels_last(t: torch.Tensor) -> bool:
 
 
 @contextlib.contextmanager
-def cudnn_benchmark(on: bool = True):
-    """``torch.backends.cudnn.benchmark`` on inside the block, as it was after it; ``on=False``
-    leaves the setting alone.
+def cudnn_benchmark(on: bool = True, *, value: bool = True):
+    """``torch.backends.cudnn.benchmark`` set to ``value`` inside the block, as it was after it;
+    ``on=False`` leaves the setting alone.
 
     With it, cuDNN times its algorithms for each new convolution shape once and keeps the fastest,
     instead of choosing by heuristics, which can pick a slow kernel for transposed convolutions
     (pytorch/pytorch#41382, #51933). The tuned CUDA paths run fixed shapes (inference of one image
     size; training batches), so the search is paid once per shape. Only the one flag is touched
-    (``torch.backends.cudnn.flags`` would also reset ``deterministic`` and ``allow_tf32``)."""
+    (``torch.backends.cudnn.flags`` would also reset ``deterministic`` and ``allow_tf32``).
+
+    ``value=False`` is for CUDA graph capture: cuDNN keeps the plan it found for a shape whatever
+    the flag, so the plans timed in the warm-up calls are used, and a shape met first inside the
+    capture gets a heuristic plan instead of a timing run, which a capturing stream cannot do."""
     if not on:
         yield
         return
     before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = value
     try:
         yield
     finally:

@@ -135,6 +135,9 @@ def test_cudnn_benchmark_is_scoped_and_leaves_the_setting_as_it_was():
             assert torch.backends.cudnn.benchmark == start
             with precision.cudnn_benchmark(False):  # off: the setting as the user left it
                 assert torch.backends.cudnn.benchmark == start
+            with precision.cudnn_benchmark(value=False):  # a CUDA graph capture: no timing runs
+                assert not torch.backends.cudnn.benchmark
+            assert torch.backends.cudnn.benchmark == start
         # "auto" is off on a CPU; asked for, it still leaves the setting alone for CPU tensors
         assert Detector(_model(), image_size=128).options()["cudnn_benchmark"] is False
         torch.backends.cudnn.benchmark = False
