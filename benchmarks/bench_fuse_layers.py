@@ -26,7 +26,7 @@ from torch import nn
 from common import RESULTS, command_line, device_info, time_interleaved, write_results
 
 from defect_fast.fuse import SubPixelConvTranspose2d, _dense, subpixel_candidate
-from defect_fast.layers import KernelSizedConv2d, PointConvTranspose2d
+from defect_fast.layers import KernelSizedConv2d, PointConvTranspose2d, rebuilt_as
 from defect_fast.models import build_model
 
 
@@ -68,10 +68,7 @@ def main() -> None:
             original = modules[name]
             if isinstance(original, (KernelSizedConv2d, PointConvTranspose2d)):
                 # already the product: time it against the plain module of the same parameters
-                plain = (nn.Conv2d if isinstance(original, KernelSizedConv2d) else nn.ConvTranspose2d)(
-                    original.in_channels, original.out_channels, original.kernel_size, original.stride,
-                    original.padding, bias=original.bias is not None)
-                plain.load_state_dict(original.state_dict())
+                plain = rebuilt_as(nn.Conv2d if isinstance(original, KernelSizedConv2d) else nn.ConvTranspose2d, original)
                 original = plain.to(memory_format=torch.channels_last)
             replacement = _dense(original)
             if replacement is not original:

@@ -123,12 +123,9 @@ class DenseConvTranspose2d(nn.Module):
 
 def _plain(m: nn.Module) -> nn.Module:
     """The plain convolution module of a matrix-product layer's parameters."""
-    from defect_fast.layers import KernelSizedConv2d
+    from defect_fast.layers import KernelSizedConv2d, rebuilt_as
 
-    cls = nn.Conv2d if isinstance(m, KernelSizedConv2d) else nn.ConvTranspose2d
-    plain = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, bias=m.bias is not None)
-    plain.load_state_dict(m.state_dict())
-    return plain
+    return rebuilt_as(nn.Conv2d if isinstance(m, KernelSizedConv2d) else nn.ConvTranspose2d, m)
 
 
 def recommended_pair(case: str) -> tuple[Detector, Detector, torch.Tensor]:

@@ -38,19 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .layers import KernelSizedConv2d, PointConvTranspose2d
+from .layers import KernelSizedConv2d, PointConvTranspose2d, rebuilt_as
 from .precision import LOW_PRECISION
 
 _CONVS = (nn.Conv2d, nn.ConvTranspose2d)
-
-
-def _as(cls: type, m: nn.Module) -> nn.Module:
-    """A ``cls`` (a subclass of ``type(m)``'s convolution class) with ``m``'s shape and parameters."""
-    kw = {"output_padding": m.output_padding} if isinstance(m, nn.ConvTranspose2d) else {}
-    new = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, bias=m.bias is not None,
-              **kw).to(m.weight.device, m.weight.dtype)
-    new.load_state_dict(m.state_dict())
-    return new
 
 
 def _transposed_as_conv(m: nn.ConvTranspose2d) -> nn.Conv2d:
@@ -120,13 +111,13 @@ def _dense(m: nn.Module) -> nn.Module:
     if isinstance(m, nn.ConvTranspose2d):
         if simple and tuple(m.stride) == (1, 1) and tuple(m.output_padding) == (0, 0):
             if plain:
-                return _as(PointConvTranspose2d, m)
+                return rebuilt_as(PointConvTranspose2d, m)
             if all(p < k for p, k in zip(m.padding, m.kernel_size)):
                 return _transposed_as_conv(m)
         elif subpixel_candidate(m) and m.out_channels <= SUBPIXEL_MAX_OUT_CHANNELS:
             return SubPixelConvTranspose2d(m)
     elif isinstance(m, nn.Conv2d) and plain:
-        return _as(KernelSizedConv2d, m)
+        return rebuilt_as(KernelSizedConv2d, m)
     return m
 
 

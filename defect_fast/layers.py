@@ -58,6 +58,21 @@ class PointConvTranspose2d(nn.ConvTranspose2d):
         return super().forward(x, output_size)
 
 
+def rebuilt_as(cls: type, m: nn.Module) -> nn.Module:
+    """A ``cls`` module with the shape and the parameters (values, dtypes, device) of the ungrouped,
+    undilated convolution or transposed convolution ``m``: a plain layer as one of this module's
+    matrix-product layers, or one of them as the plain layer it stands for (``cls`` of the same
+    kind: :class:`KernelSizedConv2d` / ``nn.Conv2d``, :class:`PointConvTranspose2d` /
+    ``nn.ConvTranspose2d``)."""
+    kw = {"output_padding": m.output_padding} if isinstance(m, nn.ConvTranspose2d) else {}
+    new = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, bias=m.bias is not None,
+              device=m.weight.device, **kw)
+    new.load_state_dict(m.state_dict())
+    for name, p in new.named_parameters():
+        p.data = p.data.to(getattr(m, name).dtype)
+    return new
+
+
 def keep_matrix_weights_contiguous(model: nn.Module) -> nn.Module:
     """Put the weights of ``model``'s :class:`KernelSizedConv2d` and :class:`PointConvTranspose2d`
     layers back in the default layout after ``model.to(memory_format=torch.channels_last)``, in
