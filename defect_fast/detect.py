@@ -528,8 +528,9 @@ class Detector(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images uint8 [N,3,H,W] (0..255) or float [N,3,H,W] in [-1,1], on this module's device
         -> (maps [N,S,S] float32, larger = more anomalous; scores [N])."""
-        with cudnn_benchmark(self.cudnn_benchmark and images.is_cuda and not _plain_graph()):
-            if self.cuda_graphs and images.is_cuda and not _plain_graph() and not torch.is_grad_enabled():
+        on_gpu = images.is_cuda and not _plain_graph()
+        with cudnn_benchmark(self.cudnn_benchmark and on_gpu):
+            if self.cuda_graphs and on_gpu and not torch.is_grad_enabled():
                 return self._graph_forward(images)
             return self._pipeline(images)
 

@@ -597,9 +597,8 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
             raise ConfigError(f"model {cfg.model} with options {cfg.model_kwargs}: {exc}") from None
         check_config(cfg, len(probe.stages), probe.patch_size)
         device = resolve_device(cfg.device)
-        before = (state or {}).get("compute")
-        if before and before != compute_setting(device):
-            now = compute_setting(device)
+        before, now = (state or {}).get("compute"), compute_setting(device)
+        if before and before != now:
             log(f"resuming with {', '.join(f'{k} {now.get(k)}' for k in now)} where the run trained with "
                 f"{', '.join(f'{k} {before.get(k)}' for k in before)}: the steps that remain round their sums "
                 f"in another order, so the run trains the same way but will not match an uninterrupted one bit for bit")
