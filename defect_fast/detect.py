@@ -98,7 +98,8 @@ def cpu_threads(n: int | None) -> Iterator[None]:
 
 def _plain_graph() -> bool:
     """True while the pipeline is being traced or exported (no caches, no compiled or captured parts)."""
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+    return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+            or torch.compiler.is_exporting())
 
 
 def image_scores(maps: torch.Tensor, top_fraction: float = TOP_FRACTION) -> torch.Tensor:
@@ -426,6 +427,7 @@ class Detector(nn.Module):
         gh, gw = self.grid
         patches = self._patches(x)
         total = patches.shape[0]
+        pooled = 0 < self.batch_size < total and not _plain_graph()  # maps in a workspace buffer
         if 0 < self.batch_size < total:
             maps = self._buffer("maps", (total, 1, p, p), x)
             for start in range(0, total, self.batch_size):
@@ -437,7 +439,7 @@ class Detector(nn.Module):
             maps = maps * self.window
         if self.stride == p and self.blend == "none":  # tiles: stitching is one permuting copy
             out = maps.reshape(n, gh, gw, p, p).permute(0, 1, 3, 2, 4).reshape(n, s, s)
-            return out.clone() if out.data_ptr() == maps.data_ptr() else out  # never a view of the workspace
+            return out.clone() if pooled and out.data_ptr() == maps.data_ptr() else out  # never a view of the workspace
         return overlap_add(maps, self.grid, p, self.stride)[:, 0] / self.count
 
     def _image_map(self, x: torch.Tensor, x_features: list[torch.Tensor] | None = None) -> torch.Tensor:

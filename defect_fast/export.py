@@ -31,8 +31,8 @@ import torch
 from . import __version__
 from .calibration import stored_thresholds
 from .detect import Detector, reference_ops
-from .runs import RunError, model_file
-from .safety import UserError
+from .runs import model_file
+from .safety import UserError, atomic_open, atomic_write_text, safe_output_file
 
 FORMATS = ("onnx", "torchscript", "exported")
 PRECISIONS = ("float32", "bfloat16")
@@ -108,7 +108,6 @@ def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, so
         raise ValueError(f"export: the detector runs in {det.precision}; a {precision} export needs one built "
                          f"with precision={precision!r}")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     det = det.to("cpu").eval()
     saved = (det.batch_size, det.precision, det.channels_last)
     det.batch_size = 0
@@ -118,30 +117,39 @@ def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, so
     example = torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     dynamic = False
     try:
-        with reference_ops(), torch.no_grad(), warnings.catch_warnings():
+        # written under a temporary name and renamed into place: an interrupted export leaves no half file
+        with reference_ops(), torch.no_grad(), warnings.catch_warnings(), atomic_open(out) as fh:
             warnings.simplefilter("ignore")
             if fmt == "torchscript":
                 traced = torch.jit.trace(det, (example,), check_trace=False)
-                traced.save(str(out))
+                torch.jit.save(traced, fh)
                 dynamic = True  # the traced shape arithmetic follows the batch size
             elif fmt == "onnx":
-                torch.onnx.export(det, (example,), str(out), input_names=["images"], output_names=["maps", "scores"],
+                torch.onnx.export(det, (example,), fh, input_names=["images"], output_names=["maps", "scores"],
                                   dynamic_axes={"images": {0: "batch"}, "maps": {0: "batch"}, "scores": {0: "batch"}},
                                   opset_version=ONNX_OPSET, dynamo=False)
                 dynamic = True
             else:
                 try:
-                    ep = torch.export.export(det, (example,), dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}})
+                    # torch.export specialises a size of 1: trace the dynamic graph with at least 2 images
+                    wide = example if batch > 1 else example.expand(2, -1, -1, -1).clone()
+                    ep = torch.export.export(det, (wide,), dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}})
                     dynamic = True
                 except Exception:  # a graph that specialises on the batch: export it for this batch only
                     ep = torch.export.export(det, (example,))
-                torch.export.save(ep, str(out))
+                torch.export.save(ep, fh)
     finally:
         det.batch_size, det.precision, det.channels_last = saved
     meta = sidecar(det, fmt, batch, dynamic, source)
     meta["precision"] = precision  # what the file computes in (det may run otherwise outside the export)
-    out.with_name(out.name + ".json").write_text(json.dumps(meta, indent=2))
+    atomic_write_text(sidecar_path(out), json.dumps(meta, indent=2))
     return out
+
+
+def sidecar_path(out: Path | str) -> Path:
+    """``FILE.json``, the description written beside an exported ``FILE``."""
+    out = Path(out)
+    return out.with_name(out.name + ".json")
 
 
 def export(run: Path | str, out: Path | str, fmt: str, *, batch: int = 1, overwrite: bool = False,
@@ -149,12 +157,13 @@ def export(run: Path | str, out: Path | str, fmt: str, *, batch: int = 1, overwr
            blend: str | None = None, precision: str = "float32") -> Path:
     """``defect-fast export``: the run's detector (options as in :class:`Detector`) to ``out``."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise RunError(f"{out}: exists; pass --overwrite to replace it")
-    _check_arguments(fmt, precision, batch)  # before the model is read
+    # the file and its sidecar: never inside the run, never replaced without --overwrite (before the model is read)
+    safe_output_file(out, overwrite, inputs=[run], what="--out")
+    safe_output_file(sidecar_path(out), overwrite, inputs=[run], what="--out's description")
+    _check_arguments(fmt, precision, batch)
     det = Detector.load(run, device="cpu", map_kind=map_kind, stride=stride, smooth_sigma=smooth_sigma, blend=blend,
                         precision=precision)
     return export_detector(det, out, fmt, batch=batch, source=model_file(run), precision=precision)
 
 
-__all__ = ["FORMATS", "PRECISIONS", "ExportError", "export", "export_detector", "sidecar"]
+__all__ = ["FORMATS", "PRECISIONS", "ExportError", "export", "export_detector", "sidecar", "sidecar_path"]

@@ -72,6 +72,23 @@ def test_export_matches_the_detector(run, tmp_path, fmt, suffix):
     assert float(want_maps.std()) > 0.1  # maps of order 1: the 1e-4 tolerance is a real test
 
 
+@pytest.mark.parametrize("fmt,suffix", [("exported", "pt2"), ("onnx", "onnx")])
+def test_export_with_the_runs_own_settings(run, tmp_path, fmt, suffix):
+    """No inference options: tiles (stride = patch, no blending), the stitching that returns a
+    reshaped view (a path the tests with OPTIONS never take)."""
+    out = tmp_path / f"det.{suffix}"
+    assert main(["export", str(run), "--format", fmt, "--out", str(out)]) == 0
+    meta = json.loads(out.with_name(out.name + ".json").read_text())
+    assert meta["dynamic_batch"] and meta["batch"] == 1  # traced at batch 1 (the default), any batch runs
+    det = Detector.load(run, device="cpu", precision="float32")
+    x = _images(3)
+    with torch.no_grad():
+        want_maps, want_scores = det(x)
+        maps, scores = _run_exported(fmt, out, x)
+    torch.testing.assert_close(maps, want_maps, atol=1e-4, rtol=0)
+    torch.testing.assert_close(scores, want_scores, atol=0, rtol=1e-5)
+
+
 def test_bfloat16_torchscript_is_the_bfloat16_detector(run, tmp_path):
     """--precision bfloat16: the tuned graph (bf16 weights and layers, channels-last, ops and maps in
     float32) in a TorchScript file; its maps are the bf16 Detector's, for any batch (bf16 is emulated
@@ -109,6 +126,41 @@ def test_export_refuses_to_overwrite(run, tmp_path, capsys):
     out.write_bytes(b"keep")
     assert main(["export", str(run), "--format", "torchscript", "--out", str(out)]) == 2
     assert "exists" in capsys.readouterr().err and out.read_bytes() == b"keep"
+
+
+def test_export_refuses_an_output_inside_the_run_even_with_overwrite(run, tmp_path, capsys):
+    model = run / "model.pt"
+    before = model.read_bytes()
+    for out in (model, run / "det.ts"):
+        assert main(["export", str(run), "--format", "torchscript", "--out", str(out), "--overwrite"]) == 2
+        assert "lies inside the input" in capsys.readouterr().err
+    assert model.read_bytes() == before and not (run / "det.ts").exists() and not (run / "model.pt.json").exists()
+
+
+def test_export_refuses_to_replace_a_description_beside_the_file(run, tmp_path, capsys):
+    notes = tmp_path / "det.ts.json"
+    notes.write_text('{"my": "notes"}')
+    assert main(["export", str(run), "--format", "torchscript", "--out", str(tmp_path / "det.ts")]) == 2
+    err = capsys.readouterr().err
+    assert "det.ts.json" in err and "--overwrite" in err
+    assert notes.read_text() == '{"my": "notes"}' and not (tmp_path / "det.ts").exists()
+    (tmp_path / "w.onnx.json").mkdir()  # a folder where the description goes: refused before any work
+    assert main(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "w.onnx"), "--overwrite"]) == 2
+    assert "is a folder" in capsys.readouterr().err and not (tmp_path / "w.onnx").exists()
+
+
+def test_an_interrupted_export_leaves_no_file(run, tmp_path, monkeypatch):
+    out = tmp_path / "det.ts"
+
+    def fail(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    from defect_fast.export import export
+
+    monkeypatch.setattr(torch.jit, "save", fail)
+    with pytest.raises(KeyboardInterrupt):
+        export(run, out, "torchscript")
+    assert list(tmp_path.iterdir()) == []  # no half-written file, no temporary, no description
 
 
 def test_torchscript_runs_without_the_package(run, tmp_path):
