@@ -146,7 +146,7 @@ def cmd_predict(args) -> int:
 
     out = Path(args.out)
     inputs = [args.run, *args.images]
-    OutputFolder.check(out, overwrite=args.overwrite, inputs=inputs)  # refuse before reading anything
+    OutputFolder.check(out, overwrite=args.overwrite, inputs=inputs, command="predict")  # refuse before reading anything
     try:
         det = Detector.load(args.run, device=args.device, map_kind=args.map, stride=args.stride,
                             smooth_sigma=args.smooth, blend=getattr(args, "blend", None))
@@ -162,7 +162,7 @@ def cmd_predict(args) -> int:
     res = det.predict_batched(images)
     scale = pixel_t or det.calibration.get("pixel_q999") or float(res["maps"].max()) or 1.0
     stems = _output_stems(paths)
-    folder = OutputFolder.create(out, overwrite=args.overwrite, inputs=inputs)
+    folder = OutputFolder.create(out, overwrite=args.overwrite, inputs=inputs, lock=True, command="predict")
     try:
         folder.mkdir("maps")
         folder.mkdir("overlays")
@@ -180,6 +180,8 @@ def cmd_predict(args) -> int:
     except BaseException:
         folder.discard()
         raise
+    finally:
+        folder.release()
     flagged = sum(1 for e in report["images"] if e.get("defective"))
     print(f"wrote maps, overlays and scores for {len(paths)} image(s) to {out}"
           + (f"; {flagged} flagged at threshold {image_t:.4g}" if image_t is not None else ""))
@@ -201,7 +203,7 @@ def cmd_demo(args) -> int:
     from .train import TrainConfig, train
 
     out = Path(args.out)
-    folder = OutputFolder.create(out, overwrite=args.overwrite, what="output folder")
+    folder = OutputFolder.create(out, overwrite=args.overwrite, what="output folder", command="demo")
     try:
         data = out / "data"
         make_synthetic_dataset(data, size=args.image_size, seed=args.seed)

@@ -548,14 +548,15 @@ def command(args) -> int:
     run, data = Path(args.run), Path(args.data)
     if not run.exists():
         raise DataError(f"{run}: no such run folder or model file")
-    OutputFolder.check(args.out, overwrite=args.overwrite, inputs=[run, data])  # refuse before any work
+    OutputFolder.check(args.out, overwrite=args.overwrite, inputs=[run, data], command="diagnose")  # refuse before any work
     try:
         import matplotlib  # noqa: F401
     except ImportError as exc:
         raise DataError(f"diagnose needs matplotlib for its figures ({exc}); pip install matplotlib") from None
     det = Detector.load(run, device=args.device, stride=args.stride, blend=args.blend)
     test_set = load_test_set(data, det.image_size)
-    folder = OutputFolder.create(Path(args.out).absolute(), overwrite=args.overwrite, inputs=[run, data], lock=True)
+    folder = OutputFolder.create(Path(args.out).absolute(), overwrite=args.overwrite, inputs=[run, data], lock=True,
+                                 command="diagnose")
     try:
         names = sorted({figure_name(c) for c in test_set.classes}) + ["locations.json"]
         for name in names:  # after create(), anything still there was not written by defect-fast

@@ -492,6 +492,9 @@ MANIFEST_NAME = ".defect_fast-manifest.json"
 LOCK_NAME = ".defect_fast.lock"
 _MANIFEST_FORMAT = "defect_fast-output-manifest"
 _OWN = {MANIFEST_NAME, LOCK_NAME}
+# what the manifests written before they named their command list: a run's files, a watch journal
+_RUN_FILES = ("model.pt", "checkpoint.pt")
+_JOURNAL_FILE = "results.jsonl"
 
 
 def _foreign_entries(folder: Path) -> list[str]:
@@ -511,22 +514,43 @@ class OutputFolder:
     can refuse before it reads its inputs.
     """
 
-    def __init__(self, path: str | os.PathLike, *, created_root: bool = False):
+    def __init__(self, path: str | os.PathLike, *, created_root: bool = False, command: str | None = None):
         self.path = Path(path)
         self.created_root = created_root
+        self.command = command
         self.files: set[str] = set()
         self.dirs: set[str] = set()
         self.lock: RunLock | None = None
 
     # -- construction -------------------------------------------------------------------------
     @staticmethod
+    def written_by(path: str | os.PathLike) -> str | None:
+        """The command whose output folder ``path`` is ("train", "predict", ...), from its manifest;
+        for a manifest that does not name one (written by an older version), "train" when it lists
+        a run's model or checkpoint and "watch" when it lists a journal; None when unknown."""
+        try:
+            data = json.loads((Path(path) / MANIFEST_NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError):
+            return None
+        if not isinstance(data, dict):
+            return None
+        if isinstance(data.get("command"), str):
+            return data["command"]
+        files = set(data.get("files") or [])
+        if files & set(_RUN_FILES):
+            return "train"
+        return "watch" if _JOURNAL_FILE in files else None
+
+    @staticmethod
     def check(path: str | os.PathLike, *, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = (),
-              what: str = "--out") -> None:
+              what: str = "--out", command: str | None = None) -> None:
         """Raise :class:`OutputRefused` if :meth:`create` would refuse ``path``; touches nothing.
 
         Refused: an output overlapping an input (:func:`check_out_not_overlapping`); a path that
         is a file; a non-empty folder without the manifest (even with ``overwrite``); a folder
-        holding earlier output of this tool, unless ``overwrite``.
+        holding the output of another command than ``command`` (even with ``overwrite``: a
+        ``predict --overwrite`` never removes a trained run or a watch journal); a folder holding
+        earlier output of this command, unless ``overwrite``.
         """
         p = Path(path)
         check_out_not_overlapping(p, inputs, what=what)
@@ -544,26 +568,32 @@ class OutputFolder:
             raise OutputRefused(
                 f"{what} {p}: folder is not empty ({shown}) and was not written by defect-fast "
                 f"(no {MANIFEST_NAME}); choose a new or empty folder (--overwrite never deletes files defect-fast did not write)")
+        theirs = OutputFolder.written_by(p)
+        if command is not None and theirs is not None and theirs != command:
+            raise OutputRefused(f"{what} {p}: holds the output of 'defect-fast {theirs}', which {command} never replaces "
+                                "(not even with --overwrite); choose another folder")
         if not overwrite:
             raise OutputRefused(f"{what} {p}: folder holds earlier defect-fast output; pass --overwrite to replace it "
                                 "(only the files defect-fast wrote there are removed) or choose another folder")
 
     @classmethod
     def create(cls, path: str | os.PathLike, *, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = (),
-               lock: bool = False, what: str = "--out") -> "OutputFolder":
-        """Make (or, with ``overwrite``, clear) an output folder and write its manifest.
+               lock: bool = False, what: str = "--out", command: str | None = None) -> "OutputFolder":
+        """Make (or, with ``overwrite``, clear) an output folder of ``command`` and write its manifest.
 
-        The checks of :meth:`check` come first. With ``lock`` the folder's :class:`RunLock` is
-        taken before anything is removed, so another process working in the folder is never
-        cleared from under it (:class:`RunInUse`). Missing parents are created.
+        The checks of :meth:`check` come first. The folder's :class:`RunLock` is taken before
+        anything is removed, so a folder another process is working in is never cleared from
+        under it (:class:`RunInUse`); with ``lock`` it is kept, otherwise released once the
+        folder is cleared. Missing parents are created.
         """
         p = Path(path)
         inputs = list(inputs)
-        cls.check(p, overwrite=overwrite, inputs=inputs, what=what)
+        cls.check(p, overwrite=overwrite, inputs=inputs, what=what, command=command)
         created = not p.exists()
         p.mkdir(parents=True, exist_ok=True)
-        out = cls(p, created_root=created)
-        if lock:
+        out = cls(p, created_root=created, command=command)
+        clearing = (p / MANIFEST_NAME).is_file()
+        if lock or clearing:
             try:
                 out.lock = RunLock(p).acquire()
             except BaseException:
@@ -572,22 +602,31 @@ class OutputFolder:
                         (p / LOCK_NAME).unlink()
                         p.rmdir()
                 raise
-        if (p / MANIFEST_NAME).is_file():
+        if clearing:
             out._read_manifest()
+            out.command = command
             out.clear()
+            if not lock:
+                out.release()
         else:
             out._write_manifest()
         return out
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, lock: bool = False, what: str = "--out") -> "OutputFolder":
-        """An existing output folder (e.g. a run to resume): it must carry the manifest."""
+    def open(cls, path: str | os.PathLike, *, lock: bool = False, what: str = "--out",
+             command: str | None = None) -> "OutputFolder":
+        """An existing output folder (e.g. a run to resume): it must carry the manifest, and be the
+        output of ``command`` when one is given."""
         p = Path(path)
         if not p.is_dir():
             raise OutputRefused(f"{what} {p}: no such folder")
         if not (p / MANIFEST_NAME).is_file():
             raise OutputRefused(f"{what} {p}: not a folder written by defect-fast (no {MANIFEST_NAME})")
-        out = cls(p)
+        theirs = cls.written_by(p)
+        if command is not None and theirs is not None and theirs != command:
+            raise OutputRefused(f"{what} {p}: holds the output of 'defect-fast {theirs}', not of {command}; "
+                                "choose another folder")
+        out = cls(p, command=command)
         if lock:
             out.lock = RunLock(p).acquire()
         out._read_manifest()
@@ -607,10 +646,14 @@ class OutputFolder:
             raise OutputRefused(f"{mpath}: damaged manifest ({exc}); remove the folder's files by hand") from None
         self.files, self.dirs = set(files), set(dirs)
         self.created_root = bool(data.get("created_root", False)) or self.created_root
+        if self.command is None and isinstance(data.get("command"), str):
+            self.command = data["command"]
 
     def _write_manifest(self) -> None:
         data = {"format": _MANIFEST_FORMAT, "version": 1, "created_root": self.created_root,
                 "files": sorted(self.files), "dirs": sorted(self.dirs)}
+        if self.command is not None:
+            data["command"] = self.command
         atomic_write_text(self.path / MANIFEST_NAME, json.dumps(data, indent=1) + "\n")
 
     def _rel(self, path: str | os.PathLike) -> str:

@@ -578,7 +578,7 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         ckpt = out / CHECKPOINT_FILE
         if not ckpt.is_file():
             raise RunError(f"{out}: nothing to resume (no {CHECKPOINT_FILE})")
-        folder = OutputFolder.open(out, lock=True, what="--out")
+        folder = OutputFolder.open(out, lock=True, what="--out", command="train")
     else:
         cfg = replace(cfg, data=_abs(cfg.data), anomaly_source=_abs(cfg.anomaly_source), held_back=[])
         folder = None
@@ -606,7 +606,7 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
             cfg = replace(cfg, precision="float32" if train_dtype("auto", device) is None else "bfloat16")
         inputs = [cfg.data, cfg.anomaly_source]
         if not resume:
-            OutputFolder.check(out, overwrite=overwrite, inputs=inputs)
+            OutputFolder.check(out, overwrite=overwrite, inputs=inputs, command="train")
         images, paths = load_train_images(cfg.data, cfg.image_size)
         train_idx, held_idx = _split(cfg, paths)
         need = 2 if cfg.fit_on == "held-back" else 1  # to fit on and to calibrate on
@@ -622,7 +622,7 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         sources = _preload_sources(cfg, probe.stages)
         del probe
         if not resume:
-            folder = OutputFolder.create(out, overwrite=overwrite, inputs=inputs, lock=True)
+            folder = OutputFolder.create(out, overwrite=overwrite, inputs=inputs, lock=True, command="train")
             folder.record_many([CHECKPOINT_FILE, LOG_FILE, MODEL_FILE, *(stage_file(i + 1) for i in range(len(cfg.epochs)))])
             folder.write_json(CONFIG_FILE, cfg.to_json())
     except BaseException:

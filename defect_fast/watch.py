@@ -642,13 +642,13 @@ def add_parser(subparsers) -> None:
 def _open_out(out: Path, inputs: list, shown: str | os.PathLike) -> OutputFolder:
     """OUT_DIR as a locked output folder: created, or reopened when an earlier watch wrote it."""
     if (out / MANIFEST_NAME).is_file() and out.is_dir():
-        folder = OutputFolder.open(out, lock=True)
+        folder = OutputFolder.open(out, lock=True, command="watch")
         if folder.files and JOURNAL not in folder.files:
             folder.release()
             raise OutputRefused(f"--out {shown}: holds the output of another defect-fast command, not of watch; "
                                 "choose another folder")
         return folder
-    return OutputFolder.create(out, inputs=inputs, lock=True)
+    return OutputFolder.create(out, inputs=inputs, lock=True, command="watch")
 
 
 def command(args) -> int:
@@ -660,7 +660,7 @@ def command(args) -> int:
         raise WatchError(f"{in_dir}: the folder to watch does not exist or is not a folder")
     check_out_not_overlapping(out, [in_dir, args.run], what="--out")
     if not (out / MANIFEST_NAME).is_file():
-        OutputFolder.check(out, inputs=[in_dir, args.run])  # refuse before the model is read
+        OutputFolder.check(out, inputs=[in_dir, args.run], command="watch")  # refuse before the model is read
     det = Detector.load(args.run, device=args.device)
     info = ModelInfo.from_detector(det, args.run, threshold=args.threshold)
     if info.image_threshold is None:

@@ -60,6 +60,21 @@ def test_predict_outputs_and_refusals(tiny_run, synthetic_root, tmp_path, capsys
     assert main(["predict", str(tiny_run), *images, "--out", str(out), "--overwrite"]) == 0
 
 
+def test_predict_overwrite_never_removes_a_run(tiny_run, synthetic_root, tmp_path, capsys):
+    """--overwrite replaces earlier predict output only: a run folder (another command's output,
+    all of it written by defect-fast) is refused and keeps its model."""
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run, run)
+    image = str(synthetic_root / "test" / "spot" / "000.png")
+    before = sorted(p.name for p in run.iterdir())
+    assert main(["predict", str(tiny_run), image, "--out", str(run), "--overwrite"]) == 2
+    assert "output of 'defect-fast train'" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == before
+    assert main(["predict", str(run), image, "--out", str(tmp_path / "p")]) == 0  # still a working run
+
+
 def test_other_inference_settings_than_the_run_s_use_no_stored_threshold(tiny_run, synthetic_root, tmp_path, capsys):
     """The stored thresholds were calibrated on the run's maps: with another smoothing, stride, blend
     or map they would be wrong, so none is used and the output says why."""

@@ -6,6 +6,7 @@ import argparse
 import hashlib
 import io
 import json
+import shutil
 import os
 import re
 import signal
@@ -82,7 +83,8 @@ def test_output_folder_records_and_clears_only_its_own_files(tmp_path):
         OutputFolder.create(tmp_path / "run")
     again = OutputFolder.create(tmp_path / "run", overwrite=True)
     left = _tree(tmp_path / "run")
-    assert set(left) == {MANIFEST_NAME, "notes.txt", "maps", "maps/keep.png", "sub", "sub/x"}
+    # (the lock file stays: it was held while the folder was cleared, and is never listed or removed)
+    assert set(left) == {MANIFEST_NAME, LOCK_NAME, "notes.txt", "maps", "maps/keep.png", "sub", "sub/x"}
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
     assert again.files == set()
     # an unlisted file is never replaced through the folder either
@@ -286,6 +288,49 @@ def _start_holder(folder: Path) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(folder), str(REPO)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"
     return proc
+
+
+def test_overwrite_never_replaces_another_command_s_output(tmp_path):
+    run = OutputFolder.create(tmp_path / "run", command="train")
+    run.write_bytes("model.pt", b"weights")
+    run.release()
+    for command in ("predict", "diagnose", "watch", "demo"):
+        with pytest.raises(OutputRefused, match=r"output of 'defect-fast train', which \w+ never replaces"):
+            OutputFolder.create(tmp_path / "run", overwrite=True, command=command)
+        with pytest.raises(OutputRefused, match="output of 'defect-fast train'"):
+            OutputFolder.open(tmp_path / "run", command=command)
+    assert (tmp_path / "run" / "model.pt").read_bytes() == b"weights"
+    again = OutputFolder.create(tmp_path / "run", overwrite=True, command="train")  # its own command may
+    assert not (tmp_path / "run" / "model.pt").exists() and again.command == "train"
+    # manifests written before they named their command: a run's files or a journal say whose they are
+    legacy = tmp_path / "legacy"
+    for name, owner in (("checkpoint.pt", "train"), ("results.jsonl", "watch"), ("scores.json", None)):
+        legacy.mkdir()
+        (legacy / name).write_text("x")
+        (legacy / MANIFEST_NAME).write_text(json.dumps({"format": "defect_fast-output-manifest", "version": 1,
+                                                        "files": [name], "dirs": []}))
+        assert OutputFolder.written_by(legacy) == owner
+        if owner is not None:
+            with pytest.raises(OutputRefused, match=f"defect-fast {owner}"):
+                OutputFolder.check(legacy, overwrite=True, command="predict")
+        else:
+            OutputFolder.check(legacy, overwrite=True, command="predict")
+        shutil.rmtree(legacy)
+
+
+def test_overwrite_takes_the_lock_before_clearing(tmp_path):
+    out = OutputFolder.create(tmp_path / "pred", command="predict")
+    out.write_text("scores.json", "{}")
+    proc = _start_holder(tmp_path / "pred")  # another process working in the folder (a running predict, watch...)
+    try:
+        with pytest.raises(RunInUse):  # refused even without lock=True: nothing is removed under it
+            OutputFolder.create(tmp_path / "pred", overwrite=True, command="predict")
+        assert (tmp_path / "pred" / "scores.json").read_text() == "{}"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    cleared = OutputFolder.create(tmp_path / "pred", overwrite=True, command="predict")
+    assert not (tmp_path / "pred" / "scores.json").exists() and cleared.lock is None  # released once cleared
 
 
 def test_lock_refuses_second_holder_and_dies_with_its_process(tmp_path):
