@@ -147,11 +147,8 @@ def cmd_predict(args) -> int:
     out = Path(args.out)
     inputs = [args.run, *args.images]
     OutputFolder.check(out, overwrite=args.overwrite, inputs=inputs, command="predict")  # refuse before reading anything
-    try:
-        det = Detector.load(args.run, device=args.device, map_kind=args.map, stride=args.stride,
-                            smooth_sigma=args.smooth, blend=getattr(args, "blend", None))
-    except ValueError as exc:  # a setting the model cannot take (stride beyond the patch, ...)
-        raise UsageError(f"{args.run}: {exc}") from None
+    det = Detector.load(args.run, device=args.device, map_kind=args.map, stride=args.stride,  # SettingError: one line
+                        smooth_sigma=args.smooth, blend=getattr(args, "blend", None))
     paths = collect_images(args.images)
     images = read_images(paths, det.image_size, where="predict inputs")  # every bad file named, before any output
     image_t, pixel_t, source = stored_thresholds(det.calibration)
@@ -200,19 +197,20 @@ def _record_tree(folder: OutputFolder, sub: str) -> None:
 def cmd_demo(args) -> int:
     from .data.synthetic import make_synthetic_dataset
     from .models import model_class
-    from .train import TrainConfig, train
+    from .train import TrainConfig, checked_model, train
 
     out = Path(args.out)
+    data = out / "data"
+    options = dict(model_class(args.model).demo_options)
+    n_stages = _stages(args.model, options)
+    cfg = TrainConfig(data=str(data), model=args.model, image_size=args.image_size, batch_size=args.batch_size,
+                      epochs=[args.epochs] * n_stages, seed=args.seed, device=args.device, model_kwargs=options)
+    checked_model(cfg)  # a setting that cannot train is refused before an earlier demo is cleared
     folder = OutputFolder.create(out, overwrite=args.overwrite, what="output folder", command="demo")
     try:
-        data = out / "data"
         make_synthetic_dataset(data, size=args.image_size, seed=args.seed)
         _record_tree(folder, "data")
         print(f"synthetic dataset written to {data}")
-        options = dict(model_class(args.model).demo_options)
-        n_stages = _stages(args.model, options)
-        cfg = TrainConfig(data=str(data), model=args.model, image_size=args.image_size, batch_size=args.batch_size,
-                          epochs=[args.epochs] * n_stages, seed=args.seed, device=args.device, model_kwargs=options)
         train(cfg, out / "run", progress=not args.quiet)
         _record_tree(folder, "run")
         metrics = evaluate_run(out / "run", data, device=args.device)

@@ -54,6 +54,7 @@ summation order.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -68,6 +69,7 @@ from .maps import blend_window, blur_matrix, top_mean
 from .models import AnomalyModel
 from .precision import cpu_flags, cpu_has_bf16, cudnn_benchmark, default_precision  # noqa: F401  (re-exported)
 from .runs import load_model_state, model_from_state, resolve_device
+from .safety import UserError
 
 TOP_FRACTION = 0.001
 BLENDS = ("none", "hann")
@@ -94,6 +96,11 @@ def cpu_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+class SettingError(UserError, ValueError):
+    """An inference setting the loaded model cannot take (a stride that does not tile the image,
+    ...): one line at the command line, a ValueError for callers."""
 
 
 def _plain_graph() -> bool:
@@ -257,8 +264,9 @@ class Detector(nn.Module):
             raise ValueError(f"threads must be None or an integer >= 1, got {threads!r}")
         if cuda_graphs and device.type != "cuda":
             raise ValueError(f"cuda_graphs needs a CUDA device, got {device}")
-        if smooth_sigma < 0:
-            raise ValueError(f"smooth_sigma must be >= 0, got {smooth_sigma}")
+        if not (math.isfinite(smooth_sigma) and 0 <= smooth_sigma <= image_size):
+            raise ValueError(f"smooth_sigma must be a number from 0 to the image size {image_size} (a wider blur "
+                             f"flattens the map), got {smooth_sigma}")
         if not 0 < top_fraction <= 1:
             raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}")
         self.blend, self.precision, self.channels_last = blend, precision, channels_last
@@ -340,10 +348,15 @@ class Detector(nn.Module):
         smooth_sigma = smooth_sigma if smooth_sigma is not None else stored.get("smooth_sigma", 0.0)
         if options.get("blend") is None:
             options["blend"] = stored.get("blend", "none")
-        return cls(model, image_size=state["image_size"], map_kind=map_kind, stride=stride,
-                   device=resolve_device(device), calibration=calibration, smooth_sigma=smooth_sigma,
-                   norm_mean=norm.get("mean"), norm_std=norm.get("std"), perceptual=perceptual, context=context,
-                   **options)
+        try:
+            return cls(model, image_size=state["image_size"], map_kind=map_kind, stride=stride,
+                       device=resolve_device(device), calibration=calibration, smooth_sigma=smooth_sigma,
+                       norm_mean=norm.get("mean"), norm_std=norm.get("std"), perceptual=perceptual, context=context,
+                       **options)
+        except SettingError:
+            raise
+        except ValueError as exc:  # an inference setting this model cannot take: the user's, said in one line
+            raise SettingError(f"{run}: {exc}") from None
 
     # -- the traced pipeline -------------------------------------------------------------------
     def _to_model_input(self, images: torch.Tensor) -> torch.Tensor:
@@ -738,4 +751,4 @@ class Detector(nn.Module):
         return {"kind": "per-position" if self.norm_mean.dim() else "scalar", "shape": list(self.norm_mean.shape)}
 
 
-__all__ = ["Detector", "image_scores", "find_regions", "reference_ops", "TOP_FRACTION", "BLENDS"]
+__all__ = ["Detector", "SettingError", "image_scores", "find_regions", "reference_ops", "TOP_FRACTION", "BLENDS"]

@@ -9,7 +9,6 @@ import torch
 
 from .detect import Detector
 from .models import AnomalyModel
-from .safety import UsageError
 
 
 def calibrate(model: AnomalyModel, image_size: int, normal_images: torch.Tensor,
@@ -46,10 +45,8 @@ def evaluate_run(run: Path | str, data: Path | str, map_kind: str | None = None,
     from .data import load_test_set
     from .metrics import evaluate
 
-    try:
-        det = Detector.load(run, device=device, map_kind=map_kind, stride=stride, smooth_sigma=smooth, **options)
-    except ValueError as exc:  # a setting the model cannot take (stride beyond the patch, ...)
-        raise UsageError(f"{run}: {exc}") from None
+    # a setting the model cannot take (stride beyond the patch, ...) is a one-line SettingError
+    det = Detector.load(run, device=device, map_kind=map_kind, stride=stride, smooth_sigma=smooth, **options)
     test = load_test_set(data, det.image_size)
     t0 = time.perf_counter()
     res = det.predict_batched(test.images)

@@ -180,6 +180,47 @@ def check_config(cfg: TrainConfig, n_stages: int, patch: int) -> None:
     if cfg.infer_stride is not None:
         need(whole(cfg.infer_stride) and 1 <= cfg.infer_stride <= patch,
              f"--infer-stride must be a whole number from 1 to the patch size {patch}, got {cfg.infer_stride}")
+    need(cfg.smooth <= cfg.image_size, f"--smooth {cfg.smooth} is wider than the image ({cfg.image_size} px); "
+         "a blur that wide flattens the map")
+    # the patch grids of training and inference must tile the image: checked here, not after training
+    for option, stride in (("--stride", cfg.stride), ("--infer-stride", cfg.infer_stride)):
+        try:
+            grid_shape(cfg.image_size, patch, stride or patch)
+        except ValueError as exc:
+            given = f"{option} {stride}" if stride else f"{option} left at the patch size {patch}"
+            raise ConfigError(f"--image-size {cfg.image_size} with {given}: {exc}") from None
+
+
+def checked_model(cfg: TrainConfig) -> AnomalyModel:
+    """A freshly built ``cfg.model`` once every setting of ``cfg`` has passed :func:`check_config`
+    and the pretrained weights the run will need load; raises :class:`ConfigError` otherwise.
+    What ``train`` runs before it touches the output folder (``demo`` too)."""
+    try:
+        model = build_model(cfg.model, **cfg.model_kwargs)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"model {cfg.model} with options {cfg.model_kwargs}: {exc}") from None
+    check_config(cfg, len(model.stages), model.patch_size)
+    _check_pretrained_weights(cfg, model)  # now, not after the training that needs them
+    return model
+
+
+def _check_pretrained_weights(cfg: TrainConfig, model) -> None:
+    """Refuse, before any training, a run that will need the ImageNet AlexNet weights (the
+    perceptual map, the image context, LPIPS in a training stage) when they cannot be loaded."""
+    users = [what for what, used in (("--map perceptual", cfg.map == "perceptual"), ("--context", cfg.context),
+                                     (f"{cfg.model}'s LPIPS loss", model.uses_lpips())) if used]
+    if not users:
+        return
+    from .losses.lpips import load_alexnet_trunk, load_lpips_heads
+
+    try:
+        if cfg.map == "perceptual" or cfg.context:
+            load_alexnet_trunk(None)  # where the map and the context look: $DEFECT_FAST_ALEXNET_WEIGHTS, the hub cache
+        if model.uses_lpips():
+            load_alexnet_trunk(cfg.model_kwargs.get("lpips_weights"))
+            load_lpips_heads()
+    except (OSError, RuntimeError, ValueError, KeyError) as exc:
+        raise ConfigError(f"{' and '.join(users)} need(s) ImageNet AlexNet weights: {exc}") from None
 
 
 def _generator(seed: int, *keys: int) -> torch.Generator:
@@ -591,11 +632,7 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
                 log(f"resuming {out}: training is complete; running the steps after it (map statistics, calibration)")
             else:
                 log(f"resuming {out} at stage {pos['stage'] + 1}, epoch {pos['epoch'] + 1}, step {pos['step']}")
-        try:
-            probe = build_model(cfg.model, **cfg.model_kwargs)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise ConfigError(f"model {cfg.model} with options {cfg.model_kwargs}: {exc}") from None
-        check_config(cfg, len(probe.stages), probe.patch_size)
+        probe = checked_model(cfg)
         device = resolve_device(cfg.device)
         before, now = (state or {}).get("compute"), compute_setting(device)
         if before and before != now:

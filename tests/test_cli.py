@@ -75,6 +75,51 @@ def test_predict_overwrite_never_removes_a_run(tiny_run, synthetic_root, tmp_pat
     assert main(["predict", str(run), image, "--out", str(tmp_path / "p")]) == 0  # still a working run
 
 
+@pytest.mark.parametrize("argv", [
+    ["--image-size", "100"],                      # the default stride (the patch) does not tile 100 px
+    ["--image-size", "128", "--stride", "48"],
+    ["--image-size", "128", "--infer-stride", "48"],
+    ["--image-size", "128", "--set", "memory_size=0"],
+    ["--image-size", "128", "--set", "renorm_p=0"],
+    ["--image-size", "128", "--set", "rec_weight=-1"],
+    ["--image-size", "128", "--smooth", "1e308"],
+    ["--image-size", "128", "--map", "perceptual"],  # no AlexNet weights anywhere (see below)
+])
+def test_train_overwrite_refuses_a_bad_setting_before_removing_the_old_run(tiny_run, synthetic_root, tmp_path, capsys,
+                                                                            monkeypatch, argv):
+    """Every setting is checked before the old run is cleared and before any training: one line,
+    exit status 2, the earlier run intact."""
+    import shutil
+
+    monkeypatch.delenv("DEFECT_FAST_ALEXNET_WEIGHTS", raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "no-hub"))
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert main(["train", str(synthetic_root), "--out", str(run), "--overwrite", "--quiet", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("defect-fast: error: ") and "\n" not in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_demo_refuses_a_bad_setting_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", str(out), "--image-size", "100"]) == 2
+    assert "--image-size 100" in capsys.readouterr().err and not out.exists()
+
+
+def test_inference_settings_the_model_cannot_take_are_one_line_errors(tiny_run, synthetic_root, tmp_path, capsys):
+    image = str(synthetic_root / "test" / "spot" / "000.png")
+    for argv in (["predict", str(tiny_run), image, "--out", str(tmp_path / "p"), "--smooth", "1e7"],
+                 ["evaluate", str(tiny_run), str(synthetic_root), "--stride", "48"],
+                 ["export", str(tiny_run), "--format", "onnx", "--out", str(tmp_path / "x.onnx"), "--stride", "100"],
+                 ["diagnose", str(tiny_run), str(synthetic_root), "--out", str(tmp_path / "d"), "--stride", "48"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"defect-fast: error: {tiny_run}: ") and "\n" not in err, (argv, err)
+    assert not any(tmp_path.iterdir())
+
+
 def test_other_inference_settings_than_the_run_s_use_no_stored_threshold(tiny_run, synthetic_root, tmp_path, capsys):
     """The stored thresholds were calibrated on the run's maps: with another smoothing, stride, blend
     or map they would be wrong, so none is used and the output says why."""

@@ -99,6 +99,10 @@ class AnomalyModel(nn.Module):
         raise NotImplementedError
 
     # -- epoch hooks (no-ops unless a model needs them) -------------------------------------------
+    def uses_lpips(self) -> bool:
+        """Whether a training stage computes LPIPS (and so needs the ImageNet AlexNet weights)."""
+        return False
+
     def begin_epoch(self, stage: int, epoch: int) -> None:
         """Called by the trainer before each epoch (e.g. to reset a sigma schedule)."""
 

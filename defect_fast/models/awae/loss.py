@@ -90,6 +90,10 @@ class AWAELoss(nn.Module):
         """The AW-SSIM sigma schedule, or None for the SSIM-based modes."""
         return getattr(self.structural, "schedule", None)
 
+    def uses_lpips(self, n_stages: int) -> bool:
+        """Whether training with ``n_stages`` stages computes LPIPS (see :meth:`forward`)."""
+        return self.mode == "lpips_ssim" or (self.mode == "awssim" and n_stages > 1)
+
     def lpips(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean LPIPS distance of two [B, 3, P, P] batches in [-1, 1] (scalar)."""
         if not self._lpips:

@@ -202,6 +202,9 @@ class AWAE(AnomalyModel):
         """Constructor kwargs (JSON-serialisable); ``AWAE(**config)`` rebuilds the same network."""
         return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in self._config.items()}
 
+    def uses_lpips(self) -> bool:
+        return self.criterion.uses_lpips(len(self.stages))
+
     def encode(self, x: torch.Tensor, levels: int = DEPTH) -> list[torch.Tensor]:
         """x [B,3,P,P] -> outputs of encoder levels 0..levels-1, [B, C*2^i, P/2^(i+1), P/2^(i+1)]."""
         feats = []

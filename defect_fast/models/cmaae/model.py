@@ -190,6 +190,13 @@ class CMAAE(AnomalyModel):
             raise ValueError(f"rec_loss must be l1, l2 or ssim; got {rec_loss!r}")
         if map not in self.anomaly_maps:
             raise ValueError(f"map must be one of {sorted(self.anomaly_maps)}; got {map!r}")
+        if isinstance(memory_size, bool) or not isinstance(memory_size, int) or memory_size < 1:
+            raise ValueError(f"memory_size must be a whole number >= 1; got {memory_size!r}")
+        if renorm_p not in (1, 2) or isinstance(renorm_p, bool):
+            raise ValueError(f"renorm_p must be 1 or 2; got {renorm_p!r}")
+        for key, value in (("rec_weight", rec_weight), ("entropy_weight", entropy_weight)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 and value < float("inf")):
+                raise ValueError(f"{key} must be a finite number >= 0; got {value!r}")
         self._config = dict(
             fusion=fusion, two_stage=two_stage, memory_size=memory_size, gate_activation=gate_activation,
             gate_target=gate_target, renorm_p=renorm_p, rec_loss=rec_loss, rec_weight=rec_weight,
