@@ -83,11 +83,26 @@ def _per_stage(values: list[int] | None, n: int, option: str) -> list[int] | Non
     raise UsageError(f"{option}: the model trains in {n} stage(s); give one value or {n}, got {len(values)}")
 
 
+# train options a --resume may be given with: the rest are the run's own, saved when it started
+_RESUME_OPTIONS = {"data", "out", "resume", "quiet", "debug", "func", "command"}
+
+
+def _given_train_options(args) -> list[str]:
+    """The ``train`` options of ``args`` that differ from their defaults (as "--name")."""
+    defaults = vars(build_parser().parse_args(["train", "DATA", "--out", "OUT"]))
+    return [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+            if k not in _RESUME_OPTIONS and k in defaults and v != defaults[k]]
+
+
 def cmd_train(args) -> int:
     from .models import parse_options
     from .train import TrainConfig, train
 
     if args.resume:
+        given = _given_train_options(args)
+        if given:
+            raise UsageError(f"--resume continues the run in {args.out} with the settings it started with; drop "
+                             f"{', '.join(given)} (or train a new run into another --out)")
         train(TrainConfig(data=args.data), args.out, resume=True, progress=not args.quiet)
         return 0
     try:

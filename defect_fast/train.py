@@ -11,6 +11,7 @@ The run folder layout is described in :mod:`defect_fast.runs`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -283,6 +284,8 @@ class Trainer:
             raise ValueError(f"model {cfg.model} trains in {len(self.model.stages)} stage(s) "
                              f"({', '.join(self.model.stages)}); got epochs for {len(cfg.epochs)}")
         self.sources = None
+        self.data_digest: str | None = None  # of the run's training images (set by train)
+        self.data_count: int | None = None
         self.position = {"stage": 0, "epoch": 0, "step": 0, "global_step": 0}
         # training time of earlier processes of this run (a resumed run adds its own to it)
         self.seconds_before, self.started = 0.0, time.perf_counter()
@@ -314,6 +317,8 @@ class Trainer:
             "stride": self.stride,
             "image_size": self.cfg.image_size,
             "train_precision": "float32" if self.dtype is None else str(self.dtype).removeprefix("torch."),
+            "data_digest": self.data_digest,  # what a resume checks the training images against
+            "data_count": self.data_count,
             "train_seconds": self.train_seconds(),
             "compute": compute_setting(self.device),
         }
@@ -579,6 +584,15 @@ def _split(cfg: TrainConfig, paths: list[Path]) -> tuple[list[int], list[int]]:
     return [i for i, p in enumerate(paths) if str(p) not in held], [i for i, p in enumerate(paths) if str(p) in held]
 
 
+def images_digest(images: torch.Tensor, paths: list[Path]) -> str:
+    """SHA-256 of the training images as read (names and pixels at the run's size, in order)."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(Path(p).name.encode("utf-8", "surrogateescape") + b"\0")
+    h.update(images.contiguous().numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
 def _abs(path: str | None) -> str | None:
     return None if path is None else str(Path(path).expanduser().resolve())
 
@@ -619,6 +633,8 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         ckpt = out / CHECKPOINT_FILE
         if not ckpt.is_file():
             raise RunError(f"{out}: nothing to resume (no {CHECKPOINT_FILE})")
+        if (out / MODEL_FILE).is_file():  # written last, once everything else is done
+            raise RunError(f"{out}: the run is finished ({MODEL_FILE} is written); nothing to resume")
         folder = OutputFolder.open(out, lock=True, what="--out", command="train")
     else:
         cfg = replace(cfg, data=_abs(cfg.data), anomaly_source=_abs(cfg.anomaly_source), held_back=[])
@@ -626,7 +642,10 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
     try:
         if resume:
             state = load_checkpoint(ckpt)
+            given_data = cfg.data
             cfg = TrainConfig.from_json(state["train_config"])
+            if given_data and Path(given_data).expanduser().resolve() != Path(cfg.data).resolve():
+                raise RunError(f"{out} trains on {cfg.data}; --resume continues it on those images, not on {given_data}")
             pos = state["position"]
             if pos["stage"] >= len(cfg.epochs):  # stopped after training, in the steps that follow it
                 log(f"resuming {out}: training is complete; running the steps after it (map statistics, calibration)")
@@ -645,6 +664,12 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         if not resume:
             OutputFolder.check(out, overwrite=overwrite, inputs=inputs, command="train")
         images, paths = load_train_images(cfg.data, cfg.image_size)
+        data_digest = images_digest(images, paths)
+        if state is not None and state.get("data_digest", data_digest) != data_digest:
+            then, now = state.get("data_count"), len(paths)
+            raise RunError(f"{cfg.data}: the training images changed since the run started ({then} then, {now} now"
+                           f"{'' if then != now else ', other content'}); --resume continues only on the images it "
+                           "started with: restore them, or train a new run")
         train_idx, held_idx = _split(cfg, paths)
         need = 2 if cfg.fit_on == "held-back" else 1  # to fit on and to calibrate on
         if cfg.normalize != "none" and len(held_idx) < need:
@@ -670,6 +695,7 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         train_images = images[train_idx]
         held_images = images[held_idx]
         trainer = Trainer(cfg, out, train_images, progress=progress, log=log)
+        trainer.data_digest, trainer.data_count = data_digest, len(paths)
         if sources is not None:
             trainer.sources = sources
         if state is not None:

@@ -123,6 +123,48 @@ def test_resume_after_a_failure_past_training_finishes_the_run(synthetic_root, t
     assert (out / "model.pt").exists()
 
 
+def _stopped_run(root, out, monkeypatch):
+    """A run stopped after its training steps (checkpoint, no model file)."""
+    real = train_module.finish_run
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("stopped after training")
+
+    monkeypatch.setattr(train_module, "finish_run", fails)
+    with pytest.raises(RuntimeError, match="stopped after training"):
+        train(_cfg(root, max_steps=[2, 1]), out, progress=False, log=lambda s: None)
+    monkeypatch.setattr(train_module, "finish_run", real)
+    assert (out / "checkpoint.pt").exists() and not (out / "model.pt").exists()
+
+
+def test_resume_continues_on_the_run_s_own_images_and_settings(synthetic_root, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root / "train", data / "train")
+    out = tmp_path / "run"
+    _stopped_run(data, out, monkeypatch)
+    # options of a new run with --resume: refused, naming them (the saved settings would win silently)
+    assert main(["train", str(data), "--out", str(out), "--resume", "--model", "awae", "--image-size", "256"]) == 2
+    err = capsys.readouterr().err
+    assert "--model, --image-size" in err and "--resume continues" in err
+    assert main(["train", str(data), "--out", str(out), "--resume", "--overwrite"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    # another data folder
+    with pytest.raises(RunError, match="continues it on those images"):
+        train(_cfg(synthetic_root), out, resume=True, progress=False, log=lambda s: None)
+    # the same folder with other images in it
+    first = sorted((data / "train" / "good").iterdir())[0]
+    first.rename(first.with_name("moved.txt"))
+    with pytest.raises(RunError, match=r"training images changed since the run started \(\d+ then, \d+ now\)"):
+        train(_cfg(data), out, resume=True, progress=False, log=lambda s: None)
+    first.with_name("moved.txt").rename(first)
+    train(_cfg(data), out, resume=True, progress=False, log=lambda s: None)  # restored: it resumes
+    assert (out / "model.pt").exists()
+    with pytest.raises(RunError, match="the run is finished"):
+        train(_cfg(data), out, resume=True, progress=False, log=lambda s: None)
+
+
 def test_run_folder_is_never_overwritten_silently(synthetic_root, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
