@@ -1000,9 +1000,17 @@ def load_with_digest(path: str | os.PathLike, *, required_keys: Iterable[str] = 
         raise DigestError(f"{p}: no such file")
     if p.is_dir():
         raise DigestError(f"{p}: is a folder, expected a model or checkpoint file")
+    import pickle
+    import zipfile
+
+    if not zipfile.is_zipfile(p):  # every torch.save file is a zip archive: an image, a text, a truncated copy
+        raise DigestError(f"{p}: not a defect_fast model or checkpoint file (not a torch archive; truncated or another kind of file)")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, pickle refused by weights_only, not a torch file
+    except pickle.UnpicklingError:  # torch's message here advises an unsafe load: not repeated
+        raise DigestError(f"{p}: not a defect_fast file: it holds Python objects other than tensors and plain "
+                          "data, which are never loaded (a pickle can run code)") from None
+    except Exception as exc:  # a damaged archive
         raise DigestError(f"{p}: not a readable defect_fast file ({type(exc).__name__}: {one_line(str(exc))[:200]})") from None
     verify_digest(obj, p, required_keys=required_keys, allow_missing=allow_missing)
     return obj

@@ -160,7 +160,12 @@ def test_model_file_damage_is_a_clear_error(tiny_run, tmp_path, capsys):
     fake = tmp_path / "model.pt"
     fake.write_bytes(b"garbage")
     assert main(["evaluate", str(fake), str(tmp_path)]) == 2
-    assert "not a readable defect_fast checkpoint" in capsys.readouterr().err
+    assert "not a defect_fast model or checkpoint file" in capsys.readouterr().err
+    # a torch file whose pickle holds other objects: refused without torch's advice to load it unsafely
+    torch.save({"model_name": "cmaae", "extra": __import__("pathlib").PurePosixPath("x")}, fake)
+    assert main(["evaluate", str(fake), str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "other than tensors and plain data" in err and "weights_only" not in err and "\n" not in err.strip()
 
 
 def test_detector_maps_shapes_and_score_rule(tiny_run):

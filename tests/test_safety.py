@@ -424,7 +424,7 @@ def test_foreign_older_and_broken_files_are_clear_errors(tmp_path):
         load_with_digest(listed)
     for name, data in (("empty.pt", b""), ("junk.pt", b"garbage" * 9)):
         (tmp_path / name).write_bytes(data)
-        with pytest.raises(DigestError, match=f"{name}: not a readable"):
+        with pytest.raises(DigestError, match=f"{name}: not a defect_fast model or checkpoint file"):
             load_with_digest(tmp_path / name)
     trunc = tmp_path / "trunc.pt"
     good = save_with_digest(_state(), tmp_path / "good.pt").read_bytes()
