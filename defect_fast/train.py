@@ -31,7 +31,7 @@ from .models import AnomalyModel, build_model
 from .precision import cudnn_benchmark
 from .runs import (CHECKPOINT_FILE, CHECKPOINT_VERSION, CONFIG_FILE, LOG_FILE, MODEL_FILE, RunError,  # noqa: F401
                    atomic_save, load_checkpoint, model_from_state, resolve_device, stage_file)
-from .safety import OutputFolder, UserError
+from .safety import OutputFolder, UserError, atomic_write_text
 
 #: Map normalisations a run can ask for (``TrainConfig.normalize``).
 NORMALIZATIONS = ("none", "position")
@@ -402,6 +402,7 @@ class Trainer:
         n = self.images.shape[0]
         per_epoch = n * self.grid[0] * self.grid[1]
         steps_per_epoch = math.ceil(per_epoch / cfg.batch_size)
+        _trim_log(self.out / LOG_FILE, self.position["global_step"])  # steps a resume trains again are logged again
         log_file = open(self.out / LOG_FILE, "a", buffering=1)  # line-buffered: a crash keeps the log
         try:
             while self.position["stage"] < len(self.model.stages):
@@ -582,6 +583,25 @@ def _split(cfg: TrainConfig, paths: list[Path]) -> tuple[list[int], list[int]]:
         return list(range(len(paths))), []
     held = set(held_p)
     return [i for i, p in enumerate(paths) if str(p) not in held], [i for i, p in enumerate(paths) if str(p) in held]
+
+
+def _trim_log(path: Path, last_step: int) -> None:
+    """Drop the lines of the step log after ``last_step`` (logged after the checkpoint a resume
+    starts from, so trained and logged again) and a torn last line; the file is left as it is when
+    nothing is dropped."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if isinstance(step, int) and step <= last_step and line.endswith("\n"):
+            kept.append(line)
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(kept))
 
 
 def images_digest(images: torch.Tensor, paths: list[Path]) -> str:

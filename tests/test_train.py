@@ -81,8 +81,9 @@ def test_resume_after_sigkill_continues_exactly(synthetic_root, tmp_path):
     assert main(["train", str(synthetic_root), "--out", str(killed), "--resume", "--quiet"]) == 0
     steps = [json.loads(line)["step"] for line in (killed / "log.jsonl").read_text().splitlines()]
     assert steps[-1] == 18 and at_kill >= 14
-    # The resumed process started right after the checkpoint, not from step 1.
-    assert steps.count(at_kill + 1) >= 1 and steps.count(1) == 1
+    # The resumed process started right after the checkpoint, not from step 1, and the steps logged
+    # after that checkpoint by the killed process were dropped: each step is in the log once.
+    assert steps == list(range(1, 19))
 
     clean = tmp_path / "clean"
     assert main([*args, "--out", str(clean)]) == 0
@@ -91,6 +92,16 @@ def test_resume_after_sigkill_continues_exactly(synthetic_root, tmp_path):
     a = load_checkpoint(killed / "model.pt")["model_state"]
     b = load_checkpoint(clean / "model.pt")["model_state"]
     assert _state_equal(a, b), "resumed run differs from an uninterrupted one"
+
+
+def test_a_resume_drops_the_log_lines_after_its_checkpoint(tmp_path):
+    log = tmp_path / "log.jsonl"
+    lines = [json.dumps({"stage": 1, "epoch": 1, "step": k, "loss": 1.0 / k}) + "\n" for k in range(1, 6)]
+    log.write_text("".join(lines) + '{"stage": 1, "st')  # steps 4-5 after the checkpoint, then a torn line
+    train_module._trim_log(log, 3)
+    assert log.read_text() == "".join(lines[:3])
+    train_module._trim_log(log, 3)  # nothing more to drop
+    assert log.read_text() == "".join(lines[:3])
 
 
 def test_resume_after_a_failure_past_training_finishes_the_run(synthetic_root, tmp_path, monkeypatch):
