@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 from .safety import (LOCK_NAME, MANIFEST_NAME, ArgumentParser, OutputFolder, UsageError, atomic_write_json, device_arg, dump_json_strict,
-                     finite_float, nonneg_float, nonneg_int, one_line, positive_float, positive_int, run_main,
+                     finite_float, nonneg_float, nonneg_int, one_line, output_path, positive_float, positive_int, run_main,
                      safe_output_file)
 
 EPILOG = """examples:
@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train on DATA/train/good (MVTec layout) or on a plain folder of defect-free images. "
                        "A share of the images (--holdback) is never trained on: it sets the stored pass/fail thresholds.")
     t.add_argument("data", help="MVTec-style root (uses train/good) or a folder of defect-free images")
-    t.add_argument("--out", required=True, help="run folder (new or empty; a folder of an earlier run only with --overwrite/--resume)")
+    t.add_argument("--out", required=True, type=output_path, help="run folder (new or empty; a folder of an earlier run only with --overwrite/--resume)")
     t.add_argument("--model", default="cmaae", choices=model_names(), help="model (default: cmaae)")
     t.add_argument("--image-size", type=positive_int, default=512, help="images are resized to SxS (default 512)")
     t.add_argument("--stride", type=positive_int, default=None, help="patch stride in training (default: patch size)")
@@ -358,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="pixel/image AUROC, AUPRO, F1 and pass/fail rates on a test split")
     e.add_argument("run", help="run folder (or model.pt)")
     e.add_argument("data", help="MVTec-style root with test/ and ground_truth/")
-    e.add_argument("--json", default=None, help="also write the metrics to this JSON file (new, unless --overwrite)")
+    e.add_argument("--json", default=None, type=output_path, help="also write the metrics to this JSON file (new, unless --overwrite)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     e.add_argument("--map", choices=map_names(), default=None, help="anomaly map (default: the model's)")
     e.add_argument("--stride", type=positive_int, default=None, help="patch stride at inference (default: patch size)")
@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("predict", help="anomaly maps, overlays and scores for images")
     r.add_argument("run", help="run folder (or model.pt)")
     r.add_argument("images", nargs="+", help="image files or folders")
-    r.add_argument("--out", required=True, help="output folder (new or empty; earlier predict output only with --overwrite)")
+    r.add_argument("--out", required=True, type=output_path, help="output folder (new or empty; earlier predict output only with --overwrite)")
     r.add_argument("--overwrite", action="store_true", help="replace earlier output in --out (only the files defect-fast wrote)")
     r.add_argument("--map", choices=map_names(), default=None)
     r.add_argument("--stride", type=positive_int, default=None)
@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "image size and batch (dynamic batch where the format allows), plus FILE.json with thresholds.")
     x.add_argument("run", help="run folder (or model.pt)")
     x.add_argument("--format", required=True, choices=FORMATS)
-    x.add_argument("--out", required=True, help="output file (FILE.json is written beside it)")
+    x.add_argument("--out", required=True, type=output_path, help="output file (FILE.json is written beside it)")
     x.add_argument("--batch", type=positive_int, default=1, help="images per call in the traced graph (default 1)")
     x.add_argument("--map", choices=map_names(), default=None)
     x.add_argument("--stride", type=positive_int, default=None)
@@ -399,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=cmd_export)
 
     d = sub.add_parser("demo", help="make a small synthetic defect set, train briefly, evaluate and write maps")
-    d.add_argument("out", nargs="?", default="defect-fast-demo", help="output folder (default ./defect-fast-demo)")
+    d.add_argument("out", nargs="?", default="defect-fast-demo", type=output_path, help="output folder (default ./defect-fast-demo)")
     d.add_argument("--model", default="cmaae", choices=model_names())
     d.add_argument("--image-size", type=positive_int, default=128)
     d.add_argument("--epochs", type=positive_int, default=4)

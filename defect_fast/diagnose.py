@@ -504,7 +504,7 @@ def diagnose(
 def add_parser(subparsers) -> None:
     """Register ``defect-fast diagnose`` on the CLI's sub-parsers (``command`` as its function)."""
     from .detect import BLENDS
-    from .safety import device_arg, nonneg_int, positive_int
+    from .safety import device_arg, nonneg_int, output_path, positive_int
 
     p = subparsers.add_parser(
         "diagnose", help="figure grid per class and where the top-scoring pixels of defect-free images lie",
@@ -513,7 +513,7 @@ def add_parser(subparsers) -> None:
                     "DIR/locations.json and prints the tables.")
     p.add_argument("run", help="run folder holding model.pt, or a model file")
     p.add_argument("data", help="MVTec-style dataset root (test/<class>/, ground_truth/<class>/)")
-    p.add_argument("--out", required=True, help="output folder for <class>.png and locations.json (new or empty)")
+    p.add_argument("--out", required=True, type=output_path, help="output folder for <class>.png and locations.json (new or empty)")
     p.add_argument("--per-class", type=positive_int, default=4, help="rows per class figure: highest and lowest scores (default 4)")
     p.add_argument("--border", type=nonneg_int, default=16, help="border band width in px (default 16)")
     p.add_argument("--seam", type=nonneg_int, default=3, help="half-width of the band around patch seams in px (default 3)")

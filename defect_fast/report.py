@@ -392,7 +392,7 @@ def report_from_data(
 
 def add_parser(subparsers) -> None:
     """Register ``defect-fast report`` on the CLI's sub-parsers (``command`` as its function)."""
-    from .safety import device_arg, finite_float, positive_int
+    from .safety import device_arg, finite_float, output_path, positive_int
 
     r = subparsers.add_parser(
         "report", help="one self-contained HTML page: metrics, curves, score histogram, gallery",
@@ -401,8 +401,9 @@ def add_parser(subparsers) -> None:
                     "and a gallery sorted by score with false alarms and misses marked. A plain folder of images "
                     "gives the histogram and the gallery.")
     r.add_argument("run", help="run folder (or model.pt)")
-    r.add_argument("data", help="MVTec-style root with test/ (and ground_truth/), or a folder of images")
-    r.add_argument("--out", required=True, help="the .html file to write")
+    r.add_argument("data", help="MVTec-style root with test/<class>/ and ground_truth/<class>/ (a mask for every defective image), "
+                        "or a plain folder of images")
+    r.add_argument("--out", required=True, type=output_path, help="the .html file to write")
     r.add_argument("--threshold", type=finite_float, default=None,
                    help="image score above which an image is flagged (default: the threshold stored in the model file)")
     r.add_argument("--max-gallery", type=positive_int, default=60,

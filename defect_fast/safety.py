@@ -61,6 +61,7 @@ __all__ = [
     "nonneg_float",
     "nonneg_int",
     "one_line",
+    "output_path",
     "positive_float",
     "positive_int",
     "probability",
@@ -263,6 +264,14 @@ def probability(text: str) -> float:
     if not (0.0 <= v <= 1.0):  # NaN fails both comparisons
         raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
     return v
+
+
+def output_path(text: str) -> str:
+    """A file or folder name to write (``--out``, ``--json``): not empty (an empty name would be
+    the current folder, or nothing written at all)."""
+    if not str(text).strip():
+        raise argparse.ArgumentTypeError(f"must name a file or folder, got {text!r}")
+    return str(text)
 
 
 def check_device(spec: str) -> "torch.device":  # noqa: F821 - torch imported lazily

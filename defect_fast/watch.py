@@ -616,7 +616,7 @@ def watch(
 
 def add_parser(subparsers) -> None:
     """Register ``defect-fast watch`` on the CLI's sub-parsers (``command`` as its function)."""
-    from .safety import device_arg, finite_float, nonneg_float, positive_float, positive_int
+    from .safety import device_arg, finite_float, nonneg_float, output_path, positive_float, positive_int
 
     w = subparsers.add_parser(
         "watch", help="judge every image dropped into a folder: maps, overlays and a results journal",
@@ -626,7 +626,7 @@ def add_parser(subparsers) -> None:
                     "the counts. SIGTERM or Ctrl-C finishes the batch in hand and stops.")
     w.add_argument("run", help="run folder (or model.pt)")
     w.add_argument("in_dir", help="the drop folder to watch")
-    w.add_argument("--out", required=True, help="results folder (new, empty, or one an earlier watch wrote: it is resumed)")
+    w.add_argument("--out", required=True, type=output_path, help="results folder (new, empty, or one an earlier watch wrote: it is resumed)")
     w.add_argument("--once", action="store_true", help="process what is in the folder, then exit (for cron and tests)")
     w.add_argument("--batch-size", type=positive_int, default=8, help="images per model call (default 8)")
     w.add_argument("--poll", type=positive_float, default=1.0, help="seconds between folder scans (default 1)")

@@ -102,6 +102,14 @@ def test_train_overwrite_refuses_a_bad_setting_before_removing_the_old_run(tiny_
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 
+def test_an_empty_output_name_is_refused(tiny_run, synthetic_root, capsys):
+    """An empty --json wrote nothing and exited 0; an empty --out named the current folder."""
+    assert main(["evaluate", str(tiny_run), str(synthetic_root), "--json", ""]) == 2
+    assert "--json: must name a file or folder" in capsys.readouterr().err
+    assert main(["predict", str(tiny_run), str(synthetic_root / "test" / "spot"), "--out", ""]) == 2
+    assert "--out: must name a file or folder" in capsys.readouterr().err
+
+
 def test_demo_refuses_a_bad_setting_before_anything_is_written(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", str(out), "--image-size", "100"]) == 2

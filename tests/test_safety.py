@@ -448,6 +448,7 @@ def test_foreign_older_and_broken_files_are_clear_errors(tmp_path):
     (safety.nonneg_float, {"0": 0.0, "2.5": 2.5}, ["-0.1", "nan", "inf"]),
     (safety.finite_float, {"-3": -3.0, "0.5": 0.5}, ["nan", "inf", "-inf", "one"]),
     (safety.probability, {"0": 0.0, "1": 1.0, "0.3": 0.3}, ["1.01", "-0.01", "nan"]),
+    (safety.output_path, {"out": "out", "runs/m.json": "runs/m.json"}, ["", "  "]),
 ])
 def test_argument_types(fn, good, bad):
     for text, value in good.items():
