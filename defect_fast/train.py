@@ -192,36 +192,39 @@ def check_config(cfg: TrainConfig, n_stages: int, patch: int) -> None:
             raise ConfigError(f"--image-size {cfg.image_size} with {given}: {exc}") from None
 
 
-def checked_model(cfg: TrainConfig) -> AnomalyModel:
+def checked_model(cfg: TrainConfig, *, weights: bool = True) -> AnomalyModel:
     """A freshly built ``cfg.model`` once every setting of ``cfg`` has passed :func:`check_config`
-    and the pretrained weights the run will need load; raises :class:`ConfigError` otherwise.
-    What ``train`` runs before it touches the output folder (``demo`` too)."""
+    and (``weights``) the pretrained weights the run will need load (:func:`check_pretrained_weights`);
+    raises :class:`ConfigError` otherwise. What ``train`` runs before it touches the output folder
+    (``demo`` too)."""
     try:
         model = build_model(cfg.model, **cfg.model_kwargs)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"model {cfg.model} with options {cfg.model_kwargs}: {exc}") from None
     check_config(cfg, len(model.stages), model.patch_size)
-    _check_pretrained_weights(cfg, model)  # now, not after the training that needs them
+    if weights:
+        check_pretrained_weights(cfg, model)
     return model
 
 
-def _check_pretrained_weights(cfg: TrainConfig, model) -> None:
+def check_pretrained_weights(cfg: TrainConfig, model: AnomalyModel) -> None:
     """Refuse, before any training, a run that will need the ImageNet AlexNet weights (the
-    perceptual map, the image context, LPIPS in a training stage) when they cannot be loaded."""
-    users = [what for what, used in (("--map perceptual", cfg.map == "perceptual"), ("--context", cfg.context),
-                                     (f"{cfg.model}'s LPIPS loss", model.uses_lpips())) if used]
-    if not users:
-        return
-    from .losses.lpips import load_alexnet_trunk, load_lpips_heads
+    perceptual map, the image context, LPIPS in a training stage) when they cannot be loaded: each
+    is built here as the end of the run builds it (the same search for the weights)."""
+    from . import context, perceptual
+    from .losses.lpips import load_lpips_heads
+    from .models.awae.loss import default_lpips_factory
 
-    try:
-        if cfg.map == "perceptual" or cfg.context:
-            load_alexnet_trunk(None)  # where the map and the context look: $DEFECT_FAST_ALEXNET_WEIGHTS, the hub cache
-        if model.uses_lpips():
-            load_alexnet_trunk(cfg.model_kwargs.get("lpips_weights"))
-            load_lpips_heads()
-    except (OSError, RuntimeError, ValueError, KeyError) as exc:
-        raise ConfigError(f"{' and '.join(users)} need(s) ImageNet AlexNet weights: {exc}") from None
+    for what, used, build in (
+            ("--map perceptual", cfg.map == "perceptual", lambda: perceptual.PerceptualMap(cfg.image_size)),
+            ("--context", cfg.context, lambda: context.ImageContext(cfg.image_size)),
+            (f"{cfg.model}'s LPIPS loss", model.uses_lpips(),
+             lambda: (default_lpips_factory(cfg.model_kwargs.get("lpips_weights")), load_lpips_heads()))):
+        if used:
+            try:
+                build()
+            except (OSError, RuntimeError, ValueError, KeyError) as exc:
+                raise ConfigError(f"{what} needs ImageNet AlexNet weights: {exc}") from None
 
 
 def _generator(seed: int, *keys: int) -> torch.Generator:
@@ -653,14 +656,14 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         ckpt = out / CHECKPOINT_FILE
         if not ckpt.is_file():
             raise RunError(f"{out}: nothing to resume (no {CHECKPOINT_FILE})")
-        if (out / MODEL_FILE).is_file():  # written last, once everything else is done
-            raise RunError(f"{out}: the run is finished ({MODEL_FILE} is written); nothing to resume")
         folder = OutputFolder.open(out, lock=True, what="--out", command="train")
     else:
         cfg = replace(cfg, data=_abs(cfg.data), anomaly_source=_abs(cfg.anomaly_source), held_back=[])
         folder = None
     try:
         if resume:
+            if (out / MODEL_FILE).is_file():  # written last, once everything else is done (checked under the lock)
+                raise RunError(f"{out}: the run is finished ({MODEL_FILE} is written); nothing to resume")
             state = load_checkpoint(ckpt)
             given_data = cfg.data
             cfg = TrainConfig.from_json(state["train_config"])
@@ -671,7 +674,7 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
                 log(f"resuming {out}: training is complete; running the steps after it (map statistics, calibration)")
             else:
                 log(f"resuming {out} at stage {pos['stage'] + 1}, epoch {pos['epoch'] + 1}, step {pos['step']}")
-        probe = checked_model(cfg)
+        probe = checked_model(cfg, weights=False)  # the weights once the data is known to be usable (below)
         device = resolve_device(cfg.device)
         before, now = (state or {}).get("compute"), compute_setting(device)
         if before and before != now:
@@ -702,6 +705,7 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
             if len(train_idx) < MIN_IMAGES:
                 raise ConfigError(f"--context needs at least {MIN_IMAGES} training images to fit on, got {len(train_idx)}")
         sources = _preload_sources(cfg, probe.stages)
+        check_pretrained_weights(cfg, probe)  # now, not after the training that needs them
         del probe
         if not resume:
             folder = OutputFolder.create(out, overwrite=overwrite, inputs=inputs, lock=True, command="train")
