@@ -138,10 +138,10 @@ def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, so
                 except Exception:  # a graph that specialises on the batch: export it for this batch only
                     ep = torch.export.export(det, (example,))
                 torch.export.save(ep, fh)
+            meta = sidecar(det, fmt, batch, dynamic, source)  # still inside: a failure here leaves no file either
+            meta["precision"] = precision  # what the file computes in (det may run otherwise outside the export)
     finally:
         det.batch_size, det.precision, det.channels_last = saved
-    meta = sidecar(det, fmt, batch, dynamic, source)
-    meta["precision"] = precision  # what the file computes in (det may run otherwise outside the export)
     atomic_write_text(sidecar_path(out), json.dumps(meta, indent=2))
     return out
 
