@@ -577,6 +577,10 @@ def _split(cfg: TrainConfig, paths: list[Path]) -> tuple[list[int], list[int]]:
         return [i for i, p in enumerate(paths) if str(p) not in held], [i for i, p in enumerate(paths) if str(p) in held]
     if cfg.holdback == 0:
         return list(range(len(paths))), []
+    n_held = max(HOLDBACK_MIN, int(round(cfg.holdback * len(paths))))
+    if n_held > HOLDBACK_MIN and n_held >= len(paths):  # the share asked for, not the image count, is the problem
+        raise ConfigError(f"--holdback {cfg.holdback:g} holds back {n_held} of the {len(paths)} images and leaves none "
+                          "to train on; lower it")
     try:
         _train_p, held_p = split_holdback([str(p) for p in paths], cfg.holdback, min_count=HOLDBACK_MIN,
                                           seed=cfg.seed, min_train=1)

@@ -176,6 +176,13 @@ def test_resume_continues_on_the_run_s_own_images_and_settings(synthetic_root, t
         train(_cfg(data), out, resume=True, progress=False, log=lambda s: None)
 
 
+def test_a_holdback_that_leaves_nothing_to_train_on_is_refused(synthetic_root, tmp_path):
+    """It was taken as "too few images to hold back 4" and trained with none held back."""
+    with pytest.raises(ConfigError, match=r"--holdback 0.99 holds back \d+ of the \d+ images and leaves none"):
+        train(_cfg(synthetic_root, holdback=0.99), tmp_path / "run", progress=False, log=lambda s: None)
+    assert not (tmp_path / "run").exists()
+
+
 def test_run_folder_is_never_overwritten_silently(synthetic_root, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
