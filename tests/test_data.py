@@ -308,6 +308,15 @@ def test_load_test_set_reports_every_problem_at_once(tmp_path):
     assert "test/good/001.png" in msg
 
 
+def test_a_folder_where_a_mask_goes_is_named(tmp_path):
+    root = _mvtec(tmp_path)
+    mask = root / "ground_truth" / "scratch" / "000_mask.png"
+    mask.unlink()
+    mask.mkdir()
+    with pytest.raises(DataError, match=f"{mask}: not a file; expected the ground-truth mask of .*000.png there"):
+        load_test_set(root, 16)
+
+
 def test_load_test_set_without_test_folder(tmp_path):
     with pytest.raises(DataError, match="no test/ folder"):
         load_test_set(tmp_path, 16)

@@ -182,7 +182,10 @@ def load_test_set(
             mask = None
             if d.name != GOOD:
                 mask = find_mask(root, d.name, img)
-                if mask is None:
+                odd = [c for c in _mask_candidates(root, d.name, img) if c.exists() and not c.is_file()]
+                if mask is None and odd:  # a folder (or a device) where the mask goes
+                    problems.append(f"{odd[0]}: not a file; expected the ground-truth mask of {img} there")
+                elif mask is None:
                     gt = root / "ground_truth" / d.name
                     expected = f"{gt / (img.stem + '_mask.png')} or {gt / (img.stem + '.png')}"
                     problems.append(f"{img}: no ground-truth mask (expected {expected})")
