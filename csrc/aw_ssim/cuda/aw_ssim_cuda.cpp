@@ -54,8 +54,9 @@ void check_inputs(const char* op, const Tensor& x, const Tensor& y, const Tensor
   TORCH_CHECK(x.size(2) <= cuda::kMaxRows, op, ": the CUDA kernel takes images up to ", cuda::kMaxRows,
               " rows (16-row tiles x 65535 blocks in grid.y), got H=", x.size(2),
               "; split the image along its height or run it on the CPU");
-  // NB: sigma > 0 is not checked here (it would synchronise with the device); a non-positive
-  // sigma gives a NaN window.
+  // NB: sigma is not checked here (it would synchronise with the device), unlike on the CPU,
+  // which refuses a sigma that is not finite and > 0. On CUDA sigma = 0 gives a NaN window, a
+  // negative sigma the window of |sigma| (only sigma^2 enters it), an infinite one a flat window.
 }
 
 cuda::Problem make_problem(const Tensor& x, int64_t window, int64_t combine, double alpha, double beta, double gamma,
