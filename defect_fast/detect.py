@@ -56,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -68,6 +69,7 @@ from .data.patches import grid_shape, overlap_add
 from .maps import blend_window, blur_matrix, top_mean
 from .models import AnomalyModel
 from .precision import cpu_flags, cpu_has_bf16, cudnn_benchmark, default_precision  # noqa: F401  (re-exported)
+from .calibration import calibrate as calibrate_thresholds, stored_thresholds
 from .runs import load_model_state, model_from_state, resolve_device
 from .safety import UserError
 
@@ -98,9 +100,29 @@ def cpu_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+#: Held while a CUDA graph is captured or replayed (its input and output buffers are shared).
+_GRAPH_LOCK = threading.Lock()
+
+
 class SettingError(UserError, ValueError):
     """An inference setting the loaded model cannot take (a stride that does not tile the image,
     ...): one line at the command line, a ValueError for callers."""
+
+
+def _check_pixels(images: torch.Tensor, where: str) -> None:
+    """Refuse what the pipeline would silently misread: dtypes other than uint8 and float, and
+    float values that are not finite or lie outside [-1, 1] (a [0, 255] image passed as float)."""
+    if images.dtype == torch.uint8:
+        return
+    if not images.is_floating_point():
+        raise TypeError(f"{where}: images must be uint8 (0..255) or float in [-1, 1], got {images.dtype}; "
+                        "scale other types to uint8 first")
+    lo, hi = (float(v) for v in torch.aminmax(images.float()))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{where}: the images hold NaN or infinite values")
+    if lo < -1.0 - 1e-3 or hi > 1.0 + 1e-3:
+        raise ValueError(f"{where}: float images must lie in [-1, 1], these span {lo:.4g}..{hi:.4g}; pass uint8 "
+                         "0..255 images, or map [0, 1] ones with x * 2 - 1")
 
 
 def _plain_graph() -> bool:
@@ -413,7 +435,8 @@ class Detector(nn.Module):
         """A workspace tensor reused by later calls with the same shape (a fresh one while tracing)."""
         if _plain_graph():
             return like.new_empty(shape)
-        key = (name, shape, like.dtype, like.device, torch.is_inference_mode_enabled())
+        # per thread: two threads calling one Detector must not fill each other's buffer
+        key = (name, shape, like.dtype, like.device, torch.is_inference_mode_enabled(), threading.get_ident())
         buf = self._workspace.get(key)
         if buf is None:
             if len(self._workspace) > 8:  # shapes change: keep the last few only
@@ -543,6 +566,10 @@ class Detector(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images uint8 [N,3,H,W] (0..255) or float [N,3,H,W] in [-1,1], on this module's device
         -> (maps [N,S,S] float32, larger = more anomalous; scores [N])."""
+        if not _plain_graph() and (not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3):
+            # (only the shape: the values are checked by predict and predict_batched, not on this hot path)
+            shown = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"Detector: expected a tensor of images [N, 3, H, W], got {shown}")
         on_gpu = images.is_cuda and not _plain_graph()
         with cudnn_benchmark(self.cudnn_benchmark and on_gpu):
             if self.cuda_graphs and on_gpu and not torch.is_grad_enabled():
@@ -569,7 +596,12 @@ class Detector(nn.Module):
         return self.raw_maps(x), ctx.features(x, **opts)
 
     def _graph_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`forward` replayed from a CUDA graph captured for this input shape and dtype."""
+        """:meth:`forward` replayed from a CUDA graph captured for this input shape and dtype (one
+        thread at a time: a graph reads and writes fixed buffers)."""
+        with _GRAPH_LOCK:
+            return self._graph_replay(images)
+
+    def _graph_replay(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = (tuple(images.shape), images.dtype, images.device)
         entry = self._graphs.get(key)
         if entry is None:
@@ -604,8 +636,7 @@ class Detector(nn.Module):
         batch 1 for CMA-AE.
         Returns {"maps": [N, S, S] on the CPU, "scores": [N]}.
         """
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images [N, 3, H, W], got {tuple(images.shape)}")
+        self._checked_batch(images, "predict_batched")
         n, s = images.shape[0], self.image_size
         on_gpu = self.device.type == "cuda"
         maps = torch.empty(n, s, s, pin_memory=on_gpu)
@@ -627,26 +658,44 @@ class Detector(nn.Module):
         """Stitched reconstructions: images [N,3,H,W] -> [N,3,S,S] in [-1, 1] (overlaps averaged)."""
         from .data.patches import extract_patches, stitch_patches
 
-        x = self._to_model_input(images.to(self.device))
+        x = self._to_model_input(self._checked_batch(images, "reconstruct").to(self.device))
         patches = extract_patches(x, self.patch, self.stride)
         recon = torch.cat([self._recon(c) for c in patches.split(max(1, self.batch_size or len(patches)))])
         return stitch_patches(recon, self.image_size, self.patch, self.stride).cpu()
+
+    @staticmethod
+    def _checked_batch(images: Any, where: str) -> torch.Tensor:
+        """``images`` if it is a batch [N, 3, H, W] (N >= 1) of uint8 or float images, else a
+        TypeError/ValueError naming ``where``."""
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"{where}: expected a tensor [N, 3, H, W], got {type(images).__name__} "
+                            "(predict() takes paths, PIL images and numpy arrays)")
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"{where}: expected images [N, 3, H, W], got {tuple(images.shape)}")
+        if images.shape[0] == 0 or images.shape[-1] == 0 or images.shape[-2] == 0:
+            raise ValueError(f"{where}: no images (shape {tuple(images.shape)})")
+        _check_pixels(images, where)
+        return images
 
     @staticmethod
     def _as_images(x: Any, size: int) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
         """Any accepted input -> (list of [3,S',S'] tensors for the model, original (H, W) of each)."""
         from PIL import Image
 
-        from .data import read_image
+        from .data.io import _load_image, _to_8bit
 
         if isinstance(x, (str, os.PathLike)):
-            with Image.open(x) as im:
-                w, h = im.size
-            return [read_image(x, size)], [(h, w)]
+            img, (w, h) = _load_image(x, size, 3, None)  # a bad file: DataError naming it
+            return [img], [(h, w)]
         if isinstance(x, Image.Image):
-            x = np.asarray(x.convert("RGB"))
+            x = np.asarray(_to_8bit(x, 3, Path("PIL image")))  # 16-bit and float modes scaled as files are
         if isinstance(x, np.ndarray):
             arr = x
+            if arr.dtype != np.uint8 and not np.issubdtype(arr.dtype, np.floating):
+                raise TypeError(f"numpy images must be uint8 (0..255) or float in [-1, 1], got {arr.dtype}; "
+                                "scale other types to uint8 first (16-bit: a // 257)")
+            if arr.size == 0:
+                raise ValueError(f"numpy image of shape {arr.shape} has no pixels")
             if arr.ndim == 2:
                 arr = np.repeat(arr[..., None], 3, axis=-1)
             if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4):
@@ -661,9 +710,14 @@ class Detector(nn.Module):
                 x = x.unsqueeze(0)
             if x.dim() != 4 or x.shape[1] not in (1, 3):
                 raise ValueError(f"tensor images must be [H, W], [C, H, W] or [N, C, H, W] with C = 1 or 3, got {tuple(x.shape)}")
+            if x.numel() == 0:
+                raise ValueError(f"tensor images of shape {tuple(x.shape)} have no pixels")
             x = x.expand(-1, 3, -1, -1)
+            _check_pixels(x, "predict")
             return list(x), [tuple(x.shape[-2:])] * x.shape[0]
         if isinstance(x, (list, tuple)):
+            if not x:
+                raise ValueError("predict: an empty list of images")
             imgs, sizes = [], []
             for item in x:
                 i, s = Detector._as_images(item, size)
@@ -680,20 +734,24 @@ class Detector(nn.Module):
             x: a path, PIL image, numpy array ([H,W], [H,W,C] or [N,H,W,C], uint8 0..255),
                 tensor (uint8 0..255 or float in [-1,1]; [H,W], [C,H,W] or [N,C,H,W]), or a list of these.
             pixel_threshold: map value above which a pixel is defective (for regions); default
-                the calibration's ``pixel_q999`` (none known: no regions).
+                the stored pixel threshold (:func:`~defect_fast.calibration.stored_thresholds`, as
+                the command line and ``watch`` use it; none known: no regions).
             images_per_batch: images per pipeline call.
         Returns:
             {"maps": [N, H, W] float tensor when every input has the same size, else a list of [H_i, W_i]
              (each map at its input's own size); "scores": [N]; "regions": N lists of
              {"box": (x0, y0, x1, y1), "area", "peak"} (see :func:`find_regions`)}.
         """
+        if pixel_threshold is not None and (isinstance(pixel_threshold, bool) or not isinstance(pixel_threshold, (int, float))
+                                            or not math.isfinite(pixel_threshold)):
+            raise ValueError(f"pixel_threshold must be a finite number, got {pixel_threshold!r}")
         imgs, sizes = self._as_images(x, self.image_size)
         s = self.image_size
         batch = [img if tuple(img.shape[-2:]) == (s, s) else self._to_model_input(img.unsqueeze(0))[0] for img in imgs]
         floats = any(b.is_floating_point() for b in batch)
         batch = [self._to_model_input(b.unsqueeze(0))[0] if (floats and not b.is_floating_point()) else b for b in batch]
         res = self.predict_batched(torch.stack(batch), images_per_batch)
-        threshold = pixel_threshold if pixel_threshold is not None else self.calibration.get("pixel_q999")
+        threshold = pixel_threshold if pixel_threshold is not None else stored_thresholds(self.calibration)[1]
         maps, regions = [], []
         for m, hw in zip(res["maps"], sizes):
             if tuple(hw) != (s, s):
@@ -704,25 +762,23 @@ class Detector(nn.Module):
         return {"maps": torch.stack(maps) if same else maps, "scores": res["scores"], "regions": regions}
 
     @torch.no_grad()
-    def calibrate(self, normal_images: torch.Tensor) -> dict[str, float]:
-        """Statistics of maps on defect-free images, used to scale maps and pick thresholds.
-
-        Returns {"pixel_q999": 99.9th percentile of pixel scores, "score_max": the largest image
-        score, "score_mean", "score_std"} over ``normal_images`` (uint8 [N,3,S,S]).
+    def calibrate(self, normal_images: torch.Tensor, far: float | None = None) -> dict[str, Any]:
+        """Thresholds from defect-free images the model was not trained on, by the rule training
+        uses for its held-back images (:func:`defect_fast.calibration.calibrate`: the image
+        threshold for a false-alarm rate ``far``, default 0.01, and a pixel threshold), plus
+        ``pixel_q999`` (the 99.9th percentile of their map values, the maps' colour scale).
+        Replaces :attr:`calibration` and returns it.
         """
+        from .calibration import DEFAULT_FAR
+
         res = self.predict_batched(normal_images)
         flat = res["maps"].flatten()
         if flat.numel() > 2_000_000:
             flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:2_000_000]]
-        scores = res["scores"]
-        self.calibration = {
-            "pixel_q999": float(torch.quantile(flat, 0.999)),
-            "score_max": float(scores.max()),
-            "score_mean": float(scores.mean()),
-            "score_std": float(scores.std()) if scores.numel() > 1 else 0.0,
-            "n_images": int(normal_images.shape[0]),
-        }
-        return self.calibration
+        cal = calibrate_thresholds(res["scores"], res["maps"], DEFAULT_FAR if far is None else far)
+        cal["pixel_q999"] = float(torch.quantile(flat, 0.999))
+        self.calibration = cal
+        return cal
 
     @torch.no_grad()
     def fit_normalization(self, normal_images: torch.Tensor, images_per_batch: int = 8, min_std: float = 1e-6) -> dict[str, torch.Tensor]:
@@ -735,6 +791,7 @@ class Detector(nn.Module):
             {"mean": [S, S], "std": [S, S]} (CPU), the values now in the buffers; the maps of
             :meth:`forward` become (raw - mean) / std.
         """
+        self._checked_batch(normal_images, "fit_normalization")
         if normal_images.shape[0] < 2:
             raise ValueError(f"fit_normalization needs at least 2 images, got {normal_images.shape[0]}")
         raw = torch.cat([self.raw_maps(c.to(self.device)) for c in normal_images.split(max(1, images_per_batch))])
@@ -742,6 +799,9 @@ class Detector(nn.Module):
         std = raw.std(dim=0).clamp(min=min_std)
         self.norm_mean = mean
         self.norm_std = std
+        if any(k in self.calibration for k in THRESHOLD_KEYS):  # they were set on the maps before this
+            self.calibration = {k: v for k, v in self.calibration.items() if k not in THRESHOLD_KEYS}
+            self.calibration["inapplicable"] = "calibrated before fit_normalization changed the maps (calibrate again)"
         return {"mean": mean.cpu(), "std": std.cpu()}
 
     def normalization(self) -> dict[str, Any]:

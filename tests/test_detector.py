@@ -4,6 +4,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import re
 from pathlib import Path
 
 import numpy as np
@@ -298,3 +299,90 @@ def test_forward_returns_the_msfr_features_of_its_input(name):
             assert torch.equal(a, b)
         torch.testing.assert_close(m.anomaly_map(x, out["recon"], "msfr", out["features"]),
                                    m.anomaly_map(x, out["recon"], "msfr"), atol=0, rtol=0)
+
+
+# -- what an embedding program can get wrong ---------------------------------------------------------
+
+
+def test_one_detector_called_from_two_threads_gives_each_its_own_maps():
+    """The patch maps of a call larger than one chunk go through a reused buffer: per thread, so
+    two threads with different images never read each other's maps."""
+    import threading
+
+    det = Detector(_model(), image_size=128, batch_size=2)  # 4 patches per image: every call chunks
+    xs = [_images(3, 128, seed=1), torch.full((3, 3, 128, 128), 128, dtype=torch.uint8)]
+    with torch.inference_mode():
+        want = [det(x) for x in xs]
+    wrong = []
+
+    def work(i):
+        with torch.inference_mode():
+            for _ in range(8):
+                maps, scores = det(xs[i])
+                wrong.append(not (torch.equal(maps, want[i][0]) and torch.equal(scores, want[i][1])))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wrong) == 16 and not any(wrong)
+
+
+def test_predict_refuses_pixels_it_would_misread():
+    det = Detector(_model(), image_size=128)
+    img = _images(1, 128)[0].permute(1, 2, 0).numpy()  # HxWx3 uint8
+    for bad, kind, words in ((img.astype(np.uint16) * 257, TypeError, "uint16"), (img > 128, TypeError, "bool"),
+                             (img.astype(np.float32), ValueError, "must lie in [-1, 1]"),
+                             (torch.from_numpy(img).permute(2, 0, 1).float(), ValueError, "must lie in [-1, 1]"),
+                             (torch.full((3, 8, 8), float("nan")), ValueError, "NaN"),
+                             (torch.ones(3, 8, 8, dtype=torch.int32), TypeError, "int32"),
+                             ([], ValueError, "empty list"), (np.zeros((0, 0, 3), np.uint8), ValueError, "no pixels")):
+        with pytest.raises(kind, match=re.escape(words)):
+            det.predict(bad)
+    # [-1, 1] floats and uint8 are the same image
+    torch.testing.assert_close(det.predict(img.astype(np.float32) / 127.5 - 1)["maps"], det.predict(img)["maps"],
+                               atol=1e-4, rtol=0)
+
+
+def test_predict_reads_a_16_bit_pil_image_as_its_file_is_read(tmp_path):
+    det = Detector(_model(), image_size=64)
+    gray = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+    Image.fromarray(gray).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        from_object = det.predict(im)["maps"]
+    torch.testing.assert_close(from_object, det.predict(tmp_path / "g16.png")["maps"])
+    (tmp_path / "notes.png").write_text("not an image")
+    from defect_fast.data import DataError
+
+    with pytest.raises(DataError, match="notes.png"):
+        det.predict(tmp_path / "notes.png")
+
+
+def test_tensor_entry_points_check_their_input():
+    det = Detector(_model(), image_size=128)
+    x = _images(2, 128)
+    for call, arg, kind in ((det, x.permute(0, 2, 3, 1), ValueError), (det, x.numpy(), ValueError),
+                            (det.reconstruct, x[0], ValueError), (det.fit_normalization, list(x), TypeError),
+                            (det.calibrate, x[:0], ValueError), (det.predict_batched, x.float(), ValueError)):
+        with pytest.raises(kind):
+            call(arg)
+
+
+def test_fit_normalization_sets_aside_thresholds_of_the_maps_before_it_and_calibrate_sets_new_ones():
+    from defect_fast.calibration import stored_thresholds
+
+    det = Detector(_model(), image_size=128)
+    x = _images(6, 128, seed=3)
+    cal = det.calibrate(x[:3])
+    assert {"image_threshold", "pixel_threshold", "far", "pixel_q999"} <= set(cal)
+    image_t, pixel_t, source = stored_thresholds(det.calibration)
+    assert image_t == cal["image_threshold"] and "older model file" not in source
+    regions = det.predict(x[3])["regions"][0]  # at the stored pixel threshold, as the CLI and watch use it
+    assert regions == det.predict(x[3], pixel_threshold=pixel_t)["regions"][0]
+    det.fit_normalization(x[3:])
+    assert stored_thresholds(det.calibration)[:2] == (None, None)
+    assert "fit_normalization" in stored_thresholds(det.calibration)[2]
+    assert det.predict(x[3])["regions"] == [[]]
+    det.calibrate(x[:3])  # calibrated again on the normalised maps
+    assert stored_thresholds(det.calibration)[0] is not None
