@@ -131,6 +131,8 @@ def cmd_evaluate(args) -> int:
     json_path = safe_output_file(args.json, args.overwrite, inputs=[args.run, args.data], what="--json") if args.json else None
     metrics = evaluate_run(args.run, args.data, args.map, args.device, args.stride, args.smooth, blend=args.blend)
     _print_metrics(metrics)
+    if metrics.get("pixel_metrics"):
+        print(f"pixel metrics: {metrics['pixel_metrics']}")
     _print_thresholds(metrics.get("thresholds"))
     print(f"\n{metrics['n_images']} images, map={metrics['map']}, {metrics['inference_ms_per_image']:.1f} ms/image")
     if json_path is not None:
@@ -357,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="pixel/image AUROC, AUPRO, F1 and pass/fail rates on a test split")
     e.add_argument("run", help="run folder (or model.pt)")
-    e.add_argument("data", help="MVTec-style root with test/ and ground_truth/")
+    e.add_argument("data", help="MVTec-style root with test/<class>/ and ground_truth/<class>/ (without "
+                   "ground_truth/: image-level metrics only)")
     e.add_argument("--json", default=None, type=output_path, help="also write the metrics to this JSON file (new, unless --overwrite)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     e.add_argument("--map", choices=map_names(), default=None, help="anomaly map (default: the model's)")

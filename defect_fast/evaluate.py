@@ -47,11 +47,14 @@ def evaluate_run(run: Path | str, data: Path | str, map_kind: str | None = None,
 
     # a setting the model cannot take (stride beyond the patch, ...) is a one-line SettingError
     det = Detector.load(run, device=device, map_kind=map_kind, stride=stride, smooth_sigma=smooth, **options)
-    test = load_test_set(data, det.image_size)
+    test = load_test_set(data, det.image_size, require_masks=False)
     t0 = time.perf_counter()
     res = det.predict_batched(test.images)
     seconds = time.perf_counter() - t0
-    metrics = evaluate(res["maps"], test.masks, res["scores"], test.labels, test.classes)
+    if test.has_masks:
+        metrics = evaluate(res["maps"], test.masks, res["scores"], test.labels, test.classes)
+    else:
+        metrics = image_level_metrics(res["scores"], test.labels, test.classes)
     metrics["n_images"] = int(test.images.shape[0])
     metrics["map"] = det.map_kind
     metrics["smooth_sigma"] = det.smooth_sigma
@@ -62,4 +65,22 @@ def evaluate_run(run: Path | str, data: Path | str, map_kind: str | None = None,
     return metrics
 
 
-__all__ = ["calibrate", "detector_for", "evaluate_run"]
+def image_level_metrics(scores: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, Any]:
+    """The keys of :func:`defect_fast.metrics.evaluate` for a test set without pixel masks: image
+    AUROC overall and per defect class (its images and the good ones); the pixel metrics are None."""
+    from .metrics import image_auroc
+
+    pixel = {"pixel_auroc": None, "aupro": None, "pixel_f1_max": None}
+    lab = labels.reshape(-1)
+    good = lab == 0
+    out: dict[str, Any] = {"image_auroc": image_auroc(scores, lab), **pixel, "num_images": int(lab.numel()),
+                           "pixel_metrics": "none: the test set has no ground_truth/ folder (image-level results only)"}
+    per_class = {}
+    for cls in sorted({c for c, y in zip(classes, lab.tolist()) if y == 1}):
+        rows = good | torch.tensor([c == cls for c in classes])
+        per_class[cls] = {"image_auroc": image_auroc(scores[rows], lab[rows]), **pixel, "num_images": int(rows.sum())}
+    out["per_class"] = per_class
+    return out
+
+
+__all__ = ["calibrate", "detector_for", "evaluate_run", "image_level_metrics"]

@@ -367,9 +367,9 @@ def report_from_data(
     data = Path(data)
     labels = masks = classes = None
     if (data / "test").is_dir():
-        test = load_test_set(data, meta.image_size)
+        test = load_test_set(data, meta.image_size, require_masks=False)  # without ground_truth/: image-level only
         images, names = test.images, [str(p) for p in test.paths]
-        labels, masks, classes = test.labels, test.masks, test.classes
+        labels, masks, classes = test.labels, (test.masks if test.has_masks else None), test.classes
     else:
         paths = list_images(data)
         if not paths:
@@ -401,8 +401,8 @@ def add_parser(subparsers) -> None:
                     "and a gallery sorted by score with false alarms and misses marked. A plain folder of images "
                     "gives the histogram and the gallery.")
     r.add_argument("run", help="run folder (or model.pt)")
-    r.add_argument("data", help="MVTec-style root with test/<class>/ and ground_truth/<class>/ (a mask for every defective image), "
-                        "or a plain folder of images")
+    r.add_argument("data", help="MVTec-style root with test/<class>/ (and ground_truth/<class>/ with a mask for every defective "
+                        "image for the pixel metrics; without ground_truth/, image-level results only), or a plain folder of images")
     r.add_argument("--out", required=True, type=output_path, help="the .html file to write")
     r.add_argument("--threshold", type=finite_float, default=None,
                    help="image score above which an image is flagged (default: the threshold stored in the model file)")

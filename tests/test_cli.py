@@ -102,6 +102,29 @@ def test_train_overwrite_refuses_a_bad_setting_before_removing_the_old_run(tiny_
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 
+def test_a_test_split_without_masks_gives_image_level_results(tiny_run, synthetic_root, tmp_path, capsys):
+    """Images sorted into test/<class>/ with no ground_truth/ folder (a line's labelled images):
+    evaluate and report give the image-level results, the same as with masks."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(synthetic_root / "test", bare / "test")
+    full, part = tmp_path / "full.json", tmp_path / "part.json"
+    assert main(["evaluate", str(tiny_run), str(synthetic_root), "--json", str(full)]) == 0
+    assert main(["evaluate", str(tiny_run), str(bare), "--json", str(part)]) == 0
+    assert "image-level results only" in capsys.readouterr().out
+    want, got = json.loads(full.read_text()), json.loads(part.read_text())
+    assert got["image_auroc"] == want["image_auroc"] and got["pixel_auroc"] is None and got["aupro"] is None
+    assert {c: m["image_auroc"] for c, m in got["per_class"].items()} == \
+        {c: m["image_auroc"] for c, m in want["per_class"].items()}
+    assert got["thresholds"] == want["thresholds"]
+    assert main(["report", str(tiny_run), str(bare), "--out", str(tmp_path / "r.html")]) == 0
+    assert "image AUROC" in (tmp_path / "r.html").read_text()
+    (bare / "ground_truth").mkdir()  # a ground_truth/ folder that is there must be complete
+    assert main(["evaluate", str(tiny_run), str(bare)]) == 2
+    assert "no ground-truth mask" in capsys.readouterr().err
+
+
 def test_an_empty_output_name_is_refused(tiny_run, synthetic_root, capsys):
     """An empty --json wrote nothing and exited 0; an empty --out named the current folder."""
     assert main(["evaluate", str(tiny_run), str(synthetic_root), "--json", ""]) == 2

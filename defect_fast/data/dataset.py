@@ -108,6 +108,9 @@ class TestSet:
     classes: list[str]
     paths: list[Path]
     mask_paths: list[Path | None] = field(default_factory=list)
+    #: False when the set came without a ground_truth/ folder (``require_masks=False``): the
+    #: masks are then all False and say nothing; only image-level results apply.
+    has_masks: bool = True
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -147,6 +150,7 @@ def load_test_set(
     channels: int = 3,
     min_side: int | None = None,
     workers: int | None = None,
+    require_masks: bool = True,
 ) -> TestSet:
     """Read an MVTec-style test set (``root/test/<class>/`` + ``root/ground_truth/<class>/``).
 
@@ -157,6 +161,9 @@ def load_test_set(
         root: dataset root holding ``test/`` (and ``ground_truth/`` for defect classes).
         size: side of the square images and masks returned.
         channels, min_side, workers: as in :func:`load_train_images`.
+        require_masks: False accepts a root without any ``ground_truth/`` folder (images sorted into
+            class folders, no pixel masks): :attr:`TestSet.has_masks` is then False. A
+            ``ground_truth/`` folder that exists must hold a mask for every defective image.
 
     Returns:
         :class:`TestSet`.
@@ -177,10 +184,11 @@ def load_test_set(
 
     items: list[tuple[str, Path, Path | None]] = []
     problems: list[str] = []
+    has_masks = require_masks or (root / "ground_truth").exists()
     for d in class_dirs:
         for img in list_images(d):
             mask = None
-            if d.name != GOOD:
+            if d.name != GOOD and has_masks:
                 mask = find_mask(root, d.name, img)
                 odd = [c for c in _mask_candidates(root, d.name, img) if c.exists() and not c.is_file()]
                 if mask is None and odd:  # a folder (or a device) where the mask goes
@@ -222,4 +230,5 @@ def load_test_set(
         classes=classes,
         paths=[p for _, p, _ in items],
         mask_paths=[m for _, _, m in items],
+        has_masks=has_masks,
     )
