@@ -38,6 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from common import RESULTS, command_line, device_info, time_interleaved, write_results
 
 from defect_fast import ops
+from defect_fast.precision import cudnn_benchmark
 from defect_fast.detect import PRECISIONS, Detector
 from defect_fast.models import build_model
 
@@ -50,7 +51,9 @@ EAGER_IMAGES_PER_CALL = 8
 def macs_per_image(det: Detector, image: torch.Tensor) -> float:
     """Multiply-adds of one call of ``det`` on ``image`` [1,3,S,S] that the flop counter sees."""
     counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
+    # under the Detector's own cuDNN setting: cuDNN keeps the first plan it finds for a shape, so a
+    # probe outside it would fix heuristic plans for the batch-1 shapes the timed calls then reuse
+    with torch.inference_mode(), counter, cudnn_benchmark(det.cudnn_benchmark and image.is_cuda):
         det._pipeline(image)  # not through a CUDA graph: a replay dispatches no ops to count
     return counter.get_total_flops() / 2
 

@@ -92,11 +92,7 @@ class Workload:
         # tuned: Adam's fused kernel, as defect_fast.train uses it; eager: the default implementation
         self.opt = torch.optim.Adam(self.model.trainable_parameters(stage), lr=1e-4, fused=True if tuned else None)
         if self.stage_name == "synthetic":
-            if self.model.synthesis == "gaaga":
-                from defect_fast.synthesis.gaaga import gaaga as synth
-            else:
-                from defect_fast.synthesis.adga import adga as synth
-            self.synth = synth
+            self.synth = self.model.synthesize  # the model's own: GAAGA for CMA-AE, ADGA for the AW-SSIM AE
 
     def make_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(input, target) patches [batch, 3, P, P] made on the device."""

@@ -55,6 +55,8 @@ def device_info(device: str = "cpu") -> dict:
     info["cpu_flags"] = {f: f in flags for f in CPU_FLAGS}
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+        # what "float32" computes there: cuDNN convolutions use TF32 unless this is False
+        info["tf32"] = {"cudnn_conv": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}
     try:
         info["load_average"] = [round(x, 2) for x in os.getloadavg()]
     except OSError:

@@ -131,7 +131,7 @@ step() {
   # compute-sanitizer refuses the GPU under some container runtimes (gVisor: "Device not supported",
   # then error 999 at the first allocation): the machine cannot run the check, which says nothing
   # about the kernels; reported as such, not as a failed step
-  if [ "$rc" != 0 ] && [ "$1" = compute-sanitizer ] && grep -q "Device not supported" "$log"; then
+  if [ "$rc" != 0 ] && [ "$(basename "$1")" = compute-sanitizer ] && grep -q "Device not supported" "$log"; then
     status=unsupported
   fi
   printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$(( $(date +%s) - t0 ))" "$log" "$*" >> "$STEPS_FILE"
@@ -229,8 +229,10 @@ step tests 120 gpu "$PY" -m pytest -q -p no:cacheprovider -m cuda --junitxml="$O
 if [ "$DRY" = 1 ]; then
   step op_smoke_cpu 60 cpu "$PY" benchmarks/gpu_op_smoke.py --device cpu
 fi
-step memcheck 60 gpu compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" benchmarks/gpu_op_smoke.py --device cuda
-step racecheck 60 gpu compute-sanitizer --tool racecheck --error-exitcode 1 "$PY" benchmarks/gpu_op_smoke.py --device cuda
+# on PATH, else beside nvcc (the build finds nvcc through CUDA_HOME even when PATH lacks it)
+SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+step memcheck 60 gpu "$SANITIZER" --tool memcheck --error-exitcode 1 "$PY" benchmarks/gpu_op_smoke.py --device cuda
+step racecheck 60 gpu "$SANITIZER" --tool racecheck --error-exitcode 1 "$PY" benchmarks/gpu_op_smoke.py --device cuda
 
 # ---- benchmarks ----------------------------------------------------------------------------
 if [ "$DRY" = 1 ]; then

@@ -510,6 +510,7 @@ class Detector(nn.Module):
                      (self._to_model_input(c.to(self.device)) for c in normal_images.split(max(1, images_per_batch))))
             n = pm.fit(pairs, **self._trunk_options())
         self.image_map = pm
+        self._graphs = {}  # captured graphs ran the map this replaced
         self.map_kind = self.model.image_maps[0]
         return n
 
@@ -549,6 +550,7 @@ class Detector(nn.Module):
         finished = [self.finish(r, ctx.map(f, self.image_size), ctx) for r, f in zip(raw, feats)]
         ctx.set_detector_stats(scores=torch.cat([sc for _m, sc in finished]))
         self.context = ctx
+        self._graphs = {}  # captured graphs ran without this context
         scores = torch.cat([ctx.combine_scores(sc, f) for (_m, sc), f in zip(finished, feats)])
         return n, {"maps": torch.cat([m for m, _sc in finished]).cpu(), "scores": scores.cpu()}
 
@@ -602,7 +604,8 @@ class Detector(nn.Module):
             return self._graph_replay(images)
 
     def _graph_replay(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (tuple(images.shape), images.dtype, images.device)
+        # inference mode too: a graph captured under it holds inference tensors a no_grad call cannot write
+        key = (tuple(images.shape), images.dtype, images.device, torch.is_inference_mode_enabled())
         entry = self._graphs.get(key)
         if entry is None:
             static_in = images.clone()
@@ -799,6 +802,7 @@ class Detector(nn.Module):
         std = raw.std(dim=0).clamp(min=min_std)
         self.norm_mean = mean
         self.norm_std = std
+        self._graphs = {}  # captured graphs read the buffers this replaced
         if any(k in self.calibration for k in THRESHOLD_KEYS):  # they were set on the maps before this
             self.calibration = {k: v for k, v in self.calibration.items() if k not in THRESHOLD_KEYS}
             self.calibration["inapplicable"] = "calibrated before fit_normalization changed the maps (calibrate again)"

@@ -444,6 +444,8 @@ class Trainer:
                         for group in self.optimizer.param_groups:
                             group["lr"] = cfg.lr * self._lr_factor(done, total_steps)
                         self.optimizer.step()
+                        if self.device.type == "cuda":  # the step's kernels, backward and Adam included, in its time
+                            torch.cuda.synchronize(self.device)
                         dt = time.perf_counter() - t0
                         self.position["step"] += 1
                         self.position["global_step"] += 1

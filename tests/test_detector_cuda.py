@@ -20,6 +20,16 @@ from tests.test_perceptual import _trunk
 SIZE = 128
 
 
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """float32 on CUDA is float32 here: cuDNN's default TF32 convolutions round inputs to 10
+    mantissa bits, about 1e-3 of the recommended map's range, the size of these tests' tolerance."""
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
 def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1])
 
