@@ -594,6 +594,19 @@ def _split(cfg: TrainConfig, paths: list[Path]) -> tuple[list[int], list[int]]:
     return [i for i, p in enumerate(paths) if str(p) not in held], [i for i, p in enumerate(paths) if str(p) in held]
 
 
+def _warn_duplicates(images: torch.Tensor, paths: list[Path], train_idx: list[int], held_idx: list[int]) -> None:
+    """Warn when held-back images have identical copies (the same pixels as read) among the
+    training images: the thresholds set on them would be optimistic."""
+    def key(i: int) -> bytes:
+        return hashlib.sha1(images[i].contiguous().numpy().tobytes()).digest()
+
+    trained = {key(i) for i in train_idx}
+    twins = [paths[i].name for i in held_idx if key(i) in trained]
+    if twins:
+        _warn(f"{len(twins)} held-back image(s) have identical copies among the training images ({', '.join(twins[:3])}"
+              f"{', ...' if len(twins) > 3 else ''}); the thresholds set on them will be optimistic: remove the copies")
+
+
 def _trim_log(path: Path, last_step: int) -> None:
     """Drop the lines of the step log after ``last_step`` (logged after the checkpoint a resume
     starts from, so trained and logged again) and a torn last line; the file is left as it is when
@@ -700,6 +713,9 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
                            f"{'' if then != now else ', other content'}); --resume continues only on the images it "
                            "started with: restore them, or train a new run")
         train_idx, held_idx = _split(cfg, paths)
+        if not resume:
+            log(f"{len(paths)} images in {cfg.data}: {len(train_idx)} to train on, {len(held_idx)} held back for the thresholds")
+            _warn_duplicates(images, paths, train_idx, held_idx)
         need = 2 if cfg.fit_on == "held-back" else 1  # to fit on and to calibrate on
         if cfg.normalize != "none" and len(held_idx) < need:
             raise ConfigError(f"--normalize {cfg.normalize} --fit-on {cfg.fit_on} needs at least {need} held-back "

@@ -191,6 +191,24 @@ def test_list_images_sorted_hidden_ignored_non_images_warned(tmp_path):
         list_images(tmp_path / "missing")
 
 
+def test_sub_folders_holding_images_are_named_when_skipped(tmp_path):
+    a = np.zeros((4, 4), dtype=np.uint8)
+    _save(tmp_path / "top.png", a)
+    for i in range(3):
+        _save(tmp_path / "2024-05-01" / f"{i}.png", a)
+    (tmp_path / "empty").mkdir()
+    with pytest.warns(DataWarning, match=r"sub-folders are not read; skipped 1 holding images: 2024-05-01 \(3\)"):
+        assert [p.name for p in list_images(tmp_path)] == ["top.png"]
+
+
+def test_an_mvtec_root_without_train_good_is_refused(tmp_path):
+    (tmp_path / "train" / "Good").mkdir(parents=True)
+    _save(tmp_path / "train" / "Good" / "a.png", np.zeros((8, 8), dtype=np.uint8))
+    _save(tmp_path / "example.png", np.zeros((8, 8), dtype=np.uint8))  # would have been trained on alone
+    with pytest.raises(DataError, match=r"has a train/ folder but no train/good/ \(found: Good\)"):
+        load_train_images(tmp_path, 8)
+
+
 def test_read_images_reports_all_bad_files_at_once(tmp_path):
     good = np.full((6, 6), 50, dtype=np.uint8)
     paths = [_save(tmp_path / "ok1.png", good), tmp_path / "bad1.png", _save(tmp_path / "ok2.png", good), tmp_path / "bad2.jpg"]

@@ -183,6 +183,20 @@ def test_a_holdback_that_leaves_nothing_to_train_on_is_refused(synthetic_root, t
     assert not (tmp_path / "run").exists()
 
 
+def test_training_says_how_many_images_and_warns_of_held_back_copies(synthetic_root, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root / "train" / "good", data)
+    for p in sorted(data.glob("*.png")):
+        shutil.copy(p, p.with_name(p.stem + " (copy).png"))
+    messages = []
+    train(_cfg(data, max_steps=[1, 1], holdback=0.3), tmp_path / "run", progress=False, log=messages.append)
+    n = len(list(data.glob("*.png")))
+    assert any(m.startswith(f"{n} images in {data}: ") and "held back for the thresholds" in m for m in messages), messages
+    assert "identical copies among the training images" in capsys.readouterr().err
+
+
 def test_run_folder_is_never_overwritten_silently(synthetic_root, tmp_path):
     out = tmp_path / "run"
     out.mkdir()

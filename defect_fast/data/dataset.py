@@ -51,6 +51,10 @@ def _train_folder(path: Path) -> Path:
         return path / "train" / GOOD
     if path.name == "train" and (path / GOOD).is_dir():
         return path / GOOD
+    if (path / "train").is_dir():  # an MVTec-style root whose train/good/ is missing or misspelt
+        found = sorted(d.name for d in (path / "train").iterdir() if d.is_dir() and not d.name.startswith("."))
+        raise DataError(f"{path}: has a train/ folder but no train/{GOOD}/ (found: {', '.join(found) or 'no folders'}); "
+                        f"the defect-free training images go in {path / 'train' / GOOD}")
     return path
 
 

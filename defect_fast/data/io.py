@@ -73,7 +73,8 @@ def is_image_file(path: str | os.PathLike) -> bool:
 def list_images(folder: str | os.PathLike, *, warn: bool = True) -> list[Path]:
     """The image files directly inside ``folder``, sorted by name.
 
-    Hidden files (name starting with ".") and sub-folders are ignored silently. Other files whose
+    Hidden files (name starting with ".") are ignored silently; sub-folders are not read, with one
+    :class:`DataWarning` naming those that hold images (and how many). Other files whose
     extension is not in :data:`IMAGE_EXTENSIONS` (e.g. ``notes.txt``, ``Thumbs.db``) are skipped
     with one :class:`DataWarning` naming all of them. Files with an image extension are returned
     even if they turn out to be unreadable: reading them raises :class:`DataError`.
@@ -86,11 +87,22 @@ def list_images(folder: str | os.PathLike, *, warn: bool = True) -> list[Path]:
         raise DataError(f"{folder}: folder does not exist")
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder")
-    images, skipped = [], []
+    images, skipped, subfolders = [], [], []
     for entry in folder.iterdir():
-        if _is_hidden(entry) or entry.is_dir():
+        if _is_hidden(entry):
+            continue
+        if entry.is_dir():
+            try:
+                inside = sum(1 for e in entry.iterdir() if not _is_hidden(e) and is_image_file(e) and not e.is_dir())
+            except OSError:
+                inside = 0
+            if inside:
+                subfolders.append(f"{entry.name} ({inside})")
             continue
         (images if is_image_file(entry) else skipped).append(entry)
+    if subfolders and warn:  # images sorted into sub-folders are a common layout: not read, and said so
+        warnings.warn(f"{folder}: sub-folders are not read; skipped {len(subfolders)} holding images: "
+                      f"{', '.join(sorted(subfolders))}", DataWarning, stacklevel=2)
     if skipped and warn:
         names = ", ".join(sorted(p.name for p in skipped))
         warnings.warn(
