@@ -335,6 +335,24 @@ def test_a_folder_where_a_mask_goes_is_named(tmp_path):
         load_test_set(root, 16)
 
 
+def test_masks_that_are_not_two_level_or_cover_most_of_the_image_are_warned_of(tmp_path):
+    root = _mvtec(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)  # clean 0/255 masks: no warning
+        load_test_set(root, 16)
+    for mask in sorted((root / "ground_truth").rglob("*.png")):
+        m = np.asarray(Image.open(mask))
+        _save(mask, np.where(m > 0, 0, 255).astype(np.uint8))  # inverted
+    with pytest.warns(DataWarning, match=r"mask\(s\) mark more than half of their image"):
+        load_test_set(root, 16)
+    for mask in sorted((root / "ground_truth").rglob("*.png")):
+        soft = 255 - np.asarray(Image.open(mask))  # the original 0/255 mask again
+        soft[(soft > 0) & (np.arange(soft.shape[1])[None, :] % 2 == 0)] = 128  # with a second defect level
+        _save(mask, soft)
+    with pytest.warns(DataWarning, match=r"hold more than two values \(soft edges or JPEG"):
+        load_test_set(root, 16)
+
+
 def test_load_test_set_without_test_folder(tmp_path):
     with pytest.raises(DataError, match="no test/ folder"):
         load_test_set(tmp_path, 16)

@@ -13,6 +13,7 @@ float range with :func:`to_model_range` when they are used.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch
 from .io import (
     IMAGE_EXTENSIONS,
     DataError,
+    DataWarning,
     _load_image,
     _load_mask,
     list_images,
@@ -214,7 +216,7 @@ def load_test_set(
         img, img_size = _load_image(img_path, size, channels, min_side)
         images[i] = img
         if mask_path is not None:
-            m, m_size = _load_mask(mask_path, size)
+            m, m_size = _load_mask(mask_path, size, notes)
             if m_size != img_size:
                 raise DataError(
                     f"{mask_path}: mask is {m_size[0]}x{m_size[1]} (width x height) but its image "
@@ -222,8 +224,16 @@ def load_test_set(
                 )
             masks[i] = m
 
+    notes: list[tuple[str, Path]] = []
     _, read_problems = run_collecting(one, n, workers)
     raise_problems(sorted(problems + read_problems), n, "test images", root)
+    for kind, what in (("levels", "hold more than two values (soft edges or JPEG compression?); every nonzero "
+                                  "pixel counts as defect"),
+                       ("half", "mark more than half of their image as defect (inverted, defect drawn black?)")):
+        odd = sorted(str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for k, p in notes if k == kind)
+        if odd:
+            warnings.warn(f"{root}: {len(odd)} mask(s) {what}: {', '.join(odd[:3])}{', ...' if len(odd) > 3 else ''}",
+                          DataWarning, stacklevel=2)
 
     classes = [c for c, _, _ in items]
     labels = torch.tensor([0 if c == GOOD else 1 for c in classes], dtype=torch.int64)

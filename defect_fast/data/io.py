@@ -300,18 +300,27 @@ def read_image(path: str | os.PathLike, size: int | None, channels: int = 3, *, 
     return _load_image(path, size, channels, min_side)[0]
 
 
-def _load_mask(path: str | os.PathLike, size: int | None) -> tuple[torch.Tensor, tuple[int, int]]:
-    """read_mask plus the original (width, height)."""
+def _load_mask(path: str | os.PathLike, size: int | None, notes: list[tuple[str, Path]] | None = None
+               ) -> tuple[torch.Tensor, tuple[int, int]]:
+    """read_mask plus the original (width, height); ``notes`` collects ("levels" | "half", path)
+    for a mask with more than two values (soft edges, JPEG) or marking more than half its image."""
     path = Path(path)
     img = _open(path)
     orig = img.size
     with _converting(path, img):
         if img.mode in ("1", "L", "I", "F") or img.mode.startswith("I;16"):
-            defect = np.asarray(img) != 0
+            values = np.asarray(img)
+            defect = values != 0
         else:
             if img.mode in ("P", "PA"):
                 img = img.convert("RGBA")
-            defect = (np.asarray(img.convert("RGB")) != 0).any(axis=2)
+            values = np.asarray(img.convert("RGB"))
+            defect = (values != 0).any(axis=2)
+        if notes is not None:
+            if np.unique(values).size > 2:
+                notes.append(("levels", path))
+            if defect.mean() > 0.5:
+                notes.append(("half", path))
         if size is not None and orig != (size, size):
             m = Image.fromarray(defect.astype(np.uint8) * 255, mode="L").resize((size, size), Image.NEAREST)
             defect = np.asarray(m) != 0
