@@ -31,6 +31,7 @@ from defect_fast.context import ImageContext
 from defect_fast.detect import Detector
 from defect_fast.models import build_model
 from defect_fast.perceptual import PerceptualMap
+from defect_fast.precision import cudnn_benchmark
 
 SIZE = 256
 
@@ -86,7 +87,9 @@ def main() -> None:
     model = build_model("cmaae")
     pm = PerceptualMap(SIZE, trunk=trunk, scales=(1, 2)).to(dev)
     plain = Detector(model, SIZE, stride=32, blend="hann", smooth_sigma=4.0, device=dev)
-    with torch.no_grad():  # statistics from 8 images whatever --batch is (the fit needs 2 or more)
+    # statistics from 8 images whatever --batch is (the fit needs 2 or more); under the timed paths'
+    # cuDNN setting, since cuDNN keeps the first plan it finds for a shape (at --batch 8 these are the same)
+    with torch.no_grad(), cudnn_benchmark(plain.cudnn_benchmark):
         x = plain._to_model_input(torch.randint(0, 256, (8, 3, SIZE, SIZE), dtype=torch.uint8, generator=g).to(dev))
         pm.fit([(x, plain._stitched_recon(x))])
     kw = dict(stride=32, blend="hann", smooth_sigma=4.0, perceptual=pm, map_kind="perceptual", device=dev,
