@@ -4,6 +4,10 @@ One training step = batch preparation on the training device (normal stage: patc
 resident images; synthetic stage: the model's own anomaly synthesis, GAAGA or ADGA, on whole
 images, then the patches) + forward + ``model.loss`` + backward + Adam step. Steps of the two
 modes alternate in one run (benchmarks/common.py), and the ratio is the ratio of the medians.
+NB: ``defect-fast train`` prepares its batches on the CPU (images, patch positions and synthesis
+there) and copies each to the training device. On a CPU that is the same work. On a GPU it is
+not: this benchmark's CUDA figures leave out that preparation and the copy, so they are an upper
+bound for the training command.
 
 - eager: float32, contiguous (NCHW) tensors, the default Adam.
 - tuned: channels_last model and inputs, plus the autocast dtype ``defect-fast train --precision
