@@ -157,7 +157,9 @@ def _output_stems(paths: list[Path]) -> list[str]:
 
 def cmd_predict(args) -> int:
     from .calibration import stored_thresholds
-    from .data.io import collect_images, read_images
+    import torch.nn.functional as F
+
+    from .data.io import collect_images, read_image, read_images
     from .detect import Detector
     from .visualize import save_map, save_overlay
 
@@ -167,7 +169,8 @@ def cmd_predict(args) -> int:
     det = Detector.load(args.run, device=args.device, map_kind=args.map, stride=args.stride,  # SettingError: one line
                         smooth_sigma=args.smooth, blend=getattr(args, "blend", None))
     paths = collect_images(args.images)
-    images = read_images(paths, det.image_size, where="predict inputs")  # every bad file named, before any output
+    sizes: list = []
+    images = read_images(paths, det.image_size, where="predict inputs", sizes=sizes)  # every bad file named, before any output
     image_t, pixel_t, source = stored_thresholds(det.calibration)
     if args.threshold is not None:
         image_t, source = float(args.threshold), "given on the command line"
@@ -182,11 +185,15 @@ def cmd_predict(args) -> int:
         folder.mkdir("overlays")
         report = {"run": str(args.run), "map": det.map_kind, "threshold": image_t, "threshold_source": source,
                   "pixel_threshold": pixel_t, "images": []}
-        for path, stem, img, m, s in zip(paths, stems, images, res["maps"], res["scores"]):
-            map_png, overlay_png = folder.record_many([f"maps/{stem}_map.png", f"overlays/{stem}_overlay.png"])
+        for path, stem, img, m, s, (w, h) in zip(paths, stems, images, res["maps"], res["scores"], sizes):
+            map_rel, overlay_rel = f"maps/{stem}_map.png", f"overlays/{stem}_overlay.png"
+            map_png, overlay_png = folder.record_many([map_rel, overlay_rel])
+            if (w, h) != (det.image_size, det.image_size):  # at the photo's own size, as the Python API gives them
+                m = F.interpolate(m[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+                img = read_image(path, None)
             save_map(m, map_png, scale=2 * scale)
             save_overlay(img, m, overlay_png, scale=2 * scale)
-            entry = {"image": str(path), "score": float(s)}
+            entry = {"image": str(path), "score": float(s), "map": map_rel, "overlay": overlay_rel, "size": [w, h]}
             if image_t is not None:
                 entry["defective"] = bool(float(s) > image_t)
             report["images"].append(entry)

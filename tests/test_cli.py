@@ -2,6 +2,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -123,6 +124,22 @@ def test_a_test_split_without_masks_gives_image_level_results(tiny_run, syntheti
     (bare / "ground_truth").mkdir()  # a ground_truth/ folder that is there must be complete
     assert main(["evaluate", str(tiny_run), str(bare)]) == 2
     assert "no ground-truth mask" in capsys.readouterr().err
+
+
+def test_predict_writes_maps_at_each_photo_s_own_size(tiny_run, tmp_path):
+    from PIL import Image
+
+    wide = tmp_path / "in" / "wide.png"
+    wide.parent.mkdir()
+    Image.fromarray((np.random.default_rng(0).random((40, 96, 3)) * 255).astype(np.uint8)).save(wide)
+    out = tmp_path / "p"
+    assert main(["predict", str(tiny_run), str(wide), "--out", str(out)]) == 0
+    entry = json.loads((out / "scores.json").read_text())["images"][0]
+    assert entry["size"] == [96, 40] and entry["map"] == "maps/wide_map.png" and entry["overlay"] == "overlays/wide_overlay.png"
+    assert Image.open(out / entry["map"]).size == (96, 40) and Image.open(out / entry["overlay"]).size == (96, 40)
+    det = Detector.load(tiny_run, device="cpu")
+    want = det.predict(wide)["maps"][0]  # the API's map of the same photo, at its size
+    assert want.shape == (40, 96)
 
 
 def test_an_empty_output_name_is_refused(tiny_run, synthetic_root, capsys):

@@ -390,18 +390,24 @@ def read_images(
     min_side: int | None = None,
     workers: int | None = None,
     where: str | os.PathLike = "images",
+    sizes: list | None = None,
 ) -> torch.Tensor:
     """Read many image files into one uint8 tensor [N, channels, size, size].
 
     Files are read on a thread pool into a preallocated tensor (no second copy). All files are
     attempted; if any fail, one :class:`DataError` lists every bad file and its problem
     (``.problems`` holds the lines), with ``where`` (e.g. the folder) at the start of the message.
+    ``sizes``: a list that receives each file's own (width, height), upright.
     """
     paths = [Path(p) for p in paths]
     out = torch.empty((len(paths), channels, size, size), dtype=torch.uint8)
+    if sizes is not None:
+        sizes[:] = [None] * len(paths)
 
     def one(i: int) -> None:
-        out[i] = _load_image(paths[i], size, channels, min_side)[0]
+        out[i], orig = _load_image(paths[i], size, channels, min_side)
+        if sizes is not None:
+            sizes[i] = orig
 
     _, problems = run_collecting(one, len(paths), workers)
     raise_problems(problems, len(paths), "image files", where)
