@@ -433,6 +433,7 @@ def _process(st: _State, keys: list[str], found: dict[str, tuple[Path, int, int]
             regions = defect_regions(m, st.info.pixel_threshold) if st.info.pixel_threshold is not None else []
             rec = _base_record(st, key, path, sha, sig)
             rec.update(result=result, score=score, threshold=st.threshold, regions=regions,
+                       map_size=list(m.shape[-2:][::-1]),  # (width, height) of the map the region boxes are in
                        map=map_path.relative_to(st.out).as_posix(), overlay=ov_path.relative_to(st.out).as_posix())
             st.journal.append(rec)
             st.done.add((key, sha))

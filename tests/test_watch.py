@@ -70,6 +70,8 @@ def test_once_judges_rejects_and_ignores(tmp_path):
     assert recs["dark.png"]["result"] == "pass" and recs["bright.png"]["result"] == "fail"
     assert recs["bright.png"]["score"] > 0.5 > recs["dark.png"]["score"]
     assert recs["bright.png"]["regions"] and all(r["peak"] > 0.9 for r in recs["bright.png"]["regions"])
+    size = recs["bright.png"]["map_size"]  # the frame of the region boxes: the model's image size
+    assert all(0 <= r["x0"] <= r["x1"] <= size[0] and 0 <= r["y0"] <= r["y1"] <= size[1] for r in recs["bright.png"]["regions"])
     assert recs["dark.png"]["regions"] == []
     assert recs["dark.png"]["sha256"] == hashlib.sha256((src / "dark.png").read_bytes()).hexdigest()
     assert recs["dark.png"]["model_version"] == "v1" and recs["dark.png"]["threshold"] == 0.5
