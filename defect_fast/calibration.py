@@ -54,6 +54,7 @@ __all__ = [
     "min_images_for",
     "pixel_threshold",
     "rates_at",
+    "holdback_count",
     "split_holdback",
     "stored_thresholds",
 ]
@@ -407,6 +408,12 @@ def defect_regions(m, threshold: float, *, min_area: int = 1, max_regions: int =
     return regions[:max_regions]
 
 
+def holdback_count(n: int, fraction: float, min_count: int = 4) -> int:
+    """How many of ``n`` images :func:`split_holdback` holds back: none for ``fraction`` 0, else
+    max(min_count, round(fraction * n))."""
+    return 0 if fraction == 0 else max(min_count, int(round(fraction * n)))
+
+
 def split_holdback(items: Sequence[_T], fraction: float = 0.1, *, min_count: int = 4, seed: int = 0,
                    min_train: int = 1) -> tuple[list[_T], list[_T]]:
     """Split training images into (train, held back), the held-back ones never trained on.
@@ -432,7 +439,7 @@ def split_holdback(items: Sequence[_T], fraction: float = 0.1, *, min_count: int
     if len(set(keys)) != len(keys):
         raise ValueError("holdback split: the image list holds duplicates")
     n = len(items)
-    n_held = 0 if fraction == 0 else max(min_count, int(round(fraction * n)))
+    n_held = holdback_count(n, fraction, min_count)
     if n_held and n - n_held < min_train:
         raise ValueError(f"holdback split: {n} images cannot hold back {n_held} (fraction {fraction:g}, at least "
                          f"{min_count}) and still train on {min_train}")

@@ -569,7 +569,7 @@ def _warn(message: str) -> None:
 
 def _split(cfg: TrainConfig, paths: list[Path]) -> tuple[list[int], list[int]]:
     """Indices (train, held back) of ``paths``: the stored list when resuming, else a fresh split."""
-    from .calibration import split_holdback
+    from .calibration import holdback_count, split_holdback
 
     if cfg.held_back:
         held = set(cfg.held_back)
@@ -579,7 +579,7 @@ def _split(cfg: TrainConfig, paths: list[Path]) -> tuple[list[int], list[int]]:
         return [i for i, p in enumerate(paths) if str(p) not in held], [i for i, p in enumerate(paths) if str(p) in held]
     if cfg.holdback == 0:
         return list(range(len(paths))), []
-    n_held = max(HOLDBACK_MIN, int(round(cfg.holdback * len(paths))))
+    n_held = holdback_count(len(paths), cfg.holdback, HOLDBACK_MIN)
     if n_held > HOLDBACK_MIN and n_held >= len(paths):  # the share asked for, not the image count, is the problem
         raise ConfigError(f"--holdback {cfg.holdback:g} holds back {n_held} of the {len(paths)} images and leaves none "
                           "to train on; lower it")
@@ -594,14 +594,16 @@ def _split(cfg: TrainConfig, paths: list[Path]) -> tuple[list[int], list[int]]:
     return [i for i, p in enumerate(paths) if str(p) not in held], [i for i, p in enumerate(paths) if str(p) in held]
 
 
-def _warn_duplicates(images: torch.Tensor, paths: list[Path], train_idx: list[int], held_idx: list[int]) -> None:
-    """Warn when held-back images have identical copies (the same pixels as read) among the
-    training images: the thresholds set on them would be optimistic."""
-    def key(i: int) -> bytes:
-        return hashlib.sha1(images[i].contiguous().numpy().tobytes()).digest()
+def image_keys(images: torch.Tensor) -> list[bytes]:
+    """SHA-256 of each image's pixels as read [N, C, S, S]: equal keys, equal images."""
+    return [hashlib.sha256(img.contiguous().numpy().tobytes()).digest() for img in images]
 
-    trained = {key(i) for i in train_idx}
-    twins = [paths[i].name for i in held_idx if key(i) in trained]
+
+def _warn_duplicates(keys: list[bytes], paths: list[Path], train_idx: list[int], held_idx: list[int]) -> None:
+    """Warn when held-back images have identical copies (equal :func:`image_keys`) among the
+    training images: the thresholds set on them would be optimistic."""
+    trained = {keys[i] for i in train_idx}
+    twins = [paths[i].name for i in held_idx if keys[i] in trained]
     if twins:
         _warn(f"{len(twins)} held-back image(s) have identical copies among the training images ({', '.join(twins[:3])}"
               f"{', ...' if len(twins) > 3 else ''}); the thresholds set on them will be optimistic: remove the copies")
@@ -626,12 +628,11 @@ def _trim_log(path: Path, last_step: int) -> None:
         atomic_write_text(path, "".join(kept))
 
 
-def images_digest(images: torch.Tensor, paths: list[Path]) -> str:
-    """SHA-256 of the training images as read (names and pixels at the run's size, in order)."""
+def images_digest(keys: list[bytes], paths: list[Path]) -> str:
+    """SHA-256 of the training images as read: their names and :func:`image_keys`, in order."""
     h = hashlib.sha256()
-    for p in paths:
-        h.update(Path(p).name.encode("utf-8", "surrogateescape") + b"\0")
-    h.update(images.contiguous().numpy().tobytes())
+    for p, key in zip(paths, keys):
+        h.update(Path(p).name.encode("utf-8", "surrogateescape") + b"\0" + key)
     return "sha256:" + h.hexdigest()
 
 
@@ -706,7 +707,8 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         if not resume:
             OutputFolder.check(out, overwrite=overwrite, inputs=inputs, command="train")
         images, paths = load_train_images(cfg.data, cfg.image_size)
-        data_digest = images_digest(images, paths)
+        keys = image_keys(images)
+        data_digest = images_digest(keys, paths)
         if state is not None and state.get("data_digest", data_digest) != data_digest:
             then, now = state.get("data_count"), len(paths)
             raise RunError(f"{cfg.data}: the training images changed since the run started ({then} then, {now} now"
@@ -715,7 +717,7 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         train_idx, held_idx = _split(cfg, paths)
         if not resume:
             log(f"{len(paths)} images in {cfg.data}: {len(train_idx)} to train on, {len(held_idx)} held back for the thresholds")
-            _warn_duplicates(images, paths, train_idx, held_idx)
+            _warn_duplicates(keys, paths, train_idx, held_idx)
         need = 2 if cfg.fit_on == "held-back" else 1  # to fit on and to calibrate on
         if cfg.normalize != "none" and len(held_idx) < need:
             raise ConfigError(f"--normalize {cfg.normalize} --fit-on {cfg.fit_on} needs at least {need} held-back "
