@@ -116,7 +116,7 @@ def _check_pixels(images: torch.Tensor, where: str) -> None:
         return
     if not images.is_floating_point():
         raise TypeError(f"{where}: images must be uint8 (0..255) or float in [-1, 1], got {images.dtype}; "
-                        "scale other types to uint8 first")
+                        "scale other types to uint8 first (16-bit: x // 257)")
     lo, hi = (float(v) for v in torch.aminmax(images.float()))
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{where}: the images hold NaN or infinite values")
@@ -375,8 +375,6 @@ class Detector(nn.Module):
                        device=resolve_device(device), calibration=calibration, smooth_sigma=smooth_sigma,
                        norm_mean=norm.get("mean"), norm_std=norm.get("std"), perceptual=perceptual, context=context,
                        **options)
-        except SettingError:
-            raise
         except ValueError as exc:  # an inference setting this model cannot take: the user's, said in one line
             raise SettingError(f"{run}: {exc}") from None
 
@@ -639,7 +637,9 @@ class Detector(nn.Module):
         batch 1 for CMA-AE.
         Returns {"maps": [N, S, S] on the CPU, "scores": [N]}.
         """
-        self._checked_batch(images, "predict_batched")
+        return self._predict_batched(self._checked_batch(images, "predict_batched"), images_per_batch)
+
+    def _predict_batched(self, images: torch.Tensor, images_per_batch: int) -> dict[str, torch.Tensor]:
         n, s = images.shape[0], self.image_size
         on_gpu = self.device.type == "cuda"
         maps = torch.empty(n, s, s, pin_memory=on_gpu)
@@ -693,12 +693,7 @@ class Detector(nn.Module):
         if isinstance(x, Image.Image):
             x = np.asarray(_to_8bit(x, 3, Path("PIL image")))  # 16-bit and float modes scaled as files are
         if isinstance(x, np.ndarray):
-            arr = x
-            if arr.dtype != np.uint8 and not np.issubdtype(arr.dtype, np.floating):
-                raise TypeError(f"numpy images must be uint8 (0..255) or float in [-1, 1], got {arr.dtype}; "
-                                "scale other types to uint8 first (16-bit: a // 257)")
-            if arr.size == 0:
-                raise ValueError(f"numpy image of shape {arr.shape} has no pixels")
+            arr = x  # its dtype and size are checked as the tensor it becomes
             if arr.ndim == 2:
                 arr = np.repeat(arr[..., None], 3, axis=-1)
             if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4):
@@ -753,7 +748,8 @@ class Detector(nn.Module):
         batch = [img if tuple(img.shape[-2:]) == (s, s) else self._to_model_input(img.unsqueeze(0))[0] for img in imgs]
         floats = any(b.is_floating_point() for b in batch)
         batch = [self._to_model_input(b.unsqueeze(0))[0] if (floats and not b.is_floating_point()) else b for b in batch]
-        res = self.predict_batched(torch.stack(batch), images_per_batch)
+        with torch.inference_mode():  # each input was checked by _as_images
+            res = self._predict_batched(torch.stack(batch), images_per_batch)
         threshold = pixel_threshold if pixel_threshold is not None else stored_thresholds(self.calibration)[1]
         maps, regions = [], []
         for m, hw in zip(res["maps"], sizes):

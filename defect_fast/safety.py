@@ -551,6 +551,12 @@ class OutputFolder:
         return "watch" if _JOURNAL_FILE in files else None
 
     @staticmethod
+    def _other_command(path: str | os.PathLike, command: str | None) -> str | None:
+        """The command that wrote ``path`` when it is known and not ``command`` (None: no conflict)."""
+        theirs = OutputFolder.written_by(path)
+        return theirs if command is not None and theirs is not None and theirs != command else None
+
+    @staticmethod
     def check(path: str | os.PathLike, *, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = (),
               what: str = "--out", command: str | None = None) -> None:
         """Raise :class:`OutputRefused` if :meth:`create` would refuse ``path``; touches nothing.
@@ -577,8 +583,8 @@ class OutputFolder:
             raise OutputRefused(
                 f"{what} {p}: folder is not empty ({shown}) and was not written by defect-fast "
                 f"(no {MANIFEST_NAME}); choose a new or empty folder (--overwrite never deletes files defect-fast did not write)")
-        theirs = OutputFolder.written_by(p)
-        if command is not None and theirs is not None and theirs != command:
+        theirs = OutputFolder._other_command(p, command)
+        if theirs:
             raise OutputRefused(f"{what} {p}: holds the output of 'defect-fast {theirs}', which {command} never replaces "
                                 "(not even with --overwrite); choose another folder")
         if not overwrite:
@@ -631,8 +637,8 @@ class OutputFolder:
             raise OutputRefused(f"{what} {p}: no such folder")
         if not (p / MANIFEST_NAME).is_file():
             raise OutputRefused(f"{what} {p}: not a folder written by defect-fast (no {MANIFEST_NAME})")
-        theirs = cls.written_by(p)
-        if command is not None and theirs is not None and theirs != command:
+        theirs = cls._other_command(p, command)
+        if theirs:
             raise OutputRefused(f"{what} {p}: holds the output of 'defect-fast {theirs}', not of {command}; "
                                 "choose another folder")
         out = cls(p, command=command)

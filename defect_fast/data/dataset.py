@@ -196,13 +196,14 @@ def load_test_set(
             mask = None
             if d.name != GOOD and has_masks:
                 mask = find_mask(root, d.name, img)
-                odd = [c for c in _mask_candidates(root, d.name, img) if c.exists() and not c.is_file()]
-                if mask is None and odd:  # a folder (or a device) where the mask goes
-                    problems.append(f"{odd[0]}: not a file; expected the ground-truth mask of {img} there")
-                elif mask is None:
-                    gt = root / "ground_truth" / d.name
-                    expected = f"{gt / (img.stem + '_mask.png')} or {gt / (img.stem + '.png')}"
-                    problems.append(f"{img}: no ground-truth mask (expected {expected})")
+                if mask is None:
+                    odd = [c for c in _mask_candidates(root, d.name, img) if c.exists() and not c.is_file()]
+                    if odd:  # a folder (or a device) where the mask goes
+                        problems.append(f"{odd[0]}: not a file; expected the ground-truth mask of {img} there")
+                    else:
+                        gt = root / "ground_truth" / d.name
+                        expected = f"{gt / (img.stem + '_mask.png')} or {gt / (img.stem + '.png')}"
+                        problems.append(f"{img}: no ground-truth mask (expected {expected})")
             items.append((d.name, img, mask))
     if not items:
         raise DataError(f"{test}: no test images in {', '.join(d.name for d in class_dirs)}")
