@@ -4,10 +4,9 @@ One training step = batch preparation on the training device (normal stage: patc
 resident images; synthetic stage: the model's own anomaly synthesis, GAAGA or ADGA, on whole
 images, then the patches) + forward + ``model.loss`` + backward + Adam step. Steps of the two
 modes alternate in one run (benchmarks/common.py), and the ratio is the ratio of the medians.
-NB: ``defect-fast train`` prepares its batches on the CPU (images, patch positions and synthesis
-there) and copies each to the training device. On a CPU that is the same work. On a GPU it is
-not: this benchmark's CUDA figures leave out that preparation and the copy, so they are an upper
-bound for the training command.
+As in ``defect-fast train``, the random draws (which images, the anomalies' parameters) are small
+tensors made by a CPU generator and moved; the pixel work runs on the training device, where
+the training images stay (:mod:`defect_fast.train`).
 
 - eager: float32, contiguous (NCHW) tensors, the default Adam.
 - tuned: channels_last model and inputs, plus the autocast dtype ``defect-fast train --precision
@@ -83,7 +82,7 @@ class Workload:
         gen = torch.Generator().manual_seed(seed)
         self.images = smooth_noise(max(self.images_per_step, 4), image_size, gen, device)
         self.sources = smooth_noise(4, image_size, gen, device)
-        self.gen = torch.Generator(device=device).manual_seed(seed) if device.startswith("cuda") else torch.Generator().manual_seed(seed)
+        self.gen = torch.Generator().manual_seed(seed)  # draws on the CPU, pixel work on the device, as training does
         self.cpu_gen = torch.Generator().manual_seed(seed + 1)
         self.memory_format = torch.channels_last if tuned else torch.contiguous_format
         self.search = tuned and device.startswith("cuda")  # cudnn_benchmark, as defect_fast.train has it on CUDA

@@ -7,6 +7,12 @@ resumed from its last checkpoint continues exactly where it stopped: bit for bit
 device with the same CPU thread count (:func:`compute_setting`, stored in the checkpoint; a
 resume with another says so).
 
+Batches are cut, synthesised and augmented on the training device. On a GPU the training images
+(uint8) stay there for the whole run when they take at most a quarter of its free memory
+(:func:`images_fit_on_device`); otherwise each step copies only its images (uint8) there. The
+random draws are small tensors made on the CPU by those generators and moved, so a GPU run
+draws the same patches, anomalies and flips as a CPU run of the same settings.
+
 The run folder layout is described in :mod:`defect_fast.runs`.
 """
 from __future__ import annotations
@@ -252,6 +258,16 @@ class PatchEpoch:
         return self.order[idx // self.per_image], pos // self.grid[1], pos % self.grid[1]
 
 
+#: The share of a GPU's free memory the training images may take to stay there for the run.
+RESIDENT_SHARE = 0.25
+
+
+def images_fit_on_device(nbytes: int, free_bytes: int) -> bool:
+    """Whether training images of ``nbytes`` stay on a GPU with ``free_bytes`` free (a quarter of
+    it at most: activations of batches of thousands of patches need the rest)."""
+    return nbytes <= RESIDENT_SHARE * free_bytes
+
+
 def gather_patches(images: torch.Tensor, ids, rows, cols, patch: int, stride: int) -> torch.Tensor:
     """Patches [len(ids), C, patch, patch] of ``images`` [N, C, H, W] at grid (rows, cols), no copy per patch."""
     windows = images.unfold(2, patch, stride).unfold(3, patch, stride)  # [N, C, gh, gw, p, p]
@@ -275,6 +291,7 @@ class Trainer:
                  log: Callable[[str], None] = print):
         self.cfg, self.out, self.images, self.progress, self.log = cfg, Path(out), images, progress, log
         self.device = resolve_device(cfg.device)
+        self.stored = self._store(images)  # where the batches are cut from: the images, or their copy on the GPU
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model, **cfg.model_kwargs).to(self.device)
         self.dtype = train_dtype(cfg.precision, self.device)
@@ -351,11 +368,30 @@ class Trainer:
         atomic_save(self.state(), self.out / CHECKPOINT_FILE)
 
     # -- data ----------------------------------------------------------------------------
+    def _store(self, images: torch.Tensor) -> torch.Tensor:
+        """The training images on the GPU when they fit (:func:`images_fit_on_device`), else as given."""
+        if self.device.type != "cuda" or images.device == self.device:
+            return images
+        free, _total = torch.cuda.mem_get_info(self.device)
+        mib = images.nbytes / 2**20
+        if images_fit_on_device(images.nbytes, free):
+            self.log(f"training images kept on {self.device} ({mib:.0f} MiB): batches are cut and synthesised there")
+            return images.to(self.device)
+        self.log(f"training images kept in host memory ({mib:.0f} MiB, more than {RESIDENT_SHARE:.0%} of the "
+                 f"{free / 2**20:.0f} MiB free on {self.device}): each step copies its images there")
+        return images
+
+    def _take(self, index: torch.Tensor) -> torch.Tensor:
+        """uint8 images ``stored[index]`` on the training device."""
+        return self.stored[index.to(self.stored.device)].to(self.device, non_blocking=True)
+
     def _synthesize(self, clean: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         from .synthesis.sources import load_sources
 
         if self.sources is None:
             self.sources = load_sources(self.cfg.anomaly_source, size=self.cfg.image_size)
+        if self.sources.device != clean.device:  # once: synthesis would move them on every step
+            self.sources = self.sources.to(clean.device)
         out, _mask = self.model.synthesize(clean, self.sources, gen)
         return out
 
@@ -370,8 +406,9 @@ class Trainer:
         """The same random horizontal/vertical flips on every tensor of ``xs`` ([B,C,P,P] each)."""
         if not self.cfg.flips or xs[0].shape[0] == 0:
             return xs
-        fh = torch.rand(xs[0].shape[0], generator=gen).lt(0.5).view(-1, 1, 1, 1)
-        fv = torch.rand(xs[0].shape[0], generator=gen).lt(0.5).view(-1, 1, 1, 1)
+        dev = xs[0].device
+        fh = torch.rand(xs[0].shape[0], generator=gen).lt(0.5).view(-1, 1, 1, 1).to(dev)
+        fv = torch.rand(xs[0].shape[0], generator=gen).lt(0.5).view(-1, 1, 1, 1).to(dev)
         out = []
         for x in xs:
             x = torch.where(fh, x.flip(-1), x)
@@ -382,13 +419,16 @@ class Trainer:
         ids, rows, cols = epoch_order.batch(start, stop)
         rows, cols, stride = self._positions(rows, cols, gen)
         if self.model.stages[stage] == "normal":
-            x = to_model_range(gather_patches(self.images, ids, rows, cols, self.patch, stride))
+            at = self.stored.device  # cut where the images are (uint8), then moved: a quarter of the float bytes
+            patches = gather_patches(self.stored, ids.to(at), rows.to(at), cols.to(at), self.patch, stride)
+            x = to_model_range(patches.to(self.device, non_blocking=True))
             x, = self._augment([x], gen)
             return x, x
         # Synthetic stage: anomalies are pasted on whole images, then cut into the same patches.
         uniq, inverse = torch.unique(ids, return_inverse=True)
-        clean = to_model_range(self.images[uniq])
+        clean = to_model_range(self._take(uniq))
         dirty = self._synthesize(clean, gen)
+        inverse, rows, cols = inverse.to(self.device), rows.to(self.device), cols.to(self.device)
         x = gather_patches(dirty, inverse, rows, cols, self.patch, stride)
         y = gather_patches(clean, inverse, rows, cols, self.patch, stride)
         return tuple(self._augment([x, y], gen))
@@ -429,7 +469,6 @@ class Trainer:
                         t0 = time.perf_counter()
                         start, stop = step * cfg.batch_size, min((step + 1) * cfg.batch_size, per_epoch)
                         x, y = self._batch(stage, order, start, stop, _generator(cfg.seed, stage, epoch, step))
-                        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                         if self.dtype is not None:
                             x, y = x.contiguous(memory_format=torch.channels_last), y.contiguous(memory_format=torch.channels_last)
                         with torch.autocast(self.device.type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None):

@@ -261,3 +261,36 @@ def test_context_with_too_few_training_images_is_refused_before_training(synthet
     with pytest.raises(ConfigError, match="--context needs at least 10 training images"):
         train(cfg, tmp_path / "run", progress=False, log=lambda s: None)
     assert not (tmp_path / "run").exists()
+
+
+def test_training_images_stay_on_a_gpu_when_they_take_a_quarter_of_its_free_memory():
+    from defect_fast.train import images_fit_on_device
+
+    assert images_fit_on_device(100, 400) and not images_fit_on_device(101, 400)
+    assert images_fit_on_device(0, 0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("resident", [True, False])
+def test_cuda_batches_are_made_on_the_gpu_and_draw_what_a_cpu_run_draws(tmp_path, monkeypatch, resident):
+    """The images stay on the GPU (or, when they do not fit, each step copies its own there); the
+    patches, anomalies and flips are those of a CPU run (the draws are made on the CPU), up to the
+    GPU's rounding of the synthesis."""
+    import defect_fast.train as train_module
+
+    monkeypatch.setattr(train_module, "images_fit_on_device", lambda nbytes, free: resident)
+    images = _images(4)
+    opts = dict(patch_sampling="random", flips=True)
+    cpu = _trainer(tmp_path / "cpu", images, **opts)
+    gpu = _trainer(tmp_path / "gpu", images, device="cuda", **opts)
+    assert gpu.stored.is_cuda == resident and not cpu.stored.is_cuda
+    for stage in (0, 1):
+        order = PatchEpoch(4, gpu.grid, _generator(0, stage, 0))
+        xc, yc = cpu._batch(stage, order, 0, 12, _generator(0, stage, 0, 0))
+        xg, yg = gpu._batch(stage, order, 0, 12, _generator(0, stage, 0, 0))
+        assert xg.is_cuda and yg.is_cuda
+        torch.testing.assert_close(yg.cpu(), yc, atol=0, rtol=0)  # clean patches: cut and flipped alike
+        # the same anomalies on the same patches; a pixel on a mask's edge may round to either side
+        assert torch.equal((xg.cpu() - yc).abs().amax((1, 2, 3)) > 1e-2, (xc - yc).abs().amax((1, 2, 3)) > 1e-2)
+        assert float(((xg.cpu() - xc).abs() > 1e-3).float().mean()) < 1e-3
+    assert cpu.sources is not None and gpu.sources.is_cuda  # moved once, not on every step
