@@ -4,8 +4,8 @@
 ``OUT_DIR``::
 
     results.jsonl          the journal: one JSON line per image (the record of what is done)
-    maps/<name>_map.png    grey anomaly map per image
-    overlays/<name>_overlay.png
+    maps/<name>_map.png    grey anomaly map per image, at the image's own size
+    overlays/<name>_overlay.png   the map over the image, at its own size
     rejected/              bad files, moved here (never deleted); their reason is in the journal
     status.json            last image, counts, images/s, threshold, model (rewritten atomically)
 
@@ -63,7 +63,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from .calibration import ModelInfo, defect_regions
-from .data.io import IMAGE_EXTENSIONS, DataError, read_image
+from .data.io import IMAGE_EXTENSIONS, DataError, read_image_at_both_sizes
 from .safety import MANIFEST_NAME, OutputFolder, OutputRefused, RunLock, UserError, check_out_not_overlapping
 
 __all__ = ["IGNORED_SUFFIXES", "Journal", "WatchError", "add_parser", "command", "is_temporary_name", "output_name",
@@ -368,13 +368,23 @@ def _reject(st: _State, key: str, path: Path, sha: str, sig: tuple[int, int], re
     log(f"rejected {path}: {reason} (moved to {dest})")
 
 
+def photo_map(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A map [S, S] at an image's own size (H, W): bilinear, as :meth:`Detector.predict` and
+    ``defect-fast predict`` give it; the map itself when the sizes agree."""
+    import torch.nn.functional as F
+
+    if tuple(m.shape[-2:]) == tuple(size):
+        return m
+    return F.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+
+
 def _process(st: _State, keys: list[str], found: dict[str, tuple[Path, int, int]], predict_fn: PredictFn,
              log: Callable[[str], None]) -> int:
     """Read, judge and record one batch; returns how many images got a result."""
     from .visualize import save_map, save_overlay
 
     t0 = time.perf_counter()
-    good: list[tuple[str, Path, str, tuple[int, int], torch.Tensor]] = []
+    good: list[tuple[str, Path, str, tuple[int, int], torch.Tensor, torch.Tensor]] = []
     n_done = 0
     for key in keys:
         path, size, mtime = found[key]
@@ -394,10 +404,10 @@ def _process(st: _State, keys: list[str], found: dict[str, tuple[Path, int, int]
             st.pending.pop(key, None)
             continue
         try:
-            img = read_image(path, st.info.image_size)
+            img, photo = read_image_at_both_sizes(path, st.info.image_size)  # the model's input, the photograph
             err = None
         except DataError as exc:
-            img, err = None, str(exc)
+            img, photo, err = None, None, str(exc)
         try:
             s2 = os.stat(path)
         except FileNotFoundError:
@@ -411,29 +421,31 @@ def _process(st: _State, keys: list[str], found: dict[str, tuple[Path, int, int]
             _reject(st, key, path, sha, sig, err.replace(f"{path}: ", ""), log)
             n_done += 1
         else:
-            good.append((key, path, sha, sig, img))
+            good.append((key, path, sha, sig, img, photo))
     if good:
         out = predict_fn(torch.stack([g[4] for g in good]))
         maps, scores = out["maps"].detach().float().cpu(), out["scores"].detach().float().cpu()
         if maps.shape[0] != len(good) or scores.shape[0] != len(good):
             raise RuntimeError(f"predict function returned {maps.shape[0]} maps / {scores.shape[0]} scores for {len(good)} images")
         scale = st.info.scale()
-        written = []
-        for (key, path, sha, sig, img), m in zip(good, maps):
+        written, photo_maps = [], []
+        for (key, path, sha, sig, _img, photo), m in zip(good, maps):
             name = output_name(key, sha)
+            m = photo_map(m, tuple(photo.shape[-2:]))
             map_path, ov_path = st.out / MAPS / f"{name}_map.png", st.out / OVERLAYS / f"{name}_overlay.png"
             _atomic_write(map_path, lambda tmp, m=m: save_map(m, tmp, scale))
-            _atomic_write(ov_path, lambda tmp, m=m, img=img: save_overlay(img, m, tmp, scale))
+            _atomic_write(ov_path, lambda tmp, m=m, photo=photo: save_overlay(photo, m, tmp, scale))
             written.append((map_path, ov_path))
+            photo_maps.append(m)
         for sub in (MAPS, OVERLAYS):  # the renames are durable before any journal line names them
             _fsync_path(st.out / sub, directory=True)
-        for (key, path, sha, sig, _), m, s, (map_path, ov_path) in zip(good, maps, scores, written):
+        for (key, path, sha, sig, _, _), m, s, (map_path, ov_path) in zip(good, photo_maps, scores, written):
             score = float(s)
             result = "fail" if score > st.threshold else "pass"
             regions = defect_regions(m, st.info.pixel_threshold) if st.info.pixel_threshold is not None else []
             rec = _base_record(st, key, path, sha, sig)
             rec.update(result=result, score=score, threshold=st.threshold, regions=regions,
-                       map_size=list(m.shape[-2:][::-1]),  # (width, height) of the map the region boxes are in
+                       map_size=list(m.shape[-2:][::-1]),  # (width, height) of the map and its region boxes: the photo's
                        map=map_path.relative_to(st.out).as_posix(), overlay=ov_path.relative_to(st.out).as_posix())
             st.journal.append(rec)
             st.done.add((key, sha))

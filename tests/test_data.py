@@ -503,3 +503,18 @@ def test_sideways_photo_matches_its_upright_mask(tmp_path):
     img, mask = ts.images[1, 0].float(), ts.masks[1]
     assert mask.any()
     assert float(img[mask].mean()) > 200 and float(img[~mask].mean()) < 140
+
+
+def test_read_image_at_both_sizes_decodes_once_what_read_image_gives(tmp_path):
+    from defect_fast.data.io import read_image_at_both_sizes
+
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((30, 50)) * 65535).astype(np.uint16)).save(tmp_path / "wide16.png")  # 16-bit grey
+    Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(tmp_path / "square.png")
+    for name in ("wide16.png", "square.png"):
+        small, full = read_image_at_both_sizes(tmp_path / name, 32)
+        assert torch.equal(small, read_image(tmp_path / name, 32)) and torch.equal(full, read_image(tmp_path / name, None))
+    assert read_image_at_both_sizes(tmp_path / "wide16.png", 32)[1].shape == (3, 30, 50)
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="bad.png"):
+        read_image_at_both_sizes(tmp_path / "bad.png", 32)

@@ -70,7 +70,8 @@ def test_once_judges_rejects_and_ignores(tmp_path):
     assert recs["dark.png"]["result"] == "pass" and recs["bright.png"]["result"] == "fail"
     assert recs["bright.png"]["score"] > 0.5 > recs["dark.png"]["score"]
     assert recs["bright.png"]["regions"] and all(r["peak"] > 0.9 for r in recs["bright.png"]["regions"])
-    size = recs["bright.png"]["map_size"]  # the frame of the region boxes: the model's image size
+    size = recs["bright.png"]["map_size"]  # the frame of the region boxes: the photo's own size
+    assert size == [SIZE, SIZE]
     assert all(0 <= r["x0"] <= r["x1"] <= size[0] and 0 <= r["y0"] <= r["y1"] <= size[1] for r in recs["bright.png"]["regions"])
     assert recs["dark.png"]["regions"] == []
     assert recs["dark.png"]["sha256"] == hashlib.sha256((src / "dark.png").read_bytes()).hexdigest()
@@ -247,3 +248,22 @@ def _count(out) -> int:
 
 # The bar (a real service process killed with SIGKILL twice while images arrive) runs through the
 # command line: tests/test_cli_inspection.py::test_watch_sigkill_twice_through_the_command_line.
+
+
+def test_maps_overlays_and_region_boxes_are_at_the_photo_size(tmp_path):
+    """A photo of another size than the model's: its map and overlay are written at the photo's
+    size, and its region boxes are in the photo's pixels (map_size says so)."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    a = np.zeros((48, 80, 3), np.uint8)  # 80 wide, 48 high; a bright block at x 50..69, y 10..29
+    a[10:30, 50:70] = 255
+    Image.fromarray(a).save(src / "wide.png")
+    run_once(src, out)
+    rec = journal(out)[0]
+    assert rec["result"] == "fail" and rec["map_size"] == [80, 48]
+    assert Image.open(out / rec["map"]).size == (80, 48) and Image.open(out / rec["overlay"]).size == (80, 48)
+    (box,) = rec["regions"]
+    # the block, give or take the two resizes (80x48 -> 32x32 -> 80x48) blurring its edges
+    assert abs(box["x0"] - 50) <= 3 and abs(box["x1"] - 69) <= 3 and abs(box["y0"] - 10) <= 2 and abs(box["y1"] - 29) <= 2
+    overlay = np.asarray(Image.open(out / rec["overlay"]))
+    assert overlay[20, 60].astype(int).sum() > overlay[40, 10].astype(int).sum()  # the photo under the heat, in place

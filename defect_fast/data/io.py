@@ -33,6 +33,7 @@ __all__ = [
     "collect_images",
     "list_images",
     "read_image",
+    "read_image_at_both_sizes",
     "read_images",
     "read_mask",
 ]
@@ -256,8 +257,16 @@ def _to_8bit(img: Image.Image, channels: int, path: Path) -> Image.Image:
     return rgb.convert("L") if channels == 1 else rgb
 
 
-def _load_image(path: str | os.PathLike, size: int | None, channels: int, min_side: int | None) -> tuple[torch.Tensor, tuple[int, int]]:
-    """read_image plus the original (width, height)."""
+def _as_tensor(img: Image.Image) -> torch.Tensor:
+    """An 8-bit "L" or "RGB" PIL image -> uint8 [C, H, W]."""
+    t = torch.from_numpy(np.array(img, dtype=np.uint8))
+    return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
+
+
+def _load_images(path: str | os.PathLike, size: int | None, channels: int, min_side: int | None,
+                 original: bool) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor | None]:
+    """(read_image's tensor, the original (width, height), the image at that size when ``original``
+    asks for it: the same tensor when no resize was needed), from one decode."""
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     path = Path(path)
@@ -265,15 +274,29 @@ def _load_image(path: str | os.PathLike, size: int | None, channels: int, min_si
     orig = img.size
     if min_side is not None and min(orig) < min_side:
         raise DataError(f"{path}: image is {orig[0]}x{orig[1]} pixels, smaller than the minimum side of {min_side}")
+    full = None
     with _converting(path, img):
         img = _to_8bit(img, channels, path)
         if size is not None and img.size != (size, size):
+            if original:
+                full = _as_tensor(img)
             # NB: PIL's bilinear filter widens its support when shrinking, i.e. it is antialiased.
             img = img.resize((size, size), Image.BILINEAR)
-        a = np.asarray(img, dtype=np.uint8)
-    t = torch.from_numpy(a.copy())
-    t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
+        t = _as_tensor(img)
+    return t, orig, (t if full is None else full) if original else None
+
+
+def _load_image(path: str | os.PathLike, size: int | None, channels: int, min_side: int | None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """read_image plus the original (width, height)."""
+    t, orig, _ = _load_images(path, size, channels, min_side, False)
     return t, orig
+
+
+def read_image_at_both_sizes(path: str | os.PathLike, size: int, channels: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """(:func:`read_image` of ``path`` at ``size``, the image at its own size), decoded once: what
+    a tool that shows its maps on the photograph needs. Raises DataError as :func:`read_image`."""
+    t, _orig, full = _load_images(path, size, channels, None, True)
+    return t, full
 
 
 def read_image(path: str | os.PathLike, size: int | None, channels: int = 3, *, min_side: int | None = None) -> torch.Tensor:
