@@ -366,14 +366,14 @@ def evaluate_thresholds(scores, labels, calibration: Mapping[str, Any] | None = 
 # --------------------------------------------------------------------------------------------
 
 
-def defect_regions(m, threshold: float, *, min_area: int = 1, max_regions: int = 50) -> list[dict[str, Any]]:
+def defect_regions(m, threshold: float, *, min_area: int = 1, max_regions: int | None = 50) -> list[dict[str, Any]]:
     """Connected regions (8-connected) of map pixels above ``threshold``.
 
     Args:
         m: one map [H, W] (tensor or array).
         threshold: pixel threshold (e.g. :func:`pixel_threshold`).
         min_area: regions with fewer pixels are dropped.
-        max_regions: keep the regions with the largest peak score, at most this many.
+        max_regions: keep the regions with the largest peak score, at most this many (None: all).
 
     Returns:
         List of ``{"x0", "y0", "x1", "y1" (inclusive pixel box), "area" (pixels), "peak", "mean"}``,
@@ -405,7 +405,7 @@ def defect_regions(m, threshold: float, *, min_area: int = 1, max_regions: int =
                 "peak": float(peak[i]), "mean": float(total[i] / area[i])}
                for i in range(k) if int(area[i]) >= min_area]
     regions.sort(key=lambda r: -r["peak"])
-    return regions[:max_regions]
+    return regions if max_regions is None else regions[:max_regions]
 
 
 def holdback_count(n: int, fraction: float, min_count: int = 4) -> int:

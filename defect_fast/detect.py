@@ -69,7 +69,7 @@ from .data.patches import grid_shape, overlap_add
 from .maps import blend_window, blur_matrix, top_mean
 from .models import AnomalyModel
 from .precision import cpu_flags, cpu_has_bf16, cudnn_benchmark, default_precision  # noqa: F401  (re-exported)
-from .calibration import calibrate as calibrate_thresholds, stored_thresholds
+from .calibration import calibrate as calibrate_thresholds, defect_regions, stored_thresholds
 from .runs import load_model_state, model_from_state, resolve_device
 from .safety import UserError
 
@@ -154,19 +154,11 @@ def find_regions(m: np.ndarray, threshold: float) -> list[dict[str, Any]]:
     """Connected components (8-connected) of ``m`` [H, W] > threshold.
 
     Returns one dict per region, largest peak first: {"box": (x0, y0, x1, y1) (x1, y1 exclusive),
-    "area": pixels, "peak": the largest map value inside}.
+    "area": pixels, "peak": the largest map value inside}. The regions of
+    :func:`defect_fast.calibration.defect_regions` (whose boxes are inclusive), all of them.
     """
-    from scipy import ndimage
-
-    labels, n = ndimage.label(m > threshold, structure=np.ones((3, 3), dtype=bool))
-    if n == 0:
-        return []
-    idx = np.arange(1, n + 1)
-    areas = ndimage.sum_labels(np.ones_like(m), labels, idx)
-    peaks = ndimage.maximum(m, labels, idx)
-    out = [{"box": (int(sl[1].start), int(sl[0].start), int(sl[1].stop), int(sl[0].stop)), "area": int(a), "peak": float(p)}
-           for sl, a, p in zip(ndimage.find_objects(labels), areas, peaks)]
-    return sorted(out, key=lambda r: -r["peak"])
+    return [{"box": (r["x0"], r["y0"], r["x1"] + 1, r["y1"] + 1), "area": r["area"], "peak": r["peak"]}
+            for r in defect_regions(m, threshold, max_regions=None)]
 
 
 #: Calibration keys that hold thresholds (older model files: score_max, pixel_q999).

@@ -386,3 +386,21 @@ def test_fit_normalization_sets_aside_thresholds_of_the_maps_before_it_and_calib
     assert det.predict(x[3])["regions"] == [[]]
     det.calibrate(x[:3])  # calibrated again on the normalised maps
     assert stored_thresholds(det.calibration)[0] is not None
+
+
+def test_find_regions_are_scipy_labels_of_the_map():
+    """The regions Detector.predict gives are the 8-connected components scipy finds, all of them."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    m = ndimage.uniform_filter(rng.random((96, 80)), 5)  # smooth blobs, dozens of components
+    t = float(np.quantile(m, 0.9))
+    labels, n = ndimage.label(m > t, structure=np.ones((3, 3), dtype=bool))
+    want = sorted(((sl[1].start, sl[0].start, sl[1].stop, sl[0].stop), int((labels == i + 1).sum()), float(m[labels == i + 1].max()))
+                  for i, sl in enumerate(ndimage.find_objects(labels)))
+    got = find_regions(m, t)
+    assert n > 50 and len(got) == n  # not capped as watch's journal is
+    got_sorted = sorted((r["box"], r["area"], r["peak"]) for r in got)
+    assert [(b, a) for b, a, _ in got_sorted] == [(b, a) for b, a, _ in want]
+    assert [p for _, _, p in got_sorted] == pytest.approx([p for _, _, p in want], rel=1e-6)  # float32 maps
+    assert [r["peak"] for r in got] == sorted((r["peak"] for r in got), reverse=True)
