@@ -24,6 +24,12 @@ The realised FAR of one calibration varies around k / (n + 1): it follows Beta(k
 Pixel threshold (:func:`pixel_threshold`): the same order-statistic rule over all pixels of the
 held-back maps at a pixel false-alarm rate (default 0.001, i.e. the 99.9th percentile the
 detector used before); pixels of a map above it form the defect regions (:func:`defect_regions`).
+Its ``pixel_far_expected`` is nominal: k / (m + 1) would be the expected rate on new images if
+pixels were exchangeable like images, but the pixels of one map share that image's level and
+neighbourhood, so the top pixels of a few held-back maps set the threshold and a new defect-free
+image can flag several times that share of its pixels (with a per-image level varying 3x more
+than the pixels around it, 20 maps: about 16x). It is the share of held-back pixels above the
+threshold, not a promise about new images; the image threshold above is the calibrated one.
 
 Evaluation helpers: :func:`f1_optimal_threshold` and :func:`rates_at` (false-alarm and miss rates
 at a threshold).
@@ -181,7 +187,8 @@ def _ordinal(k: int) -> str:
 class PixelThreshold:
     """A pixel-score threshold for defect regions (pixels > threshold are defect pixels).
 
-    Attributes: threshold; pixel_far (asked); pixel_far_expected (k / (m + 1)); n_pixels (m);
+    Attributes: threshold; pixel_far (asked); pixel_far_expected (k / (m + 1): the share of the
+    held-back pixels above, nominal for new images, see the module docstring); n_pixels (m);
     n_images (maps it came from); rank (k); sufficient (m large enough for pixel_far).
     """
 

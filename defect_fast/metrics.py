@@ -268,14 +268,16 @@ def _stream(keys: np.ndarray, subsets: Sequence[_Subset], max_fpr: float) -> lis
 
 def _binary_metrics(scores: np.ndarray, positive: np.ndarray, need_both: bool = True) -> _Curves | str:
     """Curves of flat scores against flat bool labels, or the reason they are undefined."""
-    positive = positive.reshape(-1).astype(bool)
+    positive = np.asarray(positive, dtype=bool).reshape(-1)  # no copy of a bool array
     n_pos = int(positive.sum())
     if n_pos == 0:
         return "the labels hold no positive"
     if need_both and n_pos == positive.size:
         return "the labels hold no negative"
     keys = np.empty(positive.size, dtype=np.int64)
-    _pack(scores.reshape(-1), positive.view(np.uint8), keys)
+    flat, codes = scores.reshape(-1), positive.view(np.uint8)
+    for a in range(0, keys.size, _BLOCK):  # in slices: _pack's temporaries stay a block's size
+        _pack(flat[a:a + _BLOCK], codes[a:a + _BLOCK], keys[a:a + _BLOCK])
     sub = _Subset(None, np.array([False, True]), None, n_pos, positive.size - n_pos)
     return _stream(keys, [sub], 1.0)[0]
 
@@ -357,9 +359,10 @@ def _pixel_keys(scores: np.ndarray, masks: torch.Tensor) -> tuple[np.ndarray, np
     """
     n = scores.shape[0]
     labels, k = connected_components(masks, connectivity=8)
-    labels = labels.reshape(n, -1).numpy()
-    keys = np.empty(labels.size, dtype=np.int64).reshape(n, -1)
-    flat_scores = scores.reshape(n, -1)
+    per = int(np.prod(scores.shape[1:]))  # pixels per image (explicit: a -1 cannot be inferred when n is 0)
+    labels = labels.reshape(n, per).numpy()
+    keys = np.empty(labels.size, dtype=np.int64).reshape(n, per)
+    flat_scores = scores.reshape(n, per)
     counts = np.zeros(k + 1 + n, dtype=np.int64)
     step = max(1, _BLOCK // max(1, labels.shape[1]))
     for a in range(0, n, step):

@@ -229,6 +229,10 @@ def test_streaming_blocks_do_not_change_results(monkeypatch):
         for key, value in big["per_class"][cls].items():
             assert small["per_class"][cls][key] == pytest.approx(value, abs=1e-12)
     assert big["aupro"] == pytest.approx(_slow_aupro(maps, masks, 0.3), abs=1e-9)
+    # pixel AUROC and F1-max alone pack their keys in the same slices
+    flat_masks = masks.reshape(-1)
+    assert pixel_auroc(maps, masks) == roc_auc_score(flat_masks, maps.reshape(-1))
+    assert pixel_auroc(maps, masks) == big["pixel_auroc"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,6 +280,15 @@ def test_single_class_gives_nan_with_warning():
     with pytest.warns(MetricWarning):
         res = evaluate(maps, masks, [0.1, 0.2], [0, 0], ["good", "good"])
     assert math.isnan(res["pixel_auroc"]) and math.isnan(res["image_auroc"]) and res["per_class"] == {}
+
+
+def test_no_images_give_nan_with_warning():
+    maps, masks = np.zeros((0, 8, 8), np.float32), np.zeros((0, 8, 8), bool)
+    with pytest.warns(MetricWarning, match="AUPRO"):
+        assert math.isnan(aupro(maps, masks))
+    with pytest.warns(MetricWarning):
+        res = evaluate(maps, masks, None, None, None)
+    assert res["num_images"] == 0 and all(math.isnan(res[k]) for k in ("pixel_auroc", "aupro", "pixel_f1_max"))
 
 
 def test_bad_inputs_raise():
