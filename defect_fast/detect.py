@@ -136,18 +136,12 @@ def image_scores(maps: torch.Tensor, top_fraction: float = TOP_FRACTION) -> torc
     return top_mean(maps, max(1, int(round(maps.shape[-1] * maps.shape[-2] * top_fraction))))
 
 
-@contextlib.contextmanager
-def reference_ops() -> Iterator[None]:
-    """Run the fused ops as their pure-PyTorch reference inside the block (for tracing/export)."""
-    old = os.environ.get("DEFECT_FAST_BACKEND")
-    os.environ["DEFECT_FAST_BACKEND"] = "reference"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("DEFECT_FAST_BACKEND", None)
-        else:
-            os.environ["DEFECT_FAST_BACKEND"] = old
+def reference_ops():
+    """Run the fused ops as their pure-PyTorch reference inside the block (for tracing/export), in
+    the calling thread only (:func:`defect_fast.ops.reference_only`)."""
+    from .ops import reference_only
+
+    return reference_only()
 
 
 def find_regions(m: np.ndarray, threshold: float) -> list[dict[str, Any]]:

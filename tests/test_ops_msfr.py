@@ -339,3 +339,33 @@ def test_float_variant_under_autocast_and_its_limits():
     assert native.msfr_float([xs[0].requires_grad_(), xs[1]], rs, (12, 10)) is None
     torch.library.opcheck(torch.ops.defect_fast.msfr_float.default, ([x.detach() for x in xs], rs, [12, 10], [1.0, 2.0]),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_reference_only_holds_in_its_own_thread_and_nests():
+    """The export's switch to the reference ops: the calling thread only (an inspection thread
+    running beside an export keeps the kernels), restored after nested and overlapping blocks."""
+    import threading
+
+    from defect_fast import ops
+
+    before = ops.backend("cpu")
+    seen = {}
+    inside, release = threading.Event(), threading.Event()
+
+    def exporting():
+        with ops.reference_only():
+            seen["exporting"] = ops.backend("cpu")
+            inside.set()
+            release.wait(10)
+            with ops.reference_only():
+                pass
+            seen["after nested"] = ops.backend("cpu")
+
+    t = threading.Thread(target=exporting)
+    t.start()
+    assert inside.wait(10)
+    seen["other thread"] = ops.backend("cpu")
+    release.set()
+    t.join(10)
+    assert seen == {"exporting": "reference", "other thread": before, "after nested": "reference"}
+    assert ops.backend("cpu") == before

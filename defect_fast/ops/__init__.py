@@ -5,7 +5,9 @@ C++ for CPU tensors) when the extension is available, and the pure-PyTorch defin
 :mod:`defect_fast.ops.reference` otherwise. :func:`backend` says which; falling back to the
 reference is announced once with a warning that says why.
 
-Set ``DEFECT_FAST_BACKEND=reference`` to force the reference (for debugging and comparisons).
+Set ``DEFECT_FAST_BACKEND=reference`` to force the reference for the whole process (for
+debugging and comparisons); :func:`reference_only` forces it inside a ``with`` block, for the
+calling thread only (what tracing for an export uses: other threads keep the kernels).
 
 Under ``torch.autocast`` (CPU or CUDA, float16 or bfloat16) the three ops are on autocast's
 float32 list, like softmax and the losses: inputs in float16/bfloat16 are upcast to float32
@@ -20,16 +22,30 @@ registered with :func:`torch.library.register_autocast` (float32), so calling
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import os
 import warnings
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
 from . import reference
 
 _WARNED = False
+# True inside reference_only(): a context variable, so each thread (and nested block) has its own
+_REFERENCE_ONLY = contextvars.ContextVar("defect_fast_reference_only", default=False)
+
+
+@contextlib.contextmanager
+def reference_only() -> Iterator[None]:
+    """Run the ops as their pure-PyTorch reference inside the block, in this thread only."""
+    token = _REFERENCE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _REFERENCE_ONLY.reset(token)
 
 
 def _loader():
@@ -39,7 +55,7 @@ def _loader():
 def _native_module():
     """The loaded native module or None (the first failure is warned about once)."""
     global _WARNED
-    if os.environ.get("DEFECT_FAST_BACKEND", "").lower() == "reference":
+    if _REFERENCE_ONLY.get() or os.environ.get("DEFECT_FAST_BACKEND", "").lower() == "reference":
         return None
     module, reason = _loader().load()
     if module is None and not _WARNED:
@@ -149,4 +165,4 @@ def msfr(feats_x: Sequence[torch.Tensor], feats_r: Sequence[torch.Tensor], out_s
     return reference.msfr(feats_x, feats_r, out_size, weights)
 
 
-__all__ = ["backend", "memory_address", "aw_ssim", "msfr", "reference"]
+__all__ = ["backend", "memory_address", "aw_ssim", "msfr", "reference", "reference_only"]
