@@ -94,3 +94,48 @@ def test_cpp_runner_runs_the_bfloat16_export(runner, tmp_path):
     assert float(out.stdout.split()[1]) == pytest.approx(float(want_scores[0]), rel=1e-4, abs=1e-7)
     got = torch.from_numpy(np.fromfile(tmp_path / "map.f32", dtype=np.float32).reshape(128, 128))
     torch.testing.assert_close(got, want_maps[0], atol=1e-4 * float(want_maps.abs().max()), rtol=0)
+
+
+def _png(path: Path, a: np.ndarray, depth: int, color_type: int, gamma: int | None = None) -> None:
+    """A PNG PIL cannot write: ``a`` [H, W, C] of ``depth`` bits, PNG colour type ``color_type``."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    h, w = a.shape[:2]
+    raw = b"".join(b"\x00" + a[y].astype(">u2" if depth == 16 else "u1").tobytes() for y in range(h))
+    body = chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, color_type, 0, 0, 0))
+    if gamma is not None:
+        body += chunk(b"gAMA", struct.pack(">I", gamma))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_cpp_runner_reads_pngs_as_the_python_reader_does(runner, tmp_path):
+    """16-bit grey (scaled) and colour (high byte), a gamma chunk (ignored), alpha and palette
+    transparency (dropped), 1-bit grey: the runner's score is the Detector's on the image the
+    Python reader makes of the same file."""
+    from defect_fast.data.io import read_image
+
+    torch.manual_seed(0)
+    det = Detector(build_model("cmaae", memory_size=20), image_size=64, precision="float32")
+    ts = export_detector(det, tmp_path / "det.ts", "torchscript")
+    rng = np.random.default_rng(2)
+    v16 = rng.integers(0, 65536, (64, 64, 3), dtype=np.uint16)
+    v8 = rng.integers(0, 256, (64, 64, 4), dtype=np.uint8)
+    _png(tmp_path / "grey16.png", v16[..., :1], 16, 0)
+    _png(tmp_path / "rgb16.png", v16, 16, 2)
+    _png(tmp_path / "gamma.png", v8[..., :3], 8, 2, gamma=100000)  # gamma 1.0: a linear-light file
+    _png(tmp_path / "la8.png", v8[..., :2], 8, 4)
+    Image.fromarray(v8, "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(v8[..., 0] > 127).save(tmp_path / "bits.png")
+    pal = Image.fromarray(v8[..., 0] // 16).convert("P")
+    pal.putpalette(list(rng.integers(0, 256, 768)))
+    pal.save(tmp_path / "palette.png", transparency=3)
+    for name in ("grey16.png", "rgb16.png", "gamma.png", "la8.png", "rgba.png", "bits.png", "palette.png"):
+        with torch.no_grad():
+            _maps, want = det(read_image(tmp_path / name, None)[None])
+        out = subprocess.run([str(runner), str(ts), str(tmp_path / name)], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, (name, out.stderr)
+        assert float(out.stdout.split()[1]) == pytest.approx(float(want[0]), rel=1e-5, abs=1e-9), name

@@ -3,8 +3,10 @@
 // Usage: defect_fast_run DETECTOR.ts IMAGE.png [MAP_OUT]
 //   DETECTOR.ts  from `defect-fast export RUN --format torchscript --out DETECTOR.ts`; its graph takes
 //                images uint8 [B, 3, S, S] (RGB, 0..255) and returns (maps float32 [B, S, S], scores [B]).
-//   IMAGE.png    8- or 16-bit PNG, grey or colour (libpng converts it to 8-bit RGB); an image that is
-//                not S x S is resized (bilinear, antialiased) to S x S first.
+//   IMAGE.png    PNG of any bit depth, grey or colour, read to 8-bit RGB as the Python package reads
+//                files: 16-bit grey scaled (65535 -> 255), 16-bit colour by its high byte (as PIL),
+//                palette expanded, alpha dropped (not blended), gamma chunks ignored; an image that
+//                is not S x S is resized (bilinear, antialiased, then rounded) to S x S first.
 //   MAP_OUT      optional: the anomaly map [S, S]; "*.png" as 8-bit grey scaled to the map's maximum,
 //                anything else as raw little-endian float32, row-major (S*S*4 bytes).
 // Prints "score <value>" (the image score) on stdout; exit status 1 with a message on any error.
@@ -12,6 +14,7 @@
 #include <torch/script.h>
 
 #include <algorithm>
+#include <csetjmp>
 #include <cstdint>
 #include <cstdio>
 #include <fstream>
@@ -21,23 +24,70 @@
 
 namespace {
 
-// Reads a PNG as 8-bit RGB; returns false with a message in `error`.
+struct PngErrors {
+  std::jmp_buf jump;
+  char message[256] = "";
+};
+
+void on_png_error(png_structp png, png_const_charp message) {
+  auto* errors = static_cast<PngErrors*>(png_get_error_ptr(png));
+  std::snprintf(errors->message, sizeof(errors->message), "%s", message);
+  std::longjmp(errors->jump, 1);
+}
+
+void on_png_warning(png_structp, png_const_charp) {}
+
+// Reads a PNG as 8-bit RGB, with the conversions the Python package's reader (PIL) makes; returns
+// false with a message in `error`. libpng's simplified API is not used: it treats 16-bit samples as
+// linear light, applies gAMA chunks and blends alpha onto black, which the Python side does not.
 bool read_png_rgb(const std::string& path, std::vector<uint8_t>& pixels, int& height, int& width, std::string& error) {
-  png_image image{};
-  image.version = PNG_IMAGE_VERSION;
-  if (!png_image_begin_read_from_file(&image, path.c_str())) {
-    error = path + ": cannot read PNG (" + image.message + ")";
+  std::FILE* fp = std::fopen(path.c_str(), "rb");
+  if (fp == nullptr) {
+    error = path + ": cannot open";
     return false;
   }
-  image.format = PNG_FORMAT_RGB;
-  pixels.resize(PNG_IMAGE_SIZE(image));
-  if (!png_image_finish_read(&image, nullptr, pixels.data(), 0, nullptr)) {
-    error = path + ": cannot decode PNG (" + image.message + ")";
-    png_image_free(&image);
+  PngErrors errors;
+  std::vector<png_bytep> rows;  // declared before the setjmp: nothing with a destructor is made after it
+  png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, &errors, on_png_error, on_png_warning);
+  png_infop info = png == nullptr ? nullptr : png_create_info_struct(png);
+  if (png == nullptr || info == nullptr) {
+    png_destroy_read_struct(&png, &info, nullptr);
+    std::fclose(fp);
+    error = path + ": out of memory reading PNG";
     return false;
   }
-  height = static_cast<int>(image.height);
-  width = static_cast<int>(image.width);
+  if (setjmp(errors.jump)) {
+    png_destroy_read_struct(&png, &info, nullptr);
+    std::fclose(fp);
+    error = path + ": cannot read PNG (" + errors.message + ")";
+    return false;
+  }
+  png_init_io(png, fp);
+  png_read_info(png, info);
+  const int depth = png_get_bit_depth(png, info), color = png_get_color_type(png, info);
+  if (depth == 16) {
+    if (color == PNG_COLOR_TYPE_GRAY) {
+      png_set_scale_16(png);  // round(v * 255 / 65535), PIL's "I;16" -> "L"
+    } else {
+      png_set_strip_16(png);  // the high byte, PIL's 16-bit RGB/RGBA/LA
+    }
+  }
+  png_set_expand(png);       // palette -> RGB, grey of 1-4 bits -> 8 bits, tRNS -> alpha
+  png_set_strip_alpha(png);  // alpha dropped, not composited
+  if (!(color & PNG_COLOR_MASK_COLOR)) png_set_gray_to_rgb(png);
+  png_read_update_info(png, info);
+  height = static_cast<int>(png_get_image_height(png, info));
+  width = static_cast<int>(png_get_image_width(png, info));
+  if (png_get_channels(png, info) != 3 || png_get_bit_depth(png, info) != 8) {
+    png_error(png, "unexpected layout after conversion to 8-bit RGB");
+  }
+  pixels.resize(static_cast<size_t>(height) * width * 3);
+  rows.resize(height);
+  for (int y = 0; y < height; ++y) rows[y] = pixels.data() + static_cast<size_t>(y) * width * 3;
+  png_read_image(png, rows.data());
+  png_read_end(png, nullptr);
+  png_destroy_read_struct(&png, &info, nullptr);
+  std::fclose(fp);
   return true;
 }
 
