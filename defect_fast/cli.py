@@ -392,8 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_predict)
 
     x = sub.add_parser("export", help="write the whole inference pipeline as ONNX, TorchScript or torch.export file",
-                       description="Export resize, patches, model, map, stitching, smoothing and score for a fixed "
-                       "image size and batch (dynamic batch where the format allows), plus FILE.json with thresholds.")
+                       description="Export patches, model, map, stitching, smoothing and score for images uint8 "
+                       "[B, 3, S, S] (RGB 0..255, already resized to the run's size S; dynamic B where the format "
+                       "allows), plus FILE.json with the size, thresholds and settings.")
     x.add_argument("run", help="run folder (or model.pt)")
     x.add_argument("--format", required=True, choices=FORMATS)
     x.add_argument("--out", required=True, type=output_path, help="output file (FILE.json is written beside it)")

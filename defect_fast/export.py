@@ -1,8 +1,10 @@
 """Export the whole inference pipeline (``Detector.forward``) as ONNX, TorchScript or torch.export.
 
-The exported graph takes images uint8 [B, 3, S, S] (0..255, RGB) and returns
+The exported graph takes images uint8 [B, 3, S, S] (0..255, RGB, already resized to S) and returns
 (maps float32 [B, S, S], scores float32 [B]): patches, reconstruction, anomaly map, stitching,
-normalisation, smoothing and score, all inside. The fused ops are traced as their pure-PyTorch
+normalisation, smoothing and score, all inside. Every format refuses other input (ONNX and
+torch.export by their input signature; TorchScript files check it first and say what they take,
+and carry ``image_size``). The fused ops are traced as their pure-PyTorch
 reference (:func:`defect_fast.detect.reference_ops`), so running the file needs only
 onnxruntime / LibTorch / torch, not this package. Beside ``FILE`` goes ``FILE.json``: image size,
 batch, thresholds, normalisation, model name and options, package version and a digest of the
@@ -37,6 +39,28 @@ from .safety import UserError, atomic_open, atomic_write_text, safe_output_file
 FORMATS = ("onnx", "torchscript", "exported")
 PRECISIONS = ("float32", "bfloat16")
 ONNX_OPSET = 18  # Col2Im (the stitching fold) needs opset 18
+
+
+class _CheckedImages(torch.nn.Module):
+    """The traced TorchScript pipeline behind a check of its input: a trace keeps only the uint8
+    branch of the pipeline's input conversion, so a float tensor would run through it as if it
+    held 0..255 and give wrong maps without an error (ONNX and torch.export files refuse it)."""
+
+    __constants__ = ["image_size"]
+
+    def __init__(self, traced: torch.nn.Module, image_size: int):
+        super().__init__()
+        self.traced = traced
+        self.image_size = image_size
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if images.dtype != torch.uint8:
+            raise RuntimeError("defect_fast detector: images must be uint8 (0..255, RGB) [B, 3, S, S]")
+        if images.dim() != 4 or images.size(1) != 3 or images.size(2) != self.image_size \
+                or images.size(3) != self.image_size:
+            raise RuntimeError("defect_fast detector: images must be [B, 3, S, S] with S = " + str(self.image_size)
+                               + " (resize them first)")
+        return self.traced(images)
 
 
 def _digest(path: Path) -> str:
@@ -122,7 +146,7 @@ def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, so
             warnings.simplefilter("ignore")
             if fmt == "torchscript":
                 traced = torch.jit.trace(det, (example,), check_trace=False)
-                torch.jit.save(traced, fh)
+                torch.jit.save(torch.jit.script(_CheckedImages(traced, s)), fh)
                 dynamic = True  # the traced shape arithmetic follows the batch size
             elif fmt == "onnx":
                 torch.onnx.export(det, (example,), fh, input_names=["images"], output_names=["maps", "scores"],

@@ -72,6 +72,22 @@ def test_export_matches_the_detector(run, tmp_path, fmt, suffix):
     assert float(want_maps.std()) > 0.1  # maps of order 1: the 1e-4 tolerance is a real test
 
 
+@pytest.mark.parametrize("fmt,suffix", [("onnx", "onnx"), ("torchscript", "ts"), ("exported", "pt2")])
+def test_exported_files_refuse_float_images_and_other_sizes(run, tmp_path, fmt, suffix):
+    """Every format refuses what its graph was not traced for (the Detector's float input in
+    [-1, 1], images not S x S), instead of returning wrong maps; TorchScript says what it takes."""
+    out = tmp_path / f"det.{suffix}"
+    assert main(["export", str(run), "--format", fmt, "--out", str(out)]) == 0
+    x = _images(2)
+    for bad in (x.float() / 127.5 - 1, x[:, :, :96, :96]):
+        with pytest.raises(Exception) as info:
+            _run_exported(fmt, out, bad)
+        if fmt == "torchscript":
+            assert "images must be" in str(info.value)
+    if fmt == "torchscript":
+        assert torch.jit.load(str(out)).image_size == 128  # what the C++ runner resizes to
+
+
 @pytest.mark.parametrize("fmt,suffix", [("exported", "pt2"), ("onnx", "onnx")])
 def test_export_with_the_runs_own_settings(run, tmp_path, fmt, suffix):
     """No inference options: tiles (stride = patch, no blending), the stitching that returns a

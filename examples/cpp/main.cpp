@@ -134,10 +134,14 @@ int main(int argc, char** argv) {
   }
   torch::Tensor images = torch::from_blob(pixels.data(), {1, h, w, 3}, torch::kUInt8).permute({0, 3, 1, 2}).contiguous();
 
-  // 3. Resize to the traced size S when needed (S: the side of the detector's stitching-weight buffer
-  //    "count" [1, S, S]).
+  // 3. Resize to the traced size S when needed (S: the file's "image_size"; files of earlier versions:
+  //    the side of the stitching-weight buffer "count" [1, S, S]).
   int64_t size = -1;
-  if (detector.hasattr("count")) size = detector.attr("count").toTensor().size(-1);
+  if (detector.hasattr("image_size")) {
+    size = detector.attr("image_size").toInt();
+  } else if (detector.hasattr("count")) {
+    size = detector.attr("count").toTensor().size(-1);
+  }
   if (size > 0 && (h != size || w != size)) {
     torch::Tensor x = at::_upsample_bilinear2d_aa(images.to(torch::kFloat32), {size, size}, /*align_corners=*/false);
     images = x.round().clamp(0, 255).to(torch::kUInt8);
