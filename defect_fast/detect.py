@@ -628,8 +628,9 @@ class Detector(nn.Module):
     def _predict_batched(self, images: torch.Tensor, images_per_batch: int) -> dict[str, torch.Tensor]:
         n, s = images.shape[0], self.image_size
         on_gpu = self.device.type == "cuda"
-        maps = torch.empty(n, s, s, pin_memory=on_gpu)
-        scores = torch.empty(n, pin_memory=on_gpu)
+        with torch.inference_mode(False):  # plain tensors: the caller may change them in place
+            maps = torch.empty(n, s, s, pin_memory=on_gpu)
+            scores = torch.empty(n, pin_memory=on_gpu)
         step = max(1, images_per_batch)
         if not on_gpu and self.batch_size > 0:
             step = min(step, max(1, self.batch_size // (self.grid[0] * self.grid[1])))
@@ -679,7 +680,11 @@ class Detector(nn.Module):
         if isinstance(x, Image.Image):
             x = np.asarray(_to_8bit(x, 3, Path("PIL image")))  # 16-bit and float modes scaled as files are
         if isinstance(x, np.ndarray):
-            arr = x  # its dtype and size are checked as the tensor it becomes
+            if x.dtype != np.uint8:  # float arrays are most often [0, 1], which [-1, 1] would misread
+                raise TypeError(f"numpy images must be uint8 (0..255), got {x.dtype}; scale them to uint8 "
+                                "(e.g. (x * 255).round().astype(np.uint8) for [0, 1]), or pass float images in "
+                                "[-1, 1] as a torch tensor")
+            arr = x  # its size is checked as the tensor it becomes
             if arr.ndim == 2:
                 arr = np.repeat(arr[..., None], 3, axis=-1)
             if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4):
@@ -729,9 +734,15 @@ class Detector(nn.Module):
         if pixel_threshold is not None and (isinstance(pixel_threshold, bool) or not isinstance(pixel_threshold, (int, float))
                                             or not math.isfinite(pixel_threshold)):
             raise ValueError(f"pixel_threshold must be a finite number, got {pixel_threshold!r}")
+        from .data.io import resize_image
+
         imgs, sizes = self._as_images(x, self.image_size)
         s = self.image_size
-        batch = [img if tuple(img.shape[-2:]) == (s, s) else self._to_model_input(img.unsqueeze(0))[0] for img in imgs]
+        # uint8 pixels of another size: the resize image files get (arrays and PIL images of a file
+        # score as the file does); float tensors: the pipeline's own (antialiased bilinear)
+        batch = [img if tuple(img.shape[-2:]) == (s, s) else
+                 resize_image(img, s) if img.dtype == torch.uint8 else self._to_model_input(img.unsqueeze(0))[0]
+                 for img in imgs]
         floats = any(b.is_floating_point() for b in batch)
         batch = [self._to_model_input(b.unsqueeze(0))[0] if (floats and not b.is_floating_point()) else b for b in batch]
         with torch.inference_mode():  # each input was checked by _as_images

@@ -333,7 +333,8 @@ def test_predict_refuses_pixels_it_would_misread():
     det = Detector(_model(), image_size=128)
     img = _images(1, 128)[0].permute(1, 2, 0).numpy()  # HxWx3 uint8
     for bad, kind, words in ((img.astype(np.uint16) * 257, TypeError, "uint16"), (img > 128, TypeError, "bool"),
-                             (img.astype(np.float32), ValueError, "must lie in [-1, 1]"),
+                             (img.astype(np.float32), TypeError, "numpy images must be uint8"),  # most often [0, 1]
+                             (img.astype(np.float32) / 255, TypeError, "float32"),
                              (torch.from_numpy(img).permute(2, 0, 1).float(), ValueError, "must lie in [-1, 1]"),
                              (torch.full((3, 8, 8), float("nan")), ValueError, "NaN"),
                              (torch.ones(3, 8, 8, dtype=torch.int32), TypeError, "int32"),
@@ -341,8 +342,13 @@ def test_predict_refuses_pixels_it_would_misread():
         with pytest.raises(kind, match=re.escape(words)):
             det.predict(bad)
     # [-1, 1] floats and uint8 are the same image
-    torch.testing.assert_close(det.predict(img.astype(np.float32) / 127.5 - 1)["maps"], det.predict(img)["maps"],
-                               atol=1e-4, rtol=0)
+    as_float = torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1
+    torch.testing.assert_close(det.predict(as_float)["maps"], det.predict(img)["maps"], atol=1e-4, rtol=0)
+    # results are plain tensors: an embedding program may change them in place
+    res, batched = det.predict(img), det.predict_batched(torch.from_numpy(img).permute(2, 0, 1)[None])
+    for t in (res["maps"], res["scores"], batched["maps"], batched["scores"]):
+        assert not t.is_inference()
+        t.add_(1)
 
 
 def test_predict_reads_a_16_bit_pil_image_as_its_file_is_read(tmp_path):
@@ -404,3 +410,16 @@ def test_find_regions_are_scipy_labels_of_the_map():
     assert [(b, a) for b, a, _ in got_sorted] == [(b, a) for b, a, _ in want]
     assert [p for _, _, p in got_sorted] == pytest.approx([p for _, _, p in want], rel=1e-6)  # float32 maps
     assert [r["peak"] for r in got] == sorted((r["peak"] for r in got), reverse=True)
+
+
+def test_predict_resizes_arrays_and_pil_images_as_their_file(tmp_path):
+    """A photo of another size scores the same whether passed as its file, as a PIL image or as a
+    uint8 array (one resize for all: the file reader's)."""
+    det = Detector(_model(), image_size=64, precision="float32")
+    rgb = np.random.default_rng(4).integers(0, 256, (50, 90, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "odd.png")
+    want = det.predict(tmp_path / "odd.png")
+    for x in (Image.open(tmp_path / "odd.png"), rgb, torch.from_numpy(rgb).permute(2, 0, 1)):
+        got = det.predict(x)
+        assert torch.equal(got["scores"], want["scores"]) and torch.equal(got["maps"], want["maps"])
+    assert want["maps"].shape == (1, 50, 90)

@@ -35,6 +35,7 @@ __all__ = [
     "read_image",
     "read_image_at_both_sizes",
     "read_images",
+    "resize_image",
     "read_mask",
 ]
 
@@ -290,6 +291,16 @@ def _load_image(path: str | os.PathLike, size: int | None, channels: int, min_si
     """read_image plus the original (width, height)."""
     t, orig, _ = _load_images(path, size, channels, min_side, False)
     return t, orig
+
+
+def resize_image(image: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [C, H, W] (C = 1 or 3) -> uint8 [C, size, size] by the resize :func:`read_image`
+    gives files (PIL's bilinear filter, antialiased when shrinking, on 8-bit pixels)."""
+    if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f"resize_image takes uint8 [C, H, W] with C = 1 or 3, got {image.dtype} {tuple(image.shape)}")
+    a = image.detach().cpu().permute(1, 2, 0).contiguous().numpy()
+    img = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a, mode="L" if a.shape[-1] == 1 else "RGB")
+    return _as_tensor(img.resize((size, size), Image.BILINEAR))
 
 
 def read_image_at_both_sizes(path: str | os.PathLike, size: int, channels: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
