@@ -20,7 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -440,6 +442,29 @@ class Trainer:
         return 1.0
 
     # -- loop ----------------------------------------------------------------------------
+    def _interrupt_at_step_boundaries(self) -> dict[int, Any]:
+        """SIGINT and SIGTERM only ask the loop to stop: it stops after the step in hand, where the
+        checkpoint is the state of whole steps (a stop inside a step would save batch-norm
+        statistics or Adam moments of a step the resume then trains again). A second signal stops at
+        once, keeping the last checkpoint. Returns the handlers to put back (none off the main thread)."""
+        self.stop_signal: int | None = None
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def ask(signum, _frame):
+            if self.stop_signal is not None:
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+            self.log(f"{signal.Signals(signum).name}: stopping after the step in hand (again to stop at once)")
+
+        return {sig: signal.signal(sig, ask) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _stop_if_asked(self) -> None:
+        if self.stop_signal is not None:
+            self.save_checkpoint()
+            raise RunError(f"interrupted at step {self.position['global_step']}; progress saved, continue with "
+                           f"--resume (run folder {self.out})")
+
     def run(self) -> AnomalyModel:
         cfg = self.cfg
         n = self.images.shape[0]
@@ -447,6 +472,7 @@ class Trainer:
         steps_per_epoch = math.ceil(per_epoch / cfg.batch_size)
         _trim_log(self.out / LOG_FILE, self.position["global_step"])  # steps a resume trains again are logged again
         log_file = open(self.out / LOG_FILE, "a", buffering=1)  # line-buffered: a crash keeps the log
+        handlers = self._interrupt_at_step_boundaries()
         try:
             while self.position["stage"] < len(self.model.stages):
                 stage = self.position["stage"]
@@ -474,10 +500,10 @@ class Trainer:
                         with torch.autocast(self.device.type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None):
                             out = self.model(x)
                             loss, parts = self.model.loss(out, y, stage)
-                        if not torch.isfinite(loss):
-                            self.save_checkpoint()
+                        if not torch.isfinite(loss):  # nothing saved: this forward pass already spoilt the batch-norm statistics
                             raise RunError(f"loss became {float(loss)} at stage {stage + 1}, epoch {epoch + 1}, step {step + 1}; "
-                                           f"last good state saved in {self.out / CHECKPOINT_FILE}")
+                                           f"{self.out / CHECKPOINT_FILE} keeps the state of an earlier step, from which a "
+                                           "resume would run into the same step: train a new run with a lower --lr")
                         self.optimizer.zero_grad(set_to_none=True)
                         loss.backward()
                         for group in self.optimizer.param_groups:
@@ -497,20 +523,26 @@ class Trainer:
                         if self.position["global_step"] % cfg.checkpoint_every == 0:
                             log_file.flush()
                             self.save_checkpoint()
+                        if self.stop_signal is not None and self.position["step"] < steps_per_epoch:
+                            self._stop_if_asked()
                     if self.position["step"] >= steps_per_epoch:
                         self.position["epoch"] += 1
                         self.position["step"] = 0
+                    self._stop_if_asked()
                 bar.close()
+                # the next stage's optimiser first: every state saved from here on is the next stage's
+                if stage + 1 < len(self.model.stages):
+                    self.optimizer = self._optimizer(stage + 1)
                 self.position.update(stage=stage + 1, epoch=0, step=0)
                 atomic_save({**self.state(), "position": dict(self.position)}, self.out / stage_file(stage + 1))
-                if self.position["stage"] < len(self.model.stages):
-                    self.optimizer = self._optimizer(self.position["stage"])
                 self.save_checkpoint()
-        except KeyboardInterrupt:
-            self.save_checkpoint()
-            raise RunError(f"interrupted; progress saved, continue with --resume (run folder {self.out})") from None
+                self._stop_if_asked()
+        except KeyboardInterrupt:  # a second signal, or one off the main thread: the last checkpoint stands
+            raise RunError(f"interrupted; the last checkpoint is kept, continue with --resume (run folder {self.out})") from None
         finally:
             log_file.close()
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
         return self.model
 
 

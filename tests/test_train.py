@@ -94,6 +94,65 @@ def test_resume_after_sigkill_continues_exactly(synthetic_root, tmp_path):
     assert _state_equal(a, b), "resumed run differs from an uninterrupted one"
 
 
+@pytest.mark.parametrize("when", ["inside a step", "at the end of stage 1"])
+def test_ctrl_c_stops_after_the_step_in_hand_and_the_resume_is_exact(synthetic_root, tmp_path, monkeypatch, when):
+    """SIGINT inside a step (batch-norm statistics half updated) or while stage 1 hands over to
+    stage 2 (CMA-AE freezes its memory there: another optimiser) stops after whole steps; the
+    resumed run ends as an uninterrupted one, bit for bit."""
+    cfg = _cfg(synthetic_root, batch_size=16, epochs=[2, 1], max_steps=[5, 3], model_kwargs={"memory_size": 20})
+    train(cfg, tmp_path / "clean", progress=False, log=lambda s: None)
+    trainer_cls = train_module.Trainer
+    real_batch, real_optimizer = trainer_cls._batch, trainer_cls._optimizer
+    calls = {"batch": 0}
+
+    def batch(self, *args):
+        calls["batch"] += 1
+        if when == "inside a step" and calls["batch"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # handled at once; the step goes on
+        return real_batch(self, *args)
+
+    def optimizer(self, stage):
+        if when == "at the end of stage 1" and stage == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_optimizer(self, stage)
+
+    monkeypatch.setattr(trainer_cls, "_batch", batch)
+    monkeypatch.setattr(trainer_cls, "_optimizer", optimizer)
+    out = tmp_path / "run"
+    with pytest.raises(RunError, match="interrupted at step"):
+        train(cfg, out, progress=False, log=lambda s: None)
+    pos = load_checkpoint(out / "checkpoint.pt")["position"]
+    assert (pos["stage"], pos["global_step"]) == ((0, 3) if when == "inside a step" else (1, 5))
+    monkeypatch.setattr(trainer_cls, "_batch", real_batch)
+    monkeypatch.setattr(trainer_cls, "_optimizer", real_optimizer)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    train(cfg, out, resume=True, progress=False, log=lambda s: None)
+    a, b = load_checkpoint(out / "model.pt"), load_checkpoint(tmp_path / "clean" / "model.pt")
+    assert _state_equal(a["model_state"], b["model_state"])
+    assert a["calibration"]["image_threshold"] == b["calibration"]["image_threshold"]
+
+
+def test_a_non_finite_loss_saves_nothing_of_its_step(synthetic_root, tmp_path, monkeypatch):
+    """The forward pass that gave NaN already moved the batch-norm statistics: the checkpoint keeps
+    the step before, and the message says a resume would meet the same step."""
+    trainer_cls = train_module.Trainer
+    real_batch, calls = trainer_cls._batch, {"n": 0}
+
+    def batch(self, *args):
+        calls["n"] += 1
+        x, y = real_batch(self, *args)
+        return (x * float("nan"), y) if calls["n"] == 3 else (x, y)
+
+    monkeypatch.setattr(trainer_cls, "_batch", batch)
+    out = tmp_path / "run"
+    cfg = _cfg(synthetic_root, batch_size=16, max_steps=[5, 3], checkpoint_every=1, model_kwargs={"memory_size": 20})
+    with pytest.raises(RunError, match="loss became nan at stage 1, epoch 1, step 3;.*lower --lr"):
+        train(cfg, out, progress=False, log=lambda s: None)
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["position"]["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model_state"].values() if v.is_floating_point())
+
+
 def test_a_resume_drops_the_log_lines_after_its_checkpoint(tmp_path):
     log = tmp_path / "log.jsonl"
     lines = [json.dumps({"stage": 1, "epoch": 1, "step": k, "loss": 1.0 / k}) + "\n" for k in range(1, 6)]
