@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import traceback
@@ -645,7 +646,26 @@ class OutputFolder:
         if lock:
             out.lock = RunLock(p).acquire()
         out._read_manifest()
+        if lock:
+            out.remove_stale_temporaries()
         return out
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Remove the temporary files :func:`atomic_open` left beside this folder's recorded files
+        when a process was killed inside a write (``.<name>.<8 characters>.tmp``; never renamed
+        into place, so never recorded). Only with the folder's lock held: no writer of it is
+        alive. Returns what was removed."""
+        removed: list[Path] = []
+        for rel in sorted(self.files):
+            target = self._safe_target(rel)
+            if target is None or not target.parent.is_dir():
+                continue
+            pattern = re.compile(rf"\.{re.escape(target.name)}\.[A-Za-z0-9_]{{8}}\.tmp")
+            for entry in target.parent.iterdir():
+                if pattern.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
+                    entry.unlink()
+                    removed.append(entry)
+        return removed
 
     # -- manifest -------------------------------------------------------------------------------
     def _read_manifest(self) -> None:
@@ -762,7 +782,7 @@ class OutputFolder:
         listed folder, are never touched. The manifest itself stays (now empty). Returns what was
         removed.
         """
-        removed: list[Path] = []
+        removed: list[Path] = self.remove_stale_temporaries()
         for rel in sorted(self.files):
             target = self._safe_target(rel)
             if target is None:
@@ -995,8 +1015,15 @@ def save_with_digest(obj: Mapping[str, Any], path: str | os.PathLike, *, folder:
 
     payload = attach_digest(obj)
     ctx = folder.open_atomic(path) if folder is not None else atomic_open(path)
-    with ctx as fh:
-        torch.save(payload, fh)
+    try:
+        with ctx as fh:
+            torch.save(payload, fh)
+    except RuntimeError as exc:
+        # torch's zip writer turns the file's OSError (a full disk, a lost mount) into a RuntimeError
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, OSError):
+            raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from None
+        raise
     return Path(path)
 
 

@@ -541,3 +541,39 @@ def test_run_main_bugs_keep_traceback_and_debug_shows_user_tracebacks():
         _run(_raise(SystemExit(0)))
     status, err = _run(_raise(OSError(5, "Input/output error")))
     assert status == 1 and "Traceback" in err  # not a user's mistake
+
+
+def test_a_full_disk_while_saving_is_a_one_line_error_naming_the_file(tmp_path, monkeypatch):
+    """torch.save turns the file's ENOSPC into a RuntimeError: it comes out as the OSError, a user
+    error, and no file is left."""
+    import errno
+
+    def full_disk(obj, fh):
+        fh.write(b"partial")
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos") from None
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    target = tmp_path / "checkpoint.pt"
+    with pytest.raises(OSError) as info:
+        safety.save_with_digest({"x": torch.zeros(2)}, target)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
+    assert safety._user_message(info.value, ()) == f"{target}: No space left on device"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_temporaries_of_a_killed_write_are_removed_under_the_lock(tmp_path):
+    out = tmp_path / "run"
+    folder = OutputFolder.create(out, lock=True, command="train")
+    folder.record_many(["checkpoint.pt"])
+    folder.release()
+    (out / ".checkpoint.pt.ab12cd_z.tmp").write_bytes(b"half a checkpoint")  # atomic_open's name, process killed
+    (out / ".checkpoint.pt.notes.tmp").write_text("the user's")  # not that pattern: kept
+    (out / ".other.pt.ab12cd_z.tmp").write_text("not a recorded name: kept")
+    OutputFolder.open(out, lock=False, command="train")  # no lock: nothing removed
+    assert (out / ".checkpoint.pt.ab12cd_z.tmp").exists()
+    OutputFolder.open(out, lock=True, command="train").release()
+    assert not (out / ".checkpoint.pt.ab12cd_z.tmp").exists()
+    assert (out / ".checkpoint.pt.notes.tmp").exists() and (out / ".other.pt.ab12cd_z.tmp").exists()
