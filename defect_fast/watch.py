@@ -47,12 +47,14 @@ empty, or one an earlier ``watch`` wrote (its journal is resumed); any other fol
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -130,7 +132,7 @@ class Journal:
     when it is a whole JSON object), and indexes the records by (image key, sha256).
 
     Attributes:
-        records: the parsed records, in order.
+        records: the records read at opening, in order (appended ones are only written).
         repaired: a one-line description of what was repaired at opening ("" when nothing).
     """
 
@@ -190,8 +192,7 @@ class Journal:
         written = os.write(self._fd, line)
         if written != len(line):  # a short write on a full disk: leave a torn line for the next start to cut
             raise OSError(errno.ENOSPC, f"{self.path}: short write ({written} of {len(line)} bytes)")
-        os.fsync(self._fd)
-        self.records.append(dict(record))
+        os.fsync(self._fd)  # not kept in memory: a service running for months would hold them all
 
     def close(self) -> None:
         os.close(self._fd)
@@ -283,8 +284,11 @@ def _recover(st: _State, log: Callable[[str], None]) -> None:
                 except OSError:
                     same = False
                 if same:
-                    _move(src, dest)
-                    log(f"moved {src} to {dest} (the move was cut short before)")
+                    try:
+                        _move(src, dest)
+                        log(f"moved {src} to {dest} (the move was cut short before)")
+                    except OSError as exc:  # e.g. no permission in the drop folder: judged, left in place
+                        log(f"cannot move rejected {src} to {dest} ({exc.strerror or exc}); left where it is")
     for sub in (MAPS, OVERLAYS, REJECTED, "."):
         folder = st.out / sub
         for p in folder.glob(f"{TMP_PREFIX}*"):
@@ -360,12 +364,15 @@ def _reject(st: _State, key: str, path: Path, sha: str, sig: tuple[int, int], re
     rec = _base_record(st, key, path, sha, sig)
     rec.update(result="rejected", reason=reason, rejected_to=dest.relative_to(st.out).as_posix())
     st.journal.append(rec)
-    _move(path, dest)
     st.done.add((key, sha))
     st.totals.add("rejected")
     st.session.add("rejected")
     st.last = {"image": key, "result": "rejected", "reason": reason, "time": rec["time"]}
-    log(f"rejected {path}: {reason} (moved to {dest})")
+    try:
+        _move(path, dest)
+        log(f"rejected {path}: {reason} (moved to {dest})")
+    except OSError as exc:  # judged all the same: the line is written, the other images go on
+        log(f"rejected {path}: {reason} (cannot move it to {dest}: {exc.strerror or exc}; left where it is)")
 
 
 def photo_map(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -431,15 +438,28 @@ def _process(st: _State, keys: list[str], found: dict[str, tuple[Path, int, int]
         written, photo_maps = [], []
         for (key, path, sha, sig, _img, photo), m in zip(good, maps):
             name = output_name(key, sha)
-            m = photo_map(m, tuple(photo.shape[-2:]))
             map_path, ov_path = st.out / MAPS / f"{name}_map.png", st.out / OVERLAYS / f"{name}_overlay.png"
-            _atomic_write(map_path, lambda tmp, m=m: save_map(m, tmp, scale))
-            _atomic_write(ov_path, lambda tmp, m=m, photo=photo: save_overlay(photo, m, tmp, scale))
+            try:
+                m = photo_map(m, tuple(photo.shape[-2:]))
+                _atomic_write(map_path, lambda tmp, m=m: save_map(m, tmp, scale))
+                _atomic_write(ov_path, lambda tmp, m=m, photo=photo: save_overlay(photo, m, tmp, scale))
+            except MemoryError:  # this photo only: set aside with a reason, the rest of the batch goes on
+                for p in (map_path, ov_path):
+                    p.unlink(missing_ok=True)
+                h, w = photo.shape[-2:]
+                _reject(st, key, path, sha, sig, f"too large: no memory for its map and overlay at {w}x{h}", log)
+                n_done += 1
+                written.append(None)
+                photo_maps.append(None)
+                continue
             written.append((map_path, ov_path))
             photo_maps.append(m)
         for sub in (MAPS, OVERLAYS):  # the renames are durable before any journal line names them
             _fsync_path(st.out / sub, directory=True)
-        for (key, path, sha, sig, _, _), m, s, (map_path, ov_path) in zip(good, photo_maps, scores, written):
+        for (key, path, sha, sig, _, _), m, s, files in zip(good, photo_maps, scores, written):
+            if files is None:
+                continue
+            map_path, ov_path = files
             score = float(s)
             result = "fail" if score > st.threshold else "pass"
             regions = defect_regions(m, st.info.pixel_threshold) if st.info.pixel_threshold is not None else []
@@ -590,6 +610,7 @@ def watch(
         c = st.totals
         log(f"watching {in_dir} -> {out} | model {info.name} {info.version} | threshold {st.threshold:.6g} | "
             f"{len(journal.records)} earlier result(s): pass {c.passed} fail {c.failed} rejected {c.rejected}")
+        journal.records.clear()  # read back once; the done set holds what the service needs
         _write_status(st, "running")
         while not stop.is_set():
             found = _scan(st, recursive, log)
@@ -608,6 +629,11 @@ def watch(
         s = st.session
         log(f"stopped: this run pass {s.passed} fail {s.failed} rejected {s.rejected}; "
             f"journal {journal.path} holds {st.totals.as_dict()['total']} result(s)")
+    except BaseException as exc:  # a dashboard must not show a dead service as running
+        with contextlib.suppress(Exception):
+            st.last = {**(st.last or {}), "error": f"{type(exc).__name__}: {exc}"[:500]}
+            _write_status(st, "error")
+        raise
     finally:
         if observer is not None:
             observer.stop()
@@ -674,6 +700,9 @@ def command(args) -> int:
     check_out_not_overlapping(out, [in_dir, args.run], what="--out")
     if not (out / MANIFEST_NAME).is_file():
         OutputFolder.check(out, inputs=[in_dir, args.run], command="watch")  # refuse before the model is read
+    for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 must not stop the service
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     det = Detector.load(args.run, device=args.device)
     info = ModelInfo.from_detector(det, args.run, threshold=args.threshold)
     if info.image_threshold is None:

@@ -267,3 +267,68 @@ def test_maps_overlays_and_region_boxes_are_at_the_photo_size(tmp_path):
     assert abs(box["x0"] - 50) <= 3 and abs(box["x1"] - 69) <= 3 and abs(box["y0"] - 10) <= 2 and abs(box["y1"] - 29) <= 2
     overlay = np.asarray(Image.open(out / rec["overlay"]))
     assert overlay[20, 60].astype(int).sum() > overlay[40, 10].astype(int).sum()  # the photo under the heat, in place
+
+
+def test_a_bad_file_that_cannot_be_moved_is_judged_and_the_service_goes_on(tmp_path, monkeypatch):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / "a_bad.png").write_bytes(png_bytes(2)[:60])
+    (src / "b_good.png").write_bytes(png_bytes(3, bright=0.3))
+    real_move = watch_mod._move
+
+    def move(a, b):
+        if Path(a).name == "a_bad.png":
+            raise PermissionError(1, "Operation not permitted", str(a))
+        return real_move(a, b)
+
+    monkeypatch.setattr(watch_mod, "_move", move)
+    for _ in range(2):  # the second start retries the move, says so, and goes on
+        _, lines = run_once(src, out)
+        recs = {r["image"]: r["result"] for r in journal(out)}
+        assert recs == {"a_bad.png": "rejected", "b_good.png": "pass"} and len(journal(out)) == 2
+        assert (src / "a_bad.png").exists() and any("left where it is" in line for line in lines)
+
+
+def test_a_photo_without_memory_for_its_outputs_is_set_aside_alone(tmp_path, monkeypatch):
+    import defect_fast.visualize as visualize
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / "big.png").write_bytes(png_bytes(4, size=48))
+    (src / "small.png").write_bytes(png_bytes(5, bright=0.3))
+    real = visualize.save_overlay
+
+    def overlay(image, m, path, scale, **kw):
+        if image.shape[-1] == 48:
+            raise MemoryError
+        return real(image, m, path, scale, **kw)
+
+    monkeypatch.setattr(visualize, "save_overlay", overlay)
+    run_once(src, out)
+    recs = {r["image"]: r for r in journal(out)}
+    assert recs["small.png"]["result"] == "pass"
+    assert recs["big.png"]["result"] == "rejected" and "too large" in recs["big.png"]["reason"]
+    assert sorted(p.name for p in (out / "maps").iterdir()) == [Path(recs["small.png"]["map"]).name]
+    assert (out / recs["big.png"]["rejected_to"]).is_file()
+
+
+def test_the_journal_keeps_no_record_in_memory_after_writing_it(tmp_path):
+    j = Journal(tmp_path / "results.jsonl")
+    j.append({"image": "a.png", "sha256": "0" * 64, "result": "pass"})
+    assert j.records == []
+    j.close()
+    assert Journal(tmp_path / "results.jsonl").records[0]["image"] == "a.png"
+
+
+def test_status_says_error_when_the_service_dies(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / "a.png").write_bytes(png_bytes(0))
+
+    def broken(images):
+        raise RuntimeError("model exploded")
+
+    with pytest.raises(RuntimeError, match="exploded"):
+        watch(broken, INFO, src, out, once=True, handle_signals=False, log=lambda s: None, settle=0.05, poll_interval=0.05)
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "error" and "model exploded" in status["last"]["error"]
