@@ -147,11 +147,15 @@ def _output_stems(paths: list[Path]) -> list[str]:
     stems = [p.stem for p in paths]
     clashes = {s for s in stems if stems.count(s) > 1}
     stems = [f"{p.parent.name}_{p.stem}" if p.stem in clashes else p.stem for p in paths]
-    seen: dict[str, int] = {}
+    taken: set[str] = set()
     out = []
     for s in stems:
-        seen[s] = seen.get(s, 0) + 1
-        out.append(s if seen[s] == 1 else f"{s}_{seen[s]}")
+        name, k = s, 1
+        while name.lower() in taken:  # a number no other image's name has (case-blind file systems too)
+            k += 1
+            name = f"{s}_{k}"
+        taken.add(name.lower())
+        out.append(name)
     return out
 
 

@@ -328,3 +328,14 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "norun"), str(tmp_path), "--debug"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("defect-fast: error: ")
+
+
+def test_predict_output_names_never_clash():
+    from pathlib import Path
+
+    from defect_fast.cli import _output_stems
+
+    paths = [Path("x/a.png"), Path("x/a.jpg"), Path("x/x_a_2.png"), Path("y/B.png"), Path("z/b.png")]
+    stems = _output_stems(paths)
+    assert len({s.lower() for s in stems}) == len(paths)
+    assert stems[:3] == ["x_a", "x_a_2", "x_a_2_2"] and stems[3] == "B"
