@@ -35,6 +35,11 @@ kernel when the process dies).
 
 SIGTERM and SIGINT (Ctrl-C) finish the batch in hand, write the status and return.
 
+Judged images stay in ``IN_DIR`` (only bad files are moved), and every scan lists and stats every
+file there: about 0.2 s per scan for 5,000 files and 1.2 s for 50,000 on a 2-core machine, each
+arrival event triggering one. A line that leaves its images in the drop folder should archive
+them elsewhere once judged (their journal lines name them) to keep the service light.
+
 Command line (:func:`add_parser`, :func:`command`)::
 
     defect-fast watch RUN IN_DIR --out OUT_DIR [--once] [--batch-size 8] [--poll 1] [--settle S]
