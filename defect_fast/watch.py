@@ -33,7 +33,8 @@ comes first, then the move to ``rejected/``; a move cut short by a crash is comp
 One process per ``OUT_DIR`` (:class:`defect_fast.safety.RunLock`, an ``flock`` released by the
 kernel when the process dies).
 
-SIGTERM and SIGINT (Ctrl-C) finish the batch in hand, write the status and return.
+SIGTERM and SIGINT (Ctrl-C) finish the image in hand (the rest of its batch is left for the next
+start), write the status and return.
 
 Judged images stay in ``IN_DIR`` (only bad files are moved), and every scan lists and stats every
 file there: about 0.2 s per scan for 5,000 files and 1.2 s for 50,000 on a 2-core machine, each
@@ -391,8 +392,10 @@ def photo_map(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def _process(st: _State, keys: list[str], found: dict[str, tuple[Path, int, int]], predict_fn: PredictFn,
-             log: Callable[[str], None]) -> int:
-    """Read, judge and record one batch; returns how many images got a result."""
+             log: Callable[[str], None], stop: threading.Event | None = None) -> int:
+    """Read, judge and record one batch; returns how many images got a result. With ``stop`` set,
+    the images whose outputs are not written yet are left for the next start (big photos take
+    seconds each: a batch of them must not outlast a service manager's stop timeout)."""
     from .visualize import save_map, save_overlay
 
     t0 = time.perf_counter()
@@ -442,6 +445,9 @@ def _process(st: _State, keys: list[str], found: dict[str, tuple[Path, int, int]
         scale = st.info.scale()
         written, photo_maps = [], []
         for (key, path, sha, sig, _img, photo), m in zip(good, maps):
+            if stop is not None and stop.is_set() and written:
+                log(f"stopping: {len(good) - len(written)} image(s) of this batch left for the next start")
+                break
             name = output_name(key, sha)
             map_path, ov_path = st.out / MAPS / f"{name}_map.png", st.out / OVERLAYS / f"{name}_overlay.png"
             try:
@@ -557,7 +563,7 @@ def watch(
         threshold: image threshold; overrides ``meta.image_threshold`` (one of them is required).
         recursive: also watch sub-folders (``out_dir`` inside ``in_dir`` is skipped).
         use_watchdog: False scans only.
-        stop: set it to stop after the batch in hand (for embedding; signals set it too).
+        stop: set it to stop after the image in hand (for embedding; signals set it too).
         handle_signals: install SIGTERM/SIGINT handlers (main thread only) for the run.
         log: where progress lines go (default: print, flushed).
         lock: take ``out_dir``'s :class:`~defect_fast.safety.RunLock` for the run (False: the
@@ -604,7 +610,7 @@ def watch(
         if handle_signals and threading.current_thread() is threading.main_thread():
             def on_signal(signum, frame):
                 if not stop.is_set():
-                    log(f"{signal.Signals(signum).name}: finishing the batch in hand, then stopping")
+                    log(f"{signal.Signals(signum).name}: finishing the image in hand, then stopping")
                 stop.set()
                 wake.set()
 
@@ -621,7 +627,7 @@ def watch(
             found = _scan(st, recursive, log)
             ready = _ready(st, found, settle, once)
             for i in range(0, len(ready), batch_size):
-                if _process(st, ready[i:i + batch_size], found, predict_fn, log):
+                if _process(st, ready[i:i + batch_size], found, predict_fn, log, stop):
                     _write_status(st, "running")
                 if stop.is_set():
                     break
@@ -667,7 +673,7 @@ def add_parser(subparsers) -> None:
         description="A long-running service for a camera drop folder: each complete image gets its map, overlay "
                     "and one line in OUT_DIR/results.jsonl (exactly once, also across kill -9 and restarts); bad "
                     "files are moved to OUT_DIR/rejected/ with the reason in the journal; OUT_DIR/status.json holds "
-                    "the counts. SIGTERM or Ctrl-C finishes the batch in hand and stops.")
+                    "the counts. SIGTERM or Ctrl-C finishes the image in hand and stops (the rest of its batch waits for the next start).")
     w.add_argument("run", help="run folder (or model.pt)")
     w.add_argument("in_dir", help="the drop folder to watch")
     w.add_argument("--out", required=True, type=output_path, help="results folder (new, empty, or one an earlier watch wrote: it is resumed)")

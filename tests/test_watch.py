@@ -332,3 +332,21 @@ def test_status_says_error_when_the_service_dies(tmp_path):
         watch(broken, INFO, src, out, once=True, handle_signals=False, log=lambda s: None, settle=0.05, poll_interval=0.05)
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "error" and "model exploded" in status["last"]["error"]
+
+
+def test_a_stop_leaves_the_rest_of_the_batch_for_the_next_start(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i in range(3):
+        (src / f"{i}.png").write_bytes(png_bytes(20 + i, bright=0.3))
+    stop = threading.Event()
+
+    def predict_then_stop(images):  # SIGTERM arrives while the batch is judged
+        stop.set()
+        return stub_predict(images)
+
+    watch(predict_then_stop, INFO, src, out, stop=stop, handle_signals=False, log=lambda s: None, settle=0.05,
+          poll_interval=0.05, batch_size=8)
+    assert len(journal(out)) == 1 and len(list((out / "maps").iterdir())) == 1
+    run_once(src, out)
+    assert sorted(r["image"] for r in journal(out)) == ["0.png", "1.png", "2.png"]
