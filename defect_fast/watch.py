@@ -673,7 +673,8 @@ def add_parser(subparsers) -> None:
         description="A long-running service for a camera drop folder: each complete image gets its map, overlay "
                     "and one line in OUT_DIR/results.jsonl (exactly once, also across kill -9 and restarts); bad "
                     "files are moved to OUT_DIR/rejected/ with the reason in the journal; OUT_DIR/status.json holds "
-                    "the counts. SIGTERM or Ctrl-C finishes the image in hand and stops (the rest of its batch waits for the next start).")
+                    "the counts. SIGTERM or Ctrl-C finishes the image in hand and stops (the rest of its batch "
+                    "waits for the next start).")
     w.add_argument("run", help="run folder (or model.pt)")
     w.add_argument("in_dir", help="the drop folder to watch")
     w.add_argument("--out", required=True, type=output_path, help="results folder (new, empty, or one an earlier watch wrote: it is resumed)")
