@@ -161,10 +161,9 @@ def _output_stems(paths: list[Path]) -> list[str]:
 
 def cmd_predict(args) -> int:
     from .calibration import stored_thresholds
-    import torch.nn.functional as F
-
     from .data.io import collect_images, read_image, read_images
     from .detect import Detector
+    from .maps import resize_map
     from .visualize import save_map, save_overlay
 
     out = Path(args.out)
@@ -193,7 +192,7 @@ def cmd_predict(args) -> int:
             map_rel, overlay_rel = f"maps/{stem}_map.png", f"overlays/{stem}_overlay.png"
             map_png, overlay_png = folder.record_many([map_rel, overlay_rel])
             if (w, h) != (det.image_size, det.image_size):  # at the photo's own size, as the Python API gives them
-                m = F.interpolate(m[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+                m = resize_map(m, (h, w))
                 img = read_image(path, None)
             save_map(m, map_png, scale=2 * scale)
             save_overlay(img, m, overlay_png, scale=2 * scale)

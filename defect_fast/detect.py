@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data.patches import grid_shape, overlap_add
-from .maps import blend_window, blur_matrix, top_mean
+from .maps import blend_window, blur_matrix, resize_map, top_mean
 from .models import AnomalyModel
 from .precision import cpu_flags, cpu_has_bf16, cudnn_benchmark, default_precision  # noqa: F401  (re-exported)
 from .calibration import calibrate as calibrate_thresholds, defect_regions, stored_thresholds
@@ -750,8 +750,7 @@ class Detector(nn.Module):
         threshold = pixel_threshold if pixel_threshold is not None else stored_thresholds(self.calibration)[1]
         maps, regions = [], []
         for m, hw in zip(res["maps"], sizes):
-            if tuple(hw) != (s, s):
-                m = F.interpolate(m[None, None], size=tuple(hw), mode="bilinear", align_corners=False)[0, 0]
+            m = resize_map(m, hw)
             maps.append(m)
             regions.append(find_regions(m.numpy(), threshold) if threshold is not None else [])
         same = len({tuple(m.shape) for m in maps}) == 1

@@ -60,9 +60,17 @@ def blend_window(patch: int, blend: str) -> torch.Tensor:
     raise ValueError(f"blend must be 'none' or 'hann', got {blend!r}")
 
 
+def resize_map(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """One map [S, S] at an image's own size (H, W), bilinear (the map itself when the sizes
+    agree): how ``Detector.predict``, ``defect-fast predict`` and ``watch`` show a map on its photo."""
+    if tuple(m.shape[-2:]) == tuple(size):
+        return m
+    return torch.nn.functional.interpolate(m[None, None], size=tuple(size), mode="bilinear", align_corners=False)[0, 0]
+
+
 def top_mean(maps: torch.Tensor, k: int) -> torch.Tensor:
     """maps [N, H, W] -> [N]: mean of the ``k`` largest values of each map."""
     return maps.reshape(maps.shape[0], -1).topk(k, dim=1).values.mean(dim=1)
 
 
-__all__ = ["residual_map", "msfr_map", "gaussian_kernel", "blur_matrix", "blend_window", "top_mean"]
+__all__ = ["residual_map", "msfr_map", "gaussian_kernel", "blur_matrix", "blend_window", "resize_map", "top_mean"]

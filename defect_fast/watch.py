@@ -72,6 +72,7 @@ import torch
 
 from .calibration import ModelInfo, defect_regions
 from .data.io import IMAGE_EXTENSIONS, DataError, read_image_at_both_sizes
+from .maps import resize_map
 from .safety import MANIFEST_NAME, OutputFolder, OutputRefused, RunLock, UserError, check_out_not_overlapping
 
 __all__ = ["IGNORED_SUFFIXES", "Journal", "WatchError", "add_parser", "command", "is_temporary_name", "output_name",
@@ -381,16 +382,6 @@ def _reject(st: _State, key: str, path: Path, sha: str, sig: tuple[int, int], re
         log(f"rejected {path}: {reason} (cannot move it to {dest}: {exc.strerror or exc}; left where it is)")
 
 
-def photo_map(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """A map [S, S] at an image's own size (H, W): bilinear, as :meth:`Detector.predict` and
-    ``defect-fast predict`` give it; the map itself when the sizes agree."""
-    import torch.nn.functional as F
-
-    if tuple(m.shape[-2:]) == tuple(size):
-        return m
-    return F.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
-
-
 def _process(st: _State, keys: list[str], found: dict[str, tuple[Path, int, int]], predict_fn: PredictFn,
              log: Callable[[str], None], stop: threading.Event | None = None) -> int:
     """Read, judge and record one batch; returns how many images got a result. With ``stop`` set,
@@ -451,7 +442,7 @@ def _process(st: _State, keys: list[str], found: dict[str, tuple[Path, int, int]
             name = output_name(key, sha)
             map_path, ov_path = st.out / MAPS / f"{name}_map.png", st.out / OVERLAYS / f"{name}_overlay.png"
             try:
-                m = photo_map(m, tuple(photo.shape[-2:]))
+                m = resize_map(m, tuple(photo.shape[-2:]))
                 _atomic_write(map_path, lambda tmp, m=m: save_map(m, tmp, scale))
                 _atomic_write(ov_path, lambda tmp, m=m, photo=photo: save_overlay(photo, m, tmp, scale))
             except MemoryError:  # this photo only: set aside with a reason, the rest of the batch goes on
