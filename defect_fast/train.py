@@ -523,7 +523,7 @@ class Trainer:
                         if self.position["global_step"] % cfg.checkpoint_every == 0:
                             log_file.flush()
                             self.save_checkpoint()
-                        if self.stop_signal is not None and self.position["step"] < steps_per_epoch:
+                        if self.position["step"] < steps_per_epoch:  # else after the epoch's count moves on, below
                             self._stop_if_asked()
                     if self.position["step"] >= steps_per_epoch:
                         self.position["epoch"] += 1
