@@ -27,9 +27,9 @@ detector used before); pixels of a map above it form the defect regions (:func:`
 Its ``pixel_far_expected`` is nominal: k / (m + 1) would be the expected rate on new images if
 pixels were exchangeable like images, but the pixels of one map share that image's level and
 neighbourhood, so the top pixels of a few held-back maps set the threshold and a new defect-free
-image can flag several times that share of its pixels (with a per-image level varying 3x more
-than the pixels around it, 20 maps: about 16x). It is the share of held-back pixels above the
-threshold, not a promise about new images; the image threshold above is the calibrated one.
+image can flag several times that share of its pixels (more so the more the maps' level varies
+from image to image). It is the share of held-back pixels above the threshold, not a promise
+about new images; the image threshold above is the calibrated one.
 
 Evaluation helpers: :func:`f1_optimal_threshold` and :func:`rates_at` (false-alarm and miss rates
 at a threshold).

@@ -37,8 +37,8 @@ def save_overlay(image: torch.Tensor, m: torch.Tensor, path: Path, scale: float,
                  compress_level: int = PNG_COMPRESS_LEVEL) -> None:
     """Save image uint8 [3, H, W] blended with the heat colours of map [H, W].
 
-    Blended in bands of rows: the float temporaries of a whole photo took about 75 bytes per
-    pixel (9 GB for a 121-megapixel photo); a band's are bounded, and the pixels are the same."""
+    Blended in bands of rows: the float temporaries of a whole photo at once took several GB for
+    photos of a hundred megapixels; a band's are bounded, and the pixels are the same."""
     u = _unit(m, scale)
     pixels = image.permute(1, 2, 0).numpy()
     out = np.empty(pixels.shape, dtype=np.uint8)
@@ -51,5 +51,5 @@ def save_overlay(image: torch.Tensor, m: torch.Tensor, path: Path, scale: float,
     Image.fromarray(out, mode="RGB").save(path, compress_level=compress_level)
 
 
-#: Pixels per band of :func:`save_overlay` (about 75 MB of temporaries).
+#: Pixels per band of :func:`save_overlay` (its float temporaries are those of this many pixels).
 OVERLAY_BAND_PIXELS = 1 << 20
