@@ -20,7 +20,7 @@ writer that pauses longer than ``settle`` in the middle of a file is taken as do
 file is then rejected and moved to ``rejected/``, where it can be recovered. A file that cannot
 be opened for reading (permissions) is skipped, with a message, until it changes. Arrival is noticed
 through the ``watchdog`` package when it is installed (inotify and friends), with a scan every
-``poll_interval`` seconds as the fallback and as a safety net for missed events.
+``poll_interval`` seconds as the fallback (see below for what a scan looks at).
 
 Exactly once, also across ``kill -9``: a result is done when its journal line is. Per image the
 map and overlay are written to temporary names, fsynced and renamed into place *before* its
@@ -36,14 +36,18 @@ kernel when the process dies).
 SIGTERM and SIGINT (Ctrl-C) finish the image in hand (the rest of its batch is left for the next
 start), write the status and return.
 
-Judged images stay in ``IN_DIR`` (only bad files are moved), and every scan lists and stats every
-file there, each arrival event triggering one: the cost of a scan grows with the files left in
-the folder (over a second for tens of thousands on 2 cores). A line that leaves its images in the
-drop folder should archive them elsewhere once judged (their journal lines name them).
+Judged images stay in ``IN_DIR`` (only bad files are moved). With file-system events, a round
+looks only at the paths the events name and at the files waiting to settle, so its cost does not
+grow with the judged images left in the folder; the whole folder is listed at start, when more
+than ``MAX_EVENT_PATHS`` paths arrive between two rounds, and every ``rescan_interval`` seconds
+(a safety net for missed events: a file whose event was lost waits at most that long). Without
+events (no ``watchdog``, ``--once``, or the system's watch limit reached) every round lists and
+stats every file, and its cost grows with the files left there: a line that leaves its images in
+the drop folder should then archive them elsewhere once judged (their journal lines name them).
 
 Command line (:func:`add_parser`, :func:`command`)::
 
-    defect-fast watch RUN IN_DIR --out OUT_DIR [--once] [--batch-size 8] [--poll 1] [--settle S]
+    defect-fast watch RUN IN_DIR --out OUT_DIR [--once] [--batch-size 8] [--poll 1] [--rescan 60] [--settle S]
                       [--threshold T] [--recursive] [--device auto]
 
 ``OUT_DIR`` is an output folder with a manifest (:class:`defect_fast.safety.OutputFolder`): new,
@@ -60,6 +64,7 @@ import json
 import os
 import shutil
 import signal
+import stat as stat_mod
 import sys
 import threading
 import time
@@ -82,6 +87,10 @@ JOURNAL = "results.jsonl"
 STATUS = "status.json"
 MAPS, OVERLAYS, REJECTED = "maps", "overlays", "rejected"
 TMP_PREFIX = ".tmp-"
+#: Seconds between listings of the whole drop folder while file-system events arrive (``--rescan``).
+RESCAN_INTERVAL = 60.0
+#: Event paths kept between two rounds; beyond that the folder is listed instead.
+MAX_EVENT_PATHS = 10_000
 #: Name endings (lower case) of files still being written; never picked up.
 IGNORED_SUFFIXES: tuple[str, ...] = (".tmp", ".part", ".partial", ".crdownload", ".download", ".swp", "~")
 
@@ -248,6 +257,7 @@ class _State:
     started: str = field(default_factory=_now_iso)
     warned_ext: set[str] = field(default_factory=set)
     unreadable: dict[str, tuple[int, int]] = field(default_factory=dict)
+    known: dict[str, tuple[Path, int, int]] = field(default_factory=dict)  # candidates in IN_DIR: key -> (path, size, mtime_ns)
 
 
 def _lock(out: Path) -> RunLock:
@@ -302,16 +312,29 @@ def _recover(st: _State, log: Callable[[str], None]) -> None:
             p.unlink(missing_ok=True)
 
 
-def _scan(st: _State, recursive: bool, log: Callable[[str], None]) -> dict[str, tuple[Path, int, int]]:
-    """Candidate files in IN_DIR: key (relative posix path) -> (path, size, mtime_ns)."""
+def _entry(st: _State, path: Path, stat: os.stat_result, log: Callable[[str], None]) -> tuple[Path, int, int] | None:
+    """(path, size, mtime_ns) of a regular file in IN_DIR that is an image candidate, else None
+    (a file with another extension is named once per extension)."""
+    ext = path.suffix.lower()
+    if ext not in IMAGE_EXTENSIONS:
+        if ext not in st.warned_ext:
+            st.warned_ext.add(ext)
+            log(f"ignoring files ending in {ext or '(no extension)'!r} such as {path} (not an image extension)")
+        return None
+    return path, stat.st_size, stat.st_mtime_ns
+
+
+def _scan(st: _State, recursive: bool, log: Callable[[str], None],
+          root: Path | None = None) -> dict[str, tuple[Path, int, int]]:
+    """Candidate files in IN_DIR (or its sub-folder ``root``): key (relative posix path) -> (path, size, mtime_ns)."""
     found: dict[str, tuple[Path, int, int]] = {}
     out_resolved = st.out.resolve()
-    stack = [st.in_dir]
+    stack = [st.in_dir if root is None else root]
     while stack:
         folder = stack.pop()
         try:
             entries = list(os.scandir(folder))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             continue
         for e in entries:
             if is_temporary_name(e.name):
@@ -327,22 +350,78 @@ def _scan(st: _State, recursive: bool, log: Callable[[str], None]) -> dict[str, 
             except FileNotFoundError:
                 continue
             path = Path(e.path)
-            ext = path.suffix.lower()
-            if ext not in IMAGE_EXTENSIONS:
-                if ext not in st.warned_ext:
-                    st.warned_ext.add(ext)
-                    log(f"ignoring files ending in {ext or '(no extension)'!r} such as {path} (not an image extension)")
-                continue
-            found[path.relative_to(st.in_dir).as_posix()] = (path, s.st_size, s.st_mtime_ns)
+            entry = _entry(st, path, s, log)
+            if entry is not None:
+                found[path.relative_to(st.in_dir).as_posix()] = entry
     return found
 
 
-def _ready(st: _State, found: dict[str, tuple[Path, int, int]], settle: float, once: bool) -> list[str]:
-    """Update the pending table; keys of files stable for ``settle`` s and not known to be done."""
+def _event_keys(st: _State, paths: set[str], recursive: bool) -> set[str]:
+    """The keys (paths relative to IN_DIR) of event paths that can hold candidates: not outside
+    IN_DIR, not in OUT_DIR, not in a sub-folder unless ``recursive``, no temporary name on the way."""
+    keys = set()
+    base = os.path.abspath(st.in_dir)
+    out = os.path.abspath(st.out)
+    for p in paths:
+        p = os.path.abspath(p)
+        if p == out or p.startswith(out + os.sep) or not p.startswith(base + os.sep):
+            continue
+        key = Path(os.path.relpath(p, base)).as_posix()
+        parts = key.split("/")
+        if (len(parts) > 1 and not recursive) or any(is_temporary_name(part) for part in parts):
+            continue
+        keys.add(key)
+    return keys
+
+
+def _update(st: _State, keys: set[str], recursive: bool, log: Callable[[str], None]) -> set[str]:
+    """Bring ``st.known`` up to date for ``keys`` only (what events named, and the files waiting to
+    settle): each is stat'ed, a folder (``recursive``) is listed; returns the keys to look at."""
+    looked = set()
+    for key in keys:
+        path = st.in_dir / key
+        try:
+            lst = os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            lst = None
+        if lst is None or stat_mod.S_ISDIR(lst.st_mode):  # gone (a file or a folder), or a folder
+            st.known.pop(key, None)
+            if recursive:  # a folder moved away or in: what was known under it, and what is there now
+                prefix = key + "/"
+                for k in [k for k in st.known if k.startswith(prefix)]:
+                    del st.known[k]
+                    looked.add(k)
+                if lst is not None and path.resolve() != st.out.resolve():
+                    sub = _scan(st, recursive, log, root=path)
+                    st.known.update(sub)
+                    looked.update(sub)
+            looked.add(key)
+            continue
+        try:
+            s = os.stat(path)  # a link is followed, as the folder scan does
+        except (FileNotFoundError, NotADirectoryError):
+            s = None
+        entry = _entry(st, path, s, log) if s is not None and stat_mod.S_ISREG(s.st_mode) else None
+        if entry is None:
+            st.known.pop(key, None)
+        else:
+            st.known[key] = entry
+        looked.add(key)
+    return looked
+
+
+def _ready(st: _State, keys, settle: float, once: bool) -> list[str]:
+    """Update the pending table for ``keys``; those of files in ``st.known`` stable for ``settle`` s and
+    not known to be done."""
     now = time.monotonic()
     ready = []
-    for key, (_, size, mtime) in found.items():
-        sig = (size, mtime)
+    known = st.known
+    for key in keys:
+        entry = known.get(key)
+        if entry is None:  # gone
+            st.pending.pop(key, None)
+            continue
+        sig = (entry[1], entry[2])
         if st.done_sig.get(key) == sig or st.unreadable.get(key) == sig:
             st.pending.pop(key, None)
             continue
@@ -350,12 +429,11 @@ def _ready(st: _State, found: dict[str, tuple[Path, int, int]], settle: float, o
         if p is None or p.signature != sig:
             st.pending[key] = _Pending(sig, now)
             continue
-        if now - p.since >= settle and (size > 0 or once or now - p.since >= max(30.0, 10 * settle)):
+        if now - p.since >= settle and (sig[0] > 0 or once or now - p.since >= max(30.0, 10 * settle)):
             ready.append(key)
-    for key in list(st.pending):
-        if key not in found:
-            del st.pending[key]
-    ready.sort(key=lambda k: (found[k][2], k))
+    for key in [k for k in st.pending if k not in known]:
+        del st.pending[key]
+    ready.sort(key=lambda k: (known[k][2], k))
     return ready
 
 
@@ -382,7 +460,7 @@ def _reject(st: _State, key: str, path: Path, sha: str, sig: tuple[int, int], re
         log(f"rejected {path}: {reason} (cannot move it to {dest}: {exc.strerror or exc}; left where it is)")
 
 
-def _process(st: _State, keys: list[str], found: dict[str, tuple[Path, int, int]], predict_fn: PredictFn,
+def _process(st: _State, keys: list[str], predict_fn: PredictFn,
              log: Callable[[str], None], stop: threading.Event | None = None) -> int:
     """Read, judge and record one batch; returns how many images got a result. With ``stop`` set,
     the images whose outputs are not written yet are left for the next start (big photos take
@@ -393,7 +471,7 @@ def _process(st: _State, keys: list[str], found: dict[str, tuple[Path, int, int]
     good: list[tuple[str, Path, str, tuple[int, int], torch.Tensor, torch.Tensor]] = []
     n_done = 0
     for key in keys:
-        path, size, mtime = found[key]
+        path, size, mtime = st.known[key]
         sig = (size, mtime)
         try:
             sha = _sha256_file(path)
@@ -498,7 +576,38 @@ def _write_status(st: _State, state: str) -> None:
     _atomic_write(st.out / STATUS, lambda tmp: tmp.write_text(json.dumps(status, indent=2)), sync=False)
 
 
-def _start_observer(in_dir: Path, recursive: bool, wake: threading.Event, log: Callable[[str], None]):
+class _Events:
+    """Paths named by file-system events since the last round, filled by the observer's thread."""
+
+    def __init__(self, wake: threading.Event):
+        self._lock = threading.Lock()
+        self._paths: set[str] = set()
+        self._overflow = False
+        self.wake = wake
+
+    def add(self, *paths: str) -> None:
+        with self._lock:
+            if len(self._paths) >= MAX_EVENT_PATHS:  # a flood: one listing of the folder is cheaper
+                self._overflow = True
+                self._paths.clear()
+            elif not self._overflow:
+                self._paths.update(paths)
+        self.wake.set()
+
+    def take(self) -> tuple[set[str], bool]:
+        """(the paths, whether some were dropped) since the last call."""
+        with self._lock:
+            paths, overflow = self._paths, self._overflow
+            self._paths, self._overflow = set(), False
+        return paths, overflow
+
+
+# Events that say nothing about a file's content or presence: our own reads open and close every
+# image, and a folder is "modified" whenever a file in it is created (its files have their own events).
+_QUIET_EVENTS = frozenset({"opened", "closed_no_write"})
+
+
+def _start_observer(in_dir: Path, recursive: bool, events: _Events, log: Callable[[str], None]):
     try:
         from watchdog.events import FileSystemEventHandler
         from watchdog.observers import Observer
@@ -506,13 +615,16 @@ def _start_observer(in_dir: Path, recursive: bool, wake: threading.Event, log: C
         log("watchdog is not installed: scanning the folder every poll interval")
         return None
 
-    class _Wake(FileSystemEventHandler):
-        def on_any_event(self, event):  # noqa: D401 - any change: scan now
-            wake.set()
+    class _Collect(FileSystemEventHandler):
+        def on_any_event(self, event):  # noqa: D401 - note the paths it names
+            if event.event_type in _QUIET_EVENTS or (event.is_directory and event.event_type == "modified"):
+                return
+            dest = getattr(event, "dest_path", "")
+            events.add(*(os.fsdecode(p) for p in ((event.src_path, dest) if dest else (event.src_path,))))
 
     try:
         observer = Observer()
-        observer.schedule(_Wake(), str(in_dir), recursive=recursive)
+        observer.schedule(_Collect(), str(in_dir), recursive=recursive)
         observer.start()
     except Exception as exc:  # e.g. inotify watch limit reached
         log(f"file-system events unavailable ({type(exc).__name__}: {exc}): scanning the folder every poll interval")
@@ -529,6 +641,7 @@ def watch(
     once: bool = False,
     batch_size: int = 8,
     poll_interval: float = 1.0,
+    rescan_interval: float = RESCAN_INTERVAL,
     settle: float | None = None,
     threshold: float | None = None,
     recursive: bool = False,
@@ -550,6 +663,9 @@ def watch(
         once: process what is in ``in_dir`` (waiting for files still being written) and return.
         batch_size: images per predict call.
         poll_interval: seconds between scans when idle (events from watchdog wake it earlier).
+        rescan_interval: while watchdog's events arrive, seconds between listings of the whole
+            folder (a safety net for missed events); between them only the paths that events
+            name, and the files waiting to settle, are looked at.
         settle: seconds a file's size and mtime must stay unchanged (default: ``poll_interval``).
         threshold: image threshold; overrides ``meta.image_threshold`` (one of them is required).
         recursive: also watch sub-folders (``out_dir`` inside ``in_dir`` is skipped).
@@ -574,8 +690,9 @@ def watch(
     thr = threshold if threshold is not None else info.image_threshold
     if thr is None:
         raise WatchError("no image threshold: the model holds no calibration; give one (--threshold)")
-    if batch_size < 1 or poll_interval <= 0:
-        raise WatchError(f"batch_size must be >= 1 and poll_interval > 0 (got {batch_size}, {poll_interval})")
+    if batch_size < 1 or poll_interval <= 0 or not rescan_interval > 0:
+        raise WatchError(f"batch_size must be >= 1, poll_interval and rescan_interval > 0 "
+                         f"(got {batch_size}, {poll_interval}, {rescan_interval})")
     settle = poll_interval if settle is None else settle
     in_dir, out = Path(in_dir), Path(out_dir)
     if not in_dir.is_dir():
@@ -593,7 +710,7 @@ def watch(
     stop = stop or threading.Event()
     wake = threading.Event()
     old_handlers: dict[int, Any] = {}
-    observer = None
+    observer = events = None
     try:
         if journal.repaired:
             log(f"{journal.path}: {journal.repaired}")
@@ -608,17 +725,27 @@ def watch(
             for sig in (signal.SIGTERM, signal.SIGINT):
                 old_handlers[sig] = signal.signal(sig, on_signal)
         if use_watchdog and not once:
-            observer = _start_observer(in_dir, recursive, wake, log)
+            events = _Events(wake)
+            observer = _start_observer(in_dir, recursive, events, log)
+            if observer is None:
+                events = None
         c = st.totals
         log(f"watching {in_dir} -> {out} | model {info.name} {info.version} | threshold {st.threshold:.6g} | "
             f"{len(journal.records)} earlier result(s): pass {c.passed} fail {c.failed} rejected {c.rejected}")
         journal.records.clear()  # read back once; the done set holds what the service needs
         _write_status(st, "running")
+        listed = -float("inf")
         while not stop.is_set():
-            found = _scan(st, recursive, log)
-            ready = _ready(st, found, settle, once)
+            paths, overflow = events.take() if events is not None else (set(), True)
+            if overflow or time.monotonic() - listed >= rescan_interval:  # the whole folder
+                listed = time.monotonic()
+                st.known = _scan(st, recursive, log)
+                keys = st.known.keys()
+            else:  # only what events named, and what waits to settle
+                keys = _update(st, _event_keys(st, paths, recursive) | set(st.pending), recursive, log)
+            ready = _ready(st, keys, settle, once)
             for i in range(0, len(ready), batch_size):
-                if _process(st, ready[i:i + batch_size], found, predict_fn, log, stop):
+                if _process(st, ready[i:i + batch_size], predict_fn, log, stop):
                     _write_status(st, "running")
                 if stop.is_set():
                     break
@@ -672,6 +799,9 @@ def add_parser(subparsers) -> None:
     w.add_argument("--once", action="store_true", help="process what is in the folder, then exit (for cron and tests)")
     w.add_argument("--batch-size", type=positive_int, default=8, help="images per model call (default 8)")
     w.add_argument("--poll", type=positive_float, default=1.0, help="seconds between folder scans (default 1)")
+    w.add_argument("--rescan", type=positive_float, default=RESCAN_INTERVAL,
+                   help="with file-system events (watchdog): seconds between listings of the whole folder, a safety "
+                        f"net for missed events; between them only the files events name are looked at (default {RESCAN_INTERVAL:g})")
     w.add_argument("--settle", type=nonneg_float, default=None,
                    help="seconds a file's size and time must stay unchanged before it is read (default: --poll)")
     w.add_argument("--threshold", type=finite_float, default=None,
@@ -717,7 +847,7 @@ def command(args) -> int:
         folder.record_many([JOURNAL, STATUS])
         print(f"threshold {info.image_threshold:.6g}: {info.extra.get('threshold_source')}", flush=True)
         watch(lambda x: det.predict_batched(x, images_per_batch=args.batch_size), info, in_dir, out, once=args.once,
-              batch_size=args.batch_size, poll_interval=args.poll, settle=args.settle, recursive=args.recursive,
+              batch_size=args.batch_size, poll_interval=args.poll, rescan_interval=args.rescan, settle=args.settle, recursive=args.recursive,
               lock=False)
     finally:
         folder.release()
