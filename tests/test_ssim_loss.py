@@ -141,11 +141,11 @@ def test_awssim_per_sample_sigmas_are_used():
     loss = AWSSIMLoss((0.2, 0.3, 0.5), sigma0=1.0, k=0.5)
     batched = loss(x, y)
     assert loss.schedule.steps == 3
-    separate = [1.0 - reference.aw_ssim(x[i:i + 1], y[i:i + 1], torch.tensor([s]), 0.2, 0.3, 0.5, 11, "sum", 2.0)
+    separate = [1.0 - reference.aw_ssim(x[i:i + 1] + 1, y[i:i + 1] + 1, torch.tensor([s]), 0.2, 0.3, 0.5, 11, "sum", 2.0)
                 for i, s in enumerate([1.0, 1.5, 2.0])]
     assert float(batched) == pytest.approx(float(torch.stack(separate).mean()), abs=1e-6)
     # the sigma really changes the score (so the comparison above is not vacuous)
-    fixed = [float(1.0 - reference.aw_ssim(x[:1], y[:1], torch.tensor([s]), 0.2, 0.3, 0.5, 11, "sum", 2.0)) for s in (1.0, 2.0)]
+    fixed = [float(1.0 - reference.aw_ssim(x[:1] + 1, y[:1] + 1, torch.tensor([s]), 0.2, 0.3, 0.5, 11, "sum", 2.0)) for s in (1.0, 2.0)]
     assert abs(fixed[0] - fixed[1]) > 1e-3
 
 
@@ -155,7 +155,7 @@ def test_awssim_eval_mode_holds_sigma():
     loss.eval()
     a = loss(x, y)
     assert loss.schedule.steps == 0
-    ref = 1.0 - reference.aw_ssim(x, y, torch.full((2,), 1.5), *PRESETS["balanced"], 11, "sum", 2.0).mean()
+    ref = 1.0 - reference.aw_ssim(x + 1, y + 1, torch.full((2,), 1.5), *PRESETS["balanced"], 11, "sum", 2.0).mean()
     assert float(a) == pytest.approx(float(ref), abs=1e-6)
     loss.train()
     loss(x, y)
@@ -191,7 +191,7 @@ def test_ssim_loss_matches_pytorch_msssim(dtype, seed):
     g = torch.Generator().manual_seed(seed + 10)
     y = (0.8 * x + 0.3 * torch.randn(x.shape, generator=g, dtype=dtype)).clamp(-1, 1)
     ours = SSIMLoss()(x, y)
-    theirs = 1.0 - pytorch_msssim.ssim(x, y, data_range=2.0, size_average=True, win_size=11, win_sigma=1.5)
+    theirs = 1.0 - pytorch_msssim.ssim((x + 1) / 2, (y + 1) / 2, data_range=1.0, size_average=True, win_size=11, win_sigma=1.5)
     assert float(ours) == pytest.approx(float(theirs), abs=1e-5)
     assert 0.05 < float(ours) < 1.5  # a real difference, not a trivial 0
 
@@ -199,3 +199,38 @@ def test_ssim_loss_matches_pytorch_msssim(dtype, seed):
 def test_ssim_loss_zero_on_identical():
     x = textured(2)
     assert abs(float(SSIMLoss()(x, x.clone()))) < 1e-5
+
+
+# -- the input range: luminance needs intensities from 0 -------------------------------------------
+
+def test_a_slightly_brighter_texture_is_nearly_equal_in_luminance():
+    """A texture 5 % brighter than its reconstruction ([0, 1] terms: +0.05) is close in every term.
+    On zero-centred values the luminance term fell to about 0 (means of opposite sign or near 0)."""
+    x = (0.5 * textured(2, seed=4)).clamp(-1, 1)  # mid-grey on average: the zero-centred worst case
+    y = x + 0.1  # +0.05 of the [0, 1] range
+    for loss in (AWSSIMLoss("luminance", fixed_sigma=1.5), AWSSIMLoss((1.0, 0.0, 0.0), fixed_sigma=1.5), SSIMLoss()):
+        assert float(loss(x, y)) < 0.02, loss
+    # what the loss computes: the index of the images in [0, 2] (equivalently [0, 1] with L = 1)
+    want = 1.0 - reference.aw_ssim((x + 1) / 2, (y + 1) / 2, torch.full((2,), 1.5), 0.6, 0.2, 0.2, 11, "sum", 1.0).mean()
+    assert float(AWSSIMLoss("luminance", fixed_sigma=1.5)(x, y)) == pytest.approx(float(want), abs=1e-6)
+
+
+def test_a_given_range_is_shifted_to_start_at_zero():
+    x, y = textured(2, seed=5), textured(2, seed=6)
+    shifted = AWSSIMLoss("balanced", fixed_sigma=1.5, data_range=1.0, low=0.0)((x + 1) / 2, (y + 1) / 2)
+    assert float(AWSSIMLoss("balanced", fixed_sigma=1.5)(x, y)) == pytest.approx(float(shifted), abs=1e-6)
+
+
+def test_the_sigma_schedule_is_not_rounded_to_a_bfloat16_batch(monkeypatch):
+    """Under autocast the reconstruction is bfloat16; the sigmas still follow the schedule in float32."""
+    import defect_fast.ops as ops
+
+    seen = []
+    real = ops.aw_ssim
+    monkeypatch.setattr(ops, "aw_ssim", lambda x, y, sigma, *a: seen.append(sigma) or real(x, y, sigma, *a))
+    loss = AWSSIMLoss("balanced", sigma0=0.5, k=0.001)
+    x, y = textured(3, seed=7).bfloat16(), textured(3, seed=8).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss(x, y)
+    assert seen[0].dtype == torch.float32
+    assert seen[0].tolist() == pytest.approx([0.5, 0.501, 0.502], abs=1e-7)

@@ -6,7 +6,11 @@ grows by a constant k after each patch and starts again at the beginning of ever
 The index itself is :func:`defect_fast.ops.aw_ssim`; this module supplies the weights, the sigma
 schedule and the ``1 - index`` loss.
 
-All losses here take images in [-1, 1], so the dynamic range L is 2 by default.
+All losses here take images in [-1, 1]: the dynamic range L is 2, and the images are shifted by
++1 to [0, 2] before the index. The luminance term (2 mu_x mu_y + C1) / (mu_x^2 + mu_y^2 + C1) is
+not shift-invariant: it assumes intensities from 0 (Eq. 2 with C1 = (K1 L)^2). On zero-centred
+values it falls towards 0 near mid-grey and turns negative where the two means differ in sign,
+so a texture 5 % brighter than its reconstruction would score l = 0.005 instead of 0.995.
 """
 from __future__ import annotations
 
@@ -169,7 +173,9 @@ class AWSSIMLoss(nn.Module):
             (so validation losses are comparable between epochs); None keeps using the schedule.
         window: odd Gaussian window length (11 in the paper).
         combine: "sum" (AW-SSIM, Eq. 7) or "product" (Eq. 6, weights as exponents).
-        data_range: L of the inputs (2 for [-1, 1]).
+        data_range: L, the width of the input range (2 for [-1, 1]).
+        low: the lowest value of the input range; inputs are shifted by ``-low`` to [0, L] before
+            the index (the luminance term needs intensities from 0; see the module docstring).
 
     Forward:
         x, y: [B, C, H, W] in [-1, 1] (H, W >= window). ``sigma``: optional [B] override.
@@ -188,6 +194,7 @@ class AWSSIMLoss(nn.Module):
         window: int = 11,
         combine: str = "sum",
         data_range: float = 2.0,
+        low: float = -1.0,
     ):
         super().__init__()
         if sigma_step not in ("patch", "batch"):
@@ -202,6 +209,7 @@ class AWSSIMLoss(nn.Module):
         self.window = int(window)
         self.combine = combine
         self.data_range = float(data_range)
+        self.low = float(low)
 
     def sigmas(self, n: int, device=None, dtype=torch.float32) -> torch.Tensor:
         """[n] window widths for the next n patches (advances the schedule in training mode)."""
@@ -212,12 +220,15 @@ class AWSSIMLoss(nn.Module):
         return self.schedule.next(n, shared=self.sigma_step == "batch", device=device, dtype=dtype)
 
     def score(self, x: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """Per-sample index [B] with the given sigmas [B]."""
+        """Per-sample index [B] of inputs in [low, low + L] with the given sigmas [B]."""
+        if self.low != 0.0:
+            x, y = x - self.low, y - self.low
         return ops.aw_ssim(x, y, sigma, self.alpha, self.beta, self.gamma, self.window, self.combine, self.data_range)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
-        if sigma is None:
-            sigma = self.sigmas(x.shape[0], device=x.device, dtype=x.dtype)
+        if sigma is None:  # the schedule in float32 at least: bfloat16 would round it to 2-3 digits
+            dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+            sigma = self.sigmas(x.shape[0], device=x.device, dtype=dtype)
         return 1.0 - self.score(x, y, sigma).mean()
 
     def extra_repr(self) -> str:
@@ -229,12 +240,13 @@ class SSIMLoss(AWSSIMLoss):
     """Standard SSIM loss 1 - SSIM(x, y): l * c * s, fixed Gaussian sigma 1.5, 11x11 window.
 
     The loss of the AE-SSIM baseline and of the SSIM terms in the ablations. Equal to
-    ``1 - pytorch_msssim.ssim(x, y, data_range=2, win_size=11, win_sigma=1.5)`` for [-1, 1] inputs
-    (same constants K1 = 0.01, K2 = 0.03, valid windows).
+    ``1 - pytorch_msssim.ssim((x + 1) / 2, (y + 1) / 2, data_range=1, win_size=11, win_sigma=1.5)``
+    for [-1, 1] inputs (same constants K1 = 0.01, K2 = 0.03, valid windows).
     """
 
-    def __init__(self, window: int = 11, sigma: float = 1.5, data_range: float = 2.0):
-        super().__init__(weights=(1.0, 1.0, 1.0), fixed_sigma=sigma, window=window, combine="product", data_range=data_range)
+    def __init__(self, window: int = 11, sigma: float = 1.5, data_range: float = 2.0, low: float = -1.0):
+        super().__init__(weights=(1.0, 1.0, 1.0), fixed_sigma=sigma, window=window, combine="product",
+                         data_range=data_range, low=low)
 
 
 __all__ = ["PRESETS", "CATEGORY_PRESETS", "resolve_weights", "preset_for", "SigmaSchedule", "AWSSIMLoss", "SSIMLoss"]

@@ -104,14 +104,15 @@ def aw_ssim(
 
     Args:
         x, y: [B, C, H, W] images, same shape, dtype and device; H, W >= window.
-        sigma: [B] Gaussian standard deviation per sample (> 0), same dtype and device.
+        sigma: [B] Gaussian standard deviation per sample (> 0), same device (computed in x's dtype).
         alpha, beta, gamma: weights (``combine="sum"``) or exponents (``combine="product"``)
             of luminance l, contrast c and structure s.
         window: odd window length K (11 in both papers).
         combine: "sum" -> alpha*l + beta*c + gamma*s (AW-SSIM, Eq. 7 of the second paper);
             "product" -> l^alpha * c^beta * s^gamma (Eq. 6; standard SSIM at 1, 1, 1), the power
             of s taken sign-preserving (sign(s)|s|^gamma) so that it is defined for s < 0.
-        data_range: L, the dynamic range of the pixel values (1 for [0, 1], 2 for [-1, 1]).
+        data_range: L, the dynamic range of the pixel values, which must lie in [0, L]: the
+            luminance term is not shift-invariant (shift images in [-1, 1] by +1, with L = 2).
         return_map: also return the per-pixel index map.
 
     Definitions (per sample b and channel, g = gaussian_windows(sigma, K), separable 2-D window):
@@ -137,7 +138,7 @@ def aw_ssim(
     if combine not in ("sum", "product"):
         raise ValueError(f"aw_ssim: combine must be 'sum' or 'product', got {combine!r}")
     B, C, H, W = x.shape
-    g = gaussian_windows(sigma, window)  # [B, K]
+    g = gaussian_windows(sigma, window).to(x.dtype)  # [B, K]
 
     def blur(t: torch.Tensor) -> torch.Tensor:
         # Separable valid filtering with one kernel per sample: grouped conv over B*C planes.

@@ -17,10 +17,11 @@ Architecture (Table I), for 64x64 patches:
            z'' = z' + i * C (Eq. 10)
     Decoder (mirror, transposed convs, ReLU, tanh output)
 
-The paper leaves some choices open; each is a constructor switch, the paper's reading first:
+The paper leaves some choices open; each is a constructor switch, the default first:
     gate_activation: "softmax" (Eqs. 6-7 say sigma is the softmax) | "sigmoid" (LSTM gates).
     gate_target: "memory" (Eq. 9 gates z_hat) | "encoder" (the text: erase foreground in z).
-    renorm_p: 1 (MemAE's L1 renormalisation of the shrunk weights) | 2.
+    renorm_p: 1 (MemAE's L1 renormalisation of the shrunk weights, on which the module is built;
+        the default, not the paper's reading) | 2 (the paper's ||w||, "the modulus length" at Eq. 2).
     memory_size: N is not given; 2000 by default.
     latent: width C of the code z, the memory items and the FRM (Table I: 512).
     fusion: "cmam" (the paper) | "mam" (memory only, MemAE; Table V column B) |
