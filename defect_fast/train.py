@@ -485,11 +485,11 @@ class Trainer:
                 while self.position["epoch"] < cfg.epochs[stage] and done < total_steps:
                     epoch = self.position["epoch"]
                     order = PatchEpoch(n, self.grid, _generator(cfg.seed, stage, epoch))
-                    self.model.set_epoch_length(per_epoch)
+                    self.model.set_epoch_length(per_epoch, batch_size=cfg.batch_size)
                     self.model.begin_epoch(stage, epoch)
                     # Replaying the sigma schedule on resume: skip the patches already seen this epoch.
                     if self.position["step"]:
-                        self.model.skip_patches(min(self.position["step"] * cfg.batch_size, per_epoch))
+                        self.model.skip_patches(min(self.position["step"] * cfg.batch_size, per_epoch), cfg.batch_size)
                     while self.position["step"] < steps_per_epoch and done < total_steps:
                         step = self.position["step"]
                         t0 = time.perf_counter()

@@ -222,7 +222,7 @@ def test_stage2_is_eq10_with_stub_perceptual():
     recon, target = patches(2, 32, seed=1), patches(2, 32, seed=2)
     total, parts = m.loss({"recon": recon}, target, 1)
     sig = torch.tensor([1.0, 1.5])
-    aw = 1.0 - reference.aw_ssim(recon, target, sig, 1 / 3, 1 / 3, 1 / 3, window=11, combine="sum", data_range=2.0).mean()
+    aw = 1.0 - reference.aw_ssim(recon + 1, target + 1, sig, 1 / 3, 1 / 3, 1 / 3, window=11, combine="sum", data_range=2.0).mean()
     lp = (recon - target).pow(2).mean()
     assert parts["awssim"] == pytest.approx(float(aw), abs=1e-6)
     assert parts["lpips"] == pytest.approx(float(lp), abs=1e-6)
@@ -330,3 +330,28 @@ def test_eval_mode_does_not_advance_schedule():
     m.train()
     m.loss(m(x), x, 0)
     assert m.criterion.schedule.steps == 2
+
+
+def test_batch_sigma_steps_count_batches_for_the_epoch_length_and_a_resume():
+    """sigma_step="batch": the trainer announces patches and batch size; an epoch of 100 patches in
+    batches of 10 is 10 schedule steps (sigma reaches sigma_end), and a resume 30 patches in is 3."""
+    m = tiny(sigma_step="batch", sigma0=0.5, sigma_end=3.0)
+    m.set_epoch_length(100, batch_size=10)
+    m.begin_epoch(0, 0)
+    sched = m.criterion.schedule
+    assert sched.epoch_length == 10 and sched.k == pytest.approx(0.25)
+    m.skip_patches(30, 10)
+    assert sched.steps == 3
+    per_patch = tiny(sigma0=0.5, sigma_end=3.0)  # the default counts patches
+    per_patch.set_epoch_length(100, batch_size=10)
+    per_patch.begin_epoch(0, 0)
+    per_patch.skip_patches(30, 10)
+    assert per_patch.criterion.schedule.epoch_length == 100 and per_patch.criterion.schedule.steps == 30
+
+
+def test_the_perceptual_network_keeps_float32_weights_under_autocast():
+    m = tiny()
+    m.criterion.lpips_factory = lambda _w: StubPerceptual()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m.criterion.lpips(patches(2, 32).bfloat16(), patches(2, 32, seed=1).bfloat16())
+    assert m.criterion._lpips[0].scale.dtype == torch.float32

@@ -106,8 +106,11 @@ class AnomalyModel(nn.Module):
     def begin_epoch(self, stage: int, epoch: int) -> None:
         """Called by the trainer before each epoch (e.g. to reset a sigma schedule)."""
 
-    def set_epoch_length(self, patches_per_epoch: int | None, stage: int | None = None) -> None:
-        """Called by the trainer before each epoch with the number of patches it will visit."""
+    def set_epoch_length(self, patches_per_epoch: int | None, stage: int | None = None,
+                         batch_size: int | None = None) -> None:
+        """Called by the trainer before each epoch with the number of patches it will visit, in
+        batches of ``batch_size``."""
 
-    def skip_patches(self, n: int) -> None:
-        """Called by the trainer when it resumes in the middle of an epoch, ``n`` patches in."""
+    def skip_patches(self, n: int, batch_size: int | None = None) -> None:
+        """Called by the trainer when it resumes in the middle of an epoch, ``n`` patches (in
+        batches of ``batch_size``) in."""

@@ -100,9 +100,13 @@ class AWAELoss(nn.Module):
             self._lpips.append(self.lpips_factory(self.lpips_weights))
         net = self._lpips[0]
         ref = next(iter(net.parameters()), None)
-        if ref is not None and (ref.device != x.device or ref.dtype != x.dtype):
-            net = net.to(device=x.device, dtype=x.dtype)
-            self._lpips[0] = net
+        # under autocast the network stays float32 (autocast runs its convolutions in low precision);
+        # casting it to a bfloat16 batch's dtype would round its weights for good
+        if ref is not None:
+            dtype = ref.dtype if torch.is_autocast_enabled(x.device.type) else x.dtype
+            if ref.device != x.device or ref.dtype != dtype:
+                net = net.to(device=x.device, dtype=dtype)
+                self._lpips[0] = net
         return net(x, y).mean()
 
     def forward(self, recon: torch.Tensor, target: torch.Tensor, stage: int) -> tuple[torch.Tensor, dict[str, float]]:

@@ -254,17 +254,25 @@ class AWAE(AnomalyModel):
         return receptive_field_areas([(KERNEL, STRIDE)] * MSFR_LEVELS)
 
     # -- sigma schedule ----------------------------------------------------------------------
-    def set_epoch_length(self, patches_per_epoch: int | None, stage: int | None = None) -> None:
+    def set_epoch_length(self, patches_per_epoch: int | None, stage: int | None = None,
+                         batch_size: int | None = None) -> None:
         """Announce the patches per epoch (of ``stage``, or of every stage) so the sigma schedule
         reaches ``sigma_end`` at the end of each epoch. Without it the length is measured during
         the first epoch of each stage, which holds the midpoint sigma meanwhile. With
-        ``sigma_step="batch"`` the length counts batches instead of patches."""
+        ``sigma_step="batch"`` the schedule steps once per batch: the epoch has
+        ceil(patches / ``batch_size``) steps (the number given is taken as steps when
+        ``batch_size`` is None)."""
         if patches_per_epoch is None:
             self._announced.pop(stage, None)
         else:
-            self._announced[stage] = int(patches_per_epoch)
+            self._announced[stage] = self._steps(int(patches_per_epoch), batch_size)
         if self._epoch_stage is not None and self.criterion.schedule is not None:
             self.criterion.schedule.set_epoch_length(self._length_for(self._epoch_stage))
+
+    def _steps(self, patches: int, batch_size: int | None) -> int:
+        """Schedule steps of ``patches`` patches fed in batches of ``batch_size``."""
+        per_batch = getattr(self.criterion.structural, "sigma_step", "patch") == "batch"
+        return -(-patches // batch_size) if per_batch and batch_size else patches
 
     def _length_for(self, stage: int) -> int | None:
         return self._announced.get(stage, self._announced.get(None, self._epoch_lengths.get(stage)))
@@ -280,11 +288,12 @@ class AWAE(AnomalyModel):
         schedule.set_epoch_length(self._length_for(stage))
         schedule.reset()
 
-    def skip_patches(self, n: int) -> None:
-        """Advance the sigma schedule past ``n`` patches (a run resumed in the middle of an epoch)."""
+    def skip_patches(self, n: int, batch_size: int | None = None) -> None:
+        """Advance the sigma schedule past ``n`` patches fed in batches of ``batch_size`` (a run
+        resumed in the middle of an epoch): n steps, or ceil(n / batch_size) with ``sigma_step="batch"``."""
         schedule = self.criterion.schedule
         if schedule is not None and n > 0:
-            schedule.next(n)
+            schedule.next(self._steps(n, batch_size))
 
 
 __all__ = ["AWAE", "SkipJoin", "PRESETS"]
