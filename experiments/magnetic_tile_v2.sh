@@ -121,6 +121,10 @@ for row in $ROWS; do
     awae-v4)     run awae-v4 awae 0 1 1 -- "${NEW[@]}" --set synthesis=perlin --context ;;
     awae-v4-s1)  run awae-v4-s1 awae 1 1 1 -- "${NEW[@]}" --set synthesis=perlin --context ;;
     awae-v4-s2)  run awae-v4-s2 awae 2 1 1 -- "${NEW[@]}" --set synthesis=perlin --context ;;
+    # the same AW-SSIM AE rows after the SSIM-family losses took their images shifted to [0, 2]
+    # (the luminance term needs intensities from 0); the rows above were trained before that
+    awae-v4-lum)    run awae-v4-lum awae 0 1 1 -- "${NEW[@]}" --set synthesis=perlin --context ;;
+    awae-paper-lum) run awae-paper-lum awae 0 1 1 ;;
     v3-bf16-context)
       refit cmaae-v3-bf16-context cmaae-v3-bf16 --context
       refit cmaae-v3-bf16-s1-context cmaae-v3-bf16-s1 --context
