@@ -9,7 +9,11 @@ For every target image ``I_T`` of the batch:
    standard deviation of each colour channel (a 6-vector, from a strided subsample of at most
    ~32x32 pixels). The source is drawn uniformly among the ``k_nearest`` candidates closest to the
    target in Euclidean distance of these vectors. This is the paper's "source images ... selected
-   ... based on the background colour and appearance of the target image" made explicit.
+   ... based on the background colour and appearance of the target image" made explicit. With
+   ``include_batch`` (the default) the nearest candidates are usually other defect-free images of
+   the batch, which match the target's appearance more closely than a natural photo does, so
+   the pasted piece is mostly another normal image's surface, misplaced; ``include_batch=False``
+   draws from the photos only.
 2. **Shape.** A polygon with ``n`` vertices, ``n`` uniform in ``vertices`` (3..7 by default). It
    is star-shaped around the centre of its box, so it never self-intersects: vertex ``i`` sits at
    angle ``2 pi (i + j_i) / n + theta_0`` (jitter ``|j_i| <= 0.35``, so angles strictly increase)

@@ -3,9 +3,13 @@
 Two variants, for both methods (``method``: ``"gaaga"`` for CMA-AE, ``"adga"`` for the AW-SSIM AE):
 
 ``variant="paper"``
-    The papers' generators, unchanged: :func:`~defect_fast.synthesis.gaaga` (rectangular natural
-    and blurred patches, hard edges) or :func:`~defect_fast.synthesis.adga` (soft-edged polygons
-    from appearance-matched sources), called with ``paper_options`` as keyword arguments. With
+    The papers' generators: :func:`~defect_fast.synthesis.gaaga` (rectangular natural and
+    blurred patches, hard edges) or :func:`~defect_fast.synthesis.adga` (soft-edged polygons from
+    appearance-matched sources), called with ``paper_options`` as keyword arguments, with their
+    own defaults where those are silent. NB: GAAGA's defaults are not the paper's rule of both
+    patches in every image: each image draws its patch kinds (both in 25 % of images), and
+    patches are 1/16 to 1/4 of the image side, not the paper's 256 on 512;
+    ``paper_options={"natural_prob": 1.0, "blurred_prob": 1.0}`` pastes both. With
     the default ``clean_fraction`` (None -> 0) the output is bit-identical to calling them directly
     with the same generator.
 

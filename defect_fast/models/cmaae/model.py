@@ -274,7 +274,8 @@ class CMAAE(AnomalyModel):
                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """GAAGA anomalies on clean [B,3,H,W] -> (images, mask).
 
-        ``synthesis="paper"``: the paper's natural-photo and blurred-normal rectangles;
+        ``synthesis="paper"``: natural-photo and blurred-normal rectangles with GAAGA's defaults
+        (each image draws its patch kinds; the paper pastes both: see :mod:`defect_fast.synthesis.synthesize`);
         "perlin": irregular Perlin-shaped regions with generated textures, cut-paste from other
         images, brightness changes and random opacity (:mod:`defect_fast.synthesis.synthesize`).
         """
