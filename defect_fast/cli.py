@@ -13,7 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .safety import (LOCK_NAME, MANIFEST_NAME, ArgumentParser, OutputFolder, UsageError, atomic_write_json, device_arg, dump_json_strict,
+from .safety import (LOCK_NAME, MANIFEST_NAME, ArgumentParser, OutputFolder, OutputRefused, UsageError, atomic_write_json, device_arg, dump_json_strict,
                      finite_float, nonneg_float, nonneg_int, one_line, output_path, positive_float, positive_int, run_main,
                      safe_output_file)
 
@@ -221,6 +221,10 @@ def _record_tree(folder: OutputFolder, sub: str) -> None:
         folder.record_many([root, *found] if sub else found)
 
 
+#: What ``demo`` writes in its output folder (besides metrics.json and the manifest).
+DEMO_OUTPUTS = ("data/train", "data/test", "data/ground_truth", "run", "maps")
+
+
 def cmd_demo(args) -> int:
     from .data.synthetic import make_synthetic_dataset
     from .models import model_class
@@ -234,8 +238,14 @@ def cmd_demo(args) -> int:
                       epochs=[args.epochs] * n_stages, seed=args.seed, device=args.device, model_kwargs=options)
     checked_model(cfg)  # a setting that cannot train is refused before an earlier demo is cleared
     folder = OutputFolder.create(out, overwrite=args.overwrite, what="output folder", command="demo")
+    # what the demo writes; after the clear of an earlier demo, whatever is left there is not its own
+    left = [out / sub for sub in DEMO_OUTPUTS if (out / sub).exists() or (out / sub).is_symlink()]
+    if left:
+        folder.release()
+        raise OutputRefused(f"output folder {out}: {left[0]} holds files defect-fast did not write; move them away "
+                            "or choose another folder")
     try:
-        make_synthetic_dataset(data, size=args.image_size, seed=args.seed)
+        make_synthetic_dataset(data, size=args.image_size, seed=args.seed, overwrite=True)  # its parts are not there
         _record_tree(folder, "data")
         print(f"synthetic dataset written to {data}")
         train(cfg, out / "run", progress=not args.quiet)
@@ -251,9 +261,11 @@ def cmd_demo(args) -> int:
         cmd_predict(ns)
         _record_tree(folder, "maps")
     except BaseException:
-        if not (out / "run" / "model.pt").exists():  # a failed start: nothing half-made is left
-            _record_tree(folder, "")
-            folder.discard()
+        for sub in DEMO_OUTPUTS:  # absent before this demo: all in them is its own
+            _record_tree(folder, sub)
+        run = out / "run"
+        if not (run / "model.pt").exists() and not (run / "checkpoint.pt").exists():
+            folder.discard()  # a failed start: nothing half-made is left (a training's progress is kept)
         raise
     return 0
 

@@ -1,6 +1,7 @@
 """Command line: evaluate JSON, predict outputs, refusals and errors that name the file."""
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -339,3 +340,63 @@ def test_predict_output_names_never_clash():
     stems = _output_stems(paths)
     assert len({s.lower() for s in stems}) == len(paths)
     assert stems[:3] == ["x_a", "x_a_2", "x_a_2_2"] and stems[3] == "B"
+
+
+DEMO = ["--image-size", "64", "--epochs", "1", "--quiet"]
+
+
+def test_demo_overwrite_keeps_the_files_it_did_not_write(tmp_path, capsys):
+    """A user's files in a demo folder survive --overwrite (the demo once recorded the whole folder
+    on a failure and removed it all); files inside what the demo writes make it refuse, in one line."""
+    out = tmp_path / "demo"
+    assert main(["demo", str(out), *DEMO]) == 0
+    (out / "notes.txt").write_text("mine")
+    (out / "data" / "notes.txt").write_text("mine too")
+    assert main(["demo", str(out), *DEMO, "--overwrite"]) == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "data" / "notes.txt").read_text() == "mine too"
+    assert (out / "run" / "model.pt").is_file()
+    (out / "data" / "train" / "good" / "keep.png").write_bytes(b"mine")
+    capsys.readouterr()
+    assert main(["demo", str(out), *DEMO, "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("defect-fast: error: output folder") and "data/train holds files" in err and "\n" not in err
+    assert (out / "data" / "train" / "good" / "keep.png").read_bytes() == b"mine" and (out / "notes.txt").is_file()
+
+
+def test_a_demo_that_fails_removes_only_its_own_files(tmp_path, monkeypatch, capsys):
+    import defect_fast.train as train_mod
+    from defect_fast.safety import UserError
+
+    out = tmp_path / "demo"
+    assert main(["demo", str(out), *DEMO]) == 0
+    (out / "notes.txt").write_text("mine")
+
+    def failing(cfg, run, **kw):
+        raise UserError("no room on the device")
+
+    monkeypatch.setattr(train_mod, "train", failing)
+    assert main(["demo", str(out), *DEMO, "--overwrite"]) == 2
+    assert "no room on the device" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"
+    assert not (out / "data").exists() and not (out / "run").exists()
+
+
+def test_an_interrupted_demo_keeps_its_training_to_resume(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the demo's training said "progress saved, continue with --resume" and then removed
+    the folder; the run and its data now stay, and the resume the message names works."""
+    import defect_fast.train as train_mod
+    from defect_fast.safety import UserError
+
+    real = train_mod.train
+
+    def interrupted(cfg, run, **kw):
+        cfg.max_steps = [1] * len(cfg.epochs)
+        real(cfg, run, **kw)
+        (Path(run) / "model.pt").unlink()  # as if stopped before the end: only the checkpoint is left
+        raise UserError(f"interrupted at step 1; progress saved, continue with --resume (run folder {run})")
+
+    monkeypatch.setattr(train_mod, "train", interrupted)
+    out = tmp_path / "demo"
+    assert main(["demo", str(out), *DEMO]) == 2
+    assert "continue with --resume" in capsys.readouterr().err
+    assert (out / "run" / "checkpoint.pt").is_file() and (out / "data" / "train").is_dir()
