@@ -188,9 +188,10 @@ def cmd_predict(args) -> int:
         folder.mkdir("overlays")
         report = {"run": str(args.run), "map": det.map_kind, "threshold": image_t, "threshold_source": source,
                   "pixel_threshold": pixel_t, "images": []}
-        for path, stem, img, m, s, (w, h) in zip(paths, stems, images, res["maps"], res["scores"], sizes):
-            map_rel, overlay_rel = f"maps/{stem}_map.png", f"overlays/{stem}_overlay.png"
-            map_png, overlay_png = folder.record_many([map_rel, overlay_rel])
+        names = [(f"maps/{stem}_map.png", f"overlays/{stem}_overlay.png") for stem in stems]
+        folder.reserve([n for pair in names for n in pair] + ["scores.json"])  # a user's file there: refused, none written
+        for path, (map_rel, overlay_rel), img, m, s, (w, h) in zip(paths, names, images, res["maps"], res["scores"], sizes):
+            map_png, overlay_png = folder.path / map_rel, folder.path / overlay_rel
             if (w, h) != (det.image_size, det.image_size):  # at the photo's own size, as the Python API gives them
                 m = resize_map(m, (h, w))
                 img = read_image(path, None)

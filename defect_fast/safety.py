@@ -740,6 +740,18 @@ class OutputFolder:
         self._write_manifest()
         return targets
 
+    def reserve(self, names: Iterable[str | os.PathLike]) -> list[Path]:
+        """Record files this command is about to write, all at once; refused
+        (:class:`OutputRefused`, nothing recorded) when one of them exists and the manifest does
+        not list it: a user's file is never replaced."""
+        names = list(names)
+        for name in names:
+            rel = self._rel(name)
+            target = self.path / rel
+            if (target.exists() or target.is_symlink()) and rel not in self.files:
+                raise OutputRefused(f"{target}: exists and was not written by defect-fast; move it away or choose another folder")
+        return self.record_many(names)
+
     def mkdir(self, name: str | os.PathLike) -> Path:
         """Create a sub-folder (and parents) and record it."""
         rel = self._rel(name)

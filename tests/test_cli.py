@@ -400,3 +400,16 @@ def test_an_interrupted_demo_keeps_its_training_to_resume(tmp_path, monkeypatch,
     assert main(["demo", str(out), *DEMO]) == 2
     assert "continue with --resume" in capsys.readouterr().err
     assert (out / "run" / "checkpoint.pt").is_file() and (out / "data" / "train").is_dir()
+
+
+def test_predict_overwrite_never_replaces_a_user_file_named_like_an_output(tiny_run, synthetic_root, tmp_path, capsys):
+    a, b = (synthetic_root / "test" / "spot" / "000.png"), (synthetic_root / "test" / "good" / "001.png")
+    out = tmp_path / "p"
+    assert main(["predict", str(tiny_run), str(a), "--out", str(out)]) == 0
+    (out / "maps" / "001_map.png").write_bytes(b"mine")  # the name b's map takes
+    capsys.readouterr()
+    assert main(["predict", str(tiny_run), str(b), "--out", str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "001_map.png: exists and was not written by defect-fast" in err and "\n" not in err
+    assert (out / "maps" / "001_map.png").read_bytes() == b"mine"
+    assert not (out / "overlays" / "001_overlay.png").exists()
