@@ -387,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, type=output_path, help="also write the metrics to this JSON file (new, unless --overwrite)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     e.add_argument("--map", choices=map_names(), default=None, help="anomaly map (default: the model's)")
-    e.add_argument("--stride", type=positive_int, default=None, help="patch stride at inference (default: patch size)")
+    e.add_argument("--stride", type=positive_int, default=None,
+                   help="patch stride at inference (default: the run's --infer-stride, else the patch size)")
     e.add_argument("--smooth", type=nonneg_float, default=None, help="Gaussian blur of the maps, in pixels (default: the run's setting)")
     e.add_argument("--blend", choices=BLENDS, default=None, help="weights of overlapping patches (default: the run's setting)")
     e.add_argument("--device", type=device_arg, default="auto")

@@ -521,7 +521,7 @@ def add_parser(subparsers) -> None:
                    help="fraction of each map's pixels counted as top pixels, in (0, 1] (default 0.001)")
     p.add_argument("--scale", choices=("figure", "row"), default="figure",
                    help="map colour scale: one per figure (default) or one per row")
-    p.add_argument("--stride", type=positive_int, default=None, help="inference patch stride (default: the model's patch size)")
+    p.add_argument("--stride", type=positive_int, default=None, help="inference patch stride (default: the run's --infer-stride, else the patch size)")
     p.add_argument("--blend", choices=BLENDS, default=None, help="weights of overlapping patches (default: the run's setting)")
     p.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--overwrite", action="store_true", help="replace the files an earlier diagnose wrote in --out")

@@ -248,11 +248,14 @@ def write_report(
     section("summary", "Summary", "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>"
                                                          for k, v in rows) + "</table>")
 
-    # metrics and curves
+    # metrics and curves: pixel metrics need defective images with masks, image-level ones both
+    # kinds of image; the rates at the threshold need either
     metrics: dict[str, Any] = {}
-    if y is not None and (y == 1).any() and (y == 0).any():
+    has_bad = y is not None and bool((y == 1).any())
+    has_good = y is not None and bool((y == 0).any())
+    if has_bad or has_good:
         body = []
-        if masks is not None:
+        if masks is not None and has_bad:
             from .metrics import evaluate
 
             metrics = evaluate(maps, masks, torch.as_tensor(s), torch.as_tensor(y), list(classes) if classes else None)
@@ -262,28 +265,36 @@ def write_report(
             body.append("<table>" + head + "".join(
                 f"<tr><td>{html.escape(c)}</td>" + "".join(f"<td>{_fmt(m.get(k))}</td>" for k in keys)
                 + f"<td>{m.get('num_images')}</td></tr>" for c, m in trs) + "</table>")
-        else:
+        elif has_bad and has_good:
             from .metrics import image_auroc
 
             metrics = {"image_auroc": image_auroc(s, y)}
             body.append(f"<table><tr><th>image AUROC</th><td>{_fmt(metrics['image_auroc'])}</td></tr></table>")
-        best = f1_optimal_threshold(s, y)
-        metrics["f1_optimal"] = best
-        rows = [("F1-optimal image threshold", best["threshold"]), ("F1 there", best["f1"]),
-                ("precision / recall there", f"{best['precision']:.4f} / {best['recall']:.4f}")]
+        rows = []
+        if has_bad and has_good:
+            best = f1_optimal_threshold(s, y)
+            metrics["f1_optimal"] = best
+            rows = [("F1-optimal image threshold", best["threshold"]), ("F1 there", best["f1"]),
+                    ("precision / recall there", f"{best['precision']:.4f} / {best['recall']:.4f}")]
         if thr is not None:
             r = rates_at(s, y, thr)
             metrics["at_threshold"] = r
-            asked = meta.extra.get("far") if meta is not None else None
-            rows += [("threshold in use", thr),
-                     ("false-alarm rate at it", f"{_fmt(r['false_alarm_rate'])} ({r['false_alarms']} of {r['n_good']} good)"
-                      + (f"; asked {asked:g}" if isinstance(asked, (int, float)) else "")),
-                     ("miss rate at it", f"{_fmt(r['miss_rate'])} ({r['misses']} of {r['n_defective']} defective)")]
-        body.append("<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in rows) + "</table>")
-        section("metrics", "Metrics", "\n".join(body))
-        roc, pr = _curves(s, y, thr)
-        section("curves", "ROC and precision-recall (image level)",
-                f'<div class="plots"><img alt="ROC curve" src="{roc}"><img alt="precision-recall curve" src="{pr}"></div>')
+            stored = meta is not None and threshold is None  # the rate asked was asked of the stored threshold
+            asked = meta.extra.get("far") if stored else None
+            rows.append(("threshold in use", thr))
+            if has_good:
+                rows.append(("false-alarm rate at it", f"{_fmt(r['false_alarm_rate'])} ({r['false_alarms']} of {r['n_good']} good)"
+                             + (f"; asked {asked:g}" if isinstance(asked, (int, float)) else "")))
+            if has_bad:
+                rows.append(("miss rate at it", f"{_fmt(r['miss_rate'])} ({r['misses']} of {r['n_defective']} defective)"))
+        if rows:
+            body.append("<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in rows) + "</table>")
+        if body:
+            section("metrics", "Metrics", "\n".join(body))
+        if has_bad and has_good:
+            roc, pr = _curves(s, y, thr)
+            section("curves", "ROC and precision-recall (image level)",
+                    f'<div class="plots"><img alt="ROC curve" src="{roc}"><img alt="precision-recall curve" src="{pr}"></div>')
 
     section("histogram", "Score histogram", f'<img alt="score histogram" src="{_histogram(s, y, thr)}">')
 
@@ -319,7 +330,14 @@ def write_report(
         imgs = "".join(f'<img alt="{k}" title="{k}" src="{u}">' for k, u in tiles)
         cards.append(f'<div class="card {css}">{imgs}{cap}</div>')
     cols = "input, reconstruction, map, overlay" if rec_u8 is not None else "input, map, overlay"
-    sampled = " All false alarms and misses are shown, the rest evenly sampled." if len(shown) < n else ""
+    n_err, n_err_shown = int((fa | miss).sum()), int((fa | miss)[shown].sum()) if len(shown) else 0
+    if len(shown) >= n:
+        sampled = ""
+    elif n_err_shown == n_err:
+        sampled = " All false alarms and misses are shown, the rest evenly sampled."
+    else:
+        sampled = (f" {n_err_shown} of the {n_err} false alarms and misses are shown (the highest scores; "
+                   "raise --max-gallery to see all).")
     note = (f'<p class="note">{len(shown)} of {n} images, highest score first; each: {cols}'
             f'{", mask" if masks is not None else ""}. Red: false alarm (good, flagged); purple: miss '
             f"(defective, passed); orange: flagged.{sampled}</p>")

@@ -154,3 +154,34 @@ def test_report_renders_in_chromium(tmp_path, chromium):
     shot2 = tmp_path / "blank.png"
     _chromium(chromium, f"--screenshot={shot2}", "--window-size=1100,1600", blank.resolve().as_uri())
     assert np.asarray(Image.open(shot2).convert("RGB"), dtype=np.float64).std() < 1
+
+
+def test_the_gallery_note_says_when_errors_are_left_out(tmp_path):
+    images, masks, labels, classes = make_set()
+    res = stub_predict(images)
+    scores = torch.linspace(0, 1, 12)
+    scores[:6] = torch.linspace(0.7, 0.9, 6)  # every good image flagged: 6 false alarms
+    info = ModelInfo(S, image_threshold=0.5)
+    common = dict(names=[f"img{i}.png" for i in range(12)], images=images, maps=res["maps"], scores=scores,
+                  labels=labels, masks=masks, classes=classes, meta=info)
+    text = Path(write_report(tmp_path / "a.html", max_gallery=3, **common)["path"]).read_text()
+    assert "3 of the 6 false alarms and misses are shown" in text and "All false alarms" not in text
+    text = Path(write_report(tmp_path / "b.html", max_gallery=8, **common)["path"]).read_text()
+    assert "All false alarms and misses are shown" in text
+
+
+@pytest.mark.parametrize("kind", ["defective only", "good only"])
+def test_a_set_of_one_kind_still_gets_the_metrics_it_supports(tmp_path, kind):
+    """Only defective images: the pixel metrics and the miss rate (evaluate gives them); only good
+    images: the false-alarm rate. The image-level curves need both kinds."""
+    images, masks, labels, classes = make_set(n_good=0, n_bad=4) if kind == "defective only" else make_set(n_good=4, n_bad=0)
+    res = stub_predict(images)
+    info = ModelInfo(S, image_threshold=0.5, extra={"far": 0.01})
+    out = write_report(tmp_path / "r.html", names=[f"i{i}.png" for i in range(4)], images=images, maps=res["maps"],
+                       scores=res["scores"], labels=labels, masks=masks, classes=classes, meta=info)
+    text = Path(out["path"]).read_text()
+    assert out["sections"] == ["summary", "metrics", "histogram", "gallery"]
+    if kind == "defective only":
+        assert out["metrics"]["pixel_auroc"] > 0.9 and "miss rate at it" in text and "false-alarm rate at it" not in text
+    else:
+        assert "false-alarm rate at it" in text and "miss rate at it" not in text and "asked 0.01" in text
