@@ -3,7 +3,9 @@
 :func:`watch` runs a predict function on the images that arrive in ``IN_DIR`` and keeps, in
 ``OUT_DIR``::
 
-    results.jsonl          the journal: one JSON line per image (the record of what is done)
+    results.jsonl          the journal: one JSON line per image (the record of what is done); its
+                           "regions" are :func:`~defect_fast.calibration.defect_regions`, boxes
+                           x0, y0, x1, y1 inclusive, in the photo's pixels
     maps/<name>_map.png    grey anomaly map per image, at the image's own size
     overlays/<name>_overlay.png   the map over the image, at its own size
     rejected/              bad files, moved here (never deleted); their reason is in the journal
