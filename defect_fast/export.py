@@ -180,9 +180,8 @@ def export(run: Path | str, out: Path | str, fmt: str, *, batch: int = 1, overwr
            map_kind: str | None = None, stride: int | None = None, smooth_sigma: float | None = None,
            blend: str | None = None, precision: str = "float32") -> Path:
     """``defect-fast export``: the run's detector (options as in :class:`Detector`) to ``out``."""
-    out = Path(out)
     # the file and its sidecar: never inside the run, never replaced without --overwrite (before the model is read)
-    safe_output_file(out, overwrite, inputs=[run], what="--out")
+    out = safe_output_file(out, overwrite, inputs=[run], what="--out")
     safe_output_file(sidecar_path(out), overwrite, inputs=[run], what="--out's description")
     _check_arguments(fmt, precision, batch)
     det = Detector.load(run, device="cpu", map_kind=map_kind, stride=stride, smooth_sigma=smooth_sigma, blend=blend,
