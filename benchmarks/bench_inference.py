@@ -24,6 +24,10 @@ matrix product in the tuned path's dtype, timed in the same rounds (2048 on a CP
 GPU). No pipeline of this network runs faster than that on the machine; the tuned time over it
 says how much is left outside the arithmetic.
 
+The process's C allocator is set as the command line sets it
+(:func:`defect_fast.allocator.keep_freed_memory`, recorded as "allocator"; ``DEFECT_FAST_MALLOC=default``
+keeps glibc's own settings; ``benchmarks/bench_allocator.py`` compares the two).
+
     python benchmarks/bench_inference.py [--device cpu|cuda] [--batch 1 8 64] [--rounds 10]
         [--models cmaae awae] [--threads N] [--compile] [--no-cuda-graphs] [--out FILE]
 """
@@ -38,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from common import RESULTS, command_line, device_info, time_interleaved, write_results
 
 from defect_fast import ops
+from defect_fast.allocator import keep_freed_memory
 from defect_fast.precision import cudnn_benchmark
 from defect_fast.detect import PRECISIONS, Detector
 from defect_fast.models import build_model
@@ -88,10 +93,11 @@ def main() -> None:
     if min(args.batch) < 1 or args.rounds < 1 or args.warmup < 1 or (args.threads is not None and args.threads < 1):
         ap.error("--batch, --rounds, --warmup and --threads must be >= 1")
 
+    allocator = keep_freed_memory()  # as the command line sets it (DEFECT_FAST_MALLOC=default: glibc's own)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     info = device_info(args.device)
-    results = {"info": info, "command": command_line(), "native_backend": ops.backend(args.device),
+    results = {"info": info, "command": command_line(), "native_backend": ops.backend(args.device), "allocator": allocator,
                "paper_ms_per_image": PAPER_MS_PER_IMAGE, "image_size": SIZE, "threads": args.threads,
                "eager": dict(EAGER, images_per_call=EAGER_IMAGES_PER_CALL), "rows": []}
     print(f"{info.get('gpu') or info['cpu']} | torch {info['torch']} | threads {info['torch_threads']} | "

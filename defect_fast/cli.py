@@ -464,8 +464,10 @@ def _run(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """The ``defect-fast`` entry point: parse, run, and turn known errors into one line and status 2."""
+    from .allocator import keep_freed_memory
     from .runs import RunError
 
+    keep_freed_memory()  # the process runs the same large tensors call after call: keep freed pages
     return run_main(_run, argv, user_errors=(RunError,))
 
 
