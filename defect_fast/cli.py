@@ -247,7 +247,8 @@ def cmd_demo(args) -> int:
                             "or choose another folder")
     try:
         make_synthetic_dataset(data, size=args.image_size, seed=args.seed, overwrite=True)  # its parts are not there
-        _record_tree(folder, "data")
+        for sub in DEMO_OUTPUTS[:3]:  # its own parts of data/, not a user's file beside them
+            _record_tree(folder, sub)
         print(f"synthetic dataset written to {data}")
         train(cfg, out / "run", progress=not args.quiet)
         _record_tree(folder, "run")
