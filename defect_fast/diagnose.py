@@ -488,7 +488,8 @@ def diagnose(
     good = labels == 0
     brightness = test_set.images.float().mean(dim=(1, 2, 3))
     stats["good"]["score_vs_brightness"] = rank_correlation(scores[good], brightness[good]) if bool(good.any()) else math.nan
-    metrics = M.evaluate(maps, masks, scores, labels, test_set.classes) if has_masks and bool((labels == 0).any()) else None
+    # pixel metrics need defective images with masks only (image AUROC is nan without good images, as in evaluate)
+    metrics = M.evaluate(maps, masks, scores, labels, test_set.classes) if has_masks else None
     figures = draw_grid(test_set.images, recon, maps, scores, test_set.classes, out, masks=masks if has_masks else None,
                         per_class=per_class, top=top, patch=patch, stride=stride, scale=scale)
     table = format_table(stats, metrics)

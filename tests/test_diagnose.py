@@ -157,3 +157,27 @@ def test_main_reports_missing_run(tmp_path, capsys):
     assert err.count("\n") == 0 and "nope" in err
     assert main([str(tmp_path), str(tmp_path), "--out", str(tmp_path / "o"), "--top", "2"]) == 2
     assert "--top" in capsys.readouterr().err
+
+
+def test_diagnose_of_defective_images_only_gives_their_pixel_metrics(tmp_path, synthetic_root, capsys):
+    import shutil
+    import warnings
+
+    from defect_fast.data import load_test_set
+
+    root = tmp_path / "bad_only"
+    shutil.copytree(synthetic_root / "ground_truth", root / "ground_truth")
+    for d in (synthetic_root / "test").iterdir():
+        if d.name != "good":
+            shutil.copytree(d, root / "test" / d.name)
+    ts = load_test_set(root, 64)
+
+    def predict(images):
+        maps = images.float().mean(dim=1) / 255.0
+        return {"maps": maps, "scores": maps.flatten(1).max(1).values, "recon": images.float() / 127.5 - 1}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # image AUROC is undefined without good images (nan, with a warning)
+        res = diagnose(predict, ts, tmp_path / "d", patch=16, per_class=1, border=4, seam=1, top=0.01)
+    assert res["metrics"] is not None and 0 <= res["metrics"]["pixel_auroc"] <= 1 and 0 <= res["metrics"]["aupro"] <= 1
+    assert math.isnan(res["metrics"]["image_auroc"]) and "pixel AUROC" in capsys.readouterr().out
