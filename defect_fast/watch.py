@@ -362,8 +362,10 @@ def _event_keys(st: _State, paths: set[str], recursive: bool) -> set[str]:
     """The keys (paths relative to IN_DIR) of event paths that can hold candidates: not outside
     IN_DIR, not in OUT_DIR, not in a sub-folder unless ``recursive``, no temporary name on the way."""
     keys = set()
-    base = os.path.abspath(st.in_dir)
-    out = os.path.abspath(st.out)
+    # resolved, as the observer watches the resolved folder (a symlinked IN_DIR, macOS's real paths)
+    # and as _scan compares OUT_DIR; an event path is taken as given below the folder
+    base = os.path.realpath(st.in_dir)
+    out = os.path.realpath(st.out)
     for p in paths:
         p = os.path.abspath(p)
         if p == out or p.startswith(out + os.sep) or not p.startswith(base + os.sep):
@@ -387,8 +389,8 @@ def _update(st: _State, keys: set[str], recursive: bool, log: Callable[[str], No
         except (FileNotFoundError, NotADirectoryError):
             lst = None
         if lst is None or stat_mod.S_ISDIR(lst.st_mode):  # gone (a file or a folder), or a folder
-            st.known.pop(key, None)
-            if recursive:  # a folder moved away or in: what was known under it, and what is there now
+            was_file = st.known.pop(key, None) is not None
+            if recursive and not (lst is None and was_file):  # a folder moved away or in: what was known under it, and what is there now
                 prefix = key + "/"
                 for k in [k for k in st.known if k.startswith(prefix)]:
                     del st.known[k]
@@ -609,6 +611,15 @@ class _Events:
 _QUIET_EVENTS = frozenset({"opened", "closed_no_write"})
 
 
+def _identity(folder: Path) -> tuple[int, int] | None:
+    """(device, inode) of ``folder``, None when it is gone: a watch belongs to one folder, not its name."""
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _start_observer(in_dir: Path, recursive: bool, events: _Events, log: Callable[[str], None]):
     try:
         from watchdog.events import FileSystemEventHandler
@@ -626,7 +637,8 @@ def _start_observer(in_dir: Path, recursive: bool, events: _Events, log: Callabl
 
     try:
         observer = Observer()
-        observer.schedule(_Collect(), str(in_dir), recursive=recursive)
+        # the resolved folder: inotify would watch a symlink itself, and report nothing inside
+        observer.schedule(_Collect(), os.path.realpath(in_dir), recursive=recursive)
         observer.start()
     except Exception as exc:  # e.g. inotify watch limit reached
         log(f"file-system events unavailable ({type(exc).__name__}: {exc}): scanning the folder every poll interval")
@@ -699,6 +711,8 @@ def watch(
     in_dir, out = Path(in_dir), Path(out_dir)
     if not in_dir.is_dir():
         raise WatchError(f"{in_dir}: the folder to watch does not exist or is not a folder")
+    if os.path.realpath(out) == os.path.realpath(in_dir):
+        raise WatchError(f"{out}: the results folder must not be the folder to watch")
     for sub in (MAPS, OVERLAYS, REJECTED):
         (out / sub).mkdir(parents=True, exist_ok=True)
     held = _lock(out) if lock else None
@@ -726,11 +740,11 @@ def watch(
 
             for sig in (signal.SIGTERM, signal.SIGINT):
                 old_handlers[sig] = signal.signal(sig, on_signal)
+        watched = None  # (device, inode) of the folder the observer was started on
         if use_watchdog and not once:
             events = _Events(wake)
+            watched = _identity(in_dir)
             observer = _start_observer(in_dir, recursive, events, log)
-            if observer is None:
-                events = None
         c = st.totals
         log(f"watching {in_dir} -> {out} | model {info.name} {info.version} | threshold {st.threshold:.6g} | "
             f"{len(journal.records)} earlier result(s): pass {c.passed} fail {c.failed} rejected {c.rejected}")
@@ -738,7 +752,17 @@ def watch(
         _write_status(st, "running")
         listed = -float("inf")
         while not stop.is_set():
-            paths, overflow = events.take() if events is not None else (set(), True)
+            if events is not None and _identity(in_dir) != watched:  # renamed away or removed: the watch went with it
+                if observer is not None:
+                    observer.stop()
+                    observer.join(timeout=5)
+                watched = _identity(in_dir)
+                observer = None if watched is None else _start_observer(in_dir, recursive, events, log)
+                log(f"{in_dir} was replaced or removed: " + ("watching the new folder" if observer is not None
+                                                             else "scanning it every poll interval"))
+                listed = -float("inf")
+            live = events is not None and observer is not None
+            paths, overflow = events.take() if live else (set(), True)
             if overflow or time.monotonic() - listed >= rescan_interval:  # the whole folder
                 listed = time.monotonic()
                 st.known = _scan(st, recursive, log)

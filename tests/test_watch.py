@@ -451,3 +451,59 @@ def test_event_paths_outside_the_drop_folder_or_temporary_are_not_looked_at(tmp_
              str(tmp_path / "elsewhere.png"), str(src / ".c.png"), str(src / "d.png.part"), str(src)}
     assert watch_mod._event_keys(st, paths, recursive=False) == {"a.png"}
     assert watch_mod._event_keys(st, paths, recursive=True) == {"a.png", "sub/b.png"}
+
+
+def test_a_drop_folder_reached_through_a_symlink_gets_its_events(tmp_path, monkeypatch):
+    """inotify on the link itself reported nothing inside: every image waited for the safety-net listing."""
+    real, out = tmp_path / "real_drop", tmp_path / "out"
+    real.mkdir()
+    (tmp_path / "drop").symlink_to(real, target_is_directory=True)
+    listings = _count_listings(monkeypatch)
+    stop = threading.Event()
+    t, _, _ = _serve(tmp_path / "drop", out, stop, rescan_interval=3600)
+    time.sleep(0.3)
+    (real / "a.png").write_bytes(png_bytes(20))
+    n = _wait_for(out, 1, timeout=10)
+    stop.set()
+    t.join(timeout=20)
+    assert n == 1 and len(listings) == 1
+
+
+def test_a_drop_folder_replaced_under_the_service_is_watched_again(tmp_path, monkeypatch):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    stop = threading.Event()
+    lines = []
+    t, _, lines = _serve(src, out, stop, rescan_interval=3600)
+    time.sleep(0.3)
+    os.replace(src, tmp_path / "in_old")  # the camera software rotates its folder
+    src.mkdir()
+    time.sleep(0.3)
+    (src / "b.png").write_bytes(png_bytes(21))
+    n = _wait_for(out, 1, timeout=10)
+    stop.set()
+    t.join(timeout=20)
+    assert n == 1 and any("was replaced or removed" in line for line in lines)
+
+
+def test_results_inside_the_drop_folder_through_a_symlink_are_not_judged(tmp_path):
+    """OUT_DIR inside IN_DIR (Python API, recursive) spelled through a symlink: its maps were taken
+    for new images, each map making another."""
+    src = tmp_path / "in"
+    src.mkdir()
+    (tmp_path / "link").symlink_to(src, target_is_directory=True)
+    (src / "a.png").write_bytes(png_bytes(22))
+    stop = threading.Event()
+    t, _, _ = _serve(src, tmp_path / "link" / "results", stop, recursive=True, rescan_interval=3600)
+    _wait_for(src / "results", 1, timeout=10)
+    time.sleep(1.0)
+    stop.set()
+    t.join(timeout=20)
+    assert [r["image"] for r in journal(src / "results")] == ["a.png"]
+
+
+def test_the_results_folder_may_not_be_the_drop_folder(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    with pytest.raises(WatchError, match="must not be the folder to watch"):
+        watch(stub_predict, INFO, src, src, once=True, handle_signals=False, log=lambda m: None)
