@@ -217,8 +217,9 @@ def _record_tree(folder: OutputFolder, sub: str) -> None:
     """Record every file and folder under ``folder/sub`` (written by this command) in the manifest."""
     root = (folder.path / sub).absolute()
     if root.exists():
-        top = folder.path.absolute()
-        found = [p for p in sorted(root.rglob("*")) if not (p.parent == top and p.name in (MANIFEST_NAME, LOCK_NAME))]
+        # no manifest or lock file, at any depth: a nested run folder keeps its own, so that an
+        # --overwrite can clear what it lists (a resumed training adds files the demo never saw)
+        found = [p for p in sorted(root.rglob("*")) if p.name not in (MANIFEST_NAME, LOCK_NAME)]
         folder.record_many([root, *found] if sub else found)
 
 
@@ -239,6 +240,20 @@ def cmd_demo(args) -> int:
                       epochs=[args.epochs] * n_stages, seed=args.seed, device=args.device, model_kwargs=options)
     checked_model(cfg)  # a setting that cannot train is refused before an earlier demo is cleared
     folder = OutputFolder.create(out, overwrite=args.overwrite, what="output folder", command="demo")
+    for sub, command in (("run", "train"), ("maps", "predict")):
+        # an earlier demo's training or maps: their files are listed in their own manifests (a training
+        # killed, or resumed with train, added files the demo's manifest never listed)
+        nested = out / sub
+        if (nested / MANIFEST_NAME).is_file() and OutputFolder.written_by(nested) == command:
+            try:
+                earlier = OutputFolder.open(nested, lock=True, command=command)  # RunInUse while it trains
+                try:
+                    earlier.discard()  # its own files only; a user's file there stays, and is refused below
+                finally:
+                    earlier.release()
+            except BaseException:
+                folder.release()
+                raise
     # what the demo writes; after the clear of an earlier demo, whatever is left there is not its own
     left = [out / sub for sub in DEMO_OUTPUTS if (out / sub).exists() or (out / sub).is_symlink()]
     if left:

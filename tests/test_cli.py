@@ -414,3 +414,33 @@ def test_predict_overwrite_never_replaces_a_user_file_named_like_an_output(tiny_
     assert "001_map.png: exists and was not written by defect-fast" in err and "\n" not in err
     assert (out / "maps" / "001_map.png").read_bytes() == b"mine"
     assert not (out / "overlays" / "001_overlay.png").exists()
+
+
+def test_demo_overwrite_after_its_training_was_resumed_with_train(tmp_path, monkeypatch, capsys):
+    """An interrupted demo resumed with `train --resume` (or killed mid-training) leaves run/ files the
+    demo's manifest does not list, only the run's own: --overwrite now clears them through it."""
+    import defect_fast.train as train_mod
+    from defect_fast.safety import UserError
+
+    real = train_mod.train
+
+    def interrupted(cfg, run, **kw):
+        cfg.max_steps = [1] * len(cfg.epochs)
+        real(cfg, run, **kw)
+        (Path(run) / "model.pt").unlink()
+        raise UserError(f"interrupted at step 1; progress saved, continue with --resume (run folder {run})")
+
+    out = tmp_path / "demo"
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, "train", interrupted)
+        assert main(["demo", str(out), *DEMO]) == 2
+    (out / "run" / "late.txt").write_text("x")  # what a resumed training writes, unknown to the demo
+    runs = json.loads((out / "run" / ".defect_fast-manifest.json").read_text())
+    runs["files"].append("late.txt")
+    (out / "run" / ".defect_fast-manifest.json").write_text(json.dumps(runs))
+    demo_manifest = json.loads((out / ".defect_fast-manifest.json").read_text())
+    demo_manifest["files"] = [f for f in demo_manifest["files"] if not f.startswith("run/")]  # as after a kill -9
+    (out / ".defect_fast-manifest.json").write_text(json.dumps(demo_manifest))
+    capsys.readouterr()
+    assert main(["demo", str(out), *DEMO, "--overwrite"]) == 0, capsys.readouterr().err
+    assert (out / "run" / "model.pt").is_file() and not (out / "run" / "late.txt").exists()
