@@ -40,11 +40,12 @@ def keep_freed_memory(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int 
     """Set glibc's mmap and trim thresholds for this process (see the module docstring).
 
     A no-op, returning None, where the C library is not glibc, where the environment already sets
-    either threshold (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``: the user's choice),
-    or with ``DEFECT_FAST_MALLOC=default``. Returns the thresholds set, for the record.
+    malloc's settings (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, or ``glibc.malloc.*``
+    in ``GLIBC_TUNABLES``: the user's choice), or with ``DEFECT_FAST_MALLOC=default``. Returns the thresholds set, for the record.
     """
     global _applied
-    if os.environ.get("DEFECT_FAST_MALLOC", "").strip().lower() == "default" or any(v in os.environ for v in _ENV):
+    if (os.environ.get("DEFECT_FAST_MALLOC", "").strip().lower() == "default" or any(v in os.environ for v in _ENV)
+            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")):
         return None
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None

@@ -477,7 +477,8 @@ def safe_output_file(path: str | os.PathLike, overwrite: bool, *, inputs: Iterab
     Raises:
         OutputRefused: one line naming the file and what to do.
     """
-    if isinstance(path, str) and path.endswith(("/", os.sep)):  # Path() would drop the slash: a file named like the folder
+    text = os.fspath(path)
+    if text.endswith(("/", os.sep)) or os.path.basename(text) in (".", ".."):  # Path() would drop it: a file named like the folder
         raise OutputRefused(f"{what} {path}: names a folder; give a file name")
     p = Path(path)
     check_out_not_overlapping(p, inputs, what=what)

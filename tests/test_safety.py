@@ -223,8 +223,9 @@ def test_safe_output_file(tmp_path):
     with pytest.raises(OutputRefused, match="not a folder"):
         safe_output_file(img / "x.json", True)
     assert p.read_text() == "old" and img.read_bytes() == b"x"
-    with pytest.raises(OutputRefused, match="names a folder; give a file name"):  # a file "newdir" was written
-        safe_output_file(f"{tmp_path}/newdir/", False)
+    for name in (f"{tmp_path}/newdir/", f"{tmp_path}/newdir/.", f"{tmp_path}/newdir/.."):  # a file "newdir" was written
+        with pytest.raises(OutputRefused, match="names a folder; give a file name"):
+            safe_output_file(name, False)
     assert not (tmp_path / "newdir").exists()
 
 

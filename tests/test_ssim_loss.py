@@ -234,3 +234,22 @@ def test_the_sigma_schedule_is_not_rounded_to_a_bfloat16_batch(monkeypatch):
         loss(x, y)
     assert seen[0].dtype == torch.float32
     assert seen[0].tolist() == pytest.approx([0.5, 0.501, 0.502], abs=1e-7)
+
+
+def test_a_range_of_one_means_zero_to_one_inputs():
+    """data_range=1 alone: inputs in [0, 1], no shift (it shifted them by +1 to [1, 2])."""
+    pytorch_msssim = pytest.importorskip("pytorch_msssim")
+    x, y = (textured(2, seed=9) + 1) / 2, (textured(2, seed=10) + 1) / 2
+    theirs = 1.0 - pytorch_msssim.ssim(x, y, data_range=1.0, size_average=True, win_size=11, win_sigma=1.5)
+    assert float(SSIMLoss(data_range=1.0)(x, y)) == pytest.approx(float(theirs), abs=1e-5)
+
+
+def test_the_shift_is_done_in_float32_under_autocast(monkeypatch):
+    import defect_fast.ops as ops
+
+    seen = []
+    real = ops.aw_ssim
+    monkeypatch.setattr(ops, "aw_ssim", lambda x, y, sigma, *a: seen.append(x.dtype) or real(x, y, sigma, *a))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        AWSSIMLoss("balanced", fixed_sigma=1.5)(textured(2).bfloat16(), textured(2, seed=3).bfloat16())
+    assert seen[0] == torch.float32  # what the loss hands the op (the op then calls itself once more)

@@ -176,6 +176,7 @@ class AWSSIMLoss(nn.Module):
         data_range: L, the width of the input range (2 for [-1, 1]).
         low: the lowest value of the input range; inputs are shifted by ``-low`` to [0, L] before
             the index (the luminance term needs intensities from 0; see the module docstring).
+            None: -1 with ``data_range=2`` (the network's [-1, 1]), else 0 (inputs in [0, L]).
 
     Forward:
         x, y: [B, C, H, W] in [-1, 1] (H, W >= window). ``sigma``: optional [B] override.
@@ -194,7 +195,7 @@ class AWSSIMLoss(nn.Module):
         window: int = 11,
         combine: str = "sum",
         data_range: float = 2.0,
-        low: float = -1.0,
+        low: float | None = None,
     ):
         super().__init__()
         if sigma_step not in ("patch", "batch"):
@@ -209,7 +210,7 @@ class AWSSIMLoss(nn.Module):
         self.window = int(window)
         self.combine = combine
         self.data_range = float(data_range)
-        self.low = float(low)
+        self.low = float(low) if low is not None else (-1.0 if float(data_range) == 2.0 else 0.0)
 
     def sigmas(self, n: int, device=None, dtype=torch.float32) -> torch.Tensor:
         """[n] window widths for the next n patches (advances the schedule in training mode)."""
@@ -221,8 +222,9 @@ class AWSSIMLoss(nn.Module):
 
     def score(self, x: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """Per-sample index [B] of inputs in [low, low + L] with the given sigmas [B]."""
-        if self.low != 0.0:
-            x, y = x - self.low, y - self.low
+        if self.low != 0.0:  # in float32 at least: a bfloat16 shift would round pixels above mid-grey again
+            dtype = torch.promote_types(x.dtype, torch.float32)
+            x, y = x.to(dtype) - self.low, y.to(dtype) - self.low
         return ops.aw_ssim(x, y, sigma, self.alpha, self.beta, self.gamma, self.window, self.combine, self.data_range)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
@@ -244,7 +246,7 @@ class SSIMLoss(AWSSIMLoss):
     for [-1, 1] inputs (same constants K1 = 0.01, K2 = 0.03, valid windows).
     """
 
-    def __init__(self, window: int = 11, sigma: float = 1.5, data_range: float = 2.0, low: float = -1.0):
+    def __init__(self, window: int = 11, sigma: float = 1.5, data_range: float = 2.0, low: float | None = None):
         super().__init__(weights=(1.0, 1.0, 1.0), fixed_sigma=sigma, window=window, combine="product",
                          data_range=data_range, low=low)
 
