@@ -41,7 +41,8 @@ def keep_freed_memory(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int 
 
     A no-op, returning None, where the C library is not glibc, where the environment already sets
     malloc's settings (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, or ``glibc.malloc.*``
-    in ``GLIBC_TUNABLES``: the user's choice), or with ``DEFECT_FAST_MALLOC=default``. Returns the thresholds set, for the record.
+    in ``GLIBC_TUNABLES``: the user's choice), or with ``DEFECT_FAST_MALLOC=default``.
+    Returns the thresholds set, for the record.
     """
     global _applied
     if (os.environ.get("DEFECT_FAST_MALLOC", "").strip().lower() == "default" or any(v in os.environ for v in _ENV)

@@ -259,7 +259,8 @@ class _State:
     started: str = field(default_factory=_now_iso)
     warned_ext: set[str] = field(default_factory=set)
     unreadable: dict[str, tuple[int, int]] = field(default_factory=dict)
-    known: dict[str, tuple[Path, int, int]] = field(default_factory=dict)  # candidates in IN_DIR: key -> (path, size, mtime_ns)
+    # candidates in IN_DIR: key -> (path, size, mtime_ns)
+    known: dict[str, tuple[Path, int, int]] = field(default_factory=dict)
 
 
 def _lock(out: Path) -> RunLock:
@@ -390,7 +391,8 @@ def _update(st: _State, keys: set[str], recursive: bool, log: Callable[[str], No
             lst = None
         if lst is None or stat_mod.S_ISDIR(lst.st_mode):  # gone (a file or a folder), or a folder
             was_file = st.known.pop(key, None) is not None
-            if recursive and not (lst is None and was_file):  # a folder moved away or in: what was known under it, and what is there now
+            # a folder moved away or in (not a known file gone): what was known under it, what is there now
+            if recursive and not (lst is None and was_file):
                 prefix = key + "/"
                 for k in [k for k in st.known if k.startswith(prefix)]:
                     del st.known[k]
@@ -827,7 +829,8 @@ def add_parser(subparsers) -> None:
     w.add_argument("--poll", type=positive_float, default=1.0, help="seconds between folder scans (default 1)")
     w.add_argument("--rescan", type=positive_float, default=RESCAN_INTERVAL,
                    help="with file-system events (watchdog): seconds between listings of the whole folder, a safety "
-                        f"net for missed events; between them only the files events name are looked at (default {RESCAN_INTERVAL:g})")
+                        "net for missed events; between them only the files events name are looked at "
+                        f"(default {RESCAN_INTERVAL:g})")
     w.add_argument("--settle", type=nonneg_float, default=None,
                    help="seconds a file's size and time must stay unchanged before it is read (default: --poll)")
     w.add_argument("--threshold", type=finite_float, default=None,
@@ -873,8 +876,8 @@ def command(args) -> int:
         folder.record_many([JOURNAL, STATUS])
         print(f"threshold {info.image_threshold:.6g}: {info.extra.get('threshold_source')}", flush=True)
         watch(lambda x: det.predict_batched(x, images_per_batch=args.batch_size), info, in_dir, out, once=args.once,
-              batch_size=args.batch_size, poll_interval=args.poll, rescan_interval=args.rescan, settle=args.settle, recursive=args.recursive,
-              lock=False)
+              batch_size=args.batch_size, poll_interval=args.poll, rescan_interval=args.rescan, settle=args.settle,
+              recursive=args.recursive, lock=False)
     finally:
         folder.release()
     return 0
