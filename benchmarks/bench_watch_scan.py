@@ -37,7 +37,7 @@ def main() -> None:
                 (src / f"img_{i:06d}.png").touch()
             st = w._State(info=ModelInfo(64), threshold=0.5, in_dir=src, out=out, journal=None)
             st.known = w._scan(st, False, print)
-            st.done_sig = {k: (e[1], e[2]) for k, e in st.known.items()}  # every one judged
+            st.done_sig = {k: e[1:] for k, e in st.known.items()}  # every one judged
             (src / "new.png").touch()
             new = {str(src / "new.png")}
 

@@ -216,9 +216,21 @@ class Journal:
         os.close(self._fd)
 
 
+#: A file's signature: (size, mtime_ns, ctime_ns). The change time cannot be set by a copy that
+#: keeps the modification time (``cp -p``, archives), so a replacement of the same size and
+#: modification time is still seen. Journal lines written before it was recorded give (size, mtime_ns).
+Signature = tuple[int, ...]
+
+
+def _same_signature(done: Signature | None, sig: Signature) -> bool:
+    """Whether ``sig`` is the signature recorded as judged (an older record without ctime_ns matches
+    on size and mtime_ns)."""
+    return done is not None and tuple(sig[:len(done)]) == tuple(done)
+
+
 @dataclass
 class _Pending:
-    signature: tuple[int, int]
+    signature: Signature
     since: float
 
 
@@ -249,7 +261,7 @@ class _State:
     out: Path
     journal: Journal
     done: set[tuple[str, str]] = field(default_factory=set)
-    done_sig: dict[str, tuple[int, int]] = field(default_factory=dict)
+    done_sig: dict[str, Signature] = field(default_factory=dict)
     pending: dict[str, _Pending] = field(default_factory=dict)
     totals: _Counts = field(default_factory=_Counts)
     session: _Counts = field(default_factory=_Counts)
@@ -258,9 +270,9 @@ class _State:
     rate: float = 0.0
     started: str = field(default_factory=_now_iso)
     warned_ext: set[str] = field(default_factory=set)
-    unreadable: dict[str, tuple[int, int]] = field(default_factory=dict)
-    # candidates in IN_DIR: key -> (path, size, mtime_ns)
-    known: dict[str, tuple[Path, int, int]] = field(default_factory=dict)
+    unreadable: dict[str, Signature] = field(default_factory=dict)
+    # candidates in IN_DIR: key -> (path, size, mtime_ns, ctime_ns)
+    known: dict[str, tuple[Path, int, int, int]] = field(default_factory=dict)
 
 
 def _lock(out: Path) -> RunLock:
@@ -294,7 +306,8 @@ def _recover(st: _State, log: Callable[[str], None]) -> None:
         key = rec["image"]
         st.done.add((key, rec["sha256"]))
         if "size" in rec and "mtime_ns" in rec:
-            st.done_sig[key] = (rec["size"], rec["mtime_ns"])
+            st.done_sig[key] = ((rec["size"], rec["mtime_ns"], rec["ctime_ns"]) if "ctime_ns" in rec
+                                else (rec["size"], rec["mtime_ns"]))
         st.totals.add(rec.get("result", "rejected"))
         if rec.get("result") == "rejected" and rec.get("rejected_to"):
             src, dest = st.in_dir / key, st.out / rec["rejected_to"]
@@ -315,8 +328,9 @@ def _recover(st: _State, log: Callable[[str], None]) -> None:
             p.unlink(missing_ok=True)
 
 
-def _entry(st: _State, path: Path, stat: os.stat_result, log: Callable[[str], None]) -> tuple[Path, int, int] | None:
-    """(path, size, mtime_ns) of a regular file in IN_DIR that is an image candidate, else None
+def _entry(st: _State, path: Path, stat: os.stat_result,
+           log: Callable[[str], None]) -> tuple[Path, int, int, int] | None:
+    """(path, size, mtime_ns, ctime_ns) of a regular file in IN_DIR that is an image candidate, else None
     (a file with another extension is named once per extension)."""
     ext = path.suffix.lower()
     if ext not in IMAGE_EXTENSIONS:
@@ -324,13 +338,14 @@ def _entry(st: _State, path: Path, stat: os.stat_result, log: Callable[[str], No
             st.warned_ext.add(ext)
             log(f"ignoring files ending in {ext or '(no extension)'!r} such as {path} (not an image extension)")
         return None
-    return path, stat.st_size, stat.st_mtime_ns
+    return path, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
 def _scan(st: _State, recursive: bool, log: Callable[[str], None],
-          root: Path | None = None) -> dict[str, tuple[Path, int, int]]:
-    """Candidate files in IN_DIR (or its sub-folder ``root``): key (relative posix path) -> (path, size, mtime_ns)."""
-    found: dict[str, tuple[Path, int, int]] = {}
+          root: Path | None = None) -> dict[str, tuple[Path, int, int, int]]:
+    """Candidate files in IN_DIR (or its sub-folder ``root``): key (relative posix path) -> (path, size, mtime_ns,
+    ctime_ns)."""
+    found: dict[str, tuple[Path, int, int, int]] = {}
     out_resolved = st.out.resolve()
     stack = [st.in_dir if root is None else root]
     while stack:
@@ -427,8 +442,8 @@ def _ready(st: _State, keys, settle: float, once: bool) -> list[str]:
         if entry is None:  # gone
             st.pending.pop(key, None)
             continue
-        sig = (entry[1], entry[2])
-        if st.done_sig.get(key) == sig or st.unreadable.get(key) == sig:
+        sig = entry[1:]
+        if _same_signature(st.done_sig.get(key), sig) or st.unreadable.get(key) == sig:
             st.pending.pop(key, None)
             continue
         p = st.pending.get(key)
@@ -443,12 +458,12 @@ def _ready(st: _State, keys, settle: float, once: bool) -> list[str]:
     return ready
 
 
-def _base_record(st: _State, key: str, path: Path, sha: str, sig: tuple[int, int]) -> dict[str, Any]:
-    return {"image": key, "path": str(path), "sha256": sha, "size": sig[0], "mtime_ns": sig[1],
+def _base_record(st: _State, key: str, path: Path, sha: str, sig: Signature) -> dict[str, Any]:
+    return {"image": key, "path": str(path), "sha256": sha, "size": sig[0], "mtime_ns": sig[1], "ctime_ns": sig[2],
             "model": st.info.name, "model_version": st.info.version, "time": _now_iso()}
 
 
-def _reject(st: _State, key: str, path: Path, sha: str, sig: tuple[int, int], reason: str, log) -> None:
+def _reject(st: _State, key: str, path: Path, sha: str, sig: Signature, reason: str, log) -> None:
     dest = st.out / REJECTED / Path(key).name
     if dest.exists():
         dest = dest.with_name(f"{dest.stem}_{sha[:12]}{dest.suffix}")
@@ -474,11 +489,11 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
     from .visualize import save_map, save_overlay
 
     t0 = time.perf_counter()
-    good: list[tuple[str, Path, str, tuple[int, int], torch.Tensor, torch.Tensor]] = []
+    good: list[tuple[str, Path, str, Signature, torch.Tensor, torch.Tensor]] = []
     n_done = 0
     for key in keys:
-        path, size, mtime = st.known[key]
-        sig = (size, mtime)
+        path, *rest = st.known[key]
+        sig = tuple(rest)
         try:
             sha = _sha256_file(path)
         except FileNotFoundError:
@@ -503,7 +518,7 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
         except FileNotFoundError:
             st.pending.pop(key, None)
             continue
-        if (s2.st_size, s2.st_mtime_ns) != sig:  # changed while we read it: wait for it to settle again
+        if (s2.st_size, s2.st_mtime_ns, s2.st_ctime_ns) != sig:  # changed while we read it: wait for it to settle again
             st.pending.pop(key, None)
             continue
         st.pending.pop(key, None)

@@ -507,3 +507,44 @@ def test_the_results_folder_may_not_be_the_drop_folder(tmp_path):
     src.mkdir()
     with pytest.raises(WatchError, match="must not be the folder to watch"):
         watch(stub_predict, INFO, src, src, once=True, handle_signals=False, log=lambda m: None)
+
+
+def test_a_replacement_of_the_same_size_and_time_is_judged(tmp_path):
+    """A copy that keeps the modification time (cp -p, an archive) of another image of the same
+    byte size, over a judged one: judged again (the signature has the change time too)."""
+    import io
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+
+    def bmp(seed):
+        buf = io.BytesIO()
+        Image.fromarray((np.random.default_rng(seed).random((SIZE, SIZE, 3)) * 255).astype(np.uint8)).save(buf, format="BMP")
+        return buf.getvalue()
+
+    first, second = bmp(1), bmp(2)
+    assert len(first) == len(second) and first != second
+    (src / "a.bmp").write_bytes(first)
+    run_once(src, out)
+    stamp = os.stat(src / "a.bmp").st_mtime_ns
+    time.sleep(0.01)
+    (src / "a.bmp").write_bytes(second)
+    os.utime(src / "a.bmp", ns=(stamp, stamp))
+    run_once(src, out)
+    assert [r["sha256"] for r in journal(out)] == [hashlib.sha256(first).hexdigest(), hashlib.sha256(second).hexdigest()]
+    run_once(src, out)  # and once only
+    assert len(journal(out)) == 2
+
+
+def test_journal_lines_without_the_change_time_still_mark_their_images_done(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / "a.png").write_bytes(png_bytes(30))
+    run_once(src, out)
+    lines = journal(out)
+    del lines[0]["ctime_ns"]  # as an earlier version wrote it
+    (out / "results.jsonl").write_text(json.dumps(lines[0]) + "\n")
+    (src / "a.png").touch()  # a new change time; the size and modification time stay
+    os.utime(src / "a.png", ns=(lines[0]["mtime_ns"], lines[0]["mtime_ns"]))
+    res, _ = run_once(src, out)
+    assert res["session"]["total"] == 0 and len(journal(out)) == 1
