@@ -16,7 +16,7 @@
 
 When a file counts as complete: its name is not a temporary one (dotfiles, ``*.tmp``, ``*.part``,
 ``*.partial``, ``*.crdownload``, ``*.download``, ``*.swp``, ``*~``), it has an image extension, and
-its size and modification time stayed the same for ``settle`` seconds across two scans (slow
+its size, modification and change times stayed the same for ``settle`` seconds across two scans (slow
 copies keep changing; write-then-rename writers show the final name only when it is complete). A
 writer that pauses longer than ``settle`` in the middle of a file is taken as done; the truncated
 file is then rejected and moved to ``rejected/``, where it can be recovered. A file that cannot
