@@ -339,6 +339,7 @@ class Trainer:
             "stride": self.stride,
             "image_size": self.cfg.image_size,
             "train_precision": "float32" if self.dtype is None else str(self.dtype).removeprefix("torch."),
+            "objective": self.model.objective(),  # what a resume checks the losses against
             "data_digest": self.data_digest,  # what a resume checks the training images against
             "data_count": self.data_count,
             "train_seconds": self.train_seconds(),
@@ -680,6 +681,26 @@ def _warn_duplicates(keys: list[bytes], paths: list[Path], train_idx: list[int],
               f"{', ...' if len(twins) > 3 else ''}); the thresholds set on them will be optimistic: remove the copies")
 
 
+def _check_objective(out: Path, state: dict[str, Any], now: dict[str, int], log: Callable[[str], None]) -> None:
+    """Refuse to resume a run whose losses have changed definition since its checkpoint was
+    written (its remaining steps would train towards another objective than its first ones).
+    A checkpoint that records nothing predates the record: the resume goes on, with a warning
+    for the losses whose definition changed before the record existed."""
+    then = state.get("objective")
+    if then is None:
+        if "ssim_input_range" in now:
+            log(f"warning: {out / CHECKPOINT_FILE} does not record which SSIM loss it trained with; a run "
+                "started before the SSIM-family losses shifted their [-1, 1] inputs to [0, 2] now continues "
+                "with the shifted loss (train a new run if this one is that old)")
+        return
+    changed = sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k))
+    if changed:
+        said = ", ".join(f"{k} {then.get(k, 'none')} then, {now.get(k, 'none')} now" for k in changed)
+        raise RunError(f"{out}: the run's losses changed definition since it started ({said}); --resume would "
+                       "finish it towards another objective: train a new run, or finish this one with the "
+                       "defect_fast version that started it")
+
+
 def _trim_log(path: Path, last_step: int) -> None:
     """Drop the lines of the step log after ``last_step`` (logged after the checkpoint a resume
     starts from, so trained and logged again) and a torn last line; the file is left as it is when
@@ -766,6 +787,8 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
             else:
                 log(f"resuming {out} at stage {pos['stage'] + 1}, epoch {pos['epoch'] + 1}, step {pos['step']}")
         probe = checked_model(cfg, weights=False)  # the weights once the data is known to be usable (below)
+        if state is not None:
+            _check_objective(out, state, probe.objective(), log)
         device = resolve_device(cfg.device)
         before, now = (state or {}).get("compute"), compute_setting(device)
         if before and before != now:

@@ -235,6 +235,37 @@ def test_resume_continues_on_the_run_s_own_images_and_settings(synthetic_root, t
         train(_cfg(data), out, resume=True, progress=False, log=lambda s: None)
 
 
+def test_a_resume_never_switches_the_run_s_loss_definition(synthetic_root, tmp_path, monkeypatch):
+    """A checkpoint records the revision of the losses whose definition changed between versions
+    (the SSIM-family input range); a resume under another one is refused, one that records
+    nothing (written before the record) goes on with a warning, and a model without such a loss
+    is not concerned."""
+    from defect_fast.losses.ssim import INPUT_RANGE_REVISION
+    from defect_fast.runs import atomic_save
+
+    real = train_module.finish_run
+    monkeypatch.setattr(train_module, "finish_run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop")))
+    out = tmp_path / "run"
+    cfg = _cfg(synthetic_root, max_steps=[2, 1], model_kwargs={"memory_size": 20, "rec_loss": "ssim"})
+    with pytest.raises(RuntimeError, match="stop"):
+        train(cfg, out, progress=False, log=lambda s: None)
+    monkeypatch.setattr(train_module, "finish_run", real)
+    ckpt = out / "checkpoint.pt"
+    state = load_checkpoint(ckpt)
+    assert state["objective"] == {"ssim_input_range": INPUT_RANGE_REVISION}
+    atomic_save({**state, "objective": {"ssim_input_range": INPUT_RANGE_REVISION - 1}}, ckpt)
+    with pytest.raises(RunError, match=rf"ssim_input_range {INPUT_RANGE_REVISION - 1} then, {INPUT_RANGE_REVISION} now"):
+        train(cfg, out, resume=True, progress=False, log=lambda s: None)
+    assert load_checkpoint(ckpt)["position"] == state["position"] and not (out / "model.pt").exists()
+    atomic_save({k: v for k, v in state.items() if k != "objective"}, ckpt)
+    messages = []
+    train(cfg, out, resume=True, progress=False, log=messages.append)
+    assert any("does not record which SSIM loss" in m for m in messages), messages
+    assert (out / "model.pt").exists()
+    assert train_module.build_model("cmaae", memory_size=20).objective() == {}  # L1: nothing to record
+    assert train_module.build_model("awae").objective() == {"ssim_input_range": INPUT_RANGE_REVISION}
+
+
 def test_a_holdback_that_leaves_nothing_to_train_on_is_refused(synthetic_root, tmp_path):
     """It was taken as "too few images to hold back 4" and trained with none held back."""
     with pytest.raises(ConfigError, match=r"--holdback 0.99 holds back \d+ of the \d+ images and leaves none"):

@@ -24,6 +24,12 @@ from .. import ops
 
 Weights = Union[str, Sequence[float]]
 
+# What a training checkpoint records of these losses, so that a resume never changes a run's
+# objective half-way (see ``AnomalyModel.objective``): 1 compared the network's [-1, 1] values
+# as if they started at 0 (defect_fast up to the luminance fix described above), 2 shifts them
+# to [0, 2] first.
+INPUT_RANGE_REVISION = 2
+
 # Luminance, contrast and structure weights (alpha, beta, gamma) of Eq. 7, each set summing to 1.
 # The paper's Fig. 4 ranks the three terms per category but prints no numbers; these values keep
 # the ranking with a 3:1:1 ratio for the favoured term:

@@ -59,6 +59,12 @@ class AnomalyModel(nn.Module):
         """Scalar training loss for ``stage`` (0-based) and a dict of its parts for logging."""
         raise NotImplementedError
 
+    def objective(self) -> dict[str, int]:
+        """Revisions of the losses this model trains with whose definition has changed between
+        versions of defect_fast ({name: revision}; empty when none has). A training checkpoint
+        records them, and a resume refuses to continue a run whose objective they say has changed."""
+        return {}
+
     def trainable_parameters(self, stage: int) -> list[nn.Parameter]:
         """Parameters the optimiser updates in ``stage`` (the rest stay frozen)."""
         return list(self.parameters())

@@ -219,6 +219,13 @@ class CMAAE(AnomalyModel):
     def config(self) -> dict[str, Any]:
         return dict(self._config)
 
+    def objective(self) -> dict[str, int]:
+        if self.rec_loss != "ssim":
+            return {}
+        from ...losses.ssim import INPUT_RANGE_REVISION
+
+        return {"ssim_input_range": INPUT_RANGE_REVISION}
+
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = []
         for layer in self.encoder[:3]:
