@@ -27,6 +27,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from benchmarks.common import device_info  # noqa: E402  (CPU model, family and flags, or the GPU's name)
 from defect_fast.detect import Detector  # noqa: E402
 
 EAGER = {"precision": "float32", "channels_last": False, "batch_size": 512, "reuse_features": False, "fuse": False}
@@ -62,7 +63,8 @@ def compare(run: Path, data: Path, device: str = "auto", images_per_batch: int =
     checked = [diff[k] for k in ("pixel_auroc", "image_auroc") if k in diff and not math.isnan(diff[k])]
     return {
         "run": str(run), "data": str(data), "n_images": int(test.images.shape[0]), "device": str(eager.device),
-        "torch": torch.__version__, "eager": e, "tuned": t, "difference_points": diff,
+        "torch": torch.__version__, "info": device_info(str(eager.device)), "eager": e, "tuned": t,
+        "difference_points": diff,
         "max_abs_map_difference": float((e_res["maps"] - t_res["maps"]).abs().max()) if test.images.shape[0] else 0.0,
         "max_abs_score_difference": float((e_res["scores"] - t_res["scores"]).abs().max()) if test.images.shape[0] else 0.0,
         "bar_points": BAR_POINTS,
