@@ -80,8 +80,21 @@ def _file_png_uri(save: Callable[[Any], None]) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _thumb(img: Image.Image, size: int) -> Image.Image:
-    return img if img.size == (size, size) else img.resize((size, size), Image.BILINEAR)
+def _thumb(img: Image.Image, width: int, height: int) -> Image.Image:
+    return img if img.size == (width, height) else img.resize((width, height), Image.BILINEAR)
+
+
+#: Widest and narrowest gallery tile, in thumbnail heights (a 20:1 strip stays legible).
+_ASPECT_LIMITS = (0.25, 4.0)
+
+
+def _tile_width(size: tuple[int, int] | None, thumb: int) -> int:
+    """Width of a gallery tile ``thumb`` px high that shows a photo of ``size`` (width, height)
+    at its own proportions (within :data:`_ASPECT_LIMITS`); square without a size."""
+    if not size or size[0] <= 0 or size[1] <= 0:
+        return thumb
+    lo, hi = _ASPECT_LIMITS
+    return max(1, round(thumb * min(max(size[0] / size[1], lo), hi)))
 
 
 def _fig_uri(fig) -> str:
@@ -186,6 +199,7 @@ def write_report(
     source: str = "",
     max_gallery: int = 60,
     thumb: int = 160,
+    sizes: Sequence[tuple[int, int] | None] | None = None,
 ) -> dict[str, Any]:
     """Write the self-contained HTML report.
 
@@ -204,7 +218,9 @@ def write_report(
         threshold: image threshold (default ``meta.image_threshold``; None: no verdicts).
         title, source: page title; what was inspected (e.g. the data folder).
         max_gallery: most images in the gallery (all false alarms and misses come first).
-        thumb: side of the gallery thumbnails in pixels.
+        thumb: height of the gallery thumbnails in pixels.
+        sizes: N photos' own (width, height): each gallery tile shows its photo at those
+            proportions (``thumb`` high), not squashed into the model's square; None: square tiles.
 
     Returns:
         {"path", "n_images", "n_shown", "sections": ids written, "metrics": the numbers in the
@@ -217,6 +233,8 @@ def write_report(
     s = scores.detach().float().cpu().numpy().reshape(-1) if isinstance(scores, torch.Tensor) else np.asarray(scores, float)
     if images.shape[0] != n or maps.shape[0] != n or s.size != n:
         raise ValueError(f"report: {n} names but {images.shape[0]} images, {maps.shape[0]} maps, {s.size} scores")
+    if sizes is not None and len(sizes) != n:
+        raise ValueError(f"report: {n} images but {len(sizes)} sizes")
     y = None if labels is None else np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).reshape(-1).astype(int)
     if y is not None and y.size != n:
         raise ValueError(f"report: {n} images but {y.size} labels")
@@ -313,21 +331,24 @@ def write_report(
     cards = []
     for i in shown.tolist():
         img = images[i].cpu()
-        tiles = [("input", _png_uri(_thumb(Image.fromarray(img.permute(1, 2, 0).numpy()), thumb)))]
+        tw = _tile_width(sizes[i] if sizes is not None else None, thumb)
+        tiles = [("input", _png_uri(_thumb(Image.fromarray(img.permute(1, 2, 0).numpy()), tw, thumb)))]
         if rec_u8 is not None:
-            tiles.append(("reconstruction", _png_uri(_thumb(Image.fromarray(rec_u8[pos[i]].permute(1, 2, 0).numpy()), thumb))))
+            tiles.append(("reconstruction", _png_uri(_thumb(Image.fromarray(rec_u8[pos[i]].permute(1, 2, 0).numpy()), tw, thumb))))
         small = maps[i]
         # PIL's default zlib level: the page's size matters more than the time to write it
         tiles.append(("map", _file_png_uri(lambda f: save_map(small, f, scale, compress_level=6))))
         tiles.append(("overlay", _file_png_uri(lambda f: save_overlay(img, small, f, scale, compress_level=6))))
         if masks is not None and bool(masks[i].any()):
-            tiles.append(("mask", _png_uri(_thumb(Image.fromarray(masks[i].cpu().numpy().astype(np.uint8) * 255), thumb))))
+            tiles.append(("mask", _png_uri(_thumb(Image.fromarray(masks[i].cpu().numpy().astype(np.uint8) * 255), tw, thumb))))
         css, tag = ("fa", "false alarm") if fa[i] else ("miss", "miss") if miss[i] else \
             ("fail", "fail") if flagged[i] else ("pass", "pass") if thr is not None else ("", "")
         cls = f" ({html.escape(classes[i])})" if classes else ""
         tag_html = f'<span class="tag {css}">{tag}</span> ' if tag else ""
-        cap = f'<div class="cap">{tag_html}score {s[i]:.5g}{cls}<br>{html.escape(str(names[i]))}</div>'
-        imgs = "".join(f'<img alt="{k}" title="{k}" src="{u}">' for k, u in tiles)
+        wide = f' style="width:{tw}px"' if tw != thumb else ""  # the map and overlay PNGs are the model's square
+        cap_width = f' style="max-width:{5 * (tw + 2)}px"' if tw != thumb else ""
+        cap = f'<div class="cap"{cap_width}>{tag_html}score {s[i]:.5g}{cls}<br>{html.escape(str(names[i]))}</div>'
+        imgs = "".join(f'<img alt="{k}" title="{k}"{wide} src="{u}">' for k, u in tiles)
         cards.append(f'<div class="card {css}">{imgs}{cap}</div>')
     cols = "input, reconstruction, map, overlay" if rec_u8 is not None else "input, map, overlay"
     n_err, n_err_shown = int((fa | miss).sum()), int((fa | miss)[shown].sum()) if len(shown) else 0
@@ -386,13 +407,14 @@ def report_from_data(
     labels = masks = classes = None
     if (data / "test").is_dir():
         test = load_test_set(data, meta.image_size, require_masks=False)  # without ground_truth/: image-level only
-        images, names = test.images, [str(p) for p in test.paths]
+        images, names, sizes = test.images, [str(p) for p in test.paths], test.sizes
         labels, masks, classes = test.labels, (test.masks if test.has_masks else None), test.classes
     else:
         paths = list_images(data)
         if not paths:
             raise DataError(f"{data}: no images (and no MVTec-style test/ folder)")
-        images, names = read_images(paths, meta.image_size, where=data), [str(p) for p in paths]
+        sizes = []
+        images, names = read_images(paths, meta.image_size, where=data, sizes=sizes), [str(p) for p in paths]
     parts = [predict_fn(chunk) for chunk in images.split(batch_size)]
     res = {k: torch.cat([p[k].detach().float().cpu() for p in parts]) for k in ("maps", "scores")}
     recon = torch.cat([p["recon"].detach().float().cpu() for p in parts]) if all("recon" in p for p in parts) else None
@@ -400,7 +422,7 @@ def report_from_data(
         recon = lambda rows: torch.cat([reconstruct(c) for c in images[rows].split(batch_size)])  # noqa: E731
     return write_report(out, names=names, images=images, maps=res["maps"], scores=res["scores"], recon=recon,
                         labels=labels, masks=masks, classes=classes, meta=meta, threshold=threshold,
-                        source=str(data), **kwargs)
+                        source=str(data), **{"sizes": sizes, **kwargs})
 
 
 # --------------------------------------------------------------------------------------------

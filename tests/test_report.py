@@ -98,6 +98,66 @@ def test_report_from_mvtec_layout(tmp_path):
     assert out["metrics"]["image_auroc"] == pytest.approx(1.0)  # the squares are the brightest pixels
 
 
+def _gallery_tiles(text):
+    """[(alt, style width or None, decoded PNG size)] of every gallery image, in page order."""
+    import base64
+    import io
+
+    gallery = text[text.index('<section id="gallery"'):]
+    out = []
+    for alt, width, data in re.findall(r'<img alt="(\w+)" title="\w+"(?: style="width:(\d+)px")? '
+                                       r'src="data:image/png;base64,([^"]+)"', gallery):
+        size = Image.open(io.BytesIO(base64.b64decode(data))).size
+        out.append((alt, int(width) if width else None, size))
+    return out
+
+
+def test_gallery_tiles_keep_each_photo_s_proportions(tmp_path):
+    """Photos of another shape than the model's square are shown at their own proportions,
+    thumb px high (a tall tile and a wide one, within the 1:4 to 4:1 limits); without sizes the
+    tiles stay square."""
+    images, masks, labels, classes = make_set(n_good=3, n_bad=3)
+    root = tmp_path / "data"
+    shapes = [(32, 128), (200, 50), (64, 64), (400, 10), (100, 50), (50, 100)]  # (width, height)
+    for i, (im, m, c) in enumerate(zip(images, masks, classes)):
+        w, h = shapes[i]
+        d = root / "test" / c
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im.permute(1, 2, 0).numpy()).resize((w, h)).save(d / f"{i:03d}.png")
+        if c != "good":
+            g = root / "ground_truth" / c
+            g.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(m.numpy().astype(np.uint8) * 255).resize((w, h), Image.NEAREST).save(g / f"{i:03d}_mask.png")
+    out = report_from_data(stub_predict, ModelInfo(S, image_threshold=0.5), root, tmp_path / "r.html", thumb=80)
+    tiles = _gallery_tiles(Path(out["path"]).read_text())
+    expected = {0: 20, 1: 320, 2: 80, 3: 320, 4: 160, 5: 40}  # 80 px high; 400:10 capped at 4:1
+    assert tiles and {alt for alt, _, _ in tiles} >= {"input", "reconstruction", "map", "overlay", "mask"}
+    cards = []
+    for alt, width, size in tiles:
+        if alt == "input":
+            cards.append([])
+        cards[-1].append((alt, width, size))
+    assert len(cards) == 6
+    for card in cards:
+        shown = card[0][2][0]  # the input tile's width
+        for alt, width, size in card:
+            assert width == (None if shown == 80 else shown), (alt, card)  # every tile of a card as wide
+            if alt in ("input", "reconstruction", "mask"):
+                assert size == (shown, 80), (alt, size)
+            else:  # the map and the overlay are the model's square, stretched by the page
+                assert size == (S, S), (alt, size)
+    assert sorted(card[0][2][0] for card in cards) == sorted(expected.values())
+    # the square default of the API
+    res = stub_predict(images)
+    plain = write_report(tmp_path / "sq.html", names=[str(i) for i in range(6)], images=images, maps=res["maps"],
+                         scores=res["scores"], thumb=80)
+    assert {(width, size) for alt, width, size in _gallery_tiles(Path(plain["path"]).read_text())
+            if alt == "input"} == {(None, (80, 80))}
+    with pytest.raises(ValueError, match="6 images but 2 sizes"):
+        write_report(tmp_path / "x.html", names=[str(i) for i in range(6)], images=images, maps=res["maps"],
+                     scores=res["scores"], sizes=[(1, 1), (2, 2)])
+
+
 def test_report_rejects_mismatched_inputs(tmp_path):
     images, masks, labels, classes = make_set(2, 2)
     res = stub_predict(images)

@@ -117,6 +117,8 @@ class TestSet:
     #: False when the set came without a ground_truth/ folder (``require_masks=False``): the
     #: masks are then all False and say nothing; only image-level results apply.
     has_masks: bool = True
+    #: Each image file's own (width, height), upright, before the resize to the model's square.
+    sizes: list[tuple[int, int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -211,11 +213,12 @@ def load_test_set(
     n = len(items)
     images = torch.empty((n, channels, size, size), dtype=torch.uint8)
     masks = torch.zeros((n, size, size), dtype=torch.bool)
+    sizes: list = [None] * n
 
     def one(i: int) -> None:
         cls, img_path, mask_path = items[i]
         img, img_size = _load_image(img_path, size, channels, min_side)
-        images[i] = img
+        images[i], sizes[i] = img, tuple(img_size)
         if mask_path is not None:
             m, m_size = _load_mask(mask_path, size, notes)
             if m_size != img_size:
@@ -246,4 +249,5 @@ def load_test_set(
         paths=[p for _, p, _ in items],
         mask_paths=[m for _, _, m in items],
         has_masks=has_masks,
+        sizes=sizes,
     )
