@@ -35,6 +35,7 @@ from tqdm import tqdm
 from .data.dataset import to_model_range
 from .data.patches import grid_shape
 from .layers import keep_matrix_weights_contiguous
+from .losses.ssim import objective as ssim_objective
 from .models import AnomalyModel, build_model
 from .precision import cudnn_benchmark
 from .runs import (CHECKPOINT_FILE, CHECKPOINT_VERSION, CONFIG_FILE, LOG_FILE, MODEL_FILE, RunError,  # noqa: F401
@@ -688,7 +689,7 @@ def _check_objective(out: Path, state: dict[str, Any], now: dict[str, int], log:
     for the losses whose definition changed before the record existed."""
     then = state.get("objective")
     if then is None:
-        if "ssim_input_range" in now:
+        if now.keys() & ssim_objective().keys():
             log(f"warning: {out / CHECKPOINT_FILE} does not record which SSIM loss it trained with; a run "
                 "started before the SSIM-family losses shifted their [-1, 1] inputs to [0, 2] now continues "
                 "with the shifted loss (train a new run if this one is that old)")

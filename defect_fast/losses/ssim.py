@@ -30,6 +30,11 @@ Weights = Union[str, Sequence[float]]
 # to [0, 2] first.
 INPUT_RANGE_REVISION = 2
 
+
+def objective() -> dict[str, int]:
+    """What a model trained with one of these losses returns from ``AnomalyModel.objective``."""
+    return {"ssim_input_range": INPUT_RANGE_REVISION}
+
 # Luminance, contrast and structure weights (alpha, beta, gamma) of Eq. 7, each set summing to 1.
 # The paper's Fig. 4 ranks the three terms per category but prints no numbers; these values keep
 # the ranking with a 3:1:1 ratio for the favoured term:

@@ -54,7 +54,8 @@ from typing import Any, Sequence, Union
 import torch
 from torch import nn
 
-from ...losses.ssim import INPUT_RANGE_REVISION, PRESETS, Weights, resolve_weights
+from ...losses.ssim import PRESETS, Weights, resolve_weights
+from ...losses.ssim import objective as ssim_objective
 from ...ops.reference import receptive_field_areas
 from .. import register
 from ..base import AnomalyModel
@@ -203,7 +204,7 @@ class AWAE(AnomalyModel):
         return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in self._config.items()}
 
     def objective(self) -> dict[str, int]:
-        return {"ssim_input_range": INPUT_RANGE_REVISION}  # every loss mode has an SSIM-family term
+        return ssim_objective()  # every loss mode has an SSIM-family term
 
     def uses_lpips(self) -> bool:
         return self.criterion.uses_lpips(len(self.stages))

@@ -222,9 +222,9 @@ class CMAAE(AnomalyModel):
     def objective(self) -> dict[str, int]:
         if self.rec_loss != "ssim":
             return {}
-        from ...losses.ssim import INPUT_RANGE_REVISION
+        from ...losses.ssim import objective as ssim_objective
 
-        return {"ssim_input_range": INPUT_RANGE_REVISION}
+        return ssim_objective()
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = []
