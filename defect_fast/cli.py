@@ -20,6 +20,7 @@ from .safety import (LOCK_NAME, MANIFEST_NAME, ArgumentParser, OutputFolder, Out
 EPILOG = """examples:
   defect-fast demo runs/demo                                  synthetic data, train, evaluate, maps
   defect-fast train DATA --model cmaae --out runs/tile        DATA: MVTec-style root or image folder
+  defect-fast train DATA --out runs/tile --preset photos      the settings measured on real photographs
   defect-fast train DATA --out runs/tile --resume             continue an interrupted run
   defect-fast evaluate runs/tile DATA --json metrics.json
   defect-fast predict runs/tile img1.png folder/ --out maps/
@@ -65,12 +66,13 @@ def _print_thresholds(th: dict | None, out=None) -> None:
           f"({at['misses']}/{at['n_defective']} defective images)", file=out)
 
 
-def _stages(model: str, options: dict) -> int:
+def _stages(model: str, options: dict) -> tuple[str, ...]:
+    """The training stages of ``model`` built with ``options`` ("normal", "synthetic")."""
     from .models import build_model
     from .train import ConfigError
 
     try:
-        return len(build_model(model, **options).stages)
+        return tuple(build_model(model, **options).stages)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"--set: model {model} cannot be built with {options} ({exc})") from None
 
@@ -81,6 +83,59 @@ def _per_stage(values: list[int] | None, n: int, option: str) -> list[int] | Non
     if len(values) == 1:
         return values * n
     raise UsageError(f"{option}: the model trains in {n} stage(s); give one value or {n}, got {len(values)}")
+
+
+#: ``train --preset NAME``: a set of train options in one word, as argparse destinations and
+#: values; options given explicitly take precedence. "photos": the options of the recommended
+#: magnetic-tile runs (README, "Results on magnetic tile", v4), which met the accuracy bars there.
+PRESETS: dict[str, dict] = {
+    "photos": {"image_size": 256, "batch_size": 64, "patch_sampling": "random", "flips": True,
+               "lr_schedule": "cosine", "map": "perceptual", "infer_stride": 32, "blend": "hann",
+               "smooth": 4.0, "context": True},
+}
+#: What a preset sets that depends on the model: options of its synthetic anomalies (``--set``),
+#: for a model trained on them that has them, where ``--set`` does not give them; and the epochs
+#: in all, split evenly over the stages (the v4 rows: 1 + 1 for two-stage models, 2 for one-stage ones).
+PRESET_MODEL_OPTIONS: dict[str, dict] = {"photos": {"synthesis": "perlin"}}
+PRESET_EPOCHS: dict[str, int] = {"photos": 2}
+
+
+def _preset_flags(name: str) -> str:
+    """The options preset ``name`` stands for, as command-line flags (for messages and help)."""
+    flags = []
+    for dest, value in PRESETS[name].items():
+        flag = "--" + dest.replace("_", "-")
+        flags.append(flag if value is True else f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}")
+    flags += [f"--set {k}={v}" for k, v in PRESET_MODEL_OPTIONS.get(name, {}).items()]
+    return " ".join(flags) + f" and {PRESET_EPOCHS[name]} epochs in all"
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; with ``train --preset`` (and no ``--resume``), parse again with the preset's
+    values as the defaults, so that options given explicitly win."""
+    args = build_parser().parse_args(argv)
+    if getattr(args, "preset", None) and not args.resume:
+        args = build_parser(train_defaults=PRESETS[args.preset]).parse_args(argv)
+    return args
+
+
+def _preset_model_options(preset: str, model: str, given: dict) -> dict:
+    """The preset's model options for ``model`` (built with the ``--set`` options ``given``) that
+    ``--set`` did not give: none for a model without a synthetic stage."""
+    from .models import check_options
+
+    if "synthetic" not in _stages(model, given):
+        return {}
+    out = {}
+    for key, value in PRESET_MODEL_OPTIONS.get(preset, {}).items():
+        if key in given:
+            continue
+        try:
+            check_options(model, {key: value})
+        except ValueError:
+            continue  # a model of its own synthesis, without this option
+        out[key] = value
+    return out
 
 
 # train options a --resume may be given with: the rest are the run's own, saved when it started
@@ -109,8 +164,13 @@ def cmd_train(args) -> int:
         kwargs = parse_options(args.model, args.set)
     except ValueError as exc:
         raise UsageError(f"--set: {exc}") from None
-    n_stages = _stages(args.model, kwargs)
-    epochs = _per_stage(args.epochs, n_stages, "--epochs") or [10] * n_stages
+    if args.preset:
+        kwargs = {**_preset_model_options(args.preset, args.model, kwargs), **kwargs}
+        print(f"defect-fast: --preset {args.preset}: {_preset_flags(args.preset)} (options given explicitly "
+              f"take precedence)", file=sys.stderr)
+    n_stages = len(_stages(args.model, kwargs))
+    default_epochs = max(1, PRESET_EPOCHS[args.preset] // n_stages) if args.preset else 10
+    epochs = _per_stage(args.epochs, n_stages, "--epochs") or [default_epochs] * n_stages
     cfg = TrainConfig(
         data=str(args.data), model=args.model, model_kwargs=kwargs, image_size=args.image_size, stride=args.stride,
         batch_size=args.batch_size, epochs=epochs, max_steps=_per_stage(args.max_steps, n_stages, "--max-steps"),
@@ -235,7 +295,7 @@ def cmd_demo(args) -> int:
     out = Path(args.out)
     data = out / "data"
     options = dict(model_class(args.model).demo_options)
-    n_stages = _stages(args.model, options)
+    n_stages = len(_stages(args.model, options))
     cfg = TrainConfig(data=str(data), model=args.model, image_size=args.image_size, batch_size=args.batch_size,
                       epochs=[args.epochs] * n_stages, seed=args.seed, device=args.device, model_kwargs=options)
     checked_model(cfg)  # a setting that cannot train is refused before an earlier demo is cleared
@@ -332,7 +392,9 @@ def _fraction(text: str) -> float:
     return v
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
+    """The ``defect-fast`` parser; ``train_defaults``: other defaults of ``train`` options (a
+    preset's: options given on the command line still win)."""
     from .detect import BLENDS
     from .export import FORMATS
     from .models import map_names, model_names
@@ -391,10 +453,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="model option, e.g. --set fusion=mam "
                    "--set gate_activation=sigmoid (repeatable; values parsed as JSON)")
     t.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:1 or auto (default)")
+    t.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="a set of options in one word; options given explicitly take precedence. photos: "
+                   + _preset_flags("photos") + " (the settings measured on magnetic-tile photographs; the "
+                   "perceptual map and the context read ImageNet AlexNet weights)")
     t.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out (only the files defect-fast wrote)")
     t.add_argument("--resume", action="store_true", help="continue the interrupted run in --out (its settings and data)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
-    t.set_defaults(func=cmd_train)
+    t.set_defaults(func=cmd_train, **(train_defaults or {}))
 
     e = sub.add_parser("evaluate", help="pixel/image AUROC, AUPRO, F1 and pass/fail rates on a test split")
     e.add_argument("run", help="run folder (or model.pt)")
@@ -474,7 +540,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def _run(argv: list[str]) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
-        args = build_parser().parse_args([a for a in argv if a != "--debug"])
+        args = _parse([a for a in argv if a != "--debug"])
         return args.func(args)
 
 

@@ -444,3 +444,41 @@ def test_demo_overwrite_after_its_training_was_resumed_with_train(tmp_path, monk
     capsys.readouterr()
     assert main(["demo", str(out), *DEMO, "--overwrite"]) == 0, capsys.readouterr().err
     assert (out / "run" / "model.pt").is_file() and not (out / "run" / "late.txt").exists()
+
+
+RECOMMENDED = ["--image-size", "256", "--batch-size", "64", "--epochs", "1", "1", "--patch-sampling", "random",
+               "--flips", "--lr-schedule", "cosine", "--set", "synthesis=perlin", "--map", "perceptual",
+               "--infer-stride", "32", "--blend", "hann", "--smooth", "4", "--context"]
+
+
+def _train_config(argv, monkeypatch):
+    """The TrainConfig ``defect-fast train`` builds from ``argv`` (training itself replaced)."""
+    import defect_fast.train as train_mod
+
+    seen = []
+    monkeypatch.setattr(train_mod, "train", lambda cfg, run, **kw: seen.append(cfg))
+    assert main(["train", "DATA", "--out", "unused-run", *argv]) == 0
+    return seen[0]
+
+
+def test_the_photos_preset_is_the_recommended_command(monkeypatch, capsys):
+    """--preset photos trains with the options of the README's recommended magnetic-tile command,
+    names them on stderr, and lets any option given explicitly win."""
+    assert _train_config(["--preset", "photos"], monkeypatch) == _train_config(RECOMMENDED, monkeypatch)
+    assert "--image-size 256" in capsys.readouterr().err
+    cfg = _train_config(["--preset", "photos", "--smooth", "0", "--image-size", "512", "--set", "synthesis=paper",
+                         "--set", "memory_size=100", "--epochs", "3"], monkeypatch)
+    assert (cfg.smooth, cfg.image_size, cfg.epochs) == (0.0, 512, [3, 3])
+    assert cfg.model_kwargs == {"synthesis": "paper", "memory_size": 100}
+    assert (cfg.map, cfg.context, cfg.infer_stride, cfg.flips) == ("perceptual", True, 32, True)
+    # a one-stage model: two epochs in all, and no synthetic anomalies to shape
+    one = _train_config(["--preset", "photos", "--model", "ae-l2"], monkeypatch)
+    assert one.epochs == [2] and one.model_kwargs == {} and one.context
+    plain = _train_config([], monkeypatch)
+    assert (plain.image_size, plain.map, plain.context, plain.epochs) == (512, "", False, [10, 10])
+
+
+def test_a_preset_with_resume_is_refused(tmp_path, capsys):
+    assert main(["train", "DATA", "--out", str(tmp_path / "run"), "--resume", "--preset", "photos"]) == 2
+    err = capsys.readouterr().err
+    assert "--preset" in err and "--resume" in err and len(err.strip().splitlines()) == 1
