@@ -178,7 +178,7 @@ def cmd_train(args) -> int:
         device=args.device, holdback=args.holdback, far=args.far, normalize=args.normalize, fit_on=args.fit_on, map_scales=list(args.map_scales),
         patch_sampling=args.patch_sampling, flips=args.flips, lr_schedule=args.lr_schedule, precision=args.precision,
         map=args.map or "", infer_stride=args.infer_stride, blend=args.blend, smooth=args.smooth,
-        context=args.context,
+        context=args.context, context_profile=args.context_profile,
     )
     train(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
     return 0
@@ -398,6 +398,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     from .detect import BLENDS
     from .export import FORMATS
     from .models import map_names, model_names
+    from .context import PROFILES
     from .train import FIT_SOURCES, NORMALIZATIONS
 
     p = ArgumentParser(prog="defect-fast", description="Unsupervised surface-defect detection: "
@@ -448,6 +449,9 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     t.add_argument("--context", action="store_true",
                    help="add the image context to the run's maps and scores: Gaussians of the whole image's AlexNet "
                    "conv3-5 statistics, fitted on the training images (for defects spread over a region; README)")
+    t.add_argument("--context-profile", choices=PROFILES, default="none",
+                   help="with --context, also compare each row (rows) or column (columns) of an image with its "
+                   "other rows (columns), for bands across the surface (default none)")
     t.add_argument("--anomaly-source", default=None, help="folder of natural photos for synthetic anomalies "
                    "(default: the sample photos shipped with scikit-learn)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="model option, e.g. --set fusion=mam "

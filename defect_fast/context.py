@@ -25,6 +25,20 @@ uses). Per layer l, with f(p) the feature vector at position p and fbar its mean
   standardised per position with its defect-free mean and spread, averaged over the layers
   (conv3-5 by default; ``layers`` picks others) and upsampled to the image.
 
+- **Profile** (``profile="rows"`` or ``"columns"``, off by default): a band across the surface,
+  compared with the rest of its own image. On magnetic tile the grinding streaks run top to
+  bottom and an uneven band runs across them, over most of the tile's width; at any one position
+  the band looks like some defect-free tile, but along a row the whole width shows it. So per row
+  y (``"rows"``; per column for ``"columns"``) the texture is summarised across the image as the
+  median over the row of the log-energies log(1 + f) of the AlexNet conv1 and conv2 outputs (the
+  fine texture the streaks are made of, before their max-pools, on the conv1 grid: 31 rows at
+  256 px): r(y). The median ignores defects that cover under half the row (a blowhole, a crack
+  along the streaks); a band across the row moves it. d(y) = r(y) minus the image's own median
+  row is the row's difference from the rest of its image, and its Mahalanobis distance
+  s(y) = (d(y) - mu(y))^T P (d(y) - mu(y)) to the defect-free d at that row (mean per row, one
+  Ledoit-Wolf precision pooled over rows) is standardised per row and spread along it. It is
+  added to the context map, where it also raises the image's top values, and so its score.
+
 Both are standardised on defect-free images they were not fitted on (five-fold cross-fitting on
 the fitting images: a Gaussian's distances of its own sample are too small). The Detector then
 adds them to its own: map = (anomaly map - m) / s + context map, and image score =
@@ -55,6 +69,10 @@ FOLDS = 5
 MIN_IMAGES = 2 * FOLDS
 #: Smallest image side (conv3-5 then have a 3 x 3 grid).
 MIN_SIZE = 64
+#: The profiles the context can add (``profile``): none, per row, per column.
+PROFILES = ("none", "rows", "columns")
+#: The conv layers (1-based, before their max-pools) whose log-energies the profile summarises.
+PROFILE_LAYERS = (1, 2)
 
 
 def grid_side(image_size: int, layer: int = 3) -> int:
@@ -88,6 +106,36 @@ def _descriptor(f: torch.Tensor) -> torch.Tensor:
     return torch.cat([f.mean(dim=(2, 3)), f.std(dim=(2, 3))], 1)
 
 
+def _sorted_median(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """The lower median along ``dim`` (``torch.median``'s values) through a sort, which ONNX has."""
+    return x.sort(dim=dim).values.select(dim, (x.shape[dim] - 1) // 2)
+
+
+def _median(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """The lower median along ``dim``: ``torch.median`` (a selection; a sort of 256 x 31 x 31
+    values per 256-px image takes 1.5x as long on a CPU), through a sort while exporting to ONNX,
+    which has no median operator. The same values either way."""
+    if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+        return _sorted_median(x, dim)
+    return x.median(dim=dim).values
+
+
+def _profile(stems: list[torch.Tensor], grid: int, axis: str) -> torch.Tensor:
+    """conv1, conv2 ReLU outputs [N,C_l,H_l,W_l] -> d [N, C, grid]: per row ("rows") or column,
+    the median across the image of log(1 + f) on a grid x grid raster, minus the image's own
+    median over rows (columns)."""
+    f = torch.cat([F.interpolate(torch.log1p(h.float()), size=(grid, grid), mode="bilinear", align_corners=False)
+                   for h in stems], 1)
+    r = _median(f, 3 if axis == "rows" else 2)  # [N, C, grid]
+    return r - _median(r, 2).unsqueeze(2)
+
+
+def _profile_distance(d: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """d [N, C, G] -> per row (column) Mahalanobis distance squared to (mean [C, G], precision [C, C]) [N, G]."""
+    e = (d - mean).transpose(1, 2)
+    return ((e @ precision) * e).sum(-1)
+
+
 class ImageContext(FrozenTrunk):
     """The image context score and map; see the module docstring.
 
@@ -95,10 +143,11 @@ class ImageContext(FrozenTrunk):
         image_size: side S of the images (>= :data:`MIN_SIZE`).
         trunk: AlexNet ``features.*`` state dict (``None``: :func:`defect_fast.losses.lpips.load_alexnet_trunk`).
         layers: the conv layers read (1-based, default :data:`LAYERS`; conv1 and conv2 after their max-pools).
+        profile: "none" (default), "rows" or "columns": the band profile of the module docstring.
     """
 
     def __init__(self, image_size: int, trunk: dict[str, torch.Tensor] | None = None,
-                 layers: tuple[int, ...] | list[int] = LAYERS):
+                 layers: tuple[int, ...] | list[int] = LAYERS, profile: str = "none"):
         super().__init__()
         if image_size < MIN_SIZE:
             raise ValueError(f"the image context needs images of at least {MIN_SIZE} pixels, got {image_size}")
@@ -106,6 +155,9 @@ class ImageContext(FrozenTrunk):
         if not layers or any(isinstance(i, bool) or not isinstance(i, int) or not 1 <= i <= 5 for i in layers) \
                 or len(set(layers)) != len(layers):
             raise ValueError(f"layers must be distinct whole numbers from 1 to 5, got {list(layers)}")
+        if profile not in PROFILES:
+            raise ValueError(f"profile must be one of {', '.join(PROFILES)}, got {profile!r}")
+        self.profile = profile
         self.layers = tuple(sorted(layers))
         if trunk is None:
             from .losses.lpips import load_alexnet_trunk
@@ -113,7 +165,8 @@ class ImageContext(FrozenTrunk):
             trunk, _origin = load_alexnet_trunk(os.environ.get("DEFECT_FAST_ALEXNET_WEIGHTS"))
         self.image_size = int(image_size)
         self.convs = nn.ModuleList()
-        for idx, cin, cout, k, s, p in _ALEXNET[:max(self.layers)]:
+        depth = max(self.layers + (PROFILE_LAYERS if profile != "none" else ()))
+        for idx, cin, cout, k, s, p in _ALEXNET[:depth]:
             conv = nn.Conv2d(cin, cout, k, stride=s, padding=p)
             conv.weight.data.copy_(trunk[f"features.{idx}.weight"])
             conv.bias.data.copy_(trunk[f"features.{idx}.bias"])
@@ -129,6 +182,12 @@ class ImageContext(FrozenTrunk):
             self.register_buffer(f"map_precision_{i}", torch.zeros(c, c))
             self.register_buffer(f"pos_mean_{i}", torch.zeros(g, g))  # c(p): defect-free mean and spread
             self.register_buffer(f"pos_std_{i}", torch.ones(g, g))
+        if profile != "none":
+            c, g = sum(_ALEXNET[i - 1][2] for i in PROFILE_LAYERS), self.profile_grid
+            self.register_buffer("profile_mean", torch.zeros(c, g))  # defect-free d per row (column)
+            self.register_buffer("profile_precision", torch.zeros(c, c))
+            self.register_buffer("profile_pos_mean", torch.zeros(g))  # s: defect-free mean and spread per row
+            self.register_buffer("profile_pos_std", torch.ones(g))
         self.register_buffer("dist_mean", torch.zeros(len(self.layers)))
         self.register_buffer("dist_std", torch.ones(len(self.layers)))
         # the Detector's own map and score, defect-free mean and spread (set_detector_stats)
@@ -138,10 +197,16 @@ class ImageContext(FrozenTrunk):
         self.register_buffer("score_std", torch.ones(()))
         self.register_buffer("fitted", torch.zeros(()))
 
+    @property
+    def profile_grid(self) -> int:
+        """Rows (columns) of the profile: conv1's grid after its max-pool (31 at 256 px)."""
+        return grid_side(self.image_size, 1)
+
     # -- inference -------------------------------------------------------------------------------
     def features(self, x: torch.Tensor, dtype: torch.dtype | None = None, channels_last: bool = False,
                  stem: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """Images [N,3,S,S] in [-1, 1] -> the float32 outputs of ``self.layers`` [N, C, G, G].
+        """Images [N,3,S,S] in [-1, 1] -> the float32 outputs of ``self.layers`` [N, C, G, G], and
+        with a ``profile`` last the profile's d [N, C, G'] (the module docstring).
 
         ``dtype`` (None: float32) and ``channels_last``: how the trunk runs. ``stem``: the float32
         ReLU outputs of the first convolutions on these images, before their max-pools (what
@@ -151,15 +216,19 @@ class ImageContext(FrozenTrunk):
         commutes with it)."""
         k = 0 if stem is None else min(len(stem), len(self.convs))
         h = self._trunk_input(x, dtype, channels_last) if k == 0 else None
-        out = []
+        out, stems = [], []
         for i in range(1, len(self.convs) + 1):
             h = stem[i - 1] if i <= k else self._trunk_conv(i - 1, h)
+            if self.profile != "none" and i in PROFILE_LAYERS:
+                stems.append(h)
             if i <= 2:
                 h = F.max_pool2d(h, 3, 2)
             if i in self.layers:
                 out.append(h.float())
             if i == k and k < len(self.convs):  # the rest of the trunk continues in its own dtype
                 h = self._trunk_format(h, dtype, channels_last)
+        if stems:
+            out.append(_profile(stems, self.profile_grid, self.profile))
         return out
 
     def shares_stem(self, other: nn.Module) -> int:
@@ -195,7 +264,18 @@ class ImageContext(FrozenTrunk):
             per_grid[g] = z if g not in per_grid else per_grid[g] + z
         total = sum(F.interpolate(z.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)
                     for z in per_grid.values())
-        return total[:, 0] / len(self.layers)
+        out = total[:, 0] / len(self.layers)
+        if self.profile != "none":
+            out = out + self.profile_map(feats[-1], size)
+        return out
+
+    def profile_map(self, d: torch.Tensor, size: int) -> torch.Tensor:
+        """The profile's d [N, C, G] -> its map [N, size, size]: per row (column) the standardised
+        distance, interpolated along the image and the same across it."""
+        s = _profile_distance(d, self.profile_mean, self.profile_precision)
+        z = (s - self.profile_pos_mean) / self.profile_pos_std
+        z = F.interpolate(z.unsqueeze(1), size=size, mode="linear", align_corners=False)[:, 0]  # [N, size]
+        return z.unsqueeze(2).expand(-1, -1, size) if self.profile == "rows" else z.unsqueeze(1).expand(-1, size, -1)
 
     def combine_maps(self, maps: torch.Tensor, context_map: torch.Tensor) -> torch.Tensor:
         """The Detector's maps [N,S,S] and :meth:`map` -> combined maps."""
@@ -221,13 +301,19 @@ class ImageContext(FrozenTrunk):
         """
         dev = self.shift.device
         descs: list[list[torch.Tensor]] = [[] for _ in self.layers]
+        profiles: list[torch.Tensor] = []
         for x in batches():
-            for acc, f in zip(descs, self.features(x.to(dev), dtype, channels_last)):
+            feats = self.features(x.to(dev), dtype, channels_last)
+            for acc, f in zip(descs, feats):
                 acc.append(_descriptor(f).double().cpu())
+            if self.profile != "none":
+                profiles.append(feats[-1].double().cpu())
         n = sum(d.shape[0] for d in descs[0])
         if n < MIN_IMAGES:
             raise ValueError(f"the image context needs at least {MIN_IMAGES} defect-free images to fit, got {n}")
         folds = torch.arange(n) % FOLDS
+        if profiles:
+            self._fit_profile(torch.cat(profiles), folds)
         fold_maps = []  # per layer, per fold: the map Gaussian fitted without that fold
         for j, (i, acc) in enumerate(zip(self.layers, descs)):
             x = torch.cat(acc)
@@ -252,7 +338,7 @@ class ImageContext(FrozenTrunk):
         for x in batches():
             feats = self.features(x.to(dev), dtype, channels_last)
             fk = folds[start:start + x.shape[0]]
-            for j, f in enumerate(feats):
+            for j, f in enumerate(feats[:len(self.layers)]):
                 c = torch.empty(f.shape[0], *f.shape[2:], device=dev)
                 for k in fk.unique().tolist():
                     sel = (fk == k).to(dev)
@@ -270,6 +356,25 @@ class ImageContext(FrozenTrunk):
         self.fitted.fill_(float(n))
         return n
 
+    def _fit_profile(self, d: torch.Tensor, folds: torch.Tensor) -> None:
+        """The profile's defect-free Gaussian from d [n, C, G] (float64), and the mean and spread
+        per row of the distances of each fold from the Gaussian fitted without it."""
+        def gaussian(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            mean = d[sel].mean(0)  # [C, G]
+            res = (d[sel] - mean).transpose(1, 2).reshape(-1, d.shape[1])  # every row of every image
+            return mean.float(), _gaussian(res.numpy())[1]
+
+        held = torch.empty(d.shape[0], d.shape[2])
+        for k in range(FOLDS):
+            out = folds == k
+            mean, precision = gaussian(~out)
+            held[out] = _profile_distance(d[out].float(), mean, precision)
+        mean, precision = gaussian(torch.ones(d.shape[0], dtype=torch.bool))
+        self.profile_mean.copy_(mean)
+        self.profile_precision.copy_(precision)
+        self.profile_pos_mean.copy_(held.mean(0))
+        self.profile_pos_std.copy_(held.std(0).clamp_min(1e-6))
+
     def set_detector_stats(self, base_maps: torch.Tensor | None = None, scores: torch.Tensor | None = None) -> None:
         """Defect-free mean and spread of the Detector's own maps (all values of ``base_maps``
         [N,S,S]) or of the combined maps' scores (``scores`` [N]), on images no statistics saw."""
@@ -284,20 +389,22 @@ class ImageContext(FrozenTrunk):
 
     def state(self) -> dict:
         """What a model file stores to rebuild the context (trunk included)."""
-        return {"image_size": self.image_size, "layers": list(self.layers),
+        return {"image_size": self.image_size, "layers": list(self.layers), "profile": self.profile,
                 "tensors": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
 
     @classmethod
     def from_state(cls, state: dict) -> "ImageContext":
         layers = tuple(state.get("layers", LAYERS))
+        profile = state.get("profile", "none")  # files written before the profile have none
         t = state["tensors"]
         trunk = {}
-        for i, (idx, *_rest) in enumerate(_ALEXNET[:max(layers)]):
+        depth = max(layers + (PROFILE_LAYERS if profile != "none" else ()))
+        for i, (idx, *_rest) in enumerate(_ALEXNET[:depth]):
             trunk[f"features.{idx}.weight"] = t[f"convs.{i}.weight"]
             trunk[f"features.{idx}.bias"] = t[f"convs.{i}.bias"]
-        m = cls(state["image_size"], trunk=trunk, layers=layers)
+        m = cls(state["image_size"], trunk=trunk, layers=layers, profile=profile)
         m.load_state_dict(t)
         return m
 
 
-__all__ = ["ImageContext", "LAYERS", "grid_side"]
+__all__ = ["ImageContext", "LAYERS", "PROFILES", "grid_side"]

@@ -499,7 +499,8 @@ class Detector(nn.Module):
         return n
 
     @torch.no_grad()
-    def fit_context(self, normal_images: torch.Tensor, calibration_images: torch.Tensor, images_per_batch: int = 8) -> int:
+    def fit_context(self, normal_images: torch.Tensor, calibration_images: torch.Tensor, images_per_batch: int = 8,
+                    profile: str = "none") -> int:
         """Build an image context (:mod:`defect_fast.context`) and switch maps and scores to the combination.
 
         Args:
@@ -508,19 +509,21 @@ class Detector(nn.Module):
             calibration_images: uint8 [M,3,H,W] defect-free images (M >= 2) none of this Detector's
                 statistics were fitted on: the defect-free mean and spread of its own map and of
                 the combined score come from them.
+            profile: the context's band profile, "none", "rows" or "columns"
+                (:class:`~defect_fast.context.ImageContext`).
         Returns:
             the number of images the context rests on.
         """
-        return self._fit_context(normal_images, calibration_images, images_per_batch)[0]
+        return self._fit_context(normal_images, calibration_images, images_per_batch, profile)[0]
 
     @torch.no_grad()
     def _fit_context(self, normal_images: torch.Tensor, calibration_images: torch.Tensor,
-                     images_per_batch: int = 8) -> tuple[int, dict[str, torch.Tensor]]:
+                     images_per_batch: int = 8, profile: str = "none") -> tuple[int, dict[str, torch.Tensor]]:
         """:meth:`fit_context`, and what :meth:`predict_batched` gives for the calibration images
         afterwards ({"maps": [M,S,S], "scores": [M]} on the CPU), from the maps the fit computes anyway."""
         from .context import ImageContext
 
-        ctx = ImageContext(self.image_size).to(self.device)
+        ctx = ImageContext(self.image_size, profile=profile).to(self.device)
         n = ctx.fit(lambda: (self._to_model_input(c.to(self.device)) for c in normal_images.split(32)),
                     **self._trunk_options())
         raw, feats = [], []

@@ -97,6 +97,7 @@ def sidecar(det: Detector, fmt: str, batch: int, dynamic_batch: bool, source: Pa
         "top_k": det.top_k,
         "normalization": det.normalization(),
         "context": det.context is not None,  # the image context is in maps and scores (defect_fast/context.py)
+        "context_profile": det.context.profile if det.context is not None else "none",
         "thresholds": dict(zip(("score", "pixel"), stored_thresholds(cal)[:2])),  # as predict uses them
         "threshold_source": stored_thresholds(cal)[2],
         "calibration": cal,

@@ -98,6 +98,9 @@ class TrainConfig:
     # AlexNet conv3-5 statistics, fitted on the training images, and each position's share of the
     # image's deviation. Off: the run's own map and its top values (the papers').
     context: bool = False
+    # With the context: also compare each row ("rows") or column ("columns") of the image with the
+    # image's other rows (columns), for bands across the surface (defect_fast/context.py, "Profile").
+    context_profile: str = "none"
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -184,6 +187,12 @@ def check_config(cfg: TrainConfig, n_stages: int, patch: int) -> None:
         from .context import MIN_SIZE
 
         need(cfg.image_size >= MIN_SIZE, f"--context needs --image-size >= {MIN_SIZE}, got {cfg.image_size}")
+    from .context import PROFILES
+
+    need(cfg.context_profile in PROFILES,
+         f"--context-profile must be one of {', '.join(PROFILES)}, got {cfg.context_profile!r}")
+    need(cfg.context or cfg.context_profile == "none",
+         f"--context-profile {cfg.context_profile} is part of the image context: add --context")
     need(cfg.blend in ("none", "hann"), f"--blend must be none or hann, got {cfg.blend!r}")
     need(isinstance(cfg.smooth, (int, float)) and math.isfinite(cfg.smooth) and cfg.smooth >= 0,
          f"--smooth must be a finite number >= 0, got {cfg.smooth}")
@@ -226,7 +235,7 @@ def check_pretrained_weights(cfg: TrainConfig, model: AnomalyModel) -> None:
 
     for what, used, build in (
             ("--map perceptual", cfg.map == "perceptual", lambda: perceptual.PerceptualMap(cfg.image_size)),
-            ("--context", cfg.context, lambda: context.ImageContext(cfg.image_size)),
+            ("--context", cfg.context, lambda: context.ImageContext(cfg.image_size, profile=cfg.context_profile)),
             (f"{cfg.model}'s LPIPS loss", model.uses_lpips(),
              lambda: (default_lpips_factory(cfg.model_kwargs.get("lpips_weights")), load_lpips_heads()))):
         if used:
@@ -612,7 +621,7 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
         if context_images is None:
             context_images = train_images if train_images is not None else fit_images
         # the fit computes the calibration images' maps anyway: their predictions come with it
-        _n, res = det._fit_context(context_images, calib_images)
+        _n, res = det._fit_context(context_images, calib_images, profile=cfg.context_profile)
         context = det.context.state()
     else:
         res = det.predict_batched(calib_images)

@@ -3,6 +3,7 @@ current :func:`defect_fast.train.finish_run`, on the run's own held-back images;
 not touched. For runs trained before a change to finish_run.
 
     python3 experiments/refit_run.py RUN [--fit-on train|held-back] [--map-scales F ...] [--context | --no-context]
+        [--context-profile none|rows|columns]
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from defect_fast.runs import MODEL_FILE, atomic_save, load_model_state, model_fr
 from defect_fast.train import TrainConfig, finish_run  # noqa: E402
 
 
-def main(run: str, fit_on: str | None = None, map_scales: list[int] | None = None, context: bool | None = None) -> int:
+def main(run: str, fit_on: str | None = None, map_scales: list[int] | None = None, context: bool | None = None,
+         context_profile: str | None = None) -> int:
     path = Path(run) / MODEL_FILE
     state = load_model_state(path)
     cfg = TrainConfig.from_json(state["train_config"])
@@ -29,6 +31,8 @@ def main(run: str, fit_on: str | None = None, map_scales: list[int] | None = Non
         cfg.map_scales = list(map_scales)
     if context is not None:
         cfg.context = context
+    if context_profile is not None:
+        cfg.context_profile = context_profile
     state["train_config"] = cfg.to_json()
     images, paths = load_train_images(cfg.data, cfg.image_size)
     held = set(state["held_back"])
@@ -61,5 +65,7 @@ if __name__ == "__main__":
                     help="the perceptual map's pyramid (default: the run's setting)")
     ap.add_argument("--context", action=argparse.BooleanOptionalAction, default=None,
                     help="the image context in maps and scores (default: the run's setting)")
+    ap.add_argument("--context-profile", choices=("none", "rows", "columns"), default=None,
+                    help="the context's band profile (default: the run's setting)")
     args = ap.parse_args()
-    sys.exit(main(args.run, args.fit_on, args.map_scales, args.context))
+    sys.exit(main(args.run, args.fit_on, args.map_scales, args.context, args.context_profile))

@@ -166,7 +166,8 @@ def test_detector_adds_the_context_to_its_map_and_score(monkeypatch, position_no
     torch.testing.assert_close(fitted["scores"], again["scores"], atol=1e-4, rtol=1e-4)
 
 
-def test_onnx_export_of_a_detector_with_context_matches_it(tmp_path, monkeypatch):
+@pytest.mark.parametrize("profile", ["none", "rows"])
+def test_onnx_export_of_a_detector_with_context_matches_it(tmp_path, monkeypatch, profile):
     pytest.importorskip("onnxruntime")
     from defect_fast.cli import main
     from defect_fast.runs import atomic_save
@@ -179,16 +180,17 @@ def test_onnx_export_of_a_detector_with_context_matches_it(tmp_path, monkeypatch
 
     monkeypatch.setattr(context, "ImageContext", RandomTrunkContext)
     to_u8 = lambda t: ((t + 1) * 127.5).round().to(torch.uint8)  # noqa: E731
-    det.fit_context(to_u8(_surfaces(10, seed=1)), to_u8(_surfaces(4, seed=2)))
+    det.fit_context(to_u8(_surfaces(10, seed=1)), to_u8(_surfaces(4, seed=2)), profile=profile)
     run = tmp_path / "run"
     run.mkdir()
     atomic_save({"model_name": "cmaae", "model_config": m.config(), "model_state": m.state_dict(), "image_size": 128,
                  "context": det.context.state()}, run / "model.pt")
     out = tmp_path / "det.onnx"
     assert main(["export", str(run), "--format", "onnx", "--out", str(out), "--batch", "2"]) == 0
-    assert json.loads((tmp_path / "det.onnx.json").read_text())["context"] is True
+    sidecar = json.loads((tmp_path / "det.onnx.json").read_text())
+    assert sidecar["context"] is True and sidecar["context_profile"] == profile
     det = Detector.load(run, device="cpu", precision="float32")
-    assert det.context is not None
+    assert det.context is not None and det.context.profile == profile
     assert Detector.load(run, device="cpu", map_kind="residual").context is None  # standardised for its own map only
     x = to_u8(_surfaces(2, seed=9))
     with torch.no_grad():
@@ -247,3 +249,107 @@ def test_detector_computes_the_trunk_layers_it_shares_once(monkeypatch):
         unshared = det(calib)
         assert calls == [0, 1, 2, 3, 4]
     assert torch.equal(maps, unshared[0]) and torch.equal(scores, unshared[1])
+
+
+def _fitted_profile(profile: str = "rows", n: int = 20, size: int = 128) -> ImageContext:
+    ctx = ImageContext(size, trunk=_trunk(), profile=profile)
+    normal = _surfaces(n, size)
+    assert ctx.fit(lambda: normal.split(8)) == n
+    return ctx
+
+
+def test_the_median_written_for_export_is_torch_median():
+    from defect_fast.context import _median, _sorted_median
+
+    x = torch.randn(3, 5, 7, 6)
+    x[0, 0, 0, :2] = x[0, 0, 0, 2]  # ties
+    for dim in (1, 2, 3):
+        assert torch.equal(_median(x, dim), x.median(dim=dim).values)
+        assert torch.equal(_sorted_median(x, dim), x.median(dim=dim).values)
+
+
+def _band_and_spot(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows 40-71 ground differently: streaks twice as strong over the whole width, a bright
+    12 x 12 spot at the centre) of surfaces x."""
+    band, spot = x.clone(), x.clone()
+    band[..., 40:72, :] = (x[..., 40:72, :] * 2.0).clamp(-1, 1)
+    spot[..., 58:70, 58:70] = 0.9
+    return band, spot
+
+
+def test_the_profile_lights_a_band_across_the_streaks_far_more_than_a_spot(monkeypatch):
+    """A band across the width stands out of the profile map, one value per row. A small spot
+    moves the median of its rows much less than it would move their mean (the reason for the
+    median: defects narrower than half a row), and far less than the band does."""
+    import defect_fast.context as context
+
+    band, spot = _band_and_spot(_surfaces(3, seed=6))
+    ctx = _fitted_profile()
+    with torch.no_grad():
+        normal = ctx.profile_map(ctx.features(_surfaces(10, seed=5))[-1], 128)
+        m_band = ctx.profile_map(ctx.features(band)[-1], 128)
+        m_spot = ctx.profile_map(ctx.features(spot)[-1], 128)[:, 56:72].amax(dim=(1, 2))
+    assert torch.equal(m_band[:, :, 0], m_band[:, :, 77])  # one value per row
+    assert float(m_band[:, 44:68].mean(dim=(1, 2)).min()) > float(normal.max()) + 2.0
+    assert float(m_band[:, 44:68].mean(dim=(1, 2)).min()) > 3 * float(m_spot.max())
+    monkeypatch.setattr(context, "_median", lambda x, dim: x.mean(dim))
+    by_mean = _fitted_profile()
+    with torch.no_grad():
+        m_spot_mean = by_mean.profile_map(by_mean.features(spot)[-1], 128)[:, 56:72].amax(dim=(1, 2))
+    assert (m_spot < 0.5 * m_spot_mean).all()
+
+
+def test_the_profile_is_standardised_on_unseen_images_and_joins_the_context_map():
+    ctx = _fitted_profile(n=40)
+    plain = ImageContext(128, trunk=_trunk())
+    normal = _surfaces(40)
+    plain.fit(lambda: normal.split(8))
+    x = _surfaces(30, seed=7)
+    with torch.no_grad():
+        feats = ctx.features(x)
+        p = ctx.profile_map(feats[-1], 128)
+        assert len(feats) == len(ctx.layers) + 1 and feats[-1].shape == (30, 64 + 192, ctx.profile_grid)
+        torch.testing.assert_close(ctx.map(feats, 128), plain.map(plain.features(x), 128) + p)
+        torch.testing.assert_close(ctx.score(feats), plain.score(plain.features(x)))  # the score: its own terms
+    per_row = p[:, :, 0]
+    assert abs(float(per_row.mean())) < 0.5 and 0.4 < float(per_row.std()) < 2.5
+
+
+def test_columns_light_a_band_along_the_image_of_surfaces_streaked_across_it():
+    ctx = ImageContext(128, trunk=_trunk(), profile="columns")
+    normal = _surfaces(20).transpose(2, 3).contiguous()  # streaks from side to side
+    ctx.fit(lambda: normal.split(8))
+    band, _spot = _band_and_spot(_surfaces(3, seed=6))
+    band = band.transpose(2, 3).contiguous()  # columns 40-71
+    with torch.no_grad():
+        normal_map = ctx.profile_map(ctx.features(_surfaces(10, seed=5).transpose(2, 3).contiguous())[-1], 128)
+        m = ctx.profile_map(ctx.features(band)[-1], 128)
+    assert torch.equal(m[:, 0, :], m[:, 77, :])  # one value per column
+    assert float(m[:, :, 44:68].mean(dim=(1, 2)).min()) > float(normal_map.max()) + 2.0
+
+
+def test_the_profile_round_trips_and_files_without_it_load_as_before():
+    ctx = _fitted_profile()
+    back = ImageContext.from_state(ctx.state())
+    assert back.profile == "rows"
+    x = _surfaces(2, seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(back.map(back.features(x), 128), ctx.map(ctx.features(x), 128))
+    old = _fitted().state()
+    old.pop("profile")
+    assert ImageContext.from_state(old).profile == "none"
+    with pytest.raises(ValueError, match="profile"):
+        ImageContext(128, trunk=_trunk(), profile="diagonal")
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_the_profile_from_a_shared_stem_is_the_one_computed_afresh(dtype):
+    pm = PerceptualMap(128, trunk=_trunk())
+    ctx = ImageContext(128, trunk=_trunk(), profile="rows")
+    assert ctx.shares_stem(pm) == 2
+    x = _surfaces(3)
+    stem = pm.features(x, dtype, channels_last=True)
+    shared, fresh = ctx.features(x, dtype, True, stem=stem), ctx.features(x, dtype, True)
+    assert len(shared) == len(fresh) == 4
+    for a, b in zip(shared, fresh):
+        assert torch.equal(a, b)

@@ -237,17 +237,26 @@ def test_context_needs_images_of_64_pixels():
         check_config(TrainConfig(data="d", image_size=48, epochs=[1, 1], context=True), 2, 32)
 
 
-def test_run_with_context_stores_it_fitted_on_the_training_images(synthetic_root, tmp_path, monkeypatch):
+def test_a_context_profile_needs_the_context_and_a_known_name():
+    with pytest.raises(ConfigError, match="add --context"):
+        check_config(TrainConfig(data="d", image_size=128, epochs=[1, 1], context_profile="rows"), 2, 32)
+    with pytest.raises(ConfigError, match="--context-profile must be one of none, rows, columns"):
+        check_config(TrainConfig(data="d", image_size=128, epochs=[1, 1], context=True, context_profile="row"), 2, 32)
+
+
+@pytest.mark.parametrize("profile", ["none", "rows"])
+def test_run_with_context_stores_it_fitted_on_the_training_images(synthetic_root, tmp_path, monkeypatch, profile):
     import defect_fast.context as context
     from tests.test_context import RandomTrunkContext
 
     monkeypatch.setattr(context, "ImageContext", RandomTrunkContext)  # no ImageNet weights needed
     cfg = TrainConfig(data=str(synthetic_root), model="cmaae", image_size=128, batch_size=16, epochs=[1, 1],
-                      max_steps=[1, 1], model_kwargs={"memory_size": 20}, seed=0, holdback=0.3, context=True)
+                      max_steps=[1, 1], model_kwargs={"memory_size": 20}, seed=0, holdback=0.3, context=True,
+                      context_profile=profile)
     path = train(cfg, tmp_path / "run", progress=False, log=lambda s: None)
     state = torch.load(path, weights_only=True)
     det = Detector.load(path, device="cpu")
-    assert det.context is not None
+    assert det.context is not None and det.context.profile == profile
     assert float(det.context.fitted) == 32 - len(state["held_back"])  # the training images
     maps, scores = det(torch.zeros(2, 3, 128, 128, dtype=torch.uint8))
     assert maps.shape == (2, 128, 128) and torch.isfinite(scores).all()
