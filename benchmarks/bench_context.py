@@ -10,8 +10,9 @@ and images are random (the cost does not depend on them); the trunk is the Image
 Also timed in the same rounds, the same Detector with the frozen trunk as it ran before it
 followed the Detector's precision: float32, and the image's conv1 and conv2 computed twice (by the
 perceptual map and by the context) instead of once ("with_float32_trunk"); the ratio of the two
-is what the tuned trunk saves per image of the recommended run. On a GPU (``--device cuda``) every
-Detector timed replays CUDA graphs.
+is what the tuned trunk saves per image of the recommended run. And the same Detector with a
+context that adds the band profile (``--context-profile rows``, "with_profile"), and that
+context's fit. On a GPU (``--device cuda``) every Detector timed replays CUDA graphs.
 
     python benchmarks/bench_context.py [--device cpu|cuda] [--threads 2] [--batch 8] [--rounds 10]
         [--fit-images 540] [--out FILE]
@@ -83,6 +84,10 @@ def main() -> None:
     ctx = ImageContext(SIZE, trunk=trunk).to(dev)
     ctx.fit(lambda: fit_set.split(32))
     fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ctx_rows = ImageContext(SIZE, trunk=trunk, profile="rows").to(dev)
+    ctx_rows.fit(lambda: fit_set.split(32))
+    fit_rows_s = time.perf_counter() - t0
 
     model = build_model("cmaae")
     pm = PerceptualMap(SIZE, trunk=trunk, scales=(1, 2)).to(dev)
@@ -97,10 +102,11 @@ def main() -> None:
     plain = Detector(model, SIZE, **kw)
     with_ctx = Detector(model, SIZE, context=ctx, **kw)
     before = Float32Trunk(model, SIZE, context=ctx, **kw)
+    with_rows = Detector(model, SIZE, context=ctx_rows, **kw)
     trunk = with_ctx._trunk_options()
     with torch.inference_mode():
         t = time_interleaved({"without": lambda: plain(images), "with": lambda: with_ctx(images),
-                              "with_float32_trunk": lambda: before(images),
+                              "with_float32_trunk": lambda: before(images), "with_profile": lambda: with_rows(images),
                               "context_alone": lambda: ctx.map(ctx.features(plain._to_model_input(images), **trunk), SIZE)},
                              rounds=args.rounds, warmup=2, device=args.device)
     info = device_info(args.device)
@@ -110,14 +116,18 @@ def main() -> None:
            "shared_trunk_layers": with_ctx._shared_stem(ctx),
            "ms_per_image": per, "ratio_with_over_without": round(per["with"] / per["without"], 3),
            "ratio_float32_trunk_over_tuned": round(per["with_float32_trunk"] / per["with"], 3),
-           "fit_images": args.fit_images, "fit_seconds": round(fit_s, 2), "timings": t}
+           "ratio_with_profile_over_with": round(per["with_profile"] / per["with"], 3),
+           "fit_images": args.fit_images, "fit_seconds": round(fit_s, 2),
+           "fit_seconds_with_profile": round(fit_rows_s, 2), "timings": t}
     print(f"{info.get('gpu') or info['cpu']} | torch {info['torch']} | threads {args.threads} | "
           f"Detector precision {plain.precision}")
     print(f"per 256x256 image: without context {per['without']:.1f} ms, with {per['with']:.1f} ms "
           f"(x{res['ratio_with_over_without']:.3f}); context map alone {per['context_alone']:.1f} ms")
     print(f"with the float32 trunk, conv1-2 computed twice: {per['with_float32_trunk']:.1f} ms "
           f"(x{res['ratio_float32_trunk_over_tuned']:.3f} the tuned trunk)")
-    print(f"ImageContext.fit on {args.fit_images} images: {fit_s:.1f} s")
+    print(f"with the band profile (rows): {per['with_profile']:.1f} ms (x{res['ratio_with_profile_over_with']:.3f} "
+          f"the context without it)")
+    print(f"ImageContext.fit on {args.fit_images} images: {fit_s:.1f} s; with the profile {fit_rows_s:.1f} s")
     write_results(args.out or RESULTS / f"context_{dev.type}.json", res)
 
 
