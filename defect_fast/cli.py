@@ -87,11 +87,12 @@ def _per_stage(values: list[int] | None, n: int, option: str) -> list[int] | Non
 
 #: ``train --preset NAME``: a set of train options in one word, as argparse destinations and
 #: values; options given explicitly take precedence. "photos": the options of the recommended
-#: magnetic-tile runs (README, "Results on magnetic tile", v4), which met the accuracy bars there.
+#: magnetic-tile runs (README, "Results on magnetic tile", v5), which met the accuracy bars there
+#: (the band profile per row: bands across streaks that run top to bottom, as on those tiles).
 PRESETS: dict[str, dict] = {
     "photos": {"image_size": 256, "batch_size": 64, "patch_sampling": "random", "flips": True,
                "lr_schedule": "cosine", "map": "perceptual", "infer_stride": 32, "blend": "hann",
-               "smooth": 4.0, "context": True},
+               "smooth": 4.0, "context": True, "context_profile": "rows"},
 }
 #: What a preset sets that depends on the model: options of its synthetic anomalies (``--set``),
 #: for a model trained on them that has them, where ``--set`` does not give them; and the epochs

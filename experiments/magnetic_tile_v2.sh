@@ -151,6 +151,21 @@ for row in $ROWS; do
     ae-l2-v4)    run ae-l2-v4 ae-l2 0 2 -- "${NEW[@]}" --context ;;
     memae-v4)    run memae-v4 memae 0 2 -- "${NEW[@]}" --context ;;
     ae-ssim-v4)  run ae-ssim-v4 ae-ssim 0 2 -- "${NEW[@]}" --context ;;
+    # the band profile (--context-profile rows; defect_fast/context.py, "Profile"): the v4 options plus it;
+    # the -no-profile rows refit the same weights without it (the v4 rows of the CPU these ran on)
+    cmaae-v5)    run cmaae-v5 cmaae 0 1 1 -- "${NEW[@]}" --set synthesis=perlin --context --context-profile rows ;;
+    cmaae-v5-s1) run cmaae-v5-s1 cmaae 1 1 1 -- "${NEW[@]}" --set synthesis=perlin --context --context-profile rows ;;
+    cmaae-v5-s2) run cmaae-v5-s2 cmaae 2 1 1 -- "${NEW[@]}" --set synthesis=perlin --context --context-profile rows ;;
+    awae-v5)     run awae-v5 awae 0 1 1 -- "${NEW[@]}" --set synthesis=perlin --context --context-profile rows ;;
+    memae-v5)    run memae-v5 memae 0 2 -- "${NEW[@]}" --context --context-profile rows ;;
+    v5-no-profile)
+      refit cmaae-v5-no-profile cmaae-v5 --context-profile none
+      refit cmaae-v5-s1-no-profile cmaae-v5-s1 --context-profile none
+      refit cmaae-v5-s2-no-profile cmaae-v5-s2 --context-profile none
+      refit awae-v5-no-profile awae-v5 --context-profile none
+      refit memae-v5-no-profile memae-v5 --context-profile none ;;
+    v5-columns)  # the profile along the streaks instead of across them: the picture says it should not help
+      refit cmaae-v5-columns cmaae-v5 --context-profile columns ;;
     *) echo "unknown row $row" ;;
   esac
 done

@@ -11,6 +11,24 @@ from pathlib import Path
 RES = Path(__file__).resolve().parent / "results" / "magnetic-tile"
 
 ROWS = {
+    "v5": [  # --context --context-profile rows (defect_fast/context.py, "Profile"); the family-26 EPYC, bf16
+        ("cmaae-v5", "CMA-AE v5: v4 options + --context-profile rows (seed 0)"),
+        ("awae-v5", "AW-SSIM AE v5: v4 options + --context-profile rows (seed 0)"),
+        ("memae-v5", "MemAE v5: the baseline with the same options (seed 0)"),
+    ],
+    "v5_paired": [  # the v5 weights untouched, the context refitted without the profile (= v4 on this CPU)
+        ("cmaae-v5-no-profile", "CMA-AE, seed 0, no profile (v4)"),
+        ("cmaae-v5", "same weights, profile rows (v5)"),
+        ("cmaae-v5-columns", "same weights, profile columns"),
+        ("cmaae-v5-s1-no-profile", "CMA-AE, seed 1, no profile (v4)"),
+        ("cmaae-v5-s1", "same weights, profile rows (v5)"),
+        ("cmaae-v5-s2-no-profile", "CMA-AE, seed 2, no profile (v4)"),
+        ("cmaae-v5-s2", "same weights, profile rows (v5)"),
+        ("awae-v5-no-profile", "AW-SSIM AE, seed 0, no profile (v4)"),
+        ("awae-v5", "same weights, profile rows (v5)"),
+        ("memae-v5-no-profile", "MemAE, seed 0, no profile (v4)"),
+        ("memae-v5", "same weights, profile rows (v5)"),
+    ],
     "v4": [  # --context (defect_fast/context.py), --precision auto (bfloat16 on the AVX512-BF16 CPU of these rows)
         ("cmaae-v4", "CMA-AE v4: v3 options + --context (seed 0)"),
         ("awae-v4", "AW-SSIM AE v4: v3 options + --context (seed 0)"),
@@ -157,9 +175,10 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
-def seeds(base: str, label: str) -> str:
-    """Mean and spread (min..max) over the seeds of a headline row that were run."""
-    runs = [json.loads(p.read_text()) for p in [RES / f"{base}.json", RES / f"{base}-s1.json", RES / f"{base}-s2.json"]
+def seeds(base: str, label: str, suffix: str = "") -> str:
+    """Mean and spread (min..max) over the seeds of a headline row that were run (rows named
+    base, base-s1, base-s2, each followed by ``suffix``)."""
+    runs = [json.loads(p.read_text()) for p in [RES / f"{base}{s}{suffix}.json" for s in ("", "-s1", "-s2")]
             if p.exists()]
     if not runs:
         return f"| {label} | not run | | | |"
@@ -199,11 +218,11 @@ def summary() -> dict:
 _NEW = ("--image-size 256 --batch-size 64 --epochs 1 1 --patch-sampling random --flips --lr-schedule cosine "
         "--set synthesis=perlin --map perceptual --infer-stride 32 --blend hann --smooth 4")
 _V2 = " --fit-on held-back --map-scales 1"  # the v2 rows' map (the defaults before v3)
-_EXTRA = {"-v2": _V2, "-v3": "", "-v4": " --context"}
+_EXTRA = {"-v2": _V2, "-v3": "", "-v4": " --context", "-v5": " --context --context-profile rows"}
 COMMANDS = {
     name: ("DEFECT_FAST_ALEXNET_WEIGHTS=../shared/weights/alexnet-features-imagenet.pth python3 -m defect_fast train "
            f"../shared/data/magnetic-tile --model {model} --out runs/{name} {_NEW}{_EXTRA[name[-3:]]}")
-    for model in ("cmaae", "awae") for name in (f"{model}-v2", f"{model}-v3", f"{model}-v4")
+    for model in ("cmaae", "awae") for name in (f"{model}-v2", f"{model}-v3", f"{model}-v4", f"{model}-v5")
 }
 
 
@@ -220,11 +239,12 @@ if __name__ == "__main__":
     for key, rows in ROWS.items():
         print(f"### {key}\n\n{table(rows)}\n")
     print("### seeds\n\n| run | pixel AUROC | image AUROC | AUPRO | pixel F1-max |\n|---|---|---|---|---|")
-    for base, label in (("cmaae-v4", "CMA-AE v4"), ("awae-v4", "AW-SSIM AE v4"), ("cmaae-v3", "CMA-AE v3"), ("awae-v3", "AW-SSIM AE v3"), ("cmaae-v2", "CMA-AE v2"),
+    print(seeds("cmaae-v5", "CMA-AE v4 on the family-26 EPYC (the v5 weights, no profile)", "-no-profile"))
+    for base, label in (("cmaae-v5", "CMA-AE v5"), ("cmaae-v4", "CMA-AE v4"), ("awae-v4", "AW-SSIM AE v4"), ("cmaae-v3", "CMA-AE v3"), ("awae-v3", "AW-SSIM AE v3"), ("cmaae-v2", "CMA-AE v2"),
                         ("awae-v2", "AW-SSIM AE v2")):
         print(seeds(base, label))
     print()
-    for name in ("cmaae-v4", "awae-v4", "cmaae-v3", "awae-v3", "cmaae-v2", "awae-v2"):
+    for name in ("cmaae-v5", "cmaae-v4", "awae-v4", "cmaae-v3", "awae-v3", "cmaae-v2", "awae-v2"):
         if (RES / f"{name}.json").exists():
             print(f"### {name} per class\n\n{per_class(name)}\n")
     (RES / "summary.json").write_text(json.dumps(summary(), indent=2) + "\n")
