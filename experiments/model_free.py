@@ -23,6 +23,8 @@ Rows written (one JSON each, same metrics as ``defect-fast evaluate``):
 
 ``--context-layers 2 3 4 5`` (default 3 4 5, what ``--context`` reads) names the AlexNet layers of
 the context rows, which then end in ``-layers2345``: how much the result depends on that choice.
+``--context-profile rows`` adds the band profile to their context (``--context-profile`` of
+``train``); the rows then end in ``-rows``.
 """
 from __future__ import annotations
 
@@ -75,6 +77,8 @@ def main(argv=None) -> int:
     p.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS, help="the rows to compute (default: all)")
     p.add_argument("--context-layers", type=int, nargs="+", default=list(LAYERS), metavar="L",
                    help="AlexNet conv layers of the image context rows (default 3 4 5)")
+    p.add_argument("--context-profile", choices=("none", "rows", "columns"), default="none",
+                   help="the band profile of the image context rows (default none)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,7 +135,8 @@ def context(x_train, x_held, x_test, test, out: Path, args, rows: list[str]) -> 
     s = args.image_size
     layers = tuple(sorted(args.context_layers))
     suffix = "" if layers == LAYERS else "-layers" + "".join(map(str, layers))
-    ctx = ImageContext(s, layers=layers)
+    suffix += "" if args.context_profile == "none" else f"-{args.context_profile}"
+    ctx = ImageContext(s, layers=layers, profile=args.context_profile)
     ctx.fit(lambda: x_train.split(32))
     fitted = time.perf_counter() - t0
     feats_held = [ctx.features(c) for c in x_held.split(16)]
@@ -154,7 +159,8 @@ def context(x_train, x_held, x_test, test, out: Path, args, rows: list[str]) -> 
     if "model-free-context" in rows:
         maps, scores = combined(None, None)
         write(out / f"model-free-context{suffix}.json", maps, test,
-              f"image context map (AlexNet conv layers {list(layers)}, training-image Gaussians), smoothed with sigma 4; "
+              f"image context map (AlexNet conv layers {list(layers)}, profile {args.context_profile}, training-image Gaussians), "
+              "smoothed with sigma 4; "
               "image score its top values standardised on the held-back images plus the context score",
               time.perf_counter() - t0, args, scores)
     if "model-free-blur-perceptual-v3-context" in rows:
@@ -165,7 +171,8 @@ def context(x_train, x_held, x_test, test, out: Path, args, rows: list[str]) -> 
         base_test = torch.cat([pm(c, blur(c)) for c in x_test.split(16)])
         maps, scores = combined(base_held, base_test)
         write(out / f"model-free-blur-perceptual-v3-context{suffix}.json", maps, test,
-              f"model-free-blur-perceptual-v3 plus the image context (AlexNet conv layers {list(layers)}), combined as "
+              f"model-free-blur-perceptual-v3 plus the image context (AlexNet conv layers {list(layers)}, profile "
+              f"{args.context_profile}), combined as "
               "a --context run combines them", time.perf_counter() - t0, args, scores)
 
 

@@ -15,6 +15,8 @@ ROWS = {
         ("cmaae-v5", "CMA-AE v5: v4 options + --context-profile rows (seed 0)"),
         ("awae-v5", "AW-SSIM AE v5: v4 options + --context-profile rows (seed 0)"),
         ("memae-v5", "MemAE v5: the baseline with the same options (seed 0)"),
+        ("model-free-blur-perceptual-v3-context-rows", "model-free: blur-perceptual v3 map + the context with the profile"),
+        ("model-free-context-rows", "model-free: the context with the profile alone"),
     ],
     "v5_paired": [  # the v5 weights untouched, the context refitted without the profile (= v4 on this CPU)
         ("cmaae-v5-no-profile", "CMA-AE, seed 0, no profile (v4)"),
