@@ -422,7 +422,7 @@ def report_from_data(
         recon = lambda rows: torch.cat([reconstruct(c) for c in images[rows].split(batch_size)])  # noqa: E731
     return write_report(out, names=names, images=images, maps=res["maps"], scores=res["scores"], recon=recon,
                         labels=labels, masks=masks, classes=classes, meta=meta, threshold=threshold,
-                        source=str(data), **{"sizes": sizes, **kwargs})
+                        source=str(data), sizes=sizes, **kwargs)  # sizes are the files' own: not an option
 
 
 # --------------------------------------------------------------------------------------------

@@ -80,6 +80,10 @@ def test_report_without_ground_truth_and_gallery_limit(tmp_path):
     assert section_ids(text) == ["summary", "histogram", "gallery"]
     assert out["n_images"] == 10 and out["n_shown"] == 4 and text.count('class="card') == 4
     assert out["metrics"] == {}
+    # the photos' own sizes come from the files: a caller cannot replace them
+    with pytest.raises(TypeError, match="sizes"):
+        report_from_data(stub_predict, info, folder, tmp_path / "other.html", sizes=[(1, 1)] * 10)
+    assert not (tmp_path / "other.html").exists()
 
 
 def test_report_from_mvtec_layout(tmp_path):
