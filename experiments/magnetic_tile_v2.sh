@@ -164,6 +164,7 @@ for row in $ROWS; do
       refit cmaae-v5-s2-no-profile cmaae-v5-s2 --context-profile none
       refit awae-v5-no-profile awae-v5 --context-profile none
       refit memae-v5-no-profile memae-v5 --context-profile none ;;
+    cmaae-v5-f32) run cmaae-v5-f32 cmaae 0 1 1 -- "${NEW[@]}" --set synthesis=perlin --context --context-profile rows --precision float32 ;;
     v5-columns)  # the profile along the streaks instead of across them: the picture says it should not help
       refit cmaae-v5-columns cmaae-v5 --context-profile columns ;;
     *) echo "unknown row $row" ;;

@@ -15,6 +15,7 @@ ROWS = {
         ("cmaae-v5", "CMA-AE v5: v4 options + --context-profile rows (seed 0)"),
         ("awae-v5", "AW-SSIM AE v5: v4 options + --context-profile rows (seed 0)"),
         ("memae-v5", "MemAE v5: the baseline with the same options (seed 0)"),
+        ("cmaae-v5-f32", "CMA-AE v5 trained in float32 (seed 0)"),
         ("model-free-blur-perceptual-v3-context-rows", "model-free: blur-perceptual v3 map + the context with the profile"),
         ("model-free-context-rows", "model-free: the context with the profile alone"),
     ],
