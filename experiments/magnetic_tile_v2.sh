@@ -157,12 +157,16 @@ for row in $ROWS; do
     cmaae-v5-s1) run cmaae-v5-s1 cmaae 1 1 1 -- "${NEW[@]}" --set synthesis=perlin --context --context-profile rows ;;
     cmaae-v5-s2) run cmaae-v5-s2 cmaae 2 1 1 -- "${NEW[@]}" --set synthesis=perlin --context --context-profile rows ;;
     awae-v5)     run awae-v5 awae 0 1 1 -- "${NEW[@]}" --set synthesis=perlin --context --context-profile rows ;;
+    awae-v5-s1)  run awae-v5-s1 awae 1 1 1 -- "${NEW[@]}" --set synthesis=perlin --context --context-profile rows ;;
+    awae-v5-s2)  run awae-v5-s2 awae 2 1 1 -- "${NEW[@]}" --set synthesis=perlin --context --context-profile rows ;;
     memae-v5)    run memae-v5 memae 0 2 -- "${NEW[@]}" --context --context-profile rows ;;
     v5-no-profile)
       refit cmaae-v5-no-profile cmaae-v5 --context-profile none
       refit cmaae-v5-s1-no-profile cmaae-v5-s1 --context-profile none
       refit cmaae-v5-s2-no-profile cmaae-v5-s2 --context-profile none
       refit awae-v5-no-profile awae-v5 --context-profile none
+      refit awae-v5-s1-no-profile awae-v5-s1 --context-profile none
+      refit awae-v5-s2-no-profile awae-v5-s2 --context-profile none
       refit memae-v5-no-profile memae-v5 --context-profile none ;;
     cmaae-v5-f32) run cmaae-v5-f32 cmaae 0 1 1 -- "${NEW[@]}" --set synthesis=perlin --context --context-profile rows --precision float32 ;;
     v5-columns)  # the profile along the streaks instead of across them: the picture says it should not help

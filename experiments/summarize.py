@@ -29,6 +29,10 @@ ROWS = {
         ("cmaae-v5-s2", "same weights, profile rows (v5)"),
         ("awae-v5-no-profile", "AW-SSIM AE, seed 0, no profile (v4)"),
         ("awae-v5", "same weights, profile rows (v5)"),
+        ("awae-v5-s1-no-profile", "AW-SSIM AE, seed 1, no profile (v4)"),
+        ("awae-v5-s1", "same weights, profile rows (v5)"),
+        ("awae-v5-s2-no-profile", "AW-SSIM AE, seed 2, no profile (v4)"),
+        ("awae-v5-s2", "same weights, profile rows (v5)"),
         ("memae-v5-no-profile", "MemAE, seed 0, no profile (v4)"),
         ("memae-v5", "same weights, profile rows (v5)"),
     ],
@@ -243,7 +247,8 @@ if __name__ == "__main__":
         print(f"### {key}\n\n{table(rows)}\n")
     print("### seeds\n\n| run | pixel AUROC | image AUROC | AUPRO | pixel F1-max |\n|---|---|---|---|---|")
     print(seeds("cmaae-v5", "CMA-AE v4 on the family-26 EPYC (the v5 weights, no profile)", "-no-profile"))
-    for base, label in (("cmaae-v5", "CMA-AE v5"), ("cmaae-v4", "CMA-AE v4"), ("awae-v4", "AW-SSIM AE v4"), ("cmaae-v3", "CMA-AE v3"), ("awae-v3", "AW-SSIM AE v3"), ("cmaae-v2", "CMA-AE v2"),
+    print(seeds("awae-v5", "AW-SSIM AE v4 on the family-26 EPYC (the v5 weights, no profile)", "-no-profile"))
+    for base, label in (("cmaae-v5", "CMA-AE v5"), ("awae-v5", "AW-SSIM AE v5"), ("cmaae-v4", "CMA-AE v4"), ("awae-v4", "AW-SSIM AE v4"), ("cmaae-v3", "CMA-AE v3"), ("awae-v3", "AW-SSIM AE v3"), ("cmaae-v2", "CMA-AE v2"),
                         ("awae-v2", "AW-SSIM AE v2")):
         print(seeds(base, label))
     print()
