@@ -102,6 +102,11 @@ def _contribution(f: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) 
     return torch.einsum("nc,nchw->nhw", v, f - mean.view(1, -1, 1, 1))
 
 
+def _trunk_depth(layers: tuple[int, ...], profile: str) -> int:
+    """How many AlexNet conv layers a context with ``layers`` and ``profile`` runs."""
+    return max(layers + (PROFILE_LAYERS if profile != "none" else ()))
+
+
 def _descriptor(f: torch.Tensor) -> torch.Tensor:
     return torch.cat([f.mean(dim=(2, 3)), f.std(dim=(2, 3))], 1)
 
@@ -165,8 +170,7 @@ class ImageContext(FrozenTrunk):
             trunk, _origin = load_alexnet_trunk(os.environ.get("DEFECT_FAST_ALEXNET_WEIGHTS"))
         self.image_size = int(image_size)
         self.convs = nn.ModuleList()
-        depth = max(self.layers + (PROFILE_LAYERS if profile != "none" else ()))
-        for idx, cin, cout, k, s, p in _ALEXNET[:depth]:
+        for idx, cin, cout, k, s, p in _ALEXNET[:_trunk_depth(self.layers, profile)]:
             conv = nn.Conv2d(cin, cout, k, stride=s, padding=p)
             conv.weight.data.copy_(trunk[f"features.{idx}.weight"])
             conv.bias.data.copy_(trunk[f"features.{idx}.bias"])
@@ -204,9 +208,10 @@ class ImageContext(FrozenTrunk):
 
     # -- inference -------------------------------------------------------------------------------
     def features(self, x: torch.Tensor, dtype: torch.dtype | None = None, channels_last: bool = False,
-                 stem: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+                 stem: list[torch.Tensor] | None = None, with_profile: bool = True) -> list[torch.Tensor]:
         """Images [N,3,S,S] in [-1, 1] -> the float32 outputs of ``self.layers`` [N, C, G, G], and
-        with a ``profile`` last the profile's d [N, C, G'] (the module docstring).
+        with a ``profile`` (unless ``with_profile`` is False) last the profile's d [N, C, G'] (the
+        module docstring).
 
         ``dtype`` (None: float32) and ``channels_last``: how the trunk runs. ``stem``: the float32
         ReLU outputs of the first convolutions on these images, before their max-pools (what
@@ -219,7 +224,7 @@ class ImageContext(FrozenTrunk):
         out, stems = [], []
         for i in range(1, len(self.convs) + 1):
             h = stem[i - 1] if i <= k else self._trunk_conv(i - 1, h)
-            if self.profile != "none" and i in PROFILE_LAYERS:
+            if with_profile and self.profile != "none" and i in PROFILE_LAYERS:
                 stems.append(h)
             if i <= 2:
                 h = F.max_pool2d(h, 3, 2)
@@ -336,9 +341,9 @@ class ImageContext(FrozenTrunk):
         s2 = [0.0 for _ in self.layers]
         start = 0
         for x in batches():
-            feats = self.features(x.to(dev), dtype, channels_last)
+            feats = self.features(x.to(dev), dtype, channels_last, with_profile=False)  # fitted in the first pass
             fk = folds[start:start + x.shape[0]]
-            for j, f in enumerate(feats[:len(self.layers)]):
+            for j, f in enumerate(feats):
                 c = torch.empty(f.shape[0], *f.shape[2:], device=dev)
                 for k in fk.unique().tolist():
                     sel = (fk == k).to(dev)
@@ -398,8 +403,7 @@ class ImageContext(FrozenTrunk):
         profile = state.get("profile", "none")  # files written before the profile have none
         t = state["tensors"]
         trunk = {}
-        depth = max(layers + (PROFILE_LAYERS if profile != "none" else ()))
-        for i, (idx, *_rest) in enumerate(_ALEXNET[:depth]):
+        for i, (idx, *_rest) in enumerate(_ALEXNET[:_trunk_depth(layers, profile)]):
             trunk[f"features.{idx}.weight"] = t[f"convs.{i}.weight"]
             trunk[f"features.{idx}.bias"] = t[f"convs.{i}.bias"]
         m = cls(state["image_size"], trunk=trunk, layers=layers, profile=profile)
