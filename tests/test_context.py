@@ -29,8 +29,8 @@ def _surfaces(n: int, size: int = 128, seed: int = 0) -> torch.Tensor:
     return (streaks + noise).expand(-1, 3, -1, -1).clamp(-1, 1).contiguous()
 
 
-def _fitted(size: int = 128, n: int = 20) -> ImageContext:
-    ctx = ImageContext(size, trunk=_trunk())
+def _fitted(size: int = 128, n: int = 20, profile: str = "none") -> ImageContext:
+    ctx = ImageContext(size, trunk=_trunk(), profile=profile)
     normal = _surfaces(n, size)
     assert ctx.fit(lambda: normal.split(8)) == n
     return ctx
@@ -251,13 +251,6 @@ def test_detector_computes_the_trunk_layers_it_shares_once(monkeypatch):
     assert torch.equal(maps, unshared[0]) and torch.equal(scores, unshared[1])
 
 
-def _fitted_profile(profile: str = "rows", n: int = 20, size: int = 128) -> ImageContext:
-    ctx = ImageContext(size, trunk=_trunk(), profile=profile)
-    normal = _surfaces(n, size)
-    assert ctx.fit(lambda: normal.split(8)) == n
-    return ctx
-
-
 def test_the_median_written_for_export_is_torch_median():
     from defect_fast.context import _median, _sorted_median
 
@@ -284,7 +277,7 @@ def test_the_profile_lights_a_band_across_the_streaks_far_more_than_a_spot(monke
     import defect_fast.context as context
 
     band, spot = _band_and_spot(_surfaces(3, seed=6))
-    ctx = _fitted_profile()
+    ctx = _fitted(profile="rows")
     with torch.no_grad():
         normal = ctx.profile_map(ctx.features(_surfaces(10, seed=5))[-1], 128)
         m_band = ctx.profile_map(ctx.features(band)[-1], 128)
@@ -293,14 +286,14 @@ def test_the_profile_lights_a_band_across_the_streaks_far_more_than_a_spot(monke
     assert float(m_band[:, 44:68].mean(dim=(1, 2)).min()) > float(normal.max()) + 2.0
     assert float(m_band[:, 44:68].mean(dim=(1, 2)).min()) > 3 * float(m_spot.max())
     monkeypatch.setattr(context, "_median", lambda x, dim: x.mean(dim))
-    by_mean = _fitted_profile()
+    by_mean = _fitted(profile="rows")
     with torch.no_grad():
         m_spot_mean = by_mean.profile_map(by_mean.features(spot)[-1], 128)[:, 56:72].amax(dim=(1, 2))
     assert (m_spot < 0.5 * m_spot_mean).all()
 
 
 def test_the_profile_is_standardised_on_unseen_images_and_joins_the_context_map():
-    ctx = _fitted_profile(n=40)
+    ctx = _fitted(n=40, profile="rows")
     plain = ImageContext(128, trunk=_trunk())
     normal = _surfaces(40)
     plain.fit(lambda: normal.split(8))
@@ -329,7 +322,7 @@ def test_columns_light_a_band_along_the_image_of_surfaces_streaked_across_it():
 
 
 def test_the_profile_round_trips_and_files_without_it_load_as_before():
-    ctx = _fitted_profile()
+    ctx = _fitted(profile="rows")
     back = ImageContext.from_state(ctx.state())
     assert back.profile == "rows"
     x = _surfaces(2, seed=4)
