@@ -88,11 +88,12 @@ def _per_stage(values: list[int] | None, n: int, option: str) -> list[int] | Non
 #: ``train --preset NAME``: a set of train options in one word, as argparse destinations and
 #: values; options given explicitly take precedence. "photos": the options of the recommended
 #: magnetic-tile runs (README, "Results on magnetic tile", v5), which met the accuracy bars there
-#: (the band profile per row: bands across streaks that run top to bottom, as on those tiles).
+#: (the band profile across the training images' streaks: per row on those tiles, whose streaks
+#: run top to bottom).
 PRESETS: dict[str, dict] = {
     "photos": {"image_size": 256, "batch_size": 64, "patch_sampling": "random", "flips": True,
                "lr_schedule": "cosine", "map": "perceptual", "infer_stride": 32, "blend": "hann",
-               "smooth": 4.0, "context": True, "context_profile": "rows"},
+               "smooth": 4.0, "context": True, "context_profile": "auto"},
 }
 #: What a preset sets that depends on the model: options of its synthetic anomalies (``--set``),
 #: for a model trained on them that has them, where ``--set`` does not give them; and the epochs
@@ -399,7 +400,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     from .detect import BLENDS
     from .export import FORMATS
     from .models import map_names, model_names
-    from .context import PROFILES
+    from .context import PROFILE_CHOICES
     from .train import FIT_SOURCES, NORMALIZATIONS
 
     p = ArgumentParser(prog="defect-fast", description="Unsupervised surface-defect detection: "
@@ -450,9 +451,10 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     t.add_argument("--context", action="store_true",
                    help="add the image context to the run's maps and scores: Gaussians of the whole image's AlexNet "
                    "conv3-5 statistics, fitted on the training images (for defects spread over a region; README)")
-    t.add_argument("--context-profile", choices=PROFILES, default="none",
+    t.add_argument("--context-profile", choices=PROFILE_CHOICES, default="none",
                    help="with --context, also compare each row (rows) or column (columns) of an image with its "
-                   "other rows (columns), for bands across the surface (default none)")
+                   "other rows (columns), for bands across the surface; auto: across the streaks of the "
+                   "training images (refused when they share no direction) (default none)")
     t.add_argument("--anomaly-source", default=None, help="folder of natural photos for synthetic anomalies "
                    "(default: the sample photos shipped with scikit-learn)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="model option, e.g. --set fusion=mam "

@@ -38,6 +38,9 @@ uses). Per layer l, with f(p) the feature vector at position p and fbar its mean
   s(y) = (d(y) - mu(y))^T P (d(y) - mu(y)) to the defect-free d at that row (mean per row, one
   Ledoit-Wolf precision pooled over rows) is standardised per row and spread along it. It is
   added to the context map, where it also raises the image's top values, and so its score.
+  Which way the streaks run is a property of the surface; :func:`profile_across_streaks` reads
+  it from the defect-free images (``profile="auto"`` of :meth:`Detector.fit_context` and
+  ``train --context-profile auto``).
 
 Both are standardised on defect-free images they were not fitted on (five-fold cross-fitting on
 the fitting images: a Gaussian's distances of its own sample are too small). The Detector then
@@ -73,6 +76,10 @@ MIN_SIZE = 64
 PROFILES = ("none", "rows", "columns")
 #: The conv layers (1-based, before their max-pools) whose log-energies the profile summarises.
 PROFILE_LAYERS = (1, 2)
+#: What ``profile`` accepts where the defect-free images are at hand (:func:`profile_across_streaks`).
+PROFILE_CHOICES = PROFILES + ("auto",)
+#: Largest two-sided sign-test p-value with which ``"auto"`` takes the images' streak direction as shared.
+AUTO_P_VALUE = 0.01
 
 
 def grid_side(image_size: int, layer: int = 3) -> int:
@@ -135,6 +142,44 @@ def _profile(stems: list[torch.Tensor], grid: int, axis: str) -> torch.Tensor:
     return r - _median(r, 2).unsqueeze(2)
 
 
+def profile_across_streaks(images: torch.Tensor) -> tuple[str, str]:
+    """The band profile across the streaks of defect-free images: ("rows" or "columns", why).
+
+    Per image, the mean absolute difference of neighbouring grey levels across the width (gx) and
+    down the height (gy): streaks that run top to bottom make gx the larger (on magnetic tile,
+    592 of the 600 training images, median gx / gy 1.81), and bands across them are rows. The
+    direction is taken when the images agree on it beyond chance (two-sided sign test, p <=
+    :data:`AUTO_P_VALUE`; 10 images need 10 of 10, 100 need 64).
+
+    Args:
+        images: uint8 [N,C,H,W] defect-free images (0..255), as the context is fitted on.
+    Raises:
+        ValueError: fewer than 2 images, or no shared direction (the message gives the counts).
+    """
+    from scipy.stats import binomtest
+
+    if images.dim() != 4 or images.shape[0] < 2 or min(images.shape[2:]) < 2:
+        raise ValueError(f"profile auto needs at least 2 images of at least 2 x 2 pixels, got shape {tuple(images.shape)}")
+    gx, gy = [], []
+    for c in images.split(32):
+        g = c.float().mean(1)
+        gx.append((g[:, :, 1:] - g[:, :, :-1]).abs().mean((1, 2)))
+        gy.append((g[:, 1:] - g[:, :-1]).abs().mean((1, 2)))
+    gx, gy = torch.cat(gx).double(), torch.cat(gy).double()
+    across, along = int((gx > gy).sum()), int((gx < gy).sum())
+    n = across + along
+    ratio = float((gx / gy.clamp_min(1e-12)).median())
+    p = binomtest(across, n, 0.5).pvalue if n else 1.0
+    counts = (f"in {across} of {n} defect-free images the grey levels vary more across the width than down the "
+              f"height (median ratio {ratio:.3g}; sign test p = {p:.2g})")
+    if p > AUTO_P_VALUE:
+        raise ValueError(f"profile auto: the images share no streak direction: {counts}; "
+                         "choose the profile (rows, columns or none)")
+    if across > along:
+        return "rows", f"rows, across streaks that run top to bottom: {counts}"
+    return "columns", f"columns, across streaks that run side to side: {counts}"
+
+
 def _profile_distance(d: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
     """d [N, C, G] -> per row (column) Mahalanobis distance squared to (mean [C, G], precision [C, C]) [N, G]."""
     e = (d - mean).transpose(1, 2)
@@ -163,6 +208,7 @@ class ImageContext(FrozenTrunk):
         if profile not in PROFILES:
             raise ValueError(f"profile must be one of {', '.join(PROFILES)}, got {profile!r}")
         self.profile = profile
+        self.profile_basis: str | None = None  # why "auto" chose the profile (Detector.fit_context)
         self.layers = tuple(sorted(layers))
         if trunk is None:
             from .losses.lpips import load_alexnet_trunk
@@ -395,6 +441,7 @@ class ImageContext(FrozenTrunk):
     def state(self) -> dict:
         """What a model file stores to rebuild the context (trunk included)."""
         return {"image_size": self.image_size, "layers": list(self.layers), "profile": self.profile,
+                "profile_basis": self.profile_basis,
                 "tensors": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
 
     @classmethod
@@ -408,7 +455,8 @@ class ImageContext(FrozenTrunk):
             trunk[f"features.{idx}.bias"] = t[f"convs.{i}.bias"]
         m = cls(state["image_size"], trunk=trunk, layers=layers, profile=profile)
         m.load_state_dict(t)
+        m.profile_basis = state.get("profile_basis")
         return m
 
 
-__all__ = ["ImageContext", "LAYERS", "PROFILES", "grid_side"]
+__all__ = ["ImageContext", "LAYERS", "PROFILES", "PROFILE_CHOICES", "grid_side", "profile_across_streaks"]

@@ -510,7 +510,10 @@ class Detector(nn.Module):
                 statistics were fitted on: the defect-free mean and spread of its own map and of
                 the combined score come from them.
             profile: the context's band profile, "none", "rows" or "columns"
-                (:class:`~defect_fast.context.ImageContext`).
+                (:class:`~defect_fast.context.ImageContext`), or "auto": across the streaks of
+                ``normal_images`` (:func:`~defect_fast.context.profile_across_streaks`, which
+                raises ValueError when they share no direction); ``self.context.profile_basis``
+                says which and why.
         Returns:
             the number of images the context rests on.
         """
@@ -521,9 +524,13 @@ class Detector(nn.Module):
                      images_per_batch: int = 8, profile: str = "none") -> tuple[int, dict[str, torch.Tensor]]:
         """:meth:`fit_context`, and what :meth:`predict_batched` gives for the calibration images
         afterwards ({"maps": [M,S,S], "scores": [M]} on the CPU), from the maps the fit computes anyway."""
-        from .context import ImageContext
+        from .context import ImageContext, profile_across_streaks
 
+        basis = None
+        if profile == "auto":
+            profile, basis = profile_across_streaks(normal_images)
         ctx = ImageContext(self.image_size, profile=profile).to(self.device)
+        ctx.profile_basis = basis
         n = ctx.fit(lambda: (self._to_model_input(c.to(self.device)) for c in normal_images.split(32)),
                     **self._trunk_options())
         raw, feats = [], []

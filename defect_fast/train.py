@@ -99,7 +99,8 @@ class TrainConfig:
     # image's deviation. Off: the run's own map and its top values (the papers').
     context: bool = False
     # With the context: also compare each row ("rows") or column ("columns") of the image with the
-    # image's other rows (columns), for bands across the surface (defect_fast/context.py, "Profile").
+    # image's other rows (columns), for bands across the surface (defect_fast/context.py, "Profile");
+    # "auto": across the streaks of the training images (context.profile_across_streaks).
     context_profile: str = "none"
 
     def to_json(self) -> dict[str, Any]:
@@ -187,10 +188,10 @@ def check_config(cfg: TrainConfig, n_stages: int, patch: int) -> None:
         from .context import MIN_SIZE
 
         need(cfg.image_size >= MIN_SIZE, f"--context needs --image-size >= {MIN_SIZE}, got {cfg.image_size}")
-    from .context import PROFILES
+    from .context import PROFILE_CHOICES
 
-    need(cfg.context_profile in PROFILES,
-         f"--context-profile must be one of {', '.join(PROFILES)}, got {cfg.context_profile!r}")
+    need(cfg.context_profile in PROFILE_CHOICES,
+         f"--context-profile must be one of {', '.join(PROFILE_CHOICES)}, got {cfg.context_profile!r}")
     need(cfg.context or cfg.context_profile == "none",
          f"--context-profile {cfg.context_profile} is part of the image context: add --context")
     need(cfg.blend in ("none", "hann"), f"--blend must be none or hann, got {cfg.blend!r}")
@@ -235,7 +236,8 @@ def check_pretrained_weights(cfg: TrainConfig, model: AnomalyModel) -> None:
 
     for what, used, build in (
             ("--map perceptual", cfg.map == "perceptual", lambda: perceptual.PerceptualMap(cfg.image_size)),
-            ("--context", cfg.context, lambda: context.ImageContext(cfg.image_size, profile=cfg.context_profile)),
+            ("--context", cfg.context, lambda: context.ImageContext(
+                cfg.image_size, profile="rows" if cfg.context_profile == "auto" else cfg.context_profile)),
             (f"{cfg.model}'s LPIPS loss", model.uses_lpips(),
              lambda: (default_lpips_factory(cfg.model_kwargs.get("lpips_weights")), load_lpips_heads()))):
         if used:
@@ -832,6 +834,15 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
 
             if len(train_idx) < MIN_IMAGES:
                 raise ConfigError(f"--context needs at least {MIN_IMAGES} training images to fit on, got {len(train_idx)}")
+            if cfg.context_profile == "auto":  # decided on the images the context is fitted on, before training
+                from .context import profile_across_streaks
+
+                try:
+                    _profile, basis = profile_across_streaks(images[train_idx])
+                except ValueError as exc:
+                    raise ConfigError(f"--context-profile auto: {cfg.data}: {str(exc).removeprefix('profile auto: ')}") from None
+                if not resume:
+                    log(f"context profile: {basis}")
         sources = _preload_sources(cfg, probe.stages)
         check_pretrained_weights(cfg, probe)  # now, not after the training that needs them
         del probe

@@ -3,7 +3,7 @@ current :func:`defect_fast.train.finish_run`, on the run's own held-back images;
 not touched. For runs trained before a change to finish_run.
 
     python3 experiments/refit_run.py RUN [--fit-on train|held-back] [--map-scales F ...] [--context | --no-context]
-        [--context-profile none|rows|columns]
+        [--context-profile none|rows|columns|auto]
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ if __name__ == "__main__":
                     help="the perceptual map's pyramid (default: the run's setting)")
     ap.add_argument("--context", action=argparse.BooleanOptionalAction, default=None,
                     help="the image context in maps and scores (default: the run's setting)")
-    ap.add_argument("--context-profile", choices=("none", "rows", "columns"), default=None,
+    ap.add_argument("--context-profile", choices=("none", "rows", "columns", "auto"), default=None,
                     help="the context's band profile (default: the run's setting)")
     args = ap.parse_args()
     sys.exit(main(args.run, args.fit_on, args.map_scales, args.context, args.context_profile))

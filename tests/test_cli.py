@@ -448,7 +448,7 @@ def test_demo_overwrite_after_its_training_was_resumed_with_train(tmp_path, monk
 
 RECOMMENDED = ["--image-size", "256", "--batch-size", "64", "--epochs", "1", "1", "--patch-sampling", "random",
                "--flips", "--lr-schedule", "cosine", "--set", "synthesis=perlin", "--map", "perceptual",
-               "--infer-stride", "32", "--blend", "hann", "--smooth", "4", "--context", "--context-profile", "rows"]
+               "--infer-stride", "32", "--blend", "hann", "--smooth", "4", "--context", "--context-profile", "auto"]
 
 
 def _train_config(argv, monkeypatch):
@@ -470,7 +470,7 @@ def test_the_photos_preset_is_the_recommended_command(monkeypatch, capsys):
                          "--set", "memory_size=100", "--epochs", "3"], monkeypatch)
     assert (cfg.smooth, cfg.image_size, cfg.epochs) == (0.0, 512, [3, 3])
     assert cfg.model_kwargs == {"synthesis": "paper", "memory_size": 100}
-    assert (cfg.map, cfg.context, cfg.infer_stride, cfg.flips, cfg.context_profile) == ("perceptual", True, 32, True, "rows")
+    assert (cfg.map, cfg.context, cfg.infer_stride, cfg.flips, cfg.context_profile) == ("perceptual", True, 32, True, "auto")
     # a one-stage model: two epochs in all, and no synthetic anomalies to shape
     one = _train_config(["--preset", "photos", "--model", "ae-l2"], monkeypatch)
     assert one.epochs == [2] and one.model_kwargs == {} and one.context

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from defect_fast.context import ImageContext, _contribution, grid_side
+from defect_fast.context import ImageContext, _contribution, grid_side, profile_across_streaks
 from defect_fast.detect import Detector
 from defect_fast.models import build_model
 from defect_fast.perceptual import PerceptualMap
@@ -333,6 +333,44 @@ def test_the_profile_round_trips_and_files_without_it_load_as_before():
     assert ImageContext.from_state(old).profile == "none"
     with pytest.raises(ValueError, match="profile"):
         ImageContext(128, trunk=_trunk(), profile="diagonal")
+
+
+def _u8(t: torch.Tensor) -> torch.Tensor:
+    return ((t + 1) * 127.5).round().to(torch.uint8)
+
+
+def test_auto_takes_the_profile_across_the_streaks_the_images_share():
+    """Streaks top to bottom: rows; side to side: columns; no shared direction: refused, with the counts."""
+    streaked = _u8(_surfaces(12, seed=3))
+    profile, why = profile_across_streaks(streaked)
+    assert profile == "rows" and "in 12 of 12" in why and "top to bottom" in why
+    profile, why = profile_across_streaks(streaked.transpose(2, 3))
+    assert profile == "columns" and "in 0 of 12" in why and "side to side" in why
+    g = torch.Generator().manual_seed(0)
+    plain = _u8((torch.randn(12, 1, 128, 128, generator=g) * 0.1).expand(-1, 3, -1, -1))
+    with pytest.raises(ValueError, match=r"share no streak direction: in \d+ of 12 .* choose the profile"):
+        profile_across_streaks(plain)
+    # 11 of 12 agreeing is beyond chance (sign test p = 0.0063), 10 of 12 is not (p = 0.039)
+    assert profile_across_streaks(torch.cat([streaked[:11], streaked[11:].transpose(2, 3)]))[0] == "rows"
+    with pytest.raises(ValueError, match=r"share no streak direction: in 10 of 12"):
+        profile_across_streaks(torch.cat([streaked[:10], streaked[10:].transpose(2, 3)]))
+    with pytest.raises(ValueError, match="at least 2 images"):
+        profile_across_streaks(streaked[:1])
+
+
+def test_a_detector_fitted_with_auto_stores_the_profile_it_chose_and_why(monkeypatch):
+    import defect_fast.context as context
+
+    monkeypatch.setattr(context, "ImageContext", RandomTrunkContext)
+    torch.manual_seed(0)
+    det = Detector(build_model("cmaae", memory_size=20), image_size=128, stride=64, precision="float32")
+    normal, calib = _u8(_surfaces(10, seed=1)), _u8(_surfaces(4, seed=2))
+    det.fit_context(normal.transpose(2, 3).contiguous(), calib.transpose(2, 3).contiguous(), profile="auto")
+    assert det.context.profile == "columns" and det.context.profile_basis.startswith("columns, across streaks")
+    back = ImageContext.from_state(det.context.state())
+    assert (back.profile, back.profile_basis) == ("columns", det.context.profile_basis)
+    det.fit_context(normal, calib, profile="rows")  # chosen by the caller: no basis to give
+    assert det.context.profile == "rows" and det.context.profile_basis is None
 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])

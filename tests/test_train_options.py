@@ -244,7 +244,30 @@ def test_a_context_profile_needs_the_context_and_a_known_name():
         check_config(TrainConfig(data="d", image_size=128, epochs=[1, 1], context=True, context_profile="row"), 2, 32)
 
 
-@pytest.mark.parametrize("profile", ["none", "rows"])
+def test_auto_profile_on_images_without_a_streak_direction_is_refused_before_training(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    import defect_fast.context as context
+    from tests.test_context import RandomTrunkContext
+
+    monkeypatch.setattr(context, "ImageContext", RandomTrunkContext)
+    data = tmp_path / "plain"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(16):  # noise: no direction
+        Image.fromarray(rng.integers(0, 256, (128, 128), dtype=np.uint8)).save(data / f"{i:03d}.png")
+    logged = []
+    cfg = TrainConfig(data=str(data), model="cmaae", image_size=128, batch_size=16, epochs=[1, 1], max_steps=[1, 1],
+                      model_kwargs={"memory_size": 20}, holdback=0.25, context=True, context_profile="auto")
+    with pytest.raises(ConfigError, match=r"--context-profile auto: .*plain: the images share no streak direction: in "
+                                          r"\d+ of 12 defect-free images"):
+        train(cfg, tmp_path / "run", progress=False, log=logged.append)
+    assert not (tmp_path / "run").exists() and not any("stage" in line for line in logged)
+    check_config(cfg, 2, 32)  # the name itself is valid
+
+
+@pytest.mark.parametrize("profile", ["none", "rows", "auto"])
 def test_run_with_context_stores_it_fitted_on_the_training_images(synthetic_root, tmp_path, monkeypatch, profile):
     import defect_fast.context as context
     from tests.test_context import RandomTrunkContext
@@ -256,7 +279,9 @@ def test_run_with_context_stores_it_fitted_on_the_training_images(synthetic_root
     path = train(cfg, tmp_path / "run", progress=False, log=lambda s: None)
     state = torch.load(path, weights_only=True)
     det = Detector.load(path, device="cpu")
-    assert det.context is not None and det.context.profile == profile
+    # the synthetic gratings vary more across the width than down the height: auto takes rows
+    assert det.context is not None and det.context.profile == ("rows" if profile == "auto" else profile)
+    assert (det.context.profile_basis or "").startswith("rows, across") == (profile == "auto")
     assert float(det.context.fitted) == 32 - len(state["held_back"])  # the training images
     maps, scores = det(torch.zeros(2, 3, 128, 128, dtype=torch.uint8))
     assert maps.shape == (2, 128, 128) and torch.isfinite(scores).all()
