@@ -232,24 +232,40 @@ def pixel_threshold(maps, pixel_far: float = DEFAULT_PIXEL_FAR) -> PixelThreshol
     return PixelThreshold(value, pixel_far, k / (m + 1), m, int(t.shape[0]), k, ok)
 
 
+#: How many of the highest-scoring calibration images :func:`calibrate` names.
+NAMED_IMAGES = 5
+
+
 def calibrate(scores, maps=None, far: float = DEFAULT_FAR, pixel_far: float = DEFAULT_PIXEL_FAR,
-              *, fallback: bool = True) -> dict[str, Any]:
+              *, fallback: bool = True, names: Sequence[str] | None = None) -> dict[str, Any]:
     """Everything a model file stores about its thresholds, as a JSON-safe dict.
 
     Args:
         scores: image scores [n] of the held-back defect-free images.
         maps: their maps [n, H, W] (None: no pixel threshold).
         far, pixel_far, fallback: as in :func:`image_threshold` / :func:`pixel_threshold`.
+        names: the images' names [n] (e.g. their files), or None. With few images the threshold
+            is one image's score: naming it (and the next highest) lets a person look at the
+            defect-free images the line's pass/fail rests on, e.g. a marked part among them.
 
     Returns:
         ``{"image_threshold": float, "far": ..., "far_expected", "far_upper95", "n_images", "rank",
         "n_needed", "sufficient", "note", "pixel_threshold": float | None, "pixel_far",
-        "pixel_far_expected", "n_pixels", "score_mean", "score_std", "score_max"}``.
+        "pixel_far_expected", "n_pixels", "score_mean", "score_std", "score_max"}``; with
+        ``names`` also "threshold_image" (the image whose score is the threshold) and
+        "highest_scores" ([[name, score], ...], the :data:`NAMED_IMAGES` highest, highest first).
     """
     it = image_threshold(scores, far, fallback=fallback)
     s = _scores_1d(scores, "held-back scores")
     out = {"image_threshold": it.threshold, **{k: v for k, v in it.to_dict().items() if k != "threshold"}}
     out.update(score_mean=float(s.mean()), score_std=float(s.std(ddof=1)) if s.size > 1 else 0.0, score_max=float(s.max()))
+    if names is not None:
+        names = [str(n) for n in names]
+        if len(names) != s.size:
+            raise ValueError(f"{s.size} held-back scores but {len(names)} names")
+        order = np.argsort(-s, kind="stable")  # ties: in the given order
+        out["threshold_image"] = names[order[it.rank - 1]]
+        out["highest_scores"] = [[names[i], float(s[i])] for i in order[:NAMED_IMAGES]]
     if maps is None:
         out.update(pixel_threshold=None, pixel_far=pixel_far, pixel_far_expected=None, n_pixels=0)
     else:
@@ -355,8 +371,9 @@ def evaluate_thresholds(scores, labels, calibration: Mapping[str, Any] | None = 
     Returns:
         ``{"f1_optimal": f1_optimal_threshold(...), "at_threshold": rates_at(...) or None when there
         is no threshold, "far_asked": the calibration's target rate or None, "far_expected",
-        "n_calibration_images", "threshold_source"}``; put ``at_threshold["false_alarm_rate"]``
-        next to ``far_asked``.
+        "n_calibration_images", "threshold_source", "threshold_image": the calibration image
+        whose score the stored threshold is, when the model file names it}``; put
+        ``at_threshold["false_alarm_rate"]`` next to ``far_asked``.
     """
     stored, _, source = stored_thresholds(calibration)
     if threshold is not None:
@@ -365,7 +382,8 @@ def evaluate_thresholds(scores, labels, calibration: Mapping[str, Any] | None = 
     return {"f1_optimal": f1_optimal_threshold(scores, labels),
             "at_threshold": rates_at(scores, labels, stored) if stored is not None else None,
             "far_asked": cal.get("far"), "far_expected": cal.get("far_expected"),
-            "n_calibration_images": cal.get("n_images"), "threshold_source": source}
+            "n_calibration_images": cal.get("n_images"), "threshold_source": source,
+            "threshold_image": cal.get("threshold_image") if threshold is None and stored is not None else None}
 
 
 # --------------------------------------------------------------------------------------------

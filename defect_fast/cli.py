@@ -59,6 +59,8 @@ def _print_thresholds(th: dict | None, out=None) -> None:
         print(th.get("threshold_source") or "no stored image threshold in the model file", file=out)
         return
     print(f"threshold: {th['threshold_source']}", file=out)
+    if th.get("threshold_image"):
+        print(f"the stored threshold is the score of calibration image {th['threshold_image']}", file=out)
     print(f"at that threshold {_fmt(at['threshold'])}: false-alarm rate "
           f"{_fmt(at['false_alarm_rate'])} ({at['false_alarms']}/{at['n_good']} good images; asked "
           f"{_fmt(th.get('far_asked'))}, expected {_fmt(th.get('far_expected'))} from "

@@ -767,11 +767,13 @@ class Detector(nn.Module):
         return {"maps": torch.stack(maps) if same else maps, "scores": res["scores"], "regions": regions}
 
     @torch.no_grad()
-    def calibrate(self, normal_images: torch.Tensor, far: float | None = None) -> dict[str, Any]:
+    def calibrate(self, normal_images: torch.Tensor, far: float | None = None,
+                  names: list[str] | None = None) -> dict[str, Any]:
         """Thresholds from defect-free images the model was not trained on, by the rule training
         uses for its held-back images (:func:`defect_fast.calibration.calibrate`: the image
         threshold for a false-alarm rate ``far``, default 0.01, and a pixel threshold), plus
         ``pixel_q999`` (the 99.9th percentile of their map values, the maps' colour scale).
+        ``names`` (one per image) name the image whose score the threshold is and the highest.
         Replaces :attr:`calibration` and returns it.
         """
         from .calibration import DEFAULT_FAR
@@ -780,7 +782,7 @@ class Detector(nn.Module):
         flat = res["maps"].flatten()
         if flat.numel() > 2_000_000:
             flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:2_000_000]]
-        cal = calibrate_thresholds(res["scores"], res["maps"], DEFAULT_FAR if far is None else far)
+        cal = calibrate_thresholds(res["scores"], res["maps"], DEFAULT_FAR if far is None else far, names=names)
         cal["pixel_q999"] = float(torch.quantile(flat, 0.999))
         self.calibration = cal
         return cal

@@ -629,7 +629,10 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
         res = det.predict_batched(calib_images)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # too few images is said in the note, printed by train()
-        cal = calibrate(res["scores"], res["maps"], far=cfg.far)
+        names = list(cfg.held_back) if len(cfg.held_back) == held_back_images.shape[0] else None
+        if names is not None and calib_images is not held_back_images:
+            names = names[1::2]  # the half that calibrates
+        cal = calibrate(res["scores"], res["maps"], far=cfg.far, names=names)
     flat = res["maps"].flatten()
     if flat.numel() > 2_000_000:
         flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:2_000_000]]
@@ -896,6 +899,9 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         log(f"trained {cfg.model} in {elapsed:.1f} s, then {finish_seconds:.1f} s for the map statistics and "
             f"calibration; image threshold {cal['image_threshold']:.4g} from {cal['n_images']} {cal['source']}; "
             f"model saved to {out / MODEL_FILE}")
+        if cal.get("highest_scores"):
+            log(f"the image threshold is the score of {cal['threshold_image']}; the highest held-back scores: "
+                + ", ".join(f"{score:.4g} ({Path(name).name})" for name, score in cal["highest_scores"]))
     except BaseException:
         if not resume and not (out / CHECKPOINT_FILE).exists():
             folder.discard()  # a failed start leaves nothing behind

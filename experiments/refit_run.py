@@ -40,6 +40,7 @@ def main(run: str, fit_on: str | None = None, map_scales: list[int] | None = Non
     if len(idx) != len(held):
         raise SystemExit(f"{run}: {len(held) - len(idx)} held-back image(s) are missing from {cfg.data}")
     train_idx = [i for i, p in enumerate(paths) if str(p) not in held]
+    cfg.held_back = [str(paths[i]) for i in idx]  # in the order of their images (names in the calibration)
     finished = finish_run(model_from_state(state), cfg, images[idx], "cpu", train_images=images[train_idx],
                           context_images=images[train_idx])
     for key in ("normalization", "perceptual", "context"):

@@ -110,6 +110,27 @@ def test_calibrate_dict_and_stored_thresholds():
     assert ModelInfo(64, pixel_threshold=0.25).scale() == 0.5 and ModelInfo(64).scale() == 0.0
 
 
+def test_calibrate_names_the_image_whose_score_is_the_threshold():
+    scores = [0.5, 7.6, 4.9, 7.6, 1.0, 3.3]  # n = 6: the largest score (a tie: the first of the two)
+    names = [f"img{i}.png" for i in range(6)]
+    warnings.simplefilter("ignore", CalibrationWarning)  # too few for 1 %: said and tested elsewhere
+    cal = calibrate(scores, far=0.01, names=names)
+    assert cal["image_threshold"] == 7.6 and cal["threshold_image"] == "img1.png"
+    assert cal["highest_scores"] == [["img1.png", 7.6], ["img3.png", 7.6], ["img2.png", 4.9], ["img5.png", 3.3],
+                                     ["img4.png", 1.0]]
+    many = np.arange(199, 0, -1, dtype=np.float64)  # n = 199, far 0.01: the 2nd largest
+    cal = calibrate(many, far=0.01, names=[f"n{i}" for i in range(199)])
+    assert cal["image_threshold"] == 198.0 and cal["threshold_image"] == "n1"
+    assert "threshold_image" not in calibrate(scores, far=0.01)
+    with pytest.raises(ValueError, match="6 held-back scores but 5 names"):
+        calibrate(scores, far=0.01, names=names[:5])
+    labels = np.array([0, 1])
+    th = evaluate_thresholds(np.array([1.0, 9.0]), labels, calibrate(scores, far=0.01, names=names))
+    assert th["threshold_image"] == "img1.png"
+    assert evaluate_thresholds(np.array([1.0, 9.0]), labels, calibrate(scores, far=0.01, names=names),
+                               threshold=2.0)["threshold_image"] is None  # not the stored threshold
+
+
 def _brute_f1(scores, labels):
     best = (-1.0, None)
     for t in sorted(set(scores) | {min(scores) - 1}, reverse=True):

@@ -276,6 +276,8 @@ def test_evaluate_reports_pass_fail_rates_and_never_replaces_json(tiny_run, synt
     stored = Detector.load(tiny_run, device="cpu").calibration
     at = th["at_threshold"]
     assert at["threshold"] == stored["image_threshold"] and th["far_asked"] == 0.01
+    assert th["threshold_image"] == stored["threshold_image"] and Path(stored["threshold_image"]).is_file()
+    assert f"the stored threshold is the score of calibration image {stored['threshold_image']}\n" in out
     assert at["n_good"] + at["n_defective"] == 24 and 0 <= at["false_alarm_rate"] <= 1
     assert 0 <= th["f1_optimal"]["f1"] <= 1
 

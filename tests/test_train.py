@@ -329,7 +329,8 @@ def test_held_back_images_are_never_trained_on_and_set_the_thresholds(synthetic_
     state = load_checkpoint(run / "model.pt")
     # the time of the statistics and calibration after training is stored and said apart
     assert state["finish_seconds"] > 0 and state["train_seconds"] > 0
-    assert f"then {state['finish_seconds']:.1f} s for the map statistics and calibration" in said[-1]
+    assert f"then {state['finish_seconds']:.1f} s for the map statistics and calibration" in said[-2]
+    assert said[-1].startswith(f"the image threshold is the score of {state['calibration']['threshold_image']}; ")
     config = json.loads((run / "config.json").read_text())
     images, paths = load_train_images(synthetic_root, 128)
     held = [i for i, p in enumerate(paths) if str(p) in set(state["held_back"])]
@@ -360,6 +361,12 @@ def test_held_back_images_are_never_trained_on_and_set_the_thresholds(synthetic_
     assert cal["sufficient"] == (fit_on == "train") and cal["rank"] == 1
     assert cal["image_threshold"] == pytest.approx(float(res["scores"].max()), rel=1e-4)
     assert cal["pixel_threshold"] <= float(res["maps"].max()) + 1e-6
+    # the calibration names the held-back image whose score the threshold is, and the highest ones
+    named = [str(paths[i]) for i in calib]
+    assert cal["threshold_image"] == named[int(res["scores"].argmax())]
+    assert sorted(n for n, _s in cal["highest_scores"]) == sorted(named)
+    assert [sc for _n, sc in cal["highest_scores"]] == pytest.approx(sorted(res["scores"].tolist(), reverse=True),
+                                                                     rel=1e-4)
 
 
 def test_settings_that_train_nothing_are_refused_before_the_folder_is_made(synthetic_root, tmp_path):
