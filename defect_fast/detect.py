@@ -23,7 +23,7 @@ Speed options (constructor keywords; "auto" picks per device, from measurements 
   whose /proc/cpuinfo flags include ``avx512_bf16`` or ``amx_bf16``; float32 elsewhere. The model
   runs under ``torch.autocast``; the fused ops run in float32 inside it, maps are float32. On a
   2-core AVX512-BF16 EPYC: CMA-AE x2.9-3.4 and the AW-SSIM AE x3.1-3.6 faster than the eager
-  float32 pipeline at batch 1, metrics within 0.03 point (README, "Speed").
+  float32 pipeline at batch 1, metrics within 0.03 point (benchmarks/README.md).
 - ``channels_last``: "auto" = on (on a 2-core AVX2 EPYC: AW-SSIM AE about x1.5 faster per image,
   CMA-AE no slower; also the layout oneDNN and cuDNN prefer for reduced-precision convolutions).
   Patches are cut straight into that layout (one copy).

@@ -84,7 +84,7 @@ class TrainConfig:
     # patches; oneDNN's bf16 kernels on CPUs with AVX512-BF16/AMX, tensor cores on CUDA) or "auto"
     # (bfloat16 where the device computes it natively, else float32). Weights stay float32.
     # On an AVX512-BF16 CPU bf16 moved the magnetic-tile metrics by at most 0.23 point over three
-    # seeds and trained CMA-AE 1.6x and the AW-SSIM AE 2.4x faster (README, "Speed").
+    # seeds and trained CMA-AE 1.6x and the AW-SSIM AE 2.4x faster (benchmarks/README.md).
     precision: str = "auto"
     # How the finished run maps images (stored in model.pt; the defaults of ``defect_fast.load``):
     map: str = ""  # "" = the model's own default map; a model map name; or "perceptual" (fitted per fit_on)

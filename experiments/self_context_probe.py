@@ -1,6 +1,6 @@
 """Probe (negative result): a self-referential context map for "uneven" bands.
 
-Hypothesis, from the pictures of uneven tiles (README, "Third round"): the band is ground
+Hypothesis, from the pictures of uneven tiles (experiments/README.md, "Third round"): the band is ground
 differently from the rest of its own tile, so a map of how unlike the rest of its own image each
 position is should rank band pixels above the rest of the image, where the context map ranks them
 at about 67 (within-image AUROC, mean over the uneven images with a non-empty mask). The map: per

@@ -1,4 +1,4 @@
-"""Markdown tables from experiments/results/magnetic-tile/*.json (pasted into the README), and
+"""Markdown tables from experiments/results/magnetic-tile/*.json (pasted into experiments/README.md and the README), and
 experiments/results/magnetic-tile/summary.json (the best row and every row).
 
     python3 experiments/summarize.py
