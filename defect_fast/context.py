@@ -37,17 +37,22 @@ uses). Per layer l, with f(p) the feature vector at position p and fbar its mean
   row is the row's difference from the rest of its image, and its Mahalanobis distance
   s(y) = (d(y) - mu(y))^T P (d(y) - mu(y)) to the defect-free d at that row (mean per row, one
   Ledoit-Wolf precision pooled over rows) is standardised per row and spread along it. It is
-  added to the context map, where it also raises the image's top values, and so its score.
-  Which way the streaks run is a property of the surface; :func:`profile_across_streaks` reads
+  added to the context map, but not to the map the image score takes its top values from: a
+  row's value lands on every pixel of the row, 256 at 256 px against the score's 66 top pixels,
+  so in a defect-free image one high row would set the score (12 of the 100 good test photos of
+  magnetic tile had over half of their top pixels on rows with a profile value >= 2:
+  ``experiments/profile_score_probe.py``); the
+  image decision rests on the map's local peaks and the whole-image distance, the profile
+  localises bands. Which way the streaks run is a property of the surface; :func:`profile_across_streaks` reads
   it from the defect-free images (``profile="auto"`` of :meth:`Detector.fit_context` and
   ``train --context-profile auto``).
 
 Both are standardised on defect-free images they were not fitted on (five-fold cross-fitting on
 the fitting images: a Gaussian's distances of its own sample are too small). The Detector then
 adds them to its own: map = (anomaly map - m) / s + context map, and image score =
-(top values of that map - m') / s' + context score, the anomaly map's and the score's m and s
-measured on the run's calibration images (:meth:`Detector.fit_context`). Every term is in units
-of its defect-free spread; no weight is tuned.
+(top values of that map without the profile - m') / s' + context score, the anomaly map's and
+the score's m and s measured on the run's calibration images (:meth:`Detector.fit_context`).
+Every term is in units of its defect-free spread; no weight is tuned.
 """
 from __future__ import annotations
 
@@ -209,6 +214,9 @@ class ImageContext(FrozenTrunk):
             raise ValueError(f"profile must be one of {', '.join(PROFILES)}, got {profile!r}")
         self.profile = profile
         self.profile_basis: str | None = None  # why "auto" chose the profile (Detector.fit_context)
+        # whether the Detector's image score takes its top values from the map with the profile
+        # (files written before this choice: yes; fitted now: no, see the module docstring)
+        self.profile_in_score = False
         self.layers = tuple(sorted(layers))
         if trunk is None:
             from .losses.lpips import load_alexnet_trunk
@@ -306,7 +314,16 @@ class ImageContext(FrozenTrunk):
 
     def map(self, feats: list[torch.Tensor], size: int) -> torch.Tensor:
         """:meth:`features` -> context map [N, size, size]: per position, the standardised share of
-        the image's deviation, mean over layers (each upsampled bilinearly; layers of one grid together)."""
+        the image's deviation, mean over layers (each upsampled bilinearly; layers of one grid
+        together), plus the profile's map with a profile."""
+        out, values = self.map_parts(feats, size)
+        return out if values is None else out + self._spread(values, size)
+
+    def map_parts(self, feats: list[torch.Tensor], size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`features` -> (context map without the profile [N, size, size], the profile's
+        value per row (column) [N, size], or None without a profile): :meth:`map` is the first
+        plus the second spread across the image. The Detector smooths the two apart and takes
+        the image score's top values without the profile unless :attr:`profile_in_score`."""
         per_grid: dict[int, torch.Tensor] = {}
         for i, f in zip(self.layers, feats):
             c = _contribution(f, getattr(self, f"map_mean_{i}"), getattr(self, f"map_precision_{i}"))
@@ -316,17 +333,23 @@ class ImageContext(FrozenTrunk):
         total = sum(F.interpolate(z.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)
                     for z in per_grid.values())
         out = total[:, 0] / len(self.layers)
-        if self.profile != "none":
-            out = out + self.profile_map(feats[-1], size)
-        return out
+        return out, (self.profile_values(feats[-1], size) if self.profile != "none" else None)
 
-    def profile_map(self, d: torch.Tensor, size: int) -> torch.Tensor:
-        """The profile's d [N, C, G] -> its map [N, size, size]: per row (column) the standardised
-        distance, interpolated along the image and the same across it."""
+    def profile_values(self, d: torch.Tensor, size: int) -> torch.Tensor:
+        """The profile's d [N, C, G] -> per row (column) its standardised distance [N, size],
+        interpolated along the image."""
         s = _profile_distance(d, self.profile_mean, self.profile_precision)
         z = (s - self.profile_pos_mean) / self.profile_pos_std
-        z = F.interpolate(z.unsqueeze(1), size=size, mode="linear", align_corners=False)[:, 0]  # [N, size]
-        return z.unsqueeze(2).expand(-1, -1, size) if self.profile == "rows" else z.unsqueeze(1).expand(-1, size, -1)
+        return F.interpolate(z.unsqueeze(1), size=size, mode="linear", align_corners=False)[:, 0]
+
+    def profile_map(self, d: torch.Tensor, size: int) -> torch.Tensor:
+        """The profile's d [N, C, G] -> its map [N, size, size]: :meth:`profile_values` along the
+        image, the same across it."""
+        return self._spread(self.profile_values(d, size), size)
+
+    def _spread(self, values: torch.Tensor, size: int) -> torch.Tensor:
+        """Per row (column) values [N, size] -> [N, size, size], the same across the image."""
+        return values.unsqueeze(2).expand(-1, -1, size) if self.profile == "rows" else values.unsqueeze(1).expand(-1, size, -1)
 
     def combine_maps(self, maps: torch.Tensor, context_map: torch.Tensor) -> torch.Tensor:
         """The Detector's maps [N,S,S] and :meth:`map` -> combined maps."""
@@ -441,7 +464,7 @@ class ImageContext(FrozenTrunk):
     def state(self) -> dict:
         """What a model file stores to rebuild the context (trunk included)."""
         return {"image_size": self.image_size, "layers": list(self.layers), "profile": self.profile,
-                "profile_basis": self.profile_basis,
+                "profile_basis": self.profile_basis, "profile_in_score": self.profile_in_score,
                 "tensors": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
 
     @classmethod
@@ -456,6 +479,7 @@ class ImageContext(FrozenTrunk):
         m = cls(state["image_size"], trunk=trunk, layers=layers, profile=profile)
         m.load_state_dict(t)
         m.profile_basis = state.get("profile_basis")
+        m.profile_in_score = bool(state.get("profile_in_score", True))  # as files before the choice scored
         return m
 
 

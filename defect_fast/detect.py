@@ -14,7 +14,8 @@ Image score rule: the mean of the largest 0.1 % of the map's values (at least on
 follows the strongest defect evidence, like the map maximum, but a single noisy pixel cannot set
 it on its own. With an image context (``context``, :mod:`defect_fast.context`) the map is the
 anomaly map plus the context map and the score that map's score plus the context score, each
-term standardised by its defect-free mean and spread.
+term standardised by its defect-free mean and spread; the context's band profile is in the map
+but not in the map the score's top values come from (its module docstring says why).
 
 Speed options (constructor keywords; "auto" picks per device, from measurements in
 ``benchmarks/bench_inference.py``):
@@ -541,23 +542,40 @@ class Detector(nn.Module):
             feats.append(f)
         # the map term's statistics are those of the normalised maps that finish() combines
         ctx.set_detector_stats(base_maps=torch.cat([(r - self.norm_mean) / self.norm_std for r in raw]))
-        finished = [self.finish(r, ctx.map(f, self.image_size), ctx) for r, f in zip(raw, feats)]
+        finished = [self.finish(r, *ctx.map_parts(f, self.image_size), ctx) for r, f in zip(raw, feats)]
         ctx.set_detector_stats(scores=torch.cat([sc for _m, sc in finished]))
         self.context = ctx
         self._graphs = {}  # captured graphs ran without this context
         scores = torch.cat([ctx.combine_scores(sc, f) for (_m, sc), f in zip(finished, feats)])
         return n, {"maps": torch.cat([m for m, _sc in finished]).cpu(), "scores": scores.cpu()}
 
-    def finish(self, raw: torch.Tensor, context_map: torch.Tensor | None = None,
+    def finish(self, raw: torch.Tensor, context_map: torch.Tensor | None = None, profile: torch.Tensor | None = None,
                context: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw maps [N,S,S] -> (normalised, smoothed maps [N,S,S], scores [N]); with a context map,
-        the maps are ``context.combine_maps`` of the normalised maps and it."""
+        the maps are ``context.combine_maps`` of the normalised maps and it, and with the
+        context's profile values [N,S] (``context.map_parts``) the maps add them, spread across
+        the image and smoothed, while the scores take their top values from the maps without
+        them (unless ``context.profile_in_score``, files from before that choice)."""
+        ctx = context or self.context
         maps = (raw - self.norm_mean) / self.norm_std
         if context_map is not None:
-            maps = (context or self.context).combine_maps(maps, context_map)
+            maps = ctx.combine_maps(maps, context_map)
         if self.smooth_sigma > 0:
             maps = self.blur @ maps @ self.blur.T
-        return maps, top_mean(maps, self.top_k)
+        if profile is None:
+            return maps, top_mean(maps, self.top_k)
+        full = maps + self._profile_plane(profile, ctx.profile)
+        return full, top_mean(full if ctx.profile_in_score else maps, self.top_k)
+
+    def _profile_plane(self, values: torch.Tensor, profile: str) -> torch.Tensor:
+        """Per row (column) values [N,S] -> [N,S,S], spread across the image and smoothed as the
+        maps are: blur @ (v 1^T) @ blur^T = (blur v)(blur 1)^T, an outer product."""
+        along, across = values, values.new_ones(values.shape[-1])
+        if self.smooth_sigma > 0:
+            along, across = values @ self.blur.T, self.blur.sum(1)
+        if profile == "rows":
+            return along.unsqueeze(2) * across.view(1, 1, -1)
+        return across.view(1, -1, 1) * along.unsqueeze(1)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images uint8 [N,3,H,W] (0..255) or float [N,3,H,W] in [-1,1], on this module's device
@@ -577,7 +595,7 @@ class Detector(nn.Module):
             return self.finish(self.raw_maps(images))
         x = self._to_model_input(images)  # resized once for the map and the context
         raw, feats = self._maps_and_context(x, self.context)
-        maps, scores = self.finish(raw, self.context.map(feats, self.image_size))
+        maps, scores = self.finish(raw, *self.context.map_parts(feats, self.image_size))
         return maps, self.context.combine_scores(scores, feats)
 
     def _maps_and_context(self, x: torch.Tensor, ctx: nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]]:

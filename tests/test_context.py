@@ -373,6 +373,52 @@ def test_a_detector_fitted_with_auto_stores_the_profile_it_chose_and_why(monkeyp
     assert det.context.profile == "rows" and det.context.profile_basis is None
 
 
+@pytest.mark.parametrize("profile", ["rows", "columns"])
+def test_the_profile_joins_the_detector_map_but_not_the_map_its_score_comes_from(monkeypatch, profile):
+    """The map is the smoothed sum with the profile spread across the image; the score's top values
+    come from the map without it (a row's value covers more pixels than the score's top share).
+    A model file from before this choice scores with the profile in, as it was calibrated."""
+    import defect_fast.context as context
+    from defect_fast.detect import top_mean
+
+    monkeypatch.setattr(context, "ImageContext", RandomTrunkContext)
+    torch.manual_seed(0)
+    det = Detector(build_model("cmaae", memory_size=20), image_size=128, stride=32, blend="hann", smooth_sigma=2.0,
+                   precision="float32")
+    normal, calib = _u8(_surfaces(12, seed=1)), _u8(_surfaces(6, seed=2))
+    if profile == "columns":
+        normal, calib = normal.transpose(2, 3).contiguous(), calib.transpose(2, 3).contiguous()
+    det.fit_context(normal, calib, profile=profile)
+    ctx = det.context
+    assert not ctx.profile_in_score
+    x = _u8(_surfaces(3, seed=7))
+    x[0, :, 40:60] = x[0, :, 40:60] // 2 + 100  # a band across the streaks: a high row (column) value
+    if profile == "columns":
+        x = x.transpose(2, 3).contiguous()
+    with torch.no_grad():
+        maps, scores = det(x)
+        feats = ctx.features(det._to_model_input(x))
+        normalized = (det.raw_maps(x) - det.norm_mean) / det.norm_std
+        local = ctx.combine_maps(normalized, ctx.map_parts(feats, 128)[0])
+        want = det.blur @ (local + ctx.profile_map(feats[-1], 128)) @ det.blur.T
+        without = det.blur @ local @ det.blur.T
+    torch.testing.assert_close(maps, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(scores, ctx.combine_scores(top_mean(without, det.top_k), feats), atol=1e-4, rtol=1e-4)
+    assert float((maps - without).abs().max()) > 1.0  # the profile is in the map, and it matters
+    assert float((top_mean(maps, det.top_k) - top_mean(without, det.top_k)).abs().max()) > 0.1
+    # a file written before the choice: its thresholds were set on scores with the profile in
+    state = ctx.state()
+    state.pop("profile_in_score")
+    det.context = ImageContext.from_state(state)
+    det._graphs = {}
+    assert det.context.profile_in_score
+    with torch.no_grad():
+        old_maps, old_scores = det(x)
+    torch.testing.assert_close(old_maps, maps)
+    torch.testing.assert_close(old_scores, ctx.combine_scores(top_mean(maps, det.top_k), feats), atol=1e-4, rtol=1e-4)
+    assert ImageContext.from_state(ctx.state()).profile_in_score is False
+
+
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_the_profile_from_a_shared_stem_is_the_one_computed_afresh(dtype):
     pm = PerceptualMap(128, trunk=_trunk())
