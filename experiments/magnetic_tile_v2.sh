@@ -171,6 +171,17 @@ for row in $ROWS; do
     cmaae-v5-f32) run cmaae-v5-f32 cmaae 0 1 1 -- "${NEW[@]}" --set synthesis=perlin --context --context-profile rows --precision float32 ;;
     v5-columns)  # the profile along the streaks instead of across them: the picture says it should not help
       refit cmaae-v5-columns cmaae-v5 --context-profile columns ;;
+    # v6: the recommended command (--preset photos: the v5 options with --context-profile auto, which
+    # takes rows here), whose image score takes its top values from the map without the band profile
+    # (defect_fast/context.py); training is that of the v5 rows, so v5 and v6 share their weights
+    cmaae-v6)    run cmaae-v6 cmaae 0 1 1 -- --preset photos ;;
+    cmaae-v6-s1) run cmaae-v6-s1 cmaae 1 1 1 -- --preset photos ;;
+    cmaae-v6-s2) run cmaae-v6-s2 cmaae 2 1 1 -- --preset photos ;;
+    awae-v6)     run awae-v6 awae 0 1 1 -- --preset photos ;;
+    awae-v6-s1)  run awae-v6-s1 awae 1 1 1 -- --preset photos ;;
+    awae-v6-s2)  run awae-v6-s2 awae 2 1 1 -- --preset photos ;;
+    memae-v6)    run memae-v6 memae 0 2 -- --preset photos ;;
+    cmaae-v6-f32) run cmaae-v6-f32 cmaae 0 1 1 -- --preset photos --precision float32 ;;
     *) echo "unknown row $row" ;;
   esac
 done

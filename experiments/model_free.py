@@ -135,15 +135,17 @@ def context(x_train, x_held, x_test, test, out: Path, args, rows: list[str]) -> 
     s = args.image_size
     layers = tuple(sorted(args.context_layers))
     suffix = "" if layers == LAYERS else "-layers" + "".join(map(str, layers))
-    suffix += "" if args.context_profile == "none" else f"-{args.context_profile}"
+    # "-rows-v6": the score without the profile, as the Detector since v6; the "-rows" files were
+    # written before, with the profile in the map the score's top values came from
+    suffix += "" if args.context_profile == "none" else f"-{args.context_profile}-v6"
     ctx = ImageContext(s, layers=layers, profile=args.context_profile)
     ctx.fit(lambda: x_train.split(32))
     fitted = time.perf_counter() - t0
     feats_held = [ctx.features(c) for c in x_held.split(16)]
     feats_test = [ctx.features(c) for c in x_test.split(16)]
-    ctx_held = torch.cat([ctx.map(f, s) for f in feats_held])
-    ctx_test = torch.cat([ctx.map(f, s) for f in feats_test])
-    score_held = torch.cat([ctx.score(f) for f in feats_held])
+    # as the Detector combines them: the profile (if any) joins the map, not the map the score's top values come from
+    ctx_held, prof_held = _parts([ctx.map_parts(f, s) for f in feats_held])
+    ctx_test, prof_test = _parts([ctx.map_parts(f, s) for f in feats_test])
     score_test = torch.cat([ctx.score(f) for f in feats_test])
 
     def combined(base_held, base_test):
@@ -154,6 +156,8 @@ def context(x_train, x_held, x_test, test, out: Path, args, rows: list[str]) -> 
         else:
             held_maps, test_maps = gaussian(ctx_held, 4.0), gaussian(ctx_test, 4.0)
         top_held, top_test = scores_of(held_maps), scores_of(test_maps)
+        if prof_test is not None:
+            test_maps = test_maps + gaussian(ctx._spread(prof_test, s), 4.0)
         return test_maps, (top_test - top_held.mean()) / top_held.std() + score_test
 
     if "model-free-context" in rows:
@@ -161,7 +165,8 @@ def context(x_train, x_held, x_test, test, out: Path, args, rows: list[str]) -> 
         write(out / f"model-free-context{suffix}.json", maps, test,
               f"image context map (AlexNet conv layers {list(layers)}, profile {args.context_profile}, training-image Gaussians), "
               "smoothed with sigma 4; "
-              "image score its top values standardised on the held-back images plus the context score",
+              "image score its top values (of the map without the profile) standardised on the held-back images "
+              "plus the context score",
               time.perf_counter() - t0, args, scores)
     if "model-free-blur-perceptual-v3-context" in rows:
         t0 = time.perf_counter() - fitted
@@ -174,6 +179,12 @@ def context(x_train, x_held, x_test, test, out: Path, args, rows: list[str]) -> 
               f"model-free-blur-perceptual-v3 plus the image context (AlexNet conv layers {list(layers)}, profile "
               f"{args.context_profile}), combined as "
               "a --context run combines them", time.perf_counter() - t0, args, scores)
+
+
+def _parts(parts: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ImageContext.map_parts of several batches -> (maps without the profile, profile values or None)."""
+    maps = torch.cat([m for m, _v in parts])
+    return maps, (None if parts[0][1] is None else torch.cat([v for _m, v in parts]))
 
 
 def write(path: Path, maps, test, what: str, seconds: float, args, scores=None) -> None:
