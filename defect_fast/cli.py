@@ -89,7 +89,7 @@ def _per_stage(values: list[int] | None, n: int, option: str) -> list[int] | Non
 
 #: ``train --preset NAME``: a set of train options in one word, as argparse destinations and
 #: values; options given explicitly take precedence. "photos": the options of the recommended
-#: magnetic-tile runs (README, "Results on magnetic tile"; v5 in experiments/README.md), which
+#: magnetic-tile runs (README, "Results on magnetic tile"; v6 in experiments/README.md), which
 #: met the accuracy bars there (the band profile across the training images' streaks: per row
 #: on those tiles, whose streaks run top to bottom).
 PRESETS: dict[str, dict] = {
