@@ -504,10 +504,14 @@ class ModelInfo:
     @classmethod
     def from_calibration(cls, image_size: int, name: str, version: str, calibration: Mapping[str, Any] | None,
                          threshold: float | None = None, **extra: Any) -> "ModelInfo":
-        """From a model file's calibration dict; ``threshold`` overrides the stored image threshold."""
+        """From a model file's calibration dict; ``threshold`` overrides the stored image threshold.
+        ``extra["threshold_image"]``: the calibration image whose score the stored threshold is,
+        when the file names it and the threshold is the stored one."""
         img_t, pix_t, source = stored_thresholds(calibration)
         if threshold is not None:
             img_t, source = float(threshold), "given on the command line"
+        elif img_t is not None and (calibration or {}).get("threshold_image"):
+            extra = {"threshold_image": calibration["threshold_image"], **extra}
         return cls(image_size, name, version, img_t, pix_t, extra={"threshold_source": source, **extra})
 
     @classmethod

@@ -257,6 +257,8 @@ def write_report(
         rows += [("model", f"{meta.name} ({meta.version})"), ("image size", meta.image_size)]
         if meta.extra.get("threshold_source"):
             rows.append(("threshold from", meta.extra["threshold_source"]))
+        if meta.extra.get("threshold_image"):
+            rows.append(("threshold is the score of", meta.extra["threshold_image"]))
     rows.append(("image threshold", thr))
     if thr is not None:
         rows += [("flagged (score > threshold)", int(flagged.sum())), ("passed", int(n - flagged.sum()))]

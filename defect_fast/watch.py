@@ -889,7 +889,9 @@ def command(args) -> int:
         for sub in (MAPS, OVERLAYS, REJECTED):
             folder.mkdir(sub)
         folder.record_many([JOURNAL, STATUS])
-        print(f"threshold {info.image_threshold:.6g}: {info.extra.get('threshold_source')}", flush=True)
+        named = info.extra.get("threshold_image")
+        print(f"threshold {info.image_threshold:.6g}: {info.extra.get('threshold_source')}"
+              + (f" (the score of calibration image {named})" if named else ""), flush=True)
         watch(lambda x: det.predict_batched(x, images_per_batch=args.batch_size), info, in_dir, out, once=args.once,
               batch_size=args.batch_size, poll_interval=args.poll, rescan_interval=args.rescan, settle=args.settle,
               recursive=args.recursive, lock=False)

@@ -107,6 +107,10 @@ def test_calibrate_dict_and_stored_thresholds():
     assert stored_thresholds(None)[0] is None
     info = ModelInfo.from_calibration(64, "ae-l2", "abc", cal, threshold=7.5)
     assert info.image_threshold == 7.5 and info.pixel_threshold == 0.0
+    # the image whose score the stored threshold is goes with the stored threshold only
+    named = {**cal, "threshold_image": "good/017.png"}
+    assert ModelInfo.from_calibration(64, "ae-l2", "abc", named).extra["threshold_image"] == "good/017.png"
+    assert "threshold_image" not in ModelInfo.from_calibration(64, "ae-l2", "abc", named, threshold=7.5).extra
     assert ModelInfo(64, pixel_threshold=0.25).scale() == 0.5 and ModelInfo(64).scale() == 0.0
 
 

@@ -48,7 +48,8 @@ def test_report_with_ground_truth(tmp_path):
     scores[0] = 10.0  # a good image above the threshold: one false alarm
     scores[-1] = -1.0  # a defective one below it: one miss
     thr = 0.5
-    info = ModelInfo(S, name="stub", version="v9", image_threshold=thr, pixel_threshold=0.3, extra={"far": 0.01})
+    info = ModelInfo(S, name="stub", version="v9", image_threshold=thr, pixel_threshold=0.3,
+                     extra={"far": 0.01, "threshold_image": "train/good/marked.png"})
     out = write_report(tmp_path / "r" / "report.html", names=[f"img{i}.png" for i in range(12)], images=images,
                        maps=res["maps"], scores=scores, recon=res["recon"], labels=labels, masks=masks,
                        classes=classes, meta=info)
@@ -61,6 +62,7 @@ def test_report_with_ground_truth(tmp_path):
     assert text.count('class="card fa"') == 1 and text.count('class="card miss"') == 1
     assert text.count('alt="mask"') == 6 and text.count('alt="reconstruction"') == 12
     assert "asked 0.01" in text and "v9" in text
+    assert "threshold is the score of</th><td>train/good/marked.png" in text.replace("\n", "")
     # gallery sorted by score, highest first
     shown = [float(v) for v in re.findall(r"score ([-0-9.e+]+)", text)]
     assert shown == sorted(shown, reverse=True) and shown[0] == 10.0
