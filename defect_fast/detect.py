@@ -156,8 +156,8 @@ def find_regions(m: np.ndarray, threshold: float) -> list[dict[str, Any]]:
             for r in defect_regions(m, threshold, max_regions=None)]
 
 
-#: Calibration keys that hold thresholds (older model files: score_max, pixel_q999).
-THRESHOLD_KEYS = ("image_threshold", "pixel_threshold", "score_max", "pixel_q999")
+#: Calibration keys that hold thresholds or name what set them (older model files: score_max, pixel_q999).
+THRESHOLD_KEYS = ("image_threshold", "pixel_threshold", "score_max", "pixel_q999", "threshold_image", "highest_scores")
 
 
 def _changed_settings(stored: dict, model: AnomalyModel, map_kind: str | None, stride: int | None,

@@ -24,7 +24,9 @@ Regions (all in pixels of the map, side S):
   image.
 
 Top pixels: per map the ``max(1, round(top * S * S))`` largest values (the same count as the image
-score of :mod:`defect_fast.detect`), pooled over maps.
+score of :mod:`defect_fast.detect`), pooled over maps. They are the top pixels of the map drawn;
+with the image context's band profile (runs since v6) the score takes its top values from that
+map without the profile's rows, so a band row lit here need not be in the score.
 
 Command line (:func:`add_parser`, :func:`command`; ``python3 -m defect_fast.diagnose`` runs the same)::
 

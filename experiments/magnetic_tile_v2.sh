@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The magnetic-tile comparison with the options that fix what the diagnosis showed (see README,
-# "Detecting real defects"): the same budget as experiments/magnetic_tile.sh (256x256 images,
+# The magnetic-tile comparison with the options that fix what the diagnosis showed (see
+# experiments/README.md, "Detecting real defects"): the same budget as experiments/magnetic_tile.sh (256x256 images,
 # batches of 64 patches, 1 + 1 epochs for two-stage models, 2 for one-stage ones), plus
 #   --patch-sampling random --flips --lr-schedule cosine   (training patches anywhere, no seams)
 #   --set synthesis=perlin                                (irregular synthetic anomalies, two-stage models)

@@ -183,6 +183,7 @@ def test_other_inference_settings_than_the_run_s_use_no_stored_threshold(tiny_ru
         det = Detector.load(tiny_run, device="cpu", **kw)
         got = stored_thresholds(det.calibration)
         assert got[:2] == (None, None) and said in got[2], (kw, got)
+        assert not {"threshold_image", "highest_scores"} & set(det.calibration)  # they named what set those
         assert det.predict(torch.zeros(3, 128, 128, dtype=torch.uint8))["regions"] == [[]]  # no stale pixel threshold
     image = str(synthetic_root / "test" / "spot" / "000.png")
     out = tmp_path / "p"

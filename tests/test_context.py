@@ -189,6 +189,7 @@ def test_onnx_export_of_a_detector_with_context_matches_it(tmp_path, monkeypatch
     assert main(["export", str(run), "--format", "onnx", "--out", str(out), "--batch", "2"]) == 0
     sidecar = json.loads((tmp_path / "det.onnx.json").read_text())
     assert sidecar["context"] is True and sidecar["context_profile"] == profile
+    assert sidecar["context_profile_in_score"] is False  # fitted now: the score reads the map without it
     det = Detector.load(run, device="cpu", precision="float32")
     assert det.context is not None and det.context.profile == profile
     assert Detector.load(run, device="cpu", map_kind="residual").context is None  # standardised for its own map only

@@ -267,6 +267,36 @@ def test_auto_profile_on_images_without_a_streak_direction_is_refused_before_tra
     check_config(cfg, 2, 32)  # the name itself is valid
 
 
+def test_a_run_with_the_auto_profile_resumes_to_the_same_choice(synthetic_root, tmp_path, monkeypatch):
+    """Cut off after training (in the steps that fit the context): the resume reads the
+    direction again from the same images and finishes the run with it."""
+    import defect_fast.context as context
+    import defect_fast.train as train_module
+    from tests.test_context import RandomTrunkContext
+
+    monkeypatch.setattr(context, "ImageContext", RandomTrunkContext)
+    cfg = TrainConfig(data=str(synthetic_root), model="cmaae", image_size=128, batch_size=16, epochs=[1, 1],
+                      max_steps=[1, 1], model_kwargs={"memory_size": 20}, holdback=0.3, context=True,
+                      context_profile="auto")
+    real = train_module.finish_run
+
+    def cut(*args, **kwargs):
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(train_module, "finish_run", cut)
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="power cut"):
+        train(cfg, run, progress=False, log=lambda s: None)
+    assert (run / "checkpoint.pt").is_file() and not (run / "model.pt").exists()
+    monkeypatch.setattr(train_module, "finish_run", real)
+    said = []
+    path = train(TrainConfig(data=str(synthetic_root)), run, resume=True, progress=False, log=said.append)
+    ctx = Detector.load(path, device="cpu").context
+    assert ctx.profile == "rows" and ctx.profile_basis.startswith("rows, across streaks that run top to bottom")
+    assert torch.load(path, weights_only=True)["train_config"]["context_profile"] == "auto"
+    assert not any(line.startswith("context profile:") for line in said)  # said when the run started
+
+
 @pytest.mark.parametrize("profile", ["none", "rows", "auto"])
 def test_run_with_context_stores_it_fitted_on_the_training_images(synthetic_root, tmp_path, monkeypatch, profile):
     import defect_fast.context as context
