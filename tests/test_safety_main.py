@@ -1,0 +1,163 @@
+"""Guards at the edge of the tool, part two: argument types, devices and the main() boundary (one
+line per user error, tracebacks for bugs, full disks, killed writes). Part one: tests/test_safety.py."""
+from __future__ import annotations
+
+import argparse
+import io
+import re
+
+import pytest
+import torch
+
+from defect_fast import safety
+from defect_fast.safety import (
+    DeviceError,
+    OutputFolder,
+    UsageError,
+    UserError,
+    check_device,
+    run_main,
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Argument types and devices
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fn, good, bad", [
+    (safety.positive_int, {"1": 1, " 7 ": 7}, ["0", "-1", "abc", "1.5", "nan", ""]),
+    (safety.nonneg_int, {"0": 0, "3": 3}, ["-1", "x"]),
+    (safety.positive_float, {"2e-4": 2e-4, "1": 1.0}, ["0", "-1", "nan", "inf", "x"]),
+    (safety.nonneg_float, {"0": 0.0, "2.5": 2.5}, ["-0.1", "nan", "inf"]),
+    (safety.finite_float, {"-3": -3.0, "0.5": 0.5}, ["nan", "inf", "-inf", "one"]),
+    (safety.probability, {"0": 0.0, "1": 1.0, "0.3": 0.3}, ["1.01", "-0.01", "nan"]),
+    (safety.output_path, {"out": "out", "runs/m.json": "runs/m.json"}, ["", "  "]),
+])
+def test_argument_types(fn, good, bad):
+    for text, value in good.items():
+        assert fn(text) == value
+    for text in bad:
+        with pytest.raises(argparse.ArgumentTypeError, match=f"got {re.escape(repr(text))}$"):
+            fn(text)
+
+
+def test_parser_errors_are_one_line_usage_errors():
+    p = safety.ArgumentParser(prog="defect-fast")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("--epochs", type=safety.positive_int, nargs="+")
+    assert p.parse_args(["train", "--epochs", "2", "3"]).epochs == [2, 3]
+    with pytest.raises(UsageError) as err:
+        p.parse_args(["train", "--epochs", "0"])
+    assert str(err.value) == "argument --epochs: must be a whole number >= 1, got '0' (see 'defect-fast train --help')"
+    with pytest.raises(UsageError, match="unrecognized arguments: --bogus"):
+        p.parse_args(["train", "--bogus"])
+
+
+def test_check_device(monkeypatch):
+    assert check_device("cpu") == torch.device("cpu")
+    assert check_device("auto").type in ("cpu", "cuda")
+    for spec in ("gpu", "cuda:x", "cuda:-1", "tpu"):
+        with pytest.raises(DeviceError, match=f"unknown device '{spec}'; use auto, cpu, cuda or cuda:N"):
+            check_device(spec)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(DeviceError, match="this torch has no CUDA build"):
+        check_device("cuda")
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match="sees no usable CUDA device"):
+        check_device("cuda:0")
+    assert check_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(DeviceError, match=r"no CUDA device 3; 1 visible"):
+        check_device("cuda:3")
+    assert check_device("cuda:0") == torch.device("cuda", 0) and check_device("CUDA") == torch.device("cuda")
+    with pytest.raises(argparse.ArgumentTypeError, match="no CUDA device 3"):
+        safety.device_arg("cuda:3")
+
+
+# --------------------------------------------------------------------------------------------
+# main() boundary
+# --------------------------------------------------------------------------------------------
+
+
+def _run(fn, argv=(), **kw):
+    err = io.StringIO()
+    status = run_main(fn, list(argv), stderr=err, **kw)
+    return status, err.getvalue()
+
+
+def _raise(exc):
+    def fn(argv):
+        raise exc
+    return fn
+
+
+class _RunError(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("exc, message", [
+    (UserError("bad thing\n  a.png: empty\n  b.png: corrupt"), "bad thing a.png: empty; b.png: corrupt"),
+    (FileNotFoundError(2, "No such file or directory", "data/x.png"), "data/x.png: No such file or directory"),
+    (PermissionError(13, "Permission denied", "/root/out"), "/root/out: Permission denied"),
+    (IsADirectoryError(21, "Is a directory", "maps"), "maps: Is a directory"),
+    (argparse.ArgumentTypeError("must be >= 1"), "must be >= 1"),
+    (_RunError("run: nothing to resume"), "run: nothing to resume"),
+])
+def test_run_main_user_errors_are_one_line(exc, message):
+    status, err = _run(_raise(exc), user_errors=(_RunError,))
+    assert status == 2
+    assert err == f"defect-fast: error: {message}\n"
+
+
+def test_run_main_bugs_keep_traceback_and_debug_shows_user_tracebacks():
+    status, err = _run(_raise(ZeroDivisionError("division by zero")))
+    assert status == 1 and "Traceback" in err and "ZeroDivisionError" in err and "this is a bug" in err
+    status, err = _run(_raise(UserError("nope")), ["--debug"])
+    assert status == 2 and "Traceback" in err and err.endswith("defect-fast: error: nope\n")
+    status, err = _run(_raise(KeyboardInterrupt()))
+    assert status == 130 and err == "defect-fast: interrupted\n"
+    assert _run(lambda argv: None) == (0, "") and _run(lambda argv: 3) == (3, "")
+    with pytest.raises(SystemExit):
+        _run(_raise(SystemExit(0)))
+    status, err = _run(_raise(OSError(5, "Input/output error")))
+    assert status == 1 and "Traceback" in err  # not a user's mistake
+
+
+def test_a_full_disk_while_saving_is_a_one_line_error_naming_the_file(tmp_path, monkeypatch):
+    """torch.save turns the file's ENOSPC into a RuntimeError: it comes out as the OSError, a user
+    error, and no file is left."""
+    import errno
+
+    def full_disk(obj, fh):
+        fh.write(b"partial")
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos") from None
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    target = tmp_path / "checkpoint.pt"
+    with pytest.raises(OSError) as info:
+        safety.save_with_digest({"x": torch.zeros(2)}, target)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
+    assert safety._user_message(info.value, ()) == f"{target}: No space left on device"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_temporaries_of_a_killed_write_are_removed_under_the_lock(tmp_path):
+    out = tmp_path / "run"
+    folder = OutputFolder.create(out, lock=True, command="train")
+    folder.record_many(["checkpoint.pt"])
+    folder.release()
+    (out / ".checkpoint.pt.ab12cd_z.tmp").write_bytes(b"half a checkpoint")  # atomic_open's name, process killed
+    (out / ".checkpoint.pt.notes.tmp").write_text("the user's")  # not that pattern: kept
+    (out / ".other.pt.ab12cd_z.tmp").write_text("not a recorded name: kept")
+    OutputFolder.open(out, lock=False, command="train")  # no lock: nothing removed
+    assert (out / ".checkpoint.pt.ab12cd_z.tmp").exists()
+    OutputFolder.open(out, lock=True, command="train").release()
+    assert not (out / ".checkpoint.pt.ab12cd_z.tmp").exists()
+    assert (out / ".checkpoint.pt.notes.tmp").exists() and (out / ".other.pt.ab12cd_z.tmp").exists()
