@@ -178,7 +178,7 @@ def profile_across_streaks(images: torch.Tensor) -> tuple[str, str]:
     counts = (f"in {across} of {n} defect-free images the grey levels vary more across the width than down the "
               f"height (median ratio {ratio:.3g}; sign test p = {p:.2g})")
     if p > AUTO_P_VALUE:
-        raise ValueError(f"profile auto: the images share no streak direction: {counts}; "
+        raise ValueError(f"the images share no streak direction: {counts}; "
                          "choose the profile (rows, columns or none)")
     if across > along:
         return "rows", f"rows, across streaks that run top to bottom: {counts}"

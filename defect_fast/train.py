@@ -606,6 +606,9 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
     perceptual = None
     fits = det.map_kind in model.image_maps or cfg.normalize == "position"
     fit_images, calib_images = held_back_images, held_back_images
+    # the calibration images' files, to name the one whose score is the threshold (train() fills
+    # cfg.held_back in the order of held_back_images; callers without it get no names)
+    calib_names = list(cfg.held_back) if len(cfg.held_back) == held_back_images.shape[0] else None
     on_train = fits and cfg.fit_on == "train" and train_images is not None and train_images.shape[0] >= 2
     if on_train:
         fit_images = train_images
@@ -614,6 +617,7 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
             raise RunError(f"--map {det.map_kind} / --normalize {cfg.normalize} need at least 4 held-back images "
                            f"(half to fit, half to calibrate), got {held_back_images.shape[0]}; raise --holdback")
         fit_images, calib_images = held_back_images[0::2], held_back_images[1::2]
+        calib_names = None if calib_names is None else calib_names[1::2]
     if det.map_kind in model.image_maps:
         det.fit_perceptual(fit_images, scales=tuple(cfg.map_scales))
         perceptual = det.image_map.state()
@@ -629,10 +633,7 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
         res = det.predict_batched(calib_images)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # too few images is said in the note, printed by train()
-        names = list(cfg.held_back) if len(cfg.held_back) == held_back_images.shape[0] else None
-        if names is not None and calib_images is not held_back_images:
-            names = names[1::2]  # the half that calibrates
-        cal = calibrate(res["scores"], res["maps"], far=cfg.far, names=names)
+        cal = calibrate(res["scores"], res["maps"], far=cfg.far, names=calib_names)
     flat = res["maps"].flatten()
     if flat.numel() > 2_000_000:
         flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:2_000_000]]
@@ -843,7 +844,7 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
                 try:
                     _profile, basis = profile_across_streaks(images[train_idx])
                 except ValueError as exc:
-                    raise ConfigError(f"--context-profile auto: {cfg.data}: {str(exc).removeprefix('profile auto: ')}") from None
+                    raise ConfigError(f"--context-profile auto: {cfg.data}: {exc}") from None
                 if not resume:
                     log(f"context profile: {basis}")
         sources = _preload_sources(cfg, probe.stages)
