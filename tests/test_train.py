@@ -163,20 +163,26 @@ def test_a_resume_drops_the_log_lines_after_its_checkpoint(tmp_path):
     assert log.read_text() == "".join(lines[:3])
 
 
-def test_resume_after_a_failure_past_training_finishes_the_run(synthetic_root, tmp_path, monkeypatch):
-    """A run stopped after its last step (in the statistics and calibration) resumes there and
-    says so, instead of naming a stage the model does not have."""
+def stop_after_training(cfg, out: Path, monkeypatch) -> None:
+    """Train ``cfg`` into ``out`` with the steps after training (statistics, calibration) failing:
+    the run is left with its last checkpoint and no model file, as after a power cut there."""
     real = train_module.finish_run
 
     def fails(*args, **kwargs):
         raise RuntimeError("stopped after training")
 
     monkeypatch.setattr(train_module, "finish_run", fails)
-    out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="stopped after training"):
-        train(_cfg(synthetic_root, max_steps=[2, 2]), out, progress=False, log=lambda s: None)
-    assert (out / "checkpoint.pt").exists() and not (out / "model.pt").exists()
+        train(cfg, out, progress=False, log=lambda s: None)
     monkeypatch.setattr(train_module, "finish_run", real)
+    assert (out / "checkpoint.pt").exists() and not (out / "model.pt").exists()
+
+
+def test_resume_after_a_failure_past_training_finishes_the_run(synthetic_root, tmp_path, monkeypatch):
+    """A run stopped after its last step (in the statistics and calibration) resumes there and
+    says so, instead of naming a stage the model does not have."""
+    out = tmp_path / "run"
+    stop_after_training(_cfg(synthetic_root, max_steps=[2, 2]), out, monkeypatch)
     messages = []
     threads = torch.get_num_threads()
     torch.set_num_threads(threads + 1)  # a resume elsewhere: said, since the sums round otherwise

@@ -271,24 +271,15 @@ def test_a_run_with_the_auto_profile_resumes_to_the_same_choice(synthetic_root, 
     """Cut off after training (in the steps that fit the context): the resume reads the
     direction again from the same images and finishes the run with it."""
     import defect_fast.context as context
-    import defect_fast.train as train_module
     from tests.test_context import RandomTrunkContext
+    from tests.test_train import stop_after_training
 
     monkeypatch.setattr(context, "ImageContext", RandomTrunkContext)
     cfg = TrainConfig(data=str(synthetic_root), model="cmaae", image_size=128, batch_size=16, epochs=[1, 1],
                       max_steps=[1, 1], model_kwargs={"memory_size": 20}, holdback=0.3, context=True,
                       context_profile="auto")
-    real = train_module.finish_run
-
-    def cut(*args, **kwargs):
-        raise RuntimeError("power cut")
-
-    monkeypatch.setattr(train_module, "finish_run", cut)
     run = tmp_path / "run"
-    with pytest.raises(RuntimeError, match="power cut"):
-        train(cfg, run, progress=False, log=lambda s: None)
-    assert (run / "checkpoint.pt").is_file() and not (run / "model.pt").exists()
-    monkeypatch.setattr(train_module, "finish_run", real)
+    stop_after_training(cfg, run, monkeypatch)
     said = []
     path = train(TrainConfig(data=str(synthetic_root)), run, resume=True, progress=False, log=said.append)
     ctx = Detector.load(path, device="cpu").context
