@@ -556,6 +556,14 @@ class Detector(nn.Module):
         context's profile values [N,S] (``context.map_parts``) the maps add them, spread across
         the image and smoothed, while the scores take their top values from the maps without
         them (unless ``context.profile_in_score``, files from before that choice)."""
+        maps, scored = self._finish_maps(raw, context_map, profile, context)
+        return maps, top_mean(scored, self.top_k)
+
+    def _finish_maps(self, raw: torch.Tensor, context_map: torch.Tensor | None = None,
+                     profile: torch.Tensor | None = None, context: nn.Module | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`finish`'s maps: (the maps [N,S,S], the maps the scores take their top values
+        from: the maps without the profile, or the maps themselves)."""
         ctx = context or self.context
         maps = (raw - self.norm_mean) / self.norm_std
         if context_map is not None:
@@ -563,9 +571,9 @@ class Detector(nn.Module):
         if self.smooth_sigma > 0:
             maps = self.blur @ maps @ self.blur.T
         if profile is None:
-            return maps, top_mean(maps, self.top_k)
+            return maps, maps
         full = maps + self._profile_plane(profile, ctx.profile)
-        return full, top_mean(full if ctx.profile_in_score else maps, self.top_k)
+        return full, (full if ctx.profile_in_score else maps)
 
     def _profile_plane(self, values: torch.Tensor, profile: str) -> torch.Tensor:
         """Per row (column) values [N,S] -> [N,S,S], spread across the image and smoothed as the
@@ -591,12 +599,18 @@ class Detector(nn.Module):
             return self._pipeline(images)
 
     def _pipeline(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        maps, scores, _scored = self._pipeline_parts(images)
+        return maps, scores
+
+    def _pipeline_parts(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(maps, scores, the maps the scores take their top values from; :meth:`_finish_maps`)."""
         if self.context is None:
-            return self.finish(self.raw_maps(images))
+            maps, scored = self._finish_maps(self.raw_maps(images))
+            return maps, top_mean(scored, self.top_k), scored
         x = self._to_model_input(images)  # resized once for the map and the context
         raw, feats = self._maps_and_context(x, self.context)
-        maps, scores = self.finish(raw, *self.context.map_parts(feats, self.image_size))
-        return maps, self.context.combine_scores(scores, feats)
+        maps, scored = self._finish_maps(raw, *self.context.map_parts(feats, self.image_size))
+        return maps, self.context.combine_scores(top_mean(scored, self.top_k), feats), scored
 
     def _maps_and_context(self, x: torch.Tensor, ctx: nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Model-range images [N,3,S,S] -> (:meth:`raw_maps`, ``ctx.features``), the trunk layers
@@ -639,7 +653,8 @@ class Detector(nn.Module):
 
     # -- convenience on top ----------------------------------------------------------------------
     @torch.inference_mode()
-    def predict_batched(self, images: torch.Tensor, images_per_batch: int = 8) -> dict[str, torch.Tensor]:
+    def predict_batched(self, images: torch.Tensor, images_per_batch: int = 8, *,
+                        score_maps: bool = False) -> dict[str, torch.Tensor]:
         """Maps and scores of a batch [N,3,H,W] (uint8 or float in [-1, 1]), a few images per call.
 
         Each call's results are written into one output tensor (no list, no concatenation); on a
@@ -649,27 +664,33 @@ class Detector(nn.Module):
         pipeline of a few images stays in cache, where 64 512x512 images at once (200 MB of
         float32 input alone) streamed from memory and made batch 64 10 % slower per image than
         batch 1 for CMA-AE.
-        Returns {"maps": [N, S, S] on the CPU, "scores": [N]}.
+        ``score_maps=True`` adds the maps the scores take their top values from (with the image
+        context's band profile, the maps without it; else the maps themselves), computed in the
+        same pass without CUDA graphs: what ``diagnose`` marks as the pixels behind a score.
+        Returns {"maps": [N, S, S] on the CPU, "scores": [N]} (+ "score_maps": [N, S, S]).
         """
-        return self._predict_batched(self._checked_batch(images, "predict_batched"), images_per_batch)
+        return self._predict_batched(self._checked_batch(images, "predict_batched"), images_per_batch, score_maps)
 
-    def _predict_batched(self, images: torch.Tensor, images_per_batch: int) -> dict[str, torch.Tensor]:
+    def _predict_batched(self, images: torch.Tensor, images_per_batch: int,
+                         score_maps: bool = False) -> dict[str, torch.Tensor]:
         n, s = images.shape[0], self.image_size
         on_gpu = self.device.type == "cuda"
         with torch.inference_mode(False):  # plain tensors: the caller may change them in place
-            maps = torch.empty(n, s, s, pin_memory=on_gpu)
-            scores = torch.empty(n, pin_memory=on_gpu)
+            out = {"maps": torch.empty(n, s, s, pin_memory=on_gpu), "scores": torch.empty(n, pin_memory=on_gpu)}
+            if score_maps:
+                out["score_maps"] = torch.empty(n, s, s, pin_memory=on_gpu)
         step = max(1, images_per_batch)
         if not on_gpu and self.batch_size > 0:
             step = min(step, max(1, self.batch_size // (self.grid[0] * self.grid[1])))
         with cpu_threads(self.threads):
             for start in range(0, n, step):
-                m, sc = self(images[start:start + step].to(self.device, non_blocking=on_gpu))
-                maps[start:start + step].copy_(m, non_blocking=on_gpu)
-                scores[start:start + step].copy_(sc, non_blocking=on_gpu)
+                chunk = images[start:start + step].to(self.device, non_blocking=on_gpu)
+                parts = self._pipeline_parts(chunk) if score_maps else self(chunk)
+                for key, part in zip(("maps", "scores", "score_maps"), parts):
+                    out[key][start:start + step].copy_(part, non_blocking=on_gpu)
         if on_gpu:
             torch.cuda.synchronize(self.device)
-        return {"maps": maps, "scores": scores}
+        return out
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:

@@ -24,9 +24,10 @@ Regions (all in pixels of the map, side S):
   image.
 
 Top pixels: per map the ``max(1, round(top * S * S))`` largest values (the same count as the image
-score of :mod:`defect_fast.detect`), pooled over maps. They are the top pixels of the map drawn;
-with the image context's band profile (runs since v6) the score takes its top values from that
-map without the profile's rows, so a band row lit here need not be in the score.
+score of :mod:`defect_fast.detect`), pooled over maps, of the maps the image score takes its top
+values from: with the image context's band profile (runs since v6) the map drawn without the
+profile's rows (``Detector.predict_batched(score_maps=True)``), so the red dots and the tables show
+the pixels behind each score, not a band row the profile lit.
 
 Command line (:func:`add_parser`, :func:`command`; ``python3 -m defect_fast.diagnose`` runs the same)::
 
@@ -133,6 +134,7 @@ def location_stats(
     labels: torch.Tensor | None = None,
     masks: torch.Tensor | None = None,
     classes: Sequence[str] | None = None,
+    score_maps: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Where the top-scoring pixels of anomaly maps lie: border band, patch seams, interior.
 
@@ -144,6 +146,9 @@ def location_stats(
         labels: int [N], 0 = defect-free, 1 = defective; None: all maps are defect-free.
         masks: bool [N, S, S] ground truth for the defective maps (optional).
         classes: class name per map (optional; per-class results for defective maps).
+        score_maps: float [N, S, S], the maps the image scores take their top values from when
+            they are not ``maps`` (:meth:`Detector.predict_batched`, ``score_maps=True``): the top
+            pixels are theirs; ``mean_value`` stays that of ``maps``.
 
     Returns:
         {"settings": {size, patch, stride, border, seam, top, top_pixels_per_map},
@@ -169,10 +174,12 @@ def location_stats(
             raise ValueError(f"masks {tuple(masks.shape)} and maps {tuple(maps.shape)} must have the same shape")
     if classes is not None and len(classes) != n:
         raise ValueError(f"{n} maps but {len(classes)} class names")
+    if score_maps is not None and tuple(score_maps.shape) != tuple(maps.shape):
+        raise ValueError(f"score_maps {tuple(score_maps.shape)} and maps {tuple(maps.shape)} must have the same shape")
 
     regions = region_masks(size, patch, stride, border, seam)
     area = {r: float(m.float().mean()) for r, m in regions.items()}
-    tops = top_pixel_mask(maps, top)
+    tops = top_pixel_mask(maps if score_maps is None else score_maps.detach().float().cpu(), top)
 
     def group(sel: torch.Tensor, with_values: bool) -> dict[str, Any]:
         t = tops[sel]
@@ -276,6 +283,7 @@ def draw_grid(
     patch: int | None = None,
     stride: int | None = None,
     scale: str = "figure",
+    score_maps: torch.Tensor | None = None,
 ) -> dict[str, Path]:
     """Write one PNG figure grid per class, ``out_dir/<class>.png``.
 
@@ -299,6 +307,8 @@ def draw_grid(
         masks: bool [N, S, S] ground truth (optional).
         per_class: rows per figure (>= 1).
         scale: "figure" (one colour scale and bar per figure) or "row" (one per row).
+        score_maps: float [N, S, S], the maps the scores take their top values from when they are
+            not ``maps`` (see :func:`location_stats`): the red dots are their top pixels.
 
     Returns:
         {class: path of its PNG}.
@@ -311,8 +321,8 @@ def draw_grid(
         raise ValueError(f"per_class must be >= 1, got {per_class}")
     if scale not in ("figure", "row"):
         raise ValueError(f"scale must be 'figure' or 'row', got {scale!r}")
-    for name, t in (("recon", recon), ("maps", maps), ("scores", scores)):
-        if not callable(t) and t.shape[0] != n:
+    for name, t in (("recon", recon), ("maps", maps), ("scores", scores), ("score_maps", score_maps)):
+        if t is not None and not callable(t) and t.shape[0] != n:
             raise ValueError(f"{n} images but {t.shape[0]} {name}")
     if len(classes) != n:
         raise ValueError(f"{n} images but {len(classes)} class names")
@@ -320,7 +330,7 @@ def draw_grid(
     out.mkdir(parents=True, exist_ok=True)
     sc = scores.detach().float().cpu().numpy().reshape(-1)
     names = np.asarray(list(classes), dtype=object)
-    tops = top_pixel_mask(maps.detach().float().cpu(), top)
+    tops = top_pixel_mask((maps if score_maps is None else score_maps).detach().float().cpu(), top)
     size = maps.shape[-1]
     grid = _boundaries(size, patch, stride or patch) if patch else []
     written: dict[str, Path] = {}
@@ -455,7 +465,9 @@ def diagnose(
 
     Args:
         predict_fn: uint8 images [n, 3, S, S] -> {"maps": [n, S, S], "scores": [n]} and optionally
-            "recon": [n, 3, S, S] in [-1, 1] (e.g. ``Detector.predict_batched``).
+            "recon": [n, 3, S, S] in [-1, 1] and "score_maps": [n, S, S], the maps the scores take
+            their top values from, whose top pixels are then marked and counted (e.g.
+            ``Detector.predict_batched(..., score_maps=True)``).
         test_set: a :class:`defect_fast.data.TestSet` (images, masks, labels, classes).
         out_dir: folder for ``<class>.png`` and ``locations.json`` (created if missing).
         patch, stride: the predictor's tiling grid (stride default ``patch``).
@@ -475,6 +487,7 @@ def diagnose(
     out.mkdir(parents=True, exist_ok=True)
     pred = predict_fn(test_set.images)
     maps, scores = pred["maps"].float().cpu(), pred["scores"].float().cpu()
+    score_maps = pred["score_maps"].float().cpu() if "score_maps" in pred else None
     if "recon" in pred:
         recon = pred["recon"].cpu()
     elif reconstruct is not None:
@@ -486,14 +499,14 @@ def diagnose(
     labels, masks = test_set.labels, test_set.masks
     has_masks = bool(masks[labels != 0].any()) if bool((labels != 0).any()) else False
     stats = location_stats(maps, patch, stride, border, seam, top, labels=labels,
-                           masks=masks if has_masks else None, classes=test_set.classes)
+                           masks=masks if has_masks else None, classes=test_set.classes, score_maps=score_maps)
     good = labels == 0
     brightness = test_set.images.float().mean(dim=(1, 2, 3))
     stats["good"]["score_vs_brightness"] = rank_correlation(scores[good], brightness[good]) if bool(good.any()) else math.nan
     # pixel metrics need defective images with masks only (image AUROC is nan without good images, as in evaluate)
     metrics = M.evaluate(maps, masks, scores, labels, test_set.classes) if has_masks else None
     figures = draw_grid(test_set.images, recon, maps, scores, test_set.classes, out, masks=masks if has_masks else None,
-                        per_class=per_class, top=top, patch=patch, stride=stride, scale=scale)
+                        per_class=per_class, top=top, patch=patch, stride=stride, scale=scale, score_maps=score_maps)
     table = format_table(stats, metrics)
     doc = {"locations": stats, "metrics": metrics, "figures": {c: p.name for c, p in figures.items()},
            "images": [str(p) for p in test_set.paths], "scores": scores.tolist()}
@@ -567,7 +580,7 @@ def command(args) -> int:
                 raise OutputRefused(f"--out {folder.path / name}: exists and was not written by defect-fast; "
                                     "move it away or choose another folder")
         folder.record_many(names)
-        diagnose(lambda x: det.predict_batched(x), test_set, folder.path, patch=det.patch, stride=det.stride,
+        diagnose(lambda x: det.predict_batched(x, score_maps=True), test_set, folder.path, patch=det.patch, stride=det.stride,
                  per_class=args.per_class, border=args.border, seam=args.seam, top=args.top, scale=args.scale,
                  reconstruct=det.reconstruct)
     finally:

@@ -407,6 +407,12 @@ def test_the_profile_joins_the_detector_map_but_not_the_map_its_score_comes_from
     torch.testing.assert_close(scores, ctx.combine_scores(top_mean(without, det.top_k), feats), atol=1e-4, rtol=1e-4)
     assert float((maps - without).abs().max()) > 1.0  # the profile is in the map, and it matters
     assert float((top_mean(maps, det.top_k) - top_mean(without, det.top_k)).abs().max()) > 0.1
+    # what diagnose marks: the maps the scores come from, in the same pass as the maps and scores
+    res = det.predict_batched(x, score_maps=True)
+    torch.testing.assert_close(res["maps"], maps, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(res["scores"], scores, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(res["score_maps"], without, atol=1e-4, rtol=1e-4)
+    assert "score_maps" not in det.predict_batched(x)
     # a file written before the choice: its thresholds were set on scores with the profile in
     state = ctx.state()
     state.pop("profile_in_score")
@@ -417,6 +423,7 @@ def test_the_profile_joins_the_detector_map_but_not_the_map_its_score_comes_from
         old_maps, old_scores = det(x)
     torch.testing.assert_close(old_maps, maps)
     torch.testing.assert_close(old_scores, ctx.combine_scores(top_mean(maps, det.top_k), feats), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(det.predict_batched(x, score_maps=True)["score_maps"], maps, atol=1e-5, rtol=1e-5)
     assert ImageContext.from_state(ctx.state()).profile_in_score is False
 
 

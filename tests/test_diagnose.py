@@ -85,6 +85,22 @@ def test_defective_maps_in_mask_and_per_class():
     assert s["per_class"]["scratch"]["in_mask"] < 0.5
 
 
+def test_the_top_pixels_are_those_of_the_maps_the_scores_come_from():
+    """With the band profile the drawn map has lit rows the score does not read: the top pixels
+    (and the red dots) follow score_maps, the mean values stay the drawn map's."""
+    r = region_masks(64, 16, 16, border=4, seam=1)
+    noise = torch.rand(4, 64, 64, generator=torch.Generator().manual_seed(3)) * 0.1
+    score_maps = noise + r["interior"].float()  # what the scores read: hot inside
+    maps = score_maps.clone()
+    maps[:, :2, :] += 5.0  # a lit band row along the top edge, in the drawn map only
+    s = location_stats(maps, 16, border=4, seam=1, top=0.01, score_maps=score_maps)
+    assert s["good"]["share"]["interior"] == pytest.approx(1.0) and s["good"]["share"]["border"] == 0.0
+    assert s["good"]["mean_value"]["border"] > 0.5  # of the drawn map (score_maps: about 0.05 there)
+    assert location_stats(maps, 16, border=4, seam=1, top=0.01)["good"]["share"]["border"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="score_maps"):
+        location_stats(maps, 16, score_maps=score_maps[:, :32])
+
+
 def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="labels"):
         location_stats(torch.rand(2, 8, 8), 4, labels=torch.zeros(3))
