@@ -141,24 +141,10 @@ def context(x_train, x_held, x_test, test, out: Path, args, rows: list[str]) -> 
     ctx = ImageContext(s, layers=layers, profile=args.context_profile)
     ctx.fit(lambda: x_train.split(32))
     fitted = time.perf_counter() - t0
-    feats_held = [ctx.features(c) for c in x_held.split(16)]
-    feats_test = [ctx.features(c) for c in x_test.split(16)]
-    # as the Detector combines them: the profile (if any) joins the map, not the map the score's top values come from
-    ctx_held, prof_held = _parts([ctx.map_parts(f, s) for f in feats_held])
-    ctx_test, prof_test = _parts([ctx.map_parts(f, s) for f in feats_test])
-    score_test = torch.cat([ctx.score(f) for f in feats_test])
+    parts = context_parts(ctx, x_held, x_test, s)
 
     def combined(base_held, base_test):
-        if base_held is not None:
-            ctx.set_detector_stats(base_maps=base_held)
-            held_maps = gaussian(ctx.combine_maps(base_held, ctx_held), 4.0)
-            test_maps = gaussian(ctx.combine_maps(base_test, ctx_test), 4.0)
-        else:
-            held_maps, test_maps = gaussian(ctx_held, 4.0), gaussian(ctx_test, 4.0)
-        top_held, top_test = scores_of(held_maps), scores_of(test_maps)
-        if prof_test is not None:
-            test_maps = test_maps + gaussian(ctx._spread(prof_test, s), 4.0)
-        return test_maps, (top_test - top_held.mean()) / top_held.std() + score_test
+        return combine_like_detector(ctx, parts, base_held, base_test, s)
 
     if "model-free-context" in rows:
         maps, scores = combined(None, None)
@@ -179,6 +165,37 @@ def context(x_train, x_held, x_test, test, out: Path, args, rows: list[str]) -> 
               f"model-free-blur-perceptual-v3 plus the image context (AlexNet conv layers {list(layers)}, profile "
               f"{args.context_profile}), combined as "
               "a --context run combines them", time.perf_counter() - t0, args, scores)
+
+
+@torch.no_grad()
+def context_parts(ctx: ImageContext, x_held: torch.Tensor, x_test: torch.Tensor, s: int) -> dict[str, torch.Tensor | None]:
+    """A fitted context's parts of the held-back and test images ([N,3,s,s] in [-1, 1]): maps without
+    the profile ("held", "test"), profile values ("prof_held", "prof_test", None without a profile)
+    and the test images' context scores ("score_test")."""
+    feats_held = [ctx.features(c) for c in x_held.split(16)]
+    feats_test = [ctx.features(c) for c in x_test.split(16)]
+    held, prof_held = _parts([ctx.map_parts(f, s) for f in feats_held])
+    test, prof_test = _parts([ctx.map_parts(f, s) for f in feats_test])
+    return {"held": held, "prof_held": prof_held, "test": test, "prof_test": prof_test,
+            "score_test": torch.cat([ctx.score(f) for f in feats_test])}
+
+
+def combine_like_detector(ctx: ImageContext, parts: dict, base_held, base_test, s: int):
+    """Test maps and image scores of the context ``parts`` (:func:`context_parts`) added to base maps
+    (unsmoothed [N, s, s], or None for the context alone) as the Detector adds them: base maps
+    standardised on the held-back images' maps, smoothed with sigma 4; the profile (if any) joins
+    the map, not the map the score's top values come from; the score's top values standardised
+    on the held-back images, plus the context score."""
+    if base_held is not None:
+        ctx.set_detector_stats(base_maps=base_held)
+        held_maps = gaussian(ctx.combine_maps(base_held, parts["held"]), 4.0)
+        test_maps = gaussian(ctx.combine_maps(base_test, parts["test"]), 4.0)
+    else:
+        held_maps, test_maps = gaussian(parts["held"], 4.0), gaussian(parts["test"], 4.0)
+    top_held, top_test = scores_of(held_maps), scores_of(test_maps)
+    if parts["prof_test"] is not None:
+        test_maps = test_maps + gaussian(ctx._spread(parts["prof_test"], s), 4.0)
+    return test_maps, (top_test - top_held.mean()) / top_held.std() + parts["score_test"]
 
 
 def _parts(parts: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor | None]:

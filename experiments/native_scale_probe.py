@@ -16,9 +16,16 @@ computed in one run:
   images' median height to H px (``--heights``, default 256), aspect ratio kept. The residual
   features are resampled to the map's fixed grid, so the statistics stay per position of the
   normalised image; the map is resized to 256 x 256 at the end and scored against the same
-  256 x 256 masks.
+  256 x 256 masks;
+- ``square-S`` (``--square-sides``): images squeezed into S x S squares, the map resampled as in
+  the one-scale rows: more pixels with the aspect ratio still lost, the control that tells the
+  scale's share from the resolution's;
+- ``...-context`` (``--context``): each row with the image context (computed on the 256 x 256
+  images, band profile ``--context-profile``, rows by default) added as a ``--context`` run adds
+  it (:func:`model_free.combine_like_detector`); ``square-context`` is
+  ``model-free-blur-perceptual-v3-context-rows-v6`` of ``experiments/model_free.py``.
 
-    python3 experiments/native_scale_probe.py [DATA] [--heights H...] [--out FILE]
+    python3 experiments/native_scale_probe.py [DATA] [--heights H...] [--square-sides S...] [--context] [--out FILE]
     (default FILE: experiments/results/native-scale/model-free.json)
 """
 from __future__ import annotations
@@ -41,7 +48,8 @@ from defect_fast.data import load_test_set, load_train_images, read_image  # noq
 from defect_fast.metrics import evaluate  # noqa: E402
 from defect_fast.perceptual import PerceptualMap  # noqa: E402
 from defect_fast.safety import dump_json_strict  # noqa: E402
-from model_free import gaussian, scores_of  # noqa: E402
+from defect_fast.context import ImageContext  # noqa: E402
+from model_free import combine_like_detector, context_parts, gaussian, scores_of  # noqa: E402
 
 SIZE = 256
 
@@ -53,45 +61,83 @@ def one_scale(image: torch.Tensor, factor: float) -> torch.Tensor:
     return F.interpolate(image.float()[None], size=size, mode="bilinear", antialias=True, align_corners=False) / 127.5 - 1
 
 
-def perceptual_maps(fit_images, test_images) -> torch.Tensor:
-    """The v3 model-free map: fit on fit_images, maps [N, SIZE, SIZE] of test_images (iterables of [1|n,3,h,w])."""
+def square(image: torch.Tensor, side: int) -> torch.Tensor:
+    """uint8 [3, h, w] -> [1, 3, side, side] in [-1, 1]: the image squeezed into a square of ``side`` px."""
+    return F.interpolate(image.float()[None], size=(side, side), mode="bilinear", antialias=True,
+                         align_corners=False) / 127.5 - 1
+
+
+def perceptual_maps(fit_images, *image_sets) -> list[torch.Tensor]:
+    """The v3 model-free map, fitted on fit_images: the unsmoothed maps [N, SIZE, SIZE] of each of
+    image_sets (iterables of [1|n,3,h,w] in [-1, 1])."""
     pm = PerceptualMap(SIZE, scales=(1, 2))
     blur = lambda x: gaussian(x, 8.0)  # noqa: E731
     pm.fit((x, blur(x)) for x in fit_images)
     with torch.no_grad():
-        maps = torch.cat([pm(x, blur(x), size=SIZE) for x in test_images])
-    return gaussian(maps, 4.0)
+        return [torch.cat([pm(x, blur(x), size=SIZE) for x in images]) for images in image_sets]
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("data", nargs="?", default=str(ROOT.parent / "shared" / "data" / "magnetic-tile"))
-    p.add_argument("--heights", type=int, nargs="+", default=[SIZE], metavar="H",
+    p.add_argument("--heights", type=int, nargs="*", default=[SIZE], metavar="H",
                    help="one-scale rows: the factor takes the training images' median height to H px (default 256)")
+    p.add_argument("--square-sides", type=int, nargs="*", default=[], metavar="S",
+                   help="also rows 'square-S': images squeezed into S x S squares (more pixels, aspect not kept), "
+                        "the map resampled to 256 x 256 as the one-scale rows' is")
+    p.add_argument("--context", action="store_true",
+                   help="also each row with the image context added as a --context run adds it (rows '...-context')")
+    p.add_argument("--context-profile", choices=("none", "rows", "columns"), default="rows",
+                   help="the context's band profile with --context (default rows, what --preset photos picks here)")
     p.add_argument("--out", default=str(ROOT / "experiments" / "results" / "native-scale" / "model-free.json"))
     args = p.parse_args(argv)
     data = str(Path(args.data).resolve())
     train, paths = load_train_images(data, SIZE)
     test = load_test_set(data, SIZE)
     index = {str(q): i for i, q in enumerate(paths)}
-    tr_paths, _held = split_holdback([str(q) for q in paths], 0.1, seed=0)  # the split train() makes
-    tr_idx = [index[q] for q in tr_paths]
+    tr_paths, held_paths = split_holdback([str(q) for q in paths], 0.1, seed=0)  # the split train() makes
+    tr_idx, held_idx = [index[q] for q in tr_paths], sorted(index[q] for q in held_paths)
     rows = {}
+    scaled = lambda images: images.float() / 127.5 - 1  # noqa: E731
+    square_train, square_held, square_test = scaled(train[tr_idx]), scaled(train[held_idx]), scaled(test.images)
+    with_context = None
+    if args.context:
+        t0 = time.perf_counter()
+        ctx = ImageContext(SIZE, profile=args.context_profile)
+        ctx.fit(lambda: square_train.split(32))
+        parts = context_parts(ctx, square_held, square_test, SIZE)
+        context_seconds = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    square = train[tr_idx].float() / 127.5 - 1
-    maps = perceptual_maps(square.split(16), (test.images.float() / 127.5 - 1).split(16))
-    rows["square"] = row(maps, test, time.perf_counter() - t0, "256 x 256, aspect ratio not kept (the runs' input)")
+        def with_context(name, base_held, base_test, seconds, what):
+            maps, scores = combine_like_detector(ctx, parts, base_held, base_test, SIZE)
+            rows[f"{name}-context"] = row(maps, test, seconds + context_seconds, f"{what}; plus the image context "
+                                          f"(square images, profile {args.context_profile}) as a --context run adds it",
+                                          scores)
+
+    def add_rows(name, fit_images, held_images, test_images, t0, what):
+        held_maps, test_maps = perceptual_maps(fit_images, held_images, test_images)
+        seconds = time.perf_counter() - t0
+        rows[name] = row(gaussian(test_maps, 4.0), test, seconds, what)
+        if with_context is not None:
+            with_context(name, held_maps, test_maps, seconds, what)
+
+    add_rows("square", square_train.split(16), square_held.split(16), square_test.split(16), time.perf_counter(),
+             "256 x 256, aspect ratio not kept (the runs' input)")
 
     native_train = [read_image(q, None) for q in tr_paths]
+    native_held = [read_image(paths[i], None) for i in held_idx]
     native_test = [read_image(q, None) for q in test.paths]
     median_height = statistics.median(x.shape[-2] for x in native_train)
+    for side in args.square_sides:
+        add_rows(f"square-{side}", (square(x, side) for x in native_train), (square(x, side) for x in native_held),
+                 (square(x, side) for x in native_test), time.perf_counter(),
+                 f"{side} x {side}, aspect ratio not kept, map resampled to 256 x 256")
     for height in args.heights:
-        t0 = time.perf_counter()
         factor = height / median_height
-        maps = perceptual_maps((one_scale(x, factor) for x in native_train), (one_scale(x, factor) for x in native_test))
-        rows[f"one-scale-{height}"] = row(maps, test, time.perf_counter() - t0, f"every image resized by {factor:.4f} "
-                                          f"(median training height {median_height:g} -> {height} px), aspect kept")
+        add_rows(f"one-scale-{height}", (one_scale(x, factor) for x in native_train),
+                 (one_scale(x, factor) for x in native_held), (one_scale(x, factor) for x in native_test),
+                 time.perf_counter(), f"every image resized by {factor:.4f} (median training height "
+                 f"{median_height:g} -> {height} px), aspect kept")
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -100,14 +146,14 @@ def main(argv=None) -> int:
     out.write_text(dump_json_strict(result))
     for name, r in rows.items():
         per = ", ".join(f"{c} {v['pixel_auroc']:.1f}/{v['image_auroc']:.1f}" for c, v in r["per_class"].items())
-        print(f"{name:10s} pixel {r['pixel_auroc']:.2f} image {r['image_auroc']:.2f} AUPRO {r['aupro']:.2f}  "
+        print(f"{name:20s} pixel {r['pixel_auroc']:.2f} image {r['image_auroc']:.2f} AUPRO {r['aupro']:.2f}  "
               f"per class pixel/image: {per}")
     print(f"wrote {out}")
     return 0
 
 
-def row(maps: torch.Tensor, test, seconds: float, what: str) -> dict:
-    m = evaluate(maps, test.masks, scores_of(maps), test.labels, test.classes)
+def row(maps: torch.Tensor, test, seconds: float, what: str, scores: torch.Tensor | None = None) -> dict:
+    m = evaluate(maps, test.masks, scores_of(maps) if scores is None else scores, test.labels, test.classes)
     pts = lambda v: round(100 * v, 2)  # noqa: E731
     return {"input": what, "pixel_auroc": pts(m["pixel_auroc"]), "image_auroc": pts(m["image_auroc"]),
             "aupro": pts(m["aupro"]), "seconds": round(seconds, 1),
