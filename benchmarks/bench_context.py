@@ -12,7 +12,9 @@ followed the Detector's precision: float32, and the image's conv1 and conv2 comp
 perceptual map and by the context) instead of once ("with_float32_trunk"); the ratio of the two
 is what the tuned trunk saves per image of the recommended run. And the same Detector with a
 context that adds the band profile (``--context-profile rows``, "with_profile"), and that
-context's fit. On a GPU (``--device cuda``) every Detector timed replays CUDA graphs.
+context's fit; and that Detector with the map and the context levelling each image's brightness
+before the trunk (``--level-brightness``, "with_profile_levelled": the recommended run's inference
+since v7). On a GPU (``--device cuda``) every Detector timed replays CUDA graphs.
 
     python benchmarks/bench_context.py [--device cpu|cuda] [--threads 2] [--batch 8] [--rounds 10]
         [--fit-images 540] [--out FILE]
@@ -20,6 +22,7 @@ context's fit. On a GPU (``--device cuda``) every Detector timed replays CUDA gr
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import time
 from pathlib import Path
@@ -103,10 +106,15 @@ def main() -> None:
     with_ctx = Detector(model, SIZE, context=ctx, **kw)
     before = Float32Trunk(model, SIZE, context=ctx, **kw)
     with_rows = Detector(model, SIZE, context=ctx_rows, **kw)
+    # levelled to one brightness (any level costs the same; the trunks still share conv1-2)
+    pm_levelled, ctx_levelled = copy.deepcopy(pm), copy.deepcopy(ctx_rows)
+    pm_levelled.brightness = ctx_levelled.brightness = 0.45
+    levelled = Detector(model, SIZE, context=ctx_levelled, **{**kw, "perceptual": pm_levelled})
     trunk = with_ctx._trunk_options()
     with torch.inference_mode():
         t = time_interleaved({"without": lambda: plain(images), "with": lambda: with_ctx(images),
                               "with_float32_trunk": lambda: before(images), "with_profile": lambda: with_rows(images),
+                              "with_profile_levelled": lambda: levelled(images),
                               "context_alone": lambda: ctx.map(ctx.features(plain._to_model_input(images), **trunk), SIZE)},
                              rounds=args.rounds, warmup=2, device=args.device)
     info = device_info(args.device)
@@ -117,6 +125,8 @@ def main() -> None:
            "ms_per_image": per, "ratio_with_over_without": round(per["with"] / per["without"], 3),
            "ratio_float32_trunk_over_tuned": round(per["with_float32_trunk"] / per["with"], 3),
            "ratio_with_profile_over_with": round(per["with_profile"] / per["with"], 3),
+           "ratio_levelled_over_with_profile": round(per["with_profile_levelled"] / per["with_profile"], 3),
+           "shared_trunk_layers_levelled": levelled._shared_stem(ctx_levelled),
            "fit_images": args.fit_images, "fit_seconds": round(fit_s, 2),
            "fit_seconds_with_profile": round(fit_rows_s, 2), "timings": t}
     print(f"{info.get('gpu') or info['cpu']} | torch {info['torch']} | threads {args.threads} | "
@@ -127,6 +137,8 @@ def main() -> None:
           f"(x{res['ratio_float32_trunk_over_tuned']:.3f} the tuned trunk)")
     print(f"with the band profile (rows): {per['with_profile']:.1f} ms (x{res['ratio_with_profile_over_with']:.3f} "
           f"the context without it)")
+    print(f"and with the brightness levelled: {per['with_profile_levelled']:.1f} ms "
+          f"(x{res['ratio_levelled_over_with_profile']:.3f} the same without levelling)")
     print(f"ImageContext.fit on {args.fit_images} images: {fit_s:.1f} s; with the profile {fit_rows_s:.1f} s")
     write_results(args.out or RESULTS / f"context_{dev.type}.json", res)
 

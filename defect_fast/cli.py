@@ -95,7 +95,7 @@ def _per_stage(values: list[int] | None, n: int, option: str) -> list[int] | Non
 PRESETS: dict[str, dict] = {
     "photos": {"image_size": 256, "batch_size": 64, "patch_sampling": "random", "flips": True,
                "lr_schedule": "cosine", "map": "perceptual", "infer_stride": 32, "blend": "hann",
-               "smooth": 4.0, "context": True, "context_profile": "auto"},
+               "smooth": 4.0, "context": True, "context_profile": "auto", "level_brightness": True},
 }
 #: What a preset sets that depends on the model: options of its synthetic anomalies (``--set``),
 #: for a model trained on them that has them, where ``--set`` does not give them; and the epochs
@@ -182,7 +182,7 @@ def cmd_train(args) -> int:
         device=args.device, holdback=args.holdback, far=args.far, normalize=args.normalize, fit_on=args.fit_on, map_scales=list(args.map_scales),
         patch_sampling=args.patch_sampling, flips=args.flips, lr_schedule=args.lr_schedule, precision=args.precision,
         map=args.map or "", infer_stride=args.infer_stride, blend=args.blend, smooth=args.smooth,
-        context=args.context, context_profile=args.context_profile,
+        context=args.context, context_profile=args.context_profile, level_brightness=args.level_brightness,
     )
     train(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
     return 0
@@ -457,6 +457,11 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
                    help="with --context, also compare each row (rows) or column (columns) of an image with its "
                    "other rows (columns), for bands across the surface; auto: across the streaks of the "
                    "training images (refused when they share no direction) (default none)")
+    t.add_argument("--level-brightness", action=argparse.BooleanOptionalAction, default=False,
+                   help="scale every image to the training images' mean brightness before the AlexNet trunk of "
+                   "--map perceptual and --context (the reconstruction by its input's factor): lighting "
+                   "differences between images out of their statistics (README; on in --preset photos, "
+                   "--no-level-brightness turns it off)")
     t.add_argument("--anomaly-source", default=None, help="folder of natural photos for synthetic anomalies "
                    "(default: the sample photos shipped with scikit-learn)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="model option, e.g. --set fusion=mam "

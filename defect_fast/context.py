@@ -274,7 +274,7 @@ class ImageContext(FrozenTrunk):
         result (casting a low-precision output to float32 and back is exact, and max-pooling
         commutes with it)."""
         k = 0 if stem is None else min(len(stem), len(self.convs))
-        h = self._trunk_input(x, dtype, channels_last) if k == 0 else None
+        h = self._trunk_input(x, dtype, channels_last, self.gain(x)) if k == 0 else None
         out, stems = [], []
         for i in range(1, len(self.convs) + 1):
             h = stem[i - 1] if i <= k else self._trunk_conv(i - 1, h)
@@ -295,7 +295,8 @@ class ImageContext(FrozenTrunk):
         same weights and input scaling as this context: the length of ``stem`` it can hand to
         :meth:`features` (0: none)."""
         if not isinstance(other, FrozenTrunk) or not (torch.equal(self.shift, other.shift)
-                                                       and torch.equal(self.scale, other.scale)):
+                                                       and torch.equal(self.scale, other.scale)
+                                                       and self.brightness == other.brightness):
             return 0
         n = 0
         for a, b in zip(self.convs, other.convs):
@@ -465,7 +466,7 @@ class ImageContext(FrozenTrunk):
         """What a model file stores to rebuild the context (trunk included)."""
         return {"image_size": self.image_size, "layers": list(self.layers), "profile": self.profile,
                 "profile_basis": self.profile_basis, "profile_in_score": self.profile_in_score,
-                "tensors": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
+                "brightness": self.brightness, "tensors": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
 
     @classmethod
     def from_state(cls, state: dict) -> "ImageContext":
@@ -480,6 +481,7 @@ class ImageContext(FrozenTrunk):
         m.load_state_dict(t)
         m.profile_basis = state.get("profile_basis")
         m.profile_in_score = bool(state.get("profile_in_score", True))  # as files before the choice scored
+        m.brightness = state.get("brightness")  # files written before the option: not levelled
         return m
 
 

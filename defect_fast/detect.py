@@ -482,14 +482,18 @@ class Detector(nn.Module):
             return self.model(p)["recon"].float().contiguous()
 
     def fit_perceptual(self, normal_images: torch.Tensor, images_per_batch: int = 8, layers: int = 2,
-                       prior: float = 0.01, scales: tuple[int, ...] | list[int] = (1,)) -> int:
+                       prior: float = 0.01, scales: tuple[int, ...] | list[int] = (1,),
+                       level_brightness: bool = False) -> int:
         """Build and fit the perceptual map on defect-free images (uint8 [N,3,H,W]) and switch to it.
+        ``level_brightness``: every image (and its reconstruction) reaches the trunk scaled to the
+        mean brightness of ``normal_images`` (:mod:`defect_fast.perceptual`, "Brightness").
 
         Returns the number of images its statistics rest on.
         """
-        from .perceptual import PerceptualMap
+        from .perceptual import PerceptualMap, reference_brightness
 
         pm = PerceptualMap(self.image_size, layers=layers, prior=prior, scales=tuple(scales)).to(self.device)
+        pm.brightness = reference_brightness(normal_images) if level_brightness else None
         with torch.no_grad():
             pairs = ((x, self._stitched_recon(x)) for x in
                      (self._to_model_input(c.to(self.device)) for c in normal_images.split(max(1, images_per_batch))))
@@ -501,7 +505,7 @@ class Detector(nn.Module):
 
     @torch.no_grad()
     def fit_context(self, normal_images: torch.Tensor, calibration_images: torch.Tensor, images_per_batch: int = 8,
-                    profile: str = "none") -> int:
+                    profile: str = "none", level_brightness: bool = False) -> int:
         """Build an image context (:mod:`defect_fast.context`) and switch maps and scores to the combination.
 
         Args:
@@ -515,23 +519,28 @@ class Detector(nn.Module):
                 ``normal_images`` (:func:`~defect_fast.context.profile_across_streaks`, which
                 raises ValueError when they share no direction); ``self.context.profile_basis``
                 says which and why.
+            level_brightness: every image reaches the context's trunk scaled to the mean
+                brightness of ``normal_images`` (:mod:`defect_fast.perceptual`, "Brightness").
         Returns:
             the number of images the context rests on.
         """
-        return self._fit_context(normal_images, calibration_images, images_per_batch, profile)[0]
+        return self._fit_context(normal_images, calibration_images, images_per_batch, profile, level_brightness)[0]
 
     @torch.no_grad()
     def _fit_context(self, normal_images: torch.Tensor, calibration_images: torch.Tensor,
-                     images_per_batch: int = 8, profile: str = "none") -> tuple[int, dict[str, torch.Tensor]]:
+                     images_per_batch: int = 8, profile: str = "none",
+                     level_brightness: bool = False) -> tuple[int, dict[str, torch.Tensor]]:
         """:meth:`fit_context`, and what :meth:`predict_batched` gives for the calibration images
         afterwards ({"maps": [M,S,S], "scores": [M]} on the CPU), from the maps the fit computes anyway."""
         from .context import ImageContext, profile_across_streaks
+        from .perceptual import reference_brightness
 
         basis = None
         if profile == "auto":
             profile, basis = profile_across_streaks(normal_images)
         ctx = ImageContext(self.image_size, profile=profile).to(self.device)
         ctx.profile_basis = basis
+        ctx.brightness = reference_brightness(normal_images) if level_brightness else None
         n = ctx.fit(lambda: (self._to_model_input(c.to(self.device)) for c in normal_images.split(32)),
                     **self._trunk_options())
         raw, feats = [], []

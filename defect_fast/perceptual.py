@@ -28,6 +28,15 @@ features see a larger part of the surface (conv2 sees 51 px of the image, 102 px
 at half size), for defects wider than the finest level's field of view (magnetic tile's
 "uneven" bands); the finest level keeps small defects sharp.
 
+Brightness (``brightness``, off by default): with a reference level set, each image is scaled
+before the trunk so that its mean brightness is that level, and its reconstruction by the same
+factor (:func:`brightness_gain`). On magnetic tile the defect-free images' scores rank-correlated
++0.67 with their mean brightness (60 held-back images, CMA-AE v6): a brighter tile has larger
+feature responses everywhere, and per-position statistics shared by all tiles read that as
+anomaly. Scaling by one factor per image keeps what differs within the image (a band brighter
+than the rest of its tile stays brighter) and drops the lighting. The Detector sets the level to
+the mean brightness of the images it fits on (``level_brightness``; ``--level-brightness``).
+
 Precision: the trunk's convolutions run in float32 by default. The Detector runs them in its own
 precision (``dtype`` bfloat16/float16, channels-last with its ``channels_last`` option), when it
 fits the statistics as when it makes maps; the features then go on in float32: residuals,
@@ -54,6 +63,20 @@ _LPIPS_SCALE = (0.458, 0.448, 0.450)
 _RF = (11, 51, 99)
 
 
+def reference_brightness(images: torch.Tensor) -> float:
+    """The mean brightness of uint8 images [N, 3, H, W] in [0, 1]: the level
+    :attr:`FrozenTrunk.brightness` brings every image to."""
+    return float(images.double().mean() / 255)
+
+
+def brightness_gain(x: torch.Tensor, level: float) -> torch.Tensor:
+    """Images [N, 3, H, W] in [-1, 1] -> the factor [N, 1, 1, 1] that takes each image's mean
+    brightness, ((x + 1) / 2) averaged over pixels and channels, to ``level`` (an all-black image's
+    mean counts as 1/255, so the factor stays finite)."""
+    mean = ((x.float() + 1) * 0.5).mean(dim=(1, 2, 3), keepdim=True).clamp_min(1 / 255)
+    return level / mean
+
+
 def _version(t: torch.Tensor) -> int:
     """``t``'s in-place change counter (0 for an inference tensor, which keeps none)."""
     return 0 if t.is_inference() else t._version
@@ -66,7 +89,16 @@ class FrozenTrunk(nn.Module):
     In a lower precision the input is cast once and each convolution runs with a copy of its
     weights in that dtype (and, for channels-last inputs, that layout), made on first use and kept
     while the weights are unchanged (the same rounding as ``torch.autocast``, without casting or
-    reordering 0.3-2.5 M weights again on every call)."""
+    reordering 0.3-2.5 M weights again on every call).
+
+    ``brightness``: None, or the mean brightness in [0, 1] every image is scaled to before the
+    first convolution (the module docstring, "Brightness")."""
+
+    brightness: float | None = None
+
+    def gain(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The factor [N, 1, 1, 1] that levels images ``x`` to :attr:`brightness` (None when off)."""
+        return None if self.brightness is None else brightness_gain(x, self.brightness)
 
     @staticmethod
     def _trunk_format(h: torch.Tensor, dtype: torch.dtype | None, channels_last: bool) -> torch.Tensor:
@@ -74,9 +106,14 @@ class FrozenTrunk(nn.Module):
         h = h.to(dtype or torch.float32)
         return h.contiguous(memory_format=torch.channels_last) if channels_last else h
 
-    def _trunk_input(self, x: torch.Tensor, dtype: torch.dtype | None, channels_last: bool) -> torch.Tensor:
-        """Images in [-1, 1] -> the first convolution's input, in ``dtype`` (None: float32)."""
-        return self._trunk_format((x.float() - self.shift) / self.scale, dtype, channels_last)
+    def _trunk_input(self, x: torch.Tensor, dtype: torch.dtype | None, channels_last: bool,
+                     gain: torch.Tensor | None = None) -> torch.Tensor:
+        """Images in [-1, 1] -> the first convolution's input, in ``dtype`` (None: float32); with a
+        ``gain`` [N, 1, 1, 1], the images' brightness scaled by it first."""
+        x = x.float()
+        if gain is not None:
+            x = (x + 1) * gain - 1
+        return self._trunk_format((x - self.shift) / self.scale, dtype, channels_last)
 
     def _kept(self, name: str, slot: tuple, tensors: tuple[torch.Tensor, ...],
               make: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
@@ -168,10 +205,15 @@ class PerceptualMap(FrozenTrunk):
         return getattr(self, f"mean_{level}"), getattr(self, f"inv_std_{level}")
 
     # -- features --------------------------------------------------------------------------------
-    def features(self, x: torch.Tensor, dtype: torch.dtype | None = None, channels_last: bool = False) -> list[torch.Tensor]:
+    def features(self, x: torch.Tensor, dtype: torch.dtype | None = None, channels_last: bool = False,
+                 gain: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Images [N,3,H,W] in [-1, 1] -> the ReLU outputs of the trunk's layers (conv1, conv2, ...;
-        before any max-pool), float32, computed in ``dtype`` (None: float32)."""
-        h = self._trunk_input(x, dtype, channels_last)
+        before any max-pool), float32, computed in ``dtype`` (None: float32). With
+        :attr:`brightness` set, the images are levelled first, by ``gain`` (a reconstruction by
+        its input's) or by their own (:meth:`gain`)."""
+        if self.brightness is not None and gain is None:
+            gain = self.gain(x)
+        h = self._trunk_input(x, dtype, channels_last, gain)
         out = []
         for i in range(len(self.convs)):
             if i > 0:
@@ -190,8 +232,9 @@ class PerceptualMap(FrozenTrunk):
         if f > 1:
             x, recon = F.avg_pool2d(x, f), F.avg_pool2d(recon, f)
         g = (self.grids[level], self.grids[level])
-        fx = x_features if x_features is not None and f == 1 else self.features(x, dtype, channels_last)
-        fr = self.features(recon, dtype, channels_last)
+        gain = self.gain(x)  # the input's: the reconstruction is levelled with it
+        fx = x_features if x_features is not None and f == 1 else self.features(x, dtype, channels_last, gain)
+        fr = self.features(recon, dtype, channels_last, gain)
         return torch.cat([F.interpolate(a - b, size=g, mode="bilinear", align_corners=False) for a, b in zip(fx, fr)], 1)
 
     def standardised(self, x: torch.Tensor, recon: torch.Tensor, level: int = 0, **trunk) -> torch.Tensor:
@@ -282,7 +325,7 @@ class PerceptualMap(FrozenTrunk):
     def state(self) -> dict:
         """What a model file stores to rebuild this map (trunk included: the file is self-contained)."""
         return {"image_size": self.image_size, "layers": self.layers, "prior": self.prior, "scales": list(self.scales),
-                "tensors": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
+                "brightness": self.brightness, "tensors": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
 
     @classmethod
     def from_state(cls, state: dict) -> "PerceptualMap":
@@ -296,7 +339,8 @@ class PerceptualMap(FrozenTrunk):
         m = cls(state["image_size"], state["layers"], trunk=trunk, prior=state["prior"],
                 scales=tuple(state.get("scales", (1,))))
         m.load_state_dict(t)
+        m.brightness = state.get("brightness")  # files written before the option: not levelled
         return m
 
 
-__all__ = ["FrozenTrunk", "PerceptualMap"]
+__all__ = ["FrozenTrunk", "PerceptualMap", "brightness_gain", "reference_brightness"]

@@ -102,6 +102,10 @@ class TrainConfig:
     # image's other rows (columns), for bands across the surface (defect_fast/context.py, "Profile");
     # "auto": across the streaks of the training images (context.profile_across_streaks).
     context_profile: str = "none"
+    # Scale every image to the training images' mean brightness before the AlexNet trunk of the
+    # perceptual map (the reconstruction by its input's factor) and of the context
+    # (defect_fast/perceptual.py, "Brightness"): lighting out of the statistics. Off: as read.
+    level_brightness: bool = False
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -194,6 +198,9 @@ def check_config(cfg: TrainConfig, n_stages: int, patch: int) -> None:
          f"--context-profile must be one of {', '.join(PROFILE_CHOICES)}, got {cfg.context_profile!r}")
     need(cfg.context or cfg.context_profile == "none",
          f"--context-profile {cfg.context_profile} is part of the image context: add --context")
+    need(isinstance(cfg.level_brightness, bool), f"--level-brightness is on or off, got {cfg.level_brightness!r}")
+    need(not cfg.level_brightness or cfg.context or cfg.map == "perceptual",
+         "--level-brightness levels the images the AlexNet trunk reads: it needs --map perceptual or --context")
     need(cfg.blend in ("none", "hann"), f"--blend must be none or hann, got {cfg.blend!r}")
     need(isinstance(cfg.smooth, (int, float)) and math.isfinite(cfg.smooth) and cfg.smooth >= 0,
          f"--smooth must be a finite number >= 0, got {cfg.smooth}")
@@ -619,7 +626,7 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
         fit_images, calib_images = held_back_images[0::2], held_back_images[1::2]
         calib_names = None if calib_names is None else calib_names[1::2]
     if det.map_kind in model.image_maps:
-        det.fit_perceptual(fit_images, scales=tuple(cfg.map_scales))
+        det.fit_perceptual(fit_images, scales=tuple(cfg.map_scales), level_brightness=cfg.level_brightness)
         perceptual = det.image_map.state()
     normalization = det.fit_normalization(fit_images) if cfg.normalize == "position" else None
     context = None
@@ -627,7 +634,8 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
         if context_images is None:
             context_images = train_images if train_images is not None else fit_images
         # the fit computes the calibration images' maps anyway: their predictions come with it
-        _n, res = det._fit_context(context_images, calib_images, profile=cfg.context_profile)
+        _n, res = det._fit_context(context_images, calib_images, profile=cfg.context_profile,
+                                   level_brightness=cfg.level_brightness)
         context = det.context.state()
     else:
         res = det.predict_batched(calib_images)

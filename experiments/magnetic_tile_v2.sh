@@ -174,14 +174,26 @@ for row in $ROWS; do
     # v6: the recommended command (--preset photos: the v5 options with --context-profile auto, which
     # takes rows here), whose image score takes its top values from the map without the band profile
     # (defect_fast/context.py); training is that of the v5 rows, so v5 and v6 share their weights
-    cmaae-v6)    run cmaae-v6 cmaae 0 1 1 -- --preset photos ;;
-    cmaae-v6-s1) run cmaae-v6-s1 cmaae 1 1 1 -- --preset photos ;;
-    cmaae-v6-s2) run cmaae-v6-s2 cmaae 2 1 1 -- --preset photos ;;
-    awae-v6)     run awae-v6 awae 0 1 1 -- --preset photos ;;
-    awae-v6-s1)  run awae-v6-s1 awae 1 1 1 -- --preset photos ;;
-    awae-v6-s2)  run awae-v6-s2 awae 2 1 1 -- --preset photos ;;
-    memae-v6)    run memae-v6 memae 0 2 -- --preset photos ;;
-    cmaae-v6-f32) run cmaae-v6-f32 cmaae 0 1 1 -- --preset photos --precision float32 ;;
+    # (--no-level-brightness: the preset since v7 levels the brightness)
+    cmaae-v6)    run cmaae-v6 cmaae 0 1 1 -- --preset photos --no-level-brightness ;;
+    cmaae-v6-s1) run cmaae-v6-s1 cmaae 1 1 1 -- --preset photos --no-level-brightness ;;
+    cmaae-v6-s2) run cmaae-v6-s2 cmaae 2 1 1 -- --preset photos --no-level-brightness ;;
+    awae-v6)     run awae-v6 awae 0 1 1 -- --preset photos --no-level-brightness ;;
+    awae-v6-s1)  run awae-v6-s1 awae 1 1 1 -- --preset photos --no-level-brightness ;;
+    awae-v6-s2)  run awae-v6-s2 awae 2 1 1 -- --preset photos --no-level-brightness ;;
+    memae-v6)    run memae-v6 memae 0 2 -- --preset photos --no-level-brightness ;;
+    cmaae-v6-f32) run cmaae-v6-f32 cmaae 0 1 1 -- --preset photos --no-level-brightness --precision float32 ;;
+    # v7: the recommended command (--preset photos: the v6 options with --level-brightness, which
+    # scales every image to the training images' mean brightness before the AlexNet trunk of the map
+    # and the context; defect_fast/perceptual.py, "Brightness"); training is that of the v6 rows
+    cmaae-v7)    run cmaae-v7 cmaae 0 1 1 -- --preset photos ;;
+    cmaae-v7-s1) run cmaae-v7-s1 cmaae 1 1 1 -- --preset photos ;;
+    cmaae-v7-s2) run cmaae-v7-s2 cmaae 2 1 1 -- --preset photos ;;
+    awae-v7)     run awae-v7 awae 0 1 1 -- --preset photos ;;
+    awae-v7-s1)  run awae-v7-s1 awae 1 1 1 -- --preset photos ;;
+    awae-v7-s2)  run awae-v7-s2 awae 2 1 1 -- --preset photos ;;
+    memae-v7)    run memae-v7 memae 0 2 -- --preset photos ;;
+    cmaae-v7-f32) run cmaae-v7-f32 cmaae 0 1 1 -- --preset photos --precision float32 ;;
     *) echo "unknown row $row" ;;
   esac
 done

@@ -451,7 +451,8 @@ def test_demo_overwrite_after_its_training_was_resumed_with_train(tmp_path, monk
 
 RECOMMENDED = ["--image-size", "256", "--batch-size", "64", "--epochs", "1", "1", "--patch-sampling", "random",
                "--flips", "--lr-schedule", "cosine", "--set", "synthesis=perlin", "--map", "perceptual",
-               "--infer-stride", "32", "--blend", "hann", "--smooth", "4", "--context", "--context-profile", "auto"]
+               "--infer-stride", "32", "--blend", "hann", "--smooth", "4", "--context", "--context-profile", "auto",
+               "--level-brightness"]
 
 
 def _train_config(argv, monkeypatch):
@@ -479,9 +480,10 @@ def test_the_photos_preset_is_the_recommended_command(monkeypatch, capsys):
     assert one.epochs == [2] and one.model_kwargs == {} and one.context
     plain = _train_config([], monkeypatch)
     assert (plain.image_size, plain.map, plain.context, plain.epochs) == (512, "", False, [10, 10])
-    assert plain.context_profile == "none"
-    v4 = _train_config(["--preset", "photos", "--context-profile", "none"], monkeypatch)  # the v4 options
-    assert v4.context and v4.context_profile == "none" and v4.image_size == 256
+    assert plain.context_profile == "none" and not plain.level_brightness
+    v4 = _train_config(["--preset", "photos", "--context-profile", "none", "--no-level-brightness"], monkeypatch)
+    assert v4.context and v4.context_profile == "none" and v4.image_size == 256 and not v4.level_brightness  # v4
+    assert _train_config(["--preset", "photos"], monkeypatch).level_brightness  # since v7
 
 
 def test_a_preset_with_resume_is_refused(tmp_path, capsys):

@@ -166,8 +166,8 @@ def test_detector_adds_the_context_to_its_map_and_score(monkeypatch, position_no
     torch.testing.assert_close(fitted["scores"], again["scores"], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("profile", ["none", "rows"])
-def test_onnx_export_of_a_detector_with_context_matches_it(tmp_path, monkeypatch, profile):
+@pytest.mark.parametrize("profile,level", [("none", False), ("rows", False), ("rows", True)])
+def test_onnx_export_of_a_detector_with_context_matches_it(tmp_path, monkeypatch, profile, level):
     pytest.importorskip("onnxruntime")
     from defect_fast.cli import main
     from defect_fast.runs import atomic_save
@@ -180,7 +180,8 @@ def test_onnx_export_of_a_detector_with_context_matches_it(tmp_path, monkeypatch
 
     monkeypatch.setattr(context, "ImageContext", RandomTrunkContext)
     to_u8 = lambda t: ((t + 1) * 127.5).round().to(torch.uint8)  # noqa: E731
-    det.fit_context(to_u8(_surfaces(10, seed=1)), to_u8(_surfaces(4, seed=2)), profile=profile)
+    det.fit_context(to_u8(_surfaces(10, seed=1)), to_u8(_surfaces(4, seed=2)), profile=profile, level_brightness=level)
+    assert (det.context.brightness is not None) == level
     run = tmp_path / "run"
     run.mkdir()
     atomic_save({"model_name": "cmaae", "model_config": m.config(), "model_state": m.state_dict(), "image_size": 128,
@@ -190,6 +191,7 @@ def test_onnx_export_of_a_detector_with_context_matches_it(tmp_path, monkeypatch
     sidecar = json.loads((tmp_path / "det.onnx.json").read_text())
     assert sidecar["context"] is True and sidecar["context_profile"] == profile
     assert sidecar["context_profile_in_score"] is False  # fitted now: the score reads the map without it
+    assert sidecar["brightness"] == {"perceptual": None, "context": det.context.brightness}
     det = Detector.load(run, device="cpu", precision="float32")
     assert det.context is not None and det.context.profile == profile
     assert Detector.load(run, device="cpu", map_kind="residual").context is None  # standardised for its own map only
@@ -219,7 +221,8 @@ def test_features_from_a_shared_stem_are_those_computed_afresh(dtype, layers):
             assert a.dtype == torch.float32 and torch.equal(a, b)
 
 
-def test_detector_computes_the_trunk_layers_it_shares_once(monkeypatch):
+@pytest.mark.parametrize("level", [False, True])
+def test_detector_computes_the_trunk_layers_it_shares_once(monkeypatch, level):
     import defect_fast.context as context
     import defect_fast.perceptual as perceptual
 
@@ -230,14 +233,16 @@ def test_detector_computes_the_trunk_layers_it_shares_once(monkeypatch):
     det = Detector(build_model("cmaae", memory_size=20), image_size=128, stride=32, blend="hann", precision="bfloat16")
     to_u8 = lambda t: ((t + 1) * 127.5).round().to(torch.uint8)  # noqa: E731
     normal, calib = to_u8(_surfaces(12, seed=1)), to_u8(_surfaces(4, seed=2))
-    det.fit_perceptual(normal, images_per_batch=4)
+    det.fit_perceptual(normal, images_per_batch=4, level_brightness=level)
     # the statistics were fitted with the trunk in the detector's precision (its bf16 weight copies)
     assert {k[:2] for k in det.image_map.__dict__["_cast_weights"]} == {(0, torch.bfloat16), (1, torch.bfloat16)}
     seen = {}
     fit = ImageContext.fit
     monkeypatch.setattr(ImageContext, "fit", lambda self, batches, **kw: seen.update(kw) or fit(self, batches, **kw))
-    det.fit_context(normal, calib)
+    det.fit_context(normal, calib, level_brightness=level)
     assert seen == {"dtype": torch.bfloat16, "channels_last": True}  # and so was the context
+    # levelled to the same brightness (that of the same images), the trunks still share their stem
+    assert det.context.brightness == det.image_map.brightness and (det.context.brightness is not None) == level
     assert det._shared_stem(det.context) == 2
     calls = []
     conv = ImageContext._trunk_conv
@@ -438,3 +443,28 @@ def test_the_profile_from_a_shared_stem_is_the_one_computed_afresh(dtype):
     assert len(shared) == len(fresh) == 4
     for a, b in zip(shared, fresh):
         assert torch.equal(a, b)
+
+
+def test_levelled_brightness_takes_lighting_out_of_the_context():
+    """With a brightness level, a tile lit 30 % darker has the features, score and map of the
+    tile itself; without it, it scores as far from the defect-free tiles as a defect would."""
+    ctx = _fitted()
+    normal = _surfaces(20)
+    levelled = ImageContext(128, trunk=_trunk())
+    levelled.brightness = float(((normal + 1) / 2).mean())
+    levelled.fit(lambda: normal.split(8))
+    x = _surfaces(2, seed=5)
+    dim = (x + 1) * 0.7 - 1  # the same surfaces under 30 % less light
+    with torch.no_grad():
+        for a, b in zip(levelled.features(x), levelled.features(dim)):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(levelled.score(levelled.features(dim)), levelled.score(levelled.features(x)),
+                                   atol=1e-3, rtol=1e-3)
+        assert float((ctx.score(ctx.features(dim)) - ctx.score(ctx.features(x))).min()) > 1.0
+    back = ImageContext.from_state(levelled.state())
+    assert back.brightness == levelled.brightness
+    old = levelled.state()
+    old.pop("brightness")
+    assert ImageContext.from_state(old).brightness is None  # files from before the option: as read
+    # another level, another input: no stem to share with a trunk that reads the images as they are
+    assert levelled.shares_stem(PerceptualMap(128, trunk=_trunk())) == 0

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from defect_fast.detect import Detector
 from defect_fast.models import build_model
-from defect_fast.perceptual import PerceptualMap
+from defect_fast.perceptual import PerceptualMap, brightness_gain, reference_brightness
 
 
 def _trunk(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -90,6 +90,40 @@ def test_one_level_files_from_before_the_pyramid_still_load():
     t = old["tensors"]
     t["mean"], t["inv_std"] = t.pop("mean_0"), t.pop("inv_std_0")
     torch.testing.assert_close(PerceptualMap.from_state(old)(x, r), pm(x, r))
+
+
+def test_brightness_gain_takes_each_image_to_the_level():
+    x = torch.stack([torch.full((3, 8, 8), v) for v in (-0.5, 0.0, 0.6, -1.0)])  # means 0.25, 0.5, 0.8, 0
+    g = brightness_gain(x, 0.4)
+    assert g.shape == (4, 1, 1, 1)
+    levelled = (x + 1) * g - 1
+    torch.testing.assert_close(((levelled[:3] + 1) / 2).mean(dim=(1, 2, 3)), torch.full((3,), 0.4))
+    assert torch.isfinite(g).all() and float(g[3]) == pytest.approx(0.4 * 255)  # black: mean counted as 1/255
+    u8 = torch.tensor([[[[0, 255], [51, 102]]]], dtype=torch.uint8).expand(2, 3, 2, 2)
+    assert reference_brightness(u8) == pytest.approx((0 + 255 + 51 + 102) / 4 / 255)
+
+
+@pytest.mark.parametrize("scales", [(1,), (1, 2)])
+def test_levelled_map_is_that_of_the_image_under_other_light(scales):
+    """With a brightness level, an image and its reconstruction both 40 % darker give the map of
+    the image itself (both scaled by the input's factor); a reconstruction brighter than its
+    input still leaves a residual (it is scaled by the input's factor, not its own)."""
+    x, r = (_images(3, seed=5) + 1) * 0.4 - 0.5, (_images(3, seed=6) + 1) * 0.4 - 0.5
+    pm = PerceptualMap(64, trunk=_trunk(), scales=scales)
+    pm.brightness = 0.45
+    pm.fit([(x, r)])
+    dim = lambda t: (t + 1) * 0.6 - 1  # noqa: E731
+    torch.testing.assert_close(pm(dim(x), dim(r)), pm(x, r), atol=1e-4, rtol=1e-4)
+    plain = PerceptualMap(64, trunk=_trunk(), scales=scales)
+    plain.fit([(x, r)])
+    assert float((plain(dim(x), dim(r)) - plain(x, r)).abs().max()) > 0.1
+    assert float(pm(x, (x + 1) * 1.2 - 1).max()) > 0.1 * float(pm(x, r).max())
+    back = PerceptualMap.from_state(pm.state())
+    assert back.brightness == 0.45
+    torch.testing.assert_close(back(x, r), pm(x, r))
+    old = pm.state()
+    old.pop("brightness")
+    assert PerceptualMap.from_state(old).brightness is None  # files from before the option: as read
 
 
 def test_pyramid_map_is_the_mean_of_its_levels():

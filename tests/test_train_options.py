@@ -244,6 +244,14 @@ def test_a_context_profile_needs_the_context_and_a_known_name():
         check_config(TrainConfig(data="d", image_size=128, epochs=[1, 1], context=True, context_profile="row"), 2, 32)
 
 
+def test_levelling_the_brightness_needs_a_trunk_to_level_for():
+    with pytest.raises(ConfigError, match="--level-brightness .* needs --map perceptual or --context"):
+        check_config(TrainConfig(data="d", image_size=128, epochs=[1, 1], level_brightness=True), 2, 32)
+    for ok in ({"map": "perceptual"}, {"context": True}):
+        check_config(TrainConfig(data="d", image_size=128, epochs=[1, 1], level_brightness=True, **ok), 2, 32)
+    assert not TrainConfig.from_json({"data": "d"}).level_brightness  # runs from before the option
+
+
 def test_auto_profile_on_images_without_a_streak_direction_is_refused_before_training(tmp_path, monkeypatch):
     import numpy as np
     from PIL import Image
@@ -308,6 +316,33 @@ def test_run_with_context_stores_it_fitted_on_the_training_images(synthetic_root
     assert maps.shape == (2, 128, 128) and torch.isfinite(scores).all()
     # the stored threshold is on the combined score: the held-back images' largest one at far 0.01
     assert state["calibration"]["n_images"] == len(state["held_back"])
+
+
+def test_a_levelled_run_levels_map_and_context_to_its_training_images(synthetic_root, tmp_path, monkeypatch):
+    """--level-brightness: the perceptual map and the context store one level, the training
+    images' mean brightness, so they still share the trunk's first layers."""
+    import defect_fast.context as context
+    import defect_fast.perceptual as perceptual
+    from defect_fast.data import load_train_images
+    from defect_fast.perceptual import PerceptualMap, reference_brightness
+    from tests.test_context import RandomTrunkContext
+    from tests.test_perceptual import _trunk
+
+    monkeypatch.setattr(context, "ImageContext", RandomTrunkContext)
+    monkeypatch.setattr(perceptual, "PerceptualMap",
+                        lambda s, layers=2, prior=0.01, scales=(1,): PerceptualMap(s, layers, _trunk(), prior, scales))
+    cfg = TrainConfig(data=str(synthetic_root), model="cmaae", image_size=128, batch_size=16, epochs=[1, 1],
+                      max_steps=[1, 1], model_kwargs={"memory_size": 20}, seed=0, holdback=0.3, map="perceptual",
+                      context=True, level_brightness=True)
+    path = train(cfg, tmp_path / "run", progress=False, log=lambda s: None)
+    state = torch.load(path, weights_only=True)
+    images, paths = load_train_images(synthetic_root, 128)
+    trained = [i for i, q in enumerate(paths) if str(q) not in set(state["held_back"])]
+    level = reference_brightness(images[trained])
+    assert state["perceptual"]["brightness"] == state["context"]["brightness"] == level
+    monkeypatch.setattr(perceptual, "PerceptualMap", PerceptualMap)  # the file holds its trunk
+    det = Detector.load(path, device="cpu")
+    assert det.image_map.brightness == det.context.brightness == level and det._shared_stem(det.context) == 2
 
 
 def test_context_with_too_few_training_images_is_refused_before_training(synthetic_root, tmp_path):
