@@ -89,9 +89,10 @@ def _per_stage(values: list[int] | None, n: int, option: str) -> list[int] | Non
 
 #: ``train --preset NAME``: a set of train options in one word, as argparse destinations and
 #: values; options given explicitly take precedence. "photos": the options of the recommended
-#: magnetic-tile runs (README, "Results on magnetic tile"; v6 in experiments/README.md), which
+#: magnetic-tile runs (README, "Results on magnetic tile"; v7 in experiments/README.md), which
 #: met the accuracy bars there (the band profile across the training images' streaks: per row
-#: on those tiles, whose streaks run top to bottom).
+#: on those tiles, whose streaks run top to bottom; each image levelled to the training images'
+#: mean brightness before the AlexNet trunk).
 PRESETS: dict[str, dict] = {
     "photos": {"image_size": 256, "batch_size": 64, "patch_sampling": "random", "flips": True,
                "lr_schedule": "cosine", "map": "perceptual", "infer_stride": 32, "blend": "hann",

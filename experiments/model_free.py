@@ -24,7 +24,9 @@ Rows written (one JSON each, same metrics as ``defect-fast evaluate``):
 ``--context-layers 2 3 4 5`` (default 3 4 5, what ``--context`` reads) names the AlexNet layers of
 the context rows, which then end in ``-layers2345``: how much the result depends on that choice.
 ``--context-profile rows`` adds the band profile to their context (``--context-profile`` of
-``train``); the rows then end in ``-rows``.
+``train``); the rows then end in ``-rows``. ``--level-brightness`` levels the images' brightness
+before the trunk of the context and of the blur-perceptual map, to the training images' mean
+(``--level-brightness`` of ``train``); the rows then end in ``-levelled``.
 """
 from __future__ import annotations
 
@@ -79,6 +81,8 @@ def main(argv=None) -> int:
                    help="AlexNet conv layers of the image context rows (default 3 4 5)")
     p.add_argument("--context-profile", choices=("none", "rows", "columns"), default="none",
                    help="the band profile of the image context rows (default none)")
+    p.add_argument("--level-brightness", action="store_true",
+                   help="the image context rows with the brightness levelled before the trunk (default: as read)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -138,7 +142,10 @@ def context(x_train, x_held, x_test, test, out: Path, args, rows: list[str]) -> 
     # "-rows-v6": the score without the profile, as the Detector since v6; the "-rows" files were
     # written before, with the profile in the map the score's top values came from
     suffix += "" if args.context_profile == "none" else f"-{args.context_profile}-v6"
+    suffix += "-levelled" if args.level_brightness else ""
+    level = reference_brightness_of(x_train) if args.level_brightness else None
     ctx = ImageContext(s, layers=layers, profile=args.context_profile)
+    ctx.brightness = level
     ctx.fit(lambda: x_train.split(32))
     fitted = time.perf_counter() - t0
     parts = context_parts(ctx, x_held, x_test, s)
@@ -152,11 +159,12 @@ def context(x_train, x_held, x_test, test, out: Path, args, rows: list[str]) -> 
               f"image context map (AlexNet conv layers {list(layers)}, profile {args.context_profile}, training-image Gaussians), "
               "smoothed with sigma 4; "
               "image score its top values (of the map without the profile) standardised on the held-back images "
-              "plus the context score",
+              f"plus the context score; brightness levelled: {level is not None}",
               time.perf_counter() - t0, args, scores)
     if "model-free-blur-perceptual-v3-context" in rows:
         t0 = time.perf_counter() - fitted
         pm = PerceptualMap(s, scales=(1, 2))
+        pm.brightness = level
         pm.fit((c, blur(c)) for c in x_train.split(16))
         base_held = torch.cat([pm(c, blur(c)) for c in x_held.split(16)])
         base_test = torch.cat([pm(c, blur(c)) for c in x_test.split(16)])
@@ -164,7 +172,14 @@ def context(x_train, x_held, x_test, test, out: Path, args, rows: list[str]) -> 
         write(out / f"model-free-blur-perceptual-v3-context{suffix}.json", maps, test,
               f"model-free-blur-perceptual-v3 plus the image context (AlexNet conv layers {list(layers)}, profile "
               f"{args.context_profile}), combined as "
-              "a --context run combines them", time.perf_counter() - t0, args, scores)
+              f"a --context run combines them; brightness levelled: {level is not None}", time.perf_counter() - t0,
+              args, scores)
+
+
+def reference_brightness_of(x: torch.Tensor) -> float:
+    """:func:`defect_fast.perceptual.reference_brightness` of images in [-1, 1] (as the Detector's
+    fit takes it from their uint8 pixels)."""
+    return float(((x.double() + 1) / 2).mean())
 
 
 @torch.no_grad()

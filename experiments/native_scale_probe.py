@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     rows = {}
     scaled = lambda images: images.float() / 127.5 - 1  # noqa: E731
     square_train, square_held, square_test = scaled(train[tr_idx]), scaled(train[held_idx]), scaled(test.images)
-    with_context = None
+    with_context = None  # with --context: adds each row's "-context" twin
     if args.context:
         t0 = time.perf_counter()
         ctx = ImageContext(SIZE, profile=args.context_profile)
@@ -108,11 +108,13 @@ def main(argv=None) -> int:
         parts = context_parts(ctx, square_held, square_test, SIZE)
         context_seconds = time.perf_counter() - t0
 
-        def with_context(name, base_held, base_test, seconds, what):
+        def add_context_row(name, base_held, base_test, seconds, what):
             maps, scores = combine_like_detector(ctx, parts, base_held, base_test, SIZE)
             rows[f"{name}-context"] = row(maps, test, seconds + context_seconds, f"{what}; plus the image context "
                                           f"(square images, profile {args.context_profile}) as a --context run adds it",
                                           scores)
+
+        with_context = add_context_row
 
     def add_rows(name, fit_images, held_images, test_images, t0, what):
         held_maps, test_maps = perceptual_maps(fit_images, held_images, test_images)

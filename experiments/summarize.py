@@ -11,6 +11,32 @@ from pathlib import Path
 RES = Path(__file__).resolve().parent / "results" / "magnetic-tile"
 
 ROWS = {
+    "v7": [  # the recommended command, --preset photos: v6's options with the brightness levelled before the trunk
+        ("cmaae-v7", "CMA-AE v7: --preset photos (seed 0)"),
+        ("awae-v7", "AW-SSIM AE v7: --preset photos (seed 0)"),
+        ("memae-v7", "MemAE v7: --preset photos (seed 0)"),
+        ("cmaae-v7-f32", "CMA-AE v7 trained in float32 (seed 0)"),
+        ("model-free-blur-perceptual-v3-context-rows-v6-levelled", "model-free: blur-perceptual v3 map + the context with the profile, levelled"),
+        ("model-free-context-rows-v6-levelled", "model-free: the context with the profile alone, levelled"),
+    ],
+    "v7_paired": [  # the same weights (training is v6's): the trunk reads the images as they are (v6) and levelled (v7)
+        ("cmaae-v6", "CMA-AE, seed 0, images as read (v6)"),
+        ("cmaae-v7", "same weights, brightness levelled (v7)"),
+        ("cmaae-v6-s1", "CMA-AE, seed 1, images as read (v6)"),
+        ("cmaae-v7-s1", "same weights, brightness levelled (v7)"),
+        ("cmaae-v6-s2", "CMA-AE, seed 2, images as read (v6)"),
+        ("cmaae-v7-s2", "same weights, brightness levelled (v7)"),
+        ("awae-v6", "AW-SSIM AE, seed 0, images as read (v6)"),
+        ("awae-v7", "same weights, brightness levelled (v7)"),
+        ("awae-v6-s1", "AW-SSIM AE, seed 1, images as read (v6)"),
+        ("awae-v7-s1", "same weights, brightness levelled (v7)"),
+        ("awae-v6-s2", "AW-SSIM AE, seed 2, images as read (v6)"),
+        ("awae-v7-s2", "same weights, brightness levelled (v7)"),
+        ("memae-v6", "MemAE, seed 0, images as read (v6)"),
+        ("memae-v7", "same weights, brightness levelled (v7)"),
+        ("cmaae-v6-f32", "CMA-AE float32, seed 0, images as read (v6)"),
+        ("cmaae-v7-f32", "same weights, brightness levelled (v7)"),
+    ],
     "v6": [  # the recommended command, --preset photos: v5's options (profile auto: rows), the score without the profile
         ("cmaae-v6", "CMA-AE v6: --preset photos (seed 0)"),
         ("awae-v6", "AW-SSIM AE v6: --preset photos (seed 0)"),
@@ -225,7 +251,7 @@ def summary() -> dict:
     its command.
 
     "best" is chosen among the rows whose training command is known (:data:`COMMANDS`: the two
-    methods' v2-v6 rows), so that its command always runs as written; the baselines' rows are
+    methods' v2-v7 rows), so that its command always runs as written; the baselines' rows are
     comparisons, not candidates."""
     rows = []
     for path in sorted(RES.glob("*.json")):
@@ -257,10 +283,15 @@ COMMANDS = {
            f"../shared/data/magnetic-tile --model {model} --out runs/{name} {_NEW}{_EXTRA[name[-3:]]}")
     for model in ("cmaae", "awae") for name in (f"{model}-v2", f"{model}-v3", f"{model}-v4", f"{model}-v5")
 }
-COMMANDS.update({  # v6: the preset (the v5 options with the profile's direction read from the images)
+COMMANDS.update({  # v6: the preset without v7's levelling (the v5 options with the profile's direction read from the images)
+    name: ("DEFECT_FAST_ALEXNET_WEIGHTS=../shared/weights/alexnet-features-imagenet.pth python3 -m defect_fast train "
+           f"../shared/data/magnetic-tile --model {model} --out runs/{name} --preset photos --no-level-brightness")
+    for model, name in (("cmaae", "cmaae-v6"), ("awae", "awae-v6"))
+})
+COMMANDS.update({  # v7: the preset (the v6 options with the brightness levelled before the trunk)
     name: ("DEFECT_FAST_ALEXNET_WEIGHTS=../shared/weights/alexnet-features-imagenet.pth python3 -m defect_fast train "
            f"../shared/data/magnetic-tile --model {model} --out runs/{name} --preset photos")
-    for model, name in (("cmaae", "cmaae-v6"), ("awae", "awae-v6"))
+    for model, name in (("cmaae", "cmaae-v7"), ("awae", "awae-v7"))
 })
 
 
@@ -279,11 +310,11 @@ if __name__ == "__main__":
     print("### seeds\n\n| run | pixel AUROC | image AUROC | AUPRO | pixel F1-max |\n|---|---|---|---|---|")
     print(seeds("cmaae-v5", "CMA-AE v4 on the family-26 EPYC (the v5 weights, no profile)", "-no-profile"))
     print(seeds("awae-v5", "AW-SSIM AE v4 on the family-26 EPYC (the v5 weights, no profile)", "-no-profile"))
-    for base, label in (("cmaae-v6", "CMA-AE v6"), ("awae-v6", "AW-SSIM AE v6"), ("cmaae-v5", "CMA-AE v5"), ("awae-v5", "AW-SSIM AE v5"), ("cmaae-v4", "CMA-AE v4"), ("awae-v4", "AW-SSIM AE v4"), ("cmaae-v3", "CMA-AE v3"), ("awae-v3", "AW-SSIM AE v3"), ("cmaae-v2", "CMA-AE v2"),
+    for base, label in (("cmaae-v7", "CMA-AE v7"), ("awae-v7", "AW-SSIM AE v7"), ("cmaae-v6", "CMA-AE v6"), ("awae-v6", "AW-SSIM AE v6"), ("cmaae-v5", "CMA-AE v5"), ("awae-v5", "AW-SSIM AE v5"), ("cmaae-v4", "CMA-AE v4"), ("awae-v4", "AW-SSIM AE v4"), ("cmaae-v3", "CMA-AE v3"), ("awae-v3", "AW-SSIM AE v3"), ("cmaae-v2", "CMA-AE v2"),
                         ("awae-v2", "AW-SSIM AE v2")):
         print(seeds(base, label))
     print()
-    for name in ("cmaae-v6", "cmaae-v5", "cmaae-v4", "awae-v4", "cmaae-v3", "awae-v3", "cmaae-v2", "awae-v2"):
+    for name in ("cmaae-v7", "cmaae-v6", "cmaae-v5", "cmaae-v4", "awae-v4", "cmaae-v3", "awae-v3", "cmaae-v2", "awae-v2"):
         if (RES / f"{name}.json").exists():
             print(f"### {name} per class\n\n{per_class(name)}\n")
     (RES / "summary.json").write_text(json.dumps(summary(), indent=2) + "\n")
