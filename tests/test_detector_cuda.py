@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from defect_fast.detect import Detector
-from defect_fast.perceptual import PerceptualMap
+from defect_fast.perceptual import PerceptualMap, reference_brightness
 from tests.test_context import RandomTrunkContext, _surfaces
 from tests.test_detector import _images, _model
 from tests.test_perceptual import _trunk
@@ -37,19 +37,20 @@ def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
 @functools.lru_cache(maxsize=None)
 def _recommended(name: str) -> tuple[dict, torch.Tensor]:
     """Keyword arguments of a Detector with a fitted perceptual map (pyramid 1 2) and image context
-    (with the row profile) on random trunks (fitted by a CPU float32 Detector), and uint8 test images; fitted once per
+    (with the row profile), both levelling the brightness as the recommended run does, on random trunks (fitted by a CPU float32 Detector), and uint8 test images; fitted once per
     model name (the checks copy what they move to a device)."""
     to_u8 = lambda t: ((t + 1) * 127.5).round().to(torch.uint8)  # noqa: E731
     normal, calib = to_u8(_surfaces(12, SIZE, seed=1)), to_u8(_surfaces(4, SIZE, seed=2))
     kw = dict(stride=32, blend="hann", smooth_sigma=2.0)
     base = Detector(_model(name), SIZE, precision="float32", **kw)
     pm = PerceptualMap(SIZE, trunk=_trunk(), scales=(1, 2))
+    pm.brightness = reference_brightness(normal)
     with torch.no_grad():
         x = base._to_model_input(normal)
         pm.fit([(x, base._stitched_recon(x))])
     det = Detector(_model(name), SIZE, precision="float32", map_kind="perceptual", perceptual=pm, **kw)
     # ImageContext is RandomTrunkContext here (the tests' monkeypatch); with the row profile, as the recommended run
-    det.fit_context(normal, calib, profile="rows")
+    det.fit_context(normal, calib, profile="rows", level_brightness=True)
     kw.update(map_kind="perceptual", perceptual=pm, context=det.context)
     return kw, to_u8(_surfaces(3, SIZE, seed=3))
 

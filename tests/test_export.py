@@ -198,13 +198,14 @@ def test_torchscript_runs_without_the_package(run, tmp_path):
     assert "defect_fast::" not in str(torch.jit.load(str(out)).inlined_graph)  # no custom op left in the graph
 
 
-@pytest.mark.parametrize("context", [False, True])
-def test_onnx_export_of_a_two_level_perceptual_map_matches_the_detector(tmp_path, monkeypatch, context):
+@pytest.mark.parametrize("context,level", [(False, False), (True, False), (True, True)])
+def test_onnx_export_of_a_two_level_perceptual_map_matches_the_detector(tmp_path, monkeypatch, context, level):
     """The recommended runs map with the perceptual map (image pyramid 1 2), with and without the
     image context: the exported graph carries the AlexNet trunk, both levels' statistics and the
-    2x2 averaging (and the context, which takes the image's conv1-2 from the perceptual map)."""
+    2x2 averaging (and the context, which takes the image's conv1-2 from the perceptual map), and
+    with ``level`` each image's brightness levelling (the recommended run's since v7)."""
     import defect_fast.context as context_module
-    from defect_fast.perceptual import PerceptualMap
+    from defect_fast.perceptual import PerceptualMap, reference_brightness
     from tests.test_context import RandomTrunkContext
     from tests.test_perceptual import _trunk
 
@@ -213,6 +214,7 @@ def test_onnx_export_of_a_two_level_perceptual_map_matches_the_detector(tmp_path
     pm = PerceptualMap(128, trunk=_trunk(), scales=(1, 2))
     det = Detector(m, image_size=128, stride=32, blend="hann", precision="float32")
     normal = _images(12 if context else 4, seed=3)
+    pm.brightness = reference_brightness(normal) if level else None
     with torch.no_grad():
         x = det._to_model_input(normal)
         pm.fit([(x, det._stitched_recon(x))])
@@ -223,7 +225,7 @@ def test_onnx_export_of_a_two_level_perceptual_map_matches_the_detector(tmp_path
         monkeypatch.setattr(context_module, "ImageContext", RandomTrunkContext)
         det = Detector(m, image_size=128, stride=32, blend="hann", smooth_sigma=2.0, precision="float32",
                        map_kind="perceptual", perceptual=pm)
-        det.fit_context(normal, _images(4, seed=5))
+        det.fit_context(normal, _images(4, seed=5), level_brightness=level)
         state["context"] = det.context.state()
     run = tmp_path / "run"
     run.mkdir()
