@@ -48,6 +48,23 @@ NORMALIZATIONS = ("none", "position")
 FIT_SOURCES = ("train", "held-back")
 #: Fewest held-back images when ``holdback`` > 0 (fewer images in all: none are held back, with a warning).
 HOLDBACK_MIN = 4
+#: z of a two-sided test at p = 0.01: a run's held-back scores "follow the lighting" when their
+#: rank correlation rho with mean brightness has |rho| * sqrt(n - 1) at least this (:func:`brightness_note`).
+BRIGHTNESS_Z = 2.576
+
+
+def brightness_note(rho: float | None, n: int, levelled: bool, trunk: bool) -> str | None:
+    """The run log's line on how its held-back scores follow their images' mean brightness (rank
+    correlation ``rho`` over ``n`` images; None: not measured), with a hint at
+    ``--level-brightness`` when the correlation is significant (p <= 0.01, normal approximation
+    of Spearman's rho) and the run has an AlexNet trunk to level for (``trunk``) but does not."""
+    if rho is None or not math.isfinite(rho) or n < 3:
+        return None
+    line = f"held-back scores against their images' mean brightness: rank correlation {rho:+.2f} ({n} images)"
+    if abs(rho) * math.sqrt(n - 1) >= BRIGHTNESS_Z and trunk and not levelled:
+        line += ("; the lighting sets part of the scores: --level-brightness levels it before the trunk "
+                 "(README, accuracy options)")
+    return line
 
 @dataclass
 class TrainConfig:
@@ -607,6 +624,7 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
         state or None, "detector": the stored inference settings}``.
     """
     from .calibration import calibrate
+    from .diagnose import rank_correlation
     from .evaluate import detector_for
 
     det = detector_for(model, cfg.image_size, device, **detector_options(cfg, model))
@@ -642,6 +660,9 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # too few images is said in the note, printed by train()
         cal = calibrate(res["scores"], res["maps"], far=cfg.far, names=calib_names)
+    # whether the defect-free scores follow the lighting (train() logs it: brightness_note)
+    rho = rank_correlation(res["scores"].numpy(), calib_images.double().mean(dim=(1, 2, 3)).numpy())
+    cal["score_brightness_rank_correlation"] = rho if math.isfinite(rho) else None
     flat = res["maps"].flatten()
     if flat.numel() > 2_000_000:
         flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:2_000_000]]
@@ -911,6 +932,10 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         if cal.get("highest_scores"):
             log(f"the image threshold is the score of {cal['threshold_image']}; the highest held-back scores: "
                 + ", ".join(f"{score:.4g} ({Path(name).name})" for name, score in cal["highest_scores"]))
+        note = brightness_note(cal.get("score_brightness_rank_correlation"), cal["n_images"], cfg.level_brightness,
+                               cfg.context or cfg.map == "perceptual")
+        if note and cfg.holdback > 0 and cfg.held_back:
+            log(note)
     except BaseException:
         if not resume and not (out / CHECKPOINT_FILE).exists():
             folder.discard()  # a failed start leaves nothing behind

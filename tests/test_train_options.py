@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from defect_fast.detect import Detector
-from defect_fast.train import ConfigError, PatchEpoch, TrainConfig, Trainer, _generator, check_config, train
+from defect_fast.train import (ConfigError, PatchEpoch, TrainConfig, Trainer, _generator, brightness_note, check_config,
+                                train)
 
 
 def _trainer(tmp_path, images, **kw) -> Trainer:
@@ -343,6 +344,29 @@ def test_a_levelled_run_levels_map_and_context_to_its_training_images(synthetic_
     monkeypatch.setattr(perceptual, "PerceptualMap", PerceptualMap)  # the file holds its trunk
     det = Detector.load(path, device="cpu")
     assert det.image_map.brightness == det.context.brightness == level and det._shared_stem(det.context) == 2
+
+
+def test_the_brightness_note_hints_at_levelling_only_when_the_lighting_is_significant():
+    said = brightness_note(0.67, 60, levelled=False, trunk=True)
+    assert said.startswith("held-back scores against their images' mean brightness: rank correlation +0.67 (60 images)")
+    assert "--level-brightness" in said
+    # p <= 0.01 needs |rho| sqrt(n - 1) >= 2.576: 0.34 over 60 images is, over 20 it is not
+    assert "--level-brightness" in brightness_note(-0.34, 60, False, True)
+    assert "--level-brightness" not in brightness_note(0.34, 20, False, True)
+    assert "--level-brightness" not in brightness_note(0.67, 60, levelled=True, trunk=True)  # already levelled
+    assert "--level-brightness" not in brightness_note(0.67, 60, levelled=False, trunk=False)  # no trunk to level
+    assert brightness_note(None, 60, False, True) is None and brightness_note(float("nan"), 60, False, True) is None
+
+
+def test_a_run_logs_how_its_held_back_scores_follow_the_lighting(synthetic_root, tmp_path):
+    cfg = TrainConfig(data=str(synthetic_root), model="cmaae", image_size=128, batch_size=16, epochs=[1, 1],
+                      max_steps=[1, 1], model_kwargs={"memory_size": 20}, seed=0, holdback=0.3)
+    said = []
+    path = train(cfg, tmp_path / "run", progress=False, log=said.append)
+    rho = torch.load(path, weights_only=True)["calibration"]["score_brightness_rank_correlation"]
+    assert -1 <= rho <= 1
+    assert any(line.startswith(f"held-back scores against their images' mean brightness: rank correlation {rho:+.2f}")
+               for line in said)
 
 
 def test_context_with_too_few_training_images_is_refused_before_training(synthetic_root, tmp_path):
