@@ -1,6 +1,6 @@
 """A PatchCore reference on this dataset's split, with the frozen AlexNet trunk the detector uses.
 
-    python3 experiments/patchcore_reference.py [DATA] [--image-size 256] [--coreset 0.01]
+    python3 experiments/patchcore_reference.py [DATA] [--image-size 256] [--coreset 0.01] [--level-brightness]
         [--out experiments/results/patchcore/alexnet-coreset1.json]
 
 PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022) is the
@@ -17,6 +17,10 @@ can be compared with it on equal terms:
   128-dimensional projection (the paper's coreset; 1 % is one of its settings);
 - map: each position's Euclidean distance to its nearest bank entry, bilinearly upsampled to the
   image and smoothed with a Gaussian of sigma 4 px (as the paper); image score: the map's maximum.
+
+``--level-brightness``: every image reaches the trunk scaled to the training images' mean
+brightness, as the detector's ``--level-brightness`` (v7) does, so that the comparison gives
+PatchCore the same input.
 
 Metrics as ``defect-fast evaluate`` computes them, on the same resized images and masks.
 """
@@ -36,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from defect_fast.data import load_test_set, load_train_images  # noqa: E402
 from defect_fast.maps import blur_matrix  # noqa: E402
 from defect_fast.metrics import evaluate  # noqa: E402
-from defect_fast.perceptual import PerceptualMap  # noqa: E402
+from defect_fast.perceptual import PerceptualMap, reference_brightness  # noqa: E402
 from defect_fast.safety import dump_json_strict  # noqa: E402
 
 BATCH = 16
@@ -78,6 +82,8 @@ def main(argv=None) -> int:
     p.add_argument("data", nargs="?", default=str(ROOT.parent / "shared" / "data" / "magnetic-tile"))
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--coreset", type=float, default=0.01, help="fraction of the bank kept (default 0.01)")
+    p.add_argument("--level-brightness", action="store_true",
+                   help="scale every image to the training images' mean brightness before the trunk")
     p.add_argument("--out", type=Path,
                    default=ROOT / "experiments" / "results" / "patchcore" / "alexnet-coreset1.json")
     args = p.parse_args(argv)
@@ -90,6 +96,7 @@ def main(argv=None) -> int:
     train, _paths = load_train_images(args.data, s)
     test = load_test_set(args.data, s)
     trunk = PerceptualMap(s, layers=3)
+    trunk.brightness = reference_brightness(train) if args.level_brightness else None  # features() levels
     bank = torch.cat([patch_features(trunk, c.float() / 127.5 - 1).flatten(0, 1) for c in train.split(BATCH)])
     n = max(1, round(len(bank) * args.coreset))
     t1 = time.perf_counter()
@@ -109,6 +116,7 @@ def main(argv=None) -> int:
     t3 = time.perf_counter()
     m = evaluate(maps, test.masks, scores, test.labels, test.classes)
     m.update(model="patchcore-alexnet", image_size=s, bank=len(bank), coreset=n, coreset_fraction=args.coreset,
+             brightness=trunk.brightness,
              seconds={"features": round(t1 - t0, 1), "coreset": round(t2 - t1, 1), "test": round(t3 - t2, 1)},
              command="python3 experiments/patchcore_reference.py " + " ".join(sys.argv[1:] if argv is None else argv))
     args.out.parent.mkdir(parents=True, exist_ok=True)
