@@ -31,9 +31,9 @@ at half size), for defects wider than the finest level's field of view (magnetic
 Brightness (``brightness``, off by default): with a reference level set, each image is scaled
 before the trunk so that its mean brightness is that level, and its reconstruction by the same
 factor (:func:`brightness_gain`). On magnetic tile the defect-free images' scores rank-correlated
-+0.67 with their mean brightness (60 held-back images, CMA-AE v6): a brighter tile has larger
-feature responses everywhere, and per-position statistics shared by all tiles read that as
-anomaly. Scaling by one factor per image keeps what differs within the image (a band brighter
++0.67 with their mean brightness (60 held-back images, CMA-AE v6; the reading: a brighter tile
+gives larger responses in the trunk's first layers, and statistics shared by all tiles take that
+for anomaly). Scaling by one factor per image keeps what differs within the image (a band brighter
 than the rest of its tile stays brighter) and drops the lighting. The Detector sets the level to
 the mean brightness of the images it fits on (``level_brightness``; ``--level-brightness``).
 
