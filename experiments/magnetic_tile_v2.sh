@@ -194,6 +194,9 @@ for row in $ROWS; do
     awae-v7-s2)  run awae-v7-s2 awae 2 1 1 -- --preset photos ;;
     memae-v7)    run memae-v7 memae 0 2 -- --preset photos ;;
     cmaae-v7-f32) run cmaae-v7-f32 cmaae 0 1 1 -- --preset photos --precision float32 ;;
+    # the preset at the package's default image size (512 px): the same steps of 64-px patches,
+    # maps and statistics on four times the pixels (the resolution control of native_scale_probe.py)
+    cmaae-v7-512) run cmaae-v7-512 cmaae 0 1 1 -- --preset photos --image-size 512 ;;
     *) echo "unknown row $row" ;;
   esac
 done

@@ -16,6 +16,7 @@ ROWS = {
         ("awae-v7", "AW-SSIM AE v7: --preset photos (seed 0)"),
         ("memae-v7", "MemAE v7: --preset photos (seed 0)"),
         ("cmaae-v7-f32", "CMA-AE v7 trained in float32 (seed 0)"),
+        ("cmaae-v7-512", "CMA-AE v7 at 512 px (--image-size 512, seed 0)"),
         ("model-free-blur-perceptual-v3-context-rows-v6-levelled", "model-free: blur-perceptual v3 map + the context with the profile, levelled"),
         ("model-free-context-rows-v6-levelled", "model-free: the context with the profile alone, levelled"),
     ],
