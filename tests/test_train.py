@@ -335,8 +335,10 @@ def test_held_back_images_are_never_trained_on_and_set_the_thresholds(synthetic_
     state = load_checkpoint(run / "model.pt")
     # the time of the statistics and calibration after training is stored and said apart
     assert state["finish_seconds"] > 0 and state["train_seconds"] > 0
-    assert f"then {state['finish_seconds']:.1f} s for the map statistics and calibration" in said[-2]
-    assert said[-1].startswith(f"the image threshold is the score of {state['calibration']['threshold_image']}; ")
+    i = max(k for k, line in enumerate(said) if line.startswith(f"trained {state['model_name']} in "))
+    assert f"then {state['finish_seconds']:.1f} s for the map statistics and calibration" in said[i]
+    assert said[i + 1].startswith(f"the image threshold is the score of {state['calibration']['threshold_image']}; ")
+    assert all(line.startswith("held-back scores against their images' mean brightness") for line in said[i + 2:])
     config = json.loads((run / "config.json").read_text())
     images, paths = load_train_images(synthetic_root, 128)
     held = [i for i, p in enumerate(paths) if str(p) in set(state["held_back"])]
