@@ -161,6 +161,20 @@ THRESHOLD_KEYS = ("image_threshold", "pixel_threshold", "score_max", "pixel_q999
                   "score_brightness_rank_correlation")
 
 
+def _brightness_level(level: bool | float, images: torch.Tensor) -> float | None:
+    """``level_brightness`` of the fits -> the level a trunk levels to: None for False, the mean
+    brightness of ``images`` (uint8) for True, else the float given (in (0, 1])."""
+    from .perceptual import reference_brightness
+
+    if level is False or level is None:
+        return None
+    if level is True:
+        return reference_brightness(images)
+    if not 0 < float(level) <= 1:
+        raise ValueError(f"level_brightness must be True, False or a level in (0, 1], got {level}")
+    return float(level)
+
+
 def _changed_settings(stored: dict, model: AnomalyModel, map_kind: str | None, stride: int | None,
                       smooth_sigma: float | None, blend: str | None) -> list[str]:
     """The inference settings asked for that differ from a run's stored ones, as "name was -> now"
@@ -484,17 +498,18 @@ class Detector(nn.Module):
 
     def fit_perceptual(self, normal_images: torch.Tensor, images_per_batch: int = 8, layers: int = 2,
                        prior: float = 0.01, scales: tuple[int, ...] | list[int] = (1,),
-                       level_brightness: bool = False) -> int:
+                       level_brightness: bool | float = False) -> int:
         """Build and fit the perceptual map on defect-free images (uint8 [N,3,H,W]) and switch to it.
         ``level_brightness``: every image (and its reconstruction) reaches the trunk scaled to the
-        mean brightness of ``normal_images`` (:mod:`defect_fast.perceptual`, "Brightness").
+        mean brightness of ``normal_images`` (True) or to the level given, in [0, 1] (a float;
+        :mod:`defect_fast.perceptual`, "Brightness").
 
         Returns the number of images its statistics rest on.
         """
-        from .perceptual import PerceptualMap, reference_brightness
+        from .perceptual import PerceptualMap
 
         pm = PerceptualMap(self.image_size, layers=layers, prior=prior, scales=tuple(scales)).to(self.device)
-        pm.brightness = reference_brightness(normal_images) if level_brightness else None
+        pm.brightness = _brightness_level(level_brightness, normal_images)
         with torch.no_grad():
             pairs = ((x, self._stitched_recon(x)) for x in
                      (self._to_model_input(c.to(self.device)) for c in normal_images.split(max(1, images_per_batch))))
@@ -506,7 +521,7 @@ class Detector(nn.Module):
 
     @torch.no_grad()
     def fit_context(self, normal_images: torch.Tensor, calibration_images: torch.Tensor, images_per_batch: int = 8,
-                    profile: str = "none", level_brightness: bool = False) -> int:
+                    profile: str = "none", level_brightness: bool | float = False) -> int:
         """Build an image context (:mod:`defect_fast.context`) and switch maps and scores to the combination.
 
         Args:
@@ -521,7 +536,8 @@ class Detector(nn.Module):
                 raises ValueError when they share no direction); ``self.context.profile_basis``
                 says which and why.
             level_brightness: every image reaches the context's trunk scaled to the mean
-                brightness of ``normal_images`` (:mod:`defect_fast.perceptual`, "Brightness").
+                brightness of ``normal_images`` (True) or to the level given, in [0, 1] (a float;
+                :mod:`defect_fast.perceptual`, "Brightness").
         Returns:
             the number of images the context rests on.
         """
@@ -530,18 +546,17 @@ class Detector(nn.Module):
     @torch.no_grad()
     def _fit_context(self, normal_images: torch.Tensor, calibration_images: torch.Tensor,
                      images_per_batch: int = 8, profile: str = "none",
-                     level_brightness: bool = False) -> tuple[int, dict[str, torch.Tensor]]:
+                     level_brightness: bool | float = False) -> tuple[int, dict[str, torch.Tensor]]:
         """:meth:`fit_context`, and what :meth:`predict_batched` gives for the calibration images
         afterwards ({"maps": [M,S,S], "scores": [M]} on the CPU), from the maps the fit computes anyway."""
         from .context import ImageContext, profile_across_streaks
-        from .perceptual import reference_brightness
 
         basis = None
         if profile == "auto":
             profile, basis = profile_across_streaks(normal_images)
         ctx = ImageContext(self.image_size, profile=profile).to(self.device)
         ctx.profile_basis = basis
-        ctx.brightness = reference_brightness(normal_images) if level_brightness else None
+        ctx.brightness = _brightness_level(level_brightness, normal_images)
         n = ctx.fit(lambda: (self._to_model_input(c.to(self.device)) for c in normal_images.split(32)),
                     **self._trunk_options())
         raw, feats = [], []

@@ -626,6 +626,7 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
     from .calibration import calibrate
     from .diagnose import rank_correlation
     from .evaluate import detector_for
+    from .perceptual import reference_brightness
 
     det = detector_for(model, cfg.image_size, device, **detector_options(cfg, model))
     perceptual = None
@@ -643,8 +644,12 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
                            f"(half to fit, half to calibrate), got {held_back_images.shape[0]}; raise --holdback")
         fit_images, calib_images = held_back_images[0::2], held_back_images[1::2]
         calib_names = None if calib_names is None else calib_names[1::2]
+    # one level for both trunks (so they still share their first layers): the training images'
+    # mean brightness, or the fitting images' when there are none
+    level = (reference_brightness(train_images if train_images is not None else fit_images)
+             if cfg.level_brightness else False)
     if det.map_kind in model.image_maps:
-        det.fit_perceptual(fit_images, scales=tuple(cfg.map_scales), level_brightness=cfg.level_brightness)
+        det.fit_perceptual(fit_images, scales=tuple(cfg.map_scales), level_brightness=level)
         perceptual = det.image_map.state()
     normalization = det.fit_normalization(fit_images) if cfg.normalize == "position" else None
     context = None
@@ -653,7 +658,7 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
             context_images = train_images if train_images is not None else fit_images
         # the fit computes the calibration images' maps anyway: their predictions come with it
         _n, res = det._fit_context(context_images, calib_images, profile=cfg.context_profile,
-                                   level_brightness=cfg.level_brightness)
+                                   level_brightness=level)
         context = det.context.state()
     else:
         res = det.predict_batched(calib_images)

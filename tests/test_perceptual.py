@@ -126,6 +126,23 @@ def test_levelled_map_is_that_of_the_image_under_other_light(scales):
     assert PerceptualMap.from_state(old).brightness is None  # files from before the option: as read
 
 
+def test_the_detector_levels_to_its_images_or_to_the_level_given(monkeypatch):
+    import defect_fast.perceptual as perceptual
+
+    monkeypatch.setattr(perceptual, "PerceptualMap",
+                        lambda s, layers=2, prior=0.01, scales=(1,): PerceptualMap(s, layers, _trunk(), prior, scales))
+    det = Detector(build_model("cmaae", memory_size=20), image_size=64, precision="float32")
+    images = ((_images(3, seed=2) + 1) * 100).to(torch.uint8)
+    det.fit_perceptual(images, level_brightness=True)
+    assert det.image_map.brightness == reference_brightness(images)
+    det.fit_perceptual(images, level_brightness=0.3)
+    assert det.image_map.brightness == 0.3
+    det.fit_perceptual(images)
+    assert det.image_map.brightness is None
+    with pytest.raises(ValueError, match="level_brightness"):
+        det.fit_perceptual(images, level_brightness=1.5)
+
+
 def test_pyramid_map_is_the_mean_of_its_levels():
     """Each level is a one-level map of the 2x2-averaged images (same statistics); the levels'
     maps are averaged (a level's map is upsampled once, from its grid to the image: the one-level

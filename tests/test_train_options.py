@@ -319,9 +319,11 @@ def test_run_with_context_stores_it_fitted_on_the_training_images(synthetic_root
     assert state["calibration"]["n_images"] == len(state["held_back"])
 
 
-def test_a_levelled_run_levels_map_and_context_to_its_training_images(synthetic_root, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fit_on", ["train", "held-back"])
+def test_a_levelled_run_levels_map_and_context_to_its_training_images(synthetic_root, tmp_path, monkeypatch, fit_on):
     """--level-brightness: the perceptual map and the context store one level, the training
-    images' mean brightness, so they still share the trunk's first layers."""
+    images' mean brightness (also when the map is fitted on held-back images), so they still
+    share the trunk's first layers."""
     import defect_fast.context as context
     import defect_fast.perceptual as perceptual
     from defect_fast.data import load_train_images
@@ -334,7 +336,7 @@ def test_a_levelled_run_levels_map_and_context_to_its_training_images(synthetic_
                         lambda s, layers=2, prior=0.01, scales=(1,): PerceptualMap(s, layers, _trunk(), prior, scales))
     cfg = TrainConfig(data=str(synthetic_root), model="cmaae", image_size=128, batch_size=16, epochs=[1, 1],
                       max_steps=[1, 1], model_kwargs={"memory_size": 20}, seed=0, holdback=0.3, map="perceptual",
-                      context=True, level_brightness=True)
+                      context=True, level_brightness=True, fit_on=fit_on)
     path = train(cfg, tmp_path / "run", progress=False, log=lambda s: None)
     state = torch.load(path, weights_only=True)
     images, paths = load_train_images(synthetic_root, 128)
