@@ -197,6 +197,11 @@ for row in $ROWS; do
     # the preset at the package's default image size (512 px): the same steps of 64-px patches,
     # maps and statistics on four times the pixels (the resolution control of native_scale_probe.py)
     cmaae-v7-512) run cmaae-v7-512 cmaae 0 1 1 -- --preset photos --image-size 512 ;;
+    # the v7 weights refitted without the band profile (v4's options, levelled): the AUPRO the profile costs now
+    v7-no-profile)
+      refit cmaae-v7-no-profile cmaae-v7 --context-profile none
+      refit cmaae-v7-s1-no-profile cmaae-v7-s1 --context-profile none
+      refit cmaae-v7-s2-no-profile cmaae-v7-s2 --context-profile none ;;
     *) echo "unknown row $row" ;;
   esac
 done
