@@ -318,7 +318,7 @@ class ImageContext(FrozenTrunk):
         the image's deviation, mean over layers (each upsampled bilinearly; layers of one grid
         together), plus the profile's map with a profile."""
         out, values = self.map_parts(feats, size)
-        return out if values is None else out + self._spread(values, size)
+        return out if values is None else out + self.spread(values, size)
 
     def map_parts(self, feats: list[torch.Tensor], size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """:meth:`features` -> (context map without the profile [N, size, size], the profile's
@@ -346,9 +346,9 @@ class ImageContext(FrozenTrunk):
     def profile_map(self, d: torch.Tensor, size: int) -> torch.Tensor:
         """The profile's d [N, C, G] -> its map [N, size, size]: :meth:`profile_values` along the
         image, the same across it."""
-        return self._spread(self.profile_values(d, size), size)
+        return self.spread(self.profile_values(d, size), size)
 
-    def _spread(self, values: torch.Tensor, size: int) -> torch.Tensor:
+    def spread(self, values: torch.Tensor, size: int) -> torch.Tensor:
         """Per row (column) values [N, size] -> [N, size, size], the same across the image."""
         return values.unsqueeze(2).expand(-1, -1, size) if self.profile == "rows" else values.unsqueeze(1).expand(-1, size, -1)
 

@@ -597,18 +597,10 @@ class Detector(nn.Module):
             maps = self.blur @ maps @ self.blur.T
         if profile is None:
             return maps, maps
-        full = maps + self._profile_plane(profile, ctx.profile)
+        # spread across the image and smoothed as the maps are: blur @ (v 1^T) @ blur^T = (blur v) 1^T,
+        # since the blur's rows sum to 1 (edges replicated), so only the values along the image are blurred
+        full = maps + ctx.spread(profile @ self.blur.T if self.smooth_sigma > 0 else profile, self.image_size)
         return full, (full if ctx.profile_in_score else maps)
-
-    def _profile_plane(self, values: torch.Tensor, profile: str) -> torch.Tensor:
-        """Per row (column) values [N,S] -> [N,S,S], spread across the image and smoothed as the
-        maps are: blur @ (v 1^T) @ blur^T = (blur v)(blur 1)^T, an outer product."""
-        along, across = values, values.new_ones(values.shape[-1])
-        if self.smooth_sigma > 0:
-            along, across = values @ self.blur.T, self.blur.sum(1)
-        if profile == "rows":
-            return along.unsqueeze(2) * across.view(1, 1, -1)
-        return across.view(1, -1, 1) * along.unsqueeze(1)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images uint8 [N,3,H,W] (0..255) or float [N,3,H,W] in [-1,1], on this module's device

@@ -211,8 +211,8 @@ class PerceptualMap(FrozenTrunk):
         before any max-pool), float32, computed in ``dtype`` (None: float32). With
         :attr:`brightness` set, the images are levelled first, by ``gain`` (a reconstruction by
         its input's) or by their own (:meth:`gain`)."""
-        if self.brightness is not None and gain is None:
-            gain = self.gain(x)
+        if gain is None:
+            gain = self.gain(x)  # None when not levelling
         h = self._trunk_input(x, dtype, channels_last, gain)
         out = []
         for i in range(len(self.convs)):

@@ -209,7 +209,7 @@ def combine_like_detector(ctx: ImageContext, parts: dict, base_held, base_test, 
         held_maps, test_maps = gaussian(parts["held"], 4.0), gaussian(parts["test"], 4.0)
     top_held, top_test = scores_of(held_maps), scores_of(test_maps)
     if parts["prof_test"] is not None:
-        test_maps = test_maps + gaussian(ctx._spread(parts["prof_test"], s), 4.0)
+        test_maps = test_maps + gaussian(ctx.spread(parts["prof_test"], s), 4.0)
     return test_maps, (top_test - top_held.mean()) / top_held.std() + parts["score_test"]
 
 
