@@ -45,20 +45,19 @@ def score_terms(det: Detector, images: torch.Tensor, batch: int = 16) -> dict[st
     out: dict[str, list] = {"score": [], "local": [], "context": []}
     with torch.inference_mode():
         for c in images.split(batch):
-            scores = det(c)[1]
             if ctx is None:
-                out["score"].append(scores)
-                out["local"].append(scores)
-                out["context"].append(torch.zeros_like(scores))
-                continue
-            x = det._to_model_input(c)
-            raw, feats = det._maps_and_context(x, ctx)
-            _maps, scored = det._finish_maps(raw, *ctx.map_parts(feats, det.image_size))
-            top = top_mean(scored, det.top_k)
-            local = (top - ctx.score_mean) / ctx.score_std  # ctx.combine_scores without the context score
+                scores = det(c)[1]
+                local, context = scores, torch.zeros_like(scores)
+            else:  # the Detector's pipeline, its two score terms kept apart
+                x = det._to_model_input(c)
+                raw, feats = det._maps_and_context(x, ctx)
+                _maps, scored = det._finish_maps(raw, *ctx.map_parts(feats, det.image_size))
+                local = (top_mean(scored, det.top_k) - ctx.score_mean) / ctx.score_std
+                context = ctx.score(feats)
+                scores = local + context  # ctx.combine_scores
             out["score"].append(scores)
             out["local"].append(local)
-            out["context"].append(scores - local)
+            out["context"].append(context)
     return {k: torch.cat(v).float().numpy() for k, v in out.items()}
 
 
