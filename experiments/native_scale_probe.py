@@ -100,28 +100,22 @@ def main(argv=None) -> int:
     rows = {}
     scaled = lambda images: images.float() / 127.5 - 1  # noqa: E731
     square_train, square_held, square_test = scaled(train[tr_idx]), scaled(train[held_idx]), scaled(test.images)
-    with_context = None  # with --context: adds each row's "-context" twin
-    if args.context:
+    if args.context:  # fitted once, on the square images; each row then gets its "-context" twin
         t0 = time.perf_counter()
         ctx = ImageContext(SIZE, profile=args.context_profile)
         ctx.fit(lambda: square_train.split(32))
         parts = context_parts(ctx, square_held, square_test, SIZE)
         context_seconds = time.perf_counter() - t0
 
-        def add_context_row(name, base_held, base_test, seconds, what):
-            maps, scores = combine_like_detector(ctx, parts, base_held, base_test, SIZE)
-            rows[f"{name}-context"] = row(maps, test, seconds + context_seconds, f"{what}; plus the image context "
-                                          f"(square images, profile {args.context_profile}) as a --context run adds it",
-                                          scores)
-
-        with_context = add_context_row
-
     def add_rows(name, fit_images, held_images, test_images, t0, what):
         held_maps, test_maps = perceptual_maps(fit_images, held_images, test_images)
         seconds = time.perf_counter() - t0
         rows[name] = row(gaussian(test_maps, 4.0), test, seconds, what)
-        if with_context is not None:
-            with_context(name, held_maps, test_maps, seconds, what)
+        if args.context:
+            maps, scores = combine_like_detector(ctx, parts, held_maps, test_maps, SIZE)
+            rows[f"{name}-context"] = row(maps, test, seconds + context_seconds, f"{what}; plus the image context "
+                                          f"(square images, profile {args.context_profile}) as a --context run adds it",
+                                          scores)
 
     add_rows("square", square_train.split(16), square_held.split(16), square_test.split(16), time.perf_counter(),
              "256 x 256, aspect ratio not kept (the runs' input)")
