@@ -63,6 +63,7 @@ __all__ = [
     "holdback_count",
     "split_holdback",
     "stored_thresholds",
+    "threshold_at_far",
 ]
 
 _T = TypeVar("_T")
@@ -253,12 +254,15 @@ def calibrate(scores, maps=None, far: float = DEFAULT_FAR, pixel_far: float = DE
         "n_needed", "sufficient", "note", "pixel_threshold": float | None, "pixel_far",
         "pixel_far_expected", "n_pixels", "score_mean", "score_std", "score_max"}``; with
         ``names`` also "threshold_image" (the image whose score is the threshold) and
-        "highest_scores" ([[name, score], ...], the :data:`NAMED_IMAGES` highest, highest first).
+        "highest_scores" ([[name, score], ...], the :data:`NAMED_IMAGES` highest, highest first);
+        "held_back_scores": every held-back score, highest first (:func:`threshold_at_far` sets
+        the threshold for another rate from them, after training).
     """
     it = image_threshold(scores, far, fallback=fallback)
     s = _scores_1d(scores, "held-back scores")
     out = {"image_threshold": it.threshold, **{k: v for k, v in it.to_dict().items() if k != "threshold"}}
-    out.update(score_mean=float(s.mean()), score_std=float(s.std(ddof=1)) if s.size > 1 else 0.0, score_max=float(s.max()))
+    out.update(score_mean=float(s.mean()), score_std=float(s.std(ddof=1)) if s.size > 1 else 0.0, score_max=float(s.max()),
+               held_back_scores=[float(v) for v in np.sort(s)[::-1]])
     if names is not None:
         names = [str(n) for n in names]
         if len(names) != s.size:
@@ -275,13 +279,52 @@ def calibrate(scores, maps=None, far: float = DEFAULT_FAR, pixel_far: float = DE
     return out
 
 
-def stored_thresholds(calibration: Mapping[str, Any] | None) -> tuple[float | None, float | None, str]:
+def threshold_at_far(calibration: Mapping[str, Any] | None, far: float) -> tuple[ImageThreshold, str | None]:
+    """The image threshold for false-alarm rate ``far`` from a model file's held-back scores, set
+    after training by the rule of :func:`image_threshold` (no fallback), and the held-back image
+    whose score it is when the file names it.
+
+    Model files store every held-back score (``held_back_scores``); older ones only the
+    :data:`NAMED_IMAGES` highest (``highest_scores``), enough for the rates whose rank k is among them.
+
+    Raises:
+        CalibrationError: the file's thresholds do not apply (other inference settings), it holds no
+            held-back scores, too few images for ``far``, or (older files) the k-th score is not stored.
+    """
+    _check_far(far)
+    cal = dict(calibration or {})
+    if cal.get("inapplicable"):
+        raise CalibrationError(f"the model file's held-back scores were {cal['inapplicable']}; give --threshold, "
+                               "or keep the run's settings")
+    named = [(str(n), float(v)) for n, v in cal.get("highest_scores") or []]
+    scores = cal.get("held_back_scores")
+    n = len(scores) if scores is not None else cal.get("n_images")
+    if not n or (scores is None and not named):
+        raise CalibrationError("the model file stores no held-back scores to set a threshold from; give --threshold")
+    k = _rank_for(far, n)
+    if scores is None:  # an older file: its highest scores only
+        if k > len(named):
+            raise CalibrationError(f"far={far:g} takes the {k}{_ordinal(k)} largest of {n} held-back scores; this model "
+                                   f"file (written before every score was stored) holds the {len(named)} highest only, "
+                                   f"enough for rates below {(len(named) + 1) / (n + 1):.4g}; give --threshold, or retrain")
+        scores = [v for _n, v in named] + [named[-1][1]] * (n - len(named))  # ranks beyond k are not read
+    it = image_threshold(scores, far, fallback=False)
+    it.note = f"set after training for far {far:g}: {it.note}"
+    return it, (named[it.rank - 1][0] if it.rank <= len(named) else None)
+
+
+def stored_thresholds(calibration: Mapping[str, Any] | None, far: float | None = None) -> tuple[float | None, float | None, str]:
     """(image threshold, pixel threshold, where they came from) from a model file's calibration.
 
     Reads :func:`calibrate`'s keys; model files from before it (keys ``score_max``,
     ``pixel_q999``: the largest training-image score, optimistic) give those with a note saying so.
+    With ``far``, the image threshold is :func:`threshold_at_far`'s (CalibrationError when the file
+    cannot give it).
     """
     cal = dict(calibration or {})
+    if far is not None:
+        it, _name = threshold_at_far(cal, far)
+        return it.threshold, cal.get("pixel_threshold"), it.note
     if cal.get("inapplicable"):  # Detector.load with other inference settings than the run's
         return None, None, (f"no threshold: the model file's thresholds were {cal['inapplicable']}; give --threshold, "
                             "or keep the run's settings")
@@ -360,30 +403,39 @@ def rates_at(scores, labels, threshold: float) -> dict[str, float | int]:
 
 
 def evaluate_thresholds(scores, labels, calibration: Mapping[str, Any] | None = None,
-                        threshold: float | None = None) -> dict[str, Any]:
+                        threshold: float | None = None, far: float | None = None) -> dict[str, Any]:
     """What ``evaluate`` reports about pass/fail on a labelled test set.
 
     Args:
         scores: image scores [N]; labels: [N], 1 = defective, 0 = good.
         calibration: the model file's calibration (:func:`calibrate`'s dict; older files work too).
         threshold: overrides the stored image threshold.
+        far: instead, the threshold for this false-alarm rate from the stored held-back scores
+            (:func:`threshold_at_far`).
 
     Returns:
         ``{"f1_optimal": f1_optimal_threshold(...), "at_threshold": rates_at(...) or None when there
-        is no threshold, "far_asked": the calibration's target rate or None, "far_expected",
+        is no threshold, "far_asked": the rate asked of the threshold or None, "far_expected",
         "n_calibration_images", "threshold_source", "threshold_image": the calibration image
-        whose score the stored threshold is, when the model file names it}``; put
+        whose score the threshold is, when the model file names it}``; put
         ``at_threshold["false_alarm_rate"]`` next to ``far_asked``.
     """
-    stored, _, source = stored_thresholds(calibration)
-    if threshold is not None:
-        stored, source = float(threshold), "given on the command line"
+    if threshold is not None and far is not None:
+        raise ValueError("give threshold or far, not both")
     cal = dict(calibration or {})
-    return {"f1_optimal": f1_optimal_threshold(scores, labels),
-            "at_threshold": rates_at(scores, labels, stored) if stored is not None else None,
-            "far_asked": cal.get("far"), "far_expected": cal.get("far_expected"),
-            "n_calibration_images": cal.get("n_images"), "threshold_source": source,
-            "threshold_image": cal.get("threshold_image") if threshold is None and stored is not None else None}
+    out = {"f1_optimal": f1_optimal_threshold(scores, labels), "far_asked": cal.get("far"),
+           "far_expected": cal.get("far_expected"), "n_calibration_images": cal.get("n_images")}
+    if far is not None:
+        it, name = threshold_at_far(cal, far)
+        stored, source = it.threshold, it.note
+        out.update(far_asked=far, far_expected=it.far_expected, threshold_image=name)
+    else:
+        stored, _, source = stored_thresholds(cal)
+        if threshold is not None:
+            stored, source = float(threshold), "given on the command line"
+        out["threshold_image"] = cal.get("threshold_image") if threshold is None and stored is not None else None
+    out.update(at_threshold=rates_at(scores, labels, stored) if stored is not None else None, threshold_source=source)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -503,25 +555,35 @@ class ModelInfo:
 
     @classmethod
     def from_calibration(cls, image_size: int, name: str, version: str, calibration: Mapping[str, Any] | None,
-                         threshold: float | None = None, **extra: Any) -> "ModelInfo":
-        """From a model file's calibration dict; ``threshold`` overrides the stored image threshold.
-        ``extra["threshold_image"]``: the calibration image whose score the stored threshold is,
-        when the file names it and the threshold is the stored one."""
+                         threshold: float | None = None, far: float | None = None, **extra: Any) -> "ModelInfo":
+        """From a model file's calibration dict; ``threshold`` overrides the stored image threshold,
+        ``far`` sets it for that false-alarm rate from the stored held-back scores
+        (:func:`threshold_at_far`; ``extra["far"]`` then says so).
+        ``extra["threshold_image"]``: the calibration image whose score the threshold is, when the
+        file names it and the threshold is not given on the command line."""
+        if threshold is not None and far is not None:
+            raise ValueError("give threshold or far, not both")
         img_t, pix_t, source = stored_thresholds(calibration)
         if threshold is not None:
             img_t, source = float(threshold), "given on the command line"
+        elif far is not None:
+            it, named = threshold_at_far(calibration, far)
+            img_t, source = it.threshold, it.note
+            extra = {**extra, "far": far, **({"threshold_image": named} if named else {})}
         elif img_t is not None and (calibration or {}).get("threshold_image"):
             extra = {"threshold_image": calibration["threshold_image"], **extra}
         return cls(image_size, name, version, img_t, pix_t, extra={"threshold_source": source, **extra})
 
     @classmethod
-    def from_detector(cls, det, run: str | os.PathLike, threshold: float | None = None) -> "ModelInfo":
+    def from_detector(cls, det, run: str | os.PathLike, threshold: float | None = None,
+                      far: float | None = None) -> "ModelInfo":
         """For a loaded :class:`~defect_fast.detect.Detector` of ``run`` (run folder or model file).
 
         ``version`` is the first 12 hex digits of the model file's SHA-256 (a retrained or damaged
         file gets a new one); thresholds come from the model file's calibration
-        (:func:`stored_thresholds`), ``threshold`` overriding the image threshold. ``extra`` holds
-        the run, the map, the asked false-alarm rate and where the threshold came from.
+        (:func:`stored_thresholds`), ``threshold`` overriding the image threshold and ``far``
+        setting it for that rate (:meth:`from_calibration`). ``extra`` holds the run, the map, the
+        asked false-alarm rate and where the threshold came from.
         """
         import hashlib
 
@@ -534,8 +596,10 @@ class ModelInfo:
                 h.update(chunk)
         cal = dict(getattr(det, "calibration", None) or {})
         name = getattr(det.model, "name", "") or type(det.model).__name__
-        return cls.from_calibration(det.image_size, name, h.hexdigest()[:12], cal, threshold, run=str(run),
-                                    map=det.map_kind, far=cal.get("far"))
+        info = cls.from_calibration(det.image_size, name, h.hexdigest()[:12], cal, threshold, far, run=str(run),
+                                    map=det.map_kind)
+        info.extra.setdefault("far", cal.get("far"))  # the rate asked at training, unless --far asked another
+        return info
 
     def scale(self) -> float:
         """Value drawn white in map images (0 = each map's own maximum, see visualize.save_map)."""

@@ -13,9 +13,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from .safety import (LOCK_NAME, MANIFEST_NAME, ArgumentParser, OutputFolder, OutputRefused, UsageError, atomic_write_json, device_arg, dump_json_strict,
-                     finite_float, nonneg_float, nonneg_int, one_line, output_path, positive_float, positive_int, run_main,
-                     safe_output_file)
+from .safety import (LOCK_NAME, MANIFEST_NAME, ArgumentParser, OutputFolder, OutputRefused, UsageError, add_threshold_options, atomic_write_json,
+                     device_arg, dump_json_strict, far_errors, nonneg_float, nonneg_int, one_line, output_path, positive_float, positive_int,
+                     rate, run_main, safe_output_file)
 
 EPILOG = """examples:
   defect-fast demo runs/demo                                  synthetic data, train, evaluate, maps
@@ -60,7 +60,7 @@ def _print_thresholds(th: dict | None, out=None) -> None:
         return
     print(f"threshold: {th['threshold_source']}", file=out)
     if th.get("threshold_image"):
-        print(f"the stored threshold is the score of calibration image {th['threshold_image']}", file=out)
+        print(f"the threshold is the score of calibration image {th['threshold_image']}", file=out)
     print(f"at that threshold {_fmt(at['threshold'])}: false-alarm rate "
           f"{_fmt(at['false_alarm_rate'])} ({at['false_alarms']}/{at['n_good']} good images; asked "
           f"{_fmt(th.get('far_asked'))}, expected {_fmt(th.get('far_expected'))} from "
@@ -194,7 +194,9 @@ from .evaluate import evaluate_run  # noqa: E402,F401  (kept importable from her
 
 def cmd_evaluate(args) -> int:
     json_path = safe_output_file(args.json, args.overwrite, inputs=[args.run, args.data], what="--json") if args.json else None
-    metrics = evaluate_run(args.run, args.data, args.map, args.device, args.stride, args.smooth, blend=args.blend)
+    with far_errors(args.run, args.far):
+        metrics = evaluate_run(args.run, args.data, args.map, args.device, args.stride, args.smooth, blend=args.blend,
+                               far=args.far)
     _print_metrics(metrics)
     if metrics.get("pixel_metrics"):
         print(f"pixel metrics: {metrics['pixel_metrics']}")
@@ -236,10 +238,11 @@ def cmd_predict(args) -> int:
     OutputFolder.check(out, overwrite=args.overwrite, inputs=inputs, command="predict")  # refuse before reading anything
     det = Detector.load(args.run, device=args.device, map_kind=args.map, stride=args.stride,  # SettingError: one line
                         smooth_sigma=args.smooth, blend=getattr(args, "blend", None))
+    with far_errors(args.run, args.far):  # before any image is read
+        image_t, pixel_t, source = stored_thresholds(det.calibration, args.far)
     paths = collect_images(args.images)
     sizes: list = []
     images = read_images(paths, det.image_size, where="predict inputs", sizes=sizes)  # every bad file named, before any output
-    image_t, pixel_t, source = stored_thresholds(det.calibration)
     if args.threshold is not None:
         image_t, source = float(args.threshold), "given on the command line"
     elif image_t is None:
@@ -339,7 +342,7 @@ def cmd_demo(args) -> int:
         test_dir = data / "test"
         samples = [p for cls in sorted(test_dir.iterdir()) if cls.name != "good" for p in sorted(cls.iterdir())[:2]]
         ns = argparse.Namespace(run=out / "run", images=[str(p) for p in samples], out=out / "maps", overwrite=False,
-                                device=args.device, map=None, stride=None, threshold=None, smooth=0.0)
+                                device=args.device, map=None, stride=None, threshold=None, far=None, smooth=0.0)
         cmd_predict(ns)
         _record_tree(folder, "maps")
     except BaseException:
@@ -381,14 +384,6 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _rate(text: str) -> float:
-    """argparse type: a rate strictly between 0 and 1 (``--far``)."""
-    v = positive_float(text)
-    if v >= 1:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1), got {text!r}")
-    return v
-
-
 def _fraction(text: str) -> float:
     """argparse type: a share in [0, 1) (``--holdback``)."""
     v = nonneg_float(text)
@@ -428,7 +423,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=positive_int, default=50, help="steps between checkpoints (default 50)")
     t.add_argument("--holdback", type=_fraction, default=0.1, help="share of the defect-free images held back for "
                    "thresholds, never trained on (default 0.1, at least 4 images; 0: none, thresholds then optimistic)")
-    t.add_argument("--far", type=_rate, default=0.01, help="false-alarm rate of the stored image threshold (default 0.01)")
+    t.add_argument("--far", type=rate, default=0.01, help="false-alarm rate of the stored image threshold (default 0.01)")
     t.add_argument("--normalize", choices=NORMALIZATIONS, default="none",
                    help="per-position map normalisation fitted on defect-free maps (default none)")
     t.add_argument("--fit-on", choices=FIT_SOURCES, default="train",
@@ -488,6 +483,9 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
                    help="patch stride at inference (default: the run's --infer-stride, else the patch size)")
     e.add_argument("--smooth", type=nonneg_float, default=None, help="Gaussian blur of the maps, in pixels (default: the run's setting)")
     e.add_argument("--blend", choices=BLENDS, default=None, help="weights of overlapping patches (default: the run's setting)")
+    e.add_argument("--far", type=rate, default=None, metavar="RATE",
+                   help="give the rates at the threshold for this false-alarm rate, set from the defect-free images the "
+                   "run held back (default: at the threshold stored in the model file)")
     e.add_argument("--device", type=device_arg, default="auto")
     e.set_defaults(func=cmd_evaluate)
 
@@ -498,8 +496,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="replace earlier output in --out (only the files defect-fast wrote)")
     r.add_argument("--map", choices=map_names(), default=None)
     r.add_argument("--stride", type=positive_int, default=None)
-    r.add_argument("--threshold", type=finite_float, default=None,
-                   help="image score above which an image is flagged (default: the threshold stored in the model file)")
+    add_threshold_options(r)
     r.add_argument("--smooth", type=nonneg_float, default=None, help="Gaussian blur of the maps, in pixels (default: the run's setting)")
     r.add_argument("--blend", choices=BLENDS, default=None, help="weights of overlapping patches (default: the run's setting)")
     r.add_argument("--device", type=device_arg, default="auto")

@@ -158,7 +158,7 @@ def find_regions(m: np.ndarray, threshold: float) -> list[dict[str, Any]]:
 
 #: Calibration keys that hold thresholds or name what set them (older model files: score_max, pixel_q999).
 THRESHOLD_KEYS = ("image_threshold", "pixel_threshold", "score_max", "pixel_q999", "threshold_image", "highest_scores",
-                  "score_brightness_rank_correlation")
+                  "held_back_scores", "score_brightness_rank_correlation")
 
 
 def _brightness_level(level: bool | float, images: torch.Tensor) -> float | None:

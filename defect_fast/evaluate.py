@@ -33,20 +33,25 @@ def detector_for(model: AnomalyModel, image_size: int, device: torch.device | st
 
 
 def evaluate_run(run: Path | str, data: Path | str, map_kind: str | None = None, device: str = "auto",
-                 stride: int | None = None, smooth: float | None = None, **options) -> dict[str, Any]:
+                 stride: int | None = None, smooth: float | None = None, far: float | None = None,
+                 **options) -> dict[str, Any]:
     """Evaluate a trained run on the test split of an MVTec-style folder; returns the metrics dict.
 
     ``options`` go to :class:`Detector` (blend, precision, ...). Adds "n_images", "map",
     "smooth_sigma", "inference_ms_per_image" and "thresholds" to :func:`defect_fast.metrics.evaluate`'s
     keys; "thresholds" is :func:`defect_fast.calibration.evaluate_thresholds` (the F1-optimal image
-    threshold, the false-alarm and miss rates at the stored one next to the asked rate).
+    threshold, the false-alarm and miss rates at the stored one next to the asked rate; with
+    ``far``, at the threshold for that rate set from the stored held-back scores, checked before
+    the test images are read).
     """
-    from .calibration import evaluate_thresholds
+    from .calibration import evaluate_thresholds, threshold_at_far
     from .data import load_test_set
     from .metrics import evaluate
 
     # a setting the model cannot take (stride beyond the patch, ...) is a one-line SettingError
     det = Detector.load(run, device=device, map_kind=map_kind, stride=stride, smooth_sigma=smooth, **options)
+    if far is not None:
+        threshold_at_far(det.calibration, far)  # a rate the run cannot give fails before the work
     test = load_test_set(data, det.image_size, require_masks=False)
     t0 = time.perf_counter()
     res = det.predict_batched(test.images)
@@ -61,7 +66,7 @@ def evaluate_run(run: Path | str, data: Path | str, map_kind: str | None = None,
     metrics["stride"] = det.stride
     metrics["blend"] = det.blend
     metrics["inference_ms_per_image"] = 1000 * seconds / max(1, test.images.shape[0])
-    metrics["thresholds"] = evaluate_thresholds(res["scores"], test.labels, det.calibration)
+    metrics["thresholds"] = evaluate_thresholds(res["scores"], test.labels, det.calibration, far=far)
     return metrics
 
 

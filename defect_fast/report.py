@@ -20,10 +20,10 @@ predict function on it and writes the page.
 
 Command line (:func:`add_parser`, :func:`command`)::
 
-    defect-fast report RUN DATA --out report.html [--threshold T] [--max-gallery 60] [--overwrite]
+    defect-fast report RUN DATA --out report.html [--threshold T | --far RATE] [--max-gallery 60] [--overwrite]
 
 The threshold is the model file's (:func:`defect_fast.calibration.stored_thresholds`) unless
-``--threshold`` is given; an existing file is replaced only with ``--overwrite``, never when it is
+``--threshold`` gives one or ``--far`` asks for another false-alarm rate; an existing file is replaced only with ``--overwrite``, never when it is
 one of the inputs.
 """
 from __future__ import annotations
@@ -434,7 +434,7 @@ def report_from_data(
 
 def add_parser(subparsers) -> None:
     """Register ``defect-fast report`` on the CLI's sub-parsers (``command`` as its function)."""
-    from .safety import device_arg, finite_float, output_path, positive_int
+    from .safety import add_threshold_options, device_arg, output_path, positive_int
 
     r = subparsers.add_parser(
         "report", help="one self-contained HTML page: metrics, curves, score histogram, gallery",
@@ -446,8 +446,7 @@ def add_parser(subparsers) -> None:
     r.add_argument("data", help="MVTec-style root with test/<class>/ (and ground_truth/<class>/ with a mask for every defective "
                         "image for the pixel metrics; without ground_truth/, image-level results only), or a plain folder of images")
     r.add_argument("--out", required=True, type=output_path, help="the .html file to write")
-    r.add_argument("--threshold", type=finite_float, default=None,
-                   help="image score above which an image is flagged (default: the threshold stored in the model file)")
+    add_threshold_options(r, "is flagged")
     r.add_argument("--max-gallery", type=positive_int, default=60,
                    help="most images in the gallery (default 60; every false alarm and miss comes first)")
     r.add_argument("--title", default="defect_fast inspection report", help="page title")
@@ -461,14 +460,15 @@ def command(args) -> int:
     """``defect-fast report``: load the run, predict DATA, write the page (refusals come before any work)."""
     from .data.io import DataError
     from .detect import Detector
-    from .safety import safe_output_file
+    from .safety import far_errors, safe_output_file
 
     data = Path(args.data)
     if not data.is_dir():
         raise DataError(f"{data}: no such folder")
     out = safe_output_file(args.out, args.overwrite, inputs=[args.run, data], what="--out")
     det = Detector.load(args.run, device=args.device)
-    info = ModelInfo.from_detector(det, args.run, threshold=args.threshold)
+    with far_errors(args.run, args.far):
+        info = ModelInfo.from_detector(det, args.run, threshold=args.threshold, far=args.far)
     res = report_from_data(lambda x: det.predict_batched(x, images_per_batch=args.batch_size), info, data, out,
                            threshold=args.threshold, batch_size=args.batch_size, reconstruct=det.reconstruct,
                            max_gallery=args.max_gallery, title=args.title)

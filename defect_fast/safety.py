@@ -259,6 +259,39 @@ def nonneg_float(text: str) -> float:
     return v
 
 
+def rate(text: str) -> float:
+    """A rate strictly between 0 and 1 (``--far``)."""
+    v = positive_float(text)
+    if v >= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1), got {text!r}")
+    return v
+
+
+def add_threshold_options(parser: argparse.ArgumentParser, flagged: str = "is flagged") -> None:
+    """``--threshold T`` or ``--far RATE`` (one of them): the image threshold a command judges by,
+    given as a score or set for a false-alarm rate from the run's held-back scores."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--threshold", type=finite_float, default=None,
+                       help=f"image score above which an image {flagged} (default: the threshold stored in the model file)")
+    group.add_argument("--far", type=rate, default=None, metavar="RATE",
+                       help="instead, the threshold for this false-alarm rate, set from the defect-free images the run "
+                       "held back (e.g. 0.05 with 60 of them: the 3rd highest score; default: the rate asked at training)")
+
+
+@contextlib.contextmanager
+def far_errors(run, far: float | None):
+    """Around what sets the threshold for ``--far``: a rate the run's held-back scores cannot give
+    (too few images, an older model file) becomes one line naming the option and the run."""
+    from .calibration import CalibrationError
+
+    try:
+        yield
+    except CalibrationError as exc:
+        if far is None:
+            raise
+        raise UsageError(f"--far {far:g}: {run}: {exc}") from None
+
+
 def probability(text: str) -> float:
     """A number in [0, 1]."""
     v = _float(text, "a number in [0, 1]")

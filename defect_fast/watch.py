@@ -50,12 +50,13 @@ the drop folder should then archive them elsewhere once judged (their journal li
 Command line (:func:`add_parser`, :func:`command`)::
 
     defect-fast watch RUN IN_DIR --out OUT_DIR [--once] [--batch-size 8] [--poll 1] [--rescan 60] [--settle S]
-                      [--threshold T] [--recursive] [--device auto]
+                      [--threshold T | --far RATE] [--recursive] [--device auto]
 
 ``OUT_DIR`` is an output folder with a manifest (:class:`defect_fast.safety.OutputFolder`): new,
 empty, or one an earlier ``watch`` wrote (its journal is resumed); any other folder is refused, and
 ``OUT_DIR`` may not overlap ``IN_DIR`` or the run. The image threshold is the model file's
-(:func:`defect_fast.calibration.stored_thresholds`) unless ``--threshold`` is given.
+(:func:`defect_fast.calibration.stored_thresholds`) unless ``--threshold`` gives one or ``--far``
+asks for another false-alarm rate (set from the run's held-back scores).
 """
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ import torch
 from .calibration import ModelInfo, defect_regions
 from .data.io import IMAGE_EXTENSIONS, DataError, read_image_at_both_sizes
 from .maps import resize_map
-from .safety import MANIFEST_NAME, OutputFolder, OutputRefused, RunLock, UserError, check_out_not_overlapping
+from .safety import MANIFEST_NAME, OutputFolder, OutputRefused, RunLock, UserError, check_out_not_overlapping, far_errors
 
 __all__ = ["IGNORED_SUFFIXES", "Journal", "WatchError", "add_parser", "command", "is_temporary_name", "output_name",
            "watch"]
@@ -827,7 +828,7 @@ def watch(
 
 def add_parser(subparsers) -> None:
     """Register ``defect-fast watch`` on the CLI's sub-parsers (``command`` as its function)."""
-    from .safety import device_arg, finite_float, nonneg_float, output_path, positive_float, positive_int
+    from .safety import add_threshold_options, device_arg, nonneg_float, output_path, positive_float, positive_int
 
     w = subparsers.add_parser(
         "watch", help="judge every image dropped into a folder: maps, overlays and a results journal",
@@ -848,8 +849,7 @@ def add_parser(subparsers) -> None:
                         f"(default {RESCAN_INTERVAL:g})")
     w.add_argument("--settle", type=nonneg_float, default=None,
                    help="seconds a file's size and time must stay unchanged before it is read (default: --poll)")
-    w.add_argument("--threshold", type=finite_float, default=None,
-                   help="image score above which an image fails (default: the threshold stored in the model file)")
+    add_threshold_options(w, "fails")
     w.add_argument("--recursive", action="store_true", help="also watch sub-folders")
     w.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default)")
     w.set_defaults(func=command)
@@ -881,7 +881,8 @@ def command(args) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     det = Detector.load(args.run, device=args.device)
-    info = ModelInfo.from_detector(det, args.run, threshold=args.threshold)
+    with far_errors(args.run, args.far):
+        info = ModelInfo.from_detector(det, args.run, threshold=args.threshold, far=args.far)
     if info.image_threshold is None:
         raise WatchError(f"{args.run}: the model file holds no image threshold; give one with --threshold")
     folder = _open_out(out.absolute(), [in_dir, args.run], out)

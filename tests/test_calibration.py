@@ -20,6 +20,7 @@ from defect_fast.calibration import (
     rates_at,
     split_holdback,
     stored_thresholds,
+    threshold_at_far,
 )
 
 
@@ -247,3 +248,49 @@ def test_model_info_from_detector_reads_the_model_file(tmp_path):
     old = SimpleNamespace(**{**vars(det), "calibration": {"score_max": 2.0, "pixel_q999": 0.5}})
     info = ModelInfo.from_detector(old, path)
     assert (info.image_threshold, info.pixel_threshold) == (2.0, 0.5) and "older model file" in info.extra["threshold_source"]
+
+
+def test_a_threshold_for_another_rate_is_set_after_training_from_the_stored_scores():
+    """Every held-back score is stored, highest first; --far picks the k-th largest by the same
+    rule as at training, names its image when it is among the named ones, and refuses a rate the
+    images cannot give."""
+    rng = np.random.default_rng(0)
+    scores = rng.normal(0, 1, 60)
+    names = [f"good/{i:03d}.png" for i in range(60)]
+    warnings.simplefilter("ignore", CalibrationWarning)  # 60 images are too few for 1 %: the fallback
+    cal = calibrate(scores, far=0.01, names=names)
+    desc = np.sort(scores)[::-1]
+    assert cal["held_back_scores"] == pytest.approx(desc.tolist()) and cal["image_threshold"] == desc[0]
+    it, name = threshold_at_far(cal, 0.05)  # k = floor(0.05 * 61) = 3
+    assert (it.threshold, it.rank, it.far_expected) == (desc[2], 3, pytest.approx(3 / 61))
+    assert name == names[int(np.argsort(-scores)[2])] and "far 0.05" in it.note
+    assert threshold_at_far(cal, 0.1)[0].threshold == desc[5]  # the 6th: beyond the named five
+    assert threshold_at_far(cal, 0.1)[1] is None
+    with pytest.raises(CalibrationError, match=r"far=0.01 needs at least 99 .* only 60"):
+        threshold_at_far(cal, 0.01)
+    assert stored_thresholds(cal, far=0.05)[0] == desc[2]
+    info = ModelInfo.from_calibration(64, "ae-l2", "abc", cal, far=0.05)
+    assert info.image_threshold == desc[2] and info.extra["far"] == 0.05 and info.extra["threshold_image"] == name
+    with pytest.raises(ValueError, match="not both"):
+        ModelInfo.from_calibration(64, "ae-l2", "abc", cal, threshold=1.0, far=0.05)
+    labels = np.r_[np.zeros(30), np.ones(30)].astype(int)
+    test = np.r_[rng.normal(0, 1, 30), rng.normal(3, 1, 30)]
+    ev = evaluate_thresholds(test, labels, cal, far=0.05)
+    assert ev["at_threshold"] == rates_at(test, labels, desc[2])
+    assert (ev["far_asked"], ev["far_expected"], ev["threshold_image"]) == (0.05, pytest.approx(3 / 61), name)
+
+
+def test_older_model_files_give_the_rates_their_named_scores_reach():
+    """A file written before every score was stored keeps the five highest: rates whose rank is
+    among them work, others are refused with what the file allows; thresholds set aside (other
+    inference settings) give none."""
+    highest = [["a.png", 9.0], ["b.png", 8.0], ["c.png", 7.0], ["d.png", 6.0], ["e.png", 5.0]]
+    old = {"image_threshold": 9.0, "n_images": 60, "highest_scores": highest, "threshold_image": "a.png"}
+    it, name = threshold_at_far(old, 0.05)
+    assert (it.threshold, it.rank, name) == (7.0, 3, "c.png")
+    with pytest.raises(CalibrationError, match=r"6th largest of 60 .* 5 highest only, enough for rates below 0.09836"):
+        threshold_at_far(old, 0.1)
+    with pytest.raises(CalibrationError, match="stores no held-back scores"):
+        threshold_at_far({"score_max": 3.0}, 0.05)
+    with pytest.raises(CalibrationError, match="were set on other settings"):
+        threshold_at_far({"inapplicable": "set on other settings"}, 0.05)

@@ -278,7 +278,7 @@ def test_evaluate_reports_pass_fail_rates_and_never_replaces_json(tiny_run, synt
     at = th["at_threshold"]
     assert at["threshold"] == stored["image_threshold"] and th["far_asked"] == 0.01
     assert th["threshold_image"] == stored["threshold_image"] and Path(stored["threshold_image"]).is_file()
-    assert f"the stored threshold is the score of calibration image {stored['threshold_image']}\n" in out
+    assert f"the threshold is the score of calibration image {stored['threshold_image']}\n" in out
     assert at["n_good"] + at["n_defective"] == 24 and 0 <= at["false_alarm_rate"] <= 1
     assert 0 <= th["f1_optimal"]["f1"] <= 1
 
@@ -291,6 +291,40 @@ def test_predict_threshold_override_and_strict_json(tiny_run, synthetic_root, tm
     assert report["threshold"] == -1.0 and all(e["defective"] for e in report["images"])
     assert main(["predict", str(tiny_run), str(synthetic_root), "--out", str(tmp_path / "p2"), "--threshold", "nan"]) == 2
     assert "--threshold" in capsys.readouterr().err and not (tmp_path / "p2").exists()
+
+
+def test_far_sets_the_threshold_from_the_held_back_scores(tiny_run, synthetic_root, tmp_path, capsys):
+    """predict and evaluate --far: the k-th largest stored held-back score judges; a rate the run's
+    held-back images cannot give is one line naming the option and the run, before any output;
+    --far and --threshold exclude each other."""
+    cal = Detector.load(tiny_run, device="cpu").calibration
+    n = cal["n_images"]
+    far = 2 / (n + 1)  # the 2nd largest
+    out = tmp_path / "pred"
+    assert main(["predict", str(tiny_run), str(synthetic_root / "test" / "good"), "--out", str(out), "--far", f"{far:.6f}"]) == 0
+    report = json.loads((out / "scores.json").read_text())
+    assert report["threshold"] == cal["held_back_scores"][1] and "far" in report["threshold_source"]
+    assert [e["defective"] for e in report["images"]] == [e["score"] > cal["held_back_scores"][1] for e in report["images"]]
+    assert main(["evaluate", str(tiny_run), str(synthetic_root), "--far", f"{far:.6f}"]) == 0
+    assert f"threshold: set after training for far {far:g}" in capsys.readouterr().out
+    too_low = 0.5 / (n + 1)
+    assert main(["predict", str(tiny_run), str(synthetic_root), "--out", str(tmp_path / "p2"), "--far", f"{too_low:.6f}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("defect-fast: error: --far") and str(tiny_run) in err and "needs at least" in err
+    assert not (tmp_path / "p2").exists()
+    assert main(["evaluate", str(tiny_run), str(synthetic_root), "--far", f"{too_low:.6f}"]) == 2
+    assert "--far" in capsys.readouterr().err
+    assert main(["predict", str(tiny_run), str(synthetic_root), "--out", str(tmp_path / "p3"), "--far", "0.3",
+                 "--threshold", "1"]) == 2
+    assert "not allowed with" in capsys.readouterr().err and not (tmp_path / "p3").exists()
+    # report and watch: the same threshold, the same refusal before anything is written
+    assert main(["report", str(tiny_run), str(synthetic_root), "--out", str(tmp_path / "r.html"), "--far", f"{far:.6f}"]) == 0
+    assert f"threshold {cal['held_back_scores'][1]:.6g} (set after training for far" in capsys.readouterr().out
+    for argv in (["report", str(tiny_run), str(synthetic_root), "--out", str(tmp_path / "r2.html")],
+                 ["watch", str(tiny_run), str(synthetic_root / "test" / "good"), "--out", str(tmp_path / "w"), "--once"]):
+        assert main([*argv, "--far", f"{too_low:.6f}"]) == 2
+        assert capsys.readouterr().err.startswith("defect-fast: error: --far")
+    assert not (tmp_path / "r2.html").exists() and not (tmp_path / "w").exists()
 
 
 def test_damaged_old_and_foreign_model_files(tiny_run, synthetic_root, tmp_path, capsys):
