@@ -58,6 +58,7 @@ __all__ = [
     "f1_optimal_threshold",
     "image_threshold",
     "min_images_for",
+    "operating_points",
     "pixel_threshold",
     "rates_at",
     "holdback_count",
@@ -402,6 +403,41 @@ def rates_at(scores, labels, threshold: float) -> dict[str, float | int]:
             "false_alarms": fa, "misses": miss, "n_good": n_good, "n_defective": n_def}
 
 
+#: Most held-back ranks :func:`operating_points` lists, and the highest expected rate it goes to.
+OPERATING_RANKS, OPERATING_FAR = 10, 0.1
+
+
+def operating_points(scores, labels, calibration: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """The thresholds ``--far`` can choose from a model file's held-back scores, and the rates each
+    gives on a labelled test set: what a line trades between false alarms and misses.
+
+    Lists the ranks k = 1, 2, ... (the k-th largest held-back score) up to an expected false-alarm
+    rate of :data:`OPERATING_FAR` (at least k = 1) and :data:`OPERATING_RANKS` ranks, among the
+    scores the file stores (older files: their 5 highest). Each is ``{"rank": k, "far_expected":
+    k / (n + 1), "far": that rate rounded up to 4 significant digits (a ``--far`` that picks k),
+    "threshold", **rates_at(...)}``; none when the file stores no held-back scores or its
+    thresholds do not apply.
+    """
+    cal = dict(calibration or {})
+    if cal.get("inapplicable"):
+        return []
+    stored = cal.get("held_back_scores")
+    if stored is None:
+        stored = [v for _name, v in cal.get("highest_scores") or []]
+        n = cal.get("n_images") or 0
+    else:
+        n = len(stored)
+    if not stored or not n:
+        return []
+    last = min(len(stored), OPERATING_RANKS, max(1, _rank_for(OPERATING_FAR, n)))
+    def up(x: float) -> float:  # to 4 significant digits, never below x (floor(far (n + 1)) stays k)
+        scale = 10.0 ** (3 - math.floor(math.log10(x)))
+        return math.ceil(x * scale - _EPS) / scale
+
+    return [{"rank": k, "far_expected": k / (n + 1), "far": up(k / (n + 1)), **rates_at(scores, labels, stored[k - 1])}
+            for k in range(1, last + 1)]
+
+
 def evaluate_thresholds(scores, labels, calibration: Mapping[str, Any] | None = None,
                         threshold: float | None = None, far: float | None = None) -> dict[str, Any]:
     """What ``evaluate`` reports about pass/fail on a labelled test set.
@@ -417,8 +453,8 @@ def evaluate_thresholds(scores, labels, calibration: Mapping[str, Any] | None = 
         ``{"f1_optimal": f1_optimal_threshold(...), "at_threshold": rates_at(...) or None when there
         is no threshold, "far_asked": the rate asked of the threshold or None, "far_expected",
         "n_calibration_images", "threshold_source", "threshold_image": the calibration image
-        whose score the threshold is, when the model file names it}``; put
-        ``at_threshold["false_alarm_rate"]`` next to ``far_asked``.
+        whose score the threshold is, when the model file names it, "operating_points":
+        :func:`operating_points`}``; put ``at_threshold["false_alarm_rate"]`` next to ``far_asked``.
     """
     if threshold is not None and far is not None:
         raise ValueError("give threshold or far, not both")
@@ -434,7 +470,8 @@ def evaluate_thresholds(scores, labels, calibration: Mapping[str, Any] | None = 
         if threshold is not None:
             stored, source = float(threshold), "given on the command line"
         out["threshold_image"] = cal.get("threshold_image") if threshold is None and stored is not None else None
-    out.update(at_threshold=rates_at(scores, labels, stored) if stored is not None else None, threshold_source=source)
+    out.update(at_threshold=rates_at(scores, labels, stored) if stored is not None else None, threshold_source=source,
+               operating_points=operating_points(scores, labels, cal))
     return out
 
 

@@ -66,6 +66,13 @@ def _print_thresholds(th: dict | None, out=None) -> None:
           f"{_fmt(th.get('far_asked'))}, expected {_fmt(th.get('far_expected'))} from "
           f"{th.get('n_calibration_images')} calibration images), miss rate {_fmt(at['miss_rate'])} "
           f"({at['misses']}/{at['n_defective']} defective images)", file=out)
+    points = th.get("operating_points") or []
+    if len(points) > 1:
+        print("thresholds --far can set (the k-th highest held-back score) and their rates here:", file=out)
+        print(f"  {'--far':>8} {'k':>3} {'threshold':>10} {'false alarms':>14} {'misses':>14}", file=out)
+        for p in points:
+            fa, miss = f"{p['false_alarms']}/{p['n_good']}", f"{p['misses']}/{p['n_defective']}"
+            print(f"  {p['far']:>8.4g} {p['rank']:>3} {p['threshold']:>10.4g} {fa:>14} {miss:>14}", file=out)
 
 
 def _stages(model: str, options: dict) -> tuple[str, ...]:

@@ -16,6 +16,7 @@ from defect_fast.calibration import (
     f1_optimal_threshold,
     image_threshold,
     min_images_for,
+    operating_points,
     pixel_threshold,
     rates_at,
     split_holdback,
@@ -294,3 +295,33 @@ def test_older_model_files_give_the_rates_their_named_scores_reach():
         threshold_at_far({"score_max": 3.0}, 0.05)
     with pytest.raises(CalibrationError, match="were set on other settings"):
         threshold_at_far({"inapplicable": "set on other settings"}, 0.05)
+
+
+def test_operating_points_list_what_each_far_would_give():
+    """One row per held-back rank up to an expected rate of 0.1: the --far printed picks that
+    rank, and its rates are those at the rank's score; older files list their named scores."""
+    from defect_fast.cli import _print_thresholds
+
+    rng = np.random.default_rng(1)
+    warnings.simplefilter("ignore", CalibrationWarning)
+    cal = calibrate(rng.normal(0, 1, 60), far=0.01)
+    labels = np.r_[np.zeros(50), np.ones(50)].astype(int)
+    test = np.r_[rng.normal(0, 1, 50), rng.normal(2, 1, 50)]
+    points = operating_points(test, labels, cal)
+    assert [p["rank"] for p in points] == [1, 2, 3, 4, 5, 6]  # 6 / 61 <= 0.1 < 7 / 61
+    for p in points:
+        assert threshold_at_far(cal, p["far"])[0].rank == p["rank"] and p["far"] >= p["far_expected"]
+        assert p["threshold"] == cal["held_back_scores"][p["rank"] - 1]
+        assert p["misses"] == rates_at(test, labels, p["threshold"])["misses"]
+    assert [p["misses"] for p in points] == sorted((p["misses"] for p in points), reverse=True)  # lower ones miss fewer
+    ev = evaluate_thresholds(test, labels, cal)
+    assert ev["operating_points"] == points
+    import io
+    buf = io.StringIO()
+    _print_thresholds(ev, buf)
+    lines = buf.getvalue().splitlines()
+    row = lines[lines.index(next(x for x in lines if x.startswith("thresholds --far can set"))) + 2].split()
+    assert row[:2] == [f"{points[0]['far']:.4g}", "1"] and row[3] == f"{points[0]['false_alarms']}/50"
+    old = {"n_images": 60, "highest_scores": [["a", 3.0], ["b", 2.0], ["c", 1.0]]}
+    assert [p["threshold"] for p in operating_points(test, labels, old)] == [3.0, 2.0, 1.0]
+    assert operating_points(test, labels, {"inapplicable": "x"}) == [] and operating_points(test, labels, None) == []
