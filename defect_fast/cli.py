@@ -191,6 +191,7 @@ def cmd_train(args) -> int:
         patch_sampling=args.patch_sampling, flips=args.flips, lr_schedule=args.lr_schedule, precision=args.precision,
         map=args.map or "", infer_stride=args.infer_stride, blend=args.blend, smooth=args.smooth,
         context=args.context, context_profile=args.context_profile, level_brightness=args.level_brightness,
+        image_score=args.image_score,
     )
     train(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
     return 0
@@ -405,7 +406,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     from .detect import BLENDS
     from .export import FORMATS
     from .models import map_names, model_names
-    from .context import PROFILE_CHOICES
+    from .context import IMAGE_SCORES, PROFILE_CHOICES
     from .train import FIT_SOURCES, NORMALIZATIONS
 
     p = ArgumentParser(prog="defect-fast", description="Unsupervised surface-defect detection: "
@@ -465,6 +466,9 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
                    "--map perceptual and --context (the reconstruction by its input's factor): lighting "
                    "differences between images out of their statistics (README; on in --preset photos, "
                    "--no-level-brightness turns it off)")
+    t.add_argument("--image-score", choices=IMAGE_SCORES, default="combined",
+                   help="with --context, the image score: combined (default: the map's top values plus the context "
+                   "score) or context (the whole-image distance alone, the map then localising; README)")
     t.add_argument("--anomaly-source", default=None, help="folder of natural photos for synthetic anomalies "
                    "(default: the sample photos shipped with scikit-learn)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="model option, e.g. --set fusion=mam "

@@ -521,7 +521,7 @@ class Detector(nn.Module):
 
     @torch.no_grad()
     def fit_context(self, normal_images: torch.Tensor, calibration_images: torch.Tensor, images_per_batch: int = 8,
-                    profile: str = "none", level_brightness: bool | float = False) -> int:
+                    profile: str = "none", level_brightness: bool | float = False, image_score: str = "combined") -> int:
         """Build an image context (:mod:`defect_fast.context`) and switch maps and scores to the combination.
 
         Args:
@@ -538,24 +538,30 @@ class Detector(nn.Module):
             level_brightness: every image reaches the context's trunk scaled to the mean
                 brightness of ``normal_images`` (True) or to the level given, in [0, 1] (a float;
                 :mod:`defect_fast.perceptual`, "Brightness").
+            image_score: "combined" (the map's top values plus the context score) or "context"
+                (the context score alone; :mod:`defect_fast.context`, "Image score").
         Returns:
             the number of images the context rests on.
         """
-        return self._fit_context(normal_images, calibration_images, images_per_batch, profile, level_brightness)[0]
+        return self._fit_context(normal_images, calibration_images, images_per_batch, profile, level_brightness,
+                                 image_score)[0]
 
     @torch.no_grad()
     def _fit_context(self, normal_images: torch.Tensor, calibration_images: torch.Tensor,
-                     images_per_batch: int = 8, profile: str = "none",
-                     level_brightness: bool | float = False) -> tuple[int, dict[str, torch.Tensor]]:
+                     images_per_batch: int = 8, profile: str = "none", level_brightness: bool | float = False,
+                     image_score: str = "combined") -> tuple[int, dict[str, torch.Tensor]]:
         """:meth:`fit_context`, and what :meth:`predict_batched` gives for the calibration images
         afterwards ({"maps": [M,S,S], "scores": [M]} on the CPU), from the maps the fit computes anyway."""
-        from .context import ImageContext, profile_across_streaks
+        from .context import IMAGE_SCORES, ImageContext, profile_across_streaks
 
+        if image_score not in IMAGE_SCORES:
+            raise ValueError(f"image_score must be one of {', '.join(IMAGE_SCORES)}, got {image_score!r}")
         basis = None
         if profile == "auto":
             profile, basis = profile_across_streaks(normal_images)
         ctx = ImageContext(self.image_size, profile=profile).to(self.device)
         ctx.profile_basis = basis
+        ctx.image_score = image_score
         ctx.brightness = _brightness_level(level_brightness, normal_images)
         n = ctx.fit(lambda: (self._to_model_input(c.to(self.device)) for c in normal_images.split(32)),
                     **self._trunk_options())

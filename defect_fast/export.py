@@ -100,6 +100,8 @@ def sidecar(det: Detector, fmt: str, batch: int, dynamic_batch: bool, source: Pa
         "context_profile": det.context.profile if det.context is not None else "none",
         # whether the image score's top values include the profile (files before v6) or not
         "context_profile_in_score": bool(det.context.profile_in_score) if det.context is not None else None,
+        # with a context: the image score is "combined" (map's top values + context score) or "context" alone
+        "image_score": det.context.image_score if det.context is not None else None,
         # the mean brightness (0..1) images are scaled to before the AlexNet trunk, or None (as read)
         "brightness": {"perceptual": getattr(det.image_map, "brightness", None),
                        "context": det.context.brightness if det.context is not None else None},

@@ -123,6 +123,8 @@ class TrainConfig:
     # perceptual map (the reconstruction by its input's factor) and of the context
     # (defect_fast/perceptual.py, "Brightness"): lighting out of the statistics. Off: as read.
     level_brightness: bool = False
+    # the image score with --context: "combined" (map's top values + context score) or "context" alone
+    image_score: str = "combined"
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -209,13 +211,15 @@ def check_config(cfg: TrainConfig, n_stages: int, patch: int) -> None:
         from .context import MIN_SIZE
 
         need(cfg.image_size >= MIN_SIZE, f"--context needs --image-size >= {MIN_SIZE}, got {cfg.image_size}")
-    from .context import PROFILE_CHOICES
+    from .context import IMAGE_SCORES, PROFILE_CHOICES
 
     need(cfg.context_profile in PROFILE_CHOICES,
          f"--context-profile must be one of {', '.join(PROFILE_CHOICES)}, got {cfg.context_profile!r}")
     need(cfg.context or cfg.context_profile == "none",
          f"--context-profile {cfg.context_profile} is part of the image context: add --context")
     need(isinstance(cfg.level_brightness, bool), f"--level-brightness is on or off, got {cfg.level_brightness!r}")
+    need(cfg.image_score in IMAGE_SCORES, f"--image-score must be one of {', '.join(IMAGE_SCORES)}, got {cfg.image_score!r}")
+    need(cfg.context or cfg.image_score == "combined", f"--image-score {cfg.image_score} is part of the image context: add --context")
     need(not cfg.level_brightness or cfg.context or cfg.map == "perceptual",
          "--level-brightness levels the images the AlexNet trunk reads: it needs --map perceptual or --context")
     need(cfg.blend in ("none", "hann"), f"--blend must be none or hann, got {cfg.blend!r}")
@@ -658,7 +662,7 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
             context_images = train_images if train_images is not None else fit_images
         # the fit computes the calibration images' maps anyway: their predictions come with it
         _n, res = det._fit_context(context_images, calib_images, profile=cfg.context_profile,
-                                   level_brightness=level)
+                                   level_brightness=level, image_score=cfg.image_score)
         context = det.context.state()
     else:
         res = det.predict_batched(calib_images)

@@ -202,6 +202,12 @@ for row in $ROWS; do
       refit cmaae-v7-no-profile cmaae-v7 --context-profile none
       refit cmaae-v7-s1-no-profile cmaae-v7-s1 --context-profile none
       refit cmaae-v7-s2-no-profile cmaae-v7-s2 --context-profile none ;;
+    # the v7 weights refitted with the context score alone as the image score (maps unchanged)
+    v7-context-score)
+      refit cmaae-v7-context-score cmaae-v7 --image-score context
+      refit cmaae-v7-s1-context-score cmaae-v7-s1 --image-score context
+      refit cmaae-v7-s2-context-score cmaae-v7-s2 --image-score context
+      refit awae-v7-context-score awae-v7 --image-score context ;;
     *) echo "unknown row $row" ;;
   esac
 done

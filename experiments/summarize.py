@@ -18,6 +18,8 @@ ROWS = {
         ("cmaae-v7-f32", "CMA-AE v7 trained in float32 (seed 0)"),
         ("cmaae-v7-512", "CMA-AE v7 at 512 px (--image-size 512, seed 0)"),
         ("cmaae-v7-no-profile", "CMA-AE v7 weights refitted without the band profile (seed 0)"),
+        ("cmaae-v7-context-score", "CMA-AE v7 weights, --image-score context (seed 0)"),
+        ("awae-v7-context-score", "AW-SSIM AE v7 weights, --image-score context (seed 0)"),
         ("model-free-blur-perceptual-v3-context-rows-v6-levelled", "model-free: blur-perceptual v3 map + the context with the profile, levelled"),
         ("model-free-context-rows-v6-levelled", "model-free: the context with the profile alone, levelled"),
     ],
@@ -313,6 +315,7 @@ if __name__ == "__main__":
     print(seeds("cmaae-v5", "CMA-AE v4 on the family-26 EPYC (the v5 weights, no profile)", "-no-profile"))
     print(seeds("awae-v5", "AW-SSIM AE v4 on the family-26 EPYC (the v5 weights, no profile)", "-no-profile"))
     print(seeds("cmaae-v7", "CMA-AE v7 without the band profile (the v7 weights refitted)", "-no-profile"))
+    print(seeds("cmaae-v7", "CMA-AE v7 with --image-score context (the v7 weights refitted)", "-context-score"))
     for base, label in (("cmaae-v7", "CMA-AE v7"), ("awae-v7", "AW-SSIM AE v7"), ("cmaae-v6", "CMA-AE v6"), ("awae-v6", "AW-SSIM AE v6"), ("cmaae-v5", "CMA-AE v5"), ("awae-v5", "AW-SSIM AE v5"), ("cmaae-v4", "CMA-AE v4"), ("awae-v4", "AW-SSIM AE v4"), ("cmaae-v3", "CMA-AE v3"), ("awae-v3", "AW-SSIM AE v3"), ("cmaae-v2", "CMA-AE v2"),
                         ("awae-v2", "AW-SSIM AE v2")):
         print(seeds(base, label))

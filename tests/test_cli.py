@@ -518,6 +518,8 @@ def test_the_photos_preset_is_the_recommended_command(monkeypatch, capsys):
     v4 = _train_config(["--preset", "photos", "--context-profile", "none", "--no-level-brightness"], monkeypatch)
     assert v4.context and v4.context_profile == "none" and v4.image_size == 256 and not v4.level_brightness  # v4
     assert _train_config(["--preset", "photos"], monkeypatch).level_brightness  # since v7
+    assert _train_config(["--preset", "photos"], monkeypatch).image_score == "combined"
+    assert _train_config(["--preset", "photos", "--image-score", "context"], monkeypatch).image_score == "context"
 
 
 def test_a_preset_with_resume_is_refused(tmp_path, capsys):

@@ -166,8 +166,41 @@ def test_detector_adds_the_context_to_its_map_and_score(monkeypatch, position_no
     torch.testing.assert_close(fitted["scores"], again["scores"], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("profile,level", [("none", False), ("rows", False), ("rows", True)])
-def test_onnx_export_of_a_detector_with_context_matches_it(tmp_path, monkeypatch, profile, level):
+def test_the_context_alone_can_be_the_image_score(monkeypatch):
+    """image_score="context": the score is the context score alone, the maps are those of the
+    combination, the fit's calibration scores are the detector's, and the choice is stored
+    (files from before it load as "combined"; a foreign value is refused)."""
+    import defect_fast.context as context
+
+    monkeypatch.setattr(context, "ImageContext", RandomTrunkContext)
+    torch.manual_seed(0)
+    det = Detector(build_model("cmaae", memory_size=20), image_size=128, stride=32, precision="float32")
+    to_u8 = lambda t: ((t + 1) * 127.5).round().to(torch.uint8)  # noqa: E731
+    normal, calib, x = to_u8(_surfaces(12, seed=1)), to_u8(_surfaces(6, seed=2)), to_u8(_surfaces(3, seed=3))
+    x[0, :, 40:60, 40:60] = 255  # a bright spot
+    with torch.no_grad():
+        det.fit_context(normal, calib)
+        combined_maps, combined = det(x)
+        _n, fitted = det._fit_context(normal, calib, image_score="context")
+        maps, scores = det(x)
+        feats = det.context.features(det._to_model_input(x))
+        torch.testing.assert_close(scores, det.context.score(feats))
+        again = det.predict_batched(calib)
+    torch.testing.assert_close(maps, combined_maps)
+    assert not torch.allclose(scores, combined)
+    torch.testing.assert_close(fitted["scores"], again["scores"], atol=1e-5, rtol=1e-5)
+    state = det.context.state()
+    assert ImageContext.from_state(state).image_score == "context"
+    assert ImageContext.from_state({k: v for k, v in state.items() if k != "image_score"}).image_score == "combined"
+    with pytest.raises(ValueError, match="image_score"):
+        ImageContext.from_state({**state, "image_score": "max"})
+    with pytest.raises(ValueError, match="image_score"):
+        det.fit_context(normal, calib, image_score="sum")
+
+
+@pytest.mark.parametrize("profile,level,image_score", [("none", False, "combined"), ("rows", False, "combined"),
+                                                       ("rows", True, "combined"), ("rows", True, "context")])
+def test_onnx_export_of_a_detector_with_context_matches_it(tmp_path, monkeypatch, profile, level, image_score):
     pytest.importorskip("onnxruntime")
     from defect_fast.cli import main
     from defect_fast.runs import atomic_save
@@ -180,7 +213,8 @@ def test_onnx_export_of_a_detector_with_context_matches_it(tmp_path, monkeypatch
 
     monkeypatch.setattr(context, "ImageContext", RandomTrunkContext)
     to_u8 = lambda t: ((t + 1) * 127.5).round().to(torch.uint8)  # noqa: E731
-    det.fit_context(to_u8(_surfaces(10, seed=1)), to_u8(_surfaces(4, seed=2)), profile=profile, level_brightness=level)
+    det.fit_context(to_u8(_surfaces(10, seed=1)), to_u8(_surfaces(4, seed=2)), profile=profile, level_brightness=level,
+                    image_score=image_score)
     assert (det.context.brightness is not None) == level
     run = tmp_path / "run"
     run.mkdir()
@@ -192,8 +226,9 @@ def test_onnx_export_of_a_detector_with_context_matches_it(tmp_path, monkeypatch
     assert sidecar["context"] is True and sidecar["context_profile"] == profile
     assert sidecar["context_profile_in_score"] is False  # fitted now: the score reads the map without it
     assert sidecar["brightness"] == {"perceptual": None, "context": det.context.brightness}
+    assert sidecar["image_score"] == image_score
     det = Detector.load(run, device="cpu", precision="float32")
-    assert det.context is not None and det.context.profile == profile
+    assert det.context is not None and det.context.profile == profile and det.context.image_score == image_score
     assert Detector.load(run, device="cpu", map_kind="residual").context is None  # standardised for its own map only
     x = to_u8(_surfaces(2, seed=9))
     with torch.no_grad():

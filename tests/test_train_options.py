@@ -245,6 +245,15 @@ def test_a_context_profile_needs_the_context_and_a_known_name():
         check_config(TrainConfig(data="d", image_size=128, epochs=[1, 1], context=True, context_profile="row"), 2, 32)
 
 
+def test_the_context_image_score_needs_the_context_and_a_known_name():
+    with pytest.raises(ConfigError, match="--image-score context is part of the image context: add --context"):
+        check_config(TrainConfig(data="d", image_size=128, epochs=[1, 1], image_score="context"), 2, 32)
+    with pytest.raises(ConfigError, match="--image-score must be one of combined, context"):
+        check_config(TrainConfig(data="d", image_size=128, epochs=[1, 1], context=True, image_score="max"), 2, 32)
+    check_config(TrainConfig(data="d", image_size=128, epochs=[1, 1], context=True, image_score="context"), 2, 32)
+    assert TrainConfig.from_json({"data": "d"}).image_score == "combined"  # runs from before the option
+
+
 def test_levelling_the_brightness_needs_a_trunk_to_level_for():
     with pytest.raises(ConfigError, match="--level-brightness .* needs --map perceptual or --context"):
         check_config(TrainConfig(data="d", image_size=128, epochs=[1, 1], level_brightness=True), 2, 32)
