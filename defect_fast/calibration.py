@@ -430,12 +430,15 @@ def operating_points(scores, labels, calibration: Mapping[str, Any] | None) -> l
     if not stored or not n:
         return []
     last = min(len(stored), OPERATING_RANKS, max(1, _rank_for(OPERATING_FAR, n)))
-    def up(x: float) -> float:  # to 4 significant digits, never below x (floor(far (n + 1)) stays k)
-        scale = 10.0 ** (3 - math.floor(math.log10(x)))
-        return math.ceil(x * scale - _EPS) / scale
-
-    return [{"rank": k, "far_expected": k / (n + 1), "far": up(k / (n + 1)), **rates_at(scores, labels, stored[k - 1])}
+    return [{"rank": k, "far_expected": k / (n + 1), "far": _round_up(k / (n + 1)), **rates_at(scores, labels, stored[k - 1])}
             for k in range(1, last + 1)]
+
+
+def _round_up(x: float, digits: int = 4) -> float:
+    """``x`` > 0 rounded up to ``digits`` significant digits (never below it, so that a rate
+    k / (n + 1) printed this way still picks rank k: floor(far (n + 1)) = k)."""
+    scale = 10.0 ** (digits - 1 - math.floor(math.log10(x)))
+    return math.ceil(x * scale - _EPS) / scale
 
 
 def evaluate_thresholds(scores, labels, calibration: Mapping[str, Any] | None = None,

@@ -23,8 +23,8 @@ Command line (:func:`add_parser`, :func:`command`)::
     defect-fast report RUN DATA --out report.html [--threshold T | --far RATE] [--max-gallery 60] [--overwrite]
 
 The threshold is the model file's (:func:`defect_fast.calibration.stored_thresholds`) unless
-``--threshold`` gives one or ``--far`` asks for another false-alarm rate; an existing file is replaced only with ``--overwrite``, never when it is
-one of the inputs.
+``--threshold`` gives one or ``--far`` asks for another false-alarm rate; an existing file is
+replaced only with ``--overwrite``, never when it is one of the inputs.
 """
 from __future__ import annotations
 
