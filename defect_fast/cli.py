@@ -24,6 +24,7 @@ EPILOG = """examples:
   defect-fast train DATA --out runs/tile --resume             continue an interrupted run
   defect-fast evaluate runs/tile DATA --json metrics.json
   defect-fast predict runs/tile img1.png folder/ --out maps/
+  defect-fast watch runs/tile drop/ --out results/ --far 0.05  pass/fail each new image, false alarms <= 5 %
   defect-fast export runs/tile --format torchscript --out tile.ts
 """
 
