@@ -5,7 +5,8 @@ file can be mailed or archived on its own. Sections (element ids):
 
     summary     model, threshold and where it came from, counts
     metrics     (ground truth only) pixel/image AUROC, AUPRO, pixel F1-max overall and per class;
-                the F1-optimal image threshold; false-alarm and miss rates at the threshold in use
+                the F1-optimal image threshold; false-alarm and miss rates at the threshold in use,
+                and at each one ``--far`` could set from the run's held-back scores
     curves      (ground truth only) image-level ROC and precision-recall curves, the operating point
                 of the threshold marked
     histogram   image scores, good vs defective (or all images without ground truth), threshold line
@@ -41,7 +42,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .calibration import ModelInfo, f1_optimal_threshold, rates_at
+from .calibration import ModelInfo, f1_optimal_threshold, operating_points, rates_at
 from .safety import atomic_write_text
 
 __all__ = ["SECTIONS", "add_parser", "command", "report_from_data", "write_report"]
@@ -309,6 +310,15 @@ def write_report(
                 rows.append(("miss rate at it", f"{_fmt(r['miss_rate'])} ({r['misses']} of {r['n_defective']} defective)"))
         if rows:
             body.append("<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in rows) + "</table>")
+        points = operating_points(s, y, meta.extra.get("held_back")) if meta is not None and has_bad and has_good else []
+        if len(points) > 1:
+            metrics["operating_points"] = points
+            body.append("<p>Thresholds <code>--far</code> can set (the k-th highest held-back score) and their rates "
+                        "here:</p><table><tr><th>--far</th><th>k</th><th>threshold</th><th>false alarms</th>"
+                        "<th>misses</th></tr>" + "".join(
+                            f"<tr><td>{p['far']:.4g}</td><td>{p['rank']}</td><td>{_fmt(p['threshold'])}</td>"
+                            f"<td>{p['false_alarms']} of {p['n_good']}</td><td>{p['misses']} of {p['n_defective']}</td></tr>"
+                            for p in points) + "</table>")
         if body:
             section("metrics", "Metrics", "\n".join(body))
         if has_bad and has_good:

@@ -70,6 +70,27 @@ def test_report_with_ground_truth(tmp_path):
     assert not re.search(r'(src|href)="(?!data:)', text) and "http" not in text
 
 
+def test_report_lists_the_thresholds_far_can_set(tmp_path):
+    """With the run's held-back scores (ModelInfo.extra["held_back"]), the metrics section lists
+    each threshold --far can set and its false alarms and misses on these images; without them
+    it does not."""
+    images, masks, labels, classes = make_set()
+    res = stub_predict(images)
+    held = [9.0, 0.8, 0.4, -1.0] + [-2.0] * 36  # n = 40: ranks up to floor(0.1 * 41) = 4
+    info = ModelInfo(S, image_threshold=9.0, extra={"held_back": {"held_back_scores": held, "n_images": 40}})
+    out = write_report(tmp_path / "a.html", names=[f"img{i}.png" for i in range(12)], images=images, maps=res["maps"],
+                       scores=res["scores"], labels=labels, masks=masks, classes=classes, meta=info)
+    points = out["metrics"]["operating_points"]
+    assert [p["threshold"] for p in points] == held[:4]
+    s, y = res["scores"].numpy(), labels.numpy()
+    assert [p["misses"] for p in points] == [int(((s <= t) & (y == 1)).sum()) for t in held[:4]]
+    text = Path(out["path"]).read_text()
+    assert "Thresholds <code>--far</code> can set" in text and f"<td>{points[1]['far']:.4g}</td><td>2</td>" in text
+    plain = write_report(tmp_path / "b.html", names=[f"img{i}.png" for i in range(12)], images=images, maps=res["maps"],
+                         scores=res["scores"], labels=labels, masks=masks, classes=classes, meta=ModelInfo(S, image_threshold=9.0))
+    assert "operating_points" not in plain["metrics"] and "--far</code> can set" not in Path(plain["path"]).read_text()
+
+
 def test_report_without_ground_truth_and_gallery_limit(tmp_path):
     images, _, _, _ = make_set(n_good=10, n_bad=0)
     folder = tmp_path / "imgs"
