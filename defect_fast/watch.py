@@ -464,6 +464,20 @@ def _base_record(st: _State, key: str, path: Path, sha: str, sig: Signature) -> 
             "model": st.info.name, "model_version": st.info.version, "time": _now_iso()}
 
 
+def _judged_apart(records: list[dict[str, Any]], threshold: float, version: str) -> str:
+    """A note when earlier pass/fail results of a resumed journal were judged at another image
+    threshold or by another model file than this session's ("" when none were): they stand as
+    they were (an image already judged is not judged again), so a line audit should know."""
+    other = [r for r in records if r.get("result") in ("pass", "fail")
+             and (r.get("threshold") != threshold or r.get("model_version") != version)]
+    if not other:
+        return ""
+    seen = sorted({(float(r["threshold"]), str(r.get("model_version"))) for r in other if "threshold" in r})
+    how = ", ".join(f"threshold {t:.6g} (model {v})" for t, v in seen[:3]) + (" and others" if len(seen) > 3 else "")
+    return (f"note: {len(other)} earlier result(s) were judged at {how}, not at this session's threshold "
+            f"{threshold:.6g} (model {version}); they stand as recorded, new images are judged at {threshold:.6g}")
+
+
 def _reject(st: _State, key: str, path: Path, sha: str, sig: Signature, reason: str, log) -> None:
     dest = st.out / REJECTED / Path(key).name
     if dest.exists():
@@ -766,6 +780,9 @@ def watch(
         c = st.totals
         log(f"watching {in_dir} -> {out} | model {info.name} {info.version} | threshold {st.threshold:.6g} | "
             f"{len(journal.records)} earlier result(s): pass {c.passed} fail {c.failed} rejected {c.rejected}")
+        judged_apart = _judged_apart(journal.records, st.threshold, info.version)
+        if judged_apart:
+            log(judged_apart)
         journal.records.clear()  # read back once; the done set holds what the service needs
         _write_status(st, "running")
         listed = -float("inf")

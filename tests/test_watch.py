@@ -115,6 +115,26 @@ def test_threshold_override_and_required(tmp_path):
         run_once(tmp_path / "missing", tmp_path / "o3")
 
 
+def test_a_resumed_journal_judged_at_another_threshold_is_said(tmp_path):
+    """Restarted at another threshold (e.g. --far), the service says how many earlier results were
+    judged at which one; they stand, and the new images are judged at the new one. At the same
+    threshold and model nothing is said."""
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.png").write_bytes(png_bytes(0, bright=0.3))
+    run_once(src, tmp_path / "out", threshold=0.1)
+    _res, lines = run_once(src, tmp_path / "out", threshold=0.1)
+    assert not any(line.startswith("note:") for line in lines)
+    (src / "b.png").write_bytes(png_bytes(1, bright=0.3))
+    _res, lines = run_once(src, tmp_path / "out", threshold=0.9)
+    notes = [line for line in lines if line.startswith("note:")]
+    assert notes == ["note: 1 earlier result(s) were judged at threshold 0.1 (model v1), not at this session's "
+                     "threshold 0.9 (model v1); they stand as recorded, new images are judged at 0.9"]
+    recs = {r["image"]: r for r in journal(tmp_path / "out")}
+    assert (recs["a.png"]["threshold"], recs["a.png"]["result"]) == (0.1, "fail")
+    assert (recs["b.png"]["threshold"], recs["b.png"]["result"]) == (0.9, "pass")
+
+
 def test_second_process_on_same_out_is_refused(tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
