@@ -387,8 +387,10 @@ def cmd_info(args) -> int:
 def cmd_export(args) -> int:
     from .export import export
 
-    path = export(args.run, args.out, args.format, batch=args.batch, map_kind=args.map, stride=args.stride,
-                  smooth_sigma=args.smooth, blend=args.blend, overwrite=args.overwrite, precision=args.precision)
+    with far_errors(args.run, args.far):
+        path = export(args.run, args.out, args.format, batch=args.batch, map_kind=args.map, stride=args.stride,
+                      smooth_sigma=args.smooth, blend=args.blend, overwrite=args.overwrite, precision=args.precision,
+                      far=args.far)
     print(f"wrote {path} and {path.with_name(path.name + '.json')}")
     return 0
 
@@ -529,6 +531,9 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     x.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
                    help="float32 (default, portable) or bfloat16: the tuned CPU graph, for CPUs with AVX512-BF16 "
                    "or AMX (emulated, and slow, elsewhere); TorchScript files only")
+    x.add_argument("--far", type=rate, default=None, metavar="RATE",
+                   help="the sidecar's image threshold for this false-alarm rate, set from the defect-free images "
+                   "the run held back (default: the threshold stored in the model file)")
     x.add_argument("--overwrite", action="store_true")
     x.set_defaults(func=cmd_export)
 

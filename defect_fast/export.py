@@ -71,7 +71,8 @@ def _digest(path: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def sidecar(det: Detector, fmt: str, batch: int, dynamic_batch: bool, source: Path | None) -> dict[str, Any]:
+def sidecar(det: Detector, fmt: str, batch: int, dynamic_batch: bool, source: Path | None,
+            far: float | None = None) -> dict[str, Any]:
     """The JSON description written beside an exported file."""
     cal = det.calibration
     return {
@@ -105,8 +106,9 @@ def sidecar(det: Detector, fmt: str, batch: int, dynamic_batch: bool, source: Pa
         # the mean brightness (0..1) images are scaled to before the AlexNet trunk, or None (as read)
         "brightness": {"perceptual": getattr(det.image_map, "brightness", None),
                        "context": det.context.brightness if det.context is not None else None},
-        "thresholds": dict(zip(("score", "pixel"), stored_thresholds(cal)[:2])),  # as predict uses them
-        "threshold_source": stored_thresholds(cal)[2],
+        # as predict uses them (with far: the image threshold for that false-alarm rate, as predict --far)
+        "thresholds": dict(zip(("score", "pixel"), stored_thresholds(cal, far)[:2])),
+        "threshold_source": stored_thresholds(cal, far)[2],
         "calibration": cal,
     }
 
@@ -128,8 +130,9 @@ def _check_arguments(fmt: str, precision: str, batch: int) -> None:
 
 
 def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, source: Path | None = None,
-                    precision: str = "float32") -> Path:
-    """Write ``det``'s pipeline to ``out`` in format ``fmt`` (see :data:`FORMATS`) plus ``out.json``.
+                    precision: str = "float32", far: float | None = None) -> Path:
+    """Write ``det``'s pipeline to ``out`` in format ``fmt`` (see :data:`FORMATS`) plus ``out.json``
+    (its image threshold for false-alarm rate ``far`` when given, set from the stored held-back scores).
 
     The detector is exported on the CPU in ``precision`` (see the module docstring; ``det`` must
     have been built with it); its patch chunking is switched off (one model call per batch) so the
@@ -170,7 +173,7 @@ def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, so
                 except Exception:  # a graph that specialises on the batch: export it for this batch only
                     ep = torch.export.export(det, (example,))
                 torch.export.save(ep, fh)
-            meta = sidecar(det, fmt, batch, dynamic, source)  # still inside: a failure here leaves no file either
+            meta = sidecar(det, fmt, batch, dynamic, source, far)  # still inside: a failure here leaves no file either
             meta["precision"] = precision  # what the file computes in (det may run otherwise outside the export)
     finally:
         det.batch_size, det.precision, det.channels_last = saved
@@ -186,15 +189,18 @@ def sidecar_path(out: Path | str) -> Path:
 
 def export(run: Path | str, out: Path | str, fmt: str, *, batch: int = 1, overwrite: bool = False,
            map_kind: str | None = None, stride: int | None = None, smooth_sigma: float | None = None,
-           blend: str | None = None, precision: str = "float32") -> Path:
-    """``defect-fast export``: the run's detector (options as in :class:`Detector`) to ``out``."""
+           blend: str | None = None, precision: str = "float32", far: float | None = None) -> Path:
+    """``defect-fast export``: the run's detector (options as in :class:`Detector`) to ``out``; with
+    ``far``, the sidecar's image threshold is the one for that false-alarm rate."""
     # the file and its sidecar: never inside the run, never replaced without --overwrite (before the model is read)
     out = safe_output_file(out, overwrite, inputs=[run], what="--out")
     safe_output_file(sidecar_path(out), overwrite, inputs=[run], what="--out's description")
     _check_arguments(fmt, precision, batch)
     det = Detector.load(run, device="cpu", map_kind=map_kind, stride=stride, smooth_sigma=smooth_sigma, blend=blend,
                         precision=precision)
-    return export_detector(det, out, fmt, batch=batch, source=model_file(run), precision=precision)
+    if far is not None:
+        stored_thresholds(det.calibration, far)  # a rate the run cannot give fails before the export
+    return export_detector(det, out, fmt, batch=batch, source=model_file(run), precision=precision, far=far)
 
 
 __all__ = ["FORMATS", "PRECISIONS", "ExportError", "export", "export_detector", "sidecar", "sidecar_path"]

@@ -144,6 +144,30 @@ def test_export_refuses_to_overwrite(run, tmp_path, capsys):
     assert "exists" in capsys.readouterr().err and out.read_bytes() == b"keep"
 
 
+def test_export_far_writes_that_rate_s_threshold_in_the_sidecar(run, tmp_path, capsys):
+    """--far: the sidecar's image threshold is the one predict --far uses; a run without held-back
+    scores is refused before any file is written."""
+    import warnings
+
+    from defect_fast.calibration import calibrate
+
+    assert main(["export", str(run), "--format", "torchscript", "--out", str(tmp_path / "a.ts"), "--far", "0.05"]) == 2
+    assert capsys.readouterr().err.startswith("defect-fast: error: --far 0.05: ")
+    assert not (tmp_path / "a.ts").exists() and not (tmp_path / "a.ts.json").exists()
+    state = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state["calibration"] = calibrate(torch.arange(60, dtype=torch.float32), far=0.01)
+    held = tmp_path / "held"
+    held.mkdir()
+    atomic_save(state, held / "model.pt")
+    assert main(["export", str(held), "--format", "torchscript", "--out", str(tmp_path / "b.ts"), "--far", "0.05"]) == 0
+    meta = json.loads((tmp_path / "b.ts.json").read_text())
+    assert meta["thresholds"]["score"] == 57.0 and "far 0.05" in meta["threshold_source"]  # the 3rd largest of 0..59
+    assert main(["export", str(held), "--format", "torchscript", "--out", str(tmp_path / "c.ts")]) == 0
+    assert json.loads((tmp_path / "c.ts.json").read_text())["thresholds"]["score"] == 59.0  # stored: the largest
+
+
 def test_export_refuses_an_output_inside_the_run_even_with_overwrite(run, tmp_path, capsys):
     model = run / "model.pt"
     before = model.read_bytes()
