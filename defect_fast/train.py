@@ -941,8 +941,8 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         if cal.get("highest_scores"):
             log(f"the image threshold is the score of {cal['threshold_image']}; the highest held-back scores: "
                 + ", ".join(f"{score:.4g} ({Path(name).name})" for name, score in cal["highest_scores"])
-                + "; another false-alarm rate needs no retraining: --far RATE on predict, watch, report and "
-                "evaluate (evaluate lists what each gives on a labelled test set)")
+                + "; another false-alarm rate needs no retraining: --far RATE on predict, watch, report, "
+                "evaluate and export (evaluate lists what each gives on a labelled test set)")
         note = brightness_note(cal.get("score_brightness_rank_correlation"), cal["n_images"], cfg.level_brightness,
                                cfg.context or cfg.map == "perceptual")
         if note and cfg.holdback > 0 and cfg.held_back:

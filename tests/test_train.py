@@ -338,8 +338,8 @@ def test_held_back_images_are_never_trained_on_and_set_the_thresholds(synthetic_
     i = max(k for k, line in enumerate(said) if line.startswith(f"trained {state['model_name']} in "))
     assert f"then {state['finish_seconds']:.1f} s for the map statistics and calibration" in said[i]
     assert said[i + 1].startswith(f"the image threshold is the score of {state['calibration']['threshold_image']}; ")
-    assert said[i + 1].endswith("--far RATE on predict, watch, report and evaluate (evaluate lists what each gives on a "
-                                "labelled test set)")
+    assert said[i + 1].endswith("--far RATE on predict, watch, report, evaluate and export (evaluate lists what each "
+                                "gives on a labelled test set)")
     assert all(line.startswith("held-back scores against their images' mean brightness") for line in said[i + 2:])
     config = json.loads((run / "config.json").read_text())
     images, paths = load_train_images(synthetic_root, 128)
