@@ -9,7 +9,8 @@
     maps/<name>_map.png    grey anomaly map per image, at the image's own size
     overlays/<name>_overlay.png   the map over the image, at its own size
     rejected/              bad files, moved here (never deleted); their reason is in the journal
-    status.json            last image, counts, images/s, threshold, model (rewritten atomically)
+    status.json            last image, counts, images/s, threshold and where it came from, model
+                           (rewritten atomically)
 
 ``<name>`` is the image's path relative to ``IN_DIR`` ("/" -> "__", no extension) plus the first
 12 hex digits of its content's SHA-256, so a redo writes the same files.
@@ -261,6 +262,7 @@ class _State:
     in_dir: Path
     out: Path
     journal: Journal
+    threshold_source: str | None = None  # what set the threshold (status.json)
     done: set[tuple[str, str]] = field(default_factory=set)
     done_sig: dict[str, Signature] = field(default_factory=dict)
     pending: dict[str, _Pending] = field(default_factory=dict)
@@ -605,7 +607,7 @@ def _write_status(st: _State, state: str) -> None:
     status = {
         "state": state, "in_dir": str(st.in_dir), "out_dir": str(st.out), "started": st.started, "updated": _now_iso(),
         "model": st.info.name, "model_version": st.info.version, "threshold": st.threshold,
-        "pixel_threshold": st.info.pixel_threshold, "counts": st.totals.as_dict(), "session": st.session.as_dict(),
+        "threshold_source": st.threshold_source, "pixel_threshold": st.info.pixel_threshold, "counts": st.totals.as_dict(), "session": st.session.as_dict(),
         "images_per_s": round(processed / st.busy_s, 3) if st.busy_s > 0 else None,
         "last_batch_images_per_s": round(st.rate, 3), "waiting": len(st.pending), "last": st.last,
     }
@@ -754,7 +756,8 @@ def watch(
         if held is not None:
             held.release()
         raise
-    st = _State(info=info, threshold=float(thr), in_dir=in_dir, out=out, journal=journal)
+    source = "given to watch()" if threshold is not None else info.extra.get("threshold_source")
+    st = _State(info=info, threshold=float(thr), threshold_source=source, in_dir=in_dir, out=out, journal=journal)
     stop = stop or threading.Event()
     wake = threading.Event()
     old_handlers: dict[int, Any] = {}

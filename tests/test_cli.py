@@ -325,6 +325,10 @@ def test_far_sets_the_threshold_from_the_held_back_scores(tiny_run, synthetic_ro
         assert main([*argv, "--far", f"{too_low:.6f}"]) == 2
         assert capsys.readouterr().err.startswith("defect-fast: error: --far")
     assert not (tmp_path / "r2.html").exists() and not (tmp_path / "w").exists()
+    assert main(["watch", str(tiny_run), str(synthetic_root / "test" / "good"), "--out", str(tmp_path / "w2"), "--once",
+                 "--far", f"{far:.6f}", "--device", "cpu"]) == 0
+    status = json.loads((tmp_path / "w2" / "status.json").read_text())
+    assert status["threshold"] == cal["held_back_scores"][1] and status["threshold_source"].startswith("set after training")
 
 
 def test_damaged_old_and_foreign_model_files(tiny_run, synthetic_root, tmp_path, capsys):

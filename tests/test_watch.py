@@ -130,6 +130,7 @@ def test_a_resumed_journal_judged_at_another_threshold_is_said(tmp_path):
     notes = [line for line in lines if line.startswith("note:")]
     assert notes == ["note: 1 earlier result(s) were judged at threshold 0.1 (model v1), not at this session's "
                      "threshold 0.9 (model v1); they stand as recorded, new images are judged at 0.9"]
+    assert json.loads((tmp_path / "out" / "status.json").read_text())["threshold_source"] == "given to watch()"
     recs = {r["image"]: r for r in journal(tmp_path / "out")}
     assert (recs["a.png"]["threshold"], recs["a.png"]["result"]) == (0.1, "fail")
     assert (recs["b.png"]["threshold"], recs["b.png"]["result"]) == (0.9, "pass")
