@@ -97,6 +97,13 @@ IMAGE_SCORES = ("combined", "context")
 AUTO_P_VALUE = 0.01
 
 
+def checked_image_score(value: str) -> str:
+    """``value`` if it is one of :data:`IMAGE_SCORES`, else ValueError naming them."""
+    if value not in IMAGE_SCORES:
+        raise ValueError(f"image_score must be one of {', '.join(IMAGE_SCORES)}, got {value!r}")
+    return value
+
+
 def grid_side(image_size: int, layer: int = 3) -> int:
     """Side of a layer's grid for an image of side ``image_size`` (conv2-5: 15 at 256; conv1: 31).
     conv1 and conv2 are read after the max-pool that follows them."""
@@ -499,10 +506,9 @@ class ImageContext(FrozenTrunk):
         m.profile_basis = state.get("profile_basis")
         m.profile_in_score = bool(state.get("profile_in_score", True))  # as files before the choice scored
         m.brightness = state.get("brightness")  # files written before the option: not levelled
-        m.image_score = state.get("image_score", "combined")  # files written before the option: the sum
-        if m.image_score not in IMAGE_SCORES:
-            raise ValueError(f"image_score must be one of {', '.join(IMAGE_SCORES)}, got {m.image_score!r}")
+        m.image_score = checked_image_score(state.get("image_score", "combined"))  # files before the option: the sum
         return m
 
 
-__all__ = ["IMAGE_SCORES", "ImageContext", "LAYERS", "PROFILES", "PROFILE_CHOICES", "grid_side", "profile_across_streaks"]
+__all__ = ["IMAGE_SCORES", "ImageContext", "LAYERS", "PROFILES", "PROFILE_CHOICES", "checked_image_score", "grid_side",
+           "profile_across_streaks"]

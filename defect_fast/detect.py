@@ -552,10 +552,9 @@ class Detector(nn.Module):
                      image_score: str = "combined") -> tuple[int, dict[str, torch.Tensor]]:
         """:meth:`fit_context`, and what :meth:`predict_batched` gives for the calibration images
         afterwards ({"maps": [M,S,S], "scores": [M]} on the CPU), from the maps the fit computes anyway."""
-        from .context import IMAGE_SCORES, ImageContext, profile_across_streaks
+        from .context import ImageContext, checked_image_score, profile_across_streaks
 
-        if image_score not in IMAGE_SCORES:
-            raise ValueError(f"image_score must be one of {', '.join(IMAGE_SCORES)}, got {image_score!r}")
+        checked_image_score(image_score)  # before the fit
         basis = None
         if profile == "auto":
             profile, basis = profile_across_streaks(normal_images)

@@ -75,6 +75,7 @@ def sidecar(det: Detector, fmt: str, batch: int, dynamic_batch: bool, source: Pa
             far: float | None = None) -> dict[str, Any]:
     """The JSON description written beside an exported file."""
     cal = det.calibration
+    image_t, pixel_t, threshold_source = stored_thresholds(cal, far)  # as predict uses them (with far: as predict --far)
     return {
         "format": fmt,
         "model": det.model.name,
@@ -106,9 +107,8 @@ def sidecar(det: Detector, fmt: str, batch: int, dynamic_batch: bool, source: Pa
         # the mean brightness (0..1) images are scaled to before the AlexNet trunk, or None (as read)
         "brightness": {"perceptual": getattr(det.image_map, "brightness", None),
                        "context": det.context.brightness if det.context is not None else None},
-        # as predict uses them (with far: the image threshold for that false-alarm rate, as predict --far)
-        "thresholds": dict(zip(("score", "pixel"), stored_thresholds(cal, far)[:2])),
-        "threshold_source": stored_thresholds(cal, far)[2],
+        "thresholds": {"score": image_t, "pixel": pixel_t},
+        "threshold_source": threshold_source,
         "calibration": cal,
     }
 

@@ -607,7 +607,8 @@ def _write_status(st: _State, state: str) -> None:
     status = {
         "state": state, "in_dir": str(st.in_dir), "out_dir": str(st.out), "started": st.started, "updated": _now_iso(),
         "model": st.info.name, "model_version": st.info.version, "threshold": st.threshold,
-        "threshold_source": st.threshold_source, "pixel_threshold": st.info.pixel_threshold, "counts": st.totals.as_dict(), "session": st.session.as_dict(),
+        "threshold_source": st.threshold_source, "pixel_threshold": st.info.pixel_threshold,
+        "counts": st.totals.as_dict(), "session": st.session.as_dict(),
         "images_per_s": round(processed / st.busy_s, 3) if st.busy_s > 0 else None,
         "last_batch_images_per_s": round(st.rate, 3), "waiting": len(st.pending), "last": st.last,
     }
