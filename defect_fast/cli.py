@@ -26,6 +26,7 @@ EPILOG = """examples:
   defect-fast predict runs/tile img1.png folder/ --out maps/
   defect-fast watch runs/tile drop/ --out results/ --far 0.05  pass/fail each new image, false alarms <= 5 %
   defect-fast export runs/tile --format torchscript --out tile.ts
+  defect-fast calibrate runs/tile good/ --out runs/tile-cal   thresholds set again from unseen good images
 """
 
 
@@ -558,6 +559,8 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     report_cmd.add_parser(sub)
     from . import diagnose as diagnose_cmd
     diagnose_cmd.add_parser(sub)
+    from . import recalibrate as calibrate_cmd
+    calibrate_cmd.add_parser(sub)
     return p
 
 

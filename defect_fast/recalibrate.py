@@ -1,0 +1,245 @@
+"""``defect-fast calibrate``: set a finished run's pass/fail thresholds again, from defect-free
+images it has not seen, without training again.
+
+A run's stored thresholds rest on the images it held back at training (``--holdback``; 60 of the
+600 magnetic-tile images). That is often too few or the wrong ones for a line:
+
+- the rule behind a false-alarm rate (:func:`defect_fast.calibration.image_threshold`) needs
+  ``1/far - 1`` images for rate ``far``: 99 for the default 0.01, so a run with 60 falls back to
+  its largest held-back score;
+- the held-back images are a random share of the training folder: a marked part among them sets
+  the threshold (the run's log names the image), and a later lighting or camera change on the
+  line is not in them.
+
+:func:`recalibrate` predicts the given images with the run's own settings and writes a copy of
+the run's model file whose calibration (image and pixel thresholds, every score, the highest
+images named) comes from them, optionally together with the run's own held-back images. The
+weights, the map statistics, the image context and the image score stay as they were: an image
+scores the same under the new file as under the old one; only the thresholds move.
+
+Images the run was trained on, or fitted its map statistics on, give optimistic thresholds (a
+z-score is smallest in its own sample): they are refused, found by their pixels as read (the
+run's training folder is read for this; when it is gone, a warning says the check was not made).
+Identical images are counted once.
+
+Command line::
+
+    defect-fast calibrate RUN [IMAGES ...] --out NEW_RUN [--with-held-back] [--far RATE] [--overwrite] [--device auto]
+
+``NEW_RUN`` is a new folder (or one an earlier ``calibrate`` wrote, with ``--overwrite``) holding
+``model.pt``, which every other command takes as a run, and ``calibration.json``: the old and new
+thresholds and the images they rest on.
+"""
+from __future__ import annotations
+
+import argparse
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .safety import UsageError
+
+#: What ``calibrate`` writes in its output folder.
+OUTPUT_FILES = ("model.pt", "calibration.json")
+
+
+def _seen_images(state: dict[str, Any], cfg) -> tuple[list[bytes] | None, str]:
+    """Pixel keys (:func:`defect_fast.train.image_keys`) of the images the run trained on or fitted
+    its map statistics on, and a note; (None, why) when the run's training folder cannot be read."""
+    from .data.dataset import load_train_images
+    from .train import image_keys
+
+    if cfg is None or not cfg.data:
+        return None, "the model file does not name its training images"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the training folder's own notes (skipped files) were said at training
+            images, paths = load_train_images(cfg.data, int(state["image_size"]))
+    except (OSError, ValueError) as exc:
+        return None, f"its training images could not be read ({exc})"
+    held = [str(p) for p in state.get("held_back") or []]
+    fitted = set(_fit_half(held, state, cfg)[0])
+    seen = [i for i, p in enumerate(paths) if str(p) not in held or str(p) in fitted]
+    keys = image_keys(images)
+    return [keys[i] for i in seen], f"{len(seen)} images of {cfg.data}"
+
+
+def _fit_half(held: list[str], state: dict[str, Any], cfg) -> tuple[list[str], list[str]]:
+    """The run's held-back files split into (fitted the map statistics, calibrated): with
+    ``--fit-on held-back`` and a fitted map, every other one fitted (``train.finish_run``)."""
+    fitted_map = bool(state.get("perceptual")) or bool(state.get("normalization"))
+    if cfg is not None and cfg.fit_on == "held-back" and fitted_map:
+        return held[0::2], held[1::2]
+    return [], held
+
+
+def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | Path | None = None, *,
+                far: float | None = None, with_held_back: bool = False, device: str = "auto",
+                overwrite: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Write ``out/model.pt``: the run's model with thresholds set from ``images`` (files or
+    folders of defect-free images the run has not seen) and, with ``with_held_back``, the run's
+    own held-back images (those it did not fit its map statistics on).
+
+    Args:
+        run: run folder or model file.
+        far: the image threshold's false-alarm rate (default: the rate the run was trained with);
+            when given, too few images for it is refused (:class:`~defect_fast.safety.UsageError`),
+            while the run's own rate falls back to the largest score with a warning, as at training.
+        device: where the images are predicted.
+        overwrite: replace an earlier ``calibrate`` output in ``out`` (only its files).
+
+    Returns:
+        ``{"model": out/model.pt, "calibration": the new calibration dict, "before": the run's}``.
+
+    Raises:
+        UsageError: no images asked for, too few for ``far``; DataError: unreadable images, images the
+        run trained on; RunError: a damaged run, held-back images gone; OutputRefused: ``out``.
+    """
+    from .calibration import DEFAULT_FAR, calibrate, min_images_for
+    from .data.io import collect_images, read_images
+    from .detect import Detector
+    from .diagnose import rank_correlation
+    from .runs import MODEL_FILE, RunError, load_model_state, model_file
+    from .safety import OutputFolder, save_with_digest
+    from .train import TrainConfig, image_keys
+
+    if out is None:
+        raise UsageError("calibrate: --out is required")
+    if not images and not with_held_back:
+        raise UsageError("calibrate: give defect-free images (files or folders) the run has not seen, "
+                         "and/or --with-held-back")
+    out = Path(out)
+    inputs = [run, *images]
+    OutputFolder.check(out, overwrite=overwrite, inputs=inputs, command="calibrate")  # before any reading
+    path = model_file(run)
+    state = load_model_state(path)
+    cfg = TrainConfig.from_json(state["train_config"]) if state.get("train_config") else None
+    det = Detector.load(path, device=device)  # the run's own inference settings, so its maps and scores
+    size = det.image_size
+    asked = far is not None
+    far = float(far) if asked else float(getattr(cfg, "far", None) or DEFAULT_FAR)
+
+    paths = collect_images(images) if images else []
+    n_given = len(paths)
+    if with_held_back:
+        held = _fit_half([str(p) for p in state.get("held_back") or []], state, cfg)[1]
+        if not held:
+            raise RunError(f"{run}: --with-held-back: the run held back no images it did not fit its map on")
+        gone = [p for p in held if not Path(p).is_file()]
+        if gone:
+            raise RunError(f"{run}: --with-held-back: {len(gone)} of its {len(held)} held-back images are gone "
+                           f"({', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''})")
+        paths += [Path(p) for p in held]
+    batch = read_images(paths, size, where="calibrate inputs")  # every bad file named, before any output
+
+    keys = image_keys(batch)
+    first: dict[bytes, int] = {}
+    for i, k in enumerate(keys):
+        first.setdefault(k, i)
+    if len(first) < len(keys):
+        twins = [paths[i].name for i, k in enumerate(keys) if first[k] != i]
+        log(f"{len(twins)} image(s) are identical to another given one and count once ({', '.join(twins[:3])}"
+            f"{', ...' if len(twins) > 3 else ''})")
+        keep = sorted(first.values())
+        n_given = sum(1 for i in keep if i < n_given)  # a held-back image also given counts as given
+        batch, paths, keys = batch[keep], [paths[i] for i in keep], [keys[i] for i in keep]
+    seen, seen_what = _seen_images(state, cfg)
+    if seen is None:
+        warnings.warn(f"{run}: could not check that the images were not trained on: {seen_what}")
+    else:
+        trained = set(seen)
+        known = [str(p) for p, k in zip(paths, keys) if k in trained]
+        if known:
+            from .data.io import DataError
+
+            raise DataError(f"calibrate: {len(known)} of the images are ones {run} trained on or fitted its map on "
+                            f"({', '.join(known[:3])}{', ...' if len(known) > 3 else ''}): thresholds set on them are "
+                            "optimistic; give defect-free images the run has not seen")
+    n = batch.shape[0]
+    if asked and n < min_images_for(far):
+        raise UsageError(f"--far {far:g}: needs at least {min_images_for(far)} defect-free images, got {n}; the "
+                         f"lowest rate {n} allow is 1/{n + 1} = {1 / (n + 1):.4g}")
+
+    before = dict(state.get("calibration") or {})
+    names = [str(p) for p in paths]
+    res = det.predict_batched(batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # too few images for the run's own rate: said below, as train does
+        cal = calibrate(res["scores"], res["maps"], far=far, names=names)
+    flat = res["maps"].flatten()
+    if flat.numel() > 2_000_000:
+        flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:2_000_000]]
+    cal["pixel_q999"] = float(torch.quantile(flat.float(), 0.999))
+    rho = rank_correlation(res["scores"].numpy(), batch.double().mean(dim=(1, 2, 3)).numpy())
+    cal["score_brightness_rank_correlation"] = rho if rho == rho else None
+    parts = ([f"{n_given} defect-free images given to calibrate"] if n_given else []) + \
+        ([f"{n - n_given} images the run held back"] if n > n_given else [])
+    cal["source"] = " and ".join(parts)
+    cal["map_fitted_on"] = before.get("map_fitted_on")
+    cal["calibrated_from"] = {"run": str(path), "image_threshold": before.get("image_threshold"),
+                              "pixel_threshold": before.get("pixel_threshold"), "n_images": before.get("n_images"),
+                              "source": before.get("source")}
+    state["calibration"] = cal
+    state.pop("tensor_digest", None)  # the new file gets its own
+
+    folder = OutputFolder.create(out, overwrite=overwrite, inputs=inputs, lock=True, command="calibrate")
+    try:
+        folder.reserve(OUTPUT_FILES)  # a user's file there: refused, none written
+        save_with_digest(state, MODEL_FILE, folder=folder)
+        summary = {"run": str(path), "model": str(out / MODEL_FILE), "far": far, "images": names,
+                   "before": {k: before.get(k) for k in ("image_threshold", "pixel_threshold", "n_images", "far",
+                                                         "note", "source")},
+                   "after": {k: cal.get(k) for k in ("image_threshold", "pixel_threshold", "n_images", "far",
+                                                     "far_expected", "far_upper95", "rank", "sufficient", "note",
+                                                     "source", "threshold_image", "highest_scores")}}
+        folder.write_json("calibration.json", summary)
+    except BaseException:
+        folder.discard()
+        raise
+    finally:
+        folder.release()
+    was = before.get("image_threshold")
+    log(f"image threshold {cal['image_threshold']:.4g} from {n} images ({cal['source']})"
+        + (f"; it was {was:.4g} from {before.get('n_images')}" if isinstance(was, (int, float)) else "")
+        + (f": {cal['note']}" if cal.get("sufficient") else ""))
+    if not cal.get("sufficient", True):
+        warnings.warn(cal["note"])
+    log(f"the image threshold is the score of {cal['threshold_image']}; the highest scores: "
+        + ", ".join(f"{score:.4g} ({Path(name).name})" for name, score in cal["highest_scores"]))
+    log(f"wrote {out / MODEL_FILE} (weights, maps and scores as in {path}; only the thresholds changed)")
+    return {"model": out / MODEL_FILE, "calibration": cal, "before": before}
+
+
+def add_parser(subparsers) -> None:
+    """Register ``defect-fast calibrate`` on the CLI's sub-parsers."""
+    from .safety import device_arg, output_path, rate
+
+    c = subparsers.add_parser(
+        "calibrate", help="set a run's pass/fail thresholds again from defect-free images it has not seen",
+        description="Predict defect-free images the run has not seen with its own settings and write a copy of its "
+                    "model file whose thresholds come from them (weights, maps and scores unchanged): more images "
+                    "for a low false-alarm rate (0.01 needs 99), or the line's own images after a change. Images "
+                    "the run trained on are refused.")
+    c.add_argument("run", help="run folder (or model.pt)")
+    c.add_argument("images", nargs="*", help="defect-free image files or folders the run was not trained on")
+    c.add_argument("--out", required=True, type=output_path,
+                   help="folder for the new model.pt and calibration.json (new or empty; earlier calibrate output only "
+                   "with --overwrite)")
+    c.add_argument("--with-held-back", action="store_true",
+                   help="also use the images the run held back at training (those its map was not fitted on)")
+    c.add_argument("--far", type=rate, default=None, metavar="RATE",
+                   help="false-alarm rate of the image threshold (default: the run's); too few images for it are refused")
+    c.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    c.add_argument("--overwrite", action="store_true", help="replace earlier calibrate output in --out")
+    c.set_defaults(func=command)
+
+
+def command(args: argparse.Namespace) -> int:
+    recalibrate(args.run, args.images, args.out, far=args.far, with_held_back=args.with_held_back,
+                device=args.device, overwrite=args.overwrite)
+    return 0
+
+
+__all__ = ["recalibrate", "add_parser", "command", "OUTPUT_FILES"]

@@ -1,0 +1,187 @@
+"""``defect-fast calibrate``: thresholds set again from defect-free images a run has not seen.
+
+Two tiny runs (CMA-AE, 64 px, one step per stage) on a 64 px synthetic set: one with the default
+map, one whose per-position normalisation is fitted on half of its held-back images. New
+defect-free images come from the same generator with another seed.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from defect_fast.cli import main
+from defect_fast.data.io import read_images
+from defect_fast.detect import Detector
+from defect_fast.runs import load_model_state
+from defect_fast.safety import MANIFEST_NAME, run_main, save_with_digest
+
+SIZE = 64
+TRAIN = ["--image-size", str(SIZE), "--batch-size", "4", "--max-steps", "1", "--set", "memory_size=10", "--quiet",
+         "--device", "cpu"]
+
+
+def cli(argv, capsys) -> tuple[int, str, str]:
+    try:
+        status = run_main(main, [str(a) for a in argv])
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else 2
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def refused(status: int, err: str, *words: str) -> None:
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert status == 2, err
+    assert len(lines) == 1 and lines[0].startswith("defect-fast: error:"), err
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from defect_fast.data.synthetic import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("recalibrate")
+    data = make_synthetic_dataset(root / "data", size=SIZE, seed=0)
+    more = make_synthetic_dataset(root / "more", size=SIZE, seed=1, n_train=120, n_test_good=1, n_test_defect=1)
+    run, halves = root / "run", root / "run-halves"
+    assert main(["train", str(data), "--out", str(run), *TRAIN]) == 0
+    assert main(["train", str(data), "--out", str(halves), "--normalize", "position", "--fit-on", "held-back", *TRAIN]) == 0
+    return {"data": data, "more": more / "train" / "good", "run": run, "halves": halves}
+
+
+def test_held_back_alone_gives_the_stored_thresholds(runs, tmp_path, capsys):
+    out = tmp_path / "cal"
+    status, stdout, err = cli(["calibrate", runs["run"], "--with-held-back", "--out", out, "--device", "cpu"], capsys)
+    assert status == 0, err
+    before, after = (load_model_state(p)["calibration"] for p in (runs["run"], out))
+    for key in ("image_threshold", "pixel_threshold", "score_max"):
+        assert after[key] == pytest.approx(before[key], rel=1e-5), key
+    assert after["held_back_scores"] == pytest.approx(before["held_back_scores"], rel=1e-5)
+    assert after["threshold_image"] == before["threshold_image"] and after["n_images"] == before["n_images"] == 4
+    assert "warning" in err and "needs at least 99" in err  # too few for the run's rate: the fallback, said
+    assert "4 images the run held back" in stdout
+    summary = json.loads((out / "calibration.json").read_text())
+    assert summary["before"]["image_threshold"] == before["image_threshold"]
+    assert sorted(json.loads((out / MANIFEST_NAME).read_text())["files"]) == ["calibration.json", "model.pt"]
+
+
+def test_more_images_reach_the_rate_and_leave_the_scores_alone(runs, tmp_path, capsys):
+    out = tmp_path / "cal"
+    status, stdout, err = cli(["calibrate", runs["run"], runs["more"], "--with-held-back", "--out", out,
+                               "--device", "cpu"], capsys)
+    assert status == 0, err
+    assert "warning" not in err
+    cal = load_model_state(out)["calibration"]
+    assert cal["n_images"] == 124 and cal["sufficient"] and cal["rank"] == 1  # floor(0.01 * 125) = 1
+    assert cal["far_expected"] == pytest.approx(1 / 125)
+    assert cal["source"] == "120 defect-free images given to calibrate and 4 images the run held back"
+    assert cal["calibrated_from"]["image_threshold"] == load_model_state(runs["run"])["calibration"]["image_threshold"]
+    assert cal["image_threshold"] == max(cal["held_back_scores"]) and len(cal["held_back_scores"]) == 124
+    # the weights and the map are the run's: every image scores the same under both files
+    images = read_images(sorted((runs["data"] / "test" / "scratch").glob("*.png"))[:4], SIZE)
+    a, b = (Detector.load(r, device="cpu").predict_batched(images) for r in (runs["run"], out))
+    assert torch.equal(a["scores"], b["scores"]) and torch.equal(a["maps"], b["maps"])
+    # and --far now has the images for lower rates than the run alone could give
+    status, stdout, err = cli(["evaluate", out, runs["data"], "--far", "0.02", "--device", "cpu"], capsys)
+    assert status == 0, err
+    assert "2nd largest of 124" in stdout
+
+
+def test_rate_asked_for_needs_the_images(runs, tmp_path, capsys):
+    out = tmp_path / "cal"
+    refused(*cli(["calibrate", runs["run"], runs["more"], "--far", "0.005", "--out", out, "--device", "cpu"], capsys)[::2],
+            "--far 0.005", "199", "120")
+    assert not out.exists()
+
+
+def test_images_the_run_trained_on_are_refused(runs, tmp_path, capsys):
+    out, mixed = tmp_path / "cal", tmp_path / "mixed"
+    mixed.mkdir()
+    for p in sorted(runs["more"].glob("*.png"))[:5]:
+        shutil.copy(p, mixed / f"new_{p.name}")
+    held = set(load_model_state(runs["run"])["held_back"])
+    trained = [p for p in sorted((runs["data"] / "train" / "good").glob("*.png")) if str(p) not in held][0]
+    shutil.copy(trained, mixed / "renamed_copy.png")  # found by its pixels, not its name
+    refused(*cli(["calibrate", runs["run"], mixed, "--out", out, "--device", "cpu"], capsys)[::2],
+            "1 of the images", "renamed_copy.png", "trained on")
+    assert not out.exists()
+    # the run's own held-back images, given as files, are not training images
+    status, _stdout, err = cli(["calibrate", runs["run"], *sorted(held), "--out", out, "--device", "cpu"], capsys)
+    assert status == 0, err
+
+
+def test_fitted_half_of_the_held_back_images_stays_out(runs, tmp_path, capsys):
+    state = load_model_state(runs["halves"])
+    held = list(state["held_back"])
+    out = tmp_path / "cal"
+    status, stdout, err = cli(["calibrate", runs["halves"], "--with-held-back", "--out", out, "--device", "cpu"], capsys)
+    assert status == 0, err
+    cal = load_model_state(out)["calibration"]
+    assert cal["n_images"] == 2 == state["calibration"]["n_images"]
+    assert cal["image_threshold"] == pytest.approx(state["calibration"]["image_threshold"], rel=1e-5)
+    refused(*cli(["calibrate", runs["halves"], held[0], "--out", tmp_path / "cal2", "--device", "cpu"], capsys)[::2],
+            "fitted its map on", Path(held[0]).name)
+
+
+def test_identical_images_count_once(runs, tmp_path, capsys):
+    src = tmp_path / "twins"
+    src.mkdir()
+    files = sorted(runs["more"].glob("*.png"))[:3]
+    for p in files:
+        shutil.copy(p, src / p.name)
+    shutil.copy(files[0], src / "again.png")
+    status, stdout, err = cli(["calibrate", runs["run"], src, "--out", tmp_path / "cal", "--device", "cpu"], capsys)
+    assert status == 0, err
+    assert "1 image(s) are identical to another given one" in stdout and "again.png" in stdout
+    assert load_model_state(tmp_path / "cal")["calibration"]["n_images"] == 3
+
+
+def test_outputs_are_never_replaced_silently(runs, tmp_path, capsys):
+    out = tmp_path / "cal"
+    args = ["calibrate", runs["run"], runs["more"], "--out", out, "--device", "cpu"]
+    assert cli(args, capsys)[0] == 0
+    first = (out / "model.pt").read_bytes()
+    refused(*cli(args, capsys)[::2], "--overwrite")
+    assert (out / "model.pt").read_bytes() == first
+    assert cli([*args, "--overwrite"], capsys)[0] == 0
+    # a folder of the user's, or a run that train wrote, is never a calibrate output
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    refused(*cli(["calibrate", runs["run"], runs["more"], "--out", mine, "--device", "cpu"], capsys)[::2], "not empty")
+    assert (mine / "notes.txt").read_text() == "keep" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    refused(*cli(["calibrate", runs["run"], runs["more"], "--out", runs["halves"], "--overwrite", "--device", "cpu"],
+                 capsys)[::2], "defect-fast train")
+    # the run itself is an input
+    refused(*cli(["calibrate", runs["run"], runs["more"], "--out", runs["run"], "--device", "cpu"], capsys)[::2],
+            str(runs["run"]))
+
+
+def test_nothing_to_calibrate_on_and_missing_held_back(runs, tmp_path, capsys):
+    refused(*cli(["calibrate", runs["run"], "--out", tmp_path / "cal"], capsys)[::2], "--with-held-back")
+    state = load_model_state(runs["run"])
+    gone = tmp_path / "gone"
+    state["held_back"] = [str(tmp_path / "nowhere" / Path(p).name) for p in state["held_back"]]
+    state.pop("tensor_digest", None)
+    gone.mkdir()
+    save_with_digest(state, gone / "model.pt")
+    refused(*cli(["calibrate", gone, "--with-held-back", "--out", tmp_path / "cal"], capsys)[::2],
+            "4 of its 4 held-back images are gone")
+    assert not (tmp_path / "cal").exists()
+
+
+def test_training_folder_gone_is_a_warning(runs, tmp_path, capsys):
+    state = load_model_state(runs["run"])
+    cfg = dict(state["train_config"])
+    cfg["data"] = str(tmp_path / "moved-away")
+    state["train_config"] = cfg
+    state.pop("tensor_digest", None)
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    save_with_digest(state, moved / "model.pt")
+    status, _stdout, err = cli(["calibrate", moved, runs["more"], "--out", tmp_path / "cal", "--device", "cpu"], capsys)
+    assert status == 0, err
+    assert "could not check that the images were not trained on" in err and "moved-away" in err
