@@ -4,7 +4,8 @@ against the Detector without it, and the fit at the end of training.
 A CMA-AE Detector with the perceptual map (pyramid 1 2, stride 32, Hann blending, smoothing 4:
 the recommended run's inference) on random 256x256 images, timed in alternating rounds with and
 without a fitted context; and ``ImageContext.fit`` on ``--fit-images`` random images. Weights
-and images are random (the cost does not depend on them); the trunk is the ImageNet AlexNet when
+and images are random (``--images``: photos to time on instead; the medians of the band profile
+take longer on the features of photos than on those of random pixels); the trunk is the ImageNet AlexNet when
 ``$DEFECT_FAST_ALEXNET_WEIGHTS`` names it, else random weights of the same shapes.
 
 Also timed in the same rounds, the same Detector with the frozen trunk as it ran before it
@@ -14,10 +15,13 @@ is what the tuned trunk saves per image of the recommended run. And the same Det
 context that adds the band profile (``--context-profile rows``, "with_profile"), and that
 context's fit; and that Detector with the map and the context levelling each image's brightness
 before the trunk (``--level-brightness``, "with_profile_levelled": the recommended run's inference
-since v7). On a GPU (``--device cuda``) every Detector timed replays CUDA graphs.
+since v7), and that Detector again with the band profile's medians taken by ``torch.median``
+("with_profile_levelled_torch_median"), as before they ran as a selection network on CPUs
+(``defect_fast.context._median``; the same values). On a GPU (``--device cuda``) every Detector
+timed replays CUDA graphs.
 
     python benchmarks/bench_context.py [--device cpu|cuda] [--threads 2] [--batch 8] [--rounds 10]
-        [--fit-images 540] [--out FILE]
+        [--fit-images 540] [--images FOLDER] [--out FILE]
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import torch
 
 from common import RESULTS, command_line, device_info, time_interleaved, write_results
 
+import defect_fast.context as context_module
 from defect_fast.context import ImageContext
 from defect_fast.detect import Detector
 from defect_fast.models import build_model
@@ -48,6 +53,19 @@ class Float32Trunk(Detector):
 
     def _shared_stem(self, ctx):
         return 0
+
+
+def _with_torch_median(fn):
+    """``fn`` run with the context's medians taken by ``torch.median`` (its route before the
+    selection network)."""
+    def call():
+        saved = context_module._median
+        context_module._median = lambda x, dim: x.median(dim=dim).values
+        try:
+            return fn()
+        finally:
+            context_module._median = saved
+    return call
 
 
 def _trunk() -> dict[str, torch.Tensor]:
@@ -71,6 +89,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="images per Detector call (default 8)")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--fit-images", type=int, default=540, help="images ImageContext.fit runs on (default 540)")
+    ap.add_argument("--images", default=None, help="time on --batch photos spread over this folder (read at 256 px) "
+                    "instead of random pixels (default)")
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/context_<device>.json)")
     args = ap.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -80,7 +100,15 @@ def main() -> None:
     torch.manual_seed(0)
     trunk = _trunk()
     g = torch.Generator().manual_seed(1)
-    images = torch.randint(0, 256, (args.batch, 3, SIZE, SIZE), dtype=torch.uint8, generator=g).to(dev)
+    if args.images is not None:  # photos: what the features look like decides how long a median takes
+        from defect_fast.data.io import collect_images, read_images
+
+        paths = collect_images([args.images])
+        if len(paths) < args.batch:
+            ap.error(f"--images {args.images}: {len(paths)} images, fewer than --batch {args.batch}")
+        images = read_images(paths[:: max(1, len(paths) // args.batch)][: args.batch], SIZE).to(dev)
+    else:
+        images = torch.randint(0, 256, (args.batch, 3, SIZE, SIZE), dtype=torch.uint8, generator=g).to(dev)
     fit_set = (torch.rand(args.fit_images, 3, SIZE, SIZE, generator=g) * 2 - 1).to(dev)
 
     t0 = time.perf_counter()
@@ -115,17 +143,20 @@ def main() -> None:
         t = time_interleaved({"without": lambda: plain(images), "with": lambda: with_ctx(images),
                               "with_float32_trunk": lambda: before(images), "with_profile": lambda: with_rows(images),
                               "with_profile_levelled": lambda: levelled(images),
+                              "with_profile_levelled_torch_median": _with_torch_median(lambda: levelled(images)),
                               "context_alone": lambda: ctx.map(ctx.features(plain._to_model_input(images), **trunk), SIZE)},
                              rounds=args.rounds, warmup=2, device=args.device)
     info = device_info(args.device)
     per = {k: round(v["median_ms"] / args.batch, 2) for k, v in t.items()}
     res = {"info": info, "command": command_line(), "threads": args.threads, "batch": args.batch, "image_size": SIZE,
-           "detector_precision": plain.precision, "trunk": "imagenet" if os.environ.get("DEFECT_FAST_ALEXNET_WEIGHTS") else "random",
+           "images": args.images or "random", "detector_precision": plain.precision, "trunk": "imagenet" if os.environ.get("DEFECT_FAST_ALEXNET_WEIGHTS") else "random",
            "shared_trunk_layers": with_ctx._shared_stem(ctx),
            "ms_per_image": per, "ratio_with_over_without": round(per["with"] / per["without"], 3),
            "ratio_float32_trunk_over_tuned": round(per["with_float32_trunk"] / per["with"], 3),
            "ratio_with_profile_over_with": round(per["with_profile"] / per["with"], 3),
            "ratio_levelled_over_with_profile": round(per["with_profile_levelled"] / per["with_profile"], 3),
+           "ratio_torch_median_over_network": round(per["with_profile_levelled_torch_median"]
+                                                    / per["with_profile_levelled"], 3),
            "shared_trunk_layers_levelled": levelled._shared_stem(ctx_levelled),
            "fit_images": args.fit_images, "fit_seconds": round(fit_s, 2),
            "fit_seconds_with_profile": round(fit_rows_s, 2), "timings": t}
@@ -139,6 +170,8 @@ def main() -> None:
           f"the context without it)")
     print(f"and with the brightness levelled: {per['with_profile_levelled']:.1f} ms "
           f"(x{res['ratio_levelled_over_with_profile']:.3f} the same without levelling)")
+    print(f"and with the profile's medians by torch.median: {per['with_profile_levelled_torch_median']:.1f} ms "
+          f"(x{res['ratio_torch_median_over_network']:.3f} the selection network)")
     print(f"ImageContext.fit on {args.fit_images} images: {fit_s:.1f} s; with the profile {fit_rows_s:.1f} s")
     write_results(args.out or RESULTS / f"context_{dev.type}.json", res)
 

@@ -302,6 +302,42 @@ def test_the_median_written_for_export_is_torch_median():
         assert torch.equal(_sorted_median(x, dim), x.median(dim=dim).values)
 
 
+def test_the_selection_network_gives_torch_median_bit_for_bit():
+    from defect_fast import context
+    from defect_fast.context import _median_network, _network_median
+
+    g = torch.Generator().manual_seed(0)
+    for n in range(1, 70):
+        for shape, dim in (((3, 5, n), 2), ((2, n, 4, 3), 1), ((n,), 0)):
+            x = torch.randn(shape, generator=g)
+            if n % 3 == 0:  # many ties, as the exact zeros of ReLU features give
+                x = torch.randint(0, 4, shape, generator=g).float()
+            assert torch.equal(_network_median(x, dim), x.median(dim=dim).values), (n, shape, dim)
+    # a 256-px profile's first median: channels-last features, rows split into blocks
+    x = torch.relu(torch.randn(3, 256, 31, 31, generator=g)).log1p().contiguous(memory_format=torch.channels_last)
+    assert x.numel() // 31 > context._NETWORK_ROWS
+    assert torch.equal(_network_median(x, 3), x.median(dim=3).values)
+    assert torch.equal(context._median(x, 3), x.median(dim=3).values)
+    x[1, 7, 3, 5] = float("nan")  # a NaN in a row gives NaN, as torch.median does
+    assert torch.isnan(_network_median(x, 3)[1, 7, 3]) and not torch.isnan(_network_median(x, 3)[1, 7, 4])
+    assert len(_median_network(31)) == 152
+
+
+def test_the_median_takes_the_network_only_where_it_pays(monkeypatch):
+    from defect_fast import context
+
+    used = []
+    real = context._network_median
+    monkeypatch.setattr(context, "_network_median", lambda x, dim: used.append(x.shape) or real(x, dim))
+    big, small = torch.rand(1, 256, 31, 31), torch.rand(8, 256, 31)
+    context._median(big, 3)
+    context._median(small, 2)  # 2048 rows: torch.median is as quick
+    assert used == [big.shape]
+    traced = torch.jit.trace(lambda t: context._median(t, 3), (big,), check_trace=False)
+    assert used == [big.shape] and torch.equal(traced(big), big.median(dim=3).values)
+    assert "aten::median" in str(traced.graph)
+
+
 def _band_and_spot(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows 40-71 ground differently: streaks twice as strong over the whole width, a bright
     12 x 12 spot at the centre) of surfaces x."""
