@@ -37,8 +37,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
-
 from .safety import UsageError
 
 #: What ``calibrate`` writes in its output folder.
@@ -97,10 +95,9 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
         UsageError: no images asked for, too few for ``far``; DataError: unreadable images, images the
         run trained on; RunError: a damaged run, held-back images gone; OutputRefused: ``out``.
     """
-    from .calibration import DEFAULT_FAR, calibrate, min_images_for
+    from .calibration import DEFAULT_FAR, min_images_for
     from .data.io import collect_images, read_images
     from .detect import Detector
-    from .diagnose import rank_correlation
     from .runs import MODEL_FILE, RunError, load_model_state, model_file
     from .safety import OutputFolder, save_with_digest
     from .train import TrainConfig, image_keys
@@ -163,17 +160,10 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
                          f"lowest rate {n} allow is 1/{n + 1} = {1 / (n + 1):.4g}")
 
     before = dict(state.get("calibration") or {})
-    names = [str(p) for p in paths]
-    res = det.predict_batched(batch)
+    names = [str(Path(p).resolve()) for p in paths]  # as training names its held-back images
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # too few images for the run's own rate: said below, as train does
-        cal = calibrate(res["scores"], res["maps"], far=far, names=names)
-    flat = res["maps"].flatten()
-    if flat.numel() > 2_000_000:
-        flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:2_000_000]]
-    cal["pixel_q999"] = float(torch.quantile(flat.float(), 0.999))
-    rho = rank_correlation(res["scores"].numpy(), batch.double().mean(dim=(1, 2, 3)).numpy())
-    cal["score_brightness_rank_correlation"] = rho if rho == rho else None
+        cal = dict(det.calibrate(batch, far, names=names))
     parts = ([f"{n_given} defect-free images given to calibrate"] if n_given else []) + \
         ([f"{n - n_given} images the run held back"] if n > n_given else [])
     cal["source"] = " and ".join(parts)

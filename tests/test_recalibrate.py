@@ -15,28 +15,12 @@ from defect_fast.cli import main
 from defect_fast.data.io import read_images
 from defect_fast.detect import Detector
 from defect_fast.runs import load_model_state
-from defect_fast.safety import MANIFEST_NAME, run_main, save_with_digest
+from defect_fast.safety import MANIFEST_NAME, save_with_digest
+from test_cli_inspection import cli, refused  # noqa: E402  (the same refusal checks as the other line commands)
 
 SIZE = 64
 TRAIN = ["--image-size", str(SIZE), "--batch-size", "4", "--max-steps", "1", "--set", "memory_size=10", "--quiet",
          "--device", "cpu"]
-
-
-def cli(argv, capsys) -> tuple[int, str, str]:
-    try:
-        status = run_main(main, [str(a) for a in argv])
-    except SystemExit as exc:
-        status = exc.code if isinstance(exc.code, int) else 2
-    out = capsys.readouterr()
-    return status, out.out, out.err
-
-
-def refused(status: int, err: str, *words: str) -> None:
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert status == 2, err
-    assert len(lines) == 1 and lines[0].startswith("defect-fast: error:"), err
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
