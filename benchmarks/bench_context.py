@@ -17,8 +17,12 @@ context's fit; and that Detector with the map and the context levelling each ima
 before the trunk (``--level-brightness``, "with_profile_levelled": the recommended run's inference
 since v7), and that Detector again with the band profile's medians taken by ``torch.median``
 ("with_profile_levelled_torch_median"), as before they ran as a selection network on CPUs
-(``defect_fast.context._median``; the same values). On a GPU (``--device cuda``) every Detector
-timed replays CUDA graphs.
+(``defect_fast.context._median``; the same values), and with the perceptual map's layers
+concatenated before they are standardised ("with_profile_levelled_concatenated"), as before it
+went layer by layer (``PerceptualMap._level_map_by_layer``; the same values). On a GPU
+(``--device cuda``) every Detector timed replays CUDA graphs. The process's C allocator is set
+as the command line sets it (:func:`defect_fast.allocator.keep_freed_memory`, recorded as
+"allocator"; results written before this record none and ran with glibc's own settings).
 
     python benchmarks/bench_context.py [--device cpu|cuda] [--threads 2] [--batch 8] [--rounds 10]
         [--fit-images 540] [--images FOLDER] [--out FILE]
@@ -36,6 +40,7 @@ import torch
 from common import RESULTS, command_line, device_info, time_interleaved, write_results
 
 import defect_fast.context as context_module
+from defect_fast.allocator import keep_freed_memory
 from defect_fast.context import ImageContext
 from defect_fast.detect import Detector
 from defect_fast.models import build_model
@@ -68,6 +73,20 @@ def _with_torch_median(fn):
     return call
 
 
+def _with_concatenated_residual(fn):
+    """``fn`` run with the perceptual map's levels computed as before they went layer by layer:
+    the layers' residuals concatenated, standardised, then squared (the same values)."""
+    def call():
+        saved = PerceptualMap._level_map_by_layer
+        PerceptualMap._level_map_by_layer = (lambda self, x, recon, level, size, **trunk:
+                                             self.level_map(self.standardised(x, recon, level, **trunk), size))
+        try:
+            return fn()
+        finally:
+            PerceptualMap._level_map_by_layer = saved
+    return call
+
+
 def _trunk() -> dict[str, torch.Tensor]:
     if os.environ.get("DEFECT_FAST_ALEXNET_WEIGHTS"):
         from defect_fast.losses.lpips import load_alexnet_trunk
@@ -96,6 +115,7 @@ def main() -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: no CUDA device is visible")
     dev = torch.device(args.device)
+    allocator = keep_freed_memory()  # as the command line sets it (DEFECT_FAST_MALLOC=default: glibc's own)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     trunk = _trunk()
@@ -138,17 +158,22 @@ def main() -> None:
     pm_levelled, ctx_levelled = copy.deepcopy(pm), copy.deepcopy(ctx_rows)
     pm_levelled.brightness = ctx_levelled.brightness = 0.45
     levelled = Detector(model, SIZE, context=ctx_levelled, **{**kw, "perceptual": pm_levelled})
+    # the same Detector for the routes replaced: one each, since a CUDA graph replays the route it captured
+    by_torch_median, concatenated = (Detector(model, SIZE, context=ctx_levelled, **{**kw, "perceptual": pm_levelled})
+                                     for _ in range(2))
     trunk = with_ctx._trunk_options()
     with torch.inference_mode():
         t = time_interleaved({"without": lambda: plain(images), "with": lambda: with_ctx(images),
                               "with_float32_trunk": lambda: before(images), "with_profile": lambda: with_rows(images),
                               "with_profile_levelled": lambda: levelled(images),
-                              "with_profile_levelled_torch_median": _with_torch_median(lambda: levelled(images)),
+                              "with_profile_levelled_torch_median": _with_torch_median(lambda: by_torch_median(images)),
+                              "with_profile_levelled_concatenated": _with_concatenated_residual(lambda: concatenated(images)),
                               "context_alone": lambda: ctx.map(ctx.features(plain._to_model_input(images), **trunk), SIZE)},
                              rounds=args.rounds, warmup=2, device=args.device)
     info = device_info(args.device)
     per = {k: round(v["median_ms"] / args.batch, 2) for k, v in t.items()}
-    res = {"info": info, "command": command_line(), "threads": args.threads, "batch": args.batch, "image_size": SIZE,
+    res = {"info": info, "command": command_line(), "allocator": allocator, "threads": args.threads, "batch": args.batch,
+           "image_size": SIZE,
            "images": args.images or "random", "detector_precision": plain.precision, "trunk": "imagenet" if os.environ.get("DEFECT_FAST_ALEXNET_WEIGHTS") else "random",
            "shared_trunk_layers": with_ctx._shared_stem(ctx),
            "ms_per_image": per, "ratio_with_over_without": round(per["with"] / per["without"], 3),
@@ -157,6 +182,8 @@ def main() -> None:
            "ratio_levelled_over_with_profile": round(per["with_profile_levelled"] / per["with_profile"], 3),
            "ratio_torch_median_over_network": round(per["with_profile_levelled_torch_median"]
                                                     / per["with_profile_levelled"], 3),
+           "ratio_concatenated_over_by_layer": round(per["with_profile_levelled_concatenated"]
+                                                     / per["with_profile_levelled"], 3),
            "shared_trunk_layers_levelled": levelled._shared_stem(ctx_levelled),
            "fit_images": args.fit_images, "fit_seconds": round(fit_s, 2),
            "fit_seconds_with_profile": round(fit_rows_s, 2), "timings": t}
@@ -172,6 +199,9 @@ def main() -> None:
           f"(x{res['ratio_levelled_over_with_profile']:.3f} the same without levelling)")
     print(f"and with the profile's medians by torch.median: {per['with_profile_levelled_torch_median']:.1f} ms "
           f"(x{res['ratio_torch_median_over_network']:.3f} the selection network)")
+    print(f"and with the perceptual map's layers concatenated before they are standardised: "
+          f"{per['with_profile_levelled_concatenated']:.1f} ms (x{res['ratio_concatenated_over_by_layer']:.3f} "
+          "layer by layer)")
     print(f"ImageContext.fit on {args.fit_images} images: {fit_s:.1f} s; with the profile {fit_rows_s:.1f} s")
     write_results(args.out or RESULTS / f"context_{dev.type}.json", res)
 

@@ -280,6 +280,33 @@ def test_channels_last_residual_is_standardised_with_statistics_in_its_layout():
     assert torch.equal(pm.standardised(x, r, 0, channels_last=True), by_hand(0))
 
 
+@pytest.mark.parametrize("dtype,channels_last", [(None, False), (None, True), (torch.bfloat16, True)])
+def test_the_map_layer_by_layer_is_the_concatenated_one_bit_for_bit(dtype, channels_last):
+    """forward standardises and squares each layer's residual where it lies: the same values as
+    level_map(standardised(...)) on the concatenated residual, in inference mode (in place) and
+    with a gradient recorded (out of place, and the gradient flows)."""
+    pm = PerceptualMap(64, trunk=_trunk(), scales=(1, 2))
+    xs, rs = _images(4), _images(4, seed=2) * 0.3
+    pm.fit([(xs, rs)], dtype=dtype, channels_last=channels_last)
+    x, r = xs[:3], rs[:3]
+    opts = {"dtype": dtype, "channels_last": channels_last}
+
+    def concatenated(recon):
+        levels = [pm.level_map(pm.standardised(x, recon, i, **opts), 64) for i in range(2)]
+        return (levels[0] + levels[1])[:, 0] / 2
+
+    recon = r.clone().requires_grad_(True)
+    m = pm(x, recon, **opts)
+    m.sum().backward()
+    assert recon.grad is not None and recon.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert torch.equal(m, concatenated(r))
+    with torch.inference_mode():
+        assert torch.equal(pm(x, r, **opts), concatenated(r))
+        feats = pm.features(x, **opts)
+        assert torch.equal(pm(x, r, x_features=feats, **opts), concatenated(r))
+
+
 def test_channels_last_statistics_follow_a_refit_of_a_map_built_in_inference_mode():
     with torch.inference_mode():  # its statistics are inference tensors: no version counter to compare
         pm = PerceptualMap(64, trunk=_trunk())
