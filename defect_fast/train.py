@@ -943,6 +943,10 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
                 + ", ".join(f"{score:.4g} ({Path(name).name})" for name, score in cal["highest_scores"])
                 + "; another false-alarm rate needs no retraining: --far RATE on predict, watch, report, "
                 "evaluate and export (evaluate lists what each gives on a labelled test set)")
+        if not cal.get("sufficient", True) and cal.get("n_needed") and cfg.held_back:
+            log(f"{cal['n_needed'] - cal['n_images']} more defect-free images the run has not seen would let "
+                f"'defect-fast calibrate {out} IMAGES --with-held-back --out NEW_RUN' set the threshold for far "
+                f"{cfg.far:g} without training again")
         note = brightness_note(cal.get("score_brightness_rank_correlation"), cal["n_images"], cfg.level_brightness,
                                cfg.context or cfg.map == "perceptual")
         if note and cfg.holdback > 0 and cfg.held_back:

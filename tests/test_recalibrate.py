@@ -169,3 +169,11 @@ def test_training_folder_gone_is_a_warning(runs, tmp_path, capsys):
     status, _stdout, err = cli(["calibrate", moved, runs["more"], "--out", tmp_path / "cal", "--device", "cpu"], capsys)
     assert status == 0, err
     assert "could not check that the images were not trained on" in err and "moved-away" in err
+
+
+def test_training_with_too_few_held_back_images_points_to_calibrate(runs, tmp_path, capsys):
+    status, stdout, err = cli(["train", runs["data"], "--out", tmp_path / "run", *TRAIN], capsys)
+    assert status == 0, err
+    assert "needs at least 99" in err  # the fallback to the largest held-back score, said as before
+    line = next(ln for ln in stdout.splitlines() if "defect-fast calibrate" in ln)
+    assert line.startswith("95 more defect-free images") and "--with-held-back" in line and "far 0.01" in line

@@ -340,7 +340,11 @@ def test_held_back_images_are_never_trained_on_and_set_the_thresholds(synthetic_
     assert said[i + 1].startswith(f"the image threshold is the score of {state['calibration']['threshold_image']}; ")
     assert said[i + 1].endswith("--far RATE on predict, watch, report, evaluate and export (evaluate lists what each "
                                 "gives on a labelled test set)")
-    assert all(line.startswith("held-back scores against their images' mean brightness") for line in said[i + 2:])
+    rest = said[i + 2:]
+    if not state["calibration"]["sufficient"]:  # too few calibrating images for far 0.2: where more would go
+        assert "defect-fast calibrate" in rest[0] and "far 0.2 without training again" in rest[0]
+        rest = rest[1:]
+    assert all(line.startswith("held-back scores against their images' mean brightness") for line in rest)
     config = json.loads((run / "config.json").read_text())
     images, paths = load_train_images(synthetic_root, 128)
     held = [i for i, p in enumerate(paths) if str(p) in set(state["held_back"])]
