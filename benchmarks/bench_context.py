@@ -19,7 +19,10 @@ since v7), and that Detector again with the band profile's medians taken by ``to
 ("with_profile_levelled_torch_median"), as before they ran as a selection network on CPUs
 (``defect_fast.context._median``; the same values), and with the perceptual map's layers
 concatenated before they are standardised ("with_profile_levelled_concatenated"), as before it
-went layer by layer (``PerceptualMap._level_map_by_layer``; the same values). On a GPU
+went layer by layer (``PerceptualMap._level_map_by_layer``; the same values). Also
+``PerceptualMap.fit`` on the ``--fit-images`` images (the statistics training fits at its end),
+layer by layer and as before, with the residual concatenated (``PerceptualMap._batch_sums``; the
+same statistics), 3 alternating rounds. On a GPU
 (``--device cuda``) every Detector timed replays CUDA graphs. The process's C allocator is set
 as the command line sets it (:func:`defect_fast.allocator.keep_freed_memory`, recorded as
 "allocator"; results written before this record none and ran with glibc's own settings).
@@ -85,6 +88,25 @@ def _with_concatenated_residual(fn):
         finally:
             PerceptualMap._level_map_by_layer = saved
     return call
+
+
+def _concatenated_sums(self, x, recon, level, dtype, channels_last):
+    """``PerceptualMap._batch_sums`` as it was before it went layer by layer (the same sums)."""
+    e = self.residual(x, recon, level, dtype=dtype, channels_last=channels_last).double()
+    return e.sum(0), (e * e).sum(0)
+
+
+def _fit_timings(pm: PerceptualMap, pairs: list, trunk: dict, rounds: int, device: str) -> dict:
+    """PerceptualMap.fit on ``pairs``, layer by layer and with the residual concatenated, alternating."""
+    def concatenated():
+        saved = PerceptualMap._batch_sums
+        PerceptualMap._batch_sums = _concatenated_sums
+        try:
+            pm.fit(pairs, **trunk)
+        finally:
+            PerceptualMap._batch_sums = saved
+    return time_interleaved({"by_layer": lambda: pm.fit(pairs, **trunk), "concatenated": concatenated},
+                            rounds=rounds, warmup=1, device=device)
 
 
 def _trunk() -> dict[str, torch.Tensor]:
@@ -170,6 +192,11 @@ def main() -> None:
                               "with_profile_levelled_concatenated": _with_concatenated_residual(lambda: concatenated(images)),
                               "context_alone": lambda: ctx.map(ctx.features(plain._to_model_input(images), **trunk), SIZE)},
                              rounds=args.rounds, warmup=2, device=args.device)
+    # the perceptual map's statistics, as training fits them at its end (the reconstructions here
+    # are the images dimmed: the fit's cost does not depend on them)
+    fit_pm = copy.deepcopy(pm)
+    pairs = [(c, c * 0.8) for c in fit_set.split(8)]
+    fit_t = _fit_timings(fit_pm, pairs, trunk, rounds=3, device=args.device)
     info = device_info(args.device)
     per = {k: round(v["median_ms"] / args.batch, 2) for k, v in t.items()}
     res = {"info": info, "command": command_line(), "allocator": allocator, "threads": args.threads, "batch": args.batch,
@@ -186,6 +213,9 @@ def main() -> None:
                                                      / per["with_profile_levelled"], 3),
            "shared_trunk_layers_levelled": levelled._shared_stem(ctx_levelled),
            "fit_images": args.fit_images, "fit_seconds": round(fit_s, 2),
+           "perceptual_fit_seconds": {k: round(v["median_ms"] / 1e3, 2) for k, v in fit_t.items()},
+           "ratio_perceptual_fit_concatenated_over_by_layer": round(fit_t["concatenated"]["median_ms"]
+                                                                    / fit_t["by_layer"]["median_ms"], 3),
            "fit_seconds_with_profile": round(fit_rows_s, 2), "timings": t}
     print(f"{info.get('gpu') or info['cpu']} | torch {info['torch']} | threads {args.threads} | "
           f"Detector precision {plain.precision}")
@@ -203,6 +233,9 @@ def main() -> None:
           f"{per['with_profile_levelled_concatenated']:.1f} ms (x{res['ratio_concatenated_over_by_layer']:.3f} "
           "layer by layer)")
     print(f"ImageContext.fit on {args.fit_images} images: {fit_s:.1f} s; with the profile {fit_rows_s:.1f} s")
+    print(f"PerceptualMap.fit on {args.fit_images} images: {fit_t['by_layer']['median_ms'] / 1e3:.1f} s, "
+          f"{fit_t['concatenated']['median_ms'] / 1e3:.1f} s with the residual concatenated "
+          f"(x{res['ratio_perceptual_fit_concatenated_over_by_layer']:.3f})")
     write_results(args.out or RESULTS / f"context_{dev.type}.json", res)
 
 

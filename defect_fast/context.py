@@ -199,7 +199,7 @@ def _median(x: torch.Tensor, dim: int) -> torch.Tensor:
     """The lower median along ``dim``, the same values by any route: on a CPU, for
     :data:`_NETWORK_MIN_ROWS` rows or more, by a selection network over all rows at once
     (:func:`_network_median`; the profile's 256 x 31 rows of 31 values per 256-px image: the
-    recommended run's inference 23.6 -> 23.1 ms per magnetic-tile photo, benchmarks/README.md);
+    recommended run's inference 22.9 -> 22.2 ms per magnetic-tile photo, benchmarks/README.md);
     through a sort while exporting to ONNX, which has no median operator; ``torch.median``
     elsewhere (fewer rows; a GPU, where one kernel per compare-exchange would cost more than it
     saves; traced or scripted graphs, which keep one operator)."""

@@ -307,6 +307,21 @@ def test_the_map_layer_by_layer_is_the_concatenated_one_bit_for_bit(dtype, chann
         assert torch.equal(pm(x, r, x_features=feats, **opts), concatenated(r))
 
 
+@pytest.mark.parametrize("dtype,channels_last", [(None, False), (torch.bfloat16, True)])
+def test_the_statistics_layer_by_layer_are_those_of_the_concatenated_residual(dtype, channels_last):
+    pm = PerceptualMap(64, trunk=_trunk(), scales=(1, 2))
+    xs, rs = _images(6), _images(6, seed=2) * 0.3
+    for level in (0, 1):
+        e = pm.residual(xs, rs, level, dtype=dtype, channels_last=channels_last).double()
+        ones, squares = pm._batch_sums(xs, rs, level, dtype, channels_last)
+        assert ones.dtype == squares.dtype == torch.float64
+        assert torch.equal(ones, e.sum(0)) and torch.equal(squares, (e * e).sum(0))
+    pm.fit([(xs[:3], rs[:3]), (xs[3:], rs[3:])], dtype=dtype, channels_last=channels_last)
+    e = pm.residual(xs, rs, 0, dtype=dtype, channels_last=channels_last).double()
+    mean = e.mean(0)
+    torch.testing.assert_close(pm.stats(0)[0], mean.float(), rtol=1e-6, atol=1e-7)
+
+
 def test_channels_last_statistics_follow_a_refit_of_a_map_built_in_inference_mode():
     with torch.inference_mode():  # its statistics are inference tensors: no version counter to compare
         pm = PerceptualMap(64, trunk=_trunk())
