@@ -18,9 +18,10 @@ weights, the map statistics, the image context and the image score stay as they 
 scores the same under the new file as under the old one; only the thresholds move.
 
 Images the run was trained on, or fitted its map statistics on, give optimistic thresholds (a
-z-score is smallest in its own sample): they are refused, found by their pixels as read (the
-run's training folder is read for this; when it is gone, a warning says the check was not made).
-Identical images are counted once.
+z-score is smallest in its own sample): they are refused, found by their pixels as read. The
+model file records them (``image_keys``: SHA-256 of each image as read, by training); for files
+written before that, the run's training folder is read instead, and when it is gone a warning
+says the check was not made. Identical images are counted once.
 
 Command line::
 
@@ -45,10 +46,19 @@ OUTPUT_FILES = ("model.pt", "calibration.json")
 
 def _seen_images(state: dict[str, Any], cfg) -> tuple[list[bytes] | None, str]:
     """Pixel keys (:func:`defect_fast.train.image_keys`) of the images the run trained on or fitted
-    its map statistics on, and a note; (None, why) when the run's training folder cannot be read."""
+    its map statistics on, and a note: from the model file (``image_keys``, written by training
+    since calibrate exists) or, for older files, from the run's training folder as it is now;
+    (None, why) when that cannot be read."""
     from .data.dataset import load_train_images
     from .train import image_keys
 
+    recorded = state.get("image_keys")
+    if isinstance(recorded, dict) and "trained" in recorded:
+        held = [str(p) for p in state.get("held_back") or []]
+        held_keys = list(recorded.get("held_back") or [])
+        fitted = set(_fit_half(held, state, cfg)[0]) if len(held_keys) == len(held) else set()
+        keys = list(recorded["trained"]) + [k for p, k in zip(held, held_keys) if p in fitted]
+        return [bytes.fromhex(k) for k in keys], f"the {len(keys)} images recorded in the model file"
     if cfg is None or not cfg.data:
         return None, "the model file does not name its training images"
     try:

@@ -924,7 +924,10 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         cal = finished["calibration"]
         finish_seconds = time.perf_counter() - finish_started
         final = {**trainer.state(), "calibration": cal, "held_back": list(cfg.held_back), "train_seconds": elapsed,
-                 "finish_seconds": finish_seconds}
+                 "finish_seconds": finish_seconds,
+                 # which images the run has seen, by their pixels as read (defect-fast calibrate refuses them)
+                 "image_keys": {"trained": [keys[i].hex() for i in train_idx],
+                                "held_back": [keys[i].hex() for i in held_idx]}}
         if finished["normalization"] is not None:
             final["normalization"] = finished["normalization"]
         if finished["perceptual"] is not None:

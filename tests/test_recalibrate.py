@@ -157,8 +157,14 @@ def test_nothing_to_calibrate_on_and_missing_held_back(runs, tmp_path, capsys):
     assert not (tmp_path / "cal").exists()
 
 
-def test_training_folder_gone_is_a_warning(runs, tmp_path, capsys):
+def test_the_model_file_records_what_the_run_has_seen(runs, tmp_path, capsys):
+    """Training records the pixel keys of its images, so the check needs no training folder; a
+    model file written before that record is checked against the folder, and a warning says when
+    the folder is gone."""
     state = load_model_state(runs["run"])
+    assert len(state["image_keys"]["trained"]) == 28 and len(state["image_keys"]["held_back"]) == 4
+    held = set(state["held_back"])
+    trained = [p for p in sorted((runs["data"] / "train" / "good").glob("*.png")) if str(p) not in held][0]
     cfg = dict(state["train_config"])
     cfg["data"] = str(tmp_path / "moved-away")
     state["train_config"] = cfg
@@ -166,7 +172,14 @@ def test_training_folder_gone_is_a_warning(runs, tmp_path, capsys):
     moved = tmp_path / "moved"
     moved.mkdir()
     save_with_digest(state, moved / "model.pt")
-    status, _stdout, err = cli(["calibrate", moved, runs["more"], "--out", tmp_path / "cal", "--device", "cpu"], capsys)
+    refused(*cli(["calibrate", moved, trained, "--out", tmp_path / "cal", "--device", "cpu"], capsys)[::2],
+            "trained on", trained.name)
+    # an older file: no record, the training folder gone
+    state.pop("image_keys")
+    older = tmp_path / "older"
+    older.mkdir()
+    save_with_digest(state, older / "model.pt")
+    status, _stdout, err = cli(["calibrate", older, runs["more"], "--out", tmp_path / "cal", "--device", "cpu"], capsys)
     assert status == 0, err
     assert "could not check that the images were not trained on" in err and "moved-away" in err
 
