@@ -623,8 +623,9 @@ class ModelInfo:
         file gets a new one); thresholds come from the model file's calibration
         (:func:`stored_thresholds`), ``threshold`` overriding the image threshold and ``far``
         setting it for that rate (:meth:`from_calibration`). ``extra`` holds the run, the map, the
-        asked false-alarm rate, where the threshold came from and, as "held_back", the calibration
-        keys :func:`operating_points` reads.
+        asked false-alarm rate, where the threshold came from, the images the thresholds rest on
+        ("calibrated_on": the held-back images, or those given to ``defect-fast calibrate``) and, as
+        "held_back", the calibration keys :func:`operating_points` reads.
         """
         import hashlib
 
@@ -640,6 +641,8 @@ class ModelInfo:
         info = cls.from_calibration(det.image_size, name, h.hexdigest()[:12], cal, threshold, far, run=str(run),
                                     map=det.map_kind)
         info.extra.setdefault("far", cal.get("far"))  # the rate asked at training, unless --far asked another
+        if cal.get("source") and not cal.get("inapplicable"):  # held-back images, or those given to calibrate
+            info.extra["calibrated_on"] = cal["source"]
         # what operating_points reads: the rates other thresholds would give (report)
         info.extra["held_back"] = {k: cal[k] for k in ("held_back_scores", "highest_scores", "n_images", "inapplicable")
                                    if k in cal}

@@ -260,6 +260,8 @@ def write_report(
             rows.append(("threshold from", meta.extra["threshold_source"]))
         if meta.extra.get("threshold_image"):
             rows.append(("threshold is the score of", meta.extra["threshold_image"]))
+        if meta.extra.get("calibrated_on") and meta.extra.get("threshold_source") != "given on the command line":
+            rows.append(("defect-free images the thresholds rest on", meta.extra["calibrated_on"]))
     rows.append(("image threshold", thr))
     if thr is not None:
         rows += [("flagged (score > threshold)", int(flagged.sum())), ("passed", int(n - flagged.sum()))]

@@ -190,3 +190,15 @@ def test_training_with_too_few_held_back_images_points_to_calibrate(runs, tmp_pa
     assert "needs at least 99" in err  # the fallback to the largest held-back score, said as before
     line = next(ln for ln in stdout.splitlines() if "defect-fast calibrate" in ln)
     assert line.startswith("95 more defect-free images") and "--with-held-back" in line and "far 0.01" in line
+
+
+def test_the_report_says_which_images_the_thresholds_rest_on(runs, tmp_path, capsys):
+    out = tmp_path / "cal"
+    assert cli(["calibrate", runs["run"], runs["more"], "--with-held-back", "--out", out, "--device", "cpu"], capsys)[0] == 0
+    for run, said in ((out, "120 defect-free images given to calibrate and 4 images the run held back"),
+                      (runs["run"], "held-back images")):
+        page = tmp_path / f"{run.name}.html"
+        status, _stdout, err = cli(["report", run, runs["data"], "--out", page, "--device", "cpu"], capsys)
+        assert status == 0, err
+        text = page.read_text()
+        assert "defect-free images the thresholds rest on" in text and said in text
