@@ -249,7 +249,7 @@ step bench_ssim 50 gpu "$PY" benchmarks/bench_aw_ssim.py --device cuda --batches
 step bench_msfr 40 gpu "$PY" benchmarks/bench_msfr.py --device cuda --rounds 20
 step inference 75 gpu "$PY" benchmarks/bench_inference.py --device cuda ${INFERENCE_ARGS:---batch 1 8 64 --rounds 10}
 step train 100 gpu "$PY" benchmarks/bench_train.py --device cuda --batch 2048 --steps 5
-step recommended 55 gpu "$PY" benchmarks/bench_context.py --device cuda --batch 64 --rounds 10 --fit-images 100
+step recommended 70 gpu "$PY" benchmarks/bench_context.py --device cuda --batch 64 --rounds 10 --fit-images 100
 # the tuned path with cuDNN's heuristics instead of its timed search (the Detector's cudnn_benchmark
 # default on CUDA): a separate process, since cuDNN keeps the first plan it finds for a shape
 step inference_heur 45 gpu "$PY" benchmarks/bench_inference.py --device cuda --batch 1 64 --rounds 5 \
