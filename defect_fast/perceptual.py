@@ -286,9 +286,10 @@ class PerceptualMap(FrozenTrunk):
         """``level_map(standardised(x, recon, level))``, the same values bit for bit, layer by layer:
         each layer's residual is standardised and squared where it lies, with no concatenation of
         the layers and no second and third [N, C, G, G] tensor (the finest level of a 256-px batch
-        of 8: 33 MB each, written and read again). The recommended run's inference: 25.0 -> 22.2 ms per
-        256-px photo (2 threads, AMD EPYC; ``benchmarks/bench_context.py``, "concatenated"). In place only where no
-        gradient is recorded (an in-place square would lose what its backward needs)."""
+        of 8: 33 MB each, written and read again). The recommended run's inference: 25.0 -> 22.2
+        ms per 256-px photo (2 threads, AMD EPYC; ``benchmarks/bench_context.py``,
+        "concatenated"). In place only where no gradient is recorded (an in-place square would
+        lose what its backward needs)."""
         layers = self._layer_residuals(x, recon, level, x_features, dtype, channels_last)
         mean, inv_std = self._stats_like(level, layers[0])
         in_place = not torch.is_grad_enabled() or not any(e.requires_grad for e in layers)
