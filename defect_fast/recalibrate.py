@@ -181,6 +181,10 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
     cal["calibrated_from"] = {"run": str(path), "image_threshold": before.get("image_threshold"),
                               "pixel_threshold": before.get("pixel_threshold"), "n_images": before.get("n_images"),
                               "source": before.get("source")}
+    was = before.get("image_threshold")
+    # what the run's own threshold does on these defect-free images: the false alarms it would raise
+    flagged_before = (sum(1 for v in cal["held_back_scores"] if v > was) if isinstance(was, (int, float))
+                      and not before.get("inapplicable") else None)
     state["calibration"] = cal
     state.pop("tensor_digest", None)  # the new file gets its own
 
@@ -189,8 +193,9 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
         folder.reserve(OUTPUT_FILES)  # a user's file there: refused, none written
         save_with_digest(state, MODEL_FILE, folder=folder)
         summary = {"run": str(path), "model": str(out / MODEL_FILE), "far": far, "images": names,
-                   "before": {k: before.get(k) for k in ("image_threshold", "pixel_threshold", "n_images", "far",
-                                                         "note", "source")},
+                   "before": {**{k: before.get(k) for k in ("image_threshold", "pixel_threshold", "n_images", "far",
+                                                            "note", "source")},
+                              "flagged_here": flagged_before},
                    "after": {k: cal.get(k) for k in ("image_threshold", "pixel_threshold", "n_images", "far",
                                                      "far_expected", "far_upper95", "rank", "sufficient", "note",
                                                      "source", "threshold_image", "highest_scores")}}
@@ -200,7 +205,9 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
         raise
     finally:
         folder.release()
-    was = before.get("image_threshold")
+    if flagged_before is not None:
+        log(f"at the run's threshold {was:.4g}, {flagged_before} of these {n} defect-free images would be flagged "
+            f"({100 * flagged_before / n:.1f} %; the run asked for {100 * float(before.get('far') or far):g} %)")
     log(f"image threshold {cal['image_threshold']:.4g} from {n} images ({cal['source']})"
         + (f"; it was {was:.4g} from {before.get('n_images')}" if isinstance(was, (int, float)) else "")
         + (f": {cal['note']}" if cal.get("sufficient") else ""))

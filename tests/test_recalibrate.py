@@ -64,6 +64,11 @@ def test_more_images_reach_the_rate_and_leave_the_scores_alone(runs, tmp_path, c
     assert cal["source"] == "120 defect-free images given to calibrate and 4 images the run held back"
     assert cal["calibrated_from"]["image_threshold"] == load_model_state(runs["run"])["calibration"]["image_threshold"]
     assert cal["image_threshold"] == max(cal["held_back_scores"]) and len(cal["held_back_scores"]) == 124
+    # what the run's own threshold would have done on these defect-free images, said and recorded
+    was = cal["calibrated_from"]["image_threshold"]
+    flagged = sum(1 for v in cal["held_back_scores"] if v > was)
+    assert f"at the run's threshold {was:.4g}, {flagged} of these 124 defect-free images would be flagged" in stdout
+    assert json.loads((out / "calibration.json").read_text())["before"]["flagged_here"] == flagged
     # the weights and the map are the run's: every image scores the same under both files
     images = read_images(sorted((runs["data"] / "test" / "scratch").glob("*.png"))[:4], SIZE)
     a, b = (Detector.load(r, device="cpu").predict_batched(images) for r in (runs["run"], out))
