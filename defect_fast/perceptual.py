@@ -119,7 +119,10 @@ class FrozenTrunk(nn.Module):
               make: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
         """Copies derived from ``tensors``, made by ``make()`` once and kept in ``self.__dict__[name]``
         (not in the state dict) under ``slot`` while ``tensors`` are unchanged: same storage and,
-        outside inference tensors, same in-place version; a change replaces the slot's entry."""
+        outside inference tensors, same in-place version; a change replaces the slot's entry.
+        Copies made under ``torch.inference_mode`` are inference tensors, which a call recording a
+        gradient cannot use: they are kept apart from the others (the mode is part of the slot)."""
+        slot = slot + (torch.is_inference_mode_enabled(),)
         cache = self.__dict__.setdefault(name, {})
         key = slot + tuple((t.device, t.data_ptr(), _version(t)) for t in tensors)
         if key not in cache:

@@ -295,16 +295,17 @@ def test_the_map_layer_by_layer_is_the_concatenated_one_bit_for_bit(dtype, chann
         levels = [pm.level_map(pm.standardised(x, recon, i, **opts), 64) for i in range(2)]
         return (levels[0] + levels[1])[:, 0] / 2
 
+    with torch.inference_mode():
+        assert torch.equal(pm(x, r, **opts), concatenated(r))
+        feats = pm.features(x, **opts)
+        assert torch.equal(pm(x, r, x_features=feats, **opts), concatenated(r))
+    # after calls in inference mode (whose kept copies are inference tensors), a gradient still flows
     recon = r.clone().requires_grad_(True)
     m = pm(x, recon, **opts)
     m.sum().backward()
     assert recon.grad is not None and recon.grad.abs().sum() > 0
     with torch.no_grad():
         assert torch.equal(m, concatenated(r))
-    with torch.inference_mode():
-        assert torch.equal(pm(x, r, **opts), concatenated(r))
-        feats = pm.features(x, **opts)
-        assert torch.equal(pm(x, r, x_features=feats, **opts), concatenated(r))
 
 
 @pytest.mark.parametrize("dtype,channels_last", [(None, False), (torch.bfloat16, True)])
