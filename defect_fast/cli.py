@@ -27,6 +27,7 @@ EPILOG = """examples:
   defect-fast watch runs/tile drop/ --out results/ --far 0.05  pass/fail each new image, false alarms <= 5 %
   defect-fast export runs/tile --format torchscript --out tile.ts
   defect-fast calibrate runs/tile good/ --out runs/tile-cal   thresholds set again from unseen good images
+  defect-fast audit runs/tile --out audit/                    training images that look defective
 """
 
 
@@ -561,6 +562,8 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     diagnose_cmd.add_parser(sub)
     from . import recalibrate as calibrate_cmd
     calibrate_cmd.add_parser(sub)
+    from . import audit as audit_cmd
+    audit_cmd.add_parser(sub)
     return p
 
 

@@ -1,0 +1,204 @@
+"""``defect-fast audit``: which of a run's training images a detector that has not seen them flags.
+
+A training folder of "defect-free" photographs often holds a few that are not: among the 600
+magnetic-tile ``train/good`` photographs, a bright line along the streaks, small dark spots, a
+crack-like line (``experiments/README.md``, "The training folder, audited"). Such images move
+the statistics the map is standardised by, and, held back, they set the thresholds (the v7
+run's threshold is the score of a held-back photograph with a curved mark). The run cannot see them in its own scores of its training
+images: its map statistics and image context were fitted on those very images, and a z-score is
+smallest in its own sample (the v7 run's highest training-image score is 2.08 against 6.857 for
+that held-back photograph).
+
+:func:`audit` scores every training image out of fold: the training images are split into
+``folds`` parts; for each part, the run's map statistics, image context and thresholds are fitted
+again as training fits them (:func:`defect_fast.train.finish_run`: the run's settings, its
+held-back images for the thresholds) on the other parts, and that detector scores the part. An
+image is flagged when its score exceeds the image threshold of the detector that scored it, the
+threshold the run's false-alarm rate sets on the held-back images. Defect-free images are
+flagged too, at that threshold's expected rate (1/61 with 60 held-back images and the default
+rate, about 9 of 540): the list is a place to look, sorted by score, not a verdict, and the
+command says how many would be flagged by chance. The autoencoder's weights stay the run's: it was trained on every training image, and
+reproduces them no better than unseen ones at the budgets measured
+(``experiments/recon_error_split.py``).
+
+Command line::
+
+    defect-fast audit RUN --out DIR [--folds 2] [--device auto]
+
+``DIR`` (new, or an earlier audit's with ``--overwrite``) receives ``audit.json`` (every training
+image with its out-of-fold score, the threshold it was judged by and whether it is flagged,
+highest first) and ``overlays/`` (each flagged image with its map).
+"""
+from __future__ import annotations
+
+import argparse
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+#: Folds by default: each detector is fitted on half of the training images.
+DEFAULT_FOLDS = 2
+
+
+def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, device: str = "auto",
+          overwrite: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Score every training image of ``run`` with a detector fitted without it; write ``out``.
+
+    Returns:
+        ``{"images": [{"image", "score", "threshold", "flagged", "fold"(, "overlay")}, ...] highest
+        score first, "flagged": how many, "expected_by_chance": how many defect-free images the
+        thresholds would flag by chance (each fold's images times its threshold's expected
+        false-alarm rate, k / (n + 1) of the held-back images), "far": the run's rate, "folds"}``.
+
+    Raises:
+        UsageError: ``folds`` < 2 or more than the training images allow; RunError: a run without
+        held-back images or training configuration, or whose training images changed or are gone;
+        OutputRefused: ``out``.
+    """
+    from .data.dataset import load_train_images
+    from .runs import RunError, load_model_state, model_file, model_from_state, resolve_device
+    from .safety import OutputFolder, UsageError
+    from .train import TrainConfig, finish_run, image_keys, images_digest
+
+    if folds < 2:
+        raise UsageError(f"--folds must be 2 or more, got {folds}")
+    out = Path(out)
+    OutputFolder.check(out, overwrite=overwrite, inputs=[run], command="audit")  # before any reading
+    path = model_file(run)
+    state = load_model_state(path)
+    if not state.get("train_config"):
+        raise RunError(f"{path}: the model file holds no training configuration to refit with")
+    cfg = TrainConfig.from_json(state["train_config"])
+    held = [str(p) for p in state.get("held_back") or []]
+    if not held:
+        raise RunError(f"{path}: the run held back no images, so there is no threshold to judge its training images "
+                       "by (train with --holdback)")
+    try:
+        images, paths = load_train_images(cfg.data, cfg.image_size)
+    except (OSError, ValueError) as exc:
+        raise RunError(f"{path}: its training images cannot be read: {exc}") from None
+    digest = state.get("data_digest")
+    if digest is not None and images_digest(image_keys(images), paths) != digest:
+        raise RunError(f"{cfg.data}: the training images changed since {path} was trained; the audit judges the "
+                       "images the run trained on")
+    held_set = set(held)
+    held_idx = [i for i, p in enumerate(paths) if str(p) in held_set]
+    train_idx = [i for i, p in enumerate(paths) if str(p) not in held_set]
+    if len(held_idx) != len(held):
+        raise RunError(f"{cfg.data}: {len(held) - len(held_idx)} held-back image(s) of {path} are gone")
+    if len(train_idx) < 2 * folds:
+        raise UsageError(f"--folds {folds}: {path} trained on {len(train_idx)} images, too few for {folds} folds")
+    cfg.held_back = [str(paths[i]) for i in held_idx]  # the calibration's names, in the order of its images
+    model = model_from_state(state, path)
+    dev = resolve_device(device)
+
+    entries: list[dict[str, Any]] = []
+    maps: dict[int, torch.Tensor] = {}
+    expected = 0.0  # defect-free images flagged by chance: each fold's images x its threshold's expected rate
+    scales: dict[int, float] = {}
+    for k in range(folds):
+        scored = train_idx[k::folds]
+        fitted = [i for j, i in enumerate(train_idx) if j % folds != k]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # too few held-back images for the rate: the run's own note
+            fin = finish_run(model, cfg, images[held_idx], dev, train_images=images[fitted],
+                             context_images=images[fitted])
+        fold_state = {**state, "perceptual": fin["perceptual"], "context": fin["context"],
+                      "normalization": fin["normalization"], "calibration": fin["calibration"],
+                      "detector": fin["detector"]}
+        fold_state = {k2: v for k2, v in fold_state.items() if v is not None and k2 != "tensor_digest"}
+        det = _detector(fold_state, dev)
+        res = det.predict_batched(images[scored])
+        threshold = float(fin["calibration"]["image_threshold"])
+        # the overlays' colour scale, as predict draws maps: 2 x the pixel threshold (0: each map's maximum)
+        scales[k] = 2 * float(fin["calibration"].get("pixel_threshold") or 0.0)
+        expected += len(scored) * float(fin["calibration"].get("far_expected") or cfg.far)
+        for j, i in enumerate(scored):
+            score = float(res["scores"][j])
+            entries.append({"image": str(paths[i]), "score": score, "threshold": threshold,
+                            "flagged": score > threshold, "fold": k})
+            if score > threshold:
+                maps[i] = res["maps"][j]
+        log(f"fold {k + 1} of {folds}: fitted on {len(fitted)} training images, scored {len(scored)}, "
+            f"threshold {threshold:.4g} from {len(held_idx)} held-back images; "
+            f"{sum(1 for e in entries if e['fold'] == k and e['flagged'])} flagged")
+    entries.sort(key=lambda e: -e["score"])
+    n_flagged = sum(1 for e in entries if e["flagged"])
+    far = float(cfg.far)
+    result = {"run": str(path), "folds": folds, "far": far, "n_images": len(entries), "flagged": n_flagged,
+              "expected_by_chance": expected, "images": entries}
+
+    from .visualize import save_overlay
+
+    folder = OutputFolder.create(out, overwrite=overwrite, inputs=[run], lock=True, command="audit")
+    try:
+        flagged = [e for e in entries if e["flagged"]]
+        names = [f"overlays/{Path(e['image']).stem}_overlay.png" for e in flagged]
+        if len(set(names)) != len(names):  # same file names in sub-folders: numbered
+            names = [f"overlays/{k:04d}_{Path(e['image']).stem}_overlay.png" for k, e in enumerate(flagged)]
+        folder.reserve(["audit.json", *names])
+        if flagged:
+            folder.mkdir("overlays")
+        index = {str(paths[i]): i for i in maps}
+        for e, name in zip(flagged, names):
+            m = maps[index[e["image"]]]
+            save_overlay(images[index[e["image"]]], m, out / name, scale=scales[e["fold"]])
+            e["overlay"] = name
+        folder.write_json("audit.json", result)
+    except BaseException:
+        folder.discard()
+        raise
+    finally:
+        folder.release()
+    log(f"{n_flagged} of {len(entries)} training images score above the threshold of a detector that did not see "
+        f"them (of defect-free images, about {expected:.1f} would be by chance, at the thresholds' expected "
+        "false-alarm rates); look at them, highest first:"
+        + "".join(f"\n  {e['score']:8.4g}  {e['image']}" for e in flagged[:20])
+        + (f"\n  ... ({n_flagged - 20} more in {out / 'audit.json'})" if n_flagged > 20 else ""))
+    log(f"wrote {out / 'audit.json'}" + (f" and {len(flagged)} overlays in {out / 'overlays'}" if flagged else ""))
+    return result
+
+
+def _detector(state: dict[str, Any], device: torch.device):
+    """A Detector of a model-file dict held in memory (through a temporary file: Detector.load
+    reads files, and checks what it reads)."""
+    import tempfile
+
+    from .detect import Detector
+    from .safety import save_with_digest
+
+    with tempfile.TemporaryDirectory(prefix="defect-fast-audit-") as tmp:
+        target = Path(tmp) / "model.pt"
+        save_with_digest(state, target)
+        return Detector.load(target, device=device)
+
+
+def add_parser(subparsers) -> None:
+    """Register ``defect-fast audit`` on the CLI's sub-parsers."""
+    from .safety import device_arg, output_path, positive_int
+
+    a = subparsers.add_parser(
+        "audit", help="training images a detector that has not seen them flags (defects in the defect-free set)",
+        description="Score every training image of RUN with the run's map statistics, image context and thresholds "
+                    "fitted again on the other training images (--folds parts), and list those above the threshold, "
+                    "highest first, with overlays: photographs in the defect-free set that look defective, to look at "
+                    "and remove before training again.")
+    a.add_argument("run", help="run folder (or model.pt)")
+    a.add_argument("--out", required=True, type=output_path,
+                   help="folder for audit.json and the flagged images' overlays (new or empty; an earlier audit's only "
+                   "with --overwrite)")
+    a.add_argument("--folds", type=positive_int, default=DEFAULT_FOLDS,
+                   help=f"parts the training images are split into (default {DEFAULT_FOLDS}: each detector fitted on half)")
+    a.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    a.add_argument("--overwrite", action="store_true", help="replace an earlier audit in --out")
+    a.set_defaults(func=command)
+
+
+def command(args: argparse.Namespace) -> int:
+    audit(args.run, args.out, folds=args.folds, device=args.device, overwrite=args.overwrite)
+    return 0
+
+
+__all__ = ["audit", "add_parser", "command", "DEFAULT_FOLDS"]
