@@ -133,7 +133,7 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
     from .visualize import save_overlay
 
     folder = OutputFolder.create(out, overwrite=overwrite, inputs=[run], lock=True, command="audit")
-    try:
+    with folder.writing():
         flagged = [e for e in entries if e["flagged"]]
         names = [f"overlays/{Path(e['image']).stem}_overlay.png" for e in flagged]
         if len(set(names)) != len(names):  # same file names in sub-folders: numbered
@@ -147,11 +147,6 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
             save_overlay(images[index[e["image"]]], m, out / name, scale=scales[e["fold"]])
             e["overlay"] = name
         folder.write_json("audit.json", result)
-    except BaseException:
-        folder.discard()
-        raise
-    finally:
-        folder.release()
     log(f"{n_flagged} of {len(entries)} training images score above the threshold of a detector that did not see "
         f"them (of defect-free images, about {expected:.1f} would be by chance, at the thresholds' expected "
         "false-alarm rates); look at them, highest first:"

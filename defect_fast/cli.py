@@ -262,7 +262,7 @@ def cmd_predict(args) -> int:
     scale = pixel_t or det.calibration.get("pixel_q999") or float(res["maps"].max()) or 1.0
     stems = _output_stems(paths)
     folder = OutputFolder.create(out, overwrite=args.overwrite, inputs=inputs, lock=True, command="predict")
-    try:
+    with folder.writing():
         folder.mkdir("maps")
         folder.mkdir("overlays")
         report = {"run": str(args.run), "map": det.map_kind, "threshold": image_t, "threshold_source": source,
@@ -281,11 +281,6 @@ def cmd_predict(args) -> int:
                 entry["defective"] = bool(float(s) > image_t)
             report["images"].append(entry)
         folder.write_json("scores.json", report)
-    except BaseException:
-        folder.discard()
-        raise
-    finally:
-        folder.release()
     flagged = sum(1 for e in report["images"] if e.get("defective"))
     print(f"wrote maps, overlays and scores for {len(paths)} image(s) to {out}"
           + (f"; {flagged} flagged at threshold {image_t:.4g}" if image_t is not None else ""))

@@ -189,7 +189,7 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
     state.pop("tensor_digest", None)  # the new file gets its own
 
     folder = OutputFolder.create(out, overwrite=overwrite, inputs=inputs, lock=True, command="calibrate")
-    try:
+    with folder.writing():
         folder.reserve(OUTPUT_FILES)  # a user's file there: refused, none written
         save_with_digest(state, MODEL_FILE, folder=folder)
         summary = {"run": str(path), "model": str(out / MODEL_FILE), "far": far, "images": names,
@@ -200,11 +200,6 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
                                                      "far_expected", "far_upper95", "rank", "sufficient", "note",
                                                      "source", "threshold_image", "highest_scores")}}
         folder.write_json("calibration.json", summary)
-    except BaseException:
-        folder.discard()
-        raise
-    finally:
-        folder.release()
     if flagged_before is not None:
         log(f"at the run's threshold {was:.4g}, {flagged_before} of these {n} defect-free images would be flagged "
             f"({100 * flagged_before / n:.1f} %; the run asked for {100 * float(before.get('far') or far):g} %)")

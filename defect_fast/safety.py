@@ -867,6 +867,18 @@ class OutputFolder:
             with contextlib.suppress(OSError):
                 self.path.rmdir()
 
+    @contextlib.contextmanager
+    def writing(self) -> Iterator["OutputFolder"]:
+        """Around the writing of a command's outputs: any error or interrupt inside undoes the
+        start (:meth:`discard`: only the files recorded here), and the lock is released either way."""
+        try:
+            yield self
+        except BaseException:
+            self.discard()
+            raise
+        finally:
+            self.release()
+
     def release(self) -> None:
         """Release the folder's lock (if this object holds it)."""
         if self.lock is not None:

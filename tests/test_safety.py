@@ -428,3 +428,24 @@ def test_foreign_older_and_broken_files_are_clear_errors(tmp_path):
     with pytest.raises(DigestError, match="no such file"):
         load_with_digest(tmp_path / "missing.pt")
     assert attach_digest(_state())[DIGEST_KEY]["hex"] == state_digest(_state())
+
+
+def test_writing_undoes_a_failed_start_and_releases_the_lock(tmp_path):
+    out = tmp_path / "out"
+    folder = OutputFolder.create(out, lock=True, command="predict")
+    with pytest.raises(KeyboardInterrupt):
+        with folder.writing():
+            folder.write_text("a.txt", "half")
+            raise KeyboardInterrupt
+    assert not out.exists() and folder.lock is None  # its own start undone, lock released
+    folder = OutputFolder.create(out, lock=True, command="predict")
+    with folder.writing():
+        folder.write_text("a.txt", "done")
+    assert (out / "a.txt").read_text() == "done" and folder.lock is None
+    again = OutputFolder.create(out, overwrite=True, lock=True, command="predict")
+    (out / "mine.txt").write_text("user")
+    with pytest.raises(ValueError):
+        with again.writing():
+            again.write_text("b.txt", "half")
+            raise ValueError("stop")
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["mine.txt"]
