@@ -19,7 +19,9 @@ flagged too, at that threshold's expected rate (1/61 with 60 held-back images an
 rate, about 9 of 540): the list is a place to look, sorted by score, not a verdict, and the
 command says how many would be flagged by chance. The autoencoder's weights stay the run's: it was trained on every training image, and
 reproduces them no better than unseen ones at the budgets measured
-(``experiments/recon_error_split.py``).
+(``experiments/recon_error_split.py``). The held-back images are not audited: they set the
+thresholds, and the run's own scores of them are already those of a detector that did not see
+them (the command repeats the highest the run names).
 
 Command line::
 
@@ -152,6 +154,10 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
         "false-alarm rates); look at them, highest first:"
         + "".join(f"\n  {e['score']:8.4g}  {e['image']}" for e in flagged[:20])
         + (f"\n  ... ({n_flagged - 20} more in {out / 'audit.json'})" if n_flagged > 20 else ""))
+    named = (state.get("calibration") or {}).get("highest_scores") or []
+    if named:  # the held-back images are not audited: they set the thresholds, and the run scored them unseen
+        log("the held-back images set the thresholds and are not audited; the run's highest held-back scores: "
+            + ", ".join(f"{score:.4g} ({Path(name).name})" for name, score in named))
     log(f"wrote {out / 'audit.json'}" + (f" and {len(flagged)} overlays in {out / 'overlays'}" if flagged else ""))
     return result
 

@@ -68,6 +68,8 @@ def test_defects_among_the_training_images_top_the_audit(planted, tmp_path, caps
         assert ("overlay" in e) == e["flagged"] and (not e["flagged"] or (out / e["overlay"]).is_file())
     assert f"{doc['flagged']} of 28 training images" in stdout and "about 5.6 would be by chance" in stdout
     assert stdout.index(PLANTED[0]) < stdout.index("wrote") and PLANTED[1] in stdout
+    assert "the held-back images set the thresholds and are not audited" in stdout
+    assert Path(state["calibration"]["threshold_image"]).name in stdout
     # the run's own scores of its training images hide them: its statistics were fitted on them
     det = Detector.load(planted["run"], device="cpu")
     images, paths = load_train_images(planted["data"].resolve(), SIZE)
