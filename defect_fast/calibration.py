@@ -41,7 +41,7 @@ import os
 import random
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence, TypeVar
+from typing import Any, Mapping, NamedTuple, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -65,6 +65,8 @@ __all__ = [
     "split_holdback",
     "stored_thresholds",
     "threshold_at_far",
+    "chosen_threshold",
+    "ChosenThreshold",
 ]
 
 _T = TypeVar("_T")
@@ -337,6 +339,34 @@ def stored_thresholds(calibration: Mapping[str, Any] | None, far: float | None =
     return None, cal.get("pixel_q999"), "the model file holds no threshold"
 
 
+class ChosenThreshold(NamedTuple):
+    """The thresholds a command judges by (:func:`chosen_threshold`)."""
+
+    image: float | None
+    pixel: float | None
+    source: str  # where the image threshold came from, for people
+    image_name: str | None  # the calibration image whose score the image threshold is, when the file names it
+    far_expected: float | None  # its expected false-alarm rate, as the file or threshold_at_far gives it
+
+
+def chosen_threshold(calibration: Mapping[str, Any] | None, threshold: float | None = None,
+                     far: float | None = None) -> ChosenThreshold:
+    """The image threshold a command judges by: ``threshold`` given on its command line, the one
+    for false-alarm rate ``far`` (:func:`threshold_at_far`; CalibrationError when the file cannot
+    give it), or the stored one (:func:`stored_thresholds`); the pixel threshold is the stored one."""
+    if threshold is not None and far is not None:
+        raise ValueError("give threshold or far, not both")
+    cal = dict(calibration or {})
+    image, pixel, source = stored_thresholds(cal)
+    name, far_expected = (cal.get("threshold_image") if image is not None else None), cal.get("far_expected")
+    if threshold is not None:
+        image, source, name = float(threshold), "given on the command line", None
+    elif far is not None:
+        it, name = threshold_at_far(cal, far)
+        image, source, far_expected = it.threshold, it.note, it.far_expected
+    return ChosenThreshold(image, pixel, source, name, far_expected)
+
+
 # --------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------
@@ -459,23 +489,13 @@ def evaluate_thresholds(scores, labels, calibration: Mapping[str, Any] | None = 
         whose score the threshold is, when the model file names it, "operating_points":
         :func:`operating_points`}``; put ``at_threshold["false_alarm_rate"]`` next to ``far_asked``.
     """
-    if threshold is not None and far is not None:
-        raise ValueError("give threshold or far, not both")
     cal = dict(calibration or {})
-    out = {"f1_optimal": f1_optimal_threshold(scores, labels), "far_asked": cal.get("far"),
-           "far_expected": cal.get("far_expected"), "n_calibration_images": cal.get("n_images")}
-    if far is not None:
-        it, name = threshold_at_far(cal, far)
-        stored, source = it.threshold, it.note
-        out.update(far_asked=far, far_expected=it.far_expected, threshold_image=name)
-    else:
-        stored, _, source = stored_thresholds(cal)
-        if threshold is not None:
-            stored, source = float(threshold), "given on the command line"
-        out["threshold_image"] = cal.get("threshold_image") if threshold is None and stored is not None else None
-    out.update(at_threshold=rates_at(scores, labels, stored) if stored is not None else None, threshold_source=source,
-               operating_points=operating_points(scores, labels, cal))
-    return out
+    chosen = chosen_threshold(cal, threshold, far)
+    return {"f1_optimal": f1_optimal_threshold(scores, labels), "far_asked": far if far is not None else cal.get("far"),
+            "far_expected": chosen.far_expected, "n_calibration_images": cal.get("n_images"),
+            "threshold_image": chosen.image_name,
+            "at_threshold": rates_at(scores, labels, chosen.image) if chosen.image is not None else None,
+            "threshold_source": chosen.source, "operating_points": operating_points(scores, labels, cal)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -601,18 +621,12 @@ class ModelInfo:
         (:func:`threshold_at_far`; ``extra["far"]`` then says so).
         ``extra["threshold_image"]``: the calibration image whose score the threshold is, when the
         file names it and the threshold is not given on the command line."""
-        if threshold is not None and far is not None:
-            raise ValueError("give threshold or far, not both")
-        img_t, pix_t, source = stored_thresholds(calibration)
-        if threshold is not None:
-            img_t, source = float(threshold), "given on the command line"
-        elif far is not None:
-            it, named = threshold_at_far(calibration, far)
-            img_t, source = it.threshold, it.note
-            extra = {**extra, "far": far, **({"threshold_image": named} if named else {})}
-        elif img_t is not None and (calibration or {}).get("threshold_image"):
-            extra = {"threshold_image": calibration["threshold_image"], **extra}
-        return cls(image_size, name, version, img_t, pix_t, extra={"threshold_source": source, **extra})
+        chosen = chosen_threshold(calibration, threshold, far)
+        if far is not None:
+            extra = {**extra, "far": far, **({"threshold_image": chosen.image_name} if chosen.image_name else {})}
+        elif chosen.image_name:
+            extra = {"threshold_image": chosen.image_name, **extra}
+        return cls(image_size, name, version, chosen.image, chosen.pixel, extra={"threshold_source": chosen.source, **extra})
 
     @classmethod
     def from_detector(cls, det, run: str | os.PathLike, threshold: float | None = None,

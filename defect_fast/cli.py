@@ -238,7 +238,7 @@ def _output_stems(paths: list[Path]) -> list[str]:
 
 
 def cmd_predict(args) -> int:
-    from .calibration import stored_thresholds
+    from .calibration import chosen_threshold
     from .data.io import collect_images, read_image, read_images
     from .detect import Detector
     from .maps import resize_map
@@ -250,13 +250,11 @@ def cmd_predict(args) -> int:
     det = Detector.load(args.run, device=args.device, map_kind=args.map, stride=args.stride,  # SettingError: one line
                         smooth_sigma=args.smooth, blend=getattr(args, "blend", None))
     with far_errors(args.run, args.far):  # before any image is read
-        image_t, pixel_t, source = stored_thresholds(det.calibration, args.far)
+        image_t, pixel_t, source, _name, _far = chosen_threshold(det.calibration, args.threshold, args.far)
     paths = collect_images(args.images)
     sizes: list = []
     images = read_images(paths, det.image_size, where="predict inputs", sizes=sizes)  # every bad file named, before any output
-    if args.threshold is not None:
-        image_t, source = float(args.threshold), "given on the command line"
-    elif image_t is None:
+    if image_t is None:
         print(f"defect-fast: warning: no image is flagged: {source}", file=sys.stderr)
     res = det.predict_batched(images)
     scale = pixel_t or det.calibration.get("pixel_q999") or float(res["maps"].max()) or 1.0
