@@ -60,6 +60,7 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
         OutputRefused: ``out``.
     """
     from .data.dataset import load_train_images
+    from .detect import Detector
     from .runs import RunError, load_model_state, model_file, model_from_state, resolve_device
     from .safety import OutputFolder, UsageError
     from .train import TrainConfig, finish_run, image_keys, images_digest
@@ -110,8 +111,8 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
         fold_state = {**state, "perceptual": fin["perceptual"], "context": fin["context"],
                       "normalization": fin["normalization"], "calibration": fin["calibration"],
                       "detector": fin["detector"]}
-        fold_state = {k2: v for k2, v in fold_state.items() if v is not None and k2 != "tensor_digest"}
-        det = _detector(fold_state, dev)
+        fold_state = {k2: v for k2, v in fold_state.items() if v is not None}
+        det = Detector.from_state(fold_state, dev, where=f"{path} (fold {k + 1})")
         res = det.predict_batched(images[scored])
         threshold = float(fin["calibration"]["image_threshold"])
         # the overlays' colour scale, as predict draws maps: 2 x the pixel threshold (0: each map's maximum)
@@ -160,20 +161,6 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
             + ", ".join(f"{score:.4g} ({Path(name).name})" for name, score in named))
     log(f"wrote {out / 'audit.json'}" + (f" and {len(flagged)} overlays in {out / 'overlays'}" if flagged else ""))
     return result
-
-
-def _detector(state: dict[str, Any], device: torch.device):
-    """A Detector of a model-file dict held in memory (through a temporary file: Detector.load
-    reads files, and checks what it reads)."""
-    import tempfile
-
-    from .detect import Detector
-    from .safety import save_with_digest
-
-    with tempfile.TemporaryDirectory(prefix="defect-fast-audit-") as tmp:
-        target = Path(tmp) / "model.pt"
-        save_with_digest(state, target)
-        return Detector.load(target, device=device)
 
 
 def add_parser(subparsers) -> None:

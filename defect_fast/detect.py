@@ -345,7 +345,14 @@ class Detector(nn.Module):
         context (``state["context"]``; not with another ``map_kind`` than the stored one, whose
         spread it was standardised by) are restored.
         """
-        state = load_model_state(run)
+        return cls.from_state(load_model_state(run), device, map_kind, stride, smooth_sigma, where=run, **options)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: str | torch.device = "auto", map_kind: str | None = None,
+                   stride: int | None = None, smooth_sigma: float | None = None, *, where: Path | str = "model file",
+                   **options) -> "Detector":
+        """:meth:`load` of a model-file dict already in memory (as
+        :func:`~defect_fast.runs.load_model_state` returns it); ``where`` names it in errors."""
         stored = dict(state.get("detector") or {})
         norm = state.get("normalization") or {}
         perceptual = None
@@ -378,7 +385,7 @@ class Detector(nn.Module):
                        norm_mean=norm.get("mean"), norm_std=norm.get("std"), perceptual=perceptual, context=context,
                        **options)
         except ValueError as exc:  # an inference setting this model cannot take: the user's, said in one line
-            raise SettingError(f"{run}: {exc}") from None
+            raise SettingError(f"{where}: {exc}") from None
 
     # -- the traced pipeline -------------------------------------------------------------------
     def _to_model_input(self, images: torch.Tensor) -> torch.Tensor:

@@ -123,7 +123,7 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
     path = model_file(run)
     state = load_model_state(path)
     cfg = TrainConfig.from_json(state["train_config"]) if state.get("train_config") else None
-    det = Detector.load(path, device=device)  # the run's own inference settings, so its maps and scores
+    det = Detector.from_state(state, device, where=path)  # the run's own inference settings, so its maps and scores
     size = det.image_size
     asked = far is not None
     far = float(far) if asked else float(getattr(cfg, "far", None) or DEFAULT_FAR)
