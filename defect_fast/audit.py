@@ -98,7 +98,7 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
     dev = resolve_device(device)
 
     entries: list[dict[str, Any]] = []
-    maps: dict[int, torch.Tensor] = {}
+    maps: dict[str, tuple[int, torch.Tensor]] = {}  # a flagged image's file -> (its index, its map)
     expected = 0.0  # defect-free images flagged by chance: each fold's images x its threshold's expected rate
     scales: dict[int, float] = {}
     for k in range(folds):
@@ -123,7 +123,7 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
             entries.append({"image": str(paths[i]), "score": score, "threshold": threshold,
                             "flagged": score > threshold, "fold": k})
             if score > threshold:
-                maps[i] = res["maps"][j]
+                maps[str(paths[i])] = (i, res["maps"][j])
         log(f"fold {k + 1} of {folds}: fitted on {len(fitted)} training images, scored {len(scored)}, "
             f"threshold {threshold:.4g} from {len(held_idx)} held-back images; "
             f"{sum(1 for e in entries if e['fold'] == k and e['flagged'])} flagged")
@@ -144,10 +144,9 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
         folder.reserve(["audit.json", *names])
         if flagged:
             folder.mkdir("overlays")
-        index = {str(paths[i]): i for i in maps}
         for e, name in zip(flagged, names):
-            m = maps[index[e["image"]]]
-            save_overlay(images[index[e["image"]]], m, out / name, scale=scales[e["fold"]])
+            i, m = maps[e["image"]]
+            save_overlay(images[i], m, out / name, scale=scales[e["fold"]])
             e["overlay"] = name
         folder.write_json("audit.json", result)
     log(f"{n_flagged} of {len(entries)} training images score above the threshold of a detector that did not see "
