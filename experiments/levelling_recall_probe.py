@@ -104,10 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images-per-batch", type=int, default=8)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    maps = []
+    maps, test = [], None
     for run in (args.as_read, args.levelled):
         det = Detector.load(run, device="cpu")
-        test = load_test_set(args.data, det.image_size)
+        if test is None or test.images.shape[-1] != det.image_size:  # the same weights: read once
+            test = load_test_set(args.data, det.image_size)
         maps.append(det.predict_batched(test.images, args.images_per_batch)["maps"].float().numpy())
     gray = test.images.double().mean(dim=1).numpy()
     out = compare(maps[0], maps[1], test.masks.numpy().astype(bool), test.classes, gray)
