@@ -41,6 +41,18 @@ def shrink_margin(z, memory, t, temperature):
     return (w - t).abs().min().item() if w.numel() else float("inf")
 
 
+def shrink_conditioning(z, memory, t, temperature, eps=1e-12):
+    """max over the weights kept by the shrinkage of w * eps / (w - t)^2: how far the gradient's
+    factor 1 + w * eps / (w - t)^2 is from 1. Near the kink it grows without bound, and so does the
+    gradient's rounding error in a low precision (float32: about this value x 1e-7 x w / (w - t)):
+    cases compared across precisions or devices keep it small."""
+    zn = torch.nn.functional.normalize(z.detach().double(), dim=1)
+    mn = torch.nn.functional.normalize(memory.detach().double(), dim=1)
+    w = torch.softmax(zn @ mn.t() / temperature, dim=1)
+    kept = w > t
+    return (w * eps / (w - t) ** 2)[kept].max().item() if kept.any() else 0.0
+
+
 def run_both(fn, z, memory, grad_z_hat, grad_weights):
     """Outputs and input gradients of fn(z, memory) -> (z_hat, weights) for both upstream grads."""
     z_hat, weights = fn(z, memory)
@@ -79,6 +91,7 @@ def test_matches_reference(case, dtype, seed):
     z, memory, gzh, gw = make_inputs(B, N, C, dtype, seed)
     if t > 0:
         assert shrink_margin(z, memory, t, temperature) > 1e-6 * t, "test data too close to the shrinkage kink"
+        assert shrink_conditioning(z, memory, t, temperature) < 0.1, "a kept weight too close to the shrinkage kink"
 
     got = run_both(lambda a, b: native.memory_address(a, b, t, temperature, p), z, memory, gzh, gw)
     want = run_both(lambda a, b: reference.memory_address(a, b, t, temperature, p), z, memory, gzh, gw)
@@ -250,7 +263,10 @@ def test_build_info_and_source_selection(tmp_path):
     assert _native.sanitized_arch_list("8.0; 9.0+PTX") == "8.0_9.0+PTX"
 
 
-CUDA_CASES = [(6, 41, 24, 1.0, 0.5, 1), (5, 300, 70, 0.0, 1.0, 2), (33, 2000, 128, 1.0, 1.0, 1), (17, 500, 64, 0.0, 0.5, 1)]
+# (33, 2000, 128, 1.0, 1.0, 1) was here: with seed 1 one kept weight lies 1.9e-9 above t, where
+# the shrinkage gradient's factor is ~140 and float32 rounding alone moves grad_z by ~2.5e-2
+# (the CPU kernel in float32 as much): the test data's fault, not the kernel's (the guard below).
+CUDA_CASES = [(6, 41, 24, 1.0, 0.5, 1), (5, 300, 70, 0.0, 1.0, 2), (4, 2000, 128, 1.0, 0.1, 1), (17, 500, 64, 0.0, 0.5, 1)]
 CUDA_PARAMS = [(case, dtype, tol) for case in CUDA_CASES for dtype, tol in [(torch.float64, 1e-9), (torch.float32, 1e-4)]] + [
     # NB: half-precision cosines move weights across the shrinkage threshold (a jump of ~t), so
     # the low-precision dtypes are compared without shrinkage.
@@ -270,6 +286,8 @@ def test_cuda_matches_cpu(case, dtype, tol):
     B, N, C, t_mult, temperature, p = case
     t = t_mult / N
     z, memory, gzh, gw = make_inputs(B, N, C, torch.float64, seed=1)
+    if t > 0:
+        assert shrink_conditioning(z, memory, t, temperature) < 0.1, "a kept weight too close to the shrinkage kink"
     want = run_both(lambda a, b: native.memory_address(a, b, t, temperature, p), z, memory, gzh, gw)
     zc, mc = (x.detach().to("cuda", dtype).requires_grad_(True) for x in (z, memory))
     got = run_both(lambda a, b: native.memory_address(a, b, t, temperature, p), zc, mc, gzh.to("cuda", dtype), gw.to("cuda", dtype))
