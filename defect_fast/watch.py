@@ -12,8 +12,9 @@
     status.json            last image, counts, images/s, threshold and where it came from, model
                            (rewritten atomically)
 
-``<name>`` is the image's path relative to ``IN_DIR`` ("/" -> "__", no extension) plus the first
-12 hex digits of its content's SHA-256, so a redo writes the same files.
+``<name>`` is the image's path relative to ``IN_DIR`` ("/" -> "__", no extension; one longer
+than :data:`MAX_STEM_BYTES` bytes shortened, with 8 hex digits of the whole) plus the first 12
+hex digits of its content's SHA-256, so a redo writes the same files.
 
 When a file counts as complete: its name is not a temporary one (dotfiles, ``*.tmp``, ``*.part``,
 ``*.partial``, ``*.crdownload``, ``*.download``, ``*.swp``, ``*~``), it has an image extension, and
@@ -21,7 +22,10 @@ its size, modification and change times stayed the same for ``settle`` seconds a
 copies keep changing; write-then-rename writers show the final name only when it is complete). A
 writer that pauses longer than ``settle`` in the middle of a file is taken as done; the truncated
 file is then rejected and moved to ``rejected/``, where it can be recovered. A file that cannot
-be opened for reading (permissions) is skipped, with a message, until it changes. Arrival is noticed
+be opened for reading (permissions) is skipped, with a message, until it changes; an entry that
+cannot even be looked at (a link in a loop or into a folder the service may not read, a
+sub-folder it may not list) is skipped with a message, once. A photo too large to decode in the
+memory at hand is rejected like a bad file. Arrival is noticed
 through the ``watchdog`` package when it is installed (inotify and friends), with a scan every
 ``poll_interval`` seconds as the fallback (see below for what a scan looks at).
 
@@ -29,7 +33,8 @@ Exactly once, also across ``kill -9``: a result is done when its journal line is
 map and overlay are written to temporary names, fsynced and renamed into place *before* its
 journal line is appended with a single ``write`` on an ``O_APPEND`` descriptor and fsynced. At
 start the journal is read back (a torn last line, which only a crash in the middle of that write
-can leave, is cut off), the set of done (path, SHA-256) pairs is rebuilt from it, and leftover
+can leave, is cut off, and so is a last line that is no record though it ends in its newline),
+the set of done (path, SHA-256) pairs is rebuilt from it, and leftover
 temporary files are removed. An image whose line is missing is redone and overwrites its own map
 and overlay; one whose line exists is never redone. Bad files: the journal line (with the reason)
 comes first, then the move to ``rejected/``; a move cut short by a crash is completed at start.
@@ -55,7 +60,8 @@ Command line (:func:`add_parser`, :func:`command`)::
 
 ``OUT_DIR`` is an output folder with a manifest (:class:`defect_fast.safety.OutputFolder`): new,
 empty, or one an earlier ``watch`` wrote (its journal is resumed); any other folder is refused, and
-``OUT_DIR`` may not overlap ``IN_DIR`` or the run. The image threshold is the model file's
+``OUT_DIR`` may not overlap ``IN_DIR`` or the run (:func:`watch` itself, for embedding, refuses a
+non-empty folder that holds no journal of its own). The image threshold is the model file's
 (:func:`defect_fast.calibration.stored_thresholds`) unless ``--threshold`` gives one or ``--far``
 asks for another false-alarm rate (set from the run's held-back scores).
 """
@@ -66,6 +72,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import stat as stat_mod
@@ -82,12 +89,13 @@ import torch
 from .calibration import ModelInfo, defect_regions
 from .data.io import IMAGE_EXTENSIONS, DataError, read_image_at_both_sizes
 from .maps import resize_map
-from .safety import MANIFEST_NAME, OutputFolder, OutputRefused, RunLock, UserError, check_out_not_overlapping, far_errors
+from .safety import LOCK_NAME, MANIFEST_NAME, OutputFolder, OutputRefused, RunLock, UserError, check_out_not_overlapping, far_errors
 
 __all__ = ["IGNORED_SUFFIXES", "Journal", "WatchError", "add_parser", "command", "is_temporary_name", "output_name",
            "watch"]
 
 JOURNAL = "results.jsonl"
+JOURNAL_START = b'{"image":'
 STATUS = "status.json"
 MAPS, OVERLAYS, REJECTED = "maps", "overlays", "rejected"
 TMP_PREFIX = ".tmp-"
@@ -95,6 +103,8 @@ TMP_PREFIX = ".tmp-"
 RESCAN_INTERVAL = 60.0
 #: Event paths kept between two rounds; beyond that the folder is listed instead.
 MAX_EVENT_PATHS = 10_000
+#: Shortest wait (s) between looks at a file still settling.
+MIN_WAIT = 0.05
 #: Name endings (lower case) of files still being written; never picked up.
 IGNORED_SUFFIXES: tuple[str, ...] = (".tmp", ".part", ".partial", ".crdownload", ".download", ".swp", "~")
 
@@ -111,10 +121,28 @@ def is_temporary_name(name: str) -> bool:
     return name.startswith(".") or low.endswith(IGNORED_SUFFIXES)
 
 
+#: Longest stem (in UTF-8 bytes) an output or rejected file's name keeps: with the temporary
+#: name's prefix (".tmp-<pid>-") and the longest ending ("_<12 hex>_overlay.png") it stays well
+#: under the 255 bytes most file systems allow in one name.
+MAX_STEM_BYTES = 160
+
+
+def _short_stem(stem: str, limit: int = MAX_STEM_BYTES) -> str:
+    """``stem`` as it is when it fits in ``limit`` UTF-8 bytes; else its first characters that do
+    and 8 hex digits of its SHA-256, so two long stems that begin alike still differ."""
+    raw = os.fsencode(stem)
+    if len(raw) <= limit:
+        return stem
+    digest = hashlib.sha256(raw).hexdigest()[:8]
+    head = raw[:limit - 9].decode("utf-8", "ignore")  # whole characters only
+    return f"{head}~{digest}"
+
+
 def output_name(key: str, sha256: str) -> str:
-    """Stem of an image's outputs: its relative path without extension, "/" -> "__", + 12 hex digits."""
+    """Stem of an image's outputs: its relative path without extension, "/" -> "__", + 12 hex digits
+    (a path longer than :data:`MAX_STEM_BYTES` shortened by :func:`_short_stem`)."""
     stem = key.rsplit(".", 1)[0] if "." in Path(key).name else key
-    return f"{stem.replace('/', '__')}_{sha256[:12]}"
+    return f"{_short_stem(stem.replace('/', '__'))}_{sha256[:12]}"
 
 
 def _now_iso() -> str:
@@ -149,12 +177,21 @@ class Journal:
     """The append-only results journal (one JSON object per line).
 
     Opening it reads every line back, cuts off a torn last line (or completes it with its newline
-    when it is a whole JSON object), and indexes the records by (image key, sha256).
+    when it is a whole JSON object; a last line that ends with its newline but is no record, which
+    a power loss can leave when a long line's earlier block was not written, is cut off as well),
+    and keeps of each record what a restart needs (:data:`KEPT_FIELDS`).
 
     Attributes:
-        records: the records read at opening, in order (appended ones are only written).
+        records: the records read at opening, in order, with :data:`KEPT_FIELDS` only (appended
+            ones are only written).
         repaired: a one-line description of what was repaired at opening ("" when nothing).
     """
+
+    #: What a restart reads back of each line: the done set, the counts, the unfinished moves of
+    #: rejected files and the note on earlier thresholds. A line's regions and file names are
+    #: not kept: a journal of millions of lines must still open in little memory.
+    KEPT_FIELDS = ("image", "sha256", "size", "mtime_ns", "ctime_ns", "result", "rejected_to", "threshold",
+                   "model_version")
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -163,45 +200,63 @@ class Journal:
         self._repair_and_load()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
+    @staticmethod
+    def _record(line: bytes) -> dict[str, Any] | None:
+        """The record of one line (None: not JSON, or not a record)."""
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            return None
+        return rec if isinstance(rec, dict) and "image" in rec and "sha256" in rec else None
+
+    def _repair_tail(self, f) -> str:
+        """Repair the end of the open file ``f`` (see the class docstring); what was done, or ""."""
+        size = f.seek(0, os.SEEK_END)
+        # the last two line starts: read back from the end in blocks until two newlines are seen
+        block, pos, tail = 1 << 16, size, b""
+        while pos > 0 and tail.count(b"\n") < (2 if tail.endswith(b"\n") else 1):
+            step = min(block, pos)
+            pos -= step
+            f.seek(pos)
+            tail = f.read(step) + tail
+        cut = tail.rfind(b"\n") + 1
+        last = tail[cut:]
+        if last:  # no newline at the end: a whole record gets its newline, anything else is cut
+            rec = self._record(last)
+            if rec is not None:
+                f.seek(0, os.SEEK_END)
+                f.write(b"\n")
+                return "completed the newline of its last line"
+            f.truncate(pos + cut)
+            return f"cut off a torn last line ({len(last)} bytes)"
+        if not tail:
+            return ""
+        start = tail.rfind(b"\n", 0, len(tail) - 1) + 1
+        line = tail[start:]
+        if line.strip() and self._record(line) is None and (start > 0 or pos == 0):
+            f.truncate(pos + start)
+            return f"cut off an unreadable last line ({len(line)} bytes)"
+        return ""
+
     def _repair_and_load(self) -> None:
         if not self.path.exists():
             return
-        data = self.path.read_bytes()
-        cut = data.rfind(b"\n") + 1
-        tail = data[cut:]
-        notes = []
-        if tail:
-            try:
-                rec = json.loads(tail)
-                whole = isinstance(rec, dict) and "sha256" in rec
-            except ValueError:
-                whole = False
-            with open(self.path, "r+b") as f:
-                if whole:
-                    f.seek(0, os.SEEK_END)
-                    f.write(b"\n")
-                    notes.append("completed the newline of its last line")
-                else:
-                    f.truncate(cut)
-                    notes.append(f"cut off a torn last line ({len(tail)} bytes)")
+        with open(self.path, "r+b") as f:
+            note = self._repair_tail(f)
+            if note:
                 f.flush()
                 os.fsync(f.fileno())
-            if whole:
-                cut = len(data) + 1
-                data = data + b"\n"
+        notes = [note] if note else []
         bad = 0
-        for line in data[:cut].splitlines():
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                bad += 1
-                continue
-            if isinstance(rec, dict) and "image" in rec and "sha256" in rec:
-                self.records.append(rec)
-            else:
-                bad += 1
+        with open(self.path, "rb") as f:
+            for line in f:  # one line at a time: the file may be far larger than memory should hold
+                if not line.strip():
+                    continue
+                rec = self._record(line)
+                if rec is None:
+                    bad += 1
+                    continue
+                self.records.append({k: rec[k] for k in self.KEPT_FIELDS if k in rec})
         if bad:
             notes.append(f"skipped {bad} unreadable line(s)")
         self.repaired = "; ".join(notes)
@@ -274,6 +329,7 @@ class _State:
     started: str = field(default_factory=_now_iso)
     warned_ext: set[str] = field(default_factory=set)
     unreadable: dict[str, Signature] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # entries that cannot be looked at -> why (named once)
     # candidates in IN_DIR: key -> (path, size, mtime_ns, ctime_ns)
     known: dict[str, tuple[Path, int, int, int]] = field(default_factory=dict)
 
@@ -325,10 +381,34 @@ def _recover(st: _State, log: Callable[[str], None]) -> None:
                         log(f"moved {src} to {dest} (the move was cut short before)")
                     except OSError as exc:  # e.g. no permission in the drop folder: judged, left in place
                         log(f"cannot move rejected {src} to {dest} ({exc.strerror or exc}); left where it is")
+    ours = re.compile(re.escape(TMP_PREFIX) + r"\d+-")  # as _atomic_write names them: a user's ".tmp-notes" stays
     for sub in (MAPS, OVERLAYS, REJECTED, "."):
         folder = st.out / sub
         for p in folder.glob(f"{TMP_PREFIX}*"):
-            p.unlink(missing_ok=True)
+            if ours.match(p.name):
+                p.unlink(missing_ok=True)
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an ``out_dir`` that holds anything but what watch writes, unless it is a results folder
+    of watch (its journal) or the command line's output folder (its manifest, checked there): the
+    service rewrites status.json and repairs results.jsonl, and must not do it to a user's files."""
+    if not out.is_dir() or (out / MANIFEST_NAME).is_file():
+        return
+    journal = out / JOURNAL
+    if journal.is_file():
+        with open(journal, "rb") as f:
+            head = f.read(len(JOURNAL_START))
+        if head in (b"", JOURNAL_START):  # every line watch writes begins so (_base_record)
+            return
+        raise WatchError(f"{journal}: not a journal watch wrote (its first line is no result): choose a new or "
+                         "empty results folder")
+    own = {MAPS, OVERLAYS, REJECTED, LOCK_NAME}  # what a start cut short before its journal leaves
+    other = [e.name for e in os.scandir(out)
+             if e.name not in own or (e.name != LOCK_NAME and (not e.is_dir() or any(os.scandir(e.path))))]
+    if other:
+        raise WatchError(f"{out}: the results folder holds files watch did not write (such as {sorted(other)[0]!r}) "
+                         f"and no {JOURNAL}: choose a new or empty folder")
 
 
 def _entry(st: _State, path: Path, stat: os.stat_result,
@@ -344,6 +424,17 @@ def _entry(st: _State, path: Path, stat: os.stat_result,
     return path, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
+def _skipping(st: _State, path: Path, exc: OSError, log: Callable[[str], None]) -> None:
+    """Name an entry of IN_DIR the service cannot look at (it goes on without it) once per reason."""
+    why = exc.strerror or str(exc)
+    key = str(path)
+    if st.skipped.get(key) != why:
+        if len(st.skipped) >= MAX_EVENT_PATHS:  # a bound on what a long-running service remembers
+            st.skipped.clear()
+        st.skipped[key] = why
+        log(f"skipping {path}: {why}")
+
+
 def _scan(st: _State, recursive: bool, log: Callable[[str], None],
           root: Path | None = None) -> dict[str, tuple[Path, int, int, int]]:
     """Candidate files in IN_DIR (or its sub-folder ``root``): key (relative posix path) -> (path, size, mtime_ns,
@@ -357,6 +448,9 @@ def _scan(st: _State, recursive: bool, log: Callable[[str], None],
             entries = list(os.scandir(folder))
         except (FileNotFoundError, NotADirectoryError):
             continue
+        except OSError as exc:  # e.g. a sub-folder the service may not list: the rest goes on
+            _skipping(st, Path(folder), exc, log)
+            continue
         for e in entries:
             if is_temporary_name(e.name):
                 continue
@@ -369,6 +463,9 @@ def _scan(st: _State, recursive: bool, log: Callable[[str], None],
                     continue
                 s = e.stat()
             except FileNotFoundError:
+                continue
+            except OSError as exc:  # a link in a loop or into a folder it may not read: skipped, named once
+                _skipping(st, Path(e.path), exc, log)
                 continue
             path = Path(e.path)
             entry = _entry(st, path, s, log)
@@ -407,6 +504,9 @@ def _update(st: _State, keys: set[str], recursive: bool, log: Callable[[str], No
             lst = os.lstat(path)
         except (FileNotFoundError, NotADirectoryError):
             lst = None
+        except OSError as exc:
+            _skipping(st, path, exc, log)
+            lst = None
         if lst is None or stat_mod.S_ISDIR(lst.st_mode):  # gone (a file or a folder), or a folder
             was_file = st.known.pop(key, None) is not None
             # a folder moved away or in (not a known file gone): what was known under it, what is there now
@@ -424,6 +524,9 @@ def _update(st: _State, keys: set[str], recursive: bool, log: Callable[[str], No
         try:
             s = os.stat(path)  # a link is followed, as the folder scan does
         except (FileNotFoundError, NotADirectoryError):
+            s = None
+        except OSError as exc:
+            _skipping(st, path, exc, log)
             s = None
         entry = _entry(st, path, s, log) if s is not None and stat_mod.S_ISREG(s.st_mode) else None
         if entry is None:
@@ -462,6 +565,7 @@ def _ready(st: _State, keys, settle: float, once: bool) -> list[str]:
 
 
 def _base_record(st: _State, key: str, path: Path, sha: str, sig: Signature) -> dict[str, Any]:
+    # "image" first: every journal line then begins with JOURNAL_START, which _check_out looks for
     return {"image": key, "path": str(path), "sha256": sha, "size": sig[0], "mtime_ns": sig[1], "ctime_ns": sig[2],
             "model": st.info.name, "model_version": st.info.version, "time": _now_iso()}
 
@@ -481,7 +585,8 @@ def _judged_apart(records: list[dict[str, Any]], threshold: float, version: str)
 
 
 def _reject(st: _State, key: str, path: Path, sha: str, sig: Signature, reason: str, log) -> None:
-    dest = st.out / REJECTED / Path(key).name
+    name = Path(key)
+    dest = st.out / REJECTED / f"{_short_stem(name.stem)}{name.suffix}"
     if dest.exists():
         dest = dest.with_name(f"{dest.stem}_{sha[:12]}{dest.suffix}")
     rec = _base_record(st, key, path, sha, sig)
@@ -524,15 +629,18 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
         if (key, sha) in st.done:  # same content already judged (e.g. touched, or journal lacked size)
             st.done_sig[key] = sig
             st.pending.pop(key, None)
+            log(f"{path}: the same content as when it was judged before; not judged again")
             continue
         try:
             img, photo = read_image_at_both_sizes(path, st.info.image_size)  # the model's input, the photograph
             err = None
         except DataError as exc:
             img, photo, err = None, None, str(exc)
+        except MemoryError:  # this photo only, as for its map below: set aside with a reason
+            img, photo, err = None, None, "too large: no memory to decode it"
         try:
             s2 = os.stat(path)
-        except FileNotFoundError:
+        except OSError:  # gone, or no longer reachable: looked at again if it comes back
             st.pending.pop(key, None)
             continue
         if (s2.st_size, s2.st_mtime_ns, s2.st_ctime_ns) != sig:  # changed while we read it: wait for it to settle again
@@ -708,7 +816,8 @@ def watch(
         meta: :class:`~defect_fast.calibration.ModelInfo` (or a dict of its fields): image size S,
             model name and version, image and pixel thresholds, map scale.
         in_dir: the drop folder (must exist).
-        out_dir: results folder (created; may hold the results of earlier runs: they are resumed).
+        out_dir: results folder (created; may hold the results of earlier runs: they are resumed;
+            another non-empty folder is refused).
         once: process what is in ``in_dir`` (waiting for files still being written) and return.
         batch_size: images per predict call.
         poll_interval: seconds between scans when idle (events from watchdog wake it earlier).
@@ -730,7 +839,7 @@ def watch(
         same for this run, "images_per_s": float | None, "journal": path}.
 
     Raises:
-        WatchError: ``in_dir`` missing or no threshold.
+        WatchError: ``in_dir`` missing, ``out_dir`` holding files watch did not write, or no threshold.
         RunInUse: ``out_dir`` is in use by another process (both are :class:`~defect_fast.safety.UserError`).
         Errors of ``predict_fn`` propagate (after the results so far are recorded).
     """
@@ -748,6 +857,7 @@ def watch(
         raise WatchError(f"{in_dir}: the folder to watch does not exist or is not a folder")
     if os.path.realpath(out) == os.path.realpath(in_dir):
         raise WatchError(f"{out}: the results folder must not be the folder to watch")
+    _check_out(out)
     for sub in (MAPS, OVERLAYS, REJECTED):
         (out / sub).mkdir(parents=True, exist_ok=True)
     held = _lock(out) if lock else None
@@ -816,8 +926,8 @@ def watch(
                     break
             if stop.is_set() or (once and not ready and not st.pending):
                 break
-            if not ready:
-                wake.wait(min(poll_interval, settle) if st.pending else poll_interval)
+            if not ready:  # (--settle 0 must not turn the wait for a file into a busy loop)
+                wake.wait(max(min(poll_interval, settle), MIN_WAIT) if st.pending else poll_interval)
                 wake.clear()
         _write_status(st, "stopped")
         s = st.session

@@ -147,6 +147,21 @@ def test_truncated_png_and_missing_file(tmp_path):
         read_image(tmp_path / "nope.png", 8)
 
 
+def test_an_image_too_large_for_memory_is_a_data_error(tmp_path, monkeypatch):
+    """A size under PIL's bomb limit can still be more than the process may hold: one line naming
+    the file and its size, not a MemoryError (the service sets the photo aside with it)."""
+    from PIL import ImageFile
+
+    p = _save(tmp_path / "big.png", np.zeros((6, 9, 3), dtype=np.uint8))
+
+    def no_memory(self):
+        raise MemoryError
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_memory)
+    with pytest.raises(DataError, match=r"big\.png: too large to decode here \(9x6 pixels\)"):
+        read_image(p, 8)
+
+
 # --------------------------------------------------------------------------------------------
 # read_mask
 # --------------------------------------------------------------------------------------------

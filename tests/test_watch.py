@@ -454,3 +454,91 @@ def test_journal_lines_without_the_change_time_still_mark_their_images_done(tmp_
     os.utime(src / "a.png", ns=(lines[0]["mtime_ns"], lines[0]["mtime_ns"]))
     res, _ = run_once(src, out)
     assert res["session"]["total"] == 0 and len(journal(out)) == 1
+
+
+def test_entries_that_cannot_be_looked_at_are_named_once_and_the_rest_is_judged(tmp_path):
+    """A symlink in a loop (or into a folder the service may not read) makes every stat of it fail:
+    before, that stopped the service at every start, and the images behind it were never judged."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / "loop.png").symlink_to("loop.png")
+    (src / "good.png").write_bytes(png_bytes(0))
+    for _ in range(2):  # and again at the next start
+        _res, log = run_once(src, out)
+        assert sum("skipping" in line and "loop.png" in line for line in log) == 1
+    assert [r["image"] for r in journal(out)] == ["good.png"]
+
+
+def test_a_name_too_long_for_its_outputs_is_judged_under_a_shortened_one(tmp_path):
+    """A legal name of 239 bytes gives output names over the 255 bytes a file system allows; the
+    stem is shortened, with a digest of the whole of it so that two such names stay apart."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    names = ["cam1_" + "x" * 230 + ".png", "cam1_" + "x" * 229 + "y.png"]
+    for i, name in enumerate(names):
+        (src / name).write_bytes(png_bytes(i))
+    (src / "next.png").write_bytes(png_bytes(3))
+    run_once(src, out)
+    recs = {r["image"]: r for r in journal(out)}
+    assert sorted(recs) == sorted([*names, "next.png"])
+    maps = {Path(recs[n]["map"]).name for n in names}
+    assert len(maps) == 2 and all(len(os.fsencode(m)) <= 200 and (out / "maps" / m).is_file() for m in maps)
+    assert output_name("next.png", "ab" * 32) == "next_" + "ab" * 6  # short names as before
+
+
+def test_a_photo_without_memory_to_decode_is_set_aside(tmp_path, monkeypatch):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / "huge.png").write_bytes(png_bytes(1))
+    (src / "small.png").write_bytes(png_bytes(2))
+    real = watch_mod.read_image_at_both_sizes
+
+    def read(path, size):
+        if path.name == "huge.png":
+            raise MemoryError
+        return real(path, size)
+
+    monkeypatch.setattr(watch_mod, "read_image_at_both_sizes", read)
+    run_once(src, out)
+    recs = {r["image"]: r for r in journal(out)}
+    assert recs["small.png"]["result"] == "pass"
+    assert recs["huge.png"]["result"] == "rejected" and "no memory to decode" in recs["huge.png"]["reason"]
+
+
+def test_an_unreadable_last_line_ending_in_a_newline_is_cut(tmp_path):
+    """A power loss can keep a long line's later block and not its earlier one: a last line with
+    its newline that is no record is cut like a torn one (its image is judged again)."""
+    path = tmp_path / "results.jsonl"
+    good = b'{"image":"a.png","sha256":"00","result":"pass","regions":[1,2],"path":"/x"}\n'
+    path.write_bytes(good + b"\0" * 300 + b'9]}\n')
+    j = Journal(path)
+    j.close()
+    assert "unreadable last line" in j.repaired and path.read_bytes() == good
+    assert j.records == [{"image": "a.png", "sha256": "00", "result": "pass"}]  # what a restart needs only
+    path.write_bytes(good + b"zz\n" + good)  # within the file: skipped, and left as it is
+    j = Journal(path)
+    j.close()
+    assert j.repaired == "skipped 1 unreadable line(s)" and len(j.records) == 2 and path.read_bytes().count(b"\n") == 3
+
+
+def test_a_folder_of_the_users_is_refused_as_the_results_folder(tmp_path):
+    """The command line refuses a non-empty --out it did not write; watch() did not, and rewrote a
+    user's status.json, cut the last line of their results.jsonl and removed their .tmp-* files."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / "a.png").write_bytes(png_bytes(0))
+    out.mkdir()
+    (out / "results.jsonl").write_text('{"lot": 1}\n{"lot": 2, "ok": fal')
+    with pytest.raises(WatchError, match="not a journal watch wrote"):
+        run_once(src, out)
+    (out / "results.jsonl").unlink()
+    (out / "status.json").write_text("{}")
+    with pytest.raises(WatchError, match="files watch did not write"):
+        run_once(src, out)
+    assert sorted(p.name for p in out.iterdir()) == ["status.json"] and (out / "status.json").read_text() == "{}"
+    (out / "status.json").unlink()
+    run_once(src, out)  # an empty folder is fine, and so is its own, resumed with a note of the user's kept
+    (out / ".tmp-notes.txt").write_text("mine")
+    (src / "b.png").write_bytes(png_bytes(1))
+    run_once(src, out)
+    assert (out / ".tmp-notes.txt").read_text() == "mine" and len(journal(out)) == 2

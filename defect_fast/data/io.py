@@ -176,6 +176,10 @@ def _open(path: Path) -> Image.Image:
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
         img.close()
         raise DataError(f"{path}: corrupt or truncated image ({exc})") from None
+    except MemoryError:  # a plausible size (under PIL's bomb limit) that this process cannot hold
+        size = f"{img.width}x{img.height}"
+        img.close()
+        raise DataError(f"{path}: too large to decode here ({size} pixels): not enough memory") from None
     if img.width == 0 or img.height == 0:
         raise DataError(f"{path}: image has zero size ({img.width}x{img.height})")
     return _apply_orientation(img, path)
