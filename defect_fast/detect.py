@@ -59,7 +59,7 @@ import math
 import os
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -71,7 +71,7 @@ from .maps import blend_window, blur_matrix, resize_map, top_mean
 from .models import AnomalyModel
 from .precision import cpu_flags, cpu_has_bf16, cudnn_benchmark, default_precision  # noqa: F401  (re-exported)
 from .calibration import calibrate as calibrate_thresholds, defect_regions, stored_thresholds
-from .runs import load_model_state, model_from_state, resolve_device
+from .runs import RunError, load_model_state, model_from_state, resolve_device
 from .safety import UserError
 
 TOP_FRACTION = 0.001
@@ -353,21 +353,29 @@ class Detector(nn.Module):
                    **options) -> "Detector":
         """:meth:`load` of a model-file dict already in memory (as
         :func:`~defect_fast.runs.load_model_state` returns it); ``where`` names it in errors."""
+        def stored_part(part: str, build: Callable[[], Any]) -> Any:
+            """A part of the file as stored; one line naming the file when it does not load."""
+            try:
+                return build()
+            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+                raise RunError(f"{where}: the stored {part} does not load ({type(exc).__name__}: {exc}); "
+                               "written by another version of defect_fast?") from None
+
         stored = dict(state.get("detector") or {})
         norm = state.get("normalization") or {}
         perceptual = None
         if state.get("perceptual"):
             from .perceptual import PerceptualMap
 
-            perceptual = PerceptualMap.from_state(state["perceptual"])
-        model = model_from_state(state)
+            perceptual = stored_part("perceptual map", lambda: PerceptualMap.from_state(state["perceptual"]))
+        model = model_from_state(state, where)
         context = None
         # the context's standardisation of the map was measured on the stored map kind only
-        stored_kind = model.check_map(stored.get("map_kind"))
+        stored_kind = stored_part("map kind", lambda: model.check_map(stored.get("map_kind")))
         if state.get("context") and model.check_map(map_kind or stored_kind) == stored_kind:
             from .context import ImageContext
 
-            context = ImageContext.from_state(state["context"])
+            context = stored_part("image context", lambda: ImageContext.from_state(state["context"]))
         calibration = state.get("calibration")
         changed = _changed_settings(stored, model, map_kind, stride, smooth_sigma, options.get("blend"))
         if changed and calibration:

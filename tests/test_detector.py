@@ -249,6 +249,20 @@ def test_load_restores_model_calibration_and_normalization(tmp_path):
     torch.testing.assert_close(det(x)[0], (raw - 0.5) / 2.0)
 
 
+def test_a_stored_part_another_version_wrote_is_one_error_naming_the_file():
+    """Parts of a model file this version cannot read (an unknown map kind, a model option it does
+    not know): a RunError naming the file, not a traceback from deep inside the build."""
+    from defect_fast.runs import RunError
+
+    m = _model()
+    state = {"model_name": "cmaae", "model_config": m.config(), "model_state": m.state_dict(), "image_size": 128}
+    assert isinstance(Detector.from_state(state, "cpu"), Detector)
+    with pytest.raises(RunError, match=r"^line\.pt: the stored map kind does not load .*another version"):
+        Detector.from_state({**state, "detector": {"map_kind": "newmap"}}, "cpu", where="line.pt")
+    with pytest.raises(RunError, match=r"^line\.pt: the stored model does not load .*new_option"):
+        Detector.from_state({**state, "model_config": {**m.config(), "new_option": 1}}, "cpu", where="line.pt")
+
+
 def test_model_options_are_a_dataclass_matching_the_constructor():
     for name in model_names():
         cls = model_class(name)
