@@ -10,10 +10,11 @@ smallest in its own sample (the v7 run's highest training-image score is 2.08 ag
 that held-back photograph).
 
 :func:`audit` scores every training image out of fold: the training images are split into
-``folds`` parts; for each part, the run's map statistics, image context and thresholds are fitted
-again as training fits them (:func:`defect_fast.train.finish_run`: the run's settings, its
-held-back images for the thresholds) on the other parts, and that detector scores the part. An
-image is flagged when its score exceeds the image threshold of the detector that scored it, the
+``folds`` parts (identical images in one part: :func:`fold_parts`); for each part, the run's map
+statistics, image context and thresholds are fitted again as training fits them
+(:func:`defect_fast.train.finish_run`: the run's settings, its held-back images for the
+thresholds) on the other parts, and that detector scores the part. An image is flagged when its
+score exceeds the image threshold of the detector that scored it, the
 threshold the run's false-alarm rate sets on the held-back images. Defect-free images are
 flagged too, at that threshold's expected rate (1/61 with 60 held-back images and the default
 rate, about 9 of 540): the list is a place to look, sorted by score, not a verdict, and the
@@ -42,6 +43,27 @@ import torch
 
 #: Folds by default: each detector is fitted on half of the training images.
 DEFAULT_FOLDS = 2
+
+
+def fold_parts(train_idx: list[int], keys: list[str], folds: int) -> list[list[int]]:
+    """``train_idx`` in ``folds`` parts: the image at position j in part j mod ``folds``, except that
+    identical images (the same ``keys[i]``, :func:`defect_fast.train.image_keys`) go with the first
+    of them: a copy in the other parts would be in the fit of the detector that scores it, and hide
+    a defective photograph that the folder holds twice."""
+    first: dict[str, int] = {}
+    parts: list[list[int]] = [[] for _ in range(folds)]
+    for j, i in enumerate(train_idx):
+        parts[first.setdefault(keys[i], j) % folds].append(i)
+    return parts
+
+
+def _fit_minimum(cfg) -> int:
+    """The fewest images a fold's detector can be fitted on with the run's settings."""
+    if cfg.context:
+        from .context import MIN_IMAGES
+
+        return MIN_IMAGES
+    return 2
 
 
 def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, device: str = "auto",
@@ -82,8 +104,9 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
         images, paths = load_train_images(cfg.data, cfg.image_size)
     except (OSError, ValueError) as exc:
         raise RunError(f"{path}: its training images cannot be read: {exc}") from None
+    keys = image_keys(images)
     digest = state.get("data_digest")
-    if digest is not None and images_digest(image_keys(images), paths) != digest:
+    if digest is not None and images_digest(keys, paths) != digest:
         raise RunError(f"{cfg.data}: the training images changed since {path} was trained; the audit judges the "
                        "images the run trained on")
     held_set = set(held)
@@ -93,6 +116,16 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
         raise RunError(f"{cfg.data}: {len(held) - len(held_idx)} held-back image(s) of {path} are gone")
     if len(train_idx) < 2 * folds:
         raise UsageError(f"--folds {folds}: {path} trained on {len(train_idx)} images, too few for {folds} folds")
+    parts = fold_parts(train_idx, keys, folds)
+    need = _fit_minimum(cfg)
+    fewest = len(train_idx) - max(len(part) for part in parts)
+    if fewest < need or not all(parts):
+        more = [f for f in range(folds + 1, len(train_idx) // 2 + 1)
+                if all(fold_parts(train_idx, keys, f)) and
+                len(train_idx) - max(map(len, fold_parts(train_idx, keys, f))) >= need]
+        raise UsageError(f"--folds {folds}: a fold's detector would fit on {fewest} of the {len(train_idx)} images "
+                         f"{path} trained on, and {'its image context' if cfg.context else 'it'} needs {need}; "
+                         + (f"use --folds {more[0]}" if more else "too few training images to audit this run"))
     cfg.held_back = [str(paths[i]) for i in held_idx]  # the calibration's names, in the order of its images
     model = model_from_state(state, path)
     dev = resolve_device(device)
@@ -101,9 +134,9 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
     maps: dict[str, tuple[int, torch.Tensor]] = {}  # a flagged image's file -> (its index, its map)
     expected = 0.0  # defect-free images flagged by chance: each fold's images x its threshold's expected rate
     scales: dict[int, float] = {}
-    for k in range(folds):
-        scored = train_idx[k::folds]
-        fitted = [i for j, i in enumerate(train_idx) if j % folds != k]
+    for k, scored in enumerate(parts):
+        in_part = set(scored)
+        fitted = [i for i in train_idx if i not in in_part]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # too few held-back images for the rate: the run's own note
             fin = finish_run(model, cfg, images[held_idx], dev, train_images=images[fitted],
