@@ -282,6 +282,12 @@ def calibrate(scores, maps=None, far: float = DEFAULT_FAR, pixel_far: float = DE
     return out
 
 
+def _from_training_images(cal: Mapping[str, Any]) -> bool:
+    """Whether a calibration's scores are of training images (a run that held back none): optimistic,
+    and no false-alarm rate to set by."""
+    return cal.get("source") == "training images"
+
+
 def threshold_at_far(calibration: Mapping[str, Any] | None, far: float) -> tuple[ImageThreshold, str | None]:
     """The image threshold for false-alarm rate ``far`` from a model file's held-back scores, set
     after training by the rule of :func:`image_threshold` (no fallback), and the held-back image
@@ -292,13 +298,18 @@ def threshold_at_far(calibration: Mapping[str, Any] | None, far: float) -> tuple
 
     Raises:
         CalibrationError: the file's thresholds do not apply (other inference settings), it holds no
-            held-back scores, too few images for ``far``, or (older files) the k-th score is not stored.
+            held-back scores (a run that held back none stores training-image scores: refused too),
+            too few images for ``far``, or (older files) the k-th score is not stored.
     """
     _check_far(far)
     cal = dict(calibration or {})
     if cal.get("inapplicable"):
         raise CalibrationError(f"the model file's held-back scores were {cal['inapplicable']}; give --threshold, "
                                "or keep the run's settings")
+    if _from_training_images(cal):
+        raise CalibrationError("the run held back no images: its scores are of images it was trained on, which set "
+                               "no false-alarm rate; give --threshold, or set one with defect-fast calibrate RUN IMAGES "
+                               "--out NEW_RUN from defect-free images it has not seen")
     named = [(str(n), float(v)) for n, v in cal.get("highest_scores") or []]
     scores = cal.get("held_back_scores")
     n = len(scores) if scores is not None else cal.get("n_images")
@@ -445,11 +456,11 @@ def operating_points(scores, labels, calibration: Mapping[str, Any] | None) -> l
     rate of :data:`OPERATING_FAR` (at least k = 1) and :data:`OPERATING_RANKS` ranks, among the
     scores the file stores (older files: their 5 highest). Each is ``{"rank": k, "far_expected":
     k / (n + 1), "far": that rate rounded up to 4 significant digits (a ``--far`` that picks k),
-    "threshold", **rates_at(...)}``; none when the file stores no held-back scores or its
-    thresholds do not apply.
+    "threshold", **rates_at(...)}``; none when the file stores no held-back scores (training-image
+    scores of a run that held back none do not count) or its thresholds do not apply.
     """
     cal = dict(calibration or {})
-    if cal.get("inapplicable"):
+    if cal.get("inapplicable") or _from_training_images(cal):
         return []
     stored = cal.get("held_back_scores")
     if stored is None:

@@ -297,6 +297,19 @@ def test_older_model_files_give_the_rates_their_named_scores_reach():
         threshold_at_far({"inapplicable": "set on other settings"}, 0.05)
 
 
+def test_a_run_that_held_back_nothing_sets_no_threshold_for_a_rate():
+    """--holdback 0 keeps its training images' scores where held-back scores go, labelled as such:
+    --far took them for held-back scores and presented an optimistic threshold as a calibrated rate."""
+    warnings.simplefilter("ignore", CalibrationWarning)
+    cal = calibrate(np.linspace(0, 1, 16), far=0.01)
+    assert threshold_at_far(cal, 0.2)[0].rank == 3  # from held-back images: the 3rd largest of 16
+    cal["source"] = "training images"  # what train writes when nothing was held back
+    with pytest.raises(CalibrationError, match="held back no images.*defect-fast calibrate"):
+        threshold_at_far(cal, 0.2)
+    labels = np.r_[np.zeros(5), np.ones(5)].astype(int)
+    assert operating_points(np.linspace(0, 2, 10), labels, cal) == []
+
+
 def test_operating_points_list_what_each_far_would_give():
     """One row per held-back rank up to an expected rate of 0.1: the --far printed picks that
     rank, and its rates are those at the rank's score; older files list their named scores."""
