@@ -96,6 +96,8 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
     if not state.get("train_config"):
         raise RunError(f"{path}: the model file holds no training configuration to refit with")
     cfg = TrainConfig.from_json(state["train_config"])
+    inputs = [run, cfg.data]  # the training folder is read too: overlays written into it would be read next time
+    OutputFolder.check(out, overwrite=overwrite, inputs=inputs, command="audit")
     held = [str(p) for p in state.get("held_back") or []]
     if not held:
         raise RunError(f"{path}: the run held back no images, so there is no threshold to judge its training images "
@@ -168,7 +170,7 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
 
     from .visualize import save_overlay
 
-    folder = OutputFolder.create(out, overwrite=overwrite, inputs=[run], lock=True, command="audit")
+    folder = OutputFolder.create(out, overwrite=overwrite, inputs=inputs, lock=True, command="audit")
     with folder.writing():
         flagged = [e for e in entries if e["flagged"]]
         names = [f"overlays/{Path(e['image']).stem}_overlay.png" for e in flagged]

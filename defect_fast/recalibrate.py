@@ -123,6 +123,9 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
     path = model_file(run)
     state = load_model_state(path)
     cfg = TrainConfig.from_json(state["train_config"]) if state.get("train_config") else None
+    if cfg is not None and cfg.data:  # its training folder, which the run's held-back images are in: an input too
+        inputs.append(cfg.data)
+        OutputFolder.check(out, overwrite=overwrite, inputs=inputs, command="calibrate")
     det = Detector.from_state(state, device, where=path)  # the run's own inference settings, so its maps and scores
     size = det.image_size
     asked = far is not None

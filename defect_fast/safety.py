@@ -471,20 +471,33 @@ def _show(p: str | os.PathLike) -> str:
     return given if os.path.abspath(given) == real else f"{given} (= {real})"
 
 
+def _with_their_output_folders(inputs: Iterable[str | os.PathLike | None]) -> list[str | os.PathLike]:
+    """``inputs`` (None left out), each input file that lies in a folder defect-fast wrote (a run's
+    model.pt given in place of the run) followed by that folder: the folder is what it reads."""
+    out: list[str | os.PathLike] = []
+    for inp in inputs:
+        if inp is None:
+            continue
+        out.append(inp)
+        parent = Path(inp).parent
+        if Path(inp).is_file() and (parent / MANIFEST_NAME).is_file():
+            out.append(parent)
+    return out
+
+
 def check_out_not_overlapping(out: str | os.PathLike, inputs: Iterable[str | os.PathLike], *,
                               what: str = "--out") -> None:
     """Refuse an output path that is, contains, or lies inside any input path.
 
     Paths are compared after resolving symlinks and ``..`` (existing or not); inputs may be
-    files or folders. Touches nothing.
+    files or folders, and an input file in a folder defect-fast wrote (``RUN/model.pt``) counts
+    that folder as an input too. Touches nothing.
 
     Raises:
         OutputRefused: one line naming ``what``, the output and the input.
     """
     o = _resolved(out)
-    for inp in inputs:
-        if inp is None:
-            continue
+    for inp in _with_their_output_folders(inputs):
         i = _resolved(inp)
         if o == i:
             relation = "is the input"

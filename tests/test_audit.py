@@ -92,6 +92,10 @@ def test_audit_refusals_leave_everything_as_it_was(planted, tmp_path, capsys):
     refused(*cli(["audit", run, "--out", tmp_path / "a", "--folds", "1"], capsys)[::2], "--folds")
     refused(*cli(["audit", run, "--out", tmp_path / "a", "--folds", "20"], capsys)[::2], "--folds 20", "28 images")
     refused(*cli(["audit", run, "--out", run / "audit"], capsys)[::2], str(run))  # inside the run: an input
+    refused(*cli(["audit", run / "model.pt", "--out", run / "audit"], capsys)[::2], str(run))  # the run's file: too
+    good = planted["data"] / "train" / "good"  # the training folder is read: overlays there would be read next time
+    refused(*cli(["audit", run, "--out", good / "audit"], capsys)[::2], "lies inside the input")
+    assert not (good / "audit").exists()
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep")

@@ -147,6 +147,11 @@ def test_outputs_are_never_replaced_silently(runs, tmp_path, capsys):
     # the run itself is an input
     refused(*cli(["calibrate", runs["run"], runs["more"], "--out", runs["run"], "--device", "cpu"], capsys)[::2],
             str(runs["run"]))
+    # and so is its training folder, where its held-back images are
+    inside = runs["data"] / "train" / "good" / "cal"
+    refused(*cli(["calibrate", runs["run"], "--with-held-back", "--out", inside, "--device", "cpu"], capsys)[::2],
+            "lies inside the input")
+    assert not inside.exists()
 
 
 def test_nothing_to_calibrate_on_and_missing_held_back(runs, tmp_path, capsys):

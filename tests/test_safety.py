@@ -197,6 +197,22 @@ def test_out_beside_inputs_and_file_inputs(tmp_path):
         check_out_not_overlapping(tmp_path / "data", [img])
 
 
+def test_a_file_of_a_folder_defect_fast_wrote_protects_the_folder(tmp_path):
+    """A run's model.pt given in place of the run: the run folder is an input too (predict
+    runcopy/model.pt ... --out runcopy/pred wrote into the run, while --out beside it was refused);
+    a plain image's folder is not (an output beside the images it reads is fine)."""
+    run, images = tmp_path / "run", tmp_path / "images"
+    run.mkdir()
+    images.mkdir()
+    (run / MANIFEST_NAME).write_text("{}")
+    (run / "model.pt").write_bytes(b"x")
+    (images / "a.png").write_bytes(b"x")
+    with pytest.raises(OutputRefused, match=r"lies inside the input .*run;"):
+        check_out_not_overlapping(run / "pred", [run / "model.pt"])
+    check_out_not_overlapping(images / "pred", [images / "a.png"])
+    check_out_not_overlapping(tmp_path / "pred", [run / "model.pt", None])
+
+
 def test_safe_output_file(tmp_path):
     p = tmp_path / "m.json"
     assert safe_output_file(p, False) == p
