@@ -75,12 +75,17 @@ def _seen_images(state: dict[str, Any], cfg) -> tuple[list[bytes] | None, str]:
 
 
 def _fit_half(held: list[str], state: dict[str, Any], cfg) -> tuple[list[str], list[str]]:
-    """The run's held-back files split into (fitted the map statistics, calibrated): with
-    ``--fit-on held-back`` and a fitted map, every other one fitted (``train.finish_run``)."""
-    fitted_map = bool(state.get("perceptual")) or bool(state.get("normalization"))
-    if cfg is not None and cfg.fit_on == "held-back" and fitted_map:
-        return held[0::2], held[1::2]
-    return [], held
+    """The run's held-back files split into (fitted the map statistics, calibrated): when the map
+    statistics were fitted on held-back images (``--fit-on held-back``, or ``train`` with fewer than
+    2 training images), every other one fitted (``train.finish_run``). The file's
+    ``calibration["map_fitted_on"]`` says which; files from before it, the run's ``fit_on``."""
+    cal = state.get("calibration") or {}
+    if "map_fitted_on" in cal:
+        on_held = str(cal["map_fitted_on"] or "").endswith("held-back images")
+    else:
+        fitted_map = bool(state.get("perceptual")) or bool(state.get("normalization"))
+        on_held = cfg is not None and cfg.fit_on == "held-back" and fitted_map
+    return (held[0::2], held[1::2]) if on_held else ([], held)
 
 
 def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | Path | None = None, *,

@@ -212,3 +212,22 @@ def test_the_report_says_which_images_the_thresholds_rest_on(runs, tmp_path, cap
         assert status == 0, err
         text = page.read_text()
         assert "defect-free images the thresholds rest on" in text and said in text
+
+
+def test_the_held_back_half_the_map_was_fitted_on_is_read_from_the_file():
+    """finish_run fits the map statistics on half of the held-back images with --fit-on held-back,
+    and also with --fit-on train when fewer than 2 images were trained on: the file's
+    map_fitted_on says which, so --with-held-back never calibrates on images the map was fitted on."""
+    from types import SimpleNamespace
+
+    from defect_fast.recalibrate import _fit_half
+
+    held = ["a", "b", "c", "d"]
+    on_train = SimpleNamespace(fit_on="train")
+    assert _fit_half(held, {"calibration": {"map_fitted_on": "4 held-back images"}}, on_train) == (["a", "c"], ["b", "d"])
+    assert _fit_half(held, {"calibration": {"map_fitted_on": "30 training images"}}, on_train) == ([], held)
+    assert _fit_half(held, {"calibration": {"map_fitted_on": None}}, SimpleNamespace(fit_on="held-back")) == ([], held)
+    # files from before map_fitted_on: the run's setting, and whether a map was fitted at all
+    older = SimpleNamespace(fit_on="held-back")
+    assert _fit_half(held, {"perceptual": {"x": 1}, "calibration": {}}, older) == (["a", "c"], ["b", "d"])
+    assert _fit_half(held, {"calibration": {}}, older) == ([], held)
