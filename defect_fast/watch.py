@@ -370,17 +370,21 @@ def _recover(st: _State, log: Callable[[str], None]) -> None:
         st.totals.add(rec.get("result", "rejected"))
         if rec.get("result") == "rejected" and rec.get("rejected_to"):
             src, dest = st.in_dir / key, st.out / rec["rejected_to"]
-            if src.is_file() and not dest.exists():
+            if src.is_file():
                 try:
                     same = _sha256_file(src) == rec["sha256"]
+                    copied = same and dest.is_file() and _sha256_file(dest) == rec["sha256"]
                 except OSError:
-                    same = False
-                if same:
-                    try:
+                    same = copied = False
+                try:
+                    if copied:  # a move across file systems cut short after its copy was in place
+                        src.unlink()
+                        log(f"removed {src}: its copy in {dest} was complete (the move was cut short before)")
+                    elif same and not dest.exists():
                         _move(src, dest)
                         log(f"moved {src} to {dest} (the move was cut short before)")
-                    except OSError as exc:  # e.g. no permission in the drop folder: judged, left in place
-                        log(f"cannot move rejected {src} to {dest} ({exc.strerror or exc}); left where it is")
+                except OSError as exc:  # e.g. no permission in the drop folder: judged, left in place
+                    log(f"cannot move rejected {src} to {dest} ({exc.strerror or exc}); left where it is")
     ours = re.compile(re.escape(TMP_PREFIX) + r"\d+-")  # as _atomic_write names them: a user's ".tmp-notes" stays
     for sub in (MAPS, OVERLAYS, REJECTED, "."):
         folder = st.out / sub

@@ -182,7 +182,7 @@ class Crash(BaseException):
 
 
 @pytest.mark.parametrize("where,nth", [("map", 1), ("map", 3), ("overlay", 2), ("journal", 1), ("journal", 3),
-                                       ("journal", 4), ("move", 1), ("status", 2)])
+                                       ("journal", 4), ("move", 1), ("copied", 1), ("status", 2)])
 def test_crash_at_each_step_then_restart_gives_one_result_each(tmp_path, monkeypatch, where, nth):
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
@@ -214,12 +214,18 @@ def test_crash_at_each_step_then_restart_gives_one_result_each(tmp_path, monkeyp
             return real_append(self, record)
 
         monkeypatch.setattr(Journal, "append", append)
-    else:
+    elif where == "move":
         def move(a, b):
             bomb()
             return real_move(a, b)
 
         monkeypatch.setattr(watch_mod, "_move", move)
+    else:  # a move across file systems: the copy is in place, the original not yet removed
+        def copy_then_crash(a, b):
+            b.write_bytes(a.read_bytes())
+            bomb()
+
+        monkeypatch.setattr(watch_mod, "_move", copy_then_crash)
     with pytest.raises(Crash):
         run_once(src, out, batch_size=2)
     monkeypatch.undo()
