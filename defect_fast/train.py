@@ -395,7 +395,9 @@ class Trainer:
         self.model.load_state_dict(state["model_state"])
         self.position = dict(state["position"])
         self.seconds_before, self.started = float(state.get("train_seconds", 0.0)), time.perf_counter()
-        self.optimizer = self._optimizer(self.position["stage"])
+        # a run stopped after its last step (during the statistics, the calibration or the model
+        # file's write) is at stage = the number of stages; its optimiser is the last stage's
+        self.optimizer = self._optimizer(min(self.position["stage"], len(self.model.stages) - 1))
         self.optimizer.load_state_dict(state["optimizer_state"])
         # Adam's fused kernels walk a parameter and its moments as flat arrays: the moments must
         # have the parameter's layout, also when the checkpoint was written with another one
