@@ -872,6 +872,13 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         if cfg.normalize != "none" and len(held_idx) < need:
             raise ConfigError(f"--normalize {cfg.normalize} --fit-on {cfg.fit_on} needs at least {need} held-back "
                               f"image(s), got {len(held_idx)} (raise --holdback or add images)")
+        if cfg.map == "perceptual":  # what finish_run fits its statistics on, checked before the training
+            on_train = (cfg.fit_on == "train" or not held_idx) and len(train_idx) >= 2
+            if not on_train and len(held_idx) < 4:
+                raise ConfigError(f"--map perceptual fits its statistics on {'held-back' if held_idx else 'training'} "
+                                  f"images: {len(held_idx) if held_idx else len(train_idx)} are too few "
+                                  f"({'4, half to fit and half to calibrate' if held_idx else '2'} needed; add images"
+                                  f"{' or raise --holdback' if held_idx else ''})")
         cfg.held_back = [str(paths[i]) for i in held_idx]
         if cfg.context:
             from .context import MIN_IMAGES
@@ -916,8 +923,10 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
                                   context_images=train_images)
         else:
             # Nothing held back: thresholds from training images, optimistic, and said so.
-            finished = finish_run(model, replace(cfg, normalize="none"), train_images[: cfg.calibration_images],
-                                  trainer.device, context_images=train_images)
+            # (the map statistics from every training image, as --fit-on train fits them)
+            finished = finish_run(model, replace(cfg, normalize="none", fit_on="train"),
+                                  train_images[: cfg.calibration_images], trainer.device, train_images=train_images,
+                                  context_images=train_images)
             finished["calibration"]["source"] = "training images"
             finished["calibration"].update(sufficient=False, far_expected=None, far_upper95=None)
             finished["calibration"]["note"] = ("no held-back images (--holdback 0 or too few images): threshold from "

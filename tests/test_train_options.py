@@ -93,7 +93,7 @@ def test_bad_options_are_refused_naming_the_option(bad):
         check_config(cfg, 2, 64)
 
 
-def test_run_stores_its_inference_settings_and_perceptual_map(synthetic_root, tmp_path, monkeypatch):
+def _random_trunk_map(monkeypatch):
     import defect_fast.perceptual as perceptual
     from tests.test_perceptual import _trunk
 
@@ -102,6 +102,10 @@ def test_run_stores_its_inference_settings_and_perceptual_map(synthetic_root, tm
             super().__init__(image_size, layers, trunk or _trunk(), prior, scales)
 
     monkeypatch.setattr(perceptual, "PerceptualMap", RandomTrunkMap)
+
+
+def test_run_stores_its_inference_settings_and_perceptual_map(synthetic_root, tmp_path, monkeypatch):
+    _random_trunk_map(monkeypatch)
     cfg = TrainConfig(data=str(synthetic_root), model="cmaae", image_size=128, batch_size=16, epochs=[1, 1],
                       max_steps=[1, 1], model_kwargs={"memory_size": 20, "synthesis": "perlin"}, seed=0,
                       patch_sampling="random", flips=True, lr_schedule="cosine", map="perceptual",
@@ -419,3 +423,22 @@ def test_cuda_batches_are_made_on_the_gpu_and_draw_what_a_cpu_run_draws(tmp_path
         assert torch.equal((xg.cpu() - yc).abs().amax((1, 2, 3)) > 1e-2, (xc - yc).abs().amax((1, 2, 3)) > 1e-2)
         assert float(((xg.cpu() - xc).abs() > 1e-3).float().mean()) < 1e-3
     assert cpu.sources is not None and gpu.sources.is_cuda  # moved once, not on every step
+
+
+def test_nothing_held_back_fits_the_perceptual_map_on_every_training_image(synthetic_root, tmp_path, monkeypatch):
+    """--holdback 0 fitted the map statistics on every other one of the first 16 training images
+    (recorded as held-back images); too few images to fit on failed only after the training."""
+    _random_trunk_map(monkeypatch)
+    cfg = TrainConfig(data=str(synthetic_root), model="cmaae", image_size=128, batch_size=16, epochs=[1, 1],
+                      max_steps=[1, 1], model_kwargs={"memory_size": 20}, seed=0, map="perceptual", holdback=0.0)
+    path = train(cfg, tmp_path / "run", progress=False, log=lambda s: None)
+    state = torch.load(path, weights_only=True)
+    assert state["calibration"]["map_fitted_on"] == "32 training images" and state["held_back"] == []
+    assert float(Detector.load(path, device="cpu").image_map.fitted) == 32
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "a.png").write_bytes((synthetic_root / "train" / "good" / sorted(
+        p.name for p in (synthetic_root / "train" / "good").iterdir())[0]).read_bytes())
+    with pytest.raises(ConfigError, match="--map perceptual fits its statistics on training images: 1 are too few"):
+        train(TrainConfig(**{**cfg.__dict__, "data": str(one)}), tmp_path / "run1", progress=False, log=lambda s: None)
+    assert not (tmp_path / "run1").exists()  # refused before the training
