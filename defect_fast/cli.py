@@ -154,7 +154,8 @@ def _preset_model_options(preset: str, model: str, given: dict) -> dict:
 
 
 # train options a --resume may be given with: the rest are the run's own, saved when it started
-_RESUME_OPTIONS = {"data", "out", "resume", "quiet", "debug", "func", "command"}
+#: What --resume takes besides the run: the device too (a run begun on a GPU that is gone goes on elsewhere).
+_RESUME_OPTIONS = {"data", "out", "resume", "quiet", "debug", "func", "command", "device"}
 
 
 def _given_train_options(args) -> list[str]:
@@ -173,7 +174,7 @@ def cmd_train(args) -> int:
         if given:
             raise UsageError(f"--resume continues the run in {args.out} with the settings it started with; drop "
                              f"{', '.join(given)} (or train a new run into another --out)")
-        train(TrainConfig(data=args.data), args.out, resume=True, progress=not args.quiet)
+        train(TrainConfig(data=args.data), args.out, resume=True, device=args.device, progress=not args.quiet)
         return 0
     try:
         kwargs = parse_options(args.model, args.set)
@@ -190,7 +191,7 @@ def cmd_train(args) -> int:
         data=str(args.data), model=args.model, model_kwargs=kwargs, image_size=args.image_size, stride=args.stride,
         batch_size=args.batch_size, epochs=epochs, max_steps=_per_stage(args.max_steps, n_stages, "--max-steps"),
         lr=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every, anomaly_source=args.anomaly_source,
-        device=args.device, holdback=args.holdback, far=args.far, normalize=args.normalize, fit_on=args.fit_on, map_scales=list(args.map_scales),
+        device=args.device or "auto", holdback=args.holdback, far=args.far, normalize=args.normalize, fit_on=args.fit_on, map_scales=list(args.map_scales),
         patch_sampling=args.patch_sampling, flips=args.flips, lr_schedule=args.lr_schedule, precision=args.precision,
         map=args.map or "", infer_stride=args.infer_stride, blend=args.blend, smooth=args.smooth,
         context=args.context, context_profile=args.context_profile, level_brightness=args.level_brightness,
@@ -471,7 +472,8 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
                    "(default: the sample photos shipped with scikit-learn)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="model option, e.g. --set fusion=mam "
                    "--set gate_activation=sigmoid (repeatable; values parsed as JSON)")
-    t.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:1 or auto (default)")
+    t.add_argument("--device", type=device_arg, default=None,
+                   help="cpu, cuda, cuda:1 or auto (default; with --resume: the run's own)")
     t.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="a set of options in one word; options given explicitly take precedence. photos: "
                    + _preset_flags("photos") + " (the settings measured on magnetic-tile photographs; the "

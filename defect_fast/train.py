@@ -802,14 +802,15 @@ def _preload_sources(cfg: TrainConfig, stages: tuple[str, ...] | list[str]) -> t
 
 
 def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume: bool = False,
-          progress: bool = True, log: Callable[[str], None] = print) -> Path:
+          device: str | None = None, progress: bool = True, log: Callable[[str], None] = print) -> Path:
     """Train ``cfg.model`` on the defect-free images of ``cfg.data`` into run folder ``out``.
 
     A slice of the images (``cfg.holdback``) is held back and never trained on; at the end
     :func:`finish_run` sets the stored thresholds from it. The settings are checked
     (:func:`check_config`) and every image read before the run folder is made; the folder then
     carries a manifest and is locked while training (a second process gets "in use by PID").
-    With ``resume``, continue from ``out/checkpoint.pt`` (the config saved there wins).
+    With ``resume``, continue from ``out/checkpoint.pt`` (the config saved there wins, but for
+    ``device``: a run started on a GPU that is gone continues elsewhere, said in the log).
 
     Returns the path of the finished model file (``out/model.pt``).
     Raises:
@@ -837,6 +838,9 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
             cfg = TrainConfig.from_json(state["train_config"])
             if given_data and Path(given_data).expanduser().resolve() != Path(cfg.data).resolve():
                 raise RunError(f"{out} trains on {cfg.data}; --resume continues it on those images, not on {given_data}")
+            if device is not None and device != cfg.device:
+                log(f"resuming on --device {device}; the run started with --device {cfg.device}")
+                cfg = replace(cfg, device=device)
             pos = state["position"]
             if pos["stage"] >= len(cfg.epochs):  # stopped after training, in the steps that follow it
                 log(f"resuming {out}: training is complete; running the steps after it (map statistics, calibration)")

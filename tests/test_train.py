@@ -205,6 +205,25 @@ def test_resume_after_a_failure_past_training_finishes_the_run(synthetic_root, t
     assert (out / "model.pt").exists()
 
 
+def test_a_run_begun_on_a_gpu_that_is_gone_resumes_on_another_device(synthetic_root, tmp_path, monkeypatch, capsys):
+    """--resume kept the run's --device and refused a new one: a run begun with --device cuda
+    could not go on once that GPU was not usable (the two messages told the user to do both)."""
+    from defect_fast.runs import atomic_save
+
+    out = tmp_path / "run"
+    stop_after_training(_cfg(synthetic_root, max_steps=[2, 2]), out, monkeypatch)
+    state = load_checkpoint(out / "checkpoint.pt")
+    state["train_config"] = {**state["train_config"], "device": "cuda:7"}  # as a run begun on a GPU wrote it
+    state.pop("tensor_digest", None)
+    atomic_save(state, out / "checkpoint.pt")
+    capsys.readouterr()
+    assert main(["train", str(synthetic_root), "--out", str(out), "--resume", "--quiet"]) == 2
+    assert "cuda" in capsys.readouterr().err
+    assert main(["train", str(synthetic_root), "--out", str(out), "--resume", "--quiet", "--device", "cpu"]) == 0
+    assert "resuming on --device cpu; the run started with --device cuda:7" in capsys.readouterr().out
+    assert (out / "model.pt").is_file()
+
+
 def _stopped_run(root, out, monkeypatch):
     """A run stopped after its training steps (checkpoint, no model file)."""
     real = train_module.finish_run
