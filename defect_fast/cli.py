@@ -580,6 +580,9 @@ def main(argv: list[str] | None = None) -> int:
     from .runs import RunError
 
     keep_freed_memory()  # the process runs the same large tensors call after call: keep freed pages
+    for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 must not fail a command that is done
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     return run_main(_run, argv, user_errors=(RunError,))
 
 

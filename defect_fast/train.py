@@ -544,9 +544,11 @@ class Trainer:
                             out = self.model(x)
                             loss, parts = self.model.loss(out, y, stage)
                         if not torch.isfinite(loss):  # nothing saved: this forward pass already spoilt the batch-norm statistics
+                            saved = (f"{self.out / CHECKPOINT_FILE} keeps the state of an earlier step, from which a resume "
+                                     "would run into the same step" if (self.out / CHECKPOINT_FILE).is_file()
+                                     else "nothing was saved")
                             raise RunError(f"loss became {float(loss)} at stage {stage + 1}, epoch {epoch + 1}, step {step + 1}; "
-                                           f"{self.out / CHECKPOINT_FILE} keeps the state of an earlier step, from which a "
-                                           "resume would run into the same step: train a new run with a lower --lr")
+                                           f"{saved}: train a new run with a lower --lr (or other --set weights)")
                         self.optimizer.zero_grad(set_to_none=True)
                         loss.backward()
                         for group in self.optimizer.param_groups:

@@ -76,7 +76,6 @@ import re
 import shutil
 import signal
 import stat as stat_mod
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -1012,9 +1011,6 @@ def command(args) -> int:
     check_out_not_overlapping(out, [in_dir, args.run], what="--out")
     if not (out / MANIFEST_NAME).is_file():
         OutputFolder.check(out, inputs=[in_dir, args.run], command="watch")  # refuse before the model is read
-    for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 must not stop the service
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="backslashreplace")
     det = Detector.load(args.run, device=args.device)
     with far_errors(args.run, args.far):
         info = ModelInfo.from_detector(det, args.run, threshold=args.threshold, far=args.far)

@@ -142,6 +142,9 @@ def test_skip_levels_configurable_and_validated():
         tiny(skip_levels=(5,))
     with pytest.raises(ValueError):
         AWAE(patch_size=100)
+    for bad in ({"base_channels": 0}, {"latent_channels": 0}, {"base_channels": 2.5}):  # a conv error at the first step
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            AWAE(**bad)
 
 
 def test_features_and_msfr_weights():

@@ -530,3 +530,21 @@ def test_a_preset_with_resume_is_refused(tmp_path, capsys):
     assert main(["train", "DATA", "--out", str(tmp_path / "run"), "--resume", "--preset", "photos"]) == 2
     err = capsys.readouterr().err
     assert "--preset" in err and "--resume" in err and len(err.strip().splitlines()) == 1
+
+
+def test_file_names_that_are_not_utf8_do_not_fail_a_command(synthetic_root, tmp_path):
+    """A name that is not UTF-8 (a camera's Latin-1 "Prüf") printed on a strict UTF-8 stream raised
+    UnicodeEncodeError after the work was done (train: after model.pt was written)."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, good in enumerate(sorted((synthetic_root / "train" / "good").iterdir())[:8]):
+        Path(os.fsdecode(os.fsencode(src) + b"/Pr\xfcf%d.png" % i)).write_bytes(good.read_bytes())
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}
+    r = subprocess.run([sys.executable, "-m", "defect_fast", "train", str(src), "--out", str(tmp_path / "run"),
+                        "--image-size", "64", "--batch-size", "8", "--max-steps", "1", "1", "--set", "memory_size=10",
+                        "--quiet"], capture_output=True, env=env)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+    assert b"Pr\\udcfcf" in r.stdout  # the threshold's image, shown escaped, not a traceback

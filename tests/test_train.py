@@ -146,11 +146,15 @@ def test_a_non_finite_loss_saves_nothing_of_its_step(synthetic_root, tmp_path, m
     monkeypatch.setattr(trainer_cls, "_batch", batch)
     out = tmp_path / "run"
     cfg = _cfg(synthetic_root, batch_size=16, max_steps=[5, 3], checkpoint_every=1, model_kwargs={"memory_size": 20})
-    with pytest.raises(RunError, match="loss became nan at stage 1, epoch 1, step 3;.*lower --lr"):
+    with pytest.raises(RunError, match="loss became nan at stage 1, epoch 1, step 3;.*keeps the state.*lower --lr"):
         train(cfg, out, progress=False, log=lambda s: None)
     state = load_checkpoint(out / "checkpoint.pt")
     assert state["position"]["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in state["model_state"].values() if v.is_floating_point())
+    calls["n"] = 0  # before the first checkpoint: no checkpoint to speak of
+    cfg = _cfg(synthetic_root, batch_size=16, max_steps=[5, 3], checkpoint_every=100, model_kwargs={"memory_size": 20})
+    with pytest.raises(RunError, match="step 3; nothing was saved: train a new run with a lower --lr"):
+        train(cfg, tmp_path / "run2", progress=False, log=lambda s: None)
 
 
 def test_a_resume_drops_the_log_lines_after_its_checkpoint(tmp_path):

@@ -161,6 +161,9 @@ class AWAE(AnomalyModel):
         self.synthesis = synthesis
         if patch_size < 32 or patch_size % 32:
             raise ValueError(f"AWAE: patch_size must be a multiple of 32 (>= 32), got {patch_size}")
+        for name, value in (("base_channels", base_channels), ("latent_channels", latent_channels)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"AWAE: {name} must be a whole number >= 1, got {value!r}")
         levels = tuple(sorted(int(i) for i in skip_levels))
         if len(set(levels)) != len(levels) or any(not 0 <= i < DEPTH for i in levels):
             raise ValueError(f"AWAE: skip_levels must be distinct levels in 0..{DEPTH - 1}, got {tuple(skip_levels)}")
