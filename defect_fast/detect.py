@@ -624,7 +624,12 @@ class Detector(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images uint8 [N,3,H,W] (0..255) or float [N,3,H,W] in [-1,1], on this module's device
-        -> (maps [N,S,S] float32, larger = more anomalous; scores [N])."""
+        -> (maps [N,S,S] float32, larger = more anomalous; scores [N]).
+
+        Images of another size than S are resized by the pipeline's own antialiased bilinear on
+        float pixels (the traced and exported graph); :meth:`predict` and :meth:`predict_batched`
+        resize uint8 images as image files are resized instead, which is what the stored thresholds
+        were set on: give this method images at S x S (or float images) to score as they do."""
         if not _plain_graph() and (not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3):
             # (only the shape: the values are checked by predict and predict_batched, not on this hot path)
             shown = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
@@ -706,7 +711,20 @@ class Detector(nn.Module):
         same pass without CUDA graphs: what ``diagnose`` marks as the pixels behind a score.
         Returns {"maps": [N, S, S] on the CPU, "scores": [N]} (+ "score_maps": [N, S, S]).
         """
-        return self._predict_batched(self._checked_batch(images, "predict_batched"), images_per_batch, score_maps)
+        return self._predict_batched(self._at_model_size(self._checked_batch(images, "predict_batched")),
+                                     images_per_batch, score_maps)
+
+    def _at_model_size(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images [N,3,H,W] of another size than the model's, resized as image files are
+        (:func:`~defect_fast.data.io.resize_image`: PIL's bilinear on 8-bit pixels), so that a batch
+        scores as its files, PIL images and arrays do through :meth:`predict`; other batches as given
+        (float images: the pipeline's own antialiased bilinear, as :meth:`forward` resizes)."""
+        s = self.image_size
+        if images.dtype != torch.uint8 or tuple(images.shape[-2:]) == (s, s):
+            return images
+        from .data.io import resize_image
+
+        return torch.stack([resize_image(img, s) for img in images])
 
     def _predict_batched(self, images: torch.Tensor, images_per_batch: int,
                          score_maps: bool = False) -> dict[str, torch.Tensor]:
@@ -734,7 +752,7 @@ class Detector(nn.Module):
         """Stitched reconstructions: images [N,3,H,W] -> [N,3,S,S] in [-1, 1] (overlaps averaged)."""
         from .data.patches import extract_patches, stitch_patches
 
-        x = self._to_model_input(self._checked_batch(images, "reconstruct").to(self.device))
+        x = self._to_model_input(self._at_model_size(self._checked_batch(images, "reconstruct")).to(self.device))
         patches = extract_patches(x, self.patch, self.stride)
         recon = torch.cat([self._recon(c) for c in patches.split(max(1, self.batch_size or len(patches)))])
         return stitch_patches(recon, self.image_size, self.patch, self.stride).cpu()
@@ -874,7 +892,7 @@ class Detector(nn.Module):
             {"mean": [S, S], "std": [S, S]} (CPU), the values now in the buffers; the maps of
             :meth:`forward` become (raw - mean) / std.
         """
-        self._checked_batch(normal_images, "fit_normalization")
+        normal_images = self._at_model_size(self._checked_batch(normal_images, "fit_normalization"))
         if normal_images.shape[0] < 2:
             raise ValueError(f"fit_normalization needs at least 2 images, got {normal_images.shape[0]}")
         raw = torch.cat([self.raw_maps(c.to(self.device)) for c in normal_images.split(max(1, images_per_batch))])
