@@ -23,18 +23,18 @@ files (its tracing of the autocast pipeline fails on torch 2.13).
 from __future__ import annotations
 
 import hashlib
-import json
 import warnings
 from pathlib import Path
 from typing import Any
 
+import PIL
 import torch
 
 from . import __version__
-from .calibration import stored_thresholds
+from .calibration import CalibrationError, stored_thresholds
 from .detect import Detector, reference_ops
 from .runs import model_file
-from .safety import UserError, atomic_open, atomic_write_text, safe_output_file
+from .safety import UserError, atomic_open, atomic_write_text, dump_json_strict, safe_output_file
 
 FORMATS = ("onnx", "torchscript", "exported")
 PRECISIONS = ("float32", "bfloat16")
@@ -71,6 +71,11 @@ def _digest(path: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def _for_export(text: str) -> str:
+    """A threshold message for an exported file: export takes no --threshold, the program running it does."""
+    return text.replace("give --threshold", "set a threshold in the program that runs the file")
+
+
 def sidecar(det: Detector, fmt: str, batch: int, dynamic_batch: bool, source: Path | None,
             far: float | None = None) -> dict[str, Any]:
     """The JSON description written beside an exported file."""
@@ -89,7 +94,12 @@ def sidecar(det: Detector, fmt: str, batch: int, dynamic_batch: bool, source: Pa
         "batch": batch,
         "dynamic_batch": dynamic_batch,
         "input": {"name": "images", "dtype": "uint8", "shape": [batch, 3, det.image_size, det.image_size],
-                  "layout": "NCHW RGB", "range": [0, 255]},
+                  "layout": "NCHW RGB", "range": [0, 255],
+                  # what the stored thresholds were set on: a photo of another size brought to the
+                  # model's size as the package reads image files (another resize moves the scores)
+                  "resize": f"to {det.image_size} x {det.image_size} as defect_fast.data.io.resize_image: PIL "
+                            f"Image.resize(BILINEAR) of the 8-bit RGB image (Pillow {PIL.__version__})",
+                  "grey": "the one channel repeated to three"},
         "outputs": {"maps": [batch, det.image_size, det.image_size], "scores": [batch]},
         "map": det.map_kind,
         "patch": det.patch,
@@ -108,7 +118,7 @@ def sidecar(det: Detector, fmt: str, batch: int, dynamic_batch: bool, source: Pa
         "brightness": {"perceptual": getattr(det.image_map, "brightness", None),
                        "context": det.context.brightness if det.context is not None else None},
         "thresholds": {"score": image_t, "pixel": pixel_t},
-        "threshold_source": threshold_source,
+        "threshold_source": _for_export(threshold_source),
         "calibration": cal,
     }
 
@@ -143,6 +153,7 @@ def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, so
         raise ValueError(f"export: the detector runs in {det.precision}; a {precision} export needs one built "
                          f"with precision={precision!r}")
     out = Path(out)
+    device, was_training = det.device, det.training  # the caller's detector is given back as it was
     det = det.to("cpu").eval()
     saved = (det.batch_size, det.precision, det.channels_last)
     det.batch_size = 0
@@ -175,9 +186,11 @@ def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, so
                 torch.export.save(ep, fh)
             meta = sidecar(det, fmt, batch, dynamic, source, far)  # still inside: a failure here leaves no file either
             meta["precision"] = precision  # what the file computes in (det may run otherwise outside the export)
+            text = dump_json_strict(meta, indent=2)  # likewise: a value JSON cannot hold fails before the rename
     finally:
         det.batch_size, det.precision, det.channels_last = saved
-    atomic_write_text(sidecar_path(out), json.dumps(meta, indent=2))
+        det.to(device).train(was_training)
+    atomic_write_text(sidecar_path(out), text)
     return out
 
 
@@ -199,7 +212,10 @@ def export(run: Path | str, out: Path | str, fmt: str, *, batch: int = 1, overwr
     det = Detector.load(run, device="cpu", map_kind=map_kind, stride=stride, smooth_sigma=smooth_sigma, blend=blend,
                         precision=precision)
     if far is not None:
-        stored_thresholds(det.calibration, far)  # a rate the run cannot give fails before the export
+        try:
+            stored_thresholds(det.calibration, far)  # a rate the run cannot give fails before the export
+        except CalibrationError as exc:
+            raise CalibrationError(_for_export(str(exc))) from None
     return export_detector(det, out, fmt, batch=batch, source=model_file(run), precision=precision, far=far)
 
 

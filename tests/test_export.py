@@ -203,6 +203,33 @@ def test_an_interrupted_export_leaves_no_file(run, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # no half-written file, no temporary, no description
 
 
+def test_export_detector_gives_the_detector_back_and_writes_both_files_or_none(tmp_path):
+    """The caller's Detector stays in its mode (and on its device); a description JSON cannot hold
+    fails before the exported file is in place (it was left without its description); numpy
+    scalars in the calibration are written as numbers; the description says how images of another
+    size must be resized to score as the thresholds assume; export's messages name no --threshold."""
+    import numpy as np
+
+    from defect_fast.export import export_detector
+
+    det = Detector(build_model("cmaae", memory_size=10), image_size=64, precision="float32")
+    det.train()
+    det.calibration = {"image_threshold": np.float32(1.5)}
+    export_detector(det, tmp_path / "a.ts", "torchscript")
+    assert det.training and det.device.type == "cpu"
+    meta = json.loads((tmp_path / "a.ts.json").read_text())
+    assert meta["thresholds"]["score"] == 1.5
+    assert "PIL Image.resize(BILINEAR)" in meta["input"]["resize"] and "Pillow" in meta["input"]["resize"]
+    det.calibration = {"image_threshold": 1.0, "odd": object()}
+    with pytest.raises(TypeError):
+        export_detector(det, tmp_path / "b.ts", "torchscript")
+    assert not (tmp_path / "b.ts").exists() and not (tmp_path / "b.ts.json").exists()
+    det.calibration = {"inapplicable": "set on other settings"}
+    export_detector(det, tmp_path / "c.ts", "torchscript")
+    source = json.loads((tmp_path / "c.ts.json").read_text())["threshold_source"]
+    assert "--threshold" not in source and "program that runs the file" in source
+
+
 def test_torchscript_runs_without_the_package(run, tmp_path):
     out = tmp_path / "det.ts"
     assert main(["export", str(run), "--format", "torchscript", "--out", str(out)]) == 0
