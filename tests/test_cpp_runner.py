@@ -139,3 +139,27 @@ def test_cpp_runner_reads_pngs_as_the_python_reader_does(runner, tmp_path):
         out = subprocess.run([str(runner), str(ts), str(tmp_path / name)], capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, (name, out.stderr)
         assert float(out.stdout.split()[1]) == pytest.approx(float(want[0]), rel=1e-5, abs=1e-9), name
+
+
+def test_cpp_runner_resizes_as_the_python_reader_does(runner, tmp_path):
+    """A PNG of another size than the model's: the runner resizes it as the package reads files
+    (PIL's 8-bit bilinear, both pass orders), so its score is Detector.predict's of the file (a
+    float bilinear before put the scores of magnetic-tile photos up to 0.6 apart at a threshold
+    of 6.9); a PNG whose EXIF orientation would turn it is refused, not scored sideways."""
+    torch.manual_seed(0)
+    det = Detector(build_model("cmaae", memory_size=20), image_size=64, precision="float32")
+    ts = export_detector(det, tmp_path / "det.ts", "torchscript")
+    rng = np.random.default_rng(4)
+    # tall (vertical pass first), wide, mixed up- and down-scaling, enlarged
+    for h, w in ((301, 97), (97, 301), (40, 150), (150, 40), (50, 33)):
+        png = tmp_path / f"{h}x{w}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(png)
+        want = float(det.predict(png)["scores"][0])
+        out = subprocess.run([str(runner), str(ts), str(png)], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        assert float(out.stdout.split()[1]) == pytest.approx(want, rel=1e-5, abs=1e-9), (h, w)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "turned.png", exif=exif)
+    out = subprocess.run([str(runner), str(ts), str(tmp_path / "turned.png")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "EXIF orientation 6" in out.stderr

@@ -6,7 +6,9 @@
 //   IMAGE.png    PNG of any bit depth, grey or colour, read to 8-bit RGB as the Python package reads
 //                files: 16-bit grey scaled (65535 -> 255), 16-bit colour by its high byte (as PIL),
 //                palette expanded, alpha dropped (not blended), gamma chunks ignored; an image that
-//                is not S x S is resized (bilinear, antialiased, then rounded) to S x S first.
+//                is not S x S is resized to S x S as the package resizes files (PIL's 8-bit BILINEAR,
+//                pillow_bilinear below), so the score is the one Detector.predict gives the file.
+//                A PNG whose EXIF orientation is not 1 is refused (Python turns it upright first).
 //   MAP_OUT      optional: the anomaly map [S, S]; "*.png" as 8-bit grey scaled to the map's maximum,
 //                anything else as raw little-endian float32, row-major (S*S*4 bytes).
 // Prints "score <value>" (the image score) on stdout; exit status 1 with a message on any error.
@@ -14,6 +16,7 @@
 #include <torch/script.h>
 
 #include <algorithm>
+#include <cmath>
 #include <csetjmp>
 #include <cstdint>
 #include <cstdio>
@@ -36,6 +39,8 @@ void on_png_error(png_structp png, png_const_charp message) {
 }
 
 void on_png_warning(png_structp, png_const_charp) {}
+
+int exif_orientation(png_structp png, png_infop info);
 
 // Reads a PNG as 8-bit RGB, with the conversions the Python package's reader (PIL) makes; returns
 // false with a message in `error`. libpng's simplified API is not used: it treats 16-bit samples as
@@ -85,10 +90,113 @@ bool read_png_rgb(const std::string& path, std::vector<uint8_t>& pixels, int& he
   rows.resize(height);
   for (int y = 0; y < height; ++y) rows[y] = pixels.data() + static_cast<size_t>(y) * width * 3;
   png_read_image(png, rows.data());
-  png_read_end(png, nullptr);
+  png_read_end(png, info);  // an eXIf chunk may come after the pixels
+  const int orientation = exif_orientation(png, info);
   png_destroy_read_struct(&png, &info, nullptr);
   std::fclose(fp);
+  if (orientation != 1) {
+    error = path + ": EXIF orientation " + std::to_string(orientation) + " (stored turned or flipped); the Python "
+            "package turns such images upright before scoring: save it upright, without the tag";
+    return false;
+  }
   return true;
+}
+
+// PIL's 8-bit BILINEAR resize (libImaging/Resample.c: precompute_coeffs, normalize_coeffs_8bpc and
+// the 8bpc passes), which the Python package's reader applies to files of another size: triangle
+// weights stretched by the reduction factor (antialiasing), fixed-point taps of 22 bits, each of
+// the two passes rounded to 8 bits. Which pass runs first changes the rounding: Pillow 13 runs the
+// vertical one first for a square output when h > max(S, 2 w - S) (found by comparing with Pillow
+// 13.0 on 600 random sizes; earlier Pillow always ran the horizontal one first).
+constexpr int kPrecisionBits = 32 - 8 - 2;
+
+struct Taps {
+  int first = 0;                 // first input sample read
+  std::vector<int64_t> weights;  // fixed-point weights, one per input sample from `first`
+};
+
+std::vector<Taps> bilinear_taps(int in_size, int out_size) {
+  const double scale = static_cast<double>(in_size) / out_size;
+  const double filterscale = std::max(scale, 1.0);
+  const double support = 1.0 * filterscale;  // BILINEAR's support, stretched when reducing
+  const double ss = 1.0 / filterscale;        // (multiplied, not divided: Pillow's rounding)
+  std::vector<Taps> taps(out_size);
+  for (int xx = 0; xx < out_size; ++xx) {
+    const double center = (xx + 0.5) * scale;
+    const int xmin = std::max(static_cast<int>(center - support + 0.5), 0);
+    const int count = std::min(static_cast<int>(center + support + 0.5), in_size) - xmin;
+    std::vector<double> k(std::max(count, 0));
+    double sum = 0.0;
+    for (int x = 0; x < count; ++x) {
+      const double t = std::fabs((x + xmin - center + 0.5) * ss);
+      k[x] = t < 1.0 ? 1.0 - t : 0.0;
+      sum += k[x];
+    }
+    taps[xx].first = xmin;
+    for (double v : k) {
+      if (sum != 0.0) v /= sum;
+      taps[xx].weights.push_back(static_cast<int64_t>(v < 0 ? -0.5 + v * (1 << kPrecisionBits)
+                                                            : 0.5 + v * (1 << kPrecisionBits)));
+    }
+  }
+  return taps;
+}
+
+// One pass along rows (axis 0) or columns (axis 1) of an 8-bit [h, w, 3] image.
+std::vector<uint8_t> resample_axis(const std::vector<uint8_t>& in, int h, int w, int out_size, int axis) {
+  const int oh = axis == 0 ? out_size : h, ow = axis == 0 ? w : out_size;
+  const std::vector<Taps> taps = bilinear_taps(axis == 0 ? h : w, out_size);
+  std::vector<uint8_t> out(static_cast<size_t>(oh) * ow * 3);
+  for (int y = 0; y < oh; ++y) {
+    for (int x = 0; x < ow; ++x) {
+      const Taps& t = taps[axis == 0 ? y : x];
+      for (int c = 0; c < 3; ++c) {
+        int64_t acc = int64_t{1} << (kPrecisionBits - 1);
+        for (size_t i = 0; i < t.weights.size(); ++i) {
+          const int sy = axis == 0 ? t.first + static_cast<int>(i) : y;
+          const int sx = axis == 0 ? x : t.first + static_cast<int>(i);
+          acc += in[(static_cast<size_t>(sy) * w + sx) * 3 + c] * t.weights[i];
+        }
+        out[(static_cast<size_t>(y) * ow + x) * 3 + c] =
+            static_cast<uint8_t>(std::clamp<int64_t>(acc >> kPrecisionBits, 0, 255));
+      }
+    }
+  }
+  return out;
+}
+
+std::vector<uint8_t> pillow_bilinear(const std::vector<uint8_t>& pixels, int h, int w, int size) {
+  if (h != size && w != size && h > std::max(size, 2 * w - size)) {  // vertical pass first
+    return resample_axis(resample_axis(pixels, h, w, size, 0), size, w, size, 1);
+  }
+  std::vector<uint8_t> a = w == size ? pixels : resample_axis(pixels, h, w, size, 1);
+  return h == size ? a : resample_axis(a, h, size, size, 0);
+}
+
+// The EXIF orientation of a PNG's eXIf chunk (1 when there is none or it cannot be read).
+int exif_orientation(png_structp png, png_infop info) {
+#ifdef PNG_eXIf_SUPPORTED
+  png_uint_32 n = 0;
+  png_bytep exif = nullptr;
+  if (png_get_eXIf_1(png, info, &n, &exif) == 0 || exif == nullptr || n < 8) return 1;
+  const bool big = exif[0] == 'M';
+  auto u16 = [&](png_uint_32 at) -> unsigned { return big ? (exif[at] << 8) | exif[at + 1] : exif[at] | (exif[at + 1] << 8); };
+  auto u32 = [&](png_uint_32 at) -> png_uint_32 {
+    return big ? (png_uint_32{exif[at]} << 24) | (exif[at + 1] << 16) | (exif[at + 2] << 8) | exif[at + 3]
+               : exif[at] | (exif[at + 1] << 8) | (exif[at + 2] << 16) | (png_uint_32{exif[at + 3]} << 24);
+  };
+  const png_uint_32 ifd = u32(4);
+  if (ifd + 2 > n) return 1;
+  const unsigned entries = u16(ifd);
+  for (unsigned i = 0; i < entries && ifd + 2 + 12 * (i + 1) <= n; ++i) {
+    const png_uint_32 e = ifd + 2 + 12 * i;
+    if (u16(e) == 0x0112) return static_cast<int>(u16(e + 8));  // a SHORT, first in the value field
+  }
+#else
+  (void)png;
+  (void)info;
+#endif
+  return 1;
 }
 
 bool write_png_grey(const std::string& path, const std::vector<uint8_t>& grey, int height, int width) {
@@ -143,8 +251,9 @@ int main(int argc, char** argv) {
     size = detector.attr("count").toTensor().size(-1);
   }
   if (size > 0 && (h != size || w != size)) {
-    torch::Tensor x = at::_upsample_bilinear2d_aa(images.to(torch::kFloat32), {size, size}, /*align_corners=*/false);
-    images = x.round().clamp(0, 255).to(torch::kUInt8);
+    pixels = pillow_bilinear(pixels, h, w, static_cast<int>(size));
+    h = w = static_cast<int>(size);
+    images = torch::from_blob(pixels.data(), {1, h, w, 3}, torch::kUInt8).permute({0, 3, 1, 2}).contiguous();
   }
 
   // 4. Run: (maps [1, S, S], scores [1]).
