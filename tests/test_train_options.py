@@ -410,7 +410,7 @@ def test_cuda_batches_are_made_on_the_gpu_and_draw_what_a_cpu_run_draws(tmp_path
     monkeypatch.setattr(train_module, "images_fit_on_device", lambda nbytes, free: resident)
     images = _images(4)
     opts = dict(patch_sampling="random", flips=True)
-    cpu = _trainer(tmp_path / "cpu", images, **opts)
+    cpu = _trainer(tmp_path / "cpu", images, device="cpu", **opts)  # ("auto" would be the GPU there)
     gpu = _trainer(tmp_path / "gpu", images, device="cuda", **opts)
     assert gpu.stored.is_cuda == resident and not cpu.stored.is_cuda
     for stage in (0, 1):
