@@ -151,6 +151,7 @@ def main() -> None:
                   "tuned": f"channels_last, {'bfloat16 autocast' if precision else 'float32 (no bf16 instructions)'}"},
         "image_size": args.image_size, "steps": steps, "warmup": args.warmup, "rows": [], "skipped": [],
     }
+    out_path = args.out or RESULTS / f"train_{args.device.split(':')[0]}.json"
     for name in args.models:
         for batch in batches:
             for stage_name in args.stages:
@@ -166,9 +167,24 @@ def main() -> None:
                     results["skipped"].append({"model": name, "stage": stage_name, "batch": batch, "reason": str(exc)})
                     print(f"{name} {stage_name} batch {batch}: skipped ({exc})", flush=True)
                     continue
+                except torch.cuda.OutOfMemoryError as exc:  # this case only: the rows measured stay
+                    results["skipped"].append({"model": name, "stage": stage_name, "batch": batch,
+                                               "reason": f"out of GPU memory: {str(exc).splitlines()[0]}"})
+                    print(f"{name} {stage_name} batch {batch}: skipped (out of GPU memory)", flush=True)
+                    eager = tuned = None
+                    torch.cuda.empty_cache()
+                    continue
                 t0 = time.perf_counter()
-                t = time_interleaved({"eager": eager.step, "tuned": tuned.step}, rounds=steps, warmup=args.warmup,
-                                     device=args.device)
+                try:
+                    t = time_interleaved({"eager": eager.step, "tuned": tuned.step}, rounds=steps, warmup=args.warmup,
+                                         device=args.device)
+                except torch.cuda.OutOfMemoryError as exc:
+                    results["skipped"].append({"model": name, "stage": stage_name, "batch": batch,
+                                               "reason": f"out of GPU memory: {str(exc).splitlines()[0]}"})
+                    print(f"{name} {stage_name} batch {batch}: skipped (out of GPU memory)", flush=True)
+                    eager = tuned = None
+                    torch.cuda.empty_cache()
+                    continue
                 row = {"model": name, "stage": stage_name, "batch": batch,
                        "eager_patches_per_s": round(batch / (t["eager"]["median_ms"] / 1e3), 1),
                        "tuned_patches_per_s": round(batch / (t["tuned"]["median_ms"] / 1e3), 1),
@@ -176,10 +192,11 @@ def main() -> None:
                        "final_loss": {"eager": eager.step(), "tuned": tuned.step()},
                        "timings": t, "wall_s": round(time.perf_counter() - t0, 1)}
                 results["rows"].append(row)
+                write_results(out_path, results, quiet=True)  # row by row: a step cut off keeps what it measured
                 print(f"{name} {stage_name:9s} batch {batch:5d} on {args.device}: eager {row['eager_patches_per_s']:9.1f} "
                       f"patches/s, tuned {row['tuned_patches_per_s']:9.1f} patches/s, x{row['speedup']:.2f}", flush=True)
     results["info"]["load_average_end"] = device_info(args.device).get("load_average")
-    write_results(args.out or RESULTS / f"train_{args.device.split(':')[0]}.json", results)
+    write_results(out_path, results)
 
 
 if __name__ == "__main__":

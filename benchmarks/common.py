@@ -116,7 +116,13 @@ def command_line() -> str:
     return "python " + " ".join(shlex.quote(a) for a in sys.argv)
 
 
-def write_results(path: Path, payload: dict) -> None:
+def write_results(path: Path, payload: dict, quiet: bool = False) -> None:
+    """``payload`` as JSON at ``path``, replaced whole (a temporary file renamed over it): a
+    benchmark that writes after every row leaves a readable file wherever it is stopped."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {path}")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+    if not quiet:
+        print(f"wrote {path}")

@@ -8,10 +8,6 @@
 #   install    pip install --no-index --find-links WHEELS (only what is missing; no network)
 #   build      the CUDA kernels (JIT, for the visible GPU) -> OUTDIR/build.json
 #   tests      pytest -m cuda                              -> OUTDIR/tests_cuda.xml
-#   memcheck   compute-sanitizer --tool memcheck  on benchmarks/gpu_op_smoke.py
-#   racecheck  compute-sanitizer --tool racecheck on benchmarks/gpu_op_smoke.py
-#              (status "unsupported", not a failure, where the container runtime refuses the tool
-#              the GPU: "Device not supported"; a memory error or race it finds fails the step)
 #   bench_ops  benchmarks/bench_{memory_address,aw_ssim,msfr}.py -> OUTDIR/results/*.json
 #   inference  benchmarks/bench_inference.py --device cuda       -> OUTDIR/results/inference_*.json
 #   train      benchmarks/bench_train.py --device cuda           -> OUTDIR/results/train_cuda.json
@@ -20,10 +16,18 @@
 #              profile, 256 px, batch 64)
 #   inference_heur  the tuned inference with cuDNN's heuristics (--cudnn-benchmark off), batches 1
 #              and 64 -> OUTDIR/results/inference_cuda_cudnn_heuristics.json, against `inference`
+#   memcheck   compute-sanitizer --tool memcheck  on benchmarks/gpu_op_smoke.py
+#   racecheck  compute-sanitizer --tool racecheck on benchmarks/gpu_op_smoke.py
+#              (status "unsupported", not a failure, where the container runtime refuses the tool
+#              the GPU: "Device not supported"; a memory error or race it finds fails the step;
+#              last, so that a slow sanitizer takes no time from the measurements)
+# The benchmarks write their JSON after every row, so a step cut off at its limit keeps what it
+# measured. A failed CUDA build switches the kernels off for the later steps (DEFECT_FAST_CUDA=0).
 # and writes OUTDIR/suite.json (every step's status, seconds, log) and a one-screen summary.
-# --archive FILE.tar.gz also packs the whole OUTDIR (logs, results, suite.json) into that one file
-# at the end, whatever the steps did: what to copy back from a remote GPU machine that returns
-# only a few files.
+# --archive FILE.tar.gz also packs the whole OUTDIR (logs, results, suite.json) into that one file,
+# after every step and at the end, whatever the steps did: what to copy back from a remote GPU
+# machine that returns only a few files (a kill from outside keeps the steps before it). Give the
+# machine's own limit on the command at least 580 s: the suite stops starting steps at 540 s.
 #
 # --dry-run (any machine, no GPU needed; CI runs it): executes the CPU parts at tiny sizes (the
 # C++ kernels, the op smoke test on the CPU, the cuda tests' collection, each benchmark once on
@@ -73,7 +77,7 @@ mkdir -p "$OUT/logs" "$OUT/results" || { echo "gpu_suite.sh: cannot create $OUT"
 OUT=$(cd "$OUT" && pwd)
 if [ -n "$ARCHIVE" ]; then
   case "$ARCHIVE" in *.tar.gz|*.tgz) ;; *) echo "gpu_suite.sh: --archive $ARCHIVE: name a .tar.gz or .tgz file" >&2; exit 2 ;; esac
-  [ -e "$ARCHIVE" ] && { echo "gpu_suite.sh: --archive $ARCHIVE exists; not replacing it" >&2; exit 2; }
+  [ -e "$ARCHIVE" ] || [ -e "$ARCHIVE.part" ] && { echo "gpu_suite.sh: --archive $ARCHIVE exists; not replacing it" >&2; exit 2; }
   mkdir -p "$(dirname "$ARCHIVE")" || { echo "gpu_suite.sh: cannot create the folder of $ARCHIVE" >&2; exit 2; }
   ARCHIVE="$(cd "$(dirname "$ARCHIVE")" && pwd)/$(basename "$ARCHIVE")"
   case "$ARCHIVE" in "$OUT"/*) echo "gpu_suite.sh: --archive $ARCHIVE must lie outside OUTDIR" >&2; exit 2 ;; esac
@@ -137,7 +141,15 @@ step() {
   fi
   printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$(( $(date +%s) - t0 ))" "$log" "$*" >> "$STEPS_FILE"
   [ "$status" = ok ] || { echo "                 -> $status; last lines of $log:"; tail -n 5 "$log" | sed 's/^/                    /'; }
+  pack
   return 0
+}
+
+# --archive: packed again after every step (a temporary file renamed over it), so a kill from
+# outside the suite still leaves the steps before it to copy back
+pack() {
+  [ -n "$ARCHIVE" ] || return 0
+  tar -czf "$ARCHIVE.part" -C "$(dirname "$OUT")" "$(basename "$OUT")" 2>/dev/null && mv -f "$ARCHIVE.part" "$ARCHIVE"
 }
 
 echo "gpu_suite: $( [ "$DRY" = 1 ] && echo 'DRY RUN (CPU parts run, GPU parts listed)' || echo 'GPU run') -> $OUT"
@@ -165,6 +177,7 @@ info["compute_sanitizer"] = shutil.which("compute-sanitizer") or "absent"
 cpu = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")] if os.path.exists("/proc/cpuinfo") else []
 info["cpu"] = cpu[0] if cpu else platform.processor()
 info["load_average"] = list(os.getloadavg())
+info["inherited_torch_cuda_arch_list"] = os.environ.get("TORCH_CUDA_ARCH_LIST")  # the build uses the visible GPU's
 json.dump(info, open(sys.argv[1], "w"), indent=2)
 print(json.dumps(info, indent=2))
 EOF
@@ -218,22 +231,21 @@ PY
 if [ "$DRY" = 1 ]; then
   step build_cpu 170 cpu "$PY" "$BUILD_PY" "$OUT/build.json" cpu
 fi
+# the kernels for the GPU that is here: an inherited TORCH_CUDA_ARCH_LIST (recorded in env.json)
+# may name architectures this nvcc no longer builds, or many it need not
+[ "$DRY" = 1 ] || unset TORCH_CUDA_ARCH_LIST
 step build 240 gpu "$PY" "$BUILD_PY" "$OUT/build.json" cuda
+if [ "$DRY" != 1 ] && ! grep -q "^build	ok	" "$STEPS_FILE"; then
+  export DEFECT_FAST_CUDA=0   # every later process would compile the failing kernels again, for minutes
+  echo "  [note]         the CUDA build failed: later steps run without the CUDA kernels (DEFECT_FAST_CUDA=0)"
+fi
 
 # ---- tests ---------------------------------------------------------------------------------
 if [ "$DRY" = 1 ]; then
   step tests_collect 60 cpu "$PY" -m pytest -q -p no:cacheprovider -m cuda --collect-only tests/
 fi
-step tests 120 gpu "$PY" -m pytest -q -p no:cacheprovider -m cuda --junitxml="$OUT/tests_cuda.xml" tests/
-
-# ---- compute-sanitizer ---------------------------------------------------------------------
-if [ "$DRY" = 1 ]; then
-  step op_smoke_cpu 60 cpu "$PY" benchmarks/gpu_op_smoke.py --device cpu
-fi
-# on PATH, else beside nvcc (the build finds nvcc through CUDA_HOME even when PATH lacks it)
-SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
-step memcheck 60 gpu "$SANITIZER" --tool memcheck --error-exitcode 1 "$PY" benchmarks/gpu_op_smoke.py --device cuda
-step racecheck 60 gpu "$SANITIZER" --tool racecheck --error-exitcode 1 "$PY" benchmarks/gpu_op_smoke.py --device cuda
+# -v: each test's line is in the log as it ends (the XML is written only when pytest finishes)
+step tests 120 gpu "$PY" -m pytest -v -p no:cacheprovider -m cuda --junitxml="$OUT/tests_cuda.xml" tests/
 
 # ---- benchmarks ----------------------------------------------------------------------------
 if [ "$DRY" = 1 ]; then
@@ -254,6 +266,15 @@ step recommended 70 gpu "$PY" benchmarks/bench_context.py --device cuda --batch 
 # default on CUDA): a separate process, since cuDNN keeps the first plan it finds for a shape
 step inference_heur 45 gpu "$PY" benchmarks/bench_inference.py --device cuda --batch 1 64 --rounds 5 \
   --cudnn-benchmark off --out "$DEFECT_FAST_RESULTS_DIR/inference_cuda_cudnn_heuristics.json"
+
+# ---- compute-sanitizer (last: the measurements come first) -------------------------------
+if [ "$DRY" = 1 ]; then
+  step op_smoke_cpu 60 cpu "$PY" benchmarks/gpu_op_smoke.py --device cpu
+fi
+# on PATH, else beside nvcc (the build finds nvcc through CUDA_HOME even when PATH lacks it)
+SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+step memcheck 60 gpu "$SANITIZER" --tool memcheck --error-exitcode 1 "$PY" benchmarks/gpu_op_smoke.py --device cuda
+step racecheck 60 gpu "$SANITIZER" --tool racecheck --error-exitcode 1 "$PY" benchmarks/gpu_op_smoke.py --device cuda
 
 # ---- summary -------------------------------------------------------------------------------
 "$PY" - "$OUT" "$DRY" "$(( $(date +%s) - START ))" <<'EOF'
@@ -308,7 +329,6 @@ sys.exit(1 if bad else 0)
 EOF
 RC=$?
 if [ -n "$ARCHIVE" ]; then
-  tar -czf "$ARCHIVE" -C "$(dirname "$OUT")" "$(basename "$OUT")" && echo "gpu_suite: packed $OUT into $ARCHIVE" \
-    || { echo "gpu_suite: could not pack $OUT into $ARCHIVE" >&2; RC=1; }
+  pack && echo "gpu_suite: packed $OUT into $ARCHIVE" || { echo "gpu_suite: could not pack $OUT into $ARCHIVE" >&2; RC=1; }
 fi
 exit $RC

@@ -18,10 +18,14 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("ti
 
 
 def _step_function() -> str:
+    """step() and the pack() it calls, as gpu_suite.sh defines them."""
     text = SUITE.read_text()
-    m = re.search(r"^step\(\) \{\n.*?^\}\n", text, flags=re.S | re.M)
-    assert m, "step() not found in gpu_suite.sh"
-    return m.group(0)
+    found = []
+    for name in ("step", "pack"):
+        m = re.search(rf"^{name}\(\) \{{\n.*?^\}}\n", text, flags=re.S | re.M)
+        assert m, f"{name}() not found in gpu_suite.sh"
+        found.append(m.group(0))
+    return "\n".join(found)
 
 
 def _fake(bin_dir: Path, name: str, output: str, rc: int) -> None:
@@ -30,7 +34,8 @@ def _fake(bin_dir: Path, name: str, output: str, rc: int) -> None:
     path.chmod(0o755)
 
 
-def _run_steps(tmp_path: Path, fakes: dict[str, tuple[str, int]], calls: list[str]) -> list[list[str]]:
+def _run_steps(tmp_path: Path, fakes: dict[str, tuple[str, int]], calls: list[str],
+               archive: Path | None = None) -> list[list[str]]:
     """Run ``step`` for each call line with the fake commands on PATH; the rows of steps.tsv."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -38,7 +43,8 @@ def _run_steps(tmp_path: Path, fakes: dict[str, tuple[str, int]], calls: list[st
         _fake(bin_dir, name, output, rc)
     out = tmp_path / "out"
     (out / "logs").mkdir(parents=True)
-    script = "\n".join([f'OUT="{out}"', "DRY=0", f'STEPS_FILE="{out}/steps.tsv"', ': > "$STEPS_FILE"',
+    script = "\n".join([f'OUT="{out}"', "DRY=0", f'ARCHIVE="{archive or ""}"', f'STEPS_FILE="{out}/steps.tsv"',
+                        ': > "$STEPS_FILE"',
                         "DEADLINE=$(( $(date +%s) + 600 ))", _step_function(), *calls])
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
     subprocess.run(["bash", "-c", script], env=env, check=True, capture_output=True, text=True, timeout=60)
@@ -58,6 +64,18 @@ def test_a_memory_error_the_sanitizer_finds_stays_a_failure(tmp_path):
     rows = _run_steps(tmp_path, {"compute-sanitizer": ("========= Invalid __global__ write of size 4 bytes", 1)},
                       ["step memcheck 30 gpu compute-sanitizer --tool memcheck python3 smoke.py"])
     assert rows[0][:2] == ["memcheck", "failed(rc=1)"]
+
+
+def test_the_archive_is_packed_after_every_step(tmp_path):
+    """With --archive the results are packed after each step, so a kill from outside the suite (the
+    machine's own limit on the command) still leaves the steps before it to copy back."""
+    import tarfile
+
+    archive = tmp_path / "suite.tar.gz"
+    _run_steps(tmp_path, {"okcmd": ("fine", 0)}, ["step first 30 gpu okcmd"], archive=archive)  # no final pack here
+    with tarfile.open(archive) as tar:
+        assert "out/logs/first.log" in tar.getnames() and "out/steps.tsv" in tar.getnames()
+    assert not Path(str(archive) + ".part").exists()
 
 
 def test_other_commands_printing_the_phrase_still_fail(tmp_path):

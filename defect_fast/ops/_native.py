@@ -153,6 +153,8 @@ def _cuda_toolkit() -> tuple[bool, str]:
     """Whether CUDA kernels can be compiled here, and why not."""
     import torch
 
+    if os.environ.get("DEFECT_FAST_CUDA") == "0":  # e.g. after a failed CUDA build: not tried again per process
+        return False, "CUDA kernels switched off (DEFECT_FAST_CUDA=0)"
     if torch.version.cuda is None:
         return False, "torch was built without CUDA"
     if getattr(torch.version, "hip", None):
