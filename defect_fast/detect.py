@@ -447,8 +447,11 @@ class Detector(nn.Module):
         return self._compiled(p)
 
     def _buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """A workspace tensor reused by later calls with the same shape (a fresh one while tracing)."""
-        if _plain_graph():
+        """A workspace tensor reused by later calls with the same shape (a fresh one while tracing,
+        and while a CUDA graph is captured: the graph's own, from its memory pool; a workspace
+        buffer would be written by every replay, from any thread, also after the workspace let it
+        go and its memory went to other tensors)."""
+        if _plain_graph() or (like.is_cuda and torch.cuda.is_current_stream_capturing()):
             return like.new_empty(shape)
         # per thread: two threads calling one Detector must not fill each other's buffer
         key = (name, shape, like.dtype, like.device, torch.is_inference_mode_enabled(), threading.get_ident())

@@ -114,3 +114,22 @@ def test_the_check_itself_on_the_cpu(name, recommended):
     """The same check on the CPU (no graphs there), so that the CUDA test's own logic is tested
     on every machine."""
     check_tuned_pipeline("cpu", name, recommended, graphs=False)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_captured_graph_owns_its_workspace():
+    """A graph captured while the workspace held a buffer for its shape wrote that buffer on every
+    replay; once the workspace let it go (more than 8 shapes), its memory went to other tensors.
+    Calls of many other shapes between two replays must leave the replay's result unchanged."""
+    det = Detector(_model("cmaae"), SIZE, device="cuda", cuda_graphs=True, batch_size=4)  # 8 patches: two chunks, a workspace
+    x = _images(2, SIZE).cuda()
+    with torch.inference_mode():
+        first = [t.clone() for t in det(x)]
+        for n in range(3, 14):  # other shapes: the workspace is cleared and its memory reused
+            det(_images(n, SIZE).cuda())
+        keep = [torch.full((1 << 20,), 7.0, device="cuda") for _ in range(8)]  # memory handed out again
+        again = det(x)
+    for a, b in zip(first, again):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert all(bool((k == 7.0).all()) for k in keep)
