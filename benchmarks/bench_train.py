@@ -163,27 +163,17 @@ def main() -> None:
                     eager = Workload(name, stage, batch, args.image_size, args.device, False, precision, args.lpips_weights)
                     tuned = Workload(name, stage, batch, args.image_size, args.device, True, precision, args.lpips_weights)
                     eager.step()  # the first step builds lazily loaded parts (LPIPS): fail here, not mid-timing
-                except FileNotFoundError as exc:
-                    results["skipped"].append({"model": name, "stage": stage_name, "batch": batch, "reason": str(exc)})
-                    print(f"{name} {stage_name} batch {batch}: skipped ({exc})", flush=True)
-                    continue
-                except torch.cuda.OutOfMemoryError as exc:  # this case only: the rows measured stay
-                    results["skipped"].append({"model": name, "stage": stage_name, "batch": batch,
-                                               "reason": f"out of GPU memory: {str(exc).splitlines()[0]}"})
-                    print(f"{name} {stage_name} batch {batch}: skipped (out of GPU memory)", flush=True)
-                    eager = tuned = None
-                    torch.cuda.empty_cache()
-                    continue
-                t0 = time.perf_counter()
-                try:
+                    t0 = time.perf_counter()
                     t = time_interleaved({"eager": eager.step, "tuned": tuned.step}, rounds=steps, warmup=args.warmup,
                                          device=args.device)
-                except torch.cuda.OutOfMemoryError as exc:
-                    results["skipped"].append({"model": name, "stage": stage_name, "batch": batch,
-                                               "reason": f"out of GPU memory: {str(exc).splitlines()[0]}"})
-                    print(f"{name} {stage_name} batch {batch}: skipped (out of GPU memory)", flush=True)
+                except (FileNotFoundError, torch.cuda.OutOfMemoryError) as exc:  # this case only: the rows measured stay
+                    why = (str(exc) if isinstance(exc, FileNotFoundError)
+                           else f"out of GPU memory: {str(exc).splitlines()[0]}")
+                    results["skipped"].append({"model": name, "stage": stage_name, "batch": batch, "reason": why})
+                    print(f"{name} {stage_name} batch {batch}: skipped ({why})", flush=True)
                     eager = tuned = None
-                    torch.cuda.empty_cache()
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
                     continue
                 row = {"model": name, "stage": stage_name, "batch": batch,
                        "eager_patches_per_s": round(batch / (t["eager"]["median_ms"] / 1e3), 1),
