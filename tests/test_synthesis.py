@@ -57,6 +57,22 @@ def test_source_folder(tmp_path):
     assert load_sources(tmp_path, size=16, include_builtin=False, max_images=2).shape[0] == 2
 
 
+def test_source_photos_are_decoded_as_the_package_reads_images(tmp_path):
+    """16-bit and float photos are scaled to 8 bits (they were clipped: a 16-bit ramp came out
+    almost all white, a float one all black), as read_image does."""
+    import numpy as np
+
+    from defect_fast.data.io import read_image
+
+    ramp = np.tile(np.linspace(0, 1, 64), (64, 1))
+    Image.fromarray((ramp * 65535).astype(np.uint16)).save(tmp_path / "a16.png")
+    Image.fromarray(ramp.astype(np.float32), mode="F").save(tmp_path / "b_float.tif")
+    src = load_sources(tmp_path, size=64, include_builtin=False)
+    for i, name in enumerate(("a16.png", "b_float.tif")):
+        want = read_image(tmp_path / name, None).float() / 127.5 - 1
+        torch.testing.assert_close(src[i], want, atol=2 / 127.5, rtol=0)  # (its own resize: one grey level)
+
+
 def test_source_folder_errors_name_the_files(tmp_path):
     Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "good.png")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
@@ -64,6 +80,18 @@ def test_source_folder_errors_name_the_files(tmp_path):
     with pytest.raises(ValueError) as err:
         load_sources(tmp_path, size=8, include_builtin=False)
     assert "broken.png" in str(err.value) and "empty.jpg" in str(err.value) and "good.png" not in str(err.value)
+    # an oversized image (PIL's bomb limit) is one more named file, not an internal error
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    (tmp_path / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
+                                        + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    with pytest.raises(ValueError) as err:
+        load_sources(tmp_path, size=8, include_builtin=False)
+    assert "3 anomaly source file(s)" in str(err.value) and "huge.png" in str(err.value)
     with pytest.raises(FileNotFoundError, match="missing_dir"):
         load_sources(tmp_path / "missing_dir")
     (tmp_path / "no_images").mkdir()

@@ -56,10 +56,13 @@ def list_source_files(folder: str | os.PathLike) -> list[Path]:
 
 
 def _read_square(path: Path, size: int) -> torch.Tensor:
-    """One photo as ``[3, size, size]`` in [-1, 1]: shorter side resized to ``size``, centre crop."""
-    with Image.open(path) as im:
-        im.load()
-        rgb = im.convert("RGB")
+    """One photo as ``[3, size, size]`` in [-1, 1]: shorter side resized to ``size``, centre crop.
+    Decoded as the package reads every image (:mod:`defect_fast.data.io`: 16-bit and float
+    scaled, EXIF orientation applied, bad or oversized files a DataError naming the file)."""
+    from ..data.io import _open, _to_8bit
+
+    im = _open(path)
+    rgb = _to_8bit(im, 3, path)
     w, h = rgb.size
     if w < 1 or h < 1:
         raise ValueError("empty image")
@@ -105,8 +108,8 @@ def load_sources(folder: str | os.PathLike | None = None, size: int = 256, *,
     for p in paths:
         try:
             images.append(_read_square(p, size))
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-            bad.append(f"{p}: {exc}")
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError, MemoryError) as exc:
+            bad.append(str(exc) if str(exc).startswith(str(p)) else f"{p}: {exc}")
     if bad:
         raise ValueError(f"{len(bad)} anomaly source file(s) could not be read as images:\n  " + "\n  ".join(bad))
     return torch.stack(images)
