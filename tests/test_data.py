@@ -185,6 +185,25 @@ def test_mask_colour_channels(tmp_path):
     assert t.sum() == 2 and t[0, 0] and t[2, 2]
 
 
+@pytest.mark.parametrize("hidden,paint", [(255, 255), (0, 0), (0, 200)])
+def test_a_mask_drawn_on_a_transparent_layer_is_read_by_what_is_painted(tmp_path, hidden, paint):
+    """The colour under transparent pixels is not seen by whoever drew the mask: white paint on a
+    layer whose hidden colour is white read as all defect, black paint on transparent black as
+    none (the image then counted as defect-free in the pixel metrics)."""
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[..., :3] = hidden
+    rgba[2:5, 3:6] = (paint, paint, paint, 255)  # 9 painted pixels
+    t = read_mask(_save(tmp_path / "m.png", rgba, "RGBA"), None)
+    assert int(t.sum()) == 9 and bool(t[2:5, 3:6].all())
+    la = np.zeros((8, 8, 2), dtype=np.uint8)
+    la[..., 0] = hidden
+    la[2:5, 3:6] = (paint, 255)
+    assert int(read_mask(_save(tmp_path / "la.png", la, "LA"), None).sum()) == 9
+    opaque = rgba.copy()
+    opaque[..., 3] = 255  # no transparency: the colours, as before
+    assert int(read_mask(_save(tmp_path / "o.png", opaque, "RGBA"), None).sum()) == (64 if hidden else (9 if paint else 0))
+
+
 # --------------------------------------------------------------------------------------------
 # Folders
 # --------------------------------------------------------------------------------------------

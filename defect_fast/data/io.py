@@ -352,8 +352,13 @@ def _load_mask(path: str | os.PathLike, size: int | None, notes: list[tuple[str,
         else:
             if img.mode in ("P", "PA"):
                 img = img.convert("RGBA")
-            values = np.asarray(img.convert("RGB"))
-            defect = (values != 0).any(axis=2)
+            alpha = np.asarray(img.getchannel("A")) if "A" in img.getbands() else None
+            if alpha is not None and alpha.min() == 0:  # drawn on a transparent layer: what is painted is the defect
+                values = alpha
+                defect = alpha != 0
+            else:
+                values = np.asarray(img.convert("RGB"))
+                defect = (values != 0).any(axis=2)
         if notes is not None:
             if np.unique(values).size > 2:
                 notes.append(("levels", path))
@@ -368,7 +373,9 @@ def _load_mask(path: str | os.PathLike, size: int | None, notes: list[tuple[str,
 def read_mask(path: str | os.PathLike, size: int | None) -> torch.Tensor:
     """Read a ground-truth mask file as a bool tensor [size, size] (True = defect pixel).
 
-    Any nonzero stored value (in any colour channel; alpha ignored) is a defect. Resizing uses
+    Any nonzero stored value (in any colour channel) is a defect; in a mask with transparent
+    pixels (alpha 0 somewhere: drawn on a transparent layer), its painted pixels (alpha not 0) are,
+    whatever colour they or the hidden background have. Resizing uses
     nearest-neighbour sampling, so defects thinner than the downsampling step can shrink or vanish.
     None keeps the original size.
 
