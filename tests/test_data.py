@@ -80,6 +80,11 @@ def test_32bit_int_and_float_tiff(tmp_path):
     assert read_image(_save(tmp_path / "f.tif", f01), None)[0, 0].tolist() == [0, 128, 255]
     fwide = np.array([[-10.0, 0.0, 10.0]], dtype=np.float32)  # rescaled from its own min..max
     assert read_image(_save(tmp_path / "w.tif", fwide), None)[0, 0].tolist() == [0, 128, 255]
+    # one pixel of overshoot keeps the frame's rule (1.02 read the frame as [0, 255]: black)
+    over = np.array([[0.0, 0.5, 1.02]], dtype=np.float32)
+    assert read_image(_save(tmp_path / "o.tif", over), None)[0, 0].tolist() == [0, 128, 255]
+    under = np.array([[-0.02, 0.5, 1.0]], dtype=np.float32)
+    assert read_image(_save(tmp_path / "u.tif", under), None)[0, 0].tolist() == [0, 128, 255]
 
 
 def test_rgba_la_and_palette(tmp_path):

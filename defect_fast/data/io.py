@@ -213,7 +213,10 @@ def _scale_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
     NB: "I;16*" uses the full 16-bit range (65535 -> 255). "I" (32-bit int) is read as 16-bit
     data when its values lie in [0, 65535] (the usual case: 16-bit TIFF/PNG decoded to "I"),
     otherwise rescaled from its own min..max. "F" in [0, 1] is scaled by 255, in [0, 255] taken
-    as is, otherwise rescaled from its own min..max.
+    as is, otherwise rescaled from its own min..max; [0, 1] is taken with a margin of 0.05
+    (values just outside are clipped), so that one pixel of processing overshoot (1.02 in a [0, 1]
+    frame) does not read the frame by another rule than its neighbours (it read it as [0, 255]:
+    a black image).
     """
     a = a.astype(np.float64)
     if not np.isfinite(a).all():
@@ -224,7 +227,7 @@ def _scale_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
     elif mode == "I":
         a = a * (255.0 / 65535.0) if (lo >= 0 and hi <= 65535) else (a - lo) * (255.0 / max(hi - lo, 1e-12))
     elif mode == "F":
-        if lo >= 0 and hi <= 1:
+        if lo >= -0.05 and hi <= 1.05:
             a = a * 255.0
         elif not (lo >= 0 and hi <= 255):
             a = (a - lo) * (255.0 / max(hi - lo, 1e-12))
