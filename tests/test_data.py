@@ -372,6 +372,16 @@ def test_a_folder_where_a_mask_goes_is_named(tmp_path):
         load_test_set(root, 16)
 
 
+def test_two_images_sharing_a_stem_do_not_share_a_mask_silently(tmp_path):
+    """000.png and 000.bmp both found 000_mask.png: one defective image was judged against another's
+    defect, without a word."""
+    root = _mvtec(tmp_path)
+    img = root / "test" / "scratch" / "000.png"
+    Image.open(img).save(img.with_suffix(".bmp"))
+    with pytest.raises(DataError, match=r"000_mask\.png: the ground-truth mask of 2 images \(000\.bmp, 000\.png\)"):
+        load_test_set(root, 16)
+
+
 def test_masks_that_are_not_two_level_or_cover_most_of_the_image_are_warned_of(tmp_path):
     root = _mvtec(tmp_path)
     with warnings.catch_warnings():

@@ -179,8 +179,8 @@ def load_test_set(
     Raises:
         DataError: listing, in one message, every problem found: unreadable images or masks, a
             defective image without a mask (naming the mask paths that were expected), a mask
-            whose size differs from its image's (naming both files and sizes). Empty masks are
-            allowed.
+            whose size differs from its image's (naming both files and sizes), a mask two images
+            would share (the same stem). Empty masks are allowed.
     """
     root = Path(root)
     test = root / "test"
@@ -207,6 +207,14 @@ def load_test_set(
                         expected = f"{gt / (img.stem + '_mask.png')} or {gt / (img.stem + '.png')}"
                         problems.append(f"{img}: no ground-truth mask (expected {expected})")
             items.append((d.name, img, mask))
+    claimed: dict[Path, list[Path]] = {}
+    for _cls, img, mask in items:
+        if mask is not None:
+            claimed.setdefault(mask, []).append(img)
+    for mask, imgs in claimed.items():  # a.png and a.bmp find the same a_mask.png: one of them is wrong
+        if len(imgs) > 1:
+            problems.append(f"{mask}: the ground-truth mask of {len(imgs)} images ({', '.join(p.name for p in imgs)}), "
+                            "which share its stem; rename all but one of them")
     if not items:
         raise DataError(f"{test}: no test images in {', '.join(d.name for d in class_dirs)}")
 
