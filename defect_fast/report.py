@@ -43,7 +43,7 @@ import torch
 from PIL import Image
 
 from .calibration import ModelInfo, f1_optimal_threshold, operating_points, rates_at
-from .safety import atomic_write_text
+from .safety import atomic_write_bytes
 
 __all__ = ["SECTIONS", "add_parser", "command", "report_from_data", "write_report"]
 
@@ -183,6 +183,20 @@ def _gallery_selection(order: np.ndarray, errors: np.ndarray, max_gallery: int) 
     return np.array([i for i in order.tolist() if i in keep])
 
 
+def _at_tile_size(m: torch.Tensor, img: torch.Tensor, thumb: int, tw: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A map [S, S] and its image uint8 [3, S, S] brought down to the tile (``thumb`` high, ``tw``
+    wide) when the model's square is larger: the map by its maximum over each block (a thin defect
+    stays visible), the image by PIL's antialiased resize. A page of 512-px runs embedded every map
+    and overlay at 512 x 512 to show them at 160 px (60 cards: about 39 MB)."""
+    s = m.shape[-1]
+    if s <= thumb:
+        return m, img
+    h, w = thumb, min(s, max(tw, thumb))
+    small = torch.nn.functional.adaptive_max_pool2d(m[None, None].float(), (h, w))[0, 0]
+    pil = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((w, h), Image.BILINEAR)
+    return small, torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)
+
+
 def write_report(
     out: str | os.PathLike,
     *,
@@ -201,6 +215,7 @@ def write_report(
     max_gallery: int = 60,
     thumb: int = 160,
     sizes: Sequence[tuple[int, int] | None] | None = None,
+    replace: bool = True,
 ) -> dict[str, Any]:
     """Write the self-contained HTML report.
 
@@ -222,6 +237,8 @@ def write_report(
         thumb: height of the gallery thumbnails in pixels.
         sizes: N photos' own (width, height): each gallery tile shows its photo at those
             proportions (``thumb`` high), not squashed into the model's square; None: square tiles.
+        replace: False refuses (OutputRefused) a file at ``out`` when the page is written, also one
+            that appeared while the images were predicted (the command line without --overwrite).
 
     Returns:
         {"path", "n_images", "n_shown", "sections": ids written, "metrics": the numbers in the
@@ -268,6 +285,19 @@ def write_report(
     if meta is not None and meta.pixel_threshold is not None:
         rows.append(("pixel threshold", meta.pixel_threshold))
     rows.append(("written", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")))
+    # what the data could not give, said (evaluate says it too; the page left it out silently)
+    some_bad, some_good = y is not None and bool((y == 1).any()), y is not None and bool((y == 0).any())
+    missing = []
+    if y is None:
+        missing.append("metrics and curves: a plain folder of images has no labels")
+    else:
+        if some_bad and masks is None:
+            missing.append("pixel metrics: the test set has no ground_truth/ folder (image-level results only)")
+        if not (some_bad and some_good):
+            missing.append(f"image AUROC and curves: they need defect-free and defective images, the test set has "
+                           f"{'defective' if some_bad else 'defect-free'} ones only")
+    if missing:
+        rows.append(("not on this page", "; ".join(missing)))
     section("summary", "Summary", "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>"
                                                          for k, v in rows) + "</table>")
 
@@ -349,10 +379,10 @@ def write_report(
         tiles = [("input", _png_uri(_thumb(Image.fromarray(img.permute(1, 2, 0).numpy()), tw, thumb)))]
         if rec_u8 is not None:
             tiles.append(("reconstruction", _png_uri(_thumb(Image.fromarray(rec_u8[pos[i]].permute(1, 2, 0).numpy()), tw, thumb))))
-        small = maps[i]
+        small, shown_img = _at_tile_size(maps[i], img, thumb, tw)
         # PIL's default zlib level: the page's size matters more than the time to write it
         tiles.append(("map", _file_png_uri(lambda f: save_map(small, f, scale, compress_level=6))))
-        tiles.append(("overlay", _file_png_uri(lambda f: save_overlay(img, small, f, scale, compress_level=6))))
+        tiles.append(("overlay", _file_png_uri(lambda f: save_overlay(shown_img, small, f, scale, compress_level=6))))
         if masks is not None and bool(masks[i].any()):
             tiles.append(("mask", _png_uri(_thumb(Image.fromarray(masks[i].cpu().numpy().astype(np.uint8) * 255), tw, thumb))))
         css, tag = ("fa", "false alarm") if fa[i] else ("miss", "miss") if miss[i] else \
@@ -382,7 +412,13 @@ def write_report(
             f"<style>:root{{--thumb:{int(thumb)}px}}{_CSS}</style></head>\n<body><h1>{html.escape(title)}</h1>\n"
             + "\n".join(parts) + "\n</body></html>\n")
     out = Path(out)
-    atomic_write_text(out, page)
+    if not replace and (out.exists() or out.is_symlink()):
+        from .safety import OutputRefused
+
+        raise OutputRefused(f"--out {out}: a file appeared there while the report was made; not replacing it "
+                            "(give --overwrite to replace it)")
+    # a name that is not UTF-8 (a camera's Latin-1 file name) escaped, not an error after all the work
+    atomic_write_bytes(out, page.encode("utf-8", "backslashreplace"))
     return {"path": str(out), "n_images": n, "n_shown": int(len(shown)), "sections": sections, "metrics": metrics}
 
 
@@ -432,6 +468,7 @@ def report_from_data(
     parts = [predict_fn(chunk) for chunk in images.split(batch_size)]
     res = {k: torch.cat([p[k].detach().float().cpu() for p in parts]) for k in ("maps", "scores")}
     recon = torch.cat([p["recon"].detach().float().cpu() for p in parts]) if all("recon" in p for p in parts) else None
+    del parts  # one copy of the maps while the page is made (1000 maps at 512 px: 1 GB)
     if recon is None and reconstruct is not None:
         recon = lambda rows: torch.cat([reconstruct(c) for c in images[rows].split(batch_size)])  # noqa: E731
     return write_report(out, names=names, images=images, maps=res["maps"], scores=res["scores"], recon=recon,
@@ -483,7 +520,7 @@ def command(args) -> int:
         info = ModelInfo.from_detector(det, args.run, threshold=args.threshold, far=args.far)
     res = report_from_data(lambda x: det.predict_batched(x, images_per_batch=args.batch_size), info, data, out,
                            threshold=args.threshold, batch_size=args.batch_size, reconstruct=det.reconstruct,
-                           max_gallery=args.max_gallery, title=args.title)
+                           max_gallery=args.max_gallery, title=args.title, replace=args.overwrite)
     thr = info.image_threshold
     print(f"wrote {res['path']}: {res['n_images']} images, {res['n_shown']} in the gallery, sections "
           f"{', '.join(res['sections'])}; threshold {'none' if thr is None else f'{thr:.6g}'} "

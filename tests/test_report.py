@@ -272,3 +272,27 @@ def test_a_set_of_one_kind_still_gets_the_metrics_it_supports(tmp_path, kind):
         assert out["metrics"]["pixel_auroc"] > 0.9 and "miss rate at it" in text and "false-alarm rate at it" not in text
     else:
         assert "false-alarm rate at it" in text and "miss rate at it" not in text and "asked 0.01" in text
+
+
+def test_names_that_are_not_utf8_small_tiles_what_is_missing_and_no_silent_replace(tmp_path):
+    """A Latin-1 file name ("Prüf" as the file system gives it) ended the report after all its work
+    with an internal error; maps and overlays were embedded at the model's size whatever the tile's
+    (a 512-px run: 39 MB for 60 cards); what the data could not give was left out without a word;
+    a file that appeared at --out while the images were predicted was replaced."""
+    from defect_fast.safety import OutputRefused
+
+    images, masks, labels, classes = make_set(n_good=3, n_bad=0)
+    res = stub_predict(images)
+    names = ["Pr\udcfcf.png", "b.png", "c.png"]
+    out = write_report(tmp_path / "r.html", names=names, images=images, maps=res["maps"], scores=res["scores"],
+                       labels=labels, masks=None, classes=classes, meta=ModelInfo(S, image_threshold=0.5), thumb=32)
+    text = Path(out["path"]).read_text(encoding="utf-8")
+    assert "Pr\\udcfcf.png" in text
+    assert "not on this page" in text and "defect-free ones only" in text
+    sizes = {(alt, size) for alt, _w, size in _gallery_tiles(text)}
+    assert ("map", (32, 32)) in sizes and ("overlay", (32, 32)) in sizes  # the tile's size, not 64 x 64
+    (tmp_path / "late.html").write_text("someone's")
+    with pytest.raises(OutputRefused, match="appeared there"):
+        write_report(tmp_path / "late.html", names=names, images=images, maps=res["maps"], scores=res["scores"],
+                     replace=False)
+    assert (tmp_path / "late.html").read_text() == "someone's"
