@@ -53,7 +53,7 @@ import torch
 
 from .safety import atomic_open, atomic_write_text
 
-__all__ = ["REGIONS", "add_parser", "command", "diagnose", "draw_grid", "figure_name", "format_table", "location_stats",
+__all__ = ["REGIONS", "add_parser", "command", "diagnose", "draw_grid", "figure_name", "figure_names", "format_table", "location_stats",
            "main", "rank_correlation", "region_masks", "top_pixel_mask"]
 
 #: Region names in the order they are reported.
@@ -269,6 +269,28 @@ def figure_name(cls: str) -> str:
     return f"{_safe_name(cls)}.png"
 
 
+def figure_names(classes) -> dict[str, str]:
+    """Each class's figure file, one per class: :func:`figure_name`, and ``_2``, ``_3``... when
+    two classes would share one ("oil spot" and "oil_spot", names that differ in case or only in an
+    undecodable byte; the second figure replaced the first)."""
+    names: dict[str, str] = {}
+    taken: set[str] = set()
+    for cls in sorted(set(classes), key=lambda c: (c != "good", c)):
+        base = figure_name(cls)[:-4]
+        name, k = f"{base}.png", 1
+        while name.lower() in taken:
+            k += 1
+            name = f"{base}_{k}.png"
+        taken.add(name.lower())
+        names[cls] = name
+    return names
+
+
+def _shown(text: str) -> str:
+    """A name as a figure can draw it: one that is not UTF-8 (surrogate escapes) escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def draw_grid(
     images: torch.Tensor,
     recon: torch.Tensor | Callable[[list[int]], torch.Tensor],
@@ -334,8 +356,8 @@ def draw_grid(
     size = maps.shape[-1]
     grid = _boundaries(size, patch, stride or patch) if patch else []
     written: dict[str, Path] = {}
-    order = sorted(set(classes), key=lambda c: (c != "good", c))
-    for cls in order:
+    files = figure_names(classes)
+    for cls in files:
         rows = _pick_rows(sc, np.flatnonzero(names == cls), per_class)
         shown = maps[rows].detach().float().cpu()
         rec = recon(rows) if callable(recon) else recon[rows]
@@ -370,10 +392,10 @@ def draw_grid(
         for ax, title in zip(axes[0], ("input", "reconstruction", (f"map (scale {vmin:.3g}..{vmax:.3g})" if scale == "figure" else "map (own scale per row)"),
                                        f"mask (yellow), top {top * 100:g} % px (red)")):
             ax.set_title(title, fontsize=9)
-        fig.suptitle(f"{cls}: {len(rows)} of {int((names == cls).sum())} images (highest and lowest scores)", fontsize=10)
+        fig.suptitle(f"{_shown(cls)}: {len(rows)} of {int((names == cls).sum())} images (highest and lowest scores)", fontsize=10)
         if im is not None and scale == "figure":
             fig.colorbar(im, ax=axes.ravel().tolist(), shrink=min(1.0, 0.9 / max(1, len(rows)) + 0.3), label="map value")
-        path = out / figure_name(cls)
+        path = out / files[cls]
         with atomic_open(path, "wb") as fh:
             fig.savefig(fh, format="png", dpi=90)
         written[cls] = path
@@ -570,11 +592,11 @@ def command(args) -> int:
     except ImportError as exc:
         raise DataError(f"diagnose needs matplotlib for its figures ({exc}); pip install matplotlib") from None
     det = Detector.load(run, device=args.device, stride=args.stride, blend=args.blend)
-    test_set = load_test_set(data, det.image_size)
+    test_set = load_test_set(data, det.image_size, require_masks=False)  # where the top pixels lie needs no masks
     folder = OutputFolder.create(Path(args.out).absolute(), overwrite=args.overwrite, inputs=[run, data], lock=True,
                                  command="diagnose")
     try:
-        names = sorted({figure_name(c) for c in test_set.classes}) + ["locations.json"]
+        names = sorted(figure_names(test_set.classes).values()) + ["locations.json"]
         for name in names:  # after create(), anything still there was not written by defect-fast
             if (folder.path / name).exists() or (folder.path / name).is_symlink():
                 raise OutputRefused(f"--out {folder.path / name}: exists and was not written by defect-fast; "

@@ -143,6 +143,17 @@ def test_draw_grid_rows_and_files(tmp_path):
         draw_grid(images, recon, maps, scores, classes, tmp_path, scale="log")
 
 
+def test_classes_whose_figures_would_share_a_file_and_names_that_are_not_utf8(tmp_path):
+    """"oil spot" and "oil_spot" both drew oil_spot.png (the second replaced the first); a class
+    folder named in Latin-1 ("grün" as the file system gives it) stopped matplotlib's title."""
+    images, recon, maps, scores = _fake_predictions(6, 32)
+    classes = ["good", "good", "oil spot", "oil_spot", "Oil_Spot", "gr\udcfcn"]
+    paths = draw_grid(images, recon, maps, scores, classes, tmp_path, per_class=1)
+    assert len({p.name.lower() for p in paths.values()}) == 5 and all(p.is_file() for p in paths.values())
+    assert [paths[c].name for c in ("Oil_Spot", "oil spot", "oil_spot")] == [  # in sorted order, first come first
+        "Oil_Spot.png", "oil_spot_2.png", "oil_spot_3.png"]
+
+
 def test_diagnose_end_to_end(tmp_path, synthetic_root, capsys):
     from defect_fast.data import load_test_set
 
