@@ -117,6 +117,11 @@ def _gaussian(x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Descriptors [n, d] (float64) -> (mean [d], precision [d, d]) of the Ledoit-Wolf shrunk Gaussian, float32."""
     from sklearn.covariance import LedoitWolf
 
+    if not np.any(x != x[:1]):  # identical descriptors: a zero covariance, whose (pseudo-)inverse is zero
+        from .data.io import DataError  # (a ValueError too; one line on the command line)
+
+        raise DataError(f"the image context cannot be fitted on {x.shape[0]} identical images (their descriptors "
+                         "do not vary, so every image would score 0); give different defect-free images")
     lw = LedoitWolf().fit(x)
     return torch.from_numpy(lw.location_).float(), torch.from_numpy(lw.precision_).float()
 

@@ -169,7 +169,10 @@ def _brightness_level(level: bool | float, images: torch.Tensor) -> float | None
     if level is False or level is None:
         return None
     if level is True:
-        return reference_brightness(images)
+        level = reference_brightness(images)
+        if not 0 < level <= 1:  # every image black: a gain of 0 would make every image the same
+            raise ValueError(f"level_brightness: the images' mean brightness is {level:g}; nothing to level to")
+        return level
     if not 0 < float(level) <= 1:
         raise ValueError(f"level_brightness must be True, False or a level in (0, 1], got {level}")
     return float(level)
@@ -522,6 +525,10 @@ class Detector(nn.Module):
         mean brightness of ``normal_images`` (True) or to the level given, in [0, 1] (a float;
         :mod:`defect_fast.perceptual`, "Brightness").
 
+        The stored thresholds, set on the maps this replaces, are set aside (``calibration
+        ["inapplicable"]`` says why; :meth:`calibrate` sets new ones), and an image context, whose
+        standardisation was measured on those maps, is removed (fit it again: :meth:`fit_context`).
+
         Returns the number of images its statistics rest on.
         """
         from .perceptual import PerceptualMap
@@ -535,7 +542,19 @@ class Detector(nn.Module):
         self.image_map = pm
         self._graphs = {}  # captured graphs ran the map this replaced
         self.map_kind = self.model.image_maps[0]
+        # what was measured on the map this replaces: the thresholds, and an image context's
+        # standardisation of it (fit_context again)
+        self.context = None
+        self._set_aside_thresholds("calibrated before fit_perceptual changed the maps (calibrate again)")
         return n
+
+    def _set_aside_thresholds(self, why: str) -> None:
+        """Drop the stored thresholds (set on maps or scores a fit has just changed), saying why:
+        :func:`~defect_fast.calibration.stored_thresholds` then gives none, and nothing is flagged
+        on a scale it was not set on."""
+        if any(k in self.calibration for k in THRESHOLD_KEYS):
+            self.calibration = {k: v for k, v in self.calibration.items() if k not in THRESHOLD_KEYS}
+            self.calibration["inapplicable"] = why
 
     @torch.no_grad()
     def fit_context(self, normal_images: torch.Tensor, calibration_images: torch.Tensor, images_per_batch: int = 8,
@@ -594,6 +613,7 @@ class Detector(nn.Module):
         ctx.set_detector_stats(scores=torch.cat([sc for _m, sc in finished]))
         self.context = ctx
         self._graphs = {}  # captured graphs ran without this context
+        self._set_aside_thresholds("calibrated before fit_context changed the maps and scores (calibrate again)")
         scores = torch.cat([ctx.combine_scores(sc, f) for (_m, sc), f in zip(finished, feats)])
         return n, {"maps": torch.cat([m for m, _sc in finished]).cpu(), "scores": scores.cpu()}
 
@@ -904,9 +924,7 @@ class Detector(nn.Module):
         self.norm_mean = mean
         self.norm_std = std
         self._graphs = {}  # captured graphs read the buffers this replaced
-        if any(k in self.calibration for k in THRESHOLD_KEYS):  # they were set on the maps before this
-            self.calibration = {k: v for k, v in self.calibration.items() if k not in THRESHOLD_KEYS}
-            self.calibration["inapplicable"] = "calibrated before fit_normalization changed the maps (calibrate again)"
+        self._set_aside_thresholds("calibrated before fit_normalization changed the maps (calibrate again)")
         return {"mean": mean.cpu(), "std": std.cpu()}
 
     def normalization(self) -> dict[str, Any]:

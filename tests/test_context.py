@@ -539,3 +539,14 @@ def test_levelled_brightness_takes_lighting_out_of_the_context():
     assert ImageContext.from_state(old).brightness is None  # files from before the option: as read
     # another level, another input: no stem to share with a trunk that reads the images as they are
     assert levelled.shares_stem(PerceptualMap(128, trunk=_trunk())) == 0
+
+
+def test_identical_images_are_refused_not_a_context_that_never_flags():
+    """Ten copies of one image (a way to reach the 10 images the context needs) gave a zero
+    covariance whose pseudo-inverse is zero: every image, noise included, scored 0, silently."""
+    from defect_fast.data.io import DataError
+
+    ctx = RandomTrunkContext(64)
+    one = _surfaces(1, 64, seed=0)
+    with pytest.raises(DataError, match="identical images"):
+        ctx.fit(lambda: iter([one.repeat(12, 1, 1, 1)]))

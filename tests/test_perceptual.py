@@ -141,6 +141,26 @@ def test_the_detector_levels_to_its_images_or_to_the_level_given(monkeypatch):
     assert det.image_map.brightness is None
     with pytest.raises(ValueError, match="level_brightness"):
         det.fit_perceptual(images, level_brightness=1.5)
+    # all black: a level of 0 made every image black before the trunk (every image the same score)
+    with pytest.raises(ValueError, match="mean brightness is 0"):
+        det.fit_perceptual(torch.zeros_like(images), level_brightness=True)
+
+
+def test_a_refit_map_sets_aside_the_thresholds_set_on_the_map_it_replaces(monkeypatch):
+    """fit_normalization set the stored thresholds aside; fit_perceptual and fit_context kept them,
+    so a loaded run refitted on other images flagged on a scale they were not set on (v7 refitted
+    on 30 images: 10 false alarms of 100 good test images at the stored threshold, 0 before)."""
+    import defect_fast.perceptual as perceptual
+    from defect_fast.calibration import stored_thresholds
+
+    monkeypatch.setattr(perceptual, "PerceptualMap",
+                        lambda s, layers=2, prior=0.01, scales=(1,): PerceptualMap(s, layers, _trunk(), prior, scales))
+    det = Detector(build_model("cmaae", memory_size=20), image_size=64, precision="float32")
+    images = ((_images(4, seed=2) + 1) * 100).to(torch.uint8)
+    det.calibrate(images)
+    assert stored_thresholds(det.calibration)[0] is not None
+    det.fit_perceptual(images)
+    assert stored_thresholds(det.calibration)[0] is None and "fit_perceptual" in det.calibration["inapplicable"]
 
 
 def test_pyramid_map_is_the_mean_of_its_levels():
