@@ -31,8 +31,9 @@ uses). Per layer l, with f(p) the feature vector at position p and fbar its mean
   the band looks like some defect-free tile, but along a row the whole width shows it. So per row
   y (``"rows"``; per column for ``"columns"``) the texture is summarised across the image as the
   median over the row of the log-energies log(1 + f) of the AlexNet conv1 and conv2 outputs (the
-  fine texture the streaks are made of, before their max-pools, on the conv1 grid: 31 rows at
-  256 px): r(y). The median ignores defects that cover under half the row (a blowhole, a crack
+  fine texture the streaks are made of, before their max-pools, on the conv2 grid: 31 rows at
+  256 px; conv1's 63 rows are brought there by a 3 x 3 average with stride 2, the geometry of
+  its own pool, so that every conv1 row counts: :attr:`ImageContext.profile_resample`): r(y). The median ignores defects that cover under half the row (a blowhole, a crack
   along the streaks); a band across the row moves it. d(y) = r(y) minus the image's own median
   row is the row's difference from the rest of its image, and its Mahalanobis distance
   s(y) = (d(y) - mu(y))^T P (d(y) - mu(y)) to the defect-free d at that row (mean per row, one
@@ -217,12 +218,28 @@ def _median(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x.median(dim=dim).values
 
 
-def _profile(stems: list[torch.Tensor], grid: int, axis: str) -> torch.Tensor:
+#: How the profile brings conv1's log-energies to the grid: "pool", a 3 x 3 average with stride
+#: 2 (conv1's own pool geometry, which lands exactly on the conv2 grid), or "bilinear", a plain
+#: bilinear resize without antialiasing (files from before the choice), which reads at most 2 of
+#: conv1's 63 rows for each of the grid's 31 (weights drifting from 0.48 / 0.52 at the top row to
+#: 0.02 / 0.98 at the middle), so half of conv1's rows near the centre were never read.
+PROFILE_RESAMPLES = ("pool", "bilinear")
+
+
+def _to_grid(h: torch.Tensor, grid: int, resample: str) -> torch.Tensor:
+    """A map [N, C, H, W] on the grid x grid raster (see :data:`PROFILE_RESAMPLES`)."""
+    if tuple(h.shape[-2:]) == (grid, grid):
+        return h
+    if resample == "pool" and all((n - 3) // 2 + 1 == grid for n in h.shape[-2:]):
+        return F.avg_pool2d(h, 3, 2)
+    return F.interpolate(h, size=(grid, grid), mode="bilinear", align_corners=False)
+
+
+def _profile(stems: list[torch.Tensor], grid: int, axis: str, resample: str = "pool") -> torch.Tensor:
     """conv1, conv2 ReLU outputs [N,C_l,H_l,W_l] -> d [N, C, grid]: per row ("rows") or column,
     the median across the image of log(1 + f) on a grid x grid raster, minus the image's own
     median over rows (columns)."""
-    f = torch.cat([F.interpolate(torch.log1p(h.float()), size=(grid, grid), mode="bilinear", align_corners=False)
-                   for h in stems], 1)
+    f = torch.cat([_to_grid(torch.log1p(h.float()), grid, resample) for h in stems], 1)
     r = _median(f, 3 if axis == "rows" else 2)  # [N, C, grid]
     return r - _median(r, 2).unsqueeze(2)
 
@@ -294,6 +311,9 @@ class ImageContext(FrozenTrunk):
             raise ValueError(f"profile must be one of {', '.join(PROFILES)}, got {profile!r}")
         self.profile = profile
         self.profile_basis: str | None = None  # why "auto" chose the profile (Detector.fit_context)
+        # how conv1 reaches the profile's grid (PROFILE_RESAMPLES): fitted now, "pool"; files
+        # from before the choice, "bilinear", which their statistics were fitted with
+        self.profile_resample = "pool"
         # whether the Detector's image score takes its top values from the map with the profile
         # (files written before this choice: yes; fitted now: no, see the module docstring)
         self.profile_in_score = False
@@ -370,7 +390,7 @@ class ImageContext(FrozenTrunk):
             if i == k and k < len(self.convs):  # the rest of the trunk continues in its own dtype
                 h = self._trunk_format(h, dtype, channels_last)
         if stems:
-            out.append(_profile(stems, self.profile_grid, self.profile))
+            out.append(_profile(stems, self.profile_grid, self.profile, self.profile_resample))
         return out
 
     def shares_stem(self, other: nn.Module) -> int:
@@ -552,6 +572,7 @@ class ImageContext(FrozenTrunk):
         """What a model file stores to rebuild the context (trunk included)."""
         return {"image_size": self.image_size, "layers": list(self.layers), "profile": self.profile,
                 "profile_basis": self.profile_basis, "profile_in_score": self.profile_in_score,
+                "profile_resample": self.profile_resample,
                 "image_score": self.image_score, "brightness": self.brightness,
                 "tensors": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
 
@@ -568,6 +589,10 @@ class ImageContext(FrozenTrunk):
         m.load_state_dict(t)
         m.profile_basis = state.get("profile_basis")
         m.profile_in_score = bool(state.get("profile_in_score", True))  # as files before the choice scored
+        m.profile_resample = state.get("profile_resample", "bilinear")  # as files before the choice were fitted
+        if m.profile_resample not in PROFILE_RESAMPLES:
+            raise ValueError(f"profile_resample must be one of {', '.join(PROFILE_RESAMPLES)}, "
+                             f"got {m.profile_resample!r}")
         m.brightness = state.get("brightness")  # files written before the option: not levelled
         m.image_score = checked_image_score(state.get("image_score", "combined"))  # files before the option: the sum
         return m

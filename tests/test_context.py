@@ -412,6 +412,27 @@ def test_the_profile_round_trips_and_files_without_it_load_as_before():
         ImageContext(128, trunk=_trunk(), profile="diagonal")
 
 
+def test_the_profile_reads_every_conv1_row_and_older_files_keep_their_resampling():
+    """conv1's 63 rows (at 256 px) reach the profile's 31 by a 3 x 3 average with stride 2 (its
+    own pool geometry); the bilinear resize before read at most 2 of them per grid row, and near
+    the centre none of some: a texture change on conv1 row 32 alone did not move the profile."""
+    from defect_fast.context import _to_grid
+
+    h = torch.zeros(1, 1, 63, 63)
+    h[..., 32, :] = 1.0  # one conv1 row
+    assert float(_to_grid(h, 31, "pool")[..., 15, :].mean()) == pytest.approx(1 / 3)
+    assert float(_to_grid(h, 31, "bilinear").abs().max()) < 1e-6  # never read
+    for n in range(63):  # every conv1 row counts in the pooled grid
+        h = torch.zeros(1, 1, 63, 63)
+        h[..., n, :] = 1.0
+        assert float(_to_grid(h, 31, "pool").max()) > 0.3
+    ctx = _fitted(profile="rows")
+    assert ctx.profile_resample == "pool" and ImageContext.from_state(ctx.state()).profile_resample == "pool"
+    old = ctx.state()
+    old.pop("profile_resample")  # a file from before the choice: the resampling its statistics were fitted with
+    assert ImageContext.from_state(old).profile_resample == "bilinear"
+
+
 def _u8(t: torch.Tensor) -> torch.Tensor:
     return ((t + 1) * 127.5).round().to(torch.uint8)
 
