@@ -208,6 +208,16 @@ for row in $ROWS; do
       refit cmaae-v7-s1-context-score cmaae-v7-s1 --image-score context
       refit cmaae-v7-s2-context-score cmaae-v7-s2 --image-score context
       refit awae-v7-context-score awae-v7 --image-score context ;;
+    # the v7 weights with this version's context fit: the band profile reads conv1 through its
+    # pool geometry instead of a bilinear resize that skipped some of its rows (v8)
+    v8)
+      refit cmaae-v8 cmaae-v7
+      refit cmaae-v8-s1 cmaae-v7-s1
+      refit cmaae-v8-s2 cmaae-v7-s2
+      refit awae-v8 awae-v7
+      refit awae-v8-s1 awae-v7-s1
+      refit awae-v8-s2 awae-v7-s2
+      refit memae-v8 memae-v7 ;;
     *) echo "unknown row $row" ;;
   esac
 done

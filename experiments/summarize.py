@@ -11,6 +11,22 @@ from pathlib import Path
 RES = Path(__file__).resolve().parent / "results" / "magnetic-tile"
 
 ROWS = {
+    "v8_paired": [  # the v7 weights and fits, but the band profile reads conv1 through its pool geometry (v8)
+        ("cmaae-v7", "CMA-AE, seed 0, profile by a bilinear resize (v7)"),
+        ("cmaae-v8", "same weights, profile by conv1's pool geometry (v8)"),
+        ("cmaae-v7-s1", "CMA-AE, seed 1, profile by a bilinear resize (v7)"),
+        ("cmaae-v8-s1", "same weights, profile by conv1's pool geometry (v8)"),
+        ("cmaae-v7-s2", "CMA-AE, seed 2, profile by a bilinear resize (v7)"),
+        ("cmaae-v8-s2", "same weights, profile by conv1's pool geometry (v8)"),
+        ("awae-v7", "AW-SSIM AE, seed 0, profile by a bilinear resize (v7)"),
+        ("awae-v8", "same weights, profile by conv1's pool geometry (v8)"),
+        ("awae-v7-s1", "AW-SSIM AE, seed 1, profile by a bilinear resize (v7)"),
+        ("awae-v8-s1", "same weights, profile by conv1's pool geometry (v8)"),
+        ("awae-v7-s2", "AW-SSIM AE, seed 2, profile by a bilinear resize (v7)"),
+        ("awae-v8-s2", "same weights, profile by conv1's pool geometry (v8)"),
+        ("memae-v7", "MemAE, seed 0, profile by a bilinear resize (v7)"),
+        ("memae-v8", "same weights, profile by conv1's pool geometry (v8)"),
+    ],
     "v7": [  # the recommended command, --preset photos: v6's options with the brightness levelled before the trunk
         ("cmaae-v7", "CMA-AE v7: --preset photos (seed 0)"),
         ("awae-v7", "AW-SSIM AE v7: --preset photos (seed 0)"),
