@@ -643,11 +643,11 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
     # the calibration images' files, to name the one whose score is the threshold (train() fills
     # cfg.held_back in the order of held_back_images; callers without it get no names)
     calib_names = list(cfg.held_back) if len(cfg.held_back) == held_back_images.shape[0] else None
-    on_train = fits and cfg.fit_on == "train" and train_images is not None and train_images.shape[0] >= 2
+    on_train = fits and train_images is not None and _fits_on_train(cfg.fit_on, train_images.shape[0])
     if on_train:
         fit_images = train_images
     elif fits:
-        if held_back_images.shape[0] < 4:
+        if held_back_images.shape[0] < MIN_HELD_BACK_TO_FIT:
             raise RunError(f"--map {det.map_kind} / --normalize {cfg.normalize} need at least 4 held-back images "
                            f"(half to fit, half to calibrate), got {held_back_images.shape[0]}; raise --holdback")
         fit_images, calib_images = held_back_images[0::2], held_back_images[1::2]
@@ -722,6 +722,16 @@ def _split(cfg: TrainConfig, paths: list[Path]) -> tuple[list[int], list[int]]:
         return list(range(len(paths))), []
     held = set(held_p)
     return [i for i, p in enumerate(paths) if str(p) not in held], [i for i, p in enumerate(paths) if str(p) in held]
+
+
+#: Held-back images the map statistics need when they are fitted on them: half to fit, half to calibrate.
+MIN_HELD_BACK_TO_FIT = 4
+
+
+def _fits_on_train(fit_on: str, n_train: int) -> bool:
+    """Whether :func:`finish_run` fits the map statistics on the training images (``--fit-on
+    train`` and at least 2 of them), rather than on half of the held-back images."""
+    return fit_on == "train" and n_train >= 2
 
 
 def image_keys(images: torch.Tensor) -> list[bytes]:
@@ -878,13 +888,17 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         if cfg.normalize != "none" and len(held_idx) < need:
             raise ConfigError(f"--normalize {cfg.normalize} --fit-on {cfg.fit_on} needs at least {need} held-back "
                               f"image(s), got {len(held_idx)} (raise --holdback or add images)")
-        if cfg.map == "perceptual":  # what finish_run fits its statistics on, checked before the training
-            on_train = (cfg.fit_on == "train" or not held_idx) and len(train_idx) >= 2
-            if not on_train and len(held_idx) < 4:
-                raise ConfigError(f"--map perceptual fits its statistics on {'held-back' if held_idx else 'training'} "
-                                  f"images: {len(held_idx) if held_idx else len(train_idx)} are too few "
-                                  f"({'4, half to fit and half to calibrate' if held_idx else '2'} needed; add images"
-                                  f"{' or raise --holdback' if held_idx else ''})")
+        # what finish_run fits the perceptual map's statistics on, checked before the training (with
+        # nothing held back it fits them on the training images, below)
+        fit_on = cfg.fit_on if held_idx else "train"
+        if cfg.map == "perceptual" and not _fits_on_train(fit_on, len(train_idx)) \
+                and len(held_idx) < MIN_HELD_BACK_TO_FIT:
+            if held_idx:
+                raise ConfigError(f"--map perceptual fits its statistics on held-back images: {len(held_idx)} are too "
+                                  f"few ({MIN_HELD_BACK_TO_FIT}, half to fit and half to calibrate needed; add "
+                                  "images or raise --holdback)")
+            raise ConfigError(f"--map perceptual fits its statistics on training images: {len(train_idx)} are too "
+                              "few (2 needed; add images)")
         cfg.held_back = [str(paths[i]) for i in held_idx]
         if cfg.context:
             from .context import MIN_IMAGES
