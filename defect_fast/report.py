@@ -43,7 +43,7 @@ import torch
 from PIL import Image
 
 from .calibration import ModelInfo, f1_optimal_threshold, operating_points, rates_at
-from .safety import atomic_write_bytes
+from .safety import OutputRefused, atomic_write_bytes
 
 __all__ = ["SECTIONS", "add_parser", "command", "report_from_data", "write_report"]
 
@@ -286,16 +286,17 @@ def write_report(
         rows.append(("pixel threshold", meta.pixel_threshold))
     rows.append(("written", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")))
     # what the data could not give, said (evaluate says it too; the page left it out silently)
-    some_bad, some_good = y is not None and bool((y == 1).any()), y is not None and bool((y == 0).any())
+    has_bad = y is not None and bool((y == 1).any())
+    has_good = y is not None and bool((y == 0).any())
     missing = []
     if y is None:
         missing.append("metrics and curves: a plain folder of images has no labels")
     else:
-        if some_bad and masks is None:
+        if has_bad and masks is None:
             missing.append("pixel metrics: the test set has no ground_truth/ folder (image-level results only)")
-        if not (some_bad and some_good):
+        if not (has_bad and has_good):
             missing.append(f"image AUROC and curves: they need defect-free and defective images, the test set has "
-                           f"{'defective' if some_bad else 'defect-free'} ones only")
+                           f"{'defective' if has_bad else 'defect-free'} ones only")
     if missing:
         rows.append(("not on this page", "; ".join(missing)))
     section("summary", "Summary", "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>"
@@ -304,8 +305,6 @@ def write_report(
     # metrics and curves: pixel metrics need defective images with masks, image-level ones both
     # kinds of image; the rates at the threshold need either
     metrics: dict[str, Any] = {}
-    has_bad = y is not None and bool((y == 1).any())
-    has_good = y is not None and bool((y == 0).any())
     if has_bad or has_good:
         body = []
         if masks is not None and has_bad:
@@ -413,8 +412,6 @@ def write_report(
             + "\n".join(parts) + "\n</body></html>\n")
     out = Path(out)
     if not replace and (out.exists() or out.is_symlink()):
-        from .safety import OutputRefused
-
         raise OutputRefused(f"--out {out}: a file appeared there while the report was made; not replacing it "
                             "(give --overwrite to replace it)")
     # a name that is not UTF-8 (a camera's Latin-1 file name) escaped, not an error after all the work
