@@ -59,13 +59,10 @@ def _read_square(path: Path, size: int) -> torch.Tensor:
     """One photo as ``[3, size, size]`` in [-1, 1]: shorter side resized to ``size``, centre crop.
     Decoded as the package reads every image (:mod:`defect_fast.data.io`: 16-bit and float
     scaled, EXIF orientation applied, bad or oversized files a DataError naming the file)."""
-    from ..data.io import _open, _to_8bit
+    from ..data.io import read_image
 
-    im = _open(path)
-    rgb = _to_8bit(im, 3, path)
+    rgb = Image.fromarray(read_image(path, None).permute(1, 2, 0).numpy())  # 8-bit RGB at its own size
     w, h = rgb.size
-    if w < 1 or h < 1:
-        raise ValueError("empty image")
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
     rgb = rgb.resize((nw, nh), Image.BICUBIC if scale > 1 else Image.LANCZOS)
