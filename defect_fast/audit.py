@@ -118,16 +118,22 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
         raise RunError(f"{cfg.data}: {len(held) - len(held_idx)} held-back image(s) of {path} are gone")
     if len(train_idx) < 2 * folds:
         raise UsageError(f"--folds {folds}: {path} trained on {len(train_idx)} images, too few for {folds} folds")
-    parts = fold_parts(train_idx, keys, folds)
     need = _fit_minimum(cfg)
-    fewest = len(train_idx) - max(len(part) for part in parts)
-    if fewest < need or not all(parts):
-        more = [f for f in range(folds + 1, len(train_idx) // 2 + 1)
-                if all(fold_parts(train_idx, keys, f)) and
-                len(train_idx) - max(map(len, fold_parts(train_idx, keys, f))) >= need]
+
+    def usable(sizes: list[int]) -> bool:  # every fold scores some images, and its detector fits on enough
+        return all(sizes) and len(train_idx) - max(sizes) >= need
+
+    def sizes_for(k: int) -> list[int]:
+        return [len(part) for part in fold_parts(train_idx, keys, k)]
+
+    parts = fold_parts(train_idx, keys, folds)
+    sizes = [len(part) for part in parts]
+    if not usable(sizes):
+        fewest = len(train_idx) - max(sizes)
+        more = next((k for k in range(folds + 1, len(train_idx) // 2 + 1) if usable(sizes_for(k))), None)
         raise UsageError(f"--folds {folds}: a fold's detector would fit on {fewest} of the {len(train_idx)} images "
                          f"{path} trained on, and {'its image context' if cfg.context else 'it'} needs {need}; "
-                         + (f"use --folds {more[0]}" if more else "too few training images to audit this run"))
+                         + (f"use --folds {more}" if more else "too few training images to audit this run"))
     cfg.held_back = [str(paths[i]) for i in held_idx]  # the calibration's names, in the order of its images
     model = model_from_state(state, path)
     dev = resolve_device(device)
