@@ -97,7 +97,8 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
 
     Args:
         run: run folder or model file.
-        far: the image threshold's false-alarm rate (default: the rate the run was trained with);
+        far: the image threshold's false-alarm rate (default: the rate the run's thresholds were set
+            at: that of an earlier ``calibrate`` for its output, else the one the run was trained with);
             when given, too few images for it is refused (:class:`~defect_fast.safety.UsageError`),
             while the run's own rate falls back to the largest score with a warning, as at training.
         device: where the images are predicted.
@@ -134,7 +135,9 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
     det = Detector.from_state(state, device, where=path)  # the run's own inference settings, so its maps and scores
     size = det.image_size
     asked = far is not None
-    far = float(far) if asked else float(getattr(cfg, "far", None) or DEFAULT_FAR)
+    # the rate the run's thresholds were set at: a calibrated run's own, else the one it was trained with
+    stored_far = (state.get("calibration") or {}).get("far")
+    far = float(far) if asked else float(stored_far or getattr(cfg, "far", None) or DEFAULT_FAR)
 
     paths = collect_images(images) if images else []
     n_given = len(paths)

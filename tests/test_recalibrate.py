@@ -79,6 +79,19 @@ def test_more_images_reach_the_rate_and_leave_the_scores_alone(runs, tmp_path, c
     assert "2nd largest of 124" in stdout
 
 
+def test_a_calibrated_run_is_calibrated_again_at_its_own_rate(runs, tmp_path, capsys):
+    first, second = tmp_path / "first", tmp_path / "second"
+    status, _stdout, err = cli(["calibrate", runs["run"], runs["more"], "--with-held-back", "--far", "0.05",
+                                "--out", first, "--device", "cpu"], capsys)
+    assert status == 0, err
+    assert load_model_state(first)["calibration"]["far"] == 0.05
+    # no --far: the rate the file's thresholds were set at, not the 0.01 the run was trained with
+    status, stdout, err = cli(["calibrate", first, "--with-held-back", "--out", second, "--device", "cpu"], capsys)
+    assert status == 0, err
+    assert load_model_state(second)["calibration"]["far"] == 0.05
+    assert "far=0.05 needs at least 19" in err and "the run asked for 5 %" in stdout
+
+
 def test_rate_asked_for_needs_the_images(runs, tmp_path, capsys):
     out = tmp_path / "cal"
     refused(*cli(["calibrate", runs["run"], runs["more"], "--far", "0.005", "--out", out, "--device", "cpu"], capsys)[::2],
