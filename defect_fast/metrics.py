@@ -64,11 +64,24 @@ def _scores_np(x, what: str) -> np.ndarray:
     """Scores as a float32 numpy array (shares memory when possible); rejects NaN/inf."""
     t = _as_tensor(x)
     if t.dtype != torch.float32:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{what} contain NaN or infinite values")
         t = t.to(torch.float32)
+        if not bool(torch.isfinite(t).all()):  # finite as given: beyond what float32 holds
+            raise ValueError(f"{what} hold values beyond float32's range (+-3.4e38)")
     a = t.numpy()
     if not np.isfinite(a).all():
         raise ValueError(f"{what} contain NaN or infinite values")
     return a
+
+
+def _labels_np(x) -> np.ndarray:
+    """Image labels as an int64 numpy array [N]: 0 (good) or 1 (defective), checked before any cast
+    (a label of 0.5 or 2 is refused, not rounded or read as defective)."""
+    a = _as_tensor(x).numpy().reshape(-1)
+    if not np.isin(a, (0, 1)).all():
+        raise ValueError("labels must be 0 (good) or 1 (defective)")
+    return a.astype(np.int64)
 
 
 def _shape(x) -> tuple[int, ...]:
@@ -303,7 +316,7 @@ def image_auroc(scores, labels) -> float:
 
     nan with a :class:`MetricWarning` if only one class is present.
     """
-    s, y = _scores_np(scores, "image scores").reshape(-1), _as_tensor(labels).numpy().reshape(-1)
+    s, y = _scores_np(scores, "image scores").reshape(-1), _labels_np(labels)
     if s.size != y.size:
         raise ValueError(f"{s.size} image scores but {y.size} labels")
     res = _binary_metrics(s, y != 0)
@@ -418,13 +431,11 @@ def evaluate(maps, masks, image_scores, labels, classes: Sequence[str] | None, m
     if scores.ndim == 2:
         scores, masks_t = scores[None], masks_t[None]
     n = scores.shape[0]
-    lab = None if labels is None else _as_tensor(labels).numpy().reshape(-1).astype(np.int64)
+    lab = None if labels is None else _labels_np(labels)
     img = None if image_scores is None else _scores_np(image_scores, "image scores").reshape(-1)
     for name, arr in (("image scores", img), ("labels", lab), ("class names", classes)):
         if arr is not None and len(arr) != n:
             raise ValueError(f"{n} anomaly maps but {len(arr)} {name}")
-    if lab is not None and not np.isin(lab, (0, 1)).all():
-        raise ValueError("labels must be 0 (good) or 1 (defective)")
 
     # Which images each result uses: all, then each defect class with the good images.
     groups: dict[str, np.ndarray | None] = {"": None}

@@ -305,3 +305,14 @@ def test_bad_inputs_raise():
         evaluate(maps, masks, [0, 1], [0, 1, 1], ["good", "x"])
     with pytest.raises(ValueError, match="0 \\(good\\) or 1"):
         evaluate(maps, masks, [0, 1], [0, 2], ["good", "x"])
+    # a label between 0 and 1 is refused as given, not truncated to 0 (nor read as defective)
+    for labels in ([0, 0.5], [0, -0.4]):
+        with pytest.raises(ValueError, match="0 \\(good\\) or 1"):
+            evaluate(maps, masks, [0, 1], labels, ["good", "x"])
+        with pytest.raises(ValueError, match="0 \\(good\\) or 1"):
+            image_auroc([0.1, 0.2], labels)
+    # finite float64 values float32 cannot hold are named as such, not as NaN or infinite
+    with pytest.raises(ValueError, match="beyond float32's range"):
+        pixel_auroc(maps.astype(np.float64) + np.array([0, 1e300])[:, None, None], masks)
+    with pytest.raises(ValueError, match="NaN"):
+        pixel_auroc(bad.astype(np.float64), masks)
