@@ -153,7 +153,10 @@ def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, so
         raise ValueError(f"export: the detector runs in {det.precision}; a {precision} export needs one built "
                          f"with precision={precision!r}")
     out = Path(out)
-    device, was_training = det.device, det.training  # the caller's detector is given back as it was
+    # the caller's detector is given back as it was: its device, and each part's mode (a Detector's
+    # own flag says nothing of its model's, which it keeps in eval mode: train(flag) would switch
+    # an unfused model's normalisation layers to batch statistics)
+    device, modes = det.device, [(m, m.training) for m in det.modules()]
     det = det.to("cpu").eval()
     saved = (det.batch_size, det.precision, det.channels_last)
     det.batch_size = 0
@@ -189,7 +192,9 @@ def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, so
             text = dump_json_strict(meta, indent=2)  # likewise: a value JSON cannot hold fails before the rename
     finally:
         det.batch_size, det.precision, det.channels_last = saved
-        det.to(device).train(was_training)
+        det.to(device)
+        for m, training in modes:
+            m.training = training
     atomic_write_text(sidecar_path(out), text)
     return out
 
