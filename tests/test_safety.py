@@ -254,6 +254,23 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     assert (tmp_path / "g.txt").stat().st_mode & 0o777 == 0o640  # as open() would, not mkstemp's 0600
 
 
+def test_atomic_write_into_a_folder_that_takes_no_file_names_the_file_asked_for(tmp_path, monkeypatch):
+    """The temporary file it could not create is not what the user asked for: the error names the
+    target and its folder (as the command line prints it, one line)."""
+    import errno
+
+    from defect_fast.safety import _user_message
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / ".out.onnx.x1y2.tmp"))
+
+    monkeypatch.setattr("tempfile.mkstemp", refuse)
+    with pytest.raises(OSError) as info:
+        atomic_write_text(tmp_path / "out.onnx", "x")
+    assert _user_message(info.value, ()) == f"{tmp_path / 'out.onnx'}: cannot create a file in {tmp_path} (Permission denied)"
+    assert list(tmp_path.iterdir()) == []
+
+
 # --------------------------------------------------------------------------------------------
 # Strict JSON
 # --------------------------------------------------------------------------------------------
