@@ -1103,6 +1103,26 @@ def save_with_digest(obj: Mapping[str, Any], path: str | os.PathLike, *, folder:
     return Path(path)
 
 
+def _other_torch_archive(path: Path) -> str | None:
+    """What a zip archive ``torch.save`` did not write is (a TorchScript or torch.export program,
+    such as ``defect-fast export`` writes), or None: saved data, or not readable as a zip (left to
+    ``torch.load``'s own message)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = {n.rsplit("/", 1)[-1] for n in z.namelist()}
+    except (OSError, zipfile.BadZipFile):
+        return None
+    if "constants.pkl" in names:
+        return "a TorchScript program (such as defect-fast export writes), not the model file it came from"
+    if "archive_format" in names:
+        return "a torch.export program (such as defect-fast export writes), not the model file it came from"
+    if "data.pkl" not in names:
+        return "a zip archive without the data torch.save writes"
+    return None
+
+
 def load_with_digest(path: str | os.PathLike, *, required_keys: Iterable[str] = (),
                      allow_missing: bool = False) -> dict[str, Any]:
     """``torch.load(path, weights_only=True)`` then :func:`verify_digest`.
@@ -1123,6 +1143,9 @@ def load_with_digest(path: str | os.PathLike, *, required_keys: Iterable[str] = 
 
     if not zipfile.is_zipfile(p):  # every torch.save file is a zip archive: an image, a text, a truncated copy
         raise DigestError(f"{p}: not a defect_fast model or checkpoint file (not a torch archive; truncated or another kind of file)")
+    kind = _other_torch_archive(p)
+    if kind:  # torch.load would warn, then advise on TorchScript or call the file corrupted
+        raise DigestError(f"{p}: not a defect_fast model or checkpoint file: {kind}")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # torch's message here advises an unsafe load: not repeated

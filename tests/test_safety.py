@@ -461,6 +461,25 @@ def test_foreign_older_and_broken_files_are_clear_errors(tmp_path):
     with pytest.raises(DigestError, match="no such file"):
         load_with_digest(tmp_path / "missing.pt")
     assert attach_digest(_state())[DIGEST_KEY]["hex"] == state_digest(_state())
+    # programs such as export writes, given back as a model: said what they are, in one line and
+    # without torch's warning (torch.load would advise on TorchScript, or call the .pt2 corrupted)
+    import warnings
+    import zipfile
+
+    lin = torch.nn.Linear(2, 2)
+    torch.jit.save(torch.jit.script(lin), tmp_path / "m.ts")
+    torch.export.save(torch.export.export(lin, (torch.zeros(1, 2),)), tmp_path / "m.pt2")
+    with zipfile.ZipFile(tmp_path / "other.zip", "w") as z:
+        z.writestr("other/readme.txt", "x")
+    for name, said in (("m.ts", "a TorchScript program"), ("m.pt2", "a torch.export program"),
+                       ("other.zip", "a zip archive without the data torch.save writes")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(DigestError) as info:
+                load_with_digest(tmp_path / name)
+        text = str(info.value)
+        assert text.startswith(f"{tmp_path / name}: not a defect_fast model or checkpoint file: {said}"), text
+        assert "\n" not in text
 
 
 def test_writing_undoes_a_failed_start_and_releases_the_lock(tmp_path):
