@@ -422,6 +422,15 @@ def f1_optimal_threshold(scores, labels) -> dict[str, float]:
     return {"threshold": thr, "f1": float(f1[j]), "precision": float(tp[j] / (tp[j] + fp[j])), "recall": float(tp[j] / n_pos)}
 
 
+def threshold_text(threshold: float | None) -> str:
+    """A threshold as text that reads back as the same number (``repr``): given again as
+    ``--threshold``, it flags the same images. Rounded to a few digits, it may land below the
+    largest score it leaves unflagged (the F1-optimal threshold is that score) or above the next."""
+    if threshold is None or not math.isfinite(threshold):
+        return "n/a"
+    return repr(float(threshold))
+
+
 def rates_at(scores, labels, threshold: float) -> dict[str, float | int]:
     """False-alarm and miss rates when images with score > ``threshold`` are flagged.
 

@@ -53,9 +53,11 @@ def _print_thresholds(th: dict | None, out=None) -> None:
     """Pass/fail lines of ``evaluate``: F1-optimal threshold, rates at the stored one vs the asked rate."""
     if not th:
         return
+    from .calibration import threshold_text  # thresholds in full: given as --threshold, they flag the same images
+
     out = out or sys.stdout
     f1 = th["f1_optimal"]
-    print(f"F1-optimal image threshold {_fmt(f1['threshold'])}: F1 {_fmt(f1['f1'])}, precision "
+    print(f"F1-optimal image threshold {threshold_text(f1['threshold'])}: F1 {_fmt(f1['f1'])}, precision "
           f"{_fmt(f1['precision'])}, recall {_fmt(f1['recall'])}", file=out)
     at = th.get("at_threshold")
     if at is None:
@@ -64,7 +66,7 @@ def _print_thresholds(th: dict | None, out=None) -> None:
     print(f"threshold: {th['threshold_source']}", file=out)
     if th.get("threshold_image"):
         print(f"the threshold is the score of calibration image {th['threshold_image']}", file=out)
-    print(f"at that threshold {_fmt(at['threshold'])}: false-alarm rate "
+    print(f"at that threshold {threshold_text(at['threshold'])}: false-alarm rate "
           f"{_fmt(at['false_alarm_rate'])} ({at['false_alarms']}/{at['n_good']} good images; asked "
           f"{_fmt(th.get('far_asked'))}, expected {_fmt(th.get('far_expected'))} from "
           f"{th.get('n_calibration_images')} calibration images), miss rate {_fmt(at['miss_rate'])} "

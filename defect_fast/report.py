@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .calibration import ModelInfo, f1_optimal_threshold, operating_points, rates_at
+from .calibration import ModelInfo, f1_optimal_threshold, operating_points, rates_at, threshold_text
 from .safety import OutputRefused, atomic_write_bytes
 
 __all__ = ["SECTIONS", "add_parser", "command", "report_from_data", "write_report"]
@@ -326,14 +326,14 @@ def write_report(
         if has_bad and has_good:
             best = f1_optimal_threshold(s, y)
             metrics["f1_optimal"] = best
-            rows = [("F1-optimal image threshold", best["threshold"]), ("F1 there", best["f1"]),
+            rows = [("F1-optimal image threshold", threshold_text(best["threshold"])), ("F1 there", best["f1"]),
                     ("precision / recall there", f"{best['precision']:.4f} / {best['recall']:.4f}")]
         if thr is not None:
             r = rates_at(s, y, thr)
             metrics["at_threshold"] = r
             stored = meta is not None and threshold is None  # the rate asked was asked of the stored threshold
             asked = meta.extra.get("far") if stored else None
-            rows.append(("threshold in use", thr))
+            rows.append(("threshold in use", threshold_text(thr)))
             if has_good:
                 rows.append(("false-alarm rate at it", f"{_fmt(r['false_alarm_rate'])} ({r['false_alarms']} of {r['n_good']} good)"
                              + (f"; asked {asked:g}" if isinstance(asked, (int, float)) else "")))

@@ -280,6 +280,10 @@ def test_evaluate_reports_pass_fail_rates_and_never_replaces_json(tiny_run, synt
     assert th["threshold_image"] == stored["threshold_image"] and Path(stored["threshold_image"]).is_file()
     assert f"the threshold is the score of calibration image {stored['threshold_image']}\n" in out
     assert at["n_good"] + at["n_defective"] == 24 and 0 <= at["false_alarm_rate"] <= 1
+    # the thresholds printed read back as the same numbers: given as --threshold, they flag the same images
+    line = next(ln for ln in out.splitlines() if ln.startswith("F1-optimal image threshold "))
+    assert float(line.split()[3].rstrip(":")) == th["f1_optimal"]["threshold"]
+    assert f"at that threshold {at['threshold']!r}: " in out
     assert 0 <= th["f1_optimal"]["f1"] <= 1
 
 

@@ -63,6 +63,9 @@ def test_report_with_ground_truth(tmp_path):
     assert text.count('alt="mask"') == 6 and text.count('alt="reconstruction"') == 12
     assert "asked 0.01" in text and "v9" in text
     assert "threshold is the score of</th><td>train/good/marked.png" in text.replace("\n", "")
+    # thresholds shown in full: read back, they are the numbers (and flag the same images as --threshold)
+    best = out["metrics"]["f1_optimal"]["threshold"]
+    assert f"<th>F1-optimal image threshold</th><td>{best!r}</td>" in text and "<th>threshold in use</th><td>0.5</td>" in text
     # gallery sorted by score, highest first
     shown = [float(v) for v in re.findall(r"score ([-0-9.e+]+)", text)]
     assert shown == sorted(shown, reverse=True) and shown[0] == 10.0
