@@ -370,8 +370,8 @@ def chosen_threshold(calibration: Mapping[str, Any] | None, threshold: float | N
     cal = dict(calibration or {})
     image, pixel, source = stored_thresholds(cal)
     name, far_expected = (cal.get("threshold_image") if image is not None else None), cal.get("far_expected")
-    if threshold is not None:
-        image, source, name = float(threshold), "given on the command line", None
+    if threshold is not None:  # no rate was asked of it, and none is known
+        image, source, name, far_expected = float(threshold), "given on the command line", None, None
     elif far is not None:
         it, name = threshold_at_far(cal, far)
         image, source, far_expected = it.threshold, it.note, it.far_expected
@@ -511,7 +511,8 @@ def evaluate_thresholds(scores, labels, calibration: Mapping[str, Any] | None = 
     """
     cal = dict(calibration or {})
     chosen = chosen_threshold(cal, threshold, far)
-    return {"f1_optimal": f1_optimal_threshold(scores, labels), "far_asked": far if far is not None else cal.get("far"),
+    far_asked = far if far is not None else (cal.get("far") if threshold is None else None)  # the rate asked of it
+    return {"f1_optimal": f1_optimal_threshold(scores, labels), "far_asked": far_asked,
             "far_expected": chosen.far_expected, "n_calibration_images": cal.get("n_images"),
             "threshold_image": chosen.image_name,
             "at_threshold": rates_at(scores, labels, chosen.image) if chosen.image is not None else None,

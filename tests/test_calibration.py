@@ -229,7 +229,11 @@ def test_evaluate_thresholds_reports_far_next_to_the_asked_rate():
     assert ev["at_threshold"]["false_alarms"] == 1 and ev["at_threshold"]["false_alarm_rate"] == pytest.approx(1 / 3)
     assert ev["at_threshold"]["misses"] == 1
     assert ev["f1_optimal"]["f1"] == pytest.approx(2 * 3 / (4 + 4))
-    assert evaluate_thresholds(scores, labels, cal, threshold=200.0)["at_threshold"]["miss_rate"] == 1.0
+    given = evaluate_thresholds(scores, labels, cal, threshold=200.0)
+    assert given["at_threshold"]["miss_rate"] == 1.0
+    # a threshold given by hand was asked no rate: the stored threshold's are not put beside it
+    assert given["far_asked"] is None and given["far_expected"] is None
+    assert given["threshold_source"] == "given on the command line"
     assert evaluate_thresholds(scores, labels, None)["at_threshold"] is None
 
 
