@@ -37,6 +37,7 @@ at a threshold).
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import random
 import warnings
@@ -87,20 +88,24 @@ class CalibrationWarning(UserWarning):
 
 
 def _scores_1d(x, what: str) -> np.ndarray:
-    a = (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)).astype(np.float64).reshape(-1)
+    # tensors in float64 before numpy: it has no bfloat16
+    a = (x.detach().cpu().to(torch.float64).numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)).reshape(-1)
     if not np.isfinite(a).all():
         raise ValueError(f"{what} contain NaN or infinite values")
     return a
 
 
-def _check_far(far: float, name: str = "far") -> None:
-    if not (isinstance(far, (int, float)) and 0 < far < 1):
-        raise ValueError(f"{name} must be in (0, 1), got {far!r}")
+def _check_far(far: float, name: str = "far") -> float:
+    """``far`` as a Python float (numpy's too: a numpy scalar stored in a model file would make it
+    unloadable with ``weights_only=True``); a rate outside (0, 1) or not a number is refused."""
+    if isinstance(far, bool) or not isinstance(far, numbers.Real) or not 0 < far < 1:
+        raise ValueError(f"{name} must be a number in (0, 1), got {far!r}")
+    return float(far)
 
 
 def min_images_for(far: float) -> int:
     """Fewest held-back images n for which the rule reaches ``far``: k = floor(far (n+1)) >= 1."""
-    _check_far(far)
+    far = _check_far(far)
     return max(1, math.ceil(1.0 / far - _EPS) - 1)
 
 
@@ -161,7 +166,7 @@ def image_threshold(scores, far: float = DEFAULT_FAR, *, fallback: bool = True) 
         CalibrationError: no scores, or too few and ``fallback`` is False (the message gives n,
             the images needed and the lowest rate that n allows).
     """
-    _check_far(far)
+    far = _check_far(far)
     s = _scores_1d(scores, "held-back scores")
     n = s.size
     if n == 0:
@@ -219,7 +224,7 @@ def pixel_threshold(maps, pixel_far: float = DEFAULT_PIXEL_FAR) -> PixelThreshol
         :class:`PixelThreshold`: the k-th largest of the m pixel scores, k = floor(pixel_far (m+1))
         (the largest pixel when m is too small, with ``sufficient`` False).
     """
-    _check_far(pixel_far, "pixel_far")
+    pixel_far = _check_far(pixel_far, "pixel_far")
     t = maps.detach().cpu() if isinstance(maps, torch.Tensor) else torch.as_tensor(np.asarray(maps))
     if t.dim() == 2:
         t = t.unsqueeze(0)
@@ -261,6 +266,7 @@ def calibrate(scores, maps=None, far: float = DEFAULT_FAR, pixel_far: float = DE
         "held_back_scores": every held-back score, highest first (:func:`threshold_at_far` sets
         the threshold for another rate from them, after training).
     """
+    far, pixel_far = _check_far(far), _check_far(pixel_far, "pixel_far")
     it = image_threshold(scores, far, fallback=fallback)
     s = _scores_1d(scores, "held-back scores")
     out = {"image_threshold": it.threshold, **{k: v for k, v in it.to_dict().items() if k != "threshold"}}
@@ -301,7 +307,7 @@ def threshold_at_far(calibration: Mapping[str, Any] | None, far: float) -> tuple
             held-back scores (a run that held back none stores training-image scores: refused too),
             too few images for ``far``, or (older files) the k-th score is not stored.
     """
-    _check_far(far)
+    far = _check_far(far)
     cal = dict(calibration or {})
     if cal.get("inapplicable"):
         raise CalibrationError(f"the model file's held-back scores were {cal['inapplicable']}; give --threshold, "
@@ -384,7 +390,8 @@ def chosen_threshold(calibration: Mapping[str, Any] | None, threshold: float | N
 
 
 def _labels_1d(labels, n: int) -> np.ndarray:
-    y = (labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)).reshape(-1)
+    y = (labels.detach().cpu().to(torch.float64).numpy() if isinstance(labels, torch.Tensor)
+         else np.asarray(labels)).reshape(-1)
     if y.size != n:
         raise ValueError(f"{n} scores but {y.size} labels")
     if not np.isin(y, (0, 1)).all():

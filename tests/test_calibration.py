@@ -116,6 +116,21 @@ def test_calibrate_dict_and_stored_thresholds():
     assert ModelInfo(64, pixel_threshold=0.25).scale() == 0.5 and ModelInfo(64).scale() == 0.0
 
 
+def test_calibrate_takes_numpy_and_torch_numbers_and_stores_plain_ones(tmp_path):
+    """Rates as numpy scalars are stored as Python floats (a numpy scalar in a model file makes
+    it unloadable with weights_only=True); bfloat16 scores are read; a bool is no rate."""
+    scores = torch.arange(1, 200, dtype=torch.bfloat16)
+    cal = calibrate(scores, far=np.float64(0.05), pixel_far=np.float32(0.25))
+    assert type(cal["far"]) is float and cal["far"] == 0.05 and type(cal["pixel_far"]) is float
+    assert cal["n_images"] == 199 and cal["image_threshold"] == float(torch.sort(scores).values[-10])
+    torch.save({"calibration": cal}, tmp_path / "c.pt")
+    assert torch.load(tmp_path / "c.pt", weights_only=True)["calibration"]["far"] == 0.05
+    assert f1_optimal_threshold(scores[:4], torch.tensor([0, 0, 1, 1], dtype=torch.bfloat16))["f1"] == 1.0
+    for bad in (True, "0.1", 1.5):
+        with pytest.raises(ValueError, match="far must be a number in"):
+            calibrate(scores, far=bad)
+
+
 def test_calibrate_names_the_image_whose_score_is_the_threshold():
     scores = [0.5, 7.6, 4.9, 7.6, 1.0, 3.3]  # n = 6: the largest score (a tie: the first of the two)
     names = [f"img{i}.png" for i in range(6)]
