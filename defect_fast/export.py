@@ -81,6 +81,7 @@ def sidecar(det: Detector, fmt: str, batch: int, dynamic_batch: bool, source: Pa
     """The JSON description written beside an exported file."""
     cal = det.calibration
     image_t, pixel_t, threshold_source = stored_thresholds(cal, far)  # as predict uses them (with far: as predict --far)
+    n = "N" if dynamic_batch else batch
     return {
         "format": fmt,
         "model": det.model.name,
@@ -93,14 +94,15 @@ def sidecar(det: Detector, fmt: str, batch: int, dynamic_batch: bool, source: Pa
         "precision": det.precision,
         "batch": batch,
         "dynamic_batch": dynamic_batch,
-        "input": {"name": "images", "dtype": "uint8", "shape": [batch, 3, det.image_size, det.image_size],
+        # "N" where the file takes any number of images (the batch it was traced with is "batch")
+        "input": {"name": "images", "dtype": "uint8", "shape": [n, 3, det.image_size, det.image_size],
                   "layout": "NCHW RGB", "range": [0, 255],
                   # what the stored thresholds were set on: a photo of another size brought to the
                   # model's size as the package reads image files (another resize moves the scores)
                   "resize": f"to {det.image_size} x {det.image_size} as defect_fast.data.io.resize_image: PIL "
                             f"Image.resize(BILINEAR) of the 8-bit RGB image (Pillow {PIL.__version__})",
                   "grey": "the one channel repeated to three"},
-        "outputs": {"maps": [batch, det.image_size, det.image_size], "scores": [batch]},
+        "outputs": {"maps": [n, det.image_size, det.image_size], "scores": [n]},
         "map": det.map_kind,
         "patch": det.patch,
         "stride": det.stride,

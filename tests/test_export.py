@@ -234,6 +234,8 @@ def test_export_detector_gives_the_detector_back_and_writes_both_files_or_none(t
     meta = json.loads((tmp_path / "a.ts.json").read_text())
     assert meta["thresholds"]["score"] == 1.5
     assert "PIL Image.resize(BILINEAR)" in meta["input"]["resize"] and "Pillow" in meta["input"]["resize"]
+    # a file that takes any number of images says so in its shapes, not with the batch it was traced with
+    assert meta["dynamic_batch"] and meta["input"]["shape"] == ["N", 3, 64, 64] and meta["outputs"]["scores"] == ["N"]
     det.calibration = {"image_threshold": 1.0, "odd": object()}
     with pytest.raises(TypeError):
         export_detector(det, tmp_path / "b.ts", "torchscript")
