@@ -116,7 +116,7 @@ class DeviceError(UserError):
 
 #: OSError numbers that are the user's situation rather than a bug (reported in one line).
 _USER_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EEXIST,
-                errno.ENOSPC, errno.EROFS, errno.ENAMETOOLONG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+                errno.ENOSPC, errno.EROFS, errno.ENAMETOOLONG, errno.ELOOP, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 def one_line(text: str) -> str:
@@ -463,8 +463,26 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, nan: str = "null", i
 # ---------------------------------------------------------------------------------------------
 
 
+def real_path(p: str | os.PathLike, *, expand_user: bool = False) -> Path:
+    """Where ``p`` really is (absolute, symlinks and '..' resolved; ``~`` expanded only with
+    ``expand_user``, for paths that are then read as expanded). A loop of symbolic links, or a
+    ``~user`` that names no user, is a :class:`UsageError` naming the path (``Path.resolve``
+    raises RuntimeError for both on some Pythons, OSError on others)."""
+    try:
+        q = Path(p).expanduser() if expand_user else Path(p)
+        return Path(os.path.abspath(q)).resolve()
+    except RuntimeError as exc:
+        what = "names no user on this machine" if "home directory" in str(exc) else "is a loop of symbolic links"
+        raise UsageError(f"{p}: {what}") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UsageError(f"{p}: is a loop of symbolic links") from None
+        raise
+
+
 def _resolved(p: str | os.PathLike) -> Path:
-    return Path(os.path.abspath(Path(p).expanduser())).resolve()
+    # no ~ expansion: the writers and readers open the path as given (the shell expands ~)
+    return real_path(p)
 
 
 def _show(p: str | os.PathLike) -> str:

@@ -40,7 +40,7 @@ from .models import AnomalyModel, build_model
 from .precision import cudnn_benchmark
 from .runs import (CHECKPOINT_FILE, CHECKPOINT_VERSION, CONFIG_FILE, LOG_FILE, MODEL_FILE, RunError,  # noqa: F401
                    atomic_save, load_checkpoint, model_from_state, resolve_device, stage_file)
-from .safety import OutputFolder, UserError, atomic_write_text
+from .safety import OutputFolder, UserError, atomic_write_text, real_path
 
 #: Map normalisations a run can ask for (``TrainConfig.normalize``).
 NORMALIZATIONS = ("none", "position")
@@ -797,7 +797,7 @@ def images_digest(keys: list[bytes], paths: list[Path]) -> str:
 
 
 def _abs(path: str | None) -> str | None:
-    return None if path is None else str(Path(path).expanduser().resolve())
+    return None if path is None else str(real_path(path, expand_user=True))
 
 
 def _preload_sources(cfg: TrainConfig, stages: tuple[str, ...] | list[str]) -> torch.Tensor | None:

@@ -254,6 +254,22 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     assert (tmp_path / "g.txt").stat().st_mode & 0o777 == 0o640  # as open() would, not mkstemp's 0600
 
 
+def test_a_symbolic_link_loop_or_an_unknown_user_is_a_usage_error_naming_the_path(tmp_path, monkeypatch):
+    """Path.resolve raises RuntimeError for both on some Pythons (a bug's traceback in run_main)."""
+    from defect_fast.safety import UsageError, real_path
+
+    monkeypatch.chdir(tmp_path)
+    os.symlink("loop", "loop")
+    for out, inputs, named in (("loop", ["data"], "loop"), ("loop/maps", ["data"], "loop/maps"), ("out", ["loop"], "loop")):
+        with pytest.raises(UsageError, match=f"^{named}: is a loop of symbolic links$"):
+            check_out_not_overlapping(out, inputs)
+    with pytest.raises(UsageError, match="^~no-such-user-here/data: names no user on this machine$"):
+        real_path("~no-such-user-here/data", expand_user=True)
+    # ~ is left as given where the path is opened as given (a quoted '~/x' is a folder named ~)
+    assert real_path("~/x") == tmp_path / "~" / "x"
+    assert real_path("~/x", expand_user=True) == Path("~/x").expanduser().resolve()
+
+
 def test_atomic_write_into_a_folder_that_takes_no_file_names_the_file_asked_for(tmp_path, monkeypatch):
     """The temporary file it could not create is not what the user asked for: the error names the
     target and its folder (as the command line prints it, one line)."""

@@ -104,6 +104,7 @@ class _RunError(RuntimeError):
     (FileNotFoundError(2, "No such file or directory", "data/x.png"), "data/x.png: No such file or directory"),
     (PermissionError(13, "Permission denied", "/root/out"), "/root/out: Permission denied"),
     (IsADirectoryError(21, "Is a directory", "maps"), "maps: Is a directory"),
+    (OSError(40, "Too many levels of symbolic links", "a/b"), "a/b: Too many levels of symbolic links"),
     (argparse.ArgumentTypeError("must be >= 1"), "must be >= 1"),
     (_RunError("run: nothing to resume"), "run: nothing to resume"),
 ])
