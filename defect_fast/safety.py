@@ -166,7 +166,57 @@ def run_main(fn: Callable[[Sequence[str]], int | None], argv: Sequence[str] | No
             environment variable ``DEFECT_FAST_DEBUG=1``.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    err = stderr if stderr is not None else sys.stderr
+    # a reader that goes away (`| head`) must not stop a command before it has written its files
+    saved = sys.stdout, sys.stderr
+    guarded = _ClosedReaderSafe(sys.stdout), _ClosedReaderSafe(sys.stderr)
+    sys.stdout, sys.stderr = guarded
+    try:
+        return _run_main(fn, argv, debug, user_errors, prog, stderr if stderr is not None else sys.stderr)
+    finally:  # given back as found (unless the command replaced them itself)
+        if sys.stdout is guarded[0]:
+            sys.stdout = saved[0]
+        if sys.stderr is guarded[1]:
+            sys.stderr = saved[1]
+
+
+class _ClosedReaderSafe:
+    """A text stream whose writes go nowhere once its reader has gone (a pipe closed early:
+    BrokenPipeError), instead of raising in whatever print the command was at."""
+
+    def __init__(self, stream):
+        self._stream, self._gone = stream, False
+
+    def _closed_reader(self) -> None:
+        self._gone = True
+        try:  # the interpreter flushes the stream once more at exit: let that go nowhere too
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, self._stream.fileno())
+            finally:
+                os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def write(self, text: str) -> int:
+        if not self._gone:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._closed_reader()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._gone:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._closed_reader()
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def _run_main(fn, argv, debug, user_errors, prog, err) -> int:
     if debug is None:
         debug = "--debug" in argv or os.environ.get("DEFECT_FAST_DEBUG", "") not in ("", "0")
     try:

@@ -162,3 +162,36 @@ def test_temporaries_of_a_killed_write_are_removed_under_the_lock(tmp_path):
     OutputFolder.open(out, lock=True, command="train").release()
     assert not (out / ".checkpoint.pt.ab12cd_z.tmp").exists()
     assert (out / ".checkpoint.pt.notes.tmp").exists() and (out / ".other.pt.ab12cd_z.tmp").exists()
+
+
+def test_a_reader_that_goes_away_does_not_stop_the_command(tmp_path):
+    """`defect-fast ... | head -1`: once the pipe is closed, printing goes nowhere and the command
+    still writes its files and succeeds (BrokenPipeError was an internal error, the work lost)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "talk.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        from pathlib import Path
+        from defect_fast.safety import run_main
+
+        def fn(argv):
+            for i in range(20000):
+                print(f"line {i} " + "x" * 80)
+                print(f"note {i}", file=sys.stderr)
+            Path(argv[0]).write_text("done")
+
+        sys.exit(run_main(fn, [sys.argv[1]]))
+    """))
+    done = tmp_path / "done.txt"
+    proc = subprocess.Popen([sys.executable, str(script), str(done)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.stdout.readline().startswith(b"line 0")
+    assert proc.stderr.readline().startswith(b"note 0")
+    proc.stdout.close()  # both readers go away after one line
+    proc.stderr.close()
+    assert proc.wait(timeout=120) == 0
+    assert done.read_text() == "done"
