@@ -348,6 +348,29 @@ def test_load_test_set_layout(tmp_path):
     assert torch.equal(ts.masks[2], ref)
 
 
+def test_a_stack_of_images_this_process_cannot_hold_is_a_one_line_error(tmp_path, monkeypatch):
+    """The preallocated stack of every image: torch's allocation error was an internal error."""
+    root = _mvtec(tmp_path)
+    real_empty = torch.empty
+
+    def no_memory(shape, *args, **kwargs):
+        if len(shape) == 4 and shape[-1] == 4096:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory")
+        return real_empty(shape, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", no_memory)
+    with pytest.raises(DataError, match=r"^.*test: 6 images at 4096 x 4096 need 0\.3 GiB in memory, more than this "
+                                        r"process can allocate; use a smaller --image-size or fewer images$"):
+        load_test_set(root, 4096)
+    paths = sorted((root / "train" / "good").glob("*.png"))
+    with pytest.raises(DataError, match=f"^train/good: {len(paths)} images at 4096 x 4096 need"):
+        read_images(paths, 4096, where="train/good")
+    assert read_images(paths, 16).shape == (len(paths), 3, 16, 16)  # other errors of torch.empty are not caught
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        read_images(paths, 16)
+
+
 def test_load_test_set_reports_every_problem_at_once(tmp_path):
     root = _mvtec(tmp_path)
     (root / "ground_truth" / "scratch" / "000_mask.png").unlink()

@@ -25,6 +25,7 @@ from .io import (
     DataWarning,
     _load_image,
     _load_mask,
+    image_stack,
     list_images,
     raise_problems,
     read_images,
@@ -219,8 +220,8 @@ def load_test_set(
         raise DataError(f"{test}: no test images in {', '.join(d.name for d in class_dirs)}")
 
     n = len(items)
-    images = torch.empty((n, channels, size, size), dtype=torch.uint8)
-    masks = torch.zeros((n, size, size), dtype=torch.bool)
+    images = image_stack((n, channels, size, size), test)
+    masks = image_stack((n, size, size), f"{test} masks", torch.bool, fill=0)
     sizes: list = [None] * n
 
     def one(i: int) -> None:

@@ -14,6 +14,7 @@ bad ones in one error, so a broken folder is fixed in one pass instead of one fi
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -430,6 +431,22 @@ def raise_problems(problems: Sequence[str], total: int, what: str, where: str | 
     raise DataError(f"{where}: {len(problems)} problem(s) in {total} {what}:\n  {lines}", problems)
 
 
+def image_stack(shape: tuple[int, ...], where: str | os.PathLike, dtype: torch.dtype = torch.uint8,
+                fill: int | None = None) -> torch.Tensor:
+    """An uninitialised (or ``fill``-ed) tensor for a stack of images; when this process cannot
+    allocate it, a one-line :class:`DataError` with ``where``, the count, the size and the memory it needs."""
+    try:
+        t = torch.empty(shape, dtype=dtype)
+        return t if fill is None else t.fill_(fill)
+    except (MemoryError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and "alloc" not in str(exc):
+            raise
+        n, side = shape[0], shape[-1]
+        gib = math.prod(shape) * torch.empty((), dtype=dtype).element_size() / 2**30
+        raise DataError(f"{where}: {n} images at {side} x {side} need {gib:.1f} GiB in memory, more than this "
+                        "process can allocate; use a smaller --image-size or fewer images") from None
+
+
 def read_images(
     paths: Iterable[str | os.PathLike],
     size: int,
@@ -448,7 +465,7 @@ def read_images(
     ``sizes``: a list that receives each file's own (width, height), upright.
     """
     paths = [Path(p) for p in paths]
-    out = torch.empty((len(paths), channels, size, size), dtype=torch.uint8)
+    out = image_stack((len(paths), channels, size, size), where)
     if sizes is not None:
         sizes[:] = [None] * len(paths)
 
