@@ -604,12 +604,23 @@ def safe_output_file(path: str | os.PathLike, overwrite: bool, *, inputs: Iterab
     if p.exists() or p.is_symlink():
         if not overwrite:
             raise OutputRefused(f"{what} {p}: file exists; pass --overwrite to replace it or choose another name")
-    for parent in p.parents:
+    _check_where_it_goes(p, what)
+    return p
+
+
+def _check_where_it_goes(p: Path, what: str) -> None:
+    """Refuse an output whose nearest existing folder above it (or itself, for an existing
+    folder) is not a folder, or one this process may not create entries in: said before any
+    work, where the first mkdir or write would fail after it."""
+    for parent in (p, *p.parents):
+        if parent == p and not p.is_dir():
+            continue
         if parent.exists():
             if not parent.is_dir():
                 raise OutputRefused(f"{what} {p}: {parent} is not a folder")
-            break
-    return p
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise OutputRefused(f"{what} {p}: no permission to write in {parent}")
+            return
 
 
 # ---------------------------------------------------------------------------------------------
@@ -694,6 +705,7 @@ class OutputFolder:
             raise OutputRefused(f"{what} {p}: is a broken symbolic link; choose another folder")
         if p.exists() and not p.is_dir():
             raise OutputRefused(f"{what} {p}: exists and is not a folder")
+        _check_where_it_goes(p, what)
         if not p.exists():
             return
         others = _foreign_entries(p)

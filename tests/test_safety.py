@@ -213,6 +213,28 @@ def test_a_file_of_a_folder_defect_fast_wrote_protects_the_folder(tmp_path):
     check_out_not_overlapping(tmp_path / "pred", [run / "model.pt", None])
 
 
+def test_an_output_under_a_file_or_a_folder_it_may_not_write_in_is_refused_before_any_work(tmp_path, monkeypatch):
+    """check() touches nothing and is called before the work: it must see what the first mkdir
+    would fail on (a file where a folder goes; a folder without write permission)."""
+    (tmp_path / "photo.png").write_bytes(b"x")
+    for out in ("photo.png/audit", "photo.png/a/b"):
+        with pytest.raises(OutputRefused, match=f"^--out {tmp_path / out}: {tmp_path / 'photo.png'} is not a folder$"):
+            OutputFolder.check(tmp_path / out, command="audit")
+    shut = tmp_path / "shut"
+    (shut / "empty").mkdir(parents=True)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, *a, **k: Path(path) != shut and real_access(path, mode, *a, **k))
+    for out in (shut / "new", shut / "new" / "deeper"):
+        with pytest.raises(OutputRefused, match=f"^--out {out}: no permission to write in {shut}$"):
+            OutputFolder.check(out, command="audit")
+        with pytest.raises(OutputRefused, match=f"no permission to write in {shut}$"):
+            safe_output_file(out / "x.json", False)
+    with pytest.raises(OutputRefused, match=f"^--out {shut}: no permission to write in {shut}$"):
+        OutputFolder.check(shut, command="audit")  # an existing folder: its own permission
+    OutputFolder.check(shut / "empty", command="audit")  # writable below it: fine
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["photo.png", "shut"]
+
+
 def test_safe_output_file(tmp_path):
     p = tmp_path / "m.json"
     assert safe_output_file(p, False) == p
