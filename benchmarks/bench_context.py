@@ -22,7 +22,10 @@ concatenated before they are standardised ("with_profile_levelled_concatenated")
 went layer by layer (``PerceptualMap._level_map_by_layer``; the same values). Also
 ``PerceptualMap.fit`` on the ``--fit-images`` images (the statistics training fits at its end),
 layer by layer and as before, with the residual concatenated (``PerceptualMap._batch_sums``; the
-same statistics), 3 alternating rounds. On a GPU
+same statistics), 3 alternating rounds. And the recommended run's Detector with conv1 brought
+to the band profile's grid by the bilinear resize of files fitted before the 3 x 3 pool
+("with_profile_levelled_bilinear", ``ImageContext.profile_resample``; v7 and earlier): what the
+pool of v8 costs per image. On a GPU
 (``--device cuda``) every Detector timed replays CUDA graphs. The process's C allocator is set
 as the command line sets it (:func:`defect_fast.allocator.keep_freed_memory`, recorded as
 "allocator"; results written before this record none and ran with glibc's own settings).
@@ -183,6 +186,11 @@ def main() -> None:
     # the same Detector for the routes replaced: one each, since a CUDA graph replays the route it captured
     by_torch_median, concatenated = (Detector(model, SIZE, context=ctx_levelled, **{**kw, "perceptual": pm_levelled})
                                      for _ in range(2))
+    # and with conv1 brought to the profile's grid by the bilinear resize of files fitted before
+    # the pool ("profile_resample"; the v7 runs): what the pool costs or saves per image
+    ctx_bilinear = copy.deepcopy(ctx_levelled)
+    ctx_bilinear.profile_resample = "bilinear"
+    bilinear = Detector(model, SIZE, context=ctx_bilinear, **{**kw, "perceptual": pm_levelled})
     trunk = with_ctx._trunk_options()
     with torch.inference_mode():
         t = time_interleaved({"without": lambda: plain(images), "with": lambda: with_ctx(images),
@@ -190,6 +198,7 @@ def main() -> None:
                               "with_profile_levelled": lambda: levelled(images),
                               "with_profile_levelled_torch_median": _with_torch_median(lambda: by_torch_median(images)),
                               "with_profile_levelled_concatenated": _with_concatenated_residual(lambda: concatenated(images)),
+                              "with_profile_levelled_bilinear": lambda: bilinear(images),
                               "context_alone": lambda: ctx.map(ctx.features(plain._to_model_input(images), **trunk), SIZE)},
                              rounds=args.rounds, warmup=2, device=args.device)
     # the perceptual map's statistics, as training fits them at its end (the reconstructions here
@@ -211,6 +220,8 @@ def main() -> None:
                                                     / per["with_profile_levelled"], 3),
            "ratio_concatenated_over_by_layer": round(per["with_profile_levelled_concatenated"]
                                                      / per["with_profile_levelled"], 3),
+           "profile_resample": ctx_levelled.profile_resample,
+           "ratio_bilinear_over_pool": round(per["with_profile_levelled_bilinear"] / per["with_profile_levelled"], 3),
            "shared_trunk_layers_levelled": levelled._shared_stem(ctx_levelled),
            "fit_images": args.fit_images, "fit_seconds": round(fit_s, 2),
            "perceptual_fit_seconds": {k: round(v["median_ms"] / 1e3, 2) for k, v in fit_t.items()},
@@ -232,6 +243,8 @@ def main() -> None:
     print(f"and with the perceptual map's layers concatenated before they are standardised: "
           f"{per['with_profile_levelled_concatenated']:.1f} ms (x{res['ratio_concatenated_over_by_layer']:.3f} "
           "layer by layer)")
+    print(f"and with conv1 brought to the profile's grid by a bilinear resize (files before the pool): "
+          f"{per['with_profile_levelled_bilinear']:.1f} ms (x{res['ratio_bilinear_over_pool']:.3f} the pool)")
     print(f"ImageContext.fit on {args.fit_images} images: {fit_s:.1f} s; with the profile {fit_rows_s:.1f} s")
     print(f"PerceptualMap.fit on {args.fit_images} images: {fit_t['by_layer']['median_ms'] / 1e3:.1f} s, "
           f"{fit_t['concatenated']['median_ms'] / 1e3:.1f} s with the residual concatenated "
