@@ -572,6 +572,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def _run(argv: list[str]) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
+        from PIL import Image
+
+        # said with the file's name by defect_fast.data.io (PIL's own names no file)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         args = _parse([a for a in argv if a != "--debug"])
         return args.func(args)
 

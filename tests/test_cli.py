@@ -206,6 +206,20 @@ def test_predict_bad_image_names_the_file(tiny_run, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_very_large_image_is_warned_of_by_its_name(tiny_run, tmp_path, capsys, monkeypatch):
+    """PIL's warning of an image over its pixel limit names no file: in a folder of many, which?"""
+    from PIL import Image
+
+    big = tmp_path / "big one.png"
+    Image.new("RGB", (150, 150), (90, 90, 90)).save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)  # 22,500 pixels: over it, under twice it
+    assert main(["predict", str(tiny_run), str(big), "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    warned = [ln for ln in err.splitlines() if "warning" in ln and "pixels" in ln]
+    assert warned == [f"defect-fast: warning: {big}: 150x150 pixels, over PIL's 20000 (twice that is refused); "
+                      "decoding it takes much memory"], err
+
+
 def test_model_file_damage_is_a_clear_error(tiny_run, tmp_path, capsys):
     fake = tmp_path / "model.pt"
     fake.write_bytes(b"garbage")

@@ -172,6 +172,10 @@ def _open(path: Path) -> Image.Image:
         raise DataError(f"{path}: image is implausibly large ({exc})") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise DataError(f"{path}: cannot open image ({exc})") from None
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and img.width * img.height > limit:  # PIL warns too, without the file's name
+        warnings.warn(f"{path}: {img.width}x{img.height} pixels, over PIL's {limit} (twice that is refused); "
+                      "decoding it takes much memory", DataWarning, stacklevel=2)
     try:
         img.load()  # decode now so truncated / corrupt data fails here, not later
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
