@@ -117,6 +117,9 @@ class DeviceError(UserError):
 #: OSError numbers that are the user's situation rather than a bug (reported in one line).
 _USER_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EEXIST,
                 errno.ENOSPC, errno.EROFS, errno.ENAMETOOLONG, errno.ELOOP, getattr(errno, "EDQUOT", errno.ENOSPC)}
+#: ... and those that are when they name a path: a name a file system does not take (a ':' on
+#: a FAT or SMB share: EINVAL), a failing disk or a lost network mount (EIO).
+_USER_ERRNOS_ON_A_PATH = {errno.EINVAL, errno.EIO}
 
 
 def one_line(text: str) -> str:
@@ -133,7 +136,8 @@ def _user_message(exc: BaseException, user_errors: tuple[type[BaseException], ..
     """The one-line message for a user-facing error, or None if ``exc`` is treated as a bug."""
     if isinstance(exc, (UserError, argparse.ArgumentTypeError) + tuple(user_errors)):
         return one_line(str(exc)) or type(exc).__name__
-    if isinstance(exc, OSError) and exc.errno in _USER_ERRNOS:
+    if isinstance(exc, OSError) and (exc.errno in _USER_ERRNOS
+                                     or (exc.errno in _USER_ERRNOS_ON_A_PATH and exc.filename is not None)):
         # FileNotFoundError, PermissionError, IsADirectoryError, ... on a path the user gave.
         what = exc.strerror or type(exc).__name__
         if exc.filename is not None and exc.filename2 is not None:

@@ -105,6 +105,8 @@ class _RunError(RuntimeError):
     (PermissionError(13, "Permission denied", "/root/out"), "/root/out: Permission denied"),
     (IsADirectoryError(21, "Is a directory", "maps"), "maps: Is a directory"),
     (OSError(40, "Too many levels of symbolic links", "a/b"), "a/b: Too many levels of symbolic links"),
+    (OSError(22, "Invalid argument", "share/a:b_map.png"), "share/a:b_map.png: Invalid argument"),
+    (OSError(5, "Input/output error", "/mnt/line/out.json"), "/mnt/line/out.json: Input/output error"),
     (argparse.ArgumentTypeError("must be >= 1"), "must be >= 1"),
     (_RunError("run: nothing to resume"), "run: nothing to resume"),
 ])
@@ -124,8 +126,9 @@ def test_run_main_bugs_keep_traceback_and_debug_shows_user_tracebacks():
     assert _run(lambda argv: None) == (0, "") and _run(lambda argv: 3) == (3, "")
     with pytest.raises(SystemExit):
         _run(_raise(SystemExit(0)))
-    status, err = _run(_raise(OSError(5, "Input/output error")))
-    assert status == 1 and "Traceback" in err  # not a user's mistake
+    for no_path in (OSError(5, "Input/output error"), OSError(22, "Invalid argument")):
+        status, err = _run(_raise(no_path))
+        assert status == 1 and "Traceback" in err  # naming no path: not a user's mistake
 
 
 def test_a_full_disk_while_saving_is_a_one_line_error_naming_the_file(tmp_path, monkeypatch):
