@@ -178,6 +178,21 @@ def test_everything_shrunk():
     assert all(torch.isfinite(x).all() for x in got2) and torch.count_nonzero(got2[2]) == 0
 
 
+@pytest.mark.parametrize("where", ["z", "memory"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_nan_or_inf_input_gives_nan_rows_as_the_reference_does(where, bad):
+    """With shrinkage, a NaN weight failed the kernel's d > 0 test and became a zero weight: a
+    zero read-out and weights of finite sum, hiding a diverged code from the loss's finite check."""
+    z, memory, _gzh, _gw = make_inputs(3, 10, 8, torch.float32, seed=4)
+    z, memory = z.detach().clone(), memory.detach().clone()
+    (z if where == "z" else memory)[1, 0] = bad
+    for t in (0.0, 0.1):
+        got, want = ops.memory_address(z, memory, t), reference.memory_address(z, memory, t)
+        for a, b in zip(got, want):
+            assert torch.equal(a.isnan(), b.isnan()), (where, bad, t)
+        assert got[0].isnan().any() and got[1].isnan().any()
+
+
 def test_only_z_requires_grad_and_no_grad_mode():
     z, memory, gzh, gw = make_inputs(5, 12, 6, torch.float64, seed=6)
     memory = memory.detach()

@@ -45,7 +45,9 @@ template <typename acc_t>
 DF_HOST_DEVICE DF_INLINE acc_t shrink(acc_t w, acc_t t) {
   const acc_t d = w - t;
   const acc_t kept = d * w / (d + static_cast<acc_t>(kShrinkEps));
-  return d > acc_t(0) ? kept : acc_t(0);
+  // !(d <= 0), not d > 0: a NaN weight (a NaN or inf in z or the memory) stays NaN, as in the
+  // reference, instead of becoming a zero weight that hides it from the loss's finite check
+  return !(d <= acc_t(0)) ? kept : acc_t(0);
 }
 
 // d shrink(w, t) / dw. Zero where w <= t (relu passes no gradient at 0, as in torch).
@@ -57,7 +59,7 @@ DF_HOST_DEVICE DF_INLINE acc_t shrink_grad(acc_t w, acc_t t) {
   const acc_t d = w - t;
   const acc_t den = d + eps;
   const acc_t grad = (d * den + w * eps) / (den * den);
-  return d > acc_t(0) ? grad : acc_t(0);
+  return !(d <= acc_t(0)) ? grad : acc_t(0);  // NaN stays NaN (see shrink)
 }
 
 // Contribution of one renormalised weight to ||w'||_p^p (w' >= 0, so |w'| = w').
