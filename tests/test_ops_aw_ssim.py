@@ -337,3 +337,13 @@ def test_cuda_too_tall_image_is_named():
     x = torch.zeros(1, 1, 65535 * 16 + 16, 11, device="cuda")
     with pytest.raises(RuntimeError, match="rows"):
         torch.ops.defect_fast.aw_ssim(x, x, torch.ones(1, device="cuda"), 1.0, 1.0, 1.0, 11, 0, 1.0, False, False)
+
+
+def test_a_gradient_of_the_gradient_is_refused_not_silently_none():
+    """The backward kernel has no backward: create_graph=True left x.grad None for a gradient penalty."""
+    x, y, sigma = make_inputs(2, 3, 12, 12, seed=3)
+    score = ops.aw_ssim(x, y, sigma, 0.5, 0.3, 0.2)
+    with pytest.raises(RuntimeError, match="aw_ssim: the native op has no double backward"):
+        torch.autograd.grad(score.sum(), x, create_graph=True)
+    (g,) = torch.autograd.grad(ops.aw_ssim(x, y, sigma, 0.5, 0.3, 0.2).sum(), x)  # a plain backward still works
+    assert torch.isfinite(g).all() and not g.requires_grad

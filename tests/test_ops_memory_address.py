@@ -348,3 +348,14 @@ def test_cuda_saves_normalised_rows_for_backward(dtype):
     recomputed = backward(gzh, gw, z, memory, *outs[1:6], empty, empty, 0.02, 1.0, 1, [True, True])
     for a, b in zip(saved, recomputed):
         torch.testing.assert_close(a, b)
+
+
+def test_a_gradient_of_the_gradient_is_refused_not_silently_zero():
+    """The backward kernels have no backward: create_graph=True gave a zero z.grad or a cryptic error."""
+    z, memory, _gzh, _gw = make_inputs(3, 10, 8, torch.float64, seed=5)
+    z_hat, _w = ops.memory_address(z, memory, 0.1)
+    with pytest.raises(RuntimeError, match="memory_address: the native op has no double backward"):
+        torch.autograd.grad(z_hat.sum(), z, create_graph=True)
+    z_hat, _w = ops.memory_address(z, memory, 0.1)  # a plain backward still works
+    (g,) = torch.autograd.grad(z_hat.sum(), z)
+    assert torch.isfinite(g).all() and not g.requires_grad

@@ -62,6 +62,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_score, grad_map, _grad_partials):
     x, y, sigma, partials = ctx.saved_tensors
+    _native.no_double_backward("aw_ssim", x, y, grad_score, grad_map)
     need = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
     grad_x = grad_y = None
     if need[0] or need[1]:

@@ -69,6 +69,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_z_hat, grad_weights, *_unused):
     z, memory, weights, probs, z_norm, m_norm, w_norm, z_unit, m_unit = ctx.saved_tensors
+    _native.no_double_backward("memory_address", z, memory, grad_z_hat, grad_weights)
     shrink_threshold, temperature, p = ctx.params
     mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
     if grad_z_hat is None:

@@ -433,6 +433,16 @@ def _load_uncached():
         return None, f"building the native extension failed: {exc}"
 
 
+def no_double_backward(name: str, *tensors) -> None:
+    """Called by the native ops' backward: their backward kernels have no backward of their own,
+    so a gradient of the gradient (``create_graph=True``) would come out None or zero; refused."""
+    import torch
+
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise RuntimeError(f"{name}: the native op has no double backward (create_graph=True); use "
+                           f"defect_fast.ops.reference.{name} for gradients of its gradients")
+
+
 def load():
     """The native module and ``""``, or ``None`` and a short reason (cached per process)."""
     global _result, _built_with_cuda
