@@ -347,3 +347,15 @@ def test_a_gradient_of_the_gradient_is_refused_not_silently_none():
         torch.autograd.grad(score.sum(), x, create_graph=True)
     (g,) = torch.autograd.grad(ops.aw_ssim(x, y, sigma, 0.5, 0.3, 0.2).sum(), x)  # a plain backward still works
     assert torch.isfinite(g).all() and not g.requires_grad
+
+
+def test_a_sigma_that_asks_for_its_gradient_gets_it():
+    """The kernel gives sigma no gradient: such a call goes to the reference, which does."""
+    x, y, sigma = make_inputs(2, 3, 12, 12, seed=4)
+    sigma.requires_grad_(True)
+    ops.aw_ssim(x, y, sigma, 0.5, 0.3, 0.2).sum().backward()
+    got = sigma.grad.clone()
+    sigma.grad = None
+    reference.aw_ssim(x, y, sigma, 0.5, 0.3, 0.2).sum().backward()
+    assert got.abs().sum() > 0
+    torch.testing.assert_close(got, sigma.grad)

@@ -369,3 +369,9 @@ def test_reference_only_holds_in_its_own_thread_and_nests():
     t.join(10)
     assert seen == {"exporting": "reference", "other thread": before, "after nested": "reference"}
     assert ops.backend("cpu") == before
+
+
+def test_no_scales_is_the_reference_s_error():
+    """ops.msfr([], [], ...) indexed the first scale before any check (IndexError)."""
+    with pytest.raises(ValueError, match="same non-zero number of scales"):
+        ops.msfr([], [], (8, 8))

@@ -136,7 +136,8 @@ def aw_ssim(
         with torch.autocast(x.device.type, enabled=False):
             x, y, sigma = (_upcast(t, dtype) for t in (x, y, sigma))
             return aw_ssim(x, y, sigma, alpha, beta, gamma, window, combine, data_range, return_map)
-    if _use_native(x, y):
+    # the kernel gives sigma no gradient (the schedule's never asks one): a sigma that asks goes to the reference
+    if _use_native(x, y) and not (isinstance(sigma, torch.Tensor) and sigma.requires_grad and torch.is_grad_enabled()):
         from . import _aw_ssim
 
         return _aw_ssim.aw_ssim(x, y, sigma, alpha, beta, gamma, window, combine, data_range, return_map)
@@ -158,7 +159,7 @@ def msfr(feats_x: Sequence[torch.Tensor], feats_r: Sequence[torch.Tensor], out_s
                 return out
         with torch.autocast(feats_x[0].device.type, enabled=False):
             return msfr([_upcast(t, dtype) for t in feats_x], [_upcast(t, dtype) for t in feats_r], out_size, weights)
-    if _use_native(feats_x[0]):  # the native front hands grad-requiring calls to the reference
+    if len(feats_x) and _use_native(feats_x[0]):  # the native front hands grad-requiring calls to the reference
         from . import _msfr
 
         return _msfr.msfr(feats_x, feats_r, out_size, weights)

@@ -11,6 +11,8 @@ Importing it raises ImportError when the native extension cannot be loaded.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _native
@@ -92,10 +94,10 @@ def _check_args(z, memory, shrink_threshold, temperature, p) -> None:
         raise ValueError(f"memory_address: expected z [B,C] and memory [N,C], got {tuple(z.shape)} and {tuple(memory.shape)}")
     if p not in (1, 2):
         raise ValueError(f"memory_address: p must be 1 or 2, got {p}")
-    if not temperature > 0:
-        raise ValueError(f"memory_address: temperature must be > 0, got {temperature}")
-    if not shrink_threshold >= 0:
-        raise ValueError(f"memory_address: shrink_threshold must be >= 0, got {shrink_threshold}")
+    if not 0 < temperature < math.inf:
+        raise ValueError(f"memory_address: temperature must be finite and > 0, got {temperature}")
+    if not 0 <= shrink_threshold < math.inf:
+        raise ValueError(f"memory_address: shrink_threshold must be finite and >= 0, got {shrink_threshold}")
     if z.dtype != memory.dtype:
         raise TypeError(f"memory_address: z and memory must have the same dtype, got {z.dtype} and {memory.dtype}")
     if not z.dtype.is_floating_point:
