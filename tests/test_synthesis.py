@@ -192,6 +192,21 @@ def test_gaaga_blurred_patch_is_blurred_resized_crop(sources):
         assert tv(pasted) < 0.3 * tv(images[i, :, y0:y0 + h, x0:x0 + w])
 
 
+def test_a_crop_larger_than_its_source_is_shrunk_keeping_its_aspect(sources):
+    """Each side was clamped to the source before the fit, so a crop clamped on one side only
+    was resized to the patch with two different scales (a 45 x 23 patch from a 64 x 46 crop)."""
+    images = _noise(4, 64, 64, seed=5)
+    _, _, info = gaaga(images, sources, _gen(5), natural_prob=0.0, blurred_prob=1.0, size_range=(0.5, 0.5),
+                       aspect_range=(2.0, 2.0), resize_range=(2.0, 2.0), return_info=True)
+    _, _, poly = adga(images, sources, _gen(6), size_range=(0.5, 0.5), aspect_range=(2.0, 2.0), scale_range=(2.0, 2.0),
+                      return_info=True)
+    boxes = [(r["blurred"]["box"], r["blurred"]["crop"], (64, 64)) for r in info] + \
+        [(r["box"], r["crop"], tuple(sources.shape[2:]) if r["source"] < len(sources) else (64, 64)) for r in poly]
+    for (_, _, h, w), (_, _, ch, cw), (sh, sw) in boxes:
+        assert ch <= sh and cw <= sw and (ch == sh or cw == sw)  # asked twice the box: as large as the source allows
+        assert abs(math.log((ch / h) / (cw / w))) < 0.06, ((h, w), (ch, cw))  # one scale for both sides
+
+
 def test_gaaga_patch_size_relative_to_image(sources):
     for side in (32, 128):
         images = _noise(8, side, side, seed=side)

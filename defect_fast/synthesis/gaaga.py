@@ -305,7 +305,7 @@ def gaaga(images: torch.Tensor, sources: torch.Tensor | None, generator: torch.G
         u_size, u_aspect, u_zoom, u_donor, u_cy, u_cx, u_y, u_x, u_sigma = u[sel, _BLR].unbind(1)
         ph, pw = _patch_shape(u_size, u_aspect, side, size_range, aspect_range, h, w)
         z = _log_uniform(u_zoom, resize_range)
-        ch, cw = _fit_crop(_round(ph * z, 1, h), _round(pw * z, 1, w), h, w)
+        ch, cw = _fit_crop(_round(ph * z, 1, 1 << 30), _round(pw * z, 1, 1 << 30), h, w)  # shrunk keeping its aspect
         donor = _index(u_donor, b)
         cy, cx = _index(u_cy, h - ch + 1), _index(u_cx, w - cw + 1)
         y0, x0 = _index(u_y, h - ph + 1), _index(u_x, w - pw + 1)
