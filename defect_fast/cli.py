@@ -314,6 +314,12 @@ def cmd_demo(args) -> int:
     cfg = TrainConfig(data=str(data), model=args.model, image_size=args.image_size, batch_size=args.batch_size,
                       epochs=[args.epochs] * n_stages, seed=args.seed, device=args.device, model_kwargs=options)
     checked_model(cfg)  # a setting that cannot train is refused before an earlier demo is cleared
+    OutputFolder.check(out, overwrite=args.overwrite, what="output folder", command="demo")
+    # a user's file where the demo writes is refused before an earlier demo is cleared, not after
+    left = OutputFolder.unlisted(out, DEMO_OUTPUTS) if (out / MANIFEST_NAME).is_file() else []
+    if left:
+        raise OutputRefused(f"output folder {out}: {left[0].parent} holds files defect-fast did not write "
+                            f"({left[0].name}); move them away or choose another folder")
     folder = OutputFolder.create(out, overwrite=args.overwrite, what="output folder", command="demo")
     for sub, command in (("run", "train"), ("maps", "predict")):
         # an earlier demo's training or maps: their files are listed in their own manifests (a training

@@ -786,6 +786,46 @@ class OutputFolder:
             out.remove_stale_temporaries()
         return out
 
+    @staticmethod
+    def unlisted(path: str | os.PathLike, under: Iterable[str]) -> list[Path]:
+        """What under ``path / u`` (for each ``u`` in ``under``) no manifest lists: neither
+        ``path``'s nor that of an output folder nested between (a run inside a demo). Clearing
+        those folders leaves exactly these, so a command that will refuse them can say so before
+        it clears anything. Manifests and locks, and the temporaries of a killed write, count as
+        listed; a symbolic link is one entry, never followed. Touches nothing."""
+        root = Path(path)
+        temporary = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")
+        listings: dict[Path, set[str]] = {}
+
+        def listed(folder: Path) -> set[str]:
+            if folder not in listings:
+                try:
+                    data = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+                    files = data.get("files", []) if isinstance(data, dict) and data.get("format") == _MANIFEST_FORMAT else []
+                except (OSError, ValueError, UnicodeDecodeError):
+                    files = []
+                listings[folder] = {f for f in files if isinstance(f, str)}
+            return listings[folder]
+
+        def owned(entry: Path) -> bool:
+            if entry.name in _OWN or temporary.fullmatch(entry.name):
+                return True
+            rel = entry.relative_to(root)
+            return any(rel.relative_to(up.relative_to(root)).as_posix() in listed(up)
+                       for up in [root, *(root / Path(*rel.parts[:k]) for k in range(1, len(rel.parts)))])
+
+        left: list[Path] = []
+        for u in under:
+            top = root / u
+            if top.is_symlink() or top.is_file():
+                left += [] if owned(top) else [top]
+                continue
+            for dirpath, dirnames, filenames in os.walk(top):
+                here = Path(dirpath)
+                links = [d for d in dirnames if (here / d).is_symlink()]
+                left += [here / n for n in sorted(filenames + links) if not owned(here / n)]
+        return left
+
     def remove_stale_temporaries(self) -> list[Path]:
         """Remove the temporary files :func:`atomic_open` left beside this folder's recorded files
         when a process was killed inside a write (``.<name>.<8 characters>.tmp``; never renamed

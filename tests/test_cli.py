@@ -419,8 +419,12 @@ def test_demo_overwrite_keeps_the_files_it_did_not_write(tmp_path, capsys):
     capsys.readouterr()
     assert main(["demo", str(out), *DEMO, "--overwrite"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("defect-fast: error: output folder") and "data/train holds files" in err and "\n" not in err
+    assert err.startswith("defect-fast: error: output folder") and "data/train/good holds files" in err and "\n" not in err
+    assert "(keep.png)" in err
     assert (out / "data" / "train" / "good" / "keep.png").read_bytes() == b"mine" and (out / "notes.txt").is_file()
+    # refused before the earlier demo was cleared: its run, data and metrics are all still there
+    assert (out / "run" / "model.pt").is_file() and (out / "metrics.json").is_file()
+    assert len(list((out / "data" / "train" / "good").glob("*.png"))) > 1
 
 
 def test_a_demo_that_fails_removes_only_its_own_files(tmp_path, monkeypatch, capsys):
