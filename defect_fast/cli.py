@@ -244,6 +244,7 @@ def cmd_predict(args) -> int:
     from .calibration import chosen_threshold
     from .data.io import collect_images, read_image, read_images
     from .detect import Detector
+    from .evaluate import check_finite
     from .maps import resize_map
     from .visualize import save_map, save_overlay
 
@@ -260,6 +261,7 @@ def cmd_predict(args) -> int:
     if image_t is None:
         print(f"defect-fast: warning: no image is flagged: {source}", file=sys.stderr)
     res = det.predict_batched(images)
+    check_finite(res, paths, args.run, det.precision, "images")  # before any output: a NaN score would pass
     scale = pixel_t or det.calibration.get("pixel_q999") or float(res["maps"].max()) or 1.0
     stems = _output_stems(paths)
     folder = OutputFolder.create(out, overwrite=args.overwrite, inputs=inputs, lock=True, command="predict")

@@ -56,6 +56,7 @@ def evaluate_run(run: Path | str, data: Path | str, map_kind: str | None = None,
     t0 = time.perf_counter()
     res = det.predict_batched(test.images)
     seconds = time.perf_counter() - t0
+    check_finite(res, test.paths, run, det.precision, "test images")
     if test.has_masks:
         metrics = evaluate(res["maps"], test.masks, res["scores"], test.labels, test.classes)
     else:
@@ -68,6 +69,20 @@ def evaluate_run(run: Path | str, data: Path | str, map_kind: str | None = None,
     metrics["inference_ms_per_image"] = 1000 * seconds / max(1, test.images.shape[0])
     metrics["thresholds"] = evaluate_thresholds(res["scores"], test.labels, det.calibration, far=far)
     return metrics
+
+
+def check_finite(res: dict[str, torch.Tensor], paths: list, run: Path | str, precision: str, what: str) -> None:
+    """Refuse maps or scores that are NaN or infinite (a model file whose weights diverged, or a
+    reduced precision that overflows), in one line naming the images, before any metric or
+    verdict (NaN > threshold is False: such an image would pass)."""
+    from .runs import RunError
+
+    bad = ~(torch.isfinite(res["maps"]).flatten(1).all(1) & torch.isfinite(res["scores"]))
+    if bad.any():
+        first = paths[int(bad.nonzero()[0])]
+        raise RunError(f"{run}: the model gives NaN or infinite maps or scores for {int(bad.sum())} of {len(paths)} "
+                       f"{what} (the first: {first}; inference in {precision}); its weights or statistics "
+                       "are not usable")
 
 
 def image_level_metrics(scores: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, Any]:
@@ -88,4 +103,4 @@ def image_level_metrics(scores: torch.Tensor, labels: torch.Tensor, classes: lis
     return out
 
 
-__all__ = ["calibrate", "detector_for", "evaluate_run", "image_level_metrics"]
+__all__ = ["calibrate", "check_finite", "detector_for", "evaluate_run", "image_level_metrics"]

@@ -71,6 +71,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -662,10 +663,17 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
             raise RuntimeError(f"predict function returned {maps.shape[0]} maps / {scores.shape[0]} scores for {len(good)} images")
         scale = st.info.scale()
         written, photo_maps = [], []
-        for (key, path, sha, sig, _img, photo), m in zip(good, maps):
+        for (key, path, sha, sig, _img, photo), m, s in zip(good, maps, scores):
             if stop is not None and stop.is_set() and written:
                 log(f"stopping: {len(good) - len(written)} image(s) of this batch left for the next start")
                 break
+            if not (bool(torch.isfinite(m).all()) and math.isfinite(float(s))):  # never a pass, never a journal error
+                _reject(st, key, path, sha, sig, "the model gives a NaN or infinite map or score for this image "
+                        "(its weights or statistics are not usable)", log)
+                n_done += 1
+                written.append(None)
+                photo_maps.append(None)
+                continue
             name = output_name(key, sha)
             map_path, ov_path = st.out / MAPS / f"{name}_map.png", st.out / OVERLAYS / f"{name}_overlay.png"
             try:

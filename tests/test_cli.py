@@ -279,6 +279,29 @@ def test_map_choices_come_from_the_registry(capsys):
     assert all(name in err for name in map_names()) and map_names() == ["msfr", "perceptual", "residual"]
 
 
+def test_evaluate_names_the_images_a_broken_model_gives_nan_maps(tiny_run, synthetic_root, tmp_path, capsys, monkeypatch):
+    """NaN maps (diverged weights, an overflowing precision) reached the metrics, whose ValueError
+    was an internal error with a traceback."""
+    real = Detector.predict_batched
+
+    def broken(self, images, *args, **kwargs):
+        res = real(self, images, *args, **kwargs)
+        res["maps"][3, 0, 0] = float("nan")
+        return res
+
+    monkeypatch.setattr(Detector, "predict_batched", broken)
+    assert main(["evaluate", str(tiny_run), str(synthetic_root), "--json", str(tmp_path / "m.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "NaN or infinite maps or scores for 1 of 24 test images (the first: " in err and "\n" not in err
+    assert not (tmp_path / "m.json").exists()
+    # predict likewise, before any output: the image would have been written as not defective
+    one = sorted((synthetic_root / "test" / "good").glob("*.png"))[:4]
+    assert main(["predict", str(tiny_run), *map(str, one), "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"NaN or infinite maps or scores for 1 of 4 images (the first: {one[3]}" in err and "\n" not in err
+    assert not (tmp_path / "p").exists()
+
+
 def test_evaluate_reports_pass_fail_rates_and_never_replaces_json(tiny_run, synthetic_root, tmp_path, capsys):
     path = tmp_path / "m.json"
     path.write_text("mine")

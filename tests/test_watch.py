@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from defect_fast import watch as watch_mod
@@ -338,6 +339,28 @@ def test_a_photo_without_memory_for_its_outputs_is_set_aside_alone(tmp_path, mon
     assert recs["big.png"]["result"] == "rejected" and "too large" in recs["big.png"]["reason"]
     assert sorted(p.name for p in (out / "maps").iterdir()) == [Path(recs["small.png"]["map"]).name]
     assert (out / recs["big.png"]["rejected_to"]).is_file()
+
+
+def test_an_image_the_model_gives_a_nan_score_is_set_aside_not_passed(tmp_path):
+    """NaN > threshold is False: such an image passed, then the strict journal refused the line
+    and the service stopped, on every restart again."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / "nan.png").write_bytes(png_bytes(6, bright=0.9))
+    (src / "fine.png").write_bytes(png_bytes(7, bright=0.3))
+
+    def predict(images):
+        res = stub_predict(images)
+        bright = images.float().mean(dim=(1, 2, 3)) > 80
+        res["scores"] = torch.where(bright, torch.tensor(float("nan")), res["scores"])
+        return res
+
+    res = watch(predict, INFO, src, out, once=True, handle_signals=False, log=lambda _m: None, settle=0.05,
+                poll_interval=0.05)
+    recs = {r["image"]: r for r in journal(out)}
+    assert recs["fine.png"]["result"] == "pass"
+    assert recs["nan.png"]["result"] == "rejected" and "NaN or infinite" in recs["nan.png"]["reason"]
+    assert (out / recs["nan.png"]["rejected_to"]).is_file() and res["session"]["rejected"] == 1
 
 
 def test_the_journal_keeps_no_record_in_memory_after_writing_it(tmp_path):
