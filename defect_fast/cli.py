@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 from .safety import (LOCK_NAME, MANIFEST_NAME, ArgumentParser, OutputFolder, OutputRefused, UsageError, add_threshold_options, atomic_write_json,
-                     device_arg, dump_json_strict, far_errors, nonneg_float, nonneg_int, one_line, output_path, positive_float, positive_int,
+                     device_arg, dump_json_strict, far_errors, finite_float, nonneg_float, nonneg_int, one_line, output_path, positive_float, positive_int,
                      rate, run_main, safe_output_file)
 
 EPILOG = """examples:
@@ -210,7 +210,7 @@ def cmd_evaluate(args) -> int:
     json_path = safe_output_file(args.json, args.overwrite, inputs=[args.run, args.data], what="--json") if args.json else None
     with far_errors(args.run, args.far):
         metrics = evaluate_run(args.run, args.data, args.map, args.device, args.stride, args.smooth, blend=args.blend,
-                               far=args.far)
+                               far=args.far, threshold=args.threshold)
     _print_metrics(metrics)
     if metrics.get("pixel_metrics"):
         print(f"pixel metrics: {metrics['pixel_metrics']}")
@@ -504,9 +504,13 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
                    help="patch stride at inference (default: the run's --infer-stride, else the patch size)")
     e.add_argument("--smooth", type=nonneg_float, default=None, help="Gaussian blur of the maps, in pixels (default: the run's setting)")
     e.add_argument("--blend", choices=BLENDS, default=None, help="weights of overlapping patches (default: the run's setting)")
-    e.add_argument("--far", type=rate, default=None, metavar="RATE",
-                   help="give the rates at the threshold for this false-alarm rate, set from the defect-free images the "
-                   "run held back (default: at the threshold stored in the model file)")
+    which = e.add_mutually_exclusive_group()
+    which.add_argument("--threshold", type=finite_float, default=None,
+                       help="give the rates at this image threshold (a score: e.g. the F1-optimal one printed, or the one a "
+                       "line runs at; default: the threshold stored in the model file)")
+    which.add_argument("--far", type=rate, default=None, metavar="RATE",
+                       help="give the rates at the threshold for this false-alarm rate, set from the defect-free images the "
+                       "run held back (default: at the threshold stored in the model file)")
     e.add_argument("--device", type=device_arg, default="auto")
     e.set_defaults(func=cmd_evaluate)
 

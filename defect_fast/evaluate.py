@@ -34,7 +34,7 @@ def detector_for(model: AnomalyModel, image_size: int, device: torch.device | st
 
 def evaluate_run(run: Path | str, data: Path | str, map_kind: str | None = None, device: str = "auto",
                  stride: int | None = None, smooth: float | None = None, far: float | None = None,
-                 **options) -> dict[str, Any]:
+                 threshold: float | None = None, **options) -> dict[str, Any]:
     """Evaluate a trained run on the test split of an MVTec-style folder; returns the metrics dict.
 
     ``options`` go to :class:`Detector` (blend, precision, ...). Adds "n_images", "map",
@@ -42,7 +42,7 @@ def evaluate_run(run: Path | str, data: Path | str, map_kind: str | None = None,
     keys; "thresholds" is :func:`defect_fast.calibration.evaluate_thresholds` (the F1-optimal image
     threshold, the false-alarm and miss rates at the stored one next to the asked rate; with
     ``far``, at the threshold for that rate set from the stored held-back scores, checked before
-    the test images are read).
+    the test images are read; with ``threshold``, at that image threshold).
     """
     from .calibration import evaluate_thresholds, threshold_at_far
     from .data import load_test_set
@@ -67,7 +67,7 @@ def evaluate_run(run: Path | str, data: Path | str, map_kind: str | None = None,
     metrics["stride"] = det.stride
     metrics["blend"] = det.blend
     metrics["inference_ms_per_image"] = 1000 * seconds / max(1, test.images.shape[0])
-    metrics["thresholds"] = evaluate_thresholds(res["scores"], test.labels, det.calibration, far=far)
+    metrics["thresholds"] = evaluate_thresholds(res["scores"], test.labels, det.calibration, threshold=threshold, far=far)
     return metrics
 
 

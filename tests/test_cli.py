@@ -321,6 +321,19 @@ def test_evaluate_reports_pass_fail_rates_and_never_replaces_json(tiny_run, synt
     line = next(ln for ln in out.splitlines() if ln.startswith("F1-optimal image threshold "))
     assert float(line.split()[3].rstrip(":")) == th["f1_optimal"]["threshold"]
     assert f"at that threshold {at['threshold']!r}: " in out
+    # ... and evaluate takes one, as its messages for a run without a usable stored threshold ask
+    best = th["f1_optimal"]["threshold"]
+    assert main(["evaluate", str(tiny_run), str(synthetic_root), "--threshold", repr(best), "--json", str(path),
+                 "--overwrite"]) == 0
+    given = json.loads(path.read_text())["thresholds"]
+    assert given["at_threshold"]["threshold"] == best and given["threshold_source"] == "given on the command line"
+    assert given["far_asked"] is None
+    f1, at = given["f1_optimal"], given["at_threshold"]
+    tp = at["n_defective"] - at["misses"]
+    assert 2 * tp / (2 * tp + at["false_alarms"] + at["misses"]) == pytest.approx(f1["f1"])  # the optimum's images
+    capsys.readouterr()
+    assert main(["evaluate", str(tiny_run), str(synthetic_root), "--threshold", "1", "--far", "0.1"]) == 2
+    assert "not allowed with argument" in capsys.readouterr().err
     assert 0 <= th["f1_optimal"]["f1"] <= 1
 
 
