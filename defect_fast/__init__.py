@@ -28,6 +28,10 @@ def __getattr__(name: str):
         from .detect import Detector
 
         return Detector
+    if name == "ops":  # defect_fast.ops.backend() after a plain `import defect_fast`, as the README writes it
+        import importlib
+
+        return importlib.import_module(".ops", __name__)
     raise AttributeError(f"module 'defect_fast' has no attribute {name!r}")
 
 

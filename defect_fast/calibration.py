@@ -180,7 +180,7 @@ def image_threshold(scores, far: float = DEFAULT_FAR, *, fallback: bool = True) 
                 f"{k}/{n + 1} = {k / (n + 1):.4g} <= {far:g}")
         return ImageThreshold(float(desc[k - 1]), far, k / (n + 1), _beta_upper(k, n), n, k, need, True, note)
     short = (f"far={far:g} needs at least {need} held-back defect-free images (k/(n+1) <= far with k >= 1) "
-             f"but only {n} are held back; the lowest expected false-alarm rate {n} allow is 1/{n + 1} = {1 / (n + 1):.4g}")
+             f"but only {n} are at hand; the lowest expected false-alarm rate {n} allow is 1/{n + 1} = {1 / (n + 1):.4g}")
     if not fallback:
         raise CalibrationError(short)
     note = short + "; using the largest held-back score"

@@ -19,6 +19,17 @@ def tiny_run(synthetic_root, tmp_path_factory):
     return run
 
 
+def test_the_package_s_ops_are_reached_after_a_plain_import():
+    """The README writes `defect_fast.ops.backend()`; after `import defect_fast` alone it was an AttributeError."""
+    import subprocess
+    import sys
+
+    code = "import defect_fast; print(defect_fast.ops.backend('cpu')); defect_fast.no_such_thing"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip() in ("cpu", "reference"), proc.stderr
+    assert "has no attribute 'no_such_thing'" in proc.stderr
+
+
 def test_help_lists_commands(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--help"])

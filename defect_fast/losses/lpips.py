@@ -140,8 +140,8 @@ def load_alexnet_trunk(path: str | os.PathLike | None = None) -> tuple[dict[str,
         except Exception as exc:  # noqa: BLE001 - reported below
             tried.append(f"{_TORCHVISION_ALEXNET_URL} ({type(exc).__name__}: {exc})")
     raise FileNotFoundError(
-        "LPIPS needs ImageNet AlexNet trunk weights; pass alexnet_weights=PATH or set "
-        f"${ALEXNET_WEIGHTS_ENV}. Tried: " + "; ".join(tried))
+        "ImageNet AlexNet trunk weights are needed (LPIPS, the perceptual map, the image context); set "
+        f"${ALEXNET_WEIGHTS_ENV}=PATH (or pass alexnet_weights=PATH from Python). Tried: " + "; ".join(tried))
 
 
 def load_lpips_heads(path: str | os.PathLike | None = None, version: str = "0.1") -> tuple[list[torch.Tensor], str]:
