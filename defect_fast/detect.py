@@ -425,12 +425,16 @@ class Detector(nn.Module):
         pm = self.image_map
         if pm is None or ctx is None or 1 not in pm.scales:
             return 0
-        key = (id(pm), id(ctx))
-        if getattr(self, "_stem_key", None) != key:
+        # the answer holds for these two objects (held, so a new one at a freed one's address is not
+        # taken for it) at these brightness levels (which shares_stem compares too); one tuple, so a
+        # thread never reads a new key with an old count
+        levels = (getattr(pm, "brightness", None), getattr(ctx, "brightness", None))
+        cached = getattr(self, "_stem", None)
+        if cached is None or cached[0] is not pm or cached[1] is not ctx or cached[2] != levels:
             if _plain_graph():  # comparing weights is not traceable; the unshared path gives the same maps
                 return 0
-            self._stem_key, self._stem_layers = key, ctx.shares_stem(pm)
-        return self._stem_layers
+            cached = self._stem = (pm, ctx, levels, ctx.shares_stem(pm))
+        return cached[3]
 
     def _patch_maps(self, p: torch.Tensor) -> torch.Tensor:
         """Patches [B,3,P,P] -> maps [B,1,P,P] (float32)."""

@@ -290,6 +290,18 @@ def test_detector_computes_the_trunk_layers_it_shares_once(monkeypatch, level):
         unshared = det(calib)
         assert calls == [0, 1, 2, 3, 4]
     assert torch.equal(maps, unshared[0]) and torch.equal(scores, unshared[1])
+    monkeypatch.undo()
+    # the answer follows the objects and their brightness: a context levelled otherwise shares
+    # nothing, whether it is a new object (it was keyed by id, which a new one can reuse) or the
+    # same one changed in place
+    assert det._shared_stem(det.context) == 2
+    kept = det.context.brightness
+    det.context.brightness = 0.123
+    assert det._shared_stem(det.context) == 0
+    det.context.brightness = kept
+    assert det._shared_stem(det.context) == 2
+    other = ImageContext.from_state({**det.context.state(), "brightness": 0.123})
+    assert other.shares_stem(det.image_map) == 0 and det._shared_stem(other) == 0
 
 
 def test_the_median_written_for_export_is_torch_median():
