@@ -530,8 +530,9 @@ class Detector(nn.Module):
         :mod:`defect_fast.perceptual`, "Brightness").
 
         The stored thresholds, set on the maps this replaces, are set aside (``calibration
-        ["inapplicable"]`` says why; :meth:`calibrate` sets new ones), and an image context, whose
-        standardisation was measured on those maps, is removed (fit it again: :meth:`fit_context`).
+        ["inapplicable"]`` says why; :meth:`calibrate` sets new ones); an image context, whose
+        standardisation was measured on those maps, is removed (fit it again: :meth:`fit_context`),
+        and so is a per-position normalisation of them (:meth:`fit_normalization` again).
 
         Returns the number of images its statistics rest on.
         """
@@ -546,9 +547,11 @@ class Detector(nn.Module):
         self.image_map = pm
         self._graphs = {}  # captured graphs ran the map this replaced
         self.map_kind = self.model.image_maps[0]
-        # what was measured on the map this replaces: the thresholds, and an image context's
-        # standardisation of it (fit_context again)
+        # what was measured on the map this replaces: the thresholds, an image context's
+        # standardisation of it (fit_context again) and a per-position normalisation of it
+        # (fit_normalization again)
         self.context = None
+        self.norm_mean, self.norm_std = (torch.tensor(v, device=self.norm_mean.device) for v in (0.0, 1.0))
         self._set_aside_thresholds("calibrated before fit_perceptual changed the maps (calibrate again)")
         return n
 
@@ -917,7 +920,9 @@ class Detector(nn.Module):
             min_std: floor of the std (positions that never vary are not blown up).
         Returns:
             {"mean": [S, S], "std": [S, S]} (CPU), the values now in the buffers; the maps of
-            :meth:`forward` become (raw - mean) / std.
+            :meth:`forward` become (raw - mean) / std. The stored thresholds are set aside and an
+            image context, whose standardisation was measured on the maps before, is removed
+            (:meth:`calibrate` and :meth:`fit_context` again), as :meth:`fit_perceptual` does.
         """
         normal_images = self._at_model_size(self._checked_batch(normal_images, "fit_normalization"))
         if normal_images.shape[0] < 2:
@@ -928,6 +933,7 @@ class Detector(nn.Module):
         self.norm_mean = mean
         self.norm_std = std
         self._graphs = {}  # captured graphs read the buffers this replaced
+        self.context = None  # its standardisation of the maps was measured on the maps before
         self._set_aside_thresholds("calibrated before fit_normalization changed the maps (calibrate again)")
         return {"mean": mean.cpu(), "std": std.cpu()}
 

@@ -164,6 +164,10 @@ def test_detector_adds_the_context_to_its_map_and_score(monkeypatch, position_no
         again = det.predict_batched(calib)
     torch.testing.assert_close(fitted["maps"], again["maps"], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(fitted["scores"], again["scores"], atol=1e-4, rtol=1e-4)
+    # a normalisation fitted afterwards changes the maps the context standardised: it goes with it
+    # (as with fit_perceptual), rather than weigh the map against the context by a stale spread
+    det.fit_normalization(normal)
+    assert det.context is None
 
 
 def test_the_context_alone_can_be_the_image_score(monkeypatch):

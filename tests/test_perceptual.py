@@ -223,7 +223,10 @@ def test_detector_uses_the_perceptual_map_on_stitched_reconstructions(monkeypatc
     model = build_model("cmaae", memory_size=20)
     det = Detector(model, image_size=128, stride=32, blend="hann")
     normal = (torch.rand(6, 3, 128, 128) * 255).to(torch.uint8)
+    det.fit_normalization(normal)  # of the model's own map: it does not carry over to the map that replaces it
+    assert det.normalization()["kind"] == "per-position"
     assert det.fit_perceptual(normal, images_per_batch=4) == 6
+    assert det.normalization() == {"kind": "identity"}
     assert det.map_kind == "perceptual"
     maps, scores = det(normal[:2])
     assert maps.shape == (2, 128, 128) and scores.shape == (2,)
