@@ -538,6 +538,7 @@ class Detector(nn.Module):
         """
         from .perceptual import PerceptualMap
 
+        normal_images = self._at_model_size(self._checked_batch(normal_images, "fit_perceptual"))  # as predict_batched
         pm = PerceptualMap(self.image_size, layers=layers, prior=prior, scales=tuple(scales)).to(self.device)
         pm.brightness = _brightness_level(level_brightness, normal_images)
         with torch.no_grad():
@@ -599,6 +600,9 @@ class Detector(nn.Module):
         from .context import ImageContext, checked_image_score, profile_across_streaks
 
         checked_image_score(image_score)  # before the fit
+        # at the model's size as predict_batched brings them there (uint8: as image files are resized)
+        normal_images = self._at_model_size(self._checked_batch(normal_images, "fit_context"))
+        calibration_images = self._at_model_size(self._checked_batch(calibration_images, "fit_context"))
         basis = None
         if profile == "auto":
             profile, basis = profile_across_streaks(normal_images)

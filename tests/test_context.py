@@ -170,6 +170,24 @@ def test_detector_adds_the_context_to_its_map_and_score(monkeypatch, position_no
     assert det.context is None
 
 
+def test_the_context_fit_reads_images_of_another_size_as_predict_does(monkeypatch):
+    """uint8 images not at the model's size: the fit resized them with the float pipeline's
+    interpolation while predict_batched resizes as image files are, so the fit's calibration
+    scores were not the detector's."""
+    import defect_fast.context as context
+
+    monkeypatch.setattr(context, "ImageContext", RandomTrunkContext)
+    torch.manual_seed(0)
+    det = Detector(build_model("cmaae", memory_size=20), image_size=128, stride=32, precision="float32")
+    to_u8 = lambda t: ((t + 1) * 127.5).round().to(torch.uint8)  # noqa: E731
+    normal, calib = to_u8(_surfaces(12, seed=1, size=160)), to_u8(_surfaces(4, seed=2, size=160))
+    _n, fitted = det._fit_context(normal, calib)
+    again = det.predict_batched(calib)
+    torch.testing.assert_close(fitted["scores"], again["scores"], atol=1e-4, rtol=1e-4)
+    with pytest.raises(TypeError, match="fit_context: expected a tensor"):
+        det.fit_context([normal], calib)
+
+
 def test_the_context_alone_can_be_the_image_score(monkeypatch):
     """image_score="context": the score is the context score alone, the maps are those of the
     combination, the fit's calibration scores are the detector's, and the choice is stored
