@@ -30,10 +30,13 @@ def cpu_has_bf16() -> bool:
 
 
 def default_precision(device: torch.device | str) -> str:
-    """``precision="auto"``: "bfloat16" on CUDA (float16 without bf16 support) and bf16-capable CPUs, else "float32"."""
+    """``precision="auto"``: "bfloat16" on CUDA GPUs that compute it (compute capability 8 and up;
+    float16 on older ones, where bfloat16 is only emulated) and on bf16-capable CPUs, else "float32"."""
     device = torch.device(device)
     if device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        # this device's own capability: torch.cuda.is_bf16_supported() asks the current device and
+        # counts emulation (a V100 or T4 says yes)
+        return "bfloat16" if torch.cuda.get_device_capability(device)[0] >= 8 else "float16"
     return "bfloat16" if device.type == "cpu" and cpu_has_bf16() else "float32"
 
 

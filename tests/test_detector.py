@@ -164,6 +164,14 @@ def test_auto_options_follow_the_cpu_flags(monkeypatch):
         assert Detector(_model(), image_size=128).precision == "bfloat16"
     assert default_batch_size("cpu", 64) == 64 and default_batch_size("cpu", 128) == 16
     assert default_batch_size("cuda", 64) == 4096
+    # on CUDA, the device's own capability: bfloat16 from Ampere (8.x) on, float16 on a V100 or T4,
+    # where torch.cuda.is_bf16_supported() says yes by emulation
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    for capability, want in (((7, 0), "float16"), ((7, 5), "float16"), ((8, 0), "bfloat16"), ((9, 0), "bfloat16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=capability: asked.append(d) or c)
+        assert default_precision("cuda:1") == want
+    assert asked and all(torch.device(d) == torch.device("cuda:1") for d in asked)
 
 
 @pytest.mark.parametrize("batch_size", [0, 1, 3, 64])
