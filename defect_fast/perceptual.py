@@ -125,11 +125,15 @@ class FrozenTrunk(nn.Module):
         slot = slot + (torch.is_inference_mode_enabled(),)
         cache = self.__dict__.setdefault(name, {})
         key = slot + tuple((t.device, t.data_ptr(), _version(t)) for t in tensors)
-        if key not in cache:
-            for k in [k for k in cache if k[:len(slot)] == slot]:
-                del cache[k]
-            cache[key] = make()
-        return cache[key]
+        # two threads may fill the cache at once (a Detector shared by threads): iterate over a
+        # snapshot, remove what may already be gone, return what this call holds
+        kept = cache.get(key)
+        if kept is None:
+            for k in list(cache):
+                if k[:len(slot)] == slot:
+                    cache.pop(k, None)
+            kept = cache[key] = make()
+        return kept
 
     def _trunk_conv(self, i: int, h: torch.Tensor) -> torch.Tensor:
         """ReLU of convolution ``i`` of ``h``, in ``h``'s dtype.
