@@ -216,6 +216,10 @@ class _ClosedReaderSafe:
             except BrokenPipeError:
                 self._closed_reader()
 
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
     def __getattr__(self, name: str):
         return getattr(self._stream, name)
 
