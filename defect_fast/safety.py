@@ -172,11 +172,16 @@ def run_main(fn: Callable[[Sequence[str]], int | None], argv: Sequence[str] | No
     argv = list(sys.argv[1:] if argv is None else argv)
     # a reader that goes away (`| head`) must not stop a command before it has written its files
     saved = sys.stdout, sys.stderr
-    guarded = _ClosedReaderSafe(sys.stdout), _ClosedReaderSafe(sys.stderr)
+    # (a stream closed at start is None: print() to it does nothing, and it stays so)
+    guarded = tuple(_ClosedReaderSafe(s) if s is not None else None for s in saved)
     sys.stdout, sys.stderr = guarded
     try:
         return _run_main(fn, argv, debug, user_errors, prog, stderr if stderr is not None else sys.stderr)
-    finally:  # given back as found (unless the command replaced them itself)
+    finally:  # given back as found (unless the command replaced them itself), flushed through the
+        # guard first: what is still buffered would meet the closed pipe at exit (status 120)
+        for g in guarded:
+            if g is not None:
+                g.flush()
         if sys.stdout is guarded[0]:
             sys.stdout = saved[0]
         if sys.stderr is guarded[1]:

@@ -848,7 +848,7 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
             state = load_checkpoint(ckpt)
             given_data = cfg.data
             cfg = TrainConfig.from_json(state["train_config"])
-            if given_data and Path(given_data).expanduser().resolve() != Path(cfg.data).resolve():
+            if given_data and real_path(given_data, expand_user=True) != real_path(cfg.data):
                 raise RunError(f"{out} trains on {cfg.data}; --resume continues it on those images, not on {given_data}")
             if device is not None and device != cfg.device:
                 log(f"resuming on --device {device}; the run started with --device {cfg.device}")

@@ -198,3 +198,33 @@ def test_a_reader_that_goes_away_does_not_stop_the_command(tmp_path):
     proc.stderr.close()
     assert proc.wait(timeout=120) == 0
     assert done.read_text() == "done"
+
+
+@pytest.mark.parametrize("shell", ["| true", ">&-"])
+def test_a_short_output_to_a_reader_that_is_gone_or_to_no_stdout_succeeds(tmp_path, shell):
+    """Output still buffered when the command ends met the closed pipe at exit (status 120); a
+    stdout closed at start (None) made the first print an internal error."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "short.py"
+    script.write_text(textwrap.dedent("""
+        import sys, time
+        from pathlib import Path
+        from defect_fast.safety import run_main
+
+        def fn(argv):
+            time.sleep(0.3)  # the reader has gone by now
+            print("a short report")
+            Path(argv[0]).write_text("done")
+
+        sys.exit(run_main(fn, [sys.argv[1]]))
+    """))
+    done = tmp_path / "done.txt"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.run(["bash", "-c", f'"{sys.executable}" "{script}" "{done}" {shell}; exit ${{PIPESTATUS[0]}}'],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Exception ignored" not in proc.stderr and done.read_text() == "done"
