@@ -266,7 +266,7 @@ def calibrate(scores, maps=None, far: float = DEFAULT_FAR, pixel_far: float = DE
         "held_back_scores": every held-back score, highest first (:func:`threshold_at_far` sets
         the threshold for another rate from them, after training).
     """
-    far, pixel_far = _check_far(far), _check_far(pixel_far, "pixel_far")
+    pixel_far = _check_far(pixel_far, "pixel_far")  # stored even without maps; far is checked by image_threshold
     it = image_threshold(scores, far, fallback=fallback)
     s = _scores_1d(scores, "held-back scores")
     out = {"image_threshold": it.threshold, **{k: v for k, v in it.to_dict().items() if k != "threshold"}}

@@ -63,16 +63,13 @@ def _as_tensor(x) -> torch.Tensor:
 def _scores_np(x, what: str) -> np.ndarray:
     """Scores as a float32 numpy array (shares memory when possible); rejects NaN/inf."""
     t = _as_tensor(x)
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{what} contain NaN or infinite values")
     if t.dtype != torch.float32:
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{what} contain NaN or infinite values")
         t = t.to(torch.float32)
         if not bool(torch.isfinite(t).all()):  # finite as given: beyond what float32 holds
             raise ValueError(f"{what} hold values beyond float32's range (+-3.4e38)")
-    a = t.numpy()
-    if not np.isfinite(a).all():
-        raise ValueError(f"{what} contain NaN or infinite values")
-    return a
+    return t.numpy()
 
 
 def _labels_np(x) -> np.ndarray:
