@@ -954,7 +954,10 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
                                                "(they were trained on); not a calibrated false-alarm rate")
         cal = finished["calibration"]
         finish_seconds = time.perf_counter() - finish_started
-        final = {**trainer.state(), "calibration": cal, "held_back": list(cfg.held_back), "train_seconds": elapsed,
+        # the model file is what inspection loads: the optimiser's moments (twice the weights) stay in
+        # the checkpoint, which a finished run no longer resumes from
+        weights = {k: v for k, v in trainer.state().items() if k != "optimizer_state"}
+        final = {**weights, "calibration": cal, "held_back": list(cfg.held_back), "train_seconds": elapsed,
                  "finish_seconds": finish_seconds,
                  # which images the run has seen, by their pixels as read (defect-fast calibrate refuses them)
                  "image_keys": {"trained": [keys[i].hex() for i in train_idx],
