@@ -83,6 +83,7 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
     """
     from .data.dataset import load_train_images
     from .detect import Detector
+    from .evaluate import check_finite
     from .runs import RunError, load_model_state, model_file, model_from_state, resolve_device
     from .safety import OutputFolder, UsageError
     from .train import TrainConfig, finish_run, image_keys, images_digest
@@ -148,13 +149,14 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # too few held-back images for the rate: the run's own note
             fin = finish_run(model, cfg, images[held_idx], dev, train_images=images[fitted],
-                             context_images=images[fitted])
+                             context_images=images[fitted], where=f"{path} (fold {k + 1})")
         fold_state = {**state, "perceptual": fin["perceptual"], "context": fin["context"],
                       "normalization": fin["normalization"], "calibration": fin["calibration"],
                       "detector": fin["detector"]}
         fold_state = {k2: v for k2, v in fold_state.items() if v is not None}
         det = Detector.from_state(fold_state, dev, where=f"{path} (fold {k + 1})")
         res = det.predict_batched(images[scored])
+        check_finite(res, [str(paths[i]) for i in scored], f"{path} (fold {k + 1})", det.precision, "training images")
         threshold = float(fin["calibration"]["image_threshold"])
         # the overlays' colour scale, as predict draws maps: 2 x the pixel threshold (0: each map's maximum)
         scales[k] = 2 * float(fin["calibration"].get("pixel_threshold") or 0.0)

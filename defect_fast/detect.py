@@ -905,8 +905,10 @@ class Detector(nn.Module):
         Replaces :attr:`calibration` and returns it.
         """
         from .calibration import DEFAULT_FAR
+        from .evaluate import check_finite
 
         res = self.predict_batched(normal_images)
+        check_finite(res, names, None, self.precision, "defect-free images")
         flat = res["maps"].flatten()
         if flat.numel() > 2_000_000:
             flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:2_000_000]]

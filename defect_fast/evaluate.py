@@ -71,18 +71,22 @@ def evaluate_run(run: Path | str, data: Path | str, map_kind: str | None = None,
     return metrics
 
 
-def check_finite(res: dict[str, torch.Tensor], paths: list, run: Path | str, precision: str, what: str) -> None:
+def check_finite(res: dict[str, torch.Tensor], paths: list | None, run: Path | str | None, precision: str | None,
+                 what: str) -> None:
     """Refuse maps or scores that are NaN or infinite (a model file whose weights diverged, or a
-    reduced precision that overflows), in one line naming the images, before any metric or
-    verdict (NaN > threshold is False: such an image would pass)."""
+    reduced precision that overflows), in one line naming the images, before any metric,
+    threshold or verdict (NaN > threshold is False: such an image would pass). ``paths`` name
+    the images (None: their positions), ``run`` the model (None: not named)."""
     from .runs import RunError
 
     bad = ~(torch.isfinite(res["maps"]).flatten(1).all(1) & torch.isfinite(res["scores"]))
     if bad.any():
-        first = paths[int(bad.nonzero()[0])]
-        raise RunError(f"{run}: the model gives NaN or infinite maps or scores for {int(bad.sum())} of {len(paths)} "
-                       f"{what} (the first: {first}; inference in {precision}); its weights or statistics "
-                       "are not usable")
+        i = int(bad.nonzero()[0])
+        first = paths[i] if paths is not None else f"image {i}"
+        how = f"; inference in {precision}" if precision else ""
+        raise RunError(f"{'' if run is None else f'{run}: '}the model gives NaN or infinite maps or scores for "
+                       f"{int(bad.sum())} of {bad.numel()} {what} (the first: {first}{how}); its weights or "
+                       "statistics are not usable")
 
 
 def image_level_metrics(scores: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, Any]:

@@ -184,7 +184,10 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
     names = [str(Path(p).resolve()) for p in paths]  # as training names its held-back images
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # too few images for the run's own rate: said below, as train does
-        cal = dict(det.calibrate(batch, far, names=names))
+        try:
+            cal = dict(det.calibrate(batch, far, names=names))
+        except RunError as exc:  # NaN or infinite maps: the images are named, the run is added
+            raise RunError(f"{path}: {exc}") from None
     parts = ([f"{n_given} defect-free images given to calibrate"] if n_given else []) + \
         ([f"{n - n_given} images the run held back"] if n > n_given else [])
     cal["source"] = " and ".join(parts)

@@ -449,6 +449,7 @@ def report_from_data(
     """
     from .data import list_images, load_test_set, read_images
     from .data.io import DataError
+    from .evaluate import check_finite
 
     data = Path(data)
     labels = masks = classes = None
@@ -464,6 +465,7 @@ def report_from_data(
         images, names = read_images(paths, meta.image_size, where=data, sizes=sizes), [str(p) for p in paths]
     parts = [predict_fn(chunk) for chunk in images.split(batch_size)]
     res = {k: torch.cat([p[k].detach().float().cpu() for p in parts]) for k in ("maps", "scores")}
+    check_finite(res, names, meta.extra.get("run"), None, "images")  # a NaN score would be drawn as a pass
     recon = torch.cat([p["recon"].detach().float().cpu() for p in parts]) if all("recon" in p for p in parts) else None
     del parts  # one copy of the maps while the page is made (1000 maps at 512 px: 1 GB)
     if recon is None and reconstruct is not None:

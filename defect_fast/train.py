@@ -593,8 +593,9 @@ class Trainer:
 
 def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Tensor,
                device: torch.device | str = "cpu", train_images: torch.Tensor | None = None,
-               context_images: torch.Tensor | None = None) -> dict[str, Any]:
-    """What a finished run stores beside its weights, computed on the held-back images.
+               context_images: torch.Tensor | None = None, where: str | Path | None = None) -> dict[str, Any]:
+    """What a finished run stores beside its weights, computed on the held-back images
+    (``where`` names the run in the error for NaN or infinite maps).
 
     1. builds the :class:`~defect_fast.detect.Detector` of ``model`` (default map, tiles;
        :func:`defect_fast.evaluate.detector_for`);
@@ -633,7 +634,7 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
     """
     from .calibration import calibrate
     from .diagnose import rank_correlation
-    from .evaluate import detector_for
+    from .evaluate import check_finite, detector_for
     from .perceptual import reference_brightness
 
     det = detector_for(model, cfg.image_size, device, **detector_options(cfg, model))
@@ -670,6 +671,7 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
         context = det.context.state()
     else:
         res = det.predict_batched(calib_images)
+    check_finite(res, calib_names, where, det.precision, "held-back images")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # too few images is said in the note, printed by train()
         cal = calibrate(res["scores"], res["maps"], far=cfg.far, names=calib_names)
@@ -940,13 +942,13 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         finish_started = time.perf_counter()
         if held_images.shape[0]:
             finished = finish_run(model, cfg, held_images, trainer.device, train_images=train_images,
-                                  context_images=train_images)
+                                  context_images=train_images, where=out)
         else:
             # Nothing held back: thresholds from training images, optimistic, and said so.
             # (the map statistics from every training image, as --fit-on train fits them)
             finished = finish_run(model, replace(cfg, normalize="none", fit_on="train"),
                                   train_images[: cfg.calibration_images], trainer.device, train_images=train_images,
-                                  context_images=train_images)
+                                  context_images=train_images, where=out)
             finished["calibration"]["source"] = "training images"
             finished["calibration"].update(sufficient=False, far_expected=None, far_upper95=None)
             finished["calibration"]["note"] = ("no held-back images (--holdback 0 or too few images): threshold from "

@@ -313,6 +313,30 @@ def test_evaluate_names_the_images_a_broken_model_gives_nan_maps(tiny_run, synth
     assert not (tmp_path / "p").exists()
 
 
+@pytest.mark.parametrize("command", ["calibrate", "report", "audit"])
+def test_commands_that_set_or_show_thresholds_name_the_images_a_broken_model_gives_nan(
+        tiny_run, synthetic_root, tmp_path, capsys, monkeypatch, command):
+    """calibrate and audit set thresholds from such maps, report draws their scores: each was an
+    internal error with a traceback (the calibration's ValueError) or would have drawn a pass."""
+    real = Detector.predict_batched
+
+    def broken(self, images, *args, **kwargs):
+        res = real(self, images, *args, **kwargs)
+        res["scores"][-1] = float("nan")
+        return res
+
+    monkeypatch.setattr(Detector, "predict_batched", broken)
+    out = tmp_path / ("r.html" if command == "report" else "out")
+    args = {"calibrate": [str(tiny_run), str(synthetic_root / "test" / "good")],
+            "report": [str(tiny_run), str(synthetic_root)], "audit": [str(tiny_run)]}[command]
+    assert main([command, *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "the model gives NaN or infinite maps or scores for " in err, err
+    assert err.startswith(f"defect-fast: error: {tiny_run}"), err  # names the run and (the first) image
+    assert "(the first: " + str(synthetic_root) in err, err
+    assert not out.exists()
+
+
 def test_evaluate_reports_pass_fail_rates_and_never_replaces_json(tiny_run, synthetic_root, tmp_path, capsys):
     path = tmp_path / "m.json"
     path.write_text("mine")
