@@ -320,8 +320,9 @@ def cmd_demo(args) -> int:
     # a user's file where the demo writes is refused before an earlier demo is cleared, not after
     left = OutputFolder.unlisted(out, DEMO_OUTPUTS) if (out / MANIFEST_NAME).is_file() else []
     if left:
+        first = left[0].name + ("/" if left[0].is_dir() and not left[0].is_symlink() else "")  # a folder: mine/
         raise OutputRefused(f"output folder {out}: {left[0].parent} holds files defect-fast did not write "
-                            f"({left[0].name}); move them away or choose another folder")
+                            f"({first}); move them away or choose another folder")
     folder = OutputFolder.create(out, overwrite=args.overwrite, what="output folder", command="demo")
     for sub, command in (("run", "train"), ("maps", "predict")):
         # an earlier demo's training or maps: their files are listed in their own manifests (a training

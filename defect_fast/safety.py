@@ -800,39 +800,54 @@ class OutputFolder:
         """What under ``path / u`` (for each ``u`` in ``under``) no manifest lists: neither
         ``path``'s nor that of an output folder nested between (a run inside a demo). Clearing
         those folders leaves exactly these, so a command that will refuse them can say so before
-        it clears anything. Manifests and locks, and the temporaries of a killed write, count as
-        listed; a symbolic link is one entry, never followed. Touches nothing."""
+        it clears anything: files, and folders no manifest lists (a user's empty folder too).
+        Manifests and locks count as listed, and so do the temporaries a killed write left beside
+        a listed file or a manifest (a clear removes them, not those of a user's file); a
+        symbolic link is one entry, never followed. Touches nothing."""
         root = Path(path)
-        temporary = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")
-        listings: dict[Path, set[str]] = {}
+        temporary = re.compile(r"\.(.+)\.[A-Za-z0-9_]{8}\.tmp")
+        listings: dict[Path, tuple[set[str], set[str]]] = {}
 
-        def listed(folder: Path) -> set[str]:
+        def listed(folder: Path) -> tuple[set[str], set[str]]:
+            """The files and the folders ``folder``'s manifest lists."""
             if folder not in listings:
                 try:
                     data = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
-                    files = data.get("files", []) if isinstance(data, dict) and data.get("format") == _MANIFEST_FORMAT else []
+                    if not isinstance(data, dict) or data.get("format") != _MANIFEST_FORMAT:
+                        data = {}
                 except (OSError, ValueError, UnicodeDecodeError):
-                    files = []
-                listings[folder] = {f for f in files if isinstance(f, str)}
+                    data = {}
+                listings[folder] = tuple({f for f in data.get(key, []) if isinstance(f, str)}  # type: ignore[assignment]
+                                         for key in ("files", "dirs"))
             return listings[folder]
 
-        def owned(entry: Path) -> bool:
-            if entry.name in _OWN or temporary.fullmatch(entry.name):
-                return True
+        def owned(entry: Path, kind: int) -> bool:
+            """``entry`` (kind 0: a file, 1: a folder) is listed by a manifest at or above it."""
             rel = entry.relative_to(root)
-            return any(rel.relative_to(up.relative_to(root)).as_posix() in listed(up)
+            return any(rel.relative_to(up.relative_to(root)).as_posix() in listed(up)[kind]
                        for up in [root, *(root / Path(*rel.parts[:k]) for k in range(1, len(rel.parts)))])
+
+        def owned_file(entry: Path) -> bool:
+            written_for = temporary.fullmatch(entry.name)
+            name = written_for.group(1) if written_for else entry.name
+            return name in _OWN or owned(entry.with_name(name), 0)
+
+        def owned_folder(entry: Path) -> bool:
+            # an output folder nested here (a run) is cleared through its own manifest
+            return owned(entry, 1) or (entry / MANIFEST_NAME).is_file()
 
         left: list[Path] = []
         for u in under:
             top = root / u
             if top.is_symlink() or top.is_file():
-                left += [] if owned(top) else [top]
+                left += [] if owned_file(top) else [top]
                 continue
             for dirpath, dirnames, filenames in os.walk(top):
                 here = Path(dirpath)
                 links = [d for d in dirnames if (here / d).is_symlink()]
-                left += [here / n for n in sorted(filenames + links) if not owned(here / n)]
+                left += [here / n for n in sorted(filenames + links) if not owned_file(here / n)]
+                left += [here / d for d in sorted(dirnames) if d not in links and not owned_folder(here / d)]
+                dirnames[:] = [d for d in dirnames if d not in links and owned_folder(here / d)]  # one entry each
         return left
 
     def remove_stale_temporaries(self) -> list[Path]:
@@ -841,7 +856,7 @@ class OutputFolder:
         into place, so never recorded). Only with the folder's lock held: no writer of it is
         alive. Returns what was removed."""
         removed: list[Path] = []
-        for rel in sorted(self.files):
+        for rel in [MANIFEST_NAME, *sorted(self.files)]:  # a manifest's own write can be killed too
             target = self._safe_target(rel)
             if target is None or not target.parent.is_dir():
                 continue

@@ -496,6 +496,13 @@ def test_demo_overwrite_keeps_the_files_it_did_not_write(tmp_path, capsys):
     # refused before the earlier demo was cleared: its run, data and metrics are all still there
     assert (out / "run" / "model.pt").is_file() and (out / "metrics.json").is_file()
     assert len(list((out / "data" / "train" / "good").glob("*.png"))) > 1
+    # an empty folder of the user's survives a clear as well: refused before it too
+    (out / "data" / "train" / "good" / "keep.png").unlink()
+    (out / "maps" / "mine").mkdir()
+    assert main(["demo", str(out), *DEMO, "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{out / 'maps'} holds files defect-fast did not write (mine/)" in err and "\n" not in err
+    assert (out / "run" / "model.pt").is_file() and (out / "maps" / "mine").is_dir()
 
 
 def test_a_demo_that_fails_removes_only_its_own_files(tmp_path, monkeypatch, capsys):

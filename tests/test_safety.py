@@ -83,6 +83,35 @@ def test_output_folder_records_and_clears_only_its_own_files(tmp_path):
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
 
 
+def test_unlisted_names_exactly_what_a_clear_leaves(tmp_path):
+    """What a command that clears first and refuses after checks beforehand: a user's empty
+    folder and the temporary of a user's file survive the clear, so they are named too (they were
+    missed, and demo --overwrite cleared an earlier demo and then refused); the temporaries of
+    the folder's own files and of its manifest are removed by the clear, so they are not."""
+    out = OutputFolder.create(tmp_path / "o")
+    for rel in ("a/x.bin", "a/b/y.bin"):
+        with out.open_atomic(out.path / rel) as fh:
+            fh.write(b"ours")
+    nested = OutputFolder.create(out.path / "a" / "run")  # an output folder inside, with its own manifest
+    with nested.open_atomic(nested.path / "m.bin") as fh:
+        fh.write(b"ours")
+    a = out.path / "a"
+    (a / "b" / ".y.bin.abcd1234.tmp").write_bytes(b"killed write of ours")
+    (a / "run" / f".{MANIFEST_NAME}.abcd1234.tmp").write_bytes(b"killed write of a manifest")
+    (a / "mine").mkdir()  # the user's empty folder
+    (a / "b" / "z.txt").write_text("the user's")
+    (a / "b" / ".z.txt.abcd1234.tmp").write_text("the user's editor")
+    before = sorted(OutputFolder.unlisted(out.path, ["a"]))
+    assert before == sorted([a / "mine", a / "b" / "z.txt", a / "b" / ".z.txt.abcd1234.tmp"])
+    opened = OutputFolder.open(out.path)
+    nested_open = OutputFolder.open(a / "run")
+    nested_open.discard()
+    opened.clear()
+    assert not (a / "run").exists()  # the nested folder went, its manifest's temporary with it
+    left = sorted(p for p in a.rglob("*") if p.name != MANIFEST_NAME)
+    assert sorted(set(left) - {a / "b"}) == before  # b stays only as the folder of the user's file
+
+
 def test_folder_without_manifest_refused_even_with_overwrite(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
