@@ -651,6 +651,18 @@ _RUN_FILES = ("model.pt", "checkpoint.pt")
 _JOURNAL_FILE = "results.jsonl"
 
 
+def _manifest(folder: Path) -> dict[str, Any]:
+    """``folder``'s manifest, checked: our format, its "files" and "dirs" lists of strings.
+    Raises OSError (none, unreadable) or ValueError (damaged; the message says how)."""
+    data = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))  # UnicodeDecodeError is a ValueError
+    if not isinstance(data, dict) or data.get("format") != _MANIFEST_FORMAT:
+        raise ValueError("unknown format")
+    entries = [data.get("files", []), data.get("dirs", [])]
+    if not all(isinstance(e, list) and all(isinstance(x, str) for x in e) for e in entries):
+        raise ValueError("entries are not strings")
+    return data
+
+
 def _foreign_entries(folder: Path) -> list[str]:
     return sorted(e.name for e in folder.iterdir() if e.name not in _OWN)
 
@@ -683,14 +695,12 @@ class OutputFolder:
         for a manifest that does not name one (written by an older version), "train" when it lists
         a run's model or checkpoint and "watch" when it lists a journal; None when unknown."""
         try:
-            data = json.loads((Path(path) / MANIFEST_NAME).read_text(encoding="utf-8"))
-        except (OSError, ValueError, UnicodeDecodeError):
-            return None
-        if not isinstance(data, dict):
+            data = _manifest(Path(path))
+        except (OSError, ValueError):
             return None
         if isinstance(data.get("command"), str):
             return data["command"]
-        files = set(data.get("files") or [])
+        files = set(data.get("files", []))
         if files & set(_RUN_FILES):
             return "train"
         return "watch" if _JOURNAL_FILE in files else None
@@ -764,9 +774,13 @@ class OutputFolder:
                         p.rmdir()
                 raise
         if clearing:
-            out._read_manifest()
-            out.command = command
-            out.clear()
+            try:
+                out._read_manifest()
+                out.command = command
+                out.clear()
+            except BaseException:  # a damaged manifest, a file that would not go: the lock goes now,
+                out.release()      # not when the failed object is collected (a long-lived caller)
+                raise
             if not lock:
                 out.release()
         else:
@@ -812,13 +826,10 @@ class OutputFolder:
             """The files and the folders ``folder``'s manifest lists."""
             if folder not in listings:
                 try:
-                    data = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
-                    if not isinstance(data, dict) or data.get("format") != _MANIFEST_FORMAT:
-                        data = {}
-                except (OSError, ValueError, UnicodeDecodeError):
+                    data = _manifest(folder)
+                except (OSError, ValueError):
                     data = {}
-                listings[folder] = tuple({f for f in data.get(key, []) if isinstance(f, str)}  # type: ignore[assignment]
-                                         for key in ("files", "dirs"))
+                listings[folder] = (set(data.get("files", [])), set(data.get("dirs", [])))
             return listings[folder]
 
         def owned(entry: Path, kind: int) -> bool:
@@ -871,13 +882,9 @@ class OutputFolder:
     def _read_manifest(self) -> None:
         mpath = self.path / MANIFEST_NAME
         try:
-            data = json.loads(mpath.read_text(encoding="utf-8"))
-            if not isinstance(data, dict) or data.get("format") != _MANIFEST_FORMAT:
-                raise ValueError("unknown format")
+            data = _manifest(self.path)
             files, dirs = data.get("files", []), data.get("dirs", [])
-            if not all(isinstance(x, str) for x in [*files, *dirs]):
-                raise ValueError("entries are not strings")
-        except (OSError, ValueError, UnicodeDecodeError) as exc:
+        except (OSError, ValueError) as exc:
             raise OutputRefused(f"{mpath}: damaged manifest ({exc}); remove the folder's files by hand") from None
         self.files, self.dirs = set(files), set(dirs)
         self.created_root = bool(data.get("created_root", False)) or self.created_root

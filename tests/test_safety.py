@@ -158,6 +158,14 @@ def test_tampered_manifest_cannot_reach_outside(tmp_path):
     m.write_text("{not json")
     with pytest.raises(OutputRefused, match="damaged manifest"):
         OutputFolder.create(tmp_path / "o", overwrite=True)
+    # entries that are not strings: the command's check read them first (an internal TypeError)
+    (tmp_path / "o" / "a.txt").write_text("x")
+    for files in ([["a.txt"]], "a.txt", [{"a": 1}]):
+        m.write_text(json.dumps({**data, "files": files, "command": None}))
+        with pytest.raises(OutputRefused, match="damaged manifest .entries are not strings"):
+            OutputFolder.create(tmp_path / "o", overwrite=True, command="predict")
+        assert OutputFolder.written_by(tmp_path / "o") is None
+        assert OutputFolder.unlisted(tmp_path, ["o"]) == [tmp_path / "o" / "a.txt"]  # a damaged manifest lists nothing
 
 
 def test_discard_undoes_a_failed_start(tmp_path):
