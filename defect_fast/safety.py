@@ -804,9 +804,13 @@ class OutputFolder:
         out = cls(p, command=command)
         if lock:
             out.lock = RunLock(p).acquire()
-        out._read_manifest()
-        if lock:
-            out.remove_stale_temporaries()
+        try:
+            out._read_manifest()
+            if lock:
+                out.remove_stale_temporaries()
+        except BaseException:  # as in create: the lock does not outlive the refusal
+            out.release()
+            raise
         return out
 
     @staticmethod

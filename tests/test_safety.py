@@ -164,6 +164,8 @@ def test_tampered_manifest_cannot_reach_outside(tmp_path):
         m.write_text(json.dumps({**data, "files": files, "command": None}))
         with pytest.raises(OutputRefused, match="damaged manifest .entries are not strings"):
             OutputFolder.create(tmp_path / "o", overwrite=True, command="predict")
+        with pytest.raises(OutputRefused, match="damaged manifest .entries are not strings"):
+            OutputFolder.open(tmp_path / "o", lock=True)
         assert OutputFolder.written_by(tmp_path / "o") is None
         assert OutputFolder.unlisted(tmp_path, ["o"]) == [tmp_path / "o" / "a.txt"]  # a damaged manifest lists nothing
 
