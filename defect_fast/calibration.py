@@ -390,12 +390,12 @@ def chosen_threshold(calibration: Mapping[str, Any] | None, threshold: float | N
 
 
 def _labels_1d(labels, n: int) -> np.ndarray:
-    y = (labels.detach().cpu().to(torch.float64).numpy() if isinstance(labels, torch.Tensor)
-         else np.asarray(labels)).reshape(-1)
+    """The metrics' checked labels (0 or 1), as booleans, one per score."""
+    from .metrics import _labels_np
+
+    y = _labels_np(labels)
     if y.size != n:
         raise ValueError(f"{n} scores but {y.size} labels")
-    if not np.isin(y, (0, 1)).all():
-        raise ValueError("labels must be 0 (good) or 1 (defective)")
     return y.astype(bool)
 
 

@@ -75,7 +75,7 @@ def _scores_np(x, what: str) -> np.ndarray:
 def _labels_np(x) -> np.ndarray:
     """Image labels as an int64 numpy array [N]: 0 (good) or 1 (defective), checked before any cast
     (a label of 0.5 or 2 is refused, not rounded or read as defective)."""
-    a = _as_tensor(x).numpy().reshape(-1)
+    a = _as_tensor(x).to(torch.float64).numpy().reshape(-1)  # any dtype (bfloat16 has no numpy twin)
     if not np.isin(a, (0, 1)).all():
         raise ValueError("labels must be 0 (good) or 1 (defective)")
     return a.astype(np.int64)

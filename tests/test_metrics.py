@@ -311,6 +311,16 @@ def test_bad_inputs_raise():
             evaluate(maps, masks, [0, 1], labels, ["good", "x"])
         with pytest.raises(ValueError, match="0 \\(good\\) or 1"):
             image_auroc([0.1, 0.2], labels)
+    # labels of any dtype, bfloat16 included (numpy has none: an internal TypeError), as the
+    # calibration's F1 threshold reads them, which checks them alike
+    from defect_fast.calibration import f1_optimal_threshold
+
+    for dtype in (torch.bfloat16, torch.bool, torch.uint8, torch.float64):
+        assert image_auroc([0.1, 0.2], torch.tensor([0, 1]).to(dtype)) == 1.0
+        assert f1_optimal_threshold([0.1, 0.2], torch.tensor([0, 1]).to(dtype))["f1"] == 1.0
+    for dtype in (torch.bfloat16, torch.uint8, torch.float64):
+        with pytest.raises(ValueError, match="0 \\(good\\) or 1"):
+            f1_optimal_threshold([0.1, 0.2], torch.tensor([0, 2]).to(dtype))
     # finite float64 values float32 cannot hold are named as such, not as NaN or infinite
     with pytest.raises(ValueError, match="beyond float32's range"):
         pixel_auroc(maps.astype(np.float64) + np.array([0, 1e300])[:, None, None], masks)
