@@ -667,24 +667,25 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
             if stop is not None and stop.is_set() and written:
                 log(f"stopping: {len(good) - len(written)} image(s) of this batch left for the next start")
                 break
+            # this photo only is set aside, with its reason; the rest of the batch goes on
+            reason = None
             if not (bool(torch.isfinite(m).all()) and math.isfinite(float(s))):  # never a pass, never a journal error
-                _reject(st, key, path, sha, sig, "the model gives a NaN or infinite map or score for this image "
-                        "(its weights or statistics are not usable)", log)
-                n_done += 1
-                written.append(None)
-                photo_maps.append(None)
-                continue
-            name = output_name(key, sha)
-            map_path, ov_path = st.out / MAPS / f"{name}_map.png", st.out / OVERLAYS / f"{name}_overlay.png"
-            try:
-                m = resize_map(m, tuple(photo.shape[-2:]))
-                _atomic_write(map_path, lambda tmp, m=m: save_map(m, tmp, scale))
-                _atomic_write(ov_path, lambda tmp, m=m, photo=photo: save_overlay(photo, m, tmp, scale))
-            except MemoryError:  # this photo only: set aside with a reason, the rest of the batch goes on
-                for p in (map_path, ov_path):
-                    p.unlink(missing_ok=True)
-                h, w = photo.shape[-2:]
-                _reject(st, key, path, sha, sig, f"too large: no memory for its map and overlay at {w}x{h}", log)
+                reason = "the model gives a NaN or infinite map or score for this image (its weights or statistics " \
+                         "are not usable)"
+            else:
+                name = output_name(key, sha)
+                map_path, ov_path = st.out / MAPS / f"{name}_map.png", st.out / OVERLAYS / f"{name}_overlay.png"
+                try:
+                    m = resize_map(m, tuple(photo.shape[-2:]))
+                    _atomic_write(map_path, lambda tmp, m=m: save_map(m, tmp, scale))
+                    _atomic_write(ov_path, lambda tmp, m=m, photo=photo: save_overlay(photo, m, tmp, scale))
+                except MemoryError:
+                    for p in (map_path, ov_path):
+                        p.unlink(missing_ok=True)
+                    h, w = photo.shape[-2:]
+                    reason = f"too large: no memory for its map and overlay at {w}x{h}"
+            if reason is not None:
+                _reject(st, key, path, sha, sig, reason, log)
                 n_done += 1
                 written.append(None)
                 photo_maps.append(None)
