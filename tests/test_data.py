@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -538,3 +539,99 @@ def test_read_image_at_both_sizes_decodes_once_what_read_image_gives(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match="bad.png"):
         read_image_at_both_sizes(tmp_path / "bad.png", 32)
+
+
+# --------------------------------------------------------------------------------------------
+# Damaged fields, odd containers
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_photo_whose_exif_pil_cannot_write_back_is_still_turned_upright(tmp_path):
+    """exif_transpose re-encoded the EXIF block without the orientation tag and raised struct.error
+    on a field it reads but cannot write: an internal error, and a line service stopped at every
+    start on the same file. Only the pixels are turned now."""
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F] = 6, "Cam"
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 24), (90, 90, 90)).save(buf, "JPEG", exif=exif)
+    # the Make tag renumbered to one PIL's table types as LONG: its ASCII value no longer packs
+    data = buf.getvalue().replace(b"\x01\x0f\x00\x02", b"\x01\x20\x00\x02", 1)
+    assert data != buf.getvalue()
+    (tmp_path / "photo.jpg").write_bytes(data)
+    assert read_image(tmp_path / "photo.jpg", None).shape == (3, 20, 24)  # 20 wide, 24 high, turned: 24 x 20
+
+
+def test_any_failure_of_a_damaged_file_is_a_data_error_naming_it(tmp_path):
+    """A TIFF tag of the wrong type made PIL's decoder raise TypeError, which passed through as an
+    internal error (only OSError and the like were taken for the file's)."""
+    buf = io.BytesIO()
+    Image.new("L", (20, 24), 90).save(buf, "TIFF")
+    data = buf.getvalue().replace(b"\x11\x01\x04\x00", b"\x11\x01\x02\x00")  # StripOffsets: LONG -> ASCII
+    assert data != buf.getvalue()
+    (tmp_path / "scan.tif").write_bytes(data)
+    with pytest.raises(DataError) as err:
+        read_image(tmp_path / "scan.tif", None)
+    assert str(err.value).startswith(f"{tmp_path / 'scan.tif'}: ") and "TypeError" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_a_file_of_several_frames_is_read_by_its_first_and_said_so(tmp_path):
+    p = tmp_path / "scan.tif"
+    Image.new("L", (16, 16), 0).save(p, save_all=True, append_images=[Image.new("L", (64, 48), 200)])
+    with pytest.warns(DataWarning, match=re.escape(f"{p}: holds 2 frames (pages); the first, 16x16, is read")):
+        assert read_image(p, None).shape == (3, 16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_image(_save(tmp_path / "one.tif", np.zeros((4, 4), np.uint8)), None)  # one frame: nothing said
+
+
+def test_a_16_bit_colour_png_mask_is_refused_not_read_empty(tmp_path):
+    """PIL keeps the high byte of a 16-bit colour PNG's values: a mask drawn with 255 read as no
+    defect at all. 16-bit grayscale (read exactly) and 8-bit colour masks are read as before."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    m = np.zeros((16, 16, 3), np.uint16)
+    m[4:8, 4:8] = 255
+    raw = b"".join(b"\x00" + m[y].astype(">u2").tobytes() for y in range(16))
+    p = tmp_path / "rgb16_mask.png"
+    p.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 16, 16, 16, 2, 0, 0, 0))
+                  + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    assert Image.open(p).mode == "RGB" and not np.asarray(Image.open(p)).any()  # what PIL makes of it
+    with pytest.raises(DataError, match=re.escape(f"{p}: a 16-bit colour PNG")):
+        read_mask(p, None)
+    assert read_image(p, None).shape == (3, 16, 16)  # as an image, the high byte is its 8-bit value
+    gray = m[..., 0]
+    assert int(read_mask(_save(tmp_path / "g16.png", gray), None).sum()) == 16
+    assert int(read_mask(_save(tmp_path / "rgb8.png", (m > 0).astype(np.uint8) * 255), None).sum()) == 16
+
+
+def test_a_float_frame_in_0_1_with_a_hot_pixel_is_read_as_0_1(tmp_path):
+    """Past the 0.05 margin, one hot pixel read the whole [0, 1] frame as [0, 255]: black."""
+    a = np.random.default_rng(0).random((64, 64)).astype(np.float32) * 0.9 + 0.05
+    a[0, 0] = 3.0
+    p = _save(tmp_path / "hot.tif", a)
+    with pytest.warns(DataWarning, match=re.escape(f"{p}: float pixels read as [0, 1]; 1 outside it")):
+        t = read_image(p, None)[0]
+    assert t[0, 0] == 255 and abs(int(t[1:, 1:].float().mean()) - int(a[1:, 1:].mean() * 255)) <= 1
+    wide = np.clip(a, 0, 1) * 200  # a [0, 255] frame keeps its rule (mean about 100)
+    assert 95 <= int(read_image(_save(tmp_path / "wide.tif", wide), None)[0].float().mean()) <= 105
+
+
+def test_a_test_folder_says_what_it_does_not_read_or_take_as_defect_free(tmp_path):
+    """Images put directly in test/ were not read, and class folders not named good (OK, Good)
+    were all taken as defective, both without a word."""
+    root = _mvtec(tmp_path)
+    _save(root / "test" / "extra.png", np.zeros((32, 32), np.uint8))
+    with pytest.warns(DataWarning, match=re.escape("images directly in test/ are not read, only its class folders: "
+                                                   "1 skipped (extra.png)")):
+        assert len(load_test_set(root, 16)) == 6
+    (root / "test" / "extra.png").unlink()
+    (root / "test" / "good").rename(root / "test" / "OK")
+    shutil.rmtree(root / "ground_truth")  # image-level only (with masks, OK/ is refused for lacking them)
+    with pytest.warns(DataWarning, match=re.escape("no good/ folder, so every test image is taken as defective "
+                                                   "(classes OK, scratch, spot)")):
+        assert load_test_set(root, 16, require_masks=False).labels.tolist() == [1] * 6

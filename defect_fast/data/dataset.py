@@ -190,6 +190,15 @@ def load_test_set(
     class_dirs = sorted((d for d in test.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: (d.name != GOOD, d.name))
     if not class_dirs:
         raise DataError(f"{test}: no class folders (expected test/good/ and test/<defect class>/)")
+    loose = list_images(test, warn=False)
+    if loose:  # the layout has every test image in a class folder: these would silently not count
+        warnings.warn(f"{test}: images directly in test/ are not read, only its class folders: {len(loose)} skipped "
+                      f"({', '.join(p.name for p in loose[:3])}{', ...' if len(loose) > 3 else ''})",
+                      DataWarning, stacklevel=2)
+    if class_dirs[0].name != GOOD:  # every image would count as defective (an "OK" or "Good" folder too)
+        warnings.warn(f"{test}: no {GOOD}/ folder, so every test image is taken as defective (classes "
+                      f"{', '.join(d.name for d in class_dirs)}); the defect-free images' folder must be named "
+                      f"{GOOD}", DataWarning, stacklevel=2)
 
     items: list[tuple[str, Path, Path | None]] = []
     problems: list[str] = []

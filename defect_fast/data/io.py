@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from ..safety import UserError
 
@@ -164,34 +164,61 @@ def _open(path: Path) -> Image.Image:
         raise DataError(f"{path}: not a file")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: file is empty (0 bytes)")
+    # A damaged file reaches PIL's parsers in ways they do not all turn into OSError (a TIFF tag of
+    # the wrong type: TypeError; EXIF values: struct.error): any failure of this file is the file's.
     try:
         img = Image.open(path)
     except UnidentifiedImageError:
         raise DataError(f"{path}: not a readable image (unknown or corrupt format)") from None
     except Image.DecompressionBombError as exc:
         raise DataError(f"{path}: image is implausibly large ({exc})") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise DataError(f"{path}: cannot open image ({exc})") from None
+    except MemoryError:
+        raise DataError(f"{path}: cannot open image: not enough memory") from None
+    except Exception as exc:  # noqa: BLE001 - see above
+        raise DataError(f"{path}: cannot open image ({_reason(exc)})") from None
     limit = Image.MAX_IMAGE_PIXELS
     if limit and img.width * img.height > limit:  # PIL warns too, without the file's name
         warnings.warn(f"{path}: {img.width}x{img.height} pixels, over PIL's {limit} (twice that is refused); "
                       "decoding it takes much memory", DataWarning, stacklevel=2)
     try:
         img.load()  # decode now so truncated / corrupt data fails here, not later
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
-        img.close()
-        raise DataError(f"{path}: corrupt or truncated image ({exc})") from None
     except MemoryError:  # a plausible size (under PIL's bomb limit) that this process cannot hold
         size = f"{img.width}x{img.height}"
         img.close()
         raise DataError(f"{path}: too large to decode here ({size} pixels): not enough memory") from None
+    except Exception as exc:  # noqa: BLE001 - see above
+        img.close()
+        raise DataError(f"{path}: corrupt or truncated image ({_reason(exc)})") from None
     if img.width == 0 or img.height == 0:
         raise DataError(f"{path}: image has zero size ({img.width}x{img.height})")
+    frames = getattr(img, "n_frames", 1)
+    if isinstance(frames, int) and frames > 1:  # a multi-page TIFF, an animated GIF or PNG
+        warnings.warn(f"{path}: holds {frames} frames (pages); the first, {img.width}x{img.height}, is read",
+                      DataWarning, stacklevel=2)
     return _apply_orientation(img, path)
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception as the reason in a one-line message: its text, and its kind where the text
+    alone says little (PIL's parsers raise TypeError or struct.error on damaged fields)."""
+    text = str(exc)
+    if isinstance(exc, (OSError, ValueError, SyntaxError, EOFError)) and text:
+        return text
+    return f"{error_kind(exc)}: {text}" if text else error_kind(exc)
+
+
+def error_kind(exc: BaseException) -> str:
+    """The name of an exception's class, with its module unless built in (struct.error, not error)."""
+    kind = type(exc)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
 
 
 #: EXIF tag holding how the stored pixels must be turned to be seen upright (1 = as stored).
 _EXIF_ORIENTATION = 0x0112
+#: How each EXIF orientation is undone (the table of PIL's ImageOps.exif_transpose).
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
 
 
 def _apply_orientation(img: Image.Image, path: Path) -> Image.Image:
@@ -201,27 +228,31 @@ def _apply_orientation(img: Image.Image, path: Path) -> Image.Image:
         orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
     except Exception:  # noqa: BLE001 - malformed EXIF block: PIL gives no orientation either
         return img
-    if orientation in (None, 1):
+    method = _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
+    if method is None:  # 1 (as stored), or a value EXIF does not define: PIL leaves those as stored too
         return img
+    # the pixels only: exif_transpose also re-encodes the EXIF block without the tag, which fails
+    # on a block PIL reads but cannot write back (struct.error: an internal error, a stopped line)
     try:
-        upright = ImageOps.exif_transpose(img)
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"{path}: cannot apply its EXIF orientation {orientation} ({exc})") from None
-    if upright is not img:
-        img.close()
+        upright = img.transpose(method)
+    except MemoryError:
+        raise DataError(f"{path}: too large to turn upright here ({img.width}x{img.height} pixels): not enough "
+                        "memory") from None
+    img.close()
     return upright
 
 
-def _scale_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
+def _scale_to_uint8(a: np.ndarray, mode: str, note: Callable[[str], None] | None = None) -> np.ndarray:
     """Wide grayscale (16/32-bit integer or float) -> uint8, scaled to the full range.
 
     NB: "I;16*" uses the full 16-bit range (65535 -> 255). "I" (32-bit int) is read as 16-bit
     data when its values lie in [0, 65535] (the usual case: 16-bit TIFF/PNG decoded to "I"),
     otherwise rescaled from its own min..max. "F" in [0, 1] is scaled by 255, in [0, 255] taken
-    as is, otherwise rescaled from its own min..max; [0, 1] is taken with a margin of 0.05
-    (values just outside are clipped), so that one pixel of processing overshoot (1.02 in a [0, 1]
-    frame) does not read the frame by another rule than its neighbours (it read it as [0, 255]:
-    a black image).
+    as is, otherwise rescaled from its own min..max. A frame is taken as [0, 1] when its values
+    lie in [-0.05, 1.05] but for a few (0.1 %) outliers, which are clipped: processing overshoot
+    (1.02, or one hot pixel at 3) in a [0, 1] frame does not read the frame by another rule than
+    its neighbours (it read it as [0, 255]: a black image). ``note`` receives a sentence when
+    pixels were clipped so.
     """
     a = a.astype(np.float64)
     if not np.isfinite(a).all():
@@ -232,7 +263,14 @@ def _scale_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
     elif mode == "I":
         a = a * (255.0 / 65535.0) if (lo >= 0 and hi <= 65535) else (a - lo) * (255.0 / max(hi - lo, 1e-12))
     elif mode == "F":
-        if lo >= -0.05 and hi <= 1.05:
+        unit = lo >= -0.05 and hi <= 1.05
+        if not unit and a.size:
+            q_lo, q_hi = np.quantile(a, [0.001, 0.999])
+            unit = q_lo >= -0.05 and q_hi <= 1.05
+            if unit and note is not None:
+                out = int(((a < -0.05) | (a > 1.05)).sum())
+                note(f"float pixels read as [0, 1]; {out} outside it (from {lo:.4g} to {hi:.4g}) are clipped")
+        if unit:
             a = a * 255.0
         elif not (lo >= 0 and hi <= 255):
             a = (a - lo) * (255.0 / max(hi - lo, 1e-12))
@@ -257,7 +295,10 @@ def _to_8bit(img: Image.Image, channels: int, path: Path) -> Image.Image:
     mode = img.mode
     if mode.startswith("I;16") or mode in ("I", "F"):
         try:
-            gray = Image.fromarray(_scale_to_uint8(np.asarray(img), mode), mode="L")
+            def note(text: str) -> None:
+                warnings.warn(f"{path}: {text}", DataWarning, stacklevel=5)
+
+            gray = Image.fromarray(_scale_to_uint8(np.asarray(img), mode, note), mode="L")
         except ValueError as exc:
             raise DataError(f"{path}: {exc}") from None
         return gray if channels == 1 else gray.convert("RGB")
@@ -352,6 +393,10 @@ def _load_mask(path: str | os.PathLike, size: int | None, notes: list[tuple[str,
     for a mask with more than two values (soft edges, JPEG) or marking more than half its image."""
     path = Path(path)
     img = _open(path)
+    if img.format == "PNG" and _png_header(path) in ((16, 2), (16, 4), (16, 6)):
+        img.close()
+        raise DataError(f"{path}: a 16-bit colour PNG, which is read by the high byte of each value only (a "
+                        "mask value under 256 reads as 0, no defect); save the mask as 8-bit or 16-bit grayscale")
     orig = img.size
     with _converting(path, img):
         if img.mode in ("1", "L", "I", "F") or img.mode.startswith("I;16"):
@@ -378,10 +423,24 @@ def _load_mask(path: str | os.PathLike, size: int | None, notes: list[tuple[str,
     return torch.from_numpy(np.ascontiguousarray(defect)), orig
 
 
+def _png_header(path: Path) -> tuple[int, int] | None:
+    """(bit depth, colour type) of a PNG file, from its header (the first chunk, IHDR, at a fixed
+    place by the PNG specification); None when the file does not start so."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(26)
+    except OSError:
+        return None
+    if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    return head[24], head[25]
+
+
 def read_mask(path: str | os.PathLike, size: int | None) -> torch.Tensor:
     """Read a ground-truth mask file as a bool tensor [size, size] (True = defect pixel).
 
-    Any nonzero stored value (in any colour channel) is a defect; in a mask with transparent
+    Any nonzero stored value (in any colour channel) is a defect (a 16-bit colour PNG is refused:
+    PIL keeps the high byte of its values only); in a mask with transparent
     pixels (alpha 0 somewhere: drawn on a transparent layer), its painted pixels (alpha not 0) are,
     whatever colour they or the hidden background have. Resizing uses
     nearest-neighbour sampling, so defects thinner than the downsampling step can shrink or vanish.
