@@ -87,7 +87,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from .calibration import ModelInfo, defect_regions
-from .data.io import IMAGE_EXTENSIONS, DataError, read_image_at_both_sizes
+from .data.io import IMAGE_EXTENSIONS, DataError, error_kind, read_image_at_both_sizes
 from .maps import resize_map
 from .safety import LOCK_NAME, MANIFEST_NAME, OutputFolder, OutputRefused, RunLock, UserError, check_out_not_overlapping, far_errors
 
@@ -642,6 +642,9 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
             img, photo, err = None, None, str(exc)
         except MemoryError:  # this photo only, as for its map below: set aside with a reason
             img, photo, err = None, None, "too large: no memory to decode it"
+        except Exception as exc:  # noqa: BLE001 - a reader's bug on one odd file: that file is set aside with
+            # the reason, the line goes on (raised, it stopped the service at every start on the same file)
+            img, photo, err = None, None, f"cannot be read (internal error {error_kind(exc)}: {exc})"
         try:
             s2 = os.stat(path)
         except OSError:  # gone, or no longer reachable: looked at again if it comes back

@@ -341,6 +341,31 @@ def test_a_photo_without_memory_for_its_outputs_is_set_aside_alone(tmp_path, mon
     assert (out / recs["big.png"]["rejected_to"]).is_file()
 
 
+def test_a_reader_s_unexpected_error_sets_that_file_aside_and_the_line_goes_on(tmp_path, monkeypatch):
+    """An exception of PIL's the readers did not turn into a DataError (struct.error on one photo's
+    EXIF) stopped the service, and again at every start, on the same file."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / "odd.png").write_bytes(png_bytes(4))
+    (src / "fine.png").write_bytes(png_bytes(5, bright=0.3))
+    real = watch_mod.read_image_at_both_sizes
+
+    def reader(path, size):
+        if Path(path).name == "odd.png":
+            import struct
+
+            raise struct.error("required argument is not an integer")
+        return real(path, size)
+
+    monkeypatch.setattr(watch_mod, "read_image_at_both_sizes", reader)
+    run_once(src, out)
+    recs = {r["image"]: r for r in journal(out)}
+    assert recs["fine.png"]["result"] == "pass"
+    assert recs["odd.png"]["result"] == "rejected"
+    assert recs["odd.png"]["reason"] == "cannot be read (internal error struct.error: required argument is not an integer)"
+    assert (out / recs["odd.png"]["rejected_to"]).is_file()
+
+
 def test_an_image_the_model_gives_a_nan_score_is_set_aside_not_passed(tmp_path):
     """NaN > threshold is False: such an image passed, then the strict journal refused the line
     and the service stopped, on every restart again."""
