@@ -635,3 +635,25 @@ def test_a_test_folder_says_what_it_does_not_read_or_take_as_defect_free(tmp_pat
     with pytest.warns(DataWarning, match=re.escape("no good/ folder, so every test image is taken as defective "
                                                    "(classes OK, scratch, spot)")):
         assert load_test_set(root, 16, require_masks=False).labels.tolist() == [1] * 6
+
+
+def test_a_damaged_page_after_the_first_leaves_the_first_read_and_is_said(tmp_path):
+    """Counting a TIFF's pages parses every one: a damaged second page raised TypeError (an internal
+    error) from the count, and left the file on that page, whose tags are not the first's."""
+    import struct
+
+    a = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="TIFF", save_all=True, append_images=[Image.fromarray(a)])
+    d = bytearray(buf.getvalue())
+    first = struct.unpack_from("<I", d, 4)[0]
+    n1 = struct.unpack_from("<H", d, first)[0]
+    second = struct.unpack_from("<I", d, first + 2 + 12 * n1)[0]
+    for i in range(struct.unpack_from("<H", d, second)[0]):  # its ImageWidth tag renumbered: no width
+        if struct.unpack_from("<H", d, second + 2 + 12 * i)[0] == 256:
+            struct.pack_into("<H", d, second + 2 + 12 * i, 0xFFF0)
+    p = tmp_path / "two.tif"
+    p.write_bytes(bytes(d))
+    with pytest.warns(DataWarning, match=re.escape(f"{p}: its pages after the first cannot be counted")):
+        t = read_image(p, None)
+    assert np.array_equal(t.permute(1, 2, 0).numpy(), a)

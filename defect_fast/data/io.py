@@ -191,7 +191,14 @@ def _open(path: Path) -> Image.Image:
         raise DataError(f"{path}: corrupt or truncated image ({_reason(exc)})") from None
     if img.width == 0 or img.height == 0:
         raise DataError(f"{path}: image has zero size ({img.width}x{img.height})")
-    frames = getattr(img, "n_frames", 1)
+    try:  # counting a TIFF's pages parses them all: a damaged later page raises here (TypeError)
+        frames = getattr(img, "n_frames", 1)
+    except Exception as exc:  # noqa: BLE001 - the first page decoded; the rest is not read
+        frames = None
+        with contextlib.suppress(Exception):
+            img.seek(0)  # the count stopped on the damaged page: its tags (orientation) are not the first's
+        warnings.warn(f"{path}: its pages after the first cannot be counted ({_reason(exc)}); the first, "
+                      f"{img.width}x{img.height}, is read", DataWarning, stacklevel=2)
     if isinstance(frames, int) and frames > 1:  # a multi-page TIFF, an animated GIF or PNG
         warnings.warn(f"{path}: holds {frames} frames (pages); the first, {img.width}x{img.height}, is read",
                       DataWarning, stacklevel=2)
