@@ -863,6 +863,10 @@ def watch(
     thr = threshold if threshold is not None else info.image_threshold
     if thr is None:
         raise WatchError("no image threshold: the model holds no calibration; give one (--threshold)")
+    if not math.isfinite(float(thr)):  # NaN: every image a pass; either way, no journal line could hold it
+        raise WatchError(f"image threshold {thr!r}: not a finite number")
+    if not (isinstance(info.image_size, int) and info.image_size >= 1):  # else every image is set aside
+        raise WatchError(f"image size {info.image_size!r}: the model's input side must be a positive integer")
     if batch_size < 1 or poll_interval <= 0 or not rescan_interval > 0:
         raise WatchError(f"batch_size must be >= 1, poll_interval and rescan_interval > 0 "
                          f"(got {batch_size}, {poll_interval}, {rescan_interval})")
@@ -872,6 +876,8 @@ def watch(
         raise WatchError(f"{in_dir}: the folder to watch does not exist or is not a folder")
     if os.path.realpath(out) == os.path.realpath(in_dir):
         raise WatchError(f"{out}: the results folder must not be the folder to watch")
+    if Path(os.path.realpath(out)) in Path(os.path.realpath(in_dir)).parents:  # its own maps would come in as images
+        raise WatchError(f"{in_dir}: the folder to watch lies inside the results folder {out}")
     _check_out(out)
     for sub in (MAPS, OVERLAYS, REJECTED):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -942,7 +948,9 @@ def watch(
             if stop.is_set() or (once and not ready and not st.pending):
                 break
             if not ready:  # (--settle 0 must not turn the wait for a file into a busy loop)
-                wake.wait(max(min(poll_interval, settle), MIN_WAIT) if st.pending else poll_interval)
+                # at most the longest wait the platform takes (a poll of 1e10 s overflowed its time_t)
+                wake.wait(min(max(min(poll_interval, settle), MIN_WAIT) if st.pending else poll_interval,
+                              threading.TIMEOUT_MAX))
                 wake.clear()
         _write_status(st, "stopped")
         s = st.session

@@ -596,3 +596,45 @@ def test_a_folder_of_the_users_is_refused_as_the_results_folder(tmp_path):
     (src / "b.png").write_bytes(png_bytes(1))
     run_once(src, out)
     assert (out / ".tmp-notes.txt").read_text() == "mine" and len(journal(out)) == 2
+
+
+def test_what_would_stop_the_service_later_is_refused_at_its_start(tmp_path):
+    """A NaN threshold passed every image and then failed every journal line (restart after restart);
+    a model side of 0 set every image aside; a drop folder inside the results judged the service's
+    own maps over and over (names growing _map_..._map_...), --once never ending."""
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.png").write_bytes(png_bytes(1))
+    for thr in (float("nan"), float("inf")):
+        with pytest.raises(WatchError, match=f"image threshold {thr!r}: not a finite number"):
+            run_once(src, tmp_path / "o1", threshold=thr)
+    with pytest.raises(WatchError, match="image threshold nan"):
+        watch(stub_predict, ModelInfo(SIZE, image_threshold=float("nan")), src, tmp_path / "o2", once=True,
+              handle_signals=False)
+    with pytest.raises(WatchError, match="image size 0: the model's input side must be a positive integer"):
+        watch(stub_predict, ModelInfo(0, image_threshold=0.5), src, tmp_path / "o3", once=True, handle_signals=False)
+    out = tmp_path / "out"
+    run_once(src, out)
+    with pytest.raises(WatchError, match=f"{out / 'maps'}: the folder to watch lies inside the results folder {out}"):
+        run_once(out / "maps", out)
+    assert len(journal(out)) == 1 and not (tmp_path / "o1").exists()
+
+
+def test_a_poll_longer_than_the_platform_waits_is_waited_in_the_longest_it_takes(tmp_path, monkeypatch):
+    """--poll 1e10 passed the option's check and overflowed the wait's time_t: an internal error."""
+    src = tmp_path / "in"
+    src.mkdir()
+    stop, asked = threading.Event(), []
+    real = threading.Event.wait
+
+    def wait(self, timeout=None):
+        if self is not stop and timeout is not None and timeout > 1:  # the service's wait for new files
+            asked.append(timeout)
+            stop.set()  # one wait is enough to see what it was asked for
+            timeout = 0
+        return real(self, timeout)
+
+    monkeypatch.setattr(threading.Event, "wait", wait)
+    watch(stub_predict, INFO, src, tmp_path / "out", poll_interval=1e10, settle=1e10, handle_signals=False,
+          stop=stop, log=lambda m: None)
+    assert asked and max(asked) == threading.TIMEOUT_MAX
