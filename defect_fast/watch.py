@@ -428,9 +428,10 @@ def _entry(st: _State, path: Path, stat: os.stat_result,
     return path, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
-def _skipping(st: _State, path: Path, exc: OSError, log: Callable[[str], None]) -> None:
-    """Name an entry of IN_DIR the service cannot look at (it goes on without it) once per reason."""
-    why = exc.strerror or str(exc)
+def _skipping(st: _State, path: Path, exc: OSError | str, log: Callable[[str], None]) -> None:
+    """Name an entry of IN_DIR the service cannot (or does not) look at, and goes on without,
+    once per reason."""
+    why = exc if isinstance(exc, str) else exc.strerror or str(exc)
     key = str(path)
     if st.skipped.get(key) != why:
         if len(st.skipped) >= MAX_EVENT_PATHS:  # a bound on what a long-running service remembers
@@ -460,8 +461,12 @@ def _scan(st: _State, recursive: bool, log: Callable[[str], None],
                 continue
             try:
                 if e.is_dir(follow_symlinks=False):
-                    if recursive and Path(e.path).resolve() != out_resolved:
+                    if Path(e.path).resolve() == out_resolved:
+                        continue
+                    if recursive:
                         stack.append(Path(e.path))
+                    else:  # a photo put there would wait for ever unseen: said once
+                        _skipping(st, Path(e.path), "a sub-folder, not watched (--recursive watches them)", log)
                     continue
                 if not e.is_file():
                     continue

@@ -638,3 +638,18 @@ def test_a_poll_longer_than_the_platform_waits_is_waited_in_the_longest_it_takes
     watch(stub_predict, INFO, src, tmp_path / "out", poll_interval=1e10, settle=1e10, handle_signals=False,
           stop=stop, log=lambda m: None)
     assert asked and max(asked) == threading.TIMEOUT_MAX
+
+
+def test_a_sub_folder_is_named_once_as_not_watched_without_recursive(tmp_path):
+    """A photo dropped into a sub-folder waited unseen, without a word."""
+    src = tmp_path / "in"
+    (src / "later").mkdir(parents=True)
+    (src / "later" / "b.png").write_bytes(png_bytes(2))
+    (src / "a.png").write_bytes(png_bytes(1))
+    _, lines = run_once(src, tmp_path / "out")
+    said = [line for line in lines if "later" in line]
+    assert said == [f"skipping {src / 'later'}: a sub-folder, not watched (--recursive watches them)"]
+    assert [r["image"] for r in journal(tmp_path / "out")] == ["a.png"]
+    _, lines = run_once(src, tmp_path / "out2", recursive=True)
+    assert not [line for line in lines if "skipping" in line]
+    assert sorted(r["image"] for r in journal(tmp_path / "out2")) == ["a.png", "later/b.png"]
