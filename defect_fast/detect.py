@@ -488,10 +488,16 @@ class Detector(nn.Module):
         gh, gw = self.grid
         patches = self._patches(x)
         total = patches.shape[0]
-        pooled = 0 < self.batch_size < total and not _plain_graph()  # maps in a workspace buffer
+        pooled = False  # maps in a workspace buffer
         if 0 < self.batch_size < total:
-            maps = self._buffer("maps", (total, 1, p, p), x)
-            for start in range(0, total, self.batch_size):
+            first = self._chunk_maps(patches[: self.batch_size])
+            # a chunk that carries autograd history (an unfused model's weights, called outside
+            # no_grad) goes to a tensor of this call: copied into the workspace, the history of
+            # every call stayed attached to it (33 MB a call at 128 px)
+            pooled = not first.requires_grad and not _plain_graph()
+            maps = self._buffer("maps", (total, 1, p, p), x) if pooled else x.new_empty((total, 1, p, p))
+            maps[: self.batch_size] = first
+            for start in range(self.batch_size, total, self.batch_size):
                 stop = min(total, start + self.batch_size)
                 maps[start:stop] = self._chunk_maps(patches[start:stop])
         else:
