@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import os
 import threading
 from pathlib import Path
@@ -130,6 +131,60 @@ def _plain_graph() -> bool:
     """True while the pipeline is being traced or exported (no caches, no compiled or captured parts)."""
     return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
             or torch.compiler.is_exporting())
+
+
+def _integer(name: str, value: Any, minimum: int) -> int:
+    """``value`` as an int, refused in one line unless it is an integer >= ``minimum`` (not a bool,
+    not a float: 2.7 was taken as 2 and True as 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _real(name: str, value: Any) -> float:
+    """``value`` as a float, refused in one line unless it is a finite real number (numpy's and a
+    0-d tensor's included; a string or a bool is not)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dim() == 0 and value.is_floating_point():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):  # bool("no") is True
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _statistic(name: str, value: Any, size: int, positive: bool = False) -> torch.Tensor:
+    """A per-position normalisation statistic as a float32 tensor: a number or [size, size],
+    finite (and > 0 for a std), refused in one line otherwise (a std of 0 made every score inf, a
+    negative one flipped them, a [64, 64] one met a [128, 128] map only at the first call)."""
+    t = torch.as_tensor(value, dtype=torch.float32).detach().clone()
+    if t.dim() != 0 and tuple(t.shape) != (size, size):
+        raise ValueError(f"{name} must be a number or [{size}, {size}] (the image size), got {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()) or (positive and not bool((t > 0).all())):
+        raise ValueError(f"{name} must be finite{' and > 0' if positive else ''} everywhere")
+    return t
+
+
+def _fixed(name: str) -> property:
+    """A setting the Detector's grid, blending window, blur or top-k follow: set when it is built,
+    refused in one line afterwards (set later, it met buffers built for the old value deep in torch)."""
+    key = "_" + name
+
+    def get(self):
+        return self.__dict__[key]
+
+    def put(self, value):
+        if key in self.__dict__:
+            raise AttributeError(f"Detector.{name} is fixed when the Detector is built (its patch grid, blending "
+                                 f"window, blur and score follow it); build another: Detector(model, ..., {name}=...) "
+                                 f"or Detector.load(run, {name}=...)")
+        self.__dict__[key] = value
+
+    return property(get, put, doc=f"``{name}`` as built (read only).")
 
 
 def image_scores(maps: torch.Tensor, top_fraction: float = TOP_FRACTION) -> torch.Tensor:
@@ -247,6 +302,12 @@ class Detector(nn.Module):
             fuse = True
         if not isinstance(fuse, bool):
             raise ValueError(f"fuse must be True, False or 'auto', got {fuse!r}")
+        image_size = _integer("image_size", image_size, 1)
+        if stride is not None:
+            stride = _integer("stride", stride, 1)
+        smooth_sigma, top_fraction = _real("smooth_sigma", smooth_sigma), _real("top_fraction", top_fraction)
+        compile, cuda_graphs = _flag("compile", compile), _flag("cuda_graphs", cuda_graphs)
+        reuse_features = _flag("reuse_features", reuse_features)
         if channels_last == "auto":
             channels_last = True
         if not isinstance(channels_last, bool):
@@ -272,7 +333,7 @@ class Detector(nn.Module):
         self.image_size = int(image_size)
         self.patch = model.patch_size
         self.stride = stride or self.patch
-        self.map_kind = model.check_map(map_kind)
+        self.__dict__["_map_kind"] = model.check_map(map_kind)
         self.image_map = perceptual if self.map_kind in model.image_maps else None
         self.context = context
         if self.map_kind in model.image_maps and perceptual is None:
@@ -285,7 +346,7 @@ class Detector(nn.Module):
             raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
         if batch_size == "auto":
             batch_size = default_batch_size(device, self.patch)
-        if isinstance(batch_size, str) or int(batch_size) < 0:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 0:
             raise ValueError(f"batch_size must be 'auto' or an integer >= 0, got {batch_size!r}")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be None or an integer >= 1, got {threads!r}")
@@ -296,10 +357,11 @@ class Detector(nn.Module):
                              f"flattens the map), got {smooth_sigma}")
         if not 0 < top_fraction <= 1:
             raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}")
-        self.blend, self.precision, self.channels_last = blend, precision, channels_last
+        self.blend, self.channels_last = blend, channels_last
+        self.__dict__["_precision_name"] = precision
         self.batch_size = int(batch_size)
-        self.torch_compile, self.cuda_graphs, self.threads = bool(compile), bool(cuda_graphs), threads
-        self.reuse_features = bool(reuse_features)
+        self.torch_compile, self.cuda_graphs, self.threads = compile, cuda_graphs, threads
+        self.reuse_features = reuse_features
         self.cudnn_benchmark = cudnn_benchmark
         self._compiled = None
         self._workspace: dict[tuple, torch.Tensor] = {}
@@ -314,14 +376,57 @@ class Detector(nn.Module):
         self.register_buffer("count", overlap_add(ones, self.grid, self.patch, self.stride)[:, 0], persistent=False)
         blur = blur_matrix(s, self.smooth_sigma).float() if self.smooth_sigma > 0 else torch.empty(0)
         self.register_buffer("blur", blur, persistent=False)
-        self.register_buffer("norm_mean", torch.as_tensor(0.0 if norm_mean is None else norm_mean, dtype=torch.float32).clone())
-        self.register_buffer("norm_std", torch.as_tensor(1.0 if norm_std is None else norm_std, dtype=torch.float32).clone())
+        self.register_buffer("norm_mean", _statistic("norm_mean", 0.0 if norm_mean is None else norm_mean, s))
+        self.register_buffer("norm_std", _statistic("norm_std", 1.0 if norm_std is None else norm_std, s, positive=True))
         self.to(device)
         self._shared_stem(self.context)  # decided here, outside any trace
 
     def _apply(self, fn, *args, **kwargs):
         self._workspace, self._graphs = {}, {}  # buffers of the old device/dtype
         return super()._apply(fn, *args, **kwargs)
+
+    image_size = _fixed("image_size")
+    patch = _fixed("patch")
+    stride = _fixed("stride")
+    grid = _fixed("grid")
+    blend = _fixed("blend")
+    smooth_sigma = _fixed("smooth_sigma")
+    top_k = _fixed("top_k")
+
+    @property
+    def map_kind(self) -> str:
+        """The map the pipeline computes. Set to another map of the model, the stored thresholds
+        (set on the old map's values) are set aside; once a perceptual map or an image context is
+        fitted (on the maps of this kind), it is fixed."""
+        return self.__dict__["_map_kind"]
+
+    @map_kind.setter
+    def map_kind(self, value: str) -> None:
+        kind = self.model.check_map(value)
+        if kind == self.map_kind:
+            return
+        if self.image_map is not None or self.context is not None:
+            raise AttributeError(f"Detector.map_kind is fixed once a perceptual map or an image context is fitted "
+                                 f"(on {self.map_kind!r} maps); build another: Detector.load(run, map_kind={kind!r})")
+        self.__dict__["_map_kind"] = kind
+        self._graphs = {}
+        self._set_aside_thresholds(f"calibrated with other inference settings (map changed to {kind!r})")
+
+    @property
+    def precision(self) -> str:
+        """The dtype the pipeline computes in ("float32", "bfloat16", "float16"). A fused model
+        holds its weights in it, so it is fixed there; an unfused one may be given another."""
+        return self.__dict__["_precision_name"]
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        if value not in PRECISIONS:
+            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {value!r}")
+        if value != self.precision and self.fuse:
+            raise AttributeError(f"Detector.precision is fixed for a fused model (its weights are stored in "
+                                 f"{self.precision}); build another with precision={value!r}")
+        self.__dict__["_precision_name"] = value
+        self._workspace, self._graphs, self._compiled = {}, {}, None
 
     def options(self) -> dict[str, Any]:
         """The speed options in force (after "auto" was resolved), JSON-ready."""
@@ -553,7 +658,7 @@ class Detector(nn.Module):
             n = pm.fit(pairs, **self._trunk_options())
         self.image_map = pm
         self._graphs = {}  # captured graphs ran the map this replaced
-        self.map_kind = self.model.image_maps[0]
+        self.__dict__["_map_kind"] = self.model.image_maps[0]
         # what was measured on the map this replaces: the thresholds, an image context's
         # standardisation of it (fit_context again) and a per-position normalisation of it
         # (fit_normalization again)
@@ -751,6 +856,7 @@ class Detector(nn.Module):
         same pass without CUDA graphs: what ``diagnose`` marks as the pixels behind a score.
         Returns {"maps": [N, S, S] on the CPU, "scores": [N]} (+ "score_maps": [N, S, S]).
         """
+        images_per_batch = _integer("images_per_batch", images_per_batch, 1)
         return self._predict_batched(self._at_model_size(self._checked_batch(images, "predict_batched")),
                                      images_per_batch, score_maps)
 
@@ -816,13 +922,14 @@ class Detector(nn.Module):
         """Any accepted input -> (list of [3,S',S'] tensors for the model, original (H, W) of each)."""
         from PIL import Image
 
-        from .data.io import _load_image, _to_8bit
+        from .data.io import _load_image, _to_8bit, upright
 
         if isinstance(x, (str, os.PathLike)):
             img, (w, h) = _load_image(x, size, 3, None)  # a bad file: DataError naming it
             return [img], [(h, w)]
         if isinstance(x, Image.Image):
-            x = np.asarray(_to_8bit(x, 3, Path("PIL image")))  # 16-bit and float modes scaled as files are
+            # turned upright by its EXIF orientation and 16-bit and float modes scaled, as files are
+            x = np.asarray(_to_8bit(upright(x), 3, Path("PIL image")))
         if isinstance(x, np.ndarray):
             if x.dtype != np.uint8:  # float arrays are most often [0, 1], which [-1, 1] would misread
                 raise TypeError(f"numpy images must be uint8 (0..255), got {x.dtype}; scale them to uint8 "
@@ -875,9 +982,9 @@ class Detector(nn.Module):
              (each map at its input's own size); "scores": [N]; "regions": N lists of
              {"box": (x0, y0, x1, y1), "area", "peak"} (see :func:`find_regions`)}.
         """
-        if pixel_threshold is not None and (isinstance(pixel_threshold, bool) or not isinstance(pixel_threshold, (int, float))
-                                            or not math.isfinite(pixel_threshold)):
-            raise ValueError(f"pixel_threshold must be a finite number, got {pixel_threshold!r}")
+        if pixel_threshold is not None:  # numpy's and 0-d tensors too (np.float32 was refused)
+            pixel_threshold = _real("pixel_threshold", pixel_threshold)
+        images_per_batch = _integer("images_per_batch", images_per_batch, 1)
         from .data.io import resize_image
 
         imgs, sizes = self._as_images(x, self.image_size)
@@ -936,12 +1043,19 @@ class Detector(nn.Module):
             image context, whose standardisation was measured on the maps before, is removed
             (:meth:`calibrate` and :meth:`fit_context` again), as :meth:`fit_perceptual` does.
         """
+        if _real("min_std", min_std) <= 0:  # 0: a position that never varies divides by 0 (inf scores)
+            raise ValueError(f"min_std must be > 0, got {min_std!r}")
+        images_per_batch = _integer("images_per_batch", images_per_batch, 1)
         normal_images = self._at_model_size(self._checked_batch(normal_images, "fit_normalization"))
         if normal_images.shape[0] < 2:
             raise ValueError(f"fit_normalization needs at least 2 images, got {normal_images.shape[0]}")
-        raw = torch.cat([self.raw_maps(c.to(self.device)) for c in normal_images.split(max(1, images_per_batch))])
+        with torch.no_grad():
+            raw = torch.cat([self.raw_maps(c.to(self.device)) for c in normal_images.split(images_per_batch)])
         mean = raw.mean(dim=0)
         std = raw.std(dim=0).clamp(min=min_std)
+        if not bool(torch.isfinite(mean).all() & torch.isfinite(std).all()):
+            raise ValueError("fit_normalization: the maps of these images hold NaN or infinite values (a model "
+                             "whose weights are not usable)")
         self.norm_mean = mean
         self.norm_std = std
         self._graphs = {}  # captured graphs read the buffers this replaced

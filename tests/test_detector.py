@@ -484,3 +484,88 @@ def test_predict_resizes_arrays_and_pil_images_as_their_file(tmp_path):
         got = det.predict(x)
         assert torch.equal(got["scores"], want["scores"]) and torch.equal(got["maps"], want["maps"])
     assert want["maps"].shape == (1, 50, 90)
+
+
+def test_settings_of_the_wrong_type_are_refused_naming_the_argument():
+    """stride=32.0 failed deep in torch, True ran as a stride of 1, compile='no' turned compile on,
+    batch_size=2.7 became 2, and numpy's and torch's numbers were refused as pixel thresholds."""
+    m = _model()
+    bad = [({"stride": 32.0}, "stride must be an integer >= 1, got 32.0"), ({"stride": True}, "stride must be an integer"),
+           ({"image_size": 0}, "image_size must be an integer >= 1"), ({"smooth_sigma": "2"}, "smooth_sigma must be a finite number"),
+           ({"top_fraction": "0.01"}, "top_fraction must be a finite number"), ({"batch_size": None}, "batch_size must be"),
+           ({"batch_size": 2.7}, "batch_size must be"), ({"batch_size": True}, "batch_size must be"),
+           ({"compile": "no"}, "compile must be True or False, got 'no'"),
+           ({"norm_std": 0.0}, "norm_std must be finite and > 0"), ({"norm_std": -1.0}, "norm_std must be finite and > 0"),
+           ({"norm_std": float("nan")}, "norm_std must be finite"), ({"norm_mean": torch.zeros(64, 64)},
+                                                                     "norm_mean must be a number or [128, 128]")]
+    for kwargs, message in bad:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            Detector(m, **{"image_size": 128, **kwargs})
+    assert Detector(m, image_size=np.int64(128), stride=np.int64(32), batch_size=np.int64(4)).stride == 32
+    det = Detector(m, image_size=128, precision="float32")
+    x = _images(2, 128)
+    for kwargs, message in (({"images_per_batch": 2.5}, "images_per_batch must be an integer >= 1, got 2.5"),
+                            ({"images_per_batch": None}, "images_per_batch must be an integer >= 1")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            det.predict(x, **kwargs)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            det.predict_batched(x, **kwargs)
+    with pytest.raises(ValueError, match="min_std must be"):
+        det.fit_normalization(x, min_std=float("nan"))
+    for bad_std in (0.0, -1.0):
+        with pytest.raises(ValueError, match="min_std must be > 0"):
+            det.fit_normalization(x, min_std=bad_std)
+    ref = det.predict(x, pixel_threshold=0.5)
+    for t in (np.float32(0.5), torch.tensor(0.5), np.float64(0.5)):
+        assert det.predict(x, pixel_threshold=t)["regions"] == ref["regions"]
+    for t in (float("nan"), "0.5", True, torch.tensor([0.5])):
+        with pytest.raises(ValueError, match="pixel_threshold must be a finite number"):
+            det.predict(x, pixel_threshold=t)
+
+
+def test_settings_the_pipeline_is_built_for_cannot_be_changed_under_it():
+    """stride, smoothing, image size set after construction met buffers built for the old values
+    deep in torch; a fused model's precision its bf16 weights; a map kind changed kept the old
+    map's thresholds (every image flagged, the region the whole image)."""
+    from defect_fast.calibration import stored_thresholds
+
+    m = _model()
+    det = Detector(m, image_size=128, precision="bfloat16")
+    for name, value in (("stride", 32), ("smooth_sigma", 4.0), ("image_size", 64), ("blend", "hann"),
+                        ("grid", (2, 2)), ("patch", 32), ("top_k", 3)):
+        with pytest.raises(AttributeError, match=re.escape(f"Detector.{name} is fixed when the Detector is built")):
+            setattr(det, name, value)
+    with pytest.raises(AttributeError, match="Detector.precision is fixed for a fused model"):
+        det.precision = "float32"
+    det.precision = "bfloat16"  # the same: nothing to refuse
+    with pytest.raises(ValueError, match="precision must be one of"):
+        det.precision = "fp8"
+    unfused = Detector(m, image_size=128, precision="bfloat16", fuse=False)
+    unfused.precision = "float32"  # an unfused model's weights are float32: it may
+    torch.testing.assert_close(unfused(_images(1, 128))[0],
+                               Detector(m, image_size=128, precision="float32", fuse=False)(_images(1, 128))[0])
+    det = Detector(m, image_size=128, precision="float32")
+    det.calibrate(_images(4, 128, seed=2))
+    assert stored_thresholds(det.calibration)[0] is not None
+    det.map_kind = "residual"
+    assert stored_thresholds(det.calibration)[0] is None and "map changed to 'residual'" in det.calibration["inapplicable"]
+    with pytest.raises(ValueError):
+        det.map_kind = "nonsense"
+
+
+def test_a_pil_image_scores_as_its_file_whatever_its_exif_orientation(tmp_path):
+    """The file reader turns a photo upright by its EXIF orientation; its PIL image went in sideways
+    (another map shape, another score)."""
+    det = Detector(_model(), image_size=128, precision="float32")
+    a = np.random.default_rng(0).integers(0, 256, (96, 160, 3), dtype=np.uint8)
+    a[:40, :30] = 255
+    im = Image.fromarray(a)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    im.save(tmp_path / "rot.png", exif=exif.tobytes())
+    f = det.predict(tmp_path / "rot.png")
+    with Image.open(tmp_path / "rot.png") as pil:
+        p = det.predict(pil)
+        assert pil.size == (160, 96)  # the caller's image is left as it was
+    assert f["maps"].shape == p["maps"].shape == (1, 160, 96)
+    assert torch.equal(f["scores"], p["scores"]) and torch.equal(f["maps"], p["maps"])

@@ -228,25 +228,33 @@ _UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4
             8: Image.Transpose.ROTATE_90}
 
 
-def _apply_orientation(img: Image.Image, path: Path) -> Image.Image:
-    """Turn/flip ``img`` as its EXIF orientation tag says (phones and rotated cameras store
-    pixels sideways and set the tag), so images and masks are read as they are displayed."""
+def upright(img: Image.Image, where: str | os.PathLike = "PIL image") -> Image.Image:
+    """``img`` turned/flipped as its EXIF orientation tag says (phones and rotated cameras store
+    pixels sideways and set the tag), as it is displayed: a new image, or ``img`` itself when it
+    needs no turn (no tag, 1, or a value EXIF does not define, as PIL leaves those). The image
+    readers apply it to every file; apply it to a PIL image opened by hand to score it as its file."""
     try:
         orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
     except Exception:  # noqa: BLE001 - malformed EXIF block: PIL gives no orientation either
         return img
     method = _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
-    if method is None:  # 1 (as stored), or a value EXIF does not define: PIL leaves those as stored too
+    if method is None:
         return img
     # the pixels only: exif_transpose also re-encodes the EXIF block without the tag, which fails
     # on a block PIL reads but cannot write back (struct.error: an internal error, a stopped line)
     try:
-        upright = img.transpose(method)
+        return img.transpose(method)
     except MemoryError:
-        raise DataError(f"{path}: too large to turn upright here ({img.width}x{img.height} pixels): not enough "
+        raise DataError(f"{where}: too large to turn upright here ({img.width}x{img.height} pixels): not enough "
                         "memory") from None
-    img.close()
-    return upright
+
+
+def _apply_orientation(img: Image.Image, path: Path) -> Image.Image:
+    """:func:`upright` of a file's image, the stored one closed when it was turned."""
+    turned = upright(img, path)
+    if turned is not img:
+        img.close()
+    return turned
 
 
 def _scale_to_uint8(a: np.ndarray, mode: str, note: Callable[[str], None] | None = None) -> np.ndarray:
