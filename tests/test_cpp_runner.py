@@ -163,3 +163,65 @@ def test_cpp_runner_resizes_as_the_python_reader_does(runner, tmp_path):
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "turned.png", exif=exif)
     out = subprocess.run([str(runner), str(ts), str(tmp_path / "turned.png")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 1 and "EXIF orientation 6" in out.stderr
+
+
+def test_cpp_runner_finds_the_orientation_where_pil_does_and_turns_only_2_to_8(runner, tmp_path):
+    """An orientation in a "Raw profile type exif" text chunk (ImageMagick's) or in XMP was missed
+    (the image scored sideways, where predict turns it); 0 and 9, which PIL leaves as stored, were
+    refused."""
+    from PIL import PngImagePlugin
+
+    torch.manual_seed(0)
+    det = Detector(build_model("cmaae", memory_size=20), image_size=64, precision="float32")
+    ts = export_detector(det, tmp_path / "det.ts", "torchscript")
+    pixels = Image.fromarray(np.random.default_rng(5).integers(0, 256, (64, 48, 3), dtype=np.uint8))
+
+    def run(png: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([str(runner), str(ts), str(png)], capture_output=True, text=True, timeout=300)
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    raw = exif.tobytes()  # "Exif\0\0" and the TIFF block, as ImageMagick writes the profile
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Raw profile type exif", "\nexif\n%8d\n%s\n" % (len(raw), raw.hex()))
+    pixels.save(tmp_path / "raw.png", pnginfo=info)
+    xmp = PngImagePlugin.PngInfo()
+    xmp.add_itxt("XML:com.adobe.xmp", '<x:xmpmeta><rdf:Description tiff:Orientation="8"/></x:xmpmeta>')
+    pixels.save(tmp_path / "xmp.png", pnginfo=xmp)
+    for name, value in (("raw.png", 6), ("xmp.png", 8)):
+        with Image.open(tmp_path / name) as im:
+            assert im.getexif().get(0x0112) == value  # where PIL, and so predict, finds it
+        out = run(tmp_path / name)
+        assert out.returncode == 1 and f"EXIF orientation {value}" in out.stderr, (name, out.stdout, out.stderr)
+    for value in (0, 9):
+        exif[0x0112] = value
+        pixels.save(tmp_path / f"o{value}.png", exif=exif)
+        out = run(tmp_path / f"o{value}.png")
+        assert out.returncode == 0, out.stderr
+        want = float(det.predict(tmp_path / f"o{value}.png")["scores"][0])
+        assert float(out.stdout.split()[1]) == pytest.approx(want, rel=1e-5, abs=1e-9)
+
+
+def test_cpp_runner_never_replaces_an_existing_map_out(runner, tmp_path):
+    """MAP_OUT was written over whatever was there, the input photo included."""
+    torch.manual_seed(0)
+    det = Detector(build_model("cmaae", memory_size=20), image_size=64, precision="float32")
+    ts = export_detector(det, tmp_path / "det.ts", "torchscript")
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(6).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(photo)
+    before = photo.read_bytes()
+    (tmp_path / "notes.txt").write_text("mine")
+    for target in (photo, tmp_path / "notes.txt"):
+        out = subprocess.run([str(runner), str(ts), str(photo), str(target)], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 1 and f"{target}: exists; give MAP_OUT a new file name" in out.stderr
+        assert not out.stdout  # refused before any work
+    assert photo.read_bytes() == before and (tmp_path / "notes.txt").read_text() == "mine"
+    for name in ("map.png", "map.f32"):
+        out = subprocess.run([str(runner), str(ts), str(photo), str(tmp_path / name)], capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr
+    assert Image.open(tmp_path / "map.png").size == (64, 64) and (tmp_path / "map.f32").stat().st_size == 64 * 64 * 4
+    # a run that fails leaves no empty map behind
+    out = subprocess.run([str(runner), str(ts), str(tmp_path / "missing.png"), str(tmp_path / "m2.png")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and not (tmp_path / "m2.png").exists()

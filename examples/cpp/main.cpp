@@ -8,20 +8,25 @@
 //                palette expanded, alpha dropped (not blended), gamma chunks ignored; an image that
 //                is not S x S is resized to S x S as the package resizes files (PIL's 8-bit BILINEAR,
 //                pillow_bilinear below), so the score is the one Detector.predict gives the file.
-//                A PNG whose EXIF orientation is not 1 is refused (Python turns it upright first).
-//   MAP_OUT      optional: the anomaly map [S, S]; "*.png" as 8-bit grey scaled to the map's maximum,
-//                anything else as raw little-endian float32, row-major (S*S*4 bytes).
+//                A PNG whose orientation would turn it (EXIF 2..8, in an eXIf chunk, a "Raw profile
+//                type exif" text chunk or XMP's tiff:Orientation, where PIL reads it) is refused:
+//                Python turns it upright first.
+//   MAP_OUT      optional, a new file (an existing one is refused, never replaced): the anomaly map
+//                [S, S]; "*.png" as 8-bit grey scaled to the map's maximum, anything else as raw
+//                little-endian float32, row-major (S*S*4 bytes).
 // Prints "score <value>" (the image score) on stdout; exit status 1 with a message on any error.
 #include <png.h>
 #include <torch/script.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <csetjmp>
 #include <cstdint>
 #include <cstdio>
-#include <fstream>
+#include <cstring>
 #include <iostream>
+#include <regex>
 #include <string>
 #include <vector>
 
@@ -94,7 +99,7 @@ bool read_png_rgb(const std::string& path, std::vector<uint8_t>& pixels, int& he
   const int orientation = exif_orientation(png, info);
   png_destroy_read_struct(&png, &info, nullptr);
   std::fclose(fp);
-  if (orientation != 1) {
+  if (orientation >= 2 && orientation <= 8) {  // other values are left as stored, by PIL too
     error = path + ": EXIF orientation " + std::to_string(orientation) + " (stored turned or flipped); the Python "
             "package turns such images upright before scoring: save it upright, without the tag";
     return false;
@@ -173,39 +178,85 @@ std::vector<uint8_t> pillow_bilinear(const std::vector<uint8_t>& pixels, int h, 
   return h == size ? a : resample_axis(a, h, size, size, 0);
 }
 
-// The EXIF orientation of a PNG's eXIf chunk (1 when there is none or it cannot be read).
-int exif_orientation(png_structp png, png_infop info) {
-#ifdef PNG_eXIf_SUPPORTED
-  png_uint_32 n = 0;
-  png_bytep exif = nullptr;
-  if (png_get_eXIf_1(png, info, &n, &exif) == 0 || exif == nullptr || n < 8) return 1;
+// The orientation tag (0x0112) of an EXIF block (a TIFF header and its first IFD; a leading
+// "Exif\0\0", or two, is skipped, as PIL skips them); -1 when the block holds none or cannot be read.
+int tiff_orientation(const uint8_t* exif, size_t n) {
+  for (int k = 0; k < 2 && n >= 6 && std::memcmp(exif, "Exif\0\0", 6) == 0; ++k) {
+    exif += 6;
+    n -= 6;
+  }
+  if (n < 8) return -1;
   const bool big = exif[0] == 'M';
-  auto u16 = [&](png_uint_32 at) -> unsigned { return big ? (exif[at] << 8) | exif[at + 1] : exif[at] | (exif[at + 1] << 8); };
-  auto u32 = [&](png_uint_32 at) -> png_uint_32 {
-    return big ? (png_uint_32{exif[at]} << 24) | (exif[at + 1] << 16) | (exif[at + 2] << 8) | exif[at + 3]
-               : exif[at] | (exif[at + 1] << 8) | (exif[at + 2] << 16) | (png_uint_32{exif[at + 3]} << 24);
+  auto u16 = [&](size_t at) -> unsigned { return big ? (exif[at] << 8) | exif[at + 1] : exif[at] | (exif[at + 1] << 8); };
+  auto u32 = [&](size_t at) -> size_t {
+    return big ? (size_t{exif[at]} << 24) | (exif[at + 1] << 16) | (exif[at + 2] << 8) | exif[at + 3]
+               : exif[at] | (exif[at + 1] << 8) | (exif[at + 2] << 16) | (size_t{exif[at + 3]} << 24);
   };
-  const png_uint_32 ifd = u32(4);
-  if (ifd + 2 > n) return 1;
+  const size_t ifd = u32(4);
+  if (ifd + 2 > n) return -1;
   const unsigned entries = u16(ifd);
   for (unsigned i = 0; i < entries && ifd + 2 + 12 * (i + 1) <= n; ++i) {
-    const png_uint_32 e = ifd + 2 + 12 * i;
+    const size_t e = ifd + 2 + 12 * i;
     if (u16(e) == 0x0112) return static_cast<int>(u16(e + 8));  // a SHORT, first in the value field
   }
-#else
-  (void)png;
-  (void)info;
+  return -1;
+}
+
+// The orientation PIL's Image.getexif gives a PNG: from its eXIf chunk, else from a "Raw profile
+// type exif" text chunk (ImageMagick's: hex after three header lines); when that block has no
+// orientation, from XMP's tiff:Orientation. 1 when none says.
+int exif_orientation(png_structp png, png_infop info) {
+  std::vector<uint8_t> exif;
+#ifdef PNG_eXIf_SUPPORTED
+  png_uint_32 n = 0;
+  png_bytep chunk = nullptr;
+  if (png_get_eXIf_1(png, info, &n, &chunk) != 0 && chunk != nullptr) exif.assign(chunk, chunk + n);
 #endif
+  png_textp text = nullptr;
+  int n_text = 0;
+  png_get_text(png, info, &text, &n_text);
+  std::string xmp;
+  for (int i = 0; i < n_text; ++i) {
+    const std::string key = text[i].key, value = text[i].text == nullptr ? "" : text[i].text;
+    if (key == "XML:com.adobe.xmp") xmp = value;
+    if (key != "Raw profile type exif" || !exif.empty()) continue;
+    size_t start = 0;  // past the third newline ("\nexif\n   <length>\n<hex>")
+    for (int line = 0; line < 3 && start != std::string::npos; ++line) {
+      const size_t nl = value.find('\n', start);
+      start = nl == std::string::npos ? nl : nl + 1;
+    }
+    if (start == std::string::npos) continue;
+    std::string hex;
+    for (char c : value.substr(start)) {
+      if (std::isxdigit(static_cast<unsigned char>(c))) hex += c;
+    }
+    for (size_t k = 0; k + 1 < hex.size(); k += 2) exif.push_back(static_cast<uint8_t>(std::stoi(hex.substr(k, 2), nullptr, 16)));
+  }
+  const int found = exif.empty() ? -1 : tiff_orientation(exif.data(), exif.size());
+  if (found >= 0) return found;
+  std::smatch match;
+  if (std::regex_search(xmp, match, std::regex("tiff:Orientation(=\"|>)([0-9])"))) return match[2].str()[0] - '0';
   return 1;
 }
 
-bool write_png_grey(const std::string& path, const std::vector<uint8_t>& grey, int height, int width) {
+// A new file to write (C11's exclusive "x" mode: an existing file, the user's or the input image,
+// is refused, never replaced); nullptr with a message in `error` otherwise.
+std::FILE* open_new(const std::string& path, std::string& error) {
+  std::FILE* fp = std::fopen(path.c_str(), "wbx");
+  if (fp == nullptr) {
+    error = path + (errno == EEXIST ? ": exists; give MAP_OUT a new file name (nothing was replaced)"
+                                    : std::string(": cannot write (") + std::strerror(errno) + ")");
+  }
+  return fp;
+}
+
+bool write_png_grey(std::FILE* fp, const std::vector<uint8_t>& grey, int height, int width) {
   png_image image{};
   image.version = PNG_IMAGE_VERSION;
   image.width = static_cast<png_uint_32>(width);
   image.height = static_cast<png_uint_32>(height);
   image.format = PNG_FORMAT_GRAY;
-  return png_image_write_to_file(&image, path.c_str(), 0, grey.data(), 0, nullptr) != 0;
+  return png_image_write_to_stdio(&image, fp, 0, grey.data(), 0, nullptr) != 0;
 }
 
 bool ends_with(const std::string& s, const std::string& tail) {
@@ -222,13 +273,31 @@ int main(int argc, char** argv) {
   const std::string model_path = argv[1], image_path = argv[2], map_path = argc > 3 ? argv[3] : "";
   torch::NoGradGuard no_grad;
 
+  // 0. MAP_OUT, a new file, claimed before any work.
+  std::FILE* map_file = nullptr;
+  if (!map_path.empty()) {
+    std::string error;
+    map_file = open_new(map_path, error);
+    if (map_file == nullptr) {
+      std::cerr << error << "\n";
+      return 1;
+    }
+  }
+  auto give_up = [&](int status) {  // the empty file claimed above goes: it was the runner's own
+    if (map_file != nullptr) {
+      std::fclose(map_file);
+      std::remove(map_path.c_str());
+    }
+    return status;
+  };
+
   // 1. The exported pipeline.
   torch::jit::script::Module detector;
   try {
     detector = torch::jit::load(model_path, torch::kCPU);
   } catch (const c10::Error& e) {
     std::cerr << model_path << ": not a loadable TorchScript file (" << e.what_without_backtrace() << ")\n";
-    return 1;
+    return give_up(1);
   }
   detector.eval();
 
@@ -238,7 +307,7 @@ int main(int argc, char** argv) {
   std::string error;
   if (!read_png_rgb(image_path, pixels, h, w, error)) {
     std::cerr << error << "\n";
-    return 1;
+    return give_up(1);
   }
   torch::Tensor images = torch::from_blob(pixels.data(), {1, h, w, 3}, torch::kUInt8).permute({0, 3, 1, 2}).contiguous();
 
@@ -264,29 +333,29 @@ int main(int argc, char** argv) {
     scores = out->elements()[1].toTensor();
   } catch (const c10::Error& e) {
     std::cerr << model_path << ": failed on " << image_path << " (" << e.what_without_backtrace() << ")\n";
-    return 1;
+    return give_up(1);
   }
   std::printf("score %.9g\n", scores[0].item<float>());
 
-  // 5. The map.
-  if (!map_path.empty()) {
+  // 5. The map, into the new file opened before the run.
+  if (map_file != nullptr) {
     torch::Tensor m = maps[0].to(torch::kFloat32).contiguous();
     const int64_t mh = m.size(0), mw = m.size(1);
+    bool written;
     if (ends_with(map_path, ".png")) {
       const float top = std::max(m.max().item<float>(), 1e-12f);
       torch::Tensor g = (m.clamp_min(0) / top * 255.0f).round().clamp(0, 255).to(torch::kUInt8).contiguous();
       std::vector<uint8_t> grey(g.data_ptr<uint8_t>(), g.data_ptr<uint8_t>() + mh * mw);
-      if (!write_png_grey(map_path, grey, static_cast<int>(mh), static_cast<int>(mw))) {
-        std::cerr << map_path << ": cannot write PNG\n";
-        return 1;
-      }
+      written = write_png_grey(map_file, grey, static_cast<int>(mh), static_cast<int>(mw));
     } else {
-      std::ofstream f(map_path, std::ios::binary);
-      f.write(reinterpret_cast<const char*>(m.data_ptr<float>()), static_cast<std::streamsize>(mh * mw * sizeof(float)));
-      if (!f) {
-        std::cerr << map_path << ": cannot write\n";
-        return 1;
-      }
+      const size_t count = static_cast<size_t>(mh * mw);
+      written = std::fwrite(m.data_ptr<float>(), sizeof(float), count, map_file) == count;
+    }
+    written = std::fclose(map_file) == 0 && written;
+    if (!written) {
+      std::remove(map_path.c_str());  // the runner's own half-written file
+      std::cerr << map_path << ": cannot write\n";
+      return 1;
     }
   }
   return 0;
