@@ -339,9 +339,9 @@ class Detector(nn.Module):
         if self.map_kind in model.image_maps and perceptual is None:
             raise ValueError(f"map {self.map_kind!r} needs the statistics fitted at the end of training; "
                              f"this model file has none (train with --map {self.map_kind})")
-        self.grid = grid_shape(self.image_size, self.patch, self.stride)
-        if self.stride > self.patch:
+        if self.stride > self.patch:  # before the grid, whose hint would name sizes this refuses
             raise ValueError(f"stride {self.stride} > patch {self.patch} leaves pixels uncovered")
+        self.grid = grid_shape(self.image_size, self.patch, self.stride)
         if blend not in BLENDS:
             raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
         if batch_size == "auto":

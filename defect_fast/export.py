@@ -101,7 +101,13 @@ def sidecar(det: Detector, fmt: str, batch: int, dynamic_batch: bool, source: Pa
                   # model's size as the package reads image files (another resize moves the scores)
                   "resize": f"to {det.image_size} x {det.image_size} as defect_fast.data.io.resize_image: PIL "
                             f"Image.resize(BILINEAR) of the 8-bit RGB image (Pillow {PIL.__version__})",
-                  "grey": "the one channel repeated to three"},
+                  "grey": "the one channel repeated to three",
+                  # how the package's reader makes 8-bit RGB of a file, before the resize
+                  "orientation": "turned upright by its EXIF orientation first (2 to 8; where PIL's "
+                                 "Image.getexif finds it), as defect_fast.data.io.upright",
+                  "bit_depth": "16-bit grey scaled, 65535 -> 255 (round(v * 255 / 65535)); 16-bit colour by "
+                               "the high byte of each value (as PIL decodes it)",
+                  "alpha": "dropped, not blended; a palette expanded to its colours"},
         "outputs": {"maps": [n, det.image_size, det.image_size], "scores": [n]},
         "map": det.map_kind,
         "patch": det.patch,

@@ -502,6 +502,9 @@ def test_settings_of_the_wrong_type_are_refused_naming_the_argument():
         with pytest.raises(ValueError, match=re.escape(message)):
             Detector(m, **{"image_size": 128, **kwargs})
     assert Detector(m, image_size=np.int64(128), stride=np.int64(32), batch_size=np.int64(4)).stride == 32
+    # a stride over the patch is named as such (the grid's hint named image sizes it refuses too)
+    with pytest.raises(ValueError, match=re.escape("stride 100 > patch 64 leaves pixels uncovered")):
+        Detector(m, image_size=128, stride=100)
     det = Detector(m, image_size=128, precision="float32")
     x = _images(2, 128)
     for kwargs, message in (({"images_per_batch": 2.5}, "images_per_batch must be an integer >= 1, got 2.5"),

@@ -234,6 +234,10 @@ def test_export_detector_gives_the_detector_back_and_writes_both_files_or_none(t
     meta = json.loads((tmp_path / "a.ts.json").read_text())
     assert meta["thresholds"]["score"] == 1.5
     assert "PIL Image.resize(BILINEAR)" in meta["input"]["resize"] and "Pillow" in meta["input"]["resize"]
+    # and what comes before the resize, which a program following the sidecar missed (a 16-bit grey
+    # PNG converted by PIL's convert("RGB") scored 0.052 against the package's 0.011)
+    assert "EXIF orientation" in meta["input"]["orientation"] and "65535 -> 255" in meta["input"]["bit_depth"]
+    assert "dropped, not blended" in meta["input"]["alpha"]
     # a file that takes any number of images says so in its shapes, not with the batch it was traced with
     assert meta["dynamic_batch"] and meta["input"]["shape"] == ["N", 3, 64, 64] and meta["outputs"]["scores"] == ["N"]
     det.calibration = {"image_threshold": 1.0, "odd": object()}
