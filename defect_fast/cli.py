@@ -161,7 +161,18 @@ _RESUME_OPTIONS = {"data", "out", "resume", "quiet", "debug", "func", "command",
 
 
 def _given_train_options(args) -> list[str]:
-    """The ``train`` options of ``args`` that differ from their defaults (as "--name")."""
+    """The ``train`` options given in ``args`` (as "--name"): those typed on the command line
+    (``args._argv``, kept by the parse), a default's value included (``--lr 0.0002`` on a run
+    started at 1e-3 was taken silently); without the command line, those that differ from their
+    defaults."""
+    argv = getattr(args, "_argv", None)
+    if argv is not None:
+        parser = build_parser()
+        train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+        for action in train._actions:  # a default is no value: only what was typed stays
+            action.default = argparse.SUPPRESS
+        typed = vars(parser.parse_args(argv))
+        return [f"--{k.replace('_', '-')}" for k in typed if k not in _RESUME_OPTIONS and not k.startswith("_")]
     defaults = vars(build_parser().parse_args(["train", "DATA", "--out", "OUT"]))
     return [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
             if k not in _RESUME_OPTIONS and k in defaults and v != defaults[k]]
@@ -589,7 +600,9 @@ def _run(argv: list[str]) -> int:
 
         # said with the file's name by defect_fast.data.io (PIL's own names no file)
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        args = _parse([a for a in argv if a != "--debug"])
+        argv = [a for a in argv if a != "--debug"]
+        args = _parse(argv)
+        args._argv = argv  # what was typed (a default's value given explicitly is still given)
         return args.func(args)
 
 

@@ -30,6 +30,8 @@ LOG_FILE = "log.jsonl"
 CHECKPOINT_VERSION = 2  # 2: files carry a tensor digest
 #: Keys every checkpoint and model file holds (a file without them is not one of ours).
 STATE_KEYS = ("model_name", "model_config", "model_state", "image_size")
+#: What a training checkpoint holds beyond a model file's (a finished model.pt lacks the optimiser)
+RESUME_KEYS = STATE_KEYS + ("optimizer_state", "position", "train_config")
 
 
 class RunError(UserError, RuntimeError):
@@ -99,4 +101,4 @@ def load_model_state(run: Path | str) -> dict[str, Any]:
 
 __all__ = ["RunError", "resolve_device", "atomic_save", "load_checkpoint", "model_from_state", "model_file",
            "load_model_state", "stage_file", "CONFIG_FILE", "CHECKPOINT_FILE", "MODEL_FILE",
-           "LOG_FILE", "CHECKPOINT_VERSION", "STATE_KEYS"]
+           "LOG_FILE", "CHECKPOINT_VERSION", "RESUME_KEYS", "STATE_KEYS"]

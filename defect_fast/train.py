@@ -38,8 +38,8 @@ from .layers import keep_matrix_weights_contiguous
 from .losses.ssim import objective as ssim_objective
 from .models import AnomalyModel, build_model
 from .precision import cudnn_benchmark
-from .runs import (CHECKPOINT_FILE, CHECKPOINT_VERSION, CONFIG_FILE, LOG_FILE, MODEL_FILE, RunError,  # noqa: F401
-                   atomic_save, load_checkpoint, model_from_state, resolve_device, stage_file)
+from .runs import (CHECKPOINT_FILE, CHECKPOINT_VERSION, CONFIG_FILE, LOG_FILE, MODEL_FILE,  # noqa: F401
+                   RESUME_KEYS, RunError, atomic_save, load_checkpoint, model_from_state, resolve_device, stage_file)
 from .safety import OutputFolder, UserError, atomic_write_text, real_path
 
 #: Map normalisations a run can ask for (``TrainConfig.normalize``).
@@ -193,6 +193,9 @@ def check_config(cfg: TrainConfig, n_stages: int, patch: int) -> None:
         need(whole(cfg.stride) and 1 <= cfg.stride <= patch,
              f"--stride must be a whole number from 1 to the patch size {patch}, got {cfg.stride}")
     need(isinstance(cfg.lr, (int, float)) and math.isfinite(cfg.lr) and cfg.lr > 0, f"--lr must be a finite number > 0, got {cfg.lr}")
+    # torch's generators take a seed of 64 bits (a larger one failed at the first draw, after
+    # an --overwrite had cleared the earlier run)
+    need(whole(cfg.seed) and 0 <= cfg.seed < 2**64, f"--seed must be a whole number from 0 to 2**64 - 1, got {cfg.seed}")
     need(0 <= cfg.holdback < 1, f"--holdback must be in [0, 1), got {cfg.holdback}")
     need(0 < cfg.far < 1, f"--far must be in (0, 1), got {cfg.far}")
     need(cfg.normalize in NORMALIZATIONS, f"--normalize must be one of {', '.join(NORMALIZATIONS)}, got {cfg.normalize!r}")
@@ -347,6 +350,7 @@ class Trainer:
                              f"({', '.join(self.model.stages)}); got epochs for {len(cfg.epochs)}")
         self.sources = None
         self.data_digest: str | None = None  # of the run's training images (set by train)
+        self.sources_digest: str | None = None  # of its anomaly source photos, when it reads any (set by train)
         self.data_count: int | None = None
         self.position = {"stage": 0, "epoch": 0, "step": 0, "global_step": 0}
         # training time of earlier processes of this run (a resumed run adds its own to it)
@@ -381,6 +385,7 @@ class Trainer:
             "train_precision": "float32" if self.dtype is None else str(self.dtype).removeprefix("torch."),
             "objective": self.model.objective(),  # what a resume checks the losses against
             "data_digest": self.data_digest,  # what a resume checks the training images against
+            "sources_digest": self.sources_digest,  # and the anomaly source photos
             "data_count": self.data_count,
             "train_seconds": self.train_seconds(),
             "compute": compute_setting(self.device),
@@ -798,6 +803,13 @@ def images_digest(keys: list[bytes], paths: list[Path]) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def sources_digest(sources: torch.Tensor | None) -> str | None:
+    """SHA-256 of the anomaly source photos as read (None without any)."""
+    if sources is None:
+        return None
+    return "sha256:" + hashlib.sha256(memoryview(sources.contiguous().view(torch.uint8).numpy())).hexdigest()
+
+
 def _abs(path: str | None) -> str | None:
     return None if path is None else str(real_path(path, expand_user=True))
 
@@ -847,7 +859,7 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         if resume:
             if (out / MODEL_FILE).is_file():  # written last, once everything else is done (checked under the lock)
                 raise RunError(f"{out}: the run is finished ({MODEL_FILE} is written); nothing to resume")
-            state = load_checkpoint(ckpt)
+            state = load_checkpoint(ckpt, RESUME_KEYS)  # a model.pt put there lacks the optimiser: named, not a KeyError
             given_data = cfg.data
             cfg = TrainConfig.from_json(state["train_config"])
             if given_data and real_path(given_data, expand_user=True) != real_path(cfg.data):
@@ -917,6 +929,12 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
                 if not resume:
                     log(f"context profile: {basis}")
         sources = _preload_sources(cfg, probe.stages)
+        source_digest = sources_digest(sources)
+        if state is not None and state.get("sources_digest", source_digest) != source_digest:
+            # the rest of the run would cut its anomalies from other photos than its first steps did
+            raise RunError(f"{cfg.anomaly_source or 'the built-in source photos'}: the anomaly source photos changed "
+                           "since the run started; --resume continues only with the photos it started with: restore "
+                           "them, or train a new run")
         check_pretrained_weights(cfg, probe)  # now, not after the training that needs them
         del probe
         if not resume:
@@ -932,6 +950,7 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         held_images = images[held_idx]
         trainer = Trainer(cfg, out, train_images, progress=progress, log=log)
         trainer.data_digest, trainer.data_count = data_digest, len(paths)
+        trainer.sources_digest = source_digest
         if sources is not None:
             trainer.sources = sources
         if state is not None:

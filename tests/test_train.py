@@ -255,6 +255,15 @@ def test_resume_continues_on_the_run_s_own_images_and_settings(synthetic_root, t
     assert "--model, --image-size" in err and "--resume continues" in err
     assert main(["train", str(data), "--out", str(out), "--resume", "--overwrite"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+    # a seed torch's generators cannot take, refused before anything is touched (it failed at the
+    # first draw, after an --overwrite had cleared the earlier run)
+    assert main(["train", str(data), "--out", str(tmp_path / "new"), "--seed", str(2**64)]) == 2
+    assert "--seed must be a whole number from 0 to 2**64 - 1" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    # also an option typed with its default's value (the run started otherwise: it was taken silently)
+    for typed in (["--lr", "0.0002"], ["--model", "cmaae"], ["--batch-size", "512"]):
+        assert main(["train", str(data), "--out", str(out), "--resume", *typed]) == 2
+        assert f"drop {typed[0]} " in capsys.readouterr().err
     # another data folder
     with pytest.raises(RunError, match="continues it on those images"):
         train(_cfg(synthetic_root), out, resume=True, progress=False, log=lambda s: None)
@@ -268,6 +277,39 @@ def test_resume_continues_on_the_run_s_own_images_and_settings(synthetic_root, t
     assert (out / "model.pt").exists()
     with pytest.raises(RunError, match="the run is finished"):
         train(_cfg(data), out, resume=True, progress=False, log=lambda s: None)
+
+
+def test_a_resume_refuses_changed_anomaly_source_photos_and_a_model_file_as_its_checkpoint(synthetic_root, tmp_path,
+                                                                                            monkeypatch):
+    """Source photos changed between the stop and the resume were taken silently (the rest of the
+    run cut its anomalies from others: another model than an uninterrupted run's); a finished
+    model.pt put in the checkpoint's place was a KeyError (an internal error)."""
+    import shutil
+
+    from PIL import Image
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(2):
+        shutil.copy(sorted((synthetic_root / "train" / "good").iterdir())[i], src / f"{i}.png")
+    real = train_module.finish_run
+    monkeypatch.setattr(train_module, "finish_run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop")))
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="stop"):
+        train(_cfg(synthetic_root, max_steps=[2, 1], anomaly_source=str(src)), out, progress=False, log=lambda s: None)
+    monkeypatch.setattr(train_module, "finish_run", real)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["sources_digest"].startswith("sha256:")
+    kept = (src / "0.png").read_bytes()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(src / "0.png")
+    with pytest.raises(RunError, match=f"{src}: the anomaly source photos changed since the run started"):
+        train(_cfg(synthetic_root), out, resume=True, progress=False, log=lambda s: None)
+    (src / "0.png").write_bytes(kept)
+    shutil.copy(out / "checkpoint.pt", tmp_path / "checkpoint.pt")
+    train(_cfg(synthetic_root), out, resume=True, progress=False, log=lambda s: None)  # restored: it resumes
+    (out / "model.pt").rename(tmp_path / "model.pt")
+    shutil.copy(tmp_path / "model.pt", out / "checkpoint.pt")
+    with pytest.raises(RunError, match="checkpoint.pt"):
+        train(_cfg(synthetic_root), out, resume=True, progress=False, log=lambda s: None)
 
 
 def test_a_resume_never_switches_the_run_s_loss_definition(synthetic_root, tmp_path, monkeypatch):
