@@ -494,8 +494,13 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs) -> Iterator
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the mode a plain open() would
         with os.fdopen(fd, mode, **kwargs) as fh:
             yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
+            try:  # a full disk often shows only here, in an error that names no file
+                fh.flush()
+                os.fsync(fh.fileno())
+            except OSError as exc:
+                if exc.filename is not None:
+                    raise
+                raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

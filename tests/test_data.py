@@ -370,6 +370,12 @@ def test_a_stack_of_images_this_process_cannot_hold_is_a_one_line_error(tmp_path
     monkeypatch.setattr(torch, "empty", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):
         read_images(paths, 16)
+    # a size past what torch counts in bytes: its "overflowed" error was an internal error
+    from defect_fast.data.io import image_stack
+
+    monkeypatch.undo()
+    with pytest.raises(DataError, match="^t: 12 images at 3000000000 x 3000000000 need"):
+        image_stack((12, 3, 3_000_000_000, 3_000_000_000), "t")
 
 
 def test_load_test_set_reports_every_problem_at_once(tmp_path):

@@ -315,6 +315,27 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     assert (tmp_path / "g.txt").stat().st_mode & 0o777 == 0o640  # as open() would, not mkstemp's 0600
 
 
+def test_a_disk_that_fills_at_the_flush_is_named_by_the_file_asked_for(tmp_path, monkeypatch):
+    """A full disk often shows only at fsync (or the flush), in an OSError without a file name: the
+    command printed "[Errno 28] No space left on device", naming no file."""
+    import errno
+
+    from defect_fast import safety
+
+    p = tmp_path / "checkpoint.pt"
+    atomic_write_text(p, "one")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safety.os, "fsync", full)
+    with pytest.raises(OSError) as info:
+        atomic_write_text(p, "two")
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(p)
+    assert safety._user_message(info.value, ()) == f"{p}: No space left on device"
+    assert p.read_text() == "one" and sorted(x.name for x in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
 def test_a_symbolic_link_loop_or_an_unknown_user_is_a_usage_error_naming_the_path(tmp_path, monkeypatch):
     """Path.resolve raises RuntimeError for both on some Pythons (a bug's traceback in run_main)."""
     from defect_fast.safety import UsageError, real_path

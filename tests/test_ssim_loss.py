@@ -102,6 +102,11 @@ def test_schedule_rejects_bad_args():
         SigmaSchedule(sigma0=2.0, sigma_end=1.0)
     with pytest.raises(ValueError):
         SigmaSchedule().set_epoch_length(0)
+    # values float32 cannot hold, and NaN (which every comparison let through to the first step)
+    for kwargs in ({"sigma_end": float("nan")}, {"k": float("nan")}, {"sigma0": float("nan")}, {"k": 1e308},
+                   {"sigma_end": 1e308}, {"sigma0": 1e-300}, {"sigma0": float("inf")}):
+        with pytest.raises(ValueError, match="SigmaSchedule: (sigma0|sigma_end|k) must be"):
+            SigmaSchedule(**kwargs)
 
 
 # -- presets -------------------------------------------------------------------------------------

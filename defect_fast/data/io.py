@@ -517,7 +517,8 @@ def image_stack(shape: tuple[int, ...], where: str | os.PathLike, dtype: torch.d
         t = torch.empty(shape, dtype=dtype)
         return t if fill is None else t.fill_(fill)
     except (MemoryError, RuntimeError) as exc:
-        if isinstance(exc, RuntimeError) and "alloc" not in str(exc):
+        # torch's words for it: "... alloc...", or "Storage size calculation overflowed" (a size past 2**63 bytes)
+        if isinstance(exc, RuntimeError) and not any(w in str(exc) for w in ("alloc", "overflow")):
             raise
         n, side = shape[0], shape[-1]
         gib = math.prod(shape) * torch.empty((), dtype=dtype).element_size() / 2**30

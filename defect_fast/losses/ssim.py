@@ -104,8 +104,15 @@ class SigmaSchedule:
     """
 
     def __init__(self, sigma0: float = 0.5, k: float | None = None, sigma_end: float = 3.0):
-        if not sigma0 > 0:
-            raise ValueError(f"SigmaSchedule: sigma0 must be > 0, got {sigma0}")
+        # the window is made in float32: a value it cannot hold (NaN, 1e308, 1e-300 -> 0) passed
+        # these checks (NaN compares False) and failed at the first training step
+        f32 = torch.finfo(torch.float32)
+        for name, v in (("sigma0", sigma0), ("sigma_end", sigma_end), *((("k", k),) if k is not None else ())):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or abs(v) > f32.max:
+                raise ValueError(f"SigmaSchedule: {name} must be a finite number float32 holds, got {v}")
+        if not sigma0 >= f32.tiny:
+            raise ValueError(f"SigmaSchedule: sigma0 must be > 0 (at least {f32.tiny:.3g}, float32's smallest "
+                             f"normal number), got {sigma0}")
         if k is not None and k < 0:
             raise ValueError(f"SigmaSchedule: k must be >= 0, got {k}")
         if k is None and sigma_end < sigma0:
