@@ -221,7 +221,16 @@ def test_cpp_runner_never_replaces_an_existing_map_out(runner, tmp_path):
                              timeout=300)
         assert out.returncode == 0, out.stderr
     assert Image.open(tmp_path / "map.png").size == (64, 64) and (tmp_path / "map.f32").stat().st_size == 64 * 64 * 4
-    # a run that fails leaves no empty map behind
+    # a run that fails leaves no empty map behind, also one that aborts (a file whose scores are 0-d)
     out = subprocess.run([str(runner), str(ts), str(tmp_path / "missing.png"), str(tmp_path / "m2.png")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 1 and not (tmp_path / "m2.png").exists()
+
+    class Odd(torch.nn.Module):
+        def forward(self, x: torch.Tensor):
+            return x.float().mean(1), x.float().mean()
+
+    torch.jit.save(torch.jit.script(Odd()), str(tmp_path / "odd.ts"))
+    out = subprocess.run([str(runner), str(tmp_path / "odd.ts"), str(photo), str(tmp_path / "m3.png")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and not (tmp_path / "m3.png").exists()

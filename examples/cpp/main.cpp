@@ -11,7 +11,8 @@
 //                A PNG whose orientation would turn it (EXIF 2..8, in an eXIf chunk, a "Raw profile
 //                type exif" text chunk or XMP's tiff:Orientation, where PIL reads it) is refused:
 //                Python turns it upright first.
-//   MAP_OUT      optional, a new file (an existing one is refused, never replaced): the anomaly map
+//   MAP_OUT      optional, a new file (an existing one is refused before any work, and never replaced:
+//                it is created exclusively at the end, so a failed run leaves none): the anomaly map
 //                [S, S]; "*.png" as 8-bit grey scaled to the map's maximum, anything else as raw
 //                little-endian float32, row-major (S*S*4 bytes).
 // Prints "score <value>" (the image score) on stdout; exit status 1 with a message on any error.
@@ -25,6 +26,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <iostream>
 #include <regex>
 #include <string>
@@ -273,23 +275,12 @@ int main(int argc, char** argv) {
   const std::string model_path = argv[1], image_path = argv[2], map_path = argc > 3 ? argv[3] : "";
   torch::NoGradGuard no_grad;
 
-  // 0. MAP_OUT, a new file, claimed before any work.
-  std::FILE* map_file = nullptr;
-  if (!map_path.empty()) {
-    std::string error;
-    map_file = open_new(map_path, error);
-    if (map_file == nullptr) {
-      std::cerr << error << "\n";
-      return 1;
-    }
+  // 0. MAP_OUT must be a new file: refused now, before any work (created exclusively at step 5).
+  std::error_code ec;
+  if (!map_path.empty() && std::filesystem::exists(std::filesystem::symlink_status(map_path, ec))) {
+    std::cerr << map_path << ": exists; give MAP_OUT a new file name (nothing was replaced)\n";
+    return 1;
   }
-  auto give_up = [&](int status) {  // the empty file claimed above goes: it was the runner's own
-    if (map_file != nullptr) {
-      std::fclose(map_file);
-      std::remove(map_path.c_str());
-    }
-    return status;
-  };
 
   // 1. The exported pipeline.
   torch::jit::script::Module detector;
@@ -297,7 +288,7 @@ int main(int argc, char** argv) {
     detector = torch::jit::load(model_path, torch::kCPU);
   } catch (const c10::Error& e) {
     std::cerr << model_path << ": not a loadable TorchScript file (" << e.what_without_backtrace() << ")\n";
-    return give_up(1);
+    return 1;
   }
   detector.eval();
 
@@ -307,7 +298,7 @@ int main(int argc, char** argv) {
   std::string error;
   if (!read_png_rgb(image_path, pixels, h, w, error)) {
     std::cerr << error << "\n";
-    return give_up(1);
+    return 1;
   }
   torch::Tensor images = torch::from_blob(pixels.data(), {1, h, w, 3}, torch::kUInt8).permute({0, 3, 1, 2}).contiguous();
 
@@ -333,12 +324,18 @@ int main(int argc, char** argv) {
     scores = out->elements()[1].toTensor();
   } catch (const c10::Error& e) {
     std::cerr << model_path << ": failed on " << image_path << " (" << e.what_without_backtrace() << ")\n";
-    return give_up(1);
+    return 1;
   }
   std::printf("score %.9g\n", scores[0].item<float>());
 
-  // 5. The map, into the new file opened before the run.
-  if (map_file != nullptr) {
+  // 5. The map, into a new file (another process may have made one since step 0: refused too).
+  if (!map_path.empty()) {
+    std::string error;
+    std::FILE* map_file = open_new(map_path, error);
+    if (map_file == nullptr) {
+      std::cerr << error << "\n";
+      return 1;
+    }
     torch::Tensor m = maps[0].to(torch::kFloat32).contiguous();
     const int64_t mh = m.size(0), mw = m.size(1);
     bool written;
