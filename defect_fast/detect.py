@@ -169,6 +169,19 @@ def _statistic(name: str, value: Any, size: int, positive: bool = False) -> torc
     return t
 
 
+#: How to get a Detector with another value of each setting fixed at construction.
+_REBUILD = {
+    "image_size": "build another: Detector(model, image_size=...) (a run's model file holds the size it was trained at)",
+    "stride": "build another: Detector(model, ..., stride=...) or Detector.load(run, stride=...)",
+    "blend": "build another: Detector(model, ..., blend=...) or Detector.load(run, blend=...)",
+    "smooth_sigma": "build another: Detector(model, ..., smooth_sigma=...) or Detector.load(run, smooth_sigma=...)",
+    "patch": "it is the model's patch size",
+    "grid": "it follows image_size and stride",
+    "top_k": "it follows image_size and top_fraction: build another with Detector(model, ..., top_fraction=...) or "
+             "Detector.load(run, top_fraction=...)",
+}
+
+
 def _fixed(name: str) -> property:
     """A setting the Detector's grid, blending window, blur or top-k follow: set when it is built,
     refused in one line afterwards (set later, it met buffers built for the old value deep in torch)."""
@@ -180,8 +193,7 @@ def _fixed(name: str) -> property:
     def put(self, value):
         if key in self.__dict__:
             raise AttributeError(f"Detector.{name} is fixed when the Detector is built (its patch grid, blending "
-                                 f"window, blur and score follow it); build another: Detector(model, ..., {name}=...) "
-                                 f"or Detector.load(run, {name}=...)")
+                                 f"window, blur and score follow it); {_REBUILD[name]}")
         self.__dict__[key] = value
 
     return property(get, put, doc=f"``{name}`` as built (read only).")
@@ -1043,19 +1055,22 @@ class Detector(nn.Module):
             image context, whose standardisation was measured on the maps before, is removed
             (:meth:`calibrate` and :meth:`fit_context` again), as :meth:`fit_perceptual` does.
         """
-        if _real("min_std", min_std) <= 0:  # 0: a position that never varies divides by 0 (inf scores)
-            raise ValueError(f"min_std must be > 0, got {min_std!r}")
+        # 0, or a value float32 rounds to 0: a position that never varies divides 0 by 0 (NaN scores)
+        if not _real("min_std", min_std) >= torch.finfo(torch.float32).tiny:
+            raise ValueError(f"min_std must be > 0 (at least {torch.finfo(torch.float32).tiny:.3g}, float32's "
+                             f"smallest normal number), got {min_std!r}")
         images_per_batch = _integer("images_per_batch", images_per_batch, 1)
         normal_images = self._at_model_size(self._checked_batch(normal_images, "fit_normalization"))
         if normal_images.shape[0] < 2:
             raise ValueError(f"fit_normalization needs at least 2 images, got {normal_images.shape[0]}")
         with torch.no_grad():
             raw = torch.cat([self.raw_maps(c.to(self.device)) for c in normal_images.split(images_per_batch)])
+        from .evaluate import check_finite
+
+        check_finite({"maps": raw, "scores": raw.new_zeros(raw.shape[0])}, None, None, self.precision,
+                     "images given to fit_normalization")
         mean = raw.mean(dim=0)
         std = raw.std(dim=0).clamp(min=min_std)
-        if not bool(torch.isfinite(mean).all() & torch.isfinite(std).all()):
-            raise ValueError("fit_normalization: the maps of these images hold NaN or infinite values (a model "
-                             "whose weights are not usable)")
         self.norm_mean = mean
         self.norm_std = std
         self._graphs = {}  # captured graphs read the buffers this replaced

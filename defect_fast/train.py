@@ -598,9 +598,11 @@ class Trainer:
 
 def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Tensor,
                device: torch.device | str = "cpu", train_images: torch.Tensor | None = None,
-               context_images: torch.Tensor | None = None, where: str | Path | None = None) -> dict[str, Any]:
+               context_images: torch.Tensor | None = None, where: str | Path | None = None,
+               images: str = "held-back images") -> dict[str, Any]:
     """What a finished run stores beside its weights, computed on the held-back images
-    (``where`` names the run in the error for NaN or infinite maps).
+    (``where`` names the run and ``images`` what those images are in the error for NaN or
+    infinite maps).
 
     1. builds the :class:`~defect_fast.detect.Detector` of ``model`` (default map, tiles;
        :func:`defect_fast.evaluate.detector_for`);
@@ -665,7 +667,10 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
     if det.map_kind in model.image_maps:
         det.fit_perceptual(fit_images, scales=tuple(cfg.map_scales), level_brightness=level)
         perceptual = det.image_map.state()
-    normalization = det.fit_normalization(fit_images) if cfg.normalize == "position" else None
+    try:
+        normalization = det.fit_normalization(fit_images) if cfg.normalize == "position" else None
+    except RunError as exc:  # NaN or infinite maps: named with the run, as the check below names them
+        raise RunError(f"{where}: {exc}" if where is not None else str(exc)) from None
     context = None
     if cfg.context:
         if context_images is None:
@@ -676,7 +681,7 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
         context = det.context.state()
     else:
         res = det.predict_batched(calib_images)
-    check_finite(res, calib_names, where, det.precision, "held-back images")
+    check_finite(res, calib_names, where, det.precision, images)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # too few images is said in the note, printed by train()
         cal = calibrate(res["scores"], res["maps"], far=cfg.far, names=calib_names)
@@ -967,7 +972,7 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
             # (the map statistics from every training image, as --fit-on train fits them)
             finished = finish_run(model, replace(cfg, normalize="none", fit_on="train"),
                                   train_images[: cfg.calibration_images], trainer.device, train_images=train_images,
-                                  context_images=train_images, where=out)
+                                  context_images=train_images, where=out, images="training images")
             finished["calibration"]["source"] = "training images"
             finished["calibration"].update(sufficient=False, far_expected=None, far_upper95=None)
             finished["calibration"]["note"] = ("no held-back images (--holdback 0 or too few images): threshold from "

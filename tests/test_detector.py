@@ -515,7 +515,7 @@ def test_settings_of_the_wrong_type_are_refused_naming_the_argument():
             det.predict_batched(x, **kwargs)
     with pytest.raises(ValueError, match="min_std must be"):
         det.fit_normalization(x, min_std=float("nan"))
-    for bad_std in (0.0, -1.0):
+    for bad_std in (0.0, -1.0, 1e-50):  # 1e-50: 0 in float32, where the clamp runs (NaN scores)
         with pytest.raises(ValueError, match="min_std must be > 0"):
             det.fit_normalization(x, min_std=bad_std)
     ref = det.predict(x, pixel_threshold=0.5)
@@ -536,8 +536,11 @@ def test_settings_the_pipeline_is_built_for_cannot_be_changed_under_it():
     det = Detector(m, image_size=128, precision="bfloat16")
     for name, value in (("stride", 32), ("smooth_sigma", 4.0), ("image_size", 64), ("blend", "hann"),
                         ("grid", (2, 2)), ("patch", 32), ("top_k", 3)):
-        with pytest.raises(AttributeError, match=re.escape(f"Detector.{name} is fixed when the Detector is built")):
+        with pytest.raises(AttributeError, match=re.escape(f"Detector.{name} is fixed when the Detector is built")) as err:
             setattr(det, name, value)
+        # the advice names arguments that exist (patch=, grid=, top_k= are no arguments)
+        advised = set(re.findall(r"(\w+)=\.\.\.", str(err.value)))
+        assert advised <= set(inspect.signature(Detector.__init__).parameters), (name, advised)
     with pytest.raises(AttributeError, match="Detector.precision is fixed for a fused model"):
         det.precision = "float32"
     det.precision = "bfloat16"  # the same: nothing to refuse

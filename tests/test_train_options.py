@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -445,3 +446,22 @@ def test_nothing_held_back_fits_the_perceptual_map_on_every_training_image(synth
     with pytest.raises(ConfigError, match="--map perceptual fits its statistics on training images: 1 are too few"):
         train(TrainConfig(**{**cfg.__dict__, "data": str(one)}), tmp_path / "run1", progress=False, log=lambda s: None)
     assert not (tmp_path / "run1").exists()  # refused before the training
+
+
+def test_a_normalised_run_whose_maps_are_nan_is_named_in_one_line(synthetic_root, tmp_path):
+    """With --normalize position the statistics are fitted before the calibration's check: NaN maps
+    there were a ValueError, an internal error of train and audit."""
+    from defect_fast.models import build_model
+    from defect_fast.runs import RunError
+    from defect_fast.train import finish_run
+
+    model = build_model("cmaae", memory_size=10).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    images = torch.randint(0, 256, (6, 3, 128, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for normalize in ("none", "position"):
+        cfg = TrainConfig(data=str(synthetic_root), model="cmaae", image_size=128, normalize=normalize, fit_on="held-back",
+                          map="msfr", map_scales=[1], holdback=0.3)
+        with pytest.raises(RunError, match=f"^{re.escape(str(tmp_path))}: the model gives NaN or infinite maps"):
+            finish_run(model, cfg, images, "cpu", where=tmp_path)
