@@ -75,7 +75,11 @@ def _scores_np(x, what: str) -> np.ndarray:
 def _labels_np(x) -> np.ndarray:
     """Image labels as an int64 numpy array [N]: 0 (good) or 1 (defective), checked before any cast
     (a label of 0.5 or 2 is refused, not rounded or read as defective)."""
-    a = _as_tensor(x).to(torch.float64).numpy().reshape(-1)  # any dtype (bfloat16 has no numpy twin)
+    try:  # any dtype: bfloat16 (no numpy twin), object arrays of numbers, another byte order
+        a = (x.detach().cpu().to(torch.float64).numpy() if isinstance(x, torch.Tensor)
+             else np.asarray(x, dtype=np.float64)).reshape(-1)
+    except (TypeError, ValueError):
+        raise ValueError("labels must be 0 (good) or 1 (defective)") from None
     if not np.isin(a, (0, 1)).all():
         raise ValueError("labels must be 0 (good) or 1 (defective)")
     return a.astype(np.int64)

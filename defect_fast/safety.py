@@ -492,15 +492,21 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs) -> Iterator
         raise OSError(exc.errno, f"cannot create a file in {path.parent} ({exc.strerror})", str(path)) from None
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the mode a plain open() would
-        with os.fdopen(fd, mode, **kwargs) as fh:
+        fh = os.fdopen(fd, mode, **kwargs)
+        try:
             yield fh
             try:  # a full disk often shows only here, in an error that names no file
                 fh.flush()
                 os.fsync(fh.fileno())
+                fh.close()
             except OSError as exc:
                 if exc.filename is not None:
                     raise
                 raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+        finally:
+            if not fh.closed:  # after a failure: closed quietly (its flush would fail again and hide it)
+                with contextlib.suppress(OSError):
+                    fh.close()
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

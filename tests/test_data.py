@@ -609,6 +609,15 @@ def test_a_16_bit_colour_png_mask_is_refused_not_read_empty(tmp_path):
     assert Image.open(p).mode == "RGB" and not np.asarray(Image.open(p)).any()  # what PIL makes of it
     with pytest.raises(DataError, match=re.escape(f"{p}: a 16-bit colour PNG")):
         read_mask(p, None)
+    # also with an EXIF orientation (the turned image carries no format: the check was skipped)
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    turned = tmp_path / "rgb16_turned_mask.png"
+    turned.write_bytes(p.read_bytes()[:-12] + chunk(b"eXIf", exif.tobytes()[6:]) + chunk(b"IEND", b""))
+    with Image.open(turned) as im:
+        assert im.getexif().get(0x0112) == 3
+    with pytest.raises(DataError, match=re.escape(f"{turned}: a 16-bit colour PNG")):
+        read_mask(turned, None)
     assert read_image(p, None).shape == (3, 16, 16)  # as an image, the high byte is its 8-bit value
     gray = m[..., 0]
     assert int(read_mask(_save(tmp_path / "g16.png", gray), None).sum()) == 16

@@ -321,6 +321,11 @@ def test_bad_inputs_raise():
     for dtype in (torch.bfloat16, torch.uint8, torch.float64):
         with pytest.raises(ValueError, match="0 \\(good\\) or 1"):
             f1_optimal_threshold([0.1, 0.2], torch.tensor([0, 2]).to(dtype))
+    # numpy labels of any kind the calibration read before: object arrays, another byte order
+    for labels in (np.array([0, 1], dtype=object), np.array([0, 1], dtype=">i4")):
+        assert f1_optimal_threshold([0.1, 0.2], labels)["f1"] == 1.0 and image_auroc([0.1, 0.2], labels) == 1.0
+    with pytest.raises(ValueError, match="0 \\(good\\) or 1"):
+        image_auroc([0.1, 0.2], np.array(["a", "b"], dtype=object))
     # finite float64 values float32 cannot hold are named as such, not as NaN or infinite
     with pytest.raises(ValueError, match="beyond float32's range"):
         pixel_auroc(maps.astype(np.float64) + np.array([0, 1e300])[:, None, None], masks)

@@ -334,6 +334,19 @@ def test_a_disk_that_fills_at_the_flush_is_named_by_the_file_asked_for(tmp_path,
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(p)
     assert safety._user_message(info.value, ()) == f"{p}: No space left on device"
     assert p.read_text() == "one" and sorted(x.name for x in tmp_path.iterdir()) == ["checkpoint.pt"]
+    monkeypatch.undo()
+    # and at the flush of the buffered bytes, which the close repeated outside the naming
+    real_fdopen = safety.os.fdopen
+
+    def onto_a_full_disk(fd, mode, **kwargs):
+        os.close(fd)
+        return real_fdopen(os.open("/dev/full", os.O_WRONLY), mode, **kwargs)
+
+    monkeypatch.setattr(safety.os, "fdopen", onto_a_full_disk)
+    with pytest.raises(OSError) as info:
+        atomic_write_text(p, "two")
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(p)
+    assert p.read_text() == "one" and sorted(x.name for x in tmp_path.iterdir()) == ["checkpoint.pt"]
 
 
 def test_a_symbolic_link_loop_or_an_unknown_user_is_a_usage_error_naming_the_path(tmp_path, monkeypatch):
