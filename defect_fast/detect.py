@@ -133,11 +133,12 @@ def _plain_graph() -> bool:
             or torch.compiler.is_exporting())
 
 
-def _integer(name: str, value: Any, minimum: int) -> int:
+def _integer(name: str, value: Any, minimum: int, or_else: str = "") -> int:
     """``value`` as an int, refused in one line unless it is an integer >= ``minimum`` (not a bool,
-    not a float: 2.7 was taken as 2 and True as 1)."""
+    not a float: 2.7 was taken as 2 and True as 1); ``or_else`` names what else the argument
+    takes, in the message ("'auto' or ")."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise ValueError(f"{name} must be {or_else}an integer >= {minimum}, got {value!r}")
     return int(value)
 
 
@@ -358,8 +359,7 @@ class Detector(nn.Module):
             raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
         if batch_size == "auto":
             batch_size = default_batch_size(device, self.patch)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 0:
-            raise ValueError(f"batch_size must be 'auto' or an integer >= 0, got {batch_size!r}")
+        batch_size = _integer("batch_size", batch_size, 0, "'auto' or ")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be None or an integer >= 1, got {threads!r}")
         if cuda_graphs and device.type != "cuda":
@@ -1067,8 +1067,7 @@ class Detector(nn.Module):
             raw = torch.cat([self.raw_maps(c.to(self.device)) for c in normal_images.split(images_per_batch)])
         from .evaluate import check_finite
 
-        check_finite({"maps": raw, "scores": raw.new_zeros(raw.shape[0])}, None, None, self.precision,
-                     "images given to fit_normalization")
+        check_finite({"maps": raw}, None, None, self.precision, "images given to fit_normalization")
         mean = raw.mean(dim=0)
         std = raw.std(dim=0).clamp(min=min_std)
         self.norm_mean = mean

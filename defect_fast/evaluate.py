@@ -76,10 +76,12 @@ def check_finite(res: dict[str, torch.Tensor], paths: list | None, run: Path | s
     """Refuse maps or scores that are NaN or infinite (a model file whose weights diverged, or a
     reduced precision that overflows), in one line naming the images, before any metric,
     threshold or verdict (NaN > threshold is False: such an image would pass). ``paths`` name
-    the images (None: their positions), ``run`` the model (None: not named)."""
+    the images (None: their positions), ``run`` the model (None: not named); ``res`` without
+    "scores": the maps alone."""
     from .runs import RunError
 
-    bad = ~(torch.isfinite(res["maps"]).flatten(1).all(1) & torch.isfinite(res["scores"]))
+    finite = torch.isfinite(res["maps"]).flatten(1).all(1)
+    bad = ~(finite & torch.isfinite(res["scores"]) if "scores" in res else finite)
     if bad.any():
         i = int(bad.nonzero()[0])
         first = paths[i] if paths is not None else f"image {i}"

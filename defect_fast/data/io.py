@@ -408,7 +408,8 @@ def _load_mask(path: str | os.PathLike, size: int | None, notes: list[tuple[str,
     for a mask with more than two values (soft edges, JPEG) or marking more than half its image."""
     path = Path(path)
     img = _open(path)
-    if _png_header(path) in ((16, 2), (16, 4), (16, 6)):  # the file's header: a turned image has no format
+    # the file's header (a turned image has no format), read only for the modes such a PNG decodes to
+    if img.mode in ("RGB", "RGBA", "LA") and _png_header(path) in ((16, 2), (16, 4), (16, 6)):
         img.close()
         raise DataError(f"{path}: a 16-bit colour PNG, which is read by the high byte of each value only (a "
                         "mask value under 256 reads as 0, no defect); save the mask as 8-bit or 16-bit grayscale")
