@@ -20,6 +20,7 @@
 #include <torch/script.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <cmath>
 #include <csetjmp>
@@ -241,13 +242,17 @@ int exif_orientation(png_structp png, png_infop info) {
   return 1;
 }
 
-// A new file to write (C11's exclusive "x" mode: an existing file, the user's or the input image,
-// is refused, never replaced); nullptr with a message in `error` otherwise.
+// What the runner says of a MAP_OUT that exists (the user's file, or the input image).
+std::string exists_message(const std::string& path) {
+  return path + ": exists; give MAP_OUT a new file name (nothing was replaced)";
+}
+
+// A new file to write (C11's exclusive "x" mode: an existing file is refused, never replaced);
+// nullptr with a message in `error` otherwise.
 std::FILE* open_new(const std::string& path, std::string& error) {
   std::FILE* fp = std::fopen(path.c_str(), "wbx");
   if (fp == nullptr) {
-    error = path + (errno == EEXIST ? ": exists; give MAP_OUT a new file name (nothing was replaced)"
-                                    : std::string(": cannot write (") + std::strerror(errno) + ")");
+    error = errno == EEXIST ? exists_message(path) : path + ": cannot write (" + std::strerror(errno) + ")";
   }
   return fp;
 }
@@ -278,7 +283,7 @@ int main(int argc, char** argv) {
   // 0. MAP_OUT must be a new file: refused now, before any work (created exclusively at step 5).
   std::error_code ec;
   if (!map_path.empty() && std::filesystem::exists(std::filesystem::symlink_status(map_path, ec))) {
-    std::cerr << map_path << ": exists; give MAP_OUT a new file name (nothing was replaced)\n";
+    std::cerr << exists_message(map_path) << "\n";
     return 1;
   }
 
@@ -328,26 +333,27 @@ int main(int argc, char** argv) {
   }
   std::printf("score %.9g\n", scores[0].item<float>());
 
-  // 5. The map, into a new file (another process may have made one since step 0: refused too).
+  // 5. The map, made first, then written into a new file (another process may have made one
+  //    since step 0: refused too), so that only the write itself can leave a part of it.
   if (!map_path.empty()) {
+    torch::Tensor m = maps[0].to(torch::kFloat32).contiguous();
+    const int64_t mh = m.size(0), mw = m.size(1);
+    const bool png = ends_with(map_path, ".png");
+    std::vector<uint8_t> grey;
+    if (png) {
+      const float top = std::max(m.max().item<float>(), 1e-12f);
+      torch::Tensor g = (m.clamp_min(0) / top * 255.0f).round().clamp(0, 255).to(torch::kUInt8).contiguous();
+      grey.assign(g.data_ptr<uint8_t>(), g.data_ptr<uint8_t>() + mh * mw);
+    }
     std::string error;
     std::FILE* map_file = open_new(map_path, error);
     if (map_file == nullptr) {
       std::cerr << error << "\n";
       return 1;
     }
-    torch::Tensor m = maps[0].to(torch::kFloat32).contiguous();
-    const int64_t mh = m.size(0), mw = m.size(1);
-    bool written;
-    if (ends_with(map_path, ".png")) {
-      const float top = std::max(m.max().item<float>(), 1e-12f);
-      torch::Tensor g = (m.clamp_min(0) / top * 255.0f).round().clamp(0, 255).to(torch::kUInt8).contiguous();
-      std::vector<uint8_t> grey(g.data_ptr<uint8_t>(), g.data_ptr<uint8_t>() + mh * mw);
-      written = write_png_grey(map_file, grey, static_cast<int>(mh), static_cast<int>(mw));
-    } else {
-      const size_t count = static_cast<size_t>(mh * mw);
-      written = std::fwrite(m.data_ptr<float>(), sizeof(float), count, map_file) == count;
-    }
+    const size_t count = static_cast<size_t>(mh * mw);
+    bool written = png ? write_png_grey(map_file, grey, static_cast<int>(mh), static_cast<int>(mw))
+                       : std::fwrite(m.data_ptr<float>(), sizeof(float), count, map_file) == count;
     written = std::fclose(map_file) == 0 && written;
     if (!written) {
       std::remove(map_path.c_str());  // the runner's own half-written file
