@@ -360,8 +360,8 @@ class Detector(nn.Module):
         if batch_size == "auto":
             batch_size = default_batch_size(device, self.patch)
         batch_size = _integer("batch_size", batch_size, 0, "'auto' or ")
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise ValueError(f"threads must be None or an integer >= 1, got {threads!r}")
+        if threads is not None:
+            threads = _integer("threads", threads, 1, "None or ")
         if cuda_graphs and device.type != "cuda":
             raise ValueError(f"cuda_graphs needs a CUDA device, got {device}")
         if not (math.isfinite(smooth_sigma) and 0 <= smooth_sigma <= image_size):

@@ -117,6 +117,9 @@ def test_precision_and_channels_last_options():
         Detector(_model(), image_size=128, cuda_graphs=True)
     with pytest.raises(ValueError, match="threads"):
         Detector(_model(), image_size=128, threads=0)
+    with pytest.raises(ValueError, match="threads"):
+        Detector(_model(), image_size=128, threads=1.0)
+    assert Detector(_model(), image_size=128, threads=np.int64(1)).threads == 1  # numpy's integers as int
     with pytest.raises(ValueError, match="fuse"):
         Detector(_model(), image_size=128, fuse="yes")
     with pytest.raises(ValueError, match="cudnn_benchmark"):
