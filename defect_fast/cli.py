@@ -160,6 +160,18 @@ def _preset_model_options(preset: str, model: str, given: dict) -> dict:
 _RESUME_OPTIONS = {"data", "out", "resume", "quiet", "debug", "func", "command", "device"}
 
 
+def _as_typed(dest: str, argv: list[str]) -> str:
+    """The option of ``dest`` as it was typed in ``argv``: a switch's ``--no-`` form included
+    ("drop --level-brightness" for a typed --no-level-brightness misled); "--dest" otherwise."""
+    name = "--" + dest.replace("_", "-")
+    for token in argv:
+        if token == "--":
+            break
+        if token.split("=", 1)[0] in (name, "--no-" + name[2:]):
+            return token.split("=", 1)[0]
+    return name
+
+
 def _given_train_options(args) -> list[str]:
     """The ``train`` options given in ``args`` (as "--name"): those typed on the command line
     (``args._argv``, kept by the parse), a default's value included (``--lr 0.0002`` on a run
@@ -172,7 +184,7 @@ def _given_train_options(args) -> list[str]:
         for action in train._actions:  # a default is no value: only what was typed stays
             action.default = argparse.SUPPRESS
         typed = vars(parser.parse_args(argv))
-        return [f"--{k.replace('_', '-')}" for k in typed if k not in _RESUME_OPTIONS and not k.startswith("_")]
+        return [_as_typed(k, argv) for k in typed if k not in _RESUME_OPTIONS and not k.startswith("_")]
     defaults = vars(build_parser().parse_args(["train", "DATA", "--out", "OUT"]))
     return [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
             if k not in _RESUME_OPTIONS and k in defaults and v != defaults[k]]
