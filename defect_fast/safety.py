@@ -628,8 +628,31 @@ def safe_output_file(path: str | os.PathLike, overwrite: bool, *, inputs: Iterab
     if p.exists() or p.is_symlink():
         if not overwrite:
             raise OutputRefused(f"{what} {p}: file exists; pass --overwrite to replace it or choose another name")
+        owner = _listed_by_output_folder(p)
+        if owner is not None:  # another command's output (a run's model.pt, a journal): not this one's to replace
+            folder, command = owner
+            raise OutputRefused(f"{what} {p}: is part of the output of 'defect-fast {command or 'another command'}' "
+                                f"in {folder}, which --overwrite never replaces; choose another name")
     _check_where_it_goes(p, what)
     return p
+
+
+def _listed_by_output_folder(p: Path) -> tuple[Path, str | None] | None:
+    """(folder, its command) when ``p`` is a file an :class:`OutputFolder` above it wrote (listed
+    in its manifest, or the manifest or lock itself); None otherwise."""
+    p = Path(os.path.abspath(p))
+    for folder in p.parents:
+        if not (folder / MANIFEST_NAME).is_file():
+            continue
+        if folder == p.parent and p.name in _OWN:
+            return folder, OutputFolder.written_by(folder)
+        try:
+            files = _manifest(folder).get("files", [])
+        except (OSError, ValueError):
+            continue
+        if p.relative_to(folder).as_posix() in files:
+            return folder, OutputFolder.written_by(folder)
+    return None
 
 
 def _check_where_it_goes(p: Path, what: str) -> None:

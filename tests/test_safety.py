@@ -296,6 +296,22 @@ def test_safe_output_file(tmp_path):
     assert not (tmp_path / "newdir").exists()
 
 
+def test_safe_output_file_never_replaces_another_command_s_output(tmp_path):
+    """--overwrite of a single output file (report, evaluate --json, export) replaced a trained
+    run's model.pt or a predict folder's scores.json with its own; what another command's output
+    folder lists, its manifest and lock included, is refused."""
+    run = OutputFolder.create(tmp_path / "run", command="train")
+    run.write_bytes("model.pt", b"weights")
+    run.write_bytes("sub/stage.pt", b"stage")
+    (run.path / "notes.json").write_text("mine")  # not written by defect-fast: --overwrite may replace it
+    for name in ("model.pt", "sub/stage.pt", MANIFEST_NAME):
+        with pytest.raises(OutputRefused, match=rf"is part of the output of 'defect-fast train' in .*run, which "
+                                                r"--overwrite never replaces; choose another name"):
+            safe_output_file(run.path / name, True)
+    assert safe_output_file(run.path / "notes.json", True) == run.path / "notes.json"
+    assert (run.path / "model.pt").read_bytes() == b"weights"
+
+
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     p = tmp_path / "f.txt"
     atomic_write_text(p, "one")
