@@ -507,9 +507,14 @@ def diagnose(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    from .evaluate import check_finite
+
     pred = predict_fn(test_set.images)
     maps, scores = pred["maps"].float().cpu(), pred["scores"].float().cpu()
     score_maps = pred["score_maps"].float().cpu() if "score_maps" in pred else None
+    # before any statistic: a NaN map was an internal error, a NaN score a rank correlation of NaN
+    check_finite({"maps": maps if score_maps is None else torch.cat([maps, score_maps], 1), "scores": scores},
+                 [str(p) for p in test_set.paths], None, None, "test images")
     if "recon" in pred:
         recon = pred["recon"].cpu()
     elif reconstruct is not None:
@@ -523,7 +528,8 @@ def diagnose(
     stats = location_stats(maps, patch, stride, border, seam, top, labels=labels,
                            masks=masks if has_masks else None, classes=test_set.classes, score_maps=score_maps)
     good = labels == 0
-    brightness = test_set.images.float().mean(dim=(1, 2, 3))
+    # per chunk: a float copy of every image at once was 4x the images (3 GB for 1000 at 512 px)
+    brightness = torch.cat([c.float().mean(dim=(1, 2, 3)) for c in test_set.images.split(64)])
     stats["good"]["score_vs_brightness"] = rank_correlation(scores[good], brightness[good]) if bool(good.any()) else math.nan
     # pixel metrics need defective images with masks only (image AUROC is nan without good images, as in evaluate)
     metrics = M.evaluate(maps, masks, scores, labels, test_set.classes) if has_masks else None
@@ -552,7 +558,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("run", help="run folder holding model.pt, or a model file")
     p.add_argument("data", help="MVTec-style dataset root (test/<class>/, ground_truth/<class>/)")
     p.add_argument("--out", required=True, type=output_path, help="output folder for <class>.png and locations.json (new or empty)")
-    p.add_argument("--per-class", type=positive_int, default=4, help="rows per class figure: highest and lowest scores (default 4)")
+    p.add_argument("--per-class", type=_per_class, default=4, help="rows per class figure: highest and lowest scores "
+                   f"(default 4, at most {MAX_PER_CLASS})")
     p.add_argument("--border", type=nonneg_int, default=16, help="border band width in px (default 16)")
     p.add_argument("--seam", type=nonneg_int, default=3, help="half-width of the band around patch seams in px (default 3)")
     p.add_argument("--top", type=_top_fraction, default=0.001,
@@ -564,6 +571,21 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--overwrite", action="store_true", help="replace the files an earlier diagnose wrote in --out")
     p.set_defaults(func=command)
+
+
+#: Most rows of a class figure: a figure's layout time grows with the square of its rows (14 s at
+#: 80 rows, 61 s at 160, over 300 s at 300), and it is drawn after all the inference.
+MAX_PER_CLASS = 50
+
+
+def _per_class(text: str) -> int:
+    """argparse type: a whole number from 1 to :data:`MAX_PER_CLASS`."""
+    from .safety import positive_int
+
+    v = positive_int(text)
+    if v > MAX_PER_CLASS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_PER_CLASS} (rows of one figure), got {text!r}")
+    return v
 
 
 def _top_fraction(text: str) -> float:

@@ -184,6 +184,30 @@ def test_main_reports_missing_run(tmp_path, capsys):
     assert err.count("\n") == 0 and "nope" in err
     assert main([str(tmp_path), str(tmp_path), "--out", str(tmp_path / "o"), "--top", "2"]) == 2
     assert "--top" in capsys.readouterr().err
+    # a figure's layout time grows with the square of its rows: refused before any work
+    assert main([str(tmp_path), str(tmp_path), "--out", str(tmp_path / "o"), "--per-class", "51"]) == 2
+    assert "--per-class: must be at most 50" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ["map", "score", "score_map"])
+def test_nan_maps_or_scores_are_refused_before_any_statistic(tmp_path, synthetic_root, bad):
+    """A NaN map was an internal error; a NaN score gave a rank correlation and statistics of NaN."""
+    from defect_fast.data import load_test_set
+    from defect_fast.runs import RunError
+
+    ts = load_test_set(synthetic_root, 64)
+
+    def predict(images):
+        maps = images.float().mean(dim=1) / 255.0
+        out = {"maps": maps, "scores": maps.flatten(1).max(1).values, "score_maps": maps.clone(),
+               "recon": images.float() / 127.5 - 1}
+        {"map": out["maps"], "score": out["scores"], "score_map": out["score_maps"]}[bad].view(-1)[-1] = float("nan")
+        return out
+
+    with pytest.raises(RunError, match=rf"NaN or infinite maps or scores for 1 of {len(ts.paths)} test images "
+                                       rf"\(the first: .*{ts.paths[-1].name}\)"):
+        diagnose(predict, ts, tmp_path / "d", patch=16, per_class=1, border=4, seam=1, top=0.01)
+    assert not (tmp_path / "d" / "locations.json").exists()
 
 
 def test_diagnose_of_defective_images_only_gives_their_pixel_metrics(tmp_path, synthetic_root, capsys):
