@@ -134,18 +134,23 @@ def _histogram(scores: np.ndarray, labels: np.ndarray | None, threshold: float |
     return _fig_uri(fig)
 
 
+def _operating_point(scores: np.ndarray, labels: np.ndarray, threshold: float) -> tuple[float, float, float]:
+    """(false-alarm rate, recall, precision) of flagging score > ``threshold``; with nothing
+    flagged, precision 1, where the precision-recall curve ends (scikit-learn's convention; 0
+    drew the point at the origin, off the curve)."""
+    flagged = scores > threshold
+    tp = int((flagged & (labels == 1)).sum())
+    return (int((flagged & (labels == 0)).sum()) / max(1, int((labels == 0).sum())), tp / max(1, int(labels.sum())),
+            tp / int(flagged.sum()) if flagged.any() else 1.0)
+
+
 def _curves(scores: np.ndarray, labels: np.ndarray, threshold: float | None) -> tuple[str, str]:
     from matplotlib.figure import Figure
     from sklearn.metrics import auc, precision_recall_curve, roc_curve
 
     fpr, tpr, _ = roc_curve(labels, scores)
     prec, rec, _ = precision_recall_curve(labels, scores)
-    op = None
-    if threshold is not None:
-        flagged = scores > threshold
-        tp = int((flagged & (labels == 1)).sum())
-        op = (int((flagged & (labels == 0)).sum()) / max(1, int((labels == 0).sum())), tp / max(1, int(labels.sum())),
-              tp / max(1, int(flagged.sum())))
+    op = None if threshold is None else _operating_point(scores, labels, threshold)
     out = []
     for kind in ("roc", "pr"):
         fig = Figure(figsize=(4.6, 4.0))
@@ -279,11 +284,13 @@ def write_report(
             rows.append(("threshold is the score of", meta.extra["threshold_image"]))
         if meta.extra.get("calibrated_on") and meta.extra.get("threshold_source") != "given on the command line":
             rows.append(("defect-free images the thresholds rest on", meta.extra["calibrated_on"]))
-    rows.append(("image threshold", thr))
+    # as text that reads back as the same number: at 4 decimals 0.006108 showed as 0.0061 beside a
+    # passing score of 0.006109, a pixel threshold of 4.2e-5 as 0.0000
+    rows.append(("image threshold", threshold_text(thr)))
     if thr is not None:
         rows += [("flagged (score > threshold)", int(flagged.sum())), ("passed", int(n - flagged.sum()))]
     if meta is not None and meta.pixel_threshold is not None:
-        rows.append(("pixel threshold", meta.pixel_threshold))
+        rows.append(("pixel threshold", threshold_text(meta.pixel_threshold)))
     rows.append(("written", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")))
     # what the data could not give, said (evaluate says it too; the page left it out silently)
     has_bad = y is not None and bool((y == 1).any())
@@ -347,7 +354,7 @@ def write_report(
             body.append("<p>Thresholds <code>--far</code> can set (the k-th highest held-back score) and their rates "
                         "here:</p><table><tr><th>--far</th><th>k</th><th>threshold</th><th>false alarms</th>"
                         "<th>misses</th></tr>" + "".join(
-                            f"<tr><td>{p['far']:.4g}</td><td>{p['rank']}</td><td>{_fmt(p['threshold'])}</td>"
+                            f"<tr><td>{p['far']:.4g}</td><td>{p['rank']}</td><td>{threshold_text(p['threshold'])}</td>"
                             f"<td>{p['false_alarms']} of {p['n_good']}</td><td>{p['misses']} of {p['n_defective']}</td></tr>"
                             for p in points) + "</table>")
         if body:

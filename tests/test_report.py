@@ -48,7 +48,7 @@ def test_report_with_ground_truth(tmp_path):
     scores[0] = 10.0  # a good image above the threshold: one false alarm
     scores[-1] = -1.0  # a defective one below it: one miss
     thr = 0.5
-    info = ModelInfo(S, name="stub", version="v9", image_threshold=thr, pixel_threshold=0.3,
+    info = ModelInfo(S, name="stub", version="v9", image_threshold=thr, pixel_threshold=4.2e-5,
                      extra={"far": 0.01, "threshold_image": "train/good/marked.png"})
     out = write_report(tmp_path / "r" / "report.html", names=[f"img{i}.png" for i in range(12)], images=images,
                        maps=res["maps"], scores=scores, recon=res["recon"], labels=labels, masks=masks,
@@ -66,6 +66,7 @@ def test_report_with_ground_truth(tmp_path):
     # thresholds shown in full: read back, they are the numbers (and flag the same images as --threshold)
     best = out["metrics"]["f1_optimal"]["threshold"]
     assert f"<th>F1-optimal image threshold</th><td>{best!r}</td>" in text and "<th>threshold in use</th><td>0.5</td>" in text
+    assert "<th>image threshold</th><td>0.5</td>" in text and "<th>pixel threshold</th><td>4.2e-05</td>" in text  # not 0.0000
     # gallery sorted by score, highest first
     shown = [float(v) for v in re.findall(r"score ([-0-9.e+]+)", text)]
     assert shown == sorted(shown, reverse=True) and shown[0] == 10.0
@@ -79,7 +80,7 @@ def test_report_lists_the_thresholds_far_can_set(tmp_path):
     it does not."""
     images, masks, labels, classes = make_set()
     res = stub_predict(images)
-    held = [9.0, 0.8, 0.4, -1.0] + [-2.0] * 36  # n = 40: ranks up to floor(0.1 * 41) = 4
+    held = [9.0, 0.8, 0.4, -1.0 / 3] + [-2.0] * 36  # n = 40: ranks up to floor(0.1 * 41) = 4
     info = ModelInfo(S, image_threshold=9.0, extra={"held_back": {"held_back_scores": held, "n_images": 40}})
     out = write_report(tmp_path / "a.html", names=[f"img{i}.png" for i in range(12)], images=images, maps=res["maps"],
                        scores=res["scores"], labels=labels, masks=masks, classes=classes, meta=info)
@@ -89,9 +90,25 @@ def test_report_lists_the_thresholds_far_can_set(tmp_path):
     assert [p["misses"] for p in points] == [int(((s <= t) & (y == 1)).sum()) for t in held[:4]]
     text = Path(out["path"]).read_text()
     assert "Thresholds <code>--far</code> can set" in text and f"<td>{points[1]['far']:.4g}</td><td>2</td>" in text
+    # each threshold in full, as --threshold takes it back (they were cut to 4 decimals: -0.3333)
+    assert f"<td>4</td><td>{-1.0 / 3!r}</td>" in text
     plain = write_report(tmp_path / "b.html", names=[f"img{i}.png" for i in range(12)], images=images, maps=res["maps"],
                          scores=res["scores"], labels=labels, masks=masks, classes=classes, meta=ModelInfo(S, image_threshold=9.0))
     assert "operating_points" not in plain["metrics"] and "--far</code> can set" not in Path(plain["path"]).read_text()
+
+
+def test_the_operating_point_lies_on_the_curves():
+    """Above every score nothing is flagged: precision 1 where the precision-recall curve ends
+    (it was drawn at precision 0, at the origin)."""
+    from sklearn.metrics import precision_recall_curve
+
+    from defect_fast.report import _operating_point
+
+    s, y = np.array([0.1, 0.2, 0.3, 0.9, 0.8, 0.05]), np.array([0, 0, 0, 1, 1, 1])
+    assert _operating_point(s, y, 1.0) == (0.0, 0.0, 1.0)
+    prec, rec, _ = precision_recall_curve(y, s)
+    assert (rec[-1], prec[-1]) == (0.0, 1.0)
+    assert _operating_point(s, y, 0.25) == (1 / 3, 2 / 3, 2 / 3)
 
 
 def test_report_without_ground_truth_and_gallery_limit(tmp_path):
