@@ -347,6 +347,11 @@ class Detector(nn.Module):
         self.patch = model.patch_size
         self.stride = stride or self.patch
         self.__dict__["_map_kind"] = model.check_map(map_kind)
+        for name, part in (("perceptual", perceptual), ("context", context)):
+            # statistics per position of another image size: a wrong map (perceptual) or a failure deep in torch
+            if part is not None and getattr(part, "image_size", self.image_size) != self.image_size:
+                raise ValueError(f"{name} is built for {part.image_size}-px images, this Detector's image_size "
+                                 f"is {self.image_size}; fit it at that size")
         self.image_map = perceptual if self.map_kind in model.image_maps else None
         self.context = context
         if self.map_kind in model.image_maps and perceptual is None:

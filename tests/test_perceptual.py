@@ -237,6 +237,14 @@ def test_detector_uses_the_perceptual_map_on_stitched_reconstructions(monkeypatc
     # the detector refuses the map when no statistics were fitted
     with pytest.raises(ValueError, match="statistics"):
         Detector(model, image_size=128, map_kind="perceptual")
+    # and a map or context fitted at another image size (its statistics are per position; the
+    # map was made on the wrong grid, the context failed deep in torch)
+    from defect_fast.context import ImageContext
+
+    with pytest.raises(ValueError, match="perceptual is built for 128-px images, this Detector's image_size is 64"):
+        Detector(model, image_size=64, map_kind="perceptual", perceptual=det.image_map)
+    with pytest.raises(ValueError, match="context is built for 256-px images, this Detector's image_size is 128"):
+        Detector(model, image_size=128, context=ImageContext(256, trunk=_trunk()))
 
 
 def test_trunk_in_low_precision_hands_on_float32_features_close_to_float32_ones():
