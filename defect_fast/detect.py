@@ -241,9 +241,13 @@ def _brightness_level(level: bool | float, images: torch.Tensor) -> float | None
         if not 0 < level <= 1:  # every image black: a gain of 0 would make every image the same
             raise ValueError(f"level_brightness: the images' mean brightness is {level:g}; nothing to level to")
         return level
-    if not 0 < float(level) <= 1:
-        raise ValueError(f"level_brightness must be True, False or a level in (0, 1], got {level}")
-    return float(level)
+    try:
+        value = float(level)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 0 < value <= 1:
+        raise ValueError(f"level_brightness must be True, False or a level in (0, 1], got {level!r}")
+    return value
 
 
 def _changed_settings(stored: dict, model: AnomalyModel, map_kind: str | None, stride: int | None,

@@ -139,8 +139,12 @@ def test_the_detector_levels_to_its_images_or_to_the_level_given(monkeypatch):
     assert det.image_map.brightness == 0.3
     det.fit_perceptual(images)
     assert det.image_map.brightness is None
-    with pytest.raises(ValueError, match="level_brightness"):
-        det.fit_perceptual(images, level_brightness=1.5)
+    # the same images as floats in [-1, 1] (which the fits take too): the same level, not 1/255 of it
+    det.fit_perceptual(images.float() / 127.5 - 1, level_brightness=True)
+    assert det.image_map.brightness == pytest.approx(reference_brightness(images), abs=1e-6)  # float32 rounding
+    for bad in (1.5, "yes", float("nan")):
+        with pytest.raises(ValueError, match="level_brightness must be True, False or a level in"):
+            det.fit_perceptual(images, level_brightness=bad)
     # all black: a level of 0 made every image black before the trunk (every image the same score)
     with pytest.raises(ValueError, match="mean brightness is 0"):
         det.fit_perceptual(torch.zeros_like(images), level_brightness=True)
