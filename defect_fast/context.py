@@ -565,8 +565,14 @@ class ImageContext(FrozenTrunk):
                 continue
             if values.shape[0] < 2:
                 raise ValueError(f"the {what}'s defect-free spread needs at least 2 images, got {values.shape[0]}")
-            mean.fill_(float(values.double().mean()))
-            std.fill_(max(float(values.double().std()), 1e-12))
+            m, sd = float(values.double().mean()), float(values.double().std())
+            if not sd > 1e-9 * max(1.0, abs(m)):  # a floor of 1e-12 made every later score about 1e12
+                from .data.io import DataError
+
+                raise DataError(f"the {what}'s defect-free spread over {values.shape[0]} calibration images is {sd:.3g} "
+                                "(identical images?); give different defect-free images")
+            mean.fill_(m)
+            std.fill_(sd)
 
     def state(self) -> dict:
         """What a model file stores to rebuild the context (trunk included)."""

@@ -735,6 +735,9 @@ class Detector(nn.Module):
         # at the model's size as predict_batched brings them there (uint8: as image files are resized)
         normal_images = self._at_model_size(self._checked_batch(normal_images, "fit_context"))
         calibration_images = self._at_model_size(self._checked_batch(calibration_images, "fit_context"))
+        if calibration_images.shape[0] < 2:  # said before the fit, not after it
+            raise ValueError(f"fit_context: calibration_images must hold at least 2 images (their spread sets the "
+                             f"map's and the score's scale), got {calibration_images.shape[0]}")
         basis = None
         if profile == "auto":
             profile, basis = profile_across_streaks(normal_images)

@@ -170,8 +170,10 @@ class PerceptualMap(FrozenTrunk):
     def __init__(self, image_size: int, layers: int = 2, trunk: dict[str, torch.Tensor] | None = None,
                  prior: float = 0.01, scales: tuple[int, ...] | list[int] = (1,)):
         super().__init__()
-        if not 1 <= layers <= 3:
-            raise ValueError(f"layers must be 1, 2 or 3, got {layers}")
+        if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= 3:
+            raise ValueError(f"layers must be 1, 2 or 3, got {layers!r}")
+        if not isinstance(scales, (tuple, list)):
+            raise ValueError(f"scales must be a list of distinct whole numbers >= 1, got {scales!r}")
         scales = tuple(scales)
         if not scales or any(isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in scales) \
                 or len(set(scales)) != len(scales):
@@ -351,6 +353,11 @@ class PerceptualMap(FrozenTrunk):
         for i in levels:
             mean = s1[i] / n
             var = ((s2[i] - n * mean * mean) / (n - 1)).clamp_min(0)
+            if not bool((var > 0).any()):  # the floor alone (1e-12): every later map about 1e6 times too large
+                from .data.io import DataError
+
+                raise DataError(f"the perceptual map cannot be fitted on {n} images whose residuals are identical "
+                                "(the same image again?); give different defect-free images")
             channel_var = var.mean(dim=(1, 2), keepdim=True)
             floor = 1e-3 * var.mean() + 1e-12
             m, inv_std = self.stats(i)

@@ -605,3 +605,18 @@ def test_identical_images_are_refused_not_a_context_that_never_flags():
     one = _surfaces(1, 64, seed=0)
     with pytest.raises(DataError, match="identical images"):
         ctx.fit(lambda: iter([one.repeat(12, 1, 1, 1)]))
+    # identical calibration maps or scores: a spread floored at 1e-12 made every later score about 1e12
+    for kw in (dict(base_maps=torch.ones(3, 8, 8)), dict(scores=torch.full((4,), 2.5))):
+        with pytest.raises(DataError, match=r"defect-free spread over \d calibration images is 0 \(identical images\?\)"):
+            ctx.set_detector_stats(**kw)
+
+
+def test_fit_context_wants_two_calibration_images_before_the_fit(monkeypatch):
+    import defect_fast.context as context
+
+    monkeypatch.setattr(context, "ImageContext", RandomTrunkContext)
+    det = Detector(build_model("cmaae", memory_size=20), image_size=64)
+    normal = ((_surfaces(12, 64) + 1) * 127.5).to(torch.uint8)
+    monkeypatch.setattr(context.ImageContext, "fit", lambda *a, **k: pytest.fail("fitted before the check"))
+    with pytest.raises(ValueError, match="calibration_images must hold at least 2 images"):
+        det.fit_context(normal, normal[:1])

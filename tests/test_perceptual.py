@@ -206,17 +206,24 @@ def test_each_level_responds_to_a_region_of_stronger_texture():
 
 
 @pytest.mark.parametrize("bad", [dict(layers=0), dict(layers=4), dict(image_size=16), dict(prior=-1.0),
-                                 dict(scales=()), dict(scales=(0,)), dict(scales=(1, 1)), dict(scales=(1, 4))])
+                                 dict(scales=()), dict(scales=(0,)), dict(scales=(1, 1)), dict(scales=(1, 4)),
+                                 dict(layers=2.0), dict(scales=2)])
 def test_bad_arguments_are_refused(bad):
     kw = dict(image_size=64, layers=2, trunk=_trunk(), prior=0.01) | bad
-    with pytest.raises(ValueError):
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=name):  # named (layers=2.0 and scales=2 were TypeErrors deep inside)
         PerceptualMap(**kw)
 
 
-def test_fit_needs_two_images():
+def test_fit_needs_two_images_that_differ():
     pm = PerceptualMap(64, trunk=_trunk())
     with pytest.raises(ValueError, match="at least 2"):
         pm.fit([(_images(1), _images(1))])
+    # the same image twice: the variance floor alone made every later map about 1e6 times too large
+    x, r = _images(1), _images(1, seed=2)
+    with pytest.raises(ValueError, match="cannot be fitted on 2 images whose residuals are identical"):
+        pm.fit([(x, r), (x, r)])
+    assert float(pm.fitted) == 0
 
 
 def test_detector_uses_the_perceptual_map_on_stitched_reconstructions(monkeypatch):
