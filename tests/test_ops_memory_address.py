@@ -228,12 +228,30 @@ def test_backward_without_saved_softmax_raises():
         (lambda: (torch.randn(2, 4), torch.randn(3, 4), float("inf"), 1.0, 1), ValueError, "shrink_threshold must be finite"),
         (lambda: (torch.randn(2, 4), torch.randn(3, 4).double(), 0.1, 1.0, 1), TypeError, "same dtype"),
         (lambda: (torch.ones(2, 4, dtype=torch.long), torch.ones(3, 4, dtype=torch.long), 0.1, 1.0, 1), TypeError, "floating point"),
-        (lambda: (torch.randn(2, 4).half(), torch.randn(3, 4).half(), 0.1, 1.0, 1), TypeError, "CPU kernel supports float32 and float64"),
+        (lambda: (torch.randn(2, 4).to(torch.float8_e4m3fn), torch.randn(3, 4).to(torch.float8_e4m3fn), 0.1, 1.0, 1),
+         TypeError, "CPU kernel supports float32 and float64"),
     ],
 )
 def test_bad_inputs_raise(make, error, match):
     with pytest.raises(error, match=match):
         native.memory_address(*make())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_on_cpu_computes_in_float32(dtype):
+    """As aw_ssim: computed in float32, handed back in the inputs' dtype, gradients too (it was
+    refused, where the reference and the other two ops take these dtypes)."""
+    z, memory, gzh, gw = make_inputs(5, 30, 16, dtype, seed=9)
+    z_hat, w = ops.memory_address(z, memory, 0.0)
+    assert z_hat.dtype == w.dtype == dtype
+    gz, gm = torch.autograd.grad([z_hat, w], [z, memory], [gzh, gw])
+    assert gz.dtype == gm.dtype == dtype
+    z64, m64 = (t.detach().double().requires_grad_(True) for t in (z, memory))
+    want = reference.memory_address(z64, m64, 0.0)
+    want_grads = torch.autograd.grad(want, [z64, m64], [gzh.double(), gw.double()])
+    tol = {torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+    for a, b in zip((z_hat, w, gz, gm), (*want, *want_grads)):
+        torch.testing.assert_close(a.double(), b.detach(), rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
 
 
 def test_op_checks_its_arguments():

@@ -104,15 +104,22 @@ def _check_args(z, memory, shrink_threshold, temperature, p) -> None:
         raise TypeError(f"memory_address: z and memory must be floating point, got {z.dtype}")
     if z.device != memory.device:
         raise ValueError(f"memory_address: z and memory must be on the same device, got {z.device} and {memory.device}")
-    if z.device.type == "cpu" and z.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"memory_address: the CPU kernel supports float32 and float64, got {z.dtype}")
+    if z.device.type == "cpu" and z.dtype not in (torch.float32, torch.float64, *_CPU_WIDENED):
+        raise TypeError(f"memory_address: the CPU kernel supports float32 and float64 (float16 and bfloat16 "
+                        f"through float32), got {z.dtype}")
+
+
+#: Dtypes the CPU computes in float32 and hands back in their own (as aw_ssim does; the
+#: reference takes them, and a bfloat16 model called outside autocast was refused here).
+_CPU_WIDENED = (torch.float16, torch.bfloat16)
 
 
 def memory_address(z: torch.Tensor, memory: torch.Tensor, shrink_threshold: float, temperature: float = 1.0, p: int = 1):
     """Memory addressing: cosine attention, softmax, hard shrinkage, Lp renormalisation, read-out.
 
     Same function as :func:`defect_fast.ops.reference.memory_address`, computed by the native
-    kernels (CPU: float32/float64; CUDA: also float16/bfloat16 with float accumulation).
+    kernels (CPU: float32/float64, float16/bfloat16 computed in float32; CUDA: also
+    float16/bfloat16 with float accumulation).
 
     Args:
         z: [B, C] queries.
@@ -125,6 +132,9 @@ def memory_address(z: torch.Tensor, memory: torch.Tensor, shrink_threshold: floa
         (z_hat [B, C], weights [B, N]), both differentiable with respect to ``z`` and ``memory``.
     """
     _check_args(z, memory, shrink_threshold, temperature, p)
+    if z.device.type == "cpu" and z.dtype in _CPU_WIDENED:
+        z_hat, weights = memory_address(z.float(), memory.float(), shrink_threshold, temperature, p)
+        return z_hat.to(z.dtype), weights.to(z.dtype)
     need_backward = torch.is_grad_enabled() and (z.requires_grad or memory.requires_grad)
     z_hat, weights, *_saved = _OP(z, memory, float(shrink_threshold), float(temperature), int(p), need_backward)
     return z_hat, weights
