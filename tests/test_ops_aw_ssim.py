@@ -168,12 +168,19 @@ def test_non_contiguous():
         assert_close(a, b, torch.float64, name)
 
 
-def test_empty_batch():
+@pytest.mark.parametrize("fn", ["native", "reference"])
+def test_empty_batch_and_no_channels(fn):
+    """No sample: empty results; no channel: a score of NaN (the mean of nothing), in both (the
+    reference's grouped convolution refused groups=0)."""
+    f = native.aw_ssim if fn == "native" else reference.aw_ssim
     x, y, sigma = make_inputs(0, 3, 16, 16)
-    score, map_ = native.aw_ssim(x, y, sigma, 0.5, 0.3, 0.2, 11, "sum", 1.0, True)
+    score, map_ = f(x, y, sigma, 0.5, 0.3, 0.2, 11, "sum", 1.0, True)
     assert score.shape == (0,) and map_.shape == (0, 3, 6, 6)
     gx, gy = torch.autograd.grad(score.sum() + map_.sum(), [x, y])
     assert gx.shape == x.shape and gy.shape == y.shape
+    x, y, sigma = make_inputs(2, 0, 16, 16)
+    score, map_ = f(x, y, sigma, 0.5, 0.3, 0.2, 11, "sum", 1.0, True)
+    assert score.shape == (2,) and bool(score.isnan().all()) and map_.shape == (2, 0, 6, 6)
 
 
 def test_product_ones_is_pytorch_msssim():

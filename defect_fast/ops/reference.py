@@ -142,6 +142,8 @@ def aw_ssim(
 
     def blur(t: torch.Tensor) -> torch.Tensor:
         # Separable valid filtering with one kernel per sample: grouped conv over B*C planes.
+        if B * C == 0:  # no planes (conv2d refuses groups=0): the empty result, still connected to t
+            return t[..., window - 1:, window - 1:]
         planes = t.reshape(1, B * C, t.shape[-2], t.shape[-1])
         kh = g.repeat_interleave(C, dim=0)[:, None, None, :]  # [B*C, 1, 1, K]
         kv = g.repeat_interleave(C, dim=0)[:, None, :, None]  # [B*C, 1, K, 1]
