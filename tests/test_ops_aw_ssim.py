@@ -298,6 +298,45 @@ def test_deterministic_across_threads_and_isa(monkeypatch):
         assert_close(a, b, torch.float32, name)
 
 
+def _flat_ground(device="cpu"):
+    """Flat ground at grey 200/255 with a textured square and a small darker mark on it."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.full((1, 1, 64, 64), 200 / 255)
+    x[..., 20:40, 20:40] = torch.randint(0, 256, (20, 20), generator=g) / 255
+    y = x.clone()
+    y[..., 50:55, 5:10] = 180 / 255
+    return x.to(device), y.to(device), torch.tensor([1.5], device=device)
+
+
+@pytest.mark.parametrize("baseline", [False, True])
+def test_flat_ground_is_as_exact_as_the_reference_in_float32(monkeypatch, baseline):
+    """Over a flat window E[x^2] - mu^2 is 0 in two roundings; a fused multiply-add (the AVX2
+    kernels, compiled with contraction on) left the rounding error of E[x^2], above VAR_EPS, and
+    the map was 5e-3 off where flat ground meets texture (the float32 reference: 2.4e-4)."""
+    if baseline:
+        monkeypatch.setenv("DEFECT_FAST_CPU_BASELINE", "1")
+    x, y, sigma = _flat_ground()
+    want = run(reference.aw_ssim, x.double().requires_grad_(True), y.double().requires_grad_(True), sigma.double(),
+               0.5, 0.3, 0.2, 11, "sum")
+    got = run(native.aw_ssim, x.clone().requires_grad_(True), y.clone().requires_grad_(True), sigma, 0.5, 0.3, 0.2, 11, "sum")
+    for name, a, b, tol in zip(("score", "map", "grad_x", "grad_y"), got, want, (2e-6, 1e-3, 1e-4, 1e-4)):
+        err = (a.double() - b).abs().max().item()
+        assert err < tol, f"{name}: {err:.2e}"
+
+
+@pytest.mark.cuda
+def test_cuda_flat_ground_is_as_exact_as_the_reference_in_float32():
+    """nvcc fuses multiply-adds by default: the variance's products are rounded apart there too."""
+    x, y, sigma = _flat_ground()
+    want = run(reference.aw_ssim, x.double().requires_grad_(True), y.double().requires_grad_(True), sigma.double(),
+               0.5, 0.3, 0.2, 11, "sum")
+    xc, yc, sc = _flat_ground("cuda")
+    got = run(native.aw_ssim, xc.requires_grad_(True), yc.requires_grad_(True), sc, 0.5, 0.3, 0.2, 11, "sum")
+    for name, a, b, tol in zip(("score", "map", "grad_x", "grad_y"), got, want, (2e-6, 1e-3, 1e-4, 1e-4)):
+        err = (a.double().cpu() - b).abs().max().item()
+        assert err < tol, f"{name}: {err:.2e}"
+
+
 def test_half_precision_on_cpu_computes_in_float32():
     x, y, sigma = make_inputs(2, 2, 14, 14, dtype=torch.float32, seed=12, requires_grad=False)
     for dtype, tol in ((torch.float16, 1e-3), (torch.bfloat16, 8e-3)):  # the rounding of the score's dtype

@@ -110,11 +110,34 @@ DF_HOST_DEVICE DF_INLINE double df_abs(double v) { return fabs(v); }
 DF_HOST_DEVICE DF_INLINE float step_nonneg(float v) { return 0.5f + 0.5f * copysignf(1.0f, v); }
 DF_HOST_DEVICE DF_INLINE double step_nonneg(double v) { return 0.5 + 0.5 * copysign(1.0, v); }
 
+// A product rounded on its own, never fused with the subtraction that follows it into a
+// multiply-add. In E[v^2] - mu^2 over a flat window the two terms are equal after rounding and
+// the difference is 0, as the reference computes it; a fused multiply-add subtracts the exact
+// product instead and leaves the rounding error of E[v^2] (3e-8 for a grey level of 200/255 in
+// float32), over VAR_EPS, so that the standard deviation doubled and the contrast and structure
+// terms moved wherever flat ground met texture (map errors of 5e-3). nvcc fuses by default, so
+// CUDA uses the intrinsics that it never fuses; the C++ build turns contraction off
+// (-ffp-contract=off, defect_fast/ops/_native.py).
+DF_HOST_DEVICE DF_INLINE float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+DF_HOST_DEVICE DF_INLINE double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 // Stage 1 of a pixel: the clamped variance max(E[v^2] - mu^2, 0) whose square root (after adding
 // VAR_EPS) is the standard deviation.
 template <typename acc_t>
 DF_HOST_DEVICE DF_INLINE acc_t clamped_var(acc_t second_moment, acc_t mean) {
-  const acc_t v = second_moment - mean * mean;
+  const acc_t v = second_moment - mul_rn(mean, mean);
   return v * step_nonneg(v);
 }
 
@@ -127,9 +150,9 @@ DF_HOST_DEVICE DF_INLINE acc_t aw_ssim_index(const Params<acc_t>& p, acc_t mx, a
                                              acc_t& d4) {
   const acc_t one = acc_t(1), two = acc_t(2);
   // 1. central moments and the three terms
-  const acc_t vx = sxx - mx * mx;
-  const acc_t vy = syy - my * my;
-  const acc_t cv = sxy - mx * my;
+  const acc_t vx = sxx - mul_rn(mx, mx);
+  const acc_t vy = syy - mul_rn(my, my);
+  const acc_t cv = sxy - mul_rn(mx, my);
   const acc_t dl = mx * mx + my * my + p.c1;
   const acc_t dc = vx + vy + p.c2;
   const acc_t sd = sdx * sdy;

@@ -28,7 +28,8 @@ What an op needs to fit in (the memory_address files are the worked example):
   Prefer light ATen headers (``#define TORCH_ASSERT_ONLY_METHOD_OPERATORS`` then
   ``ATen/core/Tensor.h`` and ``ATen/ops/<name>.h``) over ``torch/extension.h``: the JIT build
   compiles every file on first use, and the full headers cost most of that time.
-- C++ files are compiled with -O3 -fno-math-errno -fno-trapping-math (as torch itself) and
+- C++ files are compiled with -O3 -fno-math-errno -fno-trapping-math (as torch itself),
+  -ffp-contract=off (no fused multiply-add the reference does not do), and
   OpenMP (at::parallel_for runs serially without it); the ``.cu`` files with -O3 for
   ``TORCH_CUDA_ARCH_LIST`` (default: the visible GPUs, else "8.0;9.0"). Every ``.cu`` file
   must compile with plain ``nvcc -c`` (CUDA headers only), the torch glue lives in ``.cpp``.
@@ -132,8 +133,10 @@ def compile_flags(with_cuda: bool, digest: str | None, kind: str, arch_list: str
         cxx = ["/O2", "/openmp"] if openmp else ["/O2"]
         ld: list[str] = []
     else:
-        # NB: -fno-trapping-math (as torch's own build) lets the row loops with selects vectorise.
-        cxx = ["-O3", "-fno-math-errno", "-fno-trapping-math"] + (["-fopenmp"] if openmp else [])
+        # NB: -fno-trapping-math (as torch's own build) lets the row loops with selects vectorise;
+        # -ffp-contract=off keeps a * b - c two roundings, as in the eager reference (GCC fused them
+        # in the AVX2+FMA kernels: aw_ssim's variance over a flat window, csrc/aw_ssim/aw_ssim_math.h).
+        cxx = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"] + (["-fopenmp"] if openmp else [])
         ld = ["-fopenmp"] if openmp else []
     nvcc = ["-O3"] + defines
     return {"cxx": cxx + defines, "nvcc": nvcc, "ld": ld}
