@@ -104,7 +104,9 @@ def region_masks(size: int, patch: int, stride: int | None = None, border: int =
 
 
 def top_pixel_mask(maps: torch.Tensor, top: float = 0.001) -> torch.Tensor:
-    """maps [N, H, W] -> bool [N, H, W]: each map's ``max(1, round(top * H * W))`` largest pixels."""
+    """maps [N, H, W] -> bool [N, H, W]: each map's ``max(1, round(top * H * W))`` largest pixels,
+    and every pixel tied with the last of them: ``topk`` breaks ties by position, so a flat map
+    (or a saturated plateau) gave its first rows, the border band, every top pixel."""
     if maps.ndim != 3:
         raise ValueError(f"maps must be [N, H, W], got shape {tuple(maps.shape)}")
     if not 0 < top <= 1:
@@ -112,10 +114,9 @@ def top_pixel_mask(maps: torch.Tensor, top: float = 0.001) -> torch.Tensor:
     n, h, w = maps.shape
     flat = maps.reshape(n, h * w).float()
     k = max(1, int(round(h * w * top)))
-    out = torch.zeros_like(flat, dtype=torch.bool)
-    if n:
-        out.scatter_(1, flat.topk(k, dim=1).indices, True)
-    return out.reshape(n, h, w)
+    if not n:
+        return torch.zeros(n, h, w, dtype=torch.bool)
+    return (flat >= flat.topk(k, dim=1).values[:, -1:]).reshape(n, h, w)
 
 
 def _shares(top: torch.Tensor, regions: Mapping[str, torch.Tensor]) -> dict[str, float]:

@@ -38,6 +38,15 @@ def test_top_pixel_mask_counts():
     for i in range(3):
         assert maps[i][m[i]].min() >= maps[i][~m[i]].max()
     assert top_pixel_mask(maps, top=1e-9).sum().item() == 3  # at least one per map
+    # ties with the last top pixel count too: a flat map has no preferred place (topk gave its
+    # first rows, the border band, all of them: "border 100 %"), a plateau all of its pixels
+    assert bool(top_pixel_mask(torch.ones(2, 50, 40), top=0.01).all())
+    plateau = torch.rand(1, 50, 40) * 0.5
+    plateau[0, 20:30, 10:30] = 1.0
+    assert torch.equal(top_pixel_mask(plateau, top=0.01)[0], plateau[0] == 1.0)
+    r = region_masks(64, 16, 16, border=4, seam=1)
+    s = location_stats(torch.zeros(3, 64, 64), 16, 16, border=4, seam=1, top=0.01)
+    assert s["good"]["share"]["border"] == pytest.approx(float(r["border"].float().mean()))
 
 
 def _hot(where: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
