@@ -54,7 +54,7 @@ import torch
 from .safety import atomic_open, atomic_write_text
 
 __all__ = ["REGIONS", "add_parser", "command", "diagnose", "draw_grid", "figure_name", "figure_names", "format_table", "location_stats",
-           "main", "rank_correlation", "region_masks", "top_pixel_mask"]
+           "main", "rank_correlation", "region_masks", "top_pixel_mask", "top_pixel_weights"]
 
 #: Region names in the order they are reported.
 REGIONS = ("border", "seam", "seam_only", "interior")
@@ -103,10 +103,12 @@ def region_masks(size: int, patch: int, stride: int | None = None, border: int =
     }
 
 
-def top_pixel_mask(maps: torch.Tensor, top: float = 0.001) -> torch.Tensor:
-    """maps [N, H, W] -> bool [N, H, W]: each map's ``max(1, round(top * H * W))`` largest pixels,
-    and every pixel tied with the last of them: ``topk`` breaks ties by position, so a flat map
-    (or a saturated plateau) gave its first rows, the border band, every top pixel."""
+def top_pixel_weights(maps: torch.Tensor, top: float = 0.001) -> torch.Tensor:
+    """maps [N, H, W] -> float [N, H, W]: each map's ``k = max(1, round(top * H * W))`` largest
+    pixels weighted 1, and the pixels tied with the k-th sharing what is left of k (each map weighs
+    k in all). ``topk`` broke ties by position: a flat map, or a plateau, gave its first rows, the
+    border band, every top pixel; counting every tied pixel as a whole one instead made a flat map
+    outweigh a thousand others."""
     if maps.ndim != 3:
         raise ValueError(f"maps must be [N, H, W], got shape {tuple(maps.shape)}")
     if not 0 < top <= 1:
@@ -115,13 +117,23 @@ def top_pixel_mask(maps: torch.Tensor, top: float = 0.001) -> torch.Tensor:
     flat = maps.reshape(n, h * w).float()
     k = max(1, int(round(h * w * top)))
     if not n:
-        return torch.zeros(n, h, w, dtype=torch.bool)
-    return (flat >= flat.topk(k, dim=1).values[:, -1:]).reshape(n, h, w)
+        return torch.zeros(n, h, w)
+    kth = flat.topk(k, dim=1).values[:, -1:]
+    above, tied = flat > kth, flat == kth
+    share = (k - above.sum(1, keepdim=True)).float() / tied.sum(1, keepdim=True).clamp_min(1).float()
+    return (above.float() + tied.float() * share).reshape(n, h, w)
+
+
+def top_pixel_mask(maps: torch.Tensor, top: float = 0.001) -> torch.Tensor:
+    """maps [N, H, W] -> bool [N, H, W]: the pixels :func:`top_pixel_weights` counts (the largest
+    ``max(1, round(top * H * W))`` of each map and every pixel tied with the last of them)."""
+    return top_pixel_weights(maps, top) > 0
 
 
 def _shares(top: torch.Tensor, regions: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    total = int(top.sum())
-    return {r: (int((top & m).sum()) / total if total else math.nan) for r, m in regions.items()}
+    """Weighted top pixels [n, H, W] -> the share of their weight in each region."""
+    total = float(top.sum())
+    return {r: (float((top * m).sum()) / total if total else math.nan) for r, m in regions.items()}
 
 
 def location_stats(
@@ -180,14 +192,14 @@ def location_stats(
 
     regions = region_masks(size, patch, stride, border, seam)
     area = {r: float(m.float().mean()) for r, m in regions.items()}
-    tops = top_pixel_mask(maps if score_maps is None else score_maps.detach().float().cpu(), top)
+    tops = top_pixel_weights(maps if score_maps is None else score_maps.detach().float().cpu(), top)
 
     def group(sel: torch.Tensor, with_values: bool) -> dict[str, Any]:
         t = tops[sel]
         share = _shares(t, regions)
         out: dict[str, Any] = {
             "images": int(sel.sum()),
-            "top_pixels": int(t.sum()),
+            "top_pixels": int(round(float(t.sum()))),
             "share": share,
             "ratio": {r: (share[r] / area[r] if area[r] > 0 else math.nan) for r in regions},
         }
@@ -196,7 +208,7 @@ def location_stats(
             out["mean_value"] = {r: (float(m[:, reg].mean()) if m.shape[0] and reg.any() else math.nan) for r, reg in regions.items()}
         if masks is not None:
             g = masks[sel]
-            out["in_mask"] = int((t & g).sum()) / int(t.sum()) if int(t.sum()) else math.nan
+            out["in_mask"] = float((t * g).sum()) / float(t.sum()) if float(t.sum()) else math.nan
             out["mask_area"] = float(g.float().mean()) if g.numel() else math.nan
         return out
 
@@ -514,8 +526,10 @@ def diagnose(
     maps, scores = pred["maps"].float().cpu(), pred["scores"].float().cpu()
     score_maps = pred["score_maps"].float().cpu() if "score_maps" in pred else None
     # before any statistic: a NaN map was an internal error, a NaN score a rank correlation of NaN
-    check_finite({"maps": maps if score_maps is None else torch.cat([maps, score_maps], 1), "scores": scores},
-                 [str(p) for p in test_set.paths], None, None, "test images")
+    names = [str(p) for p in test_set.paths]
+    check_finite({"maps": maps, "scores": scores}, names, None, None, "test images")
+    if score_maps is not None:  # apart: the two concatenated were a copy of every map
+        check_finite({"maps": score_maps}, names, None, None, "test images")
     if "recon" in pred:
         recon = pred["recon"].cpu()
     elif reconstruct is not None:

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from defect_fast.diagnose import diagnose, draw_grid, location_stats, main, rank_correlation, region_masks, top_pixel_mask
+from defect_fast.diagnose import (diagnose, draw_grid, location_stats, main, rank_correlation, region_masks, top_pixel_mask,
+                                  top_pixel_weights)
 
 
 def test_region_areas_match_counting():
@@ -47,6 +48,17 @@ def test_top_pixel_mask_counts():
     r = region_masks(64, 16, 16, border=4, seam=1)
     s = location_stats(torch.zeros(3, 64, 64), 16, 16, border=4, seam=1, top=0.01)
     assert s["good"]["share"]["border"] == pytest.approx(float(r["border"].float().mean()))
+    # tied pixels share what is left of k: a flat map weighs as much as any other (counted whole,
+    # one flat map among twenty with their top pixels in the border took the share to its area)
+    hot = torch.rand(20, 64, 64) * 0.1 + r["border"].float()
+    s = location_stats(torch.cat([hot, torch.zeros(1, 64, 64)]), 16, 16, border=4, seam=1, top=0.01)
+    k = max(1, round(64 * 64 * 0.01))
+    assert s["good"]["top_pixels"] == 21 * k
+    assert s["good"]["share"]["border"] == pytest.approx((20 + float(r["border"].float().mean())) / 21)
+    spot = torch.zeros(1, 64, 64)
+    spot[0, 30:32, 30:32] = 1.0  # 4 pixels above, k - 4 shared by the other 4092
+    w = top_pixel_weights(spot, top=0.01)
+    assert float(w.sum()) == pytest.approx(k) and float(w[0, 30, 30]) == 1.0
 
 
 def _hot(where: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
