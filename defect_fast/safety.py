@@ -630,28 +630,24 @@ def safe_output_file(path: str | os.PathLike, overwrite: bool, *, inputs: Iterab
             raise OutputRefused(f"{what} {p}: file exists; pass --overwrite to replace it or choose another name")
         owner = _listed_by_output_folder(p)
         if owner is not None:  # another command's output (a run's model.pt, a journal): not this one's to replace
-            folder, command = owner
-            raise OutputRefused(f"{what} {p}: is part of the output of 'defect-fast {command or 'another command'}' "
-                                f"in {folder}, which --overwrite never replaces; choose another name")
+            raise OutputRefused(f"{what} {p}: {owner}, which --overwrite never replaces; choose another name")
     _check_where_it_goes(p, what)
     return p
 
 
-def _listed_by_output_folder(p: Path) -> tuple[Path, str | None] | None:
-    """(folder, its command) when ``p`` is a file an :class:`OutputFolder` above it wrote (listed
-    in its manifest, or the manifest or lock itself); None otherwise."""
-    p = Path(os.path.abspath(p))
+def _listed_by_output_folder(p: Path) -> str | None:
+    """Why ``p`` belongs to an :class:`OutputFolder` above it (listed in its manifest, or the
+    manifest or lock itself, or below a manifest that cannot be read); None when it does not."""
+    p = Path(os.path.realpath(p.parent)) / p.name  # where the write lands ("link/../run" is not "run" beside link)
     for folder in p.parents:
         if not (folder / MANIFEST_NAME).is_file():
             continue
-        if folder == p.parent and p.name in _OWN:
-            return folder, OutputFolder.written_by(folder)
         try:
             files = _manifest(folder).get("files", [])
-        except (OSError, ValueError):
-            continue
-        if p.relative_to(folder).as_posix() in files:
-            return folder, OutputFolder.written_by(folder)
+        except (OSError, ValueError) as exc:  # what it lists is unknown: nothing below it is replaced
+            return f"lies in {folder}, whose {MANIFEST_NAME} cannot be read ({exc})"
+        if (folder == p.parent and p.name in _OWN) or p.relative_to(folder).as_posix() in files:
+            return f"is part of the output of 'defect-fast {OutputFolder.written_by(folder) or 'another command'}' in {folder}"
     return None
 
 

@@ -310,6 +310,15 @@ def test_safe_output_file_never_replaces_another_command_s_output(tmp_path):
             safe_output_file(run.path / name, True)
     assert safe_output_file(run.path / "notes.json", True) == run.path / "notes.json"
     assert (run.path / "model.pt").read_bytes() == b"weights"
+    # by where the write lands: through a link and "..", the run's file, not a "run" beside the link
+    (tmp_path / "deep").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "deep")
+    with pytest.raises(OutputRefused, match="is part of the output"):
+        safe_output_file(tmp_path / "link" / ".." / "run" / "model.pt", True)
+    # an unreadable manifest: what it lists is unknown, so nothing under it is replaced
+    (run.path / MANIFEST_NAME).write_text("{damaged")
+    with pytest.raises(OutputRefused, match=r"lies in .*run, whose \.defect_fast-manifest\.json cannot be read"):
+        safe_output_file(run.path / "notes.json", True)
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):
