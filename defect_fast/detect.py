@@ -234,6 +234,8 @@ def _brightness_level(level: bool | float, images: torch.Tensor) -> float | None
     brightness of ``images`` (uint8) for True, else the float given (in (0, 1])."""
     from .perceptual import reference_brightness
 
+    if isinstance(level, np.bool_):  # np.bool_(True) was taken as the level 1.0
+        level = bool(level)
     if level is False or level is None:
         return None
     if level is True:
@@ -242,7 +244,7 @@ def _brightness_level(level: bool | float, images: torch.Tensor) -> float | None
             raise ValueError(f"level_brightness: the images' mean brightness is {level:g}; nothing to level to")
         return level
     try:
-        value = float(level)
+        value = math.nan if isinstance(level, (str, bytes)) else float(level)  # "0.5" is not a level
     except (TypeError, ValueError):
         value = math.nan
     if not 0 < value <= 1:
@@ -671,6 +673,8 @@ class Detector(nn.Module):
         from .perceptual import PerceptualMap
 
         normal_images = self._at_model_size(self._checked_batch(normal_images, "fit_perceptual"))  # as predict_batched
+        if not isinstance(scales, (tuple, list)):  # tuple(2) was a bare TypeError
+            raise ValueError(f"scales must be a list of distinct whole numbers >= 1, got {scales!r}")
         pm = PerceptualMap(self.image_size, layers=layers, prior=prior, scales=tuple(scales)).to(self.device)
         pm.brightness = _brightness_level(level_brightness, normal_images)
         with torch.no_grad():

@@ -46,6 +46,7 @@ inference moved the recommended runs' metrics by less than 0.05 point
 """
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Callable
 
@@ -66,9 +67,9 @@ _RF = (11, 51, 99)
 def reference_brightness(images: torch.Tensor) -> float:
     """The mean brightness in [0, 1] of images [N, 3, H, W], uint8 (0..255) or float (in [-1, 1],
     as the Detector takes them; they were divided by 255 as well, a level near 0): the level
-    :attr:`FrozenTrunk.brightness` brings every image to. Summed in float64 without a float64
-    copy of the images (850 MB for 540 of 256 px)."""
-    mean = images.sum(dtype=torch.float64) / max(1, images.numel())
+    :attr:`FrozenTrunk.brightness` brings every image to. Summed in float64 a few images at a
+    time (a float64 copy of 540 images of 256 px is 850 MB; ``sum(dtype=torch.float64)`` makes one)."""
+    mean = sum(float(c.sum(dtype=torch.float64)) for c in images.split(16)) / max(1, images.numel())
     return float((mean + 1) * 0.5) if images.is_floating_point() else float(mean / 255)
 
 
@@ -170,7 +171,7 @@ class PerceptualMap(FrozenTrunk):
     def __init__(self, image_size: int, layers: int = 2, trunk: dict[str, torch.Tensor] | None = None,
                  prior: float = 0.01, scales: tuple[int, ...] | list[int] = (1,)):
         super().__init__()
-        if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= 3:
+        if isinstance(layers, bool) or not isinstance(layers, numbers.Integral) or not 1 <= layers <= 3:
             raise ValueError(f"layers must be 1, 2 or 3, got {layers!r}")
         if not isinstance(scales, (tuple, list)):
             raise ValueError(f"scales must be a list of distinct whole numbers >= 1, got {scales!r}")

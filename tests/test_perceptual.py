@@ -1,6 +1,7 @@
 """Perceptual MSFR map: statistics, shapes, locality, storage, and the detector's use of it."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -142,7 +143,9 @@ def test_the_detector_levels_to_its_images_or_to_the_level_given(monkeypatch):
     # the same images as floats in [-1, 1] (which the fits take too): the same level, not 1/255 of it
     det.fit_perceptual(images.float() / 127.5 - 1, level_brightness=True)
     assert det.image_map.brightness == pytest.approx(reference_brightness(images), abs=1e-6)  # float32 rounding
-    for bad in (1.5, "yes", float("nan")):
+    det.fit_perceptual(images, level_brightness=np.bool_(True))  # numpy's True is True, not the level 1.0
+    assert det.image_map.brightness == reference_brightness(images)
+    for bad in (1.5, "yes", "0.5", float("nan")):
         with pytest.raises(ValueError, match="level_brightness must be True, False or a level in"):
             det.fit_perceptual(images, level_brightness=bad)
     # all black: a level of 0 made every image black before the trunk (every image the same score)
@@ -213,6 +216,13 @@ def test_bad_arguments_are_refused(bad):
     name = next(iter(bad))
     with pytest.raises(ValueError, match=name):  # named (layers=2.0 and scales=2 were TypeErrors deep inside)
         PerceptualMap(**kw)
+
+
+def test_numpy_integers_are_whole_numbers_and_the_detector_names_scales():
+    assert PerceptualMap(64, layers=np.int64(2), trunk=_trunk()).layers == 2
+    det = Detector(build_model("cmaae", memory_size=20), image_size=64)
+    with pytest.raises(ValueError, match="scales must be a list"):
+        det.fit_perceptual(torch.zeros(2, 3, 64, 64, dtype=torch.uint8), scales=2)
 
 
 def test_fit_needs_two_images_that_differ():
