@@ -160,16 +160,22 @@ def _preset_model_options(preset: str, model: str, given: dict) -> dict:
 _RESUME_OPTIONS = {"data", "out", "resume", "quiet", "debug", "func", "command", "device"}
 
 
-def _as_typed(dest: str, argv: list[str]) -> str:
-    """The option of ``dest`` as it was typed in ``argv``: a switch's ``--no-`` form included
-    ("drop --level-brightness" for a typed --no-level-brightness misled); "--dest" otherwise."""
-    name = "--" + dest.replace("_", "-")
+def _typed_options(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str, str]:
+    """dest -> the option as typed in ``argv`` for ``parser``'s options: a switch's ``--no-`` form,
+    ``--opt=value`` by its option and an abbreviation argparse resolves (exact names first, else
+    the one option the prefix starts)."""
+    names = {s: a.dest for a in parser._actions for s in a.option_strings}
+    typed: dict[str, str] = {}
     for token in argv:
         if token == "--":
             break
-        if token.split("=", 1)[0] in (name, "--no-" + name[2:]):
-            return token.split("=", 1)[0]
-    return name
+        if not token.startswith("--"):
+            continue
+        t = token.split("=", 1)[0]
+        hits = {names[t]} if t in names else {d for s, d in names.items() if s.startswith(t)}
+        if len(hits) == 1:
+            typed.setdefault(hits.pop(), t)
+    return typed
 
 
 def _given_train_options(args) -> list[str]:
@@ -184,7 +190,9 @@ def _given_train_options(args) -> list[str]:
         for action in train._actions:  # a default is no value: only what was typed stays
             action.default = argparse.SUPPRESS
         typed = vars(parser.parse_args(argv))
-        return [_as_typed(k, argv) for k in typed if k not in _RESUME_OPTIONS and not k.startswith("_")]
+        as_typed = _typed_options(train, argv)
+        return [as_typed.get(k, "--" + k.replace("_", "-")) for k in typed
+                if k not in _RESUME_OPTIONS and not k.startswith("_")]
     defaults = vars(build_parser().parse_args(["train", "DATA", "--out", "OUT"]))
     return [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
             if k not in _RESUME_OPTIONS and k in defaults and v != defaults[k]]

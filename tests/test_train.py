@@ -262,7 +262,7 @@ def test_resume_continues_on_the_run_s_own_images_and_settings(synthetic_root, t
     assert not (tmp_path / "new").exists()
     # also an option typed with its default's value (the run started otherwise: it was taken silently)
     for typed in (["--lr", "0.0002"], ["--model", "cmaae"], ["--batch-size", "512"], ["--no-level-brightness"],
-                  ["--lr=0.0002"]):
+                  ["--lr=0.0002"], ["--no-level-bri"], ["--lr-sch", "cosine"]):
         assert main(["train", str(data), "--out", str(out), "--resume", *typed]) == 2
         assert f"drop {typed[0].split('=')[0]} " in capsys.readouterr().err  # as typed: a switch's --no- form too
     # another data folder
