@@ -228,7 +228,7 @@ def cmd_train(args) -> int:
         patch_sampling=args.patch_sampling, flips=args.flips, lr_schedule=args.lr_schedule, precision=args.precision,
         map=args.map or "", infer_stride=args.infer_stride, blend=args.blend, smooth=args.smooth,
         context=args.context, context_profile=args.context_profile, level_brightness=args.level_brightness,
-        image_score=args.image_score,
+        image_score=args.image_score, placement=args.placement,
     )
     train(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
     return 0
@@ -448,6 +448,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     from .export import FORMATS
     from .models import map_names, model_names
     from .context import IMAGE_SCORES, PROFILE_CHOICES
+    from .perceptual import PLACEMENTS
     from .train import FIT_SOURCES, NORMALIZATIONS
 
     p = ArgumentParser(prog="defect-fast", description="Unsupervised surface-defect detection: "
@@ -510,6 +511,10 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     t.add_argument("--image-score", choices=IMAGE_SCORES, default="combined",
                    help="with --context, the image score: combined (default: the map's top values plus the context "
                    "score) or context (the whole-image distance alone, the map then localising; README)")
+    t.add_argument("--placement", choices=PLACEMENTS, default="cells",
+                   help="where --map perceptual and --context put the AlexNet feature cells on the image: cells "
+                   "(default: a resize by size alone) or centres (each on its receptive field's centre; on magnetic "
+                   "tile it cost 0.8 pixel AUROC, experiments/README.md)")
     t.add_argument("--anomaly-source", default=None, help="folder of natural photos for synthetic anomalies "
                    "(default: the sample photos shipped with scikit-learn)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="model option, e.g. --set fusion=mam "

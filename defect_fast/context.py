@@ -74,11 +74,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .perceptual import _LPIPS_SCALE, _LPIPS_SHIFT, FrozenTrunk
+from .perceptual import (_ALEXNET, _LPIPS_SCALE, _LPIPS_SHIFT, FrozenTrunk, alexnet_centres, checked_placement,
+                         place_features, place_profile)
 
-# torchvision's alexnet.features, conv layers: (index, in, out, kernel, stride, padding); max-pools follow conv1 and conv2
-_ALEXNET = [(0, 3, 64, 11, 4, 2), (3, 64, 192, 5, 1, 2), (6, 192, 384, 3, 1, 1), (8, 384, 256, 3, 1, 1),
-            (10, 256, 256, 3, 1, 1)]
 #: The conv layers (1-based) the context reads by default.
 LAYERS = (3, 4, 5)
 #: Cross-fitting folds for the defect-free statistics of distances and map values.
@@ -296,10 +294,11 @@ class ImageContext(FrozenTrunk):
         trunk: AlexNet ``features.*`` state dict (``None``: :func:`defect_fast.losses.lpips.load_alexnet_trunk`).
         layers: the conv layers read (1-based, default :data:`LAYERS`; conv1 and conv2 after their max-pools).
         profile: "none" (default), "rows" or "columns": the band profile of the module docstring.
+        placement: where the map puts each feature cell (:data:`defect_fast.perceptual.PLACEMENTS`).
     """
 
     def __init__(self, image_size: int, trunk: dict[str, torch.Tensor] | None = None,
-                 layers: tuple[int, ...] | list[int] = LAYERS, profile: str = "none"):
+                 layers: tuple[int, ...] | list[int] = LAYERS, profile: str = "none", placement: str = "cells"):
         super().__init__()
         if image_size < MIN_SIZE:
             raise ValueError(f"the image context needs images of at least {MIN_SIZE} pixels, got {image_size}")
@@ -320,6 +319,9 @@ class ImageContext(FrozenTrunk):
         # the Detector's image score: "combined" (its map's top values, standardised, plus the
         # context score) or "context" (the context score alone; see "Image score" above)
         self.image_score = "combined"
+        # where the map puts the grids' cells on the image (perceptual.PLACEMENTS; files from
+        # before the choice: "cells", the default)
+        self.placement = checked_placement(placement)
         self.layers = tuple(sorted(layers))
         if trunk is None:
             from .losses.lpips import load_alexnet_trunk
@@ -428,15 +430,18 @@ class ImageContext(FrozenTrunk):
         value per row (column) [N, size], or None without a profile): :meth:`map` is the first
         plus the second spread across the image. The Detector smooths the two apart and takes
         the image score's top values without the profile unless :attr:`profile_in_score`."""
-        per_grid: dict[int, torch.Tensor] = {}
+        per_grid: dict[tuple, torch.Tensor] = {}
         for i, f in zip(self.layers, feats):
             c = _contribution(f, getattr(self, f"map_mean_{i}"), getattr(self, f"map_precision_{i}"))
             z = (c - getattr(self, f"pos_mean_{i}")) / getattr(self, f"pos_std_{i}")
-            g = z.shape[-1]
+            g = (z.shape[-1], alexnet_centres(i, pooled=True))  # conv1, conv2 after their pools
             per_grid[g] = z if g not in per_grid else per_grid[g] + z
-        total = sum(F.interpolate(z.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)
-                    for z in per_grid.values())
-        out = total[:, 0] / len(self.layers)
+        if self.placement == "cells":
+            total = sum(F.interpolate(z.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+                        for z in per_grid.values())
+        else:
+            total = sum(place_features(z, *centres, size, self.image_size) for (_, centres), z in per_grid.items())
+        out = total / len(self.layers)
         return out, (self.profile_values(feats[-1], size) if self.profile != "none" else None)
 
     def profile_values(self, d: torch.Tensor, size: int) -> torch.Tensor:
@@ -444,7 +449,9 @@ class ImageContext(FrozenTrunk):
         interpolated along the image."""
         s = _profile_distance(d, self.profile_mean, self.profile_precision)
         z = (s - self.profile_pos_mean) / self.profile_pos_std
-        return F.interpolate(z.unsqueeze(1), size=size, mode="linear", align_corners=False)[:, 0]
+        if self.placement == "cells":
+            return F.interpolate(z.unsqueeze(1), size=size, mode="linear", align_corners=False)[:, 0]
+        return place_profile(z, *alexnet_centres(1, pooled=True), size, self.image_size)  # conv1's pooled rows
 
     def profile_map(self, d: torch.Tensor, size: int) -> torch.Tensor:
         """The profile's d [N, C, G] -> its map [N, size, size]: :meth:`profile_values` along the
@@ -579,7 +586,7 @@ class ImageContext(FrozenTrunk):
         return {"image_size": self.image_size, "layers": list(self.layers), "profile": self.profile,
                 "profile_basis": self.profile_basis, "profile_in_score": self.profile_in_score,
                 "profile_resample": self.profile_resample,
-                "image_score": self.image_score, "brightness": self.brightness,
+                "image_score": self.image_score, "brightness": self.brightness, "placement": self.placement,
                 "tensors": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
 
     @classmethod
@@ -601,6 +608,7 @@ class ImageContext(FrozenTrunk):
                              f"got {m.profile_resample!r}")
         m.brightness = state.get("brightness")  # files written before the option: not levelled
         m.image_score = checked_image_score(state.get("image_score", "combined"))  # files before the option: the sum
+        m.placement = checked_placement(state.get("placement", "cells"))  # as files before the choice were fitted
         return m
 
 

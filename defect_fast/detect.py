@@ -657,11 +657,12 @@ class Detector(nn.Module):
 
     def fit_perceptual(self, normal_images: torch.Tensor, images_per_batch: int = 8, layers: int = 2,
                        prior: float = 0.01, scales: tuple[int, ...] | list[int] = (1,),
-                       level_brightness: bool | float = False) -> int:
+                       level_brightness: bool | float = False, placement: str = "cells") -> int:
         """Build and fit the perceptual map on defect-free images (uint8 [N,3,H,W]) and switch to it.
         ``level_brightness``: every image (and its reconstruction) reaches the trunk scaled to the
         mean brightness of ``normal_images`` (True) or to the level given, in [0, 1] (a float;
-        :mod:`defect_fast.perceptual`, "Brightness").
+        :mod:`defect_fast.perceptual`, "Brightness"). ``placement``: where the trunk's cells go on
+        the image (:data:`defect_fast.perceptual.PLACEMENTS`).
 
         The stored thresholds, set on the maps this replaces, are set aside (``calibration
         ["inapplicable"]`` says why; :meth:`calibrate` sets new ones); an image context, whose
@@ -670,12 +671,13 @@ class Detector(nn.Module):
 
         Returns the number of images its statistics rest on.
         """
-        from .perceptual import PerceptualMap
+        from .perceptual import PerceptualMap, checked_placement
 
         normal_images = self._at_model_size(self._checked_batch(normal_images, "fit_perceptual"))  # as predict_batched
         if not isinstance(scales, (tuple, list)):  # tuple(2) was a bare TypeError
             raise ValueError(f"scales must be a list of distinct whole numbers >= 1, got {scales!r}")
         pm = PerceptualMap(self.image_size, layers=layers, prior=prior, scales=tuple(scales)).to(self.device)
+        pm.placement = checked_placement(placement)  # before the fit: the statistics are on its grid
         pm.brightness = _brightness_level(level_brightness, normal_images)
         with torch.no_grad():
             pairs = ((x, self._stitched_recon(x)) for x in
@@ -702,7 +704,8 @@ class Detector(nn.Module):
 
     @torch.no_grad()
     def fit_context(self, normal_images: torch.Tensor, calibration_images: torch.Tensor, images_per_batch: int = 8,
-                    profile: str = "none", level_brightness: bool | float = False, image_score: str = "combined") -> int:
+                    profile: str = "none", level_brightness: bool | float = False, image_score: str = "combined",
+                    placement: str = "cells") -> int:
         """Build an image context (:mod:`defect_fast.context`) and switch maps and scores to the combination.
 
         Args:
@@ -721,16 +724,17 @@ class Detector(nn.Module):
                 :mod:`defect_fast.perceptual`, "Brightness").
             image_score: "combined" (the map's top values plus the context score) or "context"
                 (the context score alone; :mod:`defect_fast.context`, "Image score").
+            placement: where the trunk's cells go on the image (:data:`defect_fast.perceptual.PLACEMENTS`).
         Returns:
             the number of images the context rests on.
         """
         return self._fit_context(normal_images, calibration_images, images_per_batch, profile, level_brightness,
-                                 image_score)[0]
+                                 image_score, placement)[0]
 
     @torch.no_grad()
     def _fit_context(self, normal_images: torch.Tensor, calibration_images: torch.Tensor,
                      images_per_batch: int = 8, profile: str = "none", level_brightness: bool | float = False,
-                     image_score: str = "combined") -> tuple[int, dict[str, torch.Tensor]]:
+                     image_score: str = "combined", placement: str = "cells") -> tuple[int, dict[str, torch.Tensor]]:
         """:meth:`fit_context`, and what :meth:`predict_batched` gives for the calibration images
         afterwards ({"maps": [M,S,S], "scores": [M]} on the CPU), from the maps the fit computes anyway."""
         from .context import ImageContext, checked_image_score, profile_across_streaks
@@ -745,7 +749,7 @@ class Detector(nn.Module):
         basis = None
         if profile == "auto":
             profile, basis = profile_across_streaks(normal_images)
-        ctx = ImageContext(self.image_size, profile=profile).to(self.device)
+        ctx = ImageContext(self.image_size, profile=profile, placement=placement).to(self.device)
         ctx.profile_basis = basis
         ctx.image_score = image_score
         ctx.brightness = _brightness_level(level_brightness, normal_images)

@@ -125,6 +125,11 @@ class TrainConfig:
     level_brightness: bool = False
     # the image score with --context: "combined" (map's top values + context score) or "context" alone
     image_score: str = "combined"
+    # Where the perceptual map and the context put the trunk's feature cells on the image
+    # (defect_fast/perceptual.py, PLACEMENTS): "cells", a resize by size alone, or "centres", each
+    # cell on its receptive field's centre (right for a one-pixel spot; on magnetic tile it cost
+    # 0.8 pixel AUROC on every run, experiments/README.md, "Placement").
+    placement: str = "cells"
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -215,6 +220,7 @@ def check_config(cfg: TrainConfig, n_stages: int, patch: int) -> None:
 
         need(cfg.image_size >= MIN_SIZE, f"--context needs --image-size >= {MIN_SIZE}, got {cfg.image_size}")
     from .context import IMAGE_SCORES, PROFILE_CHOICES
+    from .perceptual import PLACEMENTS
 
     need(cfg.context_profile in PROFILE_CHOICES,
          f"--context-profile must be one of {', '.join(PROFILE_CHOICES)}, got {cfg.context_profile!r}")
@@ -222,6 +228,7 @@ def check_config(cfg: TrainConfig, n_stages: int, patch: int) -> None:
          f"--context-profile {cfg.context_profile} is part of the image context: add --context")
     need(isinstance(cfg.level_brightness, bool), f"--level-brightness is on or off, got {cfg.level_brightness!r}")
     need(cfg.image_score in IMAGE_SCORES, f"--image-score must be one of {', '.join(IMAGE_SCORES)}, got {cfg.image_score!r}")
+    need(cfg.placement in PLACEMENTS, f"--placement must be one of {', '.join(PLACEMENTS)}, got {cfg.placement!r}")
     need(cfg.context or cfg.image_score == "combined", f"--image-score {cfg.image_score} is part of the image context: add --context")
     need(not cfg.level_brightness or cfg.context or cfg.map == "perceptual",
          "--level-brightness levels the images the AlexNet trunk reads: it needs --map perceptual or --context")
@@ -665,7 +672,7 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
     level = (reference_brightness(train_images if train_images is not None else fit_images)
              if cfg.level_brightness else False)
     if det.map_kind in model.image_maps:
-        det.fit_perceptual(fit_images, scales=tuple(cfg.map_scales), level_brightness=level)
+        det.fit_perceptual(fit_images, scales=tuple(cfg.map_scales), level_brightness=level, placement=cfg.placement)
         perceptual = det.image_map.state()
     try:
         normalization = det.fit_normalization(fit_images) if cfg.normalize == "position" else None
@@ -677,7 +684,7 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
             context_images = train_images if train_images is not None else fit_images
         # the fit computes the calibration images' maps anyway: their predictions come with it
         _n, res = det._fit_context(context_images, calib_images, profile=cfg.context_profile,
-                                   level_brightness=level, image_score=cfg.image_score)
+                                   level_brightness=level, image_score=cfg.image_score, placement=cfg.placement)
         context = det.context.state()
     else:
         res = det.predict_batched(calib_images)

@@ -4,7 +4,7 @@ not touched. For runs trained before a change to finish_run.
 
     python3 experiments/refit_run.py RUN [--fit-on train|held-back] [--map-scales F ...] [--context | --no-context]
         [--context-profile none|rows|columns|auto] [--level-brightness | --no-level-brightness]
-        [--image-score combined|context]
+        [--image-score combined|context] [--placement cells|centres]
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from defect_fast.train import TrainConfig, finish_run  # noqa: E402
 
 
 def main(run: str, fit_on: str | None = None, map_scales: list[int] | None = None, context: bool | None = None,
-         context_profile: str | None = None, level_brightness: bool | None = None, image_score: str | None = None) -> int:
+         context_profile: str | None = None, level_brightness: bool | None = None, image_score: str | None = None,
+         placement: str | None = None) -> int:
     path = Path(run) / MODEL_FILE
     state = load_model_state(path)
     cfg = TrainConfig.from_json(state["train_config"])
@@ -38,6 +39,8 @@ def main(run: str, fit_on: str | None = None, map_scales: list[int] | None = Non
         cfg.level_brightness = level_brightness
     if image_score is not None:
         cfg.image_score = image_score
+    if placement is not None:
+        cfg.placement = placement
     state["train_config"] = cfg.to_json()
     images, paths = load_train_images(cfg.data, cfg.image_size)
     held = set(state["held_back"])
@@ -77,6 +80,8 @@ if __name__ == "__main__":
                     help="level the images' brightness before the AlexNet trunk (default: the run's setting)")
     ap.add_argument("--image-score", choices=("combined", "context"), default=None,
                     help="with the context, the image score (default: the run's setting)")
+    ap.add_argument("--placement", choices=("cells", "centres"), default=None,
+                    help="where the map and the context put the trunk's cells (default: the run's setting)")
     args = ap.parse_args()
     sys.exit(main(args.run, args.fit_on, args.map_scales, args.context, args.context_profile, args.level_brightness,
-                  args.image_score))
+                  args.image_score, args.placement))

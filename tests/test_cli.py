@@ -624,6 +624,8 @@ def test_the_photos_preset_is_the_recommended_command(monkeypatch, capsys):
     assert _train_config(["--preset", "photos"], monkeypatch).level_brightness  # since v7
     assert _train_config(["--preset", "photos"], monkeypatch).image_score == "combined"
     assert _train_config(["--preset", "photos", "--image-score", "context"], monkeypatch).image_score == "context"
+    assert _train_config(["--preset", "photos"], monkeypatch).placement == "cells"
+    assert _train_config(["--preset", "photos", "--placement", "centres"], monkeypatch).placement == "centres"
 
 
 def test_a_preset_with_resume_is_refused(tmp_path, capsys):

@@ -620,3 +620,32 @@ def test_fit_context_wants_two_calibration_images_before_the_fit(monkeypatch):
     monkeypatch.setattr(context.ImageContext, "fit", lambda *a, **k: pytest.fail("fitted before the check"))
     with pytest.raises(ValueError, match="calibration_images must hold at least 2 images"):
         det.fit_context(normal, normal[:1])
+
+
+def test_the_map_and_profile_put_each_cell_on_its_receptive_field_centre():
+    """A one-cell share c(p) of conv3 lands on the centre of that cell's field (16 i + 15), a
+    one-row profile value on its row's (8 j + 7), where the resize by size alone ("cells", files
+    from before) drew them several pixels off near the edges; files without the setting keep it."""
+    from tests.test_perceptual import _centroid
+
+    ctx = ImageContext(256, trunk=_trunk(), layers=(3,), profile="rows", placement="centres")
+    ctx.map_precision_3.copy_(torch.eye(384))  # c(p) = fbar . f(p): one lit cell, one lit share
+    ctx.profile_precision.copy_(torch.eye(ctx.profile_precision.shape[0]))
+    for i in (1, 7, 13):
+        f = torch.zeros(1, 384, 15, 15)
+        f[0, 0, i, i] = 1.0
+        d = torch.zeros(1, ctx.profile_mean.shape[0], 31)
+        d[0, 0, 2 * i] = 1.0
+        m, rows = ctx.map_parts([f, d], 256)
+        p = 16 * i + 15
+        assert abs(_centroid(m[0, p]) - p) < 1e-3 and abs(_centroid(m[0, :, p]) - p) < 1e-3
+        assert abs(_centroid(rows[0]) - (8 * 2 * i + 7)) < 1e-3
+    ctx.placement = "cells"
+    m, rows = ctx.map_parts([f, d], 256)
+    assert _centroid(m[0, 223]) - 223 > 5 and _centroid(rows[0]) - 215 > 3
+    state = _fitted(profile="rows").state()
+    assert state["placement"] == "cells"  # the default (perceptual.PLACEMENTS)
+    state["placement"] = "centres"
+    assert ImageContext.from_state(state).placement == "centres"
+    state.pop("placement")
+    assert ImageContext.from_state(state).placement == "cells"

@@ -406,3 +406,103 @@ def test_channels_last_trunk_keeps_its_weights_in_that_layout():
     f32 = pm.features(x)
     assert len(pm.__dict__["_cast_weights"]) == n
     torch.testing.assert_close(pm.features(x, channels_last=True)[1], f32[1], rtol=1e-4, atol=1e-5)
+
+
+def _delta_trunk() -> dict[str, torch.Tensor]:
+    """AlexNet conv1..conv5 whose every output channel copies one input channel at the kernel's
+    centre: a one-pixel spot lights the cells whose receptive field is centred on it."""
+    from defect_fast.perceptual import _ALEXNET
+
+    t = {}
+    for idx, cin, cout, k, _s, _p in _ALEXNET:
+        w = torch.zeros(cout, cin, k, k)
+        w[torch.arange(cout), torch.arange(cout) % cin, k // 2, k // 2] = 1.0
+        t[f"features.{idx}.weight"], t[f"features.{idx}.bias"] = w, torch.zeros(cout)
+    return t
+
+
+def _centroid(v: torch.Tensor) -> float:
+    v = v.double()
+    return float((v * torch.arange(v.numel(), dtype=torch.float64)).sum() / v.sum())
+
+
+def test_alexnet_centres_are_the_cells_a_spot_lights():
+    """alexnet_centres(layer, pooled) against the layers themselves: a spot on pixel p lights the
+    cell i with a * i + b == p, of every layer, before and after the max-pools."""
+    from defect_fast.perceptual import _ALEXNET, alexnet_centres
+
+    t = _delta_trunk()
+    assert [alexnet_centres(n) for n in (1, 2, 3, 4, 5)] == [(4, 3), (8, 7), (16, 15), (16, 15), (16, 15)]
+    for p in (15, 47, 79, 111):  # a cell centre of every layer at 128 px
+        h = torch.zeros(1, 3, 128, 128)
+        h[..., p, p] = 1.0
+        for n, (idx, *_rest, s, pad) in enumerate(_ALEXNET, 1):
+            h = F.conv2d(h, t[f"features.{idx}.weight"], t[f"features.{idx}.bias"], s, pad)
+            for pooled in ((False, True) if n <= 2 else (False,)):
+                g = F.max_pool2d(h, 3, 2) if pooled else h
+                a, b = alexnet_centres(n, pooled)
+                lit = g[0, 0].sum(0).nonzero().flatten().tolist()
+                assert lit == [(p - b) / a], (n, pooled, p)
+            if n <= 2:
+                h = F.max_pool2d(h, 3, 2)
+
+
+@pytest.mark.parametrize("scales", [(1,), (2,)])
+def test_the_map_of_a_spot_is_centred_on_it(scales):
+    """Each feature cell is placed on its receptive field's centre: the map of a one-pixel spot is
+    centred on it across the image. The resize by size alone ("cells", files from before) drew
+    the grid as if it tiled the image, up to 3.8 px off near the edges at 128 px."""
+    pm = PerceptualMap(128, layers=2, trunk=_delta_trunk(), scales=scales, placement="centres")
+    f = scales[0]
+    for q in ((15, 63, 111) if f == 1 else (15, 31, 47)):  # inner conv2 cell centres of the level's image
+        x, bg = torch.zeros(1, 3, 128, 128), torch.zeros(1, 3, 128, 128)
+        x[..., f * q:f * q + f, f * q:f * q + f] = 1.0  # one pixel of the level's image
+        m = pm(x, bg)[0]
+        centre, p = f * q + (f - 1) / 2, f * q
+        assert abs(_centroid(m[p]) - centre) < 0.05 and abs(_centroid(m[:, p]) - centre) < 0.05, (q, scales)
+    if scales == (1,):
+        pm.placement = "cells"
+        x[...] = 0
+        x[..., 111, 111] = 1.0
+        assert _centroid(pm(x, bg)[0, 111]) - 111 > 3
+
+
+def test_placement_is_a_bilinear_resize_where_the_cells_tile_the_image():
+    """place_features with the geometry a resize assumes (cells of extent / n pixels, centred)
+    is that resize, in either memory format; a one-cell delta lands on its centre."""
+    from defect_fast.perceptual import place_features, place_profile
+
+    g = torch.Generator().manual_seed(0)
+    for n, cells, extent in ((16, 64, 64), (31, 64, 256), (63, 64, 256)):
+        f = torch.randn(2, 5, n, n, generator=g)
+        step = extent / n
+        ref = F.interpolate(f, size=(cells, cells), mode="bilinear", align_corners=False)
+        for x in (f, f.contiguous(memory_format=torch.channels_last)):
+            out = place_features(x, step, step / 2 - 0.5, cells, extent)
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+            assert out.is_contiguous(memory_format=torch.channels_last) == (x is not f)
+        v = torch.randn(3, n, generator=g)
+        torch.testing.assert_close(place_profile(v, step, step / 2 - 0.5, cells, extent),
+                                   F.interpolate(v[:, None], size=cells, mode="linear", align_corners=False)[:, 0])
+    delta = torch.zeros(1, 1, 31, 31)
+    delta[..., 12, 12] = 1.0
+    out = place_features(delta, 8, 7, 256, 256)[0, 0]
+    assert abs(_centroid(out[103]) - 103) < 1e-6  # 8 * 12 + 7
+
+
+def test_files_from_before_the_placement_keep_the_resize_they_were_fitted_with():
+    assert PerceptualMap(64, trunk=_trunk()).placement == "cells"  # the default (PLACEMENTS)
+    pm = PerceptualMap(64, trunk=_trunk(), placement="centres")
+    x, r = _images(4, seed=5), _images(4, seed=6)
+    pm.fit([(x, r)])
+    assert PerceptualMap.from_state(pm.state()).placement == "centres"
+    old = pm.state()
+    old.pop("placement")
+    back = PerceptualMap.from_state(old)
+    assert back.placement == "cells"
+    assert not torch.allclose(back(x, r), pm(x, r))
+    pm.placement = "cells"
+    torch.testing.assert_close(back(x, r), pm(x, r))
+    old["placement"] = "nearest"
+    with pytest.raises(ValueError, match="placement must be one of cells, centres"):
+        PerceptualMap.from_state(old)

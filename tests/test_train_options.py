@@ -87,7 +87,7 @@ def test_cosine_schedule_goes_from_lr_to_one_percent(tmp_path):
                                  dict(smooth=-1.0), dict(infer_stride=65), dict(infer_stride=0),
                                  dict(map_scales=[]), dict(map_scales=[1, 1]), dict(map_scales=[0]),
                                  dict(map_scales=[1, 8], map="perceptual"), dict(fit_on="test"),
-                                 dict(precision="float16")])
+                                 dict(precision="float16"), dict(placement="centre")])
 def test_bad_options_are_refused_naming_the_option(bad):
     cfg = TrainConfig(data="d", image_size=128, epochs=[1, 1], **bad)
     with pytest.raises(ConfigError, match="--" + next(iter(bad)).replace("_", "-")):
@@ -316,16 +316,18 @@ def test_a_run_with_the_auto_profile_resumes_to_the_same_choice(synthetic_root, 
 
 @pytest.mark.parametrize("profile", ["none", "rows", "auto"])
 def test_run_with_context_stores_it_fitted_on_the_training_images(synthetic_root, tmp_path, monkeypatch, profile):
+    """(With the "rows" profile, the receptive-field placement: stored and loaded back.)"""
     import defect_fast.context as context
     from tests.test_context import RandomTrunkContext
 
     monkeypatch.setattr(context, "ImageContext", RandomTrunkContext)  # no ImageNet weights needed
     cfg = TrainConfig(data=str(synthetic_root), model="cmaae", image_size=128, batch_size=16, epochs=[1, 1],
                       max_steps=[1, 1], model_kwargs={"memory_size": 20}, seed=0, holdback=0.3, context=True,
-                      context_profile=profile)
+                      context_profile=profile, placement="centres" if profile == "rows" else "cells")
     path = train(cfg, tmp_path / "run", progress=False, log=lambda s: None)
     state = torch.load(path, weights_only=True)
     det = Detector.load(path, device="cpu")
+    assert det.context.placement == cfg.placement
     # the synthetic gratings vary more across the width than down the height: auto takes rows
     assert det.context is not None and det.context.profile == ("rows" if profile == "auto" else profile)
     assert (det.context.profile_basis or "").startswith("rows, across") == (profile == "auto")

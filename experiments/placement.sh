@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Where the perceptual map and the image context put the AlexNet feature cells on the image
+# (defect_fast/perceptual.py, PLACEMENTS): "cells", a resize by size alone (the default), against
+# "centres", each cell on its receptive field's centre, paired on the same weights. The runs are
+# the recommended command's (--preset photos, as the v7 rows of magnetic_tile_v2.sh): CMA-AE
+# seeds 0-2, the AW-SSIM AE and MemAE seed 0, trained with the default and evaluated; then a copy
+# of each with its statistics and thresholds refitted with --placement centres
+# (experiments/refit_run.py; the weights untouched), evaluated.
+# Restartable: a run whose model.pt exists is not trained again, an interrupted one is resumed, a
+# results file that exists is kept.
+#
+#   bash experiments/placement.sh [DATA] [OUT]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DATA=${1:-../shared/data/magnetic-tile}
+OUT=${2:-runs/placement}
+RES=experiments/results/placement
+mkdir -p "$OUT" "$RES"
+DF=(python3 -m defect_fast)
+export DEFECT_FAST_ALEXNET_WEIGHTS=${DEFECT_FAST_ALEXNET_WEIGHTS:-../shared/weights/alexnet-features-imagenet.pth}
+
+evaluate() {  # run results-name
+  [ -f "$RES/$2.json" ] && return
+  "${DF[@]}" evaluate "$1" "$DATA" --json "$RES/$2.tmp" --overwrite || return
+  python3 - "$RES/$2.tmp" "$RES/$2.json" "$1" <<'PY'
+import json, platform, sys, torch
+from defect_fast.detect import cpu_flags
+src, dst, run = sys.argv[1:]
+m = json.load(open(src))
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+flags = "+".join(sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"})) or "no bf16 instructions"
+state = torch.load(f"{run}/model.pt", map_location="cpu", weights_only=True)
+placement = {part: state[part].get("placement", "cells") for part in ("perceptual", "context") if state.get(part)}
+m.update(run=run, placement=placement, hardware=f"{cpu} ({flags}), {torch.get_num_threads()} threads, torch {torch.__version__}")
+json.dump(m, open(dst, "w"), indent=2)
+print(f"{dst}: pixel AUROC {m['pixel_auroc']:.4f} image AUROC {m['image_auroc']:.4f} AUPRO {m['aupro']:.4f}")
+PY
+  rm -f "$RES/$2.tmp"
+}
+
+for spec in "cmaae 0 1 1" "cmaae 1 1 1" "cmaae 2 1 1" "awae 0 1 1" "memae 0 2"; do
+  set -- $spec
+  model=$1 seed=$2
+  shift 2
+  name=$model-s$seed run=$OUT/$model-s$seed
+  if [ -f "$run/checkpoint.pt" ] && [ ! -f "$run/model.pt" ]; then
+    "${DF[@]}" train "$DATA" --out "$run" --resume --quiet || continue
+  elif [ ! -f "$run/model.pt" ]; then
+    "${DF[@]}" train "$DATA" --out "$run" --model "$model" --seed "$seed" --epochs "$@" --image-size 256 \
+      --batch-size 64 --checkpoint-every 100 --quiet --preset photos || continue
+  fi
+  evaluate "$run" "$name-cells"
+  if [ ! -f "$OUT/$name-centres/model.pt" ]; then
+    rm -rf "$OUT/$name-centres.tmp" && cp -r "$run" "$OUT/$name-centres.tmp" && rm -f "$OUT/$name-centres.tmp/.defect_fast.lock" || continue
+    python3 experiments/refit_run.py "$OUT/$name-centres.tmp" --placement centres || continue
+    rm -rf "$OUT/$name-centres" && mv "$OUT/$name-centres.tmp" "$OUT/$name-centres"
+  fi
+  evaluate "$OUT/$name-centres" "$name-centres"
+done
+
+python3 - "$RES" <<'PY'
+import json, pathlib, sys
+res = pathlib.Path(sys.argv[1])
+rows = []
+for cells in sorted(res.glob("*-cells.json")):
+    centres = cells.with_name(cells.name.replace("-cells", "-centres"))
+    if not centres.exists():
+        continue
+    a, b = json.loads(cells.read_text()), json.loads(centres.read_text())
+    keys = ("pixel_auroc", "image_auroc", "aupro", "pixel_f1_max")
+    rows.append({"run": cells.name[:-len("-cells.json")], **{k: [round(100 * a[k], 2), round(100 * b[k], 2)] for k in keys},
+                 "uneven_pixel_auroc": [round(100 * a["per_class"]["uneven"]["pixel_auroc"], 2),
+                                        round(100 * b["per_class"]["uneven"]["pixel_auroc"], 2)]})
+    print(rows[-1]["run"], " ".join(f"{k} {v[0]:.2f} -> {v[1]:.2f}" for k, v in rows[-1].items() if k != "run"))
+(res / "summary.json").write_text(json.dumps({"cells -> centres": rows}, indent=1) + "\n")
+PY
