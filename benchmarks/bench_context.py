@@ -25,7 +25,9 @@ layer by layer and as before, with the residual concatenated (``PerceptualMap._b
 same statistics), 3 alternating rounds. And the recommended run's Detector with conv1 brought
 to the band profile's grid by the bilinear resize of files fitted before the 3 x 3 pool
 ("with_profile_levelled_bilinear", ``ImageContext.profile_resample``; v7 and earlier): what the
-pool of v8 costs per image. On a GPU
+pool of v8 costs per image. And that Detector with the map's and the context's feature cells
+placed on their receptive fields' centres ("with_profile_levelled_centres", ``--placement
+centres``) instead of resized to the image by size alone (the default): what that option costs. On a GPU
 (``--device cuda``) every Detector timed replays CUDA graphs. The process's C allocator is set
 as the command line sets it (:func:`defect_fast.allocator.keep_freed_memory`, recorded as
 "allocator"; results written before this record none and ran with glibc's own settings).
@@ -191,6 +193,10 @@ def main() -> None:
     ctx_bilinear = copy.deepcopy(ctx_levelled)
     ctx_bilinear.profile_resample = "bilinear"
     bilinear = Detector(model, SIZE, context=ctx_bilinear, **{**kw, "perceptual": pm_levelled})
+    # and with the feature cells on their receptive fields' centres (--placement centres)
+    pm_centres, ctx_centres = copy.deepcopy(pm_levelled), copy.deepcopy(ctx_levelled)
+    pm_centres.placement = ctx_centres.placement = "centres"
+    centres = Detector(model, SIZE, context=ctx_centres, **{**kw, "perceptual": pm_centres})
     trunk = with_ctx._trunk_options()
     with torch.inference_mode():
         t = time_interleaved({"without": lambda: plain(images), "with": lambda: with_ctx(images),
@@ -199,6 +205,7 @@ def main() -> None:
                               "with_profile_levelled_torch_median": _with_torch_median(lambda: by_torch_median(images)),
                               "with_profile_levelled_concatenated": _with_concatenated_residual(lambda: concatenated(images)),
                               "with_profile_levelled_bilinear": lambda: bilinear(images),
+                              "with_profile_levelled_centres": lambda: centres(images),
                               "context_alone": lambda: ctx.map(ctx.features(plain._to_model_input(images), **trunk), SIZE)},
                              rounds=args.rounds, warmup=2, device=args.device)
     # the perceptual map's statistics, as training fits them at its end (the reconstructions here
@@ -222,6 +229,8 @@ def main() -> None:
                                                      / per["with_profile_levelled"], 3),
            "profile_resample": ctx_levelled.profile_resample,
            "ratio_bilinear_over_pool": round(per["with_profile_levelled_bilinear"] / per["with_profile_levelled"], 3),
+           "placement": pm_levelled.placement,
+           "ratio_centres_over_cells": round(per["with_profile_levelled_centres"] / per["with_profile_levelled"], 3),
            "shared_trunk_layers_levelled": levelled._shared_stem(ctx_levelled),
            "fit_images": args.fit_images, "fit_seconds": round(fit_s, 2),
            "perceptual_fit_seconds": {k: round(v["median_ms"] / 1e3, 2) for k, v in fit_t.items()},
@@ -245,6 +254,8 @@ def main() -> None:
           "layer by layer)")
     print(f"and with conv1 brought to the profile's grid by a bilinear resize (files before the pool): "
           f"{per['with_profile_levelled_bilinear']:.1f} ms (x{res['ratio_bilinear_over_pool']:.3f} the pool)")
+    print(f"and with the feature cells on their receptive fields' centres (--placement centres): "
+          f"{per['with_profile_levelled_centres']:.1f} ms (x{res['ratio_centres_over_cells']:.3f} resized by size alone)")
     print(f"ImageContext.fit on {args.fit_images} images: {fit_s:.1f} s; with the profile {fit_rows_s:.1f} s")
     print(f"PerceptualMap.fit on {args.fit_images} images: {fit_t['by_layer']['median_ms'] / 1e3:.1f} s, "
           f"{fit_t['concatenated']['median_ms'] / 1e3:.1f} s with the residual concatenated "

@@ -312,14 +312,15 @@ def _flat_ground(device="cpu"):
 def test_flat_ground_is_as_exact_as_the_reference_in_float32(monkeypatch, baseline):
     """Over a flat window E[x^2] - mu^2 is 0 in two roundings; a fused multiply-add (the AVX2
     kernels, compiled with contraction on) left the rounding error of E[x^2], above VAR_EPS, and
-    the map was 5e-3 off where flat ground meets texture (the float32 reference: 2.4e-4)."""
+    the map was 6.8e-4 off here where flat ground meets texture, the gradients 5e-4 (the float32
+    reference: 2.4e-4 and 2e-7)."""
     if baseline:
         monkeypatch.setenv("DEFECT_FAST_CPU_BASELINE", "1")
     x, y, sigma = _flat_ground()
     want = run(reference.aw_ssim, x.double().requires_grad_(True), y.double().requires_grad_(True), sigma.double(),
                0.5, 0.3, 0.2, 11, "sum")
     got = run(native.aw_ssim, x.clone().requires_grad_(True), y.clone().requires_grad_(True), sigma, 0.5, 0.3, 0.2, 11, "sum")
-    for name, a, b, tol in zip(("score", "map", "grad_x", "grad_y"), got, want, (2e-6, 1e-3, 1e-4, 1e-4)):
+    for name, a, b, tol in zip(("score", "map", "grad_x", "grad_y"), got, want, (2e-6, 4e-4, 1e-4, 1e-4)):
         err = (a.double() - b).abs().max().item()
         assert err < tol, f"{name}: {err:.2e}"
 
@@ -332,7 +333,7 @@ def test_cuda_flat_ground_is_as_exact_as_the_reference_in_float32():
                0.5, 0.3, 0.2, 11, "sum")
     xc, yc, sc = _flat_ground("cuda")
     got = run(native.aw_ssim, xc.requires_grad_(True), yc.requires_grad_(True), sc, 0.5, 0.3, 0.2, 11, "sum")
-    for name, a, b, tol in zip(("score", "map", "grad_x", "grad_y"), got, want, (2e-6, 1e-3, 1e-4, 1e-4)):
+    for name, a, b, tol in zip(("score", "map", "grad_x", "grad_y"), got, want, (2e-6, 4e-4, 1e-4, 1e-4)):
         err = (a.double().cpu() - b).abs().max().item()
         assert err < tol, f"{name}: {err:.2e}"
 
