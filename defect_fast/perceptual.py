@@ -73,12 +73,13 @@ _RF = (11, 51, 99)
 #: resize by size alone, which spreads a grid over the whole image as if its cells tiled it.
 #: AlexNet's grids do not tile the image: at 256 px conv2's 31 cells are centred on pixels 7, 15,
 #: ..., 247, and the resize draws cell i at 8.26 i + 3.6, so the map of a one-pixel spot lies up
-#: to 3 px towards the nearer edge (``tests/test_perceptual.py``, the spot tests). "centres":
+#: to 4 px towards the nearer edge, and the context's 16-px cells up to 8 px
+#: (``tests/test_perceptual.py``, ``tests/test_context.py``, the spot tests). "centres":
 #: each cell on the centre of its receptive field (:func:`alexnet_centres`), the spot's map centred
 #: on it. On magnetic tile "centres" cost 0.8 pixel AUROC on each of five runs, in the interior as
 #: at the border, with image AUROC and AUPRO within 0.2, and the maps of "centres" stretched back
 #: by 3 % about the image centre recovered it: the annotated masks sit where the stretched maps
-#: do (experiments/README.md, "Placement"). So "cells" stays the default, "centres" an option.
+#: do (experiments/README.md, "Eighth round"). So "cells" stays the default, "centres" an option.
 PLACEMENTS = ("cells", "centres")
 
 
@@ -97,18 +98,23 @@ def alexnet_centres(layer: int, pooled: bool = False) -> tuple[int, float]:
 
 
 @functools.lru_cache(maxsize=64)
-def _placement_matrix(n: int, stride: int, offset: float, cells: int, extent: int) -> torch.Tensor:
-    """[cells, n] float64: row k the bilinear weights of the n feature cells (centred on pixels
+def _placement_matrix(n: int, stride: int, offset: float, cells: int, extent: int, device: torch.device,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """[cells, n]: row k the bilinear weights of the n feature cells (centred on pixels
     stride * i + offset) at the centre of cell k of ``cells`` equal cells across ``extent``
-    pixels; beyond the first and last feature centres, the end cell's value (as a resize does)."""
-    k = torch.arange(cells, dtype=torch.float64)
-    idx = (((k + 0.5) * extent / cells - 0.5 - offset) / stride).clamp(0, n - 1)
-    i0 = idx.floor().long()
-    w = idx - i0
-    m = torch.zeros(cells, n, dtype=torch.float64)
-    m[k.long(), i0] += 1 - w
-    m[k.long(), (i0 + 1).clamp_max(n - 1)] += w
-    return m
+    pixels; beyond the first and last feature centres, the end cell's value (as a resize does).
+    Kept per device and dtype, so that a call makes no host-to-device copy (none inside a CUDA
+    graph's capture: the warm-up before it makes the matrix); made outside inference mode, so that
+    a call recording gradients can save it. Read only: callers share it."""
+    with torch.inference_mode(False), torch.no_grad():
+        k = torch.arange(cells, dtype=torch.float64)
+        idx = (((k + 0.5) * extent / cells - 0.5 - offset) / stride).clamp(0, n - 1)
+        i0 = idx.floor().long()
+        w = idx - i0
+        m = torch.zeros(cells, n, dtype=torch.float64)
+        m[k.long(), i0] += 1 - w
+        m[k.long(), (i0 + 1).clamp_max(n - 1)] += w
+        return m.to(device, dtype)
 
 
 def place_features(f: torch.Tensor, stride: int, offset: float, cells: int, extent: int) -> torch.Tensor:
@@ -117,9 +123,9 @@ def place_features(f: torch.Tensor, stride: int, offset: float, cells: int, exte
     bilinear (see :data:`PLACEMENTS`). Two matrix products with the [cells, n] weights; a
     channels-last [N, C, n, n] stays channels-last (its positions' channel vectors are what the
     products combine)."""
-    mh = _placement_matrix(f.shape[-2], stride, float(offset), cells, extent).to(f.device, f.dtype)
+    mh = _placement_matrix(f.shape[-2], stride, float(offset), cells, extent, f.device, f.dtype)
     mw = mh if f.shape[-1] == f.shape[-2] else \
-        _placement_matrix(f.shape[-1], stride, float(offset), cells, extent).to(f.device, f.dtype)
+        _placement_matrix(f.shape[-1], stride, float(offset), cells, extent, f.device, f.dtype)
     if f.dim() == 4 and is_channels_last(f) and f.shape[1] > 1:
         n = f.shape[0]
         y = torch.matmul(mw, f.permute(0, 2, 3, 1))  # [N, H, cells, C]
@@ -130,7 +136,7 @@ def place_features(f: torch.Tensor, stride: int, offset: float, cells: int, exte
 
 def place_profile(v: torch.Tensor, stride: int, offset: float, cells: int, extent: int) -> torch.Tensor:
     """:func:`place_features` along one axis: values [..., n] -> [..., cells]."""
-    return v @ _placement_matrix(v.shape[-1], stride, float(offset), cells, extent).to(v.device, v.dtype).t()
+    return v @ _placement_matrix(v.shape[-1], stride, float(offset), cells, extent, v.device, v.dtype).t()
 
 
 def reference_brightness(images: torch.Tensor) -> float:

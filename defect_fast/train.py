@@ -128,7 +128,7 @@ class TrainConfig:
     # Where the perceptual map and the context put the trunk's feature cells on the image
     # (defect_fast/perceptual.py, PLACEMENTS): "cells", a resize by size alone, or "centres", each
     # cell on its receptive field's centre (right for a one-pixel spot; on magnetic tile it cost
-    # 0.8 pixel AUROC on every run, experiments/README.md, "Placement").
+    # 0.8 pixel AUROC on every run, experiments/README.md, "Eighth round").
     placement: str = "cells"
 
     def to_json(self) -> dict[str, Any]:
@@ -229,6 +229,8 @@ def check_config(cfg: TrainConfig, n_stages: int, patch: int) -> None:
     need(isinstance(cfg.level_brightness, bool), f"--level-brightness is on or off, got {cfg.level_brightness!r}")
     need(cfg.image_score in IMAGE_SCORES, f"--image-score must be one of {', '.join(IMAGE_SCORES)}, got {cfg.image_score!r}")
     need(cfg.placement in PLACEMENTS, f"--placement must be one of {', '.join(PLACEMENTS)}, got {cfg.placement!r}")
+    need(cfg.placement == "cells" or cfg.map == "perceptual" or cfg.context,
+         f"--placement {cfg.placement} places the AlexNet cells of --map perceptual and --context: add one of them")
     need(cfg.context or cfg.image_score == "combined", f"--image-score {cfg.image_score} is part of the image context: add --context")
     need(not cfg.level_brightness or cfg.context or cfg.map == "perceptual",
          "--level-brightness levels the images the AlexNet trunk reads: it needs --map perceptual or --context")

@@ -488,6 +488,11 @@ def test_placement_is_a_bilinear_resize_where_the_cells_tile_the_image():
     delta[..., 12, 12] = 1.0
     out = place_features(delta, 8, 7, 256, 256)[0, 0]
     assert abs(_centroid(out[103]) - 103) < 1e-6  # 8 * 12 + 7
+    # the weights first made under inference mode still serve a call that records gradients
+    f = torch.randn(1, 2, 9, 9, dtype=torch.float64, generator=g)
+    with torch.inference_mode():
+        place_features(f, 8, 7, 80, 80)
+    assert torch.autograd.gradcheck(lambda t: place_features(t, 8, 7, 80, 80), (f.requires_grad_(True),))
 
 
 def test_files_from_before_the_placement_keep_the_resize_they_were_fitted_with():

@@ -87,7 +87,8 @@ def test_cosine_schedule_goes_from_lr_to_one_percent(tmp_path):
                                  dict(smooth=-1.0), dict(infer_stride=65), dict(infer_stride=0),
                                  dict(map_scales=[]), dict(map_scales=[1, 1]), dict(map_scales=[0]),
                                  dict(map_scales=[1, 8], map="perceptual"), dict(fit_on="test"),
-                                 dict(precision="float16"), dict(placement="centre")])
+                                 dict(precision="float16"), dict(placement="centre"),
+                                 dict(placement="centres")])  # no perceptual map or context to place
 def test_bad_options_are_refused_naming_the_option(bad):
     cfg = TrainConfig(data="d", image_size=128, epochs=[1, 1], **bad)
     with pytest.raises(ConfigError, match="--" + next(iter(bad)).replace("_", "-")):
