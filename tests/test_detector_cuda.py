@@ -35,31 +35,32 @@ def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @functools.lru_cache(maxsize=None)
-def _recommended(name: str) -> tuple[dict, torch.Tensor]:
+def _recommended(name: str, placement: str = "cells") -> tuple[dict, torch.Tensor]:
     """Keyword arguments of a Detector with a fitted perceptual map (pyramid 1 2) and image context
     (with the row profile), both levelling the brightness as the recommended run does, on random trunks (fitted by a CPU float32 Detector), and uint8 test images; fitted once per
-    model name (the checks copy what they move to a device)."""
+    model name and ``placement`` (the checks copy what they move to a device)."""
     to_u8 = lambda t: ((t + 1) * 127.5).round().to(torch.uint8)  # noqa: E731
     normal, calib = to_u8(_surfaces(12, SIZE, seed=1)), to_u8(_surfaces(4, SIZE, seed=2))
     kw = dict(stride=32, blend="hann", smooth_sigma=2.0)
     base = Detector(_model(name), SIZE, precision="float32", **kw)
-    pm = PerceptualMap(SIZE, trunk=_trunk(), scales=(1, 2))
+    pm = PerceptualMap(SIZE, trunk=_trunk(), scales=(1, 2), placement=placement)
     pm.brightness = reference_brightness(normal)
     with torch.no_grad():
         x = base._to_model_input(normal)
         pm.fit([(x, base._stitched_recon(x))])
     det = Detector(_model(name), SIZE, precision="float32", map_kind="perceptual", perceptual=pm, **kw)
     # ImageContext is RandomTrunkContext here (the tests' monkeypatch); with the row profile, as the recommended run
-    det.fit_context(normal, calib, profile="rows", level_brightness=True)
+    det.fit_context(normal, calib, profile="rows", level_brightness=True, placement=placement)
     kw.update(map_kind="perceptual", perceptual=pm, context=det.context)
     return kw, to_u8(_surfaces(3, SIZE, seed=3))
 
 
-def check_tuned_pipeline(device: str, name: str, recommended: bool, graphs: bool) -> None:
+def check_tuned_pipeline(device: str, name: str, recommended: bool, graphs: bool, placement: str = "cells") -> None:
     """The tuned Detector on ``device`` (precision "auto", channels-last, fused model, CUDA graphs
-    with ``graphs``) against the float32 pipeline on the CPU, and float32 on ``device`` against it."""
+    with ``graphs``) against the float32 pipeline on the CPU, and float32 on ``device`` against it;
+    ``placement``: the recommended pipeline's (its weights are made before a graph is captured)."""
     if recommended:
-        kw, x = _recommended(name)
+        kw, x = _recommended(name, placement)
     else:
         kw, x = dict(stride=16 if name == "awae" else None), _images(3, SIZE)
     with torch.no_grad():
@@ -109,11 +110,18 @@ def test_tuned_cuda_pipeline_matches_float32_on_the_cpu(name, recommended, graph
     check_tuned_pipeline("cuda", name, recommended, graphs)
 
 
-@pytest.mark.parametrize("name,recommended", [("cmaae", False), ("cmaae", True)])
-def test_the_check_itself_on_the_cpu(name, recommended):
+@pytest.mark.cuda
+@pytest.mark.parametrize("graphs", [False, True])
+def test_tuned_cuda_pipeline_with_the_cells_on_their_centres(graphs):
+    check_tuned_pipeline("cuda", "cmaae", True, graphs, placement="centres")
+
+
+@pytest.mark.parametrize("name,recommended,placement", [("cmaae", False, "cells"), ("cmaae", True, "cells"),
+                                                        ("cmaae", True, "centres")])
+def test_the_check_itself_on_the_cpu(name, recommended, placement):
     """The same check on the CPU (no graphs there), so that the CUDA test's own logic is tested
     on every machine."""
-    check_tuned_pipeline("cpu", name, recommended, graphs=False)
+    check_tuned_pipeline("cpu", name, recommended, graphs=False, placement=placement)
 
 
 @pytest.mark.cuda
