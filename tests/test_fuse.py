@@ -7,7 +7,7 @@ from torch import nn
 
 from defect_fast.detect import Detector
 from defect_fast.fuse import fuse_for_inference
-from defect_fast.layers import KernelSizedConv2d, PointConvTranspose2d
+from defect_fast.layers import KernelSizedConv2d, PointConvTranspose2d, rebuilt_as
 from defect_fast.models import build_model
 
 
@@ -41,6 +41,18 @@ def test_fused_copy_computes_the_same_outputs(name):
     for fa, fb in zip(a["features"], b["features"]):
         torch.testing.assert_close(fb, fa, atol=1e-5, rtol=1e-4)
     assert not any(p.requires_grad for p in fused.parameters())
+
+
+def test_the_matrix_product_layers_take_unbatched_inputs_as_the_plain_layers_do():
+    """[C, H, W] without a batch: the plain layers' results (the products failed on the missing dimension)."""
+    torch.manual_seed(0)
+    conv, tconv = nn.Conv2d(8, 5, 4), nn.ConvTranspose2d(5, 8, 4)
+    mconv, mtconv = rebuilt_as(KernelSizedConv2d, conv), rebuilt_as(PointConvTranspose2d, tconv)
+    x, z = torch.randn(8, 4, 4), torch.randn(5, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(mconv(x), conv(x))
+        torch.testing.assert_close(mtconv(z), tconv(z))
+        torch.testing.assert_close(mconv(x[None])[0], conv(x))  # and batched, the product
 
 
 def test_cmaae_single_position_layers_stay_matrix_products():
