@@ -41,6 +41,7 @@ folder with a manifest (:class:`defect_fast.safety.OutputFolder`): new or empty,
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -277,9 +278,21 @@ def _safe_name(name: str) -> str:
     return keep or "class"
 
 
+#: Longest figure name stem, in UTF-8 bytes: with a ``_k`` suffix, ``.png`` and the temporary's
+#: ``.NAME.png.XXXXXXXX.tmp`` it stays under the 255 bytes of a file name (a 228-character class
+#: folder failed at its figure's temporary file, after all the inference).
+MAX_STEM_BYTES = 200
+
+
 def figure_name(cls: str) -> str:
-    """File name of a class's figure grid (``<class>.png``, unsafe characters replaced)."""
-    return f"{_safe_name(cls)}.png"
+    """File name of a class's figure grid (``<class>.png``, unsafe characters replaced; a stem
+    over :data:`MAX_STEM_BYTES` cut, with a digest of the whole name so that two long names stay apart)."""
+    stem = _safe_name(cls)
+    raw = stem.encode("utf-8", "surrogateescape")
+    if len(raw) > MAX_STEM_BYTES:
+        digest = hashlib.sha1(raw).hexdigest()[:10]
+        stem = raw[:MAX_STEM_BYTES - 11].decode("utf-8", "ignore") + "-" + digest
+    return f"{stem}.png"
 
 
 def figure_names(classes) -> dict[str, str]:

@@ -147,6 +147,16 @@ def _fake_predictions(n, size, seed=0):
     return images, recon, maps, maps.flatten(1).max(1).values
 
 
+def test_long_class_names_get_figures_whose_names_a_file_system_takes(tmp_path):
+    """A class folder of 228 characters or more failed at its figure's temporary file (a file name
+    is at most 255 bytes), after all the inference; two long names that share their start stay apart."""
+    images, recon, maps, scores = _fake_predictions(4, 32)
+    classes = ["good", "good", "k" * 300, "k" * 299 + "j"]
+    paths = draw_grid(images, recon, maps, scores, classes, tmp_path, per_class=2)
+    names = {paths[c].name for c in classes[2:]}
+    assert len(names) == 2 and all(len(n.encode()) <= 215 and paths[c].is_file() for n, c in zip(names, classes[2:]))
+
+
 def test_draw_grid_rows_and_files(tmp_path):
     images, recon, maps, scores = _fake_predictions(9, 32)
     classes = ["good"] * 5 + ["a/b"] * 2 + ["c"] * 2
