@@ -674,9 +674,8 @@ class Detector(nn.Module):
         from .perceptual import PerceptualMap, checked_placement
 
         normal_images = self._at_model_size(self._checked_batch(normal_images, "fit_perceptual"))  # as predict_batched
-        if not isinstance(scales, (tuple, list)):  # tuple(2) was a bare TypeError
-            raise ValueError(f"scales must be a list of distinct whole numbers >= 1, got {scales!r}")
-        pm = PerceptualMap(self.image_size, layers=layers, prior=prior, scales=tuple(scales)).to(self.device)
+        # scales as given: PerceptualMap checks them (tuple(2) here was a bare TypeError)
+        pm = PerceptualMap(self.image_size, layers=layers, prior=prior, scales=scales).to(self.device)
         pm.placement = checked_placement(placement)  # before the fit: the statistics are on its grid
         pm.brightness = _brightness_level(level_brightness, normal_images)
         with torch.no_grad():

@@ -530,11 +530,10 @@ def diagnose(
         result or None (no defective image with a mask), "figures": {class: path}, "table": str}.
     """
     from . import metrics as M
+    from .evaluate import check_finite
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from .evaluate import check_finite
-
     pred = predict_fn(test_set.images)
     maps, scores = pred["maps"].float().cpu(), pred["scores"].float().cpu()
     score_maps = pred["score_maps"].float().cpu() if "score_maps" in pred else None
