@@ -41,6 +41,26 @@ def test_paper_variant_is_the_current_implementation(sources, method, fn):
     assert torch.equal(out, want_out)
 
 
+def test_cmaae_paper_exact_is_the_papers_rule(sources):
+    """CMA-AE's synthesis="paper-exact": both GAAGA rectangles in every image, squares of half the
+    image side (Section III-B: 256 on 512); "paper" stays GAAGA's own defaults."""
+    from defect_fast.models import build_model
+    from defect_fast.synthesis.gaaga import PAPER_RULE
+
+    x = _images(6, 64, 64, seed=2, gray=False)
+    out, mask = build_model("cmaae", memory_size=8, synthesis="paper-exact").synthesize(x, sources, _gen(5))
+    want_out, want_mask, info = gaaga(x, sources, _gen(5), return_info=True, **PAPER_RULE)
+    assert torch.equal(out, want_out) and torch.equal(mask, want_mask)
+    for rec in info:
+        assert [rec[k]["box"][2:] for k in ("natural", "blurred")] == [(32, 32), (32, 32)]
+    assert (mask.flatten(1).float().mean(1) >= 0.25).all()  # one 32x32 square is a quarter of the image
+    out, mask = build_model("cmaae", memory_size=8, synthesis="paper").synthesize(x, sources, _gen(5))
+    want_out, want_mask = gaaga(x, sources, _gen(5))
+    assert torch.equal(out, want_out) and torch.equal(mask, want_mask)
+    with pytest.raises(ValueError, match="paper-exact"):
+        build_model("cmaae", memory_size=8, synthesis="exact")
+
+
 def test_paper_variant_with_a_clean_fraction(sources):
     x = _images(40, 32, 32, seed=2)
     out, mask, info = synthesize(x, sources, _gen(5), "gaaga", variant="paper", clean_fraction=0.5, return_info=True)

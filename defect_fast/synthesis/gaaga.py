@@ -18,6 +18,9 @@ that drew neither gets exactly one, natural with probability
 ``natural_prob / (natural_prob + blurred_prob)``. Every output image is thus anomalous; with the
 defaults (0.5, 0.5): both 25%, natural only 37.5%, blurred only 37.5%. ``natural_prob =
 blurred_prob = 1`` is the paper's rule. Where both are pasted the natural patch goes on top.
+:data:`PAPER_RULE` holds the options that give the paper's rule as a whole: both kinds in every
+image, squares of half the image side (256 on the paper's 512); CMA-AE trains with it under
+``synthesis="paper-exact"``.
 
 Patch sizes are relative to the image, since images here are 128..512 pixels on a side while the
 paper pastes 256 on 512: the side ``s * min(H, W)`` with ``s ~ U(size_range)`` (default 1/16..1/4,
@@ -40,7 +43,12 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["gaaga", "gaussian_blur"]
+__all__ = ["PAPER_RULE", "gaaga", "gaussian_blur"]
+
+#: :func:`gaaga`'s options for the paper's rule (Section III-B: a 256x256 crop of a natural photo and
+#: a crop of a normal image resized to 256x256 and blurred, both pasted into the normal 512x512
+#: image): both kinds in every image, squares of half the image's smaller side.
+PAPER_RULE = {"natural_prob": 1.0, "blurred_prob": 1.0, "size_range": (0.5, 0.5), "aspect_range": (1.0, 1.0)}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,6 +26,9 @@ The paper leaves some choices open; each is a constructor switch, the default fi
     latent: width C of the code z, the memory items and the FRM (Table I: 512).
     fusion: "cmam" (the paper) | "mam" (memory only, MemAE; Table V column B) |
             "cat" (FC over [z, z_hat] instead of the gates; column C) | "none" (plain AE).
+    synthesis: "paper" (GAAGA with its own defaults: each image draws its patch kinds, sides 1/16
+        to 1/4 of the image) | "paper-exact" (the paper's rule: both patches in every image, squares
+        of half the image side) | "perlin" (irregular anomalies, see defect_fast.synthesis).
 Stage 2 trains on GAAGA images against their clean originals (the repair the paper describes;
 Eq. 13 as printed compares the anomalous image with its own reconstruction, which would teach
 no repair).
@@ -45,7 +48,7 @@ from ...layers import KernelSizedConv2d, PointConvTranspose2d
 from .. import register
 from ..base import AnomalyModel
 
-SYNTHESIS_VARIANTS = ("paper", "perlin")
+SYNTHESIS_VARIANTS = ("paper", "paper-exact", "perlin")
 from .anomaly_map import ANOMALY_MAPS
 
 LATENT = 512
@@ -283,12 +286,19 @@ class CMAAE(AnomalyModel):
 
         ``synthesis="paper"``: natural-photo and blurred-normal rectangles with GAAGA's defaults
         (each image draws its patch kinds; the paper pastes both: see :mod:`defect_fast.synthesis.synthesize`);
-        "perlin": irregular Perlin-shaped regions with generated textures, cut-paste from other
+        "paper-exact": the paper's rule, both rectangles in every image, squares of half the image side
+        (:data:`defect_fast.synthesis.gaaga.PAPER_RULE`); "perlin": irregular Perlin-shaped regions with generated textures, cut-paste from other
         images, brightness changes and random opacity (:mod:`defect_fast.synthesis.synthesize`).
         """
         from ...synthesis import SynthesisConfig, synthesize
 
-        return synthesize(clean, sources, generator, "gaaga", SynthesisConfig(variant=self.synthesis))
+        from ...synthesis.gaaga import PAPER_RULE
+
+        if self.synthesis == "paper-exact":
+            config = SynthesisConfig(variant="paper", paper_options=dict(PAPER_RULE))
+        else:
+            config = SynthesisConfig(variant=self.synthesis)
+        return synthesize(clean, sources, generator, "gaaga", config)
 
     def trainable_parameters(self, stage: int) -> list[nn.Parameter]:
         """Stage 0 trains everything; stage 1 freezes the memory (Algorithm 1, line 13)."""
