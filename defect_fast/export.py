@@ -7,8 +7,9 @@ torch.export by their input signature; TorchScript files check it first and say 
 and carry ``image_size``). The fused ops are traced as their pure-PyTorch
 reference (:func:`defect_fast.detect.reference_ops`), so running the file needs only
 onnxruntime / LibTorch / torch, not this package. Beside ``FILE`` goes ``FILE.json``: image size,
-batch, thresholds, normalisation, model name and options, package version and a digest of the
-source model file.
+batch, thresholds, normalisation, model name and options, package version, a digest of the
+source model file and one of ``FILE`` itself (:func:`read_sidecar` reads the description after
+checking it).
 
 ``precision="bfloat16"`` (TorchScript files, what the C++ runner loads): the Detector's tuned CPU graph
 instead of the float32 one: layer weights stored in bf16, the layers run in bf16 with channels-last
@@ -23,6 +24,9 @@ files (its tracing of the autocast pipeline fails on torch 2.13).
 from __future__ import annotations
 
 import hashlib
+import io
+import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,7 +38,7 @@ from . import __version__
 from .calibration import CalibrationError, stored_thresholds
 from .detect import Detector, reference_ops
 from .runs import model_file
-from .safety import UserError, atomic_open, atomic_write_text, dump_json_strict, safe_output_file
+from .safety import UserError, atomic_open, dump_json_strict, one_line, safe_output_file
 
 FORMATS = ("onnx", "torchscript", "exported")
 PRECISIONS = ("float32", "bfloat16")
@@ -148,19 +152,25 @@ def _check_arguments(fmt: str, precision: str, batch: int) -> None:
 
 
 def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, source: Path | None = None,
-                    precision: str = "float32", far: float | None = None) -> Path:
+                    precision: str = "float32", far: float | None = None, *, overwrite: bool = False) -> Path:
     """Write ``det``'s pipeline to ``out`` in format ``fmt`` (see :data:`FORMATS`) plus ``out.json``
-    (its image threshold for false-alarm rate ``far`` when given, set from the stored held-back scores).
+    (its image threshold for false-alarm rate ``far`` when given, set from the stored held-back scores;
+    ``file_digest``, the SHA-256 of ``out``, which :func:`read_sidecar` checks).
 
     The detector is exported on the CPU in ``precision`` (see the module docstring; ``det`` must
     have been built with it); its patch chunking is switched off (one model call per batch) so the
-    graph holds no Python loop. Returns ``out``.
+    graph holds no Python loop. An existing ``out`` or ``out.json`` is replaced only with
+    ``overwrite``. Both files are complete before either is put in place, the description last: a
+    failure leaves the earlier pair (or nothing); only a crash between the two renames can leave a
+    new file beside an earlier description, which its ``file_digest`` then gives away. Returns ``out``.
     """
     _check_arguments(fmt, precision, batch)
+    inputs = [source] if source is not None else []
+    out = safe_output_file(out, overwrite, inputs=inputs, what="out")
+    safe_output_file(sidecar_path(out), overwrite, inputs=inputs, what="out's description")
     if det.precision != precision and (det.fuse or precision != "float32"):
         raise ValueError(f"export: the detector runs in {det.precision}; a {precision} export needs one built "
                          f"with precision={precision!r}")
-    out = Path(out)
     # the caller's detector is given back as it was: its device, and each part's mode (a Detector's
     # own flag says nothing of its model's, which it keeps in eval mode: train(flag) would switch
     # an unfused model's normalisation layers to batch statistics)
@@ -173,9 +183,9 @@ def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, so
     s = det.image_size
     example = torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     dynamic = False
+    fh = io.BytesIO()  # the file's bytes, whose digest goes into the description before either is written
     try:
-        # written under a temporary name and renamed into place: an interrupted export leaves no half file
-        with reference_ops(), torch.no_grad(), warnings.catch_warnings(), atomic_open(out) as fh:
+        with reference_ops(), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if fmt == "torchscript":
                 traced = torch.jit.trace(det, (example,), check_trace=False)
@@ -195,16 +205,51 @@ def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, so
                 except Exception:  # a graph that specialises on the batch: export it for this batch only
                     ep = torch.export.export(det, (example,))
                 torch.export.save(ep, fh)
-            meta = sidecar(det, fmt, batch, dynamic, source, far)  # still inside: a failure here leaves no file either
+            meta = sidecar(det, fmt, batch, dynamic, source, far)
             meta["precision"] = precision  # what the file computes in (det may run otherwise outside the export)
-            text = dump_json_strict(meta, indent=2)  # likewise: a value JSON cannot hold fails before the rename
     finally:
         det.batch_size, det.precision, det.channels_last = saved
         det.to(device)
         for m, training in modes:
             m.training = training
-    atomic_write_text(sidecar_path(out), text)
+    data = fh.getvalue()
+    meta["file_digest"] = "sha256:" + hashlib.sha256(data).hexdigest()
+    text = dump_json_strict(meta, indent=2)  # a value JSON cannot hold fails before anything is written
+    # each under a temporary name, fsynced, then renamed into place: the file, then its description
+    with atomic_open(sidecar_path(out), "w", encoding="utf-8") as desc:
+        desc.write(text)
+        desc.flush()
+        os.fsync(desc.fileno())
+        with atomic_open(out) as file:
+            file.write(data)
     return out
+
+
+def read_sidecar(path: Path | str) -> dict[str, Any]:
+    """The description of the exported file ``path`` (read from ``path.json``), after checking that
+    it describes this file: its ``file_digest`` must be the file's SHA-256. Raises
+    :class:`ExportError`, one line naming the file, for a missing, unreadable or mismatched
+    description (a file replaced without its description, or the reverse); descriptions written
+    before the digest was recorded are refused as unverifiable."""
+    path = Path(path)
+    desc = sidecar_path(path)
+    try:
+        meta = json.loads(desc.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ExportError(f"{desc}: no description beside {path.name} (export writes FILE.json with FILE)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ExportError(f"{desc}: cannot be read as a description ({one_line(str(exc))})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("file_digest"), str):
+        raise ExportError(f"{desc}: records no file_digest, so it cannot be checked against {path.name}; "
+                          f"export the file again")
+    try:
+        digest = _digest(path)
+    except OSError as exc:
+        raise ExportError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if digest != meta["file_digest"]:
+        raise ExportError(f"{desc}: describes another file than {path.name} (its file_digest differs from the "
+                          f"file's); export them again together")
+    return meta
 
 
 def sidecar_path(out: Path | str) -> Path:
@@ -229,7 +274,8 @@ def export(run: Path | str, out: Path | str, fmt: str, *, batch: int = 1, overwr
             stored_thresholds(det.calibration, far)  # a rate the run cannot give fails before the export
         except CalibrationError as exc:
             raise CalibrationError(_for_export(str(exc))) from None
-    return export_detector(det, out, fmt, batch=batch, source=model_file(run), precision=precision, far=far)
+    return export_detector(det, out, fmt, batch=batch, source=model_file(run), precision=precision, far=far,
+                           overwrite=overwrite)
 
 
-__all__ = ["FORMATS", "PRECISIONS", "ExportError", "export", "export_detector", "sidecar", "sidecar_path"]
+__all__ = ["FORMATS", "PRECISIONS", "ExportError", "export", "export_detector", "read_sidecar", "sidecar", "sidecar_path"]

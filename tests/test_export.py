@@ -333,3 +333,55 @@ def test_bfloat16_torchscript_of_the_recommended_pipeline(tmp_path, monkeypatch)
         maps, scores = torch.jit.load(str(out))(x)
     torch.testing.assert_close(maps, want_maps, atol=1e-4 * float(want_maps.abs().max()), rtol=0)
     torch.testing.assert_close(scores, want_scores, atol=1e-4 * float(want_scores.abs().max()), rtol=0)
+
+
+def test_export_detector_refuses_to_replace_files_and_keeps_the_pair_together(tmp_path, monkeypatch):
+    """The Python API refuses existing files as the command does; with overwrite a failure before
+    the renames leaves the earlier file and description as they were; read_sidecar checks that the
+    description is the file's."""
+    import defect_fast.export as ex
+    from defect_fast.export import ExportError, export_detector, read_sidecar
+
+    det = Detector(build_model("cmaae", memory_size=10), image_size=64, precision="float32")
+    out = tmp_path / "a.ts"
+    out.write_bytes(b"line 3's model")
+    with pytest.raises(ex.UserError, match="a.ts: file exists"):
+        export_detector(det, out, "torchscript")
+    assert out.read_bytes() == b"line 3's model" and not (tmp_path / "a.ts.json").exists()
+    (tmp_path / "b.ts.json").mkdir()  # a folder where the description goes: refused before any work
+    with pytest.raises(ex.UserError, match="is a folder"):
+        export_detector(det, tmp_path / "b.ts", "torchscript", overwrite=True)
+    assert not (tmp_path / "b.ts").exists()
+
+    export_detector(det, out, "torchscript", overwrite=True)
+    meta = read_sidecar(out)
+    assert meta["file_digest"].startswith("sha256:") and meta["image_size"] == 64
+    pair = (out.read_bytes(), (tmp_path / "a.ts.json").read_bytes())
+    opened = []
+    real_open = ex.atomic_open
+
+    def fail_on_the_file(path, *args, **kwargs):  # the description is ready; the file's write fails
+        opened.append(path)
+        if len(opened) == 2:
+            raise OSError(28, "No space left on device", str(path))
+        return real_open(path, *args, **kwargs)
+
+    det.calibration = {"image_threshold": 2.0}
+    monkeypatch.setattr(ex, "atomic_open", fail_on_the_file)
+    with pytest.raises(OSError):
+        export_detector(det, out, "torchscript", overwrite=True)
+    monkeypatch.undo()
+    assert (out.read_bytes(), (tmp_path / "a.ts.json").read_bytes()) == pair
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ts", "a.ts.json", "b.ts.json"]  # no temporaries
+
+    out.write_bytes(out.read_bytes() + b"\0")  # the file replaced without its description
+    with pytest.raises(ExportError, match=r"a\.ts\.json: describes another file than a\.ts"):
+        read_sidecar(out)
+    desc = json.loads((tmp_path / "a.ts.json").read_text())
+    del desc["file_digest"]
+    (tmp_path / "a.ts.json").write_text(json.dumps(desc))
+    with pytest.raises(ExportError, match="records no file_digest"):
+        read_sidecar(out)
+    (tmp_path / "a.ts.json").unlink()
+    with pytest.raises(ExportError, match="no description beside a.ts"):
+        read_sidecar(out)
