@@ -492,6 +492,10 @@ class Detector(nn.Module):
                 raise RunError(f"{where}: the stored {part} does not load ({type(exc).__name__}: {exc}); "
                                "written by another version of defect_fast?") from None
 
+        for part in ("detector", "normalization", "calibration", "perceptual", "context"):
+            if state.get(part) is not None and not isinstance(state[part], dict):
+                raise RunError(f"{where}: the stored {part} is a {type(state[part]).__name__}, not a dict; "
+                               "written by another version of defect_fast?")
         stored = dict(state.get("detector") or {})
         norm = state.get("normalization") or {}
         perceptual = None

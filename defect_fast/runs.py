@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .models import AnomalyModel, build_model
-from .safety import DigestError, UserError, check_device, load_with_digest, save_with_digest
+from .safety import DigestError, UserError, check_device, load_with_digest, one_line, save_with_digest
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -61,13 +61,19 @@ def load_checkpoint(path: Path, required_keys: tuple[str, ...] = STATE_KEYS) -> 
 
     Raises:
         RunError: missing, unreadable, foreign (lacks ``required_keys``), without a digest (older
-            or foreign file) or damaged (digest mismatch); one line naming the file.
+            or foreign file), damaged (digest mismatch) or of a later file format (its ``version``
+            above :data:`CHECKPOINT_VERSION`); one line naming the file.
     """
     try:
-        return load_with_digest(path, required_keys=required_keys)
+        state = load_with_digest(path, required_keys=required_keys)
     except DigestError as exc:
         message = str(exc).replace("not a readable defect_fast file", "not a readable defect_fast checkpoint")
         raise RunError(message) from None
+    version = state.get("version", CHECKPOINT_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int) or version > CHECKPOINT_VERSION:
+        raise RunError(f"{path}: written in file format {version!r} by a later defect_fast; this one reads "
+                       f"format {CHECKPOINT_VERSION} and earlier (update defect_fast to load it)")
+    return state
 
 
 def model_from_state(state: dict[str, Any], path: Path | str = "model file") -> AnomalyModel:
@@ -77,7 +83,7 @@ def model_from_state(state: dict[str, Any], path: Path | str = "model file") -> 
         model = build_model(state["model_name"], **state["model_config"])
         model.load_state_dict(state["model_state"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise RunError(f"{path}: the stored model does not load ({type(exc).__name__}: {exc})") from None
+        raise RunError(f"{path}: the stored model does not load ({type(exc).__name__}: {one_line(str(exc))})") from None
     return model
 
 

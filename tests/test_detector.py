@@ -308,6 +308,31 @@ def test_a_stored_part_another_version_wrote_is_one_error_naming_the_file():
         Detector.from_state({**state, "detector": {"map_kind": "newmap"}}, "cpu", where="line.pt")
     with pytest.raises(RunError, match=r"^line\.pt: the stored model does not load .*new_option"):
         Detector.from_state({**state, "model_config": {**m.config(), "new_option": 1}}, "cpu", where="line.pt")
+    # parts of another type (a file another program wrote, or edited and digested again): named, not a
+    # TypeError or AttributeError from inside the build
+    for part, value in (("calibration", 5), ("calibration", [1, 2]), ("detector", [1]), ("normalization", [1]),
+                        ("perceptual", "x"), ("context", 3.0)):
+        with pytest.raises(RunError, match=rf"^line\.pt: the stored {part} is a \w+, not a dict"):
+            Detector.from_state({**state, part: value}, "cpu", where="line.pt")
+    # a weight the model lacks: PyTorch's message spans lines, the error is one
+    with pytest.raises(RunError, match="^line\\.pt: the stored model does not load") as info:
+        Detector.from_state({**state, "model_state": {k: v for k, v in m.state_dict().items() if "memory" not in k}},
+                            "cpu", where="line.pt")
+    assert "\n" not in str(info.value)
+
+
+def test_a_model_file_of_a_later_format_is_refused_naming_the_file(tmp_path):
+    from defect_fast.runs import CHECKPOINT_VERSION, RunError, atomic_save, load_model_state
+
+    m = _model()
+    state = {"model_name": "cmaae", "model_config": m.config(), "model_state": m.state_dict(), "image_size": 128}
+    for version in (None, 1, CHECKPOINT_VERSION):
+        atomic_save({**state, **({} if version is None else {"version": version})}, tmp_path / "model.pt")
+        assert load_model_state(tmp_path)["image_size"] == 128
+    for version in (CHECKPOINT_VERSION + 1, "3.0"):
+        atomic_save({**state, "version": version}, tmp_path / "model.pt")
+        with pytest.raises(RunError, match=rf"model\.pt: written in file format {version!r} by a later defect_fast"):
+            load_model_state(tmp_path)
 
 
 def test_model_options_are_a_dataclass_matching_the_constructor():
