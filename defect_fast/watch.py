@@ -20,8 +20,11 @@ When a file counts as complete: its name is not a temporary one (dotfiles, ``*.t
 ``*.partial``, ``*.crdownload``, ``*.download``, ``*.swp``, ``*~``), it has an image extension, and
 its size, modification and change times stayed the same for ``settle`` seconds across two scans (slow
 copies keep changing; write-then-rename writers show the final name only when it is complete). A
-writer that pauses longer than ``settle`` in the middle of a file is taken as done; the truncated
-file is then rejected and moved to ``rejected/``, where it can be recovered. A file that cannot
+writer that pauses longer than ``settle`` in the middle of a file is taken as done; a file that
+then does not decode (a truncated photo) waits, unchanged, ``max(30, 10 * settle)`` seconds more
+(as an empty file does; not with ``--once``) before it is rejected and moved to ``rejected/``: a
+writer that goes on within that time changes it, and it is judged once complete. A file a writer
+changes while it is copied to ``rejected/`` across file systems stays where it is. A file that cannot
 be opened for reading (permissions) is skipped, with a message, until it changes; an entry that
 cannot even be looked at (a link in a loop or into a folder the service may not read, a
 sub-folder it may not list) is skipped with a message, once. A photo too large to decode in the
@@ -105,6 +108,9 @@ RESCAN_INTERVAL = 60.0
 MAX_EVENT_PATHS = 10_000
 #: Shortest wait (s) between looks at a file still settling.
 MIN_WAIT = 0.05
+#: Seconds (at least; ``10 * settle`` when longer) that an empty file, or one that does not decode,
+#: must stay unchanged before it is judged as it is: a writer that stalled may still be at it.
+MIN_GRACE = 30.0
 #: Name endings (lower case) of files still being written; never picked up.
 IGNORED_SUFFIXES: tuple[str, ...] = (".tmp", ".part", ".partial", ".crdownload", ".download", ".swp", "~")
 
@@ -330,6 +336,9 @@ class _State:
     warned_ext: set[str] = field(default_factory=set)
     unreadable: dict[str, Signature] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # entries that cannot be looked at -> why (named once)
+    # a file that did not decode waits this long unchanged before it is rejected (a stalled writer)
+    grace: float = 0.0
+    undecodable: dict[str, tuple[Signature, float]] = field(default_factory=dict)  # key -> (signature, first seen)
     # candidates in IN_DIR: key -> (path, size, mtime_ns, ctime_ns)
     known: dict[str, tuple[Path, int, int, int]] = field(default_factory=dict)
 
@@ -339,15 +348,29 @@ def _lock(out: Path) -> RunLock:
     return RunLock(out).acquire()
 
 
-def _move(src: Path, dest: Path) -> None:
-    """Rename, or copy + fsync + rename + unlink across file systems (never loses the file)."""
+def _signature(path: Path) -> Signature:
+    s = os.stat(path)
+    return s.st_size, s.st_mtime_ns, s.st_ctime_ns
+
+
+def _move(src: Path, dest: Path, sig: Signature | None = None) -> None:
+    """Rename, or copy + fsync + rename + unlink across file systems (never loses the file). With
+    ``sig`` (size, mtime_ns, ctime_ns as judged), a copy is put in place and the source removed
+    only when the source still has it after the copy: a file a writer went on with is left where
+    it is (an OSError), not cut off in the copy while the rest goes into the removed file."""
     try:
         os.replace(src, dest)
         return
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-    _atomic_write(dest, lambda tmp: shutil.copy2(src, tmp))
+
+    def copy(tmp: Path) -> None:
+        shutil.copy2(src, tmp)
+        if sig is not None and not _same_signature(sig, _signature(src)):
+            raise OSError(errno.EBUSY, "it changed while it was copied (a writer is still at it)", str(src))
+
+    _atomic_write(dest, copy)
     src.unlink()
 
 
@@ -371,8 +394,10 @@ def _recover(st: _State, log: Callable[[str], None]) -> None:
         if rec.get("result") == "rejected" and rec.get("rejected_to"):
             src, dest = st.in_dir / key, st.out / rec["rejected_to"]
             if src.is_file():
+                # the very file judged (its size and times), not one sent again with the same name and bytes
+                judged = st.done_sig.get(key) if "size" in rec and "mtime_ns" in rec else None
                 try:
-                    same = _sha256_file(src) == rec["sha256"]
+                    same = _same_signature(judged, _signature(src)) and _sha256_file(src) == rec["sha256"]
                     copied = same and dest.is_file() and _sha256_file(dest) == rec["sha256"]
                 except OSError:
                     same = copied = False
@@ -381,7 +406,7 @@ def _recover(st: _State, log: Callable[[str], None]) -> None:
                         src.unlink()
                         log(f"removed {src}: its copy in {dest} was complete (the move was cut short before)")
                     elif same and not dest.exists():
-                        _move(src, dest)
+                        _move(src, dest, judged)
                         log(f"moved {src} to {dest} (the move was cut short before)")
                 except OSError as exc:  # e.g. no permission in the drop folder: judged, left in place
                     log(f"cannot move rejected {src} to {dest} ({exc.strerror or exc}); left where it is")
@@ -565,10 +590,15 @@ def _ready(st: _State, keys, settle: float, once: bool) -> list[str]:
         if p is None or p.signature != sig:
             st.pending[key] = _Pending(sig, now)
             continue
-        if now - p.since >= settle and (sig[0] > 0 or once or now - p.since >= max(30.0, 10 * settle)):
+        bad = st.undecodable.get(key)
+        if bad is not None and bad[0] == sig and now - bad[1] < st.grace:  # waits for the rest of the file
+            continue
+        if now - p.since >= settle and (sig[0] > 0 or once or now - p.since >= max(MIN_GRACE, 10 * settle)):
             ready.append(key)
     for key in [k for k in st.pending if k not in known]:
         del st.pending[key]
+    for key in [k for k in st.undecodable if k not in known]:
+        del st.undecodable[key]
     ready.sort(key=lambda k: (known[k][2], k))
     return ready
 
@@ -606,7 +636,7 @@ def _reject(st: _State, key: str, path: Path, sha: str, sig: Signature, reason: 
     st.session.add("rejected")
     st.last = {"image": key, "result": "rejected", "reason": reason, "time": rec["time"]}
     try:
-        _move(path, dest)
+        _move(path, dest, sig)
         log(f"rejected {path}: {reason} (moved to {dest})")
     except OSError as exc:  # judged all the same: the line is written, the other images go on
         log(f"rejected {path}: {reason} (cannot move it to {dest}: {exc.strerror or exc}; left where it is)")
@@ -658,11 +688,23 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
         if (s2.st_size, s2.st_mtime_ns, s2.st_ctime_ns) != sig:  # changed while we read it: wait for it to settle again
             st.pending.pop(key, None)
             continue
-        st.pending.pop(key, None)
         if err is not None:
-            _reject(st, key, path, sha, sig, err.replace(f"{path}: ", ""), log)
+            reason = err.replace(f"{path}: ", "")
+            bad = st.undecodable.get(key)
+            if st.grace > 0 and (bad is None or bad[0] != sig):  # a writer that stalled mid-file may go on
+                st.undecodable[key] = (sig, time.monotonic())
+                log(f"{path}: {reason}; rejected if it stays so, unchanged, for {st.grace:.0f} s (a writer may "
+                    "not have finished it)")
+                continue
+            if st.grace > 0 and time.monotonic() - bad[1] < st.grace:
+                continue
+            st.pending.pop(key, None)
+            st.undecodable.pop(key, None)
+            _reject(st, key, path, sha, sig, reason, log)
             n_done += 1
         else:
+            st.pending.pop(key, None)
+            st.undecodable.pop(key, None)
             good.append((key, path, sha, sig, img, photo))
     if good:
         out = predict_fn(torch.stack([g[4] for g in good]))
@@ -894,7 +936,8 @@ def watch(
             held.release()
         raise
     source = "given to watch()" if threshold is not None else info.extra.get("threshold_source")
-    st = _State(info=info, threshold=float(thr), threshold_source=source, in_dir=in_dir, out=out, journal=journal)
+    st = _State(info=info, threshold=float(thr), threshold_source=source, in_dir=in_dir, out=out, journal=journal,
+                grace=0.0 if once else max(MIN_GRACE, 10 * settle))
     stop = stop or threading.Event()
     wake = threading.Event()
     old_handlers: dict[int, Any] = {}

@@ -1,5 +1,6 @@
 """The drop-folder service: exactly one result per image, across kill -9, with bad files set aside.
 Its file-system events: tests/test_watch_events.py."""
+import errno
 import hashlib
 import json
 import os
@@ -216,13 +217,13 @@ def test_crash_at_each_step_then_restart_gives_one_result_each(tmp_path, monkeyp
 
         monkeypatch.setattr(Journal, "append", append)
     elif where == "move":
-        def move(a, b):
+        def move(a, b, sig=None):
             bomb()
-            return real_move(a, b)
+            return real_move(a, b, sig)
 
         monkeypatch.setattr(watch_mod, "_move", move)
     else:  # a move across file systems: the copy is in place, the original not yet removed
-        def copy_then_crash(a, b):
+        def copy_then_crash(a, b, sig=None):
             b.write_bytes(a.read_bytes())
             bomb()
 
@@ -305,10 +306,10 @@ def test_a_bad_file_that_cannot_be_moved_is_judged_and_the_service_goes_on(tmp_p
     (src / "b_good.png").write_bytes(png_bytes(3, bright=0.3))
     real_move = watch_mod._move
 
-    def move(a, b):
+    def move(a, b, sig=None):
         if Path(a).name == "a_bad.png":
             raise PermissionError(1, "Operation not permitted", str(a))
-        return real_move(a, b)
+        return real_move(a, b, sig)
 
     monkeypatch.setattr(watch_mod, "_move", move)
     for _ in range(2):  # the second start retries the move, says so, and goes on
@@ -653,3 +654,70 @@ def test_a_sub_folder_is_named_once_as_not_watched_without_recursive(tmp_path):
     _, lines = run_once(src, tmp_path / "out2", recursive=True)
     assert not [line for line in lines if "skipping" in line]
     assert sorted(r["image"] for r in journal(tmp_path / "out2")) == ["a.png", "later/b.png"]
+
+
+def test_a_writer_that_stalls_mid_file_gets_its_photo_judged_once_it_is_complete(tmp_path, monkeypatch):
+    """A camera upload that pauses longer than settle: the half file does not decode, and waits
+    (MIN_GRACE, here 1.5 s) for the rest instead of being rejected at once (the whole photo then
+    went to rejected/ unjudged, or across file systems was cut off there while the rest of the
+    upload went into the removed file); a file that stays truncated is rejected after the wait."""
+    monkeypatch.setattr(watch_mod, "MIN_GRACE", 1.5)
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    data = png_bytes(31)
+    stop = threading.Event()
+    t, _, lines = _serve(src, out, stop, rescan_interval=0.2)
+    try:
+        with open(src / "cam.png", "wb") as fh:
+            fh.write(data[:len(data) // 2])
+            fh.flush()
+            time.sleep(0.8)  # settle 0.1: taken as done, read, found truncated
+            assert _count(out) == 0 and any("cam.png" in line and "rejected if it stays so" in line for line in lines)
+            fh.write(data[len(data) // 2:])
+        assert _wait_for(out, 1) == 1
+        t0 = time.monotonic()
+        (src / "cut.png").write_bytes(data[:100])
+        assert _wait_for(out, 2) == 2
+        waited = time.monotonic() - t0
+    finally:
+        stop.set()
+        t.join(timeout=20)
+    recs = {r["image"]: r for r in journal(out)}
+    assert recs["cam.png"]["result"] in ("pass", "fail") and recs["cam.png"]["size"] == len(data)
+    assert recs["cut.png"]["result"] == "rejected" and waited >= 1.5
+    assert [p.name for p in (out / "rejected").iterdir()] == ["cut.png"] and (src / "cam.png").exists()
+
+
+def test_a_move_across_file_systems_leaves_a_file_that_changed_in_place(tmp_path, monkeypatch):
+    src, dest = tmp_path / "a.png", tmp_path / "rejected" / "a.png"
+    dest.parent.mkdir()
+    src.write_bytes(b"half a photo")
+    judged = watch_mod._signature(src)
+
+    def cross_device(a, b):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(watch_mod.os, "replace", cross_device)
+    with open(src, "ab") as fh:  # the writer went on after the file was judged
+        fh.write(b" and the rest")
+    with pytest.raises(OSError, match="changed while it was copied"):
+        watch_mod._move(src, dest, judged)
+    assert src.read_bytes() == b"half a photo and the rest" and list(dest.parent.iterdir()) == []
+    monkeypatch.undo()
+
+
+def test_a_rejected_file_sent_again_is_not_removed_at_the_next_start(tmp_path):
+    """At start, a rejected file still in the drop folder was taken for a move cut short, and
+    removed when its copy in rejected/ had the same bytes: a camera sending the same bad file
+    again under the same name lost it."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    bad = png_bytes(2)[:60]
+    (src / "bad.png").write_bytes(bad)
+    run_once(src, out)
+    assert not (src / "bad.png").exists() and (out / "rejected" / "bad.png").read_bytes() == bad
+    time.sleep(0.01)
+    (src / "bad.png").write_bytes(bad)
+    _, lines = run_once(src, out)
+    assert (src / "bad.png").read_bytes() == bad and (out / "rejected" / "bad.png").read_bytes() == bad
+    assert not any("removed" in line or "cut short" in line for line in lines)
