@@ -85,7 +85,7 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
     from .detect import Detector
     from .evaluate import check_finite
     from .runs import RunError, load_model_state, model_file, model_from_state, resolve_device
-    from .safety import OutputFolder, UsageError
+    from .safety import OutputFolder, UsageError, atomic_open
     from .train import TrainConfig, finish_run, image_keys, images_digest
 
     if folds < 2:
@@ -189,7 +189,8 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
             folder.mkdir("overlays")
         for e, name in zip(flagged, names):
             i, m = maps[e["image"]]
-            save_overlay(images[i], m, out / name, scale=scales[e["fold"]])
+            with atomic_open(out / name) as fh:  # under a temporary name until complete
+                save_overlay(images[i], m, fh, scale=scales[e["fold"]])
             e["overlay"] = name
         folder.write_json("audit.json", result)
     log(f"{n_flagged} of {len(entries)} training images score above the threshold of a detector that did not see "

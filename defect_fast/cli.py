@@ -9,11 +9,14 @@ or written (see :mod:`defect_fast.safety`).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
-from .safety import (LOCK_NAME, MANIFEST_NAME, ArgumentParser, OutputFolder, OutputRefused, UsageError, add_threshold_options, atomic_write_json,
+from .safety import (LOCK_NAME, MANIFEST_NAME, ArgumentParser, OutputFolder, OutputRefused, UsageError, add_threshold_options, atomic_open, atomic_write_json,
                      device_arg, dump_json_strict, far_errors, finite_float, nonneg_float, nonneg_int, one_line, output_path, positive_float, positive_int,
                      rate, run_main, safe_output_file)
 
@@ -287,6 +290,11 @@ def cmd_predict(args) -> int:
     with far_errors(args.run, args.far):  # before any image is read
         image_t, pixel_t, source, _name, _far = chosen_threshold(det.calibration, args.threshold, args.far)
     paths = collect_images(args.images)
+    stems = _output_stems(paths)
+    names = [(f"maps/{stem}_map.png", f"overlays/{stem}_overlay.png") for stem in stems]
+    planned = [n for pair in names for n in pair] + ["scores.json"]
+    # a user's file at one of them: refused now, before --overwrite clears the earlier output
+    OutputFolder.check(out, overwrite=args.overwrite, inputs=inputs, command="predict", names=planned)
     sizes: list = []
     images = read_images(paths, det.image_size, where="predict inputs", sizes=sizes)  # every bad file named, before any output
     if image_t is None:
@@ -294,22 +302,22 @@ def cmd_predict(args) -> int:
     res = det.predict_batched(images)
     check_finite(res, paths, args.run, det.precision, "images")  # before any output: a NaN score would pass
     scale = pixel_t or det.calibration.get("pixel_q999") or float(res["maps"].max()) or 1.0
-    stems = _output_stems(paths)
     folder = OutputFolder.create(out, overwrite=args.overwrite, inputs=inputs, lock=True, command="predict")
     with folder.writing():
         folder.mkdir("maps")
         folder.mkdir("overlays")
         report = {"run": str(args.run), "map": det.map_kind, "threshold": image_t, "threshold_source": source,
                   "pixel_threshold": pixel_t, "images": []}
-        names = [(f"maps/{stem}_map.png", f"overlays/{stem}_overlay.png") for stem in stems]
-        folder.reserve([n for pair in names for n in pair] + ["scores.json"])  # a user's file there: refused, none written
+        folder.reserve(planned)  # checked above; a user's file put there since: refused, none written
         for path, (map_rel, overlay_rel), img, m, s, (w, h) in zip(paths, names, images, res["maps"], res["scores"], sizes):
             map_png, overlay_png = folder.path / map_rel, folder.path / overlay_rel
             if (w, h) != (det.image_size, det.image_size):  # at the photo's own size, as the Python API gives them
                 m = resize_map(m, (h, w))
                 img = read_image(path, None)
-            save_map(m, map_png, scale=2 * scale)
-            save_overlay(img, m, overlay_png, scale=2 * scale)
+            with atomic_open(map_png) as fh:  # under a temporary name until complete (kill -9 leaves no half PNG)
+                save_map(m, fh, scale=2 * scale)
+            with atomic_open(overlay_png) as fh:
+                save_overlay(img, m, fh, scale=2 * scale)
             entry = {"image": str(path), "score": float(s), "map": map_rel, "overlay": overlay_rel, "size": [w, h]}
             if image_t is not None:
                 entry["defective"] = bool(float(s) > image_t)
@@ -640,7 +648,28 @@ def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 must not fail a command that is done
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
-    return run_main(_run, argv, user_errors=(RunError,))
+    with _sigterm_as_interrupt():
+        return run_main(_run, argv, user_errors=(RunError,))
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a service manager's stop, ``kill``) ends a command as Ctrl-C does: what it had begun
+    to write is removed (``OutputFolder.writing``), where the default action ended the process
+    with a half-written file under its final name. ``train`` and ``watch`` install their own
+    handlers while they work (stop after the step or image in hand)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -743,14 +743,16 @@ class OutputFolder:
 
     @staticmethod
     def check(path: str | os.PathLike, *, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = (),
-              what: str = "--out", command: str | None = None) -> None:
+              what: str = "--out", command: str | None = None, names: Iterable[str] = ()) -> None:
         """Raise :class:`OutputRefused` if :meth:`create` would refuse ``path``; touches nothing.
 
         Refused: an output overlapping an input (:func:`check_out_not_overlapping`); a path that
         is a file; a non-empty folder without the manifest (even with ``overwrite``); a folder
         holding the output of another command than ``command`` (even with ``overwrite``: a
         ``predict --overwrite`` never removes a trained run or a watch journal); a folder holding
-        earlier output of this command, unless ``overwrite``.
+        earlier output of this command, unless ``overwrite``; a file at one of ``names`` (the
+        files the command will write, relative to the folder) that the manifest does not list,
+        which :meth:`reserve` would refuse only after :meth:`create` had cleared the earlier output.
         """
         p = Path(path)
         check_out_not_overlapping(p, inputs, what=what)
@@ -776,6 +778,17 @@ class OutputFolder:
         if not overwrite:
             raise OutputRefused(f"{what} {p}: folder holds earlier defect-fast output; pass --overwrite to replace it "
                                 "(only the files defect-fast wrote there are removed) or choose another folder")
+        names = list(names)
+        if names:
+            try:
+                listed = set(_manifest(p).get("files", []))
+            except (OSError, ValueError) as exc:
+                raise OutputRefused(f"{what} {p}: its {MANIFEST_NAME} cannot be read ({exc})") from None
+            for name in names:
+                target = p / name
+                if (target.exists() or target.is_symlink()) and Path(name).as_posix() not in listed:
+                    raise OutputRefused(f"{target}: exists and was not written by defect-fast; move it away or "
+                                        "choose another folder")
 
     @classmethod
     def create(cls, path: str | os.PathLike, *, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = (),

@@ -29,8 +29,9 @@ def heat(u: np.ndarray) -> np.ndarray:
 
 
 def save_map(m: torch.Tensor, path: Path, scale: float, compress_level: int = PNG_COMPRESS_LEVEL) -> None:
-    """Save map [H, W] as 8-bit grey, value ``scale`` and above white."""
-    Image.fromarray((_unit(m, scale) * 255).astype(np.uint8), mode="L").save(path, compress_level=compress_level)
+    """Save map [H, W] as 8-bit grey, value ``scale`` and above white, a PNG (to a path or an open file)."""
+    Image.fromarray((_unit(m, scale) * 255).astype(np.uint8), mode="L").save(path, format="PNG",
+                                                                             compress_level=compress_level)
 
 
 def save_overlay(image: torch.Tensor, m: torch.Tensor, path: Path, scale: float, alpha: float = 0.5,
@@ -48,7 +49,7 @@ def save_overlay(image: torch.Tensor, m: torch.Tensor, path: Path, scale: float,
         weight = (alpha * ub)[..., None]
         blend = pixels[a:a + rows].astype(np.float32) * (1 - weight) + heat(ub).astype(np.float32) * weight
         out[a:a + rows] = blend.clip(0, 255).astype(np.uint8)
-    Image.fromarray(out, mode="RGB").save(path, compress_level=compress_level)
+    Image.fromarray(out, mode="RGB").save(path, format="PNG", compress_level=compress_level)
 
 
 #: Pixels per band of :func:`save_overlay` (its float temporaries are those of this many pixels).
