@@ -605,7 +605,8 @@ def _ready(st: _State, keys, settle: float, once: bool) -> list[str]:
 
 def _base_record(st: _State, key: str, path: Path, sha: str, sig: Signature) -> dict[str, Any]:
     # "image" first: every journal line then begins with JOURNAL_START, which _check_out looks for
-    return {"image": key, "path": str(path), "sha256": sha, "size": sig[0], "mtime_ns": sig[1], "ctime_ns": sig[2],
+    # "path" absolute: a journal is read by other programs, from other working folders than the service's
+    return {"image": key, "path": os.path.abspath(path), "sha256": sha, "size": sig[0], "mtime_ns": sig[1], "ctime_ns": sig[2],
             "model": st.info.name, "model_version": st.info.version, "time": _now_iso()}
 
 

@@ -721,3 +721,14 @@ def test_a_rejected_file_sent_again_is_not_removed_at_the_next_start(tmp_path):
     _, lines = run_once(src, out)
     assert (src / "bad.png").read_bytes() == bad and (out / "rejected" / "bad.png").read_bytes() == bad
     assert not any("removed" in line or "cut short" in line for line in lines)
+
+
+def test_the_journal_names_each_image_by_an_absolute_path(tmp_path, monkeypatch):
+    """watch started with a relative drop folder wrote "path": "a.png", which a program reading the
+    journal from another working folder cannot find."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(png_bytes(4))
+    monkeypatch.chdir(tmp_path)
+    run_once(Path("in"), Path("out"))
+    rec = journal(tmp_path / "out")[0]
+    assert rec["image"] == "a.png" and rec["path"] == str(tmp_path / "in" / "a.png")
