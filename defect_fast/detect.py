@@ -408,6 +408,30 @@ class Detector(nn.Module):
         self._workspace, self._graphs = {}, {}  # buffers of the old device/dtype
         return super()._apply(fn, *args, **kwargs)
 
+    # The dtype of the weights is the ``precision`` option's: a cast of the module (``.half()``,
+    # ``.to(torch.float16)``) failed deep inside the first convolution, or ran the statistics,
+    # windows and blur in a precision they were not fitted in.
+    def _refuse_cast(self, how: str):
+        raise TypeError(f"Detector.{how}: the precision of a Detector is its precision option (one of "
+                        f"{tuple(PRECISIONS)}; it runs in {self.precision}): build one with precision=...")
+
+    def to(self, *args, **kwargs):
+        if torch._C._nn._parse_to(*args, **kwargs)[1] is not None:
+            self._refuse_cast("to(dtype)")
+        return super().to(*args, **kwargs)
+
+    def half(self):
+        self._refuse_cast("half()")
+
+    def bfloat16(self):
+        self._refuse_cast("bfloat16()")
+
+    def float(self):
+        self._refuse_cast("float()")
+
+    def double(self):
+        self._refuse_cast("double()")
+
     image_size = _fixed("image_size")
     patch = _fixed("patch")
     stride = _fixed("stride")

@@ -603,3 +603,17 @@ def test_a_pil_image_scores_as_its_file_whatever_its_exif_orientation(tmp_path):
         assert pil.size == (160, 96)  # the caller's image is left as it was
     assert f["maps"].shape == p["maps"].shape == (1, 160, 96)
     assert torch.equal(f["scores"], p["scores"]) and torch.equal(f["maps"], p["maps"])
+
+
+def test_a_cast_of_the_detector_is_refused_naming_the_precision_option():
+    """det.half() then predict failed inside the first convolution ("Input type (float) and bias
+    type (c10::Half) should be the same"); a move to another device stays as it was."""
+    det = Detector(_model(), image_size=128, precision="float32")
+    x = _images(1, 128)
+    want = det.predict(x)["scores"]
+    for cast in (det.half, det.bfloat16, det.double, det.float, lambda: det.to(torch.float16),
+                 lambda: det.to("cpu", torch.float64), lambda: det.to(torch.zeros(1, dtype=torch.float16))):
+        with pytest.raises(TypeError, match=r"^Detector\.\S+: the precision of a Detector is its precision option"):
+            cast()
+    assert det.to("cpu") is det and det.to(device=torch.device("cpu")) is det and det.cpu() is det
+    assert torch.equal(det.predict(x)["scores"], want)
