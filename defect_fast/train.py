@@ -424,7 +424,12 @@ class Trainer:
                         st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
     def save_checkpoint(self) -> None:
-        atomic_save(self.state(), self.out / CHECKPOINT_FILE)
+        # a second Ctrl-C while it is written waits for it (see _interrupt_at_step_boundaries)
+        self.saving = True
+        try:
+            atomic_save(self.state(), self.out / CHECKPOINT_FILE)
+        finally:
+            self.saving = False
 
     # -- data ----------------------------------------------------------------------------
     def _store(self, images: torch.Tensor) -> torch.Tensor:
@@ -503,12 +508,18 @@ class Trainer:
         """SIGINT and SIGTERM only ask the loop to stop: it stops after the step in hand, where the
         checkpoint is the state of whole steps (a stop inside a step would save batch-norm
         statistics or Adam moments of a step the resume then trains again). A second signal stops at
-        once, keeping the last checkpoint. Returns the handlers to put back (none off the main thread)."""
+        once, keeping the last checkpoint; while a checkpoint is being written it waits for the write
+        (a stop there lost the progress the first signal was saving, before the first checkpoint the
+        whole run). Returns the handlers to put back (none off the main thread)."""
         self.stop_signal: int | None = None
+        self.saving = False
         if threading.current_thread() is not threading.main_thread():
             return {}
 
         def ask(signum, _frame):
+            if self.stop_signal is not None and self.saving:
+                self.log(f"{signal.Signals(signum).name}: writing the checkpoint first, then stopping")
+                return
             if self.stop_signal is not None:
                 raise KeyboardInterrupt
             self.stop_signal = signum
@@ -597,6 +608,9 @@ class Trainer:
                 self.save_checkpoint()
                 self._stop_if_asked()
         except KeyboardInterrupt:  # a second signal, or one off the main thread: the last checkpoint stands
+            if not (self.out / CHECKPOINT_FILE).is_file():
+                raise RunError(f"interrupted before the first checkpoint: nothing was saved to resume from (run folder "
+                               f"{self.out})") from None
             raise RunError(f"interrupted; the last checkpoint is kept, continue with --resume (run folder {self.out})") from None
         finally:
             log_file.close()
@@ -841,6 +855,45 @@ def _preload_sources(cfg: TrainConfig, stages: tuple[str, ...] | list[str]) -> t
         raise DataError(f"--anomaly-source: {exc}") from None
 
 
+def batch_norm_needs_two(model: AnomalyModel) -> bool:
+    """Whether a batch of one patch cannot train ``model``: one of its batch normalisations sees a
+    1x1 map (a linear layer's features), one value per channel, whose batch variance is undefined
+    (the AW-SSIM AE at --set patch_size=32). Found by one forward pass of a patch in eval mode,
+    which changes no statistic."""
+    sizes: list[int] = []
+    hooks = [m.register_forward_pre_hook(lambda _m, inp: sizes.append(inp[0][0, 0].numel()))
+             for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    was = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, model.patch_size, model.patch_size))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    return 1 in sizes
+
+
+def _check_last_batch(cfg: TrainConfig, model: AnomalyModel, n_train: int) -> None:
+    """Refuse, before any training, a batch size that leaves a last batch of one patch in each
+    epoch when the model cannot train on one (:func:`batch_norm_needs_two`): the run failed at the
+    end of its first epoch, and every resume at the same step."""
+    gh, gw = grid_shape(cfg.image_size, model.patch_size, cfg.stride or model.patch_size)
+    per_epoch, b = n_train * gh * gw, cfg.batch_size
+    if min(b, per_epoch) != 1 and per_epoch % b != 1:
+        return
+    if not batch_norm_needs_two(model):
+        return
+    if per_epoch == 1:
+        raise ConfigError(f"{cfg.model} cannot train on one patch per epoch (its batch normalisation sees a 1x1 "
+                          f"map): add training images, or a larger --image-size")
+    near = min((k for k in range(2, per_epoch + 1) if per_epoch % k != 1), key=lambda k: (abs(k - b), k))
+    raise ConfigError(f"--batch-size {b}: the {per_epoch} patches of an epoch leave a last batch of one patch, on "
+                      f"which {cfg.model} cannot train (its batch normalisation sees a 1x1 map); use --batch-size "
+                      f"{near}")
+
+
 def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume: bool = False,
           device: str | None = None, progress: bool = True, log: Callable[[str], None] = print) -> Path:
     """Train ``cfg.model`` on the defect-free images of ``cfg.data`` into run folder ``out``.
@@ -899,6 +952,10 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
             cfg = replace(cfg, precision="float32" if train_dtype("auto", device) is None else "bfloat16")
         inputs = [cfg.data, cfg.anomaly_source]
         if not resume:
+            if not overwrite and (out / CHECKPOINT_FILE).is_file() and not (out / MODEL_FILE).exists() \
+                    and OutputFolder.written_by(out) == "train":  # what --overwrite would say discards the progress
+                raise RunError(f"{out}: holds an unfinished run (its {CHECKPOINT_FILE}); continue it with --resume, "
+                               "or pass --overwrite to discard it and train anew")
             OutputFolder.check(out, overwrite=overwrite, inputs=inputs, command="train")
         images, paths = load_train_images(cfg.data, cfg.image_size)
         keys = image_keys(images)
@@ -942,6 +999,7 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
                     raise ConfigError(f"--context-profile auto: {cfg.data}: {exc}") from None
                 if not resume:
                     log(f"context profile: {basis}")
+        _check_last_batch(cfg, probe, len(train_idx))
         sources = _preload_sources(cfg, probe.stages)
         source_digest = sources_digest(sources)
         if state is not None and state.get("sources_digest", source_digest) != source_digest:

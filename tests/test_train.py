@@ -464,3 +464,75 @@ def test_settings_that_train_nothing_are_refused_before_the_folder_is_made(synth
         with pytest.raises(ConfigError, match=word):
             train(_cfg(synthetic_root, **bad), tmp_path / "r", progress=False)
         assert not (tmp_path / "r").exists()
+
+
+def test_a_second_ctrl_c_waits_for_the_checkpoint_the_first_is_writing(synthetic_root, tmp_path, monkeypatch):
+    """The first Ctrl-C says "again to stop at once"; pressed while the checkpoint it asked for was
+    being written, the write was cut off and, before any earlier checkpoint, the whole run folder
+    removed under a message that the checkpoint was kept. Now the write finishes first. A second
+    Ctrl-C outside a write says truthfully when nothing was saved. Running the same command again
+    on the unfinished run points to --resume, not to the --overwrite that would discard it."""
+    cfg = _cfg(synthetic_root, batch_size=16, epochs=[2, 1], max_steps=[5, 3], model_kwargs={"memory_size": 20})
+    trainer_cls = train_module.Trainer
+    real_batch, real_save, calls = trainer_cls._batch, train_module.atomic_save, {"batch": 0}
+
+    def batch(self, *args):
+        calls["batch"] += 1
+        if calls["batch"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_batch(self, *args)
+
+    def save(obj, path):
+        if Path(path).name == "checkpoint.pt":
+            os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C, in the middle of the write
+        return real_save(obj, path)
+
+    monkeypatch.setattr(trainer_cls, "_batch", batch)
+    monkeypatch.setattr(train_module, "atomic_save", save)
+    lines = []
+    out = tmp_path / "run"
+    with pytest.raises(RunError, match="interrupted at step 3; progress saved"):
+        train(cfg, out, progress=False, log=lines.append)
+    assert load_checkpoint(out / "checkpoint.pt")["position"]["global_step"] == 3
+    assert any("writing the checkpoint first" in line for line in lines)
+    monkeypatch.setattr(train_module, "atomic_save", real_save)
+    with pytest.raises(RunError, match=r"holds an unfinished run .*continue it with --resume"):
+        train(cfg, out, progress=False, log=lambda s: None)
+    assert (out / "checkpoint.pt").is_file()
+
+    calls["batch"] = 0  # two signals inside one step, before any checkpoint
+    def twice(self, *args):
+        calls["batch"] += 1
+        if calls["batch"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_batch(self, *args)
+
+    monkeypatch.setattr(trainer_cls, "_batch", twice)
+    with pytest.raises(RunError, match="interrupted before the first checkpoint: nothing was saved"):
+        train(cfg, tmp_path / "run2", progress=False, log=lambda s: None)
+    assert not (tmp_path / "run2").exists()
+    monkeypatch.undo()
+    train(cfg, out, resume=True, progress=False, log=lambda s: None)
+    assert (out / "model.pt").is_file()
+
+
+def test_a_last_batch_of_one_patch_is_refused_where_the_model_cannot_train_on_it(synthetic_root, tmp_path):
+    """The AW-SSIM AE at patch 32 has a 1x1 bottleneck under batch normalisation: an epoch whose
+    last batch held one patch failed there ("Expected more than 1 value per channel"), as an
+    internal error, and every resume failed at the same step."""
+    from defect_fast.models import build_model
+
+    cfg = _cfg(synthetic_root, model="awae", image_size=64, model_kwargs={"patch_size": 32}, epochs=[1, 1])
+    paths = load_train_images(synthetic_root, 64)[1]
+    per_epoch = len(train_module._split(cfg, paths)[0]) * 4
+    with pytest.raises(ConfigError, match=rf"--batch-size {per_epoch - 1}: the {per_epoch} patches of an epoch leave "
+                                          r"a last batch of one patch.*use --batch-size \d+"):
+        train(_cfg(synthetic_root, model="awae", image_size=64, model_kwargs={"patch_size": 32}, epochs=[1, 1],
+                   batch_size=per_epoch - 1), tmp_path / "run", progress=False, log=lambda s: None)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="use --batch-size 4$"):
+        train_module._check_last_batch(TrainConfig(data="d", model="awae", image_size=64, batch_size=5),
+                                       build_model("awae", patch_size=32), 4)  # 16 patches: 4 is the nearest that works
+    train_module._check_last_batch(TrainConfig(data="d", model="cmaae", image_size=128, batch_size=5),
+                                   build_model("cmaae", memory_size=8), 4)  # CMA-AE trains on one patch
