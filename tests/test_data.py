@@ -15,6 +15,7 @@ from PIL import Image
 from defect_fast.data import (
     DataError,
     DataWarning,
+    find_mask,
     list_images,
     load_test_set,
     load_train_images,
@@ -400,6 +401,16 @@ def test_a_folder_where_a_mask_goes_is_named(tmp_path):
     mask.mkdir()
     with pytest.raises(DataError, match=f"{mask}: not a file; expected the ground-truth mask of .*000.png there"):
         load_test_set(root, 16)
+
+
+def test_a_mask_whose_extension_is_in_mixed_case_is_found(tmp_path):
+    """Images are matched by extension in any case; a mask "000_mask.Png" was "no ground-truth mask"."""
+    root = _mvtec(tmp_path)
+    want = load_test_set(root, 16).masks
+    mask = root / "ground_truth" / "scratch" / "000_mask.png"
+    mask.rename(mask.with_name("000_mask.Png"))
+    assert find_mask(root, "scratch", "000.png") == mask.with_name("000_mask.Png")
+    assert torch.equal(load_test_set(root, 16).masks, want)
 
 
 def test_two_images_sharing_a_stem_do_not_share_a_mask_silently(tmp_path):

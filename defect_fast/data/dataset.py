@@ -143,12 +143,23 @@ def find_mask(root: str | os.PathLike, cls: str, image: str | os.PathLike) -> Pa
     """The ground-truth mask file of ``image`` of defect class ``cls`` under ``root``, or None.
 
     Tries ``ground_truth/<cls>/<stem>_mask.<ext>`` then ``ground_truth/<cls>/<stem>.<ext>``
-    (``.png`` first, then the other image extensions, also in upper case).
+    (``.png`` first, then the other image extensions, in lower or upper case, then in any case:
+    ``.Png``, as images are matched).
     """
-    for cand in _mask_candidates(Path(root), cls, Path(image)):
+    candidates = _mask_candidates(Path(root), cls, Path(image))
+    for cand in candidates:
         for c in (cand, cand.with_suffix(cand.suffix.upper())):
             if c.is_file():
                 return c
+    gt = candidates[0].parent
+    try:  # an extension in mixed case: the folder listed, only when the usual names are not there
+        names = {(Path(e.name).stem, Path(e.name).suffix.lower()): gt / e.name for e in os.scandir(gt)}
+    except OSError:
+        return None
+    for cand in candidates:
+        hit = names.get((cand.stem, cand.suffix))
+        if hit is not None and hit.is_file():
+            return hit
     return None
 
 
