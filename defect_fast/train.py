@@ -361,6 +361,7 @@ class Trainer:
         self.data_digest: str | None = None  # of the run's training images (set by train)
         self.sources_digest: str | None = None  # of its anomaly source photos, when it reads any (set by train)
         self.data_count: int | None = None
+        self.data_files: list[list[str]] | None = None
         self.position = {"stage": 0, "epoch": 0, "step": 0, "global_step": 0}
         # training time of earlier processes of this run (a resumed run adds its own to it)
         self.seconds_before, self.started = 0.0, time.perf_counter()
@@ -396,6 +397,7 @@ class Trainer:
             "data_digest": self.data_digest,  # what a resume checks the training images against
             "sources_digest": self.sources_digest,  # and the anomaly source photos
             "data_count": self.data_count,
+            "data_files": self.data_files,  # [name, key] of each: what a refused resume names
             "train_seconds": self.train_seconds(),
             "compute": compute_setting(self.device),
         }
@@ -831,6 +833,23 @@ def images_digest(keys: list[bytes], paths: list[Path]) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def _changed_files(then: list | None, now: list[list[str]], shown: int = 3) -> str:
+    """Which training images differ between ``then`` and ``now`` (lists of [name, key]) in words, at
+    most ``shown`` names of each kind; "" when ``then`` is not known (a checkpoint from before it was
+    recorded) or the lists differ only in order."""
+    if not isinstance(then, list):
+        return ""
+    a = {str(n): str(k) for n, k in then}
+    b = {str(n): str(k) for n, k in now}
+    parts = []
+    for kind, names in (("changed", [n for n in b if n in a and a[n] != b[n]]),
+                        ("added", [n for n in b if n not in a]), ("removed", [n for n in a if n not in b])):
+        if names:
+            more = f" and {len(names) - shown} more" if len(names) > shown else ""
+            parts.append(f"{kind}: {', '.join(sorted(names)[:shown])}{more}")
+    return "; ".join(parts)
+
+
 def sources_digest(sources: torch.Tensor | None) -> str | None:
     """SHA-256 of the anomaly source photos as read (None without any)."""
     if sources is None:
@@ -960,11 +979,13 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         images, paths = load_train_images(cfg.data, cfg.image_size)
         keys = image_keys(images)
         data_digest = images_digest(keys, paths)
+        data_files = [[Path(p).name, k.hex()] for p, k in zip(paths, keys)]
         if state is not None and state.get("data_digest", data_digest) != data_digest:
             then, now = state.get("data_count"), len(paths)
-            raise RunError(f"{cfg.data}: the training images changed since the run started ({then} then, {now} now"
-                           f"{'' if then != now else ', other content'}); --resume continues only on the images it "
-                           "started with: restore them, or train a new run")
+            what = _changed_files(state.get("data_files"), data_files) or \
+                f"{then} then, {now} now{'' if then != now else ', other content'}"
+            raise RunError(f"{cfg.data}: the training images changed since the run started ({what}); --resume "
+                           "continues only on the images it started with: restore them, or train a new run")
         train_idx, held_idx = _split(cfg, paths)
         if not resume:
             log(f"{len(paths)} images in {cfg.data}: {len(train_idx)} to train on, {len(held_idx)} held back for the thresholds")
@@ -1021,7 +1042,7 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         train_images = images[train_idx]
         held_images = images[held_idx]
         trainer = Trainer(cfg, out, train_images, progress=progress, log=log)
-        trainer.data_digest, trainer.data_count = data_digest, len(paths)
+        trainer.data_digest, trainer.data_count, trainer.data_files = data_digest, len(paths), data_files
         trainer.sources_digest = source_digest
         if sources is not None:
             trainer.sources = sources

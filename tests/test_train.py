@@ -269,11 +269,22 @@ def test_resume_continues_on_the_run_s_own_images_and_settings(synthetic_root, t
     with pytest.raises(RunError, match="continues it on those images"):
         train(_cfg(synthetic_root), out, resume=True, progress=False, log=lambda s: None)
     # the same folder with other images in it
-    first = sorted((data / "train" / "good").iterdir())[0]
+    first, second = sorted((data / "train" / "good").iterdir())[:2]
     first.rename(first.with_name("moved.txt"))
-    with pytest.raises(RunError, match=r"training images changed since the run started \(\d+ then, \d+ now\)"):
+    with pytest.raises(RunError, match=rf"training images changed since the run started \(removed: {first.name}\)"):
         train(_cfg(data), out, resume=True, progress=False, log=lambda s: None)
     first.with_name("moved.txt").rename(first)
+    # one pixel of one image: named (it said "32 then, 32 now, other content")
+    original = second.read_bytes()
+    from PIL import Image
+
+    img = Image.open(second)
+    img.load()
+    img.putpixel((0, 0), tuple(255 - v for v in img.getpixel((0, 0))) if img.mode == "RGB" else 255 - img.getpixel((0, 0)))
+    img.save(second)
+    with pytest.raises(RunError, match=rf"training images changed since the run started \(changed: {second.name}\)"):
+        train(_cfg(data), out, resume=True, progress=False, log=lambda s: None)
+    second.write_bytes(original)
     train(_cfg(data), out, resume=True, progress=False, log=lambda s: None)  # restored: it resumes
     assert (out / "model.pt").exists()
     with pytest.raises(RunError, match="the run is finished"):
