@@ -386,6 +386,24 @@ def test_cuda_too_tall_image_is_named():
         torch.ops.defect_fast.aw_ssim(x, x, torch.ones(1, device="cuda"), 1.0, 1.0, 1.0, 11, 0, 1.0, False, False)
 
 
+@pytest.mark.cuda
+def test_cuda_a_window_whose_backward_does_not_fit_fails_in_the_forward():
+    """The backward stages 5 planes of the window's span in shared memory, the forward 2: a window
+    of 101 (float32) fits the forward of an A100 or H100 (146 KB) and not the backward (270 KB),
+    which failed only in the backward of a training step. A forward that saves its partials for a
+    backward checks it; one that does not still runs where its own kernel fits."""
+    if not _native.has_cuda():
+        pytest.skip(f"the extension has no CUDA kernels: {_native.cuda_reason()}")
+    x = torch.rand(1, 1, 101, 101, device="cuda")
+    with pytest.raises(RuntimeError, match="window 101 needs more shared memory"):
+        torch.ops.defect_fast.aw_ssim(x, x, torch.ones(1, device="cuda"), 1.0, 1.0, 1.0, 101, 0, 1.0, False, True)
+    optin = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
+    if optin >= 2 * (16 + 100) ** 2 * 4 + 5 * (16 + 100) * 16 * 4 + 256 * 4:  # the forward's layout, roughly
+        score = torch.ops.defect_fast.aw_ssim(x, x, torch.ones(1, device="cuda"), 1.0, 1.0, 1.0, 101, 0, 1.0, False,
+                                              False)[0]
+        assert torch.isfinite(score).all()
+
+
 def test_a_gradient_of_the_gradient_is_refused_not_silently_none():
     """The backward kernel has no backward: create_graph=True left x.grad None for a gradient penalty."""
     x, y, sigma = make_inputs(2, 3, 12, 12, seed=3)

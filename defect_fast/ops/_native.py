@@ -31,7 +31,7 @@ What an op needs to fit in (the memory_address files are the worked example):
 - C++ files are compiled with -O3 -fno-math-errno -fno-trapping-math (as torch itself),
   -ffp-contract=off (no fused multiply-add the reference does not do), and
   OpenMP (at::parallel_for runs serially without it); the ``.cu`` files with -O3 for
-  ``TORCH_CUDA_ARCH_LIST`` (default: the visible GPUs, else "8.0;9.0"). Every ``.cu`` file
+  ``TORCH_CUDA_ARCH_LIST`` (default: the visible GPUs, else "8.0;9.0+PTX"). Every ``.cu`` file
   must compile with plain ``nvcc -c`` (CUDA headers only), the torch glue lives in ``.cpp``.
   ``DEFECT_FAST_WITH_CUDA`` is defined for every file of a CUDA build.
 - ``defect_fast/ops/_<op>.py``: at import, ``module, reason = _native.load()`` and raise
@@ -57,7 +57,7 @@ from pathlib import Path
 EXTENSION_NAME = "defect_fast_native"
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]  # .../defect_fast
 _SOURCE_SUFFIXES = (".cpp", ".cc", ".cu", ".h", ".hpp", ".cuh")
-_DEFAULT_CUDA_ARCHS = "8.0;9.0"
+_DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"  # +PTX: GPUs after sm_90 JIT-compile the sm_90 code
 
 _lock = threading.Lock()
 _result: tuple[object | None, str] | None = None

@@ -48,8 +48,9 @@ void check_inputs(const char* op, const Tensor& x, const Tensor& y, const Tensor
   TORCH_CHECK(y.device() == x.device() && sigma.device() == x.device(), op, ": x, y and sigma must be on one device, got ",
               x.device(), ", ", y.device(), ", ", sigma.device());
   check_common(op, x, y, sigma, window, combine);
-  TORCH_CHECK(x.size(2) <= INT32_MAX && x.size(3) <= INT32_MAX, op, ": image sides must fit in 32 bits, got ",
-              x.sizes());
+  // (a column index runs a tile and a window past the last column: it must not wrap around)
+  TORCH_CHECK(x.size(2) <= INT32_MAX && x.size(3) <= INT32_MAX - cuda::kIndexMargin - window, op,
+              ": image sides must fit in 32 bits with a tile and the window to spare, got ", x.sizes());
   // The kernels tile the rows 16 at a time over grid.y, which CUDA caps at 65535.
   TORCH_CHECK(x.size(2) <= cuda::kMaxRows, op, ": the CUDA kernel takes images up to ", cuda::kMaxRows,
               " rows (16-row tiles x 65535 blocks in grid.y), got H=", x.size(2),
@@ -101,6 +102,7 @@ std::tuple<Tensor, Tensor, Tensor> aw_ssim_cuda(const Tensor& x_in, const Tensor
   if (B == 0) return {score, map, part};
   if (C == 0) return {score.fill_(std::numeric_limits<double>::quiet_NaN()), map, part};  // empty mean, as the reference
   const cuda::Problem pb = make_problem(x, window, combine, alpha, beta, gamma, data_range);
+  if (save_partials) check_launch("aw_ssim (its backward)", cuda::prepare_backward(kernel_dtype(x.scalar_type()), pb), window);
   Tensor workspace = at::empty({cuda::forward_workspace_elems(pb)}, acc);
   const cudaError_t err = cuda::launch_forward(kernel_dtype(x.scalar_type()), x.data_ptr(), y.data_ptr(),
                                                sigma.data_ptr<double>(), pb, score.data_ptr(),

@@ -395,6 +395,20 @@ cudaError_t backward_typed(const void* grad_score, const void* grad_map, const v
 
 }  // namespace
 
+cudaError_t prepare_backward(DType dtype, const Problem& pb) {
+  switch (dtype) {
+    case DType::kFloat:
+      return prepare_smem(aw_ssim_backward_kernel<float, float>, backward_layout<float>(pb.window).total);
+    case DType::kDouble:
+      return prepare_smem(aw_ssim_backward_kernel<double, double>, backward_layout<double>(pb.window).total);
+    case DType::kHalf:
+      return prepare_smem(aw_ssim_backward_kernel<__half, float>, backward_layout<float>(pb.window).total);
+    case DType::kBFloat16:
+      return prepare_smem(aw_ssim_backward_kernel<__nv_bfloat16, float>, backward_layout<float>(pb.window).total);
+  }
+  return cudaErrorInvalidValue;
+}
+
 int64_t forward_workspace_elems(const Problem& pb) {
   const int64_t HO = pb.H - pb.window + 1, WO = pb.W - pb.window + 1;
   return pb.B * pb.C * ((HO + kTile - 1) / kTile) * ((WO + kTile - 1) / kTile);

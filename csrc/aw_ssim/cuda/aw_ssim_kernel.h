@@ -25,6 +25,13 @@ struct Problem {
 // 65535 (grid.x, over the columns, goes to 2^31 - 1; the planes loop over a capped grid.z).
 constexpr int64_t kMaxGridY = 65535;
 constexpr int64_t kMaxRows = kMaxGridY * 16;
+// Widest image: the kernels index columns in int, up to a tile (16) and a window past the last one.
+constexpr int64_t kIndexMargin = 16;
+
+// Whether the backward of window pb.window fits this GPU's shared memory (it stages more than the
+// forward: a forward that saves its partials checks it first, so the failure comes before the
+// training step, not in its backward). cudaErrorInvalidConfiguration when it does not.
+cudaError_t prepare_backward(DType dtype, const Problem& pb);
 
 // Number of acc elements of the forward workspace (one partial score per 16x16 tile and plane).
 int64_t forward_workspace_elems(const Problem& pb);
