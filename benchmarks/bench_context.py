@@ -208,13 +208,18 @@ def main() -> None:
                               "with_profile_levelled_centres": lambda: centres(images),
                               "context_alone": lambda: ctx.map(ctx.features(plain._to_model_input(images), **trunk), SIZE)},
                              rounds=args.rounds, warmup=2, device=args.device)
+    out = args.out or RESULTS / f"context_{dev.type}.json"
+    info = device_info(args.device)
+    per = {k: round(v["median_ms"] / args.batch, 2) for k, v in t.items()}
+    # the inference timings now (the fits below take as long again): a run stopped at its time
+    # limit keeps them; the whole record replaces this one at the end
+    write_results(out, {"info": info, "command": command_line(), "batch": args.batch, "image_size": SIZE,
+                        "ms_per_image": per, "timings": t, "partial": "the fit timings had not run yet"})
     # the perceptual map's statistics, as training fits them at its end (the reconstructions here
     # are the images dimmed: the fit's cost does not depend on them)
     fit_pm = copy.deepcopy(pm)
     pairs = [(c, c * 0.8) for c in fit_set.split(8)]
     fit_t = _fit_timings(fit_pm, pairs, trunk, rounds=3, device=args.device)
-    info = device_info(args.device)
-    per = {k: round(v["median_ms"] / args.batch, 2) for k, v in t.items()}
     res = {"info": info, "command": command_line(), "allocator": allocator, "threads": args.threads, "batch": args.batch,
            "image_size": SIZE,
            "images": args.images or "random", "detector_precision": plain.precision, "trunk": "imagenet" if os.environ.get("DEFECT_FAST_ALEXNET_WEIGHTS") else "random",
@@ -260,7 +265,7 @@ def main() -> None:
     print(f"PerceptualMap.fit on {args.fit_images} images: {fit_t['by_layer']['median_ms'] / 1e3:.1f} s, "
           f"{fit_t['concatenated']['median_ms'] / 1e3:.1f} s with the residual concatenated "
           f"(x{res['ratio_perceptual_fit_concatenated_over_by_layer']:.3f})")
-    write_results(args.out or RESULTS / f"context_{dev.type}.json", res)
+    write_results(out, res)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import RESULTS, command_line, device_info, time_interleaved, write_results
+from common import RESULTS, RowsFile, command_line, device_info, time_interleaved
 
 import torch
 
@@ -71,9 +71,8 @@ def gemms_only(z, memory, grad_z_hat, grad_weights, passes):
     return run
 
 
-def run_cases(native, dtype, device, dtype_name, rounds, threads):
-    """Times the three cases with the current thread count; returns their records."""
-    cases = []
+def run_cases(native, dtype, device, dtype_name, rounds, threads, cases):
+    """Times the three cases with the current thread count; appends their records to ``cases``."""
     for name, B, make, passes in [
         ("forward+backward", TRAIN_B, lambda fn, x: forward_backward(fn, *x), 6),
         ("forward", IMAGE_B, lambda fn, x: forward(fn, x[0], x[1]), 2),
@@ -90,7 +89,6 @@ def run_cases(native, dtype, device, dtype_name, rounds, threads):
             f"({passes} GEMMs alone {times['gemms_only']['median_ms']:.2f} ms: at most x{bound:.2f})"
         )
         cases.append({"pass": name, "B": B, "N": N, "C": C, "dtype": dtype_name, "shrink_threshold": "1/N", "temperature": 1.0, "p": 1, **times, "threads": threads, "speedup": round(ratio, 3), "speedup_bound_by_gemms": round(bound, 3)})
-    return cases
 
 
 def main() -> None:
@@ -111,26 +109,23 @@ def main() -> None:
     native = _memory_address.memory_address
     dtype = getattr(torch, args.dtype)
     device = args.device
-    cases = []
+    payload = {
+        "op": "memory_address",
+        "command": command_line(),
+        "machine": device_info(device),
+        "build": {k: v for k, v in _native.build_info().items() if k != "ops"},
+        "note": (
+            "median of interleaved rounds; speedup = reference median / native median; gemms_only times the "
+            "matrix products that both implementations perform (2 forward, 6 forward+backward), so "
+            "speedup_bound_by_gemms = reference / gemms_only bounds what fusing the rest can give"
+        ),
+    }
+    out = None if args.no_write else (args.out or RESULTS / f"memory_address_{device.split(':')[0]}.json")
+    cases = RowsFile(out, payload)  # written after every case
     for threads in args.threads or [torch.get_num_threads()]:
         torch.set_num_threads(threads)
-        cases += run_cases(native, dtype, device, args.dtype, args.rounds, threads)
-
-    if not args.no_write:
-        payload = {
-            "op": "memory_address",
-            "command": command_line(),
-            "machine": device_info(device),
-            "build": {k: v for k, v in _native.build_info().items() if k != "ops"},
-            "note": (
-                "median of interleaved rounds; speedup = reference median / native median; gemms_only times the "
-                "matrix products that both implementations perform (2 forward, 6 forward+backward), so "
-                "speedup_bound_by_gemms = reference / gemms_only bounds what fusing the rest can give"
-            ),
-            "cases": cases,
-        }
-        out = args.out or RESULTS / f"memory_address_{device.split(':')[0]}.json"
-        write_results(out, payload)
+        run_cases(native, dtype, device, args.dtype, args.rounds, threads, cases)
+    cases.finish()
 
 
 if __name__ == "__main__":

@@ -116,6 +116,33 @@ def command_line() -> str:
     return "python " + " ".join(shlex.quote(a) for a in sys.argv)
 
 
+class RowsFile(list):
+    """The rows of a results payload (``payload[key]``), written to ``path`` after every append, so
+    that a benchmark stopped at its time limit keeps what it measured; ``path`` None: nothing is
+    written. ``finish()`` writes the last time and says where."""
+
+    def __init__(self, path: Path | None, payload: dict, key: str = "cases"):
+        super().__init__()
+        self.path, self.payload, self.key = path, payload, key
+
+    def append(self, row) -> None:
+        super().append(row)
+        if self.path is not None:
+            write_results(self.path, {**self.payload, self.key: list(self)}, quiet=True)
+
+    def extend(self, rows) -> None:
+        for row in rows:
+            self.append(row)
+
+    def __iadd__(self, rows):
+        self.extend(rows)
+        return self
+
+    def finish(self) -> None:
+        if self.path is not None:
+            write_results(self.path, {**self.payload, self.key: list(self)})
+
+
 def write_results(path: Path, payload: dict, quiet: bool = False) -> None:
     """``payload`` as JSON at ``path``, replaced whole (a temporary file renamed over it): a
     benchmark that writes after every row leaves a readable file wherever it is stopped."""

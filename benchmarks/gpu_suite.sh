@@ -21,8 +21,11 @@
 #              (status "unsupported", not a failure, where the container runtime refuses the tool
 #              the GPU: "Device not supported"; a memory error or race it finds fails the step;
 #              last, so that a slow sanitizer takes no time from the measurements)
-# The benchmarks write their JSON after every row, so a step cut off at its limit keeps what it
-# measured. A failed CUDA build switches the kernels off for the later steps (DEFECT_FAST_CUDA=0).
+# The benchmarks write their JSON after every row (the recommended step after its inference
+# timings, before its fits), so a step cut off at its limit keeps what it measured; a benchmark
+# step that ends without its results file, or with rows it skipped, is not ok. OUTDIR must be new
+# (an earlier suite's results would be summarised as this run's). suite.json is rewritten after
+# every step. A failed CUDA build switches the kernels off for the later steps (DEFECT_FAST_CUDA=0).
 # and writes OUTDIR/suite.json (every step's status, seconds, log) and a one-screen summary.
 # --archive FILE.tar.gz also packs the whole OUTDIR (logs, results, suite.json) into that one file,
 # after every step and at the end, whatever the steps did: what to copy back from a remote GPU
@@ -73,6 +76,10 @@ while [ $# -gt 0 ]; do
   shift
 done
 [ -n "$OUT" ] || { echo "usage: bash benchmarks/gpu_suite.sh [--dry-run] [--wheels DIR] OUTDIR" >&2; exit 2; }
+# an earlier suite's results there would be summarised as this run's
+if [ -e "$OUT/steps.tsv" ] || [ -n "$(ls -A "$OUT/results" 2>/dev/null)" ]; then
+  echo "gpu_suite.sh: $OUT holds an earlier suite's output; give a new OUTDIR" >&2; exit 2
+fi
 mkdir -p "$OUT/logs" "$OUT/results" || { echo "gpu_suite.sh: cannot create $OUT" >&2; exit 2; }
 OUT=$(cd "$OUT" && pwd)
 if [ -n "$ARCHIVE" ]; then
@@ -93,6 +100,14 @@ export DEFECT_FAST_RESULTS_DIR="$OUT/results"   # benchmarks write here, not int
 export DEFECT_FAST_JIT=1                         # build from this checkout's csrc/, not an installed _C
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export PIP_NO_INDEX=1                            # the suite never reaches the network
+export PYTHONUNBUFFERED=1                        # a step cut off at its limit keeps what it printed
+# the CUDA toolkit the build compiles against: torch takes two folders above `which nvcc`, which is
+# wrong where nvcc on PATH is a wrapper script (/usr/local/bin/nvcc -> /usr/local, no headers there)
+if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then
+  for d in "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")" "$(sed -n 's|^exec \(/.*\)/bin/nvcc .*|\1|p' "$(command -v nvcc)" 2>/dev/null | head -n 1)" /usr/local/cuda /usr/local/cuda-*; do
+    [ -n "$d" ] && [ -f "$d/include/cuda_runtime.h" ] && { export CUDA_HOME="$d"; break; }
+  done
+fi
 if [ -z "${DEFECT_FAST_ALEXNET_WEIGHTS:-}" ]; then
   for f in "$ROOT/.device/alexnet-features-imagenet.pth" "$ROOT/../shared/weights/alexnet-features-imagenet.pth"; do
     [ -f "$f" ] && { export DEFECT_FAST_ALEXNET_WEIGHTS="$f"; break; }
@@ -103,6 +118,66 @@ START=$(date +%s)
 DEADLINE=$((START + ${SUITE_SECONDS:-540}))      # 9 minutes for everything
 STEPS_FILE="$OUT/steps.tsv"
 : > "$STEPS_FILE"
+SUMMARY_PY="$OUT/logs/summary.py"   # suite.json after every step, and the summary at the end
+cat > "$SUMMARY_PY" <<'EOF'
+import glob, json, os, sys
+out, dry, seconds = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3])
+json_only = len(sys.argv) > 4 and sys.argv[4] == "json"
+steps = []
+for line in open(os.path.join(out, "steps.tsv")):
+    name, status, secs, log, cmd = line.rstrip("\n").split("\t", 4)
+    steps.append({"step": name, "status": status, "seconds": int(secs), "log": log, "command": cmd})
+env = json.load(open(os.path.join(out, "env.json"))) if os.path.exists(os.path.join(out, "env.json")) else {}
+suite = {"dry_run": dry, "seconds": seconds, "env": env, "steps": steps,
+         "results": sorted(os.path.relpath(p, out) for p in glob.glob(os.path.join(out, "results", "*.json")))}
+with open(os.path.join(out, ".suite.json.tmp"), "w") as fh:
+    json.dump(suite, fh, indent=2)
+os.replace(os.path.join(out, ".suite.json.tmp"), os.path.join(out, "suite.json"))
+if json_only:
+    sys.exit(0)
+
+print("=" * 78)
+print(f"gpu_suite {'DRY RUN' if dry else ''} in {seconds} s on {env.get('gpu') or env.get('cpu', '?')} (torch {env.get('torch', '?')})")
+for s in steps:
+    print(f"  {s['step']:14s} {s['status']:16s} {s['seconds']:4d} s")
+def load(name):
+    p = os.path.join(out, "results", name)
+    return json.load(open(p)) if os.path.exists(p) else None
+def rows(payload):
+    return (payload.get("rows") or payload.get("cases") or []) if isinstance(payload, dict) else []
+for path in suite["results"]:
+    payload = json.load(open(os.path.join(out, path)))
+    name = os.path.basename(path)
+    lines = []
+    for r in rows(payload)[:8]:
+        if not isinstance(r, dict):
+            continue
+        keys = [k for k in r if any(t in k for t in ("speedup", "per_s", "ms_per_image", "ratio"))]
+        keys.sort(key=lambda k: "speedup" not in k)  # the ratios first: what the targets are about
+        if isinstance(r.get("native"), dict) and "median_ms" in r["native"]:
+            r = dict(r, native_ms=r["native"]["median_ms"])
+            keys.insert(0, "native_ms")
+        label = " ".join(f"{k}={r[k]}" for k in ("model", "stage", "case", "pass", "batch", "images", "B", "N", "C", "dtype") if k in r)
+        vals = " ".join(f"{k}={r[k]:.4g}" if isinstance(r[k], (int, float)) else f"{k}={r[k]}" for k in keys[:4])
+        lines.append(f"    {label} {vals}".rstrip())
+    if isinstance(payload, dict) and isinstance(payload.get("ms_per_image"), dict):
+        lines.append("    ms/image " + " ".join(f"{k}={v}" for k, v in payload["ms_per_image"].items()))
+    print(f"  {name}")
+    print("\n".join(lines) if lines else "    (see file)")
+if not dry:
+    print("  targets: CMA-AE 512x512 <= 1 ms/image at batch 1 (paper: 41.673 ms on an A100), >= 5000 images/s at 64;")
+    print("           AW-SSIM fwd+bwd >= 5x reference and >= 3x pytorch-msssim; training >= 100000 patches/s (CMA-AE, 2048)")
+bad = [s["step"] for s in steps if s["status"] not in ("ok", "listed", "unsupported", "absent")]
+refused = [s["step"] for s in steps if s["status"] == "unsupported"]
+absent = [s["step"] for s in steps if s["status"] == "absent"]
+if refused:
+    print(f"  not checked: {', '.join(refused)} (compute-sanitizer does not support this machine's GPU runtime; see the logs)")
+if absent:
+    print(f"  not checked: {', '.join(absent)} (no compute-sanitizer on this machine)")
+print(f"  suite.json: {os.path.join(out, 'suite.json')}; {'all steps ok' if not bad else 'NOT ok: ' + ', '.join(bad)}")
+print("=" * 78)
+sys.exit(1 if bad else 0)
+EOF
 
 # step NAME BUDGET_S MODE CMD...   MODE: gpu (dry run lists it) | cpu (dry run executes it)
 step() {
@@ -123,6 +198,12 @@ step() {
     return 0
   fi
   [ "$budget" -gt "$left" ] && budget=$left
+  if [ "$(basename "$1")" = compute-sanitizer ] && ! command -v "$1" >/dev/null; then  # not a kernel failure: not checked
+    printf '%s\tabsent\t0\t%s\t%s\n' "$name" "$log" "$*" >> "$STEPS_FILE"
+    echo "  [absent]       $name: no compute-sanitizer at $1"
+    record
+    return 0
+  fi
   printf '  [run]          %-10s (<=%3ss) %s\n' "$name" "$budget" "$*"
   local t0 rc status
   t0=$(date +%s)
@@ -139,10 +220,26 @@ step() {
   if [ "$rc" != 0 ] && [ "$(basename "$1")" = compute-sanitizer ] && grep -q "Device not supported" "$log"; then
     status=unsupported
   fi
+  # EXPECT=FILE (results/FILE): a step that ended well without its results file, or whose file
+  # lists rows it skipped (a missing weights file, memory), did not show what it was for
+  if [ "$status" = ok ] && [ -n "${EXPECT:-}" ]; then
+    if [ ! -f "$OUT/results/$EXPECT" ]; then
+      status="failed(no $EXPECT)"
+    elif ! "$PY" -c 'import json, sys; sys.exit(1 if json.load(open(sys.argv[1])).get("skipped") else 0)' \
+        "$OUT/results/$EXPECT" 2>/dev/null; then
+      status="incomplete(skipped rows)"
+    fi
+  fi
   printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$(( $(date +%s) - t0 ))" "$log" "$*" >> "$STEPS_FILE"
   [ "$status" = ok ] || { echo "                 -> $status; last lines of $log:"; tail -n 5 "$log" | sed 's/^/                    /'; }
-  pack
+  record
   return 0
+}
+
+# OUTDIR/suite.json (and the --archive) after every step: a suite stopped from outside keeps it
+record() {
+  [ -f "$SUMMARY_PY" ] && "$PY" "$SUMMARY_PY" "$OUT" "$DRY" "$(( $(date +%s) - START ))" json >/dev/null 2>&1
+  pack
 }
 
 # --archive: packed again after every step (a temporary file renamed over it), so a kill from
@@ -173,6 +270,7 @@ except ImportError as exc:
     info["torch"] = f"not importable: {exc}"
 info["nvidia_smi"] = run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]) if shutil.which("nvidia-smi") else "absent"
 info["nvcc"] = run(["nvcc", "--version"]).splitlines()[-1] if shutil.which("nvcc") else "absent"
+info["nvcc_path"], info["cuda_home"] = shutil.which("nvcc"), os.environ.get("CUDA_HOME")  # what the build compiles with
 info["compute_sanitizer"] = shutil.which("compute-sanitizer") or "absent"
 cpu = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")] if os.path.exists("/proc/cpuinfo") else []
 info["cpu"] = cpu[0] if cpu else platform.processor()
@@ -204,7 +302,9 @@ if "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
     printf 'install\tfailed(no wheels)\t0\t-\tmissing: %s\n' "${MISSING[*]}" >> "$STEPS_FILE"
     echo "  [failed]       install: missing ${MISSING[*]} and no wheels folder (bash scripts/device_kit.sh, carry .device)"
   else
-    step install 60 cpu "$PY" -m pip install -q --no-index --no-deps --find-links "$WHEELS" --target "$SITE" "${MISSING[@]}"
+    # one at a time: a wheel that is not there fails its own install, not the others'
+    step install 60 cpu bash -c 'rc=0; for p in "${@:3}"; do "$0" -m pip install -q --no-index --no-deps --find-links "$1" --target "$2" "$p" || rc=1; done; exit $rc' \
+      "$PY" "$WHEELS" "$SITE" "${MISSING[@]}"
   fi
 elif [ "$DRY" = 1 ]; then
   step install 60 gpu "${FULL_INSTALL[@]}"
@@ -245,26 +345,26 @@ if [ "$DRY" = 1 ]; then
   step tests_collect 60 cpu "$PY" -m pytest -q -p no:cacheprovider -m cuda --collect-only tests/
 fi
 # -v: each test's line is in the log as it ends (the XML is written only when pytest finishes)
-step tests 120 gpu "$PY" -m pytest -v -p no:cacheprovider -m cuda --junitxml="$OUT/tests_cuda.xml" tests/
+step tests 120 gpu "$PY" -m pytest -v -p no:cacheprovider -m cuda --continue-on-collection-errors --junitxml="$OUT/tests_cuda.xml" tests/
 
 # ---- benchmarks ----------------------------------------------------------------------------
 if [ "$DRY" = 1 ]; then
-  step bench_ma_cpu 30 cpu "$PY" benchmarks/bench_memory_address.py --device cpu --rounds 1
-  step bench_ssim_cpu 30 cpu "$PY" benchmarks/bench_aw_ssim.py --device cpu --batches 4 --rounds 1
-  step bench_msfr_cpu 30 cpu "$PY" benchmarks/bench_msfr.py --device cpu --rounds 1
-  step train_cpu 60 cpu "$PY" benchmarks/bench_train.py --device cpu --models cmaae --batch 4 --steps 1 --warmup 0 --image-size 128
-  step inference_cpu 90 cpu "$PY" benchmarks/bench_inference.py --device cpu --batch 1 2 --rounds 1
-  step recommended_cpu 60 cpu "$PY" benchmarks/bench_context.py --device cpu --batch 2 --rounds 1 --fit-images 20
+  EXPECT=memory_address_cpu.json step bench_ma_cpu 30 cpu "$PY" benchmarks/bench_memory_address.py --device cpu --rounds 1
+  EXPECT=aw_ssim_cpu.json step bench_ssim_cpu 30 cpu "$PY" benchmarks/bench_aw_ssim.py --device cpu --batches 4 --rounds 1
+  EXPECT=msfr_cpu.json step bench_msfr_cpu 30 cpu "$PY" benchmarks/bench_msfr.py --device cpu --rounds 1
+  EXPECT=train_cpu.json step train_cpu 60 cpu "$PY" benchmarks/bench_train.py --device cpu --models cmaae --batch 4 --steps 1 --warmup 0 --image-size 128
+  EXPECT=inference_cpu.json step inference_cpu 90 cpu "$PY" benchmarks/bench_inference.py --device cpu --batch 1 2 --rounds 1
+  EXPECT=context_cpu.json step recommended_cpu 60 cpu "$PY" benchmarks/bench_context.py --device cpu --batch 2 --rounds 1 --fit-images 20
 fi
-step bench_ma 40 gpu "$PY" benchmarks/bench_memory_address.py --device cuda --rounds 20
-step bench_ssim 50 gpu "$PY" benchmarks/bench_aw_ssim.py --device cuda --batches 64,512 --rounds 10
-step bench_msfr 40 gpu "$PY" benchmarks/bench_msfr.py --device cuda --rounds 20
-step inference 75 gpu "$PY" benchmarks/bench_inference.py --device cuda ${INFERENCE_ARGS:---batch 1 8 64 --rounds 10}
-step train 100 gpu "$PY" benchmarks/bench_train.py --device cuda --batch 2048 --steps 5
-step recommended 70 gpu "$PY" benchmarks/bench_context.py --device cuda --batch 64 --rounds 10 --fit-images 100
+EXPECT=memory_address_cuda.json step bench_ma 40 gpu "$PY" benchmarks/bench_memory_address.py --device cuda --rounds 20
+EXPECT=aw_ssim_cuda.json step bench_ssim 50 gpu "$PY" benchmarks/bench_aw_ssim.py --device cuda --batches 64,512 --rounds 10
+EXPECT=msfr_cuda.json step bench_msfr 40 gpu "$PY" benchmarks/bench_msfr.py --device cuda --rounds 20
+EXPECT=inference_cuda.json step inference 75 gpu "$PY" benchmarks/bench_inference.py --device cuda ${INFERENCE_ARGS:---batch 1 8 64 --rounds 10}
+EXPECT=train_cuda.json step train 100 gpu "$PY" benchmarks/bench_train.py --device cuda --batch 2048 --steps 5
+EXPECT=context_cuda.json step recommended 70 gpu "$PY" benchmarks/bench_context.py --device cuda --batch 64 --rounds 10 --fit-images 100
 # the tuned path with cuDNN's heuristics instead of its timed search (the Detector's cudnn_benchmark
 # default on CUDA): a separate process, since cuDNN keeps the first plan it finds for a shape
-step inference_heur 45 gpu "$PY" benchmarks/bench_inference.py --device cuda --batch 1 64 --rounds 5 \
+EXPECT=inference_cuda_cudnn_heuristics.json step inference_heur 45 gpu "$PY" benchmarks/bench_inference.py --device cuda --batch 1 64 --rounds 5 \
   --cudnn-benchmark off --out "$DEFECT_FAST_RESULTS_DIR/inference_cuda_cudnn_heuristics.json"
 
 # ---- compute-sanitizer (last: the measurements come first) -------------------------------
@@ -277,56 +377,7 @@ step memcheck 60 gpu "$SANITIZER" --tool memcheck --error-exitcode 1 "$PY" bench
 step racecheck 60 gpu "$SANITIZER" --tool racecheck --error-exitcode 1 "$PY" benchmarks/gpu_op_smoke.py --device cuda
 
 # ---- summary -------------------------------------------------------------------------------
-"$PY" - "$OUT" "$DRY" "$(( $(date +%s) - START ))" <<'EOF'
-import glob, json, os, sys
-out, dry, seconds = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3])
-steps = []
-for line in open(os.path.join(out, "steps.tsv")):
-    name, status, secs, log, cmd = line.rstrip("\n").split("\t", 4)
-    steps.append({"step": name, "status": status, "seconds": int(secs), "log": log, "command": cmd})
-env = json.load(open(os.path.join(out, "env.json"))) if os.path.exists(os.path.join(out, "env.json")) else {}
-suite = {"dry_run": dry, "seconds": seconds, "env": env, "steps": steps,
-         "results": sorted(os.path.relpath(p, out) for p in glob.glob(os.path.join(out, "results", "*.json")))}
-json.dump(suite, open(os.path.join(out, "suite.json"), "w"), indent=2)
-
-print("=" * 78)
-print(f"gpu_suite {'DRY RUN' if dry else ''} in {seconds} s on {env.get('gpu') or env.get('cpu', '?')} (torch {env.get('torch', '?')})")
-for s in steps:
-    print(f"  {s['step']:14s} {s['status']:16s} {s['seconds']:4d} s")
-def load(name):
-    p = os.path.join(out, "results", name)
-    return json.load(open(p)) if os.path.exists(p) else None
-def rows(payload):
-    return (payload.get("rows") or payload.get("cases") or []) if isinstance(payload, dict) else []
-for path in suite["results"]:
-    payload = json.load(open(os.path.join(out, path)))
-    name = os.path.basename(path)
-    lines = []
-    for r in rows(payload)[:4]:
-        if not isinstance(r, dict):
-            continue
-        keys = [k for k in r if any(t in k for t in ("speedup", "per_s", "ms_per_image", "ratio"))]
-        if isinstance(r.get("native"), dict) and "median_ms" in r["native"]:
-            r = dict(r, native_ms=r["native"]["median_ms"])
-            keys.insert(0, "native_ms")
-        label = " ".join(f"{k}={r[k]}" for k in ("model", "stage", "case", "pass", "batch", "images", "B", "N", "C", "dtype") if k in r)
-        vals = " ".join(f"{k}={r[k]:.4g}" if isinstance(r[k], (int, float)) else f"{k}={r[k]}" for k in keys[:4])
-        lines.append(f"    {label} {vals}".rstrip())
-    if isinstance(payload, dict) and isinstance(payload.get("ms_per_image"), dict):
-        lines.append("    ms/image " + " ".join(f"{k}={v}" for k, v in payload["ms_per_image"].items()))
-    print(f"  {name}")
-    print("\n".join(lines) if lines else "    (see file)")
-if not dry:
-    print("  targets: CMA-AE 512x512 <= 1 ms/image at batch 1 (paper: 41.673 ms on an A100), >= 5000 images/s at 64;")
-    print("           AW-SSIM fwd+bwd >= 5x reference and >= 3x pytorch-msssim; training >= 100000 patches/s (CMA-AE, 2048)")
-bad = [s["step"] for s in steps if s["status"] not in ("ok", "listed", "unsupported")]
-refused = [s["step"] for s in steps if s["status"] == "unsupported"]
-if refused:
-    print(f"  not checked: {', '.join(refused)} (compute-sanitizer does not support this machine's GPU runtime; see the logs)")
-print(f"  suite.json: {os.path.join(out, 'suite.json')}; {'all steps ok' if not bad else 'NOT ok: ' + ', '.join(bad)}")
-print("=" * 78)
-sys.exit(1 if bad else 0)
-EOF
+"$PY" "$SUMMARY_PY" "$OUT" "$DRY" "$(( $(date +%s) - START ))"
 RC=$?
 if [ -n "$ARCHIVE" ]; then
   pack && echo "gpu_suite: packed $OUT into $ARCHIVE" || { echo "gpu_suite: could not pack $OUT into $ARCHIVE" >&2; RC=1; }

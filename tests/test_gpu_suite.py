@@ -18,10 +18,10 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("ti
 
 
 def _step_function() -> str:
-    """step() and the pack() it calls, as gpu_suite.sh defines them."""
+    """step() and the record() and pack() it calls, as gpu_suite.sh defines them."""
     text = SUITE.read_text()
     found = []
-    for name in ("step", "pack"):
+    for name in ("step", "record", "pack"):
         m = re.search(rf"^{name}\(\) \{{\n.*?^\}}\n", text, flags=re.S | re.M)
         assert m, f"{name}() not found in gpu_suite.sh"
         found.append(m.group(0))
@@ -43,7 +43,8 @@ def _run_steps(tmp_path: Path, fakes: dict[str, tuple[str, int]], calls: list[st
         _fake(bin_dir, name, output, rc)
     out = tmp_path / "out"
     (out / "logs").mkdir(parents=True)
-    script = "\n".join([f'OUT="{out}"', "DRY=0", f'ARCHIVE="{archive or ""}"', f'STEPS_FILE="{out}/steps.tsv"',
+    (out / "results").mkdir()
+    script = "\n".join([f'OUT="{out}"', "DRY=0", "PY=python3", f'ARCHIVE="{archive or ""}"', f'STEPS_FILE="{out}/steps.tsv"',
                         ': > "$STEPS_FILE"',
                         "DEADLINE=$(( $(date +%s) + 600 ))", _step_function(), *calls])
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
@@ -93,3 +94,29 @@ def test_archive_option_refuses_before_running_anything(tmp_path, archive, why):
     assert r.returncode == 2 and why in r.stderr and "--archive" in r.stderr
     assert (tmp_path / "kept.tar.gz").read_bytes() == b"someone's file"
     assert not (tmp_path / "out" / "steps.tsv").exists()
+
+
+def test_a_benchmark_that_ends_without_its_results_or_with_skipped_rows_is_not_ok(tmp_path):
+    """bench_train turns a missing weights file or an out-of-memory batch into a skipped row and
+    exits 0: the summary said "all steps ok" over a file without the rows the step was for."""
+    rows = _run_steps(
+        tmp_path, {"writes": ("fine", 0), "silent": ("fine", 0)},
+        ['writes; echo \'{"rows": [], "skipped": [{"model": "awae"}]}\' > "$OUT/results/train.json"',
+         "EXPECT=train.json step train 30 gpu writes", "EXPECT=none.json step quiet 30 gpu silent",
+         'echo \'{"rows": [1]}\' > "$OUT/results/full.json"', "EXPECT=full.json step full 30 gpu writes"])
+    assert [(r[0], r[1]) for r in rows] == [("train", "incomplete(skipped rows)"), ("quiet", "failed(no none.json)"),
+                                            ("full", "ok")]
+
+
+def test_a_missing_sanitizer_is_not_checked_rather_than_failed(tmp_path):
+    rows = _run_steps(tmp_path, {}, ["step memcheck 30 gpu /nowhere/bin/compute-sanitizer --tool memcheck python3 x.py"])
+    assert rows[0][:2] == ["memcheck", "absent"]
+
+
+def test_an_outdir_with_an_earlier_suite_s_output_is_refused(tmp_path):
+    (tmp_path / "out" / "results").mkdir(parents=True)
+    (tmp_path / "out" / "results" / "train_cuda.json").write_text("{}")
+    r = subprocess.run(["bash", str(SUITE), "--dry-run", str(tmp_path / "out")], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "holds an earlier suite's output" in r.stderr
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == ["results", "train_cuda.json"]
