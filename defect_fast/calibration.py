@@ -176,14 +176,15 @@ def image_threshold(scores, far: float = DEFAULT_FAR, *, fallback: bool = True) 
     k = _rank_for(far, n)
     desc = np.sort(s)[::-1]
     if k >= 1:
+        # with the 95 % upper bound: one calibration set can give a threshold whose rate is well above the expected one
         note = (f"threshold = {k}{_ordinal(k)} largest of {n} held-back scores: expected false-alarm rate "
-                f"{k}/{n + 1} = {k / (n + 1):.4g} <= {far:g}")
+                f"{k}/{n + 1} = {k / (n + 1):.4g} <= {far:g} (95 % upper bound {_beta_upper(k, n):.3g})")
         return ImageThreshold(float(desc[k - 1]), far, k / (n + 1), _beta_upper(k, n), n, k, need, True, note)
     short = (f"far={far:g} needs at least {need} held-back defect-free images (k/(n+1) <= far with k >= 1) "
              f"but only {n} are at hand; the lowest expected false-alarm rate {n} allow is 1/{n + 1} = {1 / (n + 1):.4g}")
     if not fallback:
         raise CalibrationError(short)
-    note = short + "; using the largest held-back score"
+    note = short + f"; using the largest held-back score (95 % upper bound of its rate {_beta_upper(1, n):.3g})"
     warnings.warn(note, CalibrationWarning, stacklevel=2)
     return ImageThreshold(float(desc[0]), far, 1 / (n + 1), _beta_upper(1, n), n, 1, need, False, note)
 
@@ -682,7 +683,8 @@ class ModelInfo:
         name = getattr(det.model, "name", "") or type(det.model).__name__
         info = cls.from_calibration(det.image_size, name, h.hexdigest()[:12], cal, threshold, far, run=str(run),
                                     map=det.map_kind)
-        info.extra.setdefault("far", cal.get("far"))  # the rate asked at training, unless --far asked another
+        if threshold is None:  # the rate asked at training, unless --far asked another; a given threshold asked none
+            info.extra.setdefault("far", cal.get("far"))
         if cal.get("source") and not cal.get("inapplicable"):  # held-back images, or those given to calibrate
             info.extra["calibrated_on"] = cal["source"]
         # what operating_points reads: the rates other thresholds would give (report)

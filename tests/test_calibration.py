@@ -78,6 +78,10 @@ def test_far_upper_bound():
     t = image_threshold(np.arange(99.0), 0.01)
     # Beta(1, 99): P(F <= x) = 1 - (1 - x)^99 = 0.95
     assert t.far_upper95 == pytest.approx(1 - 0.05 ** (1 / 99), rel=1e-6)
+    # and the note every command prints says it (a line engineer read "expected 1 %" alone)
+    assert t.note.endswith("(95 % upper bound 0.0298)")
+    with pytest.warns(CalibrationWarning, match=r"95 % upper bound of its rate 0\.0487"):
+        image_threshold(np.arange(60.0), 0.01)  # too few for 1 %: the largest score, whose bound is Beta(1, 60)'s
 
 
 def test_pixel_threshold_quantile():
@@ -264,7 +268,8 @@ def test_model_info_from_detector_reads_the_model_file(tmp_path):
     assert info.version == hashlib.sha256(b"weights of some model").hexdigest()[:12]
     assert (info.name, info.image_size, info.image_threshold) == ("cmaae", 128, 98.0)
     assert info.extra["far"] == 0.01 and info.extra["map"] == "msfr" and "held-back" in info.extra["threshold_source"]
-    assert ModelInfo.from_detector(det, path, threshold=3.0).image_threshold == 3.0
+    given = ModelInfo.from_detector(det, path, threshold=3.0)
+    assert given.image_threshold == 3.0 and given.extra.get("far") is None  # no rate was asked of a given threshold
     old = SimpleNamespace(**{**vars(det), "calibration": {"score_max": 2.0, "pixel_q999": 0.5}})
     info = ModelInfo.from_detector(old, path)
     assert (info.image_threshold, info.pixel_threshold) == (2.0, 0.5) and "older model file" in info.extra["threshold_source"]
