@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -656,13 +657,17 @@ def main(argv: list[str] | None = None) -> int:
 def _sigterm_as_interrupt():
     """SIGTERM (a service manager's stop, ``kill``) ends a command as Ctrl-C does: what it had begun
     to write is removed (``OutputFolder.writing``), where the default action ended the process
-    with a half-written file under its final name. ``train`` and ``watch`` install their own
-    handlers while they work (stop after the step or image in hand)."""
+    with a half-written file under its final name. Then, where SIGTERM would have ended the
+    process, it does (the exit status a service manager reads as a stop, not as a failure).
+    ``train`` and ``watch`` install their own handlers while they work (stop after the step or
+    image in hand)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    received = []
 
     def interrupt(signum, frame):
+        received.append(signum)
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, interrupt)
@@ -670,6 +675,9 @@ def _sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+    if received and previous in (signal.SIG_DFL, None):
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 if __name__ == "__main__":

@@ -416,9 +416,14 @@ class Detector(nn.Module):
                         f"{tuple(PRECISIONS)}; it runs in {self.precision}): build one with precision=...")
 
     def to(self, *args, **kwargs):
-        if torch._C._nn._parse_to(*args, **kwargs)[1] is not None:
+        dtype = torch._C._nn._parse_to(*args, **kwargs)[1]
+        # (float32 on a float32 Detector changes nothing: to(tensor) follows a tensor's device)
+        if dtype is not None and not (dtype == torch.float32 and self.precision == "float32"):
             self._refuse_cast("to(dtype)")
         return super().to(*args, **kwargs)
+
+    def type(self, dst_type):
+        self._refuse_cast("type()")
 
     def half(self):
         self._refuse_cast("half()")
@@ -427,7 +432,7 @@ class Detector(nn.Module):
         self._refuse_cast("bfloat16()")
 
     def float(self):
-        self._refuse_cast("float()")
+        return self.to(torch.float32)  # a no-op on a float32 Detector, refused on the others
 
     def double(self):
         self._refuse_cast("double()")

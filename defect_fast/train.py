@@ -894,23 +894,38 @@ def batch_norm_needs_two(model: AnomalyModel) -> bool:
     return 1 in sizes
 
 
-def _check_last_batch(cfg: TrainConfig, model: AnomalyModel, n_train: int) -> None:
-    """Refuse, before any training, a batch size that leaves a last batch of one patch in each
-    epoch when the model cannot train on one (:func:`batch_norm_needs_two`): the run failed at the
-    end of its first epoch, and every resume at the same step."""
+def _check_last_batch(cfg: TrainConfig, model: AnomalyModel, n_train: int,
+                      position: dict[str, int] | None = None) -> None:
+    """Refuse, before any training, a batch size that leaves a last batch of one patch in an epoch
+    the run will train (the steps left after ``position`` on a resume, up to ``cfg.max_steps``)
+    when the model cannot train on one (:func:`batch_norm_needs_two`): the run failed there, and
+    every resume at the same step."""
     gh, gw = grid_shape(cfg.image_size, model.patch_size, cfg.stride or model.patch_size)
     per_epoch, b = n_train * gh * gw, cfg.batch_size
-    if min(b, per_epoch) != 1 and per_epoch % b != 1:
+    every = min(b, per_epoch) == 1  # every batch is one patch
+    if not every and per_epoch % b != 1:
         return
-    if not batch_norm_needs_two(model):
+    spe = math.ceil(per_epoch / b)
+    start = position["stage"] if position else 0
+    reached = False
+    for stage in range(start, len(cfg.epochs)):
+        total = cfg.epochs[stage] * spe
+        if cfg.max_steps:
+            total = min(total, cfg.max_steps[stage])
+        done = position["epoch"] * spe + position["step"] if position and stage == start else 0
+        # the one-patch batch is the last step of each epoch (steps spe, 2 spe, ... of the stage)
+        reached |= total > done if every else total // spe > done // spe
+    if not reached or not batch_norm_needs_two(model):
         return
+    why = f"{cfg.model} cannot train on one patch (its batch normalisation sees a 1x1 map)"
     if per_epoch == 1:
-        raise ConfigError(f"{cfg.model} cannot train on one patch per epoch (its batch normalisation sees a 1x1 "
-                          f"map): add training images, or a larger --image-size")
+        raise ConfigError(f"{why}, and an epoch has one: add training images, or a larger --image-size")
     near = min((k for k in range(2, per_epoch + 1) if per_epoch % k != 1), key=lambda k: (abs(k - b), k))
-    raise ConfigError(f"--batch-size {b}: the {per_epoch} patches of an epoch leave a last batch of one patch, on "
-                      f"which {cfg.model} cannot train (its batch normalisation sees a 1x1 map); use --batch-size "
-                      f"{near}")
+    if position:
+        raise ConfigError(f"this run cannot finish: at --batch-size {b} the {per_epoch} patches of an epoch leave a "
+                          f"last batch of one patch, and {why}; train a new run with --batch-size {near}")
+    raise ConfigError(f"--batch-size {b}: the {per_epoch} patches of an epoch leave a last batch of one patch, and "
+                      f"{why}; use --batch-size {near}")
 
 
 def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume: bool = False,
@@ -1020,7 +1035,7 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
                     raise ConfigError(f"--context-profile auto: {cfg.data}: {exc}") from None
                 if not resume:
                     log(f"context profile: {basis}")
-        _check_last_batch(cfg, probe, len(train_idx))
+        _check_last_batch(cfg, probe, len(train_idx), state["position"] if state is not None else None)
         sources = _preload_sources(cfg, probe.stages)
         source_digest = sources_digest(sources)
         if state is not None and state.get("sources_digest", source_digest) != source_digest:

@@ -692,12 +692,13 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
         if err is not None:
             reason = err.replace(f"{path}: ", "")
             bad = st.undecodable.get(key)
-            if st.grace > 0 and (bad is None or bad[0] != sig):  # a writer that stalled mid-file may go on
+            # a writer that stalled mid-file may go on (an empty file has waited its grace in _ready)
+            if st.grace > 0 and sig[0] > 0 and (bad is None or bad[0] != sig):
                 st.undecodable[key] = (sig, time.monotonic())
                 log(f"{path}: {reason}; rejected if it stays so, unchanged, for {st.grace:.0f} s (a writer may "
                     "not have finished it)")
                 continue
-            if st.grace > 0 and time.monotonic() - bad[1] < st.grace:
+            if st.grace > 0 and sig[0] > 0 and time.monotonic() - bad[1] < st.grace:
                 continue
             st.pending.pop(key, None)
             st.undecodable.pop(key, None)

@@ -611,9 +611,14 @@ def test_a_cast_of_the_detector_is_refused_naming_the_precision_option():
     det = Detector(_model(), image_size=128, precision="float32")
     x = _images(1, 128)
     want = det.predict(x)["scores"]
-    for cast in (det.half, det.bfloat16, det.double, det.float, lambda: det.to(torch.float16),
+    for cast in (det.half, det.bfloat16, det.double, lambda: det.type(torch.float16), lambda: det.to(torch.float16),
                  lambda: det.to("cpu", torch.float64), lambda: det.to(torch.zeros(1, dtype=torch.float16))):
         with pytest.raises(TypeError, match=r"^Detector\.\S+: the precision of a Detector is its precision option"):
             cast()
     assert det.to("cpu") is det and det.to(device=torch.device("cpu")) is det and det.cpu() is det
+    # float32 on a float32 Detector changes nothing: allowed, as is following a float32 tensor's device
+    assert det.to(torch.float32) is det and det.to(torch.zeros(1)) is det and det.float() is det
+    bf16 = Detector(_model(), image_size=128, precision="bfloat16")
+    with pytest.raises(TypeError, match="runs in bfloat16"):
+        bf16.to(torch.float32)  # its weights are stored in bfloat16: a cast to float32 is not a no-op
     assert torch.equal(det.predict(x)["scores"], want)

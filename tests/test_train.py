@@ -547,3 +547,13 @@ def test_a_last_batch_of_one_patch_is_refused_where_the_model_cannot_train_on_it
                                        build_model("awae", patch_size=32), 4)  # 16 patches: 4 is the nearest that works
     train_module._check_last_batch(TrainConfig(data="d", model="cmaae", image_size=128, batch_size=5),
                                    build_model("cmaae", memory_size=8), 4)  # CMA-AE trains on one patch
+    # only where the run will train that batch: not past --max-steps, not in the steps a resume has done
+    awae, check = build_model("awae", patch_size=32), train_module._check_last_batch
+    cfg = lambda **kw: TrainConfig(data="d", model="awae", image_size=64, batch_size=5, epochs=[1, 1], **kw)  # noqa: E731
+    check(cfg(max_steps=[3, 3]), awae, 4)  # 16 patches, batches 5 5 5 1: the 4th step never comes
+    with pytest.raises(ConfigError, match="use --batch-size 4$"):
+        check(cfg(max_steps=[4, 3]), awae, 4)
+    check(cfg(max_steps=[4, 3]), awae, 4, {"stage": 1, "epoch": 0, "step": 0})  # stage 1's is done
+    check(cfg(), awae, 4, {"stage": 2, "epoch": 0, "step": 0})  # trained: the statistics and calibration are left
+    with pytest.raises(ConfigError, match="^this run cannot finish: .*train a new run with --batch-size 4$"):
+        check(cfg(), awae, 4, {"stage": 0, "epoch": 0, "step": 3})  # resumed before the batch of one

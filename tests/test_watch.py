@@ -677,15 +677,17 @@ def test_a_writer_that_stalls_mid_file_gets_its_photo_judged_once_it_is_complete
         assert _wait_for(out, 1) == 1
         t0 = time.monotonic()
         (src / "cut.png").write_bytes(data[:100])
-        assert _wait_for(out, 2) == 2
+        (src / "empty.png").write_bytes(b"")  # waits its grace as an empty file, once, not twice
+        assert _wait_for(out, 3) == 3
         waited = time.monotonic() - t0
     finally:
         stop.set()
         t.join(timeout=20)
     recs = {r["image"]: r for r in journal(out)}
     assert recs["cam.png"]["result"] in ("pass", "fail") and recs["cam.png"]["size"] == len(data)
-    assert recs["cut.png"]["result"] == "rejected" and waited >= 1.5
-    assert [p.name for p in (out / "rejected").iterdir()] == ["cut.png"] and (src / "cam.png").exists()
+    assert recs["cut.png"]["result"] == "rejected" and recs["empty.png"]["result"] == "rejected" and waited >= 1.5
+    assert sorted(p.name for p in (out / "rejected").iterdir()) == ["cut.png", "empty.png"] and (src / "cam.png").exists()
+    assert not any("empty.png" in line and "rejected if it stays so" in line for line in lines)
 
 
 def test_a_move_across_file_systems_leaves_a_file_that_changed_in_place(tmp_path, monkeypatch):
