@@ -1,7 +1,8 @@
 """Training losses of the AW-SSIM two-stage autoencoder, per loss mode and stage.
 
-Modes (``loss_mode``), with ``a`` = ``ssim_weight`` (Eq. 10's alpha, > 0.5 so that the SSIM-type
-term carries the larger weight, as the paper does for every combined loss):
+Modes (``loss_mode``), with ``a`` = ``ssim_weight`` (Eq. 10's alpha; the paper gives the SSIM-type
+term the larger weight in every combined loss, a > 0.5, and the default 0.8 does; any a in [0, 1]
+is taken, for ablations):
 
     mode          stage 0 ("normal")            stage 1 ("synthetic")
     awssim        AW-SSIM                       a * AW-SSIM + (1 - a) * LPIPS      (Eq. 10)

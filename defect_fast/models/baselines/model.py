@@ -1,7 +1,9 @@
 """The baselines both papers compare against, on CMA-AE's Table I encoder/decoder.
 
-All three train in one stage on defect-free patches and map defects from the pixel residual,
-as in their papers; they share CMA-AE's network so that only the idea under test differs.
+All three train in one stage on defect-free patches and map defects from the pixel residual
+(ae-l2 and memae as in their papers; Bergmann et al. map ae-ssim's defects by the per-pixel SSIM,
+which is not implemented here); they share CMA-AE's network so that only the idea under test
+differs.
 
     ae-l2    plain autoencoder, L2 loss
     ae-ssim  plain autoencoder, SSIM loss (Bergmann et al. 2018; 11x11 window, sigma 1.5)
