@@ -78,6 +78,39 @@ def test_entropy_hand_computed():
     assert attention_entropy(w).item() == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("activation,target", itertools.product(("softmax", "sigmoid"), ("memory", "encoder")))
+def test_feature_repair_gates_hand_computed(activation, target):
+    """Eqs. 6-10: forget and input gates sigma(W [z, z_hat] + b), candidate tanh(W_c [z, z_hat] + b_c),
+    out = f * (z_hat, or z with gate_target="encoder") + i * c, with sigma the softmax (the paper)
+    or the logistic function."""
+    from defect_fast.models.cmaae.model import FeatureRepair
+
+    torch.manual_seed(0)
+    frm = FeatureRepair(6, activation, target)
+    z, z_hat = torch.randn(3, 6), torch.randn(3, 6)
+    both = torch.cat([z, z_hat], dim=1)
+    gate = (lambda t: torch.softmax(t, dim=1)) if activation == "softmax" else torch.sigmoid
+    f = gate(both @ frm.forget.weight.T + frm.forget.bias)
+    i = gate(both @ frm.input.weight.T + frm.input.bias)
+    c = torch.tanh(both @ frm.candidate.weight.T + frm.candidate.bias)
+    want = f * (z_hat if target == "memory" else z) + i * c
+    torch.testing.assert_close(frm(z, z_hat), want, rtol=1e-6, atol=1e-6)
+
+
+def test_training_loss_is_eq_12():
+    """Eq. 12 with the weights of the paper's setting: 50 * L1 reconstruction + 0.01 * the mean
+    attention entropy (Eq. 5), in both stages."""
+    torch.manual_seed(0)
+    model = build_model("cmaae", memory_size=20).train()
+    x, target = torch.rand(4, 3, 64, 64) * 2 - 1, torch.rand(4, 3, 64, 64) * 2 - 1
+    out = model(x)
+    hand = 50 * (out["recon"] - target).abs().mean() - 0.01 * (out["weights"] * torch.log(out["weights"] + 1e-12)).sum(1).mean()
+    for stage in (0, 1):
+        total, parts = model.loss(out, target, stage)
+        torch.testing.assert_close(total, hand, rtol=1e-6, atol=1e-6)
+        assert parts["entropy"] == pytest.approx(float(attention_entropy(out["weights"].detach())), rel=1e-6)
+
+
 def test_msfr_known_features():
     # Scale 1: residual (2-0)^2 = 4 everywhere; scale 2: 1 everywhere; weights 1 and 3 -> 1.75.
     fx = [torch.full((1, 4, 2, 2), 2.0), torch.ones(1, 5, 4, 4)]
