@@ -76,7 +76,7 @@ def test_registered():
     assert MODELS["awae"] is AWAE
     m = AWAE()
     assert m.name == "awae" and m.default_map == "residual" and m.patch_size == 128
-    assert set(m.anomaly_maps) == {"residual", "msfr"}
+    assert set(m.anomaly_maps) == {"residual", "msfr", "ssim"}
 
 
 def test_layer_shapes_128():

@@ -287,7 +287,7 @@ def test_map_choices_come_from_the_registry(capsys):
     assert main(["evaluate", "run", "data", "--map", "nonsense"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--map" in err
-    assert all(name in err for name in map_names()) and map_names() == ["msfr", "perceptual", "residual"]
+    assert all(name in err for name in map_names()) and map_names() == ["msfr", "perceptual", "residual", "ssim"]
 
 
 def test_evaluate_names_the_images_a_broken_model_gives_nan_maps(tiny_run, synthetic_root, tmp_path, capsys, monkeypatch):

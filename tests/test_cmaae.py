@@ -227,3 +227,25 @@ def test_cmaae_uses_the_matrix_product_layers_and_loads_plain_state_dicts():
     assert sum(isinstance(m, (KernelSizedConv2d, PointConvTranspose2d)) for m in model.modules()) == 2
     other = build_model("cmaae")
     other.load_state_dict(model.state_dict())  # keys and shapes are those of the plain layers
+
+
+def test_the_ssim_map_is_one_minus_the_ssim_index_centred_on_each_pixel():
+    """AE-SSIM's map (Bergmann et al.): 1 - SSIM of x and its reconstruction, 11x11 Gaussian window
+    of std 1.5, channel mean. Inside the patch each pixel's value is the index of the window
+    centred on it; at the border the window's outer part repeats the edge pixels."""
+    from defect_fast.models.cmaae.anomaly_map import ssim
+
+    g = torch.Generator().manual_seed(0)
+    x, r = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1, torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    model = build_model("ae-ssim")
+    m = ssim(model, x, r)
+    assert m.shape == (2, 1, 32, 32)
+    _, index = reference.aw_ssim(x + 1, r + 1, torch.full((2,), 1.5), 1.0, 1.0, 1.0, 11, "product", 2.0, return_map=True)
+    torch.testing.assert_close(m[:, :, 5:-5, 5:-5], (1 - index).mean(dim=1, keepdim=True), rtol=0, atol=1e-4)
+    import pytorch_msssim  # the standard index: its mean over the valid windows
+    want = 1 - pytorch_msssim.ssim((x + 1) / 2, (r + 1) / 2, data_range=1.0, size_average=False, win_size=11, win_sigma=1.5)
+    torch.testing.assert_close(m[:, 0, 5:-5, 5:-5].mean(dim=(1, 2)), want, rtol=0, atol=1e-5)
+    assert float(ssim(model, x, x).abs().max()) < 1e-5
+    # the baseline maps by it; a model file that records the residual keeps it
+    assert model.default_map == "ssim" and build_model("ae-ssim", map="residual").default_map == "residual"
+    assert build_model("ae-l2").default_map == "residual" and "ssim" in build_model("awae").anomaly_maps

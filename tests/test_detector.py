@@ -24,7 +24,8 @@ PKG = Path(defect_fast.__file__).resolve().parent
 
 def _model(name="cmaae"):
     torch.manual_seed(0)
-    kw = {"memory_size": 20} if name == "cmaae" else {"patch_size": 32, "base_channels": 4, "latent_channels": 8}
+    kw = {"memory_size": 20} if name == "cmaae" else {} if name == "ae-ssim" else \
+        {"patch_size": 32, "base_channels": 4, "latent_channels": 8}
     m = build_model(name, **kw)
     for mod in m.modules():  # eval-mode batch norm with non-trivial statistics
         if isinstance(mod, torch.nn.BatchNorm2d):
@@ -37,10 +38,11 @@ def _images(n, size, seed=1):
     return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("name,map_kind,stride", [("cmaae", "msfr", None), ("cmaae", "residual", 32), ("awae", "msfr", 16)])
+@pytest.mark.parametrize("name,map_kind,stride", [("cmaae", "msfr", None), ("cmaae", "residual", 32), ("awae", "msfr", 16),
+                                                   ("ae-ssim", "ssim", 32)])
 def test_default_pipeline_equals_patch_by_patch_reference(name, map_kind, stride):
     m = _model(name)
-    size = 128 if name == "cmaae" else 64
+    size = 64 if name == "awae" else 128
     det = Detector(m, image_size=size, map_kind=map_kind, stride=stride, precision="float32", channels_last=False)
     x = _images(2, size)
     maps, scores = det(x)
