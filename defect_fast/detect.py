@@ -343,6 +343,9 @@ class Detector(nn.Module):
         if fuse:
             from .fuse import fuse_for_inference
 
+            # what save() writes: the model as given (the fused copy has other layers and dtypes)
+            self.__dict__["_source"] = (model.name, model.config(),
+                                        {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
             # weights stored in the autocast dtype once (the same rounding autocast applies per call)
             model = fuse_for_inference(model, None if precision == "float32" else PRECISIONS[precision])
             if channels_last:
@@ -1128,6 +1131,44 @@ class Detector(nn.Module):
         self.context = None  # its standardisation of the maps was measured on the maps before
         self._set_aside_thresholds("calibrated before fit_normalization changed the maps (calibrate again)")
         return {"mean": mean.cpu(), "std": std.cpu()}
+
+    def save(self, path: Path | str, *, overwrite: bool = False) -> Path:
+        """A model file of this Detector as it stands, which :meth:`load` reads back: the model's
+        weights, the inference settings (map, stride, blend, smoothing), the thresholds
+        (:attr:`calibration`, e.g. of :meth:`calibrate`), the statistics of :meth:`fit_normalization`,
+        and the perceptual map and image context when fitted; with a tensor digest, as training
+        writes them. Runtime options (precision, device, batch size, compile, CUDA graphs) are
+        given again to :meth:`load`. An existing file is replaced only with ``overwrite``, and never
+        one an output folder of another command lists (a run's own ``model.pt``). Returns the path.
+
+        Raises:
+            ValueError: the Detector scores by another ``top_fraction`` than the default, which
+                model files do not record (its thresholds would not hold after :meth:`load`).
+        """
+        from .runs import CHECKPOINT_VERSION
+        from .safety import safe_output_file, save_with_digest
+
+        if self.top_k != max(1, int(round(self.image_size**2 * TOP_FRACTION))):
+            raise ValueError(f"Detector.save: model files do not record top_fraction; this Detector scores by the "
+                             f"top {self.top_k} map values, not the default {TOP_FRACTION:g} of them")
+        path = safe_output_file(path, overwrite, what="Detector.save:")
+        if self.fuse:
+            name, config, weights = self.__dict__["_source"]
+        else:
+            name, config = self.model.name, self.model.config()
+            weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        state: dict[str, Any] = {
+            "version": CHECKPOINT_VERSION, "model_name": name, "model_config": config, "model_state": weights,
+            "image_size": self.image_size, "calibration": dict(self.calibration),
+            "detector": {"map_kind": self.map_kind, "stride": self.stride, "blend": self.blend,
+                         "smooth_sigma": float(self.smooth_sigma)}}
+        if self.normalization()["kind"] != "identity":
+            state["normalization"] = {"mean": self.norm_mean.detach().cpu(), "std": self.norm_std.detach().cpu()}
+        if self.image_map is not None:
+            state["perceptual"] = self.image_map.state()
+        if self.context is not None:
+            state["context"] = self.context.state()
+        return save_with_digest(state, path)
 
     def normalization(self) -> dict[str, Any]:
         """The normalisation in force, JSON-ready ("identity", or the shape of the stored statistics)."""

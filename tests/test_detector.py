@@ -624,3 +624,28 @@ def test_a_cast_of_the_detector_is_refused_naming_the_precision_option():
     with pytest.raises(TypeError, match="runs in bfloat16"):
         bf16.to(torch.float32)  # its weights are stored in bfloat16: a cast to float32 is not a no-op
     assert torch.equal(det.predict(x)["scores"], want)
+
+
+@pytest.mark.parametrize("precision", ["float32", "auto"])
+def test_save_writes_what_load_reads_back(tmp_path, precision):
+    """An embedding program that calibrates or normalises a Detector in Python can keep it: save()
+    writes a model file (the model as given, not the fused copy) that load() reads to the same
+    maps, scores and thresholds; an existing file is refused unless overwrite."""
+    from defect_fast.safety import OutputRefused
+
+    det = Detector(_model(), image_size=128, precision=precision, stride=32, blend="hann", smooth_sigma=1.0)
+    normal = _images(6, 128)
+    det.fit_normalization(normal[:3])
+    cal = det.calibrate(normal[3:], far=0.25)
+    path = det.save(tmp_path / "line3.pt")
+    again = Detector.load(path, device="cpu", precision=precision)
+    x = _images(2, 128)
+    a, b = det.predict_batched(x), again.predict_batched(x)
+    assert torch.equal(a["maps"], b["maps"]) and torch.equal(a["scores"], b["scores"])
+    assert again.calibration == cal and (again.stride, again.blend, again.smooth_sigma) == (32, "hann", 1.0)
+    assert again.normalization() == det.normalization() and again.normalization()["kind"] == "per-position"
+    with pytest.raises(OutputRefused, match="line3.pt: file exists"):
+        det.save(path)
+    assert det.save(path, overwrite=True) == path
+    with pytest.raises(ValueError, match="top_fraction"):
+        Detector(_model(), image_size=128, top_fraction=0.01).save(tmp_path / "other.pt")
