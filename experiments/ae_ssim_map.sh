@@ -22,16 +22,5 @@ fi
 for map in ssim residual; do
   [ -f "$RES/$map.json" ] && continue
   "${DF[@]}" evaluate "$run" "$DATA" --map "$map" --json "$RES/$map.tmp" --overwrite || exit 1
-  python3 - "$RES/$map.tmp" "$RES/$map.json" <<'PY'
-import json, platform, sys, torch
-from defect_fast.detect import cpu_flags
-src, dst = sys.argv[1:]
-m = json.load(open(src))
-cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
-flags = "+".join(sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"})) or "no bf16 instructions"
-m["hardware"] = f"{cpu} ({flags}), {torch.get_num_threads()} threads, torch {torch.__version__}"
-json.dump(m, open(dst, "w"), indent=2)
-print(f"{dst}: pixel AUROC {m['pixel_auroc']:.4f} image AUROC {m['image_auroc']:.4f} AUPRO {m['aupro']:.4f}")
-PY
-  rm -f "$RES/$map.tmp"
+  python3 experiments/record_eval.py "$RES/$map.tmp" "$RES/$map.json" "$run" || exit 1
 done

@@ -20,21 +20,7 @@ export DEFECT_FAST_ALEXNET_WEIGHTS=${DEFECT_FAST_ALEXNET_WEIGHTS:-../shared/weig
 evaluate() {  # run results-name
   [ -f "$RES/$2.json" ] && return
   "${DF[@]}" evaluate "$1" "$DATA" --json "$RES/$2.tmp" --overwrite || return
-  python3 - "$RES/$2.tmp" "$RES/$2.json" "$1" <<'PY'
-import json, platform, sys, torch
-from defect_fast.detect import cpu_flags
-src, dst, run = sys.argv[1:]
-m = json.load(open(src))
-cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
-flags = "+".join(sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"})) or "no bf16 instructions"
-state = torch.load(f"{run}/model.pt", map_location="cpu", weights_only=True)
-m.update(run=run, synthesis=state["train_config"]["model_kwargs"].get("synthesis", "paper"),
-         train_seconds=state.get("train_seconds"),
-         hardware=f"{cpu} ({flags}), {torch.get_num_threads()} threads, torch {torch.__version__}")
-json.dump(m, open(dst, "w"), indent=2)
-print(f"{dst}: pixel AUROC {m['pixel_auroc']:.4f} image AUROC {m['image_auroc']:.4f} AUPRO {m['aupro']:.4f}")
-PY
-  rm -f "$RES/$2.tmp"
+  python3 experiments/record_eval.py "$RES/$2.tmp" "$RES/$2.json" "$1"
 }
 
 # (photos-perlin is placement.sh's cmaae-s0 run, the same command: last, as the reference)

@@ -1,0 +1,40 @@
+"""Complete an `evaluate --json` file for an experiment's results folder: the run it measured, what
+its model file says of it (the stage-two anomalies, the placement of the trunk's cells, the
+training time) and the hardware, then write it under its final name and remove the temporary.
+
+    python3 experiments/record_eval.py TMP_JSON FINAL_JSON [RUN]
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+
+import torch
+
+from defect_fast.detect import cpu_flags
+
+
+def main(argv: list[str]) -> None:
+    src, dst, run = argv[0], argv[1], (argv[2] if len(argv) > 2 else None)
+    m = json.load(open(src))
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    flags = "+".join(sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"})) or "no bf16 instructions"
+    m["hardware"] = f"{cpu} ({flags}), {torch.get_num_threads()} threads, torch {torch.__version__}"
+    if run is not None:
+        state = torch.load(os.path.join(run, "model.pt"), map_location="cpu", weights_only=True)
+        m["run"] = run
+        m["synthesis"] = (state.get("train_config") or {}).get("model_kwargs", {}).get("synthesis", "paper")
+        m["placement"] = {part: state[part].get("placement", "cells") for part in ("perceptual", "context")
+                          if state.get(part)}
+        m["train_seconds"] = state.get("train_seconds")
+    with open(dst, "w") as fh:
+        json.dump(m, fh, indent=2)
+    os.remove(src)
+    print(f"{dst}: pixel AUROC {m['pixel_auroc']:.4f} image AUROC {m['image_auroc']:.4f} AUPRO {m['aupro']:.4f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
