@@ -571,7 +571,7 @@ def _update(st: _State, keys: set[str], recursive: bool, log: Callable[[str], No
     return looked
 
 
-def _ready(st: _State, keys, settle: float, once: bool) -> list[str]:
+def _ready(st: _State, keys, settle: float) -> list[str]:
     """Update the pending table for ``keys``; those of files in ``st.known`` stable for ``settle`` s and
     not known to be done."""
     now = time.monotonic()
@@ -593,7 +593,7 @@ def _ready(st: _State, keys, settle: float, once: bool) -> list[str]:
         bad = st.undecodable.get(key)
         if bad is not None and bad[0] == sig and now - bad[1] < st.grace:  # waits for the rest of the file
             continue
-        if now - p.since >= settle and (sig[0] > 0 or once or now - p.since >= max(MIN_GRACE, 10 * settle)):
+        if now - p.since >= settle and (sig[0] > 0 or now - p.since >= st.grace):  # an empty file waits its grace
             ready.append(key)
     for key in [k for k in st.pending if k not in known]:
         del st.pending[key]
@@ -682,24 +682,25 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
             # the reason, the line goes on (raised, it stopped the service at every start on the same file)
             img, photo, err = None, None, f"cannot be read (internal error {error_kind(exc)}: {exc})"
         try:
-            s2 = os.stat(path)
+            now_sig = _signature(path)
         except OSError:  # gone, or no longer reachable: looked at again if it comes back
             st.pending.pop(key, None)
             continue
-        if (s2.st_size, s2.st_mtime_ns, s2.st_ctime_ns) != sig:  # changed while we read it: wait for it to settle again
+        if now_sig != sig:  # changed while we read it: wait for it to settle again
             st.pending.pop(key, None)
             continue
         if err is not None:
             reason = err.replace(f"{path}: ", "")
-            bad = st.undecodable.get(key)
             # a writer that stalled mid-file may go on (an empty file has waited its grace in _ready)
-            if st.grace > 0 and sig[0] > 0 and (bad is None or bad[0] != sig):
-                st.undecodable[key] = (sig, time.monotonic())
-                log(f"{path}: {reason}; rejected if it stays so, unchanged, for {st.grace:.0f} s (a writer may "
-                    "not have finished it)")
-                continue
-            if st.grace > 0 and sig[0] > 0 and time.monotonic() - bad[1] < st.grace:
-                continue
+            if st.grace > 0 and sig[0] > 0:
+                bad = st.undecodable.get(key)
+                if bad is None or bad[0] != sig:
+                    st.undecodable[key] = (sig, time.monotonic())
+                    log(f"{path}: {reason}; rejected if it stays so, unchanged, for {st.grace:.0f} s (a writer may "
+                        "not have finished it)")
+                    continue
+                if time.monotonic() - bad[1] < st.grace:
+                    continue
             st.pending.pop(key, None)
             st.undecodable.pop(key, None)
             _reject(st, key, path, sha, sig, reason, log)
@@ -989,7 +990,7 @@ def watch(
                 keys = st.known.keys()
             else:  # only what events named, and what waits to settle
                 keys = _update(st, _event_keys(st, paths, recursive) | set(st.pending), recursive, log)
-            ready = _ready(st, keys, settle, once)
+            ready = _ready(st, keys, settle)
             for i in range(0, len(ready), batch_size):
                 if _process(st, ready[i:i + batch_size], predict_fn, log, stop):
                     _write_status(st, "running")
