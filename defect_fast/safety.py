@@ -780,15 +780,9 @@ class OutputFolder:
                                 "(only the files defect-fast wrote there are removed) or choose another folder")
         names = list(names)
         if names:
-            try:
-                listed = set(_manifest(p).get("files", []))
-            except (OSError, ValueError) as exc:
-                raise OutputRefused(f"{what} {p}: its {MANIFEST_NAME} cannot be read ({exc})") from None
-            for name in names:
-                target = p / name
-                if (target.exists() or target.is_symlink()) and Path(name).as_posix() not in listed:
-                    raise OutputRefused(f"{target}: exists and was not written by defect-fast; move it away or "
-                                        "choose another folder")
+            earlier = OutputFolder(p)
+            earlier._read_manifest()
+            earlier._refuse_unlisted(names)
 
     @classmethod
     def create(cls, path: str | os.PathLike, *, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = (),
@@ -999,12 +993,16 @@ class OutputFolder:
         (:class:`OutputRefused`, nothing recorded) when one of them exists and the manifest does
         not list it: a user's file is never replaced."""
         names = list(names)
+        self._refuse_unlisted(names)
+        return self.record_many(names)
+
+    def _refuse_unlisted(self, names: list[str | os.PathLike]) -> None:
+        """:class:`OutputRefused` when one of ``names`` exists and the manifest does not list it."""
         for name in names:
             rel = self._rel(name)
             target = self.path / rel
             if (target.exists() or target.is_symlink()) and rel not in self.files:
                 raise OutputRefused(f"{target}: exists and was not written by defect-fast; move it away or choose another folder")
-        return self.record_many(names)
 
     def mkdir(self, name: str | os.PathLike) -> Path:
         """Create a sub-folder (and parents) and record it."""
