@@ -200,9 +200,14 @@ def _fixed(name: str) -> property:
     return property(get, put, doc=f"``{name}`` as built (read only).")
 
 
+def _top_count(pixels: int, top_fraction: float) -> int:
+    """How many of a map's ``pixels`` values its image score averages (at least one)."""
+    return max(1, int(round(pixels * top_fraction)))
+
+
 def image_scores(maps: torch.Tensor, top_fraction: float = TOP_FRACTION) -> torch.Tensor:
     """maps [N, H, W] -> [N]: mean of the top ``top_fraction`` of each map's values."""
-    return top_mean(maps, max(1, int(round(maps.shape[-1] * maps.shape[-2] * top_fraction))))
+    return top_mean(maps, _top_count(maps.shape[-1] * maps.shape[-2], top_fraction))
 
 
 def reference_ops():
@@ -394,7 +399,7 @@ class Detector(nn.Module):
         self._graphs: dict[tuple, tuple] = {}
         self.calibration = dict(calibration or {})
         self.smooth_sigma = float(smooth_sigma)
-        self.top_k = max(1, int(round(self.image_size**2 * top_fraction)))
+        self.top_k = _top_count(self.image_size**2, top_fraction)
         s = self.image_size
         window = blend_window(self.patch, blend)
         self.register_buffer("window", window, persistent=False)
@@ -1148,7 +1153,7 @@ class Detector(nn.Module):
         from .runs import CHECKPOINT_VERSION
         from .safety import safe_output_file, save_with_digest
 
-        if self.top_k != max(1, int(round(self.image_size**2 * TOP_FRACTION))):
+        if self.top_k != _top_count(self.image_size**2, TOP_FRACTION):
             raise ValueError(f"Detector.save: model files do not record top_fraction; this Detector scores by the "
                              f"top {self.top_k} map values, not the default {TOP_FRACTION:g} of them")
         path = safe_output_file(path, overwrite, what="Detector.save:")
