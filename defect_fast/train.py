@@ -546,8 +546,7 @@ class Trainer:
         try:
             while self.position["stage"] < len(self.model.stages):
                 stage = self.position["stage"]
-                cap = cfg.max_steps[stage] if cfg.max_steps else None
-                total_steps = cfg.epochs[stage] * steps_per_epoch if cap is None else min(cap, cfg.epochs[stage] * steps_per_epoch)
+                total_steps = stage_steps(cfg, stage, steps_per_epoch)
                 done = self.position["epoch"] * steps_per_epoch + self.position["step"]
                 bar = tqdm(total=total_steps, initial=min(done, total_steps), disable=not self.progress,
                            desc=f"stage {stage + 1}/{len(self.model.stages)} ({self.model.stages[stage]})", unit="step")
@@ -874,6 +873,12 @@ def _preload_sources(cfg: TrainConfig, stages: tuple[str, ...] | list[str]) -> t
         raise DataError(f"--anomaly-source: {exc}") from None
 
 
+def stage_steps(cfg: TrainConfig, stage: int, steps_per_epoch: int) -> int:
+    """The steps stage ``stage`` trains: its epochs, capped by ``cfg.max_steps`` when given."""
+    total = cfg.epochs[stage] * steps_per_epoch
+    return min(total, cfg.max_steps[stage]) if cfg.max_steps else total
+
+
 def batch_norm_needs_two(model: AnomalyModel) -> bool:
     """Whether a batch of one patch cannot train ``model``: one of its batch normalisations sees a
     1x1 map (a linear layer's features), one value per channel, whose batch variance is undefined
@@ -909,9 +914,7 @@ def _check_last_batch(cfg: TrainConfig, model: AnomalyModel, n_train: int,
     start = position["stage"] if position else 0
     reached = False
     for stage in range(start, len(cfg.epochs)):
-        total = cfg.epochs[stage] * spe
-        if cfg.max_steps:
-            total = min(total, cfg.max_steps[stage])
+        total = stage_steps(cfg, stage, spe)
         done = position["epoch"] * spe + position["step"] if position and stage == start else 0
         # the one-patch batch is the last step of each epoch (steps spe, 2 spe, ... of the stage)
         reached |= total > done if every else total // spe > done // spe
