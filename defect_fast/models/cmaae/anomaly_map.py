@@ -2,15 +2,16 @@
 or 1 - SSIM (the AE-SSIM baseline's, Bergmann et al. 2018)."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from ...maps import msfr_map, residual_map
+from ...ops.reference import gaussian_windows
 
 #: The SSIM map's window: 11 x 11, Gaussian of std 1.5 (Bergmann et al., as the SSIM loss here).
 SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
+#: Its 1-D taps, the reference op's window, as plain numbers (an export records them as constants).
+_TAPS = gaussian_windows(torch.tensor([SSIM_SIGMA], dtype=torch.float64), SSIM_WINDOW)[0].tolist()
 
 
 def msfr(model, x: torch.Tensor, recon: torch.Tensor, x_features=None) -> torch.Tensor:
@@ -23,13 +24,6 @@ def msfr(model, x: torch.Tensor, recon: torch.Tensor, x_features=None) -> torch.
 def residual(model, x: torch.Tensor, recon: torch.Tensor, x_features=None) -> torch.Tensor:
     """Mean squared pixel residual over channels, [B,1,P,P]."""
     return residual_map(x, recon)
-
-
-def _taps() -> list[float]:
-    """The SSIM window's 1-D Gaussian taps (K values), normalised, as plain numbers: an export
-    records them as constants."""
-    g = [math.exp(-0.5 * ((i - SSIM_WINDOW // 2) / SSIM_SIGMA) ** 2) for i in range(SSIM_WINDOW)]
-    return [v / sum(g) for v in g]
 
 
 def ssim(model, x: torch.Tensor, recon: torch.Tensor, x_features=None) -> torch.Tensor:
@@ -48,7 +42,7 @@ def _one_minus_ssim(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
     pad = (SSIM_WINDOW // 2,) * 4
     stats = torch.stack([xs, ys, xs * xs, ys * ys, xs * ys])  # [5, B, C, P, P]
     shape = stats.shape
-    g = torch.tensor(_taps(), dtype=torch.float32, device=xs.device)
+    g = torch.tensor(_TAPS, dtype=torch.float32, device=xs.device)
     flat = F.pad(stats.reshape(-1, 1, shape[-2], shape[-1]), pad, mode="replicate")  # every plane on its own
     flat = F.conv2d(F.conv2d(flat, g.view(1, 1, -1, 1)), g.view(1, 1, 1, -1))
     mx, my, exx, eyy, exy = flat.reshape(shape).unbind(0)

@@ -287,17 +287,16 @@ class CMAAE(AnomalyModel):
         ``synthesis="paper"``: natural-photo and blurred-normal rectangles with GAAGA's defaults
         (each image draws its patch kinds; the paper pastes both: see :mod:`defect_fast.synthesis.synthesize`);
         "paper-exact": the paper's rule, both rectangles in every image, squares of half the image side
-        (:data:`defect_fast.synthesis.gaaga.PAPER_RULE`); "perlin": irregular Perlin-shaped regions with generated textures, cut-paste from other
-        images, brightness changes and random opacity (:mod:`defect_fast.synthesis.synthesize`).
+        (:data:`defect_fast.synthesis.gaaga.PAPER_RULE`); "perlin": irregular Perlin-shaped regions
+        with generated textures, cut-paste from other images, brightness changes and random opacity
+        (:mod:`defect_fast.synthesis.synthesize`).
         """
         from ...synthesis import SynthesisConfig, synthesize
-
         from ...synthesis.gaaga import PAPER_RULE
 
-        if self.synthesis == "paper-exact":
-            config = SynthesisConfig(variant="paper", paper_options=dict(PAPER_RULE))
-        else:
-            config = SynthesisConfig(variant=self.synthesis)
+        exact = self.synthesis == "paper-exact"
+        config = SynthesisConfig(variant="paper" if exact else self.synthesis,
+                                 paper_options=dict(PAPER_RULE) if exact else {})
         return synthesize(clean, sources, generator, "gaaga", config)
 
     def trainable_parameters(self, stage: int) -> list[nn.Parameter]:
