@@ -130,14 +130,6 @@ class RowsFile(list):
         if self.path is not None:
             write_results(self.path, {**self.payload, self.key: list(self)}, quiet=True)
 
-    def extend(self, rows) -> None:
-        for row in rows:
-            self.append(row)
-
-    def __iadd__(self, rows):
-        self.extend(rows)
-        return self
-
     def finish(self) -> None:
         if self.path is not None:
             write_results(self.path, {**self.payload, self.key: list(self)})

@@ -140,9 +140,6 @@ print("=" * 78)
 print(f"gpu_suite {'DRY RUN' if dry else ''} in {seconds} s on {env.get('gpu') or env.get('cpu', '?')} (torch {env.get('torch', '?')})")
 for s in steps:
     print(f"  {s['step']:14s} {s['status']:16s} {s['seconds']:4d} s")
-def load(name):
-    p = os.path.join(out, "results", name)
-    return json.load(open(p)) if os.path.exists(p) else None
 def rows(payload):
     return (payload.get("rows") or payload.get("cases") or []) if isinstance(payload, dict) else []
 for path in suite["results"]:
