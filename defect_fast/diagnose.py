@@ -41,7 +41,6 @@ folder with a manifest (:class:`defect_fast.safety.OutputFolder`): new or empty,
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -52,7 +51,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .safety import atomic_open, atomic_write_text
+from .safety import atomic_open, atomic_write_text, short_stem
 
 __all__ = ["REGIONS", "add_parser", "command", "diagnose", "draw_grid", "figure_name", "figure_names", "format_table", "location_stats",
            "main", "rank_correlation", "region_masks", "top_pixel_mask", "top_pixel_weights"]
@@ -286,13 +285,9 @@ MAX_STEM_BYTES = 200
 
 def figure_name(cls: str) -> str:
     """File name of a class's figure grid (``<class>.png``, unsafe characters replaced; a stem
-    over :data:`MAX_STEM_BYTES` cut, with a digest of the whole name so that two long names stay apart)."""
-    stem = _safe_name(cls)
-    raw = stem.encode("utf-8", "surrogateescape")
-    if len(raw) > MAX_STEM_BYTES:
-        digest = hashlib.sha1(raw).hexdigest()[:10]
-        stem = raw[:MAX_STEM_BYTES - 11].decode("utf-8", "ignore") + "-" + digest
-    return f"{stem}.png"
+    over :data:`MAX_STEM_BYTES` cut, with a digest of the whole name so that two long names stay
+    apart: :func:`~defect_fast.safety.short_stem`, as ``watch`` names its maps)."""
+    return f"{short_stem(_safe_name(cls), MAX_STEM_BYTES)}.png"
 
 
 def figure_names(classes) -> dict[str, str]:

@@ -122,6 +122,18 @@ _USER_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENO
 _USER_ERRNOS_ON_A_PATH = {errno.EINVAL, errno.EIO}
 
 
+def short_stem(stem: str, limit: int) -> str:
+    """A file name's ``stem`` as it is when it fits in ``limit`` UTF-8 bytes; else its first
+    characters that do and 8 hex digits of its SHA-256, so two long stems that begin alike still
+    differ (a file name is at most 255 bytes, and the temporaries written beside it add more)."""
+    raw = os.fsencode(stem)
+    if len(raw) <= limit:
+        return stem
+    digest = hashlib.sha256(raw).hexdigest()[:8]
+    head = raw[:limit - 9].decode("utf-8", "ignore")  # whole characters only
+    return f"{head}~{digest}"
+
+
 def one_line(text: str) -> str:
     """Collapse a message to one line: its first line, then the other lines joined with "; "."""
     lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]

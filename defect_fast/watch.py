@@ -92,7 +92,8 @@ import torch
 from .calibration import ModelInfo, defect_regions
 from .data.io import IMAGE_EXTENSIONS, DataError, error_kind, read_image_at_both_sizes
 from .maps import resize_map
-from .safety import LOCK_NAME, MANIFEST_NAME, OutputFolder, OutputRefused, RunLock, UserError, check_out_not_overlapping, far_errors
+from .safety import (LOCK_NAME, MANIFEST_NAME, OutputFolder, OutputRefused, RunLock, UserError, check_out_not_overlapping,
+                     far_errors, short_stem)
 
 __all__ = ["IGNORED_SUFFIXES", "Journal", "WatchError", "add_parser", "command", "is_temporary_name", "output_name",
            "watch"]
@@ -133,22 +134,11 @@ def is_temporary_name(name: str) -> bool:
 MAX_STEM_BYTES = 160
 
 
-def _short_stem(stem: str, limit: int = MAX_STEM_BYTES) -> str:
-    """``stem`` as it is when it fits in ``limit`` UTF-8 bytes; else its first characters that do
-    and 8 hex digits of its SHA-256, so two long stems that begin alike still differ."""
-    raw = os.fsencode(stem)
-    if len(raw) <= limit:
-        return stem
-    digest = hashlib.sha256(raw).hexdigest()[:8]
-    head = raw[:limit - 9].decode("utf-8", "ignore")  # whole characters only
-    return f"{head}~{digest}"
-
-
 def output_name(key: str, sha256: str) -> str:
     """Stem of an image's outputs: its relative path without extension, "/" -> "__", + 12 hex digits
-    (a path longer than :data:`MAX_STEM_BYTES` shortened by :func:`_short_stem`)."""
+    (a path longer than :data:`MAX_STEM_BYTES` shortened by :func:`~defect_fast.safety.short_stem`)."""
     stem = key.rsplit(".", 1)[0] if "." in Path(key).name else key
-    return f"{_short_stem(stem.replace('/', '__'))}_{sha256[:12]}"
+    return f"{short_stem(stem.replace('/', '__'), MAX_STEM_BYTES)}_{sha256[:12]}"
 
 
 def _now_iso() -> str:
@@ -626,7 +616,7 @@ def _judged_apart(records: list[dict[str, Any]], threshold: float, version: str)
 
 def _reject(st: _State, key: str, path: Path, sha: str, sig: Signature, reason: str, log) -> None:
     name = Path(key)
-    dest = st.out / REJECTED / f"{_short_stem(name.stem)}{name.suffix}"
+    dest = st.out / REJECTED / f"{short_stem(name.stem, MAX_STEM_BYTES)}{name.suffix}"
     if dest.exists():
         dest = dest.with_name(f"{dest.stem}_{sha[:12]}{dest.suffix}")
     rec = _base_record(st, key, path, sha, sig)
