@@ -2,8 +2,9 @@
 
 Run folder layout (written by :func:`defect_fast.train.train`):
     config.json       what was asked for (model, data, schedule)
-    checkpoint.pt     latest state for --resume (model, optimiser, position), written atomically
-    stage1.pt ...     the model at the end of each stage
+    checkpoint.pt     latest state for --resume (model, optimiser, position), written atomically;
+                      removed once model.pt is written (a finished run resumes no more)
+    stage1.pt ...     the model at the end of each stage (without the optimiser)
     model.pt          the finished model (with calibration statistics), read by evaluate/predict/export
     log.jsonl         one line per logged step
     .defect_fast-manifest.json   the files above, as written by defect-fast (what --overwrite may remove)

@@ -402,6 +402,10 @@ class Trainer:
             "compute": compute_setting(self.device),
         }
 
+    def weights(self) -> dict[str, Any]:
+        """:meth:`state` without the optimiser's moments (twice the weights): a model file's state."""
+        return {k: v for k, v in self.state().items() if k != "optimizer_state"}
+
     def train_seconds(self) -> float:
         """Seconds this run has trained, over every process of it (up to its last checkpoint for
         the processes that were interrupted)."""
@@ -605,7 +609,8 @@ class Trainer:
                 if stage + 1 < len(self.model.stages):
                     self.optimizer = self._optimizer(stage + 1)
                 self.position.update(stage=stage + 1, epoch=0, step=0)
-                atomic_save({**self.state(), "position": dict(self.position)}, self.out / stage_file(stage + 1))
+                # the stage's model (the checkpoint, written next, is what a resume continues from)
+                atomic_save({**self.weights(), "position": dict(self.position)}, self.out / stage_file(stage + 1))
                 self.save_checkpoint()
                 self._stop_if_asked()
         except KeyboardInterrupt:  # a second signal, or one off the main thread: the last checkpoint stands
@@ -954,6 +959,8 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
     if resume:
         ckpt = out / CHECKPOINT_FILE
         if not ckpt.is_file():
+            if (out / MODEL_FILE).is_file():
+                raise RunError(f"{out}: the run is finished ({MODEL_FILE} is written); nothing to resume")
             raise RunError(f"{out}: nothing to resume (no {CHECKPOINT_FILE})")
         folder = OutputFolder.open(out, lock=True, what="--out", command="train")
     else:
@@ -1086,10 +1093,9 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
                                                "(they were trained on); not a calibrated false-alarm rate")
         cal = finished["calibration"]
         finish_seconds = time.perf_counter() - finish_started
-        # the model file is what inspection loads: the optimiser's moments (twice the weights) stay in
-        # the checkpoint, which a finished run no longer resumes from
-        weights = {k: v for k, v in trainer.state().items() if k != "optimizer_state"}
-        final = {**weights, "calibration": cal, "held_back": list(cfg.held_back), "train_seconds": elapsed,
+        # the model file is what inspection loads: the optimiser's moments (twice the weights) go with
+        # the checkpoint, which a finished run no longer resumes from (removed once model.pt is in place)
+        final = {**trainer.weights(), "calibration": cal, "held_back": list(cfg.held_back), "train_seconds": elapsed,
                  "finish_seconds": finish_seconds,
                  # which images the run has seen, by their pixels as read (defect-fast calibrate refuses them)
                  "image_keys": {"trained": [keys[i].hex() for i in train_idx],
@@ -1102,6 +1108,7 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
             final["context"] = finished["context"]
         final["detector"] = finished["detector"]
         atomic_save(final, out / MODEL_FILE)
+        (out / CHECKPOINT_FILE).unlink(missing_ok=True)
         if not cal.get("sufficient", True):
             _warn(cal["note"])
         log(f"trained {cfg.model} in {elapsed:.1f} s, then {finish_seconds:.1f} s for the map statistics and "

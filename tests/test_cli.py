@@ -531,13 +531,15 @@ def test_an_interrupted_demo_keeps_its_training_to_resume(tmp_path, monkeypatch,
 
     real = train_mod.train
 
-    def interrupted(cfg, run, **kw):
+    def short(cfg, run, **kw):
         cfg.max_steps = [1] * len(cfg.epochs)
-        real(cfg, run, **kw)
-        (Path(run) / "model.pt").unlink()  # as if stopped before the end: only the checkpoint is left
-        raise UserError(f"interrupted at step 1; progress saved, continue with --resume (run folder {run})")
+        return real(cfg, run, **kw)
 
-    monkeypatch.setattr(train_mod, "train", interrupted)
+    def interrupted(*args, **kw):  # stopped after training, before the model file: only the checkpoint is left
+        raise UserError("interrupted at step 1; progress saved, continue with --resume")
+
+    monkeypatch.setattr(train_mod, "train", short)
+    monkeypatch.setattr(train_mod, "finish_run", interrupted)
     out = tmp_path / "demo"
     assert main(["demo", str(out), *DEMO]) == 2
     assert "continue with --resume" in capsys.readouterr().err

@@ -291,6 +291,23 @@ def test_resume_continues_on_the_run_s_own_images_and_settings(synthetic_root, t
         train(_cfg(data), out, resume=True, progress=False, log=lambda s: None)
 
 
+def test_a_finished_run_keeps_its_models_not_the_optimiser(synthetic_root, tmp_path):
+    """A finished run kept checkpoint.pt and its last stage file with the optimiser's moments
+    (twice the weights each: 180 MB of a CMA-AE run's 250), though it resumes no more."""
+    out = tmp_path / "run"
+    train(_cfg(synthetic_root, max_steps=[2, 2]), out, progress=False, log=lambda s: None)
+    assert not (out / "checkpoint.pt").exists()
+    model = torch.load(out / "model.pt", weights_only=True)
+    for stage in ("stage1.pt", "stage2.pt"):
+        state = torch.load(out / stage, weights_only=True)
+        assert "optimizer_state" not in state and state["model_state"].keys() == model["model_state"].keys()
+    final = torch.load(out / "stage2.pt", weights_only=True)["model_state"]
+    assert all(torch.equal(final[k], v) for k, v in model["model_state"].items())
+    with pytest.raises(RunError, match=r"the run is finished \(model.pt is written\); nothing to resume"):
+        train(_cfg(synthetic_root), out, resume=True, progress=False, log=lambda s: None)
+    assert main(["evaluate", str(out), str(synthetic_root)]) == 0
+
+
 def test_a_resume_refuses_changed_anomaly_source_photos_and_a_model_file_as_its_checkpoint(synthetic_root, tmp_path,
                                                                                             monkeypatch):
     """Source photos changed between the stop and the resume were taken silently (the rest of the
