@@ -2,7 +2,9 @@
 
 All curve metrics are exact: every distinct score is a threshold and a run of tied scores is one
 step of the curve (as in ``sklearn.metrics.roc_auc_score`` / ``precision_recall_curve``), so no
-threshold subsampling is needed. Scores are compared at float32 precision.
+threshold subsampling is needed. Scores are compared exactly as given: float32, float16, bfloat16
+and small integers by their float32 values, float64 and wide integers (which float32 would round
+into ties) by their ranks.
 
 How it stays fast on hundreds of 512x512 maps: every pixel becomes one int64 key, its score's
 order-preserving float32 bits (descending) in the high half and a small code in the low half
@@ -60,16 +62,38 @@ def _as_tensor(x) -> torch.Tensor:
     return t.detach().cpu()
 
 
+#: Score dtypes whose every value float32 holds exactly (compared as float32 values)
+_EXACT_IN_FLOAT32 = (torch.float32, torch.float16, torch.bfloat16, torch.bool, torch.uint8, torch.int8, torch.int16)
+
+
 def _scores_np(x, what: str) -> np.ndarray:
-    """Scores as a float32 numpy array (shares memory when possible); rejects NaN/inf."""
+    """Scores in an order-keeping numpy array; rejects NaN/inf. float32 (sharing memory when
+    possible) for the dtypes float32 holds exactly; for the others (float64, int32, int64) their
+    dense ranks as int32 (0 = lowest; equal values, -0.0 and 0.0 too, share one): a cast to float32
+    would round distinct values into ties (scores of 1e6 + 0.01 i) or past its range (1e300)."""
     t = _as_tensor(x)
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{what} contain NaN or infinite values")
-    if t.dtype != torch.float32:
-        t = t.to(torch.float32)
-        if not bool(torch.isfinite(t).all()):  # finite as given: beyond what float32 holds
-            raise ValueError(f"{what} hold values beyond float32's range (+-3.4e38)")
-    return t.numpy()
+    if t.dtype in _EXACT_IN_FLOAT32:
+        return t.to(torch.float32).numpy()
+    a = t.numpy()
+    if a.size >= 1 << 31:
+        raise ValueError(f"{what}: {a.size} {t.dtype} values are more than can be ranked; pass them as float32")
+    _, ranks = np.unique(a, return_inverse=True)
+    return ranks.reshape(a.shape).astype(np.int32)
+
+
+def _masks_t(x) -> torch.Tensor:
+    """Ground-truth masks as a bool tensor, checked: a mask of other values than 0 and 1 (a soft,
+    resized one) is refused, not read as "any non-zero value is a defect"."""
+    t = _as_tensor(x)
+    if t.dtype != torch.bool:
+        if not bool(((t == 0) | (t == 1)).all()):
+            odd = t[(t != 0) & (t != 1)].reshape(-1)[0].item()
+            raise ValueError(f"masks must be bool or 0/1, got a value {odd:g}: binarise a soft or resized mask "
+                             "first (e.g. mask > 0.5)")
+        t = t.to(torch.bool)
+    return t
 
 
 def _labels_np(x) -> np.ndarray:
@@ -116,7 +140,7 @@ def connected_components(masks, connectivity: int = 8) -> tuple[torch.Tensor, in
     """
     if connectivity not in (4, 8):
         raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
-    m = _as_tensor(masks).to(torch.bool)
+    m = _masks_t(masks)
     shape = m.shape
     if m.ndim == 2:
         m = m.unsqueeze(0)
@@ -192,10 +216,14 @@ def _label_runs(m: torch.Tensor, connectivity: int) -> tuple[torch.Tensor, ...]:
 
 
 def _pack(scores: np.ndarray, codes: np.ndarray, out: np.ndarray) -> None:
-    """out = (descending order key of float32 scores) << 32 | codes, element-wise (1-D)."""
-    s = scores.astype(np.float32) + np.float32(0.0)  # copy; -0.0 becomes +0.0
-    bits = s.view(np.int32)
-    asc = np.where(bits < 0, bits ^ np.int32(0x7FFFFFFF), bits)  # float order as int32 order
+    """out = (descending order key of the scores) << 32 | codes, element-wise (1-D); scores are
+    float32 values or int32 ranks (see :func:`_scores_np`)."""
+    if scores.dtype == np.int32:  # ranks: already in ascending order
+        asc = scores
+    else:
+        s = scores.astype(np.float32) + np.float32(0.0)  # copy; -0.0 becomes +0.0
+        bits = s.view(np.int32)
+        asc = np.where(bits < 0, bits ^ np.int32(0x7FFFFFFF), bits)  # float order as int32 order
     np.left_shift(np.invert(asc).astype(np.int64), 32, out=out)  # invert: descending
     np.bitwise_or(out, codes.astype(np.int64), out=out)
 
@@ -308,7 +336,7 @@ def pixel_auroc(maps, masks) -> float:
         with a :class:`MetricWarning` if the masks hold only one class.
     """
     _check_same_shape(maps, masks)
-    res = _binary_metrics(_scores_np(maps, "anomaly maps"), _as_tensor(masks).numpy())
+    res = _binary_metrics(_scores_np(maps, "anomaly maps"), _masks_t(masks).numpy())
     return _nan("pixel AUROC", res) if isinstance(res, str) else res.auroc()
 
 
@@ -328,7 +356,7 @@ def pixel_f1_max(maps, masks) -> float:
     """Best F1 score over all thresholds, counting pixels (the maximum of 2PR/(P+R) over
     ``sklearn.metrics.precision_recall_curve``). nan with a warning if no pixel is a defect."""
     _check_same_shape(maps, masks)
-    res = _binary_metrics(_scores_np(maps, "anomaly maps"), _as_tensor(masks).numpy(), need_both=False)
+    res = _binary_metrics(_scores_np(maps, "anomaly maps"), _masks_t(masks).numpy(), need_both=False)
     return _nan("pixel F1-max", res) if isinstance(res, str) else res.f1
 
 
@@ -348,7 +376,7 @@ def aupro(maps, masks, max_fpr: float = 0.3) -> float:
         raise ValueError(f"max_fpr must be in (0, 1], got {max_fpr}")
     _check_same_shape(maps, masks)
     scores = _scores_np(maps, "anomaly maps")
-    masks_t = _as_tensor(masks).to(torch.bool)
+    masks_t = _masks_t(masks)
     if scores.ndim == 2:
         scores, masks_t = scores[None], masks_t[None]
     keys, counts, image_of_code, k = _pixel_keys(scores, masks_t)
@@ -428,7 +456,7 @@ def evaluate(maps, masks, image_scores, labels, classes: Sequence[str] | None, m
         raise ValueError(f"max_fpr must be in (0, 1], got {max_fpr}")
     _check_same_shape(maps, masks)
     scores = _scores_np(maps, "anomaly maps")
-    masks_t = _as_tensor(masks).to(torch.bool)
+    masks_t = _masks_t(masks)
     if scores.ndim == 2:
         scores, masks_t = scores[None], masks_t[None]
     n = scores.shape[0]

@@ -326,8 +326,52 @@ def test_bad_inputs_raise():
         assert f1_optimal_threshold([0.1, 0.2], labels)["f1"] == 1.0 and image_auroc([0.1, 0.2], labels) == 1.0
     with pytest.raises(ValueError, match="0 \\(good\\) or 1"):
         image_auroc([0.1, 0.2], np.array(["a", "b"], dtype=object))
-    # finite float64 values float32 cannot hold are named as such, not as NaN or infinite
-    with pytest.raises(ValueError, match="beyond float32's range"):
-        pixel_auroc(maps.astype(np.float64) + np.array([0, 1e300])[:, None, None], masks)
     with pytest.raises(ValueError, match="NaN"):
         pixel_auroc(bad.astype(np.float64), masks)
+
+
+def test_float64_and_wide_integer_scores_keep_their_order():
+    """float64 scores were compared at float32: distinct values float32 cannot tell apart
+    became ties (image scores 1e6 + 0.01 i gave AUROC 0.9, not 1.0; a float64 map 1 + 1e-9 i gave
+    a pixel AUROC of 0.5 and AUPRO 0.15, not 1.0), and values past float32's range were refused."""
+    y = np.array([0] * 5 + [1] * 5)
+    for s in (1e6 + 0.01 * np.arange(10), np.arange(10) * 1e-300, np.arange(10) * 1e300 - 4e300,
+              (1 << 40) + np.arange(10, dtype=np.int64), torch.arange(10, dtype=torch.int32) + (1 << 30)):
+        assert image_auroc(s, y) == 1.0, s
+        assert image_auroc(-np.asarray(s), y) == 0.0, s
+    maps = (1.0 + 1e-9 * np.arange(32)).reshape(2, 4, 4)
+    masks = maps > np.median(maps)
+    assert pixel_auroc(maps, masks) == 1.0 and aupro(maps, masks) == pytest.approx(1.0)
+    assert pixel_f1_max(maps, masks) == 1.0
+    # ties stay ties (-0.0 and 0.0 too), as sklearn counts them, and evaluate agrees per class
+    rng = np.random.default_rng(0)
+    maps = np.round(rng.random((4, 9, 11)), 2) * 1e-12 + 7.0
+    maps[0, 0, :2] = (-0.0, 0.0)
+    masks = rng.random(maps.shape) < 0.3
+    expect = roc_auc_score(masks.ravel(), maps.ravel())
+    assert pixel_auroc(maps, masks) == pytest.approx(expect, abs=1e-12)
+    out = evaluate(maps, masks, maps.max(axis=(1, 2)), [0, 1, 0, 1], ["good", "a", "good", "b"])
+    assert out["pixel_auroc"] == pytest.approx(expect, abs=1e-12)
+    sub = [0, 1, 2]  # class a: its image and the good ones
+    assert out["per_class"]["a"]["pixel_auroc"] == pytest.approx(
+        roc_auc_score(masks[sub].ravel(), maps[sub].ravel()), abs=1e-12)
+
+
+def test_masks_of_other_values_than_0_and_1_are_refused():
+    """A soft mask (a 0.05 halo from a bilinear resize) counted every non-zero pixel as a defect:
+    pixel AUROC 0.65 and AUPRO 0.41 where the hard mask gives 1.0, and nothing was said (sklearn
+    refuses such labels)."""
+    maps = np.zeros((1, 8, 8), np.float32)
+    maps[0, 2:5, 2:5] = 1.0
+    hard = maps > 0.5
+    soft = hard.astype(np.float32)
+    soft[0, 1:6, 1:6] += 0.05 * (soft[0, 1:6, 1:6] == 0)
+    for fn in (pixel_auroc, aupro, pixel_f1_max):
+        assert fn(maps, hard.astype(np.float32)) == pytest.approx(1.0)  # 0/1 of any dtype is read as given
+        assert fn(maps, torch.from_numpy(hard).to(torch.uint8)) == pytest.approx(1.0)
+        with pytest.raises(ValueError, match="masks must be bool or 0/1, got a value 0.05"):
+            fn(maps, soft)
+    with pytest.raises(ValueError, match="got a value -1"):
+        evaluate(maps, -hard.astype(np.int64), None, None, None)
+    with pytest.raises(ValueError, match="got a value 255"):
+        connected_components(hard.astype(np.uint8) * 255)
