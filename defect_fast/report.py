@@ -34,6 +34,7 @@ import html
 import io
 import math
 import os
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -301,6 +302,8 @@ def write_report(
     else:
         if has_bad and masks is None:
             missing.append("pixel metrics: the test set has no ground_truth/ folder (image-level results only)")
+        if not has_bad:
+            missing.append("pixel metrics: they need defective images, the test set has defect-free ones only")
         if not (has_bad and has_good):
             missing.append(f"image AUROC and curves: they need defect-free and defective images, the test set has "
                            f"{'defective' if has_bad else 'defect-free'} ones only")
@@ -315,15 +318,24 @@ def write_report(
     if has_bad or has_good:
         body = []
         if masks is not None and has_bad:
-            from .metrics import evaluate
+            from .metrics import MetricWarning, evaluate
 
-            metrics = evaluate(maps, masks, torch.as_tensor(s), torch.as_tensor(y), list(classes) if classes else None)
+            with warnings.catch_warnings(record=True) as caught:  # why a cell reads n/a: on the page too
+                warnings.simplefilter("always", MetricWarning)
+                metrics = evaluate(maps, masks, torch.as_tensor(s), torch.as_tensor(y), list(classes) if classes else None)
+            undefined = []
+            for w in caught:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+                if issubclass(w.category, MetricWarning):
+                    undefined.append(str(w.message).removesuffix("; returning nan"))
             keys = ("pixel_auroc", "image_auroc", "aupro", "pixel_f1_max")
             head = "<tr><th>class</th>" + "".join(f"<th>{k}</th>" for k in keys) + "<th>images</th></tr>"
             trs = [("all", metrics)] + sorted(metrics.get("per_class", {}).items())
             body.append("<table>" + head + "".join(
                 f"<tr><td>{html.escape(c)}</td>" + "".join(f"<td>{_fmt(m.get(k))}</td>" for k in keys)
                 + f"<td>{m.get('num_images')}</td></tr>" for c, m in trs) + "</table>")
+            if undefined:
+                body.append('<p class="note">n/a: ' + "; ".join(html.escape(u) for u in dict.fromkeys(undefined)) + "</p>")
         elif has_bad and has_good:
             from .metrics import image_auroc
 

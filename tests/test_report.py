@@ -316,3 +316,25 @@ def test_names_that_are_not_utf8_small_tiles_what_is_missing_and_no_silent_repla
         write_report(tmp_path / "late.html", names=names, images=images, maps=res["maps"], scores=res["scores"],
                      replace=False)
     assert (tmp_path / "late.html").read_text() == "someone's"
+
+
+def test_the_page_says_why_pixel_metrics_are_missing_or_n_a(tmp_path):
+    """Masks with a set of defect-free images only left the pixel metrics off the page, and the
+    masks of defective images that hold no defect pixel gave n/a cells, without a word on the page
+    (the reason went to stderr only; the page is sent on its own)."""
+    from defect_fast.metrics import MetricWarning
+
+    images, masks, labels, classes = make_set(n_good=3, n_bad=0)
+    res = stub_predict(images)
+    common = dict(names=[f"i{i}.png" for i in range(3)], images=images, maps=res["maps"], scores=res["scores"])
+    text = Path(write_report(tmp_path / "a.html", labels=labels, masks=masks, classes=classes, **common)["path"]).read_text()
+    assert "pixel metrics: they need defective images, the test set has defect-free ones only" in text
+    images, masks, labels, classes = make_set(n_good=3, n_bad=3)
+    res = stub_predict(images)
+    common = dict(names=[f"i{i}.png" for i in range(6)], images=images, maps=res["maps"], scores=res["scores"])
+    with pytest.warns(MetricWarning, match="the masks have no defect pixel"):  # still said where it was
+        out = write_report(tmp_path / "b.html", labels=labels, masks=torch.zeros_like(masks), classes=classes, **common)
+    text = Path(out["path"]).read_text()
+    assert "<td>n/a</td>" in text
+    assert "n/a: pixel AUROC is undefined: the masks have no defect pixel" in text
+    assert "AUPRO (class spot) is undefined: the masks have no defect pixel" in text
