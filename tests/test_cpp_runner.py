@@ -96,8 +96,10 @@ def test_cpp_runner_runs_the_bfloat16_export(runner, tmp_path):
     torch.testing.assert_close(got, want_maps[0], atol=1e-4 * float(want_maps.abs().max()), rtol=0)
 
 
-def _png(path: Path, a: np.ndarray, depth: int, color_type: int, gamma: int | None = None) -> None:
-    """A PNG PIL cannot write: ``a`` [H, W, C] of ``depth`` bits, PNG colour type ``color_type``."""
+def _png(path: Path, a: np.ndarray, depth: int, color_type: int, gamma: int | None = None,
+         chunks: tuple[tuple[bytes, bytes], ...] = (), size: tuple[int, int] | None = None) -> None:
+    """A PNG PIL cannot write: ``a`` [H, W, C] of ``depth`` bits, PNG colour type ``color_type``;
+    ``chunks`` (kind, data) after the header; ``size`` (w, h) the header claims, if not ``a``'s."""
     import struct
     import zlib
 
@@ -106,7 +108,8 @@ def _png(path: Path, a: np.ndarray, depth: int, color_type: int, gamma: int | No
 
     h, w = a.shape[:2]
     raw = b"".join(b"\x00" + a[y].astype(">u2" if depth == 16 else "u1").tobytes() for y in range(h))
-    body = chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, color_type, 0, 0, 0))
+    body = chunk(b"IHDR", struct.pack(">IIBBBBB", *(size or (w, h)), depth, color_type, 0, 0, 0))
+    body += b"".join(chunk(kind, data) for kind, data in chunks)
     if gamma is not None:
         body += chunk(b"gAMA", struct.pack(">I", gamma))
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + body + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
@@ -233,4 +236,63 @@ def test_cpp_runner_never_replaces_an_existing_map_out(runner, tmp_path):
     torch.jit.save(torch.jit.script(Odd()), str(tmp_path / "odd.ts"))
     out = subprocess.run([str(runner), str(tmp_path / "odd.ts"), str(photo), str(tmp_path / "m3.png")],
                          capture_output=True, text=True, timeout=300)
-    assert out.returncode != 0 and not (tmp_path / "m3.png").exists()
+    assert out.returncode == 1 and not (tmp_path / "m3.png").exists() and not out.stdout
+    assert "scores of shape [], not [1, S, S] and [1]: not an export of a defect_fast detector" in out.stderr
+
+
+
+def test_cpp_runner_errors_are_one_line_with_status_1_and_no_score(runner, tmp_path):
+    """An orientation stored as a big-endian LONG was read as 0 (the image scored sideways where
+    predict turns it); a damaged header claiming 1e6 x 1e6 pixels, a scripted raise and a model of
+    other outputs aborted the runner (status 134, a C++ backtrace); a MAP_OUT in a missing folder
+    was found out after the score was printed."""
+    import struct
+
+    torch.manual_seed(0)
+    det = Detector(build_model("cmaae", memory_size=20), image_size=64, precision="float32")
+    ts = export_detector(det, tmp_path / "det.ts", "torchscript")
+    pixels = np.random.default_rng(5).integers(0, 256, (64, 48, 3), dtype=np.uint8)
+
+    def run(*args) -> subprocess.CompletedProcess:
+        return subprocess.run([str(runner), *map(str, args)], capture_output=True, text=True, timeout=300)
+
+    # orientation 6 as each TIFF type PIL reads as a number (LONG, SLONG, SSHORT, SBYTE), in both
+    # byte orders; as a BYTE PIL gives b"\x06", which predict leaves as stored, as the runner does
+    for order, kind, packed in ((">", 4, ">I"), ("<", 4, "<I"), (">", 9, ">i"), (">", 8, ">hh"), ("<", 6, "bxxx"),
+                                (">", 1, "Bxxx")):
+        head = b"MM\x00\x2a" if order == ">" else b"II\x2a\x00"
+        tiff = head + struct.pack(order + "IH", 8, 1) + struct.pack(order + "HHI", 0x0112, kind, 1) \
+            + struct.pack(packed, *((6, 0) if packed.endswith("hh") else (6,))) + struct.pack(order + "I", 0)
+        _png(tmp_path / "turned.png", pixels, 8, 2, chunks=((b"eXIf", tiff),))
+        with Image.open(tmp_path / "turned.png") as im:
+            turned = im.getexif().get(0x0112) == 6  # as predict reads it: turned upright
+        assert turned == (kind != 1), (order, kind)
+        out = run(ts, tmp_path / "turned.png")
+        if turned:
+            assert out.returncode == 1 and "EXIF orientation 6" in out.stderr and not out.stdout, (order, kind)
+        else:
+            assert out.returncode == 0, out.stderr
+            want = float(det.predict(tmp_path / "turned.png")["scores"][0])
+            assert float(out.stdout.split()[1]) == pytest.approx(want, rel=1e-5, abs=1e-9)
+    _png(tmp_path / "huge.png", pixels[:1, :1], 8, 2, size=(1_000_000, 1_000_000))
+    out = run(ts, tmp_path / "huge.png")
+    assert out.returncode == 1 and not out.stdout
+    assert out.stderr.strip() == (f"{tmp_path / 'huge.png'}: cannot read PNG (implausibly large: 1000000x1000000 pixels, "
+                                  "over the 178956970 the Python package (PIL) refuses too)")
+
+    class Raises(torch.nn.Module):
+        def forward(self, x: torch.Tensor):
+            if x.size(2) != 32:
+                raise RuntimeError("expects 32x32 images")
+            return x.float().mean(1), x.float().mean((1, 2, 3))
+
+    torch.jit.save(torch.jit.script(Raises()), str(tmp_path / "raises.ts"))
+    Image.fromarray(pixels).save(tmp_path / "photo.png")
+    out = run(tmp_path / "raises.ts", tmp_path / "photo.png")
+    assert out.returncode == 1 and not out.stdout and len(out.stderr.strip().splitlines()) == 1
+    assert "failed on" in out.stderr and "expects 32x32 images" in out.stderr
+    out = run(ts, tmp_path / "photo.png", tmp_path / "missing" / "map.png")
+    assert out.returncode == 1 and not out.stdout
+    assert f"its folder {tmp_path / 'missing'} does not exist" in out.stderr
+    out = run(ts, tmp_path / "absent.png")
+    assert out.returncode == 1 and "absent.png: cannot open (No such file or directory)" in out.stderr

@@ -15,9 +15,13 @@
 //                it is created exclusively at the end, so a failed run leaves none): the anomaly map
 //                [S, S]; "*.png" as 8-bit grey scaled to the map's maximum, anything else as raw
 //                little-endian float32, row-major (S*S*4 bytes).
-// Prints "score <value>" (the image score) on stdout; exit status 1 with a message on any error.
+//                Its folder must exist and be writable: checked first, too.
+// Prints "score <value>" (the image score) on stdout, last (after the map is written); exit status 1
+// with a one-line message on any error (an image of more pixels than PIL reads, a model that raises
+// or returns other shapes included), and nothing on stdout then.
 #include <png.h>
 #include <torch/script.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cctype>
@@ -29,6 +33,7 @@
 #include <cstring>
 #include <filesystem>
 #include <iostream>
+#include <new>
 #include <regex>
 #include <string>
 #include <vector>
@@ -50,13 +55,18 @@ void on_png_warning(png_structp, png_const_charp) {}
 
 int exif_orientation(png_structp png, png_infop info);
 
+// PIL refuses images of more pixels than twice its Image.MAX_IMAGE_PIXELS (a decompression bomb),
+// and so does the Python package: a damaged header claiming 1e6 x 1e6 pixels is refused, not
+// allocated.
+constexpr int64_t kMaxPixels = 2 * int64_t{89478485};
+
 // Reads a PNG as 8-bit RGB, with the conversions the Python package's reader (PIL) makes; returns
 // false with a message in `error`. libpng's simplified API is not used: it treats 16-bit samples as
 // linear light, applies gAMA chunks and blends alpha onto black, which the Python side does not.
 bool read_png_rgb(const std::string& path, std::vector<uint8_t>& pixels, int& height, int& width, std::string& error) {
   std::FILE* fp = std::fopen(path.c_str(), "rb");
   if (fp == nullptr) {
-    error = path + ": cannot open";
+    error = path + ": cannot open (" + std::strerror(errno) + ")";
     return false;
   }
   PngErrors errors;
@@ -77,6 +87,11 @@ bool read_png_rgb(const std::string& path, std::vector<uint8_t>& pixels, int& he
   }
   png_init_io(png, fp);
   png_read_info(png, info);
+  if (static_cast<double>(png_get_image_width(png, info)) * png_get_image_height(png, info) > kMaxPixels) {
+    png_error(png, ("implausibly large: " + std::to_string(png_get_image_width(png, info)) + "x" +
+                    std::to_string(png_get_image_height(png, info)) + " pixels, over the " +
+                    std::to_string(kMaxPixels) + " the Python package (PIL) refuses too").c_str());
+  }
   const int depth = png_get_bit_depth(png, info), color = png_get_color_type(png, info);
   if (depth == 16) {
     if (color == PNG_COLOR_TYPE_GRAY) {
@@ -189,7 +204,8 @@ int tiff_orientation(const uint8_t* exif, size_t n) {
     n -= 6;
   }
   if (n < 8) return -1;
-  const bool big = exif[0] == 'M';
+  const bool big = std::memcmp(exif, "MM\0*", 4) == 0;
+  if (!big && std::memcmp(exif, "II*\0", 4) != 0) return -1;  // not a TIFF block: PIL reads no tag from it
   auto u16 = [&](size_t at) -> unsigned { return big ? (exif[at] << 8) | exif[at + 1] : exif[at] | (exif[at + 1] << 8); };
   auto u32 = [&](size_t at) -> size_t {
     return big ? (size_t{exif[at]} << 24) | (exif[at + 1] << 16) | (exif[at + 2] << 8) | exif[at + 3]
@@ -200,7 +216,15 @@ int tiff_orientation(const uint8_t* exif, size_t n) {
   const unsigned entries = u16(ifd);
   for (unsigned i = 0; i < entries && ifd + 2 + 12 * (i + 1) <= n; ++i) {
     const size_t e = ifd + 2 + 12 * i;
-    if (u16(e) == 0x0112) return static_cast<int>(u16(e + 8));  // a SHORT, first in the value field
+    if (u16(e) != 0x0112) continue;
+    switch (u16(e + 2)) {  // the value's type: its bytes come first in the value field
+      case 3: return static_cast<int>(u16(e + 8));                                 // SHORT (the usual)
+      case 4: return static_cast<int>(std::min<size_t>(u32(e + 8), size_t{1} << 16));  // LONG
+      case 6: return static_cast<int8_t>(exif[e + 8]);                              // SBYTE
+      case 8: return static_cast<int16_t>(u16(e + 8));                              // SSHORT
+      case 9: return static_cast<int32_t>(u32(e + 8));                              // SLONG
+      default: return -1;  // BYTE (PIL gives bytes), a text, a fraction: no orientation PIL acts on
+    }
   }
   return -1;
 }
@@ -270,9 +294,30 @@ bool ends_with(const std::string& s, const std::string& tail) {
   return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
 }
 
-}  // namespace
+// The last non-empty line of an exception's text (a TorchScript raise comes with its traceback
+// first, the message last): the one line the runner prints.
+std::string last_line(const std::string& text) {
+  size_t end = text.find_last_not_of("\n ");
+  if (end == std::string::npos) return text;
+  const size_t start = text.rfind('\n', end);
+  return text.substr(start == std::string::npos ? 0 : start + 1, end + 1 - (start == std::string::npos ? 0 : start + 1));
+}
 
-int main(int argc, char** argv) {
+// Why MAP_OUT cannot be made, before any work ("" when it can): it exists, or its folder is
+// missing or not writable.
+std::string map_out_problem(const std::string& path) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (fs::exists(fs::symlink_status(path, ec))) return exists_message(path);
+  const fs::path parent = fs::path(path).parent_path().empty() ? fs::path(".") : fs::path(path).parent_path();
+  if (!fs::is_directory(parent, ec)) return path + ": cannot write (its folder " + parent.string() + " does not exist)";
+  if (::access(parent.c_str(), W_OK | X_OK) != 0) {
+    return path + ": cannot write in its folder " + parent.string() + " (" + std::strerror(errno) + ")";
+  }
+  return "";
+}
+
+int run(int argc, char** argv) {
   if (argc < 3 || argc > 4) {
     std::cerr << "usage: " << argv[0] << " DETECTOR.ts IMAGE.png [MAP_OUT(.png|.f32)]\n";
     return 1;
@@ -280,11 +325,14 @@ int main(int argc, char** argv) {
   const std::string model_path = argv[1], image_path = argv[2], map_path = argc > 3 ? argv[3] : "";
   torch::NoGradGuard no_grad;
 
-  // 0. MAP_OUT must be a new file: refused now, before any work (created exclusively at step 5).
-  std::error_code ec;
-  if (!map_path.empty() && std::filesystem::exists(std::filesystem::symlink_status(map_path, ec))) {
-    std::cerr << exists_message(map_path) << "\n";
-    return 1;
+  // 0. MAP_OUT must be a new file in a folder the runner can write to: refused now, before any
+  //    work (created exclusively at step 5).
+  if (!map_path.empty()) {
+    const std::string problem = map_out_problem(map_path);
+    if (!problem.empty()) {
+      std::cerr << problem << "\n";
+      return 1;
+    }
   }
 
   // 1. The exported pipeline.
@@ -328,10 +376,18 @@ int main(int argc, char** argv) {
     maps = out->elements()[0].toTensor().contiguous();
     scores = out->elements()[1].toTensor();
   } catch (const c10::Error& e) {
-    std::cerr << model_path << ": failed on " << image_path << " (" << e.what_without_backtrace() << ")\n";
+    std::cerr << model_path << ": failed on " << image_path << " (" << last_line(e.what_without_backtrace()) << ")\n";
+    return 1;
+  } catch (const std::exception& e) {  // a raise in the scripted code (torch::jit::JITException)
+    std::cerr << model_path << ": failed on " << image_path << " (" << last_line(e.what()) << ")\n";
     return 1;
   }
-  std::printf("score %.9g\n", scores[0].item<float>());
+  if (maps.dim() != 3 || maps.size(0) != 1 || scores.dim() != 1 || scores.size(0) != 1) {
+    std::cerr << model_path << ": returned maps of shape " << maps.sizes() << " and scores of shape " << scores.sizes()
+              << ", not [1, S, S] and [1]: not an export of a defect_fast detector\n";
+    return 1;
+  }
+  const float score = scores[0].item<float>();
 
   // 5. The map, made first, then written into a new file (another process may have made one
   //    since step 0: refused too), so that only the write itself can leave a part of it.
@@ -361,5 +417,20 @@ int main(int argc, char** argv) {
       return 1;
     }
   }
+  // the score last: a caller reading stdout gets one only from a run that did all it was asked
+  std::printf("score %.9g\n", score);
   return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const std::bad_alloc&) {
+    std::cerr << "defect_fast_run: out of memory\n";
+  } catch (const std::exception& e) {  // anything else: one line and status 1, never an abort
+    std::cerr << "defect_fast_run: " << last_line(e.what()) << "\n";
+  }
+  return 1;
 }
