@@ -5,6 +5,7 @@ algorithm search of the tuned CUDA paths."""
 from __future__ import annotations
 
 import contextlib
+import threading
 from pathlib import Path
 
 import torch
@@ -63,12 +64,27 @@ def cudnn_benchmark(on: bool = True, *, value: bool = True):
     if not on:
         yield
         return
-    before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = value
+    # The flag is the process's, and one Detector may be called from several threads: blocks that
+    # overlap (A enters, B enters, A leaves, B leaves) keep the flag of the latest still open, and
+    # the setting before the first comes back when the last leaves (each block restoring what it
+    # saw left it on after such an overlap, or off inside B).
+    token = object()
+    with _cudnn_lock:
+        if not _cudnn_open:
+            _cudnn_saved[0] = torch.backends.cudnn.benchmark
+        _cudnn_open.append((token, value))
+        torch.backends.cudnn.benchmark = value
     try:
         yield
     finally:
-        torch.backends.cudnn.benchmark = before
+        with _cudnn_lock:
+            _cudnn_open[:] = [entry for entry in _cudnn_open if entry[0] is not token]
+            torch.backends.cudnn.benchmark = _cudnn_open[-1][1] if _cudnn_open else _cudnn_saved[0]
+
+
+_cudnn_lock = threading.Lock()
+_cudnn_open: list[tuple[object, bool]] = []  # the blocks inside cudnn_benchmark, oldest first, and their values
+_cudnn_saved = [False]  # the setting before the first of them
 
 
 __all__ = ["LOW_PRECISION", "cpu_flags", "cpu_has_bf16", "cudnn_benchmark", "default_precision", "is_channels_last"]

@@ -649,3 +649,47 @@ def test_save_writes_what_load_reads_back(tmp_path, precision):
     assert det.save(path, overwrite=True) == path
     with pytest.raises(ValueError, match="top_fraction"):
         Detector(_model(), image_size=128, top_fraction=0.01).save(tmp_path / "other.pt")
+
+
+def test_overlapping_cudnn_benchmark_blocks_restore_the_setting_once_all_have_left():
+    """One Detector called from two threads: A enters, B enters, A leaves, B leaves. A's exit
+    turned the flag off while B still ran, and B's exit "restored" the True it saw on entry, so the
+    process kept cuDNN's benchmark mode on after both. (The flag alone: no GPU needed.)"""
+    import threading
+
+    from defect_fast.precision import cudnn_benchmark
+
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+        seen = {}
+
+        def a():
+            with cudnn_benchmark(True):
+                a_in.set()
+                b_in.wait(10)
+            a_out.set()
+
+        def b():
+            a_in.wait(10)
+            with cudnn_benchmark(True):
+                b_in.set()
+                a_out.wait(10)
+                seen["inside b after a left"] = torch.backends.cudnn.benchmark
+
+        threads = [threading.Thread(target=a), threading.Thread(target=b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert seen == {"inside b after a left": True}
+        assert torch.backends.cudnn.benchmark is False
+        # nested in one thread (a CUDA graph's capture inside a call): the inner value, then the outer's
+        with cudnn_benchmark(True):
+            with cudnn_benchmark(True, value=False):
+                assert torch.backends.cudnn.benchmark is False
+            assert torch.backends.cudnn.benchmark is True
+        assert torch.backends.cudnn.benchmark is False
+    finally:
+        torch.backends.cudnn.benchmark = before
