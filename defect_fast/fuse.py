@@ -130,7 +130,10 @@ def _rewrite(module: nn.Module) -> None:
             continue
         if isinstance(child, _CONVS):
             nxt = module._modules.get(names[i + 1]) if i + 1 < len(names) else None
-            if isinstance(module, nn.Sequential) and isinstance(nxt, nn.BatchNorm2d) and nxt.track_running_stats:
+            # (torch's folding scales a transposed weight [in, out / groups, k, k] along its second
+            # dim, which holds every output channel only with one group: a grouped one keeps its BN)
+            if isinstance(module, nn.Sequential) and isinstance(nxt, nn.BatchNorm2d) and nxt.track_running_stats \
+                    and not (isinstance(child, nn.ConvTranspose2d) and child.groups != 1):
                 child = fuse_conv_bn_eval(child, nxt, transpose=isinstance(child, nn.ConvTranspose2d))
                 module._modules[names[i + 1]] = nn.Identity()
             module._modules[name] = _dense(child)

@@ -152,3 +152,19 @@ def test_stride_two_transposed_convolution_in_sub_pixel_form(cin, cout, size):
         fused = fuse_for_inference(seq)
         assert isinstance(fused[0], SubPixelConvTranspose2d) == (cout <= 4)
         torch.testing.assert_close(fused(x), seq(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_grouped_transposed_convolution_keeps_its_batch_norm():
+    """torch's folding scales a transposed weight [in, out / groups, k, k] along its second dim,
+    which holds every output channel only with one group: a grouped one followed by BN failed to
+    fuse ("size of tensor a (3) must match ... (6)"), so a Detector of such a model could not be
+    built with the default fuse. A plain one is still folded."""
+    torch.manual_seed(0)
+    for groups in (2, 1):
+        m = nn.Sequential(nn.ConvTranspose2d(4, 6, 4, 2, 1, groups=groups, bias=False), nn.BatchNorm2d(6)).eval()
+        m[1].running_mean.uniform_(-1, 1)
+        m[1].running_var.uniform_(0.5, 2)
+        x = torch.randn(2, 4, 5, 5)
+        fused = fuse_for_inference(m)
+        torch.testing.assert_close(fused(x), m(x), rtol=1e-5, atol=1e-5)
+        assert isinstance(fused[1], nn.BatchNorm2d) == (groups != 1), groups
