@@ -152,9 +152,14 @@ def _real(name: str, value: Any) -> float:
     return float(value)
 
 
-def _flag(name: str, value: Any) -> bool:
-    if not isinstance(value, (bool, np.bool_)):  # bool("no") is True
-        raise ValueError(f"{name} must be True or False, got {value!r}")
+def _flag(name: str, value: Any, auto: bool | None = None) -> bool:
+    """``value`` as a bool, refused unless True or False (bool("no") is True); with ``auto``,
+    "auto" is allowed too and gives it."""
+    if auto is not None and isinstance(value, str) and value == "auto":
+        return auto
+    if not isinstance(value, (bool, np.bool_)):
+        allowed = "True or False" if auto is None else "True, False or 'auto'"
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
     return bool(value)
 
 
@@ -180,12 +185,14 @@ _REBUILD = {
     "grid": "it follows image_size and stride",
     "top_k": "it follows image_size and top_fraction: build another with Detector(model, ..., top_fraction=...) or "
              "Detector.load(run, top_fraction=...)",
+    "fuse": "build another: Detector(model, ..., fuse=...) or Detector.load(run, fuse=...)",
 }
 
 
-def _fixed(name: str) -> property:
-    """A setting the Detector's grid, blending window, blur or top-k follow: set when it is built,
-    refused in one line afterwards (set later, it met buffers built for the old value deep in torch)."""
+def _fixed(name: str, why: str = "its patch grid, blending window, blur and score follow it") -> property:
+    """A setting the Detector's grid, blending window, blur or top-k follow (or its model's layers):
+    set when it is built, refused in one line afterwards (set later, it met buffers built for the
+    old value deep in torch)."""
     key = "_" + name
 
     def get(self):
@@ -193,8 +200,7 @@ def _fixed(name: str) -> property:
 
     def put(self, value):
         if key in self.__dict__:
-            raise AttributeError(f"Detector.{name} is fixed when the Detector is built (its patch grid, blending "
-                                 f"window, blur and score follow it); {_REBUILD[name]}")
+            raise AttributeError(f"Detector.{name} is fixed when the Detector is built ({why}); {_REBUILD[name]}")
         self.__dict__[key] = value
 
     return property(get, put, doc=f"``{name}`` as built (read only).")
@@ -322,25 +328,16 @@ class Detector(nn.Module):
                  norm_mean: torch.Tensor | float | None = None, norm_std: torch.Tensor | float | None = None,
                  perceptual: nn.Module | None = None, context: nn.Module | None = None):
         super().__init__()
-        if fuse == "auto":
-            fuse = True
-        if not isinstance(fuse, bool):
-            raise ValueError(f"fuse must be True, False or 'auto', got {fuse!r}")
+        fuse = _flag("fuse", fuse, auto=True)
         image_size = _integer("image_size", image_size, 1)
         if stride is not None:
             stride = _integer("stride", stride, 1)
         smooth_sigma, top_fraction = _real("smooth_sigma", smooth_sigma), _real("top_fraction", top_fraction)
         compile, cuda_graphs = _flag("compile", compile), _flag("cuda_graphs", cuda_graphs)
         reuse_features = _flag("reuse_features", reuse_features)
-        if channels_last == "auto":
-            channels_last = True
-        if not isinstance(channels_last, bool):
-            raise ValueError(f"channels_last must be True, False or 'auto', got {channels_last!r}")
+        channels_last = _flag("channels_last", channels_last, auto=True)
         device = resolve_device(device)
-        if cudnn_benchmark == "auto":
-            cudnn_benchmark = device.type == "cuda"
-        if not isinstance(cudnn_benchmark, bool):
-            raise ValueError(f"cudnn_benchmark must be True, False or 'auto', got {cudnn_benchmark!r}")
+        cudnn_benchmark = _flag("cudnn_benchmark", cudnn_benchmark, auto=device.type == "cuda")
         if precision == "auto":
             precision = default_precision(device)
         if precision not in PRECISIONS:
@@ -371,6 +368,9 @@ class Detector(nn.Module):
         if self.map_kind in model.image_maps and perceptual is None:
             raise ValueError(f"map {self.map_kind!r} needs the statistics fitted at the end of training; "
                              f"this model file has none (train with --map {self.map_kind})")
+        if self.image_size < self.patch:  # before the grid, whose message names the images (any size is resized)
+            raise ValueError(f"image_size {self.image_size} is smaller than the model's patch size {self.patch}: "
+                             f"use image_size >= {self.patch}")
         if self.stride > self.patch:  # before the grid, whose hint would name sizes this refuses
             raise ValueError(f"stride {self.stride} > patch {self.patch} leaves pixels uncovered")
         self.grid = grid_shape(self.image_size, self.patch, self.stride)
@@ -452,6 +452,7 @@ class Detector(nn.Module):
     blend = _fixed("blend")
     smooth_sigma = _fixed("smooth_sigma")
     top_k = _fixed("top_k")
+    fuse = _fixed("fuse", "its model's layers were folded for it, or not: the precision and save() follow it")
 
     @property
     def map_kind(self) -> str:
@@ -465,6 +466,9 @@ class Detector(nn.Module):
         kind = self.model.check_map(value)
         if kind == self.map_kind:
             return
+        if kind in self.model.image_maps and self.image_map is None:  # as the constructor refuses it
+            raise ValueError(f"map {kind!r} needs the statistics fitted at the end of training; this Detector has "
+                             f"none: Detector.load(run) of a run trained with --map {kind}")
         if self.image_map is not None or self.context is not None:
             raise AttributeError(f"Detector.map_kind is fixed once a perceptual map or an image context is fitted "
                                  f"(on {self.map_kind!r} maps); build another: Detector.load(run, map_kind={kind!r})")

@@ -535,6 +535,16 @@ def test_settings_of_the_wrong_type_are_refused_naming_the_argument():
     # a stride over the patch is named as such (the grid's hint named image sizes it refuses too)
     with pytest.raises(ValueError, match=re.escape("stride 100 > patch 64 leaves pixels uncovered")):
         Detector(m, image_size=128, stride=100)
+    # image_size under the patch is named (it said "image height 32 is smaller than the patch size":
+    # the images, which any size of is resized)
+    with pytest.raises(ValueError, match=re.escape("image_size 32 is smaller than the model's patch size 64")):
+        Detector(m, image_size=32)
+    # fuse and channels_last take numpy's bools as the other flags do; "yes" is no flag
+    det = Detector(m, image_size=128, fuse=np.bool_(False), channels_last=np.bool_(True))
+    assert det.fuse is False
+    for name in ("fuse", "channels_last", "cudnn_benchmark"):
+        with pytest.raises(ValueError, match=re.escape(f"{name} must be True, False or 'auto', got 'yes'")):
+            Detector(m, image_size=128, **{name: "yes"})
     det = Detector(m, image_size=128, precision="float32")
     x = _images(2, 128)
     for kwargs, message in (({"images_per_batch": 2.5}, "images_per_batch must be an integer >= 1, got 2.5"),
@@ -573,6 +583,16 @@ def test_settings_the_pipeline_is_built_for_cannot_be_changed_under_it():
         assert advised <= set(inspect.signature(Detector.__init__).parameters), (name, advised)
     with pytest.raises(AttributeError, match="Detector.precision is fixed for a fused model"):
         det.precision = "float32"
+    # fuse too: set False on a fused bf16 Detector, it let precision float32 through (the next call
+    # met bf16 weights) and save() wrote the folded weights under the model's config
+    with pytest.raises(AttributeError, match=re.escape("Detector.fuse is fixed when the Detector is built")):
+        det.fuse = False
+    assert det.fuse is True
+    # a map that needs statistics this Detector does not have: refused as the constructor refuses it
+    # (it was taken, and the next call failed with KeyError: 'perceptual')
+    with pytest.raises(ValueError, match="map 'perceptual' needs the statistics fitted at the end of training"):
+        det.map_kind = "perceptual"
+    assert det.map_kind == "msfr"
     det.precision = "bfloat16"  # the same: nothing to refuse
     with pytest.raises(ValueError, match="precision must be one of"):
         det.precision = "fp8"
