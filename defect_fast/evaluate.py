@@ -22,14 +22,11 @@ def detector_for(model: AnomalyModel, image_size: int, device: torch.device | st
                  smooth_sigma: float = 0.0) -> Detector:
     """The :class:`Detector` of a freshly trained ``model`` with the run's inference settings (no
     normalisation and no perceptual statistics yet): what the trainer calibrates with (train.py
-    does not import detect.py). An image-level map ("perceptual") starts from the model's own map
-    until :meth:`Detector.fit_perceptual` fits it."""
+    does not import detect.py). An image-level map ("perceptual") is not set: the Detector computes
+    the model's own map until :meth:`Detector.fit_perceptual` fits it and switches to it."""
     image_level = map_kind in model.image_maps
-    det = Detector(model, image_size=image_size, map_kind=None if image_level else map_kind, stride=stride,
-                   device=device, smooth_sigma=smooth_sigma, blend=blend)
-    if image_level:
-        det.map_kind = map_kind
-    return det
+    return Detector(model, image_size=image_size, map_kind=None if image_level else map_kind, stride=stride,
+                    device=device, smooth_sigma=smooth_sigma, blend=blend)
 
 
 def evaluate_run(run: Path | str, data: Path | str, map_kind: str | None = None, device: str = "auto",

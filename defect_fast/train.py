@@ -673,9 +673,11 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
     from .evaluate import check_finite, detector_for
     from .perceptual import reference_brightness
 
-    det = detector_for(model, cfg.image_size, device, **detector_options(cfg, model))
+    options = detector_options(cfg, model)
+    det = detector_for(model, cfg.image_size, device, **options)
+    image_level = options["map_kind"] in model.image_maps  # fitted below (the model's own map until then)
     perceptual = None
-    fits = det.map_kind in model.image_maps or cfg.normalize == "position"
+    fits = image_level or cfg.normalize == "position"
     fit_images, calib_images = held_back_images, held_back_images
     # the calibration images' files, to name the one whose score is the threshold (train() fills
     # cfg.held_back in the order of held_back_images; callers without it get no names)
@@ -685,7 +687,7 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
         fit_images = train_images
     elif fits:
         if held_back_images.shape[0] < MIN_HELD_BACK_TO_FIT:
-            raise RunError(f"--map {det.map_kind} / --normalize {cfg.normalize} need at least 4 held-back images "
+            raise RunError(f"--map {options['map_kind']} / --normalize {cfg.normalize} need at least 4 held-back images "
                            f"(half to fit, half to calibrate), got {held_back_images.shape[0]}; raise --holdback")
         fit_images, calib_images = held_back_images[0::2], held_back_images[1::2]
         calib_names = None if calib_names is None else calib_names[1::2]
@@ -693,7 +695,7 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
     # mean brightness, or the fitting images' when there are none
     level = (reference_brightness(train_images if train_images is not None else fit_images)
              if cfg.level_brightness else False)
-    if det.map_kind in model.image_maps:
+    if image_level:
         det.fit_perceptual(fit_images, scales=tuple(cfg.map_scales), level_brightness=level, placement=cfg.placement)
         perceptual = det.image_map.state()
     try:
