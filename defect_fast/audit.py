@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -146,9 +147,21 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
     for k, scored in enumerate(parts):
         in_part = set(scored)
         fitted = [i for i in train_idx if i not in in_part]
+        # a held-back copy of an image the fold scores would set the threshold at that image's own
+        # score (the same pixels, the same detector): it could never be flagged; left out here
+        scored_keys = {keys[i] for i in scored}
+        cal_idx = [i for i in held_idx if keys[i] not in scored_keys]
+        if not cal_idx:
+            raise RunError(f"{path}: every held-back image is a copy of a training image; no threshold is left to "
+                           "audit by")
+        if len(cal_idx) < len(held_idx):
+            copies = [paths[i].name for i in held_idx if keys[i] in scored_keys]
+            log(f"fold {k + 1}: {len(copies)} held-back image(s) identical to training images it scores "
+                f"({', '.join(copies[:3])}{', ...' if len(copies) > 3 else ''}) left out of its threshold")
+        fold_cfg = replace(cfg, held_back=[str(paths[i]) for i in cal_idx])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # too few held-back images for the rate: the run's own note
-            fin = finish_run(model, cfg, images[held_idx], dev, train_images=images[fitted],
+            fin = finish_run(model, fold_cfg, images[cal_idx], dev, train_images=images[fitted],
                              context_images=images[fitted], where=f"{path} (fold {k + 1})")
         fold_state = {**state, "perceptual": fin["perceptual"], "context": fin["context"],
                       "normalization": fin["normalization"], "calibration": fin["calibration"],
@@ -168,7 +181,7 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
             if score > threshold:
                 maps[str(paths[i])] = (i, res["maps"][j])
         log(f"fold {k + 1} of {folds}: fitted on {len(fitted)} training images, scored {len(scored)}, "
-            f"threshold {threshold:.4g} from {len(held_idx)} held-back images; "
+            f"threshold {threshold:.4g} from {len(cal_idx)} held-back images; "
             f"{sum(1 for e in entries if e['fold'] == k and e['flagged'])} flagged")
     entries.sort(key=lambda e: -e["score"])
     n_flagged = sum(1 for e in entries if e["flagged"])
@@ -176,21 +189,26 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
     result = {"run": str(path), "folds": folds, "far": far, "n_images": len(entries), "flagged": n_flagged,
               "expected_by_chance": expected, "images": entries}
 
+    from .data.io import read_image
+    from .maps import resize_map
     from .visualize import save_overlay
 
-    folder = OutputFolder.create(out, overwrite=overwrite, inputs=inputs, lock=True, command="audit")
+    flagged = [e for e in entries if e["flagged"]]
+    names = [f"overlays/{Path(e['image']).stem}_overlay.png" for e in flagged]
+    if len(set(names)) != len(names):  # same file names in sub-folders: numbered
+        names = [f"overlays/{k:04d}_{Path(e['image']).stem}_overlay.png" for k, e in enumerate(flagged)]
+    # a user's file at one of the names: refused before an earlier audit is cleared
+    folder = OutputFolder.create(out, overwrite=overwrite, inputs=inputs, lock=True, command="audit",
+                                 names=["audit.json", *names])
     with folder.writing():
-        flagged = [e for e in entries if e["flagged"]]
-        names = [f"overlays/{Path(e['image']).stem}_overlay.png" for e in flagged]
-        if len(set(names)) != len(names):  # same file names in sub-folders: numbered
-            names = [f"overlays/{k:04d}_{Path(e['image']).stem}_overlay.png" for k, e in enumerate(flagged)]
         folder.reserve(["audit.json", *names])
         if flagged:
             folder.mkdir("overlays")
         for e, name in zip(flagged, names):
             i, m = maps[e["image"]]
+            photo = read_image(paths[i], None)  # at the photo's own size, as predict draws overlays
             with atomic_open(out / name) as fh:  # under a temporary name until complete
-                save_overlay(images[i], m, fh, scale=scales[e["fold"]])
+                save_overlay(photo, resize_map(m, tuple(photo.shape[-2:])), fh, scale=scales[e["fold"]])
             e["overlay"] = name
         folder.write_json("audit.json", result)
     log(f"{n_flagged} of {len(entries)} training images score above the threshold of a detector that did not see "
@@ -198,8 +216,13 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
         "false-alarm rates); look at them, highest first:"
         + "".join(f"\n  {e['score']:8.4g}  {e['image']}" for e in flagged[:20])
         + (f"\n  ... ({n_flagged - 20} more in {out / 'audit.json'})" if n_flagged > 20 else ""))
-    named = (state.get("calibration") or {}).get("highest_scores") or []
-    if named:  # the held-back images are not audited: they set the thresholds, and the run scored them unseen
+    cal = state.get("calibration") or {}
+    named = cal.get("highest_scores") or []
+    if cal.get("calibrated_from"):  # a calibrate output: its thresholds come from other images than the run's
+        log(f"{path} was calibrated again ({cal.get('source')}); the audit judges the training images by thresholds "
+            f"set as training set them: at the run's rate {far:g} on its {len(held_idx)} held-back images, which are "
+            "not audited")
+    elif named:  # the held-back images are not audited: they set the thresholds, and the run scored them unseen
         log("the held-back images set the thresholds and are not audited; the run's highest held-back scores: "
             + ", ".join(f"{score:.4g} ({Path(name).name})" for name, score in named))
     log(f"wrote {out / 'audit.json'}" + (f" and {len(flagged)} overlays in {out / 'overlays'}" if flagged else ""))

@@ -553,8 +553,18 @@ def diagnose(
     # per chunk: a float copy of every image at once was 4x the images (3 GB for 1000 at 512 px)
     brightness = torch.cat([c.float().mean(dim=(1, 2, 3)) for c in test_set.images.split(64)])
     stats["good"]["score_vs_brightness"] = rank_correlation(scores[good], brightness[good]) if bool(good.any()) else math.nan
-    # pixel metrics need defective images with masks only (image AUROC is nan without good images, as in evaluate)
-    metrics = M.evaluate(maps, masks, scores, labels, test_set.classes) if has_masks else None
+    # pixel metrics need defective images with masks only (image AUROC is nan without good images, as in evaluate);
+    # without masks, the image-level ones from the folder labels, as evaluate gives them
+    if has_masks:
+        metrics = M.evaluate(maps, masks, scores, labels, test_set.classes)
+    elif bool((labels != 0).any()) and bool((labels == 0).any()):
+        from .evaluate import image_level_metrics
+
+        metrics = image_level_metrics(scores, labels, list(test_set.classes))
+        if getattr(test_set, "has_masks", False):
+            metrics["pixel_metrics"] = "none: the masks of the defective images hold no defect pixel"
+    else:
+        metrics = None
     figures = draw_grid(test_set.images, recon, maps, scores, test_set.classes, out, masks=masks if has_masks else None,
                         per_class=per_class, top=top, patch=patch, stride=stride, scale=scale, score_maps=score_maps)
     table = format_table(stats, metrics)
@@ -625,7 +635,7 @@ def command(args) -> int:
     """``defect-fast diagnose``: load the run and the test split, then :func:`diagnose` into ``--out``."""
     from .data import DataError, load_test_set
     from .detect import Detector
-    from .safety import OutputFolder, OutputRefused
+    from .safety import OutputFolder
 
     run, data = Path(args.run), Path(args.data)
     if not run.exists():
@@ -637,15 +647,12 @@ def command(args) -> int:
         raise DataError(f"diagnose needs matplotlib for its figures ({exc}); pip install matplotlib") from None
     det = Detector.load(run, device=args.device, stride=args.stride, blend=args.blend)
     test_set = load_test_set(data, det.image_size, require_masks=False)  # where the top pixels lie needs no masks
+    names = sorted(figure_names(test_set.classes).values()) + ["locations.json"]
+    # a user's file at one of the names: refused before an earlier diagnosis is cleared
     folder = OutputFolder.create(Path(args.out).absolute(), overwrite=args.overwrite, inputs=[run, data], lock=True,
-                                 command="diagnose")
+                                 command="diagnose", names=names)
     try:
-        names = sorted(figure_names(test_set.classes).values()) + ["locations.json"]
-        for name in names:  # after create(), anything still there was not written by defect-fast
-            if (folder.path / name).exists() or (folder.path / name).is_symlink():
-                raise OutputRefused(f"--out {folder.path / name}: exists and was not written by defect-fast; "
-                                    "move it away or choose another folder")
-        folder.record_many(names)
+        folder.reserve(names)
         diagnose(lambda x: det.predict_batched(x, score_maps=True), test_set, folder.path, patch=det.patch, stride=det.stride,
                  per_class=args.per_class, border=args.border, seam=args.seam, top=args.top, scale=args.scale,
                  reconstruct=det.reconstruct)

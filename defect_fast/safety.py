@@ -798,17 +798,20 @@ class OutputFolder:
 
     @classmethod
     def create(cls, path: str | os.PathLike, *, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = (),
-               lock: bool = False, what: str = "--out", command: str | None = None) -> "OutputFolder":
+               lock: bool = False, what: str = "--out", command: str | None = None,
+               names: Iterable[str] = ()) -> "OutputFolder":
         """Make (or, with ``overwrite``, clear) an output folder of ``command`` and write its manifest.
 
-        The checks of :meth:`check` come first. The folder's :class:`RunLock` is taken before
+        The checks of :meth:`check` come first (with ``names``, the files the command will
+        :meth:`reserve`: a user's file at one of them is refused before the earlier output is
+        cleared, not after). The folder's :class:`RunLock` is taken before
         anything is removed, so a folder another process is working in is never cleared from
         under it (:class:`RunInUse`); with ``lock`` it is kept, otherwise released once the
         folder is cleared. Missing parents are created.
         """
         p = Path(path)
         inputs = list(inputs)
-        cls.check(p, overwrite=overwrite, inputs=inputs, what=what, command=command)
+        cls.check(p, overwrite=overwrite, inputs=inputs, what=what, command=command, names=names)
         created = not p.exists()
         p.mkdir(parents=True, exist_ok=True)
         out = cls(p, created_root=created, command=command)

@@ -186,3 +186,57 @@ def test_a_context_run_needs_enough_images_in_each_fold(planted, tmp_path, capsy
     capsys.readouterr()
     refused(*cli(["audit", run, "--out", tmp_path / "a"], capsys)[::2], "fit on 8 of the 16", "needs 10",
             "use --folds 3")
+
+
+def test_a_held_back_copy_of_a_defective_photograph_hides_it_no_more(planted, tmp_path, capsys):
+    """A held-back copy of a defective training photograph set each fold's threshold at that
+    photograph's own score (the same pixels, the same detector): 12 times any other score, never
+    flagged. The copy is now left out of the threshold of the fold that scores it, and said. The
+    overlays are drawn at each photo's own size (they were the model's square), a refused
+    --overwrite keeps the earlier audit (it was cleared first), and the audit of a calibrate output
+    says its thresholds are not the ones it judges by (it named the calibrate images as held back)."""
+    import defect_fast.perceptual as perceptual
+
+    data = tmp_path / "data"
+    shutil.copytree(planted["data"], data)
+    good = data / "train" / "good"
+    for p in good.iterdir():  # 96 x 64 photos: the run reads them at 64 x 64
+        Image.open(p).convert("RGB").resize((96, SIZE)).save(p)
+    held = [Path(p).name for p in load_model_state(planted["run"])["held_back"]]  # by name: the same split
+    shutil.copy(good / PLANTED[0], good / held[0])
+    run = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(perceptual, "PerceptualMap", _random_trunk_map())  # the audit fits new maps too
+        assert main(["train", str(data), "--out", str(run), *TRAIN]) == 0
+        assert sorted(Path(p).name for p in load_model_state(run)["held_back"]) == sorted(held)
+        status, stdout, err = cli(["audit", run, "--out", tmp_path / "a", "--device", "cpu"], capsys)
+        assert status == 0, err
+        doc = json.loads((tmp_path / "a" / "audit.json").read_text())
+        assert {Path(e["image"]).name for e in doc["images"][:2]} == set(PLANTED), doc["images"][:3]
+        top = next(e for e in doc["images"] if Path(e["image"]).name == PLANTED[0])
+        assert top["flagged"]
+        assert f"held-back image(s) identical to training images it scores ({held[0]}) left out of its threshold" \
+            in stdout
+        assert Image.open(tmp_path / "a" / top["overlay"]).size == (96, SIZE)
+        # a user's file at an overlay's name: refused before the earlier audit is cleared
+        kept = (tmp_path / "a" / "audit.json").read_bytes()
+        (tmp_path / "a" / top["overlay"]).write_bytes(b"mine")
+        folder = tmp_path / "a"
+        for p in (folder / "overlays").iterdir():
+            if p.name != Path(top["overlay"]).name:
+                p.unlink()
+        import defect_fast.safety as safety
+
+        manifest = json.loads((folder / safety.MANIFEST_NAME).read_text())
+        manifest["files"] = [f for f in manifest["files"] if f != top["overlay"]]  # the user's now
+        (folder / safety.MANIFEST_NAME).write_text(json.dumps(manifest))
+        refused(*cli(["audit", run, "--out", folder, "--device", "cpu", "--overwrite"], capsys)[::2],
+                "exists and was not written by defect-fast")
+        assert (folder / "audit.json").read_bytes() == kept and (folder / top["overlay"]).read_bytes() == b"mine"
+        # a calibrate output: its thresholds come from other images
+        cal = tmp_path / "cal"
+        assert cli(["calibrate", run, data / "test" / "good", "--out", cal, "--device", "cpu"], capsys)[0] == 0
+        status, stdout, err = cli(["audit", cal, "--out", tmp_path / "b", "--device", "cpu"], capsys)
+    assert status == 0, err
+    assert "was calibrated again" in stdout and "at the run's rate 0.01 on its 4 held-back images" in stdout
+    assert "the run's highest held-back scores" not in stdout

@@ -263,3 +263,46 @@ def test_diagnose_of_defective_images_only_gives_their_pixel_metrics(tmp_path, s
         res = diagnose(predict, ts, tmp_path / "d", patch=16, per_class=1, border=4, seam=1, top=0.01)
     assert res["metrics"] is not None and 0 <= res["metrics"]["pixel_auroc"] <= 1 and 0 <= res["metrics"]["aupro"] <= 1
     assert math.isnan(res["metrics"]["image_auroc"]) and "pixel AUROC" in capsys.readouterr().out
+
+
+def test_diagnose_without_masks_gives_the_image_metrics_and_a_refused_overwrite_keeps_its_output(
+        tmp_path, synthetic_root, capsys):
+    """Without ground_truth/ the image AUROC was left out (evaluate gives it from the folder
+    labels); an --overwrite refused for a user's file at a figure's name had cleared the earlier
+    diagnosis first."""
+    import shutil
+
+    from defect_fast.data import load_test_set
+
+    root = tmp_path / "labels_only"
+    shutil.copytree(synthetic_root / "test", root / "test")
+    ts = load_test_set(root, 64, require_masks=False)
+
+    def predict(images):
+        maps = images.float().mean(dim=1) / 255.0
+        return {"maps": maps, "scores": maps.flatten(1).max(1).values, "recon": images.float() / 127.5 - 1}
+
+    res = diagnose(predict, ts, tmp_path / "d", patch=16, per_class=1, border=4, seam=1, top=0.01)
+    from defect_fast.cli import main as cli_main
+    from defect_fast.metrics import image_auroc
+
+    want = image_auroc(predict(ts.images)["scores"], ts.labels)
+    assert res["metrics"]["image_auroc"] == pytest.approx(want) and res["metrics"]["pixel_auroc"] is None
+    assert "none: the test set has no ground_truth/ folder" in res["metrics"]["pixel_metrics"]
+    assert set(res["metrics"]["per_class"]) == {c for c, y in zip(ts.classes, ts.labels.tolist()) if y == 1}
+    tiny_run = tmp_path / "run"
+    assert cli_main(["train", str(synthetic_root), "--out", str(tiny_run), "--image-size", "64", "--batch-size", "8",
+                     "--max-steps", "1", "--set", "memory_size=10", "--quiet"]) == 0
+    out = tmp_path / "o"
+    assert main([str(tiny_run), str(synthetic_root), "--out", str(out), "--device", "cpu"]) == 0
+    kept = (out / "locations.json").read_bytes()
+    figure = sorted(p for p in out.glob("*.png"))[0]
+    import defect_fast.safety as safety
+
+    manifest = json.loads((out / safety.MANIFEST_NAME).read_text())
+    manifest["files"] = [f for f in manifest["files"] if f != figure.name]  # the user's file now
+    (out / safety.MANIFEST_NAME).write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main([str(tiny_run), str(synthetic_root), "--out", str(out), "--device", "cpu", "--overwrite"]) == 2
+    assert "exists and was not written by defect-fast" in capsys.readouterr().err
+    assert (out / "locations.json").read_bytes() == kept and figure.exists()
