@@ -87,7 +87,8 @@ class SigmaSchedule:
     sigma starts at ``sigma0`` at the beginning of every epoch and grows by ``k`` after each
     patch, in the order the trainer feeds the patches; after an epoch of n steps it has reached
     ``sigma0 + n * k``, which is Eq. 9 (there n = ceil(images / batch) * (H/PH) * (W/PW), one step
-    per batch of same-position patches; see :meth:`next` with ``shared=True``).
+    per batch of same-position patches; :meth:`next` with ``shared=True`` steps once per batch,
+    though the trainer's batches are not of same-position patches: see there).
 
     The paper gives neither sigma0 nor k. Defaults: sigma0 = 0.5 (an almost 3x3 window, fine
     detail) and, when ``k`` is None, k derived as (sigma_end - sigma0) / steps_per_epoch so that
@@ -159,8 +160,11 @@ class SigmaSchedule:
 
         ``shared=False`` (the default, per patch): the patches get sigma_i, ..., sigma_{i+n-1}
         and the schedule advances n steps. ``shared=True``: all n patches get sigma_i and the
-        schedule advances one step, which is Eq. 9's count when a batch holds the patches at one
-        position of several images.
+        schedule advances one step, which would be Eq. 9's count if a batch held the patches at
+        one position of several images. The trainer's batches hold every patch of each image in
+        turn, so an epoch has ceil(patches / batch) steps, not Eq. 9's ceil(images / batch) x
+        (H/PH) x (W/PW): with the derived k the window still widens to sigma_end each epoch; with a
+        given ``sigma_k`` it ends (H/PH) x (W/PW) times nearer sigma0 than Eq. 9's count would take it.
         """
         if n < 0:
             raise ValueError(f"SigmaSchedule.next: n must be >= 0, got {n}")

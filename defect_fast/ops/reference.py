@@ -76,6 +76,9 @@ def gaussian_windows(sigma: torch.Tensor, window: int) -> torch.Tensor:
         window: odd window length K.
     Returns:
         [B, K] with g[b, k] = exp(-(k - K//2)^2 / (2 sigma_b^2)), each row summing to 1.
+
+    Centred on the window's middle tap K//2: the second paper's Eq. 8 writes the centre as
+    "zeta, the sliding window size", which would put the peak outside the window.
     """
     offsets = torch.arange(window, device=sigma.device, dtype=sigma.dtype) - window // 2
     g = torch.exp(-(offsets[None, :] ** 2) / (2 * sigma[:, None] ** 2))
