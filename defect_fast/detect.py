@@ -189,6 +189,11 @@ _REBUILD = {
 }
 
 
+#: :meth:`Detector.fit_normalization` floors each position's std at this share of the std's
+#: root-mean-square over the positions (a z-score of 10 for a change of a typical std there).
+NORM_STD_FLOOR = 0.1
+
+
 def _fixed(name: str, why: str = "its patch grid, blending window, blur and score follow it") -> property:
     """A setting the Detector's grid, blending window, blur or top-k follow (or its model's layers):
     set when it is built, refused in one line afterwards (set later, it met buffers built for the
@@ -1112,7 +1117,12 @@ class Detector(nn.Module):
 
         Args:
             normal_images: uint8 [N,3,H,W] (or float in [-1, 1]), N >= 2 defect-free images.
-            min_std: floor of the std (positions that never vary are not blown up).
+            min_std: absolute floor of the std. The std is also floored at
+                :data:`NORM_STD_FLOOR` of its root-mean-square over the positions: a region the
+                same in every image (a background, a fixture, a clipped highlight) has a std of
+                about 0, and a change of one grey level there (exposure drift) gave z-scores of
+                1e3 that flagged every image. (The perceptual map's variances have a floor of
+                the same kind: ``prior``.)
         Returns:
             {"mean": [S, S], "std": [S, S]} (CPU), the values now in the buffers; the maps of
             :meth:`forward` become (raw - mean) / std. The stored thresholds are set aside and an
@@ -1133,7 +1143,8 @@ class Detector(nn.Module):
 
         check_finite({"maps": raw}, None, None, self.precision, "images given to fit_normalization")
         mean = raw.mean(dim=0)
-        std = raw.std(dim=0).clamp(min=min_std)
+        std = raw.std(dim=0)
+        std = std.clamp(min=max(min_std, NORM_STD_FLOOR * float(std.double().pow(2).mean().sqrt())))
         self.norm_mean = mean
         self.norm_std = std
         self._graphs = {}  # captured graphs read the buffers this replaced

@@ -99,6 +99,24 @@ def test_fit_normalization_standardises_each_position():
     assert det.normalization()["kind"] == "per-position"
 
 
+def test_a_region_the_same_in_every_image_is_not_blown_up_by_the_normalisation():
+    """A region identical in every defect-free image (a background, a fixture) had a std of about
+    0, floored at 1e-6: one grey level more there gave z-scores of 1e3, and every image was
+    flagged. The std is floored at a share of its typical value now."""
+    from defect_fast.detect import NORM_STD_FLOOR
+
+    det = Detector(_model(), image_size=128, precision="float32")
+    normal = _images(6, 128, seed=3)
+    normal[:, :, :, :64] = 128  # the left half: grey in every image
+    stats = det.fit_normalization(normal)
+    rms = float(det.raw_maps(normal).std(0).double().pow(2).mean().sqrt())
+    assert float(stats["std"].min()) >= NORM_STD_FLOOR * rms * (1 - 1e-5)
+    brighter = normal.clone()
+    brighter[:, :, :, :64] += 1  # exposure drift of one grey level
+    before, after = det(normal)[1], det(brighter)[1]
+    assert float((after - before).abs().max()) < 0.5 * float(before.abs().max()), (before, after)
+
+
 def test_precision_and_channels_last_options():
     x = _images(1, 128)
     base = Detector(_model(), image_size=128, channels_last=False, precision="float32")(x)[0]
