@@ -436,11 +436,16 @@ def test_damaged_old_and_foreign_model_files(tiny_run, synthetic_root, tmp_path,
         assert len(err.splitlines()) == 1 and name in err and words in err and "Traceback" not in err, err
 
 
-def test_run_lock_refuses_a_second_process(tiny_run, synthetic_root, capsys):
+def test_run_lock_refuses_a_second_process(tiny_run, synthetic_root, capsys, tmp_path):
+    import shutil
+
     from defect_fast.safety import RunLock
 
-    with RunLock(tiny_run):
-        assert main(["train", str(synthetic_root), "--out", str(tiny_run), "--resume", "--quiet"]) == 2
+    run = tmp_path / "run"  # an unfinished run: its checkpoint, no model file (a finished one resumes no more)
+    shutil.copytree(tiny_run, run)
+    (run / "model.pt").rename(run / "checkpoint.pt")
+    with RunLock(run):
+        assert main(["train", str(synthetic_root), "--out", str(run), "--resume", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert f"in use by PID {os.getpid()}" in err and len(err.strip().splitlines()) == 1
 
