@@ -59,6 +59,7 @@ import math
 import numbers
 import os
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -557,12 +558,26 @@ class Detector(nn.Module):
             from .context import ImageContext
 
             context = stored_part("image context", lambda: ImageContext.from_state(state["context"]))
+        # a per-position normalisation too: fitted on the stored map kind's maps (another's are on another scale)
+        same_kind = model.check_map(map_kind or stored_kind) == stored_kind
+        if not same_kind:
+            norm = {}
         calibration = state.get("calibration")
         changed = _changed_settings(stored, model, map_kind, stride, smooth_sigma, options.get("blend"))
         if changed and calibration:
             # thresholds hold only for the map they were calibrated on: none rather than a wrong one
             calibration = {k: v for k, v in calibration.items() if k not in THRESHOLD_KEYS}
             calibration["inapplicable"] = f"calibrated with other inference settings ({', '.join(changed)})"
+        fitted = [name for name, part in (("perceptual map", perceptual), ("image context", context),
+                                          ("per-position normalisation", norm.get("std"))) if part is not None]
+        if changed and same_kind and fitted:
+            # their statistics were measured on maps made at the run's settings: other settings give
+            # maps they do not standardise (evaluate --stride 64 --blend none: the map term at +18.7 +- 14.3)
+            parts = fitted[0] if len(fitted) == 1 else f"{', '.join(fitted[:-1])} and {fitted[-1]}"
+            warnings.warn(f"{where}: the {parts} of the run {'was' if len(fitted) == 1 else 'were'} fitted at its "
+                          "inference settings, not "
+                          f"at {', '.join(changed)}: maps and scores are not in units of their defect-free spread "
+                          "as trained (and the stored thresholds are set aside)", stacklevel=2)
         map_kind = map_kind or stored.get("map_kind")
         stride = stride if stride is not None else stored.get("stride")
         smooth_sigma = smooth_sigma if smooth_sigma is not None else stored.get("smooth_sigma", 0.0)

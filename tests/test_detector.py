@@ -117,6 +117,28 @@ def test_a_region_the_same_in_every_image_is_not_blown_up_by_the_normalisation()
     assert float((after - before).abs().max()) < 0.5 * float(before.abs().max()), (before, after)
 
 
+def test_a_normalisation_is_kept_only_for_the_map_and_settings_it_was_fitted_at(tmp_path):
+    """Loaded with another map kind, a per-position normalisation fitted on the stored kind's maps
+    was applied to the other's (a residual map of mean 0.065 came out at 29.4); loaded with another
+    stride, blend or smoothing, the statistics fitted at the run's settings were kept without a word
+    (the perceptual map's and the context's too: the map term at +18.7 +- 14.3, not 0 +- 1)."""
+    import warnings
+
+    det = Detector(_model(), image_size=128, precision="float32", stride=32)
+    det.fit_normalization(_images(6, 128, seed=3))
+    path = det.save(tmp_path / "model.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same = Detector.load(path, device="cpu", stride=32)  # as fitted: kept, nothing said
+        assert same.normalization()["kind"] == "per-position"
+        other = Detector.load(path, device="cpu", map_kind="residual")
+        assert other.normalization()["kind"] == "identity"
+    with pytest.warns(UserWarning, match=r"the per-position normalisation of the run was fitted at its inference "
+                                         r"settings, not at stride 32 -> 64"):
+        moved = Detector.load(path, device="cpu", stride=64)
+    assert moved.normalization()["kind"] == "per-position"
+
+
 def test_precision_and_channels_last_options():
     x = _images(1, 128)
     base = Detector(_model(), image_size=128, channels_last=False, precision="float32")(x)[0]
