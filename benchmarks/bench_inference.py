@@ -7,13 +7,18 @@ For each method (CMA-AE, AW-SSIM AE) and each batch size, times in alternating r
   called through ``predict_batched`` 8 images at a time (the pipeline before the tuned path: the
   MSFR map runs the encoder on the input a second time), and
 - tuned: the Detector's defaults for the device (``precision``/``channels_last``/``batch_size``
-  "auto", see :mod:`defect_fast.detect`), the whole batch per call, plus ``cuda_graphs`` on CUDA
-  and ``compile`` when asked,
+  "auto", see :mod:`defect_fast.detect`), called with the whole batch, plus ``cuda_graphs`` on
+  CUDA and ``compile`` when asked,
 
 and prints per-image latency, images/s and the ratio eager/tuned (how many times faster the tuned
-path is). For batches above 1 the tuned path at batch 1 is timed in the same rounds too, on the
-same images one per call, and the per-image time over it is printed (batches timed minutes apart
-differ by the machine's drift).
+path is). Each side's pipeline takes :meth:`Detector.images_per_call` images per call, recorded
+per row: on a GPU the whole batch; on a CPU the tuned Detector's ``batch_size`` holds one 512-px
+image (larger calls were slower there), so its batches of 8 and 64 make the calls batch 1
+makes, while the eager one takes 8 images per call. The batch speedups are thus of the two
+pipelines as a caller gets them, and part of them is the eager pipeline's larger calls. For
+batches above 1 the tuned path at batch 1 is timed in the same rounds too, on the same images
+one per call, and the per-image time over it is printed (batches timed minutes apart differ by
+the machine's drift): what a caller pays per image for asking for a batch.
 Both start from uint8 images on the device and end with float32 maps and scores on the host.
 The CMA-AE paper reports 41.673 ms per 512x512 image on an A100; the ratio to it is printed
 beside every tuned CMA-AE figure (a CPU number is not an A100 number: compare with care).
@@ -45,7 +50,7 @@ from common import RESULTS, command_line, device_info, time_interleaved, write_r
 from defect_fast import ops
 from defect_fast.allocator import keep_freed_memory
 from defect_fast.precision import cudnn_benchmark
-from defect_fast.detect import PRECISIONS, Detector
+from defect_fast.detect import PRECISIONS, Detector, cpu_threads
 from defect_fast.models import build_model
 
 PAPER_MS_PER_IMAGE = 41.673  # CMA-AE paper, 512x512 image, NVIDIA A100
@@ -107,15 +112,22 @@ def main() -> None:
     for name in args.models:
         torch.manual_seed(0)
         model = build_model(name)
-        eager = Detector(model, image_size=SIZE, device=device, threads=args.threads, **EAGER)
+        # cuDNN's algorithm search as the tuned side has it: "auto" turned it on for the eager side too
+        eager = Detector(model, image_size=SIZE, device=device, threads=args.threads,
+                         cudnn_benchmark={"auto": "auto", "on": True, "off": False}[args.cudnn_benchmark], **EAGER)
         tuned = Detector(model, image_size=SIZE, device=device, threads=args.threads, compile=args.compile,
                          cuda_graphs=on_gpu and not args.no_cuda_graphs,
                          cudnn_benchmark={"auto": "auto", "on": True, "off": False}[args.cudnn_benchmark])
         results.setdefault("tuned", {})[name] = tuned.options()
+        results["eager"]["cudnn_benchmark"] = eager.options()["cudnn_benchmark"]
         print(f"{name}: map {tuned.map_kind}, tuned options {tuned.options()}")
         probe = torch.randint(0, 256, (1, 3, SIZE, SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
         macs = macs_per_image(tuned, probe.to(device))
-        n, gemm = square_product(device, PRECISIONS[tuned.precision])
+        n, product = square_product(device, PRECISIONS[tuned.precision])
+
+        def gemm(product=product):  # at the Detectors' thread count (--threads): the peak they can reach
+            with cpu_threads(args.threads):
+                product()
         for b in args.batch:
             images = torch.randint(0, 256, (b, 3, SIZE, SIZE), dtype=torch.uint8,
                                    generator=torch.Generator().manual_seed(b)).to(device)
@@ -134,9 +146,12 @@ def main() -> None:
 
                 fns["tuned_batch1"] = one_by_one
             fns["gemm"] = gemm  # the arithmetic peak, in the same rounds
-            t = time_interleaved(fns, rounds=args.rounds, warmup=args.warmup - 1, device=args.device)
+            # every callable warmed once more (the comparison above called eager and tuned only)
+            t = time_interleaved(fns, rounds=args.rounds, warmup=args.warmup, device=args.device)
             e_ms, t_ms = t["eager"]["median_ms"] / b, t["tuned"]["median_ms"] / b
             row = {"model": name, "map": tuned.map_kind, "images": b,
+                   "eager_images_per_call": min(b, eager.images_per_call(EAGER_IMAGES_PER_CALL)),
+                   "tuned_images_per_call": min(b, tuned.images_per_call(b)),
                    "eager_ms_per_image": round(e_ms, 3), "tuned_ms_per_image": round(t_ms, 3),
                    "eager_images_per_s": round(1e3 / e_ms, 2), "tuned_images_per_s": round(1e3 / t_ms, 2),
                    "speedup_tuned_over_eager": round(e_ms / t_ms, 3),
@@ -150,14 +165,17 @@ def main() -> None:
                 b1_ms = t["tuned_batch1"]["median_ms"] / b
                 row["tuned_batch1_ms_same_rounds"] = round(b1_ms, 3)
                 row["per_image_over_batch1_same_rounds"] = round(t_ms / b1_ms, 3)
-            if name == "cmaae":
+            if name == "cmaae" and b == 1:  # the paper's figure is one image's latency, not a batch's throughput
                 row["paper_ms_over_tuned_ms"] = round(PAPER_MS_PER_IMAGE / t_ms, 3)
             results["rows"].append(row)
             write_results(out_path, results, quiet=True)  # row by row: a step cut off keeps what it measured
-            paper = f", paper {PAPER_MS_PER_IMAGE} ms (A100) / tuned = {row['paper_ms_over_tuned_ms']:.2f}" if name == "cmaae" else ""
+            paper = (f", paper {PAPER_MS_PER_IMAGE} ms (A100) / tuned = {row['paper_ms_over_tuned_ms']:.2f}"
+                     if "paper_ms_over_tuned_ms" in row else "")
             print(f"  batch {b:3d}: eager {e_ms:9.2f} ms/image {row['eager_images_per_s']:9.2f} img/s | "
                   f"tuned {t_ms:9.2f} ms/image {row['tuned_images_per_s']:9.2f} img/s | x{row['speedup_tuned_over_eager']:.2f}"
                   f" | max |map diff| {diff:.2e} of {scale:.2e}{paper}")
+            print(f"             images per pipeline call: eager {row['eager_images_per_call']}, "
+                  f"tuned {row['tuned_images_per_call']}")
             print(f"             compute floor {floor_ms:.2f} ms/image ({macs / 1e9:.2f} G multiply-adds at "
                   f"{peak / 1e9:.0f} G/s, {n}^3 {tuned.precision} product): tuned = {row['tuned_over_floor']:.2f} x floor")
             if b > 1:

@@ -968,6 +968,16 @@ class Detector(nn.Module):
 
         return torch.stack([resize_image(img, s) for img in images])
 
+    def images_per_call(self, images_per_batch: int) -> int:
+        """Images each pipeline call of :meth:`predict_batched` takes when asked for
+        ``images_per_batch``: on a GPU all of them; on a CPU no more than ``batch_size`` patches
+        hold (one 512-px image's 64 CMA-AE patches by default: larger calls were slower there, so a
+        batch of 64 makes the calls 64 single images make)."""
+        step = max(1, images_per_batch)
+        if self.device.type != "cuda" and self.batch_size > 0:
+            step = min(step, max(1, self.batch_size // (self.grid[0] * self.grid[1])))
+        return step
+
     def _predict_batched(self, images: torch.Tensor, images_per_batch: int,
                          score_maps: bool = False) -> dict[str, torch.Tensor]:
         n, s = images.shape[0], self.image_size
@@ -976,9 +986,7 @@ class Detector(nn.Module):
             out = {"maps": torch.empty(n, s, s, pin_memory=on_gpu), "scores": torch.empty(n, pin_memory=on_gpu)}
             if score_maps:
                 out["score_maps"] = torch.empty(n, s, s, pin_memory=on_gpu)
-        step = max(1, images_per_batch)
-        if not on_gpu and self.batch_size > 0:
-            step = min(step, max(1, self.batch_size // (self.grid[0] * self.grid[1])))
+        step = self.images_per_call(images_per_batch)
         with cpu_threads(self.threads):
             for start in range(0, n, step):
                 chunk = images[start:start + step].to(self.device, non_blocking=on_gpu)

@@ -753,3 +753,22 @@ def test_overlapping_cudnn_benchmark_blocks_restore_the_setting_once_all_have_le
         assert torch.backends.cudnn.benchmark is False
     finally:
         torch.backends.cudnn.benchmark = before
+
+
+def test_images_per_call_is_what_predict_batched_feeds_the_pipeline(monkeypatch):
+    """The benchmark's rows claimed the tuned pipeline took "the whole batch per call"; on a CPU it
+    takes what ``batch_size`` patches hold. ``images_per_call`` says it, and is what runs."""
+    det = Detector(_model(), image_size=256, precision="float32")  # 16 patches of 64 per image
+    wide = Detector(_model(), image_size=256, precision="float32", batch_size=48)
+    assert det.batch_size == 64 and det.images_per_call(64) == 4 and det.images_per_call(2) == 2
+    assert wide.images_per_call(64) == 3 and Detector(_model(), image_size=256, batch_size=0).images_per_call(64) == 64
+    seen = []
+    real = Detector.forward
+
+    def forward(self, images):
+        seen.append(images.shape[0])
+        return real(self, images)
+
+    monkeypatch.setattr(Detector, "forward", forward)
+    wide.predict_batched(_images(7, 256), 64)
+    assert seen == [3, 3, 1]
