@@ -172,7 +172,10 @@ if refused:
     print(f"  not checked: {', '.join(refused)} (compute-sanitizer does not support this machine's GPU runtime; see the logs)")
 if absent:
     print(f"  not checked: {', '.join(absent)} (no compute-sanitizer on this machine)")
-print(f"  suite.json: {os.path.join(out, 'suite.json')}; {'all steps ok' if not bad else 'NOT ok: ' + ', '.join(bad)}")
+listed = [s["step"] for s in steps if s["status"] == "listed"]
+verdict = ("NOT ok: " + ", ".join(bad) if bad else
+           f"the steps run are ok; not run here: {', '.join(listed)}" if listed else "all steps ok")
+print(f"  suite.json: {os.path.join(out, 'suite.json')}; {verdict}")
 print("=" * 78)
 sys.exit(1 if bad else 0)
 EOF

@@ -495,7 +495,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
                    help="learning rate per stage: constant (the papers') or cosine down to 1 %%")
     t.add_argument("--precision", choices=("float32", "bfloat16", "auto"), default="auto",
                    help="arithmetic of the training steps: auto (default: bfloat16 autocast with channels-last where the "
-                   "device computes it natively, CPUs with AVX512-BF16/AMX and GPUs; float32 elsewhere), float32 or bfloat16; the map "
+                   "device computes it natively, CPUs with AVX512-BF16/AMX and GPUs of compute capability 8+; float32 elsewhere), float32 or bfloat16; the map "
                    "statistics and thresholds at the end are measured as predict computes maps (the Detector's default)")
     t.add_argument("--map", choices=map_names(), default=None,
                    help="the run's anomaly map (default: the model's); 'perceptual' is fitted on defect-free images (--fit-on)")
