@@ -1194,7 +1194,7 @@ class Detector(nn.Module):
         if self.top_k != _top_count(self.image_size**2, TOP_FRACTION):
             raise ValueError(f"Detector.save: model files do not record top_fraction; this Detector scores by the "
                              f"top {self.top_k} map values, not the default {TOP_FRACTION:g} of them")
-        path = safe_output_file(path, overwrite, what="Detector.save:")
+        path = safe_output_file(path, overwrite, what="Detector.save:", flag="overwrite=True")
         if self.fuse:
             name, config, weights = self.__dict__["_source"]
         else:

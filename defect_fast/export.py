@@ -166,8 +166,8 @@ def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, so
     """
     _check_arguments(fmt, precision, batch)
     inputs = [source] if source is not None else []
-    out = safe_output_file(out, overwrite, inputs=inputs, what="out")
-    safe_output_file(sidecar_path(out), overwrite, inputs=inputs, what="out's description")
+    out = safe_output_file(out, overwrite, inputs=inputs, what="out", flag="overwrite=True")
+    safe_output_file(sidecar_path(out), overwrite, inputs=inputs, what="out's description", flag="overwrite=True")
     if det.precision != precision and (det.fuse or precision != "float32"):
         raise ValueError(f"export: the detector runs in {det.precision}; a {precision} export needs one built "
                          f"with precision={precision!r}")

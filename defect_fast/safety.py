@@ -619,11 +619,12 @@ def check_out_not_overlapping(out: str | os.PathLike, inputs: Iterable[str | os.
 
 
 def safe_output_file(path: str | os.PathLike, overwrite: bool, *, inputs: Iterable[str | os.PathLike] = (),
-                     what: str = "output file") -> Path:
+                     what: str = "output file", flag: str = "--overwrite") -> Path:
     """Check that a single output file (e.g. ``--json``) may be written; touches nothing.
 
     Refused: an existing folder at ``path``; an existing file without ``overwrite``; a path that
     is or lies inside one of ``inputs`` (even with ``overwrite``); a parent that is not a folder.
+    ``flag`` is how the caller says overwrite in the message ("overwrite=True" in Python).
 
     Returns:
         ``path`` as a Path (write it with :func:`atomic_write_json` & co.).
@@ -639,10 +640,10 @@ def safe_output_file(path: str | os.PathLike, overwrite: bool, *, inputs: Iterab
         raise OutputRefused(f"{what} {p}: is a folder; give a file name")
     if p.exists() or p.is_symlink():
         if not overwrite:
-            raise OutputRefused(f"{what} {p}: file exists; pass --overwrite to replace it or choose another name")
+            raise OutputRefused(f"{what} {p}: file exists; pass {flag} to replace it or choose another name")
         owner = _listed_by_output_folder(p)
         if owner is not None:  # another command's output (a run's model.pt, a journal): not this one's to replace
-            raise OutputRefused(f"{what} {p}: {owner}, which --overwrite never replaces; choose another name")
+            raise OutputRefused(f"{what} {p}: {owner}, which {flag} never replaces; choose another name")
     _check_where_it_goes(p, what)
     return p
 

@@ -704,7 +704,7 @@ def test_save_writes_what_load_reads_back(tmp_path, precision):
     assert torch.equal(a["maps"], b["maps"]) and torch.equal(a["scores"], b["scores"])
     assert again.calibration == cal and (again.stride, again.blend, again.smooth_sigma) == (32, "hann", 1.0)
     assert again.normalization() == det.normalization() and again.normalization()["kind"] == "per-position"
-    with pytest.raises(OutputRefused, match="line3.pt: file exists"):
+    with pytest.raises(OutputRefused, match="line3.pt: file exists; pass overwrite=True"):  # Python's word for it
         det.save(path)
     assert det.save(path, overwrite=True) == path
     with pytest.raises(ValueError, match="top_fraction"):
