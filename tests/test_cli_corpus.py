@@ -193,6 +193,9 @@ def _build_template(root: Path, runner: CliRunner) -> Path:
     torch.save({"weights": torch.ones(3, 3)}, w / "foreign.pt")
     (w / "garbage.pt").write_bytes(b"not a model at all\n" * 4)
     shutil.copytree(w / "run", w / "damaged", ignore=lambda d, names: [n for n in names if n.endswith(".pt") and n != "model.pt"])
+    # an unfinished run: its checkpoint, no model file (a finished run keeps none to resume from)
+    shutil.copytree(w / "run", w / "unfinished")
+    (w / "unfinished" / "model.pt").rename(w / "unfinished" / "checkpoint.pt")
     _flip_weight_bytes(w / "damaged" / "model.pt")
 
     # broken image folders (training and predict inputs)
@@ -375,7 +378,10 @@ def _cases() -> list[Case]:
         Case("evaluate-missing-run", ["evaluate", "norun", "data"], ("norun",)),
         Case("predict-data-as-run", ["predict", "data", "imgs", "--out", "new"], ("data",)),
         # -- 4. a run in use by another process --
-        Case("train-resume-locked", ["train", "data", "--out", "run", "--resume", "--quiet"], ("run", "PID"), hold_lock="run"),
+        Case("train-resume-locked", ["train", "data", "--out", "unfinished", "--resume", "--quiet"], ("unfinished", "PID"),
+             hold_lock="unfinished"),
+        Case("train-resume-finished", ["train", "data", "--out", "run", "--resume", "--quiet"],
+             ("run", "the run is finished")),
         Case("train-overwrite-locked", ["train", "data", "--out", "run", "--overwrite", *TRAIN], ("run", "PID"),
              hold_lock="run"),
         Case("predict-into-locked-run-folder", ["predict", "run", "imgs", "--out", "run", "--overwrite"], ("run",),
