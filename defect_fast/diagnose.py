@@ -651,13 +651,11 @@ def command(args) -> int:
     # a user's file at one of the names: refused before an earlier diagnosis is cleared
     folder = OutputFolder.create(Path(args.out).absolute(), overwrite=args.overwrite, inputs=[run, data], lock=True,
                                  command="diagnose", names=names)
-    try:
+    with folder.writing():  # an error or Ctrl-C removes what this diagnosis began (and a folder it made)
         folder.reserve(names)
         diagnose(lambda x: det.predict_batched(x, score_maps=True), test_set, folder.path, patch=det.patch, stride=det.stride,
                  per_class=args.per_class, border=args.border, seam=args.seam, top=args.top, scale=args.scale,
                  reconstruct=det.reconstruct)
-    finally:
-        folder.release()
     return 0
 
 

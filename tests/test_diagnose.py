@@ -306,3 +306,17 @@ def test_diagnose_without_masks_gives_the_image_metrics_and_a_refused_overwrite_
     assert main([str(tiny_run), str(synthetic_root), "--out", str(out), "--device", "cpu", "--overwrite"]) == 2
     assert "exists and was not written by defect-fast" in capsys.readouterr().err
     assert (out / "locations.json").read_bytes() == kept and figure.exists()
+    # Ctrl-C while the figures are drawn: the folder it had made goes (it kept its manifest and lock)
+    import defect_fast.diagnose as diagnose_module
+
+    def interrupted(*args, **kwargs):
+        (args[2] / "locations.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    real = diagnose_module.diagnose
+    diagnose_module.diagnose = interrupted
+    try:
+        assert main([str(tiny_run), str(synthetic_root), "--out", str(tmp_path / "cut"), "--device", "cpu"]) != 0
+    finally:
+        diagnose_module.diagnose = real
+    assert not (tmp_path / "cut").exists()
