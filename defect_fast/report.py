@@ -329,7 +329,8 @@ def write_report(
                 if issubclass(w.category, MetricWarning):
                     undefined.append(str(w.message).removesuffix("; returning nan"))
             keys = ("pixel_auroc", "image_auroc", "aupro", "pixel_f1_max")
-            head = "<tr><th>class</th>" + "".join(f"<th>{k}</th>" for k in keys) + "<th>images</th></tr>"
+            shown = {"aupro": "aupro (FPR &le; 0.3)"}  # the integration limit, which the name leaves out
+            head = "<tr><th>class</th>" + "".join(f"<th>{shown.get(k, k)}</th>" for k in keys) + "<th>images</th></tr>"
             trs = [("all", metrics)] + sorted(metrics.get("per_class", {}).items())
             body.append("<table>" + head + "".join(
                 f"<tr><td>{html.escape(c)}</td>" + "".join(f"<td>{_fmt(m.get(k))}</td>" for k in keys)
