@@ -1130,8 +1130,10 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         if note and cfg.holdback > 0 and cfg.held_back:
             log(note)
     except BaseException:
-        if not resume and not (out / CHECKPOINT_FILE).exists():
-            folder.discard()  # a failed start leaves nothing behind
+        # a failed start leaves nothing behind; a finished run (its model file written, its
+        # checkpoint removed) stays whatever comes after, a Ctrl-C during the closing lines too
+        if not resume and not (out / CHECKPOINT_FILE).exists() and not (out / MODEL_FILE).exists():
+            folder.discard()
         raise
     finally:
         folder.release()

@@ -306,6 +306,16 @@ def test_a_finished_run_keeps_its_models_not_the_optimiser(synthetic_root, tmp_p
     with pytest.raises(RunError, match=r"the run is finished \(model.pt is written\); nothing to resume"):
         train(_cfg(synthetic_root), out, resume=True, progress=False, log=lambda s: None)
     assert main(["evaluate", str(out), str(synthetic_root)]) == 0
+    # a Ctrl-C (or SIGTERM, or a closed pipe) during the closing lines, after the model file and
+    # the checkpoint's removal: the finished run stays (it was taken for a failed start and removed)
+    def log(line):
+        if line.startswith("trained "):
+            raise KeyboardInterrupt
+
+    late = tmp_path / "late"
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(synthetic_root, max_steps=[2, 2]), late, progress=False, log=log)
+    assert (late / "model.pt").is_file() and not (late / "checkpoint.pt").exists()
 
 
 def test_a_resume_refuses_changed_anomaly_source_photos_and_a_model_file_as_its_checkpoint(synthetic_root, tmp_path,
