@@ -463,7 +463,8 @@ class Detector(nn.Module):
     @property
     def map_kind(self) -> str:
         """The map the pipeline computes. Set to another map of the model, the stored thresholds
-        (set on the old map's values) are set aside; once a perceptual map or an image context is
+        (set on the old map's values) are set aside and a normalisation (fitted on the old map's
+        values) is removed, as :meth:`load` drops it; once a perceptual map or an image context is
         fitted (on the maps of this kind), it is fixed."""
         return self.__dict__["_map_kind"]
 
@@ -480,6 +481,8 @@ class Detector(nn.Module):
                                  f"(on {self.map_kind!r} maps); build another: Detector.load(run, map_kind={kind!r})")
         self.__dict__["_map_kind"] = kind
         self._graphs = {}
+        # a normalisation's statistics are of the old map's values (the residual's mean 0.34 came out at 197)
+        self.norm_mean, self.norm_std = (torch.tensor(v, device=self.norm_mean.device) for v in (0.0, 1.0))
         self._set_aside_thresholds(f"calibrated with other inference settings (map changed to {kind!r})")
 
     @property

@@ -137,6 +137,11 @@ def test_a_normalisation_is_kept_only_for_the_map_and_settings_it_was_fitted_at(
                                          r"settings, not at stride 32 -> 64"):
         moved = Detector.load(path, device="cpu", stride=64)
     assert moved.normalization()["kind"] == "per-position"
+    # the map kind set on a Detector drops it too (and save() then wrote the pairing load() keeps)
+    same.map_kind = "residual"
+    assert same.normalization()["kind"] == "identity"
+    torch.testing.assert_close(same.predict_batched(_images(1, 128))["maps"],
+                               other.predict_batched(_images(1, 128))["maps"])
 
 
 def test_precision_and_channels_last_options():
