@@ -258,11 +258,14 @@ def test_cpp_runner_errors_are_one_line_with_status_1_and_no_score(runner, tmp_p
 
     # orientation 6 as each TIFF type PIL reads as a number (LONG, SLONG, SSHORT, SBYTE), in both
     # byte orders; as a BYTE PIL gives b"\x06", which predict leaves as stored, as the runner does
-    for order, kind, packed in ((">", 4, ">I"), ("<", 4, "<I"), (">", 9, ">i"), (">", 8, ">hh"), ("<", 6, "bxxx"),
-                                (">", 1, "Bxxx")):
-        head = b"MM\x00\x2a" if order == ">" else b"II\x2a\x00"
+    # (also under the byte-swapped magics PIL takes: "MM*\0", "II\0*")
+    for order, kind, packed, swapped in ((">", 4, ">I", False), ("<", 4, "<I", False), (">", 9, ">i", False),
+                                         (">", 8, ">hh", False), ("<", 6, "bxxx", False), (">", 1, "Bxxx", False),
+                                         (">", 3, ">HH", True), ("<", 3, "<HH", True)):
+        head = (b"MM\x00\x2a" if order == ">" else b"II\x2a\x00") if not swapped else \
+            (b"MM\x2a\x00" if order == ">" else b"II\x00\x2a")
         tiff = head + struct.pack(order + "IH", 8, 1) + struct.pack(order + "HHI", 0x0112, kind, 1) \
-            + struct.pack(packed, *((6, 0) if packed.endswith("hh") else (6,))) + struct.pack(order + "I", 0)
+            + struct.pack(packed, *((6, 0) if packed.endswith(("hh", "HH")) else (6,))) + struct.pack(order + "I", 0)
         _png(tmp_path / "turned.png", pixels, 8, 2, chunks=((b"eXIf", tiff),))
         with Image.open(tmp_path / "turned.png") as im:
             turned = im.getexif().get(0x0112) == 6  # as predict reads it: turned upright

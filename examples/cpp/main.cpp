@@ -88,9 +88,11 @@ bool read_png_rgb(const std::string& path, std::vector<uint8_t>& pixels, int& he
   png_init_io(png, fp);
   png_read_info(png, info);
   if (static_cast<double>(png_get_image_width(png, info)) * png_get_image_height(png, info) > kMaxPixels) {
-    png_error(png, ("implausibly large: " + std::to_string(png_get_image_width(png, info)) + "x" +
-                    std::to_string(png_get_image_height(png, info)) + " pixels, over the " +
-                    std::to_string(kMaxPixels) + " the Python package (PIL) refuses too").c_str());
+    char message[160];  // no std::string here: png_error jumps back past any destructor
+    std::snprintf(message, sizeof(message), "implausibly large: %lux%lu pixels, over the %lld the Python package (PIL) "
+                  "refuses too", static_cast<unsigned long>(png_get_image_width(png, info)),
+                  static_cast<unsigned long>(png_get_image_height(png, info)), static_cast<long long>(kMaxPixels));
+    png_error(png, message);
   }
   const int depth = png_get_bit_depth(png, info), color = png_get_color_type(png, info);
   if (depth == 16) {
@@ -204,8 +206,11 @@ int tiff_orientation(const uint8_t* exif, size_t n) {
     n -= 6;
   }
   if (n < 8) return -1;
-  const bool big = std::memcmp(exif, "MM\0*", 4) == 0;
-  if (!big && std::memcmp(exif, "II*\0", 4) != 0) return -1;  // not a TIFF block: PIL reads no tag from it
+  // the byte order from the first two bytes; PIL takes the 42 that follows in either order
+  // (TiffImagePlugin.PREFIXES: "MM\0*", "II*\0", "MM*\0", "II\0*"); anything else is no TIFF block
+  const bool big = std::memcmp(exif, "MM", 2) == 0;
+  if (!big && std::memcmp(exif, "II", 2) != 0) return -1;
+  if (!((exif[2] == 0 && exif[3] == 42) || (exif[2] == 42 && exif[3] == 0))) return -1;
   auto u16 = [&](size_t at) -> unsigned { return big ? (exif[at] << 8) | exif[at + 1] : exif[at] | (exif[at + 1] << 8); };
   auto u32 = [&](size_t at) -> size_t {
     return big ? (size_t{exif[at]} << 24) | (exif[at + 1] << 16) | (exif[at + 2] << 8) | exif[at + 3]
