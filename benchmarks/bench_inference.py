@@ -82,8 +82,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64], help="images per timed call")
     ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=1, help="untimed calls of each path per batch (the first also "
-                    "compares their maps)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed calls of each timed callable per batch, after "
+                    "the call of each path that compares their maps")
     ap.add_argument("--models", nargs="+", default=["cmaae", "awae"])
     ap.add_argument("--threads", type=int, default=None, help="CPU threads of both paths (default: torch's); on a "
                     "CPU shared with busy processes 1 can beat the core count")

@@ -233,3 +233,7 @@ def test_the_distance_is_float32_under_autocast(synthetic_model):
         f = lp.unit_normalize(f.double(), synthetic_model.eps)
         want += torch.nn.functional.conv2d((f[:2] - f[2:]).pow(2), head.weight.double()).mean(dim=(1, 2, 3))
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-9)
+    import copy
+
+    double = copy.deepcopy(synthetic_model).double()  # a float64 network keeps its precision throughout
+    assert double(x.double(), y.double()).dtype == torch.float64

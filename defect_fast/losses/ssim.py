@@ -160,11 +160,11 @@ class SigmaSchedule:
 
         ``shared=False`` (the default, per patch): the patches get sigma_i, ..., sigma_{i+n-1}
         and the schedule advances n steps. ``shared=True``: all n patches get sigma_i and the
-        schedule advances one step, which would be Eq. 9's count if a batch held the patches at
-        one position of several images. The trainer's batches hold every patch of each image in
-        turn, so an epoch has ceil(patches / batch) steps, not Eq. 9's ceil(images / batch) x
-        (H/PH) x (W/PW): with the derived k the window still widens to sigma_end each epoch; with a
-        given ``sigma_k`` it ends (H/PH) x (W/PW) times nearer sigma0 than Eq. 9's count would take it.
+        schedule advances one step, as Eq. 9 counts it for batches of the patches at one position
+        of several images. The trainer's batches hold the patches of each image in turn: an
+        epoch has ceil(patches / batch) steps, Eq. 9's ceil(images / batch) x (H/PH) x (W/PW) up
+        to rounding; what differs is which patches share a sigma (an image's neighbours, not one
+        position of several images).
         """
         if n < 0:
             raise ValueError(f"SigmaSchedule.next: n must be >= 0, got {n}")
