@@ -13,7 +13,9 @@ that held-back photograph).
 ``folds`` parts (identical images in one part: :func:`fold_parts`); for each part, the run's map
 statistics, image context and thresholds are fitted again as training fits them
 (:func:`defect_fast.train.finish_run`: the run's settings, its held-back images for the
-thresholds) on the other parts, and that detector scores the part. An image is flagged when its
+thresholds; a held-back image identical to one the part holds is left out of them, since it
+would set the threshold at that image's own score) on the other parts, and that detector scores
+the part. An image is flagged when its
 score exceeds the image threshold of the detector that scored it, the
 threshold the run's false-alarm rate sets on the held-back images. Defect-free images are
 flagged too, at that threshold's expected rate (1/61 with 60 held-back images and the default
