@@ -1328,8 +1328,8 @@ def _other_torch_archive(path: Path) -> str | None:
     try:
         with zipfile.ZipFile(path) as z:
             names = {n.rsplit("/", 1)[-1] for n in z.namelist()}
-    except (OSError, zipfile.BadZipFile):
-        return None
+    except Exception:  # noqa: BLE001 - a damaged directory fails in many ways (a name that is not UTF-8,
+        return None    # an unknown compression): torch.load's failure names it below
     if "constants.pkl" in names:
         return "a TorchScript program (such as defect-fast export writes), not the model file it came from"
     if "archive_format" in names:
@@ -1357,7 +1357,12 @@ def load_with_digest(path: str | os.PathLike, *, required_keys: Iterable[str] = 
     import pickle
     import zipfile
 
-    if not zipfile.is_zipfile(p):  # every torch.save file is a zip archive: an image, a text, a truncated copy
+    try:
+        is_zip = zipfile.is_zipfile(p)
+    except Exception as exc:  # noqa: BLE001 - a damaged archive (BadZipFile from its directory, ...)
+        raise DigestError(f"{p}: not a readable defect_fast file (a damaged archive: {type(exc).__name__}: "
+                          f"{one_line(str(exc))[:200]})") from None
+    if not is_zip:  # every torch.save file is a zip archive: an image, a text, a truncated copy
         raise DigestError(f"{p}: not a defect_fast model or checkpoint file (not a torch archive; truncated or another kind of file)")
     kind = _other_torch_archive(p)
     if kind:  # torch.load would warn, then advise on TorchScript or call the file corrupted

@@ -637,3 +637,27 @@ def test_writing_undoes_a_failed_start_and_releases_the_lock(tmp_path):
             again.write_text("b.txt", "half")
             raise ValueError("stop")
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["mine.txt"]
+
+
+def test_a_damaged_archive_is_a_one_line_error_wherever_the_damage_is(tmp_path):
+    """One byte changed in a model file's zip directory escaped as UnicodeDecodeError (a name that
+    is not UTF-8), NotImplementedError (an unknown compression) or BadZipFile: an "internal error"
+    on the command line, and past an embedding program's ``except RunError``."""
+    from defect_fast.safety import DigestError, load_with_digest, save_with_digest
+
+    good = save_with_digest({"w": torch.arange(64.0), "name": "x"}, tmp_path / "good.pt")
+    raw = good.read_bytes()
+    bad = tmp_path / "bad.pt"
+    escaped = {}
+    for off in [*range(0, 120), *range(len(raw) - 700, len(raw))]:
+        for flip in (0xFF, 0x80, 0x01):
+            b = bytearray(raw)
+            b[off] ^= flip
+            bad.write_bytes(b)
+            try:
+                load_with_digest(bad)
+            except DigestError as exc:
+                assert "\n" not in str(exc) and str(bad) in str(exc)
+            except Exception as exc:  # noqa: BLE001 - what the test is about
+                escaped.setdefault(type(exc).__name__, off)
+    assert not escaped, escaped
