@@ -17,7 +17,7 @@ import threading
 import warnings
 from pathlib import Path
 
-from .safety import (LOCK_NAME, MANIFEST_NAME, ArgumentParser, OutputFolder, OutputRefused, UsageError, add_threshold_options, atomic_open, atomic_write_json,
+from .safety import (LOCK_NAME, MANIFEST_NAME, ArgumentParser, OutputFolder, OutputRefused, UsageError, UserError, add_threshold_options, atomic_open, atomic_write_json,
                      device_arg, dump_json_strict, far_errors, finite_float, nonneg_float, nonneg_int, one_line, output_path, positive_float, positive_int,
                      rate, run_main, safe_output_file)
 
@@ -345,9 +345,8 @@ DEMO_OUTPUTS = ("data/train", "data/test", "data/ground_truth", "run", "maps")
 
 
 def cmd_demo(args) -> int:
-    from .data.synthetic import make_synthetic_dataset
     from .models import model_class
-    from .train import TrainConfig, checked_model, train
+    from .train import TrainConfig, checked_model
 
     out = Path(args.out)
     data = out / "data"
@@ -363,7 +362,20 @@ def cmd_demo(args) -> int:
         first = left[0].name + ("/" if left[0].is_dir() and not left[0].is_symlink() else "")  # a folder: mine/
         raise OutputRefused(f"output folder {out}: {left[0].parent} holds files defect-fast did not write "
                             f"({first}); move them away or choose another folder")
-    folder = OutputFolder.create(out, overwrite=args.overwrite, what="output folder", command="demo")
+    # locked until the demo ends: a second demo in the folder is refused before it clears anything
+    # (it cleared the first one's data/ and only then met the lock of its run/)
+    folder = OutputFolder.create(out, overwrite=args.overwrite, what="output folder", command="demo", lock=True)
+    try:
+        return _demo_in(folder, out, data, cfg, args)
+    finally:
+        folder.release()
+
+
+def _demo_in(folder: OutputFolder, out: Path, data: Path, cfg, args) -> int:
+    """The demo's work in its output folder, created and locked by :func:`cmd_demo`."""
+    from .data.synthetic import make_synthetic_dataset
+    from .train import train
+
     for sub, command in (("run", "train"), ("maps", "predict")):
         # an earlier demo's training or maps: their files are listed in their own manifests (a training
         # killed, or resumed with train, added files the demo's manifest never listed)
@@ -401,12 +413,15 @@ def cmd_demo(args) -> int:
                                 device=args.device, map=None, stride=None, threshold=None, far=None, smooth=0.0)
         cmd_predict(ns)
         _record_tree(folder, "maps")
-    except BaseException:
+    except BaseException as exc:
         for sub in DEMO_OUTPUTS:  # absent before this demo: all in them is its own
             _record_tree(folder, sub)
         run = out / "run"
         if not (run / "model.pt").exists() and not (run / "checkpoint.pt").exists():
             folder.discard()  # a failed start: nothing half-made is left (a training's progress is kept)
+        elif isinstance(exc, UserError) and "--resume" in str(exc):  # the training's advice, in demo's terms
+            raise type(exc)(f"{exc}: defect-fast train {data} --out {run} --resume finishes it, or "
+                            f"defect-fast demo {out} --overwrite starts over") from None
         raise
     return 0
 

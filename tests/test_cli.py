@@ -547,8 +547,40 @@ def test_an_interrupted_demo_keeps_its_training_to_resume(tmp_path, monkeypatch,
     monkeypatch.setattr(train_mod, "finish_run", interrupted)
     out = tmp_path / "demo"
     assert main(["demo", str(out), *DEMO]) == 2
-    assert "continue with --resume" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "continue with --resume" in err and f"defect-fast demo {out} --overwrite starts over" in err
+    assert f"defect-fast train {out / 'data'} --out {out / 'run'} --resume finishes it" in err
     assert (out / "run" / "checkpoint.pt").is_file() and (out / "data" / "train").is_dir()
+
+
+def test_a_second_demo_in_a_folder_in_use_is_refused_before_it_clears_anything(tmp_path, capsys):
+    """demo --overwrite in a folder whose demo still ran cleared that demo's data/ and only then met
+    the lock of its run/ (the first demo then failed: no test/ folder)."""
+    from defect_fast.safety import RunLock
+
+    import defect_fast.train as train_mod
+
+    out = tmp_path / "demo"
+    assert main(["demo", str(out), *DEMO]) == 0
+    capsys.readouterr()
+    real, seen = train_mod.train, {}
+
+    def train(cfg, run, **kw):  # a second demo started while the first trains
+        before = sorted(p.relative_to(out) for p in (out / "data").rglob("*"))
+        seen["second"] = main(["demo", str(out), *DEMO, "--overwrite"])
+        seen["err"] = capsys.readouterr().err
+        seen["kept"] = sorted(p.relative_to(out) for p in (out / "data").rglob("*")) == before
+        return real(cfg, run, **kw)
+
+    train_mod.train = train
+    try:
+        assert main(["demo", str(out), *DEMO, "--overwrite"]) == 0
+    finally:
+        train_mod.train = real
+    assert seen["second"] == 2 and f"in use by PID {os.getpid()}" in seen["err"] and seen["kept"], seen
+    assert (out / "run" / "model.pt").is_file() and (out / "metrics.json").is_file()
+    with RunLock(out):  # released at the end: held by nobody now
+        pass
 
 
 def test_predict_overwrite_never_replaces_a_user_file_named_like_an_output(tiny_run, synthetic_root, tmp_path, capsys):
