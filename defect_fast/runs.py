@@ -65,16 +65,19 @@ def load_checkpoint(path: Path, required_keys: tuple[str, ...] = STATE_KEYS) -> 
             or foreign file), damaged (digest mismatch) or of a later file format (its ``version``
             above :data:`CHECKPOINT_VERSION`); one line naming the file.
     """
+    def format_first(obj: Any) -> None:  # before the keys and the digest, which a later format may change
+        version = obj.get("version", CHECKPOINT_VERSION) if isinstance(obj, dict) else CHECKPOINT_VERSION
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise RunError(f"{path}: not a defect_fast file of a known format (its version is {version!r})")
+        if version > CHECKPOINT_VERSION:
+            raise RunError(f"{path}: written in file format {version} by a later defect_fast; this one reads "
+                           f"format {CHECKPOINT_VERSION} and earlier (update defect_fast to load it)")
+
     try:
-        state = load_with_digest(path, required_keys=required_keys)
+        return load_with_digest(path, required_keys=required_keys, check_first=format_first)
     except DigestError as exc:
         message = str(exc).replace("not a readable defect_fast file", "not a readable defect_fast checkpoint")
         raise RunError(message) from None
-    version = state.get("version", CHECKPOINT_VERSION)
-    if isinstance(version, bool) or not isinstance(version, int) or version > CHECKPOINT_VERSION:
-        raise RunError(f"{path}: written in file format {version!r} by a later defect_fast; this one reads "
-                       f"format {CHECKPOINT_VERSION} and earlier (update defect_fast to load it)")
-    return state
 
 
 def model_from_state(state: dict[str, Any], path: Path | str = "model file") -> AnomalyModel:

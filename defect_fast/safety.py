@@ -1340,8 +1340,10 @@ def _other_torch_archive(path: Path) -> str | None:
 
 
 def load_with_digest(path: str | os.PathLike, *, required_keys: Iterable[str] = (),
-                     allow_missing: bool = False) -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)`` then :func:`verify_digest`.
+                     allow_missing: bool = False, check_first: Callable[[Any], None] | None = None) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` then :func:`verify_digest`; ``check_first`` is
+    called with what was loaded before that (a file of a later format says so, rather than that
+    it lacks a key or its digest is unreadable).
 
     Raises:
         DigestError: missing, unreadable (truncated, not a torch file, unsafe pickle), foreign,
@@ -1374,5 +1376,7 @@ def load_with_digest(path: str | os.PathLike, *, required_keys: Iterable[str] = 
                           "data, which are never loaded (a pickle can run code)") from None
     except Exception as exc:  # a damaged archive
         raise DigestError(f"{p}: not a readable defect_fast file ({type(exc).__name__}: {one_line(str(exc))[:200]})") from None
+    if check_first is not None:
+        check_first(obj)
     verify_digest(obj, p, required_keys=required_keys, allow_missing=allow_missing)
     return obj

@@ -376,10 +376,23 @@ def test_a_model_file_of_a_later_format_is_refused_naming_the_file(tmp_path):
     for version in (None, 1, CHECKPOINT_VERSION):
         atomic_save({**state, **({} if version is None else {"version": version})}, tmp_path / "model.pt")
         assert load_model_state(tmp_path)["image_size"] == 128
-    for version in (CHECKPOINT_VERSION + 1, "3.0"):
-        atomic_save({**state, "version": version}, tmp_path / "model.pt")
-        with pytest.raises(RunError, match=rf"model\.pt: written in file format {version!r} by a later defect_fast"):
-            load_model_state(tmp_path)
+    later = CHECKPOINT_VERSION + 1
+    atomic_save({**state, "version": later}, tmp_path / "model.pt")
+    with pytest.raises(RunError, match=rf"model\.pt: written in file format {later} by a later defect_fast"):
+        load_model_state(tmp_path)
+    # said first: a later format whose layout or digest changed was called foreign or damaged
+    renamed = {("weights" if k == "model_state" else k): v for k, v in state.items()}
+    atomic_save({**renamed, "version": later}, tmp_path / "model.pt")
+    with pytest.raises(RunError, match=rf"written in file format {later} by a later defect_fast"):
+        load_model_state(tmp_path)
+    from defect_fast.safety import DIGEST_KEY
+
+    torch.save({**state, "version": later, DIGEST_KEY: {"algorithm": "blake3", "hex": "00"}}, tmp_path / "model.pt")
+    with pytest.raises(RunError, match=rf"written in file format {later} by a later defect_fast"):
+        load_model_state(tmp_path)
+    atomic_save({**state, "version": "3.0"}, tmp_path / "model.pt")  # no version this package writes
+    with pytest.raises(RunError, match=r"model\.pt: not a defect_fast file of a known format \(its version is '3.0'\)"):
+        load_model_state(tmp_path)
 
 
 def test_model_options_are_a_dataclass_matching_the_constructor():
