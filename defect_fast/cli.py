@@ -431,15 +431,22 @@ def cmd_info(args) -> int:
 
     from . import __version__, ops
 
+    from .precision import cpu_flags, default_precision
+
     info = {"defect_fast": __version__, "torch": torch.__version__, "backend_cpu": ops.backend("cpu"),
-            "cuda_available": torch.cuda.is_available()}
+            "cuda_available": torch.cuda.is_available(),
+            # what --precision auto and the Detector's default pick here, and the flags they read
+            "cpu_bf16_flags": sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "amx_tile"}),
+            "precision_auto_cpu": default_precision("cpu")}
     if torch.cuda.is_available():
         info["backend_cuda"] = ops.backend("cuda")
+        info["precision_auto_cuda"] = default_precision("cuda")
     try:
         from .ops import _native
 
         module, reason = _native.load()
-        info["native"] = module.build_info() if module is not None and hasattr(module, "build_info") else reason
+        # the build's facts with its file (the build cache) and source digest, as _native reads them
+        info["native"] = _native.build_info() if module is not None and hasattr(module, "build_info") else reason
     except Exception as exc:  # pragma: no cover - informational
         info["native"] = f"{type(exc).__name__}: {exc}"
     print(dump_json_strict(info))

@@ -725,3 +725,19 @@ def test_file_names_that_are_not_utf8_do_not_fail_a_command(synthetic_root, tmp_
                         "--quiet"], capture_output=True, env=env)
     assert r.returncode == 0, r.stderr.decode(errors="replace")
     assert b"Pr\\udcfcf" in r.stdout  # the threshold's image, shown escaped, not a traceback
+
+
+def test_info_reports_the_build_cache_and_what_precision_auto_picks(capsys):
+    """info printed the extension's raw build facts: "source_digest": null beside a stamped build,
+    no library path (where the build cache is), and nothing of the CPU's bf16 support, which
+    decides what --precision auto picks."""
+    from defect_fast.ops import _native
+    from defect_fast.precision import cpu_flags, default_precision
+
+    assert main(["info"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["precision_auto_cpu"] == default_precision("cpu")
+    assert info["cpu_bf16_flags"] == sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "amx_tile"})
+    module, _reason = _native.load()
+    if module is not None:
+        assert info["native"]["path"] == module.__file__ and info["native"]["source_digest"]
