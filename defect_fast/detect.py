@@ -212,6 +212,11 @@ def _fixed(name: str, why: str = "its patch grid, blending window, blur and scor
     return property(get, put, doc=f"``{name}`` as built (read only).")
 
 
+def _model_source(model: AnomalyModel) -> tuple[str, dict, dict[str, torch.Tensor]]:
+    """(name, config, a CPU copy of the weights) of ``model``: what a model file stores of it."""
+    return model.name, model.config(), {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
 def _top_count(pixels: int, top_fraction: float) -> int:
     """How many of a map's ``pixels`` values its image score averages (at least one)."""
     return max(1, int(round(pixels * top_fraction)))
@@ -352,8 +357,7 @@ class Detector(nn.Module):
             from .fuse import fuse_for_inference
 
             # what save() writes: the model as given (the fused copy has other layers and dtypes)
-            self.__dict__["_source"] = (model.name, model.config(),
-                                        {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
+            self.__dict__["_source"] = _model_source(model)
             # weights stored in the autocast dtype once (the same rounding autocast applies per call)
             model = fuse_for_inference(model, None if precision == "float32" else PRECISIONS[precision])
             if channels_last:
@@ -482,7 +486,7 @@ class Detector(nn.Module):
         self.__dict__["_map_kind"] = kind
         self._graphs = {}
         # a normalisation's statistics are of the old map's values (the residual's mean 0.34 came out at 197)
-        self.norm_mean, self.norm_std = (torch.tensor(v, device=self.norm_mean.device) for v in (0.0, 1.0))
+        self._drop_normalization()
         self._set_aside_thresholds(f"calibrated with other inference settings (map changed to {kind!r})")
 
     @property
@@ -555,14 +559,14 @@ class Detector(nn.Module):
             perceptual = stored_part("perceptual map", lambda: PerceptualMap.from_state(state["perceptual"]))
         model = model_from_state(state, where)
         context = None
-        # the context's standardisation of the map was measured on the stored map kind only
+        # the context's standardisation of the map, and a per-position normalisation, were measured
+        # on the stored map kind's maps only (another kind's are on another scale)
         stored_kind = stored_part("map kind", lambda: model.check_map(stored.get("map_kind")))
-        if state.get("context") and model.check_map(map_kind or stored_kind) == stored_kind:
+        same_kind = model.check_map(map_kind or stored_kind) == stored_kind
+        if state.get("context") and same_kind:
             from .context import ImageContext
 
             context = stored_part("image context", lambda: ImageContext.from_state(state["context"]))
-        # a per-position normalisation too: fitted on the stored map kind's maps (another's are on another scale)
-        same_kind = model.check_map(map_kind or stored_kind) == stored_kind
         if not same_kind:
             norm = {}
         calibration = state.get("calibration")
@@ -757,7 +761,7 @@ class Detector(nn.Module):
         # standardisation of it (fit_context again) and a per-position normalisation of it
         # (fit_normalization again)
         self.context = None
-        self.norm_mean, self.norm_std = (torch.tensor(v, device=self.norm_mean.device) for v in (0.0, 1.0))
+        self._drop_normalization()
         self._set_aside_thresholds("calibrated before fit_perceptual changed the maps (calibrate again)")
         return n
 
@@ -1198,11 +1202,7 @@ class Detector(nn.Module):
             raise ValueError(f"Detector.save: model files do not record top_fraction; this Detector scores by the "
                              f"top {self.top_k} map values, not the default {TOP_FRACTION:g} of them")
         path = safe_output_file(path, overwrite, what="Detector.save:", flag="overwrite=True")
-        if self.fuse:
-            name, config, weights = self.__dict__["_source"]
-        else:
-            name, config = self.model.name, self.model.config()
-            weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        name, config, weights = self.__dict__["_source"] if self.fuse else _model_source(self.model)
         state: dict[str, Any] = {
             "version": CHECKPOINT_VERSION, "model_name": name, "model_config": config, "model_state": weights,
             "image_size": self.image_size, "calibration": dict(self.calibration),
@@ -1215,6 +1215,10 @@ class Detector(nn.Module):
         if self.context is not None:
             state["context"] = self.context.state()
         return save_with_digest(state, path)
+
+    def _drop_normalization(self) -> None:
+        """Back to the identity normalisation (its statistics were of maps that changed)."""
+        self.norm_mean, self.norm_std = (torch.tensor(v, device=self.norm_mean.device) for v in (0.0, 1.0))
 
     def normalization(self) -> dict[str, Any]:
         """The normalisation in force, JSON-ready ("identity", or the shape of the stored statistics)."""
