@@ -670,18 +670,12 @@ class ModelInfo:
         ("calibrated_on": the held-back images, or those given to ``defect-fast calibrate``) and, as
         "held_back", the calibration keys :func:`operating_points` reads.
         """
-        import hashlib
-
         from .runs import model_file
+        from .safety import file_sha256
 
-        path = model_file(run)
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
         cal = dict(getattr(det, "calibration", None) or {})
         name = getattr(det.model, "name", "") or type(det.model).__name__
-        info = cls.from_calibration(det.image_size, name, h.hexdigest()[:12], cal, threshold, far, run=str(run),
+        info = cls.from_calibration(det.image_size, name, file_sha256(model_file(run))[:12], cal, threshold, far, run=str(run),
                                     map=det.map_kind)
         if threshold is None:  # the rate asked at training, unless --far asked another; a given threshold asked none
             info.extra.setdefault("far", cal.get("far"))

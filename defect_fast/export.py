@@ -38,7 +38,7 @@ from . import __version__
 from .calibration import CalibrationError, stored_thresholds
 from .detect import Detector, reference_ops
 from .runs import model_file
-from .safety import UserError, atomic_open, dump_json_strict, one_line, safe_output_file
+from .safety import UserError, atomic_open, dump_json_strict, file_sha256, one_line, safe_output_file
 
 FORMATS = ("onnx", "torchscript", "exported")
 PRECISIONS = ("float32", "bfloat16")
@@ -68,11 +68,7 @@ class _CheckedImages(torch.nn.Module):
 
 
 def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
+    return "sha256:" + file_sha256(path)
 
 
 def _for_export(text: str) -> str:

@@ -1253,6 +1253,15 @@ def state_digest(obj: Any) -> str:
     return h.hexdigest()
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex), read in blocks of 1 MiB."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def attach_digest(obj: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of dict ``obj`` with ``obj[DIGEST_KEY] = {"algorithm": "sha256", "hex": ...}``
     over all its other entries (any existing digest is replaced)."""

@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import math
 import os
@@ -93,7 +92,7 @@ from .calibration import ModelInfo, defect_regions
 from .data.io import IMAGE_EXTENSIONS, DataError, error_kind, read_image_at_both_sizes
 from .maps import resize_map
 from .safety import (LOCK_NAME, MANIFEST_NAME, OutputFolder, OutputRefused, RunLock, UserError, check_out_not_overlapping,
-                     far_errors, short_stem)
+                     far_errors, file_sha256, short_stem)
 
 __all__ = ["IGNORED_SUFFIXES", "Journal", "WatchError", "add_parser", "command", "is_temporary_name", "output_name",
            "watch"]
@@ -364,14 +363,6 @@ def _move(src: Path, dest: Path, sig: Signature | None = None) -> None:
     src.unlink()
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _recover(st: _State, log: Callable[[str], None]) -> None:
     """Rebuild the done set and counts from the journal; finish cut-short moves; drop temp files."""
     for rec in st.journal.records:
@@ -387,8 +378,8 @@ def _recover(st: _State, log: Callable[[str], None]) -> None:
                 # the very file judged (its size and times), not one sent again with the same name and bytes
                 judged = st.done_sig.get(key) if "size" in rec and "mtime_ns" in rec else None
                 try:
-                    same = _same_signature(judged, _signature(src)) and _sha256_file(src) == rec["sha256"]
-                    copied = same and dest.is_file() and _sha256_file(dest) == rec["sha256"]
+                    same = _same_signature(judged, _signature(src)) and file_sha256(src) == rec["sha256"]
+                    copied = same and dest.is_file() and file_sha256(dest) == rec["sha256"]
                 except OSError:
                     same = copied = False
                 try:
@@ -647,7 +638,7 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
         path, *rest = st.known[key]
         sig = tuple(rest)
         try:
-            sha = _sha256_file(path)
+            sha = file_sha256(path)
         except FileNotFoundError:
             st.pending.pop(key, None)
             continue
