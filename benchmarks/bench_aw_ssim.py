@@ -21,7 +21,7 @@ import argparse
 import statistics
 import time
 
-from common import RESULTS, RowsFile, command_line, device_info
+from common import op_rows
 
 import torch
 
@@ -103,19 +103,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     device = args.device
-    payload = {
-        "op": "aw_ssim",
-        "command": command_line(),
-        "machine": device_info(device),
-        "build": {k: v for k, v in module.build_info().items() if k != "ops"},
-        "note": (
-            "median of interleaved rounds; speedup = other median / native median (wall time); "
-            "speedup_cpu_time uses the process CPU time per call (all threads), less sensitive to other "
-            "load on shared cores; see machine.load_average for how busy they were"
-        ),
-    }
-    out = None if args.no_write else (args.out or RESULTS / f"aw_ssim_{device.split(':')[0]}.json")
-    cases = RowsFile(out, payload)  # written after every case
+    note = (
+        "median of interleaved rounds; speedup = other median / native median (wall time); "
+        "speedup_cpu_time uses the process CPU time per call (all threads), less sensitive to other "
+        "load on shared cores; see machine.load_average for how busy they were"
+    )
+    cases = op_rows("aw_ssim", device, note, args.out, write=not args.no_write)  # written after every case
     for B in [int(b) for b in args.batches.split(",")]:
         x, y, sigma = make_inputs(B, dtype, device)
         sigma15 = torch.full_like(sigma, 1.5)

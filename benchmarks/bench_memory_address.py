@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import RESULTS, RowsFile, command_line, device_info, time_interleaved
+from common import op_rows, time_interleaved
 
 import torch
 
@@ -109,19 +109,12 @@ def main() -> None:
     native = _memory_address.memory_address
     dtype = getattr(torch, args.dtype)
     device = args.device
-    payload = {
-        "op": "memory_address",
-        "command": command_line(),
-        "machine": device_info(device),
-        "build": {k: v for k, v in _native.build_info().items() if k != "ops"},
-        "note": (
-            "median of interleaved rounds; speedup = reference median / native median; gemms_only times the "
-            "matrix products that both implementations perform (2 forward, 6 forward+backward), so "
-            "speedup_bound_by_gemms = reference / gemms_only bounds what fusing the rest can give"
-        ),
-    }
-    out = None if args.no_write else (args.out or RESULTS / f"memory_address_{device.split(':')[0]}.json")
-    cases = RowsFile(out, payload)  # written after every case
+    note = (
+        "median of interleaved rounds; speedup = reference median / native median; gemms_only times the "
+        "matrix products that both implementations perform (2 forward, 6 forward+backward), so "
+        "speedup_bound_by_gemms = reference / gemms_only bounds what fusing the rest can give"
+    )
+    cases = op_rows("memory_address", device, note, args.out, write=not args.no_write)  # written after every case
     for threads in args.threads or [torch.get_num_threads()]:
         torch.set_num_threads(threads)
         run_cases(native, dtype, device, args.dtype, args.rounds, threads, cases)

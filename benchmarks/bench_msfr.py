@@ -14,7 +14,7 @@ import argparse
 import statistics
 import time
 
-from common import RESULTS, RowsFile, command_line, device_info, time_interleaved
+from common import op_rows, time_interleaved
 
 import torch
 
@@ -78,19 +78,12 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     device = args.device
     thread_counts = [int(t) for t in args.threads.split(",") if t] or [torch.get_num_threads()]
-    payload = {
-        "op": "msfr",
-        "command": command_line(),
-        "machine": device_info(device),
-        "build": {k: v for k, v in module.build_info().items() if k != "ops"},
-        "note": (
-            "median of interleaved rounds under torch.no_grad(); speedup = reference median / native median; "
-            "cpu_time_ms (1 thread only): median process CPU time per call, less sensitive to other load; "
-            "see machine.load_average for how busy the shared cores were"
-        ),
-    }
-    out = None if args.no_write else (args.out or RESULTS / f"msfr_{device.split(':')[0]}.json")
-    cases = RowsFile(out, payload)  # written after every case
+    note = (
+        "median of interleaved rounds under torch.no_grad(); speedup = reference median / native median; "
+        "cpu_time_ms (1 thread only): median process CPU time per call, less sensitive to other load; "
+        "see machine.load_average for how busy the shared cores were"
+    )
+    cases = op_rows("msfr", device, note, args.out, write=not args.no_write)  # written after every case
     for threads in thread_counts:
         torch.set_num_threads(threads)
         for name, shapes, out_size in CASES:

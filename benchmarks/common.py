@@ -116,6 +116,17 @@ def command_line() -> str:
     return "python " + " ".join(shlex.quote(a) for a in sys.argv)
 
 
+def op_rows(op: str, device: str, note: str, out: str | Path | None, write: bool = True) -> "RowsFile":
+    """The rows file of an op benchmark: its payload (the op, the command, the machine, the native
+    build as :func:`defect_fast.ops._native.build_info` reads it, and ``note``), written to
+    ``out`` or ``results/<op>_<device type>.json`` after every case (nowhere without ``write``)."""
+    from defect_fast.ops import _native
+
+    payload = {"op": op, "command": command_line(), "machine": device_info(device),
+               "build": {k: v for k, v in (_native.build_info() or {}).items() if k != "ops"}, "note": note}
+    return RowsFile(None if not write else (out or RESULTS / f"{op}_{device.split(':')[0]}.json"), payload)
+
+
 class RowsFile(list):
     """The rows of a results payload (``payload[key]``), written to ``path`` after every append, so
     that a benchmark stopped at its time limit keeps what it measured; ``path`` None: nothing is
