@@ -11,16 +11,10 @@ DATA=${1:-../shared/data/magnetic-tile}
 OUT=${2:-runs/ae-ssim-map}
 RES=experiments/results/ae-ssim-map
 mkdir -p "$OUT" "$RES"
-DF=(python3 -m defect_fast)
+source experiments/lib.sh
 run=$OUT/ae-ssim-s0
-if [ -f "$run/checkpoint.pt" ] && [ ! -f "$run/model.pt" ]; then
-  "${DF[@]}" train "$DATA" --out "$run" --resume --quiet || exit 1
-elif [ ! -f "$run/model.pt" ]; then
-  "${DF[@]}" train "$DATA" --out "$run" --model ae-ssim --seed 0 --epochs 2 --image-size 256 --batch-size 64 \
-    --checkpoint-every 100 --quiet || exit 1
-fi
+train_or_resume "$run" --model ae-ssim --seed 0 --epochs 2 --image-size 256 --batch-size 64 \
+  --checkpoint-every 100 --quiet || exit 1
 for map in ssim residual; do
-  [ -f "$RES/$map.json" ] && continue
-  "${DF[@]}" evaluate "$run" "$DATA" --map "$map" --json "$RES/$map.tmp" --overwrite || exit 1
-  python3 experiments/record_eval.py "$RES/$map.tmp" "$RES/$map.json" "$run" || exit 1
+  evaluate "$run" "$map" --map "$map" || exit 1
 done

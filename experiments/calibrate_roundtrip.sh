@@ -12,10 +12,10 @@ NAME=${2:-$(basename "$RUN")}
 RES=experiments/results/calibrate-roundtrip
 mkdir -p "$RES"
 [ -f "$RES/$NAME.json" ] && { echo "skip $NAME (done)"; exit 0; }
-export DEFECT_FAST_ALEXNET_WEIGHTS=${DEFECT_FAST_ALEXNET_WEIGHTS:-../shared/weights/alexnet-features-imagenet.pth}
+source experiments/lib.sh
 OUT=$(mktemp -d)/calibrated
 trap 'rm -rf "$(dirname "$OUT")"' EXIT
-python3 -m defect_fast calibrate "$RUN" --with-held-back --out "$OUT" || exit 1
+"${DF[@]}" calibrate "$RUN" --with-held-back --out "$OUT" || exit 1
 python3 - "$OUT/calibration.json" "$RES/$NAME.json" "$RUN" "$NAME" <<'PY' || exit 1
 import json, sys
 from pathlib import Path

@@ -14,14 +14,7 @@ DATA=${1:-../shared/data/magnetic-tile}
 OUT=${2:-runs/gaaga-rule}
 RES=experiments/results/gaaga-rule
 mkdir -p "$OUT" "$RES"
-DF=(python3 -m defect_fast)
-export DEFECT_FAST_ALEXNET_WEIGHTS=${DEFECT_FAST_ALEXNET_WEIGHTS:-../shared/weights/alexnet-features-imagenet.pth}
-
-evaluate() {  # run results-name
-  [ -f "$RES/$2.json" ] && return
-  "${DF[@]}" evaluate "$1" "$DATA" --json "$RES/$2.tmp" --overwrite || return
-  python3 experiments/record_eval.py "$RES/$2.tmp" "$RES/$2.json" "$1"
-}
+source experiments/lib.sh
 
 # (photos-perlin is placement.sh's cmaae-s0 run, the same command: last, as the reference)
 for spec in "photos paper-exact" "photos paper" "papers paper-exact" "papers paper" "photos perlin"; do
@@ -29,11 +22,7 @@ for spec in "photos paper-exact" "photos paper" "papers paper-exact" "papers pap
   setting=$1 synthesis=$2 name=$1-$2 run=$OUT/$1-$2
   preset=()
   [ "$setting" = photos ] && preset=(--preset photos)
-  if [ -f "$run/checkpoint.pt" ] && [ ! -f "$run/model.pt" ]; then
-    "${DF[@]}" train "$DATA" --out "$run" --resume --quiet || continue
-  elif [ ! -f "$run/model.pt" ]; then
-    "${DF[@]}" train "$DATA" --out "$run" --model cmaae --seed 0 --epochs 1 1 --image-size 256 \
-      --batch-size 64 --checkpoint-every 100 --quiet "${preset[@]}" --set "synthesis=$synthesis" || continue
-  fi
+  train_or_resume "$run" --model cmaae --seed 0 --epochs 1 1 --image-size 256 --batch-size 64 \
+    --checkpoint-every 100 --quiet "${preset[@]}" --set "synthesis=$synthesis" || continue
   evaluate "$run" "$name"
 done

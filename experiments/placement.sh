@@ -16,26 +16,15 @@ DATA=${1:-../shared/data/magnetic-tile}
 OUT=${2:-runs/placement}
 RES=experiments/results/placement
 mkdir -p "$OUT" "$RES"
-DF=(python3 -m defect_fast)
-export DEFECT_FAST_ALEXNET_WEIGHTS=${DEFECT_FAST_ALEXNET_WEIGHTS:-../shared/weights/alexnet-features-imagenet.pth}
-
-evaluate() {  # run results-name
-  [ -f "$RES/$2.json" ] && return
-  "${DF[@]}" evaluate "$1" "$DATA" --json "$RES/$2.tmp" --overwrite || return
-  python3 experiments/record_eval.py "$RES/$2.tmp" "$RES/$2.json" "$1"
-}
+source experiments/lib.sh
 
 for spec in "cmaae 0 1 1" "cmaae 1 1 1" "cmaae 2 1 1" "awae 0 1 1" "memae 0 2"; do
   set -- $spec
   model=$1 seed=$2
   shift 2
   name=$model-s$seed run=$OUT/$model-s$seed
-  if [ -f "$run/checkpoint.pt" ] && [ ! -f "$run/model.pt" ]; then
-    "${DF[@]}" train "$DATA" --out "$run" --resume --quiet || continue
-  elif [ ! -f "$run/model.pt" ]; then
-    "${DF[@]}" train "$DATA" --out "$run" --model "$model" --seed "$seed" --epochs "$@" --image-size 256 \
-      --batch-size 64 --checkpoint-every 100 --quiet --preset photos || continue
-  fi
+  train_or_resume "$run" --model "$model" --seed "$seed" --epochs "$@" --image-size 256 --batch-size 64 \
+    --checkpoint-every 100 --quiet --preset photos || continue
   evaluate "$run" "$name-cells"
   if [ ! -f "$OUT/$name-centres/model.pt" ]; then
     rm -rf "$OUT/$name-centres.tmp" && cp -r "$run" "$OUT/$name-centres.tmp" && rm -f "$OUT/$name-centres.tmp/.defect_fast.lock" || continue
