@@ -507,6 +507,30 @@ def test_exif_orientation_applied_to_png_images(tmp_path, orientation):
     assert torch.equal(t, torch.from_numpy(expected).permute(2, 0, 1))
 
 
+@pytest.mark.parametrize("compression", [None, "tiff_lzw", "tiff_deflate"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orientation_tag_applied_to_tiff_images(tmp_path, orientation, compression):
+    # PIL turns a TIFF with orientation 5..8 itself while decoding and scrambles its rows (Pillow 13)
+    rng = np.random.default_rng(orientation)
+    for name, stored in (("rgb", rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)),
+                         ("gray16", rng.integers(0, 256, (5, 7), dtype=np.uint16) * 257)):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        p = tmp_path / f"{name}.tif"
+        Image.fromarray(stored).save(p, exif=exif, compression=compression)
+        expected = np.ascontiguousarray(_UPRIGHT[orientation](stored if name == "rgb" else (stored // 257).astype(np.uint8)))
+        expected = expected if name == "rgb" else np.repeat(expected[..., None], 3, axis=2)
+        t = read_image(p, None)
+        assert t.shape == (3, *expected.shape[:2]), (name, orientation)
+        assert torch.equal(t, torch.from_numpy(expected).permute(2, 0, 1)), (name, orientation)
+    m = np.zeros((4, 6), dtype=np.uint8)
+    m[0, 5] = 255  # top-right as stored
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(m).save(tmp_path / "m.tif", exif=exif, compression=compression)
+    assert torch.equal(read_mask(tmp_path / "m.tif", None), torch.from_numpy(np.ascontiguousarray(_UPRIGHT[orientation](m)) != 0))
+
+
 def test_exif_orientation_jpeg_16bit_and_mask(tmp_path):
     # a dark left half, stored sideways by a "phone": orientation 6 (turn clockwise to view)
     stored = np.zeros((40, 24), dtype=np.uint8)

@@ -176,6 +176,7 @@ def _open(path: Path) -> Image.Image:
         raise DataError(f"{path}: cannot open image: not enough memory") from None
     except Exception as exc:  # noqa: BLE001 - see above
         raise DataError(f"{path}: cannot open image ({_reason(exc)})") from None
+    turn = _defer_tiff_orientation(img, path)
     limit = Image.MAX_IMAGE_PIXELS
     if limit and img.width * img.height > limit:  # PIL warns too, without the file's name
         warnings.warn(f"{path}: {img.width}x{img.height} pixels, over PIL's {limit} (twice that is refused); "
@@ -202,7 +203,35 @@ def _open(path: Path) -> Image.Image:
     if isinstance(frames, int) and frames > 1:  # a multi-page TIFF, an animated GIF or PNG
         warnings.warn(f"{path}: holds {frames} frames (pages); the first, {img.width}x{img.height}, is read",
                       DataWarning, stacklevel=2)
+    if turn is not None:
+        return _turned(img, _UPRIGHT[turn], path)
     return _apply_orientation(img, path)
+
+
+def _defer_tiff_orientation(img: Image.Image, path: Path) -> int | None:
+    """For a TIFF whose orientation tag turns it by 90 degrees (5..8): take the tag out before PIL
+    decodes it and return it, for the caller to turn the decoded pixels (None for any other image).
+
+    NB: PIL turns such a TIFF itself while loading it and gives its size as turned from the start,
+    but it decodes the stored rows at the turned width (Pillow 13: scrambled pixels, no error). So the
+    size is set back to the stored one and the tag removed before the decode, which then reads the
+    pixels as stored. A PIL without the stored size (``_tile_size``) gets a one-line refusal.
+    """
+    tags = getattr(img, "tag_v2", None)
+    if img.format != "TIFF" or tags is None:
+        return None
+    orientation = tags.get(_EXIF_ORIENTATION)
+    if orientation not in (5, 6, 7, 8):
+        return None
+    stored = getattr(img, "_tile_size", None)
+    if not (isinstance(stored, tuple) and len(stored) == 2):
+        img.close()
+        raise DataError(f"{path}: a TIFF turned by 90 degrees by its orientation tag ({orientation}), which this "
+                        "version of PIL cannot decode reliably; save it upright (orientation 1)")
+    del tags[_EXIF_ORIENTATION]
+    img.getexif().pop(_EXIF_ORIENTATION, None)  # PIL's own turn after the decode reads this copy
+    img._size = stored  # noqa: SLF001 - see above
+    return orientation
 
 
 def _reason(exc: BaseException) -> str:
@@ -242,11 +271,23 @@ def upright(img: Image.Image, where: str | os.PathLike = "PIL image") -> Image.I
         return img
     # the pixels only: exif_transpose also re-encodes the EXIF block without the tag, which fails
     # on a block PIL reads but cannot write back (struct.error: an internal error, a stopped line)
+    return _transposed(img, method, where)
+
+
+def _transposed(img: Image.Image, method: Image.Transpose, where: str | os.PathLike) -> Image.Image:
     try:
         return img.transpose(method)
     except MemoryError:
         raise DataError(f"{where}: too large to turn upright here ({img.width}x{img.height} pixels): not enough "
                         "memory") from None
+
+
+def _turned(img: Image.Image, method: Image.Transpose, path: Path) -> Image.Image:
+    """``img`` turned by ``method``, the stored one closed."""
+    try:
+        return _transposed(img, method, path)
+    finally:
+        img.close()
 
 
 def _apply_orientation(img: Image.Image, path: Path) -> Image.Image:
