@@ -997,12 +997,14 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         if cfg.precision == "auto":  # the run records what it does: a resume elsewhere keeps it
             cfg = replace(cfg, precision="float32" if train_dtype("auto", device) is None else "bfloat16")
         inputs = [cfg.data, cfg.anomaly_source]
+        # what the run writes: a user's file at one of these names is refused, never replaced
+        run_files = [CONFIG_FILE, CHECKPOINT_FILE, LOG_FILE, MODEL_FILE, *(stage_file(i + 1) for i in range(len(cfg.epochs)))]
         if not resume:
             if not overwrite and (out / CHECKPOINT_FILE).is_file() and not (out / MODEL_FILE).exists() \
                     and OutputFolder.written_by(out) == "train":  # what --overwrite would say discards the progress
                 raise RunError(f"{out}: holds an unfinished run (its {CHECKPOINT_FILE}); continue it with --resume, "
                                "or pass --overwrite to discard it and train anew")
-            OutputFolder.check(out, overwrite=overwrite, inputs=inputs, command="train")
+            OutputFolder.check(out, overwrite=overwrite, inputs=inputs, command="train", names=run_files)
         images, paths = load_train_images(cfg.data, cfg.image_size)
         keys = image_keys(images)
         data_digest = images_digest(keys, paths)
@@ -1058,8 +1060,9 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         check_pretrained_weights(cfg, probe)  # now, not after the training that needs them
         del probe
         if not resume:
-            folder = OutputFolder.create(out, overwrite=overwrite, inputs=inputs, lock=True, command="train")
-            folder.record_many([CHECKPOINT_FILE, LOG_FILE, MODEL_FILE, *(stage_file(i + 1) for i in range(len(cfg.epochs)))])
+            folder = OutputFolder.create(out, overwrite=overwrite, inputs=inputs, lock=True, command="train",
+                                         names=run_files)
+            folder.reserve(run_files[1:])
             folder.write_json(CONFIG_FILE, cfg.to_json())
     except BaseException:
         if folder is not None:

@@ -416,6 +416,20 @@ def test_run_folder_is_never_overwritten_silently(synthetic_root, tmp_path):
         train(_cfg(synthetic_root), tmp_path / "fresh", resume=True)
 
 
+def test_overwrite_refuses_a_users_file_at_a_name_the_new_run_writes(synthetic_root, tmp_path):
+    """A one-stage run's folder with the user's own stage2.pt in it: a two-stage run trained over
+    it with --overwrite would write stage2.pt, so it is refused before anything is removed."""
+    out = tmp_path / "run"
+    train(_cfg(synthetic_root, model="ae-l2", model_kwargs={}, epochs=[1], max_steps=[1]), out, progress=False,
+          log=lambda s: None)
+    (out / "stage2.pt").write_text("the user's own file")
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(OutputRefused, match="stage2.pt: exists and was not written by defect-fast"):
+        train(_cfg(synthetic_root, max_steps=[1, 1]), out, progress=False, overwrite=True, log=lambda s: None)
+    assert (out / "stage2.pt").read_text() == "the user's own file"
+    assert sorted(p.name for p in out.iterdir()) == before  # the earlier run is still there
+
+
 def test_empty_training_folder_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["train", str(tmp_path / "empty"), "--out", str(tmp_path / "run")]) == 2
