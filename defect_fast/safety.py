@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import stat
 import sys
 import tempfile
 import traceback
@@ -707,7 +708,9 @@ def _manifest(folder: Path) -> dict[str, Any]:
 
 
 def _foreign_entries(folder: Path) -> list[str]:
-    return sorted(e.name for e in folder.iterdir() if e.name not in _OWN)
+    """The entries of ``folder`` other than its manifest and lock file (a link named as one of
+    those is not one: it is the user's, and counts)."""
+    return sorted(e.name for e in folder.iterdir() if e.name not in _OWN or e.is_symlink())
 
 
 class OutputFolder:
@@ -813,13 +816,20 @@ class OutputFolder:
         p = Path(path)
         inputs = list(inputs)
         cls.check(p, overwrite=overwrite, inputs=inputs, what=what, command=command, names=names)
-        created = not p.exists()
-        p.mkdir(parents=True, exist_ok=True)
+        try:  # created only by this call's own mkdir: a racing start may make the folder in between
+            p.mkdir(parents=True)
+            created = True
+        except FileExistsError:
+            created = False
+            if not p.is_dir():
+                raise OutputRefused(f"{what} {p}: exists and is not a folder") from None
         out = cls(p, created_root=created, command=command)
         clearing = (p / MANIFEST_NAME).is_file()
         if lock or clearing:
             try:
                 out.lock = RunLock(p).acquire()
+            except RunInUse:  # the lock file is the holder's: nothing here is removed
+                raise
             except BaseException:
                 if created:
                     with contextlib.suppress(OSError):
@@ -1155,8 +1165,17 @@ class RunLock:
 
         if self._fd is not None:
             return self
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link: the pid written below would truncate whatever it points to
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError:
+            if self.path.is_symlink():
+                raise OutputRefused(f"{self.path}: is a symbolic link, not defect-fast's lock file; remove it or "
+                                    "choose another folder") from None
+            raise
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OutputRefused(f"{self.path}: is not a plain file, so not defect-fast's lock file; remove it or "
+                                    "choose another folder")
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             try:

@@ -661,3 +661,39 @@ def test_a_damaged_archive_is_a_one_line_error_wherever_the_damage_is(tmp_path):
             except Exception as exc:  # noqa: BLE001 - what the test is about
                 escaped.setdefault(type(exc).__name__, off)
     assert not escaped, escaped
+
+
+def test_a_start_that_loses_the_race_for_a_new_folder_removes_nothing(tmp_path, monkeypatch):
+    """Two starts on one new folder: the other makes it and takes its lock between this one's
+    checks and its mkdir. The loser is refused and leaves the holder's folder and lock file as
+    they are (it once removed both, and a third start then took the lock beside the holder)."""
+    out = tmp_path / "run"
+    real_mkdir, holder = Path.mkdir, []
+
+    def racing_mkdir(self, *args, **kwargs):
+        if self == out and not holder:
+            real_mkdir(self)
+            holder.append(RunLock(out).acquire())
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", racing_mkdir)
+    with pytest.raises(RunInUse):
+        OutputFolder.create(out, lock=True, command="train")
+    monkeypatch.setattr(Path, "mkdir", real_mkdir)
+    assert holder[0].held and (out / LOCK_NAME).is_file()
+    with pytest.raises(RunInUse):  # the lock is still the holder's alone
+        RunLock(out).acquire()
+    holder[0].release()
+
+
+def test_a_link_named_as_the_lock_file_is_never_followed(tmp_path):
+    target = tmp_path / "notes.txt"
+    target.write_text("ten years of inspection notes")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_NAME).symlink_to(target)
+    with pytest.raises(OutputRefused, match="not empty"):  # the link is the user's entry, not the tool's
+        OutputFolder.create(out, lock=True, command="train")
+    with pytest.raises(OutputRefused, match="symbolic link"):
+        RunLock(out).acquire()
+    assert target.read_text() == "ten years of inspection notes"
