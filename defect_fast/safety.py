@@ -1387,8 +1387,13 @@ def load_with_digest(path: str | os.PathLike, *, required_keys: Iterable[str] = 
     import pickle
     import zipfile
 
+    try:  # opened here: is_zipfile reads a file it cannot open (no permission) as "not a zip archive"
+        fh = open(p, "rb")
+    except OSError as exc:
+        raise DigestError(f"{p}: cannot be read ({exc.strerror or type(exc).__name__})") from None
     try:
-        is_zip = zipfile.is_zipfile(p)
+        with fh:
+            is_zip = zipfile.is_zipfile(fh)
     except Exception as exc:  # noqa: BLE001 - a damaged archive (BadZipFile from its directory, ...)
         raise DigestError(f"{p}: not a readable defect_fast file (a damaged archive: {type(exc).__name__}: "
                           f"{one_line(str(exc))[:200]})") from None

@@ -697,3 +697,23 @@ def test_a_link_named_as_the_lock_file_is_never_followed(tmp_path):
     with pytest.raises(OutputRefused, match="symbolic link"):
         RunLock(out).acquire()
     assert target.read_text() == "ten years of inspection notes"
+
+
+def test_a_model_file_that_cannot_be_read_is_not_called_damaged(tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    path = tmp_path / "model.pt"
+    save_with_digest({"w": torch.zeros(2)}, path)
+    real_open = builtins.open
+
+    def no_permission(file, *args, **kwargs):  # as for another user's file with mode 600
+        if isinstance(file, (str, bytes, os.PathLike)) and Path(os.fsdecode(file)) == path:
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_permission)
+    with pytest.raises(DigestError, match=r"model\.pt: cannot be read \(Permission denied\)"):
+        load_with_digest(path)
+    monkeypatch.setattr(builtins, "open", real_open)
+    assert torch.equal(load_with_digest(path)["w"], torch.zeros(2))
