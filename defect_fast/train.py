@@ -40,7 +40,7 @@ from .models import AnomalyModel, build_model
 from .precision import cudnn_benchmark
 from .runs import (CHECKPOINT_FILE, CHECKPOINT_VERSION, CONFIG_FILE, LOG_FILE, MODEL_FILE,  # noqa: F401
                    RESUME_KEYS, RunError, atomic_save, load_checkpoint, model_from_state, resolve_device, stage_file)
-from .safety import OutputFolder, UserError, atomic_write_text, real_path
+from .safety import OutputFolder, UserError, atomic_write_bytes, real_path
 
 #: Map normalisations a run can ask for (``TrainConfig.normalize``).
 NORMALIZATIONS = ("none", "position")
@@ -818,17 +818,18 @@ def _trim_log(path: Path, last_step: int) -> None:
     nothing is dropped."""
     if not path.is_file():
         return
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    # bytes: a line cut in a multi-byte character, or other bytes a crash left, is dropped, not fatal
+    lines = path.read_bytes().splitlines(keepends=True)
     kept = []
     for line in lines:
         try:
-            step = json.loads(line)["step"]
+            step = json.loads(line)["step"]  # a line that is not UTF-8: UnicodeDecodeError, a ValueError
         except (ValueError, KeyError, TypeError):
             continue
-        if isinstance(step, int) and step <= last_step and line.endswith("\n"):
+        if isinstance(step, int) and step <= last_step and line.endswith(b"\n"):
             kept.append(line)
     if len(kept) != len(lines):
-        atomic_write_text(path, "".join(kept))
+        atomic_write_bytes(path, b"".join(kept))
 
 
 def images_digest(keys: list[bytes], paths: list[Path]) -> str:

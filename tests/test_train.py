@@ -165,6 +165,10 @@ def test_a_resume_drops_the_log_lines_after_its_checkpoint(tmp_path):
     assert log.read_text() == "".join(lines[:3])
     train_module._trim_log(log, 3)  # nothing more to drop
     assert log.read_text() == "".join(lines[:3])
+    # a crash can leave bytes that are not UTF-8 (a line cut in a character): dropped, not fatal
+    log.write_bytes("".join(lines[:4]).encode() + b'{"stage": 1, "note": "\xc3')
+    train_module._trim_log(log, 3)
+    assert log.read_text() == "".join(lines[:3])
 
 
 def stop_after_training(cfg, out: Path, monkeypatch) -> None:
