@@ -488,6 +488,10 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+#: The errors of a write itself (full disk or quota, file too large, I/O error, read-only file system).
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs) -> Iterator[Any]:
     """Open a temporary file beside ``path`` for writing; on success fsync and rename it over
@@ -507,7 +511,12 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs) -> Iterator
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the mode a plain open() would
         fh = os.fdopen(fd, mode, **kwargs)
         try:
-            yield fh
+            try:
+                yield fh
+            except OSError as exc:  # a write that filled the disk names no file either: this one's
+                if exc.filename is not None or exc.errno not in _WRITE_ERRNOS:
+                    raise
+                raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
             try:  # a full disk often shows only here, in an error that names no file
                 fh.flush()
                 os.fsync(fh.fileno())

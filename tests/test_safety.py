@@ -372,6 +372,12 @@ def test_a_disk_that_fills_at_the_flush_is_named_by_the_file_asked_for(tmp_path,
         atomic_write_text(p, "two")
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(p)
     assert p.read_text() == "one" and sorted(x.name for x in tmp_path.iterdir()) == ["checkpoint.pt"]
+    # and at a write larger than the buffer, inside the with block (torch.save's, export's)
+    with pytest.raises(OSError) as info:
+        with atomic_open(p) as fh:
+            fh.write(b"x" * (1 << 20))
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(p)
+    assert p.read_text() == "one" and sorted(x.name for x in tmp_path.iterdir()) == ["checkpoint.pt"]
 
 
 def test_a_symbolic_link_loop_or_an_unknown_user_is_a_usage_error_naming_the_path(tmp_path, monkeypatch):
