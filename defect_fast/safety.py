@@ -1259,7 +1259,8 @@ def _feed(h: "hashlib._Hash", obj: Any, where: str) -> None:
         tag(type(obj).__name__ if type(obj) in (list, tuple) else "tuple", str(len(obj)).encode())
         for i, v in enumerate(obj):
             _feed(h, v, f"{where}[{i}]")
-    elif obj is None or isinstance(obj, (bool, int, float, str, bytes, torch.dtype, torch.device)):
+    elif obj is None or type(obj) in (bool, int, float, str, bytes) or isinstance(obj, (torch.dtype, torch.device)):
+        # exact types: a subclass (numpy's float64, an IntEnum) is refused by the weights_only load
         tag("leaf", f"{type(obj).__name__}:{obj!r}".encode())
     else:
         raise TypeError(f"{where or 'object'}: cannot digest a {type(obj).__name__}")

@@ -723,3 +723,16 @@ def test_a_model_file_that_cannot_be_read_is_not_called_damaged(tmp_path, monkey
         load_with_digest(path)
     monkeypatch.setattr(builtins, "open", real_open)
     assert torch.equal(load_with_digest(path)["w"], torch.zeros(2))
+
+
+def test_a_value_the_safe_load_refuses_is_refused_when_saved(tmp_path):
+    """numpy's float64 is a float, so it was digested and saved; the weights_only load then called
+    the file unsafe. It is refused at the save, naming its key, with nothing written."""
+    import numpy as np
+
+    path = tmp_path / "model.pt"
+    with pytest.raises(TypeError, match=r"calibration\.rho: cannot digest a float64"):
+        save_with_digest({"calibration": {"rho": np.float64(0.5)}}, path)
+    assert not path.exists()
+    save_with_digest({"calibration": {"rho": 0.5, "n": 3, "ok": True}}, path)
+    assert load_with_digest(path)["calibration"] == {"rho": 0.5, "n": 3, "ok": True}
