@@ -40,7 +40,7 @@ from .models import AnomalyModel, build_model
 from .precision import cudnn_benchmark
 from .runs import (CHECKPOINT_FILE, CHECKPOINT_VERSION, CONFIG_FILE, LOG_FILE, MODEL_FILE,  # noqa: F401
                    RESUME_KEYS, RunError, atomic_save, load_checkpoint, model_from_state, resolve_device, stage_file)
-from .safety import OutputFolder, UserError, atomic_write_bytes, real_path
+from .safety import MANIFEST_NAME, OutputFolder, RunLock, UserError, atomic_write_bytes, real_path
 
 #: Map normalisations a run can ask for (``TrainConfig.normalize``).
 NORMALIZATIONS = ("none", "position")
@@ -1001,6 +1001,8 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         # what the run writes: a user's file at one of these names is refused, never replaced
         run_files = [CONFIG_FILE, CHECKPOINT_FILE, LOG_FILE, MODEL_FILE, *(stage_file(i + 1) for i in range(len(cfg.epochs)))]
         if not resume:
+            if (out / MANIFEST_NAME).is_file():  # a folder a live process works in says so first (not --resume's advice)
+                RunLock(out).acquire().release()
             if not overwrite and (out / CHECKPOINT_FILE).is_file() and not (out / MODEL_FILE).exists() \
                     and OutputFolder.written_by(out) == "train":  # what --overwrite would say discards the progress
                 raise RunError(f"{out}: holds an unfinished run (its {CHECKPOINT_FILE}); continue it with --resume, "

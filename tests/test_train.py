@@ -434,6 +434,22 @@ def test_overwrite_refuses_a_users_file_at_a_name_the_new_run_writes(synthetic_r
     assert sorted(p.name for p in out.iterdir()) == before  # the earlier run is still there
 
 
+def test_a_run_folder_a_live_training_holds_is_said_to_be_in_use(synthetic_root, tmp_path):
+    """Training again into a folder another training is writing: the answer is that it is in use
+    (by which process), not the advice for an unfinished run (--resume, which then says in use)."""
+    from defect_fast.safety import RunInUse, RunLock
+
+    out = tmp_path / "run"
+    cfg = _cfg(synthetic_root, max_steps=[1, 1])
+    train(cfg, out, progress=False, log=lambda s: None)
+    (out / "model.pt").unlink()  # as the folder looks while its training runs: a checkpoint, no model
+    train_module.atomic_save({}, out / "checkpoint.pt")
+    with RunLock(out):
+        for overwrite in (False, True):
+            with pytest.raises(RunInUse, match=f"in use by PID {os.getpid()}"):
+                train(cfg, out, progress=False, overwrite=overwrite, log=lambda s: None)
+
+
 def test_empty_training_folder_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["train", str(tmp_path / "empty"), "--out", str(tmp_path / "run")]) == 2
