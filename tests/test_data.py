@@ -439,6 +439,16 @@ def test_masks_that_are_not_two_level_or_cover_most_of_the_image_are_warned_of(t
         _save(mask, soft)
     with pytest.warns(DataWarning, match=r"hold more than two values \(soft edges or JPEG"):
         load_test_set(root, 16)
+    for mask in sorted((root / "ground_truth").rglob("*.png")):
+        thin = np.zeros((32, 32), dtype=np.uint8)
+        thin[:, 10] = 255  # a one-pixel crack between the samples of the resize to 16
+        _save(mask, thin)
+    with pytest.warns(DataWarning, match=r"4 mask\(s\) lose every defect pixel in the resize to 16 x 16") as seen:
+        ts = load_test_set(root, 16)
+    assert len(seen) == 1 and not ts.masks.any() and ts.labels.tolist() == [0, 0, 1, 1, 1, 1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)  # at its own size the crack is kept
+        assert int(load_test_set(root, 32).masks.sum()) == 4 * 32
 
 
 def test_load_test_set_without_test_folder(tmp_path):

@@ -262,7 +262,10 @@ def load_test_set(
     raise_problems(sorted(problems + read_problems), n, "test images", root)
     for kind, what in (("levels", "hold more than two values (soft edges or JPEG compression?); every nonzero "
                                   "pixel counts as defect"),
-                       ("half", "mark more than half of their image as defect (inverted, defect drawn black?)")):
+                       ("half", "mark more than half of their image as defect (inverted, defect drawn black?)"),
+                       ("emptied", f"lose every defect pixel in the resize to {size} x {size} (defects thinner than "
+                                   "its sampling step, which is nearest-neighbour); their images count as defective, "
+                                   "with no pixel in the pixel metrics (a larger --image-size keeps them)")):
         odd = sorted(str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for k, p in notes if k == kind)
         if odd:
             warnings.warn(f"{root}: {len(odd)} mask(s) {what}: {', '.join(odd[:3])}{', ...' if len(odd) > 3 else ''}",

@@ -445,8 +445,9 @@ def read_image(path: str | os.PathLike, size: int | None, channels: int = 3, *, 
 
 def _load_mask(path: str | os.PathLike, size: int | None, notes: list[tuple[str, Path]] | None = None
                ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """read_mask plus the original (width, height); ``notes`` collects ("levels" | "half", path)
-    for a mask with more than two values (soft edges, JPEG) or marking more than half its image."""
+    """read_mask plus the original (width, height); ``notes`` collects ("levels" | "half" | "emptied",
+    path) for a mask with more than two values (soft edges, JPEG), marking more than half its image,
+    or whose every defect pixel fell between the samples of the resize."""
     path = Path(path)
     img = _open(path)
     # the file's header (a turned image has no format), read only for the modes such a PNG decodes to
@@ -476,7 +477,10 @@ def _load_mask(path: str | os.PathLike, size: int | None, notes: list[tuple[str,
                 notes.append(("half", path))
         if size is not None and orig != (size, size):
             m = Image.fromarray(defect.astype(np.uint8) * 255, mode="L").resize((size, size), Image.NEAREST)
+            had = bool(defect.any())
             defect = np.asarray(m) != 0
+            if notes is not None and had and not defect.any():
+                notes.append(("emptied", path))
     return torch.from_numpy(np.ascontiguousarray(defect)), orig
 
 
