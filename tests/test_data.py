@@ -717,3 +717,41 @@ def test_a_damaged_page_after_the_first_leaves_the_first_read_and_is_said(tmp_pa
     with pytest.warns(DataWarning, match=re.escape(f"{p}: its pages after the first cannot be counted")):
         t = read_image(p, None)
     assert np.array_equal(t.permute(1, 2, 0).numpy(), a)
+
+
+def test_16_bit_images_that_use_a_sixteenth_of_the_range_are_warned_of_once(tmp_path):
+    """A 12-bit camera's frames stored in 16-bit files (values 0..4095) are read by the full 16-bit
+    range: dark, in 17 grey levels at most. The many-file readers say so in one warning."""
+    import struct
+    import zlib
+
+    rng = np.random.default_rng(0)
+    frame = (2000 + rng.normal(0, 30, (32, 32))).clip(0, 4095).astype(np.uint16)
+    folder = tmp_path / "cam"
+    for i in range(4):
+        _save(folder / f"{i}.png", frame)
+    _save(folder / "4.tif", frame)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    rgb = np.repeat(frame[..., None], 3, axis=2)  # and a 16-bit colour PNG, which PIL reads by its high bytes
+    raw = b"".join(b"\x00" + rgb[y].astype(">u2").tobytes() for y in range(32))
+    (folder / "5.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 32, 32, 16, 2, 0, 0, 0))
+                                   + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    paths = sorted(folder.iterdir())
+    # the colour PNG's bound is its high byte's: (8 + 1) * 256 - 1
+    with pytest.warns(DataWarning, match=r"cam: 6 of 6 16-bit images hold values up to 2303 at most \(of 65535\), "
+                                         r"so they are read at 10 grey level\(s\) or fewer") as seen:
+        images = read_images(paths, 32, where=folder)
+    assert len(seen) == 1 and int(images.max()) <= 16
+    _save(folder / "full.png", (frame.astype(np.uint32) * 16).astype(np.uint16))  # scaled to 16 bits: no warning
+    _save(folder / "eight.png", (frame // 16).astype(np.uint8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        assert int(read_images([folder / "full.png", folder / "eight.png"], 32).float().mean()) > 100
+    root = make_synthetic_dataset(tmp_path / "ds", n_train=2, n_test_good=2, n_test_defect=1, size=32, seed=3)
+    _save(root / "test" / "good" / "000.png", frame)
+    with pytest.warns(DataWarning, match=r"1 of 4 16-bit images hold values up to") as seen:
+        load_test_set(root, 32)
+    assert len(seen) == 1

@@ -30,6 +30,7 @@ from .io import (
     raise_problems,
     read_images,
     run_collecting,
+    warn_few_levels,
 )
 
 __all__ = ["GOOD", "TestSet", "find_mask", "load_test_set", "load_train_images", "to_model_range", "from_model_range"]
@@ -246,7 +247,7 @@ def load_test_set(
 
     def one(i: int) -> None:
         cls, img_path, mask_path = items[i]
-        img, img_size = _load_image(img_path, size, channels, min_side)
+        img, img_size = _load_image(img_path, size, channels, min_side, few_levels)
         images[i], sizes[i] = img, tuple(img_size)
         if mask_path is not None:
             m, m_size = _load_mask(mask_path, size, notes)
@@ -258,8 +259,10 @@ def load_test_set(
             masks[i] = m
 
     notes: list[tuple[str, Path]] = []
+    few_levels: list[tuple[Path, int]] = []
     _, read_problems = run_collecting(one, n, workers)
     raise_problems(sorted(problems + read_problems), n, "test images", root)
+    warn_few_levels(few_levels, n, test)
     for kind, what in (("levels", "hold more than two values (soft edges or JPEG compression?); every nonzero "
                                   "pixel counts as defect"),
                        ("half", "mark more than half of their image as defect (inverted, defect drawn black?)"),

@@ -373,15 +373,31 @@ def _as_tensor(img: Image.Image) -> torch.Tensor:
     return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
 
 
+#: A 16-bit image whose values all lie below this is read at 16 grey levels or fewer (65535 -> 255).
+FEW_LEVELS_BELOW = 4096
+
+
 def _load_images(path: str | os.PathLike, size: int | None, channels: int, min_side: int | None,
-                 original: bool) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor | None]:
+                 original: bool, few_levels: list[tuple[Path, int]] | None = None
+                 ) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor | None]:
     """(read_image's tensor, the original (width, height), the image at that size when ``original``
-    asks for it: the same tensor when no resize was needed), from one decode."""
+    asks for it: the same tensor when no resize was needed), from one decode. ``few_levels``
+    collects (path, largest value) for a 16-bit image whose values all lie below
+    :data:`FEW_LEVELS_BELOW` (:func:`warn_few_levels`)."""
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     path = Path(path)
     img = _open(path)
     orig = img.size
+    if few_levels is not None and (img.mode.startswith("I;16") or img.mode == "I"):
+        lo, hi = img.getextrema()
+        if 0 <= lo and hi < FEW_LEVELS_BELOW:
+            few_levels.append((path, int(hi)))
+    elif few_levels is not None and img.mode in ("RGB", "RGBA", "LA") and _png_header(path) in ((16, 2), (16, 4), (16, 6)):
+        # a 16-bit colour PNG, which PIL decodes by its high bytes: values below 4096 have one under 16
+        high = max(hi for _lo, hi in img.getextrema()[:1 if img.mode == "LA" else 3])
+        if high < FEW_LEVELS_BELOW >> 8:
+            few_levels.append((path, (high + 1) * 256 - 1))
     if min_side is not None and min(orig) < min_side:
         raise DataError(f"{path}: image is {orig[0]}x{orig[1]} pixels, smaller than the minimum side of {min_side}")
     full = None
@@ -396,10 +412,27 @@ def _load_images(path: str | os.PathLike, size: int | None, channels: int, min_s
     return t, orig, (t if full is None else full) if original else None
 
 
-def _load_image(path: str | os.PathLike, size: int | None, channels: int, min_side: int | None) -> tuple[torch.Tensor, tuple[int, int]]:
+def _load_image(path: str | os.PathLike, size: int | None, channels: int, min_side: int | None,
+                few_levels: list[tuple[Path, int]] | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
     """read_image plus the original (width, height)."""
-    t, orig, _ = _load_images(path, size, channels, min_side, False)
+    t, orig, _ = _load_images(path, size, channels, min_side, False, few_levels)
     return t, orig
+
+
+def warn_few_levels(few_levels: list[tuple[Path, int]], total: int, where: str | os.PathLike) -> None:
+    """One warning for the 16-bit images :func:`_load_images` found with values below
+    :data:`FEW_LEVELS_BELOW` (none: no warning): 16-bit data is read by its full range (65535 -> 255),
+    so the data of a 10- or 12-bit camera stored in 16-bit files comes out dark, in a few grey levels."""
+    if not few_levels:
+        return
+    top = max(hi for _p, hi in few_levels)
+    names = sorted(str(p) for p, _hi in few_levels)
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    warnings.warn(f"{where}: {len(names)} of {total} 16-bit images hold values up to {top} at most (of 65535), so "
+                  f"they are read at {round(top * 255 / 65535) + 1} grey level(s) or fewer ({shown}); 16-bit data is "
+                  "read by its full range: scale the data of a 10-, 12- or 14-bit camera to it (each value times "
+                  "2**(16 - bits)), or save the images as 8-bit, before training and inspecting",
+                  DataWarning, stacklevel=3)
 
 
 def resize_image(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -594,11 +627,14 @@ def read_images(
     if sizes is not None:
         sizes[:] = [None] * len(paths)
 
+    few_levels: list[tuple[Path, int]] = []
+
     def one(i: int) -> None:
-        out[i], orig = _load_image(paths[i], size, channels, min_side)
+        out[i], orig = _load_image(paths[i], size, channels, min_side, few_levels)
         if sizes is not None:
             sizes[i] = orig
 
     _, problems = run_collecting(one, len(paths), workers)
     raise_problems(problems, len(paths), "image files", where)
+    warn_few_levels(few_levels, len(paths), where)
     return out
