@@ -119,7 +119,8 @@ def _check_pixels(images: torch.Tensor, where: str) -> None:
         return
     if not images.is_floating_point():
         raise TypeError(f"{where}: images must be uint8 (0..255) or float in [-1, 1], got {images.dtype}; "
-                        "scale other types to uint8 first (16-bit: x // 257)")
+                        "scale other types to uint8 first (16-bit: x // 257 for data of the full 16-bit range, "
+                        "x >> (bits - 8) for a 10-, 12- or 14-bit camera's)")
     lo, hi = (float(v) for v in torch.aminmax(images.float()))
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{where}: the images hold NaN or infinite values")
@@ -1033,14 +1034,23 @@ class Detector(nn.Module):
         """Any accepted input -> (list of [3,S',S'] tensors for the model, original (H, W) of each)."""
         from PIL import Image
 
-        from .data.io import _load_image, _to_8bit, upright
+        from .data.io import FEW_LEVELS_BELOW, DataError, _load_image, _reason, _to_8bit, upright, warn_few_levels
 
         if isinstance(x, (str, os.PathLike)):
-            img, (w, h) = _load_image(x, size, 3, None)  # a bad file: DataError naming it
+            few: list = []
+            img, (w, h) = _load_image(x, size, 3, None, few)  # a bad file: DataError naming it
+            warn_few_levels(few, 1, "predict")
             return [img], [(h, w)]
         if isinstance(x, Image.Image):
             # turned upright by its EXIF orientation and 16-bit and float modes scaled, as files are
-            x = np.asarray(_to_8bit(upright(x), 3, Path("PIL image")))
+            try:  # a lazily opened file decodes here: its damage is the image's, as a path's is
+                if x.mode.startswith("I;16") or x.mode == "I":
+                    lo, hi = x.getextrema()
+                    if 0 <= lo and hi < FEW_LEVELS_BELOW:
+                        warn_few_levels([(Path("PIL image"), int(hi))], 1, "predict")
+                x = np.asarray(_to_8bit(upright(x), 3, Path("PIL image")))
+            except OSError as exc:
+                raise DataError(f"PIL image: corrupt or truncated image ({_reason(exc)})") from None
         if isinstance(x, np.ndarray):
             if x.dtype != np.uint8:  # float arrays are most often [0, 1], which [-1, 1] would misread
                 raise TypeError(f"numpy images must be uint8 (0..255), got {x.dtype}; scale them to uint8 "

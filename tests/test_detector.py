@@ -514,6 +514,40 @@ def test_predict_reads_a_16_bit_pil_image_as_its_file_is_read(tmp_path):
         det.predict(tmp_path / "notes.png")
 
 
+def test_predict_warns_of_a_12_bit_frame_and_names_a_truncated_pil_image(tmp_path):
+    """A 12-bit camera's frame in a 16-bit file or PIL image is read at a few grey levels: said, as
+    the CLI's readers say it. A truncated file opened lazily by PIL fails as its path does (a
+    ValueError naming it), not with PIL's bare OSError."""
+    import warnings
+
+    from defect_fast.data import DataError, DataWarning
+
+    det = Detector(_model(), image_size=64)
+    frame = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) % 4096).astype(np.uint16)
+    Image.fromarray(frame).save(tmp_path / "cam12.png")
+    with pytest.warns(DataWarning, match=r"hold values up to 4095 at most \(of 65535\).*cam12\.png"):
+        det.predict(tmp_path / "cam12.png")
+    with Image.open(tmp_path / "cam12.png") as im, pytest.warns(DataWarning, match=r"PIL image\)"):
+        det.predict(im)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        det.predict(Image.fromarray((frame.astype(np.uint32) * 16).astype(np.uint16)))  # the full range: nothing said
+    with pytest.raises(TypeError, match=r"x >> \(bits - 8\)"):
+        det.predict(torch.from_numpy(frame.astype(np.int32)).to(torch.uint16))
+    data = _png_bytes_of(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with Image.open(tmp_path / "cut.png") as im, pytest.raises(DataError, match=r"PIL image: corrupt or truncated"):
+        det.predict(im)
+
+
+def _png_bytes_of(array: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def test_tensor_entry_points_check_their_input():
     det = Detector(_model(), image_size=128)
     x = _images(2, 128)
