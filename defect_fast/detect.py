@@ -1190,7 +1190,7 @@ class Detector(nn.Module):
         self._graphs = {}  # captured graphs read the buffers this replaced
         self.context = None  # its standardisation of the maps was measured on the maps before
         self._set_aside_thresholds("calibrated before fit_normalization changed the maps (calibrate again)")
-        return {"mean": mean.cpu(), "std": std.cpu()}
+        return {"mean": mean.cpu().clone(), "std": std.cpu().clone()}  # copies: on a CPU, .cpu() is the buffer
 
     def save(self, path: Path | str, *, overwrite: bool = False) -> Path:
         """A model file of this Detector as it stands, which :meth:`load` reads back: the model's

@@ -97,6 +97,8 @@ def test_fit_normalization_standardises_each_position():
     torch.testing.assert_close(maps.mean(0), torch.zeros(128, 128), atol=1e-4, rtol=0)
     torch.testing.assert_close(maps.std(0), torch.ones(128, 128), atol=1e-3, rtol=0)
     assert det.normalization()["kind"] == "per-position"
+    stats["std"].mul_(10)  # what was returned is the caller's: the Detector's statistics stay as fitted
+    torch.testing.assert_close(det(normal)[0], maps, atol=0, rtol=0)
 
 
 def test_a_region_the_same_in_every_image_is_not_blown_up_by_the_normalisation():
