@@ -516,6 +516,21 @@ class Detector(nn.Module):
     def device(self) -> torch.device:
         return self.window.device
 
+    @property
+    def image_threshold(self) -> float:
+        """The stored pass/fail threshold of image scores (a score above it fails), the one the
+        command line and ``watch`` use. :class:`SettingError` (a ValueError) saying why when there
+        is none: set aside by other inference settings or a refit (:meth:`calibrate` sets new ones),
+        or a model file without one."""
+        from .calibration import stored_thresholds
+
+        threshold, _pixel, note = stored_thresholds(self.calibration)
+        if threshold is None:
+            why = self.calibration.get("inapplicable")
+            raise SettingError(f"no image threshold: the stored ones were {why}; calibrate(normal_images) sets new "
+                               "ones" if why else f"no image threshold: {note}")
+        return float(threshold)
+
     @classmethod
     def load(cls, run: Path | str, device: str | torch.device = "auto", map_kind: str | None = None,
              stride: int | None = None, smooth_sigma: float | None = None, **options) -> "Detector":
