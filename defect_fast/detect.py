@@ -562,6 +562,11 @@ class Detector(nn.Module):
                 raise RunError(f"{where}: the stored {part} does not load ({type(exc).__name__}: {exc}); "
                                "written by another version of defect_fast?") from None
 
+        fixed = sorted(set(options) & {"image_size", "model", "calibration", "norm_mean", "norm_std", "perceptual",
+                                       "context"})
+        if fixed:  # the constructor's, which the file gives: "got multiple values for keyword argument" said less
+            raise SettingError(f"{where}: {', '.join(fixed)} cannot be given to load: the model file fixes "
+                               f"{'it' if len(fixed) == 1 else 'them'} (the images are resized to its image size)")
         for part in ("detector", "normalization", "calibration", "perceptual", "context"):
             if state.get(part) is not None and not isinstance(state[part], dict):
                 raise RunError(f"{where}: the stored {part} is a {type(state[part]).__name__}, not a dict; "

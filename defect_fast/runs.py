@@ -42,9 +42,9 @@ class RunError(UserError, RuntimeError):
 def resolve_device(device: str | torch.device) -> torch.device:
     """"auto" -> cuda when a GPU is visible, else cpu; a name this torch cannot use is a
     :class:`~defect_fast.safety.DeviceError` saying why (see :func:`defect_fast.safety.check_device`)."""
-    if isinstance(device, torch.device):
+    if isinstance(device, torch.device) and device.type != "cuda":
         return device
-    return check_device(str(device))
+    return check_device(str(device))  # a torch.device("cuda") on a torch without CUDA: said, not torch's AssertionError
 
 
 def stage_file(stage: int) -> str:

@@ -333,6 +333,14 @@ def test_load_restores_model_calibration_and_normalization(tmp_path):
     x = _images(1, 128)
     raw = Detector(m, image_size=128)(x)[0]
     torch.testing.assert_close(det(x)[0], (raw - 0.5) / 2.0)
+    # what the file fixes is refused by name (it was "multiple values for keyword argument")
+    with pytest.raises(ValueError, match=r"image_size cannot be given to load: the model file fixes it"):
+        defect_fast.load(run, device="cpu", image_size=256)
+    if not torch.cuda.is_available():  # a torch.device is checked as its name is (it was torch's AssertionError)
+        from defect_fast.safety import DeviceError
+
+        with pytest.raises(DeviceError, match="cuda"):
+            defect_fast.load(run, device=torch.device("cuda"))
 
 
 def test_a_uint8_batch_of_another_size_scores_as_its_images_do_through_predict():
