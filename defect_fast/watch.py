@@ -5,7 +5,9 @@
 
     results.jsonl          the journal: one JSON line per image (the record of what is done); its
                            "regions" are :func:`~defect_fast.calibration.defect_regions`, boxes
-                           x0, y0, x1, y1 inclusive, in the photo's pixels
+                           x0, y0, x1, y1 inclusive, in the photo's pixels: the
+                           :data:`MAX_REGIONS` of highest peak, "regions_total" counting them all
+                           when there are more
     maps/<name>_map.png    grey anomaly map per image, at the image's own size
     overlays/<name>_overlay.png   the map over the image, at its own size
     rejected/              bad files, moved here (never deleted); their reason is in the journal
@@ -126,6 +128,9 @@ def is_temporary_name(name: str) -> bool:
     low = name.lower()
     return name.startswith(".") or low.endswith(IGNORED_SUFFIXES)
 
+
+#: Most regions a journal line lists (those of highest peak; a noisy map has thousands).
+MAX_REGIONS = 50
 
 #: Longest stem (in UTF-8 bytes) an output or rejected file's name keeps: with the temporary
 #: name's prefix (".tmp-<pid>-") and the longest ending ("_<12 hex>_overlay.png") it stays well
@@ -734,9 +739,12 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
             map_path, ov_path = files
             score = float(s)
             result = "fail" if score > st.threshold else "pass"
-            regions = defect_regions(m, st.info.pixel_threshold) if st.info.pixel_threshold is not None else []
+            regions = defect_regions(m, st.info.pixel_threshold, max_regions=None) \
+                if st.info.pixel_threshold is not None else []
             rec = _base_record(st, key, path, sha, sig)
-            rec.update(result=result, score=score, threshold=st.threshold, regions=regions,
+            if len(regions) > MAX_REGIONS:  # a line that lists some says how many there are
+                rec["regions_total"] = len(regions)
+            rec.update(result=result, score=score, threshold=st.threshold, regions=regions[:MAX_REGIONS],
                        map_size=list(m.shape[-2:][::-1]),  # (width, height) of the map and its region boxes: the photo's
                        map=map_path.relative_to(st.out).as_posix(), overlay=ov_path.relative_to(st.out).as_posix())
             st.journal.append(rec)

@@ -280,6 +280,28 @@ def _count(out) -> int:
 # command line: tests/test_cli_inspection.py::test_watch_sigkill_twice_through_the_command_line.
 
 
+def test_a_line_lists_the_regions_of_highest_peak_and_counts_them_all(tmp_path):
+    """64 separate spots: the line lists MAX_REGIONS of them (it listed 50 and said nothing of the
+    rest), the brightest first, and regions_total counts all; a line with fewer has no count."""
+    from defect_fast.watch import MAX_REGIONS
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    a = np.zeros((SIZE, SIZE, 3), np.uint8)
+    a[1::4, 1::4] = np.linspace(235, 255, 64).astype(np.uint8).reshape(8, 8, 1)  # 64 single-pixel spots
+    Image.fromarray(a).save(src / "spots.png")
+    b = np.zeros((SIZE, SIZE, 3), np.uint8)
+    b[5, 5] = 255
+    Image.fromarray(b).save(src / "one.png")
+    run_once(src, out)
+    recs = {r["image"]: r for r in journal(out)}
+    spots = recs["spots.png"]
+    assert MAX_REGIONS == 50 and len(spots["regions"]) == MAX_REGIONS and spots["regions_total"] == 64
+    peaks = [r["peak"] for r in spots["regions"]]
+    assert peaks == sorted(peaks, reverse=True) and peaks[0] == 1.0
+    assert len(recs["one.png"]["regions"]) == 1 and "regions_total" not in recs["one.png"]
+
+
 def test_maps_overlays_and_region_boxes_are_at_the_photo_size(tmp_path):
     """A photo of another size than the model's: its map and overlay are written at the photo's
     size, and its region boxes are in the photo's pixels (map_size says so)."""
