@@ -1077,6 +1077,8 @@ class Detector(nn.Module):
                                 "(e.g. (x * 255).round().astype(np.uint8) for [0, 1]), or pass float images in "
                                 "[-1, 1] as a torch tensor")
             arr = x  # its size is checked as the tensor it becomes
+            if arr.size == 0:
+                raise ValueError(f"numpy images of shape {arr.shape} have no pixels")
             if arr.ndim == 2:
                 arr = np.repeat(arr[..., None], 3, axis=-1)
             if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4):
@@ -1085,14 +1087,15 @@ class Detector(nn.Module):
                 return Detector._as_images(torch.from_numpy(np.array(arr[..., :3])).permute(0, 3, 1, 2).expand(-1, 3, -1, -1), size)
             raise ValueError(f"numpy images must be [H, W], [H, W, C] or [N, H, W, C], got shape {arr.shape}")
         if isinstance(x, torch.Tensor):
+            given = tuple(x.shape)  # named in the messages as passed
             if x.dim() == 2:
                 x = x.expand(3, -1, -1)
             if x.dim() == 3:
                 x = x.unsqueeze(0)
             if x.dim() != 4 or x.shape[1] not in (1, 3):
-                raise ValueError(f"tensor images must be [H, W], [C, H, W] or [N, C, H, W] with C = 1 or 3, got {tuple(x.shape)}")
+                raise ValueError(f"tensor images must be [H, W], [C, H, W] or [N, C, H, W] with C = 1 or 3, got {given}")
             if x.numel() == 0:
-                raise ValueError(f"tensor images of shape {tuple(x.shape)} have no pixels")
+                raise ValueError(f"tensor images of shape {given} have no pixels")
             x = x.expand(-1, 3, -1, -1)
             _check_pixels(x, "predict")
             return list(x), [tuple(x.shape[-2:])] * x.shape[0]

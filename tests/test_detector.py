@@ -504,7 +504,9 @@ def test_predict_refuses_pixels_it_would_misread():
                              (torch.from_numpy(img).permute(2, 0, 1).float(), ValueError, "must lie in [-1, 1]"),
                              (torch.full((3, 8, 8), float("nan")), ValueError, "NaN"),
                              (torch.ones(3, 8, 8, dtype=torch.int32), TypeError, "int32"),
-                             ([], ValueError, "empty list"), (np.zeros((0, 0, 3), np.uint8), ValueError, "no pixels")):
+                             ([], ValueError, "empty list"),
+                             (np.zeros((0, 0, 3), np.uint8), ValueError, "numpy images of shape (0, 0, 3) have no pixels"),
+                             (torch.zeros(150, 200, 3, dtype=torch.uint8), ValueError, "C = 1 or 3, got (150, 200, 3)")):
         with pytest.raises(kind, match=re.escape(words)):
             det.predict(bad)
     # [-1, 1] floats and uint8 are the same image
