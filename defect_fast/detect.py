@@ -516,12 +516,12 @@ class Detector(nn.Module):
     def device(self) -> torch.device:
         return self.window.device
 
-    @property
     def image_threshold(self) -> float:
         """The stored pass/fail threshold of image scores (a score above it fails), the one the
         command line and ``watch`` use. :class:`SettingError` (a ValueError) saying why when there
         is none: set aside by other inference settings or a refit (:meth:`calibrate` sets new ones),
-        or a model file without one."""
+        or a model file without one. A method, not a property: torch's tracing looks at every
+        attribute of a module and lets only an AttributeError pass."""
         from .calibration import stored_thresholds
 
         threshold, _pixel, note = stored_thresholds(self.calibration)
