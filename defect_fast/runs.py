@@ -104,9 +104,19 @@ def model_file(run: Path | str) -> Path:
 
 
 def load_model_state(run: Path | str) -> dict[str, Any]:
-    """The finished-model dict of a run folder or model file, checked to be one."""
+    """The finished-model dict of a run folder or model file, checked to be one: a training
+    checkpoint (weights from the middle of a stage, with the optimiser's state) is refused, so that
+    it never reaches a line as a model (its stage files, the models at the end of each stage, are
+    models)."""
     path = model_file(run)
-    return load_checkpoint(path)
+    state = load_checkpoint(path)
+    if "optimizer_state" in state:
+        pos = state.get("position") if isinstance(state.get("position"), dict) else {}
+        where = (f" (stage {pos['stage'] + 1}, step {pos['global_step']})"
+                 if isinstance(pos.get("stage"), int) and isinstance(pos.get("global_step"), int) else "")
+        raise RunError(f"{path}: a training checkpoint{where}, not a finished model; finish its run with "
+                       "'defect-fast train DATA --out RUN --resume' and use RUN/model.pt")
+    return state
 
 
 __all__ = ["RunError", "resolve_device", "atomic_save", "load_checkpoint", "model_from_state", "model_file",

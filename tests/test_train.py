@@ -567,6 +567,10 @@ def test_a_second_ctrl_c_waits_for_the_checkpoint_the_first_is_writing(synthetic
         train(cfg, out, progress=False, log=lines.append)
     assert load_checkpoint(out / "checkpoint.pt")["position"]["global_step"] == 3
     assert any("writing the checkpoint first" in line for line in lines)
+    # the half-trained weights are never taken for a model (calibrate made a "finished" run of them)
+    with pytest.raises(RunError, match=r"checkpoint\.pt: a training checkpoint \(stage 1, step 3\), not a finished "
+                                       r"model; finish its run with 'defect-fast train DATA --out RUN --resume'"):
+        Detector.load(out / "checkpoint.pt")
     monkeypatch.setattr(train_module, "atomic_save", real_save)
     with pytest.raises(RunError, match=r"holds an unfinished run .*continue it with --resume"):
         train(cfg, out, progress=False, log=lambda s: None)
