@@ -170,6 +170,14 @@ def test_missing_trunk_error_lists_what_was_tried(synthetic_weights, monkeypatch
     assert lp.ALEXNET_WEIGHTS_ENV in msg and str(tmp_path) in msg and "torchvision" in msg
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         LPIPS(tmp_path / "nowhere.pth", synthetic_weights[1])
+    # one line at the command line (it named no file, so it was taken for an internal error), and a
+    # folder given for the file is called one
+    from defect_fast.safety import UserError, _user_message
+
+    monkeypatch.setenv(lp.ALEXNET_WEIGHTS_ENV, str(tmp_path))
+    with pytest.raises(UserError) as err:
+        LPIPS(heads_weights=synthetic_weights[1])
+    assert _user_message(err.value, ()) == f"${lp.ALEXNET_WEIGHTS_ENV}={tmp_path}: is a folder, not a weights file"
 
 
 def test_bad_weight_files_are_named(synthetic_weights, tmp_path):

@@ -22,9 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..safety import UserError
+
 __all__ = ["LPIPS", "ALEXNET_WEIGHTS_ENV", "LPIPS_HEADS_ENV", "TORCHVISION_ALEXNET_FILE"]
 
 #: Environment variable naming a local AlexNet trunk file (``features.*`` state dict).
+
+class WeightsNotFound(UserError, FileNotFoundError):
+    """Pretrained weights (the AlexNet trunk, the LPIPS heads) that are needed and not found: one
+    line at the command line saying where they were looked for, a FileNotFoundError for callers."""
+
 ALEXNET_WEIGHTS_ENV = "DEFECT_FAST_ALEXNET_WEIGHTS"
 #: Environment variable naming a local LPIPS linear-head file (the ``lpips`` wheel's ``alex.pth``).
 LPIPS_HEADS_ENV = "DEFECT_FAST_LPIPS_WEIGHTS"
@@ -104,6 +111,11 @@ def _heads_from_state(state: dict, origin: str) -> list[torch.Tensor]:
     return heads
 
 
+def _missing(p: Path) -> str:
+    """Why a weights path that is not a file cannot be read, in a few words."""
+    return "is a folder, not a weights file" if p.is_dir() else "no such file"
+
+
 def load_alexnet_trunk(path: str | os.PathLike | None = None) -> tuple[dict[str, torch.Tensor], str]:
     """AlexNet trunk weights (``features.{0,3,6,8,10}.{weight,bias}``) and where they came from.
 
@@ -115,13 +127,13 @@ def load_alexnet_trunk(path: str | os.PathLike | None = None) -> tuple[dict[str,
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise FileNotFoundError(f"AlexNet trunk weights {p}: no such file")
+            raise WeightsNotFound(f"AlexNet trunk weights {p}: {_missing(p)}")
         return _trunk_from_state(_load_file(p), str(p)), str(p)
     env = os.environ.get(ALEXNET_WEIGHTS_ENV)
     if env:
         p = Path(env)
         if not p.is_file():
-            raise FileNotFoundError(f"${ALEXNET_WEIGHTS_ENV}={env}: no such file")
+            raise WeightsNotFound(f"${ALEXNET_WEIGHTS_ENV}={env}: {_missing(p)}")
         return _trunk_from_state(_load_file(p), str(p)), str(p)
     tried.append(f"${ALEXNET_WEIGHTS_ENV} (unset)")
     cached = Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_ALEXNET_FILE
@@ -139,7 +151,7 @@ def load_alexnet_trunk(path: str | os.PathLike | None = None) -> tuple[dict[str,
             return _trunk_from_state(state, _TORCHVISION_ALEXNET_URL), _TORCHVISION_ALEXNET_URL
         except Exception as exc:  # noqa: BLE001 - reported below
             tried.append(f"{_TORCHVISION_ALEXNET_URL} ({type(exc).__name__}: {exc})")
-    raise FileNotFoundError(
+    raise WeightsNotFound(
         "ImageNet AlexNet trunk weights are needed (LPIPS, the perceptual map, the image context); set "
         f"${ALEXNET_WEIGHTS_ENV}=PATH (or pass alexnet_weights=PATH from Python). Tried: " + "; ".join(tried))
 
@@ -154,13 +166,13 @@ def load_lpips_heads(path: str | os.PathLike | None = None, version: str = "0.1"
         if candidate is not None:
             p = Path(candidate)
             if not p.is_file():
-                raise FileNotFoundError(f"LPIPS linear heads {p} ({label}): no such file")
+                raise WeightsNotFound(f"LPIPS linear heads {p} ({label}): {_missing(p)}")
             return _heads_from_state(_load_file(p), str(p)), str(p)
     p = default_heads_path(version)
     if p is None:
         pkg = _lpips_package_dir()
         where = "lpips package not installed" if pkg is None else f"{pkg}/weights/v{version}/alex.pth absent"
-        raise FileNotFoundError(
+        raise WeightsNotFound(
             f"LPIPS linear heads not found: pass heads_weights=PATH, set ${LPIPS_HEADS_ENV}, or install "
             f"lpips==0.1.4 with `pip install --no-deps lpips` (tried: ${LPIPS_HEADS_ENV} unset; {where})")
     return _heads_from_state(_load_file(p), str(p)), str(p)
