@@ -238,10 +238,19 @@ def cmd_train(args) -> int:
     return 0
 
 
-from .evaluate import evaluate_run  # noqa: E402,F401  (kept importable from here)
+def __getattr__(name: str):
+    """``evaluate_run`` stays importable from here, without importing torch when the command line
+    starts: a Ctrl-C in that second printed a traceback (run_main was not entered yet)."""
+    if name == "evaluate_run":
+        from .evaluate import evaluate_run
+
+        return evaluate_run
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate_run
+
     json_path = safe_output_file(args.json, args.overwrite, inputs=[args.run, args.data], what="--json") if args.json else None
     with far_errors(args.run, args.far):
         metrics = evaluate_run(args.run, args.data, args.map, args.device, args.stride, args.smooth, blend=args.blend,
@@ -403,6 +412,8 @@ def _demo_in(folder: OutputFolder, out: Path, data: Path, cfg, args) -> int:
         print(f"synthetic dataset written to {data}")
         train(cfg, out / "run", progress=not args.quiet)
         _record_tree(folder, "run")
+        from .evaluate import evaluate_run
+
         metrics = evaluate_run(out / "run", data, device=args.device)
         _print_metrics(metrics)
         _print_thresholds(metrics.get("thresholds"))
@@ -666,14 +677,13 @@ def _run(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """The ``defect-fast`` entry point: parse, run, and turn known errors into one line and status 2."""
     from .allocator import keep_freed_memory
-    from .runs import RunError
 
     keep_freed_memory()  # the process runs the same large tensors call after call: keep freed pages
     for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 must not fail a command that is done
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     with _sigterm_as_interrupt():
-        return run_main(_run, argv, user_errors=(RunError,))
+        return run_main(_run, argv)  # torch is imported in there: a Ctrl-C while it loads is one line too
 
 
 @contextlib.contextmanager

@@ -741,3 +741,14 @@ def test_info_reports_the_build_cache_and_what_precision_auto_picks(capsys):
     module, _reason = _native.load()
     if module is not None:
         assert info["native"]["path"] == module.__file__ and info["native"]["source_digest"]
+
+
+def test_the_command_line_starts_without_importing_torch():
+    """torch loads for a second: imported before run_main was entered (by the CLI module itself), a
+    Ctrl-C in that second printed a traceback of torch's import instead of "interrupted"."""
+    import subprocess
+    import sys
+
+    probe = "import sys, defect_fast.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
