@@ -170,14 +170,21 @@ def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, so
     # the caller's detector is given back as it was: its device, and each part's mode (a Detector's
     # own flag says nothing of its model's, which it keeps in eval mode: train(flag) would switch
     # an unfused model's normalisation layers to batch statistics)
+    s = det.image_size
+    try:  # before the detector is touched: a batch this process cannot hold is the argument's error
+        example = torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    except (MemoryError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and not any(w in str(exc) for w in ("alloc", "overflow")):
+            raise
+        raise ExportError(f"--batch {batch}: the example batch the export traces, {batch} images at {s} x {s}, needs "
+                          f"{batch * 3 * s * s / 2**30:.1f} GiB, more than this process can allocate; give a "
+                          "smaller --batch") from None
     device, modes = det.device, [(m, m.training) for m in det.modules()]
     det = det.to("cpu").eval()
     saved = (det.batch_size, det.precision, det.channels_last)
     det.batch_size = 0
     if precision == "float32":  # the portable graph: float32, the default layout
         det.precision, det.channels_last = "float32", False
-    s = det.image_size
-    example = torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     dynamic = False
     fh = io.BytesIO()  # the file's bytes, whose digest goes into the description before either is written
     try:

@@ -203,6 +203,19 @@ def test_an_interrupted_export_leaves_no_file(run, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # no half-written file, no temporary, no description
 
 
+def test_a_batch_this_process_cannot_hold_is_refused_by_its_argument(tmp_path):
+    """--batch 100000000 at 64 px: a 1.1 TiB example batch was torch's allocation error, printed as an
+    internal error. It is the argument's error, before the detector is touched or a file written."""
+    from defect_fast.export import ExportError, export_detector
+
+    det = Detector(build_model("cmaae", memory_size=10), image_size=64, precision="float32")
+    before = det.batch_size
+    with pytest.raises(ExportError, match=r"--batch 100000000: .* needs 1144\.4 GiB, more than this process can "
+                                          r"allocate; give a smaller --batch"):
+        export_detector(det, tmp_path / "b.ts", "torchscript", batch=100_000_000)
+    assert det.batch_size == before and list(tmp_path.iterdir()) == []
+
+
 def test_export_detector_gives_the_detector_back_and_writes_both_files_or_none(tmp_path):
     """The caller's Detector stays in its mode (and on its device); a description JSON cannot hold
     fails before the exported file is in place (it was left without its description); numpy
