@@ -364,6 +364,11 @@ def cmd_demo(args) -> int:
     cfg = TrainConfig(data=str(data), model=args.model, image_size=args.image_size, batch_size=args.batch_size,
                       epochs=[args.epochs] * n_stages, seed=args.seed, device=args.device, model_kwargs=options)
     checked_model(cfg)  # a setting that cannot train is refused before an earlier demo is cleared
+    from .data.io import image_stack
+
+    # the training images' stack, as train will allocate it: an image size this process cannot hold is
+    # refused in one line (the synthetic images' generation met it first, with numpy's MemoryError)
+    image_stack((32, 3, args.image_size, args.image_size), f"demo --image-size {args.image_size}")  # freed at once
     OutputFolder.check(out, overwrite=args.overwrite, what="output folder", command="demo")
     # a user's file where the demo writes is refused before an earlier demo is cleared, not after
     left = OutputFolder.unlisted(out, DEMO_OUTPUTS) if (out / MANIFEST_NAME).is_file() else []

@@ -752,3 +752,11 @@ def test_the_command_line_starts_without_importing_torch():
     probe = "import sys, defect_fast.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_a_demo_image_size_this_process_cannot_hold_is_one_line(tmp_path, capsys):
+    """numpy's MemoryError from the synthetic images' generation was printed as an internal error."""
+    out = tmp_path / "demo"
+    assert main(["demo", str(out), "--model", "ae-l2", "--image-size", "200064", "--epochs", "1"]) == 2
+    assert "demo --image-size 200064: 32 images at 200064 x 200064 need" in capsys.readouterr().err
+    assert not out.exists()
