@@ -75,7 +75,7 @@ def check_finite(res: dict[str, torch.Tensor], paths: list | None, run: Path | s
     threshold or verdict (NaN > threshold is False: such an image would pass). ``paths`` name
     the images (None: their positions), ``run`` the model (None: not named); ``res`` without
     "scores": the maps alone."""
-    from .runs import RunError
+    from .runs import NonFiniteMaps
 
     finite = torch.isfinite(res["maps"]).flatten(1).all(1)
     bad = ~(finite & torch.isfinite(res["scores"]) if "scores" in res else finite)
@@ -83,7 +83,7 @@ def check_finite(res: dict[str, torch.Tensor], paths: list | None, run: Path | s
         i = int(bad.nonzero()[0])
         first = paths[i] if paths is not None else f"image {i}"
         how = f"; inference in {precision}" if precision else ""
-        raise RunError(f"{'' if run is None else f'{run}: '}the model gives NaN or infinite maps or scores for "
+        raise NonFiniteMaps(f"{'' if run is None else f'{run}: '}the model gives NaN or infinite maps or scores for "
                        f"{int(bad.sum())} of {bad.numel()} {what} (the first: {first}{how}); its weights or "
                        "statistics are not usable")
 

@@ -39,6 +39,10 @@ class RunError(UserError, RuntimeError):
     """A run folder cannot be used as asked (exists, incompatible, incomplete, damaged)."""
 
 
+class NonFiniteMaps(RunError):
+    """A model gives NaN or infinite maps or scores (:func:`defect_fast.evaluate.check_finite`)."""
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """"auto" -> cuda when a GPU is visible, else cpu; a name this torch cannot use is a
     :class:`~defect_fast.safety.DeviceError` saying why (see :func:`defect_fast.safety.check_device`)."""
@@ -119,6 +123,6 @@ def load_model_state(run: Path | str) -> dict[str, Any]:
     return state
 
 
-__all__ = ["RunError", "resolve_device", "atomic_save", "load_checkpoint", "model_from_state", "model_file",
+__all__ = ["RunError", "NonFiniteMaps", "resolve_device", "atomic_save", "load_checkpoint", "model_from_state", "model_file",
            "load_model_state", "stage_file", "CONFIG_FILE", "CHECKPOINT_FILE", "MODEL_FILE",
            "LOG_FILE", "CHECKPOINT_VERSION", "RESUME_KEYS", "STATE_KEYS"]

@@ -39,7 +39,7 @@ from .losses.ssim import objective as ssim_objective
 from .models import AnomalyModel, build_model
 from .precision import cudnn_benchmark
 from .runs import (CHECKPOINT_FILE, CHECKPOINT_VERSION, CONFIG_FILE, LOG_FILE, MODEL_FILE,  # noqa: F401
-                   RESUME_KEYS, RunError, atomic_save, load_checkpoint, model_from_state, resolve_device, stage_file)
+                   RESUME_KEYS, NonFiniteMaps, RunError, atomic_save, load_checkpoint, model_from_state, resolve_device, stage_file)
 from .safety import MANIFEST_NAME, OutputFolder, RunLock, UserError, atomic_write_bytes, real_path
 
 #: Map normalisations a run can ask for (``TrainConfig.normalize``).
@@ -51,6 +51,8 @@ HOLDBACK_MIN = 4
 #: z of a two-sided test at p = 0.01: a run's held-back scores "follow the lighting" when their
 #: rank correlation rho with mean brightness has |rho| * sqrt(n - 1) at least this (:func:`brightness_note`).
 BRIGHTNESS_Z = 2.576
+#: Largest --lr taken: Adam's step size; a larger one moves every weight by more than its scale at each step.
+MAX_LR = 1.0
 
 
 def brightness_note(rho: float | None, n: int, levelled: bool, trunk: bool) -> str | None:
@@ -197,7 +199,9 @@ def check_config(cfg: TrainConfig, n_stages: int, patch: int) -> None:
     if cfg.stride is not None:
         need(whole(cfg.stride) and 1 <= cfg.stride <= patch,
              f"--stride must be a whole number from 1 to the patch size {patch}, got {cfg.stride}")
-    need(isinstance(cfg.lr, (int, float)) and math.isfinite(cfg.lr) and cfg.lr > 0, f"--lr must be a finite number > 0, got {cfg.lr}")
+    need(isinstance(cfg.lr, (int, float)) and math.isfinite(cfg.lr) and 0 < cfg.lr <= MAX_LR,
+         f"--lr must be a number > 0 and at most {MAX_LR:g} (Adam's step size; the papers train at 1e-4 to 1e-3), "
+         f"got {cfg.lr}")
     # torch's generators take a seed of 64 bits (a larger one failed at the first draw, after
     # an --overwrite had cleared the earlier run)
     need(whole(cfg.seed) and 0 <= cfg.seed < 2**64, f"--seed must be a whole number from 0 to 2**64 - 1, got {cfg.seed}")
@@ -1085,15 +1089,20 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
             model = trainer.run()
         elapsed = trainer.train_seconds()  # every process of the run, not only this one
         finish_started = time.perf_counter()
-        if held_images.shape[0]:
-            finished = finish_run(model, cfg, held_images, trainer.device, train_images=train_images,
-                                  context_images=train_images, where=out)
-        else:
-            # Nothing held back: thresholds from training images, optimistic, and said so.
-            # (the map statistics from every training image, as --fit-on train fits them)
-            finished = finish_run(model, replace(cfg, normalize="none", fit_on="train"),
-                                  train_images[: cfg.calibration_images], trainer.device, train_images=train_images,
-                                  context_images=train_images, where=out, images="training images")
+        try:
+            if held_images.shape[0]:
+                finished = finish_run(model, cfg, held_images, trainer.device, train_images=train_images,
+                                      context_images=train_images, where=out)
+            else:
+                # Nothing held back: thresholds from training images, optimistic, and said so.
+                # (the map statistics from every training image, as --fit-on train fits them)
+                finished = finish_run(model, replace(cfg, normalize="none", fit_on="train"),
+                                      train_images[: cfg.calibration_images], trainer.device, train_images=train_images,
+                                      context_images=train_images, where=out, images="training images")
+        except NonFiniteMaps as exc:  # the weights trained are not usable: --resume would end here again
+            raise NonFiniteMaps(f"{exc}: the training diverged; train a new run with a lower --lr (this run's "
+                                "checkpoint holds the diverged weights)") from None
+        if not held_images.shape[0]:
             finished["calibration"]["source"] = "training images"
             finished["calibration"].update(sufficient=False, far_expected=None, far_upper95=None)
             finished["calibration"]["note"] = ("no held-back images (--holdback 0 or too few images): threshold from "

@@ -527,12 +527,30 @@ def test_held_back_images_are_never_trained_on_and_set_the_thresholds(synthetic_
                                                                      rel=1e-4)
 
 
+def test_weights_that_diverged_are_said_to_need_a_lower_lr(synthetic_root, tmp_path, monkeypatch):
+    """Training that ends with weights whose maps are NaN: the closing steps said only that the maps
+    are not usable, and --resume ran into the same line each time. It says the training diverged."""
+    trainer_cls, real_run = train_module.Trainer, train_module.Trainer.run
+
+    def diverged(self):
+        model = real_run(self)
+        with torch.no_grad():
+            next(model.parameters()).fill_(float("nan"))
+        return model
+
+    monkeypatch.setattr(trainer_cls, "run", diverged)
+    with pytest.raises(RunError, match=r"NaN or infinite maps or scores .*: the training diverged; train a new run "
+                                       r"with a lower --lr \(this run's checkpoint holds the diverged weights\)"):
+        train(_cfg(synthetic_root, max_steps=[1, 1]), tmp_path / "run", progress=False, log=lambda s: None)
+
+
 def test_settings_that_train_nothing_are_refused_before_the_folder_is_made(synthetic_root, tmp_path):
     for bad, word in (({"epochs": [0, 1]}, "--epochs"), ({"max_steps": [1, -3]}, "--max-steps"),
                       ({"batch_size": 0}, "--batch-size"), ({"checkpoint_every": 0}, "--checkpoint-every"),
                       ({"image_size": 32}, "--image-size"), ({"holdback": 1.0}, "--holdback"),
                       ({"far": 0.0}, "--far"), ({"normalize": "pixel"}, "--normalize"),
-                      ({"holdback": 0.0, "normalize": "position"}, "--normalize"), ({"fit_on": "both"}, "--fit-on")):
+                      ({"holdback": 0.0, "normalize": "position"}, "--normalize"), ({"fit_on": "both"}, "--fit-on"),
+                      ({"lr": 1e30}, r"--lr must be a number > 0 and at most 1")):
         with pytest.raises(ConfigError, match=word):
             train(_cfg(synthetic_root, **bad), tmp_path / "r", progress=False)
         assert not (tmp_path / "r").exists()
