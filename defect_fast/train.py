@@ -212,6 +212,8 @@ def check_config(cfg: TrainConfig, n_stages: int, patch: int) -> None:
     need(len(cfg.map_scales) >= 1 and all(whole(f) and f >= 1 for f in cfg.map_scales)
          and len(set(cfg.map_scales)) == len(cfg.map_scales),
          f"--map-scales must be distinct whole numbers >= 1, got {cfg.map_scales}")
+    need(cfg.map == "perceptual" or list(cfg.map_scales) == TrainConfig.__dataclass_fields__["map_scales"].default_factory(),
+         f"--map-scales {' '.join(str(f) for f in cfg.map_scales)} sets the pyramid of --map perceptual: add it")
     if cfg.map == "perceptual":
         need(cfg.image_size // max(cfg.map_scales) >= 32, f"--map-scales {max(cfg.map_scales)} leaves "
              f"{cfg.image_size // max(cfg.map_scales)} pixels at --image-size {cfg.image_size}; the perceptual map needs >= 32")

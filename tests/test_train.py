@@ -550,7 +550,8 @@ def test_settings_that_train_nothing_are_refused_before_the_folder_is_made(synth
                       ({"image_size": 32}, "--image-size"), ({"holdback": 1.0}, "--holdback"),
                       ({"far": 0.0}, "--far"), ({"normalize": "pixel"}, "--normalize"),
                       ({"holdback": 0.0, "normalize": "position"}, "--normalize"), ({"fit_on": "both"}, "--fit-on"),
-                      ({"lr": 1e30}, r"--lr must be a number > 0 and at most 1")):
+                      ({"lr": 1e30}, r"--lr must be a number > 0 and at most 1"),
+                      ({"map_scales": [1, 4]}, r"--map-scales 1 4 sets the pyramid of --map perceptual: add it")):
         with pytest.raises(ConfigError, match=word):
             train(_cfg(synthetic_root, **bad), tmp_path / "r", progress=False)
         assert not (tmp_path / "r").exists()
