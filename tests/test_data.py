@@ -454,6 +454,11 @@ def test_masks_that_are_not_two_level_or_cover_most_of_the_image_are_warned_of(t
 def test_load_test_set_without_test_folder(tmp_path):
     with pytest.raises(DataError, match="no test/ folder"):
         load_test_set(tmp_path, 16)
+    with pytest.raises(DataError, match=r"nope: no such folder"):  # not "no test/ folder" of a folder that is not there
+        load_test_set(tmp_path / "nope", 16)
+    (tmp_path / "a.png").write_bytes(b"")
+    with pytest.raises(DataError, match=r"a\.png: not a folder"):
+        load_test_set(tmp_path / "a.png", 16)
 
 
 def test_model_range_round_trip():

@@ -197,6 +197,9 @@ def load_test_set(
     """
     root = Path(root)
     test = root / "test"
+    if not root.is_dir():  # what is wrong with it, before what it lacks
+        raise DataError(f"{root}: {'no such folder' if not root.exists() else 'not a folder'} (expected a dataset "
+                        "in MVTec-style layout: test/<class>/*.png)")
     if not test.is_dir():
         raise DataError(f"{root}: no test/ folder (expected an MVTec-style layout: test/<class>/*.png)")
     class_dirs = sorted((d for d in test.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: (d.name != GOOD, d.name))
