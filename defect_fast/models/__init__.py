@@ -117,7 +117,7 @@ def parse_options(name: str, pairs: list[str] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for pair in pairs or []:
         if "=" not in pair:
-            raise ValueError(f"--set expects key=value, got {pair!r}")
+            raise ValueError(f"expects key=value, got {pair!r}")  # the caller names --set
         key, text = pair.split("=", 1)
         try:
             value = json.loads(text)
