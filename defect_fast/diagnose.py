@@ -646,6 +646,12 @@ def command(args) -> int:
     except ImportError as exc:
         raise DataError(f"diagnose needs matplotlib for its figures ({exc}); pip install matplotlib") from None
     det = Detector.load(run, device=args.device, stride=args.stride, blend=args.blend)
+    for flag, width in (("--border", args.border), ("--seam", args.seam)):  # a band over the whole map says nothing
+        if 2 * width >= det.image_size:
+            from .safety import UsageError
+
+            raise UsageError(f"{flag} {width}: a band that wide covers the whole {det.image_size} x {det.image_size} map "
+                             f"of {run}; give less than {(det.image_size + 1) // 2}")
     test_set = load_test_set(data, det.image_size, require_masks=False)  # where the top pixels lie needs no masks
     names = sorted(figure_names(test_set.classes).values()) + ["locations.json"]
     # a user's file at one of the names: refused before an earlier diagnosis is cleared
