@@ -532,7 +532,8 @@ def command(args) -> int:
 
     data = Path(args.data)
     if not data.is_dir():
-        raise DataError(f"{data}: no such folder")
+        raise DataError(f"{data}: {'not a folder' if data.exists() else 'no such folder'} (expected a folder of "
+                        "images, or a dataset with test/<class>/)")
     out = safe_output_file(args.out, args.overwrite, inputs=[args.run, data], what="--out")
     det = Detector.load(args.run, device=args.device)
     with far_errors(args.run, args.far):

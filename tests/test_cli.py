@@ -133,6 +133,10 @@ def test_a_test_split_without_masks_gives_image_level_results(tiny_run, syntheti
     assert got["thresholds"] == want["thresholds"]
     assert main(["report", str(tiny_run), str(bare), "--out", str(tmp_path / "r.html")]) == 0
     assert "image AUROC" in (tmp_path / "r.html").read_text()
+    capsys.readouterr()
+    one = next((bare / "test" / "good").iterdir())  # an image given for the folder: said so, not "no such folder"
+    assert main(["report", str(tiny_run), str(one), "--out", str(tmp_path / "r1.html")]) == 2
+    assert f"{one}: not a folder" in capsys.readouterr().err
     (bare / "ground_truth").mkdir()  # a ground_truth/ folder that is there must be complete
     assert main(["evaluate", str(tiny_run), str(bare)]) == 2
     assert "no ground-truth mask" in capsys.readouterr().err
