@@ -103,6 +103,9 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
     inputs = [run, cfg.data]  # the training folder is read too: overlays written into it would be read next time
     OutputFolder.check(out, overwrite=overwrite, inputs=inputs, command="audit")
     held = [str(p) for p in state.get("held_back") or []]
+    if "held_back" not in state and "position" in state:  # RUN/stageN.pt: the weights at a stage's end, no more
+        raise RunError(f"{path}: the model at the end of a stage, which does not record the run's held-back images; "
+                       "audit the run folder (its model.pt)")
     if not held:
         raise RunError(f"{path}: the run held back no images, so there is no threshold to judge its training images "
                        "by (train with --holdback)")

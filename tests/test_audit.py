@@ -132,6 +132,10 @@ def test_a_run_without_held_back_images_has_no_threshold_to_audit_by(planted, tm
     capsys.readouterr()
     refused(*cli(["audit", run, "--out", tmp_path / "a"], capsys)[::2], "held back no images")
     assert not (tmp_path / "a").exists()
+    # a stage's model records no held-back images (it said the run held back none)
+    refused(*cli(["audit", planted["run"] / "stage1.pt", "--out", tmp_path / "a"], capsys)[::2],
+            "the model at the end of a stage, which does not record the run's held-back images")
+    assert not (tmp_path / "a").exists()
 
 
 def test_identical_images_share_a_fold():
