@@ -538,10 +538,17 @@ def test_orientation_tag_applied_to_tiff_images(tmp_path, orientation, compressi
         t = read_image(p, None)
         assert t.shape == (3, *expected.shape[:2]), (name, orientation)
         assert torch.equal(t, torch.from_numpy(expected).permute(2, 0, 1)), (name, orientation)
-    m = np.zeros((4, 6), dtype=np.uint8)
-    m[0, 5] = 255  # top-right as stored
+    # a second page: counting the pages sought back to the first, which re-read its turned size
+    stored = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
     exif = Image.Exif()
     exif[0x0112] = orientation
+    Image.fromarray(stored).save(tmp_path / "two.tif", exif=exif, compression=compression, save_all=True,
+                                 append_images=[Image.fromarray(255 - stored)])
+    with pytest.warns(DataWarning, match="holds 2 frames"):
+        t = read_image(tmp_path / "two.tif", None)
+    assert torch.equal(t, torch.from_numpy(np.ascontiguousarray(_UPRIGHT[orientation](stored))).permute(2, 0, 1))
+    m = np.zeros((4, 6), dtype=np.uint8)
+    m[0, 5] = 255  # top-right as stored
     Image.fromarray(m).save(tmp_path / "m.tif", exif=exif, compression=compression)
     assert torch.equal(read_mask(tmp_path / "m.tif", None), torch.from_numpy(np.ascontiguousarray(_UPRIGHT[orientation](m)) != 0))
 

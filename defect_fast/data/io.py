@@ -176,6 +176,15 @@ def _open(path: Path) -> Image.Image:
         raise DataError(f"{path}: cannot open image: not enough memory") from None
     except Exception as exc:  # noqa: BLE001 - see above
         raise DataError(f"{path}: cannot open image ({_reason(exc)})") from None
+    # the pages counted before the decode: counting seeks back to the first page, which reads its tags
+    # again, and after the decode a TIFF's orientation, which PIL had applied and dropped, came back
+    # and was applied a second time (a multi-page TIFF with orientation 2..8 read wrongly)
+    try:  # counting a TIFF's pages parses them all: a damaged later page raises here (TypeError)
+        frames, count_error = getattr(img, "n_frames", 1), None
+    except Exception as exc:  # noqa: BLE001 - the first page is read all the same; the rest is not
+        frames, count_error = None, exc
+        with contextlib.suppress(Exception):
+            img.seek(0)  # the count stopped on the damaged page: its tags (orientation) are not the first's
     turn = _defer_tiff_orientation(img, path)
     limit = Image.MAX_IMAGE_PIXELS
     if limit and img.width * img.height > limit:  # PIL warns too, without the file's name
@@ -192,13 +201,8 @@ def _open(path: Path) -> Image.Image:
         raise DataError(f"{path}: corrupt or truncated image ({_reason(exc)})") from None
     if img.width == 0 or img.height == 0:
         raise DataError(f"{path}: image has zero size ({img.width}x{img.height})")
-    try:  # counting a TIFF's pages parses them all: a damaged later page raises here (TypeError)
-        frames = getattr(img, "n_frames", 1)
-    except Exception as exc:  # noqa: BLE001 - the first page decoded; the rest is not read
-        frames = None
-        with contextlib.suppress(Exception):
-            img.seek(0)  # the count stopped on the damaged page: its tags (orientation) are not the first's
-        warnings.warn(f"{path}: its pages after the first cannot be counted ({_reason(exc)}); the first, "
+    if count_error is not None:
+        warnings.warn(f"{path}: its pages after the first cannot be counted ({_reason(count_error)}); the first, "
                       f"{img.width}x{img.height}, is read", DataWarning, stacklevel=2)
     if isinstance(frames, int) and frames > 1:  # a multi-page TIFF, an animated GIF or PNG
         warnings.warn(f"{path}: holds {frames} frames (pages); the first, {img.width}x{img.height}, is read",
@@ -215,7 +219,8 @@ def _defer_tiff_orientation(img: Image.Image, path: Path) -> int | None:
     NB: PIL turns such a TIFF itself while loading it and gives its size as turned from the start,
     but it decodes the stored rows at the turned width (Pillow 13: scrambled pixels, no error). So the
     size is set back to the stored one and the tag removed before the decode, which then reads the
-    pixels as stored. A PIL without the stored size (``_tile_size``) gets a one-line refusal.
+    pixels as stored. A PIL without the stored size (``_tile_size``: Pillow 10 and earlier) decodes
+    such a TIFF as stored and leaves the turn to :func:`upright`: None, nothing changed.
     """
     tags = getattr(img, "tag_v2", None)
     if img.format != "TIFF" or tags is None:
@@ -225,9 +230,7 @@ def _defer_tiff_orientation(img: Image.Image, path: Path) -> int | None:
         return None
     stored = getattr(img, "_tile_size", None)
     if not (isinstance(stored, tuple) and len(stored) == 2):
-        img.close()
-        raise DataError(f"{path}: a TIFF turned by 90 degrees by its orientation tag ({orientation}), which this "
-                        "version of PIL cannot decode reliably; save it upright (orientation 1)")
+        return None
     del tags[_EXIF_ORIENTATION]
     img.getexif().pop(_EXIF_ORIENTATION, None)  # PIL's own turn after the decode reads this copy
     img._size = stored  # noqa: SLF001 - see above
