@@ -488,6 +488,18 @@ def _fraction(text: str) -> float:
     return v
 
 
+def _learning_rate(text: str) -> float:
+    """argparse type: ``--lr``, a number > 0 and at most :data:`~defect_fast.train.MAX_LR` (a larger
+    one diverged: NaN maps found only once the training had run)."""
+    from .train import MAX_LR
+
+    v = positive_float(text)
+    if v > MAX_LR:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_LR:g} (Adam's step size; the papers train at 1e-4 "
+                                         f"to 1e-3), got {text!r}")
+    return v
+
+
 def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     """The ``defect-fast`` parser; ``train_defaults``: other defaults of ``train`` options (a
     preset's: options given on the command line still win)."""
@@ -515,7 +527,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=positive_int, default=512, help="patches per step (default 512)")
     t.add_argument("--epochs", type=positive_int, nargs="+", default=None, help="epochs per stage (one value = every stage; default 10)")
     t.add_argument("--max-steps", type=positive_int, nargs="+", default=None, help="cap on steps per stage")
-    t.add_argument("--lr", type=positive_float, default=2e-4, help="Adam learning rate (default 2e-4, beta1 0.5)")
+    t.add_argument("--lr", type=_learning_rate, default=2e-4, help="Adam learning rate (default 2e-4, beta1 0.5; at most 1)")
     t.add_argument("--seed", type=nonneg_int, default=0)
     t.add_argument("--checkpoint-every", type=positive_int, default=50, help="steps between checkpoints (default 50)")
     t.add_argument("--holdback", type=_fraction, default=0.1, help="share of the defect-free images held back for "

@@ -114,8 +114,10 @@ def load_model_state(run: Path | str) -> dict[str, Any]:
     models)."""
     path = model_file(run)
     state = load_checkpoint(path)
-    if "optimizer_state" in state:
-        pos = state.get("position") if isinstance(state.get("position"), dict) else {}
+    pos = state.get("position") if isinstance(state.get("position"), dict) else {}
+    # a finished model (it has a calibration) or the end of a stage (epoch 0, step 0) is a model whatever
+    # else it carries: earlier versions kept the optimiser's moments in model.pt and stageN.pt too
+    if "optimizer_state" in state and "calibration" not in state and (pos.get("epoch") or pos.get("step")):
         where = (f" (stage {pos['stage'] + 1}, step {pos['global_step']})"
                  if isinstance(pos.get("stage"), int) and isinstance(pos.get("global_step"), int) else "")
         raise RunError(f"{path}: a training checkpoint{where}, not a finished model; finish its run with "

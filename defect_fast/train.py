@@ -51,7 +51,8 @@ HOLDBACK_MIN = 4
 #: z of a two-sided test at p = 0.01: a run's held-back scores "follow the lighting" when their
 #: rank correlation rho with mean brightness has |rho| * sqrt(n - 1) at least this (:func:`brightness_note`).
 BRIGHTNESS_Z = 2.576
-#: Largest --lr taken: Adam's step size; a larger one moves every weight by more than its scale at each step.
+#: Largest --lr the command line takes: Adam's step size; a larger one moves every weight by more than its
+#: scale at each step (a run's stored setting is not checked against it: its resume goes on).
 MAX_LR = 1.0
 
 
@@ -145,7 +146,10 @@ class TrainConfig:
         d["betas"] = tuple(d.get("betas", (0.5, 0.999)))
         # runs written before these settings existed keep what they did then
         d.setdefault("fit_on", "held-back")
-        d.setdefault("map_scales", [1])
+        if d.get("map") == "perceptual":
+            d.setdefault("map_scales", [1])
+        else:  # read by --map perceptual only; earlier versions stored (or lacked) it for every run
+            d.pop("map_scales", None)
         d.setdefault("precision", "float32")
         return cls(**d)
 
@@ -199,9 +203,7 @@ def check_config(cfg: TrainConfig, n_stages: int, patch: int) -> None:
     if cfg.stride is not None:
         need(whole(cfg.stride) and 1 <= cfg.stride <= patch,
              f"--stride must be a whole number from 1 to the patch size {patch}, got {cfg.stride}")
-    need(isinstance(cfg.lr, (int, float)) and math.isfinite(cfg.lr) and 0 < cfg.lr <= MAX_LR,
-         f"--lr must be a number > 0 and at most {MAX_LR:g} (Adam's step size; the papers train at 1e-4 to 1e-3), "
-         f"got {cfg.lr}")
+    need(isinstance(cfg.lr, (int, float)) and math.isfinite(cfg.lr) and cfg.lr > 0, f"--lr must be a finite number > 0, got {cfg.lr}")
     # torch's generators take a seed of 64 bits (a larger one failed at the first draw, after
     # an --overwrite had cleared the earlier run)
     need(whole(cfg.seed) and 0 <= cfg.seed < 2**64, f"--seed must be a whole number from 0 to 2**64 - 1, got {cfg.seed}")
@@ -707,7 +709,7 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
     try:
         normalization = det.fit_normalization(fit_images) if cfg.normalize == "position" else None
     except RunError as exc:  # NaN or infinite maps: named with the run, as the check below names them
-        raise RunError(f"{where}: {exc}" if where is not None else str(exc)) from None
+        raise type(exc)(f"{where}: {exc}" if where is not None else str(exc)) from None  # NonFiniteMaps stays one
     context = None
     if cfg.context:
         if context_images is None:

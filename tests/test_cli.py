@@ -279,7 +279,8 @@ def test_smoothing_spreads_a_spike(tiny_run):
 def test_set_is_checked_against_the_model_config(synthetic_root, tmp_path, capsys):
     for bad, words in ((["--set", "bogus=1"], ("bogus", "memory_size", "fusion")),
                        (["--set", "memory_size=lots"], ("memory_size", "int")),
-                       (["--set", "memory_size"], ("error: --set: expects key=value, got 'memory_size'",))):
+                       (["--set", "memory_size"], ("error: --set: expects key=value, got 'memory_size'",)),
+                       (["--lr", "1e30"], ("--lr", "must be at most 1 (Adam's step size",))):
         assert main(["train", str(synthetic_root), "--out", str(tmp_path / "r"), *bad, "--quiet"]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and all(w in err for w in words), err

@@ -539,9 +539,26 @@ def test_weights_that_diverged_are_said_to_need_a_lower_lr(synthetic_root, tmp_p
         return model
 
     monkeypatch.setattr(trainer_cls, "run", diverged)
-    with pytest.raises(RunError, match=r"NaN or infinite maps or scores .*: the training diverged; train a new run "
-                                       r"with a lower --lr \(this run's checkpoint holds the diverged weights\)"):
-        train(_cfg(synthetic_root, max_steps=[1, 1]), tmp_path / "run", progress=False, log=lambda s: None)
+    for i, extra in enumerate(({}, {"normalize": "position"})):  # the second met the NaN maps in its own fit first
+        with pytest.raises(RunError, match=r"NaN or infinite maps or scores .*: the training diverged; train a new run "
+                                           r"with a lower --lr \(this run's checkpoint holds the diverged weights\)"):
+            train(_cfg(synthetic_root, max_steps=[1, 1], **extra), tmp_path / f"run{i}", progress=False,
+                  log=lambda s: None)
+
+
+def test_stored_settings_of_earlier_versions_are_read_as_they_trained(synthetic_root):
+    """A run's config without map_scales (runs before it existed) read as [1], which a run without
+    --map perceptual now refuses: its resume, audit and refit were refused for a setting it never used."""
+    from defect_fast.train import checked_model
+
+    now = _cfg(synthetic_root).to_json()
+    for stored in ({"map": ""}, {"map": "", "map_scales": [1]}, {"map": "msfr", "map_scales": [1, 4]}):
+        then = {k: v for k, v in {**now, **stored}.items() if k != "map_scales" or "map_scales" in stored}
+        cfg = TrainConfig.from_json(then)
+        checked_model(cfg, weights=False)  # not refused
+        assert cfg.map_scales == [1, 2]  # the default, which nothing reads without --map perceptual
+    perceptual_then = {k: v for k, v in {**now, "map": "perceptual"}.items() if k != "map_scales"}
+    assert TrainConfig.from_json(perceptual_then).map_scales == [1]  # a perceptual run of then: one scale
 
 
 def test_settings_that_train_nothing_are_refused_before_the_folder_is_made(synthetic_root, tmp_path):
@@ -550,7 +567,6 @@ def test_settings_that_train_nothing_are_refused_before_the_folder_is_made(synth
                       ({"image_size": 32}, "--image-size"), ({"holdback": 1.0}, "--holdback"),
                       ({"far": 0.0}, "--far"), ({"normalize": "pixel"}, "--normalize"),
                       ({"holdback": 0.0, "normalize": "position"}, "--normalize"), ({"fit_on": "both"}, "--fit-on"),
-                      ({"lr": 1e30}, r"--lr must be a number > 0 and at most 1"),
                       ({"map_scales": [1, 4]}, r"--map-scales 1 4 sets the pyramid of --map perceptual: add it")):
         with pytest.raises(ConfigError, match=word):
             train(_cfg(synthetic_root, **bad), tmp_path / "r", progress=False)
@@ -590,6 +606,12 @@ def test_a_second_ctrl_c_waits_for_the_checkpoint_the_first_is_writing(synthetic
     with pytest.raises(RunError, match=r"checkpoint\.pt: a training checkpoint \(stage 1, step 3\), not a finished "
                                        r"model; finish its run with 'defect-fast train DATA --out RUN --resume'"):
         Detector.load(out / "checkpoint.pt")
+    # model and stage files of earlier versions carried the optimiser's moments too: they are models
+    state = load_checkpoint(out / "checkpoint.pt")
+    for name, extra in (("old_stage.pt", {"position": {**state["position"], "epoch": 0, "step": 0}}),
+                        ("old_model.pt", {"calibration": {"score_max": 1.0}})):
+        train_module.atomic_save({**state, **extra}, tmp_path / name)
+        assert isinstance(Detector.load(tmp_path / name, device="cpu"), Detector)
     monkeypatch.setattr(train_module, "atomic_save", real_save)
     with pytest.raises(RunError, match=r"holds an unfinished run .*continue it with --resume"):
         train(cfg, out, progress=False, log=lambda s: None)
