@@ -736,3 +736,24 @@ def test_a_value_the_safe_load_refuses_is_refused_when_saved(tmp_path):
     assert not path.exists()
     save_with_digest({"calibration": {"rho": 0.5, "n": 3, "ok": True}}, path)
     assert load_with_digest(path)["calibration"] == {"rho": 0.5, "n": 3, "ok": True}
+
+
+def test_a_start_that_loses_the_race_to_a_command_without_a_lock_clears_nothing(tmp_path, monkeypatch):
+    """The winner (predict takes no lock) made the folder and wrote its output between this start's
+    checks and its mkdir: checked again, this start is refused (it took the lock and cleared it)."""
+    out = tmp_path / "pred"
+    real_mkdir, done = Path.mkdir, []
+
+    def racing_mkdir(self, *args, **kwargs):
+        if self == out and not done:
+            done.append(1)
+            monkeypatch.setattr(Path, "mkdir", real_mkdir)
+            OutputFolder.create(out, command="predict").write_text("scores.csv", "the other start's results\n")
+            monkeypatch.setattr(Path, "mkdir", racing_mkdir)
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", racing_mkdir)
+    with pytest.raises(OutputRefused, match="earlier defect-fast output; pass --overwrite"):
+        OutputFolder.create(out, command="predict")
+    monkeypatch.setattr(Path, "mkdir", real_mkdir)
+    assert (out / "scores.csv").read_text() == "the other start's results\n"
