@@ -40,7 +40,7 @@ from .models import AnomalyModel, build_model
 from .precision import cudnn_benchmark
 from .runs import (CHECKPOINT_FILE, CHECKPOINT_VERSION, CONFIG_FILE, LOG_FILE, MODEL_FILE,  # noqa: F401
                    RESUME_KEYS, NonFiniteMaps, RunError, atomic_save, load_checkpoint, model_from_state, resolve_device, stage_file)
-from .safety import MANIFEST_NAME, OutputFolder, RunLock, UserError, atomic_write_bytes, real_path
+from .safety import LOCK_NAME, OutputFolder, RunLock, UserError, atomic_write_bytes, real_path
 
 #: Map normalisations a run can ask for (``TrainConfig.normalize``).
 NORMALIZATIONS = ("none", "position")
@@ -1009,7 +1009,8 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         # what the run writes: a user's file at one of these names is refused, never replaced
         run_files = [CONFIG_FILE, CHECKPOINT_FILE, LOG_FILE, MODEL_FILE, *(stage_file(i + 1) for i in range(len(cfg.epochs)))]
         if not resume:
-            if (out / MANIFEST_NAME).is_file():  # a folder a live process works in says so first (not --resume's advice)
+            # a run folder a live training works in says so first (not --resume's advice)
+            if (out / LOCK_NAME).is_file() and OutputFolder.written_by(out) == "train":
                 RunLock(out).acquire().release()
             if not overwrite and (out / CHECKPOINT_FILE).is_file() and not (out / MODEL_FILE).exists() \
                     and OutputFolder.written_by(out) == "train":  # what --overwrite would say discards the progress

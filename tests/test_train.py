@@ -448,6 +448,15 @@ def test_a_run_folder_a_live_training_holds_is_said_to_be_in_use(synthetic_root,
         for overwrite in (False, True):
             with pytest.raises(RunInUse, match=f"in use by PID {os.getpid()}"):
                 train(cfg, out, progress=False, overwrite=overwrite, log=lambda s: None)
+    # the probe is of a run folder's lock only: another command's folder is refused as it was, untouched
+    from defect_fast.safety import OutputFolder
+
+    other = tmp_path / "pred"
+    OutputFolder.create(other, command="predict").write_text("scores.csv", "x\n")
+    before = sorted(p.name for p in other.iterdir())
+    with pytest.raises(OutputRefused, match="holds the output of 'defect-fast predict'"):
+        train(cfg, other, progress=False, overwrite=True, log=lambda s: None)
+    assert sorted(p.name for p in other.iterdir()) == before  # no lock file left behind
 
 
 def test_empty_training_folder_is_a_clear_error(tmp_path, capsys):
