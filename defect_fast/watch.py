@@ -91,7 +91,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from .calibration import ModelInfo, defect_regions
-from .data.io import IMAGE_EXTENSIONS, DataError, error_kind, read_image_at_both_sizes
+from .data.io import IMAGE_EXTENSIONS, DataError, error_kind, few_levels_message, read_image_at_both_sizes
 from .maps import resize_map
 from .safety import (LOCK_NAME, MANIFEST_NAME, OutputFolder, OutputRefused, RunLock, UserError, check_out_not_overlapping,
                      far_errors, file_sha256, short_stem)
@@ -333,6 +333,7 @@ class _State:
     # a file that did not decode waits this long unchanged before it is rejected (a stalled writer)
     grace: float = 0.0
     undecodable: dict[str, tuple[Signature, float]] = field(default_factory=dict)  # key -> (signature, first seen)
+    few_levels_said: bool = False  # a 16-bit image of few grey levels is named once a session
     # candidates in IN_DIR: key -> (path, size, mtime_ns, ctime_ns)
     known: dict[str, tuple[Path, int, int, int]] = field(default_factory=dict)
 
@@ -658,8 +659,12 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
             log(f"{path}: the same content as when it was judged before; not judged again")
             continue
         try:
-            img, photo = read_image_at_both_sizes(path, st.info.image_size)  # the model's input, the photograph
+            few: list = []
+            img, photo = read_image_at_both_sizes(path, st.info.image_size, few_levels=few)  # model input, photograph
             err = None
+            if few and not st.few_levels_said:  # a 12-bit camera's frames in 16-bit files: said once, not per image
+                st.few_levels_said = True
+                log(f"warning: {few_levels_message(few, 1, path)} (said once a session)")
         except DataError as exc:
             img, photo, err = None, None, str(exc)
         except MemoryError:  # this photo only, as for its map below: set aside with a reason

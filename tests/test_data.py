@@ -756,7 +756,7 @@ def test_16_bit_images_that_use_a_sixteenth_of_the_range_are_warned_of_once(tmp_
     with pytest.warns(DataWarning, match=r"cam: 6 of 6 16-bit images hold values up to 2303 at most \(of 65535\), "
                                          r"so they are read at 10 grey level\(s\) or fewer") as seen:
         images = read_images(paths, 32, where=folder)
-    assert len(seen) == 1 and int(images.max()) <= 16
+    assert len(seen) == 1 and int(images.max()) <= 16 and seen[0].filename == __file__  # the caller's line
     _save(folder / "full.png", (frame.astype(np.uint32) * 16).astype(np.uint16))  # scaled to 16 bits: no warning
     _save(folder / "eight.png", (frame // 16).astype(np.uint8))
     with warnings.catch_warnings():

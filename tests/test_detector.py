@@ -544,8 +544,9 @@ def test_predict_warns_of_a_12_bit_frame_and_names_a_truncated_pil_image(tmp_pat
     det = Detector(_model(), image_size=64)
     frame = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) % 4096).astype(np.uint16)
     Image.fromarray(frame).save(tmp_path / "cam12.png")
-    with pytest.warns(DataWarning, match=r"hold values up to 4095 at most \(of 65535\).*cam12\.png"):
+    with pytest.warns(DataWarning, match=r"hold values up to 4095 at most \(of 65535\).*cam12\.png") as seen:
         det.predict(tmp_path / "cam12.png")
+    assert seen[0].filename == __file__  # attributed to the line that called predict
     with Image.open(tmp_path / "cam12.png") as im, pytest.warns(DataWarning, match=r"PIL image\)"):
         det.predict(im)
     with warnings.catch_warnings():

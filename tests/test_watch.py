@@ -302,6 +302,19 @@ def test_a_line_lists_the_regions_of_highest_peak_and_counts_them_all(tmp_path):
     assert len(recs["one.png"]["regions"]) == 1 and "regions_total" not in recs["one.png"]
 
 
+def test_a_12_bit_camera_s_frames_are_said_once_a_session(tmp_path):
+    """16-bit files holding 12-bit data are read dark, at a few grey levels: the line's log says so once."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    frame = (np.arange(SIZE * SIZE, dtype=np.uint32).reshape(SIZE, SIZE) % 4096).astype(np.uint16)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(frame).save(src / name)
+    _res, lines = run_once(src, out)
+    said = [line for line in lines if "16-bit images hold values up to 1023 at most" in line]
+    assert len(said) == 1 and "said once a session" in said[0], lines
+    assert len(journal(out)) == 2
+
+
 def test_maps_overlays_and_region_boxes_are_at_the_photo_size(tmp_path):
     """A photo of another size than the model's: its map and overlay are written at the photo's
     size, and its region boxes are in the photo's pixels (map_size says so)."""

@@ -376,7 +376,7 @@ def _as_tensor(img: Image.Image) -> torch.Tensor:
     return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
 
 
-#: A 16-bit image whose values all lie below this is read at 16 grey levels or fewer (65535 -> 255).
+#: A 16-bit image whose values all lie below this is read at 17 grey levels or fewer (65535 -> 255).
 FEW_LEVELS_BELOW = 4096
 
 
@@ -422,20 +422,39 @@ def _load_image(path: str | os.PathLike, size: int | None, channels: int, min_si
     return t, orig
 
 
-def warn_few_levels(few_levels: list[tuple[Path, int]], total: int, where: str | os.PathLike) -> None:
-    """One warning for the 16-bit images :func:`_load_images` found with values below
-    :data:`FEW_LEVELS_BELOW` (none: no warning): 16-bit data is read by its full range (65535 -> 255),
-    so the data of a 10- or 12-bit camera stored in 16-bit files comes out dark, in a few grey levels."""
+def few_levels_message(few_levels: list[tuple[Path, int]], total: int, where: str | os.PathLike) -> str | None:
+    """What :func:`warn_few_levels` says of ``few_levels`` (None when it is empty)."""
     if not few_levels:
-        return
+        return None
     top = max(hi for _p, hi in few_levels)
     names = sorted(str(p) for p, _hi in few_levels)
     shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-    warnings.warn(f"{where}: {len(names)} of {total} 16-bit images hold values up to {top} at most (of 65535), so "
-                  f"they are read at {round(top * 255 / 65535) + 1} grey level(s) or fewer ({shown}); 16-bit data is "
-                  "read by its full range: scale the data of a 10-, 12- or 14-bit camera to it (each value times "
-                  "2**(16 - bits)), or save the images as 8-bit, before training and inspecting",
-                  DataWarning, stacklevel=3)
+    return (f"{where}: {len(names)} of {total} 16-bit images hold values up to {top} at most (of 65535), so they "
+            f"are read at {round(top * 255 / 65535) + 1} grey level(s) or fewer ({shown}); 16-bit data is read by its "
+            "full range: scale the data of a 10-, 12- or 14-bit camera to it (each value times 2**(16 - bits)), or "
+            "save the images as 8-bit, before training and inspecting")
+
+
+def warn_few_levels(few_levels: list[tuple[Path, int]], total: int, where: str | os.PathLike) -> None:
+    """One warning for the 16-bit images :func:`_load_images` found with values below
+    :data:`FEW_LEVELS_BELOW` (none: no warning): 16-bit data is read by its full range (65535 -> 255),
+    so the data of a 10- or 12-bit camera stored in 16-bit files comes out dark, in a few grey levels.
+    It is attributed to the first caller outside this package and torch (the user's line)."""
+    message = few_levels_message(few_levels, total, where)
+    if message is not None:
+        warnings.warn(message, DataWarning, stacklevel=_callers_level())
+
+
+def _callers_level() -> int:
+    """The ``stacklevel`` of :func:`warnings.warn` (called by the caller of this function) that names
+    the first frame outside this package and torch (decorators such as ``torch.no_grad`` add frames)."""
+    import sys
+
+    ours = tuple(str(p) + os.sep for p in (Path(__file__).resolve().parents[1], Path(torch.__file__).resolve().parent))
+    frame, level = sys._getframe(2), 2  # the frame that calls warnings.warn is level 1
+    while frame is not None and frame.f_code.co_filename.startswith(ours):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def resize_image(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -448,10 +467,12 @@ def resize_image(image: torch.Tensor, size: int) -> torch.Tensor:
     return _as_tensor(img.resize((size, size), Image.BILINEAR))
 
 
-def read_image_at_both_sizes(path: str | os.PathLike, size: int, channels: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+def read_image_at_both_sizes(path: str | os.PathLike, size: int, channels: int = 3,
+                             few_levels: list[tuple[Path, int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(:func:`read_image` of ``path`` at ``size``, the image at its own size), decoded once: what
-    a tool that shows its maps on the photograph needs. Raises DataError as :func:`read_image`."""
-    t, _orig, full = _load_images(path, size, channels, None, True)
+    a tool that shows its maps on the photograph needs. Raises DataError as :func:`read_image`.
+    ``few_levels`` collects the file when it is a 16-bit image of few levels (:func:`warn_few_levels`)."""
+    t, _orig, full = _load_images(path, size, channels, None, True, few_levels)
     return t, full
 
 
