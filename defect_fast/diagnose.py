@@ -646,12 +646,13 @@ def command(args) -> int:
     except ImportError as exc:
         raise DataError(f"diagnose needs matplotlib for its figures ({exc}); pip install matplotlib") from None
     det = Detector.load(run, device=args.device, stride=args.stride, blend=args.blend)
-    for flag, width in (("--border", args.border), ("--seam", args.seam)):  # a band over the whole map says nothing
-        if 2 * width >= det.image_size:
+    bands = region_masks(det.image_size, det.patch, det.stride, args.border, args.seam)
+    for flag, width, band in (("--border", args.border, "border"), ("--seam", args.seam, "seam")):
+        if bool(bands[band].all()):  # a band over the whole map says nothing of where top pixels lie
             from .safety import UsageError
 
             raise UsageError(f"{flag} {width}: a band that wide covers the whole {det.image_size} x {det.image_size} map "
-                             f"of {run}; give less than {(det.image_size + 1) // 2}")
+                             f"of {run} (patches of {det.patch} at stride {det.stride}); give a narrower one")
     test_set = load_test_set(data, det.image_size, require_masks=False)  # where the top pixels lie needs no masks
     names = sorted(figure_names(test_set.classes).values()) + ["locations.json"]
     # a user's file at one of the names: refused before an earlier diagnosis is cleared
