@@ -364,11 +364,16 @@ def cmd_demo(args) -> int:
     cfg = TrainConfig(data=str(data), model=args.model, image_size=args.image_size, batch_size=args.batch_size,
                       epochs=[args.epochs] * n_stages, seed=args.seed, device=args.device, model_kwargs=options)
     checked_model(cfg)  # a setting that cannot train is refused before an earlier demo is cleared
-    from .data.io import image_stack
+    from .data.io import DataError, image_stack
 
     # the training images' stack, as train will allocate it: an image size this process cannot hold is
     # refused in one line (the synthetic images' generation met it first, with numpy's MemoryError)
-    image_stack((32, 3, args.image_size, args.image_size), f"demo --image-size {args.image_size}")  # freed at once
+    s = args.image_size
+    try:
+        image_stack((32, 3, s, s), "demo")  # freed at once
+    except DataError:  # said without image_stack's advice of fewer images, which the demo does not take
+        raise DataError(f"demo --image-size {s}: its 32 training images at {s} x {s} need {32 * 3 * s * s / 2**30:.1f} "
+                        "GiB in memory, more than this process can allocate; use a smaller --image-size") from None
     OutputFolder.check(out, overwrite=args.overwrite, what="output folder", command="demo")
     # a user's file where the demo writes is refused before an earlier demo is cleared, not after
     left = OutputFolder.unlisted(out, DEMO_OUTPUTS) if (out / MANIFEST_NAME).is_file() else []

@@ -26,12 +26,13 @@ from ..safety import UserError
 
 __all__ = ["LPIPS", "ALEXNET_WEIGHTS_ENV", "LPIPS_HEADS_ENV", "TORCHVISION_ALEXNET_FILE"]
 
-#: Environment variable naming a local AlexNet trunk file (``features.*`` state dict).
 
 class WeightsNotFound(UserError, FileNotFoundError):
     """Pretrained weights (the AlexNet trunk, the LPIPS heads) that are needed and not found: one
     line at the command line saying where they were looked for, a FileNotFoundError for callers."""
 
+
+#: Environment variable naming a local AlexNet trunk file (``features.*`` state dict).
 ALEXNET_WEIGHTS_ENV = "DEFECT_FAST_ALEXNET_WEIGHTS"
 #: Environment variable naming a local LPIPS linear-head file (the ``lpips`` wheel's ``alex.pth``).
 LPIPS_HEADS_ENV = "DEFECT_FAST_LPIPS_WEIGHTS"
