@@ -130,10 +130,11 @@ def test_run_stores_its_inference_settings_and_perceptual_map(synthetic_root, tm
 
 
 def test_configs_written_before_fit_on_map_scales_and_precision_keep_their_behaviour():
-    old = TrainConfig(data="d").to_json()
+    old = TrainConfig(data="d", map="perceptual").to_json()
     del old["fit_on"], old["map_scales"], old["precision"]
     cfg = TrainConfig.from_json(old)
-    assert (cfg.fit_on, cfg.map_scales) == ("held-back", [1])
+    assert (cfg.fit_on, cfg.map_scales) == ("held-back", [1])  # the one scale perceptual runs had then
+    assert TrainConfig.from_json({**old, "map": ""}).map_scales == [1, 2]  # unread without --map perceptual
     assert (TrainConfig(data="d").fit_on, TrainConfig(data="d").map_scales) == ("train", [1, 2])
     assert TrainConfig.from_json(old).precision == "float32" and TrainConfig(data="d").precision == "auto"
 

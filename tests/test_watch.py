@@ -386,12 +386,12 @@ def test_a_reader_s_unexpected_error_sets_that_file_aside_and_the_line_goes_on(t
     (src / "fine.png").write_bytes(png_bytes(5, bright=0.3))
     real = watch_mod.read_image_at_both_sizes
 
-    def reader(path, size):
+    def reader(path, size, **kw):
         if Path(path).name == "odd.png":
             import struct
 
             raise struct.error("required argument is not an integer")
-        return real(path, size)
+        return real(path, size, **kw)
 
     monkeypatch.setattr(watch_mod, "read_image_at_both_sizes", reader)
     run_once(src, out)
@@ -583,10 +583,10 @@ def test_a_photo_without_memory_to_decode_is_set_aside(tmp_path, monkeypatch):
     (src / "small.png").write_bytes(png_bytes(2))
     real = watch_mod.read_image_at_both_sizes
 
-    def read(path, size):
+    def read(path, size, **kw):
         if path.name == "huge.png":
             raise MemoryError
-        return real(path, size)
+        return real(path, size, **kw)
 
     monkeypatch.setattr(watch_mod, "read_image_at_both_sizes", read)
     run_once(src, out)
