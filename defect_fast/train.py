@@ -1038,6 +1038,9 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         # what finish_run fits the perceptual map's statistics on, checked before the training (with
         # nothing held back it fits them on the training images, below)
         fit_on = cfg.fit_on if held_idx else "train"
+        if not resume and cfg.map == "perceptual" and fit_on != cfg.fit_on:
+            log(f"--fit-on {cfg.fit_on}: no image is held back, so the perceptual map's statistics are fitted on the "
+                "training images")
         if cfg.map == "perceptual" and not _fits_on_train(fit_on, len(train_idx)) \
                 and len(held_idx) < MIN_HELD_BACK_TO_FIT:
             if held_idx:

@@ -439,9 +439,17 @@ def test_nothing_held_back_fits_the_perceptual_map_on_every_training_image(synth
     _random_trunk_map(monkeypatch)
     cfg = TrainConfig(data=str(synthetic_root), model="cmaae", image_size=128, batch_size=16, epochs=[1, 1],
                       max_steps=[1, 1], model_kwargs={"memory_size": 20}, seed=0, map="perceptual", holdback=0.0)
-    path = train(cfg, tmp_path / "run", progress=False, log=lambda s: None)
+    lines = []
+    path = train(cfg, tmp_path / "run", progress=False, log=lines.append)
     state = torch.load(path, weights_only=True)
     assert state["calibration"]["map_fitted_on"] == "32 training images" and state["held_back"] == []
+    assert not [line for line in lines if line.startswith("--fit-on ")]  # --fit-on train: as asked
+    lines.clear()  # --fit-on held-back with nothing held back: not what was asked, and the log says so
+    path = train(TrainConfig(**{**cfg.__dict__, "fit_on": "held-back"}), tmp_path / "held", progress=False,
+                 log=lines.append)
+    assert torch.load(path, weights_only=True)["calibration"]["map_fitted_on"] == "32 training images"
+    assert [line for line in lines if line.startswith("--fit-on ")] == [
+        "--fit-on held-back: no image is held back, so the perceptual map's statistics are fitted on the training images"]
     assert float(Detector.load(path, device="cpu").image_map.fitted) == 32
     one = tmp_path / "one"
     one.mkdir()
