@@ -1054,7 +1054,7 @@ class Detector(nn.Module):
         """Any accepted input -> (list of [3,S',S'] tensors for the model, original (H, W) of each)."""
         from PIL import Image
 
-        from .data.io import FEW_LEVELS_BELOW, DataError, _load_image, _reason, _to_8bit, upright, warn_few_levels
+        from .data.io import DataError, _load_image, _reason, _to_8bit, few_levels_top, upright, warn_few_levels
 
         if isinstance(x, (str, os.PathLike)):
             few: list = []
@@ -1064,10 +1064,9 @@ class Detector(nn.Module):
         if isinstance(x, Image.Image):
             # turned upright by its EXIF orientation and 16-bit and float modes scaled, as files are
             try:  # a lazily opened file decodes here: its damage is the image's, as a path's is
-                if x.mode.startswith("I;16") or x.mode == "I":
-                    lo, hi = x.getextrema()
-                    if 0 <= lo and hi < FEW_LEVELS_BELOW:
-                        warn_few_levels([(Path("PIL image"), int(hi))], 1, "predict")
+                top = few_levels_top(x)
+                if top is not None:
+                    warn_few_levels([(Path("PIL image"), top)], 1, "predict")
                 x = np.asarray(_to_8bit(upright(x), 3, Path("PIL image")))
             except OSError as exc:
                 raise DataError(f"PIL image: corrupt or truncated image ({_reason(exc)})") from None

@@ -174,7 +174,9 @@ def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, so
     try:  # before the detector is touched: a batch this process cannot hold is the argument's error
         example = torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     except (MemoryError, RuntimeError) as exc:
-        if isinstance(exc, RuntimeError) and not any(w in str(exc) for w in ("alloc", "overflow")):
+        from .data.io import allocation_failed
+
+        if not allocation_failed(exc):
             raise
         raise ExportError(f"--batch {batch}: the example batch the export traces, {batch} images at {s} x {s}, needs "
                           f"{batch * 3 * s * s / 2**30:.1f} GiB, more than this process can allocate; give a "

@@ -185,7 +185,7 @@ def _open(path: Path) -> Image.Image:
         frames, count_error = None, exc
         with contextlib.suppress(Exception):
             img.seek(0)  # the count stopped on the damaged page: its tags (orientation) are not the first's
-    turn = _defer_tiff_orientation(img, path)
+    turn = _defer_tiff_orientation(img)
     limit = Image.MAX_IMAGE_PIXELS
     if limit and img.width * img.height > limit:  # PIL warns too, without the file's name
         warnings.warn(f"{path}: {img.width}x{img.height} pixels, over PIL's {limit} (twice that is refused); "
@@ -212,7 +212,7 @@ def _open(path: Path) -> Image.Image:
     return _apply_orientation(img, path)
 
 
-def _defer_tiff_orientation(img: Image.Image, path: Path) -> int | None:
+def _defer_tiff_orientation(img: Image.Image) -> int | None:
     """For a TIFF whose orientation tag turns it by 90 degrees (5..8): take the tag out before PIL
     decodes it and return it, for the caller to turn the decoded pixels (None for any other image).
 
@@ -380,6 +380,19 @@ def _as_tensor(img: Image.Image) -> torch.Tensor:
 FEW_LEVELS_BELOW = 4096
 
 
+def few_levels_top(img: Image.Image, path: Path | None = None) -> int | None:
+    """The largest value of a 16-bit image whose values all lie below :data:`FEW_LEVELS_BELOW`
+    (an upper bound of it for a 16-bit colour PNG, which PIL decodes by its high bytes; found by the
+    header of ``path``), else None."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        lo, hi = img.getextrema()
+        return int(hi) if 0 <= lo and hi < FEW_LEVELS_BELOW else None
+    if path is not None and img.mode in ("RGB", "RGBA", "LA") and _png_header(path) in ((16, 2), (16, 4), (16, 6)):
+        high = max(hi for _lo, hi in img.getextrema()[:1 if img.mode == "LA" else 3])
+        return (high + 1) * 256 - 1 if high < FEW_LEVELS_BELOW >> 8 else None
+    return None
+
+
 def _load_images(path: str | os.PathLike, size: int | None, channels: int, min_side: int | None,
                  original: bool, few_levels: list[tuple[Path, int]] | None = None
                  ) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor | None]:
@@ -392,15 +405,10 @@ def _load_images(path: str | os.PathLike, size: int | None, channels: int, min_s
     path = Path(path)
     img = _open(path)
     orig = img.size
-    if few_levels is not None and (img.mode.startswith("I;16") or img.mode == "I"):
-        lo, hi = img.getextrema()
-        if 0 <= lo and hi < FEW_LEVELS_BELOW:
-            few_levels.append((path, int(hi)))
-    elif few_levels is not None and img.mode in ("RGB", "RGBA", "LA") and _png_header(path) in ((16, 2), (16, 4), (16, 6)):
-        # a 16-bit colour PNG, which PIL decodes by its high bytes: values below 4096 have one under 16
-        high = max(hi for _lo, hi in img.getextrema()[:1 if img.mode == "LA" else 3])
-        if high < FEW_LEVELS_BELOW >> 8:
-            few_levels.append((path, (high + 1) * 256 - 1))
+    if few_levels is not None:
+        top = few_levels_top(img, path)
+        if top is not None:
+            few_levels.append((path, top))
     if min_side is not None and min(orig) < min_side:
         raise DataError(f"{path}: image is {orig[0]}x{orig[1]} pixels, smaller than the minimum side of {min_side}")
     full = None
@@ -612,6 +620,13 @@ def raise_problems(problems: Sequence[str], total: int, what: str, where: str | 
     raise DataError(f"{where}: {len(problems)} problem(s) in {total} {what}:\n  {lines}", problems)
 
 
+def allocation_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` says that memory could not be allocated: a MemoryError, or torch's
+    RuntimeError for it ("... alloc...", or "Storage size calculation overflowed": a size past 2**63 bytes)."""
+    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError)
+                                            and any(w in str(exc) for w in ("alloc", "overflow")))
+
+
 def image_stack(shape: tuple[int, ...], where: str | os.PathLike, dtype: torch.dtype = torch.uint8,
                 fill: int | None = None) -> torch.Tensor:
     """An uninitialised (or ``fill``-ed) tensor for a stack of images; when this process cannot
@@ -620,8 +635,7 @@ def image_stack(shape: tuple[int, ...], where: str | os.PathLike, dtype: torch.d
         t = torch.empty(shape, dtype=dtype)
         return t if fill is None else t.fill_(fill)
     except (MemoryError, RuntimeError) as exc:
-        # torch's words for it: "... alloc...", or "Storage size calculation overflowed" (a size past 2**63 bytes)
-        if isinstance(exc, RuntimeError) and not any(w in str(exc) for w in ("alloc", "overflow")):
+        if not allocation_failed(exc):
             raise
         n, side = shape[0], shape[-1]
         gib = math.prod(shape) * torch.empty((), dtype=dtype).element_size() / 2**30
