@@ -830,10 +830,8 @@ class OutputFolder:
             created = True
         except FileExistsError:
             created = False
-            if not p.is_dir():
-                raise OutputRefused(f"{what} {p}: exists and is not a folder") from None
-            # made by a racing start since the check: what it holds now is checked again (a command that
-            # takes no lock, such as predict, may have written its output there already)
+            # made by a racing start since the check (or a file put there): what is there now is checked
+            # again (a command that takes no lock, such as predict, may have written its output already)
             cls.check(p, overwrite=overwrite, inputs=inputs, what=what, command=command, names=names)
         out = cls(p, created_root=created, command=command)
         clearing = (p / MANIFEST_NAME).is_file()
