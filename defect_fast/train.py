@@ -1009,11 +1009,12 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         # what the run writes: a user's file at one of these names is refused, never replaced
         run_files = [CONFIG_FILE, CHECKPOINT_FILE, LOG_FILE, MODEL_FILE, *(stage_file(i + 1) for i in range(len(cfg.epochs)))]
         if not resume:
+            ours = OutputFolder.written_by(out) == "train"
             # a run folder a live training works in says so first (not --resume's advice)
-            if (out / LOCK_NAME).is_file() and OutputFolder.written_by(out) == "train":
+            if ours and (out / LOCK_NAME).is_file():
                 RunLock(out).acquire().release()
             if not overwrite and (out / CHECKPOINT_FILE).is_file() and not (out / MODEL_FILE).exists() \
-                    and OutputFolder.written_by(out) == "train":  # what --overwrite would say discards the progress
+                    and ours:  # what --overwrite would say discards the progress
                 raise RunError(f"{out}: holds an unfinished run (its {CHECKPOINT_FILE}); continue it with --resume, "
                                "or pass --overwrite to discard it and train anew")
             OutputFolder.check(out, overwrite=overwrite, inputs=inputs, command="train", names=run_files)
