@@ -249,3 +249,24 @@ def test_the_ssim_map_is_one_minus_the_ssim_index_centred_on_each_pixel():
     # the baseline maps by it; a model file that records the residual keeps it
     assert model.default_map == "ssim" and build_model("ae-ssim", map="residual").default_map == "residual"
     assert build_model("ae-l2").default_map == "residual" and "ssim" in build_model("awae").anomaly_maps
+
+
+def test_the_ssim_map_makes_its_window_once_per_device(monkeypatch):
+    """A call after the first makes no tensor from host numbers: on a GPU that is a blocking copy,
+    which a CUDA graph's capture (``Detector(cuda_graphs=True)`` replays the map) refuses. The
+    window made under inference mode serves a later call that records gradients."""
+    from defect_fast.models.cmaae.anomaly_map import ssim
+
+    model = build_model("ae-ssim")
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.inference_mode():
+        first = ssim(model, x, x.flip(-1))
+    made = []
+    real = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(a) or real(*a, **k))
+    r = (x.flip(-1)).requires_grad_()
+    again = ssim(model, x, r)
+    assert made == []
+    torch.testing.assert_close(again.detach(), first, rtol=0, atol=0)
+    again.sum().backward()
+    assert r.grad is not None and bool(r.grad.abs().sum() > 0)

@@ -2,6 +2,8 @@
 or 1 - SSIM (the AE-SSIM baseline's, Bergmann et al. 2018)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -42,7 +44,7 @@ def _one_minus_ssim(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
     pad = (SSIM_WINDOW // 2,) * 4
     stats = torch.stack([xs, ys, xs * xs, ys * ys, xs * ys])  # [5, B, C, P, P]
     shape = stats.shape
-    g = torch.tensor(_TAPS, dtype=torch.float32, device=xs.device)
+    g = _taps(xs.device)
     flat = F.pad(stats.reshape(-1, 1, shape[-2], shape[-1]), pad, mode="replicate")  # every plane on its own
     flat = F.conv2d(F.conv2d(flat, g.view(1, 1, -1, 1)), g.view(1, 1, 1, -1))
     mx, my, exx, eyy, exy = flat.reshape(shape).unbind(0)
@@ -50,6 +52,16 @@ def _one_minus_ssim(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
     vx, vy, cov = exx - mx * mx, eyy - my * my, exy - mx * my
     index = (2 * mx * my + c1) * (2 * cov + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2))
     return (1 - index).mean(dim=1, keepdim=True)
+
+
+@functools.lru_cache(maxsize=16)
+def _taps(device: torch.device) -> torch.Tensor:
+    """The window's taps as a float32 tensor on ``device``, made once per device: a call makes no
+    host-to-device copy (none inside a CUDA graph's capture, which refuses a blocking one; the
+    warm-up before it makes the tensor); made outside inference mode, so that a call recording
+    gradients can use it. Read only: callers share it."""
+    with torch.inference_mode(False), torch.no_grad():
+        return torch.tensor(_TAPS, dtype=torch.float32, device=device)
 
 
 ANOMALY_MAPS = {"msfr": msfr, "residual": residual, "ssim": ssim}
