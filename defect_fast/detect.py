@@ -105,6 +105,10 @@ def cpu_threads(n: int | None) -> Iterator[None]:
 
 #: Held while a CUDA graph is captured or replayed (its input and output buffers are shared).
 _GRAPH_LOCK = threading.Lock()
+#: CUDA graphs a Detector keeps (one per input shape; each holds its own memory pool): a new shape
+#: beyond these lets the kept ones go, as the workspace does, so that GPU memory does not grow
+#: with every batch size a caller passes.
+MAX_GRAPHS = 8
 
 
 class SettingError(UserError, ValueError):
@@ -314,7 +318,8 @@ class Detector(nn.Module):
             pass (``out["features"]``) instead of running the encoder on them again (same map).
         compile: run the per-chunk model call through ``torch.compile`` (first call compiles).
         cuda_graphs: replay :meth:`forward` from a CUDA graph captured once per input shape
-            (CUDA devices only; outputs are copies, safe to keep).
+            (CUDA devices only; outputs are copies, safe to keep; the last :data:`MAX_GRAPHS`
+            shapes' graphs are kept).
         cudnn_benchmark: let cuDNN time its convolution algorithms for each new input shape and
             keep the fastest, while :meth:`forward` runs on a CUDA device
             (:func:`~defect_fast.precision.cudnn_benchmark`; the global setting is restored after
@@ -936,8 +941,10 @@ class Detector(nn.Module):
 
     def _graph_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`forward` replayed from a CUDA graph captured for this input shape and dtype (one
-        thread at a time: a graph reads and writes fixed buffers)."""
-        with _GRAPH_LOCK:
+        thread at a time: a graph reads and writes fixed buffers), on the images' GPU made the
+        current one: capture makes its stream, and replay launches, on the current GPU, which for a
+        Detector on ``cuda:1`` is not the caller's ``cuda:0``."""
+        with _GRAPH_LOCK, torch.cuda.device(images.device):
             return self._graph_replay(images)
 
     def _graph_replay(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -945,6 +952,8 @@ class Detector(nn.Module):
         key = (tuple(images.shape), images.dtype, images.device, torch.is_inference_mode_enabled())
         entry = self._graphs.get(key)
         if entry is None:
+            if len(self._graphs) >= MAX_GRAPHS:  # shapes change: each graph holds its own memory pool
+                self._graphs.clear()
             static_in = images.clone()
             stream = torch.cuda.Stream(images.device)
             stream.wait_stream(torch.cuda.current_stream(images.device))
@@ -1139,6 +1148,8 @@ class Detector(nn.Module):
                  for img in imgs]
         floats = any(b.is_floating_point() for b in batch)
         batch = [self._to_model_input(b.unsqueeze(0))[0] if (floats and not b.is_floating_point()) else b for b in batch]
+        if len({b.device for b in batch}) > 1:  # GPU tensors beside files or resized ones (read on the CPU)
+            batch = [b.to(self.device) for b in batch]
         with torch.inference_mode():  # each input was checked by _as_images
             res = self._predict_batched(torch.stack(batch), images_per_batch)
         threshold = pixel_threshold if pixel_threshold is not None else stored_thresholds(self.calibration)[1]

@@ -105,7 +105,7 @@ def _random_trunk_context(monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("graphs", [False, True])
-@pytest.mark.parametrize("name,recommended", [("cmaae", False), ("awae", False), ("cmaae", True)])
+@pytest.mark.parametrize("name,recommended", [("cmaae", False), ("awae", False), ("ae-ssim", False), ("cmaae", True)])
 def test_tuned_cuda_pipeline_matches_float32_on_the_cpu(name, recommended, graphs):
     check_tuned_pipeline("cuda", name, recommended, graphs)
 
@@ -116,8 +116,8 @@ def test_tuned_cuda_pipeline_with_the_cells_on_their_centres(graphs):
     check_tuned_pipeline("cuda", "cmaae", True, graphs, placement="centres")
 
 
-@pytest.mark.parametrize("name,recommended,placement", [("cmaae", False, "cells"), ("cmaae", True, "cells"),
-                                                        ("cmaae", True, "centres")])
+@pytest.mark.parametrize("name,recommended,placement", [("cmaae", False, "cells"), ("ae-ssim", False, "cells"),
+                                                        ("cmaae", True, "cells"), ("cmaae", True, "centres")])
 def test_the_check_itself_on_the_cpu(name, recommended, placement):
     """The same check on the CPU (no graphs there), so that the CUDA test's own logic is tested
     on every machine."""
@@ -141,3 +141,49 @@ def test_a_captured_graph_owns_its_workspace():
     for a, b in zip(first, again):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert all(bool((k == 7.0).all()) for k in keep)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_captured_graphs_are_kept_for_the_last_few_shapes():
+    """Each captured graph holds its own memory pool: a caller passing ever new batch sizes must
+    not grow GPU memory without end. A replay after the graphs were let go captures again and
+    gives the same maps."""
+    from defect_fast.detect import MAX_GRAPHS
+
+    det = Detector(_model("cmaae"), SIZE, device="cuda", cuda_graphs=True)
+    x = _images(2, SIZE).cuda()
+    with torch.inference_mode():
+        first = det(x)[0].clone()
+        for n in range(3, 3 + 2 * MAX_GRAPHS):
+            det(_images(n, SIZE).cuda())
+            assert len(det._graphs) <= MAX_GRAPHS
+        torch.testing.assert_close(det(x)[0], first, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_graphs_on_a_second_gpu_while_the_first_is_current():
+    """Capture makes its stream, and replay launches, on the current GPU: a Detector on cuda:1
+    called while cuda:0 is current must still capture and replay on cuda:1."""
+    torch.cuda.set_device(0)
+    det = Detector(_model("cmaae"), SIZE, device="cuda:1", cuda_graphs=True)
+    want = Detector(_model("cmaae"), SIZE, device="cuda:1")
+    x = _images(2, SIZE).to("cuda:1")
+    with torch.inference_mode():
+        for _ in range(2):  # capture, then replay
+            maps, scores = det(x)
+            torch.testing.assert_close(maps, want(x)[0], atol=1e-3 * float(maps.abs().max()), rtol=1e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_predict_takes_gpu_tensors_beside_ones_it_resizes():
+    """Tensors on the GPU at the model's size beside tensors of another size (resized on the
+    CPU, as files are): one batch, one device; the maps are the CPU Detector's."""
+    imgs = [_images(1, SIZE)[0], _images(1, 96, seed=2)[0]]
+    det = Detector(_model("cmaae"), SIZE, device="cuda", precision="float32")
+    got = det.predict([imgs[0].cuda(), imgs[1].cuda()])
+    want = Detector(_model("cmaae"), SIZE, precision="float32").predict(imgs)
+    for a, b in zip(got["maps"], want["maps"]):
+        torch.testing.assert_close(a.cpu(), b, atol=1e-3 * float(b.abs().max()), rtol=1e-3)
