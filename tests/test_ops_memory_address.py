@@ -379,3 +379,46 @@ def test_a_gradient_of_the_gradient_is_refused_not_silently_zero():
     z_hat, _w = ops.memory_address(z, memory, 0.1)  # a plain backward still works
     (g,) = torch.autograd.grad(z_hat.sum(), z)
     assert torch.isfinite(g).all() and not g.requires_grad
+
+
+@pytest.mark.parametrize("archs,capability,runs", [
+    ("8.0;9.0+PTX", (8, 0), True), ("8.0;9.0+PTX", (8, 6), True), ("8.0;9.0+PTX", (8, 9), True),
+    ("8.0;9.0+PTX", (9, 0), True), ("8.0;9.0+PTX", (10, 0), True), ("8.0;9.0+PTX", (7, 5), False),
+    ("8.0", (9, 0), False), ("8.6", (8, 0), False), ("9.0a", (9, 0), True), ("9.0a", (10, 0), False),
+    ("7.5 8.0+PTX", (7, 5), True), ("Ampere", (8, 0), None),
+])
+def test_which_gpus_a_cuda_build_runs_on(archs, capability, runs):
+    """Machine code for x.y runs on x.z, z >= y; PTX for x.y on anything from x.y on."""
+    assert _native.arch_runs_on(archs, capability) is runs
+
+
+def test_a_cuda_build_for_other_gpus_falls_back_to_the_reference(monkeypatch):
+    """An ahead-of-time build made where another GPU (or none) was visible has no kernels for this
+    GPU: its first launch would fail ("no kernel image is available"). The ops run the reference
+    there, said once, and cuda_reason() says why; a GPU the build covers keeps the kernels."""
+    import warnings
+
+    from defect_fast import ops
+
+    class Built:
+        @staticmethod
+        def build_info():
+            return {"cuda": True, "cuda_arch_list": "8.0;9.0+PTX"}
+
+    capability = {0: (7, 5), 1: (9, 0)}
+    monkeypatch.setattr(_native, "load", lambda: (Built, ""))
+    monkeypatch.setattr(_native, "_built_with_cuda", True)
+    monkeypatch.setattr(_native, "_runs_on", {})
+    monkeypatch.setattr(_native, "_cuda_reason", "")
+    monkeypatch.setattr(ops, "_native_module", lambda: Built)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: capability[i])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "a GPU")
+    with pytest.warns(RuntimeWarning, match=r"built for 8\.0;9\.0\+PTX, not for cuda:0 .*compute capability 7\.5"):
+        assert ops.backend("cuda") == "reference"
+    assert "TORCH_CUDA_ARCH_LIST=7.5" in _native.cuda_reason()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        assert ops.backend("cuda:0") == "reference"
+        assert ops.backend("cuda:1") == "cuda"

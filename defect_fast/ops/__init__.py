@@ -75,7 +75,7 @@ def backend(device: torch.device | str | None = None) -> str:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     kind = torch.device(device).type
     if kind == "cuda":
-        return "cuda" if _loader().has_cuda() else "reference"
+        return "cuda" if _loader().has_cuda(device) else "reference"
     return "cpu"
 
 

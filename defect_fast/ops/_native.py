@@ -31,7 +31,8 @@ What an op needs to fit in (the memory_address files are the worked example):
 - C++ files are compiled with -O3 -fno-math-errno -fno-trapping-math (as torch itself),
   -ffp-contract=off (no fused multiply-add the reference does not do), and
   OpenMP (at::parallel_for runs serially without it); the ``.cu`` files with -O3 for
-  ``TORCH_CUDA_ARCH_LIST`` (default: the visible GPUs, else "8.0;9.0+PTX"). Every ``.cu`` file
+  ``TORCH_CUDA_ARCH_LIST`` (default: the visible GPUs, with PTX for later ones, else "8.0;9.0+PTX";
+  :func:`has_cuda` checks the GPU an op runs on against it). Every ``.cu`` file
   must compile with plain ``nvcc -c`` (CUDA headers only), the torch glue lives in ``.cpp``.
   ``DEFECT_FAST_WITH_CUDA`` is defined for every file of a CUDA build.
 - ``defect_fast/ops/_<op>.py``: at import, ``module, reason = _native.load()`` and raise
@@ -63,6 +64,7 @@ _lock = threading.Lock()
 _result: tuple[object | None, str] | None = None
 _cuda_reason = ""
 _built_with_cuda = False
+_runs_on: dict[int, bool] = {}  # GPU index -> whether the CUDA kernels were built for it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,10 +177,32 @@ def _cuda_arch_list() -> str:
     env = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if env:
         return env
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():  # the visible GPUs, and PTX of the newest for later ones (a build moved)
         caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
-        return ";".join(f"{major}.{minor}" for major, minor in caps)
+        return ";".join(f"{major}.{minor}" for major, minor in caps) + "+PTX"
     return _DEFAULT_CUDA_ARCHS
+
+
+def arch_runs_on(arch_list: str, capability: tuple[int, int]) -> bool | None:
+    """Whether kernels built for ``arch_list`` (TORCH_CUDA_ARCH_LIST: "8.0;9.0+PTX") run on a GPU of
+    compute ``capability`` (major, minor): machine code built for x.y runs on x.z with z >= y,
+    PTX (``+PTX``) built for x.y is compiled by the driver for any GPU from x.y on; an
+    architecture-specific entry ("9.0a") runs on its own capability only. None when an entry is
+    no version number (a named architecture such as "Ampere"): not judged."""
+    runs = False
+    for entry in arch_list.replace(";", " ").split():
+        version, ptx = (entry[:-4], True) if entry.upper().endswith("+PTX") else (entry, False)
+        major, _, minor = version.partition(".")
+        specific = minor[-1:].isalpha()
+        minor = minor[:-1] if specific else minor
+        if not (major.isdigit() and minor.isdigit()):
+            return None
+        built = (int(major), int(minor))
+        if specific:
+            runs |= built == tuple(capability)
+        else:
+            runs |= (built[0] == capability[0] and built[1] <= capability[1]) or (ptx and built <= tuple(capability))
+    return runs
 
 
 def _cache_root() -> Path:
@@ -471,14 +495,33 @@ def register_autocast_float32(*qualnames: str) -> None:
             torch.library.register_autocast(name, device_type, torch.float32)
 
 
-def has_cuda() -> bool:
-    """Whether the extension has CUDA kernels and a GPU is visible."""
+def has_cuda(device=None) -> bool:
+    """Whether the extension has CUDA kernels, a GPU is visible, and they were built for that GPU
+    (``device``, or the current GPU): a build for other GPUs (an ahead-of-time build made where
+    another GPU, or none, was visible) would fail its first launch with "no kernel image is
+    available"; it is warned about once per GPU, and :func:`cuda_reason` says why."""
+    global _cuda_reason
     module, _ = load()
     if module is None or not _built_with_cuda:
         return False
     import torch
 
-    return torch.cuda.is_available()
+    if not torch.cuda.is_available():
+        return False
+    index = getattr(torch.device(device), "index", None) if device is not None else None
+    index = torch.cuda.current_device() if index is None else index
+    if index not in _runs_on:
+        archs = module.build_info().get("cuda_arch_list")
+        capability = torch.cuda.get_device_capability(index)
+        runs = True if not archs else arch_runs_on(archs, capability) is not False
+        if not runs:
+            major, minor = capability
+            _cuda_reason = (f"the CUDA kernels were built for {archs}, not for cuda:{index} ({torch.cuda.get_device_name(index)}, "
+                            f"compute capability {major}.{minor}); rebuild them with TORCH_CUDA_ARCH_LIST={major}.{minor} "
+                            "(or DEFECT_FAST_JIT=1, which builds for the visible GPUs)")
+            warnings.warn(f"defect_fast: {_cuda_reason}; using the PyTorch reference on it", RuntimeWarning, stacklevel=3)
+        _runs_on[index] = runs
+    return _runs_on[index]
 
 
 def cuda_reason() -> str:
@@ -501,4 +544,4 @@ def build_info() -> dict | None:
     return info
 
 
-__all__ = ["load", "has_cuda", "cuda_reason", "build_info", "csrc_dir", "source_files", "sources_digest", "compile_flags"]
+__all__ = ["load", "has_cuda", "arch_runs_on", "cuda_reason", "build_info", "csrc_dir", "source_files", "sources_digest", "compile_flags"]
