@@ -3,9 +3,11 @@
 An epoch visits every patch of every training image once: images are shuffled, and the patches
 of each image follow in raster order (the order the AW-SSIM sigma schedule counts). All
 randomness is drawn from generators seeded by (seed, stage, epoch, step), so an interrupted run
-resumed from its last checkpoint continues exactly where it stopped: bit for bit on the same
-device with the same CPU thread count (:func:`compute_setting`, stored in the checkpoint; a
-resume with another says so).
+resumed from its last checkpoint continues exactly where it stopped: bit for bit on a CPU with
+the same thread count (:func:`compute_setting`, stored in the checkpoint; a resume with another
+says so). On a GPU it draws the same batches, but cuDNN picks its algorithms per process and
+some backward kernels (and ``scatter_add_``) add in no fixed order, so the sums may round
+otherwise: the same training, not promised bit for bit.
 
 Batches are cut, synthesised and augmented on the training device. On a GPU the training images
 (uint8) stay there for the whole run when they take at most a quarter of its free memory
@@ -338,8 +340,9 @@ def gather_patches(images: torch.Tensor, ids, rows, cols, patch: int, stride: in
 
 def compute_setting(device: torch.device) -> dict[str, Any]:
     """What decides the order of a step's float sums besides the run's config: the device (and the
-    GPU's name) and the intra-op CPU threads. A resume with the same setting retraces an
-    uninterrupted run bit for bit; with another it trains the same way, rounded otherwise."""
+    GPU's name) and the intra-op CPU threads. A resume with the same setting on a CPU retraces an
+    uninterrupted run bit for bit (on a GPU, see the module's note); with another it trains the
+    same way, rounded otherwise."""
     setting: dict[str, Any] = {"device": device.type, "threads": torch.get_num_threads()}
     if device.type == "cuda":
         setting["gpu"] = torch.cuda.get_device_name(device)
