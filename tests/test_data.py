@@ -767,3 +767,24 @@ def test_16_bit_images_that_use_a_sixteenth_of_the_range_are_warned_of_once(tmp_
     with pytest.warns(DataWarning, match=r"1 of 4 16-bit images hold values up to") as seen:
         load_test_set(root, 32)
     assert len(seen) == 1
+
+
+def test_a_big_endian_16_bit_tiff_reads_as_its_little_endian_twin(tmp_path):
+    """PIL opens a 16-bit TIFF in big-endian byte order (ImageJ's default, many camera programs) as
+    "I;16B", for which it refuses getextrema(): the few-levels check made every reader fail with an
+    unnamed ValueError. Both byte orders read the same, few levels are warned of, masks read too."""
+    rng = np.random.default_rng(0)
+    full = rng.integers(0, 65536, (24, 40)).astype(np.uint16)
+    few = (2000 + rng.normal(0, 30, (24, 40))).clip(0, 4095).astype(np.uint16)
+    for name, frame in (("full", full), ("few", few)):
+        Image.frombytes("I;16B", (40, 24), frame.astype(">u2").tobytes()).save(tmp_path / f"{name}_be.tif")
+        Image.fromarray(frame).save(tmp_path / f"{name}_le.tif")
+    assert Image.open(tmp_path / "full_be.tif").mode == "I;16B"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        assert torch.equal(read_image(tmp_path / "full_be.tif", 32), read_image(tmp_path / "full_le.tif", 32))
+    with pytest.warns(DataWarning, match=r"2 of 2 16-bit images hold values up to"):
+        both = read_images([tmp_path / "few_be.tif", tmp_path / "few_le.tif"], 32, where=tmp_path)
+    assert torch.equal(both[0], both[1])
+    Image.frombytes("I;16B", (40, 24), (full > 30000).astype(">u2").tobytes()).save(tmp_path / "mask_be.tif")
+    assert torch.equal(read_mask(tmp_path / "mask_be.tif", None), torch.from_numpy(full > 30000))

@@ -385,8 +385,9 @@ def few_levels_top(img: Image.Image, path: Path | None = None) -> int | None:
     (an upper bound of it for a 16-bit colour PNG, which PIL decodes by its high bytes; found by the
     header of ``path``), else None."""
     if img.mode.startswith("I;16") or img.mode == "I":
-        lo, hi = img.getextrema()
-        return int(hi) if 0 <= lo and hi < FEW_LEVELS_BELOW else None
+        a = np.asarray(img)  # not getextrema(), which PIL refuses for "I;16B" (big-endian TIFF) and "I;16L"
+        lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+        return hi if 0 <= lo and hi < FEW_LEVELS_BELOW else None
     if path is not None and img.mode in ("RGB", "RGBA", "LA") and _png_header(path) in ((16, 2), (16, 4), (16, 6)):
         high = max(hi for _lo, hi in img.getextrema()[:1 if img.mode == "LA" else 3])
         return (high + 1) * 256 - 1 if high < FEW_LEVELS_BELOW >> 8 else None
