@@ -55,6 +55,7 @@ summation order.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
 import os
@@ -109,6 +110,20 @@ _GRAPH_LOCK = threading.Lock()
 #: beyond these lets the kept ones go, as the workspace does, so that GPU memory does not grow
 #: with every batch size a caller passes.
 MAX_GRAPHS = 8
+
+
+def _own_precision(method):
+    """Runs a Detector ``method`` with a caller's autocast switched off on the Detector's device: the
+    Detector computes in its ``precision`` option (its own autocast, inside), the arithmetic its
+    statistics and thresholds were set with, whatever autocast the calling program has open."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        kind = self.device.type
+        if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+            with torch.autocast(kind, enabled=False):
+                return method(self, *args, **kwargs)
+        return method(self, *args, **kwargs)
+    return run
 
 
 class SettingError(UserError, ValueError):
@@ -705,6 +720,7 @@ class Detector(nn.Module):
             return view.permute(0, 2, 3, 4, 5, 1).reshape(n * gh * gw, p, p, 3).permute(0, 3, 1, 2)
         return view.permute(0, 2, 3, 1, 4, 5).reshape(n * gh * gw, 3, p, p)
 
+    @_own_precision
     def raw_maps(self, images: torch.Tensor) -> torch.Tensor:
         """Stitched maps before normalisation and smoothing: images [N,3,H,W] -> [N,S,S]."""
         x = self._to_model_input(images)
@@ -868,6 +884,7 @@ class Detector(nn.Module):
         scores = torch.cat([ctx.combine_scores(sc, f) for (_m, sc), f in zip(finished, feats)])
         return n, {"maps": torch.cat([m for m, _sc in finished]).cpu(), "scores": scores.cpu()}
 
+    @_own_precision
     def finish(self, raw: torch.Tensor, context_map: torch.Tensor | None = None, profile: torch.Tensor | None = None,
                context: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw maps [N,S,S] -> (normalised, smoothed maps [N,S,S], scores [N]); with a context map,
@@ -918,6 +935,7 @@ class Detector(nn.Module):
         maps, scores, _scored = self._pipeline_parts(images)
         return maps, scores
 
+    @_own_precision
     def _pipeline_parts(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(maps, scores, the maps the scores take their top values from; :meth:`_finish_maps`)."""
         if self.context is None:
@@ -1035,6 +1053,7 @@ class Detector(nn.Module):
         return out
 
     @torch.no_grad()
+    @_own_precision
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         """Stitched reconstructions: images [N,3,H,W] -> [N,3,S,S] in [-1, 1] (overlaps averaged)."""
         from .data.patches import extract_patches, stitch_patches
@@ -1154,12 +1173,13 @@ class Detector(nn.Module):
             res = self._predict_batched(torch.stack(batch), images_per_batch)
         threshold = pixel_threshold if pixel_threshold is not None else stored_thresholds(self.calibration)[1]
         maps, regions = [], []
-        for m, hw in zip(res["maps"], sizes):
-            m = resize_map(m, hw)
-            maps.append(m)
-            regions.append(find_regions(m.numpy(), threshold) if threshold is not None else [])
-        same = len({tuple(m.shape) for m in maps}) == 1
-        return {"maps": torch.stack(maps) if same else maps, "scores": res["scores"], "regions": regions}
+        with torch.inference_mode(False):  # plain tensors, also for a caller inside inference mode: it may change them
+            for m, hw in zip(res["maps"], sizes):
+                m = resize_map(m, hw)
+                maps.append(m)
+                regions.append(find_regions(m.numpy(), threshold) if threshold is not None else [])
+            same = len({tuple(m.shape) for m in maps}) == 1
+            return {"maps": torch.stack(maps) if same else maps, "scores": res["scores"], "regions": regions}
 
     @torch.no_grad()
     def calibrate(self, normal_images: torch.Tensor, far: float | None = None,

@@ -517,6 +517,28 @@ def test_predict_refuses_pixels_it_would_misread():
     for t in (res["maps"], res["scores"], batched["maps"], batched["scores"]):
         assert not t.is_inference()
         t.add_(1)
+    with torch.inference_mode():  # also for a caller inside inference mode
+        res = det.predict([img, img[:100]])  # a map at the model's size and a resized one
+    for t in (*res["maps"], res["scores"]):
+        assert not t.is_inference()
+        t.add_(1)
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_a_callers_autocast_does_not_change_maps_or_scores(precision):
+    """The Detector computes in its own precision, the arithmetic its statistics and thresholds
+    were set with: a calling program's autocast left open around predict changed scores by 1e-3."""
+    det = Detector(_model(), image_size=128, precision=precision, stride=32, blend="hann", smooth_sigma=2.0)
+    x = _images(2, 128)
+    want = det.predict_batched(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = det.predict_batched(x)
+        raw = det.raw_maps(x)
+        finished = det.finish(raw)
+        recon = det.reconstruct(x)
+    assert torch.equal(got["maps"], want["maps"]) and torch.equal(got["scores"], want["scores"])
+    assert raw.dtype == torch.float32 and torch.equal(finished[1], want["scores"])
+    assert torch.equal(recon, det.reconstruct(x))
 
 
 def test_predict_reads_a_16_bit_pil_image_as_its_file_is_read(tmp_path):
