@@ -788,3 +788,32 @@ def test_a_big_endian_16_bit_tiff_reads_as_its_little_endian_twin(tmp_path):
     assert torch.equal(both[0], both[1])
     Image.frombytes("I;16B", (40, 24), (full > 30000).astype(">u2").tobytes()).save(tmp_path / "mask_be.tif")
     assert torch.equal(read_mask(tmp_path / "mask_be.tif", None), torch.from_numpy(full > 30000))
+
+
+def test_warnings_that_name_files_are_kept_in_no_registry(tmp_path):
+    """Under the default filter, every distinct warning text stays in its module's warning registry
+    for the life of the process: a service reading multi-page TIFFs or a 12-bit camera's frames,
+    each named in its warning, grew by every frame. They are still shown, from the caller's line."""
+    import subprocess
+    import sys
+
+    frame = np.full((16, 16), 2000, np.uint16)
+    for i in range(30):
+        Image.fromarray(frame).save(tmp_path / f"f{i}.png")
+        Image.fromarray(frame.astype(np.uint8)).save(tmp_path / f"m{i}.tif", save_all=True,
+                                                     append_images=[Image.fromarray(frame.astype(np.uint8))])
+    script = (
+        "import sys, pathlib\n"
+        "from defect_fast.data import read_images\n"
+        "d = pathlib.Path(sys.argv[1])\n"
+        "for i in range(30):\n"
+        "    read_images([d / f'f{i}.png'], 16)\n"
+        "    read_images([d / f'm{i}.tif'], 16)\n"
+        "grown = {name: len(m.__dict__.get('__warningregistry__', {})) for name, m in list(sys.modules.items())\n"
+        "         if isinstance(getattr(m, '__dict__', None), dict)}\n"
+        "print(max(grown.values()))\n")
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert int(run.stdout.split()[-1]) <= 2  # a version stamp and another library's odd warning, not 60 texts
+    assert run.stderr.count("frames (pages)") == 30 and run.stderr.count("16-bit images hold values") == 30
+    assert "<string>:5: DataWarning" in run.stderr  # the caller's line, as warnings.warn shows it

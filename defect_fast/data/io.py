@@ -188,8 +188,8 @@ def _open(path: Path) -> Image.Image:
     turn = _defer_tiff_orientation(img)
     limit = Image.MAX_IMAGE_PIXELS
     if limit and img.width * img.height > limit:  # PIL warns too, without the file's name
-        warnings.warn(f"{path}: {img.width}x{img.height} pixels, over PIL's {limit} (twice that is refused); "
-                      "decoding it takes much memory", DataWarning, stacklevel=2)
+        warn_data(f"{path}: {img.width}x{img.height} pixels, over PIL's {limit} (twice that is refused); "
+                  "decoding it takes much memory", stacklevel=2)
     try:
         img.load()  # decode now so truncated / corrupt data fails here, not later
     except MemoryError:  # a plausible size (under PIL's bomb limit) that this process cannot hold
@@ -202,11 +202,10 @@ def _open(path: Path) -> Image.Image:
     if img.width == 0 or img.height == 0:
         raise DataError(f"{path}: image has zero size ({img.width}x{img.height})")
     if count_error is not None:
-        warnings.warn(f"{path}: its pages after the first cannot be counted ({_reason(count_error)}); the first, "
-                      f"{img.width}x{img.height}, is read", DataWarning, stacklevel=2)
+        warn_data(f"{path}: its pages after the first cannot be counted ({_reason(count_error)}); the first, "
+                  f"{img.width}x{img.height}, is read", stacklevel=2)
     if isinstance(frames, int) and frames > 1:  # a multi-page TIFF, an animated GIF or PNG
-        warnings.warn(f"{path}: holds {frames} frames (pages); the first, {img.width}x{img.height}, is read",
-                      DataWarning, stacklevel=2)
+        warn_data(f"{path}: holds {frames} frames (pages); the first, {img.width}x{img.height}, is read", stacklevel=2)
     if turn is not None:
         return _turned(img, _UPRIGHT[turn], path)
     return _apply_orientation(img, path)
@@ -355,7 +354,7 @@ def _to_8bit(img: Image.Image, channels: int, path: Path) -> Image.Image:
     if mode.startswith("I;16") or mode in ("I", "F"):
         try:
             def note(text: str) -> None:
-                warnings.warn(f"{path}: {text}", DataWarning, stacklevel=5)
+                warn_data(f"{path}: {text}", stacklevel=5)
 
             gray = Image.fromarray(_scale_to_uint8(np.asarray(img), mode, note), mode="L")
         except ValueError as exc:
@@ -451,7 +450,27 @@ def warn_few_levels(few_levels: list[tuple[Path, int]], total: int, where: str |
     It is attributed to the first caller outside this package and torch (the user's line)."""
     message = few_levels_message(few_levels, total, where)
     if message is not None:
-        warnings.warn(message, DataWarning, stacklevel=_callers_level())
+        warn_data(message, stacklevel=_callers_level())
+
+
+def warn_data(message: str, stacklevel: int = 1) -> None:
+    """``warnings.warn(message, DataWarning, stacklevel)``, shown and filtered as it would be, but
+    kept in no warning registry. The messages of one file's reading name the file, and the registry
+    that the default filter keeps in the warning line's module holds every distinct text for the
+    life of the process: a service reading a 12-bit camera's frames or multi-page TIFFs, each
+    named, would grow by every frame. (So a file read twice is warned of twice.)"""
+    import sys
+
+    try:
+        frame = sys._getframe(stacklevel)  # 1: the caller of this function, as warnings.warn counts
+    except ValueError:  # beyond the stack: as warnings.warn does
+        frame = None
+    if frame is None:
+        filename, lineno, globals_ = "sys", 1, sys.__dict__
+    else:
+        filename, lineno, globals_ = frame.f_code.co_filename, frame.f_lineno, frame.f_globals
+    warnings.warn_explicit(message, DataWarning, filename, lineno, module=globals_.get("__name__", "<string>"),
+                           registry=None)
 
 
 def _callers_level() -> int:
