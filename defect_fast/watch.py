@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import math
 import os
@@ -611,11 +612,20 @@ def _judged_apart(records: list[dict[str, Any]], threshold: float, version: str)
             f"{threshold:.6g} (model {version}); they stand as recorded, new images are judged at {threshold:.6g}")
 
 
+def _rejected_name(st: _State, key: str, sha: str) -> Path:
+    """Where a rejected file goes: OUT/rejected/ under its relative path ("/" -> "__", as
+    :func:`output_name`), with its content's 12 hex digits when that name is taken, and a count
+    after them when that is taken too (files of one name and content in several sub-folders):
+    never over a file kept there."""
+    suffix = Path(key).suffix
+    stem = short_stem(key[: len(key) - len(suffix)].replace("/", "__"), MAX_STEM_BYTES)
+    names = itertools.chain([f"{stem}{suffix}", f"{stem}_{sha[:12]}{suffix}"],
+                            (f"{stem}_{sha[:12]}_{n}{suffix}" for n in itertools.count(2)))
+    return next(dest for dest in (st.out / REJECTED / name for name in names) if not os.path.lexists(dest))
+
+
 def _reject(st: _State, key: str, path: Path, sha: str, sig: Signature, reason: str, log) -> None:
-    name = Path(key)
-    dest = st.out / REJECTED / f"{short_stem(name.stem, MAX_STEM_BYTES)}{name.suffix}"
-    if dest.exists():
-        dest = dest.with_name(f"{dest.stem}_{sha[:12]}{dest.suffix}")
+    dest = _rejected_name(st, key, sha)
     rec = _base_record(st, key, path, sha, sig)
     rec.update(result="rejected", reason=reason, rejected_to=dest.relative_to(st.out).as_posix())
     st.journal.append(rec)

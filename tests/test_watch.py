@@ -691,6 +691,25 @@ def test_a_sub_folder_is_named_once_as_not_watched_without_recursive(tmp_path):
     assert sorted(r["image"] for r in journal(tmp_path / "out2")) == ["a.png", "later/b.png"]
 
 
+def test_rejected_files_of_one_name_in_several_sub_folders_are_all_kept(tmp_path):
+    """--recursive: cameras in sub-folders write files of the same name, some the same bytes. The
+    second name (with the content's digits) was taken by the third such file, which replaced the
+    second's in rejected/: four files kept of six, two journal lines naming one file."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    for cam in ("cam1", "cam2", "cam3"):
+        (src / cam).mkdir(parents=True)
+        (src / cam / "frame.png").write_bytes(b"not an image")
+    (src / "cam1__frame.png").write_bytes(b"not an image either")  # the name cam1/frame.png flattens to
+    run_once(src, out, recursive=True)
+    recs = journal(out)
+    kept = [r["rejected_to"] for r in recs]
+    assert len(recs) == 4 and all(r["result"] == "rejected" for r in recs)
+    assert len(set(kept)) == 4 and all((out / k).is_file() for k in kept)
+    assert sorted(p.name for p in (out / "rejected").iterdir()) == sorted(Path(k).name for k in kept)
+    by_image = {r["image"]: (out / r["rejected_to"]).read_bytes() for r in recs}
+    assert by_image["cam1__frame.png"] == b"not an image either"
+
+
 def test_a_writer_that_stalls_mid_file_gets_its_photo_judged_once_it_is_complete(tmp_path, monkeypatch):
     """A camera upload that pauses longer than settle: the half file does not decode, and waits
     (MIN_GRACE, here 1.5 s) for the rest instead of being rejected at once (the whole photo then
