@@ -112,12 +112,22 @@ _GRAPH_LOCK = threading.Lock()
 MAX_GRAPHS = 8
 
 
+def _check_default_dtype() -> None:
+    """The Detector builds and computes in float32; a calling program's
+    ``torch.set_default_dtype(torch.float64)`` made it fail deep inside with dtype mismatches."""
+    dtype = torch.get_default_dtype()
+    if dtype != torch.float32:
+        raise RuntimeError(f"Detector: torch's default dtype is {dtype} (torch.set_default_dtype); the Detector is "
+                           "built and computes in torch.float32: set that default around its construction and calls")
+
+
 def _own_precision(method):
     """Runs a Detector ``method`` with a caller's autocast switched off on the Detector's device: the
     Detector computes in its ``precision`` option (its own autocast, inside), the arithmetic its
     statistics and thresholds were set with, whatever autocast the calling program has open."""
     @functools.wraps(method)
     def run(self, *args, **kwargs):
+        _check_default_dtype()
         kind = self.device.type
         if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
             with torch.autocast(kind, enabled=False):
@@ -360,6 +370,7 @@ class Detector(nn.Module):
                  norm_mean: torch.Tensor | float | None = None, norm_std: torch.Tensor | float | None = None,
                  perceptual: nn.Module | None = None, context: nn.Module | None = None):
         super().__init__()
+        _check_default_dtype()
         fuse = _flag("fuse", fuse, auto=True)
         image_size = _integer("image_size", image_size, 1)
         if stride is not None:

@@ -866,3 +866,19 @@ def test_images_per_call_is_what_predict_batched_feeds_the_pipeline(monkeypatch)
     monkeypatch.setattr(Detector, "forward", forward)
     wide.predict_batched(_images(7, 256), 64)
     assert seen == [3, 3, 1]
+
+
+def test_a_float64_default_dtype_is_named_not_a_dtype_mismatch_inside():
+    """A calling program's torch.set_default_dtype(torch.float64) made predict fail with scatter() or
+    bias-dtype errors deep inside; it is now said in one line, at construction and at each call."""
+    det = Detector(_model(), image_size=64)
+    x = _images(1, 64)
+    torch.set_default_dtype(torch.float64)
+    try:
+        with pytest.raises(RuntimeError, match=r"default dtype is torch.float64 \(torch.set_default_dtype\)"):
+            det.predict(x)
+        with pytest.raises(RuntimeError, match="default dtype is torch.float64"):
+            Detector(_model(), image_size=64)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert det.predict(x)["maps"].dtype == torch.float32
