@@ -1102,13 +1102,20 @@ class Detector(nn.Module):
             return [img], [(h, w)]
         if isinstance(x, Image.Image):
             # turned upright by its EXIF orientation and 16-bit and float modes scaled, as files are
+            if x.width == 0 or x.height == 0:
+                raise DataError(f"PIL image: image has zero size ({x.width}x{x.height})")
+            mode = x.mode
             try:  # a lazily opened file decodes here: its damage is the image's, as a path's is
                 top = few_levels_top(x)
                 if top is not None:
                     warn_few_levels([(Path("PIL image"), top)], 1, "predict")
                 x = np.asarray(_to_8bit(upright(x), 3, Path("PIL image")))
+            except DataError:
+                raise
             except OSError as exc:
                 raise DataError(f"PIL image: corrupt or truncated image ({_reason(exc)})") from None
+            except (ValueError, TypeError) as exc:  # a mode PIL does not convert ("La")
+                raise DataError(f"PIL image: cannot convert its {mode} pixels ({_reason(exc)})") from None
         if isinstance(x, np.ndarray):
             if x.dtype != np.uint8:  # float arrays are most often [0, 1], which [-1, 1] would misread
                 raise TypeError(f"numpy images must be uint8 (0..255), got {x.dtype}; scale them to uint8 "

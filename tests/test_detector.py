@@ -580,6 +580,11 @@ def test_predict_warns_of_a_12_bit_frame_and_names_a_truncated_pil_image(tmp_pat
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
     with Image.open(tmp_path / "cut.png") as im, pytest.raises(DataError, match=r"PIL image: corrupt or truncated"):
         det.predict(im)
+    # a mode PIL does not convert, and an empty image: named as the PIL image, not PIL's or numpy's words
+    with pytest.raises(DataError, match=r"PIL image: cannot convert its La pixels"):
+        det.predict(Image.new("LA", (32, 32)).convert("La"))
+    with pytest.raises(DataError, match=r"PIL image: image has zero size \(0x0\)"):
+        det.predict(Image.new("L", (0, 0)))
 
 
 def _png_bytes_of(array: np.ndarray) -> bytes:
