@@ -259,8 +259,8 @@ class PerceptualMap(FrozenTrunk):
         if image_size // max(scales) < 32:
             raise ValueError(f"image_size must be >= 32 at every pyramid level for the perceptual map, got "
                              f"{image_size} with scales {list(scales)} ({image_size // max(scales)} at the coarsest)")
-        if prior < 0:
-            raise ValueError(f"prior must be >= 0, got {prior}")
+        if isinstance(prior, bool) or not isinstance(prior, numbers.Real) or not 0 <= float(prior) < float("inf"):
+            raise ValueError(f"prior must be a finite number >= 0, got {prior!r}")  # NaN or inf: NaN maps, silently
         if trunk is None:
             from .losses.lpips import load_alexnet_trunk
 

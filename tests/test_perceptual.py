@@ -209,6 +209,7 @@ def test_each_level_responds_to_a_region_of_stronger_texture():
 
 
 @pytest.mark.parametrize("bad", [dict(layers=0), dict(layers=4), dict(image_size=16), dict(prior=-1.0),
+                                 dict(prior=float("nan")), dict(prior=float("inf")), dict(prior="0.01"),
                                  dict(scales=()), dict(scales=(0,)), dict(scales=(1, 1)), dict(scales=(1, 4)),
                                  dict(layers=2.0), dict(scales=2)])
 def test_bad_arguments_are_refused(bad):
