@@ -678,13 +678,27 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     return p
 
 
+#: The warning lines a command showed lately (one text is said once: an image read twice).
+#: Bounded, as warn_data keeps no registry: ``watch`` lives for months and names frames in them.
+_SHOWN: dict[str, None] = {}
+_SHOWN_MAX = 1024
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Warnings as one line ``defect-fast: warning: ...`` (no source line)."""
-    print(f"defect-fast: warning: {one_line(str(message))}", file=sys.stderr if file is None else file)
+    """Warnings as one line ``defect-fast: warning: ...`` (no source line), a text shown lately
+    not again."""
+    text = f"defect-fast: warning: {one_line(str(message))}"
+    if text in _SHOWN:
+        return
+    _SHOWN[text] = None
+    if len(_SHOWN) > _SHOWN_MAX:
+        del _SHOWN[next(iter(_SHOWN))]
+    print(text, file=sys.stderr if file is None else file)
 
 
 def _run(argv: list[str]) -> int:
     with warnings.catch_warnings():
+        _SHOWN.clear()  # per command
         warnings.showwarning = _show_warning
         from PIL import Image
 
