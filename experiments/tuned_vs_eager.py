@@ -4,7 +4,9 @@ Evaluates a trained run on the test split of an MVTec-style folder twice, with t
 pipeline (``precision="float32", channels_last=False, batch_size=512, reuse_features=False,
 fuse=False``) and with the tuned Detector (its per-device defaults, or the options given), and
 writes one JSON with both metric sets, the differences in points (100 x AUROC) and whether each
-is below the bar (0.2 point).
+is below the bar (0.2 point), and what each gives at the run's stored image threshold (false
+alarms and misses: the statistics and thresholds were set at the run's own precision, so the
+eager float32 figures are those of the model file moved to a machine without bfloat16).
 
     python experiments/tuned_vs_eager.py RUN DATA [--out FILE] [--device auto] [--precision auto]
         [--channels-last auto|on|off] [--compile] [--images-per-batch 8]
@@ -44,6 +46,15 @@ def run_detector(det: Detector, test, images_per_batch: int) -> dict:
     seconds = time.perf_counter() - t0
     metrics = evaluate(res["maps"], test.masks, res["scores"], test.labels, test.classes)
     metrics.pop("per_class", None)
+    threshold = det.calibration.get("image_threshold")
+    if threshold is not None:  # the stored threshold, set at the run's own precision: what the line sees
+        good = test.labels == 0
+        flagged = res["scores"] > threshold
+        metrics["at_stored_threshold"] = {
+            "threshold": float(threshold),
+            "false_alarms": int((flagged & good).sum()), "good_images": int(good.sum()),
+            "misses": int((~flagged & ~good).sum()), "defective_images": int((~good).sum()),
+            "good_scores_mean": float(res["scores"][good].mean()) if bool(good.any()) else float("nan")}
     metrics["inference_ms_per_image"] = 1e3 * seconds / max(1, test.images.shape[0])
     metrics["options"] = det.options()
     return metrics, res
@@ -96,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(res, indent=2, default=float) + "\n")
     for k, d in res["difference_points"].items():
         print(f"{k}: eager {res['eager'][k]:.4f} tuned {res['tuned'][k]:.4f} difference {d:+.3f} points")
+    for name in ("eager", "tuned"):
+        at = res[name].get("at_stored_threshold")
+        if at:
+            print(f"{name} at the stored threshold {at['threshold']:.4g}: {at['false_alarms']}/{at['good_images']} false "
+                  f"alarms, {at['misses']}/{at['defective_images']} misses; mean good-image score {at['good_scores_mean']:.4g}")
     print(f"tuned options {res['tuned']['options']}; max |map difference| {res['max_abs_map_difference']:.3e}; "
           f"below {BAR_POINTS} point: {res['below_bar']}; wrote {out}")
     return 0 if res["below_bar"] else 1
