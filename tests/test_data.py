@@ -817,3 +817,45 @@ def test_warnings_that_name_files_are_kept_in_no_registry(tmp_path):
     assert int(run.stdout.split()[-1]) <= 2  # a version stamp and another library's odd warning, not 60 texts
     assert run.stderr.count("frames (pages)") == 30 and run.stderr.count("16-bit images hold values") == 30
     assert "<string>:5: DataWarning" in run.stderr  # the caller's line, as warnings.warn shows it
+
+
+def _rgb16_tiff(path: Path, rgb: np.ndarray, orientation: int | None = None) -> None:
+    """A little-endian uncompressed 16-bit RGB TIFF (PIL writes none), optionally with an orientation tag."""
+    import struct
+
+    h, w, _ = rgb.shape
+    data = rgb.astype("<u2").tobytes()
+    entries = [(256, 3, 1, w), (257, 3, 1, h), (258, 3, 3, None), (259, 3, 1, 1), (262, 3, 1, 2), (273, 4, 1, None),
+               (274, 3, 1, orientation), (277, 3, 1, 3), (278, 3, 1, h), (279, 4, 1, len(data))]
+    entries = [e for e in entries if e[0] != 274 or orientation is not None]
+    bits_at = 8 + 2 + 12 * len(entries) + 4
+    data_at = bits_at + 6
+    ifd = struct.pack("<H", len(entries))
+    for tag, kind, count, value in entries:
+        value = bits_at if tag == 258 else data_at if tag == 273 else value
+        ifd += struct.pack("<HHIHH", tag, kind, count, value, 0) if kind == 3 and count == 1 else \
+            struct.pack("<HHII", tag, kind, count, value)
+    path.write_bytes(b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + struct.pack("<HHH", 16, 16, 16) + data)
+
+
+def test_a_16_bit_colour_tiff_is_treated_as_a_16_bit_colour_png(tmp_path):
+    """PIL reads a 16-bit RGB TIFF by the high bytes of its values, as it does a 16-bit colour PNG:
+    a 12-bit colour camera's frames come out dark without a word, and a mask drawn with values
+    under 256 reads as no defect. Both are now said, as for the PNG (also when an orientation tag
+    turns the image, which leaves the turned copy without the file's tags)."""
+    frame = np.full((16, 16, 3), 2000, np.uint16)
+    for name, orientation in (("cam.tif", None), ("cam_turned.tif", 3)):
+        _rgb16_tiff(tmp_path / name, frame, orientation)
+        assert Image.open(tmp_path / name).mode == "RGB"
+        with pytest.warns(DataWarning, match=r"hold values up to 2047 at most"):  # 2000's high byte, 7: (7 + 1) * 256 - 1
+            read_images([tmp_path / name], 16, where=tmp_path)
+    mask = np.zeros((16, 16, 3), np.uint16)
+    mask[4:8, 4:8] = 255
+    for name, orientation in (("mask.tif", None), ("mask_turned.tif", 6)):
+        _rgb16_tiff(tmp_path / name, mask, orientation)
+        with pytest.raises(DataError, match=re.escape(f"{tmp_path / name}: a 16-bit colour TIFF")):
+            read_mask(tmp_path / name, None)
+    with warnings.catch_warnings():  # 8-bit colour TIFFs as before
+        warnings.simplefilter("error", DataWarning)
+        Image.fromarray(np.full((16, 16, 3), 7, np.uint8)).save(tmp_path / "eight.tif")
+        assert int(read_images([tmp_path / "eight.tif"], 16).max()) == 7

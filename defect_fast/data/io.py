@@ -381,13 +381,13 @@ FEW_LEVELS_BELOW = 4096
 
 def few_levels_top(img: Image.Image, path: Path | None = None) -> int | None:
     """The largest value of a 16-bit image whose values all lie below :data:`FEW_LEVELS_BELOW`
-    (an upper bound of it for a 16-bit colour PNG, which PIL decodes by its high bytes; found by the
-    header of ``path``), else None."""
+    (an upper bound of it for a 16-bit colour PNG or TIFF, which PIL decodes by its high bytes; found
+    by the header of ``path`` or the TIFF's tags), else None."""
     if img.mode.startswith("I;16") or img.mode == "I":
         a = np.asarray(img)  # not getextrema(), which PIL refuses for "I;16B" (big-endian TIFF) and "I;16L"
         lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
         return hi if 0 <= lo and hi < FEW_LEVELS_BELOW else None
-    if path is not None and img.mode in ("RGB", "RGBA", "LA") and _png_header(path) in ((16, 2), (16, 4), (16, 6)):
+    if img.mode in ("RGB", "RGBA", "LA") and _wide_colour(img, path) is not None:
         high = max(hi for _lo, hi in img.getextrema()[:1 if img.mode == "LA" else 3])
         return (high + 1) * 256 - 1 if high < FEW_LEVELS_BELOW >> 8 else None
     return None
@@ -536,9 +536,10 @@ def _load_mask(path: str | os.PathLike, size: int | None, notes: list[tuple[str,
     path = Path(path)
     img = _open(path)
     # the file's header (a turned image has no format), read only for the modes such a PNG decodes to
-    if img.mode in ("RGB", "RGBA", "LA") and _png_header(path) in ((16, 2), (16, 4), (16, 6)):
+    kind = _wide_colour(img, path) if img.mode in ("RGB", "RGBA", "LA") else None
+    if kind is not None:
         img.close()
-        raise DataError(f"{path}: a 16-bit colour PNG, which is read by the high byte of each value only (a "
+        raise DataError(f"{path}: a 16-bit colour {kind}, which is read by the high byte of each value only (a "
                         "mask value under 256 reads as 0, no defect); save the mask as 8-bit or 16-bit grayscale")
     orig = img.size
     with _converting(path, img):
@@ -569,6 +570,21 @@ def _load_mask(path: str | os.PathLike, size: int | None, notes: list[tuple[str,
     return torch.from_numpy(np.ascontiguousarray(defect)), orig
 
 
+def _wide_colour(img: Image.Image, path: Path | None) -> str | None:
+    """"PNG" or "TIFF" when an image PIL decoded as 8-bit colour ("RGB", "RGBA", "LA") is stored with
+    16 bits per sample, which PIL reads by their high bytes (a PNG by its header, of ``path``, a TIFF
+    by its BitsPerSample tag), else None."""
+    tags = getattr(img, "tag_v2", None) if img.format == "TIFF" else None
+    if img.format is None and path is not None:  # turned upright: a new image, without the file's tags
+        with contextlib.suppress(Exception), Image.open(path) as stored:
+            tags = dict(stored.tag_v2) if stored.format == "TIFF" else None
+    if tags is not None:
+        bits = tags.get(258)  # BitsPerSample: one value per sample
+        bits = bits if isinstance(bits, tuple) else (bits,)
+        return "TIFF" if all(b == 16 for b in bits) else None
+    return "PNG" if path is not None and _png_header(path) in ((16, 2), (16, 4), (16, 6)) else None
+
+
 def _png_header(path: Path) -> tuple[int, int] | None:
     """(bit depth, colour type) of a PNG file, from its header (the first chunk, IHDR, at a fixed
     place by the PNG specification); None when the file does not start so."""
@@ -585,8 +601,8 @@ def _png_header(path: Path) -> tuple[int, int] | None:
 def read_mask(path: str | os.PathLike, size: int | None) -> torch.Tensor:
     """Read a ground-truth mask file as a bool tensor [size, size] (True = defect pixel).
 
-    Any nonzero stored value (in any colour channel) is a defect (a 16-bit colour PNG is refused:
-    PIL keeps the high byte of its values only); in a mask with transparent
+    Any nonzero stored value (in any colour channel) is a defect (a 16-bit colour PNG or TIFF is
+    refused: PIL keeps the high byte of its values only); in a mask with transparent
     pixels (alpha 0 somewhere: drawn on a transparent layer), its painted pixels (alpha not 0) are,
     whatever colour they or the hidden background have. Resizing uses
     nearest-neighbour sampling, so defects thinner than the downsampling step can shrink or vanish.
