@@ -76,6 +76,7 @@ from .precision import cpu_flags, cpu_has_bf16, cudnn_benchmark, default_precisi
 from .calibration import calibrate as calibrate_thresholds, defect_regions, stored_thresholds
 from .runs import RunError, load_model_state, model_from_state, resolve_device
 from .safety import UserError
+from .tracing import tracing
 
 TOP_FRACTION = 0.001
 BLENDS = ("none", "hann")
@@ -160,8 +161,7 @@ def _check_pixels(images: torch.Tensor, where: str) -> None:
 
 def _plain_graph() -> bool:
     """True while the pipeline is being traced or exported (no caches, no compiled or captured parts)."""
-    return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
-            or torch.compiler.is_exporting())
+    return tracing()
 
 
 def _integer(name: str, value: Any, minimum: int, or_else: str = "") -> int:

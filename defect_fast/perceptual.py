@@ -46,7 +46,6 @@ inference moved the recommended runs' metrics by less than 0.05 point
 """
 from __future__ import annotations
 
-import functools
 import numbers
 import os
 from typing import Callable
@@ -56,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .precision import is_channels_last
+from .tracing import constant_cache
 
 # torchvision's alexnet.features, conv layers: (index, in channels, out channels, kernel, stride,
 # padding); a 3 x 3 max-pool with stride 2 follows conv1 and conv2
@@ -97,7 +97,7 @@ def alexnet_centres(layer: int, pooled: bool = False) -> tuple[int, float]:
     return a, b
 
 
-@functools.lru_cache(maxsize=64)
+@constant_cache(maxsize=64)
 def _placement_matrix(n: int, stride: int, offset: float, cells: int, extent: int, device: torch.device,
                       dtype: torch.dtype) -> torch.Tensor:
     """[cells, n]: row k the bilinear weights of the n feature cells (centred on pixels

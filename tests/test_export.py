@@ -398,3 +398,46 @@ def test_export_detector_refuses_to_replace_files_and_keeps_the_pair_together(tm
     (tmp_path / "a.ts.json").unlink()
     with pytest.raises(ExportError, match="no description beside a.ts"):
         read_sidecar(out)
+
+
+def test_exporting_the_ssim_map_leaves_later_maps_as_they_were(tmp_path):
+    """torch.export runs the pipeline on fake tensors: the SSIM map's window, made on first use and
+    kept per device, was kept as a fake tensor when the export was the process's first SSIM map,
+    and every later map read uninitialised memory (scores 6e31), a second export failed. Now no
+    tensor made while tracing is kept."""
+    from defect_fast.export import export_detector
+    from defect_fast.models.cmaae import anomaly_map
+
+    torch.manual_seed(0)
+    det = Detector(build_model("ae-ssim").eval(), image_size=128, map_kind="ssim", stride=32, precision="float32")
+    x = _images(2)
+    before = det.predict(x)
+    anomaly_map._taps.cache_clear()  # as in a process whose first SSIM map is the export's
+    for i in range(2):
+        export_detector(det, tmp_path / f"det{i}.pt2", "exported", batch=2)
+    after = det.predict(x)
+    torch.testing.assert_close(after["scores"], before["scores"], rtol=0, atol=0)
+    torch.testing.assert_close(after["maps"], before["maps"], rtol=0, atol=0)
+    maps, scores = _run_exported("exported", tmp_path / "det1.pt2", x)
+    torch.testing.assert_close(scores, before["scores"], rtol=1e-5, atol=0)
+
+
+def test_a_constant_made_while_tracing_is_not_kept():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from defect_fast.tracing import constant_cache
+
+    made = []
+
+    @constant_cache(maxsize=2)
+    def ones(n):
+        made.append(n)
+        return torch.ones(n)
+
+    with FakeTensorMode():
+        fake = ones(3)
+    assert type(fake) is not torch.Tensor
+    real = ones(3)
+    assert type(real) is torch.Tensor and float(real.sum()) == 3.0 and ones(3) is real and made == [3, 3]
+    ones(4), ones(5)  # beyond maxsize: let go, made again
+    assert ones(3) is not real and made == [3, 3, 4, 5, 3]

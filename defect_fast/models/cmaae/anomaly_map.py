@@ -2,13 +2,12 @@
 or 1 - SSIM (the AE-SSIM baseline's, Bergmann et al. 2018)."""
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
 from ...maps import msfr_map, residual_map
 from ...ops.reference import gaussian_windows
+from ...tracing import constant_cache
 
 #: The SSIM map's window: 11 x 11, Gaussian of std 1.5 (Bergmann et al., as the SSIM loss here).
 SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
@@ -54,7 +53,7 @@ def _one_minus_ssim(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
     return (1 - index).mean(dim=1, keepdim=True)
 
 
-@functools.lru_cache(maxsize=16)
+@constant_cache(maxsize=16)
 def _taps(device: torch.device) -> torch.Tensor:
     """The window's taps as a float32 tensor on ``device``, made once per device: a call makes no
     host-to-device copy (none inside a CUDA graph's capture, which refuses a blocking one; the
