@@ -124,8 +124,9 @@ def _check_default_dtype() -> None:
 
 def _own_precision(method):
     """Runs a Detector ``method`` with a caller's autocast switched off on the Detector's device: the
-    Detector computes in its ``precision`` option (its own autocast, inside), the arithmetic its
-    statistics and thresholds were set with, whatever autocast the calling program has open."""
+    Detector computes (and fits its statistics) in its ``precision`` option (its own autocast,
+    inside), the arithmetic its statistics and thresholds were set with, whatever autocast the
+    calling program has open."""
     @functools.wraps(method)
     def run(self, *args, **kwargs):
         _check_default_dtype()
@@ -780,6 +781,7 @@ class Detector(nn.Module):
         with self._precision(p.device.type):
             return self.model(p)["recon"].float().contiguous()
 
+    @_own_precision
     def fit_perceptual(self, normal_images: torch.Tensor, images_per_batch: int = 8, layers: int = 2,
                        prior: float = 0.01, scales: tuple[int, ...] | list[int] = (1,),
                        level_brightness: bool | float = False, placement: str = "cells") -> int:
@@ -827,6 +829,7 @@ class Detector(nn.Module):
             self.calibration["inapplicable"] = why
 
     @torch.no_grad()
+    @_own_precision
     def fit_context(self, normal_images: torch.Tensor, calibration_images: torch.Tensor, images_per_batch: int = 8,
                     profile: str = "none", level_brightness: bool | float = False, image_score: str = "combined",
                     placement: str = "cells") -> int:
@@ -856,6 +859,7 @@ class Detector(nn.Module):
                                  image_score, placement)[0]
 
     @torch.no_grad()
+    @_own_precision
     def _fit_context(self, normal_images: torch.Tensor, calibration_images: torch.Tensor,
                      images_per_batch: int = 8, profile: str = "none", level_brightness: bool | float = False,
                      image_score: str = "combined", placement: str = "cells") -> tuple[int, dict[str, torch.Tensor]]:

@@ -512,3 +512,33 @@ def test_files_from_before_the_placement_keep_the_resize_they_were_fitted_with()
     old["placement"] = "nearest"
     with pytest.raises(ValueError, match="placement must be one of cells, centres"):
         PerceptualMap.from_state(old)
+
+
+def test_a_callers_autocast_does_not_change_what_the_fits_measure(monkeypatch):
+    """The Detector computes its maps in its own precision whatever autocast the caller has open;
+    its fits must measure those maps, not the caller's bf16 ones (the statistics moved by 2.7)."""
+    import defect_fast.perceptual as perceptual
+
+    monkeypatch.setattr(perceptual, "PerceptualMap",
+                        lambda s, layers=2, prior=0.01, scales=(1,): PerceptualMap(s, layers, _trunk(), prior, scales))
+    images = ((_images(4, seed=2) + 1) * 100).to(torch.uint8)
+
+    def fitted(autocast: bool):
+        torch.manual_seed(0)
+        det = Detector(build_model("cmaae", memory_size=20), image_size=64, precision="float32")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            det.fit_perceptual(images)
+        return det.image_map.state()
+
+    def tensors(state, where=""):
+        items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+        for key, value in items:
+            if isinstance(value, torch.Tensor):
+                yield f"{where}{key}", value
+            else:
+                yield from tensors(value, f"{where}{key}.")
+
+    plain, inside = dict(tensors(fitted(False))), dict(tensors(fitted(True)))
+    assert plain and plain.keys() == inside.keys()
+    for key, value in plain.items():
+        assert torch.equal(value, inside[key]), key
