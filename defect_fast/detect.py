@@ -108,8 +108,8 @@ def cpu_threads(n: int | None) -> Iterator[None]:
 #: Held while a CUDA graph is captured or replayed (its input and output buffers are shared).
 _GRAPH_LOCK = threading.Lock()
 #: CUDA graphs a Detector keeps (one per input shape; each holds its own memory pool): a new shape
-#: beyond these lets the kept ones go, as the workspace does, so that GPU memory does not grow
-#: with every batch size a caller passes.
+#: beyond these lets the least recently used one go, so that GPU memory does not grow with every
+#: batch size a caller passes.
 MAX_GRAPHS = 8
 
 
@@ -344,8 +344,8 @@ class Detector(nn.Module):
             pass (``out["features"]``) instead of running the encoder on them again (same map).
         compile: run the per-chunk model call through ``torch.compile`` (first call compiles).
         cuda_graphs: replay :meth:`forward` from a CUDA graph captured once per input shape
-            (CUDA devices only; outputs are copies, safe to keep; the last :data:`MAX_GRAPHS`
-            shapes' graphs are kept).
+            (CUDA devices only; outputs are copies, safe to keep; the graphs of the
+            :data:`MAX_GRAPHS` shapes used last are kept).
         cudnn_benchmark: let cuDNN time its convolution algorithms for each new input shape and
             keep the fastest, while :meth:`forward` runs on a CUDA device
             (:func:`~defect_fast.precision.cudnn_benchmark`; the global setting is restored after
@@ -983,10 +983,12 @@ class Detector(nn.Module):
     def _graph_replay(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # inference mode too: a graph captured under it holds inference tensors a no_grad call cannot write
         key = (tuple(images.shape), images.dtype, images.device, torch.is_inference_mode_enabled())
-        entry = self._graphs.get(key)
-        if entry is None:
-            if len(self._graphs) >= MAX_GRAPHS:  # shapes change: each graph holds its own memory pool
-                self._graphs.clear()
+        entry = self._graphs.pop(key, None)
+        if entry is not None:
+            self._graphs[key] = entry  # the most recently used last
+        else:
+            while len(self._graphs) >= MAX_GRAPHS:  # shapes change: each graph holds its own memory pool
+                del self._graphs[next(iter(self._graphs))]  # the least recently used
             static_in = images.clone()
             stream = torch.cuda.Stream(images.device)
             stream.wait_stream(torch.cuda.current_stream(images.device))

@@ -30,6 +30,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks.common import device_info  # noqa: E402  (CPU model, family and flags, or the GPU's name)
+from defect_fast.calibration import stored_thresholds  # noqa: E402
 from defect_fast.detect import Detector  # noqa: E402
 
 EAGER = {"precision": "float32", "channels_last": False, "batch_size": 512, "reuse_features": False, "fuse": False}
@@ -46,7 +47,7 @@ def run_detector(det: Detector, test, images_per_batch: int) -> dict:
     seconds = time.perf_counter() - t0
     metrics = evaluate(res["maps"], test.masks, res["scores"], test.labels, test.classes)
     metrics.pop("per_class", None)
-    threshold = det.calibration.get("image_threshold")
+    threshold = stored_thresholds(det.calibration)[0]
     if threshold is not None:  # the stored threshold, set at the run's own precision: what the line sees
         good = test.labels == 0
         flagged = res["scores"] > threshold

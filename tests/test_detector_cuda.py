@@ -157,7 +157,9 @@ def test_captured_graphs_are_kept_for_the_last_few_shapes():
         first = det(x)[0].clone()
         for n in range(3, 3 + 2 * MAX_GRAPHS):
             det(_images(n, SIZE).cuda())
-            assert len(det._graphs) <= MAX_GRAPHS
+            det(x)  # used again each time: kept, the least recently used go
+            assert len(det._graphs) <= MAX_GRAPHS and any(k[0][0] == 2 for k in det._graphs)
+        assert len(det._graphs) == MAX_GRAPHS
         torch.testing.assert_close(det(x)[0], first, rtol=0, atol=0)
 
 

@@ -458,7 +458,8 @@ def warn_data(message: str, stacklevel: int = 1) -> None:
     kept in no warning registry. The messages of one file's reading name the file, and the registry
     that the default filter keeps in the warning line's module holds every distinct text for the
     life of the process: a service reading a 12-bit camera's frames or multi-page TIFFs, each
-    named, would grow by every frame. (So a file read twice is warned of twice.)"""
+    named, would grow by every frame. (So a file read twice is warned of twice: the "default" and
+    "module" actions show a text again, as "always" does; the command line shows a text once.)"""
     import sys
 
     try:
