@@ -8,7 +8,8 @@
   now, as ``defect_fast._C``, with the same sources and flags as the JIT build.
   Environment: ``DEFECT_FAST_NO_AOT=1`` skips that; ``DEFECT_FAST_CUDA=0``/``1`` turns the CUDA
   kernels off/on (default: on when torch has CUDA and a toolkit is found);
-  ``TORCH_CUDA_ARCH_LIST`` picks the GPU architectures (default: the visible GPUs, else "8.0;9.0");
+  ``TORCH_CUDA_ARCH_LIST`` picks the GPU architectures (default: the visible GPUs with PTX for later
+  ones, else "8.0;9.0+PTX"; a GPU the build has no code for runs the PyTorch reference ops, said once);
   ``MAX_JOBS`` bounds the parallel compilations.
 """
 from __future__ import annotations
