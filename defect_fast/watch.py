@@ -335,6 +335,9 @@ class _State:
     grace: float = 0.0
     undecodable: dict[str, tuple[Signature, float]] = field(default_factory=dict)  # key -> (signature, first seen)
     few_levels_said: bool = False  # a 16-bit image of few grey levels is named once a session
+    # rejected/ names the journal gives to files (a file whose move failed holds its name there too:
+    # another file moved to it would be taken at a restart for the first's completed copy)
+    rejected_names: set[str] = field(default_factory=set)
     # candidates in IN_DIR: key -> (path, size, mtime_ns, ctime_ns)
     known: dict[str, tuple[Path, int, int, int]] = field(default_factory=dict)
 
@@ -380,6 +383,7 @@ def _recover(st: _State, log: Callable[[str], None]) -> None:
                                 else (rec["size"], rec["mtime_ns"]))
         st.totals.add(rec.get("result", "rejected"))
         if rec.get("result") == "rejected" and rec.get("rejected_to"):
+            st.rejected_names.add(rec["rejected_to"])
             src, dest = st.in_dir / key, st.out / rec["rejected_to"]
             if src.is_file():
                 # the very file judged (its size and times), not one sent again with the same name and bytes
@@ -616,18 +620,21 @@ def _rejected_name(st: _State, key: str, sha: str) -> Path:
     """Where a rejected file goes: OUT/rejected/ under its relative path ("/" -> "__", as
     :func:`output_name`), with its content's 12 hex digits when that name is taken, and a count
     after them when that is taken too (files of one name and content in several sub-folders):
-    never over a file kept there."""
+    never over a file kept there, nor at a name the journal gave another file (one whose move
+    failed)."""
     suffix = Path(key).suffix
     stem = short_stem(key[: len(key) - len(suffix)].replace("/", "__"), MAX_STEM_BYTES)
     names = itertools.chain([f"{stem}{suffix}", f"{stem}_{sha[:12]}{suffix}"],
                             (f"{stem}_{sha[:12]}_{n}{suffix}" for n in itertools.count(2)))
-    return next(dest for dest in (st.out / REJECTED / name for name in names) if not os.path.lexists(dest))
+    return next(dest for dest in (st.out / REJECTED / name for name in names)
+                if not os.path.lexists(dest) and dest.relative_to(st.out).as_posix() not in st.rejected_names)
 
 
 def _reject(st: _State, key: str, path: Path, sha: str, sig: Signature, reason: str, log) -> None:
     dest = _rejected_name(st, key, sha)
     rec = _base_record(st, key, path, sha, sig)
     rec.update(result="rejected", reason=reason, rejected_to=dest.relative_to(st.out).as_posix())
+    st.rejected_names.add(rec["rejected_to"])
     st.journal.append(rec)
     st.done.add((key, sha))
     st.totals.add("rejected")

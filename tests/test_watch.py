@@ -710,6 +710,34 @@ def test_rejected_files_of_one_name_in_several_sub_folders_are_all_kept(tmp_path
     assert by_image["cam1__frame.png"] == b"not an image either"
 
 
+def test_a_rejected_file_whose_move_failed_keeps_its_name_in_rejected(tmp_path, monkeypatch):
+    """A file whose move to rejected/ failed stays where it is, its journal line naming its place in
+    rejected/. Another file of that name and bytes was moved to that free name, and a restart took
+    it for the first file's completed copy and removed the first file from the drop folder."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    (src / "cam1").mkdir(parents=True)
+    (src / "cam1" / "x.png").write_bytes(b"not an image")
+    (src / "cam1__x.png").write_bytes(b"not an image")  # flattens to the same name, the same bytes
+    real, calls = watch_mod._move, []
+
+    def move(path, dest, sig=None):
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError(errno.EACCES, "Permission denied", str(path))
+        real(path, dest, sig)
+
+    monkeypatch.setattr(watch_mod, "_move", move)
+    run_once(src, out, recursive=True)
+    recs = journal(out)
+    assert len(recs) == 2 and len({r["rejected_to"] for r in recs}) == 2
+    stuck = calls[0]
+    assert stuck.is_file()
+    monkeypatch.setattr(watch_mod, "_move", real)
+    run_once(src, out, recursive=True)  # a restart finishes the failed move to its own name
+    assert not stuck.exists()
+    assert sorted(p.name for p in (out / "rejected").iterdir()) == sorted(Path(r["rejected_to"]).name for r in recs)
+
+
 def test_a_writer_that_stalls_mid_file_gets_its_photo_judged_once_it_is_complete(tmp_path, monkeypatch):
     """A camera upload that pauses longer than settle: the half file does not decode, and waits
     (MIN_GRACE, here 1.5 s) for the rest instead of being rejected at once (the whole photo then
