@@ -70,7 +70,8 @@ def test_grayscale_repeated_to_three_channels_and_one_channel(tmp_path):
 def test_16bit_png_is_scaled_not_clipped(tmp_path):
     a = np.array([[0, 257, 32768, 65535]], dtype=np.uint16)
     p = _save(tmp_path / "d16.png", a)
-    assert Image.open(p).mode.startswith("I;16")
+    with Image.open(p) as im:
+        assert im.mode.startswith("I;16")
     t = read_image(p, None)
     assert t[0, 0].tolist() == [0, 1, 128, 255]  # 32768 * 255 / 65535 = 127.5 -> 128
 
@@ -515,7 +516,8 @@ def _save_oriented(path: Path, array: np.ndarray, orientation: int, **kw) -> Pat
 def test_exif_orientation_applied_to_png_images(tmp_path, orientation):
     stored = np.random.default_rng(orientation).integers(0, 256, (5, 7, 3), dtype=np.uint8)
     p = _save_oriented(tmp_path / "o.png", stored, orientation)
-    assert Image.open(p).getexif()[0x0112] == orientation
+    with Image.open(p) as im:
+        assert im.getexif()[0x0112] == orientation
     t = read_image(p, None)
     expected = np.ascontiguousarray(_UPRIGHT[orientation](stored))
     assert t.shape == (3, *expected.shape[:2])
@@ -663,7 +665,8 @@ def test_a_16_bit_colour_png_mask_is_refused_not_read_empty(tmp_path):
     p = tmp_path / "rgb16_mask.png"
     p.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 16, 16, 16, 2, 0, 0, 0))
                   + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
-    assert Image.open(p).mode == "RGB" and not np.asarray(Image.open(p)).any()  # what PIL makes of it
+    with Image.open(p) as im:
+        assert im.mode == "RGB" and not np.asarray(im).any()  # what PIL makes of it
     with pytest.raises(DataError, match=re.escape(f"{p}: a 16-bit colour PNG")):
         read_mask(p, None)
     # also with an EXIF orientation (the turned image carries no format: the check was skipped)
@@ -779,7 +782,8 @@ def test_a_big_endian_16_bit_tiff_reads_as_its_little_endian_twin(tmp_path):
     for name, frame in (("full", full), ("few", few)):
         Image.frombytes("I;16B", (40, 24), frame.astype(">u2").tobytes()).save(tmp_path / f"{name}_be.tif")
         Image.fromarray(frame).save(tmp_path / f"{name}_le.tif")
-    assert Image.open(tmp_path / "full_be.tif").mode == "I;16B"
+    with Image.open(tmp_path / "full_be.tif") as im:
+        assert im.mode == "I;16B"
     with warnings.catch_warnings():
         warnings.simplefilter("error", DataWarning)
         assert torch.equal(read_image(tmp_path / "full_be.tif", 32), read_image(tmp_path / "full_le.tif", 32))
@@ -846,7 +850,8 @@ def test_a_16_bit_colour_tiff_is_treated_as_a_16_bit_colour_png(tmp_path):
     frame = np.full((16, 16, 3), 2000, np.uint16)
     for name, orientation in (("cam.tif", None), ("cam_turned.tif", 3)):
         _rgb16_tiff(tmp_path / name, frame, orientation)
-        assert Image.open(tmp_path / name).mode == "RGB"
+        with Image.open(tmp_path / name) as im:
+            assert im.mode == "RGB"
         with pytest.warns(DataWarning, match=r"hold values up to 2047 at most"):  # 2000's high byte, 7: (7 + 1) * 256 - 1
             read_images([tmp_path / name], 16, where=tmp_path)
     mask = np.zeros((16, 16, 3), np.uint16)

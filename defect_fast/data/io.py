@@ -403,23 +403,23 @@ def _load_images(path: str | os.PathLike, size: int | None, channels: int, min_s
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     path = Path(path)
-    img = _open(path)
-    orig = img.size
-    if few_levels is not None:
-        top = few_levels_top(img, path)
-        if top is not None:
-            few_levels.append((path, top))
-    if min_side is not None and min(orig) < min_side:
-        raise DataError(f"{path}: image is {orig[0]}x{orig[1]} pixels, smaller than the minimum side of {min_side}")
-    full = None
-    with _converting(path, img):
-        img = _to_8bit(img, channels, path)
-        if size is not None and img.size != (size, size):
-            if original:
-                full = _as_tensor(img)
-            # NB: PIL's bilinear filter widens its support when shrinking, i.e. it is antialiased.
-            img = img.resize((size, size), Image.BILINEAR)
-        t = _as_tensor(img)
+    with _open(path) as img:  # closed at the end: PIL keeps a multi-page file open after decoding it
+        orig = img.size
+        if few_levels is not None:
+            top = few_levels_top(img, path)
+            if top is not None:
+                few_levels.append((path, top))
+        if min_side is not None and min(orig) < min_side:
+            raise DataError(f"{path}: image is {orig[0]}x{orig[1]} pixels, smaller than the minimum side of {min_side}")
+        full = None
+        with _converting(path, img):
+            eight = _to_8bit(img, channels, path)  # a new image, kept after the file's is closed
+            if size is not None and eight.size != (size, size):
+                if original:
+                    full = _as_tensor(eight)
+                # NB: PIL's bilinear filter widens its support when shrinking, i.e. it is antialiased.
+                eight = eight.resize((size, size), Image.BILINEAR)
+            t = _as_tensor(eight)
     return t, orig, (t if full is None else full) if original else None
 
 
@@ -535,11 +535,16 @@ def _load_mask(path: str | os.PathLike, size: int | None, notes: list[tuple[str,
     path) for a mask with more than two values (soft edges, JPEG), marking more than half its image,
     or whose every defect pixel fell between the samples of the resize."""
     path = Path(path)
-    img = _open(path)
+    with _open(path) as stored:  # closed at the end: PIL keeps a multi-page file open after decoding it
+        return _mask_of(stored, path, size, notes)
+
+
+def _mask_of(img: Image.Image, path: Path, size: int | None, notes: list[tuple[str, Path]] | None
+             ) -> tuple[torch.Tensor, tuple[int, int]]:
+    """:func:`_load_mask` of the opened file ``img``."""
     # the file's header (a turned image has no format), read only for the modes such a PNG decodes to
     kind = _wide_colour(img, path) if img.mode in ("RGB", "RGBA", "LA") else None
     if kind is not None:
-        img.close()
         raise DataError(f"{path}: a 16-bit colour {kind}, which is read by the high byte of each value only (a "
                         "mask value under 256 reads as 0, no defect); save the mask as 8-bit or 16-bit grayscale")
     orig = img.size
