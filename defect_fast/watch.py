@@ -139,11 +139,17 @@ MAX_REGIONS = 50
 MAX_STEM_BYTES = 160
 
 
+def _flat_name(key: str) -> tuple[str, str]:
+    """(an image's relative path without its extension, "/" -> "__", shortened past
+    :data:`MAX_STEM_BYTES` by :func:`~defect_fast.safety.short_stem`; the extension, with its dot)."""
+    stem = key.rsplit(".", 1)[0] if "." in Path(key).name else key
+    return short_stem(stem.replace("/", "__"), MAX_STEM_BYTES), key[len(stem):]
+
+
 def output_name(key: str, sha256: str) -> str:
     """Stem of an image's outputs: its relative path without extension, "/" -> "__", + 12 hex digits
     (a path longer than :data:`MAX_STEM_BYTES` shortened by :func:`~defect_fast.safety.short_stem`)."""
-    stem = key.rsplit(".", 1)[0] if "." in Path(key).name else key
-    return f"{short_stem(stem.replace('/', '__'), MAX_STEM_BYTES)}_{sha256[:12]}"
+    return f"{_flat_name(key)[0]}_{sha256[:12]}"
 
 
 def _now_iso() -> str:
@@ -622,8 +628,7 @@ def _rejected_name(st: _State, key: str, sha: str) -> Path:
     after them when that is taken too (files of one name and content in several sub-folders):
     never over a file kept there, nor at a name the journal gave another file (one whose move
     failed)."""
-    suffix = Path(key).suffix
-    stem = short_stem(key[: len(key) - len(suffix)].replace("/", "__"), MAX_STEM_BYTES)
+    stem, suffix = _flat_name(key)
     names = itertools.chain([f"{stem}{suffix}", f"{stem}_{sha[:12]}{suffix}"],
                             (f"{stem}_{sha[:12]}_{n}{suffix}" for n in itertools.count(2)))
     return next(dest for dest in (st.out / REJECTED / name for name in names)
