@@ -580,15 +580,15 @@ def _wide_colour(img: Image.Image, path: Path | None) -> str | None:
     """"PNG" or "TIFF" when an image PIL decoded as 8-bit colour ("RGB", "RGBA", "LA") is stored with
     16 bits per sample, which PIL reads by their high bytes (a PNG by its header, of ``path``, a TIFF
     by its BitsPerSample tag), else None."""
-    tags = getattr(img, "tag_v2", None) if img.format == "TIFF" else None
-    if img.format is None and path is not None:  # turned upright: a new image, without the file's tags
+    fmt, tags = img.format, getattr(img, "tag_v2", None)
+    if fmt is None and path is not None:  # turned upright: a new image, without the file's format and tags
         with contextlib.suppress(Exception), Image.open(path) as stored:
-            tags = dict(stored.tag_v2) if stored.format == "TIFF" else None
-    if tags is not None:
+            fmt, tags = stored.format, dict(getattr(stored, "tag_v2", None) or {})
+    if fmt == "TIFF" and tags is not None:
         bits = tags.get(258)  # BitsPerSample: one value per sample
         bits = bits if isinstance(bits, tuple) else (bits,)
         return "TIFF" if all(b == 16 for b in bits) else None
-    return "PNG" if path is not None and _png_header(path) in ((16, 2), (16, 4), (16, 6)) else None
+    return "PNG" if fmt == "PNG" and path is not None and _png_header(path) in ((16, 2), (16, 4), (16, 6)) else None
 
 
 def _png_header(path: Path) -> tuple[int, int] | None:
