@@ -160,11 +160,6 @@ def _check_pixels(images: torch.Tensor, where: str) -> None:
                          "0..255 images, or map [0, 1] ones with x * 2 - 1")
 
 
-def _plain_graph() -> bool:
-    """True while the pipeline is being traced or exported (no caches, no compiled or captured parts)."""
-    return tracing()
-
-
 def _integer(name: str, value: Any, minimum: int, or_else: str = "") -> int:
     """``value`` as an int, refused in one line unless it is an integer >= ``minimum`` (not a bool,
     not a float: 2.7 was taken as 2 and True as 1); ``or_else`` names what else the argument
@@ -684,7 +679,7 @@ class Detector(nn.Module):
         levels = (getattr(pm, "brightness", None), getattr(ctx, "brightness", None))
         cached = getattr(self, "_stem", None)
         if cached is None or cached[0] is not pm or cached[1] is not ctx or cached[2] != levels:
-            if _plain_graph():  # comparing weights is not traceable; the unshared path gives the same maps
+            if tracing():  # comparing weights is not traceable; the unshared path gives the same maps
                 return 0
             cached = self._stem = (pm, ctx, levels, ctx.shares_stem(pm))
         return cached[3]
@@ -700,7 +695,7 @@ class Detector(nn.Module):
 
     def _chunk_maps(self, p: torch.Tensor) -> torch.Tensor:
         """:meth:`_patch_maps`, through ``torch.compile`` when the ``compile`` option is on."""
-        if not self.torch_compile or _plain_graph():
+        if not self.torch_compile or tracing():
             return self._patch_maps(p)
         if self._compiled is None:
             self._compiled = torch.compile(self._patch_maps, dynamic=False)
@@ -711,7 +706,7 @@ class Detector(nn.Module):
         and while a CUDA graph is captured: the graph's own, from its memory pool; a workspace
         buffer would be written by every replay, from any thread, also after the workspace let it
         go and its memory went to other tensors)."""
-        if _plain_graph() or (like.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if tracing() or (like.is_cuda and torch.cuda.is_current_stream_capturing()):
             return like.new_empty(shape)
         # per thread: two threads calling one Detector must not fill each other's buffer
         key = (name, shape, like.dtype, like.device, torch.is_inference_mode_enabled(), threading.get_ident())
@@ -748,7 +743,7 @@ class Detector(nn.Module):
             # a chunk that carries autograd history (an unfused model's weights, called outside
             # no_grad) goes to a tensor of this call: copied into the workspace, the history of
             # every call stayed attached to it (33 MB a call at 128 px)
-            pooled = not first.requires_grad and not _plain_graph()
+            pooled = not first.requires_grad and not tracing()
             maps = self._buffer("maps", (total, 1, p, p), x) if pooled else x.new_empty((total, 1, p, p))
             maps[: self.batch_size] = first
             for start in range(self.batch_size, total, self.batch_size):
@@ -936,11 +931,11 @@ class Detector(nn.Module):
         float pixels (the traced and exported graph); :meth:`predict` and :meth:`predict_batched`
         resize uint8 images as image files are resized instead, which is what the stored thresholds
         were set on: give this method images at S x S (or float images) to score as they do."""
-        if not _plain_graph() and (not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3):
+        if not tracing() and (not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3):
             # (only the shape: the values are checked by predict and predict_batched, not on this hot path)
             shown = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"Detector: expected a tensor of images [N, 3, H, W], got {shown}")
-        on_gpu = images.is_cuda and not _plain_graph()
+        on_gpu = images.is_cuda and not tracing()
         with cudnn_benchmark(self.cudnn_benchmark and on_gpu):
             if self.cuda_graphs and on_gpu and not torch.is_grad_enabled():
                 return self._graph_forward(images)

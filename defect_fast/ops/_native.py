@@ -508,7 +508,7 @@ def has_cuda(device=None) -> bool:
 
     if not torch.cuda.is_available():
         return False
-    index = getattr(torch.device(device), "index", None) if device is not None else None
+    index = torch.device(device).index if device is not None else None
     index = torch.cuda.current_device() if index is None else index
     if index not in _runs_on:
         archs = module.build_info().get("cuda_arch_list")
