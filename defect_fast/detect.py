@@ -112,6 +112,10 @@ _GRAPH_LOCK = threading.Lock()
 #: batch size a caller passes.
 MAX_GRAPHS = 8
 
+#: Workspace buffers (one per chunk shape, dtype, device and calling thread) kept between calls;
+#: beyond these the least recently used one goes.
+MAX_WORKSPACE = 8
+
 
 def _check_default_dtype() -> None:
     """The Detector builds and computes in float32; a calling program's
@@ -710,11 +714,12 @@ class Detector(nn.Module):
             return like.new_empty(shape)
         # per thread: two threads calling one Detector must not fill each other's buffer
         key = (name, shape, like.dtype, like.device, torch.is_inference_mode_enabled(), threading.get_ident())
-        buf = self._workspace.get(key)
+        buf = self._workspace.pop(key, None)
         if buf is None:
-            if len(self._workspace) > 8:  # shapes change: keep the last few only
-                self._workspace.clear()
-            buf = self._workspace[key] = like.new_empty(shape)
+            while len(self._workspace) >= MAX_WORKSPACE:  # shapes change: the least recently used goes
+                del self._workspace[next(iter(self._workspace))]
+            buf = like.new_empty(shape)
+        self._workspace[key] = buf  # the most recently used last
         return buf
 
     def _patches(self, x: torch.Tensor) -> torch.Tensor:

@@ -244,6 +244,23 @@ def test_chunking_and_workspace_keep_results_apart(batch_size):
     assert torch.equal(a, a_copy)
 
 
+def test_the_workspace_lets_the_least_recently_used_buffer_go():
+    """A program whose batch sizes vary kept reallocating every buffer: beyond 8 shapes the
+    workspace was emptied, the buffer of the shape it calls most included."""
+    from defect_fast.detect import MAX_WORKSPACE
+
+    det = Detector(_model(), image_size=128, precision="float32", batch_size=2)  # 4 patches an image
+    x = _images(MAX_WORKSPACE + 4, 128)
+    with torch.no_grad():
+        det.raw_maps(x[:1])
+        hot = next(iter(det._workspace.values()))
+        for n in range(2, x.shape[0] + 1):  # more shapes than the workspace keeps, the first between each
+            det.raw_maps(x[:n])
+            det.raw_maps(x[:1])
+    assert len(det._workspace) == MAX_WORKSPACE
+    assert any(b is hot for b in det._workspace.values())
+
+
 def test_calls_with_autograd_history_keep_none_of_it_between_calls():
     """An unfused model called outside no_grad (as a plain ``det(x)`` is) with more patches than a
     chunk: its maps were copied into the reused workspace with their history, which grew by a

@@ -128,13 +128,13 @@ def test_the_check_itself_on_the_cpu(name, recommended, placement):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_captured_graph_owns_its_workspace():
     """A graph captured while the workspace held a buffer for its shape wrote that buffer on every
-    replay; once the workspace let it go (more than 8 shapes), its memory went to other tensors.
+    replay; once the workspace let it go (more than MAX_WORKSPACE shapes since), its memory went to other tensors.
     Calls of many other shapes between two replays must leave the replay's result unchanged."""
     det = Detector(_model("cmaae"), SIZE, device="cuda", cuda_graphs=True, batch_size=4)  # 8 patches: two chunks, a workspace
     x = _images(2, SIZE).cuda()
     with torch.inference_mode():
         first = [t.clone() for t in det(x)]
-        for n in range(3, 14):  # other shapes: the workspace is cleared and its memory reused
+        for n in range(3, 14):  # more other shapes than it keeps: the workspace lets go of the first one's buffer
             det(_images(n, SIZE).cuda())
         keep = [torch.full((1 << 20,), 7.0, device="cuda") for _ in range(8)]  # memory handed out again
         again = det(x)
