@@ -35,7 +35,7 @@ def evaluate_run(run: Path | str, data: Path | str, map_kind: str | None = None,
     """Evaluate a trained run on the test split of an MVTec-style folder; returns the metrics dict.
 
     ``options`` go to :class:`Detector` (blend, precision, ...). Adds "n_images", "map",
-    "smooth_sigma", "inference_ms_per_image" and "thresholds" to :func:`defect_fast.metrics.evaluate`'s
+    "smooth_sigma", "stride", "blend", "inference_ms_per_image" and "thresholds" to :func:`defect_fast.metrics.evaluate`'s
     keys; "thresholds" is :func:`defect_fast.calibration.evaluate_thresholds` (the F1-optimal image
     threshold, the false-alarm and miss rates at the stored one next to the asked rate; with
     ``far``, at the threshold for that rate set from the stored held-back scores, checked before

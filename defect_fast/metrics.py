@@ -109,12 +109,18 @@ def _labels_np(x) -> np.ndarray:
     return a.astype(np.int64)
 
 
-def _shape(x) -> tuple[int, ...]:
-    return tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
+def _shape(x, what: str = "anomaly maps") -> tuple[int, ...]:
+    if hasattr(x, "shape"):
+        return tuple(x.shape)
+    try:
+        return np.shape(x)
+    except ValueError:  # numpy refuses a ragged list with its own words
+        raise ValueError(f"{what} must be [N, H, W]: got a list of differently sized arrays "
+                         "(resize them to one size first)") from None
 
 
 def _check_same_shape(maps, masks) -> None:
-    ms, gs = _shape(maps), _shape(masks)
+    ms, gs = _shape(maps), _shape(masks, "masks")
     if ms != gs:
         raise ValueError(f"anomaly maps {ms} and masks {gs} must have the same shape [N, H, W]")
     if len(ms) not in (2, 3):

@@ -297,6 +297,11 @@ def test_bad_inputs_raise():
     masks[0, 0, 0] = True
     with pytest.raises(ValueError, match="same shape"):
         pixel_auroc(maps, masks[:, :3])
+    # lists of maps of two sizes: the module's words, not numpy's "inhomogeneous shape"
+    with pytest.raises(ValueError, match="anomaly maps must be \\[N, H, W\\]: got a list of differently sized"):
+        pixel_auroc([maps[0], maps[1, :3]], [masks[0], masks[1, :3]])
+    with pytest.raises(ValueError, match="masks must be \\[N, H, W\\]: got a list of differently sized"):
+        aupro(maps, [masks[0], masks[1, :3]])
     bad = maps.copy()
     bad[1, 2, 2] = np.nan
     with pytest.raises(ValueError, match="NaN"):
