@@ -242,6 +242,21 @@ def pixel_threshold(maps, pixel_far: float = DEFAULT_PIXEL_FAR) -> PixelThreshol
     return PixelThreshold(value, pixel_far, k / (m + 1), m, int(t.shape[0]), k, ok)
 
 
+#: :func:`colour_scale` estimates its percentile from at most this many map values.
+COLOUR_SCALE_SAMPLE = 2_000_000
+
+
+def colour_scale(maps: torch.Tensor) -> float:
+    """The 99.9th percentile of the values of ``maps`` (stored as "pixel_q999", the maps' colour
+    scale where a run has no pixel threshold): exact up to :data:`COLOUR_SCALE_SAMPLE` values,
+    else estimated from that many drawn at random (seed 0; ``torch.quantile`` takes at most
+    2**24 values)."""
+    flat = maps.detach().flatten().float()
+    if flat.numel() > COLOUR_SCALE_SAMPLE:
+        flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:COLOUR_SCALE_SAMPLE]]
+    return float(torch.quantile(flat, 0.999))
+
+
 #: How many of the highest-scoring calibration images :func:`calibrate` names.
 NAMED_IMAGES = 5
 

@@ -73,7 +73,7 @@ from .data.patches import grid_shape, overlap_add
 from .maps import blend_window, blur_matrix, resize_map, top_mean
 from .models import AnomalyModel
 from .precision import cpu_flags, cpu_has_bf16, cudnn_benchmark, default_precision  # noqa: F401  (re-exported)
-from .calibration import calibrate as calibrate_thresholds, defect_regions, stored_thresholds
+from .calibration import calibrate as calibrate_thresholds, colour_scale, defect_regions, stored_thresholds
 from .runs import RunError, load_model_state, model_from_state, resolve_device
 from .safety import UserError
 from .tracing import tracing
@@ -1211,7 +1211,8 @@ class Detector(nn.Module):
         """Thresholds from defect-free images the model was not trained on, by the rule training
         uses for its held-back images (:func:`defect_fast.calibration.calibrate`: the image
         threshold for a false-alarm rate ``far``, default 0.01, and a pixel threshold), plus
-        ``pixel_q999`` (the 99.9th percentile of their map values, the maps' colour scale).
+        ``pixel_q999`` (the 99.9th percentile of their map values, the maps' colour scale:
+        :func:`~defect_fast.calibration.colour_scale`, estimated from a sample of a large set).
         ``names`` (one per image) name the image whose score the threshold is and the highest.
         Replaces :attr:`calibration` and returns it.
         """
@@ -1220,11 +1221,8 @@ class Detector(nn.Module):
 
         res = self.predict_batched(normal_images)
         check_finite(res, names, None, self.precision, "defect-free images")
-        flat = res["maps"].flatten()
-        if flat.numel() > 2_000_000:
-            flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:2_000_000]]
         cal = calibrate_thresholds(res["scores"], res["maps"], DEFAULT_FAR if far is None else far, names=names)
-        cal["pixel_q999"] = float(torch.quantile(flat, 0.999))
+        cal["pixel_q999"] = colour_scale(res["maps"])
         self.calibration = cal
         return cal
 

@@ -679,7 +679,7 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
         {"mean": [S, S], "std": [S, S]} or None, "perceptual": its state or None, "context": its
         state or None, "detector": the stored inference settings}``.
     """
-    from .calibration import calibrate
+    from .calibration import calibrate, colour_scale
     from .diagnose import rank_correlation
     from .evaluate import check_finite, detector_for
     from .perceptual import reference_brightness
@@ -730,10 +730,7 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
     # whether the defect-free scores follow the lighting (train() logs it: brightness_note)
     rho = rank_correlation(res["scores"].numpy(), calib_images.double().mean(dim=(1, 2, 3)).numpy())
     cal["score_brightness_rank_correlation"] = rho if math.isfinite(rho) else None
-    flat = res["maps"].flatten()
-    if flat.numel() > 2_000_000:
-        flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:2_000_000]]
-    cal["pixel_q999"] = float(torch.quantile(flat.float(), 0.999))  # map colour scale of older readers
+    cal["pixel_q999"] = colour_scale(res["maps"])  # map colour scale of older readers
     cal["source"] = ("held-back images (the map was fitted on the training images)" if on_train else
                      "held-back images (the half not used to fit the map)" if fits else "held-back images")
     cal["map_fitted_on"] = None if not fits else f"{fit_images.shape[0]} {'training' if on_train else 'held-back'} images"

@@ -11,6 +11,7 @@ from defect_fast.calibration import (
     CalibrationWarning,
     ModelInfo,
     calibrate,
+    colour_scale,
     defect_regions,
     evaluate_thresholds,
     f1_optimal_threshold,
@@ -362,3 +363,12 @@ def test_operating_points_list_what_each_far_would_give():
     old = {"n_images": 60, "highest_scores": [["a", 3.0], ["b", 2.0], ["c", 1.0]]}
     assert [p["threshold"] for p in operating_points(test, labels, old)] == [3.0, 2.0, 1.0]
     assert operating_points(test, labels, {"inapplicable": "x"}) == [] and operating_points(test, labels, None) == []
+
+
+def test_colour_scale_is_the_999th_percentile_exact_for_small_sets_and_estimated_for_large_ones():
+    g = torch.Generator().manual_seed(0)
+    small = torch.rand(3, 40, 50, generator=g, dtype=torch.float64).to(torch.bfloat16)
+    assert colour_scale(small) == pytest.approx(float(np.quantile(small.float().numpy(), 0.999)), rel=0, abs=1e-7)
+    # more values than torch.quantile takes (2**24): a sample of them, close to the percentile
+    big = torch.arange(17_000_000, dtype=torch.float32).view(17, 1000, 1000) / 17_000_000
+    assert colour_scale(big) == pytest.approx(0.999, abs=1e-3)
