@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Tuple
 
 import numpy as np
 import pytest
@@ -237,7 +238,67 @@ def test_cpp_runner_never_replaces_an_existing_map_out(runner, tmp_path):
     out = subprocess.run([str(runner), str(tmp_path / "odd.ts"), str(photo), str(tmp_path / "m3.png")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 1 and not (tmp_path / "m3.png").exists() and not out.stdout
-    assert "scores of shape [], not [1, S, S] and [1]: not an export of a defect_fast detector" in out.stderr
+    assert "scores of shape [] for an image of 64x64 pixels, not [1, 64, 64] and [1]: not an export of a defect_fast " \
+        "detector" in out.stderr
+
+
+def test_cpp_runner_refuses_by_name_what_other_torchscript_files_return(runner, tmp_path):
+    """The runner read the first two elements of whatever tuple a file returned: an empty tuple
+    crashed it (status 139), a 1-tuple was read past its end, a classifier's logits were reported
+    as a failure on the image with "please report a bug to PyTorch", and maps of another size than
+    the image were written as if they were the map."""
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(7).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(photo)
+
+    class Classifier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(3, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(x.float().mean((2, 3)))
+
+    class Empty(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> Tuple[()]:
+            return ()
+
+    class One(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor]:
+            return (x.float().mean(1),)
+
+    class Halved(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+            m = x.float().mean(1)[:, ::2, ::2]
+            return m, m.mean((1, 2))
+
+    cases = {"classifier": (Classifier(), "returned a tensor of shape [1, 10], not a pair of tensors (maps, scores)"),
+             "empty": (Empty(), "returned a tuple of 0 element(s), not a pair of tensors (maps, scores)"),
+             "one": (One(), "returned a tuple of 1 element(s), not a pair of tensors (maps, scores)"),
+             "halved": (Halved(), "returned maps of shape [1, 32, 32] and scores of shape [1] for an image of 64x64 "
+                                  "pixels, not [1, 64, 64] and [1]")}
+    for name, (module, words) in cases.items():
+        path = tmp_path / f"{name}.ts"
+        torch.jit.save(torch.jit.script(module), str(path))
+        out = subprocess.run([str(runner), str(path), str(photo), str(tmp_path / f"{name}.f32")], capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 1 and not out.stdout, (name, out.returncode, out.stderr)
+        assert out.stderr.strip() == f"{path}: {words}: not an export of a defect_fast detector", name
+        assert not (tmp_path / f"{name}.f32").exists()
+
+
+def test_cpp_runner_says_a_png_ends_early(runner, tmp_path):
+    """A PNG cut off before its IEND chunk (a copy still in progress) was refused as "Read Error"."""
+    torch.manual_seed(0)
+    ts = export_detector(Detector(build_model("cmaae", memory_size=20), image_size=64, precision="float32"),
+                         tmp_path / "det.ts", "torchscript")
+    Image.fromarray(np.random.default_rng(8).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "whole.png")
+    data = (tmp_path / "whole.png").read_bytes()
+    assert data.endswith(b"IEND\xaeB`\x82")
+    for name, cut in (("no_iend.png", data[:-12]), ("half.png", data[: len(data) // 2])):
+        (tmp_path / name).write_bytes(cut)
+        out = subprocess.run([str(runner), str(ts), str(tmp_path / name)], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 1 and not out.stdout
+        assert out.stderr.strip() == f"{tmp_path / name}: cannot read PNG (the file ends early: cut off, or still being written)"
 
 
 

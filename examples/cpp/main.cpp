@@ -18,7 +18,9 @@
 //                Its folder must exist and be writable: checked first, too.
 // Prints "score <value>" (the image score) on stdout, last (after the map is written); exit status 1
 // with a one-line message on any error (an image of more pixels than PIL reads, a model that raises
-// or returns other shapes included), and nothing on stdout then.
+// or returns anything but maps [1, S, S] and scores [1] included), and nothing on stdout then. A PNG
+// that ends before its IEND chunk is refused (a file cut off, or still being written), where PIL
+// reads what pixels it has.
 #include <png.h>
 #include <torch/script.h>
 #include <unistd.h>
@@ -35,6 +37,7 @@
 #include <iostream>
 #include <new>
 #include <regex>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -80,9 +83,13 @@ bool read_png_rgb(const std::string& path, std::vector<uint8_t>& pixels, int& he
     return false;
   }
   if (setjmp(errors.jump)) {
+    // the file ended inside the image or before its IEND chunk (which PIL does not insist on, but a
+    // file still being written or cut off in a copy ends so too): said as such, not "Read Error"
+    const bool early = std::feof(fp) != 0;
     png_destroy_read_struct(&png, &info, nullptr);
     std::fclose(fp);
-    error = path + ": cannot read PNG (" + errors.message + ")";
+    error = path + ": cannot read PNG (" + (early ? std::string("the file ends early: cut off, or still being written")
+                                                  : errors.message) + ")";
     return false;
   }
   png_init_io(png, fp);
@@ -308,6 +315,21 @@ std::string last_line(const std::string& text) {
   return text.substr(start == std::string::npos ? 0 : start + 1, end + 1 - (start == std::string::npos ? 0 : start + 1));
 }
 
+// What a TorchScript file's forward returned, in a few words: "a tensor of shape [1, 10]",
+// "a tuple of 1 element(s)", "a List".
+std::string describe(const c10::IValue& v) {
+  std::ostringstream text;
+  if (v.isTensor()) {
+    text << "a tensor of shape " << v.toTensor().sizes();
+  } else if (v.isTuple()) {
+    text << "a tuple of " << v.toTupleRef().elements().size() << " element(s)";
+    if (v.toTupleRef().elements().size() == 2) text << " that are not both tensors";
+  } else {
+    text << "a " << v.tagKind();
+  }
+  return text.str();
+}
+
 // Why MAP_OUT cannot be made, before any work ("" when it can): it exists, or its folder is
 // missing or not writable.
 std::string map_out_problem(const std::string& path) {
@@ -375,11 +397,9 @@ int run(int argc, char** argv) {
   }
 
   // 4. Run: (maps [1, S, S], scores [1]).
-  torch::Tensor maps, scores;
+  c10::IValue out;
   try {
-    auto out = detector.forward({images}).toTuple();
-    maps = out->elements()[0].toTensor().contiguous();
-    scores = out->elements()[1].toTensor();
+    out = detector.forward({images});
   } catch (const c10::Error& e) {
     std::cerr << model_path << ": failed on " << image_path << " (" << last_line(e.what_without_backtrace()) << ")\n";
     return 1;
@@ -387,9 +407,22 @@ int run(int argc, char** argv) {
     std::cerr << model_path << ": failed on " << image_path << " (" << last_line(e.what()) << ")\n";
     return 1;
   }
-  if (maps.dim() != 3 || maps.size(0) != 1 || scores.dim() != 1 || scores.size(0) != 1) {
+  // what another TorchScript file returns (one tensor, a tuple of other length) is refused by
+  // name, not read past its end or blamed on the image
+  const bool pair = out.isTuple() && out.toTupleRef().elements().size() == 2 &&
+                    out.toTupleRef().elements()[0].isTensor() && out.toTupleRef().elements()[1].isTensor();
+  if (!pair) {
+    std::cerr << model_path << ": returned " << describe(out)
+              << ", not a pair of tensors (maps, scores): not an export of a defect_fast detector\n";
+    return 1;
+  }
+  torch::Tensor maps = out.toTupleRef().elements()[0].toTensor().contiguous();
+  torch::Tensor scores = out.toTupleRef().elements()[1].toTensor();
+  if (maps.dim() != 3 || maps.size(0) != 1 || maps.size(1) != h || maps.size(2) != w || scores.dim() != 1 ||
+      scores.size(0) != 1) {
     std::cerr << model_path << ": returned maps of shape " << maps.sizes() << " and scores of shape " << scores.sizes()
-              << ", not [1, S, S] and [1]: not an export of a defect_fast detector\n";
+              << " for an image of " << w << "x" << h << " pixels, not [1, " << h << ", " << w
+              << "] and [1]: not an export of a defect_fast detector\n";
     return 1;
   }
   const float score = scores[0].item<float>();
