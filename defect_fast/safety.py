@@ -117,7 +117,8 @@ class DeviceError(UserError):
 
 #: OSError numbers that are the user's situation rather than a bug (reported in one line).
 _USER_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EEXIST,
-                errno.ENOSPC, errno.EROFS, errno.ENAMETOOLONG, errno.ELOOP, getattr(errno, "EDQUOT", errno.ENOSPC)}
+                errno.ENOSPC, errno.EROFS, errno.ENAMETOOLONG, errno.ELOOP, getattr(errno, "EDQUOT", errno.ENOSPC),
+                errno.EFBIG}
 #: ... and those that are when they name a path: a name a file system does not take (a ':' on
 #: a FAT or SMB share: EINVAL), a failing disk or a lost network mount (EIO).
 _USER_ERRNOS_ON_A_PATH = {errno.EINVAL, errno.EIO}

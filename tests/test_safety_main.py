@@ -107,6 +107,8 @@ class _RunError(RuntimeError):
     (OSError(40, "Too many levels of symbolic links", "a/b"), "a/b: Too many levels of symbolic links"),
     (OSError(22, "Invalid argument", "share/a:b_map.png"), "share/a:b_map.png: Invalid argument"),
     (OSError(5, "Input/output error", "/mnt/line/out.json"), "/mnt/line/out.json: Input/output error"),
+    # a file size limit (ulimit -f, a FAT stick's 4 GiB) was an "internal error" with a traceback
+    (OSError(27, "File too large", "run/checkpoint.pt"), "run/checkpoint.pt: File too large"),
     (argparse.ArgumentTypeError("must be >= 1"), "must be >= 1"),
     (_RunError("run: nothing to resume"), "run: nothing to resume"),
 ])
