@@ -717,10 +717,21 @@ def _manifest(folder: Path) -> dict[str, Any]:
     return data
 
 
+#: The temporary :func:`atomic_open` writes a manifest to (``.<name>.<8 characters>.tmp``).
+_MANIFEST_TEMPORARY = re.compile(rf"\.{re.escape(MANIFEST_NAME)}\.[A-Za-z0-9_]{{8}}\.tmp")
+
+
+def _manifest_temporary(entry: Path) -> bool:
+    """A manifest's temporary left by a process killed while writing it (a plain file)."""
+    return bool(_MANIFEST_TEMPORARY.fullmatch(entry.name)) and entry.is_file() and not entry.is_symlink()
+
+
 def _foreign_entries(folder: Path) -> list[str]:
-    """The entries of ``folder`` other than its manifest and lock file (a link named as one of
-    those is not one: it is the user's, and counts)."""
-    return sorted(e.name for e in folder.iterdir() if e.name not in _OWN or e.is_symlink())
+    """The entries of ``folder`` other than its manifest, its lock file and a manifest's temporary
+    (a process killed inside the first manifest's write left one, and then the folder counted as a
+    user's); a link named as one of those is not one: it is the user's, and counts."""
+    return sorted(e.name for e in folder.iterdir()
+                  if (e.name not in _OWN or e.is_symlink()) and not _manifest_temporary(e))
 
 
 class OutputFolder:
@@ -858,6 +869,10 @@ class OutputFolder:
             if not lock:
                 out.release()
         else:
+            if out.lock is not None:  # no writer of the folder is alive: a killed one's manifest temporary goes
+                for entry in p.iterdir():
+                    if _manifest_temporary(entry):
+                        entry.unlink()
             out._write_manifest()
         return out
 

@@ -11,8 +11,10 @@ import torch
 
 from defect_fast import safety
 from defect_fast.safety import (
+    MANIFEST_NAME,
     DeviceError,
     OutputFolder,
+    OutputRefused,
     UsageError,
     UserError,
     check_device,
@@ -167,6 +169,24 @@ def test_temporaries_of_a_killed_write_are_removed_under_the_lock(tmp_path):
     OutputFolder.open(out, lock=True, command="train").release()
     assert not (out / ".checkpoint.pt.ab12cd_z.tmp").exists()
     assert (out / ".checkpoint.pt.notes.tmp").exists() and (out / ".other.pt.ab12cd_z.tmp").exists()
+
+
+def test_a_first_manifest_killed_in_its_write_leaves_a_folder_a_new_start_takes(tmp_path):
+    """A process killed inside the first manifest's write left only that write's temporary; every
+    later start refused the folder as "not empty and not written by defect-fast"."""
+    out = tmp_path / "run"
+    out.mkdir()
+    left = out / f".{MANIFEST_NAME}.ab12cd_z.tmp"  # atomic_open's name for the manifest
+    left.write_text('{"format": "defect_fast-outp')
+    OutputFolder.check(out, command="train")
+    OutputFolder.create(out, lock=True, command="train").release()
+    assert not left.exists() and (out / MANIFEST_NAME).is_file()
+    # a link of that name, or a file of another pattern, is the user's
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / f".{MANIFEST_NAME}.ab12cd_z.tmp").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OutputRefused, match="not empty"):
+        OutputFolder.check(other, command="train")
 
 
 def test_a_reader_that_goes_away_does_not_stop_the_command(tmp_path):
