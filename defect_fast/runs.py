@@ -33,6 +33,8 @@ CHECKPOINT_VERSION = 2  # 2: files carry a tensor digest
 STATE_KEYS = ("model_name", "model_config", "model_state", "image_size")
 #: What a training checkpoint holds beyond a model file's (a finished model.pt lacks the optimiser)
 RESUME_KEYS = STATE_KEYS + ("optimizer_state", "position", "train_config")
+#: A checkpoint's "position": where in the training it was written (whole steps done).
+POSITION_KEYS = ("stage", "epoch", "step", "global_step")
 
 
 class RunError(UserError, RuntimeError):

@@ -41,8 +41,8 @@ from .losses.ssim import objective as ssim_objective
 from .models import AnomalyModel, build_model
 from .precision import cudnn_benchmark
 from .runs import (CHECKPOINT_FILE, CHECKPOINT_VERSION, CONFIG_FILE, LOG_FILE, MODEL_FILE,  # noqa: F401
-                   RESUME_KEYS, NonFiniteMaps, RunError, atomic_save, load_checkpoint, model_from_state, resolve_device, stage_file)
-from .safety import LOCK_NAME, OutputFolder, RunLock, UserError, atomic_write_bytes, real_path
+                   POSITION_KEYS, RESUME_KEYS, NonFiniteMaps, RunError, atomic_save, load_checkpoint, model_from_state, resolve_device, stage_file)
+from .safety import LOCK_NAME, OutputFolder, RunLock, UserError, atomic_write_bytes, one_line, real_path
 
 #: Map normalisations a run can ask for (``TrainConfig.normalize``).
 NORMALIZATIONS = ("none", "position")
@@ -373,7 +373,7 @@ class Trainer:
         self.sources_digest: str | None = None  # of its anomaly source photos, when it reads any (set by train)
         self.data_count: int | None = None
         self.data_files: list[list[str]] | None = None
-        self.position = {"stage": 0, "epoch": 0, "step": 0, "global_step": 0}
+        self.position = dict.fromkeys(POSITION_KEYS, 0)
         # training time of earlier processes of this run (a resumed run adds its own to it)
         self.seconds_before, self.started = 0.0, time.perf_counter()
         self.optimizer = self._optimizer(0)
@@ -423,13 +423,22 @@ class Trainer:
         return self.seconds_before + (time.perf_counter() - self.started)
 
     def restore(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model_state"])
-        self.position = dict(state["position"])
-        self.seconds_before, self.started = float(state.get("train_seconds", 0.0)), time.perf_counter()
-        # a run stopped after its last step (during the statistics, the calibration or the model
-        # file's write) is at stage = the number of stages; its optimiser is the last stage's
-        self.optimizer = self._optimizer(min(self.position["stage"], len(self.model.stages) - 1))
-        self.optimizer.load_state_dict(state["optimizer_state"])
+        """Continue from a checkpoint's state. One that passes its digest check but does not fit
+        this version's model or optimiser (a parameter renamed or resized since, another model's)
+        is a one-line :class:`RunError` naming the file, as :func:`~defect_fast.runs.model_from_state`
+        refuses such a model file."""
+        try:
+            self.model.load_state_dict(state["model_state"])
+            self.position = dict(state["position"])
+            self.seconds_before, self.started = float(state.get("train_seconds", 0.0)), time.perf_counter()
+            # a run stopped after its last step (during the statistics, the calibration or the model
+            # file's write) is at stage = the number of stages; its optimiser is the last stage's
+            self.optimizer = self._optimizer(min(self.position["stage"], len(self.model.stages) - 1))
+            self.optimizer.load_state_dict(state["optimizer_state"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+            raise RunError(f"{self.out / CHECKPOINT_FILE}: does not load into this version's {self.cfg.model} "
+                           f"({type(exc).__name__}: {one_line(str(exc))}); the run cannot be resumed, train a new "
+                           "one") from None
         # Adam's fused kernels walk a parameter and its moments as flat arrays: the moments must
         # have the parameter's layout, also when the checkpoint was written with another one
         # (memory layouts of some layers changed between versions); copied, values unchanged
@@ -982,6 +991,10 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
             if (out / MODEL_FILE).is_file():  # written last, once everything else is done (checked under the lock)
                 raise RunError(f"{out}: the run is finished ({MODEL_FILE} is written); nothing to resume")
             state = load_checkpoint(ckpt, RESUME_KEYS)  # a model.pt put there lacks the optimiser: named, not a KeyError
+            pos = state["position"]
+            if not (isinstance(pos, dict) and all(type(pos.get(k)) is int and pos[k] >= 0 for k in POSITION_KEYS)):
+                raise RunError(f"{ckpt}: its position in the training ({one_line(repr(pos))[:120]}) is not this "
+                               f"version's ({', '.join(POSITION_KEYS)}); the run cannot be resumed, train a new one")
             given_data = cfg.data
             cfg = TrainConfig.from_json(state["train_config"])
             if given_data and real_path(given_data, expand_user=True) != real_path(cfg.data):

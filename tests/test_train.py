@@ -355,6 +355,47 @@ def test_a_resume_refuses_changed_anomaly_source_photos_and_a_model_file_as_its_
         train(_cfg(synthetic_root), out, resume=True, progress=False, log=lambda s: None)
 
 
+def test_a_checkpoint_that_does_not_fit_this_version_is_refused_in_one_line(synthetic_root, tmp_path, monkeypatch):
+    """A checkpoint whose digest holds but whose contents do not fit this version's model (a
+    parameter renamed or resized since, the optimiser of another model, a position of other
+    keys) ended in a traceback and "internal error" (KeyError, RuntimeError, ValueError)."""
+    import shutil
+
+    from defect_fast.safety import attach_digest
+
+    monkeypatch.setattr(train_module, "finish_run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop")))
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="stop"):
+        train(_cfg(synthetic_root, max_steps=[2, 1]), out, progress=False, log=lambda s: None)
+    shutil.copy(out / "checkpoint.pt", tmp_path / "good.pt")
+
+    def renamed(s):
+        key = next(iter(s["model_state"]))
+        s["model_state"][key + "_v1"] = s["model_state"].pop(key)
+
+    def resized(s):
+        key = next(k for k, v in s["model_state"].items() if v.dim() == 4)
+        s["model_state"][key] = s["model_state"][key][:, :1].clone()
+
+    def optimiser(s):
+        s["optimizer_state"]["param_groups"][0]["params"] = s["optimizer_state"]["param_groups"][0]["params"][:-1]
+
+    def position(s):
+        s["position"] = {"stage": 0, "step": 2}
+
+    for edit, words in ((renamed, "does not load into this version's cmaae"), (resized, "does not load into this version's"),
+                        (optimiser, "does not load into this version's"), (position, "its position in the training")):
+        state = torch.load(tmp_path / "good.pt", weights_only=True)
+        state.pop("tensor_digest", None)
+        edit(state)
+        torch.save(attach_digest(state), out / "checkpoint.pt")
+        with pytest.raises(RunError) as info:
+            train(_cfg(synthetic_root), out, resume=True, progress=False, log=lambda s: None)
+        message = str(info.value)
+        assert message.startswith(f"{out / 'checkpoint.pt'}: {words}") and "\n" not in message, edit.__name__
+        assert message.endswith("the run cannot be resumed, train a new one"), edit.__name__
+
+
 def test_a_resume_never_switches_the_run_s_loss_definition(synthetic_root, tmp_path, monkeypatch):
     """A checkpoint records the revision of the losses whose definition changed between versions
     (the SSIM-family input range); a resume under another one is refused, one that records
