@@ -956,6 +956,44 @@ def _check_last_batch(cfg: TrainConfig, model: AnomalyModel, n_train: int,
                       f"{why}; use --batch-size {near}")
 
 
+def _left_by_the_finish(out: Path, ckpt: Path) -> bool:
+    """Whether ``ckpt`` is the checkpoint a finished run removes once its model file is in place
+    (a stop between the two kept it for good, 86 MB beside the finished model): the model file
+    and the checkpoint load, hold the same settings (the device aside), the same position, after
+    the last step, and the same weights. Anything else (a model file put there by hand, another
+    run's) is kept."""
+    try:
+        model, state = load_checkpoint(out / MODEL_FILE), load_checkpoint(ckpt, RESUME_KEYS)
+        mine, theirs = TrainConfig.from_json(model["train_config"]), TrainConfig.from_json(state["train_config"])
+    except (RunError, KeyError, TypeError, ValueError):
+        return False
+    done = isinstance(state["position"], dict) and state["position"].get("stage") == len(mine.epochs)
+    weights, saved = model.get("model_state"), state["model_state"]
+    return (done and model.get("position") == state["position"] and replace(mine, device="") == replace(theirs, device="")
+            and isinstance(weights, dict) and isinstance(saved, dict) and weights.keys() == saved.keys()
+            and all(torch.equal(weights[k], saved[k]) for k in weights))
+
+
+def _check_same_run(out: Path, cfg: TrainConfig, ckpt: Path) -> None:
+    """Refuse a checkpoint whose settings are not those of the run folder's ``config.json`` (the
+    device aside, which a resume may change): another run's checkpoint copied in was resumed
+    without a word, and the folder's config then described another training than its model's.
+    A folder without a readable ``config.json`` (written by hand, damaged) is not checked."""
+    try:
+        theirs = TrainConfig.from_json(json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))).to_json()
+    except (OSError, ValueError, TypeError, KeyError):
+        return
+    ours = cfg.to_json()
+    differ = sorted(k for k in set(ours) | set(theirs) if k != "device" and ours.get(k) != theirs.get(k))
+    if differ:
+        scalar = lambda k: not isinstance(ours.get(k), (list, dict)) and not isinstance(theirs.get(k), (list, dict))  # noqa: E731
+        differ.sort(key=lambda k: not scalar(k))  # settings with their values first, lists (held_back) by name
+        shown = ", ".join(f"{k} {ours.get(k)!r:.40} vs {theirs.get(k)!r:.40}" if scalar(k) else f"other {k}"
+                          for k in differ[:3])
+        raise RunError(f"{ckpt}: is not this folder's run: its settings differ from {out / CONFIG_FILE}'s ({shown}"
+                       f"{', ...' if len(differ) > 3 else ''}); put the run's own checkpoint back, or train a new run")
+
+
 def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume: bool = False,
           device: str | None = None, progress: bool = True, log: Callable[[str], None] = print) -> Path:
     """Train ``cfg.model`` on the defect-free images of ``cfg.data`` into run folder ``out``.
@@ -989,7 +1027,11 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
     try:
         if resume:
             if (out / MODEL_FILE).is_file():  # written last, once everything else is done (checked under the lock)
-                raise RunError(f"{out}: the run is finished ({MODEL_FILE} is written); nothing to resume")
+                left = ""
+                if _left_by_the_finish(out, ckpt):  # the checkpoint's removal was cut off: done now
+                    ckpt.unlink()
+                    left = f"; its {CHECKPOINT_FILE}, left by a stop just after {MODEL_FILE} was written, is removed"
+                raise RunError(f"{out}: the run is finished ({MODEL_FILE} is written); nothing to resume{left}")
             state = load_checkpoint(ckpt, RESUME_KEYS)  # a model.pt put there lacks the optimiser: named, not a KeyError
             pos = state["position"]
             if not (isinstance(pos, dict) and all(type(pos.get(k)) is int and pos[k] >= 0 for k in POSITION_KEYS)):
@@ -997,6 +1039,7 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
                                f"version's ({', '.join(POSITION_KEYS)}); the run cannot be resumed, train a new one")
             given_data = cfg.data
             cfg = TrainConfig.from_json(state["train_config"])
+            _check_same_run(out, cfg, ckpt)
             if given_data and real_path(given_data, expand_user=True) != real_path(cfg.data):
                 raise RunError(f"{out} trains on {cfg.data}; --resume continues it on those images, not on {given_data}")
             if device is not None and device != cfg.device:

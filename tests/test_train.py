@@ -213,6 +213,33 @@ def test_resume_after_a_failure_past_training_finishes_the_run(synthetic_root, t
     assert (out / "model.pt").exists()
 
 
+def test_a_checkpoint_a_finished_run_failed_to_remove_goes_at_the_next_resume(synthetic_root, tmp_path, monkeypatch):
+    """A stop between model.pt's rename and the checkpoint's removal kept the checkpoint for good
+    beside the finished model. Only that checkpoint goes: one of other weights stays."""
+    import shutil
+
+    from defect_fast.safety import attach_digest
+
+    out = tmp_path / "run"
+    stop_after_training(_cfg(synthetic_root, max_steps=[2, 1]), out, monkeypatch)
+    shutil.copy(out / "checkpoint.pt", tmp_path / "last.pt")
+    train(_cfg(synthetic_root), out, resume=True, progress=False, log=lambda s: None)
+    model = (out / "model.pt").read_bytes()
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    state.pop("tensor_digest")
+    key = next(iter(state["model_state"]))
+    state["model_state"][key] = state["model_state"][key] + 1
+    torch.save(attach_digest(state), out / "checkpoint.pt")  # other weights: not the finished run's
+    with pytest.raises(RunError, match=r"the run is finished \(model.pt is written\); nothing to resume$"):
+        train(_cfg(synthetic_root), out, resume=True, progress=False, log=lambda s: None)
+    assert (out / "checkpoint.pt").exists()
+    shutil.copy(tmp_path / "last.pt", out / "checkpoint.pt")  # as the stop left it
+    with pytest.raises(RunError, match="nothing to resume; its checkpoint.pt, left by a stop just after model.pt was "
+                                       "written, is removed"):
+        train(_cfg(synthetic_root), out, resume=True, progress=False, log=lambda s: None)
+    assert not (out / "checkpoint.pt").exists() and (out / "model.pt").read_bytes() == model
+
+
 def test_a_run_begun_on_a_gpu_that_is_gone_resumes_on_another_device(synthetic_root, tmp_path, monkeypatch, capsys):
     """--resume kept the run's --device and refused a new one: a run begun with --device cuda
     could not go on once that GPU was not usable (the two messages told the user to do both)."""
@@ -394,6 +421,25 @@ def test_a_checkpoint_that_does_not_fit_this_version_is_refused_in_one_line(synt
         message = str(info.value)
         assert message.startswith(f"{out / 'checkpoint.pt'}: {words}") and "\n" not in message, edit.__name__
         assert message.endswith("the run cannot be resumed, train a new one"), edit.__name__
+
+
+def test_another_run_s_checkpoint_copied_into_a_run_folder_is_refused(synthetic_root, tmp_path, monkeypatch):
+    """Another run's checkpoint.pt put into a run folder was resumed without a word: the folder's
+    config.json then described another training (seed, batch size) than its model.pt's."""
+    import shutil
+
+    monkeypatch.setattr(train_module, "finish_run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop")))
+    for name, seed in (("a", 0), ("b", 7)):
+        with pytest.raises(RuntimeError, match="stop"):
+            train(_cfg(synthetic_root, max_steps=[2, 1], seed=seed), tmp_path / name, progress=False, log=lambda s: None)
+    shutil.copy(tmp_path / "a" / "checkpoint.pt", tmp_path / "a.pt")
+    shutil.copy(tmp_path / "b" / "checkpoint.pt", tmp_path / "a" / "checkpoint.pt")
+    with pytest.raises(RunError, match=r"checkpoint.pt: is not this folder's run: its settings differ from .*config.json's "
+                                       r"\(seed 7 vs 0, other held_back\)"):
+        train(_cfg(synthetic_root), tmp_path / "a", resume=True, progress=False, log=lambda s: None)
+    shutil.copy(tmp_path / "a.pt", tmp_path / "a" / "checkpoint.pt")  # its own again: resumed
+    with pytest.raises(RuntimeError, match="stop"):
+        train(_cfg(synthetic_root), tmp_path / "a", resume=True, progress=False, log=lambda s: None)
 
 
 def test_a_resume_never_switches_the_run_s_loss_definition(synthetic_root, tmp_path, monkeypatch):
