@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import os
 import signal
 import sys
@@ -441,8 +442,10 @@ def _demo_in(folder: OutputFolder, out: Path, data: Path, cfg, args) -> int:
         if not (run / "model.pt").exists() and not (run / "checkpoint.pt").exists():
             folder.discard()  # a failed start: nothing half-made is left (a training's progress is kept)
         elif isinstance(exc, UserError) and "--resume" in str(exc):  # the training's advice, in demo's terms
-            raise type(exc)(f"{exc}: defect-fast train {data} --out {run} --resume finishes it, or "
-                            f"defect-fast demo {out} --overwrite starts over") from None
+            advice = copy.copy(exc)  # of the same kind (a stop keeps its signal)
+            advice.args = (f"{exc}: defect-fast train {data} --out {run} --resume finishes it, or "
+                           f"defect-fast demo {out} --overwrite starts over",)
+            raise advice from None
         raise
     return 0
 
@@ -718,8 +721,11 @@ def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 must not fail a command that is done
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
-    with _sigterm_as_interrupt():
-        return run_main(_run, argv)  # torch is imported in there: a Ctrl-C while it loads is one line too
+    with _sigterm_as_interrupt() as received:
+        status = run_main(_run, argv)  # torch is imported in there: a Ctrl-C while it loads is one line too
+        if status == 128 + signal.SIGTERM:  # a command that stopped on SIGTERM after keeping its work (train)
+            received.append(signal.SIGTERM)  # ends as the signal would, as the others do
+        return status
 
 
 @contextlib.contextmanager
@@ -731,9 +737,9 @@ def _sigterm_as_interrupt():
     ``train`` and ``watch`` install their own handlers while they work (stop after the step or
     image in hand)."""
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield []
         return
-    received = []
+    received: list[int] = []
 
     def interrupt(signum, frame):
         received.append(signum)
@@ -741,7 +747,7 @@ def _sigterm_as_interrupt():
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        yield
+        yield received
     finally:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     if received and previous in (signal.SIG_DFL, None):

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .models import AnomalyModel, build_model
-from .safety import DigestError, UserError, check_device, load_with_digest, one_line, save_with_digest
+from .safety import DigestError, Stopped, UserError, check_device, load_with_digest, one_line, save_with_digest
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -39,6 +39,11 @@ POSITION_KEYS = ("stage", "epoch", "step", "global_step")
 
 class RunError(UserError, RuntimeError):
     """A run folder cannot be used as asked (exists, incompatible, incomplete, damaged)."""
+
+
+class TrainingStopped(Stopped, RunError):
+    """A training stopped by SIGINT or SIGTERM (:class:`~defect_fast.safety.Stopped`), its
+    progress saved where there was any: the message says how to continue."""
 
 
 class NonFiniteMaps(RunError):

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import signal
 import stat
 import sys
 import tempfile
@@ -93,6 +94,17 @@ class UserError(Exception):
 
 class UsageError(UserError):
     """A bad command line (unknown option, bad value, missing argument)."""
+
+
+class Stopped(UserError):
+    """A command stopped by a signal (``signum``: SIGINT for Ctrl-C, SIGTERM for a service
+    manager's stop) after keeping its work, the message saying how to continue (a training's
+    ``--resume``). :func:`run_main` prints it as ``<prog>: <message>``, not as an error, and
+    returns 128 + ``signum`` (130, 143): a stop, not the status 2 of a user's mistake."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = int(signum)
 
 
 class OutputRefused(UserError):
@@ -173,7 +185,8 @@ def run_main(fn: Callable[[Sequence[str]], int | None], argv: Sequence[str] | No
       ``FileNotFoundError``/``PermissionError``/``IsADirectoryError``/``ENOSPC``: one line
       ``<prog>: error: <message>`` on stderr, exit status 2 (with ``debug`` the traceback is
       printed first);
-    - ``KeyboardInterrupt``: ``<prog>: interrupted`` and 130;
+    - ``KeyboardInterrupt``: ``<prog>: interrupted`` and 130; :class:`Stopped` (a stop that kept
+      the command's work): ``<prog>: <message>`` and 128 + its signal's number;
     - ``SystemExit`` passes through (``--help`` exits 0);
     - anything else is a bug: its traceback is printed, then one ``<prog>: internal error`` line
       asking for a report; exit status 1.
@@ -255,6 +268,11 @@ def _run_main(fn, argv, debug, user_errors, prog, err) -> int:
         return 130
     except SystemExit:
         raise
+    except Stopped as exc:
+        if debug:
+            traceback.print_exc(file=err)
+        print(f"{prog}: {one_line(str(exc)) or 'stopped'}", file=err)
+        return 128 + exc.signum
     except BaseException as exc:  # noqa: BLE001 - this is the boundary
         message = _user_message(exc, tuple(user_errors))
         if message is None:

@@ -41,7 +41,7 @@ from .losses.ssim import objective as ssim_objective
 from .models import AnomalyModel, build_model
 from .precision import cudnn_benchmark
 from .runs import (CHECKPOINT_FILE, CHECKPOINT_VERSION, CONFIG_FILE, LOG_FILE, MODEL_FILE,  # noqa: F401
-                   POSITION_KEYS, RESUME_KEYS, NonFiniteMaps, RunError, atomic_save, load_checkpoint, model_from_state, resolve_device, stage_file)
+                   POSITION_KEYS, RESUME_KEYS, NonFiniteMaps, RunError, TrainingStopped, atomic_save, load_checkpoint, model_from_state, resolve_device, stage_file)
 from .safety import LOCK_NAME, OutputFolder, RunLock, UserError, atomic_write_bytes, one_line, real_path
 
 #: Map normalisations a run can ask for (``TrainConfig.normalize``).
@@ -556,8 +556,8 @@ class Trainer:
     def _stop_if_asked(self) -> None:
         if self.stop_signal is not None:
             self.save_checkpoint()
-            raise RunError(f"interrupted at step {self.position['global_step']}; progress saved, continue with "
-                           f"--resume (run folder {self.out})")
+            raise TrainingStopped(f"interrupted at step {self.position['global_step']}; progress saved, continue with "
+                                  f"--resume (run folder {self.out})", self.stop_signal)
 
     def run(self) -> AnomalyModel:
         cfg = self.cfg
@@ -634,10 +634,12 @@ class Trainer:
                 self.save_checkpoint()
                 self._stop_if_asked()
         except KeyboardInterrupt:  # a second signal, or one off the main thread: the last checkpoint stands
+            signum = self.stop_signal if self.stop_signal is not None else signal.SIGINT
             if not (self.out / CHECKPOINT_FILE).is_file():
-                raise RunError(f"interrupted before the first checkpoint: nothing was saved to resume from (run folder "
-                               f"{self.out})") from None
-            raise RunError(f"interrupted; the last checkpoint is kept, continue with --resume (run folder {self.out})") from None
+                raise TrainingStopped(f"interrupted before the first checkpoint: nothing was saved to resume from (run "
+                                      f"folder {self.out})", signum) from None
+            raise TrainingStopped(f"interrupted; the last checkpoint is kept, continue with --resume (run folder "
+                                  f"{self.out})", signum) from None
         finally:
             log_file.close()
             for sig, handler in handlers.items():
@@ -1167,6 +1169,9 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         except NonFiniteMaps as exc:  # the weights trained are not usable: --resume would end here again
             raise NonFiniteMaps(f"{exc}: the training diverged; train a new run with a lower --lr (this run's "
                                 "checkpoint holds the diverged weights)") from None
+        except KeyboardInterrupt:  # Ctrl-C (or SIGTERM, through the command line) in the steps after training
+            raise TrainingStopped(f"interrupted in the map statistics and calibration after training; the trained "
+                                  f"weights are kept, continue with --resume (run folder {out})") from None
         if not held_images.shape[0]:
             finished["calibration"]["source"] = "training images"
             finished["calibration"].update(sufficient=False, far_expected=None, far_upper95=None)

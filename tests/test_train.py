@@ -132,6 +132,40 @@ def test_ctrl_c_stops_after_the_step_in_hand_and_the_resume_is_exact(synthetic_r
     assert a["calibration"]["image_threshold"] == b["calibration"]["image_threshold"]
 
 
+@pytest.mark.parametrize("signum, where", [(signal.SIGTERM, "step"), (signal.SIGINT, "step"), (signal.SIGINT, "finish")])
+def test_a_stopped_training_ends_as_a_stop_not_as_a_user_s_mistake(synthetic_root, tmp_path, signum, where):
+    """A training stopped by SIGTERM or Ctrl-C, its progress saved, ended with "error:" and status
+    2, the status of a bad argument (a service manager marked the unit failed); a stop in the
+    steps after training said only "interrupted", not that --resume finishes the run."""
+    out = tmp_path / "run"
+    code = f"""
+import os, signal, sys
+import defect_fast.train as t
+real_batch, calls = t.Trainer._batch, []
+def batch(self, *args):
+    calls.append(1)
+    if {where!r} == "step" and len(calls) == 3:
+        os.kill(os.getpid(), {int(signum)})
+    return real_batch(self, *args)
+def finish(*args, **kwargs):
+    os.kill(os.getpid(), {int(signum)})
+t.Trainer._batch = batch
+if {where!r} == "finish":
+    t.finish_run = finish
+from defect_fast.cli import main
+sys.exit(main(["train", {str(synthetic_root)!r}, "--out", {str(out)!r}, "--image-size", "64", "--batch-size", "16",
+               "--epochs", "2", "1", "--max-steps", "5", "3", "--set", "memory_size=20", "--quiet"]))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == (-signal.SIGTERM if signum == signal.SIGTERM else 130), proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    said = "interrupted at step 3; progress saved" if where == "step" else \
+        "interrupted in the map statistics and calibration after training; the trained weights are kept"
+    assert last.startswith(f"defect-fast: {said}") and "error" not in last, proc.stderr
+    assert f"continue with --resume (run folder {out})" in last
+    assert (out / "checkpoint.pt").is_file() and not (out / "model.pt").exists()
+
+
 def test_a_non_finite_loss_saves_nothing_of_its_step(synthetic_root, tmp_path, monkeypatch):
     """The forward pass that gave NaN already moved the batch-norm statistics: the checkpoint keeps
     the step before, and the message says a resume would meet the same step."""
