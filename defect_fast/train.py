@@ -473,7 +473,7 @@ class Trainer:
 
     def _take(self, index: torch.Tensor) -> torch.Tensor:
         """uint8 images ``stored[index]`` on the training device."""
-        return self.stored[index.to(self.stored.device)].to(self.device, non_blocking=True)
+        return self.stored[index.to(self.stored.device, non_blocking=True)].to(self.device, non_blocking=True)
 
     def _synthesize(self, clean: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         from .synthesis.sources import load_sources
@@ -497,8 +497,8 @@ class Trainer:
         if not self.cfg.flips or xs[0].shape[0] == 0:
             return xs
         dev = xs[0].device
-        fh = torch.rand(xs[0].shape[0], generator=gen).lt(0.5).view(-1, 1, 1, 1).to(dev)
-        fv = torch.rand(xs[0].shape[0], generator=gen).lt(0.5).view(-1, 1, 1, 1).to(dev)
+        fh = torch.rand(xs[0].shape[0], generator=gen).lt(0.5).view(-1, 1, 1, 1).to(dev, non_blocking=True)
+        fv = torch.rand(xs[0].shape[0], generator=gen).lt(0.5).view(-1, 1, 1, 1).to(dev, non_blocking=True)
         out = []
         for x in xs:
             x = torch.where(fh, x.flip(-1), x)
@@ -510,7 +510,7 @@ class Trainer:
         rows, cols, stride = self._positions(rows, cols, gen)
         if self.model.stages[stage] == "normal":
             at = self.stored.device  # cut where the images are (uint8), then moved: a quarter of the float bytes
-            patches = gather_patches(self.stored, ids.to(at), rows.to(at), cols.to(at), self.patch, stride)
+            patches = gather_patches(self.stored, *(t.to(at, non_blocking=True) for t in (ids, rows, cols)), self.patch, stride)
             x = to_model_range(patches.to(self.device, non_blocking=True))
             x, = self._augment([x], gen)
             return x, x
@@ -518,7 +518,7 @@ class Trainer:
         uniq, inverse = torch.unique(ids, return_inverse=True)
         clean = to_model_range(self._take(uniq))
         dirty = self._synthesize(clean, gen)
-        inverse, rows, cols = inverse.to(self.device), rows.to(self.device), cols.to(self.device)
+        inverse, rows, cols = (t.to(self.device, non_blocking=True) for t in (inverse, rows, cols))
         x = gather_patches(dirty, inverse, rows, cols, self.patch, stride)
         y = gather_patches(clean, inverse, rows, cols, self.patch, stride)
         return tuple(self._augment([x, y], gen))

@@ -174,7 +174,7 @@ class SigmaSchedule:
         else:
             steps = torch.arange(self.steps, self.steps + n, dtype=torch.float64)
             self.steps += n
-        return self._at(steps).to(device=device, dtype=dtype)
+        return self._at(steps).to(device=device, dtype=dtype, non_blocking=True)  # no wait for the GPU
 
     def __repr__(self) -> str:
         return (f"SigmaSchedule(sigma0={self.sigma0}, k={self.k}, sigma_end={self.sigma_end}, "

@@ -215,13 +215,13 @@ def adga(images: torch.Tensor, sources: torch.Tensor | None, generator: torch.Ge
     verts = _polygons(n_vert, u_theta, u_jit, u_rad, bw / 2, bh / 2, (bw - 2 * margin) / 2, (bh - 2 * margin) / 2)
 
     # 3. soft alpha: rasterise, blur, snap the core to exactly 1
-    alpha = polygon_mask(verts, *canvas).to(device=images.device, dtype=images.dtype).unsqueeze(1)
+    alpha = polygon_mask(verts, *canvas).to(device=images.device, dtype=images.dtype, non_blocking=True).unsqueeze(1)
     alpha = _blur_batch(alpha, sigma, bh, bw, replicate=False)
     # NB: the kernels sum to 1 only up to rounding
     alpha = torch.where(alpha > 1 - 1e-6, torch.ones_like(alpha), alpha.clamp(min=0))
     i = torch.arange(canvas[0]).view(1, 1, -1, 1)
     j = torch.arange(canvas[1]).view(1, 1, 1, -1)
-    alpha = alpha * ((i < bh.view(-1, 1, 1, 1)) & (j < bw.view(-1, 1, 1, 1))).to(alpha.device, alpha.dtype)
+    alpha = alpha * ((i < bh.view(-1, 1, 1, 1)) & (j < bw.view(-1, 1, 1, 1))).to(alpha.device, alpha.dtype, non_blocking=True)
 
     # 4. source windows resized to the boxes
     src_h = torch.where(is_photo, sources.shape[2], h)
@@ -235,7 +235,7 @@ def adga(images: torch.Tensor, sources: torch.Tensor | None, generator: torch.Ge
     for pick, pool, offset in ((is_photo, sources, 0), (~is_photo, images, m)):
         sel = pick.nonzero().view(-1)
         if sel.numel():
-            patch[sel.to(images.device)] = _sample(pool, chosen[sel] - offset, cy[sel], cx[sel], ch[sel], cw[sel],
+            patch[sel.to(images.device, non_blocking=True)] = _sample(pool, chosen[sel] - offset, cy[sel], cx[sel], ch[sel], cw[sel],
                                                    bh[sel], bw[sel], canvas)
 
     # 5. blend at random places

@@ -137,7 +137,7 @@ def _sample(pool: torch.Tensor, idx: torch.Tensor, cy: torch.Tensor, cx: torch.T
         frac = src - lo
         lo = torch.minimum(lo.long(), (size_c - 1).view(-1, 1))
         hi = torch.minimum(lo + 1, (size_c - 1).view(-1, 1))
-        return lo + c0.view(-1, 1), hi + c0.view(-1, 1), frac.to(dev, pool.dtype)
+        return lo + c0.view(-1, 1), hi + c0.view(-1, 1), frac.to(dev, pool.dtype, non_blocking=True)
 
     y0, y1, fy = axis(cy, ch, ph, nph)
     x0, x1, fx = axis(cx, cw, pw, npw)
@@ -146,10 +146,10 @@ def _sample(pool: torch.Tensor, idx: torch.Tensor, cy: torch.Tensor, cx: torch.T
     plane = (idx.view(-1, 1, 1) * c + torch.arange(c).view(1, -1, 1)) * h  # [N, C, 1] first row of each plane
 
     def take_rows(ys):
-        return rows.index_select(0, (plane + ys.view(num, 1, nph)).view(-1).to(dev)).view(num, c, nph, w)
+        return rows.index_select(0, (plane + ys.view(num, 1, nph)).view(-1).to(dev, non_blocking=True)).view(num, c, nph, w)
 
     def take_cols(r, xs):
-        return r.gather(3, xs.to(dev).view(num, 1, 1, npw).expand(num, c, nph, npw))
+        return r.gather(3, xs.to(dev, non_blocking=True).view(num, 1, 1, npw).expand(num, c, nph, npw))
 
     exact = torch.equal(ch, ph) and torch.equal(cw, pw)
     r = take_rows(y0) if exact else torch.lerp(take_rows(y0), take_rows(y1), fy.view(num, 1, nph, 1))
@@ -167,7 +167,8 @@ def _gaussian_kernels(sigma: torch.Tensor, dtype: torch.dtype, device: torch.dev
     s = sigma.double().view(-1, 1)
     k = torch.exp(-0.5 * (t / s.clamp(min=1e-12)) ** 2) * (t.abs() <= radius.view(-1, 1))
     k = torch.where(s > 0, k, (t == 0).double().expand_as(k))
-    return (k / k.sum(dim=1, keepdim=True)).to(device=device, dtype=dtype)
+    # NB: host data sent with non_blocking: staged before the call returns, and no wait for the GPU
+    return (k / k.sum(dim=1, keepdim=True)).to(device=device, dtype=dtype, non_blocking=True)
 
 
 def _blur_matrices(n: int, k: torch.Tensor, sizes: torch.Tensor, replicate: bool) -> torch.Tensor:
@@ -183,7 +184,7 @@ def _blur_matrices(n: int, k: torch.Tensor, sizes: torch.Tensor, replicate: bool
     cols = (rows + torch.arange(-r, r + 1, device=dev).view(1, 1, -1)).expand(num, n, taps)
     weights = k.view(num, 1, taps).expand(num, n, taps)
     if replicate:
-        cols = torch.minimum(cols.clamp(min=0), (sizes.to(dev) - 1).view(-1, 1, 1))
+        cols = torch.minimum(cols.clamp(min=0), (sizes.to(dev, non_blocking=True) - 1).view(-1, 1, 1))
     else:
         weights = weights * ((cols >= 0) & (cols < n))
         cols = cols.clamp(0, n - 1)
@@ -232,12 +233,12 @@ def _paste(out: torch.Tensor, mask: torch.Tensor, sel: torch.Tensor, y0: torch.T
     valid = (i < ph.view(-1, 1, 1)) & (j < pw.view(-1, 1, 1))  # [N, Ph, Pw]
     pix = (y0.view(-1, 1, 1) + i) * w + x0.view(-1, 1, 1) + j  # offset inside one plane
     plane = (sel.view(-1, 1, 1) * c) * (h * w)
-    flat = (plane + pix)[valid].to(dev)  # channel 0 of each valid pixel
+    flat = (plane + pix)[valid].to(dev, non_blocking=True)  # channel 0 of each valid pixel
     chan = torch.arange(c, device=dev).view(-1, 1) * (h * w)
-    vals = values.permute(1, 0, 2, 3)[:, valid.to(dev)]  # [C, K]
+    vals = values.permute(1, 0, 2, 3)[:, valid.to(dev, non_blocking=True)]  # [C, K]
     out.view(-1)[(flat.view(1, -1) + chan).view(-1)] = vals.reshape(-1)
     keep = valid if where is None else valid & where.cpu()
-    mask.view(-1)[(sel.view(-1, 1, 1) * (h * w) + pix)[keep].to(dev)] = True
+    mask.view(-1)[(sel.view(-1, 1, 1) * (h * w) + pix)[keep].to(dev, non_blocking=True)] = True
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ __all__ = ["perlin_noise", "fractal_noise", "perlin_mask", "threshold_at_coverag
 
 def _rand(generator: torch.Generator, *shape: int, device: torch.device) -> torch.Tensor:
     """Uniform [0, 1) float64 drawn on the generator's device, moved to ``device``."""
-    return torch.rand(*shape, generator=generator, dtype=torch.float64, device=generator.device).to(device)
+    return torch.rand(*shape, generator=generator, dtype=torch.float64, device=generator.device).to(device, non_blocking=True)
 
 
 def _check_scale_range(scale_range, fn: str) -> tuple[float, float]:
@@ -111,8 +111,8 @@ def perlin_noise(batch: int, height: int, width: int, generator: torch.Generator
     else:
         lo, hi = _check_scale_range(scale_range, "perlin_noise")
         hi_max = hi
-        lo = torch.tensor(lo, dtype=torch.float64, device=dev)
-        hi = torch.tensor(hi, dtype=torch.float64, device=dev)
+        lo = torch.tensor(lo, dtype=torch.float64).to(dev, non_blocking=True)
+        hi = torch.tensor(hi, dtype=torch.float64).to(dev, non_blocking=True)
     if batch == 0:
         return torch.zeros(0, 1, height, width, device=dev, dtype=dtype)
     u = _rand(generator, batch, 5, device=dev)

@@ -185,12 +185,14 @@ class SynthesisConfig:
 
 
 def _uniform(generator, n, device):
-    return torch.rand(n, generator=generator, dtype=torch.float64, device=generator.device).to(device)
+    # (non_blocking: the host draws are staged before the call returns; a blocking copy also waits
+    # for all queued GPU work)
+    return torch.rand(n, generator=generator, dtype=torch.float64, device=generator.device).to(device, non_blocking=True)
 
 
 def _categorical(u: torch.Tensor, weights: tuple[float, ...]) -> torch.Tensor:
     """``[N]`` int64 categories from uniforms ``u`` and (unnormalised) ``weights``."""
-    cum = torch.tensor(weights, dtype=torch.float64, device=u.device).cumsum(0)
+    cum = torch.tensor(weights, dtype=torch.float64).to(u.device, non_blocking=True).cumsum(0)
     cum = cum / cum[-1]
     return torch.searchsorted(cum, u.contiguous(), right=True).clamp(max=len(weights) - 1)
 
@@ -293,7 +295,7 @@ def _perlin(clean, sources, generator, method, cfg, return_info):
                                   _log_uniform(generator, cfg.coverage, b, dev)))
 
     # 2. masks: Perlin fields shaped per image, thresholded at the coverage quantile
-    rng = lambda r: torch.tensor(r, dtype=torch.float64, device=dev)  # noqa: E731
+    rng = lambda r: torch.tensor(r, dtype=torch.float64).to(dev, non_blocking=True)  # noqa: E731
     scales = torch.where(inten.view(-1, 1), rng(cfg.intensity_scale_range),
                          torch.where((shape == 1).view(-1, 1), rng(cfg.line_scale_range), rng(cfg.scale_range)))
     # NB: the fields are smooth at the scale of a pixel (>= 8 px per lattice cell by default), so they are
@@ -327,7 +329,7 @@ def _perlin(clean, sources, generator, method, cfg, return_info):
             u = _uniform(generator, n, dev)
             if method == "adga":
                 src = select_sources(appearance(x[sel]).cpu(), appearance(sources).cpu(), u.cpu(),
-                                     int(cfg.k_nearest)).to(dev)
+                                     int(cfg.k_nearest)).to(dev, non_blocking=True)
             else:
                 src = (u * sources.shape[0]).floor().long().clamp(max=sources.shape[0] - 1)
             source[sel] = src
