@@ -5,6 +5,10 @@ Every native kernel is launched at least once per dtype on odd sizes that hit th
 scales), and the results are compared with the reference so that a kernel that reads garbage
 also fails here, not only under the sanitizer. Exit status 0 when all agree.
 
+The references run, and the comparisons are made, on the CPU in float64, and the backward passes
+get their output gradients directly (no loss reduced on the device): under racecheck the device
+runs this project's kernels and little else, not PyTorch's own reductions.
+
     compute-sanitizer --tool memcheck python3 benchmarks/gpu_op_smoke.py --device cuda
     python3 benchmarks/gpu_op_smoke.py --device cpu      # the same checks on the CPU kernels
 """
@@ -27,7 +31,8 @@ from defect_fast.ops import _native, reference
 
 
 def check(name: str, actual: torch.Tensor, expected: torch.Tensor, tol: float) -> bool:
-    err = (actual.double() - expected.double()).abs().max().item() if expected.numel() else 0.0
+    actual, expected = actual.detach().cpu().double(), expected.detach().cpu().double()
+    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
     scale = max(expected.abs().max().item(), 1.0) if expected.numel() else 1.0
     ok = err <= tol * scale
     print(f"  {name:40s} max err {err:.2e} {'ok' if ok else 'FAIL'}")
@@ -58,8 +63,8 @@ def main() -> int:
         z = torch.randn(5, 19, generator=g).to(dev, dtype).requires_grad_(True)
         m = torch.randn(37, 19, generator=g).to(dev, dtype).requires_grad_(True)
         zh, w = _memory_address.memory_address(z, m, 1 / 37, 1.0, 1)
-        gz, gm = torch.autograd.grad(zh.float().sum() + w.float().pow(2).sum(), [z, m])
-        z64, m64 = z.detach().double().requires_grad_(True), m.detach().double().requires_grad_(True)
+        gz, gm = torch.autograd.grad([zh, w], [z, m], [torch.ones_like(zh), 2 * w.detach()])  # of sum(zh) + sum(w^2)
+        z64, m64 = (t.detach().cpu().double().requires_grad_(True) for t in (z, m))
         rzh, rw = reference.memory_address(z64, m64, 1 / 37, 1.0, 1)
         rgz, rgm = torch.autograd.grad(rzh.sum() + rw.pow(2).sum(), [z64, m64])
         ok &= check("memory_address z_hat", zh, rzh, tol) & check("memory_address grad_z", gz, rgz, tol * 10)
@@ -69,9 +74,9 @@ def main() -> int:
         y = torch.rand(2, 3, 21, 37, generator=g).to(dev, dtype).requires_grad_(True)
         sigma = torch.tensor([1.0, 2.5], device=dev)
         s, smap = _aw_ssim.aw_ssim(x, y, sigma, 1.0, 1.0, 1.0, 7, "sum", 1.0, True)
-        gx, gy = torch.autograd.grad(s.float().sum() + smap.float().mean(), [x, y])
-        x64, y64 = x.detach().double().requires_grad_(True), y.detach().double().requires_grad_(True)
-        rs, rmap = reference.aw_ssim(x64, y64, sigma.double(), 1.0, 1.0, 1.0, 7, "sum", 1.0, True)
+        gx, gy = torch.autograd.grad([s, smap], [x, y], [torch.ones_like(s), torch.full_like(smap, 1 / smap.numel())])
+        x64, y64 = (t.detach().cpu().double().requires_grad_(True) for t in (x, y))
+        rs, rmap = reference.aw_ssim(x64, y64, sigma.cpu().double(), 1.0, 1.0, 1.0, 7, "sum", 1.0, True)
         rgx, rgy = torch.autograd.grad(rs.sum() + rmap.mean(), [x64, y64])
         ok &= check("aw_ssim score", s, rs, tol) & check("aw_ssim grad_x", gx, rgx, tol * 10)
         ok &= check("aw_ssim grad_y", gy, rgy, tol * 10)
@@ -81,7 +86,7 @@ def main() -> int:
         fr = [torch.randn(sh, generator=g).to(dev, dtype) for sh in shapes]
         with torch.no_grad():
             out = _msfr.msfr(fx, fr, (29, 31), [1.0, 4.0, 9.0])
-            ref = reference.msfr([t.double() for t in fx], [t.double() for t in fr], (29, 31), [1.0, 4.0, 9.0])
+            ref = reference.msfr([t.cpu().double() for t in fx], [t.cpu().double() for t in fr], (29, 31), [1.0, 4.0, 9.0])
         ok &= check("msfr map", out, ref, tol)
     if dev.startswith("cuda"):
         torch.cuda.synchronize()
