@@ -35,7 +35,7 @@ def _fake(bin_dir: Path, name: str, output: str, rc: int) -> None:
 
 
 def _run_steps(tmp_path: Path, fakes: dict[str, tuple[str, int]], calls: list[str],
-               archive: Path | None = None) -> list[list[str]]:
+               archive: Path | None = None, deadline: int = 600) -> list[list[str]]:
     """Run ``step`` for each call line with the fake commands on PATH; the rows of steps.tsv."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -46,7 +46,7 @@ def _run_steps(tmp_path: Path, fakes: dict[str, tuple[str, int]], calls: list[st
     (out / "results").mkdir()
     script = "\n".join([f'OUT="{out}"', "DRY=0", "PY=python3", f'ARCHIVE="{archive or ""}"', f'STEPS_FILE="{out}/steps.tsv"',
                         ': > "$STEPS_FILE"',
-                        "DEADLINE=$(( $(date +%s) + 600 ))", _step_function(), *calls])
+                        f"DEADLINE=$(( $(date +%s) + {deadline} ))", "MIN_STEP=15", _step_function(), *calls])
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
     subprocess.run(["bash", "-c", script], env=env, check=True, capture_output=True, text=True, timeout=60)
     return [line.split("\t") for line in (out / "steps.tsv").read_text().splitlines()]
@@ -65,6 +65,27 @@ def test_a_memory_error_the_sanitizer_finds_stays_a_failure(tmp_path):
     rows = _run_steps(tmp_path, {"compute-sanitizer": ("========= Invalid __global__ write of size 4 bytes", 1)},
                       ["step memcheck 30 gpu compute-sanitizer --tool memcheck python3 smoke.py"])
     assert rows[0][:2] == ["memcheck", "failed(rc=1)"]
+
+
+def test_racecheck_tells_races_in_other_kernels_from_races_in_the_project_s(tmp_path):
+    """racecheck looks at PyTorch's and cuBLAS's kernels too: a hazard it finds only there is said
+    as such; one in a defect_fast:: kernel fails the step."""
+    theirs = ("========= Error: Race reported between Write access at 0x10 in Reduce.cuh:200:"
+              "void at::native::reduce_kernel<512, 1>(float*)")
+    ours = ("========= Error: Race reported between Write access at 0x10 in aw_ssim_kernel.cu:150:"
+            "void defect_fast::aw_ssim::cuda::forward_kernel<float>(float const*)")
+    for output, want in ((theirs, "foreign-races"), (ours, "failed(rc=1)")):
+        case = tmp_path / want
+        case.mkdir()
+        rows = _run_steps(case, {"compute-sanitizer": (output, 1)},
+                          ["step racecheck 30 gpu compute-sanitizer --tool racecheck python3 smoke.py"])
+        assert rows[0][:2] == ["racecheck", want]
+
+
+def test_no_step_starts_with_less_than_15_seconds_left(tmp_path):
+    rows = _run_steps(tmp_path, {"okcmd": ("fine", 0)}, ["step late 30 gpu okcmd"], deadline=10)
+    assert rows[0][:2] == ["late", "skipped"] and "s left" in rows[0][4]
+    assert not (tmp_path / "out" / "logs" / "late.log").exists()
 
 
 def test_the_archive_is_packed_after_every_step(tmp_path):
