@@ -1272,8 +1272,9 @@ class Detector(nn.Module):
         weights, the inference settings (map, stride, blend, smoothing), the thresholds
         (:attr:`calibration`, e.g. of :meth:`calibrate`), the statistics of :meth:`fit_normalization`,
         and the perceptual map and image context when fitted; with a tensor digest, as training
-        writes them. Runtime options (precision, device, batch size, compile, CUDA graphs) are
-        given again to :meth:`load`. An existing file is replaced only with ``overwrite``, and never
+        writes them. Runtime options (precision, fuse, device, batch size, compile, CUDA graphs)
+        are given again to :meth:`load` (in bfloat16 a fused and an unfused model round
+        differently: the maps are the same only with the same options). An existing file is replaced only with ``overwrite``, and never
         one an output folder of another command lists (a run's own ``model.pt``). Returns the path.
 
         Raises:
