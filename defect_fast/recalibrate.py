@@ -215,7 +215,8 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
                                                      "source", "threshold_image", "highest_scores")}}
         folder.write_json("calibration.json", summary)
     if flagged_before is not None:
-        log(f"at the run's threshold {was:.4g}, {flagged_before} of these {n} defect-free images would be flagged "
+        of_these = f"these {n} defect-free images" if n == n_given else f"these {n} defect-free images ({cal['source']})"
+        log(f"at the run's threshold {was:.4g}, {flagged_before} of {of_these} would be flagged "
             f"({100 * flagged_before / n:.1f} %; the run asked for {100 * float(before.get('far') or far):g} %)")
     log(f"image threshold {cal['image_threshold']:.4g} from {n} images ({cal['source']})"
         + (f"; it was {was:.4g} from {before.get('n_images')}" if isinstance(was, (int, float)) else "")
