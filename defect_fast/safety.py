@@ -721,6 +721,8 @@ _OWN = {MANIFEST_NAME, LOCK_NAME}
 # what the manifests written before they named their command list: a run's files, a watch journal
 _RUN_FILES = ("model.pt", "checkpoint.pt")
 _JOURNAL_FILE = "results.jsonl"
+#: Commands that take no --overwrite (their refusals do not mention it).
+_WITHOUT_OVERWRITE = {"watch"}
 
 
 def _manifest(folder: Path) -> dict[str, Any]:
@@ -823,9 +825,11 @@ class OutputFolder:
             return
         if not (p / MANIFEST_NAME).is_file():
             shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            # (watch has no --overwrite: it continues its own journal, in a folder it made)
+            hint = "" if command in _WITHOUT_OVERWRITE else " (--overwrite never deletes files defect-fast did not write)"
             raise OutputRefused(
                 f"{what} {p}: folder is not empty ({shown}) and was not written by defect-fast "
-                f"(no {MANIFEST_NAME}); choose a new or empty folder (--overwrite never deletes files defect-fast did not write)")
+                f"(no {MANIFEST_NAME}); choose a new or empty folder{hint}")
         theirs = OutputFolder._other_command(p, command)
         if theirs:
             raise OutputRefused(f"{what} {p}: holds the output of 'defect-fast {theirs}', which {command} never replaces "

@@ -125,7 +125,9 @@ def test_watch_refusals_keep_user_files(tiny, tmp_path, capsys):
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
     run = ["watch", tiny["run"]]
-    refused(*cli(run + [src, "--out", mine, "--once"], capsys)[::2], "--out", "not empty")
+    status, err = cli(run + [src, "--out", mine, "--once"], capsys)[::2]
+    refused(status, err, "--out", "not empty")
+    assert "--overwrite" not in err  # an option watch does not have
     assert (mine / "notes.txt").read_text() == "keep me" and sorted(os.listdir(mine)) == ["notes.txt"]
     refused(*cli(run + [src, "--out", src / "results", "--once"], capsys)[::2], "--out", "inside the input")
     refused(*cli(run + [tmp_path / "nope", "--out", tmp_path / "o", "--once"], capsys)[::2], "nope")
