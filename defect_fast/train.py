@@ -281,7 +281,7 @@ def check_pretrained_weights(cfg: TrainConfig, model: AnomalyModel) -> None:
     perceptual map, the image context, LPIPS in a training stage) when they cannot be loaded: each
     is built here as the end of the run builds it (the same search for the weights)."""
     from . import context, perceptual
-    from .losses.lpips import load_lpips_heads
+    from .losses.lpips import WEIGHTS_NEEDED, load_lpips_heads
     from .models.awae.loss import default_lpips_factory
 
     for what, used, build in (
@@ -294,7 +294,8 @@ def check_pretrained_weights(cfg: TrainConfig, model: AnomalyModel) -> None:
             try:
                 build()
             except (OSError, RuntimeError, ValueError, KeyError) as exc:
-                raise ConfigError(f"{what} needs ImageNet AlexNet weights: {exc}") from None
+                why = str(exc).removeprefix(f"{WEIGHTS_NEEDED}; ")  # said once
+                raise ConfigError(f"{what} needs ImageNet AlexNet weights: {why}") from None
 
 
 def _generator(seed: int, *keys: int) -> torch.Generator:

@@ -113,6 +113,9 @@ def test_train_overwrite_refuses_a_bad_setting_before_removing_the_old_run(tiny_
     err = capsys.readouterr().err.strip()
     assert err.startswith("defect-fast: error: ") and "\n" not in err and "Traceback" not in err
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    if "perceptual" in argv:  # what needs the weights, then where to put them: said once
+        assert "--map perceptual needs ImageNet AlexNet weights: set $DEFECT_FAST_ALEXNET_WEIGHTS=PATH" in err
+        assert "trunk weights are needed" not in err
 
 
 def test_a_test_split_without_masks_gives_image_level_results(tiny_run, synthetic_root, tmp_path, capsys):

@@ -32,6 +32,10 @@ class WeightsNotFound(UserError, FileNotFoundError):
     line at the command line saying where they were looked for, a FileNotFoundError for callers."""
 
 
+#: How :class:`WeightsNotFound` begins (a caller that says what needs the weights leaves it out).
+WEIGHTS_NEEDED = "ImageNet AlexNet trunk weights are needed (LPIPS, the perceptual map, the image context)"
+
+
 #: Environment variable naming a local AlexNet trunk file (``features.*`` state dict).
 ALEXNET_WEIGHTS_ENV = "DEFECT_FAST_ALEXNET_WEIGHTS"
 #: Environment variable naming a local LPIPS linear-head file (the ``lpips`` wheel's ``alex.pth``).
@@ -152,9 +156,8 @@ def load_alexnet_trunk(path: str | os.PathLike | None = None) -> tuple[dict[str,
             return _trunk_from_state(state, _TORCHVISION_ALEXNET_URL), _TORCHVISION_ALEXNET_URL
         except Exception as exc:  # noqa: BLE001 - reported below
             tried.append(f"{_TORCHVISION_ALEXNET_URL} ({type(exc).__name__}: {exc})")
-    raise WeightsNotFound(
-        "ImageNet AlexNet trunk weights are needed (LPIPS, the perceptual map, the image context); set "
-        f"${ALEXNET_WEIGHTS_ENV}=PATH (or pass alexnet_weights=PATH from Python). Tried: " + "; ".join(tried))
+    raise WeightsNotFound(f"{WEIGHTS_NEEDED}; set ${ALEXNET_WEIGHTS_ENV}=PATH (or pass alexnet_weights=PATH from "
+                          "Python). Tried: " + "; ".join(tried))
 
 
 def load_lpips_heads(path: str | os.PathLike | None = None, version: str = "0.1") -> tuple[list[torch.Tensor], str]:
