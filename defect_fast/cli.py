@@ -536,7 +536,8 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=positive_int, nargs="+", default=None, help="epochs per stage (one value = every stage; default 10)")
     t.add_argument("--max-steps", type=positive_int, nargs="+", default=None, help="cap on steps per stage")
     t.add_argument("--lr", type=_learning_rate, default=2e-4, help="Adam learning rate (default 2e-4, beta1 0.5; at most 1)")
-    t.add_argument("--seed", type=nonneg_int, default=0)
+    t.add_argument("--seed", type=nonneg_int, default=0, help="seed of the patch order, the held-back images and the "
+                   "synthetic anomalies (default 0)")
     t.add_argument("--checkpoint-every", type=positive_int, default=50, help="steps between checkpoints (default 50)")
     t.add_argument("--holdback", type=_fraction, default=0.1, help="share of the defect-free images held back for "
                    "thresholds, never trained on (default 0.1, at least 4 images; 0: none, thresholds then optimistic)")
@@ -616,7 +617,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     which.add_argument("--far", type=rate, default=None, metavar="RATE",
                        help="give the rates at the threshold for this false-alarm rate, set from the defect-free images the "
                        "run held back (default: at the threshold stored in the model file)")
-    e.add_argument("--device", type=device_arg, default="auto")
+    e.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:1 or auto (default: a GPU when there is one)")
     e.set_defaults(func=cmd_evaluate)
 
     r = sub.add_parser("predict", help="anomaly maps, overlays and scores for images")
@@ -624,12 +625,13 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     r.add_argument("images", nargs="+", help="image files or folders")
     r.add_argument("--out", required=True, type=output_path, help="output folder (new or empty; earlier predict output only with --overwrite)")
     r.add_argument("--overwrite", action="store_true", help="replace earlier output in --out (only the files defect-fast wrote)")
-    r.add_argument("--map", choices=map_names(), default=None)
-    r.add_argument("--stride", type=positive_int, default=None)
+    r.add_argument("--map", choices=map_names(), default=None, help="anomaly map (default: the model's)")
+    r.add_argument("--stride", type=positive_int, default=None,
+                   help="patch stride at inference (default: the run's --infer-stride, else the patch size)")
     add_threshold_options(r)
     r.add_argument("--smooth", type=nonneg_float, default=None, help="Gaussian blur of the maps, in pixels (default: the run's setting)")
     r.add_argument("--blend", choices=BLENDS, default=None, help="weights of overlapping patches (default: the run's setting)")
-    r.add_argument("--device", type=device_arg, default="auto")
+    r.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:1 or auto (default: a GPU when there is one)")
     r.set_defaults(func=cmd_predict)
 
     x = sub.add_parser("export", help="write the whole inference pipeline as ONNX, TorchScript or torch.export file",
@@ -640,29 +642,30 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     x.add_argument("--format", required=True, choices=FORMATS)
     x.add_argument("--out", required=True, type=output_path, help="output file (FILE.json is written beside it)")
     x.add_argument("--batch", type=positive_int, default=1, help="images per call in the traced graph (default 1)")
-    x.add_argument("--map", choices=map_names(), default=None)
-    x.add_argument("--stride", type=positive_int, default=None)
-    x.add_argument("--smooth", type=nonneg_float, default=None)
-    x.add_argument("--blend", choices=BLENDS, default=None)
+    x.add_argument("--map", choices=map_names(), default=None, help="anomaly map (default: the model's)")
+    x.add_argument("--stride", type=positive_int, default=None,
+                   help="patch stride (default: the run's --infer-stride, else the patch size)")
+    x.add_argument("--smooth", type=nonneg_float, default=None, help="Gaussian blur of the maps, in pixels (default: the run's setting)")
+    x.add_argument("--blend", choices=BLENDS, default=None, help="weights of overlapping patches (default: the run's setting)")
     x.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
                    help="float32 (default, portable) or bfloat16: the tuned CPU graph, for CPUs with AVX512-BF16 "
                    "or AMX (emulated, and slow, elsewhere); TorchScript files only")
     x.add_argument("--far", type=rate, default=None, metavar="RATE",
                    help="the sidecar's image threshold for this false-alarm rate, set from the defect-free images "
                    "the run held back (default: the threshold stored in the model file)")
-    x.add_argument("--overwrite", action="store_true")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing --out file and its FILE.json")
     x.set_defaults(func=cmd_export)
 
     d = sub.add_parser("demo", help="make a small synthetic defect set, train briefly, evaluate and write maps")
     d.add_argument("out", nargs="?", default="defect-fast-demo", type=output_path, help="output folder (default ./defect-fast-demo)")
-    d.add_argument("--model", default="cmaae", choices=model_names())
-    d.add_argument("--image-size", type=positive_int, default=128)
-    d.add_argument("--epochs", type=positive_int, default=4)
-    d.add_argument("--batch-size", type=positive_int, default=32)
-    d.add_argument("--seed", type=nonneg_int, default=0)
-    d.add_argument("--device", type=device_arg, default="auto")
+    d.add_argument("--model", default="cmaae", choices=model_names(), help="model to train (default cmaae)")
+    d.add_argument("--image-size", type=positive_int, default=128, help="side of the synthetic images, in pixels (default 128)")
+    d.add_argument("--epochs", type=positive_int, default=4, help="epochs of each training stage (default 4)")
+    d.add_argument("--batch-size", type=positive_int, default=32, help="patches per training step (default 32)")
+    d.add_argument("--seed", type=nonneg_int, default=0, help="seed of the images and the training (default 0)")
+    d.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:1 or auto (default: a GPU when there is one)")
     d.add_argument("--overwrite", action="store_true", help="replace an earlier demo in the folder (only its own files)")
-    d.add_argument("--quiet", action="store_true")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_demo)
 
     i = sub.add_parser("info", help="versions and which kernels run")
