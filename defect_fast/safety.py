@@ -651,8 +651,10 @@ def safe_output_file(path: str | os.PathLike, overwrite: bool, *, inputs: Iterab
                      what: str = "output file", flag: str = "--overwrite") -> Path:
     """Check that a single output file (e.g. ``--json``) may be written; touches nothing.
 
-    Refused: an existing folder at ``path``; an existing file without ``overwrite``; a path that
-    is or lies inside one of ``inputs`` (even with ``overwrite``); a parent that is not a folder.
+    Refused: an existing folder at ``path``; an existing file without ``overwrite``; a device,
+    pipe or socket, or a link to one (``/dev/stdout``), even with ``overwrite`` (the write would
+    put a plain file in its place); a path that is or lies inside one of ``inputs`` (even with
+    ``overwrite``); a parent that is not a folder.
     ``flag`` is how the caller says overwrite in the message ("overwrite=True" in Python).
 
     Returns:
@@ -667,6 +669,9 @@ def safe_output_file(path: str | os.PathLike, overwrite: bool, *, inputs: Iterab
     check_out_not_overlapping(p, inputs, what=what)
     if p.is_dir():
         raise OutputRefused(f"{what} {p}: is a folder; give a file name")
+    if p.exists() and not p.is_file():  # a device, pipe or socket (or a link to one: /dev/stdout)
+        raise OutputRefused(f"{what} {p}: is not a regular file (a device, pipe or socket, or a link to one), which "
+                            "is never replaced, not even with " + flag + "; give a file name")
     if p.exists() or p.is_symlink():
         if not overwrite:
             raise OutputRefused(f"{what} {p}: file exists; pass {flag} to replace it or choose another name")

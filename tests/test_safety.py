@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 import os
+import stat
 import signal
 import subprocess
 import sys
@@ -294,6 +295,24 @@ def test_safe_output_file(tmp_path):
         with pytest.raises(OutputRefused, match="names a folder; give a file name"):
             safe_output_file(name, False)
     assert not (tmp_path / "newdir").exists()
+
+
+def test_safe_output_file_never_replaces_a_device_pipe_or_a_link_to_one(tmp_path):
+    """--overwrite put a plain file in place of a named pipe, a device node or a link to one
+    (/dev/stdout: as root, the system's); the advice "pass --overwrite" led there."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    null = tmp_path / "null"
+    null.symlink_to(os.devnull)  # a link to a device, as /dev/stdout is to a terminal or pipe
+    for target in (fifo, null):
+        for overwrite in (False, True):
+            with pytest.raises(OutputRefused, match=f"{target.name}: is not a regular file .* not even with --overwrite"):
+                safe_output_file(target, overwrite)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and null.is_symlink()
+    plain = tmp_path / "plain.json"  # a link to a plain file is still replaced with --overwrite, as before
+    plain.write_text("x")
+    (tmp_path / "link.json").symlink_to(plain)
+    assert safe_output_file(tmp_path / "link.json", True) == tmp_path / "link.json"
 
 
 def test_safe_output_file_never_replaces_another_command_s_output(tmp_path):
