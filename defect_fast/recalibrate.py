@@ -74,6 +74,27 @@ def _seen_images(state: dict[str, Any], cfg) -> tuple[list[bytes] | None, str]:
     return [keys[i] for i in seen], f"{len(seen)} images of {cfg.data}"
 
 
+def _check_held_back_unchanged(run, state: dict[str, Any], held: list[str], keys: list[bytes]) -> None:
+    """Refuse held-back files whose pixels are not those the run recorded for them (a camera's
+    numbering that restarted wrote other parts, defective ones among them, over old names): their
+    scores would set the thresholds as if they were the run's defect-free images. Model files
+    written before the keys were recorded are not checked."""
+    from .runs import RunError
+
+    recorded = state.get("image_keys")
+    names = [str(p) for p in state.get("held_back") or []]
+    stored = list(recorded.get("held_back") or []) if isinstance(recorded, dict) else []
+    if len(stored) != len(names):
+        return
+    was = dict(zip(names, stored))
+    changed = [p for p, k in zip(held, keys) if p in was and was[p] != k.hex()]
+    if changed:
+        raise RunError(f"{run}: --with-held-back: {len(changed)} of its held-back images changed since the run held "
+                       f"them back ({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}): thresholds from "
+                       "them would rest on other images than the run's; restore them, or calibrate without "
+                       "--with-held-back on defect-free images given by name")
+
+
 def _fit_half(held: list[str], state: dict[str, Any], cfg) -> tuple[list[str], list[str]]:
     """The run's held-back files split into (fitted the map statistics, calibrated): when the map
     statistics were fitted on held-back images (``--fit-on held-back``, or ``train`` with fewer than
@@ -153,6 +174,8 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
     batch = read_images(paths, size, where="calibrate inputs")  # every bad file named, before any output
 
     keys = image_keys(batch)
+    if with_held_back:  # the files at the held-back names must still hold the pixels the run held back
+        _check_held_back_unchanged(run, state, [str(p) for p in paths[n_given:]], keys[n_given:])
     first: dict[bytes, int] = {}
     for i, k in enumerate(keys):
         first.setdefault(k, i)

@@ -182,6 +182,28 @@ def test_nothing_to_calibrate_on_and_missing_held_back(runs, tmp_path, capsys):
     assert not (tmp_path / "cal").exists()
 
 
+def test_held_back_files_that_changed_since_training_are_refused(runs, tmp_path, capsys):
+    """Only the held-back files' names were checked: another part written over one of them (a
+    camera's numbering restarted) set the thresholds as if it were one of the run's images."""
+    import shutil
+
+    state = load_model_state(runs["run"])
+    held = tmp_path / "held"
+    held.mkdir()
+    state["held_back"] = [str(shutil.copy(p, held / Path(p).name)) for p in state["held_back"]]
+    state.pop("tensor_digest", None)
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    save_with_digest(state, moved / "model.pt")
+    status, _out, err = cli(["calibrate", moved, "--with-held-back", "--out", tmp_path / "same", "--device", "cpu"], capsys)
+    assert status == 0, err  # the same pixels under other names: the run's images
+    other = sorted(Path(runs["more"]).iterdir())[0]
+    shutil.copy(other, state["held_back"][1])
+    refused(*cli(["calibrate", moved, "--with-held-back", "--out", tmp_path / "cal", "--device", "cpu"], capsys)[::2],
+            "1 of its held-back images changed since the run held them back", Path(state["held_back"][1]).name)
+    assert not (tmp_path / "cal").exists()
+
+
 def test_the_model_file_records_what_the_run_has_seen(runs, tmp_path, capsys):
     """Training records the pixel keys of its images, so the check needs no training folder; a
     model file written before that record is checked against the folder, and a warning says when
