@@ -88,7 +88,7 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
     from .detect import Detector
     from .evaluate import check_finite
     from .runs import RunError, load_model_state, model_file, model_from_state, resolve_device
-    from .safety import OutputFolder, UsageError, atomic_open
+    from .safety import OutputFolder, UsageError, atomic_open, output_stems
     from .train import TrainConfig, finish_run, image_keys, images_digest
 
     if folds < 2:
@@ -199,9 +199,8 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
     from .visualize import save_overlay
 
     flagged = [e for e in entries if e["flagged"]]
-    names = [f"overlays/{Path(e['image']).stem}_overlay.png" for e in flagged]
-    if len(set(names)) != len(names):  # same file names in sub-folders: numbered
-        names = [f"overlays/{k:04d}_{Path(e['image']).stem}_overlay.png" for k, e in enumerate(flagged)]
+    # as predict names its overlays: unique, a long name shortened
+    names = [f"overlays/{stem}_overlay.png" for stem in output_stems([Path(e["image"]) for e in flagged])]
     # a user's file at one of the names: refused before an earlier audit is cleared
     folder = OutputFolder.create(out, overwrite=overwrite, inputs=inputs, lock=True, command="audit",
                                  names=["audit.json", *names])

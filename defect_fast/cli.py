@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 
 from .safety import (LOCK_NAME, MANIFEST_NAME, ArgumentParser, OutputFolder, OutputRefused, UsageError, UserError, add_threshold_options, atomic_open, atomic_write_json,
-                     device_arg, dump_json_strict, far_errors, finite_float, nonneg_float, nonneg_int, one_line, output_path, positive_float, positive_int,
+                     device_arg, dump_json_strict, far_errors, finite_float, nonneg_float, nonneg_int, one_line, output_path, output_stems, positive_float, positive_int,
                      rate, run_main, safe_output_file)
 
 EPILOG = """examples:
@@ -268,23 +268,6 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _output_stems(paths: list[Path]) -> list[str]:
-    """File stems for outputs, unique: clashing names get their folder (and if need be a number) in front."""
-    stems = [p.stem for p in paths]
-    clashes = {s for s in stems if stems.count(s) > 1}
-    stems = [f"{p.parent.name}_{p.stem}" if p.stem in clashes else p.stem for p in paths]
-    taken: set[str] = set()
-    out = []
-    for s in stems:
-        name, k = s, 1
-        while name.lower() in taken:  # a number no other image's name has (case-blind file systems too)
-            k += 1
-            name = f"{s}_{k}"
-        taken.add(name.lower())
-        out.append(name)
-    return out
-
-
 def cmd_predict(args) -> int:
     from .calibration import chosen_threshold
     from .data.io import collect_images, read_image, read_images
@@ -301,7 +284,7 @@ def cmd_predict(args) -> int:
     with far_errors(args.run, args.far):  # before any image is read
         image_t, pixel_t, source, _name, _far = chosen_threshold(det.calibration, args.threshold, args.far)
     paths = collect_images(args.images)
-    stems = _output_stems(paths)
+    stems = output_stems(paths)
     names = [(f"maps/{stem}_map.png", f"overlays/{stem}_overlay.png") for stem in stems]
     planned = [n for pair in names for n in pair] + ["scores.json"]
     # a user's file at one of them: refused now, before --overwrite clears the earlier output

@@ -148,6 +148,31 @@ def short_stem(stem: str, limit: int) -> str:
     return f"{head}~{digest}"
 
 
+#: The longest stem (UTF-8 bytes) of an image's output files: "<stem>_overlay.png" and the
+#: temporary written beside it (".<name>.<8 characters>.tmp") stay within 255 bytes.
+MAX_OUTPUT_STEM = 200
+
+
+def output_stems(paths: Sequence[Path]) -> list[str]:
+    """File stems for the outputs of ``paths`` (``<stem>_map.png``, ``<stem>_overlay.png``),
+    unique: clashing names get their folder (and if need be a number) in front; a stem longer
+    than :data:`MAX_OUTPUT_STEM` bytes is shortened by :func:`short_stem` (an image's legal
+    name of 250 bytes made a map name the file system refuses)."""
+    stems = [short_stem(p.stem, MAX_OUTPUT_STEM) for p in paths]
+    clashes = {s for s in stems if stems.count(s) > 1}
+    stems = [short_stem(f"{p.parent.name}_{p.stem}", MAX_OUTPUT_STEM) if s in clashes else s for p, s in zip(paths, stems)]
+    taken: set[str] = set()
+    out = []
+    for s in stems:
+        name, k = s, 1
+        while name.lower() in taken:  # a number no other image's name has (case-blind file systems too)
+            k += 1
+            name = f"{s}_{k}"
+        taken.add(name.lower())
+        out.append(name)
+    return out
+
+
 def one_line(text: str) -> str:
     """Collapse a message to one line: its first line, then the other lines joined with "; "."""
     lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
@@ -1130,9 +1155,13 @@ class OutputFolder:
             target = self._safe_target(rel)
             if target is None:
                 continue
-            if target.is_symlink() or target.is_file():
-                target.unlink()
-                removed.append(target)
+            try:
+                if target.is_symlink() or target.is_file():
+                    target.unlink()
+                    removed.append(target)
+            except OSError as exc:  # a name reserved that no file system takes was never written
+                if exc.errno != errno.ENAMETOOLONG:
+                    raise
         for rel in sorted(self.dirs, key=lambda r: len(Path(r).parts), reverse=True):
             target = self._safe_target(rel)
             if target is None or target.is_symlink() or not target.is_dir():

@@ -161,6 +161,24 @@ def test_predict_writes_maps_at_each_photo_s_own_size(tiny_run, tmp_path):
     assert want.shape == (40, 96)
 
 
+def test_predict_takes_an_image_whose_name_is_as_long_as_a_file_name_may_be(tiny_run, tmp_path):
+    """A legal 250-byte image name made map and overlay names the file system refuses ("File name
+    too long"): their stems are shortened, unique, and scores.json names them."""
+    from PIL import Image
+
+    pixels = (np.random.default_rng(1).random((64, 64, 3)) * 255).astype(np.uint8)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    long = [folder / ("part-" + c * 241 + ".png") for c in "ab"]  # 250 bytes each, alike in their first 205
+    for p in long:
+        Image.fromarray(pixels).save(p)
+    out = tmp_path / "p"
+    assert main(["predict", str(tiny_run), str(folder), "--out", str(out)]) == 0
+    entries = json.loads((out / "scores.json").read_text())["images"]
+    maps = [e["map"] for e in entries]
+    assert len(set(maps)) == 2 and all((out / m).is_file() and len(Path(m).name.encode()) <= 255 for m in maps)
+
+
 def test_an_empty_output_name_is_refused(tiny_run, synthetic_root, capsys):
     """An empty --json wrote nothing and exited 0; an empty --out named the current folder."""
     assert main(["evaluate", str(tiny_run), str(synthetic_root), "--json", ""]) == 2
@@ -478,12 +496,15 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
 def test_predict_output_names_never_clash():
     from pathlib import Path
 
-    from defect_fast.cli import _output_stems
+    from defect_fast.safety import output_stems as _output_stems
 
     paths = [Path("x/a.png"), Path("x/a.jpg"), Path("x/x_a_2.png"), Path("y/B.png"), Path("z/b.png")]
     stems = _output_stems(paths)
     assert len({s.lower() for s in stems}) == len(paths)
     assert stems[:3] == ["x_a", "x_a_2", "x_a_2_2"] and stems[3] == "B"
+    long = [Path("d/" + "é" * 130 + c + ".png") for c in "xy"]  # 261 bytes each, alike in their first 260
+    stems = _output_stems(long)
+    assert len(set(stems)) == 2 and all(len(s.encode()) <= 200 for s in stems)
 
 
 DEMO = ["--image-size", "64", "--epochs", "1", "--quiet"]

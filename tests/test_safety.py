@@ -186,6 +186,18 @@ def test_discard_undoes_a_failed_start(tmp_path):
     assert _tree(tmp_path / "mine") == {"late.txt": hashlib.sha256(b"user").hexdigest(), MANIFEST_NAME: _tree(tmp_path / "mine")[MANIFEST_NAME]}
 
 
+def test_a_failed_start_that_reserved_a_name_too_long_for_the_file_system_is_undone(tmp_path):
+    """audit reserved an overlay name over 255 bytes, failed writing it, and its clean-up then
+    failed too (is_symlink raised "File name too long"): the folder kept a manifest listing files
+    never written, and a rerun was refused as "earlier defect-fast output"."""
+    target = tmp_path / "audit"
+    out = OutputFolder.create(target, lock=True, command="audit")
+    out.reserve(["audit.json", "overlays/" + "d" * 300 + "_overlay.png"])
+    out.mkdir("overlays")
+    out.discard()
+    assert not target.exists()
+
+
 def test_check_touches_nothing_and_open_needs_manifest(tmp_path):
     OutputFolder.check(tmp_path / "a" / "b")
     assert not (tmp_path / "a").exists()
