@@ -103,6 +103,12 @@ def _check_far(far: float, name: str = "far") -> float:
     return float(far)
 
 
+def count_text(n: int) -> str:
+    """An image count for a message: as it is, or rounded when it has more than 7 digits (--far
+    1e-300 asked for a number of 300 digits)."""
+    return str(n) if n < 10**7 else f"about {n:.2g}"
+
+
 def min_images_for(far: float) -> int:
     """Fewest held-back images n for which the rule reaches ``far``: k = floor(far (n+1)) >= 1."""
     far = _check_far(far)
@@ -180,7 +186,7 @@ def image_threshold(scores, far: float = DEFAULT_FAR, *, fallback: bool = True) 
         note = (f"threshold = {k}{_ordinal(k)} largest of {n} held-back scores: expected false-alarm rate "
                 f"{k}/{n + 1} = {k / (n + 1):.4g} <= {far:g} (95 % upper bound {_beta_upper(k, n):.3g})")
         return ImageThreshold(float(desc[k - 1]), far, k / (n + 1), _beta_upper(k, n), n, k, need, True, note)
-    short = (f"far={far:g} needs at least {need} held-back defect-free images (k/(n+1) <= far with k >= 1) "
+    short = (f"far={far:g} needs at least {count_text(need)} held-back defect-free images (k/(n+1) <= far with k >= 1) "
              f"but only {n} are at hand; the lowest expected false-alarm rate {n} allow is 1/{n + 1} = {1 / (n + 1):.4g}")
     if not fallback:
         raise CalibrationError(short)

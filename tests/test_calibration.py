@@ -65,6 +65,9 @@ def test_too_few_images_says_so():
     scores = np.linspace(0, 1, 16)
     with pytest.raises(CalibrationError, match=r"far=0.01 needs at least 99 .* only 16 .* 1/17"):
         image_threshold(scores, 0.01, fallback=False)
+    with pytest.raises(CalibrationError) as info:  # a count of 300 digits was printed whole
+        image_threshold(scores, 1e-300, fallback=False)
+    assert "needs at least about 1e+300 held-back" in str(info.value) and len(str(info.value)) < 250
     with pytest.warns(CalibrationWarning, match="using the largest"):
         t = image_threshold(scores, 0.01)
     assert not t.sufficient
