@@ -71,11 +71,13 @@ def _print_thresholds(th: dict | None, out=None) -> None:
     print(f"threshold: {th['threshold_source']}", file=out)
     if th.get("threshold_image"):
         print(f"the threshold is the score of calibration image {th['threshold_image']}", file=out)
+    # (a threshold given as a number was set from no rate: nothing asked or expected to say)
+    asked = (f"; asked {_fmt(th.get('far_asked'))}, expected {_fmt(th.get('far_expected'))} from "
+             f"{th.get('n_calibration_images')} calibration images"
+             if th.get("far_asked") is not None or th.get("far_expected") is not None else "")
     print(f"at that threshold {threshold_text(at['threshold'])}: false-alarm rate "
-          f"{_fmt(at['false_alarm_rate'])} ({at['false_alarms']}/{at['n_good']} good images; asked "
-          f"{_fmt(th.get('far_asked'))}, expected {_fmt(th.get('far_expected'))} from "
-          f"{th.get('n_calibration_images')} calibration images), miss rate {_fmt(at['miss_rate'])} "
-          f"({at['misses']}/{at['n_defective']} defective images)", file=out)
+          f"{_fmt(at['false_alarm_rate'])} ({at['false_alarms']}/{at['n_good']} good images{asked}), miss rate "
+          f"{_fmt(at['miss_rate'])} ({at['misses']}/{at['n_defective']} defective images)", file=out)
     points = th.get("operating_points") or []
     if len(points) > 1:
         print("thresholds --far can set (the k-th highest held-back score) and their rates here:", file=out)

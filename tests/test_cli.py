@@ -390,6 +390,8 @@ def test_evaluate_reports_pass_fail_rates_and_never_replaces_json(tiny_run, synt
     given = json.loads(path.read_text())["thresholds"]
     assert given["at_threshold"]["threshold"] == best and given["threshold_source"] == "given on the command line"
     assert given["far_asked"] is None
+    printed = capsys.readouterr().out
+    assert f"at that threshold {best!r}: false-alarm rate" in printed and "n/a" not in printed  # no rate was asked of it
     f1, at = given["f1_optimal"], given["at_threshold"]
     tp = at["n_defective"] - at["misses"]
     assert 2 * tp / (2 * tp + at["false_alarms"] + at["misses"]) == pytest.approx(f1["f1"])  # the optimum's images
