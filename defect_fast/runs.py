@@ -110,6 +110,13 @@ def model_file(run: Path | str) -> Path:
     path = run / MODEL_FILE
     if not path.exists():
         hint = " (training did not finish; resume the training first)" if (run / CHECKPOINT_FILE).exists() else ""
+        if not hint:  # a folder that holds runs (a demo's, runs/): the ones inside are named
+            try:
+                inside = sorted(e.name for e in run.iterdir() if (e / MODEL_FILE).is_file())
+            except OSError:
+                inside = []
+            if inside:
+                hint = f" (runs inside it: {', '.join(str(run / n) for n in inside[:3])}{', ...' if len(inside) > 3 else ''})"
         raise RunError(f"{run}: no {MODEL_FILE}{hint}")
     return path
 

@@ -179,6 +179,16 @@ def test_predict_takes_an_image_whose_name_is_as_long_as_a_file_name_may_be(tiny
     assert len(set(maps)) == 2 and all((out / m).is_file() and len(Path(m).name.encode()) <= 255 for m in maps)
 
 
+def test_a_folder_that_holds_runs_names_them(tiny_run, synthetic_root, tmp_path, capsys):
+    """`evaluate DEMO DATA` on a demo's top folder said only "no model.pt"."""
+    import shutil
+
+    top = tmp_path / "demo"
+    shutil.copytree(tiny_run, top / "run")
+    assert main(["evaluate", str(top), str(synthetic_root)]) == 2
+    assert f"{top}: no model.pt (runs inside it: {top / 'run'})" in capsys.readouterr().err
+
+
 def test_an_empty_output_name_is_refused(tiny_run, synthetic_root, capsys):
     """An empty --json wrote nothing and exited 0; an empty --out named the current folder."""
     assert main(["evaluate", str(tiny_run), str(synthetic_root), "--json", ""]) == 2
