@@ -107,6 +107,8 @@ def cpu_threads(n: int | None) -> Iterator[None]:
 
 #: Held while a CUDA graph is captured or replayed (its input and output buffers are shared).
 _GRAPH_LOCK = threading.Lock()
+#: Held while a Detector's workspace dict is read and changed (a few dict operations per chunk).
+_WORKSPACE_LOCK = threading.Lock()
 #: CUDA graphs a Detector keeps (one per input shape; each holds its own memory pool): a new shape
 #: beyond these lets the least recently used one go, so that GPU memory does not grow with every
 #: batch size a caller passes.
@@ -714,12 +716,13 @@ class Detector(nn.Module):
             return like.new_empty(shape)
         # per thread: two threads calling one Detector must not fill each other's buffer
         key = (name, shape, like.dtype, like.device, torch.is_inference_mode_enabled(), threading.get_ident())
-        buf = self._workspace.pop(key, None)
-        if buf is None:
-            while len(self._workspace) >= MAX_WORKSPACE:  # shapes change: the least recently used goes
-                del self._workspace[next(iter(self._workspace))]
-            buf = like.new_empty(shape)
-        self._workspace[key] = buf  # the most recently used last
+        with _WORKSPACE_LOCK:  # threads share the dict: two evicting the same oldest key raised KeyError
+            buf = self._workspace.pop(key, None)
+            if buf is None:
+                while len(self._workspace) >= MAX_WORKSPACE:  # shapes change: the least recently used goes
+                    del self._workspace[next(iter(self._workspace))]
+                buf = like.new_empty(shape)
+            self._workspace[key] = buf  # the most recently used last
         return buf
 
     def _patches(self, x: torch.Tensor) -> torch.Tensor:

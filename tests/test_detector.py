@@ -261,6 +261,38 @@ def test_the_workspace_lets_the_least_recently_used_buffer_go():
     assert any(b is hot for b in det._workspace.values())
 
 
+def test_threads_sharing_a_detector_evict_workspace_buffers_safely():
+    """Evicting the least recently used buffer is two dict operations: two threads could pick the
+    same oldest key and the second raised KeyError (an internal error in a program that shares
+    one Detector between threads, as the README allows)."""
+    import sys
+    import threading
+    import types
+
+    like = types.SimpleNamespace(is_cuda=False, dtype=torch.float32, device="cpu", new_empty=lambda shape: object())
+    shared = types.SimpleNamespace(_workspace={})
+    errors = []
+
+    def work(offset):
+        try:
+            for i in range(20000):
+                Detector._buffer(shared, "maps", (offset + i % 16,), like)
+        except Exception as exc:  # noqa: BLE001 - what the test looks for
+            errors.append(repr(exc))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    try:
+        threads = [threading.Thread(target=work, args=(k * 100,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[:3]
+
+
 def test_calls_with_autograd_history_keep_none_of_it_between_calls():
     """An unfused model called outside no_grad (as a plain ``det(x)`` is) with more patches than a
     chunk: its maps were copied into the reused workspace with their history, which grew by a
