@@ -70,11 +70,14 @@ def test_a_memory_error_the_sanitizer_finds_stays_a_failure(tmp_path):
 def test_racecheck_tells_races_in_other_kernels_from_races_in_the_project_s(tmp_path):
     """racecheck looks at PyTorch's and cuBLAS's kernels too: a hazard it finds only there is said
     as such; one in a defect_fast:: kernel fails the step."""
+    done = "gpu_op_smoke: all ops agree with the reference"
     theirs = ("========= Error: Race reported between Write access at 0x10 in Reduce.cuh:200:"
               "void at::native::reduce_kernel<512, 1>(float*)")
     ours = ("========= Error: Race reported between Write access at 0x10 in aw_ssim_kernel.cu:150:"
             "void defect_fast::aw_ssim::cuda::forward_kernel<float>(float const*)")
-    for output, want in ((theirs, "foreign-races"), (ours, "failed(rc=1)")):
+    crashed = "RuntimeError: CUDA error: an illegal memory access\n========= RACECHECK SUMMARY: 0 hazards displayed"
+    for output, want in ((f"{done}\n{theirs}", "foreign-races"), (f"{done}\n{ours}", "failed(rc=1)"),
+                         (crashed, "failed(rc=1)")):  # a crash is no foreign race
         case = tmp_path / want
         case.mkdir()
         rows = _run_steps(case, {"compute-sanitizer": (output, 1)},
