@@ -78,7 +78,7 @@ def test_racecheck_tells_races_in_other_kernels_from_races_in_the_project_s(tmp_
     crashed = "RuntimeError: CUDA error: an illegal memory access\n========= RACECHECK SUMMARY: 0 hazards displayed"
     for output, want in ((f"{done}\n{theirs}", "foreign-races"), (f"{done}\n{ours}", "failed(rc=1)"),
                          (crashed, "failed(rc=1)")):  # a crash is no foreign race
-        case = tmp_path / want
+        case = tmp_path / str(len(list(tmp_path.iterdir())))
         case.mkdir()
         rows = _run_steps(case, {"compute-sanitizer": (output, 1)},
                           ["step racecheck 30 gpu compute-sanitizer --tool racecheck python3 smoke.py"])
