@@ -986,8 +986,11 @@ def _check_same_run(out: Path, cfg: TrainConfig, ckpt: Path) -> None:
         theirs = TrainConfig.from_json(json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))).to_json()
     except (OSError, ValueError, TypeError, KeyError):
         return
-    ours = cfg.to_json()
-    differ = sorted(k for k in set(ours) | set(theirs) if k != "device" and ours.get(k) != theirs.get(k))
+    ours = json.loads(json.dumps(cfg.to_json()))  # as config.json holds it (a tuple is a list there)
+    # the device a resume may change; "auto" precision, which a resume resolves (runs of earlier
+    # versions wrote "auto" to config.json and the resolved precision to later checkpoints)
+    free = {"device"} | ({"precision"} if "auto" in (ours.get("precision"), theirs.get("precision")) else set())
+    differ = sorted(k for k in set(ours) | set(theirs) if k not in free and ours.get(k) != theirs.get(k))
     if differ:
         scalar = lambda k: not isinstance(ours.get(k), (list, dict)) and not isinstance(theirs.get(k), (list, dict))  # noqa: E731
         differ.sort(key=lambda k: not scalar(k))  # settings with their values first, lists (held_back) by name

@@ -476,6 +476,20 @@ def test_another_run_s_checkpoint_copied_into_a_run_folder_is_refused(synthetic_
         train(_cfg(synthetic_root), tmp_path / "a", resume=True, progress=False, log=lambda s: None)
 
 
+def test_a_run_s_own_checkpoint_is_its_run_s_whatever_form_its_settings_took(tmp_path):
+    """The check against config.json refused a run's own checkpoint when the Python API gave a list
+    setting as a tuple (config.json holds a list) and, for runs of earlier versions, when a resume
+    had resolved "auto" precision in the checkpoint but not in config.json."""
+    cfg = TrainConfig(data="/data/tile", model="cmaae", epochs=(1, 1), max_steps=(3, 2), precision="auto")
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_json()))
+    import dataclasses
+
+    for mine in (cfg, dataclasses.replace(cfg, precision="bfloat16"), dataclasses.replace(cfg, device="cuda:1")):
+        train_module._check_same_run(tmp_path, mine, tmp_path / "checkpoint.pt")
+    with pytest.raises(RunError, match="seed 3 vs 0"):
+        train_module._check_same_run(tmp_path, dataclasses.replace(cfg, seed=3), tmp_path / "checkpoint.pt")
+
+
 def test_a_resume_never_switches_the_run_s_loss_definition(synthetic_root, tmp_path, monkeypatch):
     """A checkpoint records the revision of the losses whose definition changed between versions
     (the SSIM-family input range); a resume under another one is refused, one that records
