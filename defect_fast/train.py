@@ -437,6 +437,8 @@ class Trainer:
             self.optimizer = self._optimizer(min(self.position["stage"], len(self.model.stages) - 1))
             self.optimizer.load_state_dict(state["optimizer_state"])
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+            if isinstance(exc, RuntimeError) and type(exc) is not RuntimeError:
+                raise  # torch.OutOfMemoryError, a CUDA error: the device's trouble, not the checkpoint's
             raise RunError(f"{self.out / CHECKPOINT_FILE}: does not load into this version's {self.cfg.model} "
                            f"({type(exc).__name__}: {one_line(str(exc))}); the run cannot be resumed, train a new "
                            "one") from None

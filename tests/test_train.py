@@ -455,6 +455,15 @@ def test_a_checkpoint_that_does_not_fit_this_version_is_refused_in_one_line(synt
         message = str(info.value)
         assert message.startswith(f"{out / 'checkpoint.pt'}: {words}") and "\n" not in message, edit.__name__
         assert message.endswith("the run cannot be resumed, train a new one"), edit.__name__
+    # the device's trouble while the moments move there is not the checkpoint's: told as it is
+    shutil.copy(tmp_path / "good.pt", out / "checkpoint.pt")
+
+    def no_memory(self, state):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torch.optim.Adam, "load_state_dict", no_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        train(_cfg(synthetic_root), out, resume=True, progress=False, log=lambda s: None)
 
 
 def test_another_run_s_checkpoint_copied_into_a_run_folder_is_refused(synthetic_root, tmp_path, monkeypatch):
