@@ -33,10 +33,11 @@ INTENSITY_EFFECTS = ("shift", "blur", "contrast")
 
 
 def _rand(generator: torch.Generator, *shape: int, device: torch.device, dtype=torch.float32) -> torch.Tensor:
-    # (sent with non_blocking: an H2D copy of host data is staged before the call returns; a blocking
-    # one also waits for all queued GPU work)
-    return torch.rand(*shape, generator=generator, dtype=torch.float64, device=generator.device).to(device, dtype,
-                                                                                                 non_blocking=True)
+    # (draws on the host are sent with non_blocking: an H2D copy of host data is staged before the
+    # call returns, and a blocking one also waits for all queued GPU work; a GPU generator's draws
+    # brought to the host are waited for, as a non-blocking D2H copy may not have landed when read)
+    return torch.rand(*shape, generator=generator, dtype=torch.float64, device=generator.device).to(
+        device, dtype, non_blocking=generator.device.type == "cpu")
 
 
 def _coords(n: int, h: int, w: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,7 +84,7 @@ def warp(pool: torch.Tensor, index: torch.Tensor, size: tuple[int, int], generat
     theta = torch.stack([torch.stack([s * a.cos(), -s * a.sin(), t[:, 0]], 1),
                          torch.stack([s * a.sin(), s * a.cos(), t[:, 1]], 1)], 1).to(dt)
     grid = F.affine_grid(theta, [n, pool.shape[1], *size], align_corners=False)
-    return F.grid_sample(pool.index_select(0, index.to(dev, non_blocking=True)), grid, mode="bilinear", padding_mode="reflection",
+    return F.grid_sample(pool.index_select(0, index.to(dev, non_blocking=index.device.type == "cpu")), grid, mode="bilinear", padding_mode="reflection",
                          align_corners=False)
 
 

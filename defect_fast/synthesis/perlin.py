@@ -32,7 +32,8 @@ __all__ = ["perlin_noise", "fractal_noise", "perlin_mask", "threshold_at_coverag
 
 def _rand(generator: torch.Generator, *shape: int, device: torch.device) -> torch.Tensor:
     """Uniform [0, 1) float64 drawn on the generator's device, moved to ``device``."""
-    return torch.rand(*shape, generator=generator, dtype=torch.float64, device=generator.device).to(device, non_blocking=True)
+    return torch.rand(*shape, generator=generator, dtype=torch.float64, device=generator.device).to(
+        device, non_blocking=generator.device.type == "cpu")  # host draws only: see anomalies._rand
 
 
 def _check_scale_range(scale_range, fn: str) -> tuple[float, float]:

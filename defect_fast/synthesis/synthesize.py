@@ -185,9 +185,10 @@ class SynthesisConfig:
 
 
 def _uniform(generator, n, device):
-    # (non_blocking: the host draws are staged before the call returns; a blocking copy also waits
-    # for all queued GPU work)
-    return torch.rand(n, generator=generator, dtype=torch.float64, device=generator.device).to(device, non_blocking=True)
+    # (non_blocking for host draws: staged before the call returns, where a blocking copy also
+    # waits for all queued GPU work; never for a GPU generator's draws brought to the host)
+    return torch.rand(n, generator=generator, dtype=torch.float64, device=generator.device).to(
+        device, non_blocking=generator.device.type == "cpu")
 
 
 def _categorical(u: torch.Tensor, weights: tuple[float, ...]) -> torch.Tensor:
