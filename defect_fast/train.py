@@ -34,6 +34,7 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
+from .calibration import count_text
 from .data.dataset import to_model_range
 from .data.patches import grid_shape
 from .layers import keep_matrix_weights_contiguous
@@ -1213,7 +1214,7 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
                 + "; another false-alarm rate needs no retraining: --far RATE on predict, watch, report, "
                 "evaluate and export (evaluate lists what each gives on a labelled test set)")
         if not cal.get("sufficient", True) and cal.get("n_needed") and cfg.held_back:
-            log(f"{cal['n_needed'] - cal['n_images']} more defect-free images the run has not seen would let "
+            log(f"{count_text(cal['n_needed'] - cal['n_images'])} more defect-free images the run has not seen would let "
                 f"'defect-fast calibrate {out} IMAGES --with-held-back --out NEW_RUN' set the threshold for far "
                 f"{cfg.far:g} without training again")
         note = brightness_note(cal.get("score_brightness_rank_correlation"), cal["n_images"], cfg.level_brightness,
