@@ -130,11 +130,10 @@ def aw_ssim(
 
     NB (float32): a variance is the difference of two moments, each rounded (one float32 step
     of E[x^2] = 0.64 is 6e-8, over VAR_EPS at L = 1). Over an exactly flat window it can be a
-    rounding residue of up to a few 1e-7 instead of 0 (the larger the grey level, the larger the
-    residue: measured from 0.05 at a grey level of 0.3 to 0.2 above 0.7), and where such a
-    window meets texture in the other image, c and s and their gradients move by that much in
-    the map, differently in this reference, the CPU kernel and the CUDA kernel, which sum in
-    other orders. Photographs seldom hold exactly flat windows: on magnetic-tile images against
+    rounding residue of up to a few 1e-7 instead of 0, and where such a window meets texture in
+    the other image, c and s and their gradients move (in the map by up to 0.05 at a grey level
+    of 0.3 and up to 0.2 above 0.7, as measured; levels of 0.5 and 1 round exactly), differently
+    in this reference, the CPU kernel and the CUDA kernel, which sum in other orders. Photographs seldom hold exactly flat windows: on magnetic-tile images against
     a blurred copy, also brightened to [0.55, 1], float32 stays within 3.2e-3 of float64 in the
     map and 1.1e-5 in the score (sigma 0.7 to 3; experiments/aw_ssim_float32.py). Images with
     exactly flat areas (synthetic ones): pass float64.
