@@ -314,7 +314,13 @@ def _run_main(fn, argv, debug, user_errors, prog, err) -> int:
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse parser whose errors raise :class:`UsageError` (one line) instead of printing
-    the usage block and exiting; sub-parsers made with ``add_subparsers`` inherit it."""
+    the usage block and exiting; sub-parsers made with ``add_subparsers`` inherit it. A negative
+    number in scientific notation (``--threshold -1e-3``) is taken as a value, as argparse takes
+    ``-0.001``, not as an unknown option ("expected one argument")."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
 
     def error(self, message: str):  # type: ignore[override]
         raise UsageError(f"{one_line(message)} (see '{self.prog} --help')")

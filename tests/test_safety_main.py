@@ -57,6 +57,17 @@ def test_parser_errors_are_one_line_usage_errors():
         p.parse_args(["train", "--bogus"])
 
 
+def test_a_negative_number_in_scientific_notation_is_a_value():
+    """`--threshold -1e-3` was "expected one argument" (argparse took it for an option), where
+    `--threshold -0.001` worked."""
+    from defect_fast.cli import _parse
+
+    for text, value in (("-1e-3", -1e-3), ("-0.001", -1e-3), ("-2", -2.0), ("-1E+2", -100.0)):
+        assert _parse(["evaluate", "run", "data", "--threshold", text]).threshold == value
+    with pytest.raises(UsageError, match="expected one argument"):
+        _parse(["evaluate", "run", "data", "--threshold", "-x"])
+
+
 def test_check_device(monkeypatch):
     assert check_device("cpu") == torch.device("cpu")
     assert check_device("auto").type in ("cpu", "cuda")
