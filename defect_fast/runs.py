@@ -109,6 +109,8 @@ def model_file(run: Path | str) -> Path:
         return run
     path = run / MODEL_FILE
     if not path.exists():
+        if run.suffix == ".pt":  # a folder named like a model file: "model.pt: no model.pt" said nothing
+            raise RunError(f"{run}: is a folder, not a model file (nor a run folder: no {MODEL_FILE} inside)")
         hint = " (training did not finish; resume the training first)" if (run / CHECKPOINT_FILE).exists() else ""
         if not hint:  # a folder that holds runs (a demo's, runs/): the ones inside are named
             try:

@@ -187,6 +187,12 @@ def test_a_folder_that_holds_runs_names_them(tiny_run, synthetic_root, tmp_path,
     shutil.copytree(tiny_run, top / "run")
     assert main(["evaluate", str(top), str(synthetic_root)]) == 2
     assert f"{top}: no model.pt (runs inside it: {top / 'run'})" in capsys.readouterr().err
+    odd = tmp_path / "bad" / "model.pt"  # a folder named like a model file
+    odd.mkdir(parents=True)
+    for argv in (["calibrate", str(odd), "--with-held-back", "--out", str(tmp_path / "c")],
+                 ["audit", str(odd), "--out", str(tmp_path / "a")]):
+        assert main(argv) == 2
+        assert f"{odd}: is a folder, not a model file" in capsys.readouterr().err
 
 
 def test_an_empty_output_name_is_refused(tiny_run, synthetic_root, capsys):
