@@ -773,13 +773,11 @@ def _manifest(folder: Path) -> dict[str, Any]:
     return data
 
 
-#: The temporary :func:`atomic_open` writes a manifest to (``.<name>.<8 characters>.tmp``).
-_MANIFEST_TEMPORARY = re.compile(rf"\.{re.escape(MANIFEST_NAME)}\.[A-Za-z0-9_]{{8}}\.tmp")
-
-
-def _manifest_temporary(entry: Path) -> bool:
-    """A manifest's temporary left by a process killed while writing it (a plain file)."""
-    return bool(_MANIFEST_TEMPORARY.fullmatch(entry.name)) and entry.is_file() and not entry.is_symlink()
+def _temporary_of(entry: Path, name: str) -> bool:
+    """Whether ``entry`` is a temporary :func:`atomic_open` writes a file ``name`` to
+    (``.<name>.<8 characters>.tmp``, a plain file), e.g. one a process killed in the write left."""
+    return (re.fullmatch(rf"\.{re.escape(name)}\.[A-Za-z0-9_]{{8}}\.tmp", entry.name) is not None
+            and entry.is_file() and not entry.is_symlink())
 
 
 def _foreign_entries(folder: Path) -> list[str]:
@@ -787,7 +785,7 @@ def _foreign_entries(folder: Path) -> list[str]:
     (a process killed inside the first manifest's write left one, and then the folder counted as a
     user's); a link named as one of those is not one: it is the user's, and counts."""
     return sorted(e.name for e in folder.iterdir()
-                  if (e.name not in _OWN or e.is_symlink()) and not _manifest_temporary(e))
+                  if (e.name not in _OWN or e.is_symlink()) and not _temporary_of(e, MANIFEST_NAME))
 
 
 class OutputFolder:
@@ -928,9 +926,7 @@ class OutputFolder:
                 out.release()
         else:
             if out.lock is not None:  # no writer of the folder is alive: a killed one's manifest temporary goes
-                for entry in p.iterdir():
-                    if _manifest_temporary(entry):
-                        entry.unlink()
+                out.remove_stale_temporaries()
             out._write_manifest()
         return out
 
@@ -1022,9 +1018,8 @@ class OutputFolder:
             target = self._safe_target(rel)
             if target is None or not target.parent.is_dir():
                 continue
-            pattern = re.compile(rf"\.{re.escape(target.name)}\.[A-Za-z0-9_]{{8}}\.tmp")
             for entry in target.parent.iterdir():
-                if pattern.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
+                if _temporary_of(entry, target.name):
                     entry.unlink()
                     removed.append(entry)
         return removed
