@@ -51,7 +51,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .safety import atomic_open, atomic_write_text, short_stem
+from .safety import MAX_OUTPUT_STEM, atomic_open, atomic_write_text, short_stem
 
 __all__ = ["REGIONS", "add_parser", "command", "diagnose", "draw_grid", "figure_name", "figure_names", "format_table", "location_stats",
            "main", "rank_correlation", "region_masks", "top_pixel_mask", "top_pixel_weights"]
@@ -277,17 +277,14 @@ def _safe_name(name: str) -> str:
     return keep or "class"
 
 
-#: Longest figure name stem, in UTF-8 bytes: with a ``_k`` suffix, ``.png`` and the temporary's
-#: ``.NAME.png.XXXXXXXX.tmp`` it stays under the 255 bytes of a file name (a 228-character class
-#: folder failed at its figure's temporary file, after all the inference).
-MAX_STEM_BYTES = 200
-
-
 def figure_name(cls: str) -> str:
     """File name of a class's figure grid (``<class>.png``, unsafe characters replaced; a stem
-    over :data:`MAX_STEM_BYTES` cut, with a digest of the whole name so that two long names stay
-    apart: :func:`~defect_fast.safety.short_stem`, as ``watch`` names its maps)."""
-    return f"{short_stem(_safe_name(cls), MAX_STEM_BYTES)}.png"
+    over :data:`~defect_fast.safety.MAX_OUTPUT_STEM` bytes cut, with a digest of the whole name so
+    that two long names stay apart: :func:`~defect_fast.safety.short_stem`, as ``predict`` names
+    its maps; with a ``_k`` suffix, ``.png`` and the temporary's ``.NAME.png.XXXXXXXX.tmp`` it
+    stays under the 255 bytes of a file name: a 228-character class folder failed at its figure's
+    temporary file, after all the inference)."""
+    return f"{short_stem(_safe_name(cls), MAX_OUTPUT_STEM)}.png"
 
 
 def figure_names(classes) -> dict[str, str]:
