@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .gaaga import _blur_batch
-from .perlin import fractal_noise, perlin_noise
+from .perlin import fractal_noise, perlin_noise, uniform_draws
 
 __all__ = ["KINDS", "TEXTURES", "INTENSITY_EFFECTS", "warp", "texture_content", "intensity_content", "donors"]
 
@@ -33,11 +33,7 @@ INTENSITY_EFFECTS = ("shift", "blur", "contrast")
 
 
 def _rand(generator: torch.Generator, *shape: int, device: torch.device, dtype=torch.float32) -> torch.Tensor:
-    # (draws on the host are sent with non_blocking: an H2D copy of host data is staged before the
-    # call returns, and a blocking one also waits for all queued GPU work; a GPU generator's draws
-    # brought to the host are waited for, as a non-blocking D2H copy may not have landed when read)
-    return torch.rand(*shape, generator=generator, dtype=torch.float64, device=generator.device).to(
-        device, dtype, non_blocking=generator.device.type == "cpu")
+    return uniform_draws(generator, *shape, device=device, dtype=dtype)
 
 
 def _coords(n: int, h: int, w: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:

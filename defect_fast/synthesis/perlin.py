@@ -30,10 +30,17 @@ import torch
 __all__ = ["perlin_noise", "fractal_noise", "perlin_mask", "threshold_at_coverage", "shape_noise"]
 
 
-def _rand(generator: torch.Generator, *shape: int, device: torch.device) -> torch.Tensor:
-    """Uniform [0, 1) float64 drawn on the generator's device, moved to ``device``."""
+def uniform_draws(generator: torch.Generator, *shape: int, device: torch.device,
+                  dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Uniform [0, 1) drawn in float64 on the generator's device, moved to ``device`` as ``dtype``
+    (the draws of every synthesis: the same numbers whatever device the pixels are on).
+
+    Draws made on the host go with ``non_blocking``: a host-to-device copy of host data is staged
+    before the call returns, and a blocking one also waits for all queued GPU work. A GPU
+    generator's draws brought to the host are waited for: a non-blocking device-to-host copy may
+    not have landed when they are read."""
     return torch.rand(*shape, generator=generator, dtype=torch.float64, device=generator.device).to(
-        device, non_blocking=generator.device.type == "cpu")  # host draws only: see anomalies._rand
+        device, dtype, non_blocking=generator.device.type == "cpu")
 
 
 def _check_scale_range(scale_range, fn: str) -> tuple[float, float]:
@@ -116,7 +123,7 @@ def perlin_noise(batch: int, height: int, width: int, generator: torch.Generator
         hi = torch.tensor(hi, dtype=torch.float64).to(dev, non_blocking=True)
     if batch == 0:
         return torch.zeros(0, 1, height, width, device=dev, dtype=dtype)
-    u = _rand(generator, batch, 5, device=dev)
+    u = uniform_draws(generator, batch, 5, device=dev)
     # NB: at least 2 cells: a wrapping lattice of one cell has one gradient, i.e. parallel bands
     periods = torch.exp(lo.log() + u[:, :2] * (hi.log() - lo.log())).round().clamp(min=2)
     angle = u[:, 2] * (2 * math.pi) if rotate else torch.zeros_like(u[:, 2])
@@ -138,7 +145,7 @@ def perlin_noise(batch: int, height: int, width: int, generator: torch.Generator
     for o in range(octaves):
         p = periods * (2 ** o)
         size = int(p.max().item())
-        theta = _rand(generator, batch, size * size, device=dev) * (2 * math.pi)
+        theta = uniform_draws(generator, batch, size * size, device=dev) * (2 * math.pi)
         grad = torch.stack([theta.sin(), theta.cos()], dim=-1).to(work)
         sy, sx = p[:, 0:1].long(), p[:, 1:2].long()
         noise = _lattice_noise(grad, sy, sx, (ry + offset[:, 0:1]) * p[:, 0:1], (rx + offset[:, 1:2]) * p[:, 1:2])
@@ -275,7 +282,7 @@ def coverage_draw(coverage, batch: int, generator: torch.Generator, device: torc
         lo, hi = float(coverage[0]), float(coverage[1])
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"{fn}: coverage range must satisfy 0 < low <= high <= 1, got {coverage}")
-        u = _rand(generator, batch, device=device)
+        u = uniform_draws(generator, batch, device=device)
         cov = torch.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))
     if ((cov < 0) | (cov > 1)).any():
         raise ValueError(f"{fn}: coverage must lie in [0, 1], got {coverage}")

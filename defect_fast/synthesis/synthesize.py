@@ -72,7 +72,7 @@ import torch
 from .adga import adga, appearance, select_sources
 from .anomalies import KINDS, donors, intensity_content, texture_content, warp
 from .gaaga import gaaga
-from .perlin import perlin_noise, shape_noise, soft_alpha, threshold_at_coverage
+from .perlin import perlin_noise, shape_noise, soft_alpha, threshold_at_coverage, uniform_draws
 
 __all__ = ["SynthesisConfig", "synthesize", "METHODS", "VARIANTS", "KINDS", "SHAPES"]
 
@@ -185,10 +185,7 @@ class SynthesisConfig:
 
 
 def _uniform(generator, n, device):
-    # (non_blocking for host draws: staged before the call returns, where a blocking copy also
-    # waits for all queued GPU work; never for a GPU generator's draws brought to the host)
-    return torch.rand(n, generator=generator, dtype=torch.float64, device=generator.device).to(
-        device, non_blocking=generator.device.type == "cpu")
+    return uniform_draws(generator, n, device=device)
 
 
 def _categorical(u: torch.Tensor, weights: tuple[float, ...]) -> torch.Tensor:
