@@ -1277,8 +1277,9 @@ class Detector(nn.Module):
         and the perceptual map and image context when fitted; with a tensor digest, as training
         writes them. Runtime options (precision, fuse, device, batch size, compile, CUDA graphs)
         are given again to :meth:`load` (in bfloat16 a fused and an unfused model round
-        differently: the maps are the same only with the same options). An existing file is replaced only with ``overwrite``, and never
-        one an output folder of another command lists (a run's own ``model.pt``). Returns the path.
+        differently: the maps are the same only with the same options). An existing file is
+        replaced only with ``overwrite``, and never one an output folder of another command lists
+        (a run's own ``model.pt``). Returns the path.
 
         Raises:
             ValueError: the Detector scores by another ``top_fraction`` than the default, which

@@ -133,10 +133,11 @@ def aw_ssim(
     rounding residue of up to a few 1e-7 instead of 0, and where such a window meets texture in
     the other image, c and s and their gradients move (in the map by up to 0.05 at a grey level
     of 0.3 and up to 0.2 above 0.7, as measured; levels of 0.5 and 1 round exactly), differently
-    in this reference, the CPU kernel and the CUDA kernel, which sum in other orders. Photographs seldom hold exactly flat windows: on magnetic-tile images against
-    a blurred copy, also brightened to [0.55, 1], float32 stays within 3.2e-3 of float64 in the
-    map and 1.1e-5 in the score (sigma 0.7 to 3; experiments/aw_ssim_float32.py). Images with
-    exactly flat areas (synthetic ones): pass float64.
+    in this reference, the CPU kernel and the CUDA kernel, which sum in other orders.
+    Photographs seldom hold exactly flat windows: on magnetic-tile images against a blurred
+    copy, also brightened to [0.55, 1], float32 stays within 3.2e-3 of float64 in the map and
+    1.1e-5 in the score (sigma 0.7 to 3; experiments/aw_ssim_float32.py). Images with exactly
+    flat areas (synthetic ones): pass float64.
 
     Returns:
         score [B] (mean of the index over C, H-K+1, W-K+1), and with ``return_map`` also the
