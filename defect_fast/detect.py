@@ -119,6 +119,19 @@ MAX_GRAPHS = 8
 MAX_WORKSPACE = 8
 
 
+def _recently_used(cache: dict, key: Any, room: int) -> Any:
+    """``cache[key]``, moved last (the most recently used), or None when it is not there, after
+    the least recently used entries went until fewer than ``room`` are left: the caller adds the
+    new entry (last)."""
+    entry = cache.pop(key, None)
+    if entry is not None:
+        cache[key] = entry
+        return entry
+    while len(cache) >= room:
+        del cache[next(iter(cache))]
+    return None
+
+
 def _check_default_dtype() -> None:
     """The Detector builds and computes in float32; a calling program's
     ``torch.set_default_dtype(torch.float64)`` made it fail deep inside with dtype mismatches."""
@@ -717,12 +730,9 @@ class Detector(nn.Module):
         # per thread: two threads calling one Detector must not fill each other's buffer
         key = (name, shape, like.dtype, like.device, torch.is_inference_mode_enabled(), threading.get_ident())
         with _WORKSPACE_LOCK:  # threads share the dict: two evicting the same oldest key raised KeyError
-            buf = self._workspace.pop(key, None)
+            buf = _recently_used(self._workspace, key, MAX_WORKSPACE)  # shapes change: a few are kept
             if buf is None:
-                while len(self._workspace) >= MAX_WORKSPACE:  # shapes change: the least recently used goes
-                    del self._workspace[next(iter(self._workspace))]
-                buf = like.new_empty(shape)
-            self._workspace[key] = buf  # the most recently used last
+                buf = self._workspace[key] = like.new_empty(shape)
         return buf
 
     def _patches(self, x: torch.Tensor) -> torch.Tensor:
@@ -986,12 +996,8 @@ class Detector(nn.Module):
     def _graph_replay(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # inference mode too: a graph captured under it holds inference tensors a no_grad call cannot write
         key = (tuple(images.shape), images.dtype, images.device, torch.is_inference_mode_enabled())
-        entry = self._graphs.pop(key, None)
-        if entry is not None:
-            self._graphs[key] = entry  # the most recently used last
-        else:
-            while len(self._graphs) >= MAX_GRAPHS:  # shapes change: each graph holds its own memory pool
-                del self._graphs[next(iter(self._graphs))]  # the least recently used
+        entry = _recently_used(self._graphs, key, MAX_GRAPHS)  # shapes change: each graph holds its own memory pool
+        if entry is None:
             static_in = images.clone()
             stream = torch.cuda.Stream(images.device)
             stream.wait_stream(torch.cuda.current_stream(images.device))
