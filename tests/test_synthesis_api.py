@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from defect_fast.synthesis import KINDS, SHAPES, SynthesisConfig, adga, gaaga, synthesize
+from defect_fast.synthesis import KINDS, SHAPES, SynthesisConfig, adga, gaaga, perlin_mask, synthesize
 from defect_fast.synthesis.anomalies import donors, intensity_content, texture_content, warp
 
 
@@ -314,3 +314,25 @@ def test_config_errors_and_round_trip():
     with pytest.raises(ValueError, match="clean"):
         synthesize(torch.zeros(3, 32, 32), None, _gen(0), "gaaga")
     assert len(SHAPES) == 3 and len(KINDS) == 4
+
+
+@pytest.mark.parametrize("field, value", [
+    ("opacity", (0.0, 0.0)),  # a mask saying defect over unchanged pixels
+    ("scale_range", (2.0, float("inf"))),  # an overflow inside the noise later
+    ("intensity_softness", float("inf")),
+    ("softness", "3"),
+    ("clean_fraction", "abc"),
+    ("dark_lines", float("nan")),
+    ("k_nearest", 2.5),
+    ("grayscale", "no"),  # a truthy string would turn every content grey
+])
+def test_config_refuses_values_that_would_give_nonsense_later(field, value):
+    with pytest.raises(ValueError, match=f"SynthesisConfig.{field} must"):
+        SynthesisConfig(**{field: value})
+
+
+def test_functions_refuse_what_the_config_refuses():
+    with pytest.raises(ValueError, match="k_nearest"):
+        adga(_images(2), torch.zeros(1, 3, 16, 16), _gen(0), k_nearest=0)
+    with pytest.raises(ValueError, match="coverage"):
+        perlin_mask(2, 32, 32, _gen(0), coverage=float("nan"))

@@ -13,7 +13,10 @@ For every target image ``I_T`` of the batch:
    ``include_batch`` (the default) the nearest candidates are usually other defect-free images of
    the batch, which match the target's appearance more closely than a natural photo does, so
    the pasted piece is mostly another normal image's surface, misplaced; ``include_batch=False``
-   draws from the photos only.
+   draws from the photos only. On a uniform surface (every image alike, no structure to misplace)
+   the pasted piece is the same surface: the image barely changes while its mask labels a defect,
+   and a second stage learns little from it; ``include_batch=False`` (in :func:`synthesize`'s
+   "paper" variant: ``paper_options={"include_batch": False}``) pastes photos there.
 2. **Shape.** A polygon with ``n`` vertices, ``n`` uniform in ``vertices`` (3..7 by default). It
    is star-shaped around the centre of its box, so it never self-intersects: vertex ``i`` sits at
    angle ``2 pi (i + j_i) / n + theta_0`` (jitter ``|j_i| <= 0.35``, so angles strictly increase)
@@ -45,6 +48,7 @@ randomness comes from one ``torch.rand`` call on the given generator.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -177,6 +181,8 @@ def adga(images: torch.Tensor, sources: torch.Tensor | None, generator: torch.Ge
     aspect_range = _check_range("adga: aspect_range", aspect_range, 1e-6)
     scale_range = _check_range("adga: scale_range", scale_range, 1e-6)
     sigma_range = _check_range("adga: blur_sigma", blur_sigma, 0.0)
+    if isinstance(k_nearest, bool) or not isinstance(k_nearest, numbers.Integral) or k_nearest < 1:
+        raise ValueError(f"adga: k_nearest must be an integer >= 1, got {k_nearest!r}")
     if not 0.0 <= match_mean <= 1.0:
         raise ValueError(f"adga: match_mean must lie in [0, 1], got {match_mean}")
     b, _, h, w = images.shape

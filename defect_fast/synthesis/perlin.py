@@ -251,7 +251,8 @@ def perlin_mask(batch: int, height: int, width: int, generator: torch.Generator,
         coverage: the masked fraction of each image: a number, a ``(low, high)`` range drawn
             log-uniformly per image, or a ``[B]`` tensor.
         scale_range, rotate: as :func:`perlin_noise` (more cells: smaller, more numerous blobs).
-        softness: edge width of the alpha in pixels (0: hard edges).
+        softness: edge width of the alpha in pixels (0: hard edges; see :func:`soft_alpha` for
+            faint alpha away from the mask).
         device, dtype: of the alpha (default: the generator's device, float32).
         return_alpha: also return the alpha.
 
@@ -284,7 +285,7 @@ def coverage_draw(coverage, batch: int, generator: torch.Generator, device: torc
             raise ValueError(f"{fn}: coverage range must satisfy 0 < low <= high <= 1, got {coverage}")
         u = uniform_draws(generator, batch, device=device)
         cov = torch.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))
-    if ((cov < 0) | (cov > 1)).any():
+    if not ((cov >= 0) & (cov <= 1)).all():  # NaN too
         raise ValueError(f"{fn}: coverage must lie in [0, 1], got {coverage}")
     return cov
 
@@ -296,6 +297,12 @@ def soft_alpha(field: torch.Tensor, thr: torch.Tensor, mask: torch.Tensor,
     ``softness``: a number or ``[B]``: the width of the edge (alpha from 0 to 1) in pixels. The
     distance to the contour is estimated as ``(field - threshold) / |grad field|`` (central
     differences), so the width does not depend on the noise's scale. ``alpha >= 0.5`` iff ``mask``.
+
+    NB: the estimate is first-order: where the field comes close to the threshold without crossing
+    it (a bump peaking just below it, the ridge of a line field) it reads as near the contour, so
+    alpha there rises up to just under 0.5 away from every mask pixel: faint changes the mask does
+    not label, more of them the larger ``softness`` is. Training reads only the blended images, for
+    which they are more faint anomalies; a caller needing the changed pixels reads ``alpha > 0``.
     """
     b, _, h, w = field.shape
     if b == 0:

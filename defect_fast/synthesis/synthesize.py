@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,10 +87,19 @@ def _pair(name: str, v, lo: float, hi: float | None) -> tuple[float, float]:
         a, b = float(v[0]), float(v[1])
     except (TypeError, IndexError, ValueError):
         raise ValueError(f"SynthesisConfig.{name} must be a (low, high) pair, got {v!r}") from None
-    if not (lo <= a <= b and (hi is None or b <= hi)):
+    if not (lo <= a <= b and (hi is None or b <= hi) and math.isfinite(b)):
         upper = "" if hi is None else f" <= {hi}"
-        raise ValueError(f"SynthesisConfig.{name} must satisfy {lo} <= low <= high{upper}, got {v!r}")
+        raise ValueError(f"SynthesisConfig.{name} must satisfy {lo} <= low <= high{upper}, both finite, got {v!r}")
     return a, b
+
+
+def _number(name: str, v, lo: float, hi: float | None = None) -> float:
+    """``v`` as a finite float in [lo, hi] (hi None: no upper end), else a ValueError naming the field."""
+    x = float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else math.nan
+    if not (lo <= x and (hi is None or x <= hi) and math.isfinite(x)):
+        where = f"lie in [{lo}, {hi}]" if hi is not None else f"be a finite number >= {lo}"
+        raise ValueError(f"SynthesisConfig.{name} must {where}, got {v!r}")
+    return x
 
 
 def _mix(name: str, v, n: int) -> tuple[float, ...]:
@@ -118,7 +128,9 @@ class SynthesisConfig:
         scale_range: Perlin lattice cells per image side for blob/line/edge masks.
         line_scale_range: the same for line masks (fewer cells: longer, smoother curves).
         intensity_scale_range: the same for intensity anomalies.
-        softness: mask edge width in pixels (alpha 0 to 1); None: 0 for "gaaga", 3 for "adga".
+        softness: mask edge width in pixels (alpha 0 to 1); None: 0 for "gaaga", 3 for "adga"
+            (soft edges can also leave faint changes outside the mask: see
+            :func:`~defect_fast.synthesis.perlin.soft_alpha`).
         intensity_softness: edge width of intensity anomalies, pixels.
         dark_lines: probability that a line mask is filled with a darkened copy of the image (a crack).
         dark_edges: probability that an edge mask is filled with a dark level (a chipped edge).
@@ -148,25 +160,26 @@ class SynthesisConfig:
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"SynthesisConfig.variant must be one of {VARIANTS}, got {self.variant!r}")
-        if self.clean_fraction is not None and not 0 <= float(self.clean_fraction) <= 1:
-            raise ValueError(f"SynthesisConfig.clean_fraction must lie in [0, 1], got {self.clean_fraction}")
+        if self.clean_fraction is not None:
+            _number("clean_fraction", self.clean_fraction, 0.0, 1.0)
         for name in ("coverage", "line_coverage", "intensity_coverage"):
             _pair(name, getattr(self, name), 1e-6, 1.0)
-        _pair("opacity", self.opacity, 0.0, 1.0)
+        if _pair("opacity", self.opacity, 0.0, 1.0)[1] <= 0:  # nothing would be pasted under a mask saying defect
+            raise ValueError(f"SynthesisConfig.opacity must have high > 0, got {self.opacity!r}")
         _pair("scale_range", self.scale_range, 1.0, None)
         _pair("line_scale_range", self.line_scale_range, 1.0, None)
         _pair("intensity_scale_range", self.intensity_scale_range, 1.0, None)
         _mix("source_mix", self.source_mix, len(KINDS))
         _mix("shape_mix", self.shape_mix, len(SHAPES))
-        if self.softness is not None and not self.softness >= 0:
-            raise ValueError(f"SynthesisConfig.softness must be >= 0 or None, got {self.softness}")
-        if not self.intensity_softness >= 0:
-            raise ValueError(f"SynthesisConfig.intensity_softness must be >= 0, got {self.intensity_softness}")
+        if self.softness is not None:
+            _number("softness", self.softness, 0.0)
+        _number("intensity_softness", self.intensity_softness, 0.0)
         for name in ("dark_lines", "dark_edges"):
-            if not 0 <= float(getattr(self, name)) <= 1:
-                raise ValueError(f"SynthesisConfig.{name} must lie in [0, 1], got {getattr(self, name)}")
-        if int(self.k_nearest) < 1:
-            raise ValueError(f"SynthesisConfig.k_nearest must be >= 1, got {self.k_nearest}")
+            _number(name, getattr(self, name), 0.0, 1.0)
+        if isinstance(self.k_nearest, bool) or not isinstance(self.k_nearest, numbers.Integral) or self.k_nearest < 1:
+            raise ValueError(f"SynthesisConfig.k_nearest must be an integer >= 1, got {self.k_nearest!r}")
+        if self.grayscale is not None and not isinstance(self.grayscale, bool):
+            raise ValueError(f"SynthesisConfig.grayscale must be True, False or None, got {self.grayscale!r}")
         if not isinstance(self.paper_options, dict):
             raise ValueError(f"SynthesisConfig.paper_options must be a dict, got {type(self.paper_options).__name__}")
 
@@ -225,7 +238,8 @@ def synthesize(clean: torch.Tensor, sources: torch.Tensor | None, generator: tor
         ``[B]`` (photo index, else -1), ``dark`` ``[B]`` bool (content replaced by a dark crack /
         chipped-edge fill, see ``dark_lines``/``dark_edges``), ``alpha`` ``[B, 1, H, W]`` and ``content``
         ``[B, C, H, W]``: ``images == clean + beta * alpha * (content - clean)``. For "paper":
-        ``paper_info`` (the per-image list of :func:`gaaga`/:func:`adga`).
+        ``paper_info`` (the per-image list of :func:`gaaga`/:func:`adga`, drawn before the clean
+        draw: an image left clean keeps the entry of the anomaly it no longer shows).
     """
     cfg = config if config is not None else SynthesisConfig()
     if overrides:
