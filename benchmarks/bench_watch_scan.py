@@ -43,11 +43,11 @@ def main() -> None:
 
             def listing():
                 st.known = w._scan(st, False, print)
-                w._ready(st, st.known.keys(), 1.0, False)
+                w._ready(st, st.known.keys(), 1.0)
 
             def event():
                 keys = w._update(st, w._event_keys(st, new, False) | set(st.pending), False, print)
-                w._ready(st, keys, 1.0, False)
+                w._ready(st, keys, 1.0)
 
             t = time_interleaved({"listing": listing, "event": event}, rounds=args.rounds)
         ratio = t["listing"]["median_ms"] / t["event"]["median_ms"]

@@ -146,11 +146,38 @@ class RowsFile(list):
             write_results(self.path, {**self.payload, self.key: list(self)})
 
 
+#: results file asked for -> the file this process writes them to (see :func:`write_results`)
+_WRITTEN: dict[Path, Path] = {}
+
+
+def _own_file(path: Path) -> Path:
+    """The file this process writes ``path``'s results to: ``path`` itself, unless it held results
+    before the process first wrote there (another run's, committed ones); then the first free
+    ``<stem>-<n><suffix>`` beside it, said once on stderr."""
+    key = path.absolute()
+    if key not in _WRITTEN:
+        target = path
+        n = 1
+        while target.exists() or target.is_symlink():
+            n += 1
+            target = path.with_name(f"{path.stem}-{n}{path.suffix}")
+        if target != path:
+            print(f"{path} holds earlier results, kept: these go to {target} (move it over {path.name} to "
+                  "replace them)", file=sys.stderr)
+        _WRITTEN[key] = target
+    return _WRITTEN[key]
+
+
 def write_results(path: Path, payload: dict, quiet: bool = False) -> None:
     """``payload`` as JSON at ``path``, replaced whole (a temporary file renamed over it): a
-    benchmark that writes after every row leaves a readable file wherever it is stopped."""
+    benchmark that writes after every row leaves a readable file wherever it is stopped.
+
+    A file that was there before this process first wrote to ``path`` (another run's results, a
+    committed one) is never replaced: the results go to a numbered file beside it, named on
+    stderr (:func:`_own_file`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    path = _own_file(path)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(tmp, path)

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 COMMON = Path(__file__).resolve().parents[1] / "benchmarks" / "common.py"
@@ -41,3 +44,32 @@ def test_device_info_records_the_cpu_id_and_flags():
     info = _common().device_info("cpu")
     assert set(info["cpu_flags"]) >= {"avx512_bf16", "avx512_vnni", "amx_bf16"}
     assert isinstance(info["cpu_id"], dict)
+
+
+def test_results_never_replace_a_file_written_before_the_run(tmp_path, capsys):
+    """A rerun of a benchmark with its default output (a committed results file) keeps that file
+    and writes beside it; the run's own later writes (row by row) replace its own file."""
+    common = _common()
+    old = tmp_path / "msfr_cpu.json"
+    old.write_text('{"committed": true}\n')
+    common.write_results(old, {"rows": [1]}, quiet=True)
+    assert old.read_text() == '{"committed": true}\n'
+    assert "holds earlier results, kept" in capsys.readouterr().err
+    mine = tmp_path / "msfr_cpu-2.json"
+    assert json.loads(mine.read_text()) == {"rows": [1]}
+    common.write_results(old, {"rows": [1, 2]})
+    assert json.loads(mine.read_text()) == {"rows": [1, 2]} and old.read_text() == '{"committed": true}\n'
+    assert f"wrote {mine}" in capsys.readouterr().out
+    fresh = tmp_path / "new.json"
+    common.write_results(fresh, {"rows": [1]}, quiet=True)
+    common.write_results(fresh, {"rows": [1, 2]}, quiet=True)
+    assert json.loads(fresh.read_text()) == {"rows": [1, 2]} and not (tmp_path / "new-2.json").exists()
+
+
+def test_watch_scan_benchmark_runs(tmp_path):
+    """The benchmark calls the watcher's private scanning steps: it breaks when they change."""
+    out = tmp_path / "scan.json"
+    subprocess.run([sys.executable, str(COMMON.parent / "bench_watch_scan.py"), "--files", "20", "--rounds", "2",
+                    "--out", str(out)], check=True, capture_output=True, timeout=300)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["files"] for r in rows] == [20] and rows[0]["listing_ms"] > 0 and rows[0]["event_ms"] > 0
