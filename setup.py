@@ -21,7 +21,6 @@ from pathlib import Path
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
-from setuptools.command.sdist import sdist
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
@@ -59,15 +58,6 @@ class BuildPyWithCsrc(build_py):
             dest = target / path.relative_to(CSRC)
             dest.parent.mkdir(parents=True, exist_ok=True)
             self.copy_file(str(path), str(dest))
-
-
-class SdistWithCsrc(sdist):
-    """sdist that includes csrc/ (the wheel built from it needs the sources)."""
-
-    def add_defaults(self):
-        super().add_defaults()
-        for path in _csrc_files():
-            self.filelist.append(path.relative_to(ROOT).as_posix())
 
 
 def _flag(name: str) -> str | None:
@@ -112,6 +102,6 @@ def _extensions():
 
 
 ext_modules, cmdclass = _extensions()
-cmdclass.update({"build_py": BuildPyWithCsrc, "sdist": SdistWithCsrc})
+cmdclass.update({"build_py": BuildPyWithCsrc})  # csrc/ reaches the sdist through MANIFEST.in
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)
