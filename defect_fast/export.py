@@ -24,6 +24,7 @@ files (its tracing of the autocast pipeline fails on torch 2.13).
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -145,6 +146,12 @@ def _check_arguments(fmt: str, precision: str, batch: int) -> None:
                           f"files are float32 only")
     if batch < 1:
         raise ExportError(f"--batch must be >= 1, got {batch}")
+    if fmt == "onnx":
+        try:
+            importlib.import_module("onnx")  # torch's exporter writes the file with it
+        except ImportError:
+            raise ExportError("--format onnx needs the onnx package, which is not installed: pip install onnx "
+                              "(or give --format torchscript or exported)") from None
 
 
 def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, source: Path | None = None,
