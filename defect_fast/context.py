@@ -76,6 +76,7 @@ from torch import nn
 
 from .perceptual import (_ALEXNET, _LPIPS_SCALE, _LPIPS_SHIFT, FrozenTrunk, alexnet_centres, checked_placement,
                          place_features, place_profile)
+from .tracing import exporting
 
 #: The conv layers (1-based) the context reads by default.
 LAYERS = (3, 4, 5)
@@ -208,7 +209,7 @@ def _median(x: torch.Tensor, dim: int) -> torch.Tensor:
     through a sort while exporting to ONNX, which has no median operator; ``torch.median``
     elsewhere (fewer rows; a GPU, where one kernel per compare-exchange would cost more than it
     saves; traced or scripted graphs, which keep one operator)."""
-    if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+    if torch.onnx.is_in_onnx_export() or exporting():
         return _sorted_median(x, dim)
     if x.device.type == "cpu" and x.numel() >= _NETWORK_MIN_ROWS * x.shape[dim] > 0 \
             and not torch.jit.is_tracing() and not torch.jit.is_scripting():

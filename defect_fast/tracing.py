@@ -9,11 +9,19 @@ from typing import Callable
 import torch
 
 
+def exporting() -> bool:
+    """True inside torch.export (and its ONNX path). torch.compiler.is_exporting is newer than the
+    oldest torch this package accepts; there, torch.export traces through dynamo, which
+    :func:`tracing` already sees as compiling."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting()) if is_exporting is not None else False
+
+
 def tracing() -> bool:
     """True while the calling code is traced or exported rather than run: no caches, no compiled
     or captured parts then."""
     return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
-            or torch.compiler.is_exporting())
+            or exporting())
 
 
 def constant_cache(maxsize: int) -> Callable:

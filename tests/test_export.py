@@ -189,6 +189,24 @@ def test_export_refuses_to_replace_a_description_beside_the_file(run, tmp_path, 
     assert "is a folder" in capsys.readouterr().err and not (tmp_path / "w.onnx").exists()
 
 
+def test_onnx_export_without_the_onnx_package_is_one_line(run, tmp_path, capsys, monkeypatch):
+    """onnx is not a dependency (the `export` extra): its absence was an internal error and a traceback."""
+    monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` raises ImportError
+    assert main(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "w.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "pip install onnx" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "w.onnx").exists()
+
+
+def test_tracing_checks_work_on_a_torch_without_is_exporting(monkeypatch):
+    """torch.compiler.is_exporting is newer than the oldest torch the package accepts; every map
+    asks whether it is traced (tracing()), which raised AttributeError there."""
+    from defect_fast.tracing import exporting, tracing
+
+    monkeypatch.delattr(torch.compiler, "is_exporting")
+    assert tracing() is False and exporting() is False
+
+
 def test_an_interrupted_export_leaves_no_file(run, tmp_path, monkeypatch):
     out = tmp_path / "det.ts"
 
