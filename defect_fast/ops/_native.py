@@ -13,7 +13,10 @@ Where the extension comes from, in order:
    once per change and reused by later processes without a compiler run. A new directory
    starts from the objects of the newest finished build with the same flags, so only changed
    files are recompiled; the three newest builds of those flags are kept. A file lock keeps two
-   processes from building at once. ``DEFECT_FAST_VERBOSE_BUILD=1`` shows the compiler output.
+   processes from building at once. A finished build's stamp (``build.ok``) records the
+   library's size and SHA-256; a library it does not vouch for (damaged, cut short, or left by
+   a build killed while linking) is linked again from the objects before anything imports it.
+   ``DEFECT_FAST_VERBOSE_BUILD=1`` shows the compiler output.
 
 :func:`load` returns ``(module, "")`` or ``(None, reason)``; the result is cached in the
 process. When the CUDA build fails the CPU kernels are still built and :func:`cuda_reason`
@@ -306,15 +309,53 @@ def _file_lock(path: Path, blocking: bool = True):
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def _import_built(build_dir: Path):
-    """Imports the library a previous build left in ``build_dir`` (no compiler involved)."""
+def _library(build_dir: Path) -> Path | None:
+    """The library a build linked in ``build_dir``, or None."""
     import importlib.machinery
 
     for suffix in importlib.machinery.EXTENSION_SUFFIXES + [".so", ".pyd"]:
         path = build_dir / f"{EXTENSION_NAME}{suffix}"
         if path.is_file():
-            break
-    else:
+            return path
+    return None
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes (hex)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _library_record(path: Path) -> str:
+    """``name size sha256`` of a linked library: what the build stamp vouches for."""
+    return f"{path.name} {path.stat().st_size} {file_digest(path)}"
+
+
+def _stamp_vouches(stamp: Path, build_dir: Path) -> bool:
+    """Whether the library in ``build_dir`` is the one its stamp recorded (its third line; a
+    stamp from before that record vouches for none: the library is linked again, once). A library
+    cut short (a full disk, a crash while it was written) can import and then fault the process
+    (SIGBUS) at first use."""
+    lines = stamp.read_text().splitlines()
+    path = _library(build_dir)
+    return path is not None and len(lines) >= 3 and lines[2] == _library_record(path)
+
+
+def _drop_library(build_dir: Path) -> None:
+    """Removes the linked library (not the objects): ninja links it again, in seconds."""
+    path = _library(build_dir)
+    if path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _import_built(build_dir: Path):
+    """Imports the library a previous build left in ``build_dir`` (no compiler involved)."""
+    path = _library(build_dir)
+    if path is None:
         return None
     spec = importlib.util.spec_from_file_location(EXTENSION_NAME, path)
     module = importlib.util.module_from_spec(spec)
@@ -348,12 +389,15 @@ def _jit_build(root: Path, with_cuda: bool):
     with _file_lock(build_dir / "defect_fast.lock"):
         if stamp.is_file():
             try:
-                module = _import_built(build_dir)
+                module = _import_built(build_dir) if _stamp_vouches(stamp, build_dir) else None
             except ImportError:  # a damaged build: make it again
                 module = None
-                stamp.unlink()
             if module is not None:
                 return module
+            stamp.unlink()
+        # No stamp vouches for a library here (a build killed while linking, a damaged file): ninja
+        # would take it for up to date and the import fail again, on every run; linked again.
+        _drop_library(build_dir)
         # A build killed mid-way leaves torch's own lock file; ours says nobody is building now.
         with contextlib.suppress(FileNotFoundError):
             (build_dir / "lock").unlink()
@@ -396,7 +440,8 @@ def _jit_build(root: Path, with_cuda: bool):
                     os.environ["TORCH_CUDA_ARCH_LIST"] = old_archs
         with contextlib.suppress(FileNotFoundError):
             (build_dir / "build_error.log").unlink()
-        stamp.write_text(f"{digest}\n{torch.__version__}\n")
+        lib = _library(build_dir)
+        stamp.write_text(f"{digest}\n{torch.__version__}\n" + (f"{_library_record(lib)}\n" if lib else ""))
     with contextlib.suppress(OSError):
         _prune_family(build_dir, family)
     return module

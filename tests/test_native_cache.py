@@ -1,0 +1,48 @@
+"""The first-use build's cache (defect_fast/ops/_native.py): a damaged library in it is linked again."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from defect_fast.ops import _native, backend
+
+PROBE = "from defect_fast.ops import backend; print(backend())"
+
+
+def _jit_build_dir() -> Path:
+    info = _native.build_info()
+    if backend() == "reference" or info is None:
+        pytest.skip("the native kernels did not build here")
+    if info.get("build_kind") != "jit" or not info.get("path"):
+        pytest.skip("the kernels come from an ahead-of-time build, not the first-use cache")
+    return Path(info["path"]).parent
+
+
+def _run(cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DEFECT_FAST_BUILD_DIR": str(cache)}
+    return subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("damage", ["empty", "cut short"])
+def test_a_damaged_library_in_the_build_cache_is_linked_again(tmp_path, damage):
+    """An emptied library (a full disk) failed to import and its stamp went, but the library
+    stayed: ninja took it for up to date, and every later process ran the reference ops. One cut
+    short under a stamp still there imported and faulted the process (SIGBUS) at first use."""
+    built = _jit_build_dir()
+    build = tmp_path / "cache" / built.name  # the same key: this version's sources, flags and torch
+    shutil.copytree(built, build, ignore=shutil.ignore_patterns("defect_fast.lock", "lock"))
+    lib = _native._library(build)
+    stamp = (build / "build.ok").read_text().splitlines()[:2]
+    (build / "build.ok").write_text("\n".join(stamp + [_native._library_record(lib)]) + "\n")  # as this version stamps
+    data = lib.read_bytes()
+    lib.write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
+    first = _run(tmp_path / "cache")
+    assert first.returncode == 0 and first.stdout.split() == ["cpu"], (first.returncode, first.stdout, first.stderr[-2000:])
+    assert _native._stamp_vouches(build / "build.ok", build)
+    again = _run(tmp_path / "cache")  # the repaired build is used as it is
+    assert again.stdout.split() == ["cpu"] and "compiling" not in again.stderr
