@@ -9,11 +9,18 @@ tensors made by a CPU generator and moved; the pixel work runs on the training d
 the training images stay (:mod:`defect_fast.train`).
 
 - eager: float32, contiguous (NCHW) tensors, the default Adam.
-- tuned: channels_last model and inputs, plus the autocast dtype ``defect-fast train --precision
-  auto`` picks (:func:`defect_fast.train.train_dtype`): bfloat16 on GPUs that have it and on CPUs
-  with AVX512-BF16 or AMX (oneDNN's bfloat16 kernels); elsewhere channels_last float32. Adam's
-  fused kernel and, on CUDA, cuDNN's timed algorithm search, as training uses them (the eager
-  steps run other dtypes and layouts, so the plans cuDNN keeps per shape are not shared).
+- tuned: what ``defect-fast train --precision auto`` runs (:class:`defect_fast.train.Trainer`):
+  the autocast dtype it picks (:func:`defect_fast.train.train_dtype`), bfloat16 on GPUs that
+  have it and on CPUs with AVX512-BF16 or AMX (oneDNN's bfloat16 kernels), and with it a
+  channels_last model and inputs (the matrix-product layers' weights in the default layout,
+  ``keep_matrix_weights_contiguous``); elsewhere float32 in NCHW, as the trainer keeps it there.
+  Adam's fused kernel where the trainer takes it (float parameters on the CPU or CUDA) and, on
+  CUDA, cuDNN's timed algorithm search (the eager steps run other dtypes and layouts, so the plans
+  cuDNN keeps per shape are not shared).
+
+Both sides freeze what the stage does not train, as the trainer does: only
+``model.trainable_parameters(stage)`` require gradients (CMA-AE's memory is frozen in the
+synthetic stage, and no step computes its gradient).
 
 Images are random (uniform noise, smoothed) and so are the synthesis sources: throughput does not
 depend on the pictures, and the benchmark needs no files or network.
@@ -44,6 +51,24 @@ from defect_fast.models import build_model
 def tuned_precision(device: str) -> torch.dtype | None:
     """What ``defect-fast train --precision auto`` trains in on ``device`` (None: float32)."""
     return train_dtype("auto", torch.device(device))
+
+
+def trainable(model: torch.nn.Module, stage: int) -> list[torch.nn.Parameter]:
+    """``model.trainable_parameters(stage)``, the only parameters left requiring gradients, as
+    :meth:`defect_fast.train.Trainer._optimizer` sets them (the rest frozen)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = model.trainable_parameters(stage)
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def trainer_adam(params: list[torch.nn.Parameter], lr: float = 1e-4) -> torch.optim.Adam:
+    """Adam as :meth:`defect_fast.train.Trainer._optimizer` builds it: the fused kernel when every
+    parameter is a float on the CPU or CUDA, else the default implementation."""
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params) or None
+    return torch.optim.Adam(params, lr=lr, fused=fused)
 
 
 def smooth_noise(n: int, size: int, generator: torch.Generator, device: str) -> torch.Tensor:
@@ -84,16 +109,17 @@ class Workload:
         self.sources = smooth_noise(4, image_size, gen, device)
         self.gen = torch.Generator().manual_seed(seed)  # draws on the CPU, pixel work on the device, as training does
         self.cpu_gen = torch.Generator().manual_seed(seed + 1)
-        self.memory_format = torch.channels_last if tuned else torch.contiguous_format
         self.search = tuned and device.startswith("cuda")  # cudnn_benchmark, as defect_fast.train has it on CUDA
         self.precision = precision if tuned else None
-        self.model = self.model.to(memory_format=self.memory_format)
-        if tuned:  # as defect_fast.train lays them out
-            keep_matrix_weights_contiguous(self.model)
+        # channels_last only with a reduced-precision dtype, as Trainer.__init__ and Trainer.run decide
+        self.memory_format = torch.channels_last if self.precision is not None else torch.contiguous_format
+        if self.precision is not None:  # as defect_fast.train lays them out
+            self.model = keep_matrix_weights_contiguous(self.model.to(memory_format=torch.channels_last))
         if hasattr(self.model, "begin_epoch"):
             self.model.begin_epoch(stage, 0)
-        # tuned: Adam's fused kernel, as defect_fast.train uses it; eager: the default implementation
-        self.opt = torch.optim.Adam(self.model.trainable_parameters(stage), lr=1e-4, fused=True if tuned else None)
+        params = trainable(self.model, stage)  # both sides: frozen parameters compute no gradient
+        # tuned: Adam as defect_fast.train builds it (fused where it can); eager: the default implementation
+        self.opt = trainer_adam(params) if tuned else torch.optim.Adam(params, lr=1e-4)
         if self.stage_name == "synthetic":
             self.synth = self.model.synthesize  # the model's own: GAAGA for CMA-AE, ADGA for the AW-SSIM AE
 
@@ -147,8 +173,9 @@ def main() -> None:
     info = device_info(args.device)
     results = {
         "info": info, "command": command_line(),
-        "modes": {"eager": "float32, NCHW",
-                  "tuned": f"channels_last, {'bfloat16 autocast' if precision else 'float32 (no bf16 instructions)'}"},
+        "modes": {"eager": "float32, NCHW, default Adam",
+                  "tuned": (f"channels_last, {str(precision).removeprefix('torch.')} autocast, fused Adam" if precision
+                            else "float32, NCHW (no bf16 instructions: the trainer's layout), fused Adam")},
         "image_size": args.image_size, "steps": steps, "warmup": args.warmup, "rows": [], "skipped": [],
     }
     out_path = args.out or RESULTS / f"train_{args.device.split(':')[0]}.json"

@@ -73,3 +73,40 @@ def test_watch_scan_benchmark_runs(tmp_path):
                     "--out", str(out)], check=True, capture_output=True, timeout=300)
     rows = json.loads(out.read_text())["rows"]
     assert [r["files"] for r in rows] == [20] and rows[0]["listing_ms"] > 0 and rows[0]["event_ms"] > 0
+
+
+def _bench_train():
+    sys.path.insert(0, str(COMMON.parent))  # bench_train imports common by name
+    try:
+        spec = importlib.util.spec_from_file_location("bench_train", COMMON.parent / "bench_train.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(COMMON.parent))
+
+
+def test_bench_train_tuned_side_follows_the_trainer():
+    """The tuned side runs what Trainer runs: channels_last only with a reduced-precision dtype
+    (float32 stays NCHW), fused Adam, and only the stage's trainable parameters require gradients
+    (CMA-AE's memory is frozen in the synthetic stage), on the eager side too."""
+    import torch
+
+    bench_train = _bench_train()
+    for precision in (None, torch.bfloat16):
+        tuned = bench_train.Workload("cmaae", 1, 4, 64, "cpu", True, precision)
+        w = tuned.model.encoder[1][0].weight
+        assert w.is_contiguous() == (precision is None)
+        assert tuned.memory_format == (torch.contiguous_format if precision is None else torch.channels_last)
+        assert tuned.opt.defaults["fused"] is True
+    eager = bench_train.Workload("cmaae", 1, 4, 64, "cpu", False, torch.bfloat16)
+    assert eager.precision is None and eager.model.encoder[1][0].weight.is_contiguous()
+    assert not eager.opt.defaults["fused"]
+    for w in (tuned, eager):
+        memory = w.model.mam.memory
+        assert not memory.requires_grad
+        assert all(p.requires_grad for p in w.model.trainable_parameters(1))
+        w.step()
+        assert memory.grad is None
+    normal = bench_train.Workload("cmaae", 0, 4, 64, "cpu", True, None)
+    assert normal.model.mam.memory.requires_grad
