@@ -61,6 +61,8 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=30)
     ap.add_argument("--out", default=str(RESULTS / "allocator_cpu.json"))
     args = ap.parse_args()
+    if args.pairs < 1 or args.calls < 1:
+        ap.error("--pairs and --calls must be >= 1")
     info = device_info("cpu")
     rows = []
     for i in range(args.pairs):

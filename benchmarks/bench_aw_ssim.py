@@ -21,7 +21,7 @@ import argparse
 import statistics
 import time
 
-from common import op_rows
+from common import comma_counts, op_rows
 
 import torch
 
@@ -91,6 +91,9 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="results JSON (default: benchmarks/results/aw_ssim_<device>.json)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    batches = comma_counts(parser, "--batches", args.batches)
+    if args.rounds < 1 or (args.threads is not None and args.threads < 1):
+        parser.error("--rounds and --threads must be >= 1")
 
     module, reason = _native.load()
     if module is None:
@@ -116,7 +119,7 @@ def main() -> None:
     cases = op_rows("aw_ssim", device, note, args.out, write=not args.no_write)  # written after every case
     if pytorch_msssim is None:
         cases.payload["skipped"] = [missing]
-    for B in [int(b) for b in args.batches.split(",")]:
+    for B in batches:
         x, y, sigma = make_inputs(B, dtype, device)
         sigma15 = torch.full_like(sigma, 1.5)
         a, b, c = AW_WEIGHTS

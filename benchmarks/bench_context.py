@@ -141,6 +141,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: no CUDA device is visible")
+    if min(args.threads, args.batch, args.rounds, args.fit_images) < 1:
+        ap.error("--threads, --batch, --rounds and --fit-images must be >= 1")
     dev = torch.device(args.device)
     allocator = keep_freed_memory()  # as the command line sets it (DEFECT_FAST_MALLOC=default: glibc's own)
     torch.set_num_threads(args.threads)

@@ -33,16 +33,18 @@ from common import RESULTS, command_line, device_info, time_interleaved, write_r
 
 from defect_fast.detect import Detector
 from defect_fast.export import export_detector
-from defect_fast.models import build_model
+from defect_fast.models import build_model, model_names
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["cmaae", "awae"])
+    ap.add_argument("--models", nargs="+", default=["cmaae", "awae"], choices=model_names())
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/export_cpu.json)")
     args = ap.parse_args()
+    if args.rounds < 1 or args.warmup < 0:
+        ap.error("--rounds must be >= 1 and --warmup >= 0")
     import onnxruntime as ort
 
     info = device_info("cpu")

@@ -51,7 +51,7 @@ from defect_fast import ops
 from defect_fast.allocator import keep_freed_memory
 from defect_fast.precision import cudnn_benchmark
 from defect_fast.detect import PRECISIONS, Detector, cpu_threads
-from defect_fast.models import build_model
+from defect_fast.models import build_model, model_names
 
 PAPER_MS_PER_IMAGE = 41.673  # CMA-AE paper, 512x512 image, NVIDIA A100
 SIZE = 512
@@ -84,7 +84,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=1, help="untimed calls of each timed callable per batch, after "
                     "the call of each path that compares their maps")
-    ap.add_argument("--models", nargs="+", default=["cmaae", "awae"])
+    ap.add_argument("--models", nargs="+", default=["cmaae", "awae"], choices=model_names())
     ap.add_argument("--threads", type=int, default=None, help="CPU threads of both paths (default: torch's); on a "
                     "CPU shared with busy processes 1 can beat the core count")
     ap.add_argument("--compile", action="store_true", help="tuned path with torch.compile")

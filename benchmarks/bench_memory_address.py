@@ -100,6 +100,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="results JSON (default: benchmarks/results/memory_address_<device>.json)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    if args.rounds < 1 or (args.threads and min(args.threads) < 1):
+        parser.error("--rounds and --threads must be >= 1")
 
     module, reason = _native.load()
     if module is None:

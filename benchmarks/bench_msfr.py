@@ -14,7 +14,7 @@ import argparse
 import statistics
 import time
 
-from common import op_rows, time_interleaved
+from common import comma_counts, op_rows, time_interleaved
 
 import torch
 
@@ -69,6 +69,9 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="results JSON (default: benchmarks/results/msfr_<device>.json)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    thread_counts = comma_counts(parser, "--threads", args.threads) if args.threads else [torch.get_num_threads()]
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
 
     module, reason = _native.load()
     if module is None:
@@ -77,7 +80,6 @@ def main() -> None:
 
     dtype = getattr(torch, args.dtype)
     device = args.device
-    thread_counts = [int(t) for t in args.threads.split(",") if t] or [torch.get_num_threads()]
     note = (
         "median of interleaved rounds under torch.no_grad(); speedup = reference median / native median; "
         "cpu_time_ms (1 thread only): median process CPU time per call, less sensitive to other load; "

@@ -241,6 +241,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/replaced_cpu.json)")
     args = ap.parse_args()
+    if args.repeats < 1 or args.threads < 1:
+        ap.error("--repeats and --threads must be >= 1")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     info = device_info("cpu")

@@ -169,6 +169,13 @@ def main() -> None:
     steps = args.steps or (10 if cuda else 3)
     if min(batches) < 1 or steps < 1:
         ap.error("--batch and --steps must be >= 1")
+    if args.warmup < 0:
+        ap.error("--warmup must be >= 0")
+    probes = {name: build_model(name) for name in args.models}  # untrained, for their patch sizes and stages
+    for name, probe in probes.items():
+        patch = probe.patch_size
+        if args.image_size < patch or args.image_size % patch:
+            ap.error(f"--image-size {args.image_size}: {name} cuts {patch}-px patches; give a multiple of {patch}")
     precision = tuned_precision(args.device)
     info = device_info(args.device)
     results = {
@@ -182,10 +189,9 @@ def main() -> None:
     for name in args.models:
         for batch in batches:
             for stage_name in args.stages:
-                probe = build_model(name)
-                if stage_name not in probe.stages:
+                if stage_name not in probes[name].stages:
                     continue
-                stage = probe.stages.index(stage_name)
+                stage = probes[name].stages.index(stage_name)
                 try:
                     eager = Workload(name, stage, batch, args.image_size, args.device, False, precision, args.lpips_weights)
                     tuned = Workload(name, stage, batch, args.image_size, args.device, True, precision, args.lpips_weights)

@@ -111,6 +111,18 @@ def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 10, war
     }
 
 
+def comma_counts(parser, option: str, text: str) -> list[int]:
+    """``text``, comma-separated whole numbers >= 1 (``--batches 64,512``), as ints; anything else
+    (``64,``, ``0``, ``x``) is a usage error naming ``option``, before the benchmark does any work."""
+    try:
+        values = [int(t) for t in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        parser.error(f"{option} {text!r}: expected whole numbers >= 1, separated by commas (e.g. 64,512)")
+    return values
+
+
 def command_line() -> str:
     """The command that produced the results (for the JSON)."""
     return "python " + " ".join(shlex.quote(a) for a in sys.argv)
