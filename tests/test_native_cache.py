@@ -46,3 +46,31 @@ def test_a_damaged_library_in_the_build_cache_is_linked_again(tmp_path, damage):
     assert _native._stamp_vouches(build / "build.ok", build)
     again = _run(tmp_path / "cache")  # the repaired build is used as it is
     assert again.stdout.split() == ["cpu"] and "compiling" not in again.stderr
+
+
+def test_an_installed_build_that_does_not_load_is_said(monkeypatch):
+    """An ahead-of-time defect_fast._C that fails to import (built against another torch) was passed
+    over in silence for a first-use build of minutes; now a warning and `info` say why."""
+    _jit_build_dir()
+    import importlib
+    import importlib.util
+
+    real_find, real_import = importlib.util.find_spec, importlib.import_module
+
+    def find_spec(name, *args):
+        return object() if name == "defect_fast._C" else real_find(name, *args)
+
+    def import_module(name, *args):
+        if name == "defect_fast._C":
+            raise ImportError("undefined symbol: _ZN3c10")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(importlib, "import_module", import_module)
+    monkeypatch.delenv("DEFECT_FAST_JIT", raising=False)
+    monkeypatch.setattr(_native, "_aot_skipped", "")
+    with pytest.warns(RuntimeWarning, match="defect_fast._C does not load .*undefined symbol"):
+        result = _native._load_uncached()
+    assert result[0] is not None
+    monkeypatch.setattr(_native, "_result", result)
+    assert "undefined symbol" in _native.build_info()["aot_skipped"]

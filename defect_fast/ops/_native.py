@@ -66,6 +66,7 @@ _DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"  # +PTX: GPUs after sm_90 JIT-compile the sm
 _lock = threading.Lock()
 _result: tuple[object | None, str] | None = None
 _cuda_reason = ""
+_aot_skipped = ""  # why an installed ahead-of-time build was not used (compiled at first use instead)
 _built_with_cuda = False
 _runs_on: dict[int, bool] = {}  # GPU index -> whether the CUDA kernels were built for it
 
@@ -478,7 +479,7 @@ def _check_aot(module) -> None:
 
 
 def _load_uncached():
-    global _cuda_reason
+    global _cuda_reason, _aot_skipped
     import torch  # noqa: F401 - libtorch must be loaded before the extension
 
     module, aot_reason = _load_aot()
@@ -487,6 +488,10 @@ def _load_uncached():
         if not module.build_info().get("cuda"):
             _cuda_reason = "the ahead-of-time build has no CUDA kernels"
         return module, ""
+    if aot_reason.startswith("defect_fast._C does not load"):  # installed, but (e.g. after a torch upgrade) unusable
+        _aot_skipped = aot_reason
+        warnings.warn(f"defect_fast: {aot_reason}; using the kernels compiled at first use instead (reinstall with "
+                      "pip install --no-build-isolation . to build it again)", RuntimeWarning, stacklevel=4)
     root = csrc_dir()
     if root is None:
         return None, f"{aot_reason}, and no csrc sources to compile (looked in {_PACKAGE_DIR.parent / 'csrc'} and {_PACKAGE_DIR / '_csrc'})"
@@ -583,6 +588,8 @@ def build_info() -> dict | None:
     info = dict(module.build_info())
     path = getattr(module, "__file__", None)
     info["path"] = path
+    if _aot_skipped:
+        info["aot_skipped"] = _aot_skipped
     if info.get("source_digest") is None and path is not None:  # JIT: the stamp beside the library
         with contextlib.suppress(OSError, IndexError):
             info["source_digest"] = (Path(path).parent / "build.ok").read_text().split()[0]
