@@ -5,7 +5,9 @@
   ``defect_fast/_csrc``, compiled at first use against the installed torch
   (see defect_fast/ops/_native.py).
 - ``pip install --no-build-isolation .`` with torch installed: the kernels are also compiled
-  now, as ``defect_fast._C``, with the same sources and flags as the JIT build.
+  now, as ``defect_fast._C``, with the same sources and flags as the JIT build (and ``-g0``
+  against the debug info Python's compile flags ask for). A failed build stops the install and
+  names ``DEFECT_FAST_NO_AOT=1``.
   Environment: ``DEFECT_FAST_NO_AOT=1`` skips that; ``DEFECT_FAST_CUDA=0``/``1`` turns the CUDA
   kernels off/on (default: on when torch has CUDA and a toolkit is found);
   ``TORCH_CUDA_ARCH_LIST`` picks the GPU architectures (default: the visible GPUs with PTX for later
@@ -87,7 +89,8 @@ def _extensions():
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
     flags = native.compile_flags(with_cuda, native.sources_digest(CSRC), "aot", arch_list, native._openmp_available())
     sources = [p.relative_to(ROOT).as_posix() for p in native.source_files(CSRC, with_cuda)]
-    compile_args = {"cxx": flags["cxx"]}
+    # -g0: Python's own compile flags ask for debug info, which made the library 18x the JIT build's size
+    compile_args = {"cxx": flags["cxx"] + ([] if os.name == "nt" else ["-g0"])}
     if with_cuda:
         compile_args["nvcc"] = flags["nvcc"]
     kind = CUDAExtension if with_cuda else CppExtension
@@ -98,7 +101,18 @@ def _extensions():
         extra_compile_args=compile_args,
         extra_link_args=flags["ld"],
     )
-    return [ext], {"build_ext": BuildExtension}
+    class BuildExtensionSaysTheWayOut(BuildExtension):
+        """A failed ahead-of-time build ends the install with the way to install without it."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as exc:  # noqa: BLE001 - the compiler's failure, whatever it raised
+                raise SystemExit(f"defect_fast: the ahead-of-time build of the native kernels failed ({type(exc).__name__}: "
+                                 f"{exc}); set DEFECT_FAST_NO_AOT=1 to install without it (the kernels are then "
+                                 "compiled at first use, or the PyTorch reference ops run)") from exc
+
+    return [ext], {"build_ext": BuildExtensionSaysTheWayOut}
 
 
 ext_modules, cmdclass = _extensions()

@@ -20,13 +20,19 @@ def _tracked_files() -> list[str]:
     return [p for p in out.decode().split("\0") if p and (ROOT / p).is_file()]
 
 
+def _committed_tree(tmp_path: Path) -> Path:
+    """A copy of the committed files (not this checkout's build products)."""
+    src = tmp_path / "src"
+    for rel in _tracked_files():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, src / rel)
+    return src
+
+
 def test_sdist_carries_the_kernel_sources_and_what_the_tests_read(tmp_path):
     """A wheel built from the sdist compiles (or ships as defect_fast/_csrc) the sources in csrc/:
     without them every install from the sdist ran the PyTorch reference ops only."""
-    src = tmp_path / "src"
-    for rel in _tracked_files():  # the committed tree, not this checkout's build products
-        (src / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, src / rel)
+    src = _committed_tree(tmp_path)
     env = {**os.environ, "DEFECT_FAST_NO_AOT": "1"}
     subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")], cwd=src, env=env,
                    check=True, capture_output=True, timeout=300)
@@ -37,3 +43,17 @@ def test_sdist_carries_the_kernel_sources_and_what_the_tests_read(tmp_path):
     assert csrc and csrc <= names, sorted(csrc - names)
     assert {"CMakeLists.txt", "tests/conftest.py", "benchmarks/common.py", "setup.py", "pyproject.toml"} <= names
     assert not [n for n in names if n.endswith((".so", ".o", ".pyc"))]
+
+
+@pytest.mark.skipif(os.name == "nt", reason="the compiler is named by CXX on POSIX")
+def test_a_failed_ahead_of_time_build_names_the_way_out(tmp_path):
+    """`pip install --no-build-isolation .` with a compiler that fails ended in a traceback that
+    did not say DEFECT_FAST_NO_AOT=1 installs without the ahead-of-time build."""
+    pytest.importorskip("torch.utils.cpp_extension")
+    src = _committed_tree(tmp_path)
+    env = {**os.environ, "CXX": "/bin/false", "DEFECT_FAST_CUDA": "0"}
+    env.pop("DEFECT_FAST_NO_AOT", None)
+    res = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "-b", str(tmp_path / "b"), "-t", str(tmp_path / "t")],
+                         cwd=src, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    assert "the ahead-of-time build of the native kernels failed" in res.stderr and "DEFECT_FAST_NO_AOT=1" in res.stderr
