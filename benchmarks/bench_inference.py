@@ -8,7 +8,9 @@ For each method (CMA-AE, AW-SSIM AE) and each batch size, times in alternating r
   MSFR map runs the encoder on the input a second time), and
 - tuned: the Detector's defaults for the device (``precision``/``channels_last``/``batch_size``
   "auto", see :mod:`defect_fast.detect`), called with the whole batch, plus ``cuda_graphs`` on
-  CUDA and ``compile`` when asked,
+  CUDA,
+- with ``--compile`` also compiled: the tuned Detector with ``compile=True`` (torch.compile),
+  timed in the same rounds; the row records its time and compiled/tuned,
 
 and prints per-image latency, images/s and the ratio eager/tuned (how many times faster the tuned
 path is). Each side's pipeline takes :meth:`Detector.images_per_call` images per call, recorded
@@ -87,7 +89,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["cmaae", "awae"], choices=model_names())
     ap.add_argument("--threads", type=int, default=None, help="CPU threads of both paths (default: torch's); on a "
                     "CPU shared with busy processes 1 can beat the core count")
-    ap.add_argument("--compile", action="store_true", help="tuned path with torch.compile")
+    ap.add_argument("--compile", action="store_true", help="also time the tuned path with torch.compile, in the "
+                    "same rounds")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="tuned path without CUDA graphs (CUDA only)")
     ap.add_argument("--cudnn-benchmark", choices=("auto", "on", "off"), default="auto",
                     help="tuned path's cuDNN algorithm search (Detector option cudnn_benchmark); cuDNN keeps the "
@@ -115,9 +118,10 @@ def main() -> None:
         # cuDNN's algorithm search as the tuned side has it: "auto" turned it on for the eager side too
         eager = Detector(model, image_size=SIZE, device=device, threads=args.threads,
                          cudnn_benchmark={"auto": "auto", "on": True, "off": False}[args.cudnn_benchmark], **EAGER)
-        tuned = Detector(model, image_size=SIZE, device=device, threads=args.threads, compile=args.compile,
-                         cuda_graphs=on_gpu and not args.no_cuda_graphs,
-                         cudnn_benchmark={"auto": "auto", "on": True, "off": False}[args.cudnn_benchmark])
+        tuned_options = dict(image_size=SIZE, device=device, threads=args.threads, cuda_graphs=on_gpu and not args.no_cuda_graphs,
+                             cudnn_benchmark={"auto": "auto", "on": True, "off": False}[args.cudnn_benchmark])
+        tuned = Detector(model, **tuned_options)
+        compiled = Detector(model, compile=True, **tuned_options) if args.compile else None
         results.setdefault("tuned", {})[name] = tuned.options()
         results["eager"]["cudnn_benchmark"] = eager.options()["cudnn_benchmark"]
         print(f"{name}: map {tuned.map_kind}, tuned options {tuned.options()}")
@@ -136,6 +140,10 @@ def main() -> None:
             scale = float(outs["eager"]["maps"].abs().max())
             fns = {"eager": lambda: eager.predict_batched(images, EAGER_IMAGES_PER_CALL),
                    "tuned": lambda: tuned.predict_batched(images, b)}
+            compiled_diff = None
+            if compiled is not None:  # compiled here, outside the timed rounds
+                compiled_diff = float((compiled.predict_batched(images, b)["maps"] - outs["tuned"]["maps"]).abs().max())
+                fns["compiled"] = lambda: compiled.predict_batched(images, b)
             if b > 1:  # batch 1 in the same rounds: the per-image comparison with batch 1 is free of drift
                 # the same images, one per call: timing images[:1] alone compared a call on one
                 # cached image with calls that stream all b images (batch 64 read 1.08 x batch 1
@@ -165,6 +173,10 @@ def main() -> None:
                 b1_ms = t["tuned_batch1"]["median_ms"] / b
                 row["tuned_batch1_ms_same_rounds"] = round(b1_ms, 3)
                 row["per_image_over_batch1_same_rounds"] = round(t_ms / b1_ms, 3)
+            if compiled is not None:
+                c_ms = t["compiled"]["median_ms"] / b
+                row.update({"compiled_ms_per_image": round(c_ms, 3), "compiled_over_tuned": round(c_ms / t_ms, 3),
+                            "compiled_max_abs_map_difference_to_tuned": compiled_diff})
             if name == "cmaae" and b == 1:  # the paper's figure is one image's latency, not a batch's throughput
                 row["paper_ms_over_tuned_ms"] = round(PAPER_MS_PER_IMAGE / t_ms, 3)
             results["rows"].append(row)
@@ -181,6 +193,9 @@ def main() -> None:
             if b > 1:
                 print(f"             per image / batch 1 timed in the same rounds ({b1_ms:.2f} ms): "
                       f"{row['per_image_over_batch1_same_rounds']:.3f}")
+            if compiled is not None:
+                print(f"             compiled (torch.compile) {row['compiled_ms_per_image']:.2f} ms/image: compiled / "
+                      f"tuned = {row['compiled_over_tuned']:.3f} (max |map diff| to tuned {compiled_diff:.2e})")
     info["load_average_end"] = device_info(args.device).get("load_average")
     write_results(out_path, results)
 
