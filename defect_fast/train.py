@@ -597,25 +597,29 @@ class Trainer:
                         with torch.autocast(self.device.type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None):
                             out = self.model(x)
                             loss, parts = self.model.loss(out, y, stage)
-                        if not torch.isfinite(loss):  # nothing saved: this forward pass already spoilt the batch-norm statistics
-                            saved = (f"{self.out / CHECKPOINT_FILE} keeps the state of an earlier step, from which a resume "
-                                     "would run into the same step" if (self.out / CHECKPOINT_FILE).is_file()
-                                     else "nothing was saved")
-                            raise RunError(f"loss became {float(loss)} at stage {stage + 1}, epoch {epoch + 1}, step {step + 1}; "
-                                           f"{saved}: train a new run with a lower --lr (or other --set weights)")
                         self.optimizer.zero_grad(set_to_none=True)
                         loss.backward()
                         for group in self.optimizer.param_groups:
                             group["lr"] = cfg.lr * self._lr_factor(done, total_steps)
                         self.optimizer.step()
-                        if self.device.type == "cuda":  # the step's kernels, backward and Adam included, in its time
-                            torch.cuda.synchronize(self.device)
+                        # NB: the step's one host transfer, the loss and its parts for the log: on a GPU it waits
+                        # for the step's kernels (backward and Adam in its time) where a check of the loss before
+                        # backward, a float() of each part and a synchronize for the time made five waits a step
+                        values = torch.stack([loss.detach().float()] + [torch.as_tensor(v, device=loss.device).float()
+                                                                        for v in parts.values()]).tolist()
                         dt = time.perf_counter() - t0
+                        if not math.isfinite(values[0]):
+                            # nothing saved: the step spoilt the weights (and the batch-norm statistics) in memory only
+                            saved = (f"{self.out / CHECKPOINT_FILE} keeps the state of an earlier step, from which a resume "
+                                     "would run into the same step" if (self.out / CHECKPOINT_FILE).is_file()
+                                     else "nothing was saved")
+                            raise RunError(f"loss became {values[0]} at stage {stage + 1}, epoch {epoch + 1}, step {step + 1}; "
+                                           f"{saved}: train a new run with a lower --lr (or other --set weights)")
                         self.position["step"] += 1
                         self.position["global_step"] += 1
                         done += 1
                         rec = {"stage": stage + 1, "epoch": epoch + 1, "step": self.position["global_step"],
-                               "loss": float(loss.detach()), **parts, "patches_per_s": (stop - start) / dt}
+                               "loss": values[0], **dict(zip(parts, values[1:])), "patches_per_s": (stop - start) / dt}
                         log_file.write(json.dumps(rec) + "\n")
                         bar.set_postfix(loss=f"{rec['loss']:.4f}", patches_s=f"{rec['patches_per_s']:.0f}")
                         bar.update(1)

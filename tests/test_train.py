@@ -167,8 +167,8 @@ sys.exit(main(["train", {str(synthetic_root)!r}, "--out", {str(out)!r}, "--image
 
 
 def test_a_non_finite_loss_saves_nothing_of_its_step(synthetic_root, tmp_path, monkeypatch):
-    """The forward pass that gave NaN already moved the batch-norm statistics: the checkpoint keeps
-    the step before, and the message says a resume would meet the same step."""
+    """The step that gave NaN already moved the batch-norm statistics and the weights in memory:
+    the checkpoint keeps the step before, and the message says a resume would meet the same step."""
     trainer_cls = train_module.Trainer
     real_batch, calls = trainer_cls._batch, {"n": 0}
 
@@ -189,6 +189,43 @@ def test_a_non_finite_loss_saves_nothing_of_its_step(synthetic_root, tmp_path, m
     cfg = _cfg(synthetic_root, batch_size=16, max_steps=[5, 3], checkpoint_every=100, model_kwargs={"memory_size": 20})
     with pytest.raises(RunError, match="step 3; nothing was saved: train a new run with a lower --lr"):
         train(cfg, tmp_path / "run2", progress=False, log=lambda s: None)
+
+
+def test_a_training_step_reads_one_value_set_from_the_device(tmp_path):
+    """The loss and its parts reach the host in one transfer per step: on a GPU each read waits for
+    the device, and a check of the loss, a float() of each part and a synchronize for the step's
+    time made five waits a step."""
+    import collections
+    import traceback
+
+    from torch.overrides import TorchFunctionMode
+
+    reads = {"item", "tolist", "__float__", "__bool__", "__int__", "nonzero"}
+
+    class HostReads(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.sites = collections.Counter()
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            if name in reads:
+                here = [f for f in traceback.extract_stack()[:-1] if f"{os.sep}defect_fast{os.sep}" in f.filename]
+                if here and ("models" in Path(here[-1].filename).parts or here[-1].filename.endswith("train.py")):
+                    self.sites[(Path(here[-1].filename).name, name)] += 1
+            return func(*args, **(kwargs or {}))
+
+    for model, kwargs in (("cmaae", {"memory_size": 20}), ("awae", {"loss_mode": "ssim_l1", "two_stage": True})):
+        cfg = TrainConfig(data="x", model=model, model_kwargs=kwargs, image_size=128, batch_size=8, epochs=[1, 1],
+                          max_steps=[2, 2], checkpoint_every=100, device="cpu", seed=0, anomaly_source=None)
+        images = torch.randint(0, 256, (3, 3, 128, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        (tmp_path / model).mkdir()
+        trainer = train_module.Trainer(cfg, tmp_path / model, images, progress=False, log=lambda s: None)
+        mode = HostReads()
+        with mode:
+            trainer.run()
+        steps = len((tmp_path / model / "log.jsonl").read_text().splitlines())
+        assert steps >= 2 and mode.sites == {("train.py", "tolist"): steps}, (model, mode.sites)
 
 
 def test_a_resume_drops_the_log_lines_after_its_checkpoint(tmp_path):

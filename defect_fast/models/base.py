@@ -55,8 +55,10 @@ class AnomalyModel(nn.Module):
         map need not run the encoder on x again)."""
         raise NotImplementedError
 
-    def loss(self, out: dict[str, torch.Tensor], target: torch.Tensor, stage: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """Scalar training loss for ``stage`` (0-based) and a dict of its parts for logging."""
+    def loss(self, out: dict[str, torch.Tensor], target: torch.Tensor, stage: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Scalar training loss for ``stage`` (0-based) and a dict of its parts for logging, as
+        detached 0-d tensors: the trainer reads the loss and its parts in one host transfer per
+        step (a float() of each was a GPU synchronisation of its own; numbers are accepted too)."""
         raise NotImplementedError
 
     def objective(self) -> dict[str, int]:

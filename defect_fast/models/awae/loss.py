@@ -110,23 +110,23 @@ class AWAELoss(nn.Module):
                 self._lpips[0] = net
         return net(x, y).mean()
 
-    def forward(self, recon: torch.Tensor, target: torch.Tensor, stage: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, recon: torch.Tensor, target: torch.Tensor, stage: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         mode, a = self.mode, self.ssim_weight
         if mode == "awssim_only" or (mode == "awssim" and stage == 0):
             s = self.structural(recon, target)
-            return s, {"awssim": float(s.detach())}
+            return s, {"awssim": s.detach()}
         if mode == "awssim":
             s = self.structural(recon, target)
             p = self.lpips(recon, target)
             total = a * s + (1.0 - a) * p
-            return total, {"awssim": float(s.detach()), "lpips": float(p.detach()), "total": float(total.detach())}
+            return total, {"awssim": s.detach(), "lpips": p.detach(), "total": total.detach()}
         s = self.structural(recon, target)
         if mode == "ssim_l1":
             other, name = (recon - target).abs().mean(), "l1"
         else:
             other, name = self.lpips(recon, target), "lpips"
         total = a * s + (1.0 - a) * other
-        return total, {"ssim": float(s.detach()), name: float(other.detach()), "total": float(total.detach())}
+        return total, {"ssim": s.detach(), name: other.detach(), "total": total.detach()}
 
 
 __all__ = ["LOSS_MODES", "AWAELoss", "default_lpips_factory"]

@@ -232,7 +232,7 @@ class AWAE(AnomalyModel):
             h = self.decoder[i](h)
         return {"recon": self.head(h), "features": feats[:MSFR_LEVELS]}
 
-    def loss(self, out: dict[str, torch.Tensor], target: torch.Tensor, stage: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, out: dict[str, torch.Tensor], target: torch.Tensor, stage: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Stage loss of ``loss_mode`` (stage 0: normal patches; stage 1: Eq. 10 for "awssim")."""
         if not 0 <= stage < len(self.stages):
             raise ValueError(f"AWAE: stage {stage} out of range for stages {self.stages}")

@@ -273,11 +273,11 @@ class CMAAE(AnomalyModel):
                 self._ssim = SSIMLoss()
             rec = self._ssim(recon, target)
         total = self.rec_weight * rec
-        parts = {"rec": float(rec.detach())}
+        parts = {"rec": rec.detach()}
         if "weights" in out and self.entropy_weight > 0:
             ent = attention_entropy(out["weights"])
             total = total + self.entropy_weight * ent
-            parts["entropy"] = float(ent.detach())
+            parts["entropy"] = ent.detach()
         return total, parts
 
     def synthesize(self, clean: torch.Tensor, sources: torch.Tensor | None,
