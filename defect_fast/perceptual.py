@@ -11,7 +11,9 @@ is that alternative, with the statistics of defect-free images taken into accoun
 3. Each channel at each grid position is standardised with the mean and variance of e over
    defect-free images (``fit``: the run's training images, or held-back ones), the variance
    shrunk towards the channel's average variance (``prior``) because a few dozen images
-   estimate it poorly: z = (e - mean) / sqrt(var + prior * mean_var_of_channel).
+   estimate it poorly, and floored at 1e-3 of the mean variance over all channels and positions
+   (which decides the scale of channels much quieter than the average):
+   z = (e - mean) / sqrt(var + prior * mean_var_of_channel + 1e-3 * mean_var).
 4. Per layer, the mean of z^2 over channels; layers are averaged with MSFR's receptive-field
    weights; the square root is upsampled (bilinear) to S x S.
 

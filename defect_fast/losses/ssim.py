@@ -10,7 +10,8 @@ All losses here take images in [-1, 1]: the dynamic range L is 2, and the images
 +1 to [0, 2] before the index. The luminance term (2 mu_x mu_y + C1) / (mu_x^2 + mu_y^2 + C1) is
 not shift-invariant: it assumes intensities from 0 (Eq. 2 with C1 = (K1 L)^2). On zero-centred
 values it falls towards 0 near mid-grey and turns negative where the two means differ in sign,
-so a texture 5 % brighter than its reconstruction would score l = 0.005 instead of 0.995.
+so a mid-grey texture brighter than its reconstruction by 5 % of the range (0.1 against 0 on
+[-1, 1]) would score l = 0.04, where the same pair shifted to [0, 2] (1.1 against 1.0) scores 0.995.
 """
 from __future__ import annotations
 
@@ -49,7 +50,9 @@ PRESETS: dict[str, tuple[float, float, float]] = {
     "luminance": (0.6, 0.2, 0.2),
 }
 
-# Which preset suits which dataset category (names as in MVTec AD and the magnetic-tile set).
+# Which preset suits which dataset category (names as in MVTec AD and the magnetic-tile set): the
+# paper's Fig. 4 names carpet, leather and wood (structure) and tile, pill and hazelnut
+# (luminance); fabric, grid and magnetic tile are this project's guesses.
 CATEGORY_PRESETS: dict[str, str] = {
     "carpet": "structure",
     "leather": "structure",

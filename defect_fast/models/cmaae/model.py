@@ -12,7 +12,8 @@ Architecture (Table I), for 64x64 patches:
     CMAM
       MAM: memory M [N, 512]; cosine attention + softmax (Eq. 2), hard shrinkage at 1/N (Eq. 3),
            renormalisation, read-out z_hat = w M (Eq. 4)                 -> defect_fast.ops.memory_address
-      FRM: f = act(W_f [z, z_hat]), i = act(W_i [z, z_hat]), C = tanh(W_c [z, z_hat])   (FC 1024 -> 512)
+      FRM: f = act(W_f [z, z_hat]), i = act(W_i [z, z_hat]), C = tanh(W_c [z, z_hat])   (FC 1024 -> 512;
+           Eqs. 7-8 print [z_k, z] with z undefined: read as Eq. 6's [z_k, z_hat_k])
            z' = f * z_hat (Eq. 9 as printed; ``gate_target="encoder"`` gates z instead, as the text says)
            z'' = z' + i * C (Eq. 10)
     Decoder (mirror, transposed convs, ReLU, tanh output)
