@@ -26,6 +26,7 @@ from defect_fast import ops
 from defect_fast.data import read_image
 from defect_fast.data.io import list_images
 from defect_fast.ops import reference as R
+from results_file import write_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,8 +62,8 @@ def main() -> None:
     for r in rows:
         print({k: (f"{v:.2e}" if isinstance(v, float) and k.endswith(("_map", "_score")) else v) for k, v in r.items()})
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"command": "python3 experiments/aw_ssim_float32.py", "rows": rows}, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    out = write_text(args.out, json.dumps({"command": "python3 experiments/aw_ssim_float32.py", "rows": rows}, indent=1) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

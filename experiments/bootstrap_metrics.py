@@ -38,6 +38,7 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 from defect_fast.data import load_test_set  # noqa: E402
 from defect_fast.detect import Detector  # noqa: E402
 from defect_fast.metrics import image_auroc, pixel_auroc  # noqa: E402
+from results_file import write_text  # noqa: E402
 
 BINS = 8192
 BARS = {"pixel_auroc": 0.80, "image_auroc": 0.90}
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"    minus {first[0]} on the same resamples: 95 % in [{100 * d['q2.5']:+.2f}, "
                       f"{100 * d['q97.5']:+.2f}], sd {100 * d['std']:.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_text(args.out, json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
 

@@ -36,6 +36,7 @@ from defect_fast.detect import Detector, top_mean  # noqa: E402
 from defect_fast.diagnose import rank_correlation  # noqa: E402
 from defect_fast.runs import MODEL_FILE, load_model_state  # noqa: E402
 from defect_fast.safety import dump_json_strict  # noqa: E402
+from results_file import write_text  # noqa: E402
 
 
 def score_terms(det: Detector, images: torch.Tensor, batch: int = 16) -> dict[str, np.ndarray]:
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
                "test_good": correlations(det, test.images[test.labels == 0]),
                "command": "python3 experiments/brightness_probe.py " + " ".join(sys.argv[1:] if argv is None else argv)}
         out = args.out_dir / f"{Path(run).name}.json"
-        out.write_text(dump_json_strict(res))
+        out = write_text(out, dump_json_strict(res))
         rc = lambda part: ", ".join(f"{k} {v:+.2f}" for k, v in res[part]["rank_correlation"].items())  # noqa: E731
         print(f"{res['run']}: held-back ({res['held_back']['images']}) {rc('held_back')}; "
               f"test/good ({res['test_good']['images']}) {rc('test_good')} -> {out}")

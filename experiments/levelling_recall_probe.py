@@ -38,6 +38,7 @@ from defect_fast.calibration import f1_optimal_threshold  # noqa: E402
 from defect_fast.data import GOOD, load_test_set  # noqa: E402
 from defect_fast.detect import Detector  # noqa: E402
 from defect_fast.safety import dump_json_strict  # noqa: E402
+from results_file import write_text  # noqa: E402
 
 
 def matched_cut(maps: np.ndarray, normal: np.ndarray, n_flagged: int) -> float:
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     out["command"] = "python3 experiments/levelling_recall_probe.py " + " ".join(sys.argv[1:] if argv is None else argv)
     path = args.out or ROOT / "experiments" / "results" / "levelling-recall" / f"{args.levelled.name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(dump_json_strict(out))
+    write_text(path, dump_json_strict(out))
     a, b = out["f1_optimal_as_read"], out["f1_optimal_levelled"]
     print(f"pixel F1-max as read {100 * a['f1']:.2f} (recall {100 * a['recall']:.2f}), "
           f"levelled {100 * b['f1']:.2f} (recall {100 * b['recall']:.2f})")

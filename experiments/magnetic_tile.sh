@@ -16,7 +16,9 @@ mkdir -p "$OUT" "$RES"
 DF=(python3 -m defect_fast)
 # LPIPS trunk (awae stage 2): a local copy of the ImageNet AlexNet conv weights.
 export DEFECT_FAST_ALEXNET_WEIGHTS=${DEFECT_FAST_ALEXNET_WEIGHTS:-../shared/weights/alexnet-features-imagenet.pth}
-COMMON=(--image-size 256 --batch-size 64 --seed 0 --checkpoint-every 100 --quiet)
+# --holdback 0: every defect-free image trained on, as the committed rows were (before held-back
+# thresholds existed; the rows themselves come from the earlier code: experiments/README.md)
+COMMON=(--image-size 256 --batch-size 64 --seed 0 --checkpoint-every 100 --quiet --holdback 0)
 
 run() {  # name model epochs-per-stage... -- extra train args...
   local name=$1 model=$2; shift 2
@@ -33,7 +35,7 @@ run() {  # name model epochs-per-stage... -- extra train args...
     "${DF[@]}" train "$DATA" --out "$OUT/$name" --model "$model" --epochs "${epochs[@]}" "${COMMON[@]}" "${extra[@]}" --overwrite || return
   fi
   local t1=$(date +%s)
-  "${DF[@]}" evaluate "$OUT/$name" "$DATA" --json "$RES/$name.tmp" || return
+  "${DF[@]}" evaluate "$OUT/$name" "$DATA" --json "$RES/$name.tmp" --overwrite || return  # its own temporary, left by a stop
   python3 - "$RES/$name.tmp" "$RES/$name.json" "$model" "$((t1 - t0))" "${extra[*]}" "${epochs[*]}" <<'PY'
 import json, sys
 src, dst, model, secs, extra, epochs = sys.argv[1:]

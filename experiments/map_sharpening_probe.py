@@ -40,6 +40,7 @@ from defect_fast.data import load_test_set, load_train_images  # noqa: E402
 from defect_fast.detect import Detector  # noqa: E402
 from defect_fast.metrics import evaluate  # noqa: E402
 from defect_fast.safety import dump_json_strict  # noqa: E402
+from results_file import write_text  # noqa: E402
 
 RADII = (4, 8, 16, 32)
 FACTORS = (0.5, 0.8)
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     name = args.run.name if args.run.is_dir() else args.run.parent.name
     path = args.out or ROOT / "experiments" / "results" / "map-sharpening" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(dump_json_strict(out))
+    write_text(path, dump_json_strict(out))
     print(f"wrote {path}")
     return 0
 

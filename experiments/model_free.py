@@ -49,6 +49,7 @@ from defect_fast.maps import blur_matrix  # noqa: E402
 from defect_fast.metrics import evaluate  # noqa: E402
 from defect_fast.perceptual import PerceptualMap  # noqa: E402
 from defect_fast.safety import dump_json_strict  # noqa: E402
+from results_file import write_text  # noqa: E402
 
 
 ROWS = ["model-free-mean", "model-free-blur-perceptual", "model-free-blur-perceptual-v3", "model-free-context",
@@ -223,7 +224,7 @@ def write(path: Path, maps, test, what: str, seconds: float, args, scores=None) 
     m = evaluate(maps, test.masks, scores_of(maps) if scores is None else scores, test.labels, test.classes)
     m.update(model="model-free", map=what, image_size=args.image_size, seconds=round(seconds, 1),
              command="python3 experiments/model_free.py " + " ".join(sys.argv[1:]))
-    path.write_text(dump_json_strict(m))
+    path = write_text(path, dump_json_strict(m))
     print(f"{path.name}: pixel AUROC {m['pixel_auroc']:.4f}, image AUROC {m['image_auroc']:.4f}, AUPRO {m['aupro']:.4f}")
 
 

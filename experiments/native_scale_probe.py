@@ -50,6 +50,7 @@ from defect_fast.perceptual import PerceptualMap  # noqa: E402
 from defect_fast.safety import dump_json_strict  # noqa: E402
 from defect_fast.context import ImageContext  # noqa: E402
 from model_free import combine_like_detector, context_parts, gaussian, scores_of  # noqa: E402
+from results_file import write_text  # noqa: E402
 
 SIZE = 256
 
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"command": "python3 experiments/native_scale_probe.py " + " ".join(sys.argv[1:]),
               "map": "model-free-blur-perceptual-v3 (see experiments/model_free.py)", "rows": rows}
-    out.write_text(dump_json_strict(result))
+    out = write_text(out, dump_json_strict(result))
     for name, r in rows.items():
         per = ", ".join(f"{c} {v['pixel_auroc']:.1f}/{v['image_auroc']:.1f}" for c, v in r["per_class"].items())
         print(f"{name:20s} pixel {r['pixel_auroc']:.2f} image {r['image_auroc']:.2f} AUPRO {r['aupro']:.2f}  "

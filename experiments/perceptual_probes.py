@@ -36,6 +36,7 @@ from defect_fast.detect import Detector  # noqa: E402
 from defect_fast.metrics import evaluate  # noqa: E402
 from defect_fast.perceptual import PerceptualMap  # noqa: E402
 from defect_fast.runs import MODEL_FILE, load_model_state  # noqa: E402
+from results_file import write_text  # noqa: E402
 
 BATCH = 16
 
@@ -162,7 +163,7 @@ def main() -> int:
         add("pyramid 12, each image centred on its median", level_maps(det, fitted(CentredMap, (1, 2)), test.images, rec["test"]).mean(0))
     out = args.out or ROOT / "experiments" / "results" / "perceptual-probes" / f"{args.run.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"run": str(args.run), "command": "python3 " + " ".join(sys.argv), "rows": rows}, indent=2) + "\n")
+    write_text(out, json.dumps({"run": str(args.run), "command": "python3 " + " ".join(sys.argv), "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 

@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from defect_fast.data import GOOD, load_test_set  # noqa: E402
 from defect_fast.detect import Detector  # noqa: E402
 from defect_fast.safety import dump_json_strict  # noqa: E402
+from results_file import write_text  # noqa: E402
 
 #: Distance bins (px) of normal pixels to the nearest defect pixel of their image.
 BINS = ((0, 4), (4, 8), (8, 16), (16, 32), (32, 64), (64, None))
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     name = args.run.name if args.run.is_dir() else args.run.parent.name
     path = args.out or ROOT / "experiments" / "results" / "pixel-auroc-breakdown" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(dump_json_strict(out))
+    write_text(path, dump_json_strict(out))
     print(f"pooled pixel AUROC {100 * out['pooled_pixel_auroc']:.2f}; without the normal pixels within "
           f"{args.halo} px of a defect {100 * out['pooled_without_halos']:.2f}")
     print(f"{'class':10s} {'share':>6s} {'vs good':>8s} {'vs own':>8s} {'vs other':>9s} {'no halo':>8s}   "

@@ -25,6 +25,7 @@ from defect_fast.context import grid_side  # noqa: E402
 from defect_fast.data import load_test_set  # noqa: E402
 from defect_fast.detect import Detector  # noqa: E402
 from defect_fast.metrics import evaluate  # noqa: E402
+from results_file import write_text  # noqa: E402
 
 BORDER = 16
 
@@ -89,7 +90,7 @@ def main() -> None:
         out[run] = r
         print(run, json.dumps(r), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    write_text(args.out, json.dumps(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":

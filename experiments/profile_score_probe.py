@@ -35,6 +35,7 @@ from defect_fast.data import load_test_set  # noqa: E402
 from defect_fast.detect import Detector  # noqa: E402
 from defect_fast.metrics import image_auroc  # noqa: E402
 from defect_fast.safety import dump_json_strict  # noqa: E402
+from results_file import write_text  # noqa: E402
 
 
 def share_on_high_lines(maps: torch.Tensor, values: torch.Tensor, k: int, level: float, profile: str) -> np.ndarray:
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
     }
     out_path = Path(args.out) if args.out else ROOT / "experiments" / "results" / "profile-score" / f"{Path(args.run).name}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(dump_json_strict(result))
+    write_text(out_path, dump_json_strict(result))
     print(f"{result['good_images_with_over_half_there']} of {result['good_images']} defect-free images have over half "
           f"of their top pixels on {ctx.profile} with a profile value >= {args.level:g}; image AUROC with the profile in "
           f"the score {result['image_auroc']['profile_in_score']:.4f}, without {result['image_auroc']['profile_not_in_score']:.4f}")

@@ -25,6 +25,7 @@ from defect_fast.detect import Detector  # noqa: E402
 from defect_fast.runs import MODEL_FILE, load_model_state  # noqa: E402
 from defect_fast.safety import dump_json_strict  # noqa: E402
 from defect_fast.train import TrainConfig  # noqa: E402
+from results_file import write_text  # noqa: E402
 
 
 def errors(det: Detector, images: torch.Tensor) -> torch.Tensor:
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
         print(f"{name}: {res[name]['mean_abs_error']:.4f} +- {res[name]['standard_error']:.4f} ({len(idx)} images)")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(dump_json_strict(res))
+        write_text(args.out, dump_json_strict(res))
     return 0
 
 

@@ -17,7 +17,14 @@ from defect_fast.detect import cpu_flags
 
 
 def main(argv: list[str]) -> None:
-    src, dst, run = argv[0], argv[1], (argv[2] if len(argv) > 2 else None)
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("tmp_json", help="the evaluate --json file (removed once recorded)")
+    ap.add_argument("final_json", help="where the completed record goes")
+    ap.add_argument("run", nargs="?", default=None, help="the run folder it measured")
+    args = ap.parse_args(argv)
+    src, dst, run = args.tmp_json, args.final_json, args.run
     m = json.load(open(src))
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())

@@ -40,6 +40,7 @@ from defect_fast.context import ImageContext  # noqa: E402
 from defect_fast.data import load_test_set, load_train_images  # noqa: E402
 from defect_fast.metrics import evaluate  # noqa: E402
 from defect_fast.perceptual import PerceptualMap  # noqa: E402
+from results_file import write_text  # noqa: E402
 
 SIZE = 256
 
@@ -79,7 +80,15 @@ def within_uneven(maps: torch.Tensor, test) -> float:
 
 @torch.no_grad()
 def main() -> int:
-    data = sys.argv[1] if len(sys.argv) > 1 else str(ROOT.parent / "shared" / "data" / "magnetic-tile")
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("data", nargs="?", default=str(ROOT.parent / "shared" / "data" / "magnetic-tile"),
+                    help="MVTec-style root (default ../shared/data/magnetic-tile)")
+    ap.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "self-context" / "probe.json",
+                    help="results JSON (an existing file is kept: the results then go beside it)")
+    args = ap.parse_args()
+    data = args.data
     t0 = time.perf_counter()
     train, paths = load_train_images(data, SIZE)
     test = load_test_set(data, SIZE)
@@ -113,8 +122,7 @@ def main() -> int:
         out[name] = row
         print(name, json.dumps(row), flush=True)
     out["seconds"] = round(time.perf_counter() - t0, 1)
-    dest = ROOT / "experiments" / "results" / "self-context" / "probe.json"
-    dest.write_text(json.dumps(out, indent=1) + "\n")
+    dest = write_text(args.out, json.dumps(out, indent=1) + "\n")
     print("wrote", dest)
     return 0
 

@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from benchmarks.common import device_info  # noqa: E402  (CPU model, family and flags, or the GPU's name)
 from defect_fast.calibration import stored_thresholds  # noqa: E402
 from defect_fast.detect import Detector  # noqa: E402
+from results_file import write_text  # noqa: E402
 
 EAGER = {"precision": "float32", "channels_last": False, "batch_size": 512, "reuse_features": False, "fuse": False}
 BAR_POINTS = 0.2
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                   precision=args.precision, channels_last=cl, compile=args.compile)
     out = args.out or (args.run if args.run.is_dir() else args.run.parent) / "tuned_vs_eager.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2, default=float) + "\n")
+    write_text(out, json.dumps(res, indent=2, default=float) + "\n")
     for k, d in res["difference_points"].items():
         print(f"{k}: eager {res['eager'][k]:.4f} tuned {res['tuned'][k]:.4f} difference {d:+.3f} points")
     for name in ("eager", "tuned"):
