@@ -168,11 +168,14 @@ def _own_file(path: Path) -> Path:
     ``<stem>-<n><suffix>`` beside it, said once on stderr."""
     key = path.absolute()
     if key not in _WRITTEN:
-        target = path
-        n = 1
-        while target.exists() or target.is_symlink():
-            n += 1
-            target = path.with_name(f"{path.stem}-{n}{path.suffix}")
+        target, n = path, 1
+        while True:  # claimed by creating it: two processes starting together never take one name
+            try:
+                os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+                break
+            except FileExistsError:
+                n += 1
+                target = path.with_name(f"{path.stem}-{n}{path.suffix}")
         if target != path:
             print(f"{path} holds earlier results, kept: these go to {target} (move it over {path.name} to "
                   "replace them)", file=sys.stderr)
@@ -190,7 +193,7 @@ def write_results(path: Path, payload: dict, quiet: bool = False) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path = _own_file(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(tmp, path)
     if not quiet:

@@ -149,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"    minus {first[0]} on the same resamples: 95 % in [{100 * d['q2.5']:+.2f}, "
                       f"{100 * d['q97.5']:+.2f}], sd {100 * d['std']:.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_text(args.out, json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    written = write_text(args.out, json.dumps(results, indent=2) + "\n")
+    print(f"wrote {written}")
     return 0
 
 

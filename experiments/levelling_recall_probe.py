@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     out["command"] = "python3 experiments/levelling_recall_probe.py " + " ".join(sys.argv[1:] if argv is None else argv)
     path = args.out or ROOT / "experiments" / "results" / "levelling-recall" / f"{args.levelled.name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text(path, dump_json_strict(out))
+    path = write_text(path, dump_json_strict(out))
     a, b = out["f1_optimal_as_read"], out["f1_optimal_levelled"]
     print(f"pixel F1-max as read {100 * a['f1']:.2f} (recall {100 * a['recall']:.2f}), "
           f"levelled {100 * b['f1']:.2f} (recall {100 * b['recall']:.2f})")

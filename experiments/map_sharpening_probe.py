@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     name = args.run.name if args.run.is_dir() else args.run.parent.name
     path = args.out or ROOT / "experiments" / "results" / "map-sharpening" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text(path, dump_json_strict(out))
+    path = write_text(path, dump_json_strict(out))
     print(f"wrote {path}")
     return 0
 

@@ -121,8 +121,8 @@ def main(argv=None) -> int:
              seconds={"features": round(t1 - t0, 1), "coreset": round(t2 - t1, 1), "test": round(t3 - t2, 1)},
              command="python3 experiments/patchcore_reference.py " + " ".join(sys.argv[1:] if argv is None else argv))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_text(args.out, dump_json_strict(m))
-    print(f"{args.out}: pixel AUROC {m['pixel_auroc']:.4f}, image AUROC {m['image_auroc']:.4f}, "
+    written = write_text(args.out, dump_json_strict(m))
+    print(f"{written}: pixel AUROC {m['pixel_auroc']:.4f}, image AUROC {m['image_auroc']:.4f}, "
           f"AUPRO {m['aupro']:.4f} (bank {len(bank)}, coreset {n}; {m['seconds']})")
     return 0
 

@@ -163,7 +163,7 @@ def main() -> int:
         add("pyramid 12, each image centred on its median", level_maps(det, fitted(CentredMap, (1, 2)), test.images, rec["test"]).mean(0))
     out = args.out or ROOT / "experiments" / "results" / "perceptual-probes" / f"{args.run.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_text(out, json.dumps({"run": str(args.run), "command": "python3 " + " ".join(sys.argv), "rows": rows}, indent=2) + "\n")
+    out = write_text(out, json.dumps({"run": str(args.run), "command": "python3 " + " ".join(sys.argv), "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     name = args.run.name if args.run.is_dir() else args.run.parent.name
     path = args.out or ROOT / "experiments" / "results" / "pixel-auroc-breakdown" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text(path, dump_json_strict(out))
+    path = write_text(path, dump_json_strict(out))
     print(f"pooled pixel AUROC {100 * out['pooled_pixel_auroc']:.2f}; without the normal pixels within "
           f"{args.halo} px of a defect {100 * out['pooled_without_halos']:.2f}")
     print(f"{'class':10s} {'share':>6s} {'vs good':>8s} {'vs own':>8s} {'vs other':>9s} {'no halo':>8s}   "

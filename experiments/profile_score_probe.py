@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     }
     out_path = Path(args.out) if args.out else ROOT / "experiments" / "results" / "profile-score" / f"{Path(args.run).name}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    write_text(out_path, dump_json_strict(result))
+    out_path = write_text(out_path, dump_json_strict(result))
     print(f"{result['good_images_with_over_half_there']} of {result['good_images']} defect-free images have over half "
           f"of their top pixels on {ctx.profile} with a profile value >= {args.level:g}; image AUROC with the profile in "
           f"the score {result['image_auroc']['profile_in_score']:.4f}, without {result['image_auroc']['profile_not_in_score']:.4f}")

@@ -14,6 +14,7 @@ import sys
 import torch
 
 from defect_fast.detect import cpu_flags
+from results_file import write_text
 
 
 def main(argv: list[str]) -> None:
@@ -37,8 +38,7 @@ def main(argv: list[str]) -> None:
         m["placement"] = {part: state[part].get("placement", "cells") for part in ("perceptual", "context")
                           if state.get(part)}
         m["train_seconds"] = state.get("train_seconds")
-    with open(dst, "w") as fh:
-        json.dump(m, fh, indent=2)
+    dst = write_text(dst, json.dumps(m, indent=2))
     os.remove(src)
     print(f"{dst}: pixel AUROC {m['pixel_auroc']:.4f} image AUROC {m['image_auroc']:.4f} AUPRO {m['aupro']:.4f}")
 

@@ -17,9 +17,13 @@ def own_file(path: str | Path) -> Path:
     key = path.absolute()
     if key not in _WRITTEN:
         target, n = path, 1
-        while target.exists() or target.is_symlink():
-            n += 1
-            target = path.with_name(f"{path.stem}-{n}{path.suffix}")
+        while True:  # claimed by creating it: two processes starting together never take one name
+            try:
+                os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+                break
+            except FileExistsError:
+                n += 1
+                target = path.with_name(f"{path.stem}-{n}{path.suffix}")
         if target != path:
             print(f"{path} holds earlier results, kept: these go to {target} (move it over {path.name} to replace "
                   "them)", file=sys.stderr)
@@ -32,7 +36,7 @@ def write_text(path: str | Path, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     target = own_file(path)
-    tmp = target.with_name(f".{target.name}.tmp")
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, target)
     return target

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                   precision=args.precision, channels_last=cl, compile=args.compile)
     out = args.out or (args.run if args.run.is_dir() else args.run.parent) / "tuned_vs_eager.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_text(out, json.dumps(res, indent=2, default=float) + "\n")
+    out = write_text(out, json.dumps(res, indent=2, default=float) + "\n")
     for k, d in res["difference_points"].items():
         print(f"{k}: eager {res['eager'][k]:.4f} tuned {res['tuned'][k]:.4f} difference {d:+.3f} points")
     for name in ("eager", "tuned"):

@@ -110,3 +110,11 @@ def test_bench_train_tuned_side_follows_the_trainer():
         assert memory.grad is None
     normal = bench_train.Workload("cmaae", 0, 4, 64, "cpu", True, None)
     assert normal.model.mam.memory.requires_grad
+
+
+def test_two_runs_starting_together_never_share_a_results_file(tmp_path):
+    """Each process claims its file by creating it: two runs whose first writes overlapped both
+    took x.json (and one's rename of a shared temporary failed)."""
+    first, second = _common(), _common()  # two processes' records
+    a, b = first._own_file(tmp_path / "x.json"), second._own_file(tmp_path / "x.json")
+    assert {a.name, b.name} == {"x.json", "x-2.json"}
