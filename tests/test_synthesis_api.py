@@ -325,6 +325,7 @@ def test_config_errors_and_round_trip():
     ("dark_lines", float("nan")),
     ("k_nearest", 2.5),
     ("grayscale", "no"),  # a truthy string would turn every content grey
+    ("opacity", ("0.2", "0.8")),  # strings passed the check and failed in the arithmetic
 ])
 def test_config_refuses_values_that_would_give_nonsense_later(field, value):
     with pytest.raises(ValueError, match=f"SynthesisConfig.{field} must"):

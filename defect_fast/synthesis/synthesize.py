@@ -82,11 +82,17 @@ VARIANTS = ("paper", "perlin")
 SHAPES = ("blob", "line", "edge")
 
 
+def _real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 def _pair(name: str, v, lo: float, hi: float | None) -> tuple[float, float]:
     try:
+        if len(v) != 2 or not (_real(v[0]) and _real(v[1])):
+            raise TypeError
         a, b = float(v[0]), float(v[1])
     except (TypeError, IndexError, ValueError):
-        raise ValueError(f"SynthesisConfig.{name} must be a (low, high) pair, got {v!r}") from None
+        raise ValueError(f"SynthesisConfig.{name} must be a (low, high) pair of numbers, got {v!r}") from None
     if not (lo <= a <= b and (hi is None or b <= hi) and math.isfinite(b)):
         upper = "" if hi is None else f" <= {hi}"
         raise ValueError(f"SynthesisConfig.{name} must satisfy {lo} <= low <= high{upper}, both finite, got {v!r}")
@@ -95,7 +101,9 @@ def _pair(name: str, v, lo: float, hi: float | None) -> tuple[float, float]:
 
 def _number(name: str, v, lo: float, hi: float | None = None) -> float:
     """``v`` as a finite float in [lo, hi] (hi None: no upper end), else a ValueError naming the field."""
-    x = float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else math.nan
+    if not _real(v):
+        raise ValueError(f"SynthesisConfig.{name} must be a number, got {v!r}")
+    x = float(v)
     if not (lo <= x and (hi is None or x <= hi) and math.isfinite(x)):
         where = f"lie in [{lo}, {hi}]" if hi is not None else f"be a finite number >= {lo}"
         raise ValueError(f"SynthesisConfig.{name} must {where}, got {v!r}")
