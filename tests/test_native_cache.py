@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,9 @@ def test_an_installed_build_that_does_not_load_is_said(monkeypatch):
     assert result[0] is not None
     monkeypatch.setattr(_native, "_result", result)
     assert "undefined symbol" in _native.build_info()["aot_skipped"]
+    # no first-use kernels either (no compiler): no word of them, the reason names both
+    monkeypatch.setattr(_native, "_load_jit", lambda root: (None, "building the native extension failed: no c++"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module, reason = _native._load_uncached()
+    assert module is None and "undefined symbol" in reason and "no c++" in reason

@@ -488,20 +488,30 @@ def _load_uncached():
         if not module.build_info().get("cuda"):
             _cuda_reason = "the ahead-of-time build has no CUDA kernels"
         return module, ""
-    if aot_reason.startswith("defect_fast._C does not load"):  # installed, but (e.g. after a torch upgrade) unusable
-        _aot_skipped = aot_reason
-        warnings.warn(f"defect_fast: {aot_reason}; using the kernels compiled at first use instead (reinstall with "
-                      "pip install --no-build-isolation . to build it again)", RuntimeWarning, stacklevel=4)
     root = csrc_dir()
     if root is None:
         return None, f"{aot_reason}, and no csrc sources to compile (looked in {_PACKAGE_DIR.parent / 'csrc'} and {_PACKAGE_DIR / '_csrc'})"
+    module, reason = _load_jit(root)
+    if aot_reason.startswith("defect_fast._C does not load"):  # installed, but (e.g. after a torch upgrade) unusable
+        _aot_skipped = aot_reason
+        if module is not None:
+            warnings.warn(f"defect_fast: {aot_reason}; the kernels compiled at first use run instead (reinstall with "
+                          "pip install --no-build-isolation . to build it again)", RuntimeWarning, stacklevel=4)
+        else:
+            reason = f"{aot_reason}, and {reason}"
+    return module, reason
+
+
+def _load_jit(root: Path):
+    """The kernels built (or reused) from ``root`` at first use: (module, "") or (None, why not)."""
+    global _cuda_reason
     with_cuda, why_not = _cuda_toolkit()
     if with_cuda:
         try:
             return _jit_build(root, True), ""
         except Exception as exc:  # noqa: BLE001
             _cuda_reason = f"the CUDA build failed: {exc}"
-            warnings.warn(f"defect_fast: {_cuda_reason}; building the CPU kernels only", RuntimeWarning, stacklevel=4)
+            warnings.warn(f"defect_fast: {_cuda_reason}; building the CPU kernels only", RuntimeWarning, stacklevel=5)
     else:
         _cuda_reason = why_not
     try:
