@@ -52,7 +52,7 @@ class AWAELoss(nn.Module):
         lpips_weights: AlexNet trunk weights file handed to ``LPIPS`` (None: its default search).
         window: Gaussian window length.
 
-    Call: ``loss(recon, target, stage) -> (scalar, {part: float})``, recon and target
+    Call: ``loss(recon, target, stage) -> (scalar, {part: detached 0-d tensor})``, recon and target
     [B, 3, P, P] in [-1, 1].
     """
 
