@@ -25,6 +25,7 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/bench_x.py` from a ch
 import torch  # noqa: E402
 
 from defect_fast.precision import cpu_flags  # noqa: E402
+from defect_fast.safety import write_results_text  # noqa: E402
 
 #: The CPU features a result records (reduced-precision throughput depends on them).
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
@@ -158,43 +159,13 @@ class RowsFile(list):
             write_results(self.path, {**self.payload, self.key: list(self)})
 
 
-#: results file asked for -> the file this process writes them to (see :func:`write_results`)
-_WRITTEN: dict[Path, Path] = {}
-
-
-def _own_file(path: Path) -> Path:
-    """The file this process writes ``path``'s results to: ``path`` itself, unless it held results
-    before the process first wrote there (another run's, committed ones); then the first free
-    ``<stem>-<n><suffix>`` beside it, said once on stderr."""
-    key = path.absolute()
-    if key not in _WRITTEN:
-        target, n = path, 1
-        while True:  # claimed by creating it: two processes starting together never take one name
-            try:
-                os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-                break
-            except FileExistsError:
-                n += 1
-                target = path.with_name(f"{path.stem}-{n}{path.suffix}")
-        if target != path:
-            print(f"{path} holds earlier results, kept: these go to {target} (move it over {path.name} to "
-                  "replace them)", file=sys.stderr)
-        _WRITTEN[key] = target
-    return _WRITTEN[key]
-
-
 def write_results(path: Path, payload: dict, quiet: bool = False) -> None:
     """``payload`` as JSON at ``path``, replaced whole (a temporary file renamed over it): a
     benchmark that writes after every row leaves a readable file wherever it is stopped.
 
     A file that was there before this process first wrote to ``path`` (another run's results, a
     committed one) is never replaced: the results go to a numbered file beside it, named on
-    stderr (:func:`_own_file`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path = _own_file(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
+    stderr (:func:`defect_fast.safety.results_file`)."""
+    path = write_results_text(path, json.dumps(payload, indent=2) + "\n")
     if not quiet:
         print(f"wrote {path}")

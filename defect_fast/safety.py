@@ -73,6 +73,8 @@ __all__ = [
     "save_with_digest",
     "state_digest",
     "verify_digest",
+    "results_file",
+    "write_results_text",
 ]
 
 PROG = "defect-fast"
@@ -585,6 +587,46 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs) -> Iterator
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+#: results file asked for -> the file this process writes them to (:func:`results_file`)
+_RESULTS_FILES: dict[Path, Path] = {}
+
+
+def results_file(path: str | os.PathLike) -> Path:
+    """The file this process writes the results asked for at ``path`` to (the benchmarks' and
+    experiments' JSON): ``path`` itself, unless a file was there before this process first wrote
+    to it (another run's results, committed ones); then the first free ``<stem>-<n><suffix>``
+    beside it, said once on stderr. The file is claimed by creating it, so two processes starting
+    together never take one name; the process's later writes to ``path`` go to the same file."""
+    path = Path(path)
+    key = path.absolute()
+    if key not in _RESULTS_FILES:
+        target, n = path, 1
+        while True:
+            try:
+                os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+                break
+            except FileExistsError:
+                n += 1
+                target = path.with_name(f"{path.stem}-{n}{path.suffix}")
+        if target != path:
+            print(f"{path} holds earlier results, kept: these go to {target} (move it over {path.name} to "
+                  "replace them)", file=sys.stderr)
+        _RESULTS_FILES[key] = target
+    return _RESULTS_FILES[key]
+
+
+def write_results_text(path: str | os.PathLike, text: str) -> Path:
+    """``text`` into :func:`results_file` of ``path``, whole (a temporary of this process renamed
+    over it: a writer stopped between rows leaves a readable file); returns the file written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    target = results_file(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, target)
+    return target
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

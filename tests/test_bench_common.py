@@ -112,9 +112,12 @@ def test_bench_train_tuned_side_follows_the_trainer():
     assert normal.model.mam.memory.requires_grad
 
 
-def test_two_runs_starting_together_never_share_a_results_file(tmp_path):
+def test_two_runs_starting_together_never_share_a_results_file(tmp_path, monkeypatch):
     """Each process claims its file by creating it: two runs whose first writes overlapped both
     took x.json (and one's rename of a shared temporary failed)."""
-    first, second = _common(), _common()  # two processes' records
-    a, b = first._own_file(tmp_path / "x.json"), second._own_file(tmp_path / "x.json")
+    from defect_fast import safety
+
+    a = safety.results_file(tmp_path / "x.json")
+    monkeypatch.setattr(safety, "_RESULTS_FILES", {})  # another process's record, before either wrote
+    b = safety.results_file(tmp_path / "x.json")
     assert {a.name, b.name} == {"x.json", "x-2.json"}

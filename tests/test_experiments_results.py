@@ -33,16 +33,3 @@ def test_scripts_say_their_usage():
                              timeout=120)
         assert res.returncode == 0 and res.stdout.startswith("usage:"), (script, res.stderr[-500:])
     assert (summary.stat().st_mtime_ns if summary.exists() else None) == before
-
-
-def test_two_runs_starting_together_never_share_a_results_file(tmp_path):
-    import importlib.util
-
-    def fresh():
-        spec = importlib.util.spec_from_file_location("results_file_copy", EXPERIMENTS / "results_file.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-
-    a, b = fresh().own_file(tmp_path / "x.json"), fresh().own_file(tmp_path / "x.json")
-    assert {a.name, b.name} == {"x.json", "x-2.json"}
