@@ -165,7 +165,7 @@ def write_results(path: Path, payload: dict, quiet: bool = False) -> None:
 
     A file that was there before this process first wrote to ``path`` (another run's results, a
     committed one) is never replaced: the results go to a numbered file beside it, named on
-    stderr (:func:`defect_fast.safety.results_file`)."""
+    stderr (:func:`defect_fast.safety.write_results_text`)."""
     path = write_results_text(path, json.dumps(payload, indent=2) + "\n")
     if not quiet:
         print(f"wrote {path}")

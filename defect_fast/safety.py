@@ -73,7 +73,6 @@ __all__ = [
     "save_with_digest",
     "state_digest",
     "verify_digest",
-    "results_file",
     "write_results_text",
 ]
 
@@ -589,43 +588,53 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs) -> Iterator
     _fsync_dir(path.parent)
 
 
-#: results file asked for -> the file this process writes them to (:func:`results_file`)
+#: results file asked for -> the file this process writes them to (:func:`write_results_text`)
 _RESULTS_FILES: dict[Path, Path] = {}
 
 
-def results_file(path: str | os.PathLike) -> Path:
-    """The file this process writes the results asked for at ``path`` to (the benchmarks' and
-    experiments' JSON): ``path`` itself, unless a file was there before this process first wrote
-    to it (another run's results, committed ones); then the first free ``<stem>-<n><suffix>``
-    beside it, said once on stderr. The file is claimed by creating it, so two processes starting
-    together never take one name; the process's later writes to ``path`` go to the same file."""
+def write_results_text(path: str | os.PathLike, text: str) -> Path:
+    """``text`` as the results asked for at ``path`` (the benchmarks' and experiments' JSON), whole;
+    returns the file written.
+
+    The file is ``path`` itself, unless a file was there before this process first wrote to it
+    (another run's results, committed ones); then the first free ``<stem>-<n><suffix>`` beside
+    it, said once on stderr. The process's later writes to ``path`` replace that same file. The
+    text goes to a temporary of this process first, which then takes the name: by a hard link
+    (atomic, refused where the name exists, so two processes starting together never take one
+    name), else by an exclusive create and a rename; a writer stopped before leaves no file under
+    the name (a reader, or the next run, would take an empty one for results)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     key = path.absolute()
-    if key not in _RESULTS_FILES:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        if key in _RESULTS_FILES:
+            os.replace(tmp, _RESULTS_FILES[key])
+            return _RESULTS_FILES[key]
         target, n = path, 1
         while True:
             try:
-                os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+                try:
+                    os.link(tmp, target)
+                    os.unlink(tmp)
+                except FileExistsError:
+                    raise
+                except OSError:  # a file system without hard links
+                    os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+                    os.replace(tmp, target)
                 break
             except FileExistsError:
                 n += 1
                 target = path.with_name(f"{path.stem}-{n}{path.suffix}")
-        if target != path:
-            print(f"{path} holds earlier results, kept: these go to {target} (move it over {path.name} to "
-                  "replace them)", file=sys.stderr)
-        _RESULTS_FILES[key] = target
-    return _RESULTS_FILES[key]
-
-
-def write_results_text(path: str | os.PathLike, text: str) -> Path:
-    """``text`` into :func:`results_file` of ``path``, whole (a temporary of this process renamed
-    over it: a writer stopped between rows leaves a readable file); returns the file written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    target = results_file(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    if target != path:
+        print(f"{path} holds earlier results, kept: these go to {target} (move it over {path.name} to "
+              "replace them)", file=sys.stderr)
+    _RESULTS_FILES[key] = target
     return target
 
 

@@ -117,7 +117,24 @@ def test_two_runs_starting_together_never_share_a_results_file(tmp_path, monkeyp
     took x.json (and one's rename of a shared temporary failed)."""
     from defect_fast import safety
 
-    a = safety.results_file(tmp_path / "x.json")
-    monkeypatch.setattr(safety, "_RESULTS_FILES", {})  # another process's record, before either wrote
-    b = safety.results_file(tmp_path / "x.json")
+    a = safety.write_results_text(tmp_path / "x.json", "{}\n")
+    monkeypatch.setattr(safety, "_RESULTS_FILES", {})  # another process's record
+    b = safety.write_results_text(tmp_path / "x.json", "{}\n")
     assert {a.name, b.name} == {"x.json", "x-2.json"}
+
+
+def test_a_writer_stopped_in_its_first_write_leaves_no_file_under_the_name(tmp_path, monkeypatch):
+    """The name was claimed by creating it empty before the results were written: a stop (a
+    SIGTERM, a full disk) left an empty x.json that the GPU suite's summary and the next run took
+    for results."""
+    from defect_fast import safety
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    try:
+        safety.write_results_text(tmp_path / "x.json", "{}\n")
+    except OSError:
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
