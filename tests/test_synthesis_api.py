@@ -326,6 +326,9 @@ def test_config_errors_and_round_trip():
     ("k_nearest", 2.5),
     ("grayscale", "no"),  # a truthy string would turn every content grey
     ("opacity", ("0.2", "0.8")),  # strings passed the check and failed in the arithmetic
+    ("source_mix", ("1", "1", "1", "1")),
+    ("shape_mix", "111"),
+    ("opacity", {"a": 1, "b": 2}),
 ])
 def test_config_refuses_values_that_would_give_nonsense_later(field, value):
     with pytest.raises(ValueError, match=f"SynthesisConfig.{field} must"):

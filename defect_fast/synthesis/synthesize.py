@@ -91,7 +91,7 @@ def _pair(name: str, v, lo: float, hi: float | None) -> tuple[float, float]:
         if len(v) != 2 or not (_real(v[0]) and _real(v[1])):
             raise TypeError
         a, b = float(v[0]), float(v[1])
-    except (TypeError, IndexError, ValueError):
+    except (TypeError, IndexError, KeyError, ValueError):
         raise ValueError(f"SynthesisConfig.{name} must be a (low, high) pair of numbers, got {v!r}") from None
     if not (lo <= a <= b and (hi is None or b <= hi) and math.isfinite(b)):
         upper = "" if hi is None else f" <= {hi}"
@@ -112,6 +112,8 @@ def _number(name: str, v, lo: float, hi: float | None = None) -> float:
 
 def _mix(name: str, v, n: int) -> tuple[float, ...]:
     try:
+        if isinstance(v, (str, bytes)) or not all(_real(x) for x in v):
+            raise TypeError
         p = tuple(float(x) for x in v)
     except (TypeError, ValueError):
         raise ValueError(f"SynthesisConfig.{name} must be {n} non-negative weights, got {v!r}") from None
