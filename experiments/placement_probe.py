@@ -90,7 +90,8 @@ def main() -> None:
         out[run] = r
         print(run, json.dumps(r), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_text(args.out, json.dumps(out, indent=1) + "\n")
+    written = write_text(args.out, json.dumps(out, indent=1) + "\n")
+    print(f"wrote {written}")
 
 
 if __name__ == "__main__":

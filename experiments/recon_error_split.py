@@ -55,7 +55,8 @@ def main(argv=None) -> int:
         print(f"{name}: {res[name]['mean_abs_error']:.4f} +- {res[name]['standard_error']:.4f} ({len(idx)} images)")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        write_text(args.out, dump_json_strict(res))
+        written = write_text(args.out, dump_json_strict(res))
+        print(f"wrote {written}")
     return 0
 
 
