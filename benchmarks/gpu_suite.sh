@@ -136,7 +136,16 @@ steps = []
 for line in open(os.path.join(out, "steps.tsv")):
     name, status, secs, log, cmd = line.rstrip("\n").split("\t", 4)
     steps.append({"step": name, "status": status, "seconds": int(secs), "log": log, "command": cmd})
-env = json.load(open(os.path.join(out, "env.json"))) if os.path.exists(os.path.join(out, "env.json")) else {}
+def load(path):
+    """A results file's payload, or the line saying why it cannot be read (a step killed while it
+    wrote, a full disk): one unreadable file must not cost the summary and its verdict."""
+    try:
+        with open(path) as fh:
+            return json.load(fh), None
+    except (OSError, ValueError) as exc:
+        return None, f"unreadable: {type(exc).__name__}: {exc}"
+env = load(os.path.join(out, "env.json"))[0] if os.path.exists(os.path.join(out, "env.json")) else {}
+env = env if isinstance(env, dict) else {}
 suite = {"dry_run": dry, "seconds": seconds, "env": env, "steps": steps,
          "results": sorted(os.path.relpath(p, out) for p in glob.glob(os.path.join(out, "results", "*.json")))}
 with open(os.path.join(out, ".suite.json.tmp"), "w") as fh:
@@ -152,9 +161,9 @@ for s in steps:
 def rows(payload):
     return (payload.get("rows") or payload.get("cases") or []) if isinstance(payload, dict) else []
 for path in suite["results"]:
-    payload = json.load(open(os.path.join(out, path)))
+    payload, why = load(os.path.join(out, path))
     name = os.path.basename(path)
-    lines = []
+    lines = [f"    {why}"] if why else []
     for r in rows(payload)[:8]:
         if not isinstance(r, dict):
             continue

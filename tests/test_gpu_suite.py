@@ -144,3 +144,23 @@ def test_an_outdir_with_an_earlier_suite_s_output_is_refused(tmp_path):
                        timeout=60)
     assert r.returncode == 2 and "holds an earlier suite's output" in r.stderr
     assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == ["results", "train_cuda.json"]
+
+
+def test_an_unreadable_results_file_does_not_cost_the_summary(tmp_path):
+    """The summary loaded every results file without a guard: one left empty or cut short (a step
+    killed while it wrote, a full disk) ended it with a traceback, before the verdict line."""
+    text = SUITE.read_text()
+    m = re.search(r"cat > \"\$SUMMARY_PY\" <<'EOF'\n(.*?)\nEOF\n", text, flags=re.S)
+    assert m, "the summary script not found in gpu_suite.sh"
+    summary = tmp_path / "summary.py"
+    summary.write_text(m.group(1))
+    out = tmp_path / "out"
+    (out / "results").mkdir(parents=True)
+    (out / "steps.tsv").write_text("inference\tok\t12\tlog\tcmd\ntrain\tok\t30\tlog\tcmd\n")
+    (out / "env.json").write_text('{"gpu": "Fake GPU", "torch": "2.13.0"}')
+    (out / "results" / "inference_cuda.json").write_text("")
+    (out / "results" / "train_cuda.json").write_text('{"rows": [{"model": "cmaae", "speedup": 2.5}]}')
+    res = subprocess.run(["python3", str(summary), str(out), "0", "42"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "inference_cuda.json\n    unreadable: JSONDecodeError" in res.stdout
+    assert "model=cmaae speedup=2.5" in res.stdout and "all steps ok" in res.stdout
