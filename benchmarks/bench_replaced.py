@@ -208,7 +208,9 @@ def inference_fns(case: str):
 
 
 def train_fns(stage: int):
-    from bench_train import Workload, trainable
+    from bench_train import Workload
+
+    from defect_fast.train import freeze_for_stage
     from defect_fast.layers import KernelSizedConv2d, PointConvTranspose2d
 
     precision = train_dtype("auto", torch.device("cpu"))  # what training uses here: bf16 on AVX512-BF16/AMX CPUs
@@ -219,18 +221,20 @@ def train_fns(stage: int):
         if isinstance(m, (KernelSizedConv2d, PointConvTranspose2d)):
             seq[0] = _plain(m).to(memory_format=old.memory_format)  # the layout of the other layers
     # the default implementation, over the replaced modules' parameters, frozen as the trainer freezes them
-    old.opt = torch.optim.Adam(trainable(old.model, stage), lr=1e-4)
+    old.opt = torch.optim.Adam(freeze_for_stage(old.model, stage), lr=1e-4)
     return old.step, new.step
 
 
 def train_layout_fns(stage: int):
-    from bench_train import Workload, trainable, trainer_adam
+    from bench_train import Workload
+
+    from defect_fast.train import freeze_for_stage, stage_adam
 
     precision = train_dtype("auto", torch.device("cpu"))
     new = Workload("cmaae", stage, 64, 256, "cpu", True, precision)
     old = Workload("cmaae", stage, 64, 256, "cpu", True, precision)
     old.model.to(memory_format=torch.channels_last)  # every 4-D weight channels-last, as before
-    old.opt = trainer_adam(trainable(old.model, stage))
+    old.opt = stage_adam(freeze_for_stage(old.model, stage), lr=1e-4)
     return old.step, new.step
 
 

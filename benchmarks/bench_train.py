@@ -42,33 +42,14 @@ import torch.nn.functional as F
 from common import RESULTS, ROOT, command_line, device_info, time_interleaved, write_results
 
 from defect_fast.data.patches import extract_patches
-from defect_fast.layers import keep_matrix_weights_contiguous
 from defect_fast.precision import cudnn_benchmark
-from defect_fast.train import train_dtype
+from defect_fast.train import freeze_for_stage, stage_adam, train_dtype, train_layout
 from defect_fast.models import build_model
 
 
 def tuned_precision(device: str) -> torch.dtype | None:
     """What ``defect-fast train --precision auto`` trains in on ``device`` (None: float32)."""
     return train_dtype("auto", torch.device(device))
-
-
-def trainable(model: torch.nn.Module, stage: int) -> list[torch.nn.Parameter]:
-    """``model.trainable_parameters(stage)``, the only parameters left requiring gradients, as
-    :meth:`defect_fast.train.Trainer._optimizer` sets them (the rest frozen)."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = model.trainable_parameters(stage)
-    for p in params:
-        p.requires_grad_(True)
-    return params
-
-
-def trainer_adam(params: list[torch.nn.Parameter], lr: float = 1e-4) -> torch.optim.Adam:
-    """Adam as :meth:`defect_fast.train.Trainer._optimizer` builds it: the fused kernel when every
-    parameter is a float on the CPU or CUDA, else the default implementation."""
-    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params) or None
-    return torch.optim.Adam(params, lr=lr, fused=fused)
 
 
 def smooth_noise(n: int, size: int, generator: torch.Generator, device: str) -> torch.Tensor:
@@ -113,13 +94,12 @@ class Workload:
         self.precision = precision if tuned else None
         # channels_last only with a reduced-precision dtype, as Trainer.__init__ and Trainer.run decide
         self.memory_format = torch.channels_last if self.precision is not None else torch.contiguous_format
-        if self.precision is not None:  # as defect_fast.train lays them out
-            self.model = keep_matrix_weights_contiguous(self.model.to(memory_format=torch.channels_last))
+        self.model = train_layout(self.model, self.precision)
         if hasattr(self.model, "begin_epoch"):
             self.model.begin_epoch(stage, 0)
-        params = trainable(self.model, stage)  # both sides: frozen parameters compute no gradient
+        params = freeze_for_stage(self.model, stage)  # both sides: frozen parameters compute no gradient
         # tuned: Adam as defect_fast.train builds it (fused where it can); eager: the default implementation
-        self.opt = trainer_adam(params) if tuned else torch.optim.Adam(params, lr=1e-4)
+        self.opt = stage_adam(params, lr=1e-4) if tuned else torch.optim.Adam(params, lr=1e-4)
         if self.stage_name == "synthetic":
             self.synth = self.model.synthesize  # the model's own: GAAGA for CMA-AE, ADGA for the AW-SSIM AE
 
