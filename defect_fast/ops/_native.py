@@ -321,18 +321,11 @@ def _library(build_dir: Path) -> Path | None:
     return None
 
 
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes (hex)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _library_record(path: Path) -> str:
     """``name size sha256`` of a linked library: what the build stamp vouches for."""
-    return f"{path.name} {path.stat().st_size} {file_digest(path)}"
+    from defect_fast.safety import file_sha256  # at run time only (setup.py loads this file by path)
+
+    return f"{path.name} {path.stat().st_size} {file_sha256(path)}"
 
 
 def _stamp_vouches(stamp: Path, build_dir: Path) -> bool:
