@@ -592,6 +592,20 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs) -> Iterator
 _RESULTS_FILES: dict[Path, Path] = {}
 
 
+def _take_name(tmp: Path, target: Path) -> None:
+    """``tmp`` under the name ``target``, refused (FileExistsError) where that name exists: by a
+    hard link (atomic), else, on a file system without them, an exclusive create and a rename."""
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise
+    except OSError:
+        os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        os.replace(tmp, target)
+    else:
+        os.unlink(tmp)
+
+
 def write_results_text(path: str | os.PathLike, text: str) -> Path:
     """``text`` as the results asked for at ``path`` (the benchmarks' and experiments' JSON), whole;
     returns the file written.
@@ -615,14 +629,7 @@ def write_results_text(path: str | os.PathLike, text: str) -> Path:
         target, n = path, 1
         while True:
             try:
-                try:
-                    os.link(tmp, target)
-                    os.unlink(tmp)
-                except FileExistsError:
-                    raise
-                except OSError:  # a file system without hard links
-                    os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-                    os.replace(tmp, target)
+                _take_name(tmp, target)
                 break
             except FileExistsError:
                 n += 1
