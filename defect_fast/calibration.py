@@ -28,8 +28,9 @@ Its ``pixel_far_expected`` is nominal: k / (m + 1) would be the expected rate on
 pixels were exchangeable like images, but the pixels of one map share that image's level and
 neighbourhood, so the top pixels of a few held-back maps set the threshold and a new defect-free
 image can flag several times that share of its pixels (more so the more the maps' level varies
-from image to image). It is the share of held-back pixels above the threshold, not a promise
-about new images; the image threshold above is the calibrated one.
+from image to image). It is a rank's nominal rate, not a promise about new images (the share of
+the held-back pixels strictly above the threshold is (k - 1) / m or less); the image threshold
+above is the calibrated one.
 
 Evaluation helpers: :func:`f1_optimal_threshold` and :func:`rates_at` (false-alarm and miss rates
 at a threshold).
@@ -40,6 +41,7 @@ import math
 import numbers
 import os
 import random
+import sys
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, NamedTuple, Sequence, TypeVar
@@ -97,9 +99,12 @@ def _scores_1d(x, what: str) -> np.ndarray:
 
 def _check_far(far: float, name: str = "far") -> float:
     """``far`` as a Python float (numpy's too: a numpy scalar stored in a model file would make it
-    unloadable with ``weights_only=True``); a rate outside (0, 1) or not a number is refused."""
+    unloadable with ``weights_only=True``); a rate outside (0, 1) or not a number is refused, and
+    one below the smallest normal float (1/far would overflow)."""
     if isinstance(far, bool) or not isinstance(far, numbers.Real) or not 0 < far < 1:
         raise ValueError(f"{name} must be a number in (0, 1), got {far!r}")
+    if far < sys.float_info.min:
+        raise ValueError(f"{name} must be at least {sys.float_info.min:.3g}, got {far!r}")
     return float(far)
 
 
@@ -116,7 +121,8 @@ def min_images_for(far: float) -> int:
 
 
 def _rank_for(far: float, n: int) -> int:
-    return int(math.floor(far * (n + 1) + _EPS))
+    """k = floor(far (n+1)), at most n (a far within _EPS / (n+1) of 1 would make it n+1)."""
+    return min(n, int(math.floor(far * (n + 1) + _EPS)))
 
 
 def _beta_upper(k: int, n: int, q: float = 0.95) -> float:
@@ -203,8 +209,8 @@ def _ordinal(k: int) -> str:
 class PixelThreshold:
     """A pixel-score threshold for defect regions (pixels > threshold are defect pixels).
 
-    Attributes: threshold; pixel_far (asked); pixel_far_expected (k / (m + 1): the share of the
-    held-back pixels above, nominal for new images, see the module docstring); n_pixels (m);
+    Attributes: threshold; pixel_far (asked); pixel_far_expected (k / (m + 1): the rank's nominal
+    rate, see the module docstring); n_pixels (m);
     n_images (maps it came from); rank (k); sufficient (m large enough for pixel_far).
     """
 
@@ -447,7 +453,9 @@ def f1_optimal_threshold(scores, labels) -> dict[str, float]:
     j = int(np.argmax(f1))  # first maximum = highest cut
     # flag every score >= s_desc[ends[j]], i.e. > the next lower distinct score
     nxt = ends[j] + 1
-    thr = float(s_desc[nxt]) if nxt < s.size else float(np.nextafter(s_desc[-1], -np.inf))
+    # flagging every image: the float32 below the smallest score, which stays below it when the
+    # scores are compared in float32 (torch tensors), where a float64 step rounds back onto it
+    thr = float(s_desc[nxt]) if nxt < s.size else float(np.nextafter(np.float32(s_desc[-1]), np.float32(-np.inf)))
     return {"threshold": thr, "f1": float(f1[j]), "precision": float(tp[j] / (tp[j] + fp[j])), "recall": float(tp[j] / n_pos)}
 
 
@@ -703,8 +711,8 @@ class ModelInfo:
         if cal.get("source") and not cal.get("inapplicable"):  # held-back images, or those given to calibrate
             info.extra["calibrated_on"] = cal["source"]
         # what operating_points reads: the rates other thresholds would give (report)
-        info.extra["held_back"] = {k: cal[k] for k in ("held_back_scores", "highest_scores", "n_images", "inapplicable")
-                                   if k in cal}
+        info.extra["held_back"] = {k: cal[k] for k in ("held_back_scores", "highest_scores", "n_images", "inapplicable",
+                                                       "source") if k in cal}
         return info
 
     def scale(self) -> float:

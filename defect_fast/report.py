@@ -254,7 +254,10 @@ def write_report(
     from .visualize import save_map, save_overlay
 
     n = len(names)
-    s = scores.detach().float().cpu().numpy().reshape(-1) if isinstance(scores, torch.Tensor) else np.asarray(scores, float)
+    # float64, as predict, watch and evaluate compare a score with the threshold: a float32 array
+    # would round the threshold to float32 (NumPy 2) and judge an image near it otherwise
+    s = (scores.detach().double().cpu().numpy().reshape(-1) if isinstance(scores, torch.Tensor)
+         else np.asarray(scores, np.float64).reshape(-1))
     if images.shape[0] != n or maps.shape[0] != n or s.size != n:
         raise ValueError(f"report: {n} names but {images.shape[0]} images, {maps.shape[0]} maps, {s.size} scores")
     if sizes is not None and len(sizes) != n:

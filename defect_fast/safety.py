@@ -391,6 +391,8 @@ def rate(text: str) -> float:
     v = positive_float(text)
     if v >= 1:
         raise argparse.ArgumentTypeError(f"must be a number in (0, 1), got {text!r}")
+    if v < sys.float_info.min:  # 1/far, the images it needs, would overflow
+        raise argparse.ArgumentTypeError(f"must be at least {sys.float_info.min:.3g}, got {text!r}")
     return v
 
 

@@ -212,6 +212,8 @@ def check_config(cfg: TrainConfig, n_stages: int, patch: int) -> None:
     need(whole(cfg.seed) and 0 <= cfg.seed < 2**64, f"--seed must be a whole number from 0 to 2**64 - 1, got {cfg.seed}")
     need(0 <= cfg.holdback < 1, f"--holdback must be in [0, 1), got {cfg.holdback}")
     need(0 < cfg.far < 1, f"--far must be in (0, 1), got {cfg.far}")
+    # 1/far, the held-back images the rate needs, overflows below it (after the training)
+    need(cfg.far >= sys.float_info.min, f"--far must be at least {sys.float_info.min:.3g}, got {cfg.far}")
     need(cfg.normalize in NORMALIZATIONS, f"--normalize must be one of {', '.join(NORMALIZATIONS)}, got {cfg.normalize!r}")
     need(cfg.fit_on in FIT_SOURCES, f"--fit-on must be one of {', '.join(FIT_SOURCES)}, got {cfg.fit_on!r}")
     need(len(cfg.map_scales) >= 1 and all(whole(f) and f >= 1 for f in cfg.map_scales)

@@ -33,6 +33,19 @@ def test_min_images_for_rates():
     assert min_images_for(0.3) == 3
     with pytest.raises(ValueError, match="far"):
         min_images_for(0.0)
+    assert min_images_for(1e-300) > 10**299
+    # below the smallest normal float 1/far overflows: refused, where it was an OverflowError
+    with pytest.raises(ValueError, match="far must be at least 2.23e-308"):
+        min_images_for(1e-320)
+
+
+def test_a_rate_within_rounding_of_one_takes_the_smallest_score():
+    """k = floor(far (n+1)) with its rounding allowance stays at most n: a far a hair below 1 was
+    rank n+1, an IndexError in the image and the pixel threshold."""
+    it = image_threshold(np.arange(4.0), 1 - 1e-10)
+    assert (it.rank, it.threshold) == (4, 0.0)
+    pt = pixel_threshold(np.arange(4.0).reshape(1, 2, 2), 1 - 1e-10)
+    assert (pt.rank, pt.threshold) == (4, 0.0)
 
 
 @pytest.mark.parametrize("n,far,k", [(99, 0.01, 1), (199, 0.01, 2), (250, 0.01, 2), (100, 0.05, 5), (19, 0.05, 1)])
@@ -192,6 +205,12 @@ def test_f1_known_answer_and_flag_all():
     assert res["f1"] == 1.0 and 0.2 <= res["threshold"] < 0.8
     all_bad = f1_optimal_threshold([0.5, 0.3], [1, 1])
     assert all_bad["f1"] == 1.0 and all_bad["threshold"] < 0.3
+    # flagging every image still does when the scores are compared in float32 (a torch tensor):
+    # a float64 step below the smallest score rounded back onto it
+    scores = torch.tensor([0.7, 0.3, 0.5], dtype=torch.float32)
+    every = f1_optimal_threshold(scores, [1, 1, 1])
+    assert bool((scores > every["threshold"]).all()) and every["f1"] == 1.0
+    assert (scores.double() > every["threshold"]).all()
     assert math.isnan(f1_optimal_threshold([0.5, 0.3], [0, 0])["f1"])
 
 
@@ -274,6 +293,13 @@ def test_model_info_from_detector_reads_the_model_file(tmp_path):
     assert info.extra["far"] == 0.01 and info.extra["map"] == "msfr" and "held-back" in info.extra["threshold_source"]
     given = ModelInfo.from_detector(det, path, threshold=3.0)
     assert given.image_threshold == 3.0 and given.extra.get("far") is None  # no rate was asked of a given threshold
+    # a run whose thresholds came from its training images (--holdback 0): report's --far table
+    # reads "source" to list no rate (the held-back keys without it listed rates from training scores)
+    cal0 = {**calibrate(torch.rand(40, generator=torch.Generator().manual_seed(0)), far=0.05),
+            "source": "training images"}
+    info0 = ModelInfo.from_detector(SimpleNamespace(**{**vars(det), "calibration": cal0}), path)
+    assert operating_points(np.random.rand(20), np.r_[np.zeros(10), np.ones(10)], info0.extra["held_back"]) == []
+    assert operating_points(np.random.rand(20), np.r_[np.zeros(10), np.ones(10)], {**cal0, "source": "held-back"})
     old = SimpleNamespace(**{**vars(det), "calibration": {"score_max": 2.0, "pixel_q999": 0.5}})
     info = ModelInfo.from_detector(old, path)
     assert (info.image_threshold, info.pixel_threshold) == (2.0, 0.5) and "older model file" in info.extra["threshold_source"]

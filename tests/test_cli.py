@@ -498,7 +498,7 @@ def test_run_lock_refuses_a_second_process(tiny_run, synthetic_root, capsys, tmp
 def test_numbers_and_devices_are_checked_while_parsing(synthetic_root, tmp_path, capsys):
     for bad, word in ((["--epochs", "0"], "--epochs"), (["--batch-size", "-4"], "--batch-size"),
                       (["--lr", "nan"], "--lr"), (["--device", "gpu"], "gpu"), (["--far", "1"], "--far"),
-                      (["--holdback", "-0.1"], "--holdback")):
+                      (["--far", "1e-320"], "--far: must be at least"), (["--holdback", "-0.1"], "--holdback")):
         assert main(["train", str(synthetic_root), "--out", str(tmp_path / "r"), *bad]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and word in err, err

@@ -338,3 +338,20 @@ def test_the_page_says_why_pixel_metrics_are_missing_or_n_a(tmp_path):
     assert "<td>n/a</td>" in text and "<th>aupro (FPR &le; 0.3)</th>" in text  # AUPRO's limit on the page
     assert "n/a: pixel AUROC is undefined: the masks have no defect pixel" in text
     assert "AUPRO (class spot) is undefined: the masks have no defect pixel" in text
+
+
+def test_verdicts_compare_in_float64_as_predict_and_watch_do(tmp_path):
+    """A threshold typed a few digits short of a float32 score flags that image in predict and
+    watch (float(score) > threshold); the page compared in float32, which rounded the threshold
+    onto the score and passed it, while its own rate table counted a false alarm."""
+    images, _masks, labels, _classes = make_set(2, 2)
+    score = np.float32(0.006132396869361401)
+    thr = 0.00613239686  # below the score in float64, equal to it in float32
+    assert float(score) > thr and not bool(np.array([score]) > thr)
+    scores = torch.tensor([score, 0.001, 0.02, 0.003], dtype=torch.float32)
+    out = write_report(tmp_path / "r.html", names=[f"img{i}.png" for i in range(4)], images=images,
+                       maps=torch.rand(4, S, S), scores=scores, labels=labels, threshold=thr)
+    text = re.sub(r"\s+", " ", re.sub("<[^>]+>", " ", Path(out["path"]).read_text()))
+    assert out["metrics"]["at_threshold"]["false_alarms"] == 1
+    assert re.search(r"flagged \(score &gt; threshold\) 2 passed 2\b", text), text[:2000]
+    assert 'class="card fa"' in Path(out["path"]).read_text()

@@ -755,7 +755,7 @@ def test_settings_that_train_nothing_are_refused_before_the_folder_is_made(synth
     for bad, word in (({"epochs": [0, 1]}, "--epochs"), ({"max_steps": [1, -3]}, "--max-steps"),
                       ({"batch_size": 0}, "--batch-size"), ({"checkpoint_every": 0}, "--checkpoint-every"),
                       ({"image_size": 32}, "--image-size"), ({"holdback": 1.0}, "--holdback"),
-                      ({"far": 0.0}, "--far"), ({"normalize": "pixel"}, "--normalize"),
+                      ({"far": 0.0}, "--far"), ({"far": 1e-320}, "--far must be at least"), ({"normalize": "pixel"}, "--normalize"),
                       ({"holdback": 0.0, "normalize": "position"}, "--normalize"), ({"fit_on": "both"}, "--fit-on"),
                       ({"map_scales": [1, 4]}, r"--map-scales 1 4 sets the pyramid of --map perceptual: add it")):
         with pytest.raises(ConfigError, match=word):
