@@ -1219,7 +1219,9 @@ class Detector(nn.Module):
                   names: list[str] | None = None) -> dict[str, Any]:
         """Thresholds from defect-free images the model was not trained on, by the rule training
         uses for its held-back images (:func:`defect_fast.calibration.calibrate`: the image
-        threshold for a false-alarm rate ``far``, default 0.01, and a pixel threshold), plus
+        threshold for a false-alarm rate ``far``, by default the rate of the thresholds they
+        replace (a run's ``--far``, as ``defect-fast calibrate`` keeps it), else 0.01, and a
+        pixel threshold), plus
         ``pixel_q999`` (the 99.9th percentile of their map values, the maps' colour scale:
         :func:`~defect_fast.calibration.colour_scale`, estimated from a sample of a large set).
         ``names`` (one per image) name the image whose score the threshold is and the highest.
@@ -1230,7 +1232,9 @@ class Detector(nn.Module):
 
         res = self.predict_batched(normal_images)
         check_finite(res, names, None, self.precision, "defect-free images")
-        cal = calibrate_thresholds(res["scores"], res["maps"], DEFAULT_FAR if far is None else far, names=names)
+        if far is None:  # the rate asked before (it stays when a fit sets the thresholds aside)
+            far = (self.calibration or {}).get("far") or DEFAULT_FAR
+        cal = calibrate_thresholds(res["scores"], res["maps"], far, names=names)
         cal["pixel_q999"] = colour_scale(res["maps"])
         self.calibration = cal
         return cal

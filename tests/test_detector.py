@@ -323,7 +323,7 @@ def test_predict_batched_then_calibrate_and_normalise_share_the_detector():
     torch.testing.assert_close(res["maps"], ref)
     det.fit_normalization(x, images_per_batch=2)  # no_grad, same shapes: a workspace it may write
     cal = det.calibrate(x)
-    assert cal["n_images"] == 5 and cal["score_std"] > 0 and "threshold_image" not in cal
+    assert cal["n_images"] == 5 and cal["score_std"] > 0 and "threshold_image" not in cal and cal["far"] == 0.01
     cal = det.calibrate(x, names=list("abcde"))
     scores = det.predict_batched(x)["scores"]
     assert cal["threshold_image"] == "abcde"[int(scores.argmax())] and len(cal["highest_scores"]) == 5
@@ -845,6 +845,7 @@ def test_save_writes_what_load_reads_back(tmp_path, precision):
     normal = _images(6, 128)
     det.fit_normalization(normal[:3])
     cal = det.calibrate(normal[3:], far=0.25)
+    assert det.calibrate(normal[3:])["far"] == 0.25  # the rate asked before, not 0.01 (as defect-fast calibrate)
     path = det.save(tmp_path / "line3.pt")
     again = Detector.load(path, device="cpu", precision=precision)
     x = _images(2, 128)
