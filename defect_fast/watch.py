@@ -7,7 +7,10 @@
                            "regions" are :func:`~defect_fast.calibration.defect_regions`, boxes
                            x0, y0, x1, y1 inclusive, in the photo's pixels: the
                            :data:`MAX_REGIONS` of highest peak, "regions_total" counting them all
-                           when there are more
+                           when there are more. They locate the defect on a failed image;
+                           the verdict ("result") is the image threshold's, and a passing
+                           image lists regions too (the pixel threshold is set for 0.1 % of
+                           defect-free pixels, not for the verdict)
     maps/<name>_map.png    grey anomaly map per image, at the image's own size
     overlays/<name>_overlay.png   the map over the image, at its own size
     rejected/              bad files, moved here (never deleted); their reason is in the journal
