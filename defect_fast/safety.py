@@ -404,7 +404,8 @@ def add_threshold_options(parser: argparse.ArgumentParser, flagged: str = "is fl
                        help=f"image score above which an image {flagged} (default: the threshold stored in the model file)")
     group.add_argument("--far", type=rate, default=None, metavar="RATE",
                        help="instead, the threshold for this false-alarm rate, set from the defect-free images the run "
-                       "held back (e.g. 0.05 with 60 of them: the 3rd highest score; default: the rate asked at training)")
+                       "held back (e.g. 0.05 with 60 of them: the 3rd highest score; default: the stored threshold, set for "
+                       "the rate asked at training or by defect-fast calibrate)")
 
 
 @contextlib.contextmanager
