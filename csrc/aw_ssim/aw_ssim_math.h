@@ -133,6 +133,42 @@ DF_HOST_DEVICE DF_INLINE double mul_rn(double a, double b) {
 #endif
 }
 
+// A sum rounded on its own (never fused with a product into a multiply-add; see mul_rn).
+DF_HOST_DEVICE DF_INLINE float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+DF_HOST_DEVICE DF_INLINE double add_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+// sum_k g[k] v(k) over a symmetric window of odd length K (g[k] == g[K-1-k]) in the CPU kernel's
+// order (filter_sym in cpu/aw_ssim_cpu.cpp): the centre tap, then the pairs (k, K-1-k) two at a
+// time, out + (g[a] (v(a) + v(K-1-a)) + g[a+1] (v(a+1) + v(K-2-a))), each operation rounded on
+// its own. The CUDA forward filters with it, so that its five statistics are those of the CPU
+// kernel: over a flat window E[v^2] - mu^2 is then 0 wherever it is 0 on the CPU (fused and
+// reordered sums left up to 3.6e-7 there, against a VAR_EPS of 4e-8).
+template <typename acc_t, typename Tap>
+DF_HOST_DEVICE DF_INLINE acc_t sym_filter(const acc_t* g, int K, Tap v) {
+  const int c = K / 2;
+  acc_t out = mul_rn(g[c], v(c));
+  int a = 0;
+  for (; a + 1 < c; a += 2) {
+    const acc_t pa = mul_rn(g[a], add_rn(v(a), v(K - 1 - a)));
+    const acc_t pb = mul_rn(g[a + 1], add_rn(v(a + 1), v(K - 2 - a)));
+    out = add_rn(out, add_rn(pa, pb));
+  }
+  if (a < c) out = add_rn(out, mul_rn(g[a], add_rn(v(a), v(K - 1 - a))));
+  return out;
+}
+
 // Stage 1 of a pixel: the clamped variance max(E[v^2] - mu^2, 0) whose square root (after adding
 // VAR_EPS) is the standard deviation.
 template <typename acc_t>

@@ -136,37 +136,29 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
 
-    // 3. horizontal pass over all span rows: 5 sums for column tx
+    // 3. horizontal pass over all span rows: 5 sums for column tx, of the products rounded
+    //    first (x^2, y^2, xy), in the CPU kernel's order (sym_filter)
     for (int r = ty; r < span; r += kTile) {
-      acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0;
       const acc_t* rx = sx + r * span + tx;
       const acc_t* ry = sy + r * span + tx;
-      for (int k = 0; k < K; ++k) {
-        const acc_t w = g[k], a = rx[k], b = ry[k];
-        s0 += w * a;
-        s1 += w * b;
-        s2 += w * a * a;
-        s3 += w * b * b;
-        s4 += w * a * b;
-      }
       acc_t* h = hs + r * kTile + tx;
-      h[0] = s0;
-      h[span * kTile] = s1;
-      h[2 * span * kTile] = s2;
-      h[3 * span * kTile] = s3;
-      h[4 * span * kTile] = s4;
+      h[0] = sym_filter(g, K, [&](int k) { return rx[k]; });
+      h[span * kTile] = sym_filter(g, K, [&](int k) { return ry[k]; });
+      h[2 * span * kTile] = sym_filter(g, K, [&](int k) { return mul_rn(rx[k], rx[k]); });
+      h[3 * span * kTile] = sym_filter(g, K, [&](int k) { return mul_rn(ry[k], ry[k]); });
+      h[4 * span * kTile] = sym_filter(g, K, [&](int k) { return mul_rn(rx[k], ry[k]); });
     }
     __syncthreads();
 
     // 4. vertical pass, index and partials of output pixel (oy, ox)
     acc_t value = 0;
     if (ox < WO && oy < HO) {
-      acc_t m[kStats] = {0, 0, 0, 0, 0};
-      for (int k = 0; k < K; ++k) {
-        const acc_t w = g[k];
-        const acc_t* h = hs + (ty + k) * kTile + tx;
+      acc_t m[kStats];
+      const acc_t* h = hs + ty * kTile + tx;
 #pragma unroll
-        for (int s = 0; s < kStats; ++s) m[s] += w * h[s * span * kTile];
+      for (int s = 0; s < kStats; ++s) {
+        const acc_t* hc = h + s * span * kTile;
+        m[s] = sym_filter(g, K, [&](int k) { return hc[k * kTile]; });
       }
       acc_t d[kStats];
       value = aw_ssim_point<acc_t, MODE, SAVE>(p, m[0], m[1], m[2], m[3], m[4], d);
