@@ -8,11 +8,13 @@
 #   env        python, torch, nvidia-smi, nvcc, CPU        -> OUTDIR/env.json
 #   install    pip install --no-index --find-links WHEELS (only what is missing; no network)
 #   build      the CUDA kernels (JIT, for the visible GPU) -> OUTDIR/build.json, logs/build.log
+#   tests_ops  pytest -m cuda on the three ops' tests         -> OUTDIR/tests_cuda_ops.xml
+#              (before the benchmarks: timings of a kernel that computes wrong values are no result)
 #   inference  benchmarks/bench_inference.py --device cuda       -> OUTDIR/results/inference_*.json
 #   bench_ssim benchmarks/bench_aw_ssim.py --device cuda         -> OUTDIR/results/aw_ssim_cuda.json
 #   train      benchmarks/bench_train.py --device cuda           -> OUTDIR/results/train_cuda.json
 #   bench_ma, bench_msfr  benchmarks/bench_{memory_address,msfr}.py -> OUTDIR/results/*.json
-#   tests      pytest -m cuda                              -> OUTDIR/tests_cuda.xml
+#   tests      pytest -m cuda, the other tests                -> OUTDIR/tests_cuda.xml
 #              (after the measurements the bars ask for: a suite cut short loses the later steps)
 #   recommended benchmarks/bench_context.py --device cuda        -> OUTDIR/results/context_cuda.json
 #              (the recommended run's inference: perceptual map + image context, with and without the row
@@ -372,6 +374,10 @@ if [ "$DRY" != 1 ] && ! grep -q "^build	ok	" "$STEPS_FILE"; then
   echo "  [note]         the CUDA build failed: later steps run without the CUDA kernels (DEFECT_FAST_CUDA=0)"
 fi
 
+# ---- the ops' own CUDA tests, before anything is timed on the kernels ------------------------
+OP_TESTS=(tests/test_ops_aw_ssim.py tests/test_ops_memory_address.py tests/test_ops_msfr.py)
+step tests_ops 45 gpu "$PY" -m pytest -v -p no:cacheprovider -m cuda --junitxml="$OUT/tests_cuda_ops.xml" "${OP_TESTS[@]}"
+
 # ---- benchmarks ----------------------------------------------------------------------------
 if [ "$DRY" = 1 ]; then
   EXPECT=memory_address_cpu.json step bench_ma_cpu 30 cpu "$PY" benchmarks/bench_memory_address.py --device cpu --rounds 1
@@ -395,7 +401,8 @@ if [ "$DRY" = 1 ]; then
   step tests_collect 60 cpu "$PY" -m pytest -q -p no:cacheprovider -m cuda --collect-only tests/
 fi
 # -v: each test's line is in the log as it ends (the XML is written only when pytest finishes)
-step tests 120 gpu "$PY" -m pytest -v -p no:cacheprovider -m cuda --continue-on-collection-errors --junitxml="$OUT/tests_cuda.xml" tests/
+step tests 120 gpu "$PY" -m pytest -v -p no:cacheprovider -m cuda --continue-on-collection-errors --junitxml="$OUT/tests_cuda.xml" \
+  "${OP_TESTS[@]/#/--ignore=}" tests/
 
 # ---- the recommended run's inference, cuDNN's heuristics ------------------------------------
 EXPECT=context_cuda.json step recommended 70 gpu "$PY" benchmarks/bench_context.py --device cuda --batch 64 --rounds 10 --fit-images 100
