@@ -20,7 +20,9 @@ score exceeds the image threshold of the detector that scored it, the
 threshold the run's false-alarm rate sets on the held-back images. Defect-free images are
 flagged too, at that threshold's expected rate (1/61 with 60 held-back images and the default
 rate, about 9 of 540): the list is a place to look, sorted by score, not a verdict, and the
-command says how many would be flagged by chance. The autoencoder's weights stay the run's: it was trained on every training image, and
+command says how many would be flagged by chance. A run that fitted nothing on its training
+images but the autoencoder (:func:`fits_on_training_images`) has nothing to fit again: each
+fold's detector is the run's own, and the command says so. The autoencoder's weights stay the run's: it was trained on every training image, and
 reproduces them no better than unseen ones at the budgets measured
 (``experiments/recon_error_split.py``). The held-back images are not audited: they set the
 thresholds, and the run's own scores of them are already those of a detector that did not see
@@ -67,6 +69,14 @@ def _fit_minimum(cfg) -> int:
 
         return MIN_IMAGES
     return 2
+
+
+def fits_on_training_images(cfg) -> bool:
+    """Whether the run fitted anything besides the autoencoder on its training images (map
+    statistics with ``fit_on == "train"``, an image context): else each fold's detector is the
+    run's own, and the audit's scores are those predict gives."""
+    statistics = cfg.map == "perceptual" or cfg.normalize == "position"
+    return bool(cfg.context) or (statistics and cfg.fit_on == "train")
 
 
 def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, device: str = "auto",
@@ -142,6 +152,10 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
                          f"{path} trained on, and {'its image context' if cfg.context else 'it'} needs {need}; "
                          + (f"use --folds {more}" if more else "too few training images to audit this run"))
     cfg.held_back = [str(paths[i]) for i in held_idx]  # the calibration's names, in the order of its images
+    refitted = fits_on_training_images(cfg)
+    if not refitted:
+        log(f"{path} fitted nothing on its training images but the autoencoder (no map statistics from them, no "
+            "image context): every fold's detector is the run's own, and the scores below are those predict gives")
     model = model_from_state(state, path)
     dev = resolve_device(device)
 
@@ -191,8 +205,8 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
     entries.sort(key=lambda e: -e["score"])
     n_flagged = sum(1 for e in entries if e["flagged"])
     far = float(cfg.far)
-    result = {"run": str(path), "folds": folds, "far": far, "n_images": len(entries), "flagged": n_flagged,
-              "expected_by_chance": expected, "images": entries}
+    result = {"run": str(path), "folds": folds, "far": far, "refitted": refitted, "n_images": len(entries),
+              "flagged": n_flagged, "expected_by_chance": expected, "images": entries}
 
     from .data.io import read_image
     from .maps import resize_map
@@ -215,8 +229,8 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
                 save_overlay(photo, resize_map(m, tuple(photo.shape[-2:])), fh, scale=scales[e["fold"]])
             e["overlay"] = name
         folder.write_json("audit.json", result)
-    log(f"{n_flagged} of {len(entries)} training images score above the threshold of a detector that did not see "
-        f"them (of defect-free images, about {expected:.1f} would be by chance, at the thresholds' expected "
+    judge = "a detector that did not see them" if refitted else "the run (its own detector)"
+    log(f"{n_flagged} of {len(entries)} training images score above the threshold of {judge} (of defect-free images, about {expected:.1f} would be by chance, at the thresholds' expected "
         "false-alarm rates); look at them, highest first:"
         + "".join(f"\n  {e['score']:8.4g}  {e['image']}" for e in flagged[:20])
         + (f"\n  ... ({n_flagged - 20} more in {out / 'audit.json'})" if n_flagged > 20 else ""))
@@ -242,7 +256,8 @@ def add_parser(subparsers) -> None:
         description="Score every training image of RUN with the run's map statistics, image context and thresholds "
                     "fitted again on the other training images (--folds parts), and list those above the threshold, "
                     "highest first, with overlays: photographs in the defect-free set that look defective, to look at "
-                    "and remove before training again.")
+                    "and remove before training again. (A run that fitted nothing on its training images but the "
+                    "autoencoder is audited with its own detector, as it says.)")
     a.add_argument("run", help="run folder (or model.pt)")
     a.add_argument("--out", required=True, type=output_path,
                    help="folder for audit.json and the flagged images' overlays (new or empty; an earlier audit's only "

@@ -244,3 +244,33 @@ def test_a_held_back_copy_of_a_defective_photograph_hides_it_no_more(planted, tm
     assert status == 0, err
     assert "was calibrated again" in stdout and "at the run's rate 0.01 on its 4 held-back images" in stdout
     assert "the run's highest held-back scores" not in stdout
+
+
+def test_a_run_that_fitted_nothing_on_its_training_images_says_its_own_detector_judged(planted, tmp_path, capsys):
+    """With neither map statistics fitted on the training images nor an image context, every
+    fold's detector is the run's own: the audit says so (it claimed "a detector that did not see
+    them") and its scores are the run's."""
+    from defect_fast.audit import fits_on_training_images
+    from defect_fast.train import TrainConfig
+
+    assert fits_on_training_images(TrainConfig(data="d", map="perceptual"))
+    assert not fits_on_training_images(TrainConfig(data="d", map="perceptual", fit_on="held-back"))
+    assert not fits_on_training_images(TrainConfig(data="d"))
+    assert fits_on_training_images(TrainConfig(data="d", context=True))
+    run = planted["root"] / "plain"
+    if not run.exists():
+        assert TRAIN[-4:] == ["--map", "perceptual", "--map-scales", "1"]
+        plain = TRAIN[:-4]
+        assert main(["train", str(planted["data"]), "--out", str(run), *plain]) == 0
+        capsys.readouterr()
+    out = tmp_path / "audit"
+    status, stdout, err = cli(["audit", run, "--out", out, "--device", "cpu"], capsys)
+    assert status == 0, err
+    doc = json.loads((out / "audit.json").read_text())
+    assert doc["refitted"] is False and "fitted nothing on its training images but the autoencoder" in stdout
+    assert "above the threshold of the run (its own detector)" in stdout
+    det = Detector.load(run, device="cpu")
+    images, paths = load_train_images(planted["data"].resolve(), SIZE)
+    own = dict(zip((str(p) for p in paths), det.predict_batched(images)["scores"].tolist()))
+    for e in doc["images"]:
+        assert e["score"] == pytest.approx(own[e["image"]], rel=1e-5)
