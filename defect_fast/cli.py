@@ -1,4 +1,4 @@
-"""Command line: ``defect-fast train | evaluate | predict | export | demo | info``.
+"""Command line: ``defect-fast train | evaluate | predict | watch | report | diagnose | calibrate | audit | export | demo | info``.
 
 Every command goes through one boundary (:func:`main` -> :func:`defect_fast.safety.run_main`): a
 user's mistake is one line ``defect-fast: error: ...`` and exit status 2 (``--debug`` adds the

@@ -195,7 +195,7 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
         if known:
             from .data.io import DataError
 
-            raise DataError(f"calibrate: {len(known)} of the images are ones {run} trained on or fitted its map on "
+            raise DataError(f"calibrate: {len(known)} of the images {'is one' if len(known) == 1 else 'are ones'} {run} trained on or fitted its map on "
                             f"({', '.join(known[:3])}{', ...' if len(known) > 3 else ''}): thresholds set on them are "
                             "optimistic; give defect-free images the run has not seen")
     n = batch.shape[0]
@@ -270,7 +270,8 @@ def add_parser(subparsers) -> None:
     c.add_argument("--with-held-back", action="store_true",
                    help="also use the images the run held back at training (those its map was not fitted on)")
     c.add_argument("--far", type=rate, default=None, metavar="RATE",
-                   help="false-alarm rate of the image threshold (default: the run's); too few images for it are refused")
+                   help="false-alarm rate of the image threshold (default: the run's, and fewer images than it needs are taken with "
+                   "a warning: the largest score sets the threshold); too few images for a rate given here are refused")
     c.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default)")
     c.add_argument("--overwrite", action="store_true", help="replace earlier calibrate output in --out")
     c.set_defaults(func=command)

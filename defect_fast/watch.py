@@ -10,7 +10,8 @@
                            when there are more. They locate the defect on a failed image;
                            the verdict ("result") is the image threshold's, and a passing
                            image lists regions too (the pixel threshold is set for 0.1 % of
-                           defect-free pixels, not for the verdict)
+                           defect-free pixels, not for the verdict; ``--threshold`` and
+                           ``--far`` move the verdict only, and a failed image may list none)
     maps/<name>_map.png    grey anomaly map per image, at the image's own size
     overlays/<name>_overlay.png   the map over the image, at its own size
     rejected/              bad files, moved here (never deleted); their reason is in the journal
