@@ -365,6 +365,7 @@ def test_cuda_flat_ground_is_the_cpu_kernel_s_at_every_level(level, sigma):
     Sums fused into multiply-adds and taken in tap order left up to 1.2e-7 there at some levels,
     above VAR_EPS (1e-8), where the CPU kernel has 0 (200/255 at sigma 1.5, the test below, was
     not one of them)."""
+    _kernels_for("cuda")
     x, y, s = _flat_ground(level=level, sigma=sigma)
     want = run(native.aw_ssim, x.clone().requires_grad_(True), y.clone().requires_grad_(True), s, 0.5, 0.3, 0.2, 11, "sum")
     xc, yc, sc = _flat_ground("cuda", level=level, sigma=sigma)
@@ -377,6 +378,7 @@ def test_cuda_flat_ground_is_the_cpu_kernel_s_at_every_level(level, sigma):
 @pytest.mark.cuda
 def test_cuda_flat_ground_is_as_exact_as_the_reference_in_float32():
     """nvcc fuses multiply-adds by default: the variance's products are rounded apart there too."""
+    _kernels_for("cuda")
     x, y, sigma = _flat_ground()
     want = run(reference.aw_ssim, x.double().requires_grad_(True), y.double().requires_grad_(True), sigma.double(),
                0.5, 0.3, 0.2, 11, "sum")
@@ -409,6 +411,7 @@ def test_front_uses_native():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("setting", SETTINGS, ids=["sum", "ssim", "product"])
 def test_cuda_matches_cpu(dtype, setting):
+    _kernels_for("cuda")
     alpha, beta, gamma, combine = setting
     # 37 x 45 with window 11: several 16x16 tiles, partial at the right and bottom edges
     x, y, sigma = make_inputs(3, 2, 37, 45, dtype=torch.float64, seed=14, requires_grad=False)
@@ -418,6 +421,67 @@ def test_cuda_matches_cpu(dtype, setting):
     again = run(native.aw_ssim, xc, yc, sigma.cuda(), alpha, beta, gamma, 11, combine)
     for a, b in zip(got, again):  # deterministic: no atomics anywhere
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _kernels_for(device):
+    if device == "cuda" and not _native.has_cuda():
+        pytest.skip(f"the extension has no CUDA kernels: {_native.cuda_reason()}")
+
+
+ON_EACH_DEVICE = pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+
+
+@ON_EACH_DEVICE
+def test_more_planes_than_one_grid_dimension_holds(device):
+    """66,000 planes (B x C): the CUDA kernels loop over the planes past the 65,535 blocks of
+    grid.z, and each plane's window is its sample's (plane / C), which no other test reaches."""
+    _kernels_for(device)
+    x, y, sigma = make_inputs(33_000, 2, 11, 13, dtype=torch.float64, seed=21, requires_grad=False)
+    xd, yd = x.to(device, torch.float32).requires_grad_(True), y.to(device, torch.float32).requires_grad_(True)
+    got = run(native.aw_ssim, xd, yd, sigma.to(device), 0.5, 0.3, 0.2, 11, "sum")
+    assert_matches_cpu_float64(got, xd, yd, sigma, SETTINGS[0], torch.float32)
+
+
+@ON_EACH_DEVICE
+@pytest.mark.parametrize("dtype, window", [(torch.float32, 29), (torch.float64, 13)])
+def test_a_window_whose_backward_takes_more_shared_memory(device, dtype, window):
+    """From window 29 in float32 (13 in float64) the CUDA backward asks for more shared memory than
+    the default 48 KB (cudaFuncSetAttribute); its tests used window 11."""
+    _kernels_for(device)
+    x, y, sigma = make_inputs(2, 2, 45, 38, dtype=torch.float64, seed=22, requires_grad=False)
+    xd, yd = x.to(device, dtype).requires_grad_(True), y.to(device, dtype).requires_grad_(True)
+    got = run(native.aw_ssim, xd, yd, sigma.to(device), 1.0, 1.0, 1.0, window, "product")
+    assert_matches_cpu_float64(got, xd, yd, sigma, SETTINGS[1], dtype, window=window)
+
+
+@ON_EACH_DEVICE
+@pytest.mark.parametrize("return_map", [False, True])
+def test_the_gradient_of_x_alone_as_training_takes_it(device, return_map):
+    """Training differentiates the score with respect to the reconstruction only (y, the input,
+    needs none), mostly without the map: those backward paths against the float64 CPU kernel."""
+    _kernels_for(device)
+    x, y, sigma = make_inputs(3, 2, 37, 45, dtype=torch.float64, seed=23, requires_grad=False)
+    xd = x.to(device, torch.float32).requires_grad_(True)
+    out = native.aw_ssim(xd, y.to(device, torch.float32), sigma.to(device), 0.5, 0.3, 0.2, 11, "sum", 1.0, return_map)
+    score = out[0] if return_map else out
+    (gx,) = torch.autograd.grad(score.sum(), [xd])
+    x64 = x.clone().requires_grad_(True)
+    want_score = native.aw_ssim(x64, y, sigma, 0.5, 0.3, 0.2, 11, "sum")
+    (want,) = torch.autograd.grad(want_score.sum(), [x64])
+    torch.testing.assert_close(score.double().cpu(), want_score.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx.double().cpu(), want, rtol=1e-4, atol=2e-5 * want.abs().max().item())
+    assert want.abs().max() > 0
+
+
+@ON_EACH_DEVICE
+def test_an_empty_batch_runs_forward_and_backward(device):
+    _kernels_for(device)
+    x = torch.rand(0, 3, 16, 16, device=device, requires_grad=True)
+    y = torch.rand(0, 3, 16, 16, device=device, requires_grad=True)
+    score, map_ = native.aw_ssim(x, y, torch.ones(0, device=device), 0.5, 0.3, 0.2, 11, "sum", 1.0, True)
+    assert score.shape == (0,) and map_.shape == (0, 3, 6, 6)
+    gx, gy = torch.autograd.grad([score.sum() + map_.sum()], [x, y])
+    assert gx.shape == x.shape and gy.shape == y.shape
 
 
 @pytest.mark.cuda
@@ -433,7 +497,7 @@ def test_cuda_too_tall_image_is_named():
 @pytest.mark.cuda
 def test_cuda_a_window_whose_backward_does_not_fit_fails_in_the_forward():
     """The backward stages 5 planes of the window's span in shared memory, the forward 2: a window
-    of 101 (float32) fits the forward of an A100 or H100 (146 KB) and not the backward (270 KB),
+    of 101 (float32) fits the forward of an A100 or H100 (147,024 bytes) and not the backward (307,472),
     which failed only in the backward of a training step. A forward that saves its partials for a
     backward checks it; one that does not still runs where its own kernel fits."""
     if not _native.has_cuda():

@@ -422,3 +422,22 @@ def test_a_cuda_build_for_other_gpus_falls_back_to_the_reference(monkeypatch):
         warnings.simplefilter("error")  # said once
         assert ops.backend("cuda:0") == "reference"
         assert ops.backend("cuda:1") == "cuda"
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_more_rows_than_one_grid_dimension_holds(device):
+    """70,000 rows of z (inference at stride 8 addresses 207,936): the CUDA row passes loop past
+    the 65,535 blocks of one grid dimension, which no other test reaches; forward and backward
+    against the float64 reference (no shrinkage: no weight near its kink)."""
+    if device == "cuda" and not _native.has_cuda():
+        pytest.skip(f"the extension has no CUDA kernels: {_native.cuda_reason()}")
+    z, memory, gzh, gw = make_inputs(70_000, 50, 8, torch.float64, seed=9, requires_grad=False)
+    want = run_both(lambda a, b: reference.memory_address(a, b, 0.0, 1.0, 1),
+                    z.clone().requires_grad_(True), memory.clone().requires_grad_(True), gzh, gw)
+    zd, md = (t.to(device, torch.float32).requires_grad_(True) for t in (z, memory))
+    got = run_both(lambda a, b: native.memory_address(a, b, 0.0, 1.0, 1), zd, md,
+                   gzh.to(device, torch.float32), gw.to(device, torch.float32))
+    for name, a, b in zip(("z_hat", "weights", "grad_z", "grad_memory"), got, want):
+        assert a.device.type == device, name
+        err = (a.double().cpu() - b).abs().max().item() / b.abs().max().item()
+        assert err < 1e-4, f"{name}: relative error {err:.2e}"
