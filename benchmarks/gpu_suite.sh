@@ -376,7 +376,7 @@ fi
 
 # ---- the ops' own CUDA tests, before anything is timed on the kernels ------------------------
 OP_TESTS=(tests/test_ops_aw_ssim.py tests/test_ops_memory_address.py tests/test_ops_msfr.py)
-step tests_ops 45 gpu "$PY" -m pytest -v -p no:cacheprovider -m cuda --junitxml="$OUT/tests_cuda_ops.xml" "${OP_TESTS[@]}"
+step tests_ops 60 gpu "$PY" -m pytest -v -p no:cacheprovider -m cuda --junitxml="$OUT/tests_cuda_ops.xml" "${OP_TESTS[@]}"
 
 # ---- benchmarks ----------------------------------------------------------------------------
 if [ "$DRY" = 1 ]; then
