@@ -11,7 +11,7 @@ calling thread only (what tracing for an export uses: other threads keep the ker
 
 Under ``torch.autocast`` (CPU or CUDA, float16 or bfloat16) the three ops are on autocast's
 float32 list, like softmax and the losses: inputs in float16/bfloat16 are upcast to float32
-(float64 when any input is float64), the op runs with autocast off (native kernels and reference
+(float64 when any input is float64, aw_ssim's sigma aside), the op runs with autocast off (native kernels and reference
 alike), and **the outputs are float32** (float64 in the float64 case), whatever mix of dtypes
 came in; gradients flow back to each input in that input's dtype. (msfr on bfloat16/float16 CPU
 features skips the copies: its kernel widens each value as it reads it, the same float32 map.)
@@ -129,9 +129,11 @@ def aw_ssim(
 ):
     """See :func:`defect_fast.ops.reference.aw_ssim` (same signature and results).
 
-    Under autocast: computed in float32; the score [B] (and the map) are float32.
+    Under autocast: computed in float32 (float64 when x or y is); the score [B] (and the map)
+    are float32. ``sigma``, the window widths, does not decide the precision: a float64 sigma
+    with bfloat16 images ran the float64 kernels (slow on most GPUs).
     """
-    dtype = _autocast_dtype(x, y, sigma)
+    dtype = _autocast_dtype(x, y)
     if dtype is not None:
         with torch.autocast(x.device.type, enabled=False):
             x, y, sigma = (_upcast(t, dtype) for t in (x, y, sigma))
