@@ -107,10 +107,13 @@ def test_pixel_threshold_quantile():
     assert p.rank == 10 and p.threshold == 990.0
     assert int((maps > p.threshold).sum()) == 9
     assert p.n_pixels == 1000 and p.n_images == 10 and p.sufficient
-    big = torch.randn(3, 200, 200)  # m = 120000 -> k = 120 (kthvalue path)
+    big = torch.randn(3, 200, 200)  # m = 120000 -> k = 120 (topk)
     p2 = pixel_threshold(big, 0.001)
     assert p2.rank == 120
     assert p2.threshold == float(big.flatten().sort(descending=True).values[119])
+    p3 = pixel_threshold(big, 0.05)  # k = 6000, above topk's 4096: kthvalue
+    assert p3.rank == 6000
+    assert p3.threshold == float(big.flatten().sort(descending=True).values[5999])
     small = pixel_threshold(torch.ones(1, 2, 2) * torch.tensor([[1.0, 2.0], [3.0, 4.0]]), 0.001)
     assert not small.sufficient and small.threshold == 4.0
 

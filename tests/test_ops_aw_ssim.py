@@ -78,6 +78,18 @@ def test_matches_reference(dtype, setting, seed, shape, window):
     assert (other.detach() - got[0]).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("setting", [(1.0, 1.0, 2.0, "product"), (1.0, 2.0, 1.0, "product"), (2.0, 1.0, 1.0, "product")])
+def test_one_exponent_other_than_one_is_not_standard_ssim(setting):
+    """The kernels take a shortcut for standard SSIM (every exponent 1): an exponent of 2 on any
+    one term is the general product, as the reference computes it."""
+    alpha, beta, gamma, combine = setting
+    x, y, sigma = make_inputs(2, 2, 19, 23, seed=31)
+    got = run(native.aw_ssim, x, y, sigma, alpha, beta, gamma, 7, combine)
+    want = run(reference.aw_ssim, x, y, sigma, alpha, beta, gamma, 7, combine)
+    for name, a, b in zip(("score", "map", "grad_x", "grad_y"), got, want):
+        assert_close(a, b, torch.float64, name)
+
+
 def test_data_range_two():
     """[-1, 1] images (the models' range) with L = 2."""
     x, y, sigma = make_inputs(2, 3, 17, 17, seed=3, data_range=2.0)
@@ -135,6 +147,20 @@ def test_backward_recomputes_partials():
         assert only_x[1].numel() == 0 and only_y[0].numel() == 0
         torch.testing.assert_close(only_x[0], saved[0], rtol=0, atol=0)
         torch.testing.assert_close(only_y[1], saved[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("which", ["x", "y"])
+def test_the_gradient_of_one_input_alone(which):
+    """Through the Python front, with one input asking for a gradient: that input gets the
+    gradient it gets when both ask, the other none."""
+    x, y, sigma = make_inputs(2, 2, 15, 16, seed=5, requires_grad=False)
+    x2, y2 = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+    gx, gy = torch.autograd.grad(native.aw_ssim(x2, y2, sigma, 0.5, 0.3, 0.2, 7, "sum").sum(), [x2, y2])
+    xs, ys = x.clone().requires_grad_(which == "x"), y.clone().requires_grad_(which == "y")
+    native.aw_ssim(xs, ys, sigma, 0.5, 0.3, 0.2, 7, "sum").sum().backward()
+    asked, other, want = (xs, ys, gx) if which == "x" else (ys, xs, gy)
+    assert other.grad is None and asked.grad is not None and want.abs().max() > 0
+    torch.testing.assert_close(asked.grad, want, rtol=0, atol=0)
 
 
 def test_opcheck():

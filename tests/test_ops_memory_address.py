@@ -208,6 +208,19 @@ def test_only_z_requires_grad_and_no_grad_mode():
     torch.testing.assert_close(w2, w.detach(), rtol=0, atol=0)
 
 
+def test_only_the_memory_requires_grad():
+    """A frozen encoder (z without gradient) still trains the memory: the forward keeps what the
+    backward needs when the memory alone asks for a gradient."""
+    z, memory, gzh, gw = make_inputs(5, 12, 6, torch.float64, seed=7)
+    z = z.detach()
+    z_hat, w = native.memory_address(z, memory, 1.0 / 12, 1.0, 1)
+    (gm,) = torch.autograd.grad([z_hat, w], [memory], [gzh, gw])
+    zr, wr = reference.memory_address(z, memory, 1.0 / 12, 1.0, 1)
+    (gm_ref,) = torch.autograd.grad([zr, wr], [memory], [gzh, gw])
+    assert gm_ref.abs().max() > 0
+    assert_close(gm, gm_ref, torch.float64, "grad_memory")
+
+
 def test_backward_without_saved_softmax_raises():
     z, memory, gzh, gw = make_inputs(2, 4, 3, torch.float64, seed=0, requires_grad=False)
     outs = torch.ops.defect_fast.memory_address.default(z, memory, 0.0, 1.0, 1, False)

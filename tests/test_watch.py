@@ -110,6 +110,12 @@ def test_threshold_override_and_required(tmp_path):
     (src / "a.png").write_bytes(png_bytes(0, bright=0.3))
     run_once(src, tmp_path / "out", threshold=0.1)
     assert journal(tmp_path / "out")[0]["result"] == "fail"
+    # an image is flagged above the threshold, not at it (as predict, evaluate and report judge)
+    score = journal(tmp_path / "out")[0]["score"]
+    run_once(src, tmp_path / "at", threshold=score)
+    assert journal(tmp_path / "at")[0]["result"] == "pass"
+    run_once(src, tmp_path / "below", threshold=float(np.nextafter(score, -np.inf)))
+    assert journal(tmp_path / "below")[0]["result"] == "fail"
     assert issubclass(WatchError, UserError)  # one line at the command line, exit status 2
     with pytest.raises(WatchError, match="no image threshold"):
         watch(stub_predict, ModelInfo(SIZE), src, tmp_path / "o2", once=True, handle_signals=False, log=lambda m: None)
