@@ -404,3 +404,20 @@ def test_colour_scale_is_the_999th_percentile_exact_for_small_sets_and_estimated
     # more values than torch.quantile takes (2**24): a sample of them, close to the percentile
     big = torch.arange(17_000_000, dtype=torch.float32).view(17, 1000, 1000) / 17_000_000
     assert colour_scale(big) == pytest.approx(0.999, abs=1e-3)
+
+
+def test_a_run_with_few_held_back_images_still_lists_its_one_operating_point():
+    """With 5 held-back scores no rank reaches the table's rates (floor(0.1 x 6) = 0); rank 1, the
+    threshold such a run stores, is still listed."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cal = calibrate(np.arange(5.0), far=0.01)
+    points = operating_points(np.array([0.0, 5.0]), np.array([0, 1]), cal)
+    assert [(p["rank"], p["threshold"]) for p in points] == [(1, 4.0)]
+
+
+def test_score_std_is_the_sample_standard_deviation():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cal = calibrate([0.0, 2.0], far=0.5)
+    assert cal["score_std"] == pytest.approx(math.sqrt(2.0))

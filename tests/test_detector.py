@@ -937,3 +937,19 @@ def test_a_float64_default_dtype_is_named_not_a_dtype_mismatch_inside():
     finally:
         torch.set_default_dtype(torch.float32)
     assert det.predict(x)["maps"].dtype == torch.float32
+
+
+def test_resize_map_is_bilinear_without_aligned_corners():
+    """Maps drawn at a photo's own size: pixel centres map to pixel centres (no half-pixel shift)."""
+    from defect_fast.maps import resize_map
+
+    out = resize_map(torch.tensor([[0.0, 1.0]]), (1, 4))
+    torch.testing.assert_close(out, torch.tensor([[0.0, 0.25, 0.75, 1.0]]))
+
+
+def test_the_image_score_takes_the_rounded_count_of_top_pixels():
+    """0.1 % of a 256 x 256 map is 65.5 pixels: 66 (the stored thresholds were set on that count;
+    the detector tests' oracle calls the same function)."""
+    from defect_fast.detect import _top_count
+
+    assert _top_count(256 * 256, 0.001) == 66 and _top_count(64 * 64, 0.001) == 4

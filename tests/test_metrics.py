@@ -380,3 +380,20 @@ def test_masks_of_other_values_than_0_and_1_are_refused():
         evaluate(maps, -hard.astype(np.int64), None, None, None)
     with pytest.raises(ValueError, match="got a value 255"):
         connected_components(hard.astype(np.uint8) * 255)
+
+
+def test_a_perfect_map_has_an_aupro_of_exactly_one():
+    """One region of 9 pixels: summing 9 x 1/9 gives 1 + 2**-52 without the clip to 1."""
+    mask = np.zeros((1, 8, 8), dtype=bool)
+    mask[0, 2:5, 2:5] = True
+    assert aupro(mask.astype(np.float32), mask) == 1.0
+
+
+def test_a_block_ending_one_ulp_above_the_next_score_does_not_split_its_tie(monkeypatch):
+    """Blocks of the streaming pass end on a tie boundary: with one-pixel blocks, scores 1, a, a
+    (a one float32 step below 1) and the defect on the last pixel, the ROC step is that of the tie."""
+    a = np.nextafter(np.float32(1.0), np.float32(0.0))
+    scores = np.array([[[1.0, a, a]]], dtype=np.float32)
+    masks = np.array([[[False, False, True]]])
+    monkeypatch.setattr(metrics, "_BLOCK", 1)
+    assert metrics.pixel_auroc(scores, masks) == roc_auc_score(masks.reshape(-1), scores.reshape(-1)) == 0.25

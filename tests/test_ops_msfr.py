@@ -375,3 +375,17 @@ def test_no_scales_is_the_reference_s_error():
     """ops.msfr([], [], ...) indexed the first scale before any check (IndexError)."""
     with pytest.raises(ValueError, match="same non-zero number of scales"):
         ops.msfr([], [], (8, 8))
+
+
+def test_no_grad_runs_the_kernel_even_for_features_that_require_grad(monkeypatch):
+    """Under no_grad nothing will be differentiated: the kernel runs, not the slower reference."""
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2, 3, 5, 7, generator=g).requires_grad_(True)]
+    rs = [torch.randn(2, 3, 5, 7, generator=g)]
+
+    def boom(*a, **k):
+        raise AssertionError("reference.msfr called under no_grad")
+
+    monkeypatch.setattr(reference, "msfr", boom)
+    with torch.no_grad():
+        assert ops.msfr(xs, rs, (6, 6)).shape == (2, 1, 6, 6)

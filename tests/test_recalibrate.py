@@ -268,3 +268,38 @@ def test_the_held_back_half_the_map_was_fitted_on_is_read_from_the_file():
     older = SimpleNamespace(fit_on="held-back")
     assert _fit_half(held, {"perceptual": {"x": 1}, "calibration": {}}, older) == (["a", "c"], ["b", "d"])
     assert _fit_half(held, {"calibration": {}}, older) == ([], held)
+
+
+def test_a_far_that_needs_one_image_more_than_given_is_refused(runs, tmp_path, capsys):
+    out = tmp_path / "cal"
+    # 120 images; far 0.0082 needs ceil(1/0.0082) - 1 = 121
+    refused(*cli(["calibrate", runs["run"], runs["more"], "--far", "0.0082", "--out", out, "--device", "cpu"],
+                 capsys)[::2], "--far 0.0082", "121", "120")
+
+
+def test_twins_and_held_back_images_are_counted_apart(runs, tmp_path, capsys):
+    src = tmp_path / "twins"
+    src.mkdir()
+    files = sorted(runs["more"].glob("*.png"))[:3]
+    for p in files:
+        shutil.copy(p, src / p.name)
+    shutil.copy(files[0], src / "again.png")
+    status, _stdout, err = cli(["calibrate", runs["run"], src, "--with-held-back", "--out", tmp_path / "cal",
+                                "--device", "cpu"], capsys)
+    assert status == 0, err
+    cal = load_model_state(tmp_path / "cal")["calibration"]
+    assert cal["source"] == "3 defect-free images given to calibrate and 4 images the run held back"
+
+
+def test_an_older_file_still_refuses_the_held_back_images_its_map_was_fitted_on(runs, tmp_path, capsys):
+    """A model file written before the image keys were recorded: the training folder is read again
+    to know which images the map statistics saw."""
+    state = load_model_state(runs["halves"])
+    held = list(state["held_back"])
+    state.pop("image_keys")
+    state.pop("tensor_digest", None)
+    older = tmp_path / "older"
+    older.mkdir()
+    save_with_digest(state, older / "model.pt")
+    refused(*cli(["calibrate", older, held[0], "--out", tmp_path / "cal", "--device", "cpu"], capsys)[::2],
+            "fitted its map on", Path(held[0]).name)

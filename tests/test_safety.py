@@ -788,3 +788,26 @@ def test_a_start_that_loses_the_race_to_a_command_without_a_lock_clears_nothing(
         OutputFolder.create(out, command="predict")
     monkeypatch.setattr(Path, "mkdir", real_mkdir)
     assert (out / "scores.csv").read_text() == "the other start's results\n"
+
+
+def test_a_dangling_link_at_the_output_file_is_not_replaced_silently(tmp_path):
+    from defect_fast.safety import safe_output_file
+
+    (tmp_path / "out.json").symlink_to(tmp_path / "nowhere.json")
+    with pytest.raises(OutputRefused, match="exists"):
+        safe_output_file(tmp_path / "out.json", overwrite=False)
+
+
+def test_reserve_refuses_a_users_dangling_link(tmp_path):
+    folder = OutputFolder.create(tmp_path / "o")
+    (tmp_path / "o" / "model.pt").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(OutputRefused, match="not written by defect-fast"):
+        folder.reserve(["model.pt"])
+
+
+def test_discard_keeps_an_empty_folder_the_user_made(tmp_path):
+    (tmp_path / "o").mkdir()
+    folder = OutputFolder.create(tmp_path / "o")
+    folder.write_text("a.txt", "x")
+    folder.discard()
+    assert (tmp_path / "o").is_dir() and not (tmp_path / "o" / "a.txt").exists()

@@ -436,3 +436,11 @@ def test_adga_errors(sources):
         adga(images, sources, _gen(0), match_mean=2.0)
     with pytest.raises(TypeError, match="floating point"):
         adga((images * 100).to(torch.uint8), sources, _gen(0))
+
+
+def test_adga_places_polygons_up_to_the_right_and_bottom_edges():
+    images = torch.rand(256, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    sources = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    _out, _mask, info = adga(images, sources, torch.Generator().manual_seed(0), return_info=True)
+    assert any(b["box"][1] + b["box"][3] == 32 for b in info)
+    assert any(b["box"][0] + b["box"][2] == 32 for b in info)

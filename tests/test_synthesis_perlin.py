@@ -132,3 +132,16 @@ def test_empty_batch_and_errors():
         coverage_draw(torch.tensor([0.1, 0.2]), 3, _gen(0), torch.device("cpu"), "f")
     with pytest.raises(ValueError, match="coverage"):
         perlin_mask(1, 16, 16, _gen(0), 1.5)
+
+
+def test_soft_alpha_is_below_half_off_the_mask_even_one_rounding_from_the_contour():
+    """alpha >= 0.5 exactly on the mask: a field one float32 step below the threshold stays off."""
+    import numpy as np
+
+    from defect_fast.synthesis.perlin import soft_alpha
+
+    below = float(np.nextafter(np.float32(1.0), np.float32(0.0)))
+    field = torch.tensor([[[[0.0, below, 2.0]]]])
+    mask = field >= 1.0
+    alpha = soft_alpha(field, torch.tensor([1.0]), mask, 12.0)
+    assert torch.equal(alpha >= 0.5, mask)

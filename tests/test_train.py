@@ -853,3 +853,37 @@ def test_a_last_batch_of_one_patch_is_refused_where_the_model_cannot_train_on_it
     check(cfg(), awae, 4, {"stage": 2, "epoch": 0, "step": 0})  # trained: the statistics and calibration are left
     with pytest.raises(ConfigError, match="^this run cannot finish: .*train a new run with --batch-size 4$"):
         check(cfg(), awae, 4, {"stage": 0, "epoch": 0, "step": 3})  # resumed before the batch of one
+
+
+def test_patch_epoch_visits_each_image_in_raster_order():
+    from defect_fast.train import PatchEpoch
+
+    _ids, rows, cols = PatchEpoch(1, (2, 3), torch.Generator().manual_seed(0)).batch(0, 6)
+    assert rows.tolist() == [0, 0, 0, 1, 1, 1] and cols.tolist() == [0, 1, 2, 0, 1, 2]
+
+
+def test_an_awae_run_resumed_mid_epoch_ends_as_an_uninterrupted_one(synthetic_root, tmp_path, monkeypatch):
+    """The AW-SSIM AE's sigma schedule resumes where it stopped (the trainer skips the patches the
+    epoch had done); the exact-resume tests ran CMA-AE, whose skip does nothing."""
+    cfg = TrainConfig(data=str(synthetic_root), model="awae", image_size=64, batch_size=16, epochs=[2],
+                      max_steps=[6], model_kwargs={"patch_size": 32, "two_stage": False}, checkpoint_every=1000, seed=0)
+    train(cfg, tmp_path / "clean", progress=False, log=lambda s: None)
+    trainer_cls = train_module.Trainer
+    real_batch = trainer_cls._batch
+    calls = {"batch": 0}
+
+    def batch(self, *args):
+        calls["batch"] += 1
+        if calls["batch"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_batch(self, *args)
+
+    monkeypatch.setattr(trainer_cls, "_batch", batch)
+    out = tmp_path / "run"
+    with pytest.raises(RunError, match="interrupted at step"):
+        train(cfg, out, progress=False, log=lambda s: None)
+    assert load_checkpoint(out / "checkpoint.pt")["position"]["step"] == 3  # mid-epoch
+    monkeypatch.setattr(trainer_cls, "_batch", real_batch)
+    train(cfg, out, resume=True, progress=False, log=lambda s: None)
+    a, b = load_checkpoint(out / "model.pt"), load_checkpoint(tmp_path / "clean" / "model.pt")
+    assert _state_equal(a["model_state"], b["model_state"])

@@ -822,3 +822,46 @@ def test_the_journal_names_each_image_by_an_absolute_path(tmp_path, monkeypatch)
     run_once(Path("in"), Path("out"))
     rec = journal(tmp_path / "out")[0]
     assert rec["image"] == "a.png" and rec["path"] == str(tmp_path / "in" / "a.png")
+
+
+def test_a_resumed_journal_judged_by_another_model_file_is_said(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.png").write_bytes(png_bytes(0, bright=0.3))
+    for version in ("v1", "v2"):
+        lines = []
+        watch(stub_predict, ModelInfo(SIZE, name="stub", version=version, image_threshold=0.5), src, tmp_path / "out",
+              once=True, handle_signals=False, log=lines.append, settle=0.05, poll_interval=0.05)
+    assert any(line.startswith("note: 1 earlier result(s) were judged at threshold 0.5 (model v1)") for line in lines)
+
+
+def test_a_journal_of_one_unreadable_line_is_cut(tmp_path):
+    """A power loss can leave the journal's only line cut short: it is cut off, as a last line is."""
+    path = tmp_path / "results.jsonl"
+    path.write_bytes(b'{"image": "a.png", "sha2\n')
+    j = Journal(path)
+    j.close()
+    assert j.repaired.startswith("cut off an unreadable last line") and path.read_bytes() == b""
+
+
+def test_a_judged_image_touched_again_is_not_judged_twice(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.png").write_bytes(png_bytes(0))
+    run_once(src, tmp_path / "out")
+    st = os.stat(src / "a.png")
+    os.utime(src / "a.png", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: same bytes, a new time
+    _res, lines = run_once(src, tmp_path / "out")
+    assert len(journal(tmp_path / "out")) == 1
+    assert any("the same content as when it was judged before" in line for line in lines)
+
+
+def test_images_are_judged_in_the_order_they_were_written(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "b.png").write_bytes(png_bytes(0))
+    (src / "a.png").write_bytes(png_bytes(1))
+    t = os.stat(src / "b.png").st_mtime_ns
+    os.utime(src / "b.png", ns=(t, t - 10**10))  # b written 10 s before a
+    run_once(src, tmp_path / "out")
+    assert [r["image"] for r in journal(tmp_path / "out")] == ["b.png", "a.png"]
