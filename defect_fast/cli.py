@@ -533,10 +533,10 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
                    help="images the map statistics (--map perceptual, --normalize position) are fitted on: the "
                    "training images (default; every held-back image then calibrates) or half of the held-back ones")
     t.add_argument("--patch-sampling", choices=("grid", "random"), default="grid",
-                   help="training patches on the inference grid (the papers') or at random offsets (no seams)")
+                   help="training patches on the inference grid (the papers', the default) or at random offsets (no seams)")
     t.add_argument("--flips", action="store_true", help="random horizontal and vertical flips of training patches")
     t.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
-                   help="learning rate per stage: constant (the papers') or cosine down to 1 %%")
+                   help="learning rate per stage: constant (the papers', the default) or cosine down to 1 %%")
     t.add_argument("--precision", choices=("float32", "bfloat16", "auto"), default="auto",
                    help="arithmetic of the training steps: auto (default: bfloat16 autocast with channels-last where the "
                    "device computes it natively, CPUs with AVX512-BF16/AMX and GPUs of compute capability 8+; float32 elsewhere), float32 or bfloat16; the map "
@@ -548,8 +548,8 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
                    "its half-size copy, one set of statistics each; 1: the image only)")
     t.add_argument("--infer-stride", type=positive_int, default=None,
                    help="the run's inference patch stride (default: the patch size, tiles)")
-    t.add_argument("--blend", choices=BLENDS, default="none", help="the run's weights of overlapping patches")
-    t.add_argument("--smooth", type=nonneg_float, default=0.0, help="the run's Gaussian blur of maps, in pixels")
+    t.add_argument("--blend", choices=BLENDS, default="none", help="the run's weights of overlapping patches (default none)")
+    t.add_argument("--smooth", type=nonneg_float, default=0.0, help="the run's Gaussian blur of maps, in pixels (default 0: none)")
     t.add_argument("--context", action="store_true",
                    help="add the image context to the run's maps and scores: Gaussians of the whole image's AlexNet "
                    "conv3-5 statistics, fitted on the training images (for defects spread over a region; README)")
@@ -624,7 +624,9 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
                        "[B, 3, S, S] (RGB 0..255, already resized to the run's size S; dynamic B where the format "
                        "allows), plus FILE.json with the size, thresholds and settings.")
     x.add_argument("run", help="run folder (or model.pt)")
-    x.add_argument("--format", required=True, choices=FORMATS)
+    x.add_argument("--format", required=True, choices=FORMATS,
+                   help="onnx (onnxruntime and others; needs the onnx package), torchscript (LibTorch, the C++ runner) "
+                   "or exported (torch.export's program)")
     x.add_argument("--out", required=True, type=output_path, help="output file (FILE.json is written beside it)")
     x.add_argument("--batch", type=positive_int, default=1, help="images per call in the traced graph (default 1)")
     x.add_argument("--map", choices=map_names(), default=None, help="anomaly map (default: the model's)")

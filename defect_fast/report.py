@@ -21,7 +21,8 @@ predict function on it and writes the page.
 
 Command line (:func:`add_parser`, :func:`command`)::
 
-    defect-fast report RUN DATA --out report.html [--threshold T | --far RATE] [--max-gallery 60] [--overwrite]
+    defect-fast report RUN DATA --out report.html [--threshold T | --far RATE] [--max-gallery 60] [--title TEXT]
+                       [--batch-size N] [--device auto] [--overwrite]
 
 The threshold is the model file's (:func:`defect_fast.calibration.stored_thresholds`) unless
 ``--threshold`` gives one or ``--far`` asks for another false-alarm rate; an existing file is
@@ -520,7 +521,7 @@ def add_parser(subparsers) -> None:
     add_threshold_options(r, "is flagged")
     r.add_argument("--max-gallery", type=positive_int, default=60,
                    help="most images in the gallery (default 60; every false alarm and miss comes first)")
-    r.add_argument("--title", default="defect_fast inspection report", help="page title")
+    r.add_argument("--title", default="defect_fast inspection report", help="page title (default: %(default)s)")
     r.add_argument("--batch-size", type=positive_int, default=8, help="images per model call (default 8)")
     r.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing report file")
