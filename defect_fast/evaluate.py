@@ -1,4 +1,4 @@
-"""Evaluation of a trained run on a labelled test split, and calibration of a fresh model."""
+"""Evaluation of a trained run on a labelled test split, and the Detector the trainer calibrates with."""
 from __future__ import annotations
 
 import time
@@ -9,12 +9,6 @@ import torch
 
 from .detect import Detector
 from .models import AnomalyModel
-
-
-def calibrate(model: AnomalyModel, image_size: int, normal_images: torch.Tensor,
-              device: torch.device | str = "cpu") -> dict[str, float]:
-    """Calibration statistics (see :meth:`Detector.calibrate`) of ``model`` on defect-free uint8 [N,3,S,S] images."""
-    return Detector(model, image_size=image_size, stride=None, device=device).calibrate(normal_images)
 
 
 def detector_for(model: AnomalyModel, image_size: int, device: torch.device | str = "cpu", *,
@@ -106,4 +100,4 @@ def image_level_metrics(scores: torch.Tensor, labels: torch.Tensor, classes: lis
     return out
 
 
-__all__ = ["calibrate", "check_finite", "detector_for", "evaluate_run", "image_level_metrics"]
+__all__ = ["check_finite", "detector_for", "evaluate_run", "image_level_metrics"]
