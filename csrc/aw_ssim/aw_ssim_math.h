@@ -169,6 +169,33 @@ DF_HOST_DEVICE DF_INLINE acc_t sym_filter(const acc_t* g, int K, Tap v) {
   return out;
 }
 
+// N sums at once, each by the operations sym_filter does for it (the same results): v(k, t)
+// writes the N values of tap k into t[0..N-1], so that each tap is read once for all N.
+template <int N, typename acc_t, typename Tap>
+DF_HOST_DEVICE DF_INLINE void sym_filter_n(const acc_t* g, int K, Tap v, acc_t* out) {
+  const int c = K / 2;
+  acc_t t0[N], t1[N], t2[N], t3[N];
+  v(c, t0);
+  for (int s = 0; s < N; ++s) out[s] = mul_rn(g[c], t0[s]);
+  int a = 0;
+  for (; a + 1 < c; a += 2) {
+    v(a, t0);
+    v(K - 1 - a, t1);
+    v(a + 1, t2);
+    v(K - 2 - a, t3);
+    for (int s = 0; s < N; ++s) {
+      const acc_t pa = mul_rn(g[a], add_rn(t0[s], t1[s]));
+      const acc_t pb = mul_rn(g[a + 1], add_rn(t2[s], t3[s]));
+      out[s] = add_rn(out[s], add_rn(pa, pb));
+    }
+  }
+  if (a < c) {
+    v(a, t0);
+    v(K - 1 - a, t1);
+    for (int s = 0; s < N; ++s) out[s] = add_rn(out[s], mul_rn(g[a], add_rn(t0[s], t1[s])));
+  }
+}
+
 // Stage 1 of a pixel: the clamped variance max(E[v^2] - mu^2, 0) whose square root (after adding
 // VAR_EPS) is the standard deviation.
 template <typename acc_t>

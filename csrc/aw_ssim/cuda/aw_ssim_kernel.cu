@@ -137,16 +137,22 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
 
     // 3. horizontal pass over all span rows: 5 sums for column tx, of the products rounded
-    //    first (x^2, y^2, xy), in the CPU kernel's order (sym_filter)
+    //    first (x^2, y^2, xy), in the CPU kernel's order (sym_filter_n)
     for (int r = ty; r < span; r += kTile) {
       const acc_t* rx = sx + r * span + tx;
       const acc_t* ry = sy + r * span + tx;
+      acc_t sums[kStats];
+      sym_filter_n<kStats>(g, K, [&](int k, acc_t* t) {
+        const acc_t a = rx[k], b = ry[k];
+        t[0] = a;
+        t[1] = b;
+        t[2] = mul_rn(a, a);
+        t[3] = mul_rn(b, b);
+        t[4] = mul_rn(a, b);
+      }, sums);
       acc_t* h = hs + r * kTile + tx;
-      h[0] = sym_filter(g, K, [&](int k) { return rx[k]; });
-      h[span * kTile] = sym_filter(g, K, [&](int k) { return ry[k]; });
-      h[2 * span * kTile] = sym_filter(g, K, [&](int k) { return mul_rn(rx[k], rx[k]); });
-      h[3 * span * kTile] = sym_filter(g, K, [&](int k) { return mul_rn(ry[k], ry[k]); });
-      h[4 * span * kTile] = sym_filter(g, K, [&](int k) { return mul_rn(rx[k], ry[k]); });
+#pragma unroll
+      for (int s = 0; s < kStats; ++s) h[s * span * kTile] = sums[s];
     }
     __syncthreads();
 
