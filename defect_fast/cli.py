@@ -124,14 +124,28 @@ PRESET_MODEL_OPTIONS: dict[str, dict] = {"photos": {"synthesis": "perlin"}}
 PRESET_EPOCHS: dict[str, int] = {"photos": 2}
 
 
-def _preset_flags(name: str) -> str:
-    """The options preset ``name`` stands for, as command-line flags (for messages and help)."""
-    flags = []
-    for dest, value in PRESETS[name].items():
-        flag = "--" + dest.replace("_", "-")
-        flags.append(flag if value is True else f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}")
-    flags += [f"--set {k}={v}" for k, v in PRESET_MODEL_OPTIONS.get(name, {}).items()]
-    return " ".join(flags) + f" and {PRESET_EPOCHS[name]} epochs in all"
+def _flag(dest: str, value) -> str:
+    flag = "--" + dest.replace("_", "-")
+    if value is True:
+        return flag
+    if value is False or value is None:
+        return f"no {flag}"
+    return f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}"
+
+
+def _preset_flags(name: str, args: argparse.Namespace | None = None, applied: dict | None = None) -> str:
+    """The options preset ``name`` stands for, as command-line flags (for messages and help); with
+    ``args`` (and the model options it ``applied``), those in effect, and the ones given
+    explicitly instead in parentheses."""
+    preset = PRESETS[name]
+    kept = [d for d in preset if args is None or getattr(args, d) == preset[d]]
+    flags = [_flag(d, preset[d]) for d in kept]
+    model = PRESET_MODEL_OPTIONS.get(name, {}) if args is None else (applied or {})
+    flags += [f"--set {k}={v}" for k, v in model.items()]
+    if args is None or args.epochs is None:
+        flags.append(f"and {PRESET_EPOCHS[name]} epochs in all")
+    given = [_flag(d, getattr(args, d)) for d in preset if d not in kept] if args is not None else []
+    return " ".join(flags) + (f" (given instead: {' '.join(given)})" if given else "")
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -221,9 +235,9 @@ def cmd_train(args) -> int:
     except ValueError as exc:
         raise UsageError(f"--set: {exc}") from None
     if args.preset:
-        kwargs = {**_preset_model_options(args.preset, args.model, kwargs), **kwargs}
-        print(f"defect-fast: --preset {args.preset}: {_preset_flags(args.preset)} (options given explicitly "
-              f"take precedence)", file=sys.stderr)
+        applied = _preset_model_options(args.preset, args.model, kwargs)
+        kwargs = {**applied, **kwargs}
+        print(f"defect-fast: --preset {args.preset}: {_preset_flags(args.preset, args, applied)}", file=sys.stderr)
     n_stages = len(_stages(args.model, kwargs))
     default_epochs = max(1, PRESET_EPOCHS[args.preset] // n_stages) if args.preset else 10
     epochs = _per_stage(args.epochs, n_stages, "--epochs") or [default_epochs] * n_stages

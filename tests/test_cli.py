@@ -730,10 +730,15 @@ def test_the_photos_preset_is_the_recommended_command(monkeypatch, capsys):
     """--preset photos trains with the options of the README's recommended magnetic-tile command,
     names them on stderr, and lets any option given explicitly win."""
     assert _train_config(["--preset", "photos"], monkeypatch) == _train_config(RECOMMENDED, monkeypatch)
-    assert "--image-size 256" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--image-size 256" in err and "--set synthesis=perlin and 2 epochs in all" in err and "instead" not in err
     cfg = _train_config(["--preset", "photos", "--smooth", "0", "--image-size", "512", "--set", "synthesis=paper",
                          "--set", "memory_size=100", "--epochs", "3"], monkeypatch)
     assert (cfg.smooth, cfg.image_size, cfg.epochs) == (0.0, 512, [3, 3])
+    # the message names what the run takes from the preset, and what was given instead
+    said = capsys.readouterr().err
+    assert "--image-size 256" not in said and "synthesis=perlin" not in said and "epochs in all" not in said
+    assert "--flips" in said and "(given instead: --image-size 512 --smooth 0)" in said
     assert cfg.model_kwargs == {"synthesis": "paper", "memory_size": 100}
     assert (cfg.map, cfg.context, cfg.infer_stride, cfg.flips, cfg.context_profile) == ("perceptual", True, 32, True, "auto")
     # a one-stage model: two epochs in all, and no synthetic anomalies to shape
