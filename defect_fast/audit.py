@@ -73,10 +73,11 @@ def _fit_minimum(cfg) -> int:
 
 def fits_on_training_images(cfg) -> bool:
     """Whether the run fitted anything besides the autoencoder on its training images (map
-    statistics with ``fit_on == "train"``, an image context): else each fold's detector is the
-    run's own, and the audit's scores are those predict gives."""
+    statistics with ``fit_on == "train"``, an image context, the brightness level of
+    ``--level-brightness``; :func:`defect_fast.train.finish_run`): else each fold's detector is
+    the run's own, and the audit's scores are those predict gives."""
     statistics = cfg.map == "perceptual" or cfg.normalize == "position"
-    return bool(cfg.context) or (statistics and cfg.fit_on == "train")
+    return bool(cfg.context) or bool(cfg.level_brightness) or (statistics and cfg.fit_on == "train")
 
 
 def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, device: str = "auto",
@@ -155,7 +156,7 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
     refitted = fits_on_training_images(cfg)
     if not refitted:
         log(f"{path} fitted nothing on its training images but the autoencoder (no map statistics from them, no "
-            "image context): every fold's detector is the run's own, and the scores below are those predict gives")
+            "image context, no brightness level): every fold's detector is the run's own, and the scores below are those predict gives")
     model = model_from_state(state, path)
     dev = resolve_device(device)
 

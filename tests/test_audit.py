@@ -257,6 +257,8 @@ def test_a_run_that_fitted_nothing_on_its_training_images_says_its_own_detector_
     assert not fits_on_training_images(TrainConfig(data="d", map="perceptual", fit_on="held-back"))
     assert not fits_on_training_images(TrainConfig(data="d"))
     assert fits_on_training_images(TrainConfig(data="d", context=True))
+    # the brightness level is the training images' mean, whatever the statistics are fitted on
+    assert fits_on_training_images(TrainConfig(data="d", map="perceptual", fit_on="held-back", level_brightness=True))
     run = planted["root"] / "plain"
     if not run.exists():
         assert TRAIN[-4:] == ["--map", "perceptual", "--map-scales", "1"]
