@@ -156,7 +156,8 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
     refitted = fits_on_training_images(cfg)
     if not refitted:
         log(f"{path} fitted nothing on its training images but the autoencoder (no map statistics from them, no "
-            "image context, no brightness level): every fold's detector is the run's own, and the scores below are those predict gives")
+            "image context, no brightness level): every fold's detector is the run's own, and the scores below are "
+            "those predict gives")
     model = model_from_state(state, path)
     dev = resolve_device(device)
 
