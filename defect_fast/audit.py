@@ -88,7 +88,10 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
         ``{"images": [{"image", "score", "threshold", "flagged", "fold"(, "overlay")}, ...] highest
         score first, "flagged": how many, "expected_by_chance": how many defect-free images the
         thresholds would flag by chance (each fold's images times its threshold's expected
-        false-alarm rate, k / (n + 1) of the held-back images), "far": the run's rate, "folds"}``.
+        false-alarm rate, k / (n + 1) of the held-back images), "far": the run's rate, "folds",
+        "refitted": whether the folds' detectors differ from the run's (False: the run fitted
+        nothing on its training images but the autoencoder, and no fold left out a held-back
+        copy of an image it scores; the scores are then predict's)}``.
 
     Raises:
         UsageError: ``folds`` < 2 or more than the training images allow; RunError: a run without
@@ -154,10 +157,6 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
                          + (f"use --folds {more}" if more else "too few training images to audit this run"))
     cfg.held_back = [str(paths[i]) for i in held_idx]  # the calibration's names, in the order of its images
     refitted = fits_on_training_images(cfg)
-    if not refitted:
-        log(f"{path} fitted nothing on its training images but the autoencoder (no map statistics from them, no "
-            "image context, no brightness level): every fold's detector is the run's own, and the scores below are "
-            "those predict gives")
     model = model_from_state(state, path)
     dev = resolve_device(device)
 
@@ -176,6 +175,7 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
             raise RunError(f"{path}: every held-back image is a copy of a training image; no threshold is left to "
                            "audit by")
         if len(cal_idx) < len(held_idx):
+            refitted = True  # its thresholds (and statistics fitted on held-back images) are its own
             copies = [paths[i].name for i in held_idx if keys[i] in scored_keys]
             log(f"fold {k + 1}: {len(copies)} held-back image(s) identical to training images it scores "
                 f"({', '.join(copies[:3])}{', ...' if len(copies) > 3 else ''}) left out of its threshold")
@@ -205,6 +205,10 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
             f"threshold {threshold:.4g} from {len(cal_idx)} held-back images; "
             f"{sum(1 for e in entries if e['fold'] == k and e['flagged'])} flagged")
     entries.sort(key=lambda e: -e["score"])
+    if not refitted:
+        log(f"{path} fitted nothing on its training images but the autoencoder (no map statistics from them, no "
+            "image context, no brightness level): every fold's detector is the run's own, and its scores are "
+            "those predict gives")
     n_flagged = sum(1 for e in entries if e["flagged"])
     far = float(cfg.far)
     result = {"run": str(path), "folds": folds, "far": far, "refitted": refitted, "n_images": len(entries),
