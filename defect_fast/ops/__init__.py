@@ -136,7 +136,9 @@ def aw_ssim(
     dtype = _autocast_dtype(x, y)
     if dtype is not None:
         with torch.autocast(x.device.type, enabled=False):
-            x, y, sigma = (_upcast(t, dtype) for t in (x, y, sigma))
+            x, y = (_upcast(t, dtype) for t in (x, y))
+            if not (isinstance(sigma, torch.Tensor) and sigma.dtype == torch.float64):  # kept as given
+                sigma = _upcast(sigma, dtype)
             return aw_ssim(x, y, sigma, alpha, beta, gamma, window, combine, data_range, return_map)
     # the kernel gives sigma no gradient (the schedule's never asks one): a sigma that asks goes to the reference
     if _use_native(x, y) and not (isinstance(sigma, torch.Tensor) and sigma.requires_grad and torch.is_grad_enabled()):
