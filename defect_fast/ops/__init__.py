@@ -130,7 +130,7 @@ def aw_ssim(
     """See :func:`defect_fast.ops.reference.aw_ssim` (same signature and results).
 
     Under autocast: computed in float32 (float64 when x or y is); the score [B] (and the map)
-    are float32. ``sigma``, the window widths, does not decide the precision: a float64 sigma
+    are in that dtype. ``sigma``, the window widths, does not decide the precision: a float64 sigma
     with bfloat16 images ran the float64 kernels (slow on most GPUs).
     """
     dtype = _autocast_dtype(x, y)
