@@ -21,9 +21,9 @@ threshold the run's false-alarm rate sets on the held-back images. Defect-free i
 flagged too, at that threshold's expected rate (1/61 with 60 held-back images and the default
 rate, about 9 of 540): the list is a place to look, sorted by score, not a verdict, and the
 command says how many would be flagged by chance. A run that fitted nothing on its training
-images but the autoencoder (:func:`fits_on_training_images`) has nothing to fit again: each
-fold's detector is the run's own, and the command says so. The autoencoder's weights stay the run's: it was trained on every training image, and
-reproduces them no better than unseen ones at the budgets measured
+images but the autoencoder (:func:`defect_fast.train.fits_on_training_images`) has nothing to
+fit again: each fold's detector is the run's own, and the command says so. The autoencoder's
+weights stay the run's: it was trained on every training image, and reproduces them no better than unseen ones at the budgets measured
 (``experiments/recon_error_split.py``). The held-back images are not audited: they set the
 thresholds, and the run's own scores of them are already those of a detector that did not see
 them (the command repeats the highest the run names).
@@ -71,15 +71,6 @@ def _fit_minimum(cfg) -> int:
     return 2
 
 
-def fits_on_training_images(cfg) -> bool:
-    """Whether the run fitted anything besides the autoencoder on its training images (map
-    statistics with ``fit_on == "train"``, an image context, the brightness level of
-    ``--level-brightness``; :func:`defect_fast.train.finish_run`): else each fold's detector is
-    the run's own, and the audit's scores are those predict gives."""
-    statistics = cfg.map == "perceptual" or cfg.normalize == "position"
-    return bool(cfg.context) or bool(cfg.level_brightness) or (statistics and cfg.fit_on == "train")
-
-
 def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, device: str = "auto",
           overwrite: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Score every training image of ``run`` with a detector fitted without it; write ``out``.
@@ -103,7 +94,7 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
     from .evaluate import check_finite
     from .runs import RunError, load_model_state, model_file, model_from_state, resolve_device
     from .safety import OutputFolder, UsageError, atomic_open, output_stems
-    from .train import TrainConfig, finish_run, image_keys, images_digest
+    from .train import TrainConfig, finish_run, fits_on_training_images, image_keys, images_digest
 
     if folds < 2:
         raise UsageError(f"--folds must be 2 or more, got {folds}")
@@ -156,8 +147,8 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
                          f"{path} trained on, and {'its image context' if cfg.context else 'it'} needs {need}; "
                          + (f"use --folds {more}" if more else "too few training images to audit this run"))
     cfg.held_back = [str(paths[i]) for i in held_idx]  # the calibration's names, in the order of its images
-    refitted = fits_on_training_images(cfg)
     model = model_from_state(state, path)
+    refitted = fits_on_training_images(cfg, model)
     dev = resolve_device(device)
 
     entries: list[dict[str, Any]] = []
@@ -236,8 +227,9 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
             e["overlay"] = name
         folder.write_json("audit.json", result)
     judge = "a detector that did not see them" if refitted else "the run (its own detector)"
-    log(f"{n_flagged} of {len(entries)} training images score above the threshold of {judge} (of defect-free images, about {expected:.1f} would be by chance, at the thresholds' expected "
-        "false-alarm rates); look at them, highest first:"
+    log(f"{n_flagged} of {len(entries)} training images score above the threshold of {judge} (of defect-free "
+        f"images, about {expected:.1f} would be by chance, at the thresholds' expected false-alarm rates); look at "
+        "them, highest first:"
         + "".join(f"\n  {e['score']:8.4g}  {e['image']}" for e in flagged[:20])
         + (f"\n  ... ({n_flagged - 20} more in {out / 'audit.json'})" if n_flagged > 20 else ""))
     cal = state.get("calibration") or {}

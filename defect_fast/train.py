@@ -728,7 +728,7 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
     det = detector_for(model, cfg.image_size, device, **options)
     image_level = options["map_kind"] in model.image_maps  # fitted below (the model's own map until then)
     perceptual = None
-    fits = image_level or cfg.normalize == "position"
+    fits = _fits_map_statistics(cfg, model)
     fit_images, calib_images = held_back_images, held_back_images
     # the calibration images' files, to name the one whose score is the threshold (train() fills
     # cfg.held_back in the order of held_back_images; callers without it get no names)
@@ -776,6 +776,21 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
     cal["map_fitted_on"] = None if not fits else f"{fit_images.shape[0]} {'training' if on_train else 'held-back'} images"
     return {"calibration": cal, "normalization": normalization, "perceptual": perceptual, "context": context,
             "detector": detector_options(cfg, model)}
+
+
+def _fits_map_statistics(cfg: TrainConfig, model: AnomalyModel) -> bool:
+    """Whether :func:`finish_run` fits map statistics: those of an image-level map (the perceptual
+    map) or the per-position normalisation."""
+    return detector_options(cfg, model)["map_kind"] in model.image_maps or cfg.normalize == "position"
+
+
+def fits_on_training_images(cfg: TrainConfig, model: AnomalyModel) -> bool:
+    """Whether :func:`finish_run`, given the training images, fits anything on them besides
+    ``model``'s weights: the map statistics with ``fit_on == "train"``, an image context, the
+    brightness level of ``--level-brightness`` (``defect-fast audit``: else each fold's detector
+    is the run's own)."""
+    fits = _fits_map_statistics(cfg, model)
+    return bool(cfg.context) or bool(cfg.level_brightness) or (fits and cfg.fit_on == "train")
 
 
 def detector_options(cfg: TrainConfig, model: AnomalyModel) -> dict[str, Any]:

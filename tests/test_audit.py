@@ -250,15 +250,17 @@ def test_a_run_that_fitted_nothing_on_its_training_images_says_its_own_detector_
     """With neither map statistics fitted on the training images nor an image context, every
     fold's detector is the run's own: the audit says so (it claimed "a detector that did not see
     them") and its scores are the run's."""
-    from defect_fast.audit import fits_on_training_images
-    from defect_fast.train import TrainConfig
+    from defect_fast.models import build_model
+    from defect_fast.train import TrainConfig, fits_on_training_images
 
-    assert fits_on_training_images(TrainConfig(data="d", map="perceptual"))
-    assert not fits_on_training_images(TrainConfig(data="d", map="perceptual", fit_on="held-back"))
-    assert not fits_on_training_images(TrainConfig(data="d"))
-    assert fits_on_training_images(TrainConfig(data="d", context=True))
+    model = build_model("cmaae", memory_size=10)
+    assert fits_on_training_images(TrainConfig(data="d", map="perceptual"), model)
+    assert not fits_on_training_images(TrainConfig(data="d", map="perceptual", fit_on="held-back"), model)
+    assert not fits_on_training_images(TrainConfig(data="d"), model)
+    assert fits_on_training_images(TrainConfig(data="d", context=True), model)
     # the brightness level is the training images' mean, whatever the statistics are fitted on
-    assert fits_on_training_images(TrainConfig(data="d", map="perceptual", fit_on="held-back", level_brightness=True))
+    assert fits_on_training_images(TrainConfig(data="d", map="perceptual", fit_on="held-back", level_brightness=True),
+                                   model)
     run = planted["root"] / "plain"
     if not run.exists():
         assert TRAIN[-4:] == ["--map", "perceptual", "--map-scales", "1"]
