@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +40,17 @@ def evaluate_run(run: Path | str, data: Path | str, map_kind: str | None = None,
     from .data import load_test_set
     from .metrics import evaluate
 
+    from .runs import load_model_state
+
+    state = load_model_state(run)
     # a setting the model cannot take (stride beyond the patch, ...) is a one-line SettingError
-    det = Detector.load(run, device=device, map_kind=map_kind, stride=stride, smooth_sigma=smooth, **options)
+    det = Detector.from_state(state, device, map_kind, stride, smooth, where=run, **options)
     if far is not None:
         threshold_at_far(det.calibration, far)  # a rate the run cannot give fails before the work
     test = load_test_set(data, det.image_size, require_masks=False)
+    # the stored thresholds judge the test images when no --threshold is given (--far: from their scores)
+    seen = seen_test_images(state, test.images, test.paths, run,
+                            thresholds_used=threshold is None and "inapplicable" not in det.calibration)
     t0 = time.perf_counter()
     res = det.predict_batched(test.images)
     seconds = time.perf_counter() - t0
@@ -59,7 +66,44 @@ def evaluate_run(run: Path | str, data: Path | str, map_kind: str | None = None,
     metrics["blend"] = det.blend
     metrics["inference_ms_per_image"] = 1000 * seconds / max(1, test.images.shape[0])
     metrics["thresholds"] = evaluate_thresholds(res["scores"], test.labels, det.calibration, threshold=threshold, far=far)
+    metrics["seen_by_run"] = seen
     return metrics
+
+
+def seen_test_images(state: dict[str, Any], images: torch.Tensor, paths: list, run: Path | str, *,
+                     thresholds_used: bool = True) -> dict[str, list[str] | None] | None:
+    """Which test images the run has seen, found by their pixels as read (the model file's record,
+    :func:`defect_fast.recalibrate.recorded_keys`): ``{"trained": names of those it trained on or
+    fitted its map statistics on, "thresholds": names of the others its stored thresholds were set
+    on}`` ("thresholds" None when the file cannot say), each said in a warning, since the metrics,
+    or the false-alarm and miss rates at the stored threshold (``thresholds_used``), are optimistic
+    on them. None when the model file records nothing (written before the record)."""
+    from .recalibrate import recorded_keys
+    from .train import TrainConfig, image_keys
+
+    cfg = TrainConfig.from_json(state["train_config"]) if state.get("train_config") else None
+    recorded = recorded_keys(state, cfg)
+    if recorded is None:
+        return None
+    keys = image_keys(images)
+    trained = set(recorded["seen"])
+    seen: dict[str, list[str] | None] = {"trained": [str(p) for p, k in zip(paths, keys) if k in trained]}
+    if recorded["thresholds"] is None:
+        seen["thresholds"] = None
+    else:
+        rest = set(recorded["thresholds"]) - trained
+        seen["thresholds"] = [str(p) for p, k in zip(paths, keys) if k in rest]
+
+    def listed(names: list[str]) -> str:
+        return f"{len(names)} of the {len(paths)} test images ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+
+    if seen["trained"]:
+        warnings.warn(f"{run}: {listed(seen['trained'])} are ones the run trained on or fitted its map on, found by "
+                      "their pixels: the metrics are optimistic; evaluate on images the run has not seen")
+    if seen["thresholds"] and thresholds_used:
+        warnings.warn(f"{run}: {listed(seen['thresholds'])} are ones its thresholds were set on, found by their "
+                      "pixels: the false-alarm rate at its thresholds is optimistic on them")
+    return seen
 
 
 def check_finite(res: dict[str, torch.Tensor], paths: list | None, run: Path | str | None, precision: str | None,
@@ -100,4 +144,4 @@ def image_level_metrics(scores: torch.Tensor, labels: torch.Tensor, classes: lis
     return out
 
 
-__all__ = ["check_finite", "detector_for", "evaluate_run", "image_level_metrics"]
+__all__ = ["check_finite", "detector_for", "evaluate_run", "image_level_metrics", "seen_test_images"]

@@ -21,7 +21,9 @@ Images the run was trained on, or fitted its map statistics on, give optimistic 
 z-score is smallest in its own sample): they are refused, found by their pixels as read. The
 model file records them (``image_keys``: SHA-256 of each image as read, by training); for files
 written before that, the run's training folder is read instead, and when it is gone a warning
-says the check was not made. Identical images are counted once.
+says the check was not made. Identical images are counted once. The new file adds the keys of
+the images its thresholds rest on (``image_keys["calibrated"]``), which ``evaluate`` looks for
+among its test images (:func:`recorded_keys`).
 
 Command line::
 
@@ -52,13 +54,10 @@ def _seen_images(state: dict[str, Any], cfg) -> tuple[list[bytes] | None, str]:
     from .data.dataset import load_train_images
     from .train import image_keys
 
-    recorded = state.get("image_keys")
-    if isinstance(recorded, dict) and "trained" in recorded:
-        held = [str(p) for p in state.get("held_back") or []]
-        held_keys = list(recorded.get("held_back") or [])
-        fitted = set(_fit_half(held, state, cfg)[0]) if len(held_keys) == len(held) else set()
-        keys = list(recorded["trained"]) + [k for p, k in zip(held, held_keys) if p in fitted]
-        return [bytes.fromhex(k) for k in keys], f"the {len(keys)} images recorded in the model file"
+    recorded = recorded_keys(state, cfg)
+    if recorded is not None:
+        keys = recorded["seen"]
+        return keys, f"the {len(keys)} images recorded in the model file"
     if cfg is None or not cfg.data:
         return None, "the model file does not name its training images"
     try:
@@ -72,6 +71,32 @@ def _seen_images(state: dict[str, Any], cfg) -> tuple[list[bytes] | None, str]:
     seen = [i for i, p in enumerate(paths) if str(p) not in held or str(p) in fitted]
     keys = image_keys(images)
     return [keys[i] for i in seen], f"{len(seen)} images of {cfg.data}"
+
+
+def recorded_keys(state: dict[str, Any], cfg=None) -> dict[str, list[bytes]] | None:
+    """What the model file records of the images behind it (``image_keys``, pixel keys as
+    :func:`defect_fast.train.image_keys` gives them): ``{"seen": the images the run trained on or
+    fitted its map statistics on, "thresholds": those its stored thresholds were set on}`` (an
+    earlier ``calibrate``'s images; else the held-back images the map was not fitted on; with none
+    held back, the training images). None for a file without the record (written before it);
+    "thresholds" is None when the file's held-back names and keys do not pair up."""
+    recorded = state.get("image_keys")
+    if not isinstance(recorded, dict) or "trained" not in recorded:
+        return None
+    held = [str(p) for p in state.get("held_back") or []]
+    held_keys = list(recorded.get("held_back") or [])
+    paired = len(held_keys) == len(held)
+    fitted = set(_fit_half(held, state, cfg)[0]) if paired else set()
+    trained = list(recorded["trained"])
+    seen = trained + [k for p, k in zip(held, held_keys) if p in fitted]
+    if "calibrated" in recorded:
+        thresholds = list(recorded["calibrated"])
+    elif not paired:
+        thresholds = None
+    else:
+        thresholds = [k for p, k in zip(held, held_keys) if p not in fitted] or trained
+    return {"seen": [bytes.fromhex(k) for k in seen],
+            "thresholds": None if thresholds is None else [bytes.fromhex(k) for k in thresholds]}
 
 
 def _check_held_back_unchanged(run, state: dict[str, Any], held: list[str], keys: list[bytes]) -> None:
@@ -223,6 +248,8 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
     flagged_before = (sum(1 for v in cal["held_back_scores"] if v > was) if isinstance(was, (int, float))
                       and not before.get("inapplicable") else None)
     state["calibration"] = cal
+    # the images the thresholds now rest on, by their pixels (evaluate names test images among them)
+    state["image_keys"] = {**(state.get("image_keys") or {}), "calibrated": [k.hex() for k in keys]}
     state.pop("tensor_digest", None)  # the new file gets its own
 
     folder = OutputFolder.create(out, overwrite=overwrite, inputs=inputs, lock=True, command="calibrate")
@@ -283,4 +310,4 @@ def command(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["recalibrate", "add_parser", "command", "OUTPUT_FILES"]
+__all__ = ["recalibrate", "recorded_keys", "add_parser", "command", "OUTPUT_FILES"]

@@ -295,3 +295,68 @@ def test_an_older_file_still_refuses_the_held_back_images_its_map_was_fitted_on(
     save_with_digest(state, older / "model.pt")
     refused(*cli(["calibrate", older, held[0], "--out", tmp_path / "cal", "--device", "cpu"], capsys)[::2],
             "fitted its map on", Path(held[0]).name)
+
+
+def _test_set_with(runs, tmp_path, copies: dict[str, Path]) -> Path:
+    """The run's data root copied, with ``copies`` (name -> file) added to its test/good/."""
+    data = tmp_path / "data"
+    shutil.copytree(runs["data"], data)
+    for name, src in copies.items():
+        shutil.copy(src, data / "test" / "good" / name)
+    return data
+
+
+def test_evaluate_names_test_images_the_run_has_seen(runs, tmp_path, capsys):
+    """A test image the run trained on inflates the metrics, one its thresholds were set on the
+    false-alarm rate at them: evaluate names each, found by its pixels, and records them."""
+    state = load_model_state(runs["run"])
+    held = sorted(state["held_back"])
+    trained = [p for p in sorted((runs["data"] / "train" / "good").glob("*.png")) if str(p) not in held][0]
+    data = _test_set_with(runs, tmp_path, {"copy_of_trained.png": trained, "copy_of_held.png": held[0]})
+    status, stdout, err = cli(["evaluate", runs["run"], data, "--device", "cpu", "--json", tmp_path / "m.json"], capsys)
+    assert status == 0, err
+    seen = json.loads((tmp_path / "m.json").read_text())["seen_by_run"]
+    assert [Path(p).name for p in seen["trained"]] == ["copy_of_trained.png"]
+    assert [Path(p).name for p in seen["thresholds"]] == ["copy_of_held.png"]
+    trained_line = next(ln for ln in err.splitlines() if "copy_of_trained.png" in ln)
+    assert "warning" in trained_line and "trained on" in trained_line and "metrics are optimistic" in trained_line
+    held_line = next(ln for ln in err.splitlines() if "copy_of_held.png" in ln)
+    assert "thresholds were set on" in held_line and "copy_of_trained" not in held_line
+    # another threshold than the stored ones: the rates do not rest on those images, the record stays
+    status, _stdout, err = cli(["evaluate", runs["run"], data, "--device", "cpu", "--threshold", "1"], capsys)
+    assert status == 0, err
+    assert "copy_of_trained.png" in err and "copy_of_held.png" not in err
+    # the run's own test set: nothing seen, nothing said
+    status, _stdout, err = cli(["evaluate", runs["run"], runs["data"], "--device", "cpu", "--json", tmp_path / "c.json"],
+                               capsys)
+    assert status == 0, err
+    assert json.loads((tmp_path / "c.json").read_text())["seen_by_run"] == {"trained": [], "thresholds": []}
+    assert "found by their pixels" not in err
+
+
+def test_a_calibrated_file_records_the_images_its_thresholds_rest_on(runs, tmp_path, capsys):
+    out = tmp_path / "cal"
+    assert cli(["calibrate", runs["run"], runs["more"], "--out", out, "--device", "cpu"], capsys)[0] == 0
+    keys = load_model_state(out)["image_keys"]
+    assert len(keys["calibrated"]) == 120 and keys["trained"] == load_model_state(runs["run"])["image_keys"]["trained"]
+    given = sorted(runs["more"].glob("*.png"))[7]
+    held = sorted(load_model_state(runs["run"])["held_back"])[0]
+    data = _test_set_with(runs, tmp_path, {"line_part.png": given, "held_part.png": held})
+    status, _stdout, err = cli(["evaluate", out, data, "--device", "cpu", "--json", tmp_path / "m.json"], capsys)
+    assert status == 0, err
+    seen = json.loads((tmp_path / "m.json").read_text())["seen_by_run"]
+    # the thresholds now rest on the images given to calibrate, not on the run's held-back ones
+    assert [Path(p).name for p in seen["thresholds"]] == ["line_part.png"] and seen["trained"] == []
+    assert "line_part.png" in err and "held_part.png" not in err
+
+
+def test_a_model_file_without_the_record_is_evaluated_unchecked(runs, tmp_path, capsys):
+    state = load_model_state(runs["run"])
+    state.pop("image_keys")
+    state.pop("tensor_digest", None)
+    older = tmp_path / "older"
+    older.mkdir()
+    save_with_digest(state, older / "model.pt")
+    status, _stdout, err = cli(["evaluate", older, runs["data"], "--device", "cpu", "--json", tmp_path / "m.json"], capsys)
+    assert status == 0, err
+    assert json.loads((tmp_path / "m.json").read_text())["seen_by_run"] is None
