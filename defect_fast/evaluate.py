@@ -71,13 +71,14 @@ def evaluate_run(run: Path | str, data: Path | str, map_kind: str | None = None,
 
 
 def seen_test_images(state: dict[str, Any], images: torch.Tensor, paths: list, run: Path | str, *,
-                     thresholds_used: bool = True) -> dict[str, list[str] | None] | None:
+                     thresholds_used: bool = True, what: str = "test images") -> dict[str, list[str] | None] | None:
     """Which test images the run has seen, found by their pixels as read (the model file's record,
     :func:`defect_fast.recalibrate.recorded_keys`): ``{"trained": names of those it trained on or
     fitted its map statistics on, "thresholds": names of the others its stored thresholds were set
     on}`` ("thresholds" None when the file cannot say), each said in a warning, since the metrics,
     or the false-alarm and miss rates at the stored threshold (``thresholds_used``), are optimistic
-    on them. None when the model file records nothing (written before the record)."""
+    on them. ``what`` names the images in the warnings. None when the model file records nothing
+    (written before the record)."""
     from .recalibrate import recorded_keys
     from .train import TrainConfig, image_keys
 
@@ -95,7 +96,7 @@ def seen_test_images(state: dict[str, Any], images: torch.Tensor, paths: list, r
         seen["thresholds"] = [str(p) for p, k in zip(paths, keys) if k in rest]
 
     def listed(names: list[str]) -> str:
-        return f"{len(names)} of the {len(paths)} test images ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+        return f"{len(names)} of the {len(paths)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
 
     if seen["trained"]:
         warnings.warn(f"{run}: {listed(seen['trained'])} are ones the run trained on or fitted its map on, found by "

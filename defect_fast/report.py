@@ -223,6 +223,7 @@ def write_report(
     thumb: int = 160,
     sizes: Sequence[tuple[int, int] | None] | None = None,
     replace: bool = True,
+    notes: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Write the self-contained HTML report.
 
@@ -247,6 +248,7 @@ def write_report(
         replace: False refuses (OutputRefused) a file at ``out`` when the page is written, also one
             that appeared while the images were predicted (the command line without --overwrite).
 
+        notes: lines for the summary's "notes" row (e.g. images the run has seen).
     Returns:
         {"path", "n_images", "n_shown", "sections": ids written, "metrics": the numbers in the
         metrics section ({} without ground truth)}.
@@ -313,6 +315,8 @@ def write_report(
                            f"{'defective' if has_bad else 'defect-free'} ones only")
     if missing:
         rows.append(("not on this page", "; ".join(missing)))
+    if notes:
+        rows.append(("notes", "; ".join(notes)))
     section("summary", "Summary", "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>"
                                                          for k, v in rows) + "</table>")
 
@@ -452,6 +456,7 @@ def report_from_data(
     threshold: float | None = None,
     batch_size: int = 8,
     reconstruct: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    check_images: Callable[[torch.Tensor, list[str]], Sequence[str]] | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Read ``data``, predict, and :func:`write_report`.
@@ -466,6 +471,8 @@ def report_from_data(
         batch_size: images per predict call.
         reconstruct: uint8 [k, 3, S, S] -> [k, 3, S, S] in [-1, 1], run on the gallery's images
             only (used when ``predict_fn`` returns no "recon").
+        check_images: (the images as read, their names) -> notes for the page's summary (e.g.
+            the images the run has seen), before they are predicted.
         **kwargs: passed to :func:`write_report` (title, max_gallery, thumb).
 
     Raises:
@@ -487,6 +494,7 @@ def report_from_data(
             raise DataError(f"{data}: no images (and no MVTec-style test/ folder)")
         sizes = []
         images, names = read_images(paths, meta.image_size, where=data, sizes=sizes), [str(p) for p in paths]
+    notes = list(check_images(images, names)) if check_images is not None else []
     parts = [predict_fn(chunk) for chunk in images.split(batch_size)]
     res = {k: torch.cat([p[k].detach().float().cpu() for p in parts]) for k in ("maps", "scores")}
     check_finite(res, names, meta.extra.get("run"), None, "images")  # a NaN score would be drawn as a pass
@@ -496,7 +504,7 @@ def report_from_data(
         recon = lambda rows: torch.cat([reconstruct(c) for c in images[rows].split(batch_size)])  # noqa: E731
     return write_report(out, names=names, images=images, maps=res["maps"], scores=res["scores"], recon=recon,
                         labels=labels, masks=masks, classes=classes, meta=meta, threshold=threshold,
-                        source=str(data), sizes=sizes, **kwargs)  # sizes are the files' own: not an option
+                        source=str(data), sizes=sizes, notes=notes, **kwargs)  # sizes are the files' own: not an option
 
 
 # --------------------------------------------------------------------------------------------
@@ -532,6 +540,8 @@ def command(args) -> int:
     """``defect-fast report``: load the run, predict DATA, write the page (refusals come before any work)."""
     from .data.io import DataError
     from .detect import Detector
+    from .evaluate import seen_test_images
+    from .runs import load_model_state
     from .safety import far_errors, safe_output_file
 
     data = Path(args.data)
@@ -539,12 +549,23 @@ def command(args) -> int:
         raise DataError(f"{data}: {'not a folder' if data.exists() else 'no such folder'} (expected a folder of "
                         "images, or a dataset with test/<class>/)")
     out = safe_output_file(args.out, args.overwrite, inputs=[args.run, data], what="--out")
-    det = Detector.load(args.run, device=args.device)
+    state = load_model_state(args.run)
+    det = Detector.from_state(state, args.device, where=args.run)
     with far_errors(args.run, args.far):
         info = ModelInfo.from_detector(det, args.run, threshold=args.threshold, far=args.far)
+
+    def seen(images: torch.Tensor, names: list[str]) -> list[str]:
+        """The images the run has seen, said on stderr and on the page (evaluate's check)."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            seen_test_images(state, images, names, args.run, thresholds_used=args.threshold is None, what="images")
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return [str(w.message) for w in caught]
+
     res = report_from_data(lambda x: det.predict_batched(x, images_per_batch=args.batch_size), info, data, out,
                            threshold=args.threshold, batch_size=args.batch_size, reconstruct=det.reconstruct,
-                           max_gallery=args.max_gallery, title=args.title, replace=args.overwrite)
+                           check_images=seen, max_gallery=args.max_gallery, title=args.title, replace=args.overwrite)
     thr = info.image_threshold
     print(f"wrote {res['path']}: {res['n_images']} images, {res['n_shown']} in the gallery, sections "
           f"{', '.join(res['sections'])}; threshold {'none' if thr is None else f'{thr:.6g}'} "

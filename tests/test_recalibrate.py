@@ -360,3 +360,24 @@ def test_a_model_file_without_the_record_is_evaluated_unchecked(runs, tmp_path, 
     status, _stdout, err = cli(["evaluate", older, runs["data"], "--device", "cpu", "--json", tmp_path / "m.json"], capsys)
     assert status == 0, err
     assert json.loads((tmp_path / "m.json").read_text())["seen_by_run"] is None
+
+
+def test_the_report_names_images_the_run_has_seen(runs, tmp_path, capsys):
+    """The page carries what evaluate says on stderr: a shared report outlives the terminal."""
+    held = set(load_model_state(runs["run"])["held_back"])
+    trained = [p for p in sorted((runs["data"] / "train" / "good").glob("*.png")) if str(p) not in held][0]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    shutil.copy(trained, folder / "copy_of_trained.png")
+    shutil.copy(sorted(runs["more"].glob("*.png"))[0], folder / "new.png")
+    page = tmp_path / "page.html"
+    status, _stdout, err = cli(["report", runs["run"], folder, "--out", page, "--device", "cpu"], capsys)
+    assert status == 0, err
+    assert "1 of the 2 images (" in err and "copy_of_trained.png" in err and "trained on" in err
+    text = page.read_text()
+    assert "<th>notes</th>" in text and "copy_of_trained.png" in text.split("</table>")[0]
+    # images it has not seen: no note
+    (folder / "copy_of_trained.png").unlink()
+    status, _stdout, err = cli(["report", runs["run"], folder, "--out", page, "--overwrite", "--device", "cpu"], capsys)
+    assert status == 0, err
+    assert "<th>notes</th>" not in page.read_text() and "found by their pixels" not in err
