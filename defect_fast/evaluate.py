@@ -39,7 +39,6 @@ def evaluate_run(run: Path | str, data: Path | str, map_kind: str | None = None,
     from .calibration import evaluate_thresholds, threshold_at_far
     from .data import load_test_set
     from .metrics import evaluate
-
     from .runs import load_model_state
 
     state = load_model_state(run)

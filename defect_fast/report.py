@@ -247,8 +247,8 @@ def write_report(
             proportions (``thumb`` high), not squashed into the model's square; None: square tiles.
         replace: False refuses (OutputRefused) a file at ``out`` when the page is written, also one
             that appeared while the images were predicted (the command line without --overwrite).
-
         notes: lines for the summary's "notes" row (e.g. images the run has seen).
+
     Returns:
         {"path", "n_images", "n_shown", "sections": ids written, "metrics": the numbers in the
         metrics section ({} without ground truth)}.
