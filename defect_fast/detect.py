@@ -296,7 +296,7 @@ THRESHOLD_KEYS = ("image_threshold", "pixel_threshold", "score_max", "pixel_q999
                   "held_back_scores", "score_brightness_rank_correlation")
 
 
-def _brightness_level(level: bool | float, images: torch.Tensor) -> float | None:
+def brightness_level(level: bool | float, images: torch.Tensor) -> float | None:
     """``level_brightness`` of the fits -> the level a trunk levels to: None for False, the mean
     brightness of ``images`` (uint8) for True, else the float given (in (0, 1])."""
     from .perceptual import reference_brightness
@@ -308,7 +308,10 @@ def _brightness_level(level: bool | float, images: torch.Tensor) -> float | None
     if level is True:
         level = reference_brightness(images)
         if not 0 < level <= 1:  # every image black: a gain of 0 would make every image the same
-            raise ValueError(f"level_brightness: the images' mean brightness is {level:g}; nothing to level to")
+            from .data.io import DataError
+
+            raise DataError(f"level_brightness: the {images.shape[0]} images' mean brightness is {level:g} (all "
+                            "black?); nothing to level to: give defect-free images of the surface")
         return level
     try:
         value = math.nan if isinstance(level, (str, bytes)) else float(level)  # "0.5" is not a level
@@ -817,7 +820,7 @@ class Detector(nn.Module):
         # scales as given: PerceptualMap checks them (tuple(2) here was a bare TypeError)
         pm = PerceptualMap(self.image_size, layers=layers, prior=prior, scales=scales).to(self.device)
         pm.placement = checked_placement(placement)  # before the fit: the statistics are on its grid
-        pm.brightness = _brightness_level(level_brightness, normal_images)
+        pm.brightness = brightness_level(level_brightness, normal_images)
         with torch.no_grad():
             pairs = ((x, self._stitched_recon(x)) for x in
                      (self._to_model_input(c.to(self.device)) for c in normal_images.split(max(1, images_per_batch))))
@@ -893,7 +896,7 @@ class Detector(nn.Module):
         ctx = ImageContext(self.image_size, profile=profile, placement=placement).to(self.device)
         ctx.profile_basis = basis
         ctx.image_score = image_score
-        ctx.brightness = _brightness_level(level_brightness, normal_images)
+        ctx.brightness = brightness_level(level_brightness, normal_images)
         n = ctx.fit(lambda: (self._to_model_input(c.to(self.device)) for c in normal_images.split(32)),
                     **self._trunk_options())
         raw, feats = [], []
@@ -1272,6 +1275,11 @@ class Detector(nn.Module):
         check_finite({"maps": raw}, None, None, self.precision, "images given to fit_normalization")
         mean = raw.mean(dim=0)
         std = raw.std(dim=0)
+        if not bool((std > 0).any()):  # min_std alone: every later map (raw - mean) * 1e6, below the mean hugely negative
+            from .data.io import DataError
+
+            raise DataError(f"the per-position normalisation cannot be fitted on {raw.shape[0]} images whose maps are "
+                            "identical (the same image again?); give different defect-free images")
         std = std.clamp(min=max(min_std, NORM_STD_FLOOR * float(std.double().pow(2).mean().sqrt())))
         self.norm_mean = mean
         self.norm_std = std

@@ -721,8 +721,8 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
     """
     from .calibration import calibrate, colour_scale
     from .diagnose import rank_correlation
+    from .detect import brightness_level
     from .evaluate import check_finite, detector_for
-    from .perceptual import reference_brightness
 
     options = detector_options(cfg, model)
     det = detector_for(model, cfg.image_size, device, **options)
@@ -744,7 +744,7 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
         calib_names = None if calib_names is None else calib_names[1::2]
     # one level for both trunks (so they still share their first layers): the training images'
     # mean brightness, or the fitting images' when there are none
-    level = (reference_brightness(train_images if train_images is not None else fit_images)
+    level = (brightness_level(True, train_images if train_images is not None else fit_images)
              if cfg.level_brightness else False)
     if image_level:
         det.fit_perceptual(fit_images, scales=tuple(cfg.map_scales), level_brightness=level, placement=cfg.placement)

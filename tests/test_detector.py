@@ -119,6 +119,18 @@ def test_a_region_the_same_in_every_image_is_not_blown_up_by_the_normalisation()
     assert float((after - before).abs().max()) < 0.5 * float(before.abs().max()), (before, after)
 
 
+def test_a_normalisation_fitted_on_identical_maps_is_refused():
+    """Identical images give a std of 0 at every position: the floor alone (1e-6) made every later
+    map (raw - mean) * 1e6, and a defect whose raw map fell below the mean passed at -15,000."""
+    from defect_fast.data.io import DataError
+
+    det = Detector(_model(), image_size=64, precision="float32")
+    same = _images(1, 64, seed=3).expand(4, -1, -1, -1).contiguous()
+    with pytest.raises(DataError, match="cannot be fitted on 4 images whose maps are identical"):
+        det.fit_normalization(same)
+    assert det.normalization() == {"kind": "identity"}  # nothing half-fitted
+
+
 def test_a_normalisation_is_kept_only_for_the_map_and_settings_it_was_fitted_at(tmp_path):
     """Loaded with another map kind, a per-position normalisation fitted on the stored kind's maps
     was applied to the other's (a residual map of mean 0.065 came out at 29.4); loaded with another

@@ -369,6 +369,29 @@ def test_a_levelled_run_levels_map_and_context_to_its_training_images(synthetic_
     assert det.image_map.brightness == det.context.brightness == level and det._shared_stem(det.context) == 2
 
 
+def test_levelling_black_training_images_is_refused_in_one_line(tmp_path, monkeypatch):
+    """Frames of a camera whose shutter failed have a mean brightness of 0: nothing to level to.
+    The run refused them with an internal error (the level 0.0 passed on as if it were given)."""
+    import numpy as np
+    from PIL import Image
+
+    import defect_fast.perceptual as perceptual
+    from defect_fast.data.io import DataError
+    from defect_fast.perceptual import PerceptualMap
+    from tests.test_perceptual import _trunk
+
+    monkeypatch.setattr(perceptual, "PerceptualMap",
+                        lambda s, layers=2, prior=0.01, scales=(1,): PerceptualMap(s, layers, _trunk(), prior, scales))
+    data = tmp_path / "black"
+    data.mkdir()
+    for i in range(12):
+        Image.fromarray(np.zeros((64, 64), np.uint8)).save(data / f"frame_{i:02d}.png")
+    cfg = TrainConfig(data=str(data), model="cmaae", image_size=64, batch_size=4, epochs=[1, 1], max_steps=[1, 1],
+                      model_kwargs={"memory_size": 10}, seed=0, holdback=0.34, map="perceptual", level_brightness=True)
+    with pytest.raises(DataError, match="mean brightness is 0 .all black.*nothing to level to"):
+        train(cfg, tmp_path / "run", progress=False, log=lambda s: None)
+
+
 def test_the_brightness_note_hints_at_levelling_only_when_the_lighting_is_significant():
     said = brightness_note(0.67, 60, levelled=False, trunk=True)
     assert said.startswith("held-back scores against their images' mean brightness: rank correlation +0.67 (60 images)")
