@@ -269,10 +269,14 @@ def profile_across_streaks(images: torch.Tensor) -> tuple[str, str]:
     gx, gy = torch.cat(gx).double(), torch.cat(gy).double()
     across, along = int((gx > gy).sum()), int((gx < gy).sum())
     n = across + along
-    ratio = float((gx / gy.clamp_min(1e-12)).median())
+    flat = (gx == 0) & (gy == 0)  # a blank frame: no direction, and no ratio (0 / 0)
+    ratio = f"{float((gx / gy.clamp_min(1e-12))[~flat].median()):.3g}" if not bool(flat.all()) else "n/a"
     p = binomtest(across, n, 0.5).pvalue if n else 1.0
     counts = (f"in {across} of {n} defect-free images the grey levels vary more across the width than down the "
-              f"height (median ratio {ratio:.3g}; sign test p = {p:.2g})")
+              f"height (median ratio {ratio}; sign test p = {p:.2g})")
+    if bool(flat.any()):
+        counts += (f"; {int(flat.sum())} of the {images.shape[0]} images are of one grey level throughout (blank "
+                   "frames?) and count neither way")
     if p > AUTO_P_VALUE:
         raise ValueError(f"the images share no streak direction: {counts}; "
                          "choose the profile (rows, columns or none)")

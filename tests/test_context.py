@@ -3,6 +3,7 @@ and the Detector's combination of it with its own map and score."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -488,6 +489,20 @@ def test_auto_takes_the_profile_across_the_streaks_the_images_share():
         profile_across_streaks(torch.cat([streaked[:10], streaked[10:].transpose(2, 3)]))
     with pytest.raises(ValueError, match="at least 2 images"):
         profile_across_streaks(streaked[:1])
+
+
+def test_auto_says_which_images_are_blank_and_keeps_them_out_of_the_ratio():
+    """Frames of one grey level (a failed shutter) vary in no direction: they are named as such,
+    not left out of the count in silence while their 0 / 0 pulled the median ratio to 0."""
+    streaked = _u8(_surfaces(12, seed=3))
+    blank = torch.zeros(3, 3, 128, 128, dtype=torch.uint8)
+    profile, why = profile_across_streaks(torch.cat([streaked, blank]))
+    alone = profile_across_streaks(streaked)[1]
+    ratio = re.search(r"median ratio ([\d.]+)", alone).group(1)
+    assert profile == "rows" and f"median ratio {ratio};" in why and "in 12 of 12" in why
+    assert "3 of the 15 images are of one grey level throughout" in why
+    with pytest.raises(ValueError, match=r"in 0 of 0 .*median ratio n/a.*4 of the 4 images are of one grey level"):
+        profile_across_streaks(torch.full((4, 3, 64, 64), 200, dtype=torch.uint8))
 
 
 def test_a_detector_fitted_with_auto_stores_the_profile_it_chose_and_why(monkeypatch):
