@@ -780,6 +780,16 @@ def test_16_bit_images_that_use_a_sixteenth_of_the_range_are_warned_of_once(tmp_
     assert len(_data_warnings(seen)) == 1
 
 
+def test_black_16_bit_frames_are_called_blank_not_a_bit_depth(tmp_path):
+    """All-zero 16-bit frames (a failed shutter) are not a 10-bit camera's: scaling advice does not fit them."""
+    folder = tmp_path / "cam"
+    for i in range(2):
+        _save(folder / f"{i}.png", np.zeros((16, 16), np.uint16))
+    with pytest.warns(DataWarning, match=r"cam: 2 of 2 16-bit images are black, every value 0 \(.*\): blank frames\?") as seen:
+        read_images(sorted(folder.iterdir()), 16, where=folder)
+    assert "bits" not in str(_data_warnings(seen)[0].message)
+
+
 def test_a_big_endian_16_bit_tiff_reads_as_its_little_endian_twin(tmp_path):
     """PIL opens a 16-bit TIFF in big-endian byte order (ImageJ's default, many camera programs) as
     "I;16B", for which it refuses getextrema(): the few-levels check made every reader fail with an

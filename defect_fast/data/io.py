@@ -437,6 +437,8 @@ def few_levels_message(few_levels: list[tuple[Path, int]], total: int, where: st
     top = max(hi for _p, hi in few_levels)
     names = sorted(str(p) for p, _hi in few_levels)
     shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    if top == 0:  # no bit depth explains a black frame: the camera's exposure (or shutter) does
+        return (f"{where}: {len(names)} of {total} 16-bit images are black, every value 0 ({shown}): blank frames?")
     return (f"{where}: {len(names)} of {total} 16-bit images hold values up to {top} at most (of 65535), so they "
             f"are read at {round(top * 255 / 65535) + 1} grey level(s) or fewer ({shown}); 16-bit data is read by its "
             "full range: scale the data of a 10-, 12- or 14-bit camera to it (each value times 2**(16 - bits)), or "
