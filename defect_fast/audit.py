@@ -143,9 +143,14 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
     if not usable(sizes):
         fewest = len(train_idx) - max(sizes)
         more = next((k for k in range(folds + 1, len(train_idx) // 2 + 1) if usable(sizes_for(k))), None)
+        distinct = len({keys[i] for i in train_idx})
+        copies = (f" (only {distinct} of them differ: identical copies stay in one fold)"
+                  if distinct < len(train_idx) else "")
         raise UsageError(f"--folds {folds}: a fold's detector would fit on {fewest} of the {len(train_idx)} images "
-                         f"{path} trained on, and {'its image context' if cfg.context else 'it'} needs {need}; "
-                         + (f"use --folds {more}" if more else "too few training images to audit this run"))
+                         f"{path} trained on{copies}, and {'its image context' if cfg.context else 'it'} needs {need}; "
+                         + (f"use --folds {more}" if more else
+                            "too few different training images to audit this run" if copies else
+                            "too few training images to audit this run"))
     cfg.held_back = [str(paths[i]) for i in held_idx]  # the calibration's names, in the order of its images
     model = model_from_state(state, path)
     refitted = fits_on_training_images(cfg, model)

@@ -150,6 +150,23 @@ def test_identical_images_share_a_fold():
     assert {3, 8, 12} <= set(parts[0]) and sorted(parts[0] + parts[1]) == idx
 
 
+def test_a_folder_of_copies_is_refused_for_its_copies_not_its_count(planted, tmp_path, capsys):
+    """Copies share a fold, so a folder of one photograph copied twelve times leaves a fold's
+    detector nothing to fit on: the refusal says so, not that twelve images are too few."""
+    data = tmp_path / "copies"
+    data.mkdir()
+    one = sorted((planted["data"] / "train" / "good").glob("*.png"))[0]
+    for i in range(12):
+        shutil.copy(one, data / f"copy_{i:02d}.png")
+    run = tmp_path / "run"
+    status, _stdout, err = cli(["train", data, "--out", run, *TRAIN[:TRAIN.index("--map")]], capsys)
+    assert status == 0, err
+    refused(*cli(["audit", run, "--out", tmp_path / "a"], capsys)[::2],
+            "would fit on 0 of the 8 images", "only 1 of them differ: identical copies stay in one fold",
+            "too few different training images")
+    assert not (tmp_path / "a").exists()
+
+
 def test_a_defective_photograph_held_twice_is_still_found(planted, tmp_path, capsys):
     """With a renamed copy of a planted image in the folder, the copy sat in the fit of the detector
     that scored the original (and back): a fold's statistics then knew the blotch and both scored
