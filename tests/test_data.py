@@ -790,6 +790,31 @@ def test_black_16_bit_frames_are_called_blank_not_a_bit_depth(tmp_path):
     assert "bits" not in str(_data_warnings(seen)[0].message)
 
 
+def test_blank_frames_among_the_images_are_named_once(tmp_path):
+    """A frame of one colour throughout (a failed exposure, a covered lens) is named by the
+    many-file readers: among defect-free images it would set the thresholds by its score."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "line"
+    for i in range(3):
+        _save(folder / f"part_{i}.png", rng.integers(0, 256, (16, 16, 3)).astype(np.uint8))
+    _save(folder / "black.png", np.zeros((16, 16), np.uint8))
+    _save(folder / "red.png", np.broadcast_to(np.array([200, 0, 0], np.uint8), (16, 16, 3)).copy())
+    _save(folder / "black16.png", np.zeros((16, 16), np.uint16))  # called black by the 16-bit check already
+    with pytest.warns(DataWarning) as seen:
+        read_images(sorted(folder.iterdir()), 16, where=folder)
+    said = [str(w.message) for w in _data_warnings(seen)]
+    blank = [m for m in said if "one colour throughout" in m]
+    assert len(blank) == 1 and blank[0].startswith(f"{folder}: 2 of 6 images are of one colour throughout (")
+    assert "black.png" in blank[0] and "red.png" in blank[0] and "black16" not in blank[0] and "part_" not in blank[0]
+    root = make_synthetic_dataset(tmp_path / "ds", n_train=2, n_test_good=2, n_test_defect=1, size=32, seed=3)
+    _save(root / "test" / "good" / "000.png", np.full((32, 32), 128, np.uint8))
+    with pytest.warns(DataWarning, match=r"1 of 4 images are of one colour throughout \(.*000.png\)"):
+        load_test_set(root, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        read_images([folder / "part_0.png"], 16)  # a photographed surface: nothing said
+
+
 def test_a_big_endian_16_bit_tiff_reads_as_its_little_endian_twin(tmp_path):
     """PIL opens a 16-bit TIFF in big-endian byte order (ImageJ's default, many camera programs) as
     "I;16B", for which it refuses getextrema(): the few-levels check made every reader fail with an
@@ -880,5 +905,7 @@ def test_a_16_bit_colour_tiff_is_treated_as_a_16_bit_colour_png(tmp_path):
             read_mask(tmp_path / name, None)
     with warnings.catch_warnings():  # 8-bit colour TIFFs as before
         warnings.simplefilter("error", DataWarning)
-        Image.fromarray(np.full((16, 16, 3), 7, np.uint8)).save(tmp_path / "eight.tif")
+        eight = np.full((16, 16, 3), 7, np.uint8)
+        eight[0, 0] = 6  # not a blank frame, which is warned of
+        Image.fromarray(eight).save(tmp_path / "eight.tif")
         assert int(read_images([tmp_path / "eight.tif"], 16).max()) == 7

@@ -455,6 +455,27 @@ def warn_few_levels(few_levels: list[tuple[Path, int]], total: int, where: str |
         warn_data(message, stacklevel=_callers_level())
 
 
+def blank_images(images: torch.Tensor) -> torch.Tensor:
+    """bool [N]: which of the uint8 images [N, C, H, W] are of one colour throughout (every channel
+    constant): a frame of a failed exposure or a covered lens, which no camera's noise leaves on a
+    photographed surface."""
+    flat = images.flatten(2)
+    return (flat.amax(2) == flat.amin(2)).all(1)
+
+
+def warn_blank(images: torch.Tensor, paths: Sequence[Path], where: str | os.PathLike,
+               said: Iterable[Path] = ()) -> None:
+    """One warning naming the images read that are blank (:func:`blank_images`), but for those in
+    ``said`` (16-bit frames already called black by :func:`warn_few_levels`): among defect-free
+    images a blank frame sets the thresholds by its score, and at inspection it is a camera fault."""
+    said = set(said)
+    blank = [str(p) for p, b in zip(paths, blank_images(images).tolist()) if b and p not in said]
+    if blank:
+        shown = ", ".join(sorted(blank)[:3]) + (", ..." if len(blank) > 3 else "")
+        warn_data(f"{where}: {len(blank)} of {len(paths)} images are of one colour throughout ({shown}): blank "
+                  "frames (a failed exposure, a covered lens)?", stacklevel=_callers_level())
+
+
 def warn_data(message: str, stacklevel: int = 1) -> None:
     """``warnings.warn(message, DataWarning, stacklevel)``, shown and filtered as it would be, but
     kept in no warning registry. The messages of one file's reading name the file, and the registry
@@ -719,4 +740,5 @@ def read_images(
     _, problems = run_collecting(one, len(paths), workers)
     raise_problems(problems, len(paths), "image files", where)
     warn_few_levels(few_levels, len(paths), where)
+    warn_blank(out, paths, where, said=[p for p, top in few_levels if top == 0])
     return out
