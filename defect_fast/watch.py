@@ -14,7 +14,8 @@
                            ``--far`` move the verdict only, and a failed image may list none)
     maps/<name>_map.png    grey anomaly map per image, at the image's own size
     overlays/<name>_overlay.png   the map over the image, at its own size
-    rejected/              bad files, moved here (never deleted); their reason is in the journal
+    rejected/              bad files, moved here (never deleted); their reason is in the journal;
+                           blank frames (one colour throughout: a camera fault) too, never judged
     status.json            last image, counts, images/s, threshold and where it came from, model
                            (rewritten atomically)
 
@@ -96,7 +97,8 @@ from typing import Any, Callable, Mapping
 import torch
 
 from .calibration import ModelInfo, defect_regions
-from .data.io import IMAGE_EXTENSIONS, DataError, error_kind, few_levels_message, read_image_at_both_sizes
+from .data.io import (IMAGE_EXTENSIONS, DataError, blank_images, error_kind, few_levels_message,
+                      read_image_at_both_sizes)
 from .maps import resize_map
 from .safety import (LOCK_NAME, MANIFEST_NAME, OutputFolder, OutputRefused, RunLock, UserError, check_out_not_overlapping,
                      far_errors, file_sha256, short_stem)
@@ -136,6 +138,11 @@ def is_temporary_name(name: str) -> bool:
 
 #: Most regions a journal line lists (those of highest peak; a noisy map has thousands).
 MAX_REGIONS = 50
+
+#: The journal's reason for a blank frame (:func:`~defect_fast.data.io.blank_images`): a camera
+#: fault, with nothing on it to judge; a reconstruction reproduces a flat frame near the training
+#: images' grey level, and its score would pass it.
+BLANK_REASON = "a blank frame, one colour throughout (a failed exposure, a covered lens?): nothing to inspect"
 
 #: Longest stem (in UTF-8 bytes) an output or rejected file's name keeps: with the temporary
 #: name's prefix (".tmp-<pid>-") and the longest ending ("_<12 hex>_overlay.png") it stays well
@@ -706,7 +713,12 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
         if now_sig != sig:  # changed while we read it: wait for it to settle again
             st.pending.pop(key, None)
             continue
-        if err is not None:
+        if err is None and bool(blank_images(photo.unsqueeze(0))[0]):  # nothing on it to judge: never a pass
+            st.pending.pop(key, None)
+            st.undecodable.pop(key, None)
+            _reject(st, key, path, sha, sig, BLANK_REASON, log)
+            n_done += 1
+        elif err is not None:
             reason = err.replace(f"{path}: ", "")
             # a writer that stalled mid-file may go on (an empty file has waited its grace in _ready)
             if st.grace > 0 and sig[0] > 0:

@@ -430,6 +430,30 @@ def test_an_image_the_model_gives_a_nan_score_is_set_aside_not_passed(tmp_path):
     assert (out / recs["nan.png"]["rejected_to"]).is_file() and res["session"]["rejected"] == 1
 
 
+def test_a_blank_frame_is_set_aside_not_judged(tmp_path):
+    """A frame of one colour (a failed exposure, a covered lens) has nothing on it to judge; the
+    reconstruction reproduces a flat grey frame, so its score passed it: it is rejected now, with
+    its reason, as a bad file is, and the photos beside it are judged as before."""
+    import io
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for name, value in (("grey.png", 40), ("white.png", 255)):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((SIZE, SIZE, 3), value, np.uint8)).save(buf, format="PNG")
+        (src / name).write_bytes(buf.getvalue())
+    (src / "part.png").write_bytes(png_bytes(7, bright=0.3))
+    res, lines = run_once(src, out)
+    recs = {r["image"]: r for r in journal(out)}
+    assert recs["part.png"]["result"] == "pass"
+    for name in ("grey.png", "white.png"):  # the stub passes grey (score 0.16) and fails white: neither is judged
+        assert recs[name]["result"] == "rejected" and recs[name]["reason"] == watch_mod.BLANK_REASON
+        assert "score" not in recs[name] and (out / recs[name]["rejected_to"]).is_file() and not (src / name).exists()
+    assert res["session"] == {**res["session"], "pass": 1, "fail": 0, "rejected": 2}
+    assert any("rejected" in line and "grey.png" in line and "blank frame" in line for line in lines)
+    assert len(list((out / "maps").iterdir())) == 1
+
+
 def test_the_journal_keeps_no_record_in_memory_after_writing_it(tmp_path):
     j = Journal(tmp_path / "results.jsonl")
     j.append({"image": "a.png", "sha256": "0" * 64, "result": "pass"})
