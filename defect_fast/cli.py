@@ -286,7 +286,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_predict(args) -> int:
     from .calibration import chosen_threshold
-    from .data.io import collect_images, read_image, read_images
+    from .data.io import blank_images, collect_images, read_image, read_images
     from .detect import Detector
     from .evaluate import check_finite
     from .maps import resize_map
@@ -319,7 +319,9 @@ def cmd_predict(args) -> int:
         report = {"run": str(args.run), "map": det.map_kind, "threshold": image_t, "threshold_source": source,
                   "pixel_threshold": pixel_t, "images": []}
         folder.reserve(planned)  # checked above; a user's file put there since: refused, none written
-        for path, (map_rel, overlay_rel), img, m, s, (w, h) in zip(paths, names, images, res["maps"], res["scores"], sizes):
+        blank = blank_images(images).tolist()
+        for path, (map_rel, overlay_rel), img, m, s, (w, h), is_blank in zip(paths, names, images, res["maps"], res["scores"],
+                                                                             sizes, blank):
             map_png, overlay_png = folder.path / map_rel, folder.path / overlay_rel
             if (w, h) != (det.image_size, det.image_size):  # at the photo's own size, as the Python API gives them
                 m = resize_map(m, (h, w))
@@ -331,11 +333,15 @@ def cmd_predict(args) -> int:
             entry = {"image": str(path), "score": float(s), "map": map_rel, "overlay": overlay_rel, "size": [w, h]}
             if image_t is not None:
                 entry["defective"] = bool(float(s) > image_t)
+            if is_blank:  # a camera fault (watch sets them aside): its verdict says nothing of the part
+                entry["blank"] = True
             report["images"].append(entry)
         folder.write_json("scores.json", report)
     flagged = sum(1 for e in report["images"] if e.get("defective"))
+    n_blank = sum(1 for e in report["images"] if e.get("blank"))
     print(f"wrote maps, overlays and scores for {len(paths)} image(s) to {out}"
-          + (f"; {flagged} flagged at threshold {image_t:.4g}" if image_t is not None else ""))
+          + (f"; {flagged} flagged at threshold {image_t:.4g}" if image_t is not None else "")
+          + (f"; {n_blank} blank frame(s), marked \"blank\" in scores.json" if n_blank else ""))
     return 0
 
 

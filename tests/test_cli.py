@@ -161,6 +161,23 @@ def test_predict_writes_maps_at_each_photo_s_own_size(tiny_run, tmp_path):
     assert want.shape == (40, 96)
 
 
+def test_predict_marks_blank_frames(tiny_run, tmp_path, capsys):
+    """A frame of one colour is a camera fault: marked in scores.json and said, its verdict kept."""
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(folder / "blank.png")
+    Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)).save(folder / "part.png")
+    out = tmp_path / "p"
+    assert main(["predict", str(tiny_run), str(folder), "--out", str(out)]) == 0
+    said = capsys.readouterr()
+    entries = {Path(e["image"]).name: e for e in json.loads((out / "scores.json").read_text())["images"]}
+    assert entries["blank.png"]["blank"] is True and "blank" not in entries["part.png"]
+    assert "defective" in entries["blank.png"] and "1 blank frame(s)" in said.out
+    assert "1 of 2 images are of one colour throughout" in said.err
+
+
 def test_predict_takes_an_image_whose_name_is_as_long_as_a_file_name_may_be(tiny_run, tmp_path):
     """A legal 250-byte image name made map and overlay names the file system refuses ("File name
     too long"): their stems are shortened, unique, and scores.json names them."""
