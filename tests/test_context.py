@@ -664,3 +664,42 @@ def test_the_map_and_profile_put_each_cell_on_its_receptive_field_centre():
     assert ImageContext.from_state(state).placement == "centres"
     state.pop("placement")
     assert ImageContext.from_state(state).placement == "cells"
+
+
+def test_the_distance_is_the_mahalanobis_norm_and_the_descriptor_mean_and_spread():
+    """By hand: the distance under the identity precision is the Euclidean norm (not its square),
+    and an image's descriptor holds each channel's mean and then its standard deviation."""
+    from defect_fast.context import _descriptor, _distance
+
+    x = torch.tensor([[3.0, 4.0], [1.0, 1.0]])
+    torch.testing.assert_close(_distance(x, torch.zeros(2), torch.eye(2)), torch.tensor([5.0, 2.0 ** 0.5]))
+    torch.testing.assert_close(_distance(x, torch.tensor([1.0, 1.0]), 4 * torch.eye(2)),
+                               torch.tensor([2 * 13.0 ** 0.5, 0.0]))
+    f = torch.tensor([[1.0, 3.0], [5.0, 7.0]]).view(1, 1, 2, 2).repeat(1, 2, 1, 1)
+    f[:, 1] *= 2
+    d = _descriptor(f)
+    torch.testing.assert_close(d, torch.tensor([[4.0, 8.0, f[0, 0].std().item(), f[0, 1].std().item()]]))
+
+
+def test_the_defect_free_spread_is_refused_when_negligible_beside_the_mean_or_from_one_image():
+    """A spread of float rounding beside a large mean (identical scores, computed apart) is no
+    spread: floored at 1e-9 of the mean. One image has no spread at all: said as such."""
+    from defect_fast.data.io import DataError
+
+    ctx = RandomTrunkContext(64)
+    with pytest.raises(DataError, match="defect-free spread over 3 calibration images"):
+        ctx.set_detector_stats(scores=torch.tensor([1e6, 1e6 + 1e-4, 1e6 - 1e-4], dtype=torch.float64))
+    ctx.set_detector_stats(scores=torch.tensor([1e6, 1e6 + 1.0, 1e6 - 1.0], dtype=torch.float64))
+    for kw in (dict(scores=torch.tensor([2.5])), dict(base_maps=torch.rand(1, 8, 8))):
+        with pytest.raises(ValueError, match="needs at least 2 images, got 1"):
+            ctx.set_detector_stats(**kw)
+
+
+def test_a_file_written_before_the_profile_score_choice_scores_with_the_profile():
+    """Files from before ``profile_in_score`` took the profile into the image score's top values:
+    read without the key, they still do; the key, when there, is kept."""
+    state = RandomTrunkContext(64).state()
+    state.pop("profile_in_score")
+    assert ImageContext.from_state(state).profile_in_score is True
+    state["profile_in_score"] = False
+    assert ImageContext.from_state(state).profile_in_score is False

@@ -909,3 +909,131 @@ def test_a_16_bit_colour_tiff_is_treated_as_a_16_bit_colour_png(tmp_path):
         eight[0, 0] = 6  # not a blank frame, which is warned of
         Image.fromarray(eight).save(tmp_path / "eight.tif")
         assert int(read_images([tmp_path / "eight.tif"], 16).max()) == 7
+
+
+# --------------------------------------------------------------------------------------------
+# Boundaries and rules the tests above left open
+# --------------------------------------------------------------------------------------------
+
+
+def test_min_side_is_checked_against_the_shorter_side(tmp_path):
+    """A strip 64 wide and 4 high is too small for min_side 8 (its short side), however wide it is."""
+    p = _save(tmp_path / "strip.png", np.full((4, 64), 9, dtype=np.uint8))
+    with pytest.raises(DataError, match=r"strip\.png: image is 64x4 pixels, smaller than the minimum side of 8"):
+        read_image(p, 16, min_side=8)
+    assert read_image(p, 16, min_side=4).shape == (3, 16, 16)
+
+
+def test_a_16_bit_grey_alpha_png_mask_is_refused_as_16_bit_colour(tmp_path):
+    """PIL reads a 16-bit grey+alpha PNG (colour type 4) by its high bytes, as it does 16-bit RGB."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    la = np.zeros((8, 8, 2), np.uint16)
+    la[..., 1] = 65535  # opaque
+    la[2:4, 2:4, 0] = 255  # a defect drawn at 255: high byte 0
+    raw = b"".join(b"\x00" + la[y].astype(">u2").tobytes() for y in range(8))
+    p = tmp_path / "la16_mask.png"
+    p.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 16, 4, 0, 0, 0))
+                  + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    with pytest.raises(DataError, match=re.escape(f"{p}: a 16-bit colour PNG")):
+        read_mask(p, None)
+
+
+def test_few_levels_are_values_below_4096_only(tmp_path):
+    """The warning is for 16-bit images whose values all lie below 4096 (12 bits): one reaching
+    4096 is not warned of."""
+    for top, warned in ((4095, True), (4096, False)):
+        a = np.zeros((8, 8), np.uint16)
+        a[0, 0] = top
+        p = _save(tmp_path / f"{top}" / "a.png", a)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            read_images([p], 8)
+        assert any("grey level(s) or fewer" in str(w.message) for w in _data_warnings(seen)) == warned, top
+
+
+def test_32_bit_int_up_to_65535_and_float_up_to_255_keep_their_fixed_scales(tmp_path):
+    """"I" with values in [0, 65535] is 16-bit data (65535 -> 255), "F" in [0, 255] is taken as
+    is: neither is stretched from its own minimum, also when the maximum is the range's end."""
+    i32 = np.array([[1000, 65535], [30000, 2000]], np.int32)
+    t = read_image(_save(tmp_path / "i.tif", i32), None, 1)[0]
+    assert t.tolist() == [[round(1000 * 255 / 65535), 255], [round(30000 * 255 / 65535), round(2000 * 255 / 65535)]]
+    f32 = np.array([[10.0, 255.0], [100.0, 20.0]], np.float32)
+    t = read_image(_save(tmp_path / "f.tif", f32), None, 1)[0]
+    assert t.tolist() == [[10, 255], [100, 20]]
+
+
+def test_an_empty_mask_is_not_said_to_lose_its_defect_in_the_resize(tmp_path):
+    root = _mvtec(tmp_path)
+    _save(root / "ground_truth" / "scratch" / "001_mask.png", np.zeros((32, 32), dtype=np.uint8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        ts = load_test_set(root, 16)
+    assert not ts.masks[3].any()
+
+
+def test_a_mask_named_stem_mask_is_preferred_to_one_named_stem(tmp_path):
+    """Both ``000_mask.png`` and ``000.png`` in ground_truth/: the documented order takes the first."""
+    root = _mvtec(tmp_path)
+    gt = root / "ground_truth" / "scratch"
+    _save(gt / "000.png", np.zeros((32, 32), dtype=np.uint8))
+    assert find_mask(root, "scratch", root / "test" / "scratch" / "000.png") == gt / "000_mask.png"
+
+
+def test_a_ground_truth_folder_is_used_even_when_masks_are_not_required(tmp_path):
+    """require_masks=False accepts a root without ground_truth/; one that has it is read as usual,
+    and a defective image without its mask is still a problem."""
+    root = _mvtec(tmp_path)
+    ts = load_test_set(root, 16, require_masks=False)
+    assert ts.has_masks and ts.masks[2].any()
+    (root / "ground_truth" / "scratch" / "000_mask.png").unlink()
+    with pytest.raises(DataError, match="no ground-truth mask"):
+        load_test_set(root, 16, require_masks=False)
+
+
+def test_good_comes_first_whatever_the_names_of_the_defect_classes(tmp_path):
+    root = _mvtec(tmp_path)
+    for top in ("test", "ground_truth"):
+        (root / top / "spot").rename(root / top / "abrasion")
+    ts = load_test_set(root, 16)
+    assert ts.classes == ["good", "good", "abrasion", "abrasion", "scratch", "scratch"]
+    assert ts.labels.tolist() == [0, 0, 1, 1, 1, 1]
+
+
+def test_a_mask_marking_exactly_half_its_image_is_not_warned_of(tmp_path):
+    root = _mvtec(tmp_path)
+    half = np.zeros((32, 32), dtype=np.uint8)
+    half[:16] = 255
+    for mask in sorted((root / "ground_truth").rglob("*.png")):
+        _save(mask, half)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        load_test_set(root, 32)
+
+
+def test_a_zero_byte_file_is_said_to_be_empty(tmp_path):
+    """Named as empty (0 bytes), not as an unreadable format (the name holds no "empty" here)."""
+    p = tmp_path / "part7.png"
+    p.write_bytes(b"")
+    with pytest.raises(DataError, match=re.escape(f"{p}: file is empty (0 bytes)")):
+        read_image(p, 8)
+
+
+def test_a_sub_folder_without_images_is_not_said_to_hold_images(tmp_path):
+    _save(tmp_path / "top.png", np.zeros((4, 4), dtype=np.uint8))
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("x")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        assert [p.name for p in list_images(tmp_path)] == ["top.png"]
+
+
+def test_a_mask_whose_width_is_already_the_size_is_still_resized_to_the_square(tmp_path):
+    m = np.zeros((16, 32), dtype=np.uint8)
+    m[4:8, 8:16] = 255
+    t = read_mask(_save(tmp_path / "wide_mask.png", m), 32)
+    assert t.shape == (32, 32) and int(t.sum()) == 2 * 4 * 8

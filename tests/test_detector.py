@@ -965,3 +965,14 @@ def test_the_image_score_takes_the_rounded_count_of_top_pixels():
     from defect_fast.detect import _top_count
 
     assert _top_count(256 * 256, 0.001) == 66 and _top_count(64 * 64, 0.001) == 4
+
+
+def test_the_residual_map_is_the_channel_mean_of_squared_differences():
+    """The residual map by hand: ((0-1)^2 + (0-2)^2 + (0-(-3))^2) / 3 = 14 / 3 at every pixel."""
+    from defect_fast.maps import residual_map
+
+    x = torch.zeros(2, 3, 4, 4)
+    recon = torch.tensor([1.0, 2.0, -3.0]).view(1, 3, 1, 1).expand(2, 3, 4, 4)
+    out = residual_map(x, recon)
+    assert out.shape == (2, 1, 4, 4)
+    torch.testing.assert_close(out, torch.full((2, 1, 4, 4), 14.0 / 3.0))

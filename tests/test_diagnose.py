@@ -320,3 +320,21 @@ def test_diagnose_without_masks_gives_the_image_metrics_and_a_refused_overwrite_
     finally:
         diagnose_module.diagnose = real
     assert not (tmp_path / "cut").exists()
+
+
+def test_rank_correlation_of_a_constant_sequence_is_nan():
+    """Ties are ranked by position: a constant sequence would get ranks 0..N-1 and a correlation
+    it does not have."""
+    assert math.isnan(rank_correlation([2.0, 2.0, 2.0], [1.0, 2.0, 3.0]))
+    assert math.isnan(rank_correlation([1.0, 2.0, 3.0], [0.5, 0.5, 0.5]))
+
+
+def test_the_rows_shown_are_the_highest_then_the_lowest_scores():
+    """An odd number of rows: one more of the highest scores, and the lowest still shown."""
+    from defect_fast.diagnose import _pick_rows
+
+    scores = np.array([0.5, 0.9, 0.1, 0.7, 0.3, 0.8])
+    members = np.array([0, 1, 2, 3, 4])
+    assert _pick_rows(scores, members, 3) == [1, 3, 2]
+    assert _pick_rows(scores, members, 4) == [1, 3, 4, 2]
+    assert _pick_rows(scores, members, 9) == [1, 3, 0, 4, 2]

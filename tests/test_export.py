@@ -459,3 +459,12 @@ def test_a_constant_made_while_tracing_is_not_kept():
     assert type(real) is torch.Tensor and float(real.sum()) == 3.0 and ones(3) is real and made == [3, 3]
     ones(4), ones(5)  # beyond maxsize: let go, made again
     assert ones(3) is not real and made == [3, 3, 4, 5, 3]
+
+
+def test_a_batch_of_zero_images_is_refused_by_its_argument(tmp_path):
+    from defect_fast.export import ExportError, export_detector
+
+    det = Detector(build_model("cmaae", memory_size=10), image_size=64, precision="float32")
+    with pytest.raises(ExportError, match=r"^--batch must be >= 1, got 0$"):
+        export_detector(det, tmp_path / "b.ts", "torchscript", batch=0)
+    assert list(tmp_path.iterdir()) == []

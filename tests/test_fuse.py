@@ -168,3 +168,34 @@ def test_a_grouped_transposed_convolution_keeps_its_batch_norm():
         fused = fuse_for_inference(m)
         torch.testing.assert_close(fused(x), m(x), rtol=1e-5, atol=1e-5)
         assert isinstance(fused[1], nn.BatchNorm2d) == (groups != 1), groups
+
+
+def test_a_transposed_convolution_of_unequal_padding_becomes_the_equal_convolution():
+    """Height and width padding of a stride-1 transposed convolution are each the convolution's own."""
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.ConvTranspose2d(3, 4, (3, 5), 1, (0, 2)), nn.Tanh())
+    x = torch.randn(2, 3, 6, 7)
+    with torch.no_grad():
+        fused = fuse_for_inference(seq)
+        assert isinstance(fused[0], nn.Conv2d)
+        torch.testing.assert_close(fused(x), seq(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_batch_norm_without_running_statistics_is_kept_not_folded():
+    """A BatchNorm2d(track_running_stats=False) normalises by each batch's own statistics, which
+    no weight can hold: it stays after the convolution."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False)).eval()
+    x = torch.randn(2, 3, 5, 5)
+    fused = fuse_for_inference(m)
+    assert isinstance(fused[1], nn.BatchNorm2d)
+    torch.testing.assert_close(fused(x), m(x), atol=1e-5, rtol=1e-5)
+
+
+def test_the_fused_copy_keeps_no_gradients():
+    """The inference copy's parameters take no gradient: calling it with autograd on builds no graph."""
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Linear(5, 2))
+    fused = fuse_for_inference(m)
+    assert not any(p.requires_grad for p in fused.parameters())
+    assert all(p.requires_grad for p in m.parameters())  # the model given is left as it was
+    assert not fused(torch.randn(1, 3, 5, 5)).requires_grad

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections import deque
 
 import numpy as np
@@ -397,3 +398,23 @@ def test_a_block_ending_one_ulp_above_the_next_score_does_not_split_its_tie(monk
     masks = np.array([[[False, False, True]]])
     monkeypatch.setattr(metrics, "_BLOCK", 1)
     assert metrics.pixel_auroc(scores, masks) == roc_auc_score(masks.reshape(-1), scores.reshape(-1)) == 0.25
+
+
+def test_negative_scores_one_ulp_apart_keep_their_order():
+    """Negative float32 scores map to keys by flipping every bit below the sign: a score one ulp
+    below another must rank below it (the lowest bit too)."""
+    for base in (-1.0, -0.3, -7.5):
+        hi = np.float32(base)
+        lo = np.nextafter(hi, np.float32(-np.inf))
+        for a, b in ((hi, lo), (lo, np.nextafter(lo, np.float32(-np.inf)))):
+            assert image_auroc(np.array([a, b], np.float32), [1, 0]) == 1.0, (a, b)
+            assert image_auroc(np.array([a, b], np.float32), [0, 1]) == 0.0, (a, b)
+
+
+def test_f1_max_is_defined_when_every_pixel_is_a_defect():
+    """F1 needs defect pixels, not defect-free ones: a mask that is all defect gives F1 1."""
+    maps = torch.rand(1, 4, 4)
+    masks = torch.ones(1, 4, 4, dtype=torch.bool)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MetricWarning)
+        assert pixel_f1_max(maps, masks) == 1.0

@@ -114,3 +114,18 @@ def test_stitch_errors():
     with pytest.raises(ValueError, match=r"\[N\*P, C, 4, 4\]"):
         stitch_patches(torch.zeros(4, 1, 3, 3), 8, 4)
     assert stitch_patches(torch.zeros(0, 3, 4, 4), 8, 4).shape == (0, 3, 8, 8)
+
+
+def test_a_side_one_pixel_short_of_the_patch_is_refused_as_too_small():
+    """At stride 1 a side of patch - 1 gave "fits" arithmetic ((-1) % 1 == 0) and a grid of 0 rows."""
+    with pytest.raises(ValueError, match=r"height 3 is smaller than the patch size 4"):
+        grid_shape(3, 4, 1)
+    with pytest.raises(ValueError, match=r"width 7 is smaller than the patch size 8"):
+        grid_shape((8, 7), 8)
+
+
+def test_a_stride_one_past_the_patch_is_refused_for_stitching():
+    """stride = patch + 1 fits the grid (9 - 4 = 5) but leaves a pixel column and row uncovered."""
+    assert grid_shape(9, 4, 5) == (2, 2)
+    with pytest.raises(ValueError, match="uncovered"):
+        stitch_patches(torch.zeros(4, 1, 4, 4), 9, 4, 5)

@@ -355,3 +355,48 @@ def test_verdicts_compare_in_float64_as_predict_and_watch_do(tmp_path):
     assert out["metrics"]["at_threshold"]["false_alarms"] == 1
     assert re.search(r"flagged \(score &gt; threshold\) 2 passed 2\b", text), text[:2000]
     assert 'class="card fa"' in Path(out["path"]).read_text()
+
+
+def test_a_score_equal_to_the_threshold_is_not_flagged_at_the_operating_point():
+    """Images are flagged when their score is above the threshold (predict, watch and the gallery's
+    verdicts): the point drawn on the curves counts the same."""
+    from defect_fast.report import _operating_point
+
+    s, y = np.array([0.5, 0.5, 0.2, 0.1]), np.array([1, 0, 1, 0])
+    assert _operating_point(s, y, 0.5) == (0.0, 0.0, 1.0)
+    assert _operating_point(s, y, 0.4) == (0.5, 0.5, 0.5)
+
+
+def test_without_a_threshold_no_defective_image_is_called_a_miss(tmp_path):
+    """With labels but no threshold there are no verdicts: no card is tagged, none is a miss."""
+    images, masks, labels, classes = make_set(n_good=3, n_bad=3)
+    pred = stub_predict(images)
+    out = write_report(tmp_path / "r.html", names=[f"{i}.png" for i in range(6)], images=images, maps=pred["maps"],
+                       scores=pred["scores"], labels=labels, masks=masks, classes=classes, max_gallery=6)
+    text = Path(out["path"]).read_text()
+    assert 'class="card "' in text and "card miss" not in text and "tag miss" not in text
+
+
+def test_a_link_at_the_page_s_name_is_not_replaced_without_replace(tmp_path):
+    """replace=False refuses a symbolic link there too, even a dangling one (the user's entry)."""
+    from defect_fast.safety import OutputRefused
+
+    images, _, _, _ = make_set(n_good=2, n_bad=0)
+    pred = stub_predict(images)
+    page = tmp_path / "r.html"
+    page.symlink_to(tmp_path / "elsewhere.html")
+    with pytest.raises(OutputRefused, match="a file appeared there"):
+        write_report(page, names=["a.png", "b.png"], images=images, maps=pred["maps"], scores=pred["scores"],
+                     replace=False)
+    assert page.is_symlink() and not (tmp_path / "elsewhere.html").exists()
+
+
+def test_a_map_brought_down_to_its_tile_keeps_a_one_pixel_defect_at_full_height():
+    """The map is brought down to the tile by its maximum over each block: a thin defect stays visible."""
+    from defect_fast.report import _at_tile_size
+
+    m = torch.zeros(320, 320)
+    m[101, 57] = 5.0
+    small, img = _at_tile_size(m, torch.zeros(3, 320, 320, dtype=torch.uint8), 160, 160)
+    assert small.shape == (160, 160) and img.shape == (3, 160, 160)
+    assert float(small.max()) == 5.0 and float(small[50, 28]) == 5.0

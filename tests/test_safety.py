@@ -811,3 +811,45 @@ def test_discard_keeps_an_empty_folder_the_user_made(tmp_path):
     folder.write_text("a.txt", "x")
     folder.discard()
     assert (tmp_path / "o").is_dir() and not (tmp_path / "o" / "a.txt").exists()
+
+
+def test_output_names_differing_only_in_case_get_a_number_whatever_the_order():
+    """On a case-blind file system "b_map.png" and "B_map.png" are one file: the later of two images
+    whose names differ in case only gets a number, also when it is the upper-case one."""
+    from defect_fast.safety import output_stems
+
+    assert output_stems([Path("x/b.png"), Path("y/B.png")]) == ["b", "B_2"]
+    assert output_stems([Path("y/B.png"), Path("x/b.png")]) == ["B", "b_2"]
+
+
+def test_a_stem_of_exactly_the_limit_is_kept_as_it_is():
+    from defect_fast.safety import MAX_OUTPUT_STEM, short_stem
+
+    exact = "a" * MAX_OUTPUT_STEM
+    assert short_stem(exact, MAX_OUTPUT_STEM) == exact
+    longer = short_stem(exact + "b", MAX_OUTPUT_STEM)
+    assert longer != exact + "b" and len(longer.encode()) <= MAX_OUTPUT_STEM
+
+
+def test_a_folder_that_can_be_entered_but_not_written_is_refused(tmp_path, monkeypatch):
+    """Write permission is what a new output needs in its nearest existing folder (not only entry)."""
+    shut = tmp_path / "shut"
+    shut.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, *a, **k: (not (Path(path) == shut and mode & os.W_OK))
+                        and real_access(path, mode, *a, **k))
+    with pytest.raises(OutputRefused, match=f"no permission to write in {shut}$"):
+        safe_output_file(shut / "x.json", False)
+    with pytest.raises(OutputRefused, match=f"no permission to write in {shut}$"):
+        OutputFolder.check(shut / "new", command="audit")
+
+
+def test_a_false_alarm_rate_must_lie_strictly_between_0_and_1():
+    import argparse
+
+    from defect_fast.safety import rate
+
+    assert rate("0.05") == 0.05 and rate("0.999") == 0.999
+    for bad in ("1", "1.0", "0", "-0.1", "nan"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            rate(bad)
