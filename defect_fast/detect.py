@@ -296,32 +296,6 @@ THRESHOLD_KEYS = ("image_threshold", "pixel_threshold", "score_max", "pixel_q999
                   "held_back_scores", "score_brightness_rank_correlation")
 
 
-def brightness_level(level: bool | float, images: torch.Tensor) -> float | None:
-    """``level_brightness`` of the fits -> the level a trunk levels to: None for False, the mean
-    brightness of ``images`` (uint8) for True, else the float given (in (0, 1])."""
-    from .perceptual import reference_brightness
-
-    if isinstance(level, np.bool_):  # np.bool_(True) was taken as the level 1.0
-        level = bool(level)
-    if level is False or level is None:
-        return None
-    if level is True:
-        level = reference_brightness(images)
-        if not 0 < level <= 1:  # every image black: a gain of 0 would make every image the same
-            from .data.io import DataError
-
-            raise DataError(f"level_brightness: the {images.shape[0]} images' mean brightness is {level:g} (all "
-                            "black?); nothing to level to: give defect-free images of the surface")
-        return level
-    try:
-        value = math.nan if isinstance(level, (str, bytes)) else float(level)  # "0.5" is not a level
-    except (TypeError, ValueError):
-        value = math.nan
-    if not 0 < value <= 1:
-        raise ValueError(f"level_brightness must be True, False or a level in (0, 1], got {level!r}")
-    return value
-
-
 def _changed_settings(stored: dict, model: AnomalyModel, map_kind: str | None, stride: int | None,
                       smooth_sigma: float | None, blend: str | None) -> list[str]:
     """The inference settings asked for that differ from a run's stored ones, as "name was -> now"
@@ -814,7 +788,7 @@ class Detector(nn.Module):
 
         Returns the number of images its statistics rest on.
         """
-        from .perceptual import PerceptualMap, checked_placement
+        from .perceptual import PerceptualMap, brightness_level, checked_placement
 
         normal_images = self._at_model_size(self._checked_batch(normal_images, "fit_perceptual"))  # as predict_batched
         # scales as given: PerceptualMap checks them (tuple(2) here was a bare TypeError)
@@ -882,6 +856,7 @@ class Detector(nn.Module):
         """:meth:`fit_context`, and what :meth:`predict_batched` gives for the calibration images
         afterwards ({"maps": [M,S,S], "scores": [M]} on the CPU), from the maps the fit computes anyway."""
         from .context import ImageContext, checked_image_score, profile_across_streaks
+        from .perceptual import brightness_level
 
         checked_image_score(image_score)  # before the fit
         # at the model's size as predict_batched brings them there (uint8: as image files are resized)

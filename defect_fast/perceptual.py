@@ -48,10 +48,12 @@ inference moved the recommended runs' metrics by less than 0.05 point
 """
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -148,6 +150,30 @@ def reference_brightness(images: torch.Tensor) -> float:
     time (a float64 copy of 540 images of 256 px is 850 MB; ``sum(dtype=torch.float64)`` makes one)."""
     mean = sum(float(c.sum(dtype=torch.float64)) for c in images.split(16)) / max(1, images.numel())
     return float((mean + 1) * 0.5) if images.is_floating_point() else float(mean / 255)
+
+
+def brightness_level(level: bool | float, images: torch.Tensor) -> float | None:
+    """``level_brightness`` of the fits -> the level a trunk levels to: None for False, the mean
+    brightness of ``images`` (uint8) for True, else the float given (in (0, 1])."""
+    if isinstance(level, np.bool_):  # np.bool_(True) was taken as the level 1.0
+        level = bool(level)
+    if level is False or level is None:
+        return None
+    if level is True:
+        level = reference_brightness(images)
+        if not 0 < level <= 1:  # every image black: a gain of 0 would make every image the same
+            from .data.io import DataError
+
+            raise DataError(f"level_brightness: the {images.shape[0]} images' mean brightness is {level:g} (all "
+                            "black?); nothing to level to: give defect-free images of the surface")
+        return level
+    try:
+        value = math.nan if isinstance(level, (str, bytes)) else float(level)  # "0.5" is not a level
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 0 < value <= 1:
+        raise ValueError(f"level_brightness must be True, False or a level in (0, 1], got {level!r}")
+    return value
 
 
 def brightness_gain(x: torch.Tensor, level: float) -> torch.Tensor:

@@ -721,7 +721,7 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
     """
     from .calibration import calibrate, colour_scale
     from .diagnose import rank_correlation
-    from .detect import brightness_level
+    from .perceptual import brightness_level
     from .evaluate import check_finite, detector_for
 
     options = detector_options(cfg, model)
