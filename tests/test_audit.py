@@ -105,7 +105,8 @@ def test_audit_refusals_leave_everything_as_it_was(planted, tmp_path, capsys):
     # the training images changed since the run: the audit would judge other images than it trained on
     data = tmp_path / "data"
     shutil.copytree(planted["data"], data)
-    Image.new("RGB", (SIZE, SIZE), (90, 90, 90)).save(data / "train" / "good" / "999.png")
+    noise = np.random.default_rng(9).integers(60, 120, (SIZE, SIZE, 3), dtype=np.uint8)  # not a blank frame (warned of)
+    Image.fromarray(noise).save(data / "train" / "good" / "999.png")
     state = load_model_state(run)
     cfg = dict(state["train_config"])
     cfg["data"] = str(data)
