@@ -717,6 +717,10 @@ def test_a_test_folder_says_what_it_does_not_read_or_take_as_defect_free(tmp_pat
     with pytest.warns(DataWarning, match=re.escape("no good/ folder, so every test image is taken as defective "
                                                    "(classes OK, scratch, spot)")):
         assert load_test_set(root, 16, require_masks=False).labels.tolist() == [1] * 6
+    (root / "test" / "OK").rename(root / "test" / "Good")  # the name is good/, exactly: a warning says so
+    with pytest.warns(DataWarning, match=re.escape("no good/ folder, so every test image is taken as defective "
+                                                   "(classes Good, scratch, spot)")):
+        assert load_test_set(root, 16, require_masks=False).labels.tolist() == [1] * 6
 
 
 def test_a_damaged_page_after_the_first_leaves_the_first_read_and_is_said(tmp_path):
