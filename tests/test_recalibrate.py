@@ -36,6 +36,16 @@ def runs(tmp_path_factory):
     return {"data": data, "more": more / "train" / "good", "run": run, "halves": halves}
 
 
+def _older_file(run: Path, folder: Path) -> Path:
+    """A copy of ``run``'s model file in ``folder`` as written before training recorded the keys of its images."""
+    state = load_model_state(run)
+    state.pop("image_keys")
+    state.pop("tensor_digest", None)
+    folder.mkdir()
+    save_with_digest(state, folder / "model.pt")
+    return folder
+
+
 def test_held_back_alone_gives_the_stored_thresholds(runs, tmp_path, capsys):
     out = tmp_path / "cal"
     status, stdout, err = cli(["calibrate", runs["run"], "--with-held-back", "--out", out, "--device", "cpu"], capsys)
@@ -286,13 +296,8 @@ def test_a_far_that_needs_one_image_more_than_given_is_refused(runs, tmp_path, c
 def test_an_older_file_still_refuses_the_held_back_images_its_map_was_fitted_on(runs, tmp_path, capsys):
     """A model file written before the image keys were recorded: the training folder is read again
     to know which images the map statistics saw."""
-    state = load_model_state(runs["halves"])
-    held = list(state["held_back"])
-    state.pop("image_keys")
-    state.pop("tensor_digest", None)
-    older = tmp_path / "older"
-    older.mkdir()
-    save_with_digest(state, older / "model.pt")
+    held = list(load_model_state(runs["halves"])["held_back"])
+    older = _older_file(runs["halves"], tmp_path / "older")
     refused(*cli(["calibrate", older, held[0], "--out", tmp_path / "cal", "--device", "cpu"], capsys)[::2],
             "fitted its map on", Path(held[0]).name)
 
@@ -351,12 +356,7 @@ def test_a_calibrated_file_records_the_images_its_thresholds_rest_on(runs, tmp_p
 
 
 def test_a_model_file_without_the_record_is_evaluated_unchecked(runs, tmp_path, capsys):
-    state = load_model_state(runs["run"])
-    state.pop("image_keys")
-    state.pop("tensor_digest", None)
-    older = tmp_path / "older"
-    older.mkdir()
-    save_with_digest(state, older / "model.pt")
+    older = _older_file(runs["run"], tmp_path / "older")
     status, _stdout, err = cli(["evaluate", older, runs["data"], "--device", "cpu", "--json", tmp_path / "m.json"], capsys)
     assert status == 0, err
     assert json.loads((tmp_path / "m.json").read_text())["seen_by_run"] is None
