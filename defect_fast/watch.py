@@ -139,9 +139,10 @@ def is_temporary_name(name: str) -> bool:
 #: Most regions a journal line lists (those of highest peak; a noisy map has thousands).
 MAX_REGIONS = 50
 
-#: The journal's reason for a blank frame (:func:`~defect_fast.data.io.blank_images`): a camera
-#: fault, with nothing on it to judge; a reconstruction reproduces a flat frame near the training
-#: images' grey level, and its score would pass it.
+#: The journal's reason for a blank frame (:func:`~defect_fast.data.io.blank_images`, at the
+#: model's size, as predict and the readers check it): a camera fault, with nothing on it to judge;
+#: a reconstruction reproduces a flat frame near the training images' grey level, and its score
+#: would pass it.
 BLANK_REASON = "a blank frame, one colour throughout (a failed exposure, a covered lens?): nothing to inspect"
 
 #: Longest stem (in UTF-8 bytes) an output or rejected file's name keeps: with the temporary
@@ -695,7 +696,9 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
             few: list = []
             img, photo = read_image_at_both_sizes(path, st.info.image_size, few_levels=few)  # model input, photograph
             err = None
-            if few and not st.few_levels_said:  # a 12-bit camera's frames in 16-bit files: said once, not per image
+            # a 12-bit camera's frames in 16-bit files: said once, not per image (a black frame, all 0, is no
+            # camera's bit depth: it is rejected as blank below, and leaves the advice for such frames)
+            if few and few[0][1] > 0 and not st.few_levels_said:
                 st.few_levels_said = True
                 log(f"warning: {few_levels_message(few, 1, path)} (said once a session)")
         except DataError as exc:
@@ -713,7 +716,7 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
         if now_sig != sig:  # changed while we read it: wait for it to settle again
             st.pending.pop(key, None)
             continue
-        if err is None and bool(blank_images(photo.unsqueeze(0))[0]):  # nothing on it to judge: never a pass
+        if err is None and bool(blank_images(img.unsqueeze(0))[0]):  # nothing the model sees: never a pass
             st.pending.pop(key, None)
             st.undecodable.pop(key, None)
             _reject(st, key, path, sha, sig, BLANK_REASON, log)

@@ -817,6 +817,16 @@ def test_blank_frames_among_the_images_are_named_once(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", DataWarning)
         read_images([folder / "part_0.png"], 16)  # a photographed surface: nothing said
+    # a black 16-bit frame beside a dark one: the 16-bit warning speaks of bit depth for both, so the
+    # blank warning names the black one too
+    dim = np.full((16, 16), 60, np.uint16)
+    dim[::2] = 2000
+    _save(folder / "dim16.png", dim)
+    with pytest.warns(DataWarning) as seen:
+        read_images([folder / "black16.png", folder / "dim16.png"], 16, where=folder)
+    said = [str(w.message) for w in _data_warnings(seen)]
+    assert any("grey level(s) or fewer" in m for m in said)
+    assert any("1 of 2 images are of one colour throughout" in m and "black16.png" in m for m in said), said
 
 
 def test_a_big_endian_16_bit_tiff_reads_as_its_little_endian_twin(tmp_path):

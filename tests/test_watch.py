@@ -454,6 +454,38 @@ def test_a_blank_frame_is_set_aside_not_judged(tmp_path):
     assert len(list((out / "maps").iterdir())) == 1
 
 
+def test_blank_is_judged_at_the_model_s_size_as_predict_judges_it(tmp_path):
+    """A photo whose only feature vanishes in the resize is blank to the model (and to predict):
+    watch judged the full photo and passed it where predict marked it blank."""
+    import io
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    a = np.full((8 * SIZE, 8 * SIZE, 3), 128, np.uint8)
+    a[100, 77] = 129  # one grey level in one pixel of 65,536: nothing at 32 x 32
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    (src / "faint.png").write_bytes(buf.getvalue())
+    run_once(src, out)
+    (rec,) = journal(out)
+    assert rec["result"] == "rejected" and rec["reason"] == watch_mod.BLANK_REASON
+
+
+def test_a_black_16_bit_frame_leaves_the_bit_depth_advice_for_a_dark_one(tmp_path):
+    """The bit-depth advice is said once a session; an all-zero frame (rejected as blank) used it
+    up, and a 12-bit camera's dark frame after it was rejected with no word of its bit depth."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    Image.fromarray(np.zeros((SIZE, SIZE), np.uint16)).save(src / "a_black.png")
+    dark = np.full((SIZE, SIZE), 60, np.uint16)
+    dark[::2] = 100
+    Image.fromarray(dark).save(src / "b_dark.png")
+    _res, lines = run_once(src, out)
+    advice = [line for line in lines if "grey level(s) or fewer" in line]
+    assert len(advice) == 1 and "b_dark.png" in advice[0] and "2**(16 - bits)" in advice[0]
+    assert {r["image"]: r["result"] for r in journal(out)} == {"a_black.png": "rejected", "b_dark.png": "rejected"}
+
+
 def test_the_journal_keeps_no_record_in_memory_after_writing_it(tmp_path):
     j = Journal(tmp_path / "results.jsonl")
     j.append({"image": "a.png", "sha256": "0" * 64, "result": "pass"})

@@ -25,6 +25,7 @@ from .io import (
     DataWarning,
     _load_image,
     _load_mask,
+    black_said,
     image_stack,
     list_images,
     raise_problems,
@@ -267,7 +268,7 @@ def load_test_set(
     _, read_problems = run_collecting(one, n, workers)
     raise_problems(sorted(problems + read_problems), n, "test images", root)
     warn_few_levels(few_levels, n, test)
-    warn_blank(images, [img for _cls, img, _mask in items], test, said=[p for p, top in few_levels if top == 0])
+    warn_blank(images, [img for _cls, img, _mask in items], test, said=black_said(few_levels))
     for kind, what in (("levels", "hold more than two values (soft edges or JPEG compression?); every nonzero "
                                   "pixel counts as defect"),
                        ("half", "mark more than half of their image as defect (inverted, defect drawn black?)"),

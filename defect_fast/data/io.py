@@ -463,6 +463,12 @@ def blank_images(images: torch.Tensor) -> torch.Tensor:
     return (flat.amax(2) == flat.amin(2)).all(1)
 
 
+def black_said(few_levels: list[tuple[Path, int]]) -> list[Path]:
+    """The files :func:`few_levels_message` calls black frames: all of them when every one is all 0
+    (its black-frame wording), else none (its bit-depth wording names them all)."""
+    return [p for p, _top in few_levels] if few_levels and max(top for _p, top in few_levels) == 0 else []
+
+
 def warn_blank(images: torch.Tensor, paths: Sequence[Path], where: str | os.PathLike,
                said: Iterable[Path] = ()) -> None:
     """One warning naming the images read that are blank (:func:`blank_images`), but for those in
@@ -740,5 +746,5 @@ def read_images(
     _, problems = run_collecting(one, len(paths), workers)
     raise_problems(problems, len(paths), "image files", where)
     warn_few_levels(few_levels, len(paths), where)
-    warn_blank(out, paths, where, said=[p for p, top in few_levels if top == 0])
+    warn_blank(out, paths, where, said=black_said(few_levels))
     return out
