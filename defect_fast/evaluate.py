@@ -74,7 +74,7 @@ def seen_test_images(state: dict[str, Any], images: torch.Tensor, paths: list, r
     """Which test images the run has seen, found by their pixels as read (the model file's record,
     :func:`defect_fast.recalibrate.recorded_keys`): ``{"trained": names of those it trained on or
     fitted its map statistics on, "thresholds": names of the others its stored thresholds were set
-    on}`` ("thresholds" None when the file cannot say), each said in a warning, since the metrics,
+    on}`` (each None when the file cannot say), each said in a warning, since the metrics,
     or the false-alarm and miss rates at the stored threshold (``thresholds_used``), are optimistic
     on them. ``what`` names the images in the warnings. None when the model file records nothing
     (written before the record)."""
@@ -86,8 +86,9 @@ def seen_test_images(state: dict[str, Any], images: torch.Tensor, paths: list, r
     if recorded is None:
         return None
     keys = image_keys(images)
-    trained = set(recorded["seen"])
-    seen: dict[str, list[str] | None] = {"trained": [str(p) for p, k in zip(paths, keys) if k in trained]}
+    trained = set(recorded["seen"] or ())
+    seen: dict[str, list[str] | None] = {
+        "trained": None if recorded["seen"] is None else [str(p) for p, k in zip(paths, keys) if k in trained]}
     if recorded["thresholds"] is None:
         seen["thresholds"] = None
     else:
@@ -95,13 +96,14 @@ def seen_test_images(state: dict[str, Any], images: torch.Tensor, paths: list, r
         seen["thresholds"] = [str(p) for p, k in zip(paths, keys) if k in rest]
 
     def listed(names: list[str]) -> str:
-        return f"{len(names)} of the {len(paths)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+        return (f"{len(names)} of the {len(paths)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) "
+                + ("is one" if len(names) == 1 else "are ones"))
 
     if seen["trained"]:
-        warnings.warn(f"{run}: {listed(seen['trained'])} are ones the run trained on or fitted its map on, found by "
+        warnings.warn(f"{run}: {listed(seen['trained'])} the run trained on or fitted its map on, found by "
                       "their pixels: the metrics are optimistic; evaluate on images the run has not seen")
     if seen["thresholds"] and thresholds_used:
-        warnings.warn(f"{run}: {listed(seen['thresholds'])} are ones its thresholds were set on, found by their "
+        warnings.warn(f"{run}: {listed(seen['thresholds'])} its thresholds were set on, found by their "
                       "pixels: the false-alarm rate at its thresholds is optimistic on them")
     return seen
 

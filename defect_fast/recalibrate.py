@@ -55,7 +55,7 @@ def _seen_images(state: dict[str, Any], cfg) -> tuple[list[bytes] | None, str]:
     from .train import image_keys
 
     recorded = recorded_keys(state, cfg)
-    if recorded is not None:
+    if recorded is not None and recorded["seen"] is not None:
         keys = recorded["seen"]
         return keys, f"the {len(keys)} images recorded in the model file"
     if cfg is None or not cfg.data:
@@ -73,16 +73,21 @@ def _seen_images(state: dict[str, Any], cfg) -> tuple[list[bytes] | None, str]:
     return [keys[i] for i in seen], f"{len(seen)} images of {cfg.data}"
 
 
-def recorded_keys(state: dict[str, Any], cfg=None) -> dict[str, list[bytes]] | None:
+def recorded_keys(state: dict[str, Any], cfg=None) -> dict[str, list[bytes] | None] | None:
     """What the model file records of the images behind it (``image_keys``, pixel keys as
     :func:`defect_fast.train.image_keys` gives them): ``{"seen": the images the run trained on or
     fitted its map statistics on, "thresholds": those its stored thresholds were set on}`` (an
     earlier ``calibrate``'s images; else the held-back images the map was not fitted on; with none
     held back, the training images). None for a file without the record (written before it);
-    "thresholds" is None when the file's held-back names and keys do not pair up."""
+    "seen" is None when only a later ``calibrate`` recorded its images (a file trained before the
+    record), "thresholds" None when the file's held-back names and keys do not pair up."""
     recorded = state.get("image_keys")
-    if not isinstance(recorded, dict) or "trained" not in recorded:
+    if not isinstance(recorded, dict):
         return None
+    if "trained" not in recorded:
+        if "calibrated" not in recorded:
+            return None
+        return {"seen": None, "thresholds": [bytes.fromhex(k) for k in recorded["calibrated"]]}
     held = [str(p) for p in state.get("held_back") or []]
     held_keys = list(recorded.get("held_back") or [])
     paired = len(held_keys) == len(held)

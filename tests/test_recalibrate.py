@@ -362,6 +362,20 @@ def test_a_model_file_without_the_record_is_evaluated_unchecked(runs, tmp_path, 
     assert json.loads((tmp_path / "m.json").read_text())["seen_by_run"] is None
 
 
+def test_a_file_trained_before_the_record_names_its_calibration_images_once_calibrated(runs, tmp_path, capsys):
+    """calibrate records the keys of its images also in a file whose training recorded none: evaluate
+    names them (which images it trained on, that file cannot say)."""
+    older = _older_file(runs["run"], tmp_path / "older")
+    out = tmp_path / "cal"
+    assert cli(["calibrate", older, runs["more"], "--out", out, "--device", "cpu"], capsys)[0] == 0
+    data = _test_set_with(runs, tmp_path, {"line_part.png": sorted(runs["more"].glob("*.png"))[3]})
+    status, _stdout, err = cli(["evaluate", out, data, "--device", "cpu", "--json", tmp_path / "m.json"], capsys)
+    assert status == 0, err
+    seen = json.loads((tmp_path / "m.json").read_text())["seen_by_run"]
+    assert seen["trained"] is None and [Path(p).name for p in seen["thresholds"]] == ["line_part.png"]
+    assert "line_part.png) is one its thresholds were set on" in err
+
+
 def test_the_report_names_images_the_run_has_seen(runs, tmp_path, capsys):
     """The page carries what evaluate says on stderr: a shared report outlives the terminal."""
     held = set(load_model_state(runs["run"])["held_back"])
@@ -373,7 +387,7 @@ def test_the_report_names_images_the_run_has_seen(runs, tmp_path, capsys):
     page = tmp_path / "page.html"
     status, _stdout, err = cli(["report", runs["run"], folder, "--out", page, "--device", "cpu"], capsys)
     assert status == 0, err
-    assert "1 of the 2 images (" in err and "copy_of_trained.png" in err and "trained on" in err
+    assert "1 of the 2 images (" in err and "copy_of_trained.png) is one the run trained on" in err
     text = page.read_text()
     assert "<th>notes</th>" in text and "copy_of_trained.png" in text.split("</table>")[0]
     # images it has not seen: no note
