@@ -875,6 +875,31 @@ def _check_objective(out: Path, state: dict[str, Any], now: dict[str, int], log:
                        "defect_fast version that started it")
 
 
+def _check_fits(cfg: TrainConfig, model: AnomalyModel, images: torch.Tensor, keys: list[bytes], train_idx: list[int],
+                held_idx: list[int], fit_on: str) -> None:
+    """Refuse before the training what :func:`finish_run` would refuse after it: a brightness level
+    of 0 (``--level-brightness`` on all-black training images) and map statistics or an image
+    context fitted on copies of one image (identical maps: no spread to standardise by)."""
+    from .data import DataError
+
+    if cfg.level_brightness:
+        from .perceptual import brightness_level
+
+        try:
+            brightness_level(True, images[train_idx] if train_idx else images[held_idx[0::2]])
+        except DataError as exc:
+            raise DataError(f"--level-brightness: {cfg.data}: {exc}") from None
+    fitted = []
+    if _fits_map_statistics(cfg, model):
+        fitted.append(("map statistics", train_idx if _fits_on_train(fit_on, len(train_idx)) else held_idx[0::2]))
+    if cfg.context:
+        fitted.append(("image context", train_idx))
+    for what, idx in fitted:
+        if len(idx) >= 2 and len({keys[i] for i in idx}) == 1:
+            raise DataError(f"{cfg.data}: the {what} would be fitted on {len(idx)} images that are all one image "
+                            "(copies): there is no defect-free spread to measure; give different defect-free images")
+
+
 def _trim_log(path: Path, last_step: int) -> None:
     """Drop the lines of the step log after ``last_step`` (logged after the checkpoint a resume
     starts from, so trained and logged again) and a torn last line; the file is left as it is when
@@ -1156,6 +1181,7 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
             raise ConfigError(f"--map perceptual fits its statistics on training images: {len(train_idx)} are too "
                               "few (2 needed; add images)")
         cfg.held_back = [str(paths[i]) for i in held_idx]
+        _check_fits(cfg, probe, images, keys, train_idx, held_idx, fit_on)
         if cfg.context:
             from .context import MIN_IMAGES
 

@@ -388,8 +388,31 @@ def test_levelling_black_training_images_is_refused_in_one_line(tmp_path, monkey
         Image.fromarray(np.zeros((64, 64), np.uint8)).save(data / f"frame_{i:02d}.png")
     cfg = TrainConfig(data=str(data), model="cmaae", image_size=64, batch_size=4, epochs=[1, 1], max_steps=[1, 1],
                       model_kwargs={"memory_size": 10}, seed=0, holdback=0.34, map="perceptual", level_brightness=True)
-    with pytest.raises(DataError, match="mean brightness is 0 .all black.*nothing to level to"):
+    with pytest.raises(DataError, match="--level-brightness: .*mean brightness is 0 .all black.*nothing to level to"):
         train(cfg, tmp_path / "run", progress=False, log=lambda s: None)
+    assert not any((tmp_path / "run").glob("*.pt"))  # refused before the training, not after it
+
+
+@pytest.mark.parametrize("options", [{"normalize": "position"}, {"normalize": "position", "fit_on": "held-back"}])
+def test_map_statistics_on_copies_of_one_image_are_refused_before_the_training(tmp_path, options):
+    """Copies of one photograph have identical maps: the statistics fitted on them were refused
+    only once both training stages had run."""
+    import shutil
+
+    from defect_fast.data.io import DataError
+    from defect_fast.data.synthetic import make_synthetic_dataset
+
+    one = sorted((make_synthetic_dataset(tmp_path / "syn", size=64, seed=0, n_train=1, n_test_good=1, n_test_defect=1)
+                  / "train" / "good").glob("*.png"))[0]
+    data = tmp_path / "copies"
+    data.mkdir()
+    for i in range(12):
+        shutil.copy(one, data / f"copy_{i:02d}.png")
+    cfg = TrainConfig(data=str(data), model="cmaae", image_size=64, batch_size=4, epochs=[1, 1], max_steps=[1, 1],
+                      model_kwargs={"memory_size": 10}, seed=0, holdback=0.34, **options)
+    with pytest.raises(DataError, match=r"copies: the map statistics would be fitted on \d+ images that are all one image"):
+        train(cfg, tmp_path / "run", progress=False, log=lambda s: None)
+    assert not any((tmp_path / "run").glob("*.pt"))
 
 
 def test_the_brightness_note_hints_at_levelling_only_when_the_lighting_is_significant():
