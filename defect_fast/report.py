@@ -479,7 +479,7 @@ def report_from_data(
         DataError: unreadable data (every bad file listed), as the data readers do.
     """
     from .data import list_images, load_test_set, read_images
-    from .data.io import DataError
+    from .data.io import DataError, blank_images
     from .evaluate import check_finite
 
     data = Path(data)
@@ -495,6 +495,10 @@ def report_from_data(
         sizes = []
         images, names = read_images(paths, meta.image_size, where=data, sizes=sizes), [str(p) for p in paths]
     notes = list(check_images(images, names)) if check_images is not None else []
+    blank = [n for n, b in zip(names, blank_images(images).tolist()) if b]
+    if blank:  # said on stderr by the reader too; the page outlives it
+        notes.append(f"{len(blank)} of the {len(names)} images are blank frames, of one colour throughout (a failed "
+                     f"exposure, a covered lens?): {', '.join(blank[:3])}{', ...' if len(blank) > 3 else ''}")
     parts = [predict_fn(chunk) for chunk in images.split(batch_size)]
     res = {k: torch.cat([p[k].detach().float().cpu() for p in parts]) for k in ("maps", "scores")}
     check_finite(res, names, meta.extra.get("run"), None, "images")  # a NaN score would be drawn as a pass

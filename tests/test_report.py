@@ -400,3 +400,20 @@ def test_a_map_brought_down_to_its_tile_keeps_a_one_pixel_defect_at_full_height(
     small, img = _at_tile_size(m, torch.zeros(3, 320, 320, dtype=torch.uint8), 160, 160)
     assert small.shape == (160, 160) and img.shape == (3, 160, 160)
     assert float(small.max()) == 5.0 and float(small[50, 28]) == 5.0
+
+
+def test_blank_frames_are_named_on_the_page(tmp_path):
+    """The reader says it on stderr; the page, which outlives the terminal, says it in its notes."""
+    images, _, _, _ = make_set(n_good=3, n_bad=0)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, im in enumerate(images):
+        Image.fromarray(im.permute(1, 2, 0).numpy()).save(folder / f"part{i:02d}.png")
+    Image.fromarray(np.full((S, S, 3), 70, np.uint8)).save(folder / "shutter.png")
+    with pytest.warns(UserWarning, match="one colour throughout"):
+        out = report_from_data(stub_predict, ModelInfo(S, image_threshold=0.2), folder, tmp_path / "r.html")
+    summary = Path(out["path"]).read_text().split("</table>")[0]
+    assert "<th>notes</th>" in summary and "1 of the 4 images are blank frames" in summary and "shutter.png" in summary
+    Path(folder / "shutter.png").unlink()
+    out = report_from_data(stub_predict, ModelInfo(S, image_threshold=0.2), folder, tmp_path / "r2.html")
+    assert "<th>notes</th>" not in Path(out["path"]).read_text()
