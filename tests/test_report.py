@@ -111,12 +111,18 @@ def test_the_operating_point_lies_on_the_curves():
     assert _operating_point(s, y, 0.25) == (1 / 3, 2 / 3, 2 / 3)
 
 
-def test_report_without_ground_truth_and_gallery_limit(tmp_path):
-    images, _, _, _ = make_set(n_good=10, n_bad=0)
+def _plain_folder(tmp_path, n: int):
+    """A folder of ``n`` defect-free images (part00.png, ...), no labels."""
+    images, _, _, _ = make_set(n_good=n, n_bad=0)
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i, im in enumerate(images):
         Image.fromarray(im.permute(1, 2, 0).numpy()).save(folder / f"part{i:02d}.png")
+    return folder
+
+
+def test_report_without_ground_truth_and_gallery_limit(tmp_path):
+    folder = _plain_folder(tmp_path, 10)
     info = ModelInfo(S, name="stub", image_threshold=0.2)
     out = report_from_data(stub_predict, info, folder, tmp_path / "plain.html", max_gallery=4)
     text = Path(out["path"]).read_text()
@@ -404,11 +410,7 @@ def test_a_map_brought_down_to_its_tile_keeps_a_one_pixel_defect_at_full_height(
 
 def test_blank_frames_are_named_on_the_page(tmp_path):
     """The reader says it on stderr; the page, which outlives the terminal, says it in its notes."""
-    images, _, _, _ = make_set(n_good=3, n_bad=0)
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    for i, im in enumerate(images):
-        Image.fromarray(im.permute(1, 2, 0).numpy()).save(folder / f"part{i:02d}.png")
+    folder = _plain_folder(tmp_path, 3)
     Image.fromarray(np.full((S, S, 3), 70, np.uint8)).save(folder / "shutter.png")
     with pytest.warns(UserWarning, match="one colour throughout"):
         out = report_from_data(stub_predict, ModelInfo(S, image_threshold=0.2), folder, tmp_path / "r.html")
