@@ -716,12 +716,8 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
         if now_sig != sig:  # changed while we read it: wait for it to settle again
             st.pending.pop(key, None)
             continue
-        if err is None and bool(blank_images(img.unsqueeze(0))[0]):  # nothing the model sees: never a pass
-            st.pending.pop(key, None)
-            st.undecodable.pop(key, None)
-            _reject(st, key, path, sha, sig, BLANK_REASON, log)
-            n_done += 1
-        elif err is not None:
+        reason = None
+        if err is not None:
             reason = err.replace(f"{path}: ", "")
             # a writer that stalled mid-file may go on (an empty file has waited its grace in _ready)
             if st.grace > 0 and sig[0] > 0:
@@ -733,13 +729,14 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
                     continue
                 if time.monotonic() - bad[1] < st.grace:
                     continue
-            st.pending.pop(key, None)
-            st.undecodable.pop(key, None)
+        elif bool(blank_images(img.unsqueeze(0))[0]):  # nothing the model sees: never a pass, at once
+            reason = BLANK_REASON
+        st.pending.pop(key, None)
+        st.undecodable.pop(key, None)
+        if reason is not None:
             _reject(st, key, path, sha, sig, reason, log)
             n_done += 1
         else:
-            st.pending.pop(key, None)
-            st.undecodable.pop(key, None)
             good.append((key, path, sha, sig, img, photo))
     if good:
         out = predict_fn(torch.stack([g[4] for g in good]))
