@@ -721,8 +721,8 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
     """
     from .calibration import calibrate, colour_scale
     from .diagnose import rank_correlation
-    from .perceptual import brightness_level
     from .evaluate import check_finite, detector_for
+    from .perceptual import brightness_level
 
     options = detector_options(cfg, model)
     det = detector_for(model, cfg.image_size, device, **options)
