@@ -10,6 +10,9 @@
 #   build      the CUDA kernels (JIT, for the visible GPU) -> OUTDIR/build.json, logs/build.log
 #   tests_ops  pytest -m cuda on the three ops' tests         -> OUTDIR/tests_cuda_ops.xml
 #              (before the benchmarks: timings of a kernel that computes wrong values are no result)
+#   memcheck   compute-sanitizer --tool memcheck  on benchmarks/gpu_op_smoke.py
+#              (before the benchmarks too: an out-of-bounds access is no result either, and the
+#              suite's deadline may leave no time for it at the end)
 #   inference  benchmarks/bench_inference.py --device cuda       -> OUTDIR/results/inference_*.json
 #   bench_ssim benchmarks/bench_aw_ssim.py --device cuda         -> OUTDIR/results/aw_ssim_cuda.json
 #   train      benchmarks/bench_train.py --device cuda           -> OUTDIR/results/train_cuda.json
@@ -21,18 +24,18 @@
 #              profile, 256 px, batch 64)
 #   inference_heur  the tuned inference with cuDNN's heuristics (--cudnn-benchmark off), batches 1
 #              and 64 -> OUTDIR/results/inference_cuda_cudnn_heuristics.json, against `inference`
-#   memcheck   compute-sanitizer --tool memcheck  on benchmarks/gpu_op_smoke.py
 #   racecheck  compute-sanitizer --tool racecheck on benchmarks/gpu_op_smoke.py
-#              (status "unsupported", not a failure, where the container runtime refuses the tool
-#              the GPU: "Device not supported"; a memory error or race it finds fails the step,
-#              "foreign-races" when racecheck names no kernel of this project; last, so that a
-#              slow sanitizer takes no time from the measurements)
+#              (for both sanitizers: status "unsupported", not a failure, where the container
+#              runtime refuses the tool the GPU: "Device not supported"; a memory error or race it
+#              finds fails the step, "foreign-races" when racecheck names no kernel of this
+#              project; racecheck last, since it is the slow one)
 # The benchmarks write their JSON after every row (the recommended step after its inference
 # timings, before its fits), so a step cut off at its limit keeps what it measured; a benchmark
 # step that ends without its results file, or with rows it skipped, is not ok. OUTDIR must be new
 # (an earlier suite's results would be summarised as this run's). suite.json is rewritten after
-# every step. A failed CUDA build switches the kernels off for the later steps (DEFECT_FAST_CUDA=0).
-# and writes OUTDIR/suite.json (every step's status, seconds, log) and a one-screen summary.
+# every step. A failed CUDA build switches the kernels off for the later steps (DEFECT_FAST_CUDA=0);
+# a build cut off at its limit does not: the next step's build goes on from the objects it compiled.
+# The suite writes OUTDIR/suite.json (every step's status, seconds, log) and a one-screen summary.
 # --archive FILE.tar.gz also packs the whole OUTDIR (logs, results, suite.json) into that one file,
 # after every step and at the end, whatever the steps did: what to copy back from a remote GPU
 # machine that returns only a few files (a kill from outside keeps the steps before it). Give the
@@ -369,12 +372,22 @@ fi
 [ "$DRY" = 1 ] || unset TORCH_CUDA_ARCH_LIST
 # the compiler's output in logs/build.log (a build cut off at its limit leaves no error log of its own)
 step build 240 gpu env DEFECT_FAST_VERBOSE_BUILD=1 "$PY" "$BUILD_PY" "$OUT/build.json" cuda
-BUILD_FAILED=0
-[ "$DRY" != 1 ] && ! grep -q "^build	ok	" "$STEPS_FILE" && BUILD_FAILED=1
-if [ "$BUILD_FAILED" = 1 ]; then
-  export DEFECT_FAST_CUDA=0   # every later process would compile the failing kernels again, for minutes
-  echo "  [note]         the CUDA build failed: later steps run without the CUDA kernels (DEFECT_FAST_CUDA=0)"
-fi
+# after the build step (its status in steps.tsv): BUILD_FAILED=1, and the kernels off for the later
+# steps, when it failed; a build cut off at its limit is continued by the next step's load (ninja
+# keeps the objects it compiled), so the kernels stay on
+after_build() {
+  BUILD_FAILED=0
+  [ "$DRY" = 1 ] && return 0
+  case "$(awk -F '\t' '$1 == "build" {s = $2} END {print s}' "$STEPS_FILE")" in
+    ok) ;;
+    timeout)
+      echo "  [note]         the CUDA build ran past its limit: the next step's build goes on with it" ;;
+    *) BUILD_FAILED=1
+       export DEFECT_FAST_CUDA=0   # every later process would compile the failing kernels again, for minutes
+       echo "  [note]         the CUDA build failed: later steps run without the CUDA kernels (DEFECT_FAST_CUDA=0)" ;;
+  esac
+}
+after_build
 
 # ---- the ops' own CUDA tests, before anything is timed on the kernels ------------------------
 OP_TESTS=(tests/test_ops_aw_ssim.py tests/test_ops_memory_address.py tests/test_ops_msfr.py)
@@ -384,6 +397,16 @@ if [ "$BUILD_FAILED" = 1 ]; then  # every test would skip: not an ok
 else
   step tests_ops 60 gpu "$PY" -m pytest -v -p no:cacheprovider -m cuda --junitxml="$OUT/tests_cuda_ops.xml" "${OP_TESTS[@]}"
 fi
+
+# ---- memcheck on the ops' smoke test, also before anything is timed --------------------------
+if [ "$DRY" = 1 ]; then
+  step op_smoke_cpu 60 cpu "$PY" benchmarks/gpu_op_smoke.py --device cpu
+fi
+# on PATH, else beside nvcc (the build finds nvcc through CUDA_HOME even when PATH lacks it)
+SANITIZER=$(command -v compute-sanitizer || for f in "${CUDA_HOME:-/usr/local/cuda}"/{bin,compute-sanitizer}/compute-sanitizer; do
+  [ -x "$f" ] && { echo "$f"; break; }; done)
+SANITIZER=${SANITIZER:-${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer}
+step memcheck 60 gpu "$SANITIZER" --tool memcheck --error-exitcode 1 "$PY" benchmarks/gpu_op_smoke.py --device cuda
 
 # ---- benchmarks ----------------------------------------------------------------------------
 if [ "$DRY" = 1 ]; then
@@ -395,8 +418,8 @@ if [ "$DRY" = 1 ]; then
   EXPECT=context_cpu.json step recommended_cpu 60 cpu "$PY" benchmarks/bench_context.py --device cpu --batch 2 --rounds 1 --fit-images 20
 fi
 # in the order of what the bars ask first: the 512x512 inference, AW-SSIM, training throughput, the
-# other two ops; then the cuda tests, the recommended run's inference and the sanitizers (a suite
-# cut short by its deadline loses the last steps)
+# other two ops; then the cuda tests, the recommended run's inference and racecheck (a suite cut
+# short by its deadline loses the last steps)
 EXPECT=inference_cuda.json step inference 75 gpu "$PY" benchmarks/bench_inference.py --device cuda ${INFERENCE_ARGS:---batch 1 8 64 --rounds 10}
 EXPECT=aw_ssim_cuda.json step bench_ssim 50 gpu "$PY" benchmarks/bench_aw_ssim.py --device cuda --batches 64,512 --rounds 10
 EXPECT=train_cuda.json step train 100 gpu "$PY" benchmarks/bench_train.py --device cuda --batch 2048 --steps 5
@@ -418,15 +441,7 @@ EXPECT=context_cuda.json step recommended 70 gpu "$PY" benchmarks/bench_context.
 EXPECT=inference_cuda_cudnn_heuristics.json step inference_heur 45 gpu "$PY" benchmarks/bench_inference.py --device cuda --batch 1 64 --rounds 5 \
   --cudnn-benchmark off --out "$DEFECT_FAST_RESULTS_DIR/inference_cuda_cudnn_heuristics.json"
 
-# ---- compute-sanitizer (last: the measurements come first) -------------------------------
-if [ "$DRY" = 1 ]; then
-  step op_smoke_cpu 60 cpu "$PY" benchmarks/gpu_op_smoke.py --device cpu
-fi
-# on PATH, else beside nvcc (the build finds nvcc through CUDA_HOME even when PATH lacks it)
-SANITIZER=$(command -v compute-sanitizer || for f in "${CUDA_HOME:-/usr/local/cuda}"/{bin,compute-sanitizer}/compute-sanitizer; do
-  [ -x "$f" ] && { echo "$f"; break; }; done)
-SANITIZER=${SANITIZER:-${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer}
-step memcheck 60 gpu "$SANITIZER" --tool memcheck --error-exitcode 1 "$PY" benchmarks/gpu_op_smoke.py --device cuda
+# ---- racecheck (last: the slow sanitizer takes no time from the measurements) ----------------
 step racecheck 60 gpu "$SANITIZER" --tool racecheck --error-exitcode 1 "$PY" benchmarks/gpu_op_smoke.py --device cuda
 
 # ---- summary -------------------------------------------------------------------------------

@@ -18,10 +18,10 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("ti
 
 
 def _step_function() -> str:
-    """step() and the record() and pack() it calls, as gpu_suite.sh defines them."""
+    """step() and the record() and pack() it calls, and after_build(), as gpu_suite.sh defines them."""
     text = SUITE.read_text()
     found = []
-    for name in ("step", "record", "pack"):
+    for name in ("step", "record", "pack", "after_build"):
         m = re.search(rf"^{name}\(\) \{{\n.*?^\}}\n", text, flags=re.S | re.M)
         assert m, f"{name}() not found in gpu_suite.sh"
         found.append(m.group(0))
@@ -83,6 +83,27 @@ def test_racecheck_tells_races_in_other_kernels_from_races_in_the_project_s(tmp_
         rows = _run_steps(case, {"compute-sanitizer": (output, 1)},
                           ["step racecheck 30 gpu compute-sanitizer --tool racecheck python3 smoke.py"])
         assert rows[0][:2] == ["racecheck", want]
+
+
+@pytest.mark.parametrize("build,failed,kernels", [("okcmd", "0", "on"), ("badcmd", "1", "0"), ("sleep 5", "0", "on")])
+def test_a_failed_build_switches_the_kernels_off_and_one_cut_off_at_its_limit_does_not(tmp_path, build, failed, kernels):
+    """A build that failed would fail again in every later step, for minutes: the later steps run
+    without the CUDA kernels. One cut off at its limit (here 1 s) has its compiled objects kept by
+    ninja, and the next step's load goes on with them: switching the kernels off would throw that
+    away and leave the rest of the suite without them."""
+    _run_steps(tmp_path, {"okcmd": ("fine", 0), "badcmd": ("error: no such type", 1)},
+               [f"step build 1 gpu {build}", "after_build",
+                'echo "$BUILD_FAILED ${DEFECT_FAST_CUDA:-on}" > "$OUT/after_build"'])
+    assert (tmp_path / "out" / "after_build").read_text().split() == [failed, kernels]
+
+
+def test_the_memory_check_runs_before_anything_is_timed():
+    """The kernels have to compute the right values inside their buffers before their timings mean
+    anything; the suite's deadline can cut its last steps, so memcheck may not be one of them."""
+    order = [m.group(1) for m in re.finditer(r"^\s*(?:EXPECT=\S+ )?step (\w+) \d+ gpu ", SUITE.read_text(), flags=re.M)]
+    timed = [n for n in ("inference", "bench_ssim", "train", "bench_ma", "bench_msfr") if n in order]
+    assert timed and {"build", "tests_ops", "memcheck", "racecheck"} <= set(order)
+    assert order.index("build") < order.index("tests_ops") < order.index("memcheck") < min(map(order.index, timed))
 
 
 def test_no_step_starts_with_less_than_15_seconds_left(tmp_path):
