@@ -30,6 +30,8 @@ namespace {
 constexpr int kTile = 16;                   // output (forward) / input (backward) tile edge
 constexpr int kThreads = kTile * kTile;     // one thread per tile pixel
 constexpr int kDefaultSmem = 48 * 1024;     // dynamic shared memory usable without opt-in
+// the score reductions halve the active threads from kThreads / 2 down to 1
+static_assert((kThreads & (kThreads - 1)) == 0 && kThreads <= 1024, "kThreads: a power of two, at most 1024");
 
 // Element conversions to and from the accumulation type.
 template <typename T, typename acc_t>

@@ -17,6 +17,8 @@ namespace {
 constexpr int kRowBlock = 256;     // threads per block of the row passes
 constexpr int kWarpsPerBlock = 8;  // rows per block of the normalisation kernels
 constexpr int64_t kMaxGrid = 65535;
+// block_allreduce keeps one slot per warp and reads blockDim.x / 32 of them: whole warps, at most 32
+static_assert(kRowBlock % 32 == 0 && kRowBlock <= 1024, "kRowBlock: a multiple of 32, at most 1024");
 
 // Loads and stores between the storage type and acc_t (explicit: torch builds with
 // __CUDA_NO_HALF_CONVERSIONS__).

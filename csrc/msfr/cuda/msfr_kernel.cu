@@ -28,6 +28,7 @@ constexpr int kTileX = 32;          // pixels per residual block (one warp)
 constexpr int kTileC = 8;           // channel slices per residual block
 constexpr int kCombineThreads = 256;
 constexpr int64_t kMaxBlocks = int64_t(1) << 20;  // grid-stride loops cover the rest
+static_assert(kTileX * kTileC <= 1024 && kCombineThreads <= 1024, "at most 1024 threads per block");
 
 template <typename T>
 struct AccType {
