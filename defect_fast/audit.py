@@ -71,6 +71,19 @@ def _fit_minimum(cfg) -> int:
     return 2
 
 
+def _run_trunk(state: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The AlexNet trunk the run's model file carries (its image context's, else its perceptual
+    map's), for the folds' fits: they run the run's own trunk, and need no weights file."""
+    from .context import ImageContext
+    from .perceptual import PerceptualMap
+
+    for key, cls in (("context", ImageContext), ("perceptual", PerceptualMap)):
+        if state.get(key):
+            module = cls.from_state(state[key])
+            return module.trunk_weights(len(module.convs))
+    return None
+
+
 def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, device: str = "auto",
           overwrite: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Score every training image of ``run`` with a detector fitted without it; write ``out``.
@@ -154,6 +167,7 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
     cfg.held_back = [str(paths[i]) for i in held_idx]  # the calibration's names, in the order of its images
     model = model_from_state(state, path)
     refitted = fits_on_training_images(cfg, model)
+    trunk = _run_trunk(state)
     dev = resolve_device(device)
 
     entries: list[dict[str, Any]] = []
@@ -179,7 +193,7 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # too few held-back images for the rate: the run's own note
             fin = finish_run(model, fold_cfg, images[cal_idx], dev, train_images=images[fitted],
-                             context_images=images[fitted], where=f"{path} (fold {k + 1})")
+                             context_images=images[fitted], where=f"{path} (fold {k + 1})", trunk=trunk)
         fold_state = {**state, "perceptual": fin["perceptual"], "context": fin["context"],
                       "normalization": fin["normalization"], "calibration": fin["calibration"],
                       "detector": fin["detector"]}

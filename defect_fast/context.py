@@ -137,7 +137,7 @@ def _contribution(f: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) 
     return torch.einsum("nc,nchw->nhw", v, f - mean.view(1, -1, 1, 1))
 
 
-def _trunk_depth(layers: tuple[int, ...], profile: str) -> int:
+def trunk_depth(layers: tuple[int, ...], profile: str) -> int:
     """How many AlexNet conv layers a context with ``layers`` and ``profile`` runs."""
     return max(layers + (PROFILE_LAYERS if profile != "none" else ()))
 
@@ -334,7 +334,7 @@ class ImageContext(FrozenTrunk):
             trunk, _origin = load_alexnet_trunk(os.environ.get("DEFECT_FAST_ALEXNET_WEIGHTS"))
         self.image_size = int(image_size)
         self.convs = nn.ModuleList()
-        for idx, cin, cout, k, s, p in _ALEXNET[:_trunk_depth(self.layers, profile)]:
+        for idx, cin, cout, k, s, p in _ALEXNET[:trunk_depth(self.layers, profile)]:
             conv = nn.Conv2d(cin, cout, k, stride=s, padding=p)
             conv.weight.data.copy_(trunk[f"features.{idx}.weight"])
             conv.bias.data.copy_(trunk[f"features.{idx}.bias"])
@@ -600,7 +600,7 @@ class ImageContext(FrozenTrunk):
         profile = state.get("profile", "none")  # files written before the profile have none
         t = state["tensors"]
         trunk = {}
-        for i, (idx, *_rest) in enumerate(_ALEXNET[:_trunk_depth(layers, profile)]):
+        for i, (idx, *_rest) in enumerate(_ALEXNET[:trunk_depth(layers, profile)]):
             trunk[f"features.{idx}.weight"] = t[f"convs.{i}.weight"]
             trunk[f"features.{idx}.bias"] = t[f"convs.{i}.bias"]
         m = cls(state["image_size"], trunk=trunk, layers=layers, profile=profile)

@@ -774,7 +774,8 @@ class Detector(nn.Module):
     @_own_precision
     def fit_perceptual(self, normal_images: torch.Tensor, images_per_batch: int = 8, layers: int = 2,
                        prior: float = 0.01, scales: tuple[int, ...] | list[int] = (1,),
-                       level_brightness: bool | float = False, placement: str = "cells") -> int:
+                       level_brightness: bool | float = False, placement: str = "cells",
+                       trunk: dict[str, torch.Tensor] | None = None) -> int:
         """Build and fit the perceptual map on defect-free images (uint8 [N,3,H,W]) and switch to it.
         ``level_brightness``: every image (and its reconstruction) reaches the trunk scaled to the
         mean brightness of ``normal_images`` (True) or to the level given, in [0, 1] (a float;
@@ -786,19 +787,25 @@ class Detector(nn.Module):
         standardisation was measured on those maps, is removed (fit it again: :meth:`fit_context`),
         and so is a per-position normalisation of them (:meth:`fit_normalization` again).
 
+        ``trunk``: AlexNet ``features.*`` weights; None: the trunk this detector holds already,
+        when it holds one (a loaded run's), else the file ``$DEFECT_FAST_ALEXNET_WEIGHTS`` names.
+        The same goes for :meth:`fit_context`.
+
         Returns the number of images its statistics rest on.
         """
         from .perceptual import PerceptualMap, brightness_level, checked_placement
 
         normal_images = self._at_model_size(self._checked_batch(normal_images, "fit_perceptual"))  # as predict_batched
         # scales as given: PerceptualMap checks them (tuple(2) here was a bare TypeError)
-        pm = PerceptualMap(self.image_size, layers=layers, prior=prior, scales=scales).to(self.device)
+        pm = PerceptualMap(self.image_size, layers=layers, prior=prior, scales=scales,
+                           trunk=trunk if trunk is not None else self._held_trunk(layers)).to(self.device)
         pm.placement = checked_placement(placement)  # before the fit: the statistics are on its grid
         pm.brightness = brightness_level(level_brightness, normal_images)
         with torch.no_grad():
             pairs = ((x, self._stitched_recon(x)) for x in
                      (self._to_model_input(c.to(self.device)) for c in normal_images.split(max(1, images_per_batch))))
             n = pm.fit(pairs, **self._trunk_options())
+        self._stash_trunk()  # the context goes below: a later fit_context runs its trunk
         self.image_map = pm
         self._graphs = {}  # captured graphs ran the map this replaced
         self.__dict__["_map_kind"] = self.model.image_maps[0]
@@ -809,6 +816,30 @@ class Detector(nn.Module):
         self._drop_normalization()
         self._set_aside_thresholds("calibrated before fit_perceptual changed the maps (calibrate again)")
         return n
+
+    def _held_trunk(self, depth: Any) -> dict[str, torch.Tensor] | None:
+        """AlexNet's first ``depth`` conv layers from a trunk this detector holds already (its
+        perceptual map's or its image context's, which its model file carries, or one an earlier
+        fit replaced), so that a map or a context fitted again runs the same trunk and needs no
+        weights file; None when none holds that many (the new module then loads them:
+        ``$DEFECT_FAST_ALEXNET_WEIGHTS``), or for a ``depth`` that is not a whole number (the
+        module's own check says so)."""
+        if not isinstance(depth, numbers.Integral) or isinstance(depth, bool):
+            return None
+        for module in (self.image_map, self.context):
+            trunk = module.trunk_weights(int(depth)) if module is not None else None
+            if trunk is not None:
+                return trunk
+        spare = getattr(self, "_spare_trunk", None) or {}
+        return dict(list(spare.items())[:2 * int(depth)]) if len(spare) >= 2 * int(depth) else None
+
+    def _stash_trunk(self) -> None:
+        """Keep the longest trunk of the map and the context (for :meth:`_held_trunk`) before a fit
+        replaces or drops either: fit_perceptual drops the context, which fit_context then fits
+        again on the same trunk."""
+        for module in (self.image_map, self.context):
+            if module is not None and 2 * len(module.convs) > len(getattr(self, "_spare_trunk", None) or {}):
+                self._spare_trunk = module.trunk_weights(len(module.convs))
 
     def _set_aside_thresholds(self, why: str) -> None:
         """Drop the stored thresholds (set on maps or scores a fit has just changed), saying why:
@@ -822,7 +853,7 @@ class Detector(nn.Module):
     @_own_precision
     def fit_context(self, normal_images: torch.Tensor, calibration_images: torch.Tensor, images_per_batch: int = 8,
                     profile: str = "none", level_brightness: bool | float = False, image_score: str = "combined",
-                    placement: str = "cells") -> int:
+                    placement: str = "cells", trunk: dict[str, torch.Tensor] | None = None) -> int:
         """Build an image context (:mod:`defect_fast.context`) and switch maps and scores to the combination.
 
         Args:
@@ -842,20 +873,22 @@ class Detector(nn.Module):
             image_score: "combined" (the map's top values plus the context score) or "context"
                 (the context score alone; :mod:`defect_fast.context`, "Image score").
             placement: where the trunk's cells go on the image (:data:`defect_fast.perceptual.PLACEMENTS`).
+            trunk: AlexNet ``features.*`` weights (None: as :meth:`fit_perceptual` says).
         Returns:
             the number of images the context rests on.
         """
         return self._fit_context(normal_images, calibration_images, images_per_batch, profile, level_brightness,
-                                 image_score, placement)[0]
+                                 image_score, placement, trunk)[0]
 
     @torch.no_grad()
     @_own_precision
     def _fit_context(self, normal_images: torch.Tensor, calibration_images: torch.Tensor,
                      images_per_batch: int = 8, profile: str = "none", level_brightness: bool | float = False,
-                     image_score: str = "combined", placement: str = "cells") -> tuple[int, dict[str, torch.Tensor]]:
+                     image_score: str = "combined", placement: str = "cells",
+                     trunk: dict[str, torch.Tensor] | None = None) -> tuple[int, dict[str, torch.Tensor]]:
         """:meth:`fit_context`, and what :meth:`predict_batched` gives for the calibration images
         afterwards ({"maps": [M,S,S], "scores": [M]} on the CPU), from the maps the fit computes anyway."""
-        from .context import ImageContext, checked_image_score, profile_across_streaks
+        from .context import LAYERS, PROFILES, ImageContext, trunk_depth, checked_image_score, profile_across_streaks
         from .perceptual import brightness_level
 
         checked_image_score(image_score)  # before the fit
@@ -868,7 +901,9 @@ class Detector(nn.Module):
         basis = None
         if profile == "auto":
             profile, basis = profile_across_streaks(normal_images)
-        ctx = ImageContext(self.image_size, profile=profile, placement=placement).to(self.device)
+        if trunk is None and profile in PROFILES:
+            trunk = self._held_trunk(trunk_depth(LAYERS, profile))
+        ctx = ImageContext(self.image_size, trunk=trunk, profile=profile, placement=placement).to(self.device)
         ctx.profile_basis = basis
         ctx.image_score = image_score
         ctx.brightness = brightness_level(level_brightness, normal_images)
@@ -884,6 +919,7 @@ class Detector(nn.Module):
         ctx.set_detector_stats(base_maps=torch.cat([(r - self.norm_mean) / self.norm_std for r in raw]))
         finished = [self.finish(r, *ctx.map_parts(f, self.image_size), ctx) for r, f in zip(raw, feats)]
         ctx.set_detector_stats(scores=torch.cat([sc for _m, sc in finished]))
+        self._stash_trunk()
         self.context = ctx
         self._graphs = {}  # captured graphs ran without this context
         self._set_aside_thresholds("calibrated before fit_context changed the maps and scores (calibrate again)")
@@ -1259,6 +1295,7 @@ class Detector(nn.Module):
         self.norm_mean = mean
         self.norm_std = std
         self._graphs = {}  # captured graphs read the buffers this replaced
+        self._stash_trunk()
         self.context = None  # its standardisation of the maps was measured on the maps before
         self._set_aside_thresholds("calibrated before fit_normalization changed the maps (calibrate again)")
         return {"mean": mean.cpu().clone(), "std": std.cpu().clone()}  # copies: on a CPU, .cpu() is the buffer

@@ -242,6 +242,14 @@ class FrozenTrunk(nn.Module):
             kept = cache[key] = make()
         return kept
 
+    def trunk_weights(self, depth: int) -> dict[str, torch.Tensor] | None:
+        """The AlexNet ``features.*`` weights of this module's first ``depth`` conv layers, as the
+        constructors take them (``trunk``), or None when it runs fewer than ``depth`` of them."""
+        if len(self.convs) < depth:
+            return None
+        return {f"features.{idx}.{name}": getattr(conv, name).detach()
+                for (idx, *_), conv in zip(_ALEXNET[:depth], self.convs) for name in ("weight", "bias")}
+
     def _trunk_conv(self, i: int, h: torch.Tensor) -> torch.Tensor:
         """ReLU of convolution ``i`` of ``h``, in ``h``'s dtype.
 

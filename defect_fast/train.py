@@ -679,7 +679,7 @@ class Trainer:
 def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Tensor,
                device: torch.device | str = "cpu", train_images: torch.Tensor | None = None,
                context_images: torch.Tensor | None = None, where: str | Path | None = None,
-               images: str = "held-back images") -> dict[str, Any]:
+               images: str = "held-back images", trunk: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """What a finished run stores beside its weights, computed on the held-back images
     (``where`` names the run and ``images`` what those images are in the error for NaN or
     infinite maps).
@@ -713,6 +713,8 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
             (N >= 1; N >= 4 when the statistics are fitted on them).
         train_images: uint8 [M, 3, S, S] the images the model was trained on (``fit_on == "train"``).
         context_images: uint8 [K, 3, S, S] defect-free images for the image context (K >= 10).
+        trunk: AlexNet ``features.*`` weights for the perceptual map and the context (None: the
+            file ``$DEFECT_FAST_ALEXNET_WEIGHTS`` names; ``audit`` gives the run's own).
 
     Returns:
         ``{"calibration": calibrate()'s dict (+ "pixel_q999", "source"), "normalization":
@@ -747,7 +749,8 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
     level = (brightness_level(True, train_images if train_images is not None else fit_images)
              if cfg.level_brightness else False)
     if image_level:
-        det.fit_perceptual(fit_images, scales=tuple(cfg.map_scales), level_brightness=level, placement=cfg.placement)
+        det.fit_perceptual(fit_images, scales=tuple(cfg.map_scales), level_brightness=level, placement=cfg.placement,
+                           trunk=trunk)
         perceptual = det.image_map.state()
     try:
         normalization = det.fit_normalization(fit_images) if cfg.normalize == "position" else None
@@ -759,7 +762,8 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
             context_images = train_images if train_images is not None else fit_images
         # the fit computes the calibration images' maps anyway: their predictions come with it
         _n, res = det._fit_context(context_images, calib_images, profile=cfg.context_profile,
-                                   level_brightness=level, image_score=cfg.image_score, placement=cfg.placement)
+                                   level_brightness=level, image_score=cfg.image_score, placement=cfg.placement,
+                                   trunk=trunk)
         context = det.context.state()
     else:
         res = det.predict_batched(calib_images)

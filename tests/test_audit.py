@@ -14,6 +14,7 @@ from PIL import Image
 from defect_fast.cli import main
 from defect_fast.data.dataset import load_train_images
 from defect_fast.detect import Detector
+from defect_fast.perceptual import PerceptualMap as PLAIN_MAP  # the fixture below replaces the module's
 from defect_fast.runs import load_model_state
 from test_cli_inspection import cli, refused  # noqa: E402  (the same refusal checks as the other line commands)
 
@@ -85,6 +86,29 @@ def test_defects_among_the_training_images_top_the_audit(planted, tmp_path, caps
     audit_scores = {Path(e["image"]).name: e["score"] for e in doc["images"]}
     for name in PLANTED:
         assert audit_scores[name] > 2 * own[name]
+
+
+def test_the_folds_run_the_trunk_the_run_carries_with_no_weights_file(planted, tmp_path, capsys, monkeypatch):
+    """The model file carries its AlexNet trunk, and predict, evaluate or calibrate need no weights
+    file; the folds' perceptual maps were built afresh and asked for $DEFECT_FAST_ALEXNET_WEIGHTS
+    (and would have run whatever trunk it named). Here the plain PerceptualMap, with no weights
+    file anywhere, must give the run's own (random) trunk: the same scores as the audit above."""
+    import sys
+
+    import defect_fast.perceptual as perceptual
+
+    monkeypatch.setattr(perceptual, "PerceptualMap", PLAIN_MAP)
+    monkeypatch.delenv("DEFECT_FAST_ALEXNET_WEIGHTS", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    status, _stdout, err = cli(["audit", planted["run"], "--out", tmp_path / "plain", "--device", "cpu"], capsys)
+    assert status == 0, err
+    monkeypatch.undo()
+    status, _stdout, err = cli(["audit", planted["run"], "--out", tmp_path / "patched", "--device", "cpu"], capsys)
+    assert status == 0, err
+    scores = [{e["image"]: e["score"] for e in json.loads((tmp_path / d / "audit.json").read_text())["images"]}
+              for d in ("plain", "patched")]
+    assert scores[0] == pytest.approx(scores[1], rel=1e-5)
 
 
 def test_audit_refusals_leave_everything_as_it_was(planted, tmp_path, capsys):

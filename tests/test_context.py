@@ -12,7 +12,7 @@ from defect_fast.context import ImageContext, _contribution, grid_side, profile_
 from defect_fast.detect import Detector
 from defect_fast.models import build_model
 from defect_fast.perceptual import PerceptualMap
-from tests.test_perceptual import _trunk
+from tests.test_perceptual import _trunk, random_trunk_map
 
 
 class RandomTrunkContext(ImageContext):
@@ -285,8 +285,7 @@ def test_detector_computes_the_trunk_layers_it_shares_once(monkeypatch, level):
     import defect_fast.perceptual as perceptual
 
     monkeypatch.setattr(context, "ImageContext", RandomTrunkContext)
-    monkeypatch.setattr(perceptual, "PerceptualMap",
-                        lambda s, layers=2, prior=0.01, scales=(1,): PerceptualMap(s, layers, _trunk(), prior, scales))
+    monkeypatch.setattr(perceptual, "PerceptualMap", random_trunk_map)
     torch.manual_seed(0)
     det = Detector(build_model("cmaae", memory_size=20), image_size=128, stride=32, blend="hann", precision="bfloat16")
     to_u8 = lambda t: ((t + 1) * 127.5).round().to(torch.uint8)  # noqa: E731
@@ -703,3 +702,36 @@ def test_a_file_written_before_the_profile_score_choice_scores_with_the_profile(
     assert ImageContext.from_state(state).profile_in_score is True
     state["profile_in_score"] = False
     assert ImageContext.from_state(state).profile_in_score is False
+
+
+def test_a_map_and_context_fitted_again_run_the_trunk_the_detector_holds(monkeypatch, tmp_path):
+    """A model file carries its trunk, and predict needs no weights file; fitting its map or its
+    context again (audit does both, on every fold, in the order training does: the map, which
+    drops the context, then the context) needed ``$DEFECT_FAST_ALEXNET_WEIGHTS``, and with
+    another file there would have run another trunk than the run's."""
+    import sys
+
+    import defect_fast.context as context
+    import defect_fast.perceptual as perceptual
+
+    monkeypatch.setattr(context, "ImageContext", RandomTrunkContext)
+    monkeypatch.setattr(perceptual, "PerceptualMap", random_trunk_map)
+    det = Detector(build_model("cmaae", memory_size=20), image_size=64, precision="float32")
+    to_u8 = lambda t: ((t + 1) * 127.5).round().to(torch.uint8)  # noqa: E731
+    normal, calib = to_u8(_surfaces(10, 64, seed=1)), to_u8(_surfaces(3, 64, seed=2))
+    det.fit_perceptual(normal)
+    det.fit_context(normal, calib, profile="rows")
+    held = [(conv.weight.clone(), conv.bias.clone()) for conv in det.context.convs]
+    assert len(held) == 5  # conv1..conv5
+    # from here on no trunk file anywhere: the plain modules, no variable, an empty hub cache, no torchvision
+    monkeypatch.setattr(context, "ImageContext", ImageContext)
+    monkeypatch.setattr(perceptual, "PerceptualMap", PerceptualMap)
+    monkeypatch.delenv("DEFECT_FAST_ALEXNET_WEIGHTS", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    det.fit_perceptual(normal)
+    assert det.context is None  # fit_perceptual drops it; the trunk it ran is kept for the next fit
+    det.fit_context(normal, calib, profile="rows")
+    for module in (det.image_map, det.context):
+        for conv, (weight, bias) in zip(module.convs, held):
+            assert torch.equal(conv.weight, weight) and torch.equal(conv.bias, bias)

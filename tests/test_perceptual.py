@@ -23,6 +23,12 @@ def _trunk(seed: int = 0) -> dict[str, torch.Tensor]:
     return t
 
 
+def random_trunk_map(image_size: int, layers: int = 2, prior: float = 0.01, scales=(1,), trunk=None) -> PerceptualMap:
+    """A PerceptualMap built as the Detector builds one, on :func:`_trunk` unless given a trunk
+    (the one a detector holds already)."""
+    return PerceptualMap(image_size, layers, trunk or _trunk(), prior, scales)
+
+
 def _images(n: int, s: int = 64, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.rand(n, 3, s, s, generator=g) * 2 - 1
@@ -130,8 +136,7 @@ def test_levelled_map_is_that_of_the_image_under_other_light(scales):
 def test_the_detector_levels_to_its_images_or_to_the_level_given(monkeypatch):
     import defect_fast.perceptual as perceptual
 
-    monkeypatch.setattr(perceptual, "PerceptualMap",
-                        lambda s, layers=2, prior=0.01, scales=(1,): PerceptualMap(s, layers, _trunk(), prior, scales))
+    monkeypatch.setattr(perceptual, "PerceptualMap", random_trunk_map)
     det = Detector(build_model("cmaae", memory_size=20), image_size=64, precision="float32")
     images = ((_images(3, seed=2) + 1) * 100).to(torch.uint8)
     det.fit_perceptual(images, level_brightness=True)
@@ -160,8 +165,7 @@ def test_a_refit_map_sets_aside_the_thresholds_set_on_the_map_it_replaces(monkey
     import defect_fast.perceptual as perceptual
     from defect_fast.calibration import stored_thresholds
 
-    monkeypatch.setattr(perceptual, "PerceptualMap",
-                        lambda s, layers=2, prior=0.01, scales=(1,): PerceptualMap(s, layers, _trunk(), prior, scales))
+    monkeypatch.setattr(perceptual, "PerceptualMap", random_trunk_map)
     det = Detector(build_model("cmaae", memory_size=20), image_size=64, precision="float32")
     images = ((_images(4, seed=2) + 1) * 100).to(torch.uint8)
     det.calibrate(images)
@@ -240,7 +244,7 @@ def test_fit_needs_two_images_that_differ():
 def test_detector_uses_the_perceptual_map_on_stitched_reconstructions(monkeypatch):
     import defect_fast.perceptual as perceptual
 
-    monkeypatch.setattr(perceptual, "PerceptualMap", lambda s, layers=2, prior=0.01, scales=(1,): PerceptualMap(s, layers, _trunk(), prior, scales))
+    monkeypatch.setattr(perceptual, "PerceptualMap", random_trunk_map)
     torch.manual_seed(0)
     model = build_model("cmaae", memory_size=20)
     det = Detector(model, image_size=128, stride=32, blend="hann")
@@ -519,8 +523,7 @@ def test_a_callers_autocast_does_not_change_what_the_fits_measure(monkeypatch):
     its fits must measure those maps, not the caller's bf16 ones (the statistics moved by 2.7)."""
     import defect_fast.perceptual as perceptual
 
-    monkeypatch.setattr(perceptual, "PerceptualMap",
-                        lambda s, layers=2, prior=0.01, scales=(1,): PerceptualMap(s, layers, _trunk(), prior, scales))
+    monkeypatch.setattr(perceptual, "PerceptualMap", random_trunk_map)
     images = ((_images(4, seed=2) + 1) * 100).to(torch.uint8)
 
     def fitted(autocast: bool):

@@ -350,11 +350,10 @@ def test_a_levelled_run_levels_map_and_context_to_its_training_images(synthetic_
     from defect_fast.data import load_train_images
     from defect_fast.perceptual import PerceptualMap, reference_brightness
     from tests.test_context import RandomTrunkContext
-    from tests.test_perceptual import _trunk
+    from tests.test_perceptual import random_trunk_map
 
     monkeypatch.setattr(context, "ImageContext", RandomTrunkContext)
-    monkeypatch.setattr(perceptual, "PerceptualMap",
-                        lambda s, layers=2, prior=0.01, scales=(1,): PerceptualMap(s, layers, _trunk(), prior, scales))
+    monkeypatch.setattr(perceptual, "PerceptualMap", random_trunk_map)
     cfg = TrainConfig(data=str(synthetic_root), model="cmaae", image_size=128, batch_size=16, epochs=[1, 1],
                       max_steps=[1, 1], model_kwargs={"memory_size": 20}, seed=0, holdback=0.3, map="perceptual",
                       context=True, level_brightness=True, fit_on=fit_on)
@@ -377,11 +376,9 @@ def test_levelling_black_training_images_is_refused_in_one_line(tmp_path, monkey
 
     import defect_fast.perceptual as perceptual
     from defect_fast.data.io import DataError
-    from defect_fast.perceptual import PerceptualMap
-    from tests.test_perceptual import _trunk
+    from tests.test_perceptual import random_trunk_map
 
-    monkeypatch.setattr(perceptual, "PerceptualMap",
-                        lambda s, layers=2, prior=0.01, scales=(1,): PerceptualMap(s, layers, _trunk(), prior, scales))
+    monkeypatch.setattr(perceptual, "PerceptualMap", random_trunk_map)
     data = tmp_path / "black"
     data.mkdir()
     for i in range(12):
