@@ -166,7 +166,7 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
                             "too few training images to audit this run"))
     cfg.held_back = [str(paths[i]) for i in held_idx]  # the calibration's names, in the order of its images
     model = model_from_state(state, path)
-    refitted = fits_on_training_images(cfg, model)
+    refitted = fits = fits_on_training_images(cfg, model)
     trunk = _run_trunk(state)
     dev = resolve_device(device)
 
@@ -211,7 +211,8 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
                             "flagged": score > threshold, "fold": k})
             if score > threshold:
                 maps[str(paths[i])] = (i, res["maps"][j])
-        log(f"fold {k + 1} of {folds}: fitted on {len(fitted)} training images, scored {len(scored)}, "
+        judged = f"fitted on {len(fitted)} training images" if fits else "the run's own detector"
+        log(f"fold {k + 1} of {folds}: {judged}, scored {len(scored)}, "
             f"threshold {threshold:.4g} from {len(cal_idx)} held-back images; "
             f"{sum(1 for e in entries if e['fold'] == k and e['flagged'])} flagged")
     entries.sort(key=lambda e: -e["score"])
@@ -247,8 +248,8 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
         folder.write_json("audit.json", result)
     judge = "a detector that did not see them" if refitted else "the run (its own detector)"
     log(f"{n_flagged} of {len(entries)} training images score above the threshold of {judge} (of defect-free "
-        f"images, about {expected:.1f} would be by chance, at the thresholds' expected false-alarm rates); look at "
-        "them, highest first:"
+        f"images, about {expected:.1f} would be by chance, at the thresholds' expected false-alarm rates)"
+        + ("; look at them, highest first:" if flagged else "")
         + "".join(f"\n  {e['score']:8.4g}  {e['image']}" for e in flagged[:20])
         + (f"\n  ... ({n_flagged - 20} more in {out / 'audit.json'})" if n_flagged > 20 else ""))
     cal = state.get("calibration") or {}

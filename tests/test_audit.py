@@ -315,6 +315,10 @@ def test_a_run_that_fitted_nothing_on_its_training_images_says_its_own_detector_
     doc = json.loads((out / "audit.json").read_text())
     assert doc["refitted"] is False and "fitted nothing on its training images but the autoencoder" in stdout
     assert "above the threshold of the run (its own detector)" in stdout
+    # no fold fitted anything (its lines said "fitted on 14 training images"), and "look at them"
+    # comes with images to look at
+    assert "fitted on" not in stdout and stdout.count("the run's own detector, scored 14") == 2
+    assert ("look at them" in stdout) == (doc["flagged"] > 0)
     det = Detector.load(run, device="cpu")
     images, paths = load_train_images(planted["data"].resolve(), SIZE)
     own = dict(zip((str(p) for p in paths), det.predict_batched(images)["scores"].tolist()))
