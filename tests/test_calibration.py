@@ -421,3 +421,13 @@ def test_score_std_is_the_sample_standard_deviation():
         warnings.simplefilter("ignore")
         cal = calibrate([0.0, 2.0], far=0.5)
     assert cal["score_std"] == pytest.approx(math.sqrt(2.0))
+
+
+def test_an_older_model_file_reaches_the_rate_of_its_lowest_named_score():
+    """The five highest scores an older file keeps serve every rank up to the fifth: the rate
+    whose rank is exactly 5 is set from the fifth score, naming its image."""
+    highest = [["a.png", 9.0], ["b.png", 8.0], ["c.png", 7.0], ["d.png", 6.0], ["e.png", 5.0]]
+    old = {"image_threshold": 9.0, "n_images": 99, "highest_scores": highest, "threshold_image": "a.png"}
+    it, name = threshold_at_far(old, 0.05)  # k = floor(0.05 * 100) = 5
+    assert (it.threshold, it.rank, name) == (5.0, 5, "e.png")
+    assert it.far_expected == pytest.approx(0.05)

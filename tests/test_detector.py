@@ -976,3 +976,51 @@ def test_the_residual_map_is_the_channel_mean_of_squared_differences():
     out = residual_map(x, recon)
     assert out.shape == (2, 1, 4, 4)
     torch.testing.assert_close(out, torch.full((2, 1, 4, 4), 14.0 / 3.0))
+
+
+def test_a_map_too_small_for_its_top_fraction_scores_its_largest_value():
+    """A map whose top fraction rounds to no pixel (16 x 16 at 0.1 %) is scored by its single
+    largest value, not by the mean of nothing."""
+    from defect_fast.detect import _top_count
+
+    assert _top_count(16 * 16, 0.001) == 1
+    maps = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(image_scores(maps, 0.001), maps.flatten(1).amax(1))
+
+
+def test_float_images_below_minus_one_are_refused_like_those_above_one():
+    """Float pixels outside [-1, 1] on either side (here an ImageNet-normalised image, down to
+    about -2) would be misread as images of another brightness: refused, naming the range."""
+    det = Detector(_model(), image_size=64)
+    low = torch.linspace(-2.0, 1.0, 3 * 64 * 64).reshape(1, 3, 64, 64)
+    for call in (det.predict, det.predict_batched):
+        with pytest.raises(ValueError, match=re.escape("must lie in [-1, 1]")):
+            call(low)
+
+
+def test_a_top_fraction_of_zero_is_refused():
+    """The image score averages a fraction in (0, 1] of the map's pixels: 0 asks for none."""
+    for bad in (0, 0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=re.escape("top_fraction must be in (0, 1]")):
+            Detector(_model(), image_size=64, top_fraction=bad)
+
+
+def test_fit_normalization_on_one_image_asks_for_two():
+    """A per-position std needs two maps at least: one image is refused saying so (not taken for
+    maps that are all identical)."""
+    det = Detector(_model(), image_size=64)
+    with pytest.raises(ValueError, match="fit_normalization needs at least 2 images, got 1"):
+        det.fit_normalization(_images(1, 64))
+
+
+def test_smoothing_blurs_the_map_along_both_axes_alike():
+    """smooth_sigma is a Gaussian blur of the whole map: a spike spreads the same way across
+    rows and columns (the smoothed map of a centred spike is symmetric), and its sum stays."""
+    det = Detector(_model(), image_size=64, smooth_sigma=2.0)
+    raw = torch.zeros(1, 64, 64)
+    raw[0, 32, 32] = 1.0
+    maps, _scores = det.finish(raw)
+    m = maps[0]
+    torch.testing.assert_close(m, m.T)
+    assert m[32, 35] > 0.01 and m[35, 32] > 0.01
+    assert float(m.sum()) == pytest.approx(1.0, abs=1e-4)

@@ -199,3 +199,17 @@ def test_the_fused_copy_keeps_no_gradients():
     assert not any(p.requires_grad for p in fused.parameters())
     assert all(p.requires_grad for p in m.parameters())  # the model given is left as it was
     assert not fused(torch.randn(1, 3, 5, 5)).requires_grad
+
+
+@pytest.mark.parametrize("options", [{"padding": 1}, {"groups": 2}])
+def test_a_kernel_sized_convolution_that_is_padded_or_grouped_computes_the_plain_convolution(options):
+    """KernelSizedConv2d has the function of nn.Conv2d for every layer it can be built as: a padded
+    layer (more than one output position on a kernel-sized input) or a grouped one (a block-diagonal
+    weight) is computed as the convolution, not as the one-position matrix product."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 6, 4, **options)
+    mconv = KernelSizedConv2d(8, 6, 4, **options)
+    mconv.load_state_dict(conv.state_dict())
+    x = torch.randn(3, 8, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(mconv(x), conv(x))

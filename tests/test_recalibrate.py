@@ -395,3 +395,21 @@ def test_the_report_names_images_the_run_has_seen(runs, tmp_path, capsys):
     status, _stdout, err = cli(["report", runs["run"], folder, "--out", page, "--overwrite", "--device", "cpu"], capsys)
     assert status == 0, err
     assert "<th>notes</th>" not in page.read_text() and "found by their pixels" not in err
+
+
+def test_a_run_that_held_back_nothing_names_its_training_images_as_trained_only():
+    """A run that held back no images set its thresholds on its training images: a test image it
+    trained on is named once, as trained on, not again as one its thresholds were set on."""
+    import warnings
+
+    from defect_fast.evaluate import seen_test_images
+    from defect_fast.train import image_keys
+
+    images = torch.stack([torch.full((3, 8, 8), v, dtype=torch.uint8) for v in (10, 20, 30)])
+    keys = image_keys(images)
+    state = {"image_keys": {"trained": [keys[0].hex(), keys[1].hex()]}, "held_back": []}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        seen = seen_test_images(state, images, ["a.png", "b.png", "c.png"], "run")
+    assert seen == {"trained": ["a.png", "b.png"], "thresholds": []}
+    assert len(caught) == 1 and "trained on" in str(caught[0].message)

@@ -258,3 +258,30 @@ def test_the_shift_is_done_in_float32_under_autocast(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         AWSSIMLoss("balanced", fixed_sigma=1.5)(textured(2).bfloat16(), textured(2, seed=3).bfloat16())
     assert seen[0] == torch.float32  # what the loss hands the op (the op then calls itself once more)
+
+
+def test_the_papers_fig4_categories_get_the_favoured_term_it_names():
+    """Fig. 4 of the AW-SSIM paper: structure weighted highest for carpet, leather and wood;
+    luminance for tile, pill and hazelnut (category names as MVTec AD spells them, any case)."""
+    for category in ("carpet", "leather", "wood"):
+        assert preset_for(category) == "structure", category
+    for category in ("tile", "pill", "hazelnut", "Tile"):
+        assert preset_for(category) == "luminance", category
+
+
+def test_an_empty_shared_batch_leaves_the_schedule_where_it_was():
+    """A batch of no patches uses no sigma: the next batch still gets the sigma it would have got."""
+    s = SigmaSchedule(sigma0=1.0, k=0.25)
+    assert s.next(2, shared=True).tolist() == [1.0, 1.0]
+    assert s.next(0, shared=True).numel() == 0
+    assert s.steps == 1
+    assert s.next(3, shared=True).tolist() == [1.25, 1.25, 1.25]
+
+
+@pytest.mark.parametrize("weights", [(float("inf"), 0.0, 0.0), (float("nan"), 0.5, 0.5), (0.2, 0.2, float("inf"))])
+def test_weights_that_are_not_finite_are_refused(weights):
+    """An infinite or NaN weight would make every loss value inf or NaN from the first step: refused."""
+    with pytest.raises(ValueError, match="finite"):
+        resolve_weights(weights)
+    with pytest.raises(ValueError, match="finite"):
+        AWSSIMLoss(weights=weights)

@@ -444,3 +444,49 @@ def test_adga_places_polygons_up_to_the_right_and_bottom_edges():
     _out, _mask, info = adga(images, sources, torch.Generator().manual_seed(0), return_info=True)
     assert any(b["box"][1] + b["box"][3] == 32 for b in info)
     assert any(b["box"][0] + b["box"][2] == 32 for b in info)
+
+
+def test_gaaga_patch_aspect_is_height_over_width(sources):
+    """``aspect_range`` sets h / w of the pasted patches: 4 gives boxes four times as tall as wide
+    (side s * sqrt(4) by s / sqrt(4)), 1/4 four times as wide as tall."""
+    images = _noise(4, 64, 64, seed=5)
+    for aspect, hw in ((4.0, (32, 8)), (0.25, (8, 32))):
+        _, _, info = gaaga(images, sources, _gen(5), natural_prob=1, blurred_prob=1, size_range=(0.25, 0.25),
+                           aspect_range=(aspect, aspect), return_info=True)
+        for rec in info:
+            for kind in ("natural", "blurred"):
+                assert tuple(rec[kind]["box"][2:]) == hw
+
+
+def test_gaaga_image_without_a_drawn_kind_gets_natural_in_proportion_to_the_probabilities():
+    """An image that drew neither kind gets one: natural with probability
+    natural_prob / (natural_prob + blurred_prob) (1/2 at 0.3 and 0.3), so natural patches are
+    in 0.3 + 0.49 / 2 of the images."""
+    images = torch.zeros(1000, 3, 16, 16)
+    _, _, info = gaaga(images, _noise(1, 16, 16), _gen(8), natural_prob=0.3, blurred_prob=0.3, return_info=True)
+    natural = sum(r["natural"] is not None for r in info) / 1000
+    blurred = sum(r["blurred"] is not None for r in info) / 1000
+    assert abs(natural - 0.545) < 0.05 and abs(blurred - 0.545) < 0.05
+
+
+def test_a_source_excluded_for_a_target_is_never_chosen_when_fewer_than_k_remain():
+    """With fewer allowed candidates than ``k_nearest`` (each image may not take itself), the
+    choice is among the allowed ones only, whatever the random number."""
+    target = torch.tensor([[0.0], [1.0]])
+    cand = torch.tensor([[0.0], [1.0], [5.0]])  # the two targets themselves and a photo
+    exclude = torch.tensor([[True, False, False], [False, True, False]])
+    for u in (0.0, 0.5, 0.99):
+        pick = select_sources(target, cand, torch.full((2,), u), 3, exclude)
+        assert not exclude[torch.arange(2), pick].any()
+
+
+def test_a_source_photo_is_cropped_at_its_centre(tmp_path):
+    """A photo becomes a square by resizing its shorter side and cutting the middle of the longer
+    one: a wide photo of red, green and blue thirds gives the green third."""
+    arr = np.zeros((20, 60, 3), np.uint8)
+    arr[:, :20, 0] = arr[:, 20:40, 1] = arr[:, 40:, 2] = 255
+    Image.fromarray(arr).save(tmp_path / "wide.png")
+    src = load_sources(tmp_path, size=20, include_builtin=False)
+    assert src.shape == (1, 3, 20, 20)
+    mean = src[0].mean(dim=(1, 2))
+    assert mean[1] > 0.9 and mean[0] < -0.9 and mean[2] < -0.9

@@ -340,3 +340,60 @@ def test_functions_refuse_what_the_config_refuses():
         adga(_images(2), torch.zeros(1, 3, 16, 16), _gen(0), k_nearest=0)
     with pytest.raises(ValueError, match="coverage"):
         perlin_mask(2, 32, 32, _gen(0), coverage=float("nan"))
+
+
+def test_intensity_shifts_go_both_ways():
+    """The "shift" intensity effect brightens or darkens, with even odds."""
+    x = torch.zeros(90, 3, 16, 16)
+    y, kind = intensity_content(x, _gen(30), return_type=True)
+    d = (y - x)[kind == 0].flatten(1).mean(1)
+    assert (d > 0.09).sum() >= 8 and (d < -0.09).sum() >= 8
+
+
+def test_intensity_contrast_scales_the_deviation_from_the_local_mean():
+    """The "contrast" effect keeps the local mean (Gaussian of std 8 px) and scales the deviation
+    from it by U(0.2, 0.6) or U(1.5, 2.5)."""
+    from defect_fast.synthesis.gaaga import _blur_batch
+
+    g = _gen(31)
+    x = 0.2 * torch.rand(60, 1, 32, 32, generator=g).expand(60, 3, 32, 32).contiguous()
+    y, kind = intensity_content(x, _gen(32), return_type=True)
+    sel = (kind == 2).nonzero().view(-1)
+    assert sel.numel() >= 5
+    m = sel.numel()
+    mean = _blur_batch(x[sel], torch.full((m,), 8.0, dtype=torch.float64), torch.full((m,), 32), torch.full((m,), 32),
+                       replicate=True)
+    dev_x, dev_y = (x[sel] - mean).flatten(1), (y[sel] - mean).flatten(1)
+    k = (dev_x * dev_y).sum(1) / (dev_x * dev_x).sum(1)
+    assert (((k > 0.19) & (k < 0.61)) | ((k > 1.49) & (k < 2.51))).all(), k
+
+
+def test_warp_rotates_both_ways():
+    """Rotations are drawn from [-max_rotation, max_rotation]: both directions occur."""
+    ramp = torch.linspace(-1, 1, 33).view(1, 1, 1, 33).expand(1, 1, 33, 33).contiguous()
+    out = warp(ramp, torch.zeros(64, dtype=torch.int64), (33, 33), _gen(33), zoom_range=(1, 1), max_rotation=0.5,
+               shift=0.0)
+    vertical = out[:, 0, 18, 16] - out[:, 0, 14, 16]  # -sin(angle) times the ramp's slope
+    assert (vertical > 0.02).sum() >= 10 and (vertical < -0.02).sum() >= 10
+
+
+def test_content_kinds_follow_unnormalised_weights():
+    """``source_mix`` weights need not sum to 1: (0, 1, 1, 0) gives textures and cut-pastes in
+    about equal shares."""
+    x = _images(60, 32, 32, seed=34)
+    cfg = SynthesisConfig(source_mix=(0, 1, 1, 0), clean_fraction=0.0)
+    _, _, info = synthesize(x, None, _gen(34), "gaaga", cfg, return_info=True)
+    texture = int((info["kind"] == KINDS.index("texture")).sum())
+    cutpaste = int((info["kind"] == KINDS.index("cutpaste")).sum())
+    assert texture + cutpaste == 60 and 15 <= texture <= 45
+
+
+def test_intensity_anomalies_are_blobs_whatever_the_shape_mix(sources):
+    """Intensity content always uses a blob of coarse noise (the info says shape 0), even when the
+    shape mix asks for lines only."""
+    x = _images(12, 32, 32, seed=35)
+    cfg = SynthesisConfig(source_mix=(0, 0, 0, 1), shape_mix=(0, 1, 0), clean_fraction=0.0)
+    _, _, info = synthesize(x, sources, _gen(35), "gaaga", cfg, return_info=True)
+    assert (info["kind"] == KINDS.index("intensity")).all()
+    assert (info["shape"] == SHAPES.index("blob")).all()
+    assert (info["coverage"] >= 0.05 - 1e-9).all()  # the intensity coverage range, not the line one

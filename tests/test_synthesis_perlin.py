@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from defect_fast.synthesis.perlin import (coverage_draw, fractal_noise, perlin_mask, perlin_noise,
+from defect_fast.synthesis.perlin import (coverage_draw, fractal_noise, perlin_mask, perlin_noise, shape_noise,
                                           threshold_at_coverage)
 
 
@@ -145,3 +145,45 @@ def test_soft_alpha_is_below_half_off_the_mask_even_one_rounding_from_the_contou
     mask = field >= 1.0
     alpha = soft_alpha(field, torch.tensor([1.0]), mask, 12.0)
     assert torch.equal(alpha >= 0.5, mask)
+
+
+def test_the_coarsest_lattice_has_two_cells_not_one_gradient():
+    """A lattice of one wrapping cell has a single gradient, and its noise is a function of y
+    plus a function of x (bands, no blobs): scale 1 is taken as 2 cells per side, whose noise
+    is not such a sum."""
+    f = perlin_noise(6, 64, 64, _gen(3), scale_range=(1.0, 1.0), rotate=False, dtype=torch.float64)
+    interaction = f - f.mean(dim=-1, keepdim=True) - f.mean(dim=-2, keepdim=True) + f.mean(dim=(-2, -1), keepdim=True)
+    assert (interaction.flatten(1).abs().amax(1) > 0.05).all()
+
+
+def test_refined_thresholds_hit_the_coverage_within_a_fraction_of_a_percent():
+    """The threshold read from the subsample is corrected on the full field: at 256 px every
+    image's mask covers the asked share to within 0.25 % of the image."""
+    f = perlin_noise(16, 256, 256, _gen(0), scale_range=(2.0, 32.0))
+    mask, _thr = threshold_at_coverage(f, 0.1)
+    assert (mask.float().mean((1, 2, 3)) - 0.1).abs().max() < 0.0025
+
+
+def test_line_fields_follow_the_zero_contour_of_the_noise_whatever_its_sign():
+    """A line (crack) runs along the noise's zero contour: its field depends on |noise| only, so
+    the noise and its negative give the same lines (not blobs where the noise is negative)."""
+    noise = perlin_noise(2, 32, 32, _gen(1), scale_range=(2.0, 4.0))
+    envelope = perlin_noise(2, 32, 32, _gen(2), scale_range=(2.0, 3.0))
+    shape, side = torch.ones(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)
+    torch.testing.assert_close(shape_noise(noise, envelope, shape, side), shape_noise(-noise, envelope, shape, side))
+    # the field is highest on the contour (|noise| small), lower away from it
+    field = shape_noise(noise, envelope, shape, side)
+    assert (field - envelope).max() <= 0 and float((field - envelope).min()) < -1
+
+
+def test_an_edge_chip_is_placed_along_its_side_where_asked():
+    """``where`` centres an edge chip along its side: on the top side that is a column position
+    (x), on the left side a row position (y)."""
+    zero = torch.zeros(2, 1, 40, 40)
+    shape = torch.full((2,), 2, dtype=torch.int64)
+    side = torch.tensor([0, 2])  # top, left
+    where = torch.tensor([[0.2, 0.1], [0.2, 0.1]])
+    field = shape_noise(zero, zero, shape, side, where)
+    top, left = field[0, 0], field[1, 0]
+    assert top[0, 8] > 2.5 and top[0, 32] < 0.1  # columns near 0.2 of the width, on the top row
+    assert left[8, 0] > 2.5 and left[32, 0] < 0.1  # rows near 0.2 of the height, on the left column

@@ -520,3 +520,39 @@ def test_a_normalised_run_whose_maps_are_nan_is_named_in_one_line(synthetic_root
                           map="msfr", map_scales=[1], holdback=0.3)
         with pytest.raises(RunError, match=f"^{re.escape(str(tmp_path))}: the model gives NaN or infinite maps"):
             finish_run(model, cfg, images, "cpu", where=tmp_path)
+
+
+def test_model_options_are_checked_against_the_types_of_the_model_config():
+    """``--set`` values are checked against the model's Config: a bool is not an int, an int is
+    a float, a list's items have the item type, and dashes in a key read as underscores."""
+    from defect_fast.models import check_options, parse_options
+
+    with pytest.raises(ValueError, match="memory_size"):
+        check_options("cmaae", {"memory_size": True})
+    with pytest.raises(ValueError, match="memory_size"):
+        parse_options("cmaae", ["memory_size=true"])
+    assert parse_options("cmaae", ["rec_weight=50"]) == {"rec_weight": 50}
+    assert check_options("cmaae", {"rec_weight": 50, "entropy_weight": 0.5}) == {"rec_weight": 50, "entropy_weight": 0.5}
+    assert check_options("awae", {"skip_levels": [1, 2]}) == {"skip_levels": [1, 2]}
+    for bad in ([2, "3"], [2.5], [True]):
+        with pytest.raises(ValueError, match="skip_levels"):
+            check_options("awae", {"skip_levels": bad})
+    with pytest.raises(ValueError, match="ssim_weights"):
+        check_options("awae", {"ssim_weights": [0.2, "x", 0.6]})
+    assert parse_options("cmaae", ["memory-size=10", "rec-weight=2.5"]) == {"memory_size": 10, "rec_weight": 2.5}
+
+
+def test_check_config_takes_the_boundary_values_it_documents():
+    """The edges of the documented ranges: a stride equal to the patch (tiles) is taken, one above
+    it refused; a holdback of 1 (nothing left to train on) refused; the perceptual map's smallest
+    pyramid level of exactly 32 px taken, 31 refused."""
+    base = {"data": "d", "epochs": [1, 1]}
+    check_config(TrainConfig(**base, image_size=128, stride=64), 2, 64)
+    with pytest.raises(ConfigError, match="--stride"):
+        check_config(TrainConfig(**base, image_size=128, stride=65), 2, 64)
+    check_config(TrainConfig(**base, image_size=128, holdback=0.5), 2, 64)
+    with pytest.raises(ConfigError, match="--holdback"):
+        check_config(TrainConfig(**base, image_size=128, holdback=1.0), 2, 64)
+    check_config(TrainConfig(**base, image_size=64, map="perceptual", map_scales=[1, 2]), 2, 32)
+    with pytest.raises(ConfigError, match="--map-scales 2 leaves 31 pixels"):
+        check_config(TrainConfig(**base, image_size=62, map="perceptual", map_scales=[1, 2]), 2, 31)
