@@ -207,10 +207,11 @@ class Journal:
     """
 
     #: What a restart reads back of each line: the done set, the counts, the unfinished moves of
-    #: rejected files and the note on earlier thresholds. A line's regions and file names are
-    #: not kept: a journal of millions of lines must still open in little memory.
+    #: rejected files and the note on earlier thresholds (with the verdicts this one would change).
+    #: A line's regions and file names are not kept: a journal of millions of lines must still
+    #: open in little memory.
     KEPT_FIELDS = ("image", "sha256", "size", "mtime_ns", "ctime_ns", "result", "rejected_to", "threshold",
-                   "model_version")
+                   "model_version", "score")
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -630,8 +631,14 @@ def _judged_apart(records: list[dict[str, Any]], threshold: float, version: str)
         return ""
     seen = sorted({(float(r["threshold"]), str(r.get("model_version"))) for r in other if "threshold" in r})
     how = ", ".join(f"threshold {t:.6g} (model {v})" for t, v in seen[:3]) + (" and others" if len(seen) > 3 else "")
+    # whose verdict this threshold changes: only where the score is this model's
+    same = [r for r in other if r.get("model_version") == version and isinstance(r.get("score"), (int, float))]
+    flips = sum((float(r["score"]) > threshold) != (r["result"] == "fail") for r in same)
+    changed = (f" ({flips} of them would get the other verdict at it)" if same and len(same) == len(other) else
+               f" ({flips} of the {len(same)} by this model would get the other verdict at it)" if same else "")
     return (f"note: {len(other)} earlier result(s) were judged at {how}, not at this session's threshold "
-            f"{threshold:.6g} (model {version}); they stand as recorded, new images are judged at {threshold:.6g}")
+            f"{threshold:.6g} (model {version}){changed}; they stand as recorded, new images are judged at "
+            f"{threshold:.6g}")
 
 
 def _rejected_name(st: _State, key: str, sha: str) -> Path:
@@ -1085,7 +1092,9 @@ def add_parser(subparsers) -> None:
                         "net for missed events; between them only the files events name are looked at "
                         f"(default {RESCAN_INTERVAL:g})")
     w.add_argument("--settle", type=nonneg_float, default=None,
-                   help="seconds a file's size and time must stay unchanged before it is read (default: --poll)")
+                   help="seconds a file's size and time must stay unchanged before it is read (default: --poll); "
+                        f"a file that then does not decode is rejected after {MIN_GRACE:g} s more unchanged, or "
+                        "10 x --settle when longer (an upload may have stalled)")
     add_threshold_options(w, "fails")
     w.add_argument("--recursive", action="store_true", help="also watch sub-folders")
     w.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default)")

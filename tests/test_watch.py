@@ -137,7 +137,13 @@ def test_a_resumed_journal_judged_at_another_threshold_is_said(tmp_path):
     _res, lines = run_once(src, tmp_path / "out", threshold=0.9)
     notes = [line for line in lines if line.startswith("note:")]
     assert notes == ["note: 1 earlier result(s) were judged at threshold 0.1 (model v1), not at this session's "
-                     "threshold 0.9 (model v1); they stand as recorded, new images are judged at 0.9"]
+                     "threshold 0.9 (model v1) (1 of them would get the other verdict at it); they stand as recorded, "
+                     "new images are judged at 0.9"]
+    # at a threshold that keeps its verdict: how many were judged apart, and that none would change
+    _res, lines = run_once(src, tmp_path / "out", threshold=0.2)
+    assert [line for line in lines if line.startswith("note:")][0].startswith(
+        "note: 2 earlier result(s) were judged at threshold 0.1 (model v1), threshold 0.9 (model v1), not at this "
+        "session's threshold 0.2 (model v1) (")
     assert json.loads((tmp_path / "out" / "status.json").read_text())["threshold_source"] == "given to watch()"
     recs = {r["image"]: r for r in journal(tmp_path / "out")}
     assert (recs["a.png"]["threshold"], recs["a.png"]["result"]) == (0.1, "fail")
