@@ -1097,6 +1097,10 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         if not ckpt.is_file():
             if (out / MODEL_FILE).is_file():
                 raise RunError(f"{out}: the run is finished ({MODEL_FILE} is written); nothing to resume")
+            if OutputFolder.written_by(out) == "train":  # killed (kill -9, power loss) before its first checkpoint
+                raise RunError(f"{out}: nothing to resume: the run stopped before its first {CHECKPOINT_FILE} (one is "
+                               "written every --checkpoint-every steps); start it again with --overwrite instead of "
+                               "--resume")
             raise RunError(f"{out}: nothing to resume (no {CHECKPOINT_FILE})")
         folder = OutputFolder.open(out, lock=True, what="--out", command="train")
     else:

@@ -601,6 +601,21 @@ def test_run_folder_is_never_overwritten_silently(synthetic_root, tmp_path):
         train(_cfg(synthetic_root), tmp_path / "fresh", resume=True)
 
 
+def test_a_run_killed_before_its_first_checkpoint_says_how_to_start_again(synthetic_root, tmp_path):
+    """kill -9 before the first checkpoint leaves the run's folder with its config and log only:
+    --resume has nothing to go on, and says to start again with --overwrite, which works."""
+    from defect_fast.safety import OutputFolder
+
+    out = tmp_path / "run"
+    folder = OutputFolder.create(out, command="train")  # as a start leaves it, before any step is saved
+    folder.write_text("log.jsonl", "")
+    with pytest.raises(RunError, match=r"nothing to resume: the run stopped before its first checkpoint.pt .*"
+                                       r"start it again with --overwrite instead of --resume$"):
+        train(_cfg(synthetic_root, max_steps=[1, 1]), out, resume=True, progress=False)
+    assert (out / "model.pt").is_file() is False
+    assert train(_cfg(synthetic_root, max_steps=[1, 1]), out, progress=False, overwrite=True) == out / "model.pt"
+
+
 def test_overwrite_refuses_a_users_file_at_a_name_the_new_run_writes(synthetic_root, tmp_path):
     """A one-stage run's folder with the user's own stage2.pt in it: a two-stage run trained over
     it with --overwrite would write stage2.pt, so it is refused before anything is removed."""
