@@ -1169,6 +1169,10 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         train_idx, held_idx = _split(cfg, paths)
         if not resume:
             log(f"{len(paths)} images in {cfg.data}: {len(train_idx)} to train on, {len(held_idx)} held back for the thresholds")
+            if len(train_idx) < len(held_idx):  # at least 4 are held back: a handful of images leaves the model few
+                _warn(f"{cfg.data}: only {len(train_idx)} of the {len(paths)} images are left to train on, with "
+                      f"{len(held_idx)} held back for the thresholds; add defect-free images (or --holdback 0 to "
+                      "train on all of them, with optimistic thresholds set on training images)")
             _warn_duplicates(keys, paths, train_idx, held_idx)
         need = 2 if cfg.fit_on == "held-back" else 1  # to fit on and to calibrate on
         if cfg.normalize != "none" and len(held_idx) < need:

@@ -902,3 +902,20 @@ def test_an_awae_run_resumed_mid_epoch_ends_as_an_uninterrupted_one(synthetic_ro
     train(cfg, out, resume=True, progress=False, log=lambda s: None)
     a, b = load_checkpoint(out / "model.pt"), load_checkpoint(tmp_path / "clean" / "model.pt")
     assert _state_equal(a["model_state"], b["model_state"])
+
+
+def test_a_handful_of_images_that_leaves_fewer_to_train_on_than_held_back_is_warned_of(synthetic_root, tmp_path,
+                                                                                        capsys):
+    """Five images: four are held back for the thresholds (the minimum), one is left to train on,
+    which the count line alone did not make plain. Eight leave more to train on: no warning."""
+    import shutil
+
+    for n, warned in ((5, True), (8, False)):
+        data = tmp_path / f"data{n}"
+        data.mkdir()
+        for p in sorted((synthetic_root / "train" / "good").glob("*.png"))[:n]:
+            shutil.copy(p, data / p.name)
+        train(_cfg(data, max_steps=[1, 1]), tmp_path / f"run{n}", progress=False, log=lambda s: None)
+        err = capsys.readouterr().err
+        assert ("only 1 of the 5 images are left to train on, with 4 held back" in err) == warned, err
+        assert ("left to train on" in err) == warned, err
