@@ -162,7 +162,7 @@ class ImageThreshold:
         return asdict(self)
 
 
-def image_threshold(scores, far: float = DEFAULT_FAR, *, fallback: bool = True) -> ImageThreshold:
+def image_threshold(scores, far: float = DEFAULT_FAR, *, fallback: bool = True, images: str = "held-back") -> ImageThreshold:
     """Image threshold with expected false-alarm rate <= ``far`` from held-back scores.
 
     Args:
@@ -170,6 +170,8 @@ def image_threshold(scores, far: float = DEFAULT_FAR, *, fallback: bool = True) 
         far: target false-alarm rate in (0, 1).
         fallback: when n is too small for ``far``, use the largest score (expected FAR
             1 / (n + 1)) with a :class:`CalibrationWarning`; False raises instead.
+        images: what the scores' images are, in the note and the messages ("held-back", the
+            training run's; "calibration", images given after training).
 
     Returns:
         :class:`ImageThreshold` (the rule is in this module's docstring).
@@ -189,14 +191,14 @@ def image_threshold(scores, far: float = DEFAULT_FAR, *, fallback: bool = True) 
     desc = np.sort(s)[::-1]
     if k >= 1:
         # with the 95 % upper bound: one calibration set can give a threshold whose rate is well above the expected one
-        note = (f"threshold = {k}{_ordinal(k)} largest of {n} held-back scores: expected false-alarm rate "
+        note = (f"threshold = {k}{_ordinal(k)} largest of {n} {images} scores: expected false-alarm rate "
                 f"{k}/{n + 1} = {k / (n + 1):.4g} <= {far:g} (95 % upper bound {_beta_upper(k, n):.3g})")
         return ImageThreshold(float(desc[k - 1]), far, k / (n + 1), _beta_upper(k, n), n, k, need, True, note)
-    short = (f"far={far:g} needs at least {count_text(need)} held-back defect-free images (k/(n+1) <= far with k >= 1) "
+    short = (f"far={far:g} needs at least {count_text(need)} {images} defect-free images (k/(n+1) <= far with k >= 1) "
              f"but only {n} are at hand; the lowest expected false-alarm rate {n} allow is 1/{n + 1} = {1 / (n + 1):.4g}")
     if not fallback:
         raise CalibrationError(short)
-    note = short + f"; using the largest held-back score (95 % upper bound of its rate {_beta_upper(1, n):.3g})"
+    note = short + f"; using the largest {images} score (95 % upper bound of its rate {_beta_upper(1, n):.3g})"
     warnings.warn(note, CalibrationWarning, stacklevel=2)
     return ImageThreshold(float(desc[0]), far, 1 / (n + 1), _beta_upper(1, n), n, 1, need, False, note)
 
@@ -274,13 +276,13 @@ NAMED_IMAGES = 5
 
 
 def calibrate(scores, maps=None, far: float = DEFAULT_FAR, pixel_far: float = DEFAULT_PIXEL_FAR,
-              *, fallback: bool = True, names: Sequence[str] | None = None) -> dict[str, Any]:
+              *, fallback: bool = True, names: Sequence[str] | None = None, images: str = "held-back") -> dict[str, Any]:
     """Everything a model file stores about its thresholds, as a JSON-safe dict.
 
     Args:
         scores: image scores [n] of the held-back defect-free images.
         maps: their maps [n, H, W] (None: no pixel threshold).
-        far, pixel_far, fallback: as in :func:`image_threshold` / :func:`pixel_threshold`.
+        far, pixel_far, fallback, images: as in :func:`image_threshold` / :func:`pixel_threshold`.
         names: the images' names [n] (e.g. their files), or None. With few images the threshold
             is one image's score: naming it (and the next highest) lets a person look at the
             defect-free images the line's pass/fail rests on, e.g. a marked part among them.
@@ -295,7 +297,7 @@ def calibrate(scores, maps=None, far: float = DEFAULT_FAR, pixel_far: float = DE
         the threshold for another rate from them, after training).
     """
     pixel_far = _check_far(pixel_far, "pixel_far")  # stored even without maps; far is checked by image_threshold
-    it = image_threshold(scores, far, fallback=fallback)
+    it = image_threshold(scores, far, fallback=fallback, images=images)
     s = _scores_1d(scores, "held-back scores")
     out = {"image_threshold": it.threshold, **{k: v for k, v in it.to_dict().items() if k != "threshold"}}
     out.update(score_mean=float(s.mean()), score_std=float(s.std(ddof=1)) if s.size > 1 else 0.0, score_max=float(s.max()),
@@ -356,7 +358,8 @@ def threshold_at_far(calibration: Mapping[str, Any] | None, far: float) -> tuple
                                    f"file (written before every score was stored) holds the {len(named)} highest only, "
                                    f"enough for rates below {(len(named) + 1) / (n + 1):.4g}; give --threshold, or retrain")
         scores = [v for _n, v in named] + [named[-1][1]] * (n - len(named))  # ranks beyond k are not read
-    it = image_threshold(scores, far, fallback=False)
+    # a calibrate output's scores are of the images it was given, not of the run's held-back ones
+    it = image_threshold(scores, far, fallback=False, images="calibration" if cal.get("calibrated_from") else "held-back")
     it.note = f"set after training for far {far:g}: {it.note}"
     return it, (named[it.rank - 1][0] if it.rank <= len(named) else None)
 

@@ -1248,7 +1248,7 @@ class Detector(nn.Module):
         check_finite(res, names, None, self.precision, "defect-free images")
         if far is None:  # the rate asked before (it stays when a fit sets the thresholds aside)
             far = (self.calibration or {}).get("far") or DEFAULT_FAR
-        cal = calibrate_thresholds(res["scores"], res["maps"], far, names=names)
+        cal = calibrate_thresholds(res["scores"], res["maps"], far, names=names, images="calibration")
         cal["pixel_q999"] = colour_scale(res["maps"])
         self.calibration = cal
         return cal

@@ -431,3 +431,17 @@ def test_an_older_model_file_reaches_the_rate_of_its_lowest_named_score():
     it, name = threshold_at_far(old, 0.05)  # k = floor(0.05 * 100) = 5
     assert (it.threshold, it.rank, name) == (5.0, 5, "e.png")
     assert it.far_expected == pytest.approx(0.05)
+
+
+def test_the_note_names_the_images_its_scores_are_of():
+    """A run's thresholds rest on its held-back images; a calibrate output's on the images it was
+    given, which its notes called held-back too."""
+    scores = [float(v) for v in range(1, 100)]
+    run = calibrate(scores, far=0.05)
+    assert "largest of 99 held-back scores" in run["note"]
+    given = calibrate(scores, far=0.05, images="calibration")
+    assert "largest of 99 calibration scores" in given["note"]
+    assert "of 99 held-back scores" in threshold_at_far(run, 0.02)[0].note
+    assert "of 99 calibration scores" in threshold_at_far({**given, "calibrated_from": {"run": "r"}}, 0.02)[0].note
+    with pytest.warns(CalibrationWarning, match="needs at least 99 calibration defect-free images"):
+        image_threshold(scores[:5], 0.01, images="calibration")

@@ -336,6 +336,7 @@ def test_predict_batched_then_calibrate_and_normalise_share_the_detector():
     det.fit_normalization(x, images_per_batch=2)  # no_grad, same shapes: a workspace it may write
     cal = det.calibrate(x)
     assert cal["n_images"] == 5 and cal["score_std"] > 0 and "threshold_image" not in cal and cal["far"] == 0.01
+    assert "calibration defect-free images" in cal["note"]  # the images given, not a run's held-back ones
     cal = det.calibrate(x, names=list("abcde"))
     scores = det.predict_batched(x)["scores"]
     assert cal["threshold_image"] == "abcde"[int(scores.argmax())] and len(cal["highest_scores"]) == 5
