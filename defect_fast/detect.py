@@ -831,14 +831,22 @@ class Detector(nn.Module):
             if trunk is not None:
                 return trunk
         spare = getattr(self, "_spare_trunk", None) or {}
-        return dict(list(spare.items())[:2 * int(depth)]) if len(spare) >= 2 * int(depth) else None
+        if len(spare) < 2 * int(depth):
+            return None
+        # a spare whose first layers are not those a held module runs is another trunk (a fit given
+        # one replaced it): not mixed in, where the map and the context share their first layers
+        for module in (self.image_map, self.context):
+            if module is not None and any(not torch.equal(w, spare[k].to(w.device))
+                                          for k, w in module.trunk_weights(len(module.convs)).items()):
+                return None
+        return dict(list(spare.items())[:2 * int(depth)])
 
     def _stash_trunk(self) -> None:
-        """Keep the longest trunk of the map and the context (for :meth:`_held_trunk`) before a fit
-        replaces or drops either: fit_perceptual drops the context, which fit_context then fits
-        again on the same trunk."""
+        """Keep the longest trunk of the map and the context (for :meth:`_held_trunk`; of two as
+        long, the context's, the later fitted) before a fit replaces or drops either:
+        fit_perceptual drops the context, which fit_context then fits again on the same trunk."""
         for module in (self.image_map, self.context):
-            if module is not None and 2 * len(module.convs) > len(getattr(self, "_spare_trunk", None) or {}):
+            if module is not None and 2 * len(module.convs) >= len(getattr(self, "_spare_trunk", None) or {}):
                 self._spare_trunk = module.trunk_weights(len(module.convs))
 
     def _set_aside_thresholds(self, why: str) -> None:

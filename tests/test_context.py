@@ -735,3 +735,11 @@ def test_a_map_and_context_fitted_again_run_the_trunk_the_detector_holds(monkeyp
     for module in (det.image_map, det.context):
         for conv, (weight, bias) in zip(module.convs, held):
             assert torch.equal(conv.weight, weight) and torch.equal(conv.bias, bias)
+    # a map fitted on another trunk given by the caller: the context's old trunk is not mixed in
+    # under it (the two share their first layers); its weights are asked for instead
+    from defect_fast.losses.lpips import WeightsNotFound
+    from tests.test_perceptual import _trunk
+
+    det.fit_perceptual(normal, trunk=_trunk(seed=7))
+    with pytest.raises(WeightsNotFound):
+        det.fit_context(normal, calib, profile="rows")
