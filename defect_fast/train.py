@@ -1098,9 +1098,11 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
             if (out / MODEL_FILE).is_file():
                 raise RunError(f"{out}: the run is finished ({MODEL_FILE} is written); nothing to resume")
             if OutputFolder.written_by(out) == "train":  # killed (kill -9, power loss) before its first checkpoint
+                if (out / LOCK_NAME).is_file():  # or still training (RunInUse: in use by PID ...)
+                    RunLock(out).acquire().release()
                 raise RunError(f"{out}: nothing to resume: the run stopped before its first {CHECKPOINT_FILE} (one is "
-                               "written every --checkpoint-every steps); start it again with --overwrite instead of "
-                               "--resume")
+                               f"written every --checkpoint-every steps); start it again with the options it was "
+                               f"started with ({out / CONFIG_FILE}) and --overwrite instead of --resume")
             raise RunError(f"{out}: nothing to resume (no {CHECKPOINT_FILE})")
         folder = OutputFolder.open(out, lock=True, what="--out", command="train")
     else:
@@ -1170,9 +1172,11 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         if not resume:
             log(f"{len(paths)} images in {cfg.data}: {len(train_idx)} to train on, {len(held_idx)} held back for the thresholds")
             if len(train_idx) < len(held_idx):  # at least 4 are held back: a handful of images leaves the model few
+                advice = ("lower --holdback" if len(held_idx) > HOLDBACK_MIN else
+                          "add defect-free images (or --holdback 0 to train on all of them, with optimistic "
+                          "thresholds set on training images)")
                 _warn(f"{cfg.data}: only {len(train_idx)} of the {len(paths)} images are left to train on, with "
-                      f"{len(held_idx)} held back for the thresholds; add defect-free images (or --holdback 0 to "
-                      "train on all of them, with optimistic thresholds set on training images)")
+                      f"{len(held_idx)} held back for the thresholds; {advice}")
             _warn_duplicates(keys, paths, train_idx, held_idx)
         need = 2 if cfg.fit_on == "held-back" else 1  # to fit on and to calibrate on
         if cfg.normalize != "none" and len(held_idx) < need:

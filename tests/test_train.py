@@ -610,8 +610,18 @@ def test_a_run_killed_before_its_first_checkpoint_says_how_to_start_again(synthe
     folder = OutputFolder.create(out, command="train")  # as a start leaves it, before any step is saved
     folder.write_text("log.jsonl", "")
     with pytest.raises(RunError, match=r"nothing to resume: the run stopped before its first checkpoint.pt .*"
-                                       r"start it again with --overwrite instead of --resume$"):
+                                       r"start it again with the options it was started with \(.*config.json\) "
+                                       r"and --overwrite instead of --resume$"):
         train(_cfg(synthetic_root, max_steps=[1, 1]), out, resume=True, progress=False)
+    # a run still training before its first checkpoint (its lock held) is in use, not stopped
+    from defect_fast.safety import RunInUse, RunLock
+
+    lock = RunLock(out).acquire()
+    try:
+        with pytest.raises(RunInUse):
+            train(_cfg(synthetic_root, max_steps=[1, 1]), out, resume=True, progress=False)
+    finally:
+        lock.release()
     assert (out / "model.pt").is_file() is False
     assert train(_cfg(synthetic_root, max_steps=[1, 1]), out, progress=False, overwrite=True) == out / "model.pt"
 
@@ -917,5 +927,10 @@ def test_a_handful_of_images_that_leaves_fewer_to_train_on_than_held_back_is_war
             shutil.copy(p, data / p.name)
         train(_cfg(data, max_steps=[1, 1]), tmp_path / f"run{n}", progress=False, log=lambda s: None)
         err = capsys.readouterr().err
-        assert ("only 1 of the 5 images are left to train on, with 4 held back" in err) == warned, err
+        assert ("only 1 of the 5 images are left to train on, with 4 held back for the thresholds; add defect-free images" in err) \
+            == warned, err
         assert ("left to train on" in err) == warned, err
+    # more held back than trained on by a --holdback share above the minimum: that share is the cause
+    train(_cfg(tmp_path / "data8", max_steps=[1, 1], holdback=0.7), tmp_path / "run8b", progress=False,
+          log=lambda s: None)
+    assert "only 2 of the 8 images are left to train on, with 6 held back for the thresholds; lower --holdback" in capsys.readouterr().err
