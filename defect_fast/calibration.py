@@ -289,7 +289,7 @@ def calibrate(scores, maps=None, far: float = DEFAULT_FAR, pixel_far: float = DE
 
     Returns:
         ``{"image_threshold": float, "far": ..., "far_expected", "far_upper95", "n_images", "rank",
-        "n_needed", "sufficient", "note", "pixel_threshold": float | None, "pixel_far",
+        "n_needed", "sufficient", "note", "images": ``images``, "pixel_threshold": float | None, "pixel_far",
         "pixel_far_expected", "n_pixels", "score_mean", "score_std", "score_max"}``; with
         ``names`` also "threshold_image" (the image whose score is the threshold) and
         "highest_scores" ([[name, score], ...], the :data:`NAMED_IMAGES` highest, highest first);
@@ -299,7 +299,8 @@ def calibrate(scores, maps=None, far: float = DEFAULT_FAR, pixel_far: float = DE
     pixel_far = _check_far(pixel_far, "pixel_far")  # stored even without maps; far is checked by image_threshold
     it = image_threshold(scores, far, fallback=fallback, images=images)
     s = _scores_1d(scores, "held-back scores")
-    out = {"image_threshold": it.threshold, **{k: v for k, v in it.to_dict().items() if k != "threshold"}}
+    out = {"image_threshold": it.threshold, **{k: v for k, v in it.to_dict().items() if k != "threshold"},
+           "images": images}
     out.update(score_mean=float(s.mean()), score_std=float(s.std(ddof=1)) if s.size > 1 else 0.0, score_max=float(s.max()),
                held_back_scores=[float(v) for v in np.sort(s)[::-1]])
     if names is not None:
@@ -358,8 +359,9 @@ def threshold_at_far(calibration: Mapping[str, Any] | None, far: float) -> tuple
                                    f"file (written before every score was stored) holds the {len(named)} highest only, "
                                    f"enough for rates below {(len(named) + 1) / (n + 1):.4g}; give --threshold, or retrain")
         scores = [v for _n, v in named] + [named[-1][1]] * (n - len(named))  # ranks beyond k are not read
-    # a calibrate output's scores are of the images it was given, not of the run's held-back ones
-    it = image_threshold(scores, far, fallback=False, images="calibration" if cal.get("calibrated_from") else "held-back")
+    # what the scores' images are (files from before the record: a calibrate output's are the images it was given)
+    images = cal.get("images") or ("calibration" if cal.get("calibrated_from") else "held-back")
+    it = image_threshold(scores, far, fallback=False, images=images)
     it.note = f"set after training for far {far:g}: {it.note}"
     return it, (named[it.rank - 1][0] if it.rank <= len(named) else None)
 
