@@ -618,4 +618,4 @@ class ImageContext(FrozenTrunk):
 
 
 __all__ = ["IMAGE_SCORES", "ImageContext", "LAYERS", "PROFILES", "PROFILE_CHOICES", "checked_image_score", "grid_side",
-           "profile_across_streaks"]
+           "profile_across_streaks", "trunk_depth"]

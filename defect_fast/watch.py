@@ -1094,7 +1094,7 @@ def add_parser(subparsers) -> None:
     w.add_argument("--settle", type=nonneg_float, default=None,
                    help="seconds a file's size and time must stay unchanged before it is read (default: --poll); "
                         f"a file that then does not decode is rejected after {MIN_GRACE:g} s more unchanged, or "
-                        "10 x --settle when longer (an upload may have stalled)")
+                        "10 x --settle when longer (an upload may have stalled; with --once, at once)")
     add_threshold_options(w, "fails")
     w.add_argument("--recursive", action="store_true", help="also watch sub-folders")
     w.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default)")
