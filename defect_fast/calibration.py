@@ -181,7 +181,7 @@ def image_threshold(scores, far: float = DEFAULT_FAR, *, fallback: bool = True, 
             the images needed and the lowest rate that n allows).
     """
     far = _check_far(far)
-    s = _scores_1d(scores, "held-back scores")
+    s = _scores_1d(scores, f"{images} scores")
     n = s.size
     if n == 0:
         raise CalibrationError("no held-back defect-free images: cannot set an image threshold "
@@ -298,7 +298,7 @@ def calibrate(scores, maps=None, far: float = DEFAULT_FAR, pixel_far: float = DE
     """
     pixel_far = _check_far(pixel_far, "pixel_far")  # stored even without maps; far is checked by image_threshold
     it = image_threshold(scores, far, fallback=fallback, images=images)
-    s = _scores_1d(scores, "held-back scores")
+    s = _scores_1d(scores, f"{images} scores")
     out = {"image_threshold": it.threshold, **{k: v for k, v in it.to_dict().items() if k != "threshold"},
            "images": images}
     out.update(score_mean=float(s.mean()), score_std=float(s.std(ddof=1)) if s.size > 1 else 0.0, score_max=float(s.max()),

@@ -448,3 +448,7 @@ def test_the_note_names_the_images_its_scores_are_of():
     assert "of 99 held-back scores" in threshold_at_far(older, 0.02)[0].note
     with pytest.warns(CalibrationWarning, match="needs at least 99 calibration defect-free images"):
         image_threshold(scores[:5], 0.01, images="calibration")
+    with pytest.raises(ValueError, match="calibration scores contain NaN"):
+        calibrate(scores[:4] + [float("nan")], images="calibration")
+    with pytest.raises(ValueError, match="held-back scores contain NaN"):
+        calibrate(scores[:4] + [float("nan")])
