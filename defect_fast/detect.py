@@ -567,7 +567,9 @@ class Detector(nn.Module):
         then gives none); stored normalisation statistics
         (``state["normalization"]``), perceptual-map statistics (``state["perceptual"]``) and the image
         context (``state["context"]``; not with another ``map_kind`` than the stored one, whose
-        spread it was standardised by) are restored.
+        spread it was standardised by) are restored. With another ``map_kind``, the AlexNet trunk
+        of the perceptual map and the context left out is kept: a later :meth:`fit_perceptual` or
+        :meth:`fit_context` runs it, as on the stored kind, with no weights file.
         """
         return cls.from_state(load_model_state(run), device, map_kind, stride, smooth_sigma, where=run, **options)
 
@@ -607,12 +609,14 @@ class Detector(nn.Module):
         # on the stored map kind's maps only (another kind's are on another scale)
         stored_kind = stored_part("map kind", lambda: model.check_map(stored.get("map_kind")))
         same_kind = model.check_map(map_kind or stored_kind) == stored_kind
-        if state.get("context") and same_kind:
+        if state.get("context"):
             from .context import ImageContext
 
             context = stored_part("image context", lambda: ImageContext.from_state(state["context"]))
+        # another map kind leaves out the stored context and perceptual map; their trunk is kept
+        set_aside = [] if same_kind else [m for m in (perceptual, context) if m is not None]
         if not same_kind:
-            norm = {}
+            norm, context = {}, None
         calibration = state.get("calibration")
         changed = _changed_settings(stored, model, map_kind, stride, smooth_sigma, options.get("blend"))
         if changed and calibration:
@@ -635,12 +639,17 @@ class Detector(nn.Module):
         if options.get("blend") is None:
             options["blend"] = stored.get("blend", "none")
         try:
-            return cls(model, image_size=state["image_size"], map_kind=map_kind, stride=stride,
-                       device=resolve_device(device), calibration=calibration, smooth_sigma=smooth_sigma,
-                       norm_mean=norm.get("mean"), norm_std=norm.get("std"), perceptual=perceptual, context=context,
-                       **options)
+            detector = cls(model, image_size=state["image_size"], map_kind=map_kind, stride=stride,
+                           device=resolve_device(device), calibration=calibration, smooth_sigma=smooth_sigma,
+                           norm_mean=norm.get("mean"), norm_std=norm.get("std"), perceptual=perceptual,
+                           context=context, **options)
         except ValueError as exc:  # an inference setting this model cannot take: the user's, said in one line
             raise SettingError(f"{where}: {exc}") from None
+        if set_aside:  # a later fit_perceptual or fit_context runs the run's own trunk (no weights file)
+            longest = max(set_aside, key=lambda m: len(m.convs))
+            detector._spare_trunk = {k: w.to(detector.device) for k, w in
+                                     longest.trunk_weights(len(longest.convs)).items()}
+        return detector
 
     # -- the traced pipeline -------------------------------------------------------------------
     def _to_model_input(self, images: torch.Tensor) -> torch.Tensor:

@@ -743,3 +743,36 @@ def test_a_map_and_context_fitted_again_run_the_trunk_the_detector_holds(monkeyp
     det.fit_perceptual(normal, trunk=_trunk(seed=7))
     with pytest.raises(WeightsNotFound):
         det.fit_context(normal, calib, profile="rows")
+
+
+def test_a_detector_loaded_on_another_map_kind_keeps_the_trunk_for_a_later_fit(monkeypatch, tmp_path):
+    """``Detector.load(run, map_kind="residual")`` leaves out the stored perceptual map and context
+    (fitted on the stored kind's maps); a perceptual map or context fitted after it runs the trunk
+    the file carries, as on the stored kind, not one a weights file would give."""
+    import sys
+
+    import defect_fast.context as context
+    import defect_fast.perceptual as perceptual
+
+    monkeypatch.setattr(context, "ImageContext", RandomTrunkContext)
+    monkeypatch.setattr(perceptual, "PerceptualMap", random_trunk_map)
+    det = Detector(build_model("cmaae", memory_size=20), image_size=64, precision="float32")
+    to_u8 = lambda t: ((t + 1) * 127.5).round().to(torch.uint8)  # noqa: E731
+    normal, calib = to_u8(_surfaces(10, 64, seed=1)), to_u8(_surfaces(3, 64, seed=2))
+    det.fit_perceptual(normal)
+    det.fit_context(normal, calib, profile="rows")
+    held = [(conv.weight.clone(), conv.bias.clone()) for conv in det.context.convs]
+    det.save(tmp_path / "model.pt")
+    monkeypatch.setattr(context, "ImageContext", ImageContext)
+    monkeypatch.setattr(perceptual, "PerceptualMap", PerceptualMap)
+    monkeypatch.delenv("DEFECT_FAST_ALEXNET_WEIGHTS", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    other = Detector.load(tmp_path / "model.pt", "cpu", map_kind="residual", precision="float32")
+    assert other.image_map is None and other.context is None
+    other.fit_perceptual(normal)  # the order training fits them in (fit_perceptual drops a context)
+    other.fit_context(normal, calib, profile="rows")
+    for module, convs in ((other.context, 5), (other.image_map, 2)):
+        assert len(module.convs) == convs
+        for conv, (weight, bias) in zip(module.convs, held):
+            assert torch.equal(conv.weight, weight) and torch.equal(conv.bias, bias)
