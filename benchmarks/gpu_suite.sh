@@ -34,7 +34,8 @@
 # step that ends without its results file, or with rows it skipped, is not ok. OUTDIR must be new
 # (an earlier suite's results would be summarised as this run's). suite.json is rewritten after
 # every step. A failed CUDA build switches the kernels off for the later steps (DEFECT_FAST_CUDA=0);
-# a build cut off at its limit does not: the next step's build goes on from the objects it compiled.
+# a build cut off at its limit does not: it goes on from the objects it compiled, in a step of its
+# own (build_more), whose failure switches them off in turn.
 # The suite writes OUTDIR/suite.json (every step's status, seconds, log) and a one-screen summary.
 # --archive FILE.tar.gz also packs the whole OUTDIR (logs, results, suite.json) into that one file,
 # after every step and at the end, whatever the steps did: what to copy back from a remote GPU
@@ -372,15 +373,15 @@ fi
 [ "$DRY" = 1 ] || unset TORCH_CUDA_ARCH_LIST
 # the compiler's output in logs/build.log (a build cut off at its limit leaves no error log of its own)
 step build 240 gpu env DEFECT_FAST_VERBOSE_BUILD=1 "$PY" "$BUILD_PY" "$OUT/build.json" cuda
-# after the build step (its status in steps.tsv): BUILD_FAILED=1, and the kernels off for the later
-# steps, when it failed; a build cut off at its limit is continued by the next step's load (ninja
-# keeps the objects it compiled), so the kernels stay on
+# after the build step (its status in steps.tsv, or build_more's after it): BUILD_FAILED=1, and
+# the kernels off for the later steps, when it failed; a build cut off at its limit is continued
+# (ninja keeps the objects it compiled), so the kernels stay on: BUILD_CUT=1
 after_build() {
-  BUILD_FAILED=0
+  BUILD_FAILED=0 BUILD_CUT=0
   [ "$DRY" = 1 ] && return 0
-  case "$(awk -F '\t' '$1 == "build" {s = $2} END {print s}' "$STEPS_FILE")" in
+  case "$(awk -F '\t' '$1 == "build" || $1 == "build_more" {s = $2} END {print s}' "$STEPS_FILE")" in
     ok) ;;
-    timeout)
+    timeout) BUILD_CUT=1
       echo "  [note]         the CUDA build ran past its limit: the next step's build goes on with it" ;;
     *) BUILD_FAILED=1
        export DEFECT_FAST_CUDA=0   # every later process would compile the failing kernels again, for minutes
@@ -388,6 +389,12 @@ after_build() {
   esac
 }
 after_build
+# a build cut off goes on in a step of its own: one that then fails switches the kernels off here,
+# where in the later steps each would compile them again, to fail again
+if [ "$BUILD_CUT" = 1 ]; then
+  step build_more 120 gpu env DEFECT_FAST_VERBOSE_BUILD=1 "$PY" "$BUILD_PY" "$OUT/build.json" cuda
+  after_build
+fi
 
 # ---- the ops' own CUDA tests, before anything is timed on the kernels ------------------------
 OP_TESTS=(tests/test_ops_aw_ssim.py tests/test_ops_memory_address.py tests/test_ops_msfr.py)

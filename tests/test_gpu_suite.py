@@ -97,6 +97,23 @@ def test_a_failed_build_switches_the_kernels_off_and_one_cut_off_at_its_limit_do
     assert (tmp_path / "out" / "after_build").read_text().split() == [failed, kernels]
 
 
+@pytest.mark.parametrize("more,steps,kernels", [("exit(1)", ["build", "build_more"], "0"),
+                                                 ("exit(0)", ["build", "build_more"], "on")])
+def test_a_build_cut_off_goes_on_in_a_step_of_its_own_whose_failure_switches_the_kernels_off(
+        tmp_path, more, steps, kernels):
+    """A build cut off at its limit, whose rest then failed, was compiled again, to fail again, by
+    each later step: the rest now runs as build_more, and the suite's own block after it switches
+    the kernels off when it fails."""
+    block = re.search(r'^if \[ "\$BUILD_CUT" = 1 \]; then\n.*?^fi\n', SUITE.read_text(), flags=re.S | re.M)
+    assert block, "the build_more block not found in gpu_suite.sh"
+    build_py = tmp_path / "build_check.py"
+    build_py.write_text(f"import sys\nsys.{more}\n")
+    rows = _run_steps(tmp_path, {}, [f'BUILD_PY="{build_py}"', "step build 1 gpu sleep 5", "after_build",
+                                     block.group(0), 'echo "$BUILD_FAILED ${DEFECT_FAST_CUDA:-on}" > "$OUT/after_build"'])
+    assert [r[0] for r in rows] == steps and rows[0][1] == "timeout"
+    assert (tmp_path / "out" / "after_build").read_text().split() == ["1" if kernels == "0" else "0", kernels]
+
+
 def test_the_memory_check_runs_before_anything_is_timed():
     """The kernels have to compute the right values inside their buffers before their timings mean
     anything; the suite's deadline can cut its last steps, so memcheck may not be one of them."""
