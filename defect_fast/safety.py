@@ -741,7 +741,8 @@ def check_out_not_overlapping(out: str | os.PathLike, inputs: Iterable[str | os.
 
 def safe_output_file(path: str | os.PathLike, overwrite: bool, *, inputs: Iterable[str | os.PathLike] = (),
                      what: str = "output file", flag: str = "--overwrite") -> Path:
-    """Check that a single output file (e.g. ``--json``) may be written; touches nothing.
+    """Check that a single output file (e.g. ``--json``) may be written; leaves nothing behind
+    (a file created to see that one can be is removed at once).
 
     Refused: an existing folder at ``path``; an existing file without ``overwrite``; a device,
     pipe or socket, or a link to one (``/dev/stdout``), even with ``overwrite`` (the write would
@@ -793,7 +794,9 @@ def _listed_by_output_folder(p: Path) -> str | None:
 def _check_where_it_goes(p: Path, what: str) -> None:
     """Refuse an output whose nearest existing folder above it (or itself, for an existing
     folder) is not a folder, or one this process may not create entries in: said before any
-    work, where the first mkdir or write would fail after it."""
+    work, where the first mkdir or write would fail after it. The permission bits are not
+    enough: root passes them where nothing can be created (``/proc``, a read-only mount), so a
+    file is created there and removed at once."""
     for parent in (p, *p.parents):
         if parent == p and not p.is_dir():
             continue
@@ -802,6 +805,13 @@ def _check_where_it_goes(p: Path, what: str) -> None:
                 raise OutputRefused(f"{what} {p}: {parent} is not a folder")
             if not os.access(parent, os.W_OK | os.X_OK):
                 raise OutputRefused(f"{what} {p}: no permission to write in {parent}")
+            try:
+                fd, probe = tempfile.mkstemp(prefix=".defect_fast-probe-", dir=parent)
+            except OSError as exc:
+                raise OutputRefused(f"{what} {p}: cannot create files in {parent} "
+                                    f"({exc.strerror or type(exc).__name__})") from None
+            os.close(fd)
+            os.unlink(probe)
             return
 
 
@@ -896,7 +906,7 @@ class OutputFolder:
     @staticmethod
     def check(path: str | os.PathLike, *, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = (),
               what: str = "--out", command: str | None = None, names: Iterable[str] = ()) -> None:
-        """Raise :class:`OutputRefused` if :meth:`create` would refuse ``path``; touches nothing.
+        """Raise :class:`OutputRefused` if :meth:`create` would refuse ``path``; leaves nothing behind.
 
         Refused: an output overlapping an input (:func:`check_out_not_overlapping`); a path that
         is a file; a non-empty folder without the manifest (even with ``overwrite``); a folder

@@ -287,6 +287,24 @@ def test_an_output_under_a_file_or_a_folder_it_may_not_write_in_is_refused_befor
     assert sorted(x.name for x in tmp_path.iterdir()) == ["photo.png", "shut"]
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_a_folder_nothing_can_be_created_in_is_refused_before_any_work_as_root_too(tmp_path):
+    """Root passes the permission bits everywhere, /proc and read-only mounts included: there the
+    write failed only after the work (``evaluate --json /proc/m.json``). A file is created and
+    removed in the nearest existing folder instead; where that works, nothing is left."""
+    for out in (Path("/proc/m.json"), Path("/proc/new/m.json")):
+        with pytest.raises(OutputRefused, match=f"^output file {out}: (cannot create files|no permission to write) "
+                                                "in /proc"):
+            safe_output_file(out, False)
+    with pytest.raises(OutputRefused, match="^--out /proc/audit: (cannot create files|no permission to write) in /proc"):
+        OutputFolder.check("/proc/audit", command="audit")
+    (tmp_path / "out").mkdir()
+    safe_output_file(tmp_path / "out" / "m.json", False)
+    OutputFolder.check(tmp_path / "new", command="audit")
+    OutputFolder.check(tmp_path / "out", command="audit")
+    assert sorted(x.name for x in tmp_path.rglob("*")) == ["out"]
+
+
 def test_safe_output_file(tmp_path):
     p = tmp_path / "m.json"
     assert safe_output_file(p, False) == p
