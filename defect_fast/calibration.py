@@ -64,6 +64,7 @@ __all__ = [
     "operating_points",
     "pixel_threshold",
     "rates_at",
+    "scored_images",
     "holdback_count",
     "split_holdback",
     "stored_thresholds",
@@ -359,11 +360,17 @@ def threshold_at_far(calibration: Mapping[str, Any] | None, far: float) -> tuple
                                    f"file (written before every score was stored) holds the {len(named)} highest only, "
                                    f"enough for rates below {(len(named) + 1) / (n + 1):.4g}; give --threshold, or retrain")
         scores = [v for _n, v in named] + [named[-1][1]] * (n - len(named))  # ranks beyond k are not read
-    # what the scores' images are (files from before the record: a calibrate output's are the images it was given)
-    images = cal.get("images") or ("calibration" if cal.get("calibrated_from") else "held-back")
-    it = image_threshold(scores, far, fallback=False, images=images)
+    it = image_threshold(scores, far, fallback=False, images=scored_images(cal))
     it.note = f"set after training for far {far:g}: {it.note}"
     return it, (named[it.rank - 1][0] if it.rank <= len(named) else None)
+
+
+def scored_images(calibration: Mapping[str, Any] | None) -> str:
+    """What the images whose scores set a calibration's thresholds are, in a word: "held-back"
+    (training's) or "calibration" (:func:`calibrate`'s given images); files from before the
+    record: a ``calibrate`` output's are the images it was given."""
+    cal = calibration or {}
+    return cal.get("images") or ("calibration" if cal.get("calibrated_from") else "held-back")
 
 
 def stored_thresholds(calibration: Mapping[str, Any] | None, far: float | None = None) -> tuple[float | None, float | None, str]:
@@ -547,8 +554,9 @@ def evaluate_thresholds(scores, labels, calibration: Mapping[str, Any] | None = 
     Returns:
         ``{"f1_optimal": f1_optimal_threshold(...), "at_threshold": rates_at(...) or None when there
         is no threshold, "far_asked": the rate asked of the threshold or None, "far_expected",
-        "n_calibration_images", "threshold_source", "threshold_image": the calibration image
-        whose score the threshold is, when the model file names it, "operating_points":
+        "n_calibration_images", "threshold_source", "threshold_image": the image whose score the
+        threshold is, when the model file names it, "threshold_images": what the images of those
+        scores are (:func:`scored_images`), "operating_points":
         :func:`operating_points`}``; put ``at_threshold["false_alarm_rate"]`` next to ``far_asked``.
     """
     cal = dict(calibration or {})
@@ -556,7 +564,7 @@ def evaluate_thresholds(scores, labels, calibration: Mapping[str, Any] | None = 
     far_asked = far if far is not None else (cal.get("far") if threshold is None else None)  # the rate asked of it
     return {"f1_optimal": f1_optimal_threshold(scores, labels), "far_asked": far_asked,
             "far_expected": chosen.far_expected, "n_calibration_images": cal.get("n_images"),
-            "threshold_image": chosen.image_name,
+            "threshold_image": chosen.image_name, "threshold_images": scored_images(cal),
             "at_threshold": rates_at(scores, labels, chosen.image) if chosen.image is not None else None,
             "threshold_source": chosen.source, "operating_points": operating_points(scores, labels, cal)}
 
@@ -682,13 +690,16 @@ class ModelInfo:
         """From a model file's calibration dict; ``threshold`` overrides the stored image threshold,
         ``far`` sets it for that false-alarm rate from the stored held-back scores
         (:func:`threshold_at_far`; ``extra["far"]`` then says so).
-        ``extra["threshold_image"]``: the calibration image whose score the threshold is, when the
-        file names it and the threshold is not given on the command line."""
+        ``extra["threshold_image"]``: the image whose score the threshold is, when the file names
+        it and the threshold is not given on the command line; ``extra["threshold_images"]`` then
+        says what its images are (:func:`scored_images`)."""
         chosen = chosen_threshold(calibration, threshold, far)
+        named = {"threshold_image": chosen.image_name, "threshold_images": scored_images(calibration)} \
+            if chosen.image_name else {}
         if far is not None:
-            extra = {**extra, "far": far, **({"threshold_image": chosen.image_name} if chosen.image_name else {})}
+            extra = {**extra, "far": far, **named}
         elif chosen.image_name:
-            extra = {"threshold_image": chosen.image_name, **extra}
+            extra = {**named, **extra}
         return cls(image_size, name, version, chosen.image, chosen.pixel, extra={"threshold_source": chosen.source, **extra})
 
     @classmethod

@@ -69,11 +69,12 @@ def _print_thresholds(th: dict | None, out=None) -> None:
         print(th.get("threshold_source") or "no stored image threshold in the model file", file=out)
         return
     print(f"threshold: {th['threshold_source']}", file=out)
+    images = th.get("threshold_images") or "calibration"  # what the scores that set it were of
     if th.get("threshold_image"):
-        print(f"the threshold is the score of calibration image {th['threshold_image']}", file=out)
+        print(f"the threshold is the score of {images} image {th['threshold_image']}", file=out)
     # (a threshold given as a number was set from no rate: nothing asked or expected to say)
     asked = (f"; asked {_fmt(th.get('far_asked'))}, expected {_fmt(th.get('far_expected'))} from "
-             f"{th.get('n_calibration_images')} calibration images"
+             f"{th.get('n_calibration_images')} {images} images"
              if th.get("far_asked") is not None or th.get("far_expected") is not None else "")
     print(f"at that threshold {threshold_text(at['threshold'])}: false-alarm rate "
           f"{_fmt(at['false_alarm_rate'])} ({at['false_alarms']}/{at['n_good']} good images{asked}), miss rate "

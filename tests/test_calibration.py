@@ -20,6 +20,7 @@ from defect_fast.calibration import (
     operating_points,
     pixel_threshold,
     rates_at,
+    scored_images,
     split_holdback,
     stored_thresholds,
     threshold_at_far,
@@ -336,6 +337,12 @@ def test_a_threshold_for_another_rate_is_set_after_training_from_the_stored_scor
     ev = evaluate_thresholds(test, labels, cal, far=0.05)
     assert ev["at_threshold"] == rates_at(test, labels, desc[2])
     assert (ev["far_asked"], ev["far_expected"], ev["threshold_image"]) == (0.05, pytest.approx(3 / 61), name)
+    # what the images of those scores are, as the note says them: training's held back, calibrate's given
+    assert ev["threshold_images"] == info.extra["threshold_images"] == "held-back"
+    given = {**cal, "images": "calibration"}
+    assert evaluate_thresholds(test, labels, given, far=0.05)["threshold_images"] == "calibration"
+    assert ModelInfo.from_calibration(64, "ae-l2", "abc", given, far=0.05).extra["threshold_images"] == "calibration"
+    assert scored_images({"calibrated_from": "run"}) == "calibration" and scored_images(None) == "held-back"
 
 
 def test_older_model_files_give_the_rates_their_named_scores_reach():

@@ -410,7 +410,9 @@ def test_evaluate_reports_pass_fail_rates_and_never_replaces_json(tiny_run, synt
     at = th["at_threshold"]
     assert at["threshold"] == stored["image_threshold"] and th["far_asked"] == 0.01
     assert th["threshold_image"] == stored["threshold_image"] and Path(stored["threshold_image"]).is_file()
-    assert f"the threshold is the score of calibration image {stored['threshold_image']}\n" in out
+    # training's thresholds are set by its held-back images (calibrate's by the images it is given)
+    assert f"the threshold is the score of held-back image {stored['threshold_image']}\n" in out
+    assert th["threshold_images"] == "held-back" and f" from {th['n_calibration_images']} held-back images)" in out
     assert at["n_good"] + at["n_defective"] == 24 and 0 <= at["false_alarm_rate"] <= 1
     # the thresholds printed read back as the same numbers: given as --threshold, they flag the same images
     line = next(ln for ln in out.splitlines() if ln.startswith("F1-optimal image threshold "))
@@ -478,6 +480,7 @@ def test_far_sets_the_threshold_from_the_held_back_scores(tiny_run, synthetic_ro
     assert not (tmp_path / "r2.html").exists() and not (tmp_path / "w").exists()
     assert main(["watch", str(tiny_run), str(synthetic_root / "test" / "good"), "--out", str(tmp_path / "w2"), "--once",
                  "--far", f"{far:.6f}", "--device", "cpu"]) == 0
+    assert f"(the score of held-back image {cal['highest_scores'][1][0]})" in capsys.readouterr().out
     status = json.loads((tmp_path / "w2" / "status.json").read_text())
     assert status["threshold"] == cal["held_back_scores"][1] and status["threshold_source"].startswith("set after training")
 
