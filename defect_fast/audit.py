@@ -71,19 +71,6 @@ def _fit_minimum(cfg) -> int:
     return 2
 
 
-def _run_trunk(state: dict[str, Any]) -> dict[str, torch.Tensor] | None:
-    """The AlexNet trunk the run's model file carries (its image context's, else its perceptual
-    map's), for the folds' fits: they run the run's own trunk, and need no weights file."""
-    from .context import ImageContext
-    from .perceptual import PerceptualMap
-
-    for key, cls in (("context", ImageContext), ("perceptual", PerceptualMap)):
-        if state.get(key):
-            module = cls.from_state(state[key])
-            return module.trunk_weights(len(module.convs))
-    return None
-
-
 def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, device: str = "auto",
           overwrite: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Score every training image of ``run`` with a detector fitted without it; write ``out``.
@@ -105,7 +92,7 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
     from .data.dataset import load_train_images
     from .detect import Detector
     from .evaluate import check_finite
-    from .runs import RunError, load_model_state, model_file, model_from_state, resolve_device
+    from .runs import RunError, load_model_state, model_file, model_from_state, resolve_device, stored_trunk
     from .safety import OutputFolder, UsageError, atomic_open, output_stems
     from .train import TrainConfig, finish_run, fits_on_training_images, image_keys, images_digest
 
@@ -167,7 +154,7 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
     cfg.held_back = [str(paths[i]) for i in held_idx]  # the calibration's names, in the order of its images
     model = model_from_state(state, path)
     refitted = fits = fits_on_training_images(cfg, model)
-    trunk = _run_trunk(state)
+    trunk = stored_trunk(state)  # the folds run the run's own trunk, and need no weights file
     dev = resolve_device(device)
 
     entries: list[dict[str, Any]] = []

@@ -102,6 +102,21 @@ def model_from_state(state: dict[str, Any], path: Path | str = "model file") -> 
     return model
 
 
+def stored_trunk(state: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The AlexNet trunk a model dict carries (its image context's, else its perceptual map's;
+    the context's has more layers), as :meth:`~defect_fast.detect.Detector.fit_perceptual` and
+    ``fit_context`` take it (``trunk``): a refit runs the run's own trunk, with no weights file.
+    None when it has neither."""
+    from .context import ImageContext
+    from .perceptual import PerceptualMap
+
+    for key, cls in (("context", ImageContext), ("perceptual", PerceptualMap)):
+        if state.get(key):
+            module = cls.from_state(state[key])
+            return module.trunk_weights(len(module.convs))
+    return None
+
+
 def model_file(run: Path | str) -> Path:
     """``RUN/model.pt`` for a run folder, or the file itself; RunError when a folder has none."""
     run = Path(run)
@@ -142,5 +157,5 @@ def load_model_state(run: Path | str) -> dict[str, Any]:
 
 
 __all__ = ["RunError", "NonFiniteMaps", "resolve_device", "atomic_save", "load_checkpoint", "model_from_state", "model_file",
-           "load_model_state", "stage_file", "CONFIG_FILE", "CHECKPOINT_FILE", "MODEL_FILE",
+           "load_model_state", "stage_file", "stored_trunk", "CONFIG_FILE", "CHECKPOINT_FILE", "MODEL_FILE",
            "LOG_FILE", "CHECKPOINT_VERSION", "RESUME_KEYS", "STATE_KEYS"]

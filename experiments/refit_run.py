@@ -1,6 +1,8 @@
 """Recompute what a finished run stores beside its weights (map statistics, thresholds) with the
 current :func:`defect_fast.train.finish_run`, on the run's own held-back images; the weights are
-not touched. For runs trained before a change to finish_run.
+not touched, and the perceptual map and context run the AlexNet trunk the run carries (one it
+never had, a context added here, reads $DEFECT_FAST_ALEXNET_WEIGHTS). For runs trained before a
+change to finish_run.
 
     python3 experiments/refit_run.py RUN [--fit-on train|held-back] [--map-scales F ...] [--context | --no-context]
         [--context-profile none|rows|columns|auto] [--level-brightness | --no-level-brightness]
@@ -11,13 +13,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from defect_fast.data import load_train_images  # noqa: E402
-from defect_fast.runs import MODEL_FILE, atomic_save, load_model_state, model_from_state  # noqa: E402
+from defect_fast.runs import MODEL_FILE, atomic_save, load_model_state, model_from_state, stored_trunk  # noqa: E402
 from defect_fast.train import TrainConfig, finish_run  # noqa: E402
 
 
@@ -49,8 +49,13 @@ def main(run: str, fit_on: str | None = None, map_scales: list[int] | None = Non
         raise SystemExit(f"{run}: {len(held) - len(idx)} held-back image(s) are missing from {cfg.data}")
     train_idx = [i for i, p in enumerate(paths) if str(p) not in held]
     cfg.held_back = [str(paths[i]) for i in idx]  # in the order of their images (names in the calibration)
+    # the run's own trunk, as audit runs it; a context the run never had needs more layers than a
+    # map's trunk has: those come from $DEFECT_FAST_ALEXNET_WEIGHTS (all of them, for both)
+    trunk = stored_trunk(state)
+    if cfg.context and not state.get("context"):
+        trunk = None
     finished = finish_run(model_from_state(state), cfg, images[idx], "cpu", train_images=images[train_idx],
-                          context_images=images[train_idx])
+                          context_images=images[train_idx], trunk=trunk)
     for key in ("normalization", "perceptual", "context"):
         state.pop(key, None)
         if finished[key] is not None:
