@@ -44,9 +44,14 @@ map and overlay are written to temporary names, fsynced and renamed into place *
 journal line is appended with a single ``write`` on an ``O_APPEND`` descriptor and fsynced. At
 start the journal is read back (a torn last line, which only a crash in the middle of that write
 can leave, is cut off, and so is a last line that is no record though it ends in its newline),
-the set of done (path, SHA-256) pairs is rebuilt from it, and leftover
+the set of done (path, SHA-256) pairs of the files in ``IN_DIR`` is rebuilt from it (read one
+line at a time: what the service holds grows with the folder, not with the journal), and leftover
 temporary files are removed. An image whose line is missing is redone and overwrites its own map
-and overlay; one whose line exists is never redone. Bad files: the journal line (with the reason)
+and overlay; one whose line exists is never redone while it stays in the folder (rewritten with
+the same bytes, or touched, it is the same image). A file that left the folder (taken away by
+the line, or moved to ``rejected/``) and comes again under its name is a new arrival, judged
+again with a line of its own: a camera that names every frame alike, or counts from 0 again
+after a reboot, sends the same name, and a blank frame even the same bytes. Bad files: the journal line (with the reason)
 comes first, then the move to ``rejected/``; a move cut short by a crash is completed at start.
 One process per ``OUT_DIR`` (:class:`defect_fast.safety.RunLock`, an ``flock`` released by the
 kernel when the process dies).
@@ -92,7 +97,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
@@ -195,30 +200,51 @@ def _atomic_write(final: Path, write: Callable[[Path], None], sync: bool = True)
 class Journal:
     """The append-only results journal (one JSON object per line).
 
-    Opening it reads every line back, cuts off a torn last line (or completes it with its newline
-    when it is a whole JSON object; a last line that ends with its newline but is no record, which
-    a power loss can leave when a long line's earlier block was not written, is cut off as well),
-    and keeps of each record what a restart needs (:data:`KEPT_FIELDS`).
+    Opening it cuts off a torn last line (or completes it with its newline when it is a whole
+    JSON object; a last line that ends with its newline but is no record, which a power loss can
+    leave when a long line's earlier block was not written, is cut off as well); :meth:`read`
+    then gives every record back, one at a time, with what a restart needs of it
+    (:data:`KEPT_FIELDS`).
 
     Attributes:
-        records: the records read at opening, in order, with :data:`KEPT_FIELDS` only (appended
-            ones are only written).
-        repaired: a one-line description of what was repaired at opening ("" when nothing).
+        repaired: a one-line description of what was repaired at opening, and of the lines
+            :meth:`read` skipped once it has run ("" when nothing).
     """
 
     #: What a restart reads back of each line: the done set, the counts, the unfinished moves of
     #: rejected files and the note on earlier thresholds (with the verdicts this one would change).
-    #: A line's regions and file names are not kept: a journal of millions of lines must still
-    #: open in little memory.
+    #: A line's regions and file names are not kept, and no line is kept after it is read: a
+    #: journal of millions of lines must still open in little memory.
     KEPT_FIELDS = ("image", "sha256", "size", "mtime_ns", "ctime_ns", "result", "rejected_to", "threshold",
                    "model_version", "score")
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.records: list[dict[str, Any]] = []
         self.repaired = ""
-        self._repair_and_load()
+        if self.path.exists():
+            with open(self.path, "r+b") as f:
+                self.repaired = self._repair_tail(f)
+                if self.repaired:
+                    f.flush()
+                    os.fsync(f.fileno())
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def read(self) -> Iterator[dict[str, Any]]:
+        """The records written so far, in order, with :data:`KEPT_FIELDS` only, read one line at a
+        time (the file may be far larger than memory should hold); unreadable lines are skipped,
+        and counted in :attr:`repaired` once the last is read."""
+        bad = 0
+        with open(self.path, "rb") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                rec = self._record(line)
+                if rec is None:
+                    bad += 1
+                    continue
+                yield {k: rec[k] for k in self.KEPT_FIELDS if k in rec}
+        if bad:
+            self.repaired = "; ".join(filter(None, (self.repaired, f"skipped {bad} unreadable line(s)")))
 
     @staticmethod
     def _record(line: bytes) -> dict[str, Any] | None:
@@ -257,29 +283,6 @@ class Journal:
             f.truncate(pos + start)
             return f"cut off an unreadable last line ({len(line)} bytes)"
         return ""
-
-    def _repair_and_load(self) -> None:
-        if not self.path.exists():
-            return
-        with open(self.path, "r+b") as f:
-            note = self._repair_tail(f)
-            if note:
-                f.flush()
-                os.fsync(f.fileno())
-        notes = [note] if note else []
-        bad = 0
-        with open(self.path, "rb") as f:
-            for line in f:  # one line at a time: the file may be far larger than memory should hold
-                if not line.strip():
-                    continue
-                rec = self._record(line)
-                if rec is None:
-                    bad += 1
-                    continue
-                self.records.append({k: rec[k] for k in self.KEPT_FIELDS if k in rec})
-        if bad:
-            notes.append(f"skipped {bad} unreadable line(s)")
-        self.repaired = "; ".join(notes)
 
     def append(self, record: Mapping[str, Any]) -> None:
         """Append one record as one line: a single write on the O_APPEND descriptor, then fsync."""
@@ -338,7 +341,10 @@ class _State:
     out: Path
     journal: Journal
     threshold_source: str | None = None  # what set the threshold (status.json)
-    done: set[tuple[str, str]] = field(default_factory=set)
+    # what was judged of the files in IN_DIR: key -> the contents (sha256) judged under that name, and
+    # the signature of the last; a key leaves with its file (a file sent again after is a new arrival),
+    # so that memory follows the folder, not the journal
+    done: dict[str, set[str]] = field(default_factory=dict)
     done_sig: dict[str, Signature] = field(default_factory=dict)
     pending: dict[str, _Pending] = field(default_factory=dict)
     totals: _Counts = field(default_factory=_Counts)
@@ -392,41 +398,113 @@ def _move(src: Path, dest: Path, sig: Signature | None = None) -> None:
     src.unlink()
 
 
-def _recover(st: _State, log: Callable[[str], None]) -> None:
-    """Rebuild the done set and counts from the journal; finish cut-short moves; drop temp files."""
-    for rec in st.journal.records:
+def _mark_done(st: _State, key: str, sha: str, sig: Signature | None) -> None:
+    st.done.setdefault(key, set()).add(sha)
+    if sig is not None:
+        st.done_sig[key] = sig
+
+
+def _forget(st: _State, keys: Iterable[str]) -> None:
+    """Drop what was judged under ``keys``, whose files left IN_DIR: one sent again is judged again."""
+    for key in keys:
+        st.done.pop(key, None)
+        st.done_sig.pop(key, None)
+
+
+class _JudgedApart:
+    """The note :func:`_judged_apart` gives, gathered one record at a time (the journal is read once)."""
+
+    def __init__(self, threshold: float, version: str):
+        self.threshold, self.version = threshold, version
+        self.other = self.same = self.flips = 0
+        self.seen: set[tuple[float, str]] = set()
+
+    def add(self, r: Mapping[str, Any]) -> None:
+        if r.get("result") not in ("pass", "fail") or (r.get("threshold") == self.threshold
+                                                       and r.get("model_version") == self.version):
+            return
+        self.other += 1
+        if "threshold" in r and len(self.seen) < 1000:  # named: the first three, in order
+            self.seen.add((float(r["threshold"]), str(r.get("model_version"))))
+        # whose verdict this threshold changes: only where the score is this model's
+        if r.get("model_version") == self.version and isinstance(r.get("score"), (int, float)):
+            self.same += 1
+            self.flips += (float(r["score"]) > self.threshold) != (r["result"] == "fail")
+
+    def note(self) -> str:
+        if not self.other:
+            return ""
+        seen, threshold = sorted(self.seen), self.threshold
+        how = ", ".join(f"threshold {t:.6g} (model {v})" for t, v in seen[:3]) + (" and others" if len(seen) > 3 else "")
+        changed = (f" ({self.flips} of them would get the other verdict at it)" if self.same and self.same == self.other
+                   else f" ({self.flips} of the {self.same} by this model would get the other verdict at it)"
+                   if self.same else "")
+        return (f"note: {self.other} earlier result(s) were judged at {how}, not at this session's threshold "
+                f"{threshold:.6g} (model {self.version}){changed}; they stand as recorded, new images are judged at "
+                f"{threshold:.6g}")
+
+
+def _judged_apart(records: Iterable[Mapping[str, Any]], threshold: float, version: str) -> str:
+    """A note when earlier pass/fail results of a resumed journal were judged at another image
+    threshold or by another model file than this session's ("" when none were): they stand as
+    they were (an image already judged is not judged again), so a line audit should know."""
+    apart = _JudgedApart(threshold, version)
+    for r in records:
+        apart.add(r)
+    return apart.note()
+
+
+def _recover(st: _State, log: Callable[[str], None], present: Iterable[str] | None = None) -> tuple[int, str]:
+    """Rebuild the counts from the journal, and the done set of the files in IN_DIR (``present``,
+    their keys; None: every file the journal names); finish cut-short moves; drop temp files.
+    Returns how many records the journal holds and :func:`_judged_apart`'s note on them."""
+    present = None if present is None else set(present)
+    apart = _JudgedApart(st.threshold, st.info.version)
+    n = 0
+    for rec in st.journal.read():
+        n += 1
+        apart.add(rec)
         key = rec["image"]
-        st.done.add((key, rec["sha256"]))
+        sig = None
         if "size" in rec and "mtime_ns" in rec:
-            st.done_sig[key] = ((rec["size"], rec["mtime_ns"], rec["ctime_ns"]) if "ctime_ns" in rec
-                                else (rec["size"], rec["mtime_ns"]))
+            sig = (rec["size"], rec["mtime_ns"], rec["ctime_ns"]) if "ctime_ns" in rec else (rec["size"], rec["mtime_ns"])
         st.totals.add(rec.get("result", "rejected"))
-        if rec.get("result") == "rejected" and rec.get("rejected_to"):
-            st.rejected_names.add(rec["rejected_to"])
-            src, dest = st.in_dir / key, st.out / rec["rejected_to"]
-            if src.is_file():
-                # the very file judged (its size and times), not one sent again with the same name and bytes
-                judged = st.done_sig.get(key) if "size" in rec and "mtime_ns" in rec else None
-                try:
-                    same = _same_signature(judged, _signature(src)) and file_sha256(src) == rec["sha256"]
-                    copied = same and dest.is_file() and file_sha256(dest) == rec["sha256"]
-                except OSError:
-                    same = copied = False
-                try:
-                    if copied:  # a move across file systems cut short after its copy was in place
-                        src.unlink()
-                        log(f"removed {src}: its copy in {dest} was complete (the move was cut short before)")
-                    elif same and not dest.exists():
-                        _move(src, dest, judged)
-                        log(f"moved {src} to {dest} (the move was cut short before)")
-                except OSError as exc:  # e.g. no permission in the drop folder: judged, left in place
-                    log(f"cannot move rejected {src} to {dest} ({exc.strerror or exc}); left where it is")
+        if rec.get("result") != "rejected" or not rec.get("rejected_to") or sig is None:
+            if present is None or key in present:  # (a line without its file's times: by its content)
+                _mark_done(st, key, rec["sha256"], sig)
+            continue
+        # a rejected file was moved away: one at its name is a new arrival, unless it is the very
+        # file judged (its size and times), whose move was cut short, or failed
+        st.rejected_names.add(rec["rejected_to"])
+        src, dest = st.in_dir / key, st.out / rec["rejected_to"]
+        if not src.is_file():
+            continue
+        try:
+            same = _same_signature(sig, _signature(src)) and file_sha256(src) == rec["sha256"]
+            copied = same and dest.is_file() and file_sha256(dest) == rec["sha256"]
+        except OSError:
+            same = copied = False
+        if not same:
+            continue
+        try:
+            if copied:  # a move across file systems cut short after its copy was in place
+                src.unlink()
+                log(f"removed {src}: its copy in {dest} was complete (the move was cut short before)")
+            elif not dest.exists():
+                _move(src, dest, sig)
+                log(f"moved {src} to {dest} (the move was cut short before)")
+            else:
+                _mark_done(st, key, rec["sha256"], sig)
+        except OSError as exc:  # e.g. no permission in the drop folder: judged, left in place
+            _mark_done(st, key, rec["sha256"], sig)
+            log(f"cannot move rejected {src} to {dest} ({exc.strerror or exc}); left where it is")
     ours = re.compile(re.escape(TMP_PREFIX) + r"\d+-")  # as _atomic_write names them: a user's ".tmp-notes" stays
     for sub in (MAPS, OVERLAYS, REJECTED, "."):
         folder = st.out / sub
         for p in folder.glob(f"{TMP_PREFIX}*"):
             if ours.match(p.name):
                 p.unlink(missing_ok=True)
+    return n, apart.note()
 
 
 def _check_out(out: Path) -> None:
@@ -549,33 +627,42 @@ def _update(st: _State, keys: set[str], recursive: bool, log: Callable[[str], No
             lst = os.lstat(path)
         except (FileNotFoundError, NotADirectoryError):
             lst = None
-        except OSError as exc:
+        except OSError as exc:  # there, but not to be looked at now: what was judged of it is kept
             _skipping(st, path, exc, log)
-            lst = None
+            st.known.pop(key, None)
+            looked.add(key)
+            continue
         if lst is None or stat_mod.S_ISDIR(lst.st_mode):  # gone (a file or a folder), or a folder
             was_file = st.known.pop(key, None) is not None
+            gone = {key}
             # a folder moved away or in (not a known file gone): what was known under it, what is there now
             if recursive and not (lst is None and was_file):
                 prefix = key + "/"
                 for k in [k for k in st.known if k.startswith(prefix)]:
                     del st.known[k]
                     looked.add(k)
+                    gone.add(k)
                 if lst is not None and path.resolve() != st.out.resolve():
                     sub = _scan(st, recursive, log, root=path)
                     st.known.update(sub)
                     looked.update(sub)
+                    gone.difference_update(sub)
+            _forget(st, gone)
             looked.add(key)
             continue
         try:
             s = os.stat(path)  # a link is followed, as the folder scan does
         except (FileNotFoundError, NotADirectoryError):
             s = None
-        except OSError as exc:
+        except OSError as exc:  # there, but not to be looked at now: what was judged of it is kept
             _skipping(st, path, exc, log)
-            s = None
+            st.known.pop(key, None)
+            looked.add(key)
+            continue
         entry = _entry(st, path, s, log) if s is not None and stat_mod.S_ISREG(s.st_mode) else None
         if entry is None:
             st.known.pop(key, None)
+            _forget(st, [key])
         else:
             st.known[key] = entry
         looked.add(key)
@@ -621,26 +708,6 @@ def _base_record(st: _State, key: str, path: Path, sha: str, sig: Signature) -> 
             "model": st.info.name, "model_version": st.info.version, "time": _now_iso()}
 
 
-def _judged_apart(records: list[dict[str, Any]], threshold: float, version: str) -> str:
-    """A note when earlier pass/fail results of a resumed journal were judged at another image
-    threshold or by another model file than this session's ("" when none were): they stand as
-    they were (an image already judged is not judged again), so a line audit should know."""
-    other = [r for r in records if r.get("result") in ("pass", "fail")
-             and (r.get("threshold") != threshold or r.get("model_version") != version)]
-    if not other:
-        return ""
-    seen = sorted({(float(r["threshold"]), str(r.get("model_version"))) for r in other if "threshold" in r})
-    how = ", ".join(f"threshold {t:.6g} (model {v})" for t, v in seen[:3]) + (" and others" if len(seen) > 3 else "")
-    # whose verdict this threshold changes: only where the score is this model's
-    same = [r for r in other if r.get("model_version") == version and isinstance(r.get("score"), (int, float))]
-    flips = sum((float(r["score"]) > threshold) != (r["result"] == "fail") for r in same)
-    changed = (f" ({flips} of them would get the other verdict at it)" if same and len(same) == len(other) else
-               f" ({flips} of the {len(same)} by this model would get the other verdict at it)" if same else "")
-    return (f"note: {len(other)} earlier result(s) were judged at {how}, not at this session's threshold "
-            f"{threshold:.6g} (model {version}){changed}; they stand as recorded, new images are judged at "
-            f"{threshold:.6g}")
-
-
 def _rejected_name(st: _State, key: str, sha: str) -> Path:
     """Where a rejected file goes: OUT/rejected/ under its relative path ("/" -> "__", as
     :func:`output_name`), with its content's 12 hex digits when that name is taken, and a count
@@ -660,7 +727,7 @@ def _reject(st: _State, key: str, path: Path, sha: str, sig: Signature, reason: 
     rec.update(result="rejected", reason=reason, rejected_to=dest.relative_to(st.out).as_posix())
     st.rejected_names.add(rec["rejected_to"])
     st.journal.append(rec)
-    st.done.add((key, sha))
+    _mark_done(st, key, sha, None)
     st.totals.add("rejected")
     st.session.add("rejected")
     st.last = {"image": key, "result": "rejected", "reason": reason, "time": rec["time"]}
@@ -694,7 +761,7 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
             st.unreadable[key] = sig
             log(f"cannot read {path} ({exc}); skipped until it changes")
             continue
-        if (key, sha) in st.done:  # same content already judged (e.g. touched, or journal lacked size)
+        if sha in st.done.get(key, ()):  # same content already judged (e.g. touched, or journal lacked size)
             st.done_sig[key] = sig
             st.pending.pop(key, None)
             log(f"{path}: the same content as when it was judged before; not judged again")
@@ -798,8 +865,7 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
                        map_size=list(m.shape[-2:][::-1]),  # (width, height) of the map and its region boxes: the photo's
                        map=map_path.relative_to(st.out).as_posix(), overlay=ov_path.relative_to(st.out).as_posix())
             st.journal.append(rec)
-            st.done.add((key, sha))
-            st.done_sig[key] = sig
+            _mark_done(st, key, sha, sig)
             st.totals.add(result)
             st.session.add(result)
             st.last = {"image": key, "result": result, "score": score, "time": rec["time"]}
@@ -985,9 +1051,6 @@ def watch(
     old_handlers: dict[int, Any] = {}
     observer = events = None
     try:
-        if journal.repaired:
-            log(f"{journal.path}: {journal.repaired}")
-        _recover(st, log)
         if handle_signals and threading.current_thread() is threading.main_thread():
             def on_signal(signum, frame):
                 if not stop.is_set():
@@ -1002,15 +1065,20 @@ def watch(
             events = _Events(wake)
             watched = _identity(in_dir)
             observer = _start_observer(in_dir, recursive, events, log)
+        # the first listing, after the observer started (what comes after it has its events): the
+        # done set is of the files in the folder only (one judged and gone since is not kept)
+        st.known = _scan(st, recursive, log)
+        listed = time.monotonic()
+        n_records, judged_apart = _recover(st, log, st.known.keys())
+        if journal.repaired:
+            log(f"{journal.path}: {journal.repaired}")
         c = st.totals
         log(f"watching {in_dir} -> {out} | model {info.name} {info.version} | threshold {st.threshold:.6g} | "
-            f"{len(journal.records)} earlier result(s): pass {c.passed} fail {c.failed} rejected {c.rejected}")
-        judged_apart = _judged_apart(journal.records, st.threshold, info.version)
+            f"{n_records} earlier result(s): pass {c.passed} fail {c.failed} rejected {c.rejected}")
         if judged_apart:
             log(judged_apart)
-        journal.records.clear()  # read back once; the done set holds what the service needs
         _write_status(st, "running")
-        listed = -float("inf")
+        first = True
         while not stop.is_set():
             if events is not None and _identity(in_dir) != watched:  # renamed away or removed: the watch went with it
                 if observer is not None:
@@ -1023,10 +1091,14 @@ def watch(
                 listed = -float("inf")
             live = events is not None and observer is not None
             paths, overflow = events.take() if live else (set(), True)
-            if overflow or time.monotonic() - listed >= rescan_interval:  # the whole folder
+            if first:  # the listing of the start
+                keys, first = st.known.keys(), False
+            elif overflow or time.monotonic() - listed >= rescan_interval:  # the whole folder
                 listed = time.monotonic()
                 st.known = _scan(st, recursive, log)
                 keys = st.known.keys()
+                if in_dir.is_dir():  # (a folder gone for a moment, a remount, forgets nothing)
+                    _forget(st, [k for k in st.done if k not in st.known])
             else:  # only what events named, and what waits to settle
                 keys = _update(st, _event_keys(st, paths, recursive) | set(st.pending), recursive, log)
             ready = _ready(st, keys, settle)

@@ -492,12 +492,14 @@ def test_a_black_16_bit_frame_leaves_the_bit_depth_advice_for_a_dark_one(tmp_pat
     assert {r["image"]: r["result"] for r in journal(out)} == {"a_black.png": "rejected", "b_dark.png": "rejected"}
 
 
-def test_the_journal_keeps_no_record_in_memory_after_writing_it(tmp_path):
+def test_the_journal_keeps_no_record_in_memory_after_writing_or_reading_it(tmp_path):
     j = Journal(tmp_path / "results.jsonl")
     j.append({"image": "a.png", "sha256": "0" * 64, "result": "pass"})
-    assert j.records == []
+    assert not hasattr(j, "records")
     j.close()
-    assert Journal(tmp_path / "results.jsonl").records[0]["image"] == "a.png"
+    j = Journal(tmp_path / "results.jsonl")
+    assert [r["image"] for r in j.read()] == ["a.png"] and not hasattr(j, "records")
+    j.close()
 
 
 def test_status_says_error_when_the_service_dies(tmp_path):
@@ -672,11 +674,12 @@ def test_an_unreadable_last_line_ending_in_a_newline_is_cut(tmp_path):
     j = Journal(path)
     j.close()
     assert "unreadable last line" in j.repaired and path.read_bytes() == good
-    assert j.records == [{"image": "a.png", "sha256": "00", "result": "pass"}]  # what a restart needs only
+    assert list(j.read()) == [{"image": "a.png", "sha256": "00", "result": "pass"}]  # what a restart needs only
     path.write_bytes(good + b"zz\n" + good)  # within the file: skipped, and left as it is
     j = Journal(path)
     j.close()
-    assert j.repaired == "skipped 1 unreadable line(s)" and len(j.records) == 2 and path.read_bytes().count(b"\n") == 3
+    assert j.repaired == "" and len(list(j.read())) == 2 and path.read_bytes().count(b"\n") == 3
+    assert j.repaired == "skipped 1 unreadable line(s)"
 
 
 def test_a_folder_of_the_users_is_refused_as_the_results_folder(tmp_path):
@@ -861,7 +864,8 @@ def test_a_move_across_file_systems_leaves_a_file_that_changed_in_place(tmp_path
 def test_a_rejected_file_sent_again_is_not_removed_at_the_next_start(tmp_path):
     """At start, a rejected file still in the drop folder was taken for a move cut short, and
     removed when its copy in rejected/ had the same bytes: a camera sending the same bad file
-    again under the same name lost it."""
+    again under the same name lost it. It is a new arrival: judged, with its own line, and set
+    aside beside the first."""
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
     bad = png_bytes(2)[:60]
@@ -871,8 +875,10 @@ def test_a_rejected_file_sent_again_is_not_removed_at_the_next_start(tmp_path):
     time.sleep(0.01)
     (src / "bad.png").write_bytes(bad)
     _, lines = run_once(src, out)
-    assert (src / "bad.png").read_bytes() == bad and (out / "rejected" / "bad.png").read_bytes() == bad
     assert not any("removed" in line or "cut short" in line for line in lines)
+    recs = journal(out)
+    assert [r["image"] for r in recs] == ["bad.png", "bad.png"] and recs[1]["rejected_to"] != recs[0]["rejected_to"]
+    assert [(out / r["rejected_to"]).read_bytes() for r in recs] == [bad, bad] and not (src / "bad.png").exists()
 
 
 def test_the_journal_names_each_image_by_an_absolute_path(tmp_path, monkeypatch):
@@ -927,3 +933,80 @@ def test_images_are_judged_in_the_order_they_were_written(tmp_path):
     os.utime(src / "b.png", ns=(t, t - 10**10))  # b written 10 s before a
     run_once(src, tmp_path / "out")
     assert [r["image"] for r in journal(tmp_path / "out")] == ["b.png", "a.png"]
+
+
+def test_a_file_sent_again_after_it_left_the_folder_is_judged_again(tmp_path):
+    """A camera that names every frame alike (or counts from 0 again after a reboot) sends the same
+    name again, a blank frame even the same bytes: once the first left the folder (moved to
+    rejected/, or taken away by the line), the second is a new arrival, with its own line. One
+    still in the folder, touched or copied over with the same bytes, is not judged again."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    blank = np.full((SIZE, SIZE, 3), 0, np.uint8)
+    Image.fromarray(blank).save(src / "frame.png")
+    (src / "part.png").write_bytes(png_bytes(1))
+    run_once(src, out)
+    assert not (src / "frame.png").exists()  # set aside as blank
+    Image.fromarray(blank).save(src / "frame.png")  # the same bytes again
+    (src / "part.png").write_bytes(png_bytes(1))  # rewritten in place, the same bytes: the same image
+    _, lines = run_once(src, out)
+    recs = journal(out)
+    assert [r["image"] for r in recs].count("frame.png") == 2 and all(r["result"] == "rejected" for r in recs[::2])
+    assert [r["image"] for r in recs].count("part.png") == 1
+    assert any("part.png: the same content as when it was judged before" in line for line in lines)
+    assert len(list((out / "rejected").iterdir())) == 2 and not (src / "frame.png").exists()
+
+
+@pytest.mark.parametrize("events", [True, False])
+def test_a_file_taken_away_while_the_service_runs_and_sent_again_is_judged_again(tmp_path, events):
+    """Seen gone by its event, or by the next listing (no events): what was judged under its name
+    is forgotten, and the same bytes sent again get a line of their own."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / "part.png").write_bytes(png_bytes(1))
+    stop = threading.Event()
+    t, _, _ = _serve(src, out, stop, use_watchdog=events, rescan_interval=3600 if events else 0.1)
+    try:
+        assert _wait_for(out, 1) == 1
+        (src / "part.png").unlink()  # taken away by the line, then sent again
+        time.sleep(0.5)
+        (src / "part.png").write_bytes(png_bytes(1))
+        assert _wait_for(out, 2) == 2
+    finally:
+        stop.set()
+        t.join(timeout=20)
+    assert [r["image"] for r in journal(out)] == ["part.png", "part.png"]
+
+
+def test_a_restart_keeps_in_memory_only_what_was_judged_of_the_files_still_in_the_folder(tmp_path):
+    """A line judging an image a second keeps a journal of millions of lines: what a restart reads
+    back of it must not grow with it (the done set of files long gone, or the records)."""
+    import tracemalloc
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / "kept.png").write_bytes(png_bytes(1))
+    run_once(src, out)
+    first = journal(out)[0]
+    lines = [json.dumps({**first, "image": f"gone/{i:06d}.png", "sha256": f"{i:064x}"}) for i in range(20000)]
+    with open(out / "results.jsonl", "a") as f:
+        f.write("\n".join(lines) + "\n")
+    seen = {}
+    real = watch_mod._recover
+
+    def recover(st, log, present=None):
+        out_ = real(st, log, present)
+        seen.update(done=dict(st.done), total=st.totals.as_dict()["total"])
+        return out_
+
+    watch_mod._recover = recover
+    try:
+        tracemalloc.start()
+        _, said = run_once(src, out)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    finally:
+        watch_mod._recover = real
+    assert seen["done"] == {"kept.png": {first["sha256"]}} and seen["total"] == 20001
+    assert any("20001 earlier result(s)" in line for line in said)
+    assert peak < 8 * 2**20, f"{peak / 2**20:.1f} MiB traced while reading back 20001 lines"
