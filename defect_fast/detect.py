@@ -438,7 +438,9 @@ class Detector(nn.Module):
         window = blend_window(self.patch, blend)
         self.register_buffer("window", window, persistent=False)
         ones = window.reshape(1, 1, self.patch, self.patch).expand(self.grid[0] * self.grid[1], 1, -1, -1)
-        self.register_buffer("count", overlap_add(ones, self.grid, self.patch, self.stride)[:, 0], persistent=False)
+        # a copy: F.fold may hand back a view into a larger storage, which an export would write whole
+        self.register_buffer("count", overlap_add(ones, self.grid, self.patch, self.stride)[:, 0].clone(),
+                             persistent=False)
         blur = blur_matrix(s, self.smooth_sigma).float() if self.smooth_sigma > 0 else torch.empty(0)
         self.register_buffer("blur", blur, persistent=False)
         self.register_buffer("norm_mean", _statistic("norm_mean", 0.0 if norm_mean is None else norm_mean, s))

@@ -468,3 +468,22 @@ def test_a_batch_of_zero_images_is_refused_by_its_argument(tmp_path):
     with pytest.raises(ExportError, match=r"^--batch must be >= 1, got 0$"):
         export_detector(det, tmp_path / "b.ts", "torchscript", batch=0)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_torchscript_export_holds_no_memory_beyond_its_buffers(tmp_path):
+    """With a stride that does not divide the patch, the overlap count was a view into a larger
+    storage F.fold had returned, which torch.jit.save writes whole: each file carried kilobytes of
+    whatever the process had left there, and two exports of one Detector differed."""
+    from defect_fast.export import export_detector
+
+    det = Detector(build_model("cmaae", memory_size=10), image_size=67, stride=3, precision="float32")
+    for name, buf in det.named_buffers():
+        assert buf.untyped_storage().nbytes() == buf.numel() * buf.element_size(), name
+    import zipfile
+
+    stored = []
+    for name in ("a.ts", "b.ts"):  # (the code's class names differ between two traces of one process)
+        export_detector(det, tmp_path / name, "torchscript")
+        with zipfile.ZipFile(tmp_path / name) as z:
+            stored.append({n.split("/", 1)[1]: z.read(n) for n in z.namelist() if n.split("/")[1:2] == ["data"]})
+    assert stored[0] and stored[0] == stored[1]
