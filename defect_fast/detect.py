@@ -91,18 +91,30 @@ def default_batch_size(device: torch.device | str, patch: int) -> int:
     return max(1, pixels // (patch * patch))
 
 
+#: Held through a :func:`cpu_threads` block: the count it sets is the process's.
+_THREADS_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def cpu_threads(n: int | None) -> Iterator[None]:
-    """``torch.set_num_threads(n)`` inside the block, the previous count restored after (None: no change)."""
-    old = torch.get_num_threads()
-    if n is None or n == old:
+    """``torch.set_num_threads(n)`` inside the block, the previous count restored after (None: no change).
+
+    The count is the process's (the one a new thread starts with) as well as the calling
+    thread's, so blocks run one at a time: two Detectors with their own ``threads`` called at
+    once from two threads each gave back the count it had seen, one the other had set among
+    them, and the process kept it (new threads started with 1 or 3 of the program's 2)."""
+    if n is None:
         yield
         return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+    with _THREADS_LOCK:
+        old = torch.get_num_threads()
+        if n != old:
+            torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            if n != old:
+                torch.set_num_threads(old)
 
 
 #: Held while a CUDA graph is captured or replayed (its input and output buffers are shared).
@@ -342,8 +354,9 @@ class Detector(nn.Module):
             (:func:`~defect_fast.precision.cudnn_benchmark`; the global setting is restored after
             each call). True, False or "auto" = True on CUDA; nothing changes on a CPU. The first
             call of a shape takes longer (a CUDA graph captures after it).
-        threads: ``torch.set_num_threads`` while :meth:`predict_batched` runs (restored after);
-            None leaves torch's setting.
+        threads: ``torch.set_num_threads`` while :meth:`predict_batched` runs (restored after;
+            the count is the process's, so such calls run one at a time in a process); None
+            leaves torch's setting, and calls from several threads run at once.
         norm_mean, norm_std: map normalisation (map - mean) / std, scalars or [S, S]; default 0 and 1.
         perceptual: a fitted :class:`~defect_fast.perceptual.PerceptualMap`, needed when
             ``map_kind`` is "perceptual" (one of ``model.image_maps``): the map is then computed on
@@ -447,6 +460,14 @@ class Detector(nn.Module):
         self.register_buffer("norm_std", _statistic("norm_std", 1.0 if norm_std is None else norm_std, s, positive=True))
         self.to(device)
         self._shared_stem(self.context)  # decided here, outside any trace
+
+    def train(self, mode: bool = True) -> "Detector":
+        """Sets :attr:`training` only: a Detector infers, and its model, perceptual map and context
+        stay in eval mode. ``det.train()``, or one from a module that holds the detector, switched
+        an unfused model's batch norms to each batch's statistics, and taught them these, so that
+        every later map changed, after ``eval()`` too."""
+        self.training = bool(mode)
+        return self
 
     def _apply(self, fn, *args, **kwargs):
         self._workspace, self._graphs = {}, {}  # buffers of the old device/dtype

@@ -1025,3 +1025,58 @@ def test_smoothing_blurs_the_map_along_both_axes_alike():
     torch.testing.assert_close(m, m.T)
     assert m[32, 35] > 0.01 and m[35, 32] > 0.01
     assert float(m.sum()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_train_mode_leaves_the_model_in_eval_mode_and_the_maps_as_they_were():
+    """``det.train()``, or a parent module's, reached an unfused model's batch norms: predict then
+    normalised by each batch, and taught the running statistics that batch's, so the maps stayed
+    changed after ``eval()``."""
+    model = build_model("cmaae", memory_size=10)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(0))
+    det = Detector(model, image_size=64, precision="float32", fuse=False)
+    x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    before = det.predict_batched(x)
+    parent = torch.nn.ModuleDict({"detector": det})
+    assert parent.train() is parent and det.training
+    assert not any(m.training for m in det.model.modules())
+    during = det.predict_batched(x)
+    det.eval()
+    after = det.predict_batched(x)
+    for out in (during, after):
+        assert torch.equal(out["maps"], before["maps"]) and torch.equal(out["scores"], before["scores"])
+
+
+def test_thread_counts_set_by_two_detectors_called_at_once_are_given_back():
+    """Two Detectors with their own ``threads``, called at once from two threads: each call gave
+    back the count it had seen, which could be one the other had set, and the process kept it
+    (a new thread started with 1 or 3 of the program's 2)."""
+    import threading
+
+    before = torch.get_num_threads()
+    program = 2 if before != 2 else 1
+    dets = [Detector(build_model("cmaae", memory_size=10), image_size=64, precision="float32", threads=n)
+            for n in (1, 3)]
+    x = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8)
+
+    def fresh() -> int:
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        return seen[0]
+
+    torch.set_num_threads(program)
+    try:
+        counts = []
+        for _ in range(8):
+            workers = [threading.Thread(target=lambda d=d: [d.predict_batched(x) for _ in range(3)]) for d in dets]
+            for t in workers:
+                t.start()
+            for t in workers:
+                t.join()
+            counts.append(fresh())
+        assert counts == [program] * 8 and torch.get_num_threads() == program
+    finally:
+        torch.set_num_threads(before)
