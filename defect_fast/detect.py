@@ -1003,10 +1003,14 @@ class Detector(nn.Module):
         float pixels (the traced and exported graph); :meth:`predict` and :meth:`predict_batched`
         resize uint8 images as image files are resized instead, which is what the stored thresholds
         were set on: give this method images at S x S (or float images) to score as they do."""
-        if not tracing() and (not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3):
-            # (only the shape: the values are checked by predict and predict_batched, not on this hot path)
+        if not tracing() and (not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3
+                              or images.shape[0] == 0):
+            # (only the shape and the dtype: the values are checked by predict and predict_batched, not on
+            # this hot path)
             shown = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"Detector: expected a tensor of images [N, 3, H, W], got {shown}")
+            raise ValueError(f"Detector: expected a tensor of images [N, 3, H, W] with N >= 1, got {shown}")
+        if not tracing() and images.dtype != torch.uint8 and not images.is_floating_point():  # int64 read as floats
+            raise TypeError(f"Detector: expected uint8 (0..255) or float ([-1, 1]) images, got {images.dtype}")
         on_gpu = images.is_cuda and not tracing()
         with cudnn_benchmark(self.cudnn_benchmark and on_gpu):
             if self.cuda_graphs and on_gpu and not torch.is_grad_enabled():
@@ -1174,6 +1178,11 @@ class Detector(nn.Module):
             if x.width == 0 or x.height == 0:
                 raise DataError(f"PIL image: image has zero size ({x.width}x{x.height})")
             mode = x.mode
+            # a lazily opened file whose `with Image.open(...)` block ended before its pixels were
+            # read: PIL's own assert said nothing
+            if getattr(x, "fp", True) is None and getattr(x, "_im", True) is None:
+                raise DataError("PIL image: its file was closed before its pixels were read (a `with Image.open(...)` "
+                                "block ended): call .load() inside the block, or pass the path")
             try:  # a lazily opened file decodes here: its damage is the image's, as a path's is
                 top = few_levels_top(x)
                 if top is not None:
@@ -1284,7 +1293,7 @@ class Detector(nn.Module):
         from .calibration import DEFAULT_FAR
         from .evaluate import check_finite
 
-        res = self.predict_batched(normal_images)
+        res = self.predict_batched(self._checked_batch(normal_images, "calibrate"))
         check_finite(res, names, None, self.precision, "defect-free images")
         if far is None:  # the rate asked before (it stays when a fit sets the thresholds aside)
             far = (self.calibration or {}).get("far") or DEFAULT_FAR

@@ -105,6 +105,13 @@ def test_rgba_la_and_palette(tmp_path):
 
     la = np.stack([np.full((2, 2), 77, np.uint8), np.full((2, 2), 3, np.uint8)], axis=-1)
     assert read_image(_save(tmp_path / "la.png", la, mode="LA"), None)[:, 1, 1].tolist() == [77, 77, 77]
+    # premultiplied grey ("La", which PIL converts to "LA" only) is unpremultiplied as "RGBa" is
+    from defect_fast.data.io import _to_8bit
+
+    half = Image.fromarray(np.array([[[200, 128]]], np.uint8), mode="LA").convert("La")
+    rgba_half = Image.fromarray(np.array([[[200, 200, 200, 128]]], np.uint8), mode="RGBA").convert("RGBa")
+    assert np.asarray(_to_8bit(half, 3, tmp_path)).tolist() == np.asarray(_to_8bit(rgba_half, 3, tmp_path)).tolist()
+    assert abs(int(np.asarray(_to_8bit(half, 1, tmp_path))[0, 0]) - 200) <= 1
 
     pal = Image.fromarray(np.array([[0, 1], [1, 0]], dtype=np.uint8), mode="P")
     pal.putpalette([10, 20, 30, 240, 130, 5] + [0] * 762)

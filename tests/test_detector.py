@@ -1080,3 +1080,27 @@ def test_thread_counts_set_by_two_detectors_called_at_once_are_given_back():
         assert counts == [program] * 8 and torch.get_num_threads() == program
     finally:
         torch.set_num_threads(before)
+
+
+def test_inputs_the_api_misread_or_failed_on_deep_inside_are_refused_by_name(tmp_path):
+    from defect_fast.data.io import DataError
+
+    det = Detector(build_model("cmaae", memory_size=10), image_size=64, precision="float32")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (70, 70, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    with Image.open(tmp_path / "a.png") as im:  # the block closed the file before any pixel was read
+        pass
+    with pytest.raises(DataError, match=r"^PIL image: its file was closed before its pixels were read"):
+        det.predict(im)
+    with Image.open(tmp_path / "a.png") as im:
+        im.load()
+    assert tuple(det.predict(im)["maps"].shape[-2:]) == (70, 70)
+    # calibrate named predict_batched, which the caller never called
+    with pytest.raises(TypeError, match=r"^calibrate: expected a tensor \[N, 3, H, W\], got ndarray"):
+        det.calibrate(np.zeros((4, 64, 64, 3), np.uint8))
+    # the forward call: int64 pixels were taken for floats (a score of hundreds), no image failed deep in a reshape
+    x = torch.randint(0, 256, (1, 3, 64, 64))
+    with pytest.raises(TypeError, match=r"^Detector: expected uint8 \(0\.\.255\) or float \(\[-1, 1\]\) images, got torch.int64"):
+        det(x)
+    with pytest.raises(ValueError, match=r"^Detector: expected a tensor of images \[N, 3, H, W\] with N >= 1, got \(0, 3, 64, 64\)"):
+        det(x[:0].to(torch.uint8))
+    assert det(x.to(torch.uint8))[1].shape == (1,)

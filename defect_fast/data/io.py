@@ -361,7 +361,8 @@ def _to_8bit(img: Image.Image, channels: int, path: Path) -> Image.Image:
             raise DataError(f"{path}: {exc}") from None
         return gray if channels == 1 else gray.convert("RGB")
     if mode in ("1", "L", "LA", "La"):
-        gray = img.convert("L")
+        # premultiplied "La" has no conversion to "L" of its own: through "LA", as "RGBa" -> "RGB" unpremultiplies
+        gray = (img.convert("LA") if mode == "La" else img).convert("L")
         return gray if channels == 1 else gray.convert("RGB")
     if mode == "P" or mode == "PA":
         img = img.convert("RGBA")  # expand the palette (keeps palette transparency, then dropped)
