@@ -28,7 +28,9 @@ When a file counts as complete: its name is not a temporary one (dotfiles, ``*.t
 its size, modification and change times stayed the same for ``settle`` seconds across two scans (slow
 copies keep changing; write-then-rename writers show the final name only when it is complete). A
 writer that pauses longer than ``settle`` in the middle of a file is taken as done; a file that
-then does not decode (a truncated photo) waits, unchanged, ``max(30, 10 * settle)`` seconds more
+then does not decode (a truncated photo), or decodes but has not been written to its end (a PNG
+before its IEND chunk; a PNG or JPEG whose writer set its full size first, whose rest is zeros:
+:func:`~defect_fast.data.io.unfinished_image`), waits, unchanged, ``max(30, 10 * settle)`` seconds more
 (as an empty file does; not with ``--once``) before it is rejected and moved to ``rejected/``: a
 writer that goes on within that time changes it, and it is judged once complete. A file a writer
 changes while it is copied to ``rejected/`` across file systems stays where it is. A file that cannot
@@ -103,7 +105,7 @@ import torch
 
 from .calibration import ModelInfo, defect_regions
 from .data.io import (IMAGE_EXTENSIONS, DataError, blank_images, error_kind, few_levels_message,
-                      read_image_at_both_sizes)
+                      read_image_at_both_sizes, unfinished_image)
 from .maps import resize_map
 from .safety import (LOCK_NAME, MANIFEST_NAME, OutputFolder, OutputRefused, RunLock, UserError, check_out_not_overlapping,
                      far_errors, file_sha256, short_stem)
@@ -782,6 +784,13 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
         except Exception as exc:  # noqa: BLE001 - a reader's bug on one odd file: that file is set aside with
             # the reason, the line goes on (raised, it stopped the service at every start on the same file)
             img, photo, err = None, None, f"cannot be read (internal error {error_kind(exc)}: {exc})"
+        if err is None:  # decoded, but a writer may not be done: a PNG before its IEND, a zero-filled rest
+            try:
+                unfinished = unfinished_image(path)
+            except OSError:  # gone: the signature below says so
+                unfinished = None
+            if unfinished is not None:
+                img, photo, err = None, None, unfinished
         try:
             now_sig = _signature(path)
         except OSError:  # gone, or no longer reachable: looked at again if it comes back

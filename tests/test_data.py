@@ -1058,3 +1058,36 @@ def test_a_mask_whose_width_is_already_the_size_is_still_resized_to_the_square(t
     m[4:8, 8:16] = 255
     t = read_mask(_save(tmp_path / "wide_mask.png", m), 32)
     assert t.shape == (32, 32) and int(t.sum()) == 2 * 4 * 8
+
+
+def test_unfinished_png_and_jpeg_files_are_told_from_finished_ones(tmp_path):
+    """A PNG cut off before its IEND chunk decodes, and so does a PNG or JPEG whose writer set the
+    full size first and stalled (the rest zeros): such files are unfinished; what follows a
+    finished file's end (zero padding, a trailer) does not make it so, and other formats are not
+    judged by their ends."""
+    import io
+
+    from defect_fast.data.io import unfinished_image
+
+    a = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+
+    def encoded(fmt: str) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format=fmt)
+        return buf.getvalue()
+
+    def check(name: str, data: bytes):
+        (tmp_path / name).write_bytes(data)
+        return unfinished_image(tmp_path / name)
+
+    png, jpg, bmp = encoded("PNG"), encoded("JPEG"), encoded("BMP")
+    assert check("a.png", png) is None and check("a.jpg", jpg) is None and check("a.bmp", bmp) is None
+    for cut in (4, 12, 16):
+        assert "IEND" in check("cut.png", png[:-cut])
+    half = len(png) // 2
+    assert "IEND" in check("pre.png", png[:half] + bytes(len(png) - half))  # full size first, stalled
+    assert "end marker" in check("pre.jpg", jpg[: len(jpg) // 3] + bytes(len(jpg) - len(jpg) // 3))
+    assert "end marker" in check("big.jpg", jpg[:100] + bytes(200_000))  # zeros over several blocks
+    assert check("padded.png", png + bytes(100)) is None and check("trailer.png", png + b"tool data") is None
+    assert check("padded.jpg", jpg + bytes(100)) is None and check("trailer.jpg", jpg + b"maker note") is None
+    assert check("pre.bmp", bmp[:100] + bytes(len(bmp) - 100)) is None  # not told by its end: write and rename

@@ -1010,3 +1010,40 @@ def test_a_restart_keeps_in_memory_only_what_was_judged_of_the_files_still_in_th
     assert seen["done"] == {"kept.png": {first["sha256"]}} and seen["total"] == 20001
     assert any("20001 earlier result(s)" in line for line in said)
     assert peak < 8 * 2**20, f"{peak / 2**20:.1f} MiB traced while reading back 20001 lines"
+
+
+def test_a_file_whose_writer_set_its_size_first_and_stalled_is_judged_once_finished(tmp_path):
+    """An SMB copy or some FTP clients set a file's full size first: stalled past --settle, the
+    zeros of its rest decoded as pixels, and the file was judged half written, then again when
+    finished. It now waits, as a file that does not decode does, and is judged once, finished."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    data = png_bytes(5, size=64)
+    half = len(data) // 2
+    stop = threading.Event()
+    t, _, lines = _serve(src, out, stop, use_watchdog=False, rescan_interval=0.05, settle=0.1)
+    try:
+        with open(src / "a.png", "wb") as f:
+            f.write(data[:half] + bytes(len(data) - half))
+        time.sleep(1.5)  # fifteen times --settle, within the grace of 30 s
+        assert _count(out) == 0
+        assert any("a.png: a PNG without its IEND chunk" in line and "rejected if it stays so" in line for line in lines)
+        with open(src / "a.png", "r+b") as f:
+            f.seek(half)
+            f.write(data[half:])
+        assert _wait_for(out, 1) == 1
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        t.join(timeout=20)
+    recs = journal(out)
+    assert len(recs) == 1 and recs[0]["sha256"] == hashlib.sha256(data).hexdigest() and recs[0]["result"] != "rejected"
+
+
+def test_with_once_a_png_cut_off_before_its_end_is_rejected_with_the_reason(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / "cut.png").write_bytes(png_bytes(6)[:-8])  # decodes: only the IEND chunk is missing
+    run_once(src, out)
+    (rec,) = journal(out)
+    assert rec["result"] == "rejected" and "IEND" in rec["reason"] and (out / rec["rejected_to"]).is_file()

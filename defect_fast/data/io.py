@@ -38,6 +38,7 @@ __all__ = [
     "read_images",
     "resize_image",
     "read_mask",
+    "unfinished_image",
 ]
 
 #: File name endings (lower case) treated as images.
@@ -619,6 +620,43 @@ def _wide_colour(img: Image.Image, path: Path | None) -> str | None:
         bits = bits if isinstance(bits, tuple) else (bits,)
         return "TIFF" if all(b == 16 for b in bits) else None
     return "PNG" if fmt == "PNG" and path is not None and _png_header(path) in ((16, 2), (16, 4), (16, 6)) else None
+
+
+_PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk's type and CRC: the last 8 bytes of every PNG
+
+
+def unfinished_image(path: str | os.PathLike) -> str | None:
+    """Why a PNG or JPEG file that may decode has not been written to its end, or None (other
+    formats, and finished files). A PNG cut off before its IEND chunk decodes, and so does a
+    file whose writer set its full size first (SMB copies, some FTP clients) and stalled: the rest
+    is zeros, which a JPEG or PNG decoder reads as pixels. A PNG must hold the IEND chunk (what
+    follows it is ignored, as PIL ignores it); a JPEG whose file ends in zero bytes must end in
+    its EOI marker before them (a JPEG whose data simply stops does not decode)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        end = f.seek(0, os.SEEK_END)
+        if head.startswith(b"\x89PNG\r\n\x1a\n"):
+            f.seek(max(0, end - 65536))
+            tail = f.read()
+            # (what follows the chunk is not read, by PIL either)
+            return None if _PNG_END in tail else "a PNG without its IEND chunk at the end (cut off, or still being written)"
+        if not head.startswith(b"\xff\xd8\xff"):
+            return None
+        pos = end
+        while pos > 0:  # back over the zeros at the end, a block at a time (the header is not zeros)
+            step = min(65536, pos)
+            f.seek(pos - step)
+            kept = f.read(step).rstrip(b"\0")
+            if kept:
+                pos = pos - step + len(kept)  # just after the last byte that is not zero
+                break
+            pos -= step
+        if pos == end:
+            return None
+        f.seek(max(0, pos - 2))
+        if f.read(2) != b"\xff\xd9":
+            return "a JPEG whose last bytes are zeros, not its end marker (still being written)"
+    return None
 
 
 def _png_header(path: Path) -> tuple[int, int] | None:
