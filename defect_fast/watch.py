@@ -889,6 +889,17 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
     return n_done
 
 
+#: A results folder that cannot take more (full, over quota, read-only, failing): the service
+#: stops, and says where and how it goes on (the files it reads are each set aside on their own).
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
+
+
+def _cannot_write(out: Path, exc: OSError) -> str:
+    where = f" ({exc.filename})" if exc.filename else ""
+    return (f"{out}: cannot write the results{where}: {exc.strerror or exc}; stopped, with every result so far "
+            "in the journal: make room (or mend the folder) and start watch again, it goes on where it stopped")
+
+
 def _write_status(st: _State, state: str) -> None:
     processed = st.session.passed + st.session.failed + st.session.rejected
     status = {
@@ -1112,8 +1123,13 @@ def watch(
                 keys = _update(st, _event_keys(st, paths, recursive) | set(st.pending), recursive, log)
             ready = _ready(st, keys, settle)
             for i in range(0, len(ready), batch_size):
-                if _process(st, ready[i:i + batch_size], predict_fn, log, stop):
-                    _write_status(st, "running")
+                try:
+                    if _process(st, ready[i:i + batch_size], predict_fn, log, stop):
+                        _write_status(st, "running")
+                except OSError as exc:
+                    if exc.errno not in _OUTPUT_ERRNOS:
+                        raise
+                    raise WatchError(_cannot_write(out, exc)) from exc
                 if stop.is_set():
                     break
             if stop.is_set() or (once and not ready and not st.pending):

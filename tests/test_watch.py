@@ -1047,3 +1047,29 @@ def test_with_once_a_png_cut_off_before_its_end_is_rejected_with_the_reason(tmp_
     run_once(src, out)
     (rec,) = journal(out)
     assert rec["result"] == "rejected" and "IEND" in rec["reason"] and (out / rec["rejected_to"]).is_file()
+
+
+def test_a_full_results_disk_stops_the_service_with_where_and_how_it_goes_on(tmp_path, monkeypatch):
+    """ENOSPC said "[Errno 28] No space left on device" and nothing of which folder, or that a
+    restart goes on where the service stopped."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / "a.png").write_bytes(png_bytes(1))
+    (src / "b.png").write_bytes(png_bytes(2))
+    real = watch_mod._atomic_write
+
+    def full(final, write, sync=True):
+        if final.parent.name == "overlays" and final.name.startswith("b"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(final))
+        return real(final, write, sync)
+
+    monkeypatch.setattr(watch_mod, "_atomic_write", full)
+    with pytest.raises(WatchError) as caught:
+        run_once(src, out, batch_size=1)
+    msg = str(caught.value)
+    assert msg.startswith(f"{out}: cannot write the results ({out / 'overlays' / 'b_'}") and "No space left" in msg
+    assert "start watch again, it goes on where it stopped" in msg and "\n" not in msg
+    assert [r["image"] for r in journal(out)] == ["a.png"]
+    monkeypatch.setattr(watch_mod, "_atomic_write", real)  # room again: the rest, once
+    run_once(src, out)
+    assert [r["image"] for r in journal(out)] == ["a.png", "b.png"]
