@@ -585,6 +585,8 @@ def _scan(st: _State, recursive: bool, log: Callable[[str], None],
                         _skipping(st, Path(e.path), "a sub-folder, not watched (--recursive watches them)", log)
                     continue
                 if not e.is_file():
+                    if e.is_symlink() and not os.path.exists(e.path) and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS:
+                        _skipping(st, Path(e.path), "a link to nothing (its target is gone)", log)
                     continue
                 s = e.stat()
             except FileNotFoundError:

@@ -1073,3 +1073,13 @@ def test_a_full_results_disk_stops_the_service_with_where_and_how_it_goes_on(tmp
     monkeypatch.setattr(watch_mod, "_atomic_write", real)  # room again: the rest, once
     run_once(src, out)
     assert [r["image"] for r in journal(out)] == ["a.png", "b.png"]
+
+
+def test_a_link_to_nothing_named_like_an_image_is_named_once(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / "cam.png").symlink_to(tmp_path / "gone.png")
+    (src / "a.png").write_bytes(png_bytes(1))
+    _, lines = run_once(src, out)
+    assert [line for line in lines if "cam.png" in line] == [f"skipping {src / 'cam.png'}: a link to nothing (its target is gone)"]
+    assert [r["image"] for r in journal(out)] == ["a.png"]
