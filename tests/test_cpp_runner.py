@@ -360,3 +360,41 @@ def test_cpp_runner_errors_are_one_line_with_status_1_and_no_score(runner, tmp_p
     assert f"its folder {tmp_path / 'missing'} does not exist" in out.stderr
     out = run(ts, tmp_path / "absent.png")
     assert out.returncode == 1 and "absent.png: cannot open (No such file or directory)" in out.stderr
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A 64-px detector, its TorchScript file and a 64x64 photo, shared by the tests below."""
+    from types import SimpleNamespace
+
+    folder = tmp_path_factory.mktemp("small")
+    torch.manual_seed(0)
+    det = Detector(build_model("cmaae", memory_size=20), image_size=64, precision="float32")
+    ts = export_detector(det, folder / "det.ts", "torchscript")
+    photo = folder / "photo.png"
+    Image.fromarray(np.random.default_rng(9).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(photo)
+    return SimpleNamespace(det=det, ts=ts, photo=photo)
+
+
+def _one_line_error(out: subprocess.CompletedProcess) -> str:
+    assert out.returncode == 1 and not out.stdout, (out.returncode, out.stdout, out.stderr)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    return lines[0]
+
+
+def test_cpp_runner_fails_when_the_score_cannot_be_written(runner, small, tmp_path):
+    """A score written to a full disk (/dev/full) or a closed stdout was lost with exit status 0
+    and nothing on stderr."""
+    if Path("/dev/full").exists():
+        with open("/dev/full", "w") as full:
+            out = subprocess.run([str(runner), str(small.ts), str(small.photo), str(tmp_path / "map.png")],
+                                 stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+        assert out.returncode == 1
+        assert out.stderr.strip() == "defect_fast_run: cannot print the score (No space left on device)"
+        assert not (tmp_path / "map.png").exists()  # a failed run leaves no map
+    out = subprocess.run([str(runner), str(small.ts), str(small.photo), str(tmp_path / "map2.png")],
+                         stderr=subprocess.PIPE, text=True, timeout=300, preexec_fn=lambda: os.close(1))
+    assert out.returncode == 1
+    assert out.stderr.strip() == "defect_fast_run: cannot print the score (stdout is closed)"
+    assert not (tmp_path / "map2.png").exists()

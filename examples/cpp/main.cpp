@@ -18,9 +18,12 @@
 //                Its folder must exist and be writable: checked first, too.
 // Prints "score <value>" (the image score) on stdout, last (after the map is written); exit status 1
 // with a one-line message on any error (an image of more pixels than PIL reads, a model that raises
-// or returns anything but maps [1, S, S] and scores [1] included), and nothing on stdout then. A PNG
+// or returns anything but maps [1, S, S] and scores [1] included), and nothing on stdout then. A
+// score that cannot be written (stdout closed, a full disk) is an error too, and the map written
+// before it is removed: a run that exits 0 printed its score. A PNG
 // that ends before its IEND chunk is refused (a file cut off, or still being written), where PIL
 // reads what pixels it has.
+#include <fcntl.h>
 #include <png.h>
 #include <torch/script.h>
 #include <unistd.h>
@@ -351,6 +354,10 @@ int run(int argc, char** argv) {
   }
   const std::string model_path = argv[1], image_path = argv[2], map_path = argc > 3 ? argv[3] : "";
   torch::NoGradGuard no_grad;
+  if (::fcntl(STDOUT_FILENO, F_GETFD) == -1) {  // closed: the score has nowhere to go (refused before any work)
+    std::cerr << "defect_fast_run: cannot print the score (stdout is closed)\n";
+    return 1;
+  }
 
   // 0. MAP_OUT must be a new file in a folder the runner can write to: refused now, before any
   //    work (created exclusively at step 5).
@@ -455,8 +462,15 @@ int run(int argc, char** argv) {
       return 1;
     }
   }
-  // the score last: a caller reading stdout gets one only from a run that did all it was asked
-  std::printf("score %.9g\n", score);
+  // the score last: a caller reading stdout gets one only from a run that did all it was asked; a
+  // score that is not written (a full disk, /dev/full) fails the run, which then leaves no map
+  const bool printed = std::printf("score %.9g\n", score) > 0;
+  if (std::fflush(stdout) != 0 || !printed || std::ferror(stdout)) {
+    const int err = errno;
+    if (!map_path.empty()) std::remove(map_path.c_str());  // the runner's own new file (created exclusively)
+    std::cerr << "defect_fast_run: cannot print the score (" << std::strerror(err) << ")\n";
+    return 1;
+  }
   return 0;
 }
 
