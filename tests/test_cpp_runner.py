@@ -398,3 +398,29 @@ def test_cpp_runner_fails_when_the_score_cannot_be_written(runner, small, tmp_pa
     assert out.returncode == 1
     assert out.stderr.strip() == "defect_fast_run: cannot print the score (stdout is closed)"
     assert not (tmp_path / "map2.png").exists()
+
+
+class _Sized(torch.nn.Module):
+    """A pipeline of the runner's shapes whose image size attribute (``image_size``, or ``count`` as
+    in files of earlier versions) is what a test gives."""
+
+    def __init__(self, name: str, value):
+        super().__init__()
+        setattr(self, name, value)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        m = x.float().mean(1)
+        return m, m.mean((1, 2))
+
+
+def test_cpp_runner_names_the_file_of_an_image_size_of_another_kind(runner, small, tmp_path):
+    """An image_size that is no integer, or a count buffer without dimensions, was read outside any
+    check: the runner printed the last frame of a C++ backtrace ("frame #7: <unknown function> ...")
+    instead of the error."""
+    cases = {"text": (("image_size", "64"), "its image_size is a String, not an integer"),
+             "scalar": (("count", torch.ones(())), "its count is a tensor of shape [], not a tensor [1, S, S]")}
+    for name, ((attr, value), words) in cases.items():
+        path = tmp_path / f"{name}.ts"
+        torch.jit.save(torch.jit.script(_Sized(attr, value)), str(path))
+        out = subprocess.run([str(runner), str(path), str(small.photo)], capture_output=True, text=True, timeout=300)
+        assert _one_line_error(out) == f"{path}: {words}: not an export of a defect_fast detector", name

@@ -333,6 +333,33 @@ std::string describe(const c10::IValue& v) {
   return text.str();
 }
 
+// The side S the file was traced at: its "image_size" (files of earlier versions: the side of the
+// stitching-weight buffer "count" [1, S, S]); -1 when it has neither (the image then goes in as it
+// is). An attribute of another kind is said in `error`, not left to throw later with a backtrace.
+int64_t traced_size(const torch::jit::script::Module& detector, std::string& error) {
+  try {
+    if (detector.hasattr("image_size")) {
+      const c10::IValue v = detector.attr("image_size");
+      if (!v.isInt()) {
+        error = std::string("its image_size is a ") + v.tagKind() + ", not an integer";
+        return -1;
+      }
+      return v.toInt();
+    }
+    if (detector.hasattr("count")) {
+      const c10::IValue v = detector.attr("count");
+      if (!v.isTensor() || v.toTensor().dim() == 0) {
+        error = "its count is " + describe(v) + ", not a tensor [1, S, S]";
+        return -1;
+      }
+      return v.toTensor().size(-1);
+    }
+  } catch (const c10::Error& e) {
+    error = "its image size cannot be read (" + last_line(e.what_without_backtrace()) + ")";
+  }
+  return -1;
+}
+
 // Why MAP_OUT cannot be made, before any work ("" when it can): it exists, or its folder is
 // missing or not writable.
 std::string map_out_problem(const std::string& path) {
@@ -378,25 +405,23 @@ int run(int argc, char** argv) {
     return 1;
   }
   detector.eval();
+  std::string error;
+  const int64_t size = traced_size(detector, error);  // S: the side the image is resized to
+  if (!error.empty()) {
+    std::cerr << model_path << ": " << error << ": not an export of a defect_fast detector\n";
+    return 1;
+  }
 
   // 2. The image as uint8 [1, 3, H, W].
   std::vector<uint8_t> pixels;
   int h = 0, w = 0;
-  std::string error;
   if (!read_png_rgb(image_path, pixels, h, w, error)) {
     std::cerr << error << "\n";
     return 1;
   }
   torch::Tensor images = torch::from_blob(pixels.data(), {1, h, w, 3}, torch::kUInt8).permute({0, 3, 1, 2}).contiguous();
 
-  // 3. Resize to the traced size S when needed (S: the file's "image_size"; files of earlier versions:
-  //    the side of the stitching-weight buffer "count" [1, S, S]).
-  int64_t size = -1;
-  if (detector.hasattr("image_size")) {
-    size = detector.attr("image_size").toInt();
-  } else if (detector.hasattr("count")) {
-    size = detector.attr("count").toTensor().size(-1);
-  }
+  // 3. Resize to the traced size S when needed (traced_size, read at step 1).
   if (size > 0 && (h != size || w != size)) {
     pixels = pillow_bilinear(pixels, h, w, static_cast<int>(size));
     h = w = static_cast<int>(size);
@@ -481,6 +506,8 @@ int main(int argc, char** argv) {
     return run(argc, argv);
   } catch (const std::bad_alloc&) {
     std::cerr << "defect_fast_run: out of memory\n";
+  } catch (const c10::Error& e) {  // its what() ends with a C++ backtrace: the message alone
+    std::cerr << "defect_fast_run: " << last_line(e.what_without_backtrace()) << "\n";
   } catch (const std::exception& e) {  // anything else: one line and status 1, never an abort
     std::cerr << "defect_fast_run: " << last_line(e.what()) << "\n";
   }
