@@ -424,3 +424,28 @@ def test_cpp_runner_names_the_file_of_an_image_size_of_another_kind(runner, smal
         torch.jit.save(torch.jit.script(_Sized(attr, value)), str(path))
         out = subprocess.run([str(runner), str(path), str(small.photo)], capture_output=True, text=True, timeout=300)
         assert _one_line_error(out) == f"{path}: {words}: not an export of a defect_fast detector", name
+
+
+def test_cpp_runner_refuses_an_implausible_image_size(runner, small, tmp_path):
+    """A file's image_size was narrowed to an int (2^32 + 64 taken as 64, the image scored), or
+    allocated (3e9: "cannot create std::vector larger than max_size()"; 2e5: some 120 GB, "out of
+    memory"); 0 and negative sizes fed the image in unresized."""
+    for value in (2**32 + 64, 3_000_000_000, 200_000, 32769, 0, -64):
+        path = tmp_path / f"size{value}.ts"
+        torch.jit.save(torch.jit.script(_Sized("image_size", value)), str(path))
+        out = subprocess.run([str(runner), str(path), str(small.photo)], capture_output=True, text=True, timeout=300)
+        assert _one_line_error(out) == (f"{path}: its image_size {value} is no image side the runner takes (1 to 32768 "
+                                        "pixels): not an export of a defect_fast detector"), value
+    path = tmp_path / "count.ts"
+    torch.jit.save(torch.jit.script(_Sized("count", torch.ones(1, 1, 0))), str(path))
+    out = subprocess.run([str(runner), str(path), str(small.photo)], capture_output=True, text=True, timeout=300)
+    assert _one_line_error(out) == (f"{path}: its count's side 0 is no image side the runner takes (1 to 32768 "
+                                    "pixels): not an export of a defect_fast detector")
+    # a plausible side is taken: the photo resized to 48 x 48, the mean of its pixels the score
+    path = tmp_path / "size48.ts"
+    torch.jit.save(torch.jit.script(_Sized("image_size", 48)), str(path))
+    out = subprocess.run([str(runner), str(path), str(small.photo)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    with Image.open(small.photo) as im:
+        want = np.asarray(im.convert("RGB").resize((48, 48), Image.BILINEAR), dtype=np.float64).mean()
+    assert float(out.stdout.split()[1]) == pytest.approx(want, rel=1e-5)

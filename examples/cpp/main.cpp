@@ -2,7 +2,8 @@
 //
 // Usage: defect_fast_run DETECTOR.ts IMAGE.png [MAP_OUT]
 //   DETECTOR.ts  from `defect-fast export RUN --format torchscript --out DETECTOR.ts`; its graph takes
-//                images uint8 [B, 3, S, S] (RGB, 0..255) and returns (maps float32 [B, S, S], scores [B]).
+//                images uint8 [B, 3, S, S] (RGB, 0..255) and returns (maps float32 [B, S, S], scores [B]);
+//                S, its image_size, from 1 to 32768 (anything else is refused as a damaged file).
 //   IMAGE.png    PNG of any bit depth, grey or colour, read to 8-bit RGB as the Python package reads
 //                files: 16-bit grey scaled (65535 -> 255), 16-bit colour by its high byte (as PIL),
 //                palette expanded, alpha dropped (not blended), gamma chunks ignored; an image that
@@ -333,27 +334,45 @@ std::string describe(const c10::IValue& v) {
   return text.str();
 }
 
+// The largest side S the runner takes from a file: 2^15. A square of that side is already 6 times the
+// pixels PIL reads (kMaxPixels), 3 GiB of RGB input and 4 GiB of float map, far past any size a
+// detector is trained at (hundreds of pixels); a larger value is a damaged or foreign file, which
+// was narrowed to an int (2^32 + 64 taken as 64) or allocated (2e5: some 120 GB) before.
+constexpr int64_t kMaxSide = int64_t{1} << 15;
+
 // The side S the file was traced at: its "image_size" (files of earlier versions: the side of the
 // stitching-weight buffer "count" [1, S, S]); -1 when it has neither (the image then goes in as it
-// is). An attribute of another kind is said in `error`, not left to throw later with a backtrace.
+// is). An attribute of another kind, or a side outside 1..kMaxSide, is said in `error`, not left to
+// throw later with a backtrace or to be allocated.
 int64_t traced_size(const torch::jit::script::Module& detector, std::string& error) {
   try {
+    int64_t side = -1;
+    std::string name;
     if (detector.hasattr("image_size")) {
       const c10::IValue v = detector.attr("image_size");
       if (!v.isInt()) {
         error = std::string("its image_size is a ") + v.tagKind() + ", not an integer";
         return -1;
       }
-      return v.toInt();
-    }
-    if (detector.hasattr("count")) {
+      side = v.toInt();
+      name = "image_size";
+    } else if (detector.hasattr("count")) {
       const c10::IValue v = detector.attr("count");
       if (!v.isTensor() || v.toTensor().dim() == 0) {
         error = "its count is " + describe(v) + ", not a tensor [1, S, S]";
         return -1;
       }
-      return v.toTensor().size(-1);
+      side = v.toTensor().size(-1);
+      name = "count's side";
+    } else {
+      return -1;
     }
+    if (side < 1 || side > kMaxSide) {
+      error = "its " + name + " " + std::to_string(side) + " is no image side the runner takes (1 to " +
+              std::to_string(kMaxSide) + " pixels)";
+      return -1;
+    }
+    return side;
   } catch (const c10::Error& e) {
     error = "its image size cannot be read (" + last_line(e.what_without_backtrace()) + ")";
   }
@@ -421,7 +440,7 @@ int run(int argc, char** argv) {
   }
   torch::Tensor images = torch::from_blob(pixels.data(), {1, h, w, 3}, torch::kUInt8).permute({0, 3, 1, 2}).contiguous();
 
-  // 3. Resize to the traced size S when needed (traced_size, read at step 1).
+  // 3. Resize to the traced size S when needed (traced_size, read at step 1: 1..kMaxSide, or -1).
   if (size > 0 && (h != size || w != size)) {
     pixels = pillow_bilinear(pixels, h, w, static_cast<int>(size));
     h = w = static_cast<int>(size);
