@@ -449,3 +449,22 @@ def test_cpp_runner_refuses_an_implausible_image_size(runner, small, tmp_path):
     with Image.open(small.photo) as im:
         want = np.asarray(im.convert("RGB").resize((48, 48), Image.BILINEAR), dtype=np.float64).mean()
     assert float(out.stdout.split()[1]) == pytest.approx(want, rel=1e-5)
+
+
+def test_cpp_runner_reads_a_png_wider_or_taller_than_a_million_pixels(runner, small, tmp_path):
+    """libpng's default limit of 1,000,000 pixels a side refused a 1 x 1,500,000 strip as "Invalid
+    IHDR data", where the Python reader scores it; a header of more pixels than PIL reads is still
+    refused by name."""
+    strip = np.random.default_rng(10).integers(0, 256, (1, 1_500_000, 1), dtype=np.uint8)
+    for name, a in (("wide.png", strip), ("tall.png", strip.reshape(1_500_000, 1, 1))):
+        _png(tmp_path / name, a, 8, 0)
+        want = float(small.det.predict(tmp_path / name)["scores"][0])
+        out = subprocess.run([str(runner), str(small.ts), str(tmp_path / name)], capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr
+        assert float(out.stdout.split()[1]) == pytest.approx(want, rel=1e-5, abs=1e-9), name
+    _png(tmp_path / "long.png", strip[:, :1], 8, 0, size=(2**31 - 1, 1))  # the widest header PNG allows
+    out = subprocess.run([str(runner), str(small.ts), str(tmp_path / "long.png")], capture_output=True, text=True,
+                         timeout=300)
+    assert _one_line_error(out) == (f"{tmp_path / 'long.png'}: cannot read PNG (implausibly large: 2147483647x1 "
+                                    "pixels, over the 178956970 the Python package (PIL) refuses too)")

@@ -97,6 +97,11 @@ bool read_png_rgb(const std::string& path, std::vector<uint8_t>& pixels, int& he
     return false;
   }
   png_init_io(png, fp);
+  // libpng refuses a side over 1,000,000 pixels by default ("Invalid IHDR data"), where PIL reads a
+  // strip of any length: any side the PNG format allows, the total bounded by kMaxPixels below
+#ifdef PNG_SET_USER_LIMITS_SUPPORTED
+  png_set_user_limits(png, PNG_UINT_31_MAX, PNG_UINT_31_MAX);
+#endif
   png_read_info(png, info);
   if (static_cast<double>(png_get_image_width(png, info)) * png_get_image_height(png, info) > kMaxPixels) {
     char message[160];  // no std::string here: png_error jumps back past any destructor
