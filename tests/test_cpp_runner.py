@@ -468,3 +468,26 @@ def test_cpp_runner_reads_a_png_wider_or_taller_than_a_million_pixels(runner, sm
                          timeout=300)
     assert _one_line_error(out) == (f"{tmp_path / 'long.png'}: cannot read PNG (implausibly large: 2147483647x1 "
                                     "pixels, over the 178956970 the Python package (PIL) refuses too)")
+
+
+def test_cpp_runner_says_what_the_model_file_should_be(runner, small, tmp_path):
+    """A run's model.pt (torch.save), a .pt2 export or a text file were reported as torch's
+    "PytorchStreamReader failed locating file constants.pkl ... your checkpoint file is corrupted",
+    a missing file as "open file failed because of errno 2 on fopen"."""
+    small.det.save(tmp_path / "model.pt")
+    export_detector(small.det, tmp_path / "det.pt2", "exported")
+    (tmp_path / "notes.txt").write_text("not a model")
+    (tmp_path / "folder").mkdir()
+    wanted = "a TorchScript file written by `defect-fast export RUN --format torchscript`"
+    cases = {"model.pt": f"a checkpoint written by torch.save (such as a run's model.pt), not {wanted}",
+             "det.pt2": f"a program written by torch.export (a .pt2 file, `defect-fast export --format exported`), "
+                        f"not {wanted}",
+             "notes.txt": f"not {wanted} (not a zip archive: another kind of file, or cut off)",
+             "folder": f"is a directory, not {wanted}",
+             "missing.ts": "does not exist"}
+    for name, words in cases.items():
+        out = subprocess.run([str(runner), str(tmp_path / name), str(small.photo)], capture_output=True, text=True,
+                             timeout=300)
+        assert _one_line_error(out) == f"{tmp_path / name}: {words}", name
+    out = subprocess.run([str(runner), str(small.ts), str(small.photo)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr

@@ -24,6 +24,7 @@
 // before it is removed: a run that exits 0 printed its score. A PNG
 // that ends before its IEND chunk is refused (a file cut off, or still being written), where PIL
 // reads what pixels it has.
+#include <caffe2/serialize/inline_container.h>
 #include <fcntl.h>
 #include <png.h>
 #include <torch/script.h>
@@ -339,6 +340,54 @@ std::string describe(const c10::IValue& v) {
   return text.str();
 }
 
+// What DETECTOR.ts must be, in the runner's messages.
+constexpr const char* kTorchScriptFile = "a TorchScript file written by `defect-fast export RUN --format torchscript`";
+
+// Why the model file cannot be loaded, before torch tries ("" when it may be): missing, a folder,
+// not readable (torch says "open file failed because of errno 2 on fopen").
+std::string model_file_problem(const std::string& path) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::file_status status = fs::status(path, ec);
+  if (status.type() == fs::file_type::not_found) return path + ": does not exist";
+  if (ec) return path + ": cannot open (" + ec.message() + ")";
+  if (status.type() == fs::file_type::directory) return path + ": is a directory, not " + kTorchScriptFile;
+  std::FILE* fp = std::fopen(path.c_str(), "rb");
+  if (fp == nullptr) return path + ": cannot open (" + std::strerror(errno) + ")";
+  std::fclose(fp);
+  return "";
+}
+
+// Why torch::jit::load refused a file, in the words of what the file is: another of torch's zip
+// archives (a run's model.pt from torch.save, a .pt2 from torch.export) has no constants.pkl, which
+// torch reports as a corrupted checkpoint ("failed locating file constants.pkl").
+std::string load_failure(const std::string& path, const c10::Error& e) {
+  std::string kind;
+  try {
+    caffe2::serialize::PyTorchStreamReader archive(path);
+    if (archive.hasRecord("constants.pkl")) {
+      kind = "torchscript";
+    } else if (archive.hasRecord("archive_format") || archive.hasRecord("models/model.json")) {
+      kind = "a program written by torch.export (a .pt2 file, `defect-fast export --format exported`)";
+    } else if (archive.hasRecord("data.pkl")) {
+      kind = "a checkpoint written by torch.save (such as a run's model.pt)";
+    } else {
+      kind = "a zip archive of other files";
+    }
+  } catch (const c10::Error&) {  // no zip archive (or one torch cannot open): the file says no more
+  }
+  if (kind.empty()) {
+    return std::string("not ") + kTorchScriptFile + " (not a zip archive: another kind of file, or cut off)";
+  }
+  if (kind != "torchscript") return kind + ", not " + kTorchScriptFile;
+  // a TorchScript archive all the same (damaged, or of a newer torch): torch's reason, without its
+  // advice on checkpoints
+  std::string reason = last_line(e.what_without_backtrace());
+  const size_t advice = reason.find(" This is an internal miniz error");
+  if (advice != std::string::npos) reason.erase(advice);
+  return "not a loadable TorchScript file (" + reason + ")";
+}
+
 // The largest side S the runner takes from a file: 2^15. A square of that side is already 6 times the
 // pixels PIL reads (kMaxPixels), 3 GiB of RGB input and 4 GiB of float map, far past any size a
 // detector is trained at (hundreds of pixels); a larger value is a damaged or foreign file, which
@@ -421,11 +470,16 @@ int run(int argc, char** argv) {
   }
 
   // 1. The exported pipeline.
+  const std::string model_problem = model_file_problem(model_path);
+  if (!model_problem.empty()) {
+    std::cerr << model_problem << "\n";
+    return 1;
+  }
   torch::jit::script::Module detector;
   try {
     detector = torch::jit::load(model_path, torch::kCPU);
   } catch (const c10::Error& e) {
-    std::cerr << model_path << ": not a loadable TorchScript file (" << e.what_without_backtrace() << ")\n";
+    std::cerr << model_path << ": " << load_failure(model_path, e) << "\n";
     return 1;
   }
   detector.eval();
