@@ -491,3 +491,26 @@ def test_cpp_runner_says_what_the_model_file_should_be(runner, small, tmp_path):
         assert _one_line_error(out) == f"{tmp_path / name}: {words}", name
     out = subprocess.run([str(runner), str(small.ts), str(small.photo)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
+
+
+def test_cpp_runner_names_a_folder_an_empty_file_and_an_odd_map_out(runner, small, tmp_path):
+    """A folder given as IMAGE was "cannot read PNG (Read Error)", an empty file "ends early: cut off,
+    or still being written", a MAP_OUT under a file "its folder ... does not exist"; "" as MAP_OUT
+    was taken as no map, and "map.PNG" was written as raw float32."""
+    def run(*args) -> subprocess.CompletedProcess:
+        return subprocess.run([str(runner), *map(str, args)], capture_output=True, text=True, timeout=300)
+
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("mine")
+    assert _one_line_error(run(small.ts, tmp_path)) == f"{tmp_path}: is a directory, not a PNG file"
+    assert _one_line_error(run(small.ts, tmp_path / "empty.png")) == \
+        f"{tmp_path / 'empty.png'}: cannot read PNG (the file is empty)"
+    for target in (tmp_path / "notes.txt" / "map.png", tmp_path / "notes.txt" / "sub" / "map.png"):
+        assert _one_line_error(run(small.ts, small.photo, target)) == \
+            f"{target}: cannot write ({tmp_path / 'notes.txt'} is a file, not a folder)"
+    assert _one_line_error(run(small.ts, small.photo, "")) == \
+        'defect_fast_run: MAP_OUT is "": give it a new file name, or leave it out'
+    out = run(small.ts, small.photo, tmp_path / "map.PNG")
+    assert out.returncode == 0, out.stderr
+    with Image.open(tmp_path / "map.PNG") as im:
+        assert im.format == "PNG" and im.size == (64, 64)

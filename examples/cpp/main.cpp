@@ -14,8 +14,8 @@
 //                Python turns it upright first.
 //   MAP_OUT      optional, a new file (an existing one is refused before any work, and never replaced:
 //                it is created exclusively at the end, so a failed run leaves none): the anomaly map
-//                [S, S]; "*.png" as 8-bit grey scaled to the map's maximum, anything else as raw
-//                little-endian float32, row-major (S*S*4 bytes).
+//                [S, S]; "*.png" (any case: "*.PNG" too) as 8-bit grey scaled to the map's maximum,
+//                anything else as raw little-endian float32, row-major (S*S*4 bytes); "" is refused.
 //                Its folder must exist and be writable: checked first, too.
 // Prints "score <value>" (the image score) on stdout, last (after the map is written); exit status 1
 // with a one-line message on any error (an image of more pixels than PIL reads, a model that raises
@@ -27,6 +27,7 @@
 #include <caffe2/serialize/inline_container.h>
 #include <fcntl.h>
 #include <png.h>
+#include <sys/stat.h>
 #include <torch/script.h>
 #include <unistd.h>
 
@@ -75,6 +76,12 @@ bool read_png_rgb(const std::string& path, std::vector<uint8_t>& pixels, int& he
   std::FILE* fp = std::fopen(path.c_str(), "rb");
   if (fp == nullptr) {
     error = path + ": cannot open (" + std::strerror(errno) + ")";
+    return false;
+  }
+  struct stat st {};
+  if (::fstat(::fileno(fp), &st) == 0 && (S_ISDIR(st.st_mode) || (S_ISREG(st.st_mode) && st.st_size == 0))) {
+    std::fclose(fp);  // said as such, not libpng's "Read Error" or a file cut off
+    error = path + (S_ISDIR(st.st_mode) ? ": is a directory, not a PNG file" : ": cannot read PNG (the file is empty)");
     return false;
   }
   PngErrors errors;
@@ -440,7 +447,17 @@ std::string map_out_problem(const std::string& path) {
   std::error_code ec;
   if (fs::exists(fs::symlink_status(path, ec))) return exists_message(path);
   const fs::path parent = fs::path(path).parent_path().empty() ? fs::path(".") : fs::path(path).parent_path();
-  if (!fs::is_directory(parent, ec)) return path + ": cannot write (its folder " + parent.string() + " does not exist)";
+  if (!fs::is_directory(parent, ec)) {
+    // a file where a folder of the path should be (the parent, or one above it) is named as such
+    for (fs::path p = parent; !p.empty(); p = p.parent_path()) {
+      if (fs::exists(p, ec)) {
+        if (!fs::is_directory(p, ec)) return path + ": cannot write (" + p.string() + " is a file, not a folder)";
+        break;
+      }
+      if (p == p.parent_path()) break;
+    }
+    return path + ": cannot write (its folder " + parent.string() + " does not exist)";
+  }
   if (::access(parent.c_str(), W_OK | X_OK) != 0) {
     return path + ": cannot write in its folder " + parent.string() + " (" + std::strerror(errno) + ")";
   }
@@ -461,6 +478,10 @@ int run(int argc, char** argv) {
 
   // 0. MAP_OUT must be a new file in a folder the runner can write to: refused now, before any
   //    work (created exclusively at step 5).
+  if (argc > 3 && map_path.empty()) {  // a shell variable left unset, not "no map"
+    std::cerr << "defect_fast_run: MAP_OUT is \"\": give it a new file name, or leave it out\n";
+    return 1;
+  }
   if (!map_path.empty()) {
     const std::string problem = map_out_problem(map_path);
     if (!problem.empty()) {
@@ -542,7 +563,9 @@ int run(int argc, char** argv) {
   if (!map_path.empty()) {
     torch::Tensor m = maps[0].to(torch::kFloat32).contiguous();
     const int64_t mh = m.size(0), mw = m.size(1);
-    const bool png = ends_with(map_path, ".png");
+    std::string lower = map_path;
+    std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char c) { return std::tolower(c); });
+    const bool png = ends_with(lower, ".png");  // "map.PNG" too
     std::vector<uint8_t> grey;
     if (png) {
       const float top = std::max(m.max().item<float>(), 1e-12f);
