@@ -47,10 +47,11 @@ journal line is appended with a single ``write`` on an ``O_APPEND`` descriptor a
 start the journal is read back (a torn last line, which only a crash in the middle of that write
 can leave, is cut off, and so is a last line that is no record though it ends in its newline),
 the set of done (path, SHA-256) pairs of the files in ``IN_DIR`` is rebuilt from it (read one
-line at a time: what the service holds grows with the folder, not with the journal), and leftover
+line at a time: what the service holds grows with the folder, and the bad files whose move
+failed, not with the journal; only a complete listing of the folder tells a file gone), and leftover
 temporary files are removed. An image whose line is missing is redone and overwrites its own map
 and overlay; one whose line exists is never redone while it stays in the folder (rewritten with
-the same bytes, or touched, it is the same image). A file that left the folder (taken away by
+the bytes it was last judged with, or touched, it is the same image). A file that left the folder (taken away by
 the line, or moved to ``rejected/``) and comes again under its name is a new arrival, judged
 again with a line of its own: a camera that names every frame alike, or counts from 0 again
 after a reboot, sends the same name, and a blank frame even the same bytes. Bad files: the journal line (with the reason)
@@ -343,11 +344,14 @@ class _State:
     out: Path
     journal: Journal
     threshold_source: str | None = None  # what set the threshold (status.json)
-    # what was judged of the files in IN_DIR: key -> the contents (sha256) judged under that name, and
-    # the signature of the last; a key leaves with its file (a file sent again after is a new arrival),
-    # so that memory follows the folder, not the journal
-    done: dict[str, set[str]] = field(default_factory=dict)
+    # what was judged of the files in IN_DIR: key -> the content (sha256) last judged under that name,
+    # and its signature; a key leaves with its file (a file sent again after is a new arrival), so
+    # that memory follows the folder, not the journal
+    done: dict[str, str] = field(default_factory=dict)
     done_sig: dict[str, Signature] = field(default_factory=dict)
+    # (device, inode) of IN_DIR when the done set was built: only a complete listing of that folder
+    # tells a file gone (a folder that failed to list, or an unmounted mount point, tells nothing)
+    in_dir_id: tuple[int, int] | None = None
     pending: dict[str, _Pending] = field(default_factory=dict)
     totals: _Counts = field(default_factory=_Counts)
     session: _Counts = field(default_factory=_Counts)
@@ -362,8 +366,8 @@ class _State:
     grace: float = 0.0
     undecodable: dict[str, tuple[Signature, float]] = field(default_factory=dict)  # key -> (signature, first seen)
     few_levels_said: bool = False  # a 16-bit image of few grey levels is named once a session
-    # rejected/ names the journal gives to files (a file whose move failed holds its name there too:
-    # another file moved to it would be taken at a restart for the first's completed copy)
+    # rejected/ names the journal gives to files whose move failed (the name is theirs: another file
+    # moved to it would be taken at a restart for the first's completed copy); a moved file holds its own
     rejected_names: set[str] = field(default_factory=set)
     # candidates in IN_DIR: key -> (path, size, mtime_ns, ctime_ns)
     known: dict[str, tuple[Path, int, int, int]] = field(default_factory=dict)
@@ -401,9 +405,11 @@ def _move(src: Path, dest: Path, sig: Signature | None = None) -> None:
 
 
 def _mark_done(st: _State, key: str, sha: str, sig: Signature | None) -> None:
-    st.done.setdefault(key, set()).add(sha)
+    st.done[key] = sha
     if sig is not None:
         st.done_sig[key] = sig
+    else:
+        st.done_sig.pop(key, None)
 
 
 def _forget(st: _State, keys: Iterable[str]) -> None:
@@ -419,15 +425,17 @@ class _JudgedApart:
     def __init__(self, threshold: float, version: str):
         self.threshold, self.version = threshold, version
         self.other = self.same = self.flips = 0
-        self.seen: set[tuple[float, str]] = set()
+        self.seen: set[tuple[float, str]] = set()  # the four smallest: three are named, "and others" after
 
     def add(self, r: Mapping[str, Any]) -> None:
         if r.get("result") not in ("pass", "fail") or (r.get("threshold") == self.threshold
                                                        and r.get("model_version") == self.version):
             return
         self.other += 1
-        if "threshold" in r and len(self.seen) < 1000:  # named: the first three, in order
+        if "threshold" in r:
             self.seen.add((float(r["threshold"]), str(r.get("model_version"))))
+            if len(self.seen) > 4:
+                self.seen.remove(max(self.seen))
         # whose verdict this threshold changes: only where the score is this model's
         if r.get("model_version") == self.version and isinstance(r.get("score"), (int, float)):
             self.same += 1
@@ -476,29 +484,34 @@ def _recover(st: _State, log: Callable[[str], None], present: Iterable[str] | No
                 _mark_done(st, key, rec["sha256"], sig)
             continue
         # a rejected file was moved away: one at its name is a new arrival, unless it is the very
-        # file judged (its size and times), whose move was cut short, or failed
-        st.rejected_names.add(rec["rejected_to"])
+        # file judged, whose move was cut short, or failed
+        _forget(st, [key])
         src, dest = st.in_dir / key, st.out / rec["rejected_to"]
+        if not os.path.lexists(dest):
+            st.rejected_names.add(rec["rejected_to"])
         if not src.is_file():
             continue
         try:
-            same = _same_signature(sig, _signature(src)) and file_sha256(src) == rec["sha256"]
-            copied = same and dest.is_file() and file_sha256(dest) == rec["sha256"]
+            if file_sha256(src) != rec["sha256"]:
+                continue  # other bytes: a new arrival
+            copied = dest.is_file() and file_sha256(dest) == rec["sha256"]
+            now = _signature(src)
         except OSError:
-            same = copied = False
-        if not same:
             continue
         try:
-            if copied:  # a move across file systems cut short after its copy was in place
+            if copied and _same_signature(sig, now):  # a move across file systems cut short after its copy
                 src.unlink()
                 log(f"removed {src}: its copy in {dest} was complete (the move was cut short before)")
-            elif not dest.exists():
-                _move(src, dest, sig)
+            elif copied:  # sent again, the same bytes, after its move: a new arrival
+                continue
+            elif not os.path.lexists(dest):  # it never left (its times may have changed: chmod, a link)
+                _move(src, dest, now)
+                st.rejected_names.discard(rec["rejected_to"])
                 log(f"moved {src} to {dest} (the move was cut short before)")
-            else:
-                _mark_done(st, key, rec["sha256"], sig)
+            else:  # its name in rejected/ holds another file: judged, left in place
+                _mark_done(st, key, rec["sha256"], now)
         except OSError as exc:  # e.g. no permission in the drop folder: judged, left in place
-            _mark_done(st, key, rec["sha256"], sig)
+            _mark_done(st, key, rec["sha256"], now)
             log(f"cannot move rejected {src} to {dest} ({exc.strerror or exc}); left where it is")
     ours = re.compile(re.escape(TMP_PREFIX) + r"\d+-")  # as _atomic_write names them: a user's ".tmp-notes" stays
     for sub in (MAPS, OVERLAYS, REJECTED, "."):
@@ -557,20 +570,25 @@ def _skipping(st: _State, path: Path, exc: OSError | str, log: Callable[[str], N
 
 
 def _scan(st: _State, recursive: bool, log: Callable[[str], None],
-          root: Path | None = None) -> dict[str, tuple[Path, int, int, int]]:
+          root: Path | None = None) -> tuple[dict[str, tuple[Path, int, int, int]], bool]:
     """Candidate files in IN_DIR (or its sub-folder ``root``): key (relative posix path) -> (path, size, mtime_ns,
-    ctime_ns)."""
+    ctime_ns); and whether the listing is complete (no folder or entry that could not be looked at:
+    only then does a file missing from it tell that the file is gone)."""
     found: dict[str, tuple[Path, int, int, int]] = {}
+    complete = True
     out_resolved = st.out.resolve()
-    stack = [st.in_dir if root is None else root]
+    top = st.in_dir if root is None else root
+    stack = [top]
     while stack:
         folder = stack.pop()
         try:
             entries = list(os.scandir(folder))
         except (FileNotFoundError, NotADirectoryError):
+            complete = complete and folder != top  # a sub-folder gone since it was listed; the folder itself: unknown
             continue
         except OSError as exc:  # e.g. a sub-folder the service may not list: the rest goes on
             _skipping(st, Path(folder), exc, log)
+            complete = False
             continue
         for e in entries:
             if is_temporary_name(e.name):
@@ -593,12 +611,20 @@ def _scan(st: _State, recursive: bool, log: Callable[[str], None],
                 continue
             except OSError as exc:  # a link in a loop or into a folder it may not read: skipped, named once
                 _skipping(st, Path(e.path), exc, log)
+                complete = False
                 continue
             path = Path(e.path)
             entry = _entry(st, path, s, log)
             if entry is not None:
                 found[path.relative_to(st.in_dir).as_posix()] = entry
-    return found
+    return found, complete
+
+
+def _forget_missing(st: _State, listed: Mapping[str, Any], complete: bool, prefix: str = "") -> None:
+    """Forget what was judged under the keys (below ``prefix``) a complete listing of IN_DIR, the
+    folder the done set was built on, no longer finds."""
+    if complete and st.in_dir_id is not None and _identity(st.in_dir) == st.in_dir_id:
+        _forget(st, [k for k in st.done if k.startswith(prefix) and k not in listed])
 
 
 def _event_keys(st: _State, paths: set[str], recursive: bool) -> set[str]:
@@ -647,9 +673,11 @@ def _update(st: _State, keys: set[str], recursive: bool, log: Callable[[str], No
                     looked.add(k)
                     gone.add(k)
                 if lst is not None and path.resolve() != st.out.resolve():
-                    sub = _scan(st, recursive, log, root=path)
+                    sub, complete = _scan(st, recursive, log, root=path)
                     st.known.update(sub)
                     looked.update(sub)
+                    if not complete:  # what it did not find may still be there
+                        gone = {key}
                     gone.difference_update(sub)
             _forget(st, gone)
             looked.add(key)
@@ -701,6 +729,8 @@ def _ready(st: _State, keys, settle: float) -> list[str]:
         del st.pending[key]
     for key in [k for k in st.undecodable if k not in known]:
         del st.undecodable[key]
+    for key in [k for k in st.unreadable if k not in known]:
+        del st.unreadable[key]
     ready.sort(key=lambda k: (known[k][2], k))
     return ready
 
@@ -731,15 +761,18 @@ def _reject(st: _State, key: str, path: Path, sha: str, sig: Signature, reason: 
     rec.update(result="rejected", reason=reason, rejected_to=dest.relative_to(st.out).as_posix())
     st.rejected_names.add(rec["rejected_to"])
     st.journal.append(rec)
-    _mark_done(st, key, sha, None)
     st.totals.add("rejected")
     st.session.add("rejected")
     st.last = {"image": key, "result": "rejected", "reason": reason, "time": rec["time"]}
     try:
         _move(path, dest, sig)
-        log(f"rejected {path}: {reason} (moved to {dest})")
     except OSError as exc:  # judged all the same: the line is written, the other images go on
+        _mark_done(st, key, sha, sig)  # (still there: not judged again)
         log(f"rejected {path}: {reason} (cannot move it to {dest}: {exc.strerror or exc}; left where it is)")
+        return
+    _forget(st, [key])  # gone from the folder: a file sent again under its name is a new arrival
+    st.rejected_names.discard(rec["rejected_to"])
+    log(f"rejected {path}: {reason} (moved to {dest})")
 
 
 def _process(st: _State, keys: list[str], predict_fn: PredictFn,
@@ -765,7 +798,7 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
             st.unreadable[key] = sig
             log(f"cannot read {path} ({exc}); skipped until it changes")
             continue
-        if sha in st.done.get(key, ()):  # same content already judged (e.g. touched, or journal lacked size)
+        if st.done.get(key) == sha:  # same content already judged (e.g. touched, or journal lacked size)
             st.done_sig[key] = sig
             st.pending.pop(key, None)
             log(f"{path}: the same content as when it was judged before; not judged again")
@@ -900,6 +933,16 @@ def _cannot_write(out: Path, exc: OSError) -> str:
     where = f" ({exc.filename})" if exc.filename else ""
     return (f"{out}: cannot write the results{where}: {exc.strerror or exc}; stopped, with every result so far "
             "in the journal: make room (or mend the folder) and start watch again, it goes on where it stopped")
+
+
+def _status_or_stop(st: _State, state: str, out: Path) -> None:
+    """:func:`_write_status`; a results folder that cannot take it stops the service, saying so."""
+    try:
+        _write_status(st, state)
+    except OSError as exc:
+        if exc.errno not in _OUTPUT_ERRNOS:
+            raise
+        raise WatchError(_cannot_write(out, exc)) from exc
 
 
 def _write_status(st: _State, state: str) -> None:
@@ -1089,9 +1132,10 @@ def watch(
             observer = _start_observer(in_dir, recursive, events, log)
         # the first listing, after the observer started (what comes after it has its events): the
         # done set is of the files in the folder only (one judged and gone since is not kept)
-        st.known = _scan(st, recursive, log)
+        st.in_dir_id = _identity(in_dir)
+        st.known, complete = _scan(st, recursive, log)
         listed = time.monotonic()
-        n_records, judged_apart = _recover(st, log, st.known.keys())
+        n_records, judged_apart = _recover(st, log, st.known.keys() if complete else None)
         if journal.repaired:
             log(f"{journal.path}: {journal.repaired}")
         c = st.totals
@@ -1099,7 +1143,7 @@ def watch(
             f"{n_records} earlier result(s): pass {c.passed} fail {c.failed} rejected {c.rejected}")
         if judged_apart:
             log(judged_apart)
-        _write_status(st, "running")
+        _status_or_stop(st, "running", out)
         first = True
         while not stop.is_set():
             if events is not None and _identity(in_dir) != watched:  # renamed away or removed: the watch went with it
@@ -1113,25 +1157,27 @@ def watch(
                 listed = -float("inf")
             live = events is not None and observer is not None
             paths, overflow = events.take() if live else (set(), True)
-            if first:  # the listing of the start
-                keys, first = st.known.keys(), False
-            elif overflow or time.monotonic() - listed >= rescan_interval:  # the whole folder
+            if first and not (live and overflow):  # the start's listing, and what came while the journal was read
+                keys = set(st.known) | (_update(st, _event_keys(st, paths, recursive), recursive, log) if paths else set())
+                first = False
+            elif first or overflow or time.monotonic() - listed >= rescan_interval:  # the whole folder
+                first = False
                 listed = time.monotonic()
-                st.known = _scan(st, recursive, log)
+                st.known, complete = _scan(st, recursive, log)
                 keys = st.known.keys()
-                if in_dir.is_dir():  # (a folder gone for a moment, a remount, forgets nothing)
-                    _forget(st, [k for k in st.done if k not in st.known])
+                _forget_missing(st, st.known, complete)
             else:  # only what events named, and what waits to settle
                 keys = _update(st, _event_keys(st, paths, recursive) | set(st.pending), recursive, log)
             ready = _ready(st, keys, settle)
             for i in range(0, len(ready), batch_size):
                 try:
-                    if _process(st, ready[i:i + batch_size], predict_fn, log, stop):
-                        _write_status(st, "running")
+                    done_now = _process(st, ready[i:i + batch_size], predict_fn, log, stop)
                 except OSError as exc:
                     if exc.errno not in _OUTPUT_ERRNOS:
                         raise
                     raise WatchError(_cannot_write(out, exc)) from exc
+                if done_now:
+                    _status_or_stop(st, "running", out)
                 if stop.is_set():
                     break
             if stop.is_set() or (once and not ready and not st.pending):
@@ -1141,7 +1187,7 @@ def watch(
                 wake.wait(min(max(min(poll_interval, settle), MIN_WAIT) if st.pending else poll_interval,
                               threading.TIMEOUT_MAX))
                 wake.clear()
-        _write_status(st, "stopped")
+        _status_or_stop(st, "stopped", out)
         s = st.session
         log(f"stopped: this run pass {s.passed} fail {s.failed} rejected {s.rejected}; "
             f"journal {journal.path} holds {st.totals.as_dict()['total']} result(s)")

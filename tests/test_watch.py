@@ -1007,7 +1007,7 @@ def test_a_restart_keeps_in_memory_only_what_was_judged_of_the_files_still_in_th
         tracemalloc.stop()
     finally:
         watch_mod._recover = real
-    assert seen["done"] == {"kept.png": {first["sha256"]}} and seen["total"] == 20001
+    assert seen["done"] == {"kept.png": first["sha256"]} and seen["total"] == 20001
     assert any("20001 earlier result(s)" in line for line in said)
     assert peak < 8 * 2**20, f"{peak / 2**20:.1f} MiB traced while reading back 20001 lines"
 
@@ -1083,3 +1083,106 @@ def test_a_link_to_nothing_named_like_an_image_is_named_once(tmp_path):
     _, lines = run_once(src, out)
     assert [line for line in lines if "cam.png" in line] == [f"skipping {src / 'cam.png'}: a link to nothing (its target is gone)"]
     assert [r["image"] for r in journal(out)] == ["a.png"]
+
+
+@pytest.mark.parametrize("when", ["start", "session"])
+def test_a_listing_that_failed_forgets_nothing(tmp_path, monkeypatch, when):
+    """A drop folder that could not be listed once (EIO, a stale share) looked empty: what was
+    judged of its files was forgotten, and they were judged again at the next listing."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / "a.png").write_bytes(png_bytes(1))
+    run_once(src, out)
+    real, failed = os.scandir, []
+
+    def flaky(path=".", *a, **k):
+        if Path(path) == src and not failed and (when == "start" or len(calls) >= 2):
+            failed.append(path)
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real(path, *a, **k)
+
+    calls = []
+    real_scan = watch_mod._scan
+    monkeypatch.setattr(watch_mod, "_scan", lambda *a, **k: calls.append(1) or real_scan(*a, **k))
+    monkeypatch.setattr(watch_mod.os, "scandir", flaky)
+    stop = threading.Event()
+    t, _, lines = _serve(src, out, stop, use_watchdog=False, rescan_interval=0.05)
+    try:
+        deadline = time.time() + 10
+        while time.time() < deadline and (not failed or len(calls) < 6):
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        t.join(timeout=20)
+    assert failed and [r["image"] for r in journal(out)] == ["a.png"]
+
+
+def test_a_rejected_file_left_in_place_is_not_judged_again_when_only_its_change_time_moved(tmp_path, monkeypatch):
+    """A bad file whose move to rejected/ failed stays where it is, judged: a chmod (its change
+    time) before the next start made it look like a new arrival."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / "bad.png").write_bytes(png_bytes(2)[:60])
+    real = watch_mod._move
+
+    def refused(s, d, sig=None):
+        raise OSError(errno.EACCES, "Permission denied", str(s))
+
+    monkeypatch.setattr(watch_mod, "_move", refused)
+    run_once(src, out)
+    assert (src / "bad.png").is_file() and len(journal(out)) == 1
+    monkeypatch.setattr(watch_mod, "_move", real)
+    time.sleep(0.01)
+    os.chmod(src / "bad.png", 0o600)  # the change time only
+    _, lines = run_once(src, out)
+    assert len(journal(out)) == 1 and any("moved" in line and "cut short" in line for line in lines)
+    assert not (src / "bad.png").exists() and (out / journal(out)[0]["rejected_to"]).is_file()
+
+
+def test_a_blank_frame_sent_again_before_the_next_listing_is_judged_again(tmp_path, monkeypatch):
+    """The rejected file left the folder with its move: the camera's next blank frame under the
+    same name, the same bytes, is a new arrival at once, not only once a listing saw the name gone."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    blank = np.zeros((SIZE, SIZE, 3), np.uint8)
+    Image.fromarray(blank).save(src / "frame.png")
+    real, sent = watch_mod._move, []
+
+    def move_then_resend(s, d, sig=None):
+        real(s, d, sig)
+        if not sent:  # the camera's next frame, before any listing could see the name free
+            sent.append(1)
+            Image.fromarray(blank).save(src / "frame.png")
+
+    monkeypatch.setattr(watch_mod, "_move", move_then_resend)
+    run_once(src, out)
+    assert sent and [r["result"] for r in journal(out)] == ["rejected", "rejected"]
+    assert not (src / "frame.png").exists() and len(list((out / "rejected").iterdir())) == 2
+
+
+def test_a_file_that_arrives_while_the_journal_is_read_is_judged_in_the_first_round(tmp_path, monkeypatch):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    real = watch_mod._recover
+
+    def slow(st, log, present=None):
+        (src / "early.png").write_bytes(png_bytes(3))  # after the first listing, its event pending
+        time.sleep(0.3)
+        return real(st, log, present)
+
+    monkeypatch.setattr(watch_mod, "_recover", slow)
+    stop = threading.Event()
+    t, _, _ = _serve(src, out, stop, rescan_interval=3600)
+    try:
+        assert _wait_for(out, 1, timeout=5) == 1
+    finally:
+        stop.set()
+        t.join(timeout=20)
+
+
+def test_the_note_on_earlier_thresholds_names_the_three_lowest_of_however_many():
+    records = [{"image": f"{i}.png", "sha256": "0", "result": "pass", "threshold": float(t), "model_version": "v0",
+                "score": 0.0} for i, t in enumerate(range(1500, 0, -1))]
+    note = watch_mod._judged_apart(records, 0.5, "v1")
+    assert "judged at threshold 1 (model v0), threshold 2 (model v0), threshold 3 (model v0) and others" in note
+    assert note.startswith("note: 1500 earlier result(s)")
