@@ -462,11 +462,15 @@ class Detector(nn.Module):
         self._shared_stem(self.context)  # decided here, outside any trace
 
     def train(self, mode: bool = True) -> "Detector":
-        """Sets :attr:`training` only: a Detector infers, and its model, perceptual map and context
-        stay in eval mode. ``det.train()``, or one from a module that holds the detector, switched
-        an unfused model's batch norms to each batch's statistics, and taught them these, so that
-        every later map changed, after ``eval()`` too."""
-        self.training = bool(mode)
+        """Sets :attr:`training`, and puts its parts in eval mode whatever ``mode``: a Detector
+        infers. ``det.train()``, or one from a module that holds the detector, switched an unfused
+        model's batch norms to each batch's statistics, and taught them these, so that every later
+        map changed, after ``eval()`` too; a part set to train mode by hand is put back too."""
+        if not isinstance(mode, bool):
+            raise ValueError("training mode is expected to be boolean")
+        self.training = mode
+        for part in self.children():
+            part.train(False)
         return self
 
     def _apply(self, fn, *args, **kwargs):
@@ -635,7 +639,11 @@ class Detector(nn.Module):
         if state.get("context"):
             from .context import ImageContext
 
-            context = stored_part("image context", lambda: ImageContext.from_state(state["context"]))
+            if same_kind:
+                context = stored_part("image context", lambda: ImageContext.from_state(state["context"]))
+            else:  # left out: read for its trunk only, which one that does not load does not give
+                with contextlib.suppress(KeyError, TypeError, ValueError, RuntimeError):
+                    context = ImageContext.from_state(state["context"])
         # another map kind leaves out the stored context and perceptual map; their trunk is kept
         set_aside = [] if same_kind else [m for m in (perceptual, context) if m is not None]
         if not same_kind:

@@ -776,3 +776,11 @@ def test_a_detector_loaded_on_another_map_kind_keeps_the_trunk_for_a_later_fit(m
         assert len(module.convs) == convs
         for conv, (weight, bias) in zip(module.convs, held):
             assert torch.equal(conv.weight, weight) and torch.equal(conv.bias, bias)
+    # a stored context that does not load is of no matter to a detector that leaves it out
+    from defect_fast.runs import RunError, load_model_state
+
+    state = load_model_state(tmp_path / "model.pt")
+    state["context"] = {**state["context"], "tensors": {}}
+    assert Detector.from_state(state, "cpu", map_kind="residual", precision="float32").context is None
+    with pytest.raises(RunError, match="the stored image context does not load"):
+        Detector.from_state(state, "cpu", precision="float32")

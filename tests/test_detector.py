@@ -1046,6 +1046,10 @@ def test_train_mode_leaves_the_model_in_eval_mode_and_the_maps_as_they_were():
     after = det.predict_batched(x)
     for out in (during, after):
         assert torch.equal(out["maps"], before["maps"]) and torch.equal(out["scores"], before["scores"])
+    det.model.train()  # by hand: eval() puts it back, as nn.Module's does
+    assert det.eval() is det and not any(m.training for m in det.modules())
+    with pytest.raises(ValueError, match="boolean"):
+        det.train("no")
 
 
 def test_thread_counts_set_by_two_detectors_called_at_once_are_given_back():
