@@ -617,7 +617,7 @@ def test_predict_reads_a_16_bit_pil_image_as_its_file_is_read(tmp_path):
         det.predict(tmp_path / "notes.png")
 
 
-def test_predict_warns_of_a_12_bit_frame_and_names_a_truncated_pil_image(tmp_path):
+def test_predict_warns_of_a_12_bit_frame_and_names_a_truncated_pil_image(tmp_path, monkeypatch):
     """A 12-bit camera's frame in a 16-bit file or PIL image is read at a few grey levels: said, as
     the CLI's readers say it. A truncated file opened lazily by PIL fails as its path does (a
     ValueError naming it), not with PIL's bare OSError."""
@@ -643,8 +643,14 @@ def test_predict_warns_of_a_12_bit_frame_and_names_a_truncated_pil_image(tmp_pat
     with Image.open(tmp_path / "cut.png") as im, pytest.raises(DataError, match=r"PIL image: corrupt or truncated"):
         det.predict(im)
     # a mode PIL does not convert, and an empty image: named as the PIL image, not PIL's or numpy's words
+    # (premultiplied "La", which PIL converts to "LA" only, is read through it)
+    assert det.predict(Image.new("LA", (32, 32)).convert("La"))["maps"].shape[-2:] == (32, 32)
+    import defect_fast.data.io as dio
+
+    monkeypatch.setattr(dio, "_to_8bit", lambda img, channels, path: img.convert("XYZ"))
     with pytest.raises(DataError, match=r"PIL image: cannot convert its La pixels"):
         det.predict(Image.new("LA", (32, 32)).convert("La"))
+    monkeypatch.undo()
     with pytest.raises(DataError, match=r"PIL image: image has zero size \(0x0\)"):
         det.predict(Image.new("L", (0, 0)))
 
