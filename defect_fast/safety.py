@@ -806,13 +806,32 @@ def _check_where_it_goes(p: Path, what: str) -> None:
             if not os.access(parent, os.W_OK | os.X_OK):
                 raise OutputRefused(f"{what} {p}: no permission to write in {parent}")
             try:
-                fd, probe = tempfile.mkstemp(prefix=".defect_fast-probe-", dir=parent)
+                _probe(parent)
             except OSError as exc:
                 raise OutputRefused(f"{what} {p}: cannot create files in {parent} "
                                     f"({exc.strerror or type(exc).__name__})") from None
-            os.close(fd)
-            os.unlink(probe)
             return
+
+
+#: Names of the files :func:`_probe` creates (where a file system has no unnamed ones).
+_PROBE_PREFIX = ".defect_fast-probe-"
+
+
+def _probe(folder: Path) -> None:
+    """Create a file in ``folder`` and remove it (OSError when none can be created): an unnamed
+    one (``O_TMPFILE``: nothing appears in the folder), else a named one, removed whatever comes
+    (one left would be another's file to the next check of the folder)."""
+    if hasattr(os, "O_TMPFILE"):
+        try:
+            os.close(os.open(folder, os.O_TMPFILE | os.O_WRONLY, 0o600))
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):  # no unnamed files there
+                raise
+    fd, probe = tempfile.mkstemp(prefix=_PROBE_PREFIX, dir=folder)
+    os.close(fd)
+    with contextlib.suppress(OSError):  # a share that lets files be made, not removed: what it makes stays
+        os.unlink(probe)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -856,7 +875,8 @@ def _foreign_entries(folder: Path) -> list[str]:
     (a process killed inside the first manifest's write left one, and then the folder counted as a
     user's); a link named as one of those is not one: it is the user's, and counts."""
     return sorted(e.name for e in folder.iterdir()
-                  if (e.name not in _OWN or e.is_symlink()) and not _temporary_of(e, MANIFEST_NAME))
+                  if (e.name not in _OWN or e.is_symlink()) and not _temporary_of(e, MANIFEST_NAME)
+                  and not (e.name.startswith(_PROBE_PREFIX) and e.is_file() and not e.is_symlink()))
 
 
 class OutputFolder:

@@ -305,6 +305,25 @@ def test_a_folder_nothing_can_be_created_in_is_refused_before_any_work_as_root_t
     assert sorted(x.name for x in tmp_path.rglob("*")) == ["out"]
 
 
+def test_the_file_made_to_see_a_folder_writable_is_no_file_of_anyone(tmp_path, monkeypatch):
+    """Where the file system has no unnamed files the check makes a named one: a concurrent check
+    of the same empty folder, or a probe a kill left, must not count it as a user's file."""
+    import defect_fast.safety as safety
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".defect_fast-probe-k1ll3d").write_bytes(b"")  # left by a process killed in its check
+    OutputFolder.check(out, command="audit")
+    if hasattr(os, "O_TMPFILE"):
+        monkeypatch.delattr(os, "O_TMPFILE")
+    made = []
+    real = safety.tempfile.mkstemp
+    monkeypatch.setattr(safety.tempfile, "mkstemp", lambda **kw: made.append(kw) or real(**kw))
+    safe_output_file(out / "m.json", False)
+    OutputFolder.check(out / "sub", command="audit")
+    assert len(made) == 2 and sorted(x.name for x in out.iterdir()) == [".defect_fast-probe-k1ll3d"]
+
+
 def test_safe_output_file(tmp_path):
     p = tmp_path / "m.json"
     assert safe_output_file(p, False) == p
