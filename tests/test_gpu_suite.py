@@ -112,6 +112,21 @@ def test_a_build_cut_off_goes_on_in_a_step_of_its_own_whose_failure_switches_the
                                      block.group(0), 'echo "$BUILD_FAILED ${DEFECT_FAST_CUDA:-on}" > "$OUT/after_build"'])
     assert [r[0] for r in rows] == steps and rows[0][1] == "timeout"
     assert (tmp_path / "out" / "after_build").read_text().split() == ["1" if kernels == "0" else "0", kernels]
+    # the verdict: a build cut off and finished by build_more is no failed step; one whose rest failed is
+    m = re.search(r"cat > \"\$SUMMARY_PY\" <<'EOF'\n(.*?)\nEOF\n", SUITE.read_text(), flags=re.S)
+    (tmp_path / "summary.py").write_text(m.group(1))
+    res = subprocess.run(["python3", str(tmp_path / "summary.py"), str(tmp_path / "out"), "0", "42"],
+                         capture_output=True, text=True, timeout=60)
+    verdict = res.stdout.strip().splitlines()[-2]
+    assert (res.returncode, verdict.endswith("all steps ok")) == ((0, True) if kernels == "on" else (1, False)), res.stdout
+    assert kernels == "on" or verdict.endswith("NOT ok: build, build_more")
+
+
+def test_a_build_more_skipped_at_the_deadline_leaves_the_kernels_on(tmp_path):
+    rows = _run_steps(tmp_path, {}, ['printf "build\ttimeout\t240\t-\t-\nbuild_more\tskipped\t0\t-\t-\n" >> "$STEPS_FILE"',
+                                     "after_build", 'echo "$BUILD_FAILED ${DEFECT_FAST_CUDA:-on}" > "$OUT/after_build"'])
+    assert [r[1] for r in rows] == ["timeout", "skipped"]
+    assert (tmp_path / "out" / "after_build").read_text().split() == ["0", "on"]
 
 
 def test_the_memory_check_runs_before_anything_is_timed():
