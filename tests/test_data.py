@@ -1091,3 +1091,12 @@ def test_unfinished_png_and_jpeg_files_are_told_from_finished_ones(tmp_path):
     assert check("padded.png", png + bytes(100)) is None and check("trailer.png", png + b"tool data") is None
     assert check("padded.jpg", jpg + bytes(100)) is None and check("trailer.jpg", jpg + b"maker note") is None
     assert check("pre.bmp", bmp[:100] + bytes(len(bmp) - 100)) is None  # not told by its end: write and rename
+    # a long trailer after a finished file's end (a PNG tool's data; a JPEG's motion-photo video, padded)
+    assert check("long.png", png + bytes(range(256)) * 400) is None
+    assert check("motion.jpg", jpg + b"ftypmp42" * 100 + bytes(64)) is None
+    # an EXIF thumbnail's end marker, in a header segment, is not the image's own
+    thumb = b"Exif\0\0" + b"\xff\xd8 thumbnail \xff\xd9"
+    with_thumb = jpg[:2] + b"\xff\xe1" + (len(thumb) + 2).to_bytes(2, "big") + thumb + jpg[2:]
+    assert check("thumb.jpg", with_thumb) is None
+    cut = len(with_thumb) // 2
+    assert "end marker" in check("thumb_pre.jpg", with_thumb[:cut] + bytes(len(with_thumb) - cut))

@@ -625,21 +625,57 @@ def _wide_colour(img: Image.Image, path: Path | None) -> str | None:
 _PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk's type and CRC: the last 8 bytes of every PNG
 
 
+def _found_after(f, needle: bytes, start: int, stop: int) -> bool:
+    """Whether ``needle`` lies in the file's bytes [start, stop), read a block at a time."""
+    pos, carry = start, b""
+    while pos < stop:
+        f.seek(pos)
+        block = carry + f.read(min(1 << 20, stop - pos))
+        if needle in block:
+            return True
+        pos += len(block) - len(carry)
+        carry = block[-(len(needle) - 1):]
+    return False
+
+
+def _jpeg_scan_data(f) -> int | None:
+    """Where the first scan's coded data of a JPEG begins (past its header segments, whose
+    lengths are followed: an EXIF thumbnail's end marker lies in one), or None when the header
+    ends first."""
+    f.seek(2)
+    while True:
+        marker = f.read(2)
+        if len(marker) < 2 or marker[0] != 0xFF:
+            return None
+        if marker[1] == 0xFF:  # a fill byte
+            f.seek(-1, os.SEEK_CUR)
+            continue
+        if marker[1] in (0x01, 0xD8) or 0xD0 <= marker[1] <= 0xD7:  # markers without a length
+            continue
+        length = f.read(2)
+        if len(length) < 2:
+            return None
+        if marker[1] == 0xDA:  # start of scan: its coded data follow its header
+            return f.tell() + int.from_bytes(length, "big") - 2
+        f.seek(int.from_bytes(length, "big") - 2, os.SEEK_CUR)
+
+
 def unfinished_image(path: str | os.PathLike) -> str | None:
     """Why a PNG or JPEG file that may decode has not been written to its end, or None (other
     formats, and finished files). A PNG cut off before its IEND chunk decodes, and so does a
     file whose writer set its full size first (SMB copies, some FTP clients) and stalled: the rest
     is zeros, which a JPEG or PNG decoder reads as pixels. A PNG must hold the IEND chunk (what
-    follows it is ignored, as PIL ignores it); a JPEG whose file ends in zero bytes must end in
-    its EOI marker before them (a JPEG whose data simply stops does not decode)."""
+    follows it is ignored, as PIL ignores it); a JPEG whose file ends in zero bytes must hold its
+    end marker after its image data began (before the zeros: a trailer may follow it; a JPEG whose
+    data simply stops does not decode)."""
     with open(path, "rb") as f:
         head = f.read(8)
         end = f.seek(0, os.SEEK_END)
         if head.startswith(b"\x89PNG\r\n\x1a\n"):
-            f.seek(max(0, end - 65536))
-            tail = f.read()
-            # (what follows the chunk is not read, by PIL either)
-            return None if _PNG_END in tail else "a PNG without its IEND chunk at the end (cut off, or still being written)"
+            # at the end, or (data a tool appended after it) anywhere
+            if _found_after(f, _PNG_END, max(0, end - 65536), end) or _found_after(f, _PNG_END, 8, end):
+                return None
+            return "a PNG without its IEND chunk at the end (cut off, or still being written)"
         if not head.startswith(b"\xff\xd8\xff"):
             return None
         pos = end
@@ -653,8 +689,8 @@ def unfinished_image(path: str | os.PathLike) -> str | None:
             pos -= step
         if pos == end:
             return None
-        f.seek(max(0, pos - 2))
-        if f.read(2) != b"\xff\xd9":
+        data = _jpeg_scan_data(f)
+        if data is None or not _found_after(f, b"\xff\xd9", data, pos):
             return "a JPEG whose last bytes are zeros, not its end marker (still being written)"
     return None
 
