@@ -286,6 +286,36 @@ def test_cpp_runner_refuses_by_name_what_other_torchscript_files_return(runner, 
         assert not (tmp_path / f"{name}.f32").exists()
 
 
+def test_cpp_runner_refuses_a_nan_or_infinite_map_or_score(runner, tmp_path):
+    """A NaN score was printed with status 0: a caller's `score > threshold` is then false, and the
+    part passed; the package's commands refuse such maps and scores."""
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(7).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(photo)
+
+    class Broken(torch.nn.Module):
+        def __init__(self, where: str):
+            super().__init__()
+            self.where = where
+
+        def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+            m = x.float().mean(1)
+            if self.where == "map":
+                m = m.clone()
+                m[0, 0, 0] = float("inf")
+                return m, torch.zeros(1)
+            return m, m.mean((1, 2)) * float("nan")
+
+    for where in ("score", "map"):
+        path = tmp_path / f"{where}.ts"
+        torch.jit.save(torch.jit.script(Broken(where)), str(path))
+        out = subprocess.run([str(runner), str(path), str(photo), str(tmp_path / f"{where}.png")], capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 1 and not out.stdout, (where, out.returncode, out.stdout, out.stderr)
+        assert out.stderr.strip() == f"{path}: gives a NaN or infinite {where} for {photo} (its weights or statistics " \
+                                     "are not usable)"
+        assert not (tmp_path / f"{where}.png").exists()
+
+
 def test_cpp_runner_says_a_png_ends_early(runner, tmp_path):
     """A PNG cut off before its IEND chunk (a copy still in progress) was refused as "Read Error"."""
     torch.manual_seed(0)

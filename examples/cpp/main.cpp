@@ -19,7 +19,8 @@
 //                Its folder must exist and be writable: checked first, too.
 // Prints "score <value>" (the image score) on stdout, last (after the map is written); exit status 1
 // with a one-line message on any error (an image of more pixels than PIL reads, a model that raises
-// or returns anything but maps [1, S, S] and scores [1] included), and nothing on stdout then. A
+// or returns anything but maps [1, S, S] and scores [1], or a NaN or infinite map or score, included),
+// and nothing on stdout then. A
 // score that cannot be written (stdout closed, a full disk) is an error too, and the map written
 // before it is removed: a run that exits 0 printed its score. A PNG
 // that ends before its IEND chunk is refused (a file cut off, or still being written), where PIL
@@ -557,6 +558,13 @@ int run(int argc, char** argv) {
     return 1;
   }
   const float score = scores[0].item<float>();
+  // a NaN score compares false with any threshold: a caller's `score > threshold` would pass the part
+  // (the package's commands refuse such maps and scores too)
+  if (!std::isfinite(score) || !torch::isfinite(maps).all().item<bool>()) {
+    std::cerr << model_path << ": gives a NaN or infinite " << (std::isfinite(score) ? "map" : "score")
+              << " for " << image_path << " (its weights or statistics are not usable)\n";
+    return 1;
+  }
 
   // 5. The map, made first, then written into a new file (another process may have made one
   //    since step 0: refused too), so that only the write itself can leave a part of it.
