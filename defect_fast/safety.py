@@ -1504,14 +1504,40 @@ def verify_digest(obj: Any, path: str | os.PathLike, *, required_keys: Iterable[
     return True
 
 
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait for the end of the block, then take their course (on the main
+    thread; elsewhere the block runs as it is). A signal inside ``torch.save`` reached its zip
+    writer, which turned it into an internal RuntimeError, or wrote on into the closed file and
+    aborted the process; the file, written whole, is then the last thing done before the stop."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError, OSError):
+            old[sig] = signal.signal(sig, lambda signum, _frame: got.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        for signum in dict.fromkeys(got):  # each once, in the order they came
+            signal.raise_signal(signum)
+
+
 def save_with_digest(obj: Mapping[str, Any], path: str | os.PathLike, *, folder: OutputFolder | None = None) -> Path:
-    """``torch.save(attach_digest(obj))`` to ``path`` atomically (recorded in ``folder`` if given)."""
+    """``torch.save(attach_digest(obj))`` to ``path`` atomically (recorded in ``folder`` if given);
+    SIGINT and SIGTERM wait for the file (:func:`signals_held`)."""
     import torch
 
     payload = attach_digest(obj)
     ctx = folder.open_atomic(path) if folder is not None else atomic_open(path)
     try:
-        with ctx as fh:
+        with signals_held(), ctx as fh:
             torch.save(payload, fh)
     except RuntimeError as exc:
         # torch's zip writer turns the file's OSError (a full disk, a lost mount) into a RuntimeError

@@ -43,7 +43,7 @@ from .models import AnomalyModel, build_model
 from .precision import cudnn_benchmark
 from .runs import (CHECKPOINT_FILE, CHECKPOINT_VERSION, CONFIG_FILE, LOG_FILE, MODEL_FILE,  # noqa: F401
                    POSITION_KEYS, RESUME_KEYS, NonFiniteMaps, RunError, TrainingStopped, atomic_save, load_checkpoint, model_from_state, resolve_device, stage_file)
-from .safety import LOCK_NAME, OutputFolder, RunLock, UserError, atomic_write_bytes, one_line, real_path
+from .safety import LOCK_NAME, OutputFolder, RunLock, UserError, atomic_write_bytes, atomic_write_json, one_line, real_path
 
 #: Map normalisations a run can ask for (``TrainConfig.normalize``).
 NORMALIZATIONS = ("none", "position")
@@ -641,7 +641,11 @@ class Trainer:
                         done += 1
                         rec = {"stage": stage + 1, "epoch": epoch + 1, "step": self.position["global_step"],
                                "loss": values[0], **dict(zip(parts, values[1:])), "patches_per_s": (stop - start) / dt}
-                        log_file.write(json.dumps(rec) + "\n")
+                        try:
+                            log_file.write(json.dumps(rec) + "\n")
+                        except OSError as exc:  # a full disk names no file
+                            raise OSError(exc.errno, f"{exc.strerror or exc} (the last checkpoint is kept: make room, "
+                                          "then --resume)", str(self.out / LOG_FILE)) from None
                         bar.set_postfix(loss=f"{rec['loss']:.4f}", patches_s=f"{rec['patches_per_s']:.0f}")
                         bar.update(1)
                         if self.position["global_step"] % cfg.checkpoint_every == 0:
@@ -1053,10 +1057,15 @@ def _check_same_run(out: Path, cfg: TrainConfig, ckpt: Path) -> None:
     """Refuse a checkpoint whose settings are not those of the run folder's ``config.json`` (the
     device aside, which a resume may change): another run's checkpoint copied in was resumed
     without a word, and the folder's config then described another training than its model's.
-    A folder without a readable ``config.json`` (written by hand, damaged) is not checked."""
+    A folder without a readable ``config.json`` (removed, damaged) cannot be checked: it is
+    written again from the checkpoint's settings, with a warning saying so."""
     try:
         theirs = TrainConfig.from_json(json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))).to_json()
-    except (OSError, ValueError, TypeError, KeyError):
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        why = "missing" if isinstance(exc, FileNotFoundError) else f"unreadable ({type(exc).__name__})"
+        _warn(f"{out / CONFIG_FILE} is {why}: the checkpoint cannot be checked to be this folder's run; "
+              f"{CONFIG_FILE} is written again from {ckpt.name}'s settings")
+        atomic_write_json(out / CONFIG_FILE, cfg.to_json())
         return
     ours = json.loads(json.dumps(cfg.to_json()))  # as config.json holds it (a tuple is a list there)
     # the device a resume may change; "auto" precision, which a resume resolves (runs of earlier
@@ -1283,7 +1292,12 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         if finished["context"] is not None:
             final["context"] = finished["context"]
         final["detector"] = finished["detector"]
-        atomic_save(final, out / MODEL_FILE)
+        try:
+            atomic_save(final, out / MODEL_FILE)
+        except KeyboardInterrupt:  # came while it was written, held until it was: the run is complete
+            (out / CHECKPOINT_FILE).unlink(missing_ok=True)
+            raise TrainingStopped(f"interrupted as the run ended: {out / MODEL_FILE} is written whole, the run is "
+                                  "complete") from None
         (out / CHECKPOINT_FILE).unlink(missing_ok=True)
         if not cal.get("sufficient", True):
             _warn(cal["note"])

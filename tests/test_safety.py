@@ -890,3 +890,34 @@ def test_a_false_alarm_rate_must_lie_strictly_between_0_and_1():
     for bad in ("1", "1.0", "0", "-0.1", "nan"):
         with pytest.raises(argparse.ArgumentTypeError):
             rate(bad)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_a_model_file_is_written_waits_for_the_file(tmp_path, monkeypatch, signum):
+    """Ctrl-C or SIGTERM inside torch.save reached its zip writer: an internal RuntimeError, or an
+    abort as it wrote on into the closed file. The file is now written whole, then the signal
+    takes its course (here: the handler the caller had)."""
+    import torch
+
+    from defect_fast.safety import load_with_digest, save_with_digest
+
+    real_save, came = torch.save, []
+
+    def interrupted_save(obj, fh, *a, **k):
+        signal.raise_signal(signum)  # in the middle of the write
+        return real_save(obj, fh, *a, **k)
+
+    def handler(s, _frame):
+        came.append((s, (tmp_path / "model.pt").is_file()))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    old = signal.signal(signum, handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            save_with_digest({"w": torch.ones(3)}, tmp_path / "model.pt")
+    finally:
+        signal.signal(signum, old)
+    assert came == [(signum, True)]  # once, after the file was in place
+    assert torch.equal(load_with_digest(tmp_path / "model.pt")["w"], torch.ones(3))
+    assert signal.getsignal(signum) is old

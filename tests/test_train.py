@@ -132,6 +132,24 @@ def test_ctrl_c_stops_after_the_step_in_hand_and_the_resume_is_exact(synthetic_r
     assert a["calibration"]["image_threshold"] == b["calibration"]["image_threshold"]
 
 
+def test_a_signal_while_the_model_file_is_written_ends_the_run_complete(synthetic_root, tmp_path, monkeypatch):
+    """Ctrl-C while model.pt was written reached torch's zip writer: an internal error with a
+    traceback, or an abort. The file is written whole first; the run is then complete, and says so."""
+    real_save = torch.save
+
+    def save(obj, fh, *a, **k):
+        if isinstance(obj, dict) and "image_keys" in obj:  # the model file (a checkpoint has no image keys)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_save(obj, fh, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    out = tmp_path / "run"
+    with pytest.raises(RunError, match=r"^interrupted as the run ended: .*model.pt is written whole, the run is complete$"):
+        train(_cfg(synthetic_root, max_steps=[2, 1]), out, progress=False, log=lambda s: None)
+    assert load_checkpoint(out / "model.pt")["calibration"]["image_threshold"] is not None
+    assert not (out / "checkpoint.pt").exists() and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 @pytest.mark.parametrize("signum, where", [(signal.SIGTERM, "step"), (signal.SIGINT, "step"), (signal.SIGINT, "finish")])
 def test_a_stopped_training_ends_as_a_stop_not_as_a_user_s_mistake(synthetic_root, tmp_path, signum, where):
     """A training stopped by SIGTERM or Ctrl-C, its progress saved, ended with "error:" and status
@@ -534,6 +552,23 @@ def test_a_run_s_own_checkpoint_is_its_run_s_whatever_form_its_settings_took(tmp
         train_module._check_same_run(tmp_path, mine, tmp_path / "checkpoint.pt")
     with pytest.raises(RunError, match="seed 3 vs 0"):
         train_module._check_same_run(tmp_path, dataclasses.replace(cfg, seed=3), tmp_path / "checkpoint.pt")
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_missing_or_damaged_config_json_is_said_and_written_again_from_the_checkpoint(tmp_path, damage, capsys):
+    """A resume went on without a word when config.json was gone or damaged, and the finished run
+    kept the damaged file or none: the record a run is restarted from, and the only check that a
+    checkpoint copied in is this folder's."""
+    cfg = TrainConfig(data="/data/tile", model="cmaae", epochs=(1, 1), max_steps=(3, 2), seed=4)
+    if damage == "truncated":
+        (tmp_path / "config.json").write_text(json.dumps(cfg.to_json())[:40])
+    train_module._check_same_run(tmp_path, cfg, tmp_path / "checkpoint.pt")
+    err = capsys.readouterr().err
+    assert err.startswith(f"defect-fast: warning: {tmp_path / 'config.json'} is "
+                          f"{'missing' if damage == 'missing' else 'unreadable (JSONDecodeError)'}: the checkpoint "
+                          "cannot be checked to be this folder's run; config.json is written again from checkpoint.pt's "
+                          "settings"), err
+    assert json.loads((tmp_path / "config.json").read_text()) == json.loads(json.dumps(cfg.to_json()))
 
 
 def test_a_resume_never_switches_the_run_s_loss_definition(synthetic_root, tmp_path, monkeypatch):
