@@ -48,7 +48,9 @@ start the journal is read back (a torn last line, which only a crash in the midd
 can leave, is cut off, and so is a last line that is no record though it ends in its newline),
 the set of done (path, SHA-256) pairs of the files in ``IN_DIR`` is rebuilt from it (read one
 line at a time: what the service holds grows with the folder, and the bad files whose move
-failed, not with the journal; only a complete listing of the folder tells a file gone), and leftover
+failed, not with the journal; a file is taken as gone only where a listing could look, and a
+folder replaced or (un)mounted has what was judged of its files read again from the journal),
+and leftover
 temporary files are removed. An image whose line is missing is redone and overwrites its own map
 and overlay; one whose line exists is never redone while it stays in the folder (rewritten with
 the bytes it was last judged with, or touched, it is the same image). A file that left the folder (taken away by
@@ -100,7 +102,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
 
 import torch
 
@@ -349,9 +351,9 @@ class _State:
     # that memory follows the folder, not the journal
     done: dict[str, str] = field(default_factory=dict)
     done_sig: dict[str, Signature] = field(default_factory=dict)
-    # (device, inode) of IN_DIR when the done set was built: only a complete listing of that folder
-    # tells a file gone (a folder that failed to list, or an unmounted mount point, tells nothing)
-    in_dir_id: tuple[int, int] | None = None
+    # (device, inode) of IN_DIR ("") and of its sub-folders as last listed: a folder replaced or
+    # (un)mounted since has its done set read again from the journal, not its files taken as gone
+    folder_ids: dict[str, tuple[int, int]] = field(default_factory=dict)
     pending: dict[str, _Pending] = field(default_factory=dict)
     totals: _Counts = field(default_factory=_Counts)
     session: _Counts = field(default_factory=_Counts)
@@ -401,6 +403,7 @@ def _move(src: Path, dest: Path, sig: Signature | None = None) -> None:
             raise OSError(errno.EBUSY, "it changed while it was copied (a writer is still at it)", str(src))
 
     _atomic_write(dest, copy)
+    _fsync_path(dest.parent, directory=True)  # the copy's name is on disk before the source goes (a power cut)
     src.unlink()
 
 
@@ -464,53 +467,52 @@ def _judged_apart(records: Iterable[Mapping[str, Any]], threshold: float, versio
     return apart.note()
 
 
-def _recover(st: _State, log: Callable[[str], None], present: Iterable[str] | None = None) -> tuple[int, str]:
-    """Rebuild the counts from the journal, and the done set of the files in IN_DIR (``present``,
-    their keys; None: every file the journal names); finish cut-short moves; drop temp files.
-    Returns how many records the journal holds and :func:`_judged_apart`'s note on them."""
-    present = None if present is None else set(present)
+def _recover(st: _State, log: Callable[[str], None], keep: Callable[[str], bool] | None = None) -> tuple[int, str]:
+    """Rebuild the counts from the journal, and the done set of the files in IN_DIR (the keys
+    ``keep`` holds: :meth:`_Listing.holds`; None: every key the journal names); finish cut-short
+    moves; drop temp files. Returns how many records the journal holds and
+    :func:`_judged_apart`'s note on them."""
     apart = _JudgedApart(st.threshold, st.info.version)
     n = 0
     for rec in st.journal.read():
         n += 1
         apart.add(rec)
         key = rec["image"]
-        sig = None
-        if "size" in rec and "mtime_ns" in rec:
-            sig = (rec["size"], rec["mtime_ns"], rec["ctime_ns"]) if "ctime_ns" in rec else (rec["size"], rec["mtime_ns"])
+        sig = _record_signature(rec)
         st.totals.add(rec.get("result", "rejected"))
         if rec.get("result") != "rejected" or not rec.get("rejected_to") or sig is None:
-            if present is None or key in present:  # (a line without its file's times: by its content)
+            if keep is None or keep(key):  # (a line without its file's times: by its content)
                 _mark_done(st, key, rec["sha256"], sig)
             continue
         # a rejected file was moved away: one at its name is a new arrival, unless it is the very
-        # file judged, whose move was cut short, or failed
+        # file judged (its size and modification time: a chmod moves only the change time), whose
+        # move was cut short, or failed
         _forget(st, [key])
         src, dest = st.in_dir / key, st.out / rec["rejected_to"]
-        if not os.path.lexists(dest):
-            st.rejected_names.add(rec["rejected_to"])
         if not src.is_file():
             continue
         try:
-            if file_sha256(src) != rec["sha256"]:
-                continue  # other bytes: a new arrival
-            copied = dest.is_file() and file_sha256(dest) == rec["sha256"]
             now = _signature(src)
+            if tuple(now[:2]) != tuple(sig[:2]) or file_sha256(src) != rec["sha256"]:
+                continue  # other bytes, or sent again since: a new arrival
+            copied = dest.is_file() and file_sha256(dest) == rec["sha256"]
         except OSError:
             continue
         try:
             if copied and _same_signature(sig, now):  # a move across file systems cut short after its copy
                 src.unlink()
                 log(f"removed {src}: its copy in {dest} was complete (the move was cut short before)")
-            elif copied:  # sent again, the same bytes, after its move: a new arrival
-                continue
-            elif not os.path.lexists(dest):  # it never left (its times may have changed: chmod, a link)
+            elif copied:  # its copy is in rejected/, its change time moved: left, judged
+                st.rejected_names.add(rec["rejected_to"])
+                _mark_done(st, key, rec["sha256"], now)
+            elif not os.path.lexists(dest):  # it never left
                 _move(src, dest, now)
-                st.rejected_names.discard(rec["rejected_to"])
                 log(f"moved {src} to {dest} (the move was cut short before)")
             else:  # its name in rejected/ holds another file: judged, left in place
+                st.rejected_names.add(rec["rejected_to"])
                 _mark_done(st, key, rec["sha256"], now)
         except OSError as exc:  # e.g. no permission in the drop folder: judged, left in place
+            st.rejected_names.add(rec["rejected_to"])
             _mark_done(st, key, rec["sha256"], now)
             log(f"cannot move rejected {src} to {dest} ({exc.strerror or exc}); left where it is")
     ours = re.compile(re.escape(TMP_PREFIX) + r"\d+-")  # as _atomic_write names them: a user's ".tmp-notes" stays
@@ -569,27 +571,47 @@ def _skipping(st: _State, path: Path, exc: OSError | str, log: Callable[[str], N
         log(f"skipping {path}: {why}")
 
 
-def _scan(st: _State, recursive: bool, log: Callable[[str], None],
-          root: Path | None = None) -> tuple[dict[str, tuple[Path, int, int, int]], bool]:
-    """Candidate files in IN_DIR (or its sub-folder ``root``): key (relative posix path) -> (path, size, mtime_ns,
-    ctime_ns); and whether the listing is complete (no folder or entry that could not be looked at:
-    only then does a file missing from it tell that the file is gone)."""
+class _Listing(NamedTuple):
+    """What a listing of IN_DIR (or a sub-folder) found: the candidates, key -> (path, size,
+    mtime_ns, ctime_ns); the keys of folders and entries it could not look at (what lies there
+    may still be there; "" for IN_DIR itself); and the (device, inode) of each folder it listed."""
+
+    found: dict[str, tuple[Path, int, int, int]]
+    failed: set[str]
+    folders: dict[str, tuple[int, int]]
+
+    def holds(self, key: str) -> bool:
+        """Whether ``key`` may still be there: found, or under something that could not be looked at."""
+        return key in self.found or any(f == "" or key == f or key.startswith(f + "/") for f in self.failed)
+
+
+def _scan(st: _State, recursive: bool, log: Callable[[str], None], root: Path | None = None) -> _Listing:
+    """Candidate files in IN_DIR (or its sub-folder ``root``): see :class:`_Listing`."""
     found: dict[str, tuple[Path, int, int, int]] = {}
-    complete = True
+    failed: set[str] = set()
+    folders: dict[str, tuple[int, int]] = {}
     out_resolved = st.out.resolve()
     top = st.in_dir if root is None else root
+
+    def rel(p: Path | str) -> str:
+        r = Path(p).relative_to(st.in_dir).as_posix()
+        return "" if r == "." else r
+
     stack = [top]
     while stack:
         folder = stack.pop()
         try:
+            ident = os.stat(folder)
             entries = list(os.scandir(folder))
         except (FileNotFoundError, NotADirectoryError):
-            complete = complete and folder != top  # a sub-folder gone since it was listed; the folder itself: unknown
-            continue
+            if folder == top:  # the folder itself: unknown, not empty
+                failed.add(rel(folder))
+            continue  # (a sub-folder gone since it was listed)
         except OSError as exc:  # e.g. a sub-folder the service may not list: the rest goes on
             _skipping(st, Path(folder), exc, log)
-            complete = False
+            failed.add(rel(folder))
             continue
+        folders[rel(folder)] = (ident.st_dev, ident.st_ino)
         for e in entries:
             if is_temporary_name(e.name):
                 continue
@@ -611,20 +633,54 @@ def _scan(st: _State, recursive: bool, log: Callable[[str], None],
                 continue
             except OSError as exc:  # a link in a loop or into a folder it may not read: skipped, named once
                 _skipping(st, Path(e.path), exc, log)
-                complete = False
+                failed.add(rel(e.path))
                 continue
             path = Path(e.path)
             entry = _entry(st, path, s, log)
             if entry is not None:
-                found[path.relative_to(st.in_dir).as_posix()] = entry
-    return found, complete
+                found[rel(path)] = entry
+    return _Listing(found, failed, folders)
 
 
-def _forget_missing(st: _State, listed: Mapping[str, Any], complete: bool, prefix: str = "") -> None:
-    """Forget what was judged under the keys (below ``prefix``) a complete listing of IN_DIR, the
-    folder the done set was built on, no longer finds."""
-    if complete and st.in_dir_id is not None and _identity(st.in_dir) == st.in_dir_id:
-        _forget(st, [k for k in st.done if k.startswith(prefix) and k not in listed])
+def _after_listing(st: _State, listing: _Listing, log: Callable[[str], None]) -> None:
+    """After a listing of the whole of IN_DIR: what was judged of files it no longer holds is
+    forgotten; if a folder was replaced or (un)mounted since the last listing (another device or
+    inode at its name), what was judged of its files is read again from the journal instead (an
+    unmounted share looks empty; remounted, its files are the ones judged before)."""
+    moved = sorted(r for r, ident in listing.folders.items() if st.folder_ids.get(r, ident) != ident)
+    st.folder_ids.update(listing.folders)
+    if moved:
+        _done_from_journal(st, listing)
+        log(f"{st.in_dir / moved[0] if moved[0] else st.in_dir} was replaced or (un)mounted: what was judged of the "
+            "files there now is read again from the journal")
+        return
+    _forget(st, [k for k in st.done if not listing.holds(k)])
+
+
+def _done_from_journal(st: _State, listing: _Listing) -> None:
+    """The done set of the files ``listing`` holds, read again from the journal (as a start reads it)."""
+    st.done.clear()
+    st.done_sig.clear()
+    for rec in st.journal.read():
+        key = rec["image"]
+        if not listing.holds(key):
+            continue
+        sig = _record_signature(rec)
+        if rec.get("result") != "rejected" or not rec.get("rejected_to") or sig is None:
+            _mark_done(st, key, rec["sha256"], sig)
+            continue
+        _forget(st, [key])  # moved away: one there now is a new arrival, unless the very file never left
+        entry = listing.found.get(key)
+        if entry is not None and tuple(entry[1:3]) == tuple(sig[:2]):
+            with contextlib.suppress(OSError):
+                if file_sha256(entry[0]) == rec["sha256"]:
+                    _mark_done(st, key, rec["sha256"], tuple(entry[1:]))
+
+
+def _record_signature(rec: Mapping[str, Any]) -> Signature | None:
+    if "size" not in rec or "mtime_ns" not in rec:
+        return None
+    return (rec["size"], rec["mtime_ns"], rec["ctime_ns"]) if "ctime_ns" in rec else (rec["size"], rec["mtime_ns"])
 
 
 def _event_keys(st: _State, paths: set[str], recursive: bool) -> set[str]:
@@ -673,12 +729,10 @@ def _update(st: _State, keys: set[str], recursive: bool, log: Callable[[str], No
                     looked.add(k)
                     gone.add(k)
                 if lst is not None and path.resolve() != st.out.resolve():
-                    sub, complete = _scan(st, recursive, log, root=path)
-                    st.known.update(sub)
-                    looked.update(sub)
-                    if not complete:  # what it did not find may still be there
-                        gone = {key}
-                    gone.difference_update(sub)
+                    sub = _scan(st, recursive, log, root=path)
+                    st.known.update(sub.found)
+                    looked.update(sub.found)
+                    gone = {k for k in gone if not sub.holds(k)}
             _forget(st, gone)
             looked.add(key)
             continue
@@ -1132,10 +1186,10 @@ def watch(
             observer = _start_observer(in_dir, recursive, events, log)
         # the first listing, after the observer started (what comes after it has its events): the
         # done set is of the files in the folder only (one judged and gone since is not kept)
-        st.in_dir_id = _identity(in_dir)
-        st.known, complete = _scan(st, recursive, log)
+        listing = _scan(st, recursive, log)
+        st.known, st.folder_ids = listing.found, dict(listing.folders)
         listed = time.monotonic()
-        n_records, judged_apart = _recover(st, log, st.known.keys() if complete else None)
+        n_records, judged_apart = _recover(st, log, listing.holds)
         if journal.repaired:
             log(f"{journal.path}: {journal.repaired}")
         c = st.totals
@@ -1163,9 +1217,10 @@ def watch(
             elif first or overflow or time.monotonic() - listed >= rescan_interval:  # the whole folder
                 first = False
                 listed = time.monotonic()
-                st.known, complete = _scan(st, recursive, log)
+                listing = _scan(st, recursive, log)
+                st.known = listing.found
                 keys = st.known.keys()
-                _forget_missing(st, st.known, complete)
+                _after_listing(st, listing, log)
             else:  # only what events named, and what waits to settle
                 keys = _update(st, _event_keys(st, paths, recursive) | set(st.pending), recursive, log)
             ready = _ready(st, keys, settle)

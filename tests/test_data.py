@@ -1100,3 +1100,19 @@ def test_unfinished_png_and_jpeg_files_are_told_from_finished_ones(tmp_path):
     assert check("thumb.jpg", with_thumb) is None
     cut = len(with_thumb) // 2
     assert "end marker" in check("thumb_pre.jpg", with_thumb[:cut] + bytes(len(with_thumb) - cut))
+
+
+def test_the_search_for_an_end_stops_when_the_file_got_shorter(tmp_path):
+    """A writer starting a file again (O_TRUNC) while its end was looked for left the search
+    reading nothing for ever: the watch service hung."""
+    import threading
+
+    from defect_fast.data.io import _found_after
+
+    (tmp_path / "a.png").write_bytes(b"x" * 1000)
+    seen = []
+    with open(tmp_path / "a.png", "rb") as f:
+        t = threading.Thread(target=lambda: seen.append(_found_after(f, b"IEND", 0, 5_000_000)), daemon=True)
+        t.start()
+        t.join(10)
+    assert seen == [False]

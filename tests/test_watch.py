@@ -1186,3 +1186,64 @@ def test_the_note_on_earlier_thresholds_names_the_three_lowest_of_however_many()
     note = watch_mod._judged_apart(records, 0.5, "v1")
     assert "judged at threshold 1 (model v0), threshold 2 (model v0), threshold 3 (model v0) and others" in note
     assert note.startswith("note: 1500 earlier result(s)")
+
+
+def test_a_bad_file_sent_again_after_rejected_was_emptied_gets_its_own_line(tmp_path):
+    """Same bytes, sent while the service was down, after an operator emptied rejected/: taken at
+    the start for a move that never finished, and moved away without a line."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    blank = np.zeros((SIZE, SIZE, 3), np.uint8)
+    Image.fromarray(blank).save(src / "frame.png")
+    run_once(src, out)
+    for f in (out / "rejected").iterdir():
+        f.unlink()
+    time.sleep(0.01)
+    Image.fromarray(blank).save(src / "frame.png")
+    run_once(src, out)
+    assert [r["result"] for r in journal(out)] == ["rejected", "rejected"]
+
+
+def test_one_entry_that_cannot_be_looked_at_leaves_the_rest_of_the_folder_forgettable(tmp_path):
+    """A link in a loop made every listing incomplete: nothing was forgotten again, and a file
+    taken away and sent again with the same bytes was never judged."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / "loop.png").symlink_to(src / "loop.png")
+    (src / "part.png").write_bytes(png_bytes(1))
+    stop = threading.Event()
+    t, _, _ = _serve(src, out, stop, use_watchdog=False, rescan_interval=0.05)
+    try:
+        assert _wait_for(out, 1) == 1
+        (src / "part.png").unlink()
+        time.sleep(0.5)
+        (src / "part.png").write_bytes(png_bytes(1))
+        assert _wait_for(out, 2, timeout=10) == 2
+    finally:
+        stop.set()
+        t.join(timeout=20)
+
+
+def test_a_drop_folder_replaced_while_watched_reads_what_was_judged_from_the_journal(tmp_path):
+    """The folder renamed away and made again (a share remounted): its files judged before are not
+    judged again, and what leaves it afterwards is forgotten as before (it was not, after a replacement)."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / "a.png").write_bytes(png_bytes(1))
+    stop = threading.Event()
+    t, _, lines = _serve(src, out, stop, use_watchdog=False, rescan_interval=0.05)
+    try:
+        assert _wait_for(out, 1) == 1
+        os.rename(src, tmp_path / "old")
+        src.mkdir()
+        (src / "a.png").write_bytes(png_bytes(1))  # the same file, as a remount shows it
+        time.sleep(1.0)
+        assert _count(out) == 1
+        assert any("was replaced or (un)mounted" in line for line in lines)
+        (src / "a.png").unlink()
+        time.sleep(0.5)
+        (src / "a.png").write_bytes(png_bytes(1))
+        assert _wait_for(out, 2, timeout=10) == 2
+    finally:
+        stop.set()
+        t.join(timeout=20)

@@ -630,10 +630,13 @@ def _found_after(f, needle: bytes, start: int, stop: int) -> bool:
     pos, carry = start, b""
     while pos < stop:
         f.seek(pos)
-        block = carry + f.read(min(1 << 20, stop - pos))
+        got = f.read(min(1 << 20, stop - pos))
+        if not got:  # the file got shorter since (a writer starting it again): no end there
+            return False
+        block = carry + got
         if needle in block:
             return True
-        pos += len(block) - len(carry)
+        pos += len(got)
         carry = block[-(len(needle) - 1):]
     return False
 
