@@ -1106,6 +1106,11 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         if not ckpt.is_file():
             if (out / MODEL_FILE).is_file():
                 raise RunError(f"{out}: the run is finished ({MODEL_FILE} is written); nothing to resume")
+            stages = sorted(p.name for p in out.glob("stage*.pt"))
+            if stages:  # it had one: removed since (by hand?), the stages' models cannot resume
+                raise RunError(f"{out}: nothing to resume: its {CHECKPOINT_FILE} is gone (it trained past "
+                               f"{stages[-1]}); start the run again with the options it was started with "
+                               f"({out / CONFIG_FILE}) and --overwrite instead of --resume")
             if OutputFolder.written_by(out) == "train":  # killed (kill -9, power loss) before its first checkpoint
                 if (out / LOCK_NAME).is_file():  # or still training (RunInUse: in use by PID ...)
                     RunLock(out).acquire().release()
@@ -1120,6 +1125,11 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
     try:
         if resume:
             if (out / MODEL_FILE).is_file():  # written last, once everything else is done (checked under the lock)
+                try:
+                    load_checkpoint(out / MODEL_FILE)
+                except RunError as exc:  # damaged: the checkpoint beside it can finish the run again
+                    raise RunError(f"{exc}; the run's {CHECKPOINT_FILE} is kept: move {MODEL_FILE} away, then --resume "
+                                   "finishes the run again") from None
                 left = ""
                 if _left_by_the_finish(out, ckpt):  # the checkpoint's removal was cut off: done now
                     ckpt.unlink()

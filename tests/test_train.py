@@ -329,6 +329,26 @@ def test_a_checkpoint_a_finished_run_failed_to_remove_goes_at_the_next_resume(sy
     assert not (out / "checkpoint.pt").exists() and (out / "model.pt").read_bytes() == model
 
 
+def test_a_damaged_model_file_or_a_checkpoint_removed_by_hand_are_said_as_such(synthetic_root, tmp_path, monkeypatch):
+    """A damaged model.pt beside its checkpoint was called a finished run; a checkpoint removed
+    after a stage was said to be one never written."""
+    import shutil
+
+    out = tmp_path / "run"
+    stop_after_training(_cfg(synthetic_root, max_steps=[2, 1]), out, monkeypatch)
+    shutil.copy(out / "checkpoint.pt", tmp_path / "last.pt")
+    (out / "model.pt").write_bytes(b"PK\x03\x04 cut")
+    with pytest.raises(RunError, match=r"model.pt: .*; the run's checkpoint.pt is kept: move model.pt away, then "
+                                       r"--resume finishes the run again$"):
+        train(_cfg(synthetic_root), out, resume=True, progress=False, log=lambda s: None)
+    (out / "model.pt").unlink()
+    train(_cfg(synthetic_root), out, resume=True, progress=False, log=lambda s: None)  # as it says
+    (out / "model.pt").unlink()
+    with pytest.raises(RunError, match=r"nothing to resume: its checkpoint.pt is gone \(it trained past stage2.pt\); "
+                                       r"start the run again .*--overwrite instead of --resume$"):
+        train(_cfg(synthetic_root), out, resume=True, progress=False, log=lambda s: None)
+
+
 def test_a_run_begun_on_a_gpu_that_is_gone_resumes_on_another_device(synthetic_root, tmp_path, monkeypatch, capsys):
     """--resume kept the run's --device and refused a new one: a run begun with --device cuda
     could not go on once that GPU was not usable (the two messages told the user to do both)."""
