@@ -49,8 +49,8 @@ can leave, is cut off, and so is a last line that is no record though it ends in
 the set of done (path, SHA-256) pairs of the files in ``IN_DIR`` is rebuilt from it (read one
 line at a time: what the service holds grows with the folder, and the bad files whose move
 failed, not with the journal; a file is taken as gone only where a listing could look, and a
-folder replaced or (un)mounted has what was judged of its files read again from the journal),
-and leftover
+folder now on another device (a share unmounted, or mounted again) has what was judged of its
+files read again from the journal; one made again on the same device is a new folder), and leftover
 temporary files are removed. An image whose line is missing is redone and overwrites its own map
 and overlay; one whose line exists is never redone while it stays in the folder (rewritten with
 the bytes it was last judged with, or touched, it is the same image). A file that left the folder (taken away by
@@ -582,7 +582,16 @@ class _Listing(NamedTuple):
 
     def holds(self, key: str) -> bool:
         """Whether ``key`` may still be there: found, or under something that could not be looked at."""
-        return key in self.found or any(f == "" or key == f or key.startswith(f + "/") for f in self.failed)
+        return key in self.found or (bool(self.failed) and _under_any(key, self.failed))
+
+
+def _under_any(key: str, folders: set[str] | dict[str, Any]) -> bool:
+    """Whether ``key`` is one of ``folders`` or lies under one ("" is IN_DIR): its own path and
+    each folder above it are looked up, not every folder (a journal of millions of lines)."""
+    if "" in folders or key in folders:
+        return True
+    parts = key.split("/")
+    return any("/".join(parts[:i]) in folders for i in range(1, len(parts)))
 
 
 def _scan(st: _State, recursive: bool, log: Callable[[str], None], root: Path | None = None) -> _Listing:
@@ -644,26 +653,28 @@ def _scan(st: _State, recursive: bool, log: Callable[[str], None], root: Path | 
 
 def _after_listing(st: _State, listing: _Listing, log: Callable[[str], None]) -> None:
     """After a listing of the whole of IN_DIR: what was judged of files it no longer holds is
-    forgotten; if a folder was replaced or (un)mounted since the last listing (another device or
-    inode at its name), what was judged of its files is read again from the journal instead (an
-    unmounted share looks empty; remounted, its files are the ones judged before)."""
-    moved = sorted(r for r, ident in listing.folders.items() if st.folder_ids.get(r, ident) != ident)
+    forgotten; under a folder now on another device than at the last listing (a share
+    (un)mounted: it looked empty, and its files, back, are the ones judged before), what was
+    judged is read again from the journal instead. A folder made again on the same device is a
+    new one: what it holds is judged as any arrival."""
+    mounted = {r for r, ident in listing.folders.items() if r in st.folder_ids and st.folder_ids[r][0] != ident[0]}
+    # folders gone from the listing are forgotten with their identity: made again, they are new
+    st.folder_ids = {r: ident for r, ident in st.folder_ids.items() if _under_any(r, listing.failed)}
     st.folder_ids.update(listing.folders)
-    if moved:
-        _done_from_journal(st, listing)
-        log(f"{st.in_dir / moved[0] if moved[0] else st.in_dir} was replaced or (un)mounted: what was judged of the "
-            "files there now is read again from the journal")
-        return
-    _forget(st, [k for k in st.done if not listing.holds(k)])
+    _forget(st, [k for k in st.done if not listing.holds(k) or (mounted and _under_any(k, mounted))])
+    if mounted:
+        _done_from_journal(st, listing, mounted)
+        first = min(mounted)
+        log(f"{st.in_dir / first if first else st.in_dir} was (un)mounted: what was judged of the files there now is "
+            "read again from the journal")
 
 
-def _done_from_journal(st: _State, listing: _Listing) -> None:
-    """The done set of the files ``listing`` holds, read again from the journal (as a start reads it)."""
-    st.done.clear()
-    st.done_sig.clear()
+def _done_from_journal(st: _State, listing: _Listing, folders: set[str]) -> None:
+    """What was judged of the files ``listing`` holds under ``folders``, read again from the
+    journal (as a start reads it)."""
     for rec in st.journal.read():
         key = rec["image"]
-        if not listing.holds(key):
+        if not (listing.holds(key) and _under_any(key, folders)):
             continue
         sig = _record_signature(rec)
         if rec.get("result") != "rejected" or not rec.get("rejected_to") or sig is None:

@@ -1224,22 +1224,34 @@ def test_one_entry_that_cannot_be_looked_at_leaves_the_rest_of_the_folder_forget
         t.join(timeout=20)
 
 
-def test_a_drop_folder_replaced_while_watched_reads_what_was_judged_from_the_journal(tmp_path):
-    """The folder renamed away and made again (a share remounted): its files judged before are not
-    judged again, and what leaves it afterwards is forgotten as before (it was not, after a replacement)."""
+def test_a_share_unmounted_and_mounted_again_reads_what_was_judged_from_the_journal(tmp_path, monkeypatch):
+    """An unmounted share looks empty (the folder under it, on the parent's device): its files
+    were forgotten, and judged again once it was back. What was judged of a folder now on another
+    device is read again from the journal; what leaves it afterwards is forgotten as before."""
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
     (src / "a.png").write_bytes(png_bytes(1))
+    real_stat, unmounted = os.stat, []
+
+    def stat(path, *a, **k):
+        st = real_stat(path, *a, **k)
+        if unmounted and os.fspath(path) == os.fspath(src):
+            return os.stat_result((st.st_mode, st.st_ino + 1, st.st_dev + 1, *tuple(st)[3:]))
+        return st
+
+    monkeypatch.setattr(watch_mod.os, "stat", stat)
     stop = threading.Event()
     t, _, lines = _serve(src, out, stop, use_watchdog=False, rescan_interval=0.05)
     try:
         assert _wait_for(out, 1) == 1
-        os.rename(src, tmp_path / "old")
-        src.mkdir()
-        (src / "a.png").write_bytes(png_bytes(1))  # the same file, as a remount shows it
-        time.sleep(1.0)
+        unmounted.append(1)
+        os.rename(src / "a.png", tmp_path / "a.png")  # the share's files out of sight
+        time.sleep(0.5)
+        unmounted.clear()
+        os.rename(tmp_path / "a.png", src / "a.png")  # mounted again: the same file
+        time.sleep(0.8)
         assert _count(out) == 1
-        assert any("was replaced or (un)mounted" in line for line in lines)
+        assert any("was (un)mounted: what was judged of the files there now is read again" in line for line in lines)
         (src / "a.png").unlink()
         time.sleep(0.5)
         (src / "a.png").write_bytes(png_bytes(1))
