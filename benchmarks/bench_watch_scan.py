@@ -2,8 +2,8 @@
 
 A drop folder holds ``--files`` judged images (all in the service's done table) and one new one.
 "listing" is a round without file-system events (no watchdog, ``--once``, or the safety-net
-listing every ``--rescan`` seconds): list and stat every file, then check each against the done
-table. "event" is a round with events: stat only the path the event named (and the files waiting
+listing every ``--rescan`` seconds): list and stat every file, forget what left, then check each
+against the done table. "event" is a round with events: stat only the path the event named (and the files waiting
 to settle). Both rounds are timed in alternation in one run; the ratio is listing / event.
 
     python benchmarks/bench_watch_scan.py --files 50000      # writes results/watch_scan.json
@@ -36,13 +36,17 @@ def main() -> None:
             for i in range(n):
                 (src / f"img_{i:06d}.png").touch()
             st = w._State(info=ModelInfo(64), threshold=0.5, in_dir=src, out=out, journal=None)
-            st.known = w._scan(st, False, print)
-            st.done_sig = {k: e[1:] for k, e in st.known.items()}  # every one judged
+            first = w._scan(st, False, print)
+            st.known, st.folder_ids = first.found, dict(first.folders)
+            st.done = {k: "0" * 64 for k in st.known}  # every one judged
+            st.done_sig = {k: e[1:] for k, e in st.known.items()}
             (src / "new.png").touch()
             new = {str(src / "new.png")}
 
-            def listing():
-                st.known = w._scan(st, False, print)
+            def listing():  # as the service's round: the listing, what it tells gone, the files ready
+                found = w._scan(st, False, print)
+                st.known = found.found
+                w._after_listing(st, found, print)
                 w._ready(st, st.known.keys(), 1.0)
 
             def event():

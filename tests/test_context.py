@@ -704,13 +704,9 @@ def test_a_file_written_before_the_profile_score_choice_scores_with_the_profile(
     assert ImageContext.from_state(state).profile_in_score is False
 
 
-def test_a_map_and_context_fitted_again_run_the_trunk_the_detector_holds(monkeypatch, tmp_path):
-    """A model file carries its trunk, and predict needs no weights file; fitting its map or its
-    context again (audit does both, on every fold, in the order training does: the map, which
-    drops the context, then the context) needed ``$DEFECT_FAST_ALEXNET_WEIGHTS``, and with
-    another file there would have run another trunk than the run's."""
-    import sys
-
+def _fitted_on_a_random_trunk(monkeypatch):
+    """A Detector with a perceptual map and an image context fitted on a random AlexNet trunk; its
+    defect-free and calibration images, and the context's five (weight, bias) pairs."""
     import defect_fast.context as context
     import defect_fast.perceptual as perceptual
 
@@ -721,14 +717,31 @@ def test_a_map_and_context_fitted_again_run_the_trunk_the_detector_holds(monkeyp
     normal, calib = to_u8(_surfaces(10, 64, seed=1)), to_u8(_surfaces(3, 64, seed=2))
     det.fit_perceptual(normal)
     det.fit_context(normal, calib, profile="rows")
-    held = [(conv.weight.clone(), conv.bias.clone()) for conv in det.context.convs]
-    assert len(held) == 5  # conv1..conv5
-    # from here on no trunk file anywhere: the plain modules, no variable, an empty hub cache, no torchvision
+    return det, normal, calib, [(conv.weight.clone(), conv.bias.clone()) for conv in det.context.convs]
+
+
+def _no_trunk_file_anywhere(monkeypatch, tmp_path) -> None:
+    """The plain modules back, and no trunk file anywhere: no variable, an empty hub cache, no torchvision."""
+    import sys
+
+    import defect_fast.context as context
+    import defect_fast.perceptual as perceptual
+
     monkeypatch.setattr(context, "ImageContext", ImageContext)
     monkeypatch.setattr(perceptual, "PerceptualMap", PerceptualMap)
     monkeypatch.delenv("DEFECT_FAST_ALEXNET_WEIGHTS", raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setitem(sys.modules, "torchvision", None)
+
+
+def test_a_map_and_context_fitted_again_run_the_trunk_the_detector_holds(monkeypatch, tmp_path):
+    """A model file carries its trunk, and predict needs no weights file; fitting its map or its
+    context again (audit does both, on every fold, in the order training does: the map, which
+    drops the context, then the context) needed ``$DEFECT_FAST_ALEXNET_WEIGHTS``, and with
+    another file there would have run another trunk than the run's."""
+    det, normal, calib, held = _fitted_on_a_random_trunk(monkeypatch)
+    assert len(held) == 5  # conv1..conv5
+    _no_trunk_file_anywhere(monkeypatch, tmp_path)
     det.fit_perceptual(normal)
     assert det.context is None  # fit_perceptual drops it; the trunk it ran is kept for the next fit
     det.fit_context(normal, calib, profile="rows")
@@ -749,25 +762,9 @@ def test_a_detector_loaded_on_another_map_kind_keeps_the_trunk_for_a_later_fit(m
     """``Detector.load(run, map_kind="residual")`` leaves out the stored perceptual map and context
     (fitted on the stored kind's maps); a perceptual map or context fitted after it runs the trunk
     the file carries, as on the stored kind, not one a weights file would give."""
-    import sys
-
-    import defect_fast.context as context
-    import defect_fast.perceptual as perceptual
-
-    monkeypatch.setattr(context, "ImageContext", RandomTrunkContext)
-    monkeypatch.setattr(perceptual, "PerceptualMap", random_trunk_map)
-    det = Detector(build_model("cmaae", memory_size=20), image_size=64, precision="float32")
-    to_u8 = lambda t: ((t + 1) * 127.5).round().to(torch.uint8)  # noqa: E731
-    normal, calib = to_u8(_surfaces(10, 64, seed=1)), to_u8(_surfaces(3, 64, seed=2))
-    det.fit_perceptual(normal)
-    det.fit_context(normal, calib, profile="rows")
-    held = [(conv.weight.clone(), conv.bias.clone()) for conv in det.context.convs]
+    det, normal, calib, held = _fitted_on_a_random_trunk(monkeypatch)
     det.save(tmp_path / "model.pt")
-    monkeypatch.setattr(context, "ImageContext", ImageContext)
-    monkeypatch.setattr(perceptual, "PerceptualMap", PerceptualMap)
-    monkeypatch.delenv("DEFECT_FAST_ALEXNET_WEIGHTS", raising=False)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setitem(sys.modules, "torchvision", None)
+    _no_trunk_file_anywhere(monkeypatch, tmp_path)
     other = Detector.load(tmp_path / "model.pt", "cpu", map_kind="residual", precision="float32")
     assert other.image_map is None and other.context is None
     other.fit_perceptual(normal)  # the order training fits them in (fit_perceptual drops a context)

@@ -1033,16 +1033,22 @@ def test_smoothing_blurs_the_map_along_both_axes_alike():
     assert float(m.sum()) == pytest.approx(1.0, abs=1e-4)
 
 
-def test_train_mode_leaves_the_model_in_eval_mode_and_the_maps_as_they_were():
-    """``det.train()``, or a parent module's, reached an unfused model's batch norms: predict then
-    normalised by each batch, and taught the running statistics that batch's, so the maps stayed
-    changed after ``eval()``."""
+def unfused_with_batch_statistics() -> tuple[Detector, torch.Tensor]:
+    """An unfused CMA-AE Detector whose batch norms hold running variances of their own (a batch's
+    statistics would then change its maps), and two images for it."""
     model = build_model("cmaae", memory_size=10)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_var.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(0))
     det = Detector(model, image_size=64, precision="float32", fuse=False)
-    x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    return det, torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+
+
+def test_train_mode_leaves_the_model_in_eval_mode_and_the_maps_as_they_were():
+    """``det.train()``, or a parent module's, reached an unfused model's batch norms: predict then
+    normalised by each batch, and taught the running statistics that batch's, so the maps stayed
+    changed after ``eval()``."""
+    det, x = unfused_with_batch_statistics()
     before = det.predict_batched(x)
     parent = torch.nn.ModuleDict({"detector": det})
     assert parent.train() is parent and det.training

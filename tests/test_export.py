@@ -250,12 +250,10 @@ def test_export_detector_gives_the_detector_back_and_writes_both_files_or_none(t
     assert det.training and det.device.type == "cpu"
     # an unfused Detector's model (the caller's own) stays in eval mode, whatever the Detector's
     # flag: its batch norms would otherwise normalise by each batch, and the maps change
-    model = build_model("cmaae", memory_size=10)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_var.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(0))
-    unfused = Detector(model, image_size=64, precision="float32", fuse=False)
-    x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    from tests.test_detector import unfused_with_batch_statistics
+
+    unfused, x = unfused_with_batch_statistics()
+    model = unfused.model
     with torch.no_grad():
         before = unfused(x)
         export_detector(unfused, tmp_path / "u.ts", "torchscript")

@@ -957,6 +957,15 @@ def test_a_file_sent_again_after_it_left_the_folder_is_judged_again(tmp_path):
     assert len(list((out / "rejected").iterdir())) == 2 and not (src / "frame.png").exists()
 
 
+def _sent_again(src, out, name: str, data: bytes) -> int:
+    """Take ``name`` away from the running service's folder, send it again, and count the lines."""
+    before = _count(out)
+    (src / name).unlink()
+    time.sleep(0.5)  # seen gone: by its event, or by a listing
+    (src / name).write_bytes(data)
+    return _wait_for(out, before + 1, timeout=10)
+
+
 @pytest.mark.parametrize("events", [True, False])
 def test_a_file_taken_away_while_the_service_runs_and_sent_again_is_judged_again(tmp_path, events):
     """Seen gone by its event, or by the next listing (no events): what was judged under its name
@@ -968,10 +977,7 @@ def test_a_file_taken_away_while_the_service_runs_and_sent_again_is_judged_again
     t, _, _ = _serve(src, out, stop, use_watchdog=events, rescan_interval=3600 if events else 0.1)
     try:
         assert _wait_for(out, 1) == 1
-        (src / "part.png").unlink()  # taken away by the line, then sent again
-        time.sleep(0.5)
-        (src / "part.png").write_bytes(png_bytes(1))
-        assert _wait_for(out, 2) == 2
+        assert _sent_again(src, out, "part.png", png_bytes(1)) == 2  # taken away by the line, then sent again
     finally:
         stop.set()
         t.join(timeout=20)
@@ -1215,10 +1221,7 @@ def test_one_entry_that_cannot_be_looked_at_leaves_the_rest_of_the_folder_forget
     t, _, _ = _serve(src, out, stop, use_watchdog=False, rescan_interval=0.05)
     try:
         assert _wait_for(out, 1) == 1
-        (src / "part.png").unlink()
-        time.sleep(0.5)
-        (src / "part.png").write_bytes(png_bytes(1))
-        assert _wait_for(out, 2, timeout=10) == 2
+        assert _sent_again(src, out, "part.png", png_bytes(1)) == 2
     finally:
         stop.set()
         t.join(timeout=20)
@@ -1252,10 +1255,7 @@ def test_a_share_unmounted_and_mounted_again_reads_what_was_judged_from_the_jour
         time.sleep(0.8)
         assert _count(out) == 1
         assert any("was (un)mounted: what was judged of the files there now is read again" in line for line in lines)
-        (src / "a.png").unlink()
-        time.sleep(0.5)
-        (src / "a.png").write_bytes(png_bytes(1))
-        assert _wait_for(out, 2, timeout=10) == 2
+        assert _sent_again(src, out, "a.png", png_bytes(1)) == 2
     finally:
         stop.set()
         t.join(timeout=20)
