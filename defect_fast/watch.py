@@ -351,8 +351,8 @@ class _State:
     # that memory follows the folder, not the journal
     done: dict[str, str] = field(default_factory=dict)
     done_sig: dict[str, Signature] = field(default_factory=dict)
-    # (device, inode) of IN_DIR ("") and of its sub-folders as last listed: a folder replaced or
-    # (un)mounted since has its done set read again from the journal, not its files taken as gone
+    # (device, inode) of IN_DIR ("") and of its sub-folders as last listed: a folder now on another
+    # device (un)mounted since has its done set read again from the journal, not its files taken as gone
     folder_ids: dict[str, tuple[int, int]] = field(default_factory=dict)
     pending: dict[str, _Pending] = field(default_factory=dict)
     totals: _Counts = field(default_factory=_Counts)
@@ -423,7 +423,10 @@ def _forget(st: _State, keys: Iterable[str]) -> None:
 
 
 class _JudgedApart:
-    """The note :func:`_judged_apart` gives, gathered one record at a time (the journal is read once)."""
+    """A note when earlier pass/fail results of a resumed journal were judged at another image
+    threshold or by another model file than this session's ("" when none were): they stand as
+    they were (an image already judged is not judged again), so a line audit should know.
+    Gathered one record at a time (:meth:`add`; the journal is read once), said by :meth:`note`."""
 
     def __init__(self, threshold: float, version: str):
         self.threshold, self.version = threshold, version
@@ -457,21 +460,11 @@ class _JudgedApart:
                 f"{threshold:.6g}")
 
 
-def _judged_apart(records: Iterable[Mapping[str, Any]], threshold: float, version: str) -> str:
-    """A note when earlier pass/fail results of a resumed journal were judged at another image
-    threshold or by another model file than this session's ("" when none were): they stand as
-    they were (an image already judged is not judged again), so a line audit should know."""
-    apart = _JudgedApart(threshold, version)
-    for r in records:
-        apart.add(r)
-    return apart.note()
-
-
 def _recover(st: _State, log: Callable[[str], None], keep: Callable[[str], bool] | None = None) -> tuple[int, str]:
     """Rebuild the counts from the journal, and the done set of the files in IN_DIR (the keys
     ``keep`` holds: :meth:`_Listing.holds`; None: every key the journal names); finish cut-short
     moves; drop temp files. Returns how many records the journal holds and
-    :func:`_judged_apart`'s note on them."""
+    :class:`_JudgedApart`'s note on them."""
     apart = _JudgedApart(st.threshold, st.info.version)
     n = 0
     for rec in st.journal.read():
@@ -480,7 +473,7 @@ def _recover(st: _State, log: Callable[[str], None], keep: Callable[[str], bool]
         key = rec["image"]
         sig = _record_signature(rec)
         st.totals.add(rec.get("result", "rejected"))
-        if rec.get("result") != "rejected" or not rec.get("rejected_to") or sig is None:
+        if not _moved_away(rec, sig):
             if keep is None or keep(key):  # (a line without its file's times: by its content)
                 _mark_done(st, key, rec["sha256"], sig)
             continue
@@ -493,7 +486,7 @@ def _recover(st: _State, log: Callable[[str], None], keep: Callable[[str], bool]
             continue
         try:
             now = _signature(src)
-            if tuple(now[:2]) != tuple(sig[:2]) or file_sha256(src) != rec["sha256"]:
+            if not _still_the_judged_file(src, now, rec, sig):
                 continue  # other bytes, or sent again since: a new arrival
             copied = dest.is_file() and file_sha256(dest) == rec["sha256"]
         except OSError:
@@ -677,14 +670,14 @@ def _done_from_journal(st: _State, listing: _Listing, folders: set[str]) -> None
         if not (listing.holds(key) and _under_any(key, folders)):
             continue
         sig = _record_signature(rec)
-        if rec.get("result") != "rejected" or not rec.get("rejected_to") or sig is None:
+        if not _moved_away(rec, sig):
             _mark_done(st, key, rec["sha256"], sig)
             continue
         _forget(st, [key])  # moved away: one there now is a new arrival, unless the very file never left
         entry = listing.found.get(key)
-        if entry is not None and tuple(entry[1:3]) == tuple(sig[:2]):
+        if entry is not None:
             with contextlib.suppress(OSError):
-                if file_sha256(entry[0]) == rec["sha256"]:
+                if _still_the_judged_file(entry[0], tuple(entry[1:]), rec, sig):
                     _mark_done(st, key, rec["sha256"], tuple(entry[1:]))
 
 
@@ -692,6 +685,18 @@ def _record_signature(rec: Mapping[str, Any]) -> Signature | None:
     if "size" not in rec or "mtime_ns" not in rec:
         return None
     return (rec["size"], rec["mtime_ns"], rec["ctime_ns"]) if "ctime_ns" in rec else (rec["size"], rec["mtime_ns"])
+
+
+def _moved_away(rec: Mapping[str, Any], sig: Signature | None) -> bool:
+    """Whether ``rec`` is a rejected file's, moved to ``rejected/`` (a line without its file's
+    times, ``sig`` None, is done by its content, as before they were recorded)."""
+    return rec.get("result") == "rejected" and bool(rec.get("rejected_to")) and sig is not None
+
+
+def _still_the_judged_file(path: Path, now: Signature, rec: Mapping[str, Any], sig: Signature) -> bool:
+    """Whether the file at ``path`` (its signature ``now``) is the one ``rec`` judged: its size,
+    modification time and content (a chmod moves only the change time). OSError when it cannot be read."""
+    return tuple(now[:2]) == tuple(sig[:2]) and file_sha256(path) == rec["sha256"]
 
 
 def _event_keys(st: _State, paths: set[str], recursive: bool) -> set[str]:
@@ -994,20 +999,25 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
 _OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 
 
-def _cannot_write(out: Path, exc: OSError) -> str:
-    where = f" ({exc.filename})" if exc.filename else ""
-    return (f"{out}: cannot write the results{where}: {exc.strerror or exc}; stopped, with every result so far "
-            "in the journal: make room (or mend the folder) and start watch again, it goes on where it stopped")
+@contextlib.contextmanager
+def _output_failures_stop(out: Path) -> Iterator[None]:
+    """An OSError of :data:`_OUTPUT_ERRNOS` in the block stops the service: a WatchError naming
+    the file, and how the service goes on."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _OUTPUT_ERRNOS:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise WatchError(f"{out}: cannot write the results{where}: {exc.strerror or exc}; stopped, with every result so "
+                         "far in the journal: make room (or mend the folder) and start watch again, it goes on where it "
+                         "stopped") from exc
 
 
 def _status_or_stop(st: _State, state: str, out: Path) -> None:
     """:func:`_write_status`; a results folder that cannot take it stops the service, saying so."""
-    try:
+    with _output_failures_stop(out):
         _write_status(st, state)
-    except OSError as exc:
-        if exc.errno not in _OUTPUT_ERRNOS:
-            raise
-        raise WatchError(_cannot_write(out, exc)) from exc
 
 
 def _write_status(st: _State, state: str) -> None:
@@ -1236,12 +1246,8 @@ def watch(
                 keys = _update(st, _event_keys(st, paths, recursive) | set(st.pending), recursive, log)
             ready = _ready(st, keys, settle)
             for i in range(0, len(ready), batch_size):
-                try:
+                with _output_failures_stop(out):
                     done_now = _process(st, ready[i:i + batch_size], predict_fn, log, stop)
-                except OSError as exc:
-                    if exc.errno not in _OUTPUT_ERRNOS:
-                        raise
-                    raise WatchError(_cannot_write(out, exc)) from exc
                 if done_now:
                     _status_or_stop(st, "running", out)
                 if stop.is_set():

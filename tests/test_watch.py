@@ -1189,7 +1189,10 @@ def test_a_file_that_arrives_while_the_journal_is_read_is_judged_in_the_first_ro
 def test_the_note_on_earlier_thresholds_names_the_three_lowest_of_however_many():
     records = [{"image": f"{i}.png", "sha256": "0", "result": "pass", "threshold": float(t), "model_version": "v0",
                 "score": 0.0} for i, t in enumerate(range(1500, 0, -1))]
-    note = watch_mod._judged_apart(records, 0.5, "v1")
+    apart = watch_mod._JudgedApart(0.5, "v1")
+    for r in records:
+        apart.add(r)
+    note = apart.note()
     assert "judged at threshold 1 (model v0), threshold 2 (model v0), threshold 3 (model v0) and others" in note
     assert note.startswith("note: 1500 earlier result(s)")
 
