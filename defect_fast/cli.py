@@ -285,9 +285,15 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+#: Images ``predict`` holds at once: a larger set is checked whole first (every bad file named
+#: before any output), then read, scored and written in parts of this many, so that its memory does
+#: not grow with the set (a day's 10,000 512-px images and maps held 18 GB).
+PREDICT_PART = 64
+
+
 def cmd_predict(args) -> int:
     from .calibration import chosen_threshold
-    from .data.io import blank_images, collect_images, read_image, read_images
+    from .data.io import blank_images, check_images, collect_images, read_image, read_images
     from .detect import Detector
     from .evaluate import check_finite
     from .maps import resize_map
@@ -307,36 +313,51 @@ def cmd_predict(args) -> int:
     # a user's file at one of them: refused now, before --overwrite clears the earlier output
     OutputFolder.check(out, overwrite=args.overwrite, inputs=inputs, command="predict", names=planned)
     sizes: list = []
-    images = read_images(paths, det.image_size, where="predict inputs", sizes=sizes)  # every bad file named, before any output
+    part = PREDICT_PART
+    if len(paths) > part:  # every bad file named, before any output; read again below, a part at a time
+        check_images(paths, det.image_size, where="predict inputs", sizes=sizes)
     if image_t is None:
         print(f"defect-fast: warning: no image is flagged: {source}", file=sys.stderr)
-    res = det.predict_batched(images)
-    check_finite(res, paths, args.run, det.precision, "images")  # before any output: a NaN score would pass
-    scale = pixel_t or det.calibration.get("pixel_q999") or float(res["maps"].max()) or 1.0
+    # white in the map images: twice the pixel threshold, or the colour scale stored with it; a model
+    # file with neither (a Detector saved uncalibrated): each map's own maximum, as watch draws them
+    scale = pixel_t or det.calibration.get("pixel_q999") or 0.0
+
+    def scored(a: int) -> tuple:
+        chunk = paths[a:a + part]
+        images = read_images(chunk, det.image_size, where="predict inputs",
+                             **({"sizes": sizes} if len(paths) <= part else {"warn": False}))
+        res = det.predict_batched(images)
+        check_finite(res, chunk, args.run, det.precision, "images")  # before its outputs: a NaN score would pass
+        return images, res
+
+    first = scored(0)  # before any output: a model that gives NaN is refused before --overwrite clears anything
     folder = OutputFolder.create(out, overwrite=args.overwrite, inputs=inputs, lock=True, command="predict")
     with folder.writing():
         folder.mkdir("maps")
         folder.mkdir("overlays")
         report = {"run": str(args.run), "map": det.map_kind, "threshold": image_t, "threshold_source": source,
-                  "pixel_threshold": pixel_t, "images": []}
+                  "pixel_threshold": pixel_t, "map_scale": 2 * scale or None, "images": []}
         folder.reserve(planned)  # checked above; a user's file put there since: refused, none written
-        blank = blank_images(images).tolist()
-        for path, (map_rel, overlay_rel), img, m, s, (w, h), is_blank in zip(paths, names, images, res["maps"], res["scores"],
-                                                                             sizes, blank):
-            map_png, overlay_png = folder.path / map_rel, folder.path / overlay_rel
-            if (w, h) != (det.image_size, det.image_size):  # at the photo's own size, as the Python API gives them
-                m = resize_map(m, (h, w))
-                img = read_image(path, None)
-            with atomic_open(map_png) as fh:  # under a temporary name until complete (kill -9 leaves no half PNG)
-                save_map(m, fh, scale=2 * scale)
-            with atomic_open(overlay_png) as fh:
-                save_overlay(img, m, fh, scale=2 * scale)
-            entry = {"image": str(path), "score": float(s), "map": map_rel, "overlay": overlay_rel, "size": [w, h]}
-            if image_t is not None:
-                entry["defective"] = bool(float(s) > image_t)
-            if is_blank:  # a camera fault (watch sets them aside): its verdict says nothing of the part
-                entry["blank"] = True
-            report["images"].append(entry)
+        for a in range(0, len(paths), part):
+            images, res = first if a == 0 else scored(a)
+            blank = blank_images(images).tolist()
+            for path, (map_rel, overlay_rel), img, m, s, (w, h), is_blank in zip(
+                    paths[a:a + part], names[a:a + part], images, res["maps"], res["scores"], sizes[a:a + part], blank):
+                map_png, overlay_png = folder.path / map_rel, folder.path / overlay_rel
+                if (w, h) != (det.image_size, det.image_size):  # at the photo's own size, as the Python API gives them
+                    m = resize_map(m, (h, w))
+                    img = read_image(path, None)
+                with atomic_open(map_png) as fh:  # under a temporary name until complete (kill -9 leaves no half PNG)
+                    save_map(m, fh, scale=2 * scale)
+                with atomic_open(overlay_png) as fh:
+                    save_overlay(img, m, fh, scale=2 * scale)
+                entry = {"image": str(path), "score": float(s), "map": map_rel, "overlay": overlay_rel, "size": [w, h]}
+                if image_t is not None:
+                    entry["defective"] = bool(float(s) > image_t)
+                if is_blank:  # a camera fault (watch sets them aside): its verdict says nothing of the part
+                    entry["blank"] = True
+                report["images"].append(entry)
+            first = None  # the first part's images and maps are not held past it
         folder.write_json("scores.json", report)
     flagged = sum(1 for e in report["images"] if e.get("defective"))
     n_blank = sum(1 for e in report["images"] if e.get("blank"))

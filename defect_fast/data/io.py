@@ -471,13 +471,15 @@ def black_said(few_levels: list[tuple[Path, int]]) -> list[Path]:
     return [p for p, _top in few_levels] if few_levels and max(top for _p, top in few_levels) == 0 else []
 
 
-def warn_blank(images: torch.Tensor, paths: Sequence[Path], where: str | os.PathLike,
+def warn_blank(images: torch.Tensor | Sequence[bool], paths: Sequence[Path], where: str | os.PathLike,
                said: Iterable[Path] = ()) -> None:
-    """One warning naming the images read that are blank (:func:`blank_images`), but for those in
-    ``said`` (16-bit frames already called black by :func:`warn_few_levels`): among defect-free
-    images a blank frame sets the thresholds by its score, and at inspection it is a camera fault."""
+    """One warning naming the images read that are blank (:func:`blank_images`; or ``images`` is
+    that list of flags), but for those in ``said`` (16-bit frames already called black by
+    :func:`warn_few_levels`): among defect-free images a blank frame sets the thresholds by its
+    score, and at inspection it is a camera fault."""
     said = set(said)
-    blank = [str(p) for p, b in zip(paths, blank_images(images).tolist()) if b and p not in said]
+    flags = blank_images(images).tolist() if isinstance(images, torch.Tensor) else list(images)
+    blank = [str(p) for p, b in zip(paths, flags) if b and p not in said]
     if blank:
         shown = ", ".join(sorted(blank)[:3]) + (", ..." if len(blank) > 3 else "")
         warn_data(f"{where}: {len(blank)} of {len(paths)} images are of one colour throughout ({shown}): blank "
@@ -801,6 +803,7 @@ def read_images(
     workers: int | None = None,
     where: str | os.PathLike = "images",
     sizes: list | None = None,
+    warn: bool = True,
 ) -> torch.Tensor:
     """Read many image files into one uint8 tensor [N, channels, size, size].
 
@@ -808,6 +811,8 @@ def read_images(
     attempted; if any fail, one :class:`DataError` lists every bad file and its problem
     (``.problems`` holds the lines), with ``where`` (e.g. the folder) at the start of the message.
     ``sizes``: a list that receives each file's own (width, height), upright.
+    ``warn=False``: no warning of few grey levels or blank frames (files :func:`check_images`
+    read before, and warned of).
     """
     paths = [Path(p) for p in paths]
     out = image_stack((len(paths), channels, size, size), where)
@@ -823,6 +828,39 @@ def read_images(
 
     _, problems = run_collecting(one, len(paths), workers)
     raise_problems(problems, len(paths), "image files", where)
-    warn_few_levels(few_levels, len(paths), where)
-    warn_blank(out, paths, where, said=black_said(few_levels))
+    if warn:
+        warn_few_levels(few_levels, len(paths), where)
+        warn_blank(out, paths, where, said=black_said(few_levels))
     return out
+
+
+def check_images(
+    paths: Sequence[str | os.PathLike],
+    size: int,
+    channels: int = 3,
+    *,
+    min_side: int | None = None,
+    workers: int | None = None,
+    where: str | os.PathLike = "images",
+    sizes: list | None = None,
+) -> None:
+    """Read every file as :func:`read_images` does, keeping none of them: the same
+    :class:`DataError` naming every bad file, the same warnings and ``sizes``, in the memory of a
+    few images, for a set too large to hold (``predict`` then reads it again in parts, with
+    ``warn=False``)."""
+    paths = [Path(p) for p in paths]
+    if sizes is not None:
+        sizes[:] = [None] * len(paths)
+    few_levels: list[tuple[Path, int]] = []
+    blank = [False] * len(paths)
+
+    def one(i: int) -> None:
+        t, orig = _load_image(paths[i], size, channels, min_side, few_levels)
+        blank[i] = bool(blank_images(t.unsqueeze(0))[0])
+        if sizes is not None:
+            sizes[i] = orig
+
+    _, problems = run_collecting(one, len(paths), workers)
+    raise_problems(problems, len(paths), "image files", where)
+    warn_few_levels(few_levels, len(paths), where)
+    warn_blank(blank, paths, where, said=black_said(few_levels))
