@@ -1256,6 +1256,8 @@ class Detector(nn.Module):
             {"maps": [N, H, W] float tensor when every input has the same size, else a list of [H_i, W_i]
              (each map at its input's own size); "scores": [N]; "regions": N lists of
              {"box": (x0, y0, x1, y1), "area", "peak"} (see :func:`find_regions`)}.
+        Raises :class:`~defect_fast.runs.NonFiniteMaps` (a RuntimeError) naming the first image
+        by its position when a map or score is NaN or infinite, as the command line refuses them.
         """
         if pixel_threshold is not None:  # numpy's and 0-d tensors too (np.float32 was refused)
             pixel_threshold = _real("pixel_threshold", pixel_threshold)
@@ -1275,6 +1277,9 @@ class Detector(nn.Module):
             batch = [b.to(self.device) for b in batch]
         with torch.inference_mode():  # each input was checked by _as_images
             res = self._predict_batched(torch.stack(batch), images_per_batch)
+        from .evaluate import check_finite
+
+        check_finite(res, None, None, self.precision, "images")  # NaN > threshold is False: such a part would pass
         threshold = pixel_threshold if pixel_threshold is not None else stored_thresholds(self.calibration)[1]
         maps, regions = [], []
         with torch.inference_mode(False):  # plain tensors, also for a caller inside inference mode: it may change them

@@ -586,6 +586,22 @@ def test_predict_refuses_pixels_it_would_misread():
         t.add_(1)
 
 
+def test_predict_refuses_a_nan_score_that_would_pass_any_threshold():
+    """A model whose weights diverged gave NaN scores from predict, which every `score > threshold`
+    passes; the commands and the C++ runner refuse them, and so does predict, naming the image."""
+    from defect_fast.runs import NonFiniteMaps
+
+    det = Detector(_model(), image_size=128, precision="float32")
+    imgs = _images(2, 128)
+    assert torch.isfinite(det.predict(imgs)["scores"]).all()
+    with torch.no_grad():
+        next(det.model.parameters()).fill_(float("nan"))
+    det = Detector(det.model, image_size=128, precision="float32")
+    assert torch.isnan(det.predict_batched(imgs)["scores"]).all()  # the low-level call returns what it computes
+    with pytest.raises(NonFiniteMaps, match=re.escape("for 2 of 2 images (the first: image 0; inference in float32)")):
+        det.predict(imgs)
+
+
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_a_callers_autocast_does_not_change_maps_or_scores(precision):
     """The Detector computes in its own precision, the arithmetic its statistics and thresholds
