@@ -1334,11 +1334,21 @@ class RunLock:
         return self._fd is not None
 
     def acquire(self) -> "RunLock":
-        """Take the lock without waiting; raises :class:`RunInUse` if another holder has it."""
+        """Take the lock without waiting; raises :class:`RunInUse` if another holder has it.
+
+        A lock taken on a file that is no longer the folder's lock file (its holder removed it
+        while this process opened it, as :meth:`release` with ``remove`` does) is let go and
+        taken again on the file now there: else a third process would lock a new file beside it."""
+        while not self._take():
+            pass
+        return self
+
+    def _take(self) -> bool:
+        """One attempt of :meth:`acquire`: False when the file locked is no longer the lock file."""
         import fcntl
 
         if self._fd is not None:
-            return self
+            return True
         try:  # never through a link: the pid written below would truncate whatever it points to
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except OSError:
@@ -1362,11 +1372,19 @@ class RunLock:
         except BaseException:
             os.close(fd)
             raise
+        try:
+            now = os.stat(self.path, follow_symlinks=False)
+        except FileNotFoundError:
+            now = None
+        held = os.fstat(fd)
+        if now is None or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+            os.close(fd)  # removed (or replaced) between the open and the lock: lock the file there now
+            return False
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
         os.fsync(fd)
         self._fd = fd
-        return self
+        return True
 
     def release(self, *, remove: bool = False) -> None:
         """Drop the lock (idempotent). ``remove`` also deletes the lock file (only do that when

@@ -592,6 +592,33 @@ def test_lock_refuses_second_holder_and_dies_with_its_process(tmp_path):
     RunLock(run).acquire().release()
 
 
+def test_a_lock_file_removed_between_its_open_and_its_lock_is_not_held(tmp_path, monkeypatch):
+    """A holder that removes the lock file as it lets go (a failed start's discard) left a process
+    that had opened it holding a lock on a file no longer there, and a third process then locked a
+    new one beside it: two holders. The lock is now taken on the file at the path."""
+    import fcntl
+
+    run = tmp_path / "run"
+    run.mkdir()
+    real_flock, calls = fcntl.flock, []
+
+    def removed_first(fd, op):
+        calls.append(op)
+        if len(calls) == 1:
+            (run / LOCK_NAME).unlink()  # as the holder's release(remove=True) does
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", removed_first)
+    lock = RunLock(run).acquire()
+    monkeypatch.setattr(fcntl, "flock", real_flock)
+    try:
+        assert len(calls) == 2 and (run / LOCK_NAME).read_text().strip() == str(os.getpid())
+        with pytest.raises(RunInUse):
+            RunLock(run).acquire()
+    finally:
+        lock.release()
+
+
 # --------------------------------------------------------------------------------------------
 # Digests
 # --------------------------------------------------------------------------------------------
