@@ -1270,7 +1270,11 @@ class OutputFolder:
 
     def discard(self) -> None:
         """Undo a failed start: :meth:`clear`, then remove the manifest, the lock file and the
-        folder itself when this object created it and nothing else is left in it."""
+        folder itself when this object created it and nothing else is left in it. A folder whose
+        lock file was removed or replaced while it was held (:meth:`RunLock.still_held`) is left
+        as it is: what is there may be another process's now."""
+        if self.lock is not None and not self.lock.still_held():
+            return
         self.clear()
         if self.dirs or _foreign_entries(self.path):
             return
@@ -1386,16 +1390,35 @@ class RunLock:
         self._fd = fd
         return True
 
+    def still_held(self) -> bool:
+        """Whether this object holds the lock and the folder's lock file is still the file locked:
+        one removed by hand (or replaced) while it was held no longer keeps a second holder out,
+        which locks a new file there."""
+        if self._fd is None:
+            return False
+        try:
+            now = os.stat(self.path, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(self._fd)
+        return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+
+    def lost_message(self) -> str:
+        """What a holder that finds :meth:`still_held` false says."""
+        return (f"{self.path}: the lock file was removed or replaced while this process held it, so another "
+                f"process may now use {self.folder}; stopped here, changing nothing more there")
+
     def release(self, *, remove: bool = False) -> None:
         """Drop the lock (idempotent). ``remove`` also deletes the lock file (only do that when
-        the folder itself is being removed)."""
+        the folder itself is being removed), unless it is no longer the file locked (another
+        holder's)."""
         import fcntl
 
         if self._fd is None:
             return
         try:
             os.ftruncate(self._fd, 0)
-            if remove:
+            if remove and self.still_held():
                 with contextlib.suppress(FileNotFoundError):
                     self.path.unlink()
             fcntl.flock(self._fd, fcntl.LOCK_UN)

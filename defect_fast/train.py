@@ -406,6 +406,7 @@ class Trainer:
         self.data_count: int | None = None
         self.data_files: list[list[str]] | None = None
         self.position = dict.fromkeys(POSITION_KEYS, 0)
+        self.lock: RunLock | None = None  # the run folder's (set by train): checked before each file written
         # training time of earlier processes of this run (a resumed run adds its own to it)
         self.seconds_before, self.started = 0.0, time.perf_counter()
         self.optimizer = self._optimizer(0)
@@ -474,7 +475,17 @@ class Trainer:
                     if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
                         st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
+    def _check_lock(self) -> None:
+        """A run folder whose lock file was removed by hand (or replaced) while this training held
+        it may have a second training in it now: stop before writing over its files."""
+        if self.lock is not None and not self.lock.still_held():
+            then = ("continue with --resume" if (self.out / CHECKPOINT_FILE).is_file() else
+                    "start the run again with --overwrite")
+            raise RunError(f"{self.lock.lost_message()} (nothing written at step {self.position['global_step']}); when "
+                           f"no other training uses the folder, {then}")
+
     def save_checkpoint(self) -> None:
+        self._check_lock()
         # a second Ctrl-C while it is written waits for it (see _interrupt_at_step_boundaries)
         self.saving = True
         try:
@@ -663,6 +674,7 @@ class Trainer:
                     self.optimizer = self._optimizer(stage + 1)
                 self.position.update(stage=stage + 1, epoch=0, step=0)
                 # the stage's model (the checkpoint, written next, is what a resume continues from)
+                self._check_lock()
                 atomic_save({**self.weights(), "position": dict(self.position)}, self.out / stage_file(stage + 1))
                 self.save_checkpoint()
                 self._stop_if_asked()
@@ -1254,6 +1266,7 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         train_images = images[train_idx]
         held_images = images[held_idx]
         trainer = Trainer(cfg, out, train_images, progress=progress, log=log)
+        trainer.lock = folder.lock
         trainer.data_digest, trainer.data_count, trainer.data_files = data_digest, len(paths), data_files
         trainer.sources_digest = source_digest
         if sources is not None:
@@ -1302,6 +1315,7 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         if finished["context"] is not None:
             final["context"] = finished["context"]
         final["detector"] = finished["detector"]
+        trainer._check_lock()
         try:
             atomic_save(final, out / MODEL_FILE)
         except KeyboardInterrupt:  # came while it was written, held until it was: the run is complete

@@ -1,6 +1,7 @@
 """Training: end to end on synthetic defects, resume after SIGKILL, run-folder safety."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -718,6 +719,35 @@ def test_a_run_folder_a_live_training_holds_is_said_to_be_in_use(synthetic_root,
     with pytest.raises(OutputRefused, match="holds the output of 'defect-fast predict'"):
         train(cfg, other, progress=False, overwrite=True, log=lambda s: None)
     assert sorted(p.name for p in other.iterdir()) == before  # no lock file left behind
+
+
+def test_a_training_whose_lock_file_was_removed_stops_before_writing_over_a_second_one(synthetic_root, tmp_path,
+                                                                                       monkeypatch):
+    """A lock file removed by hand while a run trained let a second training lock a new one and
+    work in the same folder, both writing its checkpoint. The first now stops at its next file,
+    writes nothing, and removes nothing there (the second's lock file and files stay)."""
+    from defect_fast.safety import LOCK_NAME, RunLock
+
+    out = tmp_path / "run"
+    second = RunLock(out)
+    real_stop = train_module.Trainer._stop_if_asked
+
+    def a_second_training_comes(self):
+        if not second.held:  # after the first step, before the first checkpoint
+            (out / LOCK_NAME).unlink()
+            second.acquire()
+            (out / "config.json").write_text("{}")  # the second training's files
+        return real_stop(self)
+
+    monkeypatch.setattr(train_module.Trainer, "_stop_if_asked", a_second_training_comes)
+    try:
+        with pytest.raises(RunError, match=re.escape(f"{out / LOCK_NAME}: the lock file was removed or replaced") +
+                           r".*\(nothing written at step 2\); when no other training uses the folder, start the run again"):
+            train(_cfg(synthetic_root, max_steps=[2, 1], checkpoint_every=2), out, progress=False, log=lambda s: None)
+        assert second.still_held() and (out / "config.json").read_text() == "{}"
+        assert not (out / "checkpoint.pt").exists()
+    finally:
+        second.release()
 
 
 def test_empty_training_folder_is_a_clear_error(tmp_path, capsys):
