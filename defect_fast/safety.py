@@ -990,7 +990,10 @@ class OutputFolder:
         except FileExistsError:
             created = False
             # made by a racing start since the check (or a file put there): what is there now is checked
-            # again (a command that takes no lock, such as predict, may have written its output already)
+            # again (a command that takes no lock, such as predict, may have written its output already);
+            # a start that holds the folder's lock is said to be using it, not to have left output
+            if (p / LOCK_NAME).is_file() and not (p / LOCK_NAME).is_symlink():
+                RunLock(p).acquire().release()
             cls.check(p, overwrite=overwrite, inputs=inputs, what=what, command=command, names=names)
         out = cls(p, created_root=created, command=command)
         clearing = (p / MANIFEST_NAME).is_file()

@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 import os
+import re
 import stat
 import signal
 import subprocess
@@ -852,6 +853,31 @@ def test_a_start_that_loses_the_race_to_a_command_without_a_lock_clears_nothing(
         OutputFolder.create(out, command="predict")
     monkeypatch.setattr(Path, "mkdir", real_mkdir)
     assert (out / "scores.csv").read_text() == "the other start's results\n"
+
+
+def test_a_start_that_loses_the_race_to_a_training_is_told_the_folder_is_in_use(tmp_path, monkeypatch):
+    """Two trainings started at once into a new folder: the loser was told to pass --overwrite
+    (which would then clear the winner's files under it, were it not refused in turn), not that the
+    folder is in use, and by which process."""
+    out = tmp_path / "run"
+    real_mkdir, winner = Path.mkdir, []
+
+    def racing_mkdir(self, *args, **kwargs):
+        if self == out and not winner:
+            monkeypatch.setattr(Path, "mkdir", real_mkdir)
+            winner.append(OutputFolder.create(out, command="train", lock=True))
+            winner[0].write_text("config.json", "{}")
+            monkeypatch.setattr(Path, "mkdir", racing_mkdir)
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", racing_mkdir)
+    try:
+        with pytest.raises(RunInUse, match=f"{re.escape(str(out))} is in use by PID {os.getpid()}"):
+            OutputFolder.create(out, command="train", lock=True)
+        monkeypatch.setattr(Path, "mkdir", real_mkdir)
+        assert winner[0].lock.still_held() and (out / "config.json").read_text() == "{}"
+    finally:
+        winner[0].release()
 
 
 def test_a_dangling_link_at_the_output_file_is_not_replaced_silently(tmp_path):
