@@ -1346,9 +1346,11 @@ class RunLock:
         A lock taken on a file that is no longer the folder's lock file (its holder removed it
         while this process opened it, as :meth:`release` with ``remove`` does) is let go and
         taken again on the file now there: else a third process would lock a new file beside it."""
-        while not self._take():
-            pass
-        return self
+        for _ in range(100):
+            if self._take():
+                return self
+        raise OutputRefused(f"{self.path}: the lock file was removed or replaced at each of 100 attempts to take it; "
+                            "is another program deleting it?")
 
     def _take(self) -> bool:
         """One attempt of :meth:`acquire`: False when the file locked is no longer the lock file."""

@@ -619,6 +619,14 @@ def test_a_lock_file_removed_between_its_open_and_its_lock_is_not_held(tmp_path,
     finally:
         lock.release()
 
+    def always_removed(fd, op):  # a program that deletes it again and again: an error, not a hang
+        (run / LOCK_NAME).unlink(missing_ok=True)
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", always_removed)
+    with pytest.raises(OutputRefused, match="removed or replaced at each of 100 attempts"):
+        RunLock(run).acquire()
+
 
 # --------------------------------------------------------------------------------------------
 # Digests
