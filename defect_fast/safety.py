@@ -725,18 +725,60 @@ def check_out_not_overlapping(out: str | os.PathLike, inputs: Iterable[str | os.
         OutputRefused: one line naming ``what``, the output and the input.
     """
     o = _resolved(out)
-    for inp in _with_their_output_folders(inputs):
-        i = _resolved(inp)
-        if o == i:
-            relation = "is the input"
-        elif i in o.parents:
-            relation = "lies inside the input"
-        elif o in i.parents:
-            relation = "contains the input"
-        else:
+    inputs = _with_their_output_folders(inputs)
+    for inp in inputs:
+        relation = _overlap(o, _resolved(inp))
+        if relation is not None:
+            raise OutputRefused(f"{what} {_show(out)} {relation} the input {_show(inp)}; choose an output outside the "
+                                "inputs (nothing was written)")
+    # what an input folder reads through its links (a class folder linked from elsewhere)
+    for inp in inputs:
+        if not Path(inp).is_dir():
             continue
-        raise OutputRefused(f"{what} {_show(out)} {relation} {_show(inp)}; choose an output outside the inputs "
-                            "(nothing was written)")
+        for link, target in _links_under(Path(inp)):
+            relation = _overlap(o, target)
+            if relation is not None:
+                raise OutputRefused(f"{what} {_show(out)} {relation} {target}, which the input {inp} reads through the "
+                                    f"link {link}; choose an output outside the inputs (nothing was written)")
+
+
+def _overlap(o: Path, i: Path) -> str | None:
+    """How resolved output ``o`` overlaps resolved input ``i`` ("is", "lies inside", "contains"), or None."""
+    if o == i:
+        return "is"
+    if i in o.parents:
+        return "lies inside"
+    if o in i.parents:
+        return "contains"
+    return None
+
+
+def _links_under(folder: Path) -> Iterator[tuple[Path, Path]]:
+    """(link, its resolved target) for every symbolic link at any depth under ``folder``, linked
+    folders walked too (each real folder once: a link loop ends); what cannot be listed is passed over."""
+    seen: set[Path] = set()
+    stack = [folder]
+    while stack:
+        d = stack.pop()
+        try:
+            real = real_path(d)
+            if real in seen:
+                continue
+            seen.add(real)
+            entries = list(os.scandir(d))
+        except OSError:
+            continue
+        for e in entries:
+            try:
+                if e.is_symlink():
+                    target = real_path(e.path)
+                    yield Path(e.path), target
+                    if target.is_dir():
+                        stack.append(Path(e.path))
+                elif e.is_dir(follow_symlinks=False):
+                    stack.append(Path(e.path))
+            except OSError:
+                continue
 
 
 def safe_output_file(path: str | os.PathLike, overwrite: bool, *, inputs: Iterable[str | os.PathLike] = (),

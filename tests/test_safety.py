@@ -250,6 +250,24 @@ def test_out_beside_inputs_and_file_inputs(tmp_path):
         check_out_not_overlapping(tmp_path / "data", [img])
 
 
+def test_an_output_at_a_file_an_input_folder_reads_through_a_link_is_refused(tmp_path):
+    """DATA/test/spot linked to a folder elsewhere: `evaluate RUN DATA --json elsewhere/006.png
+    --overwrite` replaced a test image it had just read with its JSON (only DATA itself was resolved)."""
+    elsewhere = tmp_path / "elsewhere" / "spot"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "006.png").write_bytes(b"x")
+    (tmp_path / "data" / "test").mkdir(parents=True)
+    (tmp_path / "data" / "test" / "spot").symlink_to(elsewhere)
+    (tmp_path / "data" / "test" / "loop").symlink_to(tmp_path / "data")  # walked once
+    (tmp_path / "data" / "test" / "one.png").symlink_to(tmp_path / "single.png")
+    for out, relation in ((elsewhere / "006.png", "lies inside"), (elsewhere / "report", "lies inside"),
+                          (tmp_path / "elsewhere", "contains"), (tmp_path / "single.png", "is")):
+        with pytest.raises(OutputRefused, match=re.escape(f"{relation} ") + r".* which the input .*data reads through "
+                                                r"the link .*(spot|loop|one\.png); choose an output outside"):
+            check_out_not_overlapping(out, [tmp_path / "run", tmp_path / "data"])
+    check_out_not_overlapping(tmp_path / "elsewhere2", [tmp_path / "data"])
+
+
 def test_a_file_of_a_folder_defect_fast_wrote_protects_the_folder(tmp_path):
     """A run's model.pt given in place of the run: the run folder is an input too (predict
     runcopy/model.pt ... --out runcopy/pred wrote into the run, while --out beside it was refused);
