@@ -367,9 +367,12 @@ def threshold_at_far(calibration: Mapping[str, Any] | None, far: float) -> tuple
 
 def scored_images(calibration: Mapping[str, Any] | None) -> str:
     """What the images whose scores set a calibration's thresholds are, in a word: "held-back"
-    (training's) or "calibration" (:func:`calibrate`'s given images); files from before the
-    record: a ``calibrate`` output's are the images it was given."""
+    (training's), "training" (a run that held none back: its source says "training images") or
+    "calibration" (:func:`calibrate`'s given images); files from before the record: a
+    ``calibrate`` output's are the images it was given."""
     cal = calibration or {}
+    if cal.get("source") == "training images":  # set after calibrate()'s "images", in every model file
+        return "training"
     return cal.get("images") or ("calibration" if cal.get("calibrated_from") else "held-back")
 
 

@@ -343,6 +343,9 @@ def test_a_threshold_for_another_rate_is_set_after_training_from_the_stored_scor
     assert evaluate_thresholds(test, labels, given, far=0.05)["threshold_images"] == "calibration"
     assert ModelInfo.from_calibration(64, "ae-l2", "abc", given, far=0.05).extra["threshold_images"] == "calibration"
     assert scored_images({"calibrated_from": "run"}) == "calibration" and scored_images(None) == "held-back"
+    # a run that held none back (--holdback 0) set them on training images: evaluate said "held-back"
+    trained = {**cal, "source": "training images"}
+    assert evaluate_thresholds(test, labels, trained)["threshold_images"] == "training"
 
 
 def test_older_model_files_give_the_rates_their_named_scores_reach():
