@@ -676,6 +676,14 @@ class Detector(nn.Module):
                            context=context, **options)
         except ValueError as exc:  # an inference setting this model cannot take: the user's, said in one line
             raise SettingError(f"{where}: {exc}") from None
+        measured = (calibration or {}).get("precision")
+        if measured and measured != detector.precision and "inapplicable" not in calibration:
+            # the thresholds hold at the scores of their precision: bf16 rounding moved an image context's
+            # scores by 5 %, enough to flag the held-back image whose score the threshold is
+            warnings.warn(f"{where}: its thresholds were measured in {measured}; this Detector computes in "
+                          f"{detector.precision}, whose scores differ by that rounding, so images near a threshold "
+                          "may be judged otherwise; 'defect-fast calibrate RUN --with-held-back --precision "
+                          f"{detector.precision} --out NEW_RUN' measures them in {detector.precision}", stacklevel=2)
         if set_aside:  # a later fit_perceptual or fit_context runs the run's own trunk (no weights file)
             longest = max(set_aside, key=lambda m: len(m.convs))
             detector._spare_trunk = {k: w.to(detector.device) for k, w in
@@ -1312,6 +1320,7 @@ class Detector(nn.Module):
             far = (self.calibration or {}).get("far") or DEFAULT_FAR
         cal = calibrate_thresholds(res["scores"], res["maps"], far, names=names, images="calibration")
         cal["pixel_q999"] = colour_scale(res["maps"])
+        cal["precision"] = self.precision  # what the scores were computed in (load warns of another)
         self.calibration = cal
         return cal
 

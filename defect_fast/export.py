@@ -127,6 +127,9 @@ def sidecar(det: Detector, fmt: str, batch: int, dynamic_batch: bool, source: Pa
         "brightness": {"perceptual": getattr(det.image_map, "brightness", None),
                        "context": det.context.brightness if det.context is not None else None},
         "thresholds": {"score": image_t, "pixel": pixel_t},
+        # the precision the thresholds' scores were computed in (None: not recorded, files before it);
+        # another than "precision" above moves the file's scores by that rounding
+        "thresholds_precision": cal.get("precision") if image_t is not None else None,
         "threshold_source": _for_export(threshold_source),
         "calibration": cal,
     }

@@ -141,7 +141,8 @@ def _fit_half(held: list[str], state: dict[str, Any], cfg) -> tuple[list[str], l
 
 def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | Path | None = None, *,
                 far: float | None = None, with_held_back: bool = False, device: str = "auto",
-                overwrite: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+                overwrite: bool = False, precision: str | None = None,
+                log: Callable[[str], None] = print) -> dict[str, Any]:
     """Write ``out/model.pt``: the run's model with thresholds set from ``images`` (files or
     folders of defect-free images the run has not seen) and, with ``with_held_back``, the run's
     own held-back images (those it did not fit its map statistics on).
@@ -153,6 +154,9 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
             when given, too few images for it is refused (:class:`~defect_fast.safety.UsageError`),
             while the run's own rate falls back to the largest score with a warning, as at training.
         device: where the images are predicted.
+        precision: what they are predicted in ("float32", "bfloat16"; None: the Detector's default
+            on ``device``): that of the Detector or exported file that will judge by the thresholds
+            (the model file records it; loading it to compute in another warns).
         overwrite: replace an earlier ``calibrate`` output in ``out`` (only its files).
 
     Returns:
@@ -183,7 +187,10 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
     if cfg is not None and cfg.data:  # its training folder, which the run's held-back images are in: an input too
         inputs.append(cfg.data)
         OutputFolder.check(out, overwrite=overwrite, inputs=inputs, command="calibrate")
-    det = Detector.from_state(state, device, where=path)  # the run's own inference settings, so its maps and scores
+    with warnings.catch_warnings():  # the run's thresholds, of another precision, are replaced here
+        warnings.filterwarnings("ignore", message=".*its thresholds were measured in")
+        det = Detector.from_state(state, device, where=path,  # the run's own inference settings, so its maps and scores
+                                  **({"precision": precision} if precision else {}))
     size = det.image_size
     asked = far is not None
     # the rate the run's thresholds were set at: a calibrated run's own, else the one it was trained with
@@ -306,12 +313,15 @@ def add_parser(subparsers) -> None:
                    "a warning: the largest score sets the threshold); too few images for a rate given here are refused")
     c.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default)")
     c.add_argument("--overwrite", action="store_true", help="replace earlier calibrate output in --out")
+    c.add_argument("--precision", choices=("float32", "bfloat16"), default=None,
+                   help="compute the scores in this precision: that of the Detector or exported file that will judge "
+                   "by the thresholds (default: the Detector's on --device, bfloat16 where it is native)")
     c.set_defaults(func=command)
 
 
 def command(args: argparse.Namespace) -> int:
     recalibrate(args.run, args.images, args.out, far=args.far, with_held_back=args.with_held_back,
-                device=args.device, overwrite=args.overwrite)
+                device=args.device, overwrite=args.overwrite, precision=args.precision)
     return 0
 
 

@@ -791,6 +791,7 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
     rho = rank_correlation(res["scores"].numpy(), calib_images.double().mean(dim=(1, 2, 3)).numpy())
     cal["score_brightness_rank_correlation"] = rho if math.isfinite(rho) else None
     cal["pixel_q999"] = colour_scale(res["maps"])  # map colour scale of older readers
+    cal["precision"] = det.precision  # what the scores were computed in (Detector.load warns of another)
     cal["source"] = ("held-back images (the map was fitted on the training images)" if on_train else
                      "held-back images (the half not used to fit the map)" if fits else "held-back images")
     cal["map_fitted_on"] = None if not fits else f"{fit_images.shape[0]} {'training' if on_train else 'held-back'} images"

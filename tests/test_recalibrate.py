@@ -46,6 +46,31 @@ def _older_file(run: Path, folder: Path) -> Path:
     return folder
 
 
+def test_thresholds_say_the_precision_they_were_measured_in_and_calibrate_measures_them_in_another(
+        runs, tmp_path, capsys):
+    """A float32 export of a run calibrated in bf16 carried its bf16 thresholds without a word (an
+    image context's scores moved by 5 %: the held-back image at the threshold was flagged). The model
+    file records the precision; loading it to compute in another warns, naming the remedy, which
+    calibrate --precision gives."""
+    import warnings
+
+    default = Detector.load(runs["run"], device="cpu").precision
+    other = "float32" if default == "bfloat16" else "bfloat16"
+    assert load_model_state(runs["run"])["calibration"]["precision"] == default
+    with pytest.warns(UserWarning, match=f"its thresholds were measured in {default}; this Detector computes in {other}.*"
+                                         f"calibrate RUN --with-held-back --precision {other} --out NEW_RUN"):
+        Detector.load(runs["run"], device="cpu", precision=other)
+    out = tmp_path / "cal"
+    status, _stdout, err = cli(["calibrate", runs["run"], "--with-held-back", "--out", out, "--device", "cpu",
+                                "--precision", other], capsys)
+    assert status == 0 and "measured in" not in err, err
+    assert load_model_state(out)["calibration"]["precision"] == other
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Detector.load(out, device="cpu", precision=other)  # its own: nothing to say
+        Detector.load(runs["run"], device="cpu", stride=32)  # set aside with other settings: said otherwise
+
+
 def test_held_back_alone_gives_the_stored_thresholds(runs, tmp_path, capsys):
     out = tmp_path / "cal"
     status, stdout, err = cli(["calibrate", runs["run"], "--with-held-back", "--out", out, "--device", "cpu"], capsys)
