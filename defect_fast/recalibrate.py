@@ -167,7 +167,7 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
         run trained on; RunError: a damaged run, held-back images gone; OutputRefused: ``out``.
     """
     from .calibration import DEFAULT_FAR, count_text, min_images_for
-    from .data.io import collect_images, read_images
+    from .data.io import blank_images, collect_images, read_images
     from .detect import Detector
     from .runs import MODEL_FILE, RunError, load_model_state, model_file
     from .safety import OutputFolder, save_with_digest
@@ -222,6 +222,17 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
             f"{', ...' if len(twins) > 3 else ''})")
         keep = sorted(first.values())
         n_given = sum(1 for i in keep if i < n_given)  # a held-back image also given counts as given
+        batch, paths, keys = batch[keep], [paths[i] for i in keep], [keys[i] for i in keep]
+    blank = blank_images(batch)
+    if bool(blank.any()):  # a camera fault, never judged by watch: a black frame's score set the threshold 8x higher
+        if bool(blank.all()):
+            raise UsageError(f"calibrate: every one of the {len(paths)} images is a blank frame, one colour throughout "
+                             "(a failed exposure, a covered lens?); give photographs of defect-free parts")
+        left = [paths[i] for i in blank.nonzero().flatten().tolist()]
+        log(f"{len(left)} blank frame(s), one colour throughout, are left out: a camera fault, which watch sets aside "
+            f"and never judges ({', '.join(str(p) for p in left[:3])}{', ...' if len(left) > 3 else ''})")
+        keep = (~blank).nonzero().flatten().tolist()
+        n_given = sum(1 for i in keep if i < n_given)
         batch, paths, keys = batch[keep], [paths[i] for i in keep], [keys[i] for i in keep]
     seen, seen_what = _seen_images(state, cfg)
     if seen is None:

@@ -760,6 +760,7 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
                            f"(half to fit, half to calibrate), got {held_back_images.shape[0]}; raise --holdback")
         fit_images, calib_images = held_back_images[0::2], held_back_images[1::2]
         calib_names = None if calib_names is None else calib_names[1::2]
+    calib_images, calib_names = _without_blank_frames(calib_images, calib_names, where, images)
     # one level for both trunks (so they still share their first layers): the training images'
     # mean brightness, or the fitting images' when there are none
     level = (brightness_level(True, train_images if train_images is not None else fit_images)
@@ -818,6 +819,29 @@ def detector_options(cfg: TrainConfig, model: AnomalyModel) -> dict[str, Any]:
     """The inference settings a run stores for :meth:`Detector.load` (map, stride, blend, smoothing)."""
     return {"map_kind": cfg.map or model.default_map, "stride": cfg.infer_stride, "blend": cfg.blend,
             "smooth_sigma": float(cfg.smooth)}
+
+
+def _without_blank_frames(images: torch.Tensor, names: list[str] | None, where: str | Path | None,
+                          what: str) -> tuple[torch.Tensor, list[str] | None]:
+    """``images`` (and ``names``) but for blank frames (one colour throughout: a failed exposure, a
+    covered lens), which ``watch`` sets aside and never judges: a thresholds' image, a black frame's
+    score set the image threshold 8 times higher than the parts' (said in a warning; all of them
+    blank: a RunError)."""
+    from .data.io import blank_images
+
+    blank = blank_images(images)
+    if not bool(blank.any()):
+        return images, names
+    prefix = f"{where}: " if where is not None else ""
+    if bool(blank.all()):
+        raise RunError(f"{prefix}every one of the {images.shape[0]} {what} the thresholds are set on is a blank frame, "
+                       "one colour throughout (a failed exposure, a covered lens?); give photographs of parts")
+    left = [names[i] for i in blank.nonzero().flatten().tolist()] if names is not None else []
+    _warn(f"{prefix}{int(blank.sum())} of the {images.shape[0]} {what} the thresholds are set on are blank frames, one "
+          "colour throughout (a camera fault, which watch sets aside and never judges), and are left out"
+          + (f" ({', '.join(Path(n).name for n in left[:3])}{', ...' if len(left) > 3 else ''})" if left else ""))
+    keep = ~blank
+    return images[keep], None if names is None else [n for n, k in zip(names, keep.tolist()) if k]
 
 
 def _warn(message: str) -> None:

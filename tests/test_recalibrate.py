@@ -311,6 +311,45 @@ def test_the_held_back_half_the_map_was_fitted_on_is_read_from_the_file():
     assert _fit_half(held, {"calibration": {}}, older) == ([], held)
 
 
+def test_blank_frames_are_left_out_of_the_thresholds(runs, tmp_path, capsys):
+    """A black frame among the defect-free images set the image threshold by its score (8 times the
+    parts'); watch never judges such a frame (a camera fault), so calibrate and training's end leave
+    them out, and say so."""
+    import numpy as np
+    from PIL import Image
+
+    from defect_fast.train import TrainConfig, finish_run
+
+    folder = tmp_path / "good"
+    folder.mkdir()
+    parts = sorted(runs["more"].glob("*.png"))[:4]
+    for p in parts:
+        shutil.copy(p, folder / p.name)
+    Image.new("RGB", (SIZE, SIZE)).save(folder / "black.png")
+    status, stdout, _err = cli(["calibrate", runs["run"], folder, "--out", tmp_path / "cal", "--device", "cpu"], capsys)
+    assert status == 0 and "1 blank frame(s), one colour throughout, are left out" in stdout and "black.png" in stdout
+    cal = load_model_state(tmp_path / "cal")["calibration"]
+    assert cal["n_images"] == 4 and "black.png" not in json.dumps(cal)
+    for p in parts:
+        (folder / p.name).unlink()
+    status, _stdout, err = cli(["calibrate", runs["run"], folder, "--out", tmp_path / "cal2", "--device", "cpu"], capsys)
+    assert status == 2 and err.splitlines()[-1] == ("defect-fast: error: calibrate: every one of the 1 images is a "
+                                                    "blank frame, one colour throughout (a failed exposure, a covered "
+                                                    "lens?); give photographs of defect-free parts")
+    assert not (tmp_path / "cal2").exists()
+
+    state = load_model_state(runs["run"])
+    det = Detector.load(runs["run"], device="cpu")
+    held = read_images(parts, SIZE)
+    black = torch.zeros(1, 3, SIZE, SIZE, dtype=torch.uint8)
+    cfg = TrainConfig.from_json(state["train_config"])
+    cfg.held_back = [str(p) for p in parts] + [str(folder / "black.png")]
+    finished = finish_run(det.model, cfg, torch.cat([held, black]), where="run")
+    err = capsys.readouterr().err
+    assert "run: 1 of the 5 held-back images the thresholds are set on are blank frames" in err and "(black.png)" in err
+    assert finished["calibration"]["n_images"] == 4 and "black.png" not in json.dumps(finished["calibration"])
+
+
 def test_a_far_that_needs_one_image_more_than_given_is_refused(runs, tmp_path, capsys):
     out = tmp_path / "cal"
     # 120 images; far 0.0082 needs ceil(1/0.0082) - 1 = 121
