@@ -142,7 +142,7 @@ def test_a_test_split_without_masks_gives_image_level_results(tiny_run, syntheti
     assert f"{one}: not a folder" in capsys.readouterr().err
     (bare / "ground_truth").mkdir()  # a ground_truth/ folder that is there must be complete
     assert main(["evaluate", str(tiny_run), str(bare)]) == 2
-    assert "no ground-truth mask" in capsys.readouterr().err
+    assert f"{bare / 'ground_truth' / 'scratch'}: no such folder; the ground-truth masks of" in capsys.readouterr().err
 
 
 def test_predict_writes_maps_at_each_photo_s_own_size(tiny_run, tmp_path):

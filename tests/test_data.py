@@ -1005,6 +1005,23 @@ def test_a_mask_named_stem_mask_is_preferred_to_one_named_stem(tmp_path):
     assert find_mask(root, "scratch", root / "test" / "scratch" / "000.png") == gt / "000_mask.png"
 
 
+def test_a_missing_class_folder_of_masks_is_one_problem_not_one_per_image(tmp_path):
+    """ground_truth/<class>/ missing was said as "no ground-truth mask" for each of its images, in
+    one line of 1.4 kB for 8 images, never saying the folder was missing."""
+    import shutil
+
+    root = _mvtec(tmp_path)
+    n = len(list((root / "test" / "scratch").glob("*.png")))
+    shutil.rmtree(root / "ground_truth" / "scratch")
+    (root / "ground_truth" / "spot" / "000_mask.png").unlink()
+    with pytest.raises(DataError) as err:
+        load_test_set(root, 16)
+    assert len(err.value.problems) == 2
+    assert err.value.problems[0].startswith(f"{root / 'ground_truth' / 'scratch'}: no such folder; the ground-truth "
+                                            f"masks of the {n} images in {root / 'test' / 'scratch'} (000.png")
+    assert "spot/000.png: no ground-truth mask" in err.value.problems[1]
+
+
 def test_a_ground_truth_folder_is_used_even_when_masks_are_not_required(tmp_path):
     """require_masks=False accepts a root without ground_truth/; one that has it is read as usual,
     and a defective image without its mask is still a problem."""

@@ -221,7 +221,15 @@ def load_test_set(
     problems: list[str] = []
     has_masks = require_masks or (root / "ground_truth").exists()
     for d in class_dirs:
-        for img in list_images(d):
+        class_images = list_images(d)
+        gt_class = root / "ground_truth" / d.name
+        if d.name != GOOD and has_masks and class_images and not os.path.lexists(gt_class):  # one line, not one per image
+            shown = ", ".join(p.name for p in class_images[:3]) + (", ..." if len(class_images) > 3 else "")
+            problems.append(f"{gt_class}: no such folder; the ground-truth masks of the {len(class_images)} images in "
+                            f"{d} ({shown}) are expected there")
+            items.extend((d.name, img, None) for img in class_images)
+            continue
+        for img in class_images:
             mask = None
             if d.name != GOOD and has_masks:
                 mask = find_mask(root, d.name, img)
