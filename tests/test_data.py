@@ -167,6 +167,9 @@ def test_truncated_png_and_missing_file(tmp_path):
         read_image(p, 8)
     with pytest.raises(DataError, match=r"nope\.png: file does not exist"):
         read_image(tmp_path / "nope.png", 8)
+    (tmp_path / "link.png").symlink_to("moved/away.png")  # listed in its folder: said to be a link to nothing
+    with pytest.raises(DataError, match=r"link\.png: a symbolic link to moved/away\.png, which does not exist"):
+        read_image(tmp_path / "link.png", 8)
 
 
 def test_an_image_too_large_for_memory_is_a_data_error(tmp_path, monkeypatch):

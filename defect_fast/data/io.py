@@ -160,6 +160,8 @@ def collect_images(items: Iterable[str | os.PathLike]) -> list[Path]:
 def _open(path: Path) -> Image.Image:
     """Open and fully decode ``path``; any failure becomes a DataError naming the file."""
     if not path.exists():
+        if path.is_symlink():  # listed in its folder, so "does not exist" puzzles
+            raise DataError(f"{path}: a symbolic link to {os.readlink(path)}, which does not exist")
         raise DataError(f"{path}: file does not exist")
     if not path.is_file():
         raise DataError(f"{path}: not a file")
