@@ -44,6 +44,7 @@ import random
 import sys
 import warnings
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Sequence, TypeVar
 
 import numpy as np
@@ -65,6 +66,7 @@ __all__ = [
     "pixel_threshold",
     "rates_at",
     "scored_images",
+    "short_names",
     "holdback_count",
     "split_holdback",
     "stored_thresholds",
@@ -363,6 +365,19 @@ def threshold_at_far(calibration: Mapping[str, Any] | None, far: float) -> tuple
     it = image_threshold(scores, far, fallback=False, images=scored_images(cal))
     it.note = f"set after training for far {far:g}: {it.note}"
     return it, (named[it.rank - 1][0] if it.rank <= len(named) else None)
+
+
+def short_names(names: Sequence[str]) -> list[str]:
+    """Each of ``names`` (paths) by its file name, or by as many of its last parts as tell it apart
+    from the others (good/007.png beside train/good/007.png), for a line of highest scores."""
+    parts = [Path(n).parts for n in names]
+    out = []
+    for p in parts:
+        k = 1
+        while k < len(p) and sum(1 for q in parts if q[-k:] == p[-k:]) > 1:
+            k += 1
+        out.append(str(Path(*p[-k:])) if p else "")
+    return out
 
 
 def scored_images(calibration: Mapping[str, Any] | None) -> str:

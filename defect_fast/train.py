@@ -34,7 +34,7 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from .calibration import count_text
+from .calibration import count_text, short_names
 from .data.dataset import to_model_range
 from .data.patches import grid_shape
 from .layers import keep_matrix_weights_contiguous
@@ -1355,7 +1355,8 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
             f"model saved to {out / MODEL_FILE}")
         if cal.get("highest_scores"):
             log(f"the image threshold is the score of {cal['threshold_image']}; the highest held-back scores: "
-                + ", ".join(f"{score:.4g} ({Path(name).name})" for name, score in cal["highest_scores"])
+                + ", ".join(f"{score:.4g} ({name})" for name, score in
+                            zip(short_names([n for n, _s in cal["highest_scores"]]), [s for _n, s in cal["highest_scores"]]))
                 + "; another false-alarm rate needs no retraining: --far RATE on predict, watch, report, "
                 "evaluate and export (evaluate lists what each gives on a labelled test set)")
         if not cal.get("sufficient", True) and cal.get("n_needed") and cfg.held_back:

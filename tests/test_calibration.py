@@ -21,6 +21,7 @@ from defect_fast.calibration import (
     pixel_threshold,
     rates_at,
     scored_images,
+    short_names,
     split_holdback,
     stored_thresholds,
     threshold_at_far,
@@ -462,3 +463,10 @@ def test_the_note_names_the_images_its_scores_are_of():
         calibrate(scores[:4] + [float("nan")], images="calibration")
     with pytest.raises(ValueError, match="held-back scores contain NaN"):
         calibrate(scores[:4] + [float("nan")])
+
+
+def test_highest_scores_name_images_by_as_much_of_their_path_as_tells_them_apart():
+    """calibrate's line of highest scores printed "007.png" twice (one of test/good, one of train/good)."""
+    names = ["/d/test/good/007.png", "/d/train/good/007.png", "/d/train/good/008.png", "/d/x.png"]
+    assert short_names(names) == ["test/good/007.png", "train/good/007.png", "008.png", "x.png"]
+    assert short_names(["/a/b.png", "/a/b.png"]) == ["/a/b.png", "/a/b.png"] and short_names([]) == []
