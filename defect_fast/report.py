@@ -177,11 +177,16 @@ def _curves(scores: np.ndarray, labels: np.ndarray, threshold: float | None) -> 
     return out[0], out[1]
 
 
-def _gallery_selection(order: np.ndarray, errors: np.ndarray, max_gallery: int) -> np.ndarray:
-    """Indices shown: every false alarm and miss first, then evenly spaced over the score order."""
+def _gallery_selection(order: np.ndarray, false_alarms: np.ndarray, misses: np.ndarray,
+                       max_gallery: int) -> np.ndarray:
+    """Indices shown (``order``: highest score first): every false alarm and miss first, when there
+    are more than fit half of each kind, the surest errors (the highest-scoring false alarms, the
+    lowest-scoring misses; one kind's room left to the other), then evenly spaced over the score order."""
     if order.size <= max_gallery:
         return order
-    keep = set(order[errors[order]][:max_gallery].tolist())
+    fa, miss = order[false_alarms[order]], order[misses[order]][::-1]
+    n_fa = min(fa.size, max(max_gallery // 2, max_gallery - miss.size))
+    keep = set(fa[:n_fa].tolist()) | set(miss[:max_gallery - n_fa].tolist())
     rest = [i for i in order.tolist() if i not in keep]
     room = max_gallery - len(keep)
     if room > 0 and rest:
@@ -389,7 +394,7 @@ def write_report(
 
     # gallery
     order = np.argsort(-s, kind="stable")
-    shown = _gallery_selection(order, fa | miss, max_gallery)
+    shown = _gallery_selection(order, fa, miss, max_gallery)
     scale = meta.scale() if meta is not None else 0.0
     if scale <= 0:
         scale = float(maps.max()) or 1.0
@@ -428,8 +433,8 @@ def write_report(
     elif n_err_shown == n_err:
         sampled = " All false alarms and misses are shown, the rest evenly sampled."
     else:
-        sampled = (f" {n_err_shown} of the {n_err} false alarms and misses are shown (the highest scores; "
-                   "raise --max-gallery to see all).")
+        sampled = (f" {n_err_shown} of the {n_err} false alarms and misses are shown (up to half each: the "
+                   "highest-scoring false alarms, the lowest-scoring misses; raise --max-gallery to see all).")
     note = (f'<p class="note">{len(shown)} of {n} images, highest score first; each: {cols}'
             f'{", mask" if masks is not None else ""}. Red: false alarm (good, flagged); purple: miss '
             f"(defective, passed); orange: flagged.{sampled}</p>")

@@ -419,3 +419,19 @@ def test_blank_frames_are_named_on_the_page(tmp_path):
     Path(folder / "shutter.png").unlink()
     out = report_from_data(stub_predict, ModelInfo(S, image_threshold=0.2), folder, tmp_path / "r2.html")
     assert "<th>notes</th>" not in Path(out["path"]).read_text()
+
+
+def test_a_short_gallery_shows_both_kinds_of_error():
+    """--max-gallery 5 with 6 false alarms and 8 misses showed the 5 highest-scoring false alarms
+    and no miss: half of each kind now, the surest of each (one kind's room left to the other)."""
+    from defect_fast.report import _gallery_selection
+
+    scores = np.arange(20, dtype=float)[::-1]  # image i scores 19 - i
+    order = np.argsort(-scores, kind="stable")
+    fa, miss = np.zeros(20, bool), np.zeros(20, bool)
+    fa[:6], miss[6:14] = True, True  # the false alarms score highest, the misses below them
+    shown = _gallery_selection(order, fa, miss, 5).tolist()
+    assert shown == [0, 1, 11, 12, 13]  # the 2 highest-scoring false alarms, the 3 lowest-scoring misses
+    assert _gallery_selection(order, fa, np.zeros(20, bool), 5).tolist() == [0, 1, 2, 3, 4]  # no miss: all false alarms
+    only_miss = _gallery_selection(order, np.zeros(20, bool), miss, 4).tolist()
+    assert only_miss == [10, 11, 12, 13]
