@@ -788,7 +788,8 @@ def safe_output_file(path: str | os.PathLike, overwrite: bool, *, inputs: Iterab
 
     Refused: an existing folder at ``path``; an existing file without ``overwrite``; a device,
     pipe or socket, or a link to one (``/dev/stdout``), even with ``overwrite`` (the write would
-    put a plain file in its place); a path that is or lies inside one of ``inputs`` (even with
+    put a plain file in its place); a symbolic link, even with ``overwrite`` (the same: the
+    link would be replaced, not its target); a path that is or lies inside one of ``inputs`` (even with
     ``overwrite``); a parent that is not a folder.
     ``flag`` is how the caller says overwrite in the message ("overwrite=True" in Python).
 
@@ -810,6 +811,9 @@ def safe_output_file(path: str | os.PathLike, overwrite: bool, *, inputs: Iterab
     if p.exists() or p.is_symlink():
         if not overwrite:
             raise OutputRefused(f"{what} {p}: file exists; pass {flag} to replace it or choose another name")
+        if p.is_symlink():  # the write renames a new file over the link: the link would go, its target stay
+            raise OutputRefused(f"{what} {p}: is a symbolic link (to {os.readlink(p)}), which is never replaced, not "
+                                f"even with {flag}; give the file's own path or another name")
         owner = _listed_by_output_folder(p)
         if owner is not None:  # another command's output (a run's model.pt, a journal): not this one's to replace
             raise OutputRefused(f"{what} {p}: {owner}, which {flag} never replaces; choose another name")

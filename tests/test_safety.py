@@ -914,6 +914,19 @@ def test_a_dangling_link_at_the_output_file_is_not_replaced_silently(tmp_path):
         safe_output_file(tmp_path / "out.json", overwrite=False)
 
 
+def test_a_link_to_a_file_at_the_output_is_never_replaced_by_a_plain_file(tmp_path):
+    """--json link.json --overwrite renamed its file over the link, which went while its target
+    stayed; /dev/stdout, with stdout sent to a file, is such a link: it was replaced in /dev."""
+    from defect_fast.safety import safe_output_file
+
+    (tmp_path / "target.json").write_text("{}")
+    (tmp_path / "link.json").symlink_to("target.json")
+    with pytest.raises(OutputRefused, match=r"link\.json: is a symbolic link \(to target\.json\), which is never "
+                                         r"replaced, not even with --overwrite"):
+        safe_output_file(tmp_path / "link.json", overwrite=True, flag="--overwrite")
+    assert (tmp_path / "link.json").is_symlink() and (tmp_path / "target.json").read_text() == "{}"
+
+
 def test_reserve_refuses_a_users_dangling_link(tmp_path):
     folder = OutputFolder.create(tmp_path / "o")
     (tmp_path / "o" / "model.pt").symlink_to(tmp_path / "nowhere")
