@@ -183,13 +183,15 @@ def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, so
     s = det.image_size
     try:  # before the detector is touched: a batch this process cannot hold is the argument's error
         example = torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        example.new_empty(example.shape, dtype=torch.float32)  # the trace's float copy of it must fit too
     except (MemoryError, RuntimeError) as exc:
         from .data.io import allocation_failed
 
         if not allocation_failed(exc):
             raise
         raise ExportError(f"--batch {batch}: the example batch the export traces, {batch} images at {s} x {s}, needs "
-                          f"{batch * 3 * s * s / 2**30:.1f} GiB, more than this process can allocate; give a "
+                          f"{batch * 3 * s * s * 5 / 2**30:.1f} GiB with its float copy, more than this process can "
+                          "allocate; give a "
                           "smaller --batch") from None
     device, modes = det.device, [(m, m.training) for m in det.modules()]
     det = det.to("cpu").eval()

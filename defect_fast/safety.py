@@ -346,11 +346,17 @@ def _float(text: str, what: str) -> float:
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
 
 
+#: The largest value of torch's sizes and counts (int64).
+INT64_MAX = 2**63 - 1
+
+
 def positive_int(text: str) -> int:
     """A whole number >= 1 (``--epochs``, ``--batch-size``, ``--checkpoint-every``...)."""
     v = _int(text, "a whole number >= 1")
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    if v > INT64_MAX:  # no size or count of torch's reaches it: refused here, not by a TypeError inside
+        raise argparse.ArgumentTypeError(f"must be a whole number below 2**63, got {text!r}")
     return v
 
 

@@ -885,3 +885,11 @@ def test_a_demo_image_size_this_process_cannot_hold_is_one_line(tmp_path, capsys
     err = capsys.readouterr().err
     assert "demo --image-size 200064: its 32 training images at 200064 x 200064 need" in err and "fewer" not in err
     assert not out.exists()
+
+
+def test_a_whole_number_past_torch_s_sizes_is_refused_by_its_option(tmp_path, capsys):
+    """--image-size 6400000000000000000000 (and export --batch as large) ended in an internal
+    error, a TypeError from torch; a count past 2**63 is now refused by its option, in one line."""
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "r"), "--image-size", "6400000000000000000000"]) == 2
+    err = capsys.readouterr().err
+    assert "argument --image-size: must be a whole number below 2**63, got '6400000000000000000000'" in err

@@ -228,10 +228,28 @@ def test_a_batch_this_process_cannot_hold_is_refused_by_its_argument(tmp_path):
 
     det = Detector(build_model("cmaae", memory_size=10), image_size=64, precision="float32")
     before = det.batch_size
-    with pytest.raises(ExportError, match=r"--batch 100000000: .* needs 1144\.4 GiB, more than this process can "
-                                          r"allocate; give a smaller --batch"):
+    with pytest.raises(ExportError, match=r"--batch 100000000: .* needs 5722\.0 GiB with its float copy, more than "
+                                          r"this process can allocate; give a smaller --batch"):
         export_detector(det, tmp_path / "b.ts", "torchscript", batch=100_000_000)
     assert det.batch_size == before and list(tmp_path.iterdir()) == []
+
+
+def test_a_batch_whose_float_copy_this_process_cannot_hold_is_refused_by_its_argument(tmp_path, monkeypatch):
+    """The uint8 example batch fitted, its float copy inside the trace did not: an internal error."""
+    from defect_fast.export import ExportError, export_detector
+
+    det = Detector(build_model("cmaae", memory_size=10), image_size=64, precision="float32")
+    real = torch.Tensor.new_empty
+
+    def no_room_for_floats(self, size, *args, dtype=None, **kwargs):
+        if dtype == torch.float32 and tuple(size)[:1] == (5,):
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 245760 bytes")
+        return real(self, size, *args, dtype=dtype, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "new_empty", no_room_for_floats)
+    with pytest.raises(ExportError, match=r"--batch 5: .* more than this process can allocate"):
+        export_detector(det, tmp_path / "b.ts", "torchscript", batch=5)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_export_detector_gives_the_detector_back_and_writes_both_files_or_none(tmp_path):
