@@ -175,8 +175,9 @@ def output_stems(paths: Sequence[Path]) -> list[str]:
 
 
 def one_line(text: str) -> str:
-    """Collapse a message to one line: its first line, then the other lines joined with "; "."""
-    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    """Collapse a message to one line: its first line, then the other lines joined with "; " (a
+    torch error's C++ backtrace, "Exception raised from ... frame #0 ...", left out)."""
+    lines = [ln.strip() for ln in str(text).split("\nException raised from ", 1)[0].splitlines() if ln.strip()]
     if not lines:
         return ""
     if len(lines) == 1:

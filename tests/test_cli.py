@@ -893,3 +893,12 @@ def test_a_whole_number_past_torch_s_sizes_is_refused_by_its_option(tmp_path, ca
     assert main(["train", str(tmp_path), "--out", str(tmp_path / "r"), "--image-size", "6400000000000000000000"]) == 2
     err = capsys.readouterr().err
     assert "argument --image-size: must be a whole number below 2**63, got '6400000000000000000000'" in err
+
+
+def test_a_model_option_torch_cannot_take_is_one_line_without_its_backtrace(tmp_path, capsys):
+    """--set memory_size=99999999999999999999999 put torch's C++ backtrace ("Exception raised from
+    ... frame #0: c10::Error::Error...") inside the one line."""
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "r"), "--set", "memory_size=99999999999999999999999"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "Overflow when unpacking long long" in err
+    assert "Exception raised from" not in err and "frame #" not in err
