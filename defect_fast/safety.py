@@ -327,6 +327,18 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):  # type: ignore[override]
         raise UsageError(f"{one_line(message)} (see '{self.prog} --help')")
 
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        """argparse's, but for arguments no parser knows: said with the help of the command they
+        were given to ('defect-fast train --help'), where argparse names the top-level one."""
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            target: argparse.ArgumentParser = self
+            for action in self._actions:
+                if isinstance(action, argparse._SubParsersAction):
+                    target = action.choices.get(getattr(namespace, action.dest, None), self)
+            target.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace
+
 
 # ---------------------------------------------------------------------------------------------
 # Argument types (argparse ``type=``); each raises ArgumentTypeError with the reason

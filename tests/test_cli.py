@@ -902,3 +902,11 @@ def test_a_model_option_torch_cannot_take_is_one_line_without_its_backtrace(tmp_
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "Overflow when unpacking long long" in err
     assert "Exception raised from" not in err and "frame #" not in err
+
+
+def test_an_unknown_option_points_to_the_help_of_its_command(tmp_path, capsys):
+    """`audit RUN --out X --bogus` pointed to 'defect-fast --help', which does not list audit's options."""
+    for command in (["audit", "run", "--out", "x"], ["predict", "run", "a.png", "--out", "x"]):
+        assert main([*command, "--bogus"]) == 2
+        assert capsys.readouterr().err.strip() == (f"defect-fast: error: unrecognized arguments: --bogus "
+                                                   f"(see 'defect-fast {command[0]} --help')")
