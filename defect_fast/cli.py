@@ -239,6 +239,11 @@ def cmd_train(args) -> int:
         applied = _preset_model_options(args.preset, args.model, kwargs)
         kwargs = {**applied, **kwargs}
         print(f"defect-fast: --preset {args.preset}: {_preset_flags(args.preset, args, applied)}", file=sys.stderr)
+    if args.map and kwargs.get("map") not in (None, args.map):  # --map won, and config.json kept the other
+        raise UsageError(f"--set map={kwargs['map']} and --map {args.map} name two maps; give the map with --map alone")
+    if args.fit_on == "held-back" and args.map != "perceptual" and args.normalize != "position":
+        raise UsageError("--fit-on held-back chooses the images --map perceptual and --normalize position fit their "
+                         "statistics on; alone it changes nothing: add one of them, or leave it out")
     n_stages = len(_stages(args.model, kwargs))
     default_epochs = max(1, PRESET_EPOCHS[args.preset] // n_stages) if args.preset else 10
     epochs = _per_stage(args.epochs, n_stages, "--epochs") or [default_epochs] * n_stages

@@ -910,3 +910,14 @@ def test_an_unknown_option_points_to_the_help_of_its_command(tmp_path, capsys):
         assert main([*command, "--bogus"]) == 2
         assert capsys.readouterr().err.strip() == (f"defect-fast: error: unrecognized arguments: --bogus "
                                                    f"(see 'defect-fast {command[0]} --help')")
+
+
+def test_train_options_that_would_be_ignored_or_disagree_are_refused(synthetic_root, tmp_path, capsys):
+    """--set map=residual --map ssim trained with ssim while config.json kept residual; --fit-on
+    held-back without a map statistic to fit changed nothing. Both are refused before any work."""
+    out = tmp_path / "r"
+    assert main(["train", str(synthetic_root), "--out", str(out), "--set", "map=residual", "--map", "ssim"]) == 2
+    assert "--set map=residual and --map ssim name two maps" in capsys.readouterr().err
+    assert main(["train", str(synthetic_root), "--out", str(out), "--fit-on", "held-back"]) == 2
+    assert "--fit-on held-back chooses the images --map perceptual and --normalize position fit" in capsys.readouterr().err
+    assert not out.exists()
