@@ -319,7 +319,10 @@ def _changed_settings(stored: dict, model: AnomalyModel, map_kind: str | None, s
     now = {"map": None if map_kind is None else model.check_map(map_kind),
            "stride": None if stride is None else (stride or model.patch_size),
            "smooth": None if smooth_sigma is None else float(smooth_sigma), "blend": blend}
-    return [f"{k} {was[k]} -> {now[k]}" for k in was if now[k] is not None and now[k] != was[k]]
+    changed = [k for k in was if now[k] is not None and now[k] != was[k]]
+    if changed == ["blend"] and was["stride"] >= model.patch_size:  # tiles: no overlap for a window to blend
+        changed = []
+    return [f"{k} {was[k]} -> {now[k]}" for k in changed]
 
 
 class Detector(nn.Module):

@@ -1136,3 +1136,19 @@ def test_inputs_the_api_misread_or_failed_on_deep_inside_are_refused_by_name(tmp
     with pytest.raises(ValueError, match=r"^Detector: expected a tensor of images \[N, 3, H, W\] with N >= 1, got \(0, 3, 64, 64\)"):
         det(x[:0].to(torch.uint8))
     assert det(x.to(torch.uint8))[1].shape == (1,)
+
+
+def test_a_hann_blend_on_tiles_keeps_the_stored_thresholds():
+    """--blend hann where patches do not overlap changes maps by rounding only (tiles have no seam),
+    yet set the stored thresholds aside as another setting; with overlapping patches it still does."""
+    from defect_fast.detect import _changed_settings
+
+    model = _model()
+    tiles = {"map_kind": "msfr", "stride": None, "smooth_sigma": 0.0, "blend": "none"}
+    assert _changed_settings(tiles, model, None, None, None, "hann") == []
+    assert _changed_settings(tiles, model, None, 32, None, "hann") == ["stride 64 -> 32", "blend none -> hann"]
+    overlapping = {**tiles, "stride": 32}
+    assert _changed_settings(overlapping, model, None, None, None, "hann") == ["blend none -> hann"]
+    x = _images(2, 128)
+    a, b = (Detector(model, image_size=128, precision="float32", blend=blend).predict_batched(x) for blend in ("none", "hann"))
+    torch.testing.assert_close(a["maps"], b["maps"], rtol=0, atol=1e-7)
