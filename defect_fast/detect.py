@@ -36,7 +36,8 @@ Speed options (constructor keywords; "auto" picks per device, from measurements 
   CMA-AE at batch 1: 441 -> 265 ms per 512x512 image (``benchmarks/inference_variants.py``).
 - ``batch_size`` (patches per model call): "auto" = about 64 64x64 patches' worth of pixels on a
   CPU (the activations stay in cache: 512 patches per call made batch 8 slower per image than
-  batch 1), 4096 on CUDA.
+  batch 1), 4096 on CUDA. On a CPU no call spans two images (:meth:`Detector._chunk_bounds`), so
+  an image's results do not depend on the images called with it.
 - ``compile``: wrap the per-chunk model call in ``torch.compile`` (off by default; never needed).
 - ``cuda_graphs``: capture :meth:`forward` in a CUDA graph per input shape and replay it (CUDA
   only; off by default).
@@ -773,6 +774,20 @@ class Detector(nn.Module):
             return view.permute(0, 2, 3, 4, 5, 1).reshape(n * gh * gw, p, p, 3).permute(0, 3, 1, 2)
         return view.permute(0, 2, 3, 1, 4, 5).reshape(n * gh * gw, 3, p, p)
 
+    def _chunk_bounds(self, total: int) -> list[tuple[int, int]]:
+        """(start, stop) of the patches each model call takes of ``total`` (whole images' patches,
+        row-major per image): ``batch_size`` at a time (0: all in one call). On a CPU no call spans
+        two images: oneDNN's kernels round by a call's shape, so an image's maps and score moved
+        with the number of images called with it (in bf16, a score by 0.012 in a 128-px
+        ``--preset photos`` run); each image now goes through the calls it gets alone."""
+        if not 0 < self.batch_size < total and (self.batch_size <= 0 or self.device.type == "cuda"):
+            return [(0, total)]
+        per_image = self.grid[0] * self.grid[1]
+        if self.device.type == "cuda" or total % per_image:
+            return [(a, min(total, a + self.batch_size)) for a in range(0, total, self.batch_size)]
+        step = min(self.batch_size, per_image)
+        return [(i + a, i + min(per_image, a + step)) for i in range(0, total, per_image) for a in range(0, per_image, step)]
+
     @_own_precision
     def raw_maps(self, images: torch.Tensor) -> torch.Tensor:
         """Stitched maps before normalisation and smoothing: images [N,3,H,W] -> [N,S,S]."""
@@ -784,16 +799,16 @@ class Detector(nn.Module):
         patches = self._patches(x)
         total = patches.shape[0]
         pooled = False  # maps in a workspace buffer
-        if 0 < self.batch_size < total:
-            first = self._chunk_maps(patches[: self.batch_size])
+        bounds = self._chunk_bounds(total)
+        if len(bounds) > 1:
+            first = self._chunk_maps(patches[: bounds[0][1]])
             # a chunk that carries autograd history (an unfused model's weights, called outside
             # no_grad) goes to a tensor of this call: copied into the workspace, the history of
             # every call stayed attached to it (33 MB a call at 128 px)
             pooled = not first.requires_grad and not tracing()
             maps = self._buffer("maps", (total, 1, p, p), x) if pooled else x.new_empty((total, 1, p, p))
-            maps[: self.batch_size] = first
-            for start in range(self.batch_size, total, self.batch_size):
-                stop = min(total, start + self.batch_size)
+            maps[: bounds[0][1]] = first
+            for start, stop in bounds[1:]:
                 maps[start:stop] = self._chunk_maps(patches[start:stop])
         else:
             maps = self._chunk_maps(patches)
@@ -813,8 +828,7 @@ class Detector(nn.Module):
         """Model-range images [N,3,S,S] -> reconstructions [N,3,S,S], overlaps blended with the window."""
         p = self.patch
         patches = self._patches(x)
-        chunks = patches.split(self.batch_size) if 0 < self.batch_size < patches.shape[0] else [patches]
-        recon = torch.cat([self._recon(c) for c in chunks]) * self.window
+        recon = torch.cat([self._recon(patches[a:b]) for a, b in self._chunk_bounds(patches.shape[0])]) * self.window
         return overlap_add(recon, self.grid, p, self.stride) / self.count
 
     def _recon(self, p: torch.Tensor) -> torch.Tensor:
@@ -1163,7 +1177,7 @@ class Detector(nn.Module):
 
         x = self._to_model_input(self._at_model_size(self._checked_batch(images, "reconstruct")).to(self.device))
         patches = extract_patches(x, self.patch, self.stride)
-        recon = torch.cat([self._recon(c) for c in patches.split(max(1, self.batch_size or len(patches)))])
+        recon = torch.cat([self._recon(patches[a:b]) for a, b in self._chunk_bounds(patches.shape[0])])
         return stitch_patches(recon, self.image_size, self.patch, self.stride).cpu()
 
     @staticmethod

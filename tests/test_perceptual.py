@@ -545,3 +545,12 @@ def test_a_callers_autocast_does_not_change_what_the_fits_measure(monkeypatch):
     assert plain and plain.keys() == inside.keys()
     for key, value in plain.items():
         assert torch.equal(value, inside[key]), key
+
+
+def test_an_image_s_gain_does_not_depend_on_the_images_levelled_with_it():
+    """A batch's mean summed in another order: its last-bit difference, scaled into the trunk's
+    bf16 input, flipped roundings there and moved a --preset photos score by 0.012 with the images
+    called with it. Each image's gain is now its own."""
+    x = torch.rand(16, 3, 128, 128, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    alone = torch.cat([brightness_gain(x[i:i + 1], 0.4) for i in range(16)])
+    assert torch.equal(brightness_gain(x, 0.4), alone)
