@@ -1256,7 +1256,8 @@ def watch(
                 break
             if not ready:  # (--settle 0 must not turn the wait for a file into a busy loop)
                 # at most the longest wait the platform takes (a poll of 1e10 s overflowed its time_t)
-                wake.wait(min(max(min(poll_interval, settle), MIN_WAIT) if st.pending else poll_interval,
+                # and at least MIN_WAIT: --poll 1e-300 spun a third of a core on an empty folder
+                wake.wait(min(max(min(poll_interval, settle) if st.pending else poll_interval, MIN_WAIT),
                               threading.TIMEOUT_MAX))
                 wake.clear()
         _status_or_stop(st, "stopped", out)

@@ -747,6 +747,29 @@ def test_a_poll_longer_than_the_platform_waits_is_waited_in_the_longest_it_takes
     assert asked and max(asked) == threading.TIMEOUT_MAX
 
 
+def test_a_poll_too_short_to_wait_is_waited_at_the_shortest_the_service_waits(tmp_path, monkeypatch):
+    """--poll 1e-300 is a valid positive number: the idle loop spun a third of a core on an empty folder."""
+    from defect_fast.watch import MIN_WAIT
+
+    src = tmp_path / "in"
+    src.mkdir()
+    stop, asked = threading.Event(), []
+    real = threading.Event.wait
+
+    def wait(self, timeout=None):
+        if self is not stop and timeout is not None:  # the service's wait for new files
+            asked.append(timeout)
+            if len(asked) == 3:
+                stop.set()
+            timeout = 0
+        return real(self, timeout)
+
+    monkeypatch.setattr(threading.Event, "wait", wait)
+    watch(stub_predict, INFO, src, tmp_path / "out", poll_interval=1e-300, handle_signals=False, stop=stop,
+          log=lambda m: None)
+    assert len(asked) >= 3 and min(asked) == MIN_WAIT
+
+
 def test_a_sub_folder_is_named_once_as_not_watched_without_recursive(tmp_path):
     """A photo dropped into a sub-folder waited unseen, without a word."""
     src = tmp_path / "in"
