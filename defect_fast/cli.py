@@ -125,10 +125,18 @@ PRESET_MODEL_OPTIONS: dict[str, dict] = {"photos": {"synthesis": "perlin"}}
 PRESET_EPOCHS: dict[str, int] = {"photos": 2}
 
 
+def _negatable() -> set[str]:
+    """The train options that take --no-NAME (argparse.BooleanOptionalAction)."""
+    train = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    return {a.dest for a in train._actions if isinstance(a, argparse.BooleanOptionalAction)}
+
+
 def _flag(dest: str, value) -> str:
     flag = "--" + dest.replace("_", "-")
     if value is True:
         return flag
+    if value is False and dest in _negatable():
+        return f"--no-{dest.replace('_', '-')}"
     if value is False or value is None:
         return f"no {flag}"
     return f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}"

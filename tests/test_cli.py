@@ -921,3 +921,9 @@ def test_train_options_that_would_be_ignored_or_disagree_are_refused(synthetic_r
     assert main(["train", str(synthetic_root), "--out", str(out), "--fit-on", "held-back"]) == 2
     assert "--fit-on held-back chooses the images --map perceptual and --normalize position fit" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_preset_summary_names_a_negated_option_as_it_is_typed(tmp_path, capsys):
+    """The summary said "(given instead: no --level-brightness)", an option that does not exist."""
+    main(["train", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--preset", "photos", "--no-level-brightness"])
+    assert "(given instead: --no-level-brightness)" in capsys.readouterr().err
