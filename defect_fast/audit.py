@@ -269,8 +269,15 @@ def add_parser(subparsers) -> None:
     a.add_argument("--out", required=True, type=output_path,
                    help="folder for audit.json and the flagged images' overlays (new or empty; an earlier audit's only "
                    "with --overwrite)")
-    a.add_argument("--folds", type=positive_int, default=DEFAULT_FOLDS,
-                   help=f"parts the training images are split into (default {DEFAULT_FOLDS}: each detector fitted on half)")
+    def folds_arg(text: str) -> int:
+        v = positive_int(text)
+        if v < 2:  # argparse names the option: "argument --folds: must be 2 or more, got '1'"
+            raise argparse.ArgumentTypeError(f"must be 2 or more (one part leaves no images to fit on), got {text!r}")
+        return v
+
+    a.add_argument("--folds", type=folds_arg, default=DEFAULT_FOLDS,
+                   help=f"parts (2 or more) the training images are split into (default {DEFAULT_FOLDS}: each detector "
+                   "fitted on half)")
     a.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default)")
     a.add_argument("--overwrite", action="store_true", help="replace an earlier audit in --out")
     a.set_defaults(func=command)

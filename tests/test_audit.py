@@ -113,7 +113,7 @@ def test_the_folds_run_the_trunk_the_run_carries_with_no_weights_file(planted, t
 
 def test_audit_refusals_leave_everything_as_it_was(planted, tmp_path, capsys):
     run = planted["run"]
-    refused(*cli(["audit", run, "--out", tmp_path / "a", "--folds", "1"], capsys)[::2], "--folds")
+    refused(*cli(["audit", run, "--out", tmp_path / "a", "--folds", "1"], capsys)[::2], "argument --folds: must be 2 or more")
     refused(*cli(["audit", run, "--out", tmp_path / "a", "--folds", "20"], capsys)[::2], "--folds 20", "28 images")
     refused(*cli(["audit", run, "--out", run / "audit"], capsys)[::2], str(run))  # inside the run: an input
     refused(*cli(["audit", run / "model.pt", "--out", run / "audit"], capsys)[::2], str(run))  # the run's file: too
