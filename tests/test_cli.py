@@ -247,8 +247,10 @@ def test_other_inference_settings_than_the_run_s_use_no_stored_threshold(tiny_ru
     assert image_t is not None and pixel_t is not None
     same = Detector.load(tiny_run, device="cpu", smooth_sigma=0.0, stride=64, blend="none")  # the run's own, spelled out
     assert stored_thresholds(same.calibration)[0] == image_t
+    # a window on tiles blends nothing: the maps are the run's, to rounding, and so are its thresholds
+    assert stored_thresholds(Detector.load(tiny_run, device="cpu", blend="hann").calibration)[0] == image_t
     for kw, said in ((dict(smooth_sigma=3.0), "smooth 0.0 -> 3.0"), (dict(stride=32), "stride 64 -> 32"),
-                     (dict(blend="hann"), "blend none -> hann"), (dict(map_kind="residual"), "map msfr -> residual")):
+                     (dict(stride=32, blend="hann"), "blend none -> hann"), (dict(map_kind="residual"), "map msfr -> residual")):
         det = Detector.load(tiny_run, device="cpu", **kw)
         got = stored_thresholds(det.calibration)
         assert got[:2] == (None, None) and said in got[2], (kw, got)
