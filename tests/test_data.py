@@ -317,7 +317,8 @@ def test_collect_images_reports_every_missing_input(tmp_path):
     a = _save(tmp_path / "imgs" / "a.png", np.zeros((4, 4), dtype=np.uint8))
     _save(tmp_path / "imgs" / "b.png", np.zeros((4, 4), dtype=np.uint8))
     (tmp_path / "empty").mkdir()
-    assert collect_images([a, tmp_path / "imgs"]) == [a, a, tmp_path / "imgs" / "b.png"]
+    with pytest.warns(DataWarning, match="given more than once are taken once"):  # a named twice: once
+        assert collect_images([a, tmp_path / "imgs"]) == [a, tmp_path / "imgs" / "b.png"]
     with pytest.raises(DataError) as err:
         collect_images([tmp_path / "imgs", tmp_path / "nope.png", tmp_path / "empty", tmp_path / "gone"])
     assert sorted(err.value.problems) == sorted([f"{tmp_path / 'nope.png'}: no such file or folder",
@@ -1136,3 +1137,42 @@ def test_the_search_for_an_end_stops_when_the_file_got_shorter(tmp_path):
         t.start()
         t.join(10)
     assert seen == [False]
+
+
+def test_an_image_named_twice_is_taken_once_with_a_warning(tmp_path):
+    """`predict RUN folder folder/a.png` wrote a's map twice, under two names, without a word."""
+    from defect_fast.data.io import collect_images
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        _save(folder / name, np.zeros((8, 8, 3), dtype=np.uint8))
+    with pytest.warns(DataWarning, match=r"1 image path\(s\) given more than once are taken once: .*a\.png$"):
+        got = collect_images([folder, folder / "a.png", tmp_path / "in" / ".." / "in" / "b.png"][:2])
+    assert got == [folder / "a.png", folder / "b.png"]
+    with pytest.warns(DataWarning, match="2 image path"):
+        assert collect_images([folder, folder / "a.png", tmp_path / "in" / ".." / "in" / "b.png"]) == got
+    (folder / "latest.png").symlink_to("a.png")  # a name of its own beside its target: both kept, nothing said
+    import warnings as w
+
+    with w.catch_warnings():
+        w.simplefilter("error")
+        assert collect_images([folder]) == [folder / "a.png", folder / "b.png", folder / "latest.png"]
+
+
+def test_a_mask_drawn_on_the_stored_pixels_of_a_turned_image_says_why_its_size_differs(tmp_path):
+    """"mask is 24x40 but its image is 40x24" gave no hint that the image is turned upright by its
+    EXIF orientation, while most tools show the stored pixels, where the mask was drawn."""
+    root = _mvtec(tmp_path)
+    img = root / "test" / "scratch" / "000.png"
+    _save_oriented(img, np.zeros((24, 40, 3), dtype=np.uint8), 6)  # stored 40 wide, 24 high: upright 24 x 40
+    _save(root / "ground_truth" / "scratch" / "000_mask.png", np.zeros((24, 40), dtype=np.uint8))
+    with pytest.raises(DataError, match=r"mask is 40x24 \(width x height\) but its image .*000\.png is 24x40, turned "
+                                        r"upright by its EXIF orientation 6 \(stored 40x24\): draw the mask on the "
+                                        r"upright image"):
+        load_test_set(root, 16)
+    _save(img, np.zeros((24, 40, 3), dtype=np.uint8))  # no orientation: no such note
+    _save(root / "ground_truth" / "scratch" / "000_mask.png", np.zeros((40, 24), dtype=np.uint8))
+    with pytest.raises(DataError) as err:
+        load_test_set(root, 16)
+    assert "mask is 24x40 (width x height)" in str(err.value) and "EXIF" not in str(err.value)

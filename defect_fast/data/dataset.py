@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from .io import (
     IMAGE_EXTENSIONS,
@@ -96,6 +97,22 @@ def load_train_images(
         raise DataError(f"{folder}: no training images found (extensions {', '.join(IMAGE_EXTENSIONS)}){hint}")
     images = read_images(paths, size, channels, min_side=min_side, workers=workers, where=folder)
     return images, paths
+
+
+def _turned_note(img_path: Path, mask_size: tuple, img_size: tuple) -> str:
+    """For a mask of the image's size turned a quarter: that the image is read upright by its EXIF
+    orientation (most tools show the stored pixels, on which such a mask was drawn), else ""."""
+    if tuple(mask_size) != tuple(img_size)[::-1]:
+        return ""
+    try:
+        with Image.open(img_path) as im:
+            orientation = im.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - only a hint: the size mismatch is the error
+        return ""
+    if orientation not in (5, 6, 7, 8):
+        return ""
+    return (f", turned upright by its EXIF orientation {orientation} (stored {img_size[1]}x{img_size[0]}): draw the "
+            "mask on the upright image")
 
 
 @dataclass
@@ -267,7 +284,7 @@ def load_test_set(
             if m_size != img_size:
                 raise DataError(
                     f"{mask_path}: mask is {m_size[0]}x{m_size[1]} (width x height) but its image "
-                    f"{img_path} is {img_size[0]}x{img_size[1]}"
+                    f"{img_path} is {img_size[0]}x{img_size[1]}" + _turned_note(img_path, m_size, img_size)
                 )
             masks[i] = m
 

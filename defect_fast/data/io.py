@@ -124,6 +124,10 @@ def collect_images(items: Iterable[str | os.PathLike]) -> list[Path]:
     Folders contribute their images (:func:`list_images`: sorted by name, non-images skipped with
     a warning); files are taken as given, in order (reading them reports a non-image).
 
+    A path named twice (a folder and a file in it, the same path spelt twice: compared as absolute
+    paths, links not followed, so a link beside its target is a name of its own) is taken once,
+    at its first place, with a warning: predict wrote its map twice, under two names.
+
     Returns:
         the image paths, in the order of ``items``.
     Raises:
@@ -149,7 +153,17 @@ def collect_images(items: Iterable[str | os.PathLike]) -> list[Path]:
     if problems and len(problems) == 1:
         raise DataError(problems[0], problems)
     raise_problems(problems, len(items), "inputs", "images")
-    return paths
+    seen: set[str] = set()
+    once, twice = [], []
+    for p in paths:
+        key = os.path.abspath(p)
+        (twice if key in seen else once).append(p)
+        seen.add(key)
+    if twice:
+        warnings.warn(f"{len(twice)} image path(s) given more than once are taken once: "
+                      f"{', '.join(str(p) for p in twice[:3])}"
+                      f"{', ...' if len(twice) > 3 else ''}", DataWarning, stacklevel=_callers_level())
+    return once
 
 
 # --------------------------------------------------------------------------------------------
