@@ -122,8 +122,11 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
     keys = image_keys(images)
     digest = state.get("data_digest")
     if digest is not None and images_digest(keys, paths) != digest:
-        raise RunError(f"{cfg.data}: the training images changed since {path} was trained; the audit judges the "
-                       "images the run trained on")
+        from .train import _changed_files
+
+        what = _changed_files(state.get("data_files"), [[p.name, k.hex()] for p, k in zip(paths, keys)])
+        raise RunError(f"{cfg.data}: the training images changed since {path} was trained"
+                       + (f" ({what})" if what else "") + "; the audit judges the images the run trained on")
     held_set = set(held)
     held_idx = [i for i, p in enumerate(paths) if str(p) in held_set]
     train_idx = [i for i, p in enumerate(paths) if str(p) not in held_set]

@@ -143,7 +143,7 @@ def test_audit_refusals_leave_everything_as_it_was(planted, tmp_path, capsys):
     from defect_fast.safety import save_with_digest
 
     save_with_digest(state, moved / "model.pt")
-    refused(*cli(["audit", moved, "--out", tmp_path / "b"], capsys)[::2], "changed since")
+    refused(*cli(["audit", moved, "--out", tmp_path / "b"], capsys)[::2], "changed since", "(added: 999.png)")
     (data / "train" / "good" / "999.png").unlink()
     status, _stdout, err = cli(["audit", moved, "--out", tmp_path / "b", "--device", "cpu"], capsys)
     assert status == 0, err
