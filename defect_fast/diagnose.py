@@ -651,6 +651,11 @@ def command(args) -> int:
             raise UsageError(f"{flag} {width}: a band that wide covers the whole {det.image_size} x {det.image_size} map "
                              f"of {run} (patches of {det.patch} at stride {det.stride}); give a narrower one")
     test_set = load_test_set(data, det.image_size, require_masks=False)  # where the top pixels lie needs no masks
+    from .evaluate import seen_test_images
+    from .runs import load_model_state
+
+    # its AUROC table is optimistic on images the run trained on: said, as evaluate and report say it
+    seen_test_images(load_model_state(run), test_set.images, test_set.paths, run, thresholds_used=False)
     names = sorted(figure_names(test_set.classes).values()) + ["locations.json"]
     # a user's file at one of the names: refused before an earlier diagnosis is cleared
     folder = OutputFolder.create(Path(args.out).absolute(), overwrite=args.overwrite, inputs=[run, data], lock=True,

@@ -391,6 +391,10 @@ def test_evaluate_names_test_images_the_run_has_seen(runs, tmp_path, capsys):
     assert "warning" in trained_line and "trained on" in trained_line and "metrics are optimistic" in trained_line
     held_line = next(ln for ln in err.splitlines() if "copy_of_held.png" in ln)
     assert "thresholds were set on" in held_line and "copy_of_trained" not in held_line
+    # diagnose's AUROC table too (it judges by no threshold)
+    status, _stdout, err = cli(["diagnose", runs["run"], data, "--device", "cpu", "--out", tmp_path / "diag"], capsys)
+    assert status == 0, err
+    assert "copy_of_trained.png" in err and "metrics are optimistic" in err and "copy_of_held.png" not in err
     # another threshold than the stored ones: the rates do not rest on those images, the record stays
     status, _stdout, err = cli(["evaluate", runs["run"], data, "--device", "cpu", "--threshold", "1"], capsys)
     assert status == 0, err
