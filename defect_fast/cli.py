@@ -325,10 +325,9 @@ def cmd_predict(args) -> int:
     planned = [n for pair in names for n in pair] + ["scores.json"]
     # a user's file at one of them: refused now, before --overwrite clears the earlier output
     OutputFolder.check(out, overwrite=args.overwrite, inputs=inputs, command="predict", names=planned)
-    sizes: list = []
     part = PREDICT_PART
     if len(paths) > part:  # every bad file named, before any output; read again below, a part at a time
-        check_images(paths, det.image_size, where="predict inputs", sizes=sizes)
+        check_images(paths, det.image_size, where="predict inputs")
     if image_t is None:
         print(f"defect-fast: warning: no image is flagged: {source}", file=sys.stderr)
     # white in the map images: twice the pixel threshold, or the colour scale stored with it; a model
@@ -336,14 +335,18 @@ def cmd_predict(args) -> int:
     scale = pixel_t or det.calibration.get("pixel_q999") or 0.0
 
     def scored(a: int) -> tuple:
-        chunk = paths[a:a + part]
-        images = read_images(chunk, det.image_size, where="predict inputs",
-                             **({"sizes": sizes} if len(paths) <= part else {"warn": False}))
+        """The part of the inputs from ``a``: (its images, their own sizes as this read found them, results)."""
+        chunk, sizes = paths[a:a + part], []
+        images = read_images(chunk, det.image_size, where="predict inputs", sizes=sizes, warn=len(paths) <= part)
         res = det.predict_batched(images)
-        check_finite(res, chunk, args.run, det.precision, "images")  # before its outputs: a NaN score would pass
-        return images, res
+        what = "images" if len(paths) <= part else f"images of the part from image {a + 1} of {len(paths)}"
+        check_finite(res, chunk, args.run, det.precision, what)  # before its outputs: a NaN score would pass
+        return images, sizes, res
 
-    first = scored(0)  # before any output: a model that gives NaN is refused before --overwrite clears anything
+    # before any output: a model that gives NaN is refused before --overwrite clears anything (for a
+    # set of more than one part, a NaN, or a file changed since the check, in a later part comes
+    # after: what this command wrote is then removed, and an earlier output it replaced stays gone)
+    first = scored(0)
     folder = OutputFolder.create(out, overwrite=args.overwrite, inputs=inputs, lock=True, command="predict")
     with folder.writing():
         folder.mkdir("maps")
@@ -352,10 +355,11 @@ def cmd_predict(args) -> int:
                   "pixel_threshold": pixel_t, "map_scale": 2 * scale or None, "images": []}
         folder.reserve(planned)  # checked above; a user's file put there since: refused, none written
         for a in range(0, len(paths), part):
-            images, res = first if a == 0 else scored(a)
+            images, sizes, res = first if a == 0 else scored(a)
+            first = None  # no part is held past its own
             blank = blank_images(images).tolist()
             for path, (map_rel, overlay_rel), img, m, s, (w, h), is_blank in zip(
-                    paths[a:a + part], names[a:a + part], images, res["maps"], res["scores"], sizes[a:a + part], blank):
+                    paths[a:a + part], names[a:a + part], images, res["maps"], res["scores"], sizes, blank):
                 map_png, overlay_png = folder.path / map_rel, folder.path / overlay_rel
                 if (w, h) != (det.image_size, det.image_size):  # at the photo's own size, as the Python API gives them
                     m = resize_map(m, (h, w))
@@ -370,7 +374,7 @@ def cmd_predict(args) -> int:
                 if is_blank:  # a camera fault (watch sets them aside): its verdict says nothing of the part
                     entry["blank"] = True
                 report["images"].append(entry)
-            first = None  # the first part's images and maps are not held past it
+            del images, res, img, m  # the next part is read with none of this one held
         folder.write_json("scores.json", report)
     flagged = sum(1 for e in report["images"] if e.get("defective"))
     n_blank = sum(1 for e in report["images"] if e.get("blank"))

@@ -333,9 +333,11 @@ class ArgumentParser(argparse.ArgumentParser):
         namespace, extras = self.parse_known_args(args, namespace)
         if extras:
             target: argparse.ArgumentParser = self
+            given = list(sys.argv[1:] if args is None else args)
             for action in self._actions:
-                if isinstance(action, argparse._SubParsersAction):
-                    target = action.choices.get(getattr(namespace, action.dest, None), self)
+                command = getattr(namespace, action.dest, None) if isinstance(action, argparse._SubParsersAction) else None
+                if command in given and all(x not in given[:given.index(command)] for x in extras):  # after it
+                    target = action.choices.get(command, self)
             target.error(f"unrecognized arguments: {' '.join(extras)}")
         return namespace
 
@@ -772,31 +774,39 @@ def _overlap(o: Path, i: Path) -> str | None:
     return None
 
 
+#: How deep :func:`_links_under` looks below an input folder: the files of DATA/test/<class>/,
+#: what the deepest reader (the MVTec layout's) reads.
+LINK_DEPTH = 3
+#: Folders :func:`_links_under` lists at most per input (a link into a large tree is not walked whole).
+LINK_FOLDERS = 2000
+
+
 def _links_under(folder: Path) -> Iterator[tuple[Path, Path]]:
-    """(link, its resolved target) for every symbolic link at any depth under ``folder``, linked
-    folders walked too (each real folder once: a link loop ends); what cannot be listed is passed over."""
+    """(link, its resolved target) for every symbolic link down to :data:`LINK_DEPTH` levels under
+    ``folder`` (an entry of the folder is level 1), through linked folders too, each real folder
+    once and :data:`LINK_FOLDERS` at most; what cannot be listed or resolved (a link loop) is passed over."""
     seen: set[Path] = set()
-    stack = [folder]
-    while stack:
-        d = stack.pop()
+    stack = [(folder, 1)]
+    while stack and len(seen) < LINK_FOLDERS:
+        d, depth = stack.pop()
         try:
             real = real_path(d)
             if real in seen:
                 continue
             seen.add(real)
             entries = list(os.scandir(d))
-        except OSError:
+        except (OSError, UserError):
             continue
         for e in entries:
             try:
                 if e.is_symlink():
                     target = real_path(e.path)
                     yield Path(e.path), target
-                    if target.is_dir():
-                        stack.append(Path(e.path))
-                elif e.is_dir(follow_symlinks=False):
-                    stack.append(Path(e.path))
-            except OSError:
+                    if depth < LINK_DEPTH and target.is_dir():
+                        stack.append((Path(e.path), depth + 1))
+                elif depth < LINK_DEPTH and e.is_dir(follow_symlinks=False):
+                    stack.append((Path(e.path), depth + 1))
+            except (OSError, UserError):  # a loop of links, a link that cannot be resolved: not read either
                 continue
 
 
@@ -827,12 +837,12 @@ def safe_output_file(path: str | os.PathLike, overwrite: bool, *, inputs: Iterab
     if p.exists() and not p.is_file():  # a device, pipe or socket (or a link to one: /dev/stdout)
         raise OutputRefused(f"{what} {p}: is not a regular file (a device, pipe or socket, or a link to one), which "
                             "is never replaced, not even with " + flag + "; give a file name")
-    if p.exists() or p.is_symlink():
+    if p.is_symlink():  # the write renames a new file over the link: the link would go, its target stay
+        raise OutputRefused(f"{what} {p}: is a symbolic link (to {os.readlink(p)}), which is never replaced, not "
+                            f"even with {flag}; give the file's own path or another name")
+    if p.exists():
         if not overwrite:
             raise OutputRefused(f"{what} {p}: file exists; pass {flag} to replace it or choose another name")
-        if p.is_symlink():  # the write renames a new file over the link: the link would go, its target stay
-            raise OutputRefused(f"{what} {p}: is a symbolic link (to {os.readlink(p)}), which is never replaced, not "
-                                f"even with {flag}; give the file's own path or another name")
         owner = _listed_by_output_folder(p)
         if owner is not None:  # another command's output (a run's model.pt, a journal): not this one's to replace
             raise OutputRefused(f"{what} {p}: {owner}, which {flag} never replaces; choose another name")

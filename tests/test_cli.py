@@ -307,6 +307,18 @@ def test_predict_holds_a_part_of_a_large_set_at_a_time_and_writes_what_it_would_
         for key in ("map", "overlay"):
             assert (tmp_path / "parts" / e[key]).read_bytes() == (tmp_path / "whole" / e[key]).read_bytes()
 
+    real_check = io.check_images
+
+    def changed_after_the_check(paths, *a, **k):  # a photo rewritten at another size once checked
+        real_check(paths, *a, **k)
+        Image.fromarray((rng.random((30, 50, 3)) * 255).astype(np.uint8)).save(folder / "p3.png")
+
+    monkeypatch.setattr(io, "check_images", changed_after_the_check)
+    assert main(["predict", str(tiny_run), str(folder), "--out", str(tmp_path / "changed")]) == 0
+    entry = json.loads((tmp_path / "changed" / "scores.json").read_text())["images"][3]
+    assert entry["size"] == [50, 30] and Image.open(tmp_path / "changed" / entry["map"]).size == (50, 30)
+    monkeypatch.setattr(io, "check_images", real_check)
+
     (folder / "p4.png").write_bytes(b"\x89PNG\r\n\x1a\n cut")  # in the third part
     assert main(["predict", str(tiny_run), str(folder), "--out", str(tmp_path / "bad")]) == 2
     assert str(folder / "p4.png") in capsys.readouterr().err and not (tmp_path / "bad").exists()
@@ -912,6 +924,8 @@ def test_an_unknown_option_points_to_the_help_of_its_command(tmp_path, capsys):
         assert main([*command, "--bogus"]) == 2
         assert capsys.readouterr().err.strip() == (f"defect-fast: error: unrecognized arguments: --bogus "
                                                    f"(see 'defect-fast {command[0]} --help')")
+    assert main(["--bogus", "audit", "run", "--out", "x"]) == 2  # given to the top level: its help
+    assert capsys.readouterr().err.strip().endswith("unrecognized arguments: --bogus (see 'defect-fast --help')")
 
 
 def test_train_options_that_would_be_ignored_or_disagree_are_refused(synthetic_root, tmp_path, capsys):

@@ -268,6 +268,24 @@ def test_an_output_at_a_file_an_input_folder_reads_through_a_link_is_refused(tmp
     check_out_not_overlapping(tmp_path / "elsewhere2", [tmp_path / "data"])
 
 
+def test_links_an_input_folder_holds_past_what_is_read_or_in_a_loop_are_passed_over(tmp_path):
+    """A loop of links anywhere under an input failed every command ("a loop of symbolic links"),
+    and a link into a large tree was walked whole on every check: the walk stops at the depth the
+    readers read (DATA/test/<class>/file) and passes over what it cannot resolve."""
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "sub" / "a").symlink_to("b")
+    (data / "sub" / "b").symlink_to("a")
+    check_out_not_overlapping(tmp_path / "out", [data])
+    deep = data / "test" / "class" / "more"
+    deep.mkdir(parents=True)
+    (deep / "far").symlink_to(tmp_path / "elsewhere")  # level 4: no reader goes there
+    check_out_not_overlapping(tmp_path / "elsewhere" / "out", [data])
+    (data / "test" / "class" / "near").symlink_to(tmp_path / "elsewhere")  # level 3: read
+    with pytest.raises(OutputRefused, match="reads through the link"):
+        check_out_not_overlapping(tmp_path / "elsewhere" / "out", [data])
+
+
 def test_a_file_of_a_folder_defect_fast_wrote_protects_the_folder(tmp_path):
     """A run's model.pt given in place of the run: the run folder is an input too (predict
     runcopy/model.pt ... --out runcopy/pred wrote into the run, while --out beside it was refused);
@@ -377,10 +395,11 @@ def test_safe_output_file_never_replaces_a_device_pipe_or_a_link_to_one(tmp_path
             with pytest.raises(OutputRefused, match=f"{target.name}: is not a regular file .* not even with --overwrite"):
                 safe_output_file(target, overwrite)
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and null.is_symlink()
-    plain = tmp_path / "plain.json"  # a link to a plain file is still replaced with --overwrite, as before
+    plain = tmp_path / "plain.json"  # a link to a plain file too: the link would be replaced, not the file
     plain.write_text("x")
     (tmp_path / "link.json").symlink_to(plain)
-    assert safe_output_file(tmp_path / "link.json", True) == tmp_path / "link.json"
+    with pytest.raises(OutputRefused, match="is a symbolic link"):
+        safe_output_file(tmp_path / "link.json", True)
 
 
 def test_safe_output_file_never_replaces_another_command_s_output(tmp_path):
@@ -910,7 +929,7 @@ def test_a_dangling_link_at_the_output_file_is_not_replaced_silently(tmp_path):
     from defect_fast.safety import safe_output_file
 
     (tmp_path / "out.json").symlink_to(tmp_path / "nowhere.json")
-    with pytest.raises(OutputRefused, match="exists"):
+    with pytest.raises(OutputRefused, match="is a symbolic link"):
         safe_output_file(tmp_path / "out.json", overwrite=False)
 
 
@@ -921,9 +940,10 @@ def test_a_link_to_a_file_at_the_output_is_never_replaced_by_a_plain_file(tmp_pa
 
     (tmp_path / "target.json").write_text("{}")
     (tmp_path / "link.json").symlink_to("target.json")
-    with pytest.raises(OutputRefused, match=r"link\.json: is a symbolic link \(to target\.json\), which is never "
-                                         r"replaced, not even with --overwrite"):
-        safe_output_file(tmp_path / "link.json", overwrite=True, flag="--overwrite")
+    for overwrite in (False, True):  # said at once, not "pass --overwrite" first
+        with pytest.raises(OutputRefused, match=r"link\.json: is a symbolic link \(to target\.json\), which is never "
+                                             r"replaced, not even with --overwrite"):
+            safe_output_file(tmp_path / "link.json", overwrite=overwrite, flag="--overwrite")
     assert (tmp_path / "link.json").is_symlink() and (tmp_path / "target.json").read_text() == "{}"
 
 
