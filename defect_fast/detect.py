@@ -36,8 +36,7 @@ Speed options (constructor keywords; "auto" picks per device, from measurements 
   CMA-AE at batch 1: 441 -> 265 ms per 512x512 image (``benchmarks/inference_variants.py``).
 - ``batch_size`` (patches per model call): "auto" = about 64 64x64 patches' worth of pixels on a
   CPU (the activations stay in cache: 512 patches per call made batch 8 slower per image than
-  batch 1), 4096 on CUDA. On a CPU no call spans two images (:meth:`Detector._chunk_bounds`), so
-  an image's results do not depend on the images called with it.
+  batch 1), 4096 on CUDA.
 - ``compile``: wrap the per-chunk model call in ``torch.compile`` (off by default; never needed).
 - ``cuda_graphs``: capture :meth:`forward` in a CUDA graph per input shape and replay it (CUDA
   only; off by default).
@@ -775,18 +774,14 @@ class Detector(nn.Module):
         return view.permute(0, 2, 3, 1, 4, 5).reshape(n * gh * gw, 3, p, p)
 
     def _chunk_bounds(self, total: int) -> list[tuple[int, int]]:
-        """(start, stop) of the patches each model call takes of ``total`` (whole images' patches,
-        row-major per image): ``batch_size`` at a time (0: all in one call). On a CPU no call spans
-        two images: oneDNN's kernels round by a call's shape, so an image's maps and score moved
-        with the number of images called with it (in bf16, a score by 0.012 in a 128-px
-        ``--preset photos`` run); each image now goes through the calls it gets alone."""
-        if not 0 < self.batch_size < total and (self.batch_size <= 0 or self.device.type == "cuda"):
+        """(start, stop) of the patches each model call takes of ``total``: ``batch_size`` at a time
+        (0: all in one call). A call spans images: oneDNN rounds by a call's shape, so in bf16 an
+        image's maps move slightly with the images called with it (a score by up to 0.0035 in a
+        128-px ``--preset photos`` run); a call per image would hold them still, but cost small
+        images up to 6.5 times their time (64-px tiles), and batch 1 is what the line service runs."""
+        if not 0 < self.batch_size < total:
             return [(0, total)]
-        per_image = self.grid[0] * self.grid[1]
-        if self.device.type == "cuda" or total % per_image:
-            return [(a, min(total, a + self.batch_size)) for a in range(0, total, self.batch_size)]
-        step = min(self.batch_size, per_image)
-        return [(i + a, i + min(per_image, a + step)) for i in range(0, total, per_image) for a in range(0, per_image, step)]
+        return [(a, min(total, a + self.batch_size)) for a in range(0, total, self.batch_size)]
 
     @_own_precision
     def raw_maps(self, images: torch.Tensor) -> torch.Tensor:

@@ -958,23 +958,6 @@ def test_images_per_call_is_what_predict_batched_feeds_the_pipeline(monkeypatch)
     assert seen == [3, 3, 1]
 
 
-@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
-def test_an_image_s_maps_and_score_do_not_depend_on_the_images_called_with_it(precision):
-    """On a CPU the model took batch_size patches per call across images, and oneDNN rounds by a
-    call's shape: an image's maps moved with the number of images called with it (bf16: by 0.0046
-    in a 128-px CMA-AE run). No call spans two images there now; with a larger image than one
-    call holds, the calls within each image are the same whatever the batch."""
-    for size, stride, batch_size in ((256, 64, 64), (256, 32, 24)):  # 16 patches per image; 49 in calls of 24
-        det = Detector(_model(), image_size=size, stride=stride, blend="hann" if stride != 64 else "none",
-                       precision=precision, batch_size=batch_size)
-        x = _images(5, size)
-        together = det.predict_batched(x, 5)
-        alone = [det.predict_batched(x[i:i + 1]) for i in range(5)]
-        assert torch.equal(together["maps"], torch.cat([r["maps"] for r in alone]))
-        assert torch.equal(together["scores"], torch.cat([r["scores"] for r in alone]))
-        assert torch.equal(det.reconstruct(x), torch.cat([det.reconstruct(x[i:i + 1]) for i in range(5)]))
-
-
 def test_a_float64_default_dtype_is_named_not_a_dtype_mismatch_inside():
     """A calling program's torch.set_default_dtype(torch.float64) made predict fail with scatter() or
     bias-dtype errors deep inside; it is now said in one line, at construction and at each call."""
