@@ -760,7 +760,7 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
                            f"(half to fit, half to calibrate), got {held_back_images.shape[0]}; raise --holdback")
         fit_images, calib_images = held_back_images[0::2], held_back_images[1::2]
         calib_names = None if calib_names is None else calib_names[1::2]
-    calib_images, calib_names = _without_blank_frames(calib_images, calib_names, where, images)
+    calib_images, calib_names = _without_blank_frames(calib_images, calib_names, where, images, need=2 if cfg.context else 1)
     # one level for both trunks (so they still share their first layers): the training images'
     # mean brightness, or the fitting images' when there are none
     level = (brightness_level(True, train_images if train_images is not None else fit_images)
@@ -821,21 +821,31 @@ def detector_options(cfg: TrainConfig, model: AnomalyModel) -> dict[str, Any]:
             "smooth_sigma": float(cfg.smooth)}
 
 
+def _unblank(images: torch.Tensor) -> torch.Tensor:
+    """``images`` but for blank frames (all of them when every one is blank: refused later, by name)."""
+    from .data.io import blank_images
+
+    keep = ~blank_images(images)
+    return images[keep] if bool(keep.any()) else images
+
+
 def _without_blank_frames(images: torch.Tensor, names: list[str] | None, where: str | Path | None,
-                          what: str) -> tuple[torch.Tensor, list[str] | None]:
+                          what: str, need: int = 1) -> tuple[torch.Tensor, list[str] | None]:
     """``images`` (and ``names``) but for blank frames (one colour throughout: a failed exposure, a
     covered lens), which ``watch`` sets aside and never judges: a thresholds' image, a black frame's
-    score set the image threshold 8 times higher than the parts' (said in a warning; all of them
-    blank: a RunError)."""
+    score set the image threshold 8 times higher than the parts' (said in a warning; fewer than
+    ``need`` left: a RunError, which :func:`_check_fits` gives before the training)."""
     from .data.io import blank_images
 
     blank = blank_images(images)
     if not bool(blank.any()):
         return images, names
     prefix = f"{where}: " if where is not None else ""
-    if bool(blank.all()):
-        raise RunError(f"{prefix}every one of the {images.shape[0]} {what} the thresholds are set on is a blank frame, "
-                       "one colour throughout (a failed exposure, a covered lens?); give photographs of parts")
+    left = images.shape[0] - int(blank.sum())
+    if left < need:
+        raise RunError(f"{prefix}{int(blank.sum())} of the {images.shape[0]} {what} the thresholds are set on are blank "
+                       f"frames, one colour throughout (a failed exposure, a covered lens?), which leaves {left}, fewer "
+                       f"than the {need} needed; give more photographs of defect-free parts (or raise --holdback)")
     left = [names[i] for i in blank.nonzero().flatten().tolist()] if names is not None else []
     _warn(f"{prefix}{int(blank.sum())} of the {images.shape[0]} {what} the thresholds are set on are blank frames, one "
           "colour throughout (a camera fault, which watch sets aside and never judges), and are left out"
@@ -943,6 +953,19 @@ def _check_fits(cfg: TrainConfig, model: AnomalyModel, images: torch.Tensor, key
         if len(idx) >= 2 and len({keys[i] for i in idx}) == 1:
             raise DataError(f"{cfg.data}: the {what} would be fitted on {len(idx)} images that are all one image "
                             "(copies): there is no defect-free spread to measure; give different defect-free images")
+    # the images the thresholds are set on, but for blank frames (finish_run leaves them out)
+    from .data.io import blank_images
+
+    halves = held_idx and _fits_map_statistics(cfg, model) and not _fits_on_train(fit_on, len(train_idx))
+    calib = (held_idx[1::2] if halves else held_idx) or train_idx
+    blank = blank_images(images[calib]) if calib else torch.zeros(0, dtype=torch.bool)
+    need, left = (2 if cfg.context else 1), len(calib) - int(blank.sum())
+    if calib and left < need:
+        what = "held-back" if held_idx else "training"
+        raise DataError(f"{cfg.data}: {int(blank.sum())} of the {len(calib)} {what} images the thresholds would be set "
+                        f"on are blank frames, one colour throughout (a failed exposure, a covered lens?), which "
+                        f"leaves {left}, fewer than the {need} needed; give more photographs of defect-free parts"
+                        + (" or raise --holdback" if held_idx else ""))
 
 
 def _trim_log(path: Path, last_step: int) -> None:
@@ -1310,7 +1333,7 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
                 # Nothing held back: thresholds from training images, optimistic, and said so.
                 # (the map statistics from every training image, as --fit-on train fits them)
                 finished = finish_run(model, replace(cfg, normalize="none", fit_on="train"),
-                                      train_images[: cfg.calibration_images], trainer.device, train_images=train_images,
+                                      _unblank(train_images)[: cfg.calibration_images], trainer.device, train_images=train_images,
                                       context_images=train_images, where=out, images="training images")
         except NonFiniteMaps as exc:  # the weights trained are not usable: --resume would end here again
             raise NonFiniteMaps(f"{exc}: the training diverged; train a new run with a lower --lr (this run's "

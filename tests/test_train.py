@@ -1019,3 +1019,36 @@ def test_a_handful_of_images_that_leaves_fewer_to_train_on_than_held_back_is_war
     train(_cfg(tmp_path / "data8", max_steps=[1, 1], holdback=0.7), tmp_path / "run8b", progress=False,
           log=lambda s: None)
     assert "only 2 of the 8 images are left to train on, with 6 held back for the thresholds; lower --holdback" in capsys.readouterr().err
+
+
+def test_blank_frames_among_the_images_thresholds_are_set_on_are_passed_over_or_refused_before_training(
+        synthetic_root, tmp_path):
+    """With --holdback 0 the thresholds' images were the first training images, blank ones dropped
+    after the pick: sixteen black frames first left none, after the training, every --resume failing
+    again. With --context a blank frame could leave one calibration image: an internal error after
+    the training. The first non-blank images are taken; too few is refused before the training."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from defect_fast.data import DataError
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root / "train", data / "train")
+    for i in range(16):  # sorted before the photographs
+        Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(data / "train" / "good" / f"+black_{i:02d}.png")
+    cfg = _cfg(data, image_size=64, max_steps=[1, 1], holdback=0.0, calibration_images=16)
+    train(cfg, tmp_path / "run", progress=False, log=lambda s: None)
+    cal = load_checkpoint(tmp_path / "run" / "model.pt")["calibration"]
+    assert cal["n_images"] == 16 and cal["source"] == "training images"
+
+    few = tmp_path / "few" / "train" / "good"  # black frames only: refused before any training
+    few.mkdir(parents=True)
+    for p in sorted((data / "train" / "good").glob("+black_*.png")):
+        shutil.copy(p, few / p.name)
+    with pytest.raises(DataError, match=r"16 of the 16 training images the thresholds would be set on are blank frames.*"
+                                        r"leaves 0, fewer than the 1 needed"):
+        train(_cfg(few.parent.parent, image_size=64, max_steps=[1, 1], holdback=0.0), tmp_path / "run2",
+              progress=False, log=lambda s: None)
+    assert not (tmp_path / "run2").exists()
