@@ -685,8 +685,9 @@ class Detector(nn.Module):
             # scores by 5 %, enough to flag the held-back image whose score the threshold is
             warnings.warn(f"{where}: its thresholds were measured in {measured}; this Detector computes in "
                           f"{detector.precision}, whose scores differ by that rounding, so images near a threshold "
-                          "may be judged otherwise; 'defect-fast calibrate RUN --with-held-back --precision "
-                          f"{detector.precision} --out NEW_RUN' measures them in {detector.precision}", stacklevel=2)
+                          f"may be judged otherwise; 'defect-fast calibrate RUN IMAGES --precision {detector.precision} "
+                          "--out NEW_RUN' measures them in it (IMAGES: defect-free images the run has not seen; "
+                          "--with-held-back adds those it held back)", stacklevel=2)
         if set_aside:  # a later fit_perceptual or fit_context runs the run's own trunk (no weights file)
             longest = max(set_aside, key=lambda m: len(m.convs))
             detector._spare_trunk = {k: w.to(detector.device) for k, w in

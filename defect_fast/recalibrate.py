@@ -154,7 +154,7 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
             when given, too few images for it is refused (:class:`~defect_fast.safety.UsageError`),
             while the run's own rate falls back to the largest score with a warning, as at training.
         device: where the images are predicted.
-        precision: what they are predicted in ("float32", "bfloat16"; None: the Detector's default
+        precision: what they are predicted in ("float32", "bfloat16", "float16"; None: the Detector's default
             on ``device``): that of the Detector or exported file that will judge by the thresholds
             (the model file records it; loading it to compute in another warns).
         overwrite: replace an earlier ``calibrate`` output in ``out`` (only its files).
@@ -325,7 +325,7 @@ def add_parser(subparsers) -> None:
                    "a warning: the largest score sets the threshold); too few images for a rate given here are refused")
     c.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default)")
     c.add_argument("--overwrite", action="store_true", help="replace earlier calibrate output in --out")
-    c.add_argument("--precision", choices=("float32", "bfloat16"), default=None,
+    c.add_argument("--precision", choices=("float32", "bfloat16", "float16"), default=None,
                    help="compute the scores in this precision: that of the Detector or exported file that will judge "
                    "by the thresholds (default: the Detector's on --device, bfloat16 where it is native)")
     c.set_defaults(func=command)
