@@ -761,6 +761,10 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
         fit_images, calib_images = held_back_images[0::2], held_back_images[1::2]
         calib_names = None if calib_names is None else calib_names[1::2]
     calib_images, calib_names = _without_blank_frames(calib_images, calib_names, where, images, need=2 if cfg.context else 1)
+    # nor do the map statistics and the context measure a defect-free spread on them (one black frame
+    # among the held-back half fitted on made the per-position spread 30 times wider)
+    fit_images = _unblank(fit_images)
+    context_images = None if context_images is None else _unblank(context_images)
     # one level for both trunks (so they still share their first layers): the training images'
     # mean brightness, or the fitting images' when there are none
     level = (brightness_level(True, train_images if train_images is not None else fit_images)

@@ -1052,3 +1052,23 @@ def test_blank_frames_among_the_images_thresholds_are_set_on_are_passed_over_or_
         train(_cfg(few.parent.parent, image_size=64, max_steps=[1, 1], holdback=0.0), tmp_path / "run2",
               progress=False, log=lambda s: None)
     assert not (tmp_path / "run2").exists()
+
+
+def test_blank_frames_are_left_out_of_the_map_statistics_too(synthetic_root):
+    """A black frame in the held-back half the per-position normalisation was fitted on made its
+    spread 30 times wider: every defect-free score moved from about 0 to about 19."""
+    from defect_fast.train import finish_run
+    from defect_fast.data.io import read_images
+    from defect_fast.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("cmaae", memory_size=10).eval()
+    cfg = _cfg(synthetic_root, image_size=64, normalize="position", fit_on="held-back")
+    h = read_images(sorted((synthetic_root / "train" / "good").glob("*.png"))[:6], 64)
+    black = torch.zeros(1, 3, 64, 64, dtype=torch.uint8)
+    # every other image fits the statistics ([0::2]), the others calibrate: the same images either way
+    with_black = finish_run(model, cfg, torch.cat([black, h[0:1], h[1:2], h[2:3], h[3:4], h[4:5], h[5:6]]))
+    without = finish_run(model, cfg, torch.cat([h[1:2], h[0:1], h[3:4], h[2:3], h[5:6], h[4:5]]))
+    for key in ("mean", "std"):
+        assert torch.equal(with_black["normalization"][key], without["normalization"][key])
+    assert with_black["calibration"]["image_threshold"] == without["calibration"]["image_threshold"]
