@@ -204,7 +204,7 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
                 maps[str(paths[i])] = (i, res["maps"][j])
         judged = f"fitted on {len(fitted)} training images" if fits else "the run's own detector"
         log(f"fold {k + 1} of {folds}: {judged}, scored {len(scored)}, "
-            f"threshold {threshold:.4g} from {len(cal_idx)} held-back images; "
+            f"threshold {threshold:.4g} from {fin['calibration']['n_images']} held-back images; "
             f"{sum(1 for e in entries if e['fold'] == k and e['flagged'])} flagged")
     entries.sort(key=lambda e: -e["score"])
     if not refitted:

@@ -433,8 +433,9 @@ def write_report(
     elif n_err_shown == n_err:
         sampled = " All false alarms and misses are shown, the rest evenly sampled."
     else:
-        sampled = (f" {n_err_shown} of the {n_err} false alarms and misses are shown (up to half each: the "
-                   "highest-scoring false alarms, the lowest-scoring misses; raise --max-gallery to see all).")
+        sampled = (f" {n_err_shown} of the {n_err} false alarms and misses are shown (the highest-scoring false "
+                   "alarms and the lowest-scoring misses, about half each when both are many; raise --max-gallery "
+                   "to see all).")
     note = (f'<p class="note">{len(shown)} of {n} images, highest score first; each: {cols}'
             f'{", mask" if masks is not None else ""}. Red: false alarm (good, flagged); purple: miss '
             f"(defective, passed); orange: flagged.{sampled}</p>")
