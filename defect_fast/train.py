@@ -763,8 +763,10 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
     calib_images, calib_names = _without_blank_frames(calib_images, calib_names, where, images, need=2 if cfg.context else 1)
     # nor do the map statistics and the context measure a defect-free spread on them (one black frame
     # among the held-back half fitted on made the per-position spread 30 times wider)
-    fit_images = _unblank(fit_images)
-    context_images = None if context_images is None else _unblank(context_images)
+    from .context import MIN_IMAGES as CONTEXT_MIN
+
+    fit_images = _unblank(fit_images, 2)  # (the fits' least; with fewer left, as before: blank frames and all)
+    context_images = None if context_images is None else _unblank(context_images, CONTEXT_MIN)
     # one level for both trunks (so they still share their first layers): the training images'
     # mean brightness, or the fitting images' when there are none
     level = (brightness_level(True, train_images if train_images is not None else fit_images)
@@ -825,12 +827,14 @@ def detector_options(cfg: TrainConfig, model: AnomalyModel) -> dict[str, Any]:
             "smooth_sigma": float(cfg.smooth)}
 
 
-def _unblank(images: torch.Tensor) -> torch.Tensor:
-    """``images`` but for blank frames (all of them when every one is blank: refused later, by name)."""
+def _unblank(images: torch.Tensor, at_least: int = 1) -> torch.Tensor:
+    """``images`` but for blank frames, unless fewer than ``at_least`` would be left: then all of
+    them, as before blank frames were left out (what a fit needs at least is not taken from it;
+    the images thresholds are set on are checked by :func:`_without_blank_frames`)."""
     from .data.io import blank_images
 
     keep = ~blank_images(images)
-    return images[keep] if bool(keep.any()) else images
+    return images[keep] if int(keep.sum()) >= at_least else images
 
 
 def _without_blank_frames(images: torch.Tensor, names: list[str] | None, where: str | Path | None,
@@ -849,7 +853,8 @@ def _without_blank_frames(images: torch.Tensor, names: list[str] | None, where: 
     if left < need:
         raise RunError(f"{prefix}{int(blank.sum())} of the {images.shape[0]} {what} the thresholds are set on are blank "
                        f"frames, one colour throughout (a failed exposure, a covered lens?), which leaves {left}, fewer "
-                       f"than the {need} needed; give more photographs of defect-free parts (or raise --holdback)")
+                       f"than the {need} needed; give more photographs of defect-free parts"
+                       + (" (or raise --holdback)" if what.startswith("held-back") else ""))
     left = [names[i] for i in blank.nonzero().flatten().tolist()] if names is not None else []
     _warn(f"{prefix}{int(blank.sum())} of the {images.shape[0]} {what} the thresholds are set on are blank frames, one "
           "colour throughout (a camera fault, which watch sets aside and never judges), and are left out"

@@ -1072,3 +1072,20 @@ def test_blank_frames_are_left_out_of_the_map_statistics_too(synthetic_root):
     for key in ("mean", "std"):
         assert torch.equal(with_black["normalization"][key], without["normalization"][key])
     assert with_black["calibration"]["image_threshold"] == without["calibration"]["image_threshold"]
+
+
+def test_blank_frames_stay_in_a_fit_that_would_be_left_with_too_few_images(synthetic_root):
+    """Leaving blank frames out of the fitted half could leave the per-position normalisation one
+    image: an internal error after the training, at every --resume too. A fit keeps them then, as
+    before they were left out."""
+    from defect_fast.train import finish_run
+    from defect_fast.data.io import read_images
+    from defect_fast.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("cmaae", memory_size=10).eval()
+    cfg = _cfg(synthetic_root, image_size=64, normalize="position", fit_on="held-back")
+    h = read_images(sorted((synthetic_root / "train" / "good").glob("*.png"))[:3], 64)
+    black = torch.zeros(1, 3, 64, 64, dtype=torch.uint8)
+    finished = finish_run(model, cfg, torch.cat([black, h[0:1], h[1:2], h[2:3]]))  # fits [black, h1], calibrates [h0, h2]
+    assert finished["normalization"]["std"].shape == (64, 64) and finished["calibration"]["n_images"] == 2
