@@ -19,7 +19,7 @@ import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -832,22 +832,32 @@ def read_images(
     """
     paths = [Path(p) for p in paths]
     out = image_stack((len(paths), channels, size, size), where)
+    few_levels = _read_each(paths, size, channels, min_side, workers, where, sizes, out.__setitem__)
+    if warn:
+        warn_few_levels(few_levels, len(paths), where)
+        warn_blank(out, paths, where, said=black_said(few_levels))
+    return out
+
+
+def _read_each(paths: list[Path], size: int, channels: int, min_side: int | None, workers: int | None,
+               where: str | os.PathLike, sizes: list | None, keep: Callable[[int, torch.Tensor], Any]
+               ) -> list[tuple[Path, int]]:
+    """Read each file of ``paths`` on a thread pool, handing image i to ``keep(i, image)`` (and its own
+    (width, height) to ``sizes[i]``); one :class:`DataError` names every bad file. Returns the
+    16-bit files of few levels (:func:`warn_few_levels`)."""
     if sizes is not None:
         sizes[:] = [None] * len(paths)
-
     few_levels: list[tuple[Path, int]] = []
 
     def one(i: int) -> None:
-        out[i], orig = _load_image(paths[i], size, channels, min_side, few_levels)
+        image, orig = _load_image(paths[i], size, channels, min_side, few_levels)
+        keep(i, image)
         if sizes is not None:
             sizes[i] = orig
 
     _, problems = run_collecting(one, len(paths), workers)
     raise_problems(problems, len(paths), "image files", where)
-    if warn:
-        warn_few_levels(few_levels, len(paths), where)
-        warn_blank(out, paths, where, said=black_said(few_levels))
-    return out
+    return few_levels
 
 
 def check_images(
@@ -865,18 +875,11 @@ def check_images(
     few images, for a set too large to hold (``predict`` then reads it again in parts, with
     ``warn=False``)."""
     paths = [Path(p) for p in paths]
-    if sizes is not None:
-        sizes[:] = [None] * len(paths)
-    few_levels: list[tuple[Path, int]] = []
     blank = [False] * len(paths)
 
-    def one(i: int) -> None:
-        t, orig = _load_image(paths[i], size, channels, min_side, few_levels)
-        blank[i] = bool(blank_images(t.unsqueeze(0))[0])
-        if sizes is not None:
-            sizes[i] = orig
+    def keep(i: int, image: torch.Tensor) -> None:
+        blank[i] = bool(blank_images(image.unsqueeze(0))[0])
 
-    _, problems = run_collecting(one, len(paths), workers)
-    raise_problems(problems, len(paths), "image files", where)
+    few_levels = _read_each(paths, size, channels, min_side, workers, where, sizes, keep)
     warn_few_levels(few_levels, len(paths), where)
     warn_blank(blank, paths, where, said=black_said(few_levels))
