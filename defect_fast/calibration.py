@@ -570,7 +570,8 @@ def evaluate_thresholds(scores, labels, calibration: Mapping[str, Any] | None = 
             (:func:`threshold_at_far`).
 
     Returns:
-        ``{"f1_optimal": f1_optimal_threshold(...), "at_threshold": rates_at(...) or None when there
+        ``{"f1_optimal": f1_optimal_threshold(...), "n_good": the defect-free images among them,
+        "at_threshold": rates_at(...) or None when there
         is no threshold, "far_asked": the rate asked of the threshold or None, "far_expected",
         "n_calibration_images", "threshold_source", "threshold_image": the image whose score the
         threshold is, when the model file names it, "threshold_images": what the images of those
@@ -581,6 +582,7 @@ def evaluate_thresholds(scores, labels, calibration: Mapping[str, Any] | None = 
     chosen = chosen_threshold(cal, threshold, far)
     far_asked = far if far is not None else (cal.get("far") if threshold is None else None)  # the rate asked of it
     return {"f1_optimal": f1_optimal_threshold(scores, labels), "far_asked": far_asked,
+            "n_good": int((np.asarray(labels).reshape(-1) == 0).sum()),
             "far_expected": chosen.far_expected, "n_calibration_images": cal.get("n_images"),
             "threshold_image": chosen.image_name, "threshold_images": scored_images(cal),
             "at_threshold": rates_at(scores, labels, chosen.image) if chosen.image is not None else None,

@@ -62,8 +62,11 @@ def _print_thresholds(th: dict | None, out=None) -> None:
 
     out = out or sys.stdout
     f1 = th["f1_optimal"]
-    print(f"F1-optimal image threshold {threshold_text(f1['threshold'])}: F1 {_fmt(f1['f1'])}, precision "
-          f"{_fmt(f1['precision'])}, recall {_fmt(f1['recall'])}", file=out)
+    if th.get("n_good") == 0:  # flagging every image is "optimal" there: a number that says nothing (report omits it)
+        print("F1-optimal image threshold: n/a, the test set holds no defect-free image", file=out)
+    else:
+        print(f"F1-optimal image threshold {threshold_text(f1['threshold'])}: F1 {_fmt(f1['f1'])}, precision "
+              f"{_fmt(f1['precision'])}, recall {_fmt(f1['recall'])}", file=out)
     at = th.get("at_threshold")
     if at is None:
         print(th.get("threshold_source") or "no stored image threshold in the model file", file=out)

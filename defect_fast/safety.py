@@ -338,7 +338,7 @@ class ArgumentParser(argparse.ArgumentParser):
                 command = getattr(namespace, action.dest, None) if isinstance(action, argparse._SubParsersAction) else None
                 if command in given and all(x not in given[:given.index(command)] for x in extras):  # after it
                     target = action.choices.get(command, self)
-            target.error(f"unrecognized arguments: {' '.join(extras)}")
+            target.error(f"unrecognized arguments: {' '.join(x for x in extras if x != '--')}")
         return namespace
 
 

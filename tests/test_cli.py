@@ -943,3 +943,24 @@ def test_a_preset_summary_names_a_negated_option_as_it_is_typed(tmp_path, capsys
     """The summary said "(given instead: no --level-brightness)", an option that does not exist."""
     main(["train", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--preset", "photos", "--no-level-brightness"])
     assert "(given instead: --no-level-brightness)" in capsys.readouterr().err
+
+
+def test_evaluate_says_an_f1_optimal_threshold_means_nothing_without_defect_free_images(capsys):
+    """A test set of defective images only printed "F1 1, precision 1, recall 1" (flagging every
+    image); report leaves the line out. evaluate says why there is none."""
+    from defect_fast.calibration import evaluate_thresholds
+    from defect_fast.cli import _print_thresholds
+
+    only_bad = evaluate_thresholds(torch.tensor([0.3, 0.5]), torch.tensor([1, 1]))
+    assert only_bad["n_good"] == 0
+    _print_thresholds(only_bad)
+    assert capsys.readouterr().out.splitlines()[0] == ("F1-optimal image threshold: n/a, the test set holds no "
+                                                       "defect-free image")
+    both = evaluate_thresholds(torch.tensor([0.1, 0.5]), torch.tensor([0, 1]))
+    _print_thresholds(both)
+    assert capsys.readouterr().out.startswith("F1-optimal image threshold 0.1") and both["n_good"] == 1
+
+
+def test_an_unknown_option_after_a_double_dash_is_named_without_it(tmp_path, capsys):
+    assert main(["audit", "run", "--out", "x", "--", "--bogus"]) == 2
+    assert "unrecognized arguments: --bogus (see" in capsys.readouterr().err
