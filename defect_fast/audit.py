@@ -89,7 +89,7 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
         held-back images or training configuration, or whose training images changed or are gone;
         OutputRefused: ``out``.
     """
-    from .calibration import short_names
+    from .calibration import scores_named
     from .data.dataset import load_train_images
     from .detect import Detector
     from .evaluate import check_finite
@@ -251,8 +251,7 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
             "not audited")
     elif named:  # the held-back images are not audited: they set the thresholds, and the run scored them unseen
         log("the held-back images set the thresholds and are not audited; the run's highest held-back scores: "
-            + ", ".join(f"{score:.4g} ({name})" for name, score in zip(short_names([n for n, _s in named]),
-                                                                        [s for _n, s in named])))
+            + scores_named(named))
     log(f"wrote {out / 'audit.json'}" + (f" and {len(flagged)} overlays in {out / 'overlays'}" if flagged else ""))
     return result
 

@@ -67,6 +67,7 @@ __all__ = [
     "rates_at",
     "scored_images",
     "short_names",
+    "scores_named",
     "holdback_count",
     "split_holdback",
     "stored_thresholds",
@@ -378,6 +379,12 @@ def short_names(names: Sequence[str]) -> list[str]:
             k += 1
         out.append(str(Path(*p[-k:])) if p else "")
     return out
+
+
+def scores_named(named: Sequence[tuple[str, float]]) -> str:
+    """``[(image, score), ...]`` (a calibration's "highest_scores") as "0.123 (good/007.png), ...",
+    each image by :func:`short_names`."""
+    return ", ".join(f"{score:.4g} ({name})" for name, (_n, score) in zip(short_names([n for n, _s in named]), named))
 
 
 def scored_images(calibration: Mapping[str, Any] | None) -> str:

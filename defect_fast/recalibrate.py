@@ -166,7 +166,7 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
         UsageError: no images asked for, too few for ``far``; DataError: unreadable images, images the
         run trained on; RunError: a damaged run, held-back images gone; OutputRefused: ``out``.
     """
-    from .calibration import DEFAULT_FAR, count_text, min_images_for, short_names
+    from .calibration import DEFAULT_FAR, count_text, min_images_for, scores_named
     from .data.io import blank_images, collect_images, read_images
     from .detect import Detector
     from .runs import MODEL_FILE, RunError, load_model_state, model_file
@@ -297,8 +297,7 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
     if not cal.get("sufficient", True):
         warnings.warn(cal["note"])
     log(f"the image threshold is the score of {cal['threshold_image']}; the highest scores: "
-        + ", ".join(f"{score:.4g} ({name})" for name, score in
-                    zip(short_names([n for n, _s in cal["highest_scores"]]), [s for _n, s in cal["highest_scores"]])))
+        + scores_named(cal["highest_scores"]))
     log(f"wrote {out / MODEL_FILE} (weights, maps and scores as in {path}; only the thresholds changed)")
     return {"model": out / MODEL_FILE, "calibration": cal, "before": before}
 

@@ -34,7 +34,7 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from .calibration import count_text, short_names
+from .calibration import count_text, scores_named
 from .data.dataset import to_model_range
 from .data.patches import grid_shape
 from .layers import keep_matrix_weights_contiguous
@@ -855,10 +855,10 @@ def _without_blank_frames(images: torch.Tensor, names: list[str] | None, where: 
                        f"frames, one colour throughout (a failed exposure, a covered lens?), which leaves {left}, fewer "
                        f"than the {need} needed; give more photographs of defect-free parts"
                        + (" (or raise --holdback)" if what.startswith("held-back") else ""))
-    left = [names[i] for i in blank.nonzero().flatten().tolist()] if names is not None else []
+    dropped = [names[i] for i in blank.nonzero().flatten().tolist()] if names is not None else []
     _warn(f"{prefix}{int(blank.sum())} of the {images.shape[0]} {what} the thresholds are set on are blank frames, one "
           "colour throughout (a camera fault, which watch sets aside and never judges), and are left out"
-          + (f" ({', '.join(Path(n).name for n in left[:3])}{', ...' if len(left) > 3 else ''})" if left else ""))
+          + (f" ({', '.join(Path(n).name for n in dropped[:3])}{', ...' if len(dropped) > 3 else ''})" if dropped else ""))
     keep = ~blank
     return images[keep], None if names is None else [n for n, k in zip(names, keep.tolist()) if k]
 
@@ -1387,8 +1387,7 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
             f"model saved to {out / MODEL_FILE}")
         if cal.get("highest_scores"):
             log(f"the image threshold is the score of {cal['threshold_image']}; the highest held-back scores: "
-                + ", ".join(f"{score:.4g} ({name})" for name, score in
-                            zip(short_names([n for n, _s in cal["highest_scores"]]), [s for _n, s in cal["highest_scores"]]))
+                + scores_named(cal["highest_scores"])
                 + "; another false-alarm rate needs no retraining: --far RATE on predict, watch, report, "
                 "evaluate and export (evaluate lists what each gives on a labelled test set)")
         if not cal.get("sufficient", True) and cal.get("n_needed") and cfg.held_back:

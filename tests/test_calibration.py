@@ -21,6 +21,7 @@ from defect_fast.calibration import (
     pixel_threshold,
     rates_at,
     scored_images,
+    scores_named,
     short_names,
     split_holdback,
     stored_thresholds,
@@ -470,3 +471,5 @@ def test_highest_scores_name_images_by_as_much_of_their_path_as_tells_them_apart
     names = ["/d/test/good/007.png", "/d/train/good/007.png", "/d/train/good/008.png", "/d/x.png"]
     assert short_names(names) == ["test/good/007.png", "train/good/007.png", "008.png", "x.png"]
     assert short_names(["/a/b.png", "/a/b.png"]) == ["/a/b.png", "/a/b.png"] and short_names([]) == []
+    assert scores_named(list(zip(names, [0.5, 0.25, 1 / 3, 2.0]))) == \
+        "0.5 (test/good/007.png), 0.25 (train/good/007.png), 0.3333 (008.png), 2 (x.png)"
