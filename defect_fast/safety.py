@@ -1456,12 +1456,7 @@ class RunLock:
         except BaseException:
             os.close(fd)
             raise
-        try:
-            now = os.stat(self.path, follow_symlinks=False)
-        except FileNotFoundError:
-            now = None
-        held = os.fstat(fd)
-        if now is None or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+        if not self._is_the_lock_file(fd):
             os.close(fd)  # removed (or replaced) between the open and the lock: lock the file there now
             return False
         os.ftruncate(fd, 0)
@@ -1474,13 +1469,15 @@ class RunLock:
         """Whether this object holds the lock and the folder's lock file is still the file locked:
         one removed by hand (or replaced) while it was held no longer keeps a second holder out,
         which locks a new file there."""
-        if self._fd is None:
-            return False
+        return self._fd is not None and self._is_the_lock_file(self._fd)
+
+    def _is_the_lock_file(self, fd: int) -> bool:
+        """Whether the file open as ``fd`` is the one at :attr:`path` now (not removed or replaced)."""
         try:
             now = os.stat(self.path, follow_symlinks=False)
         except FileNotFoundError:
             return False
-        held = os.fstat(self._fd)
+        held = os.fstat(fd)
         return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
 
     def lost_message(self) -> str:
