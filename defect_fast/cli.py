@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import os
 import signal
 import sys
@@ -128,10 +129,11 @@ PRESET_MODEL_OPTIONS: dict[str, dict] = {"photos": {"synthesis": "perlin"}}
 PRESET_EPOCHS: dict[str, int] = {"photos": 2}
 
 
-def _negatable() -> set[str]:
+@functools.cache
+def _negatable() -> frozenset[str]:
     """The train options that take --no-NAME (argparse.BooleanOptionalAction)."""
     train = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
-    return {a.dest for a in train._actions if isinstance(a, argparse.BooleanOptionalAction)}
+    return frozenset(a.dest for a in train._actions if isinstance(a, argparse.BooleanOptionalAction))
 
 
 def _flag(dest: str, value) -> str:

@@ -59,8 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .precision import is_channels_last
-from .tracing import tracing
-from .tracing import constant_cache
+from .tracing import constant_cache, tracing
 
 # torchvision's alexnet.features, conv layers: (index, in channels, out channels, kernel, stride,
 # padding); a 3 x 3 max-pool with stride 2 follows conv1 and conv2
