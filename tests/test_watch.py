@@ -727,23 +727,31 @@ def test_what_would_stop_the_service_later_is_refused_at_its_start(tmp_path):
     assert len(journal(out)) == 1 and not (tmp_path / "o1").exists()
 
 
-def test_a_poll_longer_than_the_platform_waits_is_waited_in_the_longest_it_takes(tmp_path, monkeypatch):
-    """--poll 1e10 passed the option's check and overflowed the wait's time_t: an internal error."""
+def _service_waits(tmp_path, monkeypatch, n: int, counted=lambda timeout: True, **kw) -> list[float]:
+    """The timeouts of the service's first ``n`` waits for new files (``counted`` ones), each cut to
+    0, on an empty folder; the service stops after them."""
     src = tmp_path / "in"
     src.mkdir()
     stop, asked = threading.Event(), []
     real = threading.Event.wait
 
     def wait(self, timeout=None):
-        if self is not stop and timeout is not None and timeout > 1:  # the service's wait for new files
+        if self is not stop and timeout is not None and counted(timeout):  # the service's wait for new files
             asked.append(timeout)
-            stop.set()  # one wait is enough to see what it was asked for
+            if len(asked) == n:
+                stop.set()
             timeout = 0
         return real(self, timeout)
 
     monkeypatch.setattr(threading.Event, "wait", wait)
-    watch(stub_predict, INFO, src, tmp_path / "out", poll_interval=1e10, settle=1e10, handle_signals=False,
-          stop=stop, log=lambda m: None)
+    watch(stub_predict, INFO, src, tmp_path / "out", handle_signals=False, stop=stop, log=lambda m: None, **kw)
+    return asked
+
+
+def test_a_poll_longer_than_the_platform_waits_is_waited_in_the_longest_it_takes(tmp_path, monkeypatch):
+    """--poll 1e10 passed the option's check and overflowed the wait's time_t: an internal error."""
+    # one wait is enough to see what it was asked for
+    asked = _service_waits(tmp_path, monkeypatch, 1, lambda timeout: timeout > 1, poll_interval=1e10, settle=1e10)
     assert asked and max(asked) == threading.TIMEOUT_MAX
 
 
@@ -751,22 +759,7 @@ def test_a_poll_too_short_to_wait_is_waited_at_the_shortest_the_service_waits(tm
     """--poll 1e-300 is a valid positive number: the idle loop spun a third of a core on an empty folder."""
     from defect_fast.watch import MIN_WAIT
 
-    src = tmp_path / "in"
-    src.mkdir()
-    stop, asked = threading.Event(), []
-    real = threading.Event.wait
-
-    def wait(self, timeout=None):
-        if self is not stop and timeout is not None:  # the service's wait for new files
-            asked.append(timeout)
-            if len(asked) == 3:
-                stop.set()
-            timeout = 0
-        return real(self, timeout)
-
-    monkeypatch.setattr(threading.Event, "wait", wait)
-    watch(stub_predict, INFO, src, tmp_path / "out", poll_interval=1e-300, handle_signals=False, stop=stop,
-          log=lambda m: None)
+    asked = _service_waits(tmp_path, monkeypatch, 3, poll_interval=1e-300)
     assert len(asked) >= 3 and min(asked) == MIN_WAIT
 
 
