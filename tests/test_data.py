@@ -430,6 +430,17 @@ def test_a_mask_whose_extension_is_in_mixed_case_is_found(tmp_path):
     mask.rename(mask.with_name("000_mask.Png"))
     assert find_mask(root, "scratch", "000.png") == mask.with_name("000_mask.Png")
     assert torch.equal(load_test_set(root, 16).masks, want)
+    # the name in another case: 000_MASK.png, and an image IMG.png whose mask is img_mask.png
+    mask.with_name("000_mask.Png").rename(mask.with_name("000_MASK.PNG"))
+    other = root / "ground_truth" / "scratch" / "001_mask.png"
+    (root / "test" / "scratch" / "001.png").rename(root / "test" / "scratch" / "A001.png")
+    other.rename(other.with_name("a001_mask.png"))
+    assert find_mask(root, "scratch", "000.png") == mask.with_name("000_MASK.PNG")
+    assert find_mask(root, "scratch", "A001.png") == other.with_name("a001_mask.png")
+    assert torch.equal(load_test_set(root, 16).masks, want)
+    other.with_name("a001_mask.png").rename(other.with_name("A001_mask.png"))  # the exact name, when there, first
+    _save(other.with_name("a001_mask.png"), np.zeros((32, 32), np.uint8))
+    assert find_mask(root, "scratch", "A001.png") == other.with_name("A001_mask.png")
 
 
 def test_two_images_sharing_a_stem_do_not_share_a_mask_silently(tmp_path):
@@ -734,6 +745,25 @@ def test_a_test_folder_says_what_it_does_not_read_or_take_as_defect_free(tmp_pat
         assert load_test_set(root, 16, require_masks=False).labels.tolist() == [1] * 6
 
 
+def test_what_no_test_image_uses_is_said_not_left_out_silently(tmp_path):
+    """A mask whose image was renamed or deleted, an empty class folder and a ground_truth/ class
+    with no test/ folder left images out of the metrics without a word."""
+    root = _mvtec(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)  # the complete set: nothing to say
+        assert len(load_test_set(root, 16)) == 6
+    (root / "test" / "spot" / "001.png").rename(root / "test" / "spot" / "001-old.png.bak")
+    (root / "test" / "crack").mkdir()
+    _save(root / "ground_truth" / "dent" / "000_mask.png", np.zeros((32, 32), np.uint8))
+    with pytest.warns(DataWarning) as seen:
+        assert len(load_test_set(root, 16)) == 5
+    said = [str(w.message) for w in _data_warnings(seen) if "left out of the metrics" in str(w.message)]
+    assert len(said) == 1, [str(w.message) for w in seen]
+    assert "class folder(s) with no images: crack" in said[0]
+    assert "2 mask(s) or mask folder(s)" in said[0]
+    assert "dent/ (no test/dent/ folder)" in said[0] and "spot/001_mask.png" in said[0]
+
+
 def test_a_damaged_page_after_the_first_leaves_the_first_read_and_is_said(tmp_path):
     """Counting a TIFF's pages parses every one: a damaged second page raised TypeError (an internal
     error) from the count, and left the file on that page, whose tags are not the first's."""
@@ -1024,6 +1054,15 @@ def test_a_missing_class_folder_of_masks_is_one_problem_not_one_per_image(tmp_pa
     assert err.value.problems[0].startswith(f"{root / 'ground_truth' / 'scratch'}: no such folder; the ground-truth "
                                             f"masks of the {n} images in {root / 'test' / 'scratch'} (000.png")
     assert "spot/000.png: no ground-truth mask" in err.value.problems[1]
+    gt = root / "ground_truth" / "scratch"
+    for what, make in (("a link to nothing", lambda: gt.symlink_to(tmp_path / "gone")),
+                       ("not a folder", lambda: gt.write_bytes(b"x"))):
+        make()
+        with pytest.raises(DataError) as err:
+            load_test_set(root, 16)
+        assert len(err.value.problems) == 2, err.value.problems
+        assert err.value.problems[0].startswith(f"{gt}: {what}; the ground-truth masks of the {n} images")
+        gt.unlink()
 
 
 def test_a_ground_truth_folder_is_used_even_when_masks_are_not_required(tmp_path):

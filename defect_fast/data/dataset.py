@@ -164,7 +164,7 @@ def find_mask(root: str | os.PathLike, cls: str, image: str | os.PathLike) -> Pa
 
     Tries ``ground_truth/<cls>/<stem>_mask.<ext>`` then ``ground_truth/<cls>/<stem>.<ext>``
     (``.png`` first, then the other image extensions, in lower or upper case, then in any case:
-    ``.Png``, as images are matched).
+    ``.Png``, as images are matched; last, the whole name in any case: ``000_MASK.png``).
     """
     candidates = _mask_candidates(Path(root), cls, Path(image))
     for cand in candidates:
@@ -173,14 +173,49 @@ def find_mask(root: str | os.PathLike, cls: str, image: str | os.PathLike) -> Pa
                 return c
     gt = candidates[0].parent
     try:  # an extension in mixed case: the folder listed, only when the usual names are not there
-        names = {(Path(e.name).stem, Path(e.name).suffix.lower()): gt / e.name for e in os.scandir(gt)}
+        listed = [e.name for e in os.scandir(gt)]
     except OSError:
         return None
+    names = {(Path(n).stem, Path(n).suffix.lower()): gt / n for n in listed}
     for cand in candidates:
         hit = names.get((cand.stem, cand.suffix))
         if hit is not None and hit.is_file():
             return hit
+    names = {(Path(n).stem.lower(), Path(n).suffix.lower()): gt / n for n in sorted(listed)}
+    for cand in candidates:  # then the name in any case (000_MASK.png), exact names having come first
+        hit = names.get((cand.stem.lower(), cand.suffix))
+        if hit is not None and hit.is_file():
+            return hit
     return None
+
+
+def _warn_unclaimed(root: Path, class_dirs: list[Path], items: list, has_masks: bool) -> None:
+    """One :class:`DataWarning` for what the test set holds that no test image uses: class folders
+    without images, and masks (or ``ground_truth/`` class folders) no image claims. Either is
+    usually an image renamed, moved or deleted: the metrics would leave it out without a word."""
+    counted = {cls for cls, _img, _mask in items}
+    empty = [d.name for d in class_dirs if d.name not in counted]
+    said = []
+    if empty:
+        said.append(f"class folder(s) with no images: {', '.join(empty)}")
+    gt = root / "ground_truth"
+    if has_masks and gt.is_dir():
+        claimed = {m for _cls, _img, m in items if m is not None}
+        unclaimed = []
+        for d in sorted(e for e in gt.iterdir() if e.is_dir() and not e.name.startswith(".")):
+            if d.name == GOOD:
+                continue
+            if d.name not in counted:
+                if d.name not in empty and list_images(d, warn=False):
+                    unclaimed.append(f"{d.name}/ (no test/{d.name}/ folder)")
+                continue
+            unclaimed.extend(f"{d.name}/{m.name}" for m in list_images(d, warn=False) if m not in claimed)
+        if unclaimed:
+            shown = ", ".join(unclaimed[:3]) + (", ..." if len(unclaimed) > 3 else "")
+            said.append(f"{len(unclaimed)} mask(s) or mask folder(s) in {gt} that belong to no test image: {shown}")
+    if said:
+        warnings.warn(f"{root}: left out of the metrics: {'; '.join(said)} (an image renamed, moved or deleted?)",
+                      DataWarning, stacklevel=3)
 
 
 def load_test_set(
@@ -240,9 +275,11 @@ def load_test_set(
     for d in class_dirs:
         class_images = list_images(d)
         gt_class = root / "ground_truth" / d.name
-        if d.name != GOOD and has_masks and class_images and not os.path.lexists(gt_class):  # one line, not one per image
+        if d.name != GOOD and has_masks and class_images and not gt_class.is_dir():  # one line, not one per image
             shown = ", ".join(p.name for p in class_images[:3]) + (", ..." if len(class_images) > 3 else "")
-            problems.append(f"{gt_class}: no such folder; the ground-truth masks of the {len(class_images)} images in "
+            what = ("no such folder" if not os.path.lexists(gt_class) else
+                    "a link to nothing" if gt_class.is_symlink() and not gt_class.exists() else "not a folder")
+            problems.append(f"{gt_class}: {what}; the ground-truth masks of the {len(class_images)} images in "
                             f"{d} ({shown}) are expected there")
             items.extend((d.name, img, None) for img in class_images)
             continue
@@ -269,6 +306,7 @@ def load_test_set(
                             "which share its stem; rename all but one of them")
     if not items:
         raise DataError(f"{test}: no test images in {', '.join(d.name for d in class_dirs)}")
+    _warn_unclaimed(root, class_dirs, items, has_masks)
 
     n = len(items)
     images = image_stack((n, channels, size, size), test)
