@@ -879,13 +879,23 @@ def _check_where_it_goes(p: Path, what: str) -> None:
             if not parent.is_dir():
                 raise OutputRefused(f"{what} {p}: {parent} is not a folder")
             if not os.access(parent, os.W_OK | os.X_OK):
-                raise OutputRefused(f"{what} {p}: no permission to write in {parent}")
+                raise OutputRefused(f"{what} {p}: " + (f"cannot create files in {parent} (read-only file system)"
+                                                       if _read_only(parent) else f"no permission to write in {parent}"))
             try:
                 _probe(parent)
             except OSError as exc:
                 raise OutputRefused(f"{what} {p}: cannot create files in {parent} "
                                     f"({exc.strerror or type(exc).__name__})") from None
             return
+
+
+def _read_only(folder: Path) -> bool:
+    """Whether ``folder`` lies on a file system mounted read-only (where a permission is not
+    what is missing: no one can write there)."""
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # no statvfs (Windows): said as a permission
+        return False
 
 
 #: Names of the files :func:`_probe` creates (where a file system has no unnamed ones).

@@ -322,6 +322,16 @@ def test_an_output_under_a_file_or_a_folder_it_may_not_write_in_is_refused_befor
         OutputFolder.check(shut, command="audit")  # an existing folder: its own permission
     OutputFolder.check(shut / "empty", command="audit")  # writable below it: fine
     assert sorted(x.name for x in tmp_path.iterdir()) == ["photo.png", "shut"]
+    # on a read-only mount no permission would help: said as what it is
+    real_statvfs = os.statvfs
+
+    class _ReadOnly:
+        f_flag = os.ST_RDONLY
+
+    monkeypatch.setattr(os, "statvfs", lambda path: _ReadOnly() if Path(path) == shut else real_statvfs(path))
+    with pytest.raises(OutputRefused, match=re.escape(f"--out {shut / 'new'}: cannot create files in {shut} "
+                                                      "(read-only file system)")):
+        OutputFolder.check(shut / "new", command="audit")
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
