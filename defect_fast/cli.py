@@ -103,6 +103,25 @@ def _stages(model: str, options: dict) -> tuple[str, ...]:
         raise ConfigError(f"--set: model {model} cannot be built with {options} ({exc})") from None
 
 
+def _refuse_unused(args: argparse.Namespace, kwargs: dict, stages: tuple[str, ...]) -> None:
+    """Refuse options given for what the model, as built with ``kwargs``, does not have (a memory's
+    size for a plain AE, anomaly photos for a model trained on defect-free patches only)."""
+    from .models import build_model
+
+    model = build_model(args.model, **kwargs)
+    fusion = model.config().get("fusion")
+    built = (f"fusion={fusion}, " if fusion else "") + f"stages: {', '.join(stages)}"
+    given = [pair.split("=", 1)[0].strip() for pair in args.set or []]
+    unused = model.unused_options(dict.fromkeys(given))
+    if unused:
+        it = "it" if len(unused) == 1 else "them"
+        raise UsageError(f"--set {', '.join(unused)}: model {args.model} with these options does not use {it} "
+                         f"({built}); leave {it} out")
+    if args.anomaly_source is not None and "synthetic" not in stages:
+        raise UsageError(f"--anomaly-source: model {args.model} trains no stage on synthetic anomalies ({built}), "
+                         "so the photos would not be read; leave it out")
+
+
 def _per_stage(values: list[int] | None, n: int, option: str) -> list[int] | None:
     if values is None or len(values) == n:
         return values
@@ -257,7 +276,9 @@ def cmd_train(args) -> int:
     if args.fit_on == "held-back" and args.map != "perceptual" and args.normalize != "position":
         raise UsageError("--fit-on held-back chooses the images --map perceptual and --normalize position fit their "
                          "statistics on; alone it changes nothing: add one of them, or leave it out")
-    n_stages = len(_stages(args.model, kwargs))
+    stages = _stages(args.model, kwargs)
+    n_stages = len(stages)
+    _refuse_unused(args, kwargs, stages)
     default_epochs = max(1, PRESET_EPOCHS[args.preset] // n_stages) if args.preset else 10
     epochs = _per_stage(args.epochs, n_stages, "--epochs") or [default_epochs] * n_stages
     cfg = TrainConfig(

@@ -406,6 +406,25 @@ def test_set_is_checked_against_the_model_config(synthetic_root, tmp_path, capsy
     assert not (tmp_path / "r").exists()
 
 
+def test_options_the_model_as_built_does_not_use_are_refused(synthetic_root, tmp_path, capsys):
+    """--set memory_size for a plain AE or --anomaly-source for a one-stage model changed nothing,
+    without a word: the user believed the memory or the photos were in the run."""
+    for bad, words in ((["--model", "ae-l2", "--set", "memory_size=10", "--set", "rec_weight=2"],
+                        ("--set memory_size: model ae-l2", "(fusion=none, stages: normal)")),
+                       (["--model", "memae", "--set", "gate_target=encoder"], ("--set gate_target: model memae",)),
+                       (["--set", "two_stage=false", "--set", "synthesis=perlin"], ("--set synthesis: model cmaae",)),
+                       (["--model", "ae-ssim", "--anomaly-source", str(synthetic_root)],
+                        ("--anomaly-source: model ae-ssim trains no stage on synthetic anomalies",))):
+        assert main(["train", str(synthetic_root), "--out", str(tmp_path / "r"), *bad, "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and all(w in err for w in words), err
+    assert not (tmp_path / "r").exists()
+    from defect_fast.models import build_model
+
+    assert build_model("cmaae").unused_options(["memory_size", "synthesis", "gate_target"]) == []
+    assert build_model("memae").unused_options(["memory_size", "entropy_weight", "gate_activation"]) == ["gate_activation"]
+
+
 def test_map_choices_come_from_the_registry(capsys):
     from defect_fast.models import map_names
 

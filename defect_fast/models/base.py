@@ -61,6 +61,11 @@ class AnomalyModel(nn.Module):
         step (a float() of each was a GPU synchronisation of its own; numbers are accepted too)."""
         raise NotImplementedError
 
+    def unused_options(self, keys) -> list[str]:
+        """Those of the option names ``keys`` that this model, as built, does not use (a memory's
+        size where it has no memory): given explicitly they would change nothing, without a word."""
+        return []
+
     def objective(self) -> dict[str, int]:
         """Revisions of the losses this model trains with whose definition has changed between
         versions of defect_fast ({name: revision}; empty when none has). A training checkpoint

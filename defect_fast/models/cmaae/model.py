@@ -223,6 +223,16 @@ class CMAAE(AnomalyModel):
     def config(self) -> dict[str, Any]:
         return dict(self._config)
 
+    def unused_options(self, keys) -> list[str]:
+        unused = set()
+        if self.mam is None:  # no memory: nothing addressed, no attention weights to take the entropy of
+            unused |= {"memory_size", "renorm_p", "entropy_weight"}
+        if self.frm is None:
+            unused |= {"gate_activation", "gate_target"}
+        if "synthetic" not in self.stages:
+            unused.add("synthesis")
+        return [k for k in keys if k in unused]
+
     def objective(self) -> dict[str, int]:
         if self.rec_loss != "ssim":
             return {}
