@@ -108,7 +108,7 @@ import torch
 
 from .calibration import ModelInfo, defect_regions
 from .data.io import (IMAGE_EXTENSIONS, DataError, blank_images, error_kind, few_levels_message,
-                      read_image_at_both_sizes, unfinished_image)
+                      read_image_at_both_sizes)
 from .maps import resize_map
 from .safety import (LOCK_NAME, MANIFEST_NAME, OutputFolder, OutputRefused, RunLock, UserError, check_out_not_overlapping,
                      far_errors, file_sha256, short_stem)
@@ -889,13 +889,6 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
         except Exception as exc:  # noqa: BLE001 - a reader's bug on one odd file: that file is set aside with
             # the reason, the line goes on (raised, it stopped the service at every start on the same file)
             img, photo, err = None, None, f"cannot be read (internal error {error_kind(exc)}: {exc})"
-        if err is None:  # decoded, but a writer may not be done: a PNG before its IEND, a zero-filled rest
-            try:
-                unfinished = unfinished_image(path)
-            except OSError:  # gone: the signature below says so
-                unfinished = None
-            if unfinished is not None:
-                img, photo, err = None, None, unfinished
         try:
             now_sig = _signature(path)
         except OSError:  # gone, or no longer reachable: looked at again if it comes back

@@ -1162,6 +1162,30 @@ def test_unfinished_png_and_jpeg_files_are_told_from_finished_ones(tmp_path):
     assert "end marker" in check("thumb_pre.jpg", with_thumb[:cut] + bytes(len(with_thumb) - cut))
 
 
+def test_every_reader_refuses_a_file_not_written_to_its_end(tmp_path):
+    """A grayscale PNG whose writer set its full size first and stalled decodes, its rest black:
+    predict scored it, calibrate set the image threshold by it and train learnt from it, while
+    watch rejected the same file."""
+    root = _mvtec(tmp_path)
+    good = root / "test" / "good" / "000.png"
+    a = np.asarray(Image.open(good).convert("L"))
+    _save(good, a)
+    data = good.read_bytes()
+    cut = int(len(data) * 0.6)
+    stalled = good.with_name("009.png")
+    stalled.write_bytes(data[:cut] + bytes(len(data) - cut))
+    assert np.asarray(Image.open(stalled)).shape == a.shape  # PIL decodes it, without a word
+    with pytest.raises(DataError, match=re.escape(f"{stalled}: a PNG without its IEND chunk")):
+        read_image(stalled, None)
+    with pytest.raises(DataError) as err:
+        load_test_set(root, 16)
+    assert err.value.problems == [f"{stalled}: a PNG without its IEND chunk at the end (cut off, or still being written)"]
+    stalled.rename(root / "train" / "good" / "009.png")
+    with pytest.raises(DataError, match="009.png: a PNG without its IEND chunk"):
+        load_train_images(root, 16)
+    assert read_image(good, None)[0].shape[-2:] == a.shape  # the finished file is read as before
+
+
 def test_the_search_for_an_end_stops_when_the_file_got_shorter(tmp_path):
     """A writer starting a file again (O_TRUNC) while its end was looked for left the search
     reading nothing for ever: the watch service hung."""

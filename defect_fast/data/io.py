@@ -218,6 +218,13 @@ def _open(path: Path) -> Image.Image:
         raise DataError(f"{path}: corrupt or truncated image ({_reason(exc)})") from None
     if img.width == 0 or img.height == 0:
         raise DataError(f"{path}: image has zero size ({img.width}x{img.height})")
+    try:  # decoded, but not written to its end: a PNG cut before its IEND, a zero-filled rest (a stalled copy)
+        unfinished = unfinished_image(path)
+    except OSError:
+        unfinished = None
+    if unfinished is not None:  # its missing part reads as black pixels, a defect or a blank the model never saw
+        img.close()
+        raise DataError(f"{path}: {unfinished}")
     if count_error is not None:
         warn_data(f"{path}: its pages after the first cannot be counted ({_reason(count_error)}); the first, "
                   f"{img.width}x{img.height}, is read", stacklevel=2)
