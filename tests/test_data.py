@@ -88,8 +88,9 @@ def test_32bit_int_and_float_tiff(tmp_path):
     assert read_image(_save(tmp_path / "i.tif", i32), None)[0, 0].tolist() == [0, 255, 51]
     f01 = np.array([[0.0, 0.5, 1.0]], dtype=np.float32)
     assert read_image(_save(tmp_path / "f.tif", f01), None)[0, 0].tolist() == [0, 128, 255]
-    fwide = np.array([[-10.0, 0.0, 10.0]], dtype=np.float32)  # rescaled from its own min..max
-    assert read_image(_save(tmp_path / "w.tif", fwide), None)[0, 0].tolist() == [0, 128, 255]
+    fwide = np.array([[-10.0, 0.0, 10.0]], dtype=np.float32)  # rescaled from its own min..max, and said
+    with pytest.warns(DataWarning, match=re.escape("float pixels from -10 to 10, in no range this reader knows")):
+        assert read_image(_save(tmp_path / "w.tif", fwide), None)[0, 0].tolist() == [0, 128, 255]
     # one pixel of overshoot keeps the frame's rule (1.02 read the frame as [0, 255]: black)
     over = np.array([[0.0, 0.5, 1.02]], dtype=np.float32)
     assert read_image(_save(tmp_path / "o.tif", over), None)[0, 0].tolist() == [0, 128, 255]
@@ -723,6 +724,37 @@ def test_a_float_frame_in_0_1_with_a_hot_pixel_is_read_as_0_1(tmp_path):
     assert t[0, 0] == 255 and abs(int(t[1:, 1:].float().mean()) - int(a[1:, 1:].mean() * 255)) <= 1
     wide = np.clip(a, 0, 1) * 200  # a [0, 255] frame keeps its rule (mean about 100)
     assert 95 <= int(read_image(_save(tmp_path / "wide.tif", wide), None)[0].float().mean()) <= 105
+
+
+def test_a_float_frame_is_read_by_its_range_whatever_its_glints_or_hot_pixels(tmp_path):
+    """Glints on 0.2 % of a [0, 1] frame read it as [0, 255] (near black: its score 8 times the
+    8-bit image's) and one hot pixel in a [0, 255] frame read it by its own min..max (dark), both
+    without a word; a frame in neither range is rescaled by its own, and that is said."""
+    rng = np.random.default_rng(1)
+    base = rng.random((100, 100)) * 0.8 + 0.1
+    want = np.rint(base * 255)
+    glints = base.copy()
+    glints.flat[rng.choice(base.size, 20, replace=False)] = 1.2  # 0.2 %
+    p = _save(tmp_path / "glints.tif", glints.astype(np.float32))
+    with pytest.warns(DataWarning, match=re.escape(f"{p}: float pixels read as [0, 1]; 20 outside it")):
+        t = read_image(p, None, 1)[0].numpy().astype(float)
+    kept = glints <= 1.0
+    assert np.abs(t[kept] - want[kept]).max() <= 1 and (t[~kept] == 255).all()
+    hot = base * 255
+    hot[0, 0] = 400.0
+    p = _save(tmp_path / "hot255.tif", hot.astype(np.float32))
+    with pytest.warns(DataWarning, match=re.escape(f"{p}: float pixels read as [0, 255]; 1 outside it")):
+        t = read_image(p, None, 1)[0].numpy().astype(float)
+    assert t[0, 0] == 255 and np.abs(t - want).flat[1:].max() <= 1
+    for exposure in (1.0, 0.5):  # 12-bit data as float: no known range, each frame by its own
+        p = _save(tmp_path / f"12bit-{exposure}.tif", (base * 4095 * exposure).astype(np.float32))
+        with pytest.warns(DataWarning, match=re.escape(f"{p}: float pixels from")) as seen:
+            t = read_image(p, None, 1)[0]
+        assert "rescaled from this image's own minimum and maximum" in str(_data_warnings(seen)[0].message)
+        assert t.min() == 0 and t.max() == 255
+    i32 = (base * 100_000).astype(np.int32)  # past 16 bits: the same, said
+    with pytest.warns(DataWarning, match="32-bit integer pixels from .* in no range this reader knows"):
+        read_image(_save(tmp_path / "i32.tif", i32), None, 1)
 
 
 def test_a_test_folder_says_what_it_does_not_read_or_take_as_defect_free(tmp_path):

@@ -328,13 +328,16 @@ def _scale_to_uint8(a: np.ndarray, mode: str, note: Callable[[str], None] | None
     """Wide grayscale (16/32-bit integer or float) -> uint8, scaled to the full range.
 
     NB: "I;16*" uses the full 16-bit range (65535 -> 255). "I" (32-bit int) is read as 16-bit
-    data when its values lie in [0, 65535] (the usual case: 16-bit TIFF/PNG decoded to "I"),
-    otherwise rescaled from its own min..max. "F" in [0, 1] is scaled by 255, in [0, 255] taken
-    as is, otherwise rescaled from its own min..max. A frame is taken as [0, 1] when its values
-    lie in [-0.05, 1.05] but for a few (0.1 %) outliers, which are clipped: processing overshoot
-    (1.02, or one hot pixel at 3) in a [0, 1] frame does not read the frame by another rule than
-    its neighbours (it read it as [0, 255]: a black image). ``note`` receives a sentence when
-    pixels were clipped so.
+    data when its values lie in [0, 65535] (the usual case: 16-bit TIFF/PNG decoded to "I").
+    "F" is read as [0, 1] (scaled by 255) or else as [0, 255] (taken as is), the first range its
+    bulk lies in: all its values within 5 % of the range, but for outliers, which are clipped (and
+    said): a few (0.1 %) of any size (a hot pixel at 3 in a [0, 1] frame), or up to 1 % within
+    twice the range (glints, processing overshoot at 1.2); [0, 255] allows no margin below 0 (a
+    frame of values from -10 to 10 is signed data, not a dark image). A frame is read by the same rule as its
+    neighbours whatever its outliers: one hot pixel read a [0, 1] frame as [0, 255] (black) and a
+    [0, 255] frame by its own min..max (dark). Values in no such range (12-bit data as float, a
+    height map) are rescaled from the image's own min..max, said through ``note``: its brightness
+    is then not comparable with other images'.
     """
     a = a.astype(np.float64)
     if not np.isfinite(a).all():
@@ -342,21 +345,34 @@ def _scale_to_uint8(a: np.ndarray, mode: str, note: Callable[[str], None] | None
     lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
     if mode.startswith("I;16"):
         a = a * (255.0 / 65535.0)
-    elif mode == "I":
-        a = a * (255.0 / 65535.0) if (lo >= 0 and hi <= 65535) else (a - lo) * (255.0 / max(hi - lo, 1e-12))
-    elif mode == "F":
-        unit = lo >= -0.05 and hi <= 1.05
-        if not unit and a.size:
-            q_lo, q_hi = np.quantile(a, [0.001, 0.999])
-            unit = q_lo >= -0.05 and q_hi <= 1.05
-            if unit and note is not None:
-                out = int(((a < -0.05) | (a > 1.05)).sum())
-                note(f"float pixels read as [0, 1]; {out} outside it (from {lo:.4g} to {hi:.4g}) are clipped")
-        if unit:
-            a = a * 255.0
-        elif not (lo >= 0 and hi <= 255):
-            a = (a - lo) * (255.0 / max(hi - lo, 1e-12))
+    elif mode == "I" and lo >= 0 and hi <= 65535:
+        a = a * (255.0 / 65535.0)
+    elif mode == "F" and (top := _float_range(a, lo, hi, note)) is not None:
+        a = a * (255.0 / top)
+    else:
+        if note is not None:
+            note(f"{'float' if mode == 'F' else '32-bit integer'} pixels from {lo:.6g} to {hi:.6g}, in no range "
+                 f"this reader knows ({'[0, 1] or [0, 255]' if mode == 'F' else '[0, 65535]'}), are rescaled from "
+                 "this image's own minimum and maximum: its brightness is not comparable with other images'")
+        a = (a - lo) * (255.0 / max(hi - lo, 1e-12))
     return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+
+def _float_range(a: np.ndarray, lo: float, hi: float, note: Callable[[str], None] | None) -> float | None:
+    """The top of the range a float frame is read in (1 or 255), or None (see :func:`_scale_to_uint8`)."""
+    for top in (1.0, 255.0):
+        low, high = (-0.05 if top == 1.0 else 0.0), 1.05 * top  # [0, 255] frames of negative values: signed data
+        if lo >= low and hi <= high:
+            return top
+        if not a.size:
+            continue
+        q = np.quantile(a, [0.001, 0.01, 0.99, 0.999])
+        if (q[0] >= low and q[3] <= high) or (q[1] >= low and q[2] <= high and lo >= -top and hi <= 2 * top):
+            if note is not None:
+                out = int(((a < low) | (a > high)).sum())
+                note(f"float pixels read as [0, {top:g}]; {out} outside it (from {lo:.4g} to {hi:.4g}) are clipped")
+            return top
+    return None
 
 
 @contextlib.contextmanager
