@@ -1213,6 +1213,9 @@ class Detector(nn.Module):
                 raise DataError("PIL image: its file was closed before its pixels were read (a `with Image.open(...)` "
                                 "block ended): call .load() inside the block, or pass the path")
             try:  # a lazily opened file decodes here: its damage is the image's, as a path's is
+                # decoded before its orientation is read: PIL turns a TIFF as it loads it, and drops the tag
+                # (read first, the tag turned the loaded, already upright pixels a second time)
+                x.load()
                 top = few_levels_top(x)
                 if top is not None:
                     warn_few_levels([(Path("PIL image"), top)], 1, "predict")

@@ -848,6 +848,18 @@ def test_a_pil_image_scores_as_its_file_whatever_its_exif_orientation(tmp_path):
         assert pil.size == (160, 96)  # the caller's image is left as it was
     assert f["maps"].shape == p["maps"].shape == (1, 160, 96)
     assert torch.equal(f["scores"], p["scores"]) and torch.equal(f["maps"], p["maps"])
+    # a TIFF: PIL turns it as it loads it, and a lazily opened one was turned a second time after
+    from PIL import TiffImagePlugin
+
+    for orientation, shape in ((3, (1, 96, 160)), (6, (1, 160, 96))):
+        tags = TiffImagePlugin.ImageFileDirectory_v2()
+        tags[0x0112] = orientation
+        Image.fromarray(a).save(tmp_path / "rot.tif", tiffinfo=tags)
+        f = det.predict(tmp_path / "rot.tif")
+        with Image.open(tmp_path / "rot.tif") as pil:
+            p = det.predict(pil)
+        assert f["maps"].shape == p["maps"].shape == shape
+        assert torch.equal(f["scores"], p["scores"]) and torch.equal(f["maps"], p["maps"]), orientation
 
 
 def test_a_cast_of_the_detector_is_refused_naming_the_precision_option():
