@@ -615,10 +615,22 @@ def test_sideways_photo_matches_its_upright_mask(tmp_path):
     upright_mask = np.zeros((48, 32), dtype=np.uint8)
     upright_mask[0:4, 28:32] = 255
     _save(root / "ground_truth" / "spot" / "000_mask.png", upright_mask)
-    ts = load_test_set(root, 16)
+    # whether the mask was drawn on this view or on the stored pixels cannot be told (a square
+    # image, or orientation 3, keeps its size): said, for the user to look
+    with pytest.warns(DataWarning, match=re.escape("1 mask(s) belong to images stored turned or flipped")) as seen:
+        ts = load_test_set(root, 16)
+    assert "ground_truth/spot/000_mask.png" in str(_data_warnings(seen)[-1].message)
     img, mask = ts.images[1, 0].float(), ts.masks[1]
     assert mask.any()
     assert float(img[mask].mean()) > 200 and float(img[~mask].mean()) < 140
+    # a mask stored as its image is, with its orientation, lies on the same pixels: nothing to say
+    stored_mask = np.zeros((32, 48), dtype=np.uint8)
+    stored_mask[0:4, 0:4] = 255
+    _save_oriented(root / "ground_truth" / "spot" / "000_mask.png", stored_mask, 6)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert torch.equal(load_test_set(root, 16).masks[1], mask)
+    assert not [w for w in seen if "turned or flipped" in str(w.message)]
 
 
 def test_read_image_at_both_sizes_decodes_once_what_read_image_gives(tmp_path):

@@ -99,6 +99,16 @@ def load_train_images(
     return images, paths
 
 
+def _orientation(path: Path) -> int | None:
+    """The EXIF orientation of an image file when it turns or flips it (2 to 8), else None."""
+    try:
+        with Image.open(path) as im:
+            orientation = im.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - only a hint: the file was read
+        return None
+    return orientation if orientation in range(2, 9) else None
+
+
 def _turned_note(img_path: Path, mask_size: tuple, img_size: tuple) -> str:
     """For a mask of the image's size turned a quarter: that the image is read upright by its EXIF
     orientation (most tools show the stored pixels, on which such a mask was drawn), else ""."""
@@ -325,6 +335,9 @@ def load_test_set(
                     f"{img_path} is {img_size[0]}x{img_size[1]}" + _turned_note(img_path, m_size, img_size)
                 )
             masks[i] = m
+            turned = _orientation(img_path)
+            if turned is not None and _orientation(mask_path) != turned:
+                notes.append(("turned", mask_path))
 
     notes: list[tuple[str, Path]] = []
     few_levels: list[tuple[Path, int]] = []
@@ -335,6 +348,10 @@ def load_test_set(
     for kind, what in (("levels", "hold more than two values (soft edges or JPEG compression?); every nonzero "
                                   "pixel counts as defect"),
                        ("half", "mark more than half of their image as defect (inverted, defect drawn black?)"),
+                       ("turned", "belong to images stored turned or flipped (an EXIF orientation of 2 to 8), "
+                                  "which are read upright, and carry no such orientation themselves: a mask drawn "
+                                  "on the stored pixels, as most tools show them, lies on the wrong pixels (draw it "
+                                  "on the upright image, or give it the image's orientation)"),
                        ("emptied", f"lose every defect pixel in the resize to {size} x {size} (defects thinner than "
                                    "its sampling step, which is nearest-neighbour); their images count as defective, "
                                    "with no pixel in the pixel metrics (a larger --image-size keeps them)")):
