@@ -271,6 +271,11 @@ def cmd_train(args) -> int:
         applied = _preset_model_options(args.preset, args.model, kwargs)
         kwargs = {**applied, **kwargs}
         print(f"defect-fast: --preset {args.preset}: {_preset_flags(args.preset, args, applied)}", file=sys.stderr)
+        # what the preset sets for a part turned off explicitly (--no-context) goes with it
+        if not args.context and args.context_profile == PRESETS[args.preset].get("context_profile"):
+            args.context_profile = "none"
+        if args.level_brightness and not args.context and (args.map or "") != "perceptual":
+            args.level_brightness = False
     if args.map and kwargs.get("map") not in (None, args.map):  # --map won, and config.json kept the other
         raise UsageError(f"--set map={kwargs['map']} and --map {args.map} name two maps; give the map with --map alone")
     if args.fit_on == "held-back" and args.map != "perceptual" and args.normalize != "position":
@@ -619,7 +624,8 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
                    "training images (default; every held-back image then calibrates) or half of the held-back ones")
     t.add_argument("--patch-sampling", choices=("grid", "random"), default="grid",
                    help="training patches on the inference grid (the papers', the default) or at random offsets (no seams)")
-    t.add_argument("--flips", action="store_true", help="random horizontal and vertical flips of training patches")
+    t.add_argument("--flips", action=argparse.BooleanOptionalAction, default=False,
+                   help="random horizontal and vertical flips of training patches (on in --preset photos)")
     t.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
                    help="learning rate per stage: constant (the papers', the default) or cosine down to 1 %%")
     t.add_argument("--precision", choices=("float32", "bfloat16", "auto"), default="auto",
@@ -635,7 +641,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
                    help="the run's inference patch stride (default: the patch size, tiles)")
     t.add_argument("--blend", choices=BLENDS, default="none", help="the run's weights of overlapping patches (default none)")
     t.add_argument("--smooth", type=nonneg_float, default=0.0, help="the run's Gaussian blur of maps, in pixels (default 0: none)")
-    t.add_argument("--context", action="store_true",
+    t.add_argument("--context", action=argparse.BooleanOptionalAction, default=False,
                    help="add the image context to the run's maps and scores: Gaussians of the whole image's AlexNet "
                    "conv3-5 statistics, fitted on the training images (for defects spread over a region; README)")
     t.add_argument("--context-profile", choices=PROFILE_CHOICES, default="none",

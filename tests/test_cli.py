@@ -858,6 +858,16 @@ def test_the_photos_preset_is_the_recommended_command(monkeypatch, capsys):
     assert _train_config(["--preset", "photos", "--image-score", "context"], monkeypatch).image_score == "context"
     assert _train_config(["--preset", "photos"], monkeypatch).placement == "cells"
     assert _train_config(["--preset", "photos", "--placement", "centres"], monkeypatch).placement == "centres"
+    # the preset's switches can be turned off too (--no-flips was "unrecognized arguments")
+    off = _train_config(["--preset", "photos", "--no-flips", "--no-context"], monkeypatch)
+    assert not off.flips and not off.context and off.map == "perceptual" and off.image_size == 256
+    assert off.context_profile == "none" and off.level_brightness  # the context's profile goes with it
+    assert "(given instead: --no-flips --no-context)" in capsys.readouterr().err
+    bare = _train_config(["--preset", "photos", "--no-context", "--map", "residual"], monkeypatch)
+    assert (bare.context, bare.context_profile, bare.level_brightness) == (False, "none", False)
+    from defect_fast.train import check_config
+
+    check_config(off, 2, 64), check_config(bare, 2, 64)  # neither refused for what the preset set for the context
 
 
 def test_a_preset_with_resume_is_refused(tmp_path, capsys):
