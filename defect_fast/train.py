@@ -298,7 +298,9 @@ def check_pretrained_weights(cfg: TrainConfig, model: AnomalyModel) -> None:
                 build()
             except (OSError, RuntimeError, ValueError, KeyError) as exc:
                 why = str(exc).removeprefix(f"{WEIGHTS_NEEDED}; ")  # said once
-                raise ConfigError(f"{what} needs ImageNet AlexNet weights: {why}") from None
+                # the LPIPS loss needs its linear heads too: the loader's message says which file is missing
+                needs = "ImageNet AlexNet weights" if WEIGHTS_NEEDED in str(exc) else "pretrained weights"
+                raise ConfigError(f"{what} needs {needs}: {why}") from None
 
 
 def _generator(seed: int, *keys: int) -> torch.Generator:

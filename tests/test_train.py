@@ -1089,3 +1089,20 @@ def test_blank_frames_stay_in_a_fit_that_would_be_left_with_too_few_images(synth
     black = torch.zeros(1, 3, 64, 64, dtype=torch.uint8)
     finished = finish_run(model, cfg, torch.cat([black, h[0:1], h[1:2], h[2:3]]))  # fits [black, h1], calibrates [h0, h2]
     assert finished["normalization"]["std"].shape == (64, 64) and finished["calibration"]["n_images"] == 2
+
+
+def test_missing_lpips_heads_are_not_called_missing_alexnet_weights(tmp_path, monkeypatch):
+    """With the AlexNet trunk at hand and LPIPS's linear heads missing, the refusal said the run
+    needed ImageNet AlexNet weights, then named the heads."""
+    import defect_fast.models.awae.loss as awae_loss
+    from defect_fast.models import build_model
+    from defect_fast.train import check_pretrained_weights
+
+    monkeypatch.setattr(awae_loss, "default_lpips_factory", lambda *a, **k: None)  # the trunk loads
+    monkeypatch.setenv("DEFECT_FAST_LPIPS_WEIGHTS", str(tmp_path / "heads.pth"))
+    model = build_model("awae")
+    assert model.uses_lpips()
+    with pytest.raises(ConfigError) as err:
+        check_pretrained_weights(TrainConfig(data=str(tmp_path), model="awae"), model)
+    assert str(err.value).startswith("awae's LPIPS loss needs pretrained weights: LPIPS linear heads "), err.value
+    assert "AlexNet" not in str(err.value)
