@@ -121,6 +121,8 @@ def test_presets_sum_to_one_and_rank():
     assert a > b and a > g
     assert preset_for("Carpet") == "structure" and preset_for("magnetic-tile") == "luminance"
     assert preset_for("bottle") == "balanced"
+    # the name as a person writes it: case, spaces, "-" and "_" alike ("magnetic tile" got "balanced")
+    assert preset_for("magnetic tile") == preset_for("Magnetic_Tile") == preset_for(" magnetic  tile ") == "luminance"
     assert set(CATEGORY_PRESETS.values()) <= set(PRESETS)
     assert resolve_weights((0.5, 0.25, 0.25)) == (0.5, 0.25, 0.25)
     with pytest.raises(ValueError):

@@ -80,8 +80,9 @@ def resolve_weights(weights: Weights) -> tuple[float, float, float]:
 
 
 def preset_for(category: str) -> str:
-    """The weight preset for a dataset category ("balanced" when the category is not listed)."""
-    return CATEGORY_PRESETS.get(category.lower(), "balanced")
+    """The weight preset for a dataset category ("balanced" when the category is not listed);
+    case, spaces, "-" and "_" are alike ("Magnetic tile" is "magnetic-tile")."""
+    return CATEGORY_PRESETS.get("-".join(category.lower().replace("_", " ").replace("-", " ").split()), "balanced")
 
 
 class SigmaSchedule:
