@@ -3,9 +3,9 @@
 An epoch visits every patch of every training image once: images are shuffled, and the patches
 of each image follow in raster order (the order the AW-SSIM sigma schedule counts). All
 randomness is drawn from generators seeded by (seed, stage, epoch, step), so an interrupted run
-resumed from its last checkpoint continues exactly where it stopped: bit for bit on a CPU with
-the same thread count (:func:`compute_setting`, stored in the checkpoint; a resume with another
-says so). On a GPU it draws the same batches, but cuDNN picks its algorithms per process and
+resumed from its last checkpoint continues exactly where it stopped: bit for bit on the same
+CPU model, torch and thread count (:func:`compute_setting`, stored in the checkpoint; a resume
+with another says so). On a GPU it draws the same batches, but cuDNN picks its algorithms per process and
 some backward kernels (and ``scatter_add_``) add in no fixed order, so the sums may round
 otherwise: the same training, not promised bit for bit.
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -374,14 +375,46 @@ def stage_adam(params: list[torch.nn.Parameter], lr: float, betas: tuple[float, 
 
 
 def compute_setting(device: torch.device) -> dict[str, Any]:
-    """What decides the order of a step's float sums besides the run's config: the device (and the
-    GPU's name) and the intra-op CPU threads. A resume with the same setting on a CPU retraces an
+    """What decides the order of a step's float sums besides the run's config: the device (the
+    GPU's name; the CPU's model and the instructions torch's kernels use there), the intra-op CPU
+    threads and the torch version. A resume with the same setting on a CPU retraces an
     uninterrupted run bit for bit (on a GPU, see the module's note); with another it trains the
     same way, rounded otherwise."""
-    setting: dict[str, Any] = {"device": device.type, "threads": torch.get_num_threads()}
+    setting: dict[str, Any] = {"device": device.type, "threads": torch.get_num_threads(), "torch": str(torch.__version__)}
     if device.type == "cuda":
         setting["gpu"] = torch.cuda.get_device_name(device)
+    else:  # another CPU generation takes other kernels (AVX2 against AVX512 and AMX): other roundings
+        setting["cpu"] = _cpu_model()
+        setting["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
+        if isa:
+            setting["onednn_max_cpu_isa"] = isa
     return setting
+
+
+def changed_setting(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The entries of :func:`compute_setting` that differ between a checkpoint's ``before`` and
+    ``now``: those ``before`` records (a checkpoint of an earlier version records fewer), and,
+    when it records as many kinds (the torch version), those only one of the two has (a oneDNN
+    limit set for one of them)."""
+    keys = [k for k in before if before[k] != now.get(k)]
+    if "torch" in before:
+        keys += [k for k in now if k not in before]
+    return keys
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo; the platform's processor elsewhere)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 class Trainer:
@@ -1229,9 +1262,10 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
             _check_objective(out, state, probe.objective(), log)
         device = resolve_device(cfg.device)
         before, now = (state or {}).get("compute"), compute_setting(device)
-        if before and before != now:
-            log(f"resuming with {', '.join(f'{k} {now.get(k)}' for k in now)} where the run trained with "
-                f"{', '.join(f'{k} {before.get(k)}' for k in before)}: the steps that remain round their sums "
+        changed = changed_setting(before, now) if before else []
+        if changed:
+            log(f"resuming with {', '.join(f'{k} {now.get(k)}' for k in changed)} where the run trained with "
+                f"{', '.join(f'{k} {before.get(k)}' for k in changed)}: the steps that remain round their sums "
                 f"in another order, so the run trains the same way but will not match an uninterrupted one bit for bit")
         if cfg.precision == "auto":  # the run records what it does: a resume elsewhere keeps it
             cfg = replace(cfg, precision="float32" if train_dtype("auto", device) is None else "bfloat16")

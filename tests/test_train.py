@@ -294,7 +294,7 @@ def test_resume_after_a_failure_past_training_finishes_the_run(synthetic_root, t
         train(_cfg(synthetic_root, **kw), out, resume=True, progress=False, log=messages.append)
     finally:
         torch.set_num_threads(threads)
-    assert any(f"threads {threads + 1} where the run trained with device cpu, threads {threads}" in m
+    assert any(f"resuming with threads {threads + 1} where the run trained with threads {threads}: " in m
                and "bit for bit" in m for m in messages), messages
     assert any("training is complete" in m for m in messages), messages
     assert not any("at stage 3" in m for m in messages), messages
@@ -1106,3 +1106,19 @@ def test_missing_lpips_heads_are_not_called_missing_alexnet_weights(tmp_path, mo
         check_pretrained_weights(TrainConfig(data=str(tmp_path), model="awae"), model)
     assert str(err.value).startswith("awae's LPIPS loss needs pretrained weights: LPIPS linear heads "), err.value
     assert "AlexNet" not in str(err.value)
+
+
+def test_a_resume_on_another_cpu_or_torch_says_it_will_not_match_bit_for_bit():
+    """Only the device and the thread count were compared: a resume on another CPU generation
+    (AVX2 against AVX512/AMX kernels) or another torch ended on other weights and thresholds with
+    no word."""
+    from defect_fast.train import changed_setting, compute_setting
+
+    now = compute_setting(torch.device("cpu"))
+    assert {"device", "threads", "torch", "cpu", "cpu_capability"} <= set(now)
+    assert changed_setting(now, dict(now)) == []
+    assert changed_setting({**now, "cpu_capability": "AVX2"}, now) == ["cpu_capability"]
+    assert changed_setting({**now, "cpu": "another CPU", "torch": "2.0"}, now) == ["torch", "cpu"]
+    assert changed_setting(now, {**now, "onednn_max_cpu_isa": "AVX2"}) == ["onednn_max_cpu_isa"]
+    old = {"device": "cpu", "threads": now["threads"]}  # a checkpoint of an earlier version: what it records
+    assert changed_setting(old, now) == [] and changed_setting(old, {**now, "threads": 99}) == ["threads"]
