@@ -1245,6 +1245,11 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
                 raise RunError(f"{ckpt}: its position in the training ({one_line(repr(pos))[:120]}) is not this "
                                f"version's ({', '.join(POSITION_KEYS)}); the run cannot be resumed, train a new one")
             given_data = cfg.data
+            unknown = sorted(set(state["train_config"]) - {f.name for f in fields(TrainConfig)})
+            if unknown:  # dropped, the run would go on without settings it started with
+                raise RunError(f"{ckpt}: its settings {', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''} "
+                               "are unknown to this version of defect_fast (written by a later one?); resume it with "
+                               "the version that started it")
             cfg = TrainConfig.from_json(state["train_config"])
             _check_same_run(out, cfg, ckpt)
             if given_data and real_path(given_data, expand_user=True) != real_path(cfg.data):

@@ -1122,3 +1122,24 @@ def test_a_resume_on_another_cpu_or_torch_says_it_will_not_match_bit_for_bit():
     assert changed_setting(now, {**now, "onednn_max_cpu_isa": "AVX2"}) == ["onednn_max_cpu_isa"]
     old = {"device": "cpu", "threads": now["threads"]}  # a checkpoint of an earlier version: what it records
     assert changed_setting(old, now) == [] and changed_setting(old, {**now, "threads": 99}) == ["threads"]
+
+
+def test_a_checkpoint_with_settings_this_version_does_not_know_is_not_resumed_without_them(
+        synthetic_root, tmp_path, monkeypatch):
+    """Settings of a later version in the checkpoint (and config.json) were dropped: the run went
+    on without them, and its model file no longer named them."""
+    from defect_fast.safety import attach_digest
+
+    out = tmp_path / "run"
+    cfg = _cfg(synthetic_root, max_steps=[2, 2])
+    stop_after_training(cfg, out, monkeypatch)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    state.pop("tensor_digest", None)
+    state["train_config"]["ema_decay"] = 0.999
+    torch.save(attach_digest(state), out / "checkpoint.pt")
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "ema_decay": 0.999}))
+    with pytest.raises(RunError, match=r"checkpoint\.pt: its settings ema_decay are unknown to this version of "
+                                       r"defect_fast \(written by a later one\?\)"):
+        train(cfg, out, resume=True, progress=False, log=lambda s: None)
+    assert (out / "checkpoint.pt").exists() and not (out / "model.pt").exists()
