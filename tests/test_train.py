@@ -78,7 +78,7 @@ def test_resume_after_sigkill_continues_exactly(synthetic_root, tmp_path):
     assert main([*args, "--out", str(killed)]) == 2
     at_kill_state = load_checkpoint(killed / "checkpoint.pt")
     at_kill = at_kill_state["position"]["global_step"]
-    assert at_kill_state["compute"] == {"device": "cpu", "threads": torch.get_num_threads()}  # so the resume is silent
+    assert at_kill_state["compute"] == train_module.compute_setting(torch.device("cpu"))  # so the resume is silent
     assert main(["train", str(synthetic_root), "--out", str(killed), "--resume", "--quiet"]) == 0
     steps = [json.loads(line)["step"] for line in (killed / "log.jsonl").read_text().splitlines()]
     assert steps[-1] == 18 and at_kill >= 14
