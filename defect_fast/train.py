@@ -1159,7 +1159,7 @@ def _left_by_the_finish(out: Path, ckpt: Path) -> bool:
 
 def _check_same_run(out: Path, cfg: TrainConfig, ckpt: Path) -> None:
     """Refuse a checkpoint whose settings are not those of the run folder's ``config.json`` (the
-    device aside, which a resume may change): another run's checkpoint copied in was resumed
+    device and where the images are aside, which a resume may change): another run's checkpoint copied in was resumed
     without a word, and the folder's config then described another training than its model's.
     A folder without a readable ``config.json`` (removed, damaged) cannot be checked: it is
     written again from the checkpoint's settings, with a warning saying so."""
@@ -1173,8 +1173,11 @@ def _check_same_run(out: Path, cfg: TrainConfig, ckpt: Path) -> None:
         return
     ours = json.loads(json.dumps(cfg.to_json()))  # as config.json holds it (a tuple is a list there)
     # the device a resume may change; "auto" precision, which a resume resolves (runs of earlier
-    # versions wrote "auto" to config.json and the resolved precision to later checkpoints)
-    free = {"device"} | ({"precision"} if "auto" in (ours.get("precision"), theirs.get("precision")) else set())
+    # versions wrote "auto" to config.json and the resolved precision to later checkpoints); where
+    # the images are, which a resume may change too (the images themselves are checked by digest)
+    free = {"device", "data"} | ({"precision"} if "auto" in (ours.get("precision"), theirs.get("precision")) else set())
+    for d in (ours, theirs):  # the held-back images by name, wherever their folder is now
+        d["held_back"] = [Path(f).name for f in d.get("held_back") or []]
     differ = sorted(k for k in set(ours) | set(theirs) if k not in free and ours.get(k) != theirs.get(k))
     if differ:
         scalar = lambda k: not isinstance(ours.get(k), (list, dict)) and not isinstance(theirs.get(k), (list, dict))  # noqa: E731
@@ -1226,6 +1229,7 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
     else:
         cfg = replace(cfg, data=_abs(cfg.data), anomaly_source=_abs(cfg.anomaly_source), held_back=[])
         folder = None
+    moved_from: str | None = None  # the images' folder when the run started, where a resume reads them elsewhere
     try:
         if resume:
             if (out / MODEL_FILE).is_file():  # written last, once everything else is done (checked under the lock)
@@ -1253,7 +1257,12 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
             cfg = TrainConfig.from_json(state["train_config"])
             _check_same_run(out, cfg, ckpt)
             if given_data and real_path(given_data, expand_user=True) != real_path(cfg.data):
-                raise RunError(f"{out} trains on {cfg.data}; --resume continues it on those images, not on {given_data}")
+                # the run goes on elsewhere (another machine, the data at another path): on the same images
+                # only, names and pixels, as checked below against the checkpoint's digest
+                moved_from, now_at = cfg.data, _abs(given_data)
+                cfg = replace(cfg, data=now_at, held_back=[
+                    str(Path(now_at) / Path(f).relative_to(moved_from)) if Path(f).is_relative_to(moved_from) else f
+                    for f in cfg.held_back])
             if device is not None and device != cfg.device:
                 log(f"resuming on --device {device}; the run started with --device {cfg.device}")
                 cfg = replace(cfg, device=device)
@@ -1295,8 +1304,14 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
             then, now = state.get("data_count"), len(paths)
             what = _changed_files(state.get("data_files"), data_files) or \
                 f"{then} then, {now} now{'' if then != now else ', other content'}"
+            if moved_from is not None:
+                raise RunError(f"{out} trains on {moved_from}; --resume continues it on those images, and {cfg.data} "
+                               f"holds others ({what}): give the run's images (or none, to read them where they were)")
             raise RunError(f"{cfg.data}: the training images changed since the run started ({what}); --resume "
                            "continues only on the images it started with: restore them, or train a new run")
+        if moved_from is not None:
+            log(f"{out} trained on the images in {moved_from}; it goes on with the same images (names and pixels) "
+                f"in {cfg.data}")
         train_idx, held_idx = _split(cfg, paths)
         if not resume:
             log(f"{len(paths)} images in {cfg.data}: {len(train_idx)} to train on, {len(held_idx)} held back for the thresholds")
@@ -1326,6 +1341,8 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
             raise ConfigError(f"--map perceptual fits its statistics on training images: {len(train_idx)} are too "
                               "few (2 needed; add images)")
         cfg.held_back = [str(paths[i]) for i in held_idx]
+        if moved_from is not None:  # the folder's settings name where its images are now (a later --resume checks them)
+            folder.write_json(CONFIG_FILE, cfg.to_json())
         _check_fits(cfg, probe, images, keys, train_idx, held_idx, fit_on)
         if cfg.context:
             from .context import MIN_IMAGES

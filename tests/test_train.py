@@ -1143,3 +1143,38 @@ def test_a_checkpoint_with_settings_this_version_does_not_know_is_not_resumed_wi
                                        r"defect_fast \(written by a later one\?\)"):
         train(cfg, out, resume=True, progress=False, log=lambda s: None)
     assert (out / "checkpoint.pt").exists() and not (out / "model.pt").exists()
+
+
+def test_a_run_goes_on_with_its_images_in_another_folder(synthetic_root, tmp_path, monkeypatch):
+    """The data folder at another path (the run moved to another machine) could not be resumed,
+    even with the same images; other images there are still refused."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root, data)
+    out = tmp_path / "run"
+    cfg = _cfg(data, max_steps=[2, 2])
+    stop_after_training(cfg, out, monkeypatch)
+    moved = tmp_path / "elsewhere"
+    data.rename(moved)
+    messages = []
+    monkeypatch.setattr(train_module, "finish_run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop again")))
+    with pytest.raises(RuntimeError, match="stop again"):
+        train(_cfg(moved), out, resume=True, progress=False, log=messages.append)
+    assert any(f"trained on the images in {data}; it goes on with the same images (names and pixels) in {moved}" in m
+               for m in messages), messages
+    assert json.loads((out / "config.json").read_text())["data"] == str(moved)
+    monkeypatch.undo()
+    train(_cfg(moved), out, resume=True, progress=False, log=lambda s: None)  # resumed again, and finished
+    state = torch.load(out / "model.pt", weights_only=True)
+    assert state["train_config"]["data"] == str(moved)
+    assert all(Path(f).parent.parent.parent == moved for f in state["held_back"])
+    # other images at the new path: refused, naming both folders
+    other = tmp_path / "other"
+    shutil.copytree(moved, other)
+    next(iter(sorted((other / "train" / "good").iterdir()))).unlink()
+    out2 = tmp_path / "run2"
+    stop_after_training(_cfg(moved, max_steps=[2, 2]), out2, monkeypatch)
+    with pytest.raises(RunError, match=rf"trains on {re.escape(str(moved))}; --resume continues it on those images, "
+                                       rf"and {re.escape(str(other))} holds others \(removed: "):
+        train(_cfg(other), out2, resume=True, progress=False, log=lambda s: None)
