@@ -608,7 +608,16 @@ class Detector(nn.Module):
                    stride: int | None = None, smooth_sigma: float | None = None, *, where: Path | str = "model file",
                    **options) -> "Detector":
         """:meth:`load` of a model-file dict already in memory (as
-        :func:`~defect_fast.runs.load_model_state` returns it); ``where`` names it in errors."""
+        :func:`~defect_fast.runs.load_model_state` returns it); ``where`` names it in errors.
+
+        The caller's random numbers are left as they were: building the model draws initial weights,
+        which the stored ones then replace (a program's seeded draws after a load came out otherwise)."""
+        with torch.random.fork_rng(devices=[]):
+            return cls._from_state(state, device, map_kind, stride, smooth_sigma, where=where, **options)
+
+    @classmethod
+    def _from_state(cls, state: dict[str, Any], device: str | torch.device, map_kind: str | None, stride: int | None,
+                    smooth_sigma: float | None, *, where: Path | str, **options) -> "Detector":
         def stored_part(part: str, build: Callable[[], Any]) -> Any:
             """A part of the file as stored; one line naming the file when it does not load."""
             try:
@@ -666,7 +675,7 @@ class Detector(nn.Module):
             warnings.warn(f"{where}: the {parts} of the run {'was' if len(fitted) == 1 else 'were'} fitted at its "
                           "inference settings, not "
                           f"at {', '.join(changed)}: maps and scores are not in units of their defect-free spread "
-                          "as trained (and the stored thresholds are set aside)", stacklevel=2)
+                          "as trained (and the stored thresholds are set aside)", stacklevel=3)
         map_kind = map_kind or stored.get("map_kind")
         stride = stride if stride is not None else stored.get("stride")
         smooth_sigma = smooth_sigma if smooth_sigma is not None else stored.get("smooth_sigma", 0.0)
@@ -687,7 +696,7 @@ class Detector(nn.Module):
                           f"{detector.precision}, whose scores differ by that rounding, so images near a threshold "
                           f"may be judged otherwise; 'defect-fast calibrate RUN IMAGES --precision {detector.precision} "
                           "--out NEW_RUN' measures them in it (IMAGES: defect-free images the run has not seen; "
-                          "--with-held-back adds those it held back)", stacklevel=2)
+                          "--with-held-back adds those it held back)", stacklevel=3)
         if set_aside:  # a later fit_perceptual or fit_context runs the run's own trunk (no weights file)
             longest = max(set_aside, key=lambda m: len(m.convs))
             detector._spare_trunk = {k: w.to(detector.device) for k, w in

@@ -36,6 +36,7 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import skip_init
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .layers import KernelSizedConv2d, PointConvTranspose2d, rebuilt_as
@@ -47,8 +48,9 @@ _CONVS = (nn.Conv2d, nn.ConvTranspose2d)
 def _transposed_as_conv(m: nn.ConvTranspose2d) -> nn.Conv2d:
     """The Conv2d equal to a stride-1, ungrouped, undilated transposed convolution."""
     k = tuple(m.kernel_size)
-    conv = nn.Conv2d(m.in_channels, m.out_channels, k, 1, (k[0] - 1 - m.padding[0], k[1] - 1 - m.padding[1]),
-                     bias=m.bias is not None).to(m.weight.device, m.weight.dtype)
+    # no initial weights drawn (they are replaced; the draw took the caller's random numbers)
+    conv = skip_init(nn.Conv2d, m.in_channels, m.out_channels, k, 1, (k[0] - 1 - m.padding[0], k[1] - 1 - m.padding[1]),
+                     bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype)
     conv.weight.copy_(m.weight.transpose(0, 1).flip(2, 3))
     if m.bias is not None:
         conv.bias.copy_(m.bias)
@@ -87,7 +89,7 @@ class SubPixelConvTranspose2d(nn.Module):
                 for r, kh in enumerate(rows):
                     for c, kw in enumerate(cols):
                         wc[:, a, b, :, r, c] = w[:, :, kh, kw].t()
-        self.conv = nn.Conv2d(cin, 4 * cout, 2, 1, 1, bias=m.bias is not None).to(w.device, w.dtype)
+        self.conv = skip_init(nn.Conv2d, cin, 4 * cout, 2, 1, 1, bias=m.bias is not None, device=w.device, dtype=w.dtype)
         self.conv.weight.copy_(wc.reshape(4 * cout, cin, 2, 2))
         if m.bias is not None:
             self.conv.bias.copy_(m.bias.detach().repeat_interleave(4))

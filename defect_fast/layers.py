@@ -66,8 +66,8 @@ def rebuilt_as(cls: type, m: nn.Module) -> nn.Module:
     kind: :class:`KernelSizedConv2d` / ``nn.Conv2d``, :class:`PointConvTranspose2d` /
     ``nn.ConvTranspose2d``)."""
     kw = {"output_padding": m.output_padding} if isinstance(m, nn.ConvTranspose2d) else {}
-    new = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, bias=m.bias is not None,
-              device=m.weight.device, **kw)
+    new = torch.nn.utils.skip_init(cls, m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
+                                   bias=m.bias is not None, device=m.weight.device, **kw)  # no initial draw: replaced
     new.load_state_dict(m.state_dict())
     for name, p in new.named_parameters():
         p.data = p.data.to(getattr(m, name).dtype)
