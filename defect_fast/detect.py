@@ -93,6 +93,25 @@ def default_batch_size(device: torch.device | str, patch: int) -> int:
 
 #: Held through a :func:`cpu_threads` block: the count it sets is the process's.
 _THREADS_LOCK = threading.RLock()
+#: The process the first Detector was made in: a process forked from it inherits its OpenMP
+#: thread pool in a state no thread of the child can join (the child's first parallel op waits
+#: for ever; torch's GNU OpenMP, with or without defect_fast).
+_MADE_IN: list[int] = []
+
+
+def _check_not_forked(threads: int | None) -> None:
+    """Refuse to run in a process forked from one that made a Detector, where the first parallel
+    op would hang for ever (multiprocessing's "fork" start method, Linux's default before Python
+    3.14): a clear error instead. One thread runs no OpenMP team, and is allowed."""
+    pid = os.getpid()
+    if not _MADE_IN:
+        _MADE_IN.append(pid)
+    elif _MADE_IN[0] != pid and (threads if isinstance(threads, int) and threads > 0 else torch.get_num_threads()) > 1:
+        raise RuntimeError(
+            "Detector: this process was forked from one that had made a Detector, and torch's OpenMP threads "
+            "do not survive a fork (its first parallel op would wait for ever): start workers with the 'spawn' "
+            "or 'forkserver' method (multiprocessing.get_context('spawn')), or call torch.set_num_threads(1) "
+            "in each forked worker before it uses the Detector")
 
 
 @contextlib.contextmanager
@@ -378,6 +397,7 @@ class Detector(nn.Module):
                  norm_mean: torch.Tensor | float | None = None, norm_std: torch.Tensor | float | None = None,
                  perceptual: nn.Module | None = None, context: nn.Module | None = None):
         super().__init__()
+        _check_not_forked(threads)
         _check_default_dtype()
         fuse = _flag("fuse", fuse, auto=True)
         image_size = _integer("image_size", image_size, 1)
@@ -1041,6 +1061,8 @@ class Detector(nn.Module):
         float pixels (the traced and exported graph); :meth:`predict` and :meth:`predict_batched`
         resize uint8 images as image files are resized instead, which is what the stored thresholds
         were set on: give this method images at S x S (or float images) to score as they do."""
+        if not tracing():
+            _check_not_forked(self.threads)
         if not tracing() and (not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3
                               or images.shape[0] == 0):
             # (only the shape and the dtype: the values are checked by predict and predict_batched, not on
@@ -1130,6 +1152,7 @@ class Detector(nn.Module):
         Returns {"maps": [N, S, S] on the CPU, "scores": [N]} (+ "score_maps": [N, S, S]).
         """
         images_per_batch = _integer("images_per_batch", images_per_batch, 1)
+        _check_not_forked(self.threads)
         return self._predict_batched(self._at_model_size(self._checked_batch(images, "predict_batched")),
                                      images_per_batch, score_maps)
 
@@ -1295,6 +1318,7 @@ class Detector(nn.Module):
         if pixel_threshold is not None:  # numpy's and 0-d tensors too (np.float32 was refused)
             pixel_threshold = _real("pixel_threshold", pixel_threshold)
         images_per_batch = _integer("images_per_batch", images_per_batch, 1)
+        _check_not_forked(self.threads)
         from .data.io import resize_image
 
         imgs, sizes = self._as_images(x, self.image_size)

@@ -1185,3 +1185,32 @@ def test_making_or_loading_a_detector_leaves_the_caller_s_random_numbers_alone(t
     x = _images(2, 128)
     assert torch.equal(loaded.predict(x)["scores"], Detector.load(tmp_path / "model.pt", precision="bfloat16").predict(x)["scores"])
 
+
+def _predict_in_worker(det, x, threads):
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return det.predict(x)["scores"].tolist()
+    except RuntimeError as exc:
+        return str(exc)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_detector_used_in_a_forked_worker_says_why_instead_of_hanging():
+    """A worker forked after the parent made a Detector (multiprocessing's default "fork" on
+    Linux) waited for ever in its first parallel op: torch's OpenMP pool does not survive a fork."""
+    import multiprocessing
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("one thread runs no OpenMP team: nothing hangs")
+    det = Detector(_model(), image_size=128, precision="float32")
+    x = _images(1, 128)
+    want = det.predict(x)["scores"].tolist()
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        said = pool.apply_async(_predict_in_worker, (det, x, None)).get(timeout=120)
+    assert isinstance(said, str) and said.startswith("Detector: this process was forked from one that had made"), said
+    assert "'spawn'" in said and "torch.set_num_threads(1)" in said
+    with ctx.Pool(1) as pool:  # one thread in the worker, as the message says: it runs
+        got = pool.apply_async(_predict_in_worker, (det, x, 1)).get(timeout=120)
+    assert got == pytest.approx(want, rel=1e-5)
