@@ -496,6 +496,14 @@ class Detector(nn.Module):
             part.train(False)
         return self
 
+    def __getstate__(self) -> dict[str, Any]:
+        """What a pickle or a deep copy takes: the caches left out (buffers of the threads that
+        called it, CUDA graphs, a compiled pipeline), which the copy builds again when it runs; they
+        made a pickle half again as large as the model file."""
+        state = dict(self.__dict__)
+        state["_workspace"], state["_graphs"], state["_compiled"] = {}, {}, None
+        return state
+
     def _apply(self, fn, *args, **kwargs):
         self._workspace, self._graphs = {}, {}  # buffers of the old device/dtype
         return super()._apply(fn, *args, **kwargs)

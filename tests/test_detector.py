@@ -1214,3 +1214,18 @@ def test_a_detector_used_in_a_forked_worker_says_why_instead_of_hanging():
     with ctx.Pool(1) as pool:  # one thread in the worker, as the message says: it runs
         got = pool.apply_async(_predict_in_worker, (det, x, 1)).get(timeout=120)
     assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_a_pickled_or_copied_detector_leaves_its_caches_behind_and_scores_the_same():
+    """A pickle or a deep copy carried the buffers of every thread that had called the Detector."""
+    import copy
+    import pickle
+
+    det = Detector(_model(), image_size=128, precision="float32", batch_size=1)
+    x = _images(2, 128)
+    want = det.predict(x)["scores"]
+    assert det._workspace  # filled by the call
+    for twin in (pickle.loads(pickle.dumps(det)), copy.deepcopy(det)):
+        assert twin._workspace == {} and twin._graphs == {} and twin._compiled is None
+        assert torch.equal(twin.predict(x)["scores"], want)
+    assert det._workspace  # the original keeps its own
