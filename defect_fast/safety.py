@@ -604,9 +604,13 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs) -> Iterator
             if not fh.closed:  # after a failure: closed quietly (its flush would fail again and hide it)
                 with contextlib.suppress(OSError):
                     fh.close()
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:  # named by the file asked for (the temporary's name puzzles)
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+        # a removal that fails too (no permission left in the folder) must not hide why the write failed
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)

@@ -1043,3 +1043,21 @@ def test_a_signal_while_a_model_file_is_written_waits_for_the_file(tmp_path, mon
     assert came == [(signum, True)]  # once, after the file was in place
     assert torch.equal(load_with_digest(tmp_path / "model.pt")["w"], torch.ones(3))
     assert signal.getsignal(signum) is old
+
+
+def test_a_write_whose_rename_and_cleanup_both_fail_names_the_file_asked_for(tmp_path, monkeypatch):
+    """In a folder made read-only mid-write the rename failed, then the removal of the temporary
+    failed too, and that second error, naming the temporary, replaced the first."""
+    import errno
+
+    from defect_fast.safety import atomic_open
+
+    def refused(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", str(a[0]))
+
+    monkeypatch.setattr(os, "replace", refused)
+    monkeypatch.setattr(os, "unlink", refused)
+    with pytest.raises(PermissionError) as err:
+        with atomic_open(tmp_path / "model.pt") as fh:
+            fh.write(b"x")
+    assert err.value.filename == str(tmp_path / "model.pt") and err.value.errno == errno.EACCES
