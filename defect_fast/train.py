@@ -525,6 +525,10 @@ class Trainer:
         self.saving = True
         try:
             atomic_save(self.state(), self.out / CHECKPOINT_FILE)
+        except OSError as exc:  # a full disk: what is kept, and what to do, said with it
+            kept = ("the checkpoint before it is kept: make room, then --resume" if (self.out / CHECKPOINT_FILE).is_file()
+                    else "no checkpoint was saved yet")
+            raise OSError(exc.errno, f"{exc.strerror or exc} ({kept})", exc.filename) from None
         finally:
             self.saving = False
 
@@ -1437,6 +1441,9 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
             (out / CHECKPOINT_FILE).unlink(missing_ok=True)
             raise TrainingStopped(f"interrupted as the run ended: {out / MODEL_FILE} is written whole, the run is "
                                   "complete") from None
+        except OSError as exc:  # a full disk: the training is not lost
+            raise OSError(exc.errno, f"{exc.strerror or exc} (the training is done and its {CHECKPOINT_FILE} kept: make "
+                          "room, then --resume writes the model file)", exc.filename) from None
         (out / CHECKPOINT_FILE).unlink(missing_ok=True)
         if not cal.get("sufficient", True):
             _warn(cal["note"])

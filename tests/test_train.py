@@ -1178,3 +1178,36 @@ def test_a_run_goes_on_with_its_images_in_another_folder(synthetic_root, tmp_pat
     with pytest.raises(RunError, match=rf"trains on {re.escape(str(moved))}; --resume continues it on those images, "
                                        rf"and {re.escape(str(other))} holds others \(removed: "):
         train(_cfg(other), out2, resume=True, progress=False, log=lambda s: None)
+
+
+def test_a_full_disk_at_a_checkpoint_or_the_model_file_says_what_is_kept(synthetic_root, tmp_path, monkeypatch):
+    """A full disk while the checkpoint or the model file was written said only "No space left on
+    device": not that the checkpoint before it, or the finished training, was kept for --resume."""
+    import errno
+
+    real = train_module.atomic_save
+    calls = {"checkpoint.pt": 0}
+
+    def full_at(name, nth):
+        def save(obj, path, *a, **k):
+            if Path(path).name == name:
+                calls[name] = calls.get(name, 0) + 1
+                if calls[name] >= nth:
+                    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            return real(obj, path, *a, **k)
+        return save
+
+    out = tmp_path / "run"
+    cfg = _cfg(synthetic_root, max_steps=[2, 2], checkpoint_every=1)
+    monkeypatch.setattr(train_module, "atomic_save", full_at("checkpoint.pt", 2))
+    with pytest.raises(OSError, match=r"No space left on device \(the checkpoint before it is kept: make room, then "
+                                      r"--resume\)") as err:
+        train(cfg, out, progress=False, log=lambda s: None)
+    assert err.value.filename == str(out / "checkpoint.pt")
+    calls.clear()
+    monkeypatch.setattr(train_module, "atomic_save", full_at("model.pt", 1))
+    with pytest.raises(OSError, match=r"the training is done and its checkpoint.pt kept: make room, then --resume"):
+        train(cfg, out, resume=True, progress=False, log=lambda s: None)
+    monkeypatch.setattr(train_module, "atomic_save", real)
+    train(cfg, out, resume=True, progress=False, log=lambda s: None)
+    assert (out / "model.pt").is_file() and not (out / "checkpoint.pt").exists()
