@@ -821,6 +821,9 @@ def _sigterm_as_interrupt():
         yield []
         return
     received: list[int] = []
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:  # started ignoring it (nohup-like): it stays ignored
+        yield received
+        return
 
     def interrupt(signum, frame):
         received.append(signum)

@@ -626,7 +626,10 @@ class Trainer:
             self.stop_signal = signum
             self.log(f"{signal.Signals(signum).name}: stopping after the step in hand (again to stop at once)")
 
-        return {sig: signal.signal(sig, ask) for sig in (signal.SIGINT, signal.SIGTERM)}
+        # a signal the process was started ignoring stays ignored (a background job of a shell without job
+        # control ignores SIGINT: it stopped in training, and not in the steps after it)
+        return {sig: signal.signal(sig, ask) for sig in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(sig) is not signal.SIG_IGN}
 
     def _stop_if_asked(self) -> None:
         if self.stop_signal is not None:

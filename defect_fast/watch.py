@@ -1192,7 +1192,8 @@ def watch(
                 wake.set()
 
             for sig in (signal.SIGTERM, signal.SIGINT):
-                old_handlers[sig] = signal.signal(sig, on_signal)
+                if signal.getsignal(sig) is not signal.SIG_IGN:  # one the process started ignoring stays so
+                    old_handlers[sig] = signal.signal(sig, on_signal)
         watched = None  # (device, inode) of the folder the observer was started on
         if use_watchdog and not once:
             events = _Events(wake)

@@ -1211,3 +1211,27 @@ def test_a_full_disk_at_a_checkpoint_or_the_model_file_says_what_is_kept(synthet
     monkeypatch.setattr(train_module, "atomic_save", real)
     train(cfg, out, resume=True, progress=False, log=lambda s: None)
     assert (out / "model.pt").is_file() and not (out / "checkpoint.pt").exists()
+
+
+def test_a_training_started_with_sigint_ignored_keeps_ignoring_it(synthetic_root, tmp_path):
+    """A background job of a shell without job control starts with SIGINT ignored: the training
+    stopped on it all the same (its own handler replaced the ignore), while the steps after the
+    training ignored it."""
+    out = tmp_path / "run"
+    args = ["train", str(synthetic_root), "--model", "cmaae", "--image-size", "128", "--batch-size", "16",
+            "--max-steps", "12", "6", "--checkpoint-every", "1", "--set", "memory_size=20", "--quiet", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "defect_fast.cli", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not (out / "checkpoint.pt").exists():
+            time.sleep(0.02)
+        assert proc.poll() is None, "training finished before the signal"
+        os.kill(proc.pid, signal.SIGINT)
+        _out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err.decode()
+    assert "SIGINT" not in err.decode() and (out / "model.pt").is_file()
