@@ -1049,6 +1049,7 @@ class OutputFolder:
             raise OutputRefused(f"{what} {p}: holds the output of 'defect-fast {theirs}', which {command} never replaces "
                                 "(not even with --overwrite); choose another folder")
         if not overwrite:
+            RunLock(p).check_free()  # a command at work there (a start that won a race) is said so, not left output
             raise OutputRefused(f"{what} {p}: folder holds earlier defect-fast output; pass --overwrite to replace it "
                                 "(only the files defect-fast wrote there are removed) or choose another folder")
         names = list(names)
@@ -1478,6 +1479,29 @@ class RunLock:
         os.fsync(fd)
         self._fd = fd
         return True
+
+    def check_free(self) -> None:
+        """Raise :class:`RunInUse` when another process holds the lock, changing nothing (no lock
+        file made, none written): for checks that touch nothing."""
+        import fcntl
+
+        try:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:  # none (or a link, a folder): nobody holds it; taking it says what is wrong
+            return
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid_text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                pid = int(pid_text) if pid_text.isdigit() else None
+                who = f"PID {pid}" if pid is not None else "another process"
+                raise RunInUse(f"{self.folder} is in use by {who}; wait for it to finish or stop it", pid) from None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
     def still_held(self) -> bool:
         """Whether this object holds the lock and the folder's lock file is still the file locked:

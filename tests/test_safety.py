@@ -1061,3 +1061,20 @@ def test_a_write_whose_rename_and_cleanup_both_fail_names_the_file_asked_for(tmp
         with atomic_open(tmp_path / "model.pt") as fh:
             fh.write(b"x")
     assert err.value.filename == str(tmp_path / "model.pt") and err.value.errno == errno.EACCES
+
+
+def test_a_folder_a_command_is_writing_in_is_said_to_be_in_use_not_to_hold_earlier_output(tmp_path):
+    """Two trainings started at once into one new folder: the one that lost was told to pass
+    --overwrite, while the other trained there (the check saw its manifest, not its lock)."""
+    from defect_fast.safety import RunInUse
+
+    out = tmp_path / "run"
+    folder = OutputFolder.create(out, lock=True, command="train")
+    folder.write_json("config.json", {})
+    before = (out / LOCK_NAME).read_bytes()
+    with pytest.raises(RunInUse, match=f"is in use by PID {os.getpid()}"):
+        OutputFolder.check(out, command="train")
+    assert (out / LOCK_NAME).read_bytes() == before  # the check changed nothing
+    folder.release()
+    with pytest.raises(OutputRefused, match="folder holds earlier defect-fast output; pass --overwrite"):
+        OutputFolder.check(out, command="train")
