@@ -1164,12 +1164,15 @@ def _left_by_the_finish(out: Path, ckpt: Path) -> bool:
             and all(torch.equal(weights[k], saved[k]) for k in weights))
 
 
-def _check_same_run(out: Path, cfg: TrainConfig, ckpt: Path) -> None:
+def _check_same_run(out: Path, cfg: TrainConfig, ckpt: Path, given_data: str | None = None) -> None:
     """Refuse a checkpoint whose settings are not those of the run folder's ``config.json`` (the
-    device and where the images are aside, which a resume may change): another run's checkpoint copied in was resumed
+    device aside, which a resume may change): another run's checkpoint copied in was resumed
     without a word, and the folder's config then described another training than its model's.
-    A folder without a readable ``config.json`` (removed, damaged) cannot be checked: it is
-    written again from the checkpoint's settings, with a warning saying so."""
+    Where the images are may differ when ``config.json`` names the folder given (``given_data``):
+    a resume that read them elsewhere writes it there before its first checkpoint does (the
+    images themselves are checked by their digest). A folder without a readable ``config.json``
+    (removed, damaged) cannot be checked: it is written again from the checkpoint's settings,
+    with a warning saying so."""
     try:
         theirs = TrainConfig.from_json(json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))).to_json()
     except (OSError, ValueError, TypeError, KeyError) as exc:
@@ -1180,9 +1183,10 @@ def _check_same_run(out: Path, cfg: TrainConfig, ckpt: Path) -> None:
         return
     ours = json.loads(json.dumps(cfg.to_json()))  # as config.json holds it (a tuple is a list there)
     # the device a resume may change; "auto" precision, which a resume resolves (runs of earlier
-    # versions wrote "auto" to config.json and the resolved precision to later checkpoints); where
-    # the images are, which a resume may change too (the images themselves are checked by digest)
-    free = {"device", "data"} | ({"precision"} if "auto" in (ours.get("precision"), theirs.get("precision")) else set())
+    # versions wrote "auto" to config.json and the resolved precision to later checkpoints)
+    free = {"device"} | ({"precision"} if "auto" in (ours.get("precision"), theirs.get("precision")) else set())
+    if given_data and theirs.get("data") and real_path(given_data, expand_user=True) == real_path(theirs["data"]):
+        free.add("data")  # a move the checkpoint does not record yet
     for d in (ours, theirs):  # the held-back images by name, wherever their folder is now
         d["held_back"] = [Path(f).name for f in d.get("held_back") or []]
     differ = sorted(k for k in set(ours) | set(theirs) if k not in free and ours.get(k) != theirs.get(k))
@@ -1262,14 +1266,12 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
                                "are unknown to this version of defect_fast (written by a later one?); resume it with "
                                "the version that started it")
             cfg = TrainConfig.from_json(state["train_config"])
-            _check_same_run(out, cfg, ckpt)
+            _check_same_run(out, cfg, ckpt, given_data)
             if given_data and real_path(given_data, expand_user=True) != real_path(cfg.data):
                 # the run goes on elsewhere (another machine, the data at another path): on the same images
                 # only, names and pixels, as checked below against the checkpoint's digest
-                moved_from, now_at = cfg.data, _abs(given_data)
-                cfg = replace(cfg, data=now_at, held_back=[
-                    str(Path(now_at) / Path(f).relative_to(moved_from)) if Path(f).is_relative_to(moved_from) else f
-                    for f in cfg.held_back])
+                moved_from = cfg.data
+                cfg = replace(cfg, data=_abs(given_data))
             if device is not None and device != cfg.device:
                 log(f"resuming on --device {device}; the run started with --device {cfg.device}")
                 cfg = replace(cfg, device=device)
@@ -1313,12 +1315,14 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
                 f"{then} then, {now} now{'' if then != now else ', other content'}"
             if moved_from is not None:
                 raise RunError(f"{out} trains on {moved_from}; --resume continues it on those images, and {cfg.data} "
-                               f"holds others ({what}): give the run's images (or none, to read them where they were)")
+                               f"holds others ({what}): give the folder of the run's images")
             raise RunError(f"{cfg.data}: the training images changed since the run started ({what}); --resume "
                            "continues only on the images it started with: restore them, or train a new run")
         if moved_from is not None:
             log(f"{out} trained on the images in {moved_from}; it goes on with the same images (names and pixels) "
                 f"in {cfg.data}")
+            by_name = {Path(p).name: str(p) for p in paths}  # the held-back images where they are now
+            cfg = replace(cfg, held_back=[by_name.get(Path(f).name, f) for f in cfg.held_back])
         train_idx, held_idx = _split(cfg, paths)
         if not resume:
             log(f"{len(paths)} images in {cfg.data}: {len(train_idx)} to train on, {len(held_idx)} held back for the thresholds")

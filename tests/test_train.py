@@ -406,9 +406,12 @@ def test_resume_continues_on_the_run_s_own_images_and_settings(synthetic_root, t
                   ["--lr=0.0002"], ["--no-level-bri"], ["--lr-sch", "cosine"]):
         assert main(["train", str(data), "--out", str(out), "--resume", *typed]) == 2
         assert f"drop {typed[0].split('=')[0]} " in capsys.readouterr().err  # as typed: a switch's --no- form too
-    # another data folder
-    with pytest.raises(RunError, match="continues it on those images"):
-        train(_cfg(synthetic_root), out, resume=True, progress=False, log=lambda s: None)
+    # another data folder, of other images (one of the same images is a move: see below)
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    sorted((other / "train" / "good").iterdir())[-1].unlink()
+    with pytest.raises(RunError, match="continues it on those images, and .* holds others"):
+        train(_cfg(other), out, resume=True, progress=False, log=lambda s: None)
     # the same folder with other images in it
     first, second = sorted((data / "train" / "good").iterdir())[:2]
     first.rename(first.with_name("moved.txt"))
@@ -1235,3 +1238,19 @@ def test_a_training_started_with_sigint_ignored_keeps_ignoring_it(synthetic_root
             proc.kill()
     assert proc.returncode == 0, err.decode()
     assert "SIGINT" not in err.decode() and (out / "model.pt").is_file()
+
+
+def test_a_checkpoint_of_a_run_on_other_images_is_not_taken_for_a_move(synthetic_root, tmp_path, monkeypatch):
+    """With --holdback 0 only the data folder told two runs of the same settings apart: another
+    run's checkpoint copied in, resumed with that run's images, was taken for a move."""
+    import shutil
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(synthetic_root, a)
+    shutil.copytree(synthetic_root, b)
+    sorted((b / "train" / "good").iterdir())[0].unlink()  # other images
+    for data, run in ((a, tmp_path / "run-a"), (b, tmp_path / "run-b")):
+        stop_after_training(_cfg(data, max_steps=[2, 2], holdback=0), run, monkeypatch)
+    shutil.copy(tmp_path / "run-b" / "checkpoint.pt", tmp_path / "run-a" / "checkpoint.pt")
+    with pytest.raises(RunError, match=r"is not this folder's run: its settings differ from .*config.json's \(data "):
+        train(_cfg(b), tmp_path / "run-a", resume=True, progress=False, log=lambda s: None)
