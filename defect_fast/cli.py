@@ -103,7 +103,7 @@ def _stages(model: str, options: dict) -> tuple[str, ...]:
         raise ConfigError(f"--set: model {model} cannot be built with {options} ({exc})") from None
 
 
-def _refuse_unused(args: argparse.Namespace, kwargs: dict, stages: tuple[str, ...]) -> None:
+def _refuse_unused(args: argparse.Namespace, kwargs: dict, given: list[str], stages: tuple[str, ...]) -> None:
     """Refuse options given for what the model, as built with ``kwargs``, does not have (a memory's
     size for a plain AE, anomaly photos for a model trained on defect-free patches only)."""
     from .models import build_model
@@ -111,8 +111,7 @@ def _refuse_unused(args: argparse.Namespace, kwargs: dict, stages: tuple[str, ..
     model = build_model(args.model, **kwargs)
     fusion = model.config().get("fusion")
     built = (f"fusion={fusion}, " if fusion else "") + f"stages: {', '.join(stages)}"
-    given = [pair.split("=", 1)[0].strip() for pair in args.set or []]
-    unused = model.unused_options(dict.fromkeys(given))
+    unused = model.unused_options(given)
     if unused:
         it = "it" if len(unused) == 1 else "them"
         raise UsageError(f"--set {', '.join(unused)}: model {args.model} with these options does not use {it} "
@@ -232,6 +231,15 @@ def _typed_options(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str
     return typed
 
 
+def _typed_train_options(argv: list[str]) -> tuple[dict, dict[str, str]]:
+    """The ``train`` options typed in ``argv``: {dest: value} (no defaults) and {dest: as typed}."""
+    parser = build_parser()
+    train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    for action in train._actions:  # a default is no value: only what was typed stays
+        action.default = argparse.SUPPRESS
+    return vars(parser.parse_args(argv)), _typed_options(train, argv)
+
+
 def _given_train_options(args) -> list[str]:
     """The ``train`` options given in ``args`` (as "--name"): those typed on the command line
     (``args._argv``, kept by the parse), a default's value included (``--lr 0.0002`` on a run
@@ -239,12 +247,7 @@ def _given_train_options(args) -> list[str]:
     defaults."""
     argv = getattr(args, "_argv", None)
     if argv is not None:
-        parser = build_parser()
-        train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
-        for action in train._actions:  # a default is no value: only what was typed stays
-            action.default = argparse.SUPPRESS
-        typed = vars(parser.parse_args(argv))
-        as_typed = _typed_options(train, argv)
+        typed, as_typed = _typed_train_options(argv)
         return [as_typed.get(k, "--" + k.replace("_", "-")) for k in typed
                 if k not in _RESUME_OPTIONS and not k.startswith("_")]
     defaults = vars(build_parser().parse_args(["train", "DATA", "--out", "OUT"]))
@@ -267,15 +270,25 @@ def cmd_train(args) -> int:
         kwargs = parse_options(args.model, args.set)
     except ValueError as exc:
         raise UsageError(f"--set: {exc}") from None
+    given = list(kwargs)  # the --set keys as the model names them (memory-size is memory_size)
     if args.preset:
         applied = _preset_model_options(args.preset, args.model, kwargs)
         kwargs = {**applied, **kwargs}
         print(f"defect-fast: --preset {args.preset}: {_preset_flags(args.preset, args, applied)}", file=sys.stderr)
-        # what the preset sets for a part turned off explicitly (--no-context) goes with it
-        if not args.context and args.context_profile == PRESETS[args.preset].get("context_profile"):
+        # what the preset sets for a part turned off explicitly (--no-context) goes with it; typed, it stays
+        typed = _typed_train_options(args._argv)[0] if getattr(args, "_argv", None) is not None else {}
+        dropped = []
+        if not args.context and "context_profile" not in typed and args.context_profile != "none":
+            dropped.append(_flag("context_profile", args.context_profile))
             args.context_profile = "none"
-        if args.level_brightness and not args.context and (args.map or "") != "perceptual":
+        if args.level_brightness and "level_brightness" not in typed and not args.context \
+                and (args.map or "") != "perceptual":
+            dropped.append(_flag("level_brightness", True))
             args.level_brightness = False
+        if dropped:
+            why = "--no-context" + ("" if args.map == "perceptual" else f", --map {args.map or 'of the model'}")
+            print(f"defect-fast: --preset {args.preset}: {' and '.join(dropped)} left out: nothing in the run uses "
+                  f"{'it' if len(dropped) == 1 else 'them'} ({why})", file=sys.stderr)
     if args.map and kwargs.get("map") not in (None, args.map):  # --map won, and config.json kept the other
         raise UsageError(f"--set map={kwargs['map']} and --map {args.map} name two maps; give the map with --map alone")
     if args.fit_on == "held-back" and args.map != "perceptual" and args.normalize != "position":
@@ -283,7 +296,7 @@ def cmd_train(args) -> int:
                          "statistics on; alone it changes nothing: add one of them, or leave it out")
     stages = _stages(args.model, kwargs)
     n_stages = len(stages)
-    _refuse_unused(args, kwargs, stages)
+    _refuse_unused(args, kwargs, given, stages)
     default_epochs = max(1, PRESET_EPOCHS[args.preset] // n_stages) if args.preset else 10
     epochs = _per_stage(args.epochs, n_stages, "--epochs") or [default_epochs] * n_stages
     cfg = TrainConfig(

@@ -412,6 +412,7 @@ def test_options_the_model_as_built_does_not_use_are_refused(synthetic_root, tmp
     for bad, words in ((["--model", "ae-l2", "--set", "memory_size=10", "--set", "rec_weight=2"],
                         ("--set memory_size: model ae-l2", "(fusion=none, stages: normal)")),
                        (["--model", "memae", "--set", "gate_target=encoder"], ("--set gate_target: model memae",)),
+                       (["--model", "ae-l2", "--set", "memory-size=10"], ("--set memory_size: model ae-l2",)),
                        (["--set", "two_stage=false", "--set", "synthesis=perlin"], ("--set synthesis: model cmaae",)),
                        (["--model", "ae-ssim", "--anomaly-source", str(synthetic_root)],
                         ("--anomaly-source: model ae-ssim trains no stage on synthetic anomalies",))):
@@ -865,6 +866,12 @@ def test_the_photos_preset_is_the_recommended_command(monkeypatch, capsys):
     assert "(given instead: --no-flips --no-context)" in capsys.readouterr().err
     bare = _train_config(["--preset", "photos", "--no-context", "--map", "residual"], monkeypatch)
     assert (bare.context, bare.context_profile, bare.level_brightness) == (False, "none", False)
+    assert ("--preset photos: --context-profile auto and --level-brightness left out: nothing in the run uses them "
+            "(--no-context, --map residual)") in capsys.readouterr().err
+    # typed, they stay (and the settings' own check says what is wrong with them)
+    typed = _train_config(["--preset", "photos", "--no-context", "--map", "residual", "--level-brightness",
+                           "--context-profile", "rows"], monkeypatch)
+    assert (typed.context_profile, typed.level_brightness) == ("rows", True)
     from defect_fast.train import check_config
 
     check_config(off, 2, 64), check_config(bare, 2, 64)  # neither refused for what the preset set for the context
