@@ -107,11 +107,13 @@ def _check_not_forked(threads: int | None) -> None:
     if not _MADE_IN:
         _MADE_IN.append(pid)
     elif _MADE_IN[0] != pid and (threads if isinstance(threads, int) and threads > 0 else torch.get_num_threads()) > 1:
+        own = isinstance(threads, int) and threads > 1  # the Detector's own count wins over the process's
         raise RuntimeError(
             "Detector: this process was forked from one that had made a Detector, and torch's OpenMP threads "
             "do not survive a fork (its first parallel op would wait for ever): start workers with the 'spawn' "
-            "or 'forkserver' method (multiprocessing.get_context('spawn')), or call torch.set_num_threads(1) "
-            "in each forked worker before it uses the Detector")
+            "or 'forkserver' method (multiprocessing.get_context('spawn')), or "
+            + (f"make the Detector with threads=1 (it has threads={threads}) for forked workers"
+               if own else "call torch.set_num_threads(1) in each forked worker before it uses the Detector"))
 
 
 @contextlib.contextmanager

@@ -1214,6 +1214,10 @@ def test_a_detector_used_in_a_forked_worker_says_why_instead_of_hanging():
     with ctx.Pool(1) as pool:  # one thread in the worker, as the message says: it runs
         got = pool.apply_async(_predict_in_worker, (det, x, 1)).get(timeout=120)
     assert got == pytest.approx(want, rel=1e-5)
+    own = Detector(_model(), image_size=128, precision="float32", threads=2)  # its own count: named
+    with ctx.Pool(1) as pool:
+        said = pool.apply_async(_predict_in_worker, (own, x, 1)).get(timeout=120)
+    assert isinstance(said, str) and "make the Detector with threads=1 (it has threads=2)" in said, said
 
 
 def test_a_pickled_or_copied_detector_leaves_its_caches_behind_and_scores_the_same():
