@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 import shutil
 import warnings
@@ -806,6 +807,17 @@ def test_what_no_test_image_uses_is_said_not_left_out_silently(tmp_path):
     assert "class folder(s) with no images: crack" in said[0]
     assert "2 mask(s) or mask folder(s)" in said[0]
     assert "dent/ (no test/dent/ folder)" in said[0] and "spot/001_mask.png" in said[0]
+    # a mask found by another name of the same file (a file system that ignores case answers to the
+    # name asked for, 000_mask.png, where the folder lists 000_MASK.png): not said to be unused
+    for extra in (root / "test" / "crack", root / "ground_truth" / "dent" / "000_mask.png"):
+        extra.rmdir() if extra.is_dir() else extra.unlink()
+    (root / "test" / "spot" / "001-old.png.bak").rename(root / "test" / "spot" / "001.png")
+    mask = root / "ground_truth" / "scratch" / "000_mask.png"
+    os.link(mask, mask.with_name("000_MASK.png"))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        load_test_set(root, 16)
+    assert not [w for w in seen if "left out of the metrics" in str(w.message)], [str(w.message) for w in seen]
 
 
 def test_a_damaged_page_after_the_first_leaves_the_first_read_and_is_said(tmp_path):

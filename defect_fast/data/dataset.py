@@ -199,6 +199,15 @@ def find_mask(root: str | os.PathLike, cls: str, image: str | os.PathLike) -> Pa
     return None
 
 
+def _file_id(path: Path) -> tuple | Path:
+    """What tells files apart (device and inode; the path where it cannot be looked at)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return path
+    return (st.st_dev, st.st_ino)
+
+
 def _warn_unclaimed(root: Path, class_dirs: list[Path], items: list, has_masks: bool) -> None:
     """One :class:`DataWarning` for what the test set holds that no test image uses: class folders
     without images, and masks (or ``ground_truth/`` class folders) no image claims. Either is
@@ -210,7 +219,8 @@ def _warn_unclaimed(root: Path, class_dirs: list[Path], items: list, has_masks: 
         said.append(f"class folder(s) with no images: {', '.join(empty)}")
     gt = root / "ground_truth"
     if has_masks and gt.is_dir():
-        claimed = {m for _cls, _img, m in items if m is not None}
+        # by the file itself: on a file system that ignores case the name found may be written otherwise
+        claimed = {_file_id(m) for _cls, _img, m in items if m is not None}
         unclaimed = []
         for d in sorted(e for e in gt.iterdir() if e.is_dir() and not e.name.startswith(".")):
             if d.name == GOOD:
@@ -219,7 +229,7 @@ def _warn_unclaimed(root: Path, class_dirs: list[Path], items: list, has_masks: 
                 if d.name not in empty and list_images(d, warn=False):
                     unclaimed.append(f"{d.name}/ (no test/{d.name}/ folder)")
                 continue
-            unclaimed.extend(f"{d.name}/{m.name}" for m in list_images(d, warn=False) if m not in claimed)
+            unclaimed.extend(f"{d.name}/{m.name}" for m in list_images(d, warn=False) if _file_id(m) not in claimed)
         if unclaimed:
             shown = ", ".join(unclaimed[:3]) + (", ..." if len(unclaimed) > 3 else "")
             said.append(f"{len(unclaimed)} mask(s) or mask folder(s) in {gt} that belong to no test image: {shown}")
