@@ -100,10 +100,26 @@ def load_train_images(
 
 
 def _orientation(path: Path) -> int | None:
-    """The EXIF orientation of an image file when it turns or flips it (2 to 8), else None."""
+    """The EXIF orientation of an image file when it turns or flips it (2 to 8), else None. A
+    PNG's chunks are walked for its eXIf chunk (PIL decodes a PNG without one whole to look for
+    it after the pixels); other formats hold it in their header."""
     try:
-        with Image.open(path) as im:
-            orientation = im.getexif().get(0x0112)
+        with open(path, "rb") as f:
+            if f.read(8) == b"\x89PNG\r\n\x1a\n":
+                exif = None
+                while (head := f.read(8)) and len(head) == 8:
+                    length, kind = int.from_bytes(head[:4], "big"), head[4:]
+                    if kind == b"eXIf":
+                        exif = Image.Exif()
+                        exif.load(b"Exif\x00\x00" + f.read(length))
+                        break
+                    if kind == b"IEND":
+                        break
+                    f.seek(length + 4, os.SEEK_CUR)  # the data and its CRC
+                orientation = exif.get(0x0112) if exif is not None else None
+            else:
+                with Image.open(path) as im:
+                    orientation = im.getexif().get(0x0112)
     except Exception:  # noqa: BLE001 - only a hint: the file was read
         return None
     return orientation if orientation in range(2, 9) else None
@@ -345,8 +361,11 @@ def load_test_set(
                     f"{img_path} is {img_size[0]}x{img_size[1]}" + _turned_note(img_path, m_size, img_size)
                 )
             masks[i] = m
+            # a mask the size of the stored pixels of a turned image was refused above; one the size of a
+            # square image, or of one flipped or turned by 180 degrees, may have been drawn on either view
             turned = _orientation(img_path)
-            if turned is not None and _orientation(mask_path) != turned:
+            if turned is not None and (turned in (2, 3, 4) or img_size[0] == img_size[1]) \
+                    and _orientation(mask_path) != turned:
                 notes.append(("turned", mask_path))
 
     notes: list[tuple[str, Path]] = []
@@ -359,9 +378,10 @@ def load_test_set(
                                   "pixel counts as defect"),
                        ("half", "mark more than half of their image as defect (inverted, defect drawn black?)"),
                        ("turned", "belong to images stored turned or flipped (an EXIF orientation of 2 to 8), "
-                                  "which are read upright, and carry no such orientation themselves: a mask drawn "
-                                  "on the stored pixels, as most tools show them, lies on the wrong pixels (draw it "
-                                  "on the upright image, or give it the image's orientation)"),
+                                  "which are read upright, and carry no such orientation themselves: their size "
+                                  "does not tell on which view they were drawn, and one drawn on the stored pixels, "
+                                  "as most tools show them, lies on the wrong pixels (draw it on the upright image, "
+                                  "or give it the image's orientation)"),
                        ("emptied", f"lose every defect pixel in the resize to {size} x {size} (defects thinner than "
                                    "its sampling step, which is nearest-neighbour); their images count as defective, "
                                    "with no pixel in the pixel metrics (a larger --image-size keeps them)")):
