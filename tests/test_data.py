@@ -770,6 +770,17 @@ def test_a_float_frame_is_read_by_its_range_whatever_its_glints_or_hot_pixels(tm
     with pytest.warns(DataWarning, match=re.escape(f"{p}: float pixels read as [0, 255]; 1 outside it")):
         t = read_image(p, None, 1)[0].numpy().astype(float)
     assert t[0, 0] == 255 and np.abs(t - want).flat[1:].max() <= 1
+    many = base.copy()  # 2 % at 1.5: too many to clip as outliers; read as [0, 255], and said
+    many.flat[rng.choice(base.size, 200, replace=False)] = 1.5
+    p = _save(tmp_path / "many.tif", many.astype(np.float32))
+    with pytest.warns(DataWarning, match=re.escape(f"{p}: float pixels read as [0, 255] (from 0.1001 to 1.5), though "
+                                                   "98% of them lie in [0, 1]")):
+        read_image(p, None, 1)
+    dark = np.zeros((100, 100), np.float32)  # a dark [0, 255] frame with a few bright pixels: as before, quiet
+    dark.flat[:50] = 200.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        assert int(read_image(_save(tmp_path / "dark.tif", dark), None, 1).max()) == 200
     for exposure in (1.0, 0.5):  # 12-bit data as float: no known range, each frame by its own
         p = _save(tmp_path / f"12bit-{exposure}.tif", (base * 4095 * exposure).astype(np.float32))
         with pytest.warns(DataWarning, match=re.escape(f"{p}: float pixels from")) as seen:

@@ -360,18 +360,29 @@ def _scale_to_uint8(a: np.ndarray, mode: str, note: Callable[[str], None] | None
 
 def _float_range(a: np.ndarray, lo: float, hi: float, note: Callable[[str], None] | None) -> float | None:
     """The top of the range a float frame is read in (1 or 255), or None (see :func:`_scale_to_uint8`)."""
+    unit_bulk = None
     for top in (1.0, 255.0):
         low, high = (-0.05 if top == 1.0 else 0.0), 1.05 * top  # [0, 255] frames of negative values: signed data
         if lo >= low and hi <= high:
+            if top == 255.0 and unit_bulk is not None and note is not None:
+                note(unit_bulk)
             return top
         if not a.size:
             continue
-        q = np.quantile(a, [0.001, 0.01, 0.99, 0.999])
-        if (q[0] >= low and q[3] <= high) or (q[1] >= low and q[2] <= high and lo >= -top and hi <= 2 * top):
+        q = np.quantile(a, [0.001, 0.01, 0.5, 0.99, 0.999])
+        if (q[0] >= low and q[4] <= high) or (q[1] >= low and q[3] <= high and lo >= -top and hi <= 2 * top):
             if note is not None:
                 out = int(((a < low) | (a > high)).sum())
                 note(f"float pixels read as [0, {top:g}]; {out} outside it (from {lo:.4g} to {hi:.4g}) are clipped")
             return top
+        # the bulk in [0, 1] (not at 0: a dark [0, 255] frame), too much outside for outliers
+        if top == 1.0 and 0.05 < q[2] <= 1.05:
+            share = float(((a >= -0.05) & (a <= 1.05)).mean())
+            unit_bulk = (f"float pixels read as [0, 255] (from {lo:.4g} to {hi:.4g}), though {share:.0%} of them lie in "
+                         "[0, 1]: if the frame is [0, 1], its glints or overshoot are too many to clip here, and it "
+                         "reads near black; save it clipped to [0, 1]")
+    if unit_bulk is not None and note is not None:
+        note(unit_bulk)
     return None
 
 
