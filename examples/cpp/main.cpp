@@ -23,8 +23,8 @@
 // and nothing on stdout then. A
 // score that cannot be written (stdout closed, a full disk) is an error too, and the map written
 // before it is removed: a run that exits 0 printed its score. A PNG
-// that ends before its IEND chunk is refused (a file cut off, or still being written), where PIL
-// reads what pixels it has.
+// that ends before its IEND chunk is refused (a file cut off, or still being written), as the
+// package's readers refuse it.
 #include <caffe2/serialize/inline_container.h>
 #include <fcntl.h>
 #include <png.h>
