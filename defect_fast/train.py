@@ -1195,8 +1195,11 @@ def _check_same_run(out: Path, cfg: TrainConfig, ckpt: Path, given_data: str | N
         differ.sort(key=lambda k: not scalar(k))  # settings with their values first, lists (held_back) by name
         shown = ", ".join(f"{k} {ours.get(k)!r:.40} vs {theirs.get(k)!r:.40}" if scalar(k) else f"other {k}"
                           for k in differ[:3])
+        named = (f"; {CONFIG_FILE} names the run's images in {theirs.get('data')}: give that folder if this is the "
+                 "run's checkpoint" if differ == ["data"] else "")
         raise RunError(f"{ckpt}: is not this folder's run: its settings differ from {out / CONFIG_FILE}'s ({shown}"
-                       f"{', ...' if len(differ) > 3 else ''}); put the run's own checkpoint back, or train a new run")
+                       f"{', ...' if len(differ) > 3 else ''}); put the run's own checkpoint back, or train a new run"
+                       f"{named}")
 
 
 def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume: bool = False,
@@ -1352,8 +1355,9 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
             raise ConfigError(f"--map perceptual fits its statistics on training images: {len(train_idx)} are too "
                               "few (2 needed; add images)")
         cfg.held_back = [str(paths[i]) for i in held_idx]
-        if moved_from is not None:  # the folder's settings name where its images are now (a later --resume checks them)
+        if moved_from is not None:  # the folder's settings, then its checkpoint, name where its images are now
             folder.write_json(CONFIG_FILE, cfg.to_json())
+            atomic_save({**state, "train_config": cfg.to_json()}, out / CHECKPOINT_FILE)
         _check_fits(cfg, probe, images, keys, train_idx, held_idx, fit_on)
         if cfg.context:
             from .context import MIN_IMAGES

@@ -1167,11 +1167,14 @@ def test_a_run_goes_on_with_its_images_in_another_folder(synthetic_root, tmp_pat
     assert any(f"trained on the images in {data}; it goes on with the same images (names and pixels) in {moved}" in m
                for m in messages), messages
     assert json.loads((out / "config.json").read_text())["data"] == str(moved)
+    # the checkpoint too, at once: a resume stopped before its next checkpoint is not another run's
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["train_config"]["data"] == str(moved)
     monkeypatch.undo()
-    train(_cfg(moved), out, resume=True, progress=False, log=lambda s: None)  # resumed again, and finished
+    good = moved / "train" / "good"  # the same images, given by their own folder: held-back ones found by name
+    train(_cfg(good), out, resume=True, progress=False, log=lambda s: None)  # resumed again, and finished
     state = torch.load(out / "model.pt", weights_only=True)
-    assert state["train_config"]["data"] == str(moved)
-    assert all(Path(f).parent.parent.parent == moved for f in state["held_back"])
+    assert state["train_config"]["data"] == str(good)
+    assert state["held_back"] and all(Path(f).parent == good for f in state["held_back"])
     # other images at the new path: refused, naming both folders
     other = tmp_path / "other"
     shutil.copytree(moved, other)
