@@ -19,6 +19,7 @@ The run folder layout is described in :mod:`defect_fast.runs`.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -374,6 +375,22 @@ def stage_adam(params: list[torch.nn.Parameter], lr: float, betas: tuple[float, 
     return torch.optim.Adam(params, lr=lr, betas=tuple(betas), fused=fused)
 
 
+#: The errors of a write that more room would let through.
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _kept_said(exc: OSError, out: Path, done: bool = False) -> OSError:
+    """``exc`` of a run's write with what is kept and what to do next said in it."""
+    fix = "make room" if exc.errno in _NO_ROOM else "fix that"
+    if done:
+        kept = f"the training is done and its {CHECKPOINT_FILE} kept: {fix}, then --resume writes the model file"
+    elif (out / CHECKPOINT_FILE).is_file():
+        kept = f"the last checkpoint is kept: {fix}, then --resume"
+    else:
+        kept = f"no checkpoint was saved yet: {fix}, then train again with --overwrite"
+    return OSError(exc.errno, f"{exc.strerror or exc} ({kept})", exc.filename)
+
+
 def compute_setting(device: torch.device) -> dict[str, Any]:
     """What decides the order of a step's float sums besides the run's config: the device (the
     GPU's name; the CPU's model and the instructions torch's kernels use there), the intra-op CPU
@@ -526,9 +543,7 @@ class Trainer:
         try:
             atomic_save(self.state(), self.out / CHECKPOINT_FILE)
         except OSError as exc:  # a full disk: what is kept, and what to do, said with it
-            kept = ("the checkpoint before it is kept: make room, then --resume" if (self.out / CHECKPOINT_FILE).is_file()
-                    else "no checkpoint was saved yet")
-            raise OSError(exc.errno, f"{exc.strerror or exc} ({kept})", exc.filename) from None
+            raise _kept_said(exc, self.out) from None
         finally:
             self.saving = False
 
@@ -697,8 +712,8 @@ class Trainer:
                         try:
                             log_file.write(json.dumps(rec) + "\n")
                         except OSError as exc:  # a full disk names no file
-                            raise OSError(exc.errno, f"{exc.strerror or exc} (the last checkpoint is kept: make room, "
-                                          "then --resume)", str(self.out / LOG_FILE)) from None
+                            raise _kept_said(OSError(exc.errno, exc.strerror or str(exc), str(self.out / LOG_FILE)),
+                                             self.out) from None
                         bar.set_postfix(loss=f"{rec['loss']:.4f}", patches_s=f"{rec['patches_per_s']:.0f}")
                         bar.update(1)
                         if self.position["global_step"] % cfg.checkpoint_every == 0:
@@ -717,7 +732,10 @@ class Trainer:
                 self.position.update(stage=stage + 1, epoch=0, step=0)
                 # the stage's model (the checkpoint, written next, is what a resume continues from)
                 self._check_lock()
-                atomic_save({**self.weights(), "position": dict(self.position)}, self.out / stage_file(stage + 1))
+                try:
+                    atomic_save({**self.weights(), "position": dict(self.position)}, self.out / stage_file(stage + 1))
+                except OSError as exc:
+                    raise _kept_said(exc, self.out) from None
                 self.save_checkpoint()
                 self._stop_if_asked()
         except KeyboardInterrupt:  # a second signal, or one off the main thread: the last checkpoint stands
@@ -1453,8 +1471,7 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
             raise TrainingStopped(f"interrupted as the run ended: {out / MODEL_FILE} is written whole, the run is "
                                   "complete") from None
         except OSError as exc:  # a full disk: the training is not lost
-            raise OSError(exc.errno, f"{exc.strerror or exc} (the training is done and its {CHECKPOINT_FILE} kept: make "
-                          "room, then --resume writes the model file)", exc.filename) from None
+            raise _kept_said(exc, out, done=True) from None
         (out / CHECKPOINT_FILE).unlink(missing_ok=True)
         if not cal.get("sufficient", True):
             _warn(cal["note"])

@@ -1206,7 +1206,7 @@ def test_a_full_disk_at_a_checkpoint_or_the_model_file_says_what_is_kept(synthet
     out = tmp_path / "run"
     cfg = _cfg(synthetic_root, max_steps=[2, 2], checkpoint_every=1)
     monkeypatch.setattr(train_module, "atomic_save", full_at("checkpoint.pt", 2))
-    with pytest.raises(OSError, match=r"No space left on device \(the checkpoint before it is kept: make room, then "
+    with pytest.raises(OSError, match=r"No space left on device \(the last checkpoint is kept: make room, then "
                                       r"--resume\)") as err:
         train(cfg, out, progress=False, log=lambda s: None)
     assert err.value.filename == str(out / "checkpoint.pt")
@@ -1257,3 +1257,19 @@ def test_a_checkpoint_of_a_run_on_other_images_is_not_taken_for_a_move(synthetic
     shutil.copy(tmp_path / "run-b" / "checkpoint.pt", tmp_path / "run-a" / "checkpoint.pt")
     with pytest.raises(RunError, match=r"is not this folder's run: its settings differ from .*config.json's \(data "):
         train(_cfg(b), tmp_path / "run-a", resume=True, progress=False, log=lambda s: None)
+
+
+def test_what_a_failed_write_says_to_do_depends_on_why_it_failed(tmp_path):
+    """Every failed write of a run said "make room", a permission or an I/O error too, and
+    before the first checkpoint named no next step."""
+    import errno
+
+    from defect_fast.train import _kept_said
+
+    full = _kept_said(OSError(errno.ENOSPC, "No space left on device", "x"), tmp_path)
+    assert full.strerror.endswith("(no checkpoint was saved yet: make room, then train again with --overwrite)")
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    shut = _kept_said(OSError(errno.EACCES, "Permission denied", "x"), tmp_path)
+    assert "(the last checkpoint is kept: fix that, then --resume)" in str(shut) and shut.filename == "x"
+    done = _kept_said(OSError(errno.EDQUOT, "Disk quota exceeded", "x"), tmp_path, done=True)
+    assert "the training is done and its checkpoint.pt kept: make room, then --resume writes the model file" in str(done)
