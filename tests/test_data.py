@@ -1317,3 +1317,31 @@ def test_a_mask_drawn_on_the_stored_pixels_of_a_turned_image_says_why_its_size_d
     with pytest.raises(DataError) as err:
         load_test_set(root, 16)
     assert "mask is 24x40 (width x height)" in str(err.value) and "EXIF" not in str(err.value)
+
+
+def test_the_orientation_behind_the_turned_mask_warning_is_read_as_the_image_reader_reads_it(tmp_path):
+    """A PNG's orientation is found by walking its chunks (PIL decodes a PNG with no eXIf chunk to
+    look for one); EXIF in an ImageMagick text chunk is still found, as the reader turns by it."""
+    from PIL import PngImagePlugin
+
+    from defect_fast.data.dataset import _orientation
+
+    a = np.zeros((20, 30, 3), np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(a).save(tmp_path / "exif.png", exif=exif.tobytes())
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "before the pixels")
+    Image.fromarray(a).save(tmp_path / "late.png", pnginfo=info, exif=exif.tobytes())
+    raw = exif.tobytes().hex()
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Raw profile type exif", f"\nexif\n{len(raw) // 2:8d}\n{raw}\n")
+    Image.fromarray(a).save(tmp_path / "raw.png", pnginfo=info)
+    Image.fromarray(a).save(tmp_path / "plain.png")
+    Image.fromarray(a).save(tmp_path / "turned.jpg", exif=exif.tobytes())
+    for name, want in (("exif.png", 6), ("late.png", 6), ("raw.png", 6), ("plain.png", None), ("turned.jpg", 6)):
+        with Image.open(tmp_path / name) as im:
+            assert im.getexif().get(0x0112) == want, name  # what PIL, and so the image reader, takes
+        assert _orientation(tmp_path / name) == want, name
+    (tmp_path / "cut.png").write_bytes((tmp_path / "exif.png").read_bytes()[:40])  # damaged: no answer, no error
+    assert _orientation(tmp_path / "cut.png") is None

@@ -105,21 +105,26 @@ def _orientation(path: Path) -> int | None:
     it after the pixels); other formats hold it in their header."""
     try:
         with open(path, "rb") as f:
-            if f.read(8) == b"\x89PNG\r\n\x1a\n":
-                exif = None
-                while (head := f.read(8)) and len(head) == 8:
-                    length, kind = int.from_bytes(head[:4], "big"), head[4:]
-                    if kind == b"eXIf":
-                        exif = Image.Exif()
-                        exif.load(b"Exif\x00\x00" + f.read(length))
-                        break
-                    if kind == b"IEND":
-                        break
-                    f.seek(length + 4, os.SEEK_CUR)  # the data and its CRC
-                orientation = exif.get(0x0112) if exif is not None else None
-            else:
-                with Image.open(path) as im:
-                    orientation = im.getexif().get(0x0112)
+            png, exif = f.read(8) == b"\x89PNG\r\n\x1a\n", None
+            while png and (head := f.read(8)) and len(head) == 8:
+                length, kind = int.from_bytes(head[:4], "big"), head[4:]
+                if kind == b"eXIf":
+                    exif = Image.Exif()
+                    exif.load(b"Exif\x00\x00" + f.read(length))
+                    break
+                if kind in (b"tEXt", b"zTXt", b"iTXt") and f.read(min(length, 21)).lower() == b"raw profile type exif":
+                    png = False  # EXIF in a text chunk (ImageMagick): PIL reads it, as the image reader does
+                    break
+                if kind == b"IEND":
+                    break
+                f.seek(length + 4 - (min(length, 21) if kind in (b"tEXt", b"zTXt", b"iTXt") else 0), os.SEEK_CUR)
+        if exif is not None:
+            orientation = exif.get(0x0112)
+        elif png:
+            orientation = None
+        else:
+            with Image.open(path) as im:
+                orientation = im.getexif().get(0x0112)
     except Exception:  # noqa: BLE001 - only a hint: the file was read
         return None
     return orientation if orientation in range(2, 9) else None
