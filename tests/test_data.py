@@ -776,8 +776,15 @@ def test_a_float_frame_is_read_by_its_range_whatever_its_glints_or_hot_pixels(tm
     with pytest.warns(DataWarning, match=re.escape(f"{p}: float pixels read as [0, 255] (from 0.1001 to 1.5), though "
                                                    "98% of them lie in [0, 1]")):
         read_image(p, None, 1)
+    many.flat[0] = -0.2  # and with one outlier below 0, clipped as such: both are said
+    p = _save(tmp_path / "many2.tif", many.astype(np.float32))
+    with pytest.warns(DataWarning) as seen:
+        read_image(p, None, 1)
+    said = [str(w.message) for w in _data_warnings(seen)]
+    assert any("1 outside it" in m for m in said) and any("of them lie in [0, 1]" in m for m in said), said
     dark = np.zeros((100, 100), np.float32)  # a dark [0, 255] frame with a few bright pixels: as before, quiet
     dark.flat[:50] = 200.0
+    dark.flat[50:5100] = 1.0  # whole numbers: [0, 255] data, its median at 1 notwithstanding
     with warnings.catch_warnings():
         warnings.simplefilter("error", DataWarning)
         assert int(read_image(_save(tmp_path / "dark.tif", dark), None, 1).max()) == 200

@@ -360,7 +360,7 @@ def _scale_to_uint8(a: np.ndarray, mode: str, note: Callable[[str], None] | None
 
 def _float_range(a: np.ndarray, lo: float, hi: float, note: Callable[[str], None] | None) -> float | None:
     """The top of the range a float frame is read in (1 or 255), or None (see :func:`_scale_to_uint8`)."""
-    unit_bulk = None
+    unit_bulk = None  # said when the frame is read as [0, 255] though its bulk lies in [0, 1]
     for top in (1.0, 255.0):
         low, high = (-0.05 if top == 1.0 else 0.0), 1.05 * top  # [0, 255] frames of negative values: signed data
         if lo >= low and hi <= high:
@@ -374,15 +374,16 @@ def _float_range(a: np.ndarray, lo: float, hi: float, note: Callable[[str], None
             if note is not None:
                 out = int(((a < low) | (a > high)).sum())
                 note(f"float pixels read as [0, {top:g}]; {out} outside it (from {lo:.4g} to {hi:.4g}) are clipped")
+                if unit_bulk is not None:
+                    note(unit_bulk)
             return top
-        # the bulk in [0, 1] (not at 0: a dark [0, 255] frame), too much outside for outliers
-        if top == 1.0 and 0.05 < q[2] <= 1.05:
+        # the bulk in [0, 1], not whole numbers (a dark [0, 255] frame) and not at 0, with too much outside
+        # it for outliers: read as [0, 255], near black, which is said
+        if top == 1.0 and 0.05 < q[2] <= 1.05 and not np.array_equal(a, np.round(a)):
             share = float(((a >= -0.05) & (a <= 1.05)).mean())
             unit_bulk = (f"float pixels read as [0, 255] (from {lo:.4g} to {hi:.4g}), though {share:.0%} of them lie in "
                          "[0, 1]: if the frame is [0, 1], its glints or overshoot are too many to clip here, and it "
                          "reads near black; save it clipped to [0, 1]")
-    if unit_bulk is not None and note is not None:
-        note(unit_bulk)
     return None
 
 
