@@ -834,7 +834,7 @@ def _sigterm_as_interrupt():
         yield []
         return
     received: list[int] = []
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:  # started ignoring it (nohup-like): it stays ignored
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:  # the process was started ignoring it: it stays ignored
         yield received
         return
 

@@ -1486,7 +1486,8 @@ class RunLock:
         import fcntl
 
         try:
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            # non-blocking: a FIFO put at the lock file's name would hold the open for ever
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
         except OSError:  # none (or a link, a folder): nobody holds it; taking it says what is wrong
             return
         try:

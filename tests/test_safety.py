@@ -1078,3 +1078,20 @@ def test_a_folder_a_command_is_writing_in_is_said_to_be_in_use_not_to_hold_earli
     folder.release()
     with pytest.raises(OutputRefused, match="folder holds earlier defect-fast output; pass --overwrite"):
         OutputFolder.check(out, command="train")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_the_in_use_check_does_not_wait_on_a_fifo_at_the_lock_file_s_name(tmp_path):
+    """The check opened the lock file for reading: a FIFO there held the open for ever."""
+    import threading
+
+    out = tmp_path / "run"
+    folder = OutputFolder.create(out, command="train")
+    folder.write_json("config.json", {})
+    os.mkfifo(out / LOCK_NAME)
+    done = []
+    t = threading.Thread(target=lambda: done.append(pytest.raises(OutputRefused, OutputFolder.check, out,
+                                                                  command="train")), daemon=True)
+    t.start()
+    t.join(timeout=20)
+    assert done, "the check waited on the FIFO"
