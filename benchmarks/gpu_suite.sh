@@ -139,9 +139,11 @@ import glob, json, os, sys
 out, dry, seconds = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3])
 json_only = len(sys.argv) > 4 and sys.argv[4] == "json"
 steps = []
-for line in open(os.path.join(out, "steps.tsv")):
-    name, status, secs, log, cmd = line.rstrip("\n").split("\t", 4)
-    steps.append({"step": name, "status": status, "seconds": int(secs), "log": log, "command": cmd})
+for line in open(os.path.join(out, "steps.tsv"), errors="replace"):
+    fields = line.rstrip("\n").split("\t", 4)  # a line a command's tab or newline broke: kept as it reads
+    name, status, secs, log, cmd = (fields + [""] * 5)[:5]
+    steps.append({"step": name, "status": status or "unreadable", "seconds": int(secs) if secs.isdigit() else 0,
+                  "log": log, "command": cmd})
 def load(path):
     """A results file's payload, or the line saying why it cannot be read (a step killed while it
     wrote, a full disk): one unreadable file must not cost the summary and its verdict."""
@@ -165,7 +167,8 @@ print(f"gpu_suite {'DRY RUN' if dry else ''} in {seconds} s on {env.get('gpu') o
 for s in steps:
     print(f"  {s['step']:14s} {s['status']:16s} {s['seconds']:4d} s")
 def rows(payload):
-    return (payload.get("rows") or payload.get("cases") or []) if isinstance(payload, dict) else []
+    found = (payload.get("rows") or payload.get("cases") or []) if isinstance(payload, dict) else []
+    return list(found.values()) if isinstance(found, dict) else found if isinstance(found, list) else []
 for path in suite["results"]:
     payload, why = load(os.path.join(out, path))
     name = os.path.basename(path)

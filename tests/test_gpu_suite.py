@@ -4,6 +4,7 @@ apart from a memory error it found. (CI also runs the whole suite's dry run.)"""
 from __future__ import annotations
 
 import os
+import json
 import re
 import shutil
 import subprocess
@@ -217,3 +218,22 @@ def test_an_unreadable_results_file_does_not_cost_the_summary(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "inference_cuda.json\n    unreadable: JSONDecodeError" in res.stdout
     assert "model=cmaae speedup=2.5" in res.stdout and "all steps ok" in res.stdout
+
+
+def test_a_broken_steps_line_or_rows_of_another_shape_do_not_cost_the_summary(tmp_path):
+    """A steps line a command's tab or newline broke (fewer fields, seconds not a number) and a
+    results file whose rows are a dict ended the summary with a traceback; suite.json, written
+    by the same script, then stopped being updated."""
+    text = SUITE.read_text()
+    m = re.search(r"cat > \"\$SUMMARY_PY\" <<'EOF'\n(.*?)\nEOF\n", text, flags=re.S)
+    summary = tmp_path / "summary.py"
+    summary.write_text(m.group(1))
+    out = tmp_path / "out"
+    (out / "results").mkdir(parents=True)
+    (out / "steps.tsv").write_text("inference\tok\t12\tlog\tpython3 x --args 'a\nb'\ntrain\tok\tlots\n")
+    (out / "results" / "train_cuda.json").write_text('{"rows": {"cmaae": {"model": "cmaae", "speedup": 2.5}}}')
+    res = subprocess.run(["python3", str(summary), str(out), "0", "42"], capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in res.stderr, res.stderr
+    assert "model=cmaae speedup=2.5" in res.stdout and "NOT ok: b'" in res.stdout  # the broken line is no ok step
+    steps = json.loads((out / "suite.json").read_text())["steps"]
+    assert [s["step"] for s in steps] == ["inference", "b'", "train"] and steps[2]["seconds"] == 0
