@@ -2,7 +2,7 @@
 
 The replaced code is rebuilt here (monkeypatched onto a second copy of the same objects), and old
 and new run in alternating rounds (``common.time_interleaved``); the figure of each case is the
-median over ``--repeats`` repetitions of the old/new time ratio, with its quartiles. Weights and
+median over ``--repeats`` repetitions of the new/old time ratio, with its quartiles. Weights and
 images are random (the cost does not depend on them; the trunk is the ImageNet AlexNet when
 ``$DEFECT_FAST_ALEXNET_WEIGHTS`` names it). Cases:
 
