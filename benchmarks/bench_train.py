@@ -23,7 +23,9 @@ Both sides freeze what the stage does not train, as the trainer does: only
 synthetic stage, and no step computes its gradient).
 
 Images are random (uniform noise, smoothed) and so are the synthesis sources: throughput does not
-depend on the pictures, and the benchmark needs no files or network.
+depend on the pictures, and the benchmark needs no files or network. The process's C allocator
+is set as the command line sets it (:func:`defect_fast.allocator.keep_freed_memory`, recorded
+as "allocator"; results files written before it was set ran glibc's own settings).
 
     python benchmarks/bench_train.py [--device cpu|cuda] [--models cmaae awae] [--batch 16]
                                      [--steps 3] [--out benchmarks/results/train_cpu.json]
@@ -41,6 +43,7 @@ import torch.nn.functional as F
 
 from common import RESULTS, ROOT, command_line, device_info, time_interleaved, write_results
 
+from defect_fast.allocator import keep_freed_memory
 from defect_fast.data.patches import extract_patches
 from defect_fast.precision import cudnn_benchmark
 from defect_fast.train import freeze_for_stage, stage_adam, train_dtype, train_layout
@@ -157,9 +160,10 @@ def main() -> None:
         if args.image_size < patch or args.image_size % patch:
             ap.error(f"--image-size {args.image_size}: {name} cuts {patch}-px patches; give a multiple of {patch}")
     precision = tuned_precision(args.device)
+    allocator = keep_freed_memory()  # as `defect-fast train` sets it (DEFECT_FAST_MALLOC=default: glibc's own)
     info = device_info(args.device)
     results = {
-        "info": info, "command": command_line(),
+        "info": info, "command": command_line(), "allocator": allocator,
         "modes": {"eager": "float32, NCHW, default Adam",
                   "tuned": (f"channels_last, {str(precision).removeprefix('torch.')} autocast, fused Adam" if precision
                             else "float32, NCHW (no bf16 instructions: the trainer's layout), fused Adam")},
