@@ -674,9 +674,10 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
                    "(default: a resize by size alone) or centres (each on its receptive field's centre; on magnetic "
                    "tile it cost 0.8 pixel AUROC, experiments/README.md)")
     t.add_argument("--anomaly-source", default=None, help="folder of natural photos for synthetic anomalies "
-                   "(default: the sample photos shipped with scikit-learn)")
-    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="model option, e.g. --set fusion=mam "
-                   "--set gate_activation=sigmoid (repeatable; values parsed as JSON)")
+                   "(added to the sample photos shipped with scikit-learn, which are always used)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="model option, e.g. --set fusion=mam, "
+                   "--set gate_activation=sigmoid (repeatable; values parsed as JSON; an option the model as "
+                   "built does not use is refused)")
     t.add_argument("--device", type=device_arg, default=None,
                    help="cpu, cuda, cuda:1 or auto (default; with --resume: the run's own)")
     t.add_argument("--preset", choices=sorted(PRESETS), default=None,
@@ -694,7 +695,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
                    "ground_truth/: image-level metrics only)")
     e.add_argument("--json", default=None, type=output_path, help="also write the metrics to this JSON file (new, unless --overwrite)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
-    e.add_argument("--map", choices=map_names(), default=None, help="anomaly map (default: the model's)")
+    e.add_argument("--map", choices=map_names(), default=None, help="anomaly map (default: the run's --map, else the model's)")
     e.add_argument("--stride", type=positive_int, default=None,
                    help="patch stride at inference (default: the run's --infer-stride, else the patch size)")
     e.add_argument("--smooth", type=nonneg_float, default=None, help="Gaussian blur of the maps, in pixels (default: the run's setting)")
@@ -714,7 +715,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     r.add_argument("images", nargs="+", help="image files or folders")
     r.add_argument("--out", required=True, type=output_path, help="output folder (new or empty; earlier predict output only with --overwrite)")
     r.add_argument("--overwrite", action="store_true", help="replace earlier output in --out (only the files defect-fast wrote)")
-    r.add_argument("--map", choices=map_names(), default=None, help="anomaly map (default: the model's)")
+    r.add_argument("--map", choices=map_names(), default=None, help="anomaly map (default: the run's --map, else the model's)")
     r.add_argument("--stride", type=positive_int, default=None,
                    help="patch stride at inference (default: the run's --infer-stride, else the patch size)")
     add_threshold_options(r)
@@ -733,7 +734,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
                    "or exported (torch.export's program)")
     x.add_argument("--out", required=True, type=output_path, help="output file (FILE.json is written beside it)")
     x.add_argument("--batch", type=positive_int, default=1, help="images per call in the traced graph (default 1)")
-    x.add_argument("--map", choices=map_names(), default=None, help="anomaly map (default: the model's)")
+    x.add_argument("--map", choices=map_names(), default=None, help="anomaly map (default: the run's --map, else the model's)")
     x.add_argument("--stride", type=positive_int, default=None,
                    help="patch stride (default: the run's --infer-stride, else the patch size)")
     x.add_argument("--smooth", type=nonneg_float, default=None, help="Gaussian blur of the maps, in pixels (default: the run's setting)")

@@ -888,8 +888,9 @@ class Detector(nn.Module):
         and so is a per-position normalisation of them (:meth:`fit_normalization` again).
 
         ``trunk``: AlexNet ``features.*`` weights; None: the trunk this detector holds already,
-        when it holds one (a loaded run's), else the file ``$DEFECT_FAST_ALEXNET_WEIGHTS`` names.
-        The same goes for :meth:`fit_context`.
+        when it holds one (a loaded run's), else the ImageNet trunk found as
+        :func:`~defect_fast.losses.lpips.load_alexnet_trunk` finds it (``$DEFECT_FAST_ALEXNET_WEIGHTS``,
+        torch's hub cache, torchvision's download). The same goes for :meth:`fit_context`.
 
         Returns the number of images its statistics rest on.
         """
@@ -1444,6 +1445,8 @@ class Detector(nn.Module):
         Raises:
             ValueError: the Detector scores by another ``top_fraction`` than the default, which
                 model files do not record (its thresholds would not hold after :meth:`load`).
+            OutputRefused: ``path`` exists and ``overwrite`` is not given, is a folder, a link or a
+                device, or is a file another command's output folder lists.
         """
         from .runs import CHECKPOINT_VERSION
         from .safety import safe_output_file, save_with_digest

@@ -540,7 +540,7 @@ def add_parser(subparsers) -> None:
     r.add_argument("--max-gallery", type=positive_int, default=60,
                    help="most images in the gallery (default 60; every false alarm and miss comes first)")
     r.add_argument("--title", default="defect_fast inspection report", help="page title (default: %(default)s)")
-    r.add_argument("--batch-size", type=positive_int, default=8, help="images per model call (default 8)")
+    r.add_argument("--batch-size", type=positive_int, default=8, help="images per model call (default 8; on a CPU at most what one model chunk of patches holds)")
     r.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing report file")
     r.set_defaults(func=command)

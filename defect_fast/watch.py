@@ -1297,7 +1297,7 @@ def add_parser(subparsers) -> None:
     w.add_argument("in_dir", help="the drop folder to watch")
     w.add_argument("--out", required=True, type=output_path, help="results folder (new, empty, or one an earlier watch wrote: it is resumed)")
     w.add_argument("--once", action="store_true", help="process what is in the folder, then exit (for cron and tests)")
-    w.add_argument("--batch-size", type=positive_int, default=8, help="images per model call (default 8)")
+    w.add_argument("--batch-size", type=positive_int, default=8, help="images per model call (default 8; on a CPU at most what one model chunk of patches holds)")
     w.add_argument("--poll", type=positive_float, default=1.0, help="seconds between folder scans (default 1)")
     w.add_argument("--rescan", type=positive_float, default=RESCAN_INTERVAL,
                    help="with file-system events (watchdog): seconds between listings of the whole folder, a safety "
