@@ -326,15 +326,20 @@ def __getattr__(name: str):
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_run
 
-    json_path = safe_output_file(args.json, args.overwrite, inputs=[args.run, args.data], what="--json") if args.json else None
+    to_stdout = args.json == "-"  # the metrics as JSON on standard output, the table on standard error
+    json_path = (safe_output_file(args.json, args.overwrite, inputs=[args.run, args.data], what="--json")
+                 if args.json and not to_stdout else None)
     with far_errors(args.run, args.far):
         metrics = evaluate_run(args.run, args.data, args.map, args.device, args.stride, args.smooth, blend=args.blend,
                                far=args.far, threshold=args.threshold)
-    _print_metrics(metrics)
-    if metrics.get("pixel_metrics"):
-        print(f"pixel metrics: {metrics['pixel_metrics']}")
-    _print_thresholds(metrics.get("thresholds"))
-    print(f"\n{metrics['n_images']} images, map={metrics['map']}, {metrics['inference_ms_per_image']:.1f} ms/image")
+    with contextlib.redirect_stdout(sys.stderr) if to_stdout else contextlib.nullcontext():
+        _print_metrics(metrics)
+        if metrics.get("pixel_metrics"):
+            print(f"pixel metrics: {metrics['pixel_metrics']}")
+        _print_thresholds(metrics.get("thresholds"))
+        print(f"\n{metrics['n_images']} images, map={metrics['map']}, {metrics['inference_ms_per_image']:.1f} ms/image")
+    if to_stdout:
+        print(dump_json_strict(metrics, nan="null", indent=2), flush=True)
     if json_path is not None:
         # checked again: a file may have appeared there while the test set was evaluated
         safe_output_file(json_path, args.overwrite, inputs=[args.run, args.data], what="--json")
@@ -693,7 +698,8 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     e.add_argument("run", help="run folder (or model.pt)")
     e.add_argument("data", help="MVTec-style root with test/<class>/ and ground_truth/<class>/ (without "
                    "ground_truth/: image-level metrics only)")
-    e.add_argument("--json", default=None, type=output_path, help="also write the metrics to this JSON file (new, unless --overwrite)")
+    e.add_argument("--json", default=None, type=output_path, help="also write the metrics to this JSON file (new, unless --overwrite; "
+                   "'-': to standard output, the table then on standard error)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     e.add_argument("--map", choices=map_names(), default=None, help="anomaly map (default: the run's --map, else the model's)")
     e.add_argument("--stride", type=positive_int, default=None,

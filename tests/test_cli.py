@@ -50,6 +50,20 @@ def test_evaluate_writes_the_documented_keys(tiny_run, synthetic_root, tmp_path,
     assert "pixel_auroc" in capsys.readouterr().out
 
 
+def test_evaluate_json_dash_writes_the_metrics_to_standard_output(tiny_run, synthetic_root, tmp_path, capsys,
+                                                                   monkeypatch):
+    """--json - wrote a file named "-" in the current folder."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", str(tiny_run), str(synthetic_root), "--json", str(tmp_path / "m.json")]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(tiny_run), str(synthetic_root), "--json", "-"]) == 0
+    out, err = capsys.readouterr()
+    metrics = json.loads(out)  # standard output is the JSON alone; the table went to standard error
+    assert metrics == json.loads((tmp_path / "m.json").read_text()) | {"inference_ms_per_image": metrics["inference_ms_per_image"]}
+    assert "pixel_auroc" in err and "ms/image" in err
+    assert not (tmp_path / "-").exists()
+
+
 def test_predict_outputs_and_refusals(tiny_run, synthetic_root, tmp_path, capsys):
     out = tmp_path / "pred"
     images = [str(synthetic_root / "test" / "scratch"), str(synthetic_root / "test" / "spot" / "000.png")]
