@@ -24,22 +24,11 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/bench_x.py` from a ch
 
 import torch  # noqa: E402
 
-from defect_fast.precision import cpu_flags  # noqa: E402
+from defect_fast.precision import cpu_flags, cpu_model  # noqa: E402
 from defect_fast.safety import write_results_text  # noqa: E402
 
 #: The CPU features a result records (reduced-precision throughput depends on them).
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
-
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (platform.processor() elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cpu_id(cpuinfo: str | None = None) -> dict:

@@ -5,6 +5,7 @@ algorithm search of the tuned CUDA paths."""
 from __future__ import annotations
 
 import contextlib
+import platform
 import threading
 from pathlib import Path
 
@@ -23,6 +24,17 @@ def cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (platform.processor() elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def cpu_has_bf16() -> bool:
@@ -87,4 +99,4 @@ _cudnn_open: list[tuple[object, bool]] = []  # the blocks inside cudnn_benchmark
 _cudnn_saved = [False]  # the setting before the first of them
 
 
-__all__ = ["LOW_PRECISION", "cpu_flags", "cpu_has_bf16", "cudnn_benchmark", "default_precision", "is_channels_last"]
+__all__ = ["LOW_PRECISION", "cpu_flags", "cpu_has_bf16", "cpu_model", "cudnn_benchmark", "default_precision", "is_channels_last"]

@@ -42,7 +42,7 @@ from .data.patches import grid_shape
 from .layers import keep_matrix_weights_contiguous
 from .losses.ssim import objective as ssim_objective
 from .models import AnomalyModel, build_model
-from .precision import cudnn_benchmark
+from .precision import cpu_model, cudnn_benchmark
 from .runs import (CHECKPOINT_FILE, CHECKPOINT_VERSION, CONFIG_FILE, LOG_FILE, MODEL_FILE,  # noqa: F401
                    POSITION_KEYS, RESUME_KEYS, NonFiniteMaps, RunError, TrainingStopped, atomic_save, load_checkpoint, model_from_state, resolve_device, stage_file)
 from .safety import LOCK_NAME, OutputFolder, RunLock, UserError, atomic_write_bytes, atomic_write_json, one_line, real_path
@@ -401,7 +401,7 @@ def compute_setting(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         setting["gpu"] = torch.cuda.get_device_name(device)
     else:  # another CPU generation takes other kernels (AVX2 against AVX512 and AMX): other roundings
-        setting["cpu"] = _cpu_model()
+        setting["cpu"] = cpu_model()
         setting["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
         if isa:
@@ -418,20 +418,6 @@ def changed_setting(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     if "torch" in before:
         keys += [k for k in now if k not in before]
     return keys
-
-
-def _cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo; the platform's processor elsewhere)."""
-    import platform
-
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 class Trainer:
