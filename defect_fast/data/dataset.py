@@ -135,11 +135,7 @@ def _turned_note(img_path: Path, mask_size: tuple, img_size: tuple) -> str:
     orientation (most tools show the stored pixels, on which such a mask was drawn), else ""."""
     if tuple(mask_size) != tuple(img_size)[::-1]:
         return ""
-    try:
-        with Image.open(img_path) as im:
-            orientation = im.getexif().get(0x0112)
-    except Exception:  # noqa: BLE001 - only a hint: the size mismatch is the error
-        return ""
+    orientation = _orientation(img_path)  # only a hint: the size mismatch is the error
     if orientation not in (5, 6, 7, 8):
         return ""
     return (f", turned upright by its EXIF orientation {orientation} (stored {img_size[1]}x{img_size[0]}): draw the "
