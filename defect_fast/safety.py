@@ -1462,12 +1462,10 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             try:
-                pid_text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                in_use = self._in_use(fd)
             finally:
                 os.close(fd)
-            pid = int(pid_text) if pid_text.isdigit() else None
-            who = f"PID {pid}" if pid is not None else "another process"
-            raise RunInUse(f"{self.folder} is in use by {who}; wait for it to finish or stop it", pid) from None
+            raise in_use from None
         except BaseException:
             os.close(fd)
             raise
@@ -1496,13 +1494,18 @@ class RunLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                pid_text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-                pid = int(pid_text) if pid_text.isdigit() else None
-                who = f"PID {pid}" if pid is not None else "another process"
-                raise RunInUse(f"{self.folder} is in use by {who}; wait for it to finish or stop it", pid) from None
+                raise self._in_use(fd) from None
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+    def _in_use(self, fd: int) -> RunInUse:
+        """What a lock held by another process, open as ``fd``, is said to be: its holder's PID as the
+        holder wrote it in the file."""
+        pid_text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        pid = int(pid_text) if pid_text.isdigit() else None
+        who = f"PID {pid}" if pid is not None else "another process"
+        return RunInUse(f"{self.folder} is in use by {who}; wait for it to finish or stop it", pid)
 
     def still_held(self) -> bool:
         """Whether this object holds the lock and the folder's lock file is still the file locked:
