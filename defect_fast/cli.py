@@ -92,23 +92,26 @@ def _print_thresholds(th: dict | None, out=None) -> None:
             print(f"  {p['far']:>8.4g} {p['rank']:>3} {p['threshold']:>10.4g} {fa:>14} {miss:>14}", file=out)
 
 
-def _stages(model: str, options: dict) -> tuple[str, ...]:
-    """The training stages of ``model`` built with ``options`` ("normal", "synthetic")."""
+def _built(model: str, options: dict):
+    """``model`` built with ``options``; one line naming them when it cannot be."""
     from .models import build_model
     from .train import ConfigError
 
     try:
-        return tuple(build_model(model, **options).stages)
+        return build_model(model, **options)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"--set: model {model} cannot be built with {options} ({exc})") from None
 
 
-def _refuse_unused(args: argparse.Namespace, kwargs: dict, given: list[str], stages: tuple[str, ...]) -> None:
-    """Refuse options given for what the model, as built with ``kwargs``, does not have (a memory's
-    size for a plain AE, anomaly photos for a model trained on defect-free patches only)."""
-    from .models import build_model
+def _stages(model: str, options: dict) -> tuple[str, ...]:
+    """The training stages of ``model`` built with ``options`` ("normal", "synthetic")."""
+    return tuple(_built(model, options).stages)
 
-    model = build_model(args.model, **kwargs)
+
+def _refuse_unused(args: argparse.Namespace, model, given: list[str]) -> None:
+    """Refuse options given for what ``model`` (built with the run's options) does not have (a
+    memory's size for a plain AE, anomaly photos for a model trained on defect-free patches only)."""
+    stages = tuple(model.stages)
     fusion = model.config().get("fusion")
     built = (f"fusion={fusion}, " if fusion else "") + f"stages: {', '.join(stages)}"
     unused = model.unused_options(given)
@@ -294,9 +297,10 @@ def cmd_train(args) -> int:
     if args.fit_on == "held-back" and args.map != "perceptual" and args.normalize != "position":
         raise UsageError("--fit-on held-back chooses the images --map perceptual and --normalize position fit their "
                          "statistics on; alone it changes nothing: add one of them, or leave it out")
-    stages = _stages(args.model, kwargs)
-    n_stages = len(stages)
-    _refuse_unused(args, kwargs, given, stages)
+    model = _built(args.model, kwargs)
+    n_stages = len(model.stages)
+    _refuse_unused(args, model, given)
+    del model  # the run builds its own
     default_epochs = max(1, PRESET_EPOCHS[args.preset] // n_stages) if args.preset else 10
     epochs = _per_stage(args.epochs, n_stages, "--epochs") or [default_epochs] * n_stages
     cfg = TrainConfig(
