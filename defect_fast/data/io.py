@@ -361,6 +361,7 @@ def _scale_to_uint8(a: np.ndarray, mode: str, note: Callable[[str], None] | None
 def _float_range(a: np.ndarray, lo: float, hi: float, note: Callable[[str], None] | None) -> float | None:
     """The top of the range a float frame is read in (1 or 255), or None (see :func:`_scale_to_uint8`)."""
     unit_bulk = None  # said when the frame is read as [0, 255] though its bulk lies in [0, 1]
+    q = None  # the frame's quantiles, the same for both ranges
     for top in (1.0, 255.0):
         low, high = (-0.05 if top == 1.0 else 0.0), 1.05 * top  # [0, 255] frames of negative values: signed data
         if lo >= low and hi <= high:
@@ -369,7 +370,8 @@ def _float_range(a: np.ndarray, lo: float, hi: float, note: Callable[[str], None
             return top
         if not a.size:
             continue
-        q = np.quantile(a, [0.001, 0.01, 0.5, 0.99, 0.999])
+        if q is None:
+            q = np.quantile(a, [0.001, 0.01, 0.5, 0.99, 0.999])
         if (q[0] >= low and q[4] <= high) or (q[1] >= low and q[3] <= high and lo >= -top and hi <= 2 * top):
             if note is not None:
                 out = int(((a < low) | (a > high)).sum())
