@@ -1206,6 +1206,47 @@ def _check_same_run(out: Path, cfg: TrainConfig, ckpt: Path, given_data: str | N
                        f"{named}")
 
 
+def _start_again(out: Path, cfg: TrainConfig, device: str | None, log: Callable[[str], None]) -> TrainConfig:
+    """The settings to train ``out``'s run again from its start with, for a ``--resume`` that finds
+    no checkpoint: a run killed (kill -9, power loss) before its first one left its ``config.json``
+    and log only, and nothing is lost by starting it again; its options are not typed again.
+    ``cfg.data`` (the images given, where they are now) and ``device`` win over those stored.
+    Any other folder without a checkpoint is refused, saying why."""
+    if (out / MODEL_FILE).is_file():
+        raise RunError(f"{out}: the run is finished ({MODEL_FILE} is written); nothing to resume")
+    stages = sorted(p.name for p in out.glob("stage*.pt"))
+    if stages:  # it had one: removed since (by hand?), the stages' models cannot resume
+        raise RunError(f"{out}: nothing to resume: its {CHECKPOINT_FILE} is gone (it trained past "
+                       f"{stages[-1]}); start the run again with the options it was started with "
+                       f"({out / CONFIG_FILE}) and --overwrite instead of --resume")
+    if OutputFolder.written_by(out) != "train":
+        raise RunError(f"{out}: nothing to resume (no {CHECKPOINT_FILE})")
+    if (out / LOCK_NAME).is_file():  # still training before its first checkpoint: in use by PID ...
+        RunLock(out).acquire().release()
+    try:
+        stored = json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))
+        unknown = sorted(set(stored) - {f.name for f in fields(TrainConfig)})
+        saved = None if unknown else TrainConfig.from_json(stored)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        why = "missing" if isinstance(exc, FileNotFoundError) else f"unreadable ({type(exc).__name__})"
+        raise RunError(f"{out}: nothing to resume: the run stopped before its first {CHECKPOINT_FILE} and its "
+                       f"{CONFIG_FILE} is {why}; start it again with the options it was started with and "
+                       "--overwrite instead of --resume") from None
+    if saved is None:
+        raise RunError(f"{out / CONFIG_FILE}: its settings {', '.join(unknown[:5])} are unknown to this version of "
+                       "defect_fast (written by a later one?); start the run with the version that wrote it")
+    where = ""
+    if cfg.data and real_path(cfg.data, expand_user=True) != real_path(saved.data):
+        where = f", on the images in {cfg.data} (it started on {saved.data})"
+        saved = replace(saved, data=cfg.data)
+    if device is not None and device != saved.device:
+        where += f", on --device {device} (it started on --device {saved.device})"
+        saved = replace(saved, device=device)
+    log(f"{out}: the run stopped before its first {CHECKPOINT_FILE}, so nothing of its training was saved; it "
+        f"starts again from the beginning with the settings it was started with ({CONFIG_FILE}){where}")
+    return replace(saved, held_back=[])  # split again: the same images and seed hold back the same ones
+
+
 def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume: bool = False,
           device: str | None = None, progress: bool = True, log: Callable[[str], None] = print) -> Path:
     """Train ``cfg.model`` on the defect-free images of ``cfg.data`` into run folder ``out``.
@@ -1215,7 +1256,8 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
     (:func:`check_config`) and every image read before the run folder is made; the folder then
     carries a manifest and is locked while training (a second process gets "in use by PID").
     With ``resume``, continue from ``out/checkpoint.pt`` (the config saved there wins, but for
-    ``device``: a run started on a GPU that is gone continues elsewhere, said in the log).
+    ``device``: a run started on a GPU that is gone continues elsewhere, said in the log); a run
+    killed before its first checkpoint starts again from the beginning with its ``config.json``.
 
     Returns the path of the finished model file (``out/model.pt``).
     Raises:
@@ -1226,23 +1268,11 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
 
     out = Path(out)
     state = None
+    if resume and not (out / CHECKPOINT_FILE).is_file():  # started again from its settings, or refused
+        cfg, device = _start_again(out, cfg, device, log), None
+        resume, overwrite = False, True
     if resume:
         ckpt = out / CHECKPOINT_FILE
-        if not ckpt.is_file():
-            if (out / MODEL_FILE).is_file():
-                raise RunError(f"{out}: the run is finished ({MODEL_FILE} is written); nothing to resume")
-            stages = sorted(p.name for p in out.glob("stage*.pt"))
-            if stages:  # it had one: removed since (by hand?), the stages' models cannot resume
-                raise RunError(f"{out}: nothing to resume: its {CHECKPOINT_FILE} is gone (it trained past "
-                               f"{stages[-1]}); start the run again with the options it was started with "
-                               f"({out / CONFIG_FILE}) and --overwrite instead of --resume")
-            if OutputFolder.written_by(out) == "train":  # killed (kill -9, power loss) before its first checkpoint
-                if (out / LOCK_NAME).is_file():  # or still training (RunInUse: in use by PID ...)
-                    RunLock(out).acquire().release()
-                raise RunError(f"{out}: nothing to resume: the run stopped before its first {CHECKPOINT_FILE} (one is "
-                               f"written every --checkpoint-every steps); start it again with the options it was "
-                               f"started with ({out / CONFIG_FILE}) and --overwrite instead of --resume")
-            raise RunError(f"{out}: nothing to resume (no {CHECKPOINT_FILE})")
         folder = OutputFolder.open(out, lock=True, what="--out", command="train")
     else:
         cfg = replace(cfg, data=_abs(cfg.data), anomaly_source=_abs(cfg.anomaly_source), held_back=[])
@@ -1284,9 +1314,9 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
                 cfg = replace(cfg, device=device)
             pos = state["position"]
             if pos["stage"] >= len(cfg.epochs):  # stopped after training, in the steps that follow it
-                log(f"resuming {out}: training is complete; running the steps after it (map statistics, calibration)")
+                resuming = f"resuming {out}: training is complete; running the steps after it (map statistics, calibration)"
             else:
-                log(f"resuming {out} at stage {pos['stage'] + 1}, epoch {pos['epoch'] + 1}, step {pos['step']}")
+                resuming = f"resuming {out} at stage {pos['stage'] + 1}, epoch {pos['epoch'] + 1}, step {pos['step']}"
         probe = checked_model(cfg, weights=False)  # the weights once the data is known to be usable (below)
         if state is not None:
             _check_objective(out, state, probe.objective(), log)
@@ -1387,6 +1417,8 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
                            "them, or train a new run")
         check_pretrained_weights(cfg, probe)  # now, not after the training that needs them
         del probe
+        if resume:  # said once the checks that could refuse the resume have passed
+            log(resuming)
         if not resume:
             folder = OutputFolder.create(out, overwrite=overwrite, inputs=inputs, lock=True, command="train",
                                          names=run_files)

@@ -415,8 +415,10 @@ def test_resume_continues_on_the_run_s_own_images_and_settings(synthetic_root, t
     # the same folder with other images in it
     first, second = sorted((data / "train" / "good").iterdir())[:2]
     first.rename(first.with_name("moved.txt"))
+    said = []
     with pytest.raises(RunError, match=rf"training images changed since the run started \(removed: {first.name}\)"):
-        train(_cfg(data), out, resume=True, progress=False, log=lambda s: None)
+        train(_cfg(data), out, resume=True, progress=False, log=said.append)
+    assert not any(m.startswith("resuming") for m in said), said  # a refused resume is not announced first
     first.with_name("moved.txt").rename(first)
     # one pixel of one image: named (it said "32 then, 32 now, other content")
     original = second.read_bytes()
@@ -660,29 +662,57 @@ def test_run_folder_is_never_overwritten_silently(synthetic_root, tmp_path):
         train(_cfg(synthetic_root), tmp_path / "fresh", resume=True)
 
 
-def test_a_run_killed_before_its_first_checkpoint_says_how_to_start_again(synthetic_root, tmp_path):
+def test_a_run_killed_before_its_first_checkpoint_starts_again_on_resume(synthetic_root, tmp_path, monkeypatch):
     """kill -9 before the first checkpoint leaves the run's folder with its config and log only:
-    --resume has nothing to go on, and says to start again with --overwrite, which works."""
-    from defect_fast.safety import OutputFolder
-
-    out = tmp_path / "run"
-    folder = OutputFolder.create(out, command="train")  # as a start leaves it, before any step is saved
-    folder.write_text("log.jsonl", "")
-    with pytest.raises(RunError, match=r"nothing to resume: the run stopped before its first checkpoint.pt .*"
-                                       r"start it again with the options it was started with \(.*config.json\) "
-                                       r"and --overwrite instead of --resume$"):
-        train(_cfg(synthetic_root, max_steps=[1, 1]), out, resume=True, progress=False)
-    # a run still training before its first checkpoint (its lock held) is in use, not stopped
+    --resume starts it again from the beginning with the settings in its config.json (its options
+    not typed again) and ends as an uninterrupted run does; a folder without them is refused."""
     from defect_fast.safety import RunInUse, RunLock
 
+    cfg = _cfg(synthetic_root, max_steps=[1, 1], model_kwargs={"memory_size": 20}, batch_size=16)
+    out = tmp_path / "run"
+
+    class Killed(BaseException):  # no handler runs: what kill -9 leaves, before any checkpoint
+        pass
+
+    def killed(self):
+        raise Killed
+
+    def kill_before_the_first_checkpoint(out):
+        monkeypatch.setattr(train_module.Trainer, "run", killed)
+        monkeypatch.setattr(train_module.OutputFolder, "discard", lambda self: None)  # no clean-up after kill -9
+        with pytest.raises(Killed):
+            train(cfg, out, progress=False, log=lambda s: None)
+        monkeypatch.undo()
+
+    kill_before_the_first_checkpoint(out)
+    assert (out / "config.json").is_file() and not (out / "checkpoint.pt").exists()
+    # a run still training before its first checkpoint (its lock held) is in use, not stopped
     lock = RunLock(out).acquire()
     try:
         with pytest.raises(RunInUse):
-            train(_cfg(synthetic_root, max_steps=[1, 1]), out, resume=True, progress=False)
+            train(TrainConfig(data=str(synthetic_root)), out, resume=True, progress=False)
     finally:
         lock.release()
-    assert (out / "model.pt").is_file() is False
-    assert train(_cfg(synthetic_root, max_steps=[1, 1]), out, progress=False, overwrite=True) == out / "model.pt"
+    messages = []
+    # only the images are given, as `defect-fast train DATA --out RUN --resume` gives them
+    assert train(TrainConfig(data=str(synthetic_root)), out, resume=True, progress=False,
+                 log=messages.append) == out / "model.pt"
+    assert any("stopped before its first checkpoint.pt" in m and "starts again from the beginning" in m
+               for m in messages), messages
+    clean = tmp_path / "clean"
+    train(cfg, clean, progress=False, log=lambda s: None)
+    assert _state_equal(load_checkpoint(out / "model.pt")["model_state"],
+                        load_checkpoint(clean / "model.pt")["model_state"])
+    assert json.loads((out / "config.json").read_text()) == json.loads((clean / "config.json").read_text())
+
+    # without a readable config.json there is nothing to start again from: refused, saying so
+    bare = tmp_path / "bare"
+    kill_before_the_first_checkpoint(bare)
+    (bare / "config.json").write_text("{")
+    with pytest.raises(RunError, match=r"nothing to resume: the run stopped before its first checkpoint.pt and its "
+                                       r"config.json is unreadable \(JSONDecodeError\); start it again with the "
+                                       r"options it was started with and --overwrite instead of --resume$"):
+        train(TrainConfig(data=str(synthetic_root)), bare, resume=True, progress=False)
 
 
 def test_overwrite_refuses_a_users_file_at_a_name_the_new_run_writes(synthetic_root, tmp_path):
