@@ -4,14 +4,17 @@
 # weights: the papers' budget here (256 px, batches of 64, 2 epochs, seed 0), evaluated with each.
 # Restartable: a trained run is not trained again, a results file that exists is kept.
 #
-#   bash experiments/ae_ssim_map.sh [DATA] [OUT]
+#   [RESULTS_DIR=DIR] bash experiments/ae_ssim_map.sh [DATA] [OUT]
+#
+# Results go to experiments/results/ae-ssim-map, or to $RESULTS_DIR (experiments/README.md, "Rerunning a row").
 set -uo pipefail
+START=$PWD
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data/magnetic-tile}
 OUT=${2:-runs/ae-ssim-map}
-RES=experiments/results/ae-ssim-map
-mkdir -p "$OUT" "$RES"
 source experiments/lib.sh
+RES=$(results_dir experiments/results/ae-ssim-map)
+mkdir -p "$OUT" "$RES"
 run=$OUT/ae-ssim-s0
 train_or_resume "$run" --model ae-ssim --seed 0 --epochs 2 --image-size 256 --batch-size 64 \
   --checkpoint-every 100 --quiet || exit 1

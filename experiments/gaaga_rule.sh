@@ -7,14 +7,19 @@
 # Restartable: a run whose model.pt exists is not trained again, an interrupted one is resumed, a
 # results file that exists is kept.
 #
-#   bash experiments/gaaga_rule.sh [DATA] [OUT]
+# Results go to experiments/results/gaaga-rule, or to $RESULTS_DIR (experiments/README.md, "Rerunning
+# a row"). Exit status 1 when any training or evaluation failed (the other runs go on).
+#
+#   [RESULTS_DIR=DIR] bash experiments/gaaga_rule.sh [DATA] [OUT]
 set -uo pipefail
+START=$PWD
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data/magnetic-tile}
 OUT=${2:-runs/gaaga-rule}
-RES=experiments/results/gaaga-rule
-mkdir -p "$OUT" "$RES"
 source experiments/lib.sh
+RES=$(results_dir experiments/results/gaaga-rule)
+mkdir -p "$OUT" "$RES"
+failed=0
 
 # (photos-perlin is placement.sh's cmaae-s0 run, the same command: last, as the reference)
 for spec in "photos paper-exact" "photos paper" "papers paper-exact" "papers paper" "photos perlin"; do
@@ -23,6 +28,7 @@ for spec in "photos paper-exact" "photos paper" "papers paper-exact" "papers pap
   preset=()
   [ "$setting" = photos ] && preset=(--preset photos)
   train_or_resume "$run" --model cmaae --seed 0 --epochs 1 1 --image-size 256 --batch-size 64 \
-    --checkpoint-every 100 --quiet "${preset[@]}" --set "synthesis=$synthesis" || continue
-  evaluate "$run" "$name"
+    --checkpoint-every 100 --quiet "${preset[@]}" --set "synthesis=$synthesis" || { failed=1; continue; }
+  evaluate "$run" "$name" || failed=1
 done
+exit $failed

@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
 # The magnetic-tile comparison: every model and ablation trained with the same budget
 # (256x256 images, batch 64 patches, 2 epochs in all: two-stage models 1 + 1, one-stage models 2),
-# then evaluated on the test split. Restartable: a run whose metrics JSON exists is skipped.
+# then evaluated on the test split. Restartable: a run whose metrics JSON exists is skipped; an
+# interrupted training is resumed (one killed before its first checkpoint starts again from its
+# config.json).
 #
-#   bash experiments/magnetic_tile.sh [DATA] [OUT]
+#   [RESULTS_DIR=DIR] bash experiments/magnetic_tile.sh [DATA] [OUT]
 #
 # DATA defaults to ../shared/data/magnetic-tile, OUT to runs/magnetic-tile. Metrics go to
-# experiments/results/magnetic-tile/<name>.json (with the wall time of training and evaluation).
+# experiments/results/magnetic-tile/<name>.json (with the wall time of training and evaluation),
+# or to $RESULTS_DIR/<name>.json (experiments/README.md, "Rerunning a row").
 set -uo pipefail
+START=$PWD
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data/magnetic-tile}
 OUT=${2:-runs/magnetic-tile}
-RES=experiments/results/magnetic-tile
+# DF, the LPIPS trunk of awae's stage 2 (a local copy of the ImageNet AlexNet conv weights),
+# results_dir and needs_resume
+source experiments/lib.sh
+RES=$(results_dir experiments/results/magnetic-tile)
 mkdir -p "$OUT" "$RES"
-DF=(python3 -m defect_fast)
-# LPIPS trunk (awae stage 2): a local copy of the ImageNet AlexNet conv weights.
-export DEFECT_FAST_ALEXNET_WEIGHTS=${DEFECT_FAST_ALEXNET_WEIGHTS:-../shared/weights/alexnet-features-imagenet.pth}
 # --holdback 0: every defect-free image trained on, as the committed rows were (before held-back
 # thresholds existed; the rows themselves come from the earlier code: experiments/README.md)
 COMMON=(--image-size 256 --batch-size 64 --seed 0 --checkpoint-every 100 --quiet --holdback 0)
@@ -29,7 +33,7 @@ run() {  # name model epochs-per-stage... -- extra train args...
   [ -f "$RES/$name.json" ] && { echo "skip $name (done)"; return; }
   echo "== $name: $model epochs ${epochs[*]} ${extra[*]}"
   local t0=$(date +%s)
-  if [ -f "$OUT/$name/checkpoint.pt" ] && [ ! -f "$OUT/$name/model.pt" ]; then
+  if needs_resume "$OUT/$name"; then
     "${DF[@]}" train "$DATA" --out "$OUT/$name" --resume --quiet || return
   elif [ ! -f "$OUT/$name/model.pt" ]; then
     "${DF[@]}" train "$DATA" --out "$OUT/$name" --model "$model" --epochs "${epochs[@]}" "${COMMON[@]}" "${extra[@]}" --overwrite || return
@@ -38,9 +42,11 @@ run() {  # name model epochs-per-stage... -- extra train args...
   "${DF[@]}" evaluate "$OUT/$name" "$DATA" --json "$RES/$name.tmp" --overwrite || return  # its own temporary, left by a stop
   python3 - "$RES/$name.tmp" "$RES/$name.json" "$model" "$((t1 - t0))" "${extra[*]}" "${epochs[*]}" <<'PY'
 import json, sys
+sys.path.insert(0, "experiments")
+from results_file import write_text
 src, dst, model, secs, extra, epochs = sys.argv[1:]
 m = json.load(open(src)); m.update(model=model, train_seconds_wall=int(secs), train_args=extra, epochs=epochs)
-json.dump(m, open(dst, "w"), indent=2); print(f"{dst}: pixel AUROC {m['pixel_auroc']:.4f}")
+dst = write_text(dst, json.dumps(m, indent=2)); print(f"{dst}: pixel AUROC {m['pixel_auroc']:.4f}")
 PY
   rm -f "$RES/$name.tmp"
 }

@@ -11,23 +11,30 @@
 # (--fit-on held-back --map-scales 1). Rows -v3: the defaults since, statistics from the training
 # images and a two-level pyramid (--fit-on train --map-scales 1 2); the -v3-* ablations refit the
 # statistics of the cmaae-v3 model (weights untouched) with one setting changed.
-# Restartable: a run whose metrics JSON exists is skipped; an interrupted training is resumed.
+# Restartable: a run whose metrics JSON exists is skipped; an interrupted training is resumed (one
+# killed before its first checkpoint starts again from its config.json).
 #
-#   bash experiments/magnetic_tile_v2.sh [DATA] [OUT] [ROWS...]
+#   [RESULTS_DIR=DIR] bash experiments/magnetic_tile_v2.sh [DATA] [OUT] [ROWS...]
+#
+# Metrics go to experiments/results/magnetic-tile/<name>.json, or to $RESULTS_DIR/<name>.json
+# (experiments/README.md, "Rerunning a row"). ROWS are the names of the case list at the end; an
+# unknown one stops the script before anything runs (exit status 2).
 set -uo pipefail
+START=$PWD
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data/magnetic-tile}
 OUT=${2:-runs/magnetic-tile}
 shift 2 2>/dev/null || true
-RES=experiments/results/magnetic-tile
+source experiments/lib.sh  # DF, the AlexNet weights, results_dir, needs_resume (evaluate is this script's own, below)
+RES=$(results_dir experiments/results/magnetic-tile)
 mkdir -p "$OUT" "$RES"
-DF=(python3 -m defect_fast)
-export DEFECT_FAST_ALEXNET_WEIGHTS=${DEFECT_FAST_ALEXNET_WEIGHTS:-../shared/weights/alexnet-features-imagenet.pth}
+DRY=  # set while the row names are checked: run, evaluate and refit then do nothing
 COMMON=(--image-size 256 --batch-size 64 --checkpoint-every 100 --quiet)
 NEW=(--patch-sampling random --flips --lr-schedule cosine --map perceptual --infer-stride 32 --blend hann --smooth 4)
 V2=(--fit-on held-back --map-scales 1)
 
 run() {  # name model seed epochs-per-stage... -- extra train args...
+  [ -n "$DRY" ] && return
   local name=$1 model=$2 seed=$3; shift 3
   local epochs=() extra=()
   while [ $# -gt 0 ] && [ "$1" != "--" ]; do epochs+=("$1"); shift; done
@@ -35,24 +42,34 @@ run() {  # name model seed epochs-per-stage... -- extra train args...
   extra=("$@")
   [ -f "$RES/$name.json" ] && { echo "skip $name (done)"; return; }
   echo "== $name: $model seed $seed epochs ${epochs[*]} ${extra[*]}"
+  # what the run is started with; a run stopped before its model file is resumed from its own
+  # config.json or checkpoint (the same arguments, when this script started it)
+  TRAIN_ARGV=("$DATA" --out "$OUT/$name" --model "$model" --seed "$seed" --epochs "${epochs[@]}" "${COMMON[@]}" "${extra[@]}")
   local t0=$(date +%s)
-  if [ -f "$OUT/$name/checkpoint.pt" ] && [ ! -f "$OUT/$name/model.pt" ]; then
+  if needs_resume "$OUT/$name"; then
     "${DF[@]}" train "$DATA" --out "$OUT/$name" --resume --quiet || return
   elif [ ! -f "$OUT/$name/model.pt" ]; then
-    "${DF[@]}" train "$DATA" --out "$OUT/$name" --model "$model" --seed "$seed" --epochs "${epochs[@]}" "${COMMON[@]}" "${extra[@]}" || return
+    "${DF[@]}" train "${TRAIN_ARGV[@]}" || return
   fi
   local t1=$(date +%s)
   evaluate "$name" "$name" "$model" "$((t1 - t0))" "${epochs[*]} ${extra[*]}"
 }
 
-evaluate() {  # json-name run-name model train-seconds train-args [evaluate options...]
+# evaluate JSON-NAME RUN-NAME MODEL TRAIN-SECONDS TRAIN-ARGS [EVALUATE-OPTIONS...]: $RES/JSON-NAME.json,
+# with the record of the run (train_args: TRAIN-ARGS as the rows have it; train_argv: TRAIN_ARGV, the
+# full arguments of the training, null for the rows that refit or re-map a trained run), the
+# package version and git commit; written atomically (experiments/results_file.py)
+evaluate() {
+  [ -n "$DRY" ] && return
   local name=$1 runname=$2 model=$3 secs=$4 targs=$5; shift 5
   [ -f "$RES/$name.json" ] && return
   [ -f "$OUT/$runname/model.pt" ] || return
   "${DF[@]}" evaluate "$OUT/$runname" "$DATA" --json "$RES/$name.tmp" --overwrite "$@" || return
-  python3 - "$RES/$name.tmp" "$RES/$name.json" "$model" "$secs" "$targs" "$*" "$OUT/$runname" <<'PY'
+  python3 - "$RES/$name.tmp" "$RES/$name.json" "$model" "$secs" "$targs" "$*" "$OUT/$runname" "${TRAIN_ARGV[@]}" <<'PY'
 import json, platform, sys, torch
-src, dst, model, secs, targs, eargs, run = sys.argv[1:]
+sys.path.insert(0, "experiments")
+from results_file import provenance, write_text
+src, dst, model, secs, targs, eargs, run, *train_argv = sys.argv[1:]
 m = json.load(open(src))
 state = torch.load(f"{run}/model.pt", map_location="cpu", weights_only=True)
 from defect_fast.detect import cpu_flags, default_precision
@@ -61,13 +78,19 @@ bf16 = "+".join(sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"})) or "no bf16 i
 m.update(model=model, train_seconds=state.get("train_seconds"), finish_seconds=state.get("finish_seconds"),
          train_seconds_wall=int(secs) or None,
          train_args=targs, evaluate_args=eargs, hardware=f"{cpu} ({bf16}), {torch.get_num_threads()} threads, torch {torch.__version__}",
-         train_precision=state.get("train_precision", "float32"), inference_precision=default_precision("cpu"))
-json.dump(m, open(dst, "w"), indent=2); print(f"{dst}: pixel AUROC {m['pixel_auroc']:.4f} image AUROC {m['image_auroc']:.4f}")
+         train_precision=state.get("train_precision", "float32"), inference_precision=default_precision("cpu"),
+         train_argv=train_argv or None, **provenance())
+dst = write_text(dst, json.dumps(m, indent=2))
+print(f"{dst}: pixel AUROC {m['pixel_auroc']:.4f} image AUROC {m['image_auroc']:.4f}")
 PY
+  local rc=$?
   rm -f "$RES/$name.tmp"
+  return $rc
 }
 
 refit() {  # name source-run refit-options...: a copy of source-run with its map statistics refitted
+  [ -n "$DRY" ] && return
+  TRAIN_ARGV=()  # not trained here: the source run's training is in its own record
   local name=$1 src=$2; shift 2
   [ -f "$RES/$name.json" ] && { echo "skip $name (done)"; return; }
   [ -f "$OUT/$src/model.pt" ] || { echo "skip $name ($src not trained)"; return; }
@@ -77,9 +100,8 @@ refit() {  # name source-run refit-options...: a copy of source-run with its map
   evaluate "$name" "$name" "$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['model'])" "$OUT/$name/config.json")" 0 "refit $*"
 }
 
-ROWS=${*:-"cmaae-v2 awae-v2 cmaae-v2-maps cmaae-v2-s1 cmaae-v2-s2 awae-v2-s1 awae-v2-s2 ae-l2-v2 memae-v2 ae-ssim-v2"}
-for row in $ROWS; do
-  case $row in
+row() {  # ROW: the runs of one row name; status 2 for a name not in the list
+  case $1 in
     cmaae-v2)    run cmaae-v2 cmaae 0 1 1 -- "${NEW[@]}" "${V2[@]}" --set synthesis=perlin ;;
     cmaae-v2-s1) run cmaae-v2-s1 cmaae 1 1 1 -- "${NEW[@]}" "${V2[@]}" --set synthesis=perlin ;;
     cmaae-v2-s2) run cmaae-v2-s2 cmaae 2 1 1 -- "${NEW[@]}" "${V2[@]}" --set synthesis=perlin ;;
@@ -141,6 +163,7 @@ for row in $ROWS; do
       refit cmaae-v3-three-scales cmaae-v3 --map-scales 1 2 4 ;;
     # the same trained models with the paper's maps (ablation of the map alone)
     cmaae-v2-maps)
+      TRAIN_ARGV=()
       evaluate cmaae-v2-msfr-overlap cmaae-v2 cmaae 0 "" --map msfr
       evaluate cmaae-v2-msfr-tiles cmaae-v2 cmaae 0 "" --map msfr --stride 64 --blend none --smooth 0
       evaluate awae-v2-residual-overlap awae-v2 awae 0 "" --map residual ;;
@@ -218,6 +241,17 @@ for row in $ROWS; do
       refit awae-v8-s1 awae-v7-s1
       refit awae-v8-s2 awae-v7-s2
       refit memae-v8 memae-v7 ;;
-    *) echo "unknown row $row" ;;
+    *) return 2 ;;
   esac
+}
+
+ROWS=${*:-"cmaae-v2 awae-v2 cmaae-v2-maps cmaae-v2-s1 cmaae-v2-s2 awae-v2-s1 awae-v2-s2 ae-l2-v2 memae-v2 ae-ssim-v2"}
+DRY=1
+for r in $ROWS; do
+  row "$r"
+  [ $? -eq 2 ] && { echo "magnetic_tile_v2.sh: unknown row '$r' (the row names are the case list at the end of the script)" >&2; exit 2; }
+done
+DRY=
+for r in $ROWS; do
+  row "$r"
 done

@@ -24,7 +24,11 @@ Rows written (one JSON each, same metrics as ``defect-fast evaluate``):
 ``--context-layers 2 3 4 5`` (default 3 4 5, what ``--context`` reads) names the AlexNet layers of
 the context rows, which then end in ``-layers2345``: how much the result depends on that choice.
 ``--context-profile rows`` adds the band profile to their context (``--context-profile`` of
-``train``); the rows then end in ``-rows``. ``--level-brightness`` levels the images' brightness
+``train``); the rows then end in ``-rows-v8``: the image score without the profile (as the
+Detector's since v6) and the profile reading conv1 through its pool geometry (since v8,
+``ImageContext.profile_resample``). Files of earlier code keep their names: ``-rows`` (the profile
+in the score's map, before v6) and ``-rows-v6`` (the bilinear resize of v6 and v7).
+``--level-brightness`` levels the images' brightness
 before the trunk of the context and of the blur-perceptual map, to the training images' mean
 (``--level-brightness`` of ``train``); the rows then end in ``-levelled``.
 """
@@ -49,8 +53,11 @@ from defect_fast.maps import blur_matrix  # noqa: E402
 from defect_fast.metrics import evaluate  # noqa: E402
 from defect_fast.perceptual import PerceptualMap  # noqa: E402
 from defect_fast.safety import dump_json_strict  # noqa: E402
-from results_file import write_text  # noqa: E402
+from results_file import provenance, write_text  # noqa: E402
 
+
+#: The version of the band profile an ImageContext computes, by its profile_resample: the row names' tag.
+PROFILE_VERSION = {"bilinear": "v6", "pool": "v8"}
 
 ROWS = ["model-free-mean", "model-free-blur-perceptual", "model-free-blur-perceptual-v3", "model-free-context",
         "model-free-blur-perceptual-v3-context"]
@@ -140,12 +147,14 @@ def context(x_train, x_held, x_test, test, out: Path, args, rows: list[str]) -> 
     s = args.image_size
     layers = tuple(sorted(args.context_layers))
     suffix = "" if layers == LAYERS else "-layers" + "".join(map(str, layers))
-    # "-rows-v6": the score without the profile, as the Detector since v6; the "-rows" files were
-    # written before, with the profile in the map the score's top values came from
-    suffix += "" if args.context_profile == "none" else f"-{args.context_profile}-v6"
-    suffix += "-levelled" if args.level_brightness else ""
     level = reference_brightness_of(x_train) if args.level_brightness else None
     ctx = ImageContext(s, layers=layers, profile=args.context_profile)
+    # a profiled row is named by the version whose profile it computes: "-v8", conv1 read through its
+    # pool geometry (the committed "-v6" files: the score without the profile, bilinear resize; the
+    # "-rows" files: before v6, the profile in the map the score's top values came from)
+    suffix += "" if args.context_profile == "none" else f"-{args.context_profile}-{PROFILE_VERSION[ctx.profile_resample]}"
+    suffix += "-levelled" if args.level_brightness else ""
+    resampled = "" if args.context_profile == "none" else f" from conv1 by {ctx.profile_resample}"
     ctx.brightness = level
     ctx.fit(lambda: x_train.split(32))
     fitted = time.perf_counter() - t0
@@ -157,7 +166,8 @@ def context(x_train, x_held, x_test, test, out: Path, args, rows: list[str]) -> 
     if "model-free-context" in rows:
         maps, scores = combined(None, None)
         write(out / f"model-free-context{suffix}.json", maps, test,
-              f"image context map (AlexNet conv layers {list(layers)}, profile {args.context_profile}, training-image Gaussians), "
+              f"image context map (AlexNet conv layers {list(layers)}, profile {args.context_profile}{resampled}, "
+              "training-image Gaussians), "
               "smoothed with sigma 4; "
               "image score its top values (of the map without the profile) standardised on the held-back images "
               f"plus the context score; brightness levelled: {level is not None}",
@@ -172,7 +182,7 @@ def context(x_train, x_held, x_test, test, out: Path, args, rows: list[str]) -> 
         maps, scores = combined(base_held, base_test)
         write(out / f"model-free-blur-perceptual-v3-context{suffix}.json", maps, test,
               f"model-free-blur-perceptual-v3 plus the image context (AlexNet conv layers {list(layers)}, profile "
-              f"{args.context_profile}), combined as "
+              f"{args.context_profile}{resampled}), combined as "
               f"a --context run combines them; brightness levelled: {level is not None}", time.perf_counter() - t0,
               args, scores)
 
@@ -223,7 +233,7 @@ def _parts(parts: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch
 def write(path: Path, maps, test, what: str, seconds: float, args, scores=None) -> None:
     m = evaluate(maps, test.masks, scores_of(maps) if scores is None else scores, test.labels, test.classes)
     m.update(model="model-free", map=what, image_size=args.image_size, seconds=round(seconds, 1),
-             command="python3 experiments/model_free.py " + " ".join(sys.argv[1:]))
+             command="python3 experiments/model_free.py " + " ".join(sys.argv[1:]), **provenance())
     path = write_text(path, dump_json_strict(m))
     print(f"{path.name}: pixel AUROC {m['pixel_auroc']:.4f}, image AUROC {m['image_auroc']:.4f}, AUPRO {m['aupro']:.4f}")
 

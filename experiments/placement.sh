@@ -9,14 +9,19 @@
 # Restartable: a run whose model.pt exists is not trained again, an interrupted one is resumed, a
 # results file that exists is kept.
 #
-#   bash experiments/placement.sh [DATA] [OUT]
+# Results go to experiments/results/placement, or to $RESULTS_DIR (experiments/README.md, "Rerunning
+# a row"). Exit status 1 when any training, refit or evaluation failed (the other runs go on).
+#
+#   [RESULTS_DIR=DIR] bash experiments/placement.sh [DATA] [OUT]
 set -uo pipefail
+START=$PWD
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data/magnetic-tile}
 OUT=${2:-runs/placement}
-RES=experiments/results/placement
-mkdir -p "$OUT" "$RES"
 source experiments/lib.sh
+RES=$(results_dir experiments/results/placement)
+mkdir -p "$OUT" "$RES"
+failed=0
 
 for spec in "cmaae 0 1 1" "cmaae 1 1 1" "cmaae 2 1 1" "awae 0 1 1" "memae 0 2"; do
   set -- $spec
@@ -24,18 +29,21 @@ for spec in "cmaae 0 1 1" "cmaae 1 1 1" "cmaae 2 1 1" "awae 0 1 1" "memae 0 2"; 
   shift 2
   name=$model-s$seed run=$OUT/$model-s$seed
   train_or_resume "$run" --model "$model" --seed "$seed" --epochs "$@" --image-size 256 --batch-size 64 \
-    --checkpoint-every 100 --quiet --preset photos || continue
-  evaluate "$run" "$name-cells"
+    --checkpoint-every 100 --quiet --preset photos || { failed=1; continue; }
+  evaluate "$run" "$name-cells" || failed=1
   if [ ! -f "$OUT/$name-centres/model.pt" ]; then
-    rm -rf "$OUT/$name-centres.tmp" && cp -r "$run" "$OUT/$name-centres.tmp" && rm -f "$OUT/$name-centres.tmp/.defect_fast.lock" || continue
-    python3 experiments/refit_run.py "$OUT/$name-centres.tmp" --placement centres || continue
-    rm -rf "$OUT/$name-centres" && mv "$OUT/$name-centres.tmp" "$OUT/$name-centres"
+    rm -rf "$OUT/$name-centres.tmp" && cp -r "$run" "$OUT/$name-centres.tmp" && rm -f "$OUT/$name-centres.tmp/.defect_fast.lock" || { failed=1; continue; }
+    python3 experiments/refit_run.py "$OUT/$name-centres.tmp" --placement centres || { failed=1; continue; }
+    rm -rf "$OUT/$name-centres" && mv "$OUT/$name-centres.tmp" "$OUT/$name-centres" || { failed=1; continue; }
   fi
-  evaluate "$OUT/$name-centres" "$name-centres"
+  evaluate "$OUT/$name-centres" "$name-centres" || failed=1  # record: the weights' training (TRAIN_ARGV)
 done
 
-python3 - "$RES" <<'PY'
+# summary.json: made again from every pair in $RES, replaced whole (atomically) on each run
+python3 - "$RES" <<'PY' || failed=1
 import json, pathlib, sys
+sys.path.insert(0, "experiments")
+from results_file import replace_text
 res = pathlib.Path(sys.argv[1])
 rows = []
 for cells in sorted(res.glob("*-cells.json")):
@@ -48,5 +56,6 @@ for cells in sorted(res.glob("*-cells.json")):
                  "uneven_pixel_auroc": [round(100 * a["per_class"]["uneven"]["pixel_auroc"], 2),
                                         round(100 * b["per_class"]["uneven"]["pixel_auroc"], 2)]})
     print(rows[-1]["run"], " ".join(f"{k} {v[0]:.2f} -> {v[1]:.2f}" for k, v in rows[-1].items() if k != "run"))
-(res / "summary.json").write_text(json.dumps({"cells -> centres": rows}, indent=1) + "\n")
+replace_text(res / "summary.json", json.dumps({"cells -> centres": rows}, indent=1) + "\n")
 PY
+exit $failed
