@@ -756,6 +756,8 @@ class ModelInfo:
         # what operating_points reads: the rates other thresholds would give (report)
         info.extra["held_back"] = {k: cal[k] for k in ("held_back_scores", "highest_scores", "n_images", "inapplicable",
                                                        "source") if k in cal}
+        if getattr(det, "trained_proportions", None) is not None:  # images far outside them are said (watch, report)
+            info.extra["trained_proportions"] = list(det.trained_proportions)
         return info
 
     def scale(self) -> float:

@@ -380,7 +380,9 @@ def cmd_predict(args) -> int:
     OutputFolder.check(out, overwrite=args.overwrite, inputs=inputs, command="predict", names=planned)
     part = PREDICT_PART
     if len(paths) > part:  # every bad file named, before any output; read again below, a part at a time
-        check_images(paths, det.image_size, where="predict inputs")
+        sizes: list = []
+        check_images(paths, det.image_size, where="predict inputs", sizes=sizes)
+        det.check_proportions(sizes, paths, "predict inputs")
     if image_t is None:
         print(f"defect-fast: warning: no image is flagged: {source}", file=sys.stderr)
     # white in the map images: twice the pixel threshold, or the colour scale stored with it; a model
@@ -391,6 +393,8 @@ def cmd_predict(args) -> int:
         """The part of the inputs from ``a``: (its images, their own sizes as this read found them, results)."""
         chunk, sizes = paths[a:a + part], []
         images = read_images(chunk, det.image_size, where="predict inputs", sizes=sizes, warn=len(paths) <= part)
+        if len(paths) <= part:  # else said of them all, above
+            det.check_proportions(sizes, chunk, "predict inputs")
         res = det.predict_batched(images)
         what = "images" if len(paths) <= part else f"images of the part from image {a + 1} of {len(paths)}"
         check_finite(res, chunk, args.run, det.precision, what)  # before its outputs: a NaN score would pass

@@ -62,7 +62,7 @@ import os
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -75,7 +75,7 @@ from .models import AnomalyModel
 from .precision import cpu_flags, cpu_has_bf16, cudnn_benchmark, default_precision  # noqa: F401  (re-exported)
 from .calibration import calibrate as calibrate_thresholds, colour_scale, defect_regions, stored_thresholds
 from .runs import RunError, load_model_state, model_from_state, resolve_device
-from .safety import UserError
+from .safety import UserError, one_line
 from .tracing import tracing
 
 TOP_FRACTION = 0.001
@@ -388,7 +388,13 @@ class Detector(nn.Module):
         context: a fitted :class:`~defect_fast.context.ImageContext` (:meth:`fit_context`): maps
             and scores then add the context's map and score. With the perceptual map, the trunk
             layers both run on the image (conv1 and conv2 of the same AlexNet) are computed once.
+
+    ``trained_proportions``: the training images' [lowest, highest] width-to-height ratio, which
+    a run's model file records (None: not known); :meth:`predict` warns of images far outside it.
     """
+
+    #: see the class's docstring
+    trained_proportions: list[float] | None = None
 
     def __init__(self, model: AnomalyModel, image_size: int, map_kind: str | None = None, stride: int | None = None,
                  device: torch.device | str = "cpu", batch_size: int | str = "auto", calibration: dict[str, Any] | None = None,
@@ -727,6 +733,13 @@ class Detector(nn.Module):
                           f"may be judged otherwise; 'defect-fast calibrate RUN IMAGES --precision {detector.precision} "
                           "--out NEW_RUN' measures them in it (IMAGES: defect-free images the run has not seen; "
                           "--with-held-back adds those it held back)", stacklevel=3)
+        shape = state.get("trained_proportions")
+        if shape is not None:
+            if not (isinstance(shape, (list, tuple)) and len(shape) == 2 and all(
+                    type(r) in (int, float) and math.isfinite(r) and r > 0 for r in shape) and shape[0] <= shape[1]):
+                raise RunError(f"{where}: its trained_proportions ({one_line(repr(shape))[:80]}) are not a [lowest, "
+                               "highest] pair of width-to-height ratios; the file is damaged")
+            detector.trained_proportions = [float(r) for r in shape]
         if set_aside:  # a later fit_perceptual or fit_context runs the run's own trunk (no weights file)
             longest = max(set_aside, key=lambda m: len(m.convs))
             detector._spare_trunk = {k: w.to(detector.device) for k, w in
@@ -1308,6 +1321,17 @@ class Detector(nn.Module):
             return imgs, sizes
         raise TypeError(f"cannot read an image from {type(x).__name__}; pass a path, PIL image, numpy array or tensor")
 
+    def check_proportions(self, sizes: Sequence[tuple[int, int]], names: Sequence[object],
+                          where: str | os.PathLike) -> None:
+        """One warning (:class:`~defect_fast.data.DataWarning`) naming the images of (width, height)
+        ``sizes`` far outside the proportions the model was trained on
+        (:func:`~defect_fast.data.io.outside_proportions`; nothing when they are not known)."""
+        from .data.io import _callers_level, outside_proportions, warn_data
+
+        note = outside_proportions(sizes, names, self.trained_proportions, where)
+        if note:
+            warn_data(note, stacklevel=_callers_level())
+
     @torch.no_grad()
     def predict(self, x: Any, *, pixel_threshold: float | None = None, images_per_batch: int = 8) -> dict[str, Any]:
         """Maps, scores and defect regions for one image or many, of any size.
@@ -1333,6 +1357,7 @@ class Detector(nn.Module):
         from .data.io import resize_image
 
         imgs, sizes = self._as_images(x, self.image_size)
+        self.check_proportions([(w, h) for h, w in sizes], [f"image {i}" for i in range(len(sizes))], "predict")
         s = self.image_size
         # uint8 pixels of another size: the resize image files get (arrays and PIL images of a file
         # score as the file does); float tensors: the pipeline's own (antialiased bilinear)
@@ -1461,6 +1486,8 @@ class Detector(nn.Module):
             "image_size": self.image_size, "calibration": dict(self.calibration),
             "detector": {"map_kind": self.map_kind, "stride": self.stride, "blend": self.blend,
                          "smooth_sigma": float(self.smooth_sigma)}}
+        if self.trained_proportions is not None:
+            state["trained_proportions"] = list(self.trained_proportions)
         if self.normalization()["kind"] != "identity":
             state["normalization"] = {"mean": self.norm_mean.detach().cpu(), "std": self.norm_std.detach().cpu()}
         if self.image_map is not None:

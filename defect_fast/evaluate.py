@@ -47,6 +47,7 @@ def evaluate_run(run: Path | str, data: Path | str, map_kind: str | None = None,
     if far is not None:
         threshold_at_far(det.calibration, far)  # a rate the run cannot give fails before the work
     test = load_test_set(data, det.image_size, require_masks=False)
+    det.check_proportions(test.sizes, test.paths, Path(data) / "test")
     # the stored thresholds judge the test images when no --threshold is given (--far: from their scores)
     seen = seen_test_images(state, test.images, test.paths, run,
                             thresholds_used=threshold is None and "inapplicable" not in det.calibration)

@@ -485,7 +485,7 @@ def report_from_data(
         DataError: unreadable data (every bad file listed), as the data readers do.
     """
     from .data import list_images, load_test_set, read_images
-    from .data.io import DataError, blank_images
+    from .data.io import DataError, blank_images, outside_proportions, warn_data
     from .evaluate import check_finite
 
     data = Path(data)
@@ -501,6 +501,10 @@ def report_from_data(
         sizes = []
         images, names = read_images(paths, meta.image_size, where=data, sizes=sizes), [str(p) for p in paths]
     notes = list(check_images(images, names)) if check_images is not None else []
+    stretched = outside_proportions(sizes, names, meta.extra.get("trained_proportions"), data)
+    if stretched:  # on stderr, and on the page, which outlives it
+        warn_data(stretched, stacklevel=2)
+        notes.append(stretched)
     blank = [n for n, b in zip(names, blank_images(images).tolist()) if b]
     if blank:  # said on stderr by the reader too; the page outlives it
         notes.append(f"{len(blank)} of the {len(names)} images are blank frames, of one colour throughout (a failed "

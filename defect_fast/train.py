@@ -1265,6 +1265,7 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         is left behind by a failed start.
     """
     from .data import load_train_images
+    from .data.io import proportions
 
     out = Path(out)
     state = None
@@ -1342,7 +1343,8 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
                 raise RunError(f"{out}: holds an unfinished run (its {CHECKPOINT_FILE}); continue it with --resume, "
                                "or pass --overwrite to discard it and train anew")
             OutputFolder.check(out, overwrite=overwrite, inputs=inputs, command="train", names=run_files)
-        images, paths = load_train_images(cfg.data, cfg.image_size)
+        sizes: list = []
+        images, paths = load_train_images(cfg.data, cfg.image_size, sizes=sizes)
         keys = image_keys(images)
         data_digest = images_digest(keys, paths)
         data_files = [[Path(p).name, k.hex()] for p, k in zip(paths, keys)]
@@ -1471,6 +1473,8 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         # the checkpoint, which a finished run no longer resumes from (removed once model.pt is in place)
         final = {**trainer.weights(), "calibration": cal, "held_back": list(cfg.held_back), "train_seconds": elapsed,
                  "finish_seconds": finish_seconds,
+                 # the training images' width:height range: inspected images far outside it are said
+                 "trained_proportions": proportions(sizes),
                  # which images the run has seen, by their pixels as read (defect-fast calibrate refuses them)
                  "image_keys": {"trained": [keys[i].hex() for i in train_idx],
                                 "held_back": [keys[i].hex() for i in held_idx]}}

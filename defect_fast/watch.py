@@ -108,7 +108,7 @@ import torch
 
 from .calibration import ModelInfo, defect_regions
 from .data.io import (IMAGE_EXTENSIONS, DataError, blank_images, error_kind, few_levels_message,
-                      read_image_at_both_sizes)
+                      outside_proportions, read_image_at_both_sizes)
 from .maps import resize_map
 from .safety import (LOCK_NAME, MANIFEST_NAME, OutputFolder, OutputRefused, RunLock, UserError, check_out_not_overlapping,
                      far_errors, file_sha256, short_stem)
@@ -368,6 +368,7 @@ class _State:
     grace: float = 0.0
     undecodable: dict[str, tuple[Signature, float]] = field(default_factory=dict)  # key -> (signature, first seen)
     few_levels_said: bool = False  # a 16-bit image of few grey levels is named once a session
+    proportions_said: bool = False  # an image far from the training images' proportions too
     # rejected/ names the journal gives to files whose move failed (the name is theirs: another file
     # moved to it would be taken at a restart for the first's completed copy); a moved file holds its own
     rejected_names: set[str] = field(default_factory=set)
@@ -882,6 +883,11 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
             if few and few[0][1] > 0 and not st.few_levels_said:
                 st.few_levels_said = True
                 log(f"warning: {few_levels_message(few, 1, path)} (said once a session)")
+            stretched = None if st.proportions_said else outside_proportions(
+                [(photo.shape[-1], photo.shape[-2])], [path], st.info.extra.get("trained_proportions"), path.parent)
+            if stretched:
+                st.proportions_said = True
+                log(f"warning: {stretched} (said once a session)")
         except DataError as exc:
             img, photo, err = None, None, str(exc)
         except MemoryError:  # this photo only, as for its map below: set aside with a reason

@@ -264,6 +264,78 @@ def test_report_with_ground_truth_and_refusals(tiny, tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------------------------
+# images of other proportions than the training images
+# --------------------------------------------------------------------------------------------
+
+
+def test_images_far_from_the_trained_proportions_are_said_everywhere(tiny, tmp_path, capsys):
+    """Every image is stretched to the model's square input: a 16:1 strip of the trained surface is
+    stretched otherwise than the square images the model learnt (its defects can pass unseen).
+    The run records its training images' proportions; predict, evaluate, report, watch and
+    Detector.predict say so of such an image, not of one within the training images' range."""
+    import warnings
+
+    from defect_fast.data import DataWarning
+    from defect_fast.detect import Detector
+
+    state = torch.load(tiny["run"] / "model.pt", map_location="cpu", weights_only=True)
+    assert state["trained_proportions"] == [1.0, 1.0]  # the synthetic set's square images
+    src = tmp_path / "in"
+    src.mkdir()
+    good = Image.open(sorted((tiny["data"] / "test" / "good").glob("*.png"))[0]).convert("RGB")
+    strip = Image.fromarray(np.tile(np.asarray(good), (1, 16, 1)))  # 1024 x 64
+    strip.save(src / "strip.png")
+    good.resize((72, 64)).save(src / "near.png")  # 1.125:1, within the margin
+    status, _, err = cli(["predict", tiny["run"], src, "--out", tmp_path / "p", "--device", "cpu"], capsys)
+    assert status == 0, err
+    said = [ln for ln in err.splitlines() if "other proportions than the training images" in ln]
+    assert len(said) == 1 and "1 of 2 images" in said[0] and "strip.png (1024x64)" in said[0], err
+    assert "near.png" not in said[0]
+
+    det = Detector.load(tiny["run"], device="cpu")
+    assert det.trained_proportions == [1.0, 1.0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        det.predict([np.asarray(strip), np.asarray(good)])
+    assert [str(w.message) for w in caught if issubclass(w.category, DataWarning)] == [
+        "predict: 1 of 2 images are of other proportions than the training images (width:height 1:1 to 1:1): "
+        "image 0 (1024x64); every image is stretched to the model's square input, so their defects are stretched "
+        "otherwise than the model learnt and can pass unseen: inspect pieces of the trained proportions, or train "
+        "on images of these"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        det.predict(np.asarray(good))
+    assert not [w for w in caught if issubclass(w.category, DataWarning)]
+    det.save(tmp_path / "saved.pt")  # a model file the Detector writes keeps them
+    assert Detector.load(tmp_path / "saved.pt", device="cpu").trained_proportions == [1.0, 1.0]
+
+    # evaluate and report on a test set with the strip among its defect-free images
+    data = tmp_path / "data"
+    (data / "test" / "good").mkdir(parents=True)
+    for p in sorted((tiny["data"] / "test" / "good").glob("*.png"))[:3]:
+        (data / "test" / "good" / p.name).write_bytes(p.read_bytes())
+    strip.save(data / "test" / "good" / "strip.png")
+    status, _, err = cli(["evaluate", tiny["run"], data, "--device", "cpu"], capsys)
+    assert status == 0 and "1 of 4 images are of other proportions" in err and "strip.png (1024x64)" in err, err
+    status, _, err = cli(["report", tiny["run"], data, "--out", tmp_path / "r.html", "--device", "cpu"], capsys)
+    assert status == 0 and "1 of 4 images are of other proportions" in err, err
+    assert "1 of 4 images are of other proportions" in (tmp_path / "r.html").read_text()  # the page says it too
+
+    # watch: said once a session
+    status, stdout, err = cli(["watch", tiny["run"], src, "--out", tmp_path / "w", "--once", "--device", "cpu",
+                               "--poll", "0.05", "--settle", "0.05"], capsys)
+    assert status == 0, err
+    assert (stdout + err).count("other proportions than the training images") == 1, stdout + err
+
+    # a damaged record is refused, not taken for proportions
+    from defect_fast.runs import RunError
+
+    for bad in ([2.0, 1.0], [1.0], "1:1", [0.0, 1.0], [1.0, float("nan")]):
+        with pytest.raises(RunError, match="trained_proportions .* are not a \\[lowest, highest\\] pair"):
+            Detector.from_state({**state, "trained_proportions": bad}, device="cpu")
+
+
+# --------------------------------------------------------------------------------------------
 # diagnose
 # --------------------------------------------------------------------------------------------
 

@@ -72,6 +72,7 @@ def load_train_images(
     channels: int = 3,
     min_side: int | None = None,
     workers: int | None = None,
+    sizes: list | None = None,
 ) -> tuple[torch.Tensor, list[Path]]:
     """Read all defect-free training images.
 
@@ -81,6 +82,7 @@ def load_train_images(
         size: side of the square images returned (bilinear, antialiased resize).
         channels, min_side: as in :func:`defect_fast.data.read_image`.
         workers: reader threads (default: up to 8).
+        sizes: a list that receives each file's own (width, height), upright.
 
     Returns:
         (uint8 tensor [N, channels, size, size], list of the N file paths in the same order).
@@ -95,7 +97,7 @@ def load_train_images(
     if not paths:
         hint = "" if folder != path else f" (nor an MVTec-style {path / 'train' / GOOD})"
         raise DataError(f"{folder}: no training images found (extensions {', '.join(IMAGE_EXTENSIONS)}){hint}")
-    images = read_images(paths, size, channels, min_side=min_side, workers=workers, where=folder)
+    images = read_images(paths, size, channels, min_side=min_side, workers=workers, where=folder, sizes=sizes)
     return images, paths
 
 

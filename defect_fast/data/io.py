@@ -539,6 +539,46 @@ def warn_blank(images: torch.Tensor | Sequence[bool], paths: Sequence[Path], whe
                   "frames (a failed exposure, a covered lens)?", stacklevel=_callers_level())
 
 
+#: How far (a factor) an image's width-to-height ratio may lie outside the ratios of the training
+#: images before it is said: every image is stretched to the model's square input, so one of other
+#: proportions is stretched otherwise than the images the model learnt (a long strip of a surface
+#: trained on square images, a black square on it, can score under the threshold). A line's own
+#: spread passes (magnetic tile's training photographs lie between 1:2.8 and 2.6:1, its test
+#: images up to 2.7:1, inside the margin).
+PROPORTIONS_MARGIN = 1.25
+
+
+def proportions(sizes: Iterable[tuple[int, int]]) -> list[float]:
+    """[lowest, highest] width-to-height ratio of images of (width, height) ``sizes``: what a run
+    records of its training images (:func:`outside_proportions`)."""
+    ratios = [w / h for w, h in sizes]
+    return [min(ratios), max(ratios)]
+
+
+def outside_proportions(sizes: Sequence[tuple[int, int]], names: Sequence[object], trained: Sequence[float] | None,
+                        where: str | os.PathLike) -> str | None:
+    """The warning for the images of (width, height) ``sizes`` whose width-to-height ratio lies
+    more than :data:`PROPORTIONS_MARGIN` outside ``trained`` (the training images' [lowest,
+    highest], as :func:`proportions` gives it; None: not recorded, nothing said), naming up to
+    three of them; None when there is none."""
+    if not trained:
+        return None
+    lo, hi = trained
+    out = [(str(n), w, h) for n, (w, h) in zip(names, sizes)
+           if not lo / PROPORTIONS_MARGIN <= w / h <= hi * PROPORTIONS_MARGIN]
+    if not out:
+        return None
+    shown = ", ".join(f"{n} ({w}x{h})" for n, w, h in out[:3]) + (", ..." if len(out) > 3 else "")
+    return (f"{where}: {len(out)} of {len(sizes)} images are of other proportions than the training images "
+            f"(width:height {_ratio(lo)} to {_ratio(hi)}): {shown}; every image is stretched to the model's square "
+            "input, so their defects are stretched otherwise than the model learnt and can pass unseen: inspect "
+            "pieces of the trained proportions, or train on images of these")
+
+
+def _ratio(r: float) -> str:
+    return f"{r:.2g}:1" if r >= 1 else f"1:{1 / r:.2g}"
+
+
 def warn_data(message: str, stacklevel: int = 1) -> None:
     """``warnings.warn(message, DataWarning, stacklevel)``, shown and filtered as it would be, but
     kept in no warning registry. The messages of one file's reading name the file, and the registry
