@@ -258,7 +258,7 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
 
 def add_parser(subparsers) -> None:
     """Register ``defect-fast audit`` on the CLI's sub-parsers."""
-    from .safety import device_arg, output_path, positive_int
+    from .safety import device_arg, input_path, output_path, positive_int
 
     a = subparsers.add_parser(
         "audit", help="training images a detector that has not seen them flags (defects in the defect-free set)",
@@ -267,7 +267,7 @@ def add_parser(subparsers) -> None:
                     "highest first, with overlays: photographs in the defect-free set that look defective, to look at "
                     "and remove before training again. (A run that fitted nothing on its training images but the "
                     "autoencoder is audited with its own detector, as it says.)")
-    a.add_argument("run", help="run folder (or model.pt)")
+    a.add_argument("run", type=input_path, help="run folder (or model.pt)")
     a.add_argument("--out", required=True, type=output_path,
                    help="folder for audit.json and the flagged images' overlays (new or empty; an earlier audit's only "
                    "with --overwrite)")

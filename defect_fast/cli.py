@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 
 from .safety import (LOCK_NAME, MANIFEST_NAME, ArgumentParser, OutputFolder, OutputRefused, UsageError, UserError, add_threshold_options, atomic_open, atomic_write_json,
-                     device_arg, dump_json_strict, far_errors, finite_float, nonneg_float, nonneg_int, one_line, output_path, output_stems, positive_float, positive_int,
+                     device_arg, dump_json_strict, far_errors, finite_float, input_path, nonneg_float, nonneg_int, one_line, output_path, output_stems, positive_float, positive_int,
                      rate, run_main, safe_output_file)
 
 EPILOG = """examples:
@@ -628,7 +628,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model on defect-free images",
                        description="Train on DATA/train/good (MVTec layout) or on a plain folder of defect-free images. "
                        "A share of the images (--holdback) is never trained on: it sets the stored pass/fail thresholds.")
-    t.add_argument("data", help="MVTec-style root (uses train/good) or a folder of defect-free images")
+    t.add_argument("data", type=input_path, help="MVTec-style root (uses train/good) or a folder of defect-free images")
     t.add_argument("--out", required=True, type=output_path, help="run folder (new or empty; a folder of an earlier run only with --overwrite/--resume)")
     t.add_argument("--model", default="cmaae", choices=model_names(), help="model (default: cmaae)")
     t.add_argument("--image-size", type=positive_int, default=512, help="images are resized to SxS (default 512)")
@@ -703,8 +703,8 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train, **(train_defaults or {}))
 
     e = sub.add_parser("evaluate", help="pixel/image AUROC, AUPRO, F1 and pass/fail rates on a test split")
-    e.add_argument("run", help="run folder (or model.pt)")
-    e.add_argument("data", help="MVTec-style root with test/<class>/ and ground_truth/<class>/ (without "
+    e.add_argument("run", type=input_path, help="run folder (or model.pt)")
+    e.add_argument("data", type=input_path, help="MVTec-style root with test/<class>/ and ground_truth/<class>/ (without "
                    "ground_truth/: image-level metrics only)")
     e.add_argument("--json", default=None, type=output_path, help="also write the metrics to this JSON file (new, unless --overwrite; "
                    "'-': to standard output, the table then on standard error)")
@@ -725,8 +725,8 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_evaluate)
 
     r = sub.add_parser("predict", help="anomaly maps, overlays and scores for images")
-    r.add_argument("run", help="run folder (or model.pt)")
-    r.add_argument("images", nargs="+", help="image files or folders")
+    r.add_argument("run", type=input_path, help="run folder (or model.pt)")
+    r.add_argument("images", type=input_path, nargs="+", help="image files or folders")
     r.add_argument("--out", required=True, type=output_path, help="output folder (new or empty; earlier predict output only with --overwrite)")
     r.add_argument("--overwrite", action="store_true", help="replace earlier output in --out (only the files defect-fast wrote)")
     r.add_argument("--map", choices=map_names(), default=None, help="anomaly map (default: the run's --map, else the model's)")
@@ -742,7 +742,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
                        description="Export patches, model, map, stitching, smoothing and score for images uint8 "
                        "[B, 3, S, S] (RGB 0..255, already resized to the run's size S; dynamic B where the format "
                        "allows), plus FILE.json with the size, thresholds and settings.")
-    x.add_argument("run", help="run folder (or model.pt)")
+    x.add_argument("run", type=input_path, help="run folder (or model.pt)")
     x.add_argument("--format", required=True, choices=FORMATS,
                    help="onnx (onnxruntime and others; needs the onnx package), torchscript (LibTorch, the C++ runner) "
                    "or exported (torch.export's program)")

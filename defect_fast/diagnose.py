@@ -577,15 +577,15 @@ def diagnose(
 def add_parser(subparsers) -> None:
     """Register ``defect-fast diagnose`` on the CLI's sub-parsers (``command`` as its function)."""
     from .detect import BLENDS
-    from .safety import device_arg, nonneg_int, output_path, positive_int
+    from .safety import device_arg, input_path, nonneg_int, output_path, positive_int
 
     p = subparsers.add_parser(
         "diagnose", help="figure grid per class and where the top-scoring pixels of defect-free images lie",
         description="Figure grid per class (input, reconstruction, map, mask) and where the top-scoring pixels of "
                     "defect-free images lie (border band, patch seams, interior); writes DIR/<class>.png and "
                     "DIR/locations.json and prints the tables.")
-    p.add_argument("run", help="run folder holding model.pt, or a model file")
-    p.add_argument("data", help="MVTec-style dataset root (test/<class>/, ground_truth/<class>/)")
+    p.add_argument("run", type=input_path, help="run folder holding model.pt, or a model file")
+    p.add_argument("data", type=input_path, help="MVTec-style dataset root (test/<class>/, ground_truth/<class>/)")
     p.add_argument("--out", required=True, type=output_path, help="output folder for <class>.png and locations.json (new or empty)")
     p.add_argument("--per-class", type=_per_class, default=4, help="rows per class figure: highest and lowest scores "
                    f"(default 4, at most {MAX_PER_CLASS})")

@@ -304,7 +304,7 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
 
 def add_parser(subparsers) -> None:
     """Register ``defect-fast calibrate`` on the CLI's sub-parsers."""
-    from .safety import device_arg, output_path, rate
+    from .safety import device_arg, input_path, output_path, rate
 
     c = subparsers.add_parser(
         "calibrate", help="set a run's pass/fail thresholds again from defect-free images it has not seen",
@@ -312,8 +312,8 @@ def add_parser(subparsers) -> None:
                     "model file whose thresholds come from them (weights, maps and scores unchanged): more images "
                     "for a low false-alarm rate (0.01 needs 99), or the line's own images after a change. Images "
                     "the run trained on are refused.")
-    c.add_argument("run", help="run folder (or model.pt)")
-    c.add_argument("images", nargs="*", help="defect-free image files or folders the run was not trained on")
+    c.add_argument("run", type=input_path, help="run folder (or model.pt)")
+    c.add_argument("images", type=input_path, nargs="*", help="defect-free image files or folders the run was not trained on")
     c.add_argument("--out", required=True, type=output_path,
                    help="folder for the new model.pt and calibration.json (new or empty; earlier calibrate output only "
                    "with --overwrite)")

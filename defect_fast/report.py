@@ -528,7 +528,7 @@ def report_from_data(
 
 def add_parser(subparsers) -> None:
     """Register ``defect-fast report`` on the CLI's sub-parsers (``command`` as its function)."""
-    from .safety import add_threshold_options, device_arg, output_path, positive_int
+    from .safety import add_threshold_options, device_arg, input_path, output_path, positive_int
 
     r = subparsers.add_parser(
         "report", help="one self-contained HTML page: metrics, curves, score histogram, gallery",
@@ -536,8 +536,8 @@ def add_parser(subparsers) -> None:
                     "ROC and precision-recall curves and the score histogram with the threshold (with ground truth), "
                     "and a gallery sorted by score with false alarms and misses marked. A plain folder of images "
                     "gives the histogram and the gallery.")
-    r.add_argument("run", help="run folder (or model.pt)")
-    r.add_argument("data", help="MVTec-style root with test/<class>/ (and ground_truth/<class>/ with a mask for every defective "
+    r.add_argument("run", type=input_path, help="run folder (or model.pt)")
+    r.add_argument("data", type=input_path, help="MVTec-style root with test/<class>/ (and ground_truth/<class>/ with a mask for every defective "
                         "image for the pixel metrics; without ground_truth/, image-level results only), or a plain folder of images")
     r.add_argument("--out", required=True, type=output_path, help="the .html file to write")
     add_threshold_options(r, "is flagged")

@@ -60,6 +60,7 @@ __all__ = [
     "device_arg",
     "dump_json_strict",
     "finite_float",
+    "input_path",
     "load_with_digest",
     "nonneg_float",
     "nonneg_int",
@@ -451,12 +452,20 @@ def probability(text: str) -> float:
     return v
 
 
+def input_path(text: str) -> str:
+    """A file or folder to read (a run, DATA, images), with a leading ``~`` or ``~user`` expanded
+    as a shell would: one not expanded before (a quoted one, a service's unit file, a program's
+    argument list) named a folder called "~", as only ``train`` did not."""
+    return os.path.expanduser(str(text))
+
+
 def output_path(text: str) -> str:
     """A file or folder name to write (``--out``, ``--json``): not empty (an empty name would be
-    the current folder, or nothing written at all)."""
+    the current folder, or nothing written at all); a leading ``~`` expanded (:func:`input_path`:
+    else a folder named "~" was made in the current one)."""
     if not str(text).strip():
         raise argparse.ArgumentTypeError(f"must name a file or folder, got {text!r}")
-    return str(text)
+    return input_path(text)
 
 
 def check_device(spec: str) -> "torch.device":  # noqa: F821 - torch imported lazily

@@ -1290,7 +1290,7 @@ def watch(
 
 def add_parser(subparsers) -> None:
     """Register ``defect-fast watch`` on the CLI's sub-parsers (``command`` as its function)."""
-    from .safety import add_threshold_options, device_arg, nonneg_float, output_path, positive_float, positive_int
+    from .safety import add_threshold_options, device_arg, input_path, nonneg_float, output_path, positive_float, positive_int
 
     w = subparsers.add_parser(
         "watch", help="judge every image dropped into a folder: maps, overlays and a results journal",
@@ -1299,8 +1299,8 @@ def add_parser(subparsers) -> None:
                     "files are moved to OUT_DIR/rejected/ with the reason in the journal; OUT_DIR/status.json holds "
                     "the counts. SIGTERM or Ctrl-C finishes the image in hand and stops (the rest of its batch "
                     "waits for the next start).")
-    w.add_argument("run", help="run folder (or model.pt)")
-    w.add_argument("in_dir", help="the drop folder to watch")
+    w.add_argument("run", type=input_path, help="run folder (or model.pt)")
+    w.add_argument("in_dir", type=input_path, help="the drop folder to watch")
     w.add_argument("--out", required=True, type=output_path, help="results folder (new, empty, or one an earlier watch wrote: it is resumed)")
     w.add_argument("--once", action="store_true", help="process what is in the folder, then exit (for cron and tests)")
     w.add_argument("--batch-size", type=positive_int, default=8, help="images per model call (default 8; on a CPU at most what one model chunk of patches holds)")

@@ -335,6 +335,26 @@ def test_images_far_from_the_trained_proportions_are_said_everywhere(tiny, tmp_p
             Detector.from_state({**state, "trained_proportions": bad}, device="cpu")
 
 
+def test_a_leading_tilde_is_the_home_folder_for_every_path_given(tiny, tmp_path, capsys, monkeypatch):
+    """A "~" no shell expanded (quoted, a service's unit file, a program's argument list): train
+    read it as the home folder, predict said its input did not exist and made a folder named "~"
+    in the current one for its --out, printing "wrote ... to ~/out" as if in the home folder."""
+    import shutil
+
+    home, here = tmp_path / "home", tmp_path / "here"
+    here.mkdir()
+    shutil.copytree(tiny["data"] / "test" / "good", home / "parts")
+    shutil.copytree(tiny["run"], home / "run")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(here)
+    status, _, err = cli(["predict", "~/run", "~/parts", "--out", "~/out", "--device", "cpu"], capsys)
+    assert status == 0, err
+    assert json.loads((home / "out" / "scores.json").read_text())
+    assert list(here.iterdir()) == []  # no "~" folder here
+    status, _, err = cli(["evaluate", "~/run", tiny["data"], "--json", "~/m.json", "--device", "cpu"], capsys)
+    assert status == 0 and (home / "m.json").is_file(), err
+
+
 # --------------------------------------------------------------------------------------------
 # diagnose
 # --------------------------------------------------------------------------------------------
