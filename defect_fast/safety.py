@@ -847,6 +847,10 @@ def safe_output_file(path: str | os.PathLike, overwrite: bool, *, inputs: Iterab
     check_out_not_overlapping(p, inputs, what=what)
     if p.is_dir():
         raise OutputRefused(f"{what} {p}: is a folder; give a file name")
+    longest = _name_max(p.parent) - _TEMPORARY_EXTRA
+    if len(os.fsencode(p.name)) > longest:  # else refused by the file system after the work, at the write
+        raise OutputRefused(f"{what} {p}: its name is {len(os.fsencode(p.name))} bytes long; at most {longest} fit "
+                            "(it is written through a temporary file named after it); give a shorter name")
     if p.exists() and not p.is_file():  # a device, pipe or socket (or a link to one: /dev/stdout)
         raise OutputRefused(f"{what} {p}: is not a regular file (a device, pipe or socket, or a link to one), which "
                             "is never replaced, not even with " + flag + "; give a file name")
@@ -861,6 +865,22 @@ def safe_output_file(path: str | os.PathLike, overwrite: bool, *, inputs: Iterab
             raise OutputRefused(f"{what} {p}: {owner}, which {flag} never replaces; choose another name")
     _check_where_it_goes(p, what)
     return p
+
+
+#: Bytes :func:`atomic_open`'s temporary name adds to a file's (".<name>.<8 characters>.tmp").
+_TEMPORARY_EXTRA = 14
+
+
+def _name_max(folder: Path) -> int:
+    """The longest file name (bytes) the file system of ``folder`` (or of the nearest existing
+    folder above it) takes; 255 where it does not say."""
+    for parent in (folder, *folder.parents):
+        if parent.is_dir():
+            try:
+                return int(os.pathconf(parent, "PC_NAME_MAX"))
+            except (OSError, ValueError, AttributeError):  # no pathconf (Windows), or not said
+                return 255
+    return 255
 
 
 def _listed_by_output_folder(p: Path) -> str | None:

@@ -393,6 +393,22 @@ def test_safe_output_file(tmp_path):
     assert not (tmp_path / "newdir").exists()
 
 
+def test_safe_output_file_refuses_a_name_its_temporary_cannot_have(tmp_path):
+    """A legal name of 242 to 255 bytes (--json, report --out) failed at the write, after all the
+    work: its temporary (".<name>.<8 characters>.tmp") is 14 bytes longer. Refused up front; the
+    longest that fits is written."""
+    from defect_fast.safety import atomic_write_json
+
+    with pytest.raises(OutputRefused, match=r"its name is 250 bytes long; at most 241 fit .*give a shorter name$"):
+        safe_output_file(tmp_path / ("J" * 245 + ".json"), False)
+    assert list(tmp_path.iterdir()) == []
+    longest = safe_output_file(tmp_path / ("J" * 236 + ".json"), False)
+    atomic_write_json(longest, {"ok": 1})
+    assert json.loads(longest.read_text()) == {"ok": 1}
+    with pytest.raises(OutputRefused, match="at most 241 fit"):  # a folder not made yet: its file system's limit
+        safe_output_file(tmp_path / "new" / ("é" * 125 + ".json"), False)
+
+
 def test_safe_output_file_never_replaces_a_device_pipe_or_a_link_to_one(tmp_path):
     """--overwrite put a plain file in place of a named pipe, a device node or a link to one
     (/dev/stdout: as root, the system's); the advice "pass --overwrite" led there."""
