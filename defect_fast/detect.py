@@ -210,6 +210,13 @@ def _check_pixels(images: torch.Tensor, where: str) -> None:
     if lo < -1.0 - 1e-3 or hi > 1.0 + 1e-3:
         raise ValueError(f"{where}: float images must lie in [-1, 1], these span {lo:.4g}..{hi:.4g}; pass uint8 "
                          "0..255 images, or map [0, 1] ones with x * 2 - 1")
+    if lo >= 0.0:  # torchvision's to_tensor gives [0, 1]: read as [-1, 1], every pixel is lighter, without a word
+        from .data.io import DataWarning, _callers_level
+
+        # one text (no values): the warning registry keeps one entry, however many calls
+        warnings.warn(f"{where}: float images are read as [-1, 1] and these lie in [0, 1], as no image of dark "
+                      "pixels does: if they are [0, 1] images (torchvision's to_tensor), map them with x * 2 - 1 "
+                      "(images of light pixels only are read as given)", DataWarning, stacklevel=_callers_level())
 
 
 def _integer(name: str, value: Any, minimum: int, or_else: str = "") -> int:
@@ -1284,9 +1291,11 @@ class Detector(nn.Module):
                 raise DataError(f"PIL image: cannot convert its {mode} pixels ({_reason(exc)})") from None
         if isinstance(x, np.ndarray):
             if x.dtype != np.uint8:  # float arrays are most often [0, 1], which [-1, 1] would misread
+                how = ("(x // 257).astype(np.uint8) for data of the full 16-bit range, (x >> (bits - 8)) for a 10-, "
+                       "12- or 14-bit camera's" if x.dtype.kind in "ui" else
+                       "(x * 255).round().astype(np.uint8) for [0, 1]")
                 raise TypeError(f"numpy images must be uint8 (0..255), got {x.dtype}; scale them to uint8 "
-                                "(e.g. (x * 255).round().astype(np.uint8) for [0, 1]), or pass float images in "
-                                "[-1, 1] as a torch tensor")
+                                f"(e.g. {how}), or pass float images in [-1, 1] as a torch tensor")
             arr = x  # its size is checked as the tensor it becomes
             if arr.size == 0:
                 raise ValueError(f"numpy images of shape {arr.shape} have no pixels")

@@ -561,7 +561,9 @@ def test_one_detector_called_from_two_threads_gives_each_its_own_maps():
 def test_predict_refuses_pixels_it_would_misread():
     det = Detector(_model(), image_size=128)
     img = _images(1, 128)[0].permute(1, 2, 0).numpy()  # HxWx3 uint8
-    for bad, kind, words in ((img.astype(np.uint16) * 257, TypeError, "uint16"), (img > 128, TypeError, "bool"),
+    # a 16-bit array is told the 16-bit scaling (it was told the [0, 1] one, x * 255)
+    for bad, kind, words in ((img.astype(np.uint16) * 257, TypeError, "uint16; scale them to uint8 (e.g. (x // 257)"),
+                             (img > 128, TypeError, "bool"),
                              (img.astype(np.float32), TypeError, "numpy images must be uint8"),  # most often [0, 1]
                              (img.astype(np.float32) / 255, TypeError, "float32"),
                              (torch.from_numpy(img).permute(2, 0, 1).float(), ValueError, "must lie in [-1, 1]"),
@@ -1233,3 +1235,23 @@ def test_a_pickled_or_copied_detector_leaves_its_caches_behind_and_scores_the_sa
         assert twin._workspace == {} and twin._graphs == {} and twin._compiled is None
         assert torch.equal(twin.predict(x)["scores"], want)
     assert det._workspace  # the original keeps its own
+
+
+def test_float_images_in_0_1_are_said_to_be_read_as_minus_1_1():
+    """torchvision's to_tensor gives [0, 1]; read as [-1, 1] every pixel is lighter (a score of
+    half the uint8 image's) and nothing said it, where [0, 255] floats are refused."""
+    import warnings
+
+    from defect_fast.data import DataWarning
+
+    det = Detector(_model(), image_size=64, precision="float32")
+    unit = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(DataWarning, match=r"^predict: float images are read as \[-1, 1\] and these lie in \[0, 1\].*"
+                                         r"map them with x \* 2 - 1"):
+        det.predict(unit)
+    with pytest.warns(DataWarning, match=r"^predict_batched: float images are read as \[-1, 1\]"):
+        det.predict_batched(unit.unsqueeze(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        det.predict(unit * 2 - 1)  # [-1, 1], dark pixels and light: nothing said
+        det.predict((unit * 255).to(torch.uint8))
