@@ -918,6 +918,10 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
                     continue
         elif bool(blank_images(img.unsqueeze(0))[0]):  # nothing the model sees: never a pass, at once
             reason = BLANK_REASON
+            if not bool(blank_images(photo.unsqueeze(0))[0]):  # a fine weave, not only a camera fault, can be that
+                reason += (f" at the model's {st.info.image_size} px; the photo itself varies (standard deviation "
+                           f"{float(photo.float().std()):.2g} grey levels): if that is the part, its detail is finer "
+                           "than the model resolves (a model trained at a larger --image-size sees it)")
         st.pending.pop(key, None)
         st.undecodable.pop(key, None)
         if reason is not None:

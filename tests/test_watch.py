@@ -474,7 +474,28 @@ def test_blank_is_judged_at_the_model_s_size_as_predict_judges_it(tmp_path):
     (src / "faint.png").write_bytes(buf.getvalue())
     run_once(src, out)
     (rec,) = journal(out)
-    assert rec["result"] == "rejected" and rec["reason"] == watch_mod.BLANK_REASON
+    assert rec["result"] == "rejected" and rec["reason"].startswith(watch_mod.BLANK_REASON)
+    # the photo varies where the model's input does not: said, with how much, and what would see it
+    assert f"at the model's {SIZE} px; the photo itself varies (standard deviation 0.0039 grey levels)" in rec["reason"]
+
+
+def test_a_photo_of_detail_finer_than_the_model_resolves_is_not_only_called_a_camera_fault(tmp_path):
+    """A textured photo (a fine weave: a one-pixel checkerboard) is of one grey at the model's size:
+    rejected as blank, as predict marks it, with the photo's own spread and the larger --image-size
+    that would see it, where the reason named a failed exposure or a covered lens only."""
+    import io
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    weave = ((np.indices((20 * SIZE, 20 * SIZE)).sum(0) % 2) * 254).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(weave).convert("RGB").save(buf, format="PNG")
+    (src / "weave.png").write_bytes(buf.getvalue())
+    run_once(src, out)
+    (rec,) = journal(out)
+    assert rec["result"] == "rejected" and rec["reason"].startswith(watch_mod.BLANK_REASON)
+    assert "the photo itself varies (standard deviation 1.3e+02 grey levels): if that is the part, its detail is " \
+           "finer than the model resolves (a model trained at a larger --image-size sees it)" in rec["reason"]
 
 
 def test_a_black_16_bit_frame_leaves_the_bit_depth_advice_for_a_dark_one(tmp_path):
