@@ -83,11 +83,21 @@ def _file_png_uri(save: Callable[[Any], None]) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _score_text(score: float, threshold: float | None) -> str:
+    """A score to 5 significant digits, or as many as tell it from ``threshold`` where 5 do not (a
+    "pass" card read "score 0.053589" under a threshold of 0.05358887)."""
+    short = f"{score:.5g}"
+    if threshold is None or (float(short) > threshold) == (score > threshold):  # on its side of it, rounded
+        return short
+    return repr(float(score))
+
+
 def _thumb(img: Image.Image, width: int, height: int) -> Image.Image:
     return img if img.size == (width, height) else img.resize((width, height), Image.BILINEAR)
 
 
-#: Widest and narrowest gallery tile, in thumbnail heights (a 20:1 strip stays legible).
+#: Widest and narrowest gallery tile, in thumbnail heights: a 20:1 strip is squeezed to 4:1, so its
+#: tiles stay legible (a 20:1 tile of a 160-px thumbnail would be 3,200 px wide).
 _ASPECT_LIMITS = (0.25, 4.0)
 
 
@@ -117,12 +127,30 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return html.escape(str(v))
 
 
+#: Scores all positive and spanning more than this factor are binned on a log scale.
+_LOG_SPAN = 20.0
+
+
+def _histogram_bins(scores: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(bin edges, whether they are log-spaced) of the score histogram. Equal bins from the lowest
+    to the highest score put every good image in the first bin where defects score 25 times
+    higher, the threshold drawn on it: where the scores are positive and span more than
+    :data:`_LOG_SPAN`, the bins are equal in log(score) instead."""
+    n = min(40, max(5, scores.size // 3))
+    lo, hi = (float(scores.min()), float(scores.max())) if scores.size else (0.0, 0.0)
+    if lo > 0 and hi / lo > _LOG_SPAN:
+        return np.geomspace(lo, hi, n + 1), True
+    return np.histogram_bin_edges(scores, bins=n), False
+
+
 def _histogram(scores: np.ndarray, labels: np.ndarray | None, threshold: float | None) -> str:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.4, 3.6))
     ax = fig.add_subplot(111)
-    bins = np.histogram_bin_edges(scores, bins=min(40, max(5, scores.size // 3)))
+    bins, log = _histogram_bins(scores)
+    if log:
+        ax.set_xscale("log")
     if labels is None:
         ax.hist(scores, bins=bins, color="#4c72b0", alpha=0.8, label=f"images ({scores.size})")
     else:
@@ -130,7 +158,7 @@ def _histogram(scores: np.ndarray, labels: np.ndarray | None, threshold: float |
         ax.hist(scores[labels == 1], bins=bins, color="#d62728", alpha=0.6, label=f"defective ({int((labels == 1).sum())})")
     if threshold is not None:
         ax.axvline(threshold, color="k", linestyle="--", label=f"threshold {threshold:.4g}")
-    ax.set_xlabel("image score")
+    ax.set_xlabel("image score (log scale)" if log else "image score")
     ax.set_ylabel("images")
     ax.legend(fontsize=8)
     return _fig_uri(fig)
@@ -259,6 +287,7 @@ def write_report(
         metrics section ({} without ground truth)}.
     """
     from .data.dataset import from_model_range
+    from .data.io import blank_images
     from .visualize import save_map, save_overlay
 
     n = len(names)
@@ -277,6 +306,7 @@ def write_report(
     maps = maps.detach().float().cpu()
     flagged = s > thr if thr is not None else np.zeros(n, dtype=bool)
     fa = flagged & (y == 0) if y is not None else np.zeros(n, dtype=bool)
+    blank = blank_images(images.cpu()).tolist()
     miss = ~flagged & (y == 1) if y is not None and thr is not None else np.zeros(n, dtype=bool)
 
     parts: list[str] = []
@@ -343,8 +373,10 @@ def write_report(
                     undefined.append(str(w.message).removesuffix("; returning nan"))
             keys = ("pixel_auroc", "image_auroc", "aupro", "pixel_f1_max")
             shown = {"aupro": "aupro (FPR &le; 0.3)"}  # the integration limit, which the name leaves out
-            head = "<tr><th>class</th>" + "".join(f"<th>{shown.get(k, k)}</th>" for k in keys) + "<th>images</th></tr>"
-            trs = [("all", metrics)] + sorted(metrics.get("per_class", {}).items())
+            # a class's row is measured on its images and the good ones, as evaluate's per-class metrics are
+            head = ("<tr><th>class</th>" + "".join(f"<th>{shown.get(k, k)}</th>" for k in keys)
+                    + "<th>images (with the good ones)</th></tr>")
+            trs = [("every class", metrics)] + sorted(metrics.get("per_class", {}).items())
             body.append("<table>" + head + "".join(
                 f"<tr><td>{html.escape(c)}</td>" + "".join(f"<td>{_fmt(m.get(k))}</td>" for k in keys)
                 + f"<td>{m.get('num_images')}</td></tr>" for c, m in trs) + "</table>")
@@ -420,25 +452,31 @@ def write_report(
         css, tag = ("fa", "false alarm") if fa[i] else ("miss", "miss") if miss[i] else \
             ("fail", "fail") if flagged[i] else ("pass", "pass") if thr is not None else ("", "")
         cls = f" ({html.escape(classes[i])})" if classes else ""
+        if blank[i]:  # nothing on it to judge: a camera fault (predict marks it, watch sets it aside)
+            cls += " · blank frame, one colour throughout"
         tag_html = f'<span class="tag {css}">{tag}</span> ' if tag else ""
         wide = f' style="width:{tw}px"' if tw != thumb else ""  # the map and overlay PNGs are the model's square
         cap_width = f' style="max-width:{5 * (tw + 2)}px"' if tw != thumb else ""
-        cap = f'<div class="cap"{cap_width}>{tag_html}score {s[i]:.5g}{cls}<br>{html.escape(str(names[i]))}</div>'
+        cap = (f'<div class="cap"{cap_width}>{tag_html}score {_score_text(s[i], thr)}{cls}<br>'
+               f'{html.escape(str(names[i]))}</div>')
         imgs = "".join(f'<img alt="{k}" title="{k}"{wide} src="{u}">' for k, u in tiles)
         cards.append(f'<div class="card {css}">{imgs}{cap}</div>')
     cols = "input, reconstruction, map, overlay" if rec_u8 is not None else "input, map, overlay"
     n_err, n_err_shown = int((fa | miss).sum()), int((fa | miss)[shown].sum()) if len(shown) else 0
     if len(shown) >= n:
         sampled = ""
+    elif y is None or thr is None:  # no false alarms or misses to show first: none are known
+        sampled = " The rest are evenly sampled."
     elif n_err_shown == n_err:
         sampled = " All false alarms and misses are shown, the rest evenly sampled."
     else:
         sampled = (f" {n_err_shown} of the {n_err} false alarms and misses are shown (the highest-scoring false "
                    "alarms and the lowest-scoring misses, about half each when both are many; raise --max-gallery "
                    "to see all).")
+    colours = ("" if thr is None else " Orange: flagged." if y is None else
+               " Red: false alarm (good, flagged); purple: miss (defective, passed); orange: flagged.")
     note = (f'<p class="note">{len(shown)} of {n} images, highest score first; each: {cols}'
-            f'{", mask" if masks is not None else ""}. Red: false alarm (good, flagged); purple: miss '
-            f"(defective, passed); orange: flagged.{sampled}</p>")
+            f'{", mask" if masks is not None else ""}.{colours}{sampled}</p>')
     section("gallery", "Gallery", note + "\n" + "\n".join(cards))
 
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
@@ -558,6 +596,8 @@ def command(args) -> int:
     from .runs import load_model_state
     from .safety import far_errors, safe_output_file
 
+    if args.out == "-":  # as evaluate --json - would take it: a page is a file, it has no standard-output form
+        raise OutputRefused("--out -: report writes one HTML file, not to standard output; give a file name")
     data = Path(args.data)
     if not data.is_dir():
         raise DataError(f"{data}: {'not a folder' if data.exists() else 'no such folder'} (expected a folder of "

@@ -238,7 +238,7 @@ def test_watch_sigkill_twice_through_the_command_line(tiny, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def test_report_with_ground_truth_and_refusals(tiny, tmp_path, capsys):
+def test_report_with_ground_truth_and_refusals(tiny, tmp_path, capsys, monkeypatch):
     page = tmp_path / "r.html"
     status, stdout, err = cli(["report", tiny["run"], tiny["data"], "--out", page, "--max-gallery", "4",
                                "--device", "cpu"], capsys)
@@ -261,6 +261,12 @@ def test_report_with_ground_truth_and_refusals(tiny, tmp_path, capsys):
     text = page.read_text()
     assert '<section id="metrics">' not in text and '<section id="gallery">' in text and "given on the command line" in text
     refused(*cli(["report", tiny["run"], tmp_path / "nothing", "--out", tmp_path / "x.html"], capsys)[::2], "nothing")
+    # "-" is no page's name (evaluate --json - is standard output): not a file called "-"
+    with_dash = tmp_path / "cwd"
+    with_dash.mkdir()
+    monkeypatch.chdir(with_dash)
+    refused(*cli(["report", tiny["run"], tiny["data"], "--out", "-"], capsys)[::2], "--out -", "standard output")
+    assert list(with_dash.iterdir()) == []
 
 
 # --------------------------------------------------------------------------------------------

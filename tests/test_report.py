@@ -283,6 +283,71 @@ def test_the_gallery_note_says_when_errors_are_left_out(tmp_path):
     assert "All false alarms and misses are shown" in text
 
 
+def test_without_labels_the_gallery_claims_no_errors_and_marks_blank_frames(tmp_path):
+    """A plain folder has no false alarms or misses: its note said "All false alarms and misses are
+    shown" and showed their colours. A blank frame's card was tagged as any other, where predict
+    marks it blank and watch sets it aside."""
+    images, _, _, _ = make_set(n_good=10, n_bad=0)
+    images[3] = 90  # one grey throughout
+    res = stub_predict(images)
+    info = ModelInfo(S, name="stub", image_threshold=0.2)
+    common = dict(names=[f"img{i}.png" for i in range(10)], images=images, maps=res["maps"], scores=res["scores"],
+                  meta=info)
+    text = Path(write_report(tmp_path / "a.html", max_gallery=4, **common)["path"]).read_text()
+    assert "false alarm" not in text and "misses" not in text and "purple" not in text
+    assert "The rest are evenly sampled." in text and "Orange: flagged." in text
+    text = Path(write_report(tmp_path / "b.html", max_gallery=10, **common)["path"]).read_text()
+    assert text.count("blank frame, one colour throughout") == 1
+    assert re.search(r"blank frame, one colour throughout<br>img3\.png", text)
+
+
+def test_the_per_class_rows_say_what_their_image_counts_hold(tmp_path):
+    """A class's row counts its images and the good ones (6 spots and 6 good: 12), under a header
+    that said "images"; the row of every class was labelled "all", as a class named so is."""
+    images, masks, labels, classes = make_set()
+    res = stub_predict(images)
+    classes = ["good"] * 6 + ["all"] * 6
+    out = write_report(tmp_path / "r.html", names=[f"i{i}" for i in range(12)],
+                       images=images, maps=res["maps"], scores=res["scores"], labels=labels, masks=masks,
+                       classes=classes, meta=ModelInfo(S, image_threshold=0.5))
+    text = Path(out["path"]).read_text()
+    assert "<th>images (with the good ones)</th>" in text
+    assert re.search(r"<tr><td>every class</td>(<td>[^<]*</td>){4}<td>12</td></tr>", text)
+    assert re.search(r"<tr><td>all</td>(<td>[^<]*</td>){4}<td>12</td></tr>", text)
+
+
+def test_a_caption_s_score_stays_on_its_side_of_the_threshold(tmp_path):
+    """Rounded to 5 digits, a score just under the threshold read above it on a "pass" card."""
+    from defect_fast.report import _score_text
+
+    assert _score_text(0.0535888, 0.05358887) == "0.0535888" and _score_text(0.05358884, 0.05358887) == "0.05358884"
+    assert _score_text(0.12345678, 0.05) == "0.12346" and _score_text(0.12345678, None) == "0.12346"
+    assert _score_text(0.05358890, 0.05358887) == "0.053589"  # flagged, and above it rounded: short
+    images, masks, labels, classes = make_set()
+    res = stub_predict(images)
+    thr = float(res["scores"][0]) + 1e-7  # just above the first image's score: it passes
+    text = Path(write_report(tmp_path / "r.html", names=[f"i{i}" for i in range(12)], images=images, maps=res["maps"],
+                             scores=res["scores"], labels=labels, masks=masks, classes=classes,
+                             meta=ModelInfo(S, image_threshold=thr))["path"]).read_text()
+    shown = float(re.search(r'pass</span> score ([0-9.e+-]+) \(good\)<br>i0<', text).group(1))
+    assert shown <= thr
+
+
+def test_the_histogram_spreads_good_scores_that_defects_dwarf():
+    """Equal bins from the lowest to the highest score put all 150 good images in one bin where
+    defects scored 25 times higher (53 % of them flagged, unseen on the plot)."""
+    from defect_fast.report import _histogram_bins
+
+    rng = np.random.default_rng(0)
+    good, bad = rng.uniform(0.04, 0.06, 150), rng.uniform(1.0, 1.5, 20)
+    edges, log = _histogram_bins(np.concatenate([good, bad]))
+    assert log and np.histogram(good, edges)[0].max() < 150 / 3  # over several bins
+    assert np.histogram(np.concatenate([good, bad]), edges)[0].sum() == 170
+    edges, log = _histogram_bins(np.concatenate([good, good * 3]))  # a span of 4.5: equal bins, as before
+    assert not log and np.allclose(np.diff(edges), np.diff(edges)[0])
+    assert not _histogram_bins(np.array([-1.0, 0.5, 40.0]))[1]  # z-scores, negative: equal bins
+
+
 @pytest.mark.parametrize("kind", ["defective only", "good only"])
 def test_a_set_of_one_kind_still_gets_the_metrics_it_supports(tmp_path, kind):
     """Only defective images: the pixel metrics and the miss rate (evaluate gives them); only good
