@@ -426,6 +426,8 @@ def cmd_predict(args) -> int:
                 with atomic_open(overlay_png) as fh:
                     save_overlay(img, m, fh, scale=2 * scale)
                 entry = {"image": str(path), "score": float(s), "map": map_rel, "overlay": overlay_rel, "size": [w, h]}
+                if not scale:  # each map drawn to its own maximum: the value white is, to read the PNG back by
+                    entry["map_scale"] = float(m.max()) or 1.0
                 if image_t is not None:
                     entry["defective"] = bool(float(s) > image_t)
                 if is_blank:  # a camera fault (watch sets them aside): its verdict says nothing of the part

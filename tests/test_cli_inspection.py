@@ -341,6 +341,29 @@ def test_images_far_from_the_trained_proportions_are_said_everywhere(tiny, tmp_p
             Detector.from_state({**state, "trained_proportions": bad}, device="cpu")
 
 
+def test_maps_drawn_to_their_own_maximum_say_it_in_scores_json(tiny, tmp_path, capsys):
+    """With --map other than the one the run was calibrated on, no threshold applies and each map
+    is drawn to its own maximum: scores.json said "map_scale": null and no image's, so a good
+    image's map looked as saturated as a defective one's and no PNG could be read back."""
+    from defect_fast.detect import Detector
+
+    src = tiny["data"] / "test" / "scratch"
+    status, _, err = cli(["predict", tiny["run"], src, "--out", tmp_path / "p", "--map", "residual", "--device", "cpu"],
+                         capsys)
+    assert status == 0, err
+    doc = json.loads((tmp_path / "p" / "scores.json").read_text())
+    assert doc["map_scale"] is None and doc["images"]
+    det = Detector.load(tiny["run"], device="cpu", map_kind="residual")
+    for e in doc["images"]:
+        m = det.predict(e["image"])["maps"][0]
+        assert e["map_scale"] == pytest.approx(float(m.max()), rel=1e-6)
+        png = np.asarray(Image.open(tmp_path / "p" / e["map"]))
+        assert png.max() == 255 and np.abs(png / 255 * e["map_scale"] - m.numpy()).max() <= e["map_scale"] / 255 + 1e-6
+    status, _, err = cli(["predict", tiny["run"], src, "--out", tmp_path / "q", "--device", "cpu"], capsys)
+    doc = json.loads((tmp_path / "q" / "scores.json").read_text())
+    assert status == 0 and doc["map_scale"] > 0 and not any("map_scale" in e for e in doc["images"])  # one scale
+
+
 def test_a_leading_tilde_is_the_home_folder_for_every_path_given(tiny, tmp_path, capsys, monkeypatch):
     """A "~" no shell expanded (quoted, a service's unit file, a program's argument list): train
     read it as the home folder, predict said its input did not exist and made a folder named "~"
