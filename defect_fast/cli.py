@@ -13,6 +13,7 @@ import contextlib
 import copy
 import functools
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -546,8 +547,8 @@ def _demo_in(folder: OutputFolder, out: Path, data: Path, cfg, args) -> int:
             folder.discard()  # a failed start: nothing half-made is left (a training's progress is kept)
         elif isinstance(exc, UserError) and "--resume" in str(exc):  # the training's advice, in demo's terms
             advice = copy.copy(exc)  # of the same kind (a stop keeps its signal)
-            advice.args = (f"{exc}: defect-fast train {data} --out {run} --resume finishes it, or "
-                           f"defect-fast demo {out} --overwrite starts over",)
+            advice.args = (f"{exc}: defect-fast train {shlex.quote(str(data))} --out {shlex.quote(str(run))} --resume "
+                           f"finishes it, or defect-fast demo {shlex.quote(str(out))} --overwrite starts over",)
             raise advice from None
         raise
     return 0

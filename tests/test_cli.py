@@ -712,11 +712,11 @@ def test_an_interrupted_demo_keeps_its_training_to_resume(tmp_path, monkeypatch,
 
     monkeypatch.setattr(train_mod, "train", short)
     monkeypatch.setattr(train_mod, "finish_run", interrupted)
-    out = tmp_path / "demo"
+    out = tmp_path / "my demo"  # the commands it names are quoted, to be pasted as they are
     assert main(["demo", str(out), *DEMO]) == 2
     err = capsys.readouterr().err
-    assert "continue with --resume" in err and f"defect-fast demo {out} --overwrite starts over" in err
-    assert f"defect-fast train {out / 'data'} --out {out / 'run'} --resume finishes it" in err
+    assert "continue with --resume" in err and f"defect-fast demo '{out}' --overwrite starts over" in err
+    assert f"defect-fast train '{out / 'data'}' --out '{out / 'run'}' --resume finishes it" in err
     assert (out / "run" / "checkpoint.pt").is_file() and (out / "data" / "train").is_dir()
 
 
