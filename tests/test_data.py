@@ -294,10 +294,10 @@ def test_read_images_collects_every_kind_of_bad_file(tmp_path, monkeypatch):
     odd = _save(tmp_path / "odd.png", good)
     real = dio._to_8bit
 
-    def failing(img, channels, path):  # a conversion PIL cannot do, for one file only
+    def failing(img, channels, path, notes=None):  # a conversion PIL cannot do, for one file only
         if Path(path).name == "odd.png":
             raise ValueError("conversion not supported")
-        return real(img, channels, path)
+        return real(img, channels, path, notes)
 
     monkeypatch.setattr(dio, "_to_8bit", failing)
     paths = [ok, tmp_path / "missing.png", small, tmp_path / "folder.png", cut, odd]
@@ -1352,3 +1352,45 @@ def test_the_orientation_behind_the_turned_mask_warning_is_read_as_the_image_rea
         assert _orientation(tmp_path / name) == want, name
     (tmp_path / "cut.png").write_bytes((tmp_path / "exif.png").read_bytes()[:40])  # damaged: no answer, no error
     assert _orientation(tmp_path / "cut.png") is None
+
+
+def test_float_frames_of_many_files_are_said_once_per_kind(tmp_path):
+    """A folder of 12-bit frames saved as float gave one warning per file (each naming it); now the
+    readers of many files (training, predict, the test set) say each kind once, with the count and
+    three files; a single file is still said on its own, as before."""
+    from defect_fast.data.io import check_images
+
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        _save(tmp_path / "train" / "good" / f"f{i}.tif", (rng.random((40, 40)) * 4095).astype(np.float32))
+    glints = rng.random((40, 40)) * 0.8 + 0.1
+    glints.flat[:5] = 1.2
+    _save(tmp_path / "train" / "good" / "g.tif", glints.astype(np.float32))
+    _save(tmp_path / "train" / "good" / "plain.png", rng.integers(60, 120, (40, 40), dtype=np.uint8))
+    folder = tmp_path / "train" / "good"
+    paths = sorted(folder.iterdir())
+    for read in (lambda: read_images(paths, 32, where=folder), lambda: check_images(paths, 32, where=folder),
+                 lambda: load_train_images(tmp_path, 32)):
+        with pytest.warns(DataWarning) as seen:
+            read()
+        said = [str(w.message) for w in _data_warnings(seen)]
+        assert len(said) == 2, said
+        own = next(m for m in said if "no range this reader knows" in m)
+        assert own.startswith(f"{folder}: 5 of 7 images have pixels in no range this reader knows")
+        assert f"{folder / 'f0.tif'} (float pixels from " in own and own.endswith(", ...")
+        assert "f3.tif" not in own  # three named
+        clipped = next(m for m in said if "clipped" in m)
+        assert clipped == (f"{folder}: 1 of 7 images have float pixels outside the range they are read in, clipped: "
+                           f"{folder / 'g.tif'} (read as [0, 1]; 5 outside it, from 0.1003 to 1.2)")
+    with warnings.catch_warnings():  # predict's second read of a part check_images warned of: quiet
+        warnings.simplefilter("error", DataWarning)
+        read_images(paths, 32, where=folder, warn=False)
+    # the test set, the same
+    test = tmp_path / "test" / "good"
+    test.mkdir(parents=True)
+    for p in paths[:3]:
+        (test / p.name).write_bytes(p.read_bytes())
+    with pytest.warns(DataWarning) as seen:
+        load_test_set(tmp_path, 32, require_masks=False)
+    assert [m for m in map(str, (w.message for w in _data_warnings(seen))) if "no range" in m][0].startswith(
+        f"{tmp_path / 'test'}: 3 of 3 images have pixels in no range")

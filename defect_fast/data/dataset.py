@@ -34,6 +34,7 @@ from .io import (
     run_collecting,
     warn_blank,
     warn_few_levels,
+    warn_float_notes,
 )
 
 __all__ = ["GOOD", "TestSet", "find_mask", "load_test_set", "load_train_images", "to_model_range", "from_model_range"]
@@ -354,7 +355,7 @@ def load_test_set(
 
     def one(i: int) -> None:
         cls, img_path, mask_path = items[i]
-        img, img_size = _load_image(img_path, size, channels, min_side, few_levels)
+        img, img_size = _load_image(img_path, size, channels, min_side, few_levels, float_notes)
         images[i], sizes[i] = img, tuple(img_size)
         if mask_path is not None:
             m, m_size = _load_mask(mask_path, size, notes)
@@ -373,9 +374,11 @@ def load_test_set(
 
     notes: list[tuple[str, Path]] = []
     few_levels: list[tuple[Path, int]] = []
+    float_notes: list[tuple[str, Path, str]] = []
     _, read_problems = run_collecting(one, n, workers)
     raise_problems(sorted(problems + read_problems), n, "test images", root)
     warn_few_levels(few_levels, n, test)
+    warn_float_notes(float_notes, n, test)
     warn_blank(images, [img for _cls, img, _mask in items], test, said=black_said(few_levels))
     for kind, what in (("levels", "hold more than two values (soft edges or JPEG compression?); every nonzero "
                                   "pixel counts as defect"),

@@ -324,7 +324,7 @@ def _apply_orientation(img: Image.Image, path: Path) -> Image.Image:
     return turned
 
 
-def _scale_to_uint8(a: np.ndarray, mode: str, note: Callable[[str], None] | None = None) -> np.ndarray:
+def _scale_to_uint8(a: np.ndarray, mode: str, note: Callable[[str, str, str], None] | None = None) -> np.ndarray:
     """Wide grayscale (16/32-bit integer or float) -> uint8, scaled to the full range.
 
     NB: "I;16*" uses the full 16-bit range (65535 -> 255). "I" (32-bit int) is read as 16-bit
@@ -337,7 +337,8 @@ def _scale_to_uint8(a: np.ndarray, mode: str, note: Callable[[str], None] | None
     neighbours whatever its outliers: one hot pixel read a [0, 1] frame as [0, 255] (black) and a
     [0, 255] frame by its own min..max (dark). Values in no such range (12-bit data as float, a
     height map) are rescaled from the image's own min..max, said through ``note``: its brightness
-    is then not comparable with other images'.
+    is then not comparable with other images'. ``note(kind, text, detail)``: a key of
+    :data:`_FLOAT_NOTES`, the sentence for this image, and the part of it that is this image's own.
     """
     a = a.astype(np.float64)
     if not np.isfinite(a).all():
@@ -351,14 +352,15 @@ def _scale_to_uint8(a: np.ndarray, mode: str, note: Callable[[str], None] | None
         a = a * (255.0 / top)
     else:
         if note is not None:
-            note(f"{'float' if mode == 'F' else '32-bit integer'} pixels from {lo:.6g} to {hi:.6g}, in no range "
-                 f"this reader knows ({'[0, 1] or [0, 255]' if mode == 'F' else '[0, 65535]'}), are rescaled from "
-                 "this image's own minimum and maximum: its brightness is not comparable with other images'")
+            kind = f"{'float' if mode == 'F' else '32-bit integer'} pixels from {lo:.6g} to {hi:.6g}"
+            note("own range", f"{kind}, in no range this reader knows ({'[0, 1] or [0, 255]' if mode == 'F' else '[0, 65535]'}), "
+                 "are rescaled from this image's own minimum and maximum: its brightness is not comparable with "
+                 "other images'", kind)
         a = (a - lo) * (255.0 / max(hi - lo, 1e-12))
     return np.clip(np.rint(a), 0, 255).astype(np.uint8)
 
 
-def _float_range(a: np.ndarray, lo: float, hi: float, note: Callable[[str], None] | None) -> float | None:
+def _float_range(a: np.ndarray, lo: float, hi: float, note: Callable[[str, str, str], None] | None) -> float | None:
     """The top of the range a float frame is read in (1 or 255), or None (see :func:`_scale_to_uint8`)."""
     unit_bulk = None  # said when the frame is read as [0, 255] though its bulk lies in [0, 1]
     q = None  # the frame's quantiles, the same for both ranges
@@ -366,7 +368,7 @@ def _float_range(a: np.ndarray, lo: float, hi: float, note: Callable[[str], None
         low, high = (-0.05 if top == 1.0 else 0.0), 1.05 * top  # [0, 255] frames of negative values: signed data
         if lo >= low and hi <= high:
             if top == 255.0 and unit_bulk is not None and note is not None:
-                note(unit_bulk)
+                note(*unit_bulk)
             return top
         if not a.size:
             continue
@@ -375,17 +377,20 @@ def _float_range(a: np.ndarray, lo: float, hi: float, note: Callable[[str], None
         if (q[0] >= low and q[4] <= high) or (q[1] >= low and q[3] <= high and lo >= -top and hi <= 2 * top):
             if note is not None:
                 out = int(((a < low) | (a > high)).sum())
-                note(f"float pixels read as [0, {top:g}]; {out} outside it (from {lo:.4g} to {hi:.4g}) are clipped")
+                detail = f"read as [0, {top:g}]; {out} outside it, from {lo:.4g} to {hi:.4g}"
+                note("clipped", f"float pixels read as [0, {top:g}]; {out} outside it (from {lo:.4g} to {hi:.4g}) "
+                     "are clipped", detail)
                 if unit_bulk is not None:
-                    note(unit_bulk)
+                    note(*unit_bulk)
             return top
         # the bulk in [0, 1], not whole numbers (a dark [0, 255] frame) and not at 0, with too much outside
         # it for outliers: read as [0, 255], near black, which is said
         if top == 1.0 and 0.05 < q[2] <= 1.05 and not np.array_equal(a, np.round(a)):
             share = float(((a >= -0.05) & (a <= 1.05)).mean())
-            unit_bulk = (f"float pixels read as [0, 255] (from {lo:.4g} to {hi:.4g}), though {share:.0%} of them lie in "
-                         "[0, 1]: if the frame is [0, 1], its glints or overshoot are too many to clip here, and it "
-                         "reads near black; save it clipped to [0, 1]")
+            unit_bulk = ("unit bulk", f"float pixels read as [0, 255] (from {lo:.4g} to {hi:.4g}), though {share:.0%} of "
+                         "them lie in [0, 1]: if the frame is [0, 1], its glints or overshoot are too many to clip here, "
+                         "and it reads near black; save it clipped to [0, 1]",
+                         f"from {lo:.4g} to {hi:.4g}, {share:.0%} in [0, 1]")
     return None
 
 
@@ -402,13 +407,18 @@ def _converting(path: Path, img: Image.Image):
         raise DataError(f"{path}: cannot convert its {mode} pixels ({type(exc).__name__}: {exc})") from None
 
 
-def _to_8bit(img: Image.Image, channels: int, path: Path) -> Image.Image:
-    """Convert any PIL mode to "L" (channels=1) or "RGB" (channels=3), 8 bits per channel."""
+def _to_8bit(img: Image.Image, channels: int, path: Path, notes: list | None = None) -> Image.Image:
+    """Convert any PIL mode to "L" (channels=1) or "RGB" (channels=3), 8 bits per channel. What the
+    conversion of wide grey pixels says of the image is warned of, or, given ``notes``, put there
+    as (kind, path, detail) for :func:`warn_float_notes` to say of many files at once."""
     mode = img.mode
     if mode.startswith("I;16") or mode in ("I", "F"):
         try:
-            def note(text: str) -> None:
-                warn_data(f"{path}: {text}", stacklevel=5)
+            def note(kind: str, text: str, detail: str) -> None:
+                if notes is not None:
+                    notes.append((kind, path, detail))
+                else:
+                    warn_data(f"{path}: {text}", stacklevel=5)
 
             gray = Image.fromarray(_scale_to_uint8(np.asarray(img), mode, note), mode="L")
         except ValueError as exc:
@@ -449,12 +459,13 @@ def few_levels_top(img: Image.Image, path: Path | None = None) -> int | None:
 
 
 def _load_images(path: str | os.PathLike, size: int | None, channels: int, min_side: int | None,
-                 original: bool, few_levels: list[tuple[Path, int]] | None = None
+                 original: bool, few_levels: list[tuple[Path, int]] | None = None, notes: list | None = None
                  ) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor | None]:
     """(read_image's tensor, the original (width, height), the image at that size when ``original``
     asks for it: the same tensor when no resize was needed), from one decode. ``few_levels``
     collects (path, largest value) for a 16-bit image whose values all lie below
-    :data:`FEW_LEVELS_BELOW` (:func:`warn_few_levels`)."""
+    :data:`FEW_LEVELS_BELOW` (:func:`warn_few_levels`); ``notes``, what the conversion of float
+    or 32-bit pixels says of it (:func:`warn_float_notes`; without it, warned of at once)."""
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     path = Path(path)
@@ -468,7 +479,7 @@ def _load_images(path: str | os.PathLike, size: int | None, channels: int, min_s
             raise DataError(f"{path}: image is {orig[0]}x{orig[1]} pixels, smaller than the minimum side of {min_side}")
         full = None
         with _converting(path, img):
-            eight = _to_8bit(img, channels, path)  # a new image, kept after the file's is closed
+            eight = _to_8bit(img, channels, path, notes)  # a new image, kept after the file's is closed
             if size is not None and eight.size != (size, size):
                 if original:
                     full = _as_tensor(eight)
@@ -479,9 +490,10 @@ def _load_images(path: str | os.PathLike, size: int | None, channels: int, min_s
 
 
 def _load_image(path: str | os.PathLike, size: int | None, channels: int, min_side: int | None,
-                few_levels: list[tuple[Path, int]] | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+                few_levels: list[tuple[Path, int]] | None = None, notes: list | None = None
+                ) -> tuple[torch.Tensor, tuple[int, int]]:
     """read_image plus the original (width, height)."""
-    t, orig, _ = _load_images(path, size, channels, min_side, False, few_levels)
+    t, orig, _ = _load_images(path, size, channels, min_side, False, few_levels, notes)
     return t, orig
 
 
@@ -498,6 +510,30 @@ def few_levels_message(few_levels: list[tuple[Path, int]], total: int, where: st
             f"are read at {round(top * 255 / 65535) + 1} grey level(s) or fewer ({shown}); 16-bit data is read by its "
             "full range: scale the data of a 10-, 12- or 14-bit camera to it (each value times 2**(16 - bits)), or "
             "save the images as 8-bit, before training and inspecting")
+
+
+#: What the conversion of float and 32-bit pixels says of an image, by kind: said of many files
+#: at once (:func:`warn_float_notes`), with each file's own part of it in brackets.
+_FLOAT_NOTES = {
+    "own range": ("have pixels in no range this reader knows ([0, 1] or [0, 255] for float, [0, 65535] for 32-bit "
+                  "integers), each rescaled from its own minimum and maximum: their brightness is not comparable "
+                  "with other images'"),
+    "clipped": "have float pixels outside the range they are read in, clipped",
+    "unit bulk": ("are read as [0, 255] though most of their float pixels lie in [0, 1]: if they are [0, 1] frames, "
+                  "their glints or overshoot are too many to clip here, and they read near black; save them clipped "
+                  "to [0, 1]"),
+}
+
+
+def warn_float_notes(notes: list[tuple[str, Path, str]], total: int, where: str | os.PathLike) -> None:
+    """One warning per kind of ``notes`` (:func:`_to_8bit`'s (kind, path, detail)), naming up to
+    three files with their details and the count: a folder of 12-bit frames saved as float was
+    one warning per file."""
+    for kind, head in _FLOAT_NOTES.items():
+        said = sorted((str(p), d) for k, p, d in notes if k == kind)
+        if said:
+            shown = ", ".join(f"{p} ({d})" for p, d in said[:3]) + (", ..." if len(said) > 3 else "")
+            warn_data(f"{where}: {len(said)} of {total} images {head}: {shown}", stacklevel=_callers_level())
 
 
 def warn_few_levels(few_levels: list[tuple[Path, int]], total: int, where: str | os.PathLike) -> None:
@@ -904,37 +940,40 @@ def read_images(
     attempted; if any fail, one :class:`DataError` lists every bad file and its problem
     (``.problems`` holds the lines), with ``where`` (e.g. the folder) at the start of the message.
     ``sizes``: a list that receives each file's own (width, height), upright.
-    ``warn=False``: no warning of few grey levels or blank frames (files :func:`check_images`
-    read before, and warned of).
+    ``warn=False``: no warning of few grey levels, float pixels or blank frames (files
+    :func:`check_images` read before, and warned of).
     """
     paths = [Path(p) for p in paths]
     out = image_stack((len(paths), channels, size, size), where)
-    few_levels = _read_each(paths, size, channels, min_side, workers, where, sizes, out.__setitem__)
+    few_levels, notes = _read_each(paths, size, channels, min_side, workers, where, sizes, out.__setitem__)
     if warn:
         warn_few_levels(few_levels, len(paths), where)
+        warn_float_notes(notes, len(paths), where)
         warn_blank(out, paths, where, said=black_said(few_levels))
     return out
 
 
 def _read_each(paths: list[Path], size: int, channels: int, min_side: int | None, workers: int | None,
                where: str | os.PathLike, sizes: list | None, keep: Callable[[int, torch.Tensor], Any]
-               ) -> list[tuple[Path, int]]:
+               ) -> tuple[list[tuple[Path, int]], list[tuple[str, Path, str]]]:
     """Read each file of ``paths`` on a thread pool, handing image i to ``keep(i, image)`` (and its own
     (width, height) to ``sizes[i]``); one :class:`DataError` names every bad file. Returns the
-    16-bit files of few levels (:func:`warn_few_levels`)."""
+    16-bit files of few levels (:func:`warn_few_levels`) and what the conversion of float pixels
+    said (:func:`warn_float_notes`)."""
     if sizes is not None:
         sizes[:] = [None] * len(paths)
     few_levels: list[tuple[Path, int]] = []
+    notes: list[tuple[str, Path, str]] = []
 
     def one(i: int) -> None:
-        image, orig = _load_image(paths[i], size, channels, min_side, few_levels)
+        image, orig = _load_image(paths[i], size, channels, min_side, few_levels, notes)
         keep(i, image)
         if sizes is not None:
             sizes[i] = orig
 
     _, problems = run_collecting(one, len(paths), workers)
     raise_problems(problems, len(paths), "image files", where)
-    return few_levels
+    return few_levels, notes
 
 
 def check_images(
@@ -957,6 +996,7 @@ def check_images(
     def keep(i: int, image: torch.Tensor) -> None:
         blank[i] = bool(blank_images(image.unsqueeze(0))[0])
 
-    few_levels = _read_each(paths, size, channels, min_side, workers, where, sizes, keep)
+    few_levels, notes = _read_each(paths, size, channels, min_side, workers, where, sizes, keep)
     warn_few_levels(few_levels, len(paths), where)
+    warn_float_notes(notes, len(paths), where)
     warn_blank(blank, paths, where, said=black_said(few_levels))
