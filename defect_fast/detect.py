@@ -745,7 +745,8 @@ class Detector(nn.Module):
             if not (isinstance(shape, (list, tuple)) and len(shape) == 2 and all(
                     type(r) in (int, float) and math.isfinite(r) and r > 0 for r in shape) and shape[0] <= shape[1]):
                 raise RunError(f"{where}: its trained_proportions ({one_line(repr(shape))[:80]}) are not a [lowest, "
-                               "highest] pair of width-to-height ratios; the file is damaged")
+                               "highest] pair of width-to-height ratios (a damaged file, or one a later defect_fast "
+                               "wrote?)")
             detector.trained_proportions = [float(r) for r in shape]
         if set_aside:  # a later fit_perceptual or fit_context runs the run's own trunk (no weights file)
             longest = max(set_aside, key=lambda m: len(m.convs))

@@ -455,8 +455,17 @@ def probability(text: str) -> float:
 def input_path(text: str) -> str:
     """A file or folder to read (a run, DATA, images), with a leading ``~`` or ``~user`` expanded
     as a shell would: one not expanded before (a quoted one, a service's unit file, a program's
-    argument list) named a folder called "~", as only ``train`` did not."""
-    return os.path.expanduser(str(text))
+    argument list) named a folder called "~", as only ``train`` did not. Where such a folder
+    exists here (made by an earlier version: a watch's journal, a run), the path is refused as
+    naming both, not taken for the home folder's without a word (a watch would start a new
+    journal and judge its images again)."""
+    text = str(text)
+    expanded = os.path.expanduser(text)
+    if expanded != text and os.path.lexists(text):
+        raise argparse.ArgumentTypeError(
+            f"{text} names both {os.path.abspath(text)} (in a folder named {text.split('/')[0]} here, as earlier "
+            f"versions read it) and {expanded}; move or rename the one you do not mean, or give the full path")
+    return expanded
 
 
 def output_path(text: str) -> str:

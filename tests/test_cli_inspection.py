@@ -382,6 +382,12 @@ def test_a_leading_tilde_is_the_home_folder_for_every_path_given(tiny, tmp_path,
     assert list(here.iterdir()) == []  # no "~" folder here
     status, _, err = cli(["evaluate", "~/run", tiny["data"], "--json", "~/m.json", "--device", "cpu"], capsys)
     assert status == 0 and (home / "m.json").is_file(), err
+    # a folder named "~" here, which earlier versions wrote (a watch's journal): refused as ambiguous,
+    # where the home folder's would have been taken without a word (a new journal, images judged again)
+    (here / "~" / "out").mkdir(parents=True)
+    status, _, err = cli(["watch", "~/run", "~/parts", "--out", "~/out", "--once", "--device", "cpu"], capsys)
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"~/out names both {here / '~' / 'out'}" in err and f"and {home / 'out'}" in err, err
 
 
 # --------------------------------------------------------------------------------------------
