@@ -1099,7 +1099,7 @@ class OutputFolder:
     @classmethod
     def create(cls, path: str | os.PathLike, *, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = (),
                lock: bool = False, what: str = "--out", command: str | None = None,
-               names: Iterable[str] = ()) -> "OutputFolder":
+               names: Iterable[str] = (), before_clear: Callable[[], None] | None = None) -> "OutputFolder":
         """Make (or, with ``overwrite``, clear) an output folder of ``command`` and write its manifest.
 
         The checks of :meth:`check` come first (with ``names``, the files the command will
@@ -1107,7 +1107,8 @@ class OutputFolder:
         cleared, not after). The folder's :class:`RunLock` is taken before
         anything is removed, so a folder another process is working in is never cleared from
         under it (:class:`RunInUse`); with ``lock`` it is kept, otherwise released once the
-        folder is cleared. Missing parents are created.
+        folder is cleared. Missing parents are created. ``before_clear`` is called once the lock is
+        held, before anything is removed: what it raises leaves the folder as it was.
         """
         p = Path(path)
         inputs = list(inputs)
@@ -1138,6 +1139,8 @@ class OutputFolder:
                 raise
         if clearing:
             try:
+                if before_clear is not None:
+                    before_clear()
                 out._read_manifest()
                 out.command = command
                 out.clear()

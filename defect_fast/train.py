@@ -1206,12 +1206,13 @@ def _check_same_run(out: Path, cfg: TrainConfig, ckpt: Path, given_data: str | N
                        f"{named}")
 
 
-def _start_again(out: Path, cfg: TrainConfig, device: str | None, log: Callable[[str], None]) -> TrainConfig:
-    """The settings to train ``out``'s run again from its start with, for a ``--resume`` that finds
-    no checkpoint: a run killed (kill -9, power loss) before its first one left its ``config.json``
-    and log only, and nothing is lost by starting it again; its options are not typed again.
-    ``cfg.data`` (the images given, where they are now) and ``device`` win over those stored.
-    Any other folder without a checkpoint is refused, saying why."""
+def _start_again(out: Path, cfg: TrainConfig, device: str | None) -> tuple[TrainConfig, str]:
+    """(the settings to train ``out``'s run again from its start with, what to say of it once the
+    start's checks pass), for a ``--resume`` that finds no checkpoint: a run killed (kill -9, power
+    loss) before its first one left its ``config.json`` and log only, and nothing is lost by
+    starting it again; its options are not typed again. ``cfg.data`` (the images given, where
+    they are now: nothing was trained on those it started with, so they are not compared) and
+    ``device`` win over those stored. Any other folder without a checkpoint is refused, saying why."""
     if (out / MODEL_FILE).is_file():
         raise RunError(f"{out}: the run is finished ({MODEL_FILE} is written); nothing to resume")
     stages = sorted(p.name for p in out.glob("stage*.pt"))
@@ -1233,8 +1234,9 @@ def _start_again(out: Path, cfg: TrainConfig, device: str | None, log: Callable[
                        f"{CONFIG_FILE} is {why}; start it again with the options it was started with and "
                        "--overwrite instead of --resume") from None
     if saved is None:
-        raise RunError(f"{out / CONFIG_FILE}: its settings {', '.join(unknown[:5])} are unknown to this version of "
-                       "defect_fast (written by a later one?); start the run with the version that wrote it")
+        raise RunError(f"{out / CONFIG_FILE}: its settings {', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''} "
+                       "are unknown to this version of defect_fast (written by a later one?); start the run with the "
+                       "version that wrote it")
     where = ""
     if cfg.data and real_path(cfg.data, expand_user=True) != real_path(saved.data):
         where = f", on the images in {cfg.data} (it started on {saved.data})"
@@ -1242,9 +1244,9 @@ def _start_again(out: Path, cfg: TrainConfig, device: str | None, log: Callable[
     if device is not None and device != saved.device:
         where += f", on --device {device} (it started on --device {saved.device})"
         saved = replace(saved, device=device)
-    log(f"{out}: the run stopped before its first {CHECKPOINT_FILE}, so nothing of its training was saved; it "
-        f"starts again from the beginning with the settings it was started with ({CONFIG_FILE}){where}")
-    return replace(saved, held_back=[])  # split again: the same images and seed hold back the same ones
+    said = (f"{out}: the run stopped before its first {CHECKPOINT_FILE}, so nothing of its training was saved; it "
+            f"starts again from the beginning with the settings it was started with ({CONFIG_FILE}){where}")
+    return replace(saved, held_back=[]), said  # split again: the same images and seed hold back the same ones
 
 
 def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume: bool = False,
@@ -1269,9 +1271,12 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
 
     out = Path(out)
     state = None
+    said: list[str] = []  # what a resume says of itself, once the checks that could refuse it have passed
+    started_again = False
     if resume and not (out / CHECKPOINT_FILE).is_file():  # started again from its settings, or refused
-        cfg, device = _start_again(out, cfg, device, log), None
-        resume, overwrite = False, True
+        (cfg, again), device = _start_again(out, cfg, device), None
+        said.append(again)
+        resume, overwrite, started_again = False, True, True
     if resume:
         ckpt = out / CHECKPOINT_FILE
         folder = OutputFolder.open(out, lock=True, what="--out", command="train")
@@ -1311,13 +1316,14 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
                 moved_from = cfg.data
                 cfg = replace(cfg, data=_abs(given_data))
             if device is not None and device != cfg.device:
-                log(f"resuming on --device {device}; the run started with --device {cfg.device}")
+                said.append(f"resuming on --device {device}; the run started with --device {cfg.device}")
                 cfg = replace(cfg, device=device)
             pos = state["position"]
             if pos["stage"] >= len(cfg.epochs):  # stopped after training, in the steps that follow it
-                resuming = f"resuming {out}: training is complete; running the steps after it (map statistics, calibration)"
+                said.append(f"resuming {out}: training is complete; running the steps after it (map statistics, "
+                            "calibration)")
             else:
-                resuming = f"resuming {out} at stage {pos['stage'] + 1}, epoch {pos['epoch'] + 1}, step {pos['step']}"
+                said.append(f"resuming {out} at stage {pos['stage'] + 1}, epoch {pos['epoch'] + 1}, step {pos['step']}")
         probe = checked_model(cfg, weights=False)  # the weights once the data is known to be usable (below)
         if state is not None:
             _check_objective(out, state, probe.objective(), log)
@@ -1325,9 +1331,10 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         before, now = (state or {}).get("compute"), compute_setting(device)
         changed = changed_setting(before, now) if before else []
         if changed:
-            log(f"resuming with {', '.join(f'{k} {now.get(k)}' for k in changed)} where the run trained with "
-                f"{', '.join(f'{k} {before.get(k)}' for k in changed)}: the steps that remain round their sums "
-                f"in another order, so the run trains the same way but will not match an uninterrupted one bit for bit")
+            said.append(f"resuming with {', '.join(f'{k} {now.get(k)}' for k in changed)} where the run trained with "
+                        f"{', '.join(f'{k} {before.get(k)}' for k in changed)}: the steps that remain round their sums "
+                        "in another order, so the run trains the same way but will not match an uninterrupted one bit "
+                        "for bit")
         if cfg.precision == "auto":  # the run records what it does: a resume elsewhere keeps it
             cfg = replace(cfg, precision="float32" if train_dtype("auto", device) is None else "bfloat16")
         inputs = [cfg.data, cfg.anomaly_source]
@@ -1419,11 +1426,17 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
                            "them, or train a new run")
         check_pretrained_weights(cfg, probe)  # now, not after the training that needs them
         del probe
-        if resume:  # said once the checks that could refuse the resume have passed
-            log(resuming)
+        for line in said:  # once the checks that could refuse the resume have passed
+            log(line)
         if not resume:
+            def still_unstarted() -> None:  # under the lock, before its files go: finished or resumed meanwhile?
+                if (out / MODEL_FILE).is_file() or (out / CHECKPOINT_FILE).is_file():
+                    raise RunError(f"{out}: another process finished or resumed the run while this one read its "
+                                   f"images ({MODEL_FILE if (out / MODEL_FILE).is_file() else CHECKPOINT_FILE} is "
+                                   "there now); nothing is started again")
+
             folder = OutputFolder.create(out, overwrite=overwrite, inputs=inputs, lock=True, command="train",
-                                         names=run_files)
+                                         names=run_files, before_clear=still_unstarted if started_again else None)
             folder.reserve(run_files[1:])
             folder.write_json(CONFIG_FILE, cfg.to_json())
     except BaseException:

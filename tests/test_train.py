@@ -417,8 +417,8 @@ def test_resume_continues_on_the_run_s_own_images_and_settings(synthetic_root, t
     first.rename(first.with_name("moved.txt"))
     said = []
     with pytest.raises(RunError, match=rf"training images changed since the run started \(removed: {first.name}\)"):
-        train(_cfg(data), out, resume=True, progress=False, log=said.append)
-    assert not any(m.startswith("resuming") for m in said), said  # a refused resume is not announced first
+        train(_cfg(data), out, resume=True, progress=False, log=said.append, device="cpu")
+    assert said == []  # a refused resume is not announced first (nor its other --device)
     first.with_name("moved.txt").rename(first)
     # one pixel of one image: named (it said "32 then, 32 now, other content")
     original = second.read_bytes()
@@ -704,6 +704,30 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_on_resume(synthet
     assert _state_equal(load_checkpoint(out / "model.pt")["model_state"],
                         load_checkpoint(clean / "model.pt")["model_state"])
     assert json.loads((out / "config.json").read_text()) == json.loads((clean / "config.json").read_text())
+
+    # refused before anything is said of starting again (images not found)
+    again = tmp_path / "again"
+    kill_before_the_first_checkpoint(again)
+    said = []
+    with pytest.raises(Exception, match="nowhere"):
+        train(TrainConfig(data=str(tmp_path / "nowhere")), again, resume=True, progress=False, log=said.append)
+    assert said == [] and (again / "config.json").is_file()
+    # a run another process finished while this one read the images is left as it is, not cleared
+    import defect_fast.data as data_module
+
+    real_load = data_module.load_train_images
+
+    def finished_meanwhile(*args, **kwargs):
+        got = real_load(*args, **kwargs)
+        (again / "model.pt").write_bytes((out / "model.pt").read_bytes())
+        return got
+
+    monkeypatch.setattr(data_module, "load_train_images", finished_meanwhile)
+    with pytest.raises(RunError, match=r"another process finished or resumed the run while this one read its images "
+                                       r"\(model.pt is there now\); nothing is started again$"):
+        train(TrainConfig(data=str(synthetic_root)), again, resume=True, progress=False, log=lambda s: None)
+    monkeypatch.undo()
+    assert (again / "model.pt").read_bytes() == (out / "model.pt").read_bytes() and (again / "config.json").is_file()
 
     # without a readable config.json there is nothing to start again from: refused, saying so
     bare = tmp_path / "bare"
