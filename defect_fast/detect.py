@@ -397,7 +397,8 @@ class Detector(nn.Module):
             layers both run on the image (conv1 and conv2 of the same AlexNet) are computed once.
 
     ``trained_proportions``: the training images' [lowest, highest] width-to-height ratio, which
-    a run's model file records (None: not known); :meth:`predict` warns of images far outside it.
+    a run's model file records (None: not known); :meth:`predict` warns of images far outside it,
+    once a Detector (:meth:`check_proportions`).
     """
 
     #: see the class's docstring
@@ -1332,15 +1333,17 @@ class Detector(nn.Module):
         raise TypeError(f"cannot read an image from {type(x).__name__}; pass a path, PIL image, numpy array or tensor")
 
     def check_proportions(self, sizes: Sequence[tuple[int, int]], names: Sequence[object],
-                          where: str | os.PathLike) -> None:
+                          where: str | os.PathLike, total: int | None = None) -> bool:
         """One warning (:class:`~defect_fast.data.DataWarning`) naming the images of (width, height)
         ``sizes`` far outside the proportions the model was trained on
-        (:func:`~defect_fast.data.io.outside_proportions`; nothing when they are not known)."""
+        (:func:`~defect_fast.data.io.outside_proportions`; nothing when they are not known).
+        Returns whether it warned."""
         from .data.io import _callers_level, outside_proportions, warn_data
 
-        note = outside_proportions(sizes, names, self.trained_proportions, where)
+        note = outside_proportions(sizes, names, self.trained_proportions, where, total)
         if note:
             warn_data(note, stacklevel=_callers_level())
+        return note is not None
 
     @torch.no_grad()
     def predict(self, x: Any, *, pixel_threshold: float | None = None, images_per_batch: int = 8) -> dict[str, Any]:
@@ -1367,7 +1370,12 @@ class Detector(nn.Module):
         from .data.io import resize_image
 
         imgs, sizes = self._as_images(x, self.image_size)
-        self.check_proportions([(w, h) for h, w in sizes], [f"image {i}" for i in range(len(sizes))], "predict")
+        if not self.__dict__.get("_proportions_said"):  # once a Detector: a per-frame loop is not one warning a frame
+            # images at the model's size are taken as brought to it already, as predict_batched takes them
+            shown = [(i, (w, h)) for i, (h, w) in enumerate(sizes) if (h, w) != (self.image_size, self.image_size)]
+            if self.check_proportions([wh for _i, wh in shown], [f"image {i}" for i, _wh in shown],
+                                      "predict (said once a Detector)", total=len(sizes)):
+                self.__dict__["_proportions_said"] = True
         s = self.image_size
         # uint8 pixels of another size: the resize image files get (arrays and PIL images of a file
         # score as the file does); float tensors: the pipeline's own (antialiased bilinear)

@@ -208,7 +208,10 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
             raise RunError(f"{run}: --with-held-back: {len(gone)} of its {len(held)} held-back images are gone "
                            f"({', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''})")
         paths += [Path(p) for p in held]
-    batch = read_images(paths, size, where="calibrate inputs")  # every bad file named, before any output
+    sizes: list = []
+    batch = read_images(paths, size, where="calibrate inputs", sizes=sizes)  # every bad file named, before any output
+    # thresholds set on images stretched otherwise than the training images hold for none of them
+    det.check_proportions(sizes, paths, "calibrate inputs")
 
     keys = image_keys(batch)
     if with_held_back:  # the files at the held-back names must still hold the pixels the run held back

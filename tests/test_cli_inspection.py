@@ -302,16 +302,22 @@ def test_images_far_from_the_trained_proportions_are_said_everywhere(tiny, tmp_p
     assert det.trained_proportions == [1.0, 1.0]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        det.predict(np.asarray(good.resize((80, 64))))  # 1.25:1, within the margin: nothing said
         det.predict([np.asarray(strip), np.asarray(good)])
+        det.predict(np.asarray(strip))  # said once a Detector: a per-frame loop is not one warning a frame
     assert [str(w.message) for w in caught if issubclass(w.category, DataWarning)] == [
-        "predict: 1 of 2 images are of other proportions than the training images (width:height 1:1 to 1:1): "
-        "image 0 (1024x64); every image is stretched to the model's square input, so their defects are stretched "
-        "otherwise than the model learnt and can pass unseen: inspect pieces of the trained proportions, or train "
-        "on images of these"]
+        "predict (said once a Detector): 1 of 2 images are of other proportions than the training images "
+        "(width:height 1:1): image 0 (1024x64); every image is stretched to the model's square input, so their "
+        "defects are stretched otherwise than the model learnt and can pass unseen: inspect pieces of the trained "
+        "proportions, or train on images of these"]
+    wide = Detector.load(tiny["run"], device="cpu")
+    wide.trained_proportions = [4.0, 16.0]  # a line-scan camera's strips
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        det.predict(np.asarray(good))
+        wide.predict(torch.zeros(1, 3, SIZE, SIZE, dtype=torch.uint8) + 100)  # at the model's size: brought to it
     assert not [w for w in caught if issubclass(w.category, DataWarning)]
+    with pytest.warns(DataWarning, match=r"\(width:height 4:1 to 16:1\): image 0 \(32x64\)"):
+        wide.predict(torch.zeros(1, 3, 64, 32, dtype=torch.uint8) + 100)
     det.save(tmp_path / "saved.pt")  # a model file the Detector writes keeps them
     assert Detector.load(tmp_path / "saved.pt", device="cpu").trained_proportions == [1.0, 1.0]
 

@@ -1394,3 +1394,14 @@ def test_float_frames_of_many_files_are_said_once_per_kind(tmp_path):
         load_test_set(tmp_path, 32, require_masks=False)
     assert [m for m in map(str, (w.message for w in _data_warnings(seen))) if "no range" in m][0].startswith(
         f"{tmp_path / 'test'}: 3 of 3 images have pixels in no range")
+
+
+def test_width_to_height_ratios_read_as_people_write_them():
+    from defect_fast.data.io import _ratio, outside_proportions
+
+    assert [_ratio(r) for r in (1.0, 2.6126, 1 / 2.8, 62.0, 1 / 130.4)] == ["1:1", "2.6:1", "1:2.8", "62:1", "1:130"]
+    said = outside_proportions([(64, 64), (6400, 50)], ["a", "b"], [0.36, 2.6], "here")
+    assert said.startswith("here: 1 of 2 images are of other proportions than the training images (width:height "
+                           "1:2.8 to 2.6:1): b (6400x50); ")
+    assert outside_proportions([(64, 64)], ["a"], None, "here") is None  # not recorded: nothing said
+    assert outside_proportions([(80, 64), (64, 80)], ["a", "b"], [1.0, 1.0], "here") is None  # within 1.25

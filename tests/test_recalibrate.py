@@ -481,3 +481,20 @@ def test_a_run_that_held_back_nothing_names_its_training_images_as_trained_only(
         seen = seen_test_images(state, images, ["a.png", "b.png", "c.png"], "run")
     assert seen == {"trained": ["a.png", "b.png"], "thresholds": []}
     assert len(caught) == 1 and "trained on" in str(caught[0].message)
+
+
+def test_calibration_images_far_from_the_trained_proportions_are_said(runs, tmp_path, capsys):
+    """Thresholds set on images the square input stretches otherwise than the training images
+    hold for none of them: calibrate names such images, as predict and evaluate do."""
+    from PIL import Image
+
+    folder = tmp_path / "strips"
+    folder.mkdir()
+    for i, p in enumerate(sorted(runs["more"].glob("*.png"))[:6]):
+        img = Image.open(p).convert("RGB")
+        (img.resize((8 * SIZE, SIZE)) if i == 0 else img).save(folder / f"{i}.png")
+    status, _, err = cli(["calibrate", runs["run"], folder, "--with-held-back", "--out", tmp_path / "cal",
+                          "--device", "cpu"], capsys)
+    assert status == 0, err
+    assert f"calibrate inputs: 1 of 10 images are of other proportions than the training images (width:height 1:1): " \
+           f"{folder / '0.png'} (512x64)" in err, err

@@ -592,11 +592,11 @@ def proportions(sizes: Iterable[tuple[int, int]]) -> list[float]:
 
 
 def outside_proportions(sizes: Sequence[tuple[int, int]], names: Sequence[object], trained: Sequence[float] | None,
-                        where: str | os.PathLike) -> str | None:
+                        where: str | os.PathLike, total: int | None = None) -> str | None:
     """The warning for the images of (width, height) ``sizes`` whose width-to-height ratio lies
     more than :data:`PROPORTIONS_MARGIN` outside ``trained`` (the training images' [lowest,
     highest], as :func:`proportions` gives it; None: not recorded, nothing said), naming up to
-    three of them; None when there is none."""
+    three of them, "of ``total``" images (default: as many as ``sizes``); None when there is none."""
     if not trained:
         return None
     lo, hi = trained
@@ -605,14 +605,18 @@ def outside_proportions(sizes: Sequence[tuple[int, int]], names: Sequence[object
     if not out:
         return None
     shown = ", ".join(f"{n} ({w}x{h})" for n, w, h in out[:3]) + (", ..." if len(out) > 3 else "")
-    return (f"{where}: {len(out)} of {len(sizes)} images are of other proportions than the training images "
-            f"(width:height {_ratio(lo)} to {_ratio(hi)}): {shown}; every image is stretched to the model's square "
+    trained = _ratio(lo) if _ratio(lo) == _ratio(hi) else f"{_ratio(lo)} to {_ratio(hi)}"
+    return (f"{where}: {len(out)} of {total or len(sizes)} images are of other proportions than the training images "
+            f"(width:height {trained}): {shown}; every image is stretched to the model's square "
             "input, so their defects are stretched otherwise than the model learnt and can pass unseen: inspect "
             "pieces of the trained proportions, or train on images of these")
 
 
 def _ratio(r: float) -> str:
-    return f"{r:.2g}:1" if r >= 1 else f"1:{1 / r:.2g}"
+    """A width:height ratio as "2.6:1" or "1:2.8" (two digits; whole numbers from 10 on: "130:1")."""
+    big = r if r >= 1 else 1 / r
+    text = f"{big:.0f}" if big >= 10 else f"{big:.2g}"
+    return f"{text}:1" if r >= 1 else f"1:{text}"
 
 
 def warn_data(message: str, stacklevel: int = 1) -> None:
