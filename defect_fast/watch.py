@@ -154,6 +154,10 @@ MAX_REGIONS = 50
 #: a reconstruction reproduces a flat frame near the training images' grey level, and its score
 #: would pass it.
 BLANK_REASON = "a blank frame, one colour throughout (a failed exposure, a covered lens?): nothing to inspect"
+#: Standard deviation (grey levels) of a photo, blank at the model's size, above which its reason
+#: adds that the photo itself varies (a weave finer than the model resolves): more than a dark
+#: frame's sensor noise, a grey level or two.
+DETAIL_SPREAD = 4.0
 
 #: Longest stem (in UTF-8 bytes) an output or rejected file's name keeps: with the temporary
 #: name's prefix (".tmp-<pid>-") and the longest ending ("_<12 hex>_overlay.png") it stays well
@@ -918,10 +922,11 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
                     continue
         elif bool(blank_images(img.unsqueeze(0))[0]):  # nothing the model sees: never a pass, at once
             reason = BLANK_REASON
-            if not bool(blank_images(photo.unsqueeze(0))[0]):  # a fine weave, not only a camera fault, can be that
+            spread = float(photo.float().std())
+            if spread >= DETAIL_SPREAD:  # a fine weave, not only a camera fault, can be that
                 reason += (f" at the model's {st.info.image_size} px; the photo itself varies (standard deviation "
-                           f"{float(photo.float().std()):.2g} grey levels): if that is the part, its detail is finer "
-                           "than the model resolves (a model trained at a larger --image-size sees it)")
+                           f"{spread:.3g} grey levels): if that is the part, its detail is finer than the model "
+                           "resolves (a model trained at a larger --image-size may see it)")
         st.pending.pop(key, None)
         st.undecodable.pop(key, None)
         if reason is not None:

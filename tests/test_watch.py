@@ -474,9 +474,7 @@ def test_blank_is_judged_at_the_model_s_size_as_predict_judges_it(tmp_path):
     (src / "faint.png").write_bytes(buf.getvalue())
     run_once(src, out)
     (rec,) = journal(out)
-    assert rec["result"] == "rejected" and rec["reason"].startswith(watch_mod.BLANK_REASON)
-    # the photo varies where the model's input does not: said, with how much, and what would see it
-    assert f"at the model's {SIZE} px; the photo itself varies (standard deviation 0.0039 grey levels)" in rec["reason"]
+    assert rec["result"] == "rejected" and rec["reason"] == watch_mod.BLANK_REASON  # one pixel: no detail to speak of
 
 
 def test_a_photo_of_detail_finer_than_the_model_resolves_is_not_only_called_a_camera_fault(tmp_path):
@@ -494,8 +492,8 @@ def test_a_photo_of_detail_finer_than_the_model_resolves_is_not_only_called_a_ca
     run_once(src, out)
     (rec,) = journal(out)
     assert rec["result"] == "rejected" and rec["reason"].startswith(watch_mod.BLANK_REASON)
-    assert "the photo itself varies (standard deviation 1.3e+02 grey levels): if that is the part, its detail is " \
-           "finer than the model resolves (a model trained at a larger --image-size sees it)" in rec["reason"]
+    assert "the photo itself varies (standard deviation 127 grey levels): if that is the part, its detail is " \
+           "finer than the model resolves (a model trained at a larger --image-size may see it)" in rec["reason"]
 
 
 def test_a_black_16_bit_frame_leaves_the_bit_depth_advice_for_a_dark_one(tmp_path):
