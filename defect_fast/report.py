@@ -84,11 +84,12 @@ def _file_png_uri(save: Callable[[Any], None]) -> str:
 
 
 def _score_text(score: float, threshold: float | None) -> str:
-    """A score to 5 significant digits, or as many as tell it from ``threshold`` where 5 do not (a
-    "pass" card read "score 0.053589" under a threshold of 0.05358887)."""
-    short = f"{score:.5g}"
-    if threshold is None or (float(short) > threshold) == (score > threshold):  # on its side of it, rounded
-        return short
+    """A score to 5 significant digits, or to as few more as keep it on its side of ``threshold``
+    (a "pass" card read "score 0.053589" under a threshold of 0.05358887)."""
+    for digits in range(5, 18):
+        text = f"{score:.{digits}g}"
+        if threshold is None or (float(text) > threshold) == (score > threshold):
+            return text
     return repr(float(score))
 
 

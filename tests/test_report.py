@@ -320,7 +320,8 @@ def test_a_caption_s_score_stays_on_its_side_of_the_threshold(tmp_path):
     """Rounded to 5 digits, a score just under the threshold read above it on a "pass" card."""
     from defect_fast.report import _score_text
 
-    assert _score_text(0.0535888, 0.05358887) == "0.0535888" and _score_text(0.05358884, 0.05358887) == "0.05358884"
+    assert _score_text(0.0535888, 0.05358887) == "0.0535888" and _score_text(0.05358884, 0.05358887) == "0.0535888"
+    assert _score_text(0.053588869, 0.05358887) == "0.05358887"  # equal to it reads as not above it: a pass
     assert _score_text(0.12345678, 0.05) == "0.12346" and _score_text(0.12345678, None) == "0.12346"
     assert _score_text(0.05358890, 0.05358887) == "0.053589"  # flagged, and above it rounded: short
     images, masks, labels, classes = make_set()
