@@ -853,13 +853,13 @@ def safe_output_file(path: str | os.PathLike, overwrite: bool, *, inputs: Iterab
     if text.endswith(("/", os.sep)) or os.path.basename(text) in (".", ".."):  # Path() would drop it: a file named like the folder
         raise OutputRefused(f"{what} {path}: names a folder; give a file name")
     p = Path(path)
-    check_out_not_overlapping(p, inputs, what=what)
-    if p.is_dir():
-        raise OutputRefused(f"{what} {p}: is a folder; give a file name")
     longest = _name_max(p.parent) - _TEMPORARY_EXTRA
     if len(os.fsencode(p.name)) > longest:  # else refused by the file system after the work, at the write
         raise OutputRefused(f"{what} {p}: its name is {len(os.fsencode(p.name))} bytes long; at most {longest} fit "
                             "(it is written through a temporary file named after it); give a shorter name")
+    check_out_not_overlapping(p, inputs, what=what)
+    if p.is_dir():
+        raise OutputRefused(f"{what} {p}: is a folder; give a file name")
     if p.exists() and not p.is_file():  # a device, pipe or socket (or a link to one: /dev/stdout)
         raise OutputRefused(f"{what} {p}: is not a regular file (a device, pipe or socket, or a link to one), which "
                             "is never replaced, not even with " + flag + "; give a file name")

@@ -407,6 +407,9 @@ def test_safe_output_file_refuses_a_name_its_temporary_cannot_have(tmp_path):
     assert json.loads(longest.read_text()) == {"ok": 1}
     with pytest.raises(OutputRefused, match="at most 241 fit"):  # a folder not made yet: its file system's limit
         safe_output_file(tmp_path / "new" / ("é" * 125 + ".json"), False)
+    # past 255 bytes the file system's own refusal came first, naming neither the option nor the limit
+    with pytest.raises(OutputRefused, match=r"^--json .*: its name is 305 bytes long; at most 241 fit"):
+        safe_output_file(tmp_path / ("J" * 300 + ".json"), False, what="--json")
 
 
 def test_safe_output_file_never_replaces_a_device_pipe_or_a_link_to_one(tmp_path):
