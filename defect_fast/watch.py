@@ -922,7 +922,7 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
                     continue
         elif bool(blank_images(img.unsqueeze(0))[0]):  # nothing the model sees: never a pass, at once
             reason = BLANK_REASON
-            spread = float(photo.float().std())
+            spread = float(photo.float().flatten(1).std(1).max())  # per channel: a solid colour does not vary
             if spread >= DETAIL_SPREAD:  # a fine weave, not only a camera fault, can be that
                 reason += (f" at the model's {st.info.image_size} px; the photo itself varies (standard deviation "
                            f"{spread:.3g} grey levels): if that is the part, its detail is finer than the model "

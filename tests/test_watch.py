@@ -489,8 +489,12 @@ def test_a_photo_of_detail_finer_than_the_model_resolves_is_not_only_called_a_ca
     buf = io.BytesIO()
     Image.fromarray(weave).convert("RGB").save(buf, format="PNG")
     (src / "weave.png").write_bytes(buf.getvalue())
+    # a solid colour (a capture card's "no signal" frame) does not vary: the plain reason
+    Image.new("RGB", (8 * SIZE, 8 * SIZE), (200, 100, 50)).save(src / "solid.png")
     run_once(src, out)
-    (rec,) = journal(out)
+    recs = {r["image"]: r for r in journal(out)}
+    assert recs["solid.png"]["reason"] == watch_mod.BLANK_REASON
+    rec = recs["weave.png"]
     assert rec["result"] == "rejected" and rec["reason"].startswith(watch_mod.BLANK_REASON)
     assert "the photo itself varies (standard deviation 127 grey levels): if that is the part, its detail is " \
            "finer than the model resolves (a model trained at a larger --image-size may see it)" in rec["reason"]
