@@ -1107,8 +1107,9 @@ class OutputFolder:
         cleared, not after). The folder's :class:`RunLock` is taken before
         anything is removed, so a folder another process is working in is never cleared from
         under it (:class:`RunInUse`); with ``lock`` it is kept, otherwise released once the
-        folder is cleared. Missing parents are created. ``before_clear`` is called once the lock is
-        held, before anything is removed: what it raises leaves the folder as it was.
+        folder is cleared. Missing parents are created. ``before_clear`` is called where an earlier
+        output is to be cleared, once the lock is held and before anything is removed: what it
+        raises leaves the folder as it was.
         """
         p = Path(path)
         inputs = list(inputs)

@@ -1426,8 +1426,6 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
                            "them, or train a new run")
         check_pretrained_weights(cfg, probe)  # now, not after the training that needs them
         del probe
-        for line in said:  # once the checks that could refuse the resume have passed
-            log(line)
         if not resume:
             def still_unstarted() -> None:  # under the lock, before its files go: finished or resumed meanwhile?
                 if (out / MODEL_FILE).is_file() or (out / CHECKPOINT_FILE).is_file():
@@ -1439,6 +1437,8 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
                                          names=run_files, before_clear=still_unstarted if started_again else None)
             folder.reserve(run_files[1:])
             folder.write_json(CONFIG_FILE, cfg.to_json())
+        for line in said:  # once the checks (and the start again's folder) that could refuse the resume have passed
+            log(line)
     except BaseException:
         if folder is not None:
             folder.release()

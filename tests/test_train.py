@@ -723,10 +723,12 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_on_resume(synthet
         return got
 
     monkeypatch.setattr(data_module, "load_train_images", finished_meanwhile)
+    said = []
     with pytest.raises(RunError, match=r"another process finished or resumed the run while this one read its images "
                                        r"\(model.pt is there now\); nothing is started again$"):
-        train(TrainConfig(data=str(synthetic_root)), again, resume=True, progress=False, log=lambda s: None)
+        train(TrainConfig(data=str(synthetic_root)), again, resume=True, progress=False, log=said.append)
     monkeypatch.undo()
+    assert not any("starts again" in m for m in said), said  # not announced, then refused
     assert (again / "model.pt").read_bytes() == (out / "model.pt").read_bytes() and (again / "config.json").is_file()
 
     # without a readable config.json there is nothing to start again from: refused, saying so
