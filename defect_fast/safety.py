@@ -461,7 +461,7 @@ def input_path(text: str) -> str:
     journal and judge its images again)."""
     text = str(text)
     expanded = os.path.expanduser(text)
-    if expanded != text and os.path.lexists(text):
+    if expanded != text and os.path.lexists(text) and os.path.realpath(text) != os.path.realpath(expanded):
         raise argparse.ArgumentTypeError(
             f"{text} names both {os.path.abspath(text)} (in a folder named {text.split('/')[0]} here, as earlier "
             f"versions read it) and {expanded}; move or rename the one you do not mean, or give the full path")

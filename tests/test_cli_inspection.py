@@ -394,6 +394,11 @@ def test_a_leading_tilde_is_the_home_folder_for_every_path_given(tiny, tmp_path,
     status, _, err = cli(["watch", "~/run", "~/parts", "--out", "~/out", "--once", "--device", "cpu"], capsys)
     assert status == 2 and len(err.strip().splitlines()) == 1, err
     assert f"~/out names both {here / '~' / 'out'}" in err and f"and {home / 'out'}" in err, err
+    # a "~" here that is a link to the home folder names one folder: taken
+    shutil.rmtree(here / "~")
+    (here / "~").symlink_to(home)
+    status, _, err = cli(["predict", "~/run", "~/parts", "--out", "~/out2", "--device", "cpu"], capsys)
+    assert status == 0 and (home / "out2" / "scores.json").is_file(), err
 
 
 # --------------------------------------------------------------------------------------------
