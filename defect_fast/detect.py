@@ -398,7 +398,7 @@ class Detector(nn.Module):
 
     ``trained_proportions``: the training images' [lowest, highest] width-to-height ratio, which
     a run's model file records (None: not known); :meth:`predict` warns of images far outside it,
-    once a Detector (:meth:`check_proportions`).
+    once a Detector (:meth:`check_proportions` warns at every call, for the callers that read many).
     """
 
     #: see the class's docstring

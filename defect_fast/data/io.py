@@ -605,9 +605,9 @@ def outside_proportions(sizes: Sequence[tuple[int, int]], names: Sequence[object
     if not out:
         return None
     shown = ", ".join(f"{n} ({w}x{h})" for n, w, h in out[:3]) + (", ..." if len(out) > 3 else "")
-    trained = _ratio(lo) if _ratio(lo) == _ratio(hi) else f"{_ratio(lo)} to {_ratio(hi)}"
+    span = _ratio(lo) if _ratio(lo) == _ratio(hi) else f"{_ratio(lo)} to {_ratio(hi)}"
     return (f"{where}: {len(out)} of {total or len(sizes)} images are of other proportions than the training images "
-            f"(width:height {trained}): {shown}; every image is stretched to the model's square "
+            f"(width:height {span}): {shown}; every image is stretched to the model's square "
             "input, so their defects are stretched otherwise than the model learnt and can pass unseen: inspect "
             "pieces of the trained proportions, or train on images of these")
 
