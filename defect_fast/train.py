@@ -1365,8 +1365,8 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
             raise RunError(f"{cfg.data}: the training images changed since the run started ({what}); --resume "
                            "continues only on the images it started with: restore them, or train a new run")
         if moved_from is not None:
-            log(f"{out} trained on the images in {moved_from}; it goes on with the same images (names and pixels) "
-                f"in {cfg.data}")
+            said.insert(0, f"{out} trained on the images in {moved_from}; it goes on with the same images (names and "
+                           f"pixels) in {cfg.data}")
             by_name = {Path(p).name: str(p) for p in paths}  # the held-back images where they are now
             cfg = replace(cfg, held_back=[by_name.get(Path(f).name, f) for f in cfg.held_back])
         train_idx, held_idx = _split(cfg, paths)
@@ -1398,9 +1398,6 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
             raise ConfigError(f"--map perceptual fits its statistics on training images: {len(train_idx)} are too "
                               "few (2 needed; add images)")
         cfg.held_back = [str(paths[i]) for i in held_idx]
-        if moved_from is not None:  # the folder's settings, then its checkpoint, name where its images are now
-            folder.write_json(CONFIG_FILE, cfg.to_json())
-            atomic_save({**state, "train_config": cfg.to_json()}, out / CHECKPOINT_FILE)
         _check_fits(cfg, probe, images, keys, train_idx, held_idx, fit_on)
         if cfg.context:
             from .context import MIN_IMAGES
@@ -1437,6 +1434,10 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
                                          names=run_files, before_clear=still_unstarted if started_again else None)
             folder.reserve(run_files[1:])
             folder.write_json(CONFIG_FILE, cfg.to_json())
+        if moved_from is not None:  # the folder's settings, then its checkpoint, name where its images are now,
+            # once every check has passed (a refused resume leaves them naming where the run was)
+            folder.write_json(CONFIG_FILE, cfg.to_json())
+            atomic_save({**state, "train_config": cfg.to_json()}, out / CHECKPOINT_FILE)
         for line in said:  # once the checks (and the start again's folder) that could refuse the resume have passed
             log(line)
     except BaseException:

@@ -1217,6 +1217,17 @@ def test_a_run_goes_on_with_its_images_in_another_folder(synthetic_root, tmp_pat
     moved = tmp_path / "elsewhere"
     data.rename(moved)
     messages = []
+    # refused by a later check (here the pretrained weights'): nothing said of the move, nothing rewritten
+    before = (out / "config.json").read_bytes(), (out / "checkpoint.pt").read_bytes()
+
+    def no_weights(*args):
+        raise ConfigError("no weights here")
+
+    monkeypatch.setattr(train_module, "check_pretrained_weights", no_weights)
+    with pytest.raises(ConfigError, match="no weights here"):
+        train(_cfg(moved), out, resume=True, progress=False, log=messages.append)
+    assert messages == [] and ((out / "config.json").read_bytes(), (out / "checkpoint.pt").read_bytes()) == before
+    monkeypatch.setattr(train_module, "check_pretrained_weights", lambda *args: None)
     monkeypatch.setattr(train_module, "finish_run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop again")))
     with pytest.raises(RuntimeError, match="stop again"):
         train(_cfg(moved), out, resume=True, progress=False, log=messages.append)
