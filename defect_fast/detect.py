@@ -1417,7 +1417,9 @@ class Detector(nn.Module):
         from .calibration import DEFAULT_FAR
         from .evaluate import check_finite
 
-        res = self.predict_batched(self._checked_batch(normal_images, "calibrate"))
+        _check_not_forked(self.threads)
+        # checked once, as calibrate's (through predict_batched, its warnings came twice)
+        res = self._predict_batched(self._at_model_size(self._checked_batch(normal_images, "calibrate")), 8, False)
         check_finite(res, names, None, self.precision, "defect-free images")
         if far is None:  # the rate asked before (it stays when a fit sets the thresholds aside)
             far = (self.calibration or {}).get("far") or DEFAULT_FAR

@@ -1251,6 +1251,10 @@ def test_float_images_in_0_1_are_said_to_be_read_as_minus_1_1():
         det.predict(unit)
     with pytest.warns(DataWarning, match=r"^predict_batched: float images are read as \[-1, 1\]"):
         det.predict_batched(unit.unsqueeze(0))
+    with warnings.catch_warnings(record=True) as caught:  # said once, as calibrate's
+        warnings.simplefilter("always")
+        det.calibrate(torch.stack([unit, unit.flip(-1), unit.flip(-2), unit.flip(-1, -2)]))
+    assert [str(w.message).split(":")[0] for w in caught if issubclass(w.category, DataWarning)] == ["calibrate"]
     with warnings.catch_warnings():
         warnings.simplefilter("error", DataWarning)
         det.predict(unit * 2 - 1)  # [-1, 1], dark pixels and light: nothing said
