@@ -477,14 +477,14 @@ def test_commands_that_set_or_show_thresholds_name_the_images_a_broken_model_giv
         tiny_run, synthetic_root, tmp_path, capsys, monkeypatch, command):
     """calibrate and audit set thresholds from such maps, report draws their scores: each was an
     internal error with a traceback (the calibration's ValueError) or would have drawn a pass."""
-    real = Detector.predict_batched
+    real = Detector._predict_batched  # what every scoring path of the Detector goes through
 
     def broken(self, images, *args, **kwargs):
         res = real(self, images, *args, **kwargs)
         res["scores"][-1] = float("nan")
         return res
 
-    monkeypatch.setattr(Detector, "predict_batched", broken)
+    monkeypatch.setattr(Detector, "_predict_batched", broken)
     out = tmp_path / ("r.html" if command == "report" else "out")
     args = {"calibrate": [str(tiny_run), str(synthetic_root / "test" / "good")],
             "report": [str(tiny_run), str(synthetic_root)], "audit": [str(tiny_run)]}[command]
