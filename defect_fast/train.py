@@ -1206,6 +1206,13 @@ def _check_same_run(out: Path, cfg: TrainConfig, ckpt: Path, given_data: str | N
                        f"{named}")
 
 
+def _unknown_settings(stored: dict[str, Any]) -> str:
+    """The settings of a stored config this version does not know ("a, b, ..."; up to five named),
+    or "" when it knows them all: dropped, the run would go on without settings it started with."""
+    unknown = sorted(set(stored) - {f.name for f in fields(TrainConfig)})
+    return f"{', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}"
+
+
 def _start_again(out: Path, cfg: TrainConfig, device: str | None) -> tuple[TrainConfig, str]:
     """(the settings to train ``out``'s run again from its start with, what to say of it once the
     start's checks pass), for a ``--resume`` that finds no checkpoint: a run killed (kill -9, power
@@ -1226,7 +1233,7 @@ def _start_again(out: Path, cfg: TrainConfig, device: str | None) -> tuple[Train
         RunLock(out).acquire().release()
     try:
         stored = json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))
-        unknown = sorted(set(stored) - {f.name for f in fields(TrainConfig)})
+        unknown = _unknown_settings(stored)
         saved = None if unknown else TrainConfig.from_json(stored)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
         why = "missing" if isinstance(exc, FileNotFoundError) else f"unreadable ({type(exc).__name__})"
@@ -1234,7 +1241,7 @@ def _start_again(out: Path, cfg: TrainConfig, device: str | None) -> tuple[Train
                        f"{CONFIG_FILE} is {why}; start it again with the options it was started with and "
                        "--overwrite instead of --resume") from None
     if saved is None:
-        raise RunError(f"{out / CONFIG_FILE}: its settings {', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''} "
+        raise RunError(f"{out / CONFIG_FILE}: its settings {unknown} "
                        "are unknown to this version of defect_fast (written by a later one?); start the run with the "
                        "version that wrote it")
     where = ""
@@ -1303,9 +1310,9 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
                 raise RunError(f"{ckpt}: its position in the training ({one_line(repr(pos))[:120]}) is not this "
                                f"version's ({', '.join(POSITION_KEYS)}); the run cannot be resumed, train a new one")
             given_data = cfg.data
-            unknown = sorted(set(state["train_config"]) - {f.name for f in fields(TrainConfig)})
-            if unknown:  # dropped, the run would go on without settings it started with
-                raise RunError(f"{ckpt}: its settings {', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''} "
+            unknown = _unknown_settings(state["train_config"])
+            if unknown:
+                raise RunError(f"{ckpt}: its settings {unknown} "
                                "are unknown to this version of defect_fast (written by a later one?); resume it with "
                                "the version that started it")
             cfg = TrainConfig.from_json(state["train_config"])
