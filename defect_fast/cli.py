@@ -364,7 +364,7 @@ def cmd_predict(args) -> int:
     from .detect import Detector
     from .evaluate import check_finite
     from .maps import resize_map
-    from .visualize import save_map, save_overlay
+    from .visualize import save_map, save_overlay, white_value
 
     out = Path(args.out)
     inputs = [args.run, *args.images]
@@ -428,7 +428,7 @@ def cmd_predict(args) -> int:
                     save_overlay(img, m, fh, scale=2 * scale)
                 entry = {"image": str(path), "score": float(s), "map": map_rel, "overlay": overlay_rel, "size": [w, h]}
                 if not scale:  # each map drawn to its own maximum: the value white is, to read the PNG back by
-                    entry["map_scale"] = float(m.max()) or 1.0
+                    entry["map_scale"] = white_value(m, 0.0)
                 if image_t is not None:
                     entry["defective"] = bool(float(s) > image_t)
                 if is_blank:  # a camera fault (watch sets them aside): its verdict says nothing of the part

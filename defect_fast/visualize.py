@@ -15,9 +15,14 @@ from PIL import Image
 PNG_COMPRESS_LEVEL = 1
 
 
+def white_value(m: torch.Tensor, scale: float) -> float:
+    """The map value drawn white: ``scale``, or where it is 0 the map's own maximum (1 for a map of
+    zeros)."""
+    return scale if scale > 0 else float(m.max()) or 1.0
+
+
 def _unit(m: torch.Tensor, scale: float) -> np.ndarray:
-    scale = scale if scale > 0 else float(m.max()) or 1.0
-    return (m.float() / scale).clamp(0, 1).numpy()
+    return (m.float() / white_value(m, scale)).clamp(0, 1).numpy()
 
 
 def heat(u: np.ndarray) -> np.ndarray:
