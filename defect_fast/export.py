@@ -7,7 +7,8 @@ torch.export by their input signature; TorchScript files check it first and say 
 and carry ``image_size``). The fused ops are traced as their pure-PyTorch
 reference (:func:`defect_fast.detect.reference_ops`), so running the file needs only
 onnxruntime / LibTorch / torch, not this package. Beside ``FILE`` goes ``FILE.json``: image size,
-batch, thresholds, normalisation, model name and options, package version, a digest of the
+batch, thresholds, normalisation, model name and options, package version, the training images'
+width:height range (TorchScript files carry it too, for the C++ runner's warning), a digest of the
 source model file and one of ``FILE`` itself (:func:`read_sidecar` reads the description after
 checking it).
 
@@ -30,13 +31,14 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, List
 
 import PIL
 import torch
 
 from . import __version__
 from .calibration import CalibrationError, stored_thresholds
+from .data.io import PROPORTIONS_MARGIN
 from .detect import Detector, reference_ops
 from .runs import model_file
 from .safety import UserError, atomic_open, dump_json_strict, file_sha256, one_line, safe_output_file
@@ -52,11 +54,16 @@ class _CheckedImages(torch.nn.Module):
     held 0..255 and give wrong maps without an error (ONNX and torch.export files refuse it)."""
 
     __constants__ = ["image_size"]
-
-    def __init__(self, traced: torch.nn.Module, image_size: int):
+    def __init__(self, traced: torch.nn.Module, image_size: int, trained_proportions: list[float] | None = None):
         super().__init__()
         self.traced = traced
         self.image_size = image_size
+        # the training images' [lowest, highest] width:height ratio and the factor outside it an image
+        # is warned of (defect_fast.data.io.outside_proportions), for a program that stretches photos
+        # to S x S (the C++ runner warns of them); [] and 0.0 where the model file does not record them
+        ratios = [float(r) for r in trained_proportions] if trained_proportions else []
+        self.trained_proportions = torch.jit.Attribute(ratios, List[float])
+        self.proportions_margin = PROPORTIONS_MARGIN if ratios else 0.0
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if images.dtype != torch.uint8:
@@ -109,6 +116,11 @@ def sidecar(det: Detector, fmt: str, batch: int, dynamic_batch: bool, source: Pa
                   "bit_depth": "16-bit grey scaled, 65535 -> 255 (round(v * 255 / 65535)); 16-bit colour by "
                                "the high byte of each value (as PIL decodes it)",
                   "alpha": "dropped, not blended; a palette expanded to its colours"},
+        # the training images' [lowest, highest] width:height ratio (None: not recorded): every photo is
+        # stretched to S x S, so one more than proportions_margin times outside it is stretched otherwise
+        # than the model learnt (the package's readers and the C++ runner warn of it)
+        "trained_proportions": list(det.trained_proportions) if det.trained_proportions is not None else None,
+        "proportions_margin": PROPORTIONS_MARGIN,
         "outputs": {"maps": [n, det.image_size, det.image_size], "scores": [n]},
         "map": det.map_kind,
         "patch": det.patch,
@@ -206,7 +218,7 @@ def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, so
             warnings.simplefilter("ignore")
             if fmt == "torchscript":
                 traced = torch.jit.trace(det, (example,), check_trace=False)
-                torch.jit.save(torch.jit.script(_CheckedImages(traced, s)), fh)
+                torch.jit.save(torch.jit.script(_CheckedImages(traced, s, det.trained_proportions)), fh)
                 dynamic = True  # the traced shape arithmetic follows the batch size
             elif fmt == "onnx":
                 torch.onnx.export(det, (example,), fh, input_names=["images"], output_names=["maps", "scores"],

@@ -5,7 +5,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Tuple
+from typing import List, Tuple
 
 import numpy as np
 import pytest
@@ -167,6 +167,80 @@ def test_cpp_runner_resizes_as_the_python_reader_does(runner, tmp_path):
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "turned.png", exif=exif)
     out = subprocess.run([str(runner), str(ts), str(tmp_path / "turned.png")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 1 and "EXIF orientation 6" in out.stderr
+
+
+def test_cpp_runner_warns_of_an_image_of_other_proportions_as_the_package_does(runner, tmp_path):
+    """An image far outside the training images' width:height (stretched to the model's square
+    otherwise than the images it learnt) was scored by the runner without a word, where the
+    package's readers warn: the export carries the proportions, the runner says it in one line on
+    stderr after the score, for the images the Detector warns of and no others."""
+    import warnings as w
+
+    from defect_fast.data import DataWarning
+    from defect_fast.data.io import outside_proportions
+
+    torch.manual_seed(0)
+    det = Detector(build_model("cmaae", memory_size=20), image_size=64, precision="float32")
+    det.trained_proportions = [0.8, 1.25]  # as a run records its training images'
+    ts = export_detector(det, tmp_path / "det.ts", "torchscript")
+    rng = np.random.default_rng(5)
+    # inside, at the margin's edge (1.25 x 1.25 = 125:80), wide and tall beyond it
+    for (h, w_), outside in (((64, 64), False), ((80, 125), False), ((64, 200), True), ((150, 40), True)):
+        png = tmp_path / f"{h}x{w_}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w_, 3), dtype=np.uint8)).save(png)
+        with w.catch_warnings():
+            w.simplefilter("ignore", DataWarning)  # the Detector says it once (checked below by its rule)
+            want = float(det.predict(png)["scores"][0])
+        assert (outside_proportions([(w_, h)], [png], det.trained_proportions, "x") is not None) == outside
+        out = subprocess.run([str(runner), str(ts), str(png)], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0 and float(out.stdout.split()[1]) == pytest.approx(want, rel=1e-5, abs=1e-9)
+        if outside:
+            ratio = "3.1:1" if w_ > h else "1:3.8"
+            assert out.stderr == (f"warning: {png} ({w_}x{h}, {ratio}) is of other proportions than the training images "
+                                  "(width:height 1:1.2 to 1.2:1): it is stretched to the model's square input, so its "
+                                  "defects are stretched otherwise than the model learnt and can pass unseen: inspect "
+                                  "pieces of the trained proportions, or train on images of these\n")
+        else:
+            assert out.stderr == "", (h, w_)
+    # a file of a model that records none (or of an earlier version): nothing said
+    det.trained_proportions = None
+    plain = export_detector(det, tmp_path / "plain.ts", "torchscript")
+    out = subprocess.run([str(runner), str(plain), str(tmp_path / "64x200.png")], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stderr == ""
+
+
+def test_cpp_runner_says_one_line_on_a_failure_and_an_unreadable_proportions_record(runner, tmp_path):
+    """The proportions warning comes after the score: a run that fails says its error alone; a
+    record that is not two ratios is said, and the image scored."""
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.zeros((20, 100, 3), dtype=np.uint8)).save(wide)
+    failing = tmp_path / "failing.ts"
+    torch.jit.save(torch.jit.script(_Proportioned([1.0, 1.0], shapes_ok=False)), str(failing))
+    out = subprocess.run([str(runner), str(failing), str(wide)], capture_output=True, text=True, timeout=300)
+    assert _one_line_error(out).startswith(f"{failing}: returned maps of shape [1, 64, 64]")
+    odd = tmp_path / "odd.ts"
+    torch.jit.save(torch.jit.script(_Proportioned([1.0, 2.0, 3.0])), str(odd))
+    out = subprocess.run([str(runner), str(odd), str(wide)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.startswith("score ")
+    assert out.stderr == ("warning: the detector's trained_proportions cannot be read (3 values): images of other "
+                          "proportions than the training images are not said\n")
+
+
+class _Proportioned(torch.nn.Module):
+    """A pipeline of the runner's shapes at side 32 with a ``trained_proportions`` record a test
+    gives; ``shapes_ok=False``: its maps are of another side (a failing file)."""
+
+    def __init__(self, ratios: list, shapes_ok: bool = True):
+        super().__init__()
+        self.image_size = 32
+        self.trained_proportions = torch.jit.Attribute(ratios, List[float])
+        self.proportions_margin = 1.25
+        self.side = 32 if shapes_ok else 64
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        m = torch.nn.functional.interpolate(x.float(), size=[self.side, self.side]).mean(1)
+        return m, m.mean((1, 2))
 
 
 def test_cpp_runner_finds_the_orientation_where_pil_does_and_turns_only_2_to_8(runner, tmp_path):

@@ -88,6 +88,25 @@ def test_exported_files_refuse_float_images_and_other_sizes(run, tmp_path, fmt, 
         assert torch.jit.load(str(out)).image_size == 128  # what the C++ runner resizes to
 
 
+def test_export_carries_the_training_images_proportions(run, tmp_path):
+    """The training images' width:height range (model.pt's trained_proportions), which the
+    package's readers warn by, was left out of the export: a program stretching photos to S x S
+    could not tell one far outside it. The sidecar carries it with the margin, TorchScript files
+    as attributes (the C++ runner warns by them); a run without the record exports none."""
+    state = torch.load(run / "model.pt", weights_only=True)
+    state["trained_proportions"] = [0.36, 2.6]
+    ranged = tmp_path / "ranged"
+    ranged.mkdir()
+    atomic_save(state, ranged / "model.pt")
+    for source, want in ((ranged, [0.36, 2.6]), (run, None)):
+        out = tmp_path / f"{source.name}.ts"
+        assert main(["export", str(source), "--format", "torchscript", "--out", str(out)]) == 0
+        meta = json.loads(out.with_name(out.name + ".json").read_text())
+        assert meta["trained_proportions"] == want and meta["proportions_margin"] == 1.25
+        ts = torch.jit.load(str(out))
+        assert ts.trained_proportions == (want or []) and ts.proportions_margin == (1.25 if want else 0.0)
+
+
 @pytest.mark.parametrize("fmt,suffix", [("exported", "pt2"), ("onnx", "onnx")])
 def test_export_with_the_runs_own_settings(run, tmp_path, fmt, suffix):
     """No inference options: tiles (stride = patch, no blending), the stitching that returns a

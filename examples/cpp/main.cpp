@@ -17,6 +17,9 @@
 //                [S, S]; "*.png" (any case: "*.PNG" too) as 8-bit grey scaled to the map's maximum,
 //                anything else as raw little-endian float32, row-major (S*S*4 bytes); "" is refused.
 //                Its folder must exist and be writable: checked first, too.
+// An image whose width:height lies far outside the training images' (recorded in files exported from
+// model files that record them) is scored as any other, and said in one "warning: " line on stderr
+// after the score: it is stretched to S x S otherwise than the images the model learnt.
 // Prints "score <value>" (the image score) on stdout, last (after the map is written); exit status 1
 // with a one-line message on any error (an image of more pixels than PIL reads, a model that raises
 // or returns anything but maps [1, S, S] and scores [1], or a NaN or infinite map or score, included),
@@ -441,6 +444,42 @@ int64_t traced_size(const torch::jit::script::Module& detector, std::string& err
   return -1;
 }
 
+// A width:height ratio as the package writes it: "2.6:1" or "1:2.8" (two digits; whole numbers from 10
+// on: "130:1"), as defect_fast.data.io._ratio.
+std::string ratio_text(double r) {
+  const double big = r >= 1 ? r : 1 / r;
+  char text[64];
+  std::snprintf(text, sizeof(text), big >= 10 ? "%.0f" : "%.2g", big);
+  return r >= 1 ? std::string(text) + ":1" : "1:" + std::string(text);
+}
+
+// The warning for an image of width:height far outside the training images' (the file's
+// trained_proportions [lowest, highest], outside them by more than its proportions_margin), as the
+// package's readers say it: every image is stretched to the model's square input. "" when it lies
+// inside, or the file records no proportions (exports of earlier versions, or of a model file without
+// them); a record that is not two positive ratios and a margin of at least 1 is said as unreadable.
+std::string proportions_warning(const torch::jit::script::Module& detector, const std::string& image, int w, int h) {
+  if (!detector.hasattr("trained_proportions") || !detector.hasattr("proportions_margin")) return "";
+  const c10::IValue ratios = detector.attr("trained_proportions"), margin_value = detector.attr("proportions_margin");
+  if (ratios.isDoubleList() && ratios.toDoubleList().empty()) return "";  // not recorded
+  const bool readable = ratios.isDoubleList() && ratios.toDoubleList().size() == 2 && margin_value.isDouble();
+  const double lo = readable ? ratios.toDoubleList().get(0) : 0, hi = readable ? ratios.toDoubleList().get(1) : 0;
+  const double margin = readable ? margin_value.toDouble() : 0;
+  if (!(std::isfinite(lo) && std::isfinite(hi) && lo > 0 && lo <= hi && std::isfinite(margin) && margin >= 1)) {
+    const std::string kind = ratios.isDoubleList() ? std::to_string(ratios.toDoubleList().size()) + " values"
+                                                   : describe(ratios);
+    return "warning: the detector's trained_proportions cannot be read (" + kind +
+           "): images of other proportions than the training images are not said";
+  }
+  const double r = static_cast<double>(w) / h;
+  if (lo / margin <= r && r <= hi * margin) return "";
+  const std::string span = ratio_text(lo) == ratio_text(hi) ? ratio_text(lo) : ratio_text(lo) + " to " + ratio_text(hi);
+  return "warning: " + image + " (" + std::to_string(w) + "x" + std::to_string(h) + ", " + ratio_text(r) +
+         ") is of other proportions than the training images (width:height " + span +
+         "): it is stretched to the model's square input, so its defects are stretched otherwise than the model "
+         "learnt and can pass unseen: inspect pieces of the trained proportions, or train on images of these";
+}
+
 // Why MAP_OUT cannot be made, before any work ("" when it can): it exists, or its folder is
 // missing or not writable.
 std::string map_out_problem(const std::string& path) {
@@ -520,6 +559,8 @@ int run(int argc, char** argv) {
     return 1;
   }
   torch::Tensor images = torch::from_blob(pixels.data(), {1, h, w, 3}, torch::kUInt8).permute({0, 3, 1, 2}).contiguous();
+  // said after the score (on stderr), so that a run that fails says one line only
+  const std::string stretched = proportions_warning(detector, image_path, w, h);
 
   // 3. Resize to the traced size S when needed (traced_size, read at step 1: 1..kMaxSide, or -1).
   if (size > 0 && (h != size || w != size)) {
@@ -605,6 +646,7 @@ int run(int argc, char** argv) {
     std::cerr << "defect_fast_run: cannot print the score (" << std::strerror(err) << ")\n";
     return 1;
   }
+  if (!stretched.empty()) std::cerr << stretched << "\n";
   return 0;
 }
 
