@@ -18,7 +18,8 @@
 #
 # Metrics go to experiments/results/magnetic-tile/<name>.json, or to $RESULTS_DIR/<name>.json
 # (experiments/README.md, "Rerunning a row"). ROWS are the names of the case list at the end; an
-# unknown one stops the script before anything runs (exit status 2).
+# unknown one stops the script before anything runs (exit status 2). Exit status 1 when any
+# training, refit or evaluation failed (the other rows go on).
 set -uo pipefail
 START=$PWD
 cd "$(dirname "$0")/.."
@@ -47,9 +48,9 @@ run() {  # name model seed epochs-per-stage... -- extra train args...
   TRAIN_ARGV=("$DATA" --out "$OUT/$name" --model "$model" --seed "$seed" --epochs "${epochs[@]}" "${COMMON[@]}" "${extra[@]}")
   local t0=$(date +%s)
   if needs_resume "$OUT/$name"; then
-    "${DF[@]}" train "$DATA" --out "$OUT/$name" --resume --quiet || return
+    "${DF[@]}" train "$DATA" --out "$OUT/$name" --resume --quiet || { failed=1; return; }
   elif [ ! -f "$OUT/$name/model.pt" ]; then
-    "${DF[@]}" train "${TRAIN_ARGV[@]}" || return
+    "${DF[@]}" train "${TRAIN_ARGV[@]}" || { failed=1; return; }
   fi
   local t1=$(date +%s)
   evaluate "$name" "$name" "$model" "$((t1 - t0))" "${epochs[*]} ${extra[*]}"
@@ -64,7 +65,7 @@ evaluate() {
   local name=$1 runname=$2 model=$3 secs=$4 targs=$5; shift 5
   [ -f "$RES/$name.json" ] && return
   [ -f "$OUT/$runname/model.pt" ] || return
-  "${DF[@]}" evaluate "$OUT/$runname" "$DATA" --json "$RES/$name.tmp" --overwrite "$@" || return
+  "${DF[@]}" evaluate "$OUT/$runname" "$DATA" --json "$RES/$name.tmp" --overwrite "$@" || { failed=1; return; }
   python3 - "$RES/$name.tmp" "$RES/$name.json" "$model" "$secs" "$targs" "$*" "$OUT/$runname" "${TRAIN_ARGV[@]}" <<'PY'
 import json, platform, sys, torch
 sys.path.insert(0, "experiments")
@@ -85,6 +86,7 @@ print(f"{dst}: pixel AUROC {m['pixel_auroc']:.4f} image AUROC {m['image_auroc']:
 PY
   local rc=$?
   rm -f "$RES/$name.tmp"
+  [ $rc -eq 0 ] || failed=1
   return $rc
 }
 
@@ -94,9 +96,9 @@ refit() {  # name source-run refit-options...: a copy of source-run with its map
   local name=$1 src=$2; shift 2
   [ -f "$RES/$name.json" ] && { echo "skip $name (done)"; return; }
   [ -f "$OUT/$src/model.pt" ] || { echo "skip $name ($src not trained)"; return; }
-  rm -rf "$OUT/$name.tmp" && cp -r "$OUT/$src" "$OUT/$name.tmp" && rm -f "$OUT/$name.tmp/.defect_fast.lock" || return
-  python3 experiments/refit_run.py "$OUT/$name.tmp" "$@" || return
-  rm -rf "$OUT/$name" && mv "$OUT/$name.tmp" "$OUT/$name"
+  rm -rf "$OUT/$name.tmp" && cp -r "$OUT/$src" "$OUT/$name.tmp" && rm -f "$OUT/$name.tmp/.defect_fast.lock" || { failed=1; return; }
+  python3 experiments/refit_run.py "$OUT/$name.tmp" "$@" || { failed=1; return; }
+  rm -rf "$OUT/$name" && mv "$OUT/$name.tmp" "$OUT/$name" || { failed=1; return; }
   evaluate "$name" "$name" "$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['model'])" "$OUT/$name/config.json")" 0 "refit $*"
 }
 
@@ -252,6 +254,9 @@ for r in $ROWS; do
   [ $? -eq 2 ] && { echo "magnetic_tile_v2.sh: unknown row '$r' (the row names are the case list at the end of the script)" >&2; exit 2; }
 done
 DRY=
+failed=0  # set by run, refit and evaluate when a training, refit or evaluation fails (the other rows go on)
 for r in $ROWS; do
   row "$r"
 done
+[ $failed -eq 0 ] || echo "magnetic_tile_v2.sh: a training, refit or evaluation failed (above); the rows that finished are written" >&2
+exit $failed
