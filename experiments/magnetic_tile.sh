@@ -9,7 +9,8 @@
 #
 # DATA defaults to ../shared/data/magnetic-tile, OUT to runs/magnetic-tile. Metrics go to
 # experiments/results/magnetic-tile/<name>.json (with the wall time of training and evaluation),
-# or to $RESULTS_DIR/<name>.json (experiments/README.md, "Rerunning a row").
+# or to $RESULTS_DIR/<name>.json (experiments/README.md, "Rerunning a row"). Exit status 1 when any
+# training or evaluation failed (the other runs go on).
 set -uo pipefail
 START=$PWD
 cd "$(dirname "$0")/.."
@@ -34,12 +35,12 @@ run() {  # name model epochs-per-stage... -- extra train args...
   echo "== $name: $model epochs ${epochs[*]} ${extra[*]}"
   local t0=$(date +%s)
   if needs_resume "$OUT/$name"; then
-    "${DF[@]}" train "$DATA" --out "$OUT/$name" --resume --quiet || return
+    "${DF[@]}" train "$DATA" --out "$OUT/$name" --resume --quiet || { failed=1; return; }
   elif [ ! -f "$OUT/$name/model.pt" ]; then
-    "${DF[@]}" train "$DATA" --out "$OUT/$name" --model "$model" --epochs "${epochs[@]}" "${COMMON[@]}" "${extra[@]}" --overwrite || return
+    "${DF[@]}" train "$DATA" --out "$OUT/$name" --model "$model" --epochs "${epochs[@]}" "${COMMON[@]}" "${extra[@]}" --overwrite || { failed=1; return; }
   fi
   local t1=$(date +%s)
-  "${DF[@]}" evaluate "$OUT/$name" "$DATA" --json "$RES/$name.tmp" --overwrite || return  # its own temporary, left by a stop
+  "${DF[@]}" evaluate "$OUT/$name" "$DATA" --json "$RES/$name.tmp" --overwrite || { failed=1; return; }  # its own temporary, left by a stop
   python3 - "$RES/$name.tmp" "$RES/$name.json" "$model" "$((t1 - t0))" "${extra[*]}" "${epochs[*]}" <<'PY'
 import json, sys
 sys.path.insert(0, "experiments")
@@ -48,14 +49,17 @@ src, dst, model, secs, extra, epochs = sys.argv[1:]
 m = json.load(open(src)); m.update(model=model, train_seconds_wall=int(secs), train_args=extra, epochs=epochs)
 dst = write_text(dst, json.dumps(m, indent=2)); print(f"{dst}: pixel AUROC {m['pixel_auroc']:.4f}")
 PY
+  [ $? -eq 0 ] || failed=1
   rm -f "$RES/$name.tmp"
 }
 
 evaluate_map() {  # name map: the same trained model with the other anomaly map (CMA-AE Table V column E)
   local name=$1 map=$2
   [ -f "$RES/$name-$map.json" ] || [ ! -f "$OUT/$name/model.pt" ] && return
-  "${DF[@]}" evaluate "$OUT/$name" "$DATA" --map "$map" --json "$RES/$name-$map.json"
+  "${DF[@]}" evaluate "$OUT/$name" "$DATA" --map "$map" --json "$RES/$name-$map.json" || failed=1
 }
+
+failed=0  # set when a training or evaluation fails (the other runs go on)
 
 # The README table: the two methods and the three baselines.
 run cmaae cmaae 1 1
@@ -76,3 +80,5 @@ run awae-awssim-one-stage awae 2 -- --set loss_mode=awssim_only
 # CMAM readings the paper leaves open: sigmoid gates; gating the encoder code (the text) not z_hat (Eq. 9).
 run cmaae-sigmoid-gates cmaae 1 1 -- --set gate_activation=sigmoid
 run cmaae-gate-encoder cmaae 1 1 -- --set gate_target=encoder
+[ $failed -eq 0 ] || echo "magnetic_tile.sh: a training or evaluation failed (above); the runs that finished are written" >&2
+exit $failed
