@@ -11,7 +11,8 @@ file can be mailed or archived on its own. Sections (element ids):
                 of the threshold marked
     histogram   image scores, good vs defective (or all images without ground truth), threshold line
     gallery     images sorted by score (highest first): input, reconstruction, map, overlay and the
-                mask when one exists; false alarms and misses marked
+                mask when one exists; false alarms and misses marked; the maps' colour scale, with
+                the pixel threshold marked on it
 
 Plots use matplotlib's Agg canvas directly (pyplot's global backend is left alone).
 
@@ -66,6 +67,7 @@ th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}
 .tag{font-weight:bold;padding:0 4px;color:#fff;border-radius:3px}.tag.fa{background:#d62728}
 .tag.miss{background:#7b3fbf}.tag.fail{background:#e69500}.tag.pass{background:#2ca02c}
 .note{color:#555;font-size:13px}
+.note img.legend{width:256px;height:12px;margin:2px 8px 2px 0;border:1px solid #999;vertical-align:middle}
 """
 
 
@@ -222,6 +224,34 @@ def _gallery_selection(order: np.ndarray, false_alarms: np.ndarray, misses: np.n
         picks = np.linspace(0, len(rest) - 1, num=min(room, len(rest))).round().astype(int)
         keep.update(rest[j] for j in picks)
     return np.array([i for i in order.tolist() if i in keep])
+
+
+#: Size of the map colour scale's strips on the page, in pixels (width, height).
+_LEGEND_SIZE = (256, 12)
+
+
+def _legend(scale: float, pixel_threshold: float | None, from_maps: bool) -> str:
+    """The gallery's colour scale: strips of the map (grey) and the overlay's tint (heat colours)
+    from 0 to ``scale``, the value drawn white (and at full tint, half over the photo), with the
+    pixel threshold marked by a black tick where it lies on them; ``from_maps``: ``scale`` is the
+    highest value of the set's maps (no stored scale)."""
+    from .visualize import heat
+
+    w, h = _LEGEND_SIZE
+    u = np.broadcast_to(np.linspace(0.0, 1.0, w, dtype=np.float32), (h, w))
+    grey = np.repeat((u * 255).astype(np.uint8)[..., None], 3, axis=-1)
+    tint = heat(u)
+    tick = None
+    if pixel_threshold is not None and 0 < pixel_threshold <= scale:
+        tick = min(w - 2, round(pixel_threshold / scale * (w - 1)))
+        grey[:, tick:tick + 2] = tint[:, tick:tick + 2] = 0
+    strips = "".join(f'<img class="legend" alt="{alt}" title="{alt}" src="{_png_uri(Image.fromarray(np.ascontiguousarray(a)))}">'
+                     for alt, a in (("map colour scale", grey), ("overlay tint scale", tint)))
+    top = (f"{scale:.4g} at the right (the highest value of every image's map: no scale is stored)" if from_maps
+           else f"{scale:.4g} and above at the right")
+    marked = f"; the tick is the pixel threshold, {threshold_text(pixel_threshold)}" if tick is not None else ""
+    return (f'<p class="note">{strips}<br>Map (grey) and overlay tint (colours, half over the photo at the top): '
+            f"0 at the left to {top}{marked}. Every map of the page is drawn on this scale.</p>")
 
 
 def _at_tile_size(m: torch.Tensor, img: torch.Tensor, thumb: int, tw: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -429,7 +459,8 @@ def write_report(
     order = np.argsort(-s, kind="stable")
     shown = _gallery_selection(order, fa, miss, max_gallery)
     scale = meta.scale() if meta is not None else 0.0
-    if scale <= 0:
+    from_maps = scale <= 0
+    if from_maps:
         scale = float(maps.max()) or 1.0
     if callable(recon):
         rec_u8 = from_model_range(recon(shown.tolist()).detach().float().cpu()) if len(shown) else None
@@ -478,7 +509,8 @@ def write_report(
                " Red: false alarm (good, flagged); purple: miss (defective, passed); orange: flagged.")
     note = (f'<p class="note">{len(shown)} of {n} images, highest score first; each: {cols}'
             f'{", mask" if masks is not None else ""}.{colours}{sampled}</p>')
-    section("gallery", "Gallery", note + "\n" + "\n".join(cards))
+    legend = _legend(scale, meta.pixel_threshold if meta is not None else None, from_maps) if len(shown) else ""
+    section("gallery", "Gallery", note + legend + "\n" + "\n".join(cards))
 
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>:root{{--thumb:{int(thumb)}px}}{_CSS}</style></head>\n<body><h1>{html.escape(title)}</h1>\n"

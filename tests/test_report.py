@@ -501,3 +501,42 @@ def test_a_short_gallery_shows_both_kinds_of_error():
     assert _gallery_selection(order, fa, np.zeros(20, bool), 5).tolist() == [0, 1, 2, 3, 4]  # no miss: all false alarms
     only_miss = _gallery_selection(order, np.zeros(20, bool), miss, 4).tolist()
     assert only_miss == [10, 11, 12, 13]
+
+
+def _legend_strips(text):
+    """The gallery's colour scale strips (map, overlay tint) as arrays, and its note's text."""
+    import base64
+    import io
+
+    uris = re.findall(r'<img class="legend" alt="[^"]*" title="[^"]*" src="data:image/png;base64,([^"]*)"', text)
+    strips = [np.asarray(Image.open(io.BytesIO(base64.b64decode(u))).convert("RGB")) for u in uris]
+    note = re.search(r'<img class="legend"[^>]*>(?:<img class="legend"[^>]*>)?<br>([^<]*)</p>', text)
+    return strips, note.group(1) if note else None
+
+
+def test_the_gallery_shows_the_maps_colour_scale_with_the_pixel_threshold(tmp_path):
+    """The maps and overlays had no legend: a reader could not tell what value a grey or a tint
+    stands for, nor where the pixel threshold lies. The page draws both scales, from 0 to the value
+    drawn white, with a black tick at the pixel threshold; without a stored scale it says the maps'
+    own maximum is used."""
+    images, masks, labels, classes = make_set()
+    res = stub_predict(images)
+    common = dict(names=[f"i{i}" for i in range(12)], images=images, maps=res["maps"], scores=res["scores"])
+    info = ModelInfo(S, image_threshold=0.3, pixel_threshold=0.05)  # white at 2 x the pixel threshold
+    text = Path(write_report(tmp_path / "a.html", meta=info, **common)["path"]).read_text()
+    (grey, tint), note = _legend_strips(text)
+    assert grey.shape == tint.shape == (12, 256, 3)
+    assert grey[0, 0].tolist() == [0, 0, 0] and grey[0, -1].tolist() == [255, 255, 255]
+    tick = round(0.5 * 255)  # the threshold halfway along
+    assert (grey[:, tick:tick + 2] == 0).all() and (tint[:, tick:tick + 2] == 0).all()
+    assert (grey[:, tick - 1] > 0).all() and (tint[:, tick + 2].sum(-1) > 0).all()
+    assert note.startswith("Map (grey) and overlay tint") and "0.1 and above at the right" in note
+    assert "the tick is the pixel threshold, 0.05" in note
+    # a stored scale below the pixel threshold: no tick off the strip
+    low = ModelInfo(S, image_threshold=0.3, pixel_threshold=0.05, map_scale=0.02)
+    (grey, tint), note = _legend_strips(Path(write_report(tmp_path / "b.html", meta=low, **common)["path"]).read_text())
+    assert "tick" not in note and "0.02 and above" in note and not (grey[:, 1:] == 0).all(-1).any()
+    # no model information: each page's maps' own maximum
+    (grey, _tint), note = _legend_strips(Path(write_report(tmp_path / "c.html", **common)["path"]).read_text())
+    assert f"{float(res['maps'].max()):.4g} at the right (the highest value of every image's map" in note
+    assert "tick" not in note
