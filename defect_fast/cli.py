@@ -346,9 +346,17 @@ def cmd_evaluate(args) -> int:
     if to_stdout:
         print(dump_json_strict(metrics, nan="null", indent=2), flush=True)
     if json_path is not None:
-        # checked again: a file may have appeared there while the test set was evaluated
+        # checked again: a file may have appeared there while the test set was evaluated (and one
+        # that appears during the write is not replaced either, without --overwrite)
+        appeared = OutputRefused(f"--json {json_path}: a file appeared there while the test set was evaluated; not "
+                                 "replacing it (pass --overwrite to replace it, or choose another name)")
+        if not args.overwrite and (json_path.exists() or json_path.is_symlink()):
+            raise appeared
         safe_output_file(json_path, args.overwrite, inputs=[args.run, args.data], what="--json")
-        atomic_write_json(json_path, metrics)
+        try:
+            atomic_write_json(json_path, metrics, replace=args.overwrite)
+        except FileExistsError:
+            raise appeared from None
     return 0
 
 

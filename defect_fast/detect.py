@@ -1484,8 +1484,9 @@ class Detector(nn.Module):
         writes them. Runtime options (precision, fuse, device, batch size, compile, CUDA graphs)
         are given again to :meth:`load` (in bfloat16 a fused and an unfused model round
         differently: the maps are the same only with the same options). An existing file is
-        replaced only with ``overwrite``, and never one an output folder of another command lists
-        (a run's own ``model.pt``). Returns the path.
+        replaced only with ``overwrite`` (nor one another process writes there while this one is
+        written), and never one an output folder of another command lists (a run's own
+        ``model.pt``). Returns the path.
 
         Raises:
             ValueError: the Detector scores by another ``top_fraction`` than the default, which
@@ -1494,7 +1495,7 @@ class Detector(nn.Module):
                 device, or is a file another command's output folder lists.
         """
         from .runs import CHECKPOINT_VERSION
-        from .safety import safe_output_file, save_with_digest
+        from .safety import OutputRefused, safe_output_file, save_with_digest
 
         if self.top_k != _top_count(self.image_size**2, TOP_FRACTION):
             raise ValueError(f"Detector.save: model files do not record top_fraction; this Detector scores by the "
@@ -1514,7 +1515,11 @@ class Detector(nn.Module):
             state["perceptual"] = self.image_map.state()
         if self.context is not None:
             state["context"] = self.context.state()
-        return save_with_digest(state, path)
+        try:  # a file that appeared at ``path`` since the check is not replaced without ``overwrite``
+            return save_with_digest(state, path, replace=overwrite)
+        except FileExistsError:
+            raise OutputRefused(f"Detector.save: {path}: a file appeared there while the model was written; not "
+                                "replacing it (pass overwrite=True to replace it)") from None
 
     def _drop_normalization(self) -> None:
         """Back to the identity normalisation (its statistics were of maps that changed)."""

@@ -180,7 +180,9 @@ def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, so
     graph holds no Python loop. An existing ``out`` or ``out.json`` is replaced only with
     ``overwrite``. Both files are complete before either is put in place, the description last: a
     failure leaves the earlier pair (or nothing); only a crash between the two renames can leave a
-    new file beside an earlier description, which its ``file_digest`` then gives away. Returns ``out``.
+    new file beside an earlier description, which its ``file_digest`` then gives away. Without
+    ``overwrite``, a file another process puts at either name during the export is not replaced:
+    the export is refused and leaves none of its own. Returns ``out``.
     """
     _check_arguments(fmt, precision, batch)
     inputs = [source] if source is not None else []
@@ -244,14 +246,41 @@ def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, so
     data = fh.getvalue()
     meta["file_digest"] = "sha256:" + hashlib.sha256(data).hexdigest()
     text = dump_json_strict(meta, indent=2)  # a value JSON cannot hold fails before anything is written
-    # each under a temporary name, fsynced, then renamed into place: the file, then its description
-    with atomic_open(sidecar_path(out), "w", encoding="utf-8") as desc:
-        desc.write(text)
-        desc.flush()
-        os.fsync(desc.fileno())
-        with atomic_open(out) as file:
-            file.write(data)
+    # each under a temporary name, fsynced, then renamed into place: the file, then its description;
+    # without overwrite, neither over a file another process put there during the export (the file
+    # placed first is taken back when its description's name is taken)
+    placed = None
+    try:
+        with atomic_open(sidecar_path(out), "w", encoding="utf-8", replace=overwrite) as desc:
+            desc.write(text)
+            desc.flush()
+            os.fsync(desc.fileno())
+            with atomic_open(out, replace=overwrite) as file:
+                file.write(data)
+            placed = os.stat(out)
+    except FileExistsError as exc:
+        if placed is not None and _same_file(out, placed):
+            os.unlink(out)
+        raise _NameTaken(exc.filename, "overwrite=True") from None
     return out
+
+
+class _NameTaken(ExportError):
+    """A file that appeared at one of the export's names during the export (not replaced)."""
+
+    def __init__(self, path: str, flag: str):
+        super().__init__(f"{path}: a file appeared there while the detector was exported; not replacing it (pass "
+                         f"{flag} to replace it, or choose another name)")
+        self.path = path
+
+
+def _same_file(path: Path, st: os.stat_result) -> bool:
+    """Whether ``path`` is still the file ``st`` was taken of (same device and inode)."""
+    try:
+        now = os.stat(path)
+    except OSError:
+        return False
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
 
 
 def read_sidecar(path: Path | str) -> dict[str, Any]:
@@ -303,8 +332,11 @@ def export(run: Path | str, out: Path | str, fmt: str, *, batch: int = 1, overwr
             stored_thresholds(det.calibration, far)  # a rate the run cannot give fails before the export
         except CalibrationError as exc:
             raise CalibrationError(_for_export(str(exc))) from None
-    return export_detector(det, out, fmt, batch=batch, source=model_file(run), precision=precision, far=far,
-                           overwrite=overwrite)
+    try:
+        return export_detector(det, out, fmt, batch=batch, source=model_file(run), precision=precision, far=far,
+                               overwrite=overwrite)
+    except _NameTaken as exc:  # said as the command's option
+        raise _NameTaken(exc.path, "--overwrite") from None
 
 
 __all__ = ["FORMATS", "PRECISIONS", "ExportError", "export", "export_detector", "read_sidecar", "sidecar", "sidecar_path"]

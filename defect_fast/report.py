@@ -516,11 +516,14 @@ def write_report(
             f"<style>:root{{--thumb:{int(thumb)}px}}{_CSS}</style></head>\n<body><h1>{html.escape(title)}</h1>\n"
             + "\n".join(parts) + "\n</body></html>\n")
     out = Path(out)
+    appeared = OutputRefused(f"--out {out}: a file appeared there while the report was made; not replacing it "
+                             "(give --overwrite to replace it)")
     if not replace and (out.exists() or out.is_symlink()):
-        raise OutputRefused(f"--out {out}: a file appeared there while the report was made; not replacing it "
-                            "(give --overwrite to replace it)")
-    # a name that is not UTF-8 (a camera's Latin-1 file name) escaped, not an error after all the work
-    atomic_write_bytes(out, page.encode("utf-8", "backslashreplace"))
+        raise appeared
+    try:  # a name that is not UTF-8 (a camera's Latin-1 file name) escaped, not an error after all the work
+        atomic_write_bytes(out, page.encode("utf-8", "backslashreplace"), replace=replace)
+    except FileExistsError:  # during the write
+        raise appeared from None
     return {"path": str(out), "n_images": n, "n_shown": int(len(shown)), "sections": sections, "metrics": metrics}
 
 

@@ -586,9 +586,15 @@ _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs) -> Iterator[Any]:
+def atomic_open(path: str | os.PathLike, mode: str = "wb", *, replace: bool = True, **kwargs) -> Iterator[Any]:
     """Open a temporary file beside ``path`` for writing; on success fsync and rename it over
     ``path``, on an exception remove it (``path`` is then untouched). Parent folders are created.
+
+    ``replace=False``: the file only takes the name if nothing is there when it is complete
+    (:func:`_take_name`: a hard link, atomic); a file that appeared there meanwhile (another
+    process's, made after the caller checked the name) is kept and FileExistsError, naming
+    ``path``, raised. A command told not to replace an output checks the name before its work and
+    writes with ``replace=False``, so that no writer finishing during the work is replaced.
 
     Usage: ``with atomic_open(p) as fh: torch.save(obj, fh)``.
     """
@@ -623,8 +629,14 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs) -> Iterator
                 with contextlib.suppress(OSError):
                     fh.close()
         try:
-            os.replace(tmp, path)
+            if replace:
+                os.replace(tmp, path)
+            else:
+                _take_name(Path(tmp), path)
         except OSError as exc:  # named by the file asked for (the temporary's name puzzles)
+            if isinstance(exc, FileExistsError):
+                raise FileExistsError(errno.EEXIST, "a file appeared there while this one was written", str(path)) \
+                    from None
             raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
     except BaseException:
         # a removal that fails too (no permission left in the folder) must not hide why the write failed
@@ -691,21 +703,23 @@ def write_results_text(path: str | os.PathLike, text: str) -> Path:
     return target
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
-    with atomic_open(path, "wb") as fh:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, replace: bool = True) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename; with
+    ``replace=False`` never over a file that is there by then: :func:`atomic_open`)."""
+    with atomic_open(path, "wb", replace=replace) as fh:
         fh.write(data)
     return Path(path)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8", *, replace: bool = True) -> Path:
     """Write ``text`` to ``path`` atomically."""
-    return atomic_write_bytes(path, text.encode(encoding))
+    return atomic_write_bytes(path, text.encode(encoding), replace=replace)
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any, *, nan: str = "null", indent: int | None = 2) -> Path:
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, nan: str = "null", indent: int | None = 2,
+                      replace: bool = True) -> Path:
     """Write ``obj`` as strict JSON (:func:`dump_json_strict`) to ``path`` atomically."""
-    return atomic_write_text(path, dump_json_strict(obj, nan=nan, indent=indent) + "\n")
+    return atomic_write_text(path, dump_json_strict(obj, nan=nan, indent=indent) + "\n", replace=replace)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -872,6 +886,13 @@ def safe_output_file(path: str | os.PathLike, overwrite: bool, *, inputs: Iterab
         owner = _listed_by_output_folder(p)
         if owner is not None:  # another command's output (a run's model.pt, a journal): not this one's to replace
             raise OutputRefused(f"{what} {p}: {owner}, which {flag} never replaces; choose another name")
+    else:
+        # a name another command's folder lists but has not written yet (predict's scores.json while
+        # it works), or whose file was removed: that command writes it, replacing this one's
+        owner = _listed_by_output_folder(p)
+        if owner is not None:
+            raise OutputRefused(f"{what} {p}: {owner} (not written yet, or removed since), which writes it; choose "
+                                "another name")
     _check_where_it_goes(p, what)
     return p
 
@@ -1731,13 +1752,15 @@ def signals_held() -> Iterator[None]:
             signal.raise_signal(signum)
 
 
-def save_with_digest(obj: Mapping[str, Any], path: str | os.PathLike, *, folder: OutputFolder | None = None) -> Path:
-    """``torch.save(attach_digest(obj))`` to ``path`` atomically (recorded in ``folder`` if given);
-    SIGINT and SIGTERM wait for the file (:func:`signals_held`)."""
+def save_with_digest(obj: Mapping[str, Any], path: str | os.PathLike, *, folder: OutputFolder | None = None,
+                     replace: bool = True) -> Path:
+    """``torch.save(attach_digest(obj))`` to ``path`` atomically (recorded in ``folder`` if given;
+    else with ``replace=False`` never over a file there by then: :func:`atomic_open`); SIGINT and
+    SIGTERM wait for the file (:func:`signals_held`)."""
     import torch
 
     payload = attach_digest(obj)
-    ctx = folder.open_atomic(path) if folder is not None else atomic_open(path)
+    ctx = folder.open_atomic(path) if folder is not None else atomic_open(path, replace=replace)
     try:
         with signals_held(), ctx as fh:
             torch.save(payload, fh)

@@ -496,6 +496,32 @@ def test_commands_that_set_or_show_thresholds_name_the_images_a_broken_model_giv
     assert not out.exists()
 
 
+def _appears_during_the_write(monkeypatch, path: Path, text: str = "theirs") -> None:
+    """Another process writes ``path`` while a file is written (at its fsync, after every check)."""
+    import os
+
+    real = os.fsync
+
+    def fsync(fd):
+        if not path.exists():
+            path.write_text(text)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_evaluate_json_never_replaces_a_file_written_there_during_its_write(tiny_run, synthetic_root, tmp_path,
+                                                                            capsys, monkeypatch):
+    """The name was checked, then the metrics renamed over it: another evaluate's metrics written
+    there meanwhile were replaced without --overwrite, both saying they wrote them."""
+    path = tmp_path / "m.json"
+    _appears_during_the_write(monkeypatch, path)
+    assert main(["evaluate", str(tiny_run), str(synthetic_root), "--json", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"--json {path}: a file appeared there while the test set was evaluated; not replacing it" in err
+    assert path.read_text() == "theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
+
+
 def test_evaluate_reports_pass_fail_rates_and_never_replaces_json(tiny_run, synthetic_root, tmp_path, capsys):
     path = tmp_path / "m.json"
     path.write_text("mine")

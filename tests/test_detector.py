@@ -884,6 +884,30 @@ def test_a_cast_of_the_detector_is_refused_naming_the_precision_option():
     assert torch.equal(det.predict(x)["scores"], want)
 
 
+def test_save_never_replaces_a_file_written_there_during_its_write(tmp_path, monkeypatch):
+    """save() checked the name, then renamed its file over it: a model another process saved
+    there meanwhile was replaced without overwrite=True."""
+    import os
+
+    from defect_fast.safety import OutputRefused
+
+    path = tmp_path / "line3.pt"
+    real = os.fsync
+
+    def fsync(fd):  # another process writes the name during this one's write (after every check)
+        if not path.exists():
+            path.write_bytes(b"theirs")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    det = Detector(_model(), image_size=128, precision="float32")
+    with pytest.raises(OutputRefused, match="Detector.save: .*line3.pt: a file appeared there while the model was "
+                                            r"written; not replacing it \(pass overwrite=True"):
+        det.save(path)
+    assert path.read_bytes() == b"theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["line3.pt"]
+    assert det.save(path, overwrite=True) == path and path.read_bytes() != b"theirs"
+
+
 @pytest.mark.parametrize("precision", ["float32", "auto"])
 def test_save_writes_what_load_reads_back(tmp_path, precision):
     """An embedding program that calibrates or normalises a Detector in Python can keep it: save()

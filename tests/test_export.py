@@ -88,6 +88,29 @@ def test_exported_files_refuse_float_images_and_other_sizes(run, tmp_path, fmt, 
         assert torch.jit.load(str(out)).image_size == 128  # what the C++ runner resizes to
 
 
+@pytest.mark.parametrize("taken", ["file", "description"])
+def test_export_never_replaces_a_file_written_at_its_names_during_the_export(run, tmp_path, monkeypatch, capsys, taken):
+    """Two exports to one --out without --overwrite both said "wrote", the second's file over the
+    first's (the names were checked before the trace only). A file another process puts at either
+    name meanwhile is kept, and the export refused, leaving none of its own files."""
+    import os
+
+    out = tmp_path / "det.ts"
+    theirs = out if taken == "file" else out.with_name("det.ts.json")
+    real = os.fsync
+
+    def fsync(fd):  # the other export finishes during this one's write (after every check)
+        if not theirs.exists():
+            theirs.write_text("theirs")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert main(["export", str(run), "--format", "torchscript", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{theirs}: a file appeared there while the detector was exported; not replacing it (pass --overwrite" in err
+    assert theirs.read_text() == "theirs" and sorted(p.name for p in tmp_path.iterdir()) == [theirs.name]
+
+
 def test_export_carries_the_training_images_proportions(run, tmp_path):
     """The training images' width:height range (model.pt's trained_proportions), which the
     package's readers warn by, was left out of the export: a program stretching photos to S x S

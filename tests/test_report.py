@@ -540,3 +540,26 @@ def test_the_gallery_shows_the_maps_colour_scale_with_the_pixel_threshold(tmp_pa
     (grey, _tint), note = _legend_strips(Path(write_report(tmp_path / "c.html", **common)["path"]).read_text())
     assert f"{float(res['maps'].max()):.4g} at the right (the highest value of every image's map" in note
     assert "tick" not in note
+
+
+def test_the_page_never_replaces_a_file_written_at_out_during_its_write(tmp_path, monkeypatch):
+    """Checked after the work, then renamed over the name: a file another process wrote there
+    during the write (a slow disk's fsync) was replaced without --overwrite."""
+    import os
+
+    from defect_fast.safety import OutputRefused
+
+    images, _masks, _labels, _classes = make_set(n_good=3, n_bad=0)
+    res = stub_predict(images)
+    page = tmp_path / "r.html"
+    real = os.fsync
+
+    def fsync(fd):
+        if not page.exists():
+            page.write_text("theirs")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OutputRefused, match="a file appeared there while the report was made; not replacing it"):
+        write_report(page, names=["a", "b", "c"], images=images, maps=res["maps"], scores=res["scores"], replace=False)
+    assert page.read_text() == "theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["r.html"]

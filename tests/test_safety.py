@@ -456,6 +456,43 @@ def test_safe_output_file_never_replaces_another_command_s_output(tmp_path):
         safe_output_file(run.path / "notes.json", True)
 
 
+def test_safe_output_file_refuses_a_name_another_command_has_reserved(tmp_path):
+    """A name a working command's folder lists but has not written yet (predict's scores.json,
+    reserved at its start) passed the check: evaluate --json wrote there and said so, and predict
+    replaced it at its end. It is refused, as the written file is."""
+    folder = OutputFolder.create(tmp_path / "out", command="predict", lock=True)
+    folder.reserve(["scores.json", "maps/a.png"])
+    for name in ("scores.json", "maps/a.png"):
+        for overwrite in (False, True):
+            with pytest.raises(OutputRefused, match=r"is part of the output of 'defect-fast predict' in .*out \(not "
+                                                    r"written yet, or removed since\), which writes it; choose another"):
+                safe_output_file(folder.path / name, overwrite, what="--json")
+    assert safe_output_file(folder.path / "mine.json", False) == folder.path / "mine.json"  # a name it does not list
+    folder.release()
+
+
+def test_atomic_open_without_replace_keeps_a_file_that_appears_during_the_write(tmp_path):
+    """A write checked free at its start and renamed over the name at its end replaced a file
+    another process put there meanwhile (two evaluate --json, two exports, a report beside an
+    evaluate, without --overwrite). With replace=False the finished file only takes a free name."""
+    p = tmp_path / "metrics.json"
+    with pytest.raises(FileExistsError) as info:
+        with atomic_open(p, "w", replace=False) as fh:
+            fh.write("mine")
+            p.write_text("theirs")  # another process, during the work
+    assert info.value.filename == str(p) and "appeared there" in str(info.value)
+    assert p.read_text() == "theirs"
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["metrics.json"]  # no temporary left
+    fresh = tmp_path / "fresh.json"
+    atomic_write_json(fresh, {"a": 1}, replace=False)
+    assert json.loads(fresh.read_text()) == {"a": 1}
+    with pytest.raises(FileExistsError):
+        atomic_write_json(fresh, {"a": 2}, replace=False)
+    assert json.loads(fresh.read_text()) == {"a": 1}
+    atomic_write_json(fresh, {"a": 3})  # replace=True (the default): as before
+    assert json.loads(fresh.read_text()) == {"a": 3}
+
+
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     p = tmp_path / "f.txt"
     atomic_write_text(p, "one")
