@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from .models import AnomalyModel, build_model
-from .safety import DigestError, Stopped, UserError, check_device, load_with_digest, one_line, save_with_digest
+from .safety import (DigestError, RunInUse, RunLock, Stopped, UserError, check_device, load_with_digest, one_line,
+                     save_with_digest)
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -126,6 +127,12 @@ def model_file(run: Path | str) -> Path:
     if not path.exists():
         if run.suffix == ".pt":  # a folder named like a model file: "model.pt: no model.pt" said nothing
             raise RunError(f"{run}: is a folder, not a model file (nor a run folder: no {MODEL_FILE} inside)")
+        try:  # a training (or calibrate --out) writing the folder now: its model.pt comes at its end
+            RunLock(run).check_free()
+        except RunInUse as exc:
+            who = f"PID {exc.pid}" if exc.pid is not None else "another process"
+            raise RunError(f"{run}: no {MODEL_FILE} yet: {who} is writing this folder (a training, or a calibrate "
+                           "--out); wait for it to finish") from None
         hint = " (training did not finish; resume the training first)" if (run / CHECKPOINT_FILE).exists() else ""
         if not hint:  # a folder that holds runs (a demo's, runs/): the ones inside are named
             try:

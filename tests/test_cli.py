@@ -210,6 +210,25 @@ def test_predict_takes_an_image_whose_name_is_as_long_as_a_file_name_may_be(tiny
     assert len(set(maps)) == 2 and all((out / m).is_file() and len(Path(m).name.encode()) <= 255 for m in maps)
 
 
+def test_a_run_being_trained_is_named_so_not_told_to_resume(synthetic_root, tmp_path, capsys):
+    """predict, evaluate, export ... on a run while its training wrote it said "training did not
+    finish; resume the training first", and that resume was refused (the run in use): the command
+    now says who writes the folder and to wait."""
+    import os
+
+    from defect_fast.safety import RunLock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"")
+    with RunLock(run):  # the training, holding its run folder
+        assert main(["evaluate", str(run), str(synthetic_root)]) == 2
+        assert (f"{run}: no model.pt yet: PID {os.getpid()} is writing this folder (a training, or a calibrate "
+                "--out); wait for it to finish") in capsys.readouterr().err
+    assert main(["evaluate", str(run), str(synthetic_root)]) == 2  # stopped: the advice to resume stands
+    assert f"{run}: no model.pt (training did not finish; resume the training first)" in capsys.readouterr().err
+
+
 def test_a_folder_that_holds_runs_names_them(tiny_run, synthetic_root, tmp_path, capsys):
     """`evaluate DEMO DATA` on a demo's top folder said only "no model.pt"."""
     import shutil
