@@ -1107,8 +1107,10 @@ class OutputFolder:
         if theirs:
             raise OutputRefused(f"{what} {p}: holds the output of 'defect-fast {theirs}', which {command} never replaces "
                                 "(not even with --overwrite); choose another folder")
+        # a command at work there (a start that won a race) is said so, not left output; with
+        # --overwrite, before this command's work, not when it comes to clear the folder after it
+        RunLock(p).check_free()
         if not overwrite:
-            RunLock(p).check_free()  # a command at work there (a start that won a race) is said so, not left output
             raise OutputRefused(f"{what} {p}: folder holds earlier defect-fast output; pass --overwrite to replace it "
                                 "(only the files defect-fast wrote there are removed) or choose another folder")
         names = list(names)

@@ -1121,7 +1121,8 @@ def test_a_write_whose_rename_and_cleanup_both_fail_names_the_file_asked_for(tmp
 
 def test_a_folder_a_command_is_writing_in_is_said_to_be_in_use_not_to_hold_earlier_output(tmp_path):
     """Two trainings started at once into one new folder: the one that lost was told to pass
-    --overwrite, while the other trained there (the check saw its manifest, not its lock)."""
+    --overwrite, while the other trained there (the check saw its manifest, not its lock); an
+    --overwrite of a folder in use did all its work before it was refused."""
     from defect_fast.safety import RunInUse
 
     out = tmp_path / "run"
@@ -1131,9 +1132,13 @@ def test_a_folder_a_command_is_writing_in_is_said_to_be_in_use_not_to_hold_earli
     with pytest.raises(RunInUse, match=f"is in use by PID {os.getpid()}"):
         OutputFolder.check(out, command="train")
     assert (out / LOCK_NAME).read_bytes() == before  # the check changed nothing
+    # an --overwrite too is told before its work (it did all of it, then failed at the clearing)
+    with pytest.raises(RunInUse, match=f"is in use by PID {os.getpid()}"):
+        OutputFolder.check(out, overwrite=True, command="train")
     folder.release()
     with pytest.raises(OutputRefused, match="folder holds earlier defect-fast output; pass --overwrite"):
         OutputFolder.check(out, command="train")
+    OutputFolder.check(out, overwrite=True, command="train")  # free: may be replaced
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
