@@ -230,27 +230,39 @@ def _gallery_selection(order: np.ndarray, false_alarms: np.ndarray, misses: np.n
 _LEGEND_SIZE = (256, 12)
 
 
-def _legend(scale: float, pixel_threshold: float | None, from_maps: bool) -> str:
-    """The gallery's colour scale: strips of the map (grey) and the overlay's tint (heat colours)
-    from 0 to ``scale``, the value drawn white (and at full tint, half over the photo), with the
-    pixel threshold marked by a black tick where it lies on them; ``from_maps``: ``scale`` is the
-    highest value of the set's maps (no stored scale)."""
-    from .visualize import heat
+def _legend(scale: float, pixel_threshold: float | None, maps_top: float | None) -> str:
+    """The gallery's colour scale: strips of the map (grey) and of the overlay's tint as it lies
+    over a mid-grey photo, from 0 to ``scale`` (> 0), the value drawn white and at full tint, with
+    the pixel threshold marked by a tick (a black and a white column, seen on any colour) where it
+    lies on them; ``maps_top``: the highest value of the set's maps, given where no positive scale
+    is stored (``scale`` is then that value, or 1 where it is not positive)."""
+    from .visualize import OVERLAY_ALPHA, heat
 
     w, h = _LEGEND_SIZE
     u = np.broadcast_to(np.linspace(0.0, 1.0, w, dtype=np.float32), (h, w))
     grey = np.repeat((u * 255).astype(np.uint8)[..., None], 3, axis=-1)
-    tint = heat(u)
+    weight = (OVERLAY_ALPHA * u)[..., None]  # as save_overlay blends the heat colours over a photo
+    tint = (128 * (1 - weight) + heat(u).astype(np.float32) * weight).clip(0, 255).astype(np.uint8)
     tick = None
     if pixel_threshold is not None and 0 < pixel_threshold <= scale:
         tick = min(w - 2, round(pixel_threshold / scale * (w - 1)))
-        grey[:, tick:tick + 2] = tint[:, tick:tick + 2] = 0
+        for a in (grey, tint):
+            a[:, tick], a[:, tick + 1] = 0, 255
     strips = "".join(f'<img class="legend" alt="{alt}" title="{alt}" src="{_png_uri(Image.fromarray(np.ascontiguousarray(a)))}">'
                      for alt, a in (("map colour scale", grey), ("overlay tint scale", tint)))
-    top = (f"{scale:.4g} at the right (the highest value of every image's map: no scale is stored)" if from_maps
-           else f"{scale:.4g} and above at the right")
-    marked = f"; the tick is the pixel threshold, {threshold_text(pixel_threshold)}" if tick is not None else ""
-    return (f'<p class="note">{strips}<br>Map (grey) and overlay tint (colours, half over the photo at the top): '
+    if maps_top is None:
+        top = f"{scale:.4g} and above at the right"
+    elif maps_top > 0:
+        top = f"{scale:.4g} at the right (the highest value of every image's map: no positive scale is stored)"
+    else:
+        top = f"{scale:.4g} at the right (no positive scale is stored and no map exceeds 0: every map is black)"
+    if tick is not None:
+        marked = f"; the tick is the pixel threshold, {pixel_threshold:.4g}"
+    elif pixel_threshold is not None and pixel_threshold > scale:
+        marked = f"; the pixel threshold, {pixel_threshold:.4g}, lies above the scale's top"
+    else:
+        marked = ""
+    return (f'<p class="note">{strips}<br>Map (grey) and overlay tint (over a mid-grey photo): '
             f"0 at the left to {top}{marked}. Every map of the page is drawn on this scale.</p>")
 
 
@@ -459,9 +471,11 @@ def write_report(
     order = np.argsort(-s, kind="stable")
     shown = _gallery_selection(order, fa, miss, max_gallery)
     scale = meta.scale() if meta is not None else 0.0
-    from_maps = scale <= 0
-    if from_maps:
-        scale = float(maps.max()) or 1.0
+    maps_top = None if scale > 0 else float(maps.max())  # none stored, or none usable (negative, NaN)
+    if maps_top is not None:
+        # maps with no positive value are drawn black, on a scale of 1 (each map's own maximum would
+        # draw the legend's scale on none of them)
+        scale = maps_top if maps_top > 0 else 1.0
     if callable(recon):
         rec_u8 = from_model_range(recon(shown.tolist()).detach().float().cpu()) if len(shown) else None
         pos = {i: k for k, i in enumerate(shown.tolist())}
@@ -509,7 +523,7 @@ def write_report(
                " Red: false alarm (good, flagged); purple: miss (defective, passed); orange: flagged.")
     note = (f'<p class="note">{len(shown)} of {n} images, highest score first; each: {cols}'
             f'{", mask" if masks is not None else ""}.{colours}{sampled}</p>')
-    legend = _legend(scale, meta.pixel_threshold if meta is not None else None, from_maps) if len(shown) else ""
+    legend = _legend(scale, meta.pixel_threshold if meta is not None else None, maps_top) if len(shown) else ""
     section("gallery", "Gallery", note + legend + "\n" + "\n".join(cards))
 
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'

@@ -39,7 +39,11 @@ def save_map(m: torch.Tensor, path: Path, scale: float, compress_level: int = PN
                                                                              compress_level=compress_level)
 
 
-def save_overlay(image: torch.Tensor, m: torch.Tensor, path: Path, scale: float, alpha: float = 0.5,
+#: How much of the heat colour an overlay pixel at the value drawn white takes (less below it).
+OVERLAY_ALPHA = 0.5
+
+
+def save_overlay(image: torch.Tensor, m: torch.Tensor, path: Path, scale: float, alpha: float = OVERLAY_ALPHA,
                  compress_level: int = PNG_COMPRESS_LEVEL) -> None:
     """Save image uint8 [3, H, W] blended with the heat colours of map [H, W].
 

@@ -527,19 +527,27 @@ def test_the_gallery_shows_the_maps_colour_scale_with_the_pixel_threshold(tmp_pa
     (grey, tint), note = _legend_strips(text)
     assert grey.shape == tint.shape == (12, 256, 3)
     assert grey[0, 0].tolist() == [0, 0, 0] and grey[0, -1].tolist() == [255, 255, 255]
-    tick = round(0.5 * 255)  # the threshold halfway along
-    assert (grey[:, tick:tick + 2] == 0).all() and (tint[:, tick:tick + 2] == 0).all()
-    assert (grey[:, tick - 1] > 0).all() and (tint[:, tick + 2].sum(-1) > 0).all()
+    tick = round(0.5 * 255)  # the threshold halfway along: a black and a white column, seen on any colour
+    for strip in (grey, tint):
+        assert (strip[:, tick] == 0).all() and (strip[:, tick + 1] == 255).all()
+    assert (grey[:, tick - 1] > 0).all() and (grey[:, tick + 2] < 255).all()
+    assert tint[0, 0].tolist() == [128, 128, 128]  # no tint at 0: the photo (mid-grey here) as it is
     assert note.startswith("Map (grey) and overlay tint") and "0.1 and above at the right" in note
     assert "the tick is the pixel threshold, 0.05" in note
-    # a stored scale below the pixel threshold: no tick off the strip
+    # a stored scale below the pixel threshold: no tick off the strip, said in words
     low = ModelInfo(S, image_threshold=0.3, pixel_threshold=0.05, map_scale=0.02)
     (grey, tint), note = _legend_strips(Path(write_report(tmp_path / "b.html", meta=low, **common)["path"]).read_text())
     assert "tick" not in note and "0.02 and above" in note and not (grey[:, 1:] == 0).all(-1).any()
-    # no model information: each page's maps' own maximum
-    (grey, _tint), note = _legend_strips(Path(write_report(tmp_path / "c.html", **common)["path"]).read_text())
-    assert f"{float(res['maps'].max()):.4g} at the right (the highest value of every image's map" in note
-    assert "tick" not in note
+    assert "the pixel threshold, 0.05, lies above the scale's top" in note
+    # no model information (or a scale that is no positive number): each page's maps' own maximum
+    for name, meta in (("c.html", None), ("d.html", ModelInfo(S, image_threshold=0.3, map_scale=float("nan")))):
+        (grey, _tint), note = _legend_strips(Path(write_report(tmp_path / name, meta=meta, **common)["path"]).read_text())
+        assert f"{float(res['maps'].max()):.4g} at the right (the highest value of every image's map" in note, name
+        assert "tick" not in note
+    # maps with no positive value: drawn black, and the legend says so (not a scale no map is drawn on)
+    out = write_report(tmp_path / "e.html", **{**common, "maps": -res["maps"] - 0.01})
+    (grey, _tint), note = _legend_strips(Path(out["path"]).read_text())
+    assert "1 at the right (no positive scale is stored and no map exceeds 0: every map is black)" in note
 
 
 def test_the_page_never_replaces_a_file_written_at_out_during_its_write(tmp_path, monkeypatch):
