@@ -54,6 +54,7 @@ class _CheckedImages(torch.nn.Module):
     held 0..255 and give wrong maps without an error (ONNX and torch.export files refuse it)."""
 
     __constants__ = ["image_size"]
+
     def __init__(self, traced: torch.nn.Module, image_size: int, trained_proportions: list[float] | None = None):
         super().__init__()
         self.traced = traced
@@ -116,11 +117,11 @@ def sidecar(det: Detector, fmt: str, batch: int, dynamic_batch: bool, source: Pa
                   "bit_depth": "16-bit grey scaled, 65535 -> 255 (round(v * 255 / 65535)); 16-bit colour by "
                                "the high byte of each value (as PIL decodes it)",
                   "alpha": "dropped, not blended; a palette expanded to its colours"},
-        # the training images' [lowest, highest] width:height ratio (None: not recorded): every photo is
-        # stretched to S x S, so one more than proportions_margin times outside it is stretched otherwise
-        # than the model learnt (the package's readers and the C++ runner warn of it)
+        # the training images' [lowest, highest] width:height ratio (None, and no margin: not recorded):
+        # every photo is stretched to S x S, so one more than proportions_margin times outside it is
+        # stretched otherwise than the model learnt (the package's readers and the C++ runner warn of it)
         "trained_proportions": list(det.trained_proportions) if det.trained_proportions is not None else None,
-        "proportions_margin": PROPORTIONS_MARGIN,
+        "proportions_margin": PROPORTIONS_MARGIN if det.trained_proportions is not None else None,
         "outputs": {"maps": [n, det.image_size, det.image_size], "scores": [n]},
         "map": det.map_kind,
         "patch": det.patch,

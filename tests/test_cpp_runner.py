@@ -173,7 +173,8 @@ def test_cpp_runner_warns_of_an_image_of_other_proportions_as_the_package_does(r
     """An image far outside the training images' width:height (stretched to the model's square
     otherwise than the images it learnt) was scored by the runner without a word, where the
     package's readers warn: the export carries the proportions, the runner says it in one line on
-    stderr after the score, for the images the Detector warns of and no others."""
+    stderr after the score, for the images the package's rule (outside_proportions) names and no
+    others."""
     import warnings as w
 
     from defect_fast.data import DataWarning
@@ -223,19 +224,27 @@ def test_cpp_runner_says_one_line_on_a_failure_and_an_unreadable_proportions_rec
     torch.jit.save(torch.jit.script(_Proportioned([1.0, 2.0, 3.0])), str(odd))
     out = subprocess.run([str(runner), str(odd), str(wide)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.startswith("score ")
-    assert out.stderr == ("warning: the detector's trained_proportions cannot be read (3 values): images of other "
-                          "proportions than the training images are not said\n")
+    assert out.stderr == ("warning: the detector's proportions record cannot be read (its trained_proportions holds "
+                          "3 values, not 2): images of other proportions than the training images are not said\n")
+    # what is wrong is named: the margin, an integer list
+    for name, module, why in (("margin", _Proportioned([1.0, 2.0], margin=0.5), "its proportions_margin is below 1"),
+                              ("ints", _Proportioned([1, 2], kind=List[int]),
+                               "its trained_proportions is not a list of floats")):
+        path = tmp_path / f"{name}.ts"
+        torch.jit.save(torch.jit.script(module), str(path))
+        out = subprocess.run([str(runner), str(path), str(wide)], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0 and f"cannot be read ({why})" in out.stderr, out.stderr
 
 
 class _Proportioned(torch.nn.Module):
     """A pipeline of the runner's shapes at side 32 with a ``trained_proportions`` record a test
     gives; ``shapes_ok=False``: its maps are of another side (a failing file)."""
 
-    def __init__(self, ratios: list, shapes_ok: bool = True):
+    def __init__(self, ratios: list, shapes_ok: bool = True, margin: float = 1.25, kind=List[float]):
         super().__init__()
         self.image_size = 32
-        self.trained_proportions = torch.jit.Attribute(ratios, List[float])
-        self.proportions_margin = 1.25
+        self.trained_proportions = torch.jit.Attribute(ratios, kind)
+        self.proportions_margin = margin
         self.side = 32 if shapes_ok else 64
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -457,18 +457,33 @@ std::string ratio_text(double r) {
 // trained_proportions [lowest, highest], outside them by more than its proportions_margin), as the
 // package's readers say it: every image is stretched to the model's square input. "" when it lies
 // inside, or the file records no proportions (exports of earlier versions, or of a model file without
-// them); a record that is not two positive ratios and a margin of at least 1 is said as unreadable.
+// them); a record that is not two positive ratios and a margin of at least 1 is said as unreadable,
+// naming what is wrong with it.
 std::string proportions_warning(const torch::jit::script::Module& detector, const std::string& image, int w, int h) {
-  if (!detector.hasattr("trained_proportions") || !detector.hasattr("proportions_margin")) return "";
-  const c10::IValue ratios = detector.attr("trained_proportions"), margin_value = detector.attr("proportions_margin");
+  if (!detector.hasattr("trained_proportions")) return "";
+  const c10::IValue ratios = detector.attr("trained_proportions");
   if (ratios.isDoubleList() && ratios.toDoubleList().empty()) return "";  // not recorded
-  const bool readable = ratios.isDoubleList() && ratios.toDoubleList().size() == 2 && margin_value.isDouble();
-  const double lo = readable ? ratios.toDoubleList().get(0) : 0, hi = readable ? ratios.toDoubleList().get(1) : 0;
-  const double margin = readable ? margin_value.toDouble() : 0;
-  if (!(std::isfinite(lo) && std::isfinite(hi) && lo > 0 && lo <= hi && std::isfinite(margin) && margin >= 1)) {
-    const std::string kind = ratios.isDoubleList() ? std::to_string(ratios.toDoubleList().size()) + " values"
-                                                   : describe(ratios);
-    return "warning: the detector's trained_proportions cannot be read (" + kind +
+  // what keeps the record from being read, named ("" when it can be)
+  std::string why;
+  double lo = 0, hi = 0, margin = 0;
+  if (!ratios.isDoubleList()) {
+    why = "its trained_proportions is not a list of floats";
+  } else if (ratios.toDoubleList().size() != 2) {
+    why = "its trained_proportions holds " + std::to_string(ratios.toDoubleList().size()) + " values, not 2";
+  } else {
+    lo = ratios.toDoubleList().get(0);
+    hi = ratios.toDoubleList().get(1);
+    if (!(std::isfinite(lo) && std::isfinite(hi) && lo > 0 && lo <= hi)) {
+      why = "its trained_proportions is no [lowest, highest] pair of positive ratios";
+    } else if (!detector.hasattr("proportions_margin") || !detector.attr("proportions_margin").isDouble()) {
+      why = "it has no proportions_margin of type float";
+    } else {
+      margin = detector.attr("proportions_margin").toDouble();
+      if (!(std::isfinite(margin) && margin >= 1)) why = "its proportions_margin is below 1";
+    }
+  }
+  if (!why.empty()) {
+    return "warning: the detector's proportions record cannot be read (" + why +
            "): images of other proportions than the training images are not said";
   }
   const double r = static_cast<double>(w) / h;
