@@ -330,11 +330,12 @@ def draw_grid(
     Rows: the class's ``ceil(per_class / 2)`` highest- and ``floor(per_class / 2)`` lowest-scoring
     images (all of them when the class has fewer), highest first; the row title gives the file
     index and image score. Columns: input; reconstruction; map (colour-mapped on one scale shared
-    by the figure's rows, 0 to the largest shown value, colour bar beside it); input with the
-    ground-truth outline (yellow) and the map's top ``top`` pixels (red dots), with the patch grid
-    drawn faintly when ``patch`` is given. ``scale="row"`` gives each row its own colour scale
-    (0 to that map's maximum, printed beside it) instead, for maps whose ranges differ by orders of
-    magnitude.
+    by the figure's rows, from 0 (or the lowest shown value, where a standardised map goes below
+    0) to the largest shown value, colour bar beside it); input with the ground-truth outline
+    (yellow) and the map's top ``top`` pixels (red dots), with the patch grid drawn faintly when
+    ``patch`` is given. ``scale="row"`` gives each row its own colour scale (from 0, or the map's
+    lowest value below it, to its maximum, both printed beside it) instead, for maps whose ranges
+    differ by orders of magnitude.
 
     Args:
         images: uint8 [N, 3, S, S].
@@ -403,7 +404,8 @@ def draw_grid(
             ys, xs = np.nonzero(tops[i].numpy())
             ax_ov.scatter(xs, ys, s=4, c="red", marker="s", linewidths=0)
             ax_in.set_ylabel(f"#{i}  score {sc[i]:.4g}", fontsize=8)
-            ax_map.set_ylabel(f"max {float(maps[i].max()):.3g}", fontsize=8)
+            ax_map.set_ylabel(f"max {float(maps[i].max()):.3g}" if scale == "figure" else f"scale {lo:.3g}..{hi:.3g}",
+                              fontsize=8)
             for ax in axes[r]:
                 ax.set_xticks([])
                 ax.set_yticks([])
@@ -656,6 +658,7 @@ def command(args) -> int:
 
     # its AUROC table is optimistic on images the run trained on: said, as evaluate and report say it
     seen_test_images(load_model_state(run), test_set.images, test_set.paths, run, thresholds_used=False)
+    det.check_proportions(test_set.sizes, test_set.paths, data / "test")  # stretched otherwise: said, as evaluate does
     names = sorted(figure_names(test_set.classes).values()) + ["locations.json"]
     # a user's file at one of the names: refused before an earlier diagnosis is cleared
     folder = OutputFolder.create(Path(args.out).absolute(), overwrite=args.overwrite, inputs=[run, data], lock=True,

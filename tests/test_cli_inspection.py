@@ -277,8 +277,8 @@ def test_report_with_ground_truth_and_refusals(tiny, tmp_path, capsys, monkeypat
 def test_images_far_from_the_trained_proportions_are_said_everywhere(tiny, tmp_path, capsys):
     """Every image is stretched to the model's square input: a 16:1 strip of the trained surface is
     stretched otherwise than the square images the model learnt (its defects can pass unseen).
-    The run records its training images' proportions; predict, evaluate, report, watch and
-    Detector.predict say so of such an image, not of one within the training images' range."""
+    The run records its training images' proportions; predict, evaluate, report, diagnose, watch
+    and Detector.predict say so of such an image, not of one within the training images' range."""
     import warnings
 
     from defect_fast.data import DataWarning
@@ -332,6 +332,8 @@ def test_images_far_from_the_trained_proportions_are_said_everywhere(tiny, tmp_p
     status, _, err = cli(["report", tiny["run"], data, "--out", tmp_path / "r.html", "--device", "cpu"], capsys)
     assert status == 0 and "1 of 4 images are of other proportions" in err, err
     assert "1 of 4 images are of other proportions" in (tmp_path / "r.html").read_text()  # the page says it too
+    status, _, err = cli(["diagnose", tiny["run"], data, "--out", tmp_path / "d", "--device", "cpu"], capsys)
+    assert status == 0 and "1 of 4 images are of other proportions" in err, err  # its table is evaluate's
 
     # watch: said once a session
     status, stdout, err = cli(["watch", tiny["run"], src, "--out", tmp_path / "w", "--once", "--device", "cpu",

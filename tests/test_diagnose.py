@@ -174,6 +174,22 @@ def test_draw_grid_rows_and_files(tmp_path):
         draw_grid(images, recon, maps, scores, classes, tmp_path, scale="log")
 
 
+def test_a_row_scale_below_zero_is_printed_beside_its_map(tmp_path, monkeypatch):
+    """With --scale row each map has its own colour scale, from its lowest value where a
+    standardised map goes below 0: the row printed only its maximum, and the docstring said the
+    scale began at 0."""
+    from matplotlib.axes import Axes
+
+    images, recon, maps, scores = _fake_predictions(2, 32)
+    maps = maps - 3.0  # a z-score map: below 0 in places
+    labels = []
+    real = Axes.set_ylabel
+    monkeypatch.setattr(Axes, "set_ylabel", lambda self, text, *a, **k: (labels.append(text), real(self, text, *a, **k))[1])
+    draw_grid(images, recon, maps, scores, ["c", "c"], tmp_path, per_class=2, scale="row")
+    want = {f"scale {float(m.min()):.3g}..{float(m.max()):.3g}" for m in maps}
+    assert want <= set(labels), labels
+
+
 def test_classes_whose_figures_would_share_a_file_and_names_that_are_not_utf8(tmp_path):
     """"oil spot" and "oil_spot" both drew oil_spot.png (the second replaced the first); a class
     folder named in Latin-1 ("grün" as the file system gives it) stopped matplotlib's title."""
