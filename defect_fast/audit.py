@@ -30,7 +30,7 @@ them (the command repeats the highest the run names).
 
 Command line::
 
-    defect-fast audit RUN --out DIR [--folds 2] [--device auto]
+    defect-fast audit RUN --out DIR [--folds 2] [--data FOLDER] [--device auto]
 
 ``DIR`` (new, or an earlier audit's with ``--overwrite``) receives ``audit.json`` (every training
 image with its out-of-fold score, the threshold it was judged by and whether it is flagged,
@@ -72,12 +72,17 @@ def _fit_minimum(cfg) -> int:
 
 
 def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, device: str = "auto",
-          overwrite: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+          overwrite: bool = False, data: str | Path | None = None,
+          log: Callable[[str], None] = print) -> dict[str, Any]:
     """Score every training image of ``run`` with a detector fitted without it; write ``out``.
 
+    ``data``: the folder of the run's training images where they are now, when they moved (a run
+    copied to another machine); default: where the run read them. They must be the images the run
+    trained on, names and pixels (checked against the run's record).
+
     Returns:
-        ``{"images": [{"image", "score", "threshold", "flagged", "fold"(, "overlay")}, ...] highest
-        score first, "flagged": how many, "expected_by_chance": how many defect-free images the
+        ``{"images": [{"image", "score", "threshold", "flagged", "fold" (1 to ``folds``, as the log
+        numbers them)(, "overlay")}, ...] highest score first, "flagged": how many, "expected_by_chance": how many defect-free images the
         thresholds would flag by chance (each fold's images times its threshold's expected
         false-alarm rate, k / (n + 1) of the held-back images), "far": the run's rate, "folds",
         "refitted": whether the folds' detectors differ from the run's (False: the run fitted
@@ -86,15 +91,15 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
 
     Raises:
         UsageError: ``folds`` < 2 or more than the training images allow; RunError: a run without
-        held-back images or training configuration, or whose training images changed or are gone;
-        OutputRefused: ``out``.
+        held-back images or training configuration, or whose training images changed or are gone
+        (or, at ``data``, are other images); OutputRefused: ``out``.
     """
     from .calibration import scores_named
     from .data.dataset import load_train_images
     from .detect import Detector
     from .evaluate import check_finite
     from .runs import RunError, load_model_state, model_file, model_from_state, resolve_device, stored_trunk
-    from .safety import OutputFolder, UsageError, atomic_open, output_stems
+    from .safety import OutputFolder, UsageError, atomic_open, output_stems, real_path
     from .train import TrainConfig, finish_run, fits_on_training_images, image_keys, images_digest
 
     if folds < 2:
@@ -106,6 +111,13 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
     if not state.get("train_config"):
         raise RunError(f"{path}: the model file holds no training configuration to refit with")
     cfg = TrainConfig.from_json(state["train_config"])
+    moved_from = None  # where the run read its images, when they are read elsewhere now
+    if data is not None and real_path(data, expand_user=True) != real_path(cfg.data):
+        if state.get("data_digest") is None:
+            raise RunError(f"{path}: records no digest of its training images, so images at another path ({data}) "
+                           f"cannot be checked to be the ones it trained on; audit it with its images at {cfg.data}")
+        moved_from = cfg.data
+        cfg = replace(cfg, data=str(Path(data).expanduser().absolute()))
     inputs = [run, cfg.data]  # the training folder is read too: overlays written into it would be read next time
     OutputFolder.check(out, overwrite=overwrite, inputs=inputs, command="audit")
     held = [str(p) for p in state.get("held_back") or []]
@@ -118,15 +130,23 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
     try:
         images, paths = load_train_images(cfg.data, cfg.image_size)
     except (OSError, ValueError) as exc:
-        raise RunError(f"{path}: its training images cannot be read: {exc}") from None
+        moved = " (moved? give --data with the folder they are in now)" if not Path(cfg.data).exists() else ""
+        raise RunError(f"{path}: its training images cannot be read: {exc}{moved}") from None
     keys = image_keys(images)
     digest = state.get("data_digest")
     if digest is not None and images_digest(keys, paths) != digest:
         from .train import _changed_files
 
         what = _changed_files(state.get("data_files"), [[p.name, k.hex()] for p, k in zip(paths, keys)])
+        if moved_from is not None:
+            raise RunError(f"{cfg.data}: holds other images than {path} trained on in {moved_from}"
+                           + (f" ({what})" if what else "") + "; give the folder of the run's images")
         raise RunError(f"{cfg.data}: the training images changed since {path} was trained"
                        + (f" ({what})" if what else "") + "; the audit judges the images the run trained on")
+    if moved_from is not None:  # the held-back images where they are now (names and pixels checked above)
+        by_name = {p.name: str(p) for p in paths}
+        held = [by_name.get(Path(f).name, f) for f in held]
+        log(f"{path} trained on the images in {moved_from}; auditing the same images (names and pixels) in {cfg.data}")
     held_set = set(held)
     held_idx = [i for i, p in enumerate(paths) if str(p) in held_set]
     train_idx = [i for i, p in enumerate(paths) if str(p) not in held_set]
@@ -194,18 +214,18 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
         check_finite(res, [str(paths[i]) for i in scored], f"{path} (fold {k + 1})", det.precision, "training images")
         threshold = float(fin["calibration"]["image_threshold"])
         # the overlays' colour scale, as predict draws maps: 2 x the pixel threshold (0: each map's maximum)
-        scales[k] = 2 * float(fin["calibration"].get("pixel_threshold") or 0.0)
+        scales[k + 1] = 2 * float(fin["calibration"].get("pixel_threshold") or 0.0)
         expected += len(scored) * float(fin["calibration"].get("far_expected") or cfg.far)
         for j, i in enumerate(scored):
             score = float(res["scores"][j])
             entries.append({"image": str(paths[i]), "score": score, "threshold": threshold,
-                            "flagged": score > threshold, "fold": k})
+                            "flagged": score > threshold, "fold": k + 1})
             if score > threshold:
                 maps[str(paths[i])] = (i, res["maps"][j])
         judged = f"fitted on {len(fitted)} training images" if fits else "the run's own detector"
         log(f"fold {k + 1} of {folds}: {judged}, scored {len(scored)}, "
             f"threshold {threshold:.4g} from {fin['calibration']['n_images']} held-back images; "
-            f"{sum(1 for e in entries if e['fold'] == k and e['flagged'])} flagged")
+            f"{sum(1 for e in entries if e['fold'] == k + 1 and e['flagged'])} flagged")
     entries.sort(key=lambda e: -e["score"])
     if not refitted:
         log(f"{path} fitted nothing on its training images but the autoencoder (no map statistics from them, no "
@@ -272,7 +292,12 @@ def add_parser(subparsers) -> None:
                    help="folder for audit.json and the flagged images' overlays (new or empty; an earlier audit's only "
                    "with --overwrite)")
     def folds_arg(text: str) -> int:
-        v = positive_int(text)
+        try:
+            v = positive_int(text)
+        except argparse.ArgumentTypeError:  # not a number, or below 1: said as what --folds takes
+            v = 0
+            if not str(text).strip().lstrip("+-").isdigit():
+                raise argparse.ArgumentTypeError(f"expected a whole number >= 2, got {text!r}") from None
         if v < 2:  # argparse names the option: "argument --folds: must be 2 or more, got '1'"
             raise argparse.ArgumentTypeError(f"must be 2 or more (one part leaves no images to fit on), got {text!r}")
         return v
@@ -280,13 +305,17 @@ def add_parser(subparsers) -> None:
     a.add_argument("--folds", type=folds_arg, default=DEFAULT_FOLDS,
                    help=f"parts (2 or more) the training images are split into (default {DEFAULT_FOLDS}: each detector "
                    "fitted on half)")
+    a.add_argument("--data", type=input_path, default=None, metavar="FOLDER",
+                   help="the run's training images where they are now, when they moved (a run copied to another "
+                   "machine): the same images, names and pixels, checked against the run's record (default: where "
+                   "the run read them)")
     a.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default)")
     a.add_argument("--overwrite", action="store_true", help="replace an earlier audit in --out")
     a.set_defaults(func=command)
 
 
 def command(args: argparse.Namespace) -> int:
-    audit(args.run, args.out, folds=args.folds, device=args.device, overwrite=args.overwrite)
+    audit(args.run, args.out, folds=args.folds, device=args.device, overwrite=args.overwrite, data=args.data)
     return 0
 
 

@@ -114,6 +114,10 @@ def test_the_folds_run_the_trunk_the_run_carries_with_no_weights_file(planted, t
 def test_audit_refusals_leave_everything_as_it_was(planted, tmp_path, capsys):
     run = planted["run"]
     refused(*cli(["audit", run, "--out", tmp_path / "a", "--folds", "1"], capsys)[::2], "argument --folds: must be 2 or more")
+    for bad in ("0", "-3"):  # said as what --folds takes, not ">= 1"
+        refused(*cli(["audit", run, "--out", tmp_path / "a", "--folds", bad], capsys)[::2], "must be 2 or more")
+    refused(*cli(["audit", run, "--out", tmp_path / "a", "--folds", "two"], capsys)[::2],
+            "argument --folds: expected a whole number >= 2, got 'two'")
     refused(*cli(["audit", run, "--out", tmp_path / "a", "--folds", "20"], capsys)[::2], "--folds 20", "28 images")
     refused(*cli(["audit", run, "--out", run / "audit"], capsys)[::2], str(run))  # inside the run: an input
     refused(*cli(["audit", run / "model.pt", "--out", run / "audit"], capsys)[::2], str(run))  # the run's file: too
@@ -149,6 +153,50 @@ def test_audit_refusals_leave_everything_as_it_was(planted, tmp_path, capsys):
     assert status == 0, err
     refused(*cli(["audit", moved, "--out", tmp_path / "b", "--device", "cpu"], capsys)[::2], "--overwrite")
     assert cli(["audit", moved, "--out", tmp_path / "b", "--device", "cpu", "--overwrite"], capsys)[0] == 0
+
+
+def test_a_run_whose_images_moved_is_audited_on_them_where_they_are_now(planted, tmp_path, capsys):
+    """A run copied to another machine, its images at another path, could not be audited (audit
+    read the path the run recorded, and nothing said how to point it elsewhere): --data names the
+    folder, checked to hold the same images, names and pixels. The JSON's folds are numbered as
+    the log's (it said "fold 1" of images audit.json put in fold 0)."""
+    import re
+
+    status, base_out, err = cli(["audit", planted["run"], "--out", tmp_path / "here", "--device", "cpu"], capsys)
+    assert status == 0, err
+    here = json.loads((tmp_path / "here" / "audit.json").read_text())
+    for k in (1, 2):  # "fold k of 2: ..., N flagged" counts the images audit.json puts in fold k
+        said = int(re.search(rf"fold {k} of 2: .*; (\d+) flagged", base_out).group(1))
+        assert said == sum(1 for e in here["images"] if e["fold"] == k and e["flagged"])
+    assert {e["fold"] for e in here["images"]} == {1, 2}
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(planted["data"], elsewhere)
+    status, stdout, err = cli(["audit", planted["run"], "--out", tmp_path / "there", "--data", elsewhere,
+                               "--device", "cpu"], capsys)
+    assert status == 0, err
+    assert f"trained on the images in {planted['data']}; auditing the same images (names and pixels) in " in stdout
+    there = json.loads((tmp_path / "there" / "audit.json").read_text())
+    assert [(Path(e["image"]).name, e["score"], e["fold"]) for e in there["images"]] == \
+        [(Path(e["image"]).name, e["score"], e["fold"]) for e in here["images"]]
+    assert all(Path(e["image"]).parent == (elsewhere / "train" / "good").absolute() for e in there["images"])
+    # other images there: refused, by name
+    Image.fromarray(np.random.default_rng(3).integers(60, 120, (SIZE, SIZE, 3), dtype=np.uint8)).save(
+        elsewhere / "train" / "good" / "999.png")
+    refused(*cli(["audit", planted["run"], "--out", tmp_path / "c", "--data", elsewhere], capsys)[::2],
+            f"{elsewhere.absolute()}: holds other images than", "(added: 999.png)", "give the folder of the run's images")
+    # a run whose recorded folder is gone: told how to point it at them
+    state = load_model_state(planted["run"])
+    cfg = dict(state["train_config"])
+    cfg["data"] = str(tmp_path / "gone")
+    state["train_config"] = cfg
+    state.pop("tensor_digest", None)
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    from defect_fast.safety import save_with_digest
+
+    save_with_digest(state, moved / "model.pt")
+    refused(*cli(["audit", moved, "--out", tmp_path / "d"], capsys)[::2], "cannot be read",
+            "(moved? give --data with the folder they are in now)")
 
 
 def test_a_run_without_held_back_images_has_no_threshold_to_audit_by(planted, tmp_path, capsys):
