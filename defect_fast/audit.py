@@ -82,7 +82,8 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
 
     Returns:
         ``{"images": [{"image", "score", "threshold", "flagged", "fold" (1 to ``folds``, as the log
-        numbers them)(, "overlay")}, ...] highest score first, "flagged": how many, "expected_by_chance": how many defect-free images the
+        numbers them)(, "overlay")(, "blank": a frame of one colour throughout)}, ...] highest score
+        first, "flagged": how many, "expected_by_chance": how many defect-free images the
         thresholds would flag by chance (each fold's images times its threshold's expected
         false-alarm rate, k / (n + 1) of the held-back images), "far": the run's rate, "folds",
         "refitted": whether the folds' detectors differ from the run's (False: the run fitted
@@ -96,6 +97,7 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
     """
     from .calibration import scores_named
     from .data.dataset import load_train_images
+    from .data.io import blank_images
     from .detect import Detector
     from .evaluate import check_finite
     from .runs import RunError, load_model_state, model_file, model_from_state, resolve_device, stored_trunk
@@ -216,10 +218,13 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
         # the overlays' colour scale, as predict draws maps: 2 x the pixel threshold (0: each map's maximum)
         scales[k + 1] = 2 * float(fin["calibration"].get("pixel_threshold") or 0.0)
         expected += len(scored) * float(fin["calibration"].get("far_expected") or cfg.far)
+        blank = blank_images(images[scored]).tolist()  # one colour throughout: a camera fault, not a surface
         for j, i in enumerate(scored):
             score = float(res["scores"][j])
             entries.append({"image": str(paths[i]), "score": score, "threshold": threshold,
                             "flagged": score > threshold, "fold": k + 1})
+            if blank[j]:  # whatever its score, no photograph of the surface (marked as predict marks it)
+                entries[-1]["blank"] = True
             if score > threshold:
                 maps[str(paths[i])] = (i, res["maps"][j])
         judged = f"fitted on {len(fitted)} training images" if fits else "the run's own detector"
@@ -272,6 +277,10 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
     elif named:  # the held-back images are not audited: they set the thresholds, and the run scored them unseen
         log("the held-back images set the thresholds and are not audited; the run's highest held-back scores: "
             + scores_named(named))
+    blanks = [e["image"] for e in entries if e.get("blank")]
+    if blanks:  # the reader said it when it read them; here, among what to remove before training again
+        log(f"{len(blanks)} training image(s) are blank frames, of one colour throughout (a failed exposure, a covered "
+            f"lens?), marked \"blank\" in audit.json: {', '.join(blanks[:3])}{', ...' if len(blanks) > 3 else ''}")
     log(f"wrote {out / 'audit.json'}" + (f" and {len(flagged)} overlays in {out / 'overlays'}" if flagged else ""))
     return result
 

@@ -155,6 +155,33 @@ def test_audit_refusals_leave_everything_as_it_was(planted, tmp_path, capsys):
     assert cli(["audit", moved, "--out", tmp_path / "b", "--device", "cpu", "--overwrite"], capsys)[0] == 0
 
 
+def test_blank_frames_among_the_training_images_are_marked(planted, tmp_path, capsys):
+    """A blank frame in train/good (a failed exposure) scored like a dull photograph, under the
+    threshold, and audit.json said nothing of it (predict's scores.json marks such frames): it is
+    marked "blank" and named among what to look at."""
+    import warnings
+
+    import defect_fast.perceptual as perceptual
+
+    data = tmp_path / "data"
+    shutil.copytree(planted["data"], data)
+    Image.fromarray(np.full((SIZE, SIZE, 3), 90, np.uint8)).save(data / "train" / "good" / "shutter.png")
+    run = tmp_path / "run"
+    with warnings.catch_warnings(), pytest.MonkeyPatch.context() as m:
+        warnings.simplefilter("ignore")  # the reader's own note of the blank frame
+        m.setattr(perceptual, "PerceptualMap", _random_trunk_map())
+        assert main(["train", str(data), "--out", str(run), *TRAIN]) == 0
+        capsys.readouterr()
+        status, stdout, err = cli(["audit", run, "--out", tmp_path / "a", "--device", "cpu"], capsys)
+    assert status == 0, err
+    doc = json.loads((tmp_path / "a" / "audit.json").read_text())
+    held = {Path(p).name for p in load_model_state(run)["held_back"]}
+    blank = [Path(e["image"]).name for e in doc["images"] if e.get("blank")]
+    assert "shutter.png" not in held  # trained on (the split of this set and seed), so audited
+    assert blank == ["shutter.png"]
+    assert "1 training image(s) are blank frames, of one colour throughout" in stdout and "shutter.png" in stdout
+
+
 def test_a_run_whose_images_moved_is_audited_on_them_where_they_are_now(planted, tmp_path, capsys):
     """A run copied to another machine, its images at another path, could not be audited (audit
     read the path the run recorded, and nothing said how to point it elsewhere): --data names the
