@@ -1537,8 +1537,11 @@ class RunLock:
         if not self._is_the_lock_file(fd):
             os.close(fd)  # removed (or replaced) between the open and the lock: lock the file there now
             return False
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        # the PID over the earlier holder's, then the rest cut: a process refused meanwhile reads a
+        # PID, never an empty file (it said "another process")
+        pid = f"{os.getpid()}\n".encode("ascii")
+        os.pwrite(fd, pid, 0)
+        os.ftruncate(fd, len(pid))
         os.fsync(fd)
         self._fd = fd
         return True
@@ -1601,7 +1604,8 @@ class RunLock:
         if self._fd is None:
             return
         try:
-            os.ftruncate(self._fd, 0)
+            # the PID is left: a process refused just before this reads it, not an empty file (the
+            # next holder writes its own over it)
             if remove and self.still_held():
                 with contextlib.suppress(FileNotFoundError):
                     self.path.unlink()

@@ -696,6 +696,35 @@ def test_lock_refuses_second_holder_and_dies_with_its_process(tmp_path):
     RunLock(run).acquire().release()
 
 
+def test_the_lock_file_never_reads_empty_to_a_process_it_refuses(tmp_path, monkeypatch):
+    """A start refused by a holder read the holder's PID from the lock file; the holder emptied it
+    before writing its PID, and a releasing holder emptied it too, so a start refused at those
+    moments said "in use by another process". The PID is written over the earlier one, then the
+    rest cut, and left at release."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK_NAME).write_text("1234567890123\n")  # an earlier holder's (longer) PID
+    seen = []
+    real_pwrite, real_ftruncate = os.pwrite, os.ftruncate
+
+    def pwrite(fd, data, offset):
+        seen.append((run / LOCK_NAME).read_text())
+        return real_pwrite(fd, data, offset)
+
+    def ftruncate(fd, length):
+        seen.append((run / LOCK_NAME).read_text())
+        return real_ftruncate(fd, length)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "ftruncate", ftruncate)
+    lock = RunLock(run).acquire()
+    seen.append((run / LOCK_NAME).read_text())
+    lock.release()
+    seen.append((run / LOCK_NAME).read_text())
+    assert seen and all(text.strip() for text in seen), seen
+    assert (run / LOCK_NAME).read_text() == f"{os.getpid()}\n"
+
+
 def test_a_lock_file_removed_between_its_open_and_its_lock_is_not_held(tmp_path, monkeypatch):
     """A holder that removes the lock file as it lets go (a failed start's discard) left a process
     that had opened it holding a lock on a file no longer there, and a third process then locked a
