@@ -1125,6 +1125,7 @@ def watch(
     handle_signals: bool = True,
     log: Callable[[str], None] | None = None,
     lock: bool = True,
+    model_changed: Callable[[], str | None] | None = None,
 ) -> dict[str, Any]:
     """Judge every image dropped into ``in_dir``; results in ``out_dir`` (see the module docstring).
 
@@ -1151,6 +1152,9 @@ def watch(
         log: where progress lines go (default: print, flushed).
         lock: take ``out_dir``'s :class:`~defect_fast.safety.RunLock` for the run (False: the
             caller holds it, as the command line does).
+        model_changed: called at each listing of the whole folder; a text it returns (the model
+            file replaced since it was loaded, as the command line checks) is logged, once until
+            it returns another.
 
     Returns:
         {"counts": totals over the journal {"pass", "fail", "rejected", "total"}, "session": the
@@ -1229,6 +1233,7 @@ def watch(
             log(judged_apart)
         _status_or_stop(st, "running", out)
         first = True
+        model_said: str | None = None  # what model_changed said last (said once)
         while not stop.is_set():
             if events is not None and _identity(in_dir) != watched:  # renamed away or removed: the watch went with it
                 if observer is not None:
@@ -1247,6 +1252,11 @@ def watch(
             elif first or overflow or time.monotonic() - listed >= rescan_interval:  # the whole folder
                 first = False
                 listed = time.monotonic()
+                if model_changed is not None:
+                    text = model_changed()
+                    if text and text != model_said:
+                        log(text)
+                    model_said = text
                 listing = _scan(st, recursive, log)
                 st.known = listing.found
                 keys = st.known.keys()
@@ -1340,9 +1350,34 @@ def _open_out(out: Path, inputs: list, shown: str | os.PathLike) -> OutputFolder
     return OutputFolder.create(out, inputs=inputs, lock=True, command="watch")
 
 
+def _model_watcher(model: Path, info: ModelInfo) -> Callable[[], str | None]:
+    """What to say when the model file a watch loaded (``model``) is replaced or removed while it
+    runs (a calibrate --overwrite of its run, a new training there): it goes on judging by the
+    model it loaded, which a restart changes. None while the file is the one loaded."""
+    def key(st: os.stat_result) -> tuple[int, int, int, int]:
+        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+    try:
+        loaded = key(model.stat())
+    except OSError:  # gone already: nothing to compare with
+        return lambda: None
+    judged = f"this watch still judges by the model it loaded (threshold {info.image_threshold:.6g}); restart it to " \
+             "judge by the file there now"
+
+    def changed() -> str | None:
+        try:
+            now = key(model.stat())
+        except OSError:
+            return f"{model}: removed since watch loaded it; {judged}"
+        return None if now == loaded else f"{model}: replaced since watch loaded it (trained or calibrated again?); {judged}"
+
+    return changed
+
+
 def command(args) -> int:
     """``defect-fast watch``: load the run, prepare OUT_DIR, and :func:`watch` until stopped (or ``--once``)."""
     from .detect import Detector
+    from .runs import model_file
 
     in_dir, out = Path(args.in_dir), Path(args.out)
     if not in_dir.is_dir():
@@ -1366,7 +1401,7 @@ def command(args) -> int:
               flush=True)
         watch(lambda x: det.predict_batched(x, images_per_batch=args.batch_size), info, in_dir, out, once=args.once,
               batch_size=args.batch_size, poll_interval=args.poll, rescan_interval=args.rescan, settle=args.settle,
-              recursive=args.recursive, lock=False)
+              recursive=args.recursive, lock=False, model_changed=_model_watcher(model_file(args.run), info))
     finally:
         folder.release()
     return 0

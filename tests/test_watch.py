@@ -1301,3 +1301,41 @@ def test_a_share_unmounted_and_mounted_again_reads_what_was_judged_from_the_jour
     finally:
         stop.set()
         t.join(timeout=20)
+
+
+def test_a_model_file_replaced_while_watch_runs_is_said_once(tmp_path):
+    """A calibrate --overwrite (or a new training) replaced the model file a running watch had
+    loaded, and the watch went on judging by the old thresholds without a word: the command's
+    check of the file is said at the next listing of the folder, once until it changes."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    calls, lines, stop = [], [], threading.Event()
+
+    def model_changed():
+        calls.append(1)
+        return None if len(calls) < 3 else "the model changed" if len(calls) < 8 else "the model is gone"
+
+    t = threading.Thread(target=lambda: watch(stub_predict, INFO, src, out, poll_interval=0.02, settle=0.02,
+                                              stop=stop, handle_signals=False, use_watchdog=False,
+                                              log=lines.append, model_changed=model_changed))
+    t.start()
+    deadline = time.time() + 20
+    while time.time() < deadline and len(calls) < 12:
+        time.sleep(0.02)
+    stop.set()
+    t.join(timeout=20)
+    assert not t.is_alive() and len(calls) >= 12
+    assert lines.count("the model changed") == 1 and lines.count("the model is gone") == 1
+
+    from defect_fast.watch import _model_watcher
+
+    model = tmp_path / "model.pt"
+    model.write_bytes(b"one")
+    changed = _model_watcher(model, INFO)
+    assert changed() is None
+    (tmp_path / "new.pt").write_bytes(b"two")
+    os.replace(tmp_path / "new.pt", model)  # as an atomic save replaces it
+    assert changed() == (f"{model}: replaced since watch loaded it (trained or calibrated again?); this watch still "
+                         "judges by the model it loaded (threshold 0.5); restart it to judge by the file there now")
+    model.unlink()
+    assert changed().startswith(f"{model}: removed since watch loaded it; this watch still judges")
