@@ -999,6 +999,18 @@ _JOURNAL_FILE = "results.jsonl"
 _WITHOUT_OVERWRITE = {"watch"}
 
 
+def _unfinished(folder: Path) -> str:
+    """" (unfinished: ...)" when files ``folder``'s manifest lists are missing (a command stopped
+    before it wrote them all: killed, or a power loss), else ""."""
+    try:
+        files = _manifest(folder).get("files", [])
+    except (OSError, ValueError):
+        return ""
+    missing = sum(1 for f in files if not os.path.lexists(folder / f))
+    return (f" (unfinished: {missing} of the {len(files)} files it lists are missing, as a command stopped before it "
+            "wrote them leaves it, or removed since)") if missing else ""
+
+
 def _manifest(folder: Path) -> dict[str, Any]:
     """``folder``'s manifest, checked: our format, its "files" and "dirs" lists of strings.
     Raises OSError (none, unreadable) or ValueError (damaged; the message says how)."""
@@ -1111,8 +1123,9 @@ class OutputFolder:
         # --overwrite, before this command's work, not when it comes to clear the folder after it
         RunLock(p).check_free()
         if not overwrite:
-            raise OutputRefused(f"{what} {p}: folder holds earlier defect-fast output; pass --overwrite to replace it "
-                                "(only the files defect-fast wrote there are removed) or choose another folder")
+            raise OutputRefused(f"{what} {p}: folder holds earlier defect-fast output{_unfinished(p)}; pass --overwrite "
+                                "to replace it (only the files defect-fast wrote there are removed) or choose another "
+                                "folder")
         names = list(names)
         if names:
             earlier = OutputFolder(p)

@@ -1170,6 +1170,24 @@ def test_a_folder_a_command_is_writing_in_is_said_to_be_in_use_not_to_hold_earli
     OutputFolder.check(out, overwrite=True, command="train")  # free: may be replaced
 
 
+def test_an_unfinished_output_folder_is_said_to_be_unfinished(tmp_path):
+    """A predict killed partway left maps without scores.json; the next run was told only that
+    the folder "holds earlier defect-fast output", as a finished one is."""
+    out = tmp_path / "p"
+    folder = OutputFolder.create(out, lock=True, command="predict")
+    folder.reserve(["maps/a.png", "maps/b.png", "scores.json"])
+    folder.write_bytes("maps/a.png", b"png")
+    folder.release()  # as a kill -9 leaves it (the kernel drops the lock)
+    with pytest.raises(OutputRefused, match=r"holds earlier defect-fast output \(unfinished: 2 of the 3 files it lists "
+                                            r"are missing, as a command stopped before it wrote them leaves it, or "
+                                            r"removed since\); pass --overwrite"):
+        OutputFolder.check(out, command="predict")
+    for name in ("maps/b.png", "scores.json"):  # finished
+        (out / name).write_bytes(b"x")
+    with pytest.raises(OutputRefused, match=r"holds earlier defect-fast output; pass --overwrite"):
+        OutputFolder.check(out, command="predict")
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
 def test_the_in_use_check_does_not_wait_on_a_fifo_at_the_lock_file_s_name(tmp_path):
     """The check opened the lock file for reading: a FIFO there held the open for ever."""
