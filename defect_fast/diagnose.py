@@ -572,6 +572,8 @@ def diagnose(
     atomic_write_text(out / "locations.json", json.dumps(_jsonable(doc), indent=1) + "\n")
     if log is not None:
         log(table)
+        if metrics and metrics.get("pixel_metrics"):  # why the table's pixel metrics are n/a, as evaluate says it
+            log(f"pixel metrics: {metrics['pixel_metrics']}")
         log(f"figures and locations.json in {out}")
     return {"locations": stats, "metrics": metrics, "figures": figures, "table": table}
 

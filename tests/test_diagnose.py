@@ -284,7 +284,7 @@ def test_diagnose_of_defective_images_only_gives_their_pixel_metrics(tmp_path, s
 def test_diagnose_without_masks_gives_the_image_metrics_and_a_refused_overwrite_keeps_its_output(
         tmp_path, synthetic_root, capsys):
     """Without ground_truth/ the image AUROC was left out (evaluate gives it from the folder
-    labels); an --overwrite refused for a user's file at a figure's name had cleared the earlier
+    labels), and the table's n/a pixel metrics were not explained; an --overwrite refused for a user's file at a figure's name had cleared the earlier
     diagnosis first."""
     import shutil
 
@@ -299,6 +299,8 @@ def test_diagnose_without_masks_gives_the_image_metrics_and_a_refused_overwrite_
         return {"maps": maps, "scores": maps.flatten(1).max(1).values, "recon": images.float() / 127.5 - 1}
 
     res = diagnose(predict, ts, tmp_path / "d", patch=16, per_class=1, border=4, seam=1, top=0.01)
+    # the table's n/a pixel metrics are explained, as evaluate explains them
+    assert "pixel metrics: none: the test set has no ground_truth/ folder" in capsys.readouterr().out
     from defect_fast.cli import main as cli_main
     from defect_fast.metrics import image_auroc
 
