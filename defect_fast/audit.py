@@ -228,8 +228,11 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
             if score > threshold:
                 maps[str(paths[i])] = (i, res["maps"][j])
         judged = f"fitted on {len(fitted)} training images" if fits else "the run's own detector"
+        # the image whose score the threshold is: the folds' thresholds differ by it
+        named = fin["calibration"].get("threshold_image")
         log(f"fold {k + 1} of {folds}: {judged}, scored {len(scored)}, "
-            f"threshold {threshold:.4g} from {fin['calibration']['n_images']} held-back images; "
+            f"threshold {threshold:.4g} from {fin['calibration']['n_images']} held-back images"
+            + (f" (the score of {Path(named).name})" if named else "") + "; "
             f"{sum(1 for e in entries if e['fold'] == k + 1 and e['flagged'])} flagged")
     entries.sort(key=lambda e: -e["score"])
     if not refitted:
