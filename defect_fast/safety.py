@@ -632,6 +632,9 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", *, replace: bool = Tr
             if replace:
                 os.replace(tmp, path)
             else:
+                owner = _listed_by_output_folder(path, unreadable=False)
+                if owner is not None:  # reserved by a command that started meanwhile: it would replace this file
+                    raise OutputRefused(f"{path}: {_not_there(owner)}; not written, choose another name")
                 _take_name(Path(tmp), path)
         except OSError as exc:  # named by the file asked for (the temporary's name puzzles)
             if isinstance(exc, FileExistsError):
@@ -658,8 +661,17 @@ def _take_name(tmp: Path, target: Path) -> None:
     except FileExistsError:
         raise
     except OSError:
-        os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-        os.replace(tmp, target)
+        fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        placeholder = os.fstat(fd)
+        os.close(fd)
+        try:
+            os.replace(tmp, target)
+        except BaseException:  # the empty placeholder is this process's: not left as the output
+            with contextlib.suppress(OSError):
+                now = os.stat(target)
+                if (now.st_dev, now.st_ino) == (placeholder.st_dev, placeholder.st_ino):
+                    os.unlink(target)
+            raise
     else:
         os.unlink(tmp)
 
@@ -855,7 +867,10 @@ def safe_output_file(path: str | os.PathLike, overwrite: bool, *, inputs: Iterab
     pipe or socket, or a link to one (``/dev/stdout``), even with ``overwrite`` (the write would
     put a plain file in its place); a symbolic link, even with ``overwrite`` (the same: the
     link would be replaced, not its target); a path that is or lies inside one of ``inputs`` (even with
-    ``overwrite``); a parent that is not a folder.
+    ``overwrite``); a parent that is not a folder; a name another command's output folder lists
+    (its file, or one it has reserved and not written yet), even with ``overwrite``, and an
+    existing file below a manifest that cannot be read. Write with :func:`atomic_open`'s
+    ``replace=False`` where ``overwrite`` is not given: it checks the name again as it takes it.
     ``flag`` is how the caller says overwrite in the message ("overwrite=True" in Python).
 
     Returns:
@@ -888,13 +903,18 @@ def safe_output_file(path: str | os.PathLike, overwrite: bool, *, inputs: Iterab
             raise OutputRefused(f"{what} {p}: {owner}, which {flag} never replaces; choose another name")
     else:
         # a name another command's folder lists but has not written yet (predict's scores.json while
-        # it works), or whose file was removed: that command writes it, replacing this one's
-        owner = _listed_by_output_folder(p)
+        # it works), or whose file was removed: that command writes it (or its --overwrite clears it)
+        owner = _listed_by_output_folder(p, unreadable=False)
         if owner is not None:
-            raise OutputRefused(f"{what} {p}: {owner} (not written yet, or removed since), which writes it; choose "
-                                "another name")
+            raise OutputRefused(f"{what} {p}: {_not_there(owner)}; choose another name")
     _check_where_it_goes(p, what)
     return p
+
+
+def _not_there(owner: str) -> str:
+    """Why a name not there now is refused, for ``owner`` (a :func:`_listed_by_output_folder` text)."""
+    return (f"{owner} (not written yet, or removed since): that command writes it, and its --overwrite clears it, "
+            "so it is not this one's to take")
 
 
 #: Bytes :func:`atomic_open`'s temporary name adds to a file's (".<name>.<8 characters>.tmp").
@@ -913,9 +933,10 @@ def _name_max(folder: Path) -> int:
     return 255
 
 
-def _listed_by_output_folder(p: Path) -> str | None:
+def _listed_by_output_folder(p: Path, *, unreadable: bool = True) -> str | None:
     """Why ``p`` belongs to an :class:`OutputFolder` above it (listed in its manifest, or the
-    manifest or lock itself, or below a manifest that cannot be read); None when it does not."""
+    manifest or lock itself, or, with ``unreadable``, below a manifest that cannot be read); None
+    when it does not."""
     p = Path(os.path.realpath(p.parent)) / p.name  # where the write lands ("link/../run" is not "run" beside link)
     for folder in p.parents:
         if not (folder / MANIFEST_NAME).is_file():
@@ -923,6 +944,8 @@ def _listed_by_output_folder(p: Path) -> str | None:
         try:
             files = _manifest(folder).get("files", [])
         except (OSError, ValueError) as exc:  # what it lists is unknown: nothing below it is replaced
+            if not unreadable:
+                continue
             return f"lies in {folder}, whose {MANIFEST_NAME} cannot be read ({exc})"
         if (folder == p.parent and p.name in _OWN) or p.relative_to(folder).as_posix() in files:
             return f"is part of the output of 'defect-fast {OutputFolder.written_by(folder) or 'another command'}' in {folder}"

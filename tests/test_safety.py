@@ -465,10 +465,65 @@ def test_safe_output_file_refuses_a_name_another_command_has_reserved(tmp_path):
     for name in ("scores.json", "maps/a.png"):
         for overwrite in (False, True):
             with pytest.raises(OutputRefused, match=r"is part of the output of 'defect-fast predict' in .*out \(not "
-                                                    r"written yet, or removed since\), which writes it; choose another"):
+                                                    r"written yet, or removed since\): that command writes it, and its "
+                                                    r"--overwrite clears it, so it is not this one's to take; choose"):
                 safe_output_file(folder.path / name, overwrite, what="--json")
     assert safe_output_file(folder.path / "mine.json", False) == folder.path / "mine.json"  # a name it does not list
     folder.release()
+    # below a manifest that cannot be read, a new name is free (what it lists is unknown, not this name)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / MANIFEST_NAME).write_text('{"format": "x"}')
+    assert safe_output_file(bad / "new.json", False) == bad / "new.json"
+
+
+def test_a_name_reserved_while_the_work_ran_is_not_taken(tmp_path, monkeypatch):
+    """A predict that reserved a report's or an export's name while they worked (after their
+    check) then replaced the file they wrote at its end: the name is checked again as it is taken."""
+    out = tmp_path / "p"
+    page = out / "scores.json"
+    real = os.fsync
+    predict = OutputFolder.create(out, command="predict", lock=True)  # (an --overwrite of its folder, say)
+    started = []
+
+    def fsync(fd):  # the predict reserves its names during this write, after every check
+        if not started:
+            started.append(True)
+            predict.reserve(["scores.json"])
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OutputRefused, match=r"scores.json: is part of the output of 'defect-fast predict' .*not written, "
+                                            "choose another name"):
+        atomic_write_json(page, {"a": 1}, replace=False)
+    assert not page.exists() and sorted(p.name for p in out.iterdir()) == sorted([LOCK_NAME, MANIFEST_NAME])
+    predict.release()
+
+
+def test_a_name_taken_without_hard_links_leaves_no_empty_file_when_stopped(tmp_path, monkeypatch):
+    """On a file system without hard links the name is taken by an exclusive create and a rename;
+    a stop (Ctrl-C) or a failure between the two left an empty file at the output's name, and the
+    next run was refused as "file exists"."""
+    target = tmp_path / "c.json"
+
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    real_replace = os.replace
+
+    def stopped(src, dst):
+        if Path(dst) == target:
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "link", no_links)
+    monkeypatch.setattr(os, "replace", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_json(target, {"a": 1}, replace=False)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(os, "replace", real_replace)
+    atomic_write_json(target, {"a": 2}, replace=False)  # the fallback takes a free name
+    assert json.loads(target.read_text()) == {"a": 2} and [p.name for p in tmp_path.iterdir()] == ["c.json"]
 
 
 def test_atomic_open_without_replace_keeps_a_file_that_appears_during_the_write(tmp_path):
