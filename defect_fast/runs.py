@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .models import AnomalyModel, build_model
-from .safety import (DigestError, RunInUse, RunLock, Stopped, UserError, check_device, load_with_digest, one_line,
+from .safety import (DigestError, OutputFolder, RunInUse, RunLock, Stopped, UserError, check_device, load_with_digest, one_line,
                      save_with_digest)
 
 CONFIG_FILE = "config.json"
@@ -128,7 +128,8 @@ def model_file(run: Path | str) -> Path:
         if run.suffix == ".pt":  # a folder named like a model file: "model.pt: no model.pt" said nothing
             raise RunError(f"{run}: is a folder, not a model file (nor a run folder: no {MODEL_FILE} inside)")
         try:  # a training (or calibrate --out) writing the folder now: its model.pt comes at its end
-            RunLock(run).check_free()
+            if OutputFolder.written_by(run) in ("train", "calibrate"):  # (another command's folder never gets one)
+                RunLock(run).check_free()
         except RunInUse as exc:
             who = f"PID {exc.pid}" if exc.pid is not None else "another process"
             raise RunError(f"{run}: no {MODEL_FILE} yet: {who} is writing this folder (a training, or a calibrate "

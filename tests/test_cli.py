@@ -216,17 +216,23 @@ def test_a_run_being_trained_is_named_so_not_told_to_resume(synthetic_root, tmp_
     now says who writes the folder and to wait."""
     import os
 
-    from defect_fast.safety import RunLock
+    from defect_fast.safety import OutputFolder
 
     run = tmp_path / "run"
-    run.mkdir()
-    (run / "checkpoint.pt").write_bytes(b"")
-    with RunLock(run):  # the training, holding its run folder
-        assert main(["evaluate", str(run), str(synthetic_root)]) == 2
-        assert (f"{run}: no model.pt yet: PID {os.getpid()} is writing this folder (a training, or a calibrate "
-                "--out); wait for it to finish") in capsys.readouterr().err
+    training = OutputFolder.create(run, command="train", lock=True)  # the training, holding its run folder
+    training.write_bytes("checkpoint.pt", b"")
+    assert main(["evaluate", str(run), str(synthetic_root)]) == 2
+    assert (f"{run}: no model.pt yet: PID {os.getpid()} is writing this folder (a training, or a calibrate "
+            "--out); wait for it to finish") in capsys.readouterr().err
+    training.release()
     assert main(["evaluate", str(run), str(synthetic_root)]) == 2  # stopped: the advice to resume stands
     assert f"{run}: no model.pt (training did not finish; resume the training first)" in capsys.readouterr().err
+    # another command's folder at work (a watch's, a predict's) gets no model.pt: not said to be one coming
+    watching = OutputFolder.create(tmp_path / "w", command="watch", lock=True)
+    assert main(["evaluate", str(tmp_path / "w"), str(synthetic_root)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'w'}: no model.pt" in err and "is writing" not in err
+    watching.release()
 
 
 def test_a_folder_that_holds_runs_names_them(tiny_run, synthetic_root, tmp_path, capsys):
