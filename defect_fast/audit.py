@@ -132,7 +132,9 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
     try:
         images, paths = load_train_images(cfg.data, cfg.image_size)
     except (OSError, ValueError) as exc:
-        moved = " (moved? give --data with the folder they are in now)" if not Path(cfg.data).exists() else ""
+        # (a run without a digest of its images can be audited only where it read them)
+        moved = (" (moved? give --data with the folder they are in now)"
+                 if not Path(cfg.data).exists() and state.get("data_digest") is not None else "")
         raise RunError(f"{path}: its training images cannot be read: {exc}{moved}") from None
     keys = image_keys(images)
     digest = state.get("data_digest")
@@ -305,14 +307,12 @@ def add_parser(subparsers) -> None:
                    "with --overwrite)")
     def folds_arg(text: str) -> int:
         try:
-            v = positive_int(text)
-        except argparse.ArgumentTypeError:  # not a number, or below 1: said as what --folds takes
-            v = 0
-            if not str(text).strip().lstrip("+-").isdigit():
-                raise argparse.ArgumentTypeError(f"expected a whole number >= 2, got {text!r}") from None
+            v = int(str(text).strip())
+        except ValueError:  # said as what --folds takes (positive_int says ">= 1")
+            raise argparse.ArgumentTypeError(f"expected a whole number >= 2, got {text!r}") from None
         if v < 2:  # argparse names the option: "argument --folds: must be 2 or more, got '1'"
             raise argparse.ArgumentTypeError(f"must be 2 or more (one part leaves no images to fit on), got {text!r}")
-        return v
+        return positive_int(text)  # its upper bound too
 
     a.add_argument("--folds", type=folds_arg, default=DEFAULT_FOLDS,
                    help=f"parts (2 or more) the training images are split into (default {DEFAULT_FOLDS}: each detector "
