@@ -394,7 +394,8 @@ def draw_grid(
             ax_rec.imshow(_hwc(rec[r]))
             m = maps[i].detach().float().cpu()
             lo, hi = (vmin, vmax) if scale == "figure" else (min(0.0, float(m.min())), float(m.max()))
-            im = ax_map.imshow(m.numpy(), cmap="inferno", vmin=lo, vmax=hi if hi > lo else lo + 1.0)
+            hi = hi if hi > lo else lo + 1.0  # a map of one value: drawn (and labelled) on a scale of 1
+            im = ax_map.imshow(m.numpy(), cmap="inferno", vmin=lo, vmax=hi)
             ax_ov.imshow(inp)
             for b in grid:
                 ax_ov.axhline(b - 0.5, color="cyan", lw=0.4, alpha=0.5)

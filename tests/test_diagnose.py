@@ -182,11 +182,12 @@ def test_a_row_scale_below_zero_is_printed_beside_its_map(tmp_path, monkeypatch)
 
     images, recon, maps, scores = _fake_predictions(2, 32)
     maps = maps - 3.0  # a z-score map: below 0 in places
+    maps[1] = 0.0  # and a map of one value, drawn on a scale of 1 (labelled "0..0" before)
     labels = []
     real = Axes.set_ylabel
     monkeypatch.setattr(Axes, "set_ylabel", lambda self, text, *a, **k: (labels.append(text), real(self, text, *a, **k))[1])
     draw_grid(images, recon, maps, scores, ["c", "c"], tmp_path, per_class=2, scale="row")
-    want = {f"scale {float(m.min()):.3g}..{float(m.max()):.3g}" for m in maps}
+    want = {f"scale {float(maps[0].min()):.3g}..{float(maps[0].max()):.3g}", "scale 0..1"}
     assert want <= set(labels), labels
 
 
