@@ -57,6 +57,21 @@ def planted(tmp_path_factory):
         yield {"data": data, "run": run, "root": root}
 
 
+def _reading(run: Path, folder: Path, **settings) -> Path:
+    """``folder``, made, with a copy of ``run``'s model file whose training settings are changed as
+    given (``data``: its images read elsewhere; ``held_back``: their names there), saved again."""
+    from defect_fast.safety import save_with_digest
+
+    state = load_model_state(run)
+    state["train_config"] = {**state["train_config"], **settings}
+    if "held_back" in settings:
+        state["held_back"] = settings["held_back"]
+    state.pop("tensor_digest", None)
+    folder.mkdir()
+    save_with_digest(state, folder / "model.pt")
+    return folder
+
+
 def test_defects_among_the_training_images_top_the_audit(planted, tmp_path, capsys):
     out = tmp_path / "audit"
     status, stdout, err = cli(["audit", planted["run"], "--out", out, "--device", "cpu"], capsys)
@@ -136,18 +151,8 @@ def test_audit_refusals_leave_everything_as_it_was(planted, tmp_path, capsys):
     shutil.copytree(planted["data"], data)
     noise = np.random.default_rng(9).integers(60, 120, (SIZE, SIZE, 3), dtype=np.uint8)  # not a blank frame (warned of)
     Image.fromarray(noise).save(data / "train" / "good" / "999.png")
-    state = load_model_state(run)
-    cfg = dict(state["train_config"])
-    cfg["data"] = str(data)
-    cfg["held_back"] = [str(data / "train" / "good" / Path(p).name) for p in state["held_back"]]
-    state["train_config"] = cfg
-    state["held_back"] = cfg["held_back"]
-    state.pop("tensor_digest", None)
-    moved = tmp_path / "moved"
-    moved.mkdir()
-    from defect_fast.safety import save_with_digest
-
-    save_with_digest(state, moved / "model.pt")
+    held = [str(data / "train" / "good" / Path(p).name) for p in load_model_state(run)["held_back"]]
+    moved = _reading(run, tmp_path / "moved", data=str(data), held_back=held)
     refused(*cli(["audit", moved, "--out", tmp_path / "b"], capsys)[::2], "changed since", "(added: 999.png)")
     (data / "train" / "good" / "999.png").unlink()
     status, _stdout, err = cli(["audit", moved, "--out", tmp_path / "b", "--device", "cpu"], capsys)
@@ -217,16 +222,7 @@ def test_a_run_whose_images_moved_is_audited_on_them_where_they_are_now(planted,
     refused(*cli(["audit", planted["run"], "--out", tmp_path / "c", "--data", elsewhere], capsys)[::2],
             f"{elsewhere.absolute()}: holds other images than", "(added: 999.png)", "give the folder of the run's images")
     # a run whose recorded folder is gone: told how to point it at them
-    state = load_model_state(planted["run"])
-    cfg = dict(state["train_config"])
-    cfg["data"] = str(tmp_path / "gone")
-    state["train_config"] = cfg
-    state.pop("tensor_digest", None)
-    moved = tmp_path / "moved"
-    moved.mkdir()
-    from defect_fast.safety import save_with_digest
-
-    save_with_digest(state, moved / "model.pt")
+    moved = _reading(planted["run"], tmp_path / "moved", data=str(tmp_path / "gone"))
     refused(*cli(["audit", moved, "--out", tmp_path / "d"], capsys)[::2], "cannot be read",
             "(moved? give --data with the folder they are in now)")
 
