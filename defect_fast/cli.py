@@ -354,7 +354,7 @@ def cmd_evaluate(args) -> int:
             raise appeared
         safe_output_file(json_path, args.overwrite, inputs=[args.run, args.data], what="--json")
         try:
-            atomic_write_json(json_path, metrics, replace=args.overwrite)
+            atomic_write_json(json_path, metrics, replace=args.overwrite, unlisted=True)
         except FileExistsError:
             raise appeared from None
     return 0

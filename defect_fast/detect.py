@@ -1516,7 +1516,7 @@ class Detector(nn.Module):
         if self.context is not None:
             state["context"] = self.context.state()
         try:  # a file that appeared at ``path`` since the check is not replaced without ``overwrite``
-            return save_with_digest(state, path, replace=overwrite)
+            return save_with_digest(state, path, replace=overwrite, unlisted=True)
         except FileExistsError:
             raise OutputRefused(f"Detector.save: {path}: a file appeared there while the model was written; not "
                                 "replacing it (pass overwrite=True to replace it)") from None

@@ -41,7 +41,7 @@ from .calibration import CalibrationError, stored_thresholds
 from .data.io import PROPORTIONS_MARGIN
 from .detect import Detector, reference_ops
 from .runs import model_file
-from .safety import UserError, atomic_open, dump_json_strict, file_sha256, one_line, safe_output_file
+from .safety import OutputRefused, UserError, atomic_open, dump_json_strict, file_sha256, one_line, safe_output_file
 
 FORMATS = ("onnx", "torchscript", "exported")
 PRECISIONS = ("float32", "bfloat16")
@@ -252,16 +252,18 @@ def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, so
     # placed first is taken back when its description's name is taken)
     placed = None
     try:
-        with atomic_open(sidecar_path(out), "w", encoding="utf-8", replace=overwrite) as desc:
+        with atomic_open(sidecar_path(out), "w", encoding="utf-8", replace=overwrite, unlisted=True) as desc:
             desc.write(text)
             desc.flush()
             os.fsync(desc.fileno())
-            with atomic_open(out, replace=overwrite) as file:
+            with atomic_open(out, replace=overwrite, unlisted=True) as file:
                 file.write(data)
             placed = os.stat(out)
-    except FileExistsError as exc:
+    except (FileExistsError, OutputRefused) as exc:  # a name taken, or reserved by another command, meanwhile
         if placed is not None and _same_file(out, placed):
-            os.unlink(out)
+            os.unlink(out)  # not left without its description
+        if isinstance(exc, OutputRefused):
+            raise
         raise _NameTaken(exc.filename, "overwrite=True") from None
     return out
 

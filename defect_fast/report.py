@@ -535,7 +535,7 @@ def write_report(
     if not replace and (out.exists() or out.is_symlink()):
         raise appeared
     try:  # a name that is not UTF-8 (a camera's Latin-1 file name) escaped, not an error after all the work
-        atomic_write_bytes(out, page.encode("utf-8", "backslashreplace"), replace=replace)
+        atomic_write_bytes(out, page.encode("utf-8", "backslashreplace"), replace=replace, unlisted=True)
     except FileExistsError:  # during the write
         raise appeared from None
     return {"path": str(out), "n_images": n, "n_shown": int(len(shown)), "sections": sections, "metrics": metrics}

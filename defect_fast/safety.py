@@ -586,7 +586,8 @@ _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb", *, replace: bool = True, **kwargs) -> Iterator[Any]:
+def atomic_open(path: str | os.PathLike, mode: str = "wb", *, replace: bool = True, unlisted: bool = False,
+                **kwargs) -> Iterator[Any]:
     """Open a temporary file beside ``path`` for writing; on success fsync and rename it over
     ``path``, on an exception remove it (``path`` is then untouched). Parent folders are created.
 
@@ -595,6 +596,9 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", *, replace: bool = Tr
     process's, made after the caller checked the name) is kept and FileExistsError, naming
     ``path``, raised. A command told not to replace an output checks the name before its work and
     writes with ``replace=False``, so that no writer finishing during the work is replaced.
+    ``unlisted`` (always so with ``replace=False``): a name another command's output folder lists
+    by then (one it reserved during the work, and would write over this file) is refused,
+    :class:`OutputRefused`; for the single-file outputs, never for an output folder's own files.
 
     Usage: ``with atomic_open(p) as fh: torch.save(obj, fh)``.
     """
@@ -629,12 +633,15 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", *, replace: bool = Tr
                 with contextlib.suppress(OSError):
                     fh.close()
         try:
-            if replace:
-                os.replace(tmp, path)
-            else:
+            if not replace and os.path.lexists(path):  # (said as such, not as the listing below)
+                raise FileExistsError(errno.EEXIST, "exists", str(path))
+            if unlisted or not replace:
                 owner = _listed_by_output_folder(path, unreadable=False)
                 if owner is not None:  # reserved by a command that started meanwhile: it would replace this file
                     raise OutputRefused(f"{path}: {_not_there(owner)}; not written, choose another name")
+            if replace:
+                os.replace(tmp, path)
+            else:
                 _take_name(Path(tmp), path)
         except OSError as exc:  # named by the file asked for (the temporary's name puzzles)
             if isinstance(exc, FileExistsError):
@@ -715,23 +722,25 @@ def write_results_text(path: str | os.PathLike, text: str) -> Path:
     return target
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, replace: bool = True) -> Path:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, replace: bool = True, unlisted: bool = False) -> Path:
     """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename; with
-    ``replace=False`` never over a file that is there by then: :func:`atomic_open`)."""
-    with atomic_open(path, "wb", replace=replace) as fh:
+    ``replace=False`` never over a file that is there by then, ``unlisted``: :func:`atomic_open`)."""
+    with atomic_open(path, "wb", replace=replace, unlisted=unlisted) as fh:
         fh.write(data)
     return Path(path)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8", *, replace: bool = True) -> Path:
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8", *, replace: bool = True,
+                      unlisted: bool = False) -> Path:
     """Write ``text`` to ``path`` atomically."""
-    return atomic_write_bytes(path, text.encode(encoding), replace=replace)
+    return atomic_write_bytes(path, text.encode(encoding), replace=replace, unlisted=unlisted)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, *, nan: str = "null", indent: int | None = 2,
-                      replace: bool = True) -> Path:
+                      replace: bool = True, unlisted: bool = False) -> Path:
     """Write ``obj`` as strict JSON (:func:`dump_json_strict`) to ``path`` atomically."""
-    return atomic_write_text(path, dump_json_strict(obj, nan=nan, indent=indent) + "\n", replace=replace)
+    return atomic_write_text(path, dump_json_strict(obj, nan=nan, indent=indent) + "\n", replace=replace,
+                             unlisted=unlisted)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1795,14 +1804,14 @@ def signals_held() -> Iterator[None]:
 
 
 def save_with_digest(obj: Mapping[str, Any], path: str | os.PathLike, *, folder: OutputFolder | None = None,
-                     replace: bool = True) -> Path:
+                     replace: bool = True, unlisted: bool = False) -> Path:
     """``torch.save(attach_digest(obj))`` to ``path`` atomically (recorded in ``folder`` if given;
-    else with ``replace=False`` never over a file there by then: :func:`atomic_open`); SIGINT and
-    SIGTERM wait for the file (:func:`signals_held`)."""
+    else with ``replace=False`` never over a file there by then, ``unlisted``: :func:`atomic_open`);
+    SIGINT and SIGTERM wait for the file (:func:`signals_held`)."""
     import torch
 
     payload = attach_digest(obj)
-    ctx = folder.open_atomic(path) if folder is not None else atomic_open(path, replace=replace)
+    ctx = folder.open_atomic(path) if folder is not None else atomic_open(path, replace=replace, unlisted=unlisted)
     try:
         with signals_held(), ctx as fh:
             torch.save(payload, fh)

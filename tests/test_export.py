@@ -111,6 +111,36 @@ def test_export_never_replaces_a_file_written_at_its_names_during_the_export(run
     assert theirs.read_text() == "theirs" and sorted(p.name for p in tmp_path.iterdir()) == [theirs.name]
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_export_never_takes_a_name_another_command_reserves_during_the_export(run, tmp_path, monkeypatch, capsys,
+                                                                              overwrite):
+    """A predict folder that reserved the export's description name during the export (after its
+    checks): the export's file was left behind without its description, and with --overwrite the
+    description took the name, for predict to replace at its end. The export is refused, leaving
+    none of its files."""
+    import os
+
+    from defect_fast.safety import OutputFolder
+
+    predict = OutputFolder.create(tmp_path / "P", command="predict", lock=True)
+    out = predict.path / "scores"  # its description: P/scores.json
+    real = os.fsync
+    reserved = []
+
+    def fsync(fd):
+        if not reserved:
+            reserved.append(True)
+            predict.reserve(["scores.json"])
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    argv = ["export", str(run), "--format", "torchscript", "--out", str(out)] + (["--overwrite"] if overwrite else [])
+    assert main(argv) == 2
+    assert "scores.json: is part of the output of 'defect-fast predict'" in capsys.readouterr().err
+    assert sorted(p.name for p in predict.path.iterdir()) == sorted([".defect_fast-manifest.json", ".defect_fast.lock"])
+    predict.release()
+
+
 def test_export_carries_the_training_images_proportions(run, tmp_path):
     """The training images' width:height range (model.pt's trained_proportions), which the
     package's readers warn by, was left out of the export: a program stretching photos to S x S
