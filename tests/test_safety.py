@@ -1237,6 +1237,15 @@ def test_an_unfinished_output_folder_is_said_to_be_unfinished(tmp_path):
                                             r"are missing, as a command stopped before it wrote them leaves it, or "
                                             r"removed since\); pass --overwrite"):
         OutputFolder.check(out, command="predict")
+    (out / "maps/b.png").write_bytes(b"png")
+    with pytest.raises(OutputRefused, match=r"\(unfinished: 1 of the 3 files it lists is missing"):
+        OutputFolder.check(out, command="predict")
+    run = OutputFolder.create(tmp_path / "run", command="train", lock=True)
+    run.reserve(["checkpoint.pt", "model.pt"])
+    run.write_bytes("model.pt", b"weights")  # a finished run: its checkpoint removed, still listed
+    run.release()
+    with pytest.raises(OutputRefused, match=r"holds earlier defect-fast output; pass --overwrite"):
+        OutputFolder.check(run.path, command="train")
     for name in ("maps/b.png", "scores.json"):  # finished
         (out / name).write_bytes(b"x")
     with pytest.raises(OutputRefused, match=r"holds earlier defect-fast output; pass --overwrite"):
