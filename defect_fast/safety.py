@@ -1522,6 +1522,17 @@ class OutputFolder:
 # ---------------------------------------------------------------------------------------------
 
 
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one of another user's too)."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # (no PID is that large: not a PID)
+        return False
+    except OSError:  # PermissionError: it exists, another user's
+        return True
+    return True
+
+
 class RunLock:
     """An exclusive OS lock (``fcntl.flock``) on ``folder/LOCK_NAME`` holding the owner's PID.
 
@@ -1619,6 +1630,8 @@ class RunLock:
         holder wrote it in the file."""
         pid_text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
         pid = int(pid_text) if pid_text.isdigit() else None
+        if pid is not None and not _alive(pid):  # an earlier holder's, read before the new one wrote its own
+            pid = None
         who = f"PID {pid}" if pid is not None else "another process"
         return RunInUse(f"{self.folder} is in use by {who}; wait for it to finish or stop it", pid)
 

@@ -780,6 +780,29 @@ def test_the_lock_file_never_reads_empty_to_a_process_it_refuses(tmp_path, monke
     assert (run / LOCK_NAME).read_text() == f"{os.getpid()}\n"
 
 
+def test_a_lock_holder_is_never_named_by_a_pid_that_has_exited(tmp_path):
+    """The PID is left in the lock file at release (and a holder killed with -9 leaves its own): a
+    start refused between a new holder's lock and its write of its PID read the earlier holder's,
+    and named a process that had exited as the one to wait for. A PID of no living process is
+    said as "another process"."""
+    run = tmp_path / "run"
+    run.mkdir()
+    proc = _start_holder(run)
+    try:
+        gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+        (run / LOCK_NAME).write_text(gone.stdout)  # as the new holder finds it before writing its own
+        with pytest.raises(RunInUse, match=f"{run} is in use by another process; wait") as err:
+            RunLock(run).acquire()
+        assert err.value.pid is None
+        (run / LOCK_NAME).write_text(f"{proc.pid}\n")  # its own: named
+        with pytest.raises(RunInUse, match=f"in use by PID {proc.pid}"):
+            RunLock(run).acquire()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
 def test_a_lock_file_removed_between_its_open_and_its_lock_is_not_held(tmp_path, monkeypatch):
     """A holder that removes the lock file as it lets go (a failed start's discard) left a process
     that had opened it holding a lock on a file no longer there, and a third process then locked a
