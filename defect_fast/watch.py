@@ -1350,26 +1350,38 @@ def _open_out(out: Path, inputs: list, shown: str | os.PathLike) -> OutputFolder
     return OutputFolder.create(out, inputs=inputs, lock=True, command="watch")
 
 
-def _model_watcher(model: Path, info: ModelInfo) -> Callable[[], str | None]:
-    """What to say when the model file a watch loaded (``model``) is replaced or removed while it
-    runs (a calibrate --overwrite of its run, a new training there): it goes on judging by the
-    model it loaded, which a restart changes. None while the file is the one loaded."""
+def _model_watcher(model: Path) -> Callable[[], str | None]:
+    """What to say when the model file a watch loads (``model``; made before it is read) is
+    replaced by another or removed while it runs (a calibrate --overwrite of its run, a new
+    training there): it goes on judging by the model it loaded, which a restart changes. None
+    while the file holds what it held (a touch, or a copy of the same bytes, changes nothing)."""
+    from .safety import file_sha256
+
     def key(st: os.stat_result) -> tuple[int, int, int, int]:
         return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
     try:
-        loaded = key(model.stat())
-    except OSError:  # gone already: nothing to compare with
+        loaded, digest = key(model.stat()), file_sha256(model)
+    except OSError:  # unreadable now: the load says why
         return lambda: None
-    judged = f"this watch still judges by the model it loaded (threshold {info.image_threshold:.6g}); restart it to " \
-             "judge by the file there now"
+    seen = {"key": loaded}
+    judged = "this watch still judges by the model it loaded; restart it to load the file there now"
 
     def changed() -> str | None:
         try:
             now = key(model.stat())
-        except OSError:
+            if now == seen["key"]:
+                return None if now == loaded else seen.get("said")
+            seen["key"] = now  # its content is read once a change, not at every look
+            seen["said"] = None if file_sha256(model) == digest else \
+                f"{model}: replaced since watch loaded it (trained or calibrated again?); {judged}"
+            return seen["said"]
+        except FileNotFoundError:
+            seen["key"] = None
             return f"{model}: removed since watch loaded it; {judged}"
-        return None if now == loaded else f"{model}: replaced since watch loaded it (trained or calibrated again?); {judged}"
+        except OSError as exc:
+            seen["key"] = None
+            return f"{model}: cannot be read now ({exc.strerror or exc}); {judged}"
 
     return changed
 
@@ -1385,6 +1397,7 @@ def command(args) -> int:
     check_out_not_overlapping(out, [in_dir, args.run], what="--out")
     if not (out / MANIFEST_NAME).is_file():
         OutputFolder.check(out, inputs=[in_dir, args.run], command="watch")  # refuse before the model is read
+    model_changed = _model_watcher(model_file(args.run))  # what it holds before it is read: a change during the load is said
     det = Detector.load(args.run, device=args.device)
     with far_errors(args.run, args.far):
         info = ModelInfo.from_detector(det, args.run, threshold=args.threshold, far=args.far)
@@ -1401,7 +1414,7 @@ def command(args) -> int:
               flush=True)
         watch(lambda x: det.predict_batched(x, images_per_batch=args.batch_size), info, in_dir, out, once=args.once,
               batch_size=args.batch_size, poll_interval=args.poll, rescan_interval=args.rescan, settle=args.settle,
-              recursive=args.recursive, lock=False, model_changed=_model_watcher(model_file(args.run), info))
+              recursive=args.recursive, lock=False, model_changed=model_changed)
     finally:
         folder.release()
     return 0

@@ -441,3 +441,39 @@ def test_diagnose_writes_figures_and_locations(tiny, tmp_path, capsys):
     assert sorted(os.listdir(mine)) == ["a.txt"]
     status, _, err = cli(argv[:4] + [tmp_path / "d2"] + argv[5:] + ["--per-class", "0"], capsys)
     assert status == 2 and "--per-class" in err and not (tmp_path / "d2").exists()
+
+
+def test_watch_says_a_model_file_replaced_even_while_it_was_being_loaded(tiny, tmp_path, capsys, monkeypatch):
+    """The command looked at the model file after loading it: a calibrate --overwrite finishing
+    during the load became what the file "was", and its replacement was never said."""
+    import shutil
+
+    import defect_fast.watch as watch_mod
+    from defect_fast.detect import Detector
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny["run"], run)
+    real_load = Detector.load
+
+    def load_then_replaced(*args, **kwargs):
+        det = real_load(*args, **kwargs)
+        state = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
+        state["calibration"] = {**state["calibration"], "image_threshold": 123.0}  # another model's file
+        from defect_fast.safety import save_with_digest
+
+        save_with_digest({k: v for k, v in state.items() if k != "tensor_digest"}, run / "model.pt")
+        return det
+
+    said = []
+
+    def fake_watch(*args, model_changed=None, **kwargs):  # one look at the folder, as the loop's listing makes
+        said.append(model_changed())
+        return {}
+
+    monkeypatch.setattr(Detector, "load", staticmethod(load_then_replaced))
+    monkeypatch.setattr(watch_mod, "watch", fake_watch)
+    src = tmp_path / "in"
+    src.mkdir()
+    status, _out, err = cli(["watch", run, src, "--out", tmp_path / "w", "--device", "cpu"], capsys)
+    assert status == 0, err
+    assert said and said[0].startswith(f"{run / 'model.pt'}: replaced since watch loaded it"), said

@@ -1331,11 +1331,19 @@ def test_a_model_file_replaced_while_watch_runs_is_said_once(tmp_path):
 
     model = tmp_path / "model.pt"
     model.write_bytes(b"one")
-    changed = _model_watcher(model, INFO)
+    changed = _model_watcher(model)
+    assert changed() is None
+    os.utime(model, ns=(1, 1))  # touched: the same model
+    (tmp_path / "copy.pt").write_bytes(b"one")
+    os.replace(tmp_path / "copy.pt", model)  # a copy of the same bytes over it: the same model
     assert changed() is None
     (tmp_path / "new.pt").write_bytes(b"two")
     os.replace(tmp_path / "new.pt", model)  # as an atomic save replaces it
-    assert changed() == (f"{model}: replaced since watch loaded it (trained or calibrated again?); this watch still "
-                         "judges by the model it loaded (threshold 0.5); restart it to judge by the file there now")
+    said = (f"{model}: replaced since watch loaded it (trained or calibrated again?); this watch still judges by the "
+            "model it loaded; restart it to load the file there now")
+    assert changed() == said and changed() == said  # (watch logs a text once)
     model.unlink()
-    assert changed().startswith(f"{model}: removed since watch loaded it; this watch still judges")
+    assert changed() == f"{model}: removed since watch loaded it; this watch still judges by the model it loaded; " \
+                        "restart it to load the file there now"
+    model.write_bytes(b"one")  # the loaded model back
+    assert changed() is None
