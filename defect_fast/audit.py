@@ -33,8 +33,10 @@ Command line::
     defect-fast audit RUN --out DIR [--folds 2] [--data FOLDER] [--device auto]
 
 ``DIR`` (new, or an earlier audit's with ``--overwrite``) receives ``audit.json`` (every training
-image with its out-of-fold score, the threshold it was judged by and whether it is flagged,
-highest first) and ``overlays/`` (each flagged image with its map).
+image with its out-of-fold score, the threshold it was judged by, whether it is flagged, its fold
+(from 1, as "folds_from" says; files written before it number them from 0) and, for a frame of
+one colour throughout, "blank", highest first) and ``overlays/``
+(each flagged image with its map).
 """
 from __future__ import annotations
 
@@ -230,8 +232,9 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
             if score > threshold:
                 maps[str(paths[i])] = (i, res["maps"][j])
         judged = f"fitted on {len(fitted)} training images" if fits else "the run's own detector"
-        # the image whose score the threshold is: the folds' thresholds differ by it
-        named = fin["calibration"].get("threshold_image")
+        # the image whose score the threshold is, where the folds' thresholds are their own (they can
+        # differ a lot by it); the run's own, named once at the end, otherwise
+        named = fin["calibration"].get("threshold_image") if refitted else None
         log(f"fold {k + 1} of {folds}: {judged}, scored {len(scored)}, "
             f"threshold {threshold:.4g} from {fin['calibration']['n_images']} held-back images"
             + (f" (the score of {Path(named).name})" if named else "") + "; "
@@ -243,7 +246,8 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
             "those predict gives")
     n_flagged = sum(1 for e in entries if e["flagged"])
     far = float(cfg.far)
-    result = {"run": str(path), "folds": folds, "far": far, "refitted": refitted, "n_images": len(entries),
+    # "folds_from": the first fold's number in "images" (files without it number them from 0)
+    result = {"run": str(path), "folds": folds, "folds_from": 1, "far": far, "refitted": refitted, "n_images": len(entries),
               "flagged": n_flagged, "expected_by_chance": expected, "images": entries}
 
     from .data.io import read_image

@@ -201,7 +201,7 @@ def test_a_run_whose_images_moved_is_audited_on_them_where_they_are_now(planted,
     for k in (1, 2):  # "fold k of 2: ..., N flagged" counts the images audit.json puts in fold k
         said = int(re.search(rf"fold {k} of 2: .*; (\d+) flagged", base_out).group(1))
         assert said == sum(1 for e in here["images"] if e["fold"] == k and e["flagged"])
-    assert {e["fold"] for e in here["images"]} == {1, 2}
+    assert {e["fold"] for e in here["images"]} == {1, 2} and here["folds_from"] == 1  # (files before: from 0)
     # each fold names the held-back image its threshold is the score of (the folds' thresholds differ by it)
     held = {Path(p).name for p in load_model_state(planted["run"])["held_back"]}
     for k in (1, 2):
