@@ -24,6 +24,7 @@ files (its tracing of the autocast pipeline fails on torch 2.13).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import io
@@ -250,22 +251,47 @@ def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, so
     # each under a temporary name, fsynced, then renamed into place: the file, then its description;
     # without overwrite, neither over a file another process put there during the export (the file
     # placed first is taken back when its description's name is taken)
-    placed = None
+    placed = earlier = None
     try:
         with atomic_open(sidecar_path(out), "w", encoding="utf-8", replace=overwrite, unlisted=True) as desc:
             desc.write(text)
             desc.flush()
             os.fsync(desc.fileno())
+            earlier = _keep_earlier(out) if overwrite else None
             with atomic_open(out, replace=overwrite, unlisted=True) as file:
                 file.write(data)
             placed = os.stat(out)
     except (FileExistsError, OutputRefused) as exc:  # a name taken, or reserved by another command, meanwhile
-        if placed is not None and _same_file(out, placed):
-            os.unlink(out)  # not left without its description
+        if placed is not None and _same_file(out, placed):  # not left without its description: the earlier back
+            if earlier is not None:
+                os.replace(earlier, out)
+                earlier = None
+            else:
+                os.unlink(out)
         if isinstance(exc, OutputRefused):
             raise
         raise _NameTaken(exc.filename, "overwrite=True") from None
+    finally:
+        if earlier is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(earlier)
     return out
+
+
+def _keep_earlier(out: Path) -> Path | None:
+    """A second name (a hard link) for the file at ``out`` that an ``overwrite`` export replaces,
+    to put it back if the export is refused after its file took the name; None where there is
+    none (or no link can be made)."""
+    if not out.is_file() or out.is_symlink():
+        return None
+    keep = out.with_name(f".{out.name}.{os.getpid()}.earlier")
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(keep)
+        os.link(out, keep)
+    except OSError:
+        return None
+    return keep
 
 
 class _NameTaken(ExportError):

@@ -117,13 +117,15 @@ def test_export_never_takes_a_name_another_command_reserves_during_the_export(ru
     """A predict folder that reserved the export's description name during the export (after its
     checks): the export's file was left behind without its description, and with --overwrite the
     description took the name, for predict to replace at its end. The export is refused, leaving
-    none of its files."""
+    none of its files and the earlier file --overwrite was to replace."""
     import os
 
     from defect_fast.safety import OutputFolder
 
     predict = OutputFolder.create(tmp_path / "P", command="predict", lock=True)
     out = predict.path / "scores"  # its description: P/scores.json
+    if overwrite:  # an earlier export's file (its description gone): --overwrite was to replace it
+        out.write_bytes(b"earlier")
     real = os.fsync
     reserved = []
 
@@ -137,7 +139,10 @@ def test_export_never_takes_a_name_another_command_reserves_during_the_export(ru
     argv = ["export", str(run), "--format", "torchscript", "--out", str(out)] + (["--overwrite"] if overwrite else [])
     assert main(argv) == 2
     assert "scores.json: is part of the output of 'defect-fast predict'" in capsys.readouterr().err
-    assert sorted(p.name for p in predict.path.iterdir()) == sorted([".defect_fast-manifest.json", ".defect_fast.lock"])
+    left = sorted([".defect_fast-manifest.json", ".defect_fast.lock"] + (["scores"] if overwrite else []))
+    assert sorted(p.name for p in predict.path.iterdir()) == left
+    if overwrite:  # put back, not lost with the refused export
+        assert out.read_bytes() == b"earlier"
     predict.release()
 
 
