@@ -1038,8 +1038,8 @@ def _unfinished(folder: Path) -> str:
         files = _manifest(folder).get("files", [])
     except (OSError, ValueError):
         return ""
-    if OutputFolder.written_by(folder) == "train":  # a finished run removes its checkpoint; train says an unfinished one
-        return ""
+    if OutputFolder.written_by(folder) == "train" and (folder / "model.pt").is_file():
+        return ""  # a finished run removes its checkpoint (still listed)
     missing = sum(1 for f in files if not os.path.lexists(folder / f))
     return (f" (unfinished: {missing} of the {len(files)} files it lists {'is' if missing == 1 else 'are'} missing, "
             "as a command stopped before it wrote them leaves it, or removed since)") if missing else ""

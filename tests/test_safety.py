@@ -1265,8 +1265,11 @@ def test_an_unfinished_output_folder_is_said_to_be_unfinished(tmp_path):
         OutputFolder.check(out, command="predict")
     run = OutputFolder.create(tmp_path / "run", command="train", lock=True)
     run.reserve(["checkpoint.pt", "model.pt"])
-    run.write_bytes("model.pt", b"weights")  # a finished run: its checkpoint removed, still listed
-    run.release()
+    run.write_json("config.json", {})
+    run.release()  # killed before its first checkpoint
+    with pytest.raises(OutputRefused, match=r"holds earlier defect-fast output \(unfinished: 2 of the 3 files"):
+        OutputFolder.check(run.path, command="train")
+    (run.path / "model.pt").write_bytes(b"weights")  # a finished run: its checkpoint removed, still listed
     with pytest.raises(OutputRefused, match=r"holds earlier defect-fast output; pass --overwrite"):
         OutputFolder.check(run.path, command="train")
     for name in ("maps/b.png", "scores.json"):  # finished
