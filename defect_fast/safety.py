@@ -1523,7 +1523,9 @@ class OutputFolder:
 
 
 def _alive(pid: int) -> bool:
-    """Whether a process ``pid`` exists (one of another user's too)."""
+    """Whether a process ``pid`` exists (one of another user's too; 0 and below are no process's)."""
+    if pid <= 0:  # os.kill(0, ...) signals this process's group
+        return False
     try:
         os.kill(pid, 0)
     except (ProcessLookupError, OverflowError):  # (no PID is that large: not a PID)

@@ -795,6 +795,9 @@ def test_a_lock_holder_is_never_named_by_a_pid_that_has_exited(tmp_path):
         with pytest.raises(RunInUse, match=f"{run} is in use by another process; wait") as err:
             RunLock(run).acquire()
         assert err.value.pid is None
+        (run / LOCK_NAME).write_text("0\n")  # no process's (os.kill(0, ...) would signal this process's group)
+        with pytest.raises(RunInUse, match="in use by another process"):
+            RunLock(run).acquire()
         (run / LOCK_NAME).write_text(f"{proc.pid}\n")  # its own: named
         with pytest.raises(RunInUse, match=f"in use by PID {proc.pid}"):
             RunLock(run).acquire()
