@@ -357,6 +357,8 @@ def cmd_evaluate(args) -> int:
             atomic_write_json(json_path, metrics, replace=args.overwrite, unlisted=True)
         except FileExistsError:
             raise appeared from None
+        except OutputRefused as exc:  # reserved by another command meanwhile: named as the option
+            raise OutputRefused(f"--json {exc}") from None
     return 0
 
 

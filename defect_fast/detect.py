@@ -1520,6 +1520,8 @@ class Detector(nn.Module):
         except FileExistsError:
             raise OutputRefused(f"Detector.save: {path}: a file appeared there while the model was written; not "
                                 "replacing it (pass overwrite=True to replace it)") from None
+        except OutputRefused as exc:  # reserved by another command meanwhile
+            raise OutputRefused(f"Detector.save: {exc}") from None
 
     def _drop_normalization(self) -> None:
         """Back to the identity normalisation (its statistics were of maps that changed)."""

@@ -538,6 +538,8 @@ def write_report(
         atomic_write_bytes(out, page.encode("utf-8", "backslashreplace"), replace=replace, unlisted=True)
     except FileExistsError:  # during the write
         raise appeared from None
+    except OutputRefused as exc:  # reserved by another command meanwhile: named as the option
+        raise OutputRefused(f"--out {exc}") from None
     return {"path": str(out), "n_images": n, "n_shown": int(len(shown)), "sections": sections, "metrics": metrics}
 
 

@@ -638,7 +638,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", *, replace: bool = Tr
             if unlisted or not replace:
                 owner = _listed_by_output_folder(path, unreadable=False)
                 if owner is not None:  # reserved by a command that started meanwhile: it would replace this file
-                    raise OutputRefused(f"{path}: {_not_there(owner)}; not written, choose another name")
+                    why = owner if os.path.lexists(path) else _not_there(owner)
+                    raise OutputRefused(f"{path}: {why}; not written, choose another name")
             if replace:
                 os.replace(tmp, path)
             else:

@@ -539,12 +539,34 @@ def test_evaluate_json_never_replaces_a_file_written_there_during_its_write(tiny
                                                                             capsys, monkeypatch):
     """The name was checked, then the metrics renamed over it: another evaluate's metrics written
     there meanwhile were replaced without --overwrite, both saying they wrote them."""
+    import os
+
     path = tmp_path / "m.json"
     _appears_during_the_write(monkeypatch, path)
     assert main(["evaluate", str(tiny_run), str(synthetic_root), "--json", str(path)]) == 2
     err = capsys.readouterr().err
     assert f"--json {path}: a file appeared there while the test set was evaluated; not replacing it" in err
     assert path.read_text() == "theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
+    # a predict that reserves the name during the write: refused, named as the option, with --overwrite too
+    from defect_fast.safety import OutputFolder
+
+    predict = OutputFolder.create(tmp_path / "P", command="predict", lock=True)
+    monkeypatch.undo()
+    real = os.fsync
+
+    reserved = []
+
+    def reserving(fd):  # at the metrics' write, after every check
+        if not reserved:
+            reserved.append(True)
+            predict.reserve(["m.json"])
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", reserving)
+    assert main(["evaluate", str(tiny_run), str(synthetic_root), "--json", str(predict.path / "m.json"),
+                 "--overwrite"]) == 2
+    assert f"--json {predict.path / 'm.json'}: is part of the output of 'defect-fast predict'" in capsys.readouterr().err
+    predict.release()
 
 
 def test_evaluate_reports_pass_fail_rates_and_never_replaces_json(tiny_run, synthetic_root, tmp_path, capsys):

@@ -497,6 +497,11 @@ def test_a_name_reserved_while_the_work_ran_is_not_taken(tmp_path, monkeypatch):
                                             "choose another name"):
         atomic_write_json(page, {"a": 1}, replace=False)
     assert not page.exists() and sorted(p.name for p in out.iterdir()) == sorted([LOCK_NAME, MANIFEST_NAME])
+    predict.write_json("scores.json", {"predict": 1})  # written by then: said as its file, not as a name to come
+    with pytest.raises(OutputRefused) as err:
+        atomic_write_json(page, {"a": 1}, unlisted=True)
+    assert "is part of the output of 'defect-fast predict'" in str(err.value) and "not written yet" not in str(err.value)
+    assert json.loads(page.read_text()) == {"predict": 1}
     predict.release()
 
 
