@@ -42,7 +42,8 @@ from .calibration import CalibrationError, stored_thresholds
 from .data.io import PROPORTIONS_MARGIN
 from .detect import Detector, reference_ops
 from .runs import model_file
-from .safety import OutputRefused, UserError, atomic_open, dump_json_strict, file_sha256, one_line, safe_output_file
+from .safety import (OutputRefused, UserError, atomic_open, dump_json_strict, file_sha256, is_same_file, one_line,
+                     safe_output_file)
 
 FORMATS = ("onnx", "torchscript", "exported")
 PRECISIONS = ("float32", "bfloat16")
@@ -262,7 +263,7 @@ def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, so
                 file.write(data)
             placed = os.stat(out)
     except (FileExistsError, OutputRefused) as exc:  # a name taken, or reserved by another command, meanwhile
-        if placed is not None and _same_file(out, placed):  # not left without its description: the earlier back
+        if placed is not None and is_same_file(out, placed):  # not left without its description: the earlier back
             if earlier is not None:
                 os.replace(earlier, out)
                 earlier = None
@@ -301,15 +302,6 @@ class _NameTaken(ExportError):
         super().__init__(f"{path}: a file appeared there while the detector was exported; not replacing it (pass "
                          f"{flag} to replace it, or choose another name)")
         self.path = path
-
-
-def _same_file(path: Path, st: os.stat_result) -> bool:
-    """Whether ``path`` is still the file ``st`` was taken of (same device and inode)."""
-    try:
-        now = os.stat(path)
-    except OSError:
-        return False
-    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
 
 
 def read_sidecar(path: Path | str) -> dict[str, Any]:

@@ -661,6 +661,15 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", *, replace: bool = Tr
 _RESULTS_FILES: dict[Path, Path] = {}
 
 
+def is_same_file(path: str | os.PathLike, st: os.stat_result) -> bool:
+    """Whether ``path`` is still the file ``st`` was taken of (``os.path.samestat``: the same device
+    and inode); False where nothing is there now."""
+    try:
+        return os.path.samestat(os.stat(path), st)
+    except OSError:
+        return False
+
+
 def _take_name(tmp: Path, target: Path) -> None:
     """``tmp`` under the name ``target``, refused (FileExistsError) where that name exists: by a
     hard link (atomic), else, on a file system without them, an exclusive create and a rename."""
@@ -675,9 +684,8 @@ def _take_name(tmp: Path, target: Path) -> None:
         try:
             os.replace(tmp, target)
         except BaseException:  # the empty placeholder is this process's: not left as the output
-            with contextlib.suppress(OSError):
-                now = os.stat(target)
-                if (now.st_dev, now.st_ino) == (placeholder.st_dev, placeholder.st_ino):
+            if is_same_file(target, placeholder):
+                with contextlib.suppress(OSError):
                     os.unlink(target)
             raise
     else:
@@ -1650,8 +1658,7 @@ class RunLock:
             now = os.stat(self.path, follow_symlinks=False)
         except FileNotFoundError:
             return False
-        held = os.fstat(fd)
-        return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+        return os.path.samestat(now, os.fstat(fd))
 
     def lost_message(self) -> str:
         """What a holder that finds :meth:`still_held` false says."""
