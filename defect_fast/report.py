@@ -236,13 +236,12 @@ def _legend(scale: float, pixel_threshold: float | None, maps_top: float | None)
     the pixel threshold marked by a tick (a black and a white column, seen on any colour) where it
     lies on them; ``maps_top``: the highest value of the set's maps, given where no positive scale
     is stored (``scale`` is then that value, or 1 where it is not positive)."""
-    from .visualize import OVERLAY_ALPHA, heat
+    from .visualize import tint as overlay_tint
 
     w, h = _LEGEND_SIZE
     u = np.broadcast_to(np.linspace(0.0, 1.0, w, dtype=np.float32), (h, w))
     grey = np.repeat((u * 255).astype(np.uint8)[..., None], 3, axis=-1)
-    weight = (OVERLAY_ALPHA * u)[..., None]  # as save_overlay blends the heat colours over a photo
-    tint = (128 * (1 - weight) + heat(u).astype(np.float32) * weight).clip(0, 255).astype(np.uint8)
+    tint = overlay_tint(np.full((h, w, 3), 128, np.uint8), u)  # as save_overlay tints a photo
     tick = None
     if pixel_threshold is not None and 0 < pixel_threshold <= scale:
         tick = min(w - 2, round(pixel_threshold / scale * (w - 1)))

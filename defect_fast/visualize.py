@@ -54,11 +54,16 @@ def save_overlay(image: torch.Tensor, m: torch.Tensor, path: Path, scale: float,
     out = np.empty(pixels.shape, dtype=np.uint8)
     rows = max(1, OVERLAY_BAND_PIXELS // max(1, pixels.shape[1]))
     for a in range(0, pixels.shape[0], rows):
-        ub = u[a:a + rows]
-        weight = (alpha * ub)[..., None]
-        blend = pixels[a:a + rows].astype(np.float32) * (1 - weight) + heat(ub).astype(np.float32) * weight
-        out[a:a + rows] = blend.clip(0, 255).astype(np.uint8)
+        out[a:a + rows] = tint(pixels[a:a + rows], u[a:a + rows], alpha)
     Image.fromarray(out, mode="RGB").save(path, format="PNG", compress_level=compress_level)
+
+
+def tint(pixels: np.ndarray, u: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    """uint8 [H, W, 3] ``pixels`` blended with the heat colours of ``u`` [H, W] in [0, 1], at
+    weight ``alpha * u``: an overlay's pixels (and the report's scale of them)."""
+    weight = (alpha * u)[..., None]
+    blend = pixels.astype(np.float32) * (1 - weight) + heat(u).astype(np.float32) * weight
+    return blend.clip(0, 255).astype(np.uint8)
 
 
 #: Pixels per band of :func:`save_overlay` (its float temporaries are those of this many pixels).
