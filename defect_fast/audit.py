@@ -216,13 +216,15 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
                       "detector": fin["detector"]}
         fold_state = {k2: v for k2, v in fold_state.items() if v is not None}
         det = Detector.from_state(fold_state, dev, where=f"{path} (fold {k + 1})")
-        res = det.predict_batched(images[scored])
+        part = images[scored]  # (a copy: taken once, for the blank frames and the scores)
+        blank = blank_images(part).tolist()  # one colour throughout: a camera fault, not a surface
+        res = det.predict_batched(part)
+        del part
         check_finite(res, [str(paths[i]) for i in scored], f"{path} (fold {k + 1})", det.precision, "training images")
         threshold = float(fin["calibration"]["image_threshold"])
         # the overlays' colour scale, as predict draws maps: 2 x the pixel threshold (0: each map's maximum)
         scales[k + 1] = 2 * float(fin["calibration"].get("pixel_threshold") or 0.0)
         expected += len(scored) * float(fin["calibration"].get("far_expected") or cfg.far)
-        blank = blank_images(images[scored]).tolist()  # one colour throughout: a camera fault, not a surface
         for j, i in enumerate(scored):
             score = float(res["scores"][j])
             entries.append({"image": str(paths[i]), "score": score, "threshold": threshold,
