@@ -104,7 +104,7 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
     from .evaluate import check_finite
     from .runs import RunError, load_model_state, model_file, model_from_state, resolve_device, stored_trunk
     from .safety import OutputFolder, UsageError, atomic_open, output_stems, real_path
-    from .train import TrainConfig, finish_run, fits_on_training_images, image_keys, images_digest
+    from .train import TrainConfig, finish_run, fits_on_training_images, image_keys, images_digest, where_now
 
     if folds < 2:
         raise UsageError(f"--folds must be 2 or more, got {folds}")
@@ -150,8 +150,7 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
         raise RunError(f"{cfg.data}: the training images changed since {path} was trained"
                        + (f" ({what})" if what else "") + "; the audit judges the images the run trained on")
     if moved_from is not None:  # the held-back images where they are now (names and pixels checked above)
-        by_name = {p.name: str(p) for p in paths}
-        held = [by_name.get(Path(f).name, f) for f in held]
+        held = where_now(held, paths)
         log(f"{path} trained on the images in {moved_from}; auditing the same images (names and pixels) in {cfg.data}")
     held_set = set(held)
     held_idx = [i for i, p in enumerate(paths) if str(p) in held_set]

@@ -1043,6 +1043,14 @@ def _trim_log(path: Path, last_step: int) -> None:
         atomic_write_bytes(path, b"".join(kept))
 
 
+def where_now(names: list[str], paths: list[Path]) -> list[str]:
+    """The files ``names`` (a run's held-back images, where it read them) among ``paths`` (its
+    images where they are now, checked to be the same, names and pixels), by file name; a name
+    not found is kept as it is."""
+    by_name = {Path(p).name: str(p) for p in paths}
+    return [by_name.get(Path(f).name, f) for f in names]
+
+
 def images_digest(keys: list[bytes], paths: list[Path]) -> str:
     """SHA-256 of the training images as read: their names and :func:`image_keys`, in order."""
     h = hashlib.sha256()
@@ -1374,8 +1382,7 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         if moved_from is not None:
             said.insert(0, f"{out} trained on the images in {moved_from}; it goes on with the same images (names and "
                            f"pixels) in {cfg.data}")
-            by_name = {Path(p).name: str(p) for p in paths}  # the held-back images where they are now
-            cfg = replace(cfg, held_back=[by_name.get(Path(f).name, f) for f in cfg.held_back])
+            cfg = replace(cfg, held_back=where_now(cfg.held_back, paths))
         train_idx, held_idx = _split(cfg, paths)
         if not resume:
             log(f"{len(paths)} images in {cfg.data}: {len(train_idx)} to train on, {len(held_idx)} held back for the thresholds")
