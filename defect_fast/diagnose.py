@@ -32,7 +32,8 @@ the pixels behind each score, not a band row the profile lit.
 Command line (:func:`add_parser`, :func:`command`; ``python3 -m defect_fast.diagnose`` runs the same)::
 
     defect-fast diagnose RUN DATA --out DIR [--per-class 4] [--border 16] [--seam 3] [--top 0.001]
-                         [--scale figure|row] [--stride S] [--blend none|hann] [--device auto] [--overwrite]
+                         [--scale figure|row] [--map KIND] [--stride S] [--smooth PX] [--blend none|hann]
+                         [--device auto] [--overwrite]
 
 writes ``DIR/<class>.png`` and ``DIR/locations.json`` and prints the tables. ``DIR`` is an output
 folder with a manifest (:class:`defect_fast.safety.OutputFolder`): new or empty, or, with
@@ -503,6 +504,7 @@ def diagnose(
     scale: str = "figure",
     log: Callable[[str], None] | None = print,
     reconstruct: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    inference: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Predict a test set, draw the per-class grids, write ``locations.json`` and print the tables.
 
@@ -518,6 +520,8 @@ def diagnose(
         log: where the tables go (None: nowhere).
         reconstruct: uint8 [k, 3, S, S] -> [k, 3, S, S] in [-1, 1] (e.g. ``Detector.reconstruct``),
             run on the drawn rows only; needed when ``predict_fn`` returns no "recon".
+        inference: how ``predict_fn`` makes its maps (e.g. {"map", "smooth_sigma", "blend"}), added
+            to ``locations.json``'s "settings" so that a file says which maps it describes.
 
     Returns:
         {"locations": :func:`location_stats` result (plus ``good.score_vs_brightness``, the rank
@@ -549,6 +553,7 @@ def diagnose(
     has_masks = bool(masks[labels != 0].any()) if bool((labels != 0).any()) else False
     stats = location_stats(maps, patch, stride, border, seam, top, labels=labels,
                            masks=masks if has_masks else None, classes=test_set.classes, score_maps=score_maps)
+    stats["settings"].update(inference or {})
     good = labels == 0
     # per chunk: a float copy of every image at once was 4x the images (3 GB for 1000 at 512 px)
     brightness = torch.cat([c.float().mean(dim=(1, 2, 3)) for c in test_set.images.split(64)])
@@ -582,7 +587,8 @@ def diagnose(
 def add_parser(subparsers) -> None:
     """Register ``defect-fast diagnose`` on the CLI's sub-parsers (``command`` as its function)."""
     from .detect import BLENDS
-    from .safety import device_arg, input_path, nonneg_int, output_path, positive_int
+    from .models import map_names
+    from .safety import device_arg, input_path, nonneg_float, nonneg_int, output_path, positive_int
 
     p = subparsers.add_parser(
         "diagnose", help="figure grid per class and where the top-scoring pixels of defect-free images lie",
@@ -600,7 +606,9 @@ def add_parser(subparsers) -> None:
                    help="fraction of each map's pixels counted as top pixels, in (0, 1] (default 0.001)")
     p.add_argument("--scale", choices=("figure", "row"), default="figure",
                    help="map colour scale: one per figure (default) or one per row")
+    p.add_argument("--map", choices=map_names(), default=None, help="anomaly map (default: the run's --map, else the model's)")
     p.add_argument("--stride", type=positive_int, default=None, help="inference patch stride (default: the run's --infer-stride, else the patch size)")
+    p.add_argument("--smooth", type=nonneg_float, default=None, help="Gaussian blur of the maps, in pixels (default: the run's setting)")
     p.add_argument("--blend", choices=BLENDS, default=None, help="weights of overlapping patches (default: the run's setting)")
     p.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--overwrite", action="store_true", help="replace the files an earlier diagnose wrote in --out")
@@ -647,7 +655,7 @@ def command(args) -> int:
         import matplotlib  # noqa: F401
     except ImportError as exc:
         raise DataError(f"diagnose needs matplotlib for its figures ({exc}); pip install matplotlib") from None
-    det = Detector.load(run, device=args.device, stride=args.stride, blend=args.blend)
+    det = Detector.load(run, device=args.device, map_kind=args.map, stride=args.stride, smooth_sigma=args.smooth, blend=args.blend)
     bands = region_masks(det.image_size, det.patch, det.stride, args.border, args.seam)
     for flag, width, band in (("--border", args.border, "border"), ("--seam", args.seam, "seam")):
         if bool(bands[band].all()):  # a band over the whole map says nothing of where top pixels lie
@@ -670,7 +678,7 @@ def command(args) -> int:
         folder.reserve(names)
         diagnose(lambda x: det.predict_batched(x, score_maps=True), test_set, folder.path, patch=det.patch, stride=det.stride,
                  per_class=args.per_class, border=args.border, seam=args.seam, top=args.top, scale=args.scale,
-                 reconstruct=det.reconstruct)
+                 reconstruct=det.reconstruct, inference={"map": det.map_kind, "smooth_sigma": det.smooth_sigma, "blend": det.blend})
     return 0
 
 

@@ -357,3 +357,28 @@ def test_the_rows_shown_are_the_highest_then_the_lowest_scores():
     assert _pick_rows(scores, members, 3) == [1, 3, 2]
     assert _pick_rows(scores, members, 4) == [1, 3, 4, 2]
     assert _pick_rows(scores, members, 9) == [1, 3, 0, 4, 2]
+
+
+def test_diagnose_takes_the_map_options_evaluate_and_predict_take(tmp_path, synthetic_root):
+    """diagnose took --stride and --blend but not --map or --smooth: the maps evaluate scored with
+    them could not be drawn; its locations.json now names the map, smoothing and blend it describes."""
+    from defect_fast.cli import main as cli_main
+    from defect_fast.data import load_test_set
+    from defect_fast.detect import Detector
+
+    run = tmp_path / "run"
+    assert cli_main(["train", str(synthetic_root), "--out", str(run), "--image-size", "64", "--batch-size", "8",
+                     "--max-steps", "1", "--set", "memory_size=10", "--quiet"]) == 0
+    docs = {}
+    for name, extra in (("default", []), ("asked", ["--map", "residual", "--smooth", "2", "--blend", "hann"])):
+        assert main([str(run), str(synthetic_root), "--out", str(tmp_path / name), "--device", "cpu", *extra]) == 0
+        docs[name] = json.loads((tmp_path / name / "locations.json").read_text())
+    det = Detector.load(run, device="cpu")
+    assert {k: docs["default"]["locations"]["settings"][k] for k in ("map", "smooth_sigma", "blend")} == \
+        {"map": det.map_kind, "smooth_sigma": det.smooth_sigma, "blend": det.blend}
+    assert {k: docs["asked"]["locations"]["settings"][k] for k in ("map", "smooth_sigma", "blend")} == \
+        {"map": "residual", "smooth_sigma": 2.0, "blend": "hann"}
+    asked = Detector.load(run, device="cpu", map_kind="residual", smooth_sigma=2.0, blend="hann")
+    want = asked.predict_batched(load_test_set(synthetic_root, 64, require_masks=False).images)["scores"]
+    assert docs["asked"]["scores"] == pytest.approx(want.tolist(), rel=1e-5, abs=1e-6)
+    assert docs["asked"]["scores"] != pytest.approx(docs["default"]["scores"], rel=1e-3)
