@@ -310,6 +310,15 @@ def _shown(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def _short(text: str, most: int = 28) -> str:
+    """``text`` shortened in the middle to at most ``most`` characters (both ends kept: a file's
+    name and its extension)."""
+    if len(text) <= most:
+        return text
+    head = (most - 1) // 2
+    return text[:head] + "\u2026" + text[len(text) - (most - 1 - head):]
+
+
 def draw_grid(
     images: torch.Tensor,
     recon: torch.Tensor | Callable[[list[int]], torch.Tensor],
@@ -325,13 +334,14 @@ def draw_grid(
     stride: int | None = None,
     scale: str = "figure",
     score_maps: torch.Tensor | None = None,
+    names: Sequence[str] | None = None,
 ) -> dict[str, Path]:
     """Write one PNG figure grid per class, ``out_dir/<class>.png``.
 
     Rows: the class's ``ceil(per_class / 2)`` highest- and ``floor(per_class / 2)`` lowest-scoring
-    images (all of them when the class has fewer), highest first; the row title gives the file
-    index and image score. Columns: input; reconstruction; map (colour-mapped on one scale shared
-    by the figure's rows, from 0 (or the lowest shown value, where a standardised map goes below
+    images (all of them when the class has fewer), highest first; the row title gives the image's
+    index, its file name (``names``) and its score. Columns: input; reconstruction; map
+    (colour-mapped on one scale shared by the figure's rows, from 0 (or the lowest shown value, where a standardised map goes below
     0) to the largest shown value, colour bar beside it); input with the ground-truth outline
     (yellow) and the map's top ``top`` pixels (red dots), with the patch grid drawn faintly when
     ``patch`` is given. ``scale="row"`` gives each row its own colour scale (from 0, or the map's
@@ -351,6 +361,8 @@ def draw_grid(
         scale: "figure" (one colour scale and bar per figure) or "row" (one per row).
         score_maps: float [N, S, S], the maps the scores take their top values from when they are
             not ``maps`` (see :func:`location_stats`): the red dots are their top pixels.
+        names: a name per image (e.g. its file name), shown in its row's title, shortened in the
+            middle beyond 28 characters (None: the index alone).
 
     Returns:
         {class: path of its PNG}.
@@ -368,17 +380,19 @@ def draw_grid(
             raise ValueError(f"{n} images but {t.shape[0]} {name}")
     if len(classes) != n:
         raise ValueError(f"{n} images but {len(classes)} class names")
+    if names is not None and len(names) != n:
+        raise ValueError(f"{n} images but {len(names)} names")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sc = scores.detach().float().cpu().numpy().reshape(-1)
-    names = np.asarray(list(classes), dtype=object)
+    class_of = np.asarray(list(classes), dtype=object)
     tops = top_pixel_mask((maps if score_maps is None else score_maps).detach().float().cpu(), top)
     size = maps.shape[-1]
     grid = _boundaries(size, patch, stride or patch) if patch else []
     written: dict[str, Path] = {}
     files = figure_names(classes)
     for cls in files:
-        rows = _pick_rows(sc, np.flatnonzero(names == cls), per_class)
+        rows = _pick_rows(sc, np.flatnonzero(class_of == cls), per_class)
         shown = maps[rows].detach().float().cpu()
         rec = recon(rows) if callable(recon) else recon[rows]
         vmax = float(shown.max()) if shown.numel() else 1.0
@@ -405,7 +419,8 @@ def draw_grid(
                 ax_ov.contour(masks[i].cpu().numpy().astype(np.float32), levels=[0.5], colors="yellow", linewidths=1.0)
             ys, xs = np.nonzero(tops[i].numpy())
             ax_ov.scatter(xs, ys, s=4, c="red", marker="s", linewidths=0)
-            ax_in.set_ylabel(f"#{i}  score {sc[i]:.4g}", fontsize=8)
+            title = f"#{i}  " if names is None else f"#{i} {_short(_shown(str(names[i])))}\n"
+            ax_in.set_ylabel(f"{title}score {sc[i]:.4g}", fontsize=8)
             ax_map.set_ylabel(f"max {float(maps[i].max()):.3g}" if scale == "figure" else f"scale {lo:.3g}..{hi:.3g}",
                               fontsize=8)
             for ax in axes[r]:
@@ -414,7 +429,7 @@ def draw_grid(
         for ax, title in zip(axes[0], ("input", "reconstruction", (f"map (scale {vmin:.3g}..{vmax:.3g})" if scale == "figure" else "map (own scale per row)"),
                                        f"mask (yellow), top {top * 100:g} % px (red)")):
             ax.set_title(title, fontsize=9)
-        fig.suptitle(f"{_shown(cls)}: {len(rows)} of {int((names == cls).sum())} images (highest and lowest scores)", fontsize=10)
+        fig.suptitle(f"{_shown(cls)}: {len(rows)} of {int((class_of == cls).sum())} images (highest and lowest scores)", fontsize=10)
         if im is not None and scale == "figure":
             fig.colorbar(im, ax=axes.ravel().tolist(), shrink=min(1.0, 0.9 / max(1, len(rows)) + 0.3), label="map value")
         path = out / files[cls]
@@ -571,7 +586,8 @@ def diagnose(
     else:
         metrics = None
     figures = draw_grid(test_set.images, recon, maps, scores, test_set.classes, out, masks=masks if has_masks else None,
-                        per_class=per_class, top=top, patch=patch, stride=stride, scale=scale, score_maps=score_maps)
+                        per_class=per_class, top=top, patch=patch, stride=stride, scale=scale, score_maps=score_maps,
+                        names=[Path(p).name for p in test_set.paths])
     table = format_table(stats, metrics)
     doc = {"locations": stats, "metrics": metrics, "figures": {c: p.name for c, p in figures.items()},
            "images": [str(p) for p in test_set.paths], "scores": scores.tolist()}

@@ -382,3 +382,23 @@ def test_diagnose_takes_the_map_options_evaluate_and_predict_take(tmp_path, synt
     want = asked.predict_batched(load_test_set(synthetic_root, 64, require_masks=False).images)["scores"]
     assert docs["asked"]["scores"] == pytest.approx(want.tolist(), rel=1e-5, abs=1e-6)
     assert docs["asked"]["scores"] != pytest.approx(docs["default"]["scores"], rel=1e-3)
+
+
+def test_each_row_names_its_image_file(tmp_path, monkeypatch):
+    """A row said only "#37": which photograph that was took a look into locations.json. It now
+    gives the file's name, shortened in the middle (its start and its extension kept) when long."""
+    from matplotlib.axes import Axes
+
+    images, recon, maps, scores = _fake_predictions(2, 32)
+    labels = []
+    real = Axes.set_ylabel
+    monkeypatch.setattr(Axes, "set_ylabel", lambda self, text, *a, **k: (labels.append(text), real(self, text, *a, **k))[1])
+    long = "line3_camera2_2026-12-01T08-15-42.123_part-000481.png"
+    draw_grid(images, recon, maps, scores, ["c", "c"], tmp_path, per_class=2, names=["007.png", long])
+    titles = [t for t in labels if "score" in t]
+    assert any(t.startswith("#0 007.png\nscore ") for t in titles), titles
+    title = next(t for t in titles if t.startswith("#1 "))
+    shown = title.split("\n")[0][3:]
+    assert len(shown) == 28 and shown.startswith("line3_camera") and shown.endswith("000481.png") and "\u2026" in shown
+    with pytest.raises(ValueError, match="2 images but 1 names"):
+        draw_grid(images, recon, maps, scores, ["c", "c"], tmp_path, names=["one"])
