@@ -4,7 +4,7 @@ Embedding::
 
     import defect_fast
     det = defect_fast.load("runs/tile", device="cpu")      # a torch.nn.Module
-    res = det.predict("part.png")                          # maps, scores, regions
+    res = det.predict("part.png")                          # maps, scores, regions, blank
 """
 from __future__ import annotations
 

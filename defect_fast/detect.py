@@ -1359,7 +1359,10 @@ class Detector(nn.Module):
         Returns:
             {"maps": [N, H, W] float tensor when every input has the same size, else a list of [H_i, W_i]
              (each map at its input's own size); "scores": [N]; "regions": N lists of
-             {"box": (x0, y0, x1, y1), "area", "peak"} (see :func:`find_regions`)}.
+             {"box": (x0, y0, x1, y1), "area", "peak"} (see :func:`find_regions`); "blank": N bools,
+             True for an image of one colour throughout (every channel constant: a covered lens, a
+             failed exposure), whose score says nothing of a part; such images are also named in a
+             :class:`~defect_fast.data.DataWarning`}.
         Raises :class:`~defect_fast.runs.NonFiniteMaps` (a RuntimeError) naming the first image
         by its position when a map or score is NaN or infinite, as the command line refuses them.
         """
@@ -1367,9 +1370,13 @@ class Detector(nn.Module):
             pixel_threshold = _real("pixel_threshold", pixel_threshold)
         images_per_batch = _integer("images_per_batch", images_per_batch, 1)
         _check_not_forked(self.threads)
-        from .data.io import resize_image
+        from .data.io import blank_images, resize_image, warn_blank
 
         imgs, sizes = self._as_images(x, self.image_size)
+        # a frame of one colour (a covered lens, a failed exposure) scores low and would pass: marked
+        # and said, as predict marks it in scores.json and watch sets it aside
+        blank = [bool(blank_images(img.unsqueeze(0))[0]) for img in imgs]
+        warn_blank(blank, [f"image {i}" for i in range(len(imgs))], "predict")
         if not self.__dict__.get("_proportions_said"):  # once a Detector: a per-frame loop is not one warning a frame
             # images at the model's size are taken as brought to it already, as predict_batched takes them
             shown = [(i, (w, h)) for i, (h, w) in enumerate(sizes) if (h, w) != (self.image_size, self.image_size)]
@@ -1399,7 +1406,8 @@ class Detector(nn.Module):
                 maps.append(m)
                 regions.append(find_regions(m.numpy(), threshold) if threshold is not None else [])
             same = len({tuple(m.shape) for m in maps}) == 1
-            return {"maps": torch.stack(maps) if same else maps, "scores": res["scores"], "regions": regions}
+            return {"maps": torch.stack(maps) if same else maps, "scores": res["scores"], "regions": regions,
+                    "blank": blank}
 
     @torch.no_grad()
     def calibrate(self, normal_images: torch.Tensor, far: float | None = None,

@@ -1283,3 +1283,21 @@ def test_float_images_in_0_1_are_said_to_be_read_as_minus_1_1():
         warnings.simplefilter("error", DataWarning)
         det.predict(unit * 2 - 1)  # [-1, 1], dark pixels and light: nothing said
         det.predict((unit * 255).to(torch.uint8))
+
+
+def test_predict_marks_and_names_blank_frames_which_would_pass(recwarn):
+    """A frame of one colour (a covered lens, a failed exposure) scores low and passed through the
+    API without a word, where predict marks it "blank" in scores.json and watch sets it aside."""
+    from defect_fast.data import DataWarning
+
+    det = Detector(_model(), image_size=128)
+    img = _images(1, 128)[0]
+    grey = np.full((90, 150), 128, np.uint8)
+    res = det.predict([img, grey, torch.full((3, 64, 64), -0.5)])
+    assert res["blank"] == [False, True, True]
+    said = [str(w.message) for w in recwarn if issubclass(w.category, DataWarning)]
+    assert said == ["predict: 2 of 3 images are of one colour throughout (image 1, image 2): blank frames (a failed "
+                    "exposure, a covered lens)?"], said
+    assert all(w.filename == __file__ for w in recwarn if issubclass(w.category, DataWarning))  # the caller's line
+    recwarn.clear()
+    assert det.predict(img)["blank"] == [False] and not [w for w in recwarn if issubclass(w.category, DataWarning)]
