@@ -195,6 +195,15 @@ class SettingError(UserError, ValueError):
     ...): one line at the command line, a ValueError for callers."""
 
 
+def _retold(exc: Exception, message: str) -> Exception:
+    """``exc``'s kind of exception with ``message`` (a ValueError or TypeError where that kind
+    cannot be made from a message alone)."""
+    try:
+        return type(exc)(message)
+    except Exception:  # noqa: BLE001 - an exception class of other arguments
+        return (TypeError if isinstance(exc, TypeError) else ValueError)(message)
+
+
 def _check_pixels(images: torch.Tensor, where: str) -> None:
     """Refuse what the pipeline would silently misread: dtypes other than uint8 and float, and
     float values that are not finite or lie outside [-1, 1] (a [0, 255] image passed as float)."""
@@ -1325,8 +1334,14 @@ class Detector(nn.Module):
             if not x:
                 raise ValueError("predict: an empty list of images")
             imgs, sizes = [], []
-            for item in x:
-                i, s = Detector._as_images(item, size)
+            for k, item in enumerate(x):
+                try:
+                    i, s = Detector._as_images(item, size)
+                except (TypeError, ValueError) as exc:
+                    if isinstance(item, (str, os.PathLike)) or len(x) == 1:  # a file's error names the file
+                        raise
+                    # which of a batch of camera frames it was: the message alone did not say
+                    raise _retold(exc, f"list item {k} (of {len(x)}): {exc}") from None
                 imgs += i
                 sizes += s
             return imgs, sizes

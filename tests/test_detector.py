@@ -1301,3 +1301,22 @@ def test_predict_marks_and_names_blank_frames_which_would_pass(recwarn):
     assert all(w.filename == __file__ for w in recwarn if issubclass(w.category, DataWarning))  # the caller's line
     recwarn.clear()
     assert det.predict(img)["blank"] == [False] and not [w for w in recwarn if issubclass(w.category, DataWarning)]
+
+
+def test_an_item_of_a_list_that_is_refused_is_named_by_its_position(tmp_path):
+    """One bad frame among a batch of camera frames was refused by a message that did not say
+    which one; a file's error names the file, as before."""
+    det = Detector(_model(), image_size=128)
+    img = _images(1, 128)[0]
+    hwc = img.permute(1, 2, 0).numpy()
+    for batch, kind, words in (([img, img.float() * 2], ValueError, "list item 1 (of 2): predict: float images must lie in [-1, 1]"),
+                               ([hwc.astype(np.uint16), hwc], TypeError, "list item 0 (of 2): numpy images must be uint8"),
+                               ([img, hwc, torch.zeros(4, 8, 8)], ValueError, "list item 2 (of 3): tensor images must be")):
+        with pytest.raises(kind, match="^" + re.escape(words)):
+            det.predict(batch)
+    from defect_fast.data import DataError
+
+    with pytest.raises(DataError, match="^" + re.escape(str(tmp_path / "gone.png"))):
+        det.predict([img, tmp_path / "gone.png"])
+    with pytest.raises(TypeError, match="^numpy images must be uint8"):  # a list of one: as the item itself
+        det.predict([hwc.astype(np.uint16)])
