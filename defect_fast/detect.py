@@ -679,6 +679,8 @@ class Detector(nn.Module):
                 raise RunError(f"{where}: the stored {part} does not load ({type(exc).__name__}: {exc}); "
                                "written by another version of defect_fast?") from None
 
+        from .data.io import _callers_level
+
         fixed = sorted(set(options) & {"image_size", "model", "calibration", "norm_mean", "norm_std", "perceptual",
                                        "context"})
         if fixed:  # the constructor's, which the file gives: "got multiple values for keyword argument" said less
@@ -728,7 +730,7 @@ class Detector(nn.Module):
             warnings.warn(f"{where}: the {parts} of the run {'was' if len(fitted) == 1 else 'were'} fitted at its "
                           "inference settings, not "
                           f"at {', '.join(changed)}: maps and scores are not in units of their defect-free spread "
-                          "as trained (and the stored thresholds are set aside)", stacklevel=3)
+                          "as trained (and the stored thresholds are set aside)", stacklevel=_callers_level())
         map_kind = map_kind or stored.get("map_kind")
         stride = stride if stride is not None else stored.get("stride")
         smooth_sigma = smooth_sigma if smooth_sigma is not None else stored.get("smooth_sigma", 0.0)
@@ -749,7 +751,7 @@ class Detector(nn.Module):
                           f"{detector.precision}, whose scores differ by that rounding, so images near a threshold "
                           f"may be judged otherwise; 'defect-fast calibrate RUN IMAGES --precision {detector.precision} "
                           "--out NEW_RUN' measures them in it (IMAGES: defect-free images the run has not seen; "
-                          "--with-held-back adds those it held back)", stacklevel=3)
+                          "--with-held-back adds those it held back)", stacklevel=_callers_level())
         shape = state.get("trained_proportions")
         if shape is not None:
             if not (isinstance(shape, (list, tuple)) and len(shape) == 2 and all(

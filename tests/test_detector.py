@@ -149,8 +149,12 @@ def test_a_normalisation_is_kept_only_for_the_map_and_settings_it_was_fitted_at(
         other = Detector.load(path, device="cpu", map_kind="residual")
         assert other.normalization()["kind"] == "identity"
     with pytest.warns(UserWarning, match=r"the per-position normalisation of the run was fitted at its inference "
-                                         r"settings, not at stride 32 -> 64"):
+                                         r"settings, not at stride 32 -> 64") as said:
         moved = Detector.load(path, device="cpu", stride=64)
+    assert [w.filename for w in said] == [__file__]  # the caller's line, not one inside the package
+    with pytest.warns(UserWarning, match="fitted at its inference settings") as said:
+        defect_fast.load(path, device="cpu", stride=64)
+    assert [w.filename for w in said] == [__file__]
     assert moved.normalization()["kind"] == "per-position"
     # the map kind set on a Detector drops it too (and save() then wrote the pairing load() keeps)
     same.map_kind = "residual"

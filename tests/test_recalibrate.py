@@ -58,8 +58,9 @@ def test_thresholds_say_the_precision_they_were_measured_in_and_calibrate_measur
     other = "float32" if default == "bfloat16" else "bfloat16"
     assert load_model_state(runs["run"])["calibration"]["precision"] == default
     with pytest.warns(UserWarning, match=f"its thresholds were measured in {default}; this Detector computes in {other}.*"
-                                         f"calibrate RUN IMAGES --precision {other} --out NEW_RUN"):
+                                         f"calibrate RUN IMAGES --precision {other} --out NEW_RUN") as said:
         Detector.load(runs["run"], device="cpu", precision=other)
+    assert [w.filename for w in said] == [__file__]  # the caller's line, not one inside the package
     out = tmp_path / "cal"
     status, _stdout, err = cli(["calibrate", runs["run"], "--with-held-back", "--out", out, "--device", "cpu",
                                 "--precision", other], capsys)
