@@ -195,6 +195,22 @@ class SettingError(UserError, ValueError):
     ...): one line at the command line, a ValueError for callers."""
 
 
+#: The key of a Detector's own entry in its state_dict's metadata (``state_dict._metadata``, which
+#: ``torch.save`` and ``torch.load(weights_only=True)`` keep): see :func:`_state_dict_notes`.
+STATE_DICT_NOTES = "defect_fast"
+
+
+def _state_dict_notes(module: "Detector", destination: dict, prefix: str, local_metadata: dict) -> None:
+    """A state_dict hook: what belongs to a Detector's weights besides tensors, in the metadata
+    beside them (not as state_dict entries: tracing and the ONNX exporter take every entry for a
+    tensor): the thresholds (:attr:`Detector.calibration`), the training images' proportions and,
+    for a fused model, the weights it was made from (what :meth:`Detector.save` writes)."""
+    local_metadata[STATE_DICT_NOTES] = {
+        "calibration": dict(module.calibration),
+        "trained_proportions": None if module.trained_proportions is None else list(module.trained_proportions),
+        "source": module.__dict__.get("_source") if module.fuse else None}
+
+
 def _retold(exc: Exception, message: str) -> Exception:
     """``exc``'s kind of exception with ``message`` (a ValueError or TypeError where that kind
     cannot be made from a message alone)."""
@@ -424,6 +440,7 @@ class Detector(nn.Module):
         super().__init__()
         _check_not_forked(threads)
         _check_default_dtype()
+        self._register_state_dict_hook(_state_dict_notes)
         fuse = _flag("fuse", fuse, auto=True)
         image_size = _integer("image_size", image_size, 1)
         if stride is not None:
@@ -1526,6 +1543,10 @@ class Detector(nn.Module):
             raise ValueError(f"Detector.save: model files do not record top_fraction; this Detector scores by the "
                              f"top {self.top_k} map values, not the default {TOP_FRACTION:g} of them")
         path = safe_output_file(path, overwrite, what="Detector.save:", flag="overwrite=True")
+        if self.fuse and self.__dict__.get("_source") is None:
+            raise ValueError("Detector.save: this fused Detector was given its weights by load_state_dict without "
+                             "the weights they were fused from (a state_dict that carried no extra state): save the "
+                             "Detector the weights came from, or load them into one built with fuse=False")
         name, config, weights = self.__dict__["_source"] if self.fuse else _model_source(self.model)
         state: dict[str, Any] = {
             "version": CHECKPOINT_VERSION, "model_name": name, "model_config": config, "model_state": weights,
@@ -1547,6 +1568,29 @@ class Detector(nn.Module):
                                 "replacing it (pass overwrite=True to replace it)") from None
         except OutputRefused as exc:  # reserved by another command meanwhile
             raise OutputRefused(f"Detector.save: {exc}") from None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """:meth:`load_state_dict` takes the thresholds, proportions and source weights that
+        :func:`_state_dict_notes` put in the state_dict's metadata beside the weights: a
+        ``load_state_dict`` of another Detector's weights kept this one's thresholds (a stale one
+        judged the new scores), and a fused one's :meth:`save` wrote its earlier weights beside them.
+        Weights without them (the metadata dropped, as a copy into a plain dict drops it; an earlier
+        version's state_dict) set this Detector's thresholds aside, and a fused one then refuses to
+        save: it does not know the weights they were fused from."""
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        notes = (local_metadata or {}).get(STATE_DICT_NOTES)
+        if isinstance(notes, dict) and isinstance(notes.get("calibration"), dict):
+            self.calibration = dict(notes["calibration"])
+            self.trained_proportions = notes.get("trained_proportions")
+            if self.fuse:
+                self.__dict__["_source"] = notes.get("source")
+            return
+        self._set_aside_thresholds("set on other weights than the ones load_state_dict loaded, which came without "
+                                   "them (calibrate again)")
+        if self.fuse:
+            self.__dict__["_source"] = None
 
     def _drop_normalization(self) -> None:
         """Back to the identity normalisation (its statistics were of maps that changed)."""

@@ -1324,3 +1324,42 @@ def test_an_item_of_a_list_that_is_refused_is_named_by_its_position(tmp_path):
         det.predict([img, tmp_path / "gone.png"])
     with pytest.raises(TypeError, match="^numpy images must be uint8"):  # a list of one: as the item itself
         det.predict([hwc.astype(np.uint16)])
+
+
+def test_a_state_dict_carries_its_thresholds_and_weights_without_them_set_the_old_ones_aside(tmp_path):
+    """load_state_dict of another Detector's weights kept this one's thresholds (a stale one judged
+    the new scores: 12 of 12 images flagged where the other flagged 6), and a fused Detector's save()
+    then wrote its own earlier weights beside them. The state_dict's metadata now carries the
+    thresholds, the proportions and the weights a fused model was made from (its entries stay
+    tensors, which tracing and the ONNX exporter need); weights without them set the thresholds
+    aside, and a fused Detector given them refuses to save."""
+    m = _model()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.01)
+    a, b = Detector(_model(), image_size=128), Detector(m, image_size=128)
+    a.calibrate(_images(5, 128, seed=4))
+    a.trained_proportions = [0.5, 2.0]
+    b.calibrate(_images(5, 128, seed=5))
+    assert b.calibration != a.calibration
+    torch.save(a.state_dict(), tmp_path / "a.pt")
+    state = torch.load(tmp_path / "a.pt", weights_only=True)
+    b.load_state_dict(state)
+    x = _images(3, 128, seed=9)
+    assert b.calibration == a.calibration and b.image_threshold() == a.image_threshold()
+    assert b.trained_proportions == [0.5, 2.0]
+    assert torch.equal(b.predict_batched(x)["scores"], a.predict_batched(x)["scores"])
+    saved = Detector.load(b.save(tmp_path / "b.pt"), device="cpu")
+    assert torch.equal(saved.predict_batched(x)["scores"], a.predict_batched(x)["scores"])
+    assert saved.calibration == a.calibration
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    # weights alone (a plain dict drops the metadata; a state_dict an earlier version wrote)
+    b.load_state_dict(dict(state))
+    with pytest.raises(ValueError, match="set on other weights than the ones load_state_dict loaded"):
+        b.image_threshold()
+    with pytest.raises(ValueError, match="load_state_dict without the weights they were fused from"):
+        b.save(tmp_path / "b2.pt")
+    assert not (tmp_path / "b2.pt").exists()
+    unfused = Detector(_model(), image_size=128, fuse=False)
+    unfused.load_state_dict(dict(Detector(m, image_size=128, fuse=False).state_dict()))
+    Detector.load(unfused.save(tmp_path / "u.pt"), device="cpu")  # an unfused model saves what it holds
