@@ -72,7 +72,8 @@ def _scores_np(x, what: str) -> np.ndarray:
     dense ranks as int32 (0 = lowest; equal values, -0.0 and 0.0 too, share one): a cast to float32
     would round distinct values into ties (scores of 1e6 + 0.01 i) or past its range (1e300)."""
     t = _as_tensor(x)
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    # in slices: torch.isfinite of all maps at once took 7 bytes a pixel, more than the maps
+    if t.is_floating_point() and not all(bool(torch.isfinite(c).all()) for c in t.reshape(-1).split(_BLOCK)):
         raise ValueError(f"{what} contain NaN or infinite values")
     if t.dtype in _EXACT_IN_FLOAT32:
         return t.to(torch.float32).numpy()
@@ -132,15 +133,16 @@ def _check_same_shape(maps, masks) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def connected_components(masks, connectivity: int = 8) -> tuple[torch.Tensor, int]:
+def connected_components(masks, connectivity: int = 8, dtype: torch.dtype = torch.int64) -> tuple[torch.Tensor, int]:
     """Label the connected foreground regions of binary masks.
 
     Args:
         masks: bool [H, W] or [N, H, W] (tensor or array); components never cross images.
         connectivity: 8 (default; diagonal neighbours connect) or 4.
+        dtype: of the labels: int64 (default) or int32 (half the memory, for fewer than 2**31 pixels).
 
     Returns:
-        (labels int64 of the same shape: 0 = background, 1..K = component; numbering runs over
+        (labels of ``dtype`` and the same shape: 0 = background, 1..K = component; numbering runs over
         the whole batch in raster order of each component's first pixel, i.e. the same numbering
         as ``scipy.ndimage.label`` gives a single image), K).
     """
@@ -153,7 +155,11 @@ def connected_components(masks, connectivity: int = 8) -> tuple[torch.Tensor, in
     if m.ndim != 3:
         raise ValueError(f"masks must be [H, W] or [N, H, W], got shape {tuple(shape)}")
     n, h, w = m.shape
-    labels = torch.zeros(n * h * w, dtype=torch.int64)
+    if dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"dtype must be torch.int32 or torch.int64, got {dtype}")
+    if dtype == torch.int32 and n * h * w >= 1 << 31:
+        raise ValueError(f"int32 labels cannot number {n * h * w} pixels; use int64")
+    labels = torch.zeros(n * h * w, dtype=dtype)
     nonempty = m.reshape(n, h * w).any(dim=1).nonzero().squeeze(1)
     total = 0
     chunk = max(1, (1 << 23) // max(1, h * (w + 2)))  # bound temporaries to ~8 M pixels
@@ -162,7 +168,7 @@ def connected_components(masks, connectivity: int = 8) -> tuple[torch.Tensor, in
         # paint every run with its component number (runs are disjoint, so plain assignment)
         first = (idx.index_select(0, img) * h + row) * w + start
         pos = torch.repeat_interleave(first - torch.cumsum(length, 0) + length, length) + torch.arange(int(length.sum()))
-        labels[pos] = torch.repeat_interleave(comp + (total + 1), length)
+        labels[pos] = torch.repeat_interleave(comp + (total + 1), length).to(dtype)
         total += k
     return labels.reshape(shape), total
 
@@ -406,7 +412,9 @@ def _pixel_keys(scores: np.ndarray, masks: torch.Tensor) -> tuple[np.ndarray, np
     Returns (keys int64 [N*H*W], pixel count per code, image of each code, K).
     """
     n = scores.shape[0]
-    labels, k = connected_components(masks, connectivity=8)
+    # int32 where they fit: with the keys, the labels were the largest of the pixel metrics' arrays
+    small = int(np.prod(masks.shape)) < 1 << 31
+    labels, k = connected_components(masks, connectivity=8, dtype=torch.int32 if small else torch.int64)
     per = int(np.prod(scores.shape[1:]))  # pixels per image (explicit: a -1 cannot be inferred when n is 0)
     labels = labels.reshape(n, per).numpy()
     keys = np.empty(labels.size, dtype=np.int64).reshape(n, per)
