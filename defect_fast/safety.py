@@ -216,6 +216,8 @@ def run_main(fn: Callable[[Sequence[str]], int | None], argv: Sequence[str] | No
     - ``KeyboardInterrupt``: ``<prog>: interrupted`` and 130; :class:`Stopped` (a stop that kept
       the command's work): ``<prog>: <message>`` and 128 + its signal's number;
     - ``SystemExit`` passes through (``--help`` exits 0);
+    - an allocation that failed (:class:`MemoryError`, torch's CPU allocator or a GPU out of
+      memory): one line ``<prog>: error: out of memory (...)``, exit status 1;
     - anything else is a bug: its traceback is printed, then one ``<prog>: internal error`` line
       asking for a report; exit status 1.
 
@@ -284,6 +286,20 @@ class _ClosedReaderSafe:
         return getattr(self._stream, name)
 
 
+def _out_of_memory(exc: BaseException) -> str | None:
+    """What an allocation that failed asked for (numpy's MemoryError, torch's CPU allocator's
+    RuntimeError, a GPU's torch.OutOfMemoryError), or None for any other exception."""
+    text = one_line(str(exc))
+    if isinstance(exc, MemoryError):
+        return text or "MemoryError"
+    if type(exc).__name__ == "OutOfMemoryError":  # torch's, for a GPU (no torch import here)
+        return text.split(". ", 1)[0]
+    found = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", text)
+    if isinstance(exc, RuntimeError) and found:
+        return f"an allocation of {int(found.group(1)) / 2**30:.3g} GiB failed"
+    return None
+
+
 def _run_main(fn, argv, debug, user_errors, prog, err) -> int:
     if debug is None:
         debug = "--debug" in argv or os.environ.get("DEFECT_FAST_DEBUG", "") not in ("", "0")
@@ -302,6 +318,13 @@ def _run_main(fn, argv, debug, user_errors, prog, err) -> int:
         print(f"{prog}: {one_line(str(exc)) or 'stopped'}", file=err)
         return 128 + exc.signum
     except BaseException as exc:  # noqa: BLE001 - this is the boundary
+        shortage = _out_of_memory(exc)
+        if shortage is not None:  # the machine's limit, not a bug: said in one line
+            if debug:
+                traceback.print_exc(file=err)
+            print(f"{prog}: error: out of memory ({shortage}): the job needs more memory than this machine "
+                  "has free; give it fewer images at once, or run it where more memory is free", file=err)
+            return 1
         message = _user_message(exc, tuple(user_errors))
         if message is None:
             traceback.print_exc(file=err)

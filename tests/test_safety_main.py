@@ -131,6 +131,32 @@ def test_run_main_user_errors_are_one_line(exc, message):
     assert err == f"defect-fast: error: {message}\n"
 
 
+def test_running_out_of_memory_is_one_line_not_a_bug_report():
+    """evaluate on thousands of test images ran out of memory at its metrics, after every image was
+    predicted, with a traceback and "internal error ...; this is a bug"."""
+    import numpy as np
+
+    def numpy_shortage(argv):
+        np.empty(1 << 60, dtype=np.uint8)
+
+    def torch_shortage(argv):
+        torch.empty(1 << 60, dtype=torch.uint8)
+
+    class OutOfMemoryError(RuntimeError):  # torch.OutOfMemoryError's name, as a GPU raises it
+        pass
+
+    gpu = _raise(OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79 GiB"))
+    for fn, said in ((numpy_shortage, "Unable to allocate 1"), (torch_shortage, "an allocation of 1.07e+09 GiB failed"),
+                     (gpu, "CUDA out of memory")):
+        status, err = _run(fn)
+        assert status == 1 and err.count("\n") == 1 and "Traceback" not in err and "bug" not in err, err
+        assert err.startswith(f"defect-fast: error: out of memory ({said}") and "fewer images" in err, err
+    status, err = _run(numpy_shortage, ["--debug"])
+    assert status == 1 and "Traceback" in err and "out of memory" in err
+    status, err = _run(_raise(RuntimeError("shape mismatch")))  # other RuntimeErrors are still bugs
+    assert status == 1 and "this is a bug" in err
+
+
 def test_run_main_bugs_keep_traceback_and_debug_shows_user_tracebacks():
     status, err = _run(_raise(ZeroDivisionError("division by zero")))
     assert status == 1 and "Traceback" in err and "ZeroDivisionError" in err and "this is a bug" in err
