@@ -154,7 +154,7 @@ def test_components_do_not_cross_images():
 
 def test_int32_labels_are_the_int64_ones_and_a_count_past_their_range_is_refused():
     """The pixel metrics label the masks in int32 (with the sort keys the labels were their largest
-    array: 17.5 -> 13.3 bytes a pixel over the maps, `python benchmarks/metrics_memory.py`)."""
+    array: 17.5 -> 13.3 bytes a pixel over the maps, `python benchmarks/memory.py metrics`)."""
     rng = np.random.default_rng(3)
     m = torch.from_numpy(rng.random((4, 37, 41)) < 0.4)
     lab64, k64 = connected_components(m, 8)
