@@ -1423,6 +1423,7 @@ class Detector(nn.Module):
         batch = [img if tuple(img.shape[-2:]) == (s, s) else
                  resize_image(img, s) if img.dtype == torch.uint8 else self._to_model_input(img.unsqueeze(0))[0]
                  for img in imgs]
+        del imgs  # the full-size copies of arrays and PIL images: only their model-size ones are needed now
         floats = any(b.is_floating_point() for b in batch)
         batch = [self._to_model_input(b.unsqueeze(0))[0] if (floats and not b.is_floating_point()) else b for b in batch]
         if len({b.device for b in batch}) > 1:  # GPU tensors beside files or resized ones (read on the CPU)
@@ -1433,15 +1434,21 @@ class Detector(nn.Module):
 
         check_finite(res, None, None, self.precision, "images")  # NaN > threshold is False: such a part would pass
         threshold = pixel_threshold if pixel_threshold is not None else stored_thresholds(self.calibration)[1]
-        maps, regions = [], []
+        maps: list[torch.Tensor] = []
+        regions = []
+        same = len(set(sizes)) == 1
         with torch.inference_mode(False):  # plain tensors, also for a caller inside inference mode: it may change them
-            for m, hw in zip(res["maps"], sizes):
+            for i, (m, hw) in enumerate(zip(res["maps"], sizes)):
                 m = resize_map(m, hw)
-                maps.append(m)
+                if same:  # written into the one result: a list of the maps, then their stack, held two copies
+                    if i == 0:
+                        out = m.new_empty((len(sizes), *m.shape))
+                    out[i] = m
+                    m = out[i]
+                else:
+                    maps.append(m)
                 regions.append(find_regions(m.numpy(), threshold) if threshold is not None else [])
-            same = len({tuple(m.shape) for m in maps}) == 1
-            return {"maps": torch.stack(maps) if same else maps, "scores": res["scores"], "regions": regions,
-                    "blank": blank}
+            return {"maps": out if same else maps, "scores": res["scores"], "regions": regions, "blank": blank}
 
     @torch.no_grad()
     def calibrate(self, normal_images: torch.Tensor, far: float | None = None,
