@@ -812,7 +812,7 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
     from .context import MIN_IMAGES as CONTEXT_MIN
 
     fit_images = _unblank(fit_images, 2)  # (the fits' least; with fewer left, as before: blank frames and all)
-    context_images = None if context_images is None else _unblank(context_images, CONTEXT_MIN)
+    context_images = None if context_images is None or not cfg.context else _unblank(context_images, CONTEXT_MIN)
     # one level for both trunks (so they still share their first layers): the training images'
     # mean brightness, or the fitting images' when there are none
     level = (brightness_level(True, train_images if train_images is not None else fit_images)
@@ -841,7 +841,9 @@ def finish_run(model: AnomalyModel, cfg: TrainConfig, held_back_images: torch.Te
         warnings.simplefilter("ignore")  # too few images is said in the note, printed by train()
         cal = calibrate(res["scores"], res["maps"], far=cfg.far, names=calib_names)
     # whether the defect-free scores follow the lighting (train() logs it: brightness_note)
-    rho = rank_correlation(res["scores"].numpy(), calib_images.double().mean(dim=(1, 2, 3)).numpy())
+    # per part: a float64 copy of every calibration image at once took 8 bytes a pixel
+    brightness = torch.cat([c.double().mean(dim=(1, 2, 3)) for c in calib_images.split(16)])
+    rho = rank_correlation(res["scores"].numpy(), brightness.numpy())
     cal["score_brightness_rank_correlation"] = rho if math.isfinite(rho) else None
     cal["pixel_q999"] = colour_scale(res["maps"])  # map colour scale of older readers
     cal["precision"] = det.precision  # what the scores were computed in (Detector.load warns of another)
@@ -880,7 +882,9 @@ def _unblank(images: torch.Tensor, at_least: int = 1) -> torch.Tensor:
     from .data.io import blank_images
 
     keep = ~blank_images(images)
-    return images[keep] if int(keep.sum()) >= at_least else images
+    if bool(keep.all()) or int(keep.sum()) < at_least:  # the images themselves: a copy of every training image
+        return images  # for nothing left out took their memory again
+    return images[keep]
 
 
 def _without_blank_frames(images: torch.Tensor, names: list[str] | None, where: str | Path | None,
@@ -1461,6 +1465,7 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
     try:
         train_images = images[train_idx]
         held_images = images[held_idx]
+        del images  # the two parts are copies: the whole set beside them doubled the images' memory for the run
         trainer = Trainer(cfg, out, train_images, progress=progress, log=log)
         trainer.lock = folder.lock
         trainer.data_digest, trainer.data_count, trainer.data_files = data_digest, len(paths), data_files
