@@ -1288,7 +1288,8 @@ class Detector(nn.Module):
         """Any accepted input -> (list of [3,S',S'] tensors for the model, original (H, W) of each)."""
         from PIL import Image
 
-        from .data.io import DataError, _load_image, _reason, _to_8bit, few_levels_top, upright, warn_few_levels
+        from .data.io import (DataError, _load_image, _reason, _to_8bit, few_levels_top, unfinished_image, upright,
+                              warn_few_levels)
 
         if isinstance(x, (str, os.PathLike)):
             few: list = []
@@ -1309,6 +1310,16 @@ class Detector(nn.Module):
                 # decoded before its orientation is read: PIL turns a TIFF as it loads it, and drops the tag
                 # (read first, the tag turned the loaded, already upright pixels a second time)
                 x.load()
+                # an image of a file not written to its end (a zero-filled rest: its missing part reads
+                # as black pixels) is refused as the file's path is
+                source = getattr(x, "filename", "") or ""
+                if isinstance(source, str) and source and os.path.isfile(source):
+                    try:
+                        unfinished = unfinished_image(source)
+                    except OSError:
+                        unfinished = None
+                    if unfinished is not None:
+                        raise DataError(f"PIL image of {source}: {unfinished}")
                 top = few_levels_top(x)
                 if top is not None:
                     warn_few_levels([(Path("PIL image"), top)], 1, "predict")

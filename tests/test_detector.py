@@ -665,6 +665,15 @@ def test_predict_warns_of_a_12_bit_frame_and_names_a_truncated_pil_image(tmp_pat
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
     with Image.open(tmp_path / "cut.png") as im, pytest.raises(DataError, match=r"PIL image: corrupt or truncated"):
         det.predict(im)
+    # its rest zeros (a copy that stalled): PIL decodes it, its missing part as black; the file by its path
+    # was refused, its PIL image scored
+    (tmp_path / "stalled.png").write_bytes(data[:-12] + bytes(12))  # its IEND chunk not written
+    with Image.open(tmp_path / "stalled.png") as im, pytest.raises(
+            DataError, match=re.escape(f"PIL image of {tmp_path / 'stalled.png'}: a PNG without its IEND chunk")):
+        det.predict(im)
+    with Image.open(tmp_path / "stalled.png") as im:
+        im.load()
+        assert det.predict(im.copy())["scores"].shape == (1,)  # a copy has no file: its pixels are what is given
     # a mode PIL does not convert, and an empty image: named as the PIL image, not PIL's or numpy's words
     # (premultiplied "La", which PIL converts to "LA" only, is read through it)
     assert det.predict(Image.new("LA", (32, 32)).convert("La"))["maps"].shape[-2:] == (32, 32)
