@@ -195,22 +195,6 @@ class SettingError(UserError, ValueError):
     ...): one line at the command line, a ValueError for callers."""
 
 
-#: The key of a Detector's own entry in its state_dict's metadata (``state_dict._metadata``, which
-#: ``torch.save`` and ``torch.load(weights_only=True)`` keep): see :func:`_state_dict_notes`.
-STATE_DICT_NOTES = "defect_fast"
-
-
-def _state_dict_notes(module: "Detector", destination: dict, prefix: str, local_metadata: dict) -> None:
-    """A state_dict hook: what belongs to a Detector's weights besides tensors, in the metadata
-    beside them (not as state_dict entries: tracing and the ONNX exporter take every entry for a
-    tensor): the thresholds (:attr:`Detector.calibration`), the training images' proportions and,
-    for a fused model, the weights it was made from (what :meth:`Detector.save` writes)."""
-    local_metadata[STATE_DICT_NOTES] = {
-        "calibration": dict(module.calibration),
-        "trained_proportions": None if module.trained_proportions is None else list(module.trained_proportions),
-        "source": module.__dict__.get("_source") if module.fuse else None}
-
-
 def _retold(exc: Exception, message: str) -> Exception:
     """``exc``'s kind of exception with ``message`` (a ValueError or TypeError where that kind
     cannot be made from a message alone)."""
@@ -440,7 +424,6 @@ class Detector(nn.Module):
         super().__init__()
         _check_not_forked(threads)
         _check_default_dtype()
-        self._register_state_dict_hook(_state_dict_notes)
         fuse = _flag("fuse", fuse, auto=True)
         image_size = _integer("image_size", image_size, 1)
         if stride is not None:
@@ -1562,9 +1545,9 @@ class Detector(nn.Module):
                              f"top {self.top_k} map values, not the default {TOP_FRACTION:g} of them")
         path = safe_output_file(path, overwrite, what="Detector.save:", flag="overwrite=True")
         if self.fuse and self.__dict__.get("_source") is None:
-            raise ValueError("Detector.save: this fused Detector was given its weights by load_state_dict without "
-                             "the weights they were fused from (a state_dict that carried no extra state): save the "
-                             "Detector the weights came from, or load them into one built with fuse=False")
+            raise ValueError("Detector.save: this fused Detector was given other weights by load_state_dict, and "
+                             "does not know the weights they were fused from: save the Detector the weights came "
+                             "from, or load them into one built with fuse=False")
         name, config, weights = self.__dict__["_source"] if self.fuse else _model_source(self.model)
         state: dict[str, Any] = {
             "version": CHECKPOINT_VERSION, "model_name": name, "model_config": config, "model_state": weights,
@@ -1589,26 +1572,28 @@ class Detector(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
-        """:meth:`load_state_dict` takes the thresholds, proportions and source weights that
-        :func:`_state_dict_notes` put in the state_dict's metadata beside the weights: a
-        ``load_state_dict`` of another Detector's weights kept this one's thresholds (a stale one
-        judged the new scores), and a fused one's :meth:`save` wrote its earlier weights beside them.
-        Weights without them (the metadata dropped, as a copy into a plain dict drops it; an earlier
-        version's state_dict) set this Detector's thresholds aside, and a fused one then refuses to
-        save: it does not know the weights they were fused from."""
+        """:meth:`load_state_dict` (also of a module holding this Detector): weights other than the
+        ones it holds set its thresholds aside, as a fit that changes the scores does (another
+        Detector's weights were judged by this one's thresholds, set on other scores), and a fused
+        Detector then cannot :meth:`save` (it does not know the weights they were fused from). Its
+        own weights loaded back (a snapshot of its state_dict) keep them. :meth:`save` and
+        :meth:`load` carry weights, settings and thresholds together."""
+        changed = False
+        for name, held in self.state_dict().items():  # before any is copied (children load after this)
+            given = state_dict.get(prefix + name)
+            if given is None:  # left out (strict=False): kept as it is
+                continue
+            if (not isinstance(given, torch.Tensor) or given.shape != held.shape
+                    or not torch.equal(given.detach().to(held.device, held.dtype), held.detach())):
+                changed = True
+                break
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        notes = (local_metadata or {}).get(STATE_DICT_NOTES)
-        if isinstance(notes, dict) and isinstance(notes.get("calibration"), dict):
-            self.calibration = dict(notes["calibration"])
-            self.trained_proportions = notes.get("trained_proportions")
+        if changed:
+            self._set_aside_thresholds("set on the weights load_state_dict replaced (calibrate again, or save and "
+                                       "load the Detector whose weights these are: its file carries its thresholds)")
             if self.fuse:
-                self.__dict__["_source"] = notes.get("source")
-            return
-        self._set_aside_thresholds("set on other weights than the ones load_state_dict loaded, which came without "
-                                   "them (calibrate again)")
-        if self.fuse:
-            self.__dict__["_source"] = None
+                self.__dict__["_source"] = None
 
     def _drop_normalization(self) -> None:
         """Back to the identity normalisation (its statistics were of maps that changed)."""

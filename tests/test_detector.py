@@ -1335,40 +1335,44 @@ def test_an_item_of_a_list_that_is_refused_is_named_by_its_position(tmp_path):
         det.predict([hwc.astype(np.uint16)])
 
 
-def test_a_state_dict_carries_its_thresholds_and_weights_without_them_set_the_old_ones_aside(tmp_path):
+def test_other_weights_by_load_state_dict_set_the_thresholds_aside_and_its_own_keep_them(tmp_path):
     """load_state_dict of another Detector's weights kept this one's thresholds (a stale one judged
     the new scores: 12 of 12 images flagged where the other flagged 6), and a fused Detector's save()
-    then wrote its own earlier weights beside them. The state_dict's metadata now carries the
-    thresholds, the proportions and the weights a fused model was made from (its entries stay
-    tensors, which tracing and the ONNX exporter need); weights without them set the thresholds
-    aside, and a fused Detector given them refuses to save."""
+    then wrote its own earlier weights beside them. Other weights now set the thresholds aside (a
+    fused Detector then refuses to save), also through a module holding the Detector; its own
+    weights loaded back, from a plain dict too, keep them."""
     m = _model()
     with torch.no_grad():
         for p in m.parameters():
             p.add_(0.01)
     a, b = Detector(_model(), image_size=128), Detector(m, image_size=128)
     a.calibrate(_images(5, 128, seed=4))
-    a.trained_proportions = [0.5, 2.0]
     b.calibrate(_images(5, 128, seed=5))
-    assert b.calibration != a.calibration
+    own = {k: v.clone() for k, v in b.state_dict().items()}
+    kept = b.calibration
+    b.load_state_dict(own)  # a snapshot of its own: nothing changes
+    assert b.calibration == kept and b.image_threshold() == kept["image_threshold"]
     torch.save(a.state_dict(), tmp_path / "a.pt")
-    state = torch.load(tmp_path / "a.pt", weights_only=True)
-    b.load_state_dict(state)
+    b.load_state_dict(torch.load(tmp_path / "a.pt", weights_only=True))
     x = _images(3, 128, seed=9)
-    assert b.calibration == a.calibration and b.image_threshold() == a.image_threshold()
-    assert b.trained_proportions == [0.5, 2.0]
-    assert torch.equal(b.predict_batched(x)["scores"], a.predict_batched(x)["scores"])
-    saved = Detector.load(b.save(tmp_path / "b.pt"), device="cpu")
-    assert torch.equal(saved.predict_batched(x)["scores"], a.predict_batched(x)["scores"])
-    assert saved.calibration == a.calibration
-    assert all(isinstance(v, torch.Tensor) for v in state.values())
-    # weights alone (a plain dict drops the metadata; a state_dict an earlier version wrote)
-    b.load_state_dict(dict(state))
-    with pytest.raises(ValueError, match="set on other weights than the ones load_state_dict loaded"):
+    assert torch.equal(b.predict_batched(x)["scores"], a.predict_batched(x)["scores"])  # a's weights
+    with pytest.raises(ValueError, match="set on the weights load_state_dict replaced"):
         b.image_threshold()
-    with pytest.raises(ValueError, match="load_state_dict without the weights they were fused from"):
-        b.save(tmp_path / "b2.pt")
-    assert not (tmp_path / "b2.pt").exists()
+    assert b.predict(x[0])["regions"] == [[]]  # no pixel threshold either: no region drawn on another scale
+    with pytest.raises(ValueError, match="given other weights by load_state_dict"):
+        b.save(tmp_path / "b.pt")
+    assert not (tmp_path / "b.pt").exists()
+    # through a module that holds the Detector
+    c = Detector(m, image_size=128)
+    c.calibrate(_images(5, 128, seed=5))
+    torch.nn.Sequential(c).load_state_dict(torch.nn.Sequential(a).state_dict())
+    with pytest.raises(ValueError, match="set on the weights load_state_dict replaced"):
+        c.image_threshold()
+    # an unfused Detector saves the weights it holds, without thresholds
     unfused = Detector(_model(), image_size=128, fuse=False)
-    unfused.load_state_dict(dict(Detector(m, image_size=128, fuse=False).state_dict()))
-    Detector.load(unfused.save(tmp_path / "u.pt"), device="cpu")  # an unfused model saves what it holds
+    unfused.calibrate(_images(5, 128, seed=4))
+    unfused.load_state_dict(Detector(m, image_size=128, fuse=False).state_dict())
+    again = Detector.load(unfused.save(tmp_path / "u.pt"), device="cpu", fuse=False)
+    assert torch.equal(again.predict_batched(x)["maps"], unfused.predict_batched(x)["maps"])
+    with pytest.raises(ValueError, match="set on the weights load_state_dict replaced"):
+        again.image_threshold()
