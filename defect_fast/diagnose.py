@@ -306,8 +306,10 @@ def figure_names(classes) -> dict[str, str]:
 
 
 def _shown(text: str) -> str:
-    """A name as a figure can draw it: one that is not UTF-8 (surrogate escapes) escaped."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    """A name as a figure can draw it: one that is not UTF-8 (surrogate escapes) escaped, and its
+    dollar signs, which matplotlib reads as the bounds of mathematics (``x_$^$.png`` failed the
+    figure after all the inference; ``price$5$.png`` lost them)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("$", r"\$")
 
 
 def _short(text: str, most: int = 28) -> str:
@@ -419,7 +421,7 @@ def draw_grid(
                 ax_ov.contour(masks[i].cpu().numpy().astype(np.float32), levels=[0.5], colors="yellow", linewidths=1.0)
             ys, xs = np.nonzero(tops[i].numpy())
             ax_ov.scatter(xs, ys, s=4, c="red", marker="s", linewidths=0)
-            title = f"#{i}  " if names is None else f"#{i} {_short(_shown(str(names[i])))}\n"
+            title = f"#{i}  " if names is None else f"#{i} {_shown(_short(str(names[i])))}\n"
             ax_in.set_ylabel(f"{title}score {sc[i]:.4g}", fontsize=8)
             ax_map.set_ylabel(f"max {float(maps[i].max()):.3g}" if scale == "figure" else f"scale {lo:.3g}..{hi:.3g}",
                               fontsize=8)

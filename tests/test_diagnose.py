@@ -402,3 +402,10 @@ def test_each_row_names_its_image_file(tmp_path, monkeypatch):
     assert len(shown) == 28 and shown.startswith("line3_camera") and shown.endswith("000481.png") and "\u2026" in shown
     with pytest.raises(ValueError, match="2 images but 1 names"):
         draw_grid(images, recon, maps, scores, ["c", "c"], tmp_path, names=["one"])
+    # dollar signs are drawn as themselves: matplotlib read them as mathematics, and "x_$^$.png" failed
+    # the figure after all the inference
+    labels.clear()
+    paths = draw_grid(images, recon, maps, scores, ["a$b$", "a$b$"], tmp_path / "math", per_class=2,
+                      names=["x_$^$.png", "price$5$.png"])
+    assert [p.exists() for p in paths.values()] == [True]
+    assert {"#0 x_\\$^\\$.png", "#1 price\\$5\\$.png"} <= {t.split("\n")[0] for t in labels}, labels
