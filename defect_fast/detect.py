@@ -1401,10 +1401,6 @@ class Detector(nn.Module):
         from .data.io import blank_images, resize_image, warn_blank
 
         imgs, sizes = self._as_images(x, self.image_size)
-        # a frame of one colour (a covered lens, a failed exposure) scores low and would pass: marked
-        # and said, as predict marks it in scores.json and watch sets it aside
-        blank = [bool(blank_images(img.unsqueeze(0))[0]) for img in imgs]
-        warn_blank(blank, [f"image {i}" for i in range(len(imgs))], "predict")
         if not self.__dict__.get("_proportions_said"):  # once a Detector: a per-frame loop is not one warning a frame
             # images at the model's size are taken as brought to it already, as predict_batched takes them
             shown = [(i, (w, h)) for i, (h, w) in enumerate(sizes) if (h, w) != (self.image_size, self.image_size)]
@@ -1420,6 +1416,11 @@ class Detector(nn.Module):
         del imgs  # the full-size copies of arrays and PIL images: only their model-size ones are needed now
         floats = any(b.is_floating_point() for b in batch)
         batch = [self._to_model_input(b.unsqueeze(0))[0] if (floats and not b.is_floating_point()) else b for b in batch]
+        # a frame of one colour (a covered lens, a failed exposure) scores low and would pass: marked
+        # and said, as predict marks it in scores.json and watch sets it aside; judged at the model's
+        # size, as a file is read, so that a photo is blank or not as its file, array or PIL image alike
+        blank = [bool(blank_images(b.unsqueeze(0))[0]) for b in batch]
+        warn_blank(blank, [f"image {i}" for i in range(len(batch))], "predict")
         if len({b.device for b in batch}) > 1:  # GPU tensors beside files or resized ones (read on the CPU)
             batch = [b.to(self.device) for b in batch]
         with torch.inference_mode():  # each input was checked by _as_images

@@ -1298,7 +1298,7 @@ def test_float_images_in_0_1_are_said_to_be_read_as_minus_1_1():
         det.predict((unit * 255).to(torch.uint8))
 
 
-def test_predict_marks_and_names_blank_frames_which_would_pass(recwarn):
+def test_predict_marks_and_names_blank_frames_which_would_pass(recwarn, tmp_path):
     """A frame of one colour (a covered lens, a failed exposure) scores low and passed through the
     API without a word, where predict marks it "blank" in scores.json and watch sets it aside."""
     from defect_fast.data import DataWarning
@@ -1314,6 +1314,16 @@ def test_predict_marks_and_names_blank_frames_which_would_pass(recwarn):
     assert all(w.filename == __file__ for w in recwarn if issubclass(w.category, DataWarning))  # the caller's line
     recwarn.clear()
     assert det.predict(img)["blank"] == [False] and not [w for w in recwarn if issubclass(w.category, DataWarning)]
+    # judged at the model's size, as a file is read: a photo is blank or not as its file, array or PIL image
+    # alike (one pixel off in a large grey frame: the file was blank, its array not)
+    frame = np.full((600, 700), 128, np.uint8)
+    frame[300, 350] = 129
+    Image.fromarray(frame).save(tmp_path / "grey.png")
+    forms = (frame, Image.fromarray(frame), tmp_path / "grey.png")
+    assert [det.predict(f)["blank"] for f in forms] == [[True]] * 3
+    # named in the order given
+    res = det.predict([grey] * 3 + [img] * 8 + [grey])
+    assert "(image 0, image 1, image 2, ...)" in str([w.message for w in recwarn][-1])
 
 
 def test_an_item_of_a_list_that_is_refused_is_named_by_its_position(tmp_path):

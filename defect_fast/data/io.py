@@ -570,7 +570,7 @@ def warn_blank(images: torch.Tensor | Sequence[bool], paths: Sequence[Path], whe
     flags = blank_images(images).tolist() if isinstance(images, torch.Tensor) else list(images)
     blank = [str(p) for p, b in zip(paths, flags) if b and p not in said]
     if blank:
-        shown = ", ".join(sorted(blank)[:3]) + (", ..." if len(blank) > 3 else "")
+        shown = ", ".join(blank[:3]) + (", ..." if len(blank) > 3 else "")  # in the order given (image 2 before 10)
         warn_data(f"{where}: {len(blank)} of {len(paths)} images are of one colour throughout ({shown}): blank "
                   "frames (a failed exposure, a covered lens)?", stacklevel=_callers_level())
 
