@@ -286,18 +286,27 @@ class _ClosedReaderSafe:
         return getattr(self._stream, name)
 
 
+def allocation_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` says that memory could not be allocated: a MemoryError, or torch's
+    RuntimeError for it ("... alloc...", a GPU's torch.OutOfMemoryError, or "Storage size
+    calculation overflowed": a size past 2**63 bytes)."""
+    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError)
+                                            and any(w in str(exc) for w in ("alloc", "overflow")))
+
+
 def _out_of_memory(exc: BaseException) -> str | None:
-    """What an allocation that failed asked for (numpy's MemoryError, torch's CPU allocator's
-    RuntimeError, a GPU's torch.OutOfMemoryError), or None for any other exception."""
+    """What an allocation that failed asked for (:func:`allocation_failed`: numpy's MemoryError,
+    torch's CPU allocator's RuntimeError, a GPU's torch.OutOfMemoryError), or None for any other
+    exception."""
+    if not allocation_failed(exc):
+        return None
     text = one_line(str(exc))
-    if isinstance(exc, MemoryError):
-        return text or "MemoryError"
-    if type(exc).__name__ == "OutOfMemoryError":  # torch's, for a GPU (no torch import here)
-        return text.split(". ", 1)[0]
     found = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", text)
-    if isinstance(exc, RuntimeError) and found:
+    if found:
         return f"an allocation of {int(found.group(1)) / 2**30:.3g} GiB failed"
-    return None
+    if type(exc).__name__ == "OutOfMemoryError":  # a GPU's: "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 ..."
+        return ". ".join(text.split(". ")[:2])
+    return text or type(exc).__name__
 
 
 def _run_main(fn, argv, debug, user_errors, prog, err) -> int:

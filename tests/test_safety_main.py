@@ -146,8 +146,12 @@ def test_running_out_of_memory_is_one_line_not_a_bug_report():
         pass
 
     gpu = _raise(OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79 GiB"))
+    def past_any_size(argv):
+        torch.empty(1 << 62, dtype=torch.float64)
+
     for fn, said in ((numpy_shortage, "Unable to allocate 1"), (torch_shortage, "an allocation of 1.07e+09 GiB failed"),
-                     (gpu, "CUDA out of memory")):
+                     (gpu, "CUDA out of memory. Tried to allocate 2.00 GiB)"),
+                     (past_any_size, "Storage size calculation overflowed")):
         status, err = _run(fn)
         assert status == 1 and err.count("\n") == 1 and "Traceback" not in err and "bug" not in err, err
         assert err.startswith(f"defect-fast: error: out of memory ({said}") and "fewer images" in err, err

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..safety import UserError
+from ..safety import UserError, allocation_failed  # noqa: F401 - allocation_failed: data.io's too
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -902,13 +902,6 @@ def raise_problems(problems: Sequence[str], total: int, what: str, where: str | 
         return
     lines = "\n  ".join(problems)
     raise DataError(f"{where}: {len(problems)} problem(s) in {total} {what}:\n  {lines}", problems)
-
-
-def allocation_failed(exc: BaseException) -> bool:
-    """Whether ``exc`` says that memory could not be allocated: a MemoryError, or torch's
-    RuntimeError for it ("... alloc...", or "Storage size calculation overflowed": a size past 2**63 bytes)."""
-    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError)
-                                            and any(w in str(exc) for w in ("alloc", "overflow")))
 
 
 def image_stack(shape: tuple[int, ...], where: str | os.PathLike, dtype: torch.dtype = torch.uint8,
