@@ -166,6 +166,19 @@ def test_int32_labels_are_the_int64_ones_and_a_count_past_their_range_is_refused
         connected_components(m, dtype=torch.float32)
 
 
+def test_the_pixel_metrics_label_the_masks_in_int32(monkeypatch):
+    import defect_fast.metrics as metrics
+
+    asked = []
+    real = metrics.connected_components
+    monkeypatch.setattr(metrics, "connected_components", lambda *a, **k: (asked.append(k.get("dtype")), real(*a, **k))[1])
+    maps = torch.rand(2, 16, 16, generator=torch.Generator().manual_seed(0))
+    masks = torch.zeros(2, 16, 16, dtype=torch.bool)
+    masks[1, 4:8, 4:8] = True
+    assert metrics.aupro(maps, masks) == pytest.approx(metrics.aupro(maps.double(), masks))
+    assert asked and set(asked) == {torch.int32}
+
+
 @pytest.mark.parametrize("connectivity", [4, 8])
 def test_components_match_flood_fill(connectivity):
     rng = np.random.default_rng(connectivity)
