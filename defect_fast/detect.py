@@ -1379,7 +1379,9 @@ class Detector(nn.Module):
 
         Args:
             x: a path, PIL image, numpy array ([H,W], [H,W,C] or [N,H,W,C], uint8 0..255),
-                tensor (uint8 0..255 or float in [-1,1]; [H,W], [C,H,W] or [N,C,H,W]), or a list of these.
+                tensor (uint8 0..255 or float in [-1,1]; [H,W], [C,H,W] or [N,C,H,W], C = 1 or 3), or a
+                list of these. A stack of grey frames is [N,1,H,W] (or a list): [3,H,W] is one colour
+                image, whatever its three planes hold.
             pixel_threshold: map value above which a pixel is defective (for regions); default
                 the stored pixel threshold (:func:`~defect_fast.calibration.stored_thresholds`, as
                 the command line and ``watch`` use it; none known: no regions).
