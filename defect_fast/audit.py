@@ -208,8 +208,10 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
         fold_cfg = replace(cfg, held_back=[str(paths[i]) for i in cal_idx])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # too few held-back images for the rate: the run's own note
-            fin = finish_run(model, fold_cfg, images[cal_idx], dev, train_images=images[fitted],
-                             context_images=images[fitted], where=f"{path} (fold {k + 1})", trunk=trunk)
+            fitted_images = images[fitted]  # (a copy: one for both uses, not one each)
+            fin = finish_run(model, fold_cfg, images[cal_idx], dev, train_images=fitted_images,
+                             context_images=fitted_images, where=f"{path} (fold {k + 1})", trunk=trunk)
+            del fitted_images
         fold_state = {**state, "perceptual": fin["perceptual"], "context": fin["context"],
                       "normalization": fin["normalization"], "calibration": fin["calibration"],
                       "detector": fin["detector"]}
@@ -230,8 +232,8 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
                             "flagged": score > threshold, "fold": k + 1})
             if blank[j]:  # whatever its score, no photograph of the surface (marked as predict marks it)
                 entries[-1]["blank"] = True
-            if score > threshold:
-                maps[str(paths[i])] = (i, res["maps"][j])
+            if score > threshold:  # a copy: a view kept the fold's every map (1 MB an image at 512 px) to the end
+                maps[str(paths[i])] = (i, res["maps"][j].clone())
         judged = f"fitted on {len(fitted)} training images" if fits else "the run's own detector"
         # the image whose score the threshold is, where the folds' thresholds are their own (they can
         # differ a lot by it); the run's own, named once at the end, otherwise
