@@ -590,11 +590,14 @@ class Detector(nn.Module):
         if self.image_map is not None or self.context is not None:
             raise AttributeError(f"Detector.map_kind is fixed once a perceptual map or an image context is fitted "
                                  f"(on {self.map_kind!r} maps); build another: Detector.load(run, map_kind={kind!r})")
+        before = self.map_kind
         self.__dict__["_map_kind"] = kind
         self._graphs = {}
         # a normalisation's statistics are of the old map's values (the residual's mean 0.34 came out at 197)
         self._drop_normalization()
-        self._set_aside_thresholds(f"calibrated with other inference settings (map changed to {kind!r})")
+        # named by the map they were set on: a map changed back reads as the map named otherwise
+        self._set_aside_thresholds(f"calibrated with other inference settings (on the {before!r} map; map_kind changed "
+                                   f"to {kind!r}, which a change back does not undo; loading the model file again restores them)")
 
     @property
     def precision(self) -> str:

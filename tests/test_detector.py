@@ -347,8 +347,13 @@ def test_predict_batched_then_calibrate_and_normalise_share_the_detector():
     assert cal["threshold_image"] == "abcde"[int(scores.argmax())] and len(cal["highest_scores"]) == 5
     assert det.image_threshold() == cal["image_threshold"]  # the pass/fail line the README writes
     det.map_kind = "residual"  # the thresholds set on the old map's scores are set aside: said, not a KeyError
-    with pytest.raises(ValueError, match=r"no image threshold: the stored ones were calibrated with other inference "
-                                         r"settings \(map changed to 'residual'\); calibrate\(normal_images\)"):
+    said = (r"no image threshold: the stored ones were calibrated with other inference settings \(on the 'msfr' map; "
+            r"map_kind changed to 'residual', which a change back does not undo; loading the model file again restores "
+            r"them\); calibrate\(normal_images\)")
+    with pytest.raises(ValueError, match=said):
+        det.image_threshold()
+    det.map_kind = "msfr"  # back: still set aside, and named by the map they were set on (it named 'residual')
+    with pytest.raises(ValueError, match=said):
         det.image_threshold()
     with pytest.raises(ValueError, match="no image threshold: the model file holds no threshold"):
         Detector(_model(), image_size=128).image_threshold()
@@ -843,7 +848,7 @@ def test_settings_the_pipeline_is_built_for_cannot_be_changed_under_it():
     det.calibrate(_images(4, 128, seed=2))
     assert stored_thresholds(det.calibration)[0] is not None
     det.map_kind = "residual"
-    assert stored_thresholds(det.calibration)[0] is None and "map changed to 'residual'" in det.calibration["inapplicable"]
+    assert stored_thresholds(det.calibration)[0] is None and "map_kind changed to 'residual'" in det.calibration["inapplicable"]
     with pytest.raises(ValueError):
         det.map_kind = "nonsense"
 
