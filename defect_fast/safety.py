@@ -295,18 +295,24 @@ def allocation_failed(exc: BaseException) -> bool:
 
 
 def _out_of_memory(exc: BaseException) -> str | None:
-    """What an allocation that failed asked for (:func:`allocation_failed`: numpy's MemoryError,
-    torch's CPU allocator's RuntimeError, a GPU's torch.OutOfMemoryError), or None for any other
-    exception."""
-    if not allocation_failed(exc):
-        return None
+    """What an allocation that failed asked for, by the allocators' own words (numpy's MemoryError,
+    torch's CPU allocator, a size past any limit, a GPU's torch.OutOfMemoryError), or None for any
+    other exception. Stricter than :func:`allocation_failed`, which judges an exception caught
+    around an allocation: at the command's boundary, a message that merely holds "alloc" or
+    "overflow" (a path, a half-precision overflow) is no shortage of memory."""
     text = one_line(str(exc))
+    if isinstance(exc, MemoryError):
+        return text or type(exc).__name__
+    if not isinstance(exc, RuntimeError):
+        return None
     found = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", text)
     if found:
         return f"an allocation of {int(found.group(1)) / 2**30:.3g} GiB failed"
     if type(exc).__name__ == "OutOfMemoryError":  # a GPU's: "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 ..."
         return ". ".join(text.split(". ")[:2])
-    return text or type(exc).__name__
+    if text.startswith("Storage size calculation overflowed"):
+        return text
+    return None
 
 
 def _run_main(fn, argv, debug, user_errors, prog, err) -> int:
@@ -327,14 +333,14 @@ def _run_main(fn, argv, debug, user_errors, prog, err) -> int:
         print(f"{prog}: {one_line(str(exc)) or 'stopped'}", file=err)
         return 128 + exc.signum
     except BaseException as exc:  # noqa: BLE001 - this is the boundary
-        shortage = _out_of_memory(exc)
+        message = _user_message(exc, tuple(user_errors))
+        shortage = _out_of_memory(exc) if message is None else None
         if shortage is not None:  # the machine's limit, not a bug: said in one line
             if debug:
                 traceback.print_exc(file=err)
             print(f"{prog}: error: out of memory ({shortage}): the job needs more memory than this machine "
                   "has free; give it fewer images at once, or run it where more memory is free", file=err)
             return 1
-        message = _user_message(exc, tuple(user_errors))
         if message is None:
             traceback.print_exc(file=err)
             print(f"{prog}: internal error ({type(exc).__name__}); this is a bug, please report it "

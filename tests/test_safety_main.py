@@ -159,6 +159,12 @@ def test_running_out_of_memory_is_one_line_not_a_bug_report():
     assert status == 1 and "Traceback" in err and "out of memory" in err
     status, err = _run(_raise(RuntimeError("shape mismatch")))  # other RuntimeErrors are still bugs
     assert status == 1 and "this is a bug" in err
+    # "alloc" or "overflow" in a message is no shortage: a half-precision overflow is still a bug, and a
+    # user's error naming a folder /data/overflow_tests/ or allocrun/ is still that error
+    status, err = _run(_raise(RuntimeError("value cannot be converted to type c10::Half without overflow")))
+    assert status == 1 and "this is a bug" in err
+    status, err = _run(_raise(_RunError("/data/overflow_tests/allocrun: no model.pt")), user_errors=(_RunError,))
+    assert (status, err) == (2, "defect-fast: error: /data/overflow_tests/allocrun: no model.pt\n")
 
 
 def test_run_main_bugs_keep_traceback_and_debug_shows_user_tracebacks():
