@@ -1418,14 +1418,15 @@ class Detector(nn.Module):
         batch = [img if tuple(img.shape[-2:]) == (s, s) else
                  resize_image(img, s) if img.dtype == torch.uint8 else self._to_model_input(img.unsqueeze(0))[0]
                  for img in imgs]
+        # a frame of one colour (a covered lens, a failed exposure) scores low and would pass: marked
+        # and said, as predict marks it in scores.json and watch sets it aside; 8-bit pixels judged at
+        # the model's size, as a file is read (a photo is blank or not as its file, array or PIL image
+        # alike), float ones as given (their resize leaves a constant frame a spread of about 4e-7)
+        blank = [bool(blank_images((img if img.is_floating_point() else b).unsqueeze(0))[0]) for img, b in zip(imgs, batch)]
+        warn_blank(blank, [f"image {i}" for i in range(len(batch))], "predict")
         del imgs  # the full-size copies of arrays and PIL images: only their model-size ones are needed now
         floats = any(b.is_floating_point() for b in batch)
         batch = [self._to_model_input(b.unsqueeze(0))[0] if (floats and not b.is_floating_point()) else b for b in batch]
-        # a frame of one colour (a covered lens, a failed exposure) scores low and would pass: marked
-        # and said, as predict marks it in scores.json and watch sets it aside; judged at the model's
-        # size, as a file is read, so that a photo is blank or not as its file, array or PIL image alike
-        blank = [bool(blank_images(b.unsqueeze(0))[0]) for b in batch]
-        warn_blank(blank, [f"image {i}" for i in range(len(batch))], "predict")
         if len({b.device for b in batch}) > 1:  # GPU tensors beside files or resized ones (read on the CPU)
             batch = [b.to(self.device) for b in batch]
         with torch.inference_mode():  # each input was checked by _as_images
