@@ -1295,11 +1295,13 @@ class Detector(nn.Module):
             try:  # a lazily opened file decodes here: its damage is the image's, as a path's is
                 # decoded before its orientation is read: PIL turns a TIFF as it loads it, and drops the tag
                 # (read first, the tag turned the loaded, already upright pixels a second time)
+                decoding = getattr(x, "_im", True) is None and getattr(x, "fp", None) is not None
                 x.load()
                 # an image of a file not written to its end (a zero-filled rest: its missing part reads
-                # as black pixels) is refused as the file's path is
+                # as black pixels) is refused as the file's path is; only when this call decoded it (an
+                # image decoded before holds its pixels: its file may have been written over since)
                 source = getattr(x, "filename", "") or ""
-                if isinstance(source, str) and source and os.path.isfile(source):
+                if decoding and isinstance(source, str) and source and os.path.isfile(source):
                     try:
                         unfinished = unfinished_image(source)
                     except OSError:

@@ -679,6 +679,12 @@ def test_predict_warns_of_a_12_bit_frame_and_names_a_truncated_pil_image(tmp_pat
     with Image.open(tmp_path / "stalled.png") as im:
         im.load()
         assert det.predict(im.copy())["scores"].shape == (1,)  # a copy has no file: its pixels are what is given
+    # an image decoded before holds its pixels: its file written over since (a camera's latest.png) is not its
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "latest.png")
+    with Image.open(tmp_path / "latest.png") as im:
+        im.load()
+        (tmp_path / "latest.png").write_bytes(data[:-12] + bytes(12))
+        assert det.predict(im)["scores"].shape == (1,)
     # a mode PIL does not convert, and an empty image: named as the PIL image, not PIL's or numpy's words
     # (premultiplied "La", which PIL converts to "LA" only, is read through it)
     assert det.predict(Image.new("LA", (32, 32)).convert("La"))["maps"].shape[-2:] == (32, 32)
