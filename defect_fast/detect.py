@@ -597,7 +597,7 @@ class Detector(nn.Module):
         self._drop_normalization()
         # named by the map they were set on: a map changed back reads as the map named otherwise
         self._set_aside_thresholds(f"calibrated with other inference settings (on the {before!r} map; map_kind changed "
-                                   f"to {kind!r}, which a change back does not undo; loading the model file again restores them)")
+                                   f"to {kind!r}, which a change back does not undo)")
 
     @property
     def precision(self) -> str:

@@ -348,8 +348,7 @@ def test_predict_batched_then_calibrate_and_normalise_share_the_detector():
     assert det.image_threshold() == cal["image_threshold"]  # the pass/fail line the README writes
     det.map_kind = "residual"  # the thresholds set on the old map's scores are set aside: said, not a KeyError
     said = (r"no image threshold: the stored ones were calibrated with other inference settings \(on the 'msfr' map; "
-            r"map_kind changed to 'residual', which a change back does not undo; loading the model file again restores "
-            r"them\); calibrate\(normal_images\)")
+            r"map_kind changed to 'residual', which a change back does not undo\); calibrate\(normal_images\)")
     with pytest.raises(ValueError, match=said):
         det.image_threshold()
     det.map_kind = "msfr"  # back: still set aside, and named by the map they were set on (it named 'residual')
