@@ -1590,10 +1590,10 @@ class Detector(nn.Module):
         changed = False
         for name, held in self.state_dict().items():  # before any is copied (children load after this)
             given = state_dict.get(prefix + name)
-            if given is None:  # left out (strict=False): kept as it is
+            if not isinstance(given, torch.Tensor):  # left out (strict=False), or not a tensor (torch refuses it)
                 continue
-            if (not isinstance(given, torch.Tensor) or given.shape != held.shape
-                    or not torch.equal(given.detach().to(held.device, held.dtype), held.detach())):
+            if (given.numel() != held.numel()  # (one value into a 0-d buffer: torch takes it)
+                    or not torch.equal(given.detach().reshape(held.shape).to(held.device, held.dtype), held.detach())):
                 changed = True
                 break
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -1601,6 +1601,7 @@ class Detector(nn.Module):
         if changed:
             self._set_aside_thresholds("set on the weights load_state_dict replaced (calibrate again, or save and "
                                        "load the Detector whose weights these are: its file carries its thresholds)")
+            self.trained_proportions = None  # those of the images other weights were trained on: not known
             if self.fuse:
                 self.__dict__["_source"] = None
 

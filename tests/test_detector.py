@@ -1370,16 +1370,21 @@ def test_other_weights_by_load_state_dict_set_the_thresholds_aside_and_its_own_k
     a, b = Detector(_model(), image_size=128), Detector(m, image_size=128)
     a.calibrate(_images(5, 128, seed=4))
     b.calibrate(_images(5, 128, seed=5))
+    b.trained_proportions = [0.5, 2.0]
     own = {k: v.clone() for k, v in b.state_dict().items()}
     kept = b.calibration
     b.load_state_dict(own)  # a snapshot of its own: nothing changes
     assert b.calibration == kept and b.image_threshold() == kept["image_threshold"]
+    with pytest.raises(RuntimeError):  # a non-tensor entry: torch refuses it, and nothing was set aside for it
+        b.load_state_dict({**own, next(iter(own)): [1.0]})
+    assert b.calibration == kept and b.trained_proportions == [0.5, 2.0]
     torch.save(a.state_dict(), tmp_path / "a.pt")
     b.load_state_dict(torch.load(tmp_path / "a.pt", weights_only=True))
     x = _images(3, 128, seed=9)
     assert torch.equal(b.predict_batched(x)["scores"], a.predict_batched(x)["scores"])  # a's weights
     with pytest.raises(ValueError, match="set on the weights load_state_dict replaced"):
         b.image_threshold()
+    assert b.trained_proportions is None  # those of other weights' training images: not known
     assert b.predict(x[0])["regions"] == [[]]  # no pixel threshold either: no region drawn on another scale
     with pytest.raises(ValueError, match="given other weights by load_state_dict"):
         b.save(tmp_path / "b.pt")
