@@ -1347,3 +1347,52 @@ def test_a_model_file_replaced_while_watch_runs_is_said_once(tmp_path):
                         "restart it to load the file there now"
     model.write_bytes(b"one")  # the loaded model back
     assert changed() is None
+
+
+def test_an_idle_service_keeps_its_status_fresh_and_names_its_process(tmp_path, monkeypatch):
+    """status.json was written only after a batch that judged something: an idle service's and a
+    dead one's looked alike (a kill -9 left "running" for ever), and no PID said which process to
+    look for."""
+    monkeypatch.setattr(watch_mod, "STATUS_EVERY", 0.2)
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    stop = threading.Event()
+    t, _results, _lines = _serve(src, out, stop, use_watchdog=False)
+    try:
+        deadline = time.time() + 20
+        while time.time() < deadline and not (out / "status.json").exists():
+            time.sleep(0.05)
+        first = json.loads((out / "status.json").read_text())
+        seen = {first["updated"]}
+        while time.time() < deadline and len(seen) < 3:  # rewritten while nothing arrives
+            time.sleep(0.1)
+            seen.add(json.loads((out / "status.json").read_text())["updated"])
+    finally:
+        stop.set()
+        t.join()
+    assert first["state"] == "running" and first["pid"] == os.getpid() and first["counts"]["total"] == 0
+    assert len(seen) >= 3
+
+
+def test_many_bad_copies_of_one_frame_name_do_not_look_at_every_earlier_name(tmp_path, monkeypatch):
+    """A camera that names every frame alike and sends the same bad frame (a covered lens) made
+    each rejection try every count from 2 again, one look at the disk each: 47 ms a rejection at
+    5000 copies, growing with their square."""
+    out = tmp_path / "out"
+    (out / "rejected").mkdir(parents=True)
+    st = watch_mod._State(INFO, 0.5, tmp_path, out, journal=None)
+    sha = "ab" * 32
+    looks = []
+    real = os.path.lexists
+    monkeypatch.setattr(watch_mod.os.path, "lexists", lambda p: (looks.append(p), real(p))[1])
+    names = []
+    for _ in range(60):
+        looks.clear()
+        dest = watch_mod._rejected_name(st, "frame.png", sha)
+        dest.write_bytes(b"x")
+        names.append(dest.name)
+        assert len(looks) <= 3, len(looks)
+    assert names[:4] == ["frame.png", f"frame_{sha[:12]}.png", f"frame_{sha[:12]}_2.png", f"frame_{sha[:12]}_3.png"]
+    assert len(set(names)) == 60
+    st.rejected_count.clear()  # a new start: the counts are found again, once
+    assert watch_mod._rejected_name(st, "frame.png", sha).name == f"frame_{sha[:12]}_60.png"
