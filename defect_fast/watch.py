@@ -19,8 +19,9 @@
     status.json            last image, counts, images/s, threshold and where it came from, model,
                            the service's "pid" and "updated" time (rewritten atomically after each
                            batch, and when idle at the whole-folder listings once
-                           :data:`STATUS_EVERY` seconds have passed: a dashboard tells a dead or
-                           hung service by an "updated" older than that or --rescan, with a margin)
+                           :data:`STATUS_EVERY` seconds have passed: with file-system events every
+                           max(30 s, --rescan), else every max(30 s, --poll); a dashboard tells a
+                           dead or hung service by an "updated" older than that, with a margin)
 
 ``<name>`` is the image's path relative to ``IN_DIR`` ("/" -> "__", no extension; one longer
 than :data:`MAX_STEM_BYTES` bytes shortened, with 8 hex digits of the whole) plus the first 12
@@ -392,6 +393,7 @@ class _State:
     # covered lens, all alike) tried every count from 2 again, each a look at the disk
     rejected_count: dict[str, int] = field(default_factory=dict)
     status_at: float = -math.inf  # time.monotonic() of the last status.json
+    status_failed: bool = False  # the idle rewrite of status.json failed (said once until it works again)
 
 
 def _lock(out: Path) -> RunLock:
@@ -1042,6 +1044,23 @@ def _output_failures_stop(out: Path) -> Iterator[None]:
                          "stopped") from exc
 
 
+def _heartbeat(st: _State, log: Callable[[str], None]) -> None:
+    """status.json rewritten while idle. A write that fails (a disk full for a while, the folder
+    gone) is said once and tried again at the next: only a batch's results, which cannot be kept
+    otherwise, stop the service."""
+    try:
+        _write_status(st, "running")
+    except OSError as exc:
+        if not st.status_failed:
+            log(f"{st.out / STATUS}: not rewritten ({exc.strerror or exc}); tried again every {STATUS_EVERY:g} s or more "
+                "while no image arrives")
+        st.status_failed = True
+    else:
+        if st.status_failed:
+            log(f"{st.out / STATUS}: rewritten again")
+        st.status_failed = False
+
+
 def _status_or_stop(st: _State, state: str, out: Path) -> None:
     """:func:`_write_status`; a results folder that cannot take it stops the service, saying so."""
     with _output_failures_stop(out):
@@ -1284,7 +1303,7 @@ def watch(
                 keys = st.known.keys()
                 _after_listing(st, listing, log)
                 if time.monotonic() - st.status_at >= STATUS_EVERY:  # a heartbeat: an idle service is not a dead one
-                    _status_or_stop(st, "running", out)
+                    _heartbeat(st, log)
             else:  # only what events named, and what waits to settle
                 keys = _update(st, _event_keys(st, paths, recursive) | set(st.pending), recursive, log)
             ready = _ready(st, keys, settle)

@@ -1396,3 +1396,41 @@ def test_many_bad_copies_of_one_frame_name_do_not_look_at_every_earlier_name(tmp
     assert len(set(names)) == 60
     st.rejected_count.clear()  # a new start: the counts are found again, once
     assert watch_mod._rejected_name(st, "frame.png", sha).name == f"frame_{sha[:12]}_60.png"
+
+
+def test_an_idle_status_write_that_fails_is_said_once_and_the_service_goes_on(tmp_path, monkeypatch):
+    """The idle rewrite of status.json went through the batch's stop-on-failure: a disk full for a
+    moment while nothing arrived stopped the service, and the next image was not judged."""
+    import errno as errno_mod
+
+    monkeypatch.setattr(watch_mod, "STATUS_EVERY", 0.1)
+    full = threading.Event()
+    full.set()
+    real = watch_mod._write_status
+
+    calls = []
+
+    def write_status(st, state):
+        calls.append(state)
+        if full.is_set() and state == "running" and len(calls) > 1:  # the start's own write goes through
+            st.status_at = time.monotonic()
+            raise OSError(errno_mod.ENOSPC, "No space left on device", str(st.out / "status.json"))
+        return real(st, state)
+
+    monkeypatch.setattr(watch_mod, "_write_status", write_status)
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    stop = threading.Event()
+    t, _results, lines = _serve(src, out, stop, use_watchdog=False)
+    try:
+        time.sleep(1.0)  # several failed rewrites while idle
+        full.clear()
+        (src / "a.png").write_bytes(png_bytes(3, bright=0.3))
+        judged = _wait_for(out, 1)
+    finally:
+        stop.set()
+        t.join()
+    assert judged == 1 and t is not None
+    said = [line for line in lines if "not rewritten" in line]
+    assert len(said) == 1 and "No space left on device" in said[0], lines
+    assert any("rewritten again" in line for line in lines), lines
