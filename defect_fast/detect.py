@@ -1295,7 +1295,10 @@ class Detector(nn.Module):
             try:  # a lazily opened file decodes here: its damage is the image's, as a path's is
                 # decoded before its orientation is read: PIL turns a TIFF as it loads it, and drops the tag
                 # (read first, the tag turned the loaded, already upright pixels a second time)
-                decoding = getattr(x, "_im", True) is None and getattr(x, "fp", None) is not None
+                # (pixels to decode: tiles left, as after a seek to another frame, or none loaded yet:
+                # Pillow 11 keeps them as _im, Pillow 10 as im)
+                decoding = getattr(x, "fp", None) is not None and (
+                    bool(getattr(x, "tile", None)) or x.__dict__.get("_im", x.__dict__.get("im", True)) is None)
                 x.load()
                 # an image of a file not written to its end (a zero-filled rest: its missing part reads
                 # as black pixels) is refused as the file's path is; only when this call decoded it (an

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import io
 import os
 import re
 from pathlib import Path
@@ -678,6 +679,15 @@ def test_predict_warns_of_a_12_bit_frame_and_names_a_truncated_pil_image(tmp_pat
     with Image.open(tmp_path / "stalled.png") as im:
         im.load()
         assert det.predict(im.copy())["scores"].shape == (1,)  # a copy has no file: its pixels are what is given
+    # a frame after a seek is decoded by the call (its pixels were not loaded): the file's end is checked
+    frames = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8)) for i in range(3)]
+    apng = io.BytesIO()
+    frames[0].save(apng, "PNG", save_all=True, append_images=frames[1:])
+    (tmp_path / "stalled_apng.png").write_bytes(apng.getvalue()[:-12] + bytes(12))
+    with Image.open(tmp_path / "stalled_apng.png") as im, pytest.raises(DataError, match="without its IEND chunk"):
+        im.load()
+        im.seek(1)
+        det.predict(im)
     # an image decoded before holds its pixels: its file written over since (a camera's latest.png) is not its
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "latest.png")
     with Image.open(tmp_path / "latest.png") as im:
