@@ -1595,8 +1595,11 @@ class Detector(nn.Module):
             given = state_dict.get(prefix + name)
             if not isinstance(given, torch.Tensor):  # left out (strict=False), or not a tensor (torch refuses it)
                 continue
-            if (given.numel() != held.numel()  # (one value into a 0-d buffer: torch takes it)
-                    or not torch.equal(given.detach().reshape(held.shape).to(held.device, held.dtype), held.detach())):
+            if held.dim() == 0 and tuple(given.shape) == (1,):  # torch takes its one value for a 0-d one
+                given = given[0]
+            if given.shape != held.shape:  # torch refuses it and copies nothing for it
+                continue
+            if not torch.equal(given.detach().to(held.device, held.dtype), held.detach()):
                 changed = True
                 break
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
