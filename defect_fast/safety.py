@@ -305,10 +305,12 @@ def _out_of_memory(exc: BaseException) -> str | None:
         return text or type(exc).__name__
     if not isinstance(exc, RuntimeError):
         return None
-    found = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", text)
+    # the CPU allocator's words on POSIX, and on Windows and Android
+    found = re.search(r"(?:can't allocate memory|not enough memory): you tried to allocate (\d+) bytes", text)
     if found:
         return f"an allocation of {int(found.group(1)) / 2**30:.3g} GiB failed"
-    if type(exc).__name__ == "OutOfMemoryError":  # a GPU's: "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 ..."
+    # a GPU's ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 ..."; Apple's MPS says it in a RuntimeError)
+    if type(exc).__name__ == "OutOfMemoryError" or text.startswith("MPS backend out of memory"):
         return ". ".join(text.split(". ")[:2])
     if text.startswith("Storage size calculation overflowed"):
         return text

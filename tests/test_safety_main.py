@@ -149,7 +149,12 @@ def test_running_out_of_memory_is_one_line_not_a_bug_report():
     def past_any_size(argv):
         torch.empty(1 << 62, dtype=torch.float64)
 
-    for fn, said in ((numpy_shortage, "Unable to allocate 1"), (torch_shortage, "an allocation of 1.07e+09 GiB failed"),
+    windows = _raise(RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: "
+                                  "you tried to allocate 1073741824 bytes."))
+    mps = _raise(RuntimeError("MPS backend out of memory (MPS allocated: 8.00 GB, other allocations: 1.00 GB, max "
+                              "allowed: 9.07 GB). Tried to allocate 2.00 GB on private pool. Use ..."))
+    for fn, said in ((windows, "an allocation of 1 GiB failed"), (mps, "MPS backend out of memory"),
+                     (numpy_shortage, "Unable to allocate 1"), (torch_shortage, "an allocation of 1.07e+09 GiB failed"),
                      (gpu, "CUDA out of memory. Tried to allocate 2.00 GiB)"),
                      (past_any_size, "Storage size calculation overflowed")):
         status, err = _run(fn)
