@@ -1287,18 +1287,18 @@ class Detector(nn.Module):
             if x.width == 0 or x.height == 0:
                 raise DataError(f"PIL image: image has zero size ({x.width}x{x.height})")
             mode = x.mode
+            # pixels still to decode: tiles left (as after a seek to another frame), or none loaded yet
+            # (Pillow 11 keeps them as _im, Pillow 10 as im)
+            undecoded = bool(getattr(x, "tile", None)) or x.__dict__.get("_im", x.__dict__.get("im", True)) is None
             # a lazily opened file whose `with Image.open(...)` block ended before its pixels were
             # read: PIL's own assert said nothing
-            if getattr(x, "fp", True) is None and getattr(x, "_im", True) is None:
+            if getattr(x, "fp", True) is None and undecoded:
                 raise DataError("PIL image: its file was closed before its pixels were read (a `with Image.open(...)` "
                                 "block ended): call .load() inside the block, or pass the path")
             try:  # a lazily opened file decodes here: its damage is the image's, as a path's is
                 # decoded before its orientation is read: PIL turns a TIFF as it loads it, and drops the tag
                 # (read first, the tag turned the loaded, already upright pixels a second time)
-                # (pixels to decode: tiles left, as after a seek to another frame, or none loaded yet:
-                # Pillow 11 keeps them as _im, Pillow 10 as im)
-                decoding = getattr(x, "fp", None) is not None and (
-                    bool(getattr(x, "tile", None)) or x.__dict__.get("_im", x.__dict__.get("im", True)) is None)
+                decoding = getattr(x, "fp", None) is not None and undecoded
                 x.load()
                 # an image of a file not written to its end (a zero-filled rest: its missing part reads
                 # as black pixels) is refused as the file's path is; only when this call decoded it (an

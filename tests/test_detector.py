@@ -679,6 +679,14 @@ def test_predict_warns_of_a_12_bit_frame_and_names_a_truncated_pil_image(tmp_pat
     with Image.open(tmp_path / "stalled.png") as im:
         im.load()
         assert det.predict(im.copy())["scores"].shape == (1,)  # a copy has no file: its pixels are what is given
+    # a frame reached by a seek whose file was closed since: said as a closed file (a bare AssertionError)
+    frames = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8)) for i in range(3)]
+    frames[0].save(tmp_path / "anim.png", save_all=True, append_images=frames[1:])
+    with Image.open(tmp_path / "anim.png") as im:
+        im.load()
+        im.seek(1)
+    with pytest.raises(DataError, match="its file was closed before its pixels were read"):
+        det.predict(im)
     # a frame after a seek is decoded by the call (its pixels were not loaded): the file's end is checked
     frames = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8)) for i in range(3)]
     apng = io.BytesIO()
