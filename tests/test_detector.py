@@ -1397,12 +1397,17 @@ def test_other_weights_by_load_state_dict_set_the_thresholds_aside_and_its_own_k
         b.load_state_dict({**own, next(iter(own)): [1.0]})
     assert b.calibration == kept and b.trained_proportions == [0.5, 2.0]
     key = next(k for k, v in own.items() if v.dim() >= 2)
-    for other in (own[key].reshape(-1), own[key][:1]):  # nor a tensor of another shape, which torch refuses
+    for other in (own[key].reshape(-1) + 1, own[key][:1]):  # nor a tensor of another shape, which torch refuses
         with pytest.raises(RuntimeError, match="size mismatch"):
             b.load_state_dict({**own, key: other})
         assert b.calibration == kept and b.trained_proportions == [0.5, 2.0]
     b.load_state_dict({**own, "norm_mean": own["norm_mean"].reshape(1)})  # one value for a 0-d buffer: torch takes it
     assert own["norm_mean"].dim() == 0 and b.calibration == kept
+    b.load_state_dict({**own, "norm_mean": own["norm_mean"].reshape(1) + 5})  # another value: taken, and said
+    with pytest.raises(ValueError, match="set on the weights load_state_dict replaced"):
+        b.image_threshold()
+    b.load_state_dict(own)
+    b.calibration = dict(kept)
     torch.save(a.state_dict(), tmp_path / "a.pt")
     b.load_state_dict(torch.load(tmp_path / "a.pt", weights_only=True))
     x = _images(3, 128, seed=9)
