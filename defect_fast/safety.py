@@ -296,7 +296,8 @@ def allocation_failed(exc: BaseException) -> bool:
 
 def _out_of_memory(exc: BaseException) -> str | None:
     """What an allocation that failed asked for, by the allocators' own words (numpy's MemoryError,
-    torch's CPU allocator, a size past any limit, a GPU's torch.OutOfMemoryError), or None for any
+    torch's CPU allocator on POSIX, Windows and Android, a size past any limit, a GPU's
+    torch.OutOfMemoryError or Apple MPS's RuntimeError), or None for any
     other exception. Stricter than :func:`allocation_failed`, which judges an exception caught
     around an allocation: at the command's boundary, a message that merely holds "alloc" or
     "overflow" (a path, a half-precision overflow) is no shortage of memory."""

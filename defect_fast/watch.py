@@ -19,9 +19,9 @@
     status.json            last image, counts, images/s, threshold and where it came from, model,
                            the service's "pid" and "updated" time (rewritten atomically after each
                            batch, and when idle at the whole-folder listings once
-                           :data:`STATUS_EVERY` seconds have passed: with file-system events every
-                           max(30 s, --rescan), else every max(30 s, --poll); a dashboard tells a
-                           dead or hung service by an "updated" older than that, with a margin)
+                           :data:`STATUS_EVERY` seconds have passed: at most 30 s + --poll apart,
+                           or 30 s + --rescan with file-system events; a dashboard tells a dead or
+                           hung service by an "updated" older than that, with a margin)
 
 ``<name>`` is the image's path relative to ``IN_DIR`` ("/" -> "__", no extension; one longer
 than :data:`MAX_STEM_BYTES` bytes shortened, with 8 hex digits of the whole) plus the first 12
@@ -1046,19 +1046,19 @@ def _output_failures_stop(out: Path) -> Iterator[None]:
 
 def _heartbeat(st: _State, log: Callable[[str], None]) -> None:
     """status.json rewritten while idle. A write that fails (a disk full for a while, the folder
-    gone) is said once and tried again at the next: only a batch's results, which cannot be kept
-    otherwise, stop the service."""
+    gone) is said once (again after any write has worked since) and tried again at the next: only
+    a batch's results, which cannot be kept otherwise, stop the service."""
+    failed = st.status_failed
     try:
         _write_status(st, "running")
     except OSError as exc:
-        if not st.status_failed:
+        if not failed:
             log(f"{st.out / STATUS}: not rewritten ({exc.strerror or exc}); tried again every {STATUS_EVERY:g} s or more "
                 "while no image arrives")
         st.status_failed = True
     else:
-        if st.status_failed:
+        if failed:
             log(f"{st.out / STATUS}: rewritten again")
-        st.status_failed = False
 
 
 def _status_or_stop(st: _State, state: str, out: Path) -> None:
@@ -1080,6 +1080,7 @@ def _write_status(st: _State, state: str) -> None:
         "last_batch_images_per_s": round(st.rate, 3), "waiting": len(st.pending), "last": st.last,
     }
     _atomic_write(st.out / STATUS, lambda tmp: tmp.write_text(json.dumps(status, indent=2)), sync=False)
+    st.status_failed = False  # written: a later failure is said again
 
 
 class _Events:

@@ -1434,3 +1434,29 @@ def test_an_idle_status_write_that_fails_is_said_once_and_the_service_goes_on(tm
     said = [line for line in lines if "not rewritten" in line]
     assert len(said) == 1 and "No space left on device" in said[0], lines
     assert any("rewritten again" in line for line in lines), lines
+
+
+def test_a_second_idle_status_failure_after_a_batch_wrote_it_is_said_again(tmp_path, monkeypatch):
+    """The failure was said once per service: a disk full again after a batch had written the status
+    went unsaid."""
+    import errno as errno_mod
+
+    st = watch_mod._State(INFO, 0.5, tmp_path, tmp_path / "out", journal=None)
+    (tmp_path / "out").mkdir()
+    lines = []
+    real = watch_mod._atomic_write
+    full = [True]
+
+    def atomic_write(path, write, sync=True):
+        if full[0]:
+            raise OSError(errno_mod.ENOSPC, "No space left on device", str(path))
+        return real(path, write, sync=sync)
+
+    monkeypatch.setattr(watch_mod, "_atomic_write", atomic_write)
+    watch_mod._heartbeat(st, lines.append)
+    watch_mod._heartbeat(st, lines.append)  # still full: not said twice
+    full[0] = False
+    watch_mod._write_status(st, "running")  # a batch's write works
+    full[0] = True
+    watch_mod._heartbeat(st, lines.append)
+    assert [line.split(": ", 1)[1][:13] for line in lines] == ["not rewritten", "not rewritten"], lines
