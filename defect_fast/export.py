@@ -42,8 +42,8 @@ from .calibration import CalibrationError, stored_thresholds
 from .data.io import PROPORTIONS_MARGIN
 from .detect import Detector, reference_ops
 from .runs import model_file
-from .safety import (OutputRefused, UserError, atomic_open, dump_json_strict, file_sha256, is_same_file, one_line,
-                     safe_output_file)
+from .safety import (OutputRefused, UserError, allocation_failed, atomic_open, dump_json_strict, file_sha256,
+                     is_same_file, one_line, safe_output_file)
 
 FORMATS = ("onnx", "torchscript", "exported")
 PRECISIONS = ("float32", "bfloat16")
@@ -202,8 +202,6 @@ def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, so
         example = torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
         example.new_empty(example.shape, dtype=torch.float32)  # the trace's float copy of it must fit too
     except (MemoryError, RuntimeError) as exc:
-        from .data.io import allocation_failed
-
         if not allocation_failed(exc):
             raise
         raise ExportError(f"--batch {batch}: the example batch the export traces, {batch} images at {s} x {s}, needs "

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..safety import UserError, allocation_failed  # noqa: F401 - allocation_failed: data.io's too
+from ..safety import UserError, allocation_failed
 
 __all__ = [
     "IMAGE_EXTENSIONS",
