@@ -622,6 +622,21 @@ def _learning_rate(text: str) -> float:
     return v
 
 
+
+def add_inference_options(parser: argparse.ArgumentParser) -> None:
+    """``--map``, ``--stride``, ``--smooth`` and ``--blend``: the inference settings a command that
+    makes a run's maps takes in place of the run's (evaluate, predict, export, diagnose)."""
+    from .detect import BLENDS
+    from .models import map_names
+
+    parser.add_argument("--map", choices=map_names(), default=None, help="anomaly map (default: the run's --map, else the model's)")
+    parser.add_argument("--stride", type=positive_int, default=None,
+                        help="patch stride at inference (default: the run's --infer-stride, else the patch size)")
+    parser.add_argument("--smooth", type=nonneg_float, default=None,
+                        help="Gaussian blur of the maps, in pixels (default: the run's setting)")
+    parser.add_argument("--blend", choices=BLENDS, default=None, help="weights of overlapping patches (default: the run's setting)")
+
+
 def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     """The ``defect-fast`` parser; ``train_defaults``: other defaults of ``train`` options (a
     preset's: options given on the command line still win)."""
@@ -722,11 +737,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, type=output_path, help="also write the metrics to this JSON file (new, unless --overwrite; "
                    "'-': to standard output, the table then on standard error)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
-    e.add_argument("--map", choices=map_names(), default=None, help="anomaly map (default: the run's --map, else the model's)")
-    e.add_argument("--stride", type=positive_int, default=None,
-                   help="patch stride at inference (default: the run's --infer-stride, else the patch size)")
-    e.add_argument("--smooth", type=nonneg_float, default=None, help="Gaussian blur of the maps, in pixels (default: the run's setting)")
-    e.add_argument("--blend", choices=BLENDS, default=None, help="weights of overlapping patches (default: the run's setting)")
+    add_inference_options(e)
     which = e.add_mutually_exclusive_group()
     which.add_argument("--threshold", type=finite_float, default=None,
                        help="give the rates at this image threshold (a score: e.g. the F1-optimal one printed, or the one a "
@@ -742,12 +753,8 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     r.add_argument("images", type=input_path, nargs="+", help="image files or folders")
     r.add_argument("--out", required=True, type=output_path, help="output folder (new or empty; earlier predict output only with --overwrite)")
     r.add_argument("--overwrite", action="store_true", help="replace earlier output in --out (only the files defect-fast wrote)")
-    r.add_argument("--map", choices=map_names(), default=None, help="anomaly map (default: the run's --map, else the model's)")
-    r.add_argument("--stride", type=positive_int, default=None,
-                   help="patch stride at inference (default: the run's --infer-stride, else the patch size)")
+    add_inference_options(r)
     add_threshold_options(r)
-    r.add_argument("--smooth", type=nonneg_float, default=None, help="Gaussian blur of the maps, in pixels (default: the run's setting)")
-    r.add_argument("--blend", choices=BLENDS, default=None, help="weights of overlapping patches (default: the run's setting)")
     r.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:1 or auto (default: a GPU when there is one)")
     r.set_defaults(func=cmd_predict)
 
@@ -761,11 +768,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
                    "or exported (torch.export's program)")
     x.add_argument("--out", required=True, type=output_path, help="output file (FILE.json is written beside it)")
     x.add_argument("--batch", type=positive_int, default=1, help="images per call in the traced graph (default 1)")
-    x.add_argument("--map", choices=map_names(), default=None, help="anomaly map (default: the run's --map, else the model's)")
-    x.add_argument("--stride", type=positive_int, default=None,
-                   help="patch stride (default: the run's --infer-stride, else the patch size)")
-    x.add_argument("--smooth", type=nonneg_float, default=None, help="Gaussian blur of the maps, in pixels (default: the run's setting)")
-    x.add_argument("--blend", choices=BLENDS, default=None, help="weights of overlapping patches (default: the run's setting)")
+    add_inference_options(x)
     x.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
                    help="float32 (default, portable) or bfloat16: the tuned CPU graph, for CPUs with AVX512-BF16 "
                    "or AMX (emulated, and slow, elsewhere); TorchScript files only")

@@ -604,9 +604,8 @@ def diagnose(
 
 def add_parser(subparsers) -> None:
     """Register ``defect-fast diagnose`` on the CLI's sub-parsers (``command`` as its function)."""
-    from .detect import BLENDS
-    from .models import map_names
-    from .safety import device_arg, input_path, nonneg_float, nonneg_int, output_path, positive_int
+    from .cli import add_inference_options
+    from .safety import device_arg, input_path, nonneg_int, output_path
 
     p = subparsers.add_parser(
         "diagnose", help="figure grid per class and where the top-scoring pixels of defect-free images lie",
@@ -624,10 +623,7 @@ def add_parser(subparsers) -> None:
                    help="fraction of each map's pixels counted as top pixels, in (0, 1] (default 0.001)")
     p.add_argument("--scale", choices=("figure", "row"), default="figure",
                    help="map colour scale: one per figure (default) or one per row")
-    p.add_argument("--map", choices=map_names(), default=None, help="anomaly map (default: the run's --map, else the model's)")
-    p.add_argument("--stride", type=positive_int, default=None, help="inference patch stride (default: the run's --infer-stride, else the patch size)")
-    p.add_argument("--smooth", type=nonneg_float, default=None, help="Gaussian blur of the maps, in pixels (default: the run's setting)")
-    p.add_argument("--blend", choices=BLENDS, default=None, help="weights of overlapping patches (default: the run's setting)")
+    add_inference_options(p)
     p.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--overwrite", action="store_true", help="replace the files an earlier diagnose wrote in --out")
     p.set_defaults(func=command)
