@@ -74,10 +74,10 @@ listed at start, when more than ``MAX_EVENT_PATHS`` paths arrive between two rou
 ``rescan_interval`` seconds (a safety net for missed events: a file whose event was lost waits at
 most that long). Without events (no ``watchdog``, ``--once``, or the system's watch limit reached)
 every round lists and stats every file. A listing's cost, and the memory of what was judged, grow
-with the files left in the folder (measured: about 17 us and 1.3 kB a file; 50,000 files, a listing
-of 0.9 s, in which nothing is judged): a line should archive judged images elsewhere (their
-journal lines name them). The outputs grow with every image too (maps and overlays, tens of kB an
-image; the journal about 0.6 kB a line, which a start reads through: 1,000,000 lines, 14 s).
+with the files left in the folder (50,000 files: a listing of 874 ms, in which nothing is judged;
+``benchmarks/bench_watch_scan.py``): a line should archive judged images elsewhere (their journal
+lines name them). The outputs grow with every image too (a map and an overlay an image, and a
+journal line, which a start reads through).
 
 Command line (:func:`add_parser`, :func:`command`)::
 
