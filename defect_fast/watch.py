@@ -16,6 +16,9 @@
     overlays/<name>_overlay.png   the map over the image, at its own size
     rejected/              bad files, moved here (never deleted); their reason is in the journal;
                            blank frames (one colour throughout: a camera fault) too, never judged
+    judged/pass/, judged/fail/   with ``move_judged`` (``--move-judged``) only: each judged image,
+                           moved here by its verdict once its journal line is written (the line's
+                           "moved_to"; named as in rejected/)
     status.json            last image, counts, images/s, threshold and where it came from, model,
                            the service's "pid" and "updated" time (rewritten atomically after each
                            batch, and when idle at the whole-folder listings once
@@ -61,28 +64,32 @@ the bytes it was last judged with, or touched, it is the same image). A file tha
 the line, or moved to ``rejected/``) and comes again under its name is a new arrival, judged
 again with a line of its own: a camera that names every frame alike, or counts from 0 again
 after a reboot, sends the same name, and a blank frame even the same bytes. Bad files: the journal line (with the reason)
-comes first, then the move to ``rejected/``; a move cut short by a crash is completed at start.
+comes first, then the move to ``rejected/``, and so for a judged image's move to ``judged/`` with
+``move_judged``; a move cut short by a crash is completed at start (whatever that start's options:
+the line named where the file goes).
 One process per ``OUT_DIR`` (:class:`defect_fast.safety.RunLock`, an ``flock`` released by the
 kernel when the process dies).
 
 SIGTERM and SIGINT (Ctrl-C) finish the image in hand (the rest of its batch is left for the next
 start), write the status and return.
 
-Judged images stay in ``IN_DIR`` (only bad files are moved). With file-system events, a round
+Judged images stay in ``IN_DIR`` unless ``move_judged`` moves them to ``OUT_DIR/judged/``. With file-system events, a round
 looks only at the paths the events name and at the files waiting to settle; the whole folder is
 listed at start, when more than ``MAX_EVENT_PATHS`` paths arrive between two rounds, and every
 ``rescan_interval`` seconds (a safety net for missed events: a file whose event was lost waits at
 most that long). Without events (no ``watchdog``, ``--once``, or the system's watch limit reached)
 every round lists and stats every file. A listing's cost, and the memory of what was judged, grow
 with the files left in the folder (50,000 files: a listing of 874 ms, in which nothing is judged;
-``benchmarks/bench_watch_scan.py``): a line should archive judged images elsewhere (their journal
-lines name them). The outputs grow with every image too (a map and an overlay an image, and a
-journal line, which a start reads through).
+``benchmarks/bench_watch_scan.py``): a line should move judged images out (``move_judged``) or archive
+them elsewhere (their journal lines name them). The outputs grow with every image too (a map and
+an overlay an image, a journal line, which a start reads through, and the moved images): a line
+starts a new ``OUT_DIR`` now and then, with ``move_judged`` (images left in ``IN_DIR`` would be
+judged again into the new one).
 
 Command line (:func:`add_parser`, :func:`command`)::
 
     defect-fast watch RUN IN_DIR --out OUT_DIR [--once] [--batch-size 8] [--poll 1] [--rescan 60] [--settle S]
-                      [--threshold T | --far RATE] [--recursive] [--device auto]
+                      [--threshold T | --far RATE] [--recursive] [--move-judged] [--device auto]
 
 ``OUT_DIR`` is an output folder with a manifest (:class:`defect_fast.safety.OutputFolder`): new,
 empty, or one an earlier ``watch`` wrote (its journal is resumed); any other folder is refused, and
@@ -131,6 +138,8 @@ STATUS = "status.json"
 #: look for.
 STATUS_EVERY = 30.0
 MAPS, OVERLAYS, REJECTED = "maps", "overlays", "rejected"
+#: Where ``move_judged`` (``--move-judged``) puts a judged image, by its verdict.
+JUDGED = {"pass": "judged/pass", "fail": "judged/fail"}
 TMP_PREFIX = ".tmp-"
 #: Seconds between listings of the whole drop folder while file-system events arrive (``--rescan``).
 RESCAN_INTERVAL = 60.0
@@ -232,11 +241,11 @@ class Journal:
     """
 
     #: What a restart reads back of each line: the done set, the counts, the unfinished moves of
-    #: rejected files and the note on earlier thresholds (with the verdicts this one would change).
+    #: rejected (and, with ``move_judged``, judged) files and the note on earlier thresholds (with the verdicts this one would change).
     #: A line's regions and file names are not kept, and no line is kept after it is read: a
     #: journal of millions of lines must still open in little memory.
-    KEPT_FIELDS = ("image", "sha256", "size", "mtime_ns", "ctime_ns", "result", "rejected_to", "threshold",
-                   "model_version", "score")
+    KEPT_FIELDS = ("image", "sha256", "size", "mtime_ns", "ctime_ns", "result", "rejected_to", "moved_to",
+                   "threshold", "model_version", "score")
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -384,14 +393,16 @@ class _State:
     undecodable: dict[str, tuple[Signature, float]] = field(default_factory=dict)  # key -> (signature, first seen)
     few_levels_said: bool = False  # a 16-bit image of few grey levels is named once a session
     proportions_said: bool = False  # an image far from the training images' proportions too
-    # rejected/ names the journal gives to files whose move failed (the name is theirs: another file
-    # moved to it would be taken at a restart for the first's completed copy); a moved file holds its own
-    rejected_names: set[str] = field(default_factory=set)
+    # names in rejected/ (and judged/) the journal gives to files whose move failed (the name is theirs:
+    # another file moved to it would be taken at a restart for the first's completed copy); a moved
+    # file holds its own
+    moved_names: set[str] = field(default_factory=set)
     # candidates in IN_DIR: key -> (path, size, mtime_ns, ctime_ns)
     known: dict[str, tuple[Path, int, int, int]] = field(default_factory=dict)
-    # rejected/ name -> the count its next copy tries first: one frame name's many bad copies (a
-    # covered lens, all alike) tried every count from 2 again, each a look at the disk
-    rejected_count: dict[str, int] = field(default_factory=dict)
+    # rejected/ (judged/) name -> the count its next copy tries first: one frame name's many bad copies
+    # (a covered lens, all alike) tried every count from 2 again, each a look at the disk
+    moved_count: dict[str, int] = field(default_factory=dict)
+    move_judged: bool = False  # judged images go to OUT/judged/pass|fail/ after their journal line
     status_at: float = -math.inf  # time.monotonic() of the last status.json
     status_failed: bool = False  # the idle rewrite of status.json failed (said once until it works again)
 
@@ -498,11 +509,12 @@ def _recover(st: _State, log: Callable[[str], None], keep: Callable[[str], bool]
             if keep is None or keep(key):  # (a line without its file's times: by its content)
                 _mark_done(st, key, rec["sha256"], sig)
             continue
-        # a rejected file was moved away: one at its name is a new arrival, unless it is the very
-        # file judged (its size and modification time: a chmod moves only the change time), whose
-        # move was cut short, or failed
+        # a rejected file (or, with move_judged, a judged one) was moved away: one at its name is a
+        # new arrival, unless it is the very file judged (its size and modification time: a chmod
+        # moves only the change time), whose move was cut short, or failed
         _forget(st, [key])
-        src, dest = st.in_dir / key, st.out / rec["rejected_to"]
+        moved_to = _moved_to(rec)
+        src, dest = st.in_dir / key, st.out / moved_to
         if not src.is_file():
             continue
         try:
@@ -516,21 +528,21 @@ def _recover(st: _State, log: Callable[[str], None], keep: Callable[[str], bool]
             if copied and _same_signature(sig, now):  # a move across file systems cut short after its copy
                 src.unlink()
                 log(f"removed {src}: its copy in {dest} was complete (the move was cut short before)")
-            elif copied:  # its copy is in rejected/, its change time moved: left, judged
-                st.rejected_names.add(rec["rejected_to"])
+            elif copied:  # its copy is in rejected/ (judged/), its change time moved: left, judged
+                st.moved_names.add(moved_to)
                 _mark_done(st, key, rec["sha256"], now)
             elif not os.path.lexists(dest):  # it never left
                 _move(src, dest, now)
                 log(f"moved {src} to {dest} (the move was cut short before)")
-            else:  # its name in rejected/ holds another file: judged, left in place
-                st.rejected_names.add(rec["rejected_to"])
+            else:  # its name in rejected/ (judged/) holds another file: judged, left in place
+                st.moved_names.add(moved_to)
                 _mark_done(st, key, rec["sha256"], now)
         except OSError as exc:  # e.g. no permission in the drop folder: judged, left in place
-            st.rejected_names.add(rec["rejected_to"])
+            st.moved_names.add(moved_to)
             _mark_done(st, key, rec["sha256"], now)
-            log(f"cannot move rejected {src} to {dest} ({exc.strerror or exc}); left where it is")
+            log(f"cannot move {rec.get('result', 'rejected')} {src} to {dest} ({exc.strerror or exc}); left where it is")
     ours = re.compile(re.escape(TMP_PREFIX) + r"\d+-")  # as _atomic_write names them: a user's ".tmp-notes" stays
-    for sub in (MAPS, OVERLAYS, REJECTED, "."):
+    for sub in (MAPS, OVERLAYS, REJECTED, *JUDGED.values(), "."):
         folder = st.out / sub
         for p in folder.glob(f"{TMP_PREFIX}*"):
             if ours.match(p.name):
@@ -708,10 +720,16 @@ def _record_signature(rec: Mapping[str, Any]) -> Signature | None:
     return (rec["size"], rec["mtime_ns"], rec["ctime_ns"]) if "ctime_ns" in rec else (rec["size"], rec["mtime_ns"])
 
 
+def _moved_to(rec: Mapping[str, Any]) -> str | None:
+    """Where ``rec``'s file was moved, relative to OUT_DIR: ``rejected/...`` for a rejected file,
+    ``judged/pass|fail/...`` for a judged one (``move_judged``); None where it stayed."""
+    return rec.get("rejected_to") if rec.get("result") == "rejected" else rec.get("moved_to")
+
+
 def _moved_away(rec: Mapping[str, Any], sig: Signature | None) -> bool:
-    """Whether ``rec`` is a rejected file's, moved to ``rejected/`` (a line without its file's
-    times, ``sig`` None, is done by its content, as before they were recorded)."""
-    return rec.get("result") == "rejected" and bool(rec.get("rejected_to")) and sig is not None
+    """Whether ``rec``'s file was moved out of IN_DIR (a line without its file's times, ``sig``
+    None, is done by its content, as before they were recorded)."""
+    return bool(_moved_to(rec)) and sig is not None
 
 
 def _still_the_judged_file(path: Path, now: Signature, rec: Mapping[str, Any], sig: Signature) -> bool:
@@ -833,30 +851,31 @@ def _base_record(st: _State, key: str, path: Path, sha: str, sig: Signature) -> 
             "model": st.info.name, "model_version": st.info.version, "time": _now_iso()}
 
 
-def _rejected_name(st: _State, key: str, sha: str) -> Path:
-    """Where a rejected file goes: OUT/rejected/ under its relative path ("/" -> "__", as
-    :func:`output_name`), with its content's 12 hex digits when that name is taken, and a count
-    after them when that is taken too (files of one name and content in several sub-folders):
-    never over a file kept there, nor at a name the journal gave another file (one whose move
-    failed)."""
+def _moved_name(st: _State, folder: str, key: str, sha: str) -> Path:
+    """Where a file moved out of IN_DIR goes: OUT/``folder``/ (``rejected`` or a :data:`JUDGED`
+    folder) under its relative path ("/" -> "__", as :func:`output_name`), with its content's 12
+    hex digits when that name is taken, and a count after them when that is taken too (files of one
+    name and content in several sub-folders, or a camera sending one name again): never over a
+    file kept there, nor at a name the journal gave another file (one whose move failed)."""
     stem, suffix = _flat_name(key)
     base = f"{stem}_{sha[:12]}{suffix}"
+    counted = f"{folder}/{base}"
     names = itertools.chain([(None, f"{stem}{suffix}"), (None, base)],
-                            ((n, f"{stem}_{sha[:12]}_{n}{suffix}") for n in itertools.count(st.rejected_count.get(base, 2))))
+                            ((n, f"{stem}_{sha[:12]}_{n}{suffix}") for n in itertools.count(st.moved_count.get(counted, 2))))
     for n, name in names:
-        dest = st.out / REJECTED / name
-        if not os.path.lexists(dest) and dest.relative_to(st.out).as_posix() not in st.rejected_names:
+        dest = st.out / folder / name
+        if not os.path.lexists(dest) and dest.relative_to(st.out).as_posix() not in st.moved_names:
             if n is not None:
-                st.rejected_count[base] = n + 1
+                st.moved_count[counted] = n + 1
             return dest
     raise AssertionError("unreachable: the counts do not end")
 
 
 def _reject(st: _State, key: str, path: Path, sha: str, sig: Signature, reason: str, log) -> None:
-    dest = _rejected_name(st, key, sha)
+    dest = _moved_name(st, REJECTED, key, sha)
     rec = _base_record(st, key, path, sha, sig)
     rec.update(result="rejected", reason=reason, rejected_to=dest.relative_to(st.out).as_posix())
-    st.rejected_names.add(rec["rejected_to"])
+    st.moved_names.add(rec["rejected_to"])
     st.journal.append(rec)
     st.totals.add("rejected")
     st.session.add("rejected")
@@ -868,7 +887,7 @@ def _reject(st: _State, key: str, path: Path, sha: str, sig: Signature, reason: 
         log(f"rejected {path}: {reason} (cannot move it to {dest}: {exc.strerror or exc}; left where it is)")
         return
     _forget(st, [key])  # gone from the folder: a file sent again under its name is a new arrival
-    st.rejected_names.discard(rec["rejected_to"])
+    st.moved_names.discard(rec["rejected_to"])
     log(f"rejected {path}: {reason} (moved to {dest})")
 
 
@@ -1008,12 +1027,25 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
             rec.update(result=result, score=score, threshold=st.threshold, regions=regions[:MAX_REGIONS],
                        map_size=list(m.shape[-2:][::-1]),  # (width, height) of the map and its region boxes: the photo's
                        map=map_path.relative_to(st.out).as_posix(), overlay=ov_path.relative_to(st.out).as_posix())
+            # the line names where the image goes before it goes: a move cut short is completed at start
+            dest = _moved_name(st, JUDGED[result], key, sha) if st.move_judged else None
+            if dest is not None:
+                rec["moved_to"] = dest.relative_to(st.out).as_posix()
+                st.moved_names.add(rec["moved_to"])
             st.journal.append(rec)
             _mark_done(st, key, sha, sig)
             st.totals.add(result)
             st.session.add(result)
             st.last = {"image": key, "result": result, "score": score, "time": rec["time"]}
             n_done += 1
+            if dest is not None:
+                try:
+                    _move(path, dest, sig)
+                except OSError as exc:  # judged all the same (still there: not judged again); tried again at start
+                    log(f"{result} {path}: cannot move it to {dest} ({exc.strerror or exc}); left where it is")
+                else:
+                    _forget(st, [key])  # gone from the folder: a file sent again under its name is a new arrival
+                    st.moved_names.discard(rec["moved_to"])
     dt = time.perf_counter() - t0
     if n_done:
         st.busy_s += dt
@@ -1168,6 +1200,7 @@ def watch(
     log: Callable[[str], None] | None = None,
     lock: bool = True,
     model_changed: Callable[[], str | None] | None = None,
+    move_judged: bool = False,
 ) -> dict[str, Any]:
     """Judge every image dropped into ``in_dir``; results in ``out_dir`` (see the module docstring).
 
@@ -1197,6 +1230,9 @@ def watch(
         model_changed: called at each listing of the whole folder; a text it returns (the model
             file replaced since it was loaded, as the command line checks) is logged, once until
             it returns another.
+        move_judged: move each judged image out of ``in_dir`` into ``out_dir``/judged/pass/ or
+            judged/fail/ once its journal line is written (the line's "moved_to" names where; a
+            move that fails leaves it in place, judged, and is tried again at the next start).
 
     Returns:
         {"counts": totals over the journal {"pass", "fail", "rejected", "total"}, "session": the
@@ -1228,7 +1264,7 @@ def watch(
     if Path(os.path.realpath(out)) in Path(os.path.realpath(in_dir)).parents:  # its own maps would come in as images
         raise WatchError(f"{in_dir}: the folder to watch lies inside the results folder {out}")
     _check_out(out)
-    for sub in (MAPS, OVERLAYS, REJECTED):
+    for sub in (MAPS, OVERLAYS, REJECTED, *(JUDGED.values() if move_judged else ())):
         (out / sub).mkdir(parents=True, exist_ok=True)
     held = _lock(out) if lock else None
     try:
@@ -1239,7 +1275,7 @@ def watch(
         raise
     source = "given to watch()" if threshold is not None else info.extra.get("threshold_source")
     st = _State(info=info, threshold=float(thr), threshold_source=source, in_dir=in_dir, out=out, journal=journal,
-                grace=0.0 if once else max(MIN_GRACE, 10 * settle))
+                grace=0.0 if once else max(MIN_GRACE, 10 * settle), move_judged=move_judged)
     stop = stop or threading.Event()
     wake = threading.Event()
     old_handlers: dict[int, Any] = {}
@@ -1378,6 +1414,10 @@ def add_parser(subparsers) -> None:
                         "10 x --settle when longer (an upload may have stalled; with --once, at once)")
     add_threshold_options(w, "fails")
     w.add_argument("--recursive", action="store_true", help="also watch sub-folders")
+    w.add_argument("--move-judged", action="store_true",
+                   help="move each judged image out of the drop folder into OUT/judged/pass/ or OUT/judged/fail/ "
+                        "once its result is in the journal (its line's \"moved_to\"): the drop folder holds only "
+                        "what waits (default: judged images stay where they are)")
     w.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default)")
     w.set_defaults(func=command)
 
@@ -1449,7 +1489,7 @@ def command(args) -> int:
         raise WatchError(f"{args.run}: the model file holds no image threshold; give one with --threshold")
     folder = _open_out(out.absolute(), [in_dir, args.run], out)
     try:
-        for sub in (MAPS, OVERLAYS, REJECTED):
+        for sub in (MAPS, OVERLAYS, REJECTED, *(JUDGED.values() if args.move_judged else ())):
             folder.mkdir(sub)
         folder.record_many([JOURNAL, STATUS])
         named = info.extra.get("threshold_image")
@@ -1458,7 +1498,7 @@ def command(args) -> int:
               flush=True)
         watch(lambda x: det.predict_batched(x, images_per_batch=args.batch_size), info, in_dir, out, once=args.once,
               batch_size=args.batch_size, poll_interval=args.poll, rescan_interval=args.rescan, settle=args.settle,
-              recursive=args.recursive, lock=False, model_changed=model_changed)
+              recursive=args.recursive, lock=False, model_changed=model_changed, move_judged=args.move_judged)
     finally:
         folder.release()
     return 0

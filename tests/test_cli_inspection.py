@@ -117,6 +117,26 @@ def test_watch_once_judges_resumes_and_refuses(tiny, tmp_path, capsys):
     assert {r["result"] for r in journal(low)} == {"fail"} and journal(low)[0]["threshold"] == -1e9
 
 
+def test_watch_move_judged_empties_the_drop_folder_through_the_command_line(tiny, tmp_path, capsys):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    sent = {f"part{i}.png": p.read_bytes() for i, p in enumerate(sorted((tiny["data"] / "test" / "scratch").glob("*.png"))[:2])}
+    for name, data in sent.items():
+        (src / name).write_bytes(data)
+    base = ["watch", tiny["run"], src, "--out", out, "--once", "--device", "cpu", "--poll", "0.05", "--settle", "0.05"]
+    status, _, err = cli(base + ["--move-judged"], capsys)
+    assert status == 0, err
+    assert list(src.iterdir()) == []
+    for rec in journal(out):
+        assert rec["moved_to"] == f"judged/{rec['result']}/{rec['image']}"
+        assert (out / rec["moved_to"]).read_bytes() == sent[rec["image"]]
+    assert {"judged/pass", "judged/fail"} <= set(json.loads((out / MANIFEST_NAME).read_text())["dirs"])
+    # the folder is resumed with or without the option: its journal and moved images are its own
+    (src / "late.png").write_bytes(png_bytes(4))
+    assert cli(base, capsys)[0] == 0
+    assert (src / "late.png").is_file() and len(journal(out)) == 3 and "moved_to" not in journal(out)[-1]
+
+
 def test_watch_refusals_keep_user_files(tiny, tmp_path, capsys):
     src = tmp_path / "in"
     src.mkdir()

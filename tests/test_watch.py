@@ -1388,14 +1388,14 @@ def test_many_bad_copies_of_one_frame_name_do_not_look_at_every_earlier_name(tmp
     names = []
     for _ in range(60):
         looks.clear()
-        dest = watch_mod._rejected_name(st, "frame.png", sha)
+        dest = watch_mod._moved_name(st, "rejected", "frame.png", sha)
         dest.write_bytes(b"x")
         names.append(dest.name)
         assert len(looks) <= 3, len(looks)
     assert names[:4] == ["frame.png", f"frame_{sha[:12]}.png", f"frame_{sha[:12]}_2.png", f"frame_{sha[:12]}_3.png"]
     assert len(set(names)) == 60
-    st.rejected_count.clear()  # a new start: the counts are found again, once
-    assert watch_mod._rejected_name(st, "frame.png", sha).name == f"frame_{sha[:12]}_60.png"
+    st.moved_count.clear()  # a new start: the counts are found again, once
+    assert watch_mod._moved_name(st, "rejected", "frame.png", sha).name == f"frame_{sha[:12]}_60.png"
 
 
 def test_an_idle_status_write_that_fails_is_said_once_and_the_service_goes_on(tmp_path, monkeypatch):
