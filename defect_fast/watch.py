@@ -419,9 +419,13 @@ def _signature(path: Path) -> Signature:
 
 def _move(src: Path, dest: Path, sig: Signature | None = None) -> None:
     """Rename, or copy + fsync + rename + unlink across file systems (never loses the file). With
-    ``sig`` (size, mtime_ns, ctime_ns as judged), a copy is put in place and the source removed
-    only when the source still has it after the copy: a file a writer went on with is left where
-    it is (an OSError), not cut off in the copy while the rest goes into the removed file."""
+    ``sig`` (size, mtime_ns, ctime_ns as judged), a file that no longer has it is left where it is
+    (an OSError): one a camera wrote again under its name after it was read is a new frame, not
+    judged yet, not to be moved under the first one's line; and a copy is put in place and the
+    source removed only when the source still has it after the copy: a file a writer went on with
+    is not cut off in the copy while the rest goes into the removed file."""
+    if sig is not None and not _same_signature(sig, _signature(src)):
+        raise OSError(errno.EBUSY, "it changed since it was read (written again under its name)", str(src))
     try:
         os.replace(src, dest)
         return

@@ -892,11 +892,19 @@ def test_a_move_across_file_systems_leaves_a_file_that_changed_in_place(tmp_path
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
     monkeypatch.setattr(watch_mod.os, "replace", cross_device)
-    with open(src, "ab") as fh:  # the writer went on after the file was judged
-        fh.write(b" and the rest")
+    real_copy = watch_mod.shutil.copy2
+
+    def copy_while_written(a, b):
+        real_copy(a, b)
+        with open(src, "ab") as fh:  # the writer went on while the file was copied
+            fh.write(b" and the rest")
+
+    monkeypatch.setattr(watch_mod.shutil, "copy2", copy_while_written)
     with pytest.raises(OSError, match="changed while it was copied"):
         watch_mod._move(src, dest, judged)
     assert src.read_bytes() == b"half a photo and the rest" and list(dest.parent.iterdir()) == []
+    with pytest.raises(OSError, match="changed since it was read"):  # and one that changed before the move
+        watch_mod._move(src, dest, judged)
     monkeypatch.undo()
 
 

@@ -1,7 +1,9 @@
 """watch with ``move_judged``: each judged image leaves the drop folder for OUT/judged/pass|fail/
 once its journal line is written, exactly once across crashes, failed moves and restarts."""
 import errno
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -142,3 +144,30 @@ def test_a_restart_without_move_judged_still_finishes_a_move_its_journal_names(t
     run_once(src, out)
     assert (out / cut["moved_to"]).is_file() and not (src / cut["image"]).exists()
     assert len(journal(out)) == 3 and json.loads((out / "status.json").read_text())["counts"]["total"] == 3
+
+
+@pytest.mark.parametrize("judged", [True, False])
+def test_a_file_written_again_while_it_is_judged_is_not_moved_under_the_first_one_s_line(tmp_path, monkeypatch, judged):
+    """A camera that writes every frame to one name (write, then rename) can replace the file
+    after it was read: the move after the journal line took the new frame, never judged, to the
+    first one's place (judged/ or rejected/). It is left in the folder and judged on its own."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    first, second = png_bytes(5, bright=0.3) if judged else b"not a png", png_bytes(6, bright=0.35)
+    (src / "frame.png").write_bytes(first)
+    real = Journal.append
+
+    def append(self, record):
+        real(self, record)
+        if len(journal(out)) == 1:  # the next frame arrives as the first one's line is written
+            (src / "frame.png.tmp").write_bytes(second)
+            os.replace(src / "frame.png.tmp", src / "frame.png")
+
+    monkeypatch.setattr(Journal, "append", append)
+    _, lines = run_once(src, out, move_judged=True)
+    recs = journal(out)
+    assert [r["sha256"] for r in recs] == [hashlib.sha256(d).hexdigest() for d in (first, second)], lines
+    was, now = (out / (r.get("moved_to") or r["rejected_to"]) for r in recs)
+    assert not was.exists()  # the first frame was written over in the folder: its place stays empty
+    assert now.read_bytes() == second and list(src.iterdir()) == []
+    assert any("changed since it was read" in line for line in lines)
