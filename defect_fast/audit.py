@@ -54,7 +54,7 @@ DEFAULT_FOLDS = 2
 
 def fold_parts(train_idx: list[int], keys: list[str], folds: int) -> list[list[int]]:
     """``train_idx`` in ``folds`` parts: the image at position j in part j mod ``folds``, except that
-    identical images (the same ``keys[i]``, :func:`defect_fast.train.image_keys`) go with the first
+    identical images (the same ``keys[i]``, :func:`defect_fast.data.io.image_keys`) go with the first
     of them: a copy in the other parts would be in the fit of the detector that scores it, and hide
     a defective photograph that the folder holds twice."""
     first: dict[str, int] = {}
@@ -104,7 +104,8 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
     from .evaluate import check_finite
     from .runs import RunError, load_model_state, model_file, model_from_state, resolve_device, stored_trunk
     from .safety import OutputFolder, UsageError, atomic_open, output_stems, real_path
-    from .train import TrainConfig, finish_run, fits_on_training_images, image_keys, images_digest, where_now
+    from .data.io import image_keys
+    from .train import TrainConfig, finish_run, fits_on_training_images, images_digest, where_now
 
     if folds < 2:
         raise UsageError(f"--folds must be 2 or more, got {folds}")

@@ -82,7 +82,8 @@ def seen_test_images(state: dict[str, Any], images: torch.Tensor, paths: list, r
     on them. ``what`` names the images in the warnings. None when the model file records nothing
     (written before the record)."""
     from .recalibrate import recorded_keys
-    from .train import TrainConfig, image_keys
+    from .data.io import image_keys
+    from .train import TrainConfig
 
     cfg = TrainConfig.from_json(state["train_config"]) if state.get("train_config") else None
     recorded = recorded_keys(state, cfg)

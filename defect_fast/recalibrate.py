@@ -47,12 +47,12 @@ OUTPUT_FILES = ("model.pt", "calibration.json")
 
 
 def _seen_images(state: dict[str, Any], cfg) -> tuple[list[bytes] | None, str]:
-    """Pixel keys (:func:`defect_fast.train.image_keys`) of the images the run trained on or fitted
+    """Pixel keys (:func:`defect_fast.data.io.image_keys`) of the images the run trained on or fitted
     its map statistics on, and a note: from the model file (``image_keys``, written by training
     since calibrate exists) or, for older files, from the run's training folder as it is now;
     (None, why) when that cannot be read."""
     from .data.dataset import load_train_images
-    from .train import image_keys
+    from .data.io import image_keys
 
     recorded = recorded_keys(state, cfg)
     if recorded is not None and recorded["seen"] is not None:
@@ -75,7 +75,7 @@ def _seen_images(state: dict[str, Any], cfg) -> tuple[list[bytes] | None, str]:
 
 def recorded_keys(state: dict[str, Any], cfg=None) -> dict[str, list[bytes] | None] | None:
     """What the model file records of the images behind it (``image_keys``, pixel keys as
-    :func:`defect_fast.train.image_keys` gives them): ``{"seen": the images the run trained on or
+    :func:`defect_fast.data.io.image_keys` gives them): ``{"seen": the images the run trained on or
     fitted its map statistics on, "thresholds": those its stored thresholds were set on}`` (an
     earlier ``calibrate``'s images; else the held-back images the map was not fitted on; with none
     held back, the training images). None for a file without the record (written before it);
@@ -171,7 +171,8 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
     from .detect import Detector
     from .runs import MODEL_FILE, RunError, load_model_state, model_file
     from .safety import OutputFolder, save_with_digest
-    from .train import TrainConfig, image_keys
+    from .data.io import image_keys
+    from .train import TrainConfig
 
     if out is None:
         raise UsageError("calibrate: --out is required")

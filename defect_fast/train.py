@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from .calibration import count_text, scores_named
 from .data.dataset import to_model_range
+from .data.io import image_keys
 from .data.patches import grid_shape
 from .layers import keep_matrix_weights_contiguous
 from .losses.ssim import objective as ssim_objective
@@ -952,11 +953,6 @@ def _fits_on_train(fit_on: str, n_train: int) -> bool:
     """Whether :func:`finish_run` fits the map statistics on the training images (``--fit-on
     train`` and at least 2 of them), rather than on half of the held-back images."""
     return fit_on == "train" and n_train >= 2
-
-
-def image_keys(images: torch.Tensor) -> list[bytes]:
-    """SHA-256 of each image's pixels as read [N, C, S, S]: equal keys, equal images."""
-    return [hashlib.sha256(img.contiguous().numpy().tobytes()).digest() for img in images]
 
 
 def _warn_duplicates(keys: list[bytes], paths: list[Path], train_idx: list[int], held_idx: list[int]) -> None:

@@ -472,7 +472,7 @@ def test_a_run_that_held_back_nothing_names_its_training_images_as_trained_only(
     import warnings
 
     from defect_fast.evaluate import seen_test_images
-    from defect_fast.train import image_keys
+    from defect_fast.data.io import image_keys
 
     images = torch.stack([torch.full((3, 8, 8), v, dtype=torch.uint8) for v in (10, 20, 30)])
     keys = image_keys(images)

@@ -14,6 +14,7 @@ bad ones in one error, so a broken folder is fixed in one pass instead of one fi
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import warnings
@@ -918,6 +919,12 @@ def image_stack(shape: tuple[int, ...], where: str | os.PathLike, dtype: torch.d
         gib = math.prod(shape) * torch.empty((), dtype=dtype).element_size() / 2**30
         raise DataError(f"{where}: {n} images at {side} x {side} need {gib:.1f} GiB in memory, more than this "
                         "process can allocate; use a smaller --image-size or fewer images") from None
+
+
+def image_keys(images: torch.Tensor) -> list[bytes]:
+    """SHA-256 of each image's pixels as read [N, C, S, S]: equal keys, equal images (the keys a
+    model file records of the images its run trained on and set its thresholds on)."""
+    return [hashlib.sha256(img.contiguous().numpy().tobytes()).digest() for img in images]
 
 
 def read_images(
