@@ -55,6 +55,7 @@ summation order.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 import numbers
@@ -341,6 +342,10 @@ def find_regions(m: np.ndarray, threshold: float) -> list[dict[str, Any]]:
 
 
 #: Calibration keys that hold thresholds or name what set them (older model files: score_max, pixel_q999).
+#: What a model file records of the run behind its weights (its configuration, the images it held
+#: back, the pixel keys of the images it trained on and set its thresholds on): a Detector loaded
+#: from it keeps them, and :meth:`Detector.save` writes them again.
+RUN_RECORD = ("train_config", "held_back", "image_keys")
 THRESHOLD_KEYS = ("image_threshold", "pixel_threshold", "score_max", "pixel_q999", "threshold_image", "highest_scores",
                   "held_back_scores", "score_brightness_rank_correlation")
 
@@ -767,6 +772,9 @@ class Detector(nn.Module):
             longest = max(set_aside, key=lambda m: len(m.convs))
             detector._spare_trunk = {k: w.to(detector.device) for k, w in
                                      longest.trunk_weights(len(longest.convs)).items()}
+        # what the file records of the run behind the weights, which save() writes again: calibrate
+        # refuses the images they were trained on, evaluate names them in a test set, audit refits
+        detector.__dict__["_run_record"] = copy.deepcopy({k: state[k] for k in RUN_RECORD if state.get(k) is not None})
         return detector
 
     # -- the traced pipeline -------------------------------------------------------------------
@@ -1474,7 +1482,8 @@ class Detector(nn.Module):
 
         _check_not_forked(self.threads)
         # checked once, as calibrate's (through predict_batched, its warnings came twice)
-        res = self._predict_batched(self._at_model_size(self._checked_batch(normal_images, "calibrate")), 8, False)
+        given = self._at_model_size(self._checked_batch(normal_images, "calibrate"))
+        res = self._predict_batched(given, 8, False)
         check_finite(res, names, None, self.precision, "defect-free images")
         if far is None:  # the rate asked before (it stays when a fit sets the thresholds aside)
             far = (self.calibration or {}).get("far") or DEFAULT_FAR
@@ -1482,6 +1491,12 @@ class Detector(nn.Module):
         cal["pixel_q999"] = colour_scale(res["maps"])
         cal["precision"] = self.precision  # what the scores were computed in (load warns of another)
         self.calibration = cal
+        record = self.__dict__.get("_run_record") or {}
+        if isinstance(record.get("image_keys"), dict):  # the images the thresholds now rest on, as calibrate records them
+            from .data.io import image_keys
+
+            keys = image_keys(given.cpu()) if given.dtype == torch.uint8 else []  # float pixels: not as a file reads
+            record["image_keys"] = {**record["image_keys"], "calibrated": [k.hex() for k in keys]}
         return cal
 
     @torch.no_grad()
@@ -1535,8 +1550,10 @@ class Detector(nn.Module):
         """A model file of this Detector as it stands, which :meth:`load` reads back: the model's
         weights, the inference settings (map, stride, blend, smoothing), the thresholds
         (:attr:`calibration`, e.g. of :meth:`calibrate`), the statistics of :meth:`fit_normalization`,
-        and the perceptual map and image context when fitted; with a tensor digest, as training
-        writes them. Runtime options (precision, fuse, device, batch size, compile, CUDA graphs)
+        and the perceptual map and image context when fitted, and :data:`RUN_RECORD`, the record
+        of the run behind the weights that the loaded file held (none after :meth:`load_state_dict`
+        of other weights; after :meth:`calibrate`, the pixel keys of its uint8 images as the ones its
+        thresholds rest on); with a tensor digest, as training writes them. Runtime options (precision, fuse, device, batch size, compile, CUDA graphs)
         are given again to :meth:`load` (in bfloat16 a fused and an unfused model round
         differently: the maps are the same only with the same options). An existing file is
         replaced only with ``overwrite`` (nor one another process writes there while this one is
@@ -1574,6 +1591,7 @@ class Detector(nn.Module):
             state["perceptual"] = self.image_map.state()
         if self.context is not None:
             state["context"] = self.context.state()
+        state.update(copy.deepcopy(self.__dict__.get("_run_record") or {}))
         try:  # a file that appeared at ``path`` since the check is not replaced without ``overwrite``
             return save_with_digest(state, path, replace=overwrite, unlisted=True)
         except FileExistsError:
@@ -1608,6 +1626,7 @@ class Detector(nn.Module):
             self._set_aside_thresholds("set on the weights load_state_dict replaced (calibrate again, or save and "
                                        "load the Detector whose weights these are: its file carries its thresholds)")
             self.trained_proportions = None  # those of the images other weights were trained on: not known
+            self.__dict__["_run_record"] = {}  # nor which images they were, or how they were trained
             if self.fuse:
                 self.__dict__["_source"] = None
 

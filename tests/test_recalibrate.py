@@ -499,3 +499,34 @@ def test_calibration_images_far_from_the_trained_proportions_are_said(runs, tmp_
     assert status == 0, err
     assert f"calibrate inputs: 1 of 10 images are of other proportions than the training images (width:height 1:1): " \
            f"{folder / '0.png'} (512x64)" in err, err
+
+
+def test_a_detector_saved_in_python_keeps_the_record_of_the_run_behind_its_weights(runs, tmp_path, capsys):
+    """Detector.save wrote the weights, settings and thresholds only: calibrate then took the run's
+    training images without a word (it could not check them), evaluate named none of them in a test
+    set, and audit refused the file. The record goes with the weights; a calibrate in Python records
+    its images as defect-fast calibrate does; other weights loaded into the Detector leave no record."""
+    from defect_fast.data.io import image_keys
+
+    RUN_RECORD = ("train_config", "held_back", "image_keys")
+    run_state = load_model_state(runs["run"])
+    det = Detector.load(runs["run"], device="cpu")
+    saved = load_model_state(det.save(tmp_path / "line.pt"))
+    assert all(saved[k] == run_state[k] for k in RUN_RECORD)
+    held = set(run_state["held_back"])
+    trained = [p for p in sorted((runs["data"] / "train" / "good").glob("*.png")) if str(p) not in held][:2]
+    refused(*cli(["calibrate", tmp_path / "line.pt", *trained, "--out", tmp_path / "cal", "--device", "cpu"],
+                 capsys)[::2], "2 of the images", "trained on")
+
+    parts = sorted(runs["more"].glob("*.png"))[:20]
+    det.calibrate(read_images(parts, SIZE))
+    keys = load_model_state(det.save(tmp_path / "line2.pt"))["image_keys"]
+    assert keys["calibrated"] == [k.hex() for k in image_keys(read_images(parts, SIZE))]
+    assert keys["trained"] == run_state["image_keys"]["trained"]
+    assert run_state["image_keys"].get("calibrated") is None  # the loaded file's record is left as it was
+
+    other = Detector.load(runs["run"], device="cpu", fuse=False)
+    weights = other.state_dict()
+    name = next(k for k, v in weights.items() if v.is_floating_point() and v.numel() > 1)
+    other.load_state_dict({**weights, name: weights[name] + 1})  # weights of another training
+    assert not set(RUN_RECORD) & set(load_model_state(other.save(tmp_path / "other.pt")))
