@@ -199,7 +199,7 @@ def image_threshold(scores, far: float = DEFAULT_FAR, *, fallback: bool = True, 
                 f"{k}/{n + 1} = {k / (n + 1):.4g} <= {far:g} (95 % upper bound {_beta_upper(k, n):.3g})")
         return ImageThreshold(float(desc[k - 1]), far, k / (n + 1), _beta_upper(k, n), n, k, need, True, note)
     short = (f"far={far:g} needs at least {count_text(need)} {images} defect-free images (k/(n+1) <= far with k >= 1) "
-             f"but only {n} are at hand; the lowest expected false-alarm rate {n} allow is 1/{n + 1} = {1 / (n + 1):.4g}")
+             f"but only {n} are at hand; the lowest expected false-alarm rate {n} allow is 1/{n + 1} = {round_up(1 / (n + 1)):.4g}")
     if not fallback:
         raise CalibrationError(short)
     note = short + f"; using the largest {images} score (95 % upper bound of its rate {_beta_upper(1, n):.3g})"
@@ -554,11 +554,11 @@ def operating_points(scores, labels, calibration: Mapping[str, Any] | None) -> l
     if not stored or not n:
         return []
     last = min(len(stored), OPERATING_RANKS, max(1, _rank_for(OPERATING_FAR, n)))
-    return [{"rank": k, "far_expected": k / (n + 1), "far": _round_up(k / (n + 1)), **rates_at(scores, labels, stored[k - 1])}
+    return [{"rank": k, "far_expected": k / (n + 1), "far": round_up(k / (n + 1)), **rates_at(scores, labels, stored[k - 1])}
             for k in range(1, last + 1)]
 
 
-def _round_up(x: float, digits: int = 4) -> float:
+def round_up(x: float, digits: int = 4) -> float:
     """``x`` > 0 rounded up to ``digits`` significant digits (never below it, so that a rate
     k / (n + 1) printed this way still picks rank k: floor(far (n + 1)) = k)."""
     scale = 10.0 ** (digits - 1 - math.floor(math.log10(x)))

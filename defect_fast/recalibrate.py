@@ -166,7 +166,7 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
         UsageError: no images asked for, too few for ``far``; DataError: unreadable images, images the
         run trained on; RunError: a damaged run, held-back images gone; OutputRefused: ``out``.
     """
-    from .calibration import DEFAULT_FAR, count_text, min_images_for, scores_named
+    from .calibration import DEFAULT_FAR, count_text, min_images_for, round_up, scores_named
     from .data.io import blank_images, collect_images, read_images
     from .detect import Detector
     from .runs import MODEL_FILE, RunError, load_model_state, model_file
@@ -253,7 +253,7 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
     n = batch.shape[0]
     if asked and n < min_images_for(far):
         raise UsageError(f"--far {far:g}: needs at least {count_text(min_images_for(far))} defect-free images, got {n}; the "
-                         f"lowest rate {n} allow is 1/{n + 1} = {1 / (n + 1):.4g}")
+                         f"lowest rate {n} allow is 1/{n + 1} = {round_up(1 / (n + 1)):.4g}")
 
     before = dict(state.get("calibration") or {})
     names = [str(Path(p).resolve()) for p in paths]  # as training names its held-back images

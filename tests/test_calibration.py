@@ -90,6 +90,17 @@ def test_too_few_images_says_so():
     assert t.threshold == 1.0
     assert t.far_expected == pytest.approx(1 / 17)
     assert t.n_needed == 99 and t.n_images == 16
+
+
+@pytest.mark.parametrize("n", [16, 120, 999])
+def test_the_lowest_rate_a_refusal_names_is_one_the_images_allow(n):
+    """1/17 = 0.0588235... was printed 0.05882, rounded down: given back, it was refused again."""
+    import re
+
+    with pytest.raises(CalibrationError) as info:
+        image_threshold(np.linspace(0, 1, n), 1e-6, fallback=False)
+    named = float(re.search(rf"1/{n + 1} = ([0-9.e-]+)", str(info.value)).group(1))
+    assert image_threshold(np.linspace(0, 1, n), named, fallback=False).sufficient
     with pytest.raises(CalibrationError, match="no held-back"):
         image_threshold([], 0.01)
 

@@ -354,8 +354,12 @@ def test_blank_frames_are_left_out_of_the_thresholds(runs, tmp_path, capsys):
 def test_a_far_that_needs_one_image_more_than_given_is_refused(runs, tmp_path, capsys):
     out = tmp_path / "cal"
     # 120 images; far 0.0082 needs ceil(1/0.0082) - 1 = 121
-    refused(*cli(["calibrate", runs["run"], runs["more"], "--far", "0.0082", "--out", out, "--device", "cpu"],
-                 capsys)[::2], "--far 0.0082", "121", "120")
+    status, _stdout, err = cli(["calibrate", runs["run"], runs["more"], "--far", "0.0082", "--out", out, "--device", "cpu"],
+                               capsys)
+    refused(status, err, "--far 0.0082", "121", "120")
+    lowest = err.strip().rsplit(" = ", 1)[1]  # the lowest rate it names, given back, is taken
+    assert float(lowest) >= 1 / 121
+    assert cli(["calibrate", runs["run"], runs["more"], "--far", lowest, "--out", out, "--device", "cpu"], capsys)[0] == 0
 
 
 def test_an_older_file_still_refuses_the_held_back_images_its_map_was_fitted_on(runs, tmp_path, capsys):
