@@ -718,11 +718,15 @@ class ModelInfo:
         ``far`` sets it for that false-alarm rate from the stored held-back scores
         (:func:`threshold_at_far`; ``extra["far"]`` then says so).
         ``extra["threshold_image"]``: the image whose score the threshold is, when the file names
-        it and the threshold is not given on the command line; ``extra["threshold_images"]`` then
-        says what its images are (:func:`scored_images`)."""
+        it and the threshold is not given on the command line; ``extra["threshold_images"]`` says
+        what the images whose scores set it are (:func:`scored_images`); ``extra["far_expected"]``
+        and ``extra["n_calibration_images"]``: its expected false-alarm rate k / (n + 1) and n
+        (as :func:`evaluate_thresholds` gives them; None for a threshold given as a number)."""
         chosen = chosen_threshold(calibration, threshold, far)
-        named = {"threshold_image": chosen.image_name, "threshold_images": scored_images(calibration)} \
-            if chosen.image_name else {}
+        named = {"threshold_image": chosen.image_name} if chosen.image_name else {}
+        extra = {"threshold_images": scored_images(calibration), "far_expected": chosen.far_expected,
+                 "n_calibration_images": (calibration or {}).get("n_images") if chosen.far_expected is not None else None,
+                 **extra}
         if far is not None:
             extra = {**extra, "far": far, **named}
         elif chosen.image_name:

@@ -86,7 +86,7 @@ def _print_thresholds(th: dict | None, out=None) -> None:
           f"{_fmt(at['miss_rate'])} ({at['misses']}/{at['n_defective']} defective images)", file=out)
     points = th.get("operating_points") or []
     if len(points) > 1:
-        print("thresholds --far can set (the k-th highest held-back score) and their rates here:", file=out)
+        print(f"thresholds --far can set (the k-th highest {images} score) and their rates here:", file=out)
         print(f"  {'--far':>8} {'k':>3} {'threshold':>10} {'false alarms':>14} {'misses':>14}", file=out)
         for p in points:
             fa, miss = f"{p['false_alarms']}/{p['n_good']}", f"{p['misses']}/{p['n_defective']}"

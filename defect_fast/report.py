@@ -440,10 +440,16 @@ def write_report(
             metrics["at_threshold"] = r
             stored = meta is not None and threshold is None  # the rate asked was asked of the stored threshold
             asked = meta.extra.get("far") if stored else None
+            # what the threshold's own images lead to expect, beside what was asked (evaluate says both): a
+            # few held-back images give a threshold whose rate is well above the one asked, which is no failure
+            expected = meta.extra.get("far_expected") if stored else None
+            scored = (meta.extra.get("threshold_images") if stored else None) or "calibration"
             rows.append(("threshold in use", threshold_text(thr)))
             if has_good:
                 rows.append(("false-alarm rate at it", f"{_fmt(r['false_alarm_rate'])} ({r['false_alarms']} of {r['n_good']} good)"
-                             + (f"; asked {asked:g}" if isinstance(asked, (int, float)) else "")))
+                             + (f"; asked {asked:g}" if isinstance(asked, (int, float)) else "")
+                             + (f", expected {_fmt(expected)} from {meta.extra.get('n_calibration_images')} {scored} images"
+                                if isinstance(expected, (int, float)) else "")))
             if has_bad:
                 rows.append(("miss rate at it", f"{_fmt(r['miss_rate'])} ({r['misses']} of {r['n_defective']} defective)"))
         if rows:
@@ -451,7 +457,8 @@ def write_report(
         points = operating_points(s, y, meta.extra.get("held_back")) if meta is not None and has_bad and has_good else []
         if len(points) > 1:
             metrics["operating_points"] = points
-            body.append("<p>Thresholds <code>--far</code> can set (the k-th highest held-back score) and their rates "
+            body.append(f"<p>Thresholds <code>--far</code> can set (the k-th highest "
+                        f"{html.escape(meta.extra.get('threshold_images') or 'held-back')} score) and their rates "
                         "here:</p><table><tr><th>--far</th><th>k</th><th>threshold</th><th>false alarms</th>"
                         "<th>misses</th></tr>" + "".join(
                             f"<tr><td>{p['far']:.4g}</td><td>{p['rank']}</td><td>{threshold_text(p['threshold'])}</td>"

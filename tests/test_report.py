@@ -366,6 +366,30 @@ def test_a_set_of_one_kind_still_gets_the_metrics_it_supports(tmp_path, kind):
         assert "false-alarm rate at it" in text and "miss rate at it" not in text and "asked 0.01" in text
 
 
+def test_the_rate_at_the_threshold_is_put_beside_the_one_its_images_lead_to_expect(tmp_path):
+    """20 calibration images cannot give a 1 % threshold (the largest score is used: 1/21
+    expected): the page said "asked 0.01" beside the rate on the test images, which reads as a
+    failure; evaluate says what was asked and what was expected, and so does the page. The table
+    of the thresholds --far can set names the images whose scores they are."""
+    import warnings
+
+    from defect_fast.calibration import calibrate
+
+    images, masks, labels, classes = make_set(n_good=30, n_bad=6)
+    res = stub_predict(images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # too few images for the rate: said at calibration
+        cal = calibrate(res["scores"][:20] * 0.9, res["maps"][:20], 0.01, images="calibration")
+    info = ModelInfo.from_calibration(S, "m", "v", cal)
+    info.extra.update(far=0.01, held_back=cal)  # as from_detector adds them
+    out = write_report(tmp_path / "r.html", names=[f"i{i}.png" for i in range(36)], images=images, maps=res["maps"],
+                       scores=res["scores"], labels=labels, masks=masks, classes=classes, meta=info)
+    text = Path(out["path"]).read_text()
+    assert "; asked 0.01, expected 0.0476 from 20 calibration images" in text
+    assert len(out["metrics"]["operating_points"]) > 1 and "the k-th highest calibration score" in text
+    assert "held-back" not in text
+
+
 def test_names_that_are_not_utf8_small_tiles_what_is_missing_and_no_silent_replace(tmp_path):
     """A Latin-1 file name ("Prüf" as the file system gives it) ended the report after all its work
     with an internal error; maps and overlays were embedded at the model's size whatever the tile's
