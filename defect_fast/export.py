@@ -75,6 +75,8 @@ class _CheckedImages(torch.nn.Module):
                 or images.size(3) != self.image_size:
             raise RuntimeError("defect_fast detector: images must be [B, 3, S, S] with S = " + str(self.image_size)
                                + " (resize them first)")
+        if images.size(0) < 1:
+            raise RuntimeError("defect_fast detector: images must be [B, 3, S, S] with B >= 1 (got no images)")
         return self.traced(images)
 
 

@@ -79,11 +79,12 @@ def test_exported_files_refuse_float_images_and_other_sizes(run, tmp_path, fmt, 
     out = tmp_path / f"det.{suffix}"
     assert main(["export", str(run), "--format", fmt, "--out", str(out)]) == 0
     x = _images(2)
-    for bad in (x.float() / 127.5 - 1, x[:, :, :96, :96]):
-        with pytest.raises(Exception) as info:
+    for bad, said in ((x.float() / 127.5 - 1, "uint8"), (x[:, :, :96, :96], "S = 128"), (x[:0], "B >= 1")):
+        with pytest.raises(Exception) as info:  # (no images: a reshape's error, not what it takes)
             _run_exported(fmt, out, bad)
-        if fmt == "torchscript":
-            assert "images must be" in str(info.value)
+        if fmt == "torchscript":  # its last line (TorchScript's trace above it quotes the checks' source)
+            assert "defect_fast detector: images must be" in str(info.value).strip().splitlines()[-1]
+            assert said in str(info.value).strip().splitlines()[-1]
     if fmt == "torchscript":
         assert torch.jit.load(str(out)).image_size == 128  # what the C++ runner resizes to
 
