@@ -594,6 +594,9 @@ def cmd_info(args) -> int:
 def cmd_export(args) -> int:
     from .export import export
 
+    if args.format == "exported" and Path(args.out).suffix.lower() != ".pt2":  # before the model is read
+        raise UsageError(f"--out {args.out}: --format exported writes a torch.export program, which "
+                         "torch.export.load reads from a name ending in .pt2; name it so")
     with far_errors(args.run, args.far):
         path = export(args.run, args.out, args.format, batch=args.batch, map_kind=args.map, stride=args.stride,
                       smooth_sigma=args.smooth, blend=args.blend, overwrite=args.overwrite, precision=args.precision,
@@ -765,7 +768,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     x.add_argument("run", type=input_path, help="run folder (or model.pt)")
     x.add_argument("--format", required=True, choices=FORMATS,
                    help="onnx (onnxruntime and others; needs the onnx package), torchscript (LibTorch, the C++ runner) "
-                   "or exported (torch.export's program)")
+                   "or exported (torch.export's program; --out FILE.pt2)")
     x.add_argument("--out", required=True, type=output_path, help="output file (FILE.json is written beside it)")
     x.add_argument("--batch", type=positive_int, default=1, help="images per call in the traced graph (default 1)")
     add_inference_options(x)

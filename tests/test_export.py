@@ -209,7 +209,7 @@ def test_bfloat16_torchscript_is_the_bfloat16_detector(run, tmp_path):
 
 @pytest.mark.parametrize("fmt", ["onnx", "exported"])
 def test_bfloat16_export_is_torchscript_only(run, tmp_path, capsys, fmt):
-    out = tmp_path / "det.file"
+    out = tmp_path / f"det.{'pt2' if fmt == 'exported' else 'onnx'}"
     assert main(["export", str(run), "--format", fmt, "--precision", "bfloat16", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "--precision bfloat16" in err and "torchscript" in err and not out.exists()
@@ -220,6 +220,16 @@ def test_export_refuses_to_overwrite(run, tmp_path, capsys):
     out.write_bytes(b"keep")
     assert main(["export", str(run), "--format", "torchscript", "--out", str(out)]) == 2
     assert "exists" in capsys.readouterr().err and out.read_bytes() == b"keep"
+
+
+def test_a_torch_export_program_under_another_name_than_pt2_is_refused(run, tmp_path, capsys):
+    """torch.export.load reads a program from a name ending in .pt2 (of another, it said "Unable to
+    load package ... f must be a buffer or a file ending in .pt2" and may not read it at all)."""
+    out = tmp_path / "det.exported"
+    assert main(["export", str(run), "--format", "exported", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "det.exported" in err and ".pt2" in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_export_far_writes_that_rate_s_threshold_in_the_sidecar(run, tmp_path, capsys):
