@@ -744,6 +744,11 @@ class Detector(nn.Module):
         smooth_sigma = smooth_sigma if smooth_sigma is not None else stored.get("smooth_sigma", 0.0)
         if options.get("blend") is None:
             options["blend"] = stored.get("blend", "none")
+        if isinstance(stride, int) and 0 < stride <= model.patch_size:  # the grid of the file's size: strides only
+            try:
+                grid_shape(state["image_size"], model.patch_size, stride, size_fixed=True)
+            except (ValueError, TypeError) as exc:
+                raise SettingError(f"{where}: {exc}") from None
         try:
             detector = cls(model, image_size=state["image_size"], map_kind=map_kind, stride=stride,
                            device=resolve_device(device), calibration=calibration, smooth_sigma=smooth_sigma,

@@ -22,20 +22,24 @@ def _pair(size: int | tuple[int, int] | torch.Size) -> tuple[int, int]:
     return h, w
 
 
-def _fit_hint(length: int, patch: int, stride: int) -> str:
-    """Nearby image sizes, and strides, that would fit ``patch`` exactly."""
+def _fit_hint(length: int, patch: int, stride: int, size_fixed: bool = False) -> str:
+    """Nearby image sizes, and strides, that would fit ``patch`` exactly (strides only where the
+    image size is fixed: a model file's)."""
     if length < patch:
         return f"use images of at least {patch} pixels (e.g. {patch}, {patch + stride}, {patch + 2 * stride})"
     k = (length - patch) // stride
     lo, hi = patch + k * stride, patch + (k + 1) * stride
     strides = [s for s in range(min(patch, length - patch), 0, -1) if (length - patch) % s == 0][:4]
-    return f"use an image size of {lo} or {hi}, or a stride dividing {length - patch} (e.g. {', '.join(map(str, strides))})"
+    divides = f"a stride dividing {length - patch} (e.g. {', '.join(map(str, strides))})"
+    return f"use {divides}; the image size is the model's" if size_fixed else f"use an image size of {lo} or {hi}, or {divides}"
 
 
-def grid_shape(image_size: int | tuple[int, int], patch: int, stride: int | None = None) -> tuple[int, int]:
+def grid_shape(image_size: int | tuple[int, int], patch: int, stride: int | None = None, *,
+               size_fixed: bool = False) -> tuple[int, int]:
     """Number of patch rows and columns (gh, gw) for an image of ``image_size`` (int or (H, W)).
 
-    ``stride`` defaults to ``patch`` (no overlap).
+    ``stride`` defaults to ``patch`` (no overlap). ``size_fixed``: the image size cannot be chosen
+    (a trained model's), so a grid that does not fit is advised strides only.
 
     Raises:
         ValueError: patch or stride not positive, an image side smaller than ``patch``, or a side
@@ -52,7 +56,8 @@ def grid_shape(image_size: int | tuple[int, int], patch: int, stride: int | None
         if (length - patch) % stride:
             raise ValueError(
                 f"image {name} {length} does not fit patch {patch} with stride {stride} "
-                f"(({length} - {patch}) % {stride} = {(length - patch) % stride}): {_fit_hint(length, patch, stride)}"
+                f"(({length} - {patch}) % {stride} = {(length - patch) % stride}): "
+                f"{_fit_hint(length, patch, stride, size_fixed)}"
             )
         out.append((length - patch) // stride + 1)
     return out[0], out[1]
