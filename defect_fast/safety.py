@@ -1271,9 +1271,20 @@ class OutputFolder:
             if not lock:
                 out.release()
         else:
-            if out.lock is not None:  # no writer of the folder is alive: a killed one's manifest temporary goes
-                out.remove_stale_temporaries()
-            out._write_manifest()
+            try:
+                if out.lock is not None:  # no writer of the folder is alive: a killed one's manifest temporary goes
+                    out.remove_stale_temporaries()
+                out._write_manifest()
+            except BaseException:  # (a full disk): the start is undone, its lock file and folder go with it
+                with contextlib.suppress(OSError):  # no manifest was there: one now is this start's, cut short
+                    (p / MANIFEST_NAME).unlink(missing_ok=True)
+                if out.lock is not None:
+                    out.lock.release(remove=True)
+                    out.lock = None
+                if created:
+                    with contextlib.suppress(OSError):
+                        p.rmdir()
+                raise
         return out
 
     @classmethod
@@ -1490,12 +1501,12 @@ class OutputFolder:
         return atomic_write_json(self._writable(name), obj, nan=nan)
 
     # -- removal --------------------------------------------------------------------------------
-    def clear(self) -> list[Path]:
+    def clear(self, *, write_manifest: bool = True) -> list[Path]:
         """Remove the files listed in the manifest, then the listed folders that are left empty.
 
         Files not in the manifest, and anything reached through a symbolic link that replaced a
-        listed folder, are never touched. The manifest itself stays (now empty). Returns what was
-        removed.
+        listed folder, are never touched. The manifest itself stays (now empty; not rewritten with
+        ``write_manifest=False``, for a caller that removes it next). Returns what was removed.
         """
         removed: list[Path] = self.remove_stale_temporaries()
         for rel in sorted(self.files):
@@ -1520,7 +1531,8 @@ class OutputFolder:
                 pass
         self.files.clear()
         self.dirs = {d for d in self.dirs if (self.path / d).is_dir() and not (self.path / d).is_symlink()}
-        self._write_manifest()
+        if write_manifest:
+            self._write_manifest()
         return removed
 
     def discard(self) -> None:
@@ -1530,8 +1542,9 @@ class OutputFolder:
         as it is: what is there may be another process's now."""
         if self.lock is not None and not self.lock.still_held():
             return
-        self.clear()
+        self.clear(write_manifest=False)  # (on a full disk, a manifest rewritten only to be removed failed the undo)
         if self.dirs or _foreign_entries(self.path):
+            self._write_manifest()  # what is left stays listed
             return
         with contextlib.suppress(FileNotFoundError):
             (self.path / MANIFEST_NAME).unlink()

@@ -19,6 +19,7 @@ The run folder layout is described in :mod:`defect_fast.runs`.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -388,7 +389,7 @@ def _kept_said(exc: OSError, out: Path, done: bool = False) -> OSError:
     elif (out / CHECKPOINT_FILE).is_file():
         kept = f"the last checkpoint is kept: {fix}, then --resume"
     else:
-        kept = f"no checkpoint was saved yet: {fix}, then train again with --overwrite"
+        kept = f"no checkpoint was saved yet: {fix}, then run the same command again"
     return OSError(exc.errno, f"{exc.strerror or exc} ({kept})", exc.filename)
 
 
@@ -733,9 +734,16 @@ class Trainer:
             raise TrainingStopped(f"interrupted; the last checkpoint is kept, continue with --resume (run folder "
                                   f"{self.out})", signum) from None
         finally:
-            log_file.close()
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
+            try:
+                log_file.close()  # flushes what is left: on a full disk, a failed line tried again
+            except OSError as exc:
+                if sys.exc_info()[1] is None:  # the log's own failure, named, with what is kept
+                    raise _kept_said(OSError(exc.errno, exc.strerror or str(exc), str(self.out / LOG_FILE)),
+                                     self.out) from None
+                # else: the error on its way (the same write's, named, with what to do) says it
+            finally:
+                for sig, handler in handlers.items():
+                    signal.signal(sig, handler)
         return self.model
 
 
@@ -1456,6 +1464,9 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
             log(line)
     except BaseException:
         if folder is not None:
+            if not resume:  # a start cut short after its folder was made (a full disk): nothing is left behind
+                with contextlib.suppress(OSError):
+                    folder.discard()
             folder.release()
         raise
     try:

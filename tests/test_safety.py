@@ -1301,3 +1301,24 @@ def test_the_in_use_check_does_not_wait_on_a_fifo_at_the_lock_file_s_name(tmp_pa
     t.start()
     t.join(timeout=20)
     assert done, "the check waited on the FIFO"
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_start_whose_manifest_does_not_fit_on_the_disk_leaves_nothing(tmp_path, monkeypatch, existing):
+    """A disk too full for the first manifest left the folder behind with its lock file (and then
+    a start with another folder name, or the same after making room, found a folder of its)."""
+    import errno
+
+    out = tmp_path / "run"
+    if existing:
+        out.mkdir()  # an empty folder of the user's: it stays, empty
+
+    def full(self):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path / MANIFEST_NAME))
+
+    monkeypatch.setattr(OutputFolder, "_write_manifest", full)
+    with pytest.raises(OSError, match="No space left"):
+        OutputFolder.create(out, lock=True, command="train")
+    assert (list(out.iterdir()) == []) if existing else not out.exists()
+    monkeypatch.undo()
+    OutputFolder.create(out, lock=True, command="train").release()  # room made: the same start goes on

@@ -1300,6 +1300,62 @@ def test_a_full_disk_at_a_checkpoint_or_the_model_file_says_what_is_kept(synthet
     assert (out / "model.pt").is_file() and not (out / "checkpoint.pt").exists()
 
 
+def test_a_full_disk_while_the_log_grows_is_said_with_its_file_and_what_is_kept(synthetic_root, tmp_path, monkeypatch):
+    """The step log is line-buffered: a line the full disk refused was flushed again as the file
+    closed, and that second error, naming no file, replaced the first (which said the checkpoint
+    was kept for --resume)."""
+    import builtins
+    import errno
+
+    class Full:  # the log file on a disk that fills after two lines
+        def __init__(self, f):
+            self.f, self.lines, self.full = f, 0, False
+
+        def write(self, text):
+            self.lines += 1
+            if self.lines > 2:
+                self.full = True
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(text)
+
+        def flush(self):
+            if self.full:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.f.flush()
+
+        def close(self):
+            self.f.close()
+            self.flush()
+
+    def opened(path, *a, **k):
+        f = builtins.open(path, *a, **k)
+        return Full(f) if Path(path).name == "log.jsonl" else f
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(train_module, "open", opened, raising=False)
+    with pytest.raises(OSError, match=r"No space left on device \(the last checkpoint is kept: make room, then "
+                                      r"--resume\)") as err:
+        train(_cfg(synthetic_root, max_steps=[4, 2], checkpoint_every=1), out, progress=False, log=lambda s: None)
+    assert err.value.filename == str(out / "log.jsonl") and (out / "checkpoint.pt").is_file()
+
+
+def test_a_start_the_disk_cuts_short_after_its_folder_was_made_leaves_nothing(synthetic_root, tmp_path, monkeypatch):
+    """A disk too full for the names a run reserves (the manifest rewritten) left the new run folder
+    behind, holding its manifest and lock file, although a failed start leaves nothing."""
+    import errno
+
+    from defect_fast.safety import OutputFolder
+
+    def full(self, names):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path / ".defect_fast-manifest.json"))
+
+    monkeypatch.setattr(OutputFolder, "reserve", full)
+    out = tmp_path / "run"
+    with pytest.raises(OSError, match="No space left"):
+        train(_cfg(synthetic_root, max_steps=[1, 1]), out, progress=False, log=lambda s: None)
+    assert not out.exists()
+
+
 def test_a_training_started_with_sigint_ignored_keeps_ignoring_it(synthetic_root, tmp_path):
     """A background job of a shell without job control starts with SIGINT ignored: the training
     stopped on it all the same (its own handler replaced the ignore), while the steps after the
@@ -1348,7 +1404,8 @@ def test_what_a_failed_write_says_to_do_depends_on_why_it_failed(tmp_path):
     from defect_fast.train import _kept_said
 
     full = _kept_said(OSError(errno.ENOSPC, "No space left on device", "x"), tmp_path)
-    assert full.strerror.endswith("(no checkpoint was saved yet: make room, then train again with --overwrite)")
+    # (a failed start leaves no run behind, a failed resume its folder as it was: the same command, again)
+    assert full.strerror.endswith("(no checkpoint was saved yet: make room, then run the same command again)")
     (tmp_path / "checkpoint.pt").write_bytes(b"")
     shut = _kept_said(OSError(errno.EACCES, "Permission denied", "x"), tmp_path)
     assert "(the last checkpoint is kept: fix that, then --resume)" in str(shut) and shut.filename == "x"
