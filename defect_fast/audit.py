@@ -114,7 +114,8 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
     path = model_file(run)
     state = load_model_state(path)
     if not state.get("train_config"):
-        raise RunError(f"{path}: the model file holds no training configuration to refit with")
+        raise RunError(f"{path}: the model file holds no training configuration to refit with (a Detector saved "
+                       "after a fit in Python holds none: its maps are not the run's)")
     cfg = TrainConfig.from_json(state["train_config"])
     moved_from = None  # where the run read its images, when they are read elsewhere now
     if data is not None and real_path(data, expand_user=True) != real_path(cfg.data):

@@ -341,11 +341,17 @@ def find_regions(m: np.ndarray, threshold: float) -> list[dict[str, Any]]:
             for r in defect_regions(m, threshold, max_regions=None)]
 
 
+#: What a model file records of the run behind its weights: its settings and images (digests, names,
+#: the images it held back, the pixel keys of those it trained on, fitted its map on and set its
+#: thresholds on), its objective and precision. A Detector loaded from it keeps them, and
+#: :meth:`Detector.save` writes them again (as :meth:`Detector._record_fit` and
+#: :meth:`Detector.calibrate` leave them).
+RUN_RECORD = ("train_config", "held_back", "image_keys", "data_digest", "data_count", "data_files", "sources_digest",
+              "objective", "train_precision", "train_seconds", "compute")
+#: The part of :data:`RUN_RECORD` that rebuilds the run's maps from its images (audit refits with
+#: it, calibrate reads older runs' training folders by it): gone once a fit in Python changed them.
+MAP_RECORD = ("train_config", "data_digest", "data_count", "data_files", "sources_digest", "objective")
 #: Calibration keys that hold thresholds or name what set them (older model files: score_max, pixel_q999).
-#: What a model file records of the run behind its weights (its configuration, the images it held
-#: back, the pixel keys of the images it trained on and set its thresholds on): a Detector loaded
-#: from it keeps them, and :meth:`Detector.save` writes them again.
-RUN_RECORD = ("train_config", "held_back", "image_keys")
 THRESHOLD_KEYS = ("image_threshold", "pixel_threshold", "score_max", "pixel_q999", "threshold_image", "highest_scores",
                   "held_back_scores", "score_brightness_rank_correlation")
 
@@ -965,6 +971,7 @@ class Detector(nn.Module):
         self.context = None
         self._drop_normalization()
         self._set_aside_thresholds("calibrated before fit_perceptual changed the maps (calibrate again)")
+        self._record_fit(normal_images)
         return n
 
     def _held_trunk(self, depth: Any) -> dict[str, torch.Tensor] | None:
@@ -998,6 +1005,23 @@ class Detector(nn.Module):
         for module in (self.image_map, self.context):
             if module is not None and 2 * len(module.convs) >= len(getattr(self, "_spare_trunk", None) or {}):
                 self._spare_trunk = module.trunk_weights(len(module.convs))
+
+    def _record_fit(self, *batches: torch.Tensor) -> None:
+        """What :meth:`save` writes of the run after a fit in Python changed its maps: not
+        :data:`MAP_RECORD` (audit would refit the run's maps, not these; it refuses the file), the
+        fit's images among those the map has seen (``image_keys["fitted"]``: their pixel keys, as
+        files read at the model's size give them; None, not known, for float images), and no
+        images known to set thresholds (``"calibrated"`` None; set aside) until :meth:`calibrate`."""
+        from .data.io import image_keys
+
+        record = {k: v for k, v in (self.__dict__.get("_run_record") or {}).items() if k not in MAP_RECORD}
+        keys = dict(record.get("image_keys") or {})
+        fitted = keys.get("fitted", [])
+        for batch in batches:
+            fitted = None if fitted is None or batch.dtype != torch.uint8 else \
+                fitted + [k.hex() for k in image_keys(batch.cpu())]
+        record["image_keys"] = {**keys, "fitted": fitted, "calibrated": None}
+        self.__dict__["_run_record"] = record  # a new dict: a shallow copy of this Detector keeps its own
 
     def _set_aside_thresholds(self, why: str) -> None:
         """Drop the stored thresholds (set on maps or scores a fit has just changed), saying why:
@@ -1081,6 +1105,7 @@ class Detector(nn.Module):
         self.context = ctx
         self._graphs = {}  # captured graphs ran without this context
         self._set_aside_thresholds("calibrated before fit_context changed the maps and scores (calibrate again)")
+        self._record_fit(normal_images, calibration_images)
         scores = torch.cat([ctx.combine_scores(sc, f) for (_m, sc), f in zip(finished, feats)])
         return n, {"maps": torch.cat([m for m, _sc in finished]).cpu(), "scores": scores.cpu()}
 
@@ -1496,12 +1521,14 @@ class Detector(nn.Module):
         cal["pixel_q999"] = colour_scale(res["maps"])
         cal["precision"] = self.precision  # what the scores were computed in (load warns of another)
         self.calibration = cal
-        record = self.__dict__.get("_run_record") or {}
-        if isinstance(record.get("image_keys"), dict):  # the images the thresholds now rest on, as calibrate records them
-            from .data.io import image_keys
+        # the images the thresholds now rest on, as defect-fast calibrate records them (None: float pixels,
+        # not as a file reads, are not known); a new dict: a shallow copy of this Detector keeps its own
+        from .data.io import image_keys
 
-            keys = image_keys(given.cpu()) if given.dtype == torch.uint8 else []  # float pixels: not as a file reads
-            record["image_keys"] = {**record["image_keys"], "calibrated": [k.hex() for k in keys]}
+        record = dict(self.__dict__.get("_run_record") or {})
+        keys = [k.hex() for k in image_keys(given.cpu())] if given.dtype == torch.uint8 else None
+        record["image_keys"] = {**(record.get("image_keys") or {}), "calibrated": keys}
+        self.__dict__["_run_record"] = record
         return cal
 
     @torch.no_grad()
@@ -1549,6 +1576,7 @@ class Detector(nn.Module):
         self._stash_trunk()
         self.context = None  # its standardisation of the maps was measured on the maps before
         self._set_aside_thresholds("calibrated before fit_normalization changed the maps (calibrate again)")
+        self._record_fit(normal_images)
         return {"mean": mean.cpu().clone(), "std": std.cpu().clone()}  # copies: on a CPU, .cpu() is the buffer
 
     def save(self, path: Path | str, *, overwrite: bool = False) -> Path:

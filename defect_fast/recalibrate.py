@@ -80,14 +80,25 @@ def recorded_keys(state: dict[str, Any], cfg=None) -> dict[str, list[bytes] | No
     earlier ``calibrate``'s images; else the held-back images the map was not fitted on; with none
     held back, the training images). None for a file without the record (written before it);
     "seen" is None when only a later ``calibrate`` recorded its images (a file trained before the
-    record), "thresholds" None when the file's held-back names and keys do not pair up."""
+    record), or a fit in Python recorded ``"fitted": None`` (float images, not known); "thresholds"
+    None when the file's held-back names and keys do not pair up, or ``"calibrated"`` is None (a
+    calibrate in Python on float images, or a fit since that set the thresholds aside). A fit in
+    Python (:meth:`defect_fast.detect.Detector.save`) adds its images' keys as ``"fitted"``."""
     recorded = state.get("image_keys")
     if not isinstance(recorded, dict):
         return None
+
+    def keys_of(name: str) -> list[bytes] | None:
+        listed = recorded.get(name)
+        return None if listed is None else [bytes.fromhex(k) for k in listed]
+
     if "trained" not in recorded:
-        if "calibrated" not in recorded:
+        if "calibrated" not in recorded and "fitted" not in recorded:
             return None
-        return {"seen": None, "thresholds": [bytes.fromhex(k) for k in recorded["calibrated"]]}
+        return {"seen": None, "thresholds": keys_of("calibrated")}
+    fitted_now = keys_of("fitted") if "fitted" in recorded else []
+    if fitted_now is None:  # a fit on images whose keys are not known: what was seen cannot be said
+        return {"seen": None, "thresholds": keys_of("calibrated") if "calibrated" in recorded else None}
     held = [str(p) for p in state.get("held_back") or []]
     held_keys = list(recorded.get("held_back") or [])
     paired = len(held_keys) == len(held)
@@ -95,12 +106,12 @@ def recorded_keys(state: dict[str, Any], cfg=None) -> dict[str, list[bytes] | No
     trained = list(recorded["trained"])
     seen = trained + [k for p, k in zip(held, held_keys) if p in fitted]
     if "calibrated" in recorded:
-        thresholds = list(recorded["calibrated"])
+        thresholds = None if recorded["calibrated"] is None else list(recorded["calibrated"])
     elif not paired:
         thresholds = None
     else:
         thresholds = [k for p, k in zip(held, held_keys) if p not in fitted] or trained
-    return {"seen": [bytes.fromhex(k) for k in seen],
+    return {"seen": [bytes.fromhex(k) for k in seen] + fitted_now,
             "thresholds": None if thresholds is None else [bytes.fromhex(k) for k in thresholds]}
 
 

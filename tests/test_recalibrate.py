@@ -510,27 +510,63 @@ def test_a_detector_saved_in_python_keeps_the_record_of_the_run_behind_its_weigh
     training images without a word (it could not check them), evaluate named none of them in a test
     set, and audit refused the file. The record goes with the weights; a calibrate in Python records
     its images as defect-fast calibrate does; other weights loaded into the Detector leave no record."""
+    import copy
+
     from defect_fast.data.io import image_keys
 
-    RUN_RECORD = ("train_config", "held_back", "image_keys")
+    record = ("train_config", "held_back", "image_keys", "data_digest", "data_files")
     run_state = load_model_state(runs["run"])
     det = Detector.load(runs["run"], device="cpu")
     saved = load_model_state(det.save(tmp_path / "line.pt"))
-    assert all(saved[k] == run_state[k] for k in RUN_RECORD)
+    assert all(saved[k] == run_state[k] for k in record)
     held = set(run_state["held_back"])
     trained = [p for p in sorted((runs["data"] / "train" / "good").glob("*.png")) if str(p) not in held][:2]
     refused(*cli(["calibrate", tmp_path / "line.pt", *trained, "--out", tmp_path / "cal", "--device", "cpu"],
                  capsys)[::2], "2 of the images", "trained on")
 
     parts = sorted(runs["more"].glob("*.png"))[:20]
+    twin = copy.copy(det)  # a shallow copy calibrated on its own leaves the first one's record as it was
+    twin.calibrate(read_images(parts[:10], SIZE))
     det.calibrate(read_images(parts, SIZE))
     keys = load_model_state(det.save(tmp_path / "line2.pt"))["image_keys"]
     assert keys["calibrated"] == [k.hex() for k in image_keys(read_images(parts, SIZE))]
     assert keys["trained"] == run_state["image_keys"]["trained"]
     assert run_state["image_keys"].get("calibrated") is None  # the loaded file's record is left as it was
+    det.calibrate(read_images(parts, SIZE).float() / 127.5 - 1)  # float pixels: which files they are is not known
+    assert load_model_state(det.save(tmp_path / "line3.pt"))["image_keys"]["calibrated"] is None
 
     other = Detector.load(runs["run"], device="cpu", fuse=False)
     weights = other.state_dict()
     name = next(k for k, v in weights.items() if v.is_floating_point() and v.numel() > 1)
     other.load_state_dict({**weights, name: weights[name] + 1})  # weights of another training
-    assert not set(RUN_RECORD) & set(load_model_state(other.save(tmp_path / "other.pt")))
+    assert not set(record) & set(load_model_state(other.save(tmp_path / "other.pt")))
+
+
+def test_a_detector_fitted_in_python_records_its_fit_images_and_is_no_longer_the_run_s_to_refit(runs, tmp_path, capsys):
+    """After fit_normalization in Python the saved record still said the map was fitted on the run's
+    images only: calibrate took the fit's images for thresholds without a word, and audit refitted
+    the run's maps (dropping the file's normalisation) and called the scores the file's."""
+    import warnings
+
+    parts = sorted(runs["more"].glob("*.png"))
+    fit, cal = parts[:20], parts[20:40]
+    det = Detector.load(runs["run"], device="cpu")
+    det.fit_normalization(read_images(fit, SIZE))
+    det.calibrate(read_images(cal, SIZE))
+    state = load_model_state(det.save(tmp_path / "fitted.pt"))
+    assert "train_config" not in state and "data_digest" not in state and len(state["image_keys"]["fitted"]) == 20
+    refused(*cli(["calibrate", tmp_path / "fitted.pt", *fit[:3], "--out", tmp_path / "c", "--device", "cpu"],
+                 capsys)[::2], "3 of the images", "fitted its map on")
+    status, _out, err = cli(["audit", tmp_path / "fitted.pt", "--out", tmp_path / "a", "--device", "cpu"], capsys)
+    refused(status, err, "no training configuration", "fit in Python")
+    # fitted on float images: which they were is not known, and calibrate says it could not check
+    det.fit_normalization(read_images(fit, SIZE).float() / 127.5 - 1)
+    det.calibrate(read_images(cal, SIZE))
+    det.save(tmp_path / "float.pt")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        status, _out, err = cli(["calibrate", tmp_path / "float.pt", *fit[:3], *parts[40:60], "--out", tmp_path / "c2",
+                                 "--device", "cpu"], capsys)
+    assert status == 0, err
+    assert any("could not check that the images were not trained on" in str(w.message) for w in said) or \
+        "could not check" in err
