@@ -18,7 +18,8 @@
                            blank frames (one colour throughout: a camera fault) too, never judged
     judged/pass/, judged/fail/   with ``move_judged`` (``--move-judged``) only: each judged image,
                            moved here by its verdict once its journal line is written (the line's
-                           "moved_to"; named as in rejected/)
+                           "moved_to"; ``<name>_<12 hex digits>`` as its map is named, with
+                           its extension; images judged before without the option stay)
     status.json            last image, counts, images/s, threshold and where it came from, model,
                            the service's "pid" and "updated" time (rewritten atomically after each
                            batch, and when idle at the whole-folder listings once
@@ -139,7 +140,8 @@ STATUS = "status.json"
 STATUS_EVERY = 30.0
 MAPS, OVERLAYS, REJECTED = "maps", "overlays", "rejected"
 #: Where ``move_judged`` (``--move-judged``) puts a judged image, by its verdict.
-JUDGED = {"pass": "judged/pass", "fail": "judged/fail"}
+JUDGED_ROOT = "judged"
+JUDGED = {"pass": f"{JUDGED_ROOT}/pass", "fail": f"{JUDGED_ROOT}/fail"}
 TMP_PREFIX = ".tmp-"
 #: Seconds between listings of the whole drop folder while file-system events arrive (``--rescan``).
 RESCAN_INTERVAL = 60.0
@@ -244,7 +246,7 @@ class Journal:
     #: rejected (and, with ``move_judged``, judged) files and the note on earlier thresholds (with the verdicts this one would change).
     #: A line's regions and file names are not kept, and no line is kept after it is read: a
     #: journal of millions of lines must still open in little memory.
-    KEPT_FIELDS = ("image", "sha256", "size", "mtime_ns", "ctime_ns", "result", "rejected_to", "moved_to",
+    KEPT_FIELDS = ("image", "sha256", "size", "mtime_ns", "ctime_ns", "ino", "result", "rejected_to", "moved_to",
                    "threshold", "model_version", "score")
 
     def __init__(self, path: Path):
@@ -568,9 +570,14 @@ def _check_out(out: Path) -> None:
             return
         raise WatchError(f"{journal}: not a journal watch wrote (its first line is no result): choose a new or "
                          "empty results folder")
-    own = {MAPS, OVERLAYS, REJECTED, LOCK_NAME}  # what a start cut short before its journal leaves
+    def empty(folder: str, inside: Iterable[str] = ()) -> bool:  # holding only empty folders named ``inside``
+        return all(e.name in inside and e.is_dir(follow_symlinks=False) and empty(e.path) for e in os.scandir(folder))
+
+    own = {MAPS, OVERLAYS, REJECTED, JUDGED_ROOT, LOCK_NAME}  # what a start cut short before its journal leaves
+    judged = {Path(sub).name for sub in JUDGED.values()}
     other = [e.name for e in os.scandir(out)
-             if e.name not in own or (e.name != LOCK_NAME and (not e.is_dir() or any(os.scandir(e.path))))]
+             if e.name not in own or (e.name != LOCK_NAME and (not e.is_dir() or not empty(
+                 e.path, judged if e.name == JUDGED_ROOT else ())))]
     if other:
         raise WatchError(f"{out}: the results folder holds files watch did not write (such as {sorted(other)[0]!r}) "
                          f"and no {JOURNAL}: choose a new or empty folder")
@@ -738,8 +745,20 @@ def _moved_away(rec: Mapping[str, Any], sig: Signature | None) -> bool:
 
 def _still_the_judged_file(path: Path, now: Signature, rec: Mapping[str, Any], sig: Signature) -> bool:
     """Whether the file at ``path`` (its signature ``now``) is the one ``rec`` judged: its size,
-    modification time and content (a chmod moves only the change time). OSError when it cannot be read."""
-    return tuple(now[:2]) == tuple(sig[:2]) and file_sha256(path) == rec["sha256"]
+    modification time and content (a chmod moves only the change time), and its inode where the
+    line records it (a copy of the same bytes sent again with its time kept, ``cp -p`` or
+    ``rsync -t``, is another file: a new arrival). OSError when it cannot be read."""
+    if tuple(now[:2]) != tuple(sig[:2]) or (rec.get("ino") is not None and os.stat(path).st_ino != rec["ino"]):
+        return False
+    return file_sha256(path) == rec["sha256"]
+
+
+def _inode(path: Path) -> int | None:
+    """``path``'s inode, recorded with a file to be moved (:func:`_still_the_judged_file`); None when gone."""
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
 
 
 def _event_keys(st: _State, paths: set[str], recursive: bool) -> set[str]:
@@ -855,16 +874,18 @@ def _base_record(st: _State, key: str, path: Path, sha: str, sig: Signature) -> 
             "model": st.info.name, "model_version": st.info.version, "time": _now_iso()}
 
 
-def _moved_name(st: _State, folder: str, key: str, sha: str) -> Path:
+def _moved_name(st: _State, folder: str, key: str, sha: str, plain: bool = True) -> Path:
     """Where a file moved out of IN_DIR goes: OUT/``folder``/ (``rejected`` or a :data:`JUDGED`
     folder) under its relative path ("/" -> "__", as :func:`output_name`), with its content's 12
-    hex digits when that name is taken, and a count after them when that is taken too (files of one
-    name and content in several sub-folders, or a camera sending one name again): never over a
-    file kept there, nor at a name the journal gave another file (one whose move failed)."""
+    hex digits when that name is taken (always, ``plain`` False: a judged image, named as its map
+    is, so that a camera sending one name again gives each frame its own name across restarts
+    too), and a count after them when that is taken too (files of one name and content in several
+    sub-folders): never over a file kept there, nor at a name the journal gave another file (one
+    whose move failed)."""
     stem, suffix = _flat_name(key)
     base = f"{stem}_{sha[:12]}{suffix}"
     counted = f"{folder}/{base}"
-    names = itertools.chain([(None, f"{stem}{suffix}"), (None, base)],
+    names = itertools.chain([(None, f"{stem}{suffix}")] if plain else [], [(None, base)],
                             ((n, f"{stem}_{sha[:12]}_{n}{suffix}") for n in itertools.count(st.moved_count.get(counted, 2))))
     for n, name in names:
         dest = st.out / folder / name
@@ -878,7 +899,7 @@ def _moved_name(st: _State, folder: str, key: str, sha: str) -> Path:
 def _reject(st: _State, key: str, path: Path, sha: str, sig: Signature, reason: str, log) -> None:
     dest = _moved_name(st, REJECTED, key, sha)
     rec = _base_record(st, key, path, sha, sig)
-    rec.update(result="rejected", reason=reason, rejected_to=dest.relative_to(st.out).as_posix())
+    rec.update(result="rejected", reason=reason, rejected_to=dest.relative_to(st.out).as_posix(), ino=_inode(path))
     st.moved_names.add(rec["rejected_to"])
     st.journal.append(rec)
     st.totals.add("rejected")
@@ -1032,9 +1053,9 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
                        map_size=list(m.shape[-2:][::-1]),  # (width, height) of the map and its region boxes: the photo's
                        map=map_path.relative_to(st.out).as_posix(), overlay=ov_path.relative_to(st.out).as_posix())
             # the line names where the image goes before it goes: a move cut short is completed at start
-            dest = _moved_name(st, JUDGED[result], key, sha) if st.move_judged else None
+            dest = _moved_name(st, JUDGED[result], key, sha, plain=False) if st.move_judged else None
             if dest is not None:
-                rec["moved_to"] = dest.relative_to(st.out).as_posix()
+                rec.update(moved_to=dest.relative_to(st.out).as_posix(), ino=_inode(path))
                 st.moved_names.add(rec["moved_to"])
             st.journal.append(rec)
             _mark_done(st, key, sha, sig)
@@ -1420,8 +1441,9 @@ def add_parser(subparsers) -> None:
     w.add_argument("--recursive", action="store_true", help="also watch sub-folders")
     w.add_argument("--move-judged", action="store_true",
                    help="move each judged image out of the drop folder into OUT/judged/pass/ or OUT/judged/fail/ "
-                        "once its result is in the journal (its line's \"moved_to\"): the drop folder holds only "
-                        "what waits (default: judged images stay where they are)")
+                        "once its result is in the journal (its line's \"moved_to\"; named NAME_<12 hex digits of "
+                        "its content>, as its map): the images it judges leave the drop folder (default: judged "
+                        "images stay where they are)")
     w.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default)")
     w.set_defaults(func=command)
 

@@ -128,7 +128,7 @@ def test_watch_move_judged_empties_the_drop_folder_through_the_command_line(tiny
     assert status == 0, err
     assert list(src.iterdir()) == []
     for rec in journal(out):
-        assert rec["moved_to"] == f"judged/{rec['result']}/{rec['image']}"
+        assert rec["moved_to"] == f"judged/{rec['result']}/{Path(rec['image']).stem}_{rec['sha256'][:12]}.png"
         assert (out / rec["moved_to"]).read_bytes() == sent[rec["image"]]
     assert {"judged/pass", "judged/fail"} <= set(json.loads((out / MANIFEST_NAME).read_text())["dirs"])
     # the folder is resumed with or without the option: its journal and moved images are its own

@@ -4,6 +4,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -29,8 +30,9 @@ def test_judged_images_go_to_their_verdict_s_folder_and_rejected_ones_to_rejecte
     files = _drop(src)
     res, lines = run_once(src, out, move_judged=True)
     recs = {r["image"]: r for r in journal(out)}
-    assert recs["dark.png"]["moved_to"] == "judged/pass/dark.png"
-    assert recs["bright.png"]["moved_to"] == "judged/fail/bright.png"
+    # named as their maps are, by their content too: one name sent again is each frame's own across restarts
+    assert recs["dark.png"]["moved_to"] == f"judged/pass/dark_{recs['dark.png']['sha256'][:12]}.png"
+    assert recs["bright.png"]["moved_to"] == f"judged/fail/bright_{recs['bright.png']['sha256'][:12]}.png"
     assert "moved_to" not in recs["broken.png"] and recs["broken.png"]["rejected_to"] == "rejected/broken.png"
     for name, rec in recs.items():
         assert (out / (rec.get("moved_to") or rec["rejected_to"])).read_bytes() == files[name]
@@ -42,8 +44,9 @@ def test_judged_images_go_to_their_verdict_s_folder_and_rejected_ones_to_rejecte
     (src / "dark.png").write_bytes(files["dark.png"])
     assert run_once(src, out, move_judged=True)[0]["session"]["total"] == 1
     again = journal(out)[-1]
-    assert again["image"] == "dark.png" and again["moved_to"] == f"judged/pass/dark_{again['sha256'][:12]}.png"
-    assert sorted(p.name for p in (out / "judged" / "pass").iterdir()) == sorted(["dark.png", Path(again["moved_to"]).name])
+    assert again["image"] == "dark.png" and again["moved_to"] == f"judged/pass/dark_{again['sha256'][:12]}_2.png"
+    assert sorted(p.name for p in (out / "judged" / "pass").iterdir()) == \
+        sorted(Path(r["moved_to"]).name for r in journal(out) if r["image"] == "dark.png")
 
 
 def test_without_move_judged_judged_images_stay(tmp_path):
@@ -119,7 +122,8 @@ def test_a_judged_image_that_cannot_be_moved_is_left_judged_and_moved_at_the_nex
     monkeypatch.undo()
     run_once(src, out, move_judged=True)
     assert not (src / "bright.png").exists()
-    assert (out / "judged" / "fail" / "bright.png").read_bytes() == files["bright.png"]
+    (line,) = [r for r in journal(out) if r["image"] == "bright.png"]
+    assert (out / line["moved_to"]).read_bytes() == files["bright.png"]
     assert len(journal(out)) == 3
 
 
@@ -171,3 +175,58 @@ def test_a_file_written_again_while_it_is_judged_is_not_moved_under_the_first_on
     assert not was.exists()  # the first frame was written over in the folder: its place stays empty
     assert now.read_bytes() == second and list(src.iterdir()) == []
     assert any("changed since it was read" in line for line in lines)
+
+
+def test_a_start_cut_short_before_its_journal_leaves_a_folder_the_next_start_takes(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for sub in ("maps", "overlays", "rejected", "judged/pass", "judged/fail"):  # what watch() makes before its journal
+        (out / sub).mkdir(parents=True)
+    assert run_once(src, out, move_judged=True)[0]["session"]["total"] == 0
+    (out / "judged" / "pass" / "mine.txt").write_text("a user's")  # not what a start cut short leaves
+    (out / "results.jsonl").unlink()
+    with pytest.raises(watch_mod.WatchError, match="holds files watch did not write \\(such as 'judged'\\)"):
+        run_once(src, out, move_judged=True)
+
+
+def test_the_same_bytes_sent_again_with_their_time_kept_while_stopped_are_a_new_arrival(tmp_path):
+    """cp -p or rsync -t sends a judged frame again, moved away since, with its modification time:
+    the restart took it for the judged file whose move had been cut short after its copy (the same
+    size, time and bytes), and left it in the folder for good, never judged. Its inode tells them apart."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    kept = tmp_path / "camera.png"
+    kept.write_bytes(png_bytes(1, bright=0.3))
+    os.utime(kept, ns=(1_600_000_000_000_000_000,) * 2)
+    shutil.copy2(kept, src / "frame.png")
+    run_once(src, out, move_judged=True)
+    shutil.copy2(kept, src / "frame.png")  # sent again while the service is stopped
+    run_once(src, out, move_judged=True)
+    recs = journal(out)
+    assert len(recs) == 2 and recs[0]["sha256"] == recs[1]["sha256"] and list(src.iterdir()) == []
+    assert all((out / r["moved_to"]).is_file() for r in recs) and recs[0]["moved_to"] != recs[1]["moved_to"]
+
+
+def test_a_name_a_refused_move_was_given_is_not_given_to_another_frame_after_a_restart(tmp_path, monkeypatch):
+    """The camera wrote frame.png again as the first frame's line was written: that move was refused
+    (the file had changed), and after a restart the second frame was moved to the first line's name."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / "frame.png").write_bytes(png_bytes(5, bright=0.3))
+    real = Journal.append
+
+    def append(self, record):
+        real(self, record)
+        if len(journal(out)) == 1:
+            (src / "frame.png.tmp").write_bytes(png_bytes(6, bright=0.35))
+            os.replace(src / "frame.png.tmp", src / "frame.png")
+            raise Crash("kill -9 after the first line")
+
+    monkeypatch.setattr(Journal, "append", append)
+    with pytest.raises(Crash):
+        run_once(src, out, move_judged=True)
+    monkeypatch.undo()
+    run_once(src, out, move_judged=True)
+    first, second = journal(out)
+    assert first["moved_to"] != second["moved_to"] and not (out / first["moved_to"]).exists()
+    assert hashlib.sha256((out / second["moved_to"]).read_bytes()).hexdigest() == second["sha256"]
