@@ -80,6 +80,24 @@ class _CheckedImages(torch.nn.Module):
         return self.traced(images)
 
 
+def _maps_sides_pinned(fh: io.BytesIO, size: int) -> io.BytesIO:
+    """The ONNX file in ``fh`` with its "maps" output declared [batch, S, S]: a per-position
+    normalisation divides the stitched map by an [S, S] tensor, after which the exporter's shape
+    inference declared sides of no known size (a program that sizes its buffers from the graph,
+    TensorRT among them, could not). The graph is as exported; only the declaration changes."""
+    import onnx
+
+    model = onnx.load_from_string(fh.getvalue())
+    for out in model.graph.output:
+        dims = out.type.tensor_type.shape.dim
+        if out.name == "maps" and len(dims) == 3 and not (dims[1].dim_value and dims[2].dim_value):
+            for d in dims[1:]:
+                d.Clear()
+                d.dim_value = size
+            return io.BytesIO(model.SerializeToString())
+    return fh
+
+
 def _digest(path: Path) -> str:
     return "sha256:" + file_sha256(path)
 
@@ -229,6 +247,7 @@ def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, so
                 torch.onnx.export(det, (example,), fh, input_names=["images"], output_names=["maps", "scores"],
                                   dynamic_axes={"images": {0: "batch"}, "maps": {0: "batch"}, "scores": {0: "batch"}},
                                   opset_version=ONNX_OPSET, dynamo=False)
+                fh = _maps_sides_pinned(fh, s)
                 dynamic = True
             else:
                 try:

@@ -277,6 +277,24 @@ def test_export_refuses_to_replace_a_description_beside_the_file(run, tmp_path, 
     assert "is a folder" in capsys.readouterr().err and not (tmp_path / "w.onnx").exists()
 
 
+@pytest.mark.parametrize("smooth", ["0", "1.5"])
+def test_the_onnx_graph_gives_the_maps_sides(run, tmp_path, smooth):
+    """With the run's per-position normalisation, blended patches and no smoothing, the graph's
+    "maps" output had sides of no known size (['batch', 'Divmaps_dim_1', 'Divmaps_dim_2']), though
+    its input is S x S."""
+    import onnx
+
+    out = tmp_path / "det.onnx"
+    assert main(["export", str(run), "--format", "onnx", "--out", str(out), "--stride", "32", "--blend", "hann",
+                 "--smooth", smooth]) == 0
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)  # the declaration agrees with the graph's shape inference
+    sides = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
+    assert sides == {"maps": ["batch", 128, 128], "scores": ["batch"]}
+    maps, scores = _run_exported("onnx", out, _images(3))
+    assert maps.shape == (3, 128, 128) and scores.shape == (3,)
+
+
 def test_onnx_export_without_the_onnx_package_is_one_line(run, tmp_path, capsys, monkeypatch):
     """onnx is not a dependency (the `export` extra): its absence was an internal error and a traceback."""
     monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` raises ImportError
