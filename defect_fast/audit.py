@@ -160,7 +160,8 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
     if len(held_idx) != len(held):
         raise RunError(f"{cfg.data}: {len(held) - len(held_idx)} held-back image(s) of {path} are gone")
     if len(train_idx) < 2 * folds:
-        raise UsageError(f"--folds {folds}: {path} trained on {len(train_idx)} images, too few for {folds} folds")
+        raise UsageError(f"--folds {folds}: {path} trained on {len(train_idx)} images, too few for {folds} folds "
+                         f"(2 images a part at least: --folds {len(train_idx) // 2} at most)")
     need = _fit_minimum(cfg)
 
     def usable(sizes: list[int]) -> bool:  # every fold scores some images, and its detector fits on enough
@@ -324,8 +325,8 @@ def add_parser(subparsers) -> None:
         return positive_int(text)  # its upper bound too
 
     a.add_argument("--folds", type=folds_arg, default=DEFAULT_FOLDS,
-                   help=f"parts (2 or more) the training images are split into (default {DEFAULT_FOLDS}: each detector "
-                   "fitted on half)")
+                   help=f"parts (2 or more, at most half the training images: 2 images a part at least) the "
+                   f"training images are split into (default {DEFAULT_FOLDS}: each detector fitted on half)")
     a.add_argument("--data", type=input_path, default=None, metavar="FOLDER",
                    help="the run's training images where they are now, when they moved (a run copied to another "
                    "machine): the same images, names and pixels, checked against the run's record (default: where "

@@ -134,7 +134,8 @@ def test_audit_refusals_leave_everything_as_it_was(planted, tmp_path, capsys):
     refused(*cli(["audit", run, "--out", tmp_path / "a", "--folds", "two"], capsys)[::2],
             "argument --folds: expected a whole number >= 2, got 'two'")
     refused(*cli(["audit", run, "--out", tmp_path / "a", "--folds", "9" * 20], capsys)[::2], "below 2**63")
-    refused(*cli(["audit", run, "--out", tmp_path / "a", "--folds", "20"], capsys)[::2], "--folds 20", "28 images")
+    refused(*cli(["audit", run, "--out", tmp_path / "a", "--folds", "20"], capsys)[::2], "--folds 20", "28 images",
+            "--folds 14 at most")
     refused(*cli(["audit", run, "--out", run / "audit"], capsys)[::2], str(run))  # inside the run: an input
     refused(*cli(["audit", run / "model.pt", "--out", run / "audit"], capsys)[::2], str(run))  # the run's file: too
     good = planted["data"] / "train" / "good"  # the training folder is read: overlays there would be read next time
