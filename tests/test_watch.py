@@ -203,6 +203,25 @@ def test_crash_at_each_step_then_restart_gives_one_result_each(tmp_path, monkeyp
     for i in range(5):
         (src / f"p{i}.png").write_bytes(png_bytes(i, bright=0.3 + 0.15 * i))
     (src / "zz_bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    crash_at(monkeypatch, where, nth)
+    with pytest.raises(Crash):
+        run_once(src, out, batch_size=2)
+    monkeypatch.undo()
+    run_once(src, out, batch_size=2)
+    recs = journal(out)
+    assert sorted(r["image"] for r in recs) == ["p0.png", "p1.png", "p2.png", "p3.png", "p4.png", "zz_bad.png"]
+    assert len({r["sha256"] for r in recs}) == 6
+    assert sorted(p.name for p in (out / "maps").iterdir()) == sorted(Path(r["map"]).name for r in recs if "map" in r)
+    assert len(list((out / "overlays").iterdir())) == 5
+    assert [p.name for p in (out / "rejected").iterdir()] == ["zz_bad.png"] and not (src / "zz_bad.png").exists()
+    assert json.loads((out / "status.json").read_text())["counts"]["total"] == 6
+
+
+def crash_at(monkeypatch, where: str, nth: int) -> None:
+    """A :class:`Crash` at the ``nth`` call of one step of the work: the write of a "map",
+    "overlay" or "status" file (its temporary file on disk, never renamed), a "journal" line
+    (before it is written), a "move" (before it), or a move across file systems "copied" (the copy
+    in place, the original not yet removed)."""
     calls = {"n": 0}
 
     def bomb():
@@ -238,19 +257,9 @@ def test_crash_at_each_step_then_restart_gives_one_result_each(tmp_path, monkeyp
         def copy_then_crash(a, b, sig=None):
             b.write_bytes(a.read_bytes())
             bomb()
+            return real_move(a, b, sig)
 
         monkeypatch.setattr(watch_mod, "_move", copy_then_crash)
-    with pytest.raises(Crash):
-        run_once(src, out, batch_size=2)
-    monkeypatch.undo()
-    run_once(src, out, batch_size=2)
-    recs = journal(out)
-    assert sorted(r["image"] for r in recs) == ["p0.png", "p1.png", "p2.png", "p3.png", "p4.png", "zz_bad.png"]
-    assert len({r["sha256"] for r in recs}) == 6
-    assert sorted(p.name for p in (out / "maps").iterdir()) == sorted(Path(r["map"]).name for r in recs if "map" in r)
-    assert len(list((out / "overlays").iterdir())) == 5
-    assert [p.name for p in (out / "rejected").iterdir()] == ["zz_bad.png"] and not (src / "zz_bad.png").exists()
-    assert json.loads((out / "status.json").read_text())["counts"]["total"] == 6
 
 
 @pytest.mark.parametrize("use_watchdog", [True, False])

@@ -12,7 +12,7 @@ import pytest
 from defect_fast import watch as watch_mod
 from defect_fast.watch import Journal
 
-from test_watch import Crash, journal, png_bytes, run_once
+from test_watch import Crash, crash_at, journal, png_bytes, run_once
 
 
 def _drop(src: Path) -> dict[str, bytes]:
@@ -65,33 +65,7 @@ def test_a_crash_around_a_judged_image_s_move_gives_one_line_and_the_move_at_res
     src.mkdir()
     for i in range(4):
         (src / f"p{i}.png").write_bytes(png_bytes(i, bright=0.3 + 0.2 * i))
-    calls = {"n": 0}
-
-    def bomb():
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise Crash(where)
-
-    real_append, real_move = Journal.append, watch_mod._move
-    if where == "journal":
-        def append(self, record):
-            bomb()
-            return real_append(self, record)
-
-        monkeypatch.setattr(Journal, "append", append)
-    elif where == "move":
-        def move(a, b, sig=None):
-            bomb()
-            return real_move(a, b, sig)
-
-        monkeypatch.setattr(watch_mod, "_move", move)
-    else:
-        def copy_then_crash(a, b, sig=None):
-            b.write_bytes(a.read_bytes())
-            bomb()
-            return real_move(a, b, sig)
-
-        monkeypatch.setattr(watch_mod, "_move", copy_then_crash)
+    crash_at(monkeypatch, where, 2)
     with pytest.raises(Crash):
         run_once(src, out, move_judged=True)
     monkeypatch.undo()
