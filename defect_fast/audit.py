@@ -114,8 +114,10 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
     path = model_file(run)
     state = load_model_state(path)
     if not state.get("train_config"):
-        raise RunError(f"{path}: the model file holds no training configuration to refit with (a Detector saved "
-                       "after a fit in Python holds none: its maps are not the run's)")
+        raise RunError(f"{path}: the model file holds no training configuration to refit with")
+    if "fitted" in (state.get("image_keys") or {}):  # Detector.save after fit_normalization and the like
+        raise RunError(f"{path}: its maps were fitted again in Python (Detector.save after a fit): the audit "
+                       "refits the run's maps, not these; audit the run's own model file")
     cfg = TrainConfig.from_json(state["train_config"])
     moved_from = None  # where the run read its images, when they are read elsewhere now
     if data is not None and real_path(data, expand_user=True) != real_path(cfg.data):

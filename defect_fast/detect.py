@@ -348,9 +348,6 @@ def find_regions(m: np.ndarray, threshold: float) -> list[dict[str, Any]]:
 #: :meth:`Detector.calibrate` leave them).
 RUN_RECORD = ("train_config", "held_back", "image_keys", "data_digest", "data_count", "data_files", "sources_digest",
               "objective", "train_precision", "train_seconds", "compute")
-#: The part of :data:`RUN_RECORD` that rebuilds the run's maps from its images (audit refits with
-#: it, calibrate reads older runs' training folders by it): gone once a fit in Python changed them.
-MAP_RECORD = ("train_config", "data_digest", "data_count", "data_files", "sources_digest", "objective")
 #: Calibration keys that hold thresholds or name what set them (older model files: score_max, pixel_q999).
 THRESHOLD_KEYS = ("image_threshold", "pixel_threshold", "score_max", "pixel_q999", "threshold_image", "highest_scores",
                   "held_back_scores", "score_brightness_rank_correlation")
@@ -1007,19 +1004,20 @@ class Detector(nn.Module):
                 self._spare_trunk = module.trunk_weights(len(module.convs))
 
     def _record_fit(self, *batches: torch.Tensor) -> None:
-        """What :meth:`save` writes of the run after a fit in Python changed its maps: not
-        :data:`MAP_RECORD` (audit would refit the run's maps, not these; it refuses the file), the
-        fit's images among those the map has seen (``image_keys["fitted"]``: their pixel keys, as
-        files read at the model's size give them; None, not known, for float images), and no
-        images known to set thresholds (``"calibrated"`` None; set aside) until :meth:`calibrate`."""
+        """What :meth:`save` writes of the run after a fit in Python changed its maps: the fit's
+        images among those the map has seen (``image_keys["fitted"]``, their pixel keys as files
+        read at the model's size give them; float images, whose pixels are no file's, are not
+        among them), which also tells audit that the maps are no longer the run's (it refuses the
+        file), and no images known to set thresholds (``"calibrated"`` None: set aside) until
+        :meth:`calibrate`."""
         from .data.io import image_keys
 
-        record = {k: v for k, v in (self.__dict__.get("_run_record") or {}).items() if k not in MAP_RECORD}
+        record = dict(self.__dict__.get("_run_record") or {})
         keys = dict(record.get("image_keys") or {})
-        fitted = keys.get("fitted", [])
+        fitted = list(keys.get("fitted") or [])
         for batch in batches:
-            fitted = None if fitted is None or batch.dtype != torch.uint8 else \
-                fitted + [k.hex() for k in image_keys(batch.cpu())]
+            if batch.dtype == torch.uint8:
+                fitted += [k.hex() for k in image_keys(batch.cpu())]
         record["image_keys"] = {**keys, "fitted": fitted, "calibrated": None}
         self.__dict__["_run_record"] = record  # a new dict: a shallow copy of this Detector keeps its own
 

@@ -70,7 +70,10 @@ def _seen_images(state: dict[str, Any], cfg) -> tuple[list[bytes] | None, str]:
     fitted = set(_fit_half(held, state, cfg)[0])
     seen = [i for i, p in enumerate(paths) if str(p) not in held or str(p) in fitted]
     keys = image_keys(images)
-    return [keys[i] for i in seen], f"{len(seen)} images of {cfg.data}"
+    # and the images a fit in Python recorded (a file trained before the record, fitted again)
+    fitted_now = [bytes.fromhex(k) for k in ((state.get("image_keys") or {}).get("fitted") or [])]
+    return [keys[i] for i in seen] + fitted_now, f"{len(seen)} images of {cfg.data}" + (
+        f" and the {len(fitted_now)} a fit in Python recorded" if fitted_now else "")
 
 
 def recorded_keys(state: dict[str, Any], cfg=None) -> dict[str, list[bytes] | None] | None:
@@ -79,11 +82,12 @@ def recorded_keys(state: dict[str, Any], cfg=None) -> dict[str, list[bytes] | No
     fitted its map statistics on, "thresholds": those its stored thresholds were set on}`` (an
     earlier ``calibrate``'s images; else the held-back images the map was not fitted on; with none
     held back, the training images). None for a file without the record (written before it);
-    "seen" is None when only a later ``calibrate`` recorded its images (a file trained before the
-    record), or a fit in Python recorded ``"fitted": None`` (float images, not known); "thresholds"
-    None when the file's held-back names and keys do not pair up, or ``"calibrated"`` is None (a
-    calibrate in Python on float images, or a fit since that set the thresholds aside). A fit in
-    Python (:meth:`defect_fast.detect.Detector.save`) adds its images' keys as ``"fitted"``."""
+    "seen" is None when no training images are recorded (a file trained before the record, whose
+    later ``calibrate`` or fit in Python recorded its own images only: :func:`_seen_images` reads
+    the training folder then); "thresholds" None when the file's held-back names and keys do not
+    pair up, or ``"calibrated"`` is None (a calibrate in Python on float images, or a fit since
+    that set the thresholds aside). A fit in Python (:meth:`defect_fast.detect.Detector.save`)
+    adds its images' keys, "fitted", to those seen."""
     recorded = state.get("image_keys")
     if not isinstance(recorded, dict):
         return None
@@ -96,9 +100,7 @@ def recorded_keys(state: dict[str, Any], cfg=None) -> dict[str, list[bytes] | No
         if "calibrated" not in recorded and "fitted" not in recorded:
             return None
         return {"seen": None, "thresholds": keys_of("calibrated")}
-    fitted_now = keys_of("fitted") if "fitted" in recorded else []
-    if fitted_now is None:  # a fit on images whose keys are not known: what was seen cannot be said
-        return {"seen": None, "thresholds": keys_of("calibrated") if "calibrated" in recorded else None}
+    fitted_now = keys_of("fitted") or []
     held = [str(p) for p in state.get("held_back") or []]
     held_keys = list(recorded.get("held_back") or [])
     paired = len(held_keys) == len(held)
