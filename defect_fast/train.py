@@ -648,6 +648,7 @@ class Trainer:
         _trim_log(self.out / LOG_FILE, self.position["global_step"])  # steps a resume trains again are logged again
         log_file = open(self.out / LOG_FILE, "a", buffering=1)  # line-buffered: a crash keeps the log
         handlers = self._interrupt_at_step_boundaries()
+        trained = False  # every stage ran: no error on its way when the log closes
         try:
             while self.position["stage"] < len(self.model.stages):
                 stage = self.position["stage"]
@@ -726,6 +727,7 @@ class Trainer:
                     raise _kept_said(exc, self.out) from None
                 self.save_checkpoint()
                 self._stop_if_asked()
+            trained = True
         except KeyboardInterrupt:  # a second signal, or one off the main thread: the last checkpoint stands
             signum = self.stop_signal if self.stop_signal is not None else signal.SIGINT
             if not (self.out / CHECKPOINT_FILE).is_file():
@@ -737,7 +739,7 @@ class Trainer:
             try:
                 log_file.close()  # flushes what is left: on a full disk, a failed line tried again
             except OSError as exc:
-                if sys.exc_info()[1] is None:  # the log's own failure, named, with what is kept
+                if trained:  # the log's own failure, named, with what is kept
                     raise _kept_said(OSError(exc.errno, exc.strerror or str(exc), str(self.out / LOG_FILE)),
                                      self.out) from None
                 # else: the error on its way (the same write's, named, with what to do) says it
@@ -1464,7 +1466,9 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
             log(line)
     except BaseException:
         if folder is not None:
-            if not resume:  # a start cut short after its folder was made (a full disk): nothing is left behind
+            # a start cut short after its folder was made (a full disk): nothing is left behind, but the
+            # settings of a run started again by --resume, which the same command reads again
+            if not resume and not started_again:
                 with contextlib.suppress(OSError):
                     folder.discard()
             folder.release()
@@ -1554,9 +1558,10 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         if note and cfg.holdback > 0 and cfg.held_back:
             log(note)
     except BaseException:
-        # a failed start leaves nothing behind; a finished run (its model file written, its
-        # checkpoint removed) stays whatever comes after, a Ctrl-C during the closing lines too
-        if not resume and not (out / CHECKPOINT_FILE).exists() and not (out / MODEL_FILE).exists():
+        # a failed start leaves nothing behind (a run started again by --resume its settings, which
+        # the same command reads again); a finished run (its model file written, its checkpoint
+        # removed) stays whatever comes after, a Ctrl-C during the closing lines too
+        if not (resume or started_again or (out / CHECKPOINT_FILE).exists() or (out / MODEL_FILE).exists()):
             folder.discard()
         raise
     finally:

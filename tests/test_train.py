@@ -1,5 +1,6 @@
 """Training: end to end on synthetic defects, resume after SIGKILL, run-folder safety."""
 import json
+import errno
 import os
 import re
 import signal
@@ -693,6 +694,20 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_on_resume(synthet
             train(TrainConfig(data=str(synthetic_root)), out, resume=True, progress=False)
     finally:
         lock.release()
+    # started again, and stopped by a full disk before its first checkpoint: its settings stay, and
+    # the same command (the advice given) starts it again once more (they went with the failed start)
+    real = train_module.atomic_save
+
+    def full(obj, path, *a, **k):  # the first file the run saves, at the end of its first stage
+        if Path(path).name == "stage1.pt":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(obj, path, *a, **k)
+
+    monkeypatch.setattr(train_module, "atomic_save", full)
+    with pytest.raises(OSError, match="no checkpoint was saved yet: make room, then run the same command again"):
+        train(TrainConfig(data=str(synthetic_root)), out, resume=True, progress=False, log=lambda s: None)
+    monkeypatch.undo()
+    assert (out / "config.json").is_file() and not (out / "checkpoint.pt").exists()
     messages = []
     # only the images are given, as `defect-fast train DATA --out RUN --resume` gives them
     assert train(TrainConfig(data=str(synthetic_root)), out, resume=True, progress=False,
@@ -1300,20 +1315,23 @@ def test_a_full_disk_at_a_checkpoint_or_the_model_file_says_what_is_kept(synthet
     assert (out / "model.pt").is_file() and not (out / "checkpoint.pt").exists()
 
 
-def test_a_full_disk_while_the_log_grows_is_said_with_its_file_and_what_is_kept(synthetic_root, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fills", [3, 1000])
+def test_a_full_disk_while_the_log_grows_is_said_with_its_file_and_what_is_kept(synthetic_root, tmp_path, monkeypatch,
+                                                                                fills):
     """The step log is line-buffered: a line the full disk refused was flushed again as the file
     closed, and that second error, naming no file, replaced the first (which said the checkpoint
-    was kept for --resume)."""
+    was kept for --resume). A log whose last write fails only as it closes (a quota, a network
+    file system) is said so too, not passed over."""
     import builtins
     import errno
 
-    class Full:  # the log file on a disk that fills after two lines
+    class Full:  # the log file on a disk that refuses its line ``fills`` (or, after the last line, its close)
         def __init__(self, f):
             self.f, self.lines, self.full = f, 0, False
 
         def write(self, text):
             self.lines += 1
-            if self.lines > 2:
+            if self.lines >= fills:
                 self.full = True
                 raise OSError(errno.ENOSPC, "No space left on device")
             return self.f.write(text)
@@ -1325,6 +1343,7 @@ def test_a_full_disk_while_the_log_grows_is_said_with_its_file_and_what_is_kept(
 
         def close(self):
             self.f.close()
+            self.full = True
             self.flush()
 
     def opened(path, *a, **k):
