@@ -246,7 +246,7 @@ class Journal:
     #: rejected (and, with ``move_judged``, judged) files and the note on earlier thresholds (with the verdicts this one would change).
     #: A line's regions and file names are not kept, and no line is kept after it is read: a
     #: journal of millions of lines must still open in little memory.
-    KEPT_FIELDS = ("image", "sha256", "size", "mtime_ns", "ctime_ns", "ino", "result", "rejected_to", "moved_to",
+    KEPT_FIELDS = ("image", "sha256", "size", "mtime_ns", "ctime_ns", "result", "rejected_to", "moved_to",
                    "threshold", "model_version", "score")
 
     def __init__(self, path: Path):
@@ -534,9 +534,11 @@ def _recover(st: _State, log: Callable[[str], None], keep: Callable[[str], bool]
             if copied and _same_signature(sig, now):  # a move across file systems cut short after its copy
                 src.unlink()
                 log(f"removed {src}: its copy in {dest} was complete (the move was cut short before)")
-            elif copied:  # its copy is in rejected/ (judged/), its change time moved: left, judged
-                st.moved_names.add(moved_to)
-                _mark_done(st, key, rec["sha256"], now)
+            elif copied:  # its copy is in rejected/ (judged/) and this file's change time moved: the same
+                # bytes sent again with their time kept (cp -p, rsync -t; its inode may be the first's,
+                # freed by a move across file systems), a new arrival (a move cut short then chmod'ed gets
+                # a second line: never none)
+                continue
             elif not os.path.lexists(dest):  # it never left
                 _move(src, dest, now)
                 log(f"moved {src} to {dest} (the move was cut short before)")
@@ -745,20 +747,8 @@ def _moved_away(rec: Mapping[str, Any], sig: Signature | None) -> bool:
 
 def _still_the_judged_file(path: Path, now: Signature, rec: Mapping[str, Any], sig: Signature) -> bool:
     """Whether the file at ``path`` (its signature ``now``) is the one ``rec`` judged: its size,
-    modification time and content (a chmod moves only the change time), and its inode where the
-    line records it (a copy of the same bytes sent again with its time kept, ``cp -p`` or
-    ``rsync -t``, is another file: a new arrival). OSError when it cannot be read."""
-    if tuple(now[:2]) != tuple(sig[:2]) or (rec.get("ino") is not None and os.stat(path).st_ino != rec["ino"]):
-        return False
-    return file_sha256(path) == rec["sha256"]
-
-
-def _inode(path: Path) -> int | None:
-    """``path``'s inode, recorded with a file to be moved (:func:`_still_the_judged_file`); None when gone."""
-    try:
-        return os.stat(path).st_ino
-    except OSError:
-        return None
+    modification time and content (a chmod moves only the change time). OSError when it cannot be read."""
+    return tuple(now[:2]) == tuple(sig[:2]) and file_sha256(path) == rec["sha256"]
 
 
 def _event_keys(st: _State, paths: set[str], recursive: bool) -> set[str]:
@@ -899,7 +889,7 @@ def _moved_name(st: _State, folder: str, key: str, sha: str, plain: bool = True)
 def _reject(st: _State, key: str, path: Path, sha: str, sig: Signature, reason: str, log) -> None:
     dest = _moved_name(st, REJECTED, key, sha)
     rec = _base_record(st, key, path, sha, sig)
-    rec.update(result="rejected", reason=reason, rejected_to=dest.relative_to(st.out).as_posix(), ino=_inode(path))
+    rec.update(result="rejected", reason=reason, rejected_to=dest.relative_to(st.out).as_posix())
     st.moved_names.add(rec["rejected_to"])
     st.journal.append(rec)
     st.totals.add("rejected")
@@ -1055,7 +1045,7 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
             # the line names where the image goes before it goes: a move cut short is completed at start
             dest = _moved_name(st, JUDGED[result], key, sha, plain=False) if st.move_judged else None
             if dest is not None:
-                rec.update(moved_to=dest.relative_to(st.out).as_posix(), ino=_inode(path))
+                rec["moved_to"] = dest.relative_to(st.out).as_posix()
                 st.moved_names.add(rec["moved_to"])
             st.journal.append(rec)
             _mark_done(st, key, sha, sig)

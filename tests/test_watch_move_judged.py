@@ -163,10 +163,21 @@ def test_a_start_cut_short_before_its_journal_leaves_a_folder_the_next_start_tak
         run_once(src, out, move_judged=True)
 
 
-def test_the_same_bytes_sent_again_with_their_time_kept_while_stopped_are_a_new_arrival(tmp_path):
+@pytest.mark.parametrize("across", [False, True])
+def test_the_same_bytes_sent_again_with_their_time_kept_while_stopped_are_a_new_arrival(tmp_path, monkeypatch, across):
     """cp -p or rsync -t sends a judged frame again, moved away since, with its modification time:
     the restart took it for the judged file whose move had been cut short after its copy (the same
-    size, time and bytes), and left it in the folder for good, never judged. Its inode tells them apart."""
+    size, time and bytes), and left it in the folder for good, never judged. Its change time is
+    another; its inode may be the first's (a move across file systems frees it for the next file)."""
+    if across:  # OUT on another file system: every move a copy, then the original removed
+        real = os.replace
+
+        def replace(a, b):
+            if Path(a).parent.name == "in":
+                raise OSError(errno.EXDEV, "Invalid cross-device link")
+            real(a, b)
+
+        monkeypatch.setattr(watch_mod.os, "replace", replace)
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
     kept = tmp_path / "camera.png"
