@@ -723,8 +723,9 @@ def _done_from_journal(st: _State, listing: _Listing, folders: set[str]) -> None
         entry = listing.found.get(key)
         if entry is not None:
             with contextlib.suppress(OSError):
-                if _still_the_judged_file(entry[0], tuple(entry[1:]), rec, sig):
-                    _mark_done(st, key, rec["sha256"], tuple(entry[1:]))
+                now = tuple(entry[1:])
+                if _still_the_judged_file(entry[0], now, rec, sig) and not _sent_again(st, rec, sig, now):
+                    _mark_done(st, key, rec["sha256"], now)
 
 
 def _record_signature(rec: Mapping[str, Any]) -> Signature | None:
@@ -743,6 +744,14 @@ def _moved_away(rec: Mapping[str, Any], sig: Signature | None) -> bool:
     """Whether ``rec``'s file was moved out of IN_DIR (a line without its file's times, ``sig``
     None, is done by its content, as before they were recorded)."""
     return bool(_moved_to(rec)) and sig is not None
+
+
+def _sent_again(st: _State, rec: Mapping[str, Any], sig: Signature, now: Signature) -> bool:
+    """Whether a file of ``rec``'s judged bytes, size and time whose change time moved (``now``)
+    is those bytes sent again (``cp -p``, ``rsync -t``) while their copy lies where ``rec`` moved
+    them: a new arrival, as :func:`_recover` takes it. OSError when the copy cannot be read."""
+    dest = st.out / _moved_to(rec)
+    return not _same_signature(sig, now) and dest.is_file() and file_sha256(dest) == rec["sha256"]
 
 
 def _still_the_judged_file(path: Path, now: Signature, rec: Mapping[str, Any], sig: Signature) -> bool:

@@ -215,3 +215,47 @@ def test_a_name_a_refused_move_was_given_is_not_given_to_another_frame_after_a_r
     first, second = journal(out)
     assert first["moved_to"] != second["moved_to"] and not (out / first["moved_to"]).exists()
     assert hashlib.sha256((out / second["moved_to"]).read_bytes()).hexdigest() == second["sha256"]
+
+
+def test_the_same_bytes_sent_again_while_a_share_was_unmounted_are_a_new_arrival(tmp_path, monkeypatch):
+    """A share mounted again has what was judged of its files read from the journal: a copy of a
+    judged, moved frame sent meanwhile with its time kept was marked done, never judged, left in the
+    drop folder (a restart judged it)."""
+    import threading
+    import time
+
+    from test_watch import _serve, _wait_for
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    kept = tmp_path / "camera.png"
+    kept.write_bytes(png_bytes(1, bright=0.3))
+    os.utime(kept, ns=(1_600_000_000_000_000_000,) * 2)
+    shutil.copy2(kept, src / "a.png")
+    real_stat, state = os.stat, {"unmounted": False, "sent": False}
+
+    def stat(path, *a, **k):
+        if os.fspath(path) == os.fspath(src):
+            if state["sent"]:  # mounted again, holding the copy sent meanwhile
+                state.update(sent=False, unmounted=False)
+                shutil.copy2(kept, src / "a.png")
+            st = real_stat(path, *a, **k)
+            if state["unmounted"]:  # the mount point: another device
+                return os.stat_result((st.st_mode, st.st_ino + 1, st.st_dev + 1, *tuple(st)[3:]))
+            return st
+        return real_stat(path, *a, **k)
+
+    monkeypatch.setattr(watch_mod.os, "stat", stat)
+    stop = threading.Event()
+    t, _, lines = _serve(src, out, stop, use_watchdog=False, rescan_interval=0.05, move_judged=True)
+    try:
+        assert _wait_for(out, 1)
+        state["unmounted"] = True
+        time.sleep(0.5)
+        state["sent"] = True
+        _wait_for(out, 2, timeout=5.0)
+    finally:
+        stop.set()
+        t.join(timeout=20)
+    recs = journal(out)
+    assert len(recs) == 2 and recs[0]["sha256"] == recs[1]["sha256"] and list(src.iterdir()) == [], lines
