@@ -698,8 +698,8 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_on_resume(synthet
     # the same command (the advice given) starts it again once more (they went with the failed start)
     real = train_module.atomic_save
 
-    def full(obj, path, *a, **k):  # the first file the run saves, at the end of its first stage
-        if Path(path).name == "stage1.pt":
+    def full(obj, path, *a, **k):  # the first checkpoint, at the end of the first stage (stage1.pt written)
+        if Path(path).name == "checkpoint.pt":
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real(obj, path, *a, **k)
 
@@ -707,7 +707,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_on_resume(synthet
     with pytest.raises(OSError, match="no checkpoint was saved yet: make room, then run the same command again"):
         train(TrainConfig(data=str(synthetic_root)), out, resume=True, progress=False, log=lambda s: None)
     monkeypatch.undo()
-    assert (out / "config.json").is_file() and not (out / "checkpoint.pt").exists()
+    assert (out / "config.json").is_file() and not (out / "checkpoint.pt").exists() and not (out / "stage1.pt").exists()
     messages = []
     # only the images are given, as `defect-fast train DATA --out RUN --resume` gives them
     assert train(TrainConfig(data=str(synthetic_root)), out, resume=True, progress=False,
