@@ -162,8 +162,10 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
     if len(held_idx) != len(held):
         raise RunError(f"{cfg.data}: {len(held) - len(held_idx)} held-back image(s) of {path} are gone")
     if len(train_idx) < 2 * folds:
+        most = (f"--folds {len(train_idx) // 2} at most" if len(train_idx) >= 4 else
+                "an audit needs 4 at least, 2 folds of 2")
         raise UsageError(f"--folds {folds}: {path} trained on {len(train_idx)} images, too few for {folds} folds "
-                         f"(2 images a part at least: --folds {len(train_idx) // 2} at most)")
+                         f"(2 images a part at least: {most})")
     need = _fit_minimum(cfg)
 
     def usable(sizes: list[int]) -> bool:  # every fold scores some images, and its detector fits on enough
