@@ -163,6 +163,17 @@ def test_a_start_cut_short_before_its_journal_leaves_a_folder_the_next_start_tak
         run_once(src, out, move_judged=True)
 
 
+def _camera_frame(tmp_path: Path, sent: Path) -> Path:
+    """A frame the camera keeps (its modification time fixed), copied with its time kept (cp -p)
+    to ``sent`` in a new drop folder; returns the kept frame, to send again."""
+    kept = tmp_path / "camera.png"
+    kept.write_bytes(png_bytes(1, bright=0.3))
+    os.utime(kept, ns=(1_600_000_000_000_000_000,) * 2)
+    sent.parent.mkdir()
+    shutil.copy2(kept, sent)
+    return kept
+
+
 @pytest.mark.parametrize("across", [False, True])
 def test_the_same_bytes_sent_again_with_their_time_kept_while_stopped_are_a_new_arrival(tmp_path, monkeypatch, across):
     """cp -p or rsync -t sends a judged frame again, moved away since, with its modification time:
@@ -179,11 +190,7 @@ def test_the_same_bytes_sent_again_with_their_time_kept_while_stopped_are_a_new_
 
         monkeypatch.setattr(watch_mod.os, "replace", replace)
     src, out = tmp_path / "in", tmp_path / "out"
-    src.mkdir()
-    kept = tmp_path / "camera.png"
-    kept.write_bytes(png_bytes(1, bright=0.3))
-    os.utime(kept, ns=(1_600_000_000_000_000_000,) * 2)
-    shutil.copy2(kept, src / "frame.png")
+    kept = _camera_frame(tmp_path, src / "frame.png")
     run_once(src, out, move_judged=True)
     shutil.copy2(kept, src / "frame.png")  # sent again while the service is stopped
     run_once(src, out, move_judged=True)
@@ -227,11 +234,7 @@ def test_the_same_bytes_sent_again_while_a_share_was_unmounted_are_a_new_arrival
     from test_watch import _serve, _wait_for
 
     src, out = tmp_path / "in", tmp_path / "out"
-    src.mkdir()
-    kept = tmp_path / "camera.png"
-    kept.write_bytes(png_bytes(1, bright=0.3))
-    os.utime(kept, ns=(1_600_000_000_000_000_000,) * 2)
-    shutil.copy2(kept, src / "a.png")
+    kept = _camera_frame(tmp_path, src / "a.png")
     real_stat, state = os.stat, {"unmounted": False, "sent": False}
 
     def stat(path, *a, **k):
