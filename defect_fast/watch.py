@@ -526,6 +526,8 @@ def _recover(st: _State, log: Callable[[str], None], keep: Callable[[str], bool]
         try:
             now = _signature(src)
             if not _still_the_judged_file(src, now, rec, sig):
+                if not os.path.lexists(dest):  # its move refused (written again meanwhile): the name stays the
+                    st.moved_names.add(moved_to)  # line's, not the new frame's (at most one a file in the folder)
                 continue  # other bytes, or sent again since: a new arrival
             copied = dest.is_file() and file_sha256(dest) == rec["sha256"]
         except OSError:

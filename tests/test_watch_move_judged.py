@@ -262,3 +262,31 @@ def test_the_same_bytes_sent_again_while_a_share_was_unmounted_are_a_new_arrival
         t.join(timeout=20)
     recs = journal(out)
     assert len(recs) == 2 and recs[0]["sha256"] == recs[1]["sha256"] and list(src.iterdir()) == [], lines
+
+
+def test_a_rejected_name_a_refused_move_was_given_is_not_given_to_the_next_bad_frame_after_a_restart(tmp_path,
+                                                                                                    monkeypatch):
+    """Rejected files keep their plain names: a truncated frame.png written over by the camera
+    before its move (refused), then a restart, and the next truncated frame was moved to the name
+    the first line had named."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    first, second = png_bytes(5)[:60], png_bytes(6)[:70]  # two frames cut short: rejected
+    (src / "frame.png").write_bytes(first)
+    real = Journal.append
+
+    def append(self, record):
+        real(self, record)
+        if len(journal(out)) == 1:
+            (src / "frame.png.tmp").write_bytes(second)
+            os.replace(src / "frame.png.tmp", src / "frame.png")
+            raise Crash("kill -9 after the first line")
+
+    monkeypatch.setattr(Journal, "append", append)
+    with pytest.raises(Crash):
+        run_once(src, out)
+    monkeypatch.undo()
+    run_once(src, out)
+    first_line, second_line = journal(out)
+    assert first_line["rejected_to"] == "rejected/frame.png" != second_line["rejected_to"]
+    assert (out / second_line["rejected_to"]).read_bytes() == second and not (out / "rejected" / "frame.png").exists()
