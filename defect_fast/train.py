@@ -742,7 +742,11 @@ class Trainer:
                 if trained:  # the log's own failure, named, with what is kept
                     raise _kept_said(OSError(exc.errno, exc.strerror or str(exc), str(self.out / LOG_FILE)),
                                      self.out) from None
-                # else: the error on its way (the same write's, named, with what to do) says it
+                # else the error on its way says what to do; that the log's last lines are lost (a
+                # --resume does not log steps it does not train again) is said beside it
+                with contextlib.suppress(Exception):
+                    self.log(f"warning: {self.out / LOG_FILE}: its last lines could not be written "
+                             f"({exc.strerror or exc})")
             finally:
                 for sig, handler in handlers.items():
                     signal.signal(sig, handler)

@@ -1358,6 +1358,44 @@ def test_a_full_disk_while_the_log_grows_is_said_with_its_file_and_what_is_kept(
     assert err.value.filename == str(out / "log.jsonl") and (out / "checkpoint.pt").is_file()
 
 
+def test_log_lines_lost_as_the_log_closes_beside_another_error_are_said(synthetic_root, tmp_path, monkeypatch):
+    """A step log whose last lines fail as it closes while another error is on its way (here the
+    checkpoint's, on the same full disk): that error stands, and the lost lines, which a --resume does
+    not log again, are said beside it (they were passed over)."""
+    import builtins
+    import errno
+
+    class ClosesFull:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            return self.f.write(text)
+
+        def flush(self):
+            self.f.flush()
+
+        def close(self):
+            self.f.close()
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    def opened(path, *a, **k):
+        f = builtins.open(path, *a, **k)
+        return ClosesFull(f) if Path(path).name == "log.jsonl" else f
+
+    def full(obj, path, *a, **k):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded", str(path))
+
+    monkeypatch.setattr(train_module, "open", opened, raising=False)
+    monkeypatch.setattr(train_module, "atomic_save", full)
+    said = []
+    with pytest.raises(OSError) as err:
+        train(_cfg(synthetic_root, max_steps=[2, 2]), tmp_path / "run", progress=False, log=said.append)
+    assert Path(err.value.filename).name == "stage1.pt"
+    assert any(m.startswith("warning: ") and "log.jsonl: its last lines could not be written (Disk quota" in m
+               for m in said), said
+
+
 def test_a_start_the_disk_cuts_short_after_its_folder_was_made_leaves_nothing(synthetic_root, tmp_path, monkeypatch):
     """A disk too full for the names a run reserves (the manifest rewritten) left the new run folder
     behind, holding its manifest and lock file, although a failed start leaves nothing."""
