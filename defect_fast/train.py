@@ -1490,7 +1490,13 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         if state is not None:
             trainer.restore(state)
         with cudnn_benchmark(trainer.device.type == "cuda"):  # fixed batch shapes: cuDNN's search pays once per shape
-            model = trainer.run()
+            try:
+                model = trainer.run()
+            except TrainingStopped as exc:
+                if started_again and not (out / CHECKPOINT_FILE).is_file():  # its settings are kept for it
+                    raise TrainingStopped(f"interrupted before the first checkpoint; --resume starts the run again "
+                                          f"from the beginning (run folder {out})", exc.signum) from None
+                raise
         elapsed = trainer.train_seconds()  # every process of the run, not only this one
         finish_started = time.perf_counter()
         try:

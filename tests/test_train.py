@@ -17,7 +17,7 @@ import defect_fast.train as train_module
 from defect_fast.data import load_train_images
 from defect_fast.detect import Detector
 from defect_fast.safety import OutputRefused
-from defect_fast.train import ConfigError, RunError, TrainConfig, load_checkpoint, train
+from defect_fast.train import ConfigError, RunError, TrainConfig, TrainingStopped, load_checkpoint, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -708,6 +708,15 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_on_resume(synthet
         train(TrainConfig(data=str(synthetic_root)), out, resume=True, progress=False, log=lambda s: None)
     monkeypatch.undo()
     assert (out / "config.json").is_file() and not (out / "checkpoint.pt").exists() and not (out / "stage1.pt").exists()
+    # Ctrl-C in it before its first checkpoint: what was said ("nothing was saved to resume from") hid
+    # that --resume starts it again, its settings kept
+    def interrupted(self, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module.Trainer, "_batch", interrupted)
+    with pytest.raises(TrainingStopped, match="interrupted before the first checkpoint; --resume starts the run again"):
+        train(TrainConfig(data=str(synthetic_root)), out, resume=True, progress=False, log=lambda s: None)
+    monkeypatch.undo()
     messages = []
     # only the images are given, as `defect-fast train DATA --out RUN --resume` gives them
     assert train(TrainConfig(data=str(synthetic_root)), out, resume=True, progress=False,
