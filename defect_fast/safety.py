@@ -1276,14 +1276,9 @@ class OutputFolder:
                     out.remove_stale_temporaries()
                 out._write_manifest()
             except BaseException:  # (a full disk): the start is undone, its lock file and folder go with it
-                with contextlib.suppress(OSError):  # no manifest was there: one now is this start's, cut short
-                    (p / MANIFEST_NAME).unlink(missing_ok=True)
-                if out.lock is not None:
-                    out.lock.release(remove=True)
-                    out.lock = None
-                if created:
-                    with contextlib.suppress(OSError):
-                        p.rmdir()
+                with contextlib.suppress(OSError):
+                    out.discard()
+                out.release()
                 raise
         return out
 
