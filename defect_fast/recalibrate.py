@@ -180,11 +180,10 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
         run trained on; RunError: a damaged run, held-back images gone; OutputRefused: ``out``.
     """
     from .calibration import DEFAULT_FAR, count_text, min_images_for, round_up, scores_named
-    from .data.io import blank_images, collect_images, read_images
+    from .data.io import blank_images, collect_images, image_keys, read_images
     from .detect import Detector
     from .runs import MODEL_FILE, RunError, load_model_state, model_file
     from .safety import OutputFolder, save_with_digest
-    from .data.io import image_keys
     from .train import TrainConfig
 
     if out is None:
