@@ -1012,14 +1012,18 @@ class Detector(nn.Module):
         :meth:`calibrate`."""
         from .data.io import image_keys
 
-        record = dict(self.__dict__.get("_run_record") or {})
-        keys = dict(record.get("image_keys") or {})
-        fitted = list(keys.get("fitted") or [])
+        fitted = list(((self.__dict__.get("_run_record") or {}).get("image_keys") or {}).get("fitted") or [])
         for batch in batches:
             if batch.dtype == torch.uint8:
                 fitted += [k.hex() for k in image_keys(batch.cpu())]
-        record["image_keys"] = {**keys, "fitted": fitted, "calibrated": None}
-        self.__dict__["_run_record"] = record  # a new dict: a shallow copy of this Detector keeps its own
+        self._record_image_keys(fitted=fitted, calibrated=None)
+
+    def _record_image_keys(self, **keys: list[str] | None) -> None:
+        """``keys`` set in the run record's ``image_keys``, in new dicts: a shallow copy of this
+        Detector keeps its own record."""
+        record = dict(self.__dict__.get("_run_record") or {})
+        record["image_keys"] = {**(record.get("image_keys") or {}), **keys}
+        self.__dict__["_run_record"] = record
 
     def _set_aside_thresholds(self, why: str) -> None:
         """Drop the stored thresholds (set on maps or scores a fit has just changed), saying why:
@@ -1520,13 +1524,11 @@ class Detector(nn.Module):
         cal["precision"] = self.precision  # what the scores were computed in (load warns of another)
         self.calibration = cal
         # the images the thresholds now rest on, as defect-fast calibrate records them (None: float pixels,
-        # not as a file reads, are not known); a new dict: a shallow copy of this Detector keeps its own
+        # not as a file reads, are not known)
         from .data.io import image_keys
 
-        record = dict(self.__dict__.get("_run_record") or {})
-        keys = [k.hex() for k in image_keys(given.cpu())] if given.dtype == torch.uint8 else None
-        record["image_keys"] = {**(record.get("image_keys") or {}), "calibrated": keys}
-        self.__dict__["_run_record"] = record
+        self._record_image_keys(calibrated=[k.hex() for k in image_keys(given.cpu())] if given.dtype == torch.uint8
+                                else None)
         return cal
 
     @torch.no_grad()
@@ -1584,8 +1586,9 @@ class Detector(nn.Module):
         and the perceptual map and image context when fitted, and :data:`RUN_RECORD`, the record
         of the run behind the weights that the loaded file held (none after :meth:`load_state_dict`
         of other weights; after :meth:`calibrate`, the pixel keys of its uint8 images as the ones its
-        thresholds rest on); with a tensor digest, as training writes them. Runtime options (precision, fuse, device, batch size, compile, CUDA graphs)
-        are given again to :meth:`load` (in bfloat16 a fused and an unfused model round
+        thresholds rest on); with a tensor digest, as training writes them. Runtime options
+        (precision, fuse, device, batch size, compile, CUDA graphs) are given again to
+        :meth:`load` (in bfloat16 a fused and an unfused model round
         differently: the maps are the same only with the same options). An existing file is
         replaced only with ``overwrite`` (nor one another process writes there while this one is
         written), and never one an output folder of another command lists (a run's own
