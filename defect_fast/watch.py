@@ -736,6 +736,11 @@ def _record_signature(rec: Mapping[str, Any]) -> Signature | None:
     return (rec["size"], rec["mtime_ns"], rec["ctime_ns"]) if "ctime_ns" in rec else (rec["size"], rec["mtime_ns"])
 
 
+def _subfolders(move_judged: bool) -> tuple[str, ...]:
+    """The folders of OUT_DIR a watch writes into (``judged/`` ones with ``move_judged`` only)."""
+    return (MAPS, OVERLAYS, REJECTED, *(JUDGED.values() if move_judged else ()))
+
+
 def _moved_to(rec: Mapping[str, Any]) -> str | None:
     """Where ``rec``'s file was moved, relative to OUT_DIR: ``rejected/...`` for a rejected file,
     ``judged/pass|fail/...`` for a judged one (``move_judged``); None where it stayed."""
@@ -906,15 +911,25 @@ def _reject(st: _State, key: str, path: Path, sha: str, sig: Signature, reason: 
     st.totals.add("rejected")
     st.session.add("rejected")
     st.last = {"image": key, "result": "rejected", "reason": reason, "time": rec["time"]}
+    failed = _move_away(st, key, path, sig, dest)
+    if failed is not None:  # judged all the same: the line is written, the other images go on
+        _mark_done(st, key, sha, sig)  # (still there: not judged again)
+        log(f"rejected {path}: {reason} (cannot move it to {dest}: {failed.strerror or failed}; left where it is)")
+        return
+    log(f"rejected {path}: {reason} (moved to {dest})")
+
+
+def _move_away(st: _State, key: str, path: Path, sig: Signature, dest: Path) -> OSError | None:
+    """Move a file whose journal line names ``dest`` there (:func:`_move`); gone from the folder, it
+    is forgotten (a file sent again under its name is a new arrival) and ``dest`` no longer held for
+    it. Returns the error when it stays where it is (its name stays held: the line names it)."""
     try:
         _move(path, dest, sig)
-    except OSError as exc:  # judged all the same: the line is written, the other images go on
-        _mark_done(st, key, sha, sig)  # (still there: not judged again)
-        log(f"rejected {path}: {reason} (cannot move it to {dest}: {exc.strerror or exc}; left where it is)")
-        return
-    _forget(st, [key])  # gone from the folder: a file sent again under its name is a new arrival
-    st.moved_names.discard(rec["rejected_to"])
-    log(f"rejected {path}: {reason} (moved to {dest})")
+    except OSError as exc:
+        return exc
+    _forget(st, [key])
+    st.moved_names.discard(dest.relative_to(st.out).as_posix())
+    return None
 
 
 def _process(st: _State, keys: list[str], predict_fn: PredictFn,
@@ -1064,14 +1079,9 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
             st.session.add(result)
             st.last = {"image": key, "result": result, "score": score, "time": rec["time"]}
             n_done += 1
-            if dest is not None:
-                try:
-                    _move(path, dest, sig)
-                except OSError as exc:  # judged all the same (still there: not judged again); tried again at start
-                    log(f"{result} {path}: cannot move it to {dest} ({exc.strerror or exc}); left where it is")
-                else:
-                    _forget(st, [key])  # gone from the folder: a file sent again under its name is a new arrival
-                    st.moved_names.discard(rec["moved_to"])
+            failed = _move_away(st, key, path, sig, dest) if dest is not None else None
+            if failed is not None:  # judged all the same (still there: not judged again); tried again at start
+                log(f"{result} {path}: cannot move it to {dest} ({failed.strerror or failed}); left where it is")
     dt = time.perf_counter() - t0
     if n_done:
         st.busy_s += dt
@@ -1290,7 +1300,7 @@ def watch(
     if Path(os.path.realpath(out)) in Path(os.path.realpath(in_dir)).parents:  # its own maps would come in as images
         raise WatchError(f"{in_dir}: the folder to watch lies inside the results folder {out}")
     _check_out(out)
-    for sub in (MAPS, OVERLAYS, REJECTED, *(JUDGED.values() if move_judged else ())):
+    for sub in _subfolders(move_judged):
         (out / sub).mkdir(parents=True, exist_ok=True)
     held = _lock(out) if lock else None
     try:
@@ -1516,7 +1526,7 @@ def command(args) -> int:
         raise WatchError(f"{args.run}: the model file holds no image threshold; give one with --threshold")
     folder = _open_out(out.absolute(), [in_dir, args.run], out)
     try:
-        for sub in (MAPS, OVERLAYS, REJECTED, *(JUDGED.values() if args.move_judged else ())):
+        for sub in _subfolders(args.move_judged):
             folder.mkdir(sub)
         folder.record_many([JOURNAL, STATUS])
         named = info.extra.get("threshold_image")
