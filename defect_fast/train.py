@@ -1571,9 +1571,10 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         # a failed start leaves nothing behind (a run started again by --resume its settings, which
         # the same command reads again); a finished run (its model file written, its checkpoint
         # removed) stays whatever comes after, a Ctrl-C during the closing lines too
-        if not (resume or started_again or (out / CHECKPOINT_FILE).exists() or (out / MODEL_FILE).exists()):
+        unstarted = not (out / CHECKPOINT_FILE).exists() and not (out / MODEL_FILE).exists()
+        if unstarted and not (resume or started_again):
             folder.discard()
-        elif started_again and not (out / CHECKPOINT_FILE).exists() and not (out / MODEL_FILE).exists():
+        elif unstarted and started_again:
             for i in range(len(cfg.epochs)):  # this start's stage files (a full disk at the first checkpoint):
                 with contextlib.suppress(OSError):  # left, a --resume took the run for one past them
                     (out / stage_file(i + 1)).unlink(missing_ok=True)
