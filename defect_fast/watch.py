@@ -69,7 +69,9 @@ comes first, then the move to ``rejected/``, and so for a judged image's move to
 ``move_judged``; a move cut short by a crash is completed at start (whatever that start's options:
 the line named where the file goes).
 One process per ``OUT_DIR`` (:class:`defect_fast.safety.RunLock`, an ``flock`` released by the
-kernel when the process dies).
+kernel when the process dies). Watches of one ``IN_DIR`` with results folders of their own may run
+side by side, unless one of them moves judged images away (``move_judged``): each image would be
+judged and recorded by only one of them, and the second start is refused (:class:`DropFolderLock`).
 
 SIGTERM and SIGINT (Ctrl-C) finish the image in hand (the rest of its batch is left for the next
 start), write the status and return.
@@ -124,11 +126,12 @@ from .calibration import ModelInfo, defect_regions
 from .data.io import (IMAGE_EXTENSIONS, DataError, blank_images, error_kind, few_levels_message,
                       outside_proportions, read_image_at_both_sizes)
 from .maps import resize_map
-from .safety import (LOCK_NAME, MANIFEST_NAME, OutputFolder, OutputRefused, RunLock, UserError, check_out_not_overlapping,
+from .safety import (LOCK_NAME, MANIFEST_NAME, OutputFolder, OutputRefused, RunInUse, RunLock, UserError,
+                     check_out_not_overlapping,
                      far_errors, file_sha256, short_stem)
 
-__all__ = ["IGNORED_SUFFIXES", "Journal", "WatchError", "add_parser", "command", "is_temporary_name", "output_name",
-           "watch"]
+__all__ = ["IGNORED_SUFFIXES", "DropFolderLock", "Journal", "WatchError", "add_parser", "command", "is_temporary_name",
+           "output_name", "watch"]
 
 JOURNAL = "results.jsonl"
 JOURNAL_START = b'{"image":'
@@ -412,6 +415,81 @@ class _State:
 def _lock(out: Path) -> RunLock:
     """The folder's :class:`RunLock`; :class:`~defect_fast.safety.RunInUse` names the PID holding it."""
     return RunLock(out).acquire()
+
+
+class DropFolderLock:
+    """An ``flock`` on the drop folder itself (nothing is written there), held while a watch runs:
+    shared by watches that leave judged images where they are, exclusive for one that moves them
+    (``move_judged``). Two watches with their own results folders may judge one folder (two models,
+    say), but a watch that moves judged images away takes them from under any other, and the images
+    would each be judged by one of the two and recorded in one results folder only: that second
+    start is refused (:class:`~defect_fast.safety.RunInUse`, naming the other process where Linux's
+    ``/proc/locks`` shows it). The kernel drops the lock when its process ends.
+
+    The lock is on the folder as it is at start, not on its sub-folders (a watch of ``IN_DIR/a``
+    beside a ``--recursive`` one of ``IN_DIR`` is not seen) nor on a folder made again in its
+    place; where the file system cannot lock a folder (some network shares), the watch goes on
+    without it and says so."""
+
+    def __init__(self, folder: Path, move_judged: bool, log: Callable[[str], None]):
+        self.folder, self.move_judged, self.log = Path(folder), move_judged, log
+        self._fd: int | None = None
+
+    def acquire(self) -> "DropFolderLock":
+        import fcntl
+
+        try:
+            fd = os.open(self.folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError as exc:  # e.g. a folder only listable, not readable: the listing says what is wrong
+            self.log(f"{self.folder}: not locked ({exc.strerror or exc}), so a second watch of it would not be refused")
+            return self
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if self.move_judged else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pids = _flock_holders(fd)
+            os.close(fd)
+            who = f"PID {pids[0]}" if len(pids) == 1 else \
+                f"PIDs {', '.join(map(str, pids))}" if pids else "another watch"
+            if self.move_judged:
+                raise RunInUse(f"{self.folder}: watched by {who}; --move-judged would take the images it judges away "
+                               "from it, so each would be judged and recorded by one of the two; stop it first, or "
+                               "watch without --move-judged", pids[0] if len(pids) == 1 else None) from None
+            raise RunInUse(f"{self.folder}: watched by {who} with --move-judged, which takes each image it judges "
+                           "away from the folder, so each would be judged and recorded by one of the two; stop it "
+                           "first", pids[0] if len(pids) == 1 else None) from None
+        except OSError as exc:  # a share that cannot lock folders
+            os.close(fd)
+            self.log(f"{self.folder}: not locked ({exc.strerror or exc}), so a second watch of it would not be refused")
+            return self
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Drop the lock (idempotent)."""
+        if self._fd is not None:
+            os.close(self._fd)  # the kernel drops an flock with the last descriptor of its open file
+            self._fd = None
+
+
+def _flock_holders(fd: int) -> list[int]:
+    """The PIDs that hold an ``flock`` on the file open as ``fd``, other than this process, as
+    Linux's ``/proc/locks`` lists them (empty where it cannot be read)."""
+    st = os.fstat(fd)
+    pids: set[int] = set()
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            for line in f:
+                # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; a waiter's line has "->" first
+                parts = line.split()
+                if len(parts) < 6 or parts[1] != "FLOCK":
+                    continue
+                major, minor, inode = parts[5].split(":")
+                if (int(major, 16), int(minor, 16), int(inode)) == (os.major(st.st_dev), os.minor(st.st_dev),
+                                                                    st.st_ino) and int(parts[4]) != os.getpid():
+                    pids.add(int(parts[4]))
+    except (OSError, ValueError):
+        return []
+    return sorted(pids)
 
 
 def _signature(path: Path) -> Signature:
@@ -1237,6 +1315,7 @@ def watch(
     lock: bool = True,
     model_changed: Callable[[], str | None] | None = None,
     move_judged: bool = False,
+    drop_lock: bool = True,
 ) -> dict[str, Any]:
     """Judge every image dropped into ``in_dir``; results in ``out_dir`` (see the module docstring).
 
@@ -1269,6 +1348,8 @@ def watch(
         move_judged: move each judged image out of ``in_dir`` into ``out_dir``/judged/pass/ or
             judged/fail/ once its journal line is written (the line's "moved_to" names where; a
             move that fails leaves it in place, judged, and is tried again at the next start).
+        drop_lock: take ``in_dir``'s :class:`DropFolderLock` for the run (False: the caller holds
+            it, as the command line does).
 
     Returns:
         {"counts": totals over the journal {"pass", "fail", "rejected", "total"}, "session": the
@@ -1276,7 +1357,9 @@ def watch(
 
     Raises:
         WatchError: ``in_dir`` missing, ``out_dir`` holding files watch did not write, or no threshold.
-        RunInUse: ``out_dir`` is in use by another process (both are :class:`~defect_fast.safety.UserError`).
+        RunInUse: ``out_dir`` is in use by another process, or ``in_dir`` by another watch that
+            ``move_judged`` (this one's or the other's) would take images from (both are
+            :class:`~defect_fast.safety.UserError`).
         Errors of ``predict_fn`` propagate (after the results so far are recorded).
     """
     log = log or (lambda msg: print(msg, flush=True))
@@ -1300,14 +1383,22 @@ def watch(
     if Path(os.path.realpath(out)) in Path(os.path.realpath(in_dir)).parents:  # its own maps would come in as images
         raise WatchError(f"{in_dir}: the folder to watch lies inside the results folder {out}")
     _check_out(out)
-    for sub in _subfolders(move_judged):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    held = _lock(out) if lock else None
+    drop_held = DropFolderLock(in_dir, move_judged, log).acquire() if drop_lock else None  # before OUT_DIR is made
+    try:
+        for sub in _subfolders(move_judged):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+        held = _lock(out) if lock else None
+    except BaseException:
+        if drop_held is not None:
+            drop_held.release()
+        raise
     try:
         journal = Journal(out / JOURNAL)
     except BaseException:
         if held is not None:
             held.release()
+        if drop_held is not None:
+            drop_held.release()
         raise
     source = "given to watch()" if threshold is not None else info.extra.get("threshold_source")
     st = _State(info=info, threshold=float(thr), threshold_source=source, in_dir=in_dir, out=out, journal=journal,
@@ -1413,6 +1504,8 @@ def watch(
         journal.close()
         if held is not None:
             held.release()
+        if drop_held is not None:
+            drop_held.release()
     processed = st.session.as_dict()["total"]
     return {"counts": st.totals.as_dict(), "session": st.session.as_dict(),
             "images_per_s": processed / st.busy_s if st.busy_s > 0 else None, "journal": str(journal.path)}
@@ -1518,13 +1611,19 @@ def command(args) -> int:
     check_out_not_overlapping(out, [in_dir, args.run], what="--out")
     if not (out / MANIFEST_NAME).is_file():
         OutputFolder.check(out, inputs=[in_dir, args.run], command="watch")  # refuse before the model is read
-    model_changed = _model_watcher(model_file(args.run))  # what it holds before it is read: a change during the load is said
-    det = Detector.load(args.run, device=args.device)
-    with far_errors(args.run, args.far):
-        info = ModelInfo.from_detector(det, args.run, threshold=args.threshold, far=args.far)
-    if info.image_threshold is None:
-        raise WatchError(f"{args.run}: the model file holds no image threshold; give one with --threshold")
-    folder = _open_out(out.absolute(), [in_dir, args.run], out)
+    # refused before the model is read, and before OUT_DIR is made
+    drop_held = DropFolderLock(in_dir, args.move_judged, lambda msg: print(msg, flush=True)).acquire()
+    try:
+        model_changed = _model_watcher(model_file(args.run))  # what it holds before it is read: a change during the load is said
+        det = Detector.load(args.run, device=args.device)
+        with far_errors(args.run, args.far):
+            info = ModelInfo.from_detector(det, args.run, threshold=args.threshold, far=args.far)
+        if info.image_threshold is None:
+            raise WatchError(f"{args.run}: the model file holds no image threshold; give one with --threshold")
+        folder = _open_out(out.absolute(), [in_dir, args.run], out)
+    except BaseException:
+        drop_held.release()
+        raise
     try:
         for sub in _subfolders(args.move_judged):
             folder.mkdir(sub)
@@ -1535,7 +1634,9 @@ def command(args) -> int:
               flush=True)
         watch(lambda x: det.predict_batched(x, images_per_batch=args.batch_size), info, in_dir, out, once=args.once,
               batch_size=args.batch_size, poll_interval=args.poll, rescan_interval=args.rescan, settle=args.settle,
-              recursive=args.recursive, lock=False, model_changed=model_changed, move_judged=args.move_judged)
+              recursive=args.recursive, lock=False, model_changed=model_changed, move_judged=args.move_judged,
+              drop_lock=False)
     finally:
         folder.release()
+        drop_held.release()
     return 0

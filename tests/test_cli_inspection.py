@@ -137,6 +137,28 @@ def test_watch_move_judged_empties_the_drop_folder_through_the_command_line(tiny
     assert (src / "late.png").is_file() and len(journal(out)) == 3 and "moved_to" not in journal(out)[-1]
 
 
+def test_watch_move_judged_is_refused_beside_another_watch_of_the_folder(tiny, tmp_path, capsys, monkeypatch):
+    """Refused before the model is read and before --out is made (each image would be judged and
+    recorded by one of the two watches only)."""
+    from defect_fast import detect
+
+    from test_watch_move_judged import _held_by_child
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / "a.png").write_bytes(png_bytes(1))
+    child = _held_by_child(src, exclusive=False)
+    loads = []
+    monkeypatch.setattr(detect.Detector, "load", lambda *a, **k: loads.append(a))
+    try:
+        status, _, err = cli(["watch", tiny["run"], src, "--out", out, "--once", "--move-judged"], capsys)
+    finally:
+        child.kill()
+        child.wait()
+    refused(status, err, str(src), f"watched by PID {child.pid}", "--move-judged")
+    assert not out.exists() and not loads and (src / "a.png").is_file()
+
+
 def test_watch_refusals_keep_user_files(tiny, tmp_path, capsys):
     src = tmp_path / "in"
     src.mkdir()

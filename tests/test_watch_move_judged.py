@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from defect_fast import watch as watch_mod
+from defect_fast.safety import RunInUse
 from defect_fast.watch import Journal
 
 from test_watch import Crash, crash_at, journal, png_bytes, run_once
@@ -290,3 +291,63 @@ def test_a_rejected_name_a_refused_move_was_given_is_not_given_to_the_next_bad_f
     first_line, second_line = journal(out)
     assert first_line["rejected_to"] == "rejected/frame.png" != second_line["rejected_to"]
     assert (out / second_line["rejected_to"]).read_bytes() == second and not (out / "rejected" / "frame.png").exists()
+
+
+def _held_by_child(folder: Path, exclusive: bool):
+    """A child process that holds an flock on ``folder`` (as another watch does) until killed."""
+    import subprocess
+    import sys
+
+    code = ("import fcntl, os, sys, time\n"
+            f"fd = os.open({str(folder)!r}, os.O_RDONLY)\n"
+            f"fcntl.flock(fd, fcntl.{'LOCK_EX' if exclusive else 'LOCK_SH'})\n"
+            "print('held', flush=True)\n"
+            "time.sleep(120)\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "held"
+    return child
+
+
+@pytest.mark.parametrize("other_moves", [False, True])
+def test_a_watch_that_moves_judged_images_shares_its_drop_folder_with_no_other(tmp_path, other_moves):
+    """Either watch moving judged images away would leave each image judged and recorded by one of the
+    two: refused, naming the other process, before the results folder is made; watches that leave
+    them may share the folder (two models, each with its own results)."""
+    src = tmp_path / "in"
+    _drop(src)
+    child = _held_by_child(src, exclusive=other_moves)
+    try:
+        with pytest.raises(RunInUse, match=rf"{src}: watched by PID {child.pid}.*--move-judged"):
+            run_once(src, tmp_path / "out", move_judged=True)
+        assert not (tmp_path / "out").exists() and len(list(src.iterdir())) == 4
+        if other_moves:
+            with pytest.raises(RunInUse, match=rf"watched by PID {child.pid} with --move-judged"):
+                run_once(src, tmp_path / "out")
+            assert not (tmp_path / "out").exists()
+        else:  # both leave judged images where they are
+            assert run_once(src, tmp_path / "out")[0]["session"]["total"] == 3
+    finally:
+        child.kill()
+        child.wait()
+    # free again (the first watch's rejected file left with it)
+    assert run_once(src, tmp_path / "out2", move_judged=True)[0]["session"]["total"] == (3 if other_moves else 2)
+    assert sorted(p.name for p in src.iterdir()) == ["notes.txt"]
+
+
+def test_the_drop_folder_lock_is_let_go_when_a_watch_ends_or_fails(tmp_path, monkeypatch):
+    src, out = tmp_path / "in", tmp_path / "out"
+    _drop(src)
+    lock = watch_mod.DropFolderLock(src, True, print).acquire()
+    with pytest.raises(RunInUse, match="watched by another watch"):  # one in this process: no other PID to name
+        run_once(src, out, move_judged=True)
+    lock.release()
+
+    def fail(*a, **k):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(watch_mod, "Journal", fail)
+    with pytest.raises(OSError, match="Input/output"):
+        run_once(src, out, move_judged=True)
+    monkeypatch.undo()
+    run_once(src, out, move_judged=True)
+    watch_mod.DropFolderLock(src, True, print).acquire().release()  # free after each end: no RunInUse
