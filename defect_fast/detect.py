@@ -191,6 +191,21 @@ def _own_precision(method):
     return run
 
 
+def _entry_point(method):
+    """A public Detector method that runs the model or its statistics: refused where it would hang
+    (:func:`_check_not_forked`), and run whole with the Detector's ``threads`` (the checks and
+    resizing of the images before the model too: a forked worker's Detector with ``threads=1``
+    hung in them, or in ``forward``, which took none). Called as traced or exported, as it is."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        if tracing():
+            return method(self, *args, **kwargs)
+        _check_not_forked(self.threads)
+        with cpu_threads(self.threads):
+            return method(self, *args, **kwargs)
+    return run
+
+
 class SettingError(UserError, ValueError):
     """An inference setting the loaded model cannot take (a stride that does not tile the image,
     ...): one line at the command line, a ValueError for callers."""
@@ -875,6 +890,7 @@ class Detector(nn.Module):
             return [(0, total)]
         return [(a, min(total, a + self.batch_size)) for a in range(0, total, self.batch_size)]
 
+    @_entry_point
     @_own_precision
     def raw_maps(self, images: torch.Tensor) -> torch.Tensor:
         """Stitched maps before normalisation and smoothing: images [N,3,H,W] -> [N,S,S]."""
@@ -923,6 +939,7 @@ class Detector(nn.Module):
         with self._precision(p.device.type):
             return self.model(p)["recon"].float().contiguous()
 
+    @_entry_point
     @_own_precision
     def fit_perceptual(self, normal_images: torch.Tensor, images_per_batch: int = 8, layers: int = 2,
                        prior: float = 0.01, scales: tuple[int, ...] | list[int] = (1,),
@@ -1033,6 +1050,7 @@ class Detector(nn.Module):
             self.calibration = {k: v for k, v in self.calibration.items() if k not in THRESHOLD_KEYS}
             self.calibration["inapplicable"] = why
 
+    @_entry_point
     @torch.no_grad()
     @_own_precision
     def fit_context(self, normal_images: torch.Tensor, calibration_images: torch.Tensor, images_per_batch: int = 8,
@@ -1111,6 +1129,7 @@ class Detector(nn.Module):
         scores = torch.cat([ctx.combine_scores(sc, f) for (_m, sc), f in zip(finished, feats)])
         return n, {"maps": torch.cat([m for m, _sc in finished]).cpu(), "scores": scores.cpu()}
 
+    @_entry_point
     @_own_precision
     def finish(self, raw: torch.Tensor, context_map: torch.Tensor | None = None, profile: torch.Tensor | None = None,
                context: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1140,6 +1159,7 @@ class Detector(nn.Module):
         full = maps + ctx.spread(profile @ self.blur.T if self.smooth_sigma > 0 else profile, self.image_size)
         return full, (full if ctx.profile_in_score else maps)
 
+    @_entry_point
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images uint8 [N,3,H,W] (0..255) or float [N,3,H,W] in [-1,1], on this module's device
         -> (maps [N,S,S] float32, larger = more anomalous; scores [N]).
@@ -1148,8 +1168,6 @@ class Detector(nn.Module):
         float pixels (the traced and exported graph); :meth:`predict` and :meth:`predict_batched`
         resize uint8 images as image files are resized instead, which is what the stored thresholds
         were set on: give this method images at S x S (or float images) to score as they do."""
-        if not tracing():
-            _check_not_forked(self.threads)
         if not tracing() and (not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3
                               or images.shape[0] == 0):
             # (only the shape and the dtype: the values are checked by predict and predict_batched, not on
@@ -1221,6 +1239,7 @@ class Detector(nn.Module):
         return maps.clone(), scores.clone()
 
     # -- convenience on top ----------------------------------------------------------------------
+    @_entry_point
     @torch.inference_mode()
     def predict_batched(self, images: torch.Tensor, images_per_batch: int = 8, *,
                         score_maps: bool = False) -> dict[str, torch.Tensor]:
@@ -1239,7 +1258,6 @@ class Detector(nn.Module):
         Returns {"maps": [N, S, S] on the CPU, "scores": [N]} (+ "score_maps": [N, S, S]).
         """
         images_per_batch = _integer("images_per_batch", images_per_batch, 1)
-        _check_not_forked(self.threads)
         return self._predict_batched(self._at_model_size(self._checked_batch(images, "predict_batched")),
                                      images_per_batch, score_maps)
 
@@ -1274,16 +1292,16 @@ class Detector(nn.Module):
             if score_maps:
                 out["score_maps"] = torch.empty(n, s, s, pin_memory=on_gpu)
         step = self.images_per_call(images_per_batch)
-        with cpu_threads(self.threads):
-            for start in range(0, n, step):
-                chunk = images[start:start + step].to(self.device, non_blocking=on_gpu)
-                parts = self._pipeline_parts(chunk) if score_maps else self(chunk)
-                for key, part in zip(("maps", "scores", "score_maps"), parts):
-                    out[key][start:start + step].copy_(part, non_blocking=on_gpu)
+        for start in range(0, n, step):  # (in the Detector's threads: its callers are entry points)
+            chunk = images[start:start + step].to(self.device, non_blocking=on_gpu)
+            parts = self._pipeline_parts(chunk) if score_maps else self(chunk)
+            for key, part in zip(("maps", "scores", "score_maps"), parts):
+                out[key][start:start + step].copy_(part, non_blocking=on_gpu)
         if on_gpu:
             torch.cuda.synchronize(self.device)
         return out
 
+    @_entry_point
     @torch.no_grad()
     @_own_precision
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
@@ -1421,6 +1439,7 @@ class Detector(nn.Module):
             warn_data(note, stacklevel=_callers_level())
         return note is not None
 
+    @_entry_point
     @torch.no_grad()
     def predict(self, x: Any, *, pixel_threshold: float | None = None, images_per_batch: int = 8) -> dict[str, Any]:
         """Maps, scores and defect regions for one image or many, of any size.
@@ -1447,7 +1466,6 @@ class Detector(nn.Module):
         if pixel_threshold is not None:  # numpy's and 0-d tensors too (np.float32 was refused)
             pixel_threshold = _real("pixel_threshold", pixel_threshold)
         images_per_batch = _integer("images_per_batch", images_per_batch, 1)
-        _check_not_forked(self.threads)
         from .data.io import blank_images, resize_image, warn_blank
 
         imgs, sizes = self._as_images(x, self.image_size)
@@ -1496,6 +1514,7 @@ class Detector(nn.Module):
                 regions.append(find_regions(m.numpy(), threshold) if threshold is not None else [])
             return {"maps": out if same else maps, "scores": res["scores"], "regions": regions, "blank": blank}
 
+    @_entry_point
     @torch.no_grad()
     def calibrate(self, normal_images: torch.Tensor, far: float | None = None,
                   names: list[str] | None = None) -> dict[str, Any]:
@@ -1512,7 +1531,6 @@ class Detector(nn.Module):
         from .calibration import DEFAULT_FAR
         from .evaluate import check_finite
 
-        _check_not_forked(self.threads)
         # checked once, as calibrate's (through predict_batched, its warnings came twice)
         given = self._at_model_size(self._checked_batch(normal_images, "calibrate"))
         res = self._predict_batched(given, 8, False)
@@ -1531,6 +1549,7 @@ class Detector(nn.Module):
                                 else None)
         return cal
 
+    @_entry_point
     @torch.no_grad()
     def fit_normalization(self, normal_images: torch.Tensor, images_per_batch: int = 8, min_std: float = 1e-6) -> dict[str, torch.Tensor]:
         """Per-position mean and std of raw maps over defect-free images, stored in ``norm_mean``/``norm_std``.

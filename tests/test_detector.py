@@ -1287,6 +1287,42 @@ def test_a_detector_used_in_a_forked_worker_says_why_instead_of_hanging():
     assert isinstance(said, str) and "make the Detector with threads=1 (it has threads=2)" in said, said
 
 
+def _other_entry_in_worker(det, x, call):
+    try:
+        out = {"reconstruct": lambda: det.reconstruct(x), "raw_maps": lambda: det.raw_maps(x),
+               "fit_normalization": lambda: det.fit_normalization(x),  # (x of 2 images: no op before the call)
+               "predict": lambda: det.predict(x)["scores"], "forward": lambda: det(x)[1]}[call]()
+        return "ran", float(out.float().sum())
+    except RuntimeError as exc:
+        return "refused", str(exc)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_every_entry_point_in_a_forked_worker_says_why_or_runs_with_threads_1():
+    """reconstruct, raw_maps and the fits had no check and hung in a forked worker; a Detector with
+    threads=1, the remedy the message gives, hung in predict's checks of the images and in forward,
+    which ran with the process's count."""
+    import multiprocessing
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("one thread runs no OpenMP team: nothing hangs")
+    det = Detector(_model(), image_size=128, precision="float32")
+    x = _images(1, 128)
+    det.predict(x)  # the parent's OpenMP pool in use
+    ctx = multiprocessing.get_context("fork")
+    two = _images(2, 128)
+    for call in ("reconstruct", "raw_maps", "fit_normalization"):
+        with ctx.Pool(1) as pool:
+            kind, said = pool.apply_async(_other_entry_in_worker, (det, two, call)).get(timeout=60)
+        assert kind == "refused" and said.startswith("Detector: this process was forked"), (call, said)
+    one = Detector(_model(), image_size=128, precision="float32", threads=1)
+    for call in ("predict", "forward", "raw_maps"):
+        with ctx.Pool(1) as pool:
+            kind, got = pool.apply_async(_other_entry_in_worker, (one, x, call)).get(timeout=60)
+        assert kind == "ran", (call, got)
+    assert torch.get_num_threads() >= 2  # the parent's count as it was
+
+
 def test_a_pickled_or_copied_detector_leaves_its_caches_behind_and_scores_the_same():
     """A pickle or a deep copy carried the buffers of every thread that had called the Detector."""
     import copy
