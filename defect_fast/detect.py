@@ -552,6 +552,18 @@ class Detector(nn.Module):
         state["_workspace"], state["_graphs"], state["_compiled"] = {}, {}, None
         return state
 
+    def __copy__(self) -> "Detector":
+        """``copy.copy``: the same weights and statistics (tensors and parts shared), with settings,
+        thresholds and tables of parts, buffers and hooks of its own, so that a fit, a ``map_kind``
+        or a calibration of either leaves the other as it was (a module's copy shared those tables:
+        a fit on the copy changed the original's maps, which kept its old thresholds). Its caches
+        start empty. Moving a shallow copy (``to``) moves the tensors it shares: ``copy.deepcopy``
+        for that."""
+        new = self.__class__.__new__(self.__class__)
+        new.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set, list)) else v
+                             for k, v in self.__getstate__().items()})
+        return new
+
     def _apply(self, fn, *args, **kwargs):
         self._workspace, self._graphs = {}, {}  # buffers of the old device/dtype
         return super()._apply(fn, *args, **kwargs)

@@ -1323,6 +1323,25 @@ def test_every_entry_point_in_a_forked_worker_says_why_or_runs_with_threads_1():
     assert torch.get_num_threads() >= 2  # the parent's count as it was
 
 
+def test_a_shallow_copy_fits_and_calibrates_without_changing_the_original():
+    """copy.copy shared the module's tables of buffers and parts: a fit on the copy changed the
+    original's maps, which kept thresholds set on the maps before."""
+    import copy
+
+    det = Detector(_model(), image_size=128, precision="float32")
+    good = _images(4, 128)
+    det.fit_normalization(good)
+    det.calibrate(_images(4, 128, seed=5))
+    x = _images(2, 128, seed=9)
+    want, cal = det.predict(x)["scores"], dict(det.calibration)
+    twin = copy.copy(det)
+    assert torch.equal(twin.predict(x)["scores"], want)
+    twin.fit_normalization(_images(4, 128, seed=3))
+    assert not torch.equal(twin.predict(x)["scores"], want)
+    assert torch.equal(det.predict(x)["scores"], want) and det.calibration == cal
+    assert "image_threshold" in cal and "image_threshold" not in twin.calibration  # set aside on the copy only
+
+
 def test_a_pickled_or_copied_detector_leaves_its_caches_behind_and_scores_the_same():
     """A pickle or a deep copy carried the buffers of every thread that had called the Detector."""
     import copy
