@@ -57,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import itertools
 import math
 import numbers
 import os
@@ -565,6 +566,15 @@ class Detector(nn.Module):
         return new
 
     def _apply(self, fn, *args, **kwargs):
+        # a module that holds the Detector cast (host.half(), host.to(torch.float64)) reaches this
+        # without Detector.to: every later call then failed deep inside, or ran its statistics and
+        # thresholds in a precision they were not set in
+        for dtype in {t.dtype for t in itertools.chain(self.parameters(), self.buffers()) if t.is_floating_point()}:
+            if fn(torch.zeros((), dtype=dtype)).dtype != dtype:
+                raise TypeError(f"Detector: a cast of its {dtype} tensors (a module that holds it cast?): the "
+                                f"precision of a Detector is its precision option (one of {tuple(PRECISIONS)}; it "
+                                f"runs in {self.precision}); cast the other parts alone, or build it with "
+                                "precision=...")
         self._workspace, self._graphs = {}, {}  # buffers of the old device/dtype
         return super()._apply(fn, *args, **kwargs)
 

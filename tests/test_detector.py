@@ -1342,6 +1342,23 @@ def test_a_shallow_copy_fits_and_calibrates_without_changing_the_original():
     assert "image_threshold" in cal and "image_threshold" not in twin.calibration  # set aside on the copy only
 
 
+def test_a_module_holding_the_detector_cannot_cast_it():
+    """host.half() or host.to(torch.float64) reached the Detector's tensors past Detector.to: every
+    later call failed deep inside, or a fused Detector ran its statistics in float16."""
+    det = Detector(_model(), image_size=64, precision="float32")
+    x = _images(1, 64)
+    want = det.predict(x)["scores"]
+    host = torch.nn.Module()
+    host.det, host.head = det, torch.nn.Linear(2, 2)
+    for cast in (lambda: host.half(), lambda: host.to(torch.float64), lambda: host.bfloat16()):
+        with pytest.raises(TypeError, match=r"Detector: a cast of its torch.float32 tensors.*precision option"):
+            cast()
+    host.float()  # float32 on a float32 Detector: nothing changes
+    host.to("cpu")
+    assert torch.equal(det.predict(x)["scores"], want)
+    assert all(t.dtype == torch.float32 for t in det.state_dict().values() if t.is_floating_point())
+
+
 def test_a_pickled_or_copied_detector_leaves_its_caches_behind_and_scores_the_same():
     """A pickle or a deep copy carried the buffers of every thread that had called the Detector."""
     import copy
