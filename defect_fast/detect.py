@@ -207,6 +207,20 @@ def _entry_point(method):
     return run
 
 
+def _plain_tensors(method):
+    """Runs a fit with a caller's inference mode switched off (its grad mode kept): the statistics
+    it keeps are then plain tensors. Fitted inside ``torch.inference_mode()`` they were inference
+    tensors, which a later ``load_state_dict`` could not write into (its own snapshot included)
+    and an unfused Detector's ``forward`` with gradients on could not use."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        if not torch.is_inference_mode_enabled():
+            return method(self, *args, **kwargs)
+        with torch.inference_mode(False), torch.no_grad():  # (no grad inside inference mode either)
+            return method(self, *args, **kwargs)
+    return run
+
+
 class SettingError(UserError, ValueError):
     """An inference setting the loaded model cannot take (a stride that does not tile the image,
     ...): one line at the command line, a ValueError for callers."""
@@ -962,6 +976,7 @@ class Detector(nn.Module):
             return self.model(p)["recon"].float().contiguous()
 
     @_entry_point
+    @_plain_tensors
     @_own_precision
     def fit_perceptual(self, normal_images: torch.Tensor, images_per_batch: int = 8, layers: int = 2,
                        prior: float = 0.01, scales: tuple[int, ...] | list[int] = (1,),
@@ -1073,6 +1088,7 @@ class Detector(nn.Module):
             self.calibration["inapplicable"] = why
 
     @_entry_point
+    @_plain_tensors
     @torch.no_grad()
     @_own_precision
     def fit_context(self, normal_images: torch.Tensor, calibration_images: torch.Tensor, images_per_batch: int = 8,
@@ -1572,6 +1588,7 @@ class Detector(nn.Module):
         return cal
 
     @_entry_point
+    @_plain_tensors
     @torch.no_grad()
     def fit_normalization(self, normal_images: torch.Tensor, images_per_batch: int = 8, min_std: float = 1e-6) -> dict[str, torch.Tensor]:
         """Per-position mean and std of raw maps over defect-free images, stored in ``norm_mean``/``norm_std``.

@@ -1359,6 +1359,20 @@ def test_a_module_holding_the_detector_cannot_cast_it():
     assert all(t.dtype == torch.float32 for t in det.state_dict().values() if t.is_floating_point())
 
 
+def test_fits_inside_inference_mode_keep_plain_tensors():
+    """Fitted inside torch.inference_mode(), the statistics were inference tensors: the Detector's
+    own snapshot could not be loaded back into it."""
+    det = Detector(_model(), image_size=128, precision="float32")
+    with torch.inference_mode():
+        det.fit_normalization(_images(4, 128))
+        det.calibrate(_images(4, 128, seed=5))
+    assert not det.norm_mean.is_inference() and not det.norm_std.is_inference()
+    x = _images(1, 128, seed=9)
+    want = det.predict(x)["scores"]
+    det.load_state_dict(det.state_dict())
+    assert torch.equal(det.predict(x)["scores"], want)
+
+
 def test_a_pickled_or_copied_detector_leaves_its_caches_behind_and_scores_the_same():
     """A pickle or a deep copy carried the buffers of every thread that had called the Detector."""
     import copy
