@@ -25,6 +25,7 @@ files (its tracing of the autocast pipeline fails on torch 2.13).
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import importlib
 import io
@@ -214,9 +215,6 @@ def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, so
     if det.precision != precision and (det.fuse or precision != "float32"):
         raise ValueError(f"export: the detector runs in {det.precision}; a {precision} export needs one built "
                          f"with precision={precision!r}")
-    # the caller's detector is given back as it was: its device, and each part's mode (a Detector's
-    # own flag says nothing of its model's, which it keeps in eval mode: train(flag) would switch
-    # an unfused model's normalisation layers to batch statistics)
     s = det.image_size
     try:  # before the detector is touched: a batch this process cannot hold is the argument's error
         example = torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -228,9 +226,9 @@ def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, so
                           f"{batch * 3 * s * s * 5 / 2**30:.1f} GiB with its float copy, more than this process can "
                           "allocate; give a "
                           "smaller --batch") from None
-    device, modes = det.device, [(m, m.training) for m in det.modules()]
-    det = det.to("cpu").eval()
-    saved = (det.batch_size, det.precision, det.channels_last)
+    # a copy is traced: the caller's Detector, which a service may be calling meanwhile, keeps its
+    # device, settings and modes (they were switched while it was traced)
+    det = copy.deepcopy(det).to("cpu").eval()
     det.batch_size = 0
     if precision == "float32":  # the portable graph: float32, the default layout
         det.precision, det.channels_last = "float32", False
@@ -261,10 +259,7 @@ def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, so
             meta = sidecar(det, fmt, batch, dynamic, source, far)
             meta["precision"] = precision  # what the file computes in (det may run otherwise outside the export)
     finally:
-        det.batch_size, det.precision, det.channels_last = saved
-        det.to(device)
-        for m, training in modes:
-            m.training = training
+        del det  # (its weights, before the file's bytes are written)
     data = fh.getvalue()
     meta["file_digest"] = "sha256:" + hashlib.sha256(data).hexdigest()
     text = dump_json_strict(meta, indent=2)  # a value JSON cannot hold fails before anything is written

@@ -403,6 +403,25 @@ def test_export_detector_gives_the_detector_back_and_writes_both_files_or_none(t
     assert "--threshold" not in source and "program that runs the file" in source
 
 
+def test_export_traces_a_copy_leaving_the_callers_detector_as_it_is(tmp_path, monkeypatch):
+    """The export switched the caller's Detector to float32, NCHW and one chunk while it traced:
+    a service calling it meanwhile scored in a precision its thresholds were not set in."""
+    from defect_fast.export import export_detector
+
+    det = Detector(build_model("cmaae", memory_size=10), image_size=64, precision="bfloat16", fuse=False)
+    before = (det.precision, det.channels_last, det.batch_size)
+    seen, trace = [], torch.jit.trace
+
+    def watched_trace(module, *args, **kwargs):
+        seen.append((module is det, (det.precision, det.channels_last, det.batch_size)))
+        return trace(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.jit, "trace", watched_trace)
+    export_detector(det, tmp_path / "a.ts", "torchscript", precision="float32")
+    assert seen == [(False, before)] and before[0] == "bfloat16"
+    assert (det.precision, det.channels_last, det.batch_size) == before
+
+
 def test_torchscript_runs_without_the_package(run, tmp_path):
     out = tmp_path / "det.ts"
     assert main(["export", str(run), "--format", "torchscript", "--out", str(out)]) == 0
