@@ -382,7 +382,7 @@ def cmd_predict(args) -> int:
     det = Detector.load(args.run, device=args.device, map_kind=args.map, stride=args.stride,  # SettingError: one line
                         smooth_sigma=args.smooth, blend=getattr(args, "blend", None))
     with far_errors(args.run, args.far):  # before any image is read
-        image_t, pixel_t, source, _name, _far = chosen_threshold(det.calibration, args.threshold, args.far)
+        image_t, pixel_t, source, image_name, _far = chosen_threshold(det.calibration, args.threshold, args.far)
     paths = collect_images(args.images)
     stems = output_stems(paths)
     names = [(f"maps/{stem}_map.png", f"overlays/{stem}_overlay.png") for stem in stems]
@@ -420,6 +420,7 @@ def cmd_predict(args) -> int:
         folder.mkdir("maps")
         folder.mkdir("overlays")
         report = {"run": str(args.run), "map": det.map_kind, "threshold": image_t, "threshold_source": source,
+                  "threshold_image": image_name,  # the image whose score it is, where the model file names it
                   "pixel_threshold": pixel_t, "map_scale": 2 * scale or None, "images": []}
         folder.reserve(planned)  # checked above; a user's file put there since: refused, none written
         for a in range(0, len(paths), part):

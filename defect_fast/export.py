@@ -39,7 +39,7 @@ import PIL
 import torch
 
 from . import __version__
-from .calibration import CalibrationError, stored_thresholds
+from .calibration import CalibrationError, chosen_threshold, stored_thresholds
 from .data.io import PROPORTIONS_MARGIN
 from .detect import Detector, reference_ops
 from .runs import model_file
@@ -112,7 +112,8 @@ def sidecar(det: Detector, fmt: str, batch: int, dynamic_batch: bool, source: Pa
             far: float | None = None) -> dict[str, Any]:
     """The JSON description written beside an exported file."""
     cal = det.calibration
-    image_t, pixel_t, threshold_source = stored_thresholds(cal, far)  # as predict uses them (with far: as predict --far)
+    # as predict uses them (with far: as predict --far)
+    image_t, pixel_t, threshold_source, image_name, _far = chosen_threshold(cal, None, far)
     n = "N" if dynamic_batch else batch
     return {
         "format": fmt,
@@ -167,6 +168,10 @@ def sidecar(det: Detector, fmt: str, batch: int, dynamic_batch: bool, source: Pa
         # another than "precision" above moves the file's scores by that rounding
         "thresholds_precision": cal.get("precision") if image_t is not None else None,
         "threshold_source": _for_export(threshold_source),
+        # the held-back or calibration image whose score "score" is, where the model file names it
+        "threshold_image": image_name,
+        # the model file's record of its calibration, as stored: with far, its own image threshold is
+        # not the one in "thresholds", which the file is to judge by
         "calibration": cal,
     }
 

@@ -631,6 +631,11 @@ def test_far_sets_the_threshold_from_the_held_back_scores(tiny_run, synthetic_ro
     assert main(["predict", str(tiny_run), str(synthetic_root / "test" / "good"), "--out", str(out), "--far", f"{far:.6f}"]) == 0
     report = json.loads((out / "scores.json").read_text())
     assert report["threshold"] == cal["held_back_scores"][1] and "far" in report["threshold_source"]
+    assert report["threshold_image"] == cal["highest_scores"][1][0]  # named, as evaluate, report and watch name it
+    assert main(["export", str(tiny_run), "--format", "torchscript", "--out", str(tmp_path / "far.ts"),
+                 "--far", f"{far:.6f}"]) == 0
+    meta = json.loads((tmp_path / "far.ts.json").read_text())
+    assert meta["thresholds"]["score"] == cal["held_back_scores"][1] and meta["threshold_image"] == report["threshold_image"]
     assert [e["defective"] for e in report["images"]] == [e["score"] > cal["held_back_scores"][1] for e in report["images"]]
     assert main(["evaluate", str(tiny_run), str(synthetic_root), "--far", f"{far:.6f}"]) == 0
     assert f"threshold: set after training for far {far:g}" in capsys.readouterr().out
