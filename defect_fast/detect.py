@@ -726,7 +726,9 @@ class Detector(nn.Module):
         :func:`~defect_fast.runs.load_model_state` returns it); ``where`` names it in errors.
 
         The caller's random numbers are left as they were: building the model draws initial weights,
-        which the stored ones then replace (a program's seeded draws after a load came out otherwise)."""
+        which the stored ones then replace (a program's seeded draws after a load came out otherwise).
+        torch's generator is the process's, so its state is put back for every thread: another
+        thread that draws random numbers while a Detector loads draws some of them again."""
         with torch.random.fork_rng(devices=[]):
             return cls._from_state(state, device, map_kind, stride, smooth_sigma, where=where, **options)
 
