@@ -144,6 +144,18 @@ def cpu_threads(n: int | None) -> Iterator[None]:
 _GRAPH_LOCK = threading.Lock()
 #: Held while a Detector's workspace dict is read and changed (a few dict operations per chunk).
 _WORKSPACE_LOCK = threading.Lock()
+
+
+def _locks_anew_in_child() -> None:
+    """A forked child's locks, made anew: a lock another thread of the parent held at the fork is
+    held for ever in the child, where no thread releases it (a worker's Detector with threads=1
+    waited on _THREADS_LOCK while a parent thread was inside a call)."""
+    global _THREADS_LOCK, _GRAPH_LOCK, _WORKSPACE_LOCK
+    _THREADS_LOCK, _GRAPH_LOCK, _WORKSPACE_LOCK = threading.RLock(), threading.Lock(), threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_locks_anew_in_child)
 #: CUDA graphs a Detector keeps (one per input shape; each holds its own memory pool): a new shape
 #: beyond these lets the least recently used one go, so that GPU memory does not grow with every
 #: batch size a caller passes.

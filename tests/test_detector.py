@@ -1323,6 +1323,37 @@ def test_every_entry_point_in_a_forked_worker_says_why_or_runs_with_threads_1():
     assert torch.get_num_threads() >= 2  # the parent's count as it was
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_worker_forked_while_a_parent_thread_is_inside_a_call_runs():
+    """The lock that a call with the threads option holds was inherited held by the forked worker,
+    where no thread releases it: its Detector with threads=1 waited for ever."""
+    import multiprocessing
+    import threading
+
+    from defect_fast import detect
+
+    one = Detector(_model(), image_size=128, precision="float32", threads=1)
+    x = _images(1, 128)
+    want = one.predict(x)["scores"].tolist()
+    inside, done = threading.Event(), threading.Event()
+
+    def parent_call():  # a parent thread inside a call as the worker is forked (the lock taken as a call takes it)
+        with detect.cpu_threads(1):
+            inside.set()
+            done.wait(60)
+
+    t = threading.Thread(target=parent_call)
+    t.start()
+    try:
+        assert inside.wait(10)
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            kind, got = pool.apply_async(_other_entry_in_worker, (one, x, "predict")).get(timeout=60)
+    finally:
+        done.set()
+        t.join()
+    assert kind == "ran" and got == pytest.approx(sum(want), rel=1e-5)
+
+
 def test_a_shallow_copy_fits_and_calibrates_without_changing_the_original():
     """copy.copy shared the module's tables of buffers and parts: a fit on the copy changed the
     original's maps, which kept thresholds set on the maps before."""
