@@ -63,6 +63,7 @@ import numbers
 import os
 import threading
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -577,6 +578,7 @@ class Detector(nn.Module):
         made a pickle half again as large as the model file."""
         state = dict(self.__dict__)
         state["_workspace"], state["_graphs"], state["_compiled"] = {}, {}, None
+        state["_sharing"] = None  # a deep copy shares nothing
         return state
 
     def __copy__(self) -> "Detector":
@@ -584,12 +586,33 @@ class Detector(nn.Module):
         thresholds and tables of parts, buffers and hooks of its own, so that a fit, a ``map_kind``
         or a calibration of either leaves the other as it was (a module's copy shared those tables:
         a fit on the copy changed the original's maps, which kept its old thresholds). Its caches
-        start empty. Moving a shallow copy (``to``) moves the tensors it shares: ``copy.deepcopy``
-        for that."""
-        new = self.__class__.__new__(self.__class__)
-        new.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set, list)) else v
-                             for k, v in self.__getstate__().items()})
+        start empty. While both live, neither moves to another device nor loads other weights
+        (each would change the tensors they share under the other's thresholds, or leave the other
+        half moved): ``copy.deepcopy`` gives a Detector of its own for that."""
+        new = self._twin()
+        sharing = self.__dict__.get("_sharing")
+        if sharing is None:
+            sharing = self.__dict__["_sharing"] = weakref.WeakSet([self])
+        sharing.add(new)
+        new.__dict__["_sharing"] = sharing
         return new
+
+    def _twin(self) -> "Detector":
+        """:meth:`__copy__` without joining the Detectors that share its tensors: for a use that
+        neither moves it nor loads weights into it (``export`` traces one with other settings)."""
+        twin = self.__class__.__new__(self.__class__)
+        twin.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set, list)) else v
+                              for k, v in self.__getstate__().items()})
+        return twin
+
+    def _shares_tensors(self, what: str) -> None:
+        """Refuse ``what`` (a move, a load of other weights) while a shallow copy of this Detector,
+        or the one it was copied from, lives: they share their tensors (:meth:`__copy__`)."""
+        sharing = self.__dict__.get("_sharing")
+        if sharing is not None and any(other is not self for other in sharing):
+            raise RuntimeError(f"Detector: {what} is refused while a shallow copy of it (copy.copy), or the Detector "
+                               "it was copied from, lives: they share their weights and statistics; copy.deepcopy "
+                               "gives a Detector of its own")
 
     def _apply(self, fn, *args, **kwargs):
         # a module that holds the Detector cast (host.half(), host.to(torch.float64)) reaches this
@@ -601,6 +624,8 @@ class Detector(nn.Module):
                                 f"precision of a Detector is its precision option (one of {tuple(PRECISIONS)}; it "
                                 f"runs in {self.precision}); cast the other parts alone, or build it with "
                                 "precision=...")
+        if fn(torch.zeros(())).device != self.device:
+            self._shares_tensors("a move to another device")
         self._workspace, self._graphs = {}, {}  # buffers of the old device/dtype
         return super()._apply(fn, *args, **kwargs)
 
@@ -1726,6 +1751,8 @@ class Detector(nn.Module):
             if not torch.equal(given.detach().to(held.device, held.dtype), held.detach()):
                 changed = True
                 break
+        if changed:
+            self._shares_tensors("loading other weights")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if changed:

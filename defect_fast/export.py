@@ -232,8 +232,9 @@ def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, so
                           "allocate; give a "
                           "smaller --batch") from None
     # a copy is traced: the caller's Detector, which a service may be calling meanwhile, keeps its
-    # device, settings and modes (they were switched while it was traced)
-    det = copy.deepcopy(det).to("cpu").eval()
+    # device, settings and modes (they were switched while it was traced); on the CPU one that
+    # shares its tensors (a deep copy failed on what a program hangs on its Detector: a lock, a hook)
+    det = det._twin().eval() if det.device.type == "cpu" else copy.deepcopy(det).to("cpu").eval()
     det.batch_size = 0
     if precision == "float32":  # the portable graph: float32, the default layout
         det.precision, det.channels_last = "float32", False

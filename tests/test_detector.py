@@ -1372,6 +1372,26 @@ def test_a_shallow_copy_fits_and_calibrates_without_changing_the_original():
     assert torch.equal(det.predict(x)["scores"], want) and det.calibration == cal
     assert "image_threshold" in cal and "image_threshold" not in twin.calibration  # set aside on the copy only
 
+    # what would change the tensors they share (or leave one half moved) is refused while both live
+    other = {k: v + 1 if v.is_floating_point() else v for k, v in det.state_dict().items()}
+    for who in (det, twin):
+        with pytest.raises(RuntimeError, match="shallow copy of it.*copy.deepcopy"):
+            who.to("meta")
+        with pytest.raises(RuntimeError, match="shallow copy of it"):
+            who.load_state_dict(other)
+        who.load_state_dict(who.state_dict())  # its own weights back: nothing changes
+        who.to("cpu")  # where it is
+    assert torch.equal(det.predict(x)["scores"], want) and det.calibration == cal
+    deep = copy.deepcopy(det)
+    deep.load_state_dict(other)  # a deep copy shares nothing
+    assert torch.equal(det.predict(x)["scores"], want)
+    del twin, who
+    import gc
+
+    gc.collect()
+    det.load_state_dict(other)  # alone again
+    assert "image_threshold" not in det.calibration
+
 
 def test_a_module_holding_the_detector_cannot_cast_it():
     """host.half() or host.to(torch.float64) reached the Detector's tensors past Detector.to: every

@@ -420,6 +420,22 @@ def test_export_traces_a_copy_leaving_the_callers_detector_as_it_is(tmp_path, mo
     export_detector(det, tmp_path / "a.ts", "torchscript", precision="float32")
     assert seen == [(False, before)] and before[0] == "bfloat16"
     assert (det.precision, det.channels_last, det.batch_size) == before
+    # what a program hangs on its Detector, which no deep copy takes (a lock, a hook of an object holding one)
+    import threading
+
+    class Camera:
+        def __init__(self):
+            self.lock, self.calls = threading.Lock(), 0
+
+        def seen(self, module, args, output):
+            self.calls += 1
+
+    camera = Camera()
+    det.lock = threading.Lock()
+    det.register_forward_hook(camera.seen)
+    export_detector(det, tmp_path / "b.ts", "torchscript", precision="float32")
+    det(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    assert camera.calls >= 1 and (det.precision, det.channels_last, det.batch_size) == before
 
 
 def test_torchscript_runs_without_the_package(run, tmp_path):
