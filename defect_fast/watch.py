@@ -428,8 +428,9 @@ class DropFolderLock:
 
     The lock is on the folder as it is at start, not on its sub-folders (a watch of ``IN_DIR/a``
     beside a ``--recursive`` one of ``IN_DIR`` is not seen) nor on a folder made again in its
-    place; where the file system cannot lock a folder (some network shares), the watch goes on
-    without it and says so."""
+    place, and it holds among the processes of one machine: on a network share (NFS, SMB) Linux
+    locks a folder for this machine only, so watches on two machines are not seen; where the
+    file system refuses the lock, the watch goes on without it and says so."""
 
     def __init__(self, folder: Path, move_judged: bool, log: Callable[[str], None]):
         self.folder, self.move_judged, self.log = Path(folder), move_judged, log
@@ -484,8 +485,9 @@ def _flock_holders(fd: int) -> list[int]:
                 if len(parts) < 6 or parts[1] != "FLOCK":
                     continue
                 major, minor, inode = parts[5].split(":")
+                # (a holder in another PID namespace, a container sharing the folder, is listed as 0)
                 if (int(major, 16), int(minor, 16), int(inode)) == (os.major(st.st_dev), os.minor(st.st_dev),
-                                                                    st.st_ino) and int(parts[4]) != os.getpid():
+                                                                    st.st_ino) and int(parts[4]) not in (0, os.getpid()):
                     pids.add(int(parts[4]))
     except (OSError, ValueError):
         return []

@@ -351,3 +351,22 @@ def test_the_drop_folder_lock_is_let_go_when_a_watch_ends_or_fails(tmp_path, mon
     monkeypatch.undo()
     run_once(src, out, move_judged=True)
     watch_mod.DropFolderLock(src, True, print).acquire().release()  # free after each end: no RunInUse
+
+
+def test_the_holders_named_are_other_processes_seen_in_proc_locks(tmp_path, monkeypatch):
+    """A holder in another PID namespace (a container sharing the folder) is listed as PID 0: not named."""
+    import io
+
+    src = tmp_path / "in"
+    src.mkdir()
+    st = os.stat(src)
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    table = (f"1: FLOCK  ADVISORY  WRITE 0 {key} 0 EOF\n2: FLOCK  ADVISORY  READ  4242 {key} 0 EOF\n"
+             f"3: FLOCK  ADVISORY  READ  {os.getpid()} {key} 0 EOF\n4: POSIX  ADVISORY  WRITE 77 {key} 0 EOF\n"
+             f"5: FLOCK  ADVISORY  WRITE 99 00:00:1 0 EOF\n")
+    monkeypatch.setattr(watch_mod, "open", lambda *a, **k: io.StringIO(table), raising=False)
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        assert watch_mod._flock_holders(fd) == [4242]
+    finally:
+        os.close(fd)
