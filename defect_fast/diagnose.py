@@ -52,7 +52,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .safety import MAX_OUTPUT_STEM, atomic_open, atomic_write_text, short_stem
+from .safety import MAX_OUTPUT_STEM, atomic_open, atomic_write_text, short_stem, unique_names
 
 __all__ = ["REGIONS", "add_parser", "command", "diagnose", "draw_grid", "figure_name", "figure_names", "format_table", "location_stats",
            "main", "rank_correlation", "region_masks", "top_pixel_mask", "top_pixel_weights"]
@@ -291,18 +291,11 @@ def figure_name(cls: str) -> str:
 def figure_names(classes) -> dict[str, str]:
     """Each class's figure file, one per class: :func:`figure_name`, and ``_2``, ``_3``... when
     two classes would share one ("oil spot" and "oil_spot", names that differ in case or only in an
-    undecodable byte; the second figure replaced the first)."""
-    names: dict[str, str] = {}
-    taken: set[str] = set()
-    for cls in sorted(set(classes), key=lambda c: (c != "good", c)):
-        base = figure_name(cls)[:-4]
-        name, k = f"{base}.png", 1
-        while name.lower() in taken:
-            k += 1
-            name = f"{base}_{k}.png"
-        taken.add(name.lower())
-        names[cls] = name
-    return names
+    undecodable byte; the second figure replaced the first); a class whose name is the file's
+    keeps it (:func:`~defect_fast.safety.unique_names`: "oil spot" took ``oil_spot.png``)."""
+    ordered = sorted(set(classes), key=lambda c: (c != "good", c))
+    bases = [figure_name(c)[:-4] for c in ordered]
+    return {c: f"{name}.png" for c, name in zip(ordered, unique_names(bases, own=[b == c for b, c in zip(bases, ordered)]))}
 
 
 def _shown(text: str) -> str:

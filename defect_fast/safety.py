@@ -157,21 +157,37 @@ MAX_OUTPUT_STEM = 200
 
 def output_stems(paths: Sequence[Path]) -> list[str]:
     """File stems for the outputs of ``paths`` (``<stem>_map.png``, ``<stem>_overlay.png``),
-    unique: clashing names get their folder (and if need be a number) in front; a stem longer
-    than :data:`MAX_OUTPUT_STEM` bytes is shortened by :func:`short_stem` (an image's legal
-    name of 250 bytes made a map name the file system refuses)."""
+    unique: clashing names get their folder (and if need be a number: :func:`unique_names`) in
+    front; a stem longer than :data:`MAX_OUTPUT_STEM` bytes is shortened by :func:`short_stem` (an
+    image's legal name of 250 bytes made a map name the file system refuses)."""
     stems = [short_stem(p.stem, MAX_OUTPUT_STEM) for p in paths]
     clashes = {s for s in stems if stems.count(s) > 1}
-    stems = [short_stem(f"{p.parent.name}_{p.stem}", MAX_OUTPUT_STEM) if s in clashes else s for p, s in zip(paths, stems)]
-    taken: set[str] = set()
-    out = []
-    for s in stems:
-        name, k = s, 1
-        while name.lower() in taken:  # a number no other image's name has (case-blind file systems too)
+    return unique_names([short_stem(f"{p.parent.name}_{p.stem}", MAX_OUTPUT_STEM) if s in clashes else s
+                         for p, s in zip(paths, stems)], own=[s not in clashes for s in stems])
+
+
+def unique_names(names: Sequence[str], own: Sequence[bool] | None = None) -> list[str]:
+    """``names`` made unique, case-blind as some file systems are: a name only one entry has is
+    kept; of the entries that share one, the first whose name is its ``own`` (not made up: no folder
+    put in front of it, no character replaced) keeps it, else the first, and the others get ``_2``,
+    ``_3``... after it, never a name another entry has as it is (``x_2.png``'s map was named after
+    the second ``x.png``, and ``x_2.png`` got ``x_2_2``)."""
+    own = [True] * len(names) if own is None else list(own)
+    counts: dict[str, int] = {}
+    for n in names:
+        counts[n.lower()] = counts.get(n.lower(), 0) + 1
+    taken = {n.lower() for n in names if counts[n.lower()] == 1}
+    out = list(names)
+    for i in sorted(range(len(names)), key=lambda i: not own[i]):  # (stable: in their order otherwise)
+        base = names[i]
+        if counts[base.lower()] == 1:
+            continue
+        name, k = base, 1
+        while name.lower() in taken:
             k += 1
-            name = f"{s}_{k}"
+            name = f"{base}_{k}"
         taken.add(name.lower())
-        out.append(name)
+        out[i] = name
     return out
 
 

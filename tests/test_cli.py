@@ -718,7 +718,11 @@ def test_predict_output_names_never_clash():
     paths = [Path("x/a.png"), Path("x/a.jpg"), Path("x/x_a_2.png"), Path("y/B.png"), Path("z/b.png")]
     stems = _output_stems(paths)
     assert len({s.lower() for s in stems}) == len(paths)
-    assert stems[:3] == ["x_a", "x_a_2", "x_a_2_2"] and stems[3] == "B"
+    # x_a_2.png keeps its own name: a number given to a clash is never another image's name
+    assert stems[:3] == ["x_a", "x_a_3", "x_a_2"] and stems[3] == "B"
+    assert _output_stems([Path("c/X.png"), Path("c/x.png"), Path("c/x_2.png")]) == ["X", "x_3", "x_2"]
+    # a name made from a folder never takes the name an image has: a_x.png keeps "a_x"
+    assert _output_stems([Path("a/x.png"), Path("b/x.png"), Path("c/a_x.png")]) == ["a_x_2", "b_x", "a_x"]
     long = [Path("d/" + "é" * 130 + c + ".png") for c in "xy"]  # 261 bytes each, alike in their first 260
     stems = _output_stems(long)
     assert len(set(stems)) == 2 and all(len(s.encode()) <= 200 for s in stems)

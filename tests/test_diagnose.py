@@ -198,8 +198,13 @@ def test_classes_whose_figures_would_share_a_file_and_names_that_are_not_utf8(tm
     classes = ["good", "good", "oil spot", "oil_spot", "Oil_Spot", "gr\udcfcn"]
     paths = draw_grid(images, recon, maps, scores, classes, tmp_path, per_class=1)
     assert len({p.name.lower() for p in paths.values()}) == 5 and all(p.is_file() for p in paths.values())
-    assert [paths[c].name for c in ("Oil_Spot", "oil spot", "oil_spot")] == [  # in sorted order, first come first
-        "Oil_Spot.png", "oil_spot_2.png", "oil_spot_3.png"]
+    # a class whose name the file has keeps it, in sorted order; a name made up ("oil spot") comes after
+    assert [paths[c].name for c in ("Oil_Spot", "oil spot", "oil_spot")] == [
+        "Oil_Spot.png", "oil_spot_3.png", "oil_spot_2.png"]
+    from defect_fast.diagnose import figure_names
+
+    # "oil spot" took oil_spot.png, and the class named oil_spot got oil_spot_2.png
+    assert figure_names(["oil spot", "oil_spot"]) == {"oil spot": "oil_spot_2.png", "oil_spot": "oil_spot.png"}
 
 
 def test_diagnose_end_to_end(tmp_path, synthetic_root, capsys):
