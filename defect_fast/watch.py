@@ -757,6 +757,8 @@ def _scan(st: _State, recursive: bool, log: Callable[[str], None], root: Path | 
                 if not e.is_file():
                     if e.is_symlink() and not os.path.exists(e.path) and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS:
                         _skipping(st, Path(e.path), "a link to nothing (its target is gone)", log)
+                    elif e.is_symlink() and e.is_dir():  # its photos would wait for ever unseen: said once
+                        _skipping(st, Path(e.path), "a link to a folder, not followed (watch that folder itself)", log)
                     continue
                 s = e.stat()
             except FileNotFoundError:
@@ -1544,7 +1546,8 @@ def add_parser(subparsers) -> None:
                         f"a file that then does not decode is rejected after {MIN_GRACE:g} s more unchanged, or "
                         "10 x --settle when longer (an upload may have stalled; with --once, at once)")
     add_threshold_options(w, "fails")
-    w.add_argument("--recursive", action="store_true", help="also watch sub-folders")
+    w.add_argument("--recursive", action="store_true",
+                   help="also watch sub-folders (a link to a folder is named once, not followed)")
     w.add_argument("--move-judged", action="store_true",
                    help="move each judged image out of the drop folder into OUT/judged/pass/ or OUT/judged/fail/ "
                         "once its result is in the journal (its line's \"moved_to\"; named NAME_<12 hex digits of "

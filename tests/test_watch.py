@@ -1147,6 +1147,21 @@ def test_a_link_to_nothing_named_like_an_image_is_named_once(tmp_path):
     assert [r["image"] for r in journal(out)] == ["a.png"]
 
 
+@pytest.mark.parametrize("recursive", [False, True])
+def test_a_link_to_a_folder_is_named_once_not_followed(tmp_path, recursive):
+    """--recursive passed a link to a folder by in silence: the photos a camera put there waited for ever."""
+    src, out, cam = tmp_path / "in", tmp_path / "out", tmp_path / "cam1"
+    src.mkdir()
+    cam.mkdir()
+    (cam / "x.png").write_bytes(png_bytes(2))
+    (src / "cam1").symlink_to(cam)
+    (src / "a.png").write_bytes(png_bytes(1))
+    _, lines = run_once(src, out, recursive=recursive)
+    assert [line for line in lines if "cam1" in line] == [
+        f"skipping {src / 'cam1'}: a link to a folder, not followed (watch that folder itself)"]
+    assert [r["image"] for r in journal(out)] == ["a.png"]
+
+
 @pytest.mark.parametrize("when", ["start", "session"])
 def test_a_listing_that_failed_forgets_nothing(tmp_path, monkeypatch, when):
     """A drop folder that could not be listed once (EIO, a stale share) looked empty: what was
