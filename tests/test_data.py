@@ -445,6 +445,27 @@ def test_a_mask_whose_extension_is_in_mixed_case_is_found(tmp_path):
     assert find_mask(root, "scratch", "A001.png") == other.with_name("A001_mask.png")
 
 
+def test_a_mask_named_in_the_other_unicode_form_is_found(tmp_path):
+    """macOS writes names decomposed (NFD): "café_mask.png" copied from one did not match the image
+    "café.png" (composed), which was refused as having no mask, beside a warning that the mask
+    belonged to no image."""
+    import unicodedata
+    import warnings
+
+    root = _mvtec(tmp_path)
+    want = load_test_set(root, 16).masks
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    assert nfc != nfd
+    (root / "test" / "scratch" / "000.png").rename(root / "test" / "scratch" / f"{nfc}.png")
+    mask = root / "ground_truth" / "scratch" / "000_mask.png"
+    mask.rename(mask.with_name(f"{nfd}_mask.png"))
+    assert find_mask(root, "scratch", f"{nfc}.png") == mask.with_name(f"{nfd}_mask.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no mask said to belong to no image
+        ts = load_test_set(root, 16)
+    assert sorted(m.sum().item() for m in ts.masks) == sorted(m.sum().item() for m in want)
+
+
 def test_two_images_sharing_a_stem_do_not_share_a_mask_silently(tmp_path):
     """000.png and 000.bmp both found 000_mask.png: one defective image was judged against another's
     defect, without a word."""

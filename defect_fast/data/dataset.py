@@ -13,6 +13,7 @@ float range with :func:`to_model_range` when they are used.
 from __future__ import annotations
 
 import os
+import unicodedata
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,12 +212,19 @@ def find_mask(root: str | os.PathLike, cls: str, image: str | os.PathLike) -> Pa
         hit = names.get((cand.stem, cand.suffix))
         if hit is not None and hit.is_file():
             return hit
-    names = {(Path(n).stem.lower(), Path(n).suffix.lower()): gt / n for n in sorted(listed)}
-    for cand in candidates:  # then the name in any case (000_MASK.png), exact names having come first
-        hit = names.get((cand.stem.lower(), cand.suffix))
+    # then the name in any case (000_MASK.png), exact names having come first, and in either Unicode
+    # form: macOS writes names decomposed (NFD), so a mask copied from one did not match "café.png"
+    names = {(_loose(Path(n).stem), Path(n).suffix.lower()): gt / n for n in sorted(listed)}
+    for cand in candidates:
+        hit = names.get((_loose(cand.stem), cand.suffix))
         if hit is not None and hit.is_file():
             return hit
     return None
+
+
+def _loose(name: str) -> str:
+    """``name`` as names are matched last: composed Unicode (NFC), lower case."""
+    return unicodedata.normalize("NFC", name).lower()
 
 
 def _file_id(path: Path) -> tuple | Path:
