@@ -610,6 +610,10 @@ class Detector(nn.Module):
         or the one it was copied from, lives: they share their tensors (:meth:`__copy__`)."""
         sharing = self.__dict__.get("_sharing")
         if sharing is not None and any(other is not self for other in sharing):
+            import gc
+
+            gc.collect()  # a copy let go whose own references hold it (a compiled pipeline) leaves the set
+        if sharing is not None and any(other is not self for other in sharing):
             raise RuntimeError(f"Detector: {what} is refused while a shallow copy of it (copy.copy), or the Detector "
                                "it was copied from, lives: they share their weights and statistics; copy.deepcopy "
                                "gives a Detector of its own")
@@ -624,7 +628,7 @@ class Detector(nn.Module):
                                 f"precision of a Detector is its precision option (one of {tuple(PRECISIONS)}; it "
                                 f"runs in {self.precision}); cast the other parts alone, or build it with "
                                 "precision=...")
-        if fn(torch.zeros(())).device != self.device:
+        if fn(torch.zeros((), device=self.device)).device != self.device:  # (a cast alone keeps the device)
             self._shares_tensors("a move to another device")
         self._workspace, self._graphs = {}, {}  # buffers of the old device/dtype
         return super()._apply(fn, *args, **kwargs)

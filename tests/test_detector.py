@@ -1385,12 +1385,23 @@ def test_a_shallow_copy_fits_and_calibrates_without_changing_the_original():
     deep = copy.deepcopy(det)
     deep.load_state_dict(other)  # a deep copy shares nothing
     assert torch.equal(det.predict(x)["scores"], want)
+    twin.__dict__["_cycle"] = twin  # a copy let go that only a cycle of its own keeps (a compiled pipeline)
     del twin, who
     import gc
 
-    gc.collect()
-    det.load_state_dict(other)  # alone again
+    gc.disable()
+    try:
+        det.load_state_dict(other)  # alone again
+    finally:
+        gc.enable()
     assert "image_threshold" not in det.calibration
+    # on another device a cast alone moves nothing: not refused while a copy lives
+    meta = Detector(_model(), image_size=128, precision="float32").to("meta")
+    meta_twin = copy.copy(meta)
+    meta.float()
+    meta.to(torch.float32)
+    meta.to(memory_format=torch.channels_last)
+    meta_twin.to("meta")  # where it is
 
 
 def test_a_module_holding_the_detector_cannot_cast_it():
