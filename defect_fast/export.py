@@ -232,9 +232,19 @@ def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, so
                           "allocate; give a "
                           "smaller --batch") from None
     # a copy is traced: the caller's Detector, which a service may be calling meanwhile, keeps its
-    # device, settings and modes (they were switched while it was traced); on the CPU one that
-    # shares its tensors (a deep copy failed on what a program hangs on its Detector: a lock, a hook)
-    det = det._twin().eval() if det.device.type == "cpu" else copy.deepcopy(det).to("cpu").eval()
+    # device, settings and modes (they were switched while it was traced). TorchScript and ONNX on
+    # the CPU trace one that shares its tensors (a deep copy failed on what a program hangs on its
+    # Detector: a lock, a hook); torch.export puts stand-in tensors in the modules it traces for
+    # the length of the export, so it, and a Detector on another device, get a deep copy
+    if det.device.type == "cpu" and fmt != "exported":
+        det = det._twin().eval()
+    else:
+        try:
+            det = copy.deepcopy(det).to("cpu").eval()
+        except (TypeError, copy.Error) as exc:  # "cannot pickle '_thread.lock' object"
+            raise ExportError(f"export: {'--format exported' if fmt == 'exported' else 'a Detector on ' + str(det.device)}"
+                              f" traces a copy of the Detector, and it holds something that cannot be copied ({exc}); "
+                              "export one loaded from its model file") from None
     det.batch_size = 0
     if precision == "float32":  # the portable graph: float32, the default layout
         det.precision, det.channels_last = "float32", False

@@ -438,6 +438,24 @@ def test_export_traces_a_copy_leaving_the_callers_detector_as_it_is(tmp_path, mo
     assert camera.calls >= 1 and (det.precision, det.channels_last, det.batch_size) == before
 
 
+def test_torch_export_traces_a_deep_copy_leaving_the_callers_tensors_in_place(tmp_path):
+    """torch.export puts stand-in tensors into the modules it traces for the length of the export: on a
+    copy that shared the caller's model, a service calling the caller's Detector meanwhile got them."""
+    import threading
+
+    from defect_fast.export import ExportError, export_detector
+
+    det = Detector(build_model("cmaae", memory_size=10), image_size=64, precision="float32")
+    seen = []
+    det.model.register_forward_pre_hook(lambda module, args: seen.append(type(next(det.model.parameters())).__name__))
+    export_detector(det, tmp_path / "a.pt2", "exported")
+    assert seen and set(seen) == {"Parameter"}
+    det.lock = threading.Lock()  # what a deep copy cannot take: one line, nothing written
+    with pytest.raises(ExportError, match=r"--format exported traces a copy of the Detector.*cannot be copied"):
+        export_detector(det, tmp_path / "b.pt2", "exported")
+    assert not (tmp_path / "b.pt2").exists()
+
+
 def test_torchscript_runs_without_the_package(run, tmp_path):
     out = tmp_path / "det.ts"
     assert main(["export", str(run), "--format", "torchscript", "--out", str(out)]) == 0
