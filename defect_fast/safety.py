@@ -183,9 +183,10 @@ def unique_names(names: Sequence[str], own: Sequence[bool] | None = None) -> lis
         if counts[base.lower()] == 1:
             continue
         name, k = base, 1
-        while name.lower() in taken:
-            k += 1
-            name = f"{base}_{k}"
+        if name.lower() in taken:  # a number: not given yet, nor any entry's name ("x", "x", "x_2", "x_2")
+            while name.lower() in taken or name.lower() in counts:
+                k += 1
+                name = f"{base}_{k}"
         taken.add(name.lower())
         out[i] = name
     return out

@@ -723,6 +723,9 @@ def test_predict_output_names_never_clash():
     assert _output_stems([Path("c/X.png"), Path("c/x.png"), Path("c/x_2.png")]) == ["X", "x_3", "x_2"]
     # a name made from a folder never takes the name an image has: a_x.png keeps "a_x"
     assert _output_stems([Path("a/x.png"), Path("b/x.png"), Path("c/a_x.png")]) == ["a_x_2", "b_x", "a_x"]
+    # nor a name another clash has: x_2 is one of the second pair's
+    assert _output_stems([Path("a/x.png"), Path("b/X.png"), Path("c/x_2.png"), Path("d/X_2.png")]) == [
+        "x", "X_3", "x_2", "X_2_2"]
     long = [Path("d/" + "é" * 130 + c + ".png") for c in "xy"]  # 261 bytes each, alike in their first 260
     stems = _output_stems(long)
     assert len(set(stems)) == 2 and all(len(s.encode()) <= 200 for s in stems)
