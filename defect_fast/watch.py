@@ -720,7 +720,7 @@ def _scan(st: _State, recursive: bool, log: Callable[[str], None], root: Path | 
     found: dict[str, tuple[Path, int, int, int]] = {}
     failed: set[str] = set()
     folders: dict[str, tuple[int, int]] = {}
-    out_resolved = st.out.resolve()
+    out_resolved, in_resolved = st.out.resolve(), st.in_dir.resolve()
     top = st.in_dir if root is None else root
 
     def rel(p: Path | str) -> str:
@@ -758,7 +758,11 @@ def _scan(st: _State, recursive: bool, log: Callable[[str], None], root: Path | 
                     if e.is_symlink() and not os.path.exists(e.path) and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS:
                         _skipping(st, Path(e.path), "a link to nothing (its target is gone)", log)
                     elif e.is_symlink() and e.is_dir():  # its photos would wait for ever unseen: said once
-                        _skipping(st, Path(e.path), "a link to a folder, not followed (watch that folder itself)", log)
+                        target = Path(e.path).resolve()
+                        inside = target == in_resolved or in_resolved in target.parents
+                        if target != out_resolved and not (inside and recursive):  # (else: seen where it is)
+                            _skipping(st, Path(e.path), "a link to a folder, not followed"
+                                      + ("" if inside else " (watch that folder itself)"), log)
                     continue
                 s = e.stat()
             except FileNotFoundError:

@@ -1160,6 +1160,16 @@ def test_a_link_to_a_folder_is_named_once_not_followed(tmp_path, recursive):
     assert [line for line in lines if "cam1" in line] == [
         f"skipping {src / 'cam1'}: a link to a folder, not followed (watch that folder itself)"]
     assert [r["image"] for r in journal(out)] == ["a.png"]
+    # one to a folder inside the drop folder: with --recursive its photos are judged where they are
+    (src / "sub").mkdir()
+    (src / "sub" / "y.png").write_bytes(png_bytes(3))
+    (src / "alias").symlink_to(src / "sub")
+    _, lines = run_once(src, out, recursive=recursive)
+    said = [line for line in lines if "alias" in line]
+    if recursive:
+        assert said == [] and [r["image"] for r in journal(out)] == ["a.png", "sub/y.png"]
+    else:
+        assert said == [f"skipping {src / 'alias'}: a link to a folder, not followed"]
 
 
 @pytest.mark.parametrize("when", ["start", "session"])
