@@ -147,12 +147,17 @@ _GRAPH_LOCK = threading.Lock()
 _WORKSPACE_LOCK = threading.Lock()
 
 
+#: Held while the set of Detectors sharing their tensors (:meth:`Detector.__copy__`) is made or read.
+_SHARING_LOCK = threading.Lock()
+
+
 def _locks_anew_in_child() -> None:
     """A forked child's locks, made anew: a lock another thread of the parent held at the fork is
     held for ever in the child, where no thread releases it (a worker's Detector with threads=1
     waited on _THREADS_LOCK while a parent thread was inside a call)."""
-    global _THREADS_LOCK, _GRAPH_LOCK, _WORKSPACE_LOCK
+    global _THREADS_LOCK, _GRAPH_LOCK, _WORKSPACE_LOCK, _SHARING_LOCK
     _THREADS_LOCK, _GRAPH_LOCK, _WORKSPACE_LOCK = threading.RLock(), threading.Lock(), threading.Lock()
+    _SHARING_LOCK = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
@@ -590,11 +595,12 @@ class Detector(nn.Module):
         (each would change the tensors they share under the other's thresholds, or leave the other
         half moved): ``copy.deepcopy`` gives a Detector of its own for that."""
         new = self._twin()
-        sharing = self.__dict__.get("_sharing")
-        if sharing is None:
-            sharing = self.__dict__["_sharing"] = weakref.WeakSet([self])
-        sharing.add(new)
-        new.__dict__["_sharing"] = sharing
+        with _SHARING_LOCK:  # two threads' first copies made two sets: the original then moved under one
+            sharing = self.__dict__.get("_sharing")
+            if sharing is None:
+                sharing = self.__dict__["_sharing"] = weakref.WeakSet([self])
+            sharing.add(new)
+            new.__dict__["_sharing"] = sharing
         return new
 
     def _twin(self) -> "Detector":
@@ -609,14 +615,23 @@ class Detector(nn.Module):
         """Refuse ``what`` (a move, a load of other weights) while a shallow copy of this Detector,
         or the one it was copied from, lives: they share their tensors (:meth:`__copy__`)."""
         sharing = self.__dict__.get("_sharing")
-        if sharing is not None and any(other is not self for other in sharing):
+
+        def others() -> bool:
+            with _SHARING_LOCK:  # (a set that another thread's copy grows while it is read raised)
+                return sharing is not None and any(other is not self for other in list(sharing))
+
+        if others():
             import gc
 
             gc.collect()  # a copy let go whose own references hold it (a compiled pipeline) leaves the set
-        if sharing is not None and any(other is not self for other in sharing):
+        if others():
             raise RuntimeError(f"Detector: {what} is refused while a shallow copy of it (copy.copy), or the Detector "
                                "it was copied from, lives: they share their weights and statistics; copy.deepcopy "
                                "gives a Detector of its own")
+
+    def to_empty(self, *, device, recurse: bool = True):
+        self._shares_tensors("to_empty")  # (on its own device it fills the tensors the other reads)
+        return super().to_empty(device=device, recurse=recurse)
 
     def _apply(self, fn, *args, **kwargs):
         # a module that holds the Detector cast (host.half(), host.to(torch.float64)) reaches this

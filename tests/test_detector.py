@@ -1379,6 +1379,8 @@ def test_a_shallow_copy_fits_and_calibrates_without_changing_the_original():
             who.to("meta")
         with pytest.raises(RuntimeError, match="shallow copy of it"):
             who.load_state_dict(other)
+        with pytest.raises(RuntimeError, match="to_empty is refused while a shallow copy"):
+            who.to_empty(device="cpu")  # on its own device: it filled the tensors the other reads
         who.load_state_dict(who.state_dict())  # its own weights back: nothing changes
         who.to("cpu")  # where it is
     assert torch.equal(det.predict(x)["scores"], want) and det.calibration == cal
