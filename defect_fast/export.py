@@ -241,10 +241,11 @@ def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, so
     else:
         try:
             det = copy.deepcopy(det).to("cpu").eval()
-        except (TypeError, copy.Error) as exc:  # "cannot pickle '_thread.lock' object"
-            raise ExportError(f"export: {'--format exported' if fmt == 'exported' else 'a Detector on ' + str(det.device)}"
-                              f" traces a copy of the Detector, and it holds something that cannot be copied ({exc}); "
-                              "export one loaded from its model file") from None
+        except Exception as exc:  # "cannot pickle '_thread.lock' object", a tensor that is no graph leaf...
+            why = "--format exported" if fmt == "exported" else f"an export of a Detector on {det.device}"
+            raise ExportError(f"export: {why} traces a deep copy of it, and it holds something that cannot be copied "
+                              f"({type(exc).__name__}: {one_line(str(exc))[:200]}); export one loaded from its model "
+                              "file") from None
     det.batch_size = 0
     if precision == "float32":  # the portable graph: float32, the default layout
         det.precision, det.channels_last = "float32", False

@@ -451,7 +451,12 @@ def test_torch_export_traces_a_deep_copy_leaving_the_callers_tensors_in_place(tm
     export_detector(det, tmp_path / "a.pt2", "exported")
     assert seen and set(seen) == {"Parameter"}
     det.lock = threading.Lock()  # what a deep copy cannot take: one line, nothing written
-    with pytest.raises(ExportError, match=r"--format exported traces a copy of the Detector.*cannot be copied"):
+    with pytest.raises(ExportError, match=r"--format exported traces a deep copy of it.*cannot be copied"):
+        export_detector(det, tmp_path / "b.pt2", "exported")
+    del det.lock
+    w = torch.ones(2, requires_grad=True)
+    det.last = w * 2  # a tensor that is no graph leaf: torch's own RuntimeError, said in one line too
+    with pytest.raises(ExportError, match=r"cannot be copied \(RuntimeError: Only Tensors created explicitly"):
         export_detector(det, tmp_path / "b.pt2", "exported")
     assert not (tmp_path / "b.pt2").exists()
 
