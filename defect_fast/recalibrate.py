@@ -71,9 +71,16 @@ def _seen_images(state: dict[str, Any], cfg) -> tuple[list[bytes] | None, str]:
     seen = [i for i, p in enumerate(paths) if str(p) not in held or str(p) in fitted]
     keys = image_keys(images)
     # and the images a fit in Python recorded (a file trained before the record, fitted again)
-    fitted_now = [bytes.fromhex(k) for k in ((state.get("image_keys") or {}).get("fitted") or [])]
+    fitted_now = _fitted_keys(state)
     return [keys[i] for i in seen] + fitted_now, f"{len(seen)} images of {cfg.data}" + (
         f" and the {len(fitted_now)} a fit in Python recorded" if fitted_now else "")
+
+
+def _fitted_keys(state: dict[str, Any]) -> list[bytes]:
+    """The pixel keys of the images a fit in Python recorded (``image_keys["fitted"]``,
+    :meth:`defect_fast.detect.Detector.save`), which the map has seen besides the run's."""
+    recorded = state.get("image_keys")
+    return [bytes.fromhex(k) for k in ((recorded.get("fitted") if isinstance(recorded, dict) else None) or [])]
 
 
 def recorded_keys(state: dict[str, Any], cfg=None) -> dict[str, list[bytes] | None] | None:
@@ -91,16 +98,12 @@ def recorded_keys(state: dict[str, Any], cfg=None) -> dict[str, list[bytes] | No
     recorded = state.get("image_keys")
     if not isinstance(recorded, dict):
         return None
-
-    def keys_of(name: str) -> list[bytes] | None:
-        listed = recorded.get(name)
-        return None if listed is None else [bytes.fromhex(k) for k in listed]
-
     if "trained" not in recorded:
         if "calibrated" not in recorded and "fitted" not in recorded:
             return None
-        return {"seen": None, "thresholds": keys_of("calibrated")}
-    fitted_now = keys_of("fitted") or []
+        calibrated = recorded.get("calibrated")
+        return {"seen": None, "thresholds": None if calibrated is None else [bytes.fromhex(k) for k in calibrated]}
+    fitted_now = _fitted_keys(state)
     held = [str(p) for p in state.get("held_back") or []]
     held_keys = list(recorded.get("held_back") or [])
     paired = len(held_keys) == len(held)
