@@ -1391,22 +1391,17 @@ def watch(
     if Path(os.path.realpath(out)) in Path(os.path.realpath(in_dir)).parents:  # its own maps would come in as images
         raise WatchError(f"{in_dir}: the folder to watch lies inside the results folder {out}")
     _check_out(out)
-    drop_held = DropFolderLock(in_dir, move_judged, log).acquire() if drop_lock else None  # before OUT_DIR is made
+    held = contextlib.ExitStack()  # the locks taken, let go last to first
     try:
+        if drop_lock:  # before OUT_DIR is made
+            held.callback(DropFolderLock(in_dir, move_judged, log).acquire().release)
         for sub in _subfolders(move_judged):
             (out / sub).mkdir(parents=True, exist_ok=True)
-        held = _lock(out) if lock else None
-    except BaseException:
-        if drop_held is not None:
-            drop_held.release()
-        raise
-    try:
+        if lock:
+            held.callback(_lock(out).release)
         journal = Journal(out / JOURNAL)
     except BaseException:
-        if held is not None:
-            held.release()
-        if drop_held is not None:
-            drop_held.release()
+        held.close()
         raise
     source = "given to watch()" if threshold is not None else info.extra.get("threshold_source")
     st = _State(info=info, threshold=float(thr), threshold_source=source, in_dir=in_dir, out=out, journal=journal,
@@ -1510,10 +1505,7 @@ def watch(
         for sig, h in old_handlers.items():
             signal.signal(sig, h)
         journal.close()
-        if held is not None:
-            held.release()
-        if drop_held is not None:
-            drop_held.release()
+        held.close()
     processed = st.session.as_dict()["total"]
     return {"counts": st.totals.as_dict(), "session": st.session.as_dict(),
             "images_per_s": processed / st.busy_s if st.busy_s > 0 else None, "journal": str(journal.path)}
@@ -1620,9 +1612,9 @@ def command(args) -> int:
     check_out_not_overlapping(out, [in_dir, args.run], what="--out")
     if not (out / MANIFEST_NAME).is_file():
         OutputFolder.check(out, inputs=[in_dir, args.run], command="watch")  # refuse before the model is read
-    # refused before the model is read, and before OUT_DIR is made
-    drop_held = DropFolderLock(in_dir, args.move_judged, lambda msg: print(msg, flush=True)).acquire()
-    try:
+    with contextlib.ExitStack() as held:  # the drop folder's lock, then OUT_DIR's, let go last to first
+        # refused before the model is read, and before OUT_DIR is made
+        held.callback(DropFolderLock(in_dir, args.move_judged, lambda msg: print(msg, flush=True)).acquire().release)
         model_changed = _model_watcher(model_file(args.run))  # what it holds before it is read: a change during the load is said
         det = Detector.load(args.run, device=args.device)
         with far_errors(args.run, args.far):
@@ -1630,10 +1622,7 @@ def command(args) -> int:
         if info.image_threshold is None:
             raise WatchError(f"{args.run}: the model file holds no image threshold; give one with --threshold")
         folder = _open_out(out.absolute(), [in_dir, args.run], out)
-    except BaseException:
-        drop_held.release()
-        raise
-    try:
+        held.callback(folder.release)
         for sub in _subfolders(args.move_judged):
             folder.mkdir(sub)
         folder.record_many([JOURNAL, STATUS])
@@ -1645,7 +1634,4 @@ def command(args) -> int:
               batch_size=args.batch_size, poll_interval=args.poll, rescan_interval=args.rescan, settle=args.settle,
               recursive=args.recursive, lock=False, model_changed=model_changed, move_judged=args.move_judged,
               drop_lock=False)
-    finally:
-        folder.release()
-        drop_held.release()
     return 0
