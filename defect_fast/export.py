@@ -251,32 +251,30 @@ def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, so
         det.precision, det.channels_last = "float32", False
     dynamic = False
     fh = io.BytesIO()  # the file's bytes, whose digest goes into the description before either is written
-    try:
-        with reference_ops(), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if fmt == "torchscript":
-                traced = torch.jit.trace(det, (example,), check_trace=False)
-                torch.jit.save(torch.jit.script(_CheckedImages(traced, s, det.trained_proportions)), fh)
-                dynamic = True  # the traced shape arithmetic follows the batch size
-            elif fmt == "onnx":
-                torch.onnx.export(det, (example,), fh, input_names=["images"], output_names=["maps", "scores"],
-                                  dynamic_axes={"images": {0: "batch"}, "maps": {0: "batch"}, "scores": {0: "batch"}},
-                                  opset_version=ONNX_OPSET, dynamo=False)
-                fh = _maps_sides_pinned(fh, s)
+    with reference_ops(), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if fmt == "torchscript":
+            traced = torch.jit.trace(det, (example,), check_trace=False)
+            torch.jit.save(torch.jit.script(_CheckedImages(traced, s, det.trained_proportions)), fh)
+            dynamic = True  # the traced shape arithmetic follows the batch size
+        elif fmt == "onnx":
+            torch.onnx.export(det, (example,), fh, input_names=["images"], output_names=["maps", "scores"],
+                              dynamic_axes={"images": {0: "batch"}, "maps": {0: "batch"}, "scores": {0: "batch"}},
+                              opset_version=ONNX_OPSET, dynamo=False)
+            fh = _maps_sides_pinned(fh, s)
+            dynamic = True
+        else:
+            try:
+                # torch.export specialises a size of 1: trace the dynamic graph with at least 2 images
+                wide = example if batch > 1 else example.expand(2, -1, -1, -1).clone()
+                ep = torch.export.export(det, (wide,), dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}})
                 dynamic = True
-            else:
-                try:
-                    # torch.export specialises a size of 1: trace the dynamic graph with at least 2 images
-                    wide = example if batch > 1 else example.expand(2, -1, -1, -1).clone()
-                    ep = torch.export.export(det, (wide,), dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}})
-                    dynamic = True
-                except Exception:  # a graph that specialises on the batch: export it for this batch only
-                    ep = torch.export.export(det, (example,))
-                torch.export.save(ep, fh)
-            meta = sidecar(det, fmt, batch, dynamic, source, far)
-            meta["precision"] = precision  # what the file computes in (det may run otherwise outside the export)
-    finally:
-        del det  # (its weights, before the file's bytes are written)
+            except Exception:  # a graph that specialises on the batch: export it for this batch only
+                ep = torch.export.export(det, (example,))
+            torch.export.save(ep, fh)
+        meta = sidecar(det, fmt, batch, dynamic, source, far)
+        meta["precision"] = precision  # what the file computes in (det may run otherwise outside the export)
+    del det  # the copy traced, let go before the file's bytes are written
     data = fh.getvalue()
     meta["file_digest"] = "sha256:" + hashlib.sha256(data).hexdigest()
     text = dump_json_strict(meta, indent=2)  # a value JSON cannot hold fails before anything is written
