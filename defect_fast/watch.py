@@ -439,11 +439,14 @@ class DropFolderLock:
     def acquire(self) -> "DropFolderLock":
         import fcntl
 
+        def unlocked(exc: OSError) -> "DropFolderLock":
+            self.log(f"{self.folder}: not locked ({exc.strerror or exc}), so a second watch of it would not be refused")
+            return self
+
         try:
             fd = os.open(self.folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         except OSError as exc:  # e.g. a folder only listable, not readable: the listing says what is wrong
-            self.log(f"{self.folder}: not locked ({exc.strerror or exc}), so a second watch of it would not be refused")
-            return self
+            return unlocked(exc)
         try:
             fcntl.flock(fd, (fcntl.LOCK_EX if self.move_judged else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -460,8 +463,7 @@ class DropFolderLock:
                            "first", pids[0] if len(pids) == 1 else None) from None
         except OSError as exc:  # a share that cannot lock folders
             os.close(fd)
-            self.log(f"{self.folder}: not locked ({exc.strerror or exc}), so a second watch of it would not be refused")
-            return self
+            return unlocked(exc)
         self._fd = fd
         return self
 
