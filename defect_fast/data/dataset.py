@@ -295,7 +295,7 @@ def load_test_set(
         DataError: listing, in one message, every problem found: unreadable images or masks, a
             defective image without a mask (naming the mask paths that were expected), a mask
             whose size differs from its image's (naming both files and sizes), a mask two images
-            would share (the same stem). Empty masks are allowed.
+            would share (the same stem). Empty masks are allowed (a :class:`DataWarning` names them).
     """
     root = Path(root)
     test = root / "test"
@@ -396,9 +396,13 @@ def load_test_set(
                                   "does not tell on which view they were drawn, and one drawn on the stored pixels, "
                                   "as most tools show them, lies on the wrong pixels (draw it on the upright image, "
                                   "or give it the image's orientation)"),
+                       ("empty", "mark no pixel as defect: their images count as defective, and every pixel of "
+                                 "them as defect-free in the pixel metrics (as MVTec AD's protocol counts them); draw "
+                                 "the defect, or move the image to good/ if it has none"),
                        ("emptied", f"lose every defect pixel in the resize to {size} x {size} (defects thinner than "
-                                   "its sampling step, which is nearest-neighbour); their images count as defective, "
-                                   "with no pixel in the pixel metrics (a larger --image-size keeps them)")):
+                                   "its sampling step, which is nearest-neighbour): their images count as defective, "
+                                   "and every pixel of them as defect-free in the pixel metrics (a larger --image-size "
+                                   "keeps them)")):
         odd = sorted(str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for k, p in notes if k == kind)
         if odd:
             warnings.warn(f"{root}: {len(odd)} mask(s) {what}: {', '.join(odd[:3])}{', ...' if len(odd) > 3 else ''}",

@@ -698,9 +698,10 @@ def read_image(path: str | os.PathLike, size: int | None, channels: int = 3, *, 
 
 def _load_mask(path: str | os.PathLike, size: int | None, notes: list[tuple[str, Path]] | None = None
                ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """read_mask plus the original (width, height); ``notes`` collects ("levels" | "half" | "emptied",
-    path) for a mask with more than two values (soft edges, JPEG), marking more than half its image,
-    or whose every defect pixel fell between the samples of the resize."""
+    """read_mask plus the original (width, height); ``notes`` collects ("levels" | "half" | "empty" |
+    "emptied", path) for a mask with more than two values (soft edges, JPEG), marking more than half
+    its image, marking no pixel at all, or whose every defect pixel fell between the samples of the
+    resize."""
     path = Path(path)
     with _open(path) as stored:  # closed at the end: PIL keeps a multi-page file open after decoding it
         return _mask_of(stored, path, size, notes)
@@ -734,6 +735,8 @@ def _mask_of(img: Image.Image, path: Path, size: int | None, notes: list[tuple[s
                 notes.append(("levels", path))
             if defect.mean() > 0.5:
                 notes.append(("half", path))
+            if not defect.any():
+                notes.append(("empty", path))
         if size is not None and orig != (size, size):
             m = Image.fromarray(defect.astype(np.uint8) * 255, mode="L").resize((size, size), Image.NEAREST)
             had = bool(defect.any())
