@@ -55,7 +55,7 @@ import torch
 from .safety import MAX_OUTPUT_STEM, atomic_open, atomic_write_text, short_stem, unique_names
 
 __all__ = ["REGIONS", "add_parser", "command", "diagnose", "draw_grid", "figure_name", "figure_names", "format_table", "location_stats",
-           "main", "rank_correlation", "region_masks", "top_pixel_mask", "top_pixel_weights"]
+           "main", "rank_correlation", "rank_significant", "region_masks", "top_pixel_mask", "top_pixel_weights"]
 
 #: Region names in the order they are reported.
 REGIONS = ("border", "seam", "seam_only", "interior")
@@ -229,6 +229,18 @@ def location_stats(
             g = group(sel, False)
             result["per_class"][cls] = {k: g[k] for k in ("images", "share", "in_mask", "mask_area") if k in g}
     return result
+
+
+#: z of a two-sided test at p = 0.01 for a rank correlation rho over n pairs (normal approximation of
+#: Spearman's rho: rho * sqrt(n - 1)): where scores are said to follow their images' brightness.
+RANK_Z = 2.576
+#: Fewest pairs a rank correlation is given for: over 2 it is +1 or -1 whatever they hold.
+MIN_RANK_PAIRS = 3
+
+
+def rank_significant(rho: float, n: int) -> bool:
+    """Whether a rank correlation ``rho`` over ``n`` pairs differs from 0 at p <= 0.01 (two-sided)."""
+    return math.isfinite(rho) and n >= MIN_RANK_PAIRS and abs(rho) * math.sqrt(n - 1) >= RANK_Z
 
 
 def rank_correlation(a, b) -> float:
@@ -468,7 +480,14 @@ def format_table(stats: Mapping[str, Any], metrics: Mapping[str, Any] | None = N
                      f"(the mask covers {_pct(d['mask_area']).strip()} of their area)")
     rho = stats["good"].get("score_vs_brightness")
     if rho is not None:
-        lines.append(f"defect-free images: rank correlation of image score with mean brightness {('n/a' if math.isnan(rho) else f'{rho:+.2f}')}")
+        n = stats["good"]["images"]
+        if n < MIN_RANK_PAIRS:
+            said = f"n/a ({n} image{'' if n == 1 else 's'}; it needs {MIN_RANK_PAIRS})"
+        elif math.isnan(rho):
+            said = f"n/a ({n} images; the scores or the brightness are all the same)"
+        else:
+            said = f"{rho:+.2f} ({n} images; {'' if rank_significant(rho, n) else 'not '}significant at p <= 0.01)"
+        lines.append(f"defect-free images: rank correlation of image score with mean brightness {said}")
     if stats.get("per_class"):
         lines.append("")
         lines.append(f"{'class':<12} {'images':>6} {'in mask':>8} {'mask area':>9} {'border':>8} {'seam':>8} {'interior':>8}")
@@ -535,7 +554,9 @@ def diagnose(
 
     Returns:
         {"locations": :func:`location_stats` result (plus ``good.score_vs_brightness``, the rank
-        correlation of defect-free image scores with their mean brightness), "metrics": :func:`defect_fast.metrics.evaluate`
+        correlation of defect-free image scores with their mean brightness, nan under
+        :data:`MIN_RANK_PAIRS` images, and ``good.score_vs_brightness_significant``, whether it
+        differs from 0 at p <= 0.01, None without it), "metrics": :func:`defect_fast.metrics.evaluate`
         result or None (no defective image with a mask), "figures": {class: path}, "table": str}.
     """
     from . import metrics as M
@@ -567,7 +588,11 @@ def diagnose(
     good = labels == 0
     # per chunk: a float copy of every image at once was 4x the images (3 GB for 1000 at 512 px)
     brightness = torch.cat([c.float().mean(dim=(1, 2, 3)) for c in test_set.images.split(64)])
-    stats["good"]["score_vs_brightness"] = rank_correlation(scores[good], brightness[good]) if bool(good.any()) else math.nan
+    # over 2 images it is +1 or -1 whatever they hold: none given
+    n_good = int(good.sum())
+    rho = rank_correlation(scores[good], brightness[good]) if n_good >= MIN_RANK_PAIRS else math.nan
+    stats["good"]["score_vs_brightness"] = rho
+    stats["good"]["score_vs_brightness_significant"] = rank_significant(rho, n_good) if math.isfinite(rho) else None
     # pixel metrics need defective images with masks only (image AUROC is nan without good images, as in evaluate);
     # without masks, the image-level ones from the folder labels, as evaluate gives them
     if has_masks:

@@ -55,9 +55,6 @@ NORMALIZATIONS = ("none", "position")
 FIT_SOURCES = ("train", "held-back")
 #: Fewest held-back images when ``holdback`` > 0 (fewer images in all: none are held back, with a warning).
 HOLDBACK_MIN = 4
-#: z of a two-sided test at p = 0.01: a run's held-back scores "follow the lighting" when their
-#: rank correlation rho with mean brightness has |rho| * sqrt(n - 1) at least this (:func:`brightness_note`).
-BRIGHTNESS_Z = 2.576
 #: Largest --lr the command line takes: Adam's step size; a larger one moves every weight by more than its
 #: scale at each step (a run's stored setting is not checked against it: its resume goes on).
 MAX_LR = 1.0
@@ -68,10 +65,12 @@ def brightness_note(rho: float | None, n: int, levelled: bool, trunk: bool) -> s
     correlation ``rho`` over ``n`` images; None: not measured), with a hint at
     ``--level-brightness`` when the correlation is significant (p <= 0.01, normal approximation
     of Spearman's rho) and the run has an AlexNet trunk to level for (``trunk``) but does not."""
-    if rho is None or not math.isfinite(rho) or n < 3:
+    from .diagnose import MIN_RANK_PAIRS, rank_significant
+
+    if rho is None or not math.isfinite(rho) or n < MIN_RANK_PAIRS:
         return None
     line = f"held-back scores against their images' mean brightness: rank correlation {rho:+.2f} ({n} images)"
-    if abs(rho) * math.sqrt(n - 1) >= BRIGHTNESS_Z and trunk and not levelled:
+    if rank_significant(rho, n) and trunk and not levelled:
         line += ("; the lighting sets part of the scores: --level-brightness levels it before the trunk "
                  "(README, accuracy options)")
     return line

@@ -231,6 +231,43 @@ def test_diagnose_end_to_end(tmp_path, synthetic_root, capsys):
     assert "mean brightness" in out and -1 <= doc["locations"]["good"]["score_vs_brightness"] <= 1
 
 
+
+def test_rank_correlation_with_brightness_needs_three_images_and_says_its_count(tmp_path, synthetic_root, capsys):
+    """Over two defect-free images the rank correlation is +1 or -1 whatever they hold: it was
+    printed as "+1.00" beside the others, without a count or whether it meant anything."""
+    from dataclasses import replace
+
+    from defect_fast.data import load_test_set
+    from defect_fast.diagnose import rank_significant
+
+    full = load_test_set(synthetic_root, 64)
+
+    def predict(images):
+        maps = images.float().mean(dim=1)  # the score follows the brightness exactly
+        return {"maps": maps, "scores": maps.flatten(1).mean(1), "recon": images.float() / 127.5 - 1}
+
+    good = [i for i, y in enumerate(full.labels.tolist()) if y == 0]
+    keep = good[:2] + [i for i, y in enumerate(full.labels.tolist()) if y == 1]
+    two = replace(full, images=full.images[keep], masks=full.masks[keep], labels=full.labels[keep],
+                  classes=[full.classes[i] for i in keep], paths=[full.paths[i] for i in keep],
+                  mask_paths=[full.mask_paths[i] for i in keep], sizes=[full.sizes[i] for i in keep])
+    res = diagnose(predict, two, tmp_path / "two", patch=16, per_class=1, border=4, seam=1, top=0.01)
+    out = capsys.readouterr().out
+    assert "rank correlation of image score with mean brightness n/a (2 images; it needs 3)" in out
+    assert math.isnan(res["locations"]["good"]["score_vs_brightness"])
+    doc = json.loads((tmp_path / "two" / "locations.json").read_text())
+    assert doc["locations"]["good"]["score_vs_brightness"] is None
+    assert doc["locations"]["good"]["score_vs_brightness_significant"] is None
+    res = diagnose(predict, full, tmp_path / "all", patch=16, per_class=1, border=4, seam=1, top=0.01)
+    out = capsys.readouterr().out
+    n = len(good)
+    rho = res["locations"]["good"]["score_vs_brightness"]
+    assert rho == pytest.approx(1.0)
+    sig = rank_significant(rho, n)
+    assert sig == (n >= 8)  # 1 * sqrt(n - 1) >= 2.576
+    assert f"mean brightness +1.00 ({n} images; {'' if sig else 'not '}significant at p <= 0.01)" in out
+    assert res["locations"]["good"]["score_vs_brightness_significant"] is sig
+
 def test_main_reports_missing_run(tmp_path, capsys):
     assert main([str(tmp_path / "nope"), str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
