@@ -65,7 +65,7 @@ th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}
 .card img{width:var(--thumb);height:var(--thumb);image-rendering:pixelated;margin:1px}
 .cap{font-size:12px;max-width:calc(5 * var(--thumb) + 10px);word-break:break-all}
 .tag{font-weight:bold;padding:0 4px;color:#fff;border-radius:3px}.tag.fa{background:#d62728}
-.tag.miss{background:#7b3fbf}.tag.fail{background:#e69500}.tag.pass{background:#2ca02c}
+.tag.miss{background:#7b3fbf}.tag.fail{background:#e69500}.tag.pass{background:#2ca02c}.tag.blank{background:#888}
 .note{color:#555;font-size:13px}
 .note img.legend{width:256px;height:12px;margin:2px 8px 2px 0;border:1px solid #999;vertical-align:middle}
 """
@@ -371,8 +371,11 @@ def write_report(
     # as text that reads back as the same number: at 4 decimals 0.006108 showed as 0.0061 beside a
     # passing score of 0.006109, a pixel threshold of 4.2e-5 as 0.0000
     rows.append(("image threshold", threshold_text(thr)))
-    if thr is not None:
-        rows += [("flagged (score > threshold)", int(flagged.sum())), ("passed", int(n - flagged.sum()))]
+    if thr is not None:  # a blank frame is neither: nothing on it to judge (watch sets it aside)
+        judged = ~np.asarray(blank, dtype=bool)
+        rows += [("flagged (score > threshold)", int((flagged & judged).sum())), ("passed", int((~flagged & judged).sum()))]
+        if not judged.all():
+            rows.append(("blank frames, not judged (one colour throughout: a camera fault)", int((~judged).sum())))
     if meta is not None and meta.pixel_threshold is not None:
         rows.append(("pixel threshold", threshold_text(meta.pixel_threshold)))
     rows.append(("written", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")))
@@ -502,6 +505,7 @@ def write_report(
         if masks is not None and bool(masks[i].any()):
             tiles.append(("mask", _png_uri(_thumb(Image.fromarray(masks[i].cpu().numpy().astype(np.uint8) * 255), tw, thumb))))
         css, tag = ("fa", "false alarm") if fa[i] else ("miss", "miss") if miss[i] else \
+            ("blank", "not judged") if blank[i] and thr is not None else \
             ("fail", "fail") if flagged[i] else ("pass", "pass") if thr is not None else ("", "")
         cls = f" ({html.escape(classes[i])})" if classes else ""
         if blank[i]:  # nothing on it to judge: a camera fault (predict marks it, watch sets it aside)

@@ -299,6 +299,14 @@ def test_without_labels_the_gallery_claims_no_errors_and_marks_blank_frames(tmp_
     text = Path(write_report(tmp_path / "b.html", max_gallery=10, **common)["path"]).read_text()
     assert text.count("blank frame, one colour throughout") == 1
     assert re.search(r"blank frame, one colour throughout<br>img3\.png", text)
+    # neither passed nor flagged: the summary counted it as passed and its card said "pass"
+    flagged = int((res["scores"] > 0.2).sum())
+    assert not bool(res["scores"][3] > 0.2)  # it would have counted as passed
+    assert re.search(rf"<th>flagged \(score &gt; threshold\)</th><td>{flagged}</td>", text)
+    assert re.search(rf"<th>passed</th><td>{9 - flagged}</td>", text)
+    assert re.search(r"<th>blank frames, not judged \(one colour throughout: a camera fault\)</th><td>1</td>", text)
+    assert re.search(r'<span class="tag blank">not judged</span> score [^<]*· blank frame', text)
+    assert text.count('class="tag blank"') == 1
 
 
 def test_the_per_class_rows_say_what_their_image_counts_hold(tmp_path):
