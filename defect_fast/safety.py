@@ -1898,14 +1898,16 @@ def save_with_digest(obj: Mapping[str, Any], path: str | os.PathLike, *, folder:
                      replace: bool = True, unlisted: bool = False) -> Path:
     """``torch.save(attach_digest(obj))`` to ``path`` atomically (recorded in ``folder`` if given;
     else with ``replace=False`` never over a file there by then, ``unlisted``: :func:`atomic_open`);
-    SIGINT and SIGTERM wait for the file (:func:`signals_held`)."""
+    SIGINT and SIGTERM wait for the file (:func:`signals_held`), its digest included: one that came
+    while the digest was computed stopped the save before the file was begun."""
     import torch
 
-    payload = attach_digest(obj)
-    ctx = folder.open_atomic(path) if folder is not None else atomic_open(path, replace=replace, unlisted=unlisted)
     try:
-        with signals_held(), ctx as fh:
-            torch.save(payload, fh)
+        with signals_held():
+            payload = attach_digest(obj)
+            ctx = folder.open_atomic(path) if folder is not None else atomic_open(path, replace=replace, unlisted=unlisted)
+            with ctx as fh:
+                torch.save(payload, fh)
     except RuntimeError as exc:
         # torch's zip writer turns the file's OSError (a full disk, a lost mount) into a RuntimeError
         cause = exc.__cause__ or exc.__context__

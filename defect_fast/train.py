@@ -1514,34 +1514,38 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         except KeyboardInterrupt:  # Ctrl-C (or SIGTERM, through the command line) in the steps after training
             raise TrainingStopped(f"interrupted in the map statistics and calibration after training; the trained "
                                   f"weights are kept, continue with --resume (run folder {out})") from None
-        if not held_images.shape[0]:
-            finished["calibration"]["source"] = "training images"
-            finished["calibration"].update(sufficient=False, far_expected=None, far_upper95=None)
-            finished["calibration"]["note"] = ("no held-back images (--holdback 0 or too few images): threshold from "
-                                               f"{finished['calibration']['n_images']} training images, optimistic "
-                                               "(they were trained on); not a calibrated false-alarm rate")
-        cal = finished["calibration"]
-        finish_seconds = time.perf_counter() - finish_started
-        # the model file is what inspection loads: the optimiser's moments (twice the weights) go with
-        # the checkpoint, which a finished run no longer resumes from (removed once model.pt is in place)
-        final = {**trainer.weights(), "calibration": cal, "held_back": list(cfg.held_back), "train_seconds": elapsed,
-                 "finish_seconds": finish_seconds,
-                 # the training images' width:height range: inspected images far outside it are said
-                 "trained_proportions": proportions(sizes),
-                 # which images the run has seen, by their pixels as read (defect-fast calibrate refuses them)
-                 "image_keys": {"trained": [keys[i].hex() for i in train_idx],
-                                "held_back": [keys[i].hex() for i in held_idx]}}
-        if finished["normalization"] is not None:
-            final["normalization"] = finished["normalization"]
-        if finished["perceptual"] is not None:
-            final["perceptual"] = finished["perceptual"]
-        if finished["context"] is not None:
-            final["context"] = finished["context"]
-        final["detector"] = finished["detector"]
-        trainer._check_lock()
-        try:
+        try:  # the model file, from the statistics and calibration: a stop on the way keeps the checkpoint
+            if not held_images.shape[0]:
+                finished["calibration"]["source"] = "training images"
+                finished["calibration"].update(sufficient=False, far_expected=None, far_upper95=None)
+                finished["calibration"]["note"] = ("no held-back images (--holdback 0 or too few images): threshold from "
+                                                   f"{finished['calibration']['n_images']} training images, optimistic "
+                                                   "(they were trained on); not a calibrated false-alarm rate")
+            cal = finished["calibration"]
+            finish_seconds = time.perf_counter() - finish_started
+            # the model file is what inspection loads: the optimiser's moments (twice the weights) go with
+            # the checkpoint, which a finished run no longer resumes from (removed once model.pt is in place)
+            final = {**trainer.weights(), "calibration": cal, "held_back": list(cfg.held_back), "train_seconds": elapsed,
+                     "finish_seconds": finish_seconds,
+                     # the training images' width:height range: inspected images far outside it are said
+                     "trained_proportions": proportions(sizes),
+                     # which images the run has seen, by their pixels as read (defect-fast calibrate refuses them)
+                     "image_keys": {"trained": [keys[i].hex() for i in train_idx],
+                                    "held_back": [keys[i].hex() for i in held_idx]}}
+            if finished["normalization"] is not None:
+                final["normalization"] = finished["normalization"]
+            if finished["perceptual"] is not None:
+                final["perceptual"] = finished["perceptual"]
+            if finished["context"] is not None:
+                final["context"] = finished["context"]
+            final["detector"] = finished["detector"]
+            trainer._check_lock()
             atomic_save(final, out / MODEL_FILE)
-        except KeyboardInterrupt:  # came while it was written, held until it was: the run is complete
+        except KeyboardInterrupt:
+            if not (out / MODEL_FILE).is_file():  # came before the file was begun: the checkpoint stays
+                raise TrainingStopped(f"interrupted before {out / MODEL_FILE} was written; the trained weights are "
+                                      f"kept, continue with --resume (run folder {out})") from None
+            # came while it was written, held until it was: the run is complete
             (out / CHECKPOINT_FILE).unlink(missing_ok=True)
             raise TrainingStopped(f"interrupted as the run ended: {out / MODEL_FILE} is written whole, the run is "
                                   "complete") from None

@@ -152,6 +152,51 @@ def test_a_signal_while_the_model_file_is_written_ends_the_run_complete(syntheti
     assert not (out / "checkpoint.pt").exists() and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_a_signal_while_the_model_file_s_digest_is_computed_waits_for_the_file(synthetic_root, tmp_path, monkeypatch):
+    """A stop while the model file's digest was computed came before its save held signals: the
+    run was said to be "written whole, complete", the checkpoint was removed, and with no model
+    file either the whole run folder was discarded as a start that never began."""
+    import defect_fast.safety as safety
+
+    real_digest, sent = safety.state_digest, []
+
+    def digest(body):
+        if isinstance(body, dict) and "image_keys" in body and not sent:  # the model file's, as it is saved
+            sent.append(os.kill(os.getpid(), signal.SIGINT))
+        return real_digest(body)
+
+    monkeypatch.setattr(safety, "state_digest", digest)
+    out = tmp_path / "run"
+    with pytest.raises(RunError, match=r"^interrupted as the run ended: .*model.pt is written whole, the run is complete$"):
+        train(_cfg(synthetic_root, max_steps=[2, 1]), out, progress=False, log=lambda s: None)
+    assert load_checkpoint(out / "model.pt")["calibration"]["image_threshold"] is not None
+    assert not (out / "checkpoint.pt").exists() and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_stop_after_the_statistics_before_the_model_file_keeps_the_checkpoint(synthetic_root, tmp_path, monkeypatch):
+    """A stop between the end of the statistics and the model file's save said only "interrupted"
+    (or, inside the save's first steps, that the run was complete while nothing was written): the
+    checkpoint stays, the message says --resume, and the resume finishes the run."""
+    import defect_fast.data.io as io
+
+    real = io.proportions
+
+    def proportions(sizes):  # the training images' width:height range, taken as the model file is made
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io, "proportions", proportions)
+    out = tmp_path / "run"
+    cfg = _cfg(synthetic_root, max_steps=[2, 1])
+    with pytest.raises(RunError, match=r"^interrupted before .*model.pt was written; the trained weights are kept, "
+                                       r"continue with --resume \(run folder .*\)$"):
+        train(cfg, out, progress=False, log=lambda s: None)
+    assert (out / "checkpoint.pt").is_file() and not (out / "model.pt").exists()
+    monkeypatch.setattr(io, "proportions", real)
+    train(cfg, out, resume=True, progress=False, log=lambda s: None)
+    assert load_checkpoint(out / "model.pt")["calibration"]["image_threshold"] is not None
+    assert not (out / "checkpoint.pt").exists()
+
+
 @pytest.mark.parametrize("signum, where", [(signal.SIGTERM, "step"), (signal.SIGINT, "step"), (signal.SIGINT, "finish")])
 def test_a_stopped_training_ends_as_a_stop_not_as_a_user_s_mistake(synthetic_root, tmp_path, signum, where):
     """A training stopped by SIGTERM or Ctrl-C, its progress saved, ended with "error:" and status
