@@ -77,7 +77,7 @@ from .maps import blend_window, blur_matrix, resize_map, top_mean
 from .models import AnomalyModel
 from .precision import cpu_flags, cpu_has_bf16, cudnn_benchmark, default_precision  # noqa: F401  (re-exported)
 from .calibration import calibrate as calibrate_thresholds, colour_scale, defect_regions, stored_thresholds
-from .runs import RunError, load_model_state, model_from_state, resolve_device
+from .runs import RunError, load_model_file, model_from_state, resolve_device
 from .safety import UserError, one_line
 from .tracing import tracing
 
@@ -464,10 +464,15 @@ class Detector(nn.Module):
     ``trained_proportions``: the training images' [lowest, highest] width-to-height ratio, which
     a run's model file records (None: not known); :meth:`predict` warns of images far outside it,
     once a Detector (:meth:`check_proportions` warns at every call, for the callers that read many).
+
+    ``model_sha256``: the SHA-256 (hex) of the model file's bytes a :meth:`load` built it from, the
+    model's version as watch, report and export record it (None: not loaded from a file, or other
+    weights loaded since).
     """
 
     #: see the class's docstring
     trained_proportions: list[float] | None = None
+    model_sha256: str | None = None
 
     def __init__(self, model: AnomalyModel, image_size: int, map_kind: str | None = None, stride: int | None = None,
                  device: torch.device | str = "cpu", batch_size: int | str = "auto", calibration: dict[str, Any] | None = None,
@@ -772,7 +777,10 @@ class Detector(nn.Module):
         of the perceptual map and the context left out is kept: a later :meth:`fit_perceptual` or
         :meth:`fit_context` runs it, as on the stored kind, with no weights file.
         """
-        return cls.from_state(load_model_state(run), device, map_kind, stride, smooth_sigma, where=run, **options)
+        state, sha = load_model_file(run)
+        det = cls.from_state(state, device, map_kind, stride, smooth_sigma, where=run, **options)
+        det.model_sha256 = sha  # of the bytes loaded (the file there may be replaced by now)
+        return det
 
     @classmethod
     def from_state(cls, state: dict[str, Any], device: str | torch.device = "auto", map_kind: str | None = None,
@@ -1778,6 +1786,7 @@ class Detector(nn.Module):
             self._set_aside_thresholds("set on the weights load_state_dict replaced (calibrate again, or save and "
                                        "load the Detector whose weights these are: its file carries its thresholds)")
             self.trained_proportions = None  # those of the images other weights were trained on: not known
+            self.model_sha256 = None  # nor which file they are
             self.__dict__["_run_record"] = {}  # nor which images they were, or how they were trained
             if self.fuse:
                 self.__dict__["_source"] = None

@@ -122,7 +122,8 @@ def sidecar(det: Detector, fmt: str, batch: int, dynamic_batch: bool, source: Pa
         "package_version": __version__,
         "torch_version": torch.__version__,
         "source": str(source) if source else None,
-        "source_digest": _digest(source) if source else None,
+        # of the bytes the Detector was loaded from, where it was (the file there may be replaced by now)
+        "source_digest": (None if not source else f"sha256:{det.model_sha256}" if det.model_sha256 else _digest(source)),
         "image_size": det.image_size,
         "precision": det.precision,
         "batch": batch,

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .models import AnomalyModel, build_model
-from .safety import (DigestError, OutputFolder, RunInUse, RunLock, Stopped, UserError, check_device, load_with_digest, one_line,
+from .safety import (DigestError, OutputFolder, RunInUse, RunLock, Stopped, UserError, check_device, load_file_with_digest, one_line,
                      save_with_digest)
 
 CONFIG_FILE = "config.json"
@@ -77,6 +77,11 @@ def load_checkpoint(path: Path, required_keys: tuple[str, ...] = STATE_KEYS) -> 
             or foreign file), damaged (digest mismatch) or of a later file format (its ``version``
             above :data:`CHECKPOINT_VERSION`); one line naming the file.
     """
+    return _load_checkpoint(path, required_keys)[0]
+
+
+def _load_checkpoint(path: Path, required_keys: tuple[str, ...] = STATE_KEYS) -> tuple[dict[str, Any], str]:
+    """:func:`load_checkpoint`, and the SHA-256 (hex) of the bytes it loaded."""
     def format_first(obj: Any) -> None:  # before the keys and the digest, which a later format may change
         version = obj.get("version", CHECKPOINT_VERSION) if isinstance(obj, dict) else CHECKPOINT_VERSION
         if isinstance(version, bool) or not isinstance(version, int):
@@ -86,7 +91,7 @@ def load_checkpoint(path: Path, required_keys: tuple[str, ...] = STATE_KEYS) -> 
                            f"format {CHECKPOINT_VERSION} and earlier (update defect_fast to load it)")
 
     try:
-        return load_with_digest(path, required_keys=required_keys, check_first=format_first)
+        return load_file_with_digest(path, required_keys=required_keys, check_first=format_first)
     except DigestError as exc:
         message = str(exc).replace("not a readable defect_fast file", "not a readable defect_fast checkpoint")
         raise RunError(message) from None
@@ -151,8 +156,14 @@ def load_model_state(run: Path | str) -> dict[str, Any]:
     checkpoint (weights from the middle of a stage, with the optimiser's state) is refused, so that
     it never reaches a line as a model (its stage files, the models at the end of each stage, are
     models)."""
+    return load_model_file(run)[0]
+
+
+def load_model_file(run: Path | str) -> tuple[dict[str, Any], str]:
+    """:func:`load_model_state`, and the SHA-256 (hex) of the file's bytes it was loaded from (read
+    once: a file replaced meanwhile does not give another version's digest)."""
     path = model_file(run)
-    state = load_checkpoint(path)
+    state, sha = _load_checkpoint(path)
     pos = state.get("position") if isinstance(state.get("position"), dict) else {}
     # a finished model (it has a calibration) or the end of a stage (epoch 0, step 0) is a model whatever
     # else it carries: earlier versions kept the optimiser's moments in model.pt and stageN.pt too
@@ -161,9 +172,9 @@ def load_model_state(run: Path | str) -> dict[str, Any]:
                  if isinstance(pos.get("stage"), int) and isinstance(pos.get("global_step"), int) else "")
         raise RunError(f"{path}: a training checkpoint{where}, not a finished model; finish its run with "
                        "'defect-fast train DATA --out RUN --resume' and use RUN/model.pt")
-    return state
+    return state, sha
 
 
 __all__ = ["RunError", "NonFiniteMaps", "resolve_device", "atomic_save", "load_checkpoint", "model_from_state", "model_file",
-           "load_model_state", "stage_file", "stored_trunk", "CONFIG_FILE", "CHECKPOINT_FILE", "MODEL_FILE",
+           "load_model_state", "load_model_file", "stage_file", "stored_trunk", "CONFIG_FILE", "CHECKPOINT_FILE", "MODEL_FILE",
            "LOG_FILE", "CHECKPOINT_VERSION", "RESUME_KEYS", "STATE_KEYS"]

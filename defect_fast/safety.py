@@ -62,6 +62,7 @@ __all__ = [
     "finite_float",
     "input_path",
     "load_with_digest",
+    "load_file_with_digest",
     "nonneg_float",
     "nonneg_int",
     "one_line",
@@ -1917,10 +1918,10 @@ def save_with_digest(obj: Mapping[str, Any], path: str | os.PathLike, *, folder:
     return Path(path)
 
 
-def _other_torch_archive(path: Path) -> str | None:
+def _other_torch_archive(path) -> str | None:
     """What a zip archive ``torch.save`` did not write is (a TorchScript or torch.export program,
     such as ``defect-fast export`` writes), or None: saved data, or not readable as a zip (left to
-    ``torch.load``'s own message)."""
+    ``torch.load``'s own message). ``path``: a file's path or its bytes as a binary file object."""
     import zipfile
 
     try:
@@ -1941,12 +1942,25 @@ def load_with_digest(path: str | os.PathLike, *, required_keys: Iterable[str] = 
                      allow_missing: bool = False, check_first: Callable[[Any], None] | None = None) -> dict[str, Any]:
     """``torch.load(path, weights_only=True)`` then :func:`verify_digest`; ``check_first`` is
     called with what was loaded before that (a file of a later format says so, rather than that
-    it lacks a key or its digest is unreadable).
+    it lacks a key or its digest is unreadable). :func:`load_file_with_digest` gives the file's
+    SHA-256 too.
 
     Raises:
         DigestError: missing, unreadable (truncated, not a torch file, unsafe pickle), foreign,
             damaged, or without a digest (unless ``allow_missing``); the message names the file.
     """
+    return load_file_with_digest(path, required_keys=required_keys, allow_missing=allow_missing,
+                                 check_first=check_first)[0]
+
+
+def load_file_with_digest(path: str | os.PathLike, *, required_keys: Iterable[str] = (), allow_missing: bool = False,
+                          check_first: Callable[[Any], None] | None = None) -> tuple[dict[str, Any], str]:
+    """:func:`load_with_digest`, and the SHA-256 (hex) of the bytes it loaded: the file is read
+    once, so a file replaced meanwhile (an atomic save over it) is never half the one and half the
+    other, and the digest is of the version loaded (a model's version, as watch and export record
+    it, was read again after the load, from whatever file was there by then)."""
+    import io
+
     import torch
 
     p = Path(path)
@@ -1958,28 +1972,30 @@ def load_with_digest(path: str | os.PathLike, *, required_keys: Iterable[str] = 
     import zipfile
 
     try:  # opened here: is_zipfile reads a file it cannot open (no permission) as "not a zip archive"
-        fh = open(p, "rb")
+        with open(p, "rb") as fh:
+            data = fh.read()
     except OSError as exc:
         raise DigestError(f"{p}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+    sha = hashlib.sha256(data).hexdigest()
     try:
-        with fh:
-            is_zip = zipfile.is_zipfile(fh)
+        is_zip = zipfile.is_zipfile(io.BytesIO(data))
     except Exception as exc:  # noqa: BLE001 - a damaged archive (BadZipFile from its directory, ...)
         raise DigestError(f"{p}: not a readable defect_fast file (a damaged archive: {type(exc).__name__}: "
                           f"{one_line(str(exc))[:200]})") from None
     if not is_zip:  # every torch.save file is a zip archive: an image, a text, a truncated copy
         raise DigestError(f"{p}: not a defect_fast model or checkpoint file (not a torch archive; truncated or another kind of file)")
-    kind = _other_torch_archive(p)
+    kind = _other_torch_archive(io.BytesIO(data))
     if kind:  # torch.load would warn, then advise on TorchScript or call the file corrupted
         raise DigestError(f"{p}: not a defect_fast model or checkpoint file: {kind}")
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # torch's message here advises an unsafe load: not repeated
         raise DigestError(f"{p}: not a defect_fast file: it holds Python objects other than tensors and plain "
                           "data, which are never loaded (a pickle can run code)") from None
     except Exception as exc:  # a damaged archive
         raise DigestError(f"{p}: not a readable defect_fast file ({type(exc).__name__}: {one_line(str(exc))[:200]})") from None
+    del data  # the file's bytes: the tensors hold their own copy
     if check_first is not None:
         check_first(obj)
     verify_digest(obj, p, required_keys=required_keys, allow_missing=allow_missing)
-    return obj
+    return obj, sha

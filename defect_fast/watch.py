@@ -1567,18 +1567,34 @@ def _open_out(out: Path, inputs: list, shown: str | os.PathLike) -> OutputFolder
     return OutputFolder.create(out, inputs=inputs, lock=True, command="watch")
 
 
-def _model_watcher(model: Path) -> Callable[[], str | None]:
-    """What to say when the model file a watch loads (``model``; made before it is read) is
-    replaced by another or removed while it runs (a calibrate --overwrite of its run, a new
-    training there): it goes on judging by the model it loaded, which a restart changes. None
-    while the file holds what it held (a touch, or a copy of the same bytes, changes nothing)."""
+def _file_key(path: Path) -> tuple[int, int, int, int] | None:
+    """What tells a file's versions apart without reading it (device, inode, size, mtime); None
+    when it cannot be looked at."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _model_watcher(model: Path, digest: str | None = None,
+                   since: tuple[int, int, int, int] | None = None) -> Callable[[], str | None]:
+    """What to say when the model file a watch loaded (``model``) is replaced by another or
+    removed while it runs (a calibrate --overwrite of its run, a new training there): it goes on
+    judging by the model it loaded, which a restart changes. None while the file holds what it
+    held (a touch, or a copy of the same bytes, changes nothing).
+
+    ``digest``: the SHA-256 of the bytes the model was loaded from (default: the file's now);
+    ``since``: :func:`_file_key` of the file taken before it was read (default: now), so that a
+    file replaced during the load is looked at, and said unless it holds the bytes loaded."""
     from .safety import file_sha256
 
     def key(st: os.stat_result) -> tuple[int, int, int, int]:
         return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
     try:
-        loaded, digest = key(model.stat()), file_sha256(model)
+        loaded = since if since is not None else key(model.stat())
+        digest = digest or file_sha256(model)
     except OSError:  # unreadable now: the load says why
         return lambda: None
     seen = {"key": loaded}
@@ -1617,8 +1633,10 @@ def command(args) -> int:
     with contextlib.ExitStack() as held:  # the drop folder's lock, then OUT_DIR's, let go last to first
         # refused before the model is read, and before OUT_DIR is made
         held.callback(DropFolderLock(in_dir, args.move_judged, lambda msg: print(msg, flush=True)).acquire().release)
-        model_changed = _model_watcher(model_file(args.run))  # what it holds before it is read: a change during the load is said
+        model = model_file(args.run)
+        before = _file_key(model)  # before it is read: a file replaced during the load is looked at
         det = Detector.load(args.run, device=args.device)
+        model_changed = _model_watcher(model, det.model_sha256, before)  # by the bytes the model was loaded from
         with far_errors(args.run, args.far):
             info = ModelInfo.from_detector(det, args.run, threshold=args.threshold, far=args.far)
         if info.image_threshold is None:

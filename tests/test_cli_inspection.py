@@ -511,6 +511,7 @@ def test_watch_says_a_model_file_replaced_even_while_it_was_being_loaded(tiny, t
 
     def fake_watch(*args, model_changed=None, **kwargs):  # one look at the folder, as the loop's listing makes
         said.append(model_changed())
+        said.append(args[1])  # the ModelInfo its journal lines carry
         return {}
 
     monkeypatch.setattr(Detector, "load", staticmethod(load_then_replaced))
@@ -520,3 +521,36 @@ def test_watch_says_a_model_file_replaced_even_while_it_was_being_loaded(tiny, t
     status, _out, err = cli(["watch", run, src, "--out", tmp_path / "w", "--device", "cpu"], capsys)
     assert status == 0, err
     assert said and said[0].startswith(f"{run / 'model.pt'}: replaced since watch loaded it"), said
+    # the journal's model version is the one judging, the file loaded: it was read from the file there after the load
+    info = said[1]
+    assert info.version == tiny["version"] and info.image_threshold == pytest.approx(tiny["threshold"])
+    assert hashlib.sha256((run / "model.pt").read_bytes()).hexdigest()[:12] != tiny["version"]
+
+
+def test_export_records_the_digest_of_the_model_file_it_loaded(tiny, tmp_path, capsys, monkeypatch):
+    """The description's source_digest was read from the run's model file after the trace: a file
+    replaced meanwhile (a calibrate --overwrite) was named as the source of a graph and thresholds
+    that came from the file before it."""
+    import shutil
+
+    from defect_fast.detect import Detector
+    from defect_fast.safety import save_with_digest
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny["run"], run)
+    real_load = Detector.load
+
+    def load_then_replaced(*args, **kwargs):
+        det = real_load(*args, **kwargs)
+        state = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
+        state["calibration"] = {**state["calibration"], "image_threshold": 123.0}
+        save_with_digest({k: v for k, v in state.items() if k != "tensor_digest"}, run / "model.pt")
+        return det
+
+    monkeypatch.setattr(Detector, "load", staticmethod(load_then_replaced))
+    out = tmp_path / "m.ts"
+    status, _out, err = cli(["export", run, "--format", "torchscript", "--out", out], capsys)
+    assert status == 0, err
+    desc = json.loads((tmp_path / "m.ts.json").read_text())
+    assert desc["source_digest"].startswith(f"sha256:{tiny['version']}")
+    assert desc["thresholds"]["score"] == pytest.approx(tiny["threshold"])
