@@ -46,6 +46,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -612,12 +613,19 @@ def diagnose(
     doc = {"locations": stats, "metrics": metrics, "figures": {c: p.name for c, p in figures.items()},
            "images": [str(p) for p in test_set.paths], "scores": scores.tolist()}
     atomic_write_text(out / "locations.json", json.dumps(_jsonable(doc), indent=1) + "\n")
+    result = {"locations": stats, "metrics": metrics, "figures": figures, "table": table}
     if log is not None:
-        log(table)
-        if metrics and metrics.get("pixel_metrics"):  # why the table's pixel metrics are n/a, as evaluate says it
-            log(f"pixel metrics: {metrics['pixel_metrics']}")
-        log(f"figures and locations.json in {out}")
-    return {"locations": stats, "metrics": metrics, "figures": figures, "table": table}
+        _log_result(result, out, log)
+    return result
+
+
+def _log_result(result: dict[str, Any], out: Path, log: Callable[[str], None]) -> None:
+    """The tables of a :func:`diagnose` result and where its files are."""
+    log(result["table"])
+    metrics = result["metrics"]
+    if metrics and metrics.get("pixel_metrics"):  # why the table's pixel metrics are n/a, as evaluate says it
+        log(f"pixel metrics: {metrics['pixel_metrics']}")
+    log(f"figures and locations.json in {out}")
 
 
 def add_parser(subparsers) -> None:
@@ -703,14 +711,24 @@ def command(args) -> int:
     seen_test_images(load_model_state(run), test_set.images, test_set.paths, run, thresholds_used=False)
     det.check_proportions(test_set.sizes, test_set.paths, data / "test")  # stretched otherwise: said, as evaluate does
     names = sorted(figure_names(test_set.classes).values()) + ["locations.json"]
-    # a user's file at one of the names: refused before an earlier diagnosis is cleared
-    folder = OutputFolder.create(Path(args.out).absolute(), overwrite=args.overwrite, inputs=[run, data], lock=True,
-                                 command="diagnose", names=names)
-    with folder.writing():  # an error or Ctrl-C removes what this diagnosis began (and a folder it made)
-        folder.reserve(names)
-        diagnose(lambda x: det.predict_batched(x, score_maps=True), test_set, folder.path, patch=det.patch, stride=det.stride,
-                 per_class=args.per_class, border=args.border, seam=args.seam, top=args.top, scale=args.scale,
-                 reconstruct=det.reconstruct, inference={"map": det.map_kind, "smooth_sigma": det.smooth_sigma, "blend": det.blend})
+    # every figure and the statistics made in a temporary folder first: an error or a stop on the way
+    # leaves an earlier diagnosis in --out as it was (--overwrite cleared it before the work began)
+    with tempfile.TemporaryDirectory(prefix="defect_fast-diagnose-") as staged:
+        res = diagnose(lambda x: det.predict_batched(x, score_maps=True), test_set, staged, patch=det.patch,
+                       stride=det.stride, per_class=args.per_class, border=args.border, seam=args.seam, top=args.top,
+                       scale=args.scale, log=None, reconstruct=det.reconstruct,
+                       inference={"map": det.map_kind, "smooth_sigma": det.smooth_sigma, "blend": det.blend})
+        made = sorted(p.name for p in Path(staged).iterdir())
+        if sorted(names) != made:  # what the folder records is what was written
+            raise RuntimeError(f"diagnose wrote {made}, expected {sorted(names)}")
+        # a user's file at one of the names: refused before an earlier diagnosis is cleared
+        folder = OutputFolder.create(Path(args.out).absolute(), overwrite=args.overwrite, inputs=[run, data], lock=True,
+                                     command="diagnose", names=names)
+        with folder.writing():  # an error or Ctrl-C removes what this diagnosis began (and a folder it made)
+            folder.reserve(names)
+            for name in names:
+                folder.write_bytes(name, (Path(staged) / name).read_bytes())
+    _log_result(res, folder.path, print)
     return 0
 
 

@@ -486,6 +486,34 @@ def test_diagnose_writes_figures_and_locations(tiny, tmp_path, capsys):
     assert status == 2 and "--per-class" in err and not (tmp_path / "d2").exists()
 
 
+def test_a_diagnose_overwrite_stopped_on_the_way_keeps_the_earlier_diagnosis(tiny, tmp_path, capsys, monkeypatch):
+    """--overwrite cleared the earlier diagnosis before its work began: a Ctrl-C or an error while
+    the maps or figures were made left --out empty (the folder itself removed)."""
+    import defect_fast.diagnose as diagnose_mod
+
+    out = tmp_path / "diag"
+    argv = ["diagnose", tiny["run"], tiny["data"], "--out", out, "--per-class", "1", "--border", "4", "--seam", "1",
+            "--device", "cpu"]
+    assert cli(argv, capsys)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = diagnose_mod.draw_grid
+
+    def stopped(*args, **kwargs):
+        real(*args, **kwargs)  # its figures written (in the work folder), then the stop
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(diagnose_mod, "draw_grid", stopped)
+    status, _, err = cli(argv + ["--overwrite", "--per-class", "2"], capsys)
+    assert status == 130 and "interrupted" in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    monkeypatch.setattr(diagnose_mod, "draw_grid", real)
+    status, stdout, err = cli(argv + ["--overwrite", "--per-class", "2"], capsys)
+    assert status == 0, err
+    assert f"figures and locations.json in {out}" in stdout and "border band 4 px" in stdout
+    assert {p.name for p in out.iterdir()} == set(before)
+    assert Image.open(out / "good.png").size[1] > Image.open(io.BytesIO(before["good.png"])).size[1]  # 2 rows, not 1
+
+
 def test_watch_says_a_model_file_replaced_even_while_it_was_being_loaded(tiny, tmp_path, capsys, monkeypatch):
     """The command looked at the model file after loading it: a calibrate --overwrite finishing
     during the load became what the file "was", and its replacement was never said."""
