@@ -371,6 +371,24 @@ def test_load_test_set_layout(tmp_path):
     assert torch.equal(ts.masks[2], ref)
 
 
+
+def test_a_mask_in_ground_truth_good_that_marks_a_defect_is_said(tmp_path):
+    """Masks in ground_truth/good/ are never read (good images count as defect-free): a blank one,
+    as some datasets ship, is fine; one marking a defect, which contradicts the image's folder, was
+    ignored without a word."""
+    root = _mvtec(tmp_path)
+    good = root / "ground_truth" / "good"
+    good.mkdir()
+    _save(good / "000_mask.png", np.zeros((32, 32), dtype=np.uint8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        load_test_set(root, 16)
+    _save(good / "001_mask.png", np.full((32, 32), 255, dtype=np.uint8))
+    with pytest.warns(DataWarning, match=r"good: 1 mask\(s\) mark defect pixels, but the images of test/good/ count "
+                                         r"as defect-free and their masks are not read: 001_mask\.png") as seen:
+        ts = load_test_set(root, 16)
+    assert len(_data_warnings(seen)) == 1 and ts.labels.tolist()[:2] == [0, 0] and not ts.masks[:2].any()
+
 def test_a_stack_of_images_this_process_cannot_hold_is_a_one_line_error(tmp_path, monkeypatch):
     """The preallocated stack of every image: torch's allocation error was an internal error."""
     root = _mvtec(tmp_path)

@@ -251,7 +251,8 @@ def _warn_unclaimed(root: Path, class_dirs: list[Path], items: list, has_masks: 
         claimed = {_file_id(m) for _cls, _img, m in items if m is not None}
         unclaimed = []
         for d in sorted(e for e in gt.iterdir() if e.is_dir() and not e.name.startswith(".")):
-            if d.name == GOOD:
+            if d.name == GOOD:  # some datasets give good images blank masks; one that marks a defect is said
+                _warn_marked_good_masks(d)
                 continue
             if d.name not in counted:
                 if d.name not in empty and list_images(d, warn=False):
@@ -264,6 +265,24 @@ def _warn_unclaimed(root: Path, class_dirs: list[Path], items: list, has_masks: 
     if said:
         warnings.warn(f"{root}: left out of the metrics: {'; '.join(said)} (an image renamed, moved or deleted?)",
                       DataWarning, stacklevel=3)
+
+
+def _warn_marked_good_masks(folder: Path) -> None:
+    """One :class:`DataWarning` naming the masks in ``ground_truth/good/`` that mark defect pixels:
+    the images of ``test/good/`` count as defect-free and no mask of theirs is read, so such an
+    image, defective by its mask, is scored as a good one (it belongs in its defect class)."""
+    marked = []
+    for m in list_images(folder, warn=False):
+        try:
+            if bool(_load_mask(m, None)[0].any()):
+                marked.append(m.name)
+        except Exception:  # noqa: BLE001 - an unreadable file here is never read for the metrics either
+            continue
+    if marked:
+        warnings.warn(f"{folder}: {len(marked)} mask(s) mark defect pixels, but the images of test/{GOOD}/ count as "
+                      f"defect-free and their masks are not read: {', '.join(marked[:3])}"
+                      f"{', ...' if len(marked) > 3 else ''} (move such an image, and its mask, to its defect class)",
+                      DataWarning, stacklevel=4)
 
 
 def load_test_set(
