@@ -739,8 +739,8 @@ class ModelInfo:
         """For a loaded :class:`~defect_fast.detect.Detector` of ``run`` (run folder or model file).
 
         ``version`` is the first 12 hex digits of the model file's SHA-256 (a retrained or damaged
-        file gets a new one): of the bytes ``det`` was loaded from (``det.model_sha256``), else of
-        the file there now; thresholds come from the model file's calibration
+        file gets a new one): of the bytes ``det`` was loaded from when ``run`` is that file
+        (:meth:`~defect_fast.detect.Detector.loaded_sha256`), else of the file there now; thresholds come from the model file's calibration
         (:func:`stored_thresholds`), ``threshold`` overriding the image threshold and ``far``
         setting it for that rate (:meth:`from_calibration`). ``extra`` holds the run, the map, the
         asked false-alarm rate, where the threshold came from, the images the thresholds rest on
@@ -752,7 +752,9 @@ class ModelInfo:
 
         cal = dict(getattr(det, "calibration", None) or {})
         name = getattr(det.model, "name", "") or type(det.model).__name__
-        sha = getattr(det, "model_sha256", None) or file_sha256(model_file(run))
+        path = model_file(run)
+        loaded = getattr(det, "loaded_sha256", None)
+        sha = (loaded(path) if loaded is not None else None) or file_sha256(path)
         info = cls.from_calibration(det.image_size, name, sha[:12], cal, threshold, far, run=str(run), map=det.map_kind)
         if threshold is None:  # the rate asked at training, unless --far asked another; a given threshold asked none
             info.extra.setdefault("far", cal.get("far"))

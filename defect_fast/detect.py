@@ -77,7 +77,7 @@ from .maps import blend_window, blur_matrix, resize_map, top_mean
 from .models import AnomalyModel
 from .precision import cpu_flags, cpu_has_bf16, cudnn_benchmark, default_precision  # noqa: F401  (re-exported)
 from .calibration import calibrate as calibrate_thresholds, colour_scale, defect_regions, stored_thresholds
-from .runs import RunError, load_model_file, model_from_state, resolve_device
+from .runs import RunError, load_model_file, model_file, model_from_state, resolve_device
 from .safety import UserError, one_line
 from .tracing import tracing
 
@@ -465,14 +465,16 @@ class Detector(nn.Module):
     a run's model file records (None: not known); :meth:`predict` warns of images far outside it,
     once a Detector (:meth:`check_proportions` warns at every call, for the callers that read many).
 
-    ``model_sha256``: the SHA-256 (hex) of the model file's bytes a :meth:`load` built it from, the
-    model's version as watch, report and export record it (None: not loaded from a file, or other
-    weights loaded since).
+    ``model_sha256`` and ``model_path``: the SHA-256 (hex) of the model file's bytes a :meth:`load`
+    built it from, and that file's path (None: not loaded from a file, or saved or given other
+    weights since). :meth:`loaded_sha256` gives it for the model's version, as watch, report and
+    export record it.
     """
 
     #: see the class's docstring
     trained_proportions: list[float] | None = None
     model_sha256: str | None = None
+    model_path: Path | None = None
 
     def __init__(self, model: AnomalyModel, image_size: int, map_kind: str | None = None, stride: int | None = None,
                  device: torch.device | str = "cpu", batch_size: int | str = "auto", calibration: dict[str, Any] | None = None,
@@ -779,8 +781,22 @@ class Detector(nn.Module):
         """
         state, sha = load_model_file(run)
         det = cls.from_state(state, device, map_kind, stride, smooth_sigma, where=run, **options)
-        det.model_sha256 = sha  # of the bytes loaded (the file there may be replaced by now)
+        det.loaded_from(model_file(run), sha)
         return det
+
+    def loaded_from(self, path: Path | str, sha256: str) -> None:
+        """Record that this Detector was built from the model file ``path`` whose bytes, as read,
+        have the SHA-256 ``sha256`` (:meth:`load` does; for a Detector built by :meth:`from_state`
+        of :func:`~defect_fast.runs.load_model_file`'s dict)."""
+        self.model_path, self.model_sha256 = Path(os.path.abspath(path)), sha256
+
+    def loaded_sha256(self, path: Path | str) -> str | None:
+        """The SHA-256 of the bytes this Detector was loaded from, when ``path`` names the file it
+        was loaded from (the file there may have been replaced since); None otherwise, and once it
+        was saved or given other weights: the caller reads the file."""
+        if self.model_sha256 is None or self.model_path is None:
+            return None
+        return self.model_sha256 if Path(os.path.abspath(path)) == self.model_path else None
 
     @classmethod
     def from_state(cls, state: dict[str, Any], device: str | torch.device = "auto", map_kind: str | None = None,
@@ -1750,6 +1766,7 @@ class Detector(nn.Module):
         if self.context is not None:
             state["context"] = self.context.state()
         state.update(copy.deepcopy(self.__dict__.get("_run_record") or {}))
+        self.model_sha256 = self.model_path = None  # saved over its source, it no longer names the file's bytes
         try:  # a file that appeared at ``path`` since the check is not replaced without ``overwrite``
             return save_with_digest(state, path, replace=overwrite, unlisted=True)
         except FileExistsError:
@@ -1786,7 +1803,7 @@ class Detector(nn.Module):
             self._set_aside_thresholds("set on the weights load_state_dict replaced (calibrate again, or save and "
                                        "load the Detector whose weights these are: its file carries its thresholds)")
             self.trained_proportions = None  # those of the images other weights were trained on: not known
-            self.model_sha256 = None  # nor which file they are
+            self.model_sha256 = self.model_path = None  # nor which file they are
             self.__dict__["_run_record"] = {}  # nor which images they were, or how they were trained
             if self.fuse:
                 self.__dict__["_source"] = None

@@ -695,7 +695,10 @@ def command(args) -> int:
         import matplotlib  # noqa: F401
     except ImportError as exc:
         raise DataError(f"diagnose needs matplotlib for its figures ({exc}); pip install matplotlib") from None
-    det = Detector.load(run, device=args.device, map_kind=args.map, stride=args.stride, smooth_sigma=args.smooth, blend=args.blend)
+    from .runs import load_model_file
+
+    state, _sha = load_model_file(run)  # read once: the Detector and the check of the images the run has seen
+    det = Detector.from_state(state, args.device, args.map, args.stride, args.smooth, where=run, blend=args.blend)
     bands = region_masks(det.image_size, det.patch, det.stride, args.border, args.seam)
     for flag, width, band in (("--border", args.border, "border"), ("--seam", args.seam, "seam")):
         if bool(bands[band].all()):  # a band over the whole map says nothing of where top pixels lie
@@ -705,10 +708,9 @@ def command(args) -> int:
                              f"of {run} (patches of {det.patch} at stride {det.stride}); give a narrower one")
     test_set = load_test_set(data, det.image_size, require_masks=False)  # where the top pixels lie needs no masks
     from .evaluate import seen_test_images
-    from .runs import load_model_state
 
     # its AUROC table is optimistic on images the run trained on: said, as evaluate and report say it
-    seen_test_images(load_model_state(run), test_set.images, test_set.paths, run, thresholds_used=False)
+    seen_test_images(state, test_set.images, test_set.paths, run, thresholds_used=False)
     det.check_proportions(test_set.sizes, test_set.paths, data / "test")  # stretched otherwise: said, as evaluate does
     names = sorted(figure_names(test_set.classes).values()) + ["locations.json"]
     # every figure and the statistics made in a temporary folder first: an error or a stop on the way

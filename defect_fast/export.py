@@ -123,7 +123,8 @@ def sidecar(det: Detector, fmt: str, batch: int, dynamic_batch: bool, source: Pa
         "torch_version": torch.__version__,
         "source": str(source) if source else None,
         # of the bytes the Detector was loaded from, where it was (the file there may be replaced by now)
-        "source_digest": (None if not source else f"sha256:{det.model_sha256}" if det.model_sha256 else _digest(source)),
+        "source_digest": (None if not source else f"sha256:{det.loaded_sha256(source)}" if det.loaded_sha256(source)
+                          else _digest(source)),
         "image_size": det.image_size,
         "precision": det.precision,
         "batch": batch,

@@ -655,7 +655,7 @@ def command(args) -> int:
     from .data.io import DataError
     from .detect import Detector
     from .evaluate import seen_test_images
-    from .runs import load_model_state
+    from .runs import load_model_file, model_file
     from .safety import far_errors, safe_output_file
 
     if args.out == "-":  # as evaluate --json - would take it: a page is a file, it has no standard-output form
@@ -665,8 +665,9 @@ def command(args) -> int:
         raise DataError(f"{data}: {'not a folder' if data.exists() else 'no such folder'} (expected a folder of "
                         "images, or a dataset with test/<class>/)")
     out = safe_output_file(args.out, args.overwrite, inputs=[args.run, data], what="--out")
-    state = load_model_state(args.run)
+    state, sha = load_model_file(args.run)  # read once: the Detector, the check of seen images and the version
     det = Detector.from_state(state, args.device, where=args.run)
+    det.loaded_from(model_file(args.run), sha)
     with far_errors(args.run, args.far):
         info = ModelInfo.from_detector(det, args.run, threshold=args.threshold, far=args.far)
 

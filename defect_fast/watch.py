@@ -1636,7 +1636,7 @@ def command(args) -> int:
         model = model_file(args.run)
         before = _file_key(model)  # before it is read: a file replaced during the load is looked at
         det = Detector.load(args.run, device=args.device)
-        model_changed = _model_watcher(model, det.model_sha256, before)  # by the bytes the model was loaded from
+        model_changed = _model_watcher(model, det.loaded_sha256(model), before)  # by the bytes the model was loaded from
         with far_errors(args.run, args.far):
             info = ModelInfo.from_detector(det, args.run, threshold=args.threshold, far=args.far)
         if info.image_threshold is None:

@@ -582,3 +582,51 @@ def test_export_records_the_digest_of_the_model_file_it_loaded(tiny, tmp_path, c
     desc = json.loads((tmp_path / "m.ts.json").read_text())
     assert desc["source_digest"].startswith(f"sha256:{tiny['version']}")
     assert desc["thresholds"]["score"] == pytest.approx(tiny["threshold"])
+
+
+def test_report_names_the_version_of_the_model_file_it_loaded(tiny, tmp_path, capsys, monkeypatch):
+    """report hashed the model file after loading it: a file replaced meanwhile gave the page the
+    new file's version beside the thresholds of the one loaded."""
+    import shutil
+
+    import defect_fast.runs as runs
+    from defect_fast.safety import save_with_digest
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny["run"], run)
+    real = runs.load_model_file
+
+    def load_then_replaced(where):
+        loaded = real(where)
+        state = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
+        state["calibration"] = {**state["calibration"], "image_threshold": 123.0}
+        save_with_digest({k: v for k, v in state.items() if k != "tensor_digest"}, run / "model.pt")
+        return loaded
+
+    monkeypatch.setattr(runs, "load_model_file", load_then_replaced)
+    out = tmp_path / "r.html"
+    status, _out, err = cli(["report", run, tiny["data"], "--out", out, "--device", "cpu"], capsys)
+    assert status == 0, err
+    text = out.read_text()
+    assert f"cmaae ({tiny['version']})" in text
+    assert hashlib.sha256((run / "model.pt").read_bytes()).hexdigest()[:12] not in text
+
+
+def test_a_loaded_detector_names_its_file_s_bytes_only_for_that_file_and_until_saved(tiny, tmp_path):
+    """The digest of the bytes loaded stood for any file given with the Detector: calibrated and
+    saved as another file, the Detector's version was still the first file's."""
+    import shutil
+
+    from defect_fast.calibration import ModelInfo
+    from defect_fast.detect import Detector
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny["run"], run)
+    det = Detector.load(run, device="cpu")
+    assert det.loaded_sha256(run / "model.pt")[:12] == tiny["version"] and det.loaded_sha256(tmp_path / "x.pt") is None
+    det.calibrate(torch.stack([torch.full((3, 64, 64), v, dtype=torch.uint8) for v in (90, 110, 130)])
+                  + torch.randint(0, 20, (3, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
+    det.save(tmp_path / "recal.pt")
+    new = hashlib.sha256((tmp_path / "recal.pt").read_bytes()).hexdigest()[:12]
+    assert ModelInfo.from_detector(det, tmp_path / "recal.pt").version == new != tiny["version"]
+    assert det.loaded_sha256(run / "model.pt") is None  # saved: read from the file again
