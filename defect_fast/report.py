@@ -504,8 +504,8 @@ def write_report(
         tiles.append(("overlay", _file_png_uri(lambda f: save_overlay(shown_img, small, f, scale, compress_level=6))))
         if masks is not None and bool(masks[i].any()):
             tiles.append(("mask", _png_uri(_thumb(Image.fromarray(masks[i].cpu().numpy().astype(np.uint8) * 255), tw, thumb))))
-        css, tag = ("fa", "false alarm") if fa[i] else ("miss", "miss") if miss[i] else \
-            ("blank", "not judged") if blank[i] and thr is not None else \
+        css, tag = ("blank", "not judged") if blank[i] and thr is not None else \
+            ("fa", "false alarm") if fa[i] else ("miss", "miss") if miss[i] else \
             ("fail", "fail") if flagged[i] else ("pass", "pass") if thr is not None else ("", "")
         cls = f" ({html.escape(classes[i])})" if classes else ""
         if blank[i]:  # nothing on it to judge: a camera fault (predict marks it, watch sets it aside)
@@ -531,6 +531,8 @@ def write_report(
                    "to see all).")
     colours = ("" if thr is None else " Orange: flagged." if y is None else
                " Red: false alarm (good, flagged); purple: miss (defective, passed); orange: flagged.")
+    if thr is not None and any(blank[i] for i in shown):
+        colours += " Grey tag: a blank frame, not judged (its score is shown, as the metrics count it)."
     note = (f'<p class="note">{len(shown)} of {n} images, highest score first; each: {cols}'
             f'{", mask" if masks is not None else ""}.{colours}{sampled}</p>')
     legend = _legend(scale, meta.pixel_threshold if meta is not None else None, maps_top) if len(shown) else ""
