@@ -1899,8 +1899,8 @@ def save_with_digest(obj: Mapping[str, Any], path: str | os.PathLike, *, folder:
                      replace: bool = True, unlisted: bool = False) -> Path:
     """``torch.save(attach_digest(obj))`` to ``path`` atomically (recorded in ``folder`` if given;
     else with ``replace=False`` never over a file there by then, ``unlisted``: :func:`atomic_open`);
-    SIGINT and SIGTERM wait for the file (:func:`signals_held`), its digest included: one that came
-    while the digest was computed stopped the save before the file was begun."""
+    SIGINT and SIGTERM wait for the file (:func:`signals_held`), from the start of its digest: a
+    stop while the digest is computed comes once the file is written whole."""
     import torch
 
     try:
@@ -1938,6 +1938,45 @@ def _other_torch_archive(path) -> str | None:
     return None
 
 
+def _sha256_of(fh) -> str:
+    """The SHA-256 (hex) of an open binary file from its start, read in blocks of 1 MiB."""
+    h = hashlib.sha256()
+    fh.seek(0)
+    for block in iter(lambda: fh.read(1 << 20), b""):
+        h.update(block)
+    return h.hexdigest()
+
+
+def _load_checked(p: Path, fh) -> Any:
+    """``torch.load`` of the open file ``fh`` (of ``p``, named in errors) after checking it is a
+    zip archive ``torch.save`` wrote; :class:`DigestError` otherwise."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        fh.seek(0)
+        is_zip = zipfile.is_zipfile(fh)
+    except Exception as exc:  # noqa: BLE001 - a damaged archive (BadZipFile from its directory, ...)
+        raise DigestError(f"{p}: not a readable defect_fast file (a damaged archive: {type(exc).__name__}: "
+                          f"{one_line(str(exc))[:200]})") from None
+    if not is_zip:  # every torch.save file is a zip archive: an image, a text, a truncated copy
+        raise DigestError(f"{p}: not a defect_fast model or checkpoint file (not a torch archive; truncated or another kind of file)")
+    fh.seek(0)
+    kind = _other_torch_archive(fh)
+    if kind:  # torch.load would warn, then advise on TorchScript or call the file corrupted
+        raise DigestError(f"{p}: not a defect_fast model or checkpoint file: {kind}")
+    try:
+        fh.seek(0)
+        return torch.load(fh, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message here advises an unsafe load: not repeated
+        raise DigestError(f"{p}: not a defect_fast file: it holds Python objects other than tensors and plain "
+                          "data, which are never loaded (a pickle can run code)") from None
+    except Exception as exc:  # a damaged archive
+        raise DigestError(f"{p}: not a readable defect_fast file ({type(exc).__name__}: {one_line(str(exc))[:200]})") from None
+
+
 def load_with_digest(path: str | os.PathLike, *, required_keys: Iterable[str] = (),
                      allow_missing: bool = False, check_first: Callable[[Any], None] | None = None) -> dict[str, Any]:
     """``torch.load(path, weights_only=True)`` then :func:`verify_digest`; ``check_first`` is
@@ -1955,46 +1994,26 @@ def load_with_digest(path: str | os.PathLike, *, required_keys: Iterable[str] = 
 
 def load_file_with_digest(path: str | os.PathLike, *, required_keys: Iterable[str] = (), allow_missing: bool = False,
                           check_first: Callable[[Any], None] | None = None) -> tuple[dict[str, Any], str]:
-    """:func:`load_with_digest`, and the SHA-256 (hex) of the bytes it loaded: the file is read
-    once, so a file replaced meanwhile (an atomic save over it) is never half the one and half the
-    other, and the digest is of the version loaded (a model's version, as watch and export record
-    it, was read again after the load, from whatever file was there by then)."""
-    import io
-
-    import torch
-
+    """:func:`load_with_digest`, and the SHA-256 (hex) of the bytes it loaded: the file is opened
+    once and hashed, checked and loaded through that one handle, so a file replaced meanwhile (an
+    atomic save over it) is never half the one and half the other, and the digest is of the version
+    loaded (a model's version, as watch and export record it, was read again after the load, from
+    whatever file was there by then)."""
     p = Path(path)
     if not p.exists():
         raise DigestError(f"{p}: no such file")
     if p.is_dir():
         raise DigestError(f"{p}: is a folder, expected a model or checkpoint file")
-    import pickle
-    import zipfile
-
     try:  # opened here: is_zipfile reads a file it cannot open (no permission) as "not a zip archive"
-        with open(p, "rb") as fh:
-            data = fh.read()
+        fh = open(p, "rb")
     except OSError as exc:
         raise DigestError(f"{p}: cannot be read ({exc.strerror or type(exc).__name__})") from None
-    sha = hashlib.sha256(data).hexdigest()
-    try:
-        is_zip = zipfile.is_zipfile(io.BytesIO(data))
-    except Exception as exc:  # noqa: BLE001 - a damaged archive (BadZipFile from its directory, ...)
-        raise DigestError(f"{p}: not a readable defect_fast file (a damaged archive: {type(exc).__name__}: "
-                          f"{one_line(str(exc))[:200]})") from None
-    if not is_zip:  # every torch.save file is a zip archive: an image, a text, a truncated copy
-        raise DigestError(f"{p}: not a defect_fast model or checkpoint file (not a torch archive; truncated or another kind of file)")
-    kind = _other_torch_archive(io.BytesIO(data))
-    if kind:  # torch.load would warn, then advise on TorchScript or call the file corrupted
-        raise DigestError(f"{p}: not a defect_fast model or checkpoint file: {kind}")
-    try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # torch's message here advises an unsafe load: not repeated
-        raise DigestError(f"{p}: not a defect_fast file: it holds Python objects other than tensors and plain "
-                          "data, which are never loaded (a pickle can run code)") from None
-    except Exception as exc:  # a damaged archive
-        raise DigestError(f"{p}: not a readable defect_fast file ({type(exc).__name__}: {one_line(str(exc))[:200]})") from None
-    del data  # the file's bytes: the tensors hold their own copy
+    with fh:
+        try:
+            sha = _sha256_of(fh)
+        except OSError as exc:
+            raise DigestError(f"{p}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+        obj = _load_checked(p, fh)
     if check_first is not None:
         check_first(obj)
     verify_digest(obj, p, required_keys=required_keys, allow_missing=allow_missing)
