@@ -265,7 +265,8 @@ def test_rank_correlation_with_brightness_needs_three_images_and_says_its_count(
     assert rho == pytest.approx(1.0)
     sig = rank_significant(rho, n)
     assert sig == (n >= 8)  # 1 * sqrt(n - 1) >= 2.576
-    assert f"mean brightness +1.00 ({n} images; {'' if sig else 'not '}significant at p <= 0.01)" in out
+    assert f"mean brightness +1.00 ({n} images; {'' if sig else 'not '}significant at p <= 0.01 by the normal " \
+           "approximation)" in out
     assert res["locations"]["good"]["score_vs_brightness_significant"] is sig
 
 def test_main_reports_missing_run(tmp_path, capsys):
