@@ -416,7 +416,7 @@ def load_test_set(
                                   "as most tools show them, lies on the wrong pixels (draw it on the upright image, "
                                   "or give it the image's orientation)"),
                        ("empty", "mark no pixel as defect: their images count as defective, and every pixel of "
-                                 "them as defect-free in the pixel metrics (as MVTec AD's protocol counts them); draw "
+                                 "them as defect-free in the pixel metrics (as pixel-level evaluations commonly count them); draw "
                                  "the defect, or move the image to good/ if it has none"),
                        ("emptied", f"lose every defect pixel in the resize to {size} x {size} (defects thinner than "
                                    "its sampling step, which is nearest-neighbour): their images count as defective, "
