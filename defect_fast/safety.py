@@ -1938,6 +1938,15 @@ def _other_torch_archive(path) -> str | None:
     return None
 
 
+#: Reads of a file written to in place while it is read before :func:`load_file_with_digest` gives up.
+_LOAD_TRIES = 3
+
+
+def _version_key(st: os.stat_result) -> tuple[int, int, int]:
+    """What changes when a file is written to in place (size, modification and change times)."""
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 def _sha256_of(fh) -> str:
     """The SHA-256 (hex) of an open binary file from its start, read in blocks of 1 MiB."""
     h = hashlib.sha256()
@@ -1998,22 +2007,31 @@ def load_file_with_digest(path: str | os.PathLike, *, required_keys: Iterable[st
     once and hashed, checked and loaded through that one handle, so a file replaced meanwhile (an
     atomic save over it) is never half the one and half the other, and the digest is of the version
     loaded (a model's version, as watch and export record it, was read again after the load, from
-    whatever file was there by then)."""
+    whatever file was there by then). A file written to in place meanwhile (its size or times
+    changed through the handle) is read again, up to :data:`_LOAD_TRIES` times."""
     p = Path(path)
     if not p.exists():
         raise DigestError(f"{p}: no such file")
     if p.is_dir():
         raise DigestError(f"{p}: is a folder, expected a model or checkpoint file")
-    try:  # opened here: is_zipfile reads a file it cannot open (no permission) as "not a zip archive"
-        fh = open(p, "rb")
-    except OSError as exc:
-        raise DigestError(f"{p}: cannot be read ({exc.strerror or type(exc).__name__})") from None
-    with fh:
-        try:
-            sha = _sha256_of(fh)
+    for _ in range(_LOAD_TRIES):
+        try:  # opened here: is_zipfile reads a file it cannot open (no permission) as "not a zip archive"
+            fh = open(p, "rb")
         except OSError as exc:
             raise DigestError(f"{p}: cannot be read ({exc.strerror or type(exc).__name__})") from None
-        obj = _load_checked(p, fh)
+        with fh:
+            try:
+                before = _version_key(os.fstat(fh.fileno()))
+                sha = _sha256_of(fh)
+                obj = _load_checked(p, fh)
+                same = _version_key(os.fstat(fh.fileno())) == before
+            except OSError as exc:
+                raise DigestError(f"{p}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+        if same:  # not written to in place (a cp over it) while it was hashed and loaded: the digest is of it
+            break
+    else:
+        raise DigestError(f"{p}: changed while it was read, {_LOAD_TRIES} times (a copy being written over it?); "
+                          "try again once it is complete")
     if check_first is not None:
         check_first(obj)
     verify_digest(obj, p, required_keys=required_keys, allow_missing=allow_missing)

@@ -1322,3 +1322,39 @@ def test_a_start_whose_manifest_does_not_fit_on_the_disk_leaves_nothing(tmp_path
     assert (list(out.iterdir()) == []) if existing else not out.exists()
     monkeypatch.undo()
     OutputFolder.create(out, lock=True, command="train").release()  # room made: the same start goes on
+
+
+def test_a_file_written_to_in_place_while_it_is_loaded_gets_the_digest_of_what_was_loaded(tmp_path, monkeypatch):
+    """The file's SHA-256 (a model's version in watch's journal and export's description) was taken,
+    then the file loaded through the same handle: a copy written over it in place (cp, same inode)
+    in between gave the first version's digest to the second version's weights."""
+    import defect_fast.safety as safety
+    from defect_fast.safety import load_file_with_digest, save_with_digest
+
+    a, b = tmp_path / "model.pt", tmp_path / "b.pt"
+    save_with_digest({"w": torch.zeros(3)}, a)
+    save_with_digest({"w": torch.ones(3)}, b)
+    real, calls = safety._sha256_of, []
+
+    def hashed_then_rewritten(fh):
+        sha = real(fh)
+        if not calls:
+            shutil.copyfile(b, a)  # in place: the open file is truncated and written again
+        calls.append(sha)
+        return sha
+
+    monkeypatch.setattr(safety, "_sha256_of", hashed_then_rewritten)
+    obj, sha = load_file_with_digest(a)
+    assert torch.equal(obj["w"], torch.ones(3)) and sha == hashlib.sha256(b.read_bytes()).hexdigest()
+    assert len(calls) == 2  # read again once
+
+    def always_rewritten(fh):
+        sha = real(fh)
+        os.utime(a, ns=(len(calls), len(calls)))
+        calls.append(sha)
+        return sha
+
+    monkeypatch.setattr(safety, "_sha256_of", always_rewritten)
+    with pytest.raises(safety.DigestError, match=r"model\.pt: changed while it was read, 3 times .*try again once "
+                                                 r"it is complete$"):
+        load_file_with_digest(a)
