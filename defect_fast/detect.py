@@ -360,6 +360,13 @@ def _model_source(model: AnomalyModel) -> tuple[str, dict, dict[str, torch.Tenso
     return model.name, model.config(), {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
+def _file_path(path: Path | str) -> Path:
+    """A file's path as the file it names: its folder with links and ".." resolved, its own name
+    kept (a link there is the file at that name, whatever it points to)."""
+    p = Path(path)
+    return Path(os.path.realpath(p.parent)) / p.name
+
+
 def _top_count(pixels: int, top_fraction: float) -> int:
     """How many of a map's ``pixels`` values its image score averages (at least one)."""
     return max(1, int(round(pixels * top_fraction)))
@@ -779,16 +786,17 @@ class Detector(nn.Module):
         of the perceptual map and the context left out is kept: a later :meth:`fit_perceptual` or
         :meth:`fit_context` runs it, as on the stored kind, with no weights file.
         """
-        state, sha = load_model_file(run)
+        path = model_file(run)  # once: the file may be gone once read (an output folder cleared)
+        state, sha = load_model_file(path)
         det = cls.from_state(state, device, map_kind, stride, smooth_sigma, where=run, **options)
-        det.loaded_from(model_file(run), sha)
+        det.loaded_from(path, sha)
         return det
 
     def loaded_from(self, path: Path | str, sha256: str) -> None:
         """Record that this Detector was built from the model file ``path`` whose bytes, as read,
         have the SHA-256 ``sha256`` (:meth:`load` does; for a Detector built by :meth:`from_state`
         of :func:`~defect_fast.runs.load_model_file`'s dict)."""
-        self.model_path, self.model_sha256 = Path(os.path.abspath(path)), sha256
+        self.model_path, self.model_sha256 = _file_path(path), sha256
 
     def loaded_sha256(self, path: Path | str) -> str | None:
         """The SHA-256 of the bytes this Detector was loaded from, when ``path`` names the file it
@@ -796,7 +804,7 @@ class Detector(nn.Module):
         was saved or given other weights: the caller reads the file."""
         if self.model_sha256 is None or self.model_path is None:
             return None
-        return self.model_sha256 if Path(os.path.abspath(path)) == self.model_path else None
+        return self.model_sha256 if _file_path(path) == self.model_path else None
 
     @classmethod
     def from_state(cls, state: dict[str, Any], device: str | torch.device = "auto", map_kind: str | None = None,

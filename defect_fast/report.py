@@ -347,9 +347,10 @@ def write_report(
     thr = threshold if threshold is not None else (meta.image_threshold if meta is not None else None)
     maps = maps.detach().float().cpu()
     flagged = s > thr if thr is not None else np.zeros(n, dtype=bool)
-    fa = flagged & (y == 0) if y is not None else np.zeros(n, dtype=bool)
     blank = blank_images(images.cpu()).tolist()
-    miss = ~flagged & (y == 1) if y is not None and thr is not None else np.zeros(n, dtype=bool)
+    judged = ~np.asarray(blank, dtype=bool)  # a blank frame is no false alarm and no miss of the gallery's
+    fa = flagged & (y == 0) & judged if y is not None else np.zeros(n, dtype=bool)
+    miss = ~flagged & (y == 1) & judged if y is not None and thr is not None else np.zeros(n, dtype=bool)
 
     parts: list[str] = []
     sections: list[str] = []
@@ -372,7 +373,6 @@ def write_report(
     # passing score of 0.006109, a pixel threshold of 4.2e-5 as 0.0000
     rows.append(("image threshold", threshold_text(thr)))
     if thr is not None:  # a blank frame is neither: nothing on it to judge (watch sets it aside)
-        judged = ~np.asarray(blank, dtype=bool)
         rows += [("flagged (score > threshold)", int((flagged & judged).sum())), ("passed", int((~flagged & judged).sum()))]
         if not judged.all():
             rows.append(("blank frames, not judged (one colour throughout: a camera fault)", int((~judged).sum())))
@@ -504,8 +504,8 @@ def write_report(
         tiles.append(("overlay", _file_png_uri(lambda f: save_overlay(shown_img, small, f, scale, compress_level=6))))
         if masks is not None and bool(masks[i].any()):
             tiles.append(("mask", _png_uri(_thumb(Image.fromarray(masks[i].cpu().numpy().astype(np.uint8) * 255), tw, thumb))))
-        css, tag = ("blank", "not judged") if blank[i] and thr is not None else \
-            ("fa", "false alarm") if fa[i] else ("miss", "miss") if miss[i] else \
+        css, tag = ("fa", "false alarm") if fa[i] else ("miss", "miss") if miss[i] else \
+            ("blank", "not judged") if blank[i] and thr is not None else \
             ("fail", "fail") if flagged[i] else ("pass", "pass") if thr is not None else ("", "")
         cls = f" ({html.escape(classes[i])})" if classes else ""
         if blank[i]:  # nothing on it to judge: a camera fault (predict marks it, watch sets it aside)
@@ -667,9 +667,10 @@ def command(args) -> int:
         raise DataError(f"{data}: {'not a folder' if data.exists() else 'no such folder'} (expected a folder of "
                         "images, or a dataset with test/<class>/)")
     out = safe_output_file(args.out, args.overwrite, inputs=[args.run, data], what="--out")
-    state, sha = load_model_file(args.run)  # read once: the Detector, the check of seen images and the version
+    path = model_file(args.run)
+    state, sha = load_model_file(path)  # read once: the Detector, the check of seen images and the version
     det = Detector.from_state(state, args.device, where=args.run)
-    det.loaded_from(model_file(args.run), sha)
+    det.loaded_from(path, sha)
     with far_errors(args.run, args.far):
         info = ModelInfo.from_detector(det, args.run, threshold=args.threshold, far=args.far)
 

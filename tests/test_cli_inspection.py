@@ -630,3 +630,35 @@ def test_a_loaded_detector_names_its_file_s_bytes_only_for_that_file_and_until_s
     new = hashlib.sha256((tmp_path / "recal.pt").read_bytes()).hexdigest()[:12]
     assert ModelInfo.from_detector(det, tmp_path / "recal.pt").version == new != tiny["version"]
     assert det.loaded_sha256(run / "model.pt") is None  # saved: read from the file again
+
+
+def test_a_loaded_detector_s_file_is_the_file_its_path_names(tiny, tmp_path, monkeypatch):
+    """The file a Detector came from was named by its path with ".." taken off as text: through a
+    linked folder, a/ln/../model.pt (the file real/model.pt) counted as a/model.pt, another model.
+    And a model file removed once read (an output folder cleared) failed the load after it."""
+    import shutil
+
+    import defect_fast.detect as detect_mod
+    from defect_fast.detect import Detector
+
+    real, a = tmp_path / "real", tmp_path / "a"
+    shutil.copytree(tiny["run"], real)
+    (real / "sub").mkdir()
+    a.mkdir()
+    shutil.copy(real / "model.pt", a / "model.pt")
+    (a / "ln").symlink_to(real / "sub")
+    det = Detector.load(a / "ln" / ".." / "model.pt", device="cpu")
+    assert det.loaded_sha256(real / "model.pt")[:12] == tiny["version"]
+    assert det.loaded_sha256(a / "model.pt") is None  # another file (a copy, here)
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny["run"], copy)
+    read = detect_mod.load_model_file
+
+    def read_then_removed(path):
+        loaded = read(path)
+        (copy / "model.pt").unlink()
+        return loaded
+
+    monkeypatch.setattr(detect_mod, "load_model_file", read_then_removed)
+    det = Detector.load(copy, device="cpu")
+    assert det.loaded_sha256(copy / "model.pt")[:12] == tiny["version"]

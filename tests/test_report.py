@@ -315,6 +315,11 @@ def test_without_labels_the_gallery_claims_no_errors_and_marks_blank_frames(tmp_
                              maps=res2["maps"], scores=res2["scores"], labels=labels, masks=masks, classes=classes,
                              meta=ModelInfo(S, name="stub", image_threshold=-1.0), max_gallery=12)["path"]).read_text()
     assert re.search(r'<span class="tag blank">not judged</span> score [^<]*\(good\) · blank frame[^<]*<br>i2\.png', text)
+    # and no false alarm of the gallery's: the 5 other good images are (every image is flagged at -1)
+    text = Path(write_report(tmp_path / "d.html", names=[f"i{i}.png" for i in range(12)], images=images2,
+                             maps=res2["maps"], scores=res2["scores"], labels=labels, masks=masks, classes=classes,
+                             meta=ModelInfo(S, name="stub", image_threshold=-1.0), max_gallery=4)["path"]).read_text()
+    assert "4 of the 5 false alarms and misses are shown" in text
 
 
 def test_the_per_class_rows_say_what_their_image_counts_hold(tmp_path):
