@@ -33,6 +33,7 @@ import signal
 import stat
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -1938,8 +1939,9 @@ def _other_torch_archive(path) -> str | None:
     return None
 
 
-#: Reads of a file written to in place while it is read before :func:`load_file_with_digest` gives up.
-_LOAD_TRIES = 3
+#: Reads of a file written to in place while it is read before :func:`load_file_with_digest` gives
+#: up, and the pause (seconds) before each read again.
+_LOAD_TRIES, _LOAD_PAUSE = 3, 0.5
 
 
 def _version_key(st: os.stat_result) -> tuple[int, int, int]:
@@ -2008,7 +2010,8 @@ def load_file_with_digest(path: str | os.PathLike, *, required_keys: Iterable[st
     atomic save over it) is never half the one and half the other, and the digest is of the version
     loaded (a model's version, as watch and export record it, was read again after the load, from
     whatever file was there by then). A file written to in place meanwhile (its size or times
-    changed through the handle) is read again, up to :data:`_LOAD_TRIES` times."""
+    changed through the handle; also when that cut it short, which reads as a damaged file) is
+    read again, up to :data:`_LOAD_TRIES` times."""
     p = Path(path)
     if not p.exists():
         raise DigestError(f"{p}: no such file")
@@ -2023,15 +2026,22 @@ def load_file_with_digest(path: str | os.PathLike, *, required_keys: Iterable[st
             try:
                 before = _version_key(os.fstat(fh.fileno()))
                 sha = _sha256_of(fh)
-                obj = _load_checked(p, fh)
-                same = _version_key(os.fstat(fh.fileno())) == before
+                try:
+                    obj = _load_checked(p, fh)
+                except DigestError:  # damaged, or cut short by a copy being written over it meanwhile
+                    if _version_key(os.fstat(fh.fileno())) == before:
+                        raise
+                    same = False
+                else:
+                    same = _version_key(os.fstat(fh.fileno())) == before
             except OSError as exc:
                 raise DigestError(f"{p}: cannot be read ({exc.strerror or type(exc).__name__})") from None
         if same:  # not written to in place (a cp over it) while it was hashed and loaded: the digest is of it
             break
+        time.sleep(_LOAD_PAUSE)  # a copy under way: let it go on before the next read
     else:
-        raise DigestError(f"{p}: changed while it was read, {_LOAD_TRIES} times (a copy being written over it?); "
-                          "try again once it is complete")
+        raise DigestError(f"{p}: changed while it was read, {_LOAD_TRIES} times (written to, or its permissions or "
+                          "links changed, meanwhile: a copy being written over it?); try again once it is complete")
     if check_first is not None:
         check_first(obj)
     verify_digest(obj, p, required_keys=required_keys, allow_missing=allow_missing)

@@ -1344,9 +1344,28 @@ def test_a_file_written_to_in_place_while_it_is_loaded_gets_the_digest_of_what_w
         return sha
 
     monkeypatch.setattr(safety, "_sha256_of", hashed_then_rewritten)
+    monkeypatch.setattr(safety, "_LOAD_PAUSE", 0.0)
     obj, sha = load_file_with_digest(a)
     assert torch.equal(obj["w"], torch.ones(3)) and sha == hashlib.sha256(b.read_bytes()).hexdigest()
     assert len(calls) == 2  # read again once
+    # a copy half written when it is loaded reads as a damaged file: read again too, once it is whole
+    save_with_digest({"w": torch.zeros(3)}, a)
+    calls.clear()
+
+    def hashed_then_cut(fh):
+        sha = real(fh)
+        if not calls:
+            with open(a, "r+b") as f:  # in place, as a cp that has written half the file so far
+                f.truncate(a.stat().st_size // 2)
+        elif len(calls) == 1:
+            shutil.copyfile(b, a)  # (the copy done: whole by the next read)
+        calls.append(sha)
+        return sha
+
+    monkeypatch.setattr(safety, "_sha256_of", hashed_then_cut)
+    obj, sha = load_file_with_digest(a)
+    assert torch.equal(obj["w"], torch.ones(3)) and sha == hashlib.sha256(b.read_bytes()).hexdigest()
+    assert len(calls) == 3  # cut short, then written during the second read: whole at the third
 
     def always_rewritten(fh):
         sha = real(fh)
@@ -1358,3 +1377,12 @@ def test_a_file_written_to_in_place_while_it_is_loaded_gets_the_digest_of_what_w
     with pytest.raises(safety.DigestError, match=r"model\.pt: changed while it was read, 3 times .*try again once "
                                                  r"it is complete$"):
         load_file_with_digest(a)
+    # a damaged file that nothing writes is said as such at once
+    calls.clear()
+    monkeypatch.setattr(safety, "_sha256_of", lambda fh: (calls.append(1), real(fh))[1])
+    with open(a, "r+b") as f:
+        f.truncate(a.stat().st_size // 2)
+    with pytest.raises(safety.DigestError, match=r"model\.pt: not a defect_fast model or checkpoint file \(not a torch "
+                                                 r"archive; truncated"):
+        load_file_with_digest(a)
+    assert len(calls) == 1
