@@ -347,10 +347,11 @@ def write_report(
     thr = threshold if threshold is not None else (meta.image_threshold if meta is not None else None)
     maps = maps.detach().float().cpu()
     flagged = s > thr if thr is not None else np.zeros(n, dtype=bool)
+    # a blank frame flagged or passed against its label stays among the gallery's false alarms and
+    # misses, as the metrics and curves count its score; its card says it is not judged
+    fa = flagged & (y == 0) if y is not None else np.zeros(n, dtype=bool)
     blank = blank_images(images.cpu()).tolist()
-    judged = ~np.asarray(blank, dtype=bool)  # a blank frame is no false alarm and no miss of the gallery's
-    fa = flagged & (y == 0) & judged if y is not None else np.zeros(n, dtype=bool)
-    miss = ~flagged & (y == 1) & judged if y is not None and thr is not None else np.zeros(n, dtype=bool)
+    miss = ~flagged & (y == 1) if y is not None and thr is not None else np.zeros(n, dtype=bool)
 
     parts: list[str] = []
     sections: list[str] = []
@@ -373,6 +374,7 @@ def write_report(
     # passing score of 0.006109, a pixel threshold of 4.2e-5 as 0.0000
     rows.append(("image threshold", threshold_text(thr)))
     if thr is not None:  # a blank frame is neither: nothing on it to judge (watch sets it aside)
+        judged = ~np.asarray(blank, dtype=bool)
         rows += [("flagged (score > threshold)", int((flagged & judged).sum())), ("passed", int((~flagged & judged).sum()))]
         if not judged.all():
             rows.append(("blank frames, not judged (one colour throughout: a camera fault)", int((~judged).sum())))
@@ -504,8 +506,8 @@ def write_report(
         tiles.append(("overlay", _file_png_uri(lambda f: save_overlay(shown_img, small, f, scale, compress_level=6))))
         if masks is not None and bool(masks[i].any()):
             tiles.append(("mask", _png_uri(_thumb(Image.fromarray(masks[i].cpu().numpy().astype(np.uint8) * 255), tw, thumb))))
-        css, tag = ("fa", "false alarm") if fa[i] else ("miss", "miss") if miss[i] else \
-            ("blank", "not judged") if blank[i] and thr is not None else \
+        css, tag = ("blank", "not judged") if blank[i] and thr is not None else \
+            ("fa", "false alarm") if fa[i] else ("miss", "miss") if miss[i] else \
             ("fail", "fail") if flagged[i] else ("pass", "pass") if thr is not None else ("", "")
         cls = f" ({html.escape(classes[i])})" if classes else ""
         if blank[i]:  # nothing on it to judge: a camera fault (predict marks it, watch sets it aside)
@@ -532,7 +534,8 @@ def write_report(
     colours = ("" if thr is None else " Orange: flagged." if y is None else
                " Red: false alarm (good, flagged); purple: miss (defective, passed); orange: flagged.")
     if thr is not None and any(blank[i] for i in shown):
-        colours += " Grey tag: a blank frame, not judged (its score is shown, as the metrics count it)."
+        colours += " Grey tag: a blank frame, not judged on a line" + (
+            "." if y is None else " (the metrics, and the false alarms and misses here, count its score).")
     note = (f'<p class="note">{len(shown)} of {n} images, highest score first; each: {cols}'
             f'{", mask" if masks is not None else ""}.{colours}{sampled}</p>')
     legend = _legend(scale, meta.pixel_threshold if meta is not None else None, maps_top) if len(shown) else ""
