@@ -514,6 +514,16 @@ def test_a_diagnose_overwrite_stopped_on_the_way_keeps_the_earlier_diagnosis(tin
     assert Image.open(out / "good.png").size[1] > Image.open(io.BytesIO(before["good.png"])).size[1]  # 2 rows, not 1
 
 
+def _another_model_over(run: Path) -> None:
+    """Replace RUN/model.pt, as a calibrate --overwrite finishing does, by another model's file (the
+    same weights at another threshold): another version."""
+    from defect_fast.safety import save_with_digest
+
+    state = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
+    state["calibration"] = {**state["calibration"], "image_threshold": 123.0}
+    save_with_digest({k: v for k, v in state.items() if k != "tensor_digest"}, run / "model.pt")
+
+
 def test_watch_says_a_model_file_replaced_even_while_it_was_being_loaded(tiny, tmp_path, capsys, monkeypatch):
     """The command looked at the model file after loading it: a calibrate --overwrite finishing
     during the load became what the file "was", and its replacement was never said."""
@@ -528,11 +538,7 @@ def test_watch_says_a_model_file_replaced_even_while_it_was_being_loaded(tiny, t
 
     def load_then_replaced(*args, **kwargs):
         det = real_load(*args, **kwargs)
-        state = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
-        state["calibration"] = {**state["calibration"], "image_threshold": 123.0}  # another model's file
-        from defect_fast.safety import save_with_digest
-
-        save_with_digest({k: v for k, v in state.items() if k != "tensor_digest"}, run / "model.pt")
+        _another_model_over(run)
         return det
 
     said = []
@@ -562,7 +568,6 @@ def test_export_records_the_digest_of_the_model_file_it_loaded(tiny, tmp_path, c
     import shutil
 
     from defect_fast.detect import Detector
-    from defect_fast.safety import save_with_digest
 
     run = tmp_path / "run"
     shutil.copytree(tiny["run"], run)
@@ -570,9 +575,7 @@ def test_export_records_the_digest_of_the_model_file_it_loaded(tiny, tmp_path, c
 
     def load_then_replaced(*args, **kwargs):
         det = real_load(*args, **kwargs)
-        state = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
-        state["calibration"] = {**state["calibration"], "image_threshold": 123.0}
-        save_with_digest({k: v for k, v in state.items() if k != "tensor_digest"}, run / "model.pt")
+        _another_model_over(run)
         return det
 
     monkeypatch.setattr(Detector, "load", staticmethod(load_then_replaced))
@@ -590,7 +593,6 @@ def test_report_names_the_version_of_the_model_file_it_loaded(tiny, tmp_path, ca
     import shutil
 
     import defect_fast.runs as runs
-    from defect_fast.safety import save_with_digest
 
     run = tmp_path / "run"
     shutil.copytree(tiny["run"], run)
@@ -598,9 +600,7 @@ def test_report_names_the_version_of_the_model_file_it_loaded(tiny, tmp_path, ca
 
     def load_then_replaced(where):
         loaded = real(where)
-        state = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
-        state["calibration"] = {**state["calibration"], "image_threshold": 123.0}
-        save_with_digest({k: v for k, v in state.items() if k != "tensor_digest"}, run / "model.pt")
+        _another_model_over(run)
         return loaded
 
     monkeypatch.setattr(runs, "load_model_file", load_then_replaced)

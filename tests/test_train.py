@@ -134,42 +134,31 @@ def test_ctrl_c_stops_after_the_step_in_hand_and_the_resume_is_exact(synthetic_r
     assert a["calibration"]["image_threshold"] == b["calibration"]["image_threshold"]
 
 
-def test_a_signal_while_the_model_file_is_written_ends_the_run_complete(synthetic_root, tmp_path, monkeypatch):
+@pytest.mark.parametrize("during", ["save", "digest"])
+def test_a_signal_while_the_model_file_is_written_ends_the_run_complete(synthetic_root, tmp_path, monkeypatch, during):
     """Ctrl-C while model.pt was written reached torch's zip writer: an internal error with a
-    traceback, or an abort. The file is written whole first; the run is then complete, and says so."""
-    real_save = torch.save
-
-    def save(obj, fh, *a, **k):
-        if isinstance(obj, dict) and "image_keys" in obj:  # the model file (a checkpoint has no image keys)
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_save(obj, fh, *a, **k)
-
-    monkeypatch.setattr(torch, "save", save)
-    out = tmp_path / "run"
-    with pytest.raises(RunError, match=r"^interrupted as the run ended: .*model.pt is written whole, the run is complete$"):
-        train(_cfg(synthetic_root, max_steps=[2, 1]), out, progress=False, log=lambda s: None)
-    assert load_checkpoint(out / "model.pt")["calibration"]["image_threshold"] is not None
-    assert not (out / "checkpoint.pt").exists() and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-
-
-def test_a_signal_while_the_model_file_s_digest_is_computed_waits_for_the_file(synthetic_root, tmp_path, monkeypatch):
-    """A stop while the model file's digest was computed came before its save held signals: the
-    run was said to be "written whole, complete", the checkpoint was removed, and with no model
-    file either the whole run folder was discarded as a start that never began."""
+    traceback, or an abort. And a stop while its digest was computed came before the save held
+    signals: the run was said to be complete, the checkpoint was removed, and with no model file
+    either the whole run folder was discarded as a start that never began. The file is written
+    whole first; the run is then complete, and says so."""
     import defect_fast.safety as safety
 
-    real_digest, sent = safety.state_digest, []
+    sent = []
 
-    def digest(body):
-        if isinstance(body, dict) and "image_keys" in body and not sent:  # the model file's, as it is saved
+    def stop_once(obj):
+        if isinstance(obj, dict) and "image_keys" in obj and not sent:  # the model file's (a checkpoint has none)
             sent.append(os.kill(os.getpid(), signal.SIGINT))
-        return real_digest(body)
 
-    monkeypatch.setattr(safety, "state_digest", digest)
+    if during == "save":
+        real_save = torch.save
+        monkeypatch.setattr(torch, "save", lambda obj, fh, *a, **k: (stop_once(obj), real_save(obj, fh, *a, **k))[1])
+    else:
+        real_digest = safety.state_digest
+        monkeypatch.setattr(safety, "state_digest", lambda body: (stop_once(body), real_digest(body))[1])
     out = tmp_path / "run"
     with pytest.raises(RunError, match=r"^interrupted as the run ended: .*model.pt is written whole, the run is complete$"):
         train(_cfg(synthetic_root, max_steps=[2, 1]), out, progress=False, log=lambda s: None)
-    assert load_checkpoint(out / "model.pt")["calibration"]["image_threshold"] is not None
+    assert sent and load_checkpoint(out / "model.pt")["calibration"]["image_threshold"] is not None
     assert not (out / "checkpoint.pt").exists() and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
