@@ -524,12 +524,12 @@ def _another_model_over(run: Path) -> None:
     save_with_digest({k: v for k, v in state.items() if k != "tensor_digest"}, run / "model.pt")
 
 
-def test_watch_says_a_model_file_replaced_even_while_it_was_being_loaded(tiny, tmp_path, capsys, monkeypatch):
-    """The command looked at the model file after loading it: a calibrate --overwrite finishing
-    during the load became what the file "was", and its replacement was never said."""
+
+def _replaced_once_loaded(tiny, tmp_path: Path, monkeypatch) -> Path:
+    """A copy of the tiny run whose model.pt another model's file replaces as soon as
+    ``Detector.load`` has read it."""
     import shutil
 
-    import defect_fast.watch as watch_mod
     from defect_fast.detect import Detector
 
     run = tmp_path / "run"
@@ -541,6 +541,16 @@ def test_watch_says_a_model_file_replaced_even_while_it_was_being_loaded(tiny, t
         _another_model_over(run)
         return det
 
+    monkeypatch.setattr(Detector, "load", staticmethod(load_then_replaced))
+    return run
+
+
+def test_watch_says_a_model_file_replaced_even_while_it_was_being_loaded(tiny, tmp_path, capsys, monkeypatch):
+    """The command looked at the model file after loading it: a calibrate --overwrite finishing
+    during the load became what the file "was", and its replacement was never said."""
+    import defect_fast.watch as watch_mod
+
+    run = _replaced_once_loaded(tiny, tmp_path, monkeypatch)
     said = []
 
     def fake_watch(*args, model_changed=None, **kwargs):  # one look at the folder, as the loop's listing makes
@@ -548,7 +558,6 @@ def test_watch_says_a_model_file_replaced_even_while_it_was_being_loaded(tiny, t
         said.append(args[1])  # the ModelInfo its journal lines carry
         return {}
 
-    monkeypatch.setattr(Detector, "load", staticmethod(load_then_replaced))
     monkeypatch.setattr(watch_mod, "watch", fake_watch)
     src = tmp_path / "in"
     src.mkdir()
@@ -565,20 +574,7 @@ def test_export_records_the_digest_of_the_model_file_it_loaded(tiny, tmp_path, c
     """The description's source_digest was read from the run's model file after the trace: a file
     replaced meanwhile (a calibrate --overwrite) was named as the source of a graph and thresholds
     that came from the file before it."""
-    import shutil
-
-    from defect_fast.detect import Detector
-
-    run = tmp_path / "run"
-    shutil.copytree(tiny["run"], run)
-    real_load = Detector.load
-
-    def load_then_replaced(*args, **kwargs):
-        det = real_load(*args, **kwargs)
-        _another_model_over(run)
-        return det
-
-    monkeypatch.setattr(Detector, "load", staticmethod(load_then_replaced))
+    run = _replaced_once_loaded(tiny, tmp_path, monkeypatch)
     out = tmp_path / "m.ts"
     status, _out, err = cli(["export", run, "--format", "torchscript", "--out", out], capsys)
     assert status == 0, err
