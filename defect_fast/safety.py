@@ -2009,15 +2009,20 @@ def load_file_with_digest(path: str | os.PathLike, *, required_keys: Iterable[st
     once and hashed, checked and loaded through that one handle, so a file replaced meanwhile (an
     atomic save over it) is never half the one and half the other, and the digest is of the version
     loaded (a model's version, as watch and export record it, was read again after the load, from
-    whatever file was there by then). A file written to in place meanwhile (its size or times
-    changed through the handle; also when that cut it short, which reads as a damaged file) is
-    read again, up to :data:`_LOAD_TRIES` times."""
+    whatever file was there by then). A file written to in place during a read (its size or times
+    changed through the handle, also where that cut it short, which reads as a damaged file) is
+    read again, up to :data:`_LOAD_TRIES` times; a copy caught between two of its writes, with
+    nothing written during the read, reads as a damaged file (said at once)."""
     p = Path(path)
     if not p.exists():
         raise DigestError(f"{p}: no such file")
     if p.is_dir():
         raise DigestError(f"{p}: is a folder, expected a model or checkpoint file")
-    for _ in range(_LOAD_TRIES):
+    changed = DigestError(f"{p}: changed while it was read, {_LOAD_TRIES} times (written to, or its permissions or "
+                          "links changed, meanwhile: a copy being written over it?); try again once it is complete")
+    for attempt in range(_LOAD_TRIES):
+        if attempt:
+            time.sleep(_LOAD_PAUSE)  # a copy under way: let it go on before the next read
         try:  # opened here: is_zipfile reads a file it cannot open (no permission) as "not a zip archive"
             fh = open(p, "rb")
         except OSError as exc:
@@ -2029,19 +2034,17 @@ def load_file_with_digest(path: str | os.PathLike, *, required_keys: Iterable[st
                 try:
                     obj = _load_checked(p, fh)
                 except DigestError:  # damaged, or cut short by a copy being written over it meanwhile
-                    if _version_key(os.fstat(fh.fileno())) == before:
-                        raise
-                    same = False
-                else:
-                    same = _version_key(os.fstat(fh.fileno())) == before
+                    if _version_key(os.fstat(fh.fileno())) != before:
+                        continue
+                    if attempt:  # a writer seen at work before: the copy is not done, not a damaged file
+                        raise changed from None
+                    raise
+                if _version_key(os.fstat(fh.fileno())) == before:
+                    break  # not written to in place (a cp over it) while it was hashed and loaded: the digest is of it
             except OSError as exc:
                 raise DigestError(f"{p}: cannot be read ({exc.strerror or type(exc).__name__})") from None
-        if same:  # not written to in place (a cp over it) while it was hashed and loaded: the digest is of it
-            break
-        time.sleep(_LOAD_PAUSE)  # a copy under way: let it go on before the next read
     else:
-        raise DigestError(f"{p}: changed while it was read, {_LOAD_TRIES} times (written to, or its permissions or "
-                          "links changed, meanwhile: a copy being written over it?); try again once it is complete")
+        raise changed
     if check_first is not None:
         check_first(obj)
     verify_digest(obj, p, required_keys=required_keys, allow_missing=allow_missing)
