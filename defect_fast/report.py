@@ -534,7 +534,7 @@ def write_report(
     colours = ("" if thr is None else " Orange: flagged." if y is None else
                " Red: false alarm (good, flagged); purple: miss (defective, passed); orange: flagged.")
     if thr is not None and any(blank[i] for i in shown):
-        colours += " Grey tag: a blank frame, not judged on a line" + (
+        colours += " Grey tag: a blank frame, not judged (watch sets such frames aside)" + (
             "." if y is None else " (the metrics, and the false alarms and misses here, count its score).")
     note = (f'<p class="note">{len(shown)} of {n} images, highest score first; each: {cols}'
             f'{", mask" if masks is not None else ""}.{colours}{sampled}</p>')

@@ -524,7 +524,6 @@ def _another_model_over(run: Path) -> None:
     save_with_digest({k: v for k, v in state.items() if k != "tensor_digest"}, run / "model.pt")
 
 
-
 def _replaced_once_loaded(tiny, tmp_path: Path, monkeypatch) -> Path:
     """A copy of the tiny run whose model.pt another model's file replaces as soon as
     ``Detector.load`` has read it."""
