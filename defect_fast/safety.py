@@ -74,6 +74,7 @@ __all__ = [
     "run_main",
     "safe_output_file",
     "save_with_digest",
+    "stat_signature",
     "state_digest",
     "verify_digest",
     "write_results_text",
@@ -1816,11 +1817,23 @@ def state_digest(obj: Any) -> str:
 
 def file_sha256(path: str | os.PathLike) -> str:
     """The SHA-256 of a file's bytes (hex), read in blocks of 1 MiB."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+        return _sha256_of(f)
+
+
+def _sha256_of(fh) -> str:
+    """The SHA-256 (hex) of an open binary file from its start, read in blocks of 1 MiB."""
+    h = hashlib.sha256()
+    fh.seek(0)
+    for block in iter(lambda: fh.read(1 << 20), b""):
+        h.update(block)
     return h.hexdigest()
+
+
+def stat_signature(st: os.stat_result) -> tuple[int, int, int]:
+    """What changes when a file is written to in place, from its ``os.stat`` result: size,
+    modification and change times (a copy of the same size written over it moves the times)."""
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def attach_digest(obj: Mapping[str, Any]) -> dict[str, Any]:
@@ -1944,20 +1957,6 @@ def _other_torch_archive(path) -> str | None:
 _LOAD_TRIES, _LOAD_PAUSE = 3, 0.5
 
 
-def _version_key(st: os.stat_result) -> tuple[int, int, int]:
-    """What changes when a file is written to in place (size, modification and change times)."""
-    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
-
-
-def _sha256_of(fh) -> str:
-    """The SHA-256 (hex) of an open binary file from its start, read in blocks of 1 MiB."""
-    h = hashlib.sha256()
-    fh.seek(0)
-    for block in iter(lambda: fh.read(1 << 20), b""):
-        h.update(block)
-    return h.hexdigest()
-
-
 def _load_checked(p: Path, fh) -> Any:
     """``torch.load`` of the open file ``fh`` (of ``p``, named in errors) after checking it is a
     zip archive ``torch.save`` wrote; :class:`DigestError` otherwise."""
@@ -2029,17 +2028,17 @@ def load_file_with_digest(path: str | os.PathLike, *, required_keys: Iterable[st
             raise DigestError(f"{p}: cannot be read ({exc.strerror or type(exc).__name__})") from None
         with fh:
             try:
-                before = _version_key(os.fstat(fh.fileno()))
+                before = stat_signature(os.fstat(fh.fileno()))
                 sha = _sha256_of(fh)
                 try:
                     obj = _load_checked(p, fh)
                 except DigestError:  # damaged, or cut short by a copy being written over it meanwhile
-                    if _version_key(os.fstat(fh.fileno())) != before:
+                    if stat_signature(os.fstat(fh.fileno())) != before:
                         continue
                     if attempt:  # a writer seen at work before: the copy is not done, not a damaged file
                         raise changed from None
                     raise
-                if _version_key(os.fstat(fh.fileno())) == before:
+                if stat_signature(os.fstat(fh.fileno())) == before:
                     break  # not written to in place (a cp over it) while it was hashed and loaded: the digest is of it
             except OSError as exc:
                 raise DigestError(f"{p}: cannot be read ({exc.strerror or type(exc).__name__})") from None

@@ -128,7 +128,7 @@ from .data.io import (IMAGE_EXTENSIONS, DataError, blank_images, error_kind, few
 from .maps import resize_map
 from .safety import (LOCK_NAME, MANIFEST_NAME, OutputFolder, OutputRefused, RunInUse, RunLock, UserError,
                      check_out_not_overlapping,
-                     far_errors, file_sha256, short_stem)
+                     far_errors, file_sha256, short_stem, stat_signature)
 
 __all__ = ["IGNORED_SUFFIXES", "DropFolderLock", "Journal", "WatchError", "add_parser", "command", "is_temporary_name",
            "output_name", "watch"]
@@ -497,8 +497,7 @@ def _flock_holders(fd: int) -> list[int]:
 
 
 def _signature(path: Path) -> Signature:
-    s = os.stat(path)
-    return s.st_size, s.st_mtime_ns, s.st_ctime_ns
+    return stat_signature(os.stat(path))
 
 
 def _move(src: Path, dest: Path, sig: Signature | None = None) -> None:
@@ -1568,12 +1567,16 @@ def _open_out(out: Path, inputs: list, shown: str | os.PathLike) -> OutputFolder
 
 
 def _file_key(path: Path) -> tuple[int, int, int, int] | None:
-    """What tells a file's versions apart without reading it (device, inode, size, mtime); None
-    when it cannot be looked at."""
+    """What tells a file's versions apart without reading it (:func:`_stat_key`); None when it
+    cannot be looked at."""
     try:
-        st = path.stat()
+        return _stat_key(path.stat())
     except OSError:
         return None
+
+
+def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
+    """Device, inode, size and modification time: another file put in the place, or this one written."""
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
@@ -1587,13 +1590,8 @@ def _model_watcher(model: Path, digest: str | None = None,
     ``digest``: the SHA-256 of the bytes the model was loaded from (default: the file's now);
     ``since``: :func:`_file_key` of the file taken before it was read (default: now), so that a
     file replaced during the load is looked at, and said unless it holds the bytes loaded."""
-    from .safety import file_sha256
-
-    def key(st: os.stat_result) -> tuple[int, int, int, int]:
-        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-
     try:
-        loaded = since if since is not None else key(model.stat())
+        loaded = since if since is not None else _stat_key(model.stat())
         digest = digest or file_sha256(model)
     except OSError:  # unreadable now: the load says why
         return lambda: None
@@ -1602,7 +1600,7 @@ def _model_watcher(model: Path, digest: str | None = None,
 
     def changed() -> str | None:
         try:
-            now = key(model.stat())
+            now = _stat_key(model.stat())
             if now == seen["key"]:
                 return None if now == loaded else seen.get("said")
             seen["key"] = now  # its content is read once a change, not at every look
