@@ -115,6 +115,8 @@ def sidecar(det: Detector, fmt: str, batch: int, dynamic_batch: bool, source: Pa
     # as predict uses them (with far: as predict --far)
     image_t, pixel_t, threshold_source, image_name, _far = chosen_threshold(cal, None, far)
     n = "N" if dynamic_batch else batch
+    # of the bytes the Detector was loaded from, where it was (the file there may be replaced by now)
+    loaded = det.loaded_sha256(source) if source else None
     return {
         "format": fmt,
         "model": det.model.name,
@@ -122,9 +124,7 @@ def sidecar(det: Detector, fmt: str, batch: int, dynamic_batch: bool, source: Pa
         "package_version": __version__,
         "torch_version": torch.__version__,
         "source": str(source) if source else None,
-        # of the bytes the Detector was loaded from, where it was (the file there may be replaced by now)
-        "source_digest": (None if not source else f"sha256:{det.loaded_sha256(source)}" if det.loaded_sha256(source)
-                          else _digest(source)),
+        "source_digest": None if not source else f"sha256:{loaded}" if loaded else _digest(source),
         "image_size": det.image_size,
         "precision": det.precision,
         "batch": batch,
