@@ -1987,6 +1987,21 @@ def _load_checked(p: Path, fh) -> Any:
         raise DigestError(f"{p}: not a readable defect_fast file ({type(exc).__name__}: {one_line(str(exc))[:200]})") from None
 
 
+def _open_regular(p: Path):
+    """``open(p, "rb")`` of a regular file; :class:`DigestError` for anything else. Opened without
+    blocking (a FIFO would wait for a writer for ever) and checked on the handle (a device such as
+    /dev/zero reads for ever, into memory)."""
+    fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise DigestError(f"{p}: is not a regular file (a device, pipe or socket, or a link to one), expected a "
+                              "model or checkpoint file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def load_with_digest(path: str | os.PathLike, *, required_keys: Iterable[str] = (),
                      allow_missing: bool = False, check_first: Callable[[Any], None] | None = None) -> dict[str, Any]:
     """``torch.load(path, weights_only=True)`` then :func:`verify_digest`; ``check_first`` is
@@ -2023,7 +2038,7 @@ def load_file_with_digest(path: str | os.PathLike, *, required_keys: Iterable[st
         if attempt:
             time.sleep(_LOAD_PAUSE)  # a copy under way: let it go on before the next read
         try:  # opened here: is_zipfile reads a file it cannot open (no permission) as "not a zip archive"
-            fh = open(p, "rb")
+            fh = _open_regular(p)
         except OSError as exc:
             raise DigestError(f"{p}: cannot be read ({exc.strerror or type(exc).__name__})") from None
         with fh:

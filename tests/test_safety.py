@@ -924,6 +924,12 @@ def test_foreign_older_and_broken_files_are_clear_errors(tmp_path):
         load_with_digest(trunc)
     with pytest.raises(DigestError, match="no such file"):
         load_with_digest(tmp_path / "missing.pt")
+    # a device reads for ever and a FIFO waits for a writer for ever: both refused at once, by name
+    fifo = tmp_path / "fifo.pt"
+    os.mkfifo(fifo)
+    for special in (fifo, Path(os.devnull)):
+        with pytest.raises(DigestError, match=f"{re.escape(str(special))}: is not a regular file"):
+            load_with_digest(special)
     assert attach_digest(_state())[DIGEST_KEY]["hex"] == state_digest(_state())
     # programs such as export writes, given back as a model: said what they are, in one line and
     # without torch's warning (torch.load would advise on TorchScript, or call the .pt2 corrupted)
@@ -1028,22 +1034,21 @@ def test_a_link_named_as_the_lock_file_is_never_followed(tmp_path):
 
 
 def test_a_model_file_that_cannot_be_read_is_not_called_damaged(tmp_path, monkeypatch):
-    import builtins
     import errno
 
     path = tmp_path / "model.pt"
     save_with_digest({"w": torch.zeros(2)}, path)
-    real_open = builtins.open
+    real_open = os.open
 
-    def no_permission(file, *args, **kwargs):  # as for another user's file with mode 600
+    def no_permission(file, *args, **kwargs):  # as for another user's file with mode 600 (root reads any)
         if isinstance(file, (str, bytes, os.PathLike)) and Path(os.fsdecode(file)) == path:
             raise PermissionError(errno.EACCES, "Permission denied", str(file))
         return real_open(file, *args, **kwargs)
 
-    monkeypatch.setattr(builtins, "open", no_permission)
+    monkeypatch.setattr(os, "open", no_permission)
     with pytest.raises(DigestError, match=r"model\.pt: cannot be read \(Permission denied\)"):
         load_with_digest(path)
-    monkeypatch.setattr(builtins, "open", real_open)
+    monkeypatch.setattr(os, "open", real_open)
     assert torch.equal(load_with_digest(path)["w"], torch.zeros(2))
 
 
