@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .safety import (LOCK_NAME, MANIFEST_NAME, ArgumentParser, OutputFolder, OutputRefused, UsageError, UserError, add_threshold_options, atomic_open, atomic_write_json,
                      device_arg, dump_json_strict, far_errors, finite_float, input_path, nonneg_float, nonneg_int, one_line, output_path, output_stems, positive_float, positive_int,
-                     rate, run_main, safe_output_file)
+                     printable, rate, run_main, safe_output_file)
 
 EPILOG = """examples:
   defect-fast demo runs/demo                                  synthetic data, train, evaluate, maps
@@ -76,7 +76,7 @@ def _print_thresholds(th: dict | None, out=None) -> None:
     print(f"threshold: {th['threshold_source']}", file=out)
     images = th.get("threshold_images") or "calibration"  # what the scores that set it were of
     if th.get("threshold_image"):
-        print(f"the threshold is the score of {images} image {th['threshold_image']}", file=out)
+        print(f"the threshold is the score of {images} image {printable(str(th['threshold_image']))}", file=out)
     # (a threshold given as a number was set from no rate: nothing asked or expected to say)
     asked = (f"; asked {_fmt(th.get('far_asked'))}, expected {_fmt(th.get('far_expected'))} from "
              f"{th.get('n_calibration_images')} {images} images"

@@ -70,6 +70,7 @@ __all__ = [
     "output_path",
     "positive_float",
     "positive_int",
+    "printable",
     "probability",
     "run_main",
     "safe_output_file",
@@ -195,10 +196,23 @@ def unique_names(names: Sequence[str], own: Sequence[bool] | None = None) -> lis
     return out
 
 
+# control characters other than tab and newline (C0, DEL, C1), which a file's name may hold
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character but tab and newline written as an escape (``\\x1b``):
+    a file named with a terminal's escape sequences or a carriage return, printed in a message or a
+    log line, would otherwise redraw the terminal or overwrite the line it is on."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def one_line(text: str) -> str:
     """Collapse a message to one line: its first line, then the other lines joined with "; " (a
-    torch error's C++ backtrace, "Exception raised from ... frame #0 ...", left out)."""
-    lines = [ln.strip() for ln in str(text).split("\nException raised from ", 1)[0].splitlines() if ln.strip()]
+    torch error's C++ backtrace, "Exception raised from ... frame #0 ...", left out); control
+    characters written as escapes (:func:`printable`)."""
+    text = printable(str(text))
+    lines = [ln.strip() for ln in text.split("\nException raised from ", 1)[0].splitlines() if ln.strip()]
     if not lines:
         return ""
     if len(lines) == 1:

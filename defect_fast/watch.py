@@ -128,7 +128,7 @@ from .data.io import (IMAGE_EXTENSIONS, DataError, blank_images, error_kind, few
 from .maps import resize_map
 from .safety import (LOCK_NAME, MANIFEST_NAME, OutputFolder, OutputRefused, RunInUse, RunLock, UserError,
                      check_out_not_overlapping,
-                     far_errors, file_sha256, short_stem, stat_signature)
+                     far_errors, file_sha256, printable, short_stem, stat_signature)
 
 __all__ = ["IGNORED_SUFFIXES", "DropFolderLock", "Journal", "WatchError", "add_parser", "command", "is_temporary_name",
            "output_name", "watch"]
@@ -1371,7 +1371,7 @@ def watch(
             :class:`~defect_fast.safety.UserError`).
         Errors of ``predict_fn`` propagate (after the results so far are recorded).
     """
-    log = log or (lambda msg: print(msg, flush=True))
+    log = log or (lambda msg: print(printable(msg), flush=True))  # names as escapes where they hold control characters
     info = meta if isinstance(meta, ModelInfo) else ModelInfo(**dict(meta))
     thr = threshold if threshold is not None else info.image_threshold
     if thr is None:
@@ -1630,7 +1630,7 @@ def command(args) -> int:
         OutputFolder.check(out, inputs=[in_dir, args.run], command="watch")  # refuse before the model is read
     with contextlib.ExitStack() as held:  # the drop folder's lock, then OUT_DIR's, let go last to first
         # refused before the model is read, and before OUT_DIR is made
-        held.callback(DropFolderLock(in_dir, args.move_judged, lambda msg: print(msg, flush=True)).acquire().release)
+        held.callback(DropFolderLock(in_dir, args.move_judged, lambda msg: print(printable(msg), flush=True)).acquire().release)
         model = model_file(args.run)
         before = _file_key(model)  # before it is read: a file replaced during the load is looked at
         det = Detector.load(args.run, device=args.device)

@@ -1407,3 +1407,12 @@ def test_a_file_written_to_in_place_while_it_is_loaded_gets_the_digest_of_what_w
                                                  r"archive; truncated"):
         load_file_with_digest(a)
     assert len(calls) == 1
+
+
+def test_control_characters_in_messages_are_written_as_escapes():
+    from defect_fast.safety import one_line, printable
+
+    assert printable("a\x1b[2Jb\rc\x7f\x9b\td\ne é") == "a\\x1b[2Jb\\x0dc\\x7f\\x9b\td\ne é"
+    # a carriage return no longer splits a message (it read as two lines joined by "; ")
+    assert one_line("img\r.png: not an image\n  second") == "img\\x0d.png: not an image second"
+

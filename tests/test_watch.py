@@ -1502,3 +1502,18 @@ def test_a_second_idle_status_failure_after_a_batch_wrote_it_is_said_again(tmp_p
     full[0] = True
     watch_mod._heartbeat(st, lines.append)
     assert [line.split(": ", 1)[1][:13] for line in lines] == ["not rewritten", "not rewritten"], lines
+
+
+def test_names_with_control_characters_are_logged_as_escapes(tmp_path, capsys):
+    """A file named with a terminal's escape sequence and a carriage return: the default log prints
+    them as escapes, one line per message; the journal keeps the name as it is."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    name = "a\x1b[2Jb\rc.png"
+    (src / name).write_bytes(png_bytes(0, bright=1.0))
+    (src / "n\x1b[31m.txt").write_text("not an image")
+    watch(stub_predict, INFO, src, out, once=True, handle_signals=False, settle=0.05, poll_interval=0.05)
+    printed = capsys.readouterr().out
+    assert "\x1b" not in printed and "\r" not in printed
+    assert "n\\x1b[31m.txt" in printed
+    assert [r["image"] for r in journal(out)] == [name]
