@@ -1460,8 +1460,8 @@ class Detector(nn.Module):
         """Any accepted input -> (list of [3,S',S'] tensors for the model, original (H, W) of each)."""
         from PIL import Image
 
-        from .data.io import (DataError, _load_image, _reason, _to_8bit, few_levels_top, unfinished_image, upright,
-                              warn_few_levels)
+        from .data.io import (DataError, _load_image, _reason, _to_8bit, few_levels_top, load_as_stored, undecoded,
+                              unfinished_image, upright, warn_few_levels)
 
         if isinstance(x, (str, os.PathLike)):
             few: list = []
@@ -1473,19 +1473,17 @@ class Detector(nn.Module):
             if x.width == 0 or x.height == 0:
                 raise DataError(f"PIL image: image has zero size ({x.width}x{x.height})")
             mode = x.mode
-            # pixels still to decode: tiles left (as after a seek to another frame), or none loaded yet
-            # (Pillow 11 keeps them as _im, Pillow 10 as im)
-            undecoded = bool(getattr(x, "tile", None)) or x.__dict__.get("_im", x.__dict__.get("im", True)) is None
+            pending = undecoded(x)
             # a lazily opened file whose `with Image.open(...)` block ended before its pixels were
             # read: PIL's own assert said nothing
-            if getattr(x, "fp", True) is None and undecoded:
+            if getattr(x, "fp", True) is None and pending:
                 raise DataError("PIL image: its file was closed before its pixels were read (a `with Image.open(...)` "
                                 "block ended): call .load() inside the block, or pass the path")
             try:  # a lazily opened file decodes here: its damage is the image's, as a path's is
-                # decoded before its orientation is read: PIL turns a TIFF as it loads it, and drops the tag
-                # (read first, the tag turned the loaded, already upright pixels a second time)
-                decoding = getattr(x, "fp", None) is not None and undecoded
-                x.load()
+                # decoded as stored, its orientation tag kept for upright below (PIL turns a TIFF as it
+                # loads it, a grey or 16-bit one sideways into scrambled pixels, and drops the tag)
+                decoding = getattr(x, "fp", None) is not None and pending
+                load_as_stored(x)
                 # an image of a file not written to its end (a zero-filled rest: its missing part reads
                 # as black pixels) is refused as the file's path is; only when this call decoded it (an
                 # image decoded before holds its pixels: its file may have been written over since)

@@ -895,15 +895,25 @@ def test_a_pil_image_scores_as_its_file_whatever_its_exif_orientation(tmp_path):
     # a TIFF: PIL turns it as it loads it, and a lazily opened one was turned a second time after
     from PIL import TiffImagePlugin
 
-    for orientation, shape in ((3, (1, 96, 160)), (6, (1, 160, 96))):
-        tags = TiffImagePlugin.ImageFileDirectory_v2()
-        tags[0x0112] = orientation
-        Image.fromarray(a).save(tmp_path / "rot.tif", tiffinfo=tags)
-        f = det.predict(tmp_path / "rot.tif")
-        with Image.open(tmp_path / "rot.tif") as pil:
-            p = det.predict(pil)
-        assert f["maps"].shape == p["maps"].shape == shape
-        assert torch.equal(f["scores"], p["scores"]) and torch.equal(f["maps"], p["maps"]), orientation
+    from defect_fast.data.io import upright
+
+    # grey and 16-bit ones sideways: PIL decodes those at the turned width (scrambled pixels)
+    grey = a[..., 0]
+    for pixels in (a, grey, grey.astype(np.uint16) * 257):
+        for orientation, shape in ((3, (1, 96, 160)), (6, (1, 160, 96)), (8, (1, 160, 96))):
+            tags = TiffImagePlugin.ImageFileDirectory_v2()
+            tags[0x0112] = orientation
+            Image.fromarray(pixels).save(tmp_path / "rot.tif", tiffinfo=tags)
+            f = det.predict(tmp_path / "rot.tif")
+            with Image.open(tmp_path / "rot.tif") as pil:
+                p = det.predict(pil)
+                again = det.predict(pil)  # decoded now, its tag kept: turned once again, not twice
+            assert f["maps"].shape == p["maps"].shape == shape
+            assert torch.equal(f["scores"], p["scores"]) and torch.equal(f["maps"], p["maps"]), (pixels.dtype, orientation)
+            assert torch.equal(again["maps"], p["maps"])
+            turn = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_270, 8: Image.Transpose.ROTATE_90}[orientation]
+            with Image.open(tmp_path / "rot.tif") as pil:  # the helper for images opened by hand: turned once
+                assert np.array_equal(np.asarray(upright(pil)), np.asarray(Image.fromarray(pixels).transpose(turn)))
 
 
 def test_a_cast_of_the_detector_is_refused_naming_the_precision_option():

@@ -284,11 +284,38 @@ _UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4
             8: Image.Transpose.ROTATE_90}
 
 
+def undecoded(img: Image.Image) -> bool:
+    """Whether ``img``'s pixels are still to be decoded from its file: tiles left (as after a seek
+    to another frame), or none loaded yet (Pillow 11 keeps them as _im, Pillow 10 as im)."""
+    return bool(getattr(img, "tile", None)) or img.__dict__.get("_im", img.__dict__.get("im", True)) is None
+
+
+def load_as_stored(img: Image.Image) -> None:
+    """``img.load()``, leaving a TIFF turned by its orientation tag as stored, with the tag: PIL
+    turns such a TIFF as it loads it and drops the tag, and decodes one turned by 90 degrees at the
+    turned width (scrambled grey and 16-bit pixels, no error; see :func:`_defer_tiff_orientation`).
+    Every other image is loaded as PIL loads it (stored, its EXIF tag kept), and so is one already
+    decoded. :func:`upright` then turns it as the file's readers do."""
+    if getattr(img, "fp", None) is None or not undecoded(img):
+        img.load()
+        return
+    turn = _defer_tiff_orientation(img)
+    try:
+        img.load()
+    finally:
+        if turn is not None:  # the tag back, for upright (and whoever holds the image) to turn it by
+            img.tag_v2[_EXIF_ORIENTATION] = turn
+            img.getexif()[_EXIF_ORIENTATION] = turn
+
+
 def upright(img: Image.Image, where: str | os.PathLike = "PIL image") -> Image.Image:
     """``img`` turned/flipped as its EXIF orientation tag says (phones and rotated cameras store
     pixels sideways and set the tag), as it is displayed: a new image, or ``img`` itself when it
     needs no turn (no tag, 1, or a value EXIF does not define, as PIL leaves those). The image
-    readers apply it to every file; apply it to a PIL image opened by hand to score it as its file."""
+    readers apply it to every file; apply it to a PIL image opened by hand to score it as its file
+    (one not yet decoded is decoded here, by :func:`load_as_stored`: PIL's own turn of a TIFF as it
+    decodes would come on top of this one)."""
+    load_as_stored(img)
     try:
         orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
     except Exception:  # noqa: BLE001 - malformed EXIF block: PIL gives no orientation either
