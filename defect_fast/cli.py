@@ -370,7 +370,7 @@ PREDICT_PART = 64
 
 def cmd_predict(args) -> int:
     from .calibration import chosen_threshold
-    from .data.io import blank_images, check_images, collect_images, read_image, read_images
+    from .data.io import DataWarning, blank_images, check_images, collect_images, read_image, read_images
     from .detect import Detector
     from .evaluate import check_finite
     from .maps import resize_map
@@ -432,7 +432,9 @@ def cmd_predict(args) -> int:
                 map_png, overlay_png = folder.path / map_rel, folder.path / overlay_rel
                 if (w, h) != (det.image_size, det.image_size):  # at the photo's own size, as the Python API gives them
                     m = resize_map(m, (h, w))
-                    img = read_image(path, None)
+                    with warnings.catch_warnings():  # read moments ago: what it says of the file was said then
+                        warnings.simplefilter("ignore", DataWarning)
+                        img = read_image(path, None)
                 with atomic_open(map_png) as fh:  # under a temporary name until complete (kill -9 leaves no half PNG)
                     save_map(m, fh, scale=2 * scale)
                 with atomic_open(overlay_png) as fh:

@@ -316,6 +316,19 @@ def test_report_with_ground_truth_and_refusals(tiny, tmp_path, capsys, monkeypat
 # --------------------------------------------------------------------------------------------
 
 
+def test_predict_says_once_what_it_says_of_a_file(tiny, tmp_path, capsys):
+    """A photo of another size than the model's is read again at its own size for its overlay: that
+    second read warned of each file again what the first had said of them all in one line."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(2):  # float pixels in no range the reader knows, at a size other than the model's
+        Image.fromarray((np.arange(48 * 40, dtype=np.float32).reshape(40, 48) + i)).save(src / f"f{i}.tif")
+    status, _, err = cli(["predict", tiny["run"], src, "--out", tmp_path / "p", "--device", "cpu"], capsys)
+    assert status == 0, err
+    said = [ln for ln in err.splitlines() if "float pixels" in ln]
+    assert len(said) == 1 and "2 of 2 images" in said[0], err
+
+
 def test_images_far_from_the_trained_proportions_are_said_everywhere(tiny, tmp_path, capsys):
     """Every image is stretched to the model's square input: a 16:1 strip of the trained surface is
     stretched otherwise than the square images the model learnt (its defects can pass unseen).
