@@ -740,6 +740,14 @@ def test_a_file_of_several_frames_is_read_by_its_first_and_said_so(tmp_path):
     Image.new("L", (16, 16), 0).save(p, save_all=True, append_images=[Image.new("L", (64, 48), 200)])
     with pytest.warns(DataWarning, match=re.escape(f"{p}: holds 2 frames (pages); the first, 16x16, is read")):
         assert read_image(p, None).shape == (3, 16, 16)
+    # its first page stored sideways: its size said upright, as it is read (it was said as stored)
+    from PIL import TiffImagePlugin
+
+    tags = TiffImagePlugin.ImageFileDirectory_v2()
+    tags[0x0112] = 6
+    Image.new("L", (32, 16), 0).save(p, save_all=True, append_images=[Image.new("L", (64, 48), 200)], tiffinfo=tags)
+    with pytest.warns(DataWarning, match=re.escape(f"{p}: holds 2 frames (pages); the first, 16x32, is read")):
+        assert read_image(p, None).shape == (3, 32, 16)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         read_image(_save(tmp_path / "one.tif", np.zeros((4, 4), np.uint8)), None)  # one frame: nothing said
@@ -1450,3 +1458,14 @@ def test_width_to_height_ratios_read_as_people_write_them():
                            "1:2.8 to 2.6:1): b (6400x50); ")
     assert outside_proportions([(64, 64)], ["a"], None, "here") is None  # not recorded: nothing said
     assert outside_proportions([(80, 64), (64, 80)], ["a", "b"], [1.0, 1.0], "here") is None  # within 1.25
+
+
+def test_an_image_over_pil_s_size_limit_is_refused_with_what_to_do(tmp_path, monkeypatch):
+    """PIL refuses an image of over twice its pixel limit (a line-scan frame): one line that names
+    the file and says what would let it be read."""
+    p = _save(tmp_path / "scan.png", np.zeros((20, 20), np.uint8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(DataError) as err:
+        read_image(p, 16)
+    assert str(err.value).startswith(f"{p}: image is implausibly large (") and "downscale it" in str(err.value)
+    assert "\n" not in str(err.value)

@@ -189,7 +189,8 @@ def _open(path: Path) -> Image.Image:
     except UnidentifiedImageError:
         raise DataError(f"{path}: not a readable image (unknown or corrupt format)") from None
     except Image.DecompressionBombError as exc:
-        raise DataError(f"{path}: image is implausibly large ({exc})") from None
+        raise DataError(f"{path}: image is implausibly large ({exc}); every image is resized to the model's input, so "
+                        "downscale it, or cut it into pieces, before") from None
     except MemoryError:
         raise DataError(f"{path}: cannot open image: not enough memory") from None
     except Exception as exc:  # noqa: BLE001 - see above
@@ -226,14 +227,14 @@ def _open(path: Path) -> Image.Image:
     if unfinished is not None:  # its missing part reads as black pixels, a defect or a blank the model never saw
         img.close()
         raise DataError(f"{path}: {unfinished}")
+    img = _turned(img, _UPRIGHT[turn], path) if turn is not None else _apply_orientation(img, path)
+    # its size upright, as every size is said
     if count_error is not None:
         warn_data(f"{path}: its pages after the first cannot be counted ({_reason(count_error)}); the first, "
                   f"{img.width}x{img.height}, is read", stacklevel=2)
     if isinstance(frames, int) and frames > 1:  # a multi-page TIFF, an animated GIF or PNG
         warn_data(f"{path}: holds {frames} frames (pages); the first, {img.width}x{img.height}, is read", stacklevel=2)
-    if turn is not None:
-        return _turned(img, _UPRIGHT[turn], path)
-    return _apply_orientation(img, path)
+    return img
 
 
 def _defer_tiff_orientation(img: Image.Image) -> int | None:
