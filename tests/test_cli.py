@@ -456,7 +456,16 @@ def test_options_the_model_as_built_does_not_use_are_refused(synthetic_root, tmp
                        (["--model", "ae-l2", "--set", "memory-size=10"], ("--set memory_size: model ae-l2",)),
                        (["--set", "two_stage=false", "--set", "synthesis=perlin"], ("--set synthesis: model cmaae",)),
                        (["--model", "ae-ssim", "--anomaly-source", str(synthetic_root)],
-                        ("--anomaly-source: model ae-ssim trains no stage on synthetic anomalies",))):
+                        ("--anomaly-source: model ae-ssim trains no stage on synthetic anomalies",)),
+                       # AW-SSIM's options where its loss has no AW-SSIM, no combined term or no LPIPS
+                       (["--model", "awae", "--set", "loss_mode=ssim_l1", "--set", "sigma0=-1"],
+                        ("--set sigma0: model awae", "(stages: normal)")),
+                       (["--model", "awae", "--set", "loss_mode=ssim_l1", "--set", "ssim_weights=nonsense",
+                         "--set", "lpips_weights=/nonexistent"], ("--set ssim_weights, lpips_weights: model awae",)),
+                       (["--model", "awae", "--set", "loss_mode=awssim_only", "--set", "stage2_ssim_weight=0.3"],
+                        ("--set stage2_ssim_weight: model awae",)),
+                       (["--model", "awae", "--set", "two_stage=false", "--set", "synthesis=perlin"],
+                        ("--set synthesis: model awae",))):
         assert main(["train", str(synthetic_root), "--out", str(tmp_path / "r"), *bad, "--quiet"]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and all(w in err for w in words), err
@@ -465,6 +474,10 @@ def test_options_the_model_as_built_does_not_use_are_refused(synthetic_root, tmp
 
     assert build_model("cmaae").unused_options(["memory_size", "synthesis", "gate_target"]) == []
     assert build_model("memae").unused_options(["memory_size", "entropy_weight", "gate_activation"]) == ["gate_activation"]
+    every = ["ssim_weights", "sigma0", "sigma_end", "sigma_k", "sigma_step", "stage2_ssim_weight", "lpips_weights",
+             "synthesis"]
+    assert build_model("awae").unused_options(every) == []  # the paper's two stages use them all
+    assert build_model("awae", loss_mode="lpips_ssim").unused_options(every) == every[:5] + ["synthesis"]
 
 
 def test_map_choices_come_from_the_registry(capsys):

@@ -212,6 +212,18 @@ class AWAE(AnomalyModel):
     def uses_lpips(self) -> bool:
         return self.criterion.uses_lpips(len(self.stages))
 
+    def unused_options(self, keys) -> list[str]:
+        mode, unused = self.criterion.mode, set()
+        if mode not in ("awssim", "awssim_only"):  # plain SSIM: no weights, no sigma schedule
+            unused |= {"ssim_weights", "sigma0", "sigma_end", "sigma_k", "sigma_step"}
+        if mode == "awssim_only" or (mode == "awssim" and len(self.stages) == 1):  # AW-SSIM alone, nothing combined
+            unused.add("stage2_ssim_weight")
+        if not self.uses_lpips():
+            unused.add("lpips_weights")
+        if "synthetic" not in self.stages:
+            unused.add("synthesis")
+        return [k for k in keys if k in unused]
+
     def encode(self, x: torch.Tensor, levels: int = DEPTH) -> list[torch.Tensor]:
         """x [B,3,P,P] -> outputs of encoder levels 0..levels-1, [B, C*2^i, P/2^(i+1), P/2^(i+1)]."""
         feats = []
