@@ -277,6 +277,10 @@ def checked_model(cfg: TrainConfig, *, weights: bool = True) -> AnomalyModel:
     except (TypeError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"model {cfg.model} with options {cfg.model_kwargs}: {exc}") from None
     check_config(cfg, len(model.stages), model.patch_size)
+    try:  # (the command line offers every model's maps only; a TrainConfig may name any)
+        model.check_map(cfg.map)
+    except ValueError as exc:  # else found after the training, with its checkpoint left to resume into the same error
+        raise ConfigError(f"--map: {exc}") from None
     if weights:
         check_pretrained_weights(cfg, model)
     return model

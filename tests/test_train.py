@@ -984,7 +984,9 @@ def test_settings_that_train_nothing_are_refused_before_the_folder_is_made(synth
                       ({"image_size": 32}, "--image-size"), ({"holdback": 1.0}, "--holdback"),
                       ({"far": 0.0}, "--far"), ({"far": 1e-320}, "--far must be at least"), ({"normalize": "pixel"}, "--normalize"),
                       ({"holdback": 0.0, "normalize": "position"}, "--normalize"), ({"fit_on": "both"}, "--fit-on"),
-                      ({"map_scales": [1, 4]}, r"--map-scales 1 4 sets the pyramid of --map perceptual: add it")):
+                      ({"map_scales": [1, 4]}, r"--map-scales 1 4 sets the pyramid of --map perceptual: add it"),
+                      # (the command line offers every model's maps only: found after the training, with a checkpoint)
+                      ({"map": "bogus"}, "--map: model 'cmaae' has no map 'bogus'")):
         with pytest.raises(ConfigError, match=word):
             train(_cfg(synthetic_root, **bad), tmp_path / "r", progress=False)
         assert not (tmp_path / "r").exists()
