@@ -666,7 +666,8 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, type=output_path, help="run folder (new or empty; a folder of an earlier run only with --overwrite/--resume)")
     t.add_argument("--model", default="cmaae", choices=model_names(), help="model (default: cmaae)")
     t.add_argument("--image-size", type=positive_int, default=512, help="images are resized to SxS (default 512)")
-    t.add_argument("--stride", type=positive_int, default=None, help="patch stride in training (default: patch size)")
+    t.add_argument("--stride", type=positive_int, default=None, help="patch stride in training (default: patch size); with --patch-sampling random, "
+                   "the patches per image and epoch are those a grid of this stride holds, at random offsets")
     t.add_argument("--batch-size", type=positive_int, default=512, help="patches per step (default 512)")
     t.add_argument("--epochs", type=positive_int, nargs="+", default=None, help="epochs per stage (one value = every stage; default 10)")
     t.add_argument("--max-steps", type=positive_int, nargs="+", default=None, help="cap on steps per stage")
