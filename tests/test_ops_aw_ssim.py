@@ -288,6 +288,25 @@ def test_bad_inputs():
         torch.ops.defect_fast.aw_ssim(x, y, sigma, 1.0, 1.0, 1.0, 4, 0, 1.0, False, False)
 
 
+@pytest.mark.parametrize("change, match", [
+    ({"sigma": [1.0, 0.0]}, r"sigma must be finite and > 0, got 0.0 \(sample 1\)"),  # was a NaN score
+    ({"sigma": [-1.0, 1.0]}, "sigma must be finite and > 0"),  # was taken as +1
+    ({"data_range": 0.0}, "data_range"), ({"data_range": -1.0}, "data_range"),
+    ({"window": 5.0}, "window must be odd"), ({"window": -1}, "window must be odd"),
+    ({"y": "float32"}, "one floating dtype"),
+])
+def test_bad_inputs_where_the_reference_computes(change, match):
+    """A sigma that asks for a gradient goes to the reference, which checked the shapes and the
+    window's parity only: a zero sigma gave a NaN score, a negative one was taken as positive."""
+    x, y, sigma = make_inputs(2, 3, 16, 16, requires_grad=False)
+    sigma = torch.tensor(change.get("sigma", sigma.tolist()), dtype=sigma.dtype)
+    y = y.float() if change.get("y") else y
+    args = {"window": change.get("window", 11), "data_range": change.get("data_range", 1.0)}
+    for call in (ops.aw_ssim, reference.aw_ssim):
+        with pytest.raises(ValueError, match=match):
+            call(x, y, sigma.clone().requires_grad_(), **args)
+
+
 def test_torch_compile():
     x, y, sigma = make_inputs(2, 2, 16, 15, dtype=torch.float32, seed=10)
 
@@ -558,3 +577,13 @@ def test_a_sigma_that_asks_for_its_gradient_gets_it():
     reference.aw_ssim(x, y, sigma, 0.5, 0.3, 0.2).sum().backward()
     assert got.abs().sum() > 0
     torch.testing.assert_close(got, sigma.grad)
+
+
+def test_the_reference_builds_its_windows_in_the_images_dtype_whatever_sigma_s():
+    """A bfloat16 sigma with float32 images: the reference's windows were bfloat16 (not summing to
+    1), and its scores 1.5e-2 from the kernel's, which builds them in float64."""
+    x, y, sigma = make_inputs(2, 3, 16, 16, dtype=torch.float32, requires_grad=False)
+    low = sigma.to(torch.bfloat16)
+    want = native.aw_ssim(x, y, low.float())
+    got = ops.aw_ssim(x, y, low.clone().requires_grad_())  # a sigma that asks for a gradient: the reference
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -196,12 +196,23 @@ def test_opcheck():
         (lambda xs, rs: (xs, [rs[0], rs[1][:, :1]], (4, 4), None), "shapes differ"),
         (lambda xs, rs: (xs, rs, (4, 0), None), "out_size"),
         (lambda xs, rs: (xs, rs, (4, 4, 4), None), "out_size"),
+        (lambda xs, rs: (xs, rs, (7.9, 4), None), "out_size"),  # was cut to 7
+        (lambda xs, rs: ([xs[0][0]], [rs[0][0]], (4, 4), None), r"\[B, C, H, W\]"),
+        # the reference broadcast these into a map of batch 2, or made one of NaN (a mean over no channel)
+        (lambda xs, rs: ([xs[0], xs[1][:1]], [rs[0], rs[1][:1]], (4, 4), None), "scale 1 has batch 1 but scale 0 has 2"),
+        (lambda xs, rs: ([xs[0], xs[1][:, :0]], [rs[0], rs[1][:, :0]], (4, 4), None), "needs C, H, W >= 1"),
     ],
 )
 def test_bad_inputs_front(make, match):
+    """Refused alike by the native front, the reference and the public op when a gradient is asked
+    for (the reference computes it: it checked only the number of scales and each pair's shapes)."""
     xs, rs = make_feats([(2, 3, 5, 5), (2, 2, 4, 4)], torch.float32)
     with pytest.raises(ValueError, match=match):
         native.msfr(*make(xs, rs))
+    with pytest.raises(ValueError, match=match):
+        reference.msfr(*make(xs, rs))
+    with pytest.raises(ValueError, match=match):
+        ops.msfr(*make([x.requires_grad_() for x in xs], rs))
 
 
 @pytest.mark.parametrize(

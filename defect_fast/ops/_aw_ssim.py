@@ -13,11 +13,9 @@ Importing this module raises ImportError when the native extension cannot be loa
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from . import _native
+from . import _native, reference
 
 _COMBINE = {"sum": 0, "product": 1}
 _STATS = 5  # mu_x, mu_y, E[x^2], E[y^2], E[xy]
@@ -112,22 +110,7 @@ def aw_ssim(
         score [B] (mean of the index over C, H-K+1, W-K+1), and with ``return_map`` also the map
         [B, C, H-K+1, W-K+1]. Differentiable with respect to ``x`` and ``y``.
     """
-    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or not isinstance(sigma, torch.Tensor):
-        raise TypeError("aw_ssim: x, y and sigma must be tensors")
-    if x.dim() != 4 or x.shape != y.shape:
-        raise ValueError(f"aw_ssim: expected x and y of one shape [B,C,H,W], got {tuple(x.shape)} and {tuple(y.shape)}")
-    if not x.is_floating_point() or x.dtype != y.dtype:
-        raise ValueError(f"aw_ssim: x and y must have one floating dtype, got {x.dtype} and {y.dtype}")
-    if x.device != y.device or sigma.device != x.device:
-        raise ValueError(f"aw_ssim: x, y and sigma must be on one device, got {x.device}, {y.device}, {sigma.device}")
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 != 1 or x.shape[-1] < window or x.shape[-2] < window:
-        raise ValueError(f"aw_ssim: window must be odd and fit in the image, got window={window} for {tuple(x.shape)}")
-    if sigma.shape != (x.shape[0],) or not sigma.is_floating_point():
-        raise ValueError(f"aw_ssim: sigma must be a floating tensor of shape [B]={x.shape[0]}, got {tuple(sigma.shape)} {sigma.dtype}")
-    if combine not in _COMBINE:
-        raise ValueError(f"aw_ssim: combine must be 'sum' or 'product', got {combine!r}")
-    if not (math.isfinite(data_range) and data_range > 0):
-        raise ValueError(f"aw_ssim: data_range must be finite and > 0, got {data_range}")
+    reference.check_aw_ssim_arguments(x, y, sigma, window, combine, data_range)
     # NB: the partial derivatives are kept for the backward only on CUDA, and only when a gradient
     # can be asked for; the CPU backward recomputes them plane by plane in cache, which is faster
     # than writing and re-reading B*C*5*(H-K+1)*(W-K+1) values (and saves that memory).

@@ -14,7 +14,6 @@ Importing this module raises ImportError when the native extension cannot be loa
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -73,30 +72,10 @@ torch.library.register_autograd("defect_fast::msfr_float", _backward, setup_cont
 _native.register_autocast_float32("defect_fast::msfr")  # see defect_fast.ops: float32 under autocast
 
 
-def _checked_weights(num_scales: int, weights: Sequence[float] | None) -> list[float]:
-    """The weights as floats, validated as the reference does (ValueError on bad input)."""
-    if weights is None:
-        return [1.0] * num_scales
-    weights = [float(w) for w in weights]
-    if len(weights) != num_scales:
-        raise ValueError(f"msfr: {len(weights)} weights for {num_scales} scales")
-    if sum(weights) <= 0 or any(w < 0 or not math.isfinite(w) for w in weights):
-        raise ValueError(f"msfr: weights must be finite, non-negative and not all zero, got {weights}")
-    return weights
-
-
 def _checked_call(feats_x, feats_r, out_size, weights) -> tuple[list[int], list[float]]:
     """(out_size, weights) as the op takes them, after the reference's checks (ValueError)."""
-    if len(feats_x) != len(feats_r) or len(feats_x) == 0:
-        raise ValueError(f"msfr: need the same non-zero number of scales, got {len(feats_x)} and {len(feats_r)}")
-    weights = _checked_weights(len(feats_x), weights)
-    size = [int(v) for v in out_size]
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"msfr: out_size must be two positive ints (H, W), got {tuple(out_size)}")
-    for fx, fr in zip(feats_x, feats_r):
-        if fx.shape != fr.shape:
-            raise ValueError(f"msfr: scale shapes differ: {tuple(fx.shape)} vs {tuple(fr.shape)}")
-    return size, weights
+    size, weights = reference.check_msfr_arguments(feats_x, feats_r, out_size, weights)
+    return list(size), weights
 
 
 def _wants_grad(tensors: Sequence[torch.Tensor]) -> bool:

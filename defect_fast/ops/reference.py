@@ -8,6 +8,8 @@ Every function here is differentiable by plain autograd where the docstring says
 """
 from __future__ import annotations
 
+import math
+import operator
 from typing import Sequence
 
 import torch
@@ -85,6 +87,33 @@ def gaussian_windows(sigma: torch.Tensor, window: int) -> torch.Tensor:
     return g / g.sum(dim=1, keepdim=True)
 
 
+def check_aw_ssim_arguments(x: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor, window: int, combine: str,
+                            data_range: float) -> None:
+    """The checks of :func:`aw_ssim`'s arguments the native kernels make too (TypeError, ValueError),
+    but sigma's values (their check reads them: a sync on a GPU): one call checked alike whichever
+    computes it."""
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or not isinstance(sigma, torch.Tensor):
+        raise TypeError("aw_ssim: x, y and sigma must be tensors")
+    if x.dim() != 4 or x.shape != y.shape:
+        raise ValueError(f"aw_ssim: expected x and y of one shape [B,C,H,W], got {tuple(x.shape)} and {tuple(y.shape)}")
+    if not x.is_floating_point() or x.dtype != y.dtype:
+        raise ValueError(f"aw_ssim: x and y must have one floating dtype, got {x.dtype} and {y.dtype}")
+    if x.device != y.device or sigma.device != x.device:
+        raise ValueError(f"aw_ssim: x, y and sigma must be on one device, got {x.device}, {y.device}, {sigma.device}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 != 1 or x.shape[-1] < window or x.shape[-2] < window:
+        raise ValueError(f"aw_ssim: window must be odd and fit in the image, got window={window} for {tuple(x.shape)}")
+    if sigma.shape != (x.shape[0],) or not sigma.is_floating_point():
+        raise ValueError(f"aw_ssim: sigma must be a floating tensor of shape [B]={x.shape[0]}, got {tuple(sigma.shape)} {sigma.dtype}")
+    if combine not in ("sum", "product"):
+        raise ValueError(f"aw_ssim: combine must be 'sum' or 'product', got {combine!r}")
+    try:
+        value = float(data_range)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"aw_ssim: data_range must be finite and > 0, got {data_range}")
+
+
 def _signed_pow(v: torch.Tensor, e: float) -> torch.Tensor:
     if e == 1.0:
         return v
@@ -143,16 +172,14 @@ def aw_ssim(
         score [B] (mean of the index over C, H-K+1, W-K+1), and with ``return_map`` also the
         map [B, C, H-K+1, W-K+1]. Differentiable with respect to ``x`` and ``y``.
     """
-    if x.shape != y.shape or x.dim() != 4:
-        raise ValueError(f"aw_ssim: expected x and y of one shape [B,C,H,W], got {tuple(x.shape)} and {tuple(y.shape)}")
-    if window % 2 != 1 or x.shape[-1] < window or x.shape[-2] < window:
-        raise ValueError(f"aw_ssim: window must be odd and fit in the image, got window={window} for {tuple(x.shape)}")
-    if sigma.shape != (x.shape[0],):
-        raise ValueError(f"aw_ssim: sigma must have shape [B]={x.shape[0]}, got {tuple(sigma.shape)}")
-    if combine not in ("sum", "product"):
-        raise ValueError(f"aw_ssim: combine must be 'sum' or 'product', got {combine!r}")
+    check_aw_ssim_arguments(x, y, sigma, window, combine, data_range)
+    bad = ~((sigma > 0) & torch.isfinite(sigma))
+    if bool(bad.any()):  # as the kernels refuse it (a sync on a GPU: this path is the slow one)
+        raise ValueError(f"aw_ssim: sigma must be finite and > 0, got {sigma[bad][0].item()} (sample "
+                         f"{int(bad.nonzero()[0, 0])})")
     B, C, H, W = x.shape
-    g = gaussian_windows(sigma, window).to(x.dtype)  # [B, K]
+    # built in x's dtype, or a wider one: a bfloat16 sigma's windows did not sum to 1 (the kernels build them in float64)
+    g = gaussian_windows(sigma.to(torch.promote_types(x.dtype, torch.float32)), window).to(x.dtype)  # [B, K]
 
     def blur(t: torch.Tensor) -> torch.Tensor:
         # Separable valid filtering with one kernel per sample: grouped conv over B*C planes.
@@ -206,23 +233,43 @@ def msfr(
         bilinear resizing to (H, W) with align_corners=False. Inference only (no autograd
         through the native kernels); the reference is differentiable but nothing relies on it.
     """
-    if len(feats_x) != len(feats_r) or len(feats_x) == 0:
-        raise ValueError(f"msfr: need the same non-zero number of scales, got {len(feats_x)} and {len(feats_r)}")
-    if weights is None:
-        weights = [1.0] * len(feats_x)
-    if len(weights) != len(feats_x):
-        raise ValueError(f"msfr: {len(weights)} weights for {len(feats_x)} scales")
+    out_size, weights = check_msfr_arguments(feats_x, feats_r, out_size, weights)
     total = float(sum(weights))
-    if total <= 0 or any(w < 0 for w in weights):
-        raise ValueError(f"msfr: weights must be non-negative and not all zero, got {list(weights)}")
     out = None
     for fx, fr, w in zip(feats_x, feats_r, weights):
-        if fx.shape != fr.shape:
-            raise ValueError(f"msfr: scale shapes differ: {tuple(fx.shape)} vs {tuple(fr.shape)}")
         residual = (fx - fr).pow(2).mean(dim=1, keepdim=True)
         up = F.interpolate(residual, size=tuple(out_size), mode="bilinear", align_corners=False)
         out = up * (w / total) if out is None else out + up * (w / total)
     return out
+
+
+def check_msfr_arguments(feats_x: Sequence[torch.Tensor], feats_r: Sequence[torch.Tensor], out_size,
+                         weights: Sequence[float] | None) -> tuple[tuple[int, int], list[float]]:
+    """(out_size, weights) as :func:`msfr` takes them (equal weights for None), after the checks
+    the native kernels make too (ValueError): one call checked alike whichever computes it."""
+    if len(feats_x) != len(feats_r) or len(feats_x) == 0:
+        raise ValueError(f"msfr: need the same non-zero number of scales, got {len(feats_x)} and {len(feats_r)}")
+    weights = [1.0] * len(feats_x) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(feats_x):
+        raise ValueError(f"msfr: {len(weights)} weights for {len(feats_x)} scales")
+    if sum(weights) <= 0 or any(w < 0 or not math.isfinite(w) for w in weights):
+        raise ValueError(f"msfr: weights must be finite, non-negative and not all zero, got {weights}")
+    try:  # whole numbers of any integer type (a float 7.9 is no size)
+        size = tuple(operator.index(v) for v in out_size if not isinstance(v, bool))
+    except TypeError:
+        size = ()
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"msfr: out_size must be two positive ints (H, W), got {out_size!r}")
+    for i, (fx, fr) in enumerate(zip(feats_x, feats_r)):
+        if fx.shape != fr.shape:
+            raise ValueError(f"msfr: scale {i} shapes differ: {tuple(fx.shape)} vs {tuple(fr.shape)}")
+        if fx.dim() != 4:
+            raise ValueError(f"msfr: scale {i} must be [B, C, H, W], got shape {tuple(fx.shape)}")
+        if fx.shape[0] != feats_x[0].shape[0]:  # else broadcast into a map of another batch
+            raise ValueError(f"msfr: scale {i} has batch {fx.shape[0]} but scale 0 has {feats_x[0].shape[0]}")
+        if min(fx.shape[1:]) < 1:  # a mean over no channel: NaN
+            raise ValueError(f"msfr: scale {i} needs C, H, W >= 1, got {tuple(fx.shape)}")
+    return size, weights
 
 
 def receptive_field_areas(layers: Sequence[tuple[int, int]]) -> list[float]:
@@ -235,5 +282,6 @@ def receptive_field_areas(layers: Sequence[tuple[int, int]]) -> list[float]:
     return areas
 
 
-__all__ = ["memory_address", "aw_ssim", "msfr", "gaussian_windows", "receptive_field_areas", "NORM_EPS", "SHRINK_EPS"]
+__all__ = ["memory_address", "aw_ssim", "msfr", "gaussian_windows", "receptive_field_areas", "check_aw_ssim_arguments",
+           "check_msfr_arguments", "NORM_EPS", "SHRINK_EPS"]
 
