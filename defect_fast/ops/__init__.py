@@ -18,7 +18,9 @@ features skips the copies: its kernel widens each value as it reads it, the same
 Outside autocast nothing is
 cast: the inputs must share one dtype, and the outputs have it. The native ops are also
 registered with :func:`torch.library.register_autocast` (float32), so calling
-``torch.ops.defect_fast.<op>`` under autocast upcasts the same way.
+``torch.ops.defect_fast.<op>`` under autocast upcasts float16/bfloat16 inputs to float32 too;
+it leaves float64 ones as they are (a float64 input beside a bfloat16 one is then refused as a
+mix of dtypes, where the front computes in float64).
 """
 from __future__ import annotations
 
