@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,6 +222,26 @@ def test_temporaries_of_a_killed_write_are_removed_under_the_lock(tmp_path):
     OutputFolder.open(out, lock=True, command="train").release()
     assert not (out / ".checkpoint.pt.ab12cd_z.tmp").exists()
     assert (out / ".checkpoint.pt.notes.tmp").exists() and (out / ".other.pt.ab12cd_z.tmp").exists()
+
+
+
+def test_stale_temporaries_are_looked_for_by_listing_each_folder_once(tmp_path, monkeypatch):
+    """Each recorded file's folder was listed once per file: clearing 4,000 maps took 105 s."""
+    out = tmp_path / "pred"
+    folder = OutputFolder.create(out, lock=True, command="predict")
+    names = [f"maps/m{i}.png" for i in range(50)] + [f"overlays/o{i}.png" for i in range(50)]
+    folder.mkdir("maps")
+    folder.mkdir("overlays")
+    folder.record_many(names)
+    (out / "maps" / ".m7.png.ab12cd_z.tmp").write_bytes(b"half a map")
+    (out / "maps" / ".m7.png.x.tmp").write_bytes(b"the user's")
+    listed = []
+    real = Path.iterdir
+    monkeypatch.setattr(Path, "iterdir", lambda self: listed.append(self) or real(self))
+    assert folder.remove_stale_temporaries() == [out / "maps" / ".m7.png.ab12cd_z.tmp"]
+    assert sorted(listed) == sorted([out, out / "maps", out / "overlays"])
+    assert (out / "maps" / ".m7.png.x.tmp").exists()
+    folder.release()
 
 
 def test_a_first_manifest_killed_in_its_write_leaves_a_folder_a_new_start_takes(tmp_path):
