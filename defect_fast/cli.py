@@ -20,7 +20,7 @@ import threading
 import warnings
 from pathlib import Path
 
-from .safety import (LOCK_NAME, MANIFEST_NAME, ArgumentParser, OutputFolder, OutputRefused, UsageError, UserError, add_threshold_options, atomic_open, atomic_write_json,
+from .safety import (LOCK_NAME, MANIFEST_NAME, ArgumentParser, OutputFolder, OutputRefused, Stopped, UsageError, UserError, add_threshold_options, atomic_open, atomic_write_json,
                      device_arg, dump_json_strict, far_errors, finite_float, input_path, nonneg_float, nonneg_int, one_line, output_path, output_stems, positive_float, positive_int,
                      printable, rate, run_main, safe_output_file)
 
@@ -423,32 +423,40 @@ def cmd_predict(args) -> int:
                   "threshold_image": image_name,  # the image whose score it is, where the model file names it
                   "pixel_threshold": pixel_t, "map_scale": 2 * scale or None, "images": []}
         folder.reserve(planned)  # checked above; a user's file put there since: refused, none written
-        for a in range(0, len(paths), part):
-            images, sizes, res = first if a == 0 else scored(a)
-            first = None  # no part is held past its own
-            blank = blank_images(images).tolist()
-            for path, (map_rel, overlay_rel), img, m, s, (w, h), is_blank in zip(
-                    paths[a:a + part], names[a:a + part], images, res["maps"], res["scores"], sizes, blank):
-                map_png, overlay_png = folder.path / map_rel, folder.path / overlay_rel
-                if (w, h) != (det.image_size, det.image_size):  # at the photo's own size, as the Python API gives them
-                    m = resize_map(m, (h, w))
-                    with warnings.catch_warnings():  # read moments ago: what it says of the file was said then
-                        warnings.simplefilter("ignore", DataWarning)
-                        img = read_image(path, None)
-                with atomic_open(map_png) as fh:  # under a temporary name until complete (kill -9 leaves no half PNG)
-                    save_map(m, fh, scale=2 * scale)
-                with atomic_open(overlay_png) as fh:
-                    save_overlay(img, m, fh, scale=2 * scale)
-                entry = {"image": str(path), "score": float(s), "map": map_rel, "overlay": overlay_rel, "size": [w, h]}
-                if not scale:  # each map drawn to its own maximum: the value white is, to read the PNG back by
-                    entry["map_scale"] = white_value(m, 0.0)
-                if image_t is not None:
-                    entry["defective"] = bool(float(s) > image_t)
-                if is_blank:  # a camera fault (watch sets them aside): its verdict says nothing of the part
-                    entry["blank"] = True
-                report["images"].append(entry)
-            del images, res, img, m  # the next part is read with none of this one held
+        stopped = None
+        try:
+            for a in range(0, len(paths), part):
+                images, sizes, res = first if a == 0 else scored(a)
+                first = None  # no part is held past its own
+                blank = blank_images(images).tolist()
+                for path, (map_rel, overlay_rel), img, m, s, (w, h), is_blank in zip(
+                        paths[a:a + part], names[a:a + part], images, res["maps"], res["scores"], sizes, blank):
+                    map_png, overlay_png = folder.path / map_rel, folder.path / overlay_rel
+                    if (w, h) != (det.image_size, det.image_size):  # at the photo's own size, as the Python API gives them
+                        m = resize_map(m, (h, w))
+                        with warnings.catch_warnings():  # read moments ago: what it says of the file was said then
+                            warnings.simplefilter("ignore", DataWarning)
+                            img = read_image(path, None)
+                    with atomic_open(map_png) as fh:  # under a temporary name until complete (kill -9 leaves no half PNG)
+                        save_map(m, fh, scale=2 * scale)
+                    with atomic_open(overlay_png) as fh:
+                        save_overlay(img, m, fh, scale=2 * scale)
+                    entry = {"image": str(path), "score": float(s), "map": map_rel, "overlay": overlay_rel, "size": [w, h]}
+                    if not scale:  # each map drawn to its own maximum: the value white is, to read the PNG back by
+                        entry["map_scale"] = white_value(m, 0.0)
+                    if image_t is not None:
+                        entry["defective"] = bool(float(s) > image_t)
+                    if is_blank:  # a camera fault (watch sets them aside): its verdict says nothing of the part
+                        entry["blank"] = True
+                    report["images"].append(entry)
+                del images, res, img, m  # the next part is read with none of this one held
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM: the images done are kept, and scores.json says how many
+            stopped = len(report["images"])
+            report["stopped"] = {"images_done": stopped, "images_given": len(paths)}
         folder.write_json("scores.json", report)
+    if stopped is not None:
+        raise Stopped(f"stopped: the maps, overlays and scores of {stopped} of {len(paths)} image(s) are kept in {out} "
+                      "(scores.json lists them); predict the rest into another --out, or all again with --overwrite")
     flagged = sum(1 for e in report["images"] if e.get("defective"))
     n_blank = sum(1 for e in report["images"] if e.get("blank"))
     print(f"wrote maps, overlays and scores for {len(paths)} image(s) to {out}"

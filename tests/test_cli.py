@@ -868,9 +868,10 @@ def test_predict_overwrite_never_replaces_a_user_file_named_like_an_output(tiny_
 
 def test_predict_stopped_by_sigterm_leaves_no_half_written_output(tiny_run, synthetic_root, tmp_path):
     """SIGTERM (a service manager's stop) ended predict with a truncated PNG under its final name and
-    a folder a rerun took for complete output: now it removes what it began, as Ctrl-C does, and
-    then ends by the signal as before (a stop, not a failure, to a service manager); each PNG is
-    written under a temporary name until it is complete."""
+    a folder a rerun took for complete output: now it keeps the images it finished, as Ctrl-C does,
+    with a scores.json that says it stopped, and then ends by the signal as before (a stop, not a
+    failure, to a service manager); each PNG is written under a temporary name until it is complete,
+    and the one cut short is not kept."""
     import signal
     import subprocess
     import sys
@@ -896,7 +897,11 @@ sys.exit(main({["predict", str(tiny_run), *map(str, images), "--out", str(out)]!
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGTERM, proc.stderr
-    assert "interrupted" in proc.stderr and not out.exists()
+    assert "stopped: the maps, overlays and scores of 1 of 3 image(s) are kept" in proc.stderr
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["stopped"] == {"images_done": 1, "images_given": 3} and len(scores["images"]) == 1
+    overlays = sorted(p.name for p in (out / "overlays").iterdir())
+    assert overlays == [Path(scores["images"][0]["overlay"]).name]  # the half one: neither kept nor left as a temporary
 
 
 def test_demo_overwrite_after_its_training_was_resumed_with_train(tmp_path, monkeypatch, capsys):

@@ -329,6 +329,40 @@ def test_predict_says_once_what_it_says_of_a_file(tiny, tmp_path, capsys):
     assert len(said) == 1 and "2 of 2 images" in said[0], err
 
 
+def test_a_stopped_predict_keeps_the_images_it_finished(tiny, tmp_path, capsys, monkeypatch):
+    """Ctrl-C (or SIGTERM) in a predict of many images removed every map it had written: the
+    images done are kept, with a scores.json that lists them and says how many of how many."""
+    from defect_fast import visualize
+
+    src = tmp_path / "in"
+    src.mkdir()
+    good = sorted((tiny["data"] / "test" / "good").glob("*.png"))
+    for i in range(5):
+        Image.open(good[i % len(good)]).save(src / f"im{i}.png")
+    real, drawn = visualize.save_overlay, []
+
+    def stopped_at_the_fourth(*a, **k):
+        if len(drawn) == 3:
+            raise KeyboardInterrupt
+        drawn.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(visualize, "save_overlay", stopped_at_the_fourth)
+    out = tmp_path / "p"
+    status, _, err = cli(["predict", tiny["run"], src, "--out", out, "--device", "cpu"], capsys)
+    assert status == 130 and "stopped: the maps, overlays and scores of 3 of 5 image(s) are kept" in err, err
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["stopped"] == {"images_done": 3, "images_given": 5} and len(scores["images"]) == 3
+    assert all((out / e["map"]).is_file() and (out / e["overlay"]).is_file() for e in scores["images"])
+    monkeypatch.setattr(visualize, "save_overlay", real)
+    status, _, err = cli(["predict", tiny["run"], src, "--out", out, "--device", "cpu"], capsys)
+    assert status == 2 and "--overwrite" in err  # kept, not overwritten silently
+    status, _, err = cli(["predict", tiny["run"], src, "--out", out, "--device", "cpu", "--overwrite"], capsys)
+    assert status == 0, err
+    scores = json.loads((out / "scores.json").read_text())
+    assert "stopped" not in scores and len(scores["images"]) == 5
+
+
 def test_images_far_from_the_trained_proportions_are_said_everywhere(tiny, tmp_path, capsys):
     """Every image is stretched to the model's square input: a 16:1 strip of the trained surface is
     stretched otherwise than the square images the model learnt (its defects can pass unseen).
