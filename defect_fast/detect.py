@@ -1381,13 +1381,22 @@ class Detector(nn.Module):
         float32 input alone) streamed from memory and made batch 64 10 % slower per image than
         batch 1 for CMA-AE.
         ``score_maps=True`` adds the maps the scores take their top values from (with the image
-        context's band profile, the maps without it; else the maps themselves), computed in the
-        same pass without CUDA graphs: what ``diagnose`` marks as the pixels behind a score.
+        context's band profile, the maps without it; else the maps themselves: see
+        :attr:`scores_from_other_maps`), computed in the same pass without CUDA graphs: what
+        ``diagnose`` marks as the pixels behind a score.
         Returns {"maps": [N, S, S] on the CPU, "scores": [N]} (+ "score_maps": [N, S, S]).
         """
         images_per_batch = _integer("images_per_batch", images_per_batch, 1)
         return self._predict_batched(self._at_model_size(self._checked_batch(images, "predict_batched")),
                                      images_per_batch, score_maps)
+
+    @property
+    def scores_from_other_maps(self) -> bool:
+        """Whether the image scores take their top values from maps other than those returned: with
+        an image context whose band profile is in the maps and not in the scores. Else
+        ``predict_batched(score_maps=True)``'s "score_maps" is a copy of "maps"."""
+        ctx = self.context
+        return ctx is not None and ctx.profile != "none" and not ctx.profile_in_score
 
     def _at_model_size(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images [N,3,H,W] of another size than the model's, resized as image files are

@@ -719,7 +719,8 @@ def command(args) -> int:
     # every figure and the statistics made in a temporary folder first: an error or a stop on the way
     # leaves an earlier diagnosis in --out as it was (--overwrite cleared it before the work began)
     with tempfile.TemporaryDirectory(prefix="defect_fast-diagnose-") as staged:
-        res = diagnose(lambda x: det.predict_batched(x, score_maps=True), test_set, staged, patch=det.patch,
+        # (the maps the scores come from only where they are other maps: else a copy of every map)
+        res = diagnose(lambda x: det.predict_batched(x, score_maps=det.scores_from_other_maps), test_set, staged, patch=det.patch,
                        stride=det.stride, per_class=args.per_class, border=args.border, seam=args.seam, top=args.top,
                        scale=args.scale, log=None, reconstruct=det.reconstruct,
                        inference={"map": det.map_kind, "smooth_sigma": det.smooth_sigma, "blend": det.blend})

@@ -558,6 +558,7 @@ def test_the_profile_joins_the_detector_map_but_not_the_map_its_score_comes_from
     torch.testing.assert_close(res["scores"], scores, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(res["score_maps"], without, atol=1e-4, rtol=1e-4)
     assert "score_maps" not in det.predict_batched(x)
+    assert det.scores_from_other_maps  # what diagnose asks for the score maps by
     # a file written before the choice: its thresholds were set on scores with the profile in
     state = ctx.state()
     state.pop("profile_in_score")
@@ -569,7 +570,11 @@ def test_the_profile_joins_the_detector_map_but_not_the_map_its_score_comes_from
     torch.testing.assert_close(old_maps, maps)
     torch.testing.assert_close(old_scores, ctx.combine_scores(top_mean(maps, det.top_k), feats), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(det.predict_batched(x, score_maps=True)["score_maps"], maps, atol=1e-5, rtol=1e-5)
+    assert not det.scores_from_other_maps
     assert ImageContext.from_state(ctx.state()).profile_in_score is False
+    det.context = None
+    res = det.predict_batched(x, score_maps=True)
+    assert not det.scores_from_other_maps and torch.equal(res["score_maps"], res["maps"])
 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
