@@ -648,6 +648,8 @@ class Trainer:
         n = self.images.shape[0]
         per_epoch = n * self.grid[0] * self.grid[1]
         steps_per_epoch = math.ceil(per_epoch / cfg.batch_size)
+        if cfg.batch_size > per_epoch and self.position["global_step"] == 0:
+            self.log(f"--batch-size {cfg.batch_size}: an epoch holds {per_epoch} patches, so each step takes all of them")
         _trim_log(self.out / LOG_FILE, self.position["global_step"])  # steps a resume trains again are logged again
         log_file = open(self.out / LOG_FILE, "a", buffering=1)  # line-buffered: a crash keeps the log
         handlers = self._interrupt_at_step_boundaries()

@@ -1513,3 +1513,14 @@ def test_what_a_failed_write_says_to_do_depends_on_why_it_failed(tmp_path):
     assert "(the last checkpoint is kept: fix that, then --resume)" in str(shut) and shut.filename == "x"
     done = _kept_said(OSError(errno.EDQUOT, "Disk quota exceeded", "x"), tmp_path, done=True)
     assert "the training is done and its checkpoint.pt kept: make room, then --resume writes the model file" in str(done)
+
+
+def test_a_batch_larger_than_an_epoch_is_said(synthetic_root, tmp_path):
+    """--batch-size above an epoch's patches was recorded and never used, without a word."""
+    lines: list[str] = []
+    train(_cfg(synthetic_root, batch_size=100000, max_steps=[1, 1]), tmp_path / "r", progress=False, log=lines.append)
+    said = [ln for ln in lines if ln.startswith("--batch-size 100000: an epoch holds ")]
+    assert len(said) == 1 and said[0].endswith("patches, so each step takes all of them"), lines
+    lines.clear()
+    train(_cfg(synthetic_root, max_steps=[1, 1]), tmp_path / "r2", progress=False, log=lines.append)
+    assert not any(ln.startswith("--batch-size") for ln in lines)
