@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .safety import (LOCK_NAME, MANIFEST_NAME, ArgumentParser, OutputFolder, OutputRefused, Stopped, UsageError, UserError, add_threshold_options, atomic_open, atomic_write_json,
                      device_arg, dump_json_strict, far_errors, finite_float, input_path, nonneg_float, nonneg_int, one_line, output_path, output_stems, positive_float, positive_int,
-                     printable, rate, run_main, safe_output_file)
+                     printable, rate, run_main, safe_output_file, signals_held)
 
 EPILOG = """examples:
   defect-fast demo runs/demo                                  synthetic data, train, evaluate, maps
@@ -423,7 +423,7 @@ def cmd_predict(args) -> int:
                   "threshold_image": image_name,  # the image whose score it is, where the model file names it
                   "pixel_threshold": pixel_t, "map_scale": 2 * scale or None, "images": []}
         folder.reserve(planned)  # checked above; a user's file put there since: refused, none written
-        stopped = None
+        stopped, begun = None, []
         try:
             for a in range(0, len(paths), part):
                 images, sizes, res = first if a == 0 else scored(a)
@@ -437,6 +437,7 @@ def cmd_predict(args) -> int:
                         with warnings.catch_warnings():  # read moments ago: what it says of the file was said then
                             warnings.simplefilter("ignore", DataWarning)
                             img = read_image(path, None)
+                    begun = [map_png, overlay_png]  # until its entry is in: a stop removes what of it was written
                     with atomic_open(map_png) as fh:  # under a temporary name until complete (kill -9 leaves no half PNG)
                         save_map(m, fh, scale=2 * scale)
                     with atomic_open(overlay_png) as fh:
@@ -449,11 +450,22 @@ def cmd_predict(args) -> int:
                     if is_blank:  # a camera fault (watch sets them aside): its verdict says nothing of the part
                         entry["blank"] = True
                     report["images"].append(entry)
+                    begun = []
                 del images, res, img, m  # the next part is read with none of this one held
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM: the images done are kept, and scores.json says how many
             stopped = len(report["images"])
             report["stopped"] = {"images_done": stopped, "images_given": len(paths)}
-        folder.write_json("scores.json", report)
+            for f in begun:  # the image in hand: not listed, so not kept
+                with contextlib.suppress(FileNotFoundError):
+                    f.unlink()
+        if stopped is None:
+            folder.write_json("scores.json", report)
+        else:
+            try:  # a second stop waits for the list of what is kept (raised inside this block, it removed it all)
+                with signals_held():
+                    folder.write_json("scores.json", report)
+            except KeyboardInterrupt:
+                pass
     if stopped is not None:
         raise Stopped(f"stopped: the maps, overlays and scores of {stopped} of {len(paths)} image(s) are kept in {out} "
                       "(scores.json lists them); predict the rest into another --out, or all again with --overwrite")

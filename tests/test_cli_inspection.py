@@ -348,12 +348,25 @@ def test_a_stopped_predict_keeps_the_images_it_finished(tiny, tmp_path, capsys, 
         return real(*a, **k)
 
     monkeypatch.setattr(visualize, "save_overlay", stopped_at_the_fourth)
+    # a second Ctrl-C while the list of what is kept is written (it removed everything): it waits
+    from defect_fast.safety import OutputFolder
+
+    real_write = OutputFolder.write_json
+
+    def pressed_again(self, *a, **k):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_write(self, *a, **k)
+
+    monkeypatch.setattr(OutputFolder, "write_json", pressed_again)
     out = tmp_path / "p"
     status, _, err = cli(["predict", tiny["run"], src, "--out", out, "--device", "cpu"], capsys)
     assert status == 130 and "stopped: the maps, overlays and scores of 3 of 5 image(s) are kept" in err, err
+    monkeypatch.setattr(OutputFolder, "write_json", real_write)
     scores = json.loads((out / "scores.json").read_text())
     assert scores["stopped"] == {"images_done": 3, "images_given": 5} and len(scores["images"]) == 3
     assert all((out / e["map"]).is_file() and (out / e["overlay"]).is_file() for e in scores["images"])
+    # the fourth image's map was written before the stop: not listed, so not kept
+    assert sorted(p.name for p in (out / "maps").iterdir()) == sorted(Path(e["map"]).name for e in scores["images"])
     monkeypatch.setattr(visualize, "save_overlay", real)
     status, _, err = cli(["predict", tiny["run"], src, "--out", out, "--device", "cpu"], capsys)
     assert status == 2 and "--overwrite" in err  # kept, not overwritten silently
