@@ -198,20 +198,22 @@ def unique_names(names: Sequence[str], own: Sequence[bool] | None = None) -> lis
 
 # control characters other than tab and newline (C0, DEL, C1), which a file's name may hold
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_CONTROL_OR_NEWLINE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 
-def printable(text: str) -> str:
-    """``text`` with every control character but tab and newline written as an escape (``\\x1b``):
-    a file named with a terminal's escape sequences or a carriage return, printed in a message or a
-    log line, would otherwise redraw the terminal or overwrite the line it is on."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+def printable(text: str, newlines: bool = True) -> str:
+    """``text`` with every control character but tab and newline (and with ``newlines=False``,
+    newline too: a line that must stay one) written as an escape (``\\x1b``): a file named with a
+    terminal's escape sequences or a carriage return, printed in a message or a log line, would
+    otherwise redraw the terminal or overwrite the line it is on."""
+    return (_CONTROL if newlines else _CONTROL_OR_NEWLINE).sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def one_line(text: str) -> str:
     """Collapse a message to one line: its first line, then the other lines joined with "; " (a
     torch error's C++ backtrace, "Exception raised from ... frame #0 ...", left out); control
     characters written as escapes (:func:`printable`)."""
-    text = printable(str(text))
+    text = printable(str(text).replace("\r\n", "\n"))  # (a Windows tool's line ends are line ends)
     lines = [ln.strip() for ln in text.split("\nException raised from ", 1)[0].splitlines() if ln.strip()]
     if not lines:
         return ""
@@ -2014,7 +2016,7 @@ def _open_regular(p: Path):
     """``open(p, "rb")`` of a regular file; :class:`DigestError` for anything else. Opened without
     blocking (a FIFO would wait for a writer for ever) and checked on the handle (a device such as
     /dev/zero reads for ever, into memory)."""
-    fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))  # (Windows: no text mode)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise DigestError(f"{p}: is not a regular file (a device, pipe or socket, or a link to one), expected a "

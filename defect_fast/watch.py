@@ -1392,7 +1392,7 @@ def watch(
             :class:`~defect_fast.safety.UserError`).
         Errors of ``predict_fn`` propagate (after the results so far are recorded).
     """
-    log = log or (lambda msg: print(printable(msg), flush=True))  # names as escapes where they hold control characters
+    log = log or (lambda msg: print(printable(msg, newlines=False), flush=True))  # a name's control characters as escapes
     info = meta if isinstance(meta, ModelInfo) else ModelInfo(**dict(meta))
     thr = threshold if threshold is not None else info.image_threshold
     if thr is None:
@@ -1651,7 +1651,7 @@ def command(args) -> int:
         OutputFolder.check(out, inputs=[in_dir, args.run], command="watch")  # refuse before the model is read
     with contextlib.ExitStack() as held:  # the drop folder's lock, then OUT_DIR's, let go last to first
         # refused before the model is read, and before OUT_DIR is made
-        held.callback(DropFolderLock(in_dir, args.move_judged, lambda msg: print(printable(msg), flush=True)).acquire().release)
+        held.callback(DropFolderLock(in_dir, args.move_judged, lambda msg: print(printable(msg, newlines=False), flush=True)).acquire().release)
         model = model_file(args.run)
         before = _file_key(model)  # before it is read: a file replaced during the load is looked at
         det = Detector.load(args.run, device=args.device)

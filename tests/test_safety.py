@@ -1415,4 +1415,6 @@ def test_control_characters_in_messages_are_written_as_escapes():
     assert printable("a\x1b[2Jb\rc\x7f\x9b\td\ne é") == "a\\x1b[2Jb\\x0dc\\x7f\\x9b\td\ne é"
     # a carriage return no longer splits a message (it read as two lines joined by "; ")
     assert one_line("img\r.png: not an image\n  second") == "img\\x0d.png: not an image second"
+    assert one_line("cl.exe failed:\r\n  line 2\r\n") == "cl.exe failed: line 2"  # a Windows tool's line ends
+    assert printable("a\nb\tc", newlines=False) == "a\\x0ab\tc"
 

@@ -1511,12 +1511,14 @@ def test_names_with_control_characters_are_logged_as_escapes(tmp_path, capsys):
     src.mkdir()
     name = "a\x1b[2Jb\rc.png"
     (src / name).write_bytes(png_bytes(0, bright=1.0))
+    (src / "x\nfail y.png").write_bytes(b"not a png")  # a newline: a forged second log line
     (src / "n\x1b[31m.txt").write_text("not an image")
     watch(stub_predict, INFO, src, out, once=True, handle_signals=False, settle=0.05, poll_interval=0.05)
     printed = capsys.readouterr().out
     assert "\x1b" not in printed and "\r" not in printed
-    assert "n\\x1b[31m.txt" in printed
-    assert [r["image"] for r in journal(out)] == [name]
+    assert "n\\x1b[31m.txt" in printed and "x\\x0afail y.png" in printed
+    assert not any(line.startswith("fail y.png") for line in printed.splitlines())
+    assert sorted(r["image"] for r in journal(out)) == sorted([name, "x\nfail y.png"])  # the journal: names as they are
 
 
 def test_what_the_reader_says_of_a_frame_is_logged_once_a_session(tmp_path):
