@@ -113,8 +113,9 @@ def _refuse_unused(args: argparse.Namespace, model, given: list[str]) -> None:
     """Refuse options given for what ``model`` (built with the run's options) does not have (a
     memory's size for a plain AE, anomaly photos for a model trained on defect-free patches only)."""
     stages = tuple(model.stages)
-    fusion = model.config().get("fusion")
-    built = (f"fusion={fusion}, " if fusion else "") + f"stages: {', '.join(stages)}"
+    config = model.config()
+    built = "".join(f"{key}={config[key]}, " for key in ("fusion", "loss_mode") if config.get(key)) + \
+        f"stages: {', '.join(stages)}"
     unused = model.unused_options(given)
     if unused:
         it = "it" if len(unused) == 1 else "them"

@@ -459,7 +459,7 @@ def test_options_the_model_as_built_does_not_use_are_refused(synthetic_root, tmp
                         ("--anomaly-source: model ae-ssim trains no stage on synthetic anomalies",)),
                        # AW-SSIM's options where its loss has no AW-SSIM, no combined term or no LPIPS
                        (["--model", "awae", "--set", "loss_mode=ssim_l1", "--set", "sigma0=-1"],
-                        ("--set sigma0: model awae", "(stages: normal)")),
+                        ("--set sigma0: model awae", "(loss_mode=ssim_l1, stages: normal)")),
                        (["--model", "awae", "--set", "loss_mode=ssim_l1", "--set", "ssim_weights=nonsense",
                          "--set", "lpips_weights=/nonexistent"], ("--set ssim_weights, lpips_weights: model awae",)),
                        (["--model", "awae", "--set", "loss_mode=awssim_only", "--set", "stage2_ssim_weight=0.3"],

@@ -292,11 +292,12 @@ def undecoded(img: Image.Image) -> bool:
 
 
 def load_as_stored(img: Image.Image) -> None:
-    """``img.load()``, leaving a TIFF turned by its orientation tag as stored, with the tag: PIL
-    turns such a TIFF as it loads it and drops the tag, and decodes one turned by 90 degrees at the
+    """``img.load()``, leaving a TIFF turned by 90 degrees by its orientation tag (5..8) as stored,
+    with the tag: PIL turns such a TIFF as it loads it and drops the tag, and decodes it at the
     turned width (scrambled grey and 16-bit pixels, no error; see :func:`_defer_tiff_orientation`).
-    Every other image is loaded as PIL loads it (stored, its EXIF tag kept), and so is one already
-    decoded. :func:`upright` then turns it as the file's readers do."""
+    Every other image is loaded as PIL loads it (a JPEG or PNG stored, its EXIF tag kept; a TIFF
+    flipped or turned by 180 degrees, 2..4, turned by PIL, its tag dropped), and so is one already
+    decoded. :func:`upright` then turns it as the file's readers do, once either way."""
     if getattr(img, "fp", None) is None or not undecoded(img):
         img.load()
         return
