@@ -115,7 +115,6 @@ import signal
 import stat as stat_mod
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -124,7 +123,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
 import torch
 
 from .calibration import ModelInfo, defect_regions
-from .data.io import (IMAGE_EXTENSIONS, DataError, DataWarning, blank_images, error_kind, few_levels_message,
+from .data.io import (IMAGE_EXTENSIONS, DataError, blank_images, error_kind, few_levels_message,
                       outside_proportions, read_image_at_both_sizes)
 from .maps import resize_map
 from .safety import (LOCK_NAME, MANIFEST_NAME, OutputFolder, OutputRefused, RunInUse, RunLock, UserError,
@@ -399,8 +398,6 @@ class _State:
     undecodable: dict[str, tuple[Signature, float]] = field(default_factory=dict)  # key -> (signature, first seen)
     few_levels_said: bool = False  # a 16-bit image of few grey levels is named once a session
     proportions_said: bool = False  # an image far from the training images' proportions too
-    # what the reader warns of a frame (float pixels rescaled, several pages), by kind: said once a session
-    read_notes_said: set[str] = field(default_factory=set)
     # names in rejected/ (and judged/) the journal gives to files whose move failed (the name is theirs:
     # another file moved to it would be taken at a restart for the first's completed copy); a moved
     # file holds its own
@@ -1052,10 +1049,7 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
             continue
         try:
             few: list = []
-            with warnings.catch_warnings(record=True) as notes:  # a camera's every frame would say it again
-                warnings.simplefilter("always", DataWarning)
-                img, photo = read_image_at_both_sizes(path, st.info.image_size, few_levels=few)  # model input, photograph
-            _say_read_notes(st, notes, path, log)
+            img, photo = read_image_at_both_sizes(path, st.info.image_size, few_levels=few)  # model input, photograph
             err = None
             # a 12-bit camera's frames in 16-bit files: said once, not per image (a black frame, all 0, is no
             # camera's bit depth: it is rejected as blank below, and leaves the advice for such frames)
@@ -1221,21 +1215,6 @@ def _heartbeat(st: _State, log: Callable[[str], None]) -> None:
         if failed:
             log(f"{st.out / STATUS}: rewritten again")
 
-
-
-def _say_read_notes(st: "_State", notes: list, path: Path, log: Callable[[str], None]) -> None:
-    """Log what the image reader warned of ``path`` (float pixels rescaled, a file of several
-    pages), each kind once a session: the kind is the warning's text without the file's name and
-    numbers. Other warnings go on as warnings."""
-    for note in notes:
-        if not issubclass(note.category, DataWarning):
-            warnings.warn_explicit(note.message, note.category, note.filename, note.lineno)
-            continue
-        text = str(note.message)
-        kind = re.sub(r"\d+(?:\.\d+)?", "#", text.replace(str(path), ""))
-        if kind not in st.read_notes_said:
-            st.read_notes_said.add(kind)
-            log(f"warning: {text} (said once a session: later images alike are not named)")
 
 def _status_or_stop(st: _State, state: str, out: Path) -> None:
     """:func:`_write_status`; a results folder that cannot take it stops the service, saying so."""

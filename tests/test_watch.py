@@ -1519,23 +1519,3 @@ def test_names_with_control_characters_are_logged_as_escapes(tmp_path, capsys):
     assert "n\\x1b[31m.txt" in printed and "x\\x0afail y.png" in printed
     assert not any(line.startswith("fail y.png") for line in printed.splitlines())
     assert sorted(r["image"] for r in journal(out)) == sorted([name, "x\nfail y.png"])  # the journal: names as they are
-
-
-def test_what_the_reader_says_of_a_frame_is_logged_once_a_session(tmp_path):
-    """A camera whose every frame is float in no range the reader knows (or of several pages)
-    warned once per frame, for the life of the service; now each kind is one log line a session."""
-    import warnings
-
-    src, out = tmp_path / "in", tmp_path / "out"
-    src.mkdir()
-    for i in range(3):
-        Image.fromarray(np.arange(SIZE * SIZE, dtype=np.float32).reshape(SIZE, SIZE) * (3 + i)).save(src / f"f{i}.tif")
-        Image.new("L", (SIZE, SIZE), 40).save(src / f"p{i}.tif", save_all=True, append_images=[Image.new("L", (8, 8))])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # none escapes as a warning
-        res, lines = run_once(src, out)
-    assert res["session"]["total"] == 6
-    said = [ln for ln in lines if ln.startswith("warning:")]
-    assert len(said) == 2, said
-    assert sum("float pixels" in ln for ln in said) == 1 and sum("holds 2 frames" in ln for ln in said) == 1, said
-    assert all(ln.endswith("(said once a session: later images alike are not named)") for ln in said)
