@@ -438,7 +438,7 @@ def cmd_predict(args) -> int:
                         with warnings.catch_warnings():  # read moments ago: what it says of the file was said then
                             warnings.simplefilter("ignore", DataWarning)
                             img = read_image(path, None)
-                    begun = [map_png, overlay_png]  # until its entry is in: a stop removes what of it was written
+                    begun = [map_rel, overlay_rel]  # until its entry is in: a stop removes what of it was written
                     with atomic_open(map_png) as fh:  # under a temporary name until complete (kill -9 leaves no half PNG)
                         save_map(m, fh, scale=2 * scale)
                     with atomic_open(overlay_png) as fh:
@@ -451,25 +451,25 @@ def cmd_predict(args) -> int:
                     if is_blank:  # a camera fault (watch sets them aside): its verdict says nothing of the part
                         entry["blank"] = True
                     report["images"].append(entry)
-                    begun = []
                 del images, res, img, m  # the next part is read with none of this one held
-        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM: the images done are kept, and scores.json says how many
-            stopped = len(report["images"])
-            report["stopped"] = {"images_done": stopped, "images_given": len(paths)}
-            for f in begun:  # the image in hand: not listed, so not kept
-                with contextlib.suppress(FileNotFoundError):
-                    f.unlink()
-        if stopped is None:
-            folder.write_json("scores.json", report)
-        else:
-            try:  # a second stop waits for the list of what is kept (raised inside this block, it removed it all)
-                with signals_held():
-                    folder.write_json("scores.json", report)
-            except KeyboardInterrupt:
-                pass
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM: the images done are kept, and scores.json says how many
+            stopped = exc
+        try:  # from here a stop waits for the list of what is kept (raised in here, it removed every image)
+            with signals_held():
+                if stopped is not None:
+                    listed = {f for e in report["images"][-1:] for f in (e["map"], e["overlay"])}
+                    for f in begun:  # the image in hand, if not listed yet: not kept
+                        if f not in listed:
+                            with contextlib.suppress(FileNotFoundError):
+                                (folder.path / f).unlink()
+                    report["stopped"] = {"images_done": len(report["images"]), "images_given": len(paths)}
+                folder.write_json("scores.json", report)
+        except KeyboardInterrupt as exc:  # a stop as the list was written: it is written whole
+            stopped = stopped or exc
     if stopped is not None:
-        raise Stopped(f"stopped: the maps, overlays and scores of {stopped} of {len(paths)} image(s) are kept in {out} "
-                      "(scores.json lists them); predict the rest into another --out, or all again with --overwrite")
+        raise Stopped(f"stopped: the maps, overlays and scores of {len(report['images'])} of {len(paths)} image(s) are "
+                      f"kept in {out} (scores.json lists them); predict the rest into another --out, or all again with "
+                      "--overwrite", getattr(stopped, "signum", signal.SIGINT))
     flagged = sum(1 for e in report["images"] if e.get("defective"))
     n_blank = sum(1 for e in report["images"] if e.get("blank"))
     print(f"wrote maps, overlays and scores for {len(paths)} image(s) to {out}"
@@ -881,6 +881,12 @@ def main(argv: list[str] | None = None) -> int:
         return status
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as Ctrl-C is (a command that keeps its work says which it was)."""
+
+    signum = signal.SIGTERM
+
+
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
     """SIGTERM (a service manager's stop, ``kill``) ends a command as Ctrl-C does: what it had begun
@@ -899,7 +905,7 @@ def _sigterm_as_interrupt():
 
     def interrupt(signum, frame):
         received.append(signum)
-        raise KeyboardInterrupt
+        raise _Terminated
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:

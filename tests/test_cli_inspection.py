@@ -376,6 +376,44 @@ def test_a_stopped_predict_keeps_the_images_it_finished(tiny, tmp_path, capsys, 
     assert "stopped" not in scores and len(scores["images"]) == 5
 
 
+def test_a_predict_stopped_as_it_writes_its_list_keeps_every_image(tiny, tmp_path, capsys, monkeypatch):
+    """A stop while the scores.json of a finished predict was written removed every image (with
+    --overwrite, the earlier output was gone too); SIGTERM's stop says so by its status (143)."""
+    from defect_fast import cli as cli_mod, visualize
+    from defect_fast.safety import OutputFolder
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, p in enumerate(sorted((tiny["data"] / "test" / "good").glob("*.png"))[:3]):
+        Image.open(p).save(src / f"im{i}.png")
+    real_write = OutputFolder.write_json
+
+    def stopped_in_the_write(self, *a, **k):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_write(self, *a, **k)
+
+    monkeypatch.setattr(OutputFolder, "write_json", stopped_in_the_write)
+    out = tmp_path / "p"
+    status, _, err = cli(["predict", tiny["run"], src, "--out", out, "--device", "cpu"], capsys)
+    assert status == 130 and "of 3 of 3 image(s) are kept" in err, err
+    scores = json.loads((out / "scores.json").read_text())
+    assert len(scores["images"]) == 3 and "stopped" not in scores  # all done: the list is whole
+    monkeypatch.setattr(OutputFolder, "write_json", real_write)
+    real_overlay = visualize.save_overlay
+
+    def terminated(*a, **k):
+        raise cli_mod._Terminated  # what the command line's SIGTERM handler raises
+
+    monkeypatch.setattr(visualize, "save_overlay", terminated)
+    # (behind the error boundary only: main() then ends the process by the signal, this one here)
+    status = run_main(cli_mod._run, [str(a) for a in ("predict", tiny["run"], src, "--out", out, "--device", "cpu",
+                                                      "--overwrite")])
+    err = capsys.readouterr().err
+    assert status == 143 and "0 of 3 image(s) are kept" in err, err
+    monkeypatch.setattr(visualize, "save_overlay", real_overlay)
+    assert list((out / "maps").iterdir()) == [] and json.loads((out / "scores.json").read_text())["images"] == []
+
+
 def test_images_far_from_the_trained_proportions_are_said_everywhere(tiny, tmp_path, capsys):
     """Every image is stretched to the model's square input: a 16:1 strip of the trained surface is
     stretched otherwise than the square images the model learnt (its defects can pass unseen).
