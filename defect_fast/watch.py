@@ -1645,9 +1645,9 @@ def command(args) -> int:
             folder.mkdir(sub)
         folder.record_many([JOURNAL, STATUS])
         named = info.extra.get("threshold_image")
-        print(f"threshold {info.image_threshold:.6g}: {info.extra.get('threshold_source')}"
-              + (f" (the score of {info.extra.get('threshold_images', 'calibration')} image {named})" if named else ""),
-              flush=True)
+        print(printable(f"threshold {info.image_threshold:.6g}: {info.extra.get('threshold_source')}"
+                        + (f" (the score of {info.extra.get('threshold_images', 'calibration')} image {named})"
+                           if named else ""), newlines=False), flush=True)
         watch(lambda x: det.predict_batched(x, images_per_batch=args.batch_size), info, in_dir, out, once=args.once,
               batch_size=args.batch_size, poll_interval=args.poll, rescan_interval=args.rescan, settle=args.settle,
               recursive=args.recursive, lock=False, model_changed=model_changed, move_judged=args.move_judged,

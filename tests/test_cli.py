@@ -478,6 +478,7 @@ def test_options_the_model_as_built_does_not_use_are_refused(synthetic_root, tmp
              "synthesis"]
     assert build_model("awae").unused_options(every) == []  # the paper's two stages use them all
     assert build_model("awae", loss_mode="lpips_ssim").unused_options(every) == every[:5] + ["synthesis"]
+    assert build_model("awae", sigma_k=0.1).unused_options(every) == ["sigma_end"]  # k given: no end derives it
 
 
 def test_map_choices_come_from_the_registry(capsys):

@@ -216,6 +216,8 @@ class AWAE(AnomalyModel):
         mode, unused = self.criterion.mode, set()
         if mode not in ("awssim", "awssim_only"):  # plain SSIM: no weights, no sigma schedule
             unused |= {"ssim_weights", "sigma0", "sigma_end", "sigma_k", "sigma_step"}
+        elif self._config["sigma_k"] is not None:  # the increment given: no end to derive it from
+            unused.add("sigma_end")
         if mode == "awssim_only" or (mode == "awssim" and len(self.stages) == 1):  # AW-SSIM alone, nothing combined
             unused.add("stage2_ssim_weight")
         if not self.uses_lpips():
