@@ -424,52 +424,54 @@ def cmd_predict(args) -> int:
                   "threshold_image": image_name,  # the image whose score it is, where the model file names it
                   "pixel_threshold": pixel_t, "map_scale": 2 * scale or None, "images": []}
         folder.reserve(planned)  # checked above; a user's file put there since: refused, none written
-        stopped, begun = None, []
-        try:
-            for a in range(0, len(paths), part):
-                images, sizes, res = first if a == 0 else scored(a)
-                first = None  # no part is held past its own
-                blank = blank_images(images).tolist()
-                for path, (map_rel, overlay_rel), img, m, s, (w, h), is_blank in zip(
-                        paths[a:a + part], names[a:a + part], images, res["maps"], res["scores"], sizes, blank):
-                    map_png, overlay_png = folder.path / map_rel, folder.path / overlay_rel
-                    if (w, h) != (det.image_size, det.image_size):  # at the photo's own size, as the Python API gives them
-                        m = resize_map(m, (h, w))
-                        with warnings.catch_warnings():  # read moments ago: what it says of the file was said then
-                            warnings.simplefilter("ignore", DataWarning)
-                            img = read_image(path, None)
-                    begun = [map_rel, overlay_rel]  # until its entry is in: a stop removes what of it was written
-                    with atomic_open(map_png) as fh:  # under a temporary name until complete (kill -9 leaves no half PNG)
-                        save_map(m, fh, scale=2 * scale)
-                    with atomic_open(overlay_png) as fh:
-                        save_overlay(img, m, fh, scale=2 * scale)
-                    entry = {"image": str(path), "score": float(s), "map": map_rel, "overlay": overlay_rel, "size": [w, h]}
-                    if not scale:  # each map drawn to its own maximum: the value white is, to read the PNG back by
-                        entry["map_scale"] = white_value(m, 0.0)
-                    if image_t is not None:
-                        entry["defective"] = bool(float(s) > image_t)
-                    if is_blank:  # a camera fault (watch sets them aside): its verdict says nothing of the part
-                        entry["blank"] = True
-                    report["images"].append(entry)
-                del images, res, img, m  # the next part is read with none of this one held
-        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM: the images done are kept, and scores.json says how many
-            stopped = exc
-        try:  # from here a stop waits for the list of what is kept (raised in here, it removed every image)
-            with signals_held():
-                if stopped is not None:
-                    listed = {f for e in report["images"][-1:] for f in (e["map"], e["overlay"])}
-                    for f in begun:  # the image in hand, if not listed yet: not kept
-                        if f not in listed:
-                            with contextlib.suppress(FileNotFoundError):
-                                (folder.path / f).unlink()
-                    report["stopped"] = {"images_done": len(report["images"]), "images_given": len(paths)}
-                folder.write_json("scores.json", report)
-        except KeyboardInterrupt as exc:  # a stop as the list was written: it is written whole
-            stopped = stopped or exc
+        stopped, begun, predicted, listed = None, [], False, False
+        while not listed:  # the list of what is kept is written whole, whatever stop comes on the way
+            try:
+                if stopped is None and not predicted:
+                    for a in range(0, len(paths), part):
+                        images, sizes, res = first if a == 0 else scored(a)
+                        first = None  # no part is held past its own
+                        blank = blank_images(images).tolist()
+                        for path, (map_rel, overlay_rel), img, m, s, (w, h), is_blank in zip(
+                                paths[a:a + part], names[a:a + part], images, res["maps"], res["scores"], sizes, blank):
+                            map_png, overlay_png = folder.path / map_rel, folder.path / overlay_rel
+                            if (w, h) != (det.image_size, det.image_size):  # at the photo's own size, as the Python API gives them
+                                m = resize_map(m, (h, w))
+                                with warnings.catch_warnings():  # read moments ago: what it says of the file was said then
+                                    warnings.simplefilter("ignore", DataWarning)
+                                    img = read_image(path, None)
+                            begun = [map_rel, overlay_rel]  # until its entry is in: a stop removes what of it was written
+                            with atomic_open(map_png) as fh:  # under a temporary name until complete (kill -9 leaves no half PNG)
+                                save_map(m, fh, scale=2 * scale)
+                            with atomic_open(overlay_png) as fh:
+                                save_overlay(img, m, fh, scale=2 * scale)
+                            entry = {"image": str(path), "score": float(s), "map": map_rel, "overlay": overlay_rel, "size": [w, h]}
+                            if not scale:  # each map drawn to its own maximum: the value white is, to read the PNG back by
+                                entry["map_scale"] = white_value(m, 0.0)
+                            if image_t is not None:
+                                entry["defective"] = bool(float(s) > image_t)
+                            if is_blank:  # a camera fault (watch sets them aside): its verdict says nothing of the part
+                                entry["blank"] = True
+                            report["images"].append(entry)
+                        del images, res, img, m  # the next part is read with none of this one held
+                    predicted = True
+                with signals_held():  # (raised while the list is written, a stop removed every image)
+                    if stopped is not None:
+                        last = {f for e in report["images"][-1:] for f in (e["map"], e["overlay"])}
+                        for f in begun:  # the image in hand, if not listed yet: not kept
+                            if f not in last:
+                                with contextlib.suppress(FileNotFoundError):
+                                    (folder.path / f).unlink()
+                        report["stopped"] = {"images_done": len(report["images"]), "images_given": len(paths)}
+                    folder.write_json("scores.json", report)
+                    listed = True
+            except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM: the images done are kept, and scores.json says so
+                stopped = stopped or exc
     if stopped is not None:
+        rest = ("predict the rest into another --out, or all again with --overwrite" if len(report["images"]) < len(paths)
+                else "every image was done")
         raise Stopped(f"stopped: the maps, overlays and scores of {len(report['images'])} of {len(paths)} image(s) are "
-                      f"kept in {out} (scores.json lists them); predict the rest into another --out, or all again with "
-                      "--overwrite", getattr(stopped, "signum", signal.SIGINT))
+                      f"kept in {out} (scores.json lists them); {rest}", getattr(stopped, "signum", signal.SIGINT))
     flagged = sum(1 for e in report["images"] if e.get("defective"))
     n_blank = sum(1 for e in report["images"] if e.get("blank"))
     print(f"wrote maps, overlays and scores for {len(paths)} image(s) to {out}"

@@ -1922,15 +1922,17 @@ def signals_held() -> Iterator[None]:
         return
     got: list[int] = []
     old = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(ValueError, OSError):
-            old[sig] = signal.signal(sig, lambda signum, _frame: got.append(signum))
-    try:
+    try:  # (a signal between the two installs: the first handler is put back all the same)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError, OSError):
+                old[sig] = signal.signal(sig, lambda signum, _frame: got.append(signum))
         yield
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        for signum in dict.fromkeys(got):  # each once, in the order they came
+        # each once, SIGTERM first: the first raised ends the block, and a service manager's stop
+        # outranks a Ctrl-C (it ends the process by its signal)
+        for signum in sorted(dict.fromkeys(got), key=lambda s: s != signal.SIGTERM):
             signal.raise_signal(signum)
 
 

@@ -323,3 +323,29 @@ def test_a_short_output_to_a_reader_that_is_gone_or_to_no_stdout_succeeds(tmp_pa
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "Exception ignored" not in proc.stderr and done.read_text() == "done"
+
+
+def test_signals_held_raise_sigterm_before_sigint_and_put_every_handler_back():
+    """Both held: the first raised ended the block and the other was dropped, so a service
+    manager's SIGTERM after a Ctrl-C ended the process as a Ctrl-C (status 130)."""
+    import os
+    import signal
+
+    from defect_fast.safety import signals_held
+
+    class Term(Exception):
+        pass
+
+    def term(signum, frame):
+        raise Term
+
+    before_int = signal.getsignal(signal.SIGINT)
+    before_term = signal.signal(signal.SIGTERM, term)
+    try:
+        with pytest.raises(Term):
+            with signals_held():
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGTERM)
+        assert signal.getsignal(signal.SIGINT) is before_int and signal.getsignal(signal.SIGTERM) is term
+    finally:
+        signal.signal(signal.SIGTERM, before_term)
