@@ -399,7 +399,8 @@ def _kept_said(exc: OSError, out: Path, done: bool = False) -> OSError:
 def compute_setting(device: torch.device) -> dict[str, Any]:
     """What decides the order of a step's float sums besides the run's config: the device (the
     GPU's name; the CPU's model and the instructions torch's kernels use there), the intra-op CPU
-    threads and the torch version. A resume with the same setting on a CPU retraces an
+    threads, the torch version and the fused ops' implementation (native, with its sources'
+    digest, or the PyTorch reference). A resume with the same setting on a CPU retraces an
     uninterrupted run bit for bit (on a GPU, see the module's note); with another it trains the
     same way, rounded otherwise."""
     setting: dict[str, Any] = {"device": device.type, "threads": torch.get_num_threads(), "torch": str(torch.__version__)}
@@ -411,7 +412,21 @@ def compute_setting(device: torch.device) -> dict[str, Any]:
         isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
         if isa:
             setting["onednn_max_cpu_isa"] = isa
+    # the fused ops: the native kernels (of which sources) or the PyTorch reference sum otherwise
+    from . import ops
+    from .ops import _native
+
+    setting["ops"] = ops.backend(device)
+    if setting["ops"] != "reference":
+        digest = (_native.build_info() or {}).get("source_digest")
+        if digest:
+            setting["ops_source"] = digest
     return setting
+
+
+#: :func:`compute_setting` entries recorded since a later version: a checkpoint without them is not
+#: said to differ for that
+_RECORDED_LATER = ("ops", "ops_source")
 
 
 def changed_setting(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -421,7 +436,7 @@ def changed_setting(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     limit set for one of them)."""
     keys = [k for k in before if before[k] != now.get(k)]
     if "torch" in before:
-        keys += [k for k in now if k not in before]
+        keys += [k for k in now if k not in before and (k not in _RECORDED_LATER or "ops" in before)]
     return keys
 
 

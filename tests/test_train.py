@@ -1255,6 +1255,12 @@ def test_a_resume_on_another_cpu_or_torch_says_it_will_not_match_bit_for_bit():
     assert changed_setting(now, {**now, "onednn_max_cpu_isa": "AVX2"}) == ["onednn_max_cpu_isa"]
     old = {"device": "cpu", "threads": now["threads"]}  # a checkpoint of an earlier version: what it records
     assert changed_setting(old, now) == [] and changed_setting(old, {**now, "threads": 99}) == ["threads"]
+    # the fused ops' implementation: the native kernels (their sources) or the PyTorch reference
+    assert now["ops"] in ("cpu", "reference")
+    assert changed_setting({**now, "ops": "cpu", "ops_source": "abc"}, {**now, "ops": "reference"})[:1] == ["ops"]
+    assert changed_setting({**now, "ops_source": "abc"}, {**now, "ops_source": "def"}) == ["ops_source"]
+    earlier = {k: v for k, v in now.items() if k not in ("ops", "ops_source")}  # recorded before these were
+    assert changed_setting(earlier, now) == []
 
 
 def test_a_checkpoint_with_settings_this_version_does_not_know_is_not_resumed_without_them(
