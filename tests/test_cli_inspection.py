@@ -329,6 +329,20 @@ def test_predict_says_once_what_it_says_of_a_file(tiny, tmp_path, capsys):
     assert len(said) == 1 and "2 of 2 images" in said[0], err
 
 
+def _ctrl_c_in_each_list_write(monkeypatch):
+    """A Ctrl-C (a real SIGINT) as each output list is written; returns what puts the write back."""
+    from defect_fast.safety import OutputFolder
+
+    real_write = OutputFolder.write_json
+
+    def pressed(self, *a, **k):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_write(self, *a, **k)
+
+    monkeypatch.setattr(OutputFolder, "write_json", pressed)
+    return lambda: monkeypatch.setattr(OutputFolder, "write_json", real_write)
+
+
 def test_a_stopped_predict_keeps_the_images_it_finished(tiny, tmp_path, capsys, monkeypatch):
     """Ctrl-C (or SIGTERM) in a predict of many images removed every map it had written: the
     images done are kept, with a scores.json that lists them and says how many of how many."""
@@ -349,19 +363,11 @@ def test_a_stopped_predict_keeps_the_images_it_finished(tiny, tmp_path, capsys, 
 
     monkeypatch.setattr(visualize, "save_overlay", stopped_at_the_fourth)
     # a second Ctrl-C while the list of what is kept is written (it removed everything): it waits
-    from defect_fast.safety import OutputFolder
-
-    real_write = OutputFolder.write_json
-
-    def pressed_again(self, *a, **k):
-        os.kill(os.getpid(), signal.SIGINT)
-        return real_write(self, *a, **k)
-
-    monkeypatch.setattr(OutputFolder, "write_json", pressed_again)
+    restore = _ctrl_c_in_each_list_write(monkeypatch)
     out = tmp_path / "p"
     status, _, err = cli(["predict", tiny["run"], src, "--out", out, "--device", "cpu"], capsys)
     assert status == 130 and "stopped: the maps, overlays and scores of 3 of 5 image(s) are kept" in err, err
-    monkeypatch.setattr(OutputFolder, "write_json", real_write)
+    restore()
     scores = json.loads((out / "scores.json").read_text())
     assert scores["stopped"] == {"images_done": 3, "images_given": 5} and len(scores["images"]) == 3
     assert all((out / e["map"]).is_file() and (out / e["overlay"]).is_file() for e in scores["images"])
@@ -380,25 +386,18 @@ def test_a_predict_stopped_as_it_writes_its_list_keeps_every_image(tiny, tmp_pat
     """A stop while the scores.json of a finished predict was written removed every image (with
     --overwrite, the earlier output was gone too); SIGTERM's stop says so by its status (143)."""
     from defect_fast import cli as cli_mod, visualize
-    from defect_fast.safety import OutputFolder
 
     src = tmp_path / "in"
     src.mkdir()
     for i, p in enumerate(sorted((tiny["data"] / "test" / "good").glob("*.png"))[:3]):
         Image.open(p).save(src / f"im{i}.png")
-    real_write = OutputFolder.write_json
-
-    def stopped_in_the_write(self, *a, **k):
-        os.kill(os.getpid(), signal.SIGINT)
-        return real_write(self, *a, **k)
-
-    monkeypatch.setattr(OutputFolder, "write_json", stopped_in_the_write)
+    restore = _ctrl_c_in_each_list_write(monkeypatch)
     out = tmp_path / "p"
     status, _, err = cli(["predict", tiny["run"], src, "--out", out, "--device", "cpu"], capsys)
     assert status == 130 and "of 3 of 3 image(s) are kept" in err, err
     scores = json.loads((out / "scores.json").read_text())
     assert len(scores["images"]) == 3 and "stopped" not in scores  # all done: the list is whole
-    monkeypatch.setattr(OutputFolder, "write_json", real_write)
+    restore()
     real_overlay = visualize.save_overlay
 
     def terminated(*a, **k):
