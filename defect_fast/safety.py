@@ -1147,11 +1147,17 @@ def _manifest(folder: Path) -> dict[str, Any]:
 _TEMPORARY = re.compile(r"\.(.+)\.[A-Za-z0-9_]{8}\.tmp", re.DOTALL)
 
 
+def _temporary_name(entry: Path) -> str | None:
+    """The name of the file ``entry`` is a temporary :func:`atomic_open` writes to
+    (``.<name>.<8 characters>.tmp``, a plain file), e.g. one a process killed in the write left;
+    None when it is no such temporary."""
+    m = _TEMPORARY.fullmatch(entry.name)
+    return m.group(1) if m is not None and entry.is_file() and not entry.is_symlink() else None
+
+
 def _temporary_of(entry: Path, name: str) -> bool:
-    """Whether ``entry`` is a temporary :func:`atomic_open` writes a file ``name`` to
-    (``.<name>.<8 characters>.tmp``, a plain file), e.g. one a process killed in the write left."""
-    return (re.fullmatch(rf"\.{re.escape(name)}\.[A-Za-z0-9_]{{8}}\.tmp", entry.name) is not None
-            and entry.is_file() and not entry.is_symlink())
+    """Whether ``entry`` is a temporary :func:`atomic_open` writes a file ``name`` to."""
+    return _temporary_name(entry) == name
 
 
 def _foreign_entries(folder: Path) -> list[str]:
@@ -1415,8 +1421,7 @@ class OutputFolder:
             if not parent.is_dir():
                 continue
             for entry in sorted(parent.iterdir()):
-                m = _TEMPORARY.fullmatch(entry.name)
-                if m is not None and m.group(1) in here and _temporary_of(entry, m.group(1)):
+                if _temporary_name(entry) in here:
                     entry.unlink()
                     removed.append(entry)
         return removed
