@@ -496,6 +496,12 @@ def _flock_holders(fd: int) -> list[int]:
     return sorted(pids)
 
 
+def _print_line(msg: str) -> None:
+    """A log line on standard output, now: a file name's control characters, newline too, as
+    escapes (one held a terminal's escape sequences, or forged a line of its own)."""
+    print(printable(msg, newlines=False), flush=True)
+
+
 def _signature(path: Path) -> Signature:
     return stat_signature(os.stat(path))
 
@@ -1371,7 +1377,7 @@ def watch(
             :class:`~defect_fast.safety.UserError`).
         Errors of ``predict_fn`` propagate (after the results so far are recorded).
     """
-    log = log or (lambda msg: print(printable(msg, newlines=False), flush=True))  # a name's control characters as escapes
+    log = log or _print_line
     info = meta if isinstance(meta, ModelInfo) else ModelInfo(**dict(meta))
     thr = threshold if threshold is not None else info.image_threshold
     if thr is None:
@@ -1630,7 +1636,7 @@ def command(args) -> int:
         OutputFolder.check(out, inputs=[in_dir, args.run], command="watch")  # refuse before the model is read
     with contextlib.ExitStack() as held:  # the drop folder's lock, then OUT_DIR's, let go last to first
         # refused before the model is read, and before OUT_DIR is made
-        held.callback(DropFolderLock(in_dir, args.move_judged, lambda msg: print(printable(msg, newlines=False), flush=True)).acquire().release)
+        held.callback(DropFolderLock(in_dir, args.move_judged, _print_line).acquire().release)
         model = model_file(args.run)
         before = _file_key(model)  # before it is read: a file replaced during the load is looked at
         det = Detector.load(args.run, device=args.device)
@@ -1645,9 +1651,8 @@ def command(args) -> int:
             folder.mkdir(sub)
         folder.record_many([JOURNAL, STATUS])
         named = info.extra.get("threshold_image")
-        print(printable(f"threshold {info.image_threshold:.6g}: {info.extra.get('threshold_source')}"
-                        + (f" (the score of {info.extra.get('threshold_images', 'calibration')} image {named})"
-                           if named else ""), newlines=False), flush=True)
+        _print_line(f"threshold {info.image_threshold:.6g}: {info.extra.get('threshold_source')}"
+                    + (f" (the score of {info.extra.get('threshold_images', 'calibration')} image {named})" if named else ""))
         watch(lambda x: det.predict_batched(x, images_per_batch=args.batch_size), info, in_dir, out, once=args.once,
               batch_size=args.batch_size, poll_interval=args.poll, rescan_interval=args.rescan, settle=args.settle,
               recursive=args.recursive, lock=False, model_changed=model_changed, move_judged=args.move_judged,
