@@ -424,37 +424,43 @@ def cmd_predict(args) -> int:
                   "threshold_image": image_name,  # the image whose score it is, where the model file names it
                   "pixel_threshold": pixel_t, "map_scale": 2 * scale or None, "images": []}
         folder.reserve(planned)  # checked above; a user's file put there since: refused, none written
-        stopped, begun, predicted, listed = None, [], False, False
+        begun: list[str] = []  # the files of the image in hand
+
+        def write_parts() -> None:
+            """Each part's maps, overlays and entries in ``report``, an image at a time."""
+            nonlocal first
+            for a in range(0, len(paths), part):
+                images, sizes, res = first if a == 0 else scored(a)
+                first = None  # no part is held past its own
+                blank = blank_images(images).tolist()
+                for path, (map_rel, overlay_rel), img, m, s, (w, h), is_blank in zip(
+                        paths[a:a + part], names[a:a + part], images, res["maps"], res["scores"], sizes, blank):
+                    map_png, overlay_png = folder.path / map_rel, folder.path / overlay_rel
+                    if (w, h) != (det.image_size, det.image_size):  # at the photo's own size, as the Python API gives them
+                        m = resize_map(m, (h, w))
+                        with warnings.catch_warnings():  # read moments ago: what it says of the file was said then
+                            warnings.simplefilter("ignore", DataWarning)
+                            img = read_image(path, None)
+                    begun[:] = [map_rel, overlay_rel]  # until its entry is in: a stop removes what of it was written
+                    with atomic_open(map_png) as fh:  # under a temporary name until complete (kill -9 leaves no half PNG)
+                        save_map(m, fh, scale=2 * scale)
+                    with atomic_open(overlay_png) as fh:
+                        save_overlay(img, m, fh, scale=2 * scale)
+                    entry = {"image": str(path), "score": float(s), "map": map_rel, "overlay": overlay_rel, "size": [w, h]}
+                    if not scale:  # each map drawn to its own maximum: the value white is, to read the PNG back by
+                        entry["map_scale"] = white_value(m, 0.0)
+                    if image_t is not None:
+                        entry["defective"] = bool(float(s) > image_t)
+                    if is_blank:  # a camera fault (watch sets them aside): its verdict says nothing of the part
+                        entry["blank"] = True
+                    report["images"].append(entry)
+                del images, res, img, m  # the next part is read with none of this one held
+
+        stopped, listed = None, False
         while not listed:  # the list of what is kept is written whole, whatever stop comes on the way
             try:
-                if stopped is None and not predicted:
-                    for a in range(0, len(paths), part):
-                        images, sizes, res = first if a == 0 else scored(a)
-                        first = None  # no part is held past its own
-                        blank = blank_images(images).tolist()
-                        for path, (map_rel, overlay_rel), img, m, s, (w, h), is_blank in zip(
-                                paths[a:a + part], names[a:a + part], images, res["maps"], res["scores"], sizes, blank):
-                            map_png, overlay_png = folder.path / map_rel, folder.path / overlay_rel
-                            if (w, h) != (det.image_size, det.image_size):  # at the photo's own size, as the Python API gives them
-                                m = resize_map(m, (h, w))
-                                with warnings.catch_warnings():  # read moments ago: what it says of the file was said then
-                                    warnings.simplefilter("ignore", DataWarning)
-                                    img = read_image(path, None)
-                            begun = [map_rel, overlay_rel]  # until its entry is in: a stop removes what of it was written
-                            with atomic_open(map_png) as fh:  # under a temporary name until complete (kill -9 leaves no half PNG)
-                                save_map(m, fh, scale=2 * scale)
-                            with atomic_open(overlay_png) as fh:
-                                save_overlay(img, m, fh, scale=2 * scale)
-                            entry = {"image": str(path), "score": float(s), "map": map_rel, "overlay": overlay_rel, "size": [w, h]}
-                            if not scale:  # each map drawn to its own maximum: the value white is, to read the PNG back by
-                                entry["map_scale"] = white_value(m, 0.0)
-                            if image_t is not None:
-                                entry["defective"] = bool(float(s) > image_t)
-                            if is_blank:  # a camera fault (watch sets them aside): its verdict says nothing of the part
-                                entry["blank"] = True
-                            report["images"].append(entry)
-                        del images, res, img, m  # the next part is read with none of this one held
-                    predicted = True
+                if stopped is None:  # (after a stop, the parts not done are left)
+                    write_parts()
                 with signals_held():  # (raised while the list is written, a stop removed every image)
                     if stopped is not None:
                         last = {f for e in report["images"][-1:] for f in (e["map"], e["overlay"])}
