@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import copy
 import functools
+import json
 import os
 import shlex
 import signal
@@ -379,7 +380,13 @@ def cmd_predict(args) -> int:
 
     out = Path(args.out)
     inputs = [args.run, *args.images]
-    OutputFolder.check(out, overwrite=args.overwrite, inputs=inputs, command="predict")  # refuse before reading anything
+    resume = getattr(args, "resume", False)
+    if resume and args.overwrite:
+        raise UsageError("--resume continues the stopped predict in --out and --overwrite starts it again: give one")
+    if resume:  # refuse before reading anything
+        earlier = _stopped_predict(out)
+    else:
+        OutputFolder.check(out, overwrite=args.overwrite, inputs=inputs, command="predict")
     det = Detector.load(args.run, device=args.device, map_kind=args.map, stride=args.stride,  # SettingError: one line
                         smooth_sigma=args.smooth, blend=getattr(args, "blend", None))
     with far_errors(args.run, args.far):  # before any image is read
@@ -388,24 +395,34 @@ def cmd_predict(args) -> int:
     stems = output_stems(paths)
     names = [(f"maps/{stem}_map.png", f"overlays/{stem}_overlay.png") for stem in stems]
     planned = [n for pair in names for n in pair] + ["scores.json"]
-    # a user's file at one of them: refused now, before --overwrite clears the earlier output
-    OutputFolder.check(out, overwrite=args.overwrite, inputs=inputs, command="predict", names=planned)
+    header = {"run": str(args.run), "model_sha256": det.model_sha256, "map": det.map_kind, "stride": det.stride,
+              "smooth": det.smooth_sigma, "blend": det.blend, "threshold": image_t, "threshold_source": source,
+              "threshold_image": image_name,  # the image whose score it is, where the model file names it
+              "pixel_threshold": pixel_t}
+    start = 0  # the first image not done
+    if resume:
+        start = _resumable(out, earlier, header, paths, names)
+    else:  # a user's file at one of them: refused now, before --overwrite clears the earlier output
+        OutputFolder.check(out, overwrite=args.overwrite, inputs=inputs, command="predict", names=planned)
     part = PREDICT_PART
-    if len(paths) > part:  # every bad file named, before any output; read again below, a part at a time
+    if len(paths) - start > part:  # every bad file named, before any output; read again below, a part at a time
         sizes: list = []
-        check_images(paths, det.image_size, where="predict inputs", sizes=sizes)
-        det.check_proportions(sizes, paths, "predict inputs")
+        check_images(paths[start:], det.image_size, where="predict inputs", sizes=sizes)
+        det.check_proportions(sizes, paths[start:], "predict inputs")
     if image_t is None:
         print(f"defect-fast: warning: no image is flagged: {source}", file=sys.stderr)
     # white in the map images: twice the pixel threshold, or the colour scale stored with it; a model
     # file with neither (a Detector saved uncalibrated): each map's own maximum, as watch draws them
     scale = pixel_t or det.calibration.get("pixel_q999") or 0.0
 
+    header["map_scale"] = 2 * scale or None
+    one_part = len(paths) - start <= part
+
     def scored(a: int) -> tuple:
         """The part of the inputs from ``a``: (its images, their own sizes as this read found them, results)."""
         chunk, sizes = paths[a:a + part], []
-        images = read_images(chunk, det.image_size, where="predict inputs", sizes=sizes, warn=len(paths) <= part)
-        if len(paths) <= part:  # else said of them all, above
+        images = read_images(chunk, det.image_size, where="predict inputs", sizes=sizes, warn=one_part)
+        if one_part:  # else said of them all, above
             det.check_proportions(sizes, chunk, "predict inputs")
         res = det.predict_batched(images)
         what = "images" if len(paths) <= part else f"images of the part from image {a + 1} of {len(paths)}"
@@ -414,23 +431,32 @@ def cmd_predict(args) -> int:
 
     # before any output: a model that gives NaN is refused before --overwrite clears anything (for a
     # set of more than one part, a NaN, or a file changed since the check, in a later part comes
-    # after: what this command wrote is then removed, and an earlier output it replaced stays gone)
-    first = scored(0)
-    folder = OutputFolder.create(out, overwrite=args.overwrite, inputs=inputs, lock=True, command="predict")
-    with folder.writing():
+    # after: what this command wrote is then removed, and an earlier output it replaced stays gone;
+    # a resumed predict keeps what is done instead, as a stop does, the earlier command's images too)
+    first = scored(start) if start < len(paths) else None
+    if resume:
+        folder = OutputFolder.open(out, lock=True, command="predict")
+        try:  # what was checked is what is there, now that no other predict can change it
+            if _stopped_predict(out) != earlier:
+                raise OutputRefused(f"--out {out}: its scores.json changed since this command began; nothing written")
+        except BaseException:
+            folder.release()
+            raise
+    else:
+        folder = OutputFolder.create(out, overwrite=args.overwrite, inputs=inputs, lock=True, command="predict")
+    failed: Exception | None = None  # an error after the start, in a resumed predict
+    with folder if resume else folder.writing():
         folder.mkdir("maps")
         folder.mkdir("overlays")
-        report = {"run": str(args.run), "map": det.map_kind, "threshold": image_t, "threshold_source": source,
-                  "threshold_image": image_name,  # the image whose score it is, where the model file names it
-                  "pixel_threshold": pixel_t, "map_scale": 2 * scale or None, "images": []}
+        report = {**header, "images": earlier["images"] if resume else []}
         folder.reserve(planned)  # checked above; a user's file put there since: refused, none written
         begun: list[str] = []  # the files of the image in hand
 
         def write_parts() -> None:
             """Each part's maps, overlays and entries in ``report``, an image at a time."""
             nonlocal first
-            for a in range(0, len(paths), part):
-                images, sizes, res = first if a == 0 else scored(a)
+            for a in range(start, len(paths), part):
+                images, sizes, res = first if a == start else scored(a)
                 first = None  # no part is held past its own
                 blank = blank_images(images).tolist()
                 for path, (map_rel, overlay_rel), img, m, s, (w, h), is_blank in zip(
@@ -473,17 +499,69 @@ def cmd_predict(args) -> int:
                     listed = True
             except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM: the images done are kept, and scores.json says so
                 stopped = stopped or exc
+            except Exception as exc:  # noqa: BLE001 - re-raised below: a resumed predict keeps the images done
+                if not resume or stopped is not None:  # (the earlier command's among them), as a stop does
+                    raise
+                stopped = failed = exc
+    rest = ("continue with the same command and --resume, or predict all again with --overwrite"
+            if len(report["images"]) < len(paths) else "every image was done")
+    kept = f"the maps, overlays and scores of {len(report['images'])} of {len(paths)} image(s) are kept in {out} " \
+           f"(scores.json lists them)"
+    if failed is not None:
+        print(f"defect-fast: {kept}; {rest}", file=sys.stderr)
+        raise failed
     if stopped is not None:
-        rest = ("predict the rest into another --out, or all again with --overwrite" if len(report["images"]) < len(paths)
-                else "every image was done")
-        raise Stopped(f"stopped: the maps, overlays and scores of {len(report['images'])} of {len(paths)} image(s) are "
-                      f"kept in {out} (scores.json lists them); {rest}", getattr(stopped, "signum", signal.SIGINT))
+        raise Stopped(f"stopped: {kept}; {rest}", getattr(stopped, "signum", signal.SIGINT))
     flagged = sum(1 for e in report["images"] if e.get("defective"))
     n_blank = sum(1 for e in report["images"] if e.get("blank"))
     print(f"wrote maps, overlays and scores for {len(paths)} image(s) to {out}"
+          + (f" ({len(paths) - start} of them now, {start} before the stop)" if resume else "")
           + (f"; {flagged} flagged at threshold {image_t:.4g}" if image_t is not None else "")
           + (f"; {n_blank} blank frame(s), marked \"blank\" in scores.json" if n_blank else ""))
     return 0
+
+
+def _stopped_predict(out: Path) -> dict:
+    """The ``scores.json`` of the stopped predict in ``out`` (for ``--resume``); OutputRefused
+    with what to do where there is none."""
+    if OutputFolder.written_by(out) != "predict":
+        raise OutputRefused(f"--out {out}: holds no output of defect-fast predict to resume")
+    try:
+        earlier = json.loads((out / "scores.json").read_text(encoding="utf-8"))  # UnicodeDecodeError: a ValueError
+    except FileNotFoundError:
+        raise OutputRefused(f"--out {out}: has no scores.json, so no list of the images done: the predict there "
+                            "ended before it wrote one (killed); predict all again with --overwrite") from None
+    except (OSError, ValueError) as exc:
+        raise OutputRefused(f"--out {out}: its scores.json cannot be read ({exc}); predict all again with "
+                            "--overwrite") from None
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("images"), list):
+        raise OutputRefused(f"--out {out}: its scores.json is not a predict's list of images; predict all again "
+                            "with --overwrite")
+    if "stopped" not in earlier:
+        raise OutputRefused(f"--out {out}: the predict there was not stopped (it did every image); nothing to resume")
+    return earlier
+
+
+def _resumable(out: Path, earlier: dict, header: dict, paths: list[Path], names: list[tuple[str, str]]) -> int:
+    """How many of ``paths`` the stopped predict in ``out`` did; OutputRefused where this command
+    would not continue it: other images, another model file or other settings."""
+    again = "give the stopped command's run, images and options again, or predict all again with --overwrite"
+    other = [k for k in header if earlier.get(k) != header[k]]
+    if other:
+        shown = ", ".join(f"{k} {earlier.get(k)!r} -> {header[k]!r}" for k in other)
+        raise OutputRefused(f"--resume: the predict stopped in {out} ran with another model file or settings "
+                            f"({printable(shown)}); {again}")
+    done = earlier["images"]
+    given = earlier["stopped"].get("images_given") if isinstance(earlier["stopped"], dict) else None
+    if given != len(paths):
+        raise OutputRefused(f"--resume: the predict stopped in {out} was given {given} image(s), this one "
+                            f"{len(paths)}; {again}")
+    for i, (e, path, (map_rel, _)) in enumerate(zip(done, paths, names)):
+        if not isinstance(e, dict) or e.get("image") != str(path) or e.get("map") != map_rel:
+            shown = e.get("image") if isinstance(e, dict) else e
+            raise OutputRefused(f"--resume: image {i + 1} of the predict stopped in {out} was {printable(str(shown))}, "
+                                f"here it is {printable(str(path))}; {again}")
+    return len(done)
 
 
 def _record_tree(folder: OutputFolder, sub: str) -> None:
@@ -787,8 +865,10 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     r = sub.add_parser("predict", help="anomaly maps, overlays and scores for images")
     r.add_argument("run", type=input_path, help="run folder (or model.pt)")
     r.add_argument("images", type=input_path, nargs="+", help="image files or folders")
-    r.add_argument("--out", required=True, type=output_path, help="output folder (new or empty; earlier predict output only with --overwrite)")
+    r.add_argument("--out", required=True, type=output_path, help="output folder (new or empty; earlier predict output only with --overwrite, or a stopped one with --resume)")
     r.add_argument("--overwrite", action="store_true", help="replace earlier output in --out (only the files defect-fast wrote)")
+    r.add_argument("--resume", action="store_true", help="continue a predict that was stopped (Ctrl-C, SIGTERM) in --out: "
+                   "the same run, images and options, only the images it had not done")
     add_inference_options(r)
     add_threshold_options(r)
     r.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:1 or auto (default: a GPU when there is one)")

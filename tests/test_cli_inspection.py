@@ -382,6 +382,120 @@ def test_a_stopped_predict_keeps_the_images_it_finished(tiny, tmp_path, capsys, 
     assert "stopped" not in scores and len(scores["images"]) == 5
 
 
+def _stopped_predict_at(tiny, tmp_path, capsys, monkeypatch, images: int, done: int):
+    """A predict of ``images`` copies of the test set's good images into tmp_path/p, stopped by a
+    Ctrl-C as image ``done`` + 1 is drawn: (its input folder, its output folder)."""
+    from defect_fast import visualize
+
+    src = tmp_path / "in"
+    src.mkdir()
+    good = sorted((tiny["data"] / "test" / "good").glob("*.png"))
+    for i in range(images):
+        Image.open(good[i % len(good)]).save(src / f"im{i}.png")
+    real, drawn = visualize.save_overlay, []
+
+    def stopped(*a, **k):
+        if len(drawn) == done:
+            raise KeyboardInterrupt
+        drawn.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(visualize, "save_overlay", stopped)
+    out = tmp_path / "p"
+    status, _, err = cli(["predict", tiny["run"], src, "--out", out, "--device", "cpu"], capsys)
+    assert status == 130 and f"of {done} of {images} image(s) are kept" in err and "--resume" in err, err
+    monkeypatch.setattr(visualize, "save_overlay", real)
+    return src, out
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_stopped_predict_resumes_with_the_images_it_had_not_done(tiny, tmp_path, capsys, monkeypatch):
+    """A stopped predict of many images could only be done again whole (--overwrite): --resume
+    does the images it had not done, keeps the files and entries of those it had, and ends with
+    the list an uninterrupted predict writes."""
+    src, out = _stopped_predict_at(tiny, tmp_path, capsys, monkeypatch, images=5, done=3)
+    before = _files(out)
+    kept = json.loads((out / "scores.json").read_text())["images"]
+    status, stdout, err = cli(["predict", tiny["run"], src, "--out", out, "--device", "cpu", "--resume"], capsys)
+    assert status == 0 and "for 5 image(s)" in stdout and "2 of them now, 3 before the stop" in stdout, err
+    scores = json.loads((out / "scores.json").read_text())
+    assert "stopped" not in scores and scores["images"][:3] == kept and len(scores["images"]) == 5
+    after = _files(out)
+    assert all(after[e[f]] == before[e[f]] for e in kept for f in ("map", "overlay"))  # not written again
+    # the two done now: as a predict of those two alone (the same parts) gives them
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    for i in (3, 4):
+        (alone / f"im{i}.png").write_bytes((src / f"im{i}.png").read_bytes())
+    assert cli(["predict", tiny["run"], alone, "--out", tmp_path / "q", "--device", "cpu"], capsys)[0] == 0
+    theirs = json.loads((tmp_path / "q" / "scores.json").read_text())
+    assert [e["score"] for e in scores["images"][3:]] == [e["score"] for e in theirs["images"]]
+    assert [after[e["map"]] for e in scores["images"][3:]] == [(tmp_path / "q" / e["map"]).read_bytes()
+                                                               for e in theirs["images"]]
+    assert scores["model_sha256"] == hashlib.sha256((tiny["run"] / "model.pt").read_bytes()).hexdigest()
+    # a finished predict: nothing to resume, and nothing touched
+    status, _, err = cli(["predict", tiny["run"], src, "--out", out, "--device", "cpu", "--resume"], capsys)
+    refused(status, err, "was not stopped", "nothing to resume")
+    assert _files(out) == after
+
+
+def test_resume_refuses_other_images_settings_or_folders(tiny, tmp_path, capsys, monkeypatch):
+    """A resume that would mix maps of other settings, another model or other images into one list
+    is refused, and leaves the stopped output as it was."""
+    src, out = _stopped_predict_at(tiny, tmp_path, capsys, monkeypatch, images=4, done=2)
+    before = _files(out)
+    base = ["predict", tiny["run"], src, "--out", out, "--device", "cpu", "--resume"]
+    status, _, err = cli(base + ["--smooth", "3"], capsys)
+    refused(status, err, "--resume", "settings", "smooth")
+    status, _, err = cli(base + ["--overwrite"], capsys)
+    refused(status, err, "--resume", "--overwrite")
+    (src / "im3.png").unlink()
+    status, _, err = cli(base, capsys)
+    refused(status, err, "was given 4 image(s), this one 3")
+    (src / "im3.png").write_bytes((src / "im2.png").read_bytes())
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("a.png", "b.png", "c.png", "d.png"):
+        (other / name).write_bytes((src / "im0.png").read_bytes())
+    status, _, err = cli(["predict", tiny["run"], other, "--out", out, "--device", "cpu", "--resume"], capsys)
+    refused(status, err, "image 1 of the predict stopped", "a.png")
+    assert _files(out) == before
+    status, _, err = cli(["predict", tiny["run"], src, "--out", tmp_path / "none", "--device", "cpu", "--resume"], capsys)
+    refused(status, err, "no output of defect-fast predict to resume")
+    assert not (tmp_path / "none").exists()
+
+
+def test_a_resumed_predict_that_fails_keeps_what_is_done(tiny, tmp_path, capsys, monkeypatch):
+    """An error in a resumed predict (an image changed since its check) removed nothing of the
+    earlier command's images only by luck of the order: the images done, before and now, are
+    kept and listed as stopped, and a second resume finishes."""
+    from defect_fast import visualize
+    from defect_fast.data.io import DataError
+
+    src, out = _stopped_predict_at(tiny, tmp_path, capsys, monkeypatch, images=5, done=2)
+    real, drawn = visualize.save_overlay, []
+
+    def fails_at_the_second(*a, **k):
+        if len(drawn) == 1:
+            raise DataError("im3.png: changed since it was checked")
+        drawn.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(visualize, "save_overlay", fails_at_the_second)
+    status, _, err = cli(["predict", tiny["run"], src, "--out", out, "--device", "cpu", "--resume"], capsys)
+    assert status == 2 and "changed since it was checked" in err and "of 3 of 5 image(s) are kept" in err, err
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["stopped"] == {"images_done": 3, "images_given": 5}
+    assert sorted(p.name for p in (out / "maps").iterdir()) == sorted(Path(e["map"]).name for e in scores["images"])
+    monkeypatch.setattr(visualize, "save_overlay", real)
+    status, _, err = cli(["predict", tiny["run"], src, "--out", out, "--device", "cpu", "--resume"], capsys)
+    assert status == 0, err
+    assert len(json.loads((out / "scores.json").read_text())["images"]) == 5
+
+
 def test_a_predict_stopped_as_it_writes_its_list_keeps_every_image(tiny, tmp_path, capsys, monkeypatch):
     """A stop while the scores.json of a finished predict was written removed every image (with
     --overwrite, the earlier output was gone too); SIGTERM's stop says so by its status (143)."""
