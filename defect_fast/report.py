@@ -134,14 +134,15 @@ def _fmt(v: Any, digits: int = 4) -> str:
 _LOG_SPAN = 20.0
 
 
-def _histogram_bins(scores: np.ndarray) -> tuple[np.ndarray, bool]:
+def _histogram_bins(scores: np.ndarray, threshold: float | None = None) -> tuple[np.ndarray, bool]:
     """(bin edges, whether they are log-spaced) of the score histogram. Equal bins from the lowest
     to the highest score put every good image in the first bin where defects score 25 times
     higher, the threshold drawn on it: where the scores are positive and span more than
-    :data:`_LOG_SPAN`, the bins are equal in log(score) instead."""
+    :data:`_LOG_SPAN`, the bins are equal in log(score) instead, unless ``threshold`` is 0 or
+    below, which a log axis cannot show."""
     n = min(40, max(5, scores.size // 3))
     lo, hi = (float(scores.min()), float(scores.max())) if scores.size else (0.0, 0.0)
-    if lo > 0 and hi / lo > _LOG_SPAN:
+    if lo > 0 and hi / lo > _LOG_SPAN and (threshold is None or threshold > 0):
         return np.geomspace(lo, hi, n + 1), True
     return np.histogram_bin_edges(scores, bins=n), False
 
@@ -151,7 +152,7 @@ def _histogram(scores: np.ndarray, labels: np.ndarray | None, threshold: float |
 
     fig = Figure(figsize=(6.4, 3.6))
     ax = fig.add_subplot(111)
-    bins, log = _histogram_bins(scores)
+    bins, log = _histogram_bins(scores, threshold)
     if log:
         ax.set_xscale("log")
     if labels is None:
@@ -165,6 +166,19 @@ def _histogram(scores: np.ndarray, labels: np.ndarray | None, threshold: float |
     ax.set_ylabel("images")
     ax.legend(fontsize=8)
     return _fig_uri(fig)
+
+
+def _class_table(metrics: Mapping[str, Any]) -> str:
+    """The metrics table: every class, then each defect class (evaluate's keys)."""
+    keys = ("pixel_auroc", "image_auroc", "aupro", "pixel_f1_max")
+    shown = {"aupro": "aupro (FPR &le; 0.3)"}  # the integration limit, which the name leaves out
+    # a class's row is measured on its images and the good ones, as evaluate's per-class metrics are
+    head = ("<tr><th>class</th>" + "".join(f"<th>{shown.get(k, k)}</th>" for k in keys)
+            + "<th>images (with the good ones)</th></tr>")
+    trs = [("every class", metrics)] + sorted(metrics.get("per_class", {}).items())
+    return "<table>" + head + "".join(
+        f"<tr><td>{html.escape(c)}</td>" + "".join(f"<td>{_fmt(m.get(k))}</td>" for k in keys)
+        + f"<td>{m.get('num_images')}</td></tr>" for c, m in trs) + "</table>"
 
 
 def _operating_point(scores: np.ndarray, labels: np.ndarray, threshold: float) -> tuple[float, float, float]:
@@ -418,17 +432,14 @@ def write_report(
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
                 if issubclass(w.category, MetricWarning):
                     undefined.append(str(w.message).removesuffix("; returning nan"))
-            keys = ("pixel_auroc", "image_auroc", "aupro", "pixel_f1_max")
-            shown = {"aupro": "aupro (FPR &le; 0.3)"}  # the integration limit, which the name leaves out
-            # a class's row is measured on its images and the good ones, as evaluate's per-class metrics are
-            head = ("<tr><th>class</th>" + "".join(f"<th>{shown.get(k, k)}</th>" for k in keys)
-                    + "<th>images (with the good ones)</th></tr>")
-            trs = [("every class", metrics)] + sorted(metrics.get("per_class", {}).items())
-            body.append("<table>" + head + "".join(
-                f"<tr><td>{html.escape(c)}</td>" + "".join(f"<td>{_fmt(m.get(k))}</td>" for k in keys)
-                + f"<td>{m.get('num_images')}</td></tr>" for c, m in trs) + "</table>")
+            body.append(_class_table(metrics))
             if undefined:
                 body.append('<p class="note">n/a: ' + "; ".join(html.escape(u) for u in dict.fromkeys(undefined)) + "</p>")
+        elif has_bad and has_good and classes is not None:  # image AUROC overall and per class, as evaluate gives it
+            from .evaluate import image_level_metrics
+
+            metrics = image_level_metrics(torch.as_tensor(s), torch.as_tensor(y), list(classes))
+            body.append(_class_table(metrics))  # (the pixel columns n/a: "not on this page" says why)
         elif has_bad and has_good:
             from .metrics import image_auroc
 
@@ -459,7 +470,7 @@ def write_report(
                 rows.append(("miss rate at it", f"{_fmt(r['miss_rate'])} ({r['misses']} of {r['n_defective']} defective)"))
         if rows:
             body.append("<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in rows) + "</table>")
-        points = operating_points(s, y, meta.extra.get("held_back")) if meta is not None and has_bad and has_good else []
+        points = operating_points(s, y, meta.extra.get("held_back")) if meta is not None else []
         if len(points) > 1:
             metrics["operating_points"] = points
             body.append(f"<p>Thresholds <code>--far</code> can set (the k-th highest "
@@ -590,22 +601,33 @@ def report_from_data(
         DataError: unreadable data (every bad file listed), as the data readers do.
     """
     from .data import list_images, load_test_set, read_images
-    from .data.io import DataError, blank_images, outside_proportions, warn_data
+    from .data.io import BlankFramesWarning, DataError, DataWarning, blank_images, outside_proportions, warn_data
     from .evaluate import check_finite
 
     data = Path(data)
     labels = masks = classes = None
-    if (data / "test").is_dir():
-        test = load_test_set(data, meta.image_size, require_masks=False)  # without ground_truth/: image-level only
-        images, names, sizes = test.images, [str(p) for p in test.paths], test.sizes
-        labels, masks, classes = test.labels, (test.masks if test.has_masks else None), test.classes
-    else:
-        paths = list_images(data)
-        if not paths:
-            raise DataError(f"{data}: no images (and no MVTec-style test/ folder)")
-        sizes = []
-        images, names = read_images(paths, meta.image_size, where=data, sizes=sizes), [str(p) for p in paths]
-    notes = list(check_images(images, names)) if check_images is not None else []
+    # what the readers say of the data (a test set without good/, files skipped, empty masks) changes
+    # what the figures count: on stderr, and on the page, which outlives it (blank frames: below)
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DataWarning)
+            if (data / "test").is_dir():
+                test = load_test_set(data, meta.image_size, require_masks=False)  # without ground_truth/: image-level only
+                images, names, sizes = test.images, [str(p) for p in test.paths], test.sizes
+                labels, masks, classes = test.labels, (test.masks if test.has_masks else None), test.classes
+            else:
+                paths = list_images(data)
+                if not paths:
+                    raise DataError(f"{data}: no images (and no MVTec-style test/ folder)")
+                sizes = []
+                images, names = read_images(paths, meta.image_size, where=data, sizes=sizes), [str(p) for p in paths]
+    finally:  # (said again once recording has ended: said within, each was recorded again)
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    notes = [str(w.message) for w in caught
+             if issubclass(w.category, DataWarning) and not issubclass(w.category, BlankFramesWarning)]
+    notes += list(check_images(images, names)) if check_images is not None else []
     stretched = outside_proportions(sizes, names, meta.extra.get("trained_proportions"), data)
     if stretched:  # on stderr, and on the page, which outlives it
         warn_data(stretched, stacklevel=2)

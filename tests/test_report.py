@@ -616,3 +616,74 @@ def test_the_page_never_replaces_a_file_written_at_out_during_its_write(tmp_path
     with pytest.raises(OutputRefused, match="a file appeared there while the report was made; not replacing it"):
         write_report(page, names=["a", "b", "c"], images=images, maps=res["maps"], scores=res["scores"], replace=False)
     assert page.read_text() == "theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["r.html"]
+
+
+def test_what_the_readers_say_of_the_data_is_on_the_page_too(tmp_path):
+    """A test set without good/ (every image taken as defective) or files the reader skipped
+    changes what the figures count: said on stderr only, the shared page showed the good images
+    as misses with no word why. Blank frames keep their own note, not a second one."""
+    import warnings
+
+    from defect_fast.data import DataWarning
+
+    images, _masks, _labels, _classes = make_set(n_good=3, n_bad=0)
+    root = tmp_path / "data"
+    (root / "test" / "OK").mkdir(parents=True)
+    for i, im in enumerate(images):
+        Image.fromarray(im.permute(1, 2, 0).numpy()).save(root / "test" / "OK" / f"{i}.png")
+    Image.fromarray(np.full((S, S, 3), 70, np.uint8)).save(root / "test" / "OK" / "shutter.png")
+    (root / "test" / "loose.png").write_bytes((root / "test" / "OK" / "0.png").read_bytes())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = report_from_data(stub_predict, ModelInfo(S, image_threshold=0.5), root, tmp_path / "r.html")
+    said = [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
+    assert any("taken as defective" in m for m in said) and any("loose.png" in m for m in said), said
+    summary = Path(out["path"]).read_text().split("</table>")[0]
+    notes = summary.split("<th>notes</th>")[1]
+    assert "taken as defective" in notes and "loose.png" in notes
+    assert "1 of the 4 images are blank frames" in notes and notes.count("shutter.png") == 1  # once, not twice
+
+
+def test_without_masks_the_page_gives_evaluate_s_per_class_image_auroc(tmp_path):
+    """A test set without ground_truth/ had one image AUROC cell where evaluate gives a row per class."""
+    images, _masks, labels, classes = make_set(n_good=4, n_bad=4)
+    classes = classes[:4] + ["spot", "spot", "scratch", "scratch"]
+    root = tmp_path / "data"
+    for i, (im, c) in enumerate(zip(images, classes)):
+        (root / "test" / c).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im.permute(1, 2, 0).numpy()).save(root / "test" / c / f"{i:03d}.png")
+    out = report_from_data(stub_predict, ModelInfo(S, image_threshold=0.5), root, tmp_path / "r.html")
+    from defect_fast.evaluate import image_level_metrics
+
+    s = stub_predict(images)["scores"]
+    expected = image_level_metrics(s, labels, classes)
+    assert sorted(out["metrics"]["per_class"]) == ["scratch", "spot"]
+    for c in ("scratch", "spot"):
+        assert out["metrics"]["per_class"][c]["image_auroc"] == pytest.approx(expected["per_class"][c]["image_auroc"])
+    text = Path(out["path"]).read_text()
+    assert "<tr><td>scratch</td><td>n/a</td>" in text and "<tr><td>spot</td><td>n/a</td>" in text
+
+
+def test_the_thresholds_far_can_set_are_listed_for_good_images_only(tmp_path):
+    """A set of defect-free line images is where a false-alarm rate is chosen; the table needed
+    defective images too (evaluate lists it)."""
+    images, masks, labels, classes = make_set(n_good=6, n_bad=0)
+    res = stub_predict(images)
+    held = [9.0, 0.8, 0.4, -1.0 / 3] + [-2.0] * 36
+    info = ModelInfo(S, image_threshold=9.0, extra={"held_back": {"held_back_scores": held, "n_images": 40}})
+    out = write_report(tmp_path / "a.html", names=[f"img{i}.png" for i in range(6)], images=images, maps=res["maps"],
+                       scores=res["scores"], labels=labels, masks=masks, classes=classes, meta=info)
+    points = out["metrics"]["operating_points"]
+    s = res["scores"].numpy()
+    assert [p["false_alarms"] for p in points] == [int((s > t).sum()) for t in held[:4]]
+    assert "Thresholds <code>--far</code> can set" in Path(out["path"]).read_text()
+
+
+def test_a_threshold_a_log_axis_cannot_show_keeps_the_axis_linear():
+    """Scores spanning 100x drew on a log axis, where a threshold of 0 or below has no place:
+    the legend named it and no line was drawn."""
+    from defect_fast.report import _histogram_bins
+
+    scores = np.geomspace(0.01, 1.0, 30)
+    assert _histogram_bins(scores)[1] and _histogram_bins(scores, 0.005)[1]
+    assert not _histogram_bins(scores, 0.0)[1] and not _histogram_bins(scores, -0.5)[1]

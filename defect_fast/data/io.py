@@ -31,6 +31,7 @@ from ..safety import UserError, allocation_failed
 __all__ = [
     "IMAGE_EXTENSIONS",
     "DataError",
+    "BlankFramesWarning",
     "DataWarning",
     "collect_images",
     "list_images",
@@ -64,6 +65,11 @@ class DataError(UserError, ValueError):
 
 class DataWarning(UserWarning):
     """Something in a data folder was skipped (e.g. a file that is not an image)."""
+
+
+class BlankFramesWarning(DataWarning):
+    """Images read that are of one colour throughout (:func:`warn_blank`): a failed exposure, a
+    covered lens."""
 
 
 def _is_hidden(path: Path) -> bool:
@@ -602,7 +608,7 @@ def warn_blank(images: torch.Tensor | Sequence[bool], paths: Sequence[Path], whe
     if blank:
         shown = ", ".join(blank[:3]) + (", ..." if len(blank) > 3 else "")  # in the order given (image 2 before 10)
         warn_data(f"{where}: {len(blank)} of {len(paths)} images are of one colour throughout ({shown}): blank "
-                  "frames (a failed exposure, a covered lens)?", stacklevel=_callers_level())
+                  "frames (a failed exposure, a covered lens)?", stacklevel=_callers_level(), category=BlankFramesWarning)
 
 
 #: How far (a factor) an image's width-to-height ratio may lie outside the ratios of the training
@@ -649,8 +655,8 @@ def _ratio(r: float) -> str:
     return f"{text}:1" if r >= 1 else f"1:{text}"
 
 
-def warn_data(message: str, stacklevel: int = 1) -> None:
-    """``warnings.warn(message, DataWarning, stacklevel)``, shown and filtered as it would be, but
+def warn_data(message: str, stacklevel: int = 1, category: type[DataWarning] = DataWarning) -> None:
+    """``warnings.warn(message, category, stacklevel)``, shown and filtered as it would be, but
     kept in no warning registry. The messages of one file's reading name the file, and the registry
     that the default filter keeps in the warning line's module holds every distinct text for the
     life of the process: a service reading a 12-bit camera's frames or multi-page TIFFs, each
@@ -666,7 +672,7 @@ def warn_data(message: str, stacklevel: int = 1) -> None:
         filename, lineno, globals_ = "sys", 1, sys.__dict__
     else:
         filename, lineno, globals_ = frame.f_code.co_filename, frame.f_lineno, frame.f_globals
-    warnings.warn_explicit(message, DataWarning, filename, lineno, module=globals_.get("__name__", "<string>"),
+    warnings.warn_explicit(message, category, filename, lineno, module=globals_.get("__name__", "<string>"),
                            registry=None)
 
 
