@@ -440,7 +440,8 @@ def chosen_threshold(calibration: Mapping[str, Any] | None, threshold: float | N
         raise ValueError("give threshold or far, not both")
     cal = dict(calibration or {})
     image, pixel, source = stored_thresholds(cal)
-    name, far_expected = (cal.get("threshold_image") if image is not None else None), cal.get("far_expected")
+    # (thresholds set aside keep the rate their file was calibrated for, not one of a threshold in use)
+    name, far_expected = (cal.get("threshold_image"), cal.get("far_expected")) if image is not None else (None, None)
     if threshold is not None:  # no rate was asked of it, and none is known
         image, source, name, far_expected = float(threshold), "given on the command line", None, None
     elif far is not None:
@@ -590,7 +591,8 @@ def evaluate_thresholds(scores, labels, calibration: Mapping[str, Any] | None = 
     far_asked = far if far is not None else (cal.get("far") if threshold is None else None)  # the rate asked of it
     return {"f1_optimal": f1_optimal_threshold(scores, labels), "far_asked": far_asked,
             "n_good": int((np.asarray(labels).reshape(-1) == 0).sum()),
-            "far_expected": chosen.far_expected, "n_calibration_images": cal.get("n_images"),
+            "far_expected": chosen.far_expected,
+            "n_calibration_images": cal.get("n_images") if chosen.far_expected is not None else None,
             "threshold_image": chosen.image_name, "threshold_images": scored_images(cal),
             "at_threshold": rates_at(scores, labels, chosen.image) if chosen.image is not None else None,
             "threshold_source": chosen.source, "operating_points": operating_points(scores, labels, cal)}

@@ -869,10 +869,17 @@ class Detector(nn.Module):
             norm, context = {}, None
         calibration = state.get("calibration")
         changed = _changed_settings(stored, model, map_kind, stride, smooth_sigma, options.get("blend"))
-        if changed and calibration:
-            # thresholds hold only for the map they were calibrated on: none rather than a wrong one
+        # the score averages another number of top values (a file stores the default's: save refuses another)
+        top = options.get("top_fraction")
+        pixels = state["image_size"] ** 2 if isinstance(state.get("image_size"), int) else None
+        other_score = isinstance(top, numbers.Real) and 0 < top <= 1 and pixels is not None \
+            and _top_count(pixels, top) != _top_count(pixels, TOP_FRACTION)
+        if (changed or other_score) and calibration:
+            # thresholds hold only for the map and score they were calibrated on: none rather than a wrong one
             calibration = {k: v for k, v in calibration.items() if k not in THRESHOLD_KEYS}
-            calibration["inapplicable"] = f"calibrated with other inference settings ({', '.join(changed)})"
+            calibration["inapplicable"] = ("calibrated with other inference settings ("
+                                           + ", ".join(changed + ([f"top_fraction {TOP_FRACTION} -> {top}"] if other_score else []))
+                                           + ")")
         fitted = [name for name, part in (("perceptual map", perceptual), ("image context", context),
                                           ("per-position normalisation", norm.get("std"))) if part is not None]
         if changed and same_kind and fitted:
@@ -1661,13 +1668,43 @@ class Detector(nn.Module):
         ``pixel_q999`` (the 99.9th percentile of their map values, the maps' colour scale:
         :func:`~defect_fast.calibration.colour_scale`, estimated from a sample of a large set).
         ``names`` (one per image) name the image whose score the threshold is and the highest.
+        Blank frames (one colour throughout) are left out, as ``defect-fast calibrate`` leaves them
+        out (a warning names them); images the run trained on or fitted its map on, as its model
+        file records them, are named in a warning (the command refuses them).
         Replaces :attr:`calibration` and returns it.
         """
         from .calibration import DEFAULT_FAR
+        from .data.io import DataError, _callers_level, blank_images, image_keys, warn_data
         from .evaluate import check_finite
 
         # checked once, as calibrate's (through predict_batched, its warnings came twice)
         given = self._at_model_size(self._checked_batch(normal_images, "calibrate"))
+        if names is not None and len(names) != given.shape[0]:
+            raise ValueError(f"calibrate: {len(names)} names for {given.shape[0]} images")
+        shown = (lambda i: str(names[i])) if names is not None else (lambda i: f"image {i}")  # noqa: E731
+        blank = blank_images(given)
+        if bool(blank.any()):  # as defect-fast calibrate: a black frame's score set the threshold 9x higher
+            left = blank.nonzero().flatten().tolist()
+            if len(left) == given.shape[0]:
+                raise DataError(f"calibrate: every one of the {len(left)} images is a blank frame, one colour "
+                                "throughout (a failed exposure, a covered lens?); give photographs of defect-free parts")
+            warn_data(f"calibrate: {len(left)} blank frame(s), one colour throughout, are left out: a camera fault, "
+                      f"which watch sets aside and never judges ({', '.join(shown(i) for i in left[:3])}"
+                      f"{', ...' if len(left) > 3 else ''})", stacklevel=_callers_level())
+            keep = (~blank).nonzero().flatten()
+            given, names = given[keep], None if names is None else [names[i] for i in keep.tolist()]
+            shown = (lambda i: str(names[i])) if names is not None else (lambda i: f"image {keep[i].item()}")  # noqa: E731
+        # the images the thresholds will rest on, as defect-fast calibrate records them (None: float pixels,
+        # not as a file reads, are not known)
+        keys = image_keys(given.cpu()) if given.dtype == torch.uint8 else None
+        seen = self._seen_keys() if keys is not None else None
+        if seen:
+            known = [i for i, k in enumerate(keys) if k in seen]
+            if known:  # defect-fast calibrate refuses them; here, said
+                warn_data(f"calibrate: {len(known)} of the images {'is one' if len(known) == 1 else 'are ones'} the "
+                          f"run trained on or fitted its map on ({', '.join(shown(i) for i in known[:3])}"
+                          f"{', ...' if len(known) > 3 else ''}): thresholds set on them are optimistic (false alarms "
+                          "on new parts); give defect-free images the run has not seen", stacklevel=_callers_level())
         res = self._predict_batched(given, 8, False)
         check_finite(res, names, None, self.precision, "defect-free images")
         if far is None:  # the rate asked before (it stays when a fit sets the thresholds aside)
@@ -1676,13 +1713,18 @@ class Detector(nn.Module):
         cal["pixel_q999"] = colour_scale(res["maps"])
         cal["precision"] = self.precision  # what the scores were computed in (load warns of another)
         self.calibration = cal
-        # the images the thresholds now rest on, as defect-fast calibrate records them (None: float pixels,
-        # not as a file reads, are not known)
-        from .data.io import image_keys
-
-        self._record_image_keys(calibrated=[k.hex() for k in image_keys(given.cpu())] if given.dtype == torch.uint8
-                                else None)
+        self._record_image_keys(calibrated=None if keys is None else [k.hex() for k in keys])
         return cal
+
+    def _seen_keys(self) -> set[bytes] | None:
+        """Pixel keys of the images the run behind this Detector trained on or fitted its map on,
+        as its model file records them (None where it does not: a Detector of a model in memory,
+        or of a file written before the record)."""
+        from .recalibrate import recorded_keys
+
+        record = self.__dict__.get("_run_record") or {}
+        recorded = recorded_keys({**record, "calibration": self.calibration}) if record else None
+        return set(recorded["seen"]) if recorded is not None and recorded["seen"] is not None else None
 
     @_entry_point
     @_plain_tensors
@@ -1691,7 +1733,8 @@ class Detector(nn.Module):
         """Per-position mean and std of raw maps over defect-free images, stored in ``norm_mean``/``norm_std``.
 
         Args:
-            normal_images: uint8 [N,3,H,W] (or float in [-1, 1]), N >= 2 defect-free images.
+            normal_images: uint8 [N,3,H,W] (or float in [-1, 1]), N >= 2 defect-free images; blank
+                frames among them are left out (a warning names them) where 2 others remain.
             min_std: absolute floor of the std. The std is also floored at
                 :data:`NORM_STD_FLOOR` of its root-mean-square over the positions: a region the
                 same in every image (a background, a fixture, a clipped highlight) has a std of
@@ -1704,12 +1747,22 @@ class Detector(nn.Module):
             image context, whose standardisation was measured on the maps before, is removed
             (:meth:`calibrate` and :meth:`fit_context` again), as :meth:`fit_perceptual` does.
         """
+        from .data.io import _callers_level, blank_images, warn_data
+
         # 0, or a value float32 rounds to 0: a position that never varies divides 0 by 0 (NaN scores)
         if not _real("min_std", min_std) >= torch.finfo(torch.float32).tiny:
             raise ValueError(f"min_std must be > 0 (at least {torch.finfo(torch.float32).tiny:.3g}, float32's "
                              f"smallest normal number), got {min_std!r}")
         images_per_batch = _integer("images_per_batch", images_per_batch, 1)
         normal_images = self._at_model_size(self._checked_batch(normal_images, "fit_normalization"))
+        # as training leaves them out of its fits: one black frame made the std 15 times wider
+        blank = blank_images(normal_images)
+        if bool(blank.any()) and int((~blank).sum()) >= 2:
+            left = blank.nonzero().flatten().tolist()
+            warn_data(f"fit_normalization: {len(left)} blank frame(s), one colour throughout, are left out: a camera "
+                      f"fault, which watch sets aside and never judges (image {', '.join(map(str, left[:3]))}"
+                      f"{', ...' if len(left) > 3 else ''})", stacklevel=_callers_level())
+            normal_images = normal_images[~blank]
         if normal_images.shape[0] < 2:
             raise ValueError(f"fit_normalization needs at least 2 images, got {normal_images.shape[0]}")
         with torch.no_grad():

@@ -563,3 +563,65 @@ def test_a_detector_fitted_in_python_records_its_fit_images_and_is_no_longer_the
                      capsys)[::2], said, "fitted its map on")
     status, _out, err = cli(["audit", tmp_path / "fitted.pt", "--out", tmp_path / "a", "--device", "cpu"], capsys)
     refused(status, err, "fitted again in Python")
+
+
+def test_calibrate_in_python_leaves_out_blank_frames_and_names_the_run_s_own_images(runs):
+    """Detector.calibrate, the Python way to set thresholds again, took a black frame's score as
+    the threshold (9 times the parts': every defect passed) and the run's own training images
+    without a word; defect-fast calibrate leaves the one out and refuses the other."""
+    import warnings
+
+    from defect_fast.data import DataWarning
+    from defect_fast.data.io import DataError
+
+    parts = read_images(sorted(runs["more"].glob("*.png"))[:6], SIZE)
+    black, white = torch.zeros(1, 3, SIZE, SIZE, dtype=torch.uint8), torch.full((1, 3, SIZE, SIZE), 255, dtype=torch.uint8)
+    det = Detector.load(runs["run"], device="cpu")
+    plain = dict(det.calibrate(parts, 0.2))
+    with pytest.warns(DataWarning, match=r"2 blank frame\(s\).*left out.*\(image 6, image 7\)"):
+        cal = det.calibrate(torch.cat([parts, black, white]), 0.2)
+    assert cal["image_threshold"] == plain["image_threshold"] and cal["n_images"] == 6
+    names = [f"p{i}.png" for i in range(6)] + ["black.png"]
+    with pytest.warns(DataWarning, match=r"\(black.png\)"):
+        det.calibrate(torch.cat([parts, black]), 0.2, names=names)
+    with pytest.raises(DataError, match="every one of the 2 images is a blank frame"):
+        det.calibrate(torch.cat([black, white]))
+    trained = read_images(sorted((runs["data"] / "train" / "good").glob("*.png"))[:3], SIZE)
+    with pytest.warns(DataWarning, match=r"3 of the images are ones the run trained on"):
+        det.calibrate(torch.cat([parts, trained]), 0.2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        det.calibrate(parts, 0.2)  # unseen, none blank: nothing said
+
+
+def test_fit_normalization_in_python_leaves_out_blank_frames(runs):
+    """One black frame among the fit images made the per-position std 15 times wider."""
+    from defect_fast.data import DataWarning
+
+    parts = read_images(sorted(runs["more"].glob("*.png"))[:6], SIZE)
+    det = Detector.load(runs["run"], device="cpu")
+    plain = det.fit_normalization(parts)
+    with pytest.warns(DataWarning, match=r"1 blank frame\(s\).*left out.*\(image 2\)"):
+        fitted = det.fit_normalization(torch.cat([parts[:2], torch.zeros(1, 3, SIZE, SIZE, dtype=torch.uint8), parts[2:]]))
+    assert torch.equal(fitted["std"], plain["std"]) and torch.equal(fitted["mean"], plain["mean"])
+
+
+def test_another_top_fraction_sets_the_stored_thresholds_aside(runs, tmp_path, capsys):
+    """Detector.load(run, top_fraction=...) kept the thresholds set on the default score: with the
+    whole map's mean as the score, no defect reached them. evaluate's JSON gave the expected
+    rate of thresholds it had set aside."""
+    from defect_fast.detect import TOP_FRACTION
+
+    from defect_fast.detect import SettingError
+
+    det = Detector.load(runs["run"], device="cpu", top_fraction=1.0)
+    with pytest.raises(SettingError, match=r"the stored ones were calibrated with other inference settings "
+                                           r"\(top_fraction 0.001 -> 1.0\)"):
+        det.image_threshold()
+    same = Detector.load(runs["run"], device="cpu", top_fraction=TOP_FRACTION * 1.0001)  # the same number of values
+    assert same.image_threshold() == Detector.load(runs["run"], device="cpu").image_threshold() is not None
+    status, stdout, err = cli(["evaluate", runs["run"], runs["data"], "--device", "cpu", "--stride", "32", "--json", "-"],
+                              capsys)
+    assert status == 0, err
+    th = json.loads(stdout)["thresholds"]
+    assert th["at_threshold"] is None and th["far_expected"] is None and th["n_calibration_images"] is None
