@@ -26,6 +26,8 @@ def _missing() -> str | None:
             return f"{tool} not found"
     if not any(Path(p, "png.h").exists() for p in ("/usr/include", "/usr/local/include")):
         return "libpng headers not found (apt-get install libpng-dev)"
+    if not any(Path(p, "openssl", "evp.h").exists() for p in ("/usr/include", "/usr/local/include")):
+        return "OpenSSL headers not found (apt-get install libssl-dev)"
     return None
 
 
@@ -627,3 +629,81 @@ def test_cpp_runner_names_a_folder_an_empty_file_and_an_odd_map_out(runner, smal
     assert out.returncode == 0, out.stderr
     with Image.open(tmp_path / "map.PNG") as im:
         assert im.format == "PNG" and im.size == (64, 64)
+
+
+def test_cpp_runner_refuses_a_model_file_its_description_does_not_describe(runner, small, tmp_path):
+    """A copy of the model file with a block of zeros in it loaded and scored with status 0
+    (LibTorch's zip reader checks no CRC): its description, written beside it by export, records
+    its SHA-256, and the runner checks it."""
+    def run(model) -> subprocess.CompletedProcess:
+        return subprocess.run([str(runner), str(model), str(small.photo)], capture_output=True, text=True, timeout=300)
+
+    data = bytearray(small.ts.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4096] = bytes(4096)
+    damaged = tmp_path / "det.ts"
+    damaged.write_bytes(bytes(data))
+    shutil.copy(str(small.ts) + ".json", str(damaged) + ".json")
+    assert _one_line_error(run(damaged)) == (
+        f"{damaged}: its bytes are not those its description {damaged}.json records (file_digest): a damaged copy, "
+        "or one of the two replaced without the other; copy or export them again")
+    Path(str(damaged) + ".json").write_text('{"image_size": 64}')
+    assert _one_line_error(run(damaged)) == (
+        f"{damaged}.json: records no file_digest, so it cannot be checked against det.ts; export the file again")
+    shutil.copy(small.ts, damaged)
+    shutil.copy(str(small.ts) + ".json", str(damaged) + ".json")
+    assert run(damaged).returncode == 0
+
+
+def _rezipped(source: Path, target: Path, change) -> Path:
+    """``source`` (a TorchScript zip) written again to ``target`` with ``change(name, bytes)`` applied to each record."""
+    import zipfile
+
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, change(info.filename, zin.read(info.filename)))
+    return target
+
+
+def test_cpp_runner_gives_torch_s_reason_for_a_file_it_cannot_load(runner, small, tmp_path):
+    """A file from a newer torch (an op this LibTorch lacks, a newer archive version) was reported
+    by a line of its source code, or as "not a zip archive ... or cut off"."""
+    import re
+
+    def newer_op(name: str, data: bytes) -> bytes:
+        if "/code/" in name and name.endswith(".py") and re.search(rb"torch\.(\w+)\(", data):
+            return re.sub(rb"torch\.(\w+)\(", rb"torch.\1_v9(", data, count=1)
+        return data
+
+    def newer_version(name: str, data: bytes) -> bytes:
+        return b"99\n" if name.endswith("/version") else data
+
+    def run(model) -> subprocess.CompletedProcess:
+        return subprocess.run([str(runner), str(model), str(small.photo)], capture_output=True, text=True, timeout=300)
+
+    op = _rezipped(small.ts, tmp_path / "op.ts", newer_op)
+    line = _one_line_error(run(op))
+    assert line.startswith(f"{op}: not a loadable TorchScript file (") and "_v9" in line, line
+    version = _rezipped(small.ts, tmp_path / "version.ts", newer_version)
+    line = _one_line_error(run(version))
+    assert line.startswith(f"{version}: not a loadable TorchScript file (") and "version 99" in line, line
+
+
+def test_cpp_runner_says_a_closed_pipe_and_names_empty_arguments(runner, small, tmp_path):
+    """A reader of stdout that went away killed the runner by SIGPIPE (status 141, no word, the map
+    left behind); "" as DETECTOR or IMAGE gave ": does not exist"."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        out = subprocess.run([str(runner), str(small.ts), str(small.photo), str(tmp_path / "map.png")], stdout=write,
+                             stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write)
+    assert out.returncode == 1 and out.stderr.strip().startswith("defect_fast_run: cannot print the score ("), out.stderr
+    assert not (tmp_path / "map.png").exists()
+
+    def run(*args) -> subprocess.CompletedProcess:
+        return subprocess.run([str(runner), *map(str, args)], capture_output=True, text=True, timeout=300)
+
+    assert _one_line_error(run("", small.photo)) == 'defect_fast_run: DETECTOR is "": give a file name'
+    assert _one_line_error(run(small.ts, "")) == 'defect_fast_run: IMAGE is "": give a file name'

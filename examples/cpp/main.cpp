@@ -4,6 +4,9 @@
 //   DETECTOR.ts  from `defect-fast export RUN --format torchscript --out DETECTOR.ts`; its graph takes
 //                images uint8 [B, 3, S, S] (RGB, 0..255) and returns (maps float32 [B, S, S], scores [B]);
 //                S, its image_size, from 1 to 32768 (anything else is refused as a damaged file).
+//                Its description DETECTOR.ts.json, which export writes beside it, is read when it is
+//                there: the file's SHA-256 must be its "file_digest", else the file is refused (a
+//                damaged copy; LibTorch's zip reader checks no CRC and scored one with status 0).
 //   IMAGE.png    PNG of any bit depth, grey or colour, read to 8-bit RGB as the Python package reads
 //                files: 16-bit grey scaled (65535 -> 255), 16-bit colour by its high byte (as PIL),
 //                palette expanded, alpha dropped (not blended), gamma chunks ignored; an image that
@@ -23,13 +26,15 @@
 // Prints "score <value>" (the image score) on stdout, last (after the map is written); exit status 1
 // with a one-line message on any error (an image of more pixels than PIL reads, a model that raises
 // or returns anything but maps [1, S, S] and scores [1], or a NaN or infinite map or score, included),
-// and nothing on stdout then. A
+// and nothing on stdout then ("" as DETECTOR or IMAGE is said by name; a closed pipe on stdout
+// is such an error, not a death by SIGPIPE). A
 // score that cannot be written (stdout closed, a full disk) is an error too, and the map written
 // before it is removed: a run that exits 0 printed its score. A PNG
 // that ends before its IEND chunk is refused (a file cut off, or still being written), as the
 // package's readers refuse it.
 #include <caffe2/serialize/inline_container.h>
 #include <fcntl.h>
+#include <openssl/evp.h>
 #include <png.h>
 #include <sys/stat.h>
 #include <torch/script.h>
@@ -43,7 +48,9 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <csignal>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <new>
 #include <regex>
@@ -336,6 +343,17 @@ std::string last_line(const std::string& text) {
   return text.substr(start == std::string::npos ? 0 : start + 1, end + 1 - (start == std::string::npos ? 0 : start + 1));
 }
 
+// The first line of `text` that is not blank (a TorchScript compile error: its message, then the
+// source lines it points at; last_line gave the "<--- HERE" marker).
+std::string first_line(const std::string& text) {
+  std::istringstream lines(text);
+  std::string line;
+  while (std::getline(lines, line)) {
+    if (line.find_first_not_of(" \t\r") != std::string::npos) return line;
+  }
+  return text;
+}
+
 // What a TorchScript file's forward returned, in a few words: "a tensor of shape [1, 10]",
 // "a tuple of 1 element(s)", "a List".
 std::string describe(const c10::IValue& v) {
@@ -369,6 +387,68 @@ std::string model_file_problem(const std::string& path) {
   return "";
 }
 
+// Whether the file begins as every zip archive does ("PK\3\4"): one that does but that torch cannot
+// open is cut off, damaged or of a newer torch, which torch's own reason tells apart.
+bool begins_as_zip(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  char magic[4] = {};
+  return in.read(magic, 4) && std::memcmp(magic, "PK\x03\x04", 4) == 0;
+}
+
+// The SHA-256 of the file's bytes, in lowercase hex ("" when it cannot be read).
+std::string file_sha256(const std::string& path) {
+  std::FILE* fp = std::fopen(path.c_str(), "rb");
+  if (fp == nullptr) return "";
+  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
+  bool ok = ctx != nullptr && EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr) == 1;
+  std::vector<unsigned char> buf(size_t{1} << 20);
+  size_t n = 0;
+  while (ok && (n = std::fread(buf.data(), 1, buf.size(), fp)) > 0) ok = EVP_DigestUpdate(ctx, buf.data(), n) == 1;
+  ok = ok && std::ferror(fp) == 0;
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  ok = ok && EVP_DigestFinal_ex(ctx, md, &len) == 1;
+  EVP_MD_CTX_free(ctx);
+  std::fclose(fp);
+  if (!ok) return "";
+  static const char* hex = "0123456789abcdef";
+  std::string out;
+  for (unsigned int i = 0; i < len; ++i) {
+    out += hex[md[i] >> 4];
+    out += hex[md[i] & 15];
+  }
+  return out;
+}
+
+// Why the model file is not the one its description DETECTOR.json (written beside it by export)
+// describes ("" when it is, or has no description): its "file_digest" must be the file's SHA-256.
+// LibTorch's zip reader checks no CRC, so a damaged copy (a block of zeros, a flipped bit in a
+// weight) loaded and scored with exit status 0.
+std::string description_problem(const std::string& path) {
+  const std::string desc = path + ".json";
+  std::error_code ec;
+  if (!std::filesystem::exists(desc, ec)) return "";
+  std::ifstream in(desc, std::ios::binary);
+  std::stringstream text;
+  text << in.rdbuf();
+  if (!in) return desc + ": cannot be read as a description";
+  static const std::regex digest("\"file_digest\"\\s*:\\s*\"sha256:([0-9a-f]{64})\"");
+  std::smatch m;
+  const std::string body = text.str();
+  if (!std::regex_search(body, m, digest)) {
+    return desc + ": records no file_digest, so it cannot be checked against " +
+           std::filesystem::path(path).filename().string() + "; export the file again";
+  }
+  const std::string actual = file_sha256(path);
+  if (actual.empty()) return path + ": cannot be read to check it against " + desc;
+  if (actual != m[1].str()) {
+    return path + ": its bytes are not those its description " + desc +
+           " records (file_digest): a damaged copy, or one of the two replaced without the other; copy or export "
+           "them again";
+  }
+  return "";
+}
+
 // Why torch::jit::load refused a file, in the words of what the file is: another of torch's zip
 // archives (a run's model.pt from torch.save, a .pt2 from torch.export) has no constants.pkl, which
 // torch reports as a corrupted checkpoint ("failed locating file constants.pkl").
@@ -385,11 +465,12 @@ std::string load_failure(const std::string& path, const c10::Error& e) {
     } else {
       kind = "a zip archive of other files";
     }
-  } catch (const c10::Error&) {  // no zip archive (or one torch cannot open): the file says no more
+  } catch (const c10::Error&) {  // no zip archive, or one torch cannot open: cut off, or of a newer torch
   }
-  if (kind.empty()) {
+  if (kind.empty() && !begins_as_zip(path)) {
     return std::string("not ") + kTorchScriptFile + " (not a zip archive: another kind of file, or cut off)";
   }
+  if (kind.empty()) kind = "torchscript";  // a zip archive torch cannot read: its reason says why
   if (kind != "torchscript") return kind + ", not " + kTorchScriptFile;
   // a TorchScript archive all the same (damaged, or of a newer torch): torch's reason, without its
   // advice on checkpoints
@@ -525,7 +606,17 @@ int run(int argc, char** argv) {
     return 1;
   }
   const std::string model_path = argv[1], image_path = argv[2], map_path = argc > 3 ? argv[3] : "";
+  // a reader of stdout that goes away (a supervisor's timeout): the write fails with EPIPE, said and
+  // cleaned up below, where the signal ended the process with status 141, no word and the map left
+  std::signal(SIGPIPE, SIG_IGN);
   torch::NoGradGuard no_grad;
+  for (const auto& [name, value] : {std::pair<const char*, const std::string*>{"DETECTOR", &model_path},
+                                    {"IMAGE", &image_path}}) {
+    if (value->empty()) {  // a shell variable left unset: said by name (": does not exist" named nothing)
+      std::cerr << "defect_fast_run: " << name << " is \"\": give a file name\n";
+      return 1;
+    }
+  }
   if (::fcntl(STDOUT_FILENO, F_GETFD) == -1) {  // closed: the score has nowhere to go (refused before any work)
     std::cerr << "defect_fast_run: cannot print the score (stdout is closed)\n";
     return 1;
@@ -551,11 +642,19 @@ int run(int argc, char** argv) {
     std::cerr << model_problem << "\n";
     return 1;
   }
+  const std::string described = description_problem(model_path);
+  if (!described.empty()) {
+    std::cerr << described << "\n";
+    return 1;
+  }
   torch::jit::script::Module detector;
   try {
     detector = torch::jit::load(model_path, torch::kCPU);
   } catch (const c10::Error& e) {
     std::cerr << model_path << ": " << load_failure(model_path, e) << "\n";
+    return 1;
+  } catch (const std::exception& e) {  // its code does not compile here (an op of a newer torch, a damaged record)
+    std::cerr << model_path << ": not a loadable TorchScript file (" << first_line(e.what()) << ")\n";
     return 1;
   }
   detector.eval();
