@@ -21,7 +21,7 @@ import threading
 import warnings
 from pathlib import Path
 
-from .safety import (LOCK_NAME, MANIFEST_NAME, ArgumentParser, OutputFolder, OutputRefused, Stopped, UsageError, UserError, add_threshold_options, atomic_open, atomic_write_json,
+from .safety import (LOCK_NAME, MANIFEST_NAME, ArgumentParser, OutputFolder, OutputRefused, RunLock, Stopped, UsageError, UserError, add_threshold_options, atomic_open, atomic_write_json,
                      device_arg, dump_json_strict, far_errors, finite_float, input_path, nonneg_float, nonneg_int, one_line, output_path, output_stems, positive_float, positive_int,
                      printable, rate, run_main, safe_output_file, signals_held)
 
@@ -395,8 +395,9 @@ def cmd_predict(args) -> int:
     stems = output_stems(paths)
     names = [(f"maps/{stem}_map.png", f"overlays/{stem}_overlay.png") for stem in stems]
     planned = [n for pair in names for n in pair] + ["scores.json"]
-    header = {"run": str(args.run), "model_sha256": det.model_sha256, "map": det.map_kind, "stride": det.stride,
-              "smooth": det.smooth_sigma, "blend": det.blend, "threshold": image_t, "threshold_source": source,
+    header = {"run": str(args.run), "model_sha256": det.model_sha256, "precision": det.precision, "map": det.map_kind,
+              "stride": det.stride, "smooth": det.smooth_sigma, "blend": det.blend, "threshold": image_t,
+              "threshold_source": source,
               "threshold_image": image_name,  # the image whose score it is, where the model file names it
               "pixel_threshold": pixel_t}
     start = 0  # the first image not done
@@ -437,7 +438,7 @@ def cmd_predict(args) -> int:
     if resume:
         folder = OutputFolder.open(out, lock=True, command="predict")
         try:  # what was checked is what is there, now that no other predict can change it
-            if _stopped_predict(out) != earlier:
+            if _stopped_predict(out, locked=True) != earlier:
                 raise OutputRefused(f"--out {out}: its scores.json changed since this command began; nothing written")
         except BaseException:
             folder.release()
@@ -448,7 +449,7 @@ def cmd_predict(args) -> int:
     with folder if resume else folder.writing():
         folder.mkdir("maps")
         folder.mkdir("overlays")
-        report = {**header, "images": earlier["images"] if resume else []}
+        report = {**header, "images": earlier["images"][:start] if resume else []}
         folder.reserve(planned)  # checked above; a user's file put there since: refused, none written
         begun: list[str] = []  # the files of the image in hand
 
@@ -503,8 +504,8 @@ def cmd_predict(args) -> int:
                 if not resume or stopped is not None:  # (the earlier command's among them), as a stop does
                     raise
                 stopped = failed = exc
-    rest = ("continue with the same command and --resume, or predict all again with --overwrite"
-            if len(report["images"]) < len(paths) else "every image was done")
+    rest = ("continue with the same run, images and options and --resume (not --overwrite), or predict all again "
+            "with --overwrite" if len(report["images"]) < len(paths) else "every image was done")
     kept = f"the maps, overlays and scores of {len(report['images'])} of {len(paths)} image(s) are kept in {out} " \
            f"(scores.json lists them)"
     if failed is not None:
@@ -521,11 +522,13 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def _stopped_predict(out: Path) -> dict:
+def _stopped_predict(out: Path, locked: bool = False) -> dict:
     """The ``scores.json`` of the stopped predict in ``out`` (for ``--resume``); OutputRefused
-    with what to do where there is none."""
+    with what to do where there is none. ``locked``: this process holds the folder's lock."""
     if OutputFolder.written_by(out) != "predict":
         raise OutputRefused(f"--out {out}: holds no output of defect-fast predict to resume")
+    if not locked:  # a predict still at work there has written no list yet: "in use", not "killed"
+        RunLock(out).check_free()
     try:
         earlier = json.loads((out / "scores.json").read_text(encoding="utf-8"))  # UnicodeDecodeError: a ValueError
     except FileNotFoundError:
@@ -546,7 +549,12 @@ def _resumable(out: Path, earlier: dict, header: dict, paths: list[Path], names:
     """How many of ``paths`` the stopped predict in ``out`` did; OutputRefused where this command
     would not continue it: other images, another model file or other settings."""
     again = "give the stopped command's run, images and options again, or predict all again with --overwrite"
-    other = [k for k in header if earlier.get(k) != header[k]]
+    if "model_sha256" not in earlier:
+        raise OutputRefused(f"--resume: the predict stopped in {out} was of an earlier defect-fast, whose scores.json "
+                            "does not record the model file and settings to continue with; predict all again with "
+                            "--overwrite")
+    # (the run as given is not compared: the model file's SHA-256 says which it is, at any path)
+    other = [k for k in header if k != "run" and earlier.get(k) != header[k]]
     if other:
         shown = ", ".join(f"{k} {earlier.get(k)!r} -> {header[k]!r}" for k in other)
         raise OutputRefused(f"--resume: the predict stopped in {out} ran with another model file or settings "
@@ -556,11 +564,17 @@ def _resumable(out: Path, earlier: dict, header: dict, paths: list[Path], names:
     if given != len(paths):
         raise OutputRefused(f"--resume: the predict stopped in {out} was given {given} image(s), this one "
                             f"{len(paths)}; {again}")
-    for i, (e, path, (map_rel, _)) in enumerate(zip(done, paths, names)):
-        if not isinstance(e, dict) or e.get("image") != str(path) or e.get("map") != map_rel:
+    for i, (e, path, (map_rel, overlay_rel)) in enumerate(zip(done, paths, names)):
+        if not isinstance(e, dict) or e.get("image") != str(path) or (e.get("map"), e.get("overlay")) != (map_rel, overlay_rel):
             shown = e.get("image") if isinstance(e, dict) else e
             raise OutputRefused(f"--resume: image {i + 1} of the predict stopped in {out} was {printable(str(shown))}, "
                                 f"here it is {printable(str(path))}; {again}")
+    for i, e in enumerate(done):  # a kept file removed since: done again, from that image on
+        gone = [e[k] for k in ("map", "overlay") if not (out / e[k]).is_file()]
+        if gone:
+            print(f"defect-fast: {printable(str(out / gone[0]))} of image {i + 1} is gone: the images from it on are "
+                  "predicted again", file=sys.stderr)
+            return i
     return len(done)
 
 

@@ -468,6 +468,49 @@ def test_resume_refuses_other_images_settings_or_folders(tiny, tmp_path, capsys,
     assert not (tmp_path / "none").exists()
 
 
+def test_resume_does_again_what_was_removed_and_takes_the_run_at_any_path(tiny, tmp_path, capsys, monkeypatch):
+    """A kept map removed since the stop was listed in the finished scores.json all the same; the
+    run given at another path (its model.pt) was refused though its SHA-256 is the same."""
+    src, out = _stopped_predict_at(tiny, tmp_path, capsys, monkeypatch, images=5, done=3)
+    (out / json.loads((out / "scores.json").read_text())["images"][1]["map"]).unlink()
+    status, stdout, err = cli(["predict", tiny["run"] / "model.pt", src, "--out", out, "--device", "cpu", "--resume"],
+                              capsys)
+    assert status == 0 and "of image 2 is gone: the images from it on are predicted again" in err, err
+    assert "4 of them now, 1 before the stop" in stdout
+    scores = json.loads((out / "scores.json").read_text())
+    assert len(scores["images"]) == 5 and all((out / e[k]).is_file() for e in scores["images"] for k in ("map", "overlay"))
+
+
+def test_resume_refuses_another_precision_an_earlier_version_s_list_and_a_predict_at_work(tiny, tmp_path, capsys,
+                                                                                         monkeypatch):
+    """Scores of another precision (a stop on a GPU, a resume on a CPU) were mixed into one list; a
+    folder of an earlier version was refused as of "another model file or settings", and one whose
+    predict was still at work as "killed"."""
+    from defect_fast.safety import RunLock
+
+    src, out = _stopped_predict_at(tiny, tmp_path, capsys, monkeypatch, images=4, done=2)
+    scores_json = out / "scores.json"
+    written = json.loads(scores_json.read_text())
+    base = ["predict", tiny["run"], src, "--out", out, "--device", "cpu", "--resume"]
+    other = "float32" if written["precision"] != "float32" else "bfloat16"
+    scores_json.write_text(json.dumps({**written, "precision": other}))
+    status, _, err = cli(base, capsys)
+    refused(status, err, "another model file or settings", f"precision {other!r} -> {written['precision']!r}")
+    scores_json.write_text(json.dumps({k: v for k, v in written.items()
+                                       if k not in ("model_sha256", "precision", "stride", "smooth", "blend")}))
+    status, _, err = cli(base, capsys)
+    refused(status, err, "of an earlier defect-fast", "--overwrite")
+    scores_json.unlink()
+    lock = RunLock(out).acquire()
+    try:
+        status, _, err = cli(base, capsys)
+        refused(status, err, "in use")
+    finally:
+        lock.release()
+    status, _, err = cli(base, capsys)
+    refused(status, err, "has no scores.json")
+
+
 def test_a_resumed_predict_that_fails_keeps_what_is_done(tiny, tmp_path, capsys, monkeypatch):
     """An error in a resumed predict (an image changed since its check) removed nothing of the
     earlier command's images only by luck of the order: the images done, before and now, are
