@@ -410,9 +410,10 @@ def stored_thresholds(calibration: Mapping[str, Any] | None, far: float | None =
     if far is not None:
         it, _name = threshold_at_far(cal, far)
         return it.threshold, cal.get("pixel_threshold"), it.note
-    if cal.get("inapplicable"):  # Detector.load with other inference settings than the run's
-        return None, None, (f"no threshold: the model file's thresholds were {cal['inapplicable']}; give --threshold, "
-                            "or keep the run's settings")
+    if cal.get("inapplicable"):  # Detector.load with other inference settings than the run's (another
+        # top_fraction alone keeps the pixel threshold: the map is the same)
+        return None, cal.get("pixel_threshold"), (f"no threshold: the model file's thresholds were "
+                                                  f"{cal['inapplicable']}; give --threshold, or keep the run's settings")
     if "image_threshold" in cal:
         return cal["image_threshold"], cal.get("pixel_threshold"), cal.get("note", "held-back calibration")
     if "score_max" in cal:

@@ -406,6 +406,9 @@ RUN_RECORD = ("train_config", "held_back", "image_keys", "data_digest", "data_co
 #: Calibration keys that hold thresholds or name what set them (older model files: score_max, pixel_q999).
 THRESHOLD_KEYS = ("image_threshold", "pixel_threshold", "score_max", "pixel_q999", "threshold_image", "highest_scores",
                   "held_back_scores", "score_brightness_rank_correlation")
+#: Those of them that are of the image score, not of the map (another top_fraction leaves the map as it is).
+SCORE_KEYS = ("image_threshold", "score_max", "threshold_image", "highest_scores", "held_back_scores",
+              "score_brightness_rank_correlation")
 
 
 def _changed_settings(stored: dict, model: AnomalyModel, map_kind: str | None, stride: int | None,
@@ -876,7 +879,8 @@ class Detector(nn.Module):
             and _top_count(pixels, top) != _top_count(pixels, TOP_FRACTION)
         if (changed or other_score) and calibration:
             # thresholds hold only for the map and score they were calibrated on: none rather than a wrong one
-            calibration = {k: v for k, v in calibration.items() if k not in THRESHOLD_KEYS}
+            # (another score alone: the pixel threshold and the colour scale, of the map, stay)
+            calibration = {k: v for k, v in calibration.items() if k not in (THRESHOLD_KEYS if changed else SCORE_KEYS)}
             calibration["inapplicable"] = ("calibrated with other inference settings ("
                                            + ", ".join(changed + ([f"top_fraction {TOP_FRACTION} -> {top}"] if other_score else []))
                                            + ")")

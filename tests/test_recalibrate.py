@@ -614,10 +614,16 @@ def test_another_top_fraction_sets_the_stored_thresholds_aside(runs, tmp_path, c
 
     from defect_fast.detect import SettingError
 
+    from defect_fast.calibration import stored_thresholds
+
     det = Detector.load(runs["run"], device="cpu", top_fraction=1.0)
     with pytest.raises(SettingError, match=r"the stored ones were calibrated with other inference settings "
                                            r"\(top_fraction 0.001 -> 1.0\)"):
         det.image_threshold()
+    # the map is the same: its pixel threshold (predict's regions) and colour scale stay
+    stored = load_model_state(runs["run"])["calibration"]
+    assert stored_thresholds(det.calibration)[1] == stored["pixel_threshold"] is not None
+    assert det.calibration["pixel_q999"] == stored["pixel_q999"]
     same = Detector.load(runs["run"], device="cpu", top_fraction=TOP_FRACTION * 1.0001)  # the same number of values
     assert same.image_threshold() == Detector.load(runs["run"], device="cpu").image_threshold() is not None
     status, stdout, err = cli(["evaluate", runs["run"], runs["data"], "--device", "cpu", "--stride", "32", "--json", "-"],
