@@ -6,7 +6,8 @@
 //                S, its image_size, from 1 to 32768 (anything else is refused as a damaged file).
 //                Its description DETECTOR.ts.json, which export writes beside it, is read when it is
 //                there: the file's SHA-256 must be its "file_digest", else the file is refused (a
-//                damaged copy; LibTorch's zip reader checks no CRC and scored one with status 0).
+//                damaged copy; LibTorch's zip reader checks no CRC and scored one with status 0); one
+//                of an earlier export, without the digest, is said in a "warning: " line after the score.
 //   IMAGE.png    PNG of any bit depth, grey or colour, read to 8-bit RGB as the Python package reads
 //                files: 16-bit grey scaled (65535 -> 255), 16-bit colour by its high byte (as PIL),
 //                palette expanded, alpha dropped (not blended), gamma chunks ignored; an image that
@@ -423,8 +424,10 @@ std::string file_sha256(const std::string& path) {
 // Why the model file is not the one its description DETECTOR.json (written beside it by export)
 // describes ("" when it is, or has no description): its "file_digest" must be the file's SHA-256.
 // LibTorch's zip reader checks no CRC, so a damaged copy (a block of zeros, a flipped bit in a
-// weight) loaded and scored with exit status 0.
-std::string description_problem(const std::string& path) {
+// weight) loaded and scored with exit status 0. A description without a digest (an export of a
+// version before it was recorded) checks nothing, as none does: `unchecked` then says so, for a
+// warning after the score.
+std::string description_problem(const std::string& path, std::string& unchecked) {
   const std::string desc = path + ".json";
   std::error_code ec;
   if (!std::filesystem::exists(desc, ec)) return "";
@@ -436,8 +439,9 @@ std::string description_problem(const std::string& path) {
   std::smatch m;
   const std::string body = text.str();
   if (!std::regex_search(body, m, digest)) {
-    return desc + ": records no file_digest, so it cannot be checked against " +
-           std::filesystem::path(path).filename().string() + "; export the file again";
+    unchecked = "warning: " + desc + " records no file_digest (an earlier export), so " +
+                std::filesystem::path(path).filename().string() + " was not checked against it; export it again";
+    return "";
   }
   const std::string actual = file_sha256(path);
   if (actual.empty()) return path + ": cannot be read to check it against " + desc;
@@ -642,7 +646,8 @@ int run(int argc, char** argv) {
     std::cerr << model_problem << "\n";
     return 1;
   }
-  const std::string described = description_problem(model_path);
+  std::string unchecked;  // said after the score, as `stretched`
+  const std::string described = description_problem(model_path, unchecked);
   if (!described.empty()) {
     std::cerr << described << "\n";
     return 1;
@@ -760,6 +765,7 @@ int run(int argc, char** argv) {
     std::cerr << "defect_fast_run: cannot print the score (" << std::strerror(err) << ")\n";
     return 1;
   }
+  if (!unchecked.empty()) std::cerr << unchecked << "\n";
   if (!stretched.empty()) std::cerr << stretched << "\n";
   return 0;
 }
