@@ -237,3 +237,24 @@ def test_a_broken_steps_line_or_rows_of_another_shape_do_not_cost_the_summary(tm
     assert "model=cmaae speedup=2.5" in res.stdout and "NOT ok: b'" in res.stdout  # the broken line is no ok step
     steps = json.loads((out / "suite.json").read_text())["steps"]
     assert [s["step"] for s in steps] == ["inference", "b'", "train"] and steps[2]["seconds"] == 0
+
+
+def test_steps_in_suite_skip_are_left_out_said_and_no_failure(tmp_path):
+    """A second call on a warm machine had to run every step again, the first call's too, where one
+    suite takes nearly all of a session's device time: SUITE_SKIP leaves steps out, said as such;
+    a build left out keeps the kernels on (built before, or by the first step that needs them)."""
+    rows = _run_steps(tmp_path, {"okcmd": ("fine", 0), "badcmd": ("boom", 3)},
+                      ['SUITE_SKIP="build,memcheck other"', "step build 30 gpu badcmd", "after_build",
+                       'echo "$BUILD_FAILED ${DEFECT_FAST_CUDA:-on}" > "$OUT/after_build"',
+                       "step memcheck 30 gpu badcmd", "step other 30 gpu badcmd", "step inference 30 gpu okcmd"])
+    assert [(r[0], r[1]) for r in rows] == [("build", "left-out"), ("memcheck", "left-out"), ("other", "left-out"),
+                                            ("inference", "ok")]
+    assert (tmp_path / "out" / "after_build").read_text().split() == ["0", "on"]
+    m = re.search(r"cat > \"\$SUMMARY_PY\" <<'EOF'\n(.*?)\nEOF\n", SUITE.read_text(), flags=re.S)
+    summary = tmp_path / "summary.py"
+    summary.write_text(m.group(1))
+    res = subprocess.run(["python3", str(summary), str(tmp_path / "out"), "0", "42"], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "left out (SUITE_SKIP): build, memcheck, other" in res.stdout
+    assert "the steps run are ok; not run here: build, memcheck, other" in res.stdout
