@@ -677,13 +677,21 @@ def _demo_in(folder: OutputFolder, out: Path, data: Path, cfg, args) -> int:
         for sub in DEMO_OUTPUTS:  # absent before this demo: all in them is its own
             _record_tree(folder, sub)
         run = out / "run"
-        if not (run / "model.pt").exists() and not (run / "checkpoint.pt").exists():
+        trained = (run / "model.pt").exists()
+        if not trained and not (run / "checkpoint.pt").exists():
             folder.discard()  # a failed start: nothing half-made is left (a training's progress is kept)
-        elif isinstance(exc, UserError) and "--resume" in str(exc):  # the training's advice, in demo's terms
+        elif not trained and isinstance(exc, UserError) and "--resume" in str(exc):  # the training's advice, in demo's terms
             advice = copy.copy(exc)  # of the same kind (a stop keeps its signal)
             advice.args = (f"{exc}: defect-fast train {shlex.quote(str(data))} --out {shlex.quote(str(run))} --resume "
                            f"finishes it, or defect-fast demo {shlex.quote(str(out))} --overwrite starts over",)
             raise advice from None
+        elif trained and isinstance(exc, (KeyboardInterrupt, Stopped)):
+            # stopped after the training (its evaluation, the maps): the run is kept, and predict's own advice
+            # (its --resume, of a predict the user did not start) is not the demo's
+            raise Stopped(f"stopped after the training: the trained run is kept in {run} (defect-fast evaluate "
+                          f"{shlex.quote(str(run))} {shlex.quote(str(data))} gives its metrics); defect-fast demo "
+                          f"{shlex.quote(str(out))} --overwrite starts over",
+                          getattr(exc, "signum", signal.SIGINT)) from None
         raise
     return 0
 

@@ -149,7 +149,8 @@ def test_a_test_split_without_masks_gives_image_level_results(tiny_run, syntheti
         {c: m["image_auroc"] for c, m in want["per_class"].items()}
     assert got["thresholds"] == want["thresholds"]
     assert main(["report", str(tiny_run), str(bare), "--out", str(tmp_path / "r.html")]) == 0
-    assert "image AUROC" in (tmp_path / "r.html").read_text()
+    page = (tmp_path / "r.html").read_text()  # evaluate's image AUROC, overall and per class
+    assert "<th>image_auroc</th>" in page and all(f"<tr><td>{c}</td>" in page for c in got["per_class"])
     capsys.readouterr()
     one = next((bare / "test" / "good").iterdir())  # an image given for the folder: said so, not "no such folder"
     assert main(["report", str(tiny_run), str(one), "--out", str(tmp_path / "r1.html")]) == 2
@@ -819,6 +820,33 @@ def test_an_interrupted_demo_keeps_its_training_to_resume(tmp_path, monkeypatch,
     assert "continue with --resume" in err and f"defect-fast demo '{out}' --overwrite starts over" in err
     assert f"defect-fast train '{out / 'data'}' --out '{out / 'run'}' --resume finishes it" in err
     assert (out / "run" / "checkpoint.pt").is_file() and (out / "data" / "train").is_dir()
+
+
+def test_a_demo_stopped_after_its_training_says_what_is_kept(tmp_path, monkeypatch, capsys):
+    """A Ctrl-C while the demo wrote its maps printed predict's advice (its --resume) glued to the
+    training's ("train ... --resume finishes it"), which failed: the run was finished."""
+    import defect_fast.train as train_mod
+    from defect_fast import visualize
+
+    real = train_mod.train
+
+    def short(cfg, run, **kw):
+        cfg.max_steps = [1] * len(cfg.epochs)
+        return real(cfg, run, **kw)
+
+    def pressed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "train", short)
+    monkeypatch.setattr(visualize, "save_overlay", pressed)
+    out = tmp_path / "demo"
+    from defect_fast.safety import run_main
+
+    assert run_main(main, ["demo", str(out), *DEMO]) == 130
+    err = capsys.readouterr().err
+    assert f"stopped after the training: the trained run is kept in {out / 'run'}" in err, err
+    assert f"defect-fast demo {out} --overwrite starts over" in err and "--resume" not in err, err
+    assert (out / "run" / "model.pt").is_file()
 
 
 def test_a_second_demo_in_a_folder_in_use_is_refused_before_it_clears_anything(tmp_path, capsys):
