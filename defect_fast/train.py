@@ -63,8 +63,9 @@ MAX_LR = 1.0
 def brightness_note(rho: float | None, n: int, levelled: bool, trunk: bool) -> str | None:
     """The run log's line on how its held-back scores follow their images' mean brightness (rank
     correlation ``rho`` over ``n`` images; None: not measured), with a hint at
-    ``--level-brightness`` when the correlation is significant (p <= 0.01, normal approximation
-    of Spearman's rho) and the run has an AlexNet trunk to level for (``trunk``) but does not."""
+    ``--level-brightness`` when the correlation is significant (p <= 0.01,
+    :func:`~defect_fast.diagnose.rank_significant`) and the run has an AlexNet trunk to level for
+    (``trunk``) but does not."""
     from .diagnose import MIN_RANK_PAIRS, rank_significant
 
     if rho is None or not math.isfinite(rho) or n < MIN_RANK_PAIRS:

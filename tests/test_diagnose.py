@@ -264,10 +264,44 @@ def test_rank_correlation_with_brightness_needs_three_images_and_says_its_count(
     rho = res["locations"]["good"]["score_vs_brightness"]
     assert rho == pytest.approx(1.0)
     sig = rank_significant(rho, n)
-    assert sig == (n >= 8)  # 1 * sqrt(n - 1) >= 2.576
-    assert f"mean brightness +1.00 ({n} images; {'' if sig else 'not '}significant at p <= 0.01 by the normal " \
-           "approximation)" in out
+    assert sig == (n >= 6)  # rho = 1: 2 of the n! orders, p = 2 / n! <= 0.01 from n = 6 on
+    assert f"mean brightness +1.00 ({n} images; {'' if sig else 'not '}significant at p <= 0.01 by an exact " \
+           "permutation test up to 9 images, Student's t approximation above)" in out
     assert res["locations"]["good"]["score_vs_brightness_significant"] is sig
+
+def test_rank_correlation_takes_tied_values_at_their_average_rank():
+    """Ties were ranked by position: identical blank frames agreed with each other perfectly and
+    swamped the trend (10 black frames beside 5 parts: -0.40 where Spearman's rho is -0.98)."""
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    score = np.concatenate([rng.uniform(0.1, 0.2, 5), np.full(10, 0.9)])
+    brightness = np.concatenate([rng.uniform(100, 120, 5), np.zeros(10)])
+    assert rank_correlation(score, brightness) == pytest.approx(spearmanr(score, brightness).statistic)
+    assert rank_correlation(score, brightness) < -0.9
+    assert rank_correlation([1] * 7 + [2], range(8)) == pytest.approx(spearmanr([1] * 7 + [2], range(8)).statistic)
+
+
+def test_rank_significance_is_exact_over_a_few_images_and_student_s_t_above():
+    """The normal approximation called no set of 7 or fewer images significant: -0.93 over 8 (exact
+    p = 0.002) was "not significant"."""
+    from scipy.stats import permutation_test, t
+
+    from defect_fast.diagnose import rank_significant
+
+    for n in range(3, 8):
+        x = np.arange(n, dtype=float)
+        for rho_perm in (x, x[::-1], np.roll(x, 1)):
+            rho = rank_correlation(x, rho_perm)
+            exact = permutation_test((rho_perm,), lambda b: rank_correlation(x, b), permutation_type="pairings",
+                                     n_resamples=np.inf, alternative="two-sided").pvalue  # every order of b: n!
+            assert rank_significant(rho, n) == (exact <= 0.01 + 1e-12), (n, rho, exact)
+    assert not rank_significant(1.0, 5) and rank_significant(1.0, 6) and rank_significant(-0.93, 8)
+    for rho, n in ((0.5, 30), (0.45, 30), (0.3, 100), (0.25, 100)):
+        p = 2 * t.sf(rho * np.sqrt((n - 2) / (1 - rho * rho)), n - 2)
+        assert rank_significant(rho, n) == (p <= 0.01)
+    assert not rank_significant(float("nan"), 20) and not rank_significant(1.0, 2)
+
 
 def test_main_reports_missing_run(tmp_path, capsys):
     assert main([str(tmp_path / "nope"), str(tmp_path), "--out", str(tmp_path / "o")]) == 2
