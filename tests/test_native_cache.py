@@ -81,3 +81,19 @@ def test_an_installed_build_that_does_not_load_is_said(monkeypatch):
         warnings.simplefilter("error")
         module, reason = _native._load_uncached()
     assert module is None and "undefined symbol" in reason and "no c++" in reason
+
+
+def test_a_finished_build_in_a_cache_that_cannot_be_written_is_used(tmp_path):
+    """The build's lock was taken before its stamp was read: in a cache that cannot be written (a
+    container's read-only layer; here the lock's name taken by a folder) every process ran the
+    reference ops beside a good build. One with nothing built there says what to do."""
+    built = _jit_build_dir()
+    build = tmp_path / "cache" / built.name
+    shutil.copytree(built, build, ignore=shutil.ignore_patterns("defect_fast.lock", "lock"))
+    (build / "defect_fast.lock").mkdir()  # opening it to lock fails, as on a read-only file system
+    res = _run(tmp_path / "cache")
+    assert res.returncode == 0 and res.stdout.split() == ["cpu"], res.stderr[-2000:]
+    (build / "build.ok").unlink()  # nothing vouched for: it would have to be built, and cannot be
+    res = _run(tmp_path / "cache")
+    assert res.stdout.split() == ["reference"]
+    assert f"the build cache {build} cannot be written" in res.stderr and "DEFECT_FAST_BUILD_DIR" in res.stderr
