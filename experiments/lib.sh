@@ -3,6 +3,9 @@
 # the perceptual map and LPIPS, and the steps each of them repeats.
 DF=(python3 -m defect_fast)
 TRAIN_ARGV=()
+# Ctrl-C stops the script: a training saves its step and exits with a status (130), which the rows'
+# "|| failed=1" took for a failure, and the next row started
+trap 'echo "stopped (Ctrl-C): a rerun goes on from what is saved" >&2; exit 130' INT
 export DEFECT_FAST_ALEXNET_WEIGHTS=${DEFECT_FAST_ALEXNET_WEIGHTS:-../shared/weights/alexnet-features-imagenet.pth}
 
 # results_dir DEFAULT: the results folder, $RESULTS_DIR where it is set (a relative one taken from

@@ -25,7 +25,7 @@ START=$PWD
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data/magnetic-tile}
 OUT=${2:-runs/magnetic-tile}
-shift 2 2>/dev/null || true
+shift $(( $# < 2 ? $# : 2 ))  # (DATA alone: "shift 2" shifted nothing, and DATA was taken for a row)
 source experiments/lib.sh  # DF, the AlexNet weights, results_dir, needs_resume (evaluate is this script's own, below)
 RES=$(results_dir experiments/results/magnetic-tile)
 mkdir -p "$OUT" "$RES"
@@ -64,7 +64,7 @@ evaluate() {
   [ -n "$DRY" ] && return
   local name=$1 runname=$2 model=$3 secs=$4 targs=$5; shift 5
   [ -f "$RES/$name.json" ] && return
-  [ -f "$OUT/$runname/model.pt" ] || return
+  [ -f "$OUT/$runname/model.pt" ] || { echo "$name: not done: $runname is not trained in $OUT (run its row first)" >&2; failed=1; return; }
   "${DF[@]}" evaluate "$OUT/$runname" "$DATA" --json "$RES/$name.tmp" --overwrite "$@" || { failed=1; return; }
   python3 - "$RES/$name.tmp" "$RES/$name.json" "$model" "$secs" "$targs" "$*" "$OUT/$runname" "${TRAIN_ARGV[@]}" <<'PY'
 import json, platform, sys, torch
@@ -95,7 +95,8 @@ refit() {  # name source-run refit-options...: a copy of source-run with its map
   TRAIN_ARGV=()  # not trained here: the source run's training is in its own record
   local name=$1 src=$2; shift 2
   [ -f "$RES/$name.json" ] && { echo "skip $name (done)"; return; }
-  [ -f "$OUT/$src/model.pt" ] || { echo "skip $name ($src not trained)"; return; }
+  # (a row whose source is missing did nothing, and the script ended with status 0)
+  [ -f "$OUT/$src/model.pt" ] || { echo "$name: not done: $src is not trained in $OUT (run its row first)" >&2; failed=1; return; }
   rm -rf "$OUT/$name.tmp" && cp -r "$OUT/$src" "$OUT/$name.tmp" && rm -f "$OUT/$name.tmp/.defect_fast.lock" || { failed=1; return; }
   python3 experiments/refit_run.py "$OUT/$name.tmp" "$@" || { failed=1; return; }
   rm -rf "$OUT/$name" && mv "$OUT/$name.tmp" "$OUT/$name" || { failed=1; return; }

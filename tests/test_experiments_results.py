@@ -33,3 +33,27 @@ def test_scripts_say_their_usage():
                              timeout=120)
         assert res.returncode == 0 and res.stdout.startswith("usage:"), (script, res.stderr[-500:])
     assert (summary.stat().st_mtime_ns if summary.exists() else None) == before
+
+
+def test_a_row_whose_runs_are_missing_fails_and_data_alone_is_taken(tmp_path):
+    """magnetic_tile_v2.sh's v8 row (the README's headline figures, refits of the v7 runs) with no
+    v7 runs in OUT printed "skip" lines and exited 0; DATA given alone was taken for a row name."""
+    import os
+
+    script = EXPERIMENTS / "magnetic_tile_v2.sh"
+    env = {**os.environ, "RESULTS_DIR": str(tmp_path / "res")}
+    res = subprocess.run(["bash", str(script), str(tmp_path / "data"), str(tmp_path / "out"), "v8"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1, res.stderr
+    assert "cmaae-v8: not done: cmaae-v7 is not trained in" in res.stderr
+    assert not list((tmp_path / "res").glob("*.json"))
+    # DATA alone: the default rows, whose names are checked; the copy stops there, before any training
+    text = script.read_text()
+    assert "\nDRY=\n" in text and 'cd "$(dirname "$0")/.."\n' in text and "OUT=${2:-runs/magnetic-tile}" in text
+    checked = tmp_path / "checked.sh"  # (its default OUT in tmp_path: the script makes the folder)
+    checked.write_text(text.replace("\nDRY=\n", "\nexit 0\n").replace('cd "$(dirname "$0")/.."\n',
+                                                                   f"cd {EXPERIMENTS.parent}\n")
+                       .replace("OUT=${2:-runs/magnetic-tile}", f"OUT=${{2:-{tmp_path / 'default-out'}}}"))
+    res = subprocess.run(["bash", str(checked), str(tmp_path / "data")], env=env, capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert res.returncode == 0 and "unknown row" not in res.stderr, res.stderr
