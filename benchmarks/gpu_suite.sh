@@ -224,7 +224,8 @@ step() {
   local name=$1 budget=$2 mode=$3
   shift 3
   local log="$OUT/logs/$name.log"
-  case " ${SUITE_SKIP//,/ } " in  # a second call on a warm machine: the steps an earlier call has shown
+  local skip=${SUITE_SKIP:-}
+  case " ${skip//,/ } " in  # a second call on a warm machine: the steps an earlier call has shown
     *" $name "*)
       printf '%s\tleft-out\t0\t%s\t%s\n' "$name" "$log" "$*" >> "$STEPS_FILE"
       echo "  [left out]     $name: in SUITE_SKIP"

@@ -45,7 +45,9 @@ def _run_steps(tmp_path: Path, fakes: dict[str, tuple[str, int]], calls: list[st
     out = tmp_path / "out"
     (out / "logs").mkdir(parents=True)
     (out / "results").mkdir()
-    script = "\n".join([f'OUT="{out}"', "DRY=0", "PY=python3", f'ARCHIVE="{archive or ""}"', f'STEPS_FILE="{out}/steps.tsv"',
+    # (under the suite's own shell settings: an unset variable it reads ends it)
+    script = "\n".join(["set -uo pipefail", f'OUT="{out}"', "DRY=0", "PY=python3", f'ARCHIVE="{archive or ""}"',
+                        f'STEPS_FILE="{out}/steps.tsv"', 'SUMMARY_PY=""', "START=$(date +%s)",
                         ': > "$STEPS_FILE"',
                         f"DEADLINE=$(( $(date +%s) + {deadline} ))", "MIN_STEP=15", _step_function(), *calls])
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
