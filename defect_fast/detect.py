@@ -782,7 +782,9 @@ class Detector(nn.Module):
         defaults of the arguments left at None; when one given differs from them, the stored
         thresholds (calibrated on the stored settings' maps and scores) are left out and
         ``calibration["inapplicable"]`` says why (:func:`~defect_fast.calibration.stored_thresholds`
-        then gives none); stored normalisation statistics
+        then gives none); another ``top_fraction`` (a score of another number of top values) sets
+        aside the image-score thresholds only, and the map's pixel threshold and colour scale stay;
+        stored normalisation statistics
         (``state["normalization"]``), perceptual-map statistics (``state["perceptual"]``) and the image
         context (``state["context"]``; not with another ``map_kind`` than the stored one, whose
         spread it was standardised by) are restored. With another ``map_kind``, the AlexNet trunk
@@ -1678,7 +1680,7 @@ class Detector(nn.Module):
         Replaces :attr:`calibration` and returns it.
         """
         from .calibration import DEFAULT_FAR
-        from .data.io import DataError, _callers_level, blank_images, image_keys, warn_data
+        from .data.io import BlankFramesWarning, DataError, _callers_level, blank_images, image_keys, warn_data
         from .evaluate import check_finite
 
         # checked once, as calibrate's (through predict_batched, its warnings came twice)
@@ -1694,7 +1696,7 @@ class Detector(nn.Module):
                                 "throughout (a failed exposure, a covered lens?); give photographs of defect-free parts")
             warn_data(f"calibrate: {len(left)} blank frame(s), one colour throughout, are left out: a camera fault, "
                       f"which watch sets aside and never judges ({', '.join(shown(i) for i in left[:3])}"
-                      f"{', ...' if len(left) > 3 else ''})", stacklevel=_callers_level())
+                      f"{', ...' if len(left) > 3 else ''})", stacklevel=_callers_level(), category=BlankFramesWarning)
             keep = (~blank).nonzero().flatten()
             given, names = given[keep], None if names is None else [names[i] for i in keep.tolist()]
             shown = (lambda i: str(names[i])) if names is not None else (lambda i: f"image {keep[i].item()}")  # noqa: E731
@@ -1716,6 +1718,10 @@ class Detector(nn.Module):
         cal = calibrate_thresholds(res["scores"], res["maps"], far, names=names, images="calibration")
         cal["pixel_q999"] = colour_scale(res["maps"])
         cal["precision"] = self.precision  # what the scores were computed in (load warns of another)
+        # which of the run's held-back images its map was fitted on, as defect-fast calibrate keeps it: a
+        # later calibrate names them among the images seen (:meth:`_seen_keys`)
+        if (self.calibration or {}).get("map_fitted_on") is not None:
+            cal["map_fitted_on"] = self.calibration["map_fitted_on"]
         self.calibration = cal
         self._record_image_keys(calibrated=None if keys is None else [k.hex() for k in keys])
         return cal
@@ -1751,7 +1757,7 @@ class Detector(nn.Module):
             image context, whose standardisation was measured on the maps before, is removed
             (:meth:`calibrate` and :meth:`fit_context` again), as :meth:`fit_perceptual` does.
         """
-        from .data.io import _callers_level, blank_images, warn_data
+        from .data.io import BlankFramesWarning, _callers_level, blank_images, warn_data
 
         # 0, or a value float32 rounds to 0: a position that never varies divides 0 by 0 (NaN scores)
         if not _real("min_std", min_std) >= torch.finfo(torch.float32).tiny:
@@ -1765,7 +1771,7 @@ class Detector(nn.Module):
             left = blank.nonzero().flatten().tolist()
             warn_data(f"fit_normalization: {len(left)} blank frame(s), one colour throughout, are left out: a camera "
                       f"fault, which watch sets aside and never judges (image {', '.join(map(str, left[:3]))}"
-                      f"{', ...' if len(left) > 3 else ''})", stacklevel=_callers_level())
+                      f"{', ...' if len(left) > 3 else ''})", stacklevel=_callers_level(), category=BlankFramesWarning)
             normal_images = normal_images[~blank]
         if normal_images.shape[0] < 2:
             raise ValueError(f"fit_normalization needs at least 2 images, got {normal_images.shape[0]}")

@@ -631,3 +631,17 @@ def test_another_top_fraction_sets_the_stored_thresholds_aside(runs, tmp_path, c
     assert status == 0, err
     th = json.loads(stdout)["thresholds"]
     assert th["at_threshold"] is None and th["far_expected"] is None and th["n_calibration_images"] is None
+
+
+def test_a_second_calibrate_in_python_still_names_the_held_back_half_the_map_was_fitted_on(runs):
+    """The calibration Detector.calibrate wrote kept no record of which held-back images the map was
+    fitted on: a second call took them for unseen."""
+    from defect_fast.data import DataWarning
+
+    state = load_model_state(runs["halves"])
+    fitted = read_images([state["held_back"][0]], SIZE)  # every other held-back image fitted the map
+    parts = read_images(sorted(runs["more"].glob("*.png"))[:6], SIZE)
+    det = Detector.load(runs["halves"], device="cpu")
+    for _ in range(2):
+        with pytest.warns(DataWarning, match="1 of the images is one the run trained on or fitted its map on"):
+            det.calibrate(torch.cat([parts, fitted]), 0.2)

@@ -687,3 +687,17 @@ def test_a_threshold_a_log_axis_cannot_show_keeps_the_axis_linear():
     scores = np.geomspace(0.01, 1.0, 30)
     assert _histogram_bins(scores)[1] and _histogram_bins(scores, 0.005)[1]
     assert not _histogram_bins(scores, 0.0)[1] and not _histogram_bins(scores, -0.5)[1]
+
+
+def test_a_black_16_bit_frame_is_named_once_on_the_page(tmp_path):
+    """The reader's word on black 16-bit frames came into the notes beside the page's own note on
+    blank frames, naming the same file twice."""
+    import warnings
+
+    folder = _plain_folder(tmp_path, 3)
+    Image.fromarray(np.zeros((S, S), np.uint16)).save(folder / "black16.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = report_from_data(stub_predict, ModelInfo(S, image_threshold=0.2), folder, tmp_path / "r.html")
+    notes = Path(out["path"]).read_text().split("</table>")[0].split("<th>notes</th>")[1]
+    assert "blank frames" in notes and notes.count("black16.png") == 1, notes

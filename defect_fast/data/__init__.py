@@ -7,7 +7,7 @@
 - :mod:`.synthetic`: :func:`make_synthetic_dataset`.
 """
 from .dataset import GOOD, TestSet, find_mask, from_model_range, load_test_set, load_train_images, to_model_range
-from .io import IMAGE_EXTENSIONS, DataError, DataWarning, list_images, read_image, read_images, read_mask
+from .io import IMAGE_EXTENSIONS, BlankFramesWarning, DataError, DataWarning, list_images, read_image, read_images, read_mask
 from .patches import extract_patches, grid_shape, stitch_patches
 from .synthetic import DEFECT_KINDS, make_synthetic_dataset
 
@@ -16,6 +16,7 @@ __all__ = [
     "GOOD",
     "IMAGE_EXTENSIONS",
     "DataError",
+    "BlankFramesWarning",
     "DataWarning",
     "TestSet",
     "extract_patches",

@@ -578,8 +578,9 @@ def warn_few_levels(few_levels: list[tuple[Path, int]], total: int, where: str |
     so the data of a 10- or 12-bit camera stored in 16-bit files comes out dark, in a few grey levels.
     It is attributed to the first caller outside this package and torch (the user's line)."""
     message = few_levels_message(few_levels, total, where)
-    if message is not None:
-        warn_data(message, stacklevel=_callers_level())
+    if message is not None:  # (black frames: blank ones, which a page that names blank frames names once)
+        warn_data(message, stacklevel=_callers_level(),
+                  category=BlankFramesWarning if max(hi for _p, hi in few_levels) == 0 else DataWarning)
 
 
 def blank_images(images: torch.Tensor) -> torch.Tensor:
