@@ -651,6 +651,13 @@ def test_cpp_runner_refuses_a_model_file_its_description_does_not_describe(runne
     shutil.copy(str(small.ts) + ".json", str(damaged) + ".json")
     out = run(damaged)
     assert out.returncode == 0 and out.stderr == "", out.stderr
+    # a digest damaged in the description: refused, not taken for an earlier export's description
+    text = Path(str(small.ts) + ".json").read_text()
+    assert '"file_digest": "sha256:' in text
+    Path(str(damaged) + ".json").write_text(text.replace('"file_digest": "sha256:', '"file_digest": "sha2X6:'))
+    assert _one_line_error(run(damaged)) == (
+        f"{damaged}.json: its file_digest is not a SHA-256 as export writes it (a damaged description); copy or "
+        "export the two files again")
     # a description of an earlier export, without the digest, checks nothing (as none does): said, and scored
     Path(str(damaged) + ".json").write_text('{"image_size": 64}')
     out = run(damaged)

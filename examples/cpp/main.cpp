@@ -439,6 +439,10 @@ std::string description_problem(const std::string& path, std::string& unchecked)
   std::smatch m;
   const std::string body = text.str();
   if (!std::regex_search(body, m, digest)) {
+    if (body.find("\"file_digest\"") != std::string::npos) {  // there, but not as export writes it: damaged
+      return desc + ": its file_digest is not a SHA-256 as export writes it (a damaged description); copy or "
+                    "export the two files again";
+    }
     unchecked = "warning: " + desc + " records no file_digest (an earlier export), so " +
                 std::filesystem::path(path).filename().string() + " was not checked against it; export it again";
     return "";
