@@ -386,7 +386,15 @@ def cmd_predict(args) -> int:
     if resume:  # refuse before reading anything
         earlier = _stopped_predict(out)
     else:
-        OutputFolder.check(out, overwrite=args.overwrite, inputs=inputs, command="predict")
+        try:
+            OutputFolder.check(out, overwrite=args.overwrite, inputs=inputs, command="predict")
+        except OutputRefused as exc:  # a stopped predict's output: --overwrite would throw its finished images away
+            try:
+                _stopped_predict(out)
+            except UserError:  # none there (or in use): the refusal as it is
+                raise exc from None
+            raise OutputRefused(f"{exc}; or --resume does only the images the stopped predict there had not done") \
+                from None
     det = Detector.load(args.run, device=args.device, map_kind=args.map, stride=args.stride,  # SettingError: one line
                         smooth_sigma=args.smooth, blend=getattr(args, "blend", None))
     with far_errors(args.run, args.far):  # before any image is read

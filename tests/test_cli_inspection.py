@@ -376,6 +376,7 @@ def test_a_stopped_predict_keeps_the_images_it_finished(tiny, tmp_path, capsys, 
     monkeypatch.setattr(visualize, "save_overlay", real)
     status, _, err = cli(["predict", tiny["run"], src, "--out", out, "--device", "cpu"], capsys)
     assert status == 2 and "--overwrite" in err  # kept, not overwritten silently
+    assert "or --resume does only the images the stopped predict there had not done" in err
     status, _, err = cli(["predict", tiny["run"], src, "--out", out, "--device", "cpu", "--overwrite"], capsys)
     assert status == 0, err
     scores = json.loads((out / "scores.json").read_text())
