@@ -241,7 +241,7 @@ EXACT_RANK_PAIRS = 9
 #: The two-sided level at which a correlation is said to be significant.
 RANK_ALPHA = 0.01
 #: The text saying which test :func:`rank_significant` is, for the lines that use it.
-RANK_TEST = "by an exact permutation test up to 9 images, Student's t approximation above"
+RANK_TEST = f"by an exact permutation test up to {EXACT_RANK_PAIRS} images, Student's t approximation above"
 
 
 @functools.lru_cache(maxsize=None)

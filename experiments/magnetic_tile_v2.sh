@@ -19,7 +19,8 @@
 # Metrics go to experiments/results/magnetic-tile/<name>.json, or to $RESULTS_DIR/<name>.json
 # (experiments/README.md, "Rerunning a row"). ROWS are the names of the case list at the end; an
 # unknown one stops the script before anything runs (exit status 2). Exit status 1 when any
-# training, refit or evaluation failed (the other rows go on).
+# training, refit or evaluation failed, or a row's source runs are not in OUT (the other rows go
+# on); Ctrl-C stops it (130).
 set -uo pipefail
 START=$PWD
 cd "$(dirname "$0")/.."

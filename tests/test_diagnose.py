@@ -419,8 +419,8 @@ def test_diagnose_without_masks_gives_the_image_metrics_and_a_refused_overwrite_
 
 
 def test_rank_correlation_of_a_constant_sequence_is_nan():
-    """Ties are ranked by position: a constant sequence would get ranks 0..N-1 and a correlation
-    it does not have."""
+    """A constant sequence has no rank order to correlate (ranked by position, it got ranks 0..N-1
+    and a correlation it does not have)."""
     assert math.isnan(rank_correlation([2.0, 2.0, 2.0], [1.0, 2.0, 3.0]))
     assert math.isnan(rank_correlation([1.0, 2.0, 3.0], [0.5, 0.5, 0.5]))
 

@@ -416,7 +416,7 @@ def test_the_brightness_note_hints_at_levelling_only_when_the_lighting_is_signif
     said = brightness_note(0.67, 60, levelled=False, trunk=True)
     assert said.startswith("held-back scores against their images' mean brightness: rank correlation +0.67 (60 images)")
     assert "--level-brightness" in said
-    # p <= 0.01 needs |rho| sqrt(n - 1) >= 2.576: 0.34 over 60 images is, over 20 it is not
+    # p <= 0.01 by Student's t over n - 2 degrees of freedom: 0.34 over 60 images is (p = 0.008), over 20 it is not
     assert "--level-brightness" in brightness_note(-0.34, 60, False, True)
     assert "--level-brightness" not in brightness_note(0.34, 20, False, True)
     assert "--level-brightness" not in brightness_note(0.67, 60, levelled=True, trunk=True)  # already levelled
