@@ -93,6 +93,15 @@ while [ $# -gt 0 ]; do
   shift
 done
 [ -n "$OUT" ] || { echo "usage: bash benchmarks/gpu_suite.sh [--dry-run] [--wheels DIR] OUTDIR" >&2; exit 2; }
+# SUITE_SKIP's names must be steps of this script: a misspelt one ran its step (a build of minutes)
+SUITE_SKIP=${SUITE_SKIP:-}
+KNOWN_STEPS=" $(grep -oE '(^|[[:space:]])step [a-z_]+ [0-9]+ ' "$ROOT/benchmarks/gpu_suite.sh" | awk '!seen[$2]++ {print $2}' | tr '\n' ' ') "
+for name in ${SUITE_SKIP//,/ }; do
+  case $KNOWN_STEPS in
+    *" $name "*) ;;
+    *) echo "gpu_suite.sh: SUITE_SKIP names no step '$name' (the steps:$KNOWN_STEPS)" >&2; exit 2 ;;
+  esac
+done
 # an earlier suite's results there would be summarised as this run's
 if [ -e "$OUT/steps.tsv" ] || [ -n "$(ls -A "$OUT/results" 2>/dev/null)" ]; then
   echo "gpu_suite.sh: $OUT holds an earlier suite's output; give a new OUTDIR" >&2; exit 2
@@ -349,7 +358,9 @@ needed = {"numpy": "numpy", "PIL": "pillow", "sklearn": "scikit-learn", "tqdm": 
 print(" ".join(pip for mod, pip in needed.items() if u.find_spec(mod) is None))
 PY
 FULL_INSTALL=(bash -c 'set -e; "$0" -m pip install --no-index --find-links "$1" -c constraints.txt torch numpy pillow scikit-learn tqdm ninja pytest pytorch-msssim; "$0" -m pip install --no-index --find-links "$1" --no-deps lpips==0.1.4' "$PY" "${WHEELS:-<no wheels folder>}")
-if timeout 60 "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+if [[ " ${SUITE_SKIP//,/ } " == *" install "* ]]; then  # (its branches below write their own line)
+  step install 0 cpu true
+elif timeout 60 "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
   read -r -a MISSING <<< "$("$PY" "$MISSING_PY")"
   if [ "${#MISSING[@]}" -eq 0 ]; then
     printf 'install\tok\t0\t-\talready installed (torch with CUDA imports)\n' >> "$STEPS_FILE"

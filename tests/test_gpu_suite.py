@@ -260,3 +260,21 @@ def test_steps_in_suite_skip_are_left_out_said_and_no_failure(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     assert "left out (SUITE_SKIP): build, memcheck, other" in res.stdout
     assert "the steps run are ok; not run here: build, memcheck, other" in res.stdout
+
+
+def test_suite_skip_names_steps_of_the_suite_and_leaves_out_the_install_too(tmp_path):
+    """A misspelt name in SUITE_SKIP was ignored and its step ran (a build of minutes on a device);
+    the install's own branches (no CUDA torch, no wheels) wrote a failure whatever SUITE_SKIP said."""
+    names = sorted(set(re.findall(r"(?:^|\s)step ([a-z_]+) [0-9]+ ", SUITE.read_text())))
+    assert {"install", "build", "memcheck", "tests_collect"} <= set(names)
+    env = dict(os.environ, SUITE_SKIP="env tests-collect")
+    r = subprocess.run(["bash", str(SUITE), "--dry-run", str(tmp_path / "a")], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "SUITE_SKIP names no step 'tests-collect'" in r.stderr, r.stderr
+    assert not (tmp_path / "a").exists()
+    env = dict(os.environ, SUITE_SKIP=",".join(names), DEFECT_FAST_WHEELS="")
+    r = subprocess.run(["bash", str(SUITE), str(tmp_path / "b")], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    rows = [line.split("\t")[:2] for line in (tmp_path / "b" / "steps.tsv").read_text().splitlines()]
+    assert rows and all(status == "left-out" for _name, status in rows), rows
+    assert ["install", "left-out"] in rows
