@@ -245,27 +245,46 @@ RANK_TEST = f"by an exact permutation test up to {EXACT_RANK_PAIRS} images, Stud
 
 
 @functools.lru_cache(maxsize=None)
-def _exact_rank_null(n: int) -> np.ndarray:
-    """|Spearman's rho| of every order of n untied ranks, sorted (the exact null distribution)."""
+def _orders(n: int) -> np.ndarray:
+    """Every order of range(n), [n!, n] (9! = 362,880 rows, 26 MB at n = 9)."""
     import itertools
 
-    perms = np.array(list(itertools.permutations(range(n))), dtype=np.int64)
-    d2 = ((perms - np.arange(n)) ** 2).sum(axis=1)
+    return np.array(list(itertools.permutations(range(n))), dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=None)
+def _exact_rank_null(n: int) -> np.ndarray:
+    """|Spearman's rho| of every order of n untied ranks, sorted (the exact null distribution)."""
+    d2 = ((_orders(n) - np.arange(n)) ** 2).sum(axis=1)
     return np.sort(np.abs(1.0 - 6.0 * d2 / (n * (n * n - 1))))
 
 
-def rank_significant(rho: float, n: int) -> bool:
+def rank_significant(rho: float, n: int, pairs: tuple[Any, Any] | None = None) -> bool:
     """Whether a rank correlation ``rho`` over ``n`` pairs differs from 0 at p <= 0.01 (two-sided):
-    exactly, over every order of n untied ranks, up to :data:`EXACT_RANK_PAIRS` pairs (rho = 1 over
-    7 has p = 0.0004; over 5, p = 0.017: never significant); above, by Student's t approximation
-    (t = rho sqrt((n - 2) / (1 - rho^2)), n - 2 degrees of freedom). The normal approximation it
-    replaces could call no set of 7 or fewer significant."""
+    exactly, over every order of the ranks, up to :data:`EXACT_RANK_PAIRS` pairs (of n untied
+    ranks; of the ranks of ``pairs``, the two [n] sequences rho was measured on, when given: tied
+    values, identical blank frames or two lighting levels, reach rho values the untied orders
+    rarely do; rho = 1 over 7 untied has p = 0.0004, over 5 p = 0.017: never significant); above,
+    by Student's t approximation (t = rho sqrt((n - 2) / (1 - rho^2)), n - 2 degrees of freedom;
+    at 10 pairs it takes exact p values up to about 0.013 for significant). The normal
+    approximation it replaces could call no set of 7 or fewer significant."""
     if not math.isfinite(rho) or n < MIN_RANK_PAIRS:
         return False
     r = min(abs(rho), 1.0)
     if n <= EXACT_RANK_PAIRS:
-        null = _exact_rank_null(n)
-        p = (null.size - np.searchsorted(null, r - 1e-12)) / null.size  # orders at least as far from 0
+        if pairs is None:
+            null = _exact_rank_null(n)
+            p = (null.size - np.searchsorted(null, r - 1e-12)) / null.size  # orders at least as far from 0
+        else:
+            from scipy.stats import rankdata
+
+            rx, ry = (rankdata(np.asarray(v, dtype=np.float64).reshape(-1)) for v in pairs)
+            if rx.size != n or ry.size != n:
+                raise ValueError(f"pairs of {rx.size} and {ry.size} values for n = {n}")
+            dx, dy = rx - rx.mean(), ry - ry.mean()
+            orders = dy[_orders(n)]  # [n!, n]: y's ranks in every order
+            rhos = np.abs(orders @ dx) / (np.linalg.norm(dx) * np.linalg.norm(dy))
+            p = float((rhos >= r - 1e-12).mean())
         return bool(p <= RANK_ALPHA)
     from scipy.stats import t as student_t
 
@@ -518,7 +537,8 @@ def format_table(stats: Mapping[str, Any], metrics: Mapping[str, Any] | None = N
         elif math.isnan(rho):
             said = f"n/a ({n} images; the scores or the brightness are all the same)"
         else:
-            said = (f"{rho:+.2f} ({n} images; {'' if rank_significant(rho, n) else 'not '}significant at p <= 0.01 "
+            significant = stats["good"].get("score_vs_brightness_significant")
+            said = (f"{rho:+.2f} ({n} images; {'' if significant else 'not '}significant at p <= 0.01 "
                     f"{RANK_TEST})")
         lines.append(f"defect-free images: rank correlation of image score with mean brightness {said}")
     if stats.get("per_class"):
@@ -625,7 +645,8 @@ def diagnose(
     n_good = int(good.sum())
     rho = rank_correlation(scores[good], brightness[good]) if n_good >= MIN_RANK_PAIRS else math.nan
     stats["good"]["score_vs_brightness"] = rho
-    stats["good"]["score_vs_brightness_significant"] = rank_significant(rho, n_good) if math.isfinite(rho) else None
+    stats["good"]["score_vs_brightness_significant"] = (rank_significant(rho, n_good, (scores[good], brightness[good]))
+                                                        if math.isfinite(rho) else None)
     # pixel metrics need defective images with masks only (image AUROC is nan without good images, as in evaluate);
     # without masks, the image-level ones from the folder labels, as evaluate gives them
     if has_masks:

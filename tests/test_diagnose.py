@@ -303,6 +303,26 @@ def test_rank_significance_is_exact_over_a_few_images_and_student_s_t_above():
     assert not rank_significant(float("nan"), 20) and not rank_significant(1.0, 2)
 
 
+def test_rank_significance_of_tied_values_permutes_their_own_ranks():
+    """Ties take their average rank: identical blank frames or two lighting levels reach rho values
+    the untied orders rarely do, and the untied null called them significant (7 identical frames
+    beside 2 parts: rho = 1, exact p = 0.014)."""
+    from scipy.stats import permutation_test, rankdata
+
+    from defect_fast.diagnose import rank_significant
+
+    score = np.array([0.9] * 7 + [0.1, 0.2])  # blank frames score high and are dark
+    dark = np.array([0.0] * 7 + [120.0, 100.0])
+    rho = rank_correlation(score, -dark)
+    assert rho == pytest.approx(1.0) and rank_significant(rho, 9) and not rank_significant(rho, 9, (score, -dark))
+    for x, y in (([1, 1, 1, 1, 2, 2, 2], [3, 4, 5, 6, 9, 8, 7]), ([5, 5, 1, 1, 1, 2, 3], [7, 6, 1, 2, 3, 4, 5])):
+        x, y = np.array(x, float), np.array(y, float)
+        rho = rank_correlation(x, y)
+        exact = permutation_test((rankdata(y),), lambda b: rank_correlation(rankdata(x), b), permutation_type="pairings",
+                                 n_resamples=np.inf, alternative="two-sided").pvalue
+        assert rank_significant(rho, 7, (x, y)) == (exact <= 0.01 + 1e-12), (rho, exact)
+
+
 def test_main_reports_missing_run(tmp_path, capsys):
     assert main([str(tmp_path / "nope"), str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
