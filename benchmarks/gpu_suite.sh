@@ -42,7 +42,8 @@
 # machine that returns only a few files (a kill from outside keeps the steps before it). Give the
 # machine's own limit on the command at least 580 s: the suite stops starting steps at 540 s; where
 # less is left, set SUITE_SECONDS to that limit less 40 s. SUITE_SKIP="step step ..." (or commas)
-# leaves those steps out, said as such in the summary (not a failure): a second call on the same warm
+# leaves those steps out, said as such in the summary (not a failure; a name that is no step is
+# refused before anything runs): a second call on the same warm
 # machine (its installed packages and compiled kernels still there) runs the steps the first did
 # not reach, e.g. SUITE_SKIP="install build tests_ops memcheck inference". On a machine that returns what a command
 # writes under $OUT (a handful of files at most), write OUTDIR elsewhere, new, and only the archive
