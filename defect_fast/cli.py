@@ -453,7 +453,6 @@ def cmd_predict(args) -> int:
             raise
     else:
         folder = OutputFolder.create(out, overwrite=args.overwrite, inputs=inputs, lock=True, command="predict")
-    failed: Exception | None = None  # an error after the start, in a resumed predict
     with folder if resume else folder.writing():
         folder.mkdir("maps")
         folder.mkdir("overlays")
@@ -511,14 +510,14 @@ def cmd_predict(args) -> int:
             except Exception as exc:  # noqa: BLE001 - re-raised below: a resumed predict keeps the images done
                 if not resume or stopped is not None:  # (the earlier command's among them), as a stop does
                     raise
-                stopped = failed = exc
+                stopped = exc  # an error, not a stop (a KeyboardInterrupt is no Exception)
     rest = ("continue with the same run, images and options and --resume (not --overwrite), or predict all again "
             "with --overwrite" if len(report["images"]) < len(paths) else "every image was done")
     kept = f"the maps, overlays and scores of {len(report['images'])} of {len(paths)} image(s) are kept in {out} " \
            f"(scores.json lists them)"
-    if failed is not None:
+    if isinstance(stopped, Exception):  # an error in a resumed predict: said, after what is kept
         print(f"defect-fast: {kept}; {rest}", file=sys.stderr)
-        raise failed
+        raise stopped
     if stopped is not None:
         raise Stopped(f"stopped: {kept}; {rest}", getattr(stopped, "signum", signal.SIGINT))
     flagged = sum(1 for e in report["images"] if e.get("defective"))
