@@ -380,22 +380,19 @@ def _jit_build(root: Path, with_cuda: bool):
     key = hashlib.sha256(f"{family}\n{digest}".encode()).hexdigest()[:16]
     build_dir = _cache_root() / key
     stamp = build_dir / "build.ok"
-    # a finished build needs no lock to be imported: in a cache that cannot be written (a container's
-    # read-only layer) taking it failed, and every process ran the reference ops beside a good build
-    try:
-        module = _import_built(build_dir) if stamp.is_file() and _stamp_vouches(stamp, build_dir) else None
-    except (ImportError, OSError):  # damaged: made again below, under the lock
-        module = None
-    if module is not None:
-        return module
-    try:
-        lock = _file_lock(build_dir / "defect_fast.lock")
-        lock.__enter__()
-    except OSError as exc:
-        raise RuntimeError(f"the build cache {build_dir} cannot be written ({exc.strerror or exc}); set "
-                           "DEFECT_FAST_BUILD_DIR to a writable folder") from exc
     with contextlib.ExitStack() as held:
-        held.push(lock.__exit__)
+        try:
+            held.enter_context(_file_lock(build_dir / "defect_fast.lock"))
+        except OSError as exc:  # a cache that cannot be written (a container's read-only layer): a finished
+            # build there is imported without the lock (taking it failed, and the reference ops ran beside it)
+            try:
+                module = _import_built(build_dir) if stamp.is_file() and _stamp_vouches(stamp, build_dir) else None
+            except (ImportError, OSError):
+                module = None
+            if module is not None:
+                return module
+            raise RuntimeError(f"the build cache {build_dir} cannot be written ({exc.strerror or exc}); set "
+                               "DEFECT_FAST_BUILD_DIR to a writable folder") from exc
         if stamp.is_file():
             try:
                 module = _import_built(build_dir) if _stamp_vouches(stamp, build_dir) else None
