@@ -372,6 +372,25 @@ def _top_count(pixels: int, top_fraction: float) -> int:
     return max(1, int(round(pixels * top_fraction)))
 
 
+def _non_blank(images: torch.Tensor, shown: Sequence[str], what: str, at_least: int) -> torch.Tensor | bool | None:
+    """Which of ``images`` a fit or a calibration takes: None, all of them (no blank frame, one
+    colour throughout); a bool mask leaving the blank frames out, said in a
+    :class:`~defect_fast.data.io.BlankFramesWarning` that names up to three of them by ``shown``;
+    False where fewer than ``at_least`` others are left (the caller keeps them all, or refuses)."""
+    from .data.io import BlankFramesWarning, _callers_level, blank_images, warn_data
+
+    blank = blank_images(images)
+    if not bool(blank.any()):
+        return None
+    if int((~blank).sum()) < at_least:
+        return False
+    left = blank.nonzero().flatten().tolist()
+    warn_data(f"{what}: {len(left)} blank frame(s), one colour throughout, are left out: a camera fault, which watch "
+              f"sets aside and never judges ({', '.join(shown[i] for i in left[:3])}{', ...' if len(left) > 3 else ''})",
+              stacklevel=_callers_level(), category=BlankFramesWarning)
+    return ~blank
+
+
 def image_scores(maps: torch.Tensor, top_fraction: float = TOP_FRACTION) -> torch.Tensor:
     """maps [N, H, W] -> [N]: mean of the top ``top_fraction`` of each map's values."""
     return top_mean(maps, _top_count(maps.shape[-1] * maps.shape[-2], top_fraction))
@@ -1680,26 +1699,22 @@ class Detector(nn.Module):
         Replaces :attr:`calibration` and returns it.
         """
         from .calibration import DEFAULT_FAR
-        from .data.io import BlankFramesWarning, DataError, _callers_level, blank_images, image_keys, warn_data
+        from .data.io import DataError, _callers_level, image_keys, warn_data
         from .evaluate import check_finite
 
         # checked once, as calibrate's (through predict_batched, its warnings came twice)
         given = self._at_model_size(self._checked_batch(normal_images, "calibrate"))
         if names is not None and len(names) != given.shape[0]:
             raise ValueError(f"calibrate: {len(names)} names for {given.shape[0]} images")
-        shown = (lambda i: str(names[i])) if names is not None else (lambda i: f"image {i}")  # noqa: E731
-        blank = blank_images(given)
-        if bool(blank.any()):  # as defect-fast calibrate: a black frame's score set the threshold 9x higher
-            left = blank.nonzero().flatten().tolist()
-            if len(left) == given.shape[0]:
-                raise DataError(f"calibrate: every one of the {len(left)} images is a blank frame, one colour "
-                                "throughout (a failed exposure, a covered lens?); give photographs of defect-free parts")
-            warn_data(f"calibrate: {len(left)} blank frame(s), one colour throughout, are left out: a camera fault, "
-                      f"which watch sets aside and never judges ({', '.join(shown(i) for i in left[:3])}"
-                      f"{', ...' if len(left) > 3 else ''})", stacklevel=_callers_level(), category=BlankFramesWarning)
-            keep = (~blank).nonzero().flatten()
-            given, names = given[keep], None if names is None else [names[i] for i in keep.tolist()]
-            shown = (lambda i: str(names[i])) if names is not None else (lambda i: f"image {keep[i].item()}")  # noqa: E731
+        shown = [str(n) for n in names] if names is not None else [f"image {i}" for i in range(given.shape[0])]
+        # as defect-fast calibrate: a black frame's score set the threshold 9x higher
+        keep = _non_blank(given, shown, "calibrate", at_least=1)
+        if keep is False:
+            raise DataError(f"calibrate: every one of the {given.shape[0]} images is a blank frame, one colour "
+                            "throughout (a failed exposure, a covered lens?); give photographs of defect-free parts")
+        if keep is not None:
+            given, shown = given[keep], [n for n, k in zip(shown, keep.tolist()) if k]
+            names = None if names is None else [n for n, k in zip(names, keep.tolist()) if k]
         # the images the thresholds will rest on, as defect-fast calibrate records them (None: float pixels,
         # not as a file reads, are not known)
         keys = image_keys(given.cpu()) if given.dtype == torch.uint8 else None
@@ -1708,7 +1723,7 @@ class Detector(nn.Module):
             known = [i for i, k in enumerate(keys) if k in seen]
             if known:  # defect-fast calibrate refuses them; here, said
                 warn_data(f"calibrate: {len(known)} of the images {'is one' if len(known) == 1 else 'are ones'} the "
-                          f"run trained on or fitted its map on ({', '.join(shown(i) for i in known[:3])}"
+                          f"run trained on or fitted its map on ({', '.join(shown[i] for i in known[:3])}"
                           f"{', ...' if len(known) > 3 else ''}): thresholds set on them are optimistic (false alarms "
                           "on new parts); give defect-free images the run has not seen", stacklevel=_callers_level())
         res = self._predict_batched(given, 8, False)
@@ -1757,8 +1772,6 @@ class Detector(nn.Module):
             image context, whose standardisation was measured on the maps before, is removed
             (:meth:`calibrate` and :meth:`fit_context` again), as :meth:`fit_perceptual` does.
         """
-        from .data.io import BlankFramesWarning, _callers_level, blank_images, warn_data
-
         # 0, or a value float32 rounds to 0: a position that never varies divides 0 by 0 (NaN scores)
         if not _real("min_std", min_std) >= torch.finfo(torch.float32).tiny:
             raise ValueError(f"min_std must be > 0 (at least {torch.finfo(torch.float32).tiny:.3g}, float32's "
@@ -1766,13 +1779,10 @@ class Detector(nn.Module):
         images_per_batch = _integer("images_per_batch", images_per_batch, 1)
         normal_images = self._at_model_size(self._checked_batch(normal_images, "fit_normalization"))
         # as training leaves them out of its fits: one black frame made the std 15 times wider
-        blank = blank_images(normal_images)
-        if bool(blank.any()) and int((~blank).sum()) >= 2:
-            left = blank.nonzero().flatten().tolist()
-            warn_data(f"fit_normalization: {len(left)} blank frame(s), one colour throughout, are left out: a camera "
-                      f"fault, which watch sets aside and never judges (image {', '.join(map(str, left[:3]))}"
-                      f"{', ...' if len(left) > 3 else ''})", stacklevel=_callers_level(), category=BlankFramesWarning)
-            normal_images = normal_images[~blank]
+        keep = _non_blank(normal_images, [f"image {i}" for i in range(normal_images.shape[0])], "fit_normalization",
+                          at_least=2)
+        if isinstance(keep, torch.Tensor):
+            normal_images = normal_images[keep]
         if normal_images.shape[0] < 2:
             raise ValueError(f"fit_normalization needs at least 2 images, got {normal_images.shape[0]}")
         with torch.no_grad():
