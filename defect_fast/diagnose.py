@@ -252,13 +252,6 @@ def _orders(n: int) -> np.ndarray:
     return np.array(list(itertools.permutations(range(n))), dtype=np.int64)
 
 
-@functools.lru_cache(maxsize=None)
-def _exact_rank_null(n: int) -> np.ndarray:
-    """|Spearman's rho| of every order of n untied ranks, sorted (the exact null distribution)."""
-    d2 = ((_orders(n) - np.arange(n)) ** 2).sum(axis=1)
-    return np.sort(np.abs(1.0 - 6.0 * d2 / (n * (n * n - 1))))
-
-
 def rank_significant(rho: float, n: int, pairs: tuple[Any, Any] | None = None) -> bool:
     """Whether a rank correlation ``rho`` over ``n`` pairs differs from 0 at p <= 0.01 (two-sided):
     exactly, over every order of the ranks, up to :data:`EXACT_RANK_PAIRS` pairs (of n untied
@@ -272,20 +265,16 @@ def rank_significant(rho: float, n: int, pairs: tuple[Any, Any] | None = None) -
         return False
     r = min(abs(rho), 1.0)
     if n <= EXACT_RANK_PAIRS:
-        if pairs is None:
-            null = _exact_rank_null(n)
-            p = (null.size - np.searchsorted(null, r - 1e-12)) / null.size  # orders at least as far from 0
-        else:
-            from scipy.stats import rankdata
+        from scipy.stats import rankdata
 
-            rx, ry = (rankdata(np.asarray(v, dtype=np.float64).reshape(-1)) for v in pairs)
-            if rx.size != n or ry.size != n:
-                raise ValueError(f"pairs of {rx.size} and {ry.size} values for n = {n}")
-            dx, dy = rx - rx.mean(), ry - ry.mean()
-            orders = dy[_orders(n)]  # [n!, n]: y's ranks in every order
-            rhos = np.abs(orders @ dx) / (np.linalg.norm(dx) * np.linalg.norm(dy))
-            p = float((rhos >= r - 1e-12).mean())
-        return bool(p <= RANK_ALPHA)
+        # the ranks of the pairs given, ties at their average; else n untied ranks
+        rx, ry = ((rankdata(np.asarray(v, dtype=np.float64).reshape(-1)) for v in pairs) if pairs is not None
+                  else (np.arange(n, dtype=np.float64),) * 2)
+        if rx.size != n or ry.size != n:
+            raise ValueError(f"pairs of {rx.size} and {ry.size} values for n = {n}")
+        dx, dy = rx - rx.mean(), ry - ry.mean()
+        rhos = np.abs(dy[_orders(n)] @ dx) / (np.linalg.norm(dx) * np.linalg.norm(dy))  # y's ranks in every order
+        return bool((rhos >= r - 1e-12).mean() <= RANK_ALPHA)  # the share of orders at least as far from 0
     from scipy.stats import t as student_t
 
     if r >= 1.0:
