@@ -1695,7 +1695,8 @@ class Detector(nn.Module):
         ``names`` (one per image) name the image whose score the threshold is and the highest.
         Blank frames (one colour throughout) are left out, as ``defect-fast calibrate`` leaves them
         out (a warning names them); images the run trained on or fitted its map on, as its model
-        file records them, are named in a warning (the command refuses them).
+        file records them, are named in a warning (the command refuses them); a warning also says
+        when a model file does not record them.
         Replaces :attr:`calibration` and returns it.
         """
         from .calibration import DEFAULT_FAR
@@ -1726,6 +1727,10 @@ class Detector(nn.Module):
                           f"run trained on or fitted its map on ({', '.join(shown[i] for i in known[:3])}"
                           f"{', ...' if len(known) > 3 else ''}): thresholds set on them are optimistic (false alarms "
                           "on new parts); give defect-free images the run has not seen", stacklevel=_callers_level())
+        elif seen is None and keys is not None and self.model_path is not None:  # as the command, said
+            warn_data(f"calibrate: could not check that the images were not trained on: {self.model_path} does not "
+                      "record the images its model trained on (written before that record, or saved from a model trained "
+                      "elsewhere); 'defect-fast calibrate' checks a run against its training folder", stacklevel=_callers_level())
         res = self._predict_batched(given, 8, False)
         check_finite(res, names, None, self.precision, "defect-free images")
         if far is None:  # the rate asked before (it stays when a fit sets the thresholds aside)

@@ -645,3 +645,25 @@ def test_a_second_calibrate_in_python_still_names_the_held_back_half_the_map_was
     for _ in range(2):
         with pytest.warns(DataWarning, match="1 of the images is one the run trained on or fitted its map on"):
             det.calibrate(torch.cat([parts, fitted]), 0.2)
+
+
+def test_calibrate_in_python_says_when_the_model_file_records_no_training_images(runs, tmp_path):
+    """defect-fast calibrate warns that it could not check a file that records no training images;
+    Detector.calibrate said nothing, and thresholds set on training images went unnoticed."""
+    import warnings
+
+    from defect_fast.data import DataWarning
+
+    parts = read_images(sorted(runs["more"].glob("*.png"))[:6], SIZE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a file with its record: nothing to say of unseen parts
+        Detector.load(runs["run"], device="cpu").calibrate(parts, 0.2)
+    state = load_model_state(runs["run"])
+    state.pop("image_keys")
+    state.pop("tensor_digest", None)
+    older = tmp_path / "older"
+    older.mkdir()
+    save_with_digest(state, older / "model.pt")
+    with pytest.warns(DataWarning, match=r"could not check that the images were not trained on: .*older.*model\.pt "
+                                         r"does not record the images its model trained on"):
+        Detector.load(older, device="cpu").calibrate(parts, 0.2)
