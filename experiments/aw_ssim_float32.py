@@ -26,7 +26,7 @@ from defect_fast import ops
 from defect_fast.data import read_image
 from defect_fast.data.io import list_images
 from defect_fast.ops import reference as R
-from results_file import write_text  # noqa: E402
+from results_file import run_script, write_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,4 +67,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(lambda _argv: main())

@@ -38,7 +38,7 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 from defect_fast.data import load_test_set  # noqa: E402
 from defect_fast.detect import Detector  # noqa: E402
 from defect_fast.metrics import image_auroc, pixel_auroc  # noqa: E402
-from results_file import write_text  # noqa: E402
+from results_file import run_script, write_text  # noqa: E402
 
 BINS = 8192
 BARS = {"pixel_auroc": 0.80, "image_auroc": 0.90}
@@ -155,4 +155,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

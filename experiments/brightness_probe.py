@@ -36,7 +36,7 @@ from defect_fast.detect import Detector, top_mean  # noqa: E402
 from defect_fast.diagnose import rank_correlation  # noqa: E402
 from defect_fast.runs import MODEL_FILE, load_model_state  # noqa: E402
 from defect_fast.safety import dump_json_strict  # noqa: E402
-from results_file import write_text  # noqa: E402
+from results_file import run_script, write_text  # noqa: E402
 
 
 def score_terms(det: Detector, images: torch.Tensor, batch: int = 16) -> dict[str, np.ndarray]:
@@ -103,4 +103,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

@@ -38,7 +38,7 @@ from defect_fast.calibration import f1_optimal_threshold  # noqa: E402
 from defect_fast.data import GOOD, load_test_set  # noqa: E402
 from defect_fast.detect import Detector  # noqa: E402
 from defect_fast.safety import dump_json_strict  # noqa: E402
-from results_file import write_text  # noqa: E402
+from results_file import run_script, write_text  # noqa: E402
 
 
 def matched_cut(maps: np.ndarray, normal: np.ndarray, n_flagged: int) -> float:
@@ -134,4 +134,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

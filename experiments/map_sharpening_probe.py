@@ -40,7 +40,7 @@ from defect_fast.data import load_test_set, load_train_images  # noqa: E402
 from defect_fast.detect import Detector  # noqa: E402
 from defect_fast.metrics import evaluate  # noqa: E402
 from defect_fast.safety import dump_json_strict  # noqa: E402
-from results_file import write_text  # noqa: E402
+from results_file import run_script, write_text  # noqa: E402
 
 RADII = (4, 8, 16, 32)
 FACTORS = (0.5, 0.8)
@@ -183,4 +183,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_script(main)

@@ -35,13 +35,11 @@ before the trunk of the context and of the blur-perceptual map, to the training 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -53,7 +51,7 @@ from defect_fast.maps import blur_matrix  # noqa: E402
 from defect_fast.metrics import evaluate  # noqa: E402
 from defect_fast.perceptual import PerceptualMap  # noqa: E402
 from defect_fast.safety import dump_json_strict  # noqa: E402
-from results_file import provenance, write_text  # noqa: E402
+from results_file import provenance, run_script, write_text  # noqa: E402
 
 
 #: The version of the band profile an ImageContext computes, by its profile_resample: the row names' tag.
@@ -93,11 +91,11 @@ def main(argv=None) -> int:
                    help="the image context rows with the brightness levelled before the trunk (default: as read)")
     args = p.parse_args(argv)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     s = args.image_size
     args.data = str(Path(args.data).resolve())
     train, paths = load_train_images(args.data, s)
     test = load_test_set(args.data, s)
+    out.mkdir(parents=True, exist_ok=True)  # once the data are read: a wrong DATA leaves no empty folder
     index = {str(p): i for i, p in enumerate(paths)}
     tr_paths, held_paths = split_holdback([str(p) for p in paths], 0.1, seed=0)  # the split train() makes
     tr_idx, held_idx = [index[p] for p in tr_paths], sorted(index[p] for p in held_paths)[0::2]
@@ -239,4 +237,4 @@ def write(path: Path, maps, test, what: str, seconds: float, args, scores=None) 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

@@ -50,7 +50,7 @@ from defect_fast.perceptual import PerceptualMap  # noqa: E402
 from defect_fast.safety import dump_json_strict  # noqa: E402
 from defect_fast.context import ImageContext  # noqa: E402
 from model_free import combine_like_detector, context_parts, gaussian, scores_of  # noqa: E402
-from results_file import write_text  # noqa: E402
+from results_file import run_script, write_text  # noqa: E402
 
 SIZE = 256
 
@@ -159,4 +159,4 @@ def row(maps: torch.Tensor, test, seconds: float, what: str, scores: torch.Tenso
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

@@ -42,7 +42,7 @@ from defect_fast.maps import blur_matrix  # noqa: E402
 from defect_fast.metrics import evaluate  # noqa: E402
 from defect_fast.perceptual import PerceptualMap, reference_brightness  # noqa: E402
 from defect_fast.safety import dump_json_strict  # noqa: E402
-from results_file import write_text  # noqa: E402
+from results_file import run_script, write_text  # noqa: E402
 
 BATCH = 16
 
@@ -128,4 +128,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

@@ -36,7 +36,7 @@ from defect_fast.detect import Detector  # noqa: E402
 from defect_fast.metrics import evaluate  # noqa: E402
 from defect_fast.perceptual import PerceptualMap  # noqa: E402
 from defect_fast.runs import MODEL_FILE, load_model_state  # noqa: E402
-from results_file import write_text  # noqa: E402
+from results_file import run_script, write_text  # noqa: E402
 
 BATCH = 16
 
@@ -169,4 +169,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(lambda _argv: main())

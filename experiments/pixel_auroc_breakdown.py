@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from defect_fast.data import GOOD, load_test_set  # noqa: E402
 from defect_fast.detect import Detector  # noqa: E402
 from defect_fast.safety import dump_json_strict  # noqa: E402
-from results_file import write_text  # noqa: E402
+from results_file import run_script, write_text  # noqa: E402
 
 #: Distance bins (px) of normal pixels to the nearest defect pixel of their image.
 BINS = ((0, 4), (4, 8), (8, 16), (16, 32), (32, 64), (64, None))
@@ -124,4 +124,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

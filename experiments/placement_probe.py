@@ -25,7 +25,7 @@ from defect_fast.context import grid_side  # noqa: E402
 from defect_fast.data import load_test_set  # noqa: E402
 from defect_fast.detect import Detector  # noqa: E402
 from defect_fast.metrics import evaluate  # noqa: E402
-from results_file import write_text  # noqa: E402
+from results_file import run_script, write_text  # noqa: E402
 
 BORDER = 16
 
@@ -95,4 +95,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(lambda _argv: main())

@@ -35,7 +35,7 @@ from defect_fast.data import load_test_set  # noqa: E402
 from defect_fast.detect import Detector  # noqa: E402
 from defect_fast.metrics import image_auroc  # noqa: E402
 from defect_fast.safety import dump_json_strict  # noqa: E402
-from results_file import write_text  # noqa: E402
+from results_file import run_script, write_text  # noqa: E402
 
 
 def share_on_high_lines(maps: torch.Tensor, values: torch.Tensor, k: int, level: float, profile: str) -> np.ndarray:
@@ -108,4 +108,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

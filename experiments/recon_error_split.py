@@ -10,7 +10,6 @@ mean +- standard error of each group and writes them as JSON. This is the measur
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ from defect_fast.detect import Detector  # noqa: E402
 from defect_fast.runs import MODEL_FILE, load_model_state  # noqa: E402
 from defect_fast.safety import dump_json_strict  # noqa: E402
 from defect_fast.train import TrainConfig  # noqa: E402
-from results_file import write_text  # noqa: E402
+from results_file import run_script, write_text  # noqa: E402
 
 
 def errors(det: Detector, images: torch.Tensor) -> torch.Tensor:
@@ -61,4 +60,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

@@ -14,12 +14,11 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
 
 import torch
 
 from defect_fast.detect import cpu_flags
-from results_file import provenance, write_text
+from results_file import provenance, run_script, write_text
 
 
 def main(argv: list[str]) -> None:
@@ -56,4 +55,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_script(main)

@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT))
 from defect_fast.data import load_train_images  # noqa: E402
 from defect_fast.runs import MODEL_FILE, atomic_save, load_model_state, model_from_state, stored_trunk  # noqa: E402
 from defect_fast.train import TrainConfig, finish_run  # noqa: E402
+from results_file import run_script  # noqa: E402
 
 
 def main(run: str, fit_on: str | None = None, map_scales: list[int] | None = None, context: bool | None = None,
@@ -68,7 +69,7 @@ def main(run: str, fit_on: str | None = None, map_scales: list[int] | None = Non
     return 0
 
 
-if __name__ == "__main__":
+def _cli(argv) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -87,6 +88,10 @@ if __name__ == "__main__":
                     help="with the context, the image score (default: the run's setting)")
     ap.add_argument("--placement", choices=("cells", "centres"), default=None,
                     help="where the map and the context put the trunk's cells (default: the run's setting)")
-    args = ap.parse_args()
-    sys.exit(main(args.run, args.fit_on, args.map_scales, args.context, args.context_profile, args.level_brightness,
-                  args.image_score, args.placement))
+    args = ap.parse_args(argv)
+    return main(args.run, args.fit_on, args.map_scales, args.context, args.context_profile, args.level_brightness,
+                args.image_score, args.placement)
+
+
+if __name__ == "__main__":
+    run_script(_cli)

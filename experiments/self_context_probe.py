@@ -40,7 +40,7 @@ from defect_fast.context import ImageContext  # noqa: E402
 from defect_fast.data import load_test_set, load_train_images  # noqa: E402
 from defect_fast.metrics import evaluate  # noqa: E402
 from defect_fast.perceptual import PerceptualMap  # noqa: E402
-from results_file import write_text  # noqa: E402
+from results_file import run_script, write_text  # noqa: E402
 
 SIZE = 256
 
@@ -128,4 +128,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(lambda _argv: main())

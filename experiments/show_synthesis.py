@@ -21,6 +21,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from defect_fast.synthesis import KINDS, SHAPES, SynthesisConfig, load_sources, synthesize
+from results_file import run_script
 
 
 def _load(folder: Path, n: int, size: int, seed: int) -> torch.Tensor:
@@ -127,4 +128,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from benchmarks.common import device_info  # noqa: E402  (CPU model, family and flags, or the GPU's name)
 from defect_fast.calibration import stored_thresholds  # noqa: E402
 from defect_fast.detect import Detector  # noqa: E402
-from results_file import write_text  # noqa: E402
+from results_file import run_script, write_text  # noqa: E402
 
 EAGER = {"precision": "float32", "channels_last": False, "batch_size": 512, "reuse_features": False, "fuse": False}
 BAR_POINTS = 0.2
@@ -120,4 +120,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

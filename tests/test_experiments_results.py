@@ -57,3 +57,31 @@ def test_a_row_whose_runs_are_missing_fails_and_data_alone_is_taken(tmp_path):
     res = subprocess.run(["bash", str(checked), str(tmp_path / "data")], env=env, capture_output=True, text=True,
                          timeout=120, cwd=tmp_path)
     assert res.returncode == 0 and "unknown row" not in res.stderr, res.stderr
+
+
+def test_scripts_say_a_missing_folder_in_one_line_and_find_the_shared_weights(tmp_path):
+    """The Python scripts printed a traceback for a data folder or run that is not there (the
+    message was its last line), and without $DEFECT_FAST_ALEXNET_WEIGHTS they fell through to a
+    download, where lib.sh gives the shell scripts the shared weights."""
+    import os
+
+    out = ["--out", str(tmp_path / "out.json")]
+    for script, args, said in (("model_free.py", [str(tmp_path / "no-data"), *out], "folder does not exist"),
+                               ("refit_run.py", [str(tmp_path / "no-run")], "no such file"),
+                               ("pixel_auroc_breakdown.py", [str(tmp_path / "no-run"), *out], "no such file")):
+        res = subprocess.run([sys.executable, str(EXPERIMENTS / script), *args], capture_output=True, text=True,
+                             timeout=120, cwd=tmp_path)
+        assert res.returncode == 2 and res.stderr.startswith(f"{script}: error: ") and said in res.stderr, res.stderr
+        assert len(res.stderr.splitlines()) == 1 and not (tmp_path / "out.json").exists()
+    from results_file import SHARED_ALEXNET
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(f"import os, sys\nsys.path.insert(0, {str(EXPERIMENTS)!r})\nfrom results_file import run_script\n"
+                     "run_script(lambda argv: print(os.environ.get('DEFECT_FAST_ALEXNET_WEIGHTS')))\n")
+    env = {k: v for k, v in os.environ.items() if k != "DEFECT_FAST_ALEXNET_WEIGHTS"}
+    res = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == (str(SHARED_ALEXNET) if SHARED_ALEXNET.is_file() else "None")
+    res = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, timeout=120,
+                         env={**env, "DEFECT_FAST_ALEXNET_WEIGHTS": "/given/alexnet.pth"})
+    assert res.stdout.strip() == "/given/alexnet.pth"  # a path given is kept
