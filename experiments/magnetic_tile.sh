@@ -41,12 +41,13 @@ run() {  # name model epochs-per-stage... -- extra train args...
   fi
   local t1=$(date +%s)
   "${DF[@]}" evaluate "$OUT/$name" "$DATA" --json "$RES/$name.tmp" --overwrite || { failed=1; return; }  # its own temporary, left by a stop
-  python3 - "$RES/$name.tmp" "$RES/$name.json" "$model" "$((t1 - t0))" "${extra[*]}" "${epochs[*]}" <<'PY'
+  python3 - "$RES/$name.tmp" "$RES/$name.json" "$model" "$((t1 - t0))" "${extra[*]}" "${epochs[*]}" "${COMMON[*]}" <<'PY'
 import json, sys
 sys.path.insert(0, "experiments")
-from results_file import write_text
-src, dst, model, secs, extra, epochs = sys.argv[1:]
-m = json.load(open(src)); m.update(model=model, train_seconds_wall=int(secs), train_args=extra, epochs=epochs)
+from results_file import provenance, write_text
+src, dst, model, secs, extra, epochs, common = sys.argv[1:]
+m = json.load(open(src))
+m.update(model=model, train_seconds_wall=int(secs), train_args=extra, epochs=epochs, common_args=common, **provenance())
 dst = write_text(dst, json.dumps(m, indent=2)); print(f"{dst}: pixel AUROC {m['pixel_auroc']:.4f}")
 PY
   [ $? -eq 0 ] || failed=1

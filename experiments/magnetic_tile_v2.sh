@@ -59,8 +59,9 @@ run() {  # name model seed epochs-per-stage... -- extra train args...
 
 # evaluate JSON-NAME RUN-NAME MODEL TRAIN-SECONDS TRAIN-ARGS [EVALUATE-OPTIONS...]: $RES/JSON-NAME.json,
 # with the record of the run (train_args: TRAIN-ARGS as the rows have it; train_argv: TRAIN_ARGV, the
-# full arguments of the training, null for the rows that refit or re-map a trained run), the
-# package version and git commit; written atomically (experiments/results_file.py)
+# full arguments of the training, null for the rows that refit or re-map a trained run; refit_of:
+# $REFIT_OF, the run a refit row copied), the package version and git commit; written atomically
+# (experiments/results_file.py)
 evaluate() {
   [ -n "$DRY" ] && return
   local name=$1 runname=$2 model=$3 secs=$4 targs=$5; shift 5
@@ -68,7 +69,7 @@ evaluate() {
   [ -f "$OUT/$runname/model.pt" ] || { echo "$name: not done: $runname is not trained in $OUT (run its row first)" >&2; failed=1; return; }
   "${DF[@]}" evaluate "$OUT/$runname" "$DATA" --json "$RES/$name.tmp" --overwrite "$@" || { failed=1; return; }
   python3 - "$RES/$name.tmp" "$RES/$name.json" "$model" "$secs" "$targs" "$*" "$OUT/$runname" "${TRAIN_ARGV[@]}" <<'PY'
-import json, platform, sys, torch
+import json, os, platform, sys, torch
 sys.path.insert(0, "experiments")
 from results_file import provenance, write_text
 src, dst, model, secs, targs, eargs, run, *train_argv = sys.argv[1:]
@@ -81,7 +82,7 @@ m.update(model=model, train_seconds=state.get("train_seconds"), finish_seconds=s
          train_seconds_wall=int(secs) or None,
          train_args=targs, evaluate_args=eargs, hardware=f"{cpu} ({bf16}), {torch.get_num_threads()} threads, torch {torch.__version__}",
          train_precision=state.get("train_precision", "float32"), inference_precision=default_precision("cpu"),
-         train_argv=train_argv or None, **provenance())
+         train_argv=train_argv or None, refit_of=os.environ.get("REFIT_OF") or None, **provenance())
 dst = write_text(dst, json.dumps(m, indent=2))
 print(f"{dst}: pixel AUROC {m['pixel_auroc']:.4f} image AUROC {m['image_auroc']:.4f}")
 PY
@@ -101,7 +102,7 @@ refit() {  # name source-run refit-options...: a copy of source-run with its map
   rm -rf "$OUT/$name.tmp" && cp -r "$OUT/$src" "$OUT/$name.tmp" && rm -f "$OUT/$name.tmp/.defect_fast.lock" || { failed=1; return; }
   python3 experiments/refit_run.py "$OUT/$name.tmp" "$@" || { failed=1; return; }
   rm -rf "$OUT/$name" && mv "$OUT/$name.tmp" "$OUT/$name" || { failed=1; return; }
-  evaluate "$name" "$name" "$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['model'])" "$OUT/$name/config.json")" 0 "refit $*"
+  REFIT_OF="$OUT/$src" evaluate "$name" "$name" "$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['model'])" "$OUT/$name/config.json")" 0 "refit $*"
 }
 
 row() {  # ROW: the runs of one row name; status 2 for a name not in the list
