@@ -97,3 +97,16 @@ def test_a_finished_build_in_a_cache_that_cannot_be_written_is_used(tmp_path):
     res = _run(tmp_path / "cache")
     assert res.stdout.split() == ["reference"]
     assert f"the build cache {build} cannot be written" in res.stderr and "DEFECT_FAST_BUILD_DIR" in res.stderr
+
+
+def test_an_installed_package_compiles_its_own_sources_not_a_csrc_beside_it(tmp_path, monkeypatch):
+    """Installed, the folder beside the package is site-packages: a csrc/extension.cpp another
+    project left there was compiled (and imported, had it built) before the package's own _csrc."""
+    site = tmp_path / "site-packages"
+    for tree in (site / "csrc", site / "defect_fast" / "_csrc"):
+        tree.mkdir(parents=True)
+        (tree / "extension.cpp").write_text("// sources\n")
+    monkeypatch.setattr(_native, "_PACKAGE_DIR", site / "defect_fast")
+    assert _native.csrc_dir() == site / "defect_fast" / "_csrc"
+    shutil.rmtree(site / "defect_fast" / "_csrc")  # a checkout: its csrc/ beside the package
+    assert _native.csrc_dir() == site / "csrc"

@@ -76,13 +76,15 @@ _runs_on: dict[int, bool] = {}  # GPU index -> whether the CUDA kernels were bui
 
 
 def csrc_dir() -> Path | None:
-    """The csrc tree: the checkout's ``csrc/`` beside the package, else the installed copy."""
-    checkout = _PACKAGE_DIR.parent / "csrc"
-    if (checkout / "extension.cpp").is_file():
-        return checkout
+    """The csrc tree: the installed copy (``_csrc`` inside the package, which only a build of the
+    package puts there), else the checkout's ``csrc/`` beside the package. Installed, the folder
+    beside the package is site-packages, where a ``csrc/extension.cpp`` is another project's."""
     installed = _PACKAGE_DIR / "_csrc"
     if (installed / "extension.cpp").is_file():
         return installed
+    checkout = _PACKAGE_DIR.parent / "csrc"
+    if (checkout / "extension.cpp").is_file():
+        return checkout
     return None
 
 
@@ -495,7 +497,7 @@ def _load_uncached():
         return module, ""
     root = csrc_dir()
     if root is None:
-        return None, f"{aot_reason}, and no csrc sources to compile (looked in {_PACKAGE_DIR.parent / 'csrc'} and {_PACKAGE_DIR / '_csrc'})"
+        return None, f"{aot_reason}, and no csrc sources to compile (looked in {_PACKAGE_DIR / '_csrc'} and {_PACKAGE_DIR.parent / 'csrc'})"
     module, reason = _load_jit(root)
     if aot_reason.startswith("defect_fast._C does not load"):  # installed, but (e.g. after a torch upgrade) unusable
         _aot_skipped = aot_reason
