@@ -692,6 +692,7 @@ def command(args) -> int:
         raise DataError(f"{data}: {'not a folder' if data.exists() else 'no such folder'} (expected a folder of "
                         "images, or a dataset with test/<class>/)")
     out = safe_output_file(args.out, args.overwrite, inputs=[args.run, data], what="--out")
+    import matplotlib  # noqa: F401  (the page's curves: a missing one is said before the maps are computed)
     path = model_file(args.run)
     state, sha = load_model_file(path)  # read once: the Detector, the check of seen images and the version
     det = Detector.from_state(state, args.device, where=args.run)

@@ -222,10 +222,20 @@ def one_line(text: str) -> str:
     return f"{lines[0]} {'; '.join(lines[1:])}"
 
 
+#: The dependencies a command imports when it needs them, by module name: their pip names.
+_DEPENDENCIES = {"torch": "torch", "numpy": "numpy", "PIL": "pillow", "sklearn": "scikit-learn", "tqdm": "tqdm",
+                 "scipy": "scipy", "watchdog": "watchdog", "matplotlib": "matplotlib", "onnx": "onnx",
+                 "onnxruntime": "onnxruntime"}
+
+
 def _user_message(exc: BaseException, user_errors: tuple[type[BaseException], ...]) -> str | None:
     """The one-line message for a user-facing error, or None if ``exc`` is treated as a bug."""
     if isinstance(exc, (UserError, argparse.ArgumentTypeError) + tuple(user_errors)):
         return one_line(str(exc)) or type(exc).__name__
+    top = (getattr(exc, "name", None) or "").split(".")[0] if isinstance(exc, ModuleNotFoundError) else ""
+    if top in _DEPENDENCIES:  # an install without the dependencies (pip --no-deps), not a bug
+        return one_line(f"the Python package {_DEPENDENCIES[top]} is missing or incomplete ({exc}), and this command "
+                        f"needs it; install it (pip install {_DEPENDENCIES[top]})")
     if isinstance(exc, OSError) and (exc.errno in _USER_ERRNOS
                                      or (exc.errno in _USER_ERRNOS_ON_A_PATH and exc.filename is not None)):
         # FileNotFoundError, PermissionError, IsADirectoryError, ... on a path the user gave.
@@ -246,7 +256,8 @@ def run_main(fn: Callable[[Sequence[str]], int | None], argv: Sequence[str] | No
     - returns ``fn``'s result (None -> 0);
     - :class:`UserError` (any subclass), :class:`argparse.ArgumentTypeError`, the types in
       ``user_errors`` (e.g. the CLI passes its ``RunError``), and an :class:`OSError` such as
-      ``FileNotFoundError``/``PermissionError``/``IsADirectoryError``/``ENOSPC``: one line
+      ``FileNotFoundError``/``PermissionError``/``IsADirectoryError``/``ENOSPC``, and a
+      dependency that is not installed (:class:`ModuleNotFoundError` of matplotlib, say): one line
       ``<prog>: error: <message>`` on stderr, exit status 2 (with ``debug`` the traceback is
       printed first);
     - ``KeyboardInterrupt``: ``<prog>: interrupted`` and 130; :class:`Stopped` (a stop that kept

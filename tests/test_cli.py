@@ -155,6 +155,15 @@ def test_a_test_split_without_masks_gives_image_level_results(tiny_run, syntheti
     one = next((bare / "test" / "good").iterdir())  # an image given for the folder: said so, not "no such folder"
     assert main(["report", str(tiny_run), str(one), "--out", str(tmp_path / "r1.html")]) == 2
     assert f"{one}: not a folder" in capsys.readouterr().err
+    # without matplotlib (an install with --no-deps): one line, before any image is predicted
+    import sys
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "matplotlib", None)
+        mp.setattr(Detector, "predict_batched", lambda *a, **k: pytest.fail("predicted without matplotlib"))
+        assert main(["report", str(tiny_run), str(bare), "--out", str(tmp_path / "r2.html")]) == 2
+    assert "error: the Python package matplotlib is missing" in capsys.readouterr().err
+    assert not (tmp_path / "r2.html").exists()
     (bare / "ground_truth").mkdir()  # a ground_truth/ folder that is there must be complete
     assert main(["evaluate", str(tiny_run), str(bare)]) == 2
     assert f"{bare / 'ground_truth' / 'scratch'}: no such folder; the ground-truth masks of" in capsys.readouterr().err

@@ -173,6 +173,20 @@ def test_running_out_of_memory_is_one_line_not_a_bug_report():
     assert (status, err) == (2, "defect-fast: error: /data/overflow_tests/allocrun: no model.pt\n")
 
 
+def test_a_dependency_that_is_not_installed_is_one_line_not_a_bug_report():
+    """An install without its dependencies (pip --no-deps, as a pinned torch asks) met a missing
+    matplotlib or tqdm with a traceback and "internal error ...; this is a bug"."""
+    missing = ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib")
+    status, err = _run(_raise(missing))
+    assert (status, err) == (2, "defect-fast: error: the Python package matplotlib is missing or incomplete (No module "
+                                "named 'matplotlib'), and this command needs it; install it (pip install matplotlib)\n")
+    status, err = _run(_raise(ModuleNotFoundError("No module named 'sklearn.metrics'", name="sklearn.metrics")))
+    assert status == 2 and err.endswith("(pip install scikit-learn)\n")
+    for ours in ("defect_fast.nothing", "some_other_module"):  # a module of its own, or one it does not know: a bug
+        status, err = _run(_raise(ModuleNotFoundError(f"No module named {ours!r}", name=ours)))
+        assert status == 1 and "Traceback" in err and "this is a bug" in err
+
+
 def test_run_main_bugs_keep_traceback_and_debug_shows_user_tracebacks():
     status, err = _run(_raise(ZeroDivisionError("division by zero")))
     assert status == 1 and "Traceback" in err and "ZeroDivisionError" in err and "this is a bug" in err
