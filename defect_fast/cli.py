@@ -782,6 +782,7 @@ def add_inference_options(parser: argparse.ArgumentParser) -> None:
 def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     """The ``defect-fast`` parser; ``train_defaults``: other defaults of ``train`` options (a
     preset's: options given on the command line still win)."""
+    from . import __version__
     from .detect import BLENDS
     from .export import FORMATS
     from .models import map_names, model_names
@@ -793,6 +794,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
                        "train on defect-free images, map and score defects.",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     p.add_argument("--debug", action="store_true", help="show the traceback of an error too (any position)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a model on defect-free images",

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import defect_fast
 from defect_fast.cli import main
 from defect_fast.detect import Detector, image_scores
 
@@ -37,6 +38,9 @@ def test_help_lists_commands(capsys):
     out = capsys.readouterr().out
     for word in ("train", "evaluate", "predict", "demo"):
         assert word in out
+    with pytest.raises(SystemExit) as exc:  # it was refused: "the following arguments are required: COMMAND"
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out == f"defect-fast {defect_fast.__version__}\n"
 
 
 def test_evaluate_writes_the_documented_keys(tiny_run, synthetic_root, tmp_path, capsys):
