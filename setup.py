@@ -21,8 +21,16 @@ import os
 import shutil
 from pathlib import Path
 
-from setuptools import setup
-from setuptools.command.build_py import build_py
+import setuptools
+
+# pyproject.toml's licence fields need it; an older one (a fresh venv's, built with
+# --no-build-isolation) failed with "invalid pyproject.toml config: `project.license`"
+if int(setuptools.__version__.split(".")[0]) < 77:
+    raise SystemExit(f"defect_fast needs setuptools>=77 to build, this is {setuptools.__version__}: "
+                     "pip install 'setuptools>=77' (or build without --no-build-isolation)")
+
+from setuptools import setup  # noqa: E402
+from setuptools.command.build_py import build_py  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"

@@ -168,7 +168,8 @@ bool read_png_rgb(const std::string& path, std::vector<uint8_t>& pixels, int& he
 // weights stretched by the reduction factor (antialiasing), fixed-point taps of 22 bits, each of
 // the two passes rounded to 8 bits. Which pass runs first changes the rounding: Pillow 13 runs the
 // vertical one first for a square output when h > max(S, 2 w - S) (found by comparing with Pillow
-// 13.0 on 600 random sizes; earlier Pillow always ran the horizontal one first).
+// 13.0 on 600 random sizes; earlier Pillow always ran the horizontal one first). Pillow's notice and
+// licence (MIT-CMU): NOTICE-Pillow.txt beside this file.
 constexpr int kPrecisionBits = 32 - 8 - 2;
 
 struct Taps {
