@@ -216,7 +216,7 @@ def _preset_model_options(preset: str, model: str, given: dict) -> dict:
 
 # train options a --resume may be given with: the rest are the run's own, saved when it started
 #: What --resume takes besides the run: the device too (a run begun on a GPU that is gone goes on elsewhere).
-_RESUME_OPTIONS = {"data", "out", "resume", "quiet", "debug", "func", "command", "device"}
+_RESUME_OPTIONS = {"data", "out", "resume", "quiet", "debug", "threads", "func", "command", "device"}
 
 
 def _typed_options(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str, str]:
@@ -711,7 +711,7 @@ def cmd_info(args) -> int:
     from .precision import cpu_flags, default_precision
 
     info = {"defect_fast": __version__, "torch": torch.__version__, "backend_cpu": ops.backend("cpu"),
-            "cuda_available": torch.cuda.is_available(),
+            "cuda_available": torch.cuda.is_available(), "cpu_threads": torch.get_num_threads(),  # (--threads)
             # what --precision auto and the Detector's default pick here, and the flags they read
             "cpu_bf16_flags": sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "amx_tile"}),
             "precision_auto_cpu": default_precision("cpu")}
@@ -795,6 +795,9 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     p.add_argument("--debug", action="store_true", help="show the traceback of an error too (any position)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads the command's tensor work uses, in "
+                   "any position (default: torch's, one per core, or $OMP_NUM_THREADS): fewer leave cores to the "
+                   "line's other software")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a model on defect-free images",
@@ -980,9 +983,44 @@ def _run(argv: list[str]) -> int:
         # said with the file's name by defect_fast.data.io (PIL's own names no file)
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         argv = [a for a in argv if a != "--debug"]
+        argv, threads = _take_threads(argv)
         args = _parse(argv)
         args._argv = argv  # what was typed (a default's value given explicitly is still given)
-        return args.func(args)
+        if threads is None:
+            return args.func(args)
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return args.func(args)
+        finally:  # a caller of main() in its own process keeps its count
+            torch.set_num_threads(before)
+
+
+def _take_threads(argv: list[str]) -> tuple[list[str], int | None]:
+    """``--threads N`` (or ``--threads=N``) taken out of ``argv`` at any position, as ``--debug``
+    is: (the rest, N or None). A count that is not a whole number >= 1 is a usage error."""
+    rest, threads = [], None
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":  # what follows is a value, not an option
+            rest += argv[i:]
+            break
+        if a == "--threads" or a.startswith("--threads="):
+            if a == "--threads" and i + 1 == len(argv):
+                raise UsageError("argument --threads: expected one argument (see 'defect-fast --help')")
+            value = a.split("=", 1)[1] if "=" in a else argv[i + 1]
+            try:
+                threads = positive_int(value)
+            except argparse.ArgumentTypeError as exc:
+                raise UsageError(f"argument --threads: {exc} (see 'defect-fast --help')") from None
+            i += 1 if "=" in a else 2
+            continue
+        rest.append(a)
+        i += 1
+    return rest, threads
 
 
 def main(argv: list[str] | None = None) -> int:

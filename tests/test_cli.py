@@ -38,9 +38,24 @@ def test_help_lists_commands(capsys):
     out = capsys.readouterr().out
     for word in ("train", "evaluate", "predict", "demo"):
         assert word in out
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exc:  # it was refused: "the following arguments are required: COMMAND"
         main(["--version"])
     assert exc.value.code == 0 and capsys.readouterr().out == f"defect-fast {defect_fast.__version__}\n"
+
+
+def test_threads_sets_the_commands_cpu_threads_in_any_position(capsys):
+    """A line PC shares its cores with the camera software: the count was only $OMP_NUM_THREADS."""
+    before = torch.get_num_threads()
+    want = 1 if before > 1 else 2
+    for argv in (["--threads", str(want), "info"], ["info", f"--threads={want}"]):
+        assert main(argv) == 0
+        assert json.loads(capsys.readouterr().out)["cpu_threads"] == want
+        assert torch.get_num_threads() == before  # given back to a caller of main() in its process
+    for bad, said in ((["info", "--threads", "0"], "argument --threads: must be a whole number >= 1, got '0'"),
+                      (["info", "--threads"], "argument --threads: expected one argument")):
+        assert main(bad) == 2
+        assert said in capsys.readouterr().err
 
 
 def test_evaluate_writes_the_documented_keys(tiny_run, synthetic_root, tmp_path, capsys):
@@ -718,8 +733,11 @@ def test_run_lock_refuses_a_second_process(tiny_run, synthetic_root, capsys, tmp
     (run / "model.pt").rename(run / "checkpoint.pt")
     with RunLock(run):
         assert main(["train", str(synthetic_root), "--out", str(run), "--resume", "--quiet"]) == 2
-    err = capsys.readouterr().err
-    assert f"in use by PID {os.getpid()}" in err and len(err.strip().splitlines()) == 1
+        err = capsys.readouterr().err
+        assert f"in use by PID {os.getpid()}" in err and len(err.strip().splitlines()) == 1
+        # --threads is no setting of the run: a resume takes it (it had been refused, "drop --threads")
+        assert main(["train", str(synthetic_root), "--out", str(run), "--resume", "--quiet", "--threads", "1"]) == 2
+        assert f"in use by PID {os.getpid()}" in capsys.readouterr().err
 
 
 def test_numbers_and_devices_are_checked_while_parsing(synthetic_root, tmp_path, capsys):
