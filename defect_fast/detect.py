@@ -151,13 +151,86 @@ _WORKSPACE_LOCK = threading.Lock()
 _SHARING_LOCK = threading.Lock()
 
 
+class _FitLock:
+    """One Detector's calls and fits: calls run together, a fit runs alone. A fit waits for the
+    calls in progress and holds new ones until it ends (a call from another thread that read the
+    context, the map or the normalisation a fit was replacing mixed the old with the new: a wrong
+    score, or an AttributeError). Reentrant: a fit's own calls, and a call's nested ones, pass."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._calls: dict[int, int] = {}  # thread -> nesting depth of its calls
+        self._fitter: int | None = None  # the thread whose fit runs
+        self._depth = 0  # nesting depth of its fits
+        self._waiting = 0  # fits waiting: new calls wait behind them (a steady stream of calls never let one in)
+
+    @contextlib.contextmanager
+    def call(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._cond:
+            counted = self._fitter != me
+            if counted:
+                if me not in self._calls:
+                    while self._fitter is not None or self._waiting:
+                        self._cond.wait()
+                self._calls[me] = self._calls.get(me, 0) + 1
+        try:
+            yield
+        finally:
+            if counted:
+                with self._cond:
+                    self._calls[me] -= 1
+                    if not self._calls[me]:
+                        del self._calls[me]
+                        self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def fit(self, what: str) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._cond:
+            if self._fitter != me:
+                if me in self._calls:
+                    raise RuntimeError(f"Detector.{what}: called inside a call of the same Detector on this thread, "
+                                       "it would wait for itself; fit once the call has returned")
+                self._waiting += 1
+                try:
+                    while self._fitter is not None or self._calls:
+                        self._cond.wait()
+                finally:
+                    self._waiting -= 1
+                self._fitter = me
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._depth -= 1
+                if not self._depth:
+                    self._fitter = None
+                    self._cond.notify_all()
+
+
+#: Each Detector's :class:`_FitLock` (made at its first call; a copy has its own).
+_FIT_LOCKS: "weakref.WeakKeyDictionary[nn.Module, _FitLock]" = weakref.WeakKeyDictionary()
+_FIT_LOCKS_LOCK = threading.Lock()
+
+
+def _fit_lock(detector: nn.Module) -> _FitLock:
+    with _FIT_LOCKS_LOCK:
+        lock = _FIT_LOCKS.get(detector)
+        if lock is None:
+            lock = _FIT_LOCKS[detector] = _FitLock()
+        return lock
+
+
 def _locks_anew_in_child() -> None:
     """A forked child's locks, made anew: a lock another thread of the parent held at the fork is
     held for ever in the child, where no thread releases it (a worker's Detector with threads=1
     waited on _THREADS_LOCK while a parent thread was inside a call)."""
-    global _THREADS_LOCK, _GRAPH_LOCK, _WORKSPACE_LOCK, _SHARING_LOCK
+    global _THREADS_LOCK, _GRAPH_LOCK, _WORKSPACE_LOCK, _SHARING_LOCK, _FIT_LOCKS, _FIT_LOCKS_LOCK
     _THREADS_LOCK, _GRAPH_LOCK, _WORKSPACE_LOCK = threading.RLock(), threading.Lock(), threading.Lock()
     _SHARING_LOCK = threading.Lock()
+    _FIT_LOCKS, _FIT_LOCKS_LOCK = weakref.WeakKeyDictionary(), threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
@@ -220,7 +293,20 @@ def _entry_point(method):
         if tracing():
             return method(self, *args, **kwargs)
         _check_not_forked(self.threads)
-        with cpu_threads(self.threads):
+        with _fit_lock(self).call(), cpu_threads(self.threads):
+            return method(self, *args, **kwargs)
+    return run
+
+
+def _fit(method):
+    """A public Detector method that changes what calls read (the normalisation, the map, the
+    context, the thresholds): it runs alone on its Detector (:class:`_FitLock`). Outermost, above
+    :func:`_entry_point`."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        if tracing():
+            return method(self, *args, **kwargs)
+        with _fit_lock(self).fit(method.__name__):
             return method(self, *args, **kwargs)
     return run
 
@@ -1097,6 +1183,7 @@ class Detector(nn.Module):
         with self._precision(p.device.type):
             return self.model(p)["recon"].float().contiguous()
 
+    @_fit
     @_entry_point
     @_plain_tensors
     @_own_precision
@@ -1209,6 +1296,7 @@ class Detector(nn.Module):
             self.calibration = {k: v for k, v in self.calibration.items() if k not in THRESHOLD_KEYS}
             self.calibration["inapplicable"] = why
 
+    @_fit
     @_entry_point
     @_plain_tensors
     @torch.no_grad()
@@ -1681,6 +1769,7 @@ class Detector(nn.Module):
                 regions.append(find_regions(m.numpy(), threshold) if threshold is not None else [])
             return {"maps": out if same else maps, "scores": res["scores"], "regions": regions, "blank": blank}
 
+    @_fit
     @_entry_point
     @torch.no_grad()
     def calibrate(self, normal_images: torch.Tensor, far: float | None = None,
@@ -1756,6 +1845,7 @@ class Detector(nn.Module):
         recorded = recorded_keys({**record, "calibration": self.calibration}) if record else None
         return set(recorded["seen"]) if recorded is not None and recorded["seen"] is not None else None
 
+    @_fit
     @_entry_point
     @_plain_tensors
     @torch.no_grad()

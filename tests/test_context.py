@@ -786,3 +786,80 @@ def test_a_detector_loaded_on_another_map_kind_keeps_the_trunk_for_a_later_fit(m
     assert Detector.from_state(state, "cpu", map_kind="residual", precision="float32").context is None
     with pytest.raises(RunError, match="the stored image context does not load"):
         Detector.from_state(state, "cpu", precision="float32")
+
+
+def test_a_fit_waits_for_the_calls_in_progress_and_holds_new_ones(monkeypatch):
+    """A re-fit on one thread while a camera thread predicted on the same Detector: the fit set the
+    context to None in the middle of the camera's call (an AttributeError there), or put in a new
+    context whose statistics standardised the old one's features (a score neither Detector gives)."""
+    import threading
+    import time
+
+    import defect_fast.context as context
+
+    monkeypatch.setattr(context, "ImageContext", RandomTrunkContext)
+    torch.manual_seed(0)
+    det = Detector(build_model("cmaae", memory_size=20), image_size=128, precision="float32")
+    normal, calib = _u8(_surfaces(12, seed=1)), _u8(_surfaces(6, seed=2))
+    det.fit_context(normal, calib)
+    frame = calib[:1]
+    with torch.no_grad():
+        before = det(frame)[1]
+    inside, go_on = threading.Event(), threading.Event()
+    features = det.context.features
+
+    def held(*args, **kwargs):  # the camera's call stops inside the model, after it read the context
+        if threading.current_thread().name == "camera":
+            inside.set()
+            assert go_on.wait(60)
+        return features(*args, **kwargs)
+
+    monkeypatch.setattr(det.context, "features", held)
+    results, fitted, errors = [], threading.Event(), []
+
+    def camera():
+        try:
+            with torch.no_grad():
+                results.append(det(frame)[1])
+        except Exception as exc:  # noqa: BLE001 - what the camera met, asserted below
+            errors.append(exc)
+
+    def reteach():
+        try:
+            det.fit_normalization(normal)  # ends with the context set aside (its statistics were of other maps)
+            fitted.set()
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    cam, fit = threading.Thread(target=camera, name="camera"), threading.Thread(target=reteach)
+    cam.start()
+    assert inside.wait(60)
+    fit.start()
+    time.sleep(0.5)
+    assert not fitted.is_set()  # it waits for the call in progress
+    go_on.set()
+    cam.join(60)
+    fit.join(60)
+    assert not errors, errors
+    assert fitted.is_set() and det.context is None
+    torch.testing.assert_close(results[0], before, rtol=0, atol=0)  # the old Detector's score, whole
+    # a call made while a fit runs waits for it: it gives the new Detector's score
+    waits = threading.Event()
+    real = det._fit_context
+
+    def slow(*args, **kwargs):
+        waits.set()
+        time.sleep(0.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(det, "_fit_context", slow)
+    fit = threading.Thread(target=lambda: det.fit_context(normal, calib))
+    fit.start()
+    assert waits.wait(60)
+    with torch.no_grad():
+        during = det(frame)[1]
+    fit.join(60)
+    with torch.no_grad():
+        after = det(frame)[1]
+    assert det.context is not None
+    torch.testing.assert_close(during, after, rtol=0, atol=0)
