@@ -483,9 +483,10 @@ def cmd_predict(args) -> int:
                     entry = {"image": str(path), "score": float(s), "map": map_rel, "overlay": overlay_rel, "size": [w, h]}
                     if not scale:  # each map drawn to its own maximum: the value white is, to read the PNG back by
                         entry["map_scale"] = white_value(m, 0.0)
-                    if image_t is not None:
-                        entry["defective"] = bool(float(s) > image_t)
-                    if is_blank:  # a camera fault (watch sets them aside): its verdict says nothing of the part
+                    if image_t is not None:  # a blank frame, a camera fault, showed nothing of the part: it
+                        # never passes (watch rejects it); a grey one's low score had passed it
+                        entry["defective"] = bool(is_blank or float(s) > image_t)
+                    if is_blank:
                         entry["blank"] = True
                     report["images"].append(entry)
                 del images, res, img, m  # the next part is read with none of this one held
@@ -525,7 +526,9 @@ def cmd_predict(args) -> int:
     print(f"wrote maps, overlays and scores for {len(paths)} image(s) to {out}"
           + (f" ({len(paths) - start} of them now, {start} before the stop)" if resume else "")
           + (f"; {flagged} flagged at threshold {image_t:.4g}" if image_t is not None else "")
-          + (f"; {n_blank} blank frame(s), marked \"blank\" in scores.json" if n_blank else ""))
+          + (f"; {n_blank} blank frame(s), marked \"blank\" in scores.json"
+             + (" and flagged whatever their score (a camera fault: image those parts again)"
+                if image_t is not None else "") if n_blank else ""))
     return 0
 
 

@@ -205,7 +205,8 @@ def test_predict_writes_maps_at_each_photo_s_own_size(tiny_run, tmp_path):
 
 
 def test_predict_marks_blank_frames(tiny_run, tmp_path, capsys):
-    """A frame of one colour is a camera fault: marked in scores.json and said, its verdict kept."""
+    """A frame of one colour is a camera fault: marked in scores.json and said, and flagged whatever
+    its score (watch rejects it): a grey frame's low score had passed it."""
     from PIL import Image
 
     folder = tmp_path / "in"
@@ -217,7 +218,8 @@ def test_predict_marks_blank_frames(tiny_run, tmp_path, capsys):
     said = capsys.readouterr()
     entries = {Path(e["image"]).name: e for e in json.loads((out / "scores.json").read_text())["images"]}
     assert entries["blank.png"]["blank"] is True and "blank" not in entries["part.png"]
-    assert "defective" in entries["blank.png"] and "1 blank frame(s)" in said.out
+    assert entries["blank.png"]["score"] <= json.loads((out / "scores.json").read_text())["threshold"]  # a low score
+    assert entries["blank.png"]["defective"] is True and "1 blank frame(s)" in said.out and "flagged whatever" in said.out
     assert "1 of 2 images are of one colour throughout" in said.err
 
 
