@@ -456,7 +456,9 @@ def cmd_predict(args) -> int:
     with folder if resume else folder.writing():
         folder.mkdir("maps")
         folder.mkdir("overlays")
-        report = {**header, "images": earlier["images"][:start] if resume else []}
+        # (the images done, named as this command names them: the list an uninterrupted one writes)
+        report = {**header, "images": [{**e, "image": str(p)} for e, p in zip(earlier["images"][:start], paths)]
+                  if resume else []}
         folder.reserve(planned)  # checked above; a user's file put there since: refused, none written
         begun: list[str] = []  # the files of the image in hand
 
@@ -575,7 +577,8 @@ def _resumable(out: Path, earlier: dict, header: dict, paths: list[Path], names:
         raise OutputRefused(f"--resume: the predict stopped in {out} was given {given} image(s), this one "
                             f"{len(paths)}; {again}")
     for i, (e, path, (map_rel, overlay_rel)) in enumerate(zip(done, paths, names)):
-        if not isinstance(e, dict) or e.get("image") != str(path) or (e.get("map"), e.get("overlay")) != (map_rel, overlay_rel):
+        if not isinstance(e, dict) or not _same_image(e.get("image"), path) or \
+                (e.get("map"), e.get("overlay")) != (map_rel, overlay_rel):
             shown = e.get("image") if isinstance(e, dict) else e
             raise OutputRefused(f"--resume: image {i + 1} of the predict stopped in {out} was {printable(str(shown))}, "
                                 f"here it is {printable(str(path))}; {again}")
@@ -586,6 +589,17 @@ def _resumable(out: Path, earlier: dict, header: dict, paths: list[Path], names:
                   "predicted again", file=sys.stderr)
             return i
     return len(done)
+
+
+def _same_image(recorded: Any, path: Path) -> bool:
+    """Whether an image a stopped predict listed (as it was typed then) is ``path``: the same
+    name, or the same file named another way (absolute where it was relative, ``./``, a link)."""
+    if recorded == str(path):
+        return True
+    try:
+        return isinstance(recorded, str) and os.path.samefile(recorded, path)
+    except (OSError, ValueError):
+        return False
 
 
 def _record_tree(folder: OutputFolder, sub: str) -> None:

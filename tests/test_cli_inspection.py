@@ -482,6 +482,18 @@ def test_resume_does_again_what_was_removed_and_takes_the_run_at_any_path(tiny, 
     assert len(scores["images"]) == 5 and all((out / e[k]).is_file() for e in scores["images"] for k in ("map", "overlay"))
 
 
+def test_resume_takes_the_same_images_named_another_way(tiny, tmp_path, capsys, monkeypatch):
+    """The images given relative where the stopped predict had them absolute (or from another
+    folder) were refused as other images: "image 1 ... was /.../in/im0.png, here it is in/im0.png"."""
+    src, out = _stopped_predict_at(tiny, tmp_path, capsys, monkeypatch, images=4, done=2)
+    assert Path(json.loads((out / "scores.json").read_text())["images"][0]["image"]).is_absolute()
+    monkeypatch.chdir(tmp_path)
+    status, stdout, err = cli(["predict", tiny["run"], "in", "--out", "p", "--device", "cpu", "--resume"], capsys)
+    assert status == 0 and "2 of them now, 2 before the stop" in stdout, err
+    images = json.loads((out / "scores.json").read_text())["images"]
+    assert [e["image"] for e in images] == [str(Path("in") / f"im{i}.png") for i in range(4)]  # named as now, all
+
+
 def test_resume_refuses_another_precision_an_earlier_version_s_list_and_a_predict_at_work(tiny, tmp_path, capsys,
                                                                                          monkeypatch):
     """Scores of another precision (a stop on a GPU, a resume on a CPU) were mixed into one list; a
