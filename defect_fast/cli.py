@@ -371,7 +371,7 @@ PREDICT_PART = 64
 
 
 def cmd_predict(args) -> int:
-    from .calibration import chosen_threshold
+    from .calibration import chosen_threshold, threshold_text
     from .data.io import DataWarning, blank_images, check_images, collect_images, read_image, read_images
     from .detect import Detector
     from .evaluate import check_finite
@@ -527,7 +527,7 @@ def cmd_predict(args) -> int:
     n_blank = sum(1 for e in report["images"] if e.get("blank"))
     print(f"wrote maps, overlays and scores for {len(paths)} image(s) to {out}"
           + (f" ({len(paths) - start} of them now, {start} before the stop)" if resume else "")
-          + (f"; {flagged} flagged at threshold {image_t:.4g}" if image_t is not None else "")
+          + (f"; {flagged} flagged at threshold {threshold_text(image_t)}" if image_t is not None else "")
           + (f"; {n_blank} blank frame(s), marked \"blank\" in scores.json"
              + (" and flagged whatever their score (a camera fault: image those parts again)"
                 if image_t is not None else "") if n_blank else ""))
@@ -591,7 +591,7 @@ def _resumable(out: Path, earlier: dict, header: dict, paths: list[Path], names:
     return len(done)
 
 
-def _same_image(recorded: Any, path: Path) -> bool:
+def _same_image(recorded: object, path: Path) -> bool:
     """Whether an image a stopped predict listed (as it was typed then) is ``path``: the same
     name, or the same file named another way (absolute where it was relative, ``./``, a link)."""
     if recorded == str(path):

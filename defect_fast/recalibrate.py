@@ -182,7 +182,7 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
         UsageError: no images asked for, too few for ``far``; DataError: unreadable images, images the
         run trained on; RunError: a damaged run, held-back images gone; OutputRefused: ``out``.
     """
-    from .calibration import DEFAULT_FAR, count_text, min_images_for, round_up, scores_named
+    from .calibration import DEFAULT_FAR, count_text, min_images_for, round_up, scores_named, threshold_text
     from .data.io import blank_images, collect_images, image_keys, read_images
     from .detect import Detector
     from .runs import MODEL_FILE, RunError, load_model_state, model_file
@@ -310,8 +310,8 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
         of_these = f"these {n} defect-free images" if n == n_given else f"these {n} defect-free images ({cal['source']})"
         log(f"at the run's threshold {was:.4g}, {flagged_before} of {of_these} would be flagged "
             f"({100 * flagged_before / n:.1f} %; the run asked for {100 * float(before.get('far') or far):g} %)")
-    log(f"image threshold {cal['image_threshold']:.4g} from {n} images ({cal['source']})"
-        + (f"; it was {was:.4g} from {before.get('n_images')}" if isinstance(was, (int, float)) else "")
+    log(f"image threshold {threshold_text(cal['image_threshold'])} from {n} images ({cal['source']})"
+        + (f"; it was {threshold_text(was)} from {before.get('n_images')}" if isinstance(was, (int, float)) else "")
         + (f": {cal['note']}" if cal.get("sufficient") else ""))
     if not cal.get("sufficient", True):
         warnings.warn(cal["note"])

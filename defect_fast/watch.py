@@ -122,7 +122,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
 
 import torch
 
-from .calibration import ModelInfo, defect_regions
+from .calibration import ModelInfo, defect_regions, threshold_text
 from .data.io import (IMAGE_EXTENSIONS, DataError, blank_images, error_kind, few_levels_message,
                       outside_proportions, read_image_at_both_sizes)
 from .maps import resize_map
@@ -581,8 +581,8 @@ class _JudgedApart:
                    else f" ({self.flips} of the {self.same} by this model would get the other verdict at it)"
                    if self.same else "")
         return (f"note: {self.other} earlier result(s) were judged at {how}, not at this session's threshold "
-                f"{threshold:.6g} (model {self.version}){changed}; they stand as recorded, new images are judged at "
-                f"{threshold:.6g}")
+                f"{threshold_text(threshold)} (model {self.version}){changed}; they stand as recorded, new images are "
+                f"judged at {threshold_text(threshold)}")
 
 
 def _recover(st: _State, log: Callable[[str], None], keep: Callable[[str], bool] | None = None) -> tuple[int, str]:
@@ -1442,7 +1442,7 @@ def watch(
         if journal.repaired:
             log(f"{journal.path}: {journal.repaired}")
         c = st.totals
-        log(f"watching {in_dir} -> {out} | model {info.name} {info.version} | threshold {st.threshold:.6g} | "
+        log(f"watching {in_dir} -> {out} | model {info.name} {info.version} | threshold {threshold_text(st.threshold)} | "
             f"{n_records} earlier result(s): pass {c.passed} fail {c.failed} rejected {c.rejected}")
         if judged_apart:
             log(judged_apart)
@@ -1651,7 +1651,7 @@ def command(args) -> int:
             folder.mkdir(sub)
         folder.record_many([JOURNAL, STATUS])
         named = info.extra.get("threshold_image")
-        _print_line(f"threshold {info.image_threshold:.6g}: {info.extra.get('threshold_source')}"
+        _print_line(f"threshold {threshold_text(info.image_threshold)}: {info.extra.get('threshold_source')}"
                     + (f" (the score of {info.extra.get('threshold_images', 'calibration')} image {named})" if named else ""))
         watch(lambda x: det.predict_batched(x, images_per_batch=args.batch_size), info, in_dir, out, once=args.once,
               batch_size=args.batch_size, poll_interval=args.poll, rescan_interval=args.rescan, settle=args.settle,

@@ -218,7 +218,9 @@ def test_predict_marks_blank_frames(tiny_run, tmp_path, capsys):
     said = capsys.readouterr()
     entries = {Path(e["image"]).name: e for e in json.loads((out / "scores.json").read_text())["images"]}
     assert entries["blank.png"]["blank"] is True and "blank" not in entries["part.png"]
-    assert entries["blank.png"]["score"] <= json.loads((out / "scores.json").read_text())["threshold"]  # a low score
+    threshold = json.loads((out / "scores.json").read_text())["threshold"]
+    assert entries["blank.png"]["score"] <= threshold  # a low score
+    assert f"flagged at threshold {threshold!r}" in said.out  # in full: given as --threshold, the same images
     assert entries["blank.png"]["defective"] is True and "1 blank frame(s)" in said.out and "flagged whatever" in said.out
     assert "1 of 2 images are of one colour throughout" in said.err
 
