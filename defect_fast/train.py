@@ -441,6 +441,40 @@ def changed_setting(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return keys
 
 
+class _LineProgress:
+    """tqdm's interface (update, set_postfix, close) for a stderr that is no terminal (a service's
+    journal, a log file, CI): one plain line at most every ``interval`` seconds and at the end,
+    where tqdm's bar, redrawn after a carriage return, ran into one line growing all training."""
+
+    def __init__(self, total: int, initial: int, desc: str, interval: float = 60.0) -> None:
+        self.total, self.n, self.desc, self.interval = total, initial, desc, interval
+        self.postfix: dict[str, str] = {}
+        self.last = time.monotonic()
+
+    def set_postfix(self, **values: str) -> None:
+        self.postfix = values
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.monotonic() - self.last >= self.interval:
+            self._line()
+
+    def close(self) -> None:
+        self._line()
+
+    def _line(self) -> None:
+        self.last = time.monotonic()
+        print(f"{self.desc}: {self.n}/{self.total} steps" + "".join(f", {k} {v}" for k, v in self.postfix.items()),
+              file=sys.stderr, flush=True)
+
+
+def _progress(total: int, initial: int, desc: str, shown: bool):
+    """tqdm's bar on a terminal, :class:`_LineProgress` on any other stderr (or nothing)."""
+    if shown and not (getattr(sys.stderr, "isatty", None) and sys.stderr.isatty()):
+        return _LineProgress(total, initial, desc)
+    return tqdm(total=total, initial=initial, disable=not shown, desc=desc, unit="step")
+
+
 class Trainer:
     """Runs the stages of one model over one set of defect-free images."""
 
@@ -675,8 +709,8 @@ class Trainer:
                 stage = self.position["stage"]
                 total_steps = stage_steps(cfg, stage, steps_per_epoch)
                 done = self.position["epoch"] * steps_per_epoch + self.position["step"]
-                bar = tqdm(total=total_steps, initial=min(done, total_steps), disable=not self.progress,
-                           desc=f"stage {stage + 1}/{len(self.model.stages)} ({self.model.stages[stage]})", unit="step")
+                bar = _progress(total_steps, min(done, total_steps),
+                                f"stage {stage + 1}/{len(self.model.stages)} ({self.model.stages[stage]})", self.progress)
                 self.model.train()
                 while self.position["epoch"] < cfg.epochs[stage] and done < total_steps:
                     epoch = self.position["epoch"]

@@ -1183,3 +1183,21 @@ def test_evaluate_says_an_f1_optimal_threshold_means_nothing_without_defect_free
 def test_an_unknown_option_after_a_double_dash_is_named_without_it(tmp_path, capsys):
     assert main(["audit", "run", "--out", "x", "--", "--bogus"]) == 2
     assert "unrecognized arguments: --bogus (see" in capsys.readouterr().err
+
+
+def test_training_progress_is_plain_lines_where_stderr_is_no_terminal(synthetic_root, tmp_path, capsys, monkeypatch):
+    """A training run by a service or into a log file wrote tqdm's bar, redrawn after carriage
+    returns, as one line growing all training; it writes a plain line per minute and one per stage."""
+    from defect_fast import train
+
+    assert main(["train", str(synthetic_root), "--out", str(tmp_path / "run"), "--image-size", "128", "--batch-size",
+                 "16", "--max-steps", "2", "1", "--set", "memory_size=10"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err, err[:500]
+    lines = [ln for ln in err.splitlines() if ln.startswith("stage ")]
+    assert len(lines) == 2 and lines[0].startswith("stage 1/2 (") and ": 2/2 steps, loss " in lines[0], err
+    assert lines[1].startswith("stage 2/2 (") and ": 1/1 steps, loss " in lines[1], err
+    # on a terminal: tqdm's bar, as before
+    monkeypatch.setattr(train.sys.stderr, "isatty", lambda: True, raising=False)
+    assert isinstance(train._progress(3, 0, "stage 1/1", True), train.tqdm)
+    assert isinstance(train._progress(3, 0, "stage 1/1", False), train.tqdm)  # --quiet: tqdm, disabled
