@@ -38,6 +38,7 @@ def evaluate_run(run: Path | str, data: Path | str, map_kind: str | None = None,
     """
     from .calibration import evaluate_thresholds, threshold_at_far
     from .data import load_test_set
+    from .data.io import blank_images
     from .metrics import evaluate
     from .runs import load_model_state
 
@@ -55,6 +56,9 @@ def evaluate_run(run: Path | str, data: Path | str, map_kind: str | None = None,
     res = det.predict_batched(test.images)
     seconds = time.perf_counter() - t0
     n_images = int(test.images.shape[0])
+    # blank frames (a camera fault) are scored and counted as the images they stand for; named, as
+    # predict marks them and watch and report judge none
+    blank = [str(p) for p, b in zip(test.paths, blank_images(test.images).tolist()) if b]
     test.images = None  # let go before the pixel metrics, whose peak is the command's: 3 bytes a pixel less
     check_finite(res, test.paths, run, det.precision, "test images")
     if test.has_masks:
@@ -69,6 +73,7 @@ def evaluate_run(run: Path | str, data: Path | str, map_kind: str | None = None,
     metrics["inference_ms_per_image"] = 1000 * seconds / max(1, n_images)
     metrics["thresholds"] = evaluate_thresholds(res["scores"], test.labels, det.calibration, threshold=threshold, far=far)
     metrics["seen_by_run"] = seen
+    metrics["blank_images"] = blank
     return metrics
 
 

@@ -67,6 +67,18 @@ def test_evaluate_writes_the_documented_keys(tiny_run, synthetic_root, tmp_path,
     assert set(metrics["per_class"]) == {"scratch", "spot"}
     assert 0.0 <= metrics["pixel_auroc"] <= 1.0
     assert "pixel_auroc" in capsys.readouterr().out
+    assert metrics["blank_images"] == []
+    # a blank frame among the test images: scored and counted, and named (the JSON did not say which)
+    import shutil
+
+    from PIL import Image
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root, data)
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(data / "test" / "good" / "covered.png")
+    assert main(["evaluate", str(tiny_run), str(data), "--json", str(tmp_path / "b.json")]) == 0
+    metrics = json.loads((tmp_path / "b.json").read_text())
+    assert metrics["blank_images"] == [str(data / "test" / "good" / "covered.png")]
 
 
 def test_evaluate_json_dash_writes_the_metrics_to_standard_output(tiny_run, synthetic_root, tmp_path, capsys,
