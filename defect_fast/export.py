@@ -254,7 +254,11 @@ def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, so
     dynamic = False
     fh = io.BytesIO()  # the file's bytes, whose digest goes into the description before either is written
     with reference_ops(), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        # the tracers' own notes, not the program's: the filters are the process's, and ignoring every
+        # warning hid other threads' (a blank frame a camera thread met) while the export ran
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", module=r"(torch|onnx|onnxscript)(\.|$)")
+        warnings.filterwarnings("ignore", module=r"defect_fast\.export$")  # torch's, told at the calls below
         if fmt == "torchscript":
             traced = torch.jit.trace(det, (example,), check_trace=False)
             torch.jit.save(torch.jit.script(_CheckedImages(traced, s, det.trained_proportions)), fh)

@@ -19,9 +19,11 @@ def exporting() -> bool:
 
 def tracing() -> bool:
     """True while the calling code is traced or exported rather than run: no caches, no compiled
-    or captured parts then."""
-    return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
-            or exporting())
+    or captured parts then. An ONNX export traces the model with TorchScript's tracer, which
+    ``torch.jit.is_tracing`` sees on the exporting thread alone; ``torch.onnx.is_in_onnx_export``
+    is the process's, and another thread's export made every Detector in the program skip its
+    ``threads`` option and its checks."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or exporting()
 
 
 def constant_cache(maxsize: int) -> Callable:

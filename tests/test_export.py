@@ -667,3 +667,70 @@ def test_a_torchscript_export_holds_no_memory_beyond_its_buffers(tmp_path):
         with zipfile.ZipFile(tmp_path / name) as z:
             stored.append({n.split("/", 1)[1]: z.read(n) for n in z.namelist() if n.split("/")[1:2] == ["data"]})
     assert stored[0] and stored[0] == stored[1]
+
+
+def test_an_onnx_export_on_one_thread_is_no_tracing_on_another(tmp_path):
+    """torch.onnx.is_in_onnx_export is the process's flag: while one thread exported, every
+    Detector of the program took itself for traced (its threads option and checks skipped)."""
+    import threading
+
+    pytest.importorskip("onnx")
+    from defect_fast.tracing import tracing
+
+    inside, go_on, seen = threading.Event(), threading.Event(), []
+
+    class Held(torch.nn.Module):
+        def forward(self, x):
+            seen.append(tracing())  # the exporting thread: traced
+            inside.set()
+            assert go_on.wait(60)
+            return x * 2
+
+    def export():
+        torch.onnx.export(Held(), (torch.ones(1, 3),), str(tmp_path / "held.onnx"), dynamo=False)
+
+    worker = threading.Thread(target=export)
+    worker.start()
+    try:
+        assert inside.wait(60)
+        assert torch.onnx.is_in_onnx_export()  # (the process's flag is set meanwhile)
+        assert tracing() is False  # this thread runs for real
+    finally:
+        go_on.set()
+        worker.join(60)
+    assert seen and all(seen)
+
+
+def test_an_export_leaves_other_threads_warnings_alone(tmp_path, monkeypatch):
+    """The export ignored every warning while it ran, and the filters are the process's: a camera
+    thread's warnings (a blank frame) went unsaid meanwhile."""
+    import threading
+    import warnings
+
+    pytest.importorskip("onnx")
+    from defect_fast import export as export_module
+    from defect_fast.data import DataWarning
+
+    inside, go_on = threading.Event(), threading.Event()
+    real = torch.onnx.export
+
+    def held(*args, **kwargs):
+        inside.set()
+        assert go_on.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", held)
+    shown = []
+    monkeypatch.setattr(warnings, "showwarning", lambda message, *a, **k: shown.append(str(message)))
+    det = Detector(build_model("cmaae", memory_size=10), image_size=128, precision="float32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", DataWarning)
+        worker = threading.Thread(target=lambda: export_module.export_detector(det, tmp_path / "d.onnx", "onnx"))
+        worker.start()
+        try:
+            assert inside.wait(60)
+            warnings.warn("camera 2: a blank frame", DataWarning)  # this thread's, during the export
+        finally:
+            go_on.set()
+            worker.join(60)
+    assert "camera 2: a blank frame" in shown and (tmp_path / "d.onnx").is_file()
