@@ -72,12 +72,15 @@ def _print_thresholds(th: dict | None, out=None) -> None:
               f"{_fmt(f1['precision'])}, recall {_fmt(f1['recall'])}", file=out)
     at = th.get("at_threshold")
     if at is None:
-        print(th.get("threshold_source") or "no stored image threshold in the model file", file=out)
+        print(printable(th.get("threshold_source") or "no stored image threshold in the model file", newlines=False),
+              file=out)
         return
-    print(f"threshold: {th['threshold_source']}", file=out)
-    images = th.get("threshold_images") or "calibration"  # what the scores that set it were of
+    # (texts of the model file, one line each: written by hand, a line break forged a line of results)
+    print(f"threshold: {printable(str(th['threshold_source']), newlines=False)}", file=out)
+    images = printable(str(th.get("threshold_images") or "calibration"), newlines=False)  # what the scores were of
     if th.get("threshold_image"):
-        print(f"the threshold is the score of {images} image {printable(str(th['threshold_image']))}", file=out)
+        print(f"the threshold is the score of {images} image {printable(str(th['threshold_image']), newlines=False)}",
+              file=out)
     # (a threshold given as a number was set from no rate: nothing asked or expected to say)
     asked = (f"; asked {_fmt(th.get('far_asked'))}, expected {_fmt(th.get('far_expected'))} from "
              f"{th.get('n_calibration_images')} {images} images"

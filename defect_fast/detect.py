@@ -283,6 +283,39 @@ def _own_precision(method):
     return run
 
 
+#: The calibration's numbers a command judges by, or reads a rate from: each a finite number where
+#: it is there (a NaN threshold flagged nothing, ``score > nan`` being false for every part).
+_CALIBRATION_NUMBERS = ("image_threshold", "pixel_threshold", "score_max", "pixel_q999", "far", "far_expected",
+                        "pixel_far", "score_mean", "score_std")
+
+
+def _checked_calibration(calibration: Any, where: Any) -> dict | None:
+    """A model file's calibration, refused (RunError, one line) where a threshold or a rate is not a
+    finite number, the held-back scores are not a list of them, or a text it shows is not text."""
+    if calibration is None:
+        return None
+    if not isinstance(calibration, dict):
+        raise RunError(f"{where}: its calibration is a {type(calibration).__name__}, not a table of thresholds (a "
+                       "damaged model file, or one written by hand?)")
+
+    def number(value: Any) -> bool:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+    bad = [k for k in _CALIBRATION_NUMBERS if calibration.get(k) is not None and not number(calibration[k])]
+    scores = calibration.get("held_back_scores")
+    if scores is not None and not (isinstance(scores, list) and all(number(v) for v in scores)):
+        bad.append("held_back_scores")
+    bad += [k for k in ("note", "threshold_image", "source", "images") if calibration.get(k) is not None
+            and not isinstance(calibration[k], str)]
+    if bad:
+        shown = one_line(repr(calibration[bad[0]]))[:60]
+        raise RunError(f"{where}: its calibration's {bad[0]} ({shown}) is not "
+                       f"{'text' if bad[0] in ('note', 'threshold_image', 'source', 'images') else 'a finite number'} "
+                       "(a damaged model file, or one written by hand?); set its thresholds again with "
+                       "'defect-fast calibrate'")
+    return calibration
+
+
 def _entry_point(method):
     """A public Detector method that runs the model or its statistics: refused where it would hang
     (:func:`_check_not_forked`), and run whole with the Detector's ``threads`` (the checks and
@@ -977,7 +1010,7 @@ class Detector(nn.Module):
         set_aside = [] if same_kind else [m for m in (perceptual, context) if m is not None]
         if not same_kind:
             norm, context = {}, None
-        calibration = state.get("calibration")
+        calibration = _checked_calibration(state.get("calibration"), where)
         changed = _changed_settings(stored, model, map_kind, stride, smooth_sigma, options.get("blend"))
         # the score averages another number of top values (a file stores the default's: save refuses another)
         top = options.get("top_fraction")

@@ -184,7 +184,7 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
     """
     from .calibration import DEFAULT_FAR, count_text, min_images_for, round_up, scores_named, threshold_text
     from .data.io import blank_images, collect_images, image_keys, read_images
-    from .detect import Detector
+    from .detect import Detector, _checked_calibration
     from .runs import MODEL_FILE, RunError, load_model_state, model_file
     from .safety import OutputFolder, save_with_digest
     from .train import TrainConfig
@@ -199,6 +199,11 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
     OutputFolder.check(out, overwrite=overwrite, inputs=inputs, command="calibrate")  # before any reading
     path = model_file(run)
     state = load_model_state(path)
+    try:  # thresholds that are no numbers (a damaged file): the ones this command sets anew
+        _checked_calibration(state.get("calibration"), path)
+    except RunError as exc:
+        log(f"{exc}; they are set anew here")
+        state["calibration"] = None
     cfg = TrainConfig.from_json(state["train_config"]) if state.get("train_config") else None
     if cfg is not None and cfg.data:  # its training folder, which the run's held-back images are in: an input too
         inputs.append(cfg.data)

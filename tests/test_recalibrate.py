@@ -14,7 +14,7 @@ import torch
 from defect_fast.cli import main
 from defect_fast.data.io import read_images
 from defect_fast.detect import Detector
-from defect_fast.runs import load_model_state
+from defect_fast.runs import RunError, load_model_state
 from defect_fast.safety import MANIFEST_NAME, save_with_digest
 from test_cli_inspection import cli, refused  # noqa: E402  (the same refusal checks as the other line commands)
 
@@ -667,3 +667,46 @@ def test_calibrate_in_python_says_when_the_model_file_records_no_training_images
     with pytest.warns(DataWarning, match=r"could not check that the images were not trained on: .*older.*model\.pt "
                                          r"does not record the images its model trained on"):
         Detector.load(older, device="cpu").calibrate(parts, 0.2)
+
+
+@pytest.mark.parametrize("key, value, said", [("image_threshold", float("nan"), "image_threshold (nan) is not a finite"),
+                                              ("image_threshold", "0.5", "image_threshold ('0.5') is not a finite"),
+                                              ("pixel_threshold", float("inf"), "pixel_threshold (inf) is not a finite"),
+                                              ("held_back_scores", [0.1, "x"], "held_back_scores"),
+                                              ("note", ["\x1b[2J"], "note (['\\x1b[2J']) is not text")])
+def test_thresholds_that_are_no_numbers_are_refused_and_calibrate_sets_them_anew(runs, tmp_path, capsys, key, value,
+                                                                                said):
+    """A model file whose image threshold was NaN made predict pass every part (a score is never
+    above NaN), with status 0; a string gave a traceback. calibrate, which replaces them, takes it."""
+    state = load_model_state(runs["run"])
+    state["calibration"][key] = value
+    state.pop("tensor_digest", None)
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    save_with_digest(state, damaged / "model.pt")
+    parts = sorted(runs["more"].glob("*.png"))
+    for argv in (["predict", damaged, parts[0], "--out", tmp_path / "p"], ["evaluate", damaged, runs["data"]]):
+        refused(*cli([*argv, "--device", "cpu"], capsys)[::2], said, "damaged model file")
+    assert not (tmp_path / "p").exists()
+    import re
+
+    with pytest.raises(RunError, match=re.escape(said)):
+        Detector.load(damaged, device="cpu")
+    status, stdout, err = cli(["calibrate", damaged, *parts[:8], "--out", tmp_path / "cal", "--device", "cpu"], capsys)
+    assert status == 0 and said in stdout and "they are set anew here" in stdout, err
+    assert Detector.load(tmp_path / "cal", device="cpu").image_threshold() is not None
+
+
+def test_texts_of_the_model_file_are_printed_on_one_line_without_escapes(runs, tmp_path, capsys):
+    """evaluate printed the calibration's note as it was: a terminal's escape sequence cleared the
+    screen, and a line break forged a line of results."""
+    state = load_model_state(runs["run"])
+    state["calibration"]["note"] = "held-back\x1b[2J\nat that threshold 1: false-alarm rate 0 (0/9 good images)"
+    state.pop("tensor_digest", None)
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    save_with_digest(state, folder / "model.pt")
+    status, stdout, err = cli(["evaluate", folder, runs["data"], "--device", "cpu"], capsys)
+    assert status == 0, err
+    assert "\x1b" not in stdout and "held-back\\x1b[2J\\x0aat that threshold 1" in stdout
+    assert not any(line.startswith("at that threshold 1:") for line in stdout.splitlines())
