@@ -282,12 +282,26 @@ class Journal:
 
     @staticmethod
     def _record(line: bytes) -> dict[str, Any] | None:
-        """The record of one line (None: not JSON, or not a record)."""
+        """The record of one line (None: not JSON, or not a record as watch writes one: a restart
+        moves and removes files by the paths a line names, and a line edited to name ``../`` or
+        an absolute path had it delete or move files anywhere)."""
         try:
             rec = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
-        return rec if isinstance(rec, dict) and "image" in rec and "sha256" in rec else None
+        if not (isinstance(rec, dict) and _inside(rec.get("image")) and isinstance(rec.get("sha256"), str)):
+            return None
+        if rec.get("result", "rejected") not in ("pass", "fail", "rejected"):
+            return None
+        for key in ("size", "mtime_ns", "ctime_ns"):
+            if key in rec and (not isinstance(rec[key], int) or isinstance(rec[key], bool)):
+                return None
+        for key, folders in (("rejected_to", (REJECTED,)), ("moved_to", tuple(JUDGED.values()))):
+            to = rec.get(key)
+            if to is not None and not (isinstance(to, str) and to.rpartition("/")[0] in folders
+                                       and _inside(to.rpartition("/")[2]) and "/" not in to.rpartition("/")[2]):
+                return None
+        return rec
 
     def _repair_tail(self, f) -> str:
         """Repair the end of the open file ``f`` (see the class docstring); what was done, or ""."""
@@ -821,6 +835,15 @@ def _done_from_journal(st: _State, listing: _Listing, folders: set[str]) -> None
                 now = tuple(entry[1:])
                 if _still_the_judged_file(entry[0], now, rec, sig) and not _sent_again(st, rec, sig, now):
                     _mark_done(st, key, rec["sha256"], now)
+
+
+def _inside(name: Any) -> bool:
+    """Whether ``name`` is a relative path that stays inside the folder it is joined to: text, not
+    absolute, no ``..`` (nor empty, ``.``, or NUL)."""
+    if not isinstance(name, str) or not name or "\0" in name or os.path.isabs(name):
+        return False
+    parts = name.split("/")
+    return all(part not in ("", ".", "..") for part in parts)
 
 
 def _record_signature(rec: Mapping[str, Any]) -> Signature | None:

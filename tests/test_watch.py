@@ -1519,3 +1519,35 @@ def test_names_with_control_characters_are_logged_as_escapes(tmp_path, capsys):
     assert "n\\x1b[31m.txt" in printed and "x\\x0afail y.png" in printed
     assert not any(line.startswith("fail y.png") for line in printed.splitlines())
     assert sorted(r["image"] for r in journal(out)) == sorted([name, "x\nfail y.png"])  # the journal: names as they are
+
+
+def test_journal_lines_naming_files_outside_the_folders_are_skipped_not_followed(tmp_path):
+    """A restart finishes the moves its journal says were cut short: a line edited to name
+    ../victim/secret.txt (or an absolute path) as the image and ../ as where it went had the service
+    delete that file, or move it, outside both folders."""
+    src, out, victim = tmp_path / "in", tmp_path / "out", tmp_path / "victim"
+    src.mkdir()
+    victim.mkdir()
+    (src / "a.png").write_bytes(png_bytes(0))
+    run_once(src, out)
+    secret, other = victim / "secret.txt", victim / "other.txt"
+    secret.write_text("precious\n")
+    other.write_text("other\n")
+    (out / "rejected").mkdir(exist_ok=True)
+    (out / "rejected" / "copy.txt").write_text("precious\n")  # "its copy is complete": the source would go
+
+    def line(path: Path, image: str, **moved) -> str:
+        st = path.stat()
+        return json.dumps({"image": image, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "size": st.st_size,
+                           "mtime_ns": st.st_mtime_ns, "result": "rejected", "reason": "x", **moved}) + "\n"
+
+    with open(out / "results.jsonl", "a") as f:
+        f.write(line(secret, "../victim/secret.txt", rejected_to="rejected/copy.txt"))
+        f.write(line(other, str(other), rejected_to="../moved.txt"))
+        f.write(line(secret, "x.png", rejected_to="rejected/../../victim/x.txt"))
+        f.write(line(secret, ["a.png"], rejected_to="rejected/y.png"))  # (a list: a traceback at start)
+    lines = run_once(src, out)[1]
+    assert secret.read_text() == "precious\n" and other.read_text() == "other\n"
+    assert not (tmp_path / "moved.txt").exists()
+    assert not any("removed" in ln or "cut short" in ln for ln in lines), lines
+    assert sum(Journal._record(ln.encode()) is not None for ln in (out / "results.jsonl").read_text().splitlines()) == 1
