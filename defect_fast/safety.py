@@ -1526,12 +1526,25 @@ class OutputFolder:
         """Create a sub-folder (and parents) and record it."""
         rel = self._rel(name)
         target = self.path / rel
+        self._no_link_on_the_way(rel, with_last=True)
         target.mkdir(parents=True, exist_ok=True)
         return self.record(rel)
+
+    def _no_link_on_the_way(self, rel: str | os.PathLike, with_last: bool = False) -> None:
+        """OutputRefused where a folder between this one and ``rel`` (and ``rel`` itself, with
+        ``with_last``) is a symbolic link: an earlier output's maps/ replaced by a link to another
+        folder had the new maps written there, outside the output folder."""
+        parts = Path(rel).parts
+        for i in range(1, len(parts) + (1 if with_last else 0)):
+            step = self.path.joinpath(*parts[:i])
+            if step.is_symlink():
+                raise OutputRefused(f"{step}: a symbolic link where defect-fast writes a folder of its own; remove "
+                                    "it or choose another folder")
 
     def _writable(self, name: str | os.PathLike) -> Path:
         rel = self._rel(name)
         target = self.path / rel
+        self._no_link_on_the_way(rel)
         if (target.exists() or target.is_symlink()) and rel not in self.files:
             raise OutputRefused(f"{target}: exists and was not written by defect-fast; move it away or choose another folder")
         # record before writing: a crash mid-write then leaves nothing unlisted behind

@@ -701,6 +701,9 @@ class Trainer:
         if cfg.batch_size > per_epoch and self.position["global_step"] == 0:
             self.log(f"--batch-size {cfg.batch_size}: an epoch holds {per_epoch} patches, so each step takes all of them")
         _trim_log(self.out / LOG_FILE, self.position["global_step"])  # steps a resume trains again are logged again
+        if (self.out / LOG_FILE).is_symlink():  # its lines went into the file it pointed at, outside the run
+            raise RunError(f"{self.out / LOG_FILE}: a symbolic link where the run keeps its log; remove it (the run's "
+                           "checkpoint is kept)")
         log_file = open(self.out / LOG_FILE, "a", buffering=1)  # line-buffered: a crash keeps the log
         handlers = self._interrupt_at_step_boundaries()
         trained = False  # every stage ran: no error on its way when the log closes

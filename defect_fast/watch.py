@@ -255,6 +255,9 @@ class Journal:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.repaired = ""
+        if self.path.is_symlink():  # (its repair cut, and its lines went into, the file it pointed at)
+            raise WatchError(f"{self.path}: a symbolic link where watch keeps its journal; remove it or choose another "
+                             "results folder")
         if self.path.exists():
             with open(self.path, "r+b") as f:
                 self.repaired = self._repair_tail(f)
@@ -1426,6 +1429,10 @@ def watch(
         if drop_lock:  # before OUT_DIR is made
             held.callback(DropFolderLock(in_dir, move_judged, log).acquire().release)
         for sub in _subfolders(move_judged):
+            for step in itertools.accumulate(sub.split("/"), lambda a, b: f"{a}/{b}"):
+                if (out / step).is_symlink():  # (bad files were moved into, maps written in, its target)
+                    raise WatchError(f"{out / step}: a symbolic link where watch writes a folder of its own; remove "
+                                     "it or choose another results folder")
             (out / sub).mkdir(parents=True, exist_ok=True)
         if lock:
             held.callback(_lock(out).release)

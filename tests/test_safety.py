@@ -1418,3 +1418,20 @@ def test_control_characters_in_messages_are_written_as_escapes():
     assert one_line("cl.exe failed:\r\n  line 2\r\n") == "cl.exe failed: line 2"  # a Windows tool's line ends
     assert printable("a\nb\tc", newlines=False) == "a\\x0ab\tc"
 
+
+
+def test_an_output_folder_writes_through_no_symbolic_link_of_its_own_folders(tmp_path):
+    """An earlier output's maps/ replaced by a link to another folder: predict --overwrite (or a
+    resume) wrote the new maps there, outside the output folder."""
+    out = OutputFolder.create(tmp_path / "pred")
+    out.mkdir("maps")
+    out.write_bytes("maps/a.png", b"map")
+    (tmp_path / "pred" / "maps" / "a.png").unlink()
+    (tmp_path / "pred" / "maps").rmdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "pred" / "maps").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OutputRefused, match="maps: a symbolic link where defect-fast writes a folder of its own"):
+        out.mkdir("maps")
+    with pytest.raises(OutputRefused, match="maps: a symbolic link where defect-fast writes a folder of its own"):
+        out.write_bytes("maps/a.png", b"map")
+    assert not list((tmp_path / "elsewhere").iterdir())

@@ -1530,3 +1530,22 @@ def test_a_batch_larger_than_an_epoch_is_said(synthetic_root, tmp_path):
     lines.clear()
     train(_cfg(synthetic_root, max_steps=[1, 1]), tmp_path / "r2", progress=False, log=lines.append)
     assert not any(ln.startswith("--batch-size") for ln in lines)
+
+
+def test_a_resume_refuses_a_log_that_is_a_symbolic_link(synthetic_root, tmp_path, monkeypatch):
+    """A run folder's log.jsonl replaced by a link: the resumed training appended its log to the
+    file it pointed at, outside the run (created there when missing)."""
+    import defect_fast.data.io as io
+
+    real = io.proportions
+    monkeypatch.setattr(io, "proportions", lambda sizes: (_ for _ in ()).throw(KeyboardInterrupt))
+    out = tmp_path / "run"
+    cfg = _cfg(synthetic_root, max_steps=[2, 1])
+    with pytest.raises(RunError, match="continue with --resume"):
+        train(cfg, out, progress=False, log=lambda s: None)
+    monkeypatch.setattr(io, "proportions", real)
+    (out / "log.jsonl").unlink()
+    (out / "log.jsonl").symlink_to(tmp_path / "elsewhere.txt")
+    with pytest.raises(RunError, match="log.jsonl: a symbolic link where the run keeps its log"):
+        train(cfg, out, resume=True, progress=False, log=lambda s: None)
+    assert not (tmp_path / "elsewhere.txt").exists() and (out / "checkpoint.pt").is_file()

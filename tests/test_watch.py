@@ -1551,3 +1551,30 @@ def test_journal_lines_naming_files_outside_the_folders_are_skipped_not_followed
     assert not (tmp_path / "moved.txt").exists()
     assert not any("removed" in ln or "cut short" in ln for ln in lines), lines
     assert sum(Journal._record(ln.encode()) is not None for ln in (out / "results.jsonl").read_text().splitlines()) == 1
+
+
+def test_links_in_the_results_folder_are_refused_not_written_through(tmp_path):
+    """The journal replaced by a link to a user's file: its repair cut that file's last line, and
+    the results went into it; rejected/ replaced by a link: bad files were moved into its target."""
+    src, out, victim = tmp_path / "in", tmp_path / "out", tmp_path / "victim"
+    src.mkdir()
+    victim.mkdir()
+    (src / "a.png").write_bytes(png_bytes(0))
+    run_once(src, out)
+    settings = victim / "settings.txt"  # (another watch's journal, say: its last line torn)
+    settings.write_text((out / "results.jsonl").read_text() + '{"image": "b.png", "sha2')
+    before = settings.read_text()
+    (out / "results.jsonl").unlink()
+    (out / "results.jsonl").symlink_to(settings)
+    with pytest.raises(WatchError, match="results.jsonl: a symbolic link where watch keeps its journal"):
+        run_once(src, out)
+    assert settings.read_text() == before
+    (out / "results.jsonl").unlink()
+    (out / "results.jsonl").write_text(before.rpartition("\n")[0] + "\n")  # its own journal again
+    (out / "rejected").mkdir(exist_ok=True)
+    (out / "rejected").rmdir()
+    (out / "rejected").symlink_to(victim)
+    (src / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(WatchError, match="rejected: a symbolic link where watch writes a folder of its own"):
+        run_once(src, out)
+    assert sorted(p.name for p in victim.iterdir()) == ["settings.txt"] and (src / "bad.png").exists()
