@@ -718,3 +718,35 @@ def test_cpp_runner_says_a_closed_pipe_and_names_empty_arguments(runner, small, 
 
     assert _one_line_error(run("", small.photo)) == 'defect_fast_run: DETECTOR is "": give a file name'
     assert _one_line_error(run(small.ts, "")) == 'defect_fast_run: IMAGE is "": give a file name'
+
+
+def test_cpp_runner_reads_a_description_of_any_spacing_and_waits_on_no_fifo(runner, small, tmp_path):
+    """50 KB of spaces after "file_digest": (still JSON) overflowed the stack of the regex that read
+    it (status 139, no word); a FIFO as the model file, its description or the image made the
+    runner wait for ever, and a description linked to /dev/zero was read until memory ran out."""
+    import json
+
+    def run(model, image=small.photo) -> subprocess.CompletedProcess:
+        return subprocess.run([str(runner), str(model), str(image)], capture_output=True, text=True, timeout=120)
+
+    model = tmp_path / "det.ts"
+    shutil.copy(small.ts, model)
+    digest = json.loads(Path(str(small.ts) + ".json").read_text())["file_digest"]
+    Path(str(model) + ".json").write_text('{"file_digest":' + " " * 50000 + json.dumps(digest) + "}")
+    out = run(model)
+    assert out.returncode == 0 and out.stdout.startswith("score ") and out.stderr == "", out.stderr
+    Path(str(model) + ".json").write_text('{"file_digest":' + " " * 50000 + '"sha256:' + "0" * 64 + '"}')
+    assert "its bytes are not those its description" in _one_line_error(run(model))  # still checked
+    Path(str(model) + ".json").unlink()
+    os.mkfifo(str(model) + ".json")
+    assert _one_line_error(run(model)) == f"{model}.json: not a regular file, no description"
+    Path(str(model) + ".json").unlink()
+    Path(str(model) + ".json").symlink_to("/dev/zero")
+    assert _one_line_error(run(model)) == f"{model}.json: not a regular file, no description"
+    Path(str(model) + ".json").unlink()
+    fifo = tmp_path / "fifo.ts"
+    os.mkfifo(fifo)
+    assert _one_line_error(run(fifo)).startswith(f"{fifo}: is not a regular file, not a TorchScript file")
+    image = tmp_path / "camera.png"
+    os.mkfifo(image)
+    assert _one_line_error(run(model, image)).startswith(f"{image}: not a regular file")

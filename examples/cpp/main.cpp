@@ -85,6 +85,12 @@ constexpr int64_t kMaxPixels = 2 * int64_t{89478485};
 // false with a message in `error`. libpng's simplified API is not used: it treats 16-bit samples as
 // linear light, applies gAMA chunks and blends alpha onto black, which the Python side does not.
 bool read_png_rgb(const std::string& path, std::vector<uint8_t>& pixels, int& height, int& width, std::string& error) {
+  std::error_code ec;
+  const auto type = std::filesystem::status(path, ec).type();
+  if (!ec && type != std::filesystem::file_type::regular && type != std::filesystem::file_type::directory) {
+    error = path + ": not a regular file (a FIFO or a device, whose open would wait for ever)";
+    return false;
+  }
   std::FILE* fp = std::fopen(path.c_str(), "rb");
   if (fp == nullptr) {
     error = path + ": cannot open (" + std::strerror(errno) + ")";
@@ -383,6 +389,8 @@ std::string model_file_problem(const std::string& path) {
   if (status.type() == fs::file_type::not_found) return path + ": does not exist";
   if (ec) return path + ": cannot open (" + ec.message() + ")";
   if (status.type() == fs::file_type::directory) return path + ": is a directory, not " + kTorchScriptFile;
+  // (a FIFO or a device: its open, or its read, would wait or run for ever)
+  if (status.type() != fs::file_type::regular) return path + ": is not a regular file, not " + kTorchScriptFile;
   std::FILE* fp = std::fopen(path.c_str(), "rb");
   if (fp == nullptr) return path + ": cannot open (" + std::strerror(errno) + ")";
   std::fclose(fp);
@@ -428,18 +436,42 @@ std::string file_sha256(const std::string& path) {
 // weight) loaded and scored with exit status 0. A description without a digest (an export of a
 // version before it was recorded) checks nothing, as none does: `unchecked` then says so, for a
 // warning after the score.
+// The 64 hex digits of `body`'s first "file_digest": "sha256:..." ("" where it is not written so).
+// Read by hand: std::regex recursed once a character, and 50 KB of spaces after the key (still
+// JSON) overflowed the stack.
+std::string digest_in(const std::string& body) {
+  const std::string key = "\"file_digest\"", head = "\"sha256:";
+  size_t i = body.find(key);
+  if (i == std::string::npos) return "";
+  auto skip = [&](size_t j) { while (j < body.size() && std::isspace(static_cast<unsigned char>(body[j]))) ++j; return j; };
+  i = skip(i + key.size());
+  if (i >= body.size() || body[i] != ':') return "";
+  i = skip(i + 1);
+  if (body.compare(i, head.size(), head) != 0) return "";
+  i += head.size();
+  if (i + 65 > body.size() || body[i + 64] != '"') return "";
+  const std::string hex = body.substr(i, 64);
+  return hex.find_first_not_of("0123456789abcdef") == std::string::npos ? hex : "";
+}
+
 std::string description_problem(const std::string& path, std::string& unchecked) {
   const std::string desc = path + ".json";
   std::error_code ec;
-  if (!std::filesystem::exists(desc, ec)) return "";
+  const auto status = std::filesystem::status(desc, ec);
+  if (status.type() == std::filesystem::file_type::not_found) return "";
+  // export writes a few KB: a FIFO, a device or a file of another size is no description of it
+  if (ec || status.type() != std::filesystem::file_type::regular) return desc + ": not a regular file, no description";
+  if (std::filesystem::file_size(desc, ec) > (size_t{1} << 20) || ec) {
+    return desc + ": over 1 MiB, larger than any description export writes (a damaged or foreign file); copy or "
+                  "export the two files again";
+  }
   std::ifstream in(desc, std::ios::binary);
   std::stringstream text;
   text << in.rdbuf();
   if (!in) return desc + ": cannot be read as a description";
-  static const std::regex digest("\"file_digest\"\\s*:\\s*\"sha256:([0-9a-f]{64})\"");
-  std::smatch m;
   const std::string body = text.str();
-  if (!std::regex_search(body, m, digest)) {
+  const std::string recorded = digest_in(body);
+  if (recorded.empty()) {
     if (body.find("\"file_digest\"") != std::string::npos) {  // there, but not as export writes it: damaged
       return desc + ": its file_digest is not a SHA-256 as export writes it (a damaged description); copy or "
                     "export the two files again";
@@ -450,7 +482,7 @@ std::string description_problem(const std::string& path, std::string& unchecked)
   }
   const std::string actual = file_sha256(path);
   if (actual.empty()) return path + ": cannot be read to check it against " + desc;
-  if (actual != m[1].str()) {
+  if (actual != recorded) {
     return path + ": its bytes are not those its description " + desc +
            " records (file_digest): a damaged copy, or one of the two replaced without the other; copy or export "
            "them again";
