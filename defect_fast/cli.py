@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import copy
 import functools
-import json
 import os
 import shlex
 import signal
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from .safety import (LOCK_NAME, MANIFEST_NAME, ArgumentParser, OutputFolder, OutputRefused, RunLock, Stopped, UsageError, UserError, add_threshold_options, atomic_open, atomic_write_json,
                      device_arg, dump_json_strict, far_errors, finite_float, input_path, nonneg_float, nonneg_int, one_line, output_path, output_stems, positive_float, positive_int,
-                     printable, rate, run_main, safe_output_file, signals_held)
+                     printable, rate, read_own_json, run_main, safe_output_file, signals_held)
 
 EPILOG = """examples:
   defect-fast demo runs/demo                                  synthetic data, train, evaluate, maps
@@ -545,7 +544,7 @@ def _stopped_predict(out: Path, locked: bool = False) -> dict:
     if not locked:  # a predict still at work there has written no list yet: "in use", not "killed"
         RunLock(out).check_free()
     try:
-        earlier = json.loads((out / "scores.json").read_text(encoding="utf-8"))  # UnicodeDecodeError: a ValueError
+        earlier = read_own_json(out / "scores.json")
     except FileNotFoundError:
         raise OutputRefused(f"--out {out}: has no scores.json, so no list of the images done: the predict there "
                             "ended before it wrote one (killed); predict all again with --overwrite") from None

@@ -72,6 +72,7 @@ __all__ = [
     "positive_int",
     "printable",
     "probability",
+    "read_own_json",
     "run_main",
     "safe_output_file",
     "save_with_digest",
@@ -1142,10 +1143,26 @@ def _unfinished(folder: Path) -> str:
             "as a command stopped before it wrote them leaves it, or removed since)") if missing else ""
 
 
+def read_own_json(path: Path) -> Any:
+    """The JSON a command wrote and reads back (a manifest, predict's scores.json). OSError where
+    ``path`` is no regular file: opened without blocking and checked on the handle (a FIFO put in
+    its place made the command wait for ever, a link to /dev/zero read until memory ran out);
+    ValueError where it is no JSON (UnicodeDecodeError is one; nesting too deep for the parser)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a device, pipe or socket, or a link to one)", str(path))
+        data = f.read()
+    try:
+        return json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise ValueError("nested too deeply to be one this tool wrote") from None
+
+
 def _manifest(folder: Path) -> dict[str, Any]:
     """``folder``'s manifest, checked: our format, its "files" and "dirs" lists of strings.
     Raises OSError (none, unreadable) or ValueError (damaged; the message says how)."""
-    data = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))  # UnicodeDecodeError is a ValueError
+    data = read_own_json(folder / MANIFEST_NAME)
     if not isinstance(data, dict) or data.get("format") != _MANIFEST_FORMAT:
         raise ValueError("unknown format")
     entries = [data.get("files", []), data.get("dirs", [])]

@@ -924,3 +924,25 @@ def test_a_loaded_detector_s_file_is_the_file_its_path_names(tiny, tmp_path, mon
     monkeypatch.setattr(detect_mod, "load_model_file", read_then_removed)
     det = Detector.load(copy, device="cpu")
     assert det.loaded_sha256(copy / "model.pt")[:12] == tiny["version"]
+
+
+def test_a_fifo_or_device_in_place_of_a_list_the_command_reads_back_is_refused(tiny, tmp_path, capsys, monkeypatch):
+    """A FIFO in place of the output folder's manifest or of a stopped predict's scores.json made
+    predict --resume (and --overwrite) wait for ever; a link to /dev/zero read until memory ran out."""
+    import os
+
+    from defect_fast.safety import MANIFEST_NAME
+
+    src, out = _stopped_predict_at(tiny, tmp_path, capsys, monkeypatch, images=3, done=1)
+    (out / "scores.json").unlink()
+    os.mkfifo(out / "scores.json")
+    status, _, err = cli(["predict", tiny["run"], src, "--out", out, "--device", "cpu", "--resume"], capsys)
+    refused(status, err, "its scores.json cannot be read", "not a regular file")
+    (out / "scores.json").unlink()
+    (out / "scores.json").symlink_to("/dev/zero")
+    status, _, err = cli(["predict", tiny["run"], src, "--out", out, "--device", "cpu", "--resume"], capsys)
+    refused(status, err, "its scores.json cannot be read", "not a regular file")
+    (out / MANIFEST_NAME).unlink()
+    os.mkfifo(out / MANIFEST_NAME)
+    status, _, err = cli(["predict", tiny["run"], src, "--out", out, "--device", "cpu", "--overwrite"], capsys)
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
