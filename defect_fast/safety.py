@@ -1949,6 +1949,8 @@ def verify_digest(obj: Any, path: str | os.PathLike, *, required_keys: Iterable[
         actual = state_digest(body)
     except TypeError as exc:
         raise DigestError(f"{path}: unexpected content ({exc})") from None
+    except RecursionError:  # (no file this tool writes nests more than a few levels)
+        raise DigestError(f"{path}: unexpected content (nested too deeply to be a file defect-fast wrote)") from None
     if actual != stored["hex"]:
         raise DigestError(f"{path}: file is damaged (tensor digest mismatch: stored {stored['hex'][:12]}..., "
                           f"computed {actual[:12]}...); restore it from a copy or retrain")

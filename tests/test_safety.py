@@ -1435,3 +1435,27 @@ def test_an_output_folder_writes_through_no_symbolic_link_of_its_own_folders(tmp
     with pytest.raises(OutputRefused, match="maps: a symbolic link where defect-fast writes a folder of its own"):
         out.write_bytes("maps/a.png", b"map")
     assert not list((tmp_path / "elsewhere").iterdir())
+
+
+def test_a_file_nested_too_deeply_is_refused_in_one_line(tmp_path):
+    """A model file holding a dict nested thousands deep (no file this tool writes) ended in a
+    RecursionError in the digest check: an "internal error" with a traceback."""
+    import sys
+
+    from defect_fast.safety import DIGEST_KEY
+
+    state = _state()
+    deep = inner = {}
+    for _ in range(5000):
+        inner["x"] = {}
+        inner = inner["x"]
+    state["note"] = deep
+    state[DIGEST_KEY] = {"algorithm": "sha256", "hex": "0" * 64}
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(30000)
+    try:
+        torch.save(state, tmp_path / "deep.pt")
+    finally:
+        sys.setrecursionlimit(limit)
+    with pytest.raises(DigestError, match="nested too deeply to be a file defect-fast wrote"):
+        load_with_digest(tmp_path / "deep.pt")
