@@ -450,6 +450,7 @@ class _LineProgress:
         self.total, self.n, self.desc, self.interval = total, initial, desc, interval
         self.postfix: dict[str, str] = {}
         self.last = time.monotonic()
+        self.said: str | None = None  # the last line (close says the end once)
 
     def set_postfix(self, **values: str) -> None:
         self.postfix = values
@@ -464,8 +465,10 @@ class _LineProgress:
 
     def _line(self) -> None:
         self.last = time.monotonic()
-        print(f"{self.desc}: {self.n}/{self.total} steps" + "".join(f", {k} {v}" for k, v in self.postfix.items()),
-              file=sys.stderr, flush=True)
+        line = f"{self.desc}: {self.n}/{self.total} steps" + "".join(f", {k} {v}" for k, v in self.postfix.items())
+        if line != self.said:
+            print(line, file=sys.stderr, flush=True)
+            self.said = line
 
 
 def _progress(total: int, initial: int, desc: str, shown: bool):
@@ -700,10 +703,11 @@ class Trainer:
         steps_per_epoch = math.ceil(per_epoch / cfg.batch_size)
         if cfg.batch_size > per_epoch and self.position["global_step"] == 0:
             self.log(f"--batch-size {cfg.batch_size}: an epoch holds {per_epoch} patches, so each step takes all of them")
-        _trim_log(self.out / LOG_FILE, self.position["global_step"])  # steps a resume trains again are logged again
-        if (self.out / LOG_FILE).is_symlink():  # its lines went into the file it pointed at, outside the run
+        if (self.out / LOG_FILE).is_symlink():  # its lines went into the file it pointed at, outside the run (and
+            # its trim, first, copied that file's lines into the run's log)
             raise RunError(f"{self.out / LOG_FILE}: a symbolic link where the run keeps its log; remove it (the run's "
                            "checkpoint is kept)")
+        _trim_log(self.out / LOG_FILE, self.position["global_step"])  # steps a resume trains again are logged again
         log_file = open(self.out / LOG_FILE, "a", buffering=1)  # line-buffered: a crash keeps the log
         handlers = self._interrupt_at_step_boundaries()
         trained = False  # every stage ran: no error on its way when the log closes

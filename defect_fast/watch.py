@@ -1428,11 +1428,15 @@ def watch(
     try:
         if drop_lock:  # before OUT_DIR is made
             held.callback(DropFolderLock(in_dir, move_judged, log).acquire().release)
-        for sub in _subfolders(move_judged):
+        # every folder watch may write or move into, judged/ too without move_judged (a restart completes the
+        # moves its journal says were cut short, whatever its options): none may be a link (bad files were
+        # moved into, maps written in, its target)
+        for sub in _subfolders(True):
             for step in itertools.accumulate(sub.split("/"), lambda a, b: f"{a}/{b}"):
-                if (out / step).is_symlink():  # (bad files were moved into, maps written in, its target)
+                if (out / step).is_symlink():
                     raise WatchError(f"{out / step}: a symbolic link where watch writes a folder of its own; remove "
                                      "it or choose another results folder")
+        for sub in _subfolders(move_judged):
             (out / sub).mkdir(parents=True, exist_ok=True)
         if lock:
             held.callback(_lock(out).release)

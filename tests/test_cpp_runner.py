@@ -748,5 +748,18 @@ def test_cpp_runner_reads_a_description_of_any_spacing_and_waits_on_no_fifo(runn
     os.mkfifo(fifo)
     assert _one_line_error(run(fifo)).startswith(f"{fifo}: is not a regular file, not a TorchScript file")
     image = tmp_path / "camera.png"
-    os.mkfifo(image)
-    assert _one_line_error(run(model, image)).startswith(f"{image}: not a regular file")
+    os.mkfifo(image)  # no program writes to it: said, not waited on
+    assert _one_line_error(run(model, image)).startswith(f"{image}: ")
+    # a pipe being written is read as before (the photo from another program's output)
+    with open(small.photo, "rb") as photo:
+        piped = subprocess.run([str(runner), str(model), "/dev/stdin"], stdin=photo, capture_output=True, text=True,
+                               timeout=120)
+    assert piped.returncode == 0 and piped.stdout == run(model).stdout, piped.stderr
+    # the first "file_digest" written as export writes it is the one checked (a note naming the key before it)
+    Path(str(model) + ".json").write_text('{"note": ["file_digest"], "file_digest": ' + json.dumps(digest) + "}")
+    assert run(model).returncode == 0
+    # a model file whose name leaves no room for ".json": no description, as before
+    long = tmp_path / ("m" * 250 + ".ts")
+    shutil.copy(small.ts, long)
+    out = run(long)
+    assert out.returncode == 0 and out.stdout.startswith("score "), out.stderr

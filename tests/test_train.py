@@ -1549,3 +1549,8 @@ def test_a_resume_refuses_a_log_that_is_a_symbolic_link(synthetic_root, tmp_path
     with pytest.raises(RunError, match="log.jsonl: a symbolic link where the run keeps its log"):
         train(cfg, out, resume=True, progress=False, log=lambda s: None)
     assert not (tmp_path / "elsewhere.txt").exists() and (out / "checkpoint.pt").is_file()
+    # a link to a file with lines the resume's trim drops: its copy, written in the link's place, went on
+    (tmp_path / "elsewhere.txt").write_text('{"step": 99, "note": "another file"}\nprecious line\n')
+    with pytest.raises(RunError, match="log.jsonl: a symbolic link where the run keeps its log"):
+        train(cfg, out, resume=True, progress=False, log=lambda s: None)
+    assert (out / "log.jsonl").is_symlink()

@@ -1578,3 +1578,23 @@ def test_links_in_the_results_folder_are_refused_not_written_through(tmp_path):
     with pytest.raises(WatchError, match="rejected: a symbolic link where watch writes a folder of its own"):
         run_once(src, out)
     assert sorted(p.name for p in victim.iterdir()) == ["settings.txt"] and (src / "bad.png").exists()
+
+
+def test_a_judged_folder_that_is_a_link_is_refused_without_move_judged_too(tmp_path):
+    """A restart completes the judged moves its journal says were cut short whatever its options:
+    judged/ replaced by a link was refused with --move-judged only, and moved through without it."""
+    src, out, victim = tmp_path / "in", tmp_path / "out", tmp_path / "victim"
+    src.mkdir()
+    (victim / "pass").mkdir(parents=True)
+    (victim / "fail").mkdir()
+    (src / "a.png").write_bytes(png_bytes(0, bright=0.2))
+    run_once(src, out, move_judged=True)
+    moved = next((out / "judged").rglob("*.png"))
+    os.rename(moved, src / "a.png")  # as a move cut short leaves it (same file, same times)
+    for sub in ("pass", "fail"):
+        (out / "judged" / sub).rmdir()
+    (out / "judged").rmdir()
+    (out / "judged").symlink_to(victim)
+    with pytest.raises(WatchError, match="judged: a symbolic link where watch writes a folder of its own"):
+        run_once(src, out, move_judged=False)
+    assert not list(victim.rglob("*.png")) and (src / "a.png").is_file()

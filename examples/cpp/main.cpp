@@ -85,17 +85,16 @@ constexpr int64_t kMaxPixels = 2 * int64_t{89478485};
 // false with a message in `error`. libpng's simplified API is not used: it treats 16-bit samples as
 // linear light, applies gAMA chunks and blends alpha onto black, which the Python side does not.
 bool read_png_rgb(const std::string& path, std::vector<uint8_t>& pixels, int& height, int& width, std::string& error) {
-  std::error_code ec;
-  const auto type = std::filesystem::status(path, ec).type();
-  if (!ec && type != std::filesystem::file_type::regular && type != std::filesystem::file_type::directory) {
-    error = path + ": not a regular file (a FIFO or a device, whose open would wait for ever)";
-    return false;
-  }
-  std::FILE* fp = std::fopen(path.c_str(), "rb");
+  // opened without blocking: a FIFO no program writes to made the open wait for ever (one being
+  // written, such as /dev/stdin or <(cat photo.png), is read as before: it ends, or reads as cut off)
+  const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK);
+  std::FILE* fp = fd < 0 ? nullptr : ::fdopen(fd, "rb");
   if (fp == nullptr) {
     error = path + ": cannot open (" + std::strerror(errno) + ")";
+    if (fd >= 0) ::close(fd);
     return false;
   }
+  ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) & ~O_NONBLOCK);  // then read as a file is read
   struct stat st {};
   if (::fstat(::fileno(fp), &st) == 0 && (S_ISDIR(st.st_mode) || (S_ISREG(st.st_mode) && st.st_size == 0))) {
     std::fclose(fp);  // said as such, not libpng's "Read Error" or a file cut off
@@ -441,27 +440,31 @@ std::string file_sha256(const std::string& path) {
 // JSON) overflowed the stack.
 std::string digest_in(const std::string& body) {
   const std::string key = "\"file_digest\"", head = "\"sha256:";
-  size_t i = body.find(key);
-  if (i == std::string::npos) return "";
   auto skip = [&](size_t j) { while (j < body.size() && std::isspace(static_cast<unsigned char>(body[j]))) ++j; return j; };
-  i = skip(i + key.size());
-  if (i >= body.size() || body[i] != ':') return "";
-  i = skip(i + 1);
-  if (body.compare(i, head.size(), head) != 0) return "";
-  i += head.size();
-  if (i + 65 > body.size() || body[i + 64] != '"') return "";
-  const std::string hex = body.substr(i, 64);
-  return hex.find_first_not_of("0123456789abcdef") == std::string::npos ? hex : "";
+  for (size_t at = body.find(key); at != std::string::npos; at = body.find(key, at + 1)) {  // the first written so
+    size_t i = skip(at + key.size());
+    if (i >= body.size() || body[i] != ':') continue;
+    i = skip(i + 1);
+    if (body.compare(i, head.size(), head) != 0) continue;
+    i += head.size();
+    if (i + 65 > body.size() || body[i + 64] != '"') continue;
+    const std::string hex = body.substr(i, 64);
+    if (hex.find_first_not_of("0123456789abcdef") == std::string::npos) return hex;
+  }
+  return "";
 }
 
 std::string description_problem(const std::string& path, std::string& unchecked) {
   const std::string desc = path + ".json";
   std::error_code ec;
   const auto status = std::filesystem::status(desc, ec);
-  if (status.type() == std::filesystem::file_type::not_found) return "";
+  // none, or none that can be looked at (a model file's name so long that ".json" makes it too long)
+  if (ec || status.type() == std::filesystem::file_type::not_found) return "";
   // export writes a few KB: a FIFO, a device or a file of another size is no description of it
-  if (ec || status.type() != std::filesystem::file_type::regular) return desc + ": not a regular file, no description";
-  if (std::filesystem::file_size(desc, ec) > (size_t{1} << 20) || ec) {
+  if (status.type() != std::filesystem::file_type::regular) return desc + ": not a regular file, no description";
+  const auto bytes = std::filesystem::file_size(desc, ec);
+  if (ec) return desc + ": cannot be read as a description (" + ec.message() + ")";
+  if (bytes > (size_t{1} << 20)) {
     return desc + ": over 1 MiB, larger than any description export writes (a damaged or foreign file); copy or "
                   "export the two files again";
   }
