@@ -331,6 +331,17 @@ def _entry_point(method):
     return run
 
 
+def _whole(method):
+    """A public Detector method that reads what a fit replaces without running the model (save):
+    it waits for a fit in progress, as a call does (a save in the middle of fit_normalization wrote
+    the new normalisation beside the thresholds it was about to set aside)."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with _fit_lock(self).call():
+            return method(self, *args, **kwargs)
+    return run
+
+
 def _fit(method):
     """A public Detector method that changes what calls read (the normalisation, the map, the
     context, the thresholds): it runs alone on its Detector (:class:`_FitLock`). Outermost, above
@@ -1935,6 +1946,7 @@ class Detector(nn.Module):
         self._record_fit(normal_images)
         return {"mean": mean.cpu().clone(), "std": std.cpu().clone()}  # copies: on a CPU, .cpu() is the buffer
 
+    @_whole
     def save(self, path: Path | str, *, overwrite: bool = False) -> Path:
         """A model file of this Detector as it stands, which :meth:`load` reads back: the model's
         weights, the inference settings (map, stride, blend, smoothing), the thresholds

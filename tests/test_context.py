@@ -863,3 +863,36 @@ def test_a_fit_waits_for_the_calls_in_progress_and_holds_new_ones(monkeypatch):
         after = det(frame)[1]
     assert det.context is not None
     torch.testing.assert_close(during, after, rtol=0, atol=0)
+
+
+def test_a_save_waits_for_a_fit_in_progress(tmp_path, monkeypatch):
+    """A save in the middle of fit_normalization wrote the new normalisation beside the thresholds
+    the fit was about to set aside: loaded, the file judged by thresholds of other maps."""
+    import threading
+    import time
+
+    torch.manual_seed(0)
+    det = Detector(build_model("cmaae", memory_size=20), image_size=128, precision="float32")
+    det.calibration = {"image_threshold": 0.5, "n_images": 9}
+    normal = _u8(_surfaces(4, seed=1))
+    inside, go_on = threading.Event(), threading.Event()
+    raw = det.raw_maps
+
+    def held(*args, **kwargs):
+        inside.set()
+        assert go_on.wait(60)
+        return raw(*args, **kwargs)
+
+    monkeypatch.setattr(det, "raw_maps", held)
+    fit = threading.Thread(target=lambda: det.fit_normalization(normal))
+    fit.start()
+    assert inside.wait(60)
+    saved = threading.Thread(target=lambda: det.save(tmp_path / "det.pt"))
+    saved.start()
+    time.sleep(0.5)
+    assert not (tmp_path / "det.pt").exists()  # it waits for the fit
+    go_on.set()
+    fit.join(60)
+    saved.join(60)
+    stored = torch.load(tmp_path / "det.pt", weights_only=True)
+    assert "image_threshold" not in stored["calibration"] and stored["calibration"].get("inapplicable")
