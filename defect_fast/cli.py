@@ -459,8 +459,10 @@ def cmd_predict(args) -> int:
         folder.mkdir("maps")
         folder.mkdir("overlays")
         # (the images done, named as this command names them: the list an uninterrupted one writes)
-        report = {**header, "images": [{**e, "image": str(p)} for e, p in zip(earlier["images"][:start], paths)]
-                  if resume else []}
+        # (a blank frame an earlier version judged by its score: flagged, as this one flags them)
+        report = {**header, "images": [{**e, "image": str(p), **({"defective": True} if e.get("blank") and image_t
+                                                                   is not None else {})}
+                                       for e, p in zip(earlier["images"][:start], paths)] if resume else []}
         folder.reserve(planned)  # checked above; a user's file put there since: refused, none written
         begun: list[str] = []  # the files of the image in hand
 
@@ -810,7 +812,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     from .train import FIT_SOURCES, NORMALIZATIONS
 
     p = ArgumentParser(prog="defect-fast", description="Unsupervised surface-defect detection: "
-                       "train on defect-free images, map and score defects.",
+                       "train on defect-free images, map and score defects.", allow_abbrev=False,  # (--thr: no --threads)
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     p.add_argument("--debug", action="store_true", help="show the traceback of an error too (any position)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

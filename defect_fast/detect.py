@@ -305,12 +305,20 @@ def _checked_calibration(calibration: Any, where: Any) -> dict | None:
     scores = calibration.get("held_back_scores")
     if scores is not None and not (isinstance(scores, list) and all(number(v) for v in scores)):
         bad.append("held_back_scores")
+    highest = calibration.get("highest_scores")  # [name, score] pairs (older files' rates under --far read them)
+    if highest is not None and not (isinstance(highest, list) and all(
+            isinstance(h, (list, tuple)) and len(h) == 2 and isinstance(h[0], str) and number(h[1]) for h in highest)):
+        bad.append("highest_scores")
+    n = calibration.get("n_images")
+    if n is not None and not (isinstance(n, int) and not isinstance(n, bool) and n >= 0):
+        bad.append("n_images")
     bad += [k for k in ("note", "threshold_image", "source", "images") if calibration.get(k) is not None
             and not isinstance(calibration[k], str)]
     if bad:
         shown = one_line(repr(calibration[bad[0]]))[:60]
-        raise RunError(f"{where}: its calibration's {bad[0]} ({shown}) is not "
-                       f"{'text' if bad[0] in ('note', 'threshold_image', 'source', 'images') else 'a finite number'} "
+        kind = {"note": "text", "threshold_image": "text", "source": "text", "images": "text",
+                "n_images": "a whole number", "highest_scores": "a list of [image, finite score] pairs"}
+        raise RunError(f"{where}: its calibration's {bad[0]} ({shown}) is not {kind.get(bad[0], 'a finite number')} "
                        "(a damaged model file, or one written by hand?); set its thresholds again with "
                        "'defect-fast calibrate'")
     return calibration

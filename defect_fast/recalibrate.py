@@ -203,7 +203,11 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
         _checked_calibration(state.get("calibration"), path)
     except RunError as exc:
         log(f"{exc}; they are set anew here")
-        state["calibration"] = None
+        cal = state["calibration"] if isinstance(state.get("calibration"), dict) else {}
+        far_was = cal.get("far")  # the rate asked, and the images the map was fitted on, are kept
+        state["calibration"] = {**({"far": far_was} if isinstance(far_was, (int, float)) and not isinstance(far_was, bool)
+                                   and 0 < far_was < 1 else {}),
+                                **({"map_fitted_on": cal["map_fitted_on"]} if "map_fitted_on" in cal else {})}
     cfg = TrainConfig.from_json(state["train_config"]) if state.get("train_config") else None
     if cfg is not None and cfg.data:  # its training folder, which the run's held-back images are in: an input too
         inputs.append(cfg.data)
@@ -313,7 +317,7 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
         folder.write_json("calibration.json", summary)
     if flagged_before is not None:
         of_these = f"these {n} defect-free images" if n == n_given else f"these {n} defect-free images ({cal['source']})"
-        log(f"at the run's threshold {was:.4g}, {flagged_before} of {of_these} would be flagged "
+        log(f"at the run's threshold {threshold_text(was)}, {flagged_before} of {of_these} would be flagged "
             f"({100 * flagged_before / n:.1f} %; the run asked for {100 * float(before.get('far') or far):g} %)")
     log(f"image threshold {threshold_text(cal['image_threshold'])} from {n} images ({cal['source']})"
         + (f"; it was {threshold_text(was)} from {before.get('n_images')}" if isinstance(was, (int, float)) else "")

@@ -53,6 +53,7 @@ def test_threads_sets_the_commands_cpu_threads_in_any_position(capsys):
         assert json.loads(capsys.readouterr().out)["cpu_threads"] == want
         assert torch.get_num_threads() == before  # given back to a caller of main() in its process
     for bad, said in ((["info", "--threads", "0"], "argument --threads: must be a whole number >= 1, got '0'"),
+                      (["--thread", "1", "info"], "invalid choice: '1'"),  # (was taken for --threads, and unread)
                       (["info", "--threads"], "argument --threads: expected one argument")):
         assert main(bad) == 2
         assert said in capsys.readouterr().err

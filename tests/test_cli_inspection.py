@@ -494,6 +494,18 @@ def test_resume_takes_the_same_images_named_another_way(tiny, tmp_path, capsys, 
     assert [e["image"] for e in images] == [str(Path("in") / f"im{i}.png") for i in range(4)]  # named as now, all
 
 
+def test_a_resume_flags_a_blank_frame_an_earlier_version_judged_by_its_score(tiny, tmp_path, capsys, monkeypatch):
+    """A predict stopped under an earlier version, which wrote a blank frame's verdict by its score
+    ("defective": false), kept that verdict beside a summary saying blank frames are flagged."""
+    src, out = _stopped_predict_at(tiny, tmp_path, capsys, monkeypatch, images=3, done=2)
+    scores = json.loads((out / "scores.json").read_text())
+    scores["images"][0].update(blank=True, defective=False)
+    (out / "scores.json").write_text(json.dumps(scores))
+    status, _, err = cli(["predict", tiny["run"], src, "--out", out, "--device", "cpu", "--resume"], capsys)
+    assert status == 0, err
+    assert json.loads((out / "scores.json").read_text())["images"][0]["defective"] is True
+
+
 def test_resume_refuses_another_precision_an_earlier_version_s_list_and_a_predict_at_work(tiny, tmp_path, capsys,
                                                                                          monkeypatch):
     """Scores of another precision (a stop on a GPU, a resume on a CPU) were mixed into one list; a

@@ -104,7 +104,7 @@ def test_more_images_reach_the_rate_and_leave_the_scores_alone(runs, tmp_path, c
     was = cal["calibrated_from"]["image_threshold"]
     flagged = sum(1 for v in cal["held_back_scores"] if v > was)
     # (held-back images among them: said, the 124 are not all the images given)
-    assert (f"at the run's threshold {was:.4g}, {flagged} of these 124 defect-free images (120 defect-free images "
+    assert (f"at the run's threshold {was!r}, {flagged} of these 124 defect-free images (120 defect-free images "
             "given to calibrate and 4 images the run held back) would be flagged") in stdout
     assert json.loads((out / "calibration.json").read_text())["before"]["flagged_here"] == flagged
     # the weights and the map are the run's: every image scores the same under both files
@@ -673,6 +673,7 @@ def test_calibrate_in_python_says_when_the_model_file_records_no_training_images
                                               ("image_threshold", "0.5", "image_threshold ('0.5') is not a finite"),
                                               ("pixel_threshold", float("inf"), "pixel_threshold (inf) is not a finite"),
                                               ("held_back_scores", [0.1, "x"], "held_back_scores"),
+                                              ("highest_scores", [["a.png", "x"]], "highest_scores"),
                                               ("note", ["\x1b[2J"], "note (['\\x1b[2J']) is not text")])
 def test_thresholds_that_are_no_numbers_are_refused_and_calibrate_sets_them_anew(runs, tmp_path, capsys, key, value,
                                                                                 said):
@@ -680,6 +681,7 @@ def test_thresholds_that_are_no_numbers_are_refused_and_calibrate_sets_them_anew
     above NaN), with status 0; a string gave a traceback. calibrate, which replaces them, takes it."""
     state = load_model_state(runs["run"])
     state["calibration"][key] = value
+    state["calibration"]["far"] = 0.2  # (not the default rate: kept by calibrate)
     state.pop("tensor_digest", None)
     damaged = tmp_path / "damaged"
     damaged.mkdir()
@@ -695,6 +697,10 @@ def test_thresholds_that_are_no_numbers_are_refused_and_calibrate_sets_them_anew
     status, stdout, err = cli(["calibrate", damaged, *parts[:8], "--out", tmp_path / "cal", "--device", "cpu"], capsys)
     assert status == 0 and said in stdout and "they are set anew here" in stdout, err
     assert Detector.load(tmp_path / "cal", device="cpu").image_threshold() is not None
+    # the rate the run asked, and the images its map was fitted on, are kept (not the default rate)
+    new = load_model_state(tmp_path / "cal")["calibration"]
+    assert new["far"] == state["calibration"]["far"] and "map_fitted_on" in new
+    assert new["map_fitted_on"] == state["calibration"].get("map_fitted_on")
 
 
 def test_texts_of_the_model_file_are_printed_on_one_line_without_escapes(runs, tmp_path, capsys):
