@@ -429,12 +429,6 @@ std::string file_sha256(const std::string& path) {
   return out;
 }
 
-// Why the model file is not the one its description DETECTOR.json (written beside it by export)
-// describes ("" when it is, or has no description): its "file_digest" must be the file's SHA-256.
-// LibTorch's zip reader checks no CRC, so a damaged copy (a block of zeros, a flipped bit in a
-// weight) loaded and scored with exit status 0. A description without a digest (an export of a
-// version before it was recorded) checks nothing, as none does: `unchecked` then says so, for a
-// warning after the score.
 // The 64 hex digits of `body`'s first "file_digest": "sha256:..." ("" where it is not written so).
 // Read by hand: std::regex recursed once a character, and 50 KB of spaces after the key (still
 // JSON) overflowed the stack.
@@ -454,6 +448,12 @@ std::string digest_in(const std::string& body) {
   return "";
 }
 
+// Why the model file is not the one its description DETECTOR.json (written beside it by export)
+// describes ("" when it is, or has no description): its "file_digest" must be the file's SHA-256.
+// LibTorch's zip reader checks no CRC, so a damaged copy (a block of zeros, a flipped bit in a
+// weight) loaded and scored with exit status 0. A description without a digest (an export of a
+// version before it was recorded) checks nothing, as none does: `unchecked` then says so, for a
+// warning after the score.
 std::string description_problem(const std::string& path, std::string& unchecked) {
   const std::string desc = path + ".json";
   std::error_code ec;
