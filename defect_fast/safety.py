@@ -62,6 +62,7 @@ __all__ = [
     "dump_json_strict",
     "finite_float",
     "input_path",
+    "link_on_the_way",
     "load_with_digest",
     "load_file_with_digest",
     "nonneg_float",
@@ -1143,15 +1144,25 @@ def _unfinished(folder: Path) -> str:
             "as a command stopped before it wrote them leaves it, or removed since)") if missing else ""
 
 
+def link_on_the_way(root: Path, rel: str | os.PathLike, with_last: bool = True) -> Path | None:
+    """The first path between ``root`` and ``root/rel`` (``root/rel`` itself too, with
+    ``with_last``) that is a symbolic link, or None: a folder a tool writes into, or moves files
+    into, that is a link has them land in its target, outside ``root``."""
+    parts = Path(rel).parts
+    for i in range(1, len(parts) + (1 if with_last else 0)):
+        step = Path(root).joinpath(*parts[:i])
+        if step.is_symlink():
+            return step
+    return None
+
+
 def read_own_json(path: Path) -> Any:
     """The JSON a command wrote and reads back (a manifest, predict's scores.json). OSError where
     ``path`` is no regular file: opened without blocking and checked on the handle (a FIFO put in
     its place made the command wait for ever, a link to /dev/zero read until memory ran out);
     ValueError where it is no JSON (UnicodeDecodeError is one; nesting too deep for the parser)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file (a device, pipe or socket, or a link to one)", str(path))
+    refused = OSError(errno.EINVAL, "not a regular file (a device, pipe or socket, or a link to one)", str(path))
+    with _open_regular(path, refused) as f:
         data = f.read()
     try:
         return json.loads(data.decode("utf-8"))
@@ -1549,14 +1560,12 @@ class OutputFolder:
 
     def _no_link_on_the_way(self, rel: str | os.PathLike, with_last: bool = False) -> None:
         """OutputRefused where a folder between this one and ``rel`` (and ``rel`` itself, with
-        ``with_last``) is a symbolic link: an earlier output's maps/ replaced by a link to another
-        folder had the new maps written there, outside the output folder."""
-        parts = Path(rel).parts
-        for i in range(1, len(parts) + (1 if with_last else 0)):
-            step = self.path.joinpath(*parts[:i])
-            if step.is_symlink():
-                raise OutputRefused(f"{step}: a symbolic link where defect-fast writes a folder of its own; remove "
-                                    "it or choose another folder")
+        ``with_last``) is a symbolic link (:func:`link_on_the_way`): an earlier output's maps/
+        replaced by a link to another folder had the new maps written there, outside the output folder."""
+        step = link_on_the_way(self.path, rel, with_last)
+        if step is not None:
+            raise OutputRefused(f"{step}: a symbolic link where defect-fast writes a folder of its own; remove "
+                                "it or choose another folder")
 
     def _writable(self, name: str | os.PathLike) -> Path:
         rel = self._rel(name)
@@ -2062,15 +2071,17 @@ def _load_checked(p: Path, fh) -> Any:
         raise DigestError(f"{p}: not a readable defect_fast file ({type(exc).__name__}: {one_line(str(exc))[:200]})") from None
 
 
-def _open_regular(p: Path):
-    """``open(p, "rb")`` of a regular file; :class:`DigestError` for anything else. Opened without
-    blocking (a FIFO would wait for a writer for ever) and checked on the handle (a device such as
-    /dev/zero reads for ever, into memory)."""
+def _open_regular(p: Path, refused: BaseException | None = None):
+    """``open(p, "rb")`` of a regular file; ``refused`` raised for anything else (by default a
+    :class:`DigestError`: a model or checkpoint file was expected). Opened without blocking (a FIFO
+    would wait for a writer for ever) and checked on the handle (a device such as /dev/zero reads
+    for ever, into memory)."""
     fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))  # (Windows: no text mode)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise DigestError(f"{p}: is not a regular file (a device, pipe or socket, or a link to one), expected a "
-                              "model or checkpoint file")
+            raise refused if refused is not None else DigestError(
+                f"{p}: is not a regular file (a device, pipe or socket, or a link to one), expected a model or "
+                "checkpoint file")
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)

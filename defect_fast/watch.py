@@ -128,7 +128,7 @@ from .data.io import (IMAGE_EXTENSIONS, DataError, blank_images, error_kind, few
 from .maps import resize_map
 from .safety import (LOCK_NAME, MANIFEST_NAME, OutputFolder, OutputRefused, RunInUse, RunLock, UserError,
                      check_out_not_overlapping,
-                     far_errors, file_sha256, printable, short_stem, stat_signature)
+                     far_errors, file_sha256, link_on_the_way, printable, short_stem, stat_signature)
 
 __all__ = ["IGNORED_SUFFIXES", "DropFolderLock", "Journal", "WatchError", "add_parser", "command", "is_temporary_name",
            "output_name", "watch"]
@@ -1432,10 +1432,10 @@ def watch(
         # moves its journal says were cut short, whatever its options): none may be a link (bad files were
         # moved into, maps written in, its target)
         for sub in _subfolders(True):
-            for step in itertools.accumulate(sub.split("/"), lambda a, b: f"{a}/{b}"):
-                if (out / step).is_symlink():
-                    raise WatchError(f"{out / step}: a symbolic link where watch writes a folder of its own; remove "
-                                     "it or choose another results folder")
+            step = link_on_the_way(out, sub)
+            if step is not None:
+                raise WatchError(f"{step}: a symbolic link where watch writes a folder of its own; remove it or "
+                                 "choose another results folder")
         for sub in _subfolders(move_judged):
             (out / sub).mkdir(parents=True, exist_ok=True)
         if lock:
