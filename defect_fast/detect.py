@@ -350,15 +350,19 @@ def _whole(method):
     return run
 
 
+def _alone(detector: nn.Module, what: str) -> contextlib.AbstractContextManager:
+    """Run a change of what calls read alone on ``detector`` (:class:`_FitLock`), as it is when
+    traced or exported."""
+    return contextlib.nullcontext() if tracing() else _fit_lock(detector).fit(what)
+
+
 def _fit(method):
     """A public Detector method that changes what calls read (the normalisation, the map, the
     context, the thresholds): it runs alone on its Detector (:class:`_FitLock`). Outermost, above
     :func:`_entry_point`."""
     @functools.wraps(method)
     def run(self, *args, **kwargs):
-        if tracing():
-            return method(self, *args, **kwargs)
-        with _fit_lock(self).fit(method.__name__):
+        with _alone(self, method.__name__):
             return method(self, *args, **kwargs)
     return run
 
@@ -752,10 +756,14 @@ class Detector(nn.Module):
         return self
 
     def __getstate__(self) -> dict[str, Any]:
-        """What a pickle or a deep copy takes: the caches left out (buffers of the threads that
-        called it, CUDA graphs, a compiled pipeline), which the copy builds again when it runs; they
-        made a pickle half again as large as the model file."""
-        state = dict(self.__dict__)
+        """What a pickle or a copy takes: the caches left out (buffers of the threads that called
+        it, CUDA graphs, a compiled pipeline), which the copy builds again when it runs; they made a
+        pickle half again as large as the model file. Taken whole: it waits for a fit in progress,
+        and its tables (of parts, buffers, settings) are copies, which a fit begun afterwards leaves
+        as they were (a copy taken in the middle of fit_normalization had the new normalisation
+        beside the thresholds set on the old)."""
+        with _fit_lock(self).call():
+            state = {k: copy.copy(v) if isinstance(v, (dict, set, list)) else v for k, v in self.__dict__.items()}
         state["_workspace"], state["_graphs"], state["_compiled"] = {}, {}, None
         state["_sharing"] = None  # a deep copy shares nothing
         return state
@@ -781,8 +789,7 @@ class Detector(nn.Module):
         """:meth:`__copy__` without joining the Detectors that share its tensors: for a use that
         neither moves it nor loads weights into it (``export`` traces one with other settings)."""
         twin = self.__class__.__new__(self.__class__)
-        twin.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set, list)) else v
-                              for k, v in self.__getstate__().items()})
+        twin.__dict__.update(self.__getstate__())
         return twin
 
     def _shares_tensors(self, what: str) -> None:
@@ -808,6 +815,10 @@ class Detector(nn.Module):
         return super().to_empty(device=device, recurse=recurse)
 
     def _apply(self, fn, *args, **kwargs):
+        with _alone(self, "to"):  # a call in progress on another thread met tensors half moved
+            return self._apply_alone(fn, *args, **kwargs)
+
+    def _apply_alone(self, fn, *args, **kwargs):
         # a module that holds the Detector cast (host.half(), host.to(torch.float64)) reaches this
         # without Detector.to: every later call then failed deep inside, or ran its statistics and
         # thresholds in a precision they were not set in
@@ -870,6 +881,10 @@ class Detector(nn.Module):
 
     @map_kind.setter
     def map_kind(self, value: str) -> None:
+        with _alone(self, "map_kind"):  # waits for the calls in progress, as a fit does
+            self._set_map_kind(value)
+
+    def _set_map_kind(self, value: str) -> None:
         kind = self.model.check_map(value)
         if kind == self.map_kind:
             return
@@ -901,8 +916,9 @@ class Detector(nn.Module):
         if value != self.precision and self.fuse:
             raise AttributeError(f"Detector.precision is fixed for a fused model (its weights are stored in "
                                  f"{self.precision}); build another with precision={value!r}")
-        self.__dict__["_precision_name"] = value
-        self._workspace, self._graphs, self._compiled = {}, {}, None
+        with _alone(self, "precision"):  # waits for the calls in progress, as a fit does
+            self.__dict__["_precision_name"] = value
+            self._workspace, self._graphs, self._compiled = {}, {}, None
 
     def options(self) -> dict[str, Any]:
         """The speed options in force (after "auto" was resolved), JSON-ready."""
@@ -2010,6 +2026,10 @@ class Detector(nn.Module):
                                 "replacing it (pass overwrite=True to replace it)") from None
         except OutputRefused as exc:  # reserved by another command meanwhile
             raise OutputRefused(f"Detector.save: {exc}") from None
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        with _alone(self, "load_state_dict"):  # waits for the calls in progress, as a fit does
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:

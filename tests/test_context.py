@@ -896,3 +896,96 @@ def test_a_save_waits_for_a_fit_in_progress(tmp_path, monkeypatch):
     saved.join(60)
     stored = torch.load(tmp_path / "det.pt", weights_only=True)
     assert "image_threshold" not in stored["calibration"] and stored["calibration"].get("inapplicable")
+
+
+@pytest.mark.parametrize("change", ["map_kind", "precision", "load_state_dict", "to"])
+def test_a_change_of_settings_or_weights_waits_for_the_calls_in_progress(change, monkeypatch):
+    """map_kind or precision set, other weights loaded or a move, on one thread while a camera
+    thread's call ran on the same Detector: the call computed part of its maps with the old
+    settings or weights and the rest with the new. It now waits for the call, as a fit does."""
+    import threading
+    import time
+
+    torch.manual_seed(0)
+    det = Detector(build_model("cmaae", memory_size=20), image_size=128, precision="float32", fuse=False)
+    other = {k: v + 0.01 if v.is_floating_point() else v for k, v in det.state_dict().items()}
+    frame = _u8(_surfaces(1, seed=2))
+    with torch.no_grad():
+        before = det(frame)[1]
+    inside, go_on, changed, errors, results = threading.Event(), threading.Event(), threading.Event(), [], []
+    patch_maps = det._patch_maps
+
+    def held(*args, **kwargs):  # the camera's call stops inside the pipeline
+        if threading.current_thread().name == "camera":
+            inside.set()
+            assert go_on.wait(60)
+        return patch_maps(*args, **kwargs)
+
+    monkeypatch.setattr(det, "_patch_maps", held)
+
+    def camera():
+        try:
+            with torch.no_grad():
+                results.append(det(frame)[1])
+        except Exception as exc:  # noqa: BLE001 - what the camera met, asserted below
+            errors.append(exc)
+
+    def make_change():
+        try:
+            {"map_kind": lambda: setattr(det, "map_kind", "residual"),
+             "precision": lambda: setattr(det, "precision", "bfloat16"),
+             "load_state_dict": lambda: det.load_state_dict(other),
+             "to": lambda: det.to("cpu")}[change]()
+            changed.set()
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    cam, changer = threading.Thread(target=camera, name="camera"), threading.Thread(target=make_change)
+    cam.start()
+    assert inside.wait(60)
+    changer.start()
+    time.sleep(0.5)
+    assert not changed.is_set()  # it waits for the call in progress
+    go_on.set()
+    cam.join(60)
+    changer.join(60)
+    assert not errors, errors
+    assert changed.is_set()
+    torch.testing.assert_close(results[0], before, rtol=0, atol=0)  # the Detector as it was, whole
+
+
+@pytest.mark.parametrize("how", ["copy", "deepcopy"])
+def test_a_copy_waits_for_a_fit_in_progress(how, monkeypatch):
+    """A copy made in the middle of fit_normalization (the new normalisation in, the thresholds not
+    yet set aside) judged the new maps by thresholds set on the old."""
+    import copy
+    import threading
+    import time
+
+    torch.manual_seed(0)
+    det = Detector(build_model("cmaae", memory_size=20), image_size=128, precision="float32")
+    det.calibration = {"image_threshold": 0.5, "n_images": 9}
+    normal = _u8(_surfaces(4, seed=1))
+    inside, go_on = threading.Event(), threading.Event()
+    stash = det._stash_trunk
+
+    def held():  # after the normalisation is set, before the thresholds go
+        inside.set()
+        assert go_on.wait(60)
+        return stash()
+
+    monkeypatch.setattr(det, "_stash_trunk", held)
+    fit = threading.Thread(target=lambda: det.fit_normalization(normal))
+    fit.start()
+    assert inside.wait(60)
+    copies = []
+    made = threading.Thread(target=lambda: copies.append(getattr(copy, how)(det)))
+    made.start()
+    time.sleep(0.5)
+    assert not copies  # it waits for the fit
+    go_on.set()
+    fit.join(60)
+    made.join(60)
+    twin = copies[0]
+    torch.testing.assert_close(twin.norm_std, det.norm_std, rtol=0, atol=0)
+    assert "image_threshold" not in twin.calibration and twin.calibration.get("inapplicable")
