@@ -296,9 +296,12 @@ class Journal:
             return None
         if rec.get("result", "rejected") not in ("pass", "fail", "rejected"):
             return None
-        for key in ("size", "mtime_ns", "ctime_ns"):
-            if key in rec and (not isinstance(rec[key], int) or isinstance(rec[key], bool)):
+        for key, kinds in (("size", int), ("mtime_ns", int), ("ctime_ns", int), ("threshold", (int, float)),
+                           ("score", (int, float))):  # (a threshold given as null stopped every start)
+            if key in rec and (not isinstance(rec[key], kinds) or isinstance(rec[key], bool)):
                 return None
+        if rec.get("model_version") is not None and not isinstance(rec["model_version"], str):
+            return None
         for key, folders in (("rejected_to", (REJECTED,)), ("moved_to", tuple(JUDGED.values()))):
             to = rec.get(key)
             if to is not None and not (isinstance(to, str) and to.rpartition("/")[0] in folders

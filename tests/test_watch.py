@@ -1553,6 +1553,30 @@ def test_journal_lines_naming_files_outside_the_folders_are_skipped_not_followed
     assert sum(Journal._record(ln.encode()) is not None for ln in (out / "results.jsonl").read_text().splitlines()) == 1
 
 
+def test_journal_lines_with_a_threshold_score_or_model_of_another_type_are_skipped(tmp_path):
+    """A line whose threshold was text (or null, or a list) stopped every start of the service with
+    a traceback, where the note on earlier thresholds read it; such lines are skipped as
+    unreadable, as are other lines not as watch writes them."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / "a.png").write_bytes(png_bytes(0, bright=0.3))
+    run_once(src, out, threshold=0.1)
+    good = json.loads((out / "results.jsonl").read_text().splitlines()[0])
+    edits = [{"threshold": "0.5"}, {"threshold": None}, {"threshold": [0.5]}, {"threshold": True},
+             {"score": "high"}, {"model_version": 7}, {"model_version": ["v1"]}]
+    with open(out / "results.jsonl", "a") as f:
+        for i, edit in enumerate(edits):
+            f.write(json.dumps({**good, "image": f"x{i}.png", **edit}) + "\n")
+    _res, lines = run_once(src, out, threshold=0.2)
+    # (the last is cut at opening, as a torn one would be)
+    assert any("cut off an unreadable last line" in ln and f"skipped {len(edits) - 1} unreadable line(s)" in ln
+               for ln in lines), lines
+    assert [ln for ln in lines if ln.startswith("note:")] == [
+        "note: 1 earlier result(s) were judged at threshold 0.1 (model v1), not at this session's threshold 0.2 "
+        "(model v1) (0 of them would get the other verdict at it); they stand as recorded, new images are judged "
+        "at 0.2"]
+
+
 def test_links_in_the_results_folder_are_refused_not_written_through(tmp_path):
     """The journal replaced by a link to a user's file: its repair cut that file's last line, and
     the results went into it; rejected/ replaced by a link: bad files were moved into its target."""
