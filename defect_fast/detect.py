@@ -514,23 +514,38 @@ def _top_count(pixels: int, top_fraction: float) -> int:
     return max(1, int(round(pixels * top_fraction)))
 
 
-def _non_blank(images: torch.Tensor, shown: Sequence[str], what: str, at_least: int) -> torch.Tensor | bool | None:
+def _non_blank(images: torch.Tensor, shown: Sequence[str], what: str, at_least: int,
+               keep_all: bool = False) -> torch.Tensor | bool | None:
     """Which of ``images`` a fit or a calibration takes: None, all of them (no blank frame, one
     colour throughout); a bool mask leaving the blank frames out, said in a
-    :class:`~defect_fast.data.io.BlankFramesWarning` that names up to three of them by ``shown``;
-    False where fewer than ``at_least`` others are left (the caller keeps them all, or refuses)."""
+    :class:`~defect_fast.data.io.BlankFramesWarning` that names up to three of them by ``shown``.
+    Where fewer than ``at_least`` others are left: False (the caller refuses), or with
+    ``keep_all`` None, all of them, said in the warning (a fit takes what it needs at least, as a
+    training's fits do)."""
     from .data.io import BlankFramesWarning, _callers_level, blank_images, warn_data
 
     blank = blank_images(images)
     if not bool(blank.any()):
         return None
-    if int((~blank).sum()) < at_least:
-        return False
     left = blank.nonzero().flatten().tolist()
+    named = f"({', '.join(shown[i] for i in left[:3])}{', ...' if len(left) > 3 else ''})"
+    if int((~blank).sum()) < at_least:
+        if not keep_all:
+            return False
+        warn_data(f"{what}: {len(left)} of the {len(shown)} images are blank frames, one colour throughout {named}, "
+                  f"kept as fewer than {at_least} others are left: its statistics rest on them; give more photographs "
+                  "of defect-free parts", stacklevel=_callers_level(), category=BlankFramesWarning)
+        return None
     warn_data(f"{what}: {len(left)} blank frame(s), one colour throughout, are left out: a camera fault, which watch "
-              f"sets aside and never judges ({', '.join(shown[i] for i in left[:3])}{', ...' if len(left) > 3 else ''})",
-              stacklevel=_callers_level(), category=BlankFramesWarning)
+              f"sets aside and never judges {named}", stacklevel=_callers_level(), category=BlankFramesWarning)
     return ~blank
+
+
+def _fit_on(images: torch.Tensor, what: str, at_least: int, label: str = "image") -> torch.Tensor:
+    """``images`` but for blank frames, which a fit leaves out as a training's fits do
+    (:func:`_non_blank` with ``keep_all``: all of them where fewer than ``at_least`` others are left)."""
+    keep = _non_blank(images, [f"{label} {i}" for i in range(images.shape[0])], what, at_least, keep_all=True)
+    return images if keep is None else images[keep]
 
 
 def image_scores(maps: torch.Tensor, top_fraction: float = TOP_FRACTION) -> torch.Tensor:
@@ -1260,6 +1275,7 @@ class Detector(nn.Module):
                        level_brightness: bool | float = False, placement: str = "cells",
                        trunk: dict[str, torch.Tensor] | None = None) -> int:
         """Build and fit the perceptual map on defect-free images (uint8 [N,3,H,W]) and switch to it.
+        Blank frames among them are left out (a warning names them) where 2 others remain.
         ``level_brightness``: every image (and its reconstruction) reaches the trunk scaled to the
         mean brightness of ``normal_images`` (True) or to the level given, in [0, 1] (a float;
         :mod:`defect_fast.perceptual`, "Brightness"). ``placement``: where the trunk's cells go on
@@ -1280,6 +1296,7 @@ class Detector(nn.Module):
         from .perceptual import PerceptualMap, brightness_level, checked_placement
 
         normal_images = self._at_model_size(self._checked_batch(normal_images, "fit_perceptual"))  # as predict_batched
+        normal_images = _fit_on(normal_images, "fit_perceptual", 2)  # (one black frame: statistics of nothing)
         # scales as given: PerceptualMap checks them (tuple(2) here was a bare TypeError)
         pm = PerceptualMap(self.image_size, layers=layers, prior=prior, scales=scales,
                            trunk=trunk if trunk is not None else self._held_trunk(layers)).to(self.device)
@@ -1380,6 +1397,8 @@ class Detector(nn.Module):
             calibration_images: uint8 [M,3,H,W] defect-free images (M >= 2) none of this Detector's
                 statistics were fitted on: the defect-free mean and spread of its own map and of
                 the combined score come from them.
+            Blank frames among either are left out (a warning names them) where 10 normal and 2
+            calibration images remain.
             profile: the context's band profile, "none", "rows" or "columns"
                 (:class:`~defect_fast.context.ImageContext`), or "auto": across the streaks of
                 ``normal_images`` (:func:`~defect_fast.context.profile_across_streaks`, which
@@ -1405,14 +1424,18 @@ class Detector(nn.Module):
                      image_score: str = "combined", placement: str = "cells",
                      trunk: dict[str, torch.Tensor] | None = None) -> tuple[int, dict[str, torch.Tensor]]:
         """:meth:`fit_context`, and what :meth:`predict_batched` gives for the calibration images
-        afterwards ({"maps": [M,S,S], "scores": [M]} on the CPU), from the maps the fit computes anyway."""
-        from .context import LAYERS, PROFILES, ImageContext, trunk_depth, checked_image_score, profile_across_streaks
+        afterwards ({"maps": [M,S,S], "scores": [M]} on the CPU; of those not left out as blank
+        frames), from the maps the fit computes anyway."""
+        from .context import (LAYERS, MIN_IMAGES, PROFILES, ImageContext, checked_image_score, profile_across_streaks,
+                              trunk_depth)
         from .perceptual import brightness_level
 
         checked_image_score(image_score)  # before the fit
         # at the model's size as predict_batched brings them there (uint8: as image files are resized)
         normal_images = self._at_model_size(self._checked_batch(normal_images, "fit_context"))
         calibration_images = self._at_model_size(self._checked_batch(calibration_images, "fit_context"))
+        normal_images = _fit_on(normal_images, "fit_context", MIN_IMAGES, "normal image")
+        calibration_images = _fit_on(calibration_images, "fit_context", 2, "calibration image")
         if calibration_images.shape[0] < 2:  # said before the fit, not after it
             raise ValueError(f"fit_context: calibration_images must hold at least 2 images (their spread sets the "
                              f"map's and the score's scale), got {calibration_images.shape[0]}")
@@ -1942,10 +1965,7 @@ class Detector(nn.Module):
         images_per_batch = _integer("images_per_batch", images_per_batch, 1)
         normal_images = self._at_model_size(self._checked_batch(normal_images, "fit_normalization"))
         # as training leaves them out of its fits: one black frame made the std 15 times wider
-        keep = _non_blank(normal_images, [f"image {i}" for i in range(normal_images.shape[0])], "fit_normalization",
-                          at_least=2)
-        if isinstance(keep, torch.Tensor):
-            normal_images = normal_images[keep]
+        normal_images = _fit_on(normal_images, "fit_normalization", 2)
         if normal_images.shape[0] < 2:
             raise ValueError(f"fit_normalization needs at least 2 images, got {normal_images.shape[0]}")
         with torch.no_grad():

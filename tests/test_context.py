@@ -989,3 +989,40 @@ def test_a_copy_waits_for_a_fit_in_progress(how, monkeypatch):
     twin = copies[0]
     torch.testing.assert_close(twin.norm_std, det.norm_std, rtol=0, atol=0)
     assert "image_threshold" not in twin.calibration and twin.calibration.get("inapplicable")
+
+
+def test_fit_perceptual_and_fit_context_leave_out_blank_frames_or_say_they_keep_them(monkeypatch):
+    """The README says blank frames are left out of what the map statistics and the context are
+    fitted on (one black frame made the per-position spread 30 times wider): fit_normalization
+    left them out, fit_perceptual and fit_context took them without a word. Where too few others
+    are left, a fit keeps them, and now says so."""
+    import warnings
+
+    import defect_fast.context as context
+    from defect_fast.data.io import BlankFramesWarning
+
+    monkeypatch.setattr(context, "ImageContext", RandomTrunkContext)
+    torch.manual_seed(0)
+    det = Detector(build_model("cmaae", memory_size=20), image_size=128, precision="float32")
+    normal, calib = _u8(_surfaces(12, seed=1)), _u8(_surfaces(4, seed=2))
+    black, white = torch.zeros(1, 3, 128, 128, dtype=torch.uint8), torch.full((1, 3, 128, 128), 255, dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BlankFramesWarning)
+        plain = det.fit_perceptual(normal, trunk=_trunk())
+    stats = {k: v.clone() for k, v in det.image_map.state_dict().items()}
+    with pytest.warns(BlankFramesWarning, match=r"fit_perceptual: 2 blank frame\(s\).*left out.*\(image 0, image 13\)"):
+        n = det.fit_perceptual(torch.cat([black, normal, white]), trunk=_trunk())
+    assert n == plain
+    for k, v in det.image_map.state_dict().items():
+        torch.testing.assert_close(v, stats[k], rtol=0, atol=0)
+    with pytest.warns(BlankFramesWarning, match=r"fit_perceptual: 2 of the 3 images are blank frames.*kept as fewer "
+                                                r"than 2 others are left"):
+        det.fit_perceptual(torch.cat([black, normal[:1], white]), trunk=_trunk())
+    det.fit_perceptual(normal, trunk=_trunk())
+    with pytest.warns(BlankFramesWarning) as said:
+        n = det.fit_context(torch.cat([normal, black]), torch.cat([white, calib]))
+    assert n == 12
+    assert [str(w.message).split(" (")[-1] for w in said] == ["normal image 12)", "calibration image 0)"]
+    with pytest.warns(BlankFramesWarning, match=r"fit_context: 1 of the 10 images are blank frames.*kept as fewer than "
+                                                r"10 others are left"):
+        assert det.fit_context(torch.cat([normal[:9], black]), calib) == 10

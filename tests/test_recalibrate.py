@@ -604,6 +604,10 @@ def test_fit_normalization_in_python_leaves_out_blank_frames(runs):
     with pytest.warns(DataWarning, match=r"1 blank frame\(s\).*left out.*\(image 2\)"):
         fitted = det.fit_normalization(torch.cat([parts[:2], torch.zeros(1, 3, SIZE, SIZE, dtype=torch.uint8), parts[2:]]))
     assert torch.equal(fitted["std"], plain["std"]) and torch.equal(fitted["mean"], plain["mean"])
+    # one image left but for them: fitted on them all, as a training's fit is, and now said
+    black, white = torch.zeros(1, 3, SIZE, SIZE, dtype=torch.uint8), torch.full((1, 3, SIZE, SIZE), 255, dtype=torch.uint8)
+    with pytest.warns(DataWarning, match=r"2 of the 3 images are blank frames.*\(image 0, image 2\), kept as fewer than 2"):
+        det.fit_normalization(torch.cat([black, parts[:1], white]))
 
 
 def test_another_top_fraction_sets_the_stored_thresholds_aside(runs, tmp_path, capsys):
