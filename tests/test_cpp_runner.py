@@ -217,7 +217,7 @@ def test_cpp_runner_says_one_line_on_a_failure_and_an_unreadable_proportions_rec
     """The proportions warning comes after the score: a run that fails says its error alone; a
     record that is not two ratios is said, and the image scored."""
     wide = tmp_path / "wide.png"
-    Image.fromarray(np.zeros((20, 100, 3), dtype=np.uint8)).save(wide)
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (20, 100, 3), dtype=np.uint8)).save(wide)
     failing = tmp_path / "failing.ts"
     torch.jit.save(torch.jit.script(_Proportioned([1.0, 1.0], shapes_ok=False)), str(failing))
     out = subprocess.run([str(runner), str(failing), str(wide)], capture_output=True, text=True, timeout=300)
@@ -399,6 +399,30 @@ def test_cpp_runner_refuses_a_nan_or_infinite_map_or_score(runner, tmp_path):
         assert out.stderr.strip() == f"{path}: gives a NaN or infinite {where} for {photo} (its weights or statistics " \
                                      "are not usable)"
         assert not (tmp_path / f"{where}.png").exists()
+
+
+def test_cpp_runner_does_not_score_a_blank_frame(runner, tmp_path):
+    """A frame of one colour throughout (a covered lens) is reproduced and scores low: printed with
+    status 0, it passed a caller's `score > threshold`, where predict flags it defective and watch
+    sets it aside. It is judged at the model's size, as the package judges it."""
+    torch.manual_seed(0)
+    det = Detector(build_model("cmaae", memory_size=20), image_size=64, precision="float32")
+    ts = tmp_path / "det.ts"
+    export_detector(det, ts, "torchscript")
+    grey = np.full((96, 80, 3), (120, 130, 140), dtype=np.uint8)
+    for name, pixels in (("grey.png", grey), ("black.png", np.zeros((64, 64), dtype=np.uint8))):
+        Image.fromarray(pixels).save(tmp_path / name)
+        out = subprocess.run([str(runner), str(ts), str(tmp_path / name), str(tmp_path / f"{name}.map")],
+                             capture_output=True, text=True, timeout=300)
+        assert (out.returncode, out.stdout) == (2, ""), (name, out.returncode, out.stdout, out.stderr)
+        assert out.stderr == (f"{tmp_path / name}: a blank frame, one colour throughout (a covered lens, a failed "
+                              "exposure?): not a part, not scored\n")
+        assert not (tmp_path / f"{name}.map").exists()
+    grey[5, 7, 2] += 1  # one value of one channel differs: a photo, scored
+    Image.fromarray(grey[:64, :64]).save(tmp_path / "almost.png")
+    out = subprocess.run([str(runner), str(ts), str(tmp_path / "almost.png")], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.startswith("score "), out.stderr
 
 
 def test_cpp_runner_says_a_png_ends_early(runner, tmp_path):

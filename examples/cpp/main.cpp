@@ -24,6 +24,9 @@
 // An image whose width:height lies far outside the training images' (recorded in files exported from
 // model files that record them) is scored as any other, and said in one "warning: " line on stderr
 // after the score: it is stretched to S x S otherwise than the images the model learnt.
+// A blank frame, one colour throughout at S x S (a covered lens, a failed exposure: a camera fault,
+// which predict flags defective and watch sets aside, and whose low score would pass), is not scored:
+// one line on stderr, exit status 2, nothing on stdout and no map.
 // Prints "score <value>" (the image score) on stdout, last (after the map is written); exit status 1
 // with a one-line message on any error (an image of more pixels than PIL reads, a model that raises
 // or returns anything but maps [1, S, S] and scores [1], or a NaN or infinite map or score, included),
@@ -644,6 +647,15 @@ std::string map_out_problem(const std::string& path) {
   return "";
 }
 
+// Whether 8-bit RGB pixels (interleaved) are of one colour throughout: every channel constant, the
+// package's blank frame (defect_fast.data.io.blank_images).
+bool one_colour(const std::vector<uint8_t>& rgb) {
+  for (size_t i = 3; i < rgb.size(); ++i) {
+    if (rgb[i] != rgb[i % 3]) return false;
+  }
+  return true;
+}
+
 int run(int argc, char** argv) {
   if (argc < 3 || argc > 4) {
     std::cerr << "usage: " << argv[0] << " DETECTOR.ts IMAGE.png [MAP_OUT(.png|.f32)]\n";
@@ -726,6 +738,14 @@ int run(int argc, char** argv) {
     pixels = pillow_bilinear(pixels, h, w, static_cast<int>(size));
     h = w = static_cast<int>(size);
     images = torch::from_blob(pixels.data(), {1, h, w, 3}, torch::kUInt8).permute({0, 3, 1, 2}).contiguous();
+  }
+  // A frame of one colour throughout at S x S (every channel constant, as the package judges it): a
+  // covered lens or a failed exposure, not a part. It is reproduced and scores low, so a caller's
+  // `score > threshold` would pass it, where predict flags it defective and watch sets it aside.
+  if (one_colour(pixels)) {
+    std::cerr << image_path << ": a blank frame, one colour throughout (a covered lens, a failed exposure?): not a "
+              << "part, not scored\n";
+    return 2;
   }
 
   // 4. Run: (maps [1, S, S], scores [1]).
