@@ -226,6 +226,11 @@ def export_detector(det: Detector, out: Path | str, fmt: str, batch: int = 1, so
     if det.precision != precision and (det.fuse or precision != "float32"):
         raise ValueError(f"export: the detector runs in {det.precision}; a {precision} export needs one built "
                          f"with precision={precision!r}")
+    if det.precision != precision:  # an unfused Detector, exported in float32: said, as a load in another precision is
+        warnings.warn(f"export: the file computes in {precision}, this Detector in {det.precision}: its maps and scores "
+                      "differ from the Detector's by that rounding, a score near a threshold perhaps to its other side "
+                      "(the description's thresholds_precision names the precision its thresholds were measured in)",
+                      stacklevel=2)
     s = det.image_size
     try:  # before the detector is touched: a batch this process cannot hold is the argument's error
         example = torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
