@@ -974,8 +974,9 @@ class Detector(nn.Module):
         aside the image-score thresholds only, and the map's pixel threshold and colour scale stay;
         stored normalisation statistics
         (``state["normalization"]``), perceptual-map statistics (``state["perceptual"]``) and the image
-        context (``state["context"]``; not with another ``map_kind`` than the stored one, whose
-        spread it was standardised by) are restored. With another ``map_kind``, the AlexNet trunk
+        context (``state["context"]``) are restored, none of them with another ``map_kind`` than
+        the stored one (each was measured on the stored kind's maps, as setting :attr:`map_kind`
+        drops them). With another ``map_kind``, the AlexNet trunk
         of the perceptual map and the context left out is kept: a later :meth:`fit_perceptual` or
         :meth:`fit_context` runs it, as on the stored kind, with no weights file.
         """
@@ -1798,7 +1799,8 @@ class Detector(nn.Module):
             pixel_threshold: map value above which a pixel is defective (for regions); default
                 the stored pixel threshold (:func:`~defect_fast.calibration.stored_thresholds`, as
                 the command line and ``watch`` use it; none known: no regions).
-            images_per_batch: images per pipeline call.
+            images_per_batch: images per pipeline call, at most (on a CPU, at most the images
+                whose patches fill one model chunk: :meth:`predict_batched`).
         Returns:
             {"maps": [N, H, W] float tensor when every input has the same size, else a list of [H_i, W_i]
              (each map at its input's own size); "scores": [N]; "regions": N lists of
