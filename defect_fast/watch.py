@@ -68,6 +68,11 @@ after a reboot, sends the same name, and a blank frame even the same bytes. Bad 
 comes first, then the move to ``rejected/``, and so for a judged image's move to ``judged/`` with
 ``move_judged``; a move cut short by a crash is completed at start (whatever that start's options:
 the line named where the file goes).
+A file is judged as it stands once settled: one rewritten sooner than ``settle`` (and the time the
+service takes to reach it) after its last version is judged at the version that stays; one changed
+after it settled, before it was judged, is said in a line and counted in ``status.json``
+(``replaced_before_judged``), so a camera that names every frame alike must leave each frame
+longer than that, or give each a name of its own.
 One process per ``OUT_DIR`` (:class:`defect_fast.safety.RunLock`, an ``flock`` released by the
 kernel when the process dies). Watches of one ``IN_DIR`` with results folders of their own may run
 side by side, unless one of them moves judged images away (``move_judged``): each image would be
@@ -430,6 +435,7 @@ class _State:
     move_judged: bool = False  # judged images go to OUT/judged/pass|fail/ after their journal line
     status_at: float = -math.inf  # time.monotonic() of the last status.json
     status_failed: bool = False  # the idle rewrite of status.json failed (said once until it works again)
+    replaced: int = 0  # files changed after they settled, before they were judged (this session)
 
 
 def _lock(out: Path) -> RunLock:
@@ -1108,8 +1114,13 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
         except OSError:  # gone, or no longer reachable: looked at again if it comes back
             st.pending.pop(key, None)
             continue
-        if now_sig != sig:  # changed while we read it: wait for it to settle again
+        if now_sig != sig:  # changed since it settled: judged once it settles again
             st.pending.pop(key, None)
+            # the version that settled is not judged: a camera that names every frame alike lost a frame
+            st.replaced += 1
+            log(f"{path}: changed after it stayed unchanged for the settle time, before it was judged; judged once "
+                "it settles again (where a camera names every frame alike, the frame it replaced is not judged: "
+                "leave frames longer than --settle and the judging take, or give each a name of its own)")
             continue
         reason = None
         if err is not None:
@@ -1268,6 +1279,7 @@ def _write_status(st: _State, state: str) -> None:
         "counts": st.totals.as_dict(), "session": st.session.as_dict(),
         "images_per_s": round(processed / st.busy_s, 3) if st.busy_s > 0 else None,
         "last_batch_images_per_s": round(st.rate, 3), "waiting": len(st.pending), "last": st.last,
+        "replaced_before_judged": st.replaced,
     }
     _atomic_write(st.out / STATUS, lambda tmp: tmp.write_text(json.dumps(status, indent=2)), sync=False)
     st.status_failed = False  # written: a later failure is said again

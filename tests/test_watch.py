@@ -1013,6 +1013,31 @@ def test_a_file_sent_again_after_it_left_the_folder_is_judged_again(tmp_path):
     assert len(list((out / "rejected").iterdir())) == 2 and not (src / "frame.png").exists()
 
 
+def test_a_frame_replaced_after_it_settled_before_it_was_judged_is_said_and_counted(tmp_path, monkeypatch):
+    """A camera that names every frame alike, while the service was busy: the frame that had settled
+    was replaced before its turn, and only the next was judged, with no word of the one lost."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / "cam.png").write_bytes(png_bytes(1))
+    real, replaced = watch_mod.file_sha256, []
+
+    def next_frame_arrives(path):  # the camera's next frame, just before the service reads the first
+        if Path(path).name == "cam.png" and not replaced:
+            replaced.append(path)
+            time.sleep(0.02)  # (a new modification time on any file system's clock)
+            Path(path).write_bytes(png_bytes(2, bright=0.9))
+        return real(path)
+
+    monkeypatch.setattr(watch_mod, "file_sha256", next_frame_arrives)
+    _res, lines = run_once(src, out)
+    said = [ln for ln in lines if "changed after it stayed unchanged for the settle time" in ln]
+    assert len(said) == 1 and said[0].startswith(f"{src / 'cam.png'}: "), lines
+    assert json.loads((out / "status.json").read_text())["replaced_before_judged"] == 1
+    recs = journal(out)  # the frame that stayed, judged once it settled
+    assert [r["image"] for r in recs] == ["cam.png"]
+    assert recs[0]["sha256"] == hashlib.sha256(png_bytes(2, bright=0.9)).hexdigest()
+
+
 def _sent_again(src, out, name: str, data: bytes) -> int:
     """Take ``name`` away from the running service's folder, send it again, and count the lines."""
     before = _count(out)
