@@ -12,8 +12,10 @@
                            image lists regions too (the pixel threshold is set for 0.1 % of
                            defect-free pixels, not for the verdict; ``--threshold`` and
                            ``--far`` move the verdict only, and a failed image may list none)
-    maps/<name>_map.png    grey anomaly map per image, at the image's own size
-    overlays/<name>_overlay.png   the map over the image, at its own size
+    maps/<name>_map.png    grey anomaly map per image, at the image's own size (``maps``,
+                           ``--maps``: "all", or "failed" images only, or "none"; a line without
+                           them names none, "map" and "overlay" null)
+    overlays/<name>_overlay.png   the map over the image, at its own size (as its map)
     rejected/              bad files, moved here (never deleted); their reason is in the journal;
                            blank frames (one colour throughout: a camera fault) too, never judged
     judged/pass/, judged/fail/   with ``move_judged`` (``--move-judged``) only: each judged image,
@@ -90,14 +92,15 @@ every round lists and stats every file. A listing's cost, and the memory of what
 with the files left in the folder (50,000 files: a listing of 874 ms, in which nothing is judged;
 ``benchmarks/bench_watch_scan.py``): a line should move judged images out (``move_judged``) or archive
 them elsewhere (their journal lines name them). The outputs grow with every image too (a map and
-an overlay an image, a journal line, which a start reads through, and the moved images): a line
-starts a new ``OUT_DIR`` now and then, with ``move_judged`` (images left in ``IN_DIR`` would be
+an overlay an image, unless ``--maps failed`` or ``none``; a journal
+line, which a start reads through; and the moved images): a line starts a new ``OUT_DIR`` now and then, with ``move_judged`` (images left in ``IN_DIR`` would be
 judged again into the new one).
 
 Command line (:func:`add_parser`, :func:`command`)::
 
     defect-fast watch RUN IN_DIR --out OUT_DIR [--once] [--batch-size 8] [--poll 1] [--rescan 60] [--settle S]
-                      [--threshold T | --far RATE] [--recursive] [--move-judged] [--device auto]
+                      [--threshold T | --far RATE] [--recursive] [--move-judged] [--maps all|failed|none]
+                      [--device auto]
 
 ``OUT_DIR`` is an output folder with a manifest (:class:`defect_fast.safety.OutputFolder`): new,
 empty, or one an earlier ``watch`` wrote (its journal is resumed); any other folder is refused, and
@@ -178,6 +181,9 @@ def is_temporary_name(name: str) -> bool:
 
 #: Most regions a journal line lists (those of highest peak; a noisy map has thousands).
 MAX_REGIONS = 50
+
+#: Which judged images get a map and an overlay (``--maps``): every one, the failed ones, none.
+MAPS_FOR = ("all", "failed", "none")
 
 #: The journal's reason for a blank frame (:func:`~defect_fast.data.io.blank_images`, at the
 #: model's size, as predict and the readers check it): a camera fault, with nothing on it to judge;
@@ -433,6 +439,7 @@ class _State:
     # (a covered lens, all alike) tried every count from 2 again, each a look at the disk
     moved_count: dict[str, int] = field(default_factory=dict)
     move_judged: bool = False  # judged images go to OUT/judged/pass|fail/ after their journal line
+    maps: str = "all"  # the judged images that get a map and an overlay (MAPS_FOR)
     status_at: float = -math.inf  # time.monotonic() of the last status.json
     status_failed: bool = False  # the idle rewrite of status.json failed (said once until it works again)
     replaced: int = 0  # files changed after they settled, before they were judged (this session)
@@ -1168,13 +1175,17 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
             else:
                 name = output_name(key, sha)
                 map_path, ov_path = st.out / MAPS / f"{name}_map.png", st.out / OVERLAYS / f"{name}_overlay.png"
+                if st.maps == "none" or (st.maps == "failed" and not float(s) > st.threshold):
+                    map_path = ov_path = None
                 try:
-                    m = resize_map(m, tuple(photo.shape[-2:]))
-                    _atomic_write(map_path, lambda tmp, m=m: save_map(m, tmp, scale))
-                    _atomic_write(ov_path, lambda tmp, m=m, photo=photo: save_overlay(photo, m, tmp, scale))
+                    m = resize_map(m, tuple(photo.shape[-2:]))  # (its regions are in the photo's pixels)
+                    if map_path is not None:
+                        _atomic_write(map_path, lambda tmp, m=m: save_map(m, tmp, scale))
+                        _atomic_write(ov_path, lambda tmp, m=m, photo=photo: save_overlay(photo, m, tmp, scale))
                 except MemoryError:
                     for p in (map_path, ov_path):
-                        p.unlink(missing_ok=True)
+                        if p is not None:
+                            p.unlink(missing_ok=True)
                     h, w = photo.shape[-2:]
                     reason = f"too large: no memory for its map and overlay at {w}x{h}"
             if reason is not None:
@@ -1200,7 +1211,8 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
                 rec["regions_total"] = len(regions)
             rec.update(result=result, score=score, threshold=st.threshold, regions=regions[:MAX_REGIONS],
                        map_size=list(m.shape[-2:][::-1]),  # (width, height) of the map and its region boxes: the photo's
-                       map=map_path.relative_to(st.out).as_posix(), overlay=ov_path.relative_to(st.out).as_posix())
+                       map=None if map_path is None else map_path.relative_to(st.out).as_posix(),
+                       overlay=None if ov_path is None else ov_path.relative_to(st.out).as_posix())
             # the line names where the image goes before it goes: a move cut short is completed at start
             dest = _moved_name(st, JUDGED[result], key, sha, plain=False) if st.move_judged else None
             if dest is not None:
@@ -1372,6 +1384,7 @@ def watch(
     model_changed: Callable[[], str | None] | None = None,
     move_judged: bool = False,
     drop_lock: bool = True,
+    maps: str = "all",
 ) -> dict[str, Any]:
     """Judge every image dropped into ``in_dir``; results in ``out_dir`` (see the module docstring).
 
@@ -1406,6 +1419,9 @@ def watch(
             move that fails leaves it in place, judged, and is tried again at the next start).
         drop_lock: take ``in_dir``'s :class:`DropFolderLock` for the run (False: the caller holds
             it, as the command line does).
+        maps: the judged images that get a map and an overlay (:data:`MAPS_FOR`): "all", "failed"
+            (a passing image's line then names none: "map" and "overlay" are null) or "none"; a
+            line lists its regions either way.
 
     Returns:
         {"counts": totals over the journal {"pass", "fail", "rejected", "total"}, "session": the
@@ -1427,6 +1443,8 @@ def watch(
         raise WatchError(f"image threshold {thr!r}: not a finite number")
     if not (isinstance(info.image_size, int) and info.image_size >= 1):  # else every image is set aside
         raise WatchError(f"image size {info.image_size!r}: the model's input side must be a positive integer")
+    if maps not in MAPS_FOR:
+        raise WatchError(f"maps must be one of {', '.join(MAPS_FOR)}, got {maps!r}")
     if batch_size < 1 or poll_interval <= 0 or not rescan_interval > 0:
         raise WatchError(f"batch_size must be >= 1, poll_interval and rescan_interval > 0 "
                          f"(got {batch_size}, {poll_interval}, {rescan_interval})")
@@ -1461,7 +1479,7 @@ def watch(
         raise
     source = "given to watch()" if threshold is not None else info.extra.get("threshold_source")
     st = _State(info=info, threshold=float(thr), threshold_source=source, in_dir=in_dir, out=out, journal=journal,
-                grace=0.0 if once else max(MIN_GRACE, 10 * settle), move_judged=move_judged)
+                grace=0.0 if once else max(MIN_GRACE, 10 * settle), move_judged=move_judged, maps=maps)
     stop = stop or threading.Event()
     wake = threading.Event()
     old_handlers: dict[int, Any] = {}
@@ -1605,6 +1623,10 @@ def add_parser(subparsers) -> None:
                         "once its result is in the journal (its line's \"moved_to\"; named NAME_<12 hex digits of "
                         "its content>, as its map): the images it judges leave the drop folder (default: judged "
                         "images stay where they are)")
+    w.add_argument("--maps", choices=MAPS_FOR, default="all",
+                   help="the judged images whose map and overlay are written to OUT/maps/ and OUT/overlays/: all "
+                        "(default), failed (a passing image's line names none) or none: written for every image, "
+                        "they fill a disk in time on a line")
     w.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default)")
     w.set_defaults(func=command)
 
@@ -1705,5 +1727,5 @@ def command(args) -> int:
         watch(lambda x: det.predict_batched(x, images_per_batch=args.batch_size), info, in_dir, out, once=args.once,
               batch_size=args.batch_size, poll_interval=args.poll, rescan_interval=args.rescan, settle=args.settle,
               recursive=args.recursive, lock=False, model_changed=model_changed, move_judged=args.move_judged,
-              drop_lock=False)
+              drop_lock=False, maps=args.maps)
     return 0

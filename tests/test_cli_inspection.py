@@ -115,6 +115,11 @@ def test_watch_once_judges_resumes_and_refuses(tiny, tmp_path, capsys):
     status, _, err = cli(base[:4] + [low] + base[5:] + ["--threshold=-1e9"], capsys)
     assert status == 0, err
     assert {r["result"] for r in journal(low)} == {"fail"} and journal(low)[0]["threshold"] == -1e9
+    # --maps none: the verdicts, no maps or overlays
+    bare = tmp_path / "bare"
+    status, _, err = cli(base[:4] + [bare] + base[5:] + ["--maps", "none"], capsys)
+    assert status == 0, err
+    assert all(r.get("map") is None for r in journal(bare)) and not any((bare / "maps").iterdir())
 
 
 def test_watch_move_judged_empties_the_drop_folder_through_the_command_line(tiny, tmp_path, capsys):

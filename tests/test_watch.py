@@ -1013,6 +1013,28 @@ def test_a_file_sent_again_after_it_left_the_folder_is_judged_again(tmp_path):
     assert len(list((out / "rejected").iterdir())) == 2 and not (src / "frame.png").exists()
 
 
+@pytest.mark.parametrize("maps", ["failed", "none"])
+def test_maps_of_failed_images_only_or_of_none(tmp_path, maps):
+    """A map and an overlay for every image filled a line's disk in weeks: --maps failed writes
+    them for failed images only, none for none; every line keeps its verdict, score and regions."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / "dark.png").write_bytes(png_bytes(0, bright=0.3))  # max < 0.5: pass
+    (src / "bright.png").write_bytes(png_bytes(1, bright=1.0))  # max > 0.5: fail
+    run_once(src, out, maps=maps)
+    recs = {r["image"]: r for r in journal(out)}
+    assert (recs["dark.png"]["result"], recs["bright.png"]["result"]) == ("pass", "fail")
+    assert recs["dark.png"]["map"] is None and recs["dark.png"]["overlay"] is None
+    assert all("regions" in r and "score" in r for r in recs.values())
+    written = sorted(p.name for p in (out / "maps").iterdir()) + sorted(p.name for p in (out / "overlays").iterdir())
+    if maps == "failed":
+        assert written == [Path(recs["bright.png"]["map"]).name, Path(recs["bright.png"]["overlay"]).name]
+    else:
+        assert written == [] and recs["bright.png"]["map"] is None
+    with pytest.raises(WatchError, match="maps must be one of all, failed, none, got 'some'"):
+        run_once(src, tmp_path / "o2", maps="some")
+
+
 def test_a_frame_replaced_after_it_settled_before_it_was_judged_is_said_and_counted(tmp_path, monkeypatch):
     """A camera that names every frame alike, while the service was busy: the frame that had settled
     was replaced before its turn, and only the next was judged, with no word of the one lost."""
