@@ -618,14 +618,17 @@ class _JudgedApart:
                 f"judged at {threshold_text(threshold)}")
 
 
-def _recover(st: _State, log: Callable[[str], None], keep: Callable[[str], bool] | None = None) -> tuple[int, str]:
+def _recover(st: _State, log: Callable[[str], None], keep: Callable[[str], bool] | None = None,
+             stop: threading.Event | None = None) -> tuple[int, str]:
     """Rebuild the counts from the journal, and the done set of the files in IN_DIR (the keys
     ``keep`` holds: :meth:`_Listing.holds`; None: every key the journal names); finish cut-short
     moves; drop temp files. Returns how many records the journal holds and
-    :class:`_JudgedApart`'s note on them."""
+    :class:`_JudgedApart`'s note on them; with ``stop`` set, at once (how many were read)."""
     apart = _JudgedApart(st.threshold, st.info.version)
     n = 0
     for rec in st.journal.read():
+        if stop is not None and stop.is_set():  # (a journal of millions of lines is read for seconds)
+            return n, ""
         n += 1
         apart.add(rec)
         key = rec["image"]
@@ -1424,8 +1427,9 @@ def watch(
             line lists its regions either way.
 
     Returns:
-        {"counts": totals over the journal {"pass", "fail", "rejected", "total"}, "session": the
-        same for this run, "images_per_s": float | None, "journal": path}.
+        {"counts": totals over the journal {"pass", "fail", "rejected", "total"} (None: stopped
+        while the journal was read), "session": the same for this run, "images_per_s": float |
+        None, "journal": path}.
 
     Raises:
         WatchError: ``in_dir`` missing, ``out_dir`` holding files watch did not write, or no threshold.
@@ -1505,7 +1509,10 @@ def watch(
         listing = _scan(st, recursive, log)
         st.known, st.folder_ids = listing.found, dict(listing.folders)
         listed = time.monotonic()
-        n_records, judged_apart = _recover(st, log, listing.holds)
+        n_records, judged_apart = _recover(st, log, listing.holds, stop)
+        if stop.is_set():  # while the journal was read: nothing judged, and no status of counts half read
+            log(f"stopped while reading the journal ({n_records} line(s) read): nothing judged")
+            return {"counts": None, "session": st.session.as_dict(), "images_per_s": None, "journal": str(journal.path)}
         if journal.repaired:
             log(f"{journal.path}: {journal.repaired}")
         c = st.totals

@@ -1035,6 +1035,35 @@ def test_maps_of_failed_images_only_or_of_none(tmp_path, maps):
         run_once(src, tmp_path / "o2", maps="some")
 
 
+def test_a_stop_while_the_journal_is_read_ends_at_once_judging_nothing(tmp_path, monkeypatch):
+    """A SIGTERM while a start read a journal of 300,000 lines took effect seconds later, once the
+    whole journal was read; a service manager's stop timeout could pass meanwhile."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / "a.png").write_bytes(png_bytes(0))
+    run_once(src, out)
+    line = (out / "results.jsonl").read_text()
+    with open(out / "results.jsonl", "a") as f:
+        for i in range(20):
+            f.write(line.replace('"a.png"', f'"x{i}.png"'))
+    (src / "b.png").write_bytes(png_bytes(1))
+    stop, read = threading.Event(), Journal.read
+
+    def reading(self):
+        for i, rec in enumerate(read(self)):
+            if i == 5:
+                stop.set()  # what SIGTERM's handler does
+            yield rec
+
+    monkeypatch.setattr(Journal, "read", reading)
+    lines = []
+    res = watch(stub_predict, INFO, src, out, once=True, handle_signals=False, log=lines.append, stop=stop,
+                settle=0.05, poll_interval=0.05)
+    assert res["counts"] is None
+    assert lines == ["stopped while reading the journal (5 line(s) read): nothing judged"], lines
+    assert "b.png" not in [r["image"] for r in journal(out)]
+
+
 def test_a_frame_replaced_after_it_settled_before_it_was_judged_is_said_and_counted(tmp_path, monkeypatch):
     """A camera that names every frame alike, while the service was busy: the frame that had settled
     was replaced before its turn, and only the next was judged, with no word of the one lost."""
