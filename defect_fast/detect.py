@@ -244,6 +244,11 @@ MAX_GRAPHS = 8
 #: beyond these the least recently used one goes.
 MAX_WORKSPACE = 8
 
+#: Bytes the workspace buffers of a Detector may hold together: the least recently used go to make
+#: room, and a larger buffer is its call's own (one forward of 600 images held 64 MB for the life
+#: of a service whose later calls were of one image).
+MAX_WORKSPACE_BYTES = 256 * 2**20
+
 
 def _recently_used(cache: dict, key: Any, room: int) -> Any:
     """``cache[key]``, moved last (the most recently used), or None when it is not there, after
@@ -1195,7 +1200,11 @@ class Detector(nn.Module):
         with _WORKSPACE_LOCK:  # threads share the dict: two evicting the same oldest key raised KeyError
             buf = _recently_used(self._workspace, key, MAX_WORKSPACE)  # shapes change: a few are kept
             if buf is None:
-                buf = self._workspace[key] = like.new_empty(shape)
+                buf = like.new_empty(shape)
+                if buf.nbytes <= MAX_WORKSPACE_BYTES:
+                    while sum(b.nbytes for b in self._workspace.values()) + buf.nbytes > MAX_WORKSPACE_BYTES:
+                        del self._workspace[next(iter(self._workspace))]
+                    self._workspace[key] = buf
         return buf
 
     def _patches(self, x: torch.Tensor) -> torch.Tensor:

@@ -287,7 +287,7 @@ def test_threads_sharing_a_detector_evict_workspace_buffers_safely():
     import threading
     import types
 
-    like = types.SimpleNamespace(is_cuda=False, dtype=torch.float32, device="cpu", new_empty=lambda shape: object())
+    like = types.SimpleNamespace(is_cuda=False, dtype=torch.float32, device="cpu", new_empty=lambda shape: torch.empty(0))
     shared = types.SimpleNamespace(_workspace={})
     errors = []
 
@@ -309,6 +309,30 @@ def test_threads_sharing_a_detector_evict_workspace_buffers_safely():
     finally:
         sys.setswitchinterval(interval)
     assert not errors, errors[:3]
+
+
+def test_the_workspace_holds_at_most_its_bytes_and_no_buffer_larger(monkeypatch):
+    """Kept by count only, one forward of 600 images held a 64 MB buffer for the life of a service
+    whose later calls were of one image: buffers beyond MAX_WORKSPACE_BYTES together go, least
+    recently used first, and one larger than that is its call's own. The maps stay the same."""
+    from defect_fast import detect
+
+    monkeypatch.setattr(detect, "MAX_WORKSPACE_BYTES", 2**20)
+    torch.manual_seed(0)
+    det = Detector(build_model("cmaae", memory_size=20), image_size=128, precision="float32", batch_size=4)
+    held = lambda: sum(b.nbytes for b in det._workspace.values())  # noqa: E731
+    x = _images(40, 128)  # 160 patches of 64 x 64: maps of 2.6 MB
+    with torch.no_grad():
+        big = det(x)[0]
+        assert not det._workspace
+        small = det(x[:8])[0]  # 0.5 MB: kept
+        assert len(det._workspace) == 1 and held() == 32 * 64 * 64 * 4
+        det(x[:12])  # 0.75 MB more than the room left: the older goes
+        assert len(det._workspace) == 1 and held() == 48 * 64 * 64 * 4
+        torch.testing.assert_close(det(x[:8])[0], small, rtol=0, atol=0)
+    monkeypatch.setattr(detect, "MAX_WORKSPACE_BYTES", 2**30)
+    with torch.no_grad():
+        torch.testing.assert_close(det(x)[0], big, rtol=0, atol=0)  # kept, the same maps
 
 
 def test_calls_with_autograd_history_keep_none_of_it_between_calls():
