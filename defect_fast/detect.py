@@ -1370,11 +1370,11 @@ class Detector(nn.Module):
         :meth:`calibrate`."""
         from .data.io import image_keys
 
-        fitted = list(((self.__dict__.get("_run_record") or {}).get("image_keys") or {}).get("fitted") or [])
+        fitted = dict.fromkeys(((self.__dict__.get("_run_record") or {}).get("image_keys") or {}).get("fitted") or [])
         for batch in batches:
-            if batch.dtype == torch.uint8:
-                fitted += [k.hex() for k in image_keys(batch.cpu())]
-        self._record_image_keys(fitted=fitted, calibrated=None)
+            if batch.dtype == torch.uint8:  # each once: a service's hourly refit on the same images grew it every hour
+                fitted.update(dict.fromkeys(k.hex() for k in image_keys(batch.cpu())))
+        self._record_image_keys(fitted=list(fitted), calibrated=None)
 
     def _record_image_keys(self, **keys: list[str] | None) -> None:
         """``keys`` set in the run record's ``image_keys``, in new dicts: a shallow copy of this

@@ -551,6 +551,7 @@ def test_a_detector_fitted_in_python_records_its_fit_images_and_is_no_longer_the
     fit, cal = parts[:20], parts[20:40]
     det = Detector.load(runs["halves"], device="cpu")
     det.fit_normalization(read_images(fit, SIZE))
+    det.fit_normalization(read_images(fit[:10], SIZE))  # the same images again: recorded once (each refit grew it)
     det.fit_normalization(read_images(fit, SIZE).float() / 127.5 - 1)  # float pixels: no file's, not recorded
     det.calibrate(read_images(cal, SIZE))
     state = load_model_state(det.save(tmp_path / "fitted.pt"))
