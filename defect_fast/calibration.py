@@ -42,7 +42,6 @@ import numbers
 import os
 import random
 import sys
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Sequence, TypeVar
@@ -203,7 +202,9 @@ def image_threshold(scores, far: float = DEFAULT_FAR, *, fallback: bool = True, 
     if not fallback:
         raise CalibrationError(short)
     note = short + f"; using the largest {images} score (95 % upper bound of its rate {_beta_upper(1, n):.3g})"
-    warnings.warn(note, CalibrationWarning, stacklevel=2)
+    from .data.io import warn_data
+
+    warn_data(note, stacklevel=2, category=CalibrationWarning)  # (in no registry: its text holds n and far)
     return ImageThreshold(float(desc[0]), far, 1 / (n + 1), _beta_upper(1, n), n, 1, need, False, note)
 
 

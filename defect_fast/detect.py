@@ -1030,7 +1030,7 @@ class Detector(nn.Module):
                 raise RunError(f"{where}: the stored {part} does not load ({type(exc).__name__}: {exc}); "
                                "written by another version of defect_fast?") from None
 
-        from .data.io import _callers_level
+        from .data.io import _callers_level, warn_data
 
         fixed = sorted(set(options) & {"image_size", "model", "calibration", "norm_mean", "norm_std", "perceptual",
                                        "context"})
@@ -1086,10 +1086,12 @@ class Detector(nn.Module):
             # their statistics were measured on maps made at the run's settings: other settings give
             # maps they do not standardise (evaluate --stride 64 --blend none: the map term at +18.7 +- 14.3)
             parts = fitted[0] if len(fitted) == 1 else f"{', '.join(fitted[:-1])} and {fitted[-1]}"
-            warnings.warn(f"{where}: the {parts} of the run {'was' if len(fitted) == 1 else 'were'} fitted at its "
-                          "inference settings, not "
-                          f"at {', '.join(changed)}: maps and scores are not in units of their defect-free spread "
-                          "as trained (and the stored thresholds are set aside)", stacklevel=_callers_level())
+            # (kept in no warning registry, as its text names the file: a service loading many would grow it)
+            warn_data(f"{where}: the {parts} of the run {'was' if len(fitted) == 1 else 'were'} fitted at its "
+                      "inference settings, not "
+                      f"at {', '.join(changed)}: maps and scores are not in units of their defect-free spread "
+                      "as trained (and the stored thresholds are set aside)", stacklevel=_callers_level(),
+                      category=UserWarning)
         map_kind = map_kind or stored.get("map_kind")
         stride = stride if stride is not None else stored.get("stride")
         smooth_sigma = smooth_sigma if smooth_sigma is not None else stored.get("smooth_sigma", 0.0)
@@ -1111,11 +1113,11 @@ class Detector(nn.Module):
         if measured and measured != detector.precision and "inapplicable" not in calibration:
             # the thresholds hold at the scores of their precision: bf16 rounding moved an image context's
             # scores by 5 %, enough to flag the held-back image whose score the threshold is
-            warnings.warn(f"{where}: its thresholds were measured in {measured}; this Detector computes in "
-                          f"{detector.precision}, whose scores differ by that rounding, so images near a threshold "
-                          f"may be judged otherwise; 'defect-fast calibrate RUN IMAGES --precision {detector.precision} "
-                          "--out NEW_RUN' measures them in it (IMAGES: defect-free images the run has not seen; "
-                          "--with-held-back adds those it held back)", stacklevel=_callers_level())
+            warn_data(f"{where}: its thresholds were measured in {measured}; this Detector computes in "
+                      f"{detector.precision}, whose scores differ by that rounding, so images near a threshold "
+                      f"may be judged otherwise; 'defect-fast calibrate RUN IMAGES --precision {detector.precision} "
+                      "--out NEW_RUN' measures them in it (IMAGES: defect-free images the run has not seen; "
+                      "--with-held-back adds those it held back)", stacklevel=_callers_level(), category=UserWarning)
         shape = state.get("trained_proportions")
         if shape is not None:
             if not (isinstance(shape, (list, tuple)) and len(shape) == 2 and all(

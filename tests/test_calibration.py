@@ -77,6 +77,38 @@ def test_image_threshold_expected_far_holds_on_fresh_images():
     assert abs(rate - k / (n + 1)) < 0.008  # 3 sigma of a binomial(4000, 0.02)
 
 
+def test_warnings_whose_text_names_counts_or_files_are_kept_in_no_registry(tmp_path):
+    """The default warning filter keeps every distinct text in the calling module's registry for the
+    life of the process: a service calibrating on a growing number of images, or loading model files
+    of many names measured in another precision, grew it by every call."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, pathlib, warnings, shutil, numpy as np\n"
+        "warnings.simplefilter('default')\n"
+        "from defect_fast.calibration import image_threshold\n"
+        "from defect_fast.detect import Detector\n"
+        "from defect_fast.models import build_model\n"
+        "d = pathlib.Path(sys.argv[1])\n"
+        "for n in range(2, 32):\n"
+        "    image_threshold(np.linspace(0, 1, n), 0.01)\n"
+        "det = Detector(build_model('cmaae', memory_size=10), image_size=64, precision='float32')\n"
+        "det.calibration = {'image_threshold': 0.5, 'precision': 'bfloat16', 'n_images': 3}\n"
+        "det.save(d / 'm0.pt')\n"
+        "for i in range(1, 20):\n"
+        "    shutil.copy(d / 'm0.pt', d / f'm{i}.pt')\n"
+        "for i in range(20):\n"
+        "    Detector.load(d / f'm{i}.pt', device='cpu', precision='float32')\n"
+        "grown = {name: len(m.__dict__.get('__warningregistry__', {})) for name, m in list(sys.modules.items())\n"
+        "         if isinstance(getattr(m, '__dict__', None), dict)}\n"
+        "print(max(grown.values()))\n")
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert int(run.stdout.split()[-1]) <= 2, run.stdout  # a version stamp and another library's odd warning
+    assert run.stderr.count("using the largest") == 30 and run.stderr.count("thresholds were measured in bfloat16") == 20
+
+
 def test_too_few_images_says_so():
     scores = np.linspace(0, 1, 16)
     with pytest.raises(CalibrationError, match=r"far=0.01 needs at least 99 .* only 16 .* 1/17"):
