@@ -72,8 +72,8 @@ comes first, then the move to ``rejected/``, and so for a judged image's move to
 the line named where the file goes).
 A file is judged as it stands once settled: one rewritten sooner than ``settle`` (and the time the
 service takes to reach it) after its last version is judged at the version that stays; one changed
-after it settled, before it was judged, is said in a line and counted in ``status.json``
-(``replaced_before_judged``), so a camera that names every frame alike must leave each frame
+after it settled, before it was judged (a whole frame, of other bytes), is said in a line and
+counted in ``status.json`` (``replaced_before_judged``, this session's), so a camera that names every frame alike must leave each frame
 longer than that, or give each a name of its own.
 One process per ``OUT_DIR`` (:class:`defect_fast.safety.RunLock`, an ``flock`` released by the
 kernel when the process dies). Watches of one ``IN_DIR`` with results folders of their own may run
@@ -81,7 +81,8 @@ side by side, unless one of them moves judged images away (``move_judged``): eac
 judged and recorded by only one of them, and the second start is refused (:class:`DropFolderLock`).
 
 SIGTERM and SIGINT (Ctrl-C) finish the image in hand (the rest of its batch is left for the next
-start), write the status and return.
+start), write the status and return; during a start's reading of the journal, at once (the
+status's "counts" null: not all of it was read).
 
 Judged images stay in ``IN_DIR`` unless ``move_judged`` moves them to ``OUT_DIR/judged/``. With file-system events, a round
 looks only at the paths the events name and at the files waiting to settle; the whole folder is
@@ -121,6 +122,7 @@ import re
 import shutil
 import signal
 import stat as stat_mod
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -311,8 +313,9 @@ class Journal:
                            ("score", (int, float))):  # (a threshold given as null stopped every start)
             if key in rec and (not isinstance(rec[key], kinds) or isinstance(rec[key], bool)):
                 return None
-        if rec.get("model_version") is not None and not isinstance(rec["model_version"], str):
-            return None
+        for key in ("threshold", "score"):  # read as floats: an integer of 400 digits overflowed
+            if isinstance(rec.get(key), int) and abs(rec[key]) > sys.float_info.max:
+                return None
         for key, folders in (("rejected_to", (REJECTED,)), ("moved_to", tuple(JUDGED.values()))):
             to = rec.get(key)
             if to is not None and not (isinstance(to, str) and to.rpartition("/")[0] in folders
@@ -442,7 +445,7 @@ class _State:
     maps: str = "all"  # the judged images that get a map and an overlay (MAPS_FOR)
     status_at: float = -math.inf  # time.monotonic() of the last status.json
     status_failed: bool = False  # the idle rewrite of status.json failed (said once until it works again)
-    replaced: int = 0  # files changed after they settled, before they were judged (this session)
+    replaced: int = 0  # whole frames changed after they settled, before they were judged (this session)
 
 
 def _lock(out: Path) -> RunLock:
@@ -1126,11 +1129,13 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
             continue
         if now_sig != sig:  # changed since it settled: judged once it settles again
             st.pending.pop(key, None)
-            # the version that settled is not judged: a camera that names every frame alike lost a frame
-            st.replaced += 1
-            log(f"{path}: changed after it stayed unchanged for the settle time, before it was judged; judged once "
-                "it settles again (where a camera names every frame alike, the frame it replaced is not judged: "
-                "leave frames longer than --settle and the judging take, or give each a name of its own)")
+            # a whole frame (it decoded) whose bytes changed (its size or modification time; a chmod moves the
+            # change time only) is not judged: a camera that names every frame alike lost a frame
+            if err is None and tuple(now_sig[:2]) != tuple(sig[:2]):
+                st.replaced += 1
+                log(f"{path}: changed after it stayed unchanged for the settle time, before it was judged; judged "
+                    "once it settles again (where a camera names every frame alike, the frame it replaced is not "
+                    "judged: leave frames longer than --settle and the judging take, or give each a name of its own)")
             continue
         reason = None
         if err is not None:
@@ -1190,7 +1195,7 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
                         if p is not None:
                             p.unlink(missing_ok=True)
                     h, w = photo.shape[-2:]
-                    reason = f"too large: no memory for its map and overlay at {w}x{h}"
+                    reason = f"too large: no memory for its map{' and overlay' if map_path is not None else ''} at {w}x{h}"
             if reason is not None:
                 _reject(st, key, path, sha, sig, reason, log)
                 n_done += 1
@@ -1277,13 +1282,14 @@ def _heartbeat(st: _State, log: Callable[[str], None]) -> None:
             log(f"{st.out / STATUS}: rewritten again")
 
 
-def _status_or_stop(st: _State, state: str, out: Path) -> None:
+def _status_or_stop(st: _State, state: str, out: Path, counts: bool = True) -> None:
     """:func:`_write_status`; a results folder that cannot take it stops the service, saying so."""
     with _output_failures_stop(out):
-        _write_status(st, state)
+        _write_status(st, state, counts)
 
 
-def _write_status(st: _State, state: str) -> None:
+def _write_status(st: _State, state: str, counts: bool = True) -> None:
+    """status.json; ``counts`` False: the journal's counts are not known (null), its reading cut short."""
     processed = st.session.passed + st.session.failed + st.session.rejected
     st.status_at = time.monotonic()
     status = {
@@ -1291,7 +1297,7 @@ def _write_status(st: _State, state: str) -> None:
         "updated": _now_iso(),
         "model": st.info.name, "model_version": st.info.version, "threshold": st.threshold,
         "threshold_source": st.threshold_source, "pixel_threshold": st.info.pixel_threshold,
-        "counts": st.totals.as_dict(), "session": st.session.as_dict(),
+        "counts": st.totals.as_dict() if counts else None, "session": st.session.as_dict(),
         "images_per_s": round(processed / st.busy_s, 3) if st.busy_s > 0 else None,
         "last_batch_images_per_s": round(st.rate, 3), "waiting": len(st.pending), "last": st.last,
         "replaced_before_judged": st.replaced,
@@ -1510,7 +1516,10 @@ def watch(
         st.known, st.folder_ids = listing.found, dict(listing.folders)
         listed = time.monotonic()
         n_records, judged_apart = _recover(st, log, listing.holds, stop)
-        if stop.is_set():  # while the journal was read: nothing judged, and no status of counts half read
+        if stop.is_set():  # while the journal was read: nothing judged, and no counts of half of it
+            if journal.repaired:  # (done at its opening: the next start has nothing left to say)
+                log(f"{journal.path}: {journal.repaired}")
+            _status_or_stop(st, "stopped", out, counts=False)
             log(f"stopped while reading the journal ({n_records} line(s) read): nothing judged")
             return {"counts": None, "session": st.session.as_dict(), "images_per_s": None, "journal": str(journal.path)}
         if journal.repaired:

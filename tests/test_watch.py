@@ -1046,6 +1046,8 @@ def test_a_stop_while_the_journal_is_read_ends_at_once_judging_nothing(tmp_path,
     with open(out / "results.jsonl", "a") as f:
         for i in range(20):
             f.write(line.replace('"a.png"', f'"x{i}.png"'))
+    with open(out / "results.jsonl", "a") as f:
+        f.write('{"image": "y.png", "sha2')  # torn: cut at the opening, which says so
     (src / "b.png").write_bytes(png_bytes(1))
     stop, read = threading.Event(), Journal.read
 
@@ -1060,8 +1062,11 @@ def test_a_stop_while_the_journal_is_read_ends_at_once_judging_nothing(tmp_path,
     res = watch(stub_predict, INFO, src, out, once=True, handle_signals=False, log=lines.append, stop=stop,
                 settle=0.05, poll_interval=0.05)
     assert res["counts"] is None
-    assert lines == ["stopped while reading the journal (5 line(s) read): nothing judged"], lines
+    assert lines == [f"{out / 'results.jsonl'}: cut off a torn last line (24 bytes)",
+                     "stopped while reading the journal (5 line(s) read): nothing judged"], lines
     assert "b.png" not in [r["image"] for r in journal(out)]
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "stopped" and status["counts"] is None  # (not the counts of 5 lines of 21)
 
 
 def test_a_frame_replaced_after_it_settled_before_it_was_judged_is_said_and_counted(tmp_path, monkeypatch):
@@ -1087,6 +1092,22 @@ def test_a_frame_replaced_after_it_settled_before_it_was_judged_is_said_and_coun
     recs = journal(out)  # the frame that stayed, judged once it settled
     assert [r["image"] for r in recs] == ["cam.png"]
     assert recs[0]["sha256"] == hashlib.sha256(png_bytes(2, bright=0.9)).hexdigest()
+    # its mode changed, not its bytes (a chmod moves the change time only): judged, nothing lost or said
+    (src / "other.png").write_bytes(png_bytes(3))
+    chmoded = []
+
+    def chmod_once(path):
+        if not chmoded:
+            chmoded.append(path)
+            time.sleep(0.02)  # (a new change time on any file system's clock)
+            os.chmod(path, 0o600)
+        return real(path)
+
+    monkeypatch.setattr(watch_mod, "file_sha256", chmod_once)
+    _res, lines = run_once(src, out)
+    assert not any("changed after it stayed" in ln for ln in lines), lines
+    assert json.loads((out / "status.json").read_text())["replaced_before_judged"] == 0
+    assert [r["image"] for r in journal(out)] == ["cam.png", "other.png"]
 
 
 def _sent_again(src, out, name: str, data: bytes) -> int:
@@ -1132,8 +1153,8 @@ def test_a_restart_keeps_in_memory_only_what_was_judged_of_the_files_still_in_th
     seen = {}
     real = watch_mod._recover
 
-    def recover(st, log, present=None):
-        out_ = real(st, log, present)
+    def recover(st, log, present=None, stop=None):
+        out_ = real(st, log, present, stop)
         seen.update(done=dict(st.done), total=st.totals.as_dict()["total"])
         return out_
 
@@ -1328,10 +1349,10 @@ def test_a_file_that_arrives_while_the_journal_is_read_is_judged_in_the_first_ro
     src.mkdir()
     real = watch_mod._recover
 
-    def slow(st, log, present=None):
+    def slow(st, log, present=None, stop=None):
         (src / "early.png").write_bytes(png_bytes(3))  # after the first listing, its event pending
         time.sleep(0.3)
-        return real(st, log, present)
+        return real(st, log, present, stop)
 
     monkeypatch.setattr(watch_mod, "_recover", slow)
     stop = threading.Event()
@@ -1639,7 +1660,7 @@ def test_journal_lines_with_a_threshold_score_or_model_of_another_type_are_skipp
     run_once(src, out, threshold=0.1)
     good = json.loads((out / "results.jsonl").read_text().splitlines()[0])
     edits = [{"threshold": "0.5"}, {"threshold": None}, {"threshold": [0.5]}, {"threshold": True},
-             {"score": "high"}, {"model_version": 7}, {"model_version": ["v1"]}]
+             {"score": "high"}, {"threshold": 10 ** 400}]  # (too large a float: an OverflowError at every start)
     with open(out / "results.jsonl", "a") as f:
         for i, edit in enumerate(edits):
             f.write(json.dumps({**good, "image": f"x{i}.png", **edit}) + "\n")
@@ -1651,6 +1672,14 @@ def test_journal_lines_with_a_threshold_score_or_model_of_another_type_are_skipp
         "note: 1 earlier result(s) were judged at threshold 0.1 (model v1), not at this session's threshold 0.2 "
         "(model v1) (0 of them would get the other verdict at it); they stand as recorded, new images are judged "
         "at 0.2"]
+    # a model version of another type, as an embedding program's ModelInfo may give it, is read back whole
+    other = tmp_path / "other"
+    for _ in range(2):
+        lines = []
+        watch(stub_predict, ModelInfo(SIZE, name="stub", version=2, image_threshold=0.5), src, other, once=True,
+              handle_signals=False, log=lines.append, settle=0.05, poll_interval=0.05)
+        assert not any("unreadable" in ln for ln in lines), lines
+    assert [r["model_version"] for r in journal(other)] == [2]
 
 
 def test_links_in_the_results_folder_are_refused_not_written_through(tmp_path):
