@@ -191,7 +191,7 @@ class _FitLock:
             if self._fitter != me:
                 if me in self._calls:
                     raise RuntimeError(f"Detector.{what}: called inside a call of the same Detector on this thread, "
-                                       "it would wait for itself; fit once the call has returned")
+                                       "it would wait for itself; call it once the call has returned")
                 self._waiting += 1
                 try:
                     while self._fitter is not None or self._calls:
@@ -353,6 +353,13 @@ def _whole(method):
         with _fit_lock(self).call():
             return method(self, *args, **kwargs)
     return run
+
+
+def _without_caches(state: dict[str, Any]) -> dict[str, Any]:
+    """A Detector's ``__dict__`` (a copy of it) as a copy or a pickle takes it: its caches empty, and
+    in no set of Detectors sharing their tensors (a deep copy shares nothing)."""
+    state["_workspace"], state["_graphs"], state["_compiled"], state["_sharing"] = {}, {}, None, None
+    return state
 
 
 def _alone(detector: nn.Module, what: str) -> contextlib.AbstractContextManager:
@@ -783,10 +790,18 @@ class Detector(nn.Module):
         as they were (a copy taken in the middle of fit_normalization had the new normalisation
         beside the thresholds set on the old)."""
         with _fit_lock(self).call():
-            state = {k: copy.copy(v) if isinstance(v, (dict, set, list)) else v for k, v in self.__dict__.items()}
-        state["_workspace"], state["_graphs"], state["_compiled"] = {}, {}, None
-        state["_sharing"] = None  # a deep copy shares nothing
-        return state
+            return _without_caches({k: copy.copy(v) if isinstance(v, (dict, set, list)) else v
+                                    for k, v in self.__dict__.items()})
+
+    def __deepcopy__(self, memo: dict) -> "Detector":
+        """``copy.deepcopy``, made whole while no fit runs (it waits for one, as a pickle does), of
+        the Detector's own tables: what it shares with other objects copied with it stays shared in
+        the copy, as a deep copy of any object keeps it."""
+        with _fit_lock(self).call():
+            new = self.__class__.__new__(self.__class__)
+            memo[id(self)] = new
+            new.__setstate__(copy.deepcopy(_without_caches(dict(self.__dict__)), memo))
+        return new
 
     def __copy__(self) -> "Detector":
         """``copy.copy``: the same weights and statistics (tensors and parts shared), with settings,

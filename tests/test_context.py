@@ -989,6 +989,9 @@ def test_a_copy_waits_for_a_fit_in_progress(how, monkeypatch):
     twin = copies[0]
     torch.testing.assert_close(twin.norm_std, det.norm_std, rtol=0, atol=0)
     assert "image_threshold" not in twin.calibration and twin.calibration.get("inapplicable")
+    # what the Detector shares with other objects deep-copied with it stays shared, as in any deep copy
+    held = copy.deepcopy([det.calibration, det])
+    assert held[0] is held[1].calibration and held[1] is not det and held[0] is not det.calibration
 
 
 def test_fit_perceptual_and_fit_context_leave_out_blank_frames_or_say_they_keep_them(monkeypatch):
