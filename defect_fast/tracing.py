@@ -19,11 +19,28 @@ def exporting() -> bool:
 
 def tracing() -> bool:
     """True while the calling code is traced or exported rather than run: no caches, no compiled
-    or captured parts then. An ONNX export traces the model with TorchScript's tracer, which
-    ``torch.jit.is_tracing`` sees on the exporting thread alone; ``torch.onnx.is_in_onnx_export``
-    is the process's, and another thread's export made every Detector in the program skip its
-    ``threads`` option and its checks."""
-    return torch.jit.is_tracing() or torch.compiler.is_compiling() or exporting()
+    or captured parts then. Only the tracing thread's code is: TorchScript's tracer (and an ONNX
+    export through it) is seen by ``torch.jit.is_tracing`` on its thread, dynamo's by
+    ``torch.compiler.is_dynamo_compiling`` in the code it traces, and torch.export's other
+    tracing by its fake and proxy tensors' dispatch modes, which are the thread's.
+    ``torch.onnx.is_in_onnx_export``, ``torch.compiler.is_compiling`` and ``is_exporting`` are
+    the process's: while one thread exported or compiled, every Detector of the program took
+    itself for traced (its threads option, its checks and its lock skipped)."""
+    if torch.jit.is_tracing() or _dynamo_compiling():
+        return True
+    return (torch.compiler.is_compiling() or exporting()) and _dispatch_modes() > 0
+
+
+def _dynamo_compiling() -> bool:
+    is_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", None)  # (newer than torch 2.4)
+    return bool(is_dynamo_compiling()) if is_dynamo_compiling is not None else torch.compiler.is_compiling()
+
+
+def _dispatch_modes() -> int:
+    """How many dispatch modes (fake or proxy tensors while torch.export traces) are active on this
+    thread; 1 where torch does not say (the process's flags then decide, as they did)."""
+    count = getattr(torch._C, "_len_torch_dispatch_stack", None)
+    return int(count()) if count is not None else 1
 
 
 def constant_cache(maxsize: int) -> Callable:

@@ -703,6 +703,50 @@ def test_an_onnx_export_on_one_thread_is_no_tracing_on_another(tmp_path):
     assert seen and all(seen)
 
 
+@pytest.mark.parametrize("how", ["torch.export", "torch.compile"])
+def test_a_compile_or_torch_export_on_one_thread_is_no_tracing_on_another(how):
+    """torch.compiler.is_compiling and is_exporting are the process's flags: while one thread
+    compiled (a Detector with compile=True, at each new chunk shape) or exported, every Detector
+    of the program took itself for traced, and a fit or a move on one thread ran in the middle of
+    another's call (its lock skipped)."""
+    import threading
+
+    from defect_fast.tracing import tracing
+
+    inside, go_on, seen = threading.Event(), threading.Event(), []
+
+    class Held(torch.nn.Module):
+        def forward(self, x):
+            seen.append(tracing())  # the tracing thread's code: traced
+            if how == "torch.export":
+                inside.set()
+                assert go_on.wait(60)
+            return x * 2
+
+    def held_backend(gm, example_inputs):  # dynamo hands the graph over while its compile runs
+        inside.set()
+        assert go_on.wait(60)
+        return gm.forward
+
+    def trace():
+        if how == "torch.export":
+            torch.export.export(Held(), (torch.ones(2, 3),))
+        else:
+            torch.compile(Held(), backend=held_backend)(torch.ones(2, 3))
+
+    worker = threading.Thread(target=trace)
+    worker.start()
+    try:
+        assert inside.wait(120)
+        flag = torch.compiler.is_exporting() if how == "torch.export" else torch.compiler.is_compiling()
+        assert flag  # (the process's flag is set meanwhile)
+        assert tracing() is False  # this thread runs for real
+    finally:
+        go_on.set()
+        worker.join(120)
+    assert seen and all(seen)
+
+
 def test_an_export_leaves_other_threads_warnings_alone(tmp_path, monkeypatch):
     """The export ignored every warning while it ran, and the filters are the process's: a camera
     thread's warnings (a blank frame) went unsaid meanwhile."""
