@@ -1218,7 +1218,7 @@ class Detector(nn.Module):
             buf = _recently_used(self._workspace, key, MAX_WORKSPACE)  # shapes change: a few are kept
             if buf is None:
                 buf = like.new_empty(shape)
-                if buf.nbytes <= MAX_WORKSPACE_BYTES:
+                if type(buf) is torch.Tensor and buf.nbytes <= MAX_WORKSPACE_BYTES:  # (never a fake tensor)
                     while sum(b.nbytes for b in self._workspace.values()) + buf.nbytes > MAX_WORKSPACE_BYTES:
                         del self._workspace[next(iter(self._workspace))]
                     self._workspace[key] = buf

@@ -22,13 +22,11 @@ def tracing() -> bool:
     or captured parts then. Only the tracing thread's code is: TorchScript's tracer (and an ONNX
     export through it) is seen by ``torch.jit.is_tracing`` on its thread, dynamo's by
     ``torch.compiler.is_dynamo_compiling`` in the code it traces, and torch.export's other
-    tracing by its fake and proxy tensors' dispatch modes, which are the thread's.
+    tracing (and a program's own fake tensors) by the fake tensor mode active on the thread.
     ``torch.onnx.is_in_onnx_export``, ``torch.compiler.is_compiling`` and ``is_exporting`` are
     the process's: while one thread exported or compiled, every Detector of the program took
     itself for traced (its threads option, its checks and its lock skipped)."""
-    if torch.jit.is_tracing() or _dynamo_compiling():
-        return True
-    return (torch.compiler.is_compiling() or exporting()) and _dispatch_modes() > 0
+    return torch.jit.is_tracing() or _dynamo_compiling() or _fake_tensors()
 
 
 def _dynamo_compiling() -> bool:
@@ -36,11 +34,13 @@ def _dynamo_compiling() -> bool:
     return bool(is_dynamo_compiling()) if is_dynamo_compiling is not None else torch.compiler.is_compiling()
 
 
-def _dispatch_modes() -> int:
-    """How many dispatch modes (fake or proxy tensors while torch.export traces) are active on this
-    thread; 1 where torch does not say (the process's flags then decide, as they did)."""
-    count = getattr(torch._C, "_len_torch_dispatch_stack", None)
-    return int(count()) if count is not None else 1
+def _fake_tensors() -> bool:
+    """Whether a fake tensor mode (torch.export's, or a program's own) is active on this thread;
+    where torch does not say, the process's compiling and exporting flags, as before."""
+    get, keys = getattr(torch._C, "_get_dispatch_mode", None), getattr(torch._C, "_TorchDispatchModeKey", None)
+    if get is None or keys is None:
+        return torch.compiler.is_compiling() or exporting()
+    return get(keys.FAKE) is not None
 
 
 def constant_cache(maxsize: int) -> Callable:

@@ -335,6 +335,24 @@ def test_the_workspace_holds_at_most_its_bytes_and_no_buffer_larger(monkeypatch)
         torch.testing.assert_close(det(x)[0], big, rtol=0, atol=0)  # kept, the same maps
 
 
+def test_a_program_s_own_fake_tensors_leave_the_workspace_real():
+    """A program estimating shapes or memory with its own FakeTensorMode put a fake tensor in the
+    workspace: every later real call of the Detector returned fake maps and scores."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    torch.manual_seed(0)
+    det = Detector(build_model("cmaae", memory_size=20), image_size=128, precision="float32", batch_size=1)
+    x = _images(2, 128)
+    with torch.no_grad():
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            det(x)  # (a fake buffer kept here was every later call's)
+        real = det(x)
+    assert type(real[1]) is torch.Tensor and all(type(b) is torch.Tensor for b in det._workspace.values())
+    with torch.no_grad():
+        det._workspace.clear()
+        torch.testing.assert_close(det(x), real, rtol=0, atol=0)
+
+
 def test_calls_with_autograd_history_keep_none_of_it_between_calls():
     """An unfused model called outside no_grad (as a plain ``det(x)`` is) with more patches than a
     chunk: its maps were copied into the reused workspace with their history, which grew by a
