@@ -356,9 +356,11 @@ def _whole(method):
 
 
 def _without_caches(state: dict[str, Any]) -> dict[str, Any]:
-    """A Detector's ``__dict__`` (a copy of it) as a copy or a pickle takes it: its caches empty, and
-    in no set of Detectors sharing their tensors (a deep copy shares nothing)."""
+    """A Detector's ``__dict__`` (a copy of it) as a copy or a pickle takes it: its caches empty (a
+    ``Detector.compile()`` too: its compiled call ran the original Detector), and in no set of
+    Detectors sharing their tensors (a deep copy shares nothing)."""
     state["_workspace"], state["_graphs"], state["_compiled"], state["_sharing"] = {}, {}, None, None
+    state["_compiled_call_impl"] = None
     return state
 
 

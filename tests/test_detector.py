@@ -353,6 +353,18 @@ def test_a_program_s_own_fake_tensors_leave_the_workspace_real():
         torch.testing.assert_close(det(x), real, rtol=0, atol=0)
 
 
+def test_a_copy_of_a_compiled_detector_runs_itself():
+    """det.compile() binds the compiled call to the original: a copy (fitted, then swapped in, as
+    the README advises) ran the original's maps, and a pickle failed."""
+    import copy
+    import pickle
+
+    det = Detector(build_model("cmaae", memory_size=20), image_size=64, precision="float32")
+    det.compile()
+    for twin in (copy.copy(det), copy.deepcopy(det), pickle.loads(pickle.dumps(det))):
+        assert twin._compiled_call_impl is None
+
+
 def test_calls_with_autograd_history_keep_none_of_it_between_calls():
     """An unfused model called outside no_grad (as a plain ``det(x)`` is) with more patches than a
     chunk: its maps were copied into the reused workspace with their history, which grew by a
