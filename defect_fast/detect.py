@@ -997,8 +997,7 @@ class Detector(nn.Module):
         stored normalisation statistics
         (``state["normalization"]``), perceptual-map statistics (``state["perceptual"]``) and the image
         context (``state["context"]``) are restored, none of them with another ``map_kind`` than
-        the stored one (each was measured on the stored kind's maps, as setting :attr:`map_kind`
-        drops them). With another ``map_kind``, the AlexNet trunk
+        the stored one (each was measured on the stored kind's maps). With another ``map_kind``, the AlexNet trunk
         of the perceptual map and the context left out is kept: a later :meth:`fit_perceptual` or
         :meth:`fit_context` runs it, as on the stored kind, with no weights file.
         """

@@ -168,8 +168,8 @@ def sidecar(det: Detector, fmt: str, batch: int, dynamic_batch: bool, source: Pa
         "thresholds": {"score": image_t, "pixel": pixel_t},
         # a frame the file scores low and a threshold would pass, which the package never passes
         "blank_frames": "an image of one colour throughout at image_size x image_size (every channel constant: a "
-                        "covered lens, a failed exposure) is not a part: judge it defective without its score (predict "
-                        "flags it, watch sets it aside, the C++ runner exits with status 2)",
+                        "covered lens, a failed exposure) is not a part: never pass it by its score (predict flags it "
+                        "defective, watch sets it aside unjudged, the C++ runner exits with status 2)",
         # the precision the thresholds' scores were computed in (None: not recorded, files before it);
         # another than "precision" above moves the file's scores by that rounding
         "thresholds_precision": cal.get("precision") if image_t is not None else None,

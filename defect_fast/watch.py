@@ -1073,6 +1073,11 @@ def _move_away(st: _State, key: str, path: Path, sig: Signature, dest: Path) -> 
     return None
 
 
+def _verdict(st: _State, score: Any) -> str:
+    """An image's result by its score: it fails above the image threshold."""
+    return "fail" if float(score) > st.threshold else "pass"
+
+
 def _process(st: _State, keys: list[str], predict_fn: PredictFn,
              log: Callable[[str], None], stop: threading.Event | None = None) -> int:
     """Read, judge and record one batch; returns how many images got a result. With ``stop`` set,
@@ -1183,7 +1188,7 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
             else:
                 name = output_name(key, sha)
                 map_path, ov_path = st.out / MAPS / f"{name}_map.png", st.out / OVERLAYS / f"{name}_overlay.png"
-                if st.maps == "none" or (st.maps == "failed" and not float(s) > st.threshold):
+                if st.maps == "none" or (st.maps == "failed" and _verdict(st, s) == "pass"):
                     map_path = ov_path = None
                 try:
                     m = resize_map(m, tuple(photo.shape[-2:]))  # (its regions are in the photo's pixels)
@@ -1211,7 +1216,7 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
                 continue
             map_path, ov_path = files
             score = float(s)
-            result = "fail" if score > st.threshold else "pass"
+            result = _verdict(st, score)
             regions = defect_regions(m, st.info.pixel_threshold, max_regions=None) \
                 if st.info.pixel_threshold is not None else []
             rec = _base_record(st, key, path, sha, sig)
@@ -1494,6 +1499,7 @@ def watch(
     wake = threading.Event()
     old_handlers: dict[int, Any] = {}
     observer = events = None
+    recovered = False  # the counts read from the journal are whole (status.json's "counts", else null)
     try:
         if handle_signals and threading.current_thread() is threading.main_thread():
             def on_signal(signum, frame):
@@ -1516,7 +1522,8 @@ def watch(
         st.known, st.folder_ids = listing.found, dict(listing.folders)
         listed = time.monotonic()
         n_records, judged_apart = _recover(st, log, listing.holds, stop)
-        if stop.is_set():  # while the journal was read: nothing judged, and no counts of half of it
+        recovered = not stop.is_set()
+        if not recovered:  # while the journal was read: nothing judged, and no counts of half of it
             if journal.repaired:  # (done at its opening: the next start has nothing left to say)
                 log(f"{journal.path}: {journal.repaired}")
             _status_or_stop(st, "stopped", out, counts=False)
@@ -1586,7 +1593,7 @@ def watch(
     except BaseException as exc:  # a dashboard must not show a dead service as running
         with contextlib.suppress(Exception):
             st.last = {**(st.last or {}), "error": f"{type(exc).__name__}: {exc}"[:500]}
-            _write_status(st, "error")
+            _write_status(st, "error", counts=recovered)
         raise
     finally:
         if observer is not None:
@@ -1611,9 +1618,9 @@ def add_parser(subparsers) -> None:
     from .safety import add_threshold_options, device_arg, input_path, nonneg_float, output_path, positive_float, positive_int
 
     w = subparsers.add_parser(
-        "watch", help="judge every image dropped into a folder: maps, overlays and a results journal",
-        description="A long-running service for a camera drop folder: each complete image gets its map, overlay "
-                    "and one line in OUT_DIR/results.jsonl (exactly once, also across kill -9 and restarts); bad "
+        "watch", help="judge every image dropped into a folder: a results journal, maps and overlays",
+        description="A long-running service for a camera drop folder: each complete image gets one line in "
+                    "OUT_DIR/results.jsonl (and its map and overlay, as --maps says) (exactly once, also across kill -9 and restarts); bad "
                     "files are moved to OUT_DIR/rejected/ with the reason in the journal; OUT_DIR/status.json holds "
                     "the counts. SIGTERM or Ctrl-C finishes the image in hand and stops (the rest of its batch "
                     "waits for the next start).")
@@ -1641,7 +1648,7 @@ def add_parser(subparsers) -> None:
                         "images stay where they are)")
     w.add_argument("--maps", choices=MAPS_FOR, default="all",
                    help="the judged images whose map and overlay are written to OUT/maps/ and OUT/overlays/: all "
-                        "(default), failed (a passing image's line names none) or none: written for every image, "
+                        "(default), failed (a passing image's line names none) or none. Written for every image, "
                         "they fill a disk in time on a line")
     w.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default)")
     w.set_defaults(func=command)

@@ -1549,12 +1549,12 @@ def test_an_idle_status_write_that_fails_is_said_once_and_the_service_goes_on(tm
 
     calls = []
 
-    def write_status(st, state):
+    def write_status(st, state, counts=True):
         calls.append(state)
         if full.is_set() and state == "running" and len(calls) > 1:  # the start's own write goes through
             st.status_at = time.monotonic()
             raise OSError(errno_mod.ENOSPC, "No space left on device", str(st.out / "status.json"))
-        return real(st, state)
+        return real(st, state, counts)
 
     monkeypatch.setattr(watch_mod, "_write_status", write_status)
     src, out = tmp_path / "in", tmp_path / "out"

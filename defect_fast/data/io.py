@@ -656,9 +656,10 @@ def _ratio(r: float) -> str:
     return f"{text}:1" if r >= 1 else f"1:{text}"
 
 
-def warn_data(message: str, stacklevel: int = 1, category: type[DataWarning] = DataWarning) -> None:
+def warn_data(message: str, stacklevel: int = 1, category: type[Warning] = DataWarning) -> None:
     """``warnings.warn(message, category, stacklevel)``, shown and filtered as it would be, but
-    kept in no warning registry. The messages of one file's reading name the file, and the registry
+    kept in no warning registry (under the "once" action Python keeps each text in its own, as
+    ever), for warnings whose text varies: a count, a file's name. The messages of one file's reading name the file, and the registry
     that the default filter keeps in the warning line's module holds every distinct text for the
     life of the process: a service reading a 12-bit camera's frames or multi-page TIFFs, each
     named, would grow by every frame. (So a file read twice is warned of twice: the "default" and
