@@ -546,6 +546,23 @@ def test_status_says_error_when_the_service_dies(tmp_path):
         watch(broken, INFO, src, out, once=True, handle_signals=False, log=lambda s: None, settle=0.05, poll_interval=0.05)
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "error" and "model exploded" in status["last"]["error"]
+    assert status["counts"]["total"] == 0  # the journal read whole: its counts
+    # an error while the journal is read: its counts are not known (null), not those of the lines read
+    run_once(src, out)
+    real = watch_mod._recover
+
+    def failing(st, log, keep=None, stop=None):
+        real(st, log, keep, stop)
+        raise OSError(errno.EIO, "Input/output error")
+
+    watch_mod._recover = failing
+    try:
+        with pytest.raises(OSError, match="Input/output error"):
+            run_once(src, out)
+    finally:
+        watch_mod._recover = real
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "error" and status["counts"] is None
 
 
 def test_a_stop_leaves_the_rest_of_the_batch_for_the_next_start(tmp_path):
