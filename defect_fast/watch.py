@@ -73,8 +73,8 @@ the line named where the file goes).
 A file is judged as it stands once settled: one rewritten sooner than ``settle`` (and the time the
 service takes to reach it) after its last version is judged at the version that stays; one changed
 after it settled, before it was judged (a whole frame, of other bytes), is said in a line and
-counted in ``status.json`` (``replaced_before_judged``, this session's), so a camera that names every frame alike must leave each frame
-longer than that, or give each a name of its own.
+counted in ``status.json`` (``replaced_before_judged``, this session's), so a camera that names
+every frame alike must leave each frame longer than that, or give each a name of its own.
 One process per ``OUT_DIR`` (:class:`defect_fast.safety.RunLock`, an ``flock`` released by the
 kernel when the process dies). Watches of one ``IN_DIR`` with results folders of their own may run
 side by side, unless one of them moves judged images away (``move_judged``): each image would be
@@ -93,9 +93,9 @@ every round lists and stats every file. A listing's cost, and the memory of what
 with the files left in the folder (50,000 files: a listing of 874 ms, in which nothing is judged;
 ``benchmarks/bench_watch_scan.py``): a line should move judged images out (``move_judged``) or archive
 them elsewhere (their journal lines name them). The outputs grow with every image too (a map and
-an overlay an image, unless ``--maps failed`` or ``none``; a journal
-line, which a start reads through; and the moved images): a line starts a new ``OUT_DIR`` now and then, with ``move_judged`` (images left in ``IN_DIR`` would be
-judged again into the new one).
+an overlay an image, unless ``--maps failed`` or ``none``; a journal line, which a start reads
+through; and the moved images): a line starts a new ``OUT_DIR`` now and then, with
+``move_judged`` (images left in ``IN_DIR`` would be judged again into the new one).
 
 Command line (:func:`add_parser`, :func:`command`)::
 
