@@ -1418,6 +1418,8 @@ class Detector(nn.Module):
                     profile: str = "none", level_brightness: bool | float = False, image_score: str = "combined",
                     placement: str = "cells", trunk: dict[str, torch.Tensor] | None = None) -> int:
         """Build an image context (:mod:`defect_fast.context`) and switch maps and scores to the combination.
+        Blank frames among the images are left out (a warning names them) where 10 normal and 2
+        calibration images remain.
 
         Args:
             normal_images: uint8 [N,3,H,W] defect-free images the context's Gaussians are fitted on
@@ -1425,8 +1427,6 @@ class Detector(nn.Module):
             calibration_images: uint8 [M,3,H,W] defect-free images (M >= 2) none of this Detector's
                 statistics were fitted on: the defect-free mean and spread of its own map and of
                 the combined score come from them.
-            Blank frames among either are left out (a warning names them) where 10 normal and 2
-            calibration images remain.
             profile: the context's band profile, "none", "rows" or "columns"
                 (:class:`~defect_fast.context.ImageContext`), or "auto": across the streaks of
                 ``normal_images`` (:func:`~defect_fast.context.profile_across_streaks`, which
