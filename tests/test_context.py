@@ -788,6 +788,52 @@ def test_a_detector_loaded_on_another_map_kind_keeps_the_trunk_for_a_later_fit(m
         Detector.from_state(state, "cpu", precision="float32")
 
 
+def _changed_during_a_call(monkeypatch, det, frame, part, name, change) -> torch.Tensor:
+    """Run ``change`` on a thread while a camera thread's call of ``det`` on ``frame`` is held in
+    ``part.name`` (after the call read what it reads there); assert that the change waits for the
+    call, then that both end without an error. Returns the camera's scores."""
+    import threading
+    import time
+
+    inside, go_on, changed, errors, results = threading.Event(), threading.Event(), threading.Event(), [], []
+    real = getattr(part, name)
+
+    def held(*args, **kwargs):  # the camera's call stops there
+        if threading.current_thread().name == "camera":
+            inside.set()
+            assert go_on.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(part, name, held)
+
+    def camera():
+        try:
+            with torch.no_grad():
+                results.append(det(frame)[1])
+        except Exception as exc:  # noqa: BLE001 - what the camera met, asserted below
+            errors.append(exc)
+
+    def make_change():
+        try:
+            change()
+            changed.set()
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    cam, changer = threading.Thread(target=camera, name="camera"), threading.Thread(target=make_change)
+    cam.start()
+    assert inside.wait(60)
+    changer.start()
+    time.sleep(0.5)
+    assert not changed.is_set()  # it waits for the call in progress
+    go_on.set()
+    cam.join(60)
+    changer.join(60)
+    assert not errors, errors
+    assert changed.is_set()
+    return results[0]
+
+
 def test_a_fit_waits_for_the_calls_in_progress_and_holds_new_ones(monkeypatch):
     """A re-fit on one thread while a camera thread predicted on the same Detector: the fit set the
     context to None in the middle of the camera's call (an AttributeError there), or put in a new
@@ -805,44 +851,10 @@ def test_a_fit_waits_for_the_calls_in_progress_and_holds_new_ones(monkeypatch):
     frame = calib[:1]
     with torch.no_grad():
         before = det(frame)[1]
-    inside, go_on = threading.Event(), threading.Event()
-    features = det.context.features
-
-    def held(*args, **kwargs):  # the camera's call stops inside the model, after it read the context
-        if threading.current_thread().name == "camera":
-            inside.set()
-            assert go_on.wait(60)
-        return features(*args, **kwargs)
-
-    monkeypatch.setattr(det.context, "features", held)
-    results, fitted, errors = [], threading.Event(), []
-
-    def camera():
-        try:
-            with torch.no_grad():
-                results.append(det(frame)[1])
-        except Exception as exc:  # noqa: BLE001 - what the camera met, asserted below
-            errors.append(exc)
-
-    def reteach():
-        try:
-            det.fit_normalization(normal)  # ends with the context set aside (its statistics were of other maps)
-            fitted.set()
-        except Exception as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    cam, fit = threading.Thread(target=camera, name="camera"), threading.Thread(target=reteach)
-    cam.start()
-    assert inside.wait(60)
-    fit.start()
-    time.sleep(0.5)
-    assert not fitted.is_set()  # it waits for the call in progress
-    go_on.set()
-    cam.join(60)
-    fit.join(60)
-    assert not errors, errors
-    assert fitted.is_set() and det.context is None
-    torch.testing.assert_close(results[0], before, rtol=0, atol=0)  # the old Detector's score, whole
+    during = _changed_during_a_call(monkeypatch, det, frame, det.context, "features",
+                                    lambda: det.fit_normalization(normal))  # (its context then set aside)
+    assert det.context is None
+    torch.testing.assert_close(during, before, rtol=0, atol=0)  # the old Detector's score, whole
     # a call made while a fit runs waits for it: it gives the new Detector's score
     waits = threading.Event()
     real = det._fit_context
@@ -903,55 +915,18 @@ def test_a_change_of_settings_or_weights_waits_for_the_calls_in_progress(change,
     """map_kind or precision set, other weights loaded or a move, on one thread while a camera
     thread's call ran on the same Detector: the call computed part of its maps with the old
     settings or weights and the rest with the new. It now waits for the call, as a fit does."""
-    import threading
-    import time
-
     torch.manual_seed(0)
     det = Detector(build_model("cmaae", memory_size=20), image_size=128, precision="float32", fuse=False)
     other = {k: v + 0.01 if v.is_floating_point() else v for k, v in det.state_dict().items()}
     frame = _u8(_surfaces(1, seed=2))
     with torch.no_grad():
         before = det(frame)[1]
-    inside, go_on, changed, errors, results = threading.Event(), threading.Event(), threading.Event(), [], []
-    patch_maps = det._patch_maps
-
-    def held(*args, **kwargs):  # the camera's call stops inside the pipeline
-        if threading.current_thread().name == "camera":
-            inside.set()
-            assert go_on.wait(60)
-        return patch_maps(*args, **kwargs)
-
-    monkeypatch.setattr(det, "_patch_maps", held)
-
-    def camera():
-        try:
-            with torch.no_grad():
-                results.append(det(frame)[1])
-        except Exception as exc:  # noqa: BLE001 - what the camera met, asserted below
-            errors.append(exc)
-
-    def make_change():
-        try:
-            {"map_kind": lambda: setattr(det, "map_kind", "residual"),
-             "precision": lambda: setattr(det, "precision", "bfloat16"),
-             "load_state_dict": lambda: det.load_state_dict(other),
-             "to": lambda: det.to("cpu")}[change]()
-            changed.set()
-        except Exception as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    cam, changer = threading.Thread(target=camera, name="camera"), threading.Thread(target=make_change)
-    cam.start()
-    assert inside.wait(60)
-    changer.start()
-    time.sleep(0.5)
-    assert not changed.is_set()  # it waits for the call in progress
-    go_on.set()
-    cam.join(60)
-    changer.join(60)
-    assert not errors, errors
-    assert changed.is_set()
-    torch.testing.assert_close(results[0], before, rtol=0, atol=0)  # the Detector as it was, whole
+    change = {"map_kind": lambda: setattr(det, "map_kind", "residual"),
+              "precision": lambda: setattr(det, "precision", "bfloat16"),
+              "load_state_dict": lambda: det.load_state_dict(other),
+              "to": lambda: det.to("cpu")}[change]
+    during = _changed_during_a_call(monkeypatch, det, frame, det, "_patch_maps", change)
+    torch.testing.assert_close(during, before, rtol=0, atol=0)  # the Detector as it was, whole
 
 
 @pytest.mark.parametrize("how", ["copy", "deepcopy"])
