@@ -726,6 +726,27 @@ def _entry(st: _State, path: Path, stat: os.stat_result,
     return path, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
+#: Why a folder of defect-fast's outputs inside IN_DIR is not looked into (its maps and overlays are no
+#: camera's frames; nor are another watch's rejected/ and judged/ files, which it keeps).
+OUTPUT_FOLDER = "a defect-fast output folder (another watch's, a run's or predict's), not watched"
+
+
+def _output_folder(folder: Path | str) -> bool:
+    """Whether ``folder`` holds defect-fast's marks of an output folder: its manifest or its lock."""
+    return os.path.lexists(os.path.join(folder, MANIFEST_NAME)) or os.path.lexists(os.path.join(folder, LOCK_NAME))
+
+
+def _in_output_folder(st: _State, key: str) -> Path | None:
+    """The folder of defect-fast's outputs under IN_DIR that ``key`` is or lies in (None: none):
+    each folder on the way from IN_DIR, IN_DIR itself not included (the user chose to watch it)."""
+    parts = key.split("/")
+    for i in range(1, len(parts) + 1):
+        folder = st.in_dir.joinpath(*parts[:i])
+        if _output_folder(folder) and os.path.realpath(folder) != os.path.realpath(st.out):  # (its own: by its path)
+            return folder
+    return None
+
+
 def _skipping(st: _State, path: Path, exc: OSError | str, log: Callable[[str], None]) -> None:
     """Name an entry of IN_DIR the service cannot (or does not) look at, and goes on without,
     once per reason."""
@@ -794,6 +815,9 @@ def _scan(st: _State, recursive: bool, log: Callable[[str], None], root: Path | 
             try:
                 if e.is_dir(follow_symlinks=False):
                     if Path(e.path).resolve() == out_resolved:
+                        continue
+                    if _output_folder(e.path):  # another watch's results beside this one's, say
+                        _skipping(st, Path(e.path), OUTPUT_FOLDER, log)
                         continue
                     if recursive:
                         stack.append(Path(e.path))
@@ -934,6 +958,12 @@ def _update(st: _State, keys: set[str], recursive: bool, log: Callable[[str], No
     looked = set()
     for key in keys:
         path = st.in_dir / key
+        inside = _in_output_folder(st, key) if recursive else None
+        if inside is not None:  # (a file written there, or the folder itself once its marks are in)
+            _skipping(st, inside, OUTPUT_FOLDER, log)
+            st.known.pop(key, None)
+            looked.add(key)
+            continue
         try:
             lst = os.lstat(path)
         except (FileNotFoundError, NotADirectoryError):
@@ -1418,7 +1448,8 @@ def watch(
             name, and the files waiting to settle, are looked at.
         settle: seconds a file's size and mtime must stay unchanged (default: ``poll_interval``).
         threshold: image threshold; overrides ``meta.image_threshold`` (one of them is required).
-        recursive: also watch sub-folders (``out_dir`` inside ``in_dir`` is skipped).
+        recursive: also watch sub-folders (``out_dir`` inside ``in_dir`` is skipped, and so is any
+            folder of defect-fast's outputs there, named once: :data:`OUTPUT_FOLDER`).
         use_watchdog: False scans only.
         stop: set it to stop after the image in hand (for embedding; signals set it too).
         handle_signals: install SIGTERM/SIGINT handlers (main thread only) for the run.
@@ -1640,7 +1671,8 @@ def add_parser(subparsers) -> None:
                         "10 x --settle when longer (an upload may have stalled; with --once, at once)")
     add_threshold_options(w, "fails")
     w.add_argument("--recursive", action="store_true",
-                   help="also watch sub-folders (a link to a folder is named once, not followed)")
+                   help="also watch sub-folders (a link to a folder is named once, not followed; a folder of "
+                        "defect-fast's outputs, another watch's results say, is named once, not looked into)")
     w.add_argument("--move-judged", action="store_true",
                    help="move each judged image out of the drop folder into OUT/judged/pass/ or OUT/judged/fail/ "
                         "once its result is in the journal (its line's \"moved_to\"; named NAME_<12 hex digits of "

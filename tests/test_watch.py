@@ -1744,3 +1744,22 @@ def test_a_judged_folder_that_is_a_link_is_refused_without_move_judged_too(tmp_p
     with pytest.raises(WatchError, match="judged: a symbolic link where watch writes a folder of its own"):
         run_once(src, out, move_judged=False)
     assert not list(victim.rglob("*.png")) and (src / "a.png").is_file()
+
+
+@pytest.mark.parametrize("move_judged", [False, True])
+def test_a_recursive_watch_leaves_another_watchs_results_folder_alone(tmp_path, move_judged):
+    """A --recursive watch of a line's folder judged a camera watch's maps and overlays there as
+    photos (every one a fail), set its rejected frames aside as its own, and with --move-judged
+    took them away: the camera watch's journal then named files that were gone."""
+    line = tmp_path / "line"
+    (line / "cam1").mkdir(parents=True)
+    (line / "cam1" / "a.png").write_bytes(png_bytes(1))
+    (line / "cam1" / "blank.png").write_bytes(png_bytes(2, bright=0.0))
+    run_once(line / "cam1", line / "res1")
+    theirs = sorted(p.relative_to(line) for p in (line / "res1").rglob("*") if p.is_file())
+    assert any(p.parts[0] == "res1" and p.parts[1] == "rejected" for p in theirs)
+    _, lines = run_once(line, tmp_path / "all", recursive=True, move_judged=move_judged)
+    assert [r["image"] for r in journal(tmp_path / "all")] == ["cam1/a.png"]
+    assert sorted(p.relative_to(line) for p in (line / "res1").rglob("*") if p.is_file()) == theirs
+    said = [x for x in lines if "res1" in x]
+    assert said == [f"skipping {line / 'res1'}: {watch_mod.OUTPUT_FOLDER}"]

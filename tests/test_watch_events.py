@@ -123,3 +123,31 @@ def test_a_drop_folder_replaced_under_the_service_is_watched_again(tmp_path, mon
     stop.set()
     t.join(timeout=20)
     assert n == 1 and any("was replaced or removed" in line for line in lines)
+
+
+def test_recursive_events_pass_over_an_output_folder_made_under_the_drop_folder(tmp_path):
+    """A camera watch started beside a --recursive one: the maps it wrote under the drop folder
+    arrived as events, and each was judged as a photo."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    stop = threading.Event()
+    t, _, lines = _serve(src, out, stop, recursive=True, rescan_interval=3600)
+    time.sleep(0.3)
+    (src / "cam1").mkdir()
+    (src / "cam1" / "a.png").write_bytes(png_bytes(6))
+    assert _wait_for(out, 1) == 1
+    other = threading.Event()
+    t2, _, _ = _serve(src / "cam1", src / "res1", other)  # its maps and overlays: events under IN_DIR
+    deadline = time.time() + 20
+    while time.time() < deadline and len(list((src / "res1" / "maps").glob("*.png"))) < 1:
+        time.sleep(0.05)
+    (src / "cam1" / "b.png").write_bytes(png_bytes(7))
+    n = _wait_for(out, 2)
+    time.sleep(0.5)  # what else its events bring
+    other.set()
+    stop.set()
+    t2.join(timeout=20)
+    t.join(timeout=20)
+    assert n == 2 and sorted(r["image"] for r in journal(out)) == ["cam1/a.png", "cam1/b.png"]
+    assert len(list((src / "res1" / "maps").glob("*.png"))) == 2  # its own, all there
+    assert [x for x in lines if "res1" in x] == [f"skipping {src / 'res1'}: {watch_mod.OUTPUT_FOLDER}"]
