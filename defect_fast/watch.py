@@ -79,6 +79,10 @@ One process per ``OUT_DIR`` (:class:`defect_fast.safety.RunLock`, an ``flock`` r
 kernel when the process dies). Watches of one ``IN_DIR`` with results folders of their own may run
 side by side, unless one of them moves judged images away (``move_judged``): each image would be
 judged and recorded by only one of them, and the second start is refused (:class:`DropFolderLock`).
+Side by side, each records every file, bad ones too: a bad file is left in ``IN_DIR`` (its line's
+"left" says why, and no "rejected_to"), as one moved into a watch's ``rejected/`` is not there for
+the other; so is a judged image that ``move_judged`` would move while a watch of its sub-folder runs.
+Who else watches is read from Linux's ``/proc/locks`` (elsewhere the files are moved as ever).
 
 SIGTERM and SIGINT (Ctrl-C) finish the image in hand (the rest of its batch is left for the next
 start), write the status and return; during a start's reading of the journal, at once (the
@@ -156,6 +160,9 @@ MAPS, OVERLAYS, REJECTED = "maps", "overlays", "rejected"
 JUDGED_ROOT = "judged"
 JUDGED = {"pass": f"{JUDGED_ROOT}/pass", "fail": f"{JUDGED_ROOT}/fail"}
 TMP_PREFIX = ".tmp-"
+#: A journal line's "left" where its file was not moved out of the folder as it would have been (to
+#: rejected/, or with ``move_judged`` to judged/): another watch of the folder judges it too.
+LEFT_FOR = "{} watches this folder too, and judges the file as well (moved away, it would not be there for it)"
 #: Seconds between listings of the whole drop folder while file-system events arrive (``--rescan``).
 RESCAN_INTERVAL = 60.0
 #: Event paths kept between two rounds; beyond that the folder is listed instead.
@@ -513,7 +520,14 @@ class DropFolderLock:
 def _flock_holders(fd: int) -> list[int]:
     """The PIDs that hold an ``flock`` on the file open as ``fd``, other than this process, as
     Linux's ``/proc/locks`` lists them (empty where it cannot be read)."""
-    st = os.fstat(fd)
+    return [pid for pid in _flock_holders_of([os.fstat(fd)]) or () if pid != 0]
+
+
+def _flock_holders_of(stats: Iterable[os.stat_result]) -> list[int] | None:
+    """The PIDs of the processes but this one that hold an ``flock`` on any of the files of
+    ``stats``, as Linux's ``/proc/locks`` lists them (0: one in another PID namespace, a container
+    sharing the folder); None where it cannot be read."""
+    files = {(os.major(s.st_dev), os.minor(s.st_dev), s.st_ino) for s in stats}
     pids: set[int] = set()
     try:
         with open("/proc/locks", encoding="ascii", errors="replace") as f:
@@ -523,13 +537,31 @@ def _flock_holders(fd: int) -> list[int]:
                 if len(parts) < 6 or parts[1] != "FLOCK":
                     continue
                 major, minor, inode = parts[5].split(":")
-                # (a holder in another PID namespace, a container sharing the folder, is listed as 0)
-                if (int(major, 16), int(minor, 16), int(inode)) == (os.major(st.st_dev), os.minor(st.st_dev),
-                                                                    st.st_ino) and int(parts[4]) not in (0, os.getpid()):
+                if (int(major, 16), int(minor, 16), int(inode)) in files and int(parts[4]) != os.getpid():
                     pids.add(int(parts[4]))
     except (OSError, ValueError):
-        return []
+        return None
     return sorted(pids)
+
+
+def _watched_by_others(st: "_State", key: str) -> str | None:
+    """Who else watches the folder of ``key``'s file, as :class:`DropFolderLock` shows it (a
+    watch of IN_DIR, or of a sub-folder on the way to the file): "PID n", "PIDs n, m" or "another
+    watch" (one in another PID namespace); None where none does, or where Linux's ``/proc/locks``
+    cannot tell. Such a watch judges the file too: moved away, it would not be there for it."""
+    parts = key.split("/")
+    stats = []
+    for i in range(len(parts)):
+        try:
+            stats.append(os.stat(st.in_dir.joinpath(*parts[:i])))
+        except OSError:
+            continue
+    pids = _flock_holders_of(stats) if stats else None
+    if not pids:
+        return None
+    named = [p for p in pids if p != 0]
+    return "another watch" if not named else f"PID {named[0]}" if len(named) == 1 else \
+        f"PIDs {', '.join(map(str, named))}"
 
 
 def _print_line(msg: str) -> None:
@@ -1074,14 +1106,23 @@ def _moved_name(st: _State, folder: str, key: str, sha: str, plain: bool = True)
 
 
 def _reject(st: _State, key: str, path: Path, sha: str, sig: Signature, reason: str, log) -> None:
-    dest = _moved_name(st, REJECTED, key, sha)
+    others = _watched_by_others(st, key)
     rec = _base_record(st, key, path, sha, sig)
-    rec.update(result="rejected", reason=reason, rejected_to=dest.relative_to(st.out).as_posix())
-    st.moved_names.add(rec["rejected_to"])
+    rec.update(result="rejected", reason=reason)
+    if others is not None:  # each watch of the folder records it: moved into this one's rejected/, not the other's
+        rec["left"] = LEFT_FOR.format(others)
+    else:
+        dest = _moved_name(st, REJECTED, key, sha)
+        rec["rejected_to"] = dest.relative_to(st.out).as_posix()
+        st.moved_names.add(rec["rejected_to"])
     st.journal.append(rec)
     st.totals.add("rejected")
     st.session.add("rejected")
     st.last = {"image": key, "result": "rejected", "reason": reason, "time": rec["time"]}
+    if others is not None:
+        _mark_done(st, key, sha, sig)
+        log(f"rejected {path}: {reason} (left where it is: {rec['left']})")
+        return
     failed = _move_away(st, key, path, sig, dest)
     if failed is not None:  # judged all the same: the line is written, the other images go on
         _mark_done(st, key, sha, sig)  # (still there: not judged again)
@@ -1257,10 +1298,15 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
                        map=None if map_path is None else map_path.relative_to(st.out).as_posix(),
                        overlay=None if ov_path is None else ov_path.relative_to(st.out).as_posix())
             # the line names where the image goes before it goes: a move cut short is completed at start
-            dest = _moved_name(st, JUDGED[result], key, sha, plain=False) if st.move_judged else None
+            # (a watch of a sub-folder beside this --recursive one judges it too: it stays for it)
+            others = _watched_by_others(st, key) if st.move_judged else None
+            dest = _moved_name(st, JUDGED[result], key, sha, plain=False) if st.move_judged and others is None else None
             if dest is not None:
                 rec["moved_to"] = dest.relative_to(st.out).as_posix()
                 st.moved_names.add(rec["moved_to"])
+            elif others is not None:
+                rec["left"] = LEFT_FOR.format(others)
+                log(f"{path}: left where it is: {rec['left']}")
             st.journal.append(rec)
             _mark_done(st, key, sha, sig)
             st.totals.add(result)

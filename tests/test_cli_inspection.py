@@ -147,7 +147,7 @@ def test_watch_move_judged_is_refused_beside_another_watch_of_the_folder(tiny, t
     recorded by one of the two watches only)."""
     from defect_fast import detect
 
-    from test_watch_move_judged import _held_by_child
+    from test_watch import _held_by_child
 
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()

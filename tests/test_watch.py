@@ -1763,3 +1763,71 @@ def test_a_recursive_watch_leaves_another_watchs_results_folder_alone(tmp_path, 
     assert sorted(p.relative_to(line) for p in (line / "res1").rglob("*") if p.is_file()) == theirs
     said = [x for x in lines if "res1" in x]
     assert said == [f"skipping {line / 'res1'}: {watch_mod.OUTPUT_FOLDER}"]
+
+
+def _held_by_child(folder: Path, exclusive: bool):
+    """A child process that holds an flock on ``folder`` (as another watch does) until killed."""
+    import subprocess
+    import sys
+
+    code = ("import fcntl, os, sys, time\n"
+            f"fd = os.open({str(folder)!r}, os.O_RDONLY)\n"
+            f"fcntl.flock(fd, fcntl.{'LOCK_EX' if exclusive else 'LOCK_SH'})\n"
+            "print('held', flush=True)\n"
+            "time.sleep(120)\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "held"
+    return child
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="tells the watches of a folder by Linux's /proc/locks")
+def test_a_bad_file_stays_in_a_folder_another_watch_shares(tmp_path):
+    """Two watches of one folder, two models say: the first to reject a bad frame moved it into
+    its own rejected/, and the other never saw it (no line: not every file got a result)."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / "bad.png").write_bytes(b"not an image")
+    (src / "blank.png").write_bytes(png_bytes(1, bright=0.0))
+    (src / "a.png").write_bytes(png_bytes(2))
+    other = _held_by_child(src, exclusive=False)
+    try:
+        _, lines = run_once(src, out)
+    finally:
+        other.kill()
+        other.wait()
+    by_image = {r["image"]: r for r in journal(out)}
+    assert sorted(by_image) == ["a.png", "bad.png", "blank.png"]
+    for name in ("bad.png", "blank.png"):
+        rec = by_image[name]
+        assert rec["result"] == "rejected" and "rejected_to" not in rec
+        assert rec["left"] == watch_mod.LEFT_FOR.format(f"PID {other.pid}")
+        assert (src / name).is_file()
+        assert any(x.startswith(f"rejected {src / name}: ") and x.endswith(f"(left where it is: {rec['left']})")
+                   for x in lines)
+    assert not any((out / "rejected").iterdir())
+    run_once(src, out)  # alone now: what was left is done, not moved nor judged again
+    assert len(journal(out)) == 3 and (src / "bad.png").is_file() and not any((out / "rejected").iterdir())
+    run_once(src, tmp_path / "out2")  # a watch alone moves them as ever
+    assert sorted(p.name for p in (tmp_path / "out2" / "rejected").iterdir()) == ["bad.png", "blank.png"]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="tells the watches of a folder by Linux's /proc/locks")
+def test_move_judged_leaves_the_images_of_a_sub_folder_another_watch_has(tmp_path):
+    """A --recursive --move-judged watch beside a watch of one camera's sub-folder took its images
+    away before that one judged them (the drop folder's lock does not see a sub-folder's watch)."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    (src / "cam1").mkdir(parents=True)
+    (src / "cam1" / "a.png").write_bytes(png_bytes(3))
+    (src / "b.png").write_bytes(png_bytes(4))
+    other = _held_by_child(src / "cam1", exclusive=False)
+    try:
+        _, lines = run_once(src, out, recursive=True, move_judged=True)
+    finally:
+        other.kill()
+        other.wait()
+    by_image = {r["image"]: r for r in journal(out)}
+    assert by_image["cam1/a.png"]["left"] == watch_mod.LEFT_FOR.format(f"PID {other.pid}")
+    assert "moved_to" not in by_image["cam1/a.png"] and (src / "cam1" / "a.png").is_file()
+    assert "left" not in by_image["b.png"] and (out / by_image["b.png"]["moved_to"]).is_file()
+    assert not (src / "b.png").exists()
+    assert f"{src / 'cam1' / 'a.png'}: left where it is: {by_image['cam1/a.png']['left']}" in lines
