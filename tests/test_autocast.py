@@ -180,6 +180,28 @@ def test_native_ops_called_directly_under_autocast():
     close_bf16(outs[0], expected, "z_hat")
 
 
+def test_a_torch_without_register_autocast_runs_the_ops_under_autocast():
+    """torch.library.register_autocast is newer than some torch the package installs beside: every
+    op's first call raised AttributeError when its module registered itself, so every predict."""
+    import subprocess
+    import sys
+
+    code = ("import torch\n"
+            "del torch.library.register_autocast\n"
+            "from defect_fast import ops\n"
+            "torch.manual_seed(0)\n"
+            "z, memory = torch.randn(4, 8), torch.randn(16, 8)\n"
+            "with torch.autocast('cpu', dtype=torch.bfloat16):\n"
+            "    z_hat, w = ops.memory_address(z.bfloat16(), memory, 0.05)\n"
+            "    m = ops.msfr([torch.rand(1, 2, 8, 8).bfloat16()], [torch.rand(1, 2, 8, 8)], (16, 16))\n"
+            "    x = torch.rand(2, 1, 16, 16)\n"
+            "    s = ops.aw_ssim(x.bfloat16(), x, torch.ones(2), window=5)\n"
+            "print(z_hat.dtype, w.dtype, m.dtype, s.dtype)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["torch.float32"] * 4
+
+
 def test_mixed_dtypes_outside_autocast_still_rejected():
     z, memory, _, _ = ma_inputs()
     with pytest.raises((TypeError, RuntimeError)):

@@ -17,8 +17,8 @@ came in; gradients flow back to each input in that input's dtype. (msfr on bfloa
 features skips the copies: its kernel widens each value as it reads it, the same float32 map.)
 Outside autocast nothing is
 cast: the inputs must share one dtype, and the outputs have it. The native ops are also
-registered with :func:`torch.library.register_autocast` (float32), so calling
-``torch.ops.defect_fast.<op>`` under autocast upcasts float16/bfloat16 inputs to float32 too;
+registered with :func:`torch.library.register_autocast` (float32) where the installed torch has
+it, so calling ``torch.ops.defect_fast.<op>`` under autocast upcasts float16/bfloat16 inputs to float32 too;
 it leaves float64 ones as they are (a float64 input beside a bfloat16 one is then refused as a
 mix of dtypes, where the front computes in float64).
 """
