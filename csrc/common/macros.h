@@ -8,3 +8,11 @@
 #define DF_HOST_DEVICE
 #define DF_INLINE inline
 #endif
+
+// A pointer no other pointer of the function aliases: GCC and Clang (and nvcc) spell it __restrict__,
+// MSVC __restrict.
+#if defined(_MSC_VER) && !defined(__CUDACC__)
+#define DF_RESTRICT __restrict
+#else
+#define DF_RESTRICT __restrict__
+#endif

@@ -29,6 +29,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/macros.h"
 #include "msfr/msfr.h"
 #include "msfr/msfr_math.h"
 
@@ -115,8 +116,8 @@ void msfr_cpu_kernel(
       const scalar_t* xq = xs[i].data_ptr<scalar_t>() + ((b * Hi + row0) * Wi) * C;
       const scalar_t* rq = rs[i].data_ptr<scalar_t>() + ((b * Hi + row0) * Wi) * C;
       for (int64_t k = 0; k < n; ++k) {
-        const scalar_t* __restrict__ xk = xq + k * C;
-        const scalar_t* __restrict__ rk = rq + k * C;
+        const scalar_t* DF_RESTRICT xk = xq + k * C;
+        const scalar_t* DF_RESTRICT rk = rq + k * C;
         acc_t lanes[kLanes] = {};
         int64_t c = 0;
         for (; c + kLanes <= C; c += kLanes) {
@@ -138,22 +139,22 @@ void msfr_cpu_kernel(
       const scalar_t* rp = rs[i].data_ptr<scalar_t>() + (b * C) * plane + row0 * Wi;
       int64_t c = 0;
       for (; c + 4 <= C; c += 4) {
-        const scalar_t* __restrict__ x0 = xp + c * plane;
-        const scalar_t* __restrict__ r0 = rp + c * plane;
-        const scalar_t* __restrict__ x1 = x0 + plane;
-        const scalar_t* __restrict__ r1 = r0 + plane;
-        const scalar_t* __restrict__ x2 = x1 + plane;
-        const scalar_t* __restrict__ r2 = r1 + plane;
-        const scalar_t* __restrict__ x3 = x2 + plane;
-        const scalar_t* __restrict__ r3 = r2 + plane;
+        const scalar_t* DF_RESTRICT x0 = xp + c * plane;
+        const scalar_t* DF_RESTRICT r0 = rp + c * plane;
+        const scalar_t* DF_RESTRICT x1 = x0 + plane;
+        const scalar_t* DF_RESTRICT r1 = r0 + plane;
+        const scalar_t* DF_RESTRICT x2 = x1 + plane;
+        const scalar_t* DF_RESTRICT r2 = r1 + plane;
+        const scalar_t* DF_RESTRICT x3 = x2 + plane;
+        const scalar_t* DF_RESTRICT r3 = r2 + plane;
         for (int64_t k = 0; k < n; ++k) {
           acc[k] += (squared_residual<acc_t>(x0[k], r0[k]) + squared_residual<acc_t>(x1[k], r1[k])) +
                     (squared_residual<acc_t>(x2[k], r2[k]) + squared_residual<acc_t>(x3[k], r3[k]));
         }
       }
       for (; c < C; ++c) {
-        const scalar_t* __restrict__ xc = xp + c * plane;
-        const scalar_t* __restrict__ rc = rp + c * plane;
+        const scalar_t* DF_RESTRICT xc = xp + c * plane;
+        const scalar_t* DF_RESTRICT rc = rp + c * plane;
         for (int64_t k = 0; k < n; ++k) {
           acc[k] += squared_residual<acc_t>(xc[k], rc[k]);
         }
