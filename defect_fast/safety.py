@@ -71,6 +71,7 @@ __all__ = [
     "output_path",
     "positive_float",
     "positive_int",
+    "posix_locks",
     "printable",
     "probability",
     "read_own_json",
@@ -701,7 +702,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", *, replace: bool = Tr
     except OSError as exc:  # named by the file asked for, not by the temporary name it never got
         raise OSError(exc.errno, f"cannot create a file in {path.parent} ({exc.strerror})", str(path)) from None
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the mode a plain open() would
+        if hasattr(os, "fchmod"):  # (not on Windows before Python 3.13: no such modes there)
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the mode a plain open() would
         fh = os.fdopen(fd, mode, **kwargs)
         try:
             try:
@@ -1693,6 +1695,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def posix_locks(folder: str | os.PathLike) -> Any:
+    """The ``fcntl`` module, with which ``folder`` is locked; an :class:`OutputRefused` naming
+    ``folder`` where the system has none (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        raise OutputRefused(f"{folder}: not locked: this system has no POSIX file locks (fcntl), with which "
+                            "defect-fast keeps two processes from writing one folder; its commands, training and "
+                            "watch need a POSIX system (Linux, macOS)") from None
+    return fcntl
+
+
 class RunLock:
     """An exclusive OS lock (``fcntl.flock``) on ``folder/LOCK_NAME`` holding the owner's PID.
 
@@ -1727,7 +1741,7 @@ class RunLock:
 
     def _take(self) -> bool:
         """One attempt of :meth:`acquire`: False when the file locked is no longer the lock file."""
-        import fcntl
+        fcntl = posix_locks(self.folder)
 
         if self._fd is not None:
             return True
@@ -1767,7 +1781,7 @@ class RunLock:
     def check_free(self) -> None:
         """Raise :class:`RunInUse` when another process holds the lock, changing nothing (no lock
         file made, none written): for checks that touch nothing."""
-        import fcntl
+        fcntl = posix_locks(self.folder)
 
         try:
             # non-blocking: a FIFO put at the lock file's name would hold the open for ever

@@ -142,7 +142,7 @@ from .data.io import (IMAGE_EXTENSIONS, DataError, blank_images, error_kind, few
 from .maps import resize_map
 from .safety import (LOCK_NAME, MANIFEST_NAME, OutputFolder, OutputRefused, RunInUse, RunLock, UserError,
                      check_out_not_overlapping,
-                     far_errors, file_sha256, link_on_the_way, printable, short_stem, stat_signature)
+                     far_errors, file_sha256, link_on_the_way, posix_locks, printable, short_stem, stat_signature)
 
 __all__ = ["IGNORED_SUFFIXES", "DropFolderLock", "Journal", "WatchError", "add_parser", "command", "is_temporary_name",
            "output_name", "watch"]
@@ -480,7 +480,7 @@ class DropFolderLock:
         self._fd: int | None = None
 
     def acquire(self) -> "DropFolderLock":
-        import fcntl
+        fcntl = posix_locks(self.folder)
 
         def unlocked(exc: OSError) -> "DropFolderLock":
             self.log(f"{self.folder}: not locked ({exc.strerror or exc}), so a second watch of it would not be refused")

@@ -1459,3 +1459,25 @@ def test_a_file_nested_too_deeply_is_refused_in_one_line(tmp_path):
         sys.setrecursionlimit(limit)
     with pytest.raises(DigestError, match="nested too deeply to be a file defect-fast wrote"):
         load_with_digest(tmp_path / "deep.pt")
+
+
+def test_a_system_without_posix_locks_is_refused_in_one_line(tmp_path, monkeypatch):
+    """Windows has no fcntl: every command that writes a folder ended in "internal error
+    (ModuleNotFoundError) ... this is a bug"."""
+    from defect_fast.watch import DropFolderLock
+
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # import fcntl: ImportError
+    said = f"{tmp_path}: not locked: this system has no POSIX file locks (fcntl)"
+    for lock in (lambda: RunLock(tmp_path).acquire(), lambda: RunLock(tmp_path).check_free(),
+                 lambda: DropFolderLock(tmp_path, False, print).acquire()):
+        with pytest.raises(OutputRefused, match=re.escape(said) + r".* need a POSIX system \(Linux, macOS\)$"):
+            lock()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_atomic_write_where_os_has_no_fchmod(tmp_path, monkeypatch):
+    """Python before 3.13 on Windows has no os.fchmod: Detector.save and every atomic write failed."""
+    monkeypatch.delattr(os, "fchmod")
+    atomic_write_text(tmp_path / "a.txt", "kept\n")
+    assert (tmp_path / "a.txt").read_text() == "kept\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
