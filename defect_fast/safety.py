@@ -690,6 +690,9 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", *, replace: bool = Tr
     ``unlisted`` (always so with ``replace=False``): a name another command's output folder lists
     by then (one it reserved during the work, and would write over this file) is refused,
     :class:`OutputRefused`; for the single-file outputs, never for an output folder's own files.
+    Such a write, once in place, also removes the temporaries of ``path`` that writes killed
+    midway left (``kill -9``), untouched for :data:`STALE_TEMPORARY_SECONDS` (no writer is alive
+    in them; an output folder removes its own under its lock).
 
     Usage: ``with atomic_open(p) as fh: torch.save(obj, fh)``.
     """
@@ -747,6 +750,31 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", *, replace: bool = Tr
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+    if unlisted or not replace:
+        _remove_stale_temporaries(path)
+
+
+#: How long a temporary file of :func:`atomic_open`'s stays untouched before a later write of the
+#: same file takes it for one a killed process left, and removes it (a live writer writes on).
+STALE_TEMPORARY_SECONDS = 3600.0
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporaries of ``path`` (``.<name>.<8 characters>.tmp`` beside it, plain files)
+    untouched for :data:`STALE_TEMPORARY_SECONDS`: a save killed midway leaves one each time."""
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return
+    now = time.time()
+    for entry in entries:
+        if _TEMPORARY.fullmatch(entry.name) is None or not entry.name.startswith(f".{path.name}."):
+            continue
+        with contextlib.suppress(OSError):  # (gone meanwhile, or not ours to remove)
+            st = entry.stat(follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode) and now - st.st_mtime > STALE_TEMPORARY_SECONDS \
+                    and _temporary_name(Path(entry.path)) == path.name:
+                os.unlink(entry.path)
 
 
 #: results file asked for -> the file this process writes them to (:func:`write_results_text`)

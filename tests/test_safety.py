@@ -1481,3 +1481,30 @@ def test_an_atomic_write_where_os_has_no_fchmod(tmp_path, monkeypatch):
     atomic_write_text(tmp_path / "a.txt", "kept\n")
     assert (tmp_path / "a.txt").read_text() == "kept\n"
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_a_single_file_write_removes_the_temporaries_killed_writes_of_it_left(tmp_path):
+    """A save killed midway (kill -9) leaves a hidden temporary of the file's size beside it; every
+    later write left them there, one more a crash."""
+    import time
+
+    from defect_fast import safety as safety_mod
+
+    old = time.time() - 2 * safety_mod.STALE_TEMPORARY_SECONDS
+    left = tmp_path / ".model.pt.k3x_9qzw.tmp"  # a write of model.pt killed an hour and more ago
+    kept = {tmp_path / ".model.pt.a1b2c3d4.tmp": old + safety_mod.STALE_TEMPORARY_SECONDS * 1.9,  # being written
+            tmp_path / ".other.pt.k3x_9qzw.tmp": old,  # another file's
+            tmp_path / ".model.pt.notes.tmp": old,  # not a temporary's name
+            tmp_path / "model.pt.k3x_9qzw.tmp": old}
+    for p, t in [(left, old), *kept.items()]:
+        p.write_bytes(b"partial")
+        os.utime(p, (t, t))
+    with atomic_open(tmp_path / "model.pt", "wb", unlisted=True) as fh:
+        fh.write(b"whole")
+    assert not left.exists() and all(p.read_bytes() == b"partial" for p in kept)
+    assert (tmp_path / "model.pt").read_bytes() == b"whole"
+    left.write_bytes(b"partial")
+    os.utime(left, (old, old))
+    with atomic_open(tmp_path / "model.pt", "wb") as fh:  # an output folder's file: its folder cleans up
+        fh.write(b"again")
+    assert left.exists()
