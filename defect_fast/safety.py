@@ -2098,7 +2098,8 @@ def _load_checked(p: Path, fh) -> Any:
         raise DigestError(f"{p}: not a readable defect_fast file (a damaged archive: {type(exc).__name__}: "
                           f"{one_line(str(exc))[:200]})") from None
     if not is_zip:  # every torch.save file is a zip archive: an image, a text, a truncated copy
-        raise DigestError(f"{p}: not a defect_fast model or checkpoint file (not a torch archive; truncated or another kind of file)")
+        raise DigestError(f"{p}: not a defect_fast model or checkpoint file (not a torch archive: truncated, a "
+                          "copy still being written, or another kind of file)")
     fh.seek(0)
     kind = _other_torch_archive(fh)
     if kind:  # torch.load would warn, then advise on TorchScript or call the file corrupted
