@@ -553,9 +553,9 @@ def load():
 def register_autocast_float32(*qualnames: str) -> None:
     """Registers each ``defect_fast::<op>`` for autocast (CPU and CUDA): float16/bfloat16 inputs are
     upcast to float32 and the kernel runs with autocast off, as for autocast's own float32 ops.
-    A torch without ``torch.library.register_autocast`` (older than the one this was built on) has
-    none: the ops' Python functions upcast as ever, and ``torch.ops.defect_fast.*`` called under
-    autocast takes the inputs as given."""
+    An older torch, without ``torch.library.register_autocast``, has none: the ops' Python
+    functions upcast as ever, and ``torch.ops.defect_fast.*`` called under autocast takes the
+    inputs as given."""
     import torch
 
     if not hasattr(torch.library, "register_autocast"):
