@@ -565,10 +565,11 @@ def _resumable(out: Path, earlier: dict, header: dict, paths: list[Path], names:
     """How many of ``paths`` the stopped predict in ``out`` did; OutputRefused where this command
     would not continue it: other images, another model file or other settings."""
     again = "give the stopped command's run, images and options again, or predict all again with --overwrite"
-    if "model_sha256" not in earlier:
+    unrecorded = [k for k in header if k != "run" and k not in earlier]
+    if unrecorded:  # (not a setting given otherwise: none of them can be given again to match)
         raise OutputRefused(f"--resume: the predict stopped in {out} was of an earlier defect-fast, whose scores.json "
-                            "does not record the model file and settings to continue with; predict all again with "
-                            "--overwrite")
+                            f"does not record the model file and settings to continue with ({', '.join(unrecorded)}); "
+                            "predict all again with --overwrite")
     # (the run as given is not compared: the model file's SHA-256 says which it is, at any path)
     other = [k for k in header if k != "run" and earlier.get(k) != header[k]]
     if other:

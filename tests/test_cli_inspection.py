@@ -530,6 +530,10 @@ def test_resume_refuses_another_precision_an_earlier_version_s_list_and_a_predic
                                        if k not in ("model_sha256", "precision", "stride", "smooth", "blend")}))
     status, _, err = cli(base, capsys)
     refused(status, err, "of an earlier defect-fast", "--overwrite")
+    # one that recorded the model file but not yet the precision: no option gives a precision to match
+    scores_json.write_text(json.dumps({k: v for k, v in written.items() if k != "precision"}))
+    status, _, err = cli(base, capsys)
+    refused(status, err, "of an earlier defect-fast", "(precision); predict all again with --overwrite")
     scores_json.unlink()
     lock = RunLock(out).acquire()
     try:
