@@ -1991,8 +1991,8 @@ def verify_digest(obj: Any, path: str | os.PathLike, *, required_keys: Iterable[
     if stored is None:
         if allow_missing:
             return False
-        raise DigestError(f"{path}: no tensor digest (written by another program or an older defect_fast); "
-                          "retrain or re-save it with this version")
+        raise DigestError(f"{path}: no tensor digest (written by another program or an older defect_fast), so its "
+                          "contents cannot be checked and it is not read; train again with this version")
     if not (isinstance(stored, Mapping) and stored.get("algorithm") == "sha256" and isinstance(stored.get("hex"), str)):
         raise DigestError(f"{path}: unreadable tensor digest entry")
     body = {k: v for k, v in obj.items() if k != DIGEST_KEY}

@@ -902,7 +902,8 @@ def test_saved_file_with_flipped_bytes_is_detected(tmp_path):
 def test_foreign_older_and_broken_files_are_clear_errors(tmp_path):
     old = tmp_path / "old.pt"
     torch.save(_state(), old)  # no digest: an older or foreign file
-    with pytest.raises(DigestError, match=r"old\.pt: no tensor digest"):
+    with pytest.raises(DigestError, match=r"old\.pt: no tensor digest .* it is not read; train again with this "
+                                          r"version$"):  # (no defect-fast reads it, to save it again)
         load_with_digest(old)
     assert verify_digest(torch.load(old, weights_only=True), old, allow_missing=True) is False
     foreign = tmp_path / "foreign.pt"
