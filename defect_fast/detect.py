@@ -416,8 +416,9 @@ def _check_pixels(images: torch.Tensor, where: str) -> None:
         return
     if not images.is_floating_point():
         raise TypeError(f"{where}: images must be uint8 (0..255) or float in [-1, 1], got {images.dtype}; "
-                        "scale other types to uint8 first (16-bit: x // 257 for data of the full 16-bit range, "
-                        "x >> (bits - 8) for a 10-, 12- or 14-bit camera's)")
+                        "scale other types to uint8 first, rounded as a 16-bit file is read (16-bit: "
+                        "round(x * 255 / 65535) for data of the full 16-bit range, round(x * 255 / (2**bits - 1)) "
+                        "for a 10-, 12- or 14-bit camera's)")
     lo, hi = (float(v) for v in torch.aminmax(images.float()))
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{where}: the images hold NaN or infinite values")
@@ -1755,8 +1756,9 @@ class Detector(nn.Module):
                 raise DataError(f"PIL image: cannot convert its {mode} pixels ({_reason(exc)})") from None
         if isinstance(x, np.ndarray):
             if x.dtype != np.uint8:  # float arrays are most often [0, 1], which [-1, 1] would misread
-                how = ("(x // 257).astype(np.uint8) for data of the full 16-bit range, (x >> (bits - 8)) for a 10-, "
-                       "12- or 14-bit camera's" if x.dtype.kind in "ui" else
+                how = ("np.rint(x * (255 / 65535)).astype(np.uint8) for data of the full 16-bit range, as a 16-bit "
+                       "file is read, np.rint(x * (255 / (2**bits - 1))) for a 10-, 12- or 14-bit camera's"
+                       if x.dtype.kind in "ui" else
                        "(x * 255).round().astype(np.uint8) for [0, 1]")
                 raise TypeError(f"numpy images must be uint8 (0..255), got {x.dtype}; scale them to uint8 "
                                 f"(e.g. {how}), or pass float images in [-1, 1] as a torch tensor")
