@@ -372,6 +372,32 @@ def test_load_test_set_layout(tmp_path):
 
 
 
+@pytest.mark.parametrize("with_ground_truth", [True, False])
+def test_masks_kept_beside_their_images_are_not_test_images(tmp_path, with_ground_truth):
+    """A line's folder of defective parts with each mask beside its image: evaluate counted every
+    mask as one more defective part (image-level results only, without ground_truth/), in silence."""
+    root = _mvtec(tmp_path)
+    if not with_ground_truth:
+        shutil.rmtree(root / "ground_truth")
+    for cls in ("scratch", "spot"):
+        for name in ("000", "001"):
+            _save(root / "test" / cls / f"{name}_mask.png", np.full((32, 32), 255, dtype=np.uint8))
+    # no lone.png beside it: a test image of that name
+    _save(root / "test" / "spot" / "lone_mask.png", np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8))
+    if with_ground_truth:
+        defect = np.zeros((32, 32), dtype=np.uint8)
+        defect[4:12, 4:12] = 255
+        _save(root / "ground_truth" / "spot" / "lone_mask_mask.png", defect)
+    with pytest.warns(DataWarning, match=r"test: 4 file\(s\) named <image>_mask beside their images are taken for "
+                                         r"masks, not test images, and left out \(scratch/000_mask\.png, "
+                                         r"scratch/001_mask\.png, spot/000_mask\.png, \.\.\.\); masks go in .*ground_truth/"
+                                         r"<class>/, named <image>_mask\.png") as seen:
+        ts = load_test_set(root, 16, require_masks=with_ground_truth)
+    assert len(_data_warnings(seen)) == 1
+    assert [p.name for p in ts.paths] == ["000.png", "001.png", "000.png", "001.png", "000.png", "001.png",
+                                          "lone_mask.png"]
+
+
 def test_a_mask_in_ground_truth_good_that_marks_a_defect_is_said(tmp_path):
     """Masks in ground_truth/good/ are never read (good images count as defect-free): a blank one,
     as some datasets ship, is fine; one marking a defect, which contradicts the image's folder, was

@@ -298,6 +298,8 @@ def load_test_set(
 
     Classes are the sub-folders of ``root/test``; "good" comes first, then the others sorted;
     images within a class are sorted by name. Masks are resized with nearest-neighbour sampling.
+    A file named ``<image>_mask`` beside ``<image>`` in a class folder is taken for a mask kept
+    there, not a test image, and left out (a :class:`DataWarning` says where masks go).
 
     Args:
         root: dataset root holding ``test/`` (and ``ground_truth/`` for defect classes).
@@ -339,8 +341,16 @@ def load_test_set(
     items: list[tuple[str, Path, Path | None]] = []
     problems: list[str] = []
     has_masks = require_masks or (root / "ground_truth").exists()
+    beside: list[Path] = []
     for d in class_dirs:
         class_images = list_images(d)
+        # a mask kept beside its image (<stem>_mask.png next to <stem>.png) would count as one more defective part
+        stems = {p.stem for p in class_images}
+        masks_here = [p for p in class_images if p.stem.endswith("_mask") and p.stem[: -len("_mask")] in stems]
+        if masks_here:
+            beside.extend(masks_here)
+            left_out = set(masks_here)
+            class_images = [p for p in class_images if p not in left_out]
         gt_class = root / "ground_truth" / d.name
         if d.name != GOOD and has_masks and class_images and not gt_class.is_dir():  # one line, not one per image
             shown = ", ".join(p.name for p in class_images[:3]) + (", ..." if len(class_images) > 3 else "")
@@ -363,6 +373,11 @@ def load_test_set(
                         expected = f"{gt / (img.stem + '_mask.png')} or {gt / (img.stem + '.png')}"
                         problems.append(f"{img}: no ground-truth mask (expected {expected})")
             items.append((d.name, img, mask))
+    if beside:
+        warnings.warn(f"{test}: {len(beside)} file(s) named <image>_mask beside their images are taken for masks, not "
+                      f"test images, and left out ({', '.join(str(p.relative_to(test)) for p in beside[:3])}"
+                      f"{', ...' if len(beside) > 3 else ''}); masks go in {root / 'ground_truth'}/<class>/, named "
+                      "<image>_mask.png", DataWarning, stacklevel=2)
     claimed: dict[Path, list[Path]] = {}
     for _cls, img, mask in items:
         if mask is not None:
