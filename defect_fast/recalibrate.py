@@ -326,8 +326,24 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
         warnings.warn(cal["note"])
     log(f"the image threshold is the score of {cal['threshold_image']}; the highest scores: "
         + scores_named(cal["highest_scores"]))
+    new = cal.get("image_threshold")
+    if isinstance(was, (int, float)) and was > 0 and isinstance(new, (int, float)) and new > RAISED * was \
+            and not before.get("inapplicable"):
+        # stdout said it; a threshold set on a defective part passes every defect scoring below it
+        from .data.io import warn_data
+
+        warn_data(f"{out / MODEL_FILE}: its image threshold is {new / was:.1f} x the run's ({threshold_text(new)}, was "
+                  f"{threshold_text(was)}), set by {cal['threshold_image']}: a changed line, or defective parts among "
+                  "the images given as defect-free? Look at the highest scoring ones before judging by it",
+                  stacklevel=2, category=UserWarning)
     log(f"wrote {out / MODEL_FILE} (weights, maps and scores as in {path}; only the thresholds changed)")
     return {"model": out / MODEL_FILE, "calibration": cal, "before": before}
+
+
+#: A new image threshold more than this many times the run's is warned of: images given as
+#: defect-free that a run's defect-free spread of scores does not explain (a defective part among
+#: them sets the threshold, and every defect scoring below it then passes).
+RAISED = 2.0
 
 
 def add_parser(subparsers) -> None:

@@ -117,6 +117,24 @@ def test_more_images_reach_the_rate_and_leave_the_scores_alone(runs, tmp_path, c
     assert "2nd largest of 124" in stdout
 
 
+def test_a_threshold_raised_far_above_the_run_s_is_warned_of(runs, tmp_path, capsys):
+    """Defective parts given as defect-free set a threshold 26 times the run's on a line's photos,
+    said on standard output only: every defect scoring below it then passed."""
+    from defect_fast.recalibrate import RAISED
+
+    out = tmp_path / "cal"
+    defective = runs["data"] / "test" / "scratch"
+    status, _stdout, err = cli(["calibrate", runs["run"], defective, "--out", out, "--device", "cpu"], capsys)
+    assert status == 0, err
+    cal = load_model_state(out)["calibration"]
+    ratio = cal["image_threshold"] / cal["calibrated_from"]["image_threshold"]
+    assert ratio > RAISED, ratio
+    assert (f"defect-fast: warning: {out / 'model.pt'}: its image threshold is {ratio:.1f} x the run's "
+            f"({cal['image_threshold']!r}, was {cal['calibrated_from']['image_threshold']!r}), set by "
+            f"{cal['threshold_image']}: a changed line, or defective parts among the images given as defect-free? "
+            "Look at the highest scoring ones before judging by it") in err
+
+
 def test_a_calibrated_run_is_calibrated_again_at_its_own_rate(runs, tmp_path, capsys):
     first, second = tmp_path / "first", tmp_path / "second"
     status, _stdout, err = cli(["calibrate", runs["run"], runs["more"], "--with-held-back", "--far", "0.05",
