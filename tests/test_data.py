@@ -1495,3 +1495,31 @@ def test_an_image_over_pil_s_size_limit_is_refused_with_what_to_do(tmp_path, mon
         read_image(p, 16)
     assert str(err.value).startswith(f"{p}: image is implausibly large (") and "downscale it" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_pixels_are_said_to_be_read_as_the_colour_under_them(tmp_path, mode):
+    """An image cut out on a transparent layer was read with black where it is transparent, in silence."""
+    a = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    if mode == "P":
+        img = Image.fromarray(a).quantize(16)
+        img.info["transparency"] = 0  # palette entry 0 is transparent
+        img.save(tmp_path / "cut.png", transparency=0)
+    else:
+        alpha = np.full((32, 32), 255, np.uint8)
+        alpha[:, 24:] = 0  # a quarter transparent
+        rgba = Image.fromarray(np.dstack([a, alpha]), mode="RGBA")
+        (rgba if mode == "RGBA" else rgba.convert("LA")).save(tmp_path / "cut.png")
+    with pytest.warns(DataWarning, match=r"cut\.png: has transparent pixels \(.*% of it\), read as the colour stored "
+                                         r"under them: alpha is dropped") as seen:
+        read_image(tmp_path / "cut.png", 32)
+    assert [w.filename for w in seen] == [__file__]
+    with pytest.warns(DataWarning, match=r"1 of 2 images have transparent pixels, read as the colour stored under "
+                                         r"them: alpha is dropped: .*cut\.png \(.*% of it\)"):
+        Image.fromarray(a).save(tmp_path / "whole.png")
+        read_images([tmp_path / "cut.png", tmp_path / "whole.png"], 32)
+    opaque = Image.fromarray(np.dstack([a, np.full((32, 32), 255, np.uint8)]), mode="RGBA")
+    opaque.save(tmp_path / "opaque.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        read_image(tmp_path / "opaque.png", 32)  # an alpha channel with nothing transparent: nothing to say

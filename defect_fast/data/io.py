@@ -448,25 +448,32 @@ def _to_8bit(img: Image.Image, channels: int, path: Path, notes: list | None = N
     conversion of wide grey pixels says of the image is warned of, or, given ``notes``, put there
     as (kind, path, detail) for :func:`warn_float_notes` to say of many files at once."""
     mode = img.mode
+
+    def note(kind: str, text: str, detail: str) -> None:
+        if notes is not None:
+            notes.append((kind, path, detail))
+        else:
+            warn_data(f"{path}: {text}", stacklevel=_callers_level())
+
     if mode.startswith("I;16") or mode in ("I", "F"):
         try:
-            def note(kind: str, text: str, detail: str) -> None:
-                if notes is not None:
-                    notes.append((kind, path, detail))
-                else:
-                    warn_data(f"{path}: {text}", stacklevel=5)
-
             gray = Image.fromarray(_scale_to_uint8(np.asarray(img), mode, note), mode="L")
         except ValueError as exc:
             raise DataError(f"{path}: {exc}") from None
         return gray if channels == 1 else gray.convert("RGB")
-    if mode in ("1", "L", "LA", "La"):
-        # premultiplied "La" has no conversion to "L" of its own: through "LA", as "RGBa" -> "RGB" unpremultiplies
-        gray = (img.convert("LA") if mode == "La" else img).convert("L")
-        return gray if channels == 1 else gray.convert("RGB")
-    if mode == "P" or mode == "PA":
+    if mode == "P" and "transparency" in img.info or mode == "PA":
         img = img.convert("RGBA")  # expand the palette (keeps palette transparency, then dropped)
-    rgb = img.convert("RGB")  # RGBA/RGBa/CMYK/YCbCr/LAB/HSV: alpha dropped
+    if "A" in img.getbands() or "a" in img.getbands():
+        alpha = np.asarray(img.getchannel("A" if "A" in img.getbands() else "a"))
+        if int(alpha.min()) < 255:  # what lies under a transparent part is read as the part's surface
+            share = float((alpha < 255).mean())
+            note("transparent", f"has transparent pixels ({share:.1%} of it), read as the colour stored under them: "
+                 "alpha is dropped", f"{share:.1%} of it")
+    if img.mode in ("1", "L", "LA", "La"):
+        # premultiplied "La" has no conversion to "L" of its own: through "LA", as "RGBa" -> "RGB" unpremultiplies
+        gray = (img.convert("LA") if img.mode == "La" else img).convert("L")
+        return gray if channels == 1 else gray.convert("RGB")
+    rgb = img.convert("RGB")  # P/RGBA/RGBa/CMYK/YCbCr/LAB/HSV: alpha dropped
     return rgb.convert("L") if channels == 1 else rgb
 
 
@@ -548,9 +555,11 @@ def few_levels_message(few_levels: list[tuple[Path, int]], total: int, where: st
             "save the images as 8-bit, before training and inspecting")
 
 
-#: What the conversion of float and 32-bit pixels says of an image, by kind: said of many files
-#: at once (:func:`warn_float_notes`), with each file's own part of it in brackets.
+#: What the conversion of float and 32-bit pixels, or of transparent ones, says of an image, by
+#: kind: said of many files at once (:func:`warn_float_notes`), with each file's own part of it in
+#: brackets.
 _FLOAT_NOTES = {
+    "transparent": "have transparent pixels, read as the colour stored under them: alpha is dropped",
     "own range": ("have pixels in no range this reader knows ([0, 1] or [0, 255] for float, [0, 65535] for 32-bit "
                   "integers), each rescaled from its own minimum and maximum: their brightness is not comparable "
                   "with other images'"),
