@@ -256,7 +256,9 @@ def test_sub_folders_holding_images_are_named_when_skipped(tmp_path):
     for i in range(3):
         _save(tmp_path / "2024-05-01" / f"{i}.png", a)
     (tmp_path / "empty").mkdir()
-    with pytest.warns(DataWarning, match=r"sub-folders are not read; skipped 1 holding images: 2024-05-01 \(3\)"):
+    with pytest.warns(DataWarning, match=r"sub-folders are not read; skipped 1 holding images: 2024-05-01 \(3\) "
+                                         r"\(give each folder itself where a command takes several, .*to train on "
+                                         r"them, gather their images into one folder, each under a name of its own\)$"):
         assert [p.name for p in list_images(tmp_path)] == ["top.png"]
 
 

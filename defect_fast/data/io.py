@@ -113,7 +113,9 @@ def list_images(folder: str | os.PathLike, *, warn: bool = True) -> list[Path]:
         (images if is_image_file(entry) else skipped).append(entry)
     if subfolders and warn:  # images sorted into sub-folders are a common layout: not read, and said so
         warnings.warn(f"{folder}: sub-folders are not read; skipped {len(subfolders)} holding images: "
-                      f"{', '.join(sorted(subfolders))}", DataWarning, stacklevel=2)
+                      f"{', '.join(sorted(subfolders))} (give each folder itself where a command takes several, as "
+                      "predict and calibrate do; to train on them, gather their images into one folder, each "
+                      "under a name of its own)", DataWarning, stacklevel=2)
     if skipped and warn:
         names = ", ".join(sorted(p.name for p in skipped))
         warnings.warn(
