@@ -990,6 +990,11 @@ def _without_blank_frames(images: torch.Tensor, names: list[str] | None, where: 
     return images[keep], None if names is None else [n for n, k in zip(names, keep.tolist()) if k]
 
 
+#: Training images this many times smaller than ``--image-size`` (on their longer side) or more are
+#: said to be enlarged for nothing.
+UPSCALED = 2
+
+
 def _warn(message: str) -> None:
     print(f"defect-fast: warning: {message}", file=sys.stderr)
 
@@ -1462,6 +1467,12 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
         train_idx, held_idx = _split(cfg, paths)
         if not resume:
             log(f"{len(paths)} images in {cfg.data}: {len(train_idx)} to train on, {len(held_idx)} held back for the thresholds")
+            longest = max((max(w, h) for w, h in sizes), default=0)
+            if 0 < longest and UPSCALED * longest <= cfg.image_size:  # (the default 512 is the papers')
+                _warn(f"{cfg.data}: its images are {longest} px or less on their longer side, enlarged {cfg.image_size / longest:.1f} "
+                      f"times or more to --image-size {cfg.image_size}: that adds no detail, and every image costs "
+                      f"{(cfg.image_size / longest) ** 2:.0f} times the pixels to train on and inspect; a --image-size "
+                      f"near {longest} keeps their own")
             if len(train_idx) < len(held_idx):  # at least 4 are held back: a handful of images leaves the model few
                 advice = ("lower --holdback" if len(held_idx) > HOLDBACK_MIN else
                           "add defect-free images (or --holdback 0 to train on all of them, with optimistic "

@@ -1140,6 +1140,23 @@ def test_a_handful_of_images_that_leaves_fewer_to_train_on_than_held_back_is_war
     assert "only 2 of the 8 images are left to train on, with 6 held back for the thresholds; lower --holdback" in capsys.readouterr().err
 
 
+def test_images_enlarged_many_times_by_the_image_size_are_warned_of(synthetic_root, tmp_path, capsys):
+    """A line's 160x120 photos trained at the default 512 px: 13 times the pixels, and no detail, in silence."""
+    from PIL import Image
+
+    data = tmp_path / "small"
+    data.mkdir()
+    for p in sorted((synthetic_root / "train" / "good").glob("*.png"))[:8]:
+        Image.open(p).resize((64, 48)).save(data / p.name)
+    train(_cfg(data, max_steps=[1, 1], image_size=128), tmp_path / "run", progress=False, log=lambda s: None)
+    assert (f"defect-fast: warning: {data}: its images are 64 px or less on their longer side, enlarged 2.0 times or "
+            "more to --image-size 128: that adds no detail, and every image costs 4 times the pixels to train on and "
+            "inspect; a --image-size near 64 keeps their own") in capsys.readouterr().err
+    train(_cfg(synthetic_root, max_steps=[1, 1], image_size=128), tmp_path / "run2", progress=False,
+          log=lambda s: None)
+    assert "enlarged" not in capsys.readouterr().err  # 128 px images at 128
+
+
 def test_blank_frames_among_the_images_thresholds_are_set_on_are_passed_over_or_refused_before_training(
         synthetic_root, tmp_path):
     """With --holdback 0 the thresholds' images were the first training images, blank ones dropped
