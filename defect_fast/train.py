@@ -1504,7 +1504,9 @@ def train(cfg: TrainConfig, out: Path | str, *, overwrite: bool = False, resume:
             from .context import MIN_IMAGES
 
             if len(train_idx) < MIN_IMAGES:
-                raise ConfigError(f"--context needs at least {MIN_IMAGES} training images to fit on, got {len(train_idx)}")
+                raise ConfigError(f"--context needs at least {MIN_IMAGES} training images to fit on, got {len(train_idx)} "
+                                  f"({len(paths)} images, {len(held_idx)} of them held back for the thresholds); add "
+                                  "defect-free images, or train without it (--no-context)")
             if cfg.context_profile == "auto":  # decided on the images the context is fitted on, before training
                 from .context import profile_across_streaks
 
