@@ -274,6 +274,13 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
             raise DataError(f"calibrate: {len(known)} of the images {'is one' if len(known) == 1 else 'are ones'} {run} trained on or fitted its map on "
                             f"({', '.join(known[:3])}{', ...' if len(known) > 3 else ''}): thresholds set on them are "
                             "optimistic; give defect-free images the run has not seen")
+    earlier = (state.get("image_keys") or {}).get("calibrated")
+    given_now = {k.hex() for k in keys}
+    dropped = [k for k in earlier if k not in given_now] if isinstance(earlier, list) else []
+    if dropped:  # a calibrated copy calibrated again (in another precision, say) from its held-back images alone
+        log(f"{run}: its thresholds rested on {len(dropped)} image(s) not given now (given to an earlier calibrate: "
+            "the model file keeps digests of their pixels, not their files), which the new thresholds leave out; "
+            "give them again to keep them in")
     n = batch.shape[0]
     if asked and n < min_images_for(far):
         raise UsageError(f"--far {far:g}: needs at least {count_text(min_images_for(far))} defect-free images, got {n}; the "

@@ -146,6 +146,13 @@ def test_a_calibrated_run_is_calibrated_again_at_its_own_rate(runs, tmp_path, ca
     assert status == 0, err
     assert load_model_state(second)["calibration"]["far"] == 0.05
     assert "far=0.05 needs at least 19" in err and "the run asked for 5 %" in stdout
+    # the images given to the first, which only it was given, are said to be left out (they were, quietly)
+    assert (f"{first}: its thresholds rested on 120 image(s) not given now (given to an earlier calibrate: the model "
+            "file keeps digests of their pixels, not their files), which the new thresholds leave out; give them "
+            "again to keep them in") in stdout
+    status, stdout, err = cli(["calibrate", first, runs["more"], "--with-held-back", "--out", tmp_path / "third",
+                               "--device", "cpu"], capsys)
+    assert status == 0 and "not given now" not in stdout, err
 
 
 def test_rate_asked_for_needs_the_images(runs, tmp_path, capsys):
