@@ -551,8 +551,15 @@ def test_masks_that_are_not_two_level_or_cover_most_of_the_image_are_warned_of(t
 
 
 def test_load_test_set_without_test_folder(tmp_path):
-    with pytest.raises(DataError, match="no test/ folder"):
+    with pytest.raises(DataError, match=r"no test/ folder \(expected an MVTec-style layout: test/good/ and "
+                                        r"test/<defect class>/ holding the images\)$"):
         load_test_set(tmp_path, 16)
+    # a line's good/ and bad/ folders: where they go is said
+    for cls in ("good", "bad"):
+        _save(tmp_path / "line" / cls / "0.png", np.zeros((8, 8), dtype=np.uint8))
+    with pytest.raises(DataError, match=r"line: no test/ folder .*; its folders of images \(bad, good\) go in test/, "
+                                        r"the defect-free ones' named good, and their masks in ground_truth/<class>/$"):
+        load_test_set(tmp_path / "line", 16)
     with pytest.raises(DataError, match=r"nope: no such folder"):  # not "no test/ folder" of a folder that is not there
         load_test_set(tmp_path / "nope", 16)
     (tmp_path / "a.png").write_bytes(b"")

@@ -29,6 +29,7 @@ from .io import (
     _load_mask,
     black_said,
     image_stack,
+    is_image_file,
     list_images,
     raise_problems,
     read_images,
@@ -322,9 +323,19 @@ def load_test_set(
     test = root / "test"
     if not root.is_dir():  # what is wrong with it, before what it lacks
         raise DataError(f"{root}: {'no such folder' if not root.exists() else 'not a folder'} (expected a dataset "
-                        "in MVTec-style layout: test/<class>/*.png)")
+                        "in MVTec-style layout: test/<class>/ holding the images)")
     if not test.is_dir():
-        raise DataError(f"{root}: no test/ folder (expected an MVTec-style layout: test/<class>/*.png)")
+        def holds_images(d: Path) -> bool:
+            try:
+                return d.is_dir() and not d.name.startswith(".") and any(is_image_file(f) for f in d.iterdir())
+            except OSError:
+                return False
+
+        found = sorted(d.name for d in root.iterdir() if holds_images(d))[:4]
+        hint = (f"; its folders of images ({', '.join(found)}) go in test/, the defect-free ones' named {GOOD}, and "
+                "their masks in ground_truth/<class>/") if found else ""
+        raise DataError(f"{root}: no test/ folder (expected an MVTec-style layout: test/{GOOD}/ and "
+                        f"test/<defect class>/ holding the images){hint}")
     class_dirs = sorted((d for d in test.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: (d.name != GOOD, d.name))
     if not class_dirs:
         raise DataError(f"{test}: no class folders (expected test/good/ and test/<defect class>/)")
