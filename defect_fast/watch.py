@@ -137,7 +137,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
 import torch
 
 from .calibration import ModelInfo, defect_regions, threshold_text
-from .data.io import (IMAGE_EXTENSIONS, DataError, blank_images, error_kind, few_levels_message,
+from .data.io import (IMAGE_EXTENSIONS, DataError, blank_images, error_kind, few_levels_message, note_once,
                       outside_proportions, read_image_at_both_sizes)
 from .maps import resize_map
 from .safety import (LOCK_NAME, MANIFEST_NAME, OutputFolder, OutputRefused, RunInUse, RunLock, UserError,
@@ -438,6 +438,7 @@ class _State:
     grace: float = 0.0
     undecodable: dict[str, tuple[Signature, float]] = field(default_factory=dict)  # key -> (signature, first seen)
     few_levels_said: bool = False  # a 16-bit image of few grey levels is named once a session
+    notes_said: set[str] = field(default_factory=set)  # the kinds of note_once said this session
     proportions_said: bool = False  # an image far from the training images' proportions too
     # names in rejected/ (and judged/) the journal gives to files whose move failed (the name is theirs:
     # another file moved to it would be taken at a restart for the first's completed copy); a moved
@@ -1179,8 +1180,12 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
             continue
         try:
             few: list = []
-            img, photo = read_image_at_both_sizes(path, st.info.image_size, few_levels=few)  # model input, photograph
+            notes: list = []  # (transparent pixels, float pixels in no known range: said once a session, as below)
+            # the model's input, and the photograph
+            img, photo = read_image_at_both_sizes(path, st.info.image_size, few_levels=few, notes=notes)
             err = None
+            for line in note_once(notes, st.notes_said):
+                log(f"warning: {line} (said once a session)")
             # a 12-bit camera's frames in 16-bit files: said once, not per image (a black frame, all 0, is no
             # camera's bit depth: it is rejected as blank below, and leaves the advice for such frames)
             if few and few[0][1] > 0 and not st.few_levels_said:

@@ -1831,3 +1831,24 @@ def test_move_judged_leaves_the_images_of_a_sub_folder_another_watch_has(tmp_pat
     assert "left" not in by_image["b.png"] and (out / by_image["b.png"]["moved_to"]).is_file()
     assert not (src / "b.png").exists()
     assert f"{src / 'cam1' / 'a.png'}: left where it is: {by_image['cam1/a.png']['left']}" in lines
+
+
+def test_what_reading_a_frame_says_is_said_once_a_session(tmp_path):
+    """A camera's frames with transparent pixels (or float pixels in no known range) were each
+    warned of on standard error: one line per frame for the life of the service."""
+    import warnings
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        a = np.dstack([np.random.default_rng(i).integers(0, 200, (SIZE, SIZE, 3), dtype=np.uint8),
+                       np.full((SIZE, SIZE), 255, np.uint8)])
+        a[:, : SIZE // 4, 3] = 0  # a quarter transparent
+        Image.fromarray(a, mode="RGBA").save(src / f"{i}.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, lines = run_once(src, tmp_path / "out")
+    said = [x for x in lines if "transparent" in x]
+    assert said == [f"warning: {src / '0.png'} (25.0% of it): images like it have transparent pixels, read as the "
+                    "colour stored under them: alpha is dropped (said once a session)"]
+    assert len(journal(tmp_path / "out")) == 3

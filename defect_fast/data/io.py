@@ -712,12 +712,25 @@ def resize_image(image: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def read_image_at_both_sizes(path: str | os.PathLike, size: int, channels: int = 3,
-                             few_levels: list[tuple[Path, int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                             few_levels: list[tuple[Path, int]] | None = None, notes: list | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """(:func:`read_image` of ``path`` at ``size``, the image at its own size), decoded once: what
     a tool that shows its maps on the photograph needs. Raises DataError as :func:`read_image`.
-    ``few_levels`` collects the file when it is a 16-bit image of few levels (:func:`warn_few_levels`)."""
-    t, _orig, full = _load_images(path, size, channels, None, True, few_levels)
+    ``few_levels`` collects the file when it is a 16-bit image of few levels (:func:`warn_few_levels`);
+    ``notes``, what the conversion of its pixels says (:func:`note_once`; without it, warned of)."""
+    t, _orig, full = _load_images(path, size, channels, None, True, few_levels, notes)
     return t, full
+
+
+def note_once(notes: list[tuple[str, Path, str]], said: set[str]) -> list[str]:
+    """What ``notes`` (:func:`_to_8bit`'s) say of kinds not in ``said`` yet (added to it): one
+    sentence each, for a service that says each kind once, not for every frame of a camera."""
+    lines = []
+    for kind, path, detail in notes:
+        if kind not in said:
+            said.add(kind)
+            lines.append(f"{path} ({detail}): images like it {_FLOAT_NOTES[kind]}")
+    return lines
 
 
 def read_image(path: str | os.PathLike, size: int | None, channels: int = 3, *, min_side: int | None = None) -> torch.Tensor:
