@@ -80,9 +80,11 @@ kernel when the process dies). Watches of one ``IN_DIR`` with results folders of
 side by side, unless one of them moves judged images away (``move_judged``): each image would be
 judged and recorded by only one of them, and the second start is refused (:class:`DropFolderLock`).
 Side by side, each records every file, bad ones too: a bad file is left in ``IN_DIR`` (its line's
-"left" says why, and no "rejected_to"), as one moved into a watch's ``rejected/`` is not there for
-the other; so is a judged image that ``move_judged`` would move while a watch of its sub-folder runs.
-Who else watches is read from Linux's ``/proc/locks`` (elsewhere the files are moved as ever).
+"left" says why, and no "rejected_to"; remove it by hand once every watch has its line), as one
+moved into a watch's ``rejected/`` is not there for the other; so is a judged image that
+``move_judged`` would move while a watch of its sub-folder, or of a folder above, runs. Who else
+watches is read from Linux's ``/proc/locks``: any ``flock`` on those folders counts (an uploader's
+``flock DIR rsync ...`` too), and elsewhere the files are moved as ever.
 
 SIGTERM and SIGINT (Ctrl-C) finish the image in hand (the rest of its batch is left for the next
 start), write the status and return; during a start's reading of the journal, at once (the
@@ -160,9 +162,12 @@ MAPS, OVERLAYS, REJECTED = "maps", "overlays", "rejected"
 JUDGED_ROOT = "judged"
 JUDGED = {"pass": f"{JUDGED_ROOT}/pass", "fail": f"{JUDGED_ROOT}/fail"}
 TMP_PREFIX = ".tmp-"
+#: :attr:`_State.lock_table` before this batch read ``/proc/locks`` (:func:`_watched_by_others`).
+_UNREAD: Any = object()
 #: A journal line's "left" where its file was not moved out of the folder as it would have been (to
 #: rejected/, or with ``move_judged`` to judged/): another watch of the folder judges it too.
-LEFT_FOR = "{} watches this folder too, and judges the file as well (moved away, it would not be there for it)"
+LEFT_FOR = ("{} watches this folder too and judges the file as well, so it stays here for it; remove it by hand once "
+            "every watch has its line")
 #: Seconds between listings of the whole drop folder while file-system events arrive (``--rescan``).
 RESCAN_INTERVAL = 60.0
 #: Event paths kept between two rounds; beyond that the folder is listed instead.
@@ -439,6 +444,8 @@ class _State:
     undecodable: dict[str, tuple[Signature, float]] = field(default_factory=dict)  # key -> (signature, first seen)
     few_levels_said: bool = False  # a 16-bit image of few grey levels is named once a session
     notes_said: set[str] = field(default_factory=set)  # the kinds of note_once said this session
+    own_lock: bool = False  # a DropFolderLock on in_dir is held for this watch (by it, or by its caller)
+    lock_table: Any = _UNREAD  # /proc/locks as this batch read it (_watched_by_others)
     proportions_said: bool = False  # an image far from the training images' proportions too
     # names in rejected/ (and judged/) the journal gives to files whose move failed (the name is theirs:
     # another file moved to it would be taken at a restart for the first's completed copy); a moved
@@ -471,7 +478,8 @@ class DropFolderLock:
     ``/proc/locks`` shows it). The kernel drops the lock when its process ends.
 
     The lock is on the folder as it is at start, not on its sub-folders (a watch of ``IN_DIR/a``
-    beside a ``--recursive`` one of ``IN_DIR`` is not seen) nor on a folder made again in its
+    beside a ``--recursive`` one of ``IN_DIR`` is not refused: each leaves the files the other
+    judges too where they are, :func:`_watched_by_others`) nor on a folder made again in its
     place, and it holds among the processes of one machine: on a network share (NFS, SMB) Linux
     locks a folder for this machine only, so watches on two machines are not seen; where the
     file system refuses the lock, the watch goes on without it and says so."""
@@ -479,6 +487,7 @@ class DropFolderLock:
     def __init__(self, folder: Path, move_judged: bool, log: Callable[[str], None]):
         self.folder, self.move_judged, self.log = Path(folder), move_judged, log
         self._fd: int | None = None
+        self._file: tuple[int, int, int] | None = None
 
     def acquire(self) -> "DropFolderLock":
         fcntl = posix_locks(self.folder)
@@ -508,28 +517,63 @@ class DropFolderLock:
         except OSError as exc:  # a share that cannot lock folders
             os.close(fd)
             return unlocked(exc)
-        self._fd = fd
+        self._fd, self._file = fd, _lock_file_id(os.fstat(fd))
+        with _HELD_LOCK:
+            _HELD[self._file] = _HELD.get(self._file, 0) + 1
         return self
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock (not where the file system refused it)."""
+        return self._fd is not None
 
     def release(self) -> None:
         """Drop the lock (idempotent)."""
         if self._fd is not None:
             os.close(self._fd)  # the kernel drops an flock with the last descriptor of its open file
             self._fd = None
+            with _HELD_LOCK:
+                _HELD[self._file] -= 1
+                if not _HELD[self._file]:
+                    del _HELD[self._file]
+
+
+#: The :class:`DropFolderLock` s this process holds, by their folder (:func:`_lock_file_id`): how
+#: many. A watch tells its own lock from another watch's in ``/proc/locks`` by them, not by its PID
+#: (the file names processes as the namespace of its mount numbers them, and two watches of one
+#: process by one PID).
+_HELD: dict[tuple[int, int, int], int] = {}
+_HELD_LOCK = threading.Lock()
+
+
+def _lock_file_id(s: os.stat_result) -> tuple[int, int, int]:
+    """A file as ``/proc/locks`` names it: (device major, device minor, inode)."""
+    return os.major(s.st_dev), os.minor(s.st_dev), s.st_ino
+
+
+def holds_drop_lock(folder: Path) -> bool:
+    """Whether this process holds a :class:`DropFolderLock` on ``folder`` (a caller of
+    :func:`watch` with ``drop_lock`` False, as the command line is)."""
+    try:
+        here = _lock_file_id(os.stat(folder))
+    except OSError:
+        return False
+    with _HELD_LOCK:
+        return _HELD.get(here, 0) > 0
 
 
 def _flock_holders(fd: int) -> list[int]:
     """The PIDs that hold an ``flock`` on the file open as ``fd``, other than this process, as
     Linux's ``/proc/locks`` lists them (empty where it cannot be read)."""
-    return [pid for pid in _flock_holders_of([os.fstat(fd)]) or () if pid != 0]
+    table = _flock_table() or {}
+    return sorted({pid for pid in table.get(_lock_file_id(os.fstat(fd)), ()) if pid not in (0, os.getpid())})
 
 
-def _flock_holders_of(stats: Iterable[os.stat_result]) -> list[int] | None:
-    """The PIDs of the processes but this one that hold an ``flock`` on any of the files of
-    ``stats``, as Linux's ``/proc/locks`` lists them (0: one in another PID namespace, a container
-    sharing the folder); None where it cannot be read."""
-    files = {(os.major(s.st_dev), os.minor(s.st_dev), s.st_ino) for s in stats}
-    pids: set[int] = set()
+def _flock_table() -> dict[tuple[int, int, int], list[int]] | None:
+    """Every ``flock`` held, as Linux's ``/proc/locks`` lists them: file (:func:`_lock_file_id`) ->
+    the PID of each lock on it (0: one in another PID namespace, a container sharing the folder);
+    None where it cannot be read."""
+    table: dict[tuple[int, int, int], list[int]] = {}
     try:
         with open("/proc/locks", encoding="ascii", errors="replace") as f:
             for line in f:
@@ -538,29 +582,39 @@ def _flock_holders_of(stats: Iterable[os.stat_result]) -> list[int] | None:
                 if len(parts) < 6 or parts[1] != "FLOCK":
                     continue
                 major, minor, inode = parts[5].split(":")
-                if (int(major, 16), int(minor, 16), int(inode)) in files and int(parts[4]) != os.getpid():
-                    pids.add(int(parts[4]))
+                table.setdefault((int(major, 16), int(minor, 16), int(inode)), []).append(int(parts[4]))
     except (OSError, ValueError):
         return None
-    return sorted(pids)
+    return table
 
 
 def _watched_by_others(st: "_State", key: str) -> str | None:
-    """Who else watches the folder of ``key``'s file, as :class:`DropFolderLock` shows it (a
-    watch of IN_DIR, or of a sub-folder on the way to the file): "PID n", "PIDs n, m" or "another
-    watch" (one in another PID namespace); None where none does, or where Linux's ``/proc/locks``
-    cannot tell. Such a watch judges the file too: moved away, it would not be there for it."""
+    """Who else watches ``key``'s file, as :class:`DropFolderLock` shows it: a lock on IN_DIR
+    besides this watch's own, or on a folder above it (a ``--recursive`` watch there) or on the
+    way to the file (a watch of that sub-folder). "PID n", "PIDs n, m" or "another watch" (of this
+    process, or of another PID namespace); None where none does, or where Linux's ``/proc/locks``
+    cannot tell. Such a watch judges the file too: moved away, it would not be there for it.
+    (Any ``flock`` on those folders counts: one an uploader takes, ``flock DIR rsync ...``, too.)"""
+    if st.lock_table is _UNREAD:  # read once a batch
+        st.lock_table = _flock_table()
+    table = st.lock_table
+    if not table:
+        return None
     parts = key.split("/")
-    stats = []
-    for i in range(len(parts)):
+    folders = [*st.in_dir.absolute().parents, *(st.in_dir.joinpath(*parts[:i]) for i in range(len(parts)))]
+    others, pids = 0, set()
+    for folder in folders:
         try:
-            stats.append(os.stat(st.in_dir.joinpath(*parts[:i])))
+            held = table.get(_lock_file_id(os.stat(folder)), [])
         except OSError:
             continue
-    pids = _flock_holders_of(stats) if stats else None
-    if not pids:
+        mine = 1 if st.own_lock and folder == st.in_dir else 0
+        if len(held) > mine:
+            others += len(held) - mine
+            pids.update(held)
+    if not others:
         return None
-    named = [p for p in pids if p != 0]
+    named = sorted(p for p in pids if p not in (0, os.getpid()))
     return "another watch" if not named else f"PID {named[0]}" if len(named) == 1 else \
         f"PIDs {', '.join(map(str, named))}"
 
@@ -700,6 +754,10 @@ def _recover(st: _State, log: Callable[[str], None], keep: Callable[[str], bool]
                 # freed by a move across file systems), a new arrival (a move cut short then chmod'ed gets
                 # a second line: never none)
                 continue
+            elif not os.path.lexists(dest) and (others := _watched_by_others(st, key)) is not None:
+                st.moved_names.add(moved_to)  # (its line names it: a later start alone completes the move)
+                _mark_done(st, key, rec["sha256"], now)
+                log(f"{src}: its move to {dest}, cut short before, is not completed now: {LEFT_FOR.format(others)}")
             elif not os.path.lexists(dest):  # it never left
                 _move(src, dest, now)
                 log(f"moved {src} to {dest} (the move was cut short before)")
@@ -769,14 +827,19 @@ def _output_folder(folder: Path | str) -> bool:
     return os.path.lexists(os.path.join(folder, MANIFEST_NAME)) or os.path.lexists(os.path.join(folder, LOCK_NAME))
 
 
-def _in_output_folder(st: _State, key: str) -> Path | None:
+def _in_output_folder(st: _State, key: str, looked: dict[str, bool]) -> Path | None:
     """The folder of defect-fast's outputs under IN_DIR that ``key`` is or lies in (None: none):
-    each folder on the way from IN_DIR, IN_DIR itself not included (the user chose to watch it)."""
+    each folder on the way from IN_DIR, IN_DIR itself not included (the user chose to watch it).
+    ``looked``: what a round found of each folder so far (the files waiting to settle are looked
+    at every round)."""
     parts = key.split("/")
     for i in range(1, len(parts) + 1):
-        folder = st.in_dir.joinpath(*parts[:i])
-        if _output_folder(folder) and os.path.realpath(folder) != os.path.realpath(st.out):  # (its own: by its path)
-            return folder
+        rel = "/".join(parts[:i])
+        if rel not in looked:
+            folder = st.in_dir / rel
+            looked[rel] = _output_folder(folder) and os.path.realpath(folder) != os.path.realpath(st.out)  # (its own)
+        if looked[rel]:
+            return st.in_dir / rel
     return None
 
 
@@ -989,9 +1052,10 @@ def _update(st: _State, keys: set[str], recursive: bool, log: Callable[[str], No
     """Bring ``st.known`` up to date for ``keys`` only (what events named, and the files waiting to
     settle): each is stat'ed, a folder (``recursive``) is listed; returns the keys to look at."""
     looked = set()
+    marked: dict[str, bool] = {}
     for key in keys:
         path = st.in_dir / key
-        inside = _in_output_folder(st, key) if recursive else None
+        inside = _in_output_folder(st, key, marked) if recursive else None
         if inside is not None:  # (a file written there, or the folder itself once its marks are in)
             _skipping(st, inside, OUTPUT_FOLDER, log)
             st.known.pop(key, None)
@@ -1122,7 +1186,7 @@ def _reject(st: _State, key: str, path: Path, sha: str, sig: Signature, reason: 
     st.last = {"image": key, "result": "rejected", "reason": reason, "time": rec["time"]}
     if others is not None:
         _mark_done(st, key, sha, sig)
-        log(f"rejected {path}: {reason} (left where it is: {rec['left']})")
+        log(f"rejected {path}: {reason}; left where it is: {rec['left']}")
         return
     failed = _move_away(st, key, path, sig, dest)
     if failed is not None:  # judged all the same: the line is written, the other images go on
@@ -1160,6 +1224,7 @@ def _process(st: _State, keys: list[str], predict_fn: PredictFn,
     t0 = time.perf_counter()
     good: list[tuple[str, Path, str, Signature, torch.Tensor, torch.Tensor]] = []
     n_done = 0
+    st.lock_table = _UNREAD  # who else watches: read again for this batch
     for key in keys:
         path, *rest = st.known[key]
         sig = tuple(rest)
@@ -1557,7 +1622,9 @@ def watch(
     held = contextlib.ExitStack()  # the locks taken, let go last to first
     try:
         if drop_lock:  # before OUT_DIR is made
-            held.callback(DropFolderLock(in_dir, move_judged, log).acquire().release)
+            drop = DropFolderLock(in_dir, move_judged, log).acquire()
+            held.callback(drop.release)
+        own_lock = drop.held if drop_lock else holds_drop_lock(in_dir)  # (the command line's, taken before)
         # every folder watch may write or move into, judged/ too without move_judged (a restart completes the
         # moves its journal says were cut short, whatever its options): none may be a link (bad files were
         # moved into, maps written in, its target)
@@ -1576,7 +1643,8 @@ def watch(
         raise
     source = "given to watch()" if threshold is not None else info.extra.get("threshold_source")
     st = _State(info=info, threshold=float(thr), threshold_source=source, in_dir=in_dir, out=out, journal=journal,
-                grace=0.0 if once else max(MIN_GRACE, 10 * settle), move_judged=move_judged, maps=maps)
+                grace=0.0 if once else max(MIN_GRACE, 10 * settle), move_judged=move_judged, maps=maps,
+                own_lock=own_lock)
     stop = stop or threading.Event()
     wake = threading.Event()
     old_handlers: dict[int, Any] = {}

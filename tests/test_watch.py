@@ -1802,7 +1802,7 @@ def test_a_bad_file_stays_in_a_folder_another_watch_shares(tmp_path):
         assert rec["result"] == "rejected" and "rejected_to" not in rec
         assert rec["left"] == watch_mod.LEFT_FOR.format(f"PID {other.pid}")
         assert (src / name).is_file()
-        assert any(x.startswith(f"rejected {src / name}: ") and x.endswith(f"(left where it is: {rec['left']})")
+        assert any(x.startswith(f"rejected {src / name}: ") and x.endswith(f"; left where it is: {rec['left']}")
                    for x in lines)
     assert not any((out / "rejected").iterdir())
     run_once(src, out)  # alone now: what was left is done, not moved nor judged again
@@ -1852,3 +1852,79 @@ def test_what_reading_a_frame_says_is_said_once_a_session(tmp_path):
     assert said == [f"warning: {src / '0.png'} (25.0% of it): images like it have transparent pixels, read as the "
                     "colour stored under them: alpha is dropped (said once a session)"]
     assert len(journal(tmp_path / "out")) == 3
+
+
+def test_a_watch_tells_its_own_drop_folder_lock_from_another_watch_s(tmp_path, monkeypatch):
+    """Its own lock was told by its PID: where /proc/locks numbers processes otherwise (a PID
+    namespace), a lone watch took its own lock for another watch's and left every bad file."""
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "blank.png").write_bytes(png_bytes(1, bright=0.0))
+    monkeypatch.setattr(os, "getpid", lambda: 1)  # the PID a process has in a namespace of its own
+    _, lines = run_once(src, tmp_path / "out")
+    rec = journal(tmp_path / "out")[0]
+    assert rec["rejected_to"] == "rejected/blank.png" and "left" not in rec, lines
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="tells the watches of a folder by Linux's /proc/locks")
+def test_two_watches_of_one_process_each_record_a_bad_file(tmp_path):
+    """Two watch() threads of one program (two models): the first moved a blank frame into its
+    rejected/, and the second had no line for it."""
+    src = tmp_path / "in"
+    src.mkdir()
+    stops = [threading.Event(), threading.Event()]
+    served = [_serve(src, tmp_path / f"out{i}", stops[i]) for i in (0, 1)]
+    time.sleep(0.3)  # both hold their locks
+    (src / "blank.png").write_bytes(png_bytes(1, bright=0.0))
+    n = [_wait_for(tmp_path / f"out{i}", 1) for i in (0, 1)]
+    for stop, (t, _, _) in zip(stops, served):
+        stop.set()
+        t.join(timeout=20)
+    assert n == [1, 1] and (src / "blank.png").is_file()
+    for i in (0, 1):
+        rec = journal(tmp_path / f"out{i}")[0]
+        assert rec["left"] == watch_mod.LEFT_FOR.format("another watch") and "rejected_to" not in rec
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="tells the watches of a folder by Linux's /proc/locks")
+def test_a_watch_of_a_sub_folder_leaves_files_for_a_watch_of_the_folder_above(tmp_path):
+    """A watch of IN_DIR/cam1 moved bad frames (and, with --move-judged, judged images) away from
+    a --recursive watch of IN_DIR, which never saw them."""
+    src = tmp_path / "in"
+    (src / "cam1").mkdir(parents=True)
+    (src / "cam1" / "blank.png").write_bytes(png_bytes(1, bright=0.0))
+    (src / "cam1" / "a.png").write_bytes(png_bytes(2))
+    other = _held_by_child(src, exclusive=False)
+    try:
+        run_once(src / "cam1", tmp_path / "out", move_judged=True)
+    finally:
+        other.kill()
+        other.wait()
+    left = {r["image"]: r.get("left") for r in journal(tmp_path / "out")}
+    assert left == {"a.png": watch_mod.LEFT_FOR.format(f"PID {other.pid}"),
+                    "blank.png": watch_mod.LEFT_FOR.format(f"PID {other.pid}")}
+    assert sorted(p.name for p in (src / "cam1").iterdir()) == ["a.png", "blank.png"]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="tells the watches of a folder by Linux's /proc/locks")
+def test_a_start_does_not_complete_a_cut_short_move_while_another_watch_has_the_folder(tmp_path, monkeypatch):
+    """A start completed a rejected file's move cut short by a crash while a second watch, started
+    meanwhile, judged the folder: the file went from under it. The next start alone completes it."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / "blank.png").write_bytes(png_bytes(1, bright=0.0))
+    crash_at(monkeypatch, "move", 1)
+    with pytest.raises(Crash):
+        run_once(src, out)
+    monkeypatch.undo()
+    other = _held_by_child(src, exclusive=False)
+    try:
+        _, lines = run_once(src, out)
+    finally:
+        other.kill()
+        other.wait()
+    assert (src / "blank.png").is_file() and len(journal(out)) == 1
+    assert (f"{src / 'blank.png'}: its move to {out / 'rejected' / 'blank.png'}, cut short before, is not completed "
+            f"now: {watch_mod.LEFT_FOR.format(f'PID {other.pid}')}") in lines
+    _, lines = run_once(src, out)  # alone: completed, as the line says
+    assert not (src / "blank.png").exists() and (out / "rejected" / "blank.png").is_file() and len(journal(out)) == 1
