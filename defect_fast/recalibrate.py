@@ -36,6 +36,7 @@ thresholds and the images they rest on.
 from __future__ import annotations
 
 import argparse
+import math
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -333,24 +334,40 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
         warnings.warn(cal["note"])
     log(f"the image threshold is the score of {cal['threshold_image']}; the highest scores: "
         + scores_named(cal["highest_scores"]))
-    new = cal.get("image_threshold")
-    if isinstance(was, (int, float)) and was > 0 and isinstance(new, (int, float)) and new > RAISED * was \
-            and not before.get("inapplicable"):
-        # stdout said it; a threshold set on a defective part passes every defect scoring below it
+    rise = _rise(before, cal.get("image_threshold"))
+    if rise is not None and rise > RAISED:  # stdout said it; a threshold set on a defective part passes every defect below it
         from .data.io import warn_data
 
-        warn_data(f"{out / MODEL_FILE}: its image threshold is {new / was:.1f} x the run's ({threshold_text(new)}, was "
-                  f"{threshold_text(was)}), set by {cal['threshold_image']}: a changed line, or defective parts among "
-                  "the images given as defect-free? Look at the highest scoring ones before judging by it",
-                  stacklevel=2, category=UserWarning)
+        warn_data(f"{out / MODEL_FILE}: its image threshold {threshold_text(cal['image_threshold'])} is above the run's "
+                  f"{threshold_text(was)} by {rise:.1f} times the run's spread of defect-free scores (its threshold "
+                  f"less the median of its held-back images' scores), set by {cal['threshold_image']}: a changed line, "
+                  "or defective parts among the images given as defect-free? Look at the highest scoring ones before "
+                  "judging by it", stacklevel=2, category=UserWarning)
     log(f"wrote {out / MODEL_FILE} (weights, maps and scores as in {path}; only the thresholds changed)")
     return {"model": out / MODEL_FILE, "calibration": cal, "before": before}
 
 
-#: A new image threshold more than this many times the run's is warned of: images given as
-#: defect-free that a run's defect-free spread of scores does not explain (a defective part among
-#: them sets the threshold, and every defect scoring below it then passes).
-RAISED = 2.0
+#: A new image threshold above the run's by more than this many times the run's spread of
+#: defect-free scores (:func:`_rise`) is warned of: images given as defect-free that the run's own
+#: do not explain (a defective part among them sets the threshold, and every defect scoring below
+#: it then passes). More images of the same parts raise it by a fraction of that spread.
+RAISED = 3.0
+
+
+def _rise(before: dict[str, Any], new: Any) -> float | None:
+    """How far ``new`` lies above the run's image threshold, in units of the run's spread of
+    defect-free scores: its threshold less the median of its held-back images' scores (a ratio of
+    thresholds means nothing for an image context's scores, centred on 0). None where the run's
+    calibration does not tell (no held-back scores, thresholds set aside)."""
+    import statistics
+
+    was, scores = before.get("image_threshold"), before.get("held_back_scores")
+    if before.get("inapplicable") or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (was, new)) \
+            or not isinstance(scores, list) or len(scores) < 2 \
+            or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in scores):
+        return None
+    spread = was - statistics.median(scores)
+    return (new - was) / spread if spread > 0 else None
 
 
 def add_parser(subparsers) -> None:
