@@ -390,14 +390,23 @@ def test_masks_kept_beside_their_images_are_not_test_images(tmp_path, with_groun
         defect = np.zeros((32, 32), dtype=np.uint8)
         defect[4:12, 4:12] = 255
         _save(root / "ground_truth" / "spot" / "lone_mask_mask.png", defect)
-    with pytest.warns(DataWarning, match=r"test: 4 file\(s\) named <image>_mask beside their images are taken for "
+    # a test image of that name, with its own mask in ground_truth/: a part, not a mask
+    _save(root / "test" / "spot" / "part.png", np.random.default_rng(1).integers(0, 256, (32, 32, 3), np.uint8))
+    _save(root / "test" / "spot" / "part_mask.png", np.random.default_rng(2).integers(0, 256, (32, 32, 3), np.uint8))
+    if with_ground_truth:
+        for name in ("part", "part_mask"):
+            defect = np.zeros((32, 32), dtype=np.uint8)
+            defect[4:12, 4:12] = 255
+            _save(root / "ground_truth" / "spot" / f"{name}_mask.png", defect)
+    with pytest.warns(DataWarning, match=r"test: \d file\(s\) named <image>_mask beside their images are taken for "
                                          r"masks, not test images, and left out \(scratch/000_mask\.png, "
                                          r"scratch/001_mask\.png, spot/000_mask\.png, \.\.\.\); masks go in .*ground_truth/"
                                          r"<class>/, named <image>_mask\.png") as seen:
         ts = load_test_set(root, 16, require_masks=with_ground_truth)
-    assert len(_data_warnings(seen)) == 1
+    assert len(_data_warnings(seen)) == 1 and seen[0].filename == __file__
+    assert str(seen[0].message).startswith(f"{root / 'test'}: {4 if with_ground_truth else 5} file(s)")
     assert [p.name for p in ts.paths] == ["000.png", "001.png", "000.png", "001.png", "000.png", "001.png",
-                                          "lone_mask.png"]
+                                          "lone_mask.png", "part.png"] + (["part_mask.png"] if with_ground_truth else [])
 
 
 def test_a_mask_in_ground_truth_good_that_marks_a_defect_is_said(tmp_path):

@@ -25,6 +25,7 @@ from .io import (
     IMAGE_EXTENSIONS,
     DataError,
     DataWarning,
+    _callers_level,
     _load_image,
     _load_mask,
     black_said,
@@ -35,6 +36,7 @@ from .io import (
     read_images,
     run_collecting,
     warn_blank,
+    warn_data,
     warn_few_levels,
     warn_float_notes,
 )
@@ -189,6 +191,13 @@ def _mask_candidates(root: Path, cls: str, image: Path) -> list[Path]:
     stems = (f"{image.stem}_mask", image.stem)
     exts = [".png"] + [e for e in IMAGE_EXTENSIONS if e != ".png"]
     return [gt / f"{s}{e}" for s in stems for e in exts]
+
+
+def _own_mask(root: Path, cls: str, image: Path) -> bool:
+    """Whether ``image`` has a mask named ``<stem>_mask`` (not ``<stem>``, which another image's
+    ``<stem>_mask`` names as well) in ``ground_truth/<cls>/``."""
+    found = find_mask(root, cls, image)
+    return found is not None and found.stem.lower() == f"{image.stem}_mask".lower()
 
 
 def find_mask(root: str | os.PathLike, cls: str, image: str | os.PathLike) -> Path | None:
@@ -357,7 +366,9 @@ def load_test_set(
         class_images = list_images(d)
         # a mask kept beside its image (<stem>_mask.png next to <stem>.png) would count as one more defective part
         stems = {p.stem for p in class_images}
-        masks_here = [p for p in class_images if p.stem.endswith("_mask") and p.stem[: -len("_mask")] in stems]
+        # (one with a mask named after it in ground_truth/, <stem>_mask_mask, is a test image of that name)
+        masks_here = [p for p in class_images if p.stem.endswith("_mask") and p.stem[: -len("_mask")] in stems
+                      and not (d.name != GOOD and has_masks and _own_mask(root, d.name, p))]
         if masks_here:
             beside.extend(masks_here)
             left_out = set(masks_here)
@@ -385,10 +396,10 @@ def load_test_set(
                         problems.append(f"{img}: no ground-truth mask (expected {expected})")
             items.append((d.name, img, mask))
     if beside:
-        warnings.warn(f"{test}: {len(beside)} file(s) named <image>_mask beside their images are taken for masks, not "
-                      f"test images, and left out ({', '.join(str(p.relative_to(test)) for p in beside[:3])}"
-                      f"{', ...' if len(beside) > 3 else ''}); masks go in {root / 'ground_truth'}/<class>/, named "
-                      "<image>_mask.png", DataWarning, stacklevel=2)
+        warn_data(f"{test}: {len(beside)} file(s) named <image>_mask beside their images are taken for masks, not test "
+                  f"images, and left out ({', '.join(str(p.relative_to(test)) for p in beside[:3])}"
+                  f"{', ...' if len(beside) > 3 else ''}); masks go in {root / 'ground_truth'}/<class>/, named "
+                  "<image>_mask.png", stacklevel=_callers_level())
     claimed: dict[Path, list[Path]] = {}
     for _cls, img, mask in items:
         if mask is not None:
