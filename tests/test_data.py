@@ -1515,11 +1515,15 @@ def test_an_image_over_pil_s_size_limit_is_refused_with_what_to_do(tmp_path, mon
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "RGB key", "L key"])
 def test_transparent_pixels_are_said_to_be_read_as_the_colour_under_them(tmp_path, mode):
     """An image cut out on a transparent layer was read with black where it is transparent, in silence."""
     a = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    if mode == "P":
+    if mode.endswith("key"):  # a PNG's colour key: pixels of that colour are transparent
+        a[:, :8] = 7
+        img = Image.fromarray(a if mode == "RGB key" else a[..., 0])
+        img.save(tmp_path / "cut.png", transparency=(7, 7, 7) if mode == "RGB key" else 7)
+    elif mode == "P":
         img = Image.fromarray(a).quantize(16)
         img.info["transparency"] = 0  # palette entry 0 is transparent
         img.save(tmp_path / "cut.png", transparency=0)
@@ -1530,8 +1534,10 @@ def test_transparent_pixels_are_said_to_be_read_as_the_colour_under_them(tmp_pat
         (rgba if mode == "RGBA" else rgba.convert("LA")).save(tmp_path / "cut.png")
     with pytest.warns(DataWarning, match=r"cut\.png: has transparent pixels \(.*% of it\), read as the colour stored "
                                          r"under them: alpha is dropped") as seen:
-        read_image(tmp_path / "cut.png", 32)
+        t = read_image(tmp_path / "cut.png", None)
     assert [w.filename for w in seen] == [__file__]
+    if mode.endswith("key"):  # the pixels as stored, the key's colour too
+        assert torch.equal(t, torch.from_numpy(a if mode == "RGB key" else a[..., :1].repeat(3, -1)).permute(2, 0, 1))
     with pytest.warns(DataWarning, match=r"1 of 2 images have transparent pixels, read as the colour stored under "
                                          r"them: alpha is dropped: .*cut\.png \(.*% of it\)"):
         Image.fromarray(a).save(tmp_path / "whole.png")
