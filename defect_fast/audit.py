@@ -260,7 +260,7 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
     result = {"run": str(path), "folds": folds, "folds_from": 1, "far": far, "refitted": refitted, "n_images": len(entries),
               "flagged": n_flagged, "expected_by_chance": expected, "images": entries}
 
-    from .data.io import read_image
+    from .data.io import DataWarning, read_image
     from .maps import resize_map
     from .visualize import save_overlay
 
@@ -276,7 +276,9 @@ def audit(run: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, devic
             folder.mkdir("overlays")
         for e, name in zip(flagged, names):
             i, m = maps[e["image"]]
-            photo = read_image(paths[i], None)  # at the photo's own size, as predict draws overlays
+            with warnings.catch_warnings():  # read before: what it says of the file was said then
+                warnings.simplefilter("ignore", DataWarning)
+                photo = read_image(paths[i], None)  # at the photo's own size, as predict draws overlays
             with atomic_open(out / name) as fh:  # under a temporary name until complete
                 save_overlay(photo, resize_map(m, tuple(photo.shape[-2:])), fh, scale=scales[e["fold"]])
             e["overlay"] = name

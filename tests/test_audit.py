@@ -401,3 +401,21 @@ def test_a_run_that_fitted_nothing_on_its_training_images_says_its_own_detector_
     own = dict(zip((str(p) for p in paths), det.predict_batched(images)["scores"].tolist()))
     for e in doc["images"]:
         assert e["score"] == pytest.approx(own[e["image"]], rel=1e-5)
+
+
+def test_what_reading_a_flagged_image_says_is_said_once(planted, tmp_path, capsys):
+    """The overlay of a flagged image read it again, and said again what its reading had said
+    (transparent pixels, here): one warning per flagged image more."""
+    data = tmp_path / "data"
+    shutil.copytree(planted["data"], data)
+    p = data / "train" / "good" / PLANTED[0]
+    rgb = np.asarray(Image.open(p).convert("RGB"))
+    alpha = np.full(rgb.shape[:2], 255, np.uint8)
+    alpha[:, :4] = 0  # the same pixels, a strip of them transparent
+    Image.fromarray(np.dstack([rgb, alpha]), mode="RGBA").save(p)
+    status, _stdout, err = cli(["audit", planted["run"], "--out", tmp_path / "audit", "--data", data, "--device",
+                                "cpu"], capsys)
+    assert status == 0, err
+    doc = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert any(Path(e["image"]).name == PLANTED[0] and e["flagged"] for e in doc["images"])
+    assert err.count("transparent pixels") == 1, err
