@@ -260,6 +260,12 @@ def test_sub_folders_holding_images_are_named_when_skipped(tmp_path):
                                          r"\(give each folder itself where a command takes several, .*to train on "
                                          r"them, gather their images into one folder, each under a name of its own\)$"):
         assert [p.name for p in list_images(tmp_path)] == ["top.png"]
+    # a test set's class folder: its own advice
+    root = _mvtec(tmp_path / "set")
+    _save(root / "test" / "good" / "day2" / "0.png", a)
+    with pytest.warns(DataWarning, match=r"good: sub-folders are not read; skipped 1 holding images: day2 \(1\) \(a "
+                                         r"class's images go in its folder itself: its sub-folders are no classes\)$"):
+        load_test_set(root, 16)
 
 
 def test_an_mvtec_root_without_train_good_is_refused(tmp_path):

@@ -363,7 +363,7 @@ def load_test_set(
     has_masks = require_masks or (root / "ground_truth").exists()
     beside: list[Path] = []
     for d in class_dirs:
-        class_images = list_images(d)
+        class_images = list_images(d, advice="a class's images go in its folder itself: its sub-folders are no classes")
         # a mask kept beside its image (<stem>_mask.png next to <stem>.png) would count as one more defective part
         stems = {p.stem for p in class_images}
         # (one with a mask named after it in ground_truth/, <stem>_mask_mask, is a test image of that name)

@@ -81,11 +81,16 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def list_images(folder: str | os.PathLike, *, warn: bool = True) -> list[Path]:
+#: What :func:`list_images` advises of sub-folders holding images, by default.
+SUB_FOLDERS_ADVICE = ("give each folder itself where a command takes several, as predict and calibrate do; to train "
+                      "on them, gather their images into one folder, each under a name of its own")
+
+
+def list_images(folder: str | os.PathLike, *, warn: bool = True, advice: str = SUB_FOLDERS_ADVICE) -> list[Path]:
     """The image files directly inside ``folder``, sorted by name.
 
     Hidden files (name starting with ".") are ignored silently; sub-folders are not read, with one
-    :class:`DataWarning` naming those that hold images (and how many). Other files whose
+    :class:`DataWarning` naming those that hold images (and how many), and ``advice``. Other files whose
     extension is not in :data:`IMAGE_EXTENSIONS` (e.g. ``notes.txt``, ``Thumbs.db``) are skipped
     with one :class:`DataWarning` naming all of them. Files with an image extension are returned
     even if they turn out to be unreadable: reading them raises :class:`DataError`.
@@ -113,9 +118,7 @@ def list_images(folder: str | os.PathLike, *, warn: bool = True) -> list[Path]:
         (images if is_image_file(entry) else skipped).append(entry)
     if subfolders and warn:  # images sorted into sub-folders are a common layout: not read, and said so
         warnings.warn(f"{folder}: sub-folders are not read; skipped {len(subfolders)} holding images: "
-                      f"{', '.join(sorted(subfolders))} (give each folder itself where a command takes several, as "
-                      "predict and calibrate do; to train on them, gather their images into one folder, each "
-                      "under a name of its own)", DataWarning, stacklevel=2)
+                      f"{', '.join(sorted(subfolders))} ({advice})", DataWarning, stacklevel=2)
     if skipped and warn:
         names = ", ".join(sorted(p.name for p in skipped))
         warnings.warn(
