@@ -1767,6 +1767,12 @@ class Detector(nn.Module):
                 raise ValueError(f"numpy images of shape {arr.shape} have no pixels")
             if arr.ndim == 2:
                 arr = np.repeat(arr[..., None], 3, axis=-1)
+            if arr.ndim in (3, 4) and arr.shape[-1] == 4 and int(arr[..., 3].min()) < 255:  # as a file's alpha is said
+                from .data.io import _callers_level, warn_data
+
+                warn_data(f"numpy images: their 4th channel, alpha, has transparent pixels "
+                          f"({float((arr[..., 3] < 255).mean()):.1%} of them), read as the colour stored under them: "
+                          "alpha is dropped", stacklevel=_callers_level())
             if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4):
                 return Detector._as_images(torch.from_numpy(np.array(arr[..., :3])).permute(2, 0, 1).expand(3, -1, -1), size)
             if arr.ndim == 4 and arr.shape[-1] in (1, 3, 4):

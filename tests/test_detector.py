@@ -621,6 +621,26 @@ def test_one_detector_called_from_two_threads_gives_each_its_own_maps():
     assert len(wrong) == 16 and not any(wrong)
 
 
+def test_an_array_s_transparent_pixels_are_said_as_a_file_s_are():
+    """A 4-channel array dropped its alpha in silence, where the same image as a file is warned of."""
+    import warnings
+
+    from defect_fast.data import DataWarning
+
+    det = Detector(_model(), image_size=64)
+    rgb = np.random.default_rng(6).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    alpha = np.full((64, 64, 1), 255, np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        opaque = det.predict(np.concatenate([rgb, alpha], -1))  # an alpha channel, nothing transparent
+    alpha[:16] = 0
+    with pytest.warns(DataWarning, match=r"numpy images: their 4th channel, alpha, has transparent pixels \(25\.0% of "
+                                         r"them\), read as the colour stored under them: alpha is dropped") as seen:
+        cut = det.predict(np.concatenate([rgb, alpha], -1)[None])
+    assert seen[0].filename == __file__
+    assert torch.equal(cut["scores"], opaque["scores"]) and torch.equal(opaque["scores"], det.predict(rgb)["scores"])
+
+
 def test_a_16_bit_array_scaled_as_the_refusal_says_scores_as_its_file(tmp_path):
     """The refusal told x // 257, which floors where the file reader rounds: 3.4 % higher scores on
     a line's photo than its file's, near enough a threshold to flip a verdict."""
