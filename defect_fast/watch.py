@@ -83,8 +83,9 @@ Side by side, each records every file, bad ones too: a bad file is left in ``IN_
 "left" says why, and no "rejected_to"; remove it by hand once every watch has its line), as one
 moved into a watch's ``rejected/`` is not there for the other; so is a judged image that
 ``move_judged`` would move while a watch of its sub-folder, or of a folder above, runs. Who else
-watches is read from Linux's ``/proc/locks``: any ``flock`` on those folders counts (an uploader's
-``flock DIR rsync ...`` too), and elsewhere the files are moved as ever.
+watches is read from Linux's ``/proc/locks``: any ``flock`` on those folders counts (a watch of a
+folder above, recursive or not; an uploader's ``flock DIR rsync ...``), and elsewhere the files are
+moved as ever.
 
 SIGTERM and SIGINT (Ctrl-C) finish the image in hand (the rest of its batch is left for the next
 start), write the status and return; during a start's reading of the journal, at once (the
@@ -166,8 +167,8 @@ TMP_PREFIX = ".tmp-"
 _UNREAD: Any = object()
 #: A journal line's "left" where its file was not moved out of the folder as it would have been (to
 #: rejected/, or with ``move_judged`` to judged/): another watch of the folder judges it too.
-LEFT_FOR = ("{} watches this folder too and judges the file as well, so it stays here for it; remove it by hand once "
-            "every watch has its line")
+LEFT_FOR = ("{} holds this folder or one above it, as a second watch does, and may judge the file too, so it stays "
+            "here for it; remove it by hand once every watch that judges it has its line")
 #: Seconds between listings of the whole drop folder while file-system events arrive (``--rescan``).
 RESCAN_INTERVAL = 60.0
 #: Event paths kept between two rounds; beyond that the folder is listed instead.
@@ -444,7 +445,7 @@ class _State:
     undecodable: dict[str, tuple[Signature, float]] = field(default_factory=dict)  # key -> (signature, first seen)
     few_levels_said: bool = False  # a 16-bit image of few grey levels is named once a session
     notes_said: set[str] = field(default_factory=set)  # the kinds of note_once said this session
-    own_lock: bool = False  # a DropFolderLock on in_dir is held for this watch (by it, or by its caller)
+    own_lock: tuple[int, int, int] | None = None  # the folder of this watch's DropFolderLock (by it, or its caller)
     lock_table: Any = _UNREAD  # /proc/locks as this batch read it (_watched_by_others)
     proportions_said: bool = False  # an image far from the training images' proportions too
     # names in rejected/ (and judged/) the journal gives to files whose move failed (the name is theirs:
@@ -523,9 +524,10 @@ class DropFolderLock:
         return self
 
     @property
-    def held(self) -> bool:
-        """Whether this object holds the lock (not where the file system refused it)."""
-        return self._fd is not None
+    def file(self) -> tuple[int, int, int] | None:
+        """The folder it holds the lock on (:func:`_lock_file_id`); None when it holds none (not
+        acquired, released, or refused by the file system)."""
+        return self._file if self._fd is not None else None
 
     def release(self) -> None:
         """Drop the lock (idempotent)."""
@@ -551,15 +553,16 @@ def _lock_file_id(s: os.stat_result) -> tuple[int, int, int]:
     return os.major(s.st_dev), os.minor(s.st_dev), s.st_ino
 
 
-def holds_drop_lock(folder: Path) -> bool:
-    """Whether this process holds a :class:`DropFolderLock` on ``folder`` (a caller of
-    :func:`watch` with ``drop_lock`` False, as the command line is)."""
+def held_drop_lock(folder: Path) -> tuple[int, int, int] | None:
+    """The folder (:func:`_lock_file_id`) of the :class:`DropFolderLock` this process holds on
+    ``folder``; None where it holds none (a caller of :func:`watch` with ``drop_lock`` False, as the
+    command line is, holds one)."""
     try:
         here = _lock_file_id(os.stat(folder))
     except OSError:
-        return False
+        return None
     with _HELD_LOCK:
-        return _HELD.get(here, 0) > 0
+        return here if _HELD.get(here, 0) > 0 else None
 
 
 def _flock_holders(fd: int) -> list[int]:
@@ -589,33 +592,40 @@ def _flock_table() -> dict[tuple[int, int, int], list[int]] | None:
 
 
 def _watched_by_others(st: "_State", key: str) -> str | None:
-    """Who else watches ``key``'s file, as :class:`DropFolderLock` shows it: a lock on IN_DIR
-    besides this watch's own, or on a folder above it (a ``--recursive`` watch there) or on the
-    way to the file (a watch of that sub-folder). "PID n", "PIDs n, m" or "another watch" (of this
-    process, or of another PID namespace); None where none does, or where Linux's ``/proc/locks``
-    cannot tell. Such a watch judges the file too: moved away, it would not be there for it.
-    (Any ``flock`` on those folders counts: one an uploader takes, ``flock DIR rsync ...``, too.)"""
+    """Who else may judge ``key``'s file, as :class:`DropFolderLock` shows it: a lock on IN_DIR
+    besides this watch's own, or on a folder above it (a watch there, recursive or not: the lock
+    does not tell), by its path or its real path, or on a sub-folder on the way to the file (a watch
+    of that sub-folder). "PID n", "PIDs n, m" or "another process" (of this one, or of another PID
+    namespace); None where none does, or where Linux's ``/proc/locks`` cannot tell. Moved away, the
+    file would not be there for such a watch. (Any ``flock`` on those folders counts: one an
+    uploader takes, ``flock DIR rsync ...``, too.)"""
     if st.lock_table is _UNREAD:  # read once a batch
         st.lock_table = _flock_table()
     table = st.lock_table
     if not table:
         return None
     parts = key.split("/")
-    folders = [*st.in_dir.absolute().parents, *(st.in_dir.joinpath(*parts[:i]) for i in range(len(parts)))]
+    folders = [*Path(os.path.abspath(st.in_dir)).parents, *Path(os.path.realpath(st.in_dir)).parents,
+               *(st.in_dir.joinpath(*parts[:i]) for i in range(len(parts)))]
+    seen: set[tuple[int, int, int]] = set()
     others, pids = 0, set()
     for folder in folders:
         try:
-            held = table.get(_lock_file_id(os.stat(folder)), [])
+            file = _lock_file_id(os.stat(folder))
         except OSError:
             continue
-        mine = 1 if st.own_lock and folder == st.in_dir else 0
+        if file in seen:
+            continue
+        seen.add(file)
+        held = table.get(file, [])
+        mine = 1 if file == st.own_lock else 0  # (the folder locked: IN_DIR as it was at start)
         if len(held) > mine:
             others += len(held) - mine
             pids.update(held)
     if not others:
         return None
     named = sorted(p for p in pids if p not in (0, os.getpid()))
-    return "another watch" if not named else f"PID {named[0]}" if len(named) == 1 else \
+    return "another process" if not named else f"PID {named[0]}" if len(named) == 1 else \
         f"PIDs {', '.join(map(str, named))}"
 
 
@@ -1579,7 +1589,8 @@ def watch(
             judged/fail/ once its journal line is written (the line's "moved_to" names where; a
             move that fails leaves it in place, judged, and is tried again at the next start).
         drop_lock: take ``in_dir``'s :class:`DropFolderLock` for the run (False: the caller holds
-            it, as the command line does).
+            it, as the command line does: one lock of its own for each watch, which tells it from
+            another watch's by it).
         maps: the judged images that get a map and an overlay (:data:`MAPS_FOR`): "all", "failed"
             (a passing image's line then names none: "map" and "overlay" are null) or "none"; a
             line lists its regions either way.
@@ -1624,7 +1635,7 @@ def watch(
         if drop_lock:  # before OUT_DIR is made
             drop = DropFolderLock(in_dir, move_judged, log).acquire()
             held.callback(drop.release)
-        own_lock = drop.held if drop_lock else holds_drop_lock(in_dir)  # (the command line's, taken before)
+        own_lock = drop.file if drop_lock else held_drop_lock(in_dir)  # (the command line's, taken before)
         # every folder watch may write or move into, judged/ too without move_judged (a restart completes the
         # moves its journal says were cut short, whatever its options): none may be a link (bad files were
         # moved into, maps written in, its target)

@@ -1883,7 +1883,7 @@ def test_two_watches_of_one_process_each_record_a_bad_file(tmp_path):
     assert n == [1, 1] and (src / "blank.png").is_file()
     for i in (0, 1):
         rec = journal(tmp_path / f"out{i}")[0]
-        assert rec["left"] == watch_mod.LEFT_FOR.format("another watch") and "rejected_to" not in rec
+        assert rec["left"] == watch_mod.LEFT_FOR.format("another process") and "rejected_to" not in rec
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="tells the watches of a folder by Linux's /proc/locks")
@@ -1928,3 +1928,44 @@ def test_a_start_does_not_complete_a_cut_short_move_while_another_watch_has_the_
             f"now: {watch_mod.LEFT_FOR.format(f'PID {other.pid}')}") in lines
     _, lines = run_once(src, out)  # alone: completed, as the line says
     assert not (src / "blank.png").exists() and (out / "rejected" / "blank.png").is_file() and len(journal(out)) == 1
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="tells the watches of a folder by Linux's /proc/locks")
+@pytest.mark.parametrize("how", ["caller's lock", "..", "symlink"])
+def test_a_lone_watch_moves_its_bad_files_however_its_folder_is_named(tmp_path, monkeypatch, how):
+    """The command line's lock (taken before watch(), drop_lock False) and IN_DIR given as ".." or
+    through a link must not pass for another watch's (".." came again among the folders above)."""
+    from defect_fast.watch import DropFolderLock
+
+    real = tmp_path / "data" / "cam1"
+    (real / "sub").mkdir(parents=True)
+    (real / "blank.png").write_bytes(png_bytes(1, bright=0.0))
+    kw: dict = {}
+    src = real
+    lock = None
+    if how == "caller's lock":
+        lock = DropFolderLock(real, False, print).acquire()
+        kw["drop_lock"] = False
+    elif how == "..":
+        monkeypatch.chdir(real / "sub")
+        src = Path("..")
+    else:
+        (tmp_path / "mnt").mkdir()
+        (tmp_path / "mnt" / "cam1").symlink_to(real, target_is_directory=True)
+        src = tmp_path / "mnt" / "cam1"
+    try:
+        run_once(src, tmp_path / "out", **kw)
+    finally:
+        if lock is not None:
+            lock.release()
+    rec = journal(tmp_path / "out")[0]
+    assert rec.get("rejected_to") == "rejected/blank.png" and "left" not in rec
+    if how == "symlink":  # a watch of the real folder's parent is seen through the link
+        (real / "blank2.png").write_bytes(png_bytes(2, bright=0.0))
+        other = _held_by_child(tmp_path / "data", exclusive=False)
+        try:
+            run_once(src, tmp_path / "out")
+        finally:
+            other.kill()
+            other.wait()
+        assert journal(tmp_path / "out")[-1]["left"] == watch_mod.LEFT_FOR.format(f"PID {other.pid}")
