@@ -339,8 +339,8 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
         from .data.io import warn_data
 
         warn_data(f"{out / MODEL_FILE}: its image threshold {threshold_text(cal['image_threshold'])} is above the run's "
-                  f"{threshold_text(was)} by {rise:.1f} times the run's spread of defect-free scores (its threshold "
-                  f"less the median of its held-back images' scores), set by {cal['threshold_image']}: a changed line, "
+                  f"{threshold_text(was)} by {rise:.1f} times the run's spread of defect-free scores (from their "
+                  f"middle up to its threshold), set by {cal['threshold_image']}: a changed line, "
                   "or defective parts among the images given as defect-free? Look at the highest scoring ones before "
                   "judging by it", stacklevel=2, category=UserWarning)
     log(f"wrote {out / MODEL_FILE} (weights, maps and scores as in {path}; only the thresholds changed)")
@@ -356,17 +356,29 @@ RAISED = 3.0
 
 def _rise(before: dict[str, Any], new: Any) -> float | None:
     """How far ``new`` lies above the run's image threshold, in units of the run's spread of
-    defect-free scores: its threshold less the median of its held-back images' scores (a ratio of
-    thresholds means nothing for an image context's scores, centred on 0). None where the run's
-    calibration does not tell (no held-back scores, thresholds set aside)."""
+    defect-free scores: the distance from their middle (the median of its held-back images' scores;
+    in older files their mean) up to its threshold, or their standard deviation where the threshold
+    is not above the middle (a high ``--far``). A ratio of thresholds means nothing for an image
+    context's scores, centred on 0. None where the run's calibration does not tell: thresholds set
+    aside, or set on the training images (a run that held none back: their scores are optimistic,
+    an image context's all the more, fitted on them)."""
     import statistics
 
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
     was, scores = before.get("image_threshold"), before.get("held_back_scores")
-    if before.get("inapplicable") or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (was, new)) \
-            or not isinstance(scores, list) or len(scores) < 2 \
-            or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in scores):
+    if before.get("inapplicable") or before.get("source") == "training images" or not (number(was) and number(new)):
         return None
-    spread = was - statistics.median(scores)
+    if isinstance(scores, list) and len(scores) >= 2 and all(number(v) for v in scores):
+        middle = statistics.median(scores)
+    elif number(before.get("score_mean")):
+        middle = before["score_mean"]
+    else:
+        return None
+    spread = was - middle
+    if not spread > 0:
+        spread = before.get("score_std") if number(before.get("score_std")) else 0.0
     return (new - was) / spread if spread > 0 else None
 
 

@@ -134,9 +134,9 @@ def test_a_threshold_raised_far_above_the_run_s_is_warned_of(runs, tmp_path, cap
     rise = (cal["image_threshold"] - was) / (was - statistics.median(run["held_back_scores"]))
     assert rise > 2 * RAISED, rise  # (far above: not a matter of rounding)
     assert (f"defect-fast: warning: {out / 'model.pt'}: its image threshold {cal['image_threshold']!r} is above the "
-            f"run's {was!r} by {rise:.1f} times the run's spread of defect-free scores (its threshold less the median "
-            f"of its held-back images' scores), set by {cal['threshold_image']}: a changed line, or defective parts "
-            "among the images given as defect-free? Look at the highest scoring ones before judging by it") in err
+            f"run's {was!r} by {rise:.1f} times the run's spread of defect-free scores (from their middle up to its "
+            f"threshold), set by {cal['threshold_image']}: a changed line, or defective parts among the images given "
+            "as defect-free? Look at the highest scoring ones before judging by it") in err
     status, _stdout, err = cli(["calibrate", runs["run"], runs["more"], "--with-held-back", "--out", tmp_path / "more",
                                 "--device", "cpu"], capsys)
     assert status == 0 and "spread of defect-free scores" not in err, err
@@ -153,8 +153,13 @@ def test_the_rise_of_a_threshold_is_measured_in_the_run_s_spread_not_as_a_ratio(
     assert _rise(context_run, 2.667) < RAISED
     assert _rise(context_run, 1.096 + 4 * 1.411) > RAISED
     assert _rise({**context_run, "inapplicable": "other settings"}, 9.0) is None
-    assert _rise({"image_threshold": 1.0}, 9.0) is None  # no held-back scores: not known
-    assert _rise({"image_threshold": 1.0, "held_back_scores": [1.0, 1.0]}, 9.0) is None  # no spread
+    # a run that held none back: its thresholds' scores are of its training images, optimistic
+    assert _rise({**context_run, "source": "training images"}, 9.0) is None
+    assert _rise({"image_threshold": 1.0}, 9.0) is None  # nothing of its scores: not known
+    # older files: their scores' mean; a threshold not above the middle (a high --far): their spread
+    assert _rise({"image_threshold": 1.0, "score_mean": 0.5}, 3.0) == pytest.approx(4.0)
+    assert _rise({"image_threshold": 1.0, "held_back_scores": [1.0, 1.0], "score_std": 0.25}, 3.0) == pytest.approx(8.0)
+    assert _rise({"image_threshold": 1.0, "held_back_scores": [1.0, 1.0], "score_std": 0.0}, 3.0) is None
 
 
 def test_a_calibrated_run_is_calibrated_again_at_its_own_rate(runs, tmp_path, capsys):
