@@ -264,8 +264,9 @@ def test_sub_folders_holding_images_are_named_when_skipped(tmp_path):
     root = _mvtec(tmp_path / "set")
     _save(root / "test" / "good" / "day2" / "0.png", a)
     with pytest.warns(DataWarning, match=r"good: sub-folders are not read; skipped 1 holding images: day2 \(1\) \(a "
-                                         r"class's images go in its folder itself: its sub-folders are no classes\)$"):
+                                         r"class's images go in its folder itself: its sub-folders are no classes\)$") as seen:
         load_test_set(root, 16)
+    assert [w.filename for w in _data_warnings(seen)] == [__file__]  # the caller's line, not the package's
 
 
 def test_an_mvtec_root_without_train_good_is_refused(tmp_path):

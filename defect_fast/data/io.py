@@ -117,16 +117,12 @@ def list_images(folder: str | os.PathLike, *, warn: bool = True, advice: str = S
             continue
         (images if is_image_file(entry) else skipped).append(entry)
     if subfolders and warn:  # images sorted into sub-folders are a common layout: not read, and said so
-        warnings.warn(f"{folder}: sub-folders are not read; skipped {len(subfolders)} holding images: "
-                      f"{', '.join(sorted(subfolders))} ({advice})", DataWarning, stacklevel=2)
+        warn_data(f"{folder}: sub-folders are not read; skipped {len(subfolders)} holding images: "
+                  f"{', '.join(sorted(subfolders))} ({advice})", stacklevel=_callers_level())
     if skipped and warn:
         names = ", ".join(sorted(p.name for p in skipped))
-        warnings.warn(
-            f"{folder}: skipped {len(skipped)} file(s) that are not images "
-            f"(extensions {', '.join(IMAGE_EXTENSIONS)}): {names}",
-            DataWarning,
-            stacklevel=2,
-        )
+        warn_data(f"{folder}: skipped {len(skipped)} file(s) that are not images (extensions "
+                  f"{', '.join(IMAGE_EXTENSIONS)}): {names}", stacklevel=_callers_level())
     return sorted(images, key=lambda p: p.name)
 
 
