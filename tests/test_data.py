@@ -1549,6 +1549,24 @@ def test_transparent_pixels_are_said_to_be_read_as_the_colour_under_them(tmp_pat
                                          r"them: alpha is dropped: .*cut\.png \(.*% of it\)"):
         Image.fromarray(a).save(tmp_path / "whole.png")
         read_images([tmp_path / "cut.png", tmp_path / "whole.png"], 32)
+    if mode == "RGB key":  # of a 16-bit PNG, PIL matches the key on the high bytes: 0x07FF is no 0x0707
+        import struct
+        import zlib
+
+        def chunk(kind: bytes, body: bytes) -> bytes:
+            return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+        wide = np.random.default_rng(3).integers(0, 65536, (32, 32, 3)).astype(">u2")
+        wide[:, :8] = 0x07FF
+        rows = b"".join(b"\0" + wide[y].tobytes() for y in range(32))
+        (tmp_path / "wide.png").write_bytes(
+            b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 32, 32, 16, 2, 0, 0, 0))
+            + chunk(b"tRNS", struct.pack(">HHH", 0x0707, 0x0707, 0x0707)) + chunk(b"IDAT", zlib.compress(rows))
+            + chunk(b"IEND", b""))
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            read_image(tmp_path / "wide.png", None)
+        assert not [w for w in said if "transparent" in str(w.message)]
     opaque = Image.fromarray(np.dstack([a, np.full((32, 32), 255, np.uint8)]), mode="RGBA")
     opaque.save(tmp_path / "opaque.png")
     with warnings.catch_warnings():

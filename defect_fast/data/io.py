@@ -464,7 +464,8 @@ def _to_8bit(img: Image.Image, channels: int, path: Path, notes: list | None = N
         return gray if channels == 1 else gray.convert("RGB")
     if mode == "P" and "transparency" in img.info or mode == "PA":
         img = img.convert("RGBA")  # expand the palette (keeps palette transparency, then dropped)
-    elif mode in ("L", "RGB") and "transparency" in img.info:  # a colour key: that colour is transparent
+    elif mode in ("L", "RGB") and "transparency" in img.info and _wide_colour(img, path) is None:
+        # a colour key: that colour is transparent (of a 16-bit PNG, PIL matches the key on the high bytes only)
         img = img.convert("LA" if mode == "L" else "RGBA")  # (the pixels as they are, the key as alpha)
     if "A" in img.getbands() or "a" in img.getbands():
         alpha = np.asarray(img.getchannel("A" if "A" in img.getbands() else "a"))
