@@ -1767,7 +1767,8 @@ class Detector(nn.Module):
                 raise ValueError(f"numpy images of shape {arr.shape} have no pixels")
             if arr.ndim == 2:
                 arr = np.repeat(arr[..., None], 3, axis=-1)
-            if arr.ndim in (3, 4) and arr.shape[-1] == 4 and int(arr[..., 3].min()) < 255:  # as a file's alpha is said
+            # as a file's alpha is said (a 4th channel of 0 throughout is no alpha: RGBX padding, as buffers have)
+            if arr.ndim in (3, 4) and arr.shape[-1] == 4 and int(arr[..., 3].min()) < 255 and int(arr[..., 3].max()) > 0:
                 from .data.io import _callers_level, warn_data
 
                 warn_data(f"numpy images: their 4th channel, alpha, has transparent pixels "

@@ -633,12 +633,14 @@ def test_an_array_s_transparent_pixels_are_said_as_a_file_s_are():
     with warnings.catch_warnings():
         warnings.simplefilter("error", DataWarning)
         opaque = det.predict(np.concatenate([rgb, alpha], -1))  # an alpha channel, nothing transparent
+        padded = det.predict(np.concatenate([rgb, 0 * alpha], -1))  # RGBX: a 4th channel of 0, no alpha
     alpha[:16] = 0
     with pytest.warns(DataWarning, match=r"numpy images: their 4th channel, alpha, has transparent pixels \(25\.0% of "
                                          r"them\), read as the colour stored under them: alpha is dropped") as seen:
         cut = det.predict(np.concatenate([rgb, alpha], -1)[None])
     assert seen[0].filename == __file__
     assert torch.equal(cut["scores"], opaque["scores"]) and torch.equal(opaque["scores"], det.predict(rgb)["scores"])
+    assert torch.equal(padded["scores"], opaque["scores"])
 
 
 def test_a_16_bit_array_scaled_as_the_refusal_says_scores_as_its_file(tmp_path):
