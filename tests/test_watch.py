@@ -1,5 +1,6 @@
 """The drop-folder service: exactly one result per image, across kill -9, with bad files set aside.
 Its file-system events: tests/test_watch_events.py."""
+import contextlib
 import errno
 import hashlib
 import json
@@ -1765,6 +1766,18 @@ def test_a_recursive_watch_leaves_another_watchs_results_folder_alone(tmp_path, 
     assert said == [f"skipping {line / 'res1'}: {watch_mod.OUTPUT_FOLDER}"]
 
 
+@contextlib.contextmanager
+def _another_watch_of(folder: Path):
+    """Another process holding a shared flock on ``folder``, as a second watch of it does, for the
+    block (the process, to name it)."""
+    other = _held_by_child(folder, exclusive=False)
+    try:
+        yield other
+    finally:
+        other.kill()
+        other.wait()
+
+
 def _held_by_child(folder: Path, exclusive: bool):
     """A child process that holds an flock on ``folder`` (as another watch does) until killed."""
     import subprocess
@@ -1789,12 +1802,8 @@ def test_a_bad_file_stays_in_a_folder_another_watch_shares(tmp_path):
     (src / "bad.png").write_bytes(b"not an image")
     (src / "blank.png").write_bytes(png_bytes(1, bright=0.0))
     (src / "a.png").write_bytes(png_bytes(2))
-    other = _held_by_child(src, exclusive=False)
-    try:
+    with _another_watch_of(src) as other:
         _, lines = run_once(src, out)
-    finally:
-        other.kill()
-        other.wait()
     by_image = {r["image"]: r for r in journal(out)}
     assert sorted(by_image) == ["a.png", "bad.png", "blank.png"]
     for name in ("bad.png", "blank.png"):
@@ -1819,12 +1828,8 @@ def test_move_judged_leaves_the_images_of_a_sub_folder_another_watch_has(tmp_pat
     (src / "cam1").mkdir(parents=True)
     (src / "cam1" / "a.png").write_bytes(png_bytes(3))
     (src / "b.png").write_bytes(png_bytes(4))
-    other = _held_by_child(src / "cam1", exclusive=False)
-    try:
+    with _another_watch_of(src / "cam1") as other:
         _, lines = run_once(src, out, recursive=True, move_judged=True)
-    finally:
-        other.kill()
-        other.wait()
     by_image = {r["image"]: r for r in journal(out)}
     assert by_image["cam1/a.png"]["left"] == watch_mod.LEFT_FOR.format(f"PID {other.pid}")
     assert "moved_to" not in by_image["cam1/a.png"] and (src / "cam1" / "a.png").is_file()
@@ -1894,12 +1899,8 @@ def test_a_watch_of_a_sub_folder_leaves_files_for_a_watch_of_the_folder_above(tm
     (src / "cam1").mkdir(parents=True)
     (src / "cam1" / "blank.png").write_bytes(png_bytes(1, bright=0.0))
     (src / "cam1" / "a.png").write_bytes(png_bytes(2))
-    other = _held_by_child(src, exclusive=False)
-    try:
+    with _another_watch_of(src) as other:
         run_once(src / "cam1", tmp_path / "out", move_judged=True)
-    finally:
-        other.kill()
-        other.wait()
     left = {r["image"]: r.get("left") for r in journal(tmp_path / "out")}
     assert left == {"a.png": watch_mod.LEFT_FOR.format(f"PID {other.pid}"),
                     "blank.png": watch_mod.LEFT_FOR.format(f"PID {other.pid}")}
@@ -1917,12 +1918,8 @@ def test_a_start_does_not_complete_a_cut_short_move_while_another_watch_has_the_
     with pytest.raises(Crash):
         run_once(src, out)
     monkeypatch.undo()
-    other = _held_by_child(src, exclusive=False)
-    try:
+    with _another_watch_of(src) as other:
         _, lines = run_once(src, out)
-    finally:
-        other.kill()
-        other.wait()
     assert (src / "blank.png").is_file() and len(journal(out)) == 1
     assert (f"{src / 'blank.png'}: its move to {out / 'rejected' / 'blank.png'}, cut short before, is not completed "
             f"now: {watch_mod.LEFT_FOR.format(f'PID {other.pid}')}") in lines
@@ -1962,10 +1959,6 @@ def test_a_lone_watch_moves_its_bad_files_however_its_folder_is_named(tmp_path, 
     assert rec.get("rejected_to") == "rejected/blank.png" and "left" not in rec
     if how == "symlink":  # a watch of the real folder's parent is seen through the link
         (real / "blank2.png").write_bytes(png_bytes(2, bright=0.0))
-        other = _held_by_child(tmp_path / "data", exclusive=False)
-        try:
+        with _another_watch_of(tmp_path / "data") as other:
             run_once(src, tmp_path / "out")
-        finally:
-            other.kill()
-            other.wait()
         assert journal(tmp_path / "out")[-1]["left"] == watch_mod.LEFT_FOR.format(f"PID {other.pid}")
