@@ -1563,9 +1563,13 @@ def test_transparent_pixels_are_said_to_be_read_as_the_colour_under_them(tmp_pat
             b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 32, 32, 16, 2, 0, 0, 0))
             + chunk(b"tRNS", struct.pack(">HHH", 0x0707, 0x0707, 0x0707)) + chunk(b"IDAT", zlib.compress(rows))
             + chunk(b"IEND", b""))
+        from defect_fast.data.io import _to_8bit
+
         with warnings.catch_warnings(record=True) as said:
             warnings.simplefilter("always")
             read_image(tmp_path / "wide.png", None)
+            with Image.open(tmp_path / "wide.png") as im:  # a PIL image given as such, as Detector.predict reads it
+                _to_8bit(im, 3, Path("PIL image"))
         assert not [w for w in said if "transparent" in str(w.message)]
     opaque = Image.fromarray(np.dstack([a, np.full((32, 32), 255, np.uint8)]), mode="RGBA")
     opaque.save(tmp_path / "opaque.png")

@@ -821,7 +821,12 @@ def _wide_colour(img: Image.Image, path: Path | None) -> str | None:
         bits = tags.get(258)  # BitsPerSample: one value per sample
         bits = bits if isinstance(bits, tuple) else (bits,)
         return "TIFF" if all(b == 16 for b in bits) else None
-    return "PNG" if fmt == "PNG" and path is not None and _png_header(path) in ((16, 2), (16, 4), (16, 6)) else None
+    if fmt != "PNG":
+        return None
+    header = _png_header(path) if path is not None else None
+    if header is None and getattr(img, "filename", ""):  # a PIL image given as such ("PIL image"): its own file
+        header = _png_header(Path(img.filename))
+    return "PNG" if header in ((16, 2), (16, 4), (16, 6)) else None
 
 
 _PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk's type and CRC: the last 8 bytes of every PNG
