@@ -595,8 +595,8 @@ def _watched_by_others(st: "_State", key: str) -> str | None:
     """Who else may judge ``key``'s file, as :class:`DropFolderLock` shows it: a lock on IN_DIR
     besides this watch's own, or on a folder above it (a watch there, recursive or not: the lock
     does not tell), by its path or its real path, or on a sub-folder on the way to the file (a watch
-    of that sub-folder). "PID n", "PIDs n, m" or "another process" (of this one, or of another PID
-    namespace); None where none does, or where Linux's ``/proc/locks`` cannot tell. Moved away, the
+    of that sub-folder). "PID n", "PIDs n, m" or "another watch or process" (of this process, or of
+    another PID namespace); None where none does, or where Linux's ``/proc/locks`` cannot tell. Moved away, the
     file would not be there for such a watch. (Any ``flock`` on those folders counts: one an
     uploader takes, ``flock DIR rsync ...``, too.)"""
     if st.lock_table is _UNREAD:  # read once a batch
@@ -625,7 +625,7 @@ def _watched_by_others(st: "_State", key: str) -> str | None:
     if not others:
         return None
     named = sorted(p for p in pids if p not in (0, os.getpid()))
-    return "another process" if not named else f"PID {named[0]}" if len(named) == 1 else \
+    return "another watch or process" if not named else f"PID {named[0]}" if len(named) == 1 else \
         f"PIDs {', '.join(map(str, named))}"
 
 

@@ -1888,7 +1888,7 @@ def test_two_watches_of_one_process_each_record_a_bad_file(tmp_path):
     assert n == [1, 1] and (src / "blank.png").is_file()
     for i in (0, 1):
         rec = journal(tmp_path / f"out{i}")[0]
-        assert rec["left"] == watch_mod.LEFT_FOR.format("another process") and "rejected_to" not in rec
+        assert rec["left"] == watch_mod.LEFT_FOR.format("another watch or process") and "rejected_to" not in rec
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="tells the watches of a folder by Linux's /proc/locks")
@@ -1962,3 +1962,24 @@ def test_a_lone_watch_moves_its_bad_files_however_its_folder_is_named(tmp_path, 
         with _another_watch_of(tmp_path / "data") as other:
             run_once(src, tmp_path / "out")
         assert journal(tmp_path / "out")[-1]["left"] == watch_mod.LEFT_FOR.format(f"PID {other.pid}")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="tells the watches of a folder by Linux's /proc/locks")
+def test_a_second_watch_of_a_drop_folder_made_again_is_seen(tmp_path):
+    """A drop folder moved away and made again under its name while a watch ran: a second watch of
+    the new folder holds the only lock there, which the first took for its own, and both moved
+    files away."""
+    src = tmp_path / "in"
+    src.mkdir()
+    st = watch_mod._State(info=INFO, threshold=0.5, in_dir=src, out=tmp_path / "out", journal=None)
+    lock = watch_mod.DropFolderLock(src, False, print).acquire()
+    try:
+        st.own_lock = lock.file
+        src.rename(tmp_path / "was")
+        src.mkdir()
+        assert watch_mod._watched_by_others(st, "a.png") is None  # alone: its lock is on the folder moved away
+        st.lock_table = watch_mod._UNREAD
+        with _another_watch_of(src) as other:
+            assert watch_mod._watched_by_others(st, "a.png") == f"PID {other.pid}"
+    finally:
+        lock.release()
