@@ -340,7 +340,8 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
 
         warn_data(f"{out / MODEL_FILE}: its image threshold {threshold_text(cal['image_threshold'])} is above the run's "
                   f"{threshold_text(was)} by {rise:.1f} times the run's spread of defect-free scores (from their "
-                  f"middle up to its threshold), set by {cal['threshold_image']}: a changed line, "
+                  f"middle up to its threshold, or their standard deviation), set by {cal['threshold_image']}: a "
+                  "changed line, "
                   "or defective parts among the images given as defect-free? Look at the highest scoring ones before "
                   "judging by it", stacklevel=2, category=UserWarning)
     log(f"wrote {out / MODEL_FILE} (weights, maps and scores as in {path}; only the thresholds changed)")
@@ -364,11 +365,13 @@ def _rise(before: dict[str, Any], new: Any) -> float | None:
     an image context's all the more, fitted on them)."""
     import statistics
 
+    from .calibration import _from_training_images
+
     def number(v: Any) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
     was, scores = before.get("image_threshold"), before.get("held_back_scores")
-    if before.get("inapplicable") or before.get("source") == "training images" or not (number(was) and number(new)):
+    if before.get("inapplicable") or _from_training_images(before) or not (number(was) and number(new)):
         return None
     if isinstance(scores, list) and len(scores) >= 2 and all(number(v) for v in scores):
         middle = statistics.median(scores)

@@ -135,8 +135,8 @@ def test_a_threshold_raised_far_above_the_run_s_is_warned_of(runs, tmp_path, cap
     assert rise > 2 * RAISED, rise  # (far above: not a matter of rounding)
     assert (f"defect-fast: warning: {out / 'model.pt'}: its image threshold {cal['image_threshold']!r} is above the "
             f"run's {was!r} by {rise:.1f} times the run's spread of defect-free scores (from their middle up to its "
-            f"threshold), set by {cal['threshold_image']}: a changed line, or defective parts among the images given "
-            "as defect-free? Look at the highest scoring ones before judging by it") in err
+            f"threshold, or their standard deviation), set by {cal['threshold_image']}: a changed line, or defective "
+            "parts among the images given as defect-free? Look at the highest scoring ones before judging by it") in err
     status, _stdout, err = cli(["calibrate", runs["run"], runs["more"], "--with-held-back", "--out", tmp_path / "more",
                                 "--device", "cpu"], capsys)
     assert status == 0 and "spread of defect-free scores" not in err, err
