@@ -1768,12 +1768,15 @@ class Detector(nn.Module):
             if arr.ndim == 2:
                 arr = np.repeat(arr[..., None], 3, axis=-1)
             # as a file's alpha is said (a 4th channel of 0 throughout is no alpha: RGBX padding, as buffers have)
-            if arr.ndim in (3, 4) and arr.shape[-1] == 4 and int(arr[..., 3].min()) < 255 and int(arr[..., 3].max()) > 0:
-                from .data.io import _callers_level, warn_data
+            if arr.ndim in (3, 4) and arr.shape[-1] == 4:
+                alpha = arr[..., 3].reshape(arr.shape[0] if arr.ndim == 4 else 1, -1)  # an image a row
+                cut = alpha[(alpha.max(axis=1) > 0) & (alpha.min(axis=1) < 255)]  # each image: padding, or alpha
+                if cut.size:
+                    from .data.io import _callers_level, warn_data
 
-                warn_data(f"numpy images: their 4th channel, alpha, has transparent pixels "
-                          f"({float((arr[..., 3] < 255).mean()):.1%} of them), read as the colour stored under them: "
-                          "alpha is dropped", stacklevel=_callers_level())
+                    warn_data(f"numpy images: their 4th channel, alpha, has transparent pixels ({len(cut)} of "
+                              f"{alpha.shape[0]}, {float((cut < 255).mean()):.1%} of their pixels), read as the colour "
+                              "stored under them: alpha is dropped", stacklevel=_callers_level())
             if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4):
                 return Detector._as_images(torch.from_numpy(np.array(arr[..., :3])).permute(2, 0, 1).expand(3, -1, -1), size)
             if arr.ndim == 4 and arr.shape[-1] in (1, 3, 4):

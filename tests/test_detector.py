@@ -635,10 +635,16 @@ def test_an_array_s_transparent_pixels_are_said_as_a_file_s_are():
         opaque = det.predict(np.concatenate([rgb, alpha], -1))  # an alpha channel, nothing transparent
         padded = det.predict(np.concatenate([rgb, 0 * alpha], -1))  # RGBX: a 4th channel of 0, no alpha
     alpha[:16] = 0
-    with pytest.warns(DataWarning, match=r"numpy images: their 4th channel, alpha, has transparent pixels \(25\.0% of "
-                                         r"them\), read as the colour stored under them: alpha is dropped") as seen:
+    with pytest.warns(DataWarning, match=r"numpy images: their 4th channel, alpha, has transparent pixels \(1 of 1, "
+                                         r"25\.0% of their pixels\), read as the colour stored under them: alpha is "
+                                         r"dropped") as seen:
         cut = det.predict(np.concatenate([rgb, alpha], -1)[None])
     assert seen[0].filename == __file__
+    # a batch: each image's 4th channel judged by itself (padding beside alpha is no transparency)
+    batch = np.stack([np.concatenate([rgb, 0 * alpha], -1), np.concatenate([rgb, alpha], -1),
+                      np.concatenate([rgb, 0 * alpha + 255], -1)])
+    with pytest.warns(DataWarning, match=r"\(1 of 3, 25\.0% of their pixels\)"):
+        det.predict(batch)
     assert torch.equal(cut["scores"], opaque["scores"]) and torch.equal(opaque["scores"], det.predict(rgb)["scores"])
     assert torch.equal(padded["scores"], opaque["scores"])
 
