@@ -576,6 +576,18 @@ def test_load_test_set_without_test_folder(tmp_path):
     with pytest.raises(DataError, match=r"line: no test/ folder .*; its folders of images \(bad, good\) go in test/, "
                                         r"the defect-free ones' named good, and their masks in ground_truth/<class>/$"):
         load_test_set(tmp_path / "line", 16)
+    real_iterdir = Path.iterdir
+
+    def unlistable(self):  # a folder this process may not list (root lists them all: as if)
+        if self == tmp_path / "line":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(Path, "iterdir", unlistable)
+        with pytest.raises(DataError, match=r"line: no test/ folder \(expected an MVTec-style layout: test/good/ and "
+                                            r"test/<defect class>/ holding the images\)$"):
+            load_test_set(tmp_path / "line", 16)
     with pytest.raises(DataError, match=r"nope: no such folder"):  # not "no test/ folder" of a folder that is not there
         load_test_set(tmp_path / "nope", 16)
     (tmp_path / "a.png").write_bytes(b"")

@@ -340,7 +340,10 @@ def load_test_set(
             except OSError:
                 return False
 
-        found = sorted(d.name for d in root.iterdir() if holds_images(d))[:4]
+        try:
+            found = sorted(d.name for d in root.iterdir() if holds_images(d))[:4]
+        except OSError:  # a folder only listable by others: what is missing is said all the same
+            found = []
         hint = (f"; its folders of images ({', '.join(found)}) go in test/, the defect-free ones' named {GOOD}, and "
                 "their masks in ground_truth/<class>/") if found else ""
         raise DataError(f"{root}: no test/ folder (expected an MVTec-style layout: test/{GOOD}/ and "
