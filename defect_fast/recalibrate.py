@@ -341,9 +341,8 @@ def recalibrate(run: str | Path, images: Sequence[str | Path] = (), out: str | P
         warn_data(f"{out / MODEL_FILE}: its image threshold {threshold_text(cal['image_threshold'])} is above the run's "
                   f"{threshold_text(was)} by {rise:.1f} times the run's spread of defect-free scores (from their "
                   f"middle up to its threshold, or their standard deviation), set by {cal['threshold_image']}: a "
-                  "changed line, "
-                  "or defective parts among the images given as defect-free? Look at the highest scoring ones before "
-                  "judging by it", stacklevel=2, category=UserWarning)
+                  "changed line, or defective parts among the images given as defect-free? Look at the highest "
+                  "scoring ones before judging by it", stacklevel=2, category=UserWarning)
     log(f"wrote {out / MODEL_FILE} (weights, maps and scores as in {path}; only the thresholds changed)")
     return {"model": out / MODEL_FILE, "calibration": cal, "before": before}
 
