@@ -768,12 +768,10 @@ def _remove_stale_temporaries(path: Path) -> None:
         return
     now = time.time()
     for entry in entries:
-        if _TEMPORARY.fullmatch(entry.name) is None or not entry.name.startswith(f".{path.name}."):
+        if not entry.name.startswith(f".{path.name}.") or not _temporary_of(Path(entry.path), path.name):
             continue
-        with contextlib.suppress(OSError):  # (gone meanwhile, or not ours to remove)
-            st = entry.stat(follow_symlinks=False)
-            if stat.S_ISREG(st.st_mode) and now - st.st_mtime > STALE_TEMPORARY_SECONDS \
-                    and _temporary_name(Path(entry.path)) == path.name:
+        with contextlib.suppress(OSError):  # (gone meanwhile)
+            if now - entry.stat(follow_symlinks=False).st_mtime > STALE_TEMPORARY_SECONDS:
                 os.unlink(entry.path)
 
 
