@@ -30,7 +30,7 @@ from .io import (
     _load_mask,
     black_said,
     image_stack,
-    is_image_file,
+    images_inside,
     list_images,
     raise_problems,
     read_images,
@@ -334,14 +334,9 @@ def load_test_set(
         raise DataError(f"{root}: {'no such folder' if not root.exists() else 'not a folder'} (expected a dataset "
                         "in MVTec-style layout: test/<class>/ holding the images)")
     if not test.is_dir():
-        def holds_images(d: Path) -> bool:
-            try:
-                return d.is_dir() and not d.name.startswith(".") and any(is_image_file(f) for f in d.iterdir())
-            except OSError:
-                return False
-
         try:
-            found = sorted(d.name for d in root.iterdir() if holds_images(d))[:4]
+            found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")
+                           and images_inside(d))[:4]
         except OSError:  # a folder only listable by others: what is missing is said all the same
             found = []
         hint = (f"; its folders of images ({', '.join(found)}) go in test/, the defect-free ones' named {GOOD}, and "

@@ -81,6 +81,15 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
+def images_inside(folder: Path) -> int:
+    """How many image files lie directly in ``folder``, hidden ones aside (0 where it cannot be
+    listed): a sub-folder :func:`list_images` does not read, named when it holds some."""
+    try:
+        return sum(1 for e in folder.iterdir() if not _is_hidden(e) and is_image_file(e) and not e.is_dir())
+    except OSError:
+        return 0
+
+
 #: What :func:`list_images` advises of sub-folders holding images, by default.
 SUB_FOLDERS_ADVICE = ("give each folder itself where a command takes several, as predict and calibrate do; to train "
                       "on them, gather their images into one folder, each under a name of its own")
@@ -108,10 +117,7 @@ def list_images(folder: str | os.PathLike, *, warn: bool = True, advice: str = S
         if _is_hidden(entry):
             continue
         if entry.is_dir():
-            try:
-                inside = sum(1 for e in entry.iterdir() if not _is_hidden(e) and is_image_file(e) and not e.is_dir())
-            except OSError:
-                inside = 0
+            inside = images_inside(entry)
             if inside:
                 subfolders.append(f"{entry.name} ({inside})")
             continue
