@@ -36,7 +36,6 @@ thresholds and the images they rest on.
 from __future__ import annotations
 
 import argparse
-import math
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -361,26 +360,24 @@ def _rise(before: dict[str, Any], new: Any) -> float | None:
     is not above the middle (a high ``--far``). A ratio of thresholds means nothing for an image
     context's scores, centred on 0. None where the run's calibration does not tell: thresholds set
     aside, or set on the training images (a run that held none back: their scores are optimistic,
-    an image context's all the more, fitted on them)."""
+    an image context's all the more, fitted on them). ``before``: a calibration
+    :func:`~defect_fast.detect._checked_calibration` passed (its numbers finite, or None)."""
     import statistics
 
     from .calibration import _from_training_images
 
-    def number(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
     was, scores = before.get("image_threshold"), before.get("held_back_scores")
-    if before.get("inapplicable") or _from_training_images(before) or not (number(was) and number(new)):
+    if before.get("inapplicable") or _from_training_images(before) or was is None or new is None:
         return None
-    if isinstance(scores, list) and len(scores) >= 2 and all(number(v) for v in scores):
+    if scores is not None and len(scores) >= 2:
         middle = statistics.median(scores)
-    elif number(before.get("score_mean")):
+    elif before.get("score_mean") is not None:
         middle = before["score_mean"]
     else:
         return None
     spread = was - middle
     if not spread > 0:
-        spread = before.get("score_std") if number(before.get("score_std")) else 0.0
+        spread = before.get("score_std") or 0.0
     return (new - was) / spread if spread > 0 else None
 
 
