@@ -473,8 +473,9 @@ def _to_8bit(img: Image.Image, channels: int, path: Path, notes: list | None = N
     elif mode in ("L", "RGB") and "transparency" in img.info and _wide_colour(img, path) is None:
         # a colour key: that colour is transparent (of a 16-bit PNG, PIL matches the key on the high bytes only)
         img = img.convert("LA" if mode == "L" else "RGBA")  # (the pixels as they are, the key as alpha)
-    if "A" in img.getbands() or "a" in img.getbands():
-        alpha = np.asarray(img.getchannel("A" if "A" in img.getbands() else "a"))
+    band = next((b for b in img.getbands() if b in ("A", "a")), None)  # (premultiplied: "a")
+    if band is not None:
+        alpha = np.asarray(img.getchannel(band))
         if int(alpha.min()) < 255:  # what lies under a transparent part is read as the part's surface
             share = float((alpha < 255).mean())
             note("transparent", f"has transparent pixels ({share:.1%} of it), read as the colour stored under them: "
